@@ -1,0 +1,40 @@
+// swift-tools-version: 6.0
+// mergekit-swift: merge and adapt neural-network checkpoints without Python.
+// Target layout and import direction: see docs/ and the design notes (Tensor <- Checkpoint <- mergekit).
+import PackageDescription
+
+let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+
+let package = Package(
+  name: "mergekit-swift",
+  platforms: [.macOS(.v14)],
+  products: [
+    .executable(name: "mergekit", targets: ["mergekit"]),
+    .library(name: "Tensor", targets: ["Tensor"]),
+    .library(name: "Checkpoint", targets: ["Checkpoint"]),
+  ],
+  dependencies: [
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+  ],
+  targets: [
+    .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
+    .systemLibrary(name: "CLAPACKE", path: "Sources/CLAPACKE"),
+    .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+    .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE"], swiftSettings: optimize),
+    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
+    .executableTarget(
+      name: "mergekit",
+      dependencies: [
+        "Tensor", "Checkpoint",
+        .product(name: "ArgumentParser", package: "swift-argument-parser"),
+      ]),
+    .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
+    .executableTarget(
+      name: "CheckpointBenchmarks", dependencies: ["Tensor", "Checkpoint"],
+      path: "Benchmarks/CheckpointBenchmarks", swiftSettings: optimize),
+    .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
+    .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
+    .testTarget(name: "mergekitTests", dependencies: ["TestSupport", "Checkpoint"]),
+  ],
+  swiftLanguageModes: [.v5]
+)

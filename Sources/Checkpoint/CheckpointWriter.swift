@@ -1,0 +1,210 @@
+import Foundation
+import Tensor
+
+/// One output file being streamed: tensors in declared order, bytes in pieces.
+protocol TensorFileWriter: AnyObject {
+  func beginTensor(_ name: String) throws
+  func append(_ piece: UnsafeRawBufferPointer) throws
+  func finish() throws
+  func discard()
+}
+
+/// On-disk formats a checkpoint can be written in.
+public enum CheckpointFormat: String, CaseIterable, Sendable {
+  /// Hugging Face safetensors.
+  case safetensors
+  /// mergekit's compressed format (`.mkz`).
+  case mkz
+
+  public var fileExtension: String { self == .safetensors ? "safetensors" : MKZ.fileExtension }
+
+  /// The format a path's extension names, if any.
+  public init?(pathExtension: String) {
+    switch pathExtension.lowercased() {
+    case "safetensors": self = .safetensors
+    case MKZ.fileExtension: self = .mkz
+    default: return nil
+    }
+  }
+}
+
+/// Options for `CheckpointWriter`.
+public struct WriteOptions: Sendable {
+  public var format: CheckpointFormat
+  /// Largest shard in bytes (stored size before compression); nil writes one file.
+  public var shardSize: Int?
+  public var metadata: [String: String]
+  /// `.mkz` only: store tensors the base also has (same dtype and shape) as deltas against it.
+  public var deltaBase: (any Checkpoint)?
+  /// A model folder whose non-tensor files (config.json, tokenizer files, ...) are copied.
+  public var copyFilesFrom: String?
+  /// Replace an existing output (the old one is removed only after the new one is complete).
+  public var overwrite: Bool
+
+  public init(
+    format: CheckpointFormat = .safetensors, shardSize: Int? = nil, metadata: [String: String] = [:],
+    deltaBase: (any Checkpoint)? = nil, copyFilesFrom: String? = nil, overwrite: Bool = false
+  ) {
+    self.format = format
+    self.shardSize = shardSize
+    self.metadata = metadata
+    self.deltaBase = deltaBase
+    self.copyFilesFrom = copyFilesFrom
+    self.overwrite = overwrite
+  }
+}
+
+/// Writes a checkpoint: a single file (destination ending in `.safetensors` or `.mkz`) or a model
+/// folder (shards of at most `shardSize` bytes plus `model.<ext>.index.json` when there are
+/// several, and the copied non-tensor files). The tensor list is declared up front; bytes then
+/// stream in declared order. Nothing appears at the destination until `finish()` succeeds.
+///
+/// ```swift
+/// let writer = try CheckpointWriter(destination: "out", tensors: infos, options: WriteOptions(format: .mkz))
+/// for info in infos { try writer.write(info.name, try source.read(info.name)) }
+/// try writer.finish()
+/// ```
+public final class CheckpointWriter {
+  public let destination: String
+  private let options: WriteOptions
+  private let isFolder: Bool
+  private let workPath: String
+  private let shards: [(file: String, tensors: [TensorInfo])]
+  private var shardOfTensor: [String: Int] = [:]
+  private var openShard: (index: Int, writer: TensorFileWriter)?
+  private var finishedShards = Set<Int>()
+  private var done = false
+
+  public init(destination: String, tensors: [TensorInfo], options: WriteOptions) throws {
+    self.destination = destination
+    self.options = options
+    let url = URL(fileURLWithPath: destination)
+    let named = CheckpointFormat(pathExtension: url.pathExtension)
+    isFolder = named == nil
+    if let named, named != options.format {
+      throw CheckpointError.cannotWrite(file: destination, reason: "the extension says \(named.rawValue) but the format is \(options.format.rawValue)")
+    }
+    if FileManager.default.fileExists(atPath: destination) && !options.overwrite { throw CheckpointError.outputExists(path: destination) }
+    let groups = Self.shardGroups(tensors, maxBytes: isFolder ? options.shardSize : nil)
+    let ext = options.format.fileExtension
+    if isFolder {
+      let work = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())").path
+      workPath = work
+      try? FileManager.default.removeItem(atPath: work)
+      do {
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+      } catch {
+        throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription)
+      }
+      shards = groups.enumerated().map { i, group in
+        let name = groups.count == 1 ? "model.\(ext)" : String(format: "model-%05d-of-%05d.\(ext)", i + 1, groups.count)
+        return ("\(work)/\(name)", group)
+      }
+    } else {
+      workPath = destination
+      shards = [(destination, tensors)]
+    }
+    for (i, shard) in shards.enumerated() { for t in shard.tensors { shardOfTensor[t.name] = i } }
+  }
+
+  deinit { abandon() }
+
+  /// Tensors cut into consecutive groups of at most `maxBytes` (a tensor larger than that gets a
+  /// shard of its own); one group when `maxBytes` is nil.
+  static func shardGroups(_ tensors: [TensorInfo], maxBytes: Int?) -> [[TensorInfo]] {
+    guard let maxBytes else { return [tensors] }
+    var groups: [[TensorInfo]] = [[]]
+    var size = 0
+    for t in tensors {
+      if !groups[groups.count - 1].isEmpty && size + t.byteCount > maxBytes {
+        groups.append([])
+        size = 0
+      }
+      groups[groups.count - 1].append(t)
+      size += t.byteCount
+    }
+    return groups
+  }
+
+  /// Starts tensor `name`; it must be the next one in the declared order.
+  public func beginTensor(_ name: String) throws {
+    guard let shard = shardOfTensor[name] else {
+      throw CheckpointError.writeOrder(file: destination, reason: "tensor '\(name)' was not declared")
+    }
+    if openShard?.index != shard {
+      if let open = openShard {
+        try open.writer.finish()
+        finishedShards.insert(open.index)
+      }
+      let file = shards[shard]
+      let writer: TensorFileWriter =
+        switch options.format {
+        case .safetensors: try SafetensorsWriter(destination: file.file, tensors: file.tensors, metadata: options.metadata)
+        case .mkz: try CompressedWriter(destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase)
+        }
+      openShard = (shard, writer)
+    }
+    try openShard?.writer.beginTensor(name)
+  }
+
+  /// Appends bytes of the current tensor.
+  public func append(_ piece: UnsafeRawBufferPointer) throws {
+    guard let open = openShard else { throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor") }
+    try open.writer.append(piece)
+  }
+
+  /// Writes a whole tensor (its dtype and shape must match the declaration).
+  public func write(_ name: String, _ data: TensorData) throws {
+    try beginTensor(name)
+    try data.bytes.withUnsafeBytes { try append($0) }
+  }
+
+  /// Completes every file, writes the shard index, copies the non-tensor files and publishes.
+  public func finish() throws {
+    if let open = openShard {
+      try open.writer.finish()
+      finishedShards.insert(open.index)
+    }
+    openShard = nil
+    for i in shards.indices where !finishedShards.contains(i) {
+      if let missing = shards[i].tensors.first {
+        throw CheckpointError.writeOrder(file: destination, reason: "tensor '\(missing.name)' was never written")
+      }
+      let writer: TensorFileWriter =
+        options.format == .safetensors
+        ? try SafetensorsWriter(destination: shards[i].file, tensors: [], metadata: options.metadata)
+        : try CompressedWriter(destination: shards[i].file, tensors: [], metadata: options.metadata, base: nil)
+      try writer.finish()
+    }
+    guard isFolder else {
+      done = true
+      return
+    }
+    if shards.count > 1 { try writeIndex() }
+    if let source = options.copyFilesFrom { try ModelFolder.copyAuxiliaryFiles(from: source, to: workPath) }
+    try ModelFolder.publish(workPath, at: destination, overwrite: options.overwrite)
+    done = true
+  }
+
+  private func writeIndex() throws {
+    let total = shards.reduce(0) { $0 + $1.tensors.reduce(0) { $0 + $1.byteCount } }
+    var map: [(key: String, value: JSON)] = []
+    for shard in shards {
+      let file = URL(fileURLWithPath: shard.file).lastPathComponent
+      for t in shard.tensors { map.append((t.name, .string(file))) }
+    }
+    let index = JSON.object([("metadata", .object([("total_size", .number(String(total)))])), ("weight_map", .object(map))])
+    let out = try OutputFile(destination: "\(workPath)/model.\(options.format.fileExtension).index.json")
+    try out.write(Array(index.serialized.utf8))
+    try out.publish()
+  }
+
+  /// Removes everything written so far (called automatically when the writer is dropped unfinished).
+  public func abandon() {
+    guard !done else { return }
+    openShard?.writer.discard()
+    openShard = nil
+    if isFolder { try? FileManager.default.removeItem(atPath: workPath) }
+    done = true
+  }
+}

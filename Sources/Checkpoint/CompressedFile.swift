@@ -1,0 +1,157 @@
+import Foundation
+import Tensor
+
+/// A `.mkz` compressed checkpoint opened for reading (format: `CompressedFormat.swift`).
+///
+/// The footer, chunk index and tensor table are validated on open; tensor bytes are decoded on
+/// demand, only the chunks a request touches, in parallel, each chunk's checksum verified.
+/// Delta-stored tensors need the base checkpoint they were written against.
+///
+/// ```swift
+/// let tuned = try CompressedFile(path: "tuned.mkz", base: try openCheckpoint("base"))
+/// let rows = try tuned.readRows("lm_head.weight", 0..<16)
+/// ```
+public final class CompressedFile: Checkpoint, @unchecked Sendable {
+  public let path: String
+  public let tensors: [TensorInfo]
+  public let metadata: [String: String]
+  /// The checkpoint delta tensors are decoded against, if any.
+  public let base: (any Checkpoint)?
+  let chunkSize: Int
+  let chunks: [MKZ.ChunkRecord]
+  let records: [String: MKZ.TensorRecord]
+  private let map: MappedFile
+  private let verifiedBases = VerifiedSet()
+
+  public init(path: String, base: (any Checkpoint)? = nil) throws {
+    self.path = path
+    self.base = base
+    map = try MappedFile(path: path)
+    let layout = try CompressedLayout.parse(map.bytes(0..<map.size), path: path)
+    chunkSize = layout.chunkSize
+    chunks = layout.chunks
+    metadata = layout.metadata
+    tensors = layout.tensors.map(\.info)
+    records = Dictionary(layout.tensors.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
+  }
+
+  public func lookup(_ name: String) -> TensorInfo? { records[name]?.info }
+
+  public func file(of name: String) -> String? { records[name] == nil ? nil : path }
+
+  /// The transform a tensor is stored with (`delta` ones need the base).
+  public func isDelta(_ name: String) -> Bool { records[name]?.transform == .delta }
+
+  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+    guard let record = records[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    let total = record.info.byteCount
+    let wanted = range ?? 0..<total
+    precondition(wanted.lowerBound >= 0 && wanted.upperBound <= total, "byte range \(wanted) outside tensor \(name)")
+    if wanted.isEmpty { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
+    try checkBase(record)
+    let first = wanted.lowerBound / chunkSize
+    let last = (wanted.upperBound - 1) / chunkSize
+    let start = first * chunkSize
+    let span = min(total, (last + 1) * chunkSize) - start
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: span, alignment: 64)
+    defer { buffer.deallocate() }
+    try Parallel.forEach(last - first + 1) { _, i in
+      let local = first + i
+      let out = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * chunkSize)..<min(span, (i + 1) * chunkSize)])
+      try decodeChunk(record, local: local, into: out)
+    }
+    let offset = wanted.lowerBound - start
+    return try body(UnsafeRawBufferPointer(rebasing: buffer[offset..<(offset + wanted.count)]))
+  }
+
+  public func release(_ name: String) {
+    guard let record = records[name], !record.chunks.isEmpty else { return }
+    let first = chunks[record.chunks.lowerBound]
+    let last = chunks[record.chunks.upperBound - 1]
+    map.release(first.offset..<(last.offset + last.storedSize))
+  }
+
+  /// Decompresses chunk `local` (0-based within the tensor) and checks its checksum; returns the
+  /// transformed payload in `payload`.
+  func decodePayload(_ record: MKZ.TensorRecord, local: Int, decompressor: Zstd.Decompressor, into payload: UnsafeMutableRawBufferPointer) throws {
+    let chunk = chunks[record.chunks.lowerBound + local]
+    let stored = map.bytes(chunk.offset..<(chunk.offset + chunk.storedSize))
+    let name = record.info.name
+    if chunk.isRaw {
+      payload.copyMemory(from: stored)
+    } else {
+      switch decompressor.decompress(stored, into: payload) {
+      case .failure(let error): throw CheckpointError.corruptFrame(file: path, tensor: name, chunk: local, reason: error.message)
+      case .success(let n) where n != chunk.rawSize:
+        throw CheckpointError.rawSizeMismatch(file: path, tensor: name, chunk: local, expected: chunk.rawSize, actual: n)
+      case .success: break
+      }
+    }
+    guard XXHash64.hash(UnsafeRawBufferPointer(payload)) == chunk.checksum else {
+      throw CheckpointError.chunkChecksumMismatch(file: path, tensor: name, chunk: local)
+    }
+  }
+
+  private func decodeChunk(_ record: MKZ.TensorRecord, local: Int, into out: UnsafeMutableRawBufferPointer) throws {
+    let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: out.count, alignment: 64)
+    defer { payload.deallocate() }
+    try decodePayload(record, local: local, decompressor: Zstd.Decompressor(), into: payload)
+    let size = record.info.dtype.size
+    if record.transform == .delta, let base {
+      let range = (local * chunkSize)..<(local * chunkSize + out.count)
+      try base.withBytes(of: record.info.name, range: range) { baseBytes in
+        record.transform.decode(UnsafeRawBufferPointer(payload), base: baseBytes, elementSize: size, into: out)
+      }
+    } else {
+      record.transform.decode(UnsafeRawBufferPointer(payload), base: nil, elementSize: size, into: out)
+    }
+  }
+
+  /// For a delta tensor: the base must be present, hold the same tensor, and have the recorded digest.
+  private func checkBase(_ record: MKZ.TensorRecord) throws {
+    guard record.transform == .delta, let expected = record.baseDigest else { return }
+    let name = record.info.name
+    guard let base else { throw CheckpointError.deltaBaseMissing(file: path, tensor: name) }
+    if verifiedBases.contains(name) { return }
+    guard let info = base.lookup(name), info.dtype == record.info.dtype, info.shape == record.info.shape else {
+      throw CheckpointError.deltaBaseMismatch(file: path, tensor: name, expected: MKZ.hex(expected), actual: "no matching tensor")
+    }
+    let actual = try MKZ.digest(of: base, tensor: name)
+    guard actual == expected else {
+      throw CheckpointError.deltaBaseMismatch(file: path, tensor: name, expected: MKZ.hex(expected), actual: MKZ.hex(actual))
+    }
+    verifiedBases.insert(name)
+  }
+
+  /// Checks every chunk (decompression, size, checksum) and, where the bytes can be rebuilt
+  /// (always, or with the base for delta tensors), every tensor digest. Throws the first problem.
+  public func verify(progress: ((Int, Int) -> Void)?) throws {
+    let total = totalByteCount
+    var done = 0
+    for info in tensors {
+      guard let record = records[info.name] else { continue }
+      if record.transform == .delta && base == nil {
+        try Parallel.forEach(record.chunks.count) { _, local in
+          let size = chunks[record.chunks.lowerBound + local].rawSize
+          let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
+          defer { payload.deallocate() }
+          try decodePayload(record, local: local, decompressor: Zstd.Decompressor(), into: payload)
+        }
+      } else {
+        guard try MKZ.digest(of: self, tensor: info.name) == record.digest else {
+          throw CheckpointError.tensorDigestMismatch(file: path, tensor: info.name)
+        }
+      }
+      done += info.byteCount
+      progress?(done, total)
+    }
+  }
+}
+
+/// A thread-safe set of names.
+final class VerifiedSet: @unchecked Sendable {
+  private var names = Set<String>()
+  private let lock = NSLock()
+  func contains(_ name: String) -> Bool { lock.withLock { names.contains(name) } }
+  func insert(_ name: String) { _ = lock.withLock { names.insert(name) } }
+}

@@ -1,0 +1,145 @@
+import Tensor
+
+/// A memory-mapped safetensors file, validated on open (see `SafetensorsHeader`).
+///
+/// ```swift
+/// let file = try SafetensorsFile(path: "model.safetensors")
+/// let bias = try file.read("encoder.layer.0.output.dense.bias")
+/// ```
+public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
+  public let path: String
+  public let tensors: [TensorInfo]
+  public let metadata: [String: String]
+  private let map: MappedFile
+  private let ranges: [String: Range<Int>]
+  private let infos: [String: TensorInfo]
+
+  /// Opens and validates `path`; throws the first rule the file breaks.
+  public init(path: String) throws {
+    self.path = path
+    map = try MappedFile(path: path)
+    let header = try SafetensorsHeader.parse(map.bytes(0..<map.size), path: path)
+    let ordered = header.entries.sorted { $0.offsets.lowerBound < $1.offsets.lowerBound }
+    tensors = ordered.map(\.info)
+    metadata = header.metadata
+    var ranges: [String: Range<Int>] = [:]
+    var infos: [String: TensorInfo] = [:]
+    for entry in ordered {
+      ranges[entry.info.name] = (header.dataStart + entry.offsets.lowerBound)..<(header.dataStart + entry.offsets.upperBound)
+      infos[entry.info.name] = entry.info
+    }
+    self.ranges = ranges
+    self.infos = infos
+  }
+
+  public func lookup(_ name: String) -> TensorInfo? { infos[name] }
+
+  public func file(of name: String) -> String? { infos[name] == nil ? nil : path }
+
+  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+    guard let whole = ranges[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    let part = range ?? 0..<whole.count
+    precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
+    return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
+  }
+
+  public func release(_ name: String) {
+    if let range = ranges[name] { map.release(range) }
+  }
+
+  /// A safetensors file has no checksums: its structure was validated on open; this also reads
+  /// every byte once so that I/O errors surface.
+  public func verify(progress: ((Int, Int) -> Void)?) throws {
+    let total = totalByteCount
+    var done = 0
+    for info in tensors {
+      try stream(info.name) { piece in
+        var sink: UInt8 = 0
+        for i in Swift.stride(from: 0, to: piece.count, by: 4096) { sink |= piece[i] }
+        _ = sink
+        done += piece.count
+        progress?(done, total)
+      }
+    }
+  }
+}
+
+/// Streams one safetensors file: the header (known from the tensor list, padded with spaces to a
+/// multiple of 8 bytes) first, then each tensor's bytes in list order, in as many pieces as the
+/// caller likes. The file appears at its destination only on `finish()`.
+final class SafetensorsWriter: TensorFileWriter {
+  private let output: OutputFile
+  private let plan: [TensorInfo]
+  private var index = 0
+  private var writtenInTensor = 0
+
+  init(destination: String, tensors: [TensorInfo], metadata: [String: String]) throws {
+    output = try OutputFile(destination: destination)
+    plan = tensors
+    try output.write(Self.header(tensors: tensors, metadata: metadata))
+  }
+
+  /// The length prefix and JSON header bytes for `tensors` laid out contiguously in order.
+  static func header(tensors: [TensorInfo], metadata: [String: String]) -> [UInt8] {
+    var pairs: [(key: String, value: JSON)] = []
+    if !metadata.isEmpty {
+      pairs.append(("__metadata__", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, JSON.string($0.value)) })))
+    }
+    var offset = 0
+    for info in tensors {
+      let end = offset + info.byteCount
+      pairs.append(
+        (
+          info.name,
+          .object([
+            ("dtype", .string(info.dtype.rawValue)),
+            ("shape", .array(info.shape.map { .number(String($0)) })),
+            ("data_offsets", .array([.number(String(offset)), .number(String(end))])),
+          ])
+        ))
+      offset = end
+    }
+    var json = Array(JSON.object(pairs).serialized.utf8)
+    while json.count % 8 != 0 { json.append(0x20) }
+    var bytes = withUnsafeBytes(of: UInt64(json.count).littleEndian) { Array($0) }
+    bytes.append(contentsOf: json)
+    return bytes
+  }
+
+  func append(_ piece: UnsafeRawBufferPointer) throws {
+    var remaining = piece
+    while !remaining.isEmpty {
+      guard index < plan.count else { throw CheckpointError.writeOrder(file: output.destination, reason: "more bytes written than the tensor list holds") }
+      let room = plan[index].byteCount - writtenInTensor
+      let n = min(room, remaining.count)
+      try output.write(UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
+      writtenInTensor += n
+      remaining = UnsafeRawBufferPointer(rebasing: remaining[n...])
+      advancePastFullTensors()
+    }
+  }
+
+  private func advancePastFullTensors() {
+    while index < plan.count, writtenInTensor == plan[index].byteCount {
+      index += 1
+      writtenInTensor = 0
+    }
+  }
+
+  func beginTensor(_ name: String) throws {
+    advancePastFullTensors()
+    guard index < plan.count, plan[index].name == name, writtenInTensor == 0 else {
+      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(name)' written out of the declared order")
+    }
+  }
+
+  func finish() throws {
+    advancePastFullTensors()
+    guard index == plan.count else {
+      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[index].name)' was not written completely")
+    }
+    try output.publish()
+  }
+
+  func discard() { output.discard() }
+}

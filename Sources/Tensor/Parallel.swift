@@ -1,0 +1,44 @@
+import Dispatch
+import Foundation
+
+/// Work split across cores. Results never depend on the thread count: callers give each item a
+/// fixed slot, and the split only decides who computes it.
+public enum Parallel {
+  /// Worker count: `MERGEKIT_THREADS` if set to a positive integer, else the active core count.
+  public static let threadCount: Int = {
+    if let text = ProcessInfo.processInfo.environment["MERGEKIT_THREADS"], let n = Int(text), n > 0 { return n }
+    return max(1, ProcessInfo.processInfo.activeProcessorCount)
+  }()
+
+  /// Runs `body(worker, item)` for every item in `0..<count` on up to `threadCount` workers; each
+  /// worker takes items `worker, worker + workers, ...`, so per-worker state (a codec context)
+  /// can be created once per worker. Rethrows the error of the lowest-numbered failing item.
+  public static func forEach(
+    _ count: Int, workers: Int = Parallel.threadCount,
+    _ body: (_ worker: Int, _ item: Int) throws -> Void
+  ) throws {
+    guard count > 0 else { return }
+    let n = max(1, min(workers, count))
+    if n == 1 {
+      for item in 0..<count { try body(0, item) }
+      return
+    }
+    let errors = ErrorSlots(count: count)
+    withoutActuallyEscaping(body) { body in
+      DispatchQueue.concurrentPerform(iterations: n) { worker in
+        for item in Swift.stride(from: worker, to: count, by: n) {
+          do { try body(worker, item) } catch { errors.set(item, error) }
+        }
+      }
+    }
+    if let first = errors.first { throw first }
+  }
+
+  private final class ErrorSlots: @unchecked Sendable {
+    private var slots: [Error?]
+    private let lock = NSLock()
+    init(count: Int) { slots = Array(repeating: nil, count: count) }
+    func set(_ index: Int, _ error: Error) { lock.withLock { slots[index] = error } }
+    var first: Error? { lock.withLock { slots.lazy.compactMap { $0 }.first } }
+  }
+}

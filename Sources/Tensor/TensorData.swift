@@ -1,0 +1,57 @@
+/// A tensor as stored: its dtype, shape and raw little-endian bytes, untouched.
+///
+/// Checkpoint I/O moves `TensorData` so that a round trip is bit-exact for every dtype (NaN
+/// payloads included); `decoded()` and `Tensor.encoded(as:)` cross into `Float` maths.
+public struct TensorData: Sendable, Equatable {
+  public var dtype: DType
+  public var shape: [Int]
+  public var bytes: [UInt8]
+
+  /// Wraps stored bytes; `bytes.count` must equal the element count times the dtype size.
+  public init(dtype: DType, shape: [Int], bytes: [UInt8]) {
+    precondition(bytes.count == shape.reduce(1, *) * dtype.size, "byte count does not match \(dtype) \(shape)")
+    self.dtype = dtype
+    self.shape = shape
+    self.bytes = bytes
+  }
+
+  /// Number of elements.
+  public var count: Int { shape.reduce(1, *) }
+
+  /// The values as `Float` (exact for F32/F16/BF16/FP8 and small integers; F64 rounds to nearest).
+  public func decoded() -> Tensor {
+    var values = [Float](repeating: 0, count: count)
+    bytes.withUnsafeBytes { raw in
+      values.withUnsafeMutableBufferPointer { out in
+        DTypeConversion.decode(raw, from: dtype, into: out)
+      }
+    }
+    return Tensor(shape: shape, scalars: values)
+  }
+
+  /// The same values in another dtype (floating types round to nearest even; integer types are
+  /// rounded and saturated). Converting to the same dtype returns `self` unchanged.
+  public func cast(to target: DType) -> TensorData {
+    if target == dtype { return self }
+    var out = [UInt8](repeating: 0, count: count * target.size)
+    bytes.withUnsafeBytes { source in
+      out.withUnsafeMutableBytes { destination in
+        DTypeConversion.convert(source, from: dtype, to: target, into: destination)
+      }
+    }
+    return TensorData(dtype: target, shape: shape, bytes: out)
+  }
+}
+
+extension Tensor {
+  /// Stores the values in `dtype` (round to nearest even when narrowing).
+  public func encoded(as dtype: DType) -> TensorData {
+    var out = [UInt8](repeating: 0, count: count * dtype.size)
+    scalars.withUnsafeBufferPointer { values in
+      out.withUnsafeMutableBytes { destination in
+        DTypeConversion.encode(values, as: dtype, into: destination)
+      }
+    }
+    return TensorData(dtype: dtype, shape: shape, bytes: out)
+  }
+}
