@@ -22,6 +22,21 @@ public struct TensorInfo: Sendable, Equatable, Hashable {
   public var rowCount: Int { shape.first ?? 1 }
 }
 
+/// One physical file of a checkpoint: its name, its tensors in data order and, when known, the
+/// safetensors header it was read from (kept so that safetensors -> .mkz -> safetensors is
+/// bit-identical, header bytes included).
+public struct StoredFile: Sendable, Equatable {
+  public var name: String
+  public var tensors: [String]
+  public var safetensorsHeader: [UInt8]?
+
+  public init(name: String, tensors: [String], safetensorsHeader: [UInt8]? = nil) {
+    self.name = name
+    self.tensors = tensors
+    self.safetensorsHeader = safetensorsHeader
+  }
+}
+
 /// A checkpoint opened for reading: its tensor table is parsed and validated on open, and tensor
 /// bytes are read on demand (memory-mapped, or decoded chunk by chunk).
 ///
@@ -37,6 +52,8 @@ public protocol Checkpoint: AnyObject, Sendable {
   var tensors: [TensorInfo] { get }
   /// The string metadata (`__metadata__` for safetensors).
   var metadata: [String: String] { get }
+  /// The files the tensors are stored in (one, or one per shard).
+  var files: [StoredFile] { get }
   /// The entry for tensor `name`, or nil (a dictionary lookup).
   func lookup(_ name: String) -> TensorInfo?
   /// The file that holds tensor `name` (for messages), or nil when there is none.

@@ -40,6 +40,10 @@ public struct WriteOptions: Sendable {
   public var copyFilesFrom: String?
   /// Replace an existing output (the old one is removed only after the new one is complete).
   public var overwrite: Bool
+  /// The files of the checkpoint being copied: a folder output without `shardSize` keeps the same
+  /// sharding and file names, and each file keeps its original safetensors header when the tensors
+  /// are unchanged, so that a round trip through `.mkz` is bit-identical.
+  public var layout: [StoredFile]?
 
   public init(
     format: CheckpointFormat = .safetensors, shardSize: Int? = nil, metadata: [String: String] = [:],
@@ -51,6 +55,20 @@ public struct WriteOptions: Sendable {
     self.deltaBase = deltaBase
     self.copyFilesFrom = copyFilesFrom
     self.overwrite = overwrite
+  }
+
+  /// The shard plan: `layout` when it covers exactly `tensors` in order (and no shard size was
+  /// asked for), else consecutive groups of at most `shardSize` bytes.
+  func shardPlan(_ tensors: [TensorInfo], folder: Bool) -> [(name: String?, tensors: [TensorInfo], header: [UInt8]?)] {
+    if let layout, folder ? shardSize == nil : layout.count == 1, layout.flatMap(\.tensors) == tensors.map(\.name) {
+      var start = 0
+      return layout.map { file in
+        defer { start += file.tensors.count }
+        let stem = URL(fileURLWithPath: file.name).deletingPathExtension().lastPathComponent
+        return (layout.count == 1 ? nil : "\(stem).\(format.fileExtension)", Array(tensors[start..<(start + file.tensors.count)]), file.safetensorsHeader)
+      }
+    }
+    return CheckpointWriter.shardGroups(tensors, maxBytes: folder ? shardSize : nil).map { (nil, $0, nil) }
   }
 }
 
@@ -69,7 +87,7 @@ public final class CheckpointWriter {
   private let options: WriteOptions
   private let isFolder: Bool
   private let workPath: String
-  private let shards: [(file: String, tensors: [TensorInfo])]
+  private let shards: [(file: String, tensors: [TensorInfo], header: [UInt8]?)]
   private var shardOfTensor: [String: Int] = [:]
   private var openShard: (index: Int, writer: TensorFileWriter)?
   private var finishedShards = Set<Int>()
@@ -85,7 +103,7 @@ public final class CheckpointWriter {
       throw CheckpointError.cannotWrite(file: destination, reason: "the extension says \(named.rawValue) but the format is \(options.format.rawValue)")
     }
     if FileManager.default.fileExists(atPath: destination) && !options.overwrite { throw CheckpointError.outputExists(path: destination) }
-    let groups = Self.shardGroups(tensors, maxBytes: isFolder ? options.shardSize : nil)
+    let groups = options.shardPlan(tensors, folder: isFolder)
     let ext = options.format.fileExtension
     if isFolder {
       let work = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())").path
@@ -97,12 +115,12 @@ public final class CheckpointWriter {
         throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription)
       }
       shards = groups.enumerated().map { i, group in
-        let name = groups.count == 1 ? "model.\(ext)" : String(format: "model-%05d-of-%05d.\(ext)", i + 1, groups.count)
-        return ("\(work)/\(name)", group)
+        let name = group.name ?? (groups.count == 1 ? "model.\(ext)" : String(format: "model-%05d-of-%05d.\(ext)", i + 1, groups.count))
+        return ("\(work)/\(name)", group.tensors, group.header)
       }
     } else {
       workPath = destination
-      shards = [(destination, tensors)]
+      shards = [(destination, tensors, groups.first?.header)]
     }
     for (i, shard) in shards.enumerated() { for t in shard.tensors { shardOfTensor[t.name] = i } }
   }
@@ -139,8 +157,11 @@ public final class CheckpointWriter {
       let file = shards[shard]
       let writer: TensorFileWriter =
         switch options.format {
-        case .safetensors: try SafetensorsWriter(destination: file.file, tensors: file.tensors, metadata: options.metadata)
-        case .mkz: try CompressedWriter(destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase)
+        case .safetensors:
+          try SafetensorsWriter(destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
+        case .mkz:
+          try CompressedWriter(
+            destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase, safetensorsHeader: file.header)
         }
       openShard = (shard, writer)
     }
@@ -195,7 +216,7 @@ public final class CheckpointWriter {
     }
     let index = JSON.object([("metadata", .object([("total_size", .number(String(total)))])), ("weight_map", .object(map))])
     let out = try OutputFile(destination: "\(workPath)/model.\(options.format.fileExtension).index.json")
-    try out.write(Array(index.serialized.utf8))
+    try out.write(Array((index.prettyPrinted() + "\n").utf8))
     try out.publish()
   }
 

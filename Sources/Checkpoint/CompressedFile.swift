@@ -15,6 +15,7 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
   public let path: String
   public let tensors: [TensorInfo]
   public let metadata: [String: String]
+  public let files: [StoredFile]
   /// The checkpoint delta tensors are decoded against, if any.
   public let base: (any Checkpoint)?
   let chunkSize: Int
@@ -32,12 +33,18 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     chunks = layout.chunks
     metadata = layout.metadata
     tensors = layout.tensors.map(\.info)
+    files = [StoredFile(name: URL(fileURLWithPath: path).lastPathComponent, tensors: tensors.map(\.name), safetensorsHeader: layout.safetensorsHeader)]
     records = Dictionary(layout.tensors.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
   }
 
   public func lookup(_ name: String) -> TensorInfo? { records[name]?.info }
 
   public func file(of name: String) -> String? { records[name] == nil ? nil : path }
+
+  /// Bytes tensor `name` occupies in the file (its chunks as stored).
+  public func storedByteCount(of name: String) -> Int? {
+    records[name].map { record in record.chunks.reduce(0) { $0 + chunks[$1].storedSize } }
+  }
 
   /// The transform a tensor is stored with (`delta` ones need the base).
   public func isDelta(_ name: String) -> Bool { records[name]?.transform == .delta }

@@ -22,11 +22,13 @@ import Tensor
 //                            u64 index offset I, u64 chunk_count, u64 table offset T, u64 table length,
 //                            u64 XXH64 of index + table bytes, u32 version (1), 4 bytes "MKZF"
 //
-// The table: {"chunk_size": 1048576, "metadata": {string: string},
+// The table: {"chunk_size": 1048576, "metadata": {string: string}, "safetensors_header"?: string,
 //   "tensors": [{"name", "dtype", "shape", "transform": "planes" | "float-planes" | "delta",
 //                "first_chunk", "chunk_count", "digest", "base_digest"?}]}
 // Tensors list their chunks in order; their chunk ranges tile 0..<chunk_count. A tensor of B bytes
 // has ceil(B / chunk_size) chunks; chunks never span two tensors and hold whole elements.
+// `safetensors_header` is the header text of the safetensors file this one was made from; a
+// writer converting back uses it verbatim when the tensors are unchanged (bit-identical round trip).
 // `digest` is the tensor's XXH64 digest in 16 hex digits: XXH64 of the concatenated little-endian
 // u64 XXH64s of its stored bytes in 1 MiB pieces (so it is computed in parallel).
 //
@@ -97,7 +99,7 @@ enum MKZ {
     return digest(ofPieceHashes: hashes)
   }
 
-  static func encodeTable(_ tensors: [TensorRecord], metadata: [String: String], chunkSize: Int) -> [UInt8] {
+  static func encodeTable(_ tensors: [TensorRecord], metadata: [String: String], chunkSize: Int, safetensorsHeader: [UInt8]?) -> [UInt8] {
     let entries: [JSON] = tensors.map { t in
       var pairs: [(key: String, value: JSON)] = [
         ("name", .string(t.info.name)),
@@ -111,12 +113,13 @@ enum MKZ {
       if let base = t.baseDigest { pairs.append(("base_digest", .string(hex(base)))) }
       return .object(pairs)
     }
-    let table = JSON.object([
+    var table: [(key: String, value: JSON)] = [
       ("chunk_size", .number(String(chunkSize))),
       ("metadata", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })),
       ("tensors", .array(entries)),
-    ])
-    return Array(table.serialized.utf8)
+    ]
+    if let header = safetensorsHeader, let text = String(validating: header, as: UTF8.self) { table.append(("safetensors_header", .string(text))) }
+    return Array(JSON.object(table).serialized.utf8)
   }
 
   static func encodeChunkRecords(_ records: [ChunkRecord]) -> [UInt8] {

@@ -7,6 +7,8 @@ struct CompressedLayout {
   var chunks: [MKZ.ChunkRecord]
   var tensors: [MKZ.TensorRecord]
   var metadata: [String: String]
+  /// The header of the safetensors file this one was converted from, if recorded.
+  var safetensorsHeader: [UInt8]?
 
   static func parse(_ file: UnsafeRawBufferPointer, path: String) throws -> CompressedLayout {
     var reader = ByteReader(file)
@@ -45,7 +47,8 @@ struct CompressedLayout {
     if let value = table["metadata"] { metadata = try SafetensorsHeader.parseMetadata(value, path: path) }
     guard let entries = table["tensors"]?.arrayValue else { throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor table has no 'tensors' list") }
     let tensors = try parseTensors(entries, chunks: chunks, chunkSize: chunkSize, path: path)
-    return CompressedLayout(chunkSize: chunkSize, chunks: chunks, tensors: tensors, metadata: metadata)
+    let header = table["safetensors_header"]?.stringValue.map { Array($0.utf8) }
+    return CompressedLayout(chunkSize: chunkSize, chunks: chunks, tensors: tensors, metadata: metadata, safetensorsHeader: header)
   }
 
   static func parseChunks(_ file: UnsafeRawBufferPointer, at start: Int, count: Int, end dataEnd: Int, chunkSize: Int, path: String) throws -> [MKZ.ChunkRecord] {

@@ -26,8 +26,11 @@ final class CompressedWriter: TensorFileWriter {
   private var currentOffset = 0
   private var pieceHashes: [UInt64] = []
 
-  init(destination: String, tensors: [TensorInfo], metadata: [String: String], base: (any Checkpoint)?) throws {
+  private let safetensorsHeader: [UInt8]?
+
+  init(destination: String, tensors: [TensorInfo], metadata: [String: String], base: (any Checkpoint)?, safetensorsHeader: [UInt8]? = nil) throws {
     output = try OutputFile(destination: destination)
+    self.safetensorsHeader = safetensorsHeader
     plan = tensors
     self.metadata = metadata
     self.base = base
@@ -148,7 +151,8 @@ final class CompressedWriter: TensorFileWriter {
     }
     let indexOffset = output.bytesWritten
     let index = MKZ.encodeChunkRecords(chunks)
-    let table = MKZ.encodeTable(finished, metadata: metadata, chunkSize: chunkSize)
+    let header = safetensorsHeader.flatMap { SafetensorsHeader.matches($0, tensors: plan, metadata: metadata) ? $0 : nil }
+    let table = MKZ.encodeTable(finished, metadata: metadata, chunkSize: chunkSize, safetensorsHeader: header)
     try output.write(index)
     try output.write(table)
     let checksum = XXHash64.hash(index + table)

@@ -56,6 +56,32 @@ enum JSON: Equatable {
     }
   }
 
+  /// Indented serialisation with sorted keys and non-ASCII escaped: byte-for-byte what Python's
+  /// `json.dumps(value, indent=2, sort_keys=True)` writes (the shard indexes of transformers).
+  func prettyPrinted(level: Int = 0) -> String {
+    let pad = String(repeating: "  ", count: level + 1)
+    let end = String(repeating: "  ", count: level)
+    switch self {
+    case .object(let pairs) where !pairs.isEmpty:
+      let items = pairs.sorted { Array($0.key.utf16).lexicographicallyPrecedes(Array($1.key.utf16)) }
+        .map { pad + JSON.quote($0.key, asciiOnly: true) + ": " + $0.value.prettyPrinted(level: level + 1) }
+      return "{\n" + items.joined(separator: ",\n") + "\n" + end + "}"
+    case .array(let items) where !items.isEmpty:
+      return "[\n" + items.map { pad + $0.prettyPrinted(level: level + 1) }.joined(separator: ",\n") + "\n" + end + "]"
+    case .string(let s): return JSON.quote(s, asciiOnly: true)
+    default: return serialized
+    }
+  }
+
+  static func quote(_ s: String, asciiOnly: Bool) -> String {
+    guard asciiOnly else { return quote(s) }
+    var out = ""
+    for unit in quote(s).utf16 {
+      if unit < 0x80 { out.unicodeScalars.append(Unicode.Scalar(unit)!) } else { out += String(format: "\\u%04x", unit) }
+    }
+    return out
+  }
+
   static func quote(_ s: String) -> String {
     var out = "\""
     for scalar in s.unicodeScalars {

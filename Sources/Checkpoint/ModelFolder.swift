@@ -99,6 +99,7 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
   public let path: String
   public let tensors: [TensorInfo]
   public let metadata: [String: String]
+  public var files: [StoredFile] { shards.flatMap(\.files) }
   /// The shard files, in index order.
   public let shards: [any Checkpoint]
   private let shardOf: [String: Int]
@@ -154,6 +155,9 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
   }
 
   public func release(_ name: String) { shardOf[name].map { shards[$0].release(name) } }
+
+  /// The shard that holds tensor `name`.
+  public func shard(of name: String) -> (any Checkpoint)? { shardOf[name].map { shards[$0] } }
 
   public func verify(progress: ((Int, Int) -> Void)?) throws {
     let total = totalByteCount

@@ -1,3 +1,4 @@
+import Foundation
 import Tensor
 
 /// A memory-mapped safetensors file, validated on open (see `SafetensorsHeader`).
@@ -10,6 +11,7 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
   public let path: String
   public let tensors: [TensorInfo]
   public let metadata: [String: String]
+  public let files: [StoredFile]
   private let map: MappedFile
   private let ranges: [String: Range<Int>]
   private let infos: [String: TensorInfo]
@@ -22,6 +24,7 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
     let ordered = header.entries.sorted { $0.offsets.lowerBound < $1.offsets.lowerBound }
     tensors = ordered.map(\.info)
     metadata = header.metadata
+    files = [StoredFile(name: URL(fileURLWithPath: path).lastPathComponent, tensors: ordered.map(\.info.name), safetensorsHeader: header.headerBytes)]
     var ranges: [String: Range<Int>] = [:]
     var infos: [String: TensorInfo] = [:]
     for entry in ordered {
@@ -73,10 +76,16 @@ final class SafetensorsWriter: TensorFileWriter {
   private var index = 0
   private var writtenInTensor = 0
 
-  init(destination: String, tensors: [TensorInfo], metadata: [String: String]) throws {
+  /// `preservedHeader`, the header text of the file these tensors came from, is written verbatim
+  /// when it describes exactly this tensor list and metadata; otherwise a header is generated.
+  init(destination: String, tensors: [TensorInfo], metadata: [String: String], preservedHeader: [UInt8]? = nil) throws {
     output = try OutputFile(destination: destination)
     plan = tensors
-    try output.write(Self.header(tensors: tensors, metadata: metadata))
+    if let preservedHeader, SafetensorsHeader.matches(preservedHeader, tensors: tensors, metadata: metadata) {
+      try output.write(withUnsafeBytes(of: UInt64(preservedHeader.count).littleEndian) { Array($0) } + preservedHeader)
+    } else {
+      try output.write(Self.header(tensors: tensors, metadata: metadata))
+    }
   }
 
   /// The length prefix and JSON header bytes for `tensors` laid out contiguously in order.

@@ -18,6 +18,8 @@ struct SafetensorsHeader {
   var metadata: [String: String]
   /// Absolute file offset of the data section.
   var dataStart: Int
+  /// The header JSON exactly as stored (padding included).
+  var headerBytes: [UInt8]
 
   /// Validates, in order: size >= 8; header length within limits and the file; UTF-8; JSON
   /// object; each entry (dtype, shape, offsets, byte size, with overflow checks); duplicates;
@@ -31,6 +33,14 @@ struct SafetensorsHeader {
       throw CheckpointError.headerLengthPastEnd(file: path, headerLength: headerLength, fileSize: file.count)
     }
     let headerBytes = UnsafeRawBufferPointer(rebasing: file[8..<(8 + Int(headerLength))])
+    let (entries, metadata) = try parseTable(headerBytes, path: path)
+    let dataStart = 8 + Int(headerLength)
+    try checkLayout(entries, dataSize: file.count - dataStart, path: path)
+    return SafetensorsHeader(entries: entries, metadata: metadata, dataStart: dataStart, headerBytes: Array(headerBytes))
+  }
+
+  /// Parses the JSON header text: UTF-8, a JSON object, each entry valid, no duplicate names.
+  static func parseTable(_ headerBytes: UnsafeRawBufferPointer, path: String) throws -> ([Entry], [String: String]) {
     guard String(validating: headerBytes, as: UTF8.self) != nil else { throw CheckpointError.headerNotUTF8(file: path) }
     let json: JSON
     do {
@@ -52,9 +62,23 @@ struct SafetensorsHeader {
         entries.append(try parseEntry(name: name, value, path: path))
       }
     }
-    let dataStart = 8 + Int(headerLength)
-    try checkLayout(entries, dataSize: file.count - dataStart, path: path)
-    return SafetensorsHeader(entries: entries, metadata: metadata, dataStart: dataStart)
+    return (entries, metadata)
+  }
+
+  /// Whether a header text is a valid header describing exactly `tensors` laid out contiguously
+  /// in that order, with `metadata` (so it can be written again verbatim).
+  static func matches(_ headerBytes: [UInt8], tensors: [TensorInfo], metadata: [String: String]) -> Bool {
+    guard headerBytes.count % 8 == 0,
+      let (entries, parsedMetadata) = try? headerBytes.withUnsafeBytes({ try parseTable($0, path: "") }),
+      parsedMetadata == metadata, entries.count == tensors.count
+    else { return false }
+    let ordered = entries.sorted { $0.offsets.lowerBound < $1.offsets.lowerBound }
+    var offset = 0
+    for (entry, info) in zip(ordered, tensors) {
+      guard entry.info == info, entry.offsets == offset..<(offset + info.byteCount) else { return false }
+      offset += info.byteCount
+    }
+    return true
   }
 
   static func parseMetadata(_ value: JSON, path: String) throws -> [String: String] {

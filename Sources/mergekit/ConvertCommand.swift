@@ -1,0 +1,77 @@
+import ArgumentParser
+import Checkpoint
+import Foundation
+import Tensor
+
+struct ConvertCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "convert",
+    abstract: "Copy a checkpoint to another format, dtype or sharding, optionally selecting, dropping or renaming tensors.",
+    discussion: """
+      OUT ending in .safetensors or .mkz writes one file; any other OUT is a model folder (shards
+      plus index when --shard-size requires, and the input folder's config and tokenizer files).
+      With --base, an .mkz output stores every tensor the base also has (same dtype and shape) as
+      a lossless delta against it, and a delta-stored .mkz input is decoded against it.
+      """)
+
+  @Argument(help: "Input checkpoint (file or model folder).")
+  var input: String
+
+  @Argument(help: "Output: a .safetensors or .mkz file, or a folder.")
+  var output: String
+
+  @Option(help: "Output format: safetensors or mkz (default: from OUT's extension, else safetensors).")
+  var format: String?
+
+  @Option(help: "Cast floating-point tensors to bf16, f16, f32 or f64 (round to nearest even).")
+  var dtype: String?
+
+  @Option(help: "Base checkpoint for delta storage (.mkz output) or delta decoding (.mkz input).")
+  var base: String?
+
+  @Option(name: .customLong("shard-size"), help: "Largest shard of a folder output, e.g. 5GB or 500MB.")
+  var shardSize: String?
+
+  @Option(help: "Keep only tensors whose name matches this regular expression.")
+  var select: String?
+
+  @Option(help: "Drop tensors whose name matches this regular expression.")
+  var drop: String?
+
+  @Option(help: "Rename tensors: PATTERN=REPLACEMENT (regular expression, $1 for groups); repeatable.")
+  var rename: [String] = []
+
+  @Flag(help: "Replace OUT if it exists (only after the new output is complete).")
+  var overwrite = false
+
+  @Flag(name: .shortAndLong, help: "No progress output.")
+  var quiet = false
+
+  func validate() throws {
+    try requireExisting(input, "input")
+    if let base { try requireExisting(base, "base") }
+    if let format, CheckpointFormat(rawValue: format.lowercased()) == nil { throw ValidationError("unknown --format '\(format)' (use safetensors or mkz)") }
+    if let dtype, DType(userSpelling: dtype)?.isFloatingPoint != true { throw ValidationError("unknown --dtype '\(dtype)' (use bf16, f16, f32 or f64)") }
+    if let shardSize, parseByteSize(shardSize) == nil { throw ValidationError("invalid --shard-size '\(shardSize)' (examples: 5GB, 500MB, 1048576)") }
+    let named = CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension)
+    if let named, let format, named.rawValue != format.lowercased() { throw ValidationError("OUT '\(output)' is a .\(named.fileExtension) file but --format is \(format)") }
+    if named != nil && shardSize != nil { throw ValidationError("--shard-size needs a folder OUT, not a single file") }
+    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    do { _ = try TensorSelection(select: select, drop: drop, renames: rename) } catch { throw ValidationError("\(error)") }
+  }
+
+  func run() throws {
+    let baseModel = try openBase(base)
+    let source = try openCheckpoint(input, base: baseModel)
+    let outputFormat = format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension) ?? .safetensors
+    let metadata = source.metadata
+    let options = WriteOptions(
+      format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata,
+      deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.folder(of: input), overwrite: overwrite)
+    let progress = Progress("convert", quiet: quiet)
+    try copyCheckpoint(
+      from: source, to: output, selection: try TensorSelection(select: select, drop: drop, renames: rename),
+      castTo: dtype.flatMap { DType(userSpelling: $0) }, options: options, progress: progress.update)
+    progress.finish()
+  }
+}

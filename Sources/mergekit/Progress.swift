@@ -1,0 +1,57 @@
+import Foundation
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Progress on stderr: a bar with rate and ETA, redrawn in place on a terminal; on a pipe or
+/// file, a plain line every 10% (so logs stay readable). Silent with `quiet`.
+final class Progress {
+  private let label: String
+  private let quiet: Bool
+  private let isTerminal = isatty(STDERR_FILENO) != 0
+  private let start = Date()
+  private var lastDraw = Date.distantPast
+  private var lastDecile = -1
+
+  init(_ label: String, quiet: Bool = false) {
+    self.label = label
+    self.quiet = quiet
+  }
+
+  /// Reports `done` of `total` bytes.
+  func update(_ done: Int, _ total: Int) {
+    guard !quiet, total > 0 else { return }
+    let fraction = min(1, Double(done) / Double(total))
+    let elapsed = Date().timeIntervalSince(start)
+    let rate = elapsed > 0 ? Double(done) / elapsed : 0
+    let eta = rate > 0 ? Double(total - done) / rate : 0
+    let figures = String(format: "%3.0f%%  %@/s  ETA %@", fraction * 100, formatBytes(Int(rate)), Self.duration(eta))
+    if isTerminal {
+      guard Date().timeIntervalSince(lastDraw) > 0.1 || done == total else { return }
+      lastDraw = Date()
+      let width = 30
+      let filled = Int(fraction * Double(width))
+      let bar = String(repeating: "#", count: filled) + String(repeating: "-", count: width - filled)
+      FileHandle.standardError.write(Data("\r\(label) [\(bar)] \(figures)\u{1B}[K".utf8))
+    } else {
+      let decile = Int(fraction * 10)
+      guard decile > lastDecile else { return }
+      lastDecile = decile
+      FileHandle.standardError.write(Data("\(label): \(figures)\n".utf8))
+    }
+  }
+
+  /// Ends the bar with the total time.
+  func finish() {
+    guard !quiet else { return }
+    let elapsed = Date().timeIntervalSince(start)
+    let end = String(format: "%@: done in %.2f s\n", label, elapsed)
+    FileHandle.standardError.write(Data(((isTerminal ? "\r\u{1B}[K" : "") + end).utf8))
+  }
+
+  static func duration(_ seconds: Double) -> String {
+    let s = Int(seconds.rounded())
+    return s >= 3600 ? String(format: "%dh%02dm", s / 3600, (s % 3600) / 60) : String(format: "%d:%02d", s / 60, s % 60)
+  }
+}
