@@ -34,7 +34,7 @@ let package = Package(
       path: "Benchmarks/CheckpointBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
-    .testTarget(name: "mergekitTests", dependencies: ["TestSupport", "Checkpoint"]),
+    .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint"]),
   ],
   swiftLanguageModes: [.v5]
 )

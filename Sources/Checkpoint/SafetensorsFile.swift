@@ -73,7 +73,8 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
 final class SafetensorsWriter: TensorFileWriter {
   private let output: OutputFile
   private let plan: [TensorInfo]
-  private var index = 0
+  private var next = 0
+  private var current: Int?
   private var writtenInTensor = 0
 
   /// `preservedHeader`, the header text of the file these tensors came from, is written verbatim
@@ -115,37 +116,35 @@ final class SafetensorsWriter: TensorFileWriter {
     return bytes
   }
 
-  func append(_ piece: UnsafeRawBufferPointer) throws {
-    var remaining = piece
-    while !remaining.isEmpty {
-      guard index < plan.count else { throw CheckpointError.writeOrder(file: output.destination, reason: "more bytes written than the tensor list holds") }
-      let room = plan[index].byteCount - writtenInTensor
-      let n = min(room, remaining.count)
-      try output.write(UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
-      writtenInTensor += n
-      remaining = UnsafeRawBufferPointer(rebasing: remaining[n...])
-      advancePastFullTensors()
-    }
-  }
-
-  private func advancePastFullTensors() {
-    while index < plan.count, writtenInTensor == plan[index].byteCount {
-      index += 1
-      writtenInTensor = 0
-    }
-  }
-
   func beginTensor(_ name: String) throws {
-    advancePastFullTensors()
-    guard index < plan.count, plan[index].name == name, writtenInTensor == 0 else {
+    try requireCurrentComplete()
+    guard next < plan.count, plan[next].name == name else {
       throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(name)' written out of the declared order")
+    }
+    current = next
+    next += 1
+    writtenInTensor = 0
+  }
+
+  func append(_ piece: UnsafeRawBufferPointer) throws {
+    guard let current else { throw CheckpointError.writeOrder(file: output.destination, reason: "bytes written with no tensor begun") }
+    guard writtenInTensor + piece.count <= plan[current].byteCount else {
+      throw CheckpointError.writeOrder(file: output.destination, reason: "more bytes written for '\(plan[current].name)' than its shape holds")
+    }
+    try output.write(piece)
+    writtenInTensor += piece.count
+  }
+
+  private func requireCurrentComplete() throws {
+    if let current, writtenInTensor != plan[current].byteCount {
+      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[current].name)' got \(writtenInTensor) of \(plan[current].byteCount) bytes")
     }
   }
 
   func finish() throws {
-    advancePastFullTensors()
-    guard index == plan.count else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[index].name)' was not written completely")
+    try requireCurrentComplete()
+    guard next == plan.count else {
+      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[next].name)' was never written")
     }
     try output.publish()
   }
