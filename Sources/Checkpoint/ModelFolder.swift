@@ -43,11 +43,12 @@ public enum ModelFolder {
     return (try? handle.read(upToCount: 8)).map { Array($0) == MKZ.magic } ?? false
   }
 
-  /// The folder that holds a checkpoint path (itself when it is a folder).
-  public static func folder(of path: String) -> String {
+  /// The model folder a checkpoint path stands for: the path itself when it is a folder, the
+  /// folder of a shard index; nil for a lone tensor file (its neighbours are not its files).
+  public static func modelFolder(of path: String) -> String? {
     var isDirectory: ObjCBool = false
     if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { return path }
-    return URL(fileURLWithPath: path).deletingLastPathComponent().path
+    return path.hasSuffix(".index.json") ? URL(fileURLWithPath: path).deletingLastPathComponent().path : nil
   }
 
   /// Names of a folder's non-tensor entries (config.json, tokenizer files, subfolders such as
@@ -59,9 +60,9 @@ public enum ModelFolder {
     }.sorted()
   }
 
-  /// Copies the non-tensor files of `source` (a folder, or the folder of a file) into `destination`.
+  /// Copies the non-tensor files of the model folder `source` into `destination`.
   public static func copyAuxiliaryFiles(from source: String, to destination: String) throws {
-    let folder = folder(of: source)
+    guard let folder = modelFolder(of: source) else { return }
     for name in auxiliaryFiles(in: folder) {
       let target = "\(destination)/\(name)"
       if FileManager.default.fileExists(atPath: target) { continue }

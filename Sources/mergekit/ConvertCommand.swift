@@ -67,7 +67,7 @@ struct ConvertCommand: ParsableCommand {
     let metadata = source.metadata
     let options = WriteOptions(
       format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata,
-      deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.folder(of: input), overwrite: overwrite)
+      deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.modelFolder(of: input), overwrite: overwrite)
     let progress = Progress("convert", quiet: quiet)
     try copyCheckpoint(
       from: source, to: output, selection: try TensorSelection(select: select, drop: drop, renames: rename),

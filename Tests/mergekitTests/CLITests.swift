@@ -1,0 +1,119 @@
+import Checkpoint
+import Foundation
+import Testing
+
+@testable import TestSupport
+
+/// Runs the built `mergekit` binary (next to the test bundle, or `MERGEKIT_BIN`).
+struct CLI {
+  static let binary: String = {
+    if let explicit = ProcessInfo.processInfo.environment["MERGEKIT_BIN"] { return explicit }
+    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    var folder = URL(fileURLWithPath: exe).deletingLastPathComponent()
+    while folder.path != "/" {
+      let candidate = folder.appendingPathComponent("mergekit").path
+      var isDirectory: ObjCBool = false
+      if FileManager.default.fileExists(atPath: candidate, isDirectory: &isDirectory), !isDirectory.boolValue { return candidate }
+      folder = folder.deletingLastPathComponent()
+    }
+    return "mergekit"
+  }()
+
+  struct Result {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+  }
+
+  static func run(_ arguments: String...) throws -> Result {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: binary)
+    process.arguments = arguments
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let stdout = out.fileHandleForReading.readDataToEndOfFile()
+    let stderr = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return Result(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self), stderr: String(decoding: stderr, as: UTF8.self))
+  }
+}
+
+@Suite(.serialized) struct CLITests {
+  @Test func exampleInspectConvertVerifyDiffRoundTrip() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let example = try CLI.run("example", folder.file("ex"))
+    #expect(example.status == 0, "\(example.stderr)")
+    let base = folder.file("ex/base")
+    let tuned = folder.file("ex/finetune-a")
+
+    let inspect = try CLI.run("inspect", base, "--json")
+    #expect(inspect.status == 0)
+    let summary = try JSONSerialization.jsonObject(with: Data(inspect.stdout.utf8)) as! [String: Any]
+    let rows = summary["tensors"] as! [[String: Any]]
+    #expect(rows.count == 39)
+    #expect(summary["total_parameters"] as! Int == rows.reduce(0) { $0 + ($1["parameters"] as! Int) })
+    #expect(rows.allSatisfy { ($0["dtype"] as! String) == "BF16" })
+
+    let delta = folder.file("tuned-mkz")
+    #expect(try CLI.run("convert", tuned, delta, "--format", "mkz", "--base", base, "-q").status == 0)
+    #expect(FileManager.default.fileExists(atPath: delta + "/model.mkz") && FileManager.default.fileExists(atPath: delta + "/config.json"))
+    let table = try CLI.run("inspect", delta)
+    #expect(table.stdout.contains("stored in"), "\(table.stdout)")
+    #expect(try CLI.run("verify", delta, "--base", base, "-q").status == 0)
+    let back = folder.file("back")
+    #expect(try CLI.run("convert", delta, back, "--base", base, "-q").status == 0)
+    #expect(readBytes(back + "/model.safetensors") == readBytes(tuned + "/model.safetensors"))
+    #expect(FileManager.default.fileExists(atPath: back + "/config.json"))
+
+    let same = try CLI.run("diff", tuned, back, "--json")
+    let sameRows = (try JSONSerialization.jsonObject(with: Data(same.stdout.utf8)) as! [String: Any])["tensors"] as! [[String: Any]]
+    #expect(sameRows.count == 39 && sameRows.allSatisfy { ($0["max_abs"] as! Double) == 0 && ($0["cosine"] as! Double) > 0.9999999 })
+    let different = try CLI.run("diff", base, tuned)
+    #expect(different.status == 0)
+    #expect(different.stdout.contains("39 tensors compared, 0 identical"), "\(different.stdout)")
+  }
+
+  @Test func convertCastsSelectsAndShards() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    _ = try CLI.run("example", folder.file("ex"))
+    let out = folder.file("mlp")
+    let result = try CLI.run("convert", folder.file("ex/base"), out, "--dtype", "f32", "--select", "mlp", "--shard-size", "2MB", "-q")
+    #expect(result.status == 0, "\(result.stderr)")
+    let model = try openCheckpoint(out)
+    #expect(model.tensors.count == 12 && model.tensors.allSatisfy { $0.name.contains("mlp") && $0.dtype == .f32 })
+    #expect(model.files.count > 1)
+    #expect(FileManager.default.fileExists(atPath: out + "/model.safetensors.index.json"))
+  }
+
+  @Test func verifyNamesTheDamagedChunkAndExitsOne() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    _ = try CLI.run("example", folder.file("ex"))
+    let path = folder.file("base.mkz")
+    #expect(try CLI.run("convert", folder.file("ex/base"), path, "-q").status == 0)
+    var bytes = readBytes(path)
+    bytes[40_000] ^= 0x20
+    writeBytes(bytes, to: path)
+    let result = try CLI.run("verify", path, "-q")
+    #expect(result.status == 1)
+    #expect(result.stderr.contains("Error: \(path): tensor 'model.embed_tokens.weight' chunk 0"), "\(result.stderr)")
+  }
+
+  @Test func usageErrorsExit64AndRunErrorsExit1WithoutOutput() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    #expect(try CLI.run("inspect", folder.file("missing")).status == 64)
+    #expect(try CLI.run("nonsense").status == 64)
+    writeBytes([1, 2, 3, 4, 5, 6, 7, 8, 9], to: folder.file("bad.safetensors"))
+    #expect(try CLI.run("convert", folder.file("bad.safetensors"), folder.file("o.mkz"), "--dtype", "f7").status == 64)
+    let run = try CLI.run("convert", folder.file("bad.safetensors"), folder.file("o.mkz"))
+    #expect(run.status == 1)
+    #expect(run.stderr.hasPrefix("Error: \(folder.file("bad.safetensors")): header length"), "\(run.stderr)")
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["bad.safetensors"])
+  }
+}
