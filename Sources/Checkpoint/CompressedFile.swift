@@ -62,10 +62,11 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     let span = min(total, (last + 1) * chunkSize) - start
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: span, alignment: 64)
     defer { buffer.deallocate() }
-    try Parallel.forEach(last - first + 1) { _, i in
-      let local = first + i
+    let count = last - first + 1
+    let codecs = (0..<min(Parallel.threadCount, count)).map { _ in ChunkCodec() }
+    try Parallel.forEach(count) { worker, i in
       let out = UnsafeMutableRawBufferPointer(rebasing: buffer[(i * chunkSize)..<min(span, (i + 1) * chunkSize)])
-      try decodeChunk(record, local: local, into: out)
+      try decodeChunk(record, local: first + i, codec: codecs[worker], into: out)
     }
     let offset = wanted.lowerBound - start
     return try body(UnsafeRawBufferPointer(rebasing: buffer[offset..<(offset + wanted.count)]))
@@ -78,39 +79,30 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     map.release(first.offset..<(last.offset + last.storedSize))
   }
 
-  /// Decompresses chunk `local` (0-based within the tensor) and checks its checksum; returns the
-  /// transformed payload in `payload`.
-  func decodePayload(_ record: MKZ.TensorRecord, local: Int, decompressor: Zstd.Decompressor, into payload: UnsafeMutableRawBufferPointer) throws {
+  /// Decodes chunk `local` (0-based within the tensor) into `out`, checking size and checksum;
+  /// `base` is the base tensor's bytes at the same offsets (delta tensors only).
+  func decodeChunk(_ record: MKZ.TensorRecord, local: Int, base: UnsafeRawBufferPointer?, codec: ChunkCodec, into out: UnsafeMutableRawBufferPointer) throws {
     let chunk = chunks[record.chunks.lowerBound + local]
     let stored = map.bytes(chunk.offset..<(chunk.offset + chunk.storedSize))
+    let encoded = ChunkCodec.Encoded(size: chunk.storedSize, isRaw: chunk.isRaw, checksum: chunk.checksum)
     let name = record.info.name
-    if chunk.isRaw {
-      payload.copyMemory(from: stored)
-    } else {
-      switch decompressor.decompress(stored, into: payload) {
-      case .failure(let error): throw CheckpointError.corruptFrame(file: path, tensor: name, chunk: local, reason: error.message)
-      case .success(let n) where n != chunk.rawSize:
-        throw CheckpointError.rawSizeMismatch(file: path, tensor: name, chunk: local, expected: chunk.rawSize, actual: n)
-      case .success: break
-      }
-    }
-    guard XXHash64.hash(UnsafeRawBufferPointer(payload)) == chunk.checksum else {
+    do {
+      try codec.decode(stored, encoded, base: base, transform: base == nil && record.transform == .delta ? .planes : record.transform, elementSize: record.info.dtype.size, into: out)
+    } catch ChunkCodec.Failure.corruptFrame(let reason) {
+      throw CheckpointError.corruptFrame(file: path, tensor: name, chunk: local, reason: reason)
+    } catch ChunkCodec.Failure.rawSize(let actual) {
+      throw CheckpointError.rawSizeMismatch(file: path, tensor: name, chunk: local, expected: chunk.rawSize, actual: actual)
+    } catch {
       throw CheckpointError.chunkChecksumMismatch(file: path, tensor: name, chunk: local)
     }
   }
 
-  private func decodeChunk(_ record: MKZ.TensorRecord, local: Int, into out: UnsafeMutableRawBufferPointer) throws {
-    let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: out.count, alignment: 64)
-    defer { payload.deallocate() }
-    try decodePayload(record, local: local, decompressor: Zstd.Decompressor(), into: payload)
-    let size = record.info.dtype.size
+  private func decodeChunk(_ record: MKZ.TensorRecord, local: Int, codec: ChunkCodec, into out: UnsafeMutableRawBufferPointer) throws {
     if record.transform == .delta, let base {
       let range = (local * chunkSize)..<(local * chunkSize + out.count)
-      try base.withBytes(of: record.info.name, range: range) { baseBytes in
-        record.transform.decode(UnsafeRawBufferPointer(payload), base: baseBytes, elementSize: size, into: out)
-      }
+      try base.withBytes(of: record.info.name, range: range) { try decodeChunk(record, local: local, base: $0, codec: codec, into: out) }
     } else {
-      record.transform.decode(UnsafeRawBufferPointer(payload), base: nil, elementSize: size, into: out)
+      try decodeChunk(record, local: local, base: nil, codec: codec, into: out)
     }
   }
 
@@ -138,11 +130,12 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     for info in tensors {
       guard let record = records[info.name] else { continue }
       if record.transform == .delta && base == nil {
+        // Without the base only the stored payloads can be checked (decoded as plain planes).
         try Parallel.forEach(record.chunks.count) { _, local in
           let size = chunks[record.chunks.lowerBound + local].rawSize
           let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
           defer { payload.deallocate() }
-          try decodePayload(record, local: local, decompressor: Zstd.Decompressor(), into: payload)
+          try decodeChunk(record, local: local, base: nil, codec: ChunkCodec(), into: payload)
         }
       } else {
         guard try MKZ.digest(of: self, tensor: info.name) == record.digest else {

@@ -12,9 +12,8 @@ final class CompressedWriter: TensorFileWriter {
   private let base: (any Checkpoint)?
   private let chunkSize = MKZ.chunkSize
   private let batchChunks = max(4, 2 * Parallel.threadCount)
-  private let compressors: [Zstd.Compressor]
+  private let codecs: [ChunkCodec]
   private var batch: UnsafeMutableRawBufferPointer
-  private var payloads: UnsafeMutableRawBufferPointer
   private var frames: UnsafeMutableRawBufferPointer
   private let frameCapacity: Int
   private var filled = 0
@@ -34,17 +33,15 @@ final class CompressedWriter: TensorFileWriter {
     plan = tensors
     self.metadata = metadata
     self.base = base
-    compressors = (0..<Parallel.threadCount).map { _ in Zstd.Compressor() }
-    frameCapacity = Zstd.compressBound(chunkSize)
+    codecs = (0..<Parallel.threadCount).map { _ in ChunkCodec() }
+    frameCapacity = ChunkCodec.maxStoredSize(chunkSize)
     batch = .allocate(byteCount: batchChunks * chunkSize, alignment: 64)
-    payloads = .allocate(byteCount: batchChunks * chunkSize, alignment: 64)
     frames = .allocate(byteCount: batchChunks * frameCapacity, alignment: 64)
     try output.write(MKZ.preamble)
   }
 
   deinit {
     batch.deallocate()
-    payloads.deallocate()
     frames.deallocate()
   }
 
@@ -100,31 +97,26 @@ final class CompressedWriter: TensorFileWriter {
         try Parallel.forEach(count) { worker, i in
           let range = (i * chunkSize)..<min(filled, (i + 1) * chunkSize)
           let raw = UnsafeRawBufferPointer(rebasing: batch[range])
-          let payload = UnsafeMutableRawBufferPointer(rebasing: payloads[range])
+          let frame = UnsafeMutableRawBufferPointer(rebasing: frames[(i * frameCapacity)..<((i + 1) * frameCapacity)])
           hashes[i] = XXHash64.hash(raw)
+          let encode = { (base: UnsafeRawBufferPointer?) in
+            self.codecs[worker].encode(raw, base: base, transform: record.transform, elementSize: size, into: frame)
+          }
+          let encoded: ChunkCodec.Encoded
           if record.transform == .delta, let base {
             let baseRange = (tensorOffset + range.lowerBound)..<(tensorOffset + range.upperBound)
-            try base.withBytes(of: record.info.name, range: baseRange) { baseBytes in
-              record.transform.encode(raw, base: baseBytes, elementSize: size, into: payload)
-            }
+            encoded = try base.withBytes(of: record.info.name, range: baseRange, encode)
           } else {
-            record.transform.encode(raw, base: nil, elementSize: size, into: payload)
+            encoded = encode(nil)
           }
-          let frame = UnsafeMutableRawBufferPointer(rebasing: frames[(i * frameCapacity)..<((i + 1) * frameCapacity)])
-          let compressed = compressors[worker].compress(UnsafeRawBufferPointer(payload), into: frame)
-          let isRaw = Double(compressed) > Double(range.count) * (1 - MKZ.minimumSaving)
-          results[i] = MKZ.ChunkRecord(offset: 0, storedSize: isRaw ? range.count : compressed, rawSize: range.count, checksum: XXHash64.hash(UnsafeRawBufferPointer(payload)), isRaw: isRaw)
+          results[i] = MKZ.ChunkRecord(offset: 0, storedSize: encoded.size, rawSize: range.count, checksum: encoded.checksum, isRaw: encoded.isRaw)
         }
       }
     }
     for i in 0..<count {
       var chunk = results[i]
       chunk.offset = output.bytesWritten
-      if chunk.isRaw {
-        try output.write(UnsafeRawBufferPointer(rebasing: payloads[(i * chunkSize)..<(i * chunkSize + chunk.rawSize)]))
-      } else {
-        try output.write(UnsafeRawBufferPointer(rebasing: frames[(i * frameCapacity)..<(i * frameCapacity + chunk.storedSize)]))
-      }
+      try output.write(UnsafeRawBufferPointer(rebasing: frames[(i * frameCapacity)..<(i * frameCapacity + chunk.storedSize)]))
       chunks.append(chunk)
     }
     pieceHashes.append(contentsOf: hashes)
