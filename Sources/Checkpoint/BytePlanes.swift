@@ -40,55 +40,109 @@ enum ByteTransform: String, Sendable {
     }
   }
 
+  /// Element `x` to its stored form (before plane splitting).
   @inline(__always) private static func forward<T: FixedWidthInteger & UnsignedInteger>(_ x: T, _ b: T, _ mode: ByteTransform) -> T {
     switch mode {
     case .planes: return x
     case .floatPlanes: return (x << 1) | (x >> (T.bitWidth - 1))
     case .delta:
       let d = x &- b
-      let negative: T = (d >> (T.bitWidth - 1)) != 0 ? ~0 : 0
-      return (d << 1) ^ negative
+      return (d << 1) ^ (0 &- (d >> (T.bitWidth - 1)))
     }
   }
 
+  /// Stored form back to the element.
   @inline(__always) private static func inverse<T: FixedWidthInteger & UnsignedInteger>(_ y: T, _ b: T, _ mode: ByteTransform) -> T {
     switch mode {
     case .planes: return y
     case .floatPlanes: return (y >> 1) | (y << (T.bitWidth - 1))
-    case .delta:
-      let d = (y >> 1) ^ (0 &- (y & 1))
-      return d &+ b
+    case .delta: return ((y >> 1) ^ (0 &- (y & 1))) &+ b
     }
   }
 
-  @inline(__always) private static func encode<T: FixedWidthInteger & UnsignedInteger>(
+  // The loops below are written once per mode so that the mode test sits outside the loop and
+  // the compiler vectorises each body (plane stores become byte shuffles).
+
+  private static func encode<T: FixedWidthInteger & UnsignedInteger>(
     _: T.Type, _ mode: ByteTransform, _ source: UnsafeRawBufferPointer, _ base: UnsafeRawBufferPointer?, _ destination: UnsafeMutableRawBufferPointer
   ) {
     let size = MemoryLayout<T>.size
     let n = source.count / size
     guard n > 0, let s = source.baseAddress, let o = destination.baseAddress else { return }
-    let b = base?.baseAddress
-    precondition(mode != .delta || (base?.count ?? 0) >= n * size, "delta transform needs base bytes")
-    for i in 0..<n {
-      let x = s.loadUnaligned(fromByteOffset: i * size, as: T.self)
-      let y = forward(x, b?.loadUnaligned(fromByteOffset: i * size, as: T.self) ?? 0, mode)
-      for k in 0..<size { o.storeBytes(of: UInt8(truncatingIfNeeded: y >> (8 * k)), toByteOffset: k * n + i, as: UInt8.self) }
+    let planes = o.bindMemory(to: UInt8.self, capacity: n * size)
+    switch mode {
+    case .planes: split(T.self, n, planes) { s.loadUnaligned(fromByteOffset: $0 * size, as: T.self) }
+    case .floatPlanes: split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), 0, .floatPlanes) }
+    case .delta:
+      guard let b = base?.baseAddress, base!.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
+      split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta) }
     }
   }
 
-  @inline(__always) private static func decode<T: FixedWidthInteger & UnsignedInteger>(
+  private static func decode<T: FixedWidthInteger & UnsignedInteger>(
     _: T.Type, _ mode: ByteTransform, _ payload: UnsafeRawBufferPointer, _ base: UnsafeRawBufferPointer?, _ destination: UnsafeMutableRawBufferPointer
   ) {
     let size = MemoryLayout<T>.size
     let n = payload.count / size
     guard n > 0, let p = payload.baseAddress, let o = destination.baseAddress else { return }
-    let b = base?.baseAddress
-    precondition(mode != .delta || (base?.count ?? 0) >= n * size, "delta transform needs base bytes")
-    for i in 0..<n {
-      var y: T = 0
-      for k in 0..<size { y |= T(p.load(fromByteOffset: k * n + i, as: UInt8.self)) << (8 * k) }
-      let x = inverse(y, b?.loadUnaligned(fromByteOffset: i * size, as: T.self) ?? 0, mode)
-      o.storeBytes(of: x, toByteOffset: i * size, as: T.self)
+    let planes = p.bindMemory(to: UInt8.self, capacity: n * size)
+    switch mode {
+    case .planes: join(T.self, n, planes) { o.storeBytes(of: $1, toByteOffset: $0 * size, as: T.self) }
+    case .floatPlanes: join(T.self, n, planes) { o.storeBytes(of: inverse($1, 0, .floatPlanes), toByteOffset: $0 * size, as: T.self) }
+    case .delta:
+      guard let b = base?.baseAddress, base!.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
+      join(T.self, n, planes) { o.storeBytes(of: inverse($1, b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta), toByteOffset: $0 * size, as: T.self) }
+    }
+  }
+
+  /// Writes byte k of `value(i)` to `planes[k * n + i]`.
+  @inline(__always) private static func split<T: FixedWidthInteger>(_: T.Type, _ n: Int, _ planes: UnsafeMutablePointer<UInt8>, _ value: (Int) -> T) {
+    switch MemoryLayout<T>.size {
+    case 1:
+      for i in 0..<n { planes[i] = UInt8(truncatingIfNeeded: value(i)) }
+    case 2:
+      let p1 = planes + n
+      for i in 0..<n {
+        let v = value(i)
+        planes[i] = UInt8(truncatingIfNeeded: v)
+        p1[i] = UInt8(truncatingIfNeeded: v >> 8)
+      }
+    case 4:
+      let (p1, p2, p3) = (planes + n, planes + 2 * n, planes + 3 * n)
+      for i in 0..<n {
+        let v = value(i)
+        planes[i] = UInt8(truncatingIfNeeded: v)
+        p1[i] = UInt8(truncatingIfNeeded: v >> 8)
+        p2[i] = UInt8(truncatingIfNeeded: v >> 16)
+        p3[i] = UInt8(truncatingIfNeeded: v >> 24)
+      }
+    default:
+      for i in 0..<n {
+        let v = value(i)
+        for k in 0..<MemoryLayout<T>.size { planes[k * n + i] = UInt8(truncatingIfNeeded: v >> (8 * k)) }
+      }
+    }
+  }
+
+  /// Calls `store(i, value)` with element i rebuilt from `planes[k * n + i]`.
+  @inline(__always) private static func join<T: FixedWidthInteger>(_: T.Type, _ n: Int, _ planes: UnsafePointer<UInt8>, _ store: (Int, T) -> Void) {
+    switch MemoryLayout<T>.size {
+    case 1:
+      for i in 0..<n { store(i, T(truncatingIfNeeded: planes[i])) }
+    case 2:
+      let p1 = planes + n
+      for i in 0..<n { store(i, T(truncatingIfNeeded: UInt16(planes[i]) | UInt16(p1[i]) << 8)) }
+    case 4:
+      let (p1, p2, p3) = (planes + n, planes + 2 * n, planes + 3 * n)
+      for i in 0..<n {
+        store(i, T(truncatingIfNeeded: UInt32(planes[i]) | UInt32(p1[i]) << 8 | UInt32(p2[i]) << 16 | UInt32(p3[i]) << 24))
+      }
+    default:
+      for i in 0..<n {
+        var v: T = 0
+        for k in 0..<MemoryLayout<T>.size { v |= T(truncatingIfNeeded: planes[k * n + i]) << (8 * k) }
+        store(i, v)
+      }
     }
   }
 }

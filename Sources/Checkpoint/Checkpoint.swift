@@ -61,8 +61,9 @@ public protocol Checkpoint: AnyObject, Sendable {
   /// Calls `body` with bytes `range` (default: all) of tensor `name`. The buffer is valid only
   /// inside `body`. Throws `missingTensor`, or a decoding error naming the chunk.
   func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R
-  /// Drops the pages of tensor `name` from memory after a streaming pass (a hint; may do nothing).
-  func release(_ name: String)
+  /// Drops the pages of bytes `range` (default: all) of tensor `name` from this process's memory
+  /// after a streaming pass; a hint that may do nothing.
+  func release(_ name: String, range: Range<Int>?)
   /// Checks everything that can be checked without another file: structure (already done on
   /// open) and every checksum. `progress` receives (bytes done, bytes total).
   func verify(progress: ((Int, Int) -> Void)?) throws
@@ -103,7 +104,7 @@ extension Checkpoint {
   public func tensor(named name: String) throws -> Tensor { try read(name).decoded() }
 
   /// Streams tensor `name` in pieces of at most `pieceSize` bytes (a multiple of 8, so pieces
-  /// hold whole elements), then releases its pages: memory stays at one piece whatever the size.
+  /// hold whole elements), releasing each piece's pages after use: memory stays at one piece.
   public func stream(_ name: String, pieceSize: Int = 8 << 20, _ body: (UnsafeRawBufferPointer) throws -> Void) throws {
     precondition(pieceSize > 0 && pieceSize % 8 == 0)
     let total = try info(name).byteCount
@@ -111,8 +112,8 @@ extension Checkpoint {
     repeat {
       let end = min(total, start + pieceSize)
       try withBytes(of: name, range: start..<end, body)
+      release(name, range: start..<end)
       start = end
     } while start < total
-    release(name)
   }
 }

@@ -72,10 +72,12 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     return try body(UnsafeRawBufferPointer(rebasing: buffer[offset..<(offset + wanted.count)]))
   }
 
-  public func release(_ name: String) {
+  public func release(_ name: String, range: Range<Int>?) {
     guard let record = records[name], !record.chunks.isEmpty else { return }
-    let first = chunks[record.chunks.lowerBound]
-    let last = chunks[record.chunks.upperBound - 1]
+    let part = range ?? 0..<record.info.byteCount
+    guard !part.isEmpty else { return }
+    let first = chunks[record.chunks.lowerBound + part.lowerBound / chunkSize]
+    let last = chunks[record.chunks.lowerBound + (part.upperBound - 1) / chunkSize]
     map.release(first.offset..<(last.offset + last.storedSize))
   }
 

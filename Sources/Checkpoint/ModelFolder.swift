@@ -155,7 +155,7 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
     return try shards[i].withBytes(of: name, range: range, body)
   }
 
-  public func release(_ name: String) { shardOf[name].map { shards[$0].release(name) } }
+  public func release(_ name: String, range: Range<Int>?) { shardOf[name].map { shards[$0].release(name, range: range) } }
 
   /// The shard that holds tensor `name`.
   public func shard(of name: String) -> (any Checkpoint)? { shardOf[name].map { shards[$0] } }

@@ -9,11 +9,25 @@ import Foundation
 /// A file being written under a temporary name next to its destination. Nothing appears at the
 /// destination until `publish()` renames it into place; `discard()` (or an error) removes it.
 /// Every write error (a full disk included) is a `CheckpointError.cannotWrite` naming the file.
-final class OutputFile {
+///
+/// Writes are staged: bytes are copied into one of two 8 MiB buffers and written by a background
+/// queue, so the kernel's copy into the page cache overlaps the caller's compression or decoding.
+/// A write error surfaces at the next `write` or at `publish`.
+final class OutputFile: @unchecked Sendable {
   let destination: String
   let temporaryPath: String
   private var fd: Int32
+  /// Bytes accepted so far (the file offset the next write lands at).
   private(set) var bytesWritten = 0
+
+  private static let stagingSize = 8 << 20
+  private let queue = DispatchQueue(label: "mergekit.output")
+  private let free = DispatchSemaphore(value: 2)
+  private var staging: [UnsafeMutableRawBufferPointer] = []
+  private var nextStaging = 0
+  private var current: (buffer: UnsafeMutableRawBufferPointer, filled: Int)?
+  private let errorLock = NSLock()
+  private var failure: CheckpointError?
 
   init(destination: String) throws {
     self.destination = destination
@@ -21,35 +35,91 @@ final class OutputFile {
     temporaryPath = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
     fd = open(temporaryPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     guard fd >= 0 else { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
+    staging = (0..<2).map { _ in .allocate(byteCount: Self.stagingSize, alignment: 64) }
   }
 
-  deinit { discard() }
+  deinit {
+    discard()
+    // A staging buffer taken but never submitted still holds a semaphore count; libdispatch
+    // refuses to destroy a semaphore below its initial value.
+    if current != nil {
+      current = nil
+      free.signal()
+    }
+    queue.sync {}
+    staging.forEach { $0.deallocate() }
+  }
 
-  /// Appends bytes, retrying short writes.
+  /// Appends bytes (copied; the caller may reuse its buffer at once).
   func write(_ buffer: UnsafeRawBufferPointer) throws {
-    guard var p = buffer.baseAddress else { return }
-    var left = buffer.count
-    while left > 0 {
-      let n = Glibc.write(fd, p, left)
-      if n < 0 {
-        if errno == EINTR { continue }
-        throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
+    try throwIfFailed()
+    var remaining = buffer
+    while !remaining.isEmpty {
+      if current == nil {
+        // Writes finish in submission order, so the buffer after the last submitted one is the
+        // first to come free.
+        free.wait()
+        current = (staging[nextStaging], 0)
+        nextStaging ^= 1
       }
-      p += n
-      left -= n
+      let n = min(Self.stagingSize - current!.filled, remaining.count)
+      UnsafeMutableRawBufferPointer(rebasing: current!.buffer[current!.filled..<(current!.filled + n)])
+        .copyMemory(from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
+      current!.filled += n
       bytesWritten += n
+      remaining = UnsafeRawBufferPointer(rebasing: remaining[n...])
+      if current!.filled == Self.stagingSize { submit() }
     }
   }
 
   func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
 
-  /// Appends `count` zero bytes.
-  func writeZeros(_ count: Int) throws { try write([UInt8](repeating: 0, count: count)) }
+  /// Hands the current staging buffer to the background queue.
+  private func submit() {
+    guard let (buffer, filled) = current else { return }
+    current = nil
+    let fd = self.fd
+    queue.async { [self] in
+      if errorLock.withLock({ failure == nil }) {
+        var p = UnsafeRawPointer(buffer.baseAddress!)
+        var left = filled
+        while left > 0 {
+          let n = Glibc.write(fd, p, left)
+          if n < 0 {
+            if errno == EINTR { continue }
+            let reason = String(cString: strerror(errno))
+            errorLock.withLock { failure = .cannotWrite(file: destination, reason: reason) }
+            break
+          }
+          p += n
+          left -= n
+        }
+      }
+      free.signal()
+    }
+  }
 
-  /// Flushes to disk and renames onto the destination.
+  private func throwIfFailed() throws {
+    if let failure = errorLock.withLock({ failure }) { throw failure }
+  }
+
+  /// Waits until everything accepted so far is written; throws the first write error.
+  private func drain() throws {
+    submit()
+    queue.sync {}
+    try throwIfFailed()
+  }
+
+  /// Whether `publish` flushes to disk first (`MERGEKIT_FSYNC=1`): survives power loss, at the
+  /// disk's write speed. Without it the rename still guarantees that a failed or interrupted run
+  /// never leaves a partial file at the destination.
+  static let syncsToDisk = ProcessInfo.processInfo.environment["MERGEKIT_FSYNC"] == "1"
+
+  /// Renames the finished file onto the destination (flushing it to disk first if asked).
   func publish() throws {
     guard fd >= 0 else { throw CheckpointError.cannotWrite(file: destination, reason: "already closed") }
-    if fsync(fd) != 0 { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
+    try drain()
+    if Self.syncsToDisk && fsync(fd) != 0 { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
     close(fd)
     fd = -1
     if rename(temporaryPath, destination) != 0 {
@@ -62,6 +132,7 @@ final class OutputFile {
   /// Closes and deletes the temporary file (no-op after `publish`).
   func discard() {
     guard fd >= 0 else { return }
+    queue.sync {}
     close(fd)
     fd = -1
     unlink(temporaryPath)

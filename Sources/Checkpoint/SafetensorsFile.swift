@@ -46,8 +46,10 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
     return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
   }
 
-  public func release(_ name: String) {
-    if let range = ranges[name] { map.release(range) }
+  public func release(_ name: String, range: Range<Int>?) {
+    guard let whole = ranges[name] else { return }
+    let part = range ?? 0..<whole.count
+    map.release((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound))
   }
 
   /// A safetensors file has no checksums: its structure was validated on open; this also reads

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 
 @main
 struct MergekitCommand: ParsableCommand {
@@ -13,4 +14,18 @@ struct MergekitCommand: ParsableCommand {
     version: "0.1.0",
     subcommands: [InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, ExampleCommand.self]
   )
+
+  /// Entry point: with `MERGEKIT_REPORT_PEAK_RSS=1`, prints this process's peak resident memory
+  /// (`VmHWM`) on stderr at exit, for benchmarks and memory checks.
+  static func main() {
+    if ProcessInfo.processInfo.environment["MERGEKIT_REPORT_PEAK_RSS"] == "1" {
+      atexit {
+        let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
+        if let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }) {
+          FileHandle.standardError.write(Data("peak RSS: \(line.dropFirst(6).trimmingCharacters(in: .whitespaces))\n".utf8))
+        }
+      }
+    }
+    main(nil)
+  }
 }
