@@ -20,7 +20,8 @@ let package = Package(
     .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
     .systemLibrary(name: "CLAPACKE", path: "Sources/CLAPACKE"),
     .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
-    .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE"], swiftSettings: optimize),
+    .systemLibrary(name: "CSystem", path: "Sources/CSystem"),
+    .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
     .executableTarget(
       name: "mergekit",
@@ -34,7 +35,7 @@ let package = Package(
       path: "Benchmarks/CheckpointBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
-    .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint"]),
+    .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]
 )

@@ -56,7 +56,7 @@ func codecFigures(_ values: [Float], dtype: DType) throws -> (encode: Double, de
   var encodings: [ChunkCodec.Encoded] = []
   var buffer = [UInt8](repeating: 0, count: ChunkCodec.maxStoredSize(chunk))
   let encodeTime = try data.withUnsafeBytes { raw in
-    try seconds {
+    seconds {
       for start in stride(from: 0, to: raw.count, by: chunk) {
         let piece = UnsafeRawBufferPointer(rebasing: raw[start..<min(raw.count, start + chunk)])
         let encoded = buffer.withUnsafeMutableBytes { codec.encode(piece, dtype: dtype, into: $0) }
@@ -97,10 +97,13 @@ func runChild(_ binary: String, _ arguments: [String]) throws -> (Double, Double
     stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     process.waitUntilExit()
   }
-  guard process.terminationStatus == 0 else { throw CocoaError(.executableLoad) }
+  guard process.terminationStatus == 0 else {
+    FileHandle.standardError.write(Data("mergekit \(arguments.joined(separator: " ")) failed:\n\(stderr)".utf8))
+    exit(1)
+  }
   let peak = stderr.split(separator: "\n").first { $0.hasPrefix("peak RSS: ") }
   let kilobytes = peak.flatMap { Double($0.dropFirst(10).split(separator: " ")[0]) } ?? .nan
-  return (time, kilobytes / 1024)
+  return (time, kilobytes * 1024 / 1e6)  // seconds, MB
 }
 
 /// Writes a synthetic bf16 checkpoint of about `gigabytes` GB, tensor by tensor (64 MB each).
@@ -149,30 +152,37 @@ for dtype in [DType.bf16, .f16, .f32] {
   print(String(format: "%-6@  %5.2f GB/s   %5.2f GB/s   %.3fx", dtype.rawValue, f.encode, f.decode, f.ratio))
 }
 
-if let modelPath {
-  print("\n== whole checkpoint, all cores: \(modelPath)")
-  let model = try openCheckpoint(modelPath)
+/// Whole-checkpoint figures on all cores, each command in its own process (so its peak RSS is its
+/// own): the plain read baseline, convert to .mkz, back to safetensors, verify.
+func wholeCheckpoint(_ path: String) throws {
+  let model = try openCheckpoint(path)
   let bytes = model.totalByteCount
   _ = try plainRead(model)  // warm the page cache
   let read = try plainRead(model)
-  print("plain read (no work)        \(gbps(bytes, read))")
-  let (encode, _) = try runChild(binary, ["convert", modelPath, scratch + "/m.mkz", "-q", "--overwrite"])
-  print("convert -> .mkz             \(gbps(bytes, encode))  (\(String(format: "%.2f", Double(bytes) / encode / (Double(bytes) / read))) of plain read; includes process start and fsync)")
-  let (decode, _) = try runChild(binary, ["convert", scratch + "/m.mkz", scratch + "/m.safetensors", "-q", "--overwrite"])
-  print(".mkz -> safetensors         \(gbps(bytes, decode))")
-  let (verify, _) = try runChild(binary, ["verify", scratch + "/m.mkz", "-q"])
-  print("verify .mkz                 \(gbps(bytes, verify))")
+  print("plain read (no work)     \(gbps(bytes, read))")
+  let steps: [(String, [String])] = [
+    ("convert -> .mkz      ", ["convert", path, scratch + "/m.mkz", "-q", "--overwrite"]),
+    (".mkz -> safetensors  ", ["convert", scratch + "/m.mkz", scratch + "/m.safetensors", "-q", "--overwrite"]),
+    ("verify .mkz          ", ["verify", scratch + "/m.mkz", "-q"]),
+  ]
+  for (label, arguments) in steps {
+    let (time, rss) = try runChild(binary, arguments)
+    print(String(format: "%@    %@  %.2f s  peak RSS %.0f MB  (%.2f of plain read speed)", label, gbps(bytes, time), time, rss, read / time))
+  }
+  for file in ["m.mkz", "m.safetensors"] { try? FileManager.default.removeItem(atPath: scratch + "/" + file) }
+}
+
+if let modelPath {
+  print("\n== whole checkpoint, all cores, real weights: \(modelPath) (small: process start counts)")
+  try wholeCheckpoint(modelPath)
 }
 
 let largeGB = Double(option("--large-gb") ?? "2") ?? 2
 if largeGB > 0 {
-  print("\n== peak memory converting a \(largeGB) GB bf16 checkpoint (synthetic)")
   let large = scratch + "/large.safetensors"
   try writeLarge(large, gigabytes: largeGB)
-  let size = (try FileManager.default.attributesOfItem(atPath: large)[.size] as? Int) ?? 0
-  let (time, rss) = try runChild(binary, ["convert", large, scratch + "/large.mkz", "-q", "--overwrite"])
-  print(String(format: "convert %@ -> .mkz: %.2f s, %@, peak RSS %.0f MB (%.1f%% of the file)", formatted(size), time, gbps(size, time), rss, rss * 1e6 / Double(size) * 100))
-  try? FileManager.default.removeItem(atPath: scratch + "/large.mkz")
+  print("\n== whole checkpoint, all cores, \(formatted(try openCheckpoint(large).totalByteCount)) synthetic bf16 (memory must stay flat)")
+  try wholeCheckpoint(large)
 }
 
 func formatted(_ bytes: Int) -> String { String(format: "%.2f GB", Double(bytes) / 1e9) }

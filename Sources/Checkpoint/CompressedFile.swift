@@ -138,6 +138,8 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
           let payload = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
           defer { payload.deallocate() }
           try decodeChunk(record, local: local, base: nil, codec: ChunkCodec(), into: payload)
+          let start = local * chunkSize
+          release(info.name, range: start..<(start + size))
         }
       } else {
         guard try MKZ.digest(of: self, tensor: info.name) == record.digest else {

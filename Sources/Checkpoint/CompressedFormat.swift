@@ -94,6 +94,7 @@ enum MKZ {
       try Parallel.forEach(pieces) { _, piece in
         let range = (piece * digestPieceSize)..<min(total, (piece + 1) * digestPieceSize)
         slots[piece] = try checkpoint.withBytes(of: name, range: range) { XXHash64.hash($0) }
+        checkpoint.release(name, range: range)  // keep resident memory at a few pieces
       }
     }
     return digest(ofPieceHashes: hashes)

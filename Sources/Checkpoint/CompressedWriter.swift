@@ -74,6 +74,14 @@ final class CompressedWriter: TensorFileWriter {
     }
     var remaining = piece
     while !remaining.isEmpty {
+      if filled == 0 && remaining.count >= chunkSize {
+        // Whole chunks are compressed straight from the caller's memory (usually the input's
+        // mapping): no copy, and the page faults happen on the worker threads.
+        let direct = min(remaining.count / chunkSize, batchChunks) * chunkSize
+        try compress(UnsafeRawBufferPointer(rebasing: remaining[0..<direct]))
+        remaining = UnsafeRawBufferPointer(rebasing: remaining[direct...])
+        continue
+      }
       let n = min(batch.count - filled, remaining.count)
       UnsafeMutableRawBufferPointer(rebasing: batch[filled..<(filled + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
       filled += n
@@ -83,11 +91,20 @@ final class CompressedWriter: TensorFileWriter {
     if currentOffset + filled == record.info.byteCount { try endTensor() }
   }
 
-  /// Compresses the filled part of the batch (whole chunks, plus a partial last chunk only at
-  /// the end of a tensor) and writes it.
+  /// Compresses the filled part of the batch and writes it.
   private func flushBatch() throws {
-    guard let record = current, filled > 0 else { return }
-    let count = (filled + chunkSize - 1) / chunkSize
+    guard filled > 0 else { return }
+    try compress(UnsafeRawBufferPointer(rebasing: batch[0..<filled]))
+    filled = 0
+  }
+
+  /// Compresses `source`, the current tensor's next bytes (whole chunks, plus a partial last
+  /// chunk only at the end of the tensor; at most `batchChunks` chunks), and writes it.
+  private func compress(_ source: UnsafeRawBufferPointer) throws {
+    guard let record = current, !source.isEmpty else { return }
+    let length = source.count
+    let count = (length + chunkSize - 1) / chunkSize
+    precondition(count <= batchChunks)
     var results = [MKZ.ChunkRecord](repeating: MKZ.ChunkRecord(offset: 0, storedSize: 0, rawSize: 0, checksum: 0, isRaw: false), count: count)
     var hashes = [UInt64](repeating: 0, count: count)
     let size = record.info.dtype.size
@@ -95,8 +112,8 @@ final class CompressedWriter: TensorFileWriter {
     try results.withUnsafeMutableBufferPointer { results in
       try hashes.withUnsafeMutableBufferPointer { hashes in
         try Parallel.forEach(count) { worker, i in
-          let range = (i * chunkSize)..<min(filled, (i + 1) * chunkSize)
-          let raw = UnsafeRawBufferPointer(rebasing: batch[range])
+          let range = (i * chunkSize)..<min(length, (i + 1) * chunkSize)
+          let raw = UnsafeRawBufferPointer(rebasing: source[range])
           let frame = UnsafeMutableRawBufferPointer(rebasing: frames[(i * frameCapacity)..<((i + 1) * frameCapacity)])
           hashes[i] = XXHash64.hash(raw)
           let encode = { (base: UnsafeRawBufferPointer?) in
@@ -120,8 +137,7 @@ final class CompressedWriter: TensorFileWriter {
       chunks.append(chunk)
     }
     pieceHashes.append(contentsOf: hashes)
-    currentOffset += filled
-    filled = 0
+    currentOffset += length
   }
 
   private func endTensor() throws {

@@ -35,6 +35,7 @@ final class OutputFile: @unchecked Sendable {
     temporaryPath = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
     fd = open(temporaryPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
     guard fd >= 0 else { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
+    TemporaryOutputs.register(temporaryPath)
     staging = (0..<2).map { _ in .allocate(byteCount: Self.stagingSize, alignment: 64) }
   }
 
@@ -79,9 +80,10 @@ final class OutputFile: @unchecked Sendable {
     guard let (buffer, filled) = current else { return }
     current = nil
     let fd = self.fd
+    let staged = StagedBytes(start: UnsafeRawPointer(buffer.baseAddress!))
     queue.async { [self] in
       if errorLock.withLock({ failure == nil }) {
-        var p = UnsafeRawPointer(buffer.baseAddress!)
+        var p = staged.start
         var left = filled
         while left > 0 {
           let n = Glibc.write(fd, p, left)
@@ -122,6 +124,7 @@ final class OutputFile: @unchecked Sendable {
     if Self.syncsToDisk && fsync(fd) != 0 { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
     close(fd)
     fd = -1
+    defer { TemporaryOutputs.unregister(temporaryPath) }
     if rename(temporaryPath, destination) != 0 {
       let reason = String(cString: strerror(errno))
       unlink(temporaryPath)
@@ -136,5 +139,27 @@ final class OutputFile: @unchecked Sendable {
     close(fd)
     fd = -1
     unlink(temporaryPath)
+    TemporaryOutputs.unregister(temporaryPath)
+  }
+}
+
+/// A staging buffer handed to the writer queue; the semaphore guarantees nobody else touches it
+/// until the write is done.
+private struct StagedBytes: @unchecked Sendable {
+  let start: UnsafeRawPointer
+}
+
+/// The temporary files of outputs still being written, so that an interrupted command (Ctrl-C,
+/// `kill`) can delete them instead of leaving hidden multi-gigabyte files behind.
+public enum TemporaryOutputs {
+  nonisolated(unsafe) private static var paths = Set<String>()
+  private static let lock = NSLock()
+
+  static func register(_ path: String) { _ = lock.withLock { paths.insert(path) } }
+  static func unregister(_ path: String) { _ = lock.withLock { paths.remove(path) } }
+
+  /// Deletes every temporary output file still open (for signal handlers; destinations are untouched).
+  public static func removeAll() {
+    for path in lock.withLock({ paths }) { unlink(path) }
   }
 }

@@ -41,7 +41,7 @@ public func safetensorsBytes(header: String, data: [UInt8] = [], declaredLength:
 
 /// Writes bytes to a file (test fixtures).
 public func writeBytes(_ bytes: [UInt8], to path: String) {
-  FileManager.default.createFile(atPath: path, contents: Data(bytes))
+  _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
 }
 
 /// Reads a whole file (test assertions).

@@ -8,9 +8,9 @@ struct ConvertCommand: ParsableCommand {
     commandName: "convert",
     abstract: "Copy a checkpoint to another format, dtype or sharding, optionally selecting, dropping or renaming tensors.",
     discussion: """
-      OUT ending in .safetensors or .mkz writes one file; any other OUT is a model folder (shards
-      plus index when --shard-size requires, and the input folder's config and tokenizer files).
-      With --base, an .mkz output stores every tensor the base also has (same dtype and shape) as
+      OUT ending in .safetensors or .mkz writes one file; any other OUT is a model folder (shards \
+      plus index when --shard-size requires, and the input folder's config and tokenizer files). \
+      With --base, an .mkz output stores every tensor the base also has (same dtype and shape) as \
       a lossless delta against it, and a delta-stored .mkz input is decoded against it.
       """)
 

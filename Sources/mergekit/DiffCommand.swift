@@ -8,8 +8,8 @@ struct DiffCommand: ParsableCommand {
     commandName: "diff",
     abstract: "Compare two checkpoints tensor by tensor: max abs difference, relative Frobenius difference, cosine.",
     discussion: """
-      Relative Frobenius difference is |A - B| / |A|. Tensors present in only one checkpoint and
-      shape mismatches are listed; tensors with the same shape but different dtypes are compared by
+      Relative Frobenius difference is |A - B| / |A|. Tensors present in only one checkpoint and \
+      shape mismatches are listed; tensors with the same shape but different dtypes are compared by \
       value and their dtypes shown.
       """)
 

@@ -6,8 +6,8 @@ struct ExampleCommand: ParsableCommand {
     commandName: "example",
     abstract: "Write small Llama-style example models (a base and two fine-tunes) to try every command offline.",
     discussion: """
-      Writes OUTDIR/base, OUTDIR/finetune-a and OUTDIR/finetune-b: bf16 safetensors plus config.json
-      of a 4-layer LlamaForCausalLM (hidden 256, 8 heads, 4 KV heads, vocabulary 2048, 3.4M
+      Writes OUTDIR/base, OUTDIR/finetune-a and OUTDIR/finetune-b: bf16 safetensors plus config.json \
+      of a 4-layer LlamaForCausalLM (hidden 256, 8 heads, 4 KV heads, vocabulary 2048, 3.4M \
       parameters). The fine-tunes differ from the base by a rank-4 plus a sparse change per matrix.
       """)
 

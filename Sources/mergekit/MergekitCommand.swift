@@ -1,5 +1,8 @@
 import ArgumentParser
+import Checkpoint
+import Dispatch
 import Foundation
+import Tensor
 
 @main
 struct MergekitCommand: ParsableCommand {
@@ -7,17 +10,19 @@ struct MergekitCommand: ParsableCommand {
     commandName: "mergekit",
     abstract: "Merge, compress and inspect neural-network checkpoints (safetensors and .mkz).",
     discussion: """
-      Every subcommand reads a checkpoint (a .safetensors or .mkz file, or a Hugging Face model
-      folder, sharded or not) and writes one, so the output of one command is the input of the
+      Every subcommand reads a checkpoint (a .safetensors or .mkz file, or a Hugging Face model \
+      folder, sharded or not) and writes one, so the output of one command is the input of the \
       next. Exit status: 0 success, 1 run error, 64 bad usage.
       """,
     version: "0.1.0",
     subcommands: [InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, ExampleCommand.self]
   )
 
-  /// Entry point: with `MERGEKIT_REPORT_PEAK_RSS=1`, prints this process's peak resident memory
+  /// Entry point. On SIGINT or SIGTERM, deletes the temporary files of unfinished outputs and
+  /// exits with 128 + signal number. With `MERGEKIT_REPORT_PEAK_RSS=1`, prints this process's peak resident memory
   /// (`VmHWM`) on stderr at exit, for benchmarks and memory checks.
   static func main() {
+    MemoryPolicy.returnLargeBlocksToSystem()
     if ProcessInfo.processInfo.environment["MERGEKIT_REPORT_PEAK_RSS"] == "1" {
       atexit {
         let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
@@ -26,6 +31,19 @@ struct MergekitCommand: ParsableCommand {
         }
       }
     }
+    for signalNumber in [SIGINT, SIGTERM] {
+      signal(signalNumber, SIG_IGN)
+      let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
+      source.setEventHandler {
+        TemporaryOutputs.removeAll()
+        FileHandle.standardError.write(Data("\ninterrupted; no output written\n".utf8))
+        Glibc.exit(128 + signalNumber)
+      }
+      source.resume()
+      signalSources.append(source)
+    }
     main(nil)
   }
+
+  nonisolated(unsafe) private static var signalSources: [any DispatchSourceSignal] = []
 }

@@ -5,7 +5,8 @@ import Foundation
 #endif
 
 /// Progress on stderr: a bar with rate and ETA, redrawn in place on a terminal; on a pipe or
-/// file, a plain line every 10% (so logs stay readable). Silent with `quiet`.
+/// file, a plain line every 10% (so logs stay readable). Silent with `quiet`, and for work that
+/// ends within half a second (a rate measured over microseconds tells nobody anything).
 final class Progress {
   private let label: String
   private let quiet: Bool
@@ -13,6 +14,8 @@ final class Progress {
   private let start = Date()
   private var lastDraw = Date.distantPast
   private var lastDecile = -1
+  private var hasPrinted = false
+  private static let quietPeriod: TimeInterval = 0.5
 
   init(_ label: String, quiet: Bool = false) {
     self.label = label
@@ -24,6 +27,8 @@ final class Progress {
     guard !quiet, total > 0 else { return }
     let fraction = min(1, Double(done) / Double(total))
     let elapsed = Date().timeIntervalSince(start)
+    guard elapsed >= Self.quietPeriod else { return }
+    hasPrinted = true
     let rate = elapsed > 0 ? Double(done) / elapsed : 0
     let eta = rate > 0 ? Double(total - done) / rate : 0
     let figures = String(format: "%3.0f%%  %@/s  ETA %@", fraction * 100, formatBytes(Int(rate)), Self.duration(eta))
@@ -44,8 +49,8 @@ final class Progress {
 
   /// Ends the bar with the total time.
   func finish() {
-    guard !quiet else { return }
     let elapsed = Date().timeIntervalSince(start)
+    guard !quiet, hasPrinted || elapsed >= Self.quietPeriod else { return }
     let end = String(format: "%@: done in %.2f s\n", label, elapsed)
     FileHandle.standardError.write(Data(((isTerminal ? "\r\u{1B}[K" : "") + end).utf8))
   }

