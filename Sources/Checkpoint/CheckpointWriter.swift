@@ -114,6 +114,7 @@ public final class CheckpointWriter {
       } catch {
         throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription)
       }
+      TemporaryOutputs.register(work)
       shards = groups.enumerated().map { i, group in
         let name = group.name ?? (groups.count == 1 ? "model.\(ext)" : String(format: "model-%05d-of-%05d.\(ext)", i + 1, groups.count))
         return ("\(work)/\(name)", group.tensors, group.header)
@@ -204,6 +205,7 @@ public final class CheckpointWriter {
     if shards.count > 1 { try writeIndex() }
     if let source = options.copyFilesFrom { try ModelFolder.copyAuxiliaryFiles(from: source, to: workPath) }
     try ModelFolder.publish(workPath, at: destination, overwrite: options.overwrite)
+    TemporaryOutputs.unregister(workPath)
     done = true
   }
 
@@ -225,7 +227,10 @@ public final class CheckpointWriter {
     guard !done else { return }
     openShard?.writer.discard()
     openShard = nil
-    if isFolder { try? FileManager.default.removeItem(atPath: workPath) }
+    if isFolder {
+      try? FileManager.default.removeItem(atPath: workPath)
+      TemporaryOutputs.unregister(workPath)
+    }
     done = true
   }
 }

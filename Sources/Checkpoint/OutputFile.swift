@@ -149,8 +149,8 @@ private struct StagedBytes: @unchecked Sendable {
   let start: UnsafeRawPointer
 }
 
-/// The temporary files of outputs still being written, so that an interrupted command (Ctrl-C,
-/// `kill`) can delete them instead of leaving hidden multi-gigabyte files behind.
+/// The temporary files and work folders of outputs still being written, so that an interrupted
+/// command (Ctrl-C, `kill`) can delete them instead of leaving hidden multi-gigabyte files behind.
 public enum TemporaryOutputs {
   nonisolated(unsafe) private static var paths = Set<String>()
   private static let lock = NSLock()
@@ -158,8 +158,9 @@ public enum TemporaryOutputs {
   static func register(_ path: String) { _ = lock.withLock { paths.insert(path) } }
   static func unregister(_ path: String) { _ = lock.withLock { paths.remove(path) } }
 
-  /// Deletes every temporary output file still open (for signal handlers; destinations are untouched).
+  /// Deletes every unfinished output's temporary file or folder (for signal handlers;
+  /// destinations are untouched).
   public static func removeAll() {
-    for path in lock.withLock({ paths }) { unlink(path) }
+    for path in lock.withLock({ paths }) { try? FileManager.default.removeItem(atPath: path) }
   }
 }
