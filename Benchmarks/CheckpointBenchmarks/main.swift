@@ -144,6 +144,18 @@ do {
   var hash: UInt64 = 0
   let time = seconds { bytes.withUnsafeBytes { raw in for s in stride(from: 0, to: raw.count, by: 1 << 20) { hash ^= XXHash64.hash(UnsafeRawBufferPointer(rebasing: raw[s..<min(raw.count, s + (1 << 20))])) } } }
   print("\nXXH64 checksum, one core: \(gbps(bytes.count, time))\(hash == 0 ? " " : "")")
+  print("dtype conversion, one core (GB/s of output):")
+  let f32 = Tensor(shape: [values.count], scalars: values).encoded(as: .f32).bytes
+  for (from, to) in [(DType.bf16, DType.f32), (.f32, .bf16), (.f16, .f32), (.f32, .f16)] {
+    let input = from == .f32 ? f32 : Tensor(shape: [values.count], scalars: values).encoded(as: from).bytes
+    var output = [UInt8](repeating: 0, count: values.count * to.size)
+    let time = input.withUnsafeBytes { source in
+      output.withUnsafeMutableBytes { destination in
+        seconds { DTypeConversion.convert(source, from: from, to: to, into: destination) }
+      }
+    }
+    print(String(format: "  %@ -> %@  %@", from.rawValue, to.rawValue, gbps(output.count, time)))
+  }
 }
 print("\n== chunk codec, one core, \(source), \(values.count) values")
 print("dtype   encode       decode       ratio")
