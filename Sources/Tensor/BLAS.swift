@@ -3,23 +3,63 @@ import CBLAS
 /// The BLAS layer: the only file that calls CBLAS. Sizes cross into C as `Int32(exactly:)`
 /// because Debian's OpenBLAS takes 32-bit integers.
 public enum BLAS {
-  /// Matrix product `a (m x k) * b (k x n)` of two 2-D tensors, by `cblas_sgemm`.
-  /// Precondition: inner dimensions agree and every size fits in `Int32`.
-  public static func matmul(_ a: Tensor, _ b: Tensor) -> Tensor {
-    precondition(a.shape.count == 2 && b.shape.count == 2 && a.shape[1] == b.shape[0], "matmul shapes \(a.shape) x \(b.shape)")
-    let (m, k, n) = (a.shape[0], a.shape[1], b.shape[1])
+  /// Matrix product `op(a) * op(b)` of two 2-D tensors by `cblas_sgemm`, where `op` transposes
+  /// when asked. Precondition: inner dimensions agree and every size fits in `Int32`.
+  public static func matmul(_ a: Tensor, _ b: Tensor, transposeA: Bool = false, transposeB: Bool = false) -> Tensor {
+    precondition(a.shape.count == 2 && b.shape.count == 2, "matmul needs 2-D tensors, got \(a.shape) x \(b.shape)")
+    let (m, k) = transposeA ? (a.shape[1], a.shape[0]) : (a.shape[0], a.shape[1])
+    let (k2, n) = transposeB ? (b.shape[1], b.shape[0]) : (b.shape[0], b.shape[1])
+    precondition(k == k2, "matmul shapes \(a.shape)\(transposeA ? "ᵀ" : "") x \(b.shape)\(transposeB ? "ᵀ" : "")")
     var c = Tensor(zeros: [m, n])
     guard m > 0, n > 0, k > 0 else { return c }
-    let (m32, k32, n32) = (int32(m), int32(k), int32(n))
     a.scalars.withUnsafeBufferPointer { pa in
       b.scalars.withUnsafeBufferPointer { pb in
         c.scalars.withUnsafeMutableBufferPointer { pc in
-          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m32, n32, k32, 1, pa.baseAddress, k32, pb.baseAddress, n32, 0, pc.baseAddress, n32)
+          cblas_sgemm(
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, int32(m), int32(n), int32(k), 1,
+            pa.baseAddress, int32(a.shape[1]), pb.baseAddress, int32(b.shape[1]), 0, pc.baseAddress, int32(n))
         }
       }
     }
     return c
   }
+
+  /// Matrix product `op(a) * op(b)` in double precision (`cblas_dgemm`).
+  public static func matmul(_ a: DoubleMatrix, _ b: DoubleMatrix, transposeA: Bool = false, transposeB: Bool = false) -> DoubleMatrix {
+    let (m, k) = transposeA ? (a.columns, a.rows) : (a.rows, a.columns)
+    let (k2, n) = transposeB ? (b.columns, b.rows) : (b.rows, b.columns)
+    precondition(k == k2, "matmul shapes \(a.rows)x\(a.columns) x \(b.rows)x\(b.columns)")
+    var c = DoubleMatrix(zeros: m, n)
+    guard m > 0, n > 0, k > 0 else { return c }
+    a.values.withUnsafeBufferPointer { pa in
+      b.values.withUnsafeBufferPointer { pb in
+        c.values.withUnsafeMutableBufferPointer { pc in
+          cblas_dgemm(
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, int32(m), int32(n), int32(k), 1,
+            pa.baseAddress, int32(a.columns), pb.baseAddress, int32(b.columns), 0, pc.baseAddress, int32(n))
+        }
+      }
+    }
+    return c
+  }
+
+  /// The Gram matrix of the columns, `aᵀ a` (n x n for an m x n matrix), accumulated in double
+  /// precision (`cblas_dsyrk` on the widened matrix), both triangles filled.
+  public static func gram(_ a: DoubleMatrix) -> DoubleMatrix {
+    let n = a.columns
+    var g = DoubleMatrix(zeros: n, n)
+    guard n > 0, a.rows > 0 else { return g }
+    a.values.withUnsafeBufferPointer { pa in
+      g.values.withUnsafeMutableBufferPointer { pg in
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int32(n), int32(a.rows), 1, pa.baseAddress, int32(n), 0, pg.baseAddress, int32(n))
+      }
+    }
+    for i in 0..<n { for j in 0..<i { g.values[i * n + j] = g.values[j * n + i] } }
+    return g
+  }
+
+  /// `aᵀ a` of a `Float` matrix, accumulated in double precision.
+  public static func gram(_ a: Tensor) -> DoubleMatrix { gram(DoubleMatrix(a)) }
 
   /// Converts a size for a BLAS call; sizes past `Int32.max` are a caller bug (tensors that large
   /// must be processed in blocks).

@@ -4,15 +4,38 @@ import CLAPACKE
 public enum LinearAlgebraError: Error, CustomStringConvertible, Equatable {
   /// The matrix is exactly singular: pivot `pivot` (1-based) is zero.
   case singular(pivot: Int)
+  /// A Cholesky factorisation met a non-positive pivot: the matrix is not positive definite.
+  case notPositiveDefinite(order: Int)
+  /// An iterative routine (SVD, eigendecomposition) did not converge.
+  case noConvergence(routine: String)
 
   public var description: String {
     switch self {
     case .singular(let pivot): return "the matrix is singular (zero pivot at position \(pivot)); the system has no unique solution"
+    case .notPositiveDefinite(let order): return "the matrix is not positive definite (leading minor of order \(order))"
+    case .noConvergence(let routine): return "\(routine) did not converge; the matrix may hold NaN or infinite values"
     }
   }
 }
 
-/// The LAPACK layer: the only file that calls LAPACKE.
+/// A thin singular value decomposition `a = u diag(s) vt` of an m x n matrix, k = min(m, n) (or
+/// the requested rank): `u` m x k with orthonormal columns, `s` descending, `vt` k x n.
+public struct SVD: Sendable {
+  public var u: Tensor
+  public var s: [Float]
+  public var vt: Tensor
+
+  /// `u diag(s) vt`.
+  public var reconstructed: Tensor {
+    var scaled = u
+    let k = s.count
+    for i in 0..<u.shape[0] { for j in 0..<k { scaled.scalars[i * k + j] *= s[j] } }
+    return BLAS.matmul(scaled, vt)
+  }
+}
+
+/// The LAPACK layer: the only file that calls LAPACKE. Every routine works on copies; inputs are
+/// never modified.
 public enum LAPACK {
   /// Solves `a x = b` for square `a (n x n)` and `b (n x m)` by LU with partial pivoting (`sgesv`).
   /// Throws `LinearAlgebraError.singular` when `a` is singular.
@@ -25,8 +48,153 @@ public enum LAPACK {
     var x = b.scalars
     var pivots = [Int32](repeating: 0, count: a.shape[0])
     let info = LAPACKE_sgesv(LAPACK_ROW_MAJOR, n, m, &lu, n, &pivots, &x, m)
-    precondition(info >= 0, "LAPACKE_sgesv argument \(-info) is invalid")
-    if info > 0 { throw LinearAlgebraError.singular(pivot: Int(info)) }
+    try check(info, "sgesv") { .singular(pivot: $0) }
     return Tensor(shape: b.shape, scalars: x)
+  }
+
+  /// Solves `a x = b` in double precision by LU with partial pivoting (`dgesv`).
+  public static func solve(_ a: DoubleMatrix, _ b: DoubleMatrix) throws -> DoubleMatrix {
+    precondition(a.rows == a.columns && b.rows == a.rows, "solve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
+    var lu = a.values
+    var x = b
+    var pivots = [Int32](repeating: 0, count: a.rows)
+    let info = LAPACKE_dgesv(LAPACK_ROW_MAJOR, BLAS.int32(a.rows), BLAS.int32(b.columns), &lu, BLAS.int32(a.rows), &pivots, &x.values, BLAS.int32(b.columns))
+    try check(info, "dgesv") { .singular(pivot: $0) }
+    return x
+  }
+
+  /// Solves `a x = b` for symmetric positive definite `a` by Cholesky (`dposv`); throws
+  /// `.notPositiveDefinite` otherwise (callers fall back to a rank-revealing solver).
+  public static func choleskySolve(_ a: DoubleMatrix, _ b: DoubleMatrix) throws -> DoubleMatrix {
+    precondition(a.rows == a.columns && b.rows == a.rows, "choleskySolve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
+    var factor = a.values
+    var x = b
+    let n = BLAS.int32(a.rows)
+    let info = LAPACKE_dposv(LAPACK_ROW_MAJOR, ascii("U"), n, BLAS.int32(b.columns), &factor, n, &x.values, BLAS.int32(b.columns))
+    try check(info, "dposv") { .notPositiveDefinite(order: $0) }
+    return x
+  }
+
+  /// Thin QR factorisation `a = q r` (`sgeqrf`, `sorgqr`): for m x n, k = min(m, n), `q` is
+  /// m x k with orthonormal columns and `r` k x n upper triangular.
+  public static func qr(_ a: Tensor) -> (q: Tensor, r: Tensor) {
+    precondition(a.shape.count == 2, "qr needs a matrix, got \(a.shape)")
+    let (m, n) = (a.shape[0], a.shape[1])
+    let k = min(m, n)
+    guard k > 0 else { return (Tensor(zeros: [m, 0]), Tensor(zeros: [0, n])) }
+    var work = a.scalars
+    var tau = [Float](repeating: 0, count: k)
+    let info = LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &tau)
+    precondition(info == 0, "LAPACKE_sgeqrf failed with \(info)")
+    var r = Tensor(zeros: [k, n])
+    for i in 0..<k { for j in i..<n { r.scalars[i * n + j] = work[i * n + j] } }
+    // Q from the reflectors: the first k columns of the factored matrix.
+    var q = [Float](repeating: 0, count: m * k)
+    for i in 0..<m { for j in 0..<k { q[i * k + j] = work[i * n + j] } }
+    let info2 = LAPACKE_sorgqr(LAPACK_ROW_MAJOR, BLAS.int32(m), BLAS.int32(k), BLAS.int32(k), &q, BLAS.int32(k), &tau)
+    precondition(info2 == 0, "LAPACKE_sorgqr failed with \(info2)")
+    return (Tensor(shape: [m, k], scalars: q), r)
+  }
+
+  /// Thin SVD by divide and conquer (`sgesdd`).
+  public static func svd(_ a: Tensor) throws -> SVD {
+    precondition(a.shape.count == 2, "svd needs a matrix, got \(a.shape)")
+    let (m, n) = (a.shape[0], a.shape[1])
+    let k = min(m, n)
+    guard k > 0 else { return SVD(u: Tensor(zeros: [m, 0]), s: [], vt: Tensor(zeros: [0, n])) }
+    var work = a.scalars
+    var s = [Float](repeating: 0, count: k)
+    var u = [Float](repeating: 0, count: m * k)
+    var vt = [Float](repeating: 0, count: k * n)
+    let info = LAPACKE_sgesdd(LAPACK_ROW_MAJOR, ascii("S"), BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &s, &u, BLAS.int32(k), &vt, BLAS.int32(n))
+    try check(info, "sgesdd") { _ in .noConvergence(routine: "SVD (sgesdd)") }
+    return SVD(u: Tensor(shape: [m, k], scalars: u), s: s, vt: Tensor(shape: [k, n], scalars: vt))
+  }
+
+  /// Thin SVD in double precision (`dgesdd`): `u` m x k, `s` descending, `vt` k x n.
+  public static func svd(_ a: DoubleMatrix) throws -> (u: DoubleMatrix, s: [Double], vt: DoubleMatrix) {
+    let (m, n) = (a.rows, a.columns)
+    let k = min(m, n)
+    guard k > 0 else { return (DoubleMatrix(zeros: m, 0), [], DoubleMatrix(zeros: 0, n)) }
+    var work = a.values
+    var s = [Double](repeating: 0, count: k)
+    var u = DoubleMatrix(zeros: m, k)
+    var vt = DoubleMatrix(zeros: k, n)
+    let info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, ascii("S"), BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &s, &u.values, BLAS.int32(k), &vt.values, BLAS.int32(n))
+    try check(info, "dgesdd") { _ in .noConvergence(routine: "SVD (dgesdd)") }
+    return (u, s, vt)
+  }
+
+  /// Eigendecomposition of a symmetric matrix (`dsyevd`, upper triangle read): eigenvalues
+  /// ascending, eigenvectors as the columns of `vectors`.
+  public static func symmetricEigen(_ a: DoubleMatrix) throws -> (values: [Double], vectors: DoubleMatrix) {
+    precondition(a.rows == a.columns, "symmetricEigen needs a square matrix, got \(a.rows)x\(a.columns)")
+    var vectors = a
+    var values = [Double](repeating: 0, count: a.rows)
+    guard a.rows > 0 else { return (values, vectors) }
+    let info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, ascii("V"), ascii("U"), BLAS.int32(a.rows), &vectors.values, BLAS.int32(a.rows), &values)
+    try check(info, "dsyevd") { _ in .noConvergence(routine: "eigendecomposition (dsyevd)") }
+    return (values, vectors)
+  }
+
+  /// Minimum-norm least squares `min |a x - b|` (`dgelsd`, SVD based): singular values below
+  /// `rcond * s_max` are treated as zero. Returns the solution (n x nrhs) and the effective rank.
+  public static func leastSquares(_ a: DoubleMatrix, _ b: DoubleMatrix, rcond: Double = -1) throws -> (x: DoubleMatrix, rank: Int) {
+    precondition(b.rows == a.rows, "leastSquares: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
+    let (m, n, nrhs) = (a.rows, a.columns, b.columns)
+    var work = a.values
+    // dgelsd overwrites a max(m, n) x nrhs right-hand side with the solution in its first n rows.
+    let height = max(m, n)
+    var rhs = [Double](repeating: 0, count: height * nrhs)
+    for i in 0..<m { for j in 0..<nrhs { rhs[i * nrhs + j] = b.values[i * nrhs + j] } }
+    var s = [Double](repeating: 0, count: min(m, n))
+    var rank: Int32 = 0
+    if m > 0 && n > 0 && nrhs > 0 {
+      let info = LAPACKE_dgelsd(
+        LAPACK_ROW_MAJOR, BLAS.int32(m), BLAS.int32(n), BLAS.int32(nrhs), &work, BLAS.int32(n), &rhs, BLAS.int32(nrhs), &s, rcond, &rank)
+      try check(info, "dgelsd") { _ in .noConvergence(routine: "least squares (dgelsd)") }
+    }
+    return (DoubleMatrix(rows: n, columns: nrhs, values: Array(rhs.prefix(n * nrhs))), Int(rank))
+  }
+
+  /// Randomized truncated SVD of rank `rank` (Halko, Martinsson and Tropp): a Gaussian sketch of
+  /// `rank + oversampling` columns, `powerIterations` rounds of re-orthonormalised power iteration,
+  /// then an exact SVD of the small projected matrix. Deterministic in `seed`.
+  public static func randomizedSVD(_ a: Tensor, rank: Int, oversampling: Int = 10, powerIterations: Int = 2, seed: UInt64 = 0) throws -> SVD {
+    precondition(a.shape.count == 2 && rank >= 0, "randomizedSVD of \(a.shape) at rank \(rank)")
+    let (m, n) = (a.shape[0], a.shape[1])
+    let r = min(rank, m, n)
+    let width = min(r + oversampling, m, n)
+    if width == min(m, n) {
+      return truncated(try svd(a), to: r)  // a sketch as wide as the matrix saves nothing
+    }
+    let omega = CounterRNG(seed: seed, stream: "randomized-svd").normalTensor([n, width])
+    var q = qr(BLAS.matmul(a, omega)).q  // m x width
+    for _ in 0..<powerIterations {
+      let z = qr(BLAS.matmul(a, q, transposeA: true)).q  // n x width
+      q = qr(BLAS.matmul(a, z)).q
+    }
+    let small = try svd(BLAS.matmul(q, a, transposeA: true))  // width x n
+    let full = SVD(u: BLAS.matmul(q, small.u), s: small.s, vt: small.vt)
+    return truncated(full, to: r)
+  }
+
+  /// The leading `rank` singular triplets.
+  static func truncated(_ svd: SVD, to rank: Int) -> SVD {
+    let k = svd.s.count
+    guard rank < k else { return svd }
+    let m = svd.u.shape[0]
+    let n = svd.vt.shape[1]
+    var u = [Float](repeating: 0, count: m * rank)
+    for i in 0..<m { for j in 0..<rank { u[i * rank + j] = svd.u.scalars[i * k + j] } }
+    return SVD(u: Tensor(shape: [m, rank], scalars: u), s: Array(svd.s.prefix(rank)), vt: Tensor(shape: [rank, n], scalars: Array(svd.vt.scalars.prefix(rank * n))))
+  }
+
+  private static func ascii(_ c: Unicode.Scalar) -> CChar { CChar(UInt8(ascii: c)) }
+
+  /// `info < 0` is a wrong argument (our bug); `info > 0` a numerical failure for the caller.
+  private static func check(_ info: Int32, _ routine: String, _ failure: (Int) -> LinearAlgebraError) throws {
+    precondition(info >= 0, "LAPACKE_\(routine) argument \(-info) is invalid")
+    if info > 0 { throw failure(Int(info)) }
   }
 }
