@@ -1,6 +1,6 @@
 // swift-tools-version: 6.0
 // mergekit-swift: merge and adapt neural-network checkpoints without Python.
-// Target layout and import direction: see docs/ and the design notes (Tensor <- Checkpoint <- mergekit).
+// Target layout and import direction: Tensor <- Checkpoint, Merge <- Recipe <- mergekit (see DESIGN notes).
 import PackageDescription
 
 let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
@@ -12,6 +12,7 @@ let package = Package(
     .executable(name: "mergekit", targets: ["mergekit"]),
     .library(name: "Tensor", targets: ["Tensor"]),
     .library(name: "Checkpoint", targets: ["Checkpoint"]),
+    .library(name: "Merge", targets: ["Merge"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
@@ -23,6 +24,7 @@ let package = Package(
     .systemLibrary(name: "CSystem", path: "Sources/CSystem"),
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
+    .target(name: "Merge", dependencies: ["Tensor"], swiftSettings: optimize),
     .executableTarget(
       name: "mergekit",
       dependencies: [
@@ -35,6 +37,7 @@ let package = Package(
       path: "Benchmarks/CheckpointBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
+    .testTarget(name: "MergeTests", dependencies: ["Merge", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]

@@ -1,0 +1,35 @@
+import Tensor
+
+/// Weighted average of the models (a model soup): `sum w_i theta_i / sum w_i`, or the plain
+/// weighted sum with `normalize: false`. As mergekit's `linear`.
+public struct LinearMerge: MergeMethod {
+  public init() {}
+  public var name: String { "linear" }
+  public var summary: String { "weighted average of the models (model soup)" }
+  public var reference: String { "Wortsman et al., Model Soups, ICML 2022 (arXiv:2203.05482)" }
+  public var base: BaseRequirement { .unused }
+  public var modelCount: ClosedRange<Int> { 1...Int.max }
+  public var parameters: [ParameterSpec] {
+    [
+      .number("weight", .perModel, default: 1, help: "each model's weight"),
+      .flag("normalize", default: true, help: "divide by the sum of the weights"),
+    ]
+  }
+
+  public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    let weights = inputs.models.indices.map { p.number("weight", model: $0) }
+    var scale = 1.0
+    if p.flag("normalize") {
+      let total = weights.reduce(0, +)
+      guard total != 0 else { throw MergeError.zeroWeightSum(method: name, tensor: inputs.name) }
+      scale = 1 / total
+    }
+    let models = inputs.models
+    let merged = Elementwise.map(models[0].count) { i in
+      var sum = 0.0
+      for t in 0..<models.count { sum += weights[t] * Double(models[t].scalars[i]) }
+      return Float(sum * scale)
+    }
+    return Tensor(shape: models[0].shape, scalars: merged)
+  }
+}
