@@ -25,10 +25,11 @@ let package = Package(
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
     .target(name: "Merge", dependencies: ["Tensor"], swiftSettings: optimize),
+    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Tensor"], swiftSettings: optimize),
     .executableTarget(
       name: "mergekit",
       dependencies: [
-        "Tensor", "Checkpoint",
+        "Tensor", "Checkpoint", "Merge", "Recipe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),

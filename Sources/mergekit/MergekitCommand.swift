@@ -15,7 +15,10 @@ struct MergekitCommand: ParsableCommand {
       next. Exit status: 0 success, 1 run error, 64 bad usage.
       """,
     version: "0.1.0",
-    subcommands: [InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, ExampleCommand.self]
+    subcommands: [
+      InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, MergeCommand.self, TaskVectorCommand.self, ApplyCommand.self,
+      ExampleCommand.self,
+    ]
   )
 
   /// Entry point. On SIGINT or SIGTERM, deletes the temporary files of unfinished outputs and

@@ -1,0 +1,218 @@
+import Checkpoint
+import Foundation
+import Merge
+import Tensor
+
+/// Errors found while planning a merge: the inputs do not line up. Each names the files and
+/// tensors involved.
+public enum MergePlanError: Error, CustomStringConvertible, Equatable {
+  case missingTensors(file: String, names: [String])
+  case extraTensors(file: String, names: [String])
+  case shapeMismatch(tensor: String, shapes: [String])
+  case integerMismatch(tensor: String, file: String)
+  case noFloatingTensors
+  case modelCount(method: String, expected: String, got: Int)
+  case baseUnused(method: String)
+
+  public var description: String {
+    func list(_ names: [String]) -> String {
+      names.prefix(8).joined(separator: ", ") + (names.count > 8 ? " and \(names.count - 8) more" : "")
+    }
+    switch self {
+    case .missingTensors(let file, let names):
+      return "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(list(names)) (pass --allow-missing to take them from the base)"
+    case .extraTensors(let file, let names):
+      return "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(list(names)) (pass --allow-missing to ignore them)"
+    case .shapeMismatch(let tensor, let shapes):
+      return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
+    case .integerMismatch(let tensor, let file):
+      return "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
+    case .noFloatingTensors:
+      return "the inputs hold no floating-point tensors to merge"
+    case .modelCount(let method, let expected, let got):
+      return "\(method) takes \(expected) model\(expected == "1" ? "" : "s") besides the base; got \(got)"
+    case .baseUnused(let method):
+      return "\(method) does not use a base model; drop --base (or list it as a model)"
+    }
+  }
+}
+
+/// A planned merge: which tensors are merged, which copied, in what output dtype, and what it
+/// will cost. Built and checked before anything is written.
+public struct MergePlan {
+  public enum Action: Equatable {
+    /// Merged from the inputs that hold it.
+    case merge
+    /// Copied from input `index` (0 = the reference): integer tensors, or tensors missing from
+    /// some model under `allowMissing`.
+    case copy(from: Int)
+  }
+
+  public struct Item {
+    public let name: String
+    public let shape: [Int]
+    public let outputType: DType
+    public let action: Action
+    /// Bytes read from all inputs for this tensor.
+    public let bytesRead: Int
+    public var count: Int { shape.reduce(1, *) }
+  }
+
+  public let method: any MergeMethod
+  public let base: (any Checkpoint)?
+  public let models: [any Checkpoint]
+  public let resolver: ParameterResolver
+  public let items: [Item]
+  /// The checkpoint whose tensor order, sharding and non-tensor files the output follows.
+  public let reference: any Checkpoint
+
+  public var bytesRead: Int { items.reduce(0) { $0 + $1.bytesRead } }
+  public var bytesWritten: Int { items.reduce(0) { $0 + $1.count * $1.outputType.size } }
+
+  /// Plans `method` over `models` (and `base`), with parameters from the user.
+  /// - `outputType`: cast floating outputs to this dtype (default: the reference tensor's).
+  /// - `allowMissing`: tensors absent from some model are copied from the base (or reference);
+  ///   tensors only some models have are ignored.
+  public init(
+    method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue], perModel: [[String: ParameterValue]],
+    outputType: DType? = nil, allowMissing: Bool = false
+  ) throws {
+    if method.base == .required && base == nil { throw MergeError.baseRequired(method: method.name) }
+    if method.base == .unused && base != nil { throw MergePlanError.baseUnused(method: method.name) }
+    guard method.modelCount.contains(models.count) else {
+      let r = method.modelCount
+      throw MergePlanError.modelCount(method: method.name, expected: r.lowerBound == r.upperBound ? "\(r.lowerBound)" : r.upperBound == Int.max ? "at least \(r.lowerBound)" : "\(r.lowerBound) to \(r.upperBound)", got: models.count)
+    }
+    self.method = method
+    self.base = base
+    self.models = models
+    let inputs: [any Checkpoint] = (base.map { [$0] } ?? []) + models
+    let reference = inputs[0]
+    self.reference = reference
+    resolver = try ParameterResolver(
+      method: method.name, specs: method.parameters, global: global, models: perModel.isEmpty ? Array(repeating: [:], count: models.count) : perModel,
+      positions: LayerPositions(names: reference.tensors.map(\.name)))
+
+    let referenceNames = Set(reference.tensors.map(\.name))
+    for model in inputs.dropFirst() where !allowMissing {
+      let extra = model.tensors.map(\.name).filter { !referenceNames.contains($0) }
+      if !extra.isEmpty { throw MergePlanError.extraTensors(file: model.path, names: extra) }
+    }
+    var items: [Item] = []
+    var missingByFile: [String: [String]] = [:]
+    for info in reference.tensors {
+      let found = inputs.map { $0.lookup(info.name) }
+      if found.contains(where: { $0 != nil && $0!.shape != info.shape }) {
+        throw MergePlanError.shapeMismatch(tensor: info.name, shapes: zip(inputs, found).map { "\($0.path): \($1.map { "\($0.shape)" } ?? "absent")" })
+      }
+      let outputType = info.dtype.isFloatingPoint ? (outputType ?? info.dtype) : info.dtype
+      let bytesRead = found.compactMap { $0?.byteCount }.reduce(0, +)
+      if found.contains(where: { $0 == nil }) {
+        for (input, f) in zip(inputs, found) where f == nil { missingByFile[input.path, default: []].append(info.name) }
+        items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: info.byteCount))
+      } else if !info.dtype.isFloatingPoint || found.contains(where: { !$0!.dtype.isFloatingPoint }) {
+        items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: bytesRead))
+      } else {
+        items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .merge, bytesRead: bytesRead))
+      }
+    }
+    if !allowMissing, let (file, names) = missingByFile.sorted(by: { $0.key < $1.key }).first {
+      throw MergePlanError.missingTensors(file: file, names: names)
+    }
+    guard items.contains(where: { $0.action == .merge }) else { throw MergePlanError.noFloatingTensors }
+    self.items = items
+  }
+}
+
+/// Streams a planned merge to a checkpoint: tensors are processed in order, a group at a time
+/// (as many as fit a memory budget, so small tensors run in parallel and a huge one runs alone
+/// with its element loops in parallel), then written in order. Inputs are memory-mapped and
+/// their pages released after use, so memory stays at the working set of a few tensors.
+/// The output is bit-identical whatever the thread count, shard size or format.
+public enum MergeRunner {
+  /// Working memory allowed for one group of tensors processed together.
+  public static let groupBudget = 256 << 20
+
+  /// Memory the writer and readers hold besides the tensors (staging buffers, chunk batches).
+  public static let bufferBytes = 48 << 20
+
+  /// Working memory of one tensor: every input decoded to Float, the result, its encoding.
+  static func workingSet(_ item: MergePlan.Item, inputs: Int) -> Int { item.count * (4 * (inputs + 1) + item.outputType.size) }
+
+  /// The plan cut into consecutive groups processed together: as many tensors as fit
+  /// `groupBudget`, at least one.
+  static func groups(_ plan: MergePlan) -> [Range<Int>] {
+    let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
+    var result: [Range<Int>] = []
+    var start = 0
+    while start < plan.items.count {
+      var end = start + 1
+      var used = workingSet(plan.items[start], inputs: inputs)
+      while end < plan.items.count, used + workingSet(plan.items[end], inputs: inputs) <= groupBudget {
+        used += workingSet(plan.items[end], inputs: inputs)
+        end += 1
+      }
+      result.append(start..<end)
+      start = end
+    }
+    return result
+  }
+
+  /// The largest working set of any group: the tensor memory the merge needs at its peak.
+  public static func workingSetBytes(_ plan: MergePlan) -> Int {
+    let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
+    return groups(plan).map { range in plan.items[range].reduce(0) { $0 + workingSet($1, inputs: inputs) } }.max() ?? 0
+  }
+
+  public static func run(_ plan: MergePlan, to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil) throws {
+    var options = options
+    if options.layout == nil { options.layout = plan.reference.files }
+    let infos = plan.items.map { TensorInfo(name: $0.name, dtype: $0.outputType, shape: $0.shape) }
+    let writer = try CheckpointWriter(destination: destination, tensors: infos, options: options)
+    let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
+    let total = plan.bytesRead
+    var done = 0
+    for range in groups(plan) {
+      let group = Array(plan.items[range])
+      let results = Results(count: group.count)
+      try Parallel.forEach(group.count) { _, i in
+        results.set(i, try produce(group[i], plan: plan, inputs: inputs))
+      }
+      for (i, item) in group.enumerated() {
+        try writer.write(item.name, results.get(i))
+        for input in inputs where input.lookup(item.name) != nil { input.release(item.name, range: nil) }
+        done += item.bytesRead
+        progress?(done, total)
+      }
+    }
+    try writer.finish()
+  }
+
+  /// One output tensor: merged (inputs decoded to Float, merged, encoded once) or copied.
+  static func produce(_ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]) throws -> TensorData {
+    switch item.action {
+    case .copy(let index):
+      let data = try inputs[index].read(item.name)
+      for other in inputs where other !== inputs[index] && !data.dtype.isFloatingPoint {
+        guard let info = other.lookup(item.name) else { continue }
+        guard try info.dtype == data.dtype && other.read(item.name) == data else { throw MergePlanError.integerMismatch(tensor: item.name, file: other.path) }
+      }
+      return data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data
+    case .merge:
+      let parameters = try plan.resolver.resolve(tensor: item.name)
+      let base = try plan.base.map { try $0.tensor(named: item.name) }
+      let models = try plan.models.map { try $0.tensor(named: item.name) }
+      let merged = try plan.method.merge(MergeInputs(name: item.name, base: base, models: models), parameters)
+      return merged.encoded(as: item.outputType)
+    }
+  }
+
+  /// The tensors of one group, filled by parallel workers.
+  private final class Results: @unchecked Sendable {
+    private var values: [TensorData?]
+    private let lock = NSLock()
+    init(count: Int) { values = Array(repeating: nil, count: count) }
+    func set(_ i: Int, _ value: TensorData) { lock.withLock { values[i] = value } }
+    func get(_ i: Int) -> TensorData { lock.withLock { values[i]! } }
+  }
+}

@@ -1,0 +1,95 @@
+import ArgumentParser
+import Checkpoint
+import Foundation
+import Merge
+import Recipe
+import Tensor
+
+/// Output flags shared by the commands that write a merged checkpoint.
+struct OutputOptions: ParsableArguments {
+  @Option(name: .shortAndLong, help: "Output: a .safetensors or .mkz file, or a model folder.")
+  var output: String
+
+  @Option(help: "Output format: safetensors or mkz (default: from the output's extension, else the command's default).")
+  var format: String?
+
+  @Option(help: "Store floating-point tensors as bf16, f16, f32 or f64 (default: the inputs' dtype).")
+  var dtype: String?
+
+  @Option(name: .customLong("shard-size"), help: "Largest shard of a folder output, e.g. 5GB (default: the reference input's sharding).")
+  var shardSize: String?
+
+  @Flag(name: .customLong("allow-missing"), help: "Copy tensors some models lack from the base (or first model), and ignore tensors only some models have.")
+  var allowMissing = false
+
+  @Flag(name: .customLong("dry-run"), help: "Print the plan (tensors, bytes to read and write, memory) and exit without writing.")
+  var dryRun = false
+
+  @Flag(help: "Replace the output if it exists (only after the new output is complete).")
+  var overwrite = false
+
+  @Flag(name: .shortAndLong, help: "No progress output.")
+  var quiet = false
+
+  func validate() throws {
+    if let format, CheckpointFormat(rawValue: format.lowercased()) == nil { throw ValidationError("unknown --format '\(format)' (use safetensors or mkz)") }
+    if let dtype, DType(userSpelling: dtype)?.isFloatingPoint != true { throw ValidationError("unknown --dtype '\(dtype)' (use bf16, f16, f32 or f64)") }
+    if let shardSize, parseByteSize(shardSize) == nil { throw ValidationError("invalid --shard-size '\(shardSize)' (examples: 5GB, 500MB)") }
+    let named = CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension)
+    if let named, let format, named.rawValue != format.lowercased() { throw ValidationError("output '\(output)' is a .\(named.fileExtension) file but --format is \(format)") }
+    if named != nil && shardSize != nil { throw ValidationError("--shard-size needs a folder output, not a single file") }
+    if !overwrite && !dryRun && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+  }
+
+  var outputType: DType? { dtype.flatMap { DType(userSpelling: $0) } }
+
+  /// Plans, then prints the plan (`--dry-run`) or runs it with a progress bar.
+  func execute(
+    _ label: String, method: any MergeMethod, base: String?, models: [String], global: [String: ParameterValue], perModel: [[String: ParameterValue]],
+    defaultFormat: CheckpointFormat, metadata: [String: String] = [:]
+  ) throws {
+    let baseModel = try base.map { try openCheckpoint($0) }
+    let inputs = try models.map { try openCheckpoint($0, base: baseModel) }
+    let plan = try MergePlan(method: method, base: baseModel, models: inputs, global: global, perModel: perModel, outputType: outputType, allowMissing: allowMissing)
+    let outputFormat = format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension) ?? defaultFormat
+    if dryRun {
+      printPlan(plan, format: outputFormat)
+      return
+    }
+    var options = WriteOptions(format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata, overwrite: overwrite)
+    options.copyFilesFrom = ModelFolder.modelFolder(of: base ?? models[0])
+    let progress = Progress(label, quiet: quiet)
+    try MergeRunner.run(plan, to: output, options: options, progress: progress.update)
+    progress.finish()
+  }
+
+  func printPlan(_ plan: MergePlan, format: CheckpointFormat) {
+    let merged = plan.items.filter { $0.action == .merge }.count
+    print("method:        \(plan.method.name) (\(plan.method.reference))")
+    if let base = plan.base { print("base:          \(base.path)") }
+    for (i, model) in plan.models.enumerated() { print("model \(i + 1):       \(model.path)") }
+    print("tensors:       \(plan.items.count) (\(merged) merged, \(plan.items.count - merged) copied)")
+    print("read:          \(formatBytes(plan.bytesRead))")
+    print("write:         \(formatBytes(plan.bytesWritten)) as \(format.rawValue) to \(output)")
+    print("memory:        about \(formatBytes(MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together, decoded to f32, plus I/O buffers)")
+    let parameters = plan.method.parameters.map(\.name)
+    if !parameters.isEmpty, let first = plan.items.first(where: { $0.action == .merge }), let resolved = try? plan.resolver.resolve(tensor: first.name) {
+      let shown = parameters.compactMap { name -> String? in
+        if let g = resolved.global[name] { return "\(name)=\(g)" }
+        let per = resolved.models.compactMap { $0[name] }
+        return per.isEmpty ? nil : "\(name)=[\(per.map { "\($0)" }.joined(separator: ", "))]"
+      }
+      print("parameters:    \(shown.joined(separator: " ")) (for \(first.name))")
+    }
+  }
+}
+
+extension ResolvedValue: CustomStringConvertible {
+  public var description: String {
+    switch self {
+    case .number(let x): return x.formatted()
+    case .flag(let b): return String(b)
+    case .text(let s): return s
+    }
+  }
+}

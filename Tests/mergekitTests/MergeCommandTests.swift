@@ -1,0 +1,125 @@
+import Checkpoint
+import Foundation
+import Tensor
+import Testing
+
+@testable import TestSupport
+
+/// `mergekit merge`, `task-vector` and `apply` on the example models, through the built binary.
+@Suite(.serialized) struct MergeCommandTests {
+  static let examples: TemporaryFolder = {
+    let folder = TemporaryFolder()
+    _ = try? CLI.run("example", folder.file("ex"))
+    return folder
+  }()
+  var base: String { Self.examples.file("ex/base") }
+  var a: String { Self.examples.file("ex/finetune-a") }
+  var b: String { Self.examples.file("ex/finetune-b") }
+
+  func run(_ arguments: String..., environment: [String: String] = [:]) throws -> CLI.Result {
+    try CLI.run(arguments, environment: environment)
+  }
+
+  @Test func taskArithmeticAtLambdaOneHalfIsTheLinearSoup() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let soup = folder.file("soup.safetensors")
+    let ta = folder.file("ta.safetensors")
+    #expect(try run("merge", a, b, "-o", soup, "--dtype", "f32", "-q").status == 0)
+    let r = try run("merge", a, b, "--base", base, "--lambda", "0.5", "-o", ta, "--dtype", "f32", "-q")
+    #expect(r.status == 0, "\(r.stderr)")
+    let x = try openCheckpoint(soup)
+    let y = try openCheckpoint(ta)
+    for info in x.tensors {
+      let (worst, failure) = compareClose(try x.tensor(named: info.name).scalars, try y.tensor(named: info.name).scalars, tolerance: 1e-6)
+      #expect(failure == nil, "\(info.name): max difference \(worst)")
+    }
+  }
+
+  @Test func taskVectorThenApplyGivesBackTheFineTuneExactly() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let tv = folder.file("tau.mkz")
+    #expect(try run("task-vector", a, "--base", base, "-o", tv, "-q").status == 0)
+    let vector = try openCheckpoint(tv)
+    #expect(vector.tensors.allSatisfy { $0.dtype == .f32 })
+    #expect(vector.metadata["mergekit.kind"] == "task-vector")
+    let back = folder.file("back")
+    let r = try run("apply", base, tv, "--scale", "1", "-o", back, "-q")
+    #expect(r.status == 0, "\(r.stderr)")
+    let original = try openCheckpoint(a)
+    let rebuilt = try openCheckpoint(back)
+    for info in original.tensors { #expect(try rebuilt.read(info.name) == original.read(info.name), "\(info.name)") }
+    #expect(FileManager.default.fileExists(atPath: back + "/config.json"))
+    // Negation: base - tau moves every weight the other way by the same amount.
+    let forget = folder.file("forget.safetensors")
+    #expect(try run("apply", base, tv, "--scale", "-1", "-o", forget, "--dtype", "f32", "-q").status == 0)
+    let f = try openCheckpoint(forget)
+    let name = "model.layers.1.mlp.up_proj.weight"
+    let expected = zip(try base.tensor(name), try a.tensor(name)).map { 2 * $0 - $1 }
+    #expect(compareClose(try f.tensor(named: name).scalars, expected, tolerance: 1e-6).firstFailure == nil)
+  }
+
+  @Test func outputIsBitIdenticalForAnyThreadCountShardSizeAndFormat() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let common = ["merge", a, b, "--base", base, "--method", "dare_ties", "--density", "0.4", "--seed", "7", "-q"]
+    #expect(try CLI.run(common + ["-o", folder.file("one.safetensors")], environment: ["MERGEKIT_THREADS": "1"]).status == 0)
+    #expect(try CLI.run(common + ["-o", folder.file("two.safetensors")], environment: ["MERGEKIT_THREADS": "2"]).status == 0)
+    #expect(try CLI.run(common + ["-o", folder.file("sharded"), "--shard-size", "2MB", "--format", "mkz"], environment: ["MERGEKIT_THREADS": "3"]).status == 0)
+    #expect(readBytes(folder.file("one.safetensors")) == readBytes(folder.file("two.safetensors")))
+    let one = try openCheckpoint(folder.file("one.safetensors"))
+    let sharded = try openCheckpoint(folder.file("sharded"))
+    #expect(FileManager.default.fileExists(atPath: folder.file("sharded/model.mkz.index.json")))
+    for info in one.tensors { #expect(try sharded.read(info.name) == one.read(info.name)) }
+    // A different seed draws different masks.
+    #expect(try CLI.run(common.dropLast(2) + ["8", "-q", "-o", folder.file("other.safetensors")], environment: [:]).status == 0)
+    #expect(readBytes(folder.file("other.safetensors")) != readBytes(folder.file("one.safetensors")))
+  }
+
+  @Test func dryRunPrintsThePlanAndWritesNothing() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let r = try run("merge", a, b, "--base", base, "--method", "ties", "--density", "0.3", "-o", folder.file("out"), "--dry-run")
+    #expect(r.status == 0)
+    #expect(r.stdout.contains("tensors:       39 (39 merged, 0 copied)"), "\(r.stdout)")
+    #expect(r.stdout.contains("density=[0.3, 0.3]"))
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).isEmpty)
+  }
+
+  @Test func badInputsAreClearErrorsWithNoOutput() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let out = folder.file("out.safetensors")
+    let lacking = folder.file("lacking.safetensors")
+    #expect(try run("convert", b, lacking, "--drop", "layers\\.2\\.mlp\\.up_proj", "-q").status == 0)
+    let missing = try run("merge", a, lacking, "--base", base, "-o", out)
+    #expect(missing.status == 1)
+    #expect(missing.stderr.contains("\(lacking) lacks 1 tensor the others have: model.layers.2.mlp.up_proj.weight"), "\(missing.stderr)")
+    let allowed = try run("merge", a, lacking, "--base", base, "-o", out, "--allow-missing", "-q")
+    #expect(allowed.status == 0, "\(allowed.stderr)")
+    #expect(try openCheckpoint(out).read("model.layers.2.mlp.up_proj.weight") == openCheckpoint(base).read("model.layers.2.mlp.up_proj.weight"))
+    try FileManager.default.removeItem(atPath: out)
+
+    let reshaped = folder.file("reshaped.safetensors")
+    let embed = try openCheckpoint(a).read("model.embed_tokens.weight")
+    try writeCheckpoint([("model.embed_tokens.weight", TensorData(dtype: embed.dtype, shape: [1024, 512], bytes: embed.bytes))], to: reshaped)
+    let shapes = try run("merge", folder.file("lacking.safetensors"), reshaped, "-o", out, "--allow-missing")
+    #expect(shapes.status == 1 && shapes.stderr.contains("tensor 'model.embed_tokens.weight' has different shapes"), "\(shapes.stderr)")
+
+    let density = try run("merge", a, b, "--base", base, "--method", "ties", "--density", "1.5", "-o", out)
+    #expect(density.status == 1 && density.stderr.contains("parameter 'density (model 1)' for tensor 'model.embed_tokens.weight' 1.5 is outside (0, 1]"), "\(density.stderr)")
+    let noBase = try run("merge", a, b, "--method", "ties", "-o", out)
+    #expect(noBase.status == 64 && noBase.stderr.contains("ties needs a base model"), "\(noBase.stderr)")
+    let slerp3 = try run("merge", a, b, base, "--base", base, "--method", "slerp", "--t", "0.5", "-o", out)
+    #expect(slerp3.status == 64 && slerp3.stderr.contains("slerp takes 1 model besides the base; got 3"), "\(slerp3.stderr)")
+    let unknown = try run("merge", a, b, "--method", "linear", "--density", "0.5", "-o", out)
+    #expect(unknown.status == 64 && unknown.stderr.contains("linear has no parameter --density"), "\(unknown.stderr)")
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["lacking.safetensors", "reshaped.safetensors"])
+  }
+}
+
+private extension String {
+  /// The Float values of tensor `name` of the model folder at this path.
+  func tensor(_ name: String) throws -> [Float] { try openCheckpoint(self).tensor(named: name).scalars }
+}
