@@ -15,7 +15,8 @@ let package = Package(
     .library(name: "Merge", targets: ["Merge"]),
   ],
   dependencies: [
-    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0")
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
   ],
   targets: [
     .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
@@ -25,7 +26,7 @@ let package = Package(
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
     .target(name: "Merge", dependencies: ["Tensor"], swiftSettings: optimize),
-    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Tensor"], swiftSettings: optimize),
+    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
     .executableTarget(
       name: "mergekit",
       dependencies: [
@@ -33,12 +34,17 @@ let package = Package(
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
+    .target(name: "BenchmarkSupport", dependencies: ["Checkpoint"], path: "Benchmarks/BenchmarkSupport"),
     .executableTarget(
-      name: "CheckpointBenchmarks", dependencies: ["Tensor", "Checkpoint"],
+      name: "CheckpointBenchmarks", dependencies: ["Tensor", "Checkpoint", "BenchmarkSupport"],
       path: "Benchmarks/CheckpointBenchmarks", swiftSettings: optimize),
+    .executableTarget(
+      name: "MergeBenchmarks", dependencies: ["Tensor", "Checkpoint", "BenchmarkSupport"],
+      path: "Benchmarks/MergeBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Tensor", "TestSupport"]),
+    .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]

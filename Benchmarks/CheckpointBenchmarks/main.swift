@@ -7,6 +7,7 @@
 // Figures: plain read GB/s (the no-work baseline), per-core encode/decode GB/s and ratio per dtype
 // through the .mkz chunk codec, whole-file convert GB/s on all cores against the plain read, and
 // the peak RSS of `mergekit convert` on a checkpoint of --large-gb gigabytes (default 2).
+import BenchmarkSupport
 import Checkpoint
 import Foundation
 import Tensor
@@ -14,29 +15,6 @@ import Tensor
 #if canImport(Glibc)
   import Glibc
 #endif
-
-func seconds(_ body: () throws -> Void) rethrows -> Double {
-  let start = DispatchTime.now().uptimeNanoseconds
-  try body()
-  return Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-}
-
-func gbps(_ bytes: Int, _ time: Double) -> String { String(format: "%.2f GB/s", Double(bytes) / time / 1e9) }
-
-/// Reads every byte of every tensor with no work beyond a running XOR (the read baseline).
-func plainRead(_ model: any Checkpoint) throws -> Double {
-  var sink: UInt64 = 0
-  let time = try seconds {
-    for info in model.tensors {
-      try model.withBytes(of: info.name, range: nil) { raw in
-        let words = raw.count / 8
-        for i in 0..<words { sink ^= raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self) }
-      }
-    }
-  }
-  if sink == 42 { print("") }
-  return time
-}
 
 /// The floating-point values of a model, up to `limit` elements, concatenated.
 func floatValues(_ model: any Checkpoint, limit: Int) throws -> [Float] {
@@ -77,35 +55,6 @@ func codecFigures(_ values: [Float], dtype: DType) throws -> (encode: Double, de
   let storedBytes = encodings.reduce(0) { $0 + $1.size }
   return (Double(data.count) / encodeTime / 1e9, Double(data.count) / decodeTime / 1e9, Double(data.count) / Double(storedBytes))
 }
-
-/// Runs the mergekit binary and returns (wall seconds, its peak RSS in MB). The child reports
-/// its own VmHWM (`MERGEKIT_REPORT_PEAK_RSS=1`): wait4's ru_maxrss would also count this
-/// process's memory, which Linux folds into a vforked child's high-water mark at exec.
-func runChild(_ binary: String, _ arguments: [String]) throws -> (Double, Double) {
-  let process = Process()
-  process.executableURL = URL(fileURLWithPath: binary)
-  process.arguments = arguments
-  var environment = ProcessInfo.processInfo.environment
-  environment["MERGEKIT_REPORT_PEAK_RSS"] = "1"
-  process.environment = environment
-  let errors = Pipe()
-  process.standardError = errors
-  process.standardOutput = FileHandle.nullDevice
-  var stderr = ""
-  let time = try seconds {
-    try process.run()
-    stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    process.waitUntilExit()
-  }
-  guard process.terminationStatus == 0 else {
-    FileHandle.standardError.write(Data("mergekit \(arguments.joined(separator: " ")) failed:\n\(stderr)".utf8))
-    exit(1)
-  }
-  let peak = stderr.split(separator: "\n").first { $0.hasPrefix("peak RSS: ") }
-  let kilobytes = peak.flatMap { Double($0.dropFirst(10).split(separator: " ")[0]) } ?? .nan
-  return (time, kilobytes * 1024 / 1e6)  // seconds, MB
-}
-
 /// Writes a synthetic bf16 checkpoint of about `gigabytes` GB, tensor by tensor (64 MB each).
 func writeLarge(_ path: String, gigabytes: Double) throws {
   let tensorElements = 32 << 20
@@ -121,9 +70,8 @@ func writeLarge(_ path: String, gigabytes: Double) throws {
 }
 
 let arguments = Array(CommandLine.arguments.dropFirst())
-func option(_ name: String) -> String? { arguments.firstIndex(of: name).flatMap { $0 + 1 < arguments.count ? arguments[$0 + 1] : nil } }
 let modelPath = arguments.first { !$0.hasPrefix("--") && $0 != option("--large-gb") && $0 != option("--mergekit") }
-let binary = option("--mergekit") ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("mergekit").path
+let binary = option("--mergekit") ?? siblingBinary()
 let scratch = NSTemporaryDirectory() + "mergekit-bench-\(getpid())"
 try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
 defer { try? FileManager.default.removeItem(atPath: scratch) }

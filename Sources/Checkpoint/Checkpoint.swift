@@ -101,7 +101,10 @@ extension Checkpoint {
   }
 
   /// The tensor decoded to `Float`.
-  public func tensor(named name: String) throws -> Tensor { try read(name).decoded() }
+  public func tensor(named name: String) throws -> Tensor {
+    let info = try info(name)
+    return try withBytes(of: name, range: nil) { Tensor(decoding: $0, dtype: info.dtype, shape: info.shape) }
+  }
 
   /// Streams tensor `name` in pieces of at most `pieceSize` bytes (a multiple of 8, so pieces
   /// hold whole elements), releasing each piece's pages after use: memory stays at one piece.

@@ -72,6 +72,20 @@ public struct WriteOptions: Sendable {
   }
 }
 
+extension WriteOptions {
+  /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576` (decimal units as Hugging Face uses them).
+  public static func parseSize(_ text: String) -> Int? {
+    let units: [(String, Double)] = [("KIB", 1024), ("MIB", 1_048_576), ("GIB", 1_073_741_824), ("TIB", 1_099_511_627_776), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("B", 1)]
+    let upper = text.uppercased().trimmingCharacters(in: .whitespaces)
+    for (suffix, factor) in units where upper.hasSuffix(suffix) {
+      guard let value = Double(upper.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), value > 0 else { return nil }
+      return Int(value * factor)
+    }
+    guard let value = Int(upper), value > 0 else { return nil }
+    return value
+  }
+}
+
 /// Writes a checkpoint: a single file (destination ending in `.safetensors` or `.mkz`) or a model
 /// folder (shards of at most `shardSize` bytes plus `model.<ext>.index.json` when there are
 /// several, and the copied non-tensor files). The tensor list is declared up front; bytes then
@@ -182,6 +196,23 @@ public final class CheckpointWriter {
   }
 
   /// Completes every file, writes the shard index, copies the non-tensor files and publishes.
+  /// Writes a `Float` tensor stored as `dtype`, encoding it piece by piece (no full-size copy).
+  public func write(_ name: String, _ tensor: Tensor, as dtype: DType) throws {
+    try beginTensor(name)
+    let piece = 1 << 20
+    var scratch = [UInt8](repeating: 0, count: min(tensor.count, piece) * dtype.size)
+    var start = 0
+    while start < tensor.count {
+      let end = min(tensor.count, start + piece)
+      try scratch.withUnsafeMutableBytes { buffer in
+        let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<((end - start) * dtype.size)])
+        tensor.encode(start..<end, as: dtype, into: out)
+        try append(UnsafeRawBufferPointer(out))
+      }
+      start = end
+    }
+  }
+
   public func finish() throws {
     if let open = openShard {
       try open.writer.finish()

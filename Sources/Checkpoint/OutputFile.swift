@@ -155,8 +155,9 @@ public enum TemporaryOutputs {
   nonisolated(unsafe) private static var paths = Set<String>()
   private static let lock = NSLock()
 
-  static func register(_ path: String) { _ = lock.withLock { paths.insert(path) } }
-  static func unregister(_ path: String) { _ = lock.withLock { paths.remove(path) } }
+  /// Marks a temporary file or folder for deletion if the process is interrupted.
+  public static func register(_ path: String) { _ = lock.withLock { paths.insert(path) } }
+  public static func unregister(_ path: String) { _ = lock.withLock { paths.remove(path) } }
 
   /// Deletes every unfinished output's temporary file or folder (for signal handlers;
   /// destinations are untouched).

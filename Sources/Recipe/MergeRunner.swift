@@ -179,7 +179,10 @@ public enum MergeRunner {
         results.set(i, try produce(group[i], plan: plan, inputs: inputs))
       }
       for (i, item) in group.enumerated() {
-        try writer.write(item.name, results.get(i))
+        switch results.get(i) {
+        case .stored(let data): try writer.write(item.name, data)
+        case .merged(let tensor): try writer.write(item.name, tensor, as: item.outputType)
+        }
         for input in inputs where input.lookup(item.name) != nil { input.release(item.name, range: nil) }
         done += item.bytesRead
         progress?(done, total)
@@ -188,8 +191,14 @@ public enum MergeRunner {
     try writer.finish()
   }
 
-  /// One output tensor: merged (inputs decoded to Float, merged, encoded once) or copied.
-  static func produce(_ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]) throws -> TensorData {
+  /// An output tensor: bytes to copy, or merged values still to encode.
+  enum Produced {
+    case stored(TensorData)
+    case merged(Tensor)
+  }
+
+  /// One output tensor: merged (inputs decoded to Float, merged; encoded when written) or copied.
+  static func produce(_ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]) throws -> Produced {
     switch item.action {
     case .copy(let index):
       let data = try inputs[index].read(item.name)
@@ -197,22 +206,21 @@ public enum MergeRunner {
         guard let info = other.lookup(item.name) else { continue }
         guard try info.dtype == data.dtype && other.read(item.name) == data else { throw MergePlanError.integerMismatch(tensor: item.name, file: other.path) }
       }
-      return data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data
+      return .stored(data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data)
     case .merge:
       let parameters = try plan.resolver.resolve(tensor: item.name)
       let base = try plan.base.map { try $0.tensor(named: item.name) }
       let models = try plan.models.map { try $0.tensor(named: item.name) }
-      let merged = try plan.method.merge(MergeInputs(name: item.name, base: base, models: models), parameters)
-      return merged.encoded(as: item.outputType)
+      return .merged(try plan.method.merge(MergeInputs(name: item.name, base: base, models: models), parameters))
     }
   }
 
   /// The tensors of one group, filled by parallel workers.
   private final class Results: @unchecked Sendable {
-    private var values: [TensorData?]
+    private var values: [Produced?]
     private let lock = NSLock()
     init(count: Int) { values = Array(repeating: nil, count: count) }
-    func set(_ i: Int, _ value: TensorData) { lock.withLock { values[i] = value } }
-    func get(_ i: Int) -> TensorData { lock.withLock { values[i]! } }
+    func set(_ i: Int, _ value: Produced) { lock.withLock { values[i] = value } }
+    func get(_ i: Int) -> Produced { lock.withLock { values[i]! } }
   }
 }

@@ -60,3 +60,10 @@ struct SendablePointer<T>: @unchecked Sendable {
   @usableFromInline let pointer: UnsafeMutablePointer<T>?
   @usableFromInline init(_ pointer: UnsafeMutablePointer<T>?) { self.pointer = pointer }
 }
+
+/// A raw read-only pointer handed to parallel blocks.
+@usableFromInline
+struct SendableRawPointer: @unchecked Sendable {
+  @usableFromInline let pointer: UnsafeRawPointer?
+  @usableFromInline init(_ pointer: UnsafeRawPointer?) { self.pointer = pointer }
+}

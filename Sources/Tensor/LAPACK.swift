@@ -180,7 +180,7 @@ public enum LAPACK {
   }
 
   /// The leading `rank` singular triplets.
-  static func truncated(_ svd: SVD, to rank: Int) -> SVD {
+  public static func truncated(_ svd: SVD, to rank: Int) -> SVD {
     let k = svd.s.count
     guard rank < k else { return svd }
     let m = svd.u.shape[0]

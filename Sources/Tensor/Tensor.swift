@@ -16,6 +16,34 @@ public struct Tensor: Sendable, Equatable {
     self.scalars = scalars
   }
 
+  /// Decodes stored bytes (`dtype`, row-major) to `Float`, in parallel blocks, without an
+  /// intermediate copy.
+  public init(decoding raw: UnsafeRawBufferPointer, dtype: DType, shape: [Int]) {
+    let count = shape.reduce(1, *)
+    precondition(raw.count == count * dtype.size, "\(raw.count) bytes do not hold \(count) \(dtype) values")
+    let blockSize = Elementwise.blockSize
+    let values = [Float](unsafeUninitializedCapacity: count) { buffer, initialized in
+      let out = SendablePointer(buffer.baseAddress)
+      let source = SendableRawPointer(raw.baseAddress)
+      try? Parallel.forEach((count + blockSize - 1) / blockSize) { _, block in
+        let start = block * blockSize
+        let n = Swift.min(count, start + blockSize) - start
+        DTypeConversion.decode(
+          UnsafeRawBufferPointer(start: source.pointer! + start * dtype.size, count: n * dtype.size), from: dtype,
+          into: UnsafeMutableBufferPointer(start: out.pointer! + start, count: n))
+      }
+      initialized = count
+    }
+    self.init(shape: shape, scalars: values)
+  }
+
+  /// Encodes elements `range` as `dtype` into `destination` (which holds exactly that many).
+  public func encode(_ range: Range<Int>, as dtype: DType, into destination: UnsafeMutableRawBufferPointer) {
+    scalars.withUnsafeBufferPointer { values in
+      DTypeConversion.encode(UnsafeBufferPointer(rebasing: values[range]), as: dtype, into: destination)
+    }
+  }
+
   /// A tensor of zeros.
   public init(zeros shape: [Int]) {
     self.init(shape: shape, scalars: [Float](repeating: 0, count: shape.reduce(1, *)))

@@ -20,13 +20,7 @@ public struct TensorData: Sendable, Equatable {
 
   /// The values as `Float` (exact for F32/F16/BF16/FP8 and small integers; F64 rounds to nearest).
   public func decoded() -> Tensor {
-    var values = [Float](repeating: 0, count: count)
-    bytes.withUnsafeBytes { raw in
-      values.withUnsafeMutableBufferPointer { out in
-        DTypeConversion.decode(raw, from: dtype, into: out)
-      }
-    }
-    return Tensor(shape: shape, scalars: values)
+    bytes.withUnsafeBytes { Tensor(decoding: $0, dtype: dtype, shape: shape) }
   }
 
   /// The same values in another dtype (floating types round to nearest even; integer types are

@@ -8,17 +8,8 @@ func requireExisting(_ path: String, _ what: String) throws {
   guard FileManager.default.fileExists(atPath: path) else { throw ValidationError("\(what) '\(path)' does not exist") }
 }
 
-/// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576` (decimal units as Hugging Face uses them).
-func parseByteSize(_ text: String) -> Int? {
-  let units: [(String, Double)] = [("KIB", 1024), ("MIB", 1_048_576), ("GIB", 1_073_741_824), ("TIB", 1_099_511_627_776), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("B", 1)]
-  let upper = text.uppercased().trimmingCharacters(in: .whitespaces)
-  for (suffix, factor) in units where upper.hasSuffix(suffix) {
-    guard let value = Double(upper.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), value > 0 else { return nil }
-    return Int(value * factor)
-  }
-  guard let value = Int(upper), value > 0 else { return nil }
-  return value
-}
+/// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576`.
+func parseByteSize(_ text: String) -> Int? { WriteOptions.parseSize(text) }
 
 /// Human-readable byte count (decimal units).
 func formatBytes(_ bytes: Int) -> String {

@@ -48,6 +48,7 @@ struct OutputOptions: ParsableArguments {
     _ label: String, method: any MergeMethod, base: String?, models: [String], global: [String: ParameterValue], perModel: [[String: ParameterValue]],
     defaultFormat: CheckpointFormat, metadata: [String: String] = [:]
   ) throws {
+    MemoryPolicy.reuseTensorMemory()
     let baseModel = try base.map { try openCheckpoint($0) }
     let inputs = try models.map { try openCheckpoint($0, base: baseModel) }
     let plan = try MergePlan(method: method, base: baseModel, models: inputs, global: global, perModel: perModel, outputType: outputType, allowMissing: allowMissing)

@@ -1,0 +1,65 @@
+// Helpers shared by the benchmark executables: timing, the no-work read baseline, and running
+// the mergekit binary as a child process to measure its wall time and peak memory.
+import Checkpoint
+import Foundation
+
+public func seconds(_ body: () throws -> Void) rethrows -> Double {
+  let start = DispatchTime.now().uptimeNanoseconds
+  try body()
+  return Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+}
+
+public func gbps(_ bytes: Int, _ time: Double) -> String { String(format: "%.2f GB/s", Double(bytes) / time / 1e9) }
+
+/// Reads every byte of every tensor with no work beyond a running XOR (the read baseline).
+public func plainRead(_ model: any Checkpoint) throws -> Double {
+  var sink: UInt64 = 0
+  let time = try seconds {
+    for info in model.tensors {
+      try model.withBytes(of: info.name, range: nil) { raw in
+        let words = raw.count / 8
+        for i in 0..<words { sink ^= raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self) }
+      }
+    }
+  }
+  if sink == 42 { print("") }
+  return time
+}
+
+/// Runs the mergekit binary and returns (wall seconds, its peak RSS in MB). The child reports
+/// its own VmHWM (`MERGEKIT_REPORT_PEAK_RSS=1`): wait4's ru_maxrss would also count this
+/// process's memory, which Linux folds into a vforked child's high-water mark at exec.
+public func runChild(_ binary: String, _ arguments: [String]) throws -> (Double, Double) {
+  let process = Process()
+  process.executableURL = URL(fileURLWithPath: binary)
+  process.arguments = arguments
+  var environment = ProcessInfo.processInfo.environment
+  environment["MERGEKIT_REPORT_PEAK_RSS"] = "1"
+  process.environment = environment
+  let errors = Pipe()
+  process.standardError = errors
+  process.standardOutput = FileHandle.nullDevice
+  var stderr = ""
+  let time = try seconds {
+    try process.run()
+    stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    process.waitUntilExit()
+  }
+  guard process.terminationStatus == 0 else {
+    FileHandle.standardError.write(Data("mergekit \(arguments.joined(separator: " ")) failed:\n\(stderr)".utf8))
+    exit(1)
+  }
+  let peak = stderr.split(separator: "\n").first { $0.hasPrefix("peak RSS: ") }
+  let kilobytes = peak.flatMap { Double($0.dropFirst(10).split(separator: " ")[0]) } ?? .nan
+  return (time, kilobytes * 1024 / 1e6)  // seconds, MB
+}
+
+/// The `mergekit` binary next to this benchmark executable (same build folder).
+public func siblingBinary(_ name: String = "mergekit") -> String {
+  URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent(name).path
+}
+
+/// `--name value` from the command line.
+public func option(_ name: String, in arguments: [String] = Array(CommandLine.arguments.dropFirst())) -> String? {
+  arguments.firstIndex(of: name).flatMap { $0 + 1 < arguments.count ? arguments[$0 + 1] : nil }
+}

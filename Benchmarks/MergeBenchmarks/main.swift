@@ -1,0 +1,104 @@
+// Merge benchmarks: prints figures, asserts nothing.
+//
+//   swift run -c release MergeBenchmarks [--gb 1] [--models 3] [--data DIR] [--methods linear,ties]
+//
+// Writes a Llama-shaped bf16 base of about --gb GB and --models fine-tunes of it (low-rank plus
+// sparse changes) into DIR (default bench-data/merge-<gb>gb, reused when present), then times
+// `mergekit merge` per method against reading the same bytes with no work, with the merge's peak
+// RSS against the largest tensor. Then randomized against full SVD at rank n/8.
+import BenchmarkSupport
+import Checkpoint
+import Foundation
+import Tensor
+
+let gigabytes = Double(option("--gb") ?? "1") ?? 1
+let modelCount = Int(option("--models") ?? "3") ?? 3
+let data = option("--data") ?? "bench-data/merge-\(gigabytes.formatted())gb"
+let methods = (option("--methods") ?? "linear,ties").split(separator: ",").map(String.init)
+let binary = option("--mergekit") ?? siblingBinary()
+
+/// A Llama-like architecture of about `gigabytes` GB in bf16: hidden 2048, MLP 5632, 32k vocabulary.
+func architecture(gigabytes: Double) -> ExampleModels.Architecture {
+  var arch = ExampleModels.Architecture()
+  arch.hiddenSize = 2048
+  arch.intermediateSize = 5632
+  arch.headCount = 16
+  arch.keyValueHeadCount = 4
+  arch.vocabularySize = 32000
+  let perLayer: Double = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 5632 + 2 * 2048
+  let embeddings: Double = 2 * 32000 * 2048
+  let layers = ((gigabytes * 5e8 - embeddings) / perLayer).rounded()
+  arch.layerCount = max(1, Int(layers))
+  return arch
+}
+
+/// Writes base and fine-tunes tensor by tensor (memory: one tensor per model).
+func writeModels(_ arch: ExampleModels.Architecture, to folder: String, count: Int) throws -> [String] {
+  let names = ["base"] + (1...count).map { "finetune-\($0)" }
+  let paths = names.map { "\(folder)/\($0)" }
+  if paths.allSatisfy({ FileManager.default.fileExists(atPath: $0 + "/model.safetensors") }) { return paths }
+  try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+  print("writing \(count + 1) models of \(arch.layerCount) layers to \(folder) ...")
+  let infos = arch.tensors.map { TensorInfo(name: $0.name, dtype: .bf16, shape: $0.shape) }
+  let writers = try paths.map { try CheckpointWriter(destination: $0, tensors: infos, options: WriteOptions(metadata: ["format": "pt"], overwrite: true)) }
+  for (name, shape) in arch.tensors {
+    let rng = CounterRNG(seed: 0, stream: name)
+    let base = shape.count == 1 ? Tensor(shape: shape, scalars: [Float](repeating: 1, count: shape[0])) : Tensor(shape: shape, scalars: Elementwise.map(shape.reduce(1, *)) { rng.normal(UInt64($0)) * 0.02 })
+    try writers[0].write(name, base.encoded(as: .bf16))
+    for i in 1...count {
+      try writers[i].write(name, ExampleModels.fineTune([(name, base)], seed: UInt64(i))[0].tensor.encoded(as: .bf16))
+    }
+  }
+  for writer in writers { try writer.finish() }
+  for path in paths { try arch.configJSON.write(toFile: path + "/config.json", atomically: true, encoding: .utf8) }
+  return paths
+}
+
+print("mergekit merge benchmarks (\(Parallel.threadCount) cores)")
+let arch = architecture(gigabytes: gigabytes)
+let paths = try writeModels(arch, to: data, count: modelCount)
+let models = try paths.map { try openCheckpoint($0) }
+let largest = models[0].tensors.map(\.count).max() ?? 0
+let inputBytes = models.dropFirst().reduce(0) { $0 + $1.totalByteCount }
+let withBase = inputBytes + models[0].totalByteCount
+print("\n== \(modelCount) models of \(String(format: "%.2f", Double(models[0].totalByteCount) / 1e9)) GB bf16 (\(models[0].tensors.count) tensors, largest \(largest) values = \(String(format: "%.0f", Double(largest) * 4 / 1e6)) MB in f32)")
+for model in models { _ = try plainRead(model) }  // warm the page cache
+var read = 0.0
+for model in models { read += try plainRead(model) }
+print(String(format: "plain read of base + models (no work)   %.2f s  %@", read, gbps(withBase, read)))
+let scratch = NSTemporaryDirectory() + "mergekit-merge-bench-\(getpid())"
+try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+defer { try? FileManager.default.removeItem(atPath: scratch) }
+for method in methods {
+  let usesBase = method != "linear"
+  var arguments = ["merge"] + paths.dropFirst() + ["--method", method, "-o", scratch + "/out.safetensors", "--overwrite", "-q"]
+  if usesBase { arguments += ["--base", paths[0]] }
+  if method.contains("ties") || method.contains("dare") || method.contains("breadcrumbs") { arguments += ["--density", "0.5"] }
+  let bytes = usesBase ? withBase : inputBytes
+  let (time, rss) = try runChild(binary, arguments)
+  let readTime = usesBase ? read : read * Double(inputBytes) / Double(withBase)
+  print(String(format: "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
+    method, time, gbps(bytes, time), readTime / time, rss, rss * 1e6 / (Double(largest) * 4)))
+  try? FileManager.default.removeItem(atPath: scratch + "/out.safetensors")
+}
+
+print("\n== truncated SVD at rank n/8, one matrix with singular values 0.98^i")
+for n in [512, 1024, 2048] {
+  let r = n / 8
+  let u = LAPACK.qr(CounterRNG(seed: 1, stream: "u").normalTensor([n, n])).q
+  var v = LAPACK.qr(CounterRNG(seed: 1, stream: "v").normalTensor([n, n])).q
+  let values = (0..<n).map { Float(pow(0.98, Double($0))) }
+  for i in 0..<n { for j in 0..<n { v.scalars[i * n + j] *= values[j] } }
+  let a = BLAS.matmul(v, u, transposeB: true)
+  var full: SVD?
+  let fullTime = try seconds { full = try LAPACK.svd(a) }
+  var fast: SVD?
+  let fastTime = try seconds { fast = try LAPACK.randomizedSVD(a, rank: r) }
+  let optimal = values[r...].reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
+  func residual(_ f: SVD) -> Double {
+    let t = LAPACK.truncated(f, to: r).reconstructed
+    return zip(a.scalars, t.scalars).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }.squareRoot()
+  }
+  print(String(format: "n = %4d, r = %3d: full SVD %6.3f s (error %.4f x optimal), randomized %6.3f s (error %.4f x optimal), %.1fx faster",
+    n, r, fullTime, residual(full!) / optimal, fastTime, residual(fast!) / optimal, fullTime / fastTime))
+}

@@ -1,0 +1,232 @@
+import Foundation
+import Merge
+import Yams
+
+/// A recipe: named inputs, steps that each run one operation (a merge method, `task-vector`,
+/// `apply` or `convert`) on earlier inputs or step results, and outputs written from any of them.
+///
+/// ```yaml
+/// inputs:
+///   base: demo/base
+///   a: demo/finetune-a
+///   b: demo/finetune-b
+/// steps:
+///   - name: merged
+///     method: ties
+///     base: base
+///     models:
+///       - a
+///       - {model: b, parameters: {weight: 0.7}}
+///     parameters: {density: 0.5}
+/// outputs:
+///   merged: {path: demo/merged, dtype: bf16}
+/// ```
+/// Paths are relative to the current directory. A reference that is not a label is a path.
+public struct Recipe: Sendable {
+  public struct Step: Sendable {
+    public var label: String
+    /// A registered merge method, or `task-vector`, `apply`, `convert`.
+    public var operation: String
+    public var base: String?
+    public var models: [String]
+    public var global: [String: ParameterValue]
+    public var perModel: [[String: ParameterValue]]
+    public var dtype: String?
+    /// `convert` only.
+    public var select: String?
+    public var drop: String?
+    public var renames: [String]
+    /// Where the step sits in the file, for errors (`steps[1]`).
+    public var location: String
+  }
+
+  public struct Output: Sendable {
+    public var label: String
+    public var path: String
+    public var format: String?
+    public var dtype: String?
+    public var shardSize: String?
+    public var location: String
+  }
+
+  public var inputs: [(label: String, path: String)]
+  public var steps: [Step]
+  public var outputs: [Output]
+  /// The file it came from (for messages).
+  public var source: String
+
+  public init(inputs: [(label: String, path: String)], steps: [Step], outputs: [Output], source: String) {
+    self.inputs = inputs
+    self.steps = steps
+    self.outputs = outputs
+    self.source = source
+  }
+}
+
+/// A recipe that cannot run: each case names the file and the YAML path.
+public enum RecipeError: Error, CustomStringConvertible, Equatable {
+  case unreadable(file: String, reason: String)
+  case invalid(file: String, path: String, line: Int?, reason: String)
+  case cycle(file: String, steps: [String])
+  case stepFailed(file: String, path: String, step: String, reason: String)
+
+  public var description: String {
+    switch self {
+    case .unreadable(let file, let reason): return "\(file): \(reason)"
+    case .invalid(let file, let path, let line, let reason): return "\(file)\(line.map { ":\($0)" } ?? ""): \(path): \(reason)"
+    case .cycle(let file, let steps): return "\(file): steps depend on each other in a cycle: \(steps.joined(separator: " -> "))"
+    case .stepFailed(let file, let path, let step, let reason): return "\(file): \(path) (\(step)): \(reason)"
+    }
+  }
+}
+
+/// A YAML node with its path in the document, for precise errors.
+struct YAMLValue {
+  let node: Node
+  let path: String
+  let file: String
+
+  func fail(_ reason: String) -> RecipeError { .invalid(file: file, path: path, line: node.mark?.line, reason: reason) }
+
+  var isScalar: Bool { if case .scalar = node { return true } else { return false } }
+
+  func string() throws -> String {
+    guard case .scalar(let scalar) = node else { throw fail("expected a single value") }
+    return scalar.string
+  }
+
+  func map() throws -> [(key: String, value: YAMLValue)] {
+    guard case .mapping(let mapping) = node else { throw fail("expected a mapping (key: value lines)") }
+    return try mapping.map { key, value in
+      guard let name = key.string else { throw fail("keys must be plain words") }
+      return (name, YAMLValue(node: value, path: path.isEmpty ? name : "\(path).\(name)", file: file))
+    }
+  }
+
+  func list() throws -> [YAMLValue] {
+    guard case .sequence(let sequence) = node else { throw fail("expected a list") }
+    return sequence.enumerated().map { YAMLValue(node: $1, path: "\(path)[\($0)]", file: file) }
+  }
+
+  /// Checks that a mapping has only `allowed` keys and returns it as a dictionary.
+  func fields(_ allowed: [String]) throws -> [String: YAMLValue] {
+    var result: [String: YAMLValue] = [:]
+    for (key, value) in try map() {
+      guard allowed.contains(key) else { throw value.fail("unknown key '\(key)'; expected one of \(allowed.joined(separator: ", "))") }
+      result[key] = value
+    }
+    return result
+  }
+
+  /// A parameter value: a number, true/false, a word, a list of numbers (a gradient across
+  /// layers), or a list of `{filter, value}` entries.
+  func parameter() throws -> ParameterValue {
+    switch node {
+    case .scalar:
+      if let bool = node.bool, ["true", "false", "yes", "no"].contains(node.string?.lowercased() ?? "") { return .flag(bool) }
+      if let number = node.float ?? node.int.map(Double.init) { return .number(number) }
+      return .text(try string())
+    case .sequence:
+      let items = try list()
+      if items.allSatisfy(\.isScalar) {
+        return .gradient(try items.map { item in
+          guard let x = item.node.float ?? item.node.int.map(Double.init) else { throw item.fail("a gradient lists numbers") }
+          return x
+        })
+      }
+      return .filtered(try items.map { item in
+        let f = try item.fields(["filter", "value"])
+        guard let value = f["value"] else { throw item.fail("a filtered entry needs 'value'") }
+        return .init(filter: try f["filter"]?.string(), value: try value.parameter())
+      })
+    default:
+      throw fail("expected a number, true/false, a word or a list")
+    }
+  }
+
+  func parameters() throws -> [String: ParameterValue] {
+    var result: [String: ParameterValue] = [:]
+    for (key, value) in try map() { result[key] = try value.parameter() }
+    return result
+  }
+}
+
+extension Recipe {
+  /// Reads a recipe file: ours, or a mergekit configuration (recognised by `merge_method`).
+  /// `output` is where a mergekit configuration's result goes (mergekit takes it on the command line).
+  public static func load(_ file: String, output: String? = nil) throws -> Recipe {
+    let text: String
+    do { text = try String(contentsOfFile: file, encoding: .utf8) } catch { throw RecipeError.unreadable(file: file, reason: "cannot read: \(error.localizedDescription)") }
+    return try parse(text, file: file, output: output)
+  }
+
+  public static func parse(_ text: String, file: String, output: String? = nil) throws -> Recipe {
+    let node: Node
+    do {
+      guard let parsed = try Yams.compose(yaml: text) else { throw RecipeError.unreadable(file: file, reason: "the file is empty") }
+      node = parsed
+    } catch let error as RecipeError {
+      throw error
+    } catch {
+      throw RecipeError.unreadable(file: file, reason: "not valid YAML: \(error)")
+    }
+    let root = YAMLValue(node: node, path: "", file: file)
+    let keys = try root.map().map(\.key)
+    if keys.contains("merge_method") { return try MergekitConfig.recipe(from: root, output: output) }
+    return try parseOurs(root, output: output)
+  }
+
+  static func parseOurs(_ root: YAMLValue, output: String?) throws -> Recipe {
+    let top = try root.fields(["inputs", "steps", "outputs"])
+    var inputs: [(String, String)] = []
+    for (label, value) in try top["inputs"]?.map() ?? [] { inputs.append((label, try value.string())) }
+    var steps: [Step] = []
+    for item in try top["steps"]?.list() ?? [] {
+      let f = try item.fields(["name", "method", "base", "models", "model", "parameters", "dtype", "select", "drop", "rename"])
+      guard let label = try f["name"]?.string() else { throw item.fail("a step needs a 'name' (its result's label)") }
+      guard let operation = try f["method"]?.string() else { throw item.fail("a step needs a 'method' (a merge method, task-vector, apply or convert)") }
+      var models: [String] = []
+      var perModel: [[String: ParameterValue]] = []
+      if let single = f["model"] {
+        models.append(try single.string())
+        perModel.append([:])
+      }
+      for entry in try f["models"]?.list() ?? [] {
+        if entry.isScalar {
+          models.append(try entry.string())
+          perModel.append([:])
+        } else {
+          let e = try entry.fields(["model", "parameters"])
+          guard let model = e["model"] else { throw entry.fail("a model entry needs 'model'") }
+          models.append(try model.string())
+          perModel.append(try e["parameters"]?.parameters() ?? [:])
+        }
+      }
+      steps.append(
+        Step(
+          label: label, operation: operation, base: try f["base"]?.string(), models: models, global: try f["parameters"]?.parameters() ?? [:],
+          perModel: perModel, dtype: try f["dtype"]?.string(), select: try f["select"]?.string(), drop: try f["drop"]?.string(),
+          renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [], location: item.path))
+    }
+    var outputs: [Output] = []
+    for (label, value) in try top["outputs"]?.map() ?? [] {
+      if value.isScalar {
+        outputs.append(Output(label: label, path: try value.string(), location: value.path))
+      } else {
+        let f = try value.fields(["path", "format", "dtype", "shard_size"])
+        guard let path = f["path"] else { throw value.fail("an output needs 'path'") }
+        outputs.append(
+          Output(label: label, path: try path.string(), format: try f["format"]?.string(), dtype: try f["dtype"]?.string(), shardSize: try f["shard_size"]?.string(), location: value.path))
+      }
+    }
+    if let output, outputs.count == 1 { outputs[0].path = output }
+    guard !outputs.isEmpty else { throw root.fail("the recipe writes nothing: add an 'outputs' section") }
+    return Recipe(inputs: inputs, steps: steps, outputs: outputs, source: root.file)
+  }
+}
+
+extension Recipe.Output {
+  init(label: String, path: String, location: String) {
+    self.init(label: label, path: path, format: nil, dtype: nil, shardSize: nil, location: location)
+  }
+}
