@@ -1,0 +1,124 @@
+import Checkpoint
+import Foundation
+import Merge
+import Tensor
+import Testing
+
+@testable import Recipe
+@testable import TestSupport
+
+/// The repository's `recipes/` folder.
+let recipesFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("recipes").path
+
+/// Example models under `folder/demo`, written once for the suite.
+let exampleFolder: TemporaryFolder = {
+  let folder = TemporaryFolder()
+  _ = try? ExampleModels.writeExamples(to: folder.file("demo"))
+  return folder
+}()
+
+/// A recipe file's text with its `demo/` paths moved into `folder`.
+func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws -> Recipe {
+  let text = try String(contentsOfFile: "\(recipesFolder)/\(name)", encoding: .utf8).replacingOccurrences(of: "demo/", with: "\(folder)/demo/")
+  return try Recipe.parse(text, file: name, output: output)
+}
+
+@Suite(.serialized) struct RecipeRunnerTests {
+  @Test func everyExampleRecipeRuns() throws {
+    let names = try FileManager.default.contentsOfDirectory(atPath: recipesFolder).filter { $0.hasSuffix(".yaml") }.sorted()
+    #expect(names.count >= 10)
+    let work = exampleFolder.path
+    for name in names {
+      let recipe = try loadRecipe(name, in: work, output: name.hasPrefix("mergekit-") ? "\(work)/demo/out/\(name).out" : nil)
+      try RecipeRunner(recipe).run(overwrite: true)
+      for output in recipe.outputs {
+        let written = try openCheckpoint(output.path)
+        #expect(written.tensors.count == 39, "\(name): \(output.label)")
+      }
+    }
+    // No temporary folders are left next to the outputs.
+    #expect(try FileManager.default.contentsOfDirectory(atPath: "\(work)/demo/out").allSatisfy { !$0.hasPrefix(".") })
+  }
+
+  @Test func aMergekitConfigGivesTheSameBytesAsTheSameMergeDoneDirectly() throws {
+    let work = exampleFolder.path
+    let viaConfig = "\(work)/demo/out/mk-direct-check.safetensors"
+    try RecipeRunner(try loadRecipe("mergekit-ties.yaml", in: work, output: viaConfig)).run(overwrite: true)
+    let base = try openCheckpoint("\(work)/demo/base")
+    let models = try ["finetune-a", "finetune-b"].map { try openCheckpoint("\(work)/demo/\($0)") }
+    let plan = try MergePlan(
+      method: TaskVectorMerge.ties, base: base, models: models, global: ["normalize": .flag(true)],
+      perModel: Array(repeating: ["density": .number(0.5), "weight": .number(0.5)], count: 2), outputType: .bf16)
+    let direct = "\(work)/demo/out/direct.safetensors"
+    try MergeRunner.run(plan, to: direct, options: WriteOptions(overwrite: true))
+    #expect(readBytes(viaConfig) == readBytes(direct))
+  }
+
+  @Test func chainedTaskVectorsEditTheBaseAsWritten() throws {
+    let work = exampleFolder.path
+    let recipe = try loadRecipe("task-vectors.yaml", in: work)
+    try RecipeRunner(recipe).run(overwrite: true)
+    let edited = try openCheckpoint("\(work)/demo/out/edited")
+    let name = "model.layers.2.self_attn.v_proj.weight"
+    let (base, a, b) = try (
+      openCheckpoint("\(work)/demo/base").tensor(named: name).scalars, openCheckpoint("\(work)/demo/finetune-a").tensor(named: name).scalars,
+      openCheckpoint("\(work)/demo/finetune-b").tensor(named: name).scalars
+    )
+    let expected: [Double] = (0..<base.count).map { (i: Int) -> Double in
+      let b0 = Double(base[i])
+      return b0 + (Double(a[i]) - b0) - 0.5 * (Double(b[i]) - b0)
+    }
+    let got = try edited.tensor(named: name).scalars
+    for i in got.indices { #expect(abs(Double(got[i]) - expected[i]) <= abs(expected[i]) * 0x1p-8 + 1e-12) }  // one bf16 rounding
+    #expect(try openCheckpoint("\(work)/demo/out/tau-a.mkz").tensors.allSatisfy { $0.dtype == .f32 })
+  }
+
+  func expectInvalid(_ yaml: String, path: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    do {
+      _ = try RecipeRunner(try Recipe.parse(yaml.replacingOccurrences(of: "DEMO", with: exampleFolder.file("demo")), file: "bad.yaml"))
+      Issue.record("no error for a recipe that should fail at \(path)", sourceLocation: sourceLocation)
+    } catch let error as RecipeError {
+      guard case .invalid(let file, let at, _, _) = error else { Issue.record("\(error)", sourceLocation: sourceLocation); return }
+      #expect(file == "bad.yaml" && at == path, "\(error)", sourceLocation: sourceLocation)
+    } catch {
+      Issue.record("\(error)", sourceLocation: sourceLocation)
+    }
+  }
+
+  @Test func badRecipesNameTheYAMLPath() throws {
+    let header = "inputs: {base: DEMO/base, a: DEMO/finetune-a}\n"
+    expectInvalid(header + "steps:\n  - {name: m, method: frankenmerge, base: base, models: [a]}\noutputs: {m: x}\n", path: "steps[0].method")
+    expectInvalid(header + "steps:\n  - {name: m, method: ties, base: base, models: [a, nowhere]}\noutputs: {m: x}\n", path: "steps[0].models[1]")
+    expectInvalid(header + "steps:\n  - {name: m, method: ties, base: base, models: [a], colour: red}\noutputs: {m: x}\n", path: "steps[0].colour")
+    expectInvalid(header + "steps:\n  - {name: a, method: linear, models: [base]}\noutputs: {a: x}\n", path: "steps[0].name")
+    expectInvalid(header + "steps:\n  - {name: m, method: linear, models: [a]}\n", path: "")
+    expectInvalid("merge_method: ties\nbase_model: DEMO/base\nslices: []\n", path: "slices")
+    expectInvalid(header + "steps:\n  - {name: m, method: ties, base: base, models: [a], parameters: {density: [{filter: x}]}}\noutputs: {m: x}\n", path: "steps[0].parameters.density[0]")
+  }
+
+  @Test func cyclesAreRefusedNamingTheSteps() throws {
+    let yaml = """
+      inputs: {base: \(exampleFolder.file("demo/base"))}
+      steps:
+        - {name: x, method: linear, models: [y]}
+        - {name: y, method: linear, models: [z]}
+        - {name: z, method: linear, models: [x]}
+      outputs: {x: out}
+      """
+    #expect(throws: RecipeError.cycle(file: "c.yaml", steps: ["x", "y", "z", "x"])) { try RecipeRunner(try Recipe.parse(yaml, file: "c.yaml")) }
+  }
+
+  @Test func aParameterOutOfRangeFailsNamingTheStepAndNothingIsWritten() throws {
+    let out = exampleFolder.file("demo/out/never")
+    let yaml = """
+      inputs: {base: \(exampleFolder.file("demo/base")), a: \(exampleFolder.file("demo/finetune-a"))}
+      steps:
+        - {name: m, method: ties, base: base, models: [a], parameters: {density: 1.5}}
+      outputs: {m: \(out)}
+      """
+    let runner = try RecipeRunner(try Recipe.parse(yaml, file: "d.yaml"))
+    #expect(throws: RecipeError.self) { try runner.run() }
+    do { try runner.run() } catch { #expect("\(error)".contains("d.yaml: steps[0] (m): ties: parameter 'density (model 1)'"), "\(error)") }
+    #expect(!FileManager.default.fileExists(atPath: out))
+  }
+}
