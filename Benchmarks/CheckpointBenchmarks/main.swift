@@ -33,7 +33,7 @@ func codecFigures(_ values: [Float], dtype: DType) throws -> (encode: Double, de
   var stored: [[UInt8]] = []
   var encodings: [ChunkCodec.Encoded] = []
   var buffer = [UInt8](repeating: 0, count: ChunkCodec.maxStoredSize(chunk))
-  let encodeTime = try data.withUnsafeBytes { raw in
+  let encodeTime = data.withUnsafeBytes { raw in
     seconds {
       for start in stride(from: 0, to: raw.count, by: chunk) {
         let piece = UnsafeRawBufferPointer(rebasing: raw[start..<min(raw.count, start + chunk)])

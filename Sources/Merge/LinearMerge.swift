@@ -2,7 +2,7 @@ import Tensor
 
 /// Weighted average of the models (a model soup): `sum w_i theta_i / sum w_i`, or the plain
 /// weighted sum with `normalize: false`. As mergekit's `linear`.
-public struct LinearMerge: ElementwiseMerge {
+public struct LinearMerge: StreamingMerge {
   public init() {}
   public var name: String { "linear" }
   public var summary: String { "weighted average of the models (model soup)" }
@@ -17,23 +17,18 @@ public struct LinearMerge: ElementwiseMerge {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    Tensor(shape: inputs.models[0].shape, scalars: try mergeRange(tensor: inputs.name, offset: 0, base: nil, models: inputs.models.map(\.scalars), p))
+    try mergeByRanges(inputs, p)!
   }
 
-  public func isElementwise(_ parameters: ResolvedParameters) -> Bool { true }
-
-  public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
-    let weights = models.indices.map { p.number("weight", model: $0) }
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+    let weights = p.models.indices.map { p.number("weight", model: $0) }
     var scale = 1.0
     if p.flag("normalize") {
       let total = weights.reduce(0, +)
       guard total != 0 else { throw MergeError.zeroWeightSum(method: self.name, tensor: name) }
       scale = 1 / total
     }
-    return Elementwise.map(models[0].count) { i in
-      var sum = 0.0
-      for t in 0..<models.count { sum += weights[t] * Double(models[t][i]) }
-      return Float(sum * scale)
-    }
+    let factor = scale
+    return RangeMerger { Kernels.weightedSum($0.models, weights: weights, scale: factor) }
   }
 }

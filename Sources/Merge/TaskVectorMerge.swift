@@ -8,7 +8,7 @@ import Tensor
 /// to the base. Semantics and defaults follow mergekit's generalized task arithmetic, so a
 /// mergekit config gives the same result (up to rounding: we compute in Float with Double sums
 /// and round once).
-public struct TaskVectorMerge: ElementwiseMerge {
+public struct TaskVectorMerge: StreamingMerge {
   public enum Sparsification: Sendable {
     /// Keep the `density` fraction of largest |delta| (exactly k = floor(density * n)).
     case magnitude
@@ -75,29 +75,107 @@ public struct TaskVectorMerge: ElementwiseMerge {
     sparsification: .magnitudeOutliers, consensus: true, defaultNormalize: false, defaultRescale: false)
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-    let deltas: [[Float]] = inputs.models.enumerated().map { index, model in
-      let delta = Elementwise.map(base.count) { model.scalars[$0] - base.scalars[$0] }
-      return sparsify(delta, model: index, tensor: inputs.name, offset: 0, p)
-    }
-    return Tensor(shape: base.shape, scalars: combine(base: base.scalars, deltas: deltas, p))
+    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
+    return try mergeByRanges(inputs, p)!
   }
 
-  /// Element-wise unless a model's task vector is sparsified by magnitude or rescaled (both need
-  /// the whole tensor); DARE's random drop without rescaling is element-wise too.
-  public func isElementwise(_ p: ResolvedParameters) -> Bool {
-    guard let sparsification else { return true }
-    let sparse = p.models.indices.contains { p.number("density", model: $0) < 1 }
-    return !sparse || (sparsification == .random && !p.flag("rescale"))
+  /// How one model's task vector is sparsified on this tensor.
+  struct Sparsity: Sendable {
+    /// Magnitude rankers: keep `rankers[0]`'s top entries minus `rankers[1]`'s (outliers).
+    var rankers: [MagnitudeRanker] = []
+    /// Random keep probability (DARE), with the model's generator.
+    var random: (density: Float, rng: CounterRNG)?
+    /// Count of threshold-equal elements before each range, per ranker (keyed by range offset).
+    var equalBefore: [[Int: Int]] = []
+    /// L1 rescale factor (1 when not rescaling).
+    var scale = 1.0
+
+    var isIdentity: Bool { rankers.isEmpty && random == nil }
+
+    /// The kept entries of one range.
+    func keep(_ delta: [Float], offset: Int) -> [Bool]? {
+      if let (density, rng) = random { return Kernels.randomKeep(delta.count, offset: offset, rng: rng, density: density) }
+      guard !rankers.isEmpty else { return nil }
+      let upper = rankers[0].mask(delta, equalBefore: equalBefore[0][offset] ?? 0).mask
+      guard rankers.count > 1 else { return upper }
+      let outliers = rankers[1].mask(delta, equalBefore: equalBefore[1][offset] ?? 0).mask
+      return Kernels.andNot(upper, outliers)
+    }
   }
 
-  public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
-    guard let base else { throw MergeError.baseRequired(method: self.name) }
-    let deltas: [[Float]] = models.enumerated().map { index, model in
-      let delta = Elementwise.map(base.count) { model[$0] - base[$0] }
-      return sparsify(delta, model: index, tensor: name, offset: offset, p)
+  /// Reads the tensor in as many passes as its sparsification needs (none for task arithmetic):
+  /// magnitude thresholds take two histogram passes and a pass counting ties in index order;
+  /// L1 rescaling sums |delta| before and after the drop. Then every range merges alone.
+  public func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+    let models = p.models.count
+    var plans = [Sparsity](repeating: Sparsity(), count: models)
+    if let sparsification {
+      for m in 0..<models {
+        let density = p.number("density", model: m)
+        guard density < 1 else { continue }
+        let kept = Int(density * Double(n))
+        switch sparsification {
+        case .magnitude:
+          plans[m].rankers = [MagnitudeRanker(keep: kept, count: n)]
+        case .magnitudeOutliers:
+          var top = Int(p.number("gamma", model: m) * Double(n))
+          if n - kept - top < 0 { top = n - kept }
+          plans[m].rankers = [MagnitudeRanker(keep: top + kept, count: n), MagnitudeRanker(keep: top, count: n)]
+        case .random:
+          plans[m].random = (Float(density), CounterRNG(seed: UInt64(p.number("seed")), stream: "\(name)#\(m)"))
+        }
+        plans[m].equalBefore = Array(repeating: [:], count: plans[m].rankers.count)
+      }
     }
-    return combine(base: base, deltas: deltas, p)
+    let rescale = sparsification != nil && p.flag("rescale") && plans.contains { !$0.isIdentity }
+    @Sendable func deltas(_ range: RangeInputs) throws -> [[Float]] {
+      guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
+      return range.models.map { Kernels.difference($0, base) }
+    }
+    if plans.contains(where: { $0.rankers.contains(where: \.needsPasses) }) {
+      try scan { range in
+        let d = try deltas(range)
+        for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].observeHigh(d[m]) } }
+      }
+      for m in 0..<models { for r in plans[m].rankers.indices { plans[m].rankers[r].finishHigh() } }
+      try scan { range in
+        let d = try deltas(range)
+        for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].observeLow(d[m]) } }
+      }
+      for m in 0..<models { for r in plans[m].rankers.indices { plans[m].rankers[r].finishLow() } }
+      var running = plans.map { [Int](repeating: 0, count: $0.rankers.count) }
+      try scan { range in
+        let d = try deltas(range)
+        for m in 0..<models {
+          for r in plans[m].rankers.indices {
+            plans[m].equalBefore[r][range.offset] = running[m][r]
+            running[m][r] += plans[m].rankers[r].mask(d[m], equalBefore: running[m][r]).equalCount
+          }
+        }
+      }
+    }
+    if rescale {
+      var before = [Double](repeating: 0, count: models)
+      var after = [Double](repeating: 0, count: models)
+      try scan { range in
+        let d = try deltas(range)
+        for m in 0..<models where !plans[m].isIdentity {
+          let delta = d[m]
+          let keep = plans[m].keep(delta, offset: range.offset)!
+          before[m] += Kernels.absoluteSum(delta)
+          after[m] += Kernels.absoluteSum(delta, keep: keep)
+        }
+      }
+      for m in 0..<models where before[m] >= 1e-7 && after[m] >= 1e-7 { plans[m].scale = before[m] / after[m] }
+    }
+    let sparsity = plans
+    return RangeMerger { range in
+      let sparse: [[Float]] = try deltas(range).enumerated().map { m, delta in
+        guard let keep = sparsity[m].keep(delta, offset: range.offset) else { return delta }
+        return Kernels.masked(delta, keep: keep, scale: sparsity[m].scale)
+      }
+      return self.combine(base: range.base!, deltas: sparse, p)
+    }
   }
 
   /// Weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled, scaled
@@ -105,65 +183,25 @@ public struct TaskVectorMerge: ElementwiseMerge {
   func combine(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
     let weights = deltas.indices.map { p.number("weight", model: $0) }
     let lambda = p.number("lambda")
-    let normalize = p.flag("normalize")
-    let consensus = self.consensus
-    return Elementwise.map(base.count) { i in
-      var mixed = 0.0
-      var divisor = 0.0
-      if consensus {
-        var total = 0.0
-        for t in 0..<deltas.count { total += weights[t] * Double(deltas[t][i]) }
-        let elected = total >= 0 ? 1.0 : -1.0
-        for t in 0..<deltas.count {
-          let d = weights[t] * Double(deltas[t][i])
-          if d != 0 && (d > 0 ? 1.0 : -1.0) == elected {
-            mixed += d
-            divisor += weights[t]
-          }
-        }
-        if divisor == 0 { divisor = 1 }
-      } else {
-        for t in 0..<deltas.count {
-          mixed += weights[t] * Double(deltas[t][i])
-          divisor += weights[t]
-        }
-        if abs(divisor) < 1e-8 { divisor = 1 }
-      }
-      if normalize { mixed /= divisor }
-      return Float(Double(base[i]) + lambda * mixed)
+    if consensus {
+      return Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: lambda, normalize: p.flag("normalize"))
     }
+    var divisor = weights.reduce(0, +)
+    if abs(divisor) < 1e-8 { divisor = 1 }
+    return Kernels.weightedSum(deltas, weights: weights, scale: p.flag("normalize") ? lambda / divisor : lambda, base: base)
   }
 
-  /// The delta with dropped entries zeroed, rescaled to its original L1 norm when asked.
-  /// `offset` is the element index of `delta[0]` in the tensor (random draws are per element).
-  func sparsify(_ delta: [Float], model: Int, tensor: String, offset: Int = 0, _ p: ResolvedParameters) -> [Float] {
-    guard let sparsification else { return delta }
-    let density = p.number("density", model: model)
-    guard density < 1 else { return delta }
-    let n = delta.count
-    let keep: [Bool]
-    switch sparsification {
-    case .magnitude:
-      keep = Selection.largestMagnitudes(delta, keep: Int(density * Double(n)))
-    case .random:
-      let rng = CounterRNG(seed: UInt64(p.number("seed")), stream: "\(tensor)#\(model)")
-      let threshold = Float(density)
-      keep = Elementwise.map(n) { rng.uniform(UInt64(offset + $0)) < threshold }
-    case .magnitudeOutliers:
-      // Rank by |delta| descending; keep ranks topCount ..< topCount + kept.
-      let kept = Int(density * Double(n))
-      var top = Int(p.number("gamma", model: model) * Double(n))
-      if n - kept - top < 0 { top = n - kept }
-      let upper = Selection.largestMagnitudes(delta, keep: top + kept)
-      let outliers = Selection.largestMagnitudes(delta, keep: top)
-      keep = Elementwise.map(n) { upper[$0] && !outliers[$0] }
-    }
-    let masked = Elementwise.map(n) { keep[$0] ? delta[$0] : 0 }
-    guard p.flag("rescale") else { return masked }
-    let before = Elementwise.sum(n) { Double(abs(delta[$0])) }
-    let after = Elementwise.sum(n) { Double(abs(masked[$0])) }
-    guard before >= 1e-7, after >= 1e-7 else { return masked }
-    let scale = before / after
-    return Elementwise.map(n) { Float(Double(masked[$0]) * scale) }
+  /// One model's task vector after sparsification and rescaling, whole (for tests and tools).
+  func sparsify(_ delta: [Float], model: Int, tensor: String, _ p: ResolvedParameters) throws -> [Float] {
+    var parameters = p
+    for m in parameters.models.indices where m != model { parameters.models[m]["density"] = .number(1) }
+    let zero = [Float](repeating: 0, count: delta.count)
+    let models = parameters.models.indices.map { $0 == model ? delta : zero }
+    var single = parameters
+    single.global["lambda"] = .number(1)
+    single.global["normalize"] = .flag(false)
+    for m in single.models.indices { single.models[m]["weight"] = .number(m == model ? 1 : 0) }
+    let inputs = MergeInputs(name: tensor, base: Tensor(shape: [delta.count], scalars: zero), models: models.map { Tensor(shape: [delta.count], scalars: $0) })
+    return try merge(inputs, single).scalars
   }
 }

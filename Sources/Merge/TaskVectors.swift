@@ -6,7 +6,7 @@ import Tensor
 /// commands use them.
 public enum TaskVectors {
   /// `tau = model - base`, per tensor.
-  public struct Difference: ElementwiseMerge {
+  public struct Difference: StreamingMerge {
     public init() {}
     public var name: String { "task-vector" }
     public var summary: String { "task vector: fine-tuned minus base" }
@@ -15,22 +15,18 @@ public enum TaskVectors {
     public var modelCount: ClosedRange<Int> { 1...1 }
     public var parameters: [ParameterSpec] { [] }
 
-    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-      guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-      return Tensor(shape: base.shape, scalars: try mergeRange(tensor: inputs.name, offset: 0, base: base.scalars, models: inputs.models.map(\.scalars), p))
-    }
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
 
-    public func isElementwise(_ parameters: ResolvedParameters) -> Bool { true }
-
-    public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
-      guard let base else { throw MergeError.baseRequired(method: self.name) }
-      let model = models[0]
-      return Elementwise.map(base.count) { model[$0] - base[$0] }
+    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+      RangeMerger { range in
+        guard let base = range.base else { throw MergeError.baseRequired(method: "task-vector") }
+        return Kernels.difference(range.models[0], base)
+      }
     }
   }
 
   /// `base + sum_i scale_i tau_i`, where the "models" are task vectors.
-  public struct Sum: ElementwiseMerge {
+  public struct Sum: StreamingMerge {
     public init() {}
     public var name: String { "apply" }
     public var summary: String { "add scaled task vectors to a base model" }
@@ -41,20 +37,13 @@ public enum TaskVectors {
       [.number("scale", .perModel, default: 1, help: "each task vector's scale (lambda); negative forgets")]
     }
 
-    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-      guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-      return Tensor(shape: base.shape, scalars: try mergeRange(tensor: inputs.name, offset: 0, base: base.scalars, models: inputs.models.map(\.scalars), p))
-    }
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
 
-    public func isElementwise(_ parameters: ResolvedParameters) -> Bool { true }
-
-    public func mergeRange(tensor name: String, offset: Int, base: [Float]?, models vectors: [[Float]], _ p: ResolvedParameters) throws -> [Float] {
-      guard let base else { throw MergeError.baseRequired(method: self.name) }
-      let scales = vectors.indices.map { p.number("scale", model: $0) }
-      return Elementwise.map(base.count) { i in
-        var sum = Double(base[i])
-        for t in 0..<vectors.count { sum += scales[t] * Double(vectors[t][i]) }
-        return Float(sum)
+    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+      let scales = p.models.indices.map { p.number("scale", model: $0) }
+      return RangeMerger { range in
+        guard let base = range.base else { throw MergeError.baseRequired(method: "apply") }
+        return Kernels.weightedSum(range.models, weights: scales, base: base)
       }
     }
   }

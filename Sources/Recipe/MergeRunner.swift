@@ -139,16 +139,9 @@ public enum MergeRunner {
   /// Working memory of one tensor: every input decoded to Float, the result, its encoding.
   static func workingSet(_ item: MergePlan.Item, inputs: Int) -> Int { item.count * (4 * (inputs + 1) + item.outputType.size) }
 
-  /// Elements per range when a tensor is streamed (1 MB per input in f32).
-  static let rangeElements = 1 << 18
-
-  /// The method and parameters to stream `item` range by range, when its method is element-wise
-  /// for this tensor's parameters.
-  static func streaming(_ item: MergePlan.Item, _ plan: MergePlan) -> (any ElementwiseMerge, ResolvedParameters)? {
-    guard item.action == .merge, let method = plan.method as? any ElementwiseMerge, let p = try? plan.resolver.resolve(tensor: item.name),
-      method.isElementwise(p)
-    else { return nil }
-    return (method, p)
+  /// Whether `item` is streamed range by range (its method can, and it is merged, not copied).
+  static func isStreamed(_ item: MergePlan.Item, _ plan: MergePlan) -> Bool {
+    item.action == .merge && plan.method is any StreamingMerge
   }
 
   /// The plan cut into consecutive groups processed together: a streamed tensor alone, else as
@@ -160,12 +153,12 @@ public enum MergeRunner {
     while start < plan.items.count {
       var end = start + 1
       var used = workingSet(plan.items[start], inputs: inputs)
-      if streaming(plan.items[start], plan) != nil {
+      if isStreamed(plan.items[start], plan) {
         result.append(start..<end)
         start = end
         continue
       }
-      while end < plan.items.count, streaming(plan.items[end], plan) == nil, used + workingSet(plan.items[end], inputs: inputs) <= groupBudget {
+      while end < plan.items.count, !isStreamed(plan.items[end], plan), used + workingSet(plan.items[end], inputs: inputs) <= groupBudget {
         used += workingSet(plan.items[end], inputs: inputs)
         end += 1
       }
@@ -179,8 +172,8 @@ public enum MergeRunner {
   public static func workingSetBytes(_ plan: MergePlan) -> Int {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
     return groups(plan).map { range in
-      if range.count == 1, streaming(plan.items[range.lowerBound], plan) != nil {
-        return 2 * Parallel.threadCount * rangeElements * (4 * (inputs + 1) + plan.items[range.lowerBound].outputType.size)
+      if range.count == 1, isStreamed(plan.items[range.lowerBound], plan) {
+        return 2 * Parallel.threadCount * MergeRanges.size * (4 * (inputs + 1) + plan.items[range.lowerBound].outputType.size)
       }
       return plan.items[range].reduce(0) { $0 + workingSet($1, inputs: inputs) }
     }.max() ?? 0
@@ -195,13 +188,13 @@ public enum MergeRunner {
     let total = plan.bytesRead
     var done = 0
     for range in groups(plan) {
-      if range.count == 1, let (method, parameters) = streaming(plan.items[range.lowerBound], plan) {
+      if range.count == 1, isStreamed(plan.items[range.lowerBound], plan), let method = plan.method as? any StreamingMerge {
         let item = plan.items[range.lowerBound]
-        try stream(item, method: method, parameters: parameters, plan: plan, inputs: inputs, writer: writer) { bytes in
+        let streamed = try stream(item, method: method, plan: plan, inputs: inputs, writer: writer) { bytes in
           done += bytes
           progress?(done, total)
         }
-        continue
+        if streamed { continue }
       }
       let group = Array(plan.items[range])
       let results = Slots<Produced>(count: group.count)
@@ -245,36 +238,40 @@ public enum MergeRunner {
     }
   }
 
-  /// Streams one tensor range by range: each batch of ranges is decoded from every input,
-  /// merged and encoded in parallel, then appended in order; the inputs' pages for the batch are
-  /// released. `advance` gets the input bytes done.
+  /// Streams one tensor range by range: the method's statistics passes read the ranges in
+  /// order; then each batch of ranges is decoded from every input, merged and encoded in
+  /// parallel, and appended in order, and the inputs' pages for the batch are released.
+  /// `advance` gets the input bytes done. Returns false (writing nothing) when the method must
+  /// merge this tensor whole.
   static func stream(
-    _ item: MergePlan.Item, method: any ElementwiseMerge, parameters: ResolvedParameters, plan: MergePlan, inputs: [any Checkpoint], writer: CheckpointWriter,
-    advance: (Int) -> Void
-  ) throws {
-    try writer.beginTensor(item.name)
-    let n = item.count
-    let ranges = (n + rangeElements - 1) / rangeElements
-    let batch = 2 * Parallel.threadCount
+    _ item: MergePlan.Item, method: any StreamingMerge, plan: MergePlan, inputs: [any Checkpoint], writer: CheckpointWriter, advance: (Int) -> Void
+  ) throws -> Bool {
+    let parameters = try plan.resolver.resolve(tensor: item.name)
+    let ranges = MergeRanges.ranges(item.count)
     func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
       let info = try input.info(item.name)
       let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
       return try input.withBytes(of: item.name, range: bytes) { Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars }
     }
+    func read(_ elements: Range<Int>) throws -> RangeInputs {
+      RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
+    }
+    guard let merger = try method.prepare(tensor: item.name, count: item.count, parameters, scan: { visit in for r in ranges { try visit(try read(r)) } }) else {
+      return false
+    }
+    try writer.beginTensor(item.name)
+    let batch = 2 * Parallel.threadCount
     var first = 0
-    while first < ranges {
-      let last = min(ranges, first + batch)
+    while first < ranges.count {
+      let last = min(ranges.count, first + batch)
       let encoded = Slots<TensorData>(count: last - first)
       try Parallel.forEach(last - first) { _, j in
-        let lo = (first + j) * rangeElements
-        let elements = lo..<min(n, lo + rangeElements)
-        let base = try plan.base.map { try values($0, elements) }
-        let models = try plan.models.map { try values($0, elements) }
-        let merged = try method.mergeRange(tensor: item.name, offset: lo, base: base, models: models, parameters)
+        let elements = ranges[first + j]
+        let merged = try merger.merge(try read(elements))
         encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
       }
       for j in 0..<(last - first) { try encoded.get(j).bytes.withUnsafeBytes { try writer.append($0) } }
-      let elements = (first * rangeElements)..<min(n, last * rangeElements)
+      let elements = ranges[first].lowerBound..<ranges[last - 1].upperBound
       var bytesDone = 0
       for input in inputs {
         let size = try input.info(item.name).dtype.size
@@ -284,6 +281,7 @@ public enum MergeRunner {
       advance(bytesDone)
       first = last
     }
+    return true
   }
 
   /// Results filled by parallel workers, one slot each.

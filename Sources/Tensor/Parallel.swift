@@ -13,6 +13,7 @@ public enum Parallel {
   /// Runs `body(worker, item)` for every item in `0..<count` on up to `threadCount` workers; each
   /// worker takes items `worker, worker + workers, ...`, so per-worker state (a codec context)
   /// can be created once per worker. Rethrows the error of the lowest-numbered failing item.
+  @inlinable
   public static func forEach(
     _ count: Int, workers: Int = Parallel.threadCount,
     _ body: (_ worker: Int, _ item: Int) throws -> Void
@@ -34,11 +35,12 @@ public enum Parallel {
     if let first = errors.first { throw first }
   }
 
-  private final class ErrorSlots: @unchecked Sendable {
+  @usableFromInline
+  final class ErrorSlots: @unchecked Sendable {
     private var slots: [Error?]
     private let lock = NSLock()
-    init(count: Int) { slots = Array(repeating: nil, count: count) }
-    func set(_ index: Int, _ error: Error) { lock.withLock { slots[index] = error } }
-    var first: Error? { lock.withLock { slots.lazy.compactMap { $0 }.first } }
+    @usableFromInline init(count: Int) { slots = Array(repeating: nil, count: count) }
+    @usableFromInline func set(_ index: Int, _ error: Error) { lock.withLock { slots[index] = error } }
+    @usableFromInline var first: Error? { lock.withLock { slots.lazy.compactMap { $0 }.first } }
   }
 }

@@ -44,7 +44,7 @@ public enum Selection {
   /// The magnitude bit pattern of the k-th largest element (1 <= k <= count) and how many
   /// elements equal to it belong to the top k.
   static func threshold(_ values: [Float], _ k: Int) -> (key: UInt32, equalToKeep: Int) {
-    let high = histogram(values) { key($0) >> 16 }
+    let high = histogram(values, prefix: nil)
     var above = 0
     var bin = 65535
     while above + high[bin] < k {
@@ -52,10 +52,7 @@ public enum Selection {
       bin -= 1
     }
     let prefix = UInt32(bin)
-    let low = histogram(values) { v -> UInt32? in
-      let b = key(v)
-      return b >> 16 == prefix ? b & 0xFFFF : nil
-    }
+    let low = histogram(values, prefix: prefix)
     var lowBin = 65535
     while above + low[lowBin] < k {
       above += low[lowBin]
@@ -66,24 +63,115 @@ public enum Selection {
 
   @inline(__always) static func key(_ v: Float) -> UInt32 { v.bitPattern & 0x7FFF_FFFF }
 
-  /// Counts of `bin(v)` over 65,536 bins (nil: not counted), one histogram per worker, summed.
-  static func histogram(_ values: [Float], _ bin: (Float) -> UInt32?) -> [Int] {
+  /// Histogram of magnitude keys over 65,536 bins: of the high 16 bits (`prefix` nil), or of the
+  /// low 16 bits of the elements whose high bits equal `prefix`. One histogram per worker, summed.
+  static func histogram(_ values: [Float], prefix: UInt32?) -> [Int] {
     let n = values.count
     let blockSize = Elementwise.blockSize
     let blocks = (n + blockSize - 1) / blockSize
     let workers = min(Parallel.threadCount, max(1, blocks))
     var counts = [Int](repeating: 0, count: workers * 65536)
-    counts.withUnsafeMutableBufferPointer { slots in
-      let out = SendablePointer(slots.baseAddress)
-      try? Parallel.forEach(blocks, workers: workers) { worker, block in
-        let h = out.pointer! + worker * 65536
-        for i in (block * blockSize)..<min(n, (block + 1) * blockSize) {
-          if let b = bin(values[i]) { h[Int(b)] += 1 }
+    values.withUnsafeBufferPointer { v in
+      let source = SendableRawPointer(UnsafeRawPointer(v.baseAddress))
+      counts.withUnsafeMutableBufferPointer { slots in
+        let out = SendablePointer(slots.baseAddress)
+        try? Parallel.forEach(blocks, workers: workers) { worker, block in
+          let h = out.pointer! + worker * 65536
+          let x = source.pointer!.assumingMemoryBound(to: UInt32.self)
+          let end = min(n, (block + 1) * blockSize)
+          if let prefix {
+            for i in (block * blockSize)..<end {
+              let b = x[i] & 0x7FFF_FFFF
+              if b >> 16 == prefix { h[Int(b & 0xFFFF)] += 1 }
+            }
+          } else {
+            for i in (block * blockSize)..<end { h[Int((x[i] & 0x7FFF_FFFF) >> 16)] += 1 }
+          }
         }
       }
     }
     var total = [Int](repeating: 0, count: 65536)
     for w in 0..<workers { for b in 0..<65536 { total[b] += counts[w * 65536 + b] } }
     return total
+  }
+}
+
+/// Exact top-k by magnitude over a tensor seen in consecutive ranges (streaming), with the same
+/// total order as `Selection.largestMagnitudes`: two histogram passes find the threshold, then a
+/// pass in index order marks the elements, keeping those equal to the threshold by lowest index.
+/// Feed every range to `observeHigh`, then every range to `observeLow`, then call `mask` on the
+/// ranges in order, passing the running count of threshold-equal elements seen before.
+public struct MagnitudeRanker: Sendable {
+  public let keep: Int
+  public let count: Int
+  private var high = [Int](repeating: 0, count: 65536)
+  private var low = [Int](repeating: 0, count: 65536)
+  private var prefix: UInt32 = 0
+  private var above = 0
+  /// The threshold key and how many elements equal to it are kept (after both passes).
+  public private(set) var threshold: (key: UInt32, equalToKeep: Int) = (0, 0)
+
+  public init(keep: Int, count: Int) {
+    self.keep = max(0, min(keep, count))
+    self.count = count
+  }
+
+  /// Whether the passes are needed (keeping none or all is decided without looking).
+  public var needsPasses: Bool { keep > 0 && keep < count }
+
+  public mutating func observeHigh(_ values: [Float]) {
+    let h = Selection.histogram(values, prefix: nil)
+    for b in 0..<65536 { high[b] += h[b] }
+  }
+
+  /// Ends the first pass: picks the high 16 bits of the threshold.
+  public mutating func finishHigh() {
+    var bin = 65535
+    while above + high[bin] < keep {
+      above += high[bin]
+      bin -= 1
+    }
+    prefix = UInt32(bin)
+  }
+
+  public mutating func observeLow(_ values: [Float]) {
+    let h = Selection.histogram(values, prefix: prefix)
+    for b in 0..<65536 { low[b] += h[b] }
+  }
+
+  /// Ends the second pass: fixes the exact threshold.
+  public mutating func finishLow() {
+    var bin = 65535
+    var total = above
+    while total + low[bin] < keep {
+      total += low[bin]
+      bin -= 1
+    }
+    threshold = (prefix << 16 | UInt32(bin), keep - total)
+  }
+
+  /// The kept elements of one range, given how many threshold-equal elements came before it;
+  /// also returns how many the range holds (add it to the running count).
+  public func mask(_ values: [Float], equalBefore: Int) -> (mask: [Bool], equalCount: Int) {
+    if keep == 0 || values.isEmpty { return ([Bool](repeating: false, count: values.count), 0) }
+    if keep == count { return ([Bool](repeating: true, count: values.count), 0) }
+    let (key, equalToKeep) = threshold
+    var rank = equalBefore
+    let mask = [Bool](unsafeUninitializedCapacity: values.count) { out, initialized in
+      values.withUnsafeBufferPointer { v in
+        let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
+        for i in 0..<values.count {
+          let b = x[i] & 0x7FFF_FFFF
+          var keep = b > key
+          if b == key {
+            keep = rank < equalToKeep
+            rank += 1
+          }
+          (out.baseAddress! + i).initialize(to: keep)
+        }
+      }
+      initialized = values.count
+    }
+    return (mask, rank - equalBefore)
   }
 }

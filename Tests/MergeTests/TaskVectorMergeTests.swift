@@ -26,12 +26,13 @@ func expectClose(_ a: [Float], _ b: [Double], relative: Double = 1e-6, sourceLoc
 /// Float64 reference of mergekit's generalized task arithmetic with magnitude sparsification
 /// (sort-based top-k, ties toward the lower index) or none.
 func referenceTaskVectors(
-  base: [Float], models: [[Float]], weights: [Double], density: Double? = nil, gamma: Double? = nil, consensus: Bool, normalize: Bool, lambda: Double, rescale: Bool = false
+  base: [Float], models: [[Float]], weights: [Double], density: Double? = nil, densities: [Double]? = nil, gamma: Double? = nil, consensus: Bool, normalize: Bool,
+  lambda: Double, rescale: Bool = false
 ) -> [Double] {
   let n = base.count
   var deltas: [[Double]] = models.map { m in (0..<n).map { Double(m[$0]) - Double(base[$0]) } }
-  if let density, density < 1 {
-    for t in deltas.indices {
+  for t in deltas.indices {
+    if let density = densities?[t] ?? density, density < 1 {
       let d = deltas[t].map { Double(Float($0)) }  // the engine keeps deltas in Float
       let order = d.indices.sorted { (abs(d[$0]), -$0) > (abs(d[$1]), -$1) }
       let kept = Int(density * Double(n))
@@ -103,7 +104,7 @@ func referenceTaskVectors(
     let engine = TaskVectorMerge.ties
     let p = try resolve(engine, ["rescale": .flag(true)], models: [["density": .number(0.3)]])
     let delta = random([5000], "l1").scalars
-    let sparse = engine.sparsify(delta, model: 0, tensor: "w", p)
+    let sparse = try engine.sparsify(delta, model: 0, tensor: "w", p)
     #expect(sparse.filter { $0 != 0 }.count == 1500)
     let before = delta.reduce(0.0) { $0 + Double(abs($1)) }
     let after = sparse.reduce(0.0) { $0 + Double(abs($1)) }
@@ -148,17 +149,17 @@ func referenceTaskVectors(
     let engine = TaskVectorMerge.dareLinear
     let delta = random([4000], "dare", scale: 0.01).scalars
     let p = try resolve(engine, ["rescale": .flag(false)], models: [["density": .number(0.3)], ["density": .number(0.3)]])
-    let once = engine.sparsify(delta, model: 0, tensor: "w", p)
+    let once = try engine.sparsify(delta, model: 0, tensor: "w", p)
     let kept = Double(once.filter { $0 != 0 }.count) / 4000
     #expect(abs(kept - 0.3) < 4 * (0.3 * 0.7 / 4000).squareRoot())
-    #expect(engine.sparsify(delta, model: 0, tensor: "w", p) == once)  // same seed, same draw
-    #expect(engine.sparsify(delta, model: 1, tensor: "w", p) != once)  // other model, other draw
+    #expect(try engine.sparsify(delta, model: 0, tensor: "w", p) == once)  // same seed, same draw
+    #expect(try engine.sparsify(delta, model: 1, tensor: "w", p) != once)  // other model, other draw
     // With 1/density scaling the mean over seeds approaches the delta.
     let seeds = 400
     var mean = [Double](repeating: 0, count: 200)
     for seed in 0..<seeds {
       let ps = try resolve(engine, ["rescale": .flag(false), "seed": .number(Double(seed))], models: [["density": .number(0.3)]])
-      let s = engine.sparsify(Array(delta.prefix(200)), model: 0, tensor: "w", ps)
+      let s = try engine.sparsify(Array(delta.prefix(200)), model: 0, tensor: "w", ps)
       for i in 0..<200 { mean[i] += Double(s[i]) / 0.3 / Double(seeds) }
     }
     var outside = 0
@@ -169,8 +170,26 @@ func referenceTaskVectors(
     }
     #expect(outside <= 1)
     // L1 rescale (mergekit's default) keeps the L1 norm exactly.
-    let l1 = engine.sparsify(delta, model: 0, tensor: "w", try resolve(engine, models: [["density": .number(0.3)]]))
+    let l1 = try engine.sparsify(delta, model: 0, tensor: "w", try resolve(engine, models: [["density": .number(0.3)]]))
     let before = delta.reduce(0.0) { $0 + Double(abs($1)) }
     #expect(abs(l1.reduce(0.0) { $0 + Double(abs($1)) } - before) < 1e-5 * before)
+  }
+
+  @Test func rangesSpanningATensorGiveTheWholeTensorResult() throws {
+    // 2 ranges; deltas quantised to multiples of 1/64 so that many magnitudes tie, including
+    // across the range boundary: the index-order tie rule must hold over the whole tensor.
+    let n = MergeRanges.size + 7_000
+    let base = random([n], "long-base")
+    let models = (0..<2).map { t in
+      Tensor(shape: [n], scalars: zip(base.scalars, random([n], "long\(t)").scalars).map { $0 + ($1 * 4).rounded() / 64 })
+    }
+    for (method, rescale) in [(TaskVectorMerge.ties, false), (.breadcrumbs, true)] {
+      let p = try resolve(method, ["rescale": .flag(rescale)], models: [["density": .number(0.3), "gamma": .number(0.02)], ["density": .number(0.7), "gamma": .number(0.02)]].map { m in m.filter { $0.key != "gamma" || method.sparsification == .magnitudeOutliers } })
+      let out = try method.merge(MergeInputs(name: "w", base: base, models: models), p)
+      let reference = referenceTaskVectors(
+        base: base.scalars, models: models.map(\.scalars), weights: [1, 1], densities: [0.3, 0.7], gamma: method.sparsification == .magnitudeOutliers ? 0.02 : nil,
+        consensus: method.consensus, normalize: method.defaultNormalize, lambda: 1, rescale: rescale)
+      expectClose(out.scalars, reference, relative: 1e-6)
+    }
   }
 }
