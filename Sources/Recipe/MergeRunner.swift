@@ -256,7 +256,23 @@ public enum MergeRunner {
     func read(_ elements: Range<Int>) throws -> RangeInputs {
       RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
     }
-    guard let merger = try method.prepare(tensor: item.name, count: item.count, parameters, scan: { visit in for r in ranges { try visit(try read(r)) } }) else {
+    func release(_ elements: Range<Int>) throws -> Int {
+      var bytes = 0
+      for input in inputs {
+        let size = try input.info(item.name).dtype.size
+        input.release(item.name, range: (elements.lowerBound * size)..<(elements.upperBound * size))
+        bytes += elements.count * size
+      }
+      return bytes
+    }
+    // Statistics passes read every range in order and drop its pages at once.
+    let scan: ((RangeInputs) throws -> Void) throws -> Void = { visit in
+      for r in ranges {
+        try visit(try read(r))
+        _ = try release(r)
+      }
+    }
+    guard let merger = try method.prepare(tensor: item.name, count: item.count, parameters, scan: scan) else {
       return false
     }
     try writer.beginTensor(item.name)
@@ -271,14 +287,7 @@ public enum MergeRunner {
         encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
       }
       for j in 0..<(last - first) { try encoded.get(j).bytes.withUnsafeBytes { try writer.append($0) } }
-      let elements = ranges[first].lowerBound..<ranges[last - 1].upperBound
-      var bytesDone = 0
-      for input in inputs {
-        let size = try input.info(item.name).dtype.size
-        input.release(item.name, range: (elements.lowerBound * size)..<(elements.upperBound * size))
-        bytesDone += elements.count * size
-      }
-      advance(bytesDone)
+      advance(try release(ranges[first].lowerBound..<ranges[last - 1].upperBound))
       first = last
     }
     return true
