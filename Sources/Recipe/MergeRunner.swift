@@ -124,11 +124,12 @@ public struct MergePlan {
   }
 }
 
-/// Streams a planned merge to a checkpoint: tensors are processed in order, a group at a time
-/// (as many as fit a memory budget, so small tensors run in parallel and a huge one runs alone
-/// with its element loops in parallel), then written in order. Inputs are memory-mapped and
-/// their pages released after use, so memory stays at the working set of a few tensors.
-/// The output is bit-identical whatever the thread count, shard size or format.
+/// Runs a planned merge into a checkpoint, tensor by tensor in order. A `StreamingMerge` method's
+/// tensors are streamed in fixed ranges (after its statistics passes), so memory stays at a few
+/// ranges; other methods get whole tensors, a group at a time (as many as fit `groupBudget`, so
+/// small tensors run in parallel and a huge one runs alone with its loops in parallel). Inputs
+/// are memory-mapped and their pages released after use. The output is bit-identical whatever
+/// the thread count, shard size or format.
 public enum MergeRunner {
   /// Working memory allowed for one group of tensors processed together.
   public static let groupBudget = 256 << 20

@@ -11,6 +11,19 @@ func requireExisting(_ path: String, _ what: String) throws {
 /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576`.
 func parseByteSize(_ text: String) -> Int? { WriteOptions.parseSize(text) }
 
+/// Checks the output flags shared by every command that writes a checkpoint (usage errors,
+/// exit 64): known format and dtype, a valid shard size, an extension that agrees with
+/// `--format`, shards only for folders, and no silent replacement of an existing output.
+func validateOutput(_ output: String, format: String?, dtype: String?, shardSize: String?, mayExist: Bool) throws {
+  if let format, CheckpointFormat(rawValue: format.lowercased()) == nil { throw ValidationError("unknown --format '\(format)' (use safetensors or mkz)") }
+  if let dtype, DType(userSpelling: dtype)?.isFloatingPoint != true { throw ValidationError("unknown --dtype '\(dtype)' (use bf16, f16, f32 or f64)") }
+  if let shardSize, parseByteSize(shardSize) == nil { throw ValidationError("invalid --shard-size '\(shardSize)' (examples: 5GB, 500MB, 1048576)") }
+  let named = CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension)
+  if let named, let format, named.rawValue != format.lowercased() { throw ValidationError("output '\(output)' is a .\(named.fileExtension) file but --format is \(format)") }
+  if named != nil && shardSize != nil { throw ValidationError("--shard-size needs a folder output, not a single file") }
+  if !mayExist && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+}
+
 /// Human-readable byte count (decimal units).
 func formatBytes(_ bytes: Int) -> String {
   let units = ["B", "kB", "MB", "GB", "TB"]

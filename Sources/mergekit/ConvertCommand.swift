@@ -50,13 +50,7 @@ struct ConvertCommand: ParsableCommand {
   func validate() throws {
     try requireExisting(input, "input")
     if let base { try requireExisting(base, "base") }
-    if let format, CheckpointFormat(rawValue: format.lowercased()) == nil { throw ValidationError("unknown --format '\(format)' (use safetensors or mkz)") }
-    if let dtype, DType(userSpelling: dtype)?.isFloatingPoint != true { throw ValidationError("unknown --dtype '\(dtype)' (use bf16, f16, f32 or f64)") }
-    if let shardSize, parseByteSize(shardSize) == nil { throw ValidationError("invalid --shard-size '\(shardSize)' (examples: 5GB, 500MB, 1048576)") }
-    let named = CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension)
-    if let named, let format, named.rawValue != format.lowercased() { throw ValidationError("OUT '\(output)' is a .\(named.fileExtension) file but --format is \(format)") }
-    if named != nil && shardSize != nil { throw ValidationError("--shard-size needs a folder OUT, not a single file") }
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try validateOutput(output, format: format, dtype: dtype, shardSize: shardSize, mayExist: overwrite)
     do { _ = try TensorSelection(select: select, drop: drop, renames: rename) } catch { throw ValidationError("\(error)") }
   }
 
