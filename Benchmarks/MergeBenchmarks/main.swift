@@ -71,12 +71,14 @@ try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirecto
 defer { try? FileManager.default.removeItem(atPath: scratch) }
 for method in methods {
   let usesBase = method != "linear"
-  var arguments = ["merge"] + paths.dropFirst() + ["--method", method, "-o", scratch + "/out.safetensors", "--overwrite", "-q"]
+  let merged = method == "slerp" ? [paths[1]] : Array(paths.dropFirst())
+  var arguments = ["merge"] + merged + ["--method", method, "-o", scratch + "/out.safetensors", "--overwrite", "-q"]
   if usesBase { arguments += ["--base", paths[0]] }
+  if method == "slerp" { arguments += ["--t", "0.5"] }
   if method.contains("ties") || method.contains("dare") || method.contains("breadcrumbs") { arguments += ["--density", "0.5"] }
-  let bytes = usesBase ? withBase : inputBytes
+  let bytes = method == "slerp" ? 2 * models[0].totalByteCount : usesBase ? withBase : inputBytes
   let (time, rss) = try runChild(binary, arguments)
-  let readTime = usesBase ? read : read * Double(inputBytes) / Double(withBase)
+  let readTime = read * Double(bytes) / Double(withBase)
   print(String(format: "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
     method, time, gbps(bytes, time), readTime / time, rss, rss * 1e6 / (Double(largest) * 4)))
   try? FileManager.default.removeItem(atPath: scratch + "/out.safetensors")

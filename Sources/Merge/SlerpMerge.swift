@@ -5,7 +5,7 @@ import Tensor
 /// the flattened values: the angle comes from the normalised tensors, the interpolation weights
 /// apply to the original ones (norms are not re-imposed). Nearly colinear tensors (|cos| >
 /// 0.9995) fall back to linear interpolation. As mergekit's `slerp`.
-public struct SlerpMerge: MergeMethod {
+public struct SlerpMerge: StreamingMerge {
   public init() {}
   public var name: String { "slerp" }
   public var summary: String { "spherical interpolation between the base (t=0) and one model (t=1)" }
@@ -20,13 +20,23 @@ public struct SlerpMerge: MergeMethod {
   static let colinearThreshold = 0.9995
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let v0 = inputs.base else { throw MergeError.baseRequired(method: name) }
-    let v1 = inputs.models[0]
+    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
+    return try mergeByRanges(inputs, p)!
+  }
+
+  /// One pass for the two norms and the dot product (in Double), then every range is
+  /// `s0 v0 + s1 v1` with the tensor's coefficients.
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
     let t = p.number("t")
-    let n = v0.count
-    let norm0 = Elementwise.sum(n) { Double(v0.scalars[$0]) * Double(v0.scalars[$0]) }.squareRoot()
-    let norm1 = Elementwise.sum(n) { Double(v1.scalars[$0]) * Double(v1.scalars[$0]) }.squareRoot()
-    let dot = Elementwise.sum(n) { Double(v0.scalars[$0]) * Double(v1.scalars[$0]) }
+    var (norm0, norm1, dot) = (0.0, 0.0, 0.0)
+    try scan { range in
+      guard let v0 = range.base else { throw MergeError.baseRequired(method: self.name) }
+      let v1 = range.models[0]
+      norm0 += Kernels.dot(v0, v0)
+      norm1 += Kernels.dot(v1, v1)
+      dot += Kernels.dot(v0, v1)
+    }
+    (norm0, norm1) = (norm0.squareRoot(), norm1.squareRoot())
     // A tensor with norm <= 1e-8 is left unnormalised, as mergekit does.
     let cosine = dot / (norm0 > 1e-8 ? norm0 : 1) / (norm1 > 1e-8 ? norm1 : 1)
     let (s0, s1): (Double, Double)
@@ -37,7 +47,9 @@ public struct SlerpMerge: MergeMethod {
       let sine = sin(theta)
       (s0, s1) = (sin((1 - t) * theta) / sine, sin(t * theta) / sine)
     }
-    let merged = Elementwise.map(n) { Float(s0 * Double(v0.scalars[$0]) + s1 * Double(v1.scalars[$0])) }
-    return Tensor(shape: v0.shape, scalars: merged)
+    return RangeMerger { range in
+      guard let v0 = range.base else { throw MergeError.baseRequired(method: "slerp") }
+      return Kernels.weightedSum([v0, range.models[0]], weights: [s0, s1])
+    }
   }
 }

@@ -120,6 +120,17 @@ public enum Kernels {
     }
   }
 
+  /// `sum a[i] * b[i]` in `Double`, deterministic.
+  public static func dot(_ a: [Float], _ b: [Float]) -> Double {
+    precondition(a.count == b.count)
+    return withExtendedLifetime((a, b)) {
+      let (x, y) = (pointers([a])[0], pointers([b])[0])
+      return Elementwise.sum(a.count) { i in
+        Double(x.pointer!.assumingMemoryBound(to: Float.self)[i]) * Double(y.pointer!.assumingMemoryBound(to: Float.self)[i])
+      }
+    }
+  }
+
   /// Sum of |values| (where `keep`, if given), in `Double`, deterministic.
   public static func absoluteSum(_ values: [Float], keep: [Bool]? = nil) -> Double {
     values.withUnsafeBufferPointer { v in
