@@ -9,6 +9,7 @@ public enum MergeRegistry {
     TaskVectorMerge.breadcrumbs,
     TaskVectorMerge.breadcrumbsTies,
     SlerpMerge(),
+    ModelStockMerge(),
     STFMerge(),
   ]
 

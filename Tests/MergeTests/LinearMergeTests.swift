@@ -30,3 +30,27 @@ import Testing
     }
   }
 }
+
+@Suite struct ModelStockMergeTests {
+  @Test func matchesTheFloat64Formula() throws {
+    let base = random([50, 40], "ms-base")
+    let models = (0..<3).map { t in Tensor(shape: base.shape, scalars: zip(base.scalars, random(base.shape, "ms\(t)", scale: 0.1).scalars).map { $0 + $1 + 0.02 }) }
+    let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
+    let deltas = models.map { m in zip(m.scalars, base.scalars).map { Double($0) - Double($1) } }
+    func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
+    var cosines: [Double] = []
+    for i in 0..<3 { for j in (i + 1)..<3 { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
+    let cosine = cosines.reduce(0, +) / 3
+    let t = 3 * cosine / (1 + 2 * cosine)
+    #expect(t > 0.05 && t < 0.95)  // the shared offset makes the task vectors partly aligned
+    let reference = (0..<base.count).map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / 3 + (1 - t) * Double(base.scalars[i]) }
+    expectClose(out.scalars, reference)
+  }
+
+  @Test func identicalModelsGiveThatModel() throws {
+    let base = random([30], "msb")
+    let model = Tensor(shape: [30], scalars: base.scalars.map { $0 + 0.5 })
+    let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: [model, model]), try resolve(ModelStockMerge(), models: [[:], [:]]))
+    expectClose(out.scalars, model.scalars.map(Double.init), relative: 1e-6)  // cos = 1 gives t = 1
+  }
+}
