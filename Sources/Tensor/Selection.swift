@@ -120,8 +120,13 @@ public struct MagnitudeRanker: Sendable {
   public var needsPasses: Bool { keep > 0 && keep < count }
 
   public mutating func observeHigh(_ values: [Float]) {
-    let h = Selection.histogram(values, prefix: nil)
-    for b in 0..<65536 { high[b] += h[b] }
+    guard !values.isEmpty else { return }
+    values.withUnsafeBufferPointer { v in
+      let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
+      high.withUnsafeMutableBufferPointer { h in
+        for i in 0..<values.count { h[Int((x[i] & 0x7FFF_FFFF) >> 16)] += 1 }
+      }
+    }
   }
 
   /// Ends the first pass: picks the high 16 bits of the threshold.
@@ -135,8 +140,17 @@ public struct MagnitudeRanker: Sendable {
   }
 
   public mutating func observeLow(_ values: [Float]) {
-    let h = Selection.histogram(values, prefix: prefix)
-    for b in 0..<65536 { low[b] += h[b] }
+    guard !values.isEmpty else { return }
+    let p = prefix
+    values.withUnsafeBufferPointer { v in
+      let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
+      low.withUnsafeMutableBufferPointer { h in
+        for i in 0..<values.count {
+          let b = x[i] & 0x7FFF_FFFF
+          if b >> 16 == p { h[Int(b & 0xFFFF)] += 1 }
+        }
+      }
+    }
   }
 
   /// Ends the second pass: fixes the exact threshold.
