@@ -46,9 +46,7 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
   case missingParameter(method: String, name: String, help: String)
   case invalidParameter(method: String, name: String, tensor: String?, reason: String)
   case baseRequired(method: String)
-  case wrongModelCount(method: String, expected: ClosedRange<Int>, got: Int)
   case zeroWeightSum(method: String, tensor: String)
-  case shapeMismatch(tensor: String, shapes: [[Int]])
 
   public var description: String {
     switch self {
@@ -62,13 +60,8 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
       return "\(method): parameter '\(name)'\(tensor.map { " for tensor '\($0)'" } ?? "") \(reason)"
     case .baseRequired(let method):
       return "\(method) needs a base model (--base)"
-    case .wrongModelCount(let method, let expected, let got):
-      let wanted = expected.lowerBound == expected.upperBound ? "\(expected.lowerBound)" : expected.upperBound == Int.max ? "at least \(expected.lowerBound)" : "\(expected.lowerBound) to \(expected.upperBound)"
-      return "\(method) merges \(wanted) model\(expected.upperBound == 1 ? "" : "s") besides the base; got \(got)"
     case .zeroWeightSum(let method, let tensor):
       return "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"
-    case .shapeMismatch(let tensor, let shapes):
-      return "tensor '\(tensor)' has different shapes across the inputs: \(shapes.map { "\($0)" }.joined(separator: ", "))"
     }
   }
 }

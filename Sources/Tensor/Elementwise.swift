@@ -46,12 +46,6 @@ public enum Elementwise {
     }
     return partials.reduce(0, +)
   }
-
-  /// Counts the `i` in `0..<count` with `predicate(i)`, in parallel blocks.
-  @inlinable
-  public static func count(_ count: Int, where predicate: (Int) -> Bool) -> Int {
-    Int(sum(count) { predicate($0) ? 1 : 0 })
-  }
 }
 
 /// A raw pointer handed to parallel blocks that write disjoint elements.
