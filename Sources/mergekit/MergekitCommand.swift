@@ -40,7 +40,7 @@ struct MergekitCommand: ParsableCommand {
       source.setEventHandler {
         TemporaryOutputs.removeAll()
         FileHandle.standardError.write(Data("\ninterrupted; no output written\n".utf8))
-        Glibc.exit(128 + signalNumber)
+        Glibc._exit(128 + signalNumber)  // at once: no atexit work while the main thread runs on
       }
       source.resume()
       signalSources.append(source)
