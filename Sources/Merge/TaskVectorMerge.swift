@@ -137,12 +137,12 @@ public struct TaskVectorMerge: StreamingMerge {
         let d = try deltas(range)
         for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].observeHigh(d[m]) } }
       }
-      for m in 0..<models { for r in plans[m].rankers.indices { plans[m].rankers[r].finishHigh() } }
+      for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].finishHigh() } }
       try scan { range in
         let d = try deltas(range)
         for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].observeLow(d[m]) } }
       }
-      for m in 0..<models { for r in plans[m].rankers.indices { plans[m].rankers[r].finishLow() } }
+      for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].finishLow() } }
       var running = plans.map { [Int](repeating: 0, count: $0.rankers.count) }
       try scan { range in
         let d = try deltas(range)

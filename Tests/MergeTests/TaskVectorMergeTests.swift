@@ -192,4 +192,14 @@ func referenceTaskVectors(
       expectClose(out.scalars, reference, relative: 1e-6)
     }
   }
+
+  @Test func breadcrumbsOnATinyTensorWhereOutliersAndKeptFillIt() throws {
+    // n = 10, density 0.95 keeps 9, gamma 0.2 would drop 2 outliers: only 1 can go, so the
+    // "upper" ranking keeps everything (no passes needed) and the outlier ranking keeps 1.
+    let base = Tensor(shape: [10], scalars: [Float](repeating: 0, count: 10))
+    let model = Tensor(shape: [10], scalars: (0..<10).map { Float($0 + 1) * 0.1 })
+    let p = try resolve(TaskVectorMerge.breadcrumbs, models: [["density": .number(0.95), "gamma": .number(0.2)]])
+    let out = try TaskVectorMerge.breadcrumbs.merge(MergeInputs(name: "w", base: base, models: [model]), p)
+    #expect(out.scalars == Array(model.scalars.dropLast()) + [0])  // the largest entry is the outlier dropped
+  }
 }
