@@ -39,6 +39,16 @@ public protocol MergeMethod: Sendable {
   func merge(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor
 }
 
+extension MergeMethod {
+  /// Checks that the inputs suit the method: a base when it needs one, none when it ignores
+  /// one, and a number of models it can merge.
+  public func checkInputs(hasBase: Bool, modelCount count: Int) throws {
+    if base == .required && !hasBase { throw MergeError.baseRequired(method: name) }
+    if base == .unused && hasBase { throw MergeError.baseUnused(method: name) }
+    guard modelCount.contains(count) else { throw MergeError.modelCount(method: name, expected: modelCount, got: count) }
+  }
+}
+
 /// Errors of merge configuration and maths; each names the method, parameter or tensor.
 public enum MergeError: Error, CustomStringConvertible, Equatable {
   case unknownMethod(String, known: [String])
@@ -46,6 +56,8 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
   case missingParameter(method: String, name: String, help: String)
   case invalidParameter(method: String, name: String, tensor: String?, reason: String)
   case baseRequired(method: String)
+  case baseUnused(method: String)
+  case modelCount(method: String, expected: ClosedRange<Int>, got: Int)
   case zeroWeightSum(method: String, tensor: String)
 
   public var description: String {
@@ -60,6 +72,13 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
       return "\(method): parameter '\(name)'\(tensor.map { " for tensor '\($0)'" } ?? "") \(reason)"
     case .baseRequired(let method):
       return "\(method) needs a base model (--base)"
+    case .baseUnused(let method):
+      return "\(method) does not use a base model; drop --base (or list it as a model)"
+    case .modelCount(let method, let expected, let got):
+      let wanted =
+        expected.lowerBound == expected.upperBound
+        ? "\(expected.lowerBound)" : expected.upperBound == Int.max ? "at least \(expected.lowerBound)" : "\(expected.lowerBound) to \(expected.upperBound)"
+      return "\(method) takes \(wanted) model\(expected.upperBound == 1 ? "" : "s") besides the base; got \(got)"
     case .zeroWeightSum(let method, let tensor):
       return "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"
     }

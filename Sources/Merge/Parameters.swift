@@ -93,10 +93,18 @@ public struct ParameterSpec: Sendable {
 }
 
 /// One parameter's value for one tensor.
-public enum ResolvedValue: Sendable, Equatable {
+public enum ResolvedValue: Sendable, Equatable, CustomStringConvertible {
   case number(Double)
   case flag(Bool)
   case text(String)
+
+  public var description: String {
+    switch self {
+    case .number(let x): return x.formatted()
+    case .flag(let b): return String(b)
+    case .text(let s): return s
+    }
+  }
 }
 
 /// A method's parameters resolved for one tensor: global values, and per-model values in input

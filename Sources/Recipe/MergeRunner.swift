@@ -11,8 +11,6 @@ public enum MergePlanError: Error, CustomStringConvertible, Equatable {
   case shapeMismatch(tensor: String, shapes: [String])
   case integerMismatch(tensor: String, file: String)
   case noFloatingTensors
-  case modelCount(method: String, expected: String, got: Int)
-  case baseUnused(method: String)
 
   public var description: String {
     func list(_ names: [String]) -> String {
@@ -29,10 +27,6 @@ public enum MergePlanError: Error, CustomStringConvertible, Equatable {
       return "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
     case .noFloatingTensors:
       return "the inputs hold no floating-point tensors to merge"
-    case .modelCount(let method, let expected, let got):
-      return "\(method) takes \(expected) model\(expected == "1" ? "" : "s") besides the base; got \(got)"
-    case .baseUnused(let method):
-      return "\(method) does not use a base model; drop --base (or list it as a model)"
     }
   }
 }
@@ -77,12 +71,7 @@ public struct MergePlan {
     method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue], perModel: [[String: ParameterValue]],
     outputType: DType? = nil, allowMissing: Bool = false
   ) throws {
-    if method.base == .required && base == nil { throw MergeError.baseRequired(method: method.name) }
-    if method.base == .unused && base != nil { throw MergePlanError.baseUnused(method: method.name) }
-    guard method.modelCount.contains(models.count) else {
-      let r = method.modelCount
-      throw MergePlanError.modelCount(method: method.name, expected: r.lowerBound == r.upperBound ? "\(r.lowerBound)" : r.upperBound == Int.max ? "at least \(r.lowerBound)" : "\(r.lowerBound) to \(r.upperBound)", got: models.count)
-    }
+    try method.checkInputs(hasBase: base != nil, modelCount: models.count)
     self.method = method
     self.base = base
     self.models = models

@@ -37,13 +37,7 @@ struct MergeCommand: ParsableCommand {
     for model in models { try requireExisting(model, "model") }
     if let base { try requireExisting(base, "base") }
     let method = try chosenMethod()
-    if method.base == .required && base == nil { throw ValidationError("\(method.name) needs a base model (--base)") }
-    if method.base == .unused && base != nil { throw ValidationError("\(method.name) does not use a base model; drop --base (or list it as a model)") }
-    if !method.modelCount.contains(models.count) {
-      let r = method.modelCount
-      let wanted = r.lowerBound == r.upperBound ? "\(r.lowerBound) model" : "at least \(r.lowerBound) model"
-      throw ValidationError("\(method.name) takes \(wanted)\(r.upperBound == 1 ? "" : "s") besides the base; got \(models.count)")
-    }
+    do { try method.checkInputs(hasBase: base != nil, modelCount: models.count) } catch { throw ValidationError("\(error)") }
     _ = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
   }
 

@@ -78,13 +78,3 @@ struct OutputOptions: ParsableArguments {
     }
   }
 }
-
-extension ResolvedValue: CustomStringConvertible {
-  public var description: String {
-    switch self {
-    case .number(let x): return x.formatted()
-    case .flag(let b): return String(b)
-    case .text(let s): return s
-    }
-  }
-}
