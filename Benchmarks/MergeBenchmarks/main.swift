@@ -1,8 +1,8 @@
 // Merge benchmarks: prints figures, asserts nothing.
 //
-//   swift run -c release MergeBenchmarks [--gb 1] [--models 3] [--data DIR] [--methods linear,ties]
+//   swift run -c release MergeBenchmarks [--gb 1] [--models 3] [--data DIR] [--methods linear,ties] [--kernels-only]
 //
-// Writes a Llama-shaped bf16 base of about --gb GB and --models fine-tunes of it (low-rank plus
+// First the element cost of each merge kernel on one streaming range. Then writes a Llama-shaped bf16 base of about --gb GB and --models fine-tunes of it (low-rank plus
 // sparse changes) into DIR (default bench-data/merge-<gb>gb, reused when present), then times
 // `mergekit merge` per method against reading the same bytes with no work, with the merge's peak
 // RSS against the largest tensor. Then randomized against full SVD at rank n/8.
@@ -18,6 +18,33 @@ let methods = (option("--methods") ?? "linear,ties").split(separator: ",").map(S
 let binary = option("--mergekit") ?? siblingBinary()
 
 /// A Llama-like architecture of about `gigabytes` GB in bf16: hidden 2048, MLP 5632, 32k vocabulary.
+/// Element throughput of the merge kernels on one streaming range of random data (3 models).
+func kernelFigures() throws {
+  let n = 1 << 18
+  let rng = CounterRNG(seed: 7, stream: "kernels")
+  let base = rng.normalTensor([n]).scalars
+  let deltas = (0..<3).map { m in CounterRNG(seed: UInt64(m), stream: "delta").normalTensor([n]).scalars }
+  let keep = deltas.map { Selection.largestMagnitudes($0, keep: n / 2) }
+  let weights = [1.0, 0.8, 0.6]
+  let repeats = 40
+  func report(_ label: String, elements: Int, _ body: () -> Void) throws {
+    let time = try seconds { for _ in 0..<repeats { body() } }
+    print(String(format: "%@ %6.2f ns per output element", label.padding(toLength: 40, withPad: " ", startingAt: 0), time / Double(repeats * elements) * 1e9))
+  }
+  print("\n== merge kernels, one range of \(n) elements, 3 models, \(Parallel.threadCount) threads")
+  try report("difference", elements: n) { _ = Kernels.difference(deltas[0], base) }
+  try report("masked (random half kept)", elements: n) { _ = Kernels.masked(deltas[0], keep: keep[0]) }
+  try report("weightedSum of 3 with base", elements: n) { _ = Kernels.weightedSum(deltas, weights: weights, base: base) }
+  try report("consensusMerge of 3 (TIES)", elements: n) { _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true) }
+  var ranker = MagnitudeRanker(keep: n / 2, count: n)
+  try report("top-k histograms (high + low bits)", elements: n) { _ = ranker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0]) }
+  ranker.addHigh(ranker.highCounts(deltas[0]))
+  ranker.finishHigh()
+  ranker.addLow(ranker.lowCounts(deltas[0]))
+  ranker.finishLow()
+  try report("top-k mask", elements: n) { _ = ranker.mask(deltas[0], equalBefore: 0) }
+}
+
 func architecture(gigabytes: Double) -> ExampleModels.Architecture {
   var arch = ExampleModels.Architecture()
   arch.hiddenSize = 2048
@@ -55,6 +82,9 @@ func writeModels(_ arch: ExampleModels.Architecture, to folder: String, count: I
 }
 
 print("mergekit merge benchmarks (\(Parallel.threadCount) cores)")
+try kernelFigures()
+if CommandLine.arguments.contains("--kernels-only") { exit(0) }
+
 let arch = architecture(gigabytes: gigabytes)
 let paths = try writeModels(arch, to: data, count: modelCount)
 let models = try paths.map { try openCheckpoint($0) }

@@ -1,3 +1,4 @@
+import Foundation
 import Tensor
 
 /// The values of every input on one range of a tensor's elements.
@@ -32,12 +33,52 @@ public enum MergeRanges {
   }
 }
 
+/// Statistics passes over one tensor, range by range. `pass` summarises every range (in
+/// parallel batches, so `summarize` must only read shared state) and hands the summaries to
+/// `combine` one at a time in range order, so sums come out the same on any machine. The
+/// runner reads ranges from memory-mapped inputs and releases their pages after each batch.
+public struct TensorScan {
+  public let ranges: [Range<Int>]
+  let read: (Range<Int>) throws -> RangeInputs
+  let release: (Range<Int>) throws -> Void
+
+  /// - `read`: the inputs' values on one range; `release`: called on each batch's elements
+  ///   once summarised.
+  public init(ranges: [Range<Int>], read: @escaping (Range<Int>) throws -> RangeInputs, release: @escaping (Range<Int>) throws -> Void = { _ in }) {
+    self.ranges = ranges
+    self.read = read
+    self.release = release
+  }
+
+  public func pass<Summary>(_ summarize: (RangeInputs) throws -> Summary, combine: (Summary) throws -> Void) throws {
+    let batch = 2 * Parallel.threadCount
+    var first = 0
+    while first < ranges.count {
+      let last = min(ranges.count, first + batch)
+      let summaries = ResultSlots<Summary>(count: last - first)
+      try Parallel.forEach(last - first) { _, j in summaries.set(j, try summarize(try read(ranges[first + j]))) }
+      for j in 0..<(last - first) { try combine(summaries.get(j)) }
+      try release(ranges[first].lowerBound..<ranges[last - 1].upperBound)
+      first = last
+    }
+  }
+}
+
+/// Results filled by parallel workers, one slot each.
+public final class ResultSlots<Value>: @unchecked Sendable {
+  private var values: [Value?]
+  private let lock = NSLock()
+  public init(count: Int) { values = Array(repeating: nil, count: count) }
+  public func set(_ i: Int, _ value: Value) { lock.withLock { values[i] = value } }
+  public func get(_ i: Int) -> Value { lock.withLock { values[i]! } }
+}
+
 /// A method the runner can stream range by range: memory stays at a few ranges however large
-/// the tensor. `prepare` may first read the tensor in full passes (`scan` visits every range in
-/// order) to gather statistics such as top-k thresholds or norms; it returns the range merger,
-/// or nil when this tensor must be merged whole.
+/// the tensor. `prepare` may first make statistics passes over the tensor (`scan`) to gather
+/// top-k thresholds or norms; it returns the range merger, or nil when this tensor must be
+/// merged whole.
 public protocol StreamingMerge: MergeMethod {
-  func prepare(tensor name: String, count: Int, _ parameters: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger?
+  func prepare(tensor name: String, count: Int, _ parameters: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
 }
 
 extension StreamingMerge {
@@ -46,10 +87,10 @@ extension StreamingMerge {
     let shape = (inputs.base ?? inputs.models[0]).shape
     let count = shape.reduce(1, *)
     let ranges = MergeRanges.ranges(count)
-    func slice(_ r: Range<Int>) -> RangeInputs {
+    @Sendable func slice(_ r: Range<Int>) -> RangeInputs {
       RangeInputs(offset: r.lowerBound, base: inputs.base.map { Array($0.scalars[r]) }, models: inputs.models.map { Array($0.scalars[r]) })
     }
-    guard let merger = try prepare(tensor: inputs.name, count: count, parameters, scan: { visit in for r in ranges { try visit(slice(r)) } }) else {
+    guard let merger = try prepare(tensor: inputs.name, count: count, parameters, scan: TensorScan(ranges: ranges, read: slice)) else {
       return nil
     }
     var out: [Float] = []

@@ -20,7 +20,7 @@ public struct LinearMerge: StreamingMerge {
     try mergeByRanges(inputs, p)!
   }
 
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
     let weights = p.models.indices.map { p.number("weight", model: $0) }
     var scale = 1.0
     if p.flag("normalize") {

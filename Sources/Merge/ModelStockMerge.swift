@@ -21,13 +21,17 @@ public struct ModelStockMerge: StreamingMerge {
 
   /// One pass for the Gram matrix of the task vectors (Double), then every range is a weighted
   /// sum of base and models.
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
     let n = p.models.count
     var gram = [Double](repeating: 0, count: n * n)
-    try scan { range in
+    try scan.pass { range in
       guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
       let deltas = range.models.map { Kernels.difference($0, base) }
-      for i in 0..<n { for j in i..<n { gram[i * n + j] += Kernels.dot(deltas[i], deltas[j]) } }
+      var partial = [Double](repeating: 0, count: n * n)
+      for i in 0..<n { for j in i..<n { partial[i * n + j] = Kernels.dot(deltas[i], deltas[j]) } }
+      return partial
+    } combine: { partial in
+      for k in gram.indices { gram[k] += partial[k] }
     }
     var cosines = 0.0
     for i in 0..<n {

@@ -26,15 +26,17 @@ public struct SlerpMerge: StreamingMerge {
 
   /// One pass for the two norms and the dot product (in Double), then every range is
   /// `s0 v0 + s1 v1` with the tensor's coefficients.
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
     let t = p.number("t")
     var (norm0, norm1, dot) = (0.0, 0.0, 0.0)
-    try scan { range in
+    try scan.pass { range in
       guard let v0 = range.base else { throw MergeError.baseRequired(method: self.name) }
       let v1 = range.models[0]
-      norm0 += Kernels.dot(v0, v0)
-      norm1 += Kernels.dot(v1, v1)
-      dot += Kernels.dot(v0, v1)
+      return (Kernels.dot(v0, v0), Kernels.dot(v1, v1), Kernels.dot(v0, v1))
+    } combine: { sums in
+      norm0 += sums.0
+      norm1 += sums.1
+      dot += sums.2
     }
     (norm0, norm1) = (norm0.squareRoot(), norm1.squareRoot())
     // A tensor with norm <= 1e-8 is left unnormalised, as mergekit does.

@@ -96,17 +96,18 @@ public struct TaskVectorMerge: StreamingMerge {
     func keep(_ delta: [Float], offset: Int) -> [Bool]? {
       if let (density, rng) = random { return Kernels.randomKeep(delta.count, offset: offset, rng: rng, density: density) }
       guard !rankers.isEmpty else { return nil }
-      let upper = rankers[0].mask(delta, equalBefore: equalBefore[0][offset] ?? 0).mask
+      let upper = rankers[0].mask(delta, equalBefore: equalBefore[0][offset] ?? 0)
       guard rankers.count > 1 else { return upper }
-      let outliers = rankers[1].mask(delta, equalBefore: equalBefore[1][offset] ?? 0).mask
+      let outliers = rankers[1].mask(delta, equalBefore: equalBefore[1][offset] ?? 0)
       return Kernels.andNot(upper, outliers)
     }
   }
 
   /// Reads the tensor in as many passes as its sparsification needs (none for task arithmetic):
-  /// magnitude thresholds take two histogram passes and a pass counting ties in index order;
+  /// magnitude thresholds take two histogram passes, and a pass counting ties in index order
+  /// when some elements equal to a threshold are dropped;
   /// L1 rescaling sums |delta| before and after the drop. Then every range merges alone.
-  public func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
     let models = p.models.count
     var plans = [Sparsity](repeating: Sparsity(), count: models)
     if let sparsification {
@@ -132,24 +133,37 @@ public struct TaskVectorMerge: StreamingMerge {
       guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
       return range.models.map { Kernels.difference($0, base) }
     }
-    if plans.contains(where: { $0.rankers.contains(where: \.needsPasses) }) {
-      try scan { range in
+    // The rankers that need passes, as (model, ranker) pairs; each pass summarises every range
+    // for all of them at once.
+    let ranked = plans.indices.flatMap { m in plans[m].rankers.indices.filter { plans[m].rankers[$0].needsPasses }.map { (m, $0) } }
+    if !ranked.isEmpty {
+      var rankers = plans
+      try scan.pass { range in
         let d = try deltas(range)
-        for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].observeHigh(d[m]) } }
+        return ranked.map { m, r in rankers[m].rankers[r].highCounts(d[m]) }
+      } combine: { counts in
+        for (k, (m, r)) in ranked.enumerated() { plans[m].rankers[r].addHigh(counts[k]) }
       }
-      for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].finishHigh() } }
-      try scan { range in
+      for (m, r) in ranked { plans[m].rankers[r].finishHigh() }
+      rankers = plans
+      try scan.pass { range in
         let d = try deltas(range)
-        for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].observeLow(d[m]) } }
+        return ranked.map { m, r in rankers[m].rankers[r].lowCounts(d[m]) }
+      } combine: { counts in
+        for (k, (m, r)) in ranked.enumerated() { plans[m].rankers[r].addLow(counts[k]) }
       }
-      for m in 0..<models { for r in plans[m].rankers.indices where plans[m].rankers[r].needsPasses { plans[m].rankers[r].finishLow() } }
-      var running = plans.map { [Int](repeating: 0, count: $0.rankers.count) }
-      try scan { range in
-        let d = try deltas(range)
-        for m in 0..<models {
-          for r in plans[m].rankers.indices {
-            plans[m].equalBefore[r][range.offset] = running[m][r]
-            running[m][r] += plans[m].rankers[r].mask(d[m], equalBefore: running[m][r]).equalCount
+      for (m, r) in ranked { plans[m].rankers[r].finishLow() }
+      rankers = plans
+      let tied = ranked.filter { m, r in plans[m].rankers[r].needsTieOrder }
+      var running = [Int](repeating: 0, count: tied.count)
+      if !tied.isEmpty {
+        try scan.pass { range in
+          let d = try deltas(range)
+          return (range.offset, tied.map { m, r in rankers[m].rankers[r].equalCount(d[m]) })
+        } combine: { offset, equal in
+          for (k, (m, r)) in tied.enumerated() {
+            plans[m].equalBefore[r][offset] = running[k]
+            running[k] += equal[k]
           }
         }
       }
@@ -157,13 +171,17 @@ public struct TaskVectorMerge: StreamingMerge {
     if rescale {
       var before = [Double](repeating: 0, count: models)
       var after = [Double](repeating: 0, count: models)
-      try scan { range in
+      let sparsity = plans
+      try scan.pass { range in
         let d = try deltas(range)
-        for m in 0..<models where !plans[m].isIdentity {
-          let delta = d[m]
-          let keep = plans[m].keep(delta, offset: range.offset)!
-          before[m] += Kernels.absoluteSum(delta)
-          after[m] += Kernels.absoluteSum(delta, keep: keep)
+        return (0..<models).map { m -> (Double, Double) in
+          guard let keep = sparsity[m].keep(d[m], offset: range.offset) else { return (0, 0) }
+          return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep))
+        }
+      } combine: { sums in
+        for m in 0..<models {
+          before[m] += sums[m].0
+          after[m] += sums[m].1
         }
       }
       for m in 0..<models where before[m] >= 1e-7 && after[m] >= 1e-7 { plans[m].scale = before[m] / after[m] }

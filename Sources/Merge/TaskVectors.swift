@@ -17,7 +17,7 @@ public enum TaskVectors {
 
     public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
 
-    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
       RangeMerger { range in
         guard let base = range.base else { throw MergeError.baseRequired(method: "task-vector") }
         return Kernels.difference(range.models[0], base)
@@ -39,7 +39,7 @@ public enum TaskVectors {
 
     public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
 
-    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: ((RangeInputs) throws -> Void) throws -> Void) throws -> RangeMerger? {
+    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
       let scales = p.models.indices.map { p.number("scale", model: $0) }
       return RangeMerger { range in
         guard let base = range.base else { throw MergeError.baseRequired(method: "apply") }

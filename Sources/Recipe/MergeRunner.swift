@@ -187,7 +187,7 @@ public enum MergeRunner {
         if streamed { continue }
       }
       let group = Array(plan.items[range])
-      let results = Slots<Produced>(count: group.count)
+      let results = ResultSlots<Produced>(count: group.count)
       try Parallel.forEach(group.count) { _, i in
         results.set(i, try produce(group[i], plan: plan, inputs: inputs))
       }
@@ -255,13 +255,7 @@ public enum MergeRunner {
       }
       return bytes
     }
-    // Statistics passes read every range in order and drop its pages at once.
-    let scan: ((RangeInputs) throws -> Void) throws -> Void = { visit in
-      for r in ranges {
-        try visit(try read(r))
-        _ = try release(r)
-      }
-    }
+    let scan = TensorScan(ranges: ranges, read: read) { _ = try release($0) }
     guard let merger = try method.prepare(tensor: item.name, count: item.count, parameters, scan: scan) else {
       return false
     }
@@ -270,7 +264,7 @@ public enum MergeRunner {
     var first = 0
     while first < ranges.count {
       let last = min(ranges.count, first + batch)
-      let encoded = Slots<TensorData>(count: last - first)
+      let encoded = ResultSlots<TensorData>(count: last - first)
       try Parallel.forEach(last - first) { _, j in
         let elements = ranges[first + j]
         let merged = try merger.merge(try read(elements))
@@ -281,14 +275,5 @@ public enum MergeRunner {
       first = last
     }
     return true
-  }
-
-  /// Results filled by parallel workers, one slot each.
-  private final class Slots<Value>: @unchecked Sendable {
-    private var values: [Value?]
-    private let lock = NSLock()
-    init(count: Int) { values = Array(repeating: nil, count: count) }
-    func set(_ i: Int, _ value: Value) { lock.withLock { values[i] = value } }
-    func get(_ i: Int) -> Value { lock.withLock { values[i]! } }
   }
 }

@@ -24,27 +24,48 @@ public enum Elementwise {
     }
   }
 
-  /// `sum of f(i)` over `0..<count` in `Double`, deterministic (fixed blocks, ordered combination).
+  /// `sum of f(i)` over `0..<count` in `Double`, deterministic: fixed blocks combined in
+  /// order, each summed by `blockSum`.
   @inlinable
   public static func sum(_ count: Int, _ f: (Int) -> Double) -> Double {
+    sumOfBlocks(count) { blockSum($0, f) }
+  }
+
+  /// `sum of block(range)` over the fixed blocks of `0..<count`, computed in parallel and added
+  /// in block order. For loops that set up pointers once per block, then call `blockSum`.
+  @inlinable
+  public static func sumOfBlocks(_ count: Int, _ block: (Range<Int>) -> Double) -> Double {
     let blocks = (count + blockSize - 1) / blockSize
-    guard blocks > 1 else { return (0..<count).reduce(0.0) { $0 + f($1) } }
+    guard blocks > 1 else { return block(0..<count) }
     var partials = [Double](repeating: 0, count: blocks)
     partials.withUnsafeMutableBufferPointer { slots in
       let out = SendablePointer(slots.baseAddress)
-      try? Parallel.forEach(blocks) { _, block in
-        let start = block * blockSize
-        let end = Swift.min(count, start + blockSize)
-        var total = 0.0
-        var i = start
-        while i < end {
-          total += f(i)
-          i += 1
-        }
-        out.pointer![block] = total
+      try? Parallel.forEach(blocks) { _, b in
+        out.pointer![b] = block((b * blockSize)..<Swift.min(count, (b + 1) * blockSize))
       }
     }
     return partials.reduce(0, +)
+  }
+
+  /// The sum of `f(i)` over one block in four interleaved lanes, `(l0 + l1) + (l2 + l3)`, then
+  /// the tail: four independent additions pipeline, where one chain would wait on each.
+  @inlinable
+  public static func blockSum(_ range: Range<Int>, _ f: (Int) -> Double) -> Double {
+    var (l0, l1, l2, l3) = (0.0, 0.0, 0.0, 0.0)
+    var i = range.lowerBound
+    while i + 4 <= range.upperBound {
+      l0 += f(i)
+      l1 += f(i + 1)
+      l2 += f(i + 2)
+      l3 += f(i + 3)
+      i += 4
+    }
+    var total = (l0 + l1) + (l2 + l3)
+    while i < range.upperBound {
+      total += f(i)
+      i += 1
+    }
+    return total
   }
 }
 

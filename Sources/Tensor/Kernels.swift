@@ -41,6 +41,26 @@ public enum Kernels {
     }
   }
 
+  /// Elements per step of the chunked kernels: their Double accumulators stay in L1.
+  static let chunk = 512
+
+  /// Runs `body(start, length)` over `range` in chunks of at most `chunk` elements, with a
+  /// scratch buffer of `buffers * chunk` doubles (stack memory, reused by every chunk).
+  @inline(__always)
+  static func chunked(_ range: Range<Int>, buffers: Int, _ body: (Int, Int, UnsafeMutablePointer<Double>) -> Void) {
+    withUnsafeTemporaryAllocation(of: Double.self, capacity: buffers * chunk) { scratch in
+      var start = range.lowerBound
+      while start < range.upperBound {
+        let length = Swift.min(chunk, range.upperBound - start)
+        body(start, length, scratch.baseAddress!)
+        start += length
+      }
+    }
+  }
+
+  /// 1 when `m` is not zero, else 0, without a branch.
+  @inline(__always) static func isNonzero(_ m: UInt64) -> UInt64 { (m | (0 &- m)) >> 63 }
+
   /// `base + scale * sum_t weights[t] * arrays[t]` (no base: 0), summed in `Double`.
   public static func weightedSum(_ arrays: [[Float]], weights: [Double], scale: Double = 1, base: [Float]? = nil) -> [Float] {
     let n = arrays.first?.count ?? base?.count ?? 0
@@ -49,12 +69,19 @@ public enum Kernels {
       let inputs = pointers(arrays)
       let b = base.map { pointers([$0])[0] }
       return make(n) { range, out in
-        let count = inputs.count
-        for i in range {
-          var sum = 0.0
-          for t in 0..<count { sum += weights[t] * Double(inputs[t].pointer!.assumingMemoryBound(to: Float.self)[i]) }
-          let start = b.map { Double($0.pointer!.assumingMemoryBound(to: Float.self)[i]) } ?? 0
-          (out + i).initialize(to: Float(start + scale * sum))
+        chunked(range, buffers: 1) { start, length, sum in
+          for j in 0..<length { sum[j] = 0 }
+          for t in inputs.indices {
+            let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
+            let w = weights[t]
+            for j in 0..<length { sum[j] += w * Double(x[j]) }
+          }
+          if let b {
+            let x = b.pointer!.assumingMemoryBound(to: Float.self) + start
+            for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + scale * sum[j])) }
+          } else {
+            for j in 0..<length { (out + start + j).initialize(to: Float(0 + scale * sum[j])) }
+          }
         }
       }
     }
@@ -62,7 +89,8 @@ public enum Kernels {
 
   /// TIES's disjoint merge: per element, the sign of `sum_t w_t d_t` is elected (0 counts as +);
   /// the weighted deltas agreeing with it (zeros never agree) are summed, divided by their
-  /// weights' sum when `normalize` (0 -> 1), scaled by `lambda` and added to `base`.
+  /// weights' sum when `normalize` (0 -> 1), scaled by `lambda` and added to `base`. Branch-free
+  /// over chunks: which deltas agree is unpredictable, and mispredicted branches cost 20x.
   public static func consensusMerge(base: [Float], deltas: [[Float]], weights: [Double], lambda: Double, normalize: Bool) -> [Float] {
     let n = base.count
     precondition(deltas.allSatisfy { $0.count == n } && weights.count == deltas.count)
@@ -70,39 +98,60 @@ public enum Kernels {
       let inputs = pointers(deltas)
       let b = pointers([base])[0]
       return make(n) { range, out in
-        let count = inputs.count
-        let basePointer = b.pointer!.assumingMemoryBound(to: Float.self)
-        for i in range {
-          var total = 0.0
-          for t in 0..<count { total += weights[t] * Double(inputs[t].pointer!.assumingMemoryBound(to: Float.self)[i]) }
-          var mixed = 0.0
-          var divisor = 0.0
-          for t in 0..<count {
-            let d = weights[t] * Double(inputs[t].pointer!.assumingMemoryBound(to: Float.self)[i])
-            if d != 0 && (d > 0) == (total >= 0) {
-              mixed += d
-              divisor += weights[t]
+        chunked(range, buffers: 3) { start, length, scratch in
+          let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
+          for j in 0..<length {
+            total[j] = 0
+            mixed[j] = 0
+            divisor[j] = 0
+          }
+          for t in inputs.indices {
+            let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
+            let w = weights[t]
+            for j in 0..<length { total[j] += w * Double(x[j]) }
+          }
+          for t in inputs.indices {
+            let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
+            let w = weights[t]
+            for j in 0..<length {
+              // Sign bits as integers: comparisons compile to branches, which mispredict here.
+              let d = w * Double(x[j])
+              let bits = d.bitPattern
+              let sum = total[j].bitPattern
+              let negativeSum = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
+              let agrees = isNonzero(bits << 1) & ~((bits >> 63) ^ negativeSum)
+              let keep = 0 &- agrees
+              mixed[j] += Double(bitPattern: bits & keep)
+              divisor[j] += Double(bitPattern: w.bitPattern & keep)
             }
           }
-          if normalize { mixed /= divisor == 0 ? 1 : divisor }
-          (out + i).initialize(to: Float(Double(basePointer[i]) + lambda * mixed))
+          let x = b.pointer!.assumingMemoryBound(to: Float.self) + start
+          if normalize {
+            for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
+          }
+          for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
         }
       }
     }
   }
 
   /// `keep[i] ? values[i] * scale : 0` (scale applied in `Double`; 1 leaves values exact).
+  /// Branch-free: the kept bits are masked, since the keep pattern is unpredictable.
   public static func masked(_ values: [Float], keep: [Bool], scale: Double = 1) -> [Float] {
     precondition(values.count == keep.count)
     return withExtendedLifetime((values, keep)) {
       let v = pointers([values])[0]
       let k = keep.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) }
       return make(values.count) { range, out in
-        let vp = v.pointer!.assumingMemoryBound(to: Float.self)
-        let kp = k.pointer!.assumingMemoryBound(to: Bool.self)
-        for i in range {
-          let x = kp[i] ? (scale == 1 ? vp[i] : Float(Double(vp[i]) * scale)) : 0
-          (out + i).initialize(to: x)
+        let vp = v.pointer!.assumingMemoryBound(to: UInt32.self)
+        let kp = k.pointer!.assumingMemoryBound(to: UInt8.self)
+        if scale == 1 {
+          for i in range { (out + i).initialize(to: Float(bitPattern: vp[i] & (0 &- UInt32(kp[i] & 1)))) }
+        } else {
+          for i in range {
+            let scaled = Float(Double(Float(bitPattern: vp[i])) * scale).bitPattern
+            (out + i).initialize(to: Float(bitPattern: scaled & (0 &- UInt32(kp[i] & 1))))
+          }
         }
       }
     }
@@ -125,22 +174,24 @@ public enum Kernels {
     precondition(a.count == b.count)
     return withExtendedLifetime((a, b)) {
       let (x, y) = (pointers([a])[0], pointers([b])[0])
-      return Elementwise.sum(a.count) { i in
-        Double(x.pointer!.assumingMemoryBound(to: Float.self)[i]) * Double(y.pointer!.assumingMemoryBound(to: Float.self)[i])
+      return Elementwise.sumOfBlocks(a.count) { range in
+        let (xp, yp) = (x.pointer!.assumingMemoryBound(to: Float.self), y.pointer!.assumingMemoryBound(to: Float.self))
+        return Elementwise.blockSum(range) { Double(xp[$0]) * Double(yp[$0]) }
       }
     }
   }
 
   /// Sum of |values| (where `keep`, if given), in `Double`, deterministic.
   public static func absoluteSum(_ values: [Float], keep: [Bool]? = nil) -> Double {
-    values.withUnsafeBufferPointer { v in
-      let p = SendableRawPointer(UnsafeRawPointer(v.baseAddress))
-      return withExtendedLifetime(keep) {
-        let k = keep.map { $0.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) } }
-        return Elementwise.sum(values.count) { i in
-          if let k, !k.pointer!.assumingMemoryBound(to: Bool.self)[i] { return 0 }
-          return Double(abs(p.pointer!.assumingMemoryBound(to: Float.self)[i]))
+    withExtendedLifetime((values, keep)) {
+      let v = pointers([values])[0]
+      let k = keep.map { $0.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) } }
+      return Elementwise.sumOfBlocks(values.count) { range in
+        let vp = v.pointer!.assumingMemoryBound(to: UInt32.self)
+        guard let kp = k?.pointer?.assumingMemoryBound(to: UInt8.self) else {
+          return Elementwise.blockSum(range) { Double(Float(bitPattern: vp[$0] & 0x7FFF_FFFF)) }
         }
+        return Elementwise.blockSum(range) { Double(Float(bitPattern: vp[$0] & 0x7FFF_FFFF & (0 &- UInt32(kp[$0] & 1)))) }
       }
     }
   }

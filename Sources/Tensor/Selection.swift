@@ -9,20 +9,22 @@ public enum Selection {
   public static func largestMagnitudes(_ values: [Float], keep k: Int) -> [Bool] {
     var ranker = MagnitudeRanker(keep: k, count: values.count)
     if ranker.needsPasses {
-      ranker.observeHigh(values)
+      ranker.addHigh(ranker.highCounts(values))
       ranker.finishHigh()
-      ranker.observeLow(values)
+      ranker.addLow(ranker.lowCounts(values))
       ranker.finishLow()
     }
-    return ranker.mask(values, equalBefore: 0).mask
+    return ranker.mask(values, equalBefore: 0)
   }
 }
 
 /// Exact top-k by magnitude over a tensor seen in consecutive ranges (streaming), with the same
-/// total order as `Selection.largestMagnitudes`: two histogram passes find the threshold, then a
-/// pass in index order marks the elements, keeping those equal to the threshold by lowest index.
-/// Feed every range to `observeHigh`, then every range to `observeLow`, then call `mask` on the
-/// ranges in order, passing the running count of threshold-equal elements seen before.
+/// total order as `Selection.largestMagnitudes`. Three passes, each made of pure per-range
+/// summaries (so ranges can be summarised in parallel) added up in any order:
+/// 1. `highCounts` of every range, added with `addHigh`, then `finishHigh`;
+/// 2. `lowCounts` of every range, added with `addLow`, then `finishLow` (the exact threshold);
+/// 3. only when `needsTieOrder`: `equalCount` of every range, for the running count of
+///    threshold-equal elements before each range, which `mask` needs to keep ties by lowest index.
 public struct MagnitudeRanker: Sendable {
   public let keep: Int
   public let count: Int
@@ -41,14 +43,21 @@ public struct MagnitudeRanker: Sendable {
   /// Whether the passes are needed (keeping none or all is decided without looking).
   public var needsPasses: Bool { keep > 0 && keep < count }
 
-  public mutating func observeHigh(_ values: [Float]) {
-    guard !values.isEmpty else { return }
+  /// Pass 1 summary of one range: counts by the high 16 bits of |x|.
+  public func highCounts(_ values: [Float]) -> [UInt32] {
+    var counts = [UInt32](repeating: 0, count: 65536)
     values.withUnsafeBufferPointer { v in
-      let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
-      high.withUnsafeMutableBufferPointer { h in
-        for i in 0..<values.count { h[Int((x[i] & 0x7FFF_FFFF) >> 16)] += 1 }
+      guard let start = v.baseAddress else { return }
+      let x = UnsafeRawPointer(start).assumingMemoryBound(to: UInt32.self)
+      counts.withUnsafeMutableBufferPointer { h in
+        for i in 0..<values.count { h[Int((x[i] & 0x7FFF_FFFF) >> 16)] &+= 1 }
       }
     }
+    return counts
+  }
+
+  public mutating func addHigh(_ counts: [UInt32]) {
+    for bin in 0..<65536 { high[bin] += Int(counts[bin]) }
   }
 
   /// Ends the first pass: picks the high 16 bits of the threshold.
@@ -61,18 +70,26 @@ public struct MagnitudeRanker: Sendable {
     prefix = UInt32(bin)
   }
 
-  public mutating func observeLow(_ values: [Float]) {
-    guard !values.isEmpty else { return }
+  /// Pass 2 summary of one range: counts by the low 16 bits of |x|, among the elements whose
+  /// high bits are the threshold's.
+  public func lowCounts(_ values: [Float]) -> [UInt32] {
+    var counts = [UInt32](repeating: 0, count: 65536)
     let p = prefix
     values.withUnsafeBufferPointer { v in
-      let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
-      low.withUnsafeMutableBufferPointer { h in
+      guard let start = v.baseAddress else { return }
+      let x = UnsafeRawPointer(start).assumingMemoryBound(to: UInt32.self)
+      counts.withUnsafeMutableBufferPointer { h in
         for i in 0..<values.count {
           let b = x[i] & 0x7FFF_FFFF
-          if b >> 16 == p { h[Int(b & 0xFFFF)] += 1 }
+          if b >> 16 == p { h[Int(b & 0xFFFF)] &+= 1 }
         }
       }
     }
+    return counts
+  }
+
+  public mutating func addLow(_ counts: [UInt32]) {
+    for bin in 0..<65536 { low[bin] += Int(counts[bin]) }
   }
 
   /// Ends the second pass: fixes the exact threshold.
@@ -84,30 +101,50 @@ public struct MagnitudeRanker: Sendable {
       bin -= 1
     }
     threshold = (prefix << 16 | UInt32(bin), keep - total)
+    needsTieOrder = low[bin] > keep - total
   }
 
-  /// The kept elements of one range, given how many threshold-equal elements came before it;
-  /// also returns how many the range holds (add it to the running count).
-  public func mask(_ values: [Float], equalBefore: Int) -> (mask: [Bool], equalCount: Int) {
-    if keep == 0 || values.isEmpty { return ([Bool](repeating: false, count: values.count), 0) }
-    if keep == count { return ([Bool](repeating: true, count: values.count), 0) }
+  /// Whether some elements equal to the threshold are dropped, so that `mask` needs the
+  /// `equalCount` pass: when all of them are kept (the usual case), order does not matter.
+  public private(set) var needsTieOrder = false
+
+  /// Pass 3 summary of one range: how many of its elements equal the threshold in magnitude.
+  public func equalCount(_ values: [Float]) -> Int {
+    let key = threshold.key
+    return values.withUnsafeBufferPointer { v in
+      guard let start = v.baseAddress else { return 0 }
+      let x = UnsafeRawPointer(start).assumingMemoryBound(to: UInt32.self)
+      var equal = 0
+      for i in 0..<values.count { equal &+= Int((((x[i] & 0x7FFF_FFFF) ^ key) &- 1) >> 31) }
+      return equal
+    }
+  }
+
+  /// The kept elements of one range, given how many threshold-equal elements came before it.
+  /// A branch-free comparison first; threshold-equal elements (rare) are then settled in order.
+  public func mask(_ values: [Float], equalBefore: Int) -> [Bool] {
+    if keep == 0 || values.isEmpty { return [Bool](repeating: false, count: values.count) }
+    if keep == count { return [Bool](repeating: true, count: values.count) }
     let (key, equalToKeep) = threshold
-    var rank = equalBefore
-    let mask = [Bool](unsafeUninitializedCapacity: values.count) { out, initialized in
+    return [Bool](unsafeUninitializedCapacity: values.count) { out, initialized in
       values.withUnsafeBufferPointer { v in
         let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
+        let o = UnsafeMutableRawPointer(out.baseAddress!).assumingMemoryBound(to: UInt8.self)
+        var equal = 0
         for i in 0..<values.count {
           let b = x[i] & 0x7FFF_FFFF
-          var keep = b > key
-          if b == key {
-            keep = rank < equalToKeep
+          o[i] = UInt8(truncatingIfNeeded: (key &- b) >> 31)  // b > key, both below 2^31
+          equal &+= Int(((b ^ key) &- 1) >> 31)  // b == key
+        }
+        var rank = equalBefore
+        if equal > 0 && rank < equalToKeep {
+          for i in 0..<values.count where x[i] & 0x7FFF_FFFF == key {
+            o[i] = rank < equalToKeep ? 1 : 0
             rank += 1
           }
-          (out.baseAddress! + i).initialize(to: keep)
         }
       }
       initialized = values.count
     }
-    return (mask, rank - equalBefore)
   }
 }

@@ -30,6 +30,36 @@ import Testing
     }
   }
 
+  /// The ranker over consecutive ranges, as the streaming merge drives it.
+  func streamedMask(_ x: [Float], keep k: Int, rangeSize: Int) -> (mask: [Bool], tieOrder: Bool) {
+    let ranges = stride(from: 0, to: x.count, by: rangeSize).map { Array(x[$0..<min(x.count, $0 + rangeSize)]) }
+    var ranker = MagnitudeRanker(keep: k, count: x.count)
+    for r in ranges.reversed() { ranker.addHigh(ranker.highCounts(r)) }  // sums: any order
+    ranker.finishHigh()
+    for r in ranges { ranker.addLow(ranker.lowCounts(r)) }
+    ranker.finishLow()
+    var before = 0
+    var mask: [Bool] = []
+    for r in ranges {
+      mask += ranker.mask(r, equalBefore: ranker.needsTieOrder ? before : 0)
+      before += ranker.equalCount(r)
+    }
+    return (mask, ranker.needsTieOrder)
+  }
+
+  @Test func rankerOverRangesMatchesASortAndAsksForTieOrderOnlyWhenTiesAreCut() {
+    let distinct = CounterRNG(seed: 3, stream: "ranges").normalTensor([50_000]).scalars
+    let streamed = streamedMask(distinct, keep: 12_345, rangeSize: 4096)
+    #expect(!streamed.tieOrder)
+    #expect(zip(streamed.mask, referenceMask(distinct, 12_345)).filter { $0 != $1 }.count == 0)
+    let tied = distinct.map { ($0 * 8).rounded() / 8 }  // few distinct magnitudes
+    for k in [9_999, 30_000] {
+      let result = streamedMask(tied, keep: k, rangeSize: 4096)
+      #expect(result.tieOrder)
+      #expect(zip(result.mask, referenceMask(tied, k)).filter { $0 != $1 }.count == 0)
+    }
+  }
+
   @Test func thresholdSplitsTheHighHistogramBin() {
     // Values sharing their top 16 bits differ only in the low bits.
     let x: [Float] = (0..<1000).map { Float(bitPattern: 0x3F80_0000 | UInt32(($0 * 7919) % 1000)) }
@@ -41,9 +71,15 @@ import Testing
     let sum = Elementwise.sum(x.count) { Double(x[$0]) }
     var blocked = 0.0
     for start in stride(from: 0, to: x.count, by: Elementwise.blockSize) {
-      blocked += x[start..<min(x.count, start + Elementwise.blockSize)].reduce(0.0) { $0 + Double($1) }
+      // Four lanes (element i goes to lane i % 4), then the tail of fewer than four.
+      let end = min(x.count, start + Elementwise.blockSize)
+      let full = start + (end - start) / 4 * 4
+      var lanes = [0.0, 0.0, 0.0, 0.0]
+      for i in start..<full { lanes[(i - start) % 4] += Double(x[i]) }
+      blocked += x[full..<end].reduce((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) { $0 + Double($1) }
     }
     #expect(sum == blocked)  // bit-identical: blocks are fixed and combined in order
+    #expect(abs(sum - x.reduce(0.0) { $0 + Double($1) }) < 1e-9)
     #expect(Elementwise.map(x.count) { x[$0] * 2 } == x.map { $0 * 2 })
   }
 }
