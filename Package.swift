@@ -13,6 +13,7 @@ let package = Package(
     .library(name: "Tensor", targets: ["Tensor"]),
     .library(name: "Checkpoint", targets: ["Checkpoint"]),
     .library(name: "Merge", targets: ["Merge"]),
+    .library(name: "Nets", targets: ["Nets"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -25,6 +26,7 @@ let package = Package(
     .systemLibrary(name: "CSystem", path: "Sources/CSystem"),
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
+    .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: optimize),
     .target(name: "Merge", dependencies: ["Tensor"], swiftSettings: optimize),
     .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
     .executableTarget(
@@ -43,6 +45,7 @@ let package = Package(
       path: "Benchmarks/MergeBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
+    .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "TestSupport"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Tensor", "TestSupport"]),
     .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Tensor"]),

@@ -67,4 +67,58 @@ public enum BLAS {
     guard let v = Int32(exactly: value) else { preconditionFailure("size \(value) exceeds BLAS's 32-bit limit") }
     return v
   }
+
+  /// `c = alpha * op(a) * op(b) + beta * c` for row-major arrays of `Float` or `Double`, where
+  /// `a` is `aRows x aColumns` as stored (before `op`), likewise `b`, and `c` is m x n.
+  /// `beta = 1` accumulates into `c` (gradients). Precondition: the shapes agree.
+  public static func gemm<T: BLASScalar>(
+    _ a: [T], _ aRows: Int, _ aColumns: Int, transposeA: Bool = false, _ b: [T], _ bRows: Int, _ bColumns: Int, transposeB: Bool = false,
+    into c: inout [T], alpha: T = 1, beta: T = 0
+  ) {
+    let (m, k) = transposeA ? (aColumns, aRows) : (aRows, aColumns)
+    let (k2, n) = transposeB ? (bColumns, bRows) : (bRows, bColumns)
+    precondition(k == k2 && a.count == aRows * aColumns && b.count == bRows * bColumns && c.count == m * n, "gemm shapes \(aRows)x\(aColumns) x \(bRows)x\(bColumns)")
+    guard m > 0, n > 0 else { return }
+    guard k > 0 else {
+      for i in c.indices { c[i] = beta == 0 ? 0 : beta * c[i] }
+      return
+    }
+    a.withUnsafeBufferPointer { pa in
+      b.withUnsafeBufferPointer { pb in
+        c.withUnsafeMutableBufferPointer { pc in
+          T.gemm(transposeA, transposeB, m, n, k, alpha, pa.baseAddress!, aColumns, pb.baseAddress!, bColumns, beta, pc.baseAddress!, n)
+        }
+      }
+    }
+  }
+}
+
+/// The element types BLAS multiplies: `Float` (sgemm) and `Double` (dgemm). Generic code (the
+/// Nets runtime) runs in `Float`, and in `Double` for gradient checks and references.
+public protocol BLASScalar: BinaryFloatingPoint, Sendable {
+  static func gemm(
+    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Self, _ a: UnsafePointer<Self>, _ lda: Int,
+    _ b: UnsafePointer<Self>, _ ldb: Int, _ beta: Self, _ c: UnsafeMutablePointer<Self>, _ ldc: Int)
+}
+
+extension Float: BLASScalar {
+  public static func gemm(
+    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Float, _ a: UnsafePointer<Float>, _ lda: Int,
+    _ b: UnsafePointer<Float>, _ ldb: Int, _ beta: Float, _ c: UnsafeMutablePointer<Float>, _ ldc: Int
+  ) {
+    cblas_sgemm(
+      CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m), BLAS.int32(n), BLAS.int32(k),
+      alpha, a, BLAS.int32(lda), b, BLAS.int32(ldb), beta, c, BLAS.int32(ldc))
+  }
+}
+
+extension Double: BLASScalar {
+  public static func gemm(
+    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Double, _ a: UnsafePointer<Double>, _ lda: Int,
+    _ b: UnsafePointer<Double>, _ ldb: Int, _ beta: Double, _ c: UnsafeMutablePointer<Double>, _ ldc: Int
+  ) {
+    cblas_dgemm(
+      CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m), BLAS.int32(n), BLAS.int32(k),
+      alpha, a, BLAS.int32(lda), b, BLAS.int32(ldb), beta, c, BLAS.int32(ldc))
+  }
 }

@@ -1,0 +1,116 @@
+import Foundation
+import Tensor
+
+/// Dense feature rows with integer class labels, optionally tagged with the task each row
+/// belongs to (several tasks over one input space).
+public struct LabeledFeatures: Sendable, Equatable {
+  public var features: Matrix<Float>
+  public var labels: [Int]
+  public var tasks: [Int]?
+
+  /// Throws `NetsError.invalidData` when the counts disagree or a label is negative.
+  public init(features: Matrix<Float>, labels: [Int], tasks: [Int]? = nil, source: String = "data") throws {
+    guard labels.count == features.rows else {
+      throw NetsError.invalidData(file: source, reason: "\(features.rows) feature rows but \(labels.count) labels")
+    }
+    guard tasks == nil || tasks!.count == labels.count else {
+      throw NetsError.invalidData(file: source, reason: "\(labels.count) labels but \(tasks!.count) task ids")
+    }
+    if let bad = labels.first(where: { $0 < 0 }) { throw NetsError.invalidData(file: source, reason: "negative label \(bad)") }
+    self.features = features
+    self.labels = labels
+    self.tasks = tasks
+  }
+
+  public var count: Int { labels.count }
+  public var classCount: Int { (labels.max() ?? -1) + 1 }
+  /// The distinct task ids, in order (one task, 0, when untagged).
+  public var taskIDs: [Int] { Array(Set(tasks ?? [0])).sorted() }
+
+  /// The rows at `indices`, in that order.
+  public func rows(_ indices: [Int]) -> LabeledFeatures {
+    var values: [Float] = []
+    values.reserveCapacity(indices.count * features.columns)
+    for i in indices { values += features.values[(i * features.columns)..<((i + 1) * features.columns)] }
+    // Counts agree by construction.
+    return try! LabeledFeatures(features: Matrix(rows: indices.count, columns: features.columns, values: values), labels: indices.map { labels[$0] }, tasks: tasks.map { t in indices.map { t[$0] } })
+  }
+
+  /// The rows of the given tasks.
+  public func tasks(_ selected: Set<Int>) -> LabeledFeatures {
+    rows(labels.indices.filter { selected.contains(tasks?[$0] ?? 0) })
+  }
+
+  /// The classes that occur in each task's rows.
+  public var classesByTask: [Int: [Int]] {
+    var classes: [Int: Set<Int>] = [:]
+    for i in labels.indices { classes[tasks?[i] ?? 0, default: []].insert(labels[i]) }
+    return classes.mapValues { $0.sorted() }
+  }
+}
+
+/// Mini-batches of `0..<count`: shuffled by `seed` (a counter-based generator, so the order is
+/// the same on every machine) or in order.
+public func miniBatches(count: Int, size: Int, shuffleSeed: UInt64?) -> [[Int]] {
+  var order = Array(0..<count)
+  if let seed = shuffleSeed {
+    let rng = CounterRNG(seed: seed, stream: "minibatches")
+    for i in stride(from: count - 1, to: 0, by: -1) {
+      let j = Int(rng.bits(UInt64(i)) % UInt64(i + 1))
+      order.swapAt(i, j)
+    }
+  }
+  return stride(from: 0, to: count, by: max(size, 1)).map { Array(order[$0..<min(count, $0 + size)]) }
+}
+
+/// Small synthetic classification tasks over one input space, so that examples and tests need
+/// no download: every class is a Gaussian cluster around a random centre, seen through a fixed
+/// random non-linear map (so a linear model is not enough). Task `t` owns classes
+/// `t * (k - shared) ..< t * (k - shared) + k` for `k` classes per task: disjoint label sets
+/// when `shared` is 0, overlapping ones otherwise. Centres and map depend only on `seed`;
+/// samples on `seed` and `split`, so train and test sets are different draws of the same tasks.
+public enum SyntheticTasks {
+  public struct Options: Sendable {
+    public var tasks = 2
+    public var classesPerTask = 5
+    public var sharedClasses = 0
+    public var features = 16
+    public var samplesPerClass = 100
+    /// Noise around each centre, relative to the spread of the centres.
+    public var noise = 0.6
+    public var seed: UInt64 = 0
+    public init() {}
+  }
+
+  public static func make(_ o: Options, split: String) throws -> LabeledFeatures {
+    guard o.tasks >= 1, o.classesPerTask >= 2, o.sharedClasses >= 0, o.sharedClasses < o.classesPerTask, o.features >= 2, o.samplesPerClass >= 1 else {
+      throw NetsError.invalidData(file: "synthetic", reason: "needs tasks >= 1, classes per task >= 2, 0 <= shared < classes per task, features >= 2, samples >= 1")
+    }
+    let stride = o.classesPerTask - o.sharedClasses
+    let classCount = (o.tasks - 1) * stride + o.classesPerTask
+    let centres = CounterRNG(seed: o.seed, stream: "synthetic-centres").normalTensor([classCount, o.features]).scalars
+    let mixing = CounterRNG(seed: o.seed, stream: "synthetic-map").normalTensor([o.features, o.features], scale: 1 / Float(o.features).squareRoot()).scalars
+    let noise = CounterRNG(seed: o.seed, stream: "synthetic-noise-" + split)
+    var values: [Float] = []
+    var labels: [Int] = []
+    var tasks: [Int] = []
+    var draw: UInt64 = 0
+    for t in 0..<o.tasks {
+      for c in (t * stride)..<(t * stride + o.classesPerTask) {
+        // A shared class belongs to the lower task; the higher one sees it too but does not repeat its samples.
+        if t > 0 && c < (t - 1) * stride + o.classesPerTask { continue }
+        for _ in 0..<o.samplesPerClass {
+          let point = (0..<o.features).map { f -> Float in
+            defer { draw += 1 }
+            return centres[c * o.features + f] + Float(o.noise) * noise.normal(draw)
+          }
+          // x -> point + tanh(M point): a fixed smooth warp of the input space.
+          values += (0..<o.features).map { f in point[f] + Foundation.tanh((0..<o.features).reduce(Float(0)) { $0 + mixing[f * o.features + $1] * point[$1] } * 2) }
+          labels.append(c)
+          tasks.append(t)
+        }
+      }
+    }
+    return try LabeledFeatures(features: Matrix(rows: labels.count, columns: o.features, values: values), labels: labels, tasks: tasks, source: "synthetic")
+  }
+}

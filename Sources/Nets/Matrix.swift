@@ -1,0 +1,78 @@
+import Tensor
+
+/// A dense row-major matrix: the value type of the Nets runtime. Activations are
+/// `(batch * sequence) x features`; a linear weight is `out x in`, as Hugging Face stores it.
+public struct Matrix<T: NetScalar>: Sendable, Equatable {
+  public let rows: Int
+  public let columns: Int
+  /// Elements in row-major order; `values.count == rows * columns`.
+  public var values: [T]
+
+  public init(rows: Int, columns: Int, values: [T]) {
+    precondition(rows >= 0 && columns >= 0 && values.count == rows * columns, "\(rows) x \(columns) matrix with \(values.count) values")
+    self.rows = rows
+    self.columns = columns
+    self.values = values
+  }
+
+  public init(zeros rows: Int, _ columns: Int) {
+    self.init(rows: rows, columns: columns, values: [T](repeating: 0, count: rows * columns))
+  }
+
+  /// A tensor's values as a matrix: 2-D as is, 1-D as one row.
+  public init(_ tensor: Tensor) {
+    let (rows, columns) = tensor.shape.count == 1 ? (1, tensor.shape[0]) : (tensor.shape.dropLast().reduce(1, *), tensor.shape.last ?? 1)
+    self.init(rows: rows, columns: columns, values: tensor.scalars.map { T($0) })
+  }
+
+  /// The values as a `Float` tensor of `shape` (default `[rows, columns]`).
+  public func tensor(shape: [Int]? = nil) -> Tensor {
+    Tensor(shape: shape ?? [rows, columns], scalars: values.map { Float($0) })
+  }
+
+  public var count: Int { values.count }
+  public var shape: (rows: Int, columns: Int) { (rows, columns) }
+
+  public subscript(row: Int, column: Int) -> T {
+    get { values[row * columns + column] }
+    set { values[row * columns + column] = newValue }
+  }
+
+  /// `op(self) * op(b)` by BLAS.
+  public func matmul(_ b: Matrix, transposeSelf: Bool = false, transposeB: Bool = false) -> Matrix {
+    let m = transposeSelf ? columns : rows
+    let n = transposeB ? b.rows : b.columns
+    var c = [T](repeating: 0, count: m * n)
+    BLAS.gemm(values, rows, columns, transposeA: transposeSelf, b.values, b.rows, b.columns, transposeB: transposeB, into: &c)
+    return Matrix(rows: m, columns: n, values: c)
+  }
+
+  /// `self += alpha * op(a) * op(b)` by BLAS.
+  public mutating func addProduct(_ a: Matrix, _ b: Matrix, transposeA: Bool = false, transposeB: Bool = false, alpha: T = 1) {
+    BLAS.gemm(a.values, a.rows, a.columns, transposeA: transposeA, b.values, b.rows, b.columns, transposeB: transposeB, into: &values, alpha: alpha, beta: 1)
+  }
+
+  /// `self += other`, element-wise.
+  public mutating func add(_ other: Matrix) {
+    precondition(rows == other.rows && columns == other.columns, "adding \(other.rows) x \(other.columns) to \(rows) x \(columns)")
+    values.withUnsafeMutableBufferPointer { v in
+      other.values.withUnsafeBufferPointer { o in for i in 0..<v.count { v[i] += o[i] } }
+    }
+  }
+
+  /// `f` applied to every element.
+  @inlinable public func map(_ f: (T) -> T) -> Matrix { Matrix(rows: rows, columns: columns, values: values.map(f)) }
+
+  /// The sum of each column (a `1 x columns` row), accumulated in `T`.
+  public func columnSums() -> Matrix {
+    var sums = [T](repeating: 0, count: columns)
+    for r in 0..<rows { for c in 0..<columns { sums[c] += values[r * columns + c] } }
+    return Matrix(rows: 1, columns: columns, values: sums)
+  }
+
+  public var transposed: Matrix {
+    var t = Matrix(zeros: columns, rows)
+    for i in 0..<rows { for j in 0..<columns { t.values[j * rows + i] = values[i * columns + j] } }
+    return t
+  }
+}

@@ -1,0 +1,143 @@
+import Tensor
+
+/// What a network reads: dense feature rows (MLP) or padded token sequences (transformers).
+public enum NetworkInput<T: NetScalar> {
+  case features(Matrix<T>)
+  case tokens(TokenBatch)
+}
+
+/// Token sequences padded to one length: row `b * sequence + s` is token `s` of sequence `b`;
+/// `mask` is false on padding (right padding).
+public struct TokenBatch: Sendable, Equatable {
+  public let ids: [Int]
+  public let mask: [Bool]
+  public let sequence: Int
+  public var batch: Int { ids.count / max(sequence, 1) }
+
+  public init(_ sequences: [[Int]], padding: Int = 0) {
+    let length = sequences.map(\.count).max() ?? 0
+    var ids: [Int] = []
+    var mask: [Bool] = []
+    for s in sequences {
+      ids += s + Array(repeating: padding, count: length - s.count)
+      mask += Array(repeating: true, count: s.count) + Array(repeating: false, count: length - s.count)
+    }
+    self.ids = ids
+    self.mask = mask
+    sequence = length
+  }
+
+  /// Position of every row within its sequence.
+  public var positions: [Int] { ids.indices.map { $0 % sequence } }
+}
+
+/// One forward pass: the output node (MLP: class logits; decoder: next-token logits per
+/// position; BERT: mean-pooled sentence embeddings) and every named activation point, in
+/// order, for capture (`Network.pointNames` lists what exists).
+public struct NetworkOutput {
+  public let output: Var
+  public let points: [(name: String, value: Var)]
+
+  /// The points whose names match `pattern` (a regular expression; nil: all).
+  public func points(matching pattern: String?) throws -> [(name: String, value: Var)] {
+    guard let pattern else { return points }
+    let regex = try Regex(pattern)
+    return points.filter { $0.name.contains(regex) }
+  }
+}
+
+/// A model ready to run: its config and weights as matrices (1-D weights are one row).
+/// Built from a checkpoint's tensors and config.json; every tensor the architecture needs is
+/// checked for presence and shape first.
+public struct Network<T: NetScalar> {
+  public let config: NetworkConfig
+  public var weights: [String: Matrix<T>]
+  /// Tensor name prefix of BERT checkpoints saved from a task model (`bert.`), else empty.
+  let prefix: String
+
+  /// Builds the model. Throws `NetsError.missingTensors` listing every absent tensor, or
+  /// `.shapeMismatch` for the first wrong shape. Tensors the architecture does not use are ignored.
+  public init(config: NetworkConfig, tensors: [String: Tensor]) throws {
+    self.config = config
+    prefix = tensors["bert.embeddings.word_embeddings.weight"] != nil ? "bert." : ""
+    let expected = Self.expectedShapes(config, prefix: prefix)
+    let missing = expected.map(\.name).filter { tensors[$0] == nil }
+    guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
+    var weights: [String: Matrix<T>] = [:]
+    for (name, shape) in expected {
+      let tensor = tensors[name]!
+      guard tensor.shape == shape else { throw NetsError.shapeMismatch(tensor: name, expected: shape, found: tensor.shape) }
+      weights[name] = Matrix(tensor)
+    }
+    self.weights = weights
+  }
+
+  /// Every tensor the architecture reads, with its shape (the Hugging Face layout).
+  public static func expectedShapes(_ config: NetworkConfig, prefix: String = "") -> [(name: String, shape: [Int])] {
+    switch config {
+    case .mlp(let c): return mlpShapes(c)
+    case .decoder(let c): return decoderShapes(c)
+    case .bert(let c): return bertShapes(c, prefix: prefix)
+    }
+  }
+
+  /// Runs the model on `input`. `bind` turns each weight into a tape node (constant, parameter,
+  /// or a computed expression such as aTLAS's base plus scaled task vectors); it is called once
+  /// per weight name, so tied weights share one node.
+  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: (String, Matrix<T>) -> Var) throws -> NetworkOutput {
+    var bound: [String: Var] = [:]
+    let weight: (String) -> Var = { name in
+      if let v = bound[name] { return v }
+      let v = bind(name, self.weights[name]!)
+      bound[name] = v
+      return v
+    }
+    var recorder = PointRecorder()
+    let output: Var
+    switch (config, input) {
+    case (.mlp(let c), .features(let x)):
+      guard x.columns == c.layerSizes[0] else { throw NetsError.inputMismatch("the MLP takes \(c.layerSizes[0]) features, the data has \(x.columns)") }
+      output = mlpForward(c, tape, tape.constant(x), weight, &recorder)
+    case (.decoder(let c), .tokens(let batch)):
+      try checkTokens(batch, vocabulary: c.vocabularySize)
+      output = decoderForward(c, tape, batch, weight, &recorder)
+    case (.bert(let c), .tokens(let batch)):
+      try checkTokens(batch, vocabulary: c.vocabularySize)
+      guard batch.sequence <= c.maxPositions else { throw NetsError.inputMismatch("sequences of \(batch.sequence) tokens exceed max_position_embeddings \(c.maxPositions)") }
+      output = bertForward(c, tape, batch, weight, &recorder)
+    case (.mlp, .tokens):
+      throw NetsError.inputMismatch("an MLP takes feature rows, not token sequences")
+    case (_, .features):
+      throw NetsError.inputMismatch("a transformer takes token sequences, not feature rows")
+    }
+    return NetworkOutput(output: output, points: recorder.points)
+  }
+
+  /// Runs with every weight frozen.
+  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>) throws -> NetworkOutput {
+    try forward(tape, input) { tape.constant($1) }
+  }
+
+  private func checkTokens(_ batch: TokenBatch, vocabulary: Int) throws {
+    if let bad = batch.ids.first(where: { $0 < 0 || $0 >= vocabulary }) {
+      throw NetsError.inputMismatch("token id \(bad) is outside the vocabulary of \(vocabulary)")
+    }
+  }
+}
+
+/// Collects named activation points during a forward pass.
+struct PointRecorder {
+  var points: [(name: String, value: Var)] = []
+  mutating func record(_ name: String, _ value: Var) { points.append((name, value)) }
+}
+
+extension Tape {
+  /// A linear layer named by its weight's prefix (`model.layers.0.mlp.up_proj`), recording its
+  /// input and output as points `<prefix>.input` and `<prefix>.output`.
+  func dense(_ x: Var, _ name: String, bias: Bool, _ weight: (String) -> Var, _ recorder: inout PointRecorder) -> Var {
+    recorder.record(name + ".input", x)
+    let y = linear(x, weight: weight(name + ".weight"), bias: bias ? weight(name + ".bias") : nil)
+    recorder.record(name + ".output", y)
+    return y
+  }
+}

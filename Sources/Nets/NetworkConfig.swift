@@ -1,0 +1,150 @@
+import Foundation
+
+/// A model's architecture and sizes, read from a Hugging Face `config.json` (or our MLP config).
+public enum NetworkConfig: Equatable, Sendable {
+  case mlp(MLPConfig)
+  case decoder(DecoderConfig)
+  case bert(BERTConfig)
+
+  /// Parses config.json bytes. Throws `NetsError` naming the missing or bad key.
+  public init(json: Data) throws {
+    guard let object = try? JSONSerialization.jsonObject(with: json), let dictionary = object as? [String: Any] else {
+      throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
+    }
+    let keys = ConfigKeys(dictionary)
+    let architecture = (dictionary["architectures"] as? [String])?.first ?? (dictionary["model_type"] as? String) ?? "(none given)"
+    switch architecture.lowercased() {
+    case "mlp":
+      self = .mlp(try MLPConfig(keys))
+    case "llamaforcausallm", "mistralforcausallm", "qwen2forcausallm", "llama", "mistral", "qwen2":
+      self = .decoder(try DecoderConfig(keys, qwen: architecture.lowercased().hasPrefix("qwen2")))
+    case "bertmodel", "bertformaskedlm", "bertforsequenceclassification", "bertforpretraining", "bert":
+      self = .bert(try BERTConfig(keys))
+    default:
+      throw NetsError.unknownArchitecture(architecture)
+    }
+  }
+}
+
+/// Typed reads of config keys, with errors naming the key.
+struct ConfigKeys {
+  let values: [String: Any]
+  init(_ values: [String: Any]) { self.values = values }
+
+  func int(_ key: String, default value: Int? = nil) throws -> Int {
+    guard let raw = values[key] else {
+      if let value { return value }
+      throw NetsError.missingConfigKey(key)
+    }
+    guard let number = raw as? NSNumber, let exact = Int(exactly: number.doubleValue), exact > 0 else {
+      throw NetsError.invalidConfig(key: key, reason: "expected a positive integer, found \(raw)")
+    }
+    return exact
+  }
+
+  func double(_ key: String, default value: Double) throws -> Double {
+    guard let raw = values[key], !(raw is NSNull) else { return value }
+    guard let number = raw as? NSNumber else { throw NetsError.invalidConfig(key: key, reason: "expected a number, found \(raw)") }
+    return number.doubleValue
+  }
+
+  func bool(_ key: String, default value: Bool) -> Bool { (values[key] as? Bool) ?? value }
+
+  func activation(_ key: String, default value: String) throws -> Activation {
+    let name = (values[key] as? String) ?? value
+    guard let activation = Activation(configName: name) else {
+      throw NetsError.invalidConfig(key: key, reason: "unknown activation '\(name)'")
+    }
+    return activation
+  }
+}
+
+/// Our MLP: `layer_sizes` [input, hidden..., output]; each hidden layer is linear, optional
+/// LayerNorm, activation. Tensors `layers.{i}.weight` (out x in), `layers.{i}.bias`, and
+/// `layers.{i}.norm.weight`/`.bias` with `layer_norm`.
+public struct MLPConfig: Equatable, Sendable {
+  public var layerSizes: [Int]
+  public var activation: Activation
+  public var layerNorm: Bool
+
+  public init(layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false) {
+    self.layerSizes = layerSizes
+    self.activation = activation
+    self.layerNorm = layerNorm
+  }
+
+  init(_ keys: ConfigKeys) throws {
+    guard let sizes = keys.values["layer_sizes"] as? [Int] else { throw NetsError.missingConfigKey("layer_sizes") }
+    guard sizes.count >= 2, sizes.allSatisfy({ $0 > 0 }) else {
+      throw NetsError.invalidConfig(key: "layer_sizes", reason: "needs at least an input and an output size, all positive")
+    }
+    self.init(layerSizes: sizes, activation: try keys.activation("hidden_act", default: "relu"), layerNorm: keys.bool("layer_norm", default: false))
+  }
+
+  /// The config.json text for this MLP.
+  public var json: String {
+    """
+    {
+      "architectures": ["MLP"],
+      "model_type": "mlp",
+      "layer_sizes": [\(layerSizes.map(String.init).joined(separator: ", "))],
+      "hidden_act": "\(activation.rawValue)",
+      "layer_norm": \(layerNorm)
+    }
+
+    """
+  }
+}
+
+/// Llama-style decoders (Llama, Mistral, Qwen2): sizes, RMSNorm epsilon, rotary theta, grouped
+/// heads, tied head, q/k/v biases (always for Qwen2, `attention_bias` for Llama).
+public struct DecoderConfig: Equatable, Sendable {
+  public var vocabularySize, hiddenSize, intermediateSize, layerCount, headCount, keyValueHeadCount, headDimension: Int
+  public var epsilon, ropeTheta: Double
+  public var tiedEmbeddings, attentionBias: Bool
+  public var activation: Activation
+
+  init(_ keys: ConfigKeys, qwen: Bool) throws {
+    vocabularySize = try keys.int("vocab_size")
+    hiddenSize = try keys.int("hidden_size")
+    intermediateSize = try keys.int("intermediate_size")
+    layerCount = try keys.int("num_hidden_layers")
+    headCount = try keys.int("num_attention_heads")
+    keyValueHeadCount = try keys.int("num_key_value_heads", default: headCount)
+    headDimension = try keys.int("head_dim", default: hiddenSize / headCount)
+    epsilon = try keys.double("rms_norm_eps", default: 1e-6)
+    ropeTheta = try keys.double("rope_theta", default: 10_000)
+    tiedEmbeddings = keys.bool("tie_word_embeddings", default: false)
+    attentionBias = qwen || keys.bool("attention_bias", default: false)
+    activation = try keys.activation("hidden_act", default: "silu")
+    guard headCount % keyValueHeadCount == 0 else {
+      throw NetsError.invalidConfig(key: "num_key_value_heads", reason: "\(keyValueHeadCount) does not divide num_attention_heads \(headCount)")
+    }
+    guard headDimension % 2 == 0 else { throw NetsError.invalidConfig(key: "head_dim", reason: "rotary embeddings need an even head size") }
+    if let scaling = keys.values["rope_scaling"], !(scaling is NSNull) {
+      throw NetsError.invalidConfig(key: "rope_scaling", reason: "scaled rotary embeddings are not supported yet")
+    }
+  }
+}
+
+/// BERT encoders: sizes, LayerNorm epsilon, activation, position and token-type tables.
+public struct BERTConfig: Equatable, Sendable {
+  public var vocabularySize, hiddenSize, intermediateSize, layerCount, headCount, maxPositions, typeVocabularySize: Int
+  public var epsilon: Double
+  public var activation: Activation
+
+  init(_ keys: ConfigKeys) throws {
+    vocabularySize = try keys.int("vocab_size")
+    hiddenSize = try keys.int("hidden_size")
+    intermediateSize = try keys.int("intermediate_size")
+    layerCount = try keys.int("num_hidden_layers")
+    headCount = try keys.int("num_attention_heads")
+    maxPositions = try keys.int("max_position_embeddings", default: 512)
+    typeVocabularySize = try keys.int("type_vocab_size", default: 2)
+    epsilon = try keys.double("layer_norm_eps", default: 1e-12)
+    activation = try keys.activation("hidden_act", default: "gelu")
+    guard hiddenSize % headCount == 0 else {
+      throw NetsError.invalidConfig(key: "num_attention_heads", reason: "\(headCount) does not divide hidden_size \(hiddenSize)")
+    }
+  }
+}

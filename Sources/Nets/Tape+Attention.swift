@@ -1,0 +1,149 @@
+import Foundation
+
+/// Multi-head attention, rotary position embeddings and pooling over sequences. Rows are
+/// positions: row `b * sequence + s` is position `s` of sequence `b`.
+extension Tape {
+  /// Scaled dot-product attention, `softmax(q k^T / sqrt(d) + mask) v` per sequence and head.
+  /// `q` is `rows x (heads * d)`; `k` and `v` are `rows x (kvHeads * d)`, and query head `h`
+  /// reads key/value head `h / (heads / kvHeads)` (grouped-query attention). `causal` hides
+  /// later positions; `keyMask` (one flag per row, false = padding) hides padded keys. A query
+  /// that sees no key gets zeros.
+  public func attention(query q: Var, key k: Var, value v: Var, sequence: Int, heads: Int, kvHeads: Int, causal: Bool, keyMask: [Bool]? = nil) -> Var {
+    let (qm, km, vm) = (value(q), value(k), value(v))
+    let d = qm.columns / heads
+    precondition(qm.columns == heads * d && km.columns == kvHeads * d && vm.columns == kvHeads * d && heads % kvHeads == 0, "attention shapes")
+    precondition(qm.rows % sequence == 0 && km.rows == qm.rows && vm.rows == qm.rows && (keyMask?.count ?? qm.rows) == qm.rows, "attention rows")
+    let batch = qm.rows / sequence
+    let group = heads / kvHeads
+    let scale = 1 / T(d).squareRoot()
+    var out = Matrix<T>(zeros: qm.rows, qm.columns)
+    var probabilities: [Matrix<T>] = []
+    for b in 0..<batch {
+      for h in 0..<heads {
+        let kv = h / group
+        let qh = block(qm, b, sequence, h, d)
+        let kh = block(km, b, sequence, kv, d)
+        var p = qh.matmul(kh, transposeB: true)
+        for i in 0..<sequence {
+          let visible = (0..<sequence).map { j in !(causal && j > i) && (keyMask?[b * sequence + j] ?? true) }
+          softmaxRow(&p, i, scale: scale, visible: visible)
+        }
+        addBlock(&out, p.matmul(block(vm, b, sequence, kv, d)), b, sequence, h, d)
+        probabilities.append(p)
+      }
+    }
+    return record(out, inputs: [q, k, v]) { [unowned self] g in
+      var (dq, dk, dv) = (Matrix<T>(zeros: qm.rows, qm.columns), Matrix<T>(zeros: km.rows, km.columns), Matrix<T>(zeros: vm.rows, vm.columns))
+      for b in 0..<batch {
+        for h in 0..<heads {
+          let kv = h / group
+          let p = probabilities[b * heads + h]
+          let go = block(g, b, sequence, h, d)
+          addBlock(&dv, p.matmul(go, transposeSelf: true), b, sequence, kv, d)
+          var ds = go.matmul(block(vm, b, sequence, kv, d), transposeB: true)
+          for i in 0..<sequence {
+            var dotted: T = 0
+            for j in 0..<sequence { dotted += ds[i, j] * p[i, j] }
+            for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * scale }
+          }
+          addBlock(&dq, ds.matmul(block(km, b, sequence, kv, d)), b, sequence, h, d)
+          addBlock(&dk, ds.matmul(block(qm, b, sequence, h, d), transposeSelf: true), b, sequence, kv, d)
+        }
+      }
+      accumulate(q, dq)
+      accumulate(k, dk)
+      accumulate(v, dv)
+    }
+  }
+
+  /// Rotary position embedding (Hugging Face's rotate-half layout): within each head of width
+  /// `d`, features `i` and `i + d/2` turn by `position * theta^(-2i/d)`. `positions` has one
+  /// entry per row.
+  public func rotary(_ a: Var, positions: [Int], heads: Int, theta: Double) -> Var {
+    let x = value(a)
+    let d = x.columns / heads
+    precondition(x.columns == heads * d && d % 2 == 0 && positions.count == x.rows, "rotary shapes")
+    let half = d / 2
+    let (cosines, sines) = rotaryTables(positions: positions, half: half, d: d, theta: theta)
+    func rotate(_ m: Matrix<T>, inverse: Bool) -> Matrix<T> {
+      var out = m
+      for r in 0..<m.rows {
+        for h in 0..<heads {
+          for i in 0..<half {
+            let (c, s) = (cosines[r * half + i], inverse ? -sines[r * half + i] : sines[r * half + i])
+            let (first, second) = (r * m.columns + h * d + i, r * m.columns + h * d + i + half)
+            out.values[first] = m.values[first] * c - m.values[second] * s
+            out.values[second] = m.values[second] * c + m.values[first] * s
+          }
+        }
+      }
+      return out
+    }
+    return record(rotate(x, inverse: false), inputs: [a]) { [unowned self] g in accumulate(a, rotate(g, inverse: true)) }
+  }
+
+  /// Per-sequence mean of the rows whose `mask` flag is set (all rows when nil): `batch x columns`.
+  public func meanPool(_ a: Var, sequence: Int, mask: [Bool]? = nil) -> Var {
+    let x = value(a)
+    let batch = x.rows / sequence
+    var weights = [T](repeating: 0, count: x.rows)
+    for b in 0..<batch {
+      let kept = (0..<sequence).filter { mask?[b * sequence + $0] ?? true }
+      for s in kept { weights[b * sequence + s] = 1 / T(kept.count) }
+    }
+    var out = Matrix<T>(zeros: batch, x.columns)
+    for r in 0..<x.rows where weights[r] != 0 {
+      for c in 0..<x.columns { out.values[(r / sequence) * x.columns + c] += weights[r] * x.values[r * x.columns + c] }
+    }
+    return record(out, inputs: [a]) { [unowned self] g in
+      var dx = Matrix<T>(zeros: x.rows, x.columns)
+      for r in 0..<x.rows where weights[r] != 0 {
+        for c in 0..<x.columns { dx.values[r * x.columns + c] = weights[r] * g.values[(r / sequence) * x.columns + c] }
+      }
+      accumulate(a, dx)
+    }
+  }
+
+  /// The `sequence x d` block of head `head` of sequence `b`.
+  private func block(_ m: Matrix<T>, _ b: Int, _ sequence: Int, _ head: Int, _ d: Int) -> Matrix<T> {
+    var out = Matrix<T>(zeros: sequence, d)
+    for s in 0..<sequence { for c in 0..<d { out.values[s * d + c] = m.values[(b * sequence + s) * m.columns + head * d + c] } }
+    return out
+  }
+
+  private func addBlock(_ m: inout Matrix<T>, _ part: Matrix<T>, _ b: Int, _ sequence: Int, _ head: Int, _ d: Int) {
+    for s in 0..<sequence { for c in 0..<d { m.values[(b * sequence + s) * m.columns + head * d + c] += part.values[s * d + c] } }
+  }
+
+  /// Row `i` of `scores` becomes `softmax(scale * scores)` over the visible columns (zeros elsewhere).
+  private func softmaxRow(_ scores: inout Matrix<T>, _ i: Int, scale: T, visible: [Bool]) {
+    let n = scores.columns
+    var largest = -T.infinity
+    for j in 0..<n where visible[j] { largest = max(largest, scores[i, j] * scale) }
+    guard largest > -T.infinity else {
+      for j in 0..<n { scores[i, j] = 0 }
+      return
+    }
+    var total: T = 0
+    for j in 0..<n {
+      let e = visible[j] ? T.exp(scores[i, j] * scale - largest) : 0
+      scores[i, j] = e
+      total += e
+    }
+    for j in 0..<n { scores[i, j] /= total }
+  }
+
+  /// cos and sin of `position * theta^(-2i/d)`, computed in Double, per row and pair `i`.
+  private func rotaryTables(positions: [Int], half: Int, d: Int, theta: Double) -> ([T], [T]) {
+    var cosines = [T](repeating: 0, count: positions.count * half)
+    var sines = cosines
+    for (r, p) in positions.enumerated() {
+      for i in 0..<half {
+        let angle = Double(p) / Foundation.pow(theta, Double(2 * i) / Double(d))
+        cosines[r * half + i] = T(Foundation.cos(angle))
+        sines[r * half + i] = T(Foundation.sin(angle))
+      }
+    }
+    return (cosines, sines)
+  }
+}

@@ -1,0 +1,131 @@
+/// Element-wise operations, sums and activations.
+extension Tape {
+  /// `a + b`; `b` may also be one row (`1 x columns`, a bias) added to every row of `a`.
+  public func add(_ a: Var, _ b: Var) -> Var {
+    let (x, y) = (value(a), value(b))
+    precondition(x.columns == y.columns && (x.rows == y.rows || y.rows == 1), "add: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
+    var out = x
+    if y.rows == x.rows {
+      out.add(y)
+    } else {
+      for r in 0..<x.rows { for c in 0..<x.columns { out.values[r * x.columns + c] += y.values[c] } }
+    }
+    let broadcast = y.rows != x.rows
+    return record(out, inputs: [a, b]) { [unowned self] g in
+      accumulate(a, g)
+      accumulate(b, broadcast ? g.columnSums() : g)
+    }
+  }
+
+  /// `a - b` (same shapes).
+  public func subtract(_ a: Var, _ b: Var) -> Var { add(a, scale(b, -1)) }
+
+  /// `a * b` element-wise (same shapes).
+  public func multiply(_ a: Var, _ b: Var) -> Var {
+    let (x, y) = (value(a), value(b))
+    precondition(x.rows == y.rows && x.columns == y.columns, "multiply: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
+    let out = Matrix(rows: x.rows, columns: x.columns, values: zip(x.values, y.values).map(*))
+    return record(out, inputs: [a, b]) { [unowned self] g in
+      accumulate(a, Matrix(rows: g.rows, columns: g.columns, values: zip(g.values, y.values).map(*)))
+      accumulate(b, Matrix(rows: g.rows, columns: g.columns, values: zip(g.values, x.values).map(*)))
+    }
+  }
+
+  /// `c * a` for a constant `c`.
+  public func scale(_ a: Var, _ c: T) -> Var {
+    record(value(a).map { $0 * c }, inputs: [a]) { [unowned self] g in accumulate(a, g.map { $0 * c }) }
+  }
+
+  /// `s * a` where `s` is a `1 x 1` node (a learned coefficient: aTLAS's lambda).
+  public func scale(_ a: Var, by s: Var) -> Var {
+    let (x, k) = (value(a), value(s))
+    precondition(k.count == 1, "scale(by:) needs a 1 x 1 factor")
+    let factor = k.values[0]
+    return record(x.map { $0 * factor }, inputs: [a, s]) { [unowned self] g in
+      accumulate(a, g.map { $0 * factor })
+      accumulate(s, Matrix(rows: 1, columns: 1, values: [zip(g.values, x.values).reduce(0) { $0 + $1.0 * $1.1 }]))
+    }
+  }
+
+  /// The sum of all elements, `1 x 1`.
+  public func sum(_ a: Var) -> Var {
+    let x = value(a)
+    return record(Matrix(rows: 1, columns: 1, values: [x.values.reduce(0, +)]), inputs: [a]) { [unowned self] g in
+      accumulate(a, Matrix(rows: x.rows, columns: x.columns, values: [T](repeating: g.values[0], count: x.count)))
+    }
+  }
+
+  /// The mean of all elements, `1 x 1`.
+  public func mean(_ a: Var) -> Var { scale(sum(a), 1 / T(value(a).count)) }
+
+  /// Applies `f` element-wise, with `derivative(x, f(x))` for the backward pass.
+  func pointwise(_ a: Var, _ f: (T) -> T, derivative: @escaping (T, T) -> T) -> Var {
+    let x = value(a)
+    let y = x.map(f)
+    return record(y, inputs: [a]) { [unowned self] g in
+      var dx = g
+      for i in dx.values.indices { dx.values[i] *= derivative(x.values[i], y.values[i]) }
+      accumulate(a, dx)
+    }
+  }
+
+  public func relu(_ a: Var) -> Var { pointwise(a, { max($0, 0) }, derivative: { x, _ in x > 0 ? 1 : 0 }) }
+
+  /// GELU with the exact erf form, `x * Phi(x)` (BERT's `gelu`).
+  public func gelu(_ a: Var) -> Var {
+    let r: T = 1 / T(2).squareRoot()
+    let c: T = 1 / T(2 * Double.pi).squareRoot()
+    return pointwise(a, { $0 * (1 + T.erf($0 * r)) / 2 }, derivative: { x, _ in (1 + T.erf(x * r)) / 2 + x * c * T.exp(-x * x / 2) })
+  }
+
+  /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+  public func geluTanh(_ a: Var) -> Var {
+    let k: T = T(2 / Double.pi).squareRoot()
+    let cubic: T = 0.044715
+    @inline(__always) func inner(_ x: T) -> T { k * (x + cubic * x * x * x) }
+    return pointwise(a, { x in x * (1 + T.tanh(inner(x))) / 2 }) { x, _ in
+      let t = T.tanh(inner(x))
+      let slope: T = k * (1 + 3 * cubic * x * x)
+      let half: T = (1 + t) / 2
+      return half + x * (1 - t * t) * slope / 2
+    }
+  }
+
+  /// SiLU (swish), `x * sigmoid(x)`: Llama's MLP activation.
+  public func silu(_ a: Var) -> Var {
+    pointwise(a, { $0 / (1 + T.exp(-$0)) }) { x, _ in
+      let s = 1 / (1 + T.exp(-x))
+      return s * (1 + x * (1 - s))
+    }
+  }
+
+  public func tanh(_ a: Var) -> Var { pointwise(a, { T.tanh($0) }, derivative: { _, y in 1 - y * y }) }
+
+  /// The named activation of a config (`relu`, `gelu`, `gelu_new`/`gelu_pytorch_tanh`, `silu`/`swish`, `tanh`).
+  public func activation(_ name: Activation, _ a: Var) -> Var {
+    switch name {
+    case .relu: return relu(a)
+    case .gelu: return gelu(a)
+    case .geluTanh: return geluTanh(a)
+    case .silu: return silu(a)
+    case .tanh: return tanh(a)
+    }
+  }
+}
+
+/// Activation functions by their Hugging Face config names.
+public enum Activation: String, Sendable, CaseIterable {
+  case relu, gelu, geluTanh = "gelu_new", silu, tanh
+
+  /// Parses a config's `hidden_act` (aliases included); nil when unknown.
+  public init?(configName: String) {
+    switch configName.lowercased() {
+    case "relu": self = .relu
+    case "gelu": self = .gelu
+    case "gelu_new", "gelu_pytorch_tanh", "gelu_fast": self = .geluTanh
+    case "silu", "swish": self = .silu
+    case "tanh": self = .tanh
+    default: return nil
+    }
+  }
+}

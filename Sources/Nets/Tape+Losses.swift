@@ -1,0 +1,87 @@
+/// Losses, each a `1 x 1` mean over rows (or elements).
+extension Tape {
+  /// Softmax cross-entropy of `logits` (`rows x classes`) against integer labels, averaged over
+  /// the rows whose label is not negative (a negative label, like PyTorch's -100, is ignored).
+  public func crossEntropy(_ logits: Var, labels: [Int]) -> Var {
+    let z = value(logits)
+    precondition(labels.count == z.rows, "crossEntropy: \(labels.count) labels for \(z.rows) rows")
+    let p = softmax(z)
+    let counted = labels.filter { $0 >= 0 }.count
+    var loss: T = 0
+    for (r, label) in labels.enumerated() where label >= 0 {
+      precondition(label < z.columns, "label \(label) outside \(z.columns) classes")
+      loss -= T.log(max(p[r, label], T.leastNormalMagnitude))
+    }
+    let scale = counted == 0 ? 0 : 1 / T(counted)
+    return record(Matrix(rows: 1, columns: 1, values: [loss * scale]), inputs: [logits]) { [unowned self] g in
+      var dz = Matrix<T>(zeros: z.rows, z.columns)
+      for (r, label) in labels.enumerated() where label >= 0 {
+        for c in 0..<z.columns { dz[r, c] = p[r, c] * scale * g.values[0] }
+        dz[r, label] -= scale * g.values[0]
+      }
+      accumulate(logits, dz)
+    }
+  }
+
+  /// Mean squared error over all elements, `mean((a - b)^2)` (feature distillation).
+  public func meanSquaredError(_ a: Var, _ b: Var) -> Var {
+    let difference = subtract(a, b)
+    return mean(multiply(difference, difference))
+  }
+
+  /// `KL(softmax(teacher / t) || softmax(student / t))` averaged over rows, times `t^2` (the
+  /// usual distillation scaling, so gradients keep their size across temperatures).
+  /// `teacher` is a constant matrix of logits.
+  public func klDivergence(teacher: Matrix<T>, student: Var, temperature: T = 1) -> Var {
+    let s = value(student)
+    precondition(teacher.rows == s.rows && teacher.columns == s.columns, "klDivergence shapes")
+    let pt = softmax(teacher.map { $0 / temperature })
+    let ps = softmax(s.map { $0 / temperature })
+    var loss: T = 0
+    for i in pt.values.indices where pt.values[i] > 0 {
+      loss += pt.values[i] * (T.log(pt.values[i]) - T.log(max(ps.values[i], T.leastNormalMagnitude)))
+    }
+    let scale = temperature * temperature / T(s.rows)
+    return record(Matrix(rows: 1, columns: 1, values: [loss * scale]), inputs: [student]) { [unowned self] g in
+      var ds = Matrix<T>(zeros: s.rows, s.columns)
+      for i in ds.values.indices { ds.values[i] = (ps.values[i] - pt.values[i]) * scale / temperature * g.values[0] }
+      accumulate(student, ds)
+    }
+  }
+
+  /// Mean entropy of the predicted distributions, `-sum p log p` per row (unsupervised
+  /// test-time adaptation minimises it).
+  public func entropy(_ logits: Var) -> Var {
+    let z = value(logits)
+    let p = softmax(z)
+    var rowEntropy = [T](repeating: 0, count: z.rows)
+    for r in 0..<z.rows {
+      for c in 0..<z.columns where p[r, c] > 0 { rowEntropy[r] -= p[r, c] * T.log(p[r, c]) }
+    }
+    let scale = 1 / T(z.rows)
+    return record(Matrix(rows: 1, columns: 1, values: [rowEntropy.reduce(0, +) * scale]), inputs: [logits]) { [unowned self] g in
+      var dz = Matrix<T>(zeros: z.rows, z.columns)
+      for r in 0..<z.rows {
+        for c in 0..<z.columns where p[r, c] > 0 { dz[r, c] = -p[r, c] * (T.log(p[r, c]) + rowEntropy[r]) * scale * g.values[0] }
+      }
+      accumulate(logits, dz)
+    }
+  }
+}
+
+/// Row-wise softmax, stable (the row maximum is subtracted first).
+public func softmax<T: NetScalar>(_ z: Matrix<T>) -> Matrix<T> {
+  var p = z
+  for r in 0..<z.rows {
+    var largest = -T.infinity
+    for c in 0..<z.columns { largest = max(largest, z[r, c]) }
+    var total: T = 0
+    for c in 0..<z.columns {
+      let e = T.exp(z[r, c] - largest)
+      p[r, c] = e
+      total += e
+    }
+    for c in 0..<z.columns { p[r, c] /= total }
+  }
+  return p
+}

@@ -1,0 +1,156 @@
+import Foundation
+
+/// How to train: epochs, mini-batch size, optimiser and its settings, the seed of the
+/// mini-batch order. Defaults suit the small MLPs of the examples.
+public struct TrainingOptions: Sendable {
+  public var epochs = 20
+  public var batchSize = 64
+  public var optimizer: Optimizer<Float>.Kind = .adam
+  public var learningRate: Float = 1e-3
+  public var momentum: Float = 0.9
+  public var weightDecay: Float = 0
+  public var clipNorm: Float? = nil
+  public var seed: UInt64 = 0
+  public init() {}
+}
+
+/// Progress of a training run, reported after every mini-batch.
+public struct TrainingProgress: Sendable {
+  public let epoch: Int
+  public let epochs: Int
+  public let batch: Int
+  public let batches: Int
+  /// Mean loss over the epoch's batches so far.
+  public let loss: Double
+}
+
+/// Accuracy and loss of a classifier on labelled data: over all classes, and per task with the
+/// prediction restricted to that task's classes (a task-specific head's view).
+public struct Evaluation: Sendable {
+  public struct Task: Sendable {
+    public let task: Int
+    public let count: Int
+    public let accuracy: Double
+    /// Accuracy when the prediction must come from the task's own classes.
+    public let accuracyWithinTask: Double
+  }
+
+  public let count: Int
+  public let loss: Double
+  public let accuracy: Double
+  public let tasks: [Task]
+}
+
+/// Training and evaluation of networks on data, batch by batch (memory bounded by the batch).
+public enum Training {
+  /// Trains `network` as a classifier with cross-entropy on `data`, updating the weights for
+  /// which `trainable` is true (all by default). Returns the mean loss of each epoch.
+  public static func classify(
+    _ network: inout Network<Float>, on data: LabeledFeatures, options: TrainingOptions, trainable: (String) -> Bool = { _ in true },
+    progress: ((TrainingProgress) -> Void)? = nil
+  ) throws -> [Double] {
+    guard case .mlp(let config) = network.config else { throw NetsError.inputMismatch("classification training takes an MLP") }
+    guard data.features.columns == config.layerSizes[0] else {
+      throw NetsError.inputMismatch("the MLP takes \(config.layerSizes[0]) features, the data has \(data.features.columns)")
+    }
+    guard data.classCount <= config.layerSizes.last! else {
+      throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the MLP has \(config.layerSizes.last!) outputs")
+    }
+    var optimizer = Optimizer<Float>(options.optimizer, learningRate: options.learningRate, weightDecay: options.weightDecay, clipNorm: options.clipNorm)
+    optimizer.momentum = options.momentum
+    var losses: [Double] = []
+    for epoch in 0..<options.epochs {
+      let batches = miniBatches(count: data.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch))
+      var total = 0.0
+      for (b, rows) in batches.enumerated() {
+        let batch = data.rows(rows)
+        let tape = Tape<Float>()
+        var parameters: [String: Var] = [:]
+        let out = try network.forward(tape, .features(batch.features)) { name, value in
+          guard trainable(name) else { return tape.constant(value) }
+          let v = tape.parameter(value)
+          parameters[name] = v
+          return v
+        }
+        let loss = tape.crossEntropy(out.output, labels: batch.labels)
+        tape.backward(from: loss)
+        optimizer.step(&network.weights, gradients: parameters.compactMapValues { tape.gradient($0) })
+        total += Double(tape.value(loss).values[0])
+        progress?(TrainingProgress(epoch: epoch + 1, epochs: options.epochs, batch: b + 1, batches: batches.count, loss: total / Double(b + 1)))
+      }
+      losses.append(total / Double(max(batches.count, 1)))
+    }
+    return losses
+  }
+
+  /// The classifier's logits on every row of `features`, batch by batch.
+  public static func logits(_ network: Network<Float>, _ features: Matrix<Float>, batchSize: Int = 512) throws -> Matrix<Float> {
+    var values: [Float] = []
+    var columns = 0
+    for start in stride(from: 0, to: features.rows, by: batchSize) {
+      let end = min(features.rows, start + batchSize)
+      let batch = Matrix(rows: end - start, columns: features.columns, values: Array(features.values[(start * features.columns)..<(end * features.columns)]))
+      let tape = Tape<Float>()
+      let out = tape.value(try network.forward(tape, .features(batch)).output)
+      columns = out.columns
+      values += out.values
+    }
+    return Matrix(rows: features.rows, columns: columns, values: values)
+  }
+
+  /// Accuracy and cross-entropy on `data`, overall and per task.
+  public static func evaluate(_ network: Network<Float>, on data: LabeledFeatures) throws -> Evaluation {
+    let z = try logits(network, data.features)
+    guard data.classCount <= z.columns else {
+      throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the model has \(z.columns) outputs")
+    }
+    let p = softmax(z)
+    var loss = 0.0
+    var correct = 0
+    for r in 0..<data.count {
+      loss -= Foundation.log(max(Double(p[r, data.labels[r]]), 1e-300))
+      if argmax(z, r, among: 0..<z.columns) == data.labels[r] { correct += 1 }
+    }
+    let classes = data.classesByTask
+    let tasks = data.taskIDs.map { task -> Evaluation.Task in
+      let rows = data.labels.indices.filter { (data.tasks?[$0] ?? 0) == task }
+      let own = classes[task] ?? []
+      let right = rows.filter { argmax(z, $0, among: 0..<z.columns) == data.labels[$0] }.count
+      let rightWithin = rows.filter { argmax(z, $0, among: own) == data.labels[$0] }.count
+      return Evaluation.Task(task: task, count: rows.count, accuracy: Double(right) / Double(max(rows.count, 1)), accuracyWithinTask: Double(rightWithin) / Double(max(rows.count, 1)))
+    }
+    return Evaluation(count: data.count, loss: loss / Double(max(data.count, 1)), accuracy: Double(correct) / Double(max(data.count, 1)), tasks: tasks)
+  }
+
+  /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.
+  public static func perplexity(_ network: Network<Float>, on sequences: [[Int]], batchSize: Int = 8) throws -> (loss: Double, perplexity: Double, tokens: Int) {
+    var total = 0.0
+    var tokens = 0
+    for start in stride(from: 0, to: sequences.count, by: batchSize) {
+      let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
+      let tape = Tape<Float>()
+      let out = try network.forward(tape, .tokens(batch))
+      let labels = nextTokenLabels(batch)
+      let counted = labels.filter { $0 >= 0 }.count
+      guard counted > 0 else { continue }
+      total += Double(tape.value(tape.crossEntropy(out.output, labels: labels)).values[0]) * Double(counted)
+      tokens += counted
+    }
+    let loss = total / Double(max(tokens, 1))
+    return (loss, Foundation.exp(loss), tokens)
+  }
+
+  /// Row `b * S + s` predicts token `s + 1` of sequence `b`; -1 where there is none.
+  public static func nextTokenLabels(_ batch: TokenBatch) -> [Int] {
+    batch.ids.indices.map { r in
+      let s = r % batch.sequence
+      return s + 1 < batch.sequence && batch.mask[r + 1] ? batch.ids[r + 1] : -1
+    }
+  }
+
+  static func argmax(_ z: Matrix<Float>, _ row: Int, among classes: some Collection<Int>) -> Int {
+    var best = classes.first ?? 0
+    for c in classes where z[row, c] > z[row, best] { best = c }
+    return best
+  }
+}
