@@ -32,7 +32,7 @@ let package = Package(
     .executableTarget(
       name: "mergekit",
       dependencies: [
-        "Tensor", "Checkpoint", "Merge", "Recipe",
+        "Tensor", "Checkpoint", "Nets", "Merge", "Recipe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
@@ -43,12 +43,15 @@ let package = Package(
     .executableTarget(
       name: "MergeBenchmarks", dependencies: ["Tensor", "Checkpoint", "BenchmarkSupport"],
       path: "Benchmarks/MergeBenchmarks", swiftSettings: optimize),
+    .executableTarget(
+      name: "NetsBenchmarks", dependencies: ["Tensor", "Nets", "BenchmarkSupport"],
+      path: "Benchmarks/NetsBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
     .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "TestSupport"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Tensor", "TestSupport"]),
     .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Checkpoint", "Tensor", "TestSupport"]),
-    .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Tensor"]),
+    .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Nets", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]
 )

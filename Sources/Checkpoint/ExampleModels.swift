@@ -106,21 +106,8 @@ public enum ExampleModels {
 
   /// Writes a model folder: safetensors weights in `dtype`, config.json and generation_config.json.
   public static func writeModel(_ weights: [(name: String, tensor: Tensor)], architecture: Architecture, dtype: DType = .bf16, to folder: String, overwrite: Bool = false) throws {
-    let staging = folder + ".staging-\(getpid())"
-    try? FileManager.default.removeItem(atPath: staging)
-    defer { try? FileManager.default.removeItem(atPath: staging) }
-    do {
-      try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
-      try architecture.configJSON.write(toFile: staging + "/config.json", atomically: true, encoding: .utf8)
-      try "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n".write(toFile: staging + "/generation_config.json", atomically: true, encoding: .utf8)
-    } catch {
-      throw CheckpointError.cannotWrite(file: folder, reason: error.localizedDescription)
-    }
-    let infos = weights.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) }
-    let options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: staging, overwrite: overwrite)
-    let writer = try CheckpointWriter(destination: folder, tensors: infos, options: options)
-    for (name, tensor) in weights { try writer.write(name, tensor.encoded(as: dtype)) }
-    try writer.finish()
+    let files = ["config.json": architecture.configJSON, "generation_config.json": "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n"]
+    try ModelFolder.write(weights, files: files, dtype: dtype, to: folder, overwrite: overwrite)
   }
 
   /// Writes `base`, `finetune-a` and `finetune-b` under `folder`; returns their paths.

@@ -60,6 +60,25 @@ public enum ModelFolder {
     }.sorted()
   }
 
+  /// Writes a model folder: `weights` as safetensors in `dtype` (floating tensors; others as
+  /// they are) and text `files` by name (config.json ...), published atomically.
+  public static func write(_ weights: [(name: String, tensor: Tensor)], files: [String: String], dtype: DType, to folder: String, overwrite: Bool) throws {
+    let staging = folder + ".staging-\(getpid())"
+    try? FileManager.default.removeItem(atPath: staging)
+    defer { try? FileManager.default.removeItem(atPath: staging) }
+    do {
+      try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
+      for (name, text) in files { try text.write(toFile: staging + "/" + name, atomically: true, encoding: .utf8) }
+    } catch {
+      throw CheckpointError.cannotWrite(file: folder, reason: error.localizedDescription)
+    }
+    let infos = weights.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) }
+    let options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: staging, overwrite: overwrite)
+    let writer = try CheckpointWriter(destination: folder, tensors: infos, options: options)
+    for (name, tensor) in weights { try writer.write(name, tensor.encoded(as: dtype)) }
+    try writer.finish()
+  }
+
   /// Copies the non-tensor files of the model folder `source` into `destination`.
   public static func copyAuxiliaryFiles(from source: String, to destination: String) throws {
     guard let folder = modelFolder(of: source) else { return }

@@ -77,7 +77,7 @@ public enum SyntheticTasks {
     public var features = 16
     public var samplesPerClass = 100
     /// Noise around each centre, relative to the spread of the centres.
-    public var noise = 0.6
+    public var noise = 1.0
     public var seed: UInt64 = 0
     public init() {}
   }

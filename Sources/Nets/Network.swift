@@ -57,6 +57,7 @@ public struct Network<T: NetScalar> {
 
   /// Builds the model. Throws `NetsError.missingTensors` listing every absent tensor, or
   /// `.shapeMismatch` for the first wrong shape. Tensors the architecture does not use are ignored.
+  @_specialize(exported: true, where T == Float)
   public init(config: NetworkConfig, tensors: [String: Tensor]) throws {
     self.config = config
     prefix = tensors["bert.embeddings.word_embeddings.weight"] != nil ? "bert." : ""
@@ -84,6 +85,7 @@ public struct Network<T: NetScalar> {
   /// Runs the model on `input`. `bind` turns each weight into a tape node (constant, parameter,
   /// or a computed expression such as aTLAS's base plus scaled task vectors); it is called once
   /// per weight name, so tied weights share one node.
+  @_specialize(exported: true, where T == Float)
   public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: (String, Matrix<T>) -> Var) throws -> NetworkOutput {
     var bound: [String: Var] = [:]
     let weight: (String) -> Var = { name in
@@ -114,6 +116,7 @@ public struct Network<T: NetScalar> {
   }
 
   /// Runs with every weight frozen.
+  @_specialize(exported: true, where T == Float)
   public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>) throws -> NetworkOutput {
     try forward(tape, input) { tape.constant($1) }
   }

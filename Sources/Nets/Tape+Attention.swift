@@ -8,6 +8,7 @@ extension Tape {
   /// reads key/value head `h / (heads / kvHeads)` (grouped-query attention). `causal` hides
   /// later positions; `keyMask` (one flag per row, false = padding) hides padded keys. A query
   /// that sees no key gets zeros.
+  @_specialize(exported: true, where T == Float)
   public func attention(query q: Var, key k: Var, value v: Var, sequence: Int, heads: Int, kvHeads: Int, causal: Bool, keyMask: [Bool]? = nil) -> Var {
     let (qm, km, vm) = (value(q), value(k), value(v))
     let d = qm.columns / heads
@@ -24,10 +25,8 @@ extension Tape {
         let qh = block(qm, b, sequence, h, d)
         let kh = block(km, b, sequence, kv, d)
         var p = qh.matmul(kh, transposeB: true)
-        for i in 0..<sequence {
-          let visible = (0..<sequence).map { j in !(causal && j > i) && (keyMask?[b * sequence + j] ?? true) }
-          softmaxRow(&p, i, scale: scale, visible: visible)
-        }
+        let keys = keyMask.map { Array($0[(b * sequence)..<((b + 1) * sequence)]) } ?? [Bool](repeating: true, count: sequence)
+        for i in 0..<sequence { softmaxRow(&p, i, scale: scale, visible: keys, through: causal ? i : sequence - 1) }
         addBlock(&out, p.matmul(block(vm, b, sequence, kv, d)), b, sequence, h, d)
         probabilities.append(p)
       }
@@ -59,6 +58,7 @@ extension Tape {
   /// Rotary position embedding (Hugging Face's rotate-half layout): within each head of width
   /// `d`, features `i` and `i + d/2` turn by `position * theta^(-2i/d)`. `positions` has one
   /// entry per row.
+  @_specialize(exported: true, where T == Float)
   public func rotary(_ a: Var, positions: [Int], heads: Int, theta: Double) -> Var {
     let x = value(a)
     let d = x.columns / heads
@@ -83,6 +83,7 @@ extension Tape {
   }
 
   /// Per-sequence mean of the rows whose `mask` flag is set (all rows when nil): `batch x columns`.
+  @_specialize(exported: true, where T == Float)
   public func meanPool(_ a: Var, sequence: Int, mask: [Bool]? = nil) -> Var {
     let x = value(a)
     let batch = x.rows / sequence
@@ -115,22 +116,27 @@ extension Tape {
     for s in 0..<sequence { for c in 0..<d { m.values[(b * sequence + s) * m.columns + head * d + c] += part.values[s * d + c] } }
   }
 
-  /// Row `i` of `scores` becomes `softmax(scale * scores)` over the visible columns (zeros elsewhere).
-  private func softmaxRow(_ scores: inout Matrix<T>, _ i: Int, scale: T, visible: [Bool]) {
+  /// Row `i` of `scores` becomes `softmax(scale * scores)` over the columns `j <= last` with
+  /// `visible[j]` (zeros elsewhere).
+  private func softmaxRow(_ scores: inout Matrix<T>, _ i: Int, scale: T, visible: [Bool], through last: Int) {
     let n = scores.columns
-    var largest = -T.infinity
-    for j in 0..<n where visible[j] { largest = max(largest, scores[i, j] * scale) }
-    guard largest > -T.infinity else {
-      for j in 0..<n { scores[i, j] = 0 }
-      return
+    scores.values.withUnsafeMutableBufferPointer { all in
+      let row = UnsafeMutableBufferPointer(rebasing: all[(i * n)..<((i + 1) * n)])
+      var largest = -T.infinity
+      for j in 0...last where visible[j] { largest = max(largest, row[j] * scale) }
+      guard largest > -T.infinity else {
+        for j in 0..<n { row[j] = 0 }
+        return
+      }
+      var total: T = 0
+      for j in 0..<n {
+        let e = j <= last && visible[j] ? T.exp(row[j] * scale - largest) : 0
+        row[j] = e
+        total += e
+      }
+      let inverse = 1 / total
+      for j in 0..<n { row[j] *= inverse }
     }
-    var total: T = 0
-    for j in 0..<n {
-      let e = visible[j] ? T.exp(scores[i, j] * scale - largest) : 0
-      scores[i, j] = e
-      total += e
-    }
-    for j in 0..<n { scores[i, j] /= total }
   }
 
   /// cos and sin of `position * theta^(-2i/d)`, computed in Double, per row and pair `i`.

@@ -1,6 +1,7 @@
 /// Matrix products and lookups.
 extension Tape {
   /// `op(a) * op(b)`.
+  @_specialize(exported: true, where T == Float)
   public func matmul(_ a: Var, _ b: Var, transposeA: Bool = false, transposeB: Bool = false) -> Var {
     let (x, y) = (value(a), value(b))
     let out = x.matmul(y, transposeSelf: transposeA, transposeB: transposeB)
@@ -17,6 +18,7 @@ extension Tape {
 
   /// A linear layer, `x W^T + b`, with `W` stored `out x in` (Hugging Face / PyTorch layout)
   /// and `b` a `1 x out` row.
+  @_specialize(exported: true, where T == Float)
   public func linear(_ x: Var, weight: Var, bias: Var? = nil) -> Var {
     precondition(value(x).columns == value(weight).columns, "linear: input has \(value(x).columns) features, weight is \(value(weight).rows) x \(value(weight).columns)")
     let y = matmul(x, weight, transposeB: true)
@@ -25,6 +27,7 @@ extension Tape {
 
   /// Rows of `table` (`vocabulary x width`) picked by `ids`: an embedding lookup. Gradients
   /// are added back into the picked rows.
+  @_specialize(exported: true, where T == Float)
   public func embedding(_ ids: [Int], table: Var) -> Var {
     let t = value(table)
     var out = Matrix<T>(zeros: ids.count, t.columns)
@@ -40,6 +43,7 @@ extension Tape {
   }
 
   /// Columns `range` of `a` (one head of a projection, one half of a fused weight).
+  @_specialize(exported: true, where T == Float)
   public func columns(_ a: Var, _ range: Range<Int>) -> Var {
     let x = value(a)
     var out = Matrix<T>(zeros: x.rows, range.count)

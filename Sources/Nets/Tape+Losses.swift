@@ -2,6 +2,7 @@
 extension Tape {
   /// Softmax cross-entropy of `logits` (`rows x classes`) against integer labels, averaged over
   /// the rows whose label is not negative (a negative label, like PyTorch's -100, is ignored).
+  @_specialize(exported: true, where T == Float)
   public func crossEntropy(_ logits: Var, labels: [Int]) -> Var {
     let z = value(logits)
     precondition(labels.count == z.rows, "crossEntropy: \(labels.count) labels for \(z.rows) rows")
@@ -24,6 +25,7 @@ extension Tape {
   }
 
   /// Mean squared error over all elements, `mean((a - b)^2)` (feature distillation).
+  @_specialize(exported: true, where T == Float)
   public func meanSquaredError(_ a: Var, _ b: Var) -> Var {
     let difference = subtract(a, b)
     return mean(multiply(difference, difference))
@@ -32,6 +34,7 @@ extension Tape {
   /// `KL(softmax(teacher / t) || softmax(student / t))` averaged over rows, times `t^2` (the
   /// usual distillation scaling, so gradients keep their size across temperatures).
   /// `teacher` is a constant matrix of logits.
+  @_specialize(exported: true, where T == Float)
   public func klDivergence(teacher: Matrix<T>, student: Var, temperature: T = 1) -> Var {
     let s = value(student)
     precondition(teacher.rows == s.rows && teacher.columns == s.columns, "klDivergence shapes")
@@ -51,6 +54,7 @@ extension Tape {
 
   /// Mean entropy of the predicted distributions, `-sum p log p` per row (unsupervised
   /// test-time adaptation minimises it).
+  @_specialize(exported: true, where T == Float)
   public func entropy(_ logits: Var) -> Var {
     let z = value(logits)
     let p = softmax(z)
@@ -70,6 +74,7 @@ extension Tape {
 }
 
 /// Row-wise softmax, stable (the row maximum is subtracted first).
+@_specialize(exported: true, where T == Float)
 public func softmax<T: NetScalar>(_ z: Matrix<T>) -> Matrix<T> {
   var p = z
   for r in 0..<z.rows {

@@ -65,7 +65,7 @@ struct ConvertCommand: ParsableCommand {
     let progress = Progress("convert", quiet: quiet)
     try copyCheckpoint(
       from: source, to: output, selection: try TensorSelection(select: select, drop: drop, renames: rename),
-      castTo: dtype.flatMap { DType(userSpelling: $0) }, options: options, progress: progress.update)
+      castTo: dtype.flatMap { DType(userSpelling: $0) }, options: options, progress: { progress.update($0, $1) })
     progress.finish()
   }
 }

@@ -54,7 +54,7 @@ struct OutputOptions: ParsableArguments {
     var options = WriteOptions(format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata, overwrite: overwrite)
     options.copyFilesFrom = ModelFolder.modelFolder(of: base ?? models[0])
     let progress = Progress(label, quiet: quiet)
-    try MergeRunner.run(plan, to: output, options: options, progress: progress.update)
+    try MergeRunner.run(plan, to: output, options: options, progress: { progress.update($0, $1) })
     progress.finish()
   }
 

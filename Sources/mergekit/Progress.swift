@@ -17,13 +17,22 @@ final class Progress {
   private var hasPrinted = false
   private static let quietPeriod: TimeInterval = 0.5
 
-  init(_ label: String, quiet: Bool = false) {
-    self.label = label
-    self.quiet = quiet
+  /// What `update` counts: bytes (rates in B/s) or named items (training batches).
+  enum Unit {
+    case bytes
+    case items(String)
   }
 
-  /// Reports `done` of `total` bytes.
-  func update(_ done: Int, _ total: Int) {
+  private let unit: Unit
+
+  init(_ label: String, quiet: Bool = false, unit: Unit = .bytes) {
+    self.label = label
+    self.quiet = quiet
+    self.unit = unit
+  }
+
+  /// Reports `done` of `total` units, with an optional note (the running loss).
+  func update(_ done: Int, _ total: Int, note: String? = nil) {
     guard !quiet, total > 0 else { return }
     let fraction = min(1, Double(done) / Double(total))
     let elapsed = Date().timeIntervalSince(start)
@@ -31,7 +40,12 @@ final class Progress {
     hasPrinted = true
     let rate = elapsed > 0 ? Double(done) / elapsed : 0
     let eta = rate > 0 ? Double(total - done) / rate : 0
-    let figures = String(format: "%3.0f%%  %@/s  ETA %@", fraction * 100, formatBytes(Int(rate)), Self.duration(eta))
+    let speed: String
+    switch unit {
+    case .bytes: speed = formatBytes(Int(rate)) + "/s"
+    case .items(let name): speed = String(format: "%.1f %@/s", rate, name)
+    }
+    let figures = String(format: "%3.0f%%  %@  ETA %@", fraction * 100, speed, Self.duration(eta)) + (note.map { "  " + $0 } ?? "")
     if isTerminal {
       guard Date().timeIntervalSince(lastDraw) > 0.1 || done == total else { return }
       lastDraw = Date()

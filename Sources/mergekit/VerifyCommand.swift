@@ -23,7 +23,7 @@ struct VerifyCommand: ParsableCommand {
   func run() throws {
     let model = try openCheckpoint(path, base: try openBase(base))
     let progress = Progress("verify", quiet: quiet)
-    try model.verify(progress: progress.update)
+    try model.verify(progress: { progress.update($0, $1) })
     progress.finish()
     print("OK: \(path): \(model.tensors.count) tensors, \(formatBytes(model.totalByteCount)) verified")
   }

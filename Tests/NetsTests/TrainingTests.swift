@@ -9,6 +9,7 @@ import Testing
     var options = SyntheticTasks.Options()
     options.tasks = 2
     options.classesPerTask = 4
+    options.noise = 0.6
     let train = try SyntheticTasks.make(options, split: "train")
     let test = try SyntheticTasks.make(options, split: "test")
     #expect(train.count == 800 && train.classCount == 8 && train.taskIDs == [0, 1])

@@ -1,0 +1,87 @@
+import Checkpoint
+import Foundation
+import Nets
+import Tensor
+import Testing
+
+@testable import TestSupport
+
+@Suite(.serialized) struct NetworkCommandTests {
+  func json(_ result: CLI.Result) throws -> [String: Any] {
+    try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as! [String: Any]
+  }
+
+  @Test func syntheticDataTrainEvalFineTuneAndStatistics() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let (train, test) = (folder.file("train.safetensors"), folder.file("test.safetensors"))
+    #expect(try CLI.run("synthetic-data", "-o", train, "--noise", "0.6").status == 0)
+    #expect(try CLI.run("synthetic-data", "-o", test, "--noise", "0.6", "--split", "test").status == 0)
+    let trained = try CLI.run("train", "--data", train, "--epochs", "12", "-o", folder.file("mlp"), "-q")
+    #expect(trained.status == 0, "\(trained.stderr)")
+    let evaluation = try json(try CLI.run("eval", folder.file("mlp"), "--data", test, "--json"))
+    #expect((evaluation["accuracy"] as! Double) > 0.9)
+    #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
+
+    // Fine-tune on task 1 only with the first layer frozen: its weights stay bit-identical.
+    let tuned = try CLI.run("train", "--data", train, "--tasks", "1", "--initial", folder.file("mlp"), "--freeze", #"^layers\.0\."#, "--epochs", "2", "-o", folder.file("tuned"), "-q")
+    #expect(tuned.status == 0, "\(tuned.stderr)")
+    let (before, after) = (try openCheckpoint(folder.file("mlp")), try openCheckpoint(folder.file("tuned")))
+    #expect(try before.read("layers.0.weight") == after.read("layers.0.weight"))
+    #expect(try before.read("layers.1.weight") != after.read("layers.1.weight"))
+
+    // Joint statistics of both models' hidden features: the count and the sums match a direct run.
+    let stats = try CLI.run("stats", folder.file("mlp"), folder.file("tuned"), "--data", test, "--at", #"layers\.1\.hidden$"#, "-o", folder.file("stats.safetensors"), "-q")
+    #expect(stats.status == 0, "\(stats.stderr)")
+    let saved = try openCheckpoint(folder.file("stats.safetensors"))
+    #expect(try saved.info("layers.1.hidden.products").shape == [128, 128])
+    let table = try DataFiles.readLabeled(test)
+    var direct = [Double](repeating: 0, count: 128)
+    for (k, path) in ["mlp", "tuned"].enumerated() {
+      let network = try Network<Float>(config: try NetworkConfig(json: Data(contentsOf: URL(fileURLWithPath: folder.file(path + "/config.json")))),
+        tensors: Dictionary(uniqueKeysWithValues: try openCheckpoint(folder.file(path)).tensors.map { ($0.name, try openCheckpoint(folder.file(path)).tensor(named: $0.name)) }))
+      let tape = Tape<Float>()
+      let hidden = tape.value(try network.forward(tape, .features(Matrix(rows: table.rows, columns: table.columns, values: table.features))).points(matching: #"layers\.1\.hidden$"#)[0].value)
+      for r in 0..<hidden.rows { for c in 0..<64 { direct[k * 64 + c] += Double(hidden[r, c]) } }
+    }
+    let sums = try saved.tensor(named: "layers.1.hidden.sum").scalars
+    #expect(try saved.tensor(named: "layers.1.hidden.count").scalars == [Float(table.rows)])
+    #expect(zip(sums, direct).allSatisfy { abs(Double($0) - $1) <= 1e-4 * max(1, abs($1)) })
+  }
+
+  @Test func aRandomLanguageModelHasAPerplexityNearItsVocabulary() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    #expect(try CLI.run("example", folder.file("ex")).status == 0)
+    let lines = (0..<4).map { s in "[" + (0..<12).map { String(($0 * 37 + s * 101) % 2048) }.joined(separator: ", ") + "]" }
+    try lines.joined(separator: "\n").write(toFile: folder.file("tokens.jsonl"), atomically: true, encoding: .utf8)
+    let result = try CLI.run("eval", folder.file("ex/base"), "--data", folder.file("tokens.jsonl"), "--json")
+    #expect(result.status == 0, "\(result.stderr)")
+    let figures = try json(result)
+    // The final RMSNorm gives unit-RMS features and the head has weights of scale 0.02 over 256
+    // of them, so logits are about N(0, 0.32^2): the expected loss is log(2048) + 0.32^2 / 2.
+    // Over 44 tokens the label logits' mean has a standard deviation of 0.32 / sqrt(44) = 0.05.
+    #expect(figures["tokens"] as! Int == 44)
+    let loss = figures["loss"] as! Double
+    #expect(abs(loss - (log(2048) + 0.32 * 0.32 / 2)) < 0.15)
+    #expect(abs((figures["perplexity"] as! Double) - exp(loss)) < 1e-6 * exp(loss))
+  }
+
+  @Test func badDataIsNamedAndWritesNothing() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let data = folder.file("d.safetensors")
+    #expect(try CLI.run("synthetic-data", "-o", data, "--features", "5", "--samples-per-class", "4").status == 0)
+    #expect(try CLI.run("train", "--data", data, "--epochs", "1", "-o", folder.file("m"), "-q").status == 0)
+    try "1,2,3,0\n4,5,x,1\n".write(toFile: folder.file("bad.csv"), atomically: true, encoding: .utf8)
+    let csv = try CLI.run("train", "--data", folder.file("bad.csv"), "-o", folder.file("m2"), "-q")
+    #expect(csv.status == 1 && csv.stderr.contains("bad.csv: line 2, field 3: 'x' is not a number"), "\(csv.stderr)")
+    let other = folder.file("other.safetensors")
+    #expect(try CLI.run("synthetic-data", "-o", other, "--features", "7", "--samples-per-class", "4").status == 0)
+    let mismatch = try CLI.run("eval", folder.file("m"), "--data", other)
+    #expect(mismatch.status == 1 && mismatch.stderr.contains("takes 5 features, the data has 7"), "\(mismatch.stderr)")
+    #expect(try CLI.run("stats", folder.file("m"), "--data", data, "--at", "nothing-matches", "-o", folder.file("s.safetensors")).status == 64)
+    #expect(try CLI.run("train", "--data", data, "--optimizer", "lbfgs", "-o", folder.file("m3")).status == 64)
+    #expect(!FileManager.default.fileExists(atPath: folder.file("m2")) && !FileManager.default.fileExists(atPath: folder.file("s.safetensors")))
+  }
+}
