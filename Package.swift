@@ -48,7 +48,7 @@ let package = Package(
       path: "Benchmarks/NetsBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
-    .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "TestSupport"]),
+    .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Tensor", "TestSupport"]),
     .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Nets", "Tensor"]),
