@@ -17,6 +17,11 @@ public struct LabeledFeatures: Sendable, Equatable {
       throw NetsError.invalidData(file: source, reason: "\(labels.count) labels but \(tasks!.count) task ids")
     }
     if let bad = labels.first(where: { $0 < 0 }) { throw NetsError.invalidData(file: source, reason: "negative label \(bad)") }
+    self.init(checked: features, labels, tasks)
+  }
+
+  /// Rows already known to agree (a subset of checked data).
+  private init(checked features: Matrix<Float>, _ labels: [Int], _ tasks: [Int]?) {
     self.features = features
     self.labels = labels
     self.tasks = tasks
@@ -32,8 +37,7 @@ public struct LabeledFeatures: Sendable, Equatable {
     var values: [Float] = []
     values.reserveCapacity(indices.count * features.columns)
     for i in indices { values += features.values[(i * features.columns)..<((i + 1) * features.columns)] }
-    // Counts agree by construction.
-    return try! LabeledFeatures(features: Matrix(rows: indices.count, columns: features.columns, values: values), labels: indices.map { labels[$0] }, tasks: tasks.map { t in indices.map { t[$0] } })
+    return LabeledFeatures(checked: Matrix(rows: indices.count, columns: features.columns, values: values), indices.map { labels[$0] }, tasks.map { t in indices.map { t[$0] } })
   }
 
   /// The rows of the given tasks.

@@ -46,8 +46,7 @@ extension Network {
       let rng = CounterRNG(seed: seed, stream: name)
       tensors[name] = Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { (2 * rng.uniform(UInt64($0)) - 1) * bound })
     }
-    // The shapes are the architecture's own.
-    return try! Network(config: .mlp(c), tensors: tensors)
+    return Network(config: .mlp(c), weights: tensors.mapValues { Matrix($0) })
   }
 }
 

@@ -73,6 +73,13 @@ public struct Network<T: NetScalar> {
     self.weights = weights
   }
 
+  /// Weights already in the architecture's shapes (a freshly initialised model).
+  init(config: NetworkConfig, weights: [String: Matrix<T>]) {
+    self.config = config
+    self.weights = weights
+    prefix = ""
+  }
+
   /// Every tensor the architecture reads, with its shape (the Hugging Face layout).
   public static func expectedShapes(_ config: NetworkConfig, prefix: String = "") -> [(name: String, shape: [Int])] {
     switch config {
