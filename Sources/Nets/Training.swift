@@ -38,6 +38,10 @@ public struct Evaluation: Sendable {
   public let count: Int
   public let loss: Double
   public let accuracy: Double
+  /// With several tasks, ZipIt's joint accuracy: softmax within each task's classes, then the
+  /// class with the highest of those probabilities (so tasks compete on confidence, not on raw
+  /// logit scale); equal to `accuracy`'s argmax with one task.
+  public let jointAccuracy: Double
   public let tasks: [Task]
 }
 
@@ -112,6 +116,16 @@ public enum Training {
       if argmax(z, r, among: 0..<z.columns) == data.labels[r] { correct += 1 }
     }
     let classes = data.classesByTask
+    var jointCorrect = 0
+    for r in 0..<data.count {
+      var best = (score: -1.0, label: 0)
+      for own in classes.values {
+        let top = own.map { Double(z[r, $0]) }.max() ?? 0
+        let total = own.reduce(0.0) { $0 + Foundation.exp(Double(z[r, $1]) - top) }
+        for c in own where Foundation.exp(Double(z[r, c]) - top) / total > best.score { best = (Foundation.exp(Double(z[r, c]) - top) / total, c) }
+      }
+      if best.label == data.labels[r] { jointCorrect += 1 }
+    }
     let tasks = data.taskIDs.map { task -> Evaluation.Task in
       let rows = data.labels.indices.filter { (data.tasks?[$0] ?? 0) == task }
       let own = classes[task] ?? []
@@ -119,7 +133,8 @@ public enum Training {
       let rightWithin = rows.filter { argmax(z, $0, among: own) == data.labels[$0] }.count
       return Evaluation.Task(task: task, count: rows.count, accuracy: Double(right) / Double(max(rows.count, 1)), accuracyWithinTask: Double(rightWithin) / Double(max(rows.count, 1)))
     }
-    return Evaluation(count: data.count, loss: loss / Double(max(data.count, 1)), accuracy: Double(correct) / Double(max(data.count, 1)), tasks: tasks)
+    let rows = Double(max(data.count, 1))
+    return Evaluation(count: data.count, loss: loss / rows, accuracy: Double(correct) / rows, jointAccuracy: classes.count > 1 ? Double(jointCorrect) / rows : Double(correct) / rows, tasks: tasks)
   }
 
   /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.

@@ -48,7 +48,7 @@ enum MergekitConfig {
     if let basePath, method.base != .unused { inputs.insert((basePath, basePath), at: 0) }
     let step = Recipe.Step(
       label: "merged", operation: method.name, base: method.base == .unused ? nil : basePath, models: models, global: global, perModel: perModel,
-      dtype: dtype, select: nil, drop: nil, renames: [], location: "merge_method")
+      dtype: dtype, select: nil, drop: nil, renames: [], data: nil, location: "merge_method")
     return Recipe(
       inputs: inputs, steps: [step], outputs: [Recipe.Output(label: "merged", path: output, format: nil, dtype: dtype, shardSize: nil, location: "output")], source: root.file)
   }

@@ -3,7 +3,8 @@ import Merge
 import Yams
 
 /// A recipe: named inputs, steps that each run one operation (a merge method, `task-vector`,
-/// `apply` or `convert`) on earlier inputs or step results, and outputs written from any of them.
+/// `apply`, `convert`, or a data-driven step: `synthetic-data`, `train`, `zip`, `eval`) on
+/// earlier inputs or step results, and outputs written from any of them.
 ///
 /// ```yaml
 /// inputs:
@@ -36,6 +37,8 @@ public struct Recipe: Sendable {
     public var select: String?
     public var drop: String?
     public var renames: [String]
+    /// Data set of a data-driven step (`train`, `zip`, `eval`): a label or a path.
+    public var data: String?
     /// Where the step sits in the file, for errors (`steps[1]`).
     public var location: String
   }
@@ -182,7 +185,7 @@ extension Recipe {
     for (label, value) in try top["inputs"]?.map() ?? [] { inputs.append((label, try value.string())) }
     var steps: [Step] = []
     for item in try top["steps"]?.list() ?? [] {
-      let f = try item.fields(["name", "method", "base", "models", "model", "parameters", "dtype", "select", "drop", "rename"])
+      let f = try item.fields(["name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename"])
       guard let label = try f["name"]?.string() else { throw item.fail("a step needs a 'name' (its result's label)") }
       guard let operation = try f["method"]?.string() else { throw item.fail("a step needs a 'method' (a merge method, task-vector, apply or convert)") }
       var models: [String] = []
@@ -206,7 +209,8 @@ extension Recipe {
         Step(
           label: label, operation: operation, base: try f["base"]?.string(), models: models, global: try f["parameters"]?.parameters() ?? [:],
           perModel: perModel, dtype: try f["dtype"]?.string(), select: try f["select"]?.string(), drop: try f["drop"]?.string(),
-          renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [], location: item.path))
+          renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [], data: try f["data"]?.string(),
+          location: item.path))
     }
     var outputs: [Output] = []
     for (label, value) in try top["outputs"]?.map() ?? [] {

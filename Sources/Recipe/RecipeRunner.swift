@@ -13,7 +13,7 @@ public struct RecipeRunner {
   public let order: [Recipe.Step]
 
   /// Operations that are not merge methods.
-  public static let commands = ["task-vector", "apply", "convert"]
+  public static let commands = ["task-vector", "apply", "convert"] + NetworkSteps.operations
 
   public init(_ recipe: Recipe) throws {
     self.recipe = recipe
@@ -37,8 +37,11 @@ public struct RecipeRunner {
     }
     for step in recipe.steps {
       if let base = step.base { try check(base, at: "\(step.location).base") }
+      if let data = step.data { try check(data, at: "\(step.location).data") }
       for (i, model) in step.models.enumerated() { try check(model, at: "\(step.location).models[\(i)]") }
-      if step.models.isEmpty { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "the step names no models") }
+      if step.models.isEmpty && !["synthetic-data", "train"].contains(step.operation) {
+        throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "the step names no models")
+      }
     }
     for output in recipe.outputs { try check(output.label, at: output.location) }
     for input in recipe.inputs where !FileManager.default.fileExists(atPath: input.path) {
@@ -51,7 +54,7 @@ public struct RecipeRunner {
       if state[step.label] == true { return }
       if state[step.label] == false { throw RecipeError.cycle(file: file, steps: trail.drop { $0 != step.label } + [step.label]) }
       state[step.label] = false
-      for reference in (step.base.map { [$0] } ?? []) + step.models {
+      for reference in (step.base.map { [$0] } ?? []) + (step.data.map { [$0] } ?? []) + step.models {
         if let dependency = stepLabels[reference] { try visit(dependency, trail + [step.label]) }
       }
       state[step.label] = true
@@ -79,7 +82,7 @@ public struct RecipeRunner {
     }
     for step in order {
       let destination = outputs[step.label]
-      let path = destination?.path ?? "\(work)/\(step.label)"
+      let path = destination?.path ?? "\(work)/\(NetworkSteps.operations.contains(step.operation) ? NetworkSteps.spillName(step) : step.label)"
       do {
         try runStep(step, paths: paths, output: destination, to: path, overwrite: overwrite, dryRun: dryRun, report: report, progress: progress)
       } catch let error as RecipeError {
@@ -132,6 +135,13 @@ public struct RecipeRunner {
     _ step: Recipe.Step, paths: [String: String], output: Recipe.Output?, to destination: String, overwrite: Bool, dryRun: Bool, report: (String) -> Void,
     progress: ((String, Int, Int) -> Void)?
   ) throws {
+    if NetworkSteps.operations.contains(step.operation) {
+      let reads = (step.data.map { [reference($0, paths)] } ?? []) + step.models.map { reference($0, paths) }
+      report("\(step.label): \(step.operation)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)")
+      if dryRun { return }
+      try NetworkSteps.run(step, file: recipe.source, model: { reference($0, paths) }, to: destination, overwrite: overwrite || output == nil, report: report)
+      return
+    }
     let basePath = step.base.map { reference($0, paths) }
     let modelPaths = step.models.map { reference($0, paths) }
     let outputType = try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? dtype(step.dtype, at: "\(step.location).dtype")

@@ -2,6 +2,7 @@ import ArgumentParser
 import Checkpoint
 import Foundation
 import Nets
+import Recipe
 import Tensor
 
 /// Where the labelled data comes from, shared by train and eval.
@@ -18,7 +19,17 @@ struct DataOptions: ParsableArguments {
   func validate() throws {
     try requireExisting(data, "data")
     if let labels { try requireExisting(labels, "labels") }
+    _ = try taskList()
   }
+
+  func taskList() throws -> [Int]? { try tasks.map { try parseIntegers($0, "--tasks") } }
+}
+
+/// `1,2,3` as integers (a usage error otherwise).
+func parseIntegers(_ text: String, _ flag: String) throws -> [Int] {
+  let values = text.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+  guard !values.isEmpty, values.allSatisfy({ $0 != nil }) else { throw ValidationError("\(flag) takes integers separated by commas, got '\(text)'") }
+  return values.map { $0! }
 }
 
 struct SyntheticDataCommand: ParsableCommand {
@@ -53,7 +64,7 @@ struct SyntheticDataCommand: ParsableCommand {
     (o.tasks, o.classesPerTask, o.sharedClasses, o.features, o.samplesPerClass, o.noise, o.seed) = (taskCount, classesPerTask, sharedClasses, features, samplesPerClass, noise, seed)
     let data: LabeledFeatures
     do { data = try SyntheticTasks.make(o, split: split) } catch let error as NetsError { throw ValidationError(error.description) }
-    try DataFiles.writeLabeled(FeatureTable(features: data.features.values, columns: data.features.columns, labels: data.labels, tasks: data.tasks), to: output, overwrite: overwrite)
+    try NetworkFiles.writeLabeled(data, to: output, overwrite: overwrite)
     print("\(output): \(data.count) rows, \(data.features.columns) features, \(data.classCount) classes in \(data.taskIDs.count) tasks")
   }
 }
@@ -94,17 +105,17 @@ struct TrainCommand: ParsableCommand {
     guard Optimizer<Float>.Kind(rawValue: optimizer) != nil else { throw ValidationError("unknown --optimizer '\(optimizer)' (use adam or sgd)") }
     guard epochs >= 1, batchSize >= 1, lr > 0 else { throw ValidationError("--epochs, --batch-size and --lr must be positive") }
     if let freeze, (try? Regex(freeze)) == nil { throw ValidationError("--freeze '\(freeze)' is not a valid regular expression") }
-    _ = try NetworkIO.parseIntegers(hidden, "--hidden")
+    _ = try parseIntegers(hidden, "--hidden")
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
   }
 
   func run() throws {
-    let train = try NetworkIO.labeled(data.data, labels: data.labels, tasks: data.tasks)
+    let train = try NetworkFiles.labeled(data.data, labels: data.labels, tasks: try data.taskList())
     var network: Network<Float>
     if let initial {
-      network = try NetworkIO.load(initial)
+      network = try NetworkFiles.load(initial)
     } else {
-      let sizes = [train.features.columns] + (try NetworkIO.parseIntegers(hidden, "--hidden")) + [classes ?? train.classCount]
+      let sizes = [train.features.columns] + (try parseIntegers(hidden, "--hidden")) + [classes ?? train.classCount]
       network = .initializedMLP(MLPConfig(layerSizes: sizes, activation: Activation(configName: activation)!, layerNorm: layerNorm), seed: seed)
     }
     var options = TrainingOptions()
@@ -117,7 +128,7 @@ struct TrainCommand: ParsableCommand {
       progress.update((p.epoch - 1) * p.batches + p.batch, p.epochs * p.batches, note: String(format: "epoch %d  loss %.4f", p.epoch, p.loss))
     }
     progress.finish()
-    try NetworkIO.saveMLP(network, to: output, overwrite: overwrite)
+    try NetworkFiles.saveMLP(network, to: output, overwrite: overwrite)
     let result = try Training.evaluate(network, on: train)
     print(String(format: "%@: %d epochs, final loss %.4f, training accuracy %.2f%%", output, epochs, losses.last ?? 0, result.accuracy * 100))
   }
@@ -129,8 +140,9 @@ struct EvalCommand: ParsableCommand {
     abstract: "Evaluate a model: accuracy and loss on labelled features (per task), or perplexity on token sequences.",
     discussion: """
       For labelled data with several tasks, each task's accuracy is given twice: over all \
-      classes (joint), and with the prediction restricted to the task's own classes (as a \
-      task-specific head would see it).
+      classes, and with the prediction restricted to the task's own classes (as a task-specific \
+      head would see it); and the joint accuracy of ZipIt's protocol: softmax within each \
+      task's classes, then the most probable class overall.
       """)
 
   @Argument(help: "The model (a folder with config.json, or a file with --config).") var model: String
@@ -141,19 +153,20 @@ struct EvalCommand: ParsableCommand {
   func validate() throws { try requireExisting(model, "model") }
 
   func run() throws {
-    let network = try NetworkIO.load(model, config: config)
+    let network = try NetworkFiles.load(model, config: config)
     let ext = URL(fileURLWithPath: data.data).pathExtension.lowercased()
     if case .mlp = network.config {
-      let result = try Training.evaluate(network, on: try NetworkIO.labeled(data.data, labels: data.labels, tasks: data.tasks))
+      let result = try Training.evaluate(network, on: try NetworkFiles.labeled(data.data, labels: data.labels, tasks: try data.taskList()))
       if json {
         try printJSON([
-          "rows": result.count, "loss": result.loss, "accuracy": result.accuracy,
+          "rows": result.count, "loss": result.loss, "accuracy": result.accuracy, "joint_accuracy": result.jointAccuracy,
           "tasks": result.tasks.map { ["task": $0.task, "rows": $0.count, "accuracy": $0.accuracy, "accuracy_within_task": $0.accuracyWithinTask] },
         ])
         return
       }
       print(String(format: "rows %d  loss %.4f  accuracy %.2f%%", result.count, result.loss, result.accuracy * 100))
       if result.tasks.count > 1 {
+        print(String(format: "joint accuracy (softmax within each task's classes) %.2f%%", result.jointAccuracy * 100))
         for t in result.tasks {
           print(String(format: "task %d: rows %d  accuracy %.2f%%  within its classes %.2f%%", t.task, t.count, t.accuracy * 100, t.accuracyWithinTask * 100))
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Checkpoint
 import Foundation
 import Nets
+import Recipe
 import Tensor
 
 struct StatsCommand: ParsableCommand {
@@ -35,7 +36,7 @@ struct StatsCommand: ParsableCommand {
   }
 
   func run() throws {
-    let networks = try models.map { try NetworkIO.load($0) }
+    let networks = try models.map { try NetworkFiles.load($0) }
     if networks.count == 2, networks[0].config != networks[1].config {
       throw ValidationError("'\(models[0])' and '\(models[1])' have different architectures")
     }
@@ -70,7 +71,7 @@ struct StatsCommand: ParsableCommand {
   /// The data as model inputs in batches, with which rows count (padding does not).
   func batches(_ config: NetworkConfig) throws -> [(NetworkInput<Float>, [Bool]?)] {
     if case .mlp = config {
-      let labeled = try NetworkIO.labeled(data.data, labels: data.labels, tasks: data.tasks)
+      let labeled = try NetworkFiles.labeled(data.data, labels: data.labels, tasks: try data.taskList())
       return miniBatches(count: labeled.count, size: batchSize, shuffleSeed: nil).map { (.features(labeled.rows($0).features), nil) }
     }
     let sequences = try DataFiles.readTokens(data.data)

@@ -107,6 +107,15 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     #expect(gradientError([logits, teacher]) { t, v in t.meanSquaredError(v[0], v[1]) } < tolerance)
   }
 
+  @Test func bestHeadScoresOfAMultiHeadModel() {
+    let heads = [randomMatrix(4, 5, "h0", scale: 2), randomMatrix(4, 5, "h1", scale: 2), randomMatrix(4, 5, "h2", scale: 2)]
+    #expect(gradientError(heads) { t, v in t.bestHeadScores(v) } < tolerance)
+    let t = Tape<Double>()
+    let scores = t.value(t.bestHeadScores(heads.map { t.constant($0) }))
+    let p = heads.map { softmax($0) }
+    #expect(abs(scores[2, 3] - log(max(p[0][2, 3], p[1][2, 3], p[2][2, 3]))) < 1e-12)
+  }
+
   /// A whole pre-norm decoder block with a head, every weight checked at once.
   @Test func wholeDecoderBlock() {
     let (sequence, width, heads, kvHeads, hidden, vocabulary) = (4, 8, 4, 2, 12, 6)

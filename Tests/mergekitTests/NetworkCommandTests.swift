@@ -84,4 +84,28 @@ import Testing
     #expect(try CLI.run("train", "--data", data, "--optimizer", "lbfgs", "-o", folder.file("m3")).status == 64)
     #expect(!FileManager.default.fileExists(atPath: folder.file("m2")) && !FileManager.default.fileExists(atPath: folder.file("s.safetensors")))
   }
+
+  @Test func zipWritesARunnableModelAndRefusesMismatches() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let data = folder.file("d.safetensors")
+    #expect(try CLI.run("synthetic-data", "-o", data, "--features", "6", "--samples-per-class", "20").status == 0)
+    for (name, hidden, tasks) in [("a", "16,16", "0"), ("b", "16,16", "1"), ("wide", "17,16", "1")] {
+      #expect(try CLI.run("train", "--data", data, "--tasks", tasks, "--classes", "10", "--hidden", hidden, "--epochs", "3", "-o", folder.file(name), "-q").status == 0)
+    }
+    let zipped = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "1", "-o", folder.file("z"))
+    #expect(zipped.status == 0 && zipped.stdout.contains("1 shared layer, 2 heads"), "\(zipped.stderr)")
+    let evaluation = try json(try CLI.run("eval", folder.file("z"), "--data", data, "--json"))
+    #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
+    let wide = try CLI.run("zip", folder.file("a"), folder.file("wide"), "--data", data, "-o", folder.file("z2"))
+    #expect(wide.status == 1 && wide.stderr.contains("model 2 differs from the first"), "\(wide.stderr)")
+    let stop = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "3", "-o", folder.file("z3"))
+    #expect(stop.status == 1 && stop.stderr.contains("stop layer 3 does not exist"), "\(stop.stderr)")
+    let other = folder.file("other.safetensors")
+    #expect(try CLI.run("synthetic-data", "-o", other, "--features", "7", "--samples-per-class", "4").status == 0)
+    let features = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", other, "-o", folder.file("z4"))
+    #expect(features.status == 1 && features.stderr.contains("takes 6 features, the data has 7"), "\(features.stderr)")
+    #expect(try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--method", "magic", "-o", folder.file("z5")).status == 64)
+    #expect(["z2", "z3", "z4", "z5"].allSatisfy { !FileManager.default.fileExists(atPath: folder.file($0)) })
+  }
 }

@@ -1,0 +1,55 @@
+import Checkpoint
+import Foundation
+import Nets
+import Tensor
+
+/// Loading and saving runnable models and data sets, for the data-driven commands and recipe
+/// steps. Errors are `DataFileError`s naming the file.
+public enum NetworkFiles {
+  /// The config.json of a model: `config` when given, else the one in the model's folder.
+  public static func configPath(model: String, config: String?) throws -> String {
+    if let config { return config }
+    guard let folder = ModelFolder.modelFolder(of: model) else {
+      throw DataFileError(file: model, reason: "a lone tensor file has no config.json; pass the config explicitly")
+    }
+    return folder + "/config.json"
+  }
+
+  /// A model as a runnable network: its config and the tensors the architecture reads.
+  public static func load(_ model: String, config: String? = nil) throws -> Network<Float> {
+    let path = try configPath(model: model, config: config)
+    guard let json = FileManager.default.contents(atPath: path) else { throw DataFileError(file: path, reason: "cannot read the model's config.json") }
+    let networkConfig: NetworkConfig
+    do { networkConfig = try NetworkConfig(json: json) } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
+    let checkpoint = try openCheckpoint(model)
+    let needed = Set(Network<Float>.expectedShapes(networkConfig).map(\.name) + Network<Float>.expectedShapes(networkConfig, prefix: "bert.").map(\.name))
+    var tensors: [String: Tensor] = [:]
+    for info in checkpoint.tensors where needed.contains(info.name) { tensors[info.name] = try checkpoint.tensor(named: info.name) }
+    do { return try Network(config: networkConfig, tensors: tensors) } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
+  }
+
+  /// Saves an MLP as a model folder (config.json and f32 safetensors).
+  public static func saveMLP(_ network: Network<Float>, to folder: String, overwrite: Bool) throws {
+    guard case .mlp(let config) = network.config else { throw DataFileError(file: folder, reason: "only MLPs are written as new models") }
+    try ModelFolder.write(network.tensors, files: ["config.json": config.json], dtype: .f32, to: folder, overwrite: overwrite)
+  }
+
+  /// Labelled features from a data file, optionally only the rows of some tasks.
+  public static func labeled(_ path: String, labels: String? = nil, tasks: [Int]? = nil) throws -> LabeledFeatures {
+    let table = try DataFiles.readLabeled(path, labels: labels)
+    var data: LabeledFeatures
+    do {
+      data = try LabeledFeatures(features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels, tasks: table.tasks, source: path)
+    } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
+    if let tasks {
+      data = data.tasks(Set(tasks))
+      guard data.count > 0 else { throw DataFileError(file: path, reason: "no rows belong to tasks \(tasks.map(String.init).joined(separator: ","))") }
+    }
+    return data
+  }
+
+  /// Writes labelled features as safetensors.
+  public static func writeLabeled(_ data: LabeledFeatures, to path: String, overwrite: Bool) throws {
+    try DataFiles.writeLabeled(FeatureTable(features: data.features.values, columns: data.features.columns, labels: data.labels, tasks: data.tasks), to: path, overwrite: overwrite)
+  }
+}

@@ -1,0 +1,152 @@
+import Checkpoint
+import Foundation
+import Merge
+import Nets
+
+/// Recipe steps that make data sets and models by computation rather than merge tensors:
+///
+/// | method | reads | parameters | result |
+/// | --- | --- | --- | --- |
+/// | `synthetic-data` | | `tasks`, `classes_per_task`, `shared_classes`, `features`, `samples_per_class`, `noise`, `seed`, `split` | a data set (`.safetensors`) |
+/// | `train` | `data`, optionally `model` (fine-tune) | `hidden`, `classes`, `activation`, `layer_norm`, `epochs`, `batch_size`, `optimizer`, `lr`, `momentum`, `weight_decay`, `clip`, `seed`, `tasks` | an MLP |
+/// | `zip` | `models`, `data` | `method` (zipit, permute, average), `alpha`, `beta`, `stop_at`, `keep_heads` | an MLP |
+/// | `eval` | `model`, `data` | `tasks` | a JSON report (also printed) |
+enum NetworkSteps {
+  static let operations = ["synthetic-data", "train", "zip", "eval"]
+
+  /// Where a step's result goes when it is not an output: data sets and reports need a file name.
+  static func spillName(_ step: Recipe.Step) -> String {
+    switch step.operation {
+    case "synthetic-data": return step.label + ".safetensors"
+    case "eval": return step.label + ".json"
+    default: return step.label
+    }
+  }
+
+  /// Parameter access with errors naming the YAML path.
+  struct Parameters {
+    let step: Recipe.Step
+    let file: String
+    let allowed: [String]
+
+    init(_ step: Recipe.Step, file: String, allowed: [String]) throws {
+      self.step = step
+      self.file = file
+      self.allowed = allowed
+      if let unknown = step.global.keys.sorted().first(where: { !allowed.contains($0) }) {
+        throw fail(unknown, "unknown parameter for \(step.operation); expected one of \(allowed.joined(separator: ", "))")
+      }
+    }
+
+    func fail(_ key: String, _ reason: String) -> RecipeError { .invalid(file: file, path: "\(step.location).parameters.\(key)", line: nil, reason: reason) }
+
+    func number(_ key: String) throws -> Double? {
+      guard let value = step.global[key] else { return nil }
+      guard case .number(let x) = value else { throw fail(key, "expected a number") }
+      return x
+    }
+
+    func int(_ key: String, _ fallback: Int, minimum: Int = 1) throws -> Int {
+      guard let x = try number(key) else { return fallback }
+      guard let n = Int(exactly: x), n >= minimum else { throw fail(key, "expected an integer of at least \(minimum)") }
+      return n
+    }
+
+    func integers(_ key: String) throws -> [Int]? {
+      switch step.global[key] {
+      case nil: return nil
+      case .number(let x)?: return [Int(x)]
+      case .gradient(let xs)?: return xs.map { Int($0) }
+      default: throw fail(key, "expected an integer or a list of integers")
+      }
+    }
+
+    func text(_ key: String) throws -> String? {
+      guard let value = step.global[key] else { return nil }
+      guard case .text(let s) = value else { throw fail(key, "expected a word") }
+      return s
+    }
+
+    func flag(_ key: String) throws -> Bool {
+      guard let value = step.global[key] else { return false }
+      guard case .flag(let b) = value else { throw fail(key, "expected true or false") }
+      return b
+    }
+  }
+
+  static func run(_ step: Recipe.Step, file: String, model: (String) -> String, to destination: String, overwrite: Bool, report: (String) -> Void) throws {
+    func data() throws -> String {
+      guard let data = step.data else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "\(step.operation) needs 'data'") }
+      return model(data)
+    }
+    switch step.operation {
+    case "synthetic-data":
+      let p = try Parameters(step, file: file, allowed: ["tasks", "classes_per_task", "shared_classes", "features", "samples_per_class", "noise", "seed", "split"])
+      var o = SyntheticTasks.Options()
+      o.tasks = try p.int("tasks", o.tasks)
+      o.classesPerTask = try p.int("classes_per_task", o.classesPerTask, minimum: 2)
+      o.sharedClasses = try p.int("shared_classes", 0, minimum: 0)
+      o.features = try p.int("features", o.features, minimum: 2)
+      o.samplesPerClass = try p.int("samples_per_class", o.samplesPerClass)
+      o.noise = try p.number("noise") ?? o.noise
+      o.seed = UInt64(try p.int("seed", 0, minimum: 0))
+      let set = try SyntheticTasks.make(o, split: try p.text("split") ?? "train")
+      try NetworkFiles.writeLabeled(set, to: destination, overwrite: overwrite)
+      report("  \(set.count) rows, \(set.classCount) classes in \(set.taskIDs.count) tasks")
+    case "train":
+      let p = try Parameters(
+        step, file: file,
+        allowed: ["hidden", "classes", "activation", "layer_norm", "epochs", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "clip", "seed", "tasks"])
+      let set = try NetworkFiles.labeled(try data(), tasks: try p.integers("tasks"))
+      var network: Network<Float>
+      if let initial = step.models.first {
+        network = try NetworkFiles.load(model(initial))
+      } else {
+        guard let activation = Activation(configName: try p.text("activation") ?? "relu") else { throw p.fail("activation", "unknown activation") }
+        let sizes = [set.features.columns] + (try p.integers("hidden") ?? [64, 64]) + [try p.int("classes", set.classCount)]
+        network = .initializedMLP(MLPConfig(layerSizes: sizes, activation: activation, layerNorm: try p.flag("layer_norm")), seed: UInt64(try p.int("seed", 0, minimum: 0)))
+      }
+      var options = TrainingOptions()
+      options.epochs = try p.int("epochs", options.epochs)
+      options.batchSize = try p.int("batch_size", options.batchSize)
+      guard let kind = Optimizer<Float>.Kind(rawValue: try p.text("optimizer") ?? "adam") else { throw p.fail("optimizer", "use adam or sgd") }
+      options.optimizer = kind
+      options.learningRate = Float(try p.number("lr") ?? Double(options.learningRate))
+      options.momentum = Float(try p.number("momentum") ?? Double(options.momentum))
+      options.weightDecay = Float(try p.number("weight_decay") ?? 0)
+      options.clipNorm = try p.number("clip").map { Float($0) }
+      options.seed = UInt64(try p.int("seed", 0, minimum: 0))
+      let losses = try Training.classify(&network, on: set, options: options)
+      try NetworkFiles.saveMLP(network, to: destination, overwrite: overwrite)
+      report(String(format: "  %d epochs, final loss %.4f", options.epochs, losses.last ?? 0))
+    case "zip":
+      let p = try Parameters(step, file: file, allowed: ["method", "alpha", "beta", "stop_at", "keep_heads"])
+      var options = ZipIt.Options()
+      guard let method = ZipIt.Method(rawValue: try p.text("method") ?? "zipit") else { throw p.fail("method", "use zipit, permute or average") }
+      options.method = method
+      options.alpha = try p.number("alpha") ?? options.alpha
+      options.beta = try p.number("beta") ?? options.beta
+      options.stop = try p.number("stop_at") == nil ? nil : try p.int("stop_at", 1)
+      options.keepHeads = try p.flag("keep_heads")
+      let networks = try step.models.map { try NetworkFiles.load(model($0)) }
+      let zipped = try ZipIt.zip(networks, inputs: try NetworkFiles.labeled(try data()).features, options: options)
+      try NetworkFiles.saveMLP(zipped, to: destination, overwrite: overwrite)
+    case "eval":
+      let p = try Parameters(step, file: file, allowed: ["tasks"])
+      guard step.models.count == 1 else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "eval takes one model") }
+      let result = try Training.evaluate(try NetworkFiles.load(model(step.models[0])), on: try NetworkFiles.labeled(try data(), tasks: try p.integers("tasks")))
+      var lines = [String(format: "  accuracy %.2f%%, joint accuracy %.2f%%, loss %.4f", result.accuracy * 100, result.jointAccuracy * 100, result.loss)]
+      lines += result.tasks.map { String(format: "  task %d: accuracy %.2f%%, within its classes %.2f%%", $0.task, $0.accuracy * 100, $0.accuracyWithinTask * 100) }
+      lines.forEach(report)
+      let json: [String: Any] = [
+        "model": step.models[0], "accuracy": result.accuracy, "joint_accuracy": result.jointAccuracy, "loss": result.loss,
+        "tasks": result.tasks.map { ["task": $0.task, "accuracy": $0.accuracy, "accuracy_within_task": $0.accuracyWithinTask] },
+      ]
+      let bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
+      guard overwrite || !FileManager.default.fileExists(atPath: destination) else { throw CheckpointError.outputExists(path: destination) }
+      do { try bytes.write(to: URL(fileURLWithPath: destination), options: .atomic) } catch { throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription) }
+    default:
+      preconditionFailure("not a network step: \(step.operation)")
+    }
+  }
+}

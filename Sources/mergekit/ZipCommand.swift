@@ -1,0 +1,51 @@
+import ArgumentParser
+import Checkpoint
+import Foundation
+import Merge
+import Nets
+import Recipe
+
+struct ZipCommand: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "zip",
+    abstract: "ZipIt!: merge MLPs trained on different tasks (and from different inits) by matching their features.",
+    discussion: """
+      Runs every model over the data's features (labels unused) to correlate their hidden \
+      features, matches them (zipit: greedy zip across and within models; permute: one-to-one \
+      Hungarian matching to the first model; average: same-index units), and folds the matching \
+      into the weights. --stop-at K zips the first K hidden layers and keeps the rest of every \
+      model as a head (partial zipping; the result scores each class by its best head); \
+      --keep-heads keeps separate output layers after zipping every hidden layer. Paper: \
+      Stoica, Bolya et al., ZipIt!, ICLR 2024 (arXiv:2305.03053).
+      """)
+
+  @Argument(help: "Two or more MLPs of one architecture.") var models: [String]
+  @OptionGroup var data: DataOptions
+  @Option(help: "Matching: zipit, permute or average.") var method = "zipit"
+  @Option(help: "ZipIt's alpha: how strongly a merged feature competes again (0 never).") var alpha = 0.3
+  @Option(help: "ZipIt's beta: share of each model's merges allowed within itself.") var beta = 0.125
+  @Option(help: "Zip only the first K hidden layers (1...); the rest of each model becomes a head.") var stopAt: Int?
+  @Flag(help: "Keep each model's output layer as a head.") var keepHeads = false
+  @Option(name: .shortAndLong, help: "Output model folder.") var output: String
+  @Flag(help: "Replace an existing output.") var overwrite = false
+
+  func validate() throws {
+    guard models.count >= 2 else { throw ValidationError("give at least two models to zip") }
+    for m in models { try requireExisting(m, "model") }
+    guard ZipIt.Method(rawValue: method) != nil else { throw ValidationError("unknown --method '\(method)' (use zipit, permute or average)") }
+    guard alpha >= 0, (0...1).contains(beta) else { throw ValidationError("--alpha must be >= 0 and --beta within [0, 1]") }
+    if let stopAt, stopAt < 1 { throw ValidationError("--stop-at counts hidden layers from 1") }
+    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+  }
+
+  func run() throws {
+    let networks = try models.map { try NetworkFiles.load($0) }
+    let inputs = try NetworkFiles.labeled(data.data, labels: data.labels, tasks: try data.taskList()).features
+    var options = ZipIt.Options()
+    (options.method, options.alpha, options.beta, options.stop, options.keepHeads) = (ZipIt.Method(rawValue: method)!, alpha, beta, stopAt, keepHeads)
+    let zipped = try ZipIt.zip(networks, inputs: inputs, options: options)
+    try NetworkFiles.saveMLP(zipped, to: output, overwrite: overwrite)
+    guard case .mlp(let c) = zipped.config else { return }
+    print("\(output): \(method) of \(models.count) models, \(c.sharedLayers) shared layer\(c.sharedLayers == 1 ? "" : "s")" + (c.heads > 1 ? ", \(c.heads) heads" : ""))
+  }
+}

@@ -1,0 +1,170 @@
+import Foundation
+import Nets
+import Tensor
+import Testing
+
+@testable import Merge
+
+/// ZipIt's matching written literally from the spec, as the official code does it: a shrinking
+/// similarity matrix with rows and columns deleted, a 0/1 membership matrix P whose columns are
+/// merged, an origin list. Returns the members of each final column, as original indices.
+func referenceZip(_ correlation: [Double], n: Int, models: Int, alpha: Double, beta: Double) -> [[Int]] {
+  let total = n * models
+  var s = (0..<total).map { i in (0..<total).map { j in i == j ? -Double.infinity : correlation[i * total + j] } }
+  var p = (0..<total).map { i in (0..<total).map { $0 == i ? 1 : 0 } }  // total x columns
+  var origin = (0..<total).map { $0 / n }
+  var budget = [Int](repeating: Int(Double((total - n) / models) * beta), count: models)
+  while p[0].count > n {
+    var (best, a, b) = (-Double.infinity, 0, 1)
+    for i in s.indices { for j in s.indices where s[i][j] > best { (best, a, b) = (s[i][j], i, j) } }
+    if a > b { swap(&a, &b) }
+    for r in p.indices { p[r][a] += p[r][b]; p[r].remove(at: b) }
+    for c in s.indices where c != a && c != b {
+      let merged = alpha > 0 ? min(s[c][a], s[c][b]) * alpha : -Double.infinity
+      s[c][a] = merged
+      s[a][c] = alpha > 0 ? min(s[a][c], s[b][c]) * alpha : -Double.infinity
+    }
+    s.remove(at: b)
+    for r in s.indices { s[r].remove(at: b) }
+    let within = origin[a] == origin[b]
+    origin.remove(at: b)
+    if within {
+      budget[origin[a]] -= 1
+      if budget[origin[a]] <= 0 {
+        for i in s.indices where origin[i] == origin[a] { for j in s.indices where origin[j] == origin[a] { s[i][j] = -.infinity } }
+      }
+    }
+  }
+  return (0..<n).map { c in (0..<total).filter { p[$0][c] == 1 } }
+}
+
+/// A random symmetric correlation-like matrix with unit diagonal.
+func randomCorrelation(_ m: Int, _ stream: String) -> [Double] {
+  let rng = CounterRNG(seed: 9, stream: stream)
+  var r = [Double](repeating: 1, count: m * m)
+  for i in 0..<m { for j in (i + 1)..<m { r[i * m + j] = Double(2 * rng.uniform(UInt64(i * m + j)) - 1); r[j * m + i] = r[i * m + j] } }
+  return r
+}
+
+/// An MLP whose hidden units are permuted (rows of each hidden layer, columns of the next).
+func permutedCopy(_ network: Network<Float>, seed: UInt64) -> Network<Float> {
+  guard case .mlp(let c) = network.config else { return network }
+  var copy = network
+  var previous: [Int]?
+  for i in 0..<c.layerCount {
+    let w = network.weights["layers.\(i).weight"]!
+    let b = network.weights["layers.\(i).bias"]!
+    let rng = CounterRNG(seed: seed, stream: "perm\(i)")
+    let order = i < c.layerCount - 1 ? Array(0..<w.rows).sorted { rng.bits(UInt64($0)) < rng.bits(UInt64($1)) } : Array(0..<w.rows)
+    var nw = w
+    var nb = b
+    for (r, source) in order.enumerated() {
+      for col in 0..<w.columns { nw[r, col] = w[source, previous.map { $0[col] } ?? col] }
+      nb.values[r] = b.values[source]
+    }
+    copy.weights["layers.\(i).weight"] = nw
+    copy.weights["layers.\(i).bias"] = nb
+    // Input column `col` of the next layer reads old unit order[col].
+    previous = order
+  }
+  return copy
+}
+
+func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
+  let tape = Tape<Float>()
+  return tape.value(try network.forward(tape, .features(x)).output).values
+}
+
+@Suite struct ZipItTests {
+  @Test func hungarianAssignmentIsOptimal() {
+    for trial in 0..<5 {
+      let n = 6
+      let rng = CounterRNG(seed: UInt64(trial), stream: "cost")
+      let cost = (0..<(n * n)).map { Double(rng.uniform(UInt64($0))) }
+      let found = LinearAssignment.minimumCost(cost, n: n)
+      #expect(Set(found).count == n)
+      var best = Double.infinity
+      func search(_ row: Int, _ used: Set<Int>, _ total: Double) {
+        if row == n { best = min(best, total); return }
+        for j in 0..<n where !used.contains(j) { search(row + 1, used.union([j]), total + cost[row * n + j]) }
+      }
+      search(0, [], 0)
+      #expect(abs(found.enumerated().reduce(0) { $0 + cost[$1.0 * n + $1.1] } - best) < 1e-12)
+    }
+  }
+
+  @Test(arguments: [(0.3, 0.125, 2), (0.0, 1.0, 2), (1.0, 0.0, 2), (0.5, 0.25, 3), (0.3, 1.0, 3)])
+  func zipMatchesTheLiteralImplementation(_ config: (Double, Double, Int)) {
+    let (alpha, beta, models) = config
+    let n = 12
+    let r = randomCorrelation(n * models, "zip\(alpha)\(beta)\(models)")
+    let matching = Matching.zip(correlation: r, features: n, models: models, alpha: alpha, beta: beta)
+    #expect(matching.members.map { $0.sorted() } == referenceZip(r, n: n, models: models, alpha: alpha, beta: beta))
+    for m in 0..<models {
+      let unmerge = matching.unmerge(model: m)
+      #expect((0..<n).allSatisfy { j in (0..<n).reduce(0.0) { $0 + unmerge[j * n + $1] } == 1 })  // U rows one-hot
+    }
+    // M rows over all models sum to 1 (a mean of the members).
+    let rowSums = (0..<n).map { k in (0..<models).reduce(0.0) { total, m in total + (0..<n).reduce(0.0) { $0 + matching.merge(model: m)[k * n + $1] } } }
+    #expect(rowSums.allSatisfy { abs($0 - 1) < 1e-12 })
+  }
+
+  @Test func budgetsAndAlphaZeroFollowTheRules() {
+    let n = 16
+    let r = randomCorrelation(2 * n, "budget")
+    let strict = Matching.zip(correlation: r, features: n, models: 2, alpha: 0.3, beta: 0)
+    for model in 0..<2 {
+      // Within-model merges: groups with two members of the same model.
+      let within = strict.members.filter { g in g.count == 2 && g.allSatisfy { $0 / n == model } }.count
+      #expect(within <= 1)
+    }
+    let pairs = Matching.zip(correlation: r, features: n, models: 2, alpha: 0, beta: 1)
+    #expect(pairs.members.allSatisfy { $0.count == 2 })
+    let permutation = Matching.permute(correlation: r, features: n, models: 2)
+    #expect(permutation.members.allSatisfy { g in g.count == 2 && g[0] < n && g[1] >= n })
+  }
+
+  @Test(arguments: [ZipIt.Method.zipit, .permute])
+  func zippingAModelWithAPermutedCopyRecoversIt(_ method: ZipIt.Method) throws {
+    let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [8, 24, 20, 5], activation: .gelu), seed: 3)
+    let b = permutedCopy(a, seed: 4)
+    let x = Matrix(rows: 300, columns: 8, values: CounterRNG(seed: 5, stream: "x").normalTensor([2400]).scalars)
+    #expect(try outputs(b, x).elementsEqual(try outputs(a, x)) { abs($0 - $1) < 1e-5 })
+    var options = ZipIt.Options()
+    options.method = method
+    let zipped = try ZipIt.zip([a, b], inputs: x, options: options)
+    let (got, want) = (try outputs(zipped, x), try outputs(a, x))
+    #expect(zip(got, want).allSatisfy { abs($0 - $1) < 1e-5 })
+    // Averaging same-index units of the two (different orders) does not recover it.
+    options.method = .average
+    #expect(try !zip(outputs(try ZipIt.zip([a, b], inputs: x, options: options), x), want).allSatisfy { abs($0 - $1) < 1e-3 })
+  }
+
+  @Test func averagingIdenticalModelsAndPartialZipsReproduceTheModel() throws {
+    let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [6, 10, 10, 10, 4], activation: .tanh, layerNorm: true), seed: 8)
+    let x = Matrix(rows: 100, columns: 6, values: CounterRNG(seed: 6, stream: "x").normalTensor([600]).scalars)
+    var options = ZipIt.Options()
+    options.method = .average
+    #expect(zip(try outputs(try ZipIt.zip([a, a], inputs: x, options: options), x), try outputs(a, x)).allSatisfy { abs($0 - $1) < 1e-5 })
+    // Partial: one shared layer, two heads of the same model; the best-head score is then log softmax.
+    options.stop = 1
+    let partial = try ZipIt.zip([a, a], inputs: x, options: options)
+    guard case .mlp(let c) = partial.config else { Issue.record("not an MLP"); return }
+    #expect(c.heads == 2 && c.sharedLayers == 1)
+    let logits = Matrix(rows: 100, columns: 4, values: try outputs(a, x))
+    let expected = softmax(logits).values.map { log($0) }
+    #expect(zip(try outputs(partial, x), expected).allSatisfy { abs($0 - $1) < 1e-5 })
+  }
+
+  @Test func badInputsAreRefused() throws {
+    let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 8, 3]), seed: 1)
+    let wide = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 9, 3]), seed: 1)
+    let x = Matrix<Float>(zeros: 10, 4)
+    #expect(throws: ZipItError.differentArchitectures(model: 1)) { try ZipIt.zip([a, wide], inputs: x) }
+    #expect(throws: ZipItError.tooFewModels) { try ZipIt.zip([a], inputs: x) }
+    var options = ZipIt.Options()
+    options.stop = 2
+    #expect(throws: ZipItError.stopLayerOutOfRange(stop: 2, points: 1)) { try ZipIt.zip([a, a], inputs: x, options: options) }
+    #expect(throws: NetsError.self) { try ZipIt.zip([a, a], inputs: Matrix<Float>(zeros: 10, 5)) }
+  }
+}
