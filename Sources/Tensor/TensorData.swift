@@ -23,6 +23,17 @@ public struct TensorData: Sendable, Equatable {
     bytes.withUnsafeBytes { Tensor(decoding: $0, dtype: dtype, shape: shape) }
   }
 
+  /// The values as `Double`: exact for F64 (float64 statistics) and every narrower type.
+  public func doubles() -> [Double] {
+    guard dtype == .f64 else { return decoded().scalars.map(Double.init) }
+    return bytes.withUnsafeBytes { raw in (0..<count).map { Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * $0, as: UInt64.self))) } }
+  }
+
+  /// Wraps `Double` values as F64 data.
+  public init(doubles values: [Double], shape: [Int]) {
+    self.init(dtype: .f64, shape: shape, bytes: values.map { $0.bitPattern.littleEndian }.withUnsafeBytes { Array($0) })
+  }
+
   /// The same values in another dtype (floating types round to nearest even; integer types are
   /// rounded and saturated). Converting to the same dtype returns `self` unchanged.
   public func cast(to target: DType) -> TensorData {

@@ -88,14 +88,11 @@ struct StatsCommand: ParsableCommand {
   }
 
   func write(_ statistics: [(name: String, stats: FeatureStatistics)]) throws {
-    func doubles(_ values: [Double], _ shape: [Int]) -> TensorData {
-      TensorData(dtype: .f64, shape: shape, bytes: values.map { $0.bitPattern.littleEndian }.withUnsafeBytes { Array($0) })
-    }
     var entries: [(TensorInfo, TensorData)] = []
     for (name, s) in statistics {
       entries.append((TensorInfo(name: name + ".count", dtype: .i64, shape: [1]), TensorData(dtype: .i64, shape: [1], bytes: [Int64(s.count).littleEndian].withUnsafeBytes { Array($0) })))
-      entries.append((TensorInfo(name: name + ".sum", dtype: .f64, shape: [s.width]), doubles(s.sum, [s.width])))
-      entries.append((TensorInfo(name: name + ".products", dtype: .f64, shape: [s.width, s.width]), doubles(s.products, [s.width, s.width])))
+      entries.append((TensorInfo(name: name + ".sum", dtype: .f64, shape: [s.width]), TensorData(doubles: s.sum, shape: [s.width])))
+      entries.append((TensorInfo(name: name + ".products", dtype: .f64, shape: [s.width, s.width]), TensorData(doubles: s.products, shape: [s.width, s.width])))
     }
     let metadata = ["mergekit.kind": "activation-statistics", "mergekit.models": models.joined(separator: ","), "mergekit.data": data.data, "mergekit.points": at]
     let writer = try CheckpointWriter(destination: output!, tensors: entries.map(\.0), options: WriteOptions(format: .safetensors, metadata: metadata, overwrite: overwrite))

@@ -20,7 +20,10 @@ struct ZipCommand: ParsableCommand {
       """)
 
   @Argument(help: "Two or more MLPs of one architecture.") var models: [String]
-  @OptionGroup var data: DataOptions
+  @Option(help: "Data whose features the models run on (labels unused): .safetensors, .csv, or .npy.") var data: String?
+  @Option(help: "Labels of a .npy features file (not used, but the reader wants them).") var labels: String?
+  @Option(help: "Use only the rows of these tasks (comma-separated task ids).") var tasks: String?
+  @Option(help: "Statistics from `mergekit stats A B --at 'hidden$'` instead of --data.") var stats: String?
   @Option(help: "Matching: zipit, permute or average.") var method = "zipit"
   @Option(help: "ZipIt's alpha: how strongly a merged feature competes again (0 never).") var alpha = 0.3
   @Option(help: "ZipIt's beta: share of each model's merges allowed within itself.") var beta = 0.125
@@ -32,6 +35,9 @@ struct ZipCommand: ParsableCommand {
   func validate() throws {
     guard models.count >= 2 else { throw ValidationError("give at least two models to zip") }
     for m in models { try requireExisting(m, "model") }
+    guard (data == nil) != (stats == nil) else { throw ValidationError("give the data (--data) or its statistics (--stats), one of them") }
+    if let data { try requireExisting(data, "data") }
+    if let stats { try requireExisting(stats, "statistics") }
     guard ZipIt.Method(rawValue: method) != nil else { throw ValidationError("unknown --method '\(method)' (use zipit, permute or average)") }
     guard alpha >= 0, (0...1).contains(beta) else { throw ValidationError("--alpha must be >= 0 and --beta within [0, 1]") }
     if let stopAt, stopAt < 1 { throw ValidationError("--stop-at counts hidden layers from 1") }
@@ -40,12 +46,36 @@ struct ZipCommand: ParsableCommand {
 
   func run() throws {
     let networks = try models.map { try NetworkFiles.load($0) }
-    let inputs = try NetworkFiles.labeled(data.data, labels: data.labels, tasks: try data.taskList()).features
     var options = ZipIt.Options()
     (options.method, options.alpha, options.beta, options.stop, options.keepHeads) = (ZipIt.Method(rawValue: method)!, alpha, beta, stopAt, keepHeads)
-    let zipped = try ZipIt.zip(networks, inputs: inputs, options: options)
+    let statistics: [FeatureStatistics]
+    if let stats {
+      statistics = try readStatistics(stats, points: try ZipIt.commonConfig(networks).layerCount - 1, width: networks.count)
+    } else {
+      let rows = try tasks.map { try parseIntegers($0, "--tasks") }
+      statistics = try ZipIt.statistics(networks, inputs: try NetworkFiles.labeled(data!, labels: labels, tasks: rows).features)
+    }
+    let zipped = try ZipIt.apply(networks, matchings: try ZipIt.matchings(statistics, models: networks.count, options: options), keepHeads: keepHeads)
     try NetworkFiles.saveMLP(zipped, to: output, overwrite: overwrite)
     guard case .mlp(let c) = zipped.config else { return }
     print("\(output): \(method) of \(models.count) models, \(c.sharedLayers) shared layer\(c.sharedLayers == 1 ? "" : "s")" + (c.heads > 1 ? ", \(c.heads) heads" : ""))
+  }
+
+  /// Joint statistics of every merge point (`layers.{i}.hidden`) from a `mergekit stats` file
+  /// made with all the models, in the same order.
+  func readStatistics(_ path: String, points: Int, width models: Int) throws -> [FeatureStatistics] {
+    let file = try openCheckpoint(path)
+    return try (0..<points).map { p in
+      let name = "layers.\(p).hidden"
+      guard file.lookup(name + ".products") != nil, let count = try file.tensor(named: name + ".count").scalars.first else {
+        throw DataFileError(file: path, reason: "no statistics of '\(name)'; make them with mergekit stats \(models == 2 ? "A B" : "MODELS...") --at 'hidden$'")
+      }
+      let sum = try file.read(name + ".sum").doubles()
+      let products = try file.read(name + ".products").doubles()
+      guard sum.count * sum.count == products.count, sum.count % models == 0 else {
+        throw DataFileError(file: path, reason: "statistics of '\(name)' do not hold \(models) models' features side by side")
+      }
+      return FeatureStatistics(count: Int(count), sum: sum, products: products)
+    }
   }
 }

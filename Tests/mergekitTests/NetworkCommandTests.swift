@@ -97,6 +97,10 @@ import Testing
     #expect(zipped.status == 0 && zipped.stdout.contains("1 shared layer, 2 heads"), "\(zipped.stderr)")
     let evaluation = try json(try CLI.run("eval", folder.file("z"), "--data", data, "--json"))
     #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
+    // From a statistics file (same batches, so the same sums): the same model.
+    #expect(try CLI.run("stats", folder.file("a"), folder.file("b"), "--data", data, "--at", "hidden$", "--batch-size", "512", "-o", folder.file("s.safetensors"), "-q").status == 0)
+    #expect(try CLI.run("zip", folder.file("a"), folder.file("b"), "--stats", folder.file("s.safetensors"), "--stop-at", "1", "-o", folder.file("zs")).status == 0)
+    #expect(try openCheckpoint(folder.file("z")).read("layers.0.weight") == openCheckpoint(folder.file("zs")).read("layers.0.weight"))
     let wide = try CLI.run("zip", folder.file("a"), folder.file("wide"), "--data", data, "-o", folder.file("z2"))
     #expect(wide.status == 1 && wide.stderr.contains("model 2 differs from the first"), "\(wide.stderr)")
     let stop = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "3", "-o", folder.file("z3"))
