@@ -24,6 +24,30 @@ extension Tape {
     }
   }
 
+  /// Cross-entropy against soft targets (rows of probabilities), weighted per row:
+  /// `sum_r w_r * (-sum_c t_rc log softmax(z_r)_c) / sum_r w_r` (0 when every weight is 0).
+  /// FixMatch's loss: confident weak-view predictions as targets for strong views.
+  @_specialize(exported: true, where T == Float)
+  public func softCrossEntropy(_ logits: Var, targets: Matrix<T>, weights: [T]) -> Var {
+    let z = value(logits)
+    precondition(targets.rows == z.rows && targets.columns == z.columns && weights.count == z.rows, "softCrossEntropy shapes")
+    let p = softmax(z)
+    let total = weights.reduce(0, +)
+    let scale = total > 0 ? 1 / total : 0
+    var loss: T = 0
+    for r in 0..<z.rows where weights[r] != 0 {
+      for c in 0..<z.columns where targets[r, c] != 0 { loss -= weights[r] * targets[r, c] * T.log(max(p[r, c], T.leastNormalMagnitude)) }
+    }
+    return record(Matrix(rows: 1, columns: 1, values: [loss * scale]), inputs: [logits]) { [unowned self] g in
+      var dz = Matrix<T>(zeros: z.rows, z.columns)
+      for r in 0..<z.rows where weights[r] != 0 {
+        let mass = (0..<z.columns).reduce(T(0)) { $0 + targets[r, $1] }
+        for c in 0..<z.columns { dz[r, c] = weights[r] * (mass * p[r, c] - targets[r, c]) * scale * g.values[0] }
+      }
+      accumulate(logits, dz)
+    }
+  }
+
   /// Mean squared error over all elements, `mean((a - b)^2)` (feature distillation).
   @_specialize(exported: true, where T == Float)
   public func meanSquaredError(_ a: Var, _ b: Var) -> Var {

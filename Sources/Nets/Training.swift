@@ -163,7 +163,7 @@ public enum Training {
     }
   }
 
-  static func argmax(_ z: Matrix<Float>, _ row: Int, among classes: some Collection<Int>) -> Int {
+  public static func argmax(_ z: Matrix<Float>, _ row: Int, among classes: some Collection<Int>) -> Int {
     var best = classes.first ?? 0
     for c in classes where z[row, c] > z[row, best] { best = c }
     return best

@@ -28,10 +28,16 @@ public enum NetworkFiles {
     do { return try Network(config: networkConfig, tensors: tensors) } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
   }
 
-  /// Saves an MLP as a model folder (config.json and f32 safetensors).
-  public static func saveMLP(_ network: Network<Float>, to folder: String, overwrite: Bool) throws {
+  /// Saves an MLP as a model folder (config.json, f32 safetensors, and `files` by name).
+  public static func saveMLP(_ network: Network<Float>, to folder: String, overwrite: Bool, files: [String: String] = [:]) throws {
     guard case .mlp(let config) = network.config else { throw DataFileError(file: folder, reason: "only MLPs are written as new models") }
-    try ModelFolder.write(network.tensors, files: ["config.json": config.json], dtype: .f32, to: folder, overwrite: overwrite)
+    try ModelFolder.write(network.tensors, files: files.merging(["config.json": config.json]) { $1 }, dtype: .f32, to: folder, overwrite: overwrite)
+  }
+
+  /// The tensors of a checkpoint (task vectors), decoded.
+  public static func tensors(_ path: String) throws -> [String: Tensor] {
+    let checkpoint = try openCheckpoint(path)
+    return Dictionary(uniqueKeysWithValues: try checkpoint.tensors.map { ($0.name, try checkpoint.tensor(named: $0.name)) })
   }
 
   /// Labelled features from a data file, optionally only the rows of some tasks.

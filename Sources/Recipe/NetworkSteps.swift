@@ -10,9 +10,10 @@ import Nets
 /// | `synthetic-data` | | `tasks`, `classes_per_task`, `shared_classes`, `features`, `samples_per_class`, `noise`, `seed`, `split` | a data set (`.safetensors`) |
 /// | `train` | `data`, optionally `model` (fine-tune) | `hidden`, `classes`, `activation`, `layer_norm`, `epochs`, `batch_size`, `optimizer`, `lr`, `momentum`, `weight_decay`, `clip`, `seed`, `tasks` | an MLP |
 /// | `zip` | `models`, `data` | `method` (zipit, permute, average), `alpha`, `beta`, `stop_at`, `keep_heads` | an MLP |
+/// | `atlas` | `base`, `models` (task vectors), `data` | `objective`, `blocks`, `keep`, `negate_tasks`, `exclude`, `epochs`, `batch_size`, `lr`, `weight_decay`, `seed` | an MLP, with `atlas-coefficients.json` in its folder |
 /// | `eval` | `model`, `data` | `tasks` | a JSON report (also printed) |
 enum NetworkSteps {
-  static let operations = ["synthetic-data", "train", "zip", "eval"]
+  static let operations = ["synthetic-data", "train", "zip", "atlas", "eval"]
 
   /// Where a step's result goes when it is not an output: data sets and reports need a file name.
   static func spillName(_ step: Recipe.Step) -> String {
@@ -131,6 +132,31 @@ enum NetworkSteps {
       let networks = try step.models.map { try NetworkFiles.load(model($0)) }
       let zipped = try ZipIt.zip(networks, inputs: try NetworkFiles.labeled(try data()).features, options: options)
       try NetworkFiles.saveMLP(zipped, to: destination, overwrite: overwrite)
+    case "atlas":
+      let p = try Parameters(step, file: file, allowed: ["objective", "blocks", "keep", "negate_tasks", "exclude", "epochs", "batch_size", "lr", "weight_decay", "seed"])
+      guard let base = step.base else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "atlas needs 'base' (the models are its task vectors)") }
+      var options = ATLAS.Options()
+      guard let objective = ATLAS.Objective(rawValue: try p.text("objective") ?? "ce") else { throw p.fail("objective", "use ce, negate, entropy or ufm") }
+      options.objective = objective
+      switch step.global["blocks"] {
+      case nil, .text("tensor")?: break
+      case .text("isotropic")?: options.isotropic = true
+      case .number(let k)? where k >= 1 && k == k.rounded(): options.partitions = Int(k)
+      default: throw p.fail("blocks", "use tensor, isotropic or a number of partitions")
+      }
+      options.keepFraction = try p.number("keep")
+      options.negateTasks = Set(try p.integers("negate_tasks") ?? [])
+      options.epochs = try p.int("epochs", options.epochs)
+      options.batchSize = try p.int("batch_size", options.batchSize)
+      options.learningRate = Float(try p.number("lr") ?? Double(options.learningRate))
+      options.weightDecay = Float(try p.number("weight_decay") ?? Double(options.weightDecay))
+      options.seed = UInt64(try p.int("seed", 0, minimum: 0))
+      let problem = try ATLAS.Problem(
+        base: try NetworkFiles.load(model(base)), taskVectors: try step.models.map { try NetworkFiles.tensors(model($0)) }, names: step.models, exclude: try p.text("exclude"))
+      let (coefficients, epochs) = try ATLAS.learn(problem, data: try NetworkFiles.labeled(try data()), options: options)
+      try NetworkFiles.saveMLP(
+        problem.network(coefficients), to: destination, overwrite: overwrite, files: ["atlas-coefficients.json": String(decoding: try coefficients.json(), as: UTF8.self)])
+      report(String(format: "  %d epochs, final loss %.4f", epochs.count, epochs.last?.loss ?? 0))
     case "eval":
       let p = try Parameters(step, file: file, allowed: ["tasks"])
       guard step.models.count == 1 else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "eval takes one model") }

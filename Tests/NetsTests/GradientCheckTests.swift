@@ -105,6 +105,8 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     #expect(gradientError([logits]) { t, v in t.klDivergence(teacher: teacher, student: v[0], temperature: 2) } < tolerance)
     #expect(gradientError([logits]) { t, v in t.entropy(v[0]) } < tolerance)
     #expect(gradientError([logits, teacher]) { t, v in t.meanSquaredError(v[0], v[1]) } < tolerance)
+    let targets = softmax(teacher)
+    #expect(gradientError([logits]) { t, v in t.softCrossEntropy(v[0], targets: targets, weights: [1, 0, 0.5, 2, 1]) } < tolerance)
   }
 
   @Test func bestHeadScoresOfAMultiHeadModel() {

@@ -112,4 +112,30 @@ import Testing
     #expect(try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--method", "magic", "-o", folder.file("z5")).status == 64)
     #expect(["z2", "z3", "z4", "z5"].allSatisfy { !FileManager.default.fileExists(atPath: folder.file($0)) })
   }
+
+  @Test func atlasLearnsAppliesAndRejectsBadCoefficients() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let data = folder.file("d.safetensors")
+    #expect(try CLI.run("synthetic-data", "-o", data, "--features", "6", "--samples-per-class", "20").status == 0)
+    #expect(try CLI.run("train", "--data", data, "--hidden", "8", "--epochs", "1", "-o", folder.file("base"), "-q").status == 0)
+    for t in 0..<2 {
+      #expect(try CLI.run("train", "--data", data, "--initial", folder.file("base"), "--tasks", "\(t)", "--epochs", "2", "-o", folder.file("ft\(t)"), "-q").status == 0)
+      #expect(try CLI.run("task-vector", folder.file("ft\(t)"), "--base", folder.file("base"), "-o", folder.file("tv\(t).mkz"), "-q").status == 0)
+    }
+    let tvs = [folder.file("tv0.mkz"), folder.file("tv1.mkz")]
+    let learned = try CLI.run(["atlas", "learn", folder.file("base")] + tvs + ["--data", data, "--epochs", "2", "-o", folder.file("atlas"), "--coefficients-out", folder.file("c.json"), "-q"], environment: [:])
+    #expect(learned.status == 0 && learned.stdout.contains("8 coefficients (2 task vectors x 4 blocks x 1)"), "\(learned.stderr)")
+    // Applying the learned coefficients gives the model learn wrote (to f32 rounding of the sums).
+    #expect(try CLI.run(["atlas", "apply", folder.file("base")] + tvs + ["--coefficients", folder.file("c.json"), "-o", folder.file("applied"), "-q"], environment: [:]).status == 0)
+    let (a, b) = (try openCheckpoint(folder.file("atlas")), try openCheckpoint(folder.file("applied")))
+    for info in a.tensors { #expect(try zip(a.tensor(named: info.name).scalars, b.tensor(named: info.name).scalars).allSatisfy { abs($0 - $1) <= 1e-6 * max(1, abs($1)) }) }
+    // Coefficients for three task vectors, given two: refused, nothing written.
+    let text = try String(contentsOfFile: folder.file("c.json"), encoding: .utf8)
+    try text.replacingOccurrences(of: "\"tasks\" : [", with: "\"tasks\" : [\"extra\", ").write(toFile: folder.file("bad.json"), atomically: true, encoding: .utf8)
+    let bad = try CLI.run(["atlas", "apply", folder.file("base")] + tvs + ["--coefficients", folder.file("bad.json"), "-o", folder.file("x")], environment: [:])
+    #expect(bad.status == 1 && bad.stderr.contains("coefficient file"), "\(bad.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("x")))
+    #expect(try CLI.run(["atlas", "learn", folder.file("base")] + tvs + ["--data", data, "--objective", "negate", "-o", folder.file("y")], environment: [:]).status == 64)
+  }
 }

@@ -1,0 +1,143 @@
+import Foundation
+import Nets
+import Tensor
+
+/// aTLAS (Zhang et al., NeurIPS 2024): learns how much of each task vector to add, block by
+/// block (one coefficient per task vector and parameter tensor, or per random partition of it),
+/// by gradient descent with every model weight frozen:
+/// `theta_b = theta0_b + sum_i sum_k lambda[i][b][k] * (mask_k . tau_{i,b})`, so
+/// `dL/dlambda[i][b] = <dL/dtheta_b, tau_{i,b}>`. Starts from `Lambda = 0` (the base); AdamW with
+/// weight decay pulls coefficients back toward the base.
+public enum ATLAS {
+  public enum Objective: String, Sendable, CaseIterable {
+    /// Cross-entropy on labelled data of one or several tasks, each row scored within its own
+    /// task's classes (task addition, few-shot recognition).
+    case ce
+    /// Forgetting: `-CE(target tasks) + CE(control tasks)` (task negation).
+    case negate
+    /// Unsupervised: mean entropy of the predictions (test-time adaptation).
+    case entropy
+    /// Unsupervised FixMatch: trusted per-class pseudo-labels and confident weak-view predictions
+    /// as targets for strongly augmented views.
+    case ufm
+  }
+
+  public struct Options: Sendable {
+    public var objective: Objective = .ce
+    public var epochs = 20
+    public var batchSize = 128
+    public var learningRate: Float = 1e-3
+    public var weightDecay: Float = 0.1
+    public var clipNorm: Float = 1
+    /// Random partitions of every tensor (aTLAS x K); 1: one coefficient per tensor.
+    public var partitions = 1
+    /// One coefficient per task vector for all blocks (the isotropic variant).
+    public var isotropic = false
+    /// Train only this fraction of the (task, block) coefficients: those with the largest
+    /// gradient magnitude at `Lambda = 0`; the others stay 0.
+    public var keepFraction: Double?
+    /// Target tasks of `negate` (the other tasks are the control).
+    public var negateTasks: Set<Int> = []
+    public var seed: UInt64 = 0
+    public init() {}
+  }
+
+  /// One epoch's figures: mean training loss, and the selection metric when there is one.
+  public struct EpochReport: Sendable {
+    public let epoch: Int
+    public let loss: Double
+    public let metric: Double?
+  }
+
+  /// A base network, its task vectors and the blocks they are learned on.
+  public struct Problem {
+    public let base: Network<Float>
+    public let names: [String]
+    /// Per task vector, the values of every block, shaped like the base's weights.
+    public let taskVectors: [[String: Matrix<Float>]]
+    public let blocks: [String]
+
+    /// Blocks are the base's weights in architecture order that every task vector holds, minus
+    /// those matching `exclude`. Throws when a task vector's tensor does not fit the base.
+    public init(base: Network<Float>, taskVectors: [[String: Tensor]], names: [String], exclude: String? = nil) throws {
+      let pattern = try exclude.map { try Regex($0) }
+      var blocks: [String] = []
+      var vectors = [[String: Matrix<Float>]](repeating: [:], count: taskVectors.count)
+      for (name, shape) in Network<Float>.expectedShapes(base.config) {
+        if let pattern, name.contains(pattern) { continue }
+        guard taskVectors.allSatisfy({ $0[name] != nil }) else { continue }
+        for (i, tv) in taskVectors.enumerated() {
+          guard tv[name]!.shape == shape else {
+            throw ATLASError.taskVectorMismatch(taskVector: i, tensor: name, reason: "shape \(tv[name]!.shape), the base has \(shape)")
+          }
+          vectors[i][name] = Matrix(tv[name]!)
+        }
+        blocks.append(name)
+      }
+      guard !blocks.isEmpty else { throw ATLASError.noBlocks }
+      self.base = base
+      self.names = names
+      self.taskVectors = vectors
+      self.blocks = blocks
+    }
+
+    /// `theta(Lambda)` as a runnable network.
+    public func network(_ c: ATLASCoefficients) -> Network<Float> {
+      var out = base
+      for (b, block) in c.blocks.enumerated() {
+        guard var w = out.weights[block] else { continue }
+        for e in w.values.indices {
+          let k = ATLASCoefficients.partition(of: e, count: w.count, partitions: c.partitions)
+          var sum = 0.0
+          for i in taskVectors.indices { sum += c.values[i][b][k] * Double(taskVectors[i][block]!.values[e]) }
+          w.values[e] = Float(Double(w.values[e]) + sum)
+        }
+        out.weights[block] = w
+      }
+      return out
+    }
+  }
+
+  /// Learns the coefficients on `data` (labelled for `ce` and `negate`; labels unused by
+  /// `entropy` and `ufm`). With `validation` (labelled), keeps the epoch whose coefficients do
+  /// best on it (`negate`: the lowest target accuracy whose control accuracy stays at 95% of the
+  /// base's); else the last epoch.
+  public static func learn(
+    _ problem: Problem, data: LabeledFeatures, validation: LabeledFeatures? = nil, options: Options, progress: ((EpochReport) -> Void)? = nil
+  ) throws -> (coefficients: ATLASCoefficients, epochs: [EpochReport]) {
+    if options.objective == .negate {
+      guard !options.negateTasks.isEmpty, Set(data.taskIDs).subtracting(options.negateTasks).count > 0 else {
+        throw ATLASError.objective("negate needs target tasks and at least one other (control) task in the data")
+      }
+    }
+    if let keep = options.keepFraction, !(keep > 0 && keep <= 1) { throw ATLASError.objective("keep is a fraction of the coefficients in (0, 1], not \(keep)") }
+    guard options.epochs >= 1, options.batchSize >= 1 else { throw ATLASError.objective("epochs and batch size must be at least 1") }
+    var learner = Learner(problem: problem, options: options)
+    let trusted = options.objective == .ufm ? try learner.trustedPseudoLabels(data) : [:]
+    if let fraction = options.keepFraction { try learner.selectBlocks(data, keep: fraction, trusted: trusted) }
+    let check = validation ?? (options.objective == .negate ? data : nil)
+    let baseline = try check.map { try learner.scores($0) }
+    var best: (coefficients: ATLASCoefficients, metric: Double)?
+    // Negation falls back to the base (Lambda = 0) when no epoch keeps the control task's accuracy.
+    if options.objective == .negate, let baseline { best = (learner.coefficients(), -baseline.target) }
+    var reports: [EpochReport] = []
+    for epoch in 0..<options.epochs {
+      let loss = try learner.epoch(data, epoch: epoch, trusted: trusted)
+      var metric: Double?
+      if let check, let baseline {
+        let s = try learner.scores(check)
+        if options.objective == .negate {
+          if s.control < 0.95 * baseline.control { break }
+          metric = -s.target
+        } else {
+          metric = s.mean
+        }
+        if best == nil || metric! > best!.metric { best = (learner.coefficients(), metric!) }
+      }
+      let report = EpochReport(epoch: epoch + 1, loss: loss, metric: metric)
+      reports.append(report)
+      progress?(report)
+    }
+    return (best?.coefficients ?? learner.coefficients(), reports)
+  }
+}

@@ -1,0 +1,215 @@
+import Foundation
+import Nets
+import Tensor
+import Testing
+
+@testable import Merge
+
+/// Synthetic tasks, a briefly pre-trained base MLP and one fine-tune (task vector) per task.
+struct ATLASFixture {
+  let train: LabeledFeatures
+  let validation: LabeledFeatures
+  let test: LabeledFeatures
+  let base: Network<Float>
+  let taskVectors: [[String: Tensor]]
+
+  init(tasks: Int, noise: Double = 2.5, features: Int = 32) throws {
+    var o = SyntheticTasks.Options()
+    (o.tasks, o.classesPerTask, o.features, o.noise, o.samplesPerClass) = (tasks, 3, features, noise, 120)
+    train = try SyntheticTasks.make(o, split: "train")
+    test = try SyntheticTasks.make(o, split: "test")
+    o.samplesPerClass = 40
+    validation = try SyntheticTasks.make(o, split: "val")
+    var options = TrainingOptions()
+    (options.epochs, options.seed) = (2, 1)
+    let data = train
+    var base = Network<Float>.initializedMLP(MLPConfig(layerSizes: [features, 64, 64, data.classCount]), seed: 1)
+    _ = try Training.classify(&base, on: data, options: options)
+    self.base = base
+    options.epochs = 10
+    let pretrained = base
+    taskVectors = try (0..<tasks).map { t in
+      var tuned = pretrained
+      options.seed = UInt64(t + 5)
+      _ = try Training.classify(&tuned, on: data.tasks([t]), options: options)
+      return Dictionary(uniqueKeysWithValues: pretrained.tensors.map { name, tensor in
+        (name, Tensor(shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, pretrained.weights[name]!.values).map { $0 - $1 }))
+      })
+    }
+  }
+
+  var problem: ATLAS.Problem { get throws { try ATLAS.Problem(base: base, taskVectors: taskVectors, names: taskVectors.indices.map { "tv\($0)" }) } }
+
+  /// Mean accuracy within each task's classes.
+  func accuracy(_ network: Network<Float>, on data: LabeledFeatures? = nil) throws -> Double {
+    let result = try Training.evaluate(network, on: data ?? test)
+    return result.tasks.reduce(0.0) { $0 + $1.accuracyWithinTask } / Double(result.tasks.count)
+  }
+}
+
+@Suite struct ATLASTests {
+  @Test func coefficientGradientsAreInnerProductsAndFiniteDifferences() throws {
+    let base = Network<Float>.initializedMLP(MLPConfig(layerSizes: [5, 7, 3], activation: .tanh), seed: 2)
+    let taus = (0..<2).map { i in Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, CounterRNG(seed: UInt64(i), stream: $0.name).normalTensor($0.tensor.shape, scale: 0.3)) }) }
+    let problem = try ATLAS.Problem(base: base, taskVectors: taus, names: ["a", "b"])
+    let x = Matrix(rows: 9, columns: 5, values: CounterRNG(seed: 3, stream: "x").normalTensor([45]).scalars)
+    let labels = (0..<9).map { $0 % 3 }
+    // The learner's coefficient gradients at Lambda = 0 ...
+    let learner = ATLAS.Learner(problem: problem, options: ATLAS.Options())
+    let tape = Tape<Float>()
+    let (logits, lambdas) = try learner.forward(tape, x)
+    tape.backward(from: tape.crossEntropy(logits, labels: labels))
+    // ... equal <dL/dtheta_b, tau_{i,b}> from a pass with the weights as parameters.
+    let direct = Tape<Float>()
+    var weights: [String: Var] = [:]
+    let out = try base.forward(direct, .features(x)) { name, value in
+      let v = direct.parameter(value)
+      weights[name] = v
+      return v
+    }
+    direct.backward(from: direct.crossEntropy(out.output, labels: labels))
+    for (i, tau) in taus.enumerated() {
+      for (b, block) in problem.blocks.enumerated() {
+        let inner = zip(direct.gradient(weights[block]!)!.values, tau[block]!.scalars).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        let learned = Double(tape.gradient(lambdas[learner.index(task: i, block: b, partition: 0)]!)!.values[0])
+        #expect(abs(learned - inner) <= 1e-4 * max(1, abs(inner)), "\(block) of task \(i)")
+      }
+    }
+    // In float64, the same formulation against central finite differences of the loss.
+    let base64 = try Network<Double>(config: base.config, tensors: Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, $0.tensor) }))
+    let x64 = Matrix(rows: 9, columns: 5, values: x.values.map(Double.init))
+    func loss(_ lambda: [Double], gradients: Bool) throws -> (Double, [Double]) {
+      let t = Tape<Double>()
+      let vars = lambda.map { t.parameter(Matrix(rows: 1, columns: 1, values: [$0])) }
+      let out = try base64.forward(t, .features(x64)) { name, value in
+        guard let b = problem.blocks.firstIndex(of: name) else { return t.constant(value) }
+        var theta = t.constant(value)
+        for i in 0..<2 {
+          let tau = Matrix<Double>(rows: value.rows, columns: value.columns, values: taus[i][name]!.scalars.map(Double.init))
+          theta = t.add(theta, t.scale(t.constant(tau), by: vars[i * problem.blocks.count + b]))
+        }
+        return theta
+      }
+      let l = t.crossEntropy(out.output, labels: labels)
+      if gradients { t.backward(from: l) }
+      return (t.value(l).values[0], gradients ? vars.map { t.gradient($0)!.values[0] } : [])
+    }
+    let point = (0..<(2 * problem.blocks.count)).map { Double($0 % 5) * 0.1 - 0.2 }
+    let analytic = try loss(point, gradients: true).1
+    for n in point.indices {
+      var (up, down) = (point, point)
+      up[n] += 1e-6
+      down[n] -= 1e-6
+      let numeric = (try loss(up, gradients: false).0 - loss(down, gradients: false).0) / 2e-6
+      #expect(abs(analytic[n] - numeric) <= 1e-4 * max(1, abs(numeric)))
+    }
+  }
+
+  @Test func uniformCoefficientsAreTaskArithmeticBitForBit() throws {
+    let base = CounterRNG(seed: 1, stream: "b").normalTensor([300_001])
+    let taus = (0..<3).map { CounterRNG(seed: UInt64($0), stream: "t").normalTensor([300_001], scale: 0.1) }
+    let inputs = MergeInputs(name: "w", base: base, models: taus)
+    let ta = try TaskVectors.Sum().merge(inputs, try ParameterResolver(method: "apply", specs: TaskVectors.Sum().parameters, global: ["scale": .number(0.7)], models: [[:], [:], [:]], positions: LayerPositions(names: ["w"])).resolve(tensor: "w"))
+    let resolved = try ParameterResolver(method: "atlas", specs: [], global: [:], models: [[:], [:], [:]], positions: LayerPositions(names: ["w"])).resolve(tensor: "w")
+    let uniform = try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], value: 0.7)).merge(inputs, resolved)
+    #expect(uniform.scalars == ta.scalars)
+    #expect(try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], value: 0)).merge(inputs, resolved).scalars == base.scalars)
+    // Four partitions with equal coefficients are block-wise scaling.
+    let partitioned = try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], partitions: 4, value: 0.7)).merge(inputs, resolved)
+    #expect(partitioned.scalars == ta.scalars)
+    // Different partitions scale different elements: about a quarter each.
+    var split = ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], partitions: 4)
+    for i in 0..<3 { split.values[i][0][2] = 1 }
+    let moved = zip(try ATLASApply(split).merge(inputs, resolved).scalars, base.scalars).filter { $0 != $1 }.count
+    #expect(abs(Double(moved) / 300_001 - 0.25) < 0.01)
+  }
+
+  @Test func coefficientFilesRoundTripAndBadOnesAreRejected() throws {
+    var c = ATLASCoefficients(tasks: ["a", "b"], blocks: ["layers.0.weight", "layers.0.bias"], partitions: 2)
+    c.values[1][0][1] = -0.25
+    #expect(try ATLASCoefficients(json: try c.json()) == c)
+    #expect(throws: ATLASError.unknownBlocks(["nope"])) {
+      try ATLASCoefficients(tasks: ["a"], blocks: ["nope"]).check(baseShapes: ["layers.0.weight": [2, 2]], taskVectors: 1)
+    }
+    #expect(throws: ATLASError.taskCount(file: 2, given: 3)) { try c.check(baseShapes: ["layers.0.weight": [2, 2], "layers.0.bias": [2]], taskVectors: 3) }
+    #expect(throws: ATLASError.self) { try ATLASCoefficients(json: Data(#"{"format": "atlas-coefficients", "tasks": ["a"], "blocks": ["x"], "partitions": 1, "coefficients": [[[1, 2]]]}"#.utf8)) }
+    let base = Network<Float>.initializedMLP(MLPConfig(layerSizes: [3, 4, 2]), seed: 1)
+    var wrong = Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, $0.tensor) })
+    wrong["layers.0.weight"] = Tensor(zeros: [4, 5])
+    #expect(throws: ATLASError.taskVectorMismatch(taskVector: 0, tensor: "layers.0.weight", reason: "shape [4, 5], the base has [4, 3]")) {
+      try ATLAS.Problem(base: base, taskVectors: [wrong], names: ["x"])
+    }
+  }
+
+  /// The paper's claim on a multi-task merge: learned block-wise coefficients beat the best
+  /// single-lambda task arithmetic on held-out data, and beat one learned lambda per task vector.
+  @Test func learnedBlockwiseCoefficientsBeatTaskArithmeticAndIsotropic() throws {
+    let f = try ATLASFixture(tasks: 6)
+    let problem = try f.problem
+    let best = try [0.2, 0.4, 0.6, 0.8, 1.0].map { lambda in
+      try f.accuracy(problem.network(ATLASCoefficients(tasks: problem.names, blocks: problem.blocks, value: lambda)))
+    }.max()!
+    var options = ATLAS.Options()
+    (options.learningRate, options.epochs) = (0.01, 30)
+    let learned = try f.accuracy(problem.network(try ATLAS.learn(problem, data: f.validation, options: options).coefficients))
+    options.isotropic = true
+    let isotropic = try f.accuracy(problem.network(try ATLAS.learn(problem, data: f.validation, options: options).coefficients))
+    #expect(learned > best && learned > isotropic, "learned \(learned), isotropic \(isotropic), best task arithmetic \(best)")
+  }
+
+  @Test func negationForgetsTheTargetWhileTheControlStays() throws {
+    let f = try ATLASFixture(tasks: 3)
+    let problem = try ATLAS.Problem(base: f.base, taskVectors: [f.taskVectors[0]], names: ["target"])
+    var options = ATLAS.Options()
+    (options.objective, options.negateTasks, options.learningRate, options.epochs) = (.negate, [0], 0.01, 20)
+    let c = try ATLAS.learn(problem, data: f.train, validation: f.validation, options: options).coefficients
+    // Selection keeps the control tasks at 95% of the base's on validation data; held-out data
+    // follows within a few points, while the target task drops.
+    func accuracies(_ network: Network<Float>, _ data: LabeledFeatures) throws -> (target: Double, control: Double) {
+      let tasks = try Training.evaluate(network, on: data).tasks
+      return (tasks[0].accuracyWithinTask, (tasks[1].accuracyWithinTask * Double(tasks[1].count) + tasks[2].accuracyWithinTask * Double(tasks[2].count)) / Double(tasks[1].count + tasks[2].count))
+    }
+    let (before, after) = (try accuracies(f.base, f.validation), try accuracies(problem.network(c), f.validation))
+    #expect(after.control >= 0.95 * before.control && after.target < before.target - 0.1, "validation: \(before) -> \(after)")
+    let (beforeTest, afterTest) = (try accuracies(f.base, f.test), try accuracies(problem.network(c), f.test))
+    #expect(afterTest.control >= 0.9 * beforeTest.control && afterTest.target < beforeTest.target - 0.1, "test: \(beforeTest) -> \(afterTest)")
+  }
+
+  @Test(arguments: [ATLAS.Objective.entropy, .ufm])
+  func unsupervisedAdaptationImprovesAShiftedTask(_ objective: ATLAS.Objective) throws {
+    // A base trained on clean data; the target is the same tasks seen through a feature shift;
+    // the pool holds the task vector of a fine-tune on a related (half as large) shift.
+    let f = try ATLASFixture(tasks: 2, noise: 1.0)
+    let shift = (0..<32).map { Float($0 % 2 == 0 ? 1.2 : -1.2) }
+    func shifted(_ d: LabeledFeatures, by scale: Float) -> LabeledFeatures {
+      var out = d
+      for r in 0..<d.count { for c in 0..<32 { out.features[r, c] += scale * shift[c] } }
+      return out
+    }
+    var tuned = f.base
+    var training = TrainingOptions()
+    training.epochs = 10
+    _ = try Training.classify(&tuned, on: shifted(f.train, by: 0.5), options: training)
+    let tau = Dictionary(uniqueKeysWithValues: f.base.tensors.map { name, tensor in
+      (name, Tensor(shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, f.base.weights[name]!.values).map { $0 - $1 }))
+    })
+    let problem = try ATLAS.Problem(base: f.base, taskVectors: [tau], names: ["shift"])
+    let target = shifted(f.train, by: 1)
+    var options = ATLAS.Options()
+    (options.objective, options.learningRate, options.epochs) = (objective, 0.01, 10)
+    let c = try ATLAS.learn(problem, data: target, options: options).coefficients  // labels unused
+    let before = try Training.evaluate(f.base, on: shifted(f.test, by: 1)).accuracy
+    let after = try Training.evaluate(problem.network(c), on: shifted(f.test, by: 1)).accuracy
+    #expect(after > before + 0.05, "\(objective): \(before) -> \(after)")
+  }
+
+  @Test func blockSelectionTrainsOnlyTheKeptCoefficients() throws {
+    let f = try ATLASFixture(tasks: 2)
+    let problem = try f.problem
+    var options = ATLAS.Options()
+    (options.keepFraction, options.epochs, options.learningRate) = (0.25, 3, 0.01)
+    let c = try ATLAS.learn(problem, data: f.validation, options: options).coefficients
+    let nonzero = c.values.flatMap { $0.flatMap { $0 } }.filter { $0 != 0 }.count
+    #expect(nonzero == 3)  // 25% of 2 task vectors x 6 blocks
+  }
+}
