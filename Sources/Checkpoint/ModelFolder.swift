@@ -95,7 +95,7 @@ public enum ModelFolder {
 
   /// Moves a finished work folder onto `destination`. An existing destination is replaced only
   /// with `overwrite`, and removed only after the new folder is in place.
-  static func publish(_ work: String, at destination: String, overwrite: Bool) throws {
+  public static func publish(_ work: String, at destination: String, overwrite: Bool) throws {
     let fm = FileManager.default
     var old: String?
     if fm.fileExists(atPath: destination) {

@@ -60,6 +60,7 @@ public enum ATLAS {
     /// Blocks are the base's weights in architecture order that every task vector holds, minus
     /// those matching `exclude`. Throws when a task vector's tensor does not fit the base.
     public init(base: Network<Float>, taskVectors: [[String: Tensor]], names: [String], exclude: String? = nil) throws {
+      guard base.lowRank.isEmpty else { throw ATLASError.objective("the base has factored (low-rank) layers; aTLAS learns on dense models") }
       let pattern = try exclude.map { try Regex($0) }
       var blocks: [String] = []
       var vectors = [[String: Matrix<Float>]](repeating: [:], count: taskVectors.count)

@@ -10,7 +10,7 @@ public enum ZipItError: Error, CustomStringConvertible, Equatable {
 
   public var description: String {
     switch self {
-    case .notAnMLP(let m): return "model \(m + 1) is not a single-head MLP; zipping supports MLPs for now"
+    case .notAnMLP(let m): return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs for now"
     case .differentArchitectures(let m): return "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
     case .stopLayerOutOfRange(let s, let p): return "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"
     case .tooFewModels: return "zipping needs at least two models"
@@ -55,7 +55,7 @@ public enum ZipIt {
     guard models.count >= 2 else { throw ZipItError.tooFewModels }
     var first: MLPConfig?
     for (m, model) in models.enumerated() {
-      guard case .mlp(let c) = model.config, c.heads == 1 else { throw ZipItError.notAnMLP(model: m) }
+      guard case .mlp(let c) = model.config, c.heads == 1, model.lowRank.isEmpty else { throw ZipItError.notAnMLP(model: m) }
       if let first, first != c { throw ZipItError.differentArchitectures(model: m) }
       first = first ?? c
     }

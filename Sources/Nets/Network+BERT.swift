@@ -24,7 +24,7 @@ extension Network {
     return shapes
   }
 
-  func bertForward(_ c: BERTConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: (String) -> Var, _ recorder: inout PointRecorder) -> Var {
+  func bertForward(_ c: BERTConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
     let p = prefix
     let words = tape.embedding(batch.ids, table: weight(p + "embeddings.word_embeddings.weight"))
     let positions = tape.embedding(batch.positions, table: weight(p + "embeddings.position_embeddings.weight"))

@@ -24,7 +24,7 @@ extension Network {
     return shapes
   }
 
-  func decoderForward(_ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: (String) -> Var, _ recorder: inout PointRecorder) -> Var {
+  func decoderForward(_ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
     var x = tape.embedding(batch.ids, table: weight("model.embed_tokens.weight"))
     recorder.record("model.embed_tokens.output", x)
     let positions = batch.positions

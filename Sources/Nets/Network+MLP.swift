@@ -17,7 +17,7 @@ extension Network {
     return shapes
   }
 
-  func mlpForward(_ c: MLPConfig, _ tape: Tape<T>, _ x: Var, _ weight: (String) -> Var, _ recorder: inout PointRecorder) -> Var {
+  func mlpForward(_ c: MLPConfig, _ tape: Tape<T>, _ x: Var, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
     func layers(_ range: Range<Int>, head: Int, _ input: Var) -> Var {
       var h = input
       for i in range {
@@ -58,6 +58,6 @@ extension Network {
 extension Network {
   /// The weights as tensors with the checkpoint's names and shapes, in the architecture's order.
   public var tensors: [(name: String, tensor: Tensor)] {
-    Self.expectedShapes(config, prefix: prefix).map { name, shape in (name, weights[name]!.tensor(shape: shape)) }
+    Self.expectedShapes(config, prefix: prefix, lowRank: lowRank).map { name, shape in (name, weights[name]!.tensor(shape: shape)) }
   }
 }

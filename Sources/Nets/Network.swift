@@ -52,16 +52,25 @@ public struct NetworkOutput {
 public struct Network<T: NetScalar> {
   public let config: NetworkConfig
   public var weights: [String: Matrix<T>]
+  /// Linear layers stored as two low-rank factors (PELA), by layer name (`layers.0`,
+  /// `model.layers.3.mlp.up_proj`), with their rank; empty for a dense model.
+  public let lowRank: [String: Int]
   /// Tensor name prefix of BERT checkpoints saved from a task model (`bert.`), else empty.
   let prefix: String
 
   /// Builds the model. Throws `NetsError.missingTensors` listing every absent tensor, or
   /// `.shapeMismatch` for the first wrong shape. Tensors the architecture does not use are ignored.
+  /// `lowRank` names the factored layers (config.json's `low_rank.ranks`, see `NetworkConfig.lowRankRanks`).
   @_specialize(exported: true, where T == Float)
-  public init(config: NetworkConfig, tensors: [String: Tensor]) throws {
+  public init(config: NetworkConfig, tensors: [String: Tensor], lowRank: [String: Int] = [:]) throws {
     self.config = config
+    self.lowRank = lowRank
     prefix = tensors["bert.embeddings.word_embeddings.weight"] != nil ? "bert." : ""
-    let expected = Self.expectedShapes(config, prefix: prefix)
+    let dense = Set(Self.expectedShapes(config, prefix: prefix).map(\.name))
+    if let unknown = lowRank.keys.sorted().first(where: { !dense.contains($0 + ".weight") }) {
+      throw NetsError.invalidConfig(key: "low_rank.ranks", reason: "'\(unknown)' is not a linear layer of this architecture")
+    }
+    let expected = Self.expectedShapes(config, prefix: prefix, lowRank: lowRank)
     let missing = expected.map(\.name).filter { tensors[$0] == nil }
     guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
     var weights: [String: Matrix<T>] = [:]
@@ -74,18 +83,31 @@ public struct Network<T: NetScalar> {
   }
 
   /// Weights already in the architecture's shapes (a freshly initialised model).
-  init(config: NetworkConfig, weights: [String: Matrix<T>]) {
+  init(config: NetworkConfig, weights: [String: Matrix<T>], lowRank: [String: Int] = [:]) {
     self.config = config
     self.weights = weights
+    self.lowRank = lowRank
     prefix = ""
   }
 
-  /// Every tensor the architecture reads, with its shape (the Hugging Face layout).
-  public static func expectedShapes(_ config: NetworkConfig, prefix: String = "") -> [(name: String, shape: [Int])] {
+  /// Every tensor the architecture reads, with its shape (the Hugging Face layout). A factored
+  /// layer `L` of rank r reads `L.0.weight` (r x in), `L.1.weight` (out x r) and `L.1.bias`
+  /// instead of `L.weight` and `L.bias` (the layout of PyTorch's `nn.Sequential` of two linears).
+  public static func expectedShapes(_ config: NetworkConfig, prefix: String = "", lowRank: [String: Int] = [:]) -> [(name: String, shape: [Int])] {
+    let dense: [(name: String, shape: [Int])]
     switch config {
-    case .mlp(let c): return mlpShapes(c)
-    case .decoder(let c): return decoderShapes(c)
-    case .bert(let c): return bertShapes(c, prefix: prefix)
+    case .mlp(let c): dense = mlpShapes(c)
+    case .decoder(let c): dense = decoderShapes(c)
+    case .bert(let c): dense = bertShapes(c, prefix: prefix)
+    }
+    guard !lowRank.isEmpty else { return dense }
+    return dense.flatMap { name, shape -> [(name: String, shape: [Int])] in
+      if name.hasSuffix(".weight"), shape.count == 2, let r = lowRank[String(name.dropLast(7))] {
+        let layer = name.dropLast(7)
+        return [(layer + ".0.weight", [r, shape[1]]), (layer + ".1.weight", [shape[0], r])]
+      }
+      if name.hasSuffix(".bias"), lowRank[String(name.dropLast(5))] != nil { return [(name.dropLast(5) + ".1.bias", shape)] }
+      return [(name, shape)]
     }
   }
 
@@ -94,13 +116,17 @@ public struct Network<T: NetScalar> {
   /// per weight name, so tied weights share one node.
   @_specialize(exported: true, where T == Float)
   public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: (String, Matrix<T>) -> Var) throws -> NetworkOutput {
+    try withoutActuallyEscaping(bind) { try run(tape, input, bind: $0) }
+  }
+
+  private func run(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: @escaping (String, Matrix<T>) -> Var) throws -> NetworkOutput {
     var bound: [String: Var] = [:]
-    let weight: (String) -> Var = { name in
+    let weight = WeightBinder(bind: { name in
       if let v = bound[name] { return v }
       let v = bind(name, self.weights[name]!)
       bound[name] = v
       return v
-    }
+    }, lowRank: lowRank)
     var recorder = PointRecorder()
     let output: Var
     switch (config, input) {
@@ -144,10 +170,26 @@ struct PointRecorder {
 extension Tape {
   /// A linear layer named by its weight's prefix (`model.layers.0.mlp.up_proj`), recording its
   /// input and output as points `<prefix>.input` and `<prefix>.output`.
-  func dense(_ x: Var, _ name: String, bias: Bool, _ weight: (String) -> Var, _ recorder: inout PointRecorder) -> Var {
+  /// A factored layer (`weight.lowRank[name] != nil`) runs as `B (A x) + b` with `A = <name>.0.weight`
+  /// (r x in, no bias) and `B = <name>.1.weight` (out x r) carrying the bias `<name>.1.bias`.
+  func dense(_ x: Var, _ name: String, bias: Bool, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
     recorder.record(name + ".input", x)
-    let y = linear(x, weight: weight(name + ".weight"), bias: bias ? weight(name + ".bias") : nil)
+    let y: Var
+    if weight.lowRank[name] != nil {
+      let inner = linear(x, weight: weight(name + ".0.weight"))
+      y = linear(inner, weight: weight(name + ".1.weight"), bias: bias ? weight(name + ".1.bias") : nil)
+    } else {
+      y = linear(x, weight: weight(name + ".weight"), bias: bias ? weight(name + ".bias") : nil)
+    }
     recorder.record(name + ".output", y)
     return y
   }
+}
+
+/// Turns weight names into tape nodes during one forward pass, and says which linear layers are
+/// factored (layer name to rank).
+struct WeightBinder {
+  let bind: (String) -> Var
+  let lowRank: [String: Int]
+  func callAsFunction(_ name: String) -> Var { bind(name) }
 }

@@ -26,6 +26,35 @@ public enum NetworkConfig: Equatable, Sendable {
   }
 }
 
+extension NetworkConfig {
+  /// The factored linear layers a config.json declares (PELA): `"low_rank": {"ranks": {layer: r}}`;
+  /// empty when there is no such key.
+  public static func lowRankRanks(json: Data) throws -> [String: Int] {
+    guard let object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
+      throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
+    }
+    guard let section = object["low_rank"] else { return [:] }
+    guard let ranks = (section as? [String: Any])?["ranks"] as? [String: Any] else {
+      throw NetsError.invalidConfig(key: "low_rank", reason: "expected {\"ranks\": {layer: rank}}")
+    }
+    return try ranks.mapValues { raw in
+      guard let number = raw as? NSNumber, let r = Int(exactly: number.doubleValue), r >= 1 else {
+        throw NetsError.invalidConfig(key: "low_rank.ranks", reason: "ranks are positive integers, found \(raw)")
+      }
+      return r
+    }
+  }
+
+  /// config.json bytes with `low_rank` set to `ranks` (and what made them), other keys kept.
+  public static func addingLowRank(to json: Data, ranks: [String: Int], method: String) throws -> Data {
+    guard var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
+      throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
+    }
+    object["low_rank"] = ["method": method, "ranks": ranks] as [String: Any]
+    return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+  }
+}
+
 /// Typed reads of config keys, with errors naming the key.
 struct ConfigKeys {
   let values: [String: Any]

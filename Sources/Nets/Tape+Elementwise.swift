@@ -61,6 +61,22 @@ extension Tape {
     }
   }
 
+  /// The largest absolute value of all elements, `1 x 1` (an infinity norm). Its subgradient
+  /// flows to the first element of largest magnitude only, with that element's sign.
+  @_specialize(exported: true, where T == Float)
+  public func maxAbs(_ a: Var) -> Var {
+    let x = value(a)
+    var at = 0
+    for i in x.values.indices where abs(x.values[i]) > abs(x.values[at]) { at = i }
+    let largest = x.values.isEmpty ? 0 : abs(x.values[at])
+    return record(Matrix(rows: 1, columns: 1, values: [largest]), inputs: [a]) { [unowned self] g in
+      guard !x.values.isEmpty else { return }
+      var dx = Matrix<T>(zeros: x.rows, x.columns)
+      dx.values[at] = x.values[at] < 0 ? -g.values[0] : g.values[0]
+      accumulate(a, dx)
+    }
+  }
+
   /// The mean of all elements, `1 x 1`.
   @_specialize(exported: true, where T == Float)
   public func mean(_ a: Var) -> Var { scale(sum(a), 1 / T(value(a).count)) }

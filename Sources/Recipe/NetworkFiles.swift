@@ -20,18 +20,28 @@ public enum NetworkFiles {
     let path = try configPath(model: model, config: config)
     guard let json = FileManager.default.contents(atPath: path) else { throw DataFileError(file: path, reason: "cannot read the model's config.json") }
     let networkConfig: NetworkConfig
-    do { networkConfig = try NetworkConfig(json: json) } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
+    let lowRank: [String: Int]
+    do {
+      networkConfig = try NetworkConfig(json: json)
+      lowRank = try NetworkConfig.lowRankRanks(json: json)
+    } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
     let checkpoint = try openCheckpoint(model)
-    let needed = Set(Network<Float>.expectedShapes(networkConfig).map(\.name) + Network<Float>.expectedShapes(networkConfig, prefix: "bert.").map(\.name))
+    let needed = Set(
+      Network<Float>.expectedShapes(networkConfig, lowRank: lowRank).map(\.name) + Network<Float>.expectedShapes(networkConfig, prefix: "bert.", lowRank: lowRank).map(\.name))
     var tensors: [String: Tensor] = [:]
     for info in checkpoint.tensors where needed.contains(info.name) { tensors[info.name] = try checkpoint.tensor(named: info.name) }
-    do { return try Network(config: networkConfig, tensors: tensors) } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
+    do { return try Network(config: networkConfig, tensors: tensors, lowRank: lowRank) } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
   }
 
-  /// Saves an MLP as a model folder (config.json, f32 safetensors, and `files` by name).
+  /// Saves an MLP as a model folder (config.json with its factored layers, f32 safetensors, and
+  /// `files` by name).
   public static func saveMLP(_ network: Network<Float>, to folder: String, overwrite: Bool, files: [String: String] = [:]) throws {
     guard case .mlp(let config) = network.config else { throw DataFileError(file: folder, reason: "only MLPs are written as new models") }
-    try ModelFolder.write(network.tensors, files: files.merging(["config.json": config.json]) { $1 }, dtype: .f32, to: folder, overwrite: overwrite)
+    var configJSON = config.json
+    if !network.lowRank.isEmpty {
+      configJSON = String(decoding: try NetworkConfig.addingLowRank(to: Data(config.json.utf8), ranks: network.lowRank, method: "pela"), as: UTF8.self)
+    }
+    try ModelFolder.write(network.tensors, files: files.merging(["config.json": configJSON]) { $1 }, dtype: .f32, to: folder, overwrite: overwrite)
   }
 
   /// The tensors of a checkpoint (task vectors), decoded.

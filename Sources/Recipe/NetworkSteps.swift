@@ -1,3 +1,4 @@
+import Adapt
 import Checkpoint
 import Foundation
 import Merge
@@ -11,9 +12,11 @@ import Nets
 /// | `train` | `data`, optionally `model` (fine-tune) | `hidden`, `classes`, `activation`, `layer_norm`, `epochs`, `batch_size`, `optimizer`, `lr`, `momentum`, `weight_decay`, `clip`, `seed`, `tasks` | an MLP |
 /// | `zip` | `models`, `data` | `method` (zipit, permute, average), `alpha`, `beta`, `stop_at`, `keep_heads` | an MLP |
 /// | `atlas` | `base`, `models` (task vectors), `data` | `objective`, `blocks`, `keep`, `negate_tasks`, `exclude`, `epochs`, `batch_size`, `lr`, `weight_decay`, `seed` | an MLP, with `atlas-coefficients.json` in its folder |
+/// | `pela` | `model`, optionally `data` (distillation) | `keep`/`rank`/`energy`, `select`, `solver`, `format`, `distill`, `epochs`, `batch_size`, `lr`, `weight_decay`, `task_weight`, `feature_weight`, `logit_weight`, `perturbation_weight`, `perturbation_epsilon`, `train_all`, `seed` | a factored (or dense) model |
+/// | `extract-lora` | `model` (the fine-tune), `base` | `rank`/`energy`/`keep`, `select`, `solver` | a PEFT LoRA adapter folder |
 /// | `eval` | `model`, `data` | `tasks` | a JSON report (also printed) |
 enum NetworkSteps {
-  static let operations = ["synthetic-data", "train", "zip", "atlas", "eval"]
+  static let operations = ["synthetic-data", "train", "zip", "atlas", "pela", "extract-lora", "eval"]
 
   /// Where a step's result goes when it is not an output: data sets and reports need a file name.
   static func spillName(_ step: Recipe.Step) -> String {
@@ -73,6 +76,25 @@ enum NetworkSteps {
       guard case .flag(let b) = value else { throw fail(key, "expected true or false") }
       return b
     }
+  }
+
+  /// The rank rule (`keep`, `rank` or `energy`, one of them), layer pattern and solver of a
+  /// low-rank step.
+  static func rankOptions(_ p: Parameters, defaultKeep: Double?) throws -> PELA.Options {
+    let keep = try p.number("keep")
+    let energy = try p.number("energy")
+    let rank = try p.number("rank") == nil ? nil : try p.int("rank", 1)
+    guard [keep, energy, rank.map(Double.init)].compactMap({ $0 }).count <= 1 else { throw p.fail("rank", "give one of keep, rank or energy") }
+    if let keep, !(keep > 0 && keep < 1) { throw p.fail("keep", "a fraction in (0, 1)") }
+    if let energy, !(energy > 0 && energy <= 1) { throw p.fail("energy", "a fraction in (0, 1]") }
+    guard let rule: RankRule = keep.map({ .keep($0) }) ?? rank.map({ .rank($0) }) ?? energy.map({ .energy($0) }) ?? defaultKeep.map({ .keep($0) }) else {
+      throw p.fail("rank", "give one of keep, rank or energy")
+    }
+    var options = PELA.Options(rule: rule)
+    options.select = try p.text("select")
+    guard let solver = LowRank.Solver(rawValue: try p.text("solver") ?? "automatic") else { throw p.fail("solver", "use exact, randomized or automatic") }
+    options.solver = solver
+    return options
   }
 
   static func run(_ step: Recipe.Step, file: String, model: (String) -> String, to destination: String, overwrite: Bool, report: (String) -> Void) throws {
@@ -157,6 +179,41 @@ enum NetworkSteps {
       try NetworkFiles.saveMLP(
         problem.network(coefficients), to: destination, overwrite: overwrite, files: ["atlas-coefficients.json": String(decoding: try coefficients.json(), as: UTF8.self)])
       report(String(format: "  %d epochs, final loss %.4f", epochs.count, epochs.last?.loss ?? 0))
+    case "pela":
+      let p = try Parameters(
+        step, file: file,
+        allowed: ["keep", "rank", "energy", "select", "solver", "format", "distill", "epochs", "batch_size", "lr", "weight_decay", "task_weight", "feature_weight",
+          "logit_weight", "perturbation_weight", "perturbation_epsilon", "train_all", "seed"])
+      guard step.models.count == 1 else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "pela takes one model") }
+      var run = LowRankFiles.PELARun(options: try rankOptions(p, defaultKeep: 0.5))
+      guard let format = LowRankFiles.Format(rawValue: try p.text("format") ?? "factored") else { throw p.fail("format", "use factored or dense") }
+      run.format = format
+      run.options.seed = UInt64(try p.int("seed", 0, minimum: 0))
+      if try p.flag("distill") {
+        var d = PELA.DistillationOptions()
+        d.epochs = try p.int("epochs", d.epochs)
+        d.batchSize = try p.int("batch_size", d.batchSize)
+        d.learningRate = Float(try p.number("lr") ?? Double(d.learningRate))
+        d.weightDecay = Float(try p.number("weight_decay") ?? Double(d.weightDecay))
+        d.taskWeight = Float(try p.number("task_weight") ?? Double(d.taskWeight))
+        d.featureWeight = Float(try p.number("feature_weight") ?? Double(d.featureWeight))
+        d.logitWeight = Float(try p.number("logit_weight") ?? Double(d.logitWeight))
+        d.perturbationWeight = Float(try p.number("perturbation_weight") ?? Double(d.perturbationWeight))
+        d.perturbationEpsilon = Float(try p.number("perturbation_epsilon") ?? Double(d.perturbationEpsilon))
+        d.trainEverything = try p.flag("train_all")
+        d.seed = run.options.seed
+        run.distillation = d
+        run.data = try data()
+      }
+      let result = try LowRankFiles.pela(model(step.models[0]), to: destination, run: run, overwrite: overwrite)
+      let factored = result.layers.filter { $0.rank != nil }.count
+      report("  \(factored) layers factored: \(result.parameters.after) parameters of \(result.parameters.before)")
+      if let accuracy = result.accuracy { report(String(format: "  accuracy on the data: %.2f%% truncated, %.2f%% distilled", accuracy.truncated * 100, accuracy.distilled * 100)) }
+    case "extract-lora":
+      let p = try Parameters(step, file: file, allowed: ["keep", "rank", "energy", "select", "solver"])
+      guard step.models.count == 1, let base = step.base else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "extract-lora takes one model (the fine-tune) and its base") }
+      let result = try LowRankFiles.extractLoRA(finetuned: model(step.models[0]), base: model(base), to: destination, options: try rankOptions(p, defaultKeep: nil), overwrite: overwrite)
+      report("  LoRA adapter of \(result.layers.filter { $0.rank != nil }.count) layers")
     case "eval":
       let p = try Parameters(step, file: file, allowed: ["tasks"])
       guard step.models.count == 1 else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "eval takes one model") }

@@ -109,6 +109,19 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     #expect(gradientError([logits]) { t, v in t.softCrossEntropy(v[0], targets: targets, weights: [1, 0, 0.5, 2, 1]) } < tolerance)
   }
 
+  /// PELA's weight-perturbation term `max |B A - W|`: random entries have a unique largest
+  /// magnitude, so the subgradient is the gradient there.
+  @Test func maxAbsOfAProductOfFactors() {
+    let (b, a, w) = (randomMatrix(5, 2, "B"), randomMatrix(2, 4, "A"), randomMatrix(5, 4, "W"))
+    #expect(gradientError([b, a]) { t, v in t.maxAbs(t.subtract(t.matmul(v[0], v[1]), t.constant(w))) } < tolerance)
+    let t = Tape<Double>()
+    let x = t.parameter(Matrix(rows: 1, columns: 4, values: [0.5, -3, 2, -1]))
+    let m = t.maxAbs(x)
+    t.backward(from: m)
+    #expect(t.value(m).values == [3])
+    #expect(t.gradient(x)!.values == [0, -1, 0, 0])
+  }
+
   @Test func bestHeadScoresOfAMultiHeadModel() {
     let heads = [randomMatrix(4, 5, "h0", scale: 2), randomMatrix(4, 5, "h1", scale: 2), randomMatrix(4, 5, "h2", scale: 2)]
     #expect(gradientError(heads) { t, v in t.bestHeadScores(v) } < tolerance)

@@ -40,6 +40,11 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
           #expect(try NetworkFiles.load(output.path).weights.count == 6)
           continue
         }
+        if name == "pela.yaml" {
+          // The distilled MLP: both hidden layers factored at rank floor(64 64 / 4 / 128) = 8.
+          #expect(try NetworkFiles.load(output.path).lowRank == ["layers.0": 8, "layers.1": 8])
+          continue
+        }
         if name == "zipit.yaml" {
           // MLPs: one zipped model, and one with a shared first layer and a head per model.
           guard case .mlp(let config) = try NetworkFiles.load(output.path).config else { Issue.record("\(output.label) is not an MLP"); continue }

@@ -1,0 +1,124 @@
+import Foundation
+import Nets
+import Tensor
+
+extension PELA {
+  /// PELA's distillation stage ("intermediate pre-training"): the factored student learns from
+  /// the frozen original (teacher) with
+  /// `taskWeight CE + featureWeight mean_l MSE(S_l, T_l) + logitWeight MSE(logits) + perturbationWeight mean_L (max|B A - W| - epsilon)^2`,
+  /// `l` the hidden features (an MLP's post-activation layers), `L` the factored layers.
+  public struct DistillationOptions: Sendable {
+    public var epochs = 10
+    public var batchSize = 64
+    public var learningRate: Float = 1e-3
+    /// AdamW weight decay (0.05, DeiT's default).
+    public var weightDecay: Float = 0.05
+    /// Cross-entropy on the data's labels (the original training loss); 0 for unlabelled data.
+    public var taskWeight: Float = 1
+    /// `kd_alpha`: feature distillation at every hidden point.
+    public var featureWeight: Float = 1
+    /// `kd_beta`: MSE between student and teacher logits (off by default, as in the paper).
+    public var logitWeight: Float = 0
+    /// The weight-perturbation regulariser's weight (`inf_norm_weight`; off in the DeiT scripts).
+    public var perturbationWeight: Float = 0
+    /// Its target `epsilon` (`inf_norm_eps`).
+    public var perturbationEpsilon: Float = 1e-3
+    /// Activation points distilled (a regular expression on point names).
+    public var points = #"\.hidden$"#
+    /// Train every student weight (the official code) instead of the factors only (the default).
+    public var trainEverything = false
+    public var seed: UInt64 = 0
+    public init() {}
+  }
+
+  /// One epoch's mean loss and its parts.
+  public struct DistillationReport: Sendable {
+    public let epoch: Int
+    public let loss: Double
+    public let features: Double
+    public let perturbation: Double
+  }
+
+  /// Trains `student` (factored by `factor`) against `teacher` on `data`, with a cosine learning
+  /// rate schedule from `learningRate` to 0. Labels are used only when `taskWeight > 0`.
+  public static func distill(
+    _ student: inout Network<Float>, teacher: Network<Float>, data: LabeledFeatures, options: DistillationOptions,
+    progress: ((DistillationReport) -> Void)? = nil
+  ) throws -> [DistillationReport] {
+    guard !student.lowRank.isEmpty else { throw AdaptError.badOption("the student has no factored layer; factor the model first") }
+    guard case .mlp = student.config, student.config == teacher.config else {
+      throw AdaptError.badOption("distillation runs on MLPs whose teacher has the same architecture")
+    }
+    guard options.epochs >= 1, options.batchSize >= 1 else { throw AdaptError.badOption("epochs and batch size must be at least 1") }
+    let points = try Regex(options.points)
+    let factorNames = Set(student.lowRank.keys.flatMap { [$0 + ".0.weight", $0 + ".1.weight"] })
+    let trainable: (String) -> Bool = { options.trainEverything || factorNames.contains($0) }
+    var optimizer = Optimizer<Float>(.adam, learningRate: options.learningRate, weightDecay: options.weightDecay)
+    let batchesPerEpoch = (data.count + options.batchSize - 1) / options.batchSize
+    let totalSteps = max(1, options.epochs * batchesPerEpoch)
+    var reports: [DistillationReport] = []
+    for epoch in 0..<options.epochs {
+      var sums = (loss: 0.0, features: 0.0, perturbation: 0.0)
+      let batches = miniBatches(count: data.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch))
+      for (b, rows) in batches.enumerated() {
+        let batch = data.rows(rows)
+        let teacherTape = Tape<Float>()
+        let taught = try teacher.forward(teacherTape, .features(batch.features))
+        let teacherPoints = Dictionary(taught.points.filter { $0.name.contains(points) }.map { ($0.name, teacherTape.value($0.value)) }) { a, _ in a }
+
+        let tape = Tape<Float>()
+        var parameters: [String: Var] = [:]
+        let out = try student.forward(tape, .features(batch.features)) { name, value in
+          guard trainable(name) else { return tape.constant(value) }
+          let v = tape.parameter(value)
+          parameters[name] = v
+          return v
+        }
+        var terms: [Var] = []
+        if options.taskWeight > 0 { terms.append(tape.scale(tape.crossEntropy(out.output, labels: batch.labels), options.taskWeight)) }
+        var featureLoss: Var?
+        let distilled = out.points.filter { teacherPoints[$0.name] != nil }
+        if options.featureWeight > 0, !distilled.isEmpty {
+          var sum: Var?
+          for point in distilled {
+            let mse = tape.meanSquaredError(point.value, tape.constant(teacherPoints[point.name]!))
+            sum = sum.map { tape.add($0, mse) } ?? mse
+          }
+          featureLoss = tape.scale(sum!, 1 / Float(distilled.count))
+          terms.append(tape.scale(featureLoss!, options.featureWeight))
+        }
+        if options.logitWeight > 0 {
+          terms.append(tape.scale(tape.meanSquaredError(out.output, tape.constant(teacherTape.value(taught.output))), options.logitWeight))
+        }
+        var perturbation: Var?
+        if options.perturbationWeight > 0 {
+          var sum: Var?
+          for layer in student.lowRank.keys.sorted() {
+            let a = parameters[layer + ".0.weight"] ?? tape.constant(student.weights[layer + ".0.weight"]!)
+            let bMatrix = parameters[layer + ".1.weight"] ?? tape.constant(student.weights[layer + ".1.weight"]!)
+            let error = tape.maxAbs(tape.subtract(tape.matmul(bMatrix, a), tape.constant(teacher.weights[layer + ".weight"]!)))
+            let shifted = tape.subtract(error, tape.constant(Matrix(rows: 1, columns: 1, values: [options.perturbationEpsilon])))
+            let term = tape.multiply(shifted, shifted)
+            sum = sum.map { tape.add($0, term) } ?? term
+          }
+          perturbation = tape.scale(sum!, 1 / Float(student.lowRank.count))
+          terms.append(tape.scale(perturbation!, options.perturbationWeight))
+        }
+        guard var loss = terms.first else { throw AdaptError.badOption("every loss weight is 0: nothing to train") }
+        for term in terms.dropFirst() { loss = tape.add(loss, term) }
+        tape.backward(from: loss)
+        let step = epoch * batchesPerEpoch + b
+        optimizer.learningRate = options.learningRate * Float(0.5 * (1 + cos(Double.pi * Double(step) / Double(totalSteps))))
+        optimizer.step(&student.weights, gradients: parameters.compactMapValues { tape.gradient($0) })
+        sums.loss += Double(tape.value(loss).values[0])
+        sums.features += featureLoss.map { Double(tape.value($0).values[0]) } ?? 0
+        sums.perturbation += perturbation.map { Double(tape.value($0).values[0]) } ?? 0
+      }
+      let n = Double(max(batches.count, 1))
+      let report = DistillationReport(epoch: epoch + 1, loss: sums.loss / n, features: sums.features / n, perturbation: sums.perturbation / n)
+      reports.append(report)
+      progress?(report)
+    }
+    return reports
+  }
+}

@@ -1,0 +1,246 @@
+import Adapt
+import Checkpoint
+import Foundation
+import Nets
+import Tensor
+
+/// Low-rank factorisation of checkpoints on disk, tensor by tensor (memory: one weight and its
+/// factors at a time): PELA's factored or dense outputs, and LoRA adapters extracted from a
+/// fine-tune. Untouched tensors are copied byte for byte.
+public enum LowRankFiles {
+  public enum Format: String, Sendable, CaseIterable {
+    /// `L.0.weight` (A), `L.1.weight` (B), `L.1.bias`, ranks in config.json's `low_rank`.
+    case factored
+    /// `L.weight = B A`: the same names and shapes as the input, loadable by any tool.
+    case dense
+  }
+
+  /// The config of a model folder, when it has one that Nets knows.
+  static func config(of model: String) -> (NetworkConfig?, Data?) {
+    guard let folder = ModelFolder.modelFolder(of: model), let json = FileManager.default.contents(atPath: folder + "/config.json") else { return (nil, nil) }
+    return (try? NetworkConfig(json: json), json)
+  }
+
+  /// The candidate layers of a checkpoint and the rank each gets (nil: stays dense, with why).
+  /// The energy rule needs each weight's spectrum, so it reads and decomposes them here.
+  static func plan(_ checkpoint: any Checkpoint, config: NetworkConfig?, options: PELA.Options, progress: ((Int, Int) -> Void)?) throws -> [(layer: String, rank: Int?, reason: String?)] {
+    let weights = checkpoint.tensors.map { ($0.name, $0.shape) }
+    let layers = try PELA.candidateLayers(weights, config: config, options: options)
+    guard !layers.isEmpty else { throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)") }
+    return try layers.enumerated().map { i, layer in
+      defer { progress?(i + 1, layers.count) }
+      let shape = try checkpoint.info(layer + ".weight").shape
+      if shape[0] < options.minimumOutputs { return (layer, nil, "fewer than \(options.minimumOutputs) outputs") }
+      if options.rule.needsSpectrum {
+        let s = try LAPACK.svd(try checkpoint.tensor(named: layer + ".weight")).s.map(Double.init)
+        let r = options.rule.rank(rows: shape[0], columns: shape[1], singularValues: s)
+        return RankRule.saves(rank: r, rows: shape[0], columns: shape[1]) ? (layer, r, nil) : (layer, nil, "rank \(r) would not save parameters")
+      }
+      let r = options.rule.rank(rows: shape[0], columns: shape[1])
+      return RankRule.saves(rank: r, rows: shape[0], columns: shape[1]) ? (layer, r, nil) : (layer, nil, "rank \(r) would not save parameters")
+    }
+  }
+
+  /// Factors the selected layers of `model` into `output` (a folder or a single file), copying
+  /// every other tensor and the folder's other files. Returns one report per candidate layer.
+  public static func factor(
+    _ model: String, to output: String, options: PELA.Options, format: Format, outputFormat: CheckpointFormat, overwrite: Bool,
+    progress: ((String, Int, Int) -> Void)? = nil
+  ) throws -> [PELA.LayerReport] {
+    let checkpoint = try openCheckpoint(model)
+    let (config, configJSON) = config(of: model)
+    let plan = try plan(checkpoint, config: config, options: options) { progress?("planning", $0, $1) }
+    let ranks = Dictionary(uniqueKeysWithValues: plan.compactMap { p in p.rank.map { (p.layer, $0) } })
+    let factored = format == .factored ? ranks : [:]
+    var infos: [TensorInfo] = []
+    for info in checkpoint.tensors {
+      let storage = info.dtype.isFloatingPoint ? info.dtype : .f32
+      if info.name.hasSuffix(".weight"), let r = factored[String(info.name.dropLast(7))] {
+        let layer = info.name.dropLast(7)
+        infos += [TensorInfo(name: layer + ".0.weight", dtype: storage, shape: [r, info.shape[1]]), TensorInfo(name: layer + ".1.weight", dtype: storage, shape: [info.shape[0], r])]
+      } else if info.name.hasSuffix(".bias"), factored[String(info.name.dropLast(5))] != nil {
+        infos.append(TensorInfo(name: info.name.dropLast(5) + ".1.bias", dtype: info.dtype, shape: info.shape))
+      } else {
+        infos.append(info)
+      }
+    }
+    var write = WriteOptions(format: outputFormat, metadata: checkpoint.metadata, copyFilesFrom: ModelFolder.modelFolder(of: model), overwrite: overwrite)
+    if !factored.isEmpty {
+      let rankJSON = try JSONSerialization.data(withJSONObject: factored, options: [.sortedKeys])
+      write.metadata["low_rank"] = String(decoding: rankJSON, as: UTF8.self)
+      if let configJSON { write.files["config.json"] = try NetworkConfig.addingLowRank(to: configJSON, ranks: factored, method: "pela") }
+    }
+    let writer = try CheckpointWriter(destination: output, tensors: infos, options: write)
+    var reports: [String: PELA.LayerReport] = [:]
+    var done = 0
+    for info in checkpoint.tensors {
+      let layer = info.name.hasSuffix(".weight") ? String(info.name.dropLast(7)) : ""
+      let storage = info.dtype.isFloatingPoint ? info.dtype : .f32
+      if let r = ranks[layer] {
+        let w = try checkpoint.tensor(named: info.name)
+        let factors = try LowRank.factor(w, rank: r, solver: options.solver, seed: options.seed)
+        if format == .factored {
+          try writer.write(layer + ".0.weight", factors.a, as: storage)
+          try writer.write(layer + ".1.weight", factors.b, as: storage)
+        } else {
+          try writer.write(info.name, factors.product, as: storage)
+        }
+        reports[layer] = PELA.LayerReport(layer: layer, rows: info.shape[0], columns: info.shape[1], factors: factors)
+        done += 1
+        progress?("factoring", done, ranks.count)
+      } else if info.name.hasSuffix(".bias"), factored[String(info.name.dropLast(5))] != nil {
+        try writer.write(info.name.dropLast(5) + ".1.bias", try checkpoint.read(info.name))
+      } else {
+        try writer.write(info.name, try checkpoint.read(info.name))
+      }
+    }
+    try writer.finish()
+    return try plan.map { p in
+      if let report = reports[p.layer] { return report }
+      let shape = try checkpoint.info(p.layer + ".weight").shape
+      return PELA.LayerReport(layer: p.layer, rows: shape[0], columns: shape[1], denseBecause: p.reason)
+    }
+  }
+}
+
+extension LowRankFiles {
+  /// What `extractLoRA` wrote: one report per candidate layer, and the tensors outside those
+  /// layers that differ from the base (a LoRA adapter cannot hold them).
+  public struct LoRAExtraction: Sendable {
+    public let layers: [PELA.LayerReport]
+    public let otherChangedTensors: [String]
+  }
+
+  /// Writes a PEFT LoRA adapter folder (`adapter_model.safetensors`, `adapter_config.json`) whose
+  /// `B A` is the best rank-r approximation of `finetuned - base` for every selected layer:
+  /// `base_model.model.<layer>.lora_A.weight` (r x in) and `.lora_B.weight` (out x r), with
+  /// `lora_alpha = r` per layer so PEFT's scaling is 1. Layers the fine-tune left unchanged are
+  /// skipped. Memory: one layer at a time plus the (small) factors.
+  public static func extractLoRA(
+    finetuned: String, base: String, to output: String, options: PELA.Options, overwrite: Bool, progress: ((Int, Int) -> Void)? = nil
+  ) throws -> LoRAExtraction {
+    let tuned = try openCheckpoint(finetuned)
+    let original = try openCheckpoint(base)
+    if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
+    let layers = try PELA.candidateLayers(tuned.tensors.map { ($0.name, $0.shape) }, config: config(of: finetuned).0, options: options)
+    guard !layers.isEmpty else { throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)") }
+    var factors: [(layer: String, factors: LowRankFactors)] = []
+    var reports: [PELA.LayerReport] = []
+    for (i, layer) in layers.enumerated() {
+      let name = layer + ".weight"
+      guard let info = original.lookup(name) else { throw CheckpointError.missingTensor(file: base, tensor: name) }
+      let w = try tuned.tensor(named: name)
+      guard info.shape == w.shape else { throw CheckpointError.invalidEntry(file: base, tensor: name, reason: "shape \(info.shape), the fine-tune has \(w.shape); the LoRA must come from the fine-tune's own base") }
+      var delta = w
+      let b = try original.tensor(named: name)
+      for e in delta.scalars.indices { delta.scalars[e] -= b.scalars[e] }
+      let (rows, columns) = (w.shape[0], w.shape[1])
+      defer { progress?(i + 1, layers.count) }
+      guard delta.scalars.contains(where: { $0 != 0 }) else {
+        reports.append(PELA.LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: "unchanged from the base"))
+        continue
+      }
+      let spectrum = options.rule.needsSpectrum ? try LAPACK.svd(delta) : nil
+      let r = options.rule.rank(rows: rows, columns: columns, singularValues: spectrum?.s.map(Double.init) ?? [])
+      guard r >= 1 else {
+        reports.append(PELA.LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: "rank 0"))
+        continue
+      }
+      let f = try LowRank.factor(delta, rank: r, solver: options.solver, seed: options.seed, spectrum: spectrum)
+      factors.append((layer, f))
+      reports.append(PELA.LayerReport(layer: layer, rows: rows, columns: columns, factors: f))
+    }
+    guard !factors.isEmpty else { throw AdaptError.badOption("the fine-tune does not differ from the base in any selected layer; nothing to extract") }
+    let covered = Set(factors.map { $0.layer + ".weight" })
+    var others: [String] = []
+    for info in tuned.tensors where !covered.contains(info.name) {
+      guard let b = original.lookup(info.name), b.shape == info.shape, b.dtype == info.dtype else {
+        others.append(info.name)
+        continue
+      }
+      if try tuned.read(info.name) != original.read(info.name) { others.append(info.name) }
+    }
+
+    let staging = output + ".staging-\(getpid())"
+    try? FileManager.default.removeItem(atPath: staging)
+    TemporaryOutputs.register(staging)
+    defer {
+      try? FileManager.default.removeItem(atPath: staging)
+      TemporaryOutputs.unregister(staging)
+    }
+    do { try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true) } catch {
+      throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription)
+    }
+    let prefix = "base_model.model."
+    let infos = factors.flatMap { layer, f in
+      [TensorInfo(name: prefix + layer + ".lora_A.weight", dtype: .f32, shape: f.a.shape), TensorInfo(name: prefix + layer + ".lora_B.weight", dtype: .f32, shape: f.b.shape)]
+    }
+    let writer = try CheckpointWriter(destination: staging + "/adapter_model.safetensors", tensors: infos, options: WriteOptions(metadata: ["format": "pt"]))
+    for (layer, f) in factors {
+      try writer.write(prefix + layer + ".lora_A.weight", f.a, as: .f32)
+      try writer.write(prefix + layer + ".lora_B.weight", f.b, as: .f32)
+    }
+    try writer.finish()
+    let ranks = Dictionary(uniqueKeysWithValues: factors.map { ($0.layer, $0.factors.rank) })
+    let top = ranks.values.max() ?? 0
+    let adapterConfig: [String: Any] = [
+      "peft_type": "LORA", "r": top, "lora_alpha": top, "rank_pattern": ranks, "alpha_pattern": ranks,
+      "target_modules": factors.map(\.layer), "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": false,
+      "lora_dropout": 0.0, "use_rslora": false, "inference_mode": true,
+    ]
+    do {
+      try JSONSerialization.data(withJSONObject: adapterConfig, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/adapter_config.json"))
+    } catch { throw CheckpointError.cannotWrite(file: output + "/adapter_config.json", reason: error.localizedDescription) }
+    try ModelFolder.publish(staging, at: output, overwrite: overwrite)
+    return LoRAExtraction(layers: reports, otherChangedTensors: others)
+  }
+}
+
+extension LowRankFiles {
+  /// PELA on a model on disk: factor, and with `distillation` distil the factored model from the
+  /// original on `data` (MLPs), evaluating before and after on `evaluation` (or `data`) when it
+  /// has labels.
+  public struct PELARun {
+    public var options: PELA.Options
+    public var format: Format = .factored
+    public var distillation: PELA.DistillationOptions?
+    public var data: String?
+    public var labels: String?
+    public var evaluation: String?
+    public init(options: PELA.Options) { self.options = options }
+  }
+
+  public struct PELAResult: Sendable {
+    public let layers: [PELA.LayerReport]
+    /// Parameters of the whole model before and after.
+    public let parameters: (before: Int, after: Int)
+    /// Accuracy after plain truncation and after distillation (distillation runs only).
+    public let accuracy: (truncated: Double, distilled: Double)?
+    public let epochs: [PELA.DistillationReport]
+  }
+
+  public static func pela(
+    _ model: String, to output: String, run: PELARun, outputFormat: CheckpointFormat = .safetensors, overwrite: Bool,
+    progress: ((String, Int, Int) -> Void)? = nil, epoch: ((PELA.DistillationReport) -> Void)? = nil
+  ) throws -> PELAResult {
+    guard let distillation = run.distillation else {
+      let before = try openCheckpoint(model).tensors.reduce(0) { $0 + $1.count }
+      let layers = try factor(model, to: output, options: run.options, format: run.format, outputFormat: outputFormat, overwrite: overwrite, progress: progress)
+      let saved = layers.reduce(0) { $0 + $1.parametersBefore - $1.parametersAfter }
+      return PELAResult(layers: layers, parameters: (before, before - saved), accuracy: nil, epochs: [])
+    }
+    guard let data = run.data else { throw AdaptError.badOption("distillation needs data") }
+    if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
+    let teacher = try NetworkFiles.load(model)
+    guard case .mlp = teacher.config else { throw AdaptError.badOption("distillation runs on MLPs for now; factor other models without --distill") }
+    var (student, layers) = try PELA.factor(teacher, options: run.options) { progress?("factoring", $0, $1) }
+    let train = try NetworkFiles.labeled(data, labels: run.labels)
+    let check = try run.evaluation.map { try NetworkFiles.labeled($0) } ?? train
+    let truncated = try Training.evaluate(student, on: check).accuracy
+    let epochs = try PELA.distill(&student, teacher: teacher, data: train, options: distillation, progress: epoch)
+    let distilled = try Training.evaluate(student, on: check).accuracy
+    try NetworkFiles.saveMLP(run.format == .dense ? try PELA.densified(student) : student, to: output, overwrite: overwrite)
+    return PELAResult(
+      layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)), accuracy: (truncated, distilled), epochs: epochs)
+  }
+}
