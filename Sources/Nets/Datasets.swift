@@ -118,3 +118,34 @@ public enum SyntheticTasks {
     return try LabeledFeatures(features: Matrix(rows: labels.count, columns: o.features, values: values), labels: labels, tasks: tasks, source: "synthetic")
   }
 }
+
+/// Token sequences with learnable structure, so language-model examples and tests need no
+/// download: each sequence walks the vocabulary with its own start and stride
+/// (`(start + i * stride) % vocabulary`), and each token is replaced by a random one with
+/// probability `noise`. The same seed with another split gives fresh sequences.
+public enum SyntheticTokens {
+  public struct Options: Sendable {
+    public var sequences = 64
+    public var length = 32
+    public var vocabulary = 2048
+    public var noise = 0.2
+    public var seed: UInt64 = 0
+    public init() {}
+  }
+
+  public static func make(_ o: Options, split: String) throws -> [[Int]] {
+    guard o.sequences >= 1, o.length >= 2, o.vocabulary >= 2, (0...1).contains(o.noise) else {
+      throw NetsError.invalidData(file: "synthetic", reason: "needs sequences >= 1, length >= 2, vocabulary >= 2 and noise in [0, 1]")
+    }
+    let rng = CounterRNG(seed: o.seed, stream: "synthetic-tokens-" + split)
+    let strides = max(1, min(7, o.vocabulary - 1))
+    return (0..<o.sequences).map { s in
+      let base = UInt64(s) << 32
+      let start = Int(rng.bits(base) % UInt64(o.vocabulary))
+      let stride = 1 + Int(rng.bits(base + 1) % UInt64(strides))
+      return (0..<o.length).map { i in
+        rng.uniform(base + 2 + UInt64(2 * i)) < Float(o.noise) ? Int(rng.bits(base + 3 + UInt64(2 * i)) % UInt64(o.vocabulary)) : (start + i * stride) % o.vocabulary
+      }
+    }
+  }
+}

@@ -33,13 +33,17 @@ extension Network {
       let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
       let q = tape.rotary(
         tape.dense(h, p + "self_attn.q_proj", bias: c.attentionBias, weight, &recorder), positions: positions, heads: c.headCount, theta: c.ropeTheta)
-      let k = tape.rotary(
+      var k = tape.rotary(
         tape.dense(h, p + "self_attn.k_proj", bias: c.attentionBias, weight, &recorder), positions: positions, heads: c.keyValueHeadCount,
         theta: c.ropeTheta)
-      let v = tape.dense(h, p + "self_attn.v_proj", bias: c.attentionBias, weight, &recorder)
+      var v = tape.dense(h, p + "self_attn.v_proj", bias: c.attentionBias, weight, &recorder)
       recorder.record(p + "self_attn.queries", q)
       recorder.record(p + "self_attn.keys", k)
       recorder.record(p + "self_attn.values", v)
+      if let projection = weight.kvProjection {
+        k = tape.projectHeads(k, layer: i, .keys, ranks: projection.keyRanks[i], dimension: c.headDimension, weight)
+        v = tape.projectHeads(v, layer: i, .values, ranks: projection.valueRanks[i], dimension: c.headDimension, weight)
+      }
       let a = tape.attention(
         query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount, causal: true, keyMask: batch.mask)
       x = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: false, weight, &recorder))

@@ -58,6 +58,6 @@ extension Network {
 extension Network {
   /// The weights as tensors with the checkpoint's names and shapes, in the architecture's order.
   public var tensors: [(name: String, tensor: Tensor)] {
-    Self.expectedShapes(config, prefix: prefix, lowRank: lowRank).map { name, shape in (name, weights[name]!.tensor(shape: shape)) }
+    Self.expectedShapes(config, prefix: prefix, lowRank: lowRank, kvProjection: kvProjection != nil).map { name, shape in (name, weights[name]!.tensor(shape: shape)) }
   }
 }

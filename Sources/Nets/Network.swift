@@ -55,6 +55,9 @@ public struct Network<T: NetScalar> {
   /// Linear layers stored as two low-rank factors (PELA), by layer name (`layers.0`,
   /// `model.layers.3.mlp.up_proj`), with their rank; empty for a dense model.
   public let lowRank: [String: Int]
+  /// MatryoshkaKV projections of the attention keys and values (decoders), with their ranks;
+  /// the bases and means are weights (`KVProjection.shapes`).
+  public var kvProjection: KVProjection?
   /// Tensor name prefix of BERT checkpoints saved from a task model (`bert.`), else empty.
   let prefix: String
 
@@ -62,15 +65,20 @@ public struct Network<T: NetScalar> {
   /// `.shapeMismatch` for the first wrong shape. Tensors the architecture does not use are ignored.
   /// `lowRank` names the factored layers (config.json's `low_rank.ranks`, see `NetworkConfig.lowRankRanks`).
   @_specialize(exported: true, where T == Float)
-  public init(config: NetworkConfig, tensors: [String: Tensor], lowRank: [String: Int] = [:]) throws {
+  public init(config: NetworkConfig, tensors: [String: Tensor], lowRank: [String: Int] = [:], kvProjection: KVProjection? = nil) throws {
     self.config = config
     self.lowRank = lowRank
+    self.kvProjection = kvProjection
+    if let kvProjection {
+      guard case .decoder(let c) = config else { throw NetsError.invalidConfig(key: "kv_projection", reason: "K/V projections apply to decoders") }
+      try kvProjection.check(c)
+    }
     prefix = tensors["bert.embeddings.word_embeddings.weight"] != nil ? "bert." : ""
     let dense = Set(Self.expectedShapes(config, prefix: prefix).map(\.name))
     if let unknown = lowRank.keys.sorted().first(where: { !dense.contains($0 + ".weight") }) {
       throw NetsError.invalidConfig(key: "low_rank.ranks", reason: "'\(unknown)' is not a linear layer of this architecture")
     }
-    let expected = Self.expectedShapes(config, prefix: prefix, lowRank: lowRank)
+    let expected = Self.expectedShapes(config, prefix: prefix, lowRank: lowRank, kvProjection: kvProjection != nil)
     let missing = expected.map(\.name).filter { tensors[$0] == nil }
     guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
     var weights: [String: Matrix<T>] = [:]
@@ -93,11 +101,12 @@ public struct Network<T: NetScalar> {
   /// Every tensor the architecture reads, with its shape (the Hugging Face layout). A factored
   /// layer `L` of rank r reads `L.0.weight` (r x in), `L.1.weight` (out x r) and `L.1.bias`
   /// instead of `L.weight` and `L.bias` (the layout of PyTorch's `nn.Sequential` of two linears).
-  public static func expectedShapes(_ config: NetworkConfig, prefix: String = "", lowRank: [String: Int] = [:]) -> [(name: String, shape: [Int])] {
+  /// With `kvProjection`, a decoder also reads its K/V projection bases and means.
+  public static func expectedShapes(_ config: NetworkConfig, prefix: String = "", lowRank: [String: Int] = [:], kvProjection: Bool = false) -> [(name: String, shape: [Int])] {
     let dense: [(name: String, shape: [Int])]
     switch config {
     case .mlp(let c): dense = mlpShapes(c)
-    case .decoder(let c): dense = decoderShapes(c)
+    case .decoder(let c): dense = decoderShapes(c) + (kvProjection ? KVProjection.shapes(c) : [])
     case .bert(let c): dense = bertShapes(c, prefix: prefix)
     }
     guard !lowRank.isEmpty else { return dense }
@@ -126,7 +135,7 @@ public struct Network<T: NetScalar> {
       let v = bind(name, self.weights[name]!)
       bound[name] = v
       return v
-    }, lowRank: lowRank)
+    }, lowRank: lowRank, kvProjection: kvProjection)
     var recorder = PointRecorder()
     let output: Var
     switch (config, input) {
@@ -191,5 +200,6 @@ extension Tape {
 struct WeightBinder {
   let bind: (String) -> Var
   let lowRank: [String: Int]
+  let kvProjection: KVProjection?
   func callAsFunction(_ name: String) -> Var { bind(name) }
 }

@@ -60,23 +60,34 @@ public enum Training {
     guard data.classCount <= config.layerSizes.last! else {
       throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the MLP has \(config.layerSizes.last!) outputs")
     }
+    return try fit(&network, count: data.count, options: options, trainable: trainable, progress: progress) { rows in
+      let batch = data.rows(rows)
+      return (.features(batch.features), batch.labels)
+    }
+  }
+
+  /// Mini-batch training with cross-entropy: `batch` gives the input and labels of some rows.
+  static func fit(
+    _ network: inout Network<Float>, count: Int, options: TrainingOptions, trainable: (String) -> Bool, progress: ((TrainingProgress) -> Void)?,
+    batch: ([Int]) -> (input: NetworkInput<Float>, labels: [Int])
+  ) throws -> [Double] {
     var optimizer = Optimizer<Float>(options.optimizer, learningRate: options.learningRate, weightDecay: options.weightDecay, clipNorm: options.clipNorm)
     optimizer.momentum = options.momentum
     var losses: [Double] = []
     for epoch in 0..<options.epochs {
-      let batches = miniBatches(count: data.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch))
+      let batches = miniBatches(count: count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch))
       var total = 0.0
       for (b, rows) in batches.enumerated() {
-        let batch = data.rows(rows)
+        let (input, labels) = batch(rows)
         let tape = Tape<Float>()
         var parameters: [String: Var] = [:]
-        let out = try network.forward(tape, .features(batch.features)) { name, value in
+        let out = try network.forward(tape, input) { name, value in
           guard trainable(name) else { return tape.constant(value) }
           let v = tape.parameter(value)
           parameters[name] = v
           return v
         }
-        let loss = tape.crossEntropy(out.output, labels: batch.labels)
+        let loss = tape.crossEntropy(out.output, labels: labels)
         tape.backward(from: loss)
         optimizer.step(&network.weights, gradients: parameters.compactMapValues { tape.gradient($0) })
         total += Double(tape.value(loss).values[0])
@@ -135,6 +146,19 @@ public enum Training {
     }
     let rows = Double(max(data.count, 1))
     return Evaluation(count: data.count, loss: loss / rows, accuracy: Double(correct) / rows, jointAccuracy: classes.count > 1 ? Double(jointCorrect) / rows : Double(correct) / rows, tasks: tasks)
+  }
+
+  /// Trains a decoder on token sequences with next-token cross-entropy, updating the weights
+  /// for which `trainable` is true. Returns the mean loss of each epoch.
+  public static func languageModel(
+    _ network: inout Network<Float>, on sequences: [[Int]], options: TrainingOptions, trainable: (String) -> Bool = { _ in true },
+    progress: ((TrainingProgress) -> Void)? = nil
+  ) throws -> [Double] {
+    guard case .decoder = network.config else { throw NetsError.inputMismatch("language-model training takes a decoder") }
+    return try fit(&network, count: sequences.count, options: options, trainable: trainable, progress: progress) { rows in
+      let batch = TokenBatch(rows.map { sequences[$0] })
+      return (.tokens(batch), nextTokenLabels(batch))
+    }
   }
 
   /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.

@@ -21,16 +21,21 @@ public enum NetworkFiles {
     guard let json = FileManager.default.contents(atPath: path) else { throw DataFileError(file: path, reason: "cannot read the model's config.json") }
     let networkConfig: NetworkConfig
     let lowRank: [String: Int]
+    let kvProjection: KVProjection?
     do {
       networkConfig = try NetworkConfig(json: json)
       lowRank = try NetworkConfig.lowRankRanks(json: json)
+      kvProjection = try KVProjection.fromConfig(json: json)
     } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
     let checkpoint = try openCheckpoint(model)
     let needed = Set(
       Network<Float>.expectedShapes(networkConfig, lowRank: lowRank).map(\.name) + Network<Float>.expectedShapes(networkConfig, prefix: "bert.", lowRank: lowRank).map(\.name))
     var tensors: [String: Tensor] = [:]
     for info in checkpoint.tensors where needed.contains(info.name) { tensors[info.name] = try checkpoint.tensor(named: info.name) }
-    do { return try Network(config: networkConfig, tensors: tensors, lowRank: lowRank) } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
+    if kvProjection != nil { tensors.merge(try KVProjectionFiles.tensors(folder: URL(fileURLWithPath: path).deletingLastPathComponent().path)) { a, _ in a } }
+    do {
+      return try Network(config: networkConfig, tensors: tensors, lowRank: lowRank, kvProjection: kvProjection)
+    } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
   }
 
   /// Saves an MLP as a model folder (config.json with its factored layers, f32 safetensors, and
@@ -62,6 +67,12 @@ public enum NetworkFiles {
       guard data.count > 0 else { throw DataFileError(file: path, reason: "no rows belong to tasks \(tasks.map(String.init).joined(separator: ","))") }
     }
     return data
+  }
+
+  /// Writes token sequences as JSON lines (one array of ids per line), atomically.
+  public static func writeTokens(_ sequences: [[Int]], to path: String) throws {
+    let text = sequences.map { "[" + $0.map(String.init).joined(separator: ", ") + "]" }.joined(separator: "\n") + "\n"
+    do { try Data(text.utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch { throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription) }
   }
 
   /// Writes labelled features as safetensors.

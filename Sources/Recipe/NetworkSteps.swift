@@ -14,14 +14,17 @@ import Nets
 /// | `atlas` | `base`, `models` (task vectors), `data` | `objective`, `blocks`, `keep`, `negate_tasks`, `exclude`, `epochs`, `batch_size`, `lr`, `weight_decay`, `seed` | an MLP, with `atlas-coefficients.json` in its folder |
 /// | `pela` | `model`, optionally `data` (distillation) | `keep`/`rank`/`energy`, `select`, `solver`, `format`, `distill`, `epochs`, `batch_size`, `lr`, `weight_decay`, `task_weight`, `feature_weight`, `logit_weight`, `perturbation_weight`, `perturbation_epsilon`, `train_all`, `seed` | a factored (or dense) model |
 /// | `extract-lora` | `model` (the fine-tune), `base` | `rank`/`energy`/`keep`, `select`, `solver` | a PEFT LoRA adapter folder |
-/// | `eval` | `model`, `data` | `tasks` | a JSON report (also printed) |
+/// | `synthetic-tokens` | | `sequences`, `length`, `vocabulary`, `noise`, `seed`, `split` | token sequences (`.jsonl`) |
+/// | `mkv` | `model` (a decoder), `data` (tokens) | `budget`, `step`, `ranks`, `per_round`, `data_free`, `train`, `epochs`, `batch_size`, `lr`, `kl_weight`, `ce_weight`, `seed` | the model with K/V projections |
+/// | `eval` | `model`, `data` | `tasks` | a JSON report (also printed): accuracy, or perplexity on tokens |
 enum NetworkSteps {
-  static let operations = ["synthetic-data", "train", "zip", "atlas", "pela", "extract-lora", "eval"]
+  static let operations = ["synthetic-data", "synthetic-tokens", "train", "zip", "atlas", "pela", "extract-lora", "mkv", "eval"]
 
   /// Where a step's result goes when it is not an output: data sets and reports need a file name.
   static func spillName(_ step: Recipe.Step) -> String {
     switch step.operation {
     case "synthetic-data": return step.label + ".safetensors"
+    case "synthetic-tokens": return step.label + ".jsonl"
     case "eval": return step.label + ".json"
     default: return step.label
     }
@@ -76,6 +79,13 @@ enum NetworkSteps {
       guard case .flag(let b) = value else { throw fail(key, "expected true or false") }
       return b
     }
+  }
+
+  /// A JSON report, written atomically.
+  static func writeReport(_ json: [String: Any], to destination: String, overwrite: Bool) throws {
+    let bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
+    guard overwrite || !FileManager.default.fileExists(atPath: destination) else { throw CheckpointError.outputExists(path: destination) }
+    do { try bytes.write(to: URL(fileURLWithPath: destination), options: .atomic) } catch { throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription) }
   }
 
   /// The rank rule (`keep`, `rank` or `energy`, one of them), layer pattern and solver of a
@@ -214,10 +224,52 @@ enum NetworkSteps {
       guard step.models.count == 1, let base = step.base else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "extract-lora takes one model (the fine-tune) and its base") }
       let result = try LowRankFiles.extractLoRA(finetuned: model(step.models[0]), base: model(base), to: destination, options: try rankOptions(p, defaultKeep: nil), overwrite: overwrite)
       report("  LoRA adapter of \(result.layers.filter { $0.rank != nil }.count) layers")
+    case "synthetic-tokens":
+      let p = try Parameters(step, file: file, allowed: ["sequences", "length", "vocabulary", "noise", "seed", "split"])
+      var o = SyntheticTokens.Options()
+      o.sequences = try p.int("sequences", o.sequences)
+      o.length = try p.int("length", o.length, minimum: 2)
+      o.vocabulary = try p.int("vocabulary", o.vocabulary, minimum: 2)
+      o.noise = try p.number("noise") ?? o.noise
+      o.seed = UInt64(try p.int("seed", 0, minimum: 0))
+      guard overwrite || !FileManager.default.fileExists(atPath: destination) else { throw CheckpointError.outputExists(path: destination) }
+      try NetworkFiles.writeTokens(try SyntheticTokens.make(o, split: try p.text("split") ?? "train"), to: destination)
+      report("  \(o.sequences) sequences of \(o.length) tokens")
+    case "mkv":
+      let p = try Parameters(step, file: file, allowed: ["budget", "step", "ranks", "per_round", "data_free", "train", "epochs", "batch_size", "lr", "kl_weight", "ce_weight", "seed"])
+      guard step.models.count == 1 else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "mkv takes one model") }
+      var run = KVProjectionFiles.Run()
+      run.budget = try p.number("budget") ?? run.budget
+      run.step = try p.number("step") == nil ? nil : try p.int("step", 1)
+      guard let search = KVProjectionFiles.RankSearch(rawValue: try p.text("ranks") ?? "adaptive") else { throw p.fail("ranks", "use adaptive or uniform") }
+      run.search = search
+      run.perRound = try p.number("per_round") == nil ? nil : try p.int("per_round", 1)
+      run.dataFree = try p.flag("data_free")
+      run.data = try step.data.map { _ in try data() }
+      if try p.flag("train") {
+        var t = MatryoshkaKV.TrainingOptions()
+        t.epochs = try p.int("epochs", t.epochs)
+        t.batchSize = try p.int("batch_size", t.batchSize)
+        t.learningRate = Float(try p.number("lr") ?? Double(t.learningRate))
+        t.klWeight = Float(try p.number("kl_weight") ?? Double(t.klWeight))
+        t.crossEntropyWeight = Float(try p.number("ce_weight") ?? Double(t.crossEntropyWeight))
+        t.seed = UInt64(try p.int("seed", 0, minimum: 0))
+        run.training = t
+      }
+      let result = try KVProjectionFiles.run(model(step.models[0]), to: destination, run: run, overwrite: overwrite)
+      report(String(format: "  KV cache %.1f%% of the original; key ranks %@, value ranks %@", result.ranks.keptFraction(dimension: result.headDimension) * 100,
+        result.ranks.keyRanks.map { $0.map(String.init).joined(separator: " ") }.joined(separator: " | "), result.ranks.valueRanks.map { $0.map(String.init).joined(separator: " ") }.joined(separator: " | ")))
     case "eval":
       let p = try Parameters(step, file: file, allowed: ["tasks"])
       guard step.models.count == 1 else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "eval takes one model") }
-      let result = try Training.evaluate(try NetworkFiles.load(model(step.models[0])), on: try NetworkFiles.labeled(try data(), tasks: try p.integers("tasks")))
+      let network = try NetworkFiles.load(model(step.models[0]))
+      if case .decoder = network.config {
+        let result = try Training.perplexity(network, on: try DataFiles.readTokens(try data()))
+        report(String(format: "  %d tokens, loss %.4f, perplexity %.3f", result.tokens, result.loss, result.perplexity))
+        try writeReport(["model": step.models[0], "tokens": result.tokens, "loss": result.loss, "perplexity": result.perplexity], to: destination, overwrite: overwrite)
+        return
+      }
+      let result = try Training.evaluate(network, on: try NetworkFiles.labeled(try data(), tasks: try p.integers("tasks")))
       var lines = [String(format: "  accuracy %.2f%%, joint accuracy %.2f%%, loss %.4f", result.accuracy * 100, result.jointAccuracy * 100, result.loss)]
       lines += result.tasks.map { String(format: "  task %d: accuracy %.2f%%, within its classes %.2f%%", $0.task, $0.accuracy * 100, $0.accuracyWithinTask * 100) }
       lines.forEach(report)
@@ -225,9 +277,7 @@ enum NetworkSteps {
         "model": step.models[0], "accuracy": result.accuracy, "joint_accuracy": result.jointAccuracy, "loss": result.loss,
         "tasks": result.tasks.map { ["task": $0.task, "accuracy": $0.accuracy, "accuracy_within_task": $0.accuracyWithinTask] },
       ]
-      let bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
-      guard overwrite || !FileManager.default.fileExists(atPath: destination) else { throw CheckpointError.outputExists(path: destination) }
-      do { try bytes.write(to: URL(fileURLWithPath: destination), options: .atomic) } catch { throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription) }
+      try writeReport(json, to: destination, overwrite: overwrite)
     default:
       preconditionFailure("not a network step: \(step.operation)")
     }

@@ -3,7 +3,7 @@ import Merge
 import Yams
 
 /// A recipe: named inputs, steps that each run one operation (a merge method, `task-vector`,
-/// `apply`, `convert`, or a data-driven step: `synthetic-data`, `train`, `zip`, `eval`) on
+/// `apply`, `convert`, or a data-driven step: `synthetic-data`, `synthetic-tokens`, `train`, `zip`, `atlas`, `pela`, `extract-lora`, `mkv`, `eval`) on
 /// earlier inputs or step results, and outputs written from any of them.
 ///
 /// ```yaml

@@ -39,7 +39,7 @@ public struct RecipeRunner {
       if let base = step.base { try check(base, at: "\(step.location).base") }
       if let data = step.data { try check(data, at: "\(step.location).data") }
       for (i, model) in step.models.enumerated() { try check(model, at: "\(step.location).models[\(i)]") }
-      if step.models.isEmpty && !["synthetic-data", "train"].contains(step.operation) {
+      if step.models.isEmpty && !["synthetic-data", "synthetic-tokens", "train"].contains(step.operation) {
         throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "the step names no models")
       }
     }

@@ -18,6 +18,13 @@ public struct DoubleMatrix: Sendable, Equatable {
     self.init(rows: rows, columns: columns, values: [Double](repeating: 0, count: rows * columns))
   }
 
+  /// The `n x n` identity.
+  public static func identity(_ n: Int) -> DoubleMatrix {
+    var m = DoubleMatrix(zeros: n, n)
+    for i in 0..<n { m.values[i * n + i] = 1 }
+    return m
+  }
+
   /// A 2-D tensor widened to `Double`.
   public init(_ tensor: Tensor) {
     precondition(tensor.shape.count == 2, "a matrix needs a 2-D tensor, got \(tensor.shape)")

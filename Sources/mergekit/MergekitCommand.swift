@@ -17,7 +17,7 @@ struct MergekitCommand: ParsableCommand {
     version: "0.1.0",
     subcommands: [
       InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, MergeCommand.self, TaskVectorCommand.self, ApplyCommand.self, RunCommand.self,
-      ZipCommand.self, ATLASCommand.self, PELACommand.self, ExtractLoRACommand.self, TrainCommand.self, EvalCommand.self, StatsCommand.self, SyntheticDataCommand.self, ExampleCommand.self,
+      ZipCommand.self, ATLASCommand.self, PELACommand.self, ExtractLoRACommand.self, MKVCommand.self, TrainCommand.self, EvalCommand.self, StatsCommand.self, SyntheticDataCommand.self, SyntheticTokensCommand.self, ExampleCommand.self,
     ]
   )
 

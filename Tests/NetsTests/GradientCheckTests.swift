@@ -122,6 +122,15 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     #expect(t.gradient(x)!.values == [0, -1, 0, 0])
   }
 
+  /// MatryoshkaKV's parametrisation: the Cayley map, and column concatenation.
+  @Test func cayleyMapAndConcatenation() {
+    let x = randomMatrix(5, 5, "X", scale: 0.7)
+    let u0 = randomMatrix(5, 5, "U0")
+    #expect(gradientError([x]) { t, v in t.cayley(v[0]) } < tolerance)
+    #expect(gradientError([x]) { t, v in t.matmul(t.constant(u0), t.cayley(v[0])) } < tolerance)
+    #expect(gradientError([randomMatrix(3, 2, "a"), randomMatrix(3, 4, "b")]) { t, v in t.concatenateColumns(v) } < tolerance)
+  }
+
   @Test func bestHeadScoresOfAMultiHeadModel() {
     let heads = [randomMatrix(4, 5, "h0", scale: 2), randomMatrix(4, 5, "h1", scale: 2), randomMatrix(4, 5, "h2", scale: 2)]
     #expect(gradientError(heads) { t, v in t.bestHeadScores(v) } < tolerance)

@@ -40,6 +40,12 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
           #expect(try NetworkFiles.load(output.path).weights.count == 6)
           continue
         }
+        if name == "matryoshka-kv.yaml" {
+          // The example model with projections: half of the K/V dimensions kept.
+          let projected = try NetworkFiles.load(output.path)
+          #expect(projected.kvProjection.map { $0.keptFraction(dimension: 32) } == 0.5)
+          continue
+        }
         if name == "pela.yaml" {
           // The distilled MLP: both hidden layers factored at rank floor(64 64 / 4 / 128) = 8.
           #expect(try NetworkFiles.load(output.path).lowRank == ["layers.0": 8, "layers.1": 8])
