@@ -6,7 +6,8 @@ extension PELA {
   /// PELA's distillation stage ("intermediate pre-training"): the factored student learns from
   /// the frozen original (teacher) with
   /// `taskWeight CE + featureWeight mean_l MSE(S_l, T_l) + logitWeight MSE(logits) + perturbationWeight mean_L (max|B A - W| - epsilon)^2`,
-  /// `l` the hidden features (an MLP's post-activation layers), `L` the factored layers.
+  /// `l` the distilled points (an MLP's post-activation hidden layers, a decoder's block outputs),
+  /// `L` the factored layers.
   public struct DistillationOptions: Sendable {
     public var epochs = 10
     public var batchSize = 64
@@ -23,8 +24,9 @@ extension PELA {
     public var perturbationWeight: Float = 0
     /// Its target `epsilon` (`inf_norm_eps`).
     public var perturbationEpsilon: Float = 1e-3
-    /// Activation points distilled (a regular expression on point names).
-    public var points = #"\.hidden$"#
+    /// Activation points distilled (a regular expression on point names); nil: every hidden
+    /// layer of an MLP, every block output of a decoder (the paper's choice).
+    public var points: String?
     /// Train every student weight (the official code) instead of the factors only (the default).
     public var trainEverything = false
     public var seed: UInt64 = 0
@@ -39,18 +41,55 @@ extension PELA {
     public let perturbation: Double
   }
 
+  /// What a model is distilled on: labelled feature rows (MLPs) or token sequences (decoders,
+  /// whose labels are the next tokens).
+  public enum DistillationData {
+    case features(LabeledFeatures)
+    case tokens([[Int]])
+
+    var count: Int {
+      switch self {
+      case .features(let d): return d.count
+      case .tokens(let t): return t.count
+      }
+    }
+
+    func batch(_ rows: [Int]) -> (input: NetworkInput<Float>, labels: [Int]) {
+      switch self {
+      case .features(let d):
+        let b = d.rows(rows)
+        return (.features(b.features), b.labels)
+      case .tokens(let t):
+        let b = TokenBatch(rows.map { t[$0] })
+        return (.tokens(b), Training.nextTokenLabels(b))
+      }
+    }
+  }
+
   /// Trains `student` (factored by `factor`) against `teacher` on `data`, with a cosine learning
   /// rate schedule from `learningRate` to 0. Labels are used only when `taskWeight > 0`.
   public static func distill(
     _ student: inout Network<Float>, teacher: Network<Float>, data: LabeledFeatures, options: DistillationOptions,
     progress: ((DistillationReport) -> Void)? = nil
   ) throws -> [DistillationReport] {
+    try distill(&student, teacher: teacher, on: .features(data), options: options, progress: progress)
+  }
+
+  public static func distill(
+    _ student: inout Network<Float>, teacher: Network<Float>, on data: DistillationData, options: DistillationOptions,
+    progress: ((DistillationReport) -> Void)? = nil
+  ) throws -> [DistillationReport] {
     guard !student.lowRank.isEmpty else { throw AdaptError.badOption("the student has no factored layer; factor the model first") }
-    guard case .mlp = student.config, student.config == teacher.config else {
-      throw AdaptError.badOption("distillation runs on MLPs whose teacher has the same architecture")
+    guard student.config == teacher.config else { throw AdaptError.badOption("the teacher must have the student's architecture") }
+    let defaultPoints: String
+    switch (student.config, data) {
+    case (.mlp, .features): defaultPoints = #"\.hidden$"#
+    case (.decoder, .tokens): defaultPoints = #"^model\.layers\.\d+\.output$"#
+    default: throw AdaptError.badOption("distillation takes an MLP with feature rows or a decoder with token sequences")
     }
     guard options.epochs >= 1, options.batchSize >= 1 else { throw AdaptError.badOption("epochs and batch size must be at least 1") }
-    let points = try Regex(options.points)
+    let points: Regex<AnyRegexOutput>
+    do { points = try Regex(options.points ?? defaultPoints) } catch { throw AdaptError.badPattern(options.points ?? "", reason: "\(error)") }
     let factorNames = Set(student.lowRank.keys.flatMap { [$0 + ".0.weight", $0 + ".1.weight"] })
     let trainable: (String) -> Bool = { options.trainEverything || factorNames.contains($0) }
     var optimizer = Optimizer<Float>(.adam, learningRate: options.learningRate, weightDecay: options.weightDecay)
@@ -61,21 +100,21 @@ extension PELA {
       var sums = (loss: 0.0, features: 0.0, perturbation: 0.0)
       let batches = miniBatches(count: data.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch))
       for (b, rows) in batches.enumerated() {
-        let batch = data.rows(rows)
+        let (input, labels) = data.batch(rows)
         let teacherTape = Tape<Float>()
-        let taught = try teacher.forward(teacherTape, .features(batch.features))
+        let taught = try teacher.forward(teacherTape, input)
         let teacherPoints = Dictionary(taught.points.filter { $0.name.contains(points) }.map { ($0.name, teacherTape.value($0.value)) }) { a, _ in a }
 
         let tape = Tape<Float>()
         var parameters: [String: Var] = [:]
-        let out = try student.forward(tape, .features(batch.features)) { name, value in
+        let out = try student.forward(tape, input) { name, value in
           guard trainable(name) else { return tape.constant(value) }
           let v = tape.parameter(value)
           parameters[name] = v
           return v
         }
         var terms: [Var] = []
-        if options.taskWeight > 0 { terms.append(tape.scale(tape.crossEntropy(out.output, labels: batch.labels), options.taskWeight)) }
+        if options.taskWeight > 0 && labels.contains(where: { $0 >= 0 }) { terms.append(tape.scale(tape.crossEntropy(out.output, labels: labels), options.taskWeight)) }
         var featureLoss: Var?
         let distilled = out.points.filter { teacherPoints[$0.name] != nil }
         if options.featureWeight > 0, !distilled.isEmpty {

@@ -198,8 +198,8 @@ extension LowRankFiles {
 
 extension LowRankFiles {
   /// PELA on a model on disk: factor, and with `distillation` distil the factored model from the
-  /// original on `data` (MLPs), evaluating before and after on `evaluation` (or `data`) when it
-  /// has labels.
+  /// original on `data` (labelled features for an MLP, token sequences for a decoder), measuring
+  /// it before and after on `evaluation` (or `data`).
   public struct PELARun {
     public var options: PELA.Options
     public var format: Format = .factored
@@ -214,8 +214,9 @@ extension LowRankFiles {
     public let layers: [PELA.LayerReport]
     /// Parameters of the whole model before and after.
     public let parameters: (before: Int, after: Int)
-    /// Accuracy after plain truncation and after distillation (distillation runs only).
-    public let accuracy: (truncated: Double, distilled: Double)?
+    /// Accuracy (MLPs) or perplexity (decoders) after plain truncation and after distillation,
+    /// and of the original (distillation runs only).
+    public let quality: (measure: String, original: Double, truncated: Double, distilled: Double)?
     public let epochs: [PELA.DistillationReport]
   }
 
@@ -227,20 +228,37 @@ extension LowRankFiles {
       let before = try openCheckpoint(model).tensors.reduce(0) { $0 + $1.count }
       let layers = try factor(model, to: output, options: run.options, format: run.format, outputFormat: outputFormat, overwrite: overwrite, progress: progress)
       let saved = layers.reduce(0) { $0 + $1.parametersBefore - $1.parametersAfter }
-      return PELAResult(layers: layers, parameters: (before, before - saved), accuracy: nil, epochs: [])
+      return PELAResult(layers: layers, parameters: (before, before - saved), quality: nil, epochs: [])
     }
     guard let data = run.data else { throw AdaptError.badOption("distillation needs data") }
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
     let teacher = try NetworkFiles.load(model)
-    guard case .mlp = teacher.config else { throw AdaptError.badOption("distillation runs on MLPs for now; factor other models without --distill") }
     var (student, layers) = try PELA.factor(teacher, options: run.options) { progress?("factoring", $0, $1) }
-    let train = try NetworkFiles.labeled(data, labels: run.labels)
-    let check = try run.evaluation.map { try NetworkFiles.labeled($0) } ?? train
-    let truncated = try Training.evaluate(student, on: check).accuracy
-    let epochs = try PELA.distill(&student, teacher: teacher, data: train, options: distillation, progress: epoch)
-    let distilled = try Training.evaluate(student, on: check).accuracy
-    try NetworkFiles.saveMLP(run.format == .dense ? try PELA.densified(student) : student, to: output, overwrite: overwrite)
+    let train: PELA.DistillationData
+    let measure: (Network<Float>) throws -> Double
+    let name: String
+    switch teacher.config {
+    case .mlp:
+      let labelled = try NetworkFiles.labeled(data, labels: run.labels)
+      let check = try run.evaluation.map { try NetworkFiles.labeled($0) } ?? labelled
+      (train, name, measure) = (.features(labelled), "accuracy", { try Training.evaluate($0, on: check).accuracy })
+    case .decoder:
+      let sequences = try DataFiles.readTokens(data)
+      let check = try run.evaluation.map { try DataFiles.readTokens($0) } ?? sequences
+      (train, name, measure) = (.tokens(sequences), "perplexity", { try Training.perplexity($0, on: check).perplexity })
+    case .bert:
+      throw AdaptError.badOption("distillation runs on MLPs and decoders; factor BERT models without --distill")
+    }
+    let (original, truncated) = (try measure(teacher), try measure(student))
+    let epochs = try PELA.distill(&student, teacher: teacher, on: train, options: distillation, progress: epoch)
+    let distilled = try measure(student)
+    let result = run.format == .dense ? try PELA.densified(student) : student
+    if case .mlp = teacher.config {
+      try NetworkFiles.saveMLP(result, to: output, overwrite: overwrite)
+    } else {
+      try NetworkFiles.save(result, like: model, to: output, overwrite: overwrite)
+    }
     return PELAResult(
-      layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)), accuracy: (truncated, distilled), epochs: epochs)
+      layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)), quality: (name, original, truncated, distilled), epochs: epochs)
   }
 }

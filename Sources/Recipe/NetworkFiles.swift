@@ -49,6 +49,21 @@ public enum NetworkFiles {
     try ModelFolder.write(network.tensors, files: files.merging(["config.json": configJSON]) { $1 }, dtype: .f32, to: folder, overwrite: overwrite)
   }
 
+  /// Saves any network as a model folder next to the files of `source` (tokenizer, generation
+  /// config), in the source's floating dtype, with config.json recording its factored layers.
+  public static func save(_ network: Network<Float>, like source: String, to folder: String, overwrite: Bool) throws {
+    let original = try openCheckpoint(source)
+    let dtype = original.tensors.first { $0.dtype.isFloatingPoint }?.dtype ?? .f32
+    var options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: ModelFolder.modelFolder(of: source), overwrite: overwrite)
+    if let configPath = ModelFolder.modelFolder(of: source).map({ $0 + "/config.json" }), let json = FileManager.default.contents(atPath: configPath) {
+      options.files["config.json"] = network.lowRank.isEmpty ? json : try NetworkConfig.addingLowRank(to: json, ranks: network.lowRank, method: "pela")
+    }
+    let tensors = network.tensors
+    let writer = try CheckpointWriter(destination: folder, tensors: tensors.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) }, options: options)
+    for (name, tensor) in tensors { try writer.write(name, tensor, as: dtype) }
+    try writer.finish()
+  }
+
   /// The tensors of a checkpoint (task vectors), decoded.
   public static func tensors(_ path: String) throws -> [String: Tensor] {
     let checkpoint = try openCheckpoint(path)

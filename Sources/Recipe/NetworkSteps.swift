@@ -218,7 +218,7 @@ enum NetworkSteps {
       let result = try LowRankFiles.pela(model(step.models[0]), to: destination, run: run, overwrite: overwrite)
       let factored = result.layers.filter { $0.rank != nil }.count
       report("  \(factored) layers factored: \(result.parameters.after) parameters of \(result.parameters.before)")
-      if let accuracy = result.accuracy { report(String(format: "  accuracy on the data: %.2f%% truncated, %.2f%% distilled", accuracy.truncated * 100, accuracy.distilled * 100)) }
+      if let q = result.quality { report(String(format: "  %@ on the data: %.4f original, %.4f truncated, %.4f distilled", q.measure, q.original, q.truncated, q.distilled)) }
     case "extract-lora":
       let p = try Parameters(step, file: file, allowed: ["keep", "rank", "energy", "select", "solver"])
       guard step.models.count == 1, let base = step.base else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "extract-lora takes one model (the fine-tune) and its base") }

@@ -54,23 +54,23 @@ struct PELACommand: ParsableCommand {
       save parameters stay dense. --format factored writes L.0.weight (A), L.1.weight (B) and \
       L.1.bias with the ranks in config.json (low_rank), which `mergekit eval` runs at the lower \
       cost; --format dense writes W = B A under the original names. --distill then trains the \
-      factors of an MLP against the frozen original (cross-entropy + feature MSE, the paper's \
-      intermediate pre-training). Paper: Guo et al., PELA, CVPR 2024 (arXiv:2311.13459).
+      factors against the frozen original (cross-entropy + feature MSE at every hidden layer of \
+      an MLP or block output of a decoder, the paper's intermediate pre-training). Paper: Guo et al., PELA, CVPR 2024 (arXiv:2311.13459).
       """)
 
   @Argument(help: "The model (a folder, or a .safetensors/.mkz file).") var model: String
   @OptionGroup var ranks: RankOptions
   @Option(help: "factored (two tensors per layer, ranks in config.json) or dense (W = B A).") var format = "factored"
-  @Flag(help: "Distil the factored model from the original on --data (MLPs).") var distill = false
-  @Option(help: "Distillation data: labelled features (.safetensors, .csv, or .npy with --labels).") var data: String?
+  @Flag(help: "Distil the factored model from the original on --data.") var distill = false
+  @Option(help: "Distillation data: labelled features for an MLP (.safetensors, .csv, or .npy with --labels), token sequences for a decoder (.jsonl).") var data: String?
   @Option(help: "Labels of a .npy features file.") var labels: String?
-  @Option(help: "Held-out labelled data for the accuracy printed before and after distillation (default: --data).") var validation: String?
+  @Option(help: "Held-out data for the accuracy (perplexity) printed before and after distillation (default: --data).") var validation: String?
   @Option(help: "Distillation epochs.") var epochs = 10
   @Option(help: "Mini-batch size.") var batchSize = 64
   @Option(help: "Peak learning rate (AdamW, cosine schedule to 0).") var lr: Float = 1e-3
   @Option(help: "AdamW weight decay.") var weightDecay: Float = 0.05
   @Option(help: "Weight of the cross-entropy on the labels (0: unlabelled distillation).") var taskWeight: Float = 1
-  @Option(help: "Weight of the feature MSE at every hidden layer (kd_alpha).") var featureWeight: Float = 1
+  @Option(help: "Weight of the feature MSE at every hidden layer or block output (kd_alpha).") var featureWeight: Float = 1
   @Option(help: "Weight of the MSE between logits (kd_beta).") var logitWeight: Float = 0
   @Option(help: "Weight of the weight-perturbation regulariser (max |B A - W| - eps)^2.") var perturbationWeight: Float = 0
   @Option(help: "Its epsilon.") var perturbationEpsilon: Float = 1e-3
@@ -118,8 +118,8 @@ struct PELACommand: ParsableCommand {
     printLayerReports(result.layers)
     let (before, after) = result.parameters
     print("\(output): \(after) parameters of \(before) (\(String(format: "%.1f", 100 * Double(after) / Double(max(before, 1))))%), \(result.layers.filter { $0.rank != nil }.count) layers factored, \(format)")
-    if let accuracy = result.accuracy {
-      print(String(format: "accuracy on %@: %.4f truncated, %.4f distilled", validation ?? data ?? "", accuracy.truncated, accuracy.distilled))
+    if let q = result.quality {
+      print(String(format: "%@ on %@: %.4f original, %.4f truncated, %.4f distilled", q.measure, validation ?? data ?? "", q.original, q.truncated, q.distilled))
     }
   }
 }

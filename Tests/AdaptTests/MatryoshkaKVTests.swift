@@ -144,7 +144,8 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
 
   /// Matryoshka training (ranks sampled per head and step, model frozen, distilled from the
   /// model without projections) beats PCA on held-out sequences at the 50% budget, and on
-  /// average over the rank schedule; the trained bases stay orthonormal.
+  /// average over the rank schedule; training at one fixed rank instead does worse at the other
+  /// ranks; the trained bases stay orthonormal.
   @Test func trainedProjectionsBeatPCA() throws {
     let s = try #require(Self.trained)
     var start = s.full
@@ -162,10 +163,50 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     }
     #expect(kl[8]!.trained < kl[8]!.pca, "\(kl)")
     #expect(kl.values.reduce(0) { $0 + $1.trained } < kl.values.reduce(0) { $0 + $1.pca }, "\(kl)")
+    // The Matryoshka effect: trained at rank 8 alone, the other prefixes are worse than with
+    // sampled ranks (the columns within and beyond the first 8 lose their order).
+    options.fixedRank = 8
+    let fixed = try MatryoshkaKV.train(start, teacher: s.network, sequences: tokenSequences(128, length: 16, seed: 11), options: options).network
+    for r in [4, 12] {
+      var f = fixed
+      f.kvProjection = KVProjection(layers: 2, heads: 2, rank: r)
+      let fixedKL = try MatryoshkaKV.logitKL(f, teacher: s.network, sequences: s.heldOut)
+      #expect(fixedKL > kl[r]!.trained, "rank \(r): fixed-rank training \(fixedKL), Matryoshka \(kl[r]!.trained)")
+    }
     let u = trained.weights[KVProjection.basisName(layer: 1, .values, head: 0)]!
     let gram = u.matmul(u, transposeSelf: true)
     for i in 0..<16 { for j in 0..<16 { #expect(abs(gram[i, j] - (i == j ? 1 : 0)) < 1e-5) } }
     print("MatryoshkaKV held-out KL by rank (PCA, trained): \(kl.sorted { $0.key < $1.key })")
+  }
+
+  /// Grouped-query attention: one projection per KV head, shared by its query heads, computes
+  /// what the same model with every KV head repeated per query head (plain multi-head attention)
+  /// computes with the projections repeated likewise.
+  @Test func sharedProjectionsOfAGroupEqualRepeatedOnes() throws {
+    let network = try smallDecoder()
+    guard case .decoder(let c) = network.config else { return }
+    let bases = randomBases(c, seed: 8)
+    let ranks = KVProjection(keyRanks: [[4, 12], [8, 16]], valueRanks: [[12, 4], [16, 8]])
+    let grouped = try MatryoshkaKV.apply(network, bases: bases, ranks: ranks)
+
+    var expanded = c
+    expanded.keyValueHeadCount = c.headCount
+    var tensors = Dictionary(uniqueKeysWithValues: network.tensors.map { ($0.name, $0.tensor) })
+    for layer in 0..<2 {
+      for projection in ["k_proj", "v_proj"] {
+        let name = "model.layers.\(layer).self_attn.\(projection).weight"
+        let w = tensors[name]!
+        // Query head h reads KV head h / 2: its rows are that head's rows.
+        tensors[name] = Tensor(shape: [64, 64], scalars: (0..<4).flatMap { h in Array(w.scalars[((h / 2) * 16 * 64)..<((h / 2 + 1) * 16 * 64)]) })
+      }
+    }
+    let plain = try Network<Float>(config: .decoder(expanded), tensors: tensors)
+    let repeated = MatryoshkaKV.Bases(
+      keys: bases.keys.map { heads in (0..<4).map { heads[$0 / 2] } }, values: bases.values.map { heads in (0..<4).map { heads[$0 / 2] } }, dataFree: false)
+    let repeatedRanks = KVProjection(keyRanks: ranks.keyRanks.map { r in (0..<4).map { r[$0 / 2] } }, valueRanks: ranks.valueRanks.map { r in (0..<4).map { r[$0 / 2] } })
+    let multiHead = try MatryoshkaKV.apply(plain, bases: repeated, ranks: repeatedRanks)
+    let batch = NetworkInput<Float>.tokens(TokenBatch([[3, 17, 42, 8, 0, 11, 5], [5, 9, 33]]))
+    #expect(maxRelativeDifference(try outputs(grouped, batch), try outputs(multiHead, batch)) < 1e-5)
   }
 
   @Test func badBudgetsAndModelsAreRefused() throws {

@@ -117,6 +117,20 @@ func digits(_ split: String) throws -> LabeledFeatures {
     #expect(student.weights["layers.0.0.weight"] != before.weights["layers.0.0.weight"])
   }
 
+  /// A decoder (the paper's setting: transformer blocks) distilled on token sequences with the
+  /// block outputs' MSE alone moves its next-token distributions toward the original's.
+  @Test func decodersDistilOnTokenSequences() throws {
+    let s = try #require(MatryoshkaKVTests.trained)
+    var (student, _) = try PELA.factor(s.network, options: PELA.Options(rule: .keep(0.25)))
+    let before = try MatryoshkaKV.logitKL(student, teacher: s.network, sequences: s.heldOut)
+    var options = PELA.DistillationOptions()
+    (options.epochs, options.batchSize, options.taskWeight, options.learningRate) = (4, 8, 0, 1e-2)
+    let reports = try PELA.distill(&student, teacher: s.network, on: .tokens(tokenSequences(64, length: 16, seed: 21)), options: options)
+    let after = try MatryoshkaKV.logitKL(student, teacher: s.network, sequences: s.heldOut)
+    #expect(reports.last!.features < reports.first!.features && after < 0.8 * before, "KL \(before) -> \(after); \(reports.map(\.features))")
+    #expect(throws: AdaptError.self) { try PELA.distill(&student, teacher: s.network, on: .features(try LabeledFeatures(features: Matrix(zeros: 1, 64), labels: [0])), options: options) }
+  }
+
   /// The paper's claim on a real small data set: MLPs 64-32-32-10 trained on UCI digits (three
   /// seeds), their hidden layers factored to half and to a third of their parameters.
   /// Distillation (CE plus feature MSE against the frozen original, 10 epochs) recovers what
