@@ -78,7 +78,7 @@ extension ATLAS {
     /// The objective on one batch.
     func loss(_ tape: Tape<Float>, _ batch: LabeledFeatures, rows: [Int], epoch: Int, classes: [Int: [Int]], trusted: [Int: Int], scale: [Float]) throws -> (Var, [Int: Var]) {
       switch options.objective {
-      case .ce:
+      case .ce, .fewShot:
         let (logits, lambdas) = try forward(tape, batch.features)
         return (tape.crossEntropy(withinTask(tape, logits, batch, classes: classes), labels: batch.labels), lambdas)
       case .negate:
@@ -131,7 +131,11 @@ extension ATLAS {
       let scale = featureSpread(data.features)
       let batches = miniBatches(count: data.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch))
       var total = 0.0
-      for rows in batches {
+      for (b, rows) in batches.enumerated() {
+        if options.cosine {
+          let step = Double(epoch * batches.count + b), total = Double(max(1, options.epochs * batches.count))
+          optimizer.learningRate = options.learningRate * Float(0.5 * (1 + cos(Double.pi * step / total)))
+        }
         let tape = Tape<Float>()
         let (loss, lambdas) = try self.loss(tape, data.rows(rows), rows: rows, epoch: epoch, classes: classes, trusted: trusted, scale: scale)
         tape.backward(from: loss)

@@ -11,8 +11,11 @@ import Tensor
 public enum ATLAS {
   public enum Objective: String, Sendable, CaseIterable {
     /// Cross-entropy on labelled data of one or several tasks, each row scored within its own
-    /// task's classes (task addition, few-shot recognition).
+    /// task's classes (task addition).
     case ce
+    /// Cross-entropy on a few labelled samples of a target task (few-shot recognition), with the
+    /// paper's schedule for it.
+    case fewShot = "few-shot"
     /// Forgetting: `-CE(target tasks) + CE(control tasks)` (task negation).
     case negate
     /// Unsupervised: mean entropy of the predictions (test-time adaptation).
@@ -27,6 +30,8 @@ public enum ATLAS {
     public var epochs = 20
     public var batchSize = 128
     public var learningRate: Float = 1e-3
+    /// Cosine decay of the learning rate to 0 over all steps (no warm-up); else constant.
+    public var cosine = false
     public var weightDecay: Float = 0.1
     public var clipNorm: Float = 1
     /// Random partitions of every tensor (aTLAS x K); 1: one coefficient per tensor.
@@ -40,6 +45,18 @@ public enum ATLAS {
     public var negateTasks: Set<Int> = []
     public var seed: UInt64 = 0
     public init() {}
+
+    /// The paper's defaults for an objective: task addition and negation 20 epochs at a constant
+    /// 1e-3; few-shot 10 epochs from 0.1 with cosine decay; test-time adaptation (ufm, entropy)
+    /// 10 epochs from 1e-3 with cosine decay. AdamW, weight decay 0.1, clip 1 throughout.
+    public init(objective: Objective) {
+      self.objective = objective
+      switch objective {
+      case .ce, .negate: (epochs, learningRate, cosine) = (20, 1e-3, false)
+      case .fewShot: (epochs, learningRate, cosine) = (10, 0.1, true)
+      case .ufm, .entropy: (epochs, learningRate, cosine) = (10, 1e-3, true)
+      }
+    }
   }
 
   /// One epoch's figures: mean training loss, and the selection metric when there is one.
@@ -113,6 +130,12 @@ public enum ATLAS {
     }
     if let keep = options.keepFraction, !(keep > 0 && keep <= 1) { throw ATLASError.objective("keep is a fraction of the coefficients in (0, 1], not \(keep)") }
     guard options.epochs >= 1, options.batchSize >= 1 else { throw ATLASError.objective("epochs and batch size must be at least 1") }
+    var data = data
+    if options.objective == .fewShot, data.count < 10 * options.batchSize {
+      // As the paper does: a small set is repeated so that an epoch has at least 10 batches.
+      let copies = (10 * options.batchSize + data.count - 1) / max(data.count, 1)
+      data = data.rows(Array((0..<copies).flatMap { _ in 0..<data.count }))
+    }
     var learner = Learner(problem: problem, options: options)
     let trusted = options.objective == .ufm ? try learner.trustedPseudoLabels(data) : [:]
     if let fraction = options.keepFraction { try learner.selectBlocks(data, keep: fraction, trusted: trusted) }

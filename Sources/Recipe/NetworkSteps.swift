@@ -167,9 +167,8 @@ enum NetworkSteps {
     case "atlas":
       let p = try Parameters(step, file: file, allowed: ["objective", "blocks", "keep", "negate_tasks", "exclude", "epochs", "batch_size", "lr", "weight_decay", "seed"])
       guard let base = step.base else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "atlas needs 'base' (the models are its task vectors)") }
-      var options = ATLAS.Options()
-      guard let objective = ATLAS.Objective(rawValue: try p.text("objective") ?? "ce") else { throw p.fail("objective", "use ce, negate, entropy or ufm") }
-      options.objective = objective
+      guard let objective = ATLAS.Objective(rawValue: try p.text("objective") ?? "ce") else { throw p.fail("objective", "use ce, few-shot, negate, entropy or ufm") }
+      var options = ATLAS.Options(objective: objective)
       switch step.global["blocks"] {
       case nil, .text("tensor")?: break
       case .text("isotropic")?: options.isotropic = true
