@@ -111,4 +111,38 @@ import Testing
     #expect(!STFMerge.isLinearMap("model.embed_tokens.weight", shape: [100, 8]))
     #expect(STFMerge.isLinearMap("model.layers.3.self_attn.k_proj.weight", shape: [8, 16]))
   }
+
+  /// The Gram route for large matrices gives the same top singular triplets as dgesdd: the same
+  /// singular values, orthonormal vectors and `A v = s u`, for wide and tall task matrices; and
+  /// so the same merge.
+  @Test(arguments: [(40, 90), (90, 40)])
+  func gramTripletsMatchTheExactSVD(_ shape: (Int, Int)) throws {
+    let (m, n) = shape
+    let k = min(m, n)
+    let q1 = LAPACK.qr(random([m, k], "q1")).q
+    let q2 = LAPACK.qr(random([n, k], "q2")).q
+    var a = DoubleMatrix(zeros: m, n)
+    for i in 0..<m { for j in 0..<n { for r in 0..<k { a[i, j] += Double(q1.scalars[i * k + r]) * pow(0.85, Double(r)) * Double(q2.scalars[j * k + r]) } } }
+    let exact = try STFMerge.exactTriplets(a, rank: 12)
+    let gram = try STFMerge.topTriplets(a, rank: 12)
+    #expect(gram.s.count == 12)
+    for j in 0..<12 {
+      #expect(abs(gram.s[j] - exact.s[j]) <= 1e-9 * exact.s[0])
+      let av = (0..<m).map { i in (0..<n).reduce(0.0) { $0 + a[i, $1] * gram.v[j][$1] } }
+      #expect(zip(av, gram.u[j]).allSatisfy { abs($0 - gram.s[j] * $1) <= 1e-9 * exact.s[0] })
+      for l in 0..<12 {
+        let uu = zip(gram.u[j], gram.u[l]).reduce(0.0) { $0 + $1.0 * $1.1 }
+        let vv = zip(gram.v[j], gram.v[l]).reduce(0.0) { $0 + $1.0 * $1.1 }
+        #expect(abs(uu - (j == l ? 1 : 0)) < 1e-9 && abs(vv - (j == l ? 1 : 0)) < 1e-9)
+      }
+    }
+    let tasks = [a, DoubleMatrix(rows: m, columns: n, values: random([m, n], "second", scale: 0.05).scalars.map(Double.init))]
+    for mode in ["projection", "outputs"] {
+      let viaGram = try STFMerge.superpose(try STFMerge.features(of: tasks, rank: 12, gramSide: 1), mode: mode, rcond: 1e-6, rows: m, columns: n)
+      let viaSVD = try STFMerge.superpose(try STFMerge.features(of: tasks, rank: 12, gramSide: 10_000), mode: mode, rcond: 1e-6, rows: m, columns: n)
+      let scale = viaSVD.values.map(abs).max()!
+      let worst = zip(viaGram.values, viaSVD.values).map { abs($0 - $1) }.max()!
+      #expect(worst <= 1e-7 * scale, "\(mode): \(worst / scale)")
+    }
+  }
 }
