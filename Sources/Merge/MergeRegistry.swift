@@ -4,6 +4,7 @@ public enum MergeRegistry {
     LinearMerge(),
     TaskVectorMerge.taskArithmetic,
     TaskVectorMerge.ties,
+    TIESGlobalMerge(),
     TaskVectorMerge.dareLinear,
     TaskVectorMerge.dareTies,
     TaskVectorMerge.breadcrumbs,

@@ -52,7 +52,7 @@ public struct MergePlan {
     public var count: Int { shape.reduce(1, *) }
   }
 
-  public let method: any MergeMethod
+  public var method: any MergeMethod
   public let base: (any Checkpoint)?
   public let models: [any Checkpoint]
   public let resolver: ParameterResolver
@@ -170,11 +170,12 @@ public enum MergeRunner {
   }
 
   public static func run(_ plan: MergePlan, to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil) throws {
+    let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
+    let plan = try preparedForModel(plan, inputs: inputs)
     var options = options
     if options.layout == nil { options.layout = plan.reference.files }
     let infos = plan.items.map { TensorInfo(name: $0.name, dtype: $0.outputType, shape: $0.shape) }
     let writer = try CheckpointWriter(destination: destination, tensors: infos, options: options)
-    let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
     let total = plan.bytesRead
     var done = 0
     for range in groups(plan) {
@@ -228,6 +229,44 @@ public enum MergeRunner {
     }
   }
 
+  /// Reading one tensor's ranges from every input (decoded to Float), and releasing their pages
+  /// (returning the bytes released).
+  static func rangeAccess(
+    _ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]
+  ) -> (read: (Range<Int>) throws -> RangeInputs, release: (Range<Int>) throws -> Int) {
+    func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
+      let info = try input.info(item.name)
+      let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
+      return try input.withBytes(of: item.name, range: bytes) { Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars }
+    }
+    let read = { (elements: Range<Int>) throws -> RangeInputs in
+      RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
+    }
+    let release = { (elements: Range<Int>) throws -> Int in
+      var bytes = 0
+      for input in inputs {
+        let size = try input.info(item.name).dtype.size
+        input.release(item.name, range: (elements.lowerBound * size)..<(elements.upperBound * size))
+        bytes += elements.count * size
+      }
+      return bytes
+    }
+    return (read, release)
+  }
+
+  /// A method that needs the whole model first (TIES's global trimming) gets it here: one scan
+  /// per merged tensor, which it may pass over several times; it returns the method to merge with.
+  static func preparedForModel(_ plan: MergePlan, inputs: [any Checkpoint]) throws -> MergePlan {
+    guard let wide = plan.method as? any ModelWideMerge, let first = plan.items.first(where: { $0.action == .merge }) else { return plan }
+    let scans = plan.items.filter { $0.action == .merge }.map { item in
+      let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
+      return TensorScan(ranges: MergeRanges.ranges(item.count), read: read) { _ = try release($0) }
+    }
+    var prepared = plan
+    prepared.method = try wide.prepared(scans, parameters: try plan.resolver.resolve(tensor: first.name))
+    return prepared
+  }
+
   /// Streams one tensor range by range: the method's statistics passes read the ranges in
   /// order; then each batch of ranges is decoded from every input, merged and encoded in
   /// parallel, and appended in order, and the inputs' pages for the batch are released.
@@ -238,23 +277,7 @@ public enum MergeRunner {
   ) throws -> Bool {
     let parameters = try plan.resolver.resolve(tensor: item.name)
     let ranges = MergeRanges.ranges(item.count)
-    func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
-      let info = try input.info(item.name)
-      let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
-      return try input.withBytes(of: item.name, range: bytes) { Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars }
-    }
-    func read(_ elements: Range<Int>) throws -> RangeInputs {
-      RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
-    }
-    func release(_ elements: Range<Int>) throws -> Int {
-      var bytes = 0
-      for input in inputs {
-        let size = try input.info(item.name).dtype.size
-        input.release(item.name, range: (elements.lowerBound * size)..<(elements.upperBound * size))
-        bytes += elements.count * size
-      }
-      return bytes
-    }
+    let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
     let scan = TensorScan(ranges: ranges, read: read) { _ = try release($0) }
     guard let merger = try method.prepare(tensor: item.name, count: item.count, parameters, scan: scan) else {
       return false

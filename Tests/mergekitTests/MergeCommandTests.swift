@@ -77,6 +77,49 @@ import Testing
     #expect(readBytes(folder.file("other.safetensors")) != readBytes(folder.file("one.safetensors")))
   }
 
+  /// `ties-global` through the streaming runner (model-wide passes, then the merge) against the
+  /// official algorithm in float64 over the flattened checkpoints.
+  @Test func globalTIESMergesWholeCheckpointsAsTheOfficialCode() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let shapes = [("a.weight", [60, 50]), ("b.bias", [70]), ("c.weight", [600, 40])]
+    func checkpoint(_ name: String, scale: Float, seed: UInt64) throws -> [[Float]] {
+      let values = shapes.enumerated().map { t, entry in
+        CounterRNG(seed: seed, stream: entry.0).normalTensor(entry.1, scale: scale * Float(t + 1)).scalars
+      }
+      try ModelFolder.write(zip(shapes, values).map { ($0.0, Tensor(shape: $0.1, scalars: $1)) }, files: [:], dtype: .f32, to: folder.file(name), overwrite: false)
+      return values
+    }
+    let base = try checkpoint("base", scale: 1, seed: 1)
+    let deltas = try (0..<3).map { m in try checkpoint("d\(m)", scale: 0.02, seed: UInt64(10 + m)) }
+    for m in 0..<3 {
+      let tuned = zip(shapes, zip(base, deltas[m])).map { entry, pair in (entry.0, Tensor(shape: entry.1, scalars: zip(pair.0, pair.1).map { $0 + $1 })) }
+      try ModelFolder.write(tuned, files: [:], dtype: .f32, to: folder.file("m\(m)"), overwrite: false)
+    }
+    let r = try run("merge", folder.file("m0"), folder.file("m1"), folder.file("m2"), "--base", folder.file("base"), "--method", "ties-global", "--density", "0.15", "--lambda", "0.8", "-o", folder.file("out"), "-q")
+    #expect(r.status == 0, "\(r.stderr)")
+    // The reference: flatten, trim each task at the (D - k)-th smallest magnitude, elect, average.
+    let tuned = (0..<3).map { m in (0..<3).flatMap { t in try! openCheckpoint(folder.file("m\(m)")).tensor(named: shapes[t].0).scalars } }
+    let flatBase = (0..<3).flatMap { t in try! openCheckpoint(folder.file("base")).tensor(named: shapes[t].0).scalars }
+    let d = flatBase.count
+    let k = Int(0.15 * Double(d))
+    let trimmed = tuned.map { model -> [Double] in
+      let tau = zip(model, flatBase).map { Double($0 - $1) }
+      let threshold = tau.map(abs).sorted()[d - k - 1]
+      return tau.map { abs($0) >= threshold ? $0 : 0 }
+    }
+    let elected = (0..<d).map { i -> Double in let s = trimmed.reduce(0.0) { $0 + $1[i] }; return s > 0 ? 1 : (s < 0 ? -1 : 0) }
+    let majority: Double = elected.reduce(0, +) >= 0 ? 1 : -1
+    let expected = (0..<d).map { i -> Double in
+      let sign = elected[i] != 0 ? elected[i] : majority
+      let agreeing = trimmed.map { $0[i] }.filter { $0 != 0 && ($0 > 0 ? 1.0 : -1.0) == sign }
+      return Double(flatBase[i]) + 0.8 * agreeing.reduce(0, +) / Double(max(agreeing.count, 1))
+    }
+    let out = (0..<3).flatMap { t in try! openCheckpoint(folder.file("out")).tensor(named: shapes[t].0).scalars }
+    let (worst, failure) = compareClose(out, expected.map(Float.init), tolerance: 1e-6)
+    #expect(failure == nil, "max difference \(worst)")
+  }
+
   @Test func dryRunPrintsThePlanAndWritesNothing() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
