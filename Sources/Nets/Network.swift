@@ -129,6 +129,13 @@ public struct Network<T: NetScalar> {
   }
 
   private func run(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: @escaping (String, Matrix<T>) -> Var) throws -> NetworkOutput {
+    if let kvProjection {
+      // Ranks may be changed on a built network (rank search, Matryoshka training): check them here.
+      guard case .decoder(let c) = config else { throw NetsError.invalidConfig(key: "kv_projection", reason: "K/V projections apply to decoders") }
+      try kvProjection.check(c)
+      let missing = KVProjection.shapes(c).map(\.name).filter { weights[$0] == nil }
+      guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
+    }
     var bound: [String: Var] = [:]
     let weight = WeightBinder(bind: { name in
       if let v = bound[name] { return v }

@@ -218,5 +218,12 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     #expect(throws: AdaptError.self) { try MatryoshkaKV.statistics(Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 4, 2]), seed: 1), sequences: [[1, 2]]) }
     #expect(throws: AdaptError.self) { try MatryoshkaKV.statistics(network, sequences: []) }
     #expect(throws: NetsError.self) { try MatryoshkaKV.apply(network, bases: randomBases(c, seed: 1), ranks: KVProjection(layers: 2, heads: 2, rank: 17)) }
+    // Ranks set on a network without bases, or out of range after the fact: an error, not a crash.
+    var bare = network
+    bare.kvProjection = KVProjection(layers: 2, heads: 2, rank: 8)
+    #expect(throws: NetsError.self) { try outputs(bare, .tokens(TokenBatch([[1, 2, 3]]))) }
+    var projected = try MatryoshkaKV.apply(network, bases: randomBases(c, seed: 1), ranks: KVProjection(layers: 2, heads: 2, rank: 8))
+    projected.kvProjection = KVProjection(layers: 2, heads: 2, rank: 0)
+    #expect(throws: NetsError.self) { try outputs(projected, .tokens(TokenBatch([[1, 2, 3]]))) }
   }
 }
