@@ -106,13 +106,7 @@ extension PELA {
         let teacherPoints = Dictionary(taught.points.filter { $0.name.contains(points) }.map { ($0.name, teacherTape.value($0.value)) }) { a, _ in a }
 
         let tape = Tape<Float>()
-        var parameters: [String: Var] = [:]
-        let out = try student.forward(tape, input) { name, value in
-          guard trainable(name) else { return tape.constant(value) }
-          let v = tape.parameter(value)
-          parameters[name] = v
-          return v
-        }
+        let (out, parameters) = try student.forward(tape, input, trainable: trainable)
         var terms: [Var] = []
         if options.taskWeight > 0 && labels.contains(where: { $0 >= 0 }) { terms.append(tape.scale(tape.crossEntropy(out.output, labels: labels), options.taskWeight)) }
         var featureLoss: Var?

@@ -164,6 +164,20 @@ public struct Network<T: NetScalar> {
     return NetworkOutput(output: output, points: recorder.points)
   }
 
+  /// Runs with the weights for which `trainable` is true as tape parameters (the rest frozen),
+  /// and returns those parameters by name, for an optimiser step after `backward`.
+  @_specialize(exported: true, where T == Float)
+  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, trainable: (String) -> Bool) throws -> (output: NetworkOutput, parameters: [String: Var]) {
+    var parameters: [String: Var] = [:]
+    let out = try forward(tape, input) { name, value in
+      guard trainable(name) else { return tape.constant(value) }
+      let v = tape.parameter(value)
+      parameters[name] = v
+      return v
+    }
+    return (out, parameters)
+  }
+
   /// Runs with every weight frozen.
   @_specialize(exported: true, where T == Float)
   public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>) throws -> NetworkOutput {

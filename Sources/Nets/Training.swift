@@ -80,13 +80,7 @@ public enum Training {
       for (b, rows) in batches.enumerated() {
         let (input, labels) = batch(rows)
         let tape = Tape<Float>()
-        var parameters: [String: Var] = [:]
-        let out = try network.forward(tape, input) { name, value in
-          guard trainable(name) else { return tape.constant(value) }
-          let v = tape.parameter(value)
-          parameters[name] = v
-          return v
-        }
+        let (out, parameters) = try network.forward(tape, input, trainable: trainable)
         let loss = tape.crossEntropy(out.output, labels: labels)
         tape.backward(from: loss)
         optimizer.step(&network.weights, gradients: parameters.compactMapValues { tape.gradient($0) })
