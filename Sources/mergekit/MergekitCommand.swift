@@ -8,7 +8,7 @@ import Tensor
 struct MergekitCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "mergekit",
-    abstract: "Merge, compress and inspect neural-network checkpoints (safetensors and .mkz).",
+    abstract: "Merge, adapt, compress and inspect neural-network checkpoints (safetensors and .mkz).",
     discussion: """
       Every subcommand reads a checkpoint (a .safetensors or .mkz file, or a Hugging Face model \
       folder, sharded or not) and writes one, so the output of one command is the input of the \
