@@ -47,6 +47,34 @@ import Testing
     expectClose(out.scalars, reference)
   }
 
+  /// `filter_wise`: one cosine and one t per row (the last dimension), as mergekit; a 1-D
+  /// tensor is a single row, so it matches the tensor-wise result.
+  @Test func filterWiseUsesOneFactorPerRow() throws {
+    let base = random([6, 25], "fw-base")
+    let models = (0..<3).map { t in Tensor(shape: base.shape, scalars: zip(base.scalars, random(base.shape, "fw\(t)", scale: 0.1).scalars).enumerated().map { $1.0 + $1.1 + 0.01 * Float($0 / 25) }) }
+    let p = try resolve(ModelStockMerge(), ["filter_wise": .flag(true)], models: [[:], [:], [:]])
+    let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), p)
+    var reference: [Double] = []
+    for row in 0..<6 {
+      let r = (row * 25)..<((row + 1) * 25)
+      let deltas = models.map { m in r.map { Double(m.scalars[$0]) - Double(base.scalars[$0]) } }
+      func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
+      var cosines: [Double] = []
+      for i in 0..<3 { for j in (i + 1)..<3 { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
+      let cosine = cosines.reduce(0, +) / 3
+      let t = 3 * cosine / (1 + 2 * cosine)
+      reference += r.map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / 3 + (1 - t) * Double(base.scalars[i]) }
+    }
+    expectClose(out.scalars, reference)
+    // Rows get different factors, so the result differs from the tensor-wise one.
+    let whole = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
+    #expect(whole.scalars != out.scalars)
+    let vector = Tensor(shape: [25], scalars: Array(base.scalars[0..<25]))
+    let vectors = models.map { Tensor(shape: [25], scalars: Array($0.scalars[0..<25])) }
+    #expect(try ModelStockMerge().merge(MergeInputs(name: "b", base: vector, models: vectors), p).scalars
+      == ModelStockMerge().merge(MergeInputs(name: "b", base: vector, models: vectors), try resolve(ModelStockMerge(), models: [[:], [:], [:]])).scalars)
+  }
+
   @Test func identicalModelsGiveThatModel() throws {
     let base = random([30], "msb")
     let model = Tensor(shape: [30], scalars: base.scalars.map { $0 + 0.5 })
