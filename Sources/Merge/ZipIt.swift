@@ -4,13 +4,15 @@ import Tensor
 /// Errors of zipping, naming the models, layers or data involved.
 public enum ZipItError: Error, CustomStringConvertible, Equatable {
   case notAnMLP(model: Int)
+  case notZippable(model: Int, reason: String)
   case differentArchitectures(model: Int)
   case stopLayerOutOfRange(stop: Int, points: Int)
   case tooFewModels
 
   public var description: String {
     switch self {
-    case .notAnMLP(let m): return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs for now"
+    case .notAnMLP(let m): return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs and Llama-style decoders"
+    case .notZippable(let m, let reason): return "model \(m + 1) cannot be zipped: \(reason)"
     case .differentArchitectures(let m): return "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
     case .stopLayerOutOfRange(let s, let p): return "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"
     case .tooFewModels: return "zipping needs at least two models"

@@ -10,7 +10,7 @@ import Nets
 /// | --- | --- | --- | --- |
 /// | `synthetic-data` | | `tasks`, `classes_per_task`, `shared_classes`, `features`, `samples_per_class`, `noise`, `seed`, `split` | a data set (`.safetensors`) |
 /// | `train` | `data`, optionally `model` (fine-tune) | `hidden`, `classes`, `activation`, `layer_norm`, `epochs`, `batch_size`, `optimizer`, `lr`, `momentum`, `weight_decay`, `clip`, `seed`, `tasks` | an MLP |
-/// | `zip` | `models`, `data` | `method` (zipit, permute, average), `alpha`, `beta`, `stop_at`, `keep_heads` | an MLP |
+/// | `zip` | `models` (MLPs or decoders), `data` (features or tokens) | `method` (zipit, permute, average), `alpha`, `beta`, `stop_at`, `keep_heads` | an MLP |
 /// | `atlas` | `base`, `models` (task vectors), `data` | `objective`, `blocks`, `keep`, `negate_tasks`, `exclude`, `epochs`, `batch_size`, `lr`, `weight_decay`, `seed` | an MLP, with `atlas-coefficients.json` in its folder |
 /// | `pela` | `model`, optionally `data` (distillation) | `keep`/`rank`/`energy`, `select`, `solver`, `format`, `distill`, `epochs`, `batch_size`, `lr`, `weight_decay`, `task_weight`, `feature_weight`, `logit_weight`, `perturbation_weight`, `perturbation_epsilon`, `train_all`, `seed` | a factored (or dense) model |
 /// | `extract-lora` | `model` (the fine-tune), `base` | `rank`/`energy`/`keep`, `select`, `solver` | a PEFT LoRA adapter folder |
@@ -162,8 +162,14 @@ enum NetworkSteps {
       options.stop = try p.number("stop_at") == nil ? nil : try p.int("stop_at", 1)
       options.keepHeads = try p.flag("keep_heads")
       let networks = try step.models.map { try NetworkFiles.load(model($0)) }
-      let zipped = try ZipIt.zip(networks, inputs: try NetworkFiles.labeled(try data()).features, options: options)
-      try NetworkFiles.saveMLP(zipped, to: destination, overwrite: overwrite)
+      if case .decoder = networks.first?.config {
+        guard options.stop == nil, !options.keepHeads else { throw p.fail("stop_at", "decoders are zipped whole; stop_at and keep_heads are for MLPs") }
+        let zipped = try ZipIt.zipDecoders(networks, sequences: try DataFiles.readTokens(try data()), options: options)
+        try NetworkFiles.save(zipped, like: model(step.models[0]), to: destination, overwrite: overwrite)
+      } else {
+        let zipped = try ZipIt.zip(networks, inputs: try NetworkFiles.labeled(try data()).features, options: options)
+        try NetworkFiles.saveMLP(zipped, to: destination, overwrite: overwrite)
+      }
     case "atlas":
       let p = try Parameters(step, file: file, allowed: ["objective", "blocks", "keep", "negate_tasks", "exclude", "epochs", "batch_size", "lr", "weight_decay", "seed"])
       guard let base = step.base else { throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "atlas needs 'base' (the models are its task vectors)") }

@@ -15,12 +15,15 @@ struct ZipCommand: ParsableCommand {
       Hungarian matching to the first model; average: same-index units), and folds the matching \
       into the weights. --stop-at K zips the first K hidden layers and keeps the rest of every \
       model as a head (partial zipping; the result scores each class by its best head); \
-      --keep-heads keeps separate output layers after zipping every hidden layer. Paper: \
+      --keep-heads keeps separate output layers after zipping every hidden layer. Llama-style \
+      decoders are zipped from token sequences: the residual stream (one merge point), every \
+      layer's MLP hidden units and each KV head's value features; queries and keys are averaged. \
+      Paper: \
       Stoica, Bolya et al., ZipIt!, ICLR 2024 (arXiv:2305.03053).
       """)
 
-  @Argument(help: "Two or more MLPs of one architecture.") var models: [String]
-  @Option(help: "Data whose features the models run on (labels unused): .safetensors, .csv, or .npy.") var data: String?
+  @Argument(help: "Two or more MLPs, or Llama-style decoders, of one architecture.") var models: [String]
+  @Option(help: "Data the models run on (labels unused): features (.safetensors, .csv, .npy) for MLPs, token sequences (.jsonl) for decoders.") var data: String?
   @Option(help: "Labels of a .npy features file (not used, but the reader wants them).") var labels: String?
   @Option(help: "Use only the rows of these tasks (comma-separated task ids).") var tasks: String?
   @Option(help: "Statistics from `mergekit stats A B --at 'hidden$'` instead of --data.") var stats: String?
@@ -46,6 +49,17 @@ struct ZipCommand: ParsableCommand {
 
   func run() throws {
     let networks = try models.map { try NetworkFiles.load($0) }
+    if case .decoder = networks[0].config {
+      guard let data, stats == nil, stopAt == nil, !keepHeads else {
+        throw ValidationError("decoders are zipped whole from token data (--data T.jsonl); --stats, --stop-at and --keep-heads are for MLPs")
+      }
+      var options = ZipIt.Options()
+      (options.method, options.alpha, options.beta) = (ZipIt.Method(rawValue: method)!, alpha, beta)
+      let zipped = try ZipIt.zipDecoders(networks, sequences: try DataFiles.readTokens(data), options: options)
+      try NetworkFiles.save(zipped, like: models[0], to: output, overwrite: overwrite)
+      print("\(output): \(method) of \(models.count) decoders (residual stream, MLP hidden units and value features matched)")
+      return
+    }
     var options = ZipIt.Options()
     (options.method, options.alpha, options.beta, options.stop, options.keepHeads) = (ZipIt.Method(rawValue: method)!, alpha, beta, stopAt, keepHeads)
     let statistics: [FeatureStatistics]

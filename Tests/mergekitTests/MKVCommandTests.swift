@@ -62,6 +62,20 @@ import Testing
     for i in 0..<8 { for j in 0..<8 { #expect(abs(gram.scalars[i * 8 + j] - (i == j ? 1 : 0)) < 1e-5) } }
   }
 
+  /// `mergekit zip` takes decoders with token data: a decoder averaged with itself is itself;
+  /// MLP-only options are refused.
+  @Test func zipTakesDecodersWithTokens() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let model = try tinyDecoder(folder)
+    let held = try tokens(folder, "held.jsonl", split: "test")
+    let zipped = try CLI.run("zip", model, model, "--data", held, "--method", "average", "-o", folder.file("zipped"))
+    #expect(zipped.status == 0, "\(zipped.stderr)")
+    let (original, averaged) = (try perplexity(model, held), try perplexity(folder.file("zipped"), held))
+    #expect(abs(averaged - original) <= 1e-4 * original)
+    #expect(try CLI.run("zip", model, model, "--data", held, "--stop-at", "1", "-o", folder.file("x")).status == 64)
+  }
+
   @Test func dataFreeBasesAndBadRequests() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }

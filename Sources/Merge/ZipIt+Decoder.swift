@@ -1,0 +1,156 @@
+import Nets
+import Tensor
+
+/// ZipIt! for Llama-style decoders. Merge points:
+/// - the residual stream (width `hidden`), one for the whole model, since every block adds into
+///   it (the paper's rule for residual connections): its statistics pool the embeddings' output
+///   and every block's output;
+/// - each layer's MLP hidden features (`act(gate) * up`, width `intermediate`): gate and up
+///   share the merge, down_proj unmerges it;
+/// - each layer's value features per KV head (width `head_dim`), matched within the head
+///   (attention weights differ between heads); o_proj unmerges them for every query head of
+///   the group.
+/// Queries and keys are not zipped (rotary ties their features in pairs): q_proj and k_proj
+/// average their output rows over the models after unmerging the residual input, as does the
+/// head. RMSNorm gains are merged like biases (exact for permutations, approximate otherwise).
+extension ZipIt {
+  /// The common decoder config of the models (dense, no K/V projections), checked.
+  static func commonDecoderConfig(_ models: [Network<Float>]) throws -> DecoderConfig {
+    guard models.count >= 2 else { throw ZipItError.tooFewModels }
+    var first: DecoderConfig?
+    for (m, model) in models.enumerated() {
+      guard case .decoder(let c) = model.config else { throw ZipItError.notZippable(model: m, reason: "it is not a decoder like the first") }
+      guard model.lowRank.isEmpty, model.kvProjection == nil else { throw ZipItError.notZippable(model: m, reason: "it has factored layers or K/V projections; zip the dense models") }
+      if let first, first != c { throw ZipItError.differentArchitectures(model: m) }
+      first = first ?? c
+    }
+    return first!
+  }
+
+  /// Merge point indices of a decoder's statistics and matchings: the residual stream, then
+  /// every layer's MLP hidden features, then every layer's value features per KV head.
+  static func decoderPoint(mlp layer: Int) -> Int { 1 + layer }
+  static func decoderPoint(values layer: Int, head: Int, _ c: DecoderConfig) -> Int { 1 + c.layerCount + layer * c.keyValueHeadCount + head }
+
+  /// Joint statistics of the models' features at every merge point over the non-padding tokens
+  /// of `sequences`.
+  public static func decoderStatistics(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws -> [FeatureStatistics] {
+    let c = try commonDecoderConfig(models)
+    let n = models.count
+    let d = c.headDimension
+    var stats = [FeatureStatistics(width: c.hiddenSize * n)]
+    stats += (0..<c.layerCount).map { _ in FeatureStatistics(width: c.intermediateSize * n) }
+    stats += (0..<(c.layerCount * c.keyValueHeadCount)).map { _ in FeatureStatistics(width: d * n) }
+    for start in stride(from: 0, to: sequences.count, by: batchSize) {
+      let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
+      let rows = batch.mask.indices.filter { batch.mask[$0] }
+      let outputs = try models.map { model -> [String: Matrix<Float>] in
+        let tape = Tape<Float>()
+        return Dictionary(try model.forward(tape, .tokens(batch)).points.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
+      }
+      func joint(_ point: String, columns: Range<Int>? = nil) -> Matrix<Float> {
+        let parts = outputs.map { out -> Matrix<Float> in
+          let m = out[point]!
+          let cols = columns ?? 0..<m.columns
+          return Matrix(rows: rows.count, columns: cols.count, values: rows.flatMap { r in cols.map { m[r, $0] } })
+        }
+        return parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) }
+      }
+      for point in ["model.embed_tokens.output"] + (0..<c.layerCount).map({ "model.layers.\($0).output" }) { stats[0].add(joint(point)) }
+      for layer in 0..<c.layerCount {
+        stats[decoderPoint(mlp: layer)].add(joint("model.layers.\(layer).mlp.hidden"))
+        for head in 0..<c.keyValueHeadCount {
+          stats[decoderPoint(values: layer, head: head, c)].add(joint("model.layers.\(layer).self_attn.values", columns: (head * d)..<((head + 1) * d)))
+        }
+      }
+    }
+    return stats
+  }
+
+  /// The zipped decoder from one matching per merge point (`decoderStatistics`' order).
+  public static func applyDecoder(_ models: [Network<Float>], matchings: [FeatureMatching]) throws -> Network<Float> {
+    let c = try commonDecoderConfig(models)
+    let count = models.count
+    let (kv, heads) = (c.keyValueHeadCount, c.headCount)
+    guard matchings.count == 1 + c.layerCount * (1 + kv) else { throw ZipItError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv)) }
+    func square(_ values: [Double], _ n: Int) -> Matrix<Double> { Matrix(rows: n, columns: n, values: values) }
+    func merge(_ point: Int, _ m: Int) -> Matrix<Double> { square(matchings[point].merge(model: m), matchings[point].features) }
+    func unmerge(_ point: Int, _ m: Int) -> Matrix<Double> { square(matchings[point].unmerge(model: m), matchings[point].features) }
+    func blocks(_ parts: [Matrix<Double>]) -> Matrix<Double> {
+      let size = parts.reduce(0) { $0 + $1.rows }
+      var out = Matrix<Double>(zeros: size, size)
+      var offset = 0
+      for p in parts {
+        for i in 0..<p.rows { for j in 0..<p.columns { out[offset + i, offset + j] = p[i, j] } }
+        offset += p.rows
+      }
+      return out
+    }
+    func weight(_ m: Int, _ name: String) -> Matrix<Double> {
+      let w = models[m].weights[name]!
+      return Matrix(rows: w.rows, columns: w.columns, values: w.values.map(Double.init))
+    }
+    /// `sum_i L_i W_i R_i`; a nil right side is the identity, a nil left side averages the
+    /// output rows over the models (`1/N`) unless `sumRows`.
+    func zipped(_ name: String, left: ((Int) -> Matrix<Double>)?, right: ((Int) -> Matrix<Double>)?, sumRows: Bool = false) -> Matrix<Float> {
+      var total: Matrix<Double>?
+      for m in 0..<count {
+        var w = weight(m, name)
+        if let right { w = w.matmul(right(m)) }
+        w = left.map { $0(m).matmul(w) } ?? (sumRows ? w : w.map { $0 / Double(count) })
+        if total == nil { total = w } else { total!.add(w) }
+      }
+      return Matrix(rows: total!.rows, columns: total!.columns, values: total!.values.map(Float.init))
+    }
+    /// A gain or bias vector (stored as one row) merged like an output side.
+    func zippedVector(_ name: String, left: (Int) -> Matrix<Double>) -> Matrix<Float> {
+      var total = [Double](repeating: 0, count: left(0).rows)
+      for m in 0..<count {
+        let merged = left(m).matmul(weight(m, name), transposeB: true)
+        for i in total.indices { total[i] += merged.values[i] }
+      }
+      return Matrix(rows: 1, columns: total.count, values: total.map(Float.init))
+    }
+    let residualMerge = { (m: Int) in merge(0, m) }
+    let residualUnmerge = { (m: Int) in unmerge(0, m) }
+    var out: [String: Matrix<Float>] = [:]
+    // The embedding table maps tokens to residual features: its rows are tokens, so it is
+    // merged on the right with M^T (`E* = sum E_i M_i^T`).
+    out["model.embed_tokens.weight"] = zipped("model.embed_tokens.weight", left: nil, right: { residualMerge($0).transposed }, sumRows: true)
+    for layer in 0..<c.layerCount {
+      let p = "model.layers.\(layer)."
+      let valueMerge = { (m: Int) in blocks((0..<kv).map { merge(decoderPoint(values: layer, head: $0, c), m) }) }
+      let valueUnmerge = { (m: Int) in blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), c), m) }) }
+      out[p + "input_layernorm.weight"] = zippedVector(p + "input_layernorm.weight", left: residualMerge)
+      out[p + "post_attention_layernorm.weight"] = zippedVector(p + "post_attention_layernorm.weight", left: residualMerge)
+      out[p + "self_attn.q_proj.weight"] = zipped(p + "self_attn.q_proj.weight", left: nil, right: residualUnmerge)
+      out[p + "self_attn.k_proj.weight"] = zipped(p + "self_attn.k_proj.weight", left: nil, right: residualUnmerge)
+      out[p + "self_attn.v_proj.weight"] = zipped(p + "self_attn.v_proj.weight", left: valueMerge, right: residualUnmerge)
+      if c.attentionBias {
+        for name in ["q_proj", "k_proj"] {
+          let b = zipped(p + "self_attn.\(name).bias", left: nil, right: nil)
+          out[p + "self_attn.\(name).bias"] = b
+        }
+        out[p + "self_attn.v_proj.bias"] = zippedVector(p + "self_attn.v_proj.bias", left: valueMerge)
+      }
+      out[p + "self_attn.o_proj.weight"] = zipped(p + "self_attn.o_proj.weight", left: residualMerge, right: valueUnmerge)
+      let mlpMerge = { (m: Int) in merge(decoderPoint(mlp: layer), m) }
+      out[p + "mlp.gate_proj.weight"] = zipped(p + "mlp.gate_proj.weight", left: mlpMerge, right: residualUnmerge)
+      out[p + "mlp.up_proj.weight"] = zipped(p + "mlp.up_proj.weight", left: mlpMerge, right: residualUnmerge)
+      out[p + "mlp.down_proj.weight"] = zipped(p + "mlp.down_proj.weight", left: residualMerge, right: { unmerge(decoderPoint(mlp: layer), $0) })
+    }
+    out["model.norm.weight"] = zippedVector("model.norm.weight", left: residualMerge)
+    if !c.tiedEmbeddings { out["lm_head.weight"] = zipped("lm_head.weight", left: nil, right: residualUnmerge) }
+    return try Network(config: .decoder(c), tensors: Network<Float>.expectedShapes(.decoder(c)).reduce(into: [:]) { tensors, entry in
+      tensors[entry.name] = out[entry.name]!.tensor(shape: entry.shape)
+    })
+  }
+
+  /// Statistics, matchings and the zipped decoder in one call.
+  public static func zipDecoders(_ models: [Network<Float>], sequences: [[Int]], options: Options = Options()) throws -> Network<Float> {
+    let stats = try decoderStatistics(models, sequences: sequences)
+    var all = options
+    all.stop = nil
+    return try applyDecoder(models, matchings: try matchings(stats, models: models.count, options: all))
+  }
+}

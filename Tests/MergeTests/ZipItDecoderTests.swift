@@ -1,0 +1,109 @@
+import Foundation
+import Nets
+import Tensor
+import Testing
+
+@testable import Merge
+
+/// A small Llama-style decoder (4 heads of 4, 2 KV heads) with random weights.
+func randomDecoder(seed: UInt64, tied: Bool = false) throws -> Network<Float> {
+  let json = """
+    {"architectures": ["LlamaForCausalLM"], "vocab_size": 30, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": \(tied)}
+    """
+  let config = try NetworkConfig(json: Data(json.utf8))
+  var tensors: [String: Tensor] = [:]
+  for (name, shape) in Network<Float>.expectedShapes(config) {
+    let rng = CounterRNG(seed: seed, stream: name)
+    let gain: Float = name.hasSuffix("norm.weight") ? 1 : 0
+    tensors[name] = Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { gain + 0.4 * rng.normal(UInt64($0)) })
+  }
+  return try Network(config: config, tensors: tensors)
+}
+
+/// The same function with its residual features, each layer's MLP hidden units and each KV
+/// head's value features permuted (every weight adjusted to match).
+func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<Float> {
+  guard case .decoder(let c) = network.config else { throw ZipItError.tooFewModels }
+  func permutation(_ n: Int, _ stream: String) -> [Int] {
+    let rng = CounterRNG(seed: seed, stream: stream)
+    return (0..<n).sorted { rng.bits(UInt64($0)) < rng.bits(UInt64($1)) }
+  }
+  var w = network.weights
+  func rows(_ name: String, _ p: [Int]) {
+    let m = w[name]!
+    w[name] = Matrix(rows: m.rows, columns: m.columns, values: p.flatMap { r in (0..<m.columns).map { m[r, $0] } })
+  }
+  func columns(_ name: String, _ p: [Int]) {
+    let m = w[name]!
+    w[name] = Matrix(rows: m.rows, columns: m.columns, values: (0..<m.rows).flatMap { r in p.map { m[r, $0] } })
+  }
+  let residual = permutation(c.hiddenSize, "residual")
+  columns("model.embed_tokens.weight", residual)
+  columns("model.norm.weight", residual)
+  if !c.tiedEmbeddings { columns("lm_head.weight", residual) }
+  let d = c.headDimension
+  for l in 0..<c.layerCount {
+    let p = "model.layers.\(l)."
+    for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] { columns(p + name, residual) }
+    for name in ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"] { columns(p + name, residual) }
+    for name in ["self_attn.o_proj.weight", "mlp.down_proj.weight"] { rows(p + name, residual) }
+    let hidden = permutation(c.intermediateSize, "mlp\(l)")
+    rows(p + "mlp.gate_proj.weight", hidden)
+    rows(p + "mlp.up_proj.weight", hidden)
+    columns(p + "mlp.down_proj.weight", hidden)
+    let values = (0..<c.keyValueHeadCount).map { permutation(d, "v\(l).\($0)") }
+    rows(p + "self_attn.v_proj.weight", (0..<c.keyValueHeadCount).flatMap { h in values[h].map { h * d + $0 } })
+    let group = c.headCount / c.keyValueHeadCount
+    columns(p + "self_attn.o_proj.weight", (0..<c.headCount).flatMap { q in values[q / group].map { q * d + $0 } })
+  }
+  return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]!.tensor(shape: entry.tensor.shape) })
+}
+
+func logits(_ network: Network<Float>, _ sequences: [[Int]]) throws -> [Float] {
+  let tape = Tape<Float>()
+  return tape.value(try network.forward(tape, .tokens(TokenBatch(sequences))).output).values
+}
+
+func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
+  let rng = CounterRNG(seed: seed, stream: "zip-tokens")
+  return (0..<count).map { s in (0..<12).map { Int(rng.bits(UInt64(s * 100 + $0)) % 30) } }
+}
+
+@Suite struct ZipItDecoderTests {
+  /// Zipping a decoder with a permuted copy of itself recovers it (residual stream, MLP hidden
+  /// units and value features all matched), with untied and tied embeddings.
+  @Test(arguments: [(ZipIt.Method.zipit, false), (.permute, false), (.zipit, true)])
+  func zippingADecoderWithAPermutedCopyRecoversIt(_ setting: (ZipIt.Method, Bool)) throws {
+    let a = try randomDecoder(seed: 1, tied: setting.1)
+    let b = try permutedDecoder(a, seed: 2)
+    let probe = tokenData(4, seed: 9)
+    #expect(zip(try logits(b, probe), try logits(a, probe)).allSatisfy { abs($0 - $1) < 1e-4 })
+    var options = ZipIt.Options()
+    options.method = setting.0
+    let zipped = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3), options: options)
+    let (got, want) = (try logits(zipped, probe), try logits(a, probe))
+    let worst = zip(got, want).map { abs($0 - $1) }.max()!
+    #expect(worst < 1e-4, "max difference \(worst)")
+    // Averaging same-index features of the two does not.
+    options.method = .average
+    let averaged = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3), options: options)
+    #expect(zip(try logits(averaged, probe), want).map { abs($0 - $1) }.max()! > 1e-2)
+  }
+
+  @Test func averagingADecoderWithItselfGivesItBack() throws {
+    let a = try randomDecoder(seed: 5)
+    var options = ZipIt.Options()
+    options.method = .average
+    let same = try ZipIt.zipDecoders([a, a], sequences: tokenData(8, seed: 1), options: options)
+    let probe = tokenData(3, seed: 4)
+    #expect(zip(try logits(same, probe), try logits(a, probe)).allSatisfy { abs($0 - $1) < 1e-4 })
+  }
+
+  @Test func mismatchedDecodersAreRefused() throws {
+    let a = try randomDecoder(seed: 1)
+    let tied = try randomDecoder(seed: 1, tied: true)
+    #expect(throws: ZipItError.differentArchitectures(model: 1)) { try ZipIt.zipDecoders([a, tied], sequences: tokenData(2, seed: 1)) }
+    #expect(throws: ZipItError.tooFewModels) { try ZipIt.zipDecoders([a], sequences: tokenData(2, seed: 1)) }
+  }
+}
