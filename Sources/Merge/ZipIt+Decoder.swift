@@ -10,9 +10,9 @@ import Tensor
 /// - each layer's value features per KV head (width `head_dim`), matched within the head
 ///   (attention weights differ between heads); o_proj unmerges them for every query head of
 ///   the group.
-/// Queries and keys are not zipped (rotary ties their features in pairs): q_proj and k_proj
-/// average their output rows over the models after unmerging the residual input, as does the
-/// head. RMSNorm gains are merged like biases (exact for permutations, approximate otherwise).
+/// Queries and keys are not zipped feature by feature (rotary fixes each feature's frequency):
+/// whole heads are aligned first (`alignHeads`), then q_proj and k_proj average their output
+/// rows over the models after unmerging the residual input, as does the head. RMSNorm gains are merged like biases (exact for permutations, approximate otherwise).
 extension ZipIt {
   /// The common decoder config of the models (dense, no K/V projections), checked.
   static func commonDecoderConfig(_ models: [Network<Float>]) throws -> DecoderConfig {
@@ -146,8 +146,84 @@ extension ZipIt {
     })
   }
 
-  /// Statistics, matchings and the zipped decoder in one call.
+  /// Aligns every model's attention heads with the first model's, layer by layer: rotary fixes
+  /// the frequency of each query/key feature, so features cannot move within a head, but whole
+  /// heads can. KV head `b` of model m is matched to head `a` of model 0 by the Hungarian method
+  /// on `sum_i corr(k_{0,a,i}, k_{m,b,i})` (same-index key features, after rotary, over the
+  /// tokens); its query heads follow it. Returns the models with their heads reordered (each
+  /// computes what it computed before).
+  public static func alignHeads(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws -> [Network<Float>] {
+    let c = try commonDecoderConfig(models)
+    let (kv, d, n) = (c.keyValueHeadCount, c.headDimension, models.count)
+    guard kv > 1 else { return models }
+    var stats = (0..<c.layerCount).map { _ in FeatureStatistics(width: kv * d * n) }
+    for start in stride(from: 0, to: sequences.count, by: batchSize) {
+      let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
+      let rows = batch.mask.indices.filter { batch.mask[$0] }
+      let keys = try models.map { model -> [String: Matrix<Float>] in
+        let tape = Tape<Float>()
+        return Dictionary(try model.forward(tape, .tokens(batch)).points.filter { $0.name.hasSuffix("self_attn.keys") }.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
+      }
+      for layer in 0..<c.layerCount {
+        let parts = keys.map { k -> Matrix<Float> in
+          let m = k["model.layers.\(layer).self_attn.keys"]!
+          return Matrix(rows: rows.count, columns: m.columns, values: rows.flatMap { r in (0..<m.columns).map { m[r, $0] } })
+        }
+        stats[layer].add(parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) })
+      }
+    }
+    var aligned = [models[0]]
+    for m in 1..<n {
+      var order: [[Int]] = []  // per layer: model m's head placed at each position
+      for layer in 0..<c.layerCount {
+        let correlation = zipCorrelation(covariance: stats[layer].covariance, width: stats[layer].width)
+        let width = stats[layer].width
+        var score = [Double](repeating: 0, count: kv * kv)
+        for a in 0..<kv {
+          for b in 0..<kv {
+            for i in 0..<d { score[a * kv + b] += correlation[(a * d + i) * width + m * kv * d + b * d + i] }
+          }
+        }
+        order.append(LinearAssignment.maximumScore(score, n: kv))
+      }
+      aligned.append(try reorderedHeads(models[m], order: order))
+    }
+    return aligned
+  }
+
+  /// The network with its KV heads (and their query heads) reordered per layer: position `a`
+  /// takes head `order[layer][a]`.
+  static func reorderedHeads(_ network: Network<Float>, order: [[Int]]) throws -> Network<Float> {
+    guard case .decoder(let c) = network.config else { return network }
+    let (d, group) = (c.headDimension, c.headCount / c.keyValueHeadCount)
+    var w = network.weights
+    func rows(_ name: String, _ p: [Int]) {
+      guard let m = w[name] else { return }
+      if m.rows == 1 {
+        w[name] = Matrix(rows: 1, columns: m.columns, values: p.map { m.values[$0] })
+      } else {
+        w[name] = Matrix(rows: m.rows, columns: m.columns, values: p.flatMap { r in (0..<m.columns).map { m[r, $0] } })
+      }
+    }
+    func columns(_ name: String, _ p: [Int]) {
+      let m = w[name]!
+      w[name] = Matrix(rows: m.rows, columns: m.columns, values: (0..<m.rows).flatMap { r in p.map { m[r, $0] } })
+    }
+    for (layer, heads) in order.enumerated() {
+      let p = "model.layers.\(layer).self_attn."
+      let kvFeatures = heads.flatMap { b in (0..<d).map { b * d + $0 } }
+      let queryFeatures = heads.flatMap { b in (0..<group).flatMap { g in (0..<d).map { ((b * group + g) * d) + $0 } } }
+      for name in ["k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"] { rows(p + name, kvFeatures) }
+      for name in ["q_proj.weight", "q_proj.bias"] { rows(p + name, queryFeatures) }
+      columns(p + "o_proj.weight", queryFeatures)
+    }
+    return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]!.tensor(shape: entry.tensor.shape) })
+  }
+
+  /// Statistics, matchings and the zipped decoder in one call (heads aligned first, except for
+  /// `average`, which keeps every index as it is).
   public static func zipDecoders(_ models: [Network<Float>], sequences: [[Int]], options: Options = Options()) throws -> Network<Float> {
+    let models = options.method == .average ? models : try alignHeads(models, sequences: sequences)
     let stats = try decoderStatistics(models, sequences: sequences)
     var all = options
     all.stop = nil

@@ -16,8 +16,9 @@ struct ZipCommand: ParsableCommand {
       into the weights. --stop-at K zips the first K hidden layers and keeps the rest of every \
       model as a head (partial zipping; the result scores each class by its best head); \
       --keep-heads keeps separate output layers after zipping every hidden layer. Llama-style \
-      decoders are zipped from token sequences: the residual stream (one merge point), every \
-      layer's MLP hidden units and each KV head's value features; queries and keys are averaged. \
+      decoders are zipped from token sequences: heads are aligned across the models, then the \
+      residual stream (one merge point), every layer's MLP hidden units and each KV head's value \
+      features are matched; queries and keys of aligned heads are averaged. \
       Paper: \
       Stoica, Bolya et al., ZipIt!, ICLR 2024 (arXiv:2305.03053).
       """)

@@ -21,8 +21,9 @@ func randomDecoder(seed: UInt64, tied: Bool = false) throws -> Network<Float> {
   return try Network(config: config, tensors: tensors)
 }
 
-/// The same function with its residual features, each layer's MLP hidden units and each KV
-/// head's value features permuted (every weight adjusted to match).
+/// The same function with its attention heads reordered, and its residual features, each
+/// layer's MLP hidden units and each KV head's value features permuted (every weight adjusted
+/// to match).
 func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<Float> {
   guard case .decoder(let c) = network.config else { throw ZipItError.tooFewModels }
   func permutation(_ n: Int, _ stream: String) -> [Int] {
@@ -38,11 +39,21 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
     let m = w[name]!
     w[name] = Matrix(rows: m.rows, columns: m.columns, values: (0..<m.rows).flatMap { r in p.map { m[r, $0] } })
   }
+  // Whole heads first: KV heads (with their query heads) reversed in every layer.
+  let (d, group) = (c.headDimension, c.headCount / c.keyValueHeadCount)
+  for l in 0..<c.layerCount {
+    let p = "model.layers.\(l).self_attn."
+    let heads = Array((0..<c.keyValueHeadCount).reversed())
+    rows(p + "k_proj.weight", heads.flatMap { b in (0..<d).map { b * d + $0 } })
+    rows(p + "v_proj.weight", heads.flatMap { b in (0..<d).map { b * d + $0 } })
+    let queries = heads.flatMap { b in (0..<(group * d)).map { b * group * d + $0 } }
+    rows(p + "q_proj.weight", queries)
+    columns(p + "o_proj.weight", queries)
+  }
   let residual = permutation(c.hiddenSize, "residual")
   columns("model.embed_tokens.weight", residual)
   columns("model.norm.weight", residual)
   if !c.tiedEmbeddings { columns("lm_head.weight", residual) }
-  let d = c.headDimension
   for l in 0..<c.layerCount {
     let p = "model.layers.\(l)."
     for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] { columns(p + name, residual) }
@@ -54,7 +65,6 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
     columns(p + "mlp.down_proj.weight", hidden)
     let values = (0..<c.keyValueHeadCount).map { permutation(d, "v\(l).\($0)") }
     rows(p + "self_attn.v_proj.weight", (0..<c.keyValueHeadCount).flatMap { h in values[h].map { h * d + $0 } })
-    let group = c.headCount / c.keyValueHeadCount
     columns(p + "self_attn.o_proj.weight", (0..<c.headCount).flatMap { q in values[q / group].map { q * d + $0 } })
   }
   return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]!.tensor(shape: entry.tensor.shape) })
@@ -71,8 +81,8 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
 }
 
 @Suite struct ZipItDecoderTests {
-  /// Zipping a decoder with a permuted copy of itself recovers it (residual stream, MLP hidden
-  /// units and value features all matched), with untied and tied embeddings.
+  /// Zipping a decoder with a permuted copy of itself recovers it (heads aligned; residual
+  /// stream, MLP hidden units and value features matched), with untied and tied embeddings.
   @Test(arguments: [(ZipIt.Method.zipit, false), (.permute, false), (.zipit, true)])
   func zippingADecoderWithAPermutedCopyRecoversIt(_ setting: (ZipIt.Method, Bool)) throws {
     let a = try randomDecoder(seed: 1, tied: setting.1)
