@@ -51,9 +51,7 @@ public enum MatryoshkaKV {
       let byName = Dictionary(points.map { ($0.name, $0.value) }) { a, _ in a }
       for layer in 0..<c.layerCount {
         for (kind, name) in [(0, "keys"), (1, "values")] {
-          let m = tape.value(byName["model.layers.\(layer).self_attn.\(name)"]!)
-          var kept = Matrix<Float>(zeros: rows.count, width)
-          for (i, r) in rows.enumerated() { for j in 0..<width { kept.values[i * width + j] = m.values[r * width + j] } }
+          let kept = tape.value(byName["model.layers.\(layer).self_attn.\(name)"]!).rows(rows)
           if kind == 0 { keys[layer].add(kept) } else { values[layer].add(kept) }
         }
       }

@@ -50,9 +50,9 @@ extension ZipIt {
       }
       func joint(_ point: String, columns: Range<Int>? = nil) -> Matrix<Float> {
         let parts = outputs.map { out -> Matrix<Float> in
-          let m = out[point]!
-          let cols = columns ?? 0..<m.columns
-          return Matrix(rows: rows.count, columns: cols.count, values: rows.flatMap { r in cols.map { m[r, $0] } })
+          let m = out[point]!.rows(rows)
+          guard let columns else { return m }
+          return Matrix(rows: m.rows, columns: columns.count, values: (0..<m.rows).flatMap { r in columns.map { m[r, $0] } })
         }
         return parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) }
       }
@@ -165,10 +165,7 @@ extension ZipIt {
         return Dictionary(try model.forward(tape, .tokens(batch)).points.filter { $0.name.hasSuffix("self_attn.keys") }.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
       }
       for layer in 0..<c.layerCount {
-        let parts = keys.map { k -> Matrix<Float> in
-          let m = k["model.layers.\(layer).self_attn.keys"]!
-          return Matrix(rows: rows.count, columns: m.columns, values: rows.flatMap { r in (0..<m.columns).map { m[r, $0] } })
-        }
+        let parts = keys.map { $0["model.layers.\(layer).self_attn.keys"]!.rows(rows) }
         stats[layer].add(parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) })
       }
     }

@@ -70,7 +70,7 @@ public enum ZipIt {
     let points = c.layerCount - 1
     var stats = (0..<points).map { FeatureStatistics(width: c.layerSizes[$0 + 1] * models.count) }
     for rows in miniBatches(count: inputs.rows, size: batchSize, shuffleSeed: nil) {
-      let batch = Matrix(rows: rows.count, columns: inputs.columns, values: rows.flatMap { inputs.values[($0 * inputs.columns)..<(($0 + 1) * inputs.columns)] })
+      let batch = inputs.rows(rows)
       var features = [[Matrix<Float>]](repeating: [], count: points)
       for model in models {
         let tape = Tape<Float>()

@@ -34,10 +34,7 @@ public struct LabeledFeatures: Sendable, Equatable {
 
   /// The rows at `indices`, in that order.
   public func rows(_ indices: [Int]) -> LabeledFeatures {
-    var values: [Float] = []
-    values.reserveCapacity(indices.count * features.columns)
-    for i in indices { values += features.values[(i * features.columns)..<((i + 1) * features.columns)] }
-    return LabeledFeatures(checked: Matrix(rows: indices.count, columns: features.columns, values: values), indices.map { labels[$0] }, tasks.map { t in indices.map { t[$0] } })
+    LabeledFeatures(checked: features.rows(indices), indices.map { labels[$0] }, tasks.map { t in indices.map { t[$0] } })
   }
 
   /// The rows of the given tasks.

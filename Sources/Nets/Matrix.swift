@@ -78,6 +78,14 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
     return Matrix(rows: 1, columns: columns, values: sums)
   }
 
+  /// The rows at `indices`, in that order (a mini-batch; the non-padding tokens of a batch).
+  public func rows(_ indices: [Int]) -> Matrix {
+    var out: [T] = []
+    out.reserveCapacity(indices.count * columns)
+    for i in indices { out += values[(i * columns)..<((i + 1) * columns)] }
+    return Matrix(rows: indices.count, columns: columns, values: out)
+  }
+
   public var transposed: Matrix {
     var t = Matrix(zeros: columns, rows)
     for i in 0..<rows { for j in 0..<columns { t.values[j * rows + i] = values[i * columns + j] } }
