@@ -63,20 +63,31 @@ public enum ModelFolder {
   /// Writes a model folder: `weights` as safetensors in `dtype` (floating tensors; others as
   /// they are) and text `files` by name (config.json ...), published atomically.
   public static func write(_ weights: [(name: String, tensor: Tensor)], files: [String: String], dtype: DType, to folder: String, overwrite: Bool) throws {
-    let staging = folder + ".staging-\(getpid())"
-    try? FileManager.default.removeItem(atPath: staging)
-    defer { try? FileManager.default.removeItem(atPath: staging) }
-    do {
-      try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true)
-      for (name, text) in files { try text.write(toFile: staging + "/" + name, atomically: true, encoding: .utf8) }
-    } catch {
-      throw CheckpointError.cannotWrite(file: folder, reason: error.localizedDescription)
-    }
     let infos = weights.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) }
-    let options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: staging, overwrite: overwrite)
+    var options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], overwrite: overwrite)
+    options.files = files.mapValues { Data($0.utf8) }
     let writer = try CheckpointWriter(destination: folder, tensors: infos, options: options)
     for (name, tensor) in weights { try writer.write(name, tensor.encoded(as: dtype)) }
     try writer.finish()
+  }
+
+  /// Builds a folder that is not one checkpoint (an adapter, a model with extra files) in a
+  /// staging folder next to `destination`, removed on failure or interrupt, and publishes it
+  /// once `fill` has written everything into the staging path it is given.
+  public static func publishing(_ destination: String, overwrite: Bool, _ fill: (String) throws -> Void) throws {
+    let staging = destination + ".staging-\(getpid())"
+    let fm = FileManager.default
+    try? fm.removeItem(atPath: staging)
+    TemporaryOutputs.register(staging)
+    defer {
+      try? fm.removeItem(atPath: staging)
+      TemporaryOutputs.unregister(staging)
+    }
+    do { try fm.createDirectory(atPath: staging, withIntermediateDirectories: true) } catch {
+      throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription)
+    }
+    try fill(staging)
+    try publish(staging, at: destination, overwrite: overwrite)
   }
 
   /// Copies the non-tensor files of the model folder `source` into `destination`.
@@ -95,7 +106,7 @@ public enum ModelFolder {
 
   /// Moves a finished work folder onto `destination`. An existing destination is replaced only
   /// with `overwrite`, and removed only after the new folder is in place.
-  public static func publish(_ work: String, at destination: String, overwrite: Bool) throws {
+  static func publish(_ work: String, at destination: String, overwrite: Bool) throws {
     let fm = FileManager.default
     var old: String?
     if fm.fileExists(atPath: destination) {

@@ -94,33 +94,7 @@ public enum KVProjectionFiles {
     guard let folder = ModelFolder.modelFolder(of: source), let projection = network.kvProjection, case .decoder(let c) = network.config else {
       throw AdaptError.badOption("\(source) is not a model folder with a config.json")
     }
-    let staging = output + ".staging-\(getpid())"
     let fm = FileManager.default
-    try? fm.removeItem(atPath: staging)
-    TemporaryOutputs.register(staging)
-    defer {
-      try? fm.removeItem(atPath: staging)
-      TemporaryOutputs.unregister(staging)
-    }
-    do {
-      try fm.createDirectory(atPath: staging, withIntermediateDirectories: true)
-      for name in try fm.contentsOfDirectory(atPath: folder).sorted() where name != "config.json" && name != fileName && !name.hasPrefix(".") {
-        var isDirectory: ObjCBool = false
-        guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else { continue }
-        do { try fm.linkItem(atPath: folder + "/" + name, toPath: staging + "/" + name) } catch { try fm.copyItem(atPath: folder + "/" + name, toPath: staging + "/" + name) }
-      }
-    } catch { throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription) }
-    let names = KVProjection.shapes(c)
-    var infos = names.map { TensorInfo(name: $0.name, dtype: .f32, shape: $0.shape) }
-    let rankNames = (0..<c.layerCount).flatMap { l in KVProjection.Kind.allCases.map { (l, $0, "model.layers.\(l).self_attn.\($0.rawValue)_ranks") } }
-    infos += rankNames.map { TensorInfo(name: $0.2, dtype: .i64, shape: [c.keyValueHeadCount]) }
-    let writer = try CheckpointWriter(destination: staging + "/" + fileName, tensors: infos, options: WriteOptions(metadata: ["format": "pt", "mergekit.kind": "matryoshka-kv"]))
-    for (name, shape) in names { try writer.write(name, network.weights[name]!.tensor(shape: shape), as: .f32) }
-    for (layer, kind, name) in rankNames {
-      let ranks = projection.ranks(kind)[layer].map { Int64($0).littleEndian }
-      try writer.write(name, TensorData(dtype: .i64, shape: [ranks.count], bytes: ranks.withUnsafeBytes { Array($0) }))
-    }
-    try writer.finish()
     guard let json = fm.contents(atPath: folder + "/config.json"), var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
       throw CheckpointError.cannotWrite(file: output, reason: "cannot read \(folder)/config.json")
     }
@@ -128,10 +102,28 @@ public enum KVProjectionFiles {
     section["file"] = fileName
     section["kept_fraction"] = projection.keptFraction(dimension: c.headDimension)
     object["kv_projection"] = section
-    do {
-      try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/config.json"))
-    } catch { throw CheckpointError.cannotWrite(file: output + "/config.json", reason: error.localizedDescription) }
-    try ModelFolder.publish(staging, at: output, overwrite: overwrite)
+    let names = KVProjection.shapes(c)
+    let rankNames = (0..<c.layerCount).flatMap { l in KVProjection.Kind.allCases.map { (l, $0, "model.layers.\(l).self_attn.\($0.rawValue)_ranks") } }
+    let infos = names.map { TensorInfo(name: $0.name, dtype: .f32, shape: $0.shape) } + rankNames.map { TensorInfo(name: $0.2, dtype: .i64, shape: [c.keyValueHeadCount]) }
+    try ModelFolder.publishing(output, overwrite: overwrite) { staging in
+      do {
+        for name in try fm.contentsOfDirectory(atPath: folder).sorted() where name != "config.json" && name != fileName && !name.hasPrefix(".") {
+          var isDirectory: ObjCBool = false
+          guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else { continue }
+          do { try fm.linkItem(atPath: folder + "/" + name, toPath: staging + "/" + name) } catch { try fm.copyItem(atPath: folder + "/" + name, toPath: staging + "/" + name) }
+        }
+      } catch { throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription) }
+      let writer = try CheckpointWriter(destination: staging + "/" + fileName, tensors: infos, options: WriteOptions(metadata: ["format": "pt", "mergekit.kind": "matryoshka-kv"]))
+      for (name, shape) in names { try writer.write(name, network.weights[name]!.tensor(shape: shape), as: .f32) }
+      for (layer, kind, name) in rankNames {
+        let ranks = projection.ranks(kind)[layer].map { Int64($0).littleEndian }
+        try writer.write(name, TensorData(dtype: .i64, shape: [ranks.count], bytes: ranks.withUnsafeBytes { Array($0) }))
+      }
+      try writer.finish()
+      do {
+        try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/config.json"))
+      } catch { throw CheckpointError.cannotWrite(file: output + "/config.json", reason: error.localizedDescription) }
+    }
   }
 
   /// The projection tensors of a model folder whose config declares them.

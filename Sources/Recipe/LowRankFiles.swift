@@ -161,26 +161,10 @@ extension LowRankFiles {
       if try tuned.read(info.name) != original.read(info.name) { others.append(info.name) }
     }
 
-    let staging = output + ".staging-\(getpid())"
-    try? FileManager.default.removeItem(atPath: staging)
-    TemporaryOutputs.register(staging)
-    defer {
-      try? FileManager.default.removeItem(atPath: staging)
-      TemporaryOutputs.unregister(staging)
-    }
-    do { try FileManager.default.createDirectory(atPath: staging, withIntermediateDirectories: true) } catch {
-      throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription)
-    }
     let prefix = "base_model.model."
     let infos = factors.flatMap { layer, f in
       [TensorInfo(name: prefix + layer + ".lora_A.weight", dtype: .f32, shape: f.a.shape), TensorInfo(name: prefix + layer + ".lora_B.weight", dtype: .f32, shape: f.b.shape)]
     }
-    let writer = try CheckpointWriter(destination: staging + "/adapter_model.safetensors", tensors: infos, options: WriteOptions(metadata: ["format": "pt"]))
-    for (layer, f) in factors {
-      try writer.write(prefix + layer + ".lora_A.weight", f.a, as: .f32)
-      try writer.write(prefix + layer + ".lora_B.weight", f.b, as: .f32)
-    }
-    try writer.finish()
     let ranks = Dictionary(uniqueKeysWithValues: factors.map { ($0.layer, $0.factors.rank) })
     let top = ranks.values.max() ?? 0
     let adapterConfig: [String: Any] = [
@@ -188,10 +172,17 @@ extension LowRankFiles {
       "target_modules": factors.map(\.layer), "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": false,
       "lora_dropout": 0.0, "use_rslora": false, "inference_mode": true,
     ]
-    do {
-      try JSONSerialization.data(withJSONObject: adapterConfig, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/adapter_config.json"))
-    } catch { throw CheckpointError.cannotWrite(file: output + "/adapter_config.json", reason: error.localizedDescription) }
-    try ModelFolder.publish(staging, at: output, overwrite: overwrite)
+    try ModelFolder.publishing(output, overwrite: overwrite) { staging in
+      let writer = try CheckpointWriter(destination: staging + "/adapter_model.safetensors", tensors: infos, options: WriteOptions(metadata: ["format": "pt"]))
+      for (layer, f) in factors {
+        try writer.write(prefix + layer + ".lora_A.weight", f.a, as: .f32)
+        try writer.write(prefix + layer + ".lora_B.weight", f.b, as: .f32)
+      }
+      try writer.finish()
+      do {
+        try JSONSerialization.data(withJSONObject: adapterConfig, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/adapter_config.json"))
+      } catch { throw CheckpointError.cannotWrite(file: output + "/adapter_config.json", reason: error.localizedDescription) }
+    }
     return LoRAExtraction(layers: reports, otherChangedTensors: others)
   }
 }
