@@ -74,13 +74,20 @@ public enum PELA {
   /// Factors one layer's weight, or says why it stays dense.
   public static func factor(layer: String, weight: Tensor, options: Options) throws -> (factors: LowRankFactors?, report: LayerReport) {
     let (rows, columns) = (weight.shape[0], weight.shape[1])
-    func dense(_ reason: String) -> (LowRankFactors?, LayerReport) { (nil, LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: reason)) }
-    guard rows >= options.minimumOutputs else { return dense("fewer than \(options.minimumOutputs) outputs") }
-    guard let factors = try LowRank.factor(weight, rule: options.rule, solver: options.solver, seed: options.seed) else {
-      let r = options.rule.needsSpectrum ? nil : options.rule.rank(rows: rows, columns: columns)
-      return dense(r.map { "rank \($0) would not save parameters" } ?? "the rank needed would not save parameters")
-    }
+    let spectrum = options.rule.needsSpectrum && rows >= options.minimumOutputs ? try LAPACK.svd(weight) : nil
+    let planned = plannedRank(rows: rows, columns: columns, options: options, singularValues: spectrum?.s.map(Double.init) ?? [])
+    guard let rank = planned.rank else { return (nil, LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: planned.reason)) }
+    let factors = try LowRank.factor(weight, rank: rank, solver: options.solver, seed: options.seed, spectrum: spectrum)
     return (factors, LayerReport(layer: layer, rows: rows, columns: columns, factors: factors))
+  }
+
+  /// The rank a `rows x columns` layer gets, or nil and why it stays dense: fewer outputs than
+  /// `minimumOutputs`, or a rank whose two factors would not hold fewer parameters. The energy
+  /// rule needs the layer's singular values (descending).
+  public static func plannedRank(rows: Int, columns: Int, options: Options, singularValues: [Double] = []) -> (rank: Int?, reason: String?) {
+    guard rows >= options.minimumOutputs else { return (nil, "fewer than \(options.minimumOutputs) outputs") }
+    let r = options.rule.rank(rows: rows, columns: columns, singularValues: singularValues)
+    return RankRule.saves(rank: r, rows: rows, columns: columns) ? (r, nil) : (nil, "rank \(r) would not save parameters")
   }
 
   /// The factored network: every candidate layer that saves parameters becomes `L.0.weight` (A),

@@ -30,14 +30,9 @@ public enum LowRankFiles {
     return try layers.enumerated().map { i, layer in
       defer { progress?(i + 1, layers.count) }
       let shape = try checkpoint.info(layer + ".weight").shape
-      if shape[0] < options.minimumOutputs { return (layer, nil, "fewer than \(options.minimumOutputs) outputs") }
-      if options.rule.needsSpectrum {
-        let s = try LAPACK.svd(try checkpoint.tensor(named: layer + ".weight")).s.map(Double.init)
-        let r = options.rule.rank(rows: shape[0], columns: shape[1], singularValues: s)
-        return RankRule.saves(rank: r, rows: shape[0], columns: shape[1]) ? (layer, r, nil) : (layer, nil, "rank \(r) would not save parameters")
-      }
-      let r = options.rule.rank(rows: shape[0], columns: shape[1])
-      return RankRule.saves(rank: r, rows: shape[0], columns: shape[1]) ? (layer, r, nil) : (layer, nil, "rank \(r) would not save parameters")
+      let spectrum = options.rule.needsSpectrum && shape[0] >= options.minimumOutputs ? try LAPACK.svd(try checkpoint.tensor(named: layer + ".weight")).s.map(Double.init) : []
+      let planned = PELA.plannedRank(rows: shape[0], columns: shape[1], options: options, singularValues: spectrum)
+      return (layer, planned.rank, planned.reason)
     }
   }
 
