@@ -110,14 +110,19 @@ public struct Network<T: NetScalar> {
     case .bert(let c): dense = bertShapes(c, prefix: prefix)
     }
     guard !lowRank.isEmpty else { return dense }
-    return dense.flatMap { name, shape -> [(name: String, shape: [Int])] in
-      if name.hasSuffix(".weight"), shape.count == 2, let r = lowRank[String(name.dropLast(7))] {
-        let layer = name.dropLast(7)
-        return [(layer + ".0.weight", [r, shape[1]]), (layer + ".1.weight", [shape[0], r])]
-      }
-      if name.hasSuffix(".bias"), lowRank[String(name.dropLast(5))] != nil { return [(name.dropLast(5) + ".1.bias", shape)] }
-      return [(name, shape)]
+    return dense.flatMap { factoredLayout($0.name, shape: $0.shape, lowRank: lowRank) }
+  }
+
+  /// The tensors that stand for tensor `name` when the layers in `lowRank` are factored: a
+  /// factored layer's weight becomes `L.0.weight` (r x in) and `L.1.weight` (out x r), its bias
+  /// `L.1.bias`; any other tensor stays as it is.
+  public static func factoredLayout(_ name: String, shape: [Int], lowRank: [String: Int]) -> [(name: String, shape: [Int])] {
+    if name.hasSuffix(".weight"), shape.count == 2, let r = lowRank[String(name.dropLast(7))] {
+      let layer = name.dropLast(7)
+      return [(layer + ".0.weight", [r, shape[1]]), (layer + ".1.weight", [shape[0], r])]
     }
+    if name.hasSuffix(".bias"), lowRank[String(name.dropLast(5))] != nil { return [(name.dropLast(5) + ".1.bias", shape)] }
+    return [(name, shape)]
   }
 
   /// Runs the model on `input`. `bind` turns each weight into a tape node (constant, parameter,

@@ -49,15 +49,10 @@ public enum LowRankFiles {
     let factored = format == .factored ? ranks : [:]
     var infos: [TensorInfo] = []
     for info in checkpoint.tensors {
-      let storage = info.dtype.isFloatingPoint ? info.dtype : .f32
-      if info.name.hasSuffix(".weight"), let r = factored[String(info.name.dropLast(7))] {
-        let layer = info.name.dropLast(7)
-        infos += [TensorInfo(name: layer + ".0.weight", dtype: storage, shape: [r, info.shape[1]]), TensorInfo(name: layer + ".1.weight", dtype: storage, shape: [info.shape[0], r])]
-      } else if info.name.hasSuffix(".bias"), factored[String(info.name.dropLast(5))] != nil {
-        infos.append(TensorInfo(name: info.name.dropLast(5) + ".1.bias", dtype: info.dtype, shape: info.shape))
-      } else {
-        infos.append(info)
-      }
+      let layout = Network<Float>.factoredLayout(info.name, shape: info.shape, lowRank: factored)
+      // Factors are floating point even for an integer weight; everything else keeps its dtype.
+      let dtype = layout.count == 2 && !info.dtype.isFloatingPoint ? .f32 : info.dtype
+      infos += layout.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.shape) }
     }
     var write = WriteOptions(format: outputFormat, metadata: checkpoint.metadata, copyFilesFrom: ModelFolder.modelFolder(of: model), overwrite: overwrite)
     if !factored.isEmpty {
@@ -83,10 +78,9 @@ public enum LowRankFiles {
         reports[layer] = PELA.LayerReport(layer: layer, rows: info.shape[0], columns: info.shape[1], factors: factors)
         done += 1
         progress?("factoring", done, ranks.count)
-      } else if info.name.hasSuffix(".bias"), factored[String(info.name.dropLast(5))] != nil {
-        try writer.write(info.name.dropLast(5) + ".1.bias", try checkpoint.read(info.name))
       } else {
-        try writer.write(info.name, try checkpoint.read(info.name))
+        // Copied byte for byte, under its factored name when it is a factored layer's bias.
+        try writer.write(Network<Float>.factoredLayout(info.name, shape: info.shape, lowRank: factored)[0].name, try checkpoint.read(info.name))
       }
     }
     try writer.finish()
