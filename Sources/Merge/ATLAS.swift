@@ -99,18 +99,18 @@ public enum ATLAS {
       self.blocks = blocks
     }
 
-    /// `theta(Lambda)` as a runnable network.
-    public func network(_ c: ATLASCoefficients) -> Network<Float> {
+    /// `theta(Lambda)` as a runnable network, computed by `ATLASApply` (what `atlas apply`
+    /// writes for the same coefficients, bit for bit).
+    public func network(_ c: ATLASCoefficients) throws -> Network<Float> {
       var out = base
-      for (b, block) in c.blocks.enumerated() {
-        guard var w = out.weights[block] else { continue }
-        for e in w.values.indices {
-          let k = ATLASCoefficients.partition(of: e, count: w.count, partitions: c.partitions)
-          var sum = 0.0
-          for i in taskVectors.indices { sum += c.values[i][b][k] * Double(taskVectors[i][block]!.values[e]) }
-          w.values[e] = Float(Double(w.values[e]) + sum)
-        }
-        out.weights[block] = w
+      let apply = ATLASApply(c)
+      let parameters = try ParameterResolver(
+        method: apply.name, specs: [], global: [:], models: taskVectors.map { _ in [:] }, positions: LayerPositions(names: c.blocks)
+      ).resolve(tensor: c.blocks.first ?? "")
+      for block in c.blocks {
+        guard let w = out.weights[block] else { continue }
+        let inputs = MergeInputs(name: block, base: w.tensor(), models: taskVectors.map { $0[block]!.tensor() })
+        out.weights[block] = Matrix(try apply.merge(inputs, parameters))
       }
       return out
     }
