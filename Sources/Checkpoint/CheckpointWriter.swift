@@ -1,6 +1,42 @@
 import Foundation
 import Tensor
 
+/// Where a checkpoint is written, tensor by tensor in a declared order: a `CheckpointWriter`
+/// (files) or a `MemoryCheckpointWriter` (a recipe intermediate kept in memory).
+public protocol TensorSink: AnyObject {
+  /// Starts tensor `name`; it must be the next one in the declared order.
+  func beginTensor(_ name: String) throws
+  /// Appends bytes of the current tensor.
+  func append(_ piece: UnsafeRawBufferPointer) throws
+  /// Completes the checkpoint (every declared tensor must have been written).
+  func finish() throws
+}
+
+extension TensorSink {
+  /// Writes a whole tensor (its dtype and shape must match the declaration).
+  public func write(_ name: String, _ data: TensorData) throws {
+    try beginTensor(name)
+    try data.bytes.withUnsafeBytes { try append($0) }
+  }
+
+  /// Writes a `Float` tensor stored as `dtype`, encoding it piece by piece (no full-size copy).
+  public func write(_ name: String, _ tensor: Tensor, as dtype: DType) throws {
+    try beginTensor(name)
+    let piece = 1 << 20
+    var scratch = [UInt8](repeating: 0, count: min(tensor.count, piece) * dtype.size)
+    var start = 0
+    while start < tensor.count {
+      let end = min(tensor.count, start + piece)
+      try scratch.withUnsafeMutableBytes { buffer in
+        let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<((end - start) * dtype.size)])
+        tensor.encode(start..<end, as: dtype, into: out)
+        try append(UnsafeRawBufferPointer(out))
+      }
+      start = end
+    }
+  }
+}
+
 /// One output file being streamed: tensors in declared order, bytes in pieces.
 protocol TensorFileWriter: AnyObject {
   func beginTensor(_ name: String) throws
@@ -99,7 +135,7 @@ extension WriteOptions {
 /// for info in infos { try writer.write(info.name, try source.read(info.name)) }
 /// try writer.finish()
 /// ```
-public final class CheckpointWriter {
+public final class CheckpointWriter: TensorSink {
   public let destination: String
   private let options: WriteOptions
   private let isFolder: Bool
@@ -192,30 +228,7 @@ public final class CheckpointWriter {
     try open.writer.append(piece)
   }
 
-  /// Writes a whole tensor (its dtype and shape must match the declaration).
-  public func write(_ name: String, _ data: TensorData) throws {
-    try beginTensor(name)
-    try data.bytes.withUnsafeBytes { try append($0) }
-  }
-
   /// Completes every file, writes the shard index, copies the non-tensor files and publishes.
-  /// Writes a `Float` tensor stored as `dtype`, encoding it piece by piece (no full-size copy).
-  public func write(_ name: String, _ tensor: Tensor, as dtype: DType) throws {
-    try beginTensor(name)
-    let piece = 1 << 20
-    var scratch = [UInt8](repeating: 0, count: min(tensor.count, piece) * dtype.size)
-    var start = 0
-    while start < tensor.count {
-      let end = min(tensor.count, start + piece)
-      try scratch.withUnsafeMutableBytes { buffer in
-        let out = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<((end - start) * dtype.size)])
-        tensor.encode(start..<end, as: dtype, into: out)
-        try append(UnsafeRawBufferPointer(out))
-      }
-      start = end
-    }
-  }
-
   public func finish() throws {
     if let open = openShard {
       try open.writer.finish()

@@ -90,6 +90,19 @@ public func copyCheckpoint(
   from source: any Checkpoint, to destination: String, selection: TensorSelection? = nil, castTo dtype: DType? = nil,
   options: WriteOptions, progress: ((Int, Int) -> Void)? = nil
 ) throws {
+  try copyCheckpoint(from: source, selection: selection, castTo: dtype, progress: progress) { tensors, layout in
+    var options = options
+    if options.layout == nil { options.layout = layout }
+    return try CheckpointWriter(destination: destination, tensors: tensors, options: options)
+  }
+}
+
+/// `copyCheckpoint` into the sink `makeSink(tensors, layout)` makes for the copied tensors
+/// (`layout`: the source's files when the names are unchanged, so the copy can keep its sharding).
+public func copyCheckpoint(
+  from source: any Checkpoint, selection: TensorSelection? = nil, castTo dtype: DType? = nil, progress: ((Int, Int) -> Void)? = nil,
+  into makeSink: (_ tensors: [TensorInfo], _ layout: [StoredFile]?) throws -> any TensorSink
+) throws {
   let allNames = source.tensors.map(\.name)
   let names = try selection?.apply(to: allNames, file: source.path) ?? allNames.map { ($0, $0) }
   let plan: [(source: TensorInfo, target: TensorInfo)] = try names.map { pair in
@@ -97,9 +110,7 @@ public func copyCheckpoint(
     let targetType = dtype.flatMap { info.dtype.isFloatingPoint ? $0 : nil } ?? info.dtype
     return (info, TensorInfo(name: pair.target, dtype: targetType, shape: info.shape))
   }
-  var options = options
-  if options.layout == nil && names.allSatisfy({ $0.source == $0.target }) { options.layout = source.files }
-  let writer = try CheckpointWriter(destination: destination, tensors: plan.map(\.target), options: options)
+  let writer = try makeSink(plan.map(\.target), names.allSatisfy({ $0.source == $0.target }) ? source.files : nil)
   let total = plan.reduce(0) { $0 + $1.source.byteCount }
   var done = 0
   var scratch: [UInt8] = []

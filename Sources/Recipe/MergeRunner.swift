@@ -169,13 +169,24 @@ public enum MergeRunner {
     }.max() ?? 0
   }
 
+  /// The output's tensors, in order.
+  public static func outputTensors(_ plan: MergePlan) -> [TensorInfo] {
+    plan.items.map { TensorInfo(name: $0.name, dtype: $0.outputType, shape: $0.shape) }
+  }
+
+  /// Runs the merge into a checkpoint file or folder at `destination`, sharded like the reference
+  /// unless `options` says otherwise.
   public static func run(_ plan: MergePlan, to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil) throws {
-    let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
-    let plan = try preparedForModel(plan, inputs: inputs)
     var options = options
     if options.layout == nil { options.layout = plan.reference.files }
-    let infos = plan.items.map { TensorInfo(name: $0.name, dtype: $0.outputType, shape: $0.shape) }
-    let writer = try CheckpointWriter(destination: destination, tensors: infos, options: options)
+    let writer = try CheckpointWriter(destination: destination, tensors: outputTensors(plan), options: options)
+    try run(plan, into: writer, progress: progress)
+  }
+
+  /// Runs the merge into `writer`, which declared `outputTensors(plan)`; finishes it.
+  public static func run(_ plan: MergePlan, into writer: any TensorSink, progress: ((Int, Int) -> Void)? = nil) throws {
+    let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
+    let plan = try preparedForModel(plan, inputs: inputs)
     let total = plan.bytesRead
     var done = 0
     for range in groups(plan) {
@@ -273,7 +284,7 @@ public enum MergeRunner {
   /// `advance` gets the input bytes done. Returns false (writing nothing) when the method must
   /// merge this tensor whole.
   static func stream(
-    _ item: MergePlan.Item, method: any StreamingMerge, plan: MergePlan, inputs: [any Checkpoint], writer: CheckpointWriter, advance: (Int) -> Void
+    _ item: MergePlan.Item, method: any StreamingMerge, plan: MergePlan, inputs: [any Checkpoint], writer: any TensorSink, advance: (Int) -> Void
   ) throws -> Bool {
     let parameters = try plan.resolver.resolve(tensor: item.name)
     let ranges = MergeRanges.ranges(item.count)

@@ -41,6 +41,9 @@ public struct Recipe: Sendable {
     public var data: String?
     /// Where the step sits in the file, for errors (`steps[1]`).
     public var location: String
+
+    /// Everything the step reads (labels or paths): base, data set, models.
+    public var references: [String] { (base.map { [$0] } ?? []) + (data.map { [$0] } ?? []) + models }
   }
 
   public struct Output: Sendable {

@@ -5,8 +5,9 @@ import Tensor
 
 /// Runs a recipe: orders the steps by what they read (refusing cycles and undefined
 /// references), runs each one streaming through `MergeRunner` (or a checkpoint copy for
-/// `convert`), and writes the outputs. A step result that is not an output is spilled to a
-/// temporary checkpoint next to the first output and deleted at the end.
+/// `convert`), and writes the outputs. A step result that is not an output is kept in memory
+/// when it fits the memory budget, else spilled to a temporary checkpoint next to the first
+/// output; either is dropped once no later step reads it.
 public struct RecipeRunner {
   public let recipe: Recipe
   /// The steps in execution order.
@@ -54,7 +55,7 @@ public struct RecipeRunner {
       if state[step.label] == true { return }
       if state[step.label] == false { throw RecipeError.cycle(file: file, steps: trail.drop { $0 != step.label } + [step.label]) }
       state[step.label] = false
-      for reference in (step.base.map { [$0] } ?? []) + (step.data.map { [$0] } ?? []) + step.models {
+      for reference in step.references {
         if let dependency = stepLabels[reference] { try visit(dependency, trail + [step.label]) }
       }
       state[step.label] = true
@@ -64,14 +65,22 @@ public struct RecipeRunner {
     self.order = order
   }
 
+  /// Default memory for intermediates kept in memory: an eighth of physical memory, at most 4 GiB.
+  public static let defaultMemoryBudget = min(4 << 30, Int(ProcessInfo.processInfo.physicalMemory / 8))
+
   /// Runs every step; `report` receives a line per step and `progress` its byte progress.
+  /// A step result that is not an output stays in memory while the intermediates held stay
+  /// within `memoryBudget` bytes and no network step (which reads model folders) uses it;
+  /// otherwise it is spilled to a temporary folder next to the first output. Each is dropped
+  /// once the last step that reads it is done.
   public func run(
-    overwrite: Bool = false, dryRun: Bool = false, report: (String) -> Void = { _ in }, progress: ((String, Int, Int) -> Void)? = nil
+    overwrite: Bool = false, dryRun: Bool = false, memoryBudget: Int = RecipeRunner.defaultMemoryBudget, report: (String) -> Void = { _ in },
+    progress: ((String, Int, Int) -> Void)? = nil
   ) throws {
     let outputs = Dictionary(recipe.outputs.map { ($0.label, $0) }, uniquingKeysWith: { first, _ in first })
     let firstOutput = URL(fileURLWithPath: recipe.outputs[0].path).deletingLastPathComponent().path
     let work = "\(firstOutput)/.mergekit-run-\(getpid())"
-    var paths = Dictionary(recipe.inputs.map { ($0.label, $0.path) }, uniquingKeysWith: { first, _ in first })
+    var results = Results(paths: Dictionary(recipe.inputs.map { ($0.label, $0.path) }, uniquingKeysWith: { first, _ in first }))
     if !dryRun {
       try? FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
       TemporaryOutputs.register(work)
@@ -80,32 +89,80 @@ public struct RecipeRunner {
       try? FileManager.default.removeItem(atPath: work)
       TemporaryOutputs.unregister(work)
     }
+    var readers: [String: Int] = [:]
+    var readByNetworkSteps = Set<String>()
+    for step in order {
+      for label in Set(step.references) {
+        readers[label, default: 0] += 1
+        if NetworkSteps.operations.contains(step.operation) { readByNetworkSteps.insert(label) }
+      }
+    }
     for step in order {
       let destination = outputs[step.label]
       let path = destination?.path ?? "\(work)/\(NetworkSteps.operations.contains(step.operation) ? NetworkSteps.spillName(step) : step.label)"
+      let canStayInMemory = destination == nil && !readByNetworkSteps.contains(step.label)
       do {
-        try runStep(step, paths: paths, output: destination, to: path, overwrite: overwrite, dryRun: dryRun, report: report, progress: progress)
+        let held = try runStep(
+          step, results: results, output: destination, to: path, memory: canStayInMemory ? memoryBudget - results.heldBytes : 0, overwrite: overwrite,
+          dryRun: dryRun, report: report, progress: progress)
+        if let held {
+          results.held[step.label] = held
+        } else if !dryRun || destination != nil {
+          results.paths[step.label] = path
+        }
       } catch let error as RecipeError {
         throw error
       } catch {
         throw RecipeError.stepFailed(file: recipe.source, path: step.location, step: step.label, reason: "\(error)")
       }
-      paths[step.label] = path
+      for label in Set(step.references) {
+        readers[label, default: 1] -= 1
+        guard readers[label] == 0 else { continue }
+        results.held[label] = nil
+        if let spilled = results.paths[label], spilled.hasPrefix(work + "/") { try? FileManager.default.removeItem(atPath: spilled) }
+      }
     }
     // Outputs that are inputs (no step): copies with the output's format and dtype.
     for output in recipe.outputs where !order.contains(where: { $0.label == output.label }) {
-      let source = try openCheckpoint(paths[output.label] ?? output.label)
+      let source = try openCheckpoint(results.paths[output.label] ?? output.label)
       report("\(output.label): copy to \(output.path)")
       if dryRun { continue }
       try copyCheckpoint(
-        from: source, to: output.path, castTo: output.dtype.flatMap { DType(userSpelling: $0) }, options: try writeOptions(output, overwrite: overwrite, copyFrom: paths[output.label]),
+        from: source, to: output.path, castTo: output.dtype.flatMap { DType(userSpelling: $0) },
+        options: try writeOptions(output, overwrite: overwrite, copyFrom: results.paths[output.label]),
         progress: progress.map { p in { p(output.label, $0, $1) } })
     }
   }
 
-  func reference(_ label: String, _ paths: [String: String]) -> String { paths[label] ?? label }
+  /// Where each input and step result is: a path, or a checkpoint held in memory.
+  struct Results {
+    var paths: [String: String]
+    var held: [String: MemoryCheckpoint] = [:]
+
+    var heldBytes: Int { held.values.reduce(0) { $0 + $1.byteCount } }
+
+    /// How a reference reads in messages.
+    func name(_ label: String) -> String { held[label].map { "\($0.path)" } ?? paths[label] ?? label }
+
+    func open(_ label: String, base: (any Checkpoint)? = nil) throws -> any Checkpoint {
+      if let checkpoint = held[label] { return checkpoint }
+      return try openCheckpoint(paths[label] ?? label, base: base)
+    }
+
+    /// The model folder whose config and tokenizer files a result derived from `label` takes.
+    func modelFolder(_ label: String) -> String? {
+      if let checkpoint = held[label] { return checkpoint.modelFolder }
+      return ModelFolder.modelFolder(of: paths[label] ?? label)
+    }
+  }
 
   func writeOptions(_ output: Recipe.Output?, overwrite: Bool, copyFrom: String?) throws -> WriteOptions {
+    var options = try writeOptions(output, overwrite: overwrite)
+    options.copyFilesFrom = copyFrom.flatMap(ModelFolder.modelFolder(of:))
+    return options
+  }
+
+  func writeOptions(_ output: Recipe.Output?, overwrite: Bool) throws -> WriteOptions {
     let format = try output?.format.map { name -> CheckpointFormat in
       guard let f = CheckpointFormat(rawValue: name.lowercased()) else {
         throw RecipeError.invalid(file: recipe.source, path: "\(output!.location).format", line: nil, reason: "unknown format '\(name)' (use safetensors or mkz)")
@@ -118,9 +175,7 @@ public struct RecipeRunner {
       shardSize = size
     }
     let named = output.flatMap { CheckpointFormat(pathExtension: URL(fileURLWithPath: $0.path).pathExtension) }
-    var options = WriteOptions(format: format ?? named ?? .safetensors, shardSize: shardSize, overwrite: overwrite || output == nil)
-    options.copyFilesFrom = copyFrom.flatMap(ModelFolder.modelFolder(of:))
-    return options
+    return WriteOptions(format: format ?? named ?? .safetensors, shardSize: shardSize, overwrite: overwrite || output == nil)
   }
 
   func dtype(_ name: String?, at path: String) throws -> DType? {
@@ -131,31 +186,47 @@ public struct RecipeRunner {
     return type
   }
 
+  /// Runs one step into `destination`, or into memory (returned) when its result fits `memory` bytes.
   private func runStep(
-    _ step: Recipe.Step, paths: [String: String], output: Recipe.Output?, to destination: String, overwrite: Bool, dryRun: Bool, report: (String) -> Void,
-    progress: ((String, Int, Int) -> Void)?
-  ) throws {
+    _ step: Recipe.Step, results: Results, output: Recipe.Output?, to destination: String, memory: Int, overwrite: Bool, dryRun: Bool,
+    report: (String) -> Void, progress: ((String, Int, Int) -> Void)?
+  ) throws -> MemoryCheckpoint? {
     if NetworkSteps.operations.contains(step.operation) {
-      let reads = (step.data.map { [reference($0, paths)] } ?? []) + step.models.map { reference($0, paths) }
+      let reads = step.references.map(results.name)
       report("\(step.label): \(step.operation)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)")
-      if dryRun { return }
-      try NetworkSteps.run(step, file: recipe.source, model: { reference($0, paths) }, to: destination, overwrite: overwrite || output == nil, report: report)
-      return
+      if dryRun { return nil }
+      try NetworkSteps.run(step, file: recipe.source, model: { results.paths[$0] ?? $0 }, to: destination, overwrite: overwrite || output == nil, report: report)
+      return nil
     }
-    let basePath = step.base.map { reference($0, paths) }
-    let modelPaths = step.models.map { reference($0, paths) }
     let outputType = try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? dtype(step.dtype, at: "\(step.location).dtype")
-    report("\(step.label): \(step.operation) of \(modelPaths.joined(separator: ", "))\(basePath.map { " on base \($0)" } ?? "") -> \(destination)")
-    if dryRun { return }
-    let base = try basePath.map { try openCheckpoint($0) }
-    let models = try modelPaths.map { try openCheckpoint($0, base: base) }
-    let options = try writeOptions(output, overwrite: overwrite, copyFrom: basePath ?? modelPaths[0])
-    let report = progress.map { p in { (done: Int, total: Int) in p(step.label, done, total) } }
+    let described = "\(step.label): \(step.operation) of \(step.models.map(results.name).joined(separator: ", "))\(step.base.map { " on base \(results.name($0))" } ?? "")"
+    func reportStep(_ target: String) { report("\(described) -> \(target)") }
+    if dryRun {
+      reportStep(output == nil ? "intermediate (in memory when small, else a temporary file)" : destination)
+      return nil
+    }
+    let base = try step.base.map { try results.open($0) }
+    let models = try step.models.map { try results.open($0, base: base) }
+    let modelFolder = results.modelFolder(step.base ?? step.models[0])
+    let label = "step '\(step.label)' (in memory)"
+    let stepProgress = progress.map { p in { (done: Int, total: Int) in p(step.label, done, total) } }
     if step.operation == "convert" {
       guard models.count == 1 else { throw RecipeError.invalid(file: recipe.source, path: step.location, line: nil, reason: "convert takes one model") }
       let selection = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames)
-      try copyCheckpoint(from: models[0], to: destination, selection: selection, castTo: outputType, options: options, progress: report)
-      return
+      var held: MemoryCheckpointWriter?
+      try copyCheckpoint(from: models[0], selection: selection, castTo: outputType, progress: stepProgress) { tensors, layout in
+        if tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
+          reportStep("memory")
+          held = MemoryCheckpointWriter(name: label, tensors: tensors, metadata: models[0].metadata, layout: layout, modelFolder: modelFolder)
+          return held!
+        }
+        reportStep(destination)
+        var options = try writeOptions(output, overwrite: overwrite)
+        options.copyFilesFrom = modelFolder
+        if options.layout == nil { options.layout = layout }
+        return try CheckpointWriter(destination: destination, tensors: tensors, options: options)
+      }
+      return held?.checkpoint
     }
     let method: any MergeMethod
     var type = outputType
@@ -169,8 +240,18 @@ public struct RecipeRunner {
     default: method = try MergeRegistry.method(named: step.operation)
     }
     let plan = try MergePlan(method: method, base: base, models: models, global: step.global, perModel: step.perModel, outputType: type)
-    var writeOptions = options
-    writeOptions.metadata = metadata
-    try MergeRunner.run(plan, to: destination, options: writeOptions, progress: report)
+    if plan.bytesWritten <= memory {
+      reportStep("memory")
+      let held = MemoryCheckpointWriter(
+        name: label, tensors: MergeRunner.outputTensors(plan), metadata: metadata, layout: plan.reference.files, modelFolder: modelFolder)
+      try MergeRunner.run(plan, into: held, progress: stepProgress)
+      return held.checkpoint
+    }
+    reportStep(destination)
+    var options = try writeOptions(output, overwrite: overwrite)
+    options.copyFilesFrom = modelFolder
+    options.metadata = metadata
+    try MergeRunner.run(plan, to: destination, options: options, progress: stepProgress)
+    return nil
   }
 }

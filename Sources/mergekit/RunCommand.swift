@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Checkpoint
 import Recipe
 import Tensor
 
@@ -11,6 +12,9 @@ struct RunCommand: ParsableCommand {
       Also runs mergekit's own configuration files (merge_method, base_model, models with \
       parameters, parameters, dtype) unchanged for the methods both tools have; give the output \
       with -o, as mergekit-yaml takes it. See recipes/ for an example of every method.
+
+      A step result that is not an output stays in memory within --memory, else it goes to a \
+      temporary folder next to the first output, deleted at the end.
       """)
 
   @Argument(help: "The recipe or mergekit configuration file.")
@@ -22,6 +26,11 @@ struct RunCommand: ParsableCommand {
   @Flag(name: .customLong("dry-run"), help: "Check the recipe and print the steps in order without running them.")
   var dryRun = false
 
+  @Option(help: ArgumentHelp(
+    "Memory for intermediate results (e.g. 2GB, 0 to spill every one to a temporary file); default: an eighth of physical memory, at most 4 GiB.",
+    valueName: "size"))
+  var memory: String?
+
   @Flag(help: "Replace outputs that exist (each only after its new version is complete).")
   var overwrite = false
 
@@ -30,6 +39,14 @@ struct RunCommand: ParsableCommand {
 
   func validate() throws {
     try requireExisting(recipe, "recipe")
+    _ = try memoryBudget()
+  }
+
+  func memoryBudget() throws -> Int {
+    guard let memory else { return RecipeRunner.defaultMemoryBudget }
+    if memory.trimmingCharacters(in: .whitespaces) == "0" { return 0 }
+    guard let bytes = WriteOptions.parseSize(memory) else { throw ValidationError("invalid --memory '\(memory)' (examples: 2GB, 500MB, 0)") }
+    return bytes
   }
 
   func run() throws {
@@ -42,7 +59,7 @@ struct RunCommand: ParsableCommand {
     }
     var bars: [String: Progress] = [:]
     try runner.run(
-      overwrite: overwrite, dryRun: dryRun,
+      overwrite: overwrite, dryRun: dryRun, memoryBudget: try memoryBudget(),
       report: { line in if dryRun || !quiet { FileHandle.standardError.write(Data((line + "\n").utf8)) } },
       progress: { label, done, total in
         let bar = bars[label] ?? Progress(label, quiet: quiet)

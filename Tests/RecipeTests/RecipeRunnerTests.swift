@@ -146,4 +146,70 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
     do { try runner.run() } catch { #expect("\(error)".contains("d.yaml: steps[0] (m): ties: parameter 'density (model 1)'"), "\(error)") }
     #expect(!FileManager.default.fileExists(atPath: out))
   }
+
+  /// A chain of intermediates (task vectors, a soup of them, a bf16 copy) run with every
+  /// intermediate in memory, none, and some: the same bytes, the config carried through.
+  @Test func intermediatesInMemoryGiveTheSameBytesAsSpilledOnes() throws {
+    let demo = exampleFolder.file("demo")
+    func recipe(_ tag: String) throws -> Recipe {
+      try Recipe.parse(
+        """
+        inputs: {base: \(demo)/base, a: \(demo)/finetune-a, b: \(demo)/finetune-b}
+        steps:
+          - {name: tau_a, method: task-vector, model: a, base: base}
+          - {name: tau_b, method: task-vector, model: b, base: base}
+          - {name: soup, method: linear, models: [tau_a, tau_b]}
+          - {name: narrow, method: convert, model: soup, dtype: bf16}
+          - {name: edited, method: apply, base: base, models: [narrow]}
+          - {name: sum, method: task-arithmetic, base: narrow, models: [tau_a]}
+        outputs: {edited: \(demo)/out/held-\(tag), sum: \(demo)/out/held-sum-\(tag)}
+        """, file: "held.yaml")
+    }
+    let tauBytes = try openCheckpoint("\(demo)/base").tensors.reduce(0) { $0 + $1.count * 4 }
+    var heldSteps: [String: [String]] = [:]
+    for (tag, budget) in [("all", RecipeRunner.defaultMemoryBudget), ("none", 0), ("some", tauBytes + 1)] {
+      var lines: [String] = []
+      try RecipeRunner(try recipe(tag)).run(overwrite: true, memoryBudget: budget, report: { lines.append($0) })
+      heldSteps[tag] = lines.filter { $0.hasSuffix("-> memory") }.map { String($0.prefix { $0 != ":" }) }
+      #expect(FileManager.default.fileExists(atPath: "\(demo)/out/held-sum-\(tag)/config.json"), "\(tag): the config follows the intermediates")
+    }
+    #expect(heldSteps["all"] == ["tau_a", "tau_b", "soup", "narrow"])
+    #expect(heldSteps["none"] == [])
+    #expect(heldSteps["some"] == ["tau_a"], "tau_b no longer fits while tau_a is held")
+    for output in ["held", "held-sum"] {
+      let all = readBytes("\(demo)/out/\(output)-all/model.safetensors")
+      #expect(all == readBytes("\(demo)/out/\(output)-none/model.safetensors") && all == readBytes("\(demo)/out/\(output)-some/model.safetensors"))
+    }
+    // edited = base + bf16(mean of the task vectors): one bf16 rounding of the soup, one of the sum.
+    let name = "model.layers.1.mlp.up_proj.weight"
+    let (base, a, b) = try (
+      openCheckpoint("\(demo)/base").tensor(named: name).scalars, openCheckpoint("\(demo)/finetune-a").tensor(named: name).scalars,
+      openCheckpoint("\(demo)/finetune-b").tensor(named: name).scalars
+    )
+    let got = try openCheckpoint("\(demo)/out/held-all").tensor(named: name).scalars
+    for i in got.indices {
+      let soup = 0.5 * (Double(a[i]) - Double(base[i])) + 0.5 * (Double(b[i]) - Double(base[i]))
+      let expected = Double(base[i]) + soup
+      #expect(abs(Double(got[i]) - expected) <= (abs(soup) + abs(expected)) * 0x1p-8 + 1e-12)
+    }
+    #expect(try FileManager.default.contentsOfDirectory(atPath: "\(demo)/out").allSatisfy { !$0.hasPrefix(".") })
+  }
+
+  /// Network steps read model folders, so an intermediate they read is spilled whatever the budget.
+  @Test func anIntermediateReadByANetworkStepIsSpilled() throws {
+    let demo = exampleFolder.file("demo")
+    let yaml = """
+      inputs: {a: \(demo)/finetune-a, b: \(demo)/finetune-b}
+      steps:
+        - {name: tokens, method: synthetic-tokens, parameters: {sequences: 2, length: 8}}
+        - {name: soup, method: linear, models: [a, b]}
+        - {name: scored, method: eval, model: soup, data: tokens}
+      outputs: {scored: \(demo)/out/soup-eval.json}
+      """
+    var lines: [String] = []
+    try RecipeRunner(try Recipe.parse(yaml, file: "net.yaml")).run(overwrite: true, report: { lines.append($0) })
+    let soup = try #require(lines.first { $0.hasPrefix("soup:") })
+    #expect(!soup.hasSuffix("-> memory") && soup.contains(".mergekit-run-"), "\(soup)")
+    #expect(FileManager.default.fileExists(atPath: "\(demo)/out/soup-eval.json"))
+  }
 }
