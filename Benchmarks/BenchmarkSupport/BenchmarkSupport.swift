@@ -1,4 +1,4 @@
-// Helpers shared by the benchmark executables: timing, the no-work read baseline, and running
+// Helpers shared by the benchmark executables: timing, the no-work read and write baselines, and running
 // the mergekit binary as a child process to measure its wall time and peak memory.
 import Checkpoint
 import Foundation
@@ -24,6 +24,25 @@ public func plainRead(_ model: any Checkpoint) throws -> Double {
   }
   if sink == 42 { print("") }
   return time
+}
+
+/// Writes `bytes` bytes to a new file at `path` in 8 MiB pieces, with no work (the write baseline);
+/// the file is removed afterwards, outside the timing.
+public func plainWrite(_ bytes: Int, to path: String) throws -> Double {
+  let piece = [UInt8](repeating: 0x5A, count: 8 << 20)
+  guard FileManager.default.createFile(atPath: path, contents: nil), let file = FileHandle(forWritingAtPath: path) else {
+    throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
+  }
+  defer { try? FileManager.default.removeItem(atPath: path) }
+  return try seconds {
+    var left = bytes
+    while left > 0 {
+      let n = min(left, piece.count)
+      try file.write(contentsOf: piece[0..<n])
+      left -= n
+    }
+    try file.close()
+  }
 }
 
 /// Runs the mergekit binary and returns (wall seconds, its peak RSS in MB). The child reports

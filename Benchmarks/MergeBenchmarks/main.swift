@@ -4,8 +4,9 @@
 //
 // First the element cost of each merge kernel on one streaming range. Then writes a Llama-shaped bf16 base of about --gb GB and --models fine-tunes of it (low-rank plus
 // sparse changes) into DIR (default bench-data/merge-<gb>gb, reused when present), then times
-// `mergekit merge` per method against reading the same bytes with no work, with the merge's peak
-// RSS against the largest tensor. Then randomized against full SVD at rank n/8.
+// `mergekit merge` per method against reading the same bytes with no work, and against reading
+// them and then writing the output's bytes with no work, with the merge's peak RSS against the
+// largest tensor. Then randomized against full SVD at rank n/8.
 import BenchmarkSupport
 import Checkpoint
 import Foundation
@@ -17,7 +18,6 @@ let data = option("--data") ?? "bench-data/merge-\(gigabytes.formatted())gb"
 let methods = (option("--methods") ?? "linear,ties").split(separator: ",").map(String.init)
 let binary = option("--mergekit") ?? siblingBinary()
 
-/// A Llama-like architecture of about `gigabytes` GB in bf16: hidden 2048, MLP 5632, 32k vocabulary.
 /// Element throughput of the merge kernels on one streaming range of random data (3 models).
 func kernelFigures() throws {
   let n = 1 << 18
@@ -35,6 +35,16 @@ func kernelFigures() throws {
   try report("difference", elements: n) { _ = Kernels.difference(deltas[0], base) }
   try report("masked (random half kept)", elements: n) { _ = Kernels.masked(deltas[0], keep: keep[0]) }
   try report("weightedSum of 3 with base", elements: n) { _ = Kernels.weightedSum(deltas, weights: weights, base: base) }
+  let stored = ([base] + deltas).map { Tensor(shape: [n], scalars: $0).encoded(as: .bf16).bytes }
+  var out = [UInt8](repeating: 0, count: 2 * n)
+  try report("weightedSum of 3 with base, bf16 bytes in/out", elements: n) {
+    stored.withUnsafeBufferPointers { p in
+      let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+      out.withUnsafeMutableBytes { o in
+        Kernels.weightedSum(Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: false, count: n, into: o, as: .bf16)
+      }
+    }
+  }
   try report("consensusMerge of 3 (TIES)", elements: n) { _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true) }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
   try report("top-k histograms (high + low bits)", elements: n) { _ = ranker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0]) }
@@ -45,6 +55,7 @@ func kernelFigures() throws {
   try report("top-k mask", elements: n) { _ = ranker.mask(deltas[0], equalBefore: 0) }
 }
 
+/// A Llama-like architecture of about `gigabytes` GB in bf16: hidden 2048, MLP 5632, 32k vocabulary.
 func architecture(gigabytes: Double) -> ExampleModels.Architecture {
   var arch = ExampleModels.Architecture()
   arch.hiddenSize = 2048
@@ -99,6 +110,12 @@ print(String(format: "plain read of base + models (no work)   %.2f s  %@", read,
 let scratch = NSTemporaryDirectory() + "mergekit-merge-bench-\(getpid())"
 try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
 defer { try? FileManager.default.removeItem(atPath: scratch) }
+// The I/O reference of a merge: reading every input, then writing the output's bytes, with no
+// work in between. Dirty pages are flushed before each timed run so that the writeback of an
+// earlier output does not count against the next.
+sync()
+let write = try plainWrite(models[0].totalByteCount, to: scratch + "/write-baseline")
+print(String(format: "plain write of one model (no work)      %.2f s  %@", write, gbps(models[0].totalByteCount, write)))
 for method in methods {
   let usesBase = method != "linear"
   let merged = method == "slerp" ? [paths[1]] : Array(paths.dropFirst())
@@ -107,10 +124,11 @@ for method in methods {
   if method == "slerp" { arguments += ["--t", "0.5"] }
   if method.contains("ties") || method.contains("dare") || method.contains("breadcrumbs") { arguments += ["--density", "0.5"] }
   let bytes = method == "slerp" ? 2 * models[0].totalByteCount : usesBase ? withBase : inputBytes
+  sync()
   let (time, rss) = try runChild(binary, arguments)
   let readTime = read * Double(bytes) / Double(withBase)
-  print(String(format: "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
-    method, time, gbps(bytes, time), readTime / time, rss, rss * 1e6 / (Double(largest) * 4)))
+  print(String(format: "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed, %.2f of plain read + write)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
+    method, time, gbps(bytes, time), readTime / time, (readTime + write) / time, rss, rss * 1e6 / (Double(largest) * 4)))
   try? FileManager.default.removeItem(atPath: scratch + "/out.safetensors")
 }
 
@@ -133,4 +151,15 @@ for n in [512, 1024, 2048] {
   }
   print(String(format: "n = %4d, r = %3d: full SVD %6.3f s (error %.4f x optimal), randomized %6.3f s (error %.4f x optimal), %.1fx faster",
     n, r, fullTime, residual(full!) / optimal, fastTime, residual(fast!) / optimal, fullTime / fastTime))
+}
+
+extension Array where Element == [UInt8] {
+  /// Calls `body` with a raw pointer to each array's bytes.
+  func withUnsafeBufferPointers<R>(_ body: ([UnsafeRawPointer]) throws -> R) rethrows -> R {
+    func nest(_ i: Int, _ held: [UnsafeRawPointer]) throws -> R {
+      guard i < count else { return try body(held) }
+      return try self[i].withUnsafeBytes { try nest(i + 1, held + [$0.baseAddress!]) }
+    }
+    return try nest(0, [])
+  }
 }

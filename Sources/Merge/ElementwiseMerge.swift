@@ -20,7 +20,55 @@ public struct RangeInputs: Sendable {
 /// Merges one range of a prepared tensor.
 public struct RangeMerger: Sendable {
   public let merge: @Sendable (RangeInputs) throws -> [Float]
-  public init(_ merge: @escaping @Sendable (RangeInputs) throws -> [Float]) { self.merge = merge }
+  /// Set when the merge is a weighted sum of the inputs: the runner may then compute it straight
+  /// from the stored bytes, with the same bits.
+  public let weightedSum: WeightedSumForm?
+
+  public init(_ merge: @escaping @Sendable (RangeInputs) throws -> [Float]) {
+    self.merge = merge
+    weightedSum = nil
+  }
+
+  /// A weighted-sum merger (`Kernels.weightedSum` over the inputs the form names).
+  public init(_ form: WeightedSumForm) {
+    weightedSum = form
+    merge = { range in
+      guard !form.usesBase || range.base != nil else { throw MergeError.baseRequired(method: form.method) }
+      return Kernels.weightedSum(
+        form.terms.map { $0.map { range.models[$0] } ?? range.base! }, weights: form.weights, scale: form.scale, base: form.addsBase ? range.base : nil,
+        subtractingBase: form.subtractsBase)
+    }
+  }
+}
+
+/// A merge of the form `b + scale * sum_t w_t x_t`, summed in `Double` and rounded once: `x_t` is
+/// an input (the base, or model i), or a model minus the base when `subtractsBase`; `b` is the
+/// base when `addsBase`, else 0. Linear, task arithmetic, SLERP, Model Stock and `apply` take it.
+public struct WeightedSumForm: Sendable {
+  /// Each term's input: a model index, or nil for the base.
+  public var terms: [Int?]
+  public var weights: [Double]
+  public var scale: Double
+  public var addsBase: Bool
+  public var subtractsBase: Bool
+  /// The method's name, for errors.
+  public var method: String
+
+  public init(method: String, terms: [Int?], weights: [Double], scale: Double = 1, addsBase: Bool = false, subtractsBase: Bool = false) {
+    precondition(terms.count == weights.count)
+    self.method = method
+    self.terms = terms
+    self.weights = weights
+    self.scale = scale
+    self.addsBase = addsBase
+    self.subtractsBase = subtractsBase
+  }
+
+  /// The models `terms[t]` of every term, in order (all models, when there is no base term).
+  public static func models(_ count: Int) -> [Int?] { (0..<count).map { $0 } }
+
+  /// Whether the base is read.
+  public var usesBase: Bool { addsBase || subtractsBase || terms.contains(nil) }
 }
 
 /// Fixed ranges of elements: statistics passes and merges cut every tensor the same way,

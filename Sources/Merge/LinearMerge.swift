@@ -28,7 +28,6 @@ public struct LinearMerge: StreamingMerge {
       guard total != 0 else { throw MergeError.zeroWeightSum(method: self.name, tensor: name) }
       scale = 1 / total
     }
-    let factor = scale
-    return RangeMerger { Kernels.weightedSum($0.models, weights: weights, scale: factor) }
+    return RangeMerger(WeightedSumForm(method: self.name, terms: WeightedSumForm.models(weights.count), weights: weights, scale: scale))
   }
 }

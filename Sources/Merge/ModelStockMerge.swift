@@ -66,9 +66,6 @@ public struct ModelStockMerge: StreamingMerge {
       for k in gram.indices { gram[k] += partial[k] }
     }
     let weights = Self.weights(gram: gram, models: n)
-    return RangeMerger { range in
-      guard let base = range.base else { throw MergeError.baseRequired(method: "model-stock") }
-      return Kernels.weightedSum([base] + range.models, weights: weights)
-    }
+    return RangeMerger(WeightedSumForm(method: self.name, terms: [nil] + WeightedSumForm.models(n), weights: weights))
   }
 }

@@ -49,9 +49,6 @@ public struct SlerpMerge: StreamingMerge {
       let sine = sin(theta)
       (s0, s1) = (sin((1 - t) * theta) / sine, sin(t * theta) / sine)
     }
-    return RangeMerger { range in
-      guard let v0 = range.base else { throw MergeError.baseRequired(method: "slerp") }
-      return Kernels.weightedSum([v0, range.models[0]], weights: [s0, s1])
-    }
+    return RangeMerger(WeightedSumForm(method: self.name, terms: [nil, 0], weights: [s0, s1]))
   }
 }

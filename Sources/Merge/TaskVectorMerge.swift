@@ -187,6 +187,11 @@ public struct TaskVectorMerge: StreamingMerge {
       for m in 0..<models where before[m] >= 1e-7 && after[m] >= 1e-7 { plans[m].scale = before[m] / after[m] }
     }
     let sparsity = plans
+    if !consensus && plans.allSatisfy(\.isIdentity) {
+      // Task arithmetic: base + scale * sum_t w_t (model_t - base), the sum `combine` computes.
+      let (weights, scale) = linearWeights(p)
+      return RangeMerger(WeightedSumForm(method: name, terms: WeightedSumForm.models(models), weights: weights, scale: scale, addsBase: true, subtractsBase: true))
+    }
     return RangeMerger { range in
       let sparse: [[Float]] = try deltas(range).enumerated().map { m, delta in
         guard let keep = sparsity[m].keep(delta, offset: range.offset) else { return delta }
@@ -199,14 +204,22 @@ public struct TaskVectorMerge: StreamingMerge {
   /// Weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled, scaled
   /// and added to the base.
   func combine(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
-    let weights = deltas.indices.map { p.number("weight", model: $0) }
-    let lambda = p.number("lambda")
     if consensus {
-      return Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: lambda, normalize: p.flag("normalize"))
+      let weights = deltas.indices.map { p.number("weight", model: $0) }
+      return Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: p.number("lambda"), normalize: p.flag("normalize"))
     }
+    let (weights, scale) = linearWeights(p)
+    return Kernels.weightedSum(deltas, weights: weights, scale: scale, base: base)
+  }
+
+  /// The weights and overall scale of the non-consensus sum: lambda, over the weights' sum when
+  /// normalising (a sum near 0 counts as 1).
+  func linearWeights(_ p: ResolvedParameters) -> (weights: [Double], scale: Double) {
+    let weights = p.models.indices.map { p.number("weight", model: $0) }
+    let lambda = p.number("lambda")
     var divisor = weights.reduce(0, +)
     if abs(divisor) < 1e-8 { divisor = 1 }
-    return Kernels.weightedSum(deltas, weights: weights, scale: p.flag("normalize") ? lambda / divisor : lambda, base: base)
+    return (weights, p.flag("normalize") ? lambda / divisor : lambda)
   }
 
   /// One model's task vector after sparsification and rescaling, whole (for tests and tools).

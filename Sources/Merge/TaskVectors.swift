@@ -41,10 +41,7 @@ public enum TaskVectors {
 
     public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
       let scales = p.models.indices.map { p.number("scale", model: $0) }
-      return RangeMerger { range in
-        guard let base = range.base else { throw MergeError.baseRequired(method: "apply") }
-        return Kernels.weightedSum(range.models, weights: scales, base: base)
-      }
+      return RangeMerger(WeightedSumForm(method: name, terms: WeightedSumForm.models(scales.count), weights: scales, addsBase: true))
     }
   }
 }

@@ -301,13 +301,50 @@ public enum MergeRunner {
       let encoded = ResultSlots<TensorData>(count: last - first)
       try Parallel.forEach(last - first) { _, j in
         let elements = ranges[first + j]
-        let merged = try merger.merge(try read(elements))
-        encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
+        if let form = merger.weightedSum {
+          encoded.set(j, try weightedSum(form, item, elements, plan: plan))
+        } else {
+          let merged = try merger.merge(try read(elements))
+          encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
+        }
       }
       for j in 0..<(last - first) { try encoded.get(j).bytes.withUnsafeBytes { try writer.append($0) } }
       advance(try release(ranges[first].lowerBound..<ranges[last - 1].upperBound))
       first = last
     }
     return true
+  }
+
+  /// A weighted-sum merge of one range computed straight from the inputs' stored bytes (the
+  /// same bits as decoding each input to an array and merging it, without the arrays).
+  static func weightedSum(_ form: WeightedSumForm, _ item: MergePlan.Item, _ elements: Range<Int>, plan: MergePlan) throws -> TensorData {
+    let base = form.usesBase ? plan.base : nil
+    if form.usesBase && base == nil { throw MergeError.baseRequired(method: form.method) }
+    let inputs: [any Checkpoint] = (base.map { [$0] } ?? []) + plan.models
+    let types = try inputs.map { try $0.info(item.name).dtype }
+    var bytes = [UInt8](repeating: 0, count: elements.count * item.outputType.size)
+    try withStoredElements(inputs, types, name: item.name, elements: elements) { stored in
+      let models = Array(stored.dropFirst(base == nil ? 0 : 1))
+      bytes.withUnsafeMutableBytes { out in
+        Kernels.weightedSum(
+          form.terms.map { $0.map { models[$0] } ?? stored[0] }, weights: form.weights, scale: form.scale, base: form.addsBase || form.subtractsBase ? stored[0] : nil,
+          subtractingBase: form.subtractsBase, count: elements.count, into: out, as: item.outputType)
+      }
+    }
+    return TensorData(dtype: item.outputType, shape: [elements.count], bytes: bytes)
+  }
+
+  /// Calls `body` with every input's stored elements of `elements` (valid only inside `body`).
+  static func withStoredElements<R>(
+    _ inputs: [any Checkpoint], _ types: [DType], name: String, elements: Range<Int>, _ body: ([Kernels.StoredElements]) throws -> R
+  ) throws -> R {
+    func nest(_ i: Int, _ held: [Kernels.StoredElements]) throws -> R {
+      guard i < inputs.count else { return try body(held) }
+      let size = types[i].size
+      return try inputs[i].withBytes(of: name, range: (elements.lowerBound * size)..<(elements.upperBound * size)) { bytes in
+        try nest(i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, dtype: types[i])])
+      }
+    }
+    return try nest(0, [])
   }
 }

@@ -21,6 +21,25 @@ public enum Kernels {
     }
   }
 
+  /// Elements stored as `dtype` from `start` on (unaligned bytes are fine), decoded chunk by chunk.
+  public struct StoredElements: @unchecked Sendable {
+    public let start: UnsafeRawPointer
+    public let dtype: DType
+
+    public init(start: UnsafeRawPointer, dtype: DType) {
+      self.start = start
+      self.dtype = dtype
+    }
+
+    /// Decodes elements `first ..< first + count` into `out`.
+    @inline(__always)
+    func decode(_ first: Int, _ count: Int, into out: UnsafeMutablePointer<Float>) {
+      DTypeConversion.decode(
+        UnsafeRawBufferPointer(start: start + first * dtype.size, count: count * dtype.size), from: dtype,
+        into: UnsafeMutableBufferPointer(start: out, count: count))
+    }
+  }
+
   /// Raw read pointers to each array (valid while the arrays are alive and unmodified).
   static func pointers(_ arrays: [[Float]]) -> [SendableRawPointer] {
     arrays.map { a in a.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) } }
@@ -61,28 +80,65 @@ public enum Kernels {
   /// 1 when `m` is not zero, else 0, without a branch.
   @inline(__always) static func isNonzero(_ m: UInt64) -> UInt64 { (m | (0 &- m)) >> 63 }
 
-  /// `base + scale * sum_t weights[t] * arrays[t]` (no base: 0), summed in `Double`.
-  public static func weightedSum(_ arrays: [[Float]], weights: [Double], scale: Double = 1, base: [Float]? = nil) -> [Float] {
+  /// `base + scale * sum_t weights[t] * x_t` (no base: 0), summed in `Double` and rounded once,
+  /// where `x_t` is `arrays[t]`, or `arrays[t] - base` rounded to `Float` when `subtractingBase`.
+  public static func weightedSum(
+    _ arrays: [[Float]], weights: [Double], scale: Double = 1, base: [Float]? = nil, subtractingBase: Bool = false
+  ) -> [Float] {
     let n = arrays.first?.count ?? base?.count ?? 0
     precondition(arrays.allSatisfy { $0.count == n } && weights.count == arrays.count && (base?.count ?? n) == n)
+    precondition(!subtractingBase || base != nil)
     return withExtendedLifetime((arrays, base)) {
-      let inputs = pointers(arrays)
-      let b = base.map { pointers([$0])[0] }
+      let terms = pointers(arrays).map { StoredElements(start: $0.pointer!, dtype: .f32) }
+      let b = base.map { StoredElements(start: pointers([$0])[0].pointer!, dtype: .f32) }
       return make(n) { range, out in
-        chunked(range, buffers: 1) { start, length, sum in
-          for j in 0..<length { sum[j] = 0 }
-          for t in inputs.indices {
-            let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
-            let w = weights[t]
-            for j in 0..<length { sum[j] += w * Double(x[j]) }
-          }
-          if let b {
-            let x = b.pointer!.assumingMemoryBound(to: Float.self) + start
-            for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + scale * sum[j])) }
-          } else {
-            for j in 0..<length { (out + start + j).initialize(to: Float(0 + scale * sum[j])) }
-          }
+        weightedSumChunks(range, terms: terms, weights: weights, scale: scale, base: b, subtractingBase: subtractingBase) { start, length, sums in
+          (out + start).initialize(from: sums, count: length)
         }
+      }
+    }
+  }
+
+  /// The same weighted sum computed straight from stored elements of any floating dtype, `count`
+  /// of them, encoded as `dtype` into `out`: each chunk is decoded into L1-sized scratch, so no
+  /// input is ever decoded whole. Gives the bits `weightedSum` gives on the decoded arrays,
+  /// encoded. Runs on the calling thread.
+  public static func weightedSum(
+    _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool, count: Int,
+    into out: UnsafeMutableRawBufferPointer, as dtype: DType
+  ) {
+    precondition(out.count >= count * dtype.size && weights.count == terms.count && (!subtractingBase || base != nil))
+    weightedSumChunks(0..<count, terms: terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase) { start, length, sums in
+      DTypeConversion.encode(
+        UnsafeBufferPointer(start: sums, count: length), as: dtype,
+        into: UnsafeMutableRawBufferPointer(rebasing: out[(start * dtype.size)..<((start + length) * dtype.size)]))
+    }
+  }
+
+  /// The one implementation of the weighted sum: chunk by chunk over `range`, inputs decoded to
+  /// `Float` scratch, sums in `Double`; `emit(start, length, results)` takes each chunk's results.
+  @inline(__always)
+  static func weightedSumChunks(
+    _ range: Range<Int>, terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
+    emit: (Int, Int, UnsafePointer<Float>) -> Void
+  ) {
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * chunk) { floats in
+      let (b, x, results) = (floats.baseAddress!, floats.baseAddress! + chunk, floats.baseAddress! + 2 * chunk)
+      chunked(range, buffers: 1) { start, length, sum in
+        if let base { base.decode(start, length, into: b) }
+        for j in 0..<length { sum[j] = 0 }
+        for t in terms.indices {
+          terms[t].decode(start, length, into: x)
+          if subtractingBase { for j in 0..<length { x[j] = x[j] - b[j] } }
+          let w = weights[t]
+          for j in 0..<length { sum[j] += w * Double(x[j]) }
+        }
+        if base != nil {
+          for j in 0..<length { results[j] = Float(Double(b[j]) + scale * sum[j]) }
+        } else {
+          for j in 0..<length { results[j] = Float(0 + scale * sum[j]) }
+        }
+        emit(start, length, results)
       }
     }
   }

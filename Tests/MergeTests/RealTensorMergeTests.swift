@@ -72,4 +72,69 @@ struct RealTensorMergeTests {
       expectClose(slerped.scalars, reference, relative: 1e-5)
     }
   }
+
+  /// DARE keeps entry i of model m when draw i of the generator keyed by (seed, tensor, model)
+  /// is below the density; with those same draws, the rest is the float64 reference.
+  @Test func dareMatchesTheFloat64ReferenceWithTheSameDraws() throws {
+    let weights = [1.0, 0.6, 1.4]
+    for (index, (base, models)) in try cases().enumerated() {
+      let name = "tensor\(index)"
+      let keep = (0..<3).map { m in
+        let rng = CounterRNG(seed: 5, stream: "\(name)#\(m)")
+        return (0..<base.count).map { rng.uniform(UInt64($0)) < Float(0.4) }
+      }
+      for (engine, consensus) in [(TaskVectorMerge.dareLinear, false), (TaskVectorMerge.dareTies, true)] {
+        let p = try resolve(engine, ["seed": .number(5)], models: weights.map { ["weight": .number($0), "density": .number(0.4)] }, tensor: name)
+        expectClose(
+          try engine.merge(MergeInputs(name: name, base: base, models: models), p).scalars,
+          referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, keep: keep, consensus: consensus, normalize: false, lambda: 1, rescale: true))
+      }
+    }
+  }
+
+  /// Model Stock: t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of the task
+  /// vectors, then t * mean(models) + (1 - t) * base, all in float64.
+  @Test func modelStockMatchesTheFloat64Formula() throws {
+    for (base, models) in try cases() {
+      let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
+      let deltas = models.map { m in zip(m.scalars, base.scalars).map { Double($0) - Double($1) } }
+      func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
+      var cosines: [Double] = []
+      for i in 0..<3 { for j in (i + 1)..<3 { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
+      let cosine = cosines.reduce(0, +) / 3
+      let t = 3 * cosine / (1 + 2 * cosine)
+      expectClose(out.scalars, (0..<base.count).map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / 3 + (1 - t) * Double(base.scalars[i]) })
+    }
+  }
+
+  /// STF on the real 384 x 384 query weight: the top 40 features of each task, found here by
+  /// dgesdd (the merge finds them from Gram matrices), keep their outputs in "outputs" mode and
+  /// their strengths in "projection" mode; the merged weight is rounded to f32 once.
+  @Test func stfKeepsEveryTaskFeatureOfARealWeight() throws {
+    let (base, models) = try cases()[0]
+    #expect(base.shape == [384, 384])
+    let deltas = models.map { STFMerge.difference($0, base) }
+    let features = try deltas.map { try STFMerge.exactTriplets($0, rank: 40) }
+    func norm(_ x: [Double]) -> Double { x.reduce(0) { $0 + $1 * $1 }.squareRoot() }
+    /// Columns as a matrix (one feature per column).
+    func matrix(_ columns: [[Double]]) -> DoubleMatrix {
+      DoubleMatrix(rows: columns[0].count, columns: columns.count, values: (0..<columns[0].count).flatMap { i in columns.map { $0[i] } })
+    }
+    for mode in ["outputs", "projection"] {
+      let p = try resolve(STFMerge(), ["mode": .text(mode), "rank": .number(40)], models: [[:], [:], [:]])
+      let merged = STFMerge.difference(try STFMerge().merge(MergeInputs(name: "encoder.layer.0.attention.self.query.weight", base: base, models: models), p), base)
+      for (t, f) in features.enumerated() {
+        let got = BLAS.matmul(merged, matrix(f.v))  // column k: dW* v_k
+        let expected = BLAS.matmul(deltas[t], matrix(f.v))
+        for k in 0..<f.s.count {
+          if mode == "outputs" {
+            #expect(norm(zip(got.column(k), expected.column(k)).map { $0 - $1 }) <= 1e-4 * norm(expected.column(k)), "task \(t) feature \(k)")
+          } else {
+            let strength = zip(f.u[k], got.column(k)).reduce(0) { $0 + $1.0 * $1.1 }
+            #expect(abs(strength - f.s[k]) <= 1e-4 * f.s[k], "task \(t) feature \(k)")
+          }
+        }
+      }
+    }
+  }
 }

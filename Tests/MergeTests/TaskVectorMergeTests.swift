@@ -24,29 +24,34 @@ func expectClose(_ a: [Float], _ b: [Double], relative: Double = 1e-6, sourceLoc
 }
 
 /// Float64 reference of mergekit's generalized task arithmetic with magnitude sparsification
-/// (sort-based top-k, ties toward the lower index) or none.
+/// (sort-based top-k, ties toward the lower index), explicit kept entries per model (`keep`:
+/// DARE's draws), or none.
 func referenceTaskVectors(
-  base: [Float], models: [[Float]], weights: [Double], density: Double? = nil, densities: [Double]? = nil, gamma: Double? = nil, consensus: Bool, normalize: Bool,
-  lambda: Double, rescale: Bool = false
+  base: [Float], models: [[Float]], weights: [Double], density: Double? = nil, densities: [Double]? = nil, gamma: Double? = nil, keep: [[Bool]]? = nil,
+  consensus: Bool, normalize: Bool, lambda: Double, rescale: Bool = false
 ) -> [Double] {
   let n = base.count
   var deltas: [[Double]] = models.map { m in (0..<n).map { Double(m[$0]) - Double(base[$0]) } }
   for t in deltas.indices {
-    if let density = densities?[t] ?? density, density < 1 {
-      let d = deltas[t].map { Double(Float($0)) }  // the engine keeps deltas in Float
+    let d = deltas[t].map { Double(Float($0)) }  // the engine keeps deltas in Float
+    var masked = [Double](repeating: 0, count: n)
+    if let keep {
+      for i in 0..<n where keep[t][i] { masked[i] = d[i] }
+    } else if let density = densities?[t] ?? density, density < 1 {
       let order = d.indices.sorted { (abs(d[$0]), -$0) > (abs(d[$1]), -$1) }
       let kept = Int(density * Double(n))
       var top = gamma.map { Int($0 * Double(n)) } ?? 0
       if n - kept - top < 0 { top = n - kept }
-      var masked = [Double](repeating: 0, count: n)
       for i in order[top..<(top + kept)] { masked[i] = d[i] }
-      if rescale {
-        let before = d.reduce(0) { $0 + abs($1) }
-        let after = masked.reduce(0) { $0 + abs($1) }
-        if before >= 1e-7 && after >= 1e-7 { masked = masked.map { $0 * before / after } }
-      }
-      deltas[t] = masked
+    } else {
+      continue
     }
+    if rescale {
+      let before = d.reduce(0) { $0 + abs($1) }
+      let after = masked.reduce(0) { $0 + abs($1) }
+      if before >= 1e-7 && after >= 1e-7 { masked = masked.map { $0 * before / after } }
+    }
+    deltas[t] = masked
   }
   return (0..<n).map { i in
     var mixed = 0.0

@@ -212,4 +212,38 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
     #expect(!soup.hasSuffix("-> memory") && soup.contains(".mergekit-run-"), "\(soup)")
     #expect(FileManager.default.fileExists(atPath: "\(demo)/out/soup-eval.json"))
   }
+
+  /// The runner computes weighted-sum merges (linear, task arithmetic, SLERP, Model Stock, apply)
+  /// straight from the stored bytes; that must give the bits of each method's own in-memory
+  /// merge of the decoded tensors, for bf16 and f32 outputs and inputs of mixed dtypes.
+  @Test func weightedSumsFromStoredBytesMatchTheInMemoryMerge() throws {
+    let demo = exampleFolder.file("demo")
+    let mixed = exampleFolder.file("demo/out/finetune-b-f32.safetensors")
+    try FileManager.default.createDirectory(atPath: exampleFolder.file("demo/out"), withIntermediateDirectories: true)
+    try copyCheckpoint(from: try openCheckpoint("\(demo)/finetune-b"), to: mixed, castTo: .f32, options: WriteOptions(overwrite: true))
+    let (base, a, b) = try (openCheckpoint("\(demo)/base"), openCheckpoint("\(demo)/finetune-a"), openCheckpoint(mixed))
+    let cases: [(method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue])] = [
+      (LinearMerge(), nil, [a, b], ["weight": .number(0.3)]),
+      (TaskVectorMerge.taskArithmetic, base, [a, b], ["lambda": .number(0.7)]),
+      (SlerpMerge(), base, [b], ["t": .number(0.3)]),
+      (ModelStockMerge(), base, [a, b], [:]),
+      (TaskVectors.Sum(), base, [a, b], ["scale": .number(-0.4)]),
+    ]
+    for (method, base, models, global) in cases {
+      for type in [DType.bf16, .f32] {
+        let plan = try MergePlan(method: method, base: base, models: models, global: global, perModel: [], outputType: type)
+        let out = exampleFolder.file("demo/out/stored-\(method.name)-\(type).safetensors")
+        try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
+        let written = try openCheckpoint(out)
+        var compared = 0
+        for item in plan.items where item.action == .merge {
+          let inputs = MergeInputs(name: item.name, base: try base?.tensor(named: item.name), models: try models.map { try $0.tensor(named: item.name) })
+          let expected = try method.merge(inputs, try plan.resolver.resolve(tensor: item.name))
+          #expect(try written.read(item.name) == expected.encoded(as: type), "\(method.name) \(type): \(item.name)")
+          compared += 1
+        }
+        #expect(compared > 30)
+      }
+    }
+  }
 }
