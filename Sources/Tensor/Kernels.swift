@@ -154,8 +154,10 @@ public enum Kernels {
       let inputs = pointers(deltas)
       let b = pointers([base])[0]
       return make(n) { range, out in
-        chunked(range, buffers: 3) { start, length, scratch in
+        chunked(range, buffers: 4) { start, length, scratch in
           let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
+          // 1 where the elected sign is negative (the sum is below -0), per element.
+          let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
           for j in 0..<length {
             total[j] = 0
             mixed[j] = 0
@@ -166,19 +168,26 @@ public enum Kernels {
             let w = weights[t]
             for j in 0..<length { total[j] += w * Double(x[j]) }
           }
+          for j in 0..<length {
+            // Sign bits as integers: comparisons compile to branches, which mispredict here.
+            let sum = total[j].bitPattern
+            negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
+          }
           for t in inputs.indices {
             let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
             let w = weights[t]
-            for j in 0..<length {
-              // Sign bits as integers: comparisons compile to branches, which mispredict here.
-              let d = w * Double(x[j])
-              let bits = d.bitPattern
-              let sum = total[j].bitPattern
-              let negativeSum = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
-              let agrees = isNonzero(bits << 1) & ~((bits >> 63) ^ negativeSum)
-              let keep = 0 &- agrees
-              mixed[j] += Double(bitPattern: bits & keep)
-              divisor[j] += Double(bitPattern: w.bitPattern & keep)
+            if normalize {
+              for j in 0..<length {
+                let bits = (w * Double(x[j])).bitPattern
+                let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
+                mixed[j] += Double(bitPattern: bits & keep)
+                divisor[j] += Double(bitPattern: w.bitPattern & keep)
+              }
+            } else {
+              for j in 0..<length {
+                let bits = (w * Double(x[j])).bitPattern
+                mixed[j] += Double(bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+              }
             }
           }
           let x = b.pointer!.assumingMemoryBound(to: Float.self) + start
