@@ -6,15 +6,27 @@ public struct RangeInputs: Sendable {
   /// Index of the range's first element in the tensor.
   public let offset: Int
   public let base: [Float]?
+  /// The models' values; empty when only their task vectors were read (`taskVectors`).
   public let models: [[Float]]
+  /// Each model minus the base, when the reader computed them for a method that reads only
+  /// task vectors (`StreamingMerge.readsTaskVectors`).
+  public let taskVectors: [[Float]]?
 
-  public init(offset: Int, base: [Float]?, models: [[Float]]) {
+  public init(offset: Int, base: [Float]?, models: [[Float]], taskVectors: [[Float]]? = nil) {
     self.offset = offset
     self.base = base
     self.models = models
+    self.taskVectors = taskVectors
   }
 
-  public var count: Int { base?.count ?? models.first?.count ?? 0 }
+  public var count: Int { base?.count ?? models.first?.count ?? taskVectors?.first?.count ?? 0 }
+
+  /// Each model minus the base (rounded to `Float`), as read or computed here.
+  public func modelsMinusBase(method: String) throws -> [[Float]] {
+    if let taskVectors { return taskVectors }
+    guard let base else { throw MergeError.baseRequired(method: method) }
+    return models.map { Kernels.difference($0, base) }
+  }
 }
 
 /// Merges one range of a prepared tensor.
@@ -127,9 +139,14 @@ public final class ResultSlots<Value>: @unchecked Sendable {
 /// merged whole.
 public protocol StreamingMerge: MergeMethod {
   func prepare(tensor name: String, count: Int, _ parameters: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  /// Whether the method reads the models only through `modelsMinusBase` (and the base): the
+  /// runner may then compute the task vectors straight from the stored bytes.
+  var readsTaskVectors: Bool { get }
 }
 
 extension StreamingMerge {
+  public var readsTaskVectors: Bool { false }
+
   /// The whole-tensor merge done through the same ranges as streaming (nil: not streamable).
   public func mergeByRanges(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor? {
     let shape = (inputs.base ?? inputs.models[0]).shape

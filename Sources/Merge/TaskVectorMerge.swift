@@ -74,6 +74,8 @@ public struct TaskVectorMerge: StreamingMerge {
     reference: "Davari and Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
     sparsification: .magnitudeOutliers, consensus: true, defaultNormalize: false, defaultRescale: false)
 
+  public var readsTaskVectors: Bool { true }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
     return try mergeByRanges(inputs, p)!
@@ -129,10 +131,7 @@ public struct TaskVectorMerge: StreamingMerge {
       }
     }
     let rescale = sparsification != nil && p.flag("rescale") && plans.contains { !$0.isIdentity }
-    @Sendable func deltas(_ range: RangeInputs) throws -> [[Float]] {
-      guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
-      return range.models.map { Kernels.difference($0, base) }
-    }
+    @Sendable func deltas(_ range: RangeInputs) throws -> [[Float]] { try range.modelsMinusBase(method: self.name) }
     // The rankers that need passes, as (model, ranker) pairs; each pass summarises every range
     // for all of them at once.
     let ranked = plans.indices.flatMap { m in plans[m].rankers.indices.filter { plans[m].rankers[$0].needsPasses }.map { (m, $0) } }

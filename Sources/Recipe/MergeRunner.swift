@@ -250,8 +250,16 @@ public enum MergeRunner {
       let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
       return try input.withBytes(of: item.name, range: bytes) { Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars }
     }
+    let readsTaskVectors = (plan.method as? any StreamingMerge)?.readsTaskVectors == true
     let read = { (elements: Range<Int>) throws -> RangeInputs in
-      RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
+      if readsTaskVectors, let base = plan.base {
+        // Task vectors straight from the stored bytes: the models are never decoded whole.
+        let baseValues = try values(base, elements)
+        let types = try plan.models.map { try $0.info(item.name).dtype }
+        let taskVectors = try withStoredElements(plan.models, types, name: item.name, elements: elements) { Kernels.differences($0, minus: baseValues) }
+        return RangeInputs(offset: elements.lowerBound, base: baseValues, models: [], taskVectors: taskVectors)
+      }
+      return RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
     }
     let release = { (elements: Range<Int>) throws -> Int in
       var bytes = 0

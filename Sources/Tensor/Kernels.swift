@@ -60,6 +60,28 @@ public enum Kernels {
     }
   }
 
+  /// `model - base` for each model, the models read straight from stored elements of any
+  /// floating dtype: the bits `difference` gives on decoded arrays, without decoding any model
+  /// whole. Runs on the calling thread.
+  public static func differences(_ models: [StoredElements], minus base: [Float]) -> [[Float]] {
+    let count = base.count
+    return base.withUnsafeBufferPointer { b in
+      models.map { model in
+        [Float](unsafeUninitializedCapacity: count) { out, initialized in
+          var start = 0
+          while start < count {
+            let length = Swift.min(chunk, count - start)
+            let (x, y) = (out.baseAddress! + start, b.baseAddress! + start)
+            model.decode(start, length, into: x)
+            for j in 0..<length { x[j] = x[j] - y[j] }
+            start += length
+          }
+          initialized = count
+        }
+      }
+    }
+  }
+
   /// Elements per step of the chunked kernels: their Double accumulators stay in L1.
   static let chunk = 512
 
