@@ -139,8 +139,9 @@ public final class ResultSlots<Value>: @unchecked Sendable {
 /// merged whole.
 public protocol StreamingMerge: MergeMethod {
   func prepare(tensor name: String, count: Int, _ parameters: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
-  /// Whether the method reads the models only through `modelsMinusBase` (and the base): the
-  /// runner may then compute the task vectors straight from the stored bytes.
+  /// Whether the method reads the models only through `modelsMinusBase` (and the base), apart
+  /// from a `WeightedSumForm` merger, which the runner computes from the stored bytes anyway:
+  /// the runner may then compute the task vectors straight from the stored bytes.
   var readsTaskVectors: Bool { get }
 }
 

@@ -52,13 +52,15 @@ public struct ModelStockMerge: StreamingMerge {
 
   /// One pass for the Gram matrix of the task vectors (Double), then every range is a weighted
   /// sum of base and models.
+  /// The Gram pass reads task vectors; the merge itself is a weighted-sum form.
+  public var readsTaskVectors: Bool { true }
+
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
     guard !p.flag("filter_wise") else { return nil }  // rows need the shape: merged whole
     let n = p.models.count
     var gram = [Double](repeating: 0, count: n * n)
     try scan.pass { range in
-      guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
-      let deltas = range.models.map { Kernels.difference($0, base) }
+      let deltas = try range.modelsMinusBase(method: self.name)
       var partial = [Double](repeating: 0, count: n * n)
       for i in 0..<n { for j in i..<n { partial[i * n + j] = Kernels.dot(deltas[i], deltas[j]) } }
       return partial
