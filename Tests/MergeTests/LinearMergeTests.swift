@@ -31,19 +31,27 @@ import Testing
   }
 }
 
+/// Model Stock in float64 over `indices` of the tensors: t = N cos / (1 + (N - 1) cos) from the
+/// mean pairwise cosine of the task vectors, then t * mean(models) + (1 - t) * base.
+func referenceModelStock(base: Tensor, models: [Tensor], indices: Range<Int>? = nil) -> (t: Double, merged: [Double]) {
+  let indices = indices ?? 0..<base.count
+  let n = models.count
+  let deltas = models.map { m in indices.map { Double(m.scalars[$0]) - Double(base.scalars[$0]) } }
+  func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
+  var cosines: [Double] = []
+  for i in 0..<n { for j in (i + 1)..<n { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
+  let cosine = cosines.reduce(0, +) / Double(cosines.count)
+  let t = Double(n) * cosine / (1 + Double(n - 1) * cosine)
+  return (t, indices.map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / Double(n) + (1 - t) * Double(base.scalars[i]) })
+}
+
 @Suite struct ModelStockMergeTests {
   @Test func matchesTheFloat64Formula() throws {
     let base = random([50, 40], "ms-base")
     let models = (0..<3).map { t in Tensor(shape: base.shape, scalars: zip(base.scalars, random(base.shape, "ms\(t)", scale: 0.1).scalars).map { $0 + $1 + 0.02 }) }
     let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
-    let deltas = models.map { m in zip(m.scalars, base.scalars).map { Double($0) - Double($1) } }
-    func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
-    var cosines: [Double] = []
-    for i in 0..<3 { for j in (i + 1)..<3 { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
-    let cosine = cosines.reduce(0, +) / 3
-    let t = 3 * cosine / (1 + 2 * cosine)
+    let (t, reference) = referenceModelStock(base: base, models: models)
     #expect(t > 0.05 && t < 0.95)  // the shared offset makes the task vectors partly aligned
-    let reference = (0..<base.count).map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / 3 + (1 - t) * Double(base.scalars[i]) }
     expectClose(out.scalars, reference)
   }
 
@@ -54,17 +62,7 @@ import Testing
     let models = (0..<3).map { t in Tensor(shape: base.shape, scalars: zip(base.scalars, random(base.shape, "fw\(t)", scale: 0.1).scalars).enumerated().map { $1.0 + $1.1 + 0.01 * Float($0 / 25) }) }
     let p = try resolve(ModelStockMerge(), ["filter_wise": .flag(true)], models: [[:], [:], [:]])
     let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), p)
-    var reference: [Double] = []
-    for row in 0..<6 {
-      let r = (row * 25)..<((row + 1) * 25)
-      let deltas = models.map { m in r.map { Double(m.scalars[$0]) - Double(base.scalars[$0]) } }
-      func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
-      var cosines: [Double] = []
-      for i in 0..<3 { for j in (i + 1)..<3 { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
-      let cosine = cosines.reduce(0, +) / 3
-      let t = 3 * cosine / (1 + 2 * cosine)
-      reference += r.map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / 3 + (1 - t) * Double(base.scalars[i]) }
-    }
+    let reference = (0..<6).flatMap { row in referenceModelStock(base: base, models: models, indices: (row * 25)..<((row + 1) * 25)).merged }
     expectClose(out.scalars, reference)
     // Rows get different factors, so the result differs from the tensor-wise one.
     let whole = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))

@@ -92,18 +92,10 @@ struct RealTensorMergeTests {
     }
   }
 
-  /// Model Stock: t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine of the task
-  /// vectors, then t * mean(models) + (1 - t) * base, all in float64.
   @Test func modelStockMatchesTheFloat64Formula() throws {
     for (base, models) in try cases() {
       let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
-      let deltas = models.map { m in zip(m.scalars, base.scalars).map { Double($0) - Double($1) } }
-      func dot(_ a: [Double], _ b: [Double]) -> Double { zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } }
-      var cosines: [Double] = []
-      for i in 0..<3 { for j in (i + 1)..<3 { cosines.append(dot(deltas[i], deltas[j]) / (dot(deltas[i], deltas[i]) * dot(deltas[j], deltas[j])).squareRoot()) } }
-      let cosine = cosines.reduce(0, +) / 3
-      let t = 3 * cosine / (1 + 2 * cosine)
-      expectClose(out.scalars, (0..<base.count).map { i in t * models.reduce(0.0) { $0 + Double($1.scalars[i]) } / 3 + (1 - t) * Double(base.scalars[i]) })
+      expectClose(out.scalars, referenceModelStock(base: base, models: models).merged)
     }
   }
 
