@@ -101,7 +101,16 @@ public final class MemoryCheckpointWriter: TensorSink {
     try completeCurrent()
     guard next == declared.count else { throw CheckpointError.writeOrder(file: name, reason: "tensor '\(declared[next].name)' was never written") }
     let names = declared.map(\.name)
-    let files = layout.flatMap { $0.flatMap(\.tensors) == names ? $0.map { StoredFile(name: $0.name, tensors: $0.tensors) } : nil }
+    let infos = Dictionary(declared.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+    // A layout file keeps its safetensors header exactly when a written file would (same
+    // tensors and metadata), so a copy written later is the same bytes as a spilled one.
+    let files = layout.flatMap { layout in
+      layout.flatMap(\.tensors) == names
+        ? layout.map { file in
+          let header = file.safetensorsHeader.flatMap { SafetensorsHeader.matches($0, tensors: file.tensors.compactMap { infos[$0] }, metadata: metadata) ? $0 : nil }
+          return StoredFile(name: file.name, tensors: file.tensors, safetensorsHeader: header)
+        } : nil
+    }
     result = MemoryCheckpoint(
       path: name, tensors: declared, metadata: metadata, files: files ?? [StoredFile(name: "model.safetensors", tensors: names)], modelFolder: modelFolder,
       bytes: finished)

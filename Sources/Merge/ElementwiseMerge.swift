@@ -54,8 +54,8 @@ public struct RangeMerger: Sendable {
 }
 
 /// A merge of the form `b + scale * sum_t w_t x_t`, summed in `Double` and rounded once: `x_t` is
-/// an input (the base, or model i), or a model minus the base when `subtractsBase`; `b` is the
-/// base when `addsBase`, else 0. Linear, task arithmetic, SLERP, Model Stock and `apply` take it.
+/// an input (the base, or model i), or a model minus the base when `subtractsBase` (which needs
+/// `addsBase`); `b` is the base when `addsBase`, else 0. Linear, task arithmetic, SLERP, Model Stock and `apply` take it.
 public struct WeightedSumForm: Sendable {
   /// Each term's input: a model index, or nil for the base.
   public var terms: [Int?]
@@ -67,7 +67,7 @@ public struct WeightedSumForm: Sendable {
   public var method: String
 
   public init(method: String, terms: [Int?], weights: [Double], scale: Double = 1, addsBase: Bool = false, subtractsBase: Bool = false) {
-    precondition(terms.count == weights.count)
+    precondition(terms.count == weights.count && (addsBase || !subtractsBase), "task vectors are summed onto the base")
     self.method = method
     self.terms = terms
     self.weights = weights

@@ -330,13 +330,14 @@ public enum MergeRunner {
     if form.usesBase && base == nil { throw MergeError.baseRequired(method: form.method) }
     let inputs: [any Checkpoint] = (base.map { [$0] } ?? []) + plan.models
     let types = try inputs.map { try $0.info(item.name).dtype }
-    var bytes = [UInt8](repeating: 0, count: elements.count * item.outputType.size)
-    try withStoredElements(inputs, types, name: item.name, elements: elements) { stored in
+    let bytes = try withStoredElements(inputs, types, name: item.name, elements: elements) { stored in
       let models = Array(stored.dropFirst(base == nil ? 0 : 1))
-      bytes.withUnsafeMutableBytes { out in
+      let size = elements.count * item.outputType.size
+      return [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
         Kernels.weightedSum(
-          form.terms.map { $0.map { models[$0] } ?? stored[0] }, weights: form.weights, scale: form.scale, base: form.addsBase || form.subtractsBase ? stored[0] : nil,
-          subtractingBase: form.subtractsBase, count: elements.count, into: out, as: item.outputType)
+          form.terms.map { $0.map { models[$0] } ?? stored[0] }, weights: form.weights, scale: form.scale, base: form.addsBase ? stored[0] : nil,
+          subtractingBase: form.subtractsBase, count: elements.count, into: UnsafeMutableRawBufferPointer(buffer), as: item.outputType)
+        initialized = size
       }
     }
     return TensorData(dtype: item.outputType, shape: [elements.count], bytes: bytes)

@@ -217,7 +217,7 @@ public struct RecipeRunner {
       try copyCheckpoint(from: models[0], selection: selection, castTo: outputType, progress: stepProgress) { tensors, layout in
         if tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
           reportStep("memory")
-          held = MemoryCheckpointWriter(name: label, tensors: tensors, metadata: models[0].metadata, layout: layout, modelFolder: modelFolder)
+          held = MemoryCheckpointWriter(name: label, tensors: tensors, layout: layout, modelFolder: modelFolder)
           return held!
         }
         reportStep(destination)

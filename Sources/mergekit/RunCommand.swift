@@ -1,6 +1,6 @@
 import ArgumentParser
-import Foundation
 import Checkpoint
+import Foundation
 import Recipe
 import Tensor
 
@@ -14,7 +14,7 @@ struct RunCommand: ParsableCommand {
       with -o, as mergekit-yaml takes it. See recipes/ for an example of every method.
 
       A step result that is not an output stays in memory within --memory, else it goes to a \
-      temporary folder next to the first output, deleted at the end.
+      temporary folder next to the first output; either is dropped once no later step reads it.
       """)
 
   @Argument(help: "The recipe or mergekit configuration file.")
