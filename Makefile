@@ -11,6 +11,18 @@
 #   make digits  fetch the UCI digits data set (from scikit-learn's wheel) for the ZipIt! and PELA tests
 
 SWIFT ?= swift
+
+# Debian's OpenBLAS 0.3.21 falls back to its slowest (Prescott) kernels on CPUs newer than itself.
+# The mergekit command and the benchmarks restart themselves with the right kernels; the test
+# processes get them here, from the CPU's features, unless OPENBLAS_CORETYPE is already set.
+ifeq ($(origin OPENBLAS_CORETYPE),undefined)
+  CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+  ifneq ($(and $(findstring avx512bw,$(CPU_FLAGS)),$(findstring avx512dq,$(CPU_FLAGS)),$(findstring avx512vl,$(CPU_FLAGS)),$(findstring avx2,$(CPU_FLAGS)),$(findstring fma,$(CPU_FLAGS))),)
+    export OPENBLAS_CORETYPE := SkylakeX
+  else ifneq ($(and $(findstring avx2,$(CPU_FLAGS)),$(findstring fma,$(CPU_FLAGS))),)
+    export OPENBLAS_CORETYPE := Haswell
+  endif
+endif
 BIN := .build/release/mergekit
 DEMO := demo
 BENCH_DATA := bench-data

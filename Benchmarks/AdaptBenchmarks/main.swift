@@ -25,7 +25,8 @@ func squaredError(_ a: Tensor, _ b: Tensor) -> Double {
   zip(a.scalars, b.scalars).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }
 }
 
-print("== one matrix, singular values 0.995^i, \(Parallel.threadCount) threads")
+BLAS.restartWithTheCPUsKernels()
+print("== one matrix, singular values 0.995^i, \(Parallel.threadCount) threads, OpenBLAS kernels \(BLAS.coreName)")
 for (rows, columns) in [(2048, 2048), (4096, 1024)] {
   let (w, values) = matrix(rows, columns, decay: 0.995)
   let exact = try seconds { _ = try LowRank.factor(w, rank: 16, solver: .exact) }

@@ -92,7 +92,8 @@ func writeModels(_ arch: ExampleModels.Architecture, to folder: String, count: I
   return paths
 }
 
-print("mergekit merge benchmarks (\(Parallel.threadCount) cores)")
+BLAS.restartWithTheCPUsKernels()
+print("mergekit merge benchmarks (\(Parallel.threadCount) cores, OpenBLAS kernels \(BLAS.coreName))")
 try kernelFigures()
 if CommandLine.arguments.contains("--kernels-only") { exit(0) }
 

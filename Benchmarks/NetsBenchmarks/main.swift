@@ -18,7 +18,8 @@ func best(_ repeats: Int, _ body: () throws -> Void) throws -> Double {
   return times.min()!
 }
 
-print("Nets benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores)")
+BLAS.restartWithTheCPUsKernels()
+print("Nets benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, OpenBLAS kernels \(BLAS.coreName))")
 let n = 1024
 let a = Matrix<Float>(rows: n, columns: n, values: CounterRNG(seed: 1, stream: "a").normalTensor([n * n]).scalars)
 let sgemm = gflops(2 * Double(n * n * n), try best(5) { _ = a.matmul(a) })

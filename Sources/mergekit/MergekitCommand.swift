@@ -25,6 +25,7 @@ struct MergekitCommand: ParsableCommand {
   /// exits with 128 + signal number. With `MERGEKIT_REPORT_PEAK_RSS=1`, prints this process's peak resident memory
   /// (`VmHWM`) on stderr at exit, for benchmarks and memory checks.
   static func main() {
+    BLAS.restartWithTheCPUsKernels()
     MemoryPolicy.returnLargeBlocksToSystem()
     if ProcessInfo.processInfo.environment["MERGEKIT_REPORT_PEAK_RSS"] == "1" {
       atexit {

@@ -28,11 +28,12 @@ struct CLI {
 
   static func run(_ arguments: String...) throws -> Result { try run(arguments, environment: [:]) }
 
-  static func run(_ arguments: [String], environment: [String: String]) throws -> Result {
+  /// Runs the binary with this process's environment, `environment` added and `unset` removed.
+  static func run(_ arguments: [String], environment: [String: String], unset: [String] = []) throws -> Result {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: binary)
     process.arguments = arguments
-    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
+    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }.filter { !unset.contains($0.key) }
     let out = Pipe()
     let err = Pipe()
     process.standardOutput = out
@@ -46,6 +47,27 @@ struct CLI {
 }
 
 @Suite(.serialized) struct CLITests {
+  /// OpenBLAS names its kernels on stderr as it loads (`OPENBLAS_VERBOSE=2`). Where it falls back
+  /// to the generic Prescott kernels on a CPU with AVX2 or AVX-512, the command must start again
+  /// with the kernels the CPU supports; anywhere else it must run once, as loaded.
+  @Test func theCommandRunsWithTheKernelsTheCPUSupports() throws {
+    let result = try CLI.run(["--version"], environment: ["OPENBLAS_VERBOSE": "2"], unset: ["OPENBLAS_CORETYPE"])
+    #expect(result.status == 0)
+    let cores = result.stderr.split(separator: "\n").filter { $0.hasPrefix("Core: ") }.map { String($0.dropFirst(6)) }
+    guard let first = cores.first else { Issue.record("OpenBLAS printed no core name: \(result.stderr)"); return }
+    if first.lowercased() == "prescott", let better = BLAS.coreType(cpuFlags: BLAS.cpuFlags()) {
+      #expect(cores == [first, better])
+    } else {
+      #expect(cores == [first])
+    }
+  }
+
+  @Test func coreTypesFollowTheCPUFeatures() {
+    #expect(BLAS.coreType(cpuFlags: ["sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"]) == "SkylakeX")
+    #expect(BLAS.coreType(cpuFlags: ["avx2", "fma", "avx512f"]) == "Haswell")  // AVX-512 without BW/DQ/VL
+    #expect(BLAS.coreType(cpuFlags: ["sse2", "avx"]) == nil)
+  }
+
   @Test func exampleInspectConvertVerifyDiffRoundTrip() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
