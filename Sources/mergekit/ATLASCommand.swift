@@ -87,9 +87,7 @@ struct ATLASLearnCommand: ParsableCommand {
     if objective == "negate" && negateTasks == nil { throw ValidationError("negate needs --negate-tasks") }
     if let keep, !(keep > 0 && keep <= 1) { throw ValidationError("--keep is a fraction in (0, 1]") }
     if let validation { try requireExisting(validation, "validation data") }
-    for path in [output] + (coefficientsOut.map { [$0] } ?? []) where !overwrite && FileManager.default.fileExists(atPath: path) {
-      throw ValidationError("'\(path)' already exists; pass --overwrite to replace it")
-    }
+    for path in [output] + (coefficientsOut.map { [$0] } ?? []) { try requireNewOutput(path, overwrite: overwrite) }
   }
 
   func run() throws {

@@ -8,6 +8,11 @@ func requireExisting(_ path: String, _ what: String) throws {
   guard FileManager.default.fileExists(atPath: path) else { throw ValidationError("\(what) '\(path)' does not exist") }
 }
 
+/// Refuses to replace an existing output unless `--overwrite` was given (a usage error, exit 64).
+func requireNewOutput(_ output: String, overwrite: Bool) throws {
+  if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+}
+
 /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576`.
 func parseByteSize(_ text: String) -> Int? { WriteOptions.parseSize(text) }
 
@@ -21,7 +26,7 @@ func validateOutput(_ output: String, format: String?, dtype: String?, shardSize
   let named = CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension)
   if let named, let format, named.rawValue != format.lowercased() { throw ValidationError("output '\(output)' is a .\(named.fileExtension) file but --format is \(format)") }
   if named != nil && shardSize != nil { throw ValidationError("--shard-size needs a folder output, not a single file") }
-  if !mayExist && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+  try requireNewOutput(output, overwrite: mayExist)
 }
 
 /// Human-readable byte count (decimal units).

@@ -49,7 +49,7 @@ struct MKVCommand: ParsableCommand {
       throw ValidationError("--data is needed (PCA, the adaptive search and training); without data use --data-free --ranks uniform")
     }
     guard epochs >= 1, batchSize >= 1 else { throw ValidationError("--epochs and --batch-size must be at least 1") }
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {
@@ -95,7 +95,7 @@ struct SyntheticTokensCommand: ParsableCommand {
   @Flag(help: "Replace an existing output.") var overwrite = false
 
   func validate() throws {
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {

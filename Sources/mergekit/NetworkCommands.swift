@@ -56,7 +56,7 @@ struct SyntheticDataCommand: ParsableCommand {
 
   func validate() throws {
     guard output.hasSuffix(".safetensors") else { throw ValidationError("the output must be a .safetensors file") }
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {
@@ -106,7 +106,7 @@ struct TrainCommand: ParsableCommand {
     guard epochs >= 1, batchSize >= 1, lr > 0 else { throw ValidationError("--epochs, --batch-size and --lr must be positive") }
     if let freeze, (try? Regex(freeze)) == nil { throw ValidationError("--freeze '\(freeze)' is not a valid regular expression") }
     _ = try parseIntegers(hidden, "--hidden")
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {

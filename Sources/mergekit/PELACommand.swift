@@ -92,7 +92,7 @@ struct PELACommand: ParsableCommand {
       throw ValidationError("--data is used by --distill only; add --distill or drop --data")
     }
     if let validation { try requireExisting(validation, "validation data") }
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {
@@ -147,7 +147,7 @@ struct ExtractLoRACommand: ParsableCommand {
     try requireExisting(finetuned, "fine-tuned model")
     try requireExisting(base, "base")
     try ranks.validate(defaultKeep: nil)
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {

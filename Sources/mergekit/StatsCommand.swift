@@ -32,7 +32,7 @@ struct StatsCommand: ParsableCommand {
     for m in models { try requireExisting(m, "model") }
     guard (try? Regex(at)) != nil else { throw ValidationError("--at '\(at)' is not a valid regular expression") }
     guard list || output != nil else { throw ValidationError("pass -o OUTPUT.safetensors (or --list)") }
-    if let output, !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    if let output { try requireNewOutput(output, overwrite: overwrite) }
   }
 
   func run() throws {

@@ -45,7 +45,7 @@ struct ZipCommand: ParsableCommand {
     guard ZipIt.Method(rawValue: method) != nil else { throw ValidationError("unknown --method '\(method)' (use zipit, permute or average)") }
     guard alpha >= 0, (0...1).contains(beta) else { throw ValidationError("--alpha must be >= 0 and --beta within [0, 1]") }
     if let stopAt, stopAt < 1 { throw ValidationError("--stop-at counts hidden layers from 1") }
-    if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+    try requireNewOutput(output, overwrite: overwrite)
   }
 
   func run() throws {
