@@ -129,7 +129,7 @@ public struct RecipeRunner {
       if dryRun { continue }
       try copyCheckpoint(
         from: source, to: output.path, castTo: output.dtype.flatMap { DType(userSpelling: $0) },
-        options: try writeOptions(output, overwrite: overwrite, copyFrom: results.paths[output.label]),
+        options: try writeOptions(output, overwrite: overwrite, copyFilesFrom: results.paths[output.label].flatMap(ModelFolder.modelFolder(of:))),
         progress: progress.map { p in { p(output.label, $0, $1) } })
     }
   }
@@ -142,7 +142,7 @@ public struct RecipeRunner {
     var heldBytes: Int { held.values.reduce(0) { $0 + $1.byteCount } }
 
     /// How a reference reads in messages.
-    func name(_ label: String) -> String { held[label].map { "\($0.path)" } ?? paths[label] ?? label }
+    func name(_ label: String) -> String { held[label]?.path ?? paths[label] ?? label }
 
     func open(_ label: String, base: (any Checkpoint)? = nil) throws -> any Checkpoint {
       if let checkpoint = held[label] { return checkpoint }
@@ -156,13 +156,9 @@ public struct RecipeRunner {
     }
   }
 
-  func writeOptions(_ output: Recipe.Output?, overwrite: Bool, copyFrom: String?) throws -> WriteOptions {
-    var options = try writeOptions(output, overwrite: overwrite)
-    options.copyFilesFrom = copyFrom.flatMap(ModelFolder.modelFolder(of:))
-    return options
-  }
-
-  func writeOptions(_ output: Recipe.Output?, overwrite: Bool) throws -> WriteOptions {
+  /// The write options an output asks for (format, shard size), taking non-tensor files from
+  /// the model folder `copyFilesFrom`.
+  func writeOptions(_ output: Recipe.Output?, overwrite: Bool, copyFilesFrom: String?) throws -> WriteOptions {
     let format = try output?.format.map { name -> CheckpointFormat in
       guard let f = CheckpointFormat(rawValue: name.lowercased()) else {
         throw RecipeError.invalid(file: recipe.source, path: "\(output!.location).format", line: nil, reason: "unknown format '\(name)' (use safetensors or mkz)")
@@ -175,7 +171,7 @@ public struct RecipeRunner {
       shardSize = size
     }
     let named = output.flatMap { CheckpointFormat(pathExtension: URL(fileURLWithPath: $0.path).pathExtension) }
-    return WriteOptions(format: format ?? named ?? .safetensors, shardSize: shardSize, overwrite: overwrite || output == nil)
+    return WriteOptions(format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom, overwrite: overwrite || output == nil)
   }
 
   func dtype(_ name: String?, at path: String) throws -> DType? {
@@ -221,9 +217,8 @@ public struct RecipeRunner {
           return held!
         }
         reportStep(destination)
-        var options = try writeOptions(output, overwrite: overwrite)
-        options.copyFilesFrom = modelFolder
-        if options.layout == nil { options.layout = layout }
+        var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: modelFolder)
+        options.layout = layout
         return try CheckpointWriter(destination: destination, tensors: tensors, options: options)
       }
       return held?.checkpoint
@@ -248,8 +243,7 @@ public struct RecipeRunner {
       return held.checkpoint
     }
     reportStep(destination)
-    var options = try writeOptions(output, overwrite: overwrite)
-    options.copyFilesFrom = modelFolder
+    var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: modelFolder)
     options.metadata = metadata
     try MergeRunner.run(plan, to: destination, options: options, progress: stepProgress)
     return nil

@@ -1,5 +1,4 @@
 import ArgumentParser
-import Checkpoint
 import Foundation
 import Recipe
 import Tensor
@@ -45,7 +44,7 @@ struct RunCommand: ParsableCommand {
   func memoryBudget() throws -> Int {
     guard let memory else { return RecipeRunner.defaultMemoryBudget }
     if memory.trimmingCharacters(in: .whitespaces) == "0" { return 0 }
-    guard let bytes = WriteOptions.parseSize(memory) else { throw ValidationError("invalid --memory '\(memory)' (examples: 2GB, 500MB, 0)") }
+    guard let bytes = parseByteSize(memory) else { throw ValidationError("invalid --memory '\(memory)' (examples: 2GB, 500MB, 0)") }
     return bytes
   }
 
