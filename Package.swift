@@ -1,9 +1,13 @@
 // swift-tools-version: 6.0
 // mergekit-swift: merge and adapt neural-network checkpoints without Python.
-// Target layout and import direction: Tensor <- Checkpoint, Nets <- Merge, Adapt <- Recipe <- mergekit (see DESIGN notes).
+// Target layout and import direction: Tensor <- Checkpoint, Nets <- Merge, Adapt <- Operations <- Recipe <- mergekit
+// (docs/architecture.md). Tests/OperationsTests/ImportDirectionTests.swift checks the direction.
 import PackageDescription
 
-let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+/// `-Ounchecked` (no overflow or precondition traps) only for the numeric kernels, where
+/// `make bench-merge` shows it matters. Targets that parse input (Checkpoint, Operations,
+/// Recipe, the CLI) keep the checks, so a lying size traps instead of reading out of bounds.
+let kernels: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
 
 let package = Package(
   name: "mergekit-swift",
@@ -25,38 +29,40 @@ let package = Package(
     .systemLibrary(name: "CLAPACKE", path: "Sources/CLAPACKE"),
     .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
     .systemLibrary(name: "CSystem", path: "Sources/CSystem"),
-    .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: optimize),
-    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: optimize),
-    .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: optimize),
-    .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: optimize),
-    .target(name: "Adapt", dependencies: ["Tensor", "Nets"], swiftSettings: optimize),
-    .target(name: "Recipe", dependencies: ["Checkpoint", "Merge", "Adapt", "Nets", "Tensor", .product(name: "Yams", package: "Yams")], swiftSettings: optimize),
+    .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: kernels),
+    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"]),
+    .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: kernels),
+    .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),
+    .target(name: "Adapt", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),
+    .target(name: "Operations", dependencies: ["Checkpoint", "Merge", "Adapt", "Nets", "Tensor"]),
+    .target(name: "Recipe", dependencies: ["Operations", "Checkpoint", "Merge", "Nets", "Tensor", .product(name: "Yams", package: "Yams")]),
     .executableTarget(
       name: "mergekit",
       dependencies: [
-        "Tensor", "Checkpoint", "Nets", "Merge", "Adapt", "Recipe",
+        "Tensor", "Checkpoint", "Nets", "Merge", "Adapt", "Operations", "Recipe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
     .target(name: "BenchmarkSupport", dependencies: ["Checkpoint"], path: "Benchmarks/BenchmarkSupport"),
     .executableTarget(
       name: "CheckpointBenchmarks", dependencies: ["Tensor", "Checkpoint", "BenchmarkSupport"],
-      path: "Benchmarks/CheckpointBenchmarks", swiftSettings: optimize),
+      path: "Benchmarks/CheckpointBenchmarks", swiftSettings: kernels),
     .executableTarget(
       name: "MergeBenchmarks", dependencies: ["Tensor", "Checkpoint", "BenchmarkSupport"],
-      path: "Benchmarks/MergeBenchmarks", swiftSettings: optimize),
+      path: "Benchmarks/MergeBenchmarks", swiftSettings: kernels),
     .executableTarget(
       name: "AdaptBenchmarks", dependencies: ["Tensor", "Adapt", "BenchmarkSupport"],
-      path: "Benchmarks/AdaptBenchmarks", swiftSettings: optimize),
+      path: "Benchmarks/AdaptBenchmarks", swiftSettings: kernels),
     .executableTarget(
       name: "NetsBenchmarks", dependencies: ["Tensor", "Nets", "BenchmarkSupport"],
-      path: "Benchmarks/NetsBenchmarks", swiftSettings: optimize),
+      path: "Benchmarks/NetsBenchmarks", swiftSettings: kernels),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
     .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
     .testTarget(name: "AdaptTests", dependencies: ["Adapt", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
-    .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
+    .testTarget(name: "OperationsTests", dependencies: ["Operations", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
+    .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Operations", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Nets", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]

@@ -55,8 +55,45 @@ public struct ParameterSpec: Sendable {
   public enum Kind: Sendable, Equatable {
     /// A number in `range`; `openBelow` excludes the lower bound (density is in (0, 1]).
     case number(range: ClosedRange<Double>, openBelow: Bool)
+    /// A whole number in `range`.
+    case integer(range: ClosedRange<Int>)
+    /// A list of whole numbers in `range` (`64,64` on the command line, `[64, 64]` in YAML).
+    case integers(range: ClosedRange<Int>)
     case flag
     case choice([String])
+    /// Free text: a word whose meaning the operation checks.
+    case text
+    /// A regular expression (checked to compile).
+    case pattern
+    /// A file or folder the operation reads (checked to exist before anything runs).
+    case inputPath
+    /// A file the operation writes besides its output (checked like an output).
+    case outputPath
+
+    /// How the kind reads in help and errors.
+    public var summary: String {
+      switch self {
+      case .number(let range, let openBelow):
+        if range == ParameterSpec.anyNumber { return "a number" }
+        if range.upperBound == .greatestFiniteMagnitude { return "a number \(openBelow ? ">" : ">=") \(Self.plain(range.lowerBound))" }
+        return "a number in \(openBelow ? "(" : "[")\(Self.plain(range.lowerBound)), \(Self.plain(range.upperBound))]"
+      case .integer(let range): return "an integer \(Self.describe(range))"
+      case .integers(let range): return "integers \(Self.describe(range)), comma-separated"
+      case .flag: return "true or false"
+      case .choice(let options): return "one of \(options.joined(separator: ", "))"
+      case .text: return "text"
+      case .pattern: return "a regular expression"
+      case .inputPath: return "a path to read"
+      case .outputPath: return "a path to write"
+      }
+    }
+
+    /// A bound as written in a config: `1e-3`, `0.5`, `1`.
+    public static func plain(_ x: Double) -> String { x == x.rounded() && abs(x) < 1e15 ? String(Int(x)) : "\(x)" }
+
+    private static func describe(_ range: ClosedRange<Int>) -> String {
+      range.upperBound == Int.max ? ">= \(range.lowerBound)" : "in [\(range.lowerBound), \(range.upperBound)]"
+    }
   }
 
   public let name: String
@@ -78,6 +115,8 @@ public struct ParameterSpec: Sendable {
   }
 
   public static let anyNumber = -Double.greatestFiniteMagnitude...Double.greatestFiniteMagnitude
+  /// Zero or more (with `openBelow`: more than zero).
+  public static let nonNegative = 0...Double.greatestFiniteMagnitude
 
   public static func number(_ name: String, _ scope: Scope, in range: ClosedRange<Double> = anyNumber, openBelow: Bool = false, default value: Double?, optional: Bool = false, help: String) -> ParameterSpec {
     ParameterSpec(name, scope, .number(range: range, openBelow: openBelow), default: value.map(ParameterValue.number), optional: optional, help: help)
@@ -90,6 +129,29 @@ public struct ParameterSpec: Sendable {
   public static func choice(_ name: String, _ options: [String], default value: String, help: String) -> ParameterSpec {
     ParameterSpec(name, .global, .choice(options), default: .text(value), help: help)
   }
+
+  public static func integer(_ name: String, in range: ClosedRange<Int> = 1...Int.max, default value: Int?, optional: Bool = false, help: String) -> ParameterSpec {
+    ParameterSpec(name, .global, .integer(range: range), default: value.map { .number(Double($0)) }, optional: optional, help: help)
+  }
+
+  public static func integers(_ name: String, in range: ClosedRange<Int> = 0...Int.max, default value: [Int]? = nil, optional: Bool = false, help: String) -> ParameterSpec {
+    ParameterSpec(name, .global, .integers(range: range), default: value.map { .gradient($0.map(Double.init)) }, optional: optional, help: help)
+  }
+
+  public static func text(_ name: String, default value: String? = nil, help: String) -> ParameterSpec {
+    ParameterSpec(name, .global, .text, default: value.map(ParameterValue.text), optional: value == nil, help: help)
+  }
+
+  public static func pattern(_ name: String, help: String) -> ParameterSpec {
+    ParameterSpec(name, .global, .pattern, default: nil, optional: true, help: help)
+  }
+
+  public static func path(_ name: String, writes: Bool = false, help: String) -> ParameterSpec {
+    ParameterSpec(name, .global, writes ? .outputPath : .inputPath, default: nil, optional: true, help: help)
+  }
+
+  /// The command-line spelling: `--batch-size` for `batch_size`.
+  public var flagName: String { "--" + name.replacingOccurrences(of: "_", with: "-") }
 }
 
 /// One parameter's value for one tensor.
@@ -204,6 +266,51 @@ public struct ParameterResolver: Sendable {
     }
   }
 
+  /// Checks every given value and every required parameter without looking at tensors, so a
+  /// bad value is refused before anything is read or written. This is complete for ranges:
+  /// a gradient interpolates between its points, so when each point is in a (convex) range,
+  /// every interpolated value is too; each filtered entry is checked on its own.
+  public func checkValues() throws {
+    for spec in specs {
+      var checked: [(label: String, value: ParameterValue)] = []
+      if let value = global[spec.name] { checked.append((spec.name, value)) }
+      if spec.scope == .perModel {
+        for (i, values) in models.enumerated() { if let value = values[spec.name] { checked.append(("\(spec.name) (model \(i + 1))", value)) } }
+      }
+      for (label, value) in checked { try Self.check(value, spec: spec, label: label, method: method) }
+      guard spec.defaultValue == nil, !spec.isOptional, global[spec.name] == nil else { continue }
+      if spec.scope == .global || models.isEmpty { throw MergeError.missingParameter(method: method, name: spec.name, help: spec.help) }
+      let lacking = models.indices.filter { models[$0][spec.name] == nil }
+      if lacking.count == models.count { throw MergeError.missingParameter(method: method, name: spec.name, help: spec.help) }
+      if let first = lacking.first { throw MergeError.missingParameter(method: method, name: "\(spec.name) (model \(first + 1))", help: spec.help) }
+    }
+  }
+
+  private static func check(_ value: ParameterValue, spec: ParameterSpec, label: String, method: String) throws {
+    switch value {
+    case .gradient(let points):
+      guard !points.isEmpty else { throw MergeError.invalidParameter(method: method, name: label, tensor: nil, reason: "is an empty list") }
+      for x in points { try check(.number(x), spec: spec, label: label, method: method) }
+    case .filtered(let entries):
+      for entry in entries { try check(entry.value, spec: spec, label: label, method: method) }
+    default:
+      let probe = ParameterResolver.unchecked(method: method, specs: [spec])
+      _ = try probe.value(spec, given: value, model: nil, tensor: nil, position: 0, label: label)
+    }
+  }
+
+  private static func unchecked(method: String, specs: [ParameterSpec]) -> ParameterResolver {
+    ParameterResolver(method: method, specs: specs)
+  }
+
+  private init(method: String, specs: [ParameterSpec]) {
+    self.method = method
+    self.specs = specs
+    self.global = [:]
+    self.models = []
+    self.positions = LayerPositions(layerCount: 0)
+  }
+
   /// The parameters for tensor `name`.
   public func resolve(tensor name: String) throws -> ResolvedParameters {
     var result = ResolvedParameters(models: Array(repeating: [:], count: models.count))
@@ -212,27 +319,26 @@ public struct ParameterResolver: Sendable {
       switch spec.scope {
       case .global:
         if spec.isOptional, global[spec.name] == nil { continue }
-        result.global[spec.name] = try value(spec, given: global[spec.name], model: nil, tensor: name, position: position)
+        result.global[spec.name] = try value(spec, given: global[spec.name], model: nil, tensor: name, position: position, label: spec.name)
       case .perModel:
         for i in models.indices {
-          result.models[i][spec.name] = try value(spec, given: models[i][spec.name] ?? global[spec.name], model: i, tensor: name, position: position)
+          result.models[i][spec.name] = try value(
+            spec, given: models[i][spec.name] ?? global[spec.name], model: i, tensor: name, position: position, label: "\(spec.name) (model \(i + 1))")
         }
       }
     }
     return result
   }
 
-  private func value(_ spec: ParameterSpec, given: ParameterValue?, model: Int?, tensor: String, position: Double) throws -> ResolvedValue {
-    let label = model.map { "\(spec.name) (model \($0 + 1))" } ?? spec.name
+  private func value(_ spec: ParameterSpec, given: ParameterValue?, model: Int?, tensor: String?, position: Double, label: String) throws -> ResolvedValue {
     func fail(_ reason: String) -> MergeError { .invalidParameter(method: method, name: label, tensor: tensor, reason: reason) }
-    guard let given = try Self.select(given, tensor: tensor, position: position) ?? Self.select(spec.defaultValue, tensor: tensor, position: position) else {
+    guard let given = try Self.select(given, tensor: tensor ?? "", position: position) ?? Self.select(spec.defaultValue, tensor: tensor ?? "", position: position) else {
       throw MergeError.missingParameter(method: method, name: label, help: spec.help)
     }
     switch (spec.kind, given) {
     case (.number(let range, let openBelow), .number(let x)):
-      guard x.isFinite, range.contains(x), !(openBelow && x == range.lowerBound) else {
-        throw fail("\(x.formatted()) is outside \(openBelow ? "(" : "[")\(range.lowerBound.formatted()), \(range.upperBound.formatted())]")
-      }
+      guard x.isFinite else { throw fail("\(x) is not a finite number") }
+      guard range.contains(x), !(openBelow && x == range.lowerBound) else { throw fail("\(x.formatted()) is not \(spec.kind.summary)") }
       return .number(x)
     case (.flag, .flag(let b)): return .flag(b)
     case (.flag, .number(let x)) where x == 0 || x == 1: return .flag(x == 1)

@@ -27,12 +27,14 @@ enum MergekitConfig {
     let basePath = try f["base_model"]?.string()
     var models: [String] = []
     var perModel: [[String: ParameterValue]] = []
+    var lines = try f["parameters"]?.keyLines() ?? [:]
     for entry in try f["models"]?.list() ?? [] {
       let e = try entry.fields(["model", "parameters"])
       guard let model = e["model"] else { throw entry.fail("a model entry needs 'model'") }
       let path = try model.string()
       // mergekit lists the base among the models for some methods and skips it in the merge.
       if path == basePath && method.base != .unused { continue }
+      lines.merge(try e["parameters"]?.keyLines(suffix: "@\(models.count)") ?? [:]) { a, _ in a }
       models.append(path)
       perModel.append(try e["parameters"]?.parameters().filter { !ignoredParameters.contains($0.key) } ?? [:])
     }
@@ -46,9 +48,10 @@ enum MergekitConfig {
     }
     var inputs: [(label: String, path: String)] = models.map { ($0, $0) }
     if let basePath, method.base != .unused { inputs.insert((basePath, basePath), at: 0) }
-    let step = Recipe.Step(
+    var step = Recipe.Step(
       label: "merged", operation: method.name, base: method.base == .unused ? nil : basePath, models: models, global: global, perModel: perModel,
-      dtype: dtype, select: nil, drop: nil, renames: [], data: nil, location: "merge_method")
+      dtype: dtype, select: nil, drop: nil, renames: [], data: nil, location: "merge_method", parametersLocation: "parameters", modelsLocation: "models")
+    step.parameterLines = lines
     return Recipe(
       inputs: inputs, steps: [step], outputs: [Recipe.Output(label: "merged", path: output, format: nil, dtype: dtype, shardSize: nil, location: "output")], source: root.file)
   }

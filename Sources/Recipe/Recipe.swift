@@ -41,6 +41,32 @@ public struct Recipe: Sendable {
     public var data: String?
     /// Where the step sits in the file, for errors (`steps[1]`).
     public var location: String
+    /// The YAML path of its parameters (`steps[1].parameters`; `parameters` in a mergekit
+    /// configuration) and of its model list, for errors naming one parameter.
+    public var parametersLocation: String
+    public var modelsLocation: String
+    /// The line of each parameter given in the file (global ones by name, per-model ones as
+    /// `name@i`).
+    public var parameterLines: [String: Int] = [:]
+
+    public init(
+      label: String, operation: String, base: String?, models: [String], global: [String: ParameterValue], perModel: [[String: ParameterValue]], dtype: String?,
+      select: String?, drop: String?, renames: [String], data: String?, location: String, parametersLocation: String? = nil, modelsLocation: String? = nil
+    ) {
+      (self.label, self.operation, self.base, self.models, self.global, self.perModel) = (label, operation, base, models, global, perModel)
+      (self.dtype, self.select, self.drop, self.renames, self.data, self.location) = (dtype, select, drop, renames, data, location)
+      self.parametersLocation = parametersLocation ?? "\(location).parameters"
+      self.modelsLocation = modelsLocation ?? "\(location).models"
+    }
+
+    /// The YAML path of parameter `name` (of model `model`, 0-based, for per-model ones).
+    public func parameterPath(_ name: String, model: Int? = nil) -> String {
+      guard let model else { return "\(parametersLocation).\(name)" }
+      return "\(modelsLocation)[\(model)].parameters.\(name)"
+    }
+
+    /// The line of parameter `name`, when the file gave it.
+    public func parameterLine(_ name: String, model: Int? = nil) -> Int? { parameterLines[model.map { "\(name)@\($0)" } ?? name] }
 
     /// Everything the step reads (labels or paths): base, data set, models.
     public var references: [String] { (base.map { [$0] } ?? []) + (data.map { [$0] } ?? []) + models }
@@ -155,6 +181,13 @@ struct YAMLValue {
     for (key, value) in try map() { result[key] = try value.parameter() }
     return result
   }
+
+  /// The line (1-based) of each key of a mapping.
+  func keyLines(suffix: String = "") throws -> [String: Int] {
+    var result: [String: Int] = [:]
+    for (key, value) in try map() { result[key + suffix] = value.node.mark?.line }
+    return result
+  }
 }
 
 extension Recipe {
@@ -193,6 +226,7 @@ extension Recipe {
       guard let operation = try f["method"]?.string() else { throw item.fail("a step needs a 'method' (a merge method, task-vector, apply or convert)") }
       var models: [String] = []
       var perModel: [[String: ParameterValue]] = []
+      var lines = try f["parameters"]?.keyLines() ?? [:]
       if let single = f["model"] {
         models.append(try single.string())
         perModel.append([:])
@@ -204,16 +238,19 @@ extension Recipe {
         } else {
           let e = try entry.fields(["model", "parameters"])
           guard let model = e["model"] else { throw entry.fail("a model entry needs 'model'") }
+          lines.merge(try e["parameters"]?.keyLines(suffix: "@\(models.count)") ?? [:]) { a, _ in a }
           models.append(try model.string())
           perModel.append(try e["parameters"]?.parameters() ?? [:])
         }
       }
-      steps.append(
+      var step =
         Step(
           label: label, operation: operation, base: try f["base"]?.string(), models: models, global: try f["parameters"]?.parameters() ?? [:],
           perModel: perModel, dtype: try f["dtype"]?.string(), select: try f["select"]?.string(), drop: try f["drop"]?.string(),
           renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [], data: try f["data"]?.string(),
-          location: item.path))
+          location: item.path)
+      step.parameterLines = lines
+      steps.append(step)
     }
     var outputs: [Output] = []
     for (label, value) in try top["outputs"]?.map() ?? [] {

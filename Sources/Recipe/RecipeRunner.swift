@@ -1,10 +1,12 @@
 import Checkpoint
 import Foundation
 import Merge
+import Operations
 import Tensor
 
-/// Runs a recipe: orders the steps by what they read (refusing cycles and undefined
-/// references), runs each one streaming through `MergeRunner` (or a checkpoint copy for
+/// Runs a recipe: checks every step (operation, inputs, every parameter's kind and range) and
+/// every output before anything runs, orders the steps by what they read (refusing cycles and
+/// undefined references), runs each one streaming through `MergeRunner` (or a checkpoint copy for
 /// `convert`), and writes the outputs. A step result that is not an output is kept in memory
 /// when it fits the memory budget, else spilled to a temporary checkpoint next to the first
 /// output; either is dropped once no later step reads it.
@@ -13,8 +15,9 @@ public struct RecipeRunner {
   /// The steps in execution order.
   public let order: [Recipe.Step]
 
-  /// Operations that are not merge methods.
-  public static let commands = ["task-vector", "apply", "convert"] + NetworkSteps.operations
+  /// Operations that are not merge methods: the streamed ones run here, the others come from
+  /// `OperationRegistry`.
+  public static let commands = ["task-vector", "apply", "convert"] + OperationRegistry.operations.map(\.name)
 
   public init(_ recipe: Recipe) throws {
     self.recipe = recipe
@@ -25,7 +28,10 @@ public struct RecipeRunner {
       guard seen.insert(step.label).inserted else {
         throw RecipeError.invalid(file: file, path: "\(step.location).name", line: nil, reason: "the label '\(step.label)' is used twice")
       }
-      if !Self.commands.contains(step.operation) {
+      guard !step.label.isEmpty, !step.label.contains("/"), step.label != ".", step.label != "..", !step.label.hasPrefix(".") else {
+        throw RecipeError.invalid(file: file, path: "\(step.location).name", line: nil, reason: "'\(step.label)' is not a plain name (no '/', no leading '.'); it names the step's temporary file")
+      }
+      if OperationRegistry.operation(named: step.operation) == nil && !["task-vector", "apply", "convert"].contains(step.operation) {
         do { _ = try MergeRegistry.method(named: step.operation) } catch {
           throw RecipeError.invalid(file: file, path: "\(step.location).method", line: nil, reason: "\(error) (or a command: \(Self.commands.joined(separator: ", ")))")
         }
@@ -40,11 +46,12 @@ public struct RecipeRunner {
       if let base = step.base { try check(base, at: "\(step.location).base") }
       if let data = step.data { try check(data, at: "\(step.location).data") }
       for (i, model) in step.models.enumerated() { try check(model, at: "\(step.location).models[\(i)]") }
-      if step.models.isEmpty && !["synthetic-data", "synthetic-tokens", "train"].contains(step.operation) {
+      if step.models.isEmpty && (OperationRegistry.operation(named: step.operation)?.inputs.models.lowerBound ?? 1) > 0 {
         throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "the step names no models")
       }
     }
     for output in recipe.outputs { try check(output.label, at: output.location) }
+    try Self.checkOutputs(recipe)
     for input in recipe.inputs where !FileManager.default.fileExists(atPath: input.path) {
       throw RecipeError.invalid(file: file, path: "inputs.\(input.label)", line: nil, reason: "'\(input.path)' does not exist")
     }
@@ -63,6 +70,105 @@ public struct RecipeRunner {
     }
     for step in recipe.steps { try visit(step, []) }
     self.order = order
+    for step in recipe.steps { try validate(step) }
+    for output in recipe.outputs {
+      _ = try writeOptions(output, overwrite: true, copyFilesFrom: nil)
+      _ = try dtype(output.dtype, at: "\(output.location).dtype")
+    }
+  }
+
+  /// Two outputs with one path, or an output that is also an input, would lose data or feed a
+  /// later step the new result instead of the input.
+  static func checkOutputs(_ recipe: Recipe) throws {
+    var written: [String: String] = [:]
+    let inputs = Set(recipe.inputs.map { URL(fileURLWithPath: $0.path).standardizedFileURL.path } + recipe.steps.flatMap(\.references).filter(FileManager.default.fileExists(atPath:)).map {
+      URL(fileURLWithPath: $0).standardizedFileURL.path
+    })
+    for output in recipe.outputs {
+      let path = URL(fileURLWithPath: output.path).standardizedFileURL.path
+      if let other = written[path] {
+        throw RecipeError.invalid(file: recipe.source, path: output.location, line: nil, reason: "'\(output.path)' is also the path of output \(other); each output needs its own path")
+      }
+      if inputs.contains(path) {
+        throw RecipeError.invalid(file: recipe.source, path: output.location, line: nil, reason: "'\(output.path)' is also read by the recipe; write the output elsewhere")
+      }
+      written[path] = output.label
+    }
+  }
+
+  /// Checks one step as far as it can be checked without its inputs' contents: the operation's
+  /// inputs and every parameter (kind, range, required ones, rules between them). Errors name
+  /// the YAML path of the parameter.
+  func validate(_ step: Recipe.Step) throws {
+    let file = recipe.source
+    func invalid(_ path: String, _ line: Int?, _ reason: String) -> RecipeError { .invalid(file: file, path: path, line: line, reason: reason) }
+    if let operation = OperationRegistry.operation(named: step.operation) {
+      if let i = step.perModel.firstIndex(where: { !$0.isEmpty }) {
+        throw invalid("\(step.modelsLocation)[\(i)].parameters", nil, "\(operation.name) takes no per-model parameters; give them under parameters")
+      }
+      do {
+        _ = try prepare(operation, step, paths: { $0 }, output: spillPath(step, operation, folder: "."))
+      } catch let error as OperationError {
+        if let name = error.parameter { throw invalid(step.parameterPath(name), step.parameterLine(name), error.reason) }
+        throw invalid(step.location, nil, error.message { "parameter '\($0)'" })
+      }
+      return
+    }
+    if step.operation == "convert" {
+      guard step.models.count == 1 else { throw invalid(step.location, nil, "convert takes one model") }
+      guard step.global.isEmpty else { throw invalid(step.parametersLocation, nil, "convert takes select, drop, rename and dtype as step keys, not parameters") }
+      do { _ = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames) } catch { throw invalid(step.location, nil, "\(error)") }
+      _ = try dtype(step.dtype, at: "\(step.location).dtype")
+      return
+    }
+    _ = try dtype(step.dtype, at: "\(step.location).dtype")
+    let method = try mergeMethod(step)
+    do {
+      try method.checkInputs(hasBase: step.base != nil, modelCount: step.models.count)
+      try ParameterResolver(method: method.name, specs: method.parameters, global: step.global, models: step.perModel, positions: LayerPositions(layerCount: 0)).checkValues()
+    } catch let error as MergeError {
+      switch error {
+      case .unknownParameter(_, let name, _), .invalidParameter(_, let name, _, _), .missingParameter(_, let name, _):
+        let (key, model) = Self.parameterName(name)
+        throw invalid(step.parameterPath(key, model: model), step.parameterLine(key, model: model), "\(error)")
+      default: throw invalid(step.location, nil, "\(error)")
+      }
+    }
+  }
+
+  /// A resolver label (`density (model 2)`) as the parameter name and 0-based model index.
+  static func parameterName(_ label: String) -> (String, Int?) {
+    guard let open = label.range(of: " (model "), label.hasSuffix(")"), let n = Int(label[open.upperBound...].dropLast()) else { return (label, nil) }
+    return (String(label[..<open.lowerBound]), n - 1)
+  }
+
+  /// The merge method of a streamed step: task-vector, apply or a registered method.
+  func mergeMethod(_ step: Recipe.Step) throws -> any MergeMethod {
+    switch step.operation {
+    case "task-vector": return TaskVectors.Difference()
+    case "apply": return TaskVectors.Sum()
+    default: return try MergeRegistry.method(named: step.operation)
+    }
+  }
+
+  /// Where a registered operation's result goes when it is not an output: data sets and
+  /// reports need their file extension.
+  func spillPath(_ step: Recipe.Step, _ operation: any MergekitOperation, folder: String) -> String {
+    if let output = recipe.outputs.first(where: { $0.label == step.label }) { return output.path }
+    switch operation.output {
+    case .file(let ext): return "\(folder)/\(step.label).\(ext)"
+    case .report: return "\(folder)/\(step.label).json"
+    case .model: return "\(folder)/\(step.label)"
+    }
+  }
+
+  /// The operation's request for a step, with references turned into paths by `paths`.
+  func prepare(_ operation: any MergekitOperation, _ step: Recipe.Step, paths: (String) -> String, output: String) throws -> OperationRequest {
+    var parameters = step.global
+    for spec in operation.parameters where spec.kind == .inputPath {
+      if case .text(let reference)? = parameters[spec.name] { parameters[spec.name] = .text(paths(reference)) }
+    }
+    return try operation.prepare(models: step.models.map(paths), base: step.base.map(paths), data: step.data.map(paths), output: output, parameters: parameters)
   }
 
   /// Default memory for intermediates kept in memory: an eighth of physical memory, at most 4 GiB.
@@ -92,14 +198,14 @@ public struct RecipeRunner {
     var readers: [String: Int] = [:]
     var readByNetworkSteps = Set<String>()
     for step in order {
-      for label in Set(step.references) {
+      for label in Set(references(step)) {
         readers[label, default: 0] += 1
-        if NetworkSteps.operations.contains(step.operation) { readByNetworkSteps.insert(label) }
+        if OperationRegistry.operation(named: step.operation) != nil { readByNetworkSteps.insert(label) }
       }
     }
     for step in order {
       let destination = outputs[step.label]
-      let path = destination?.path ?? "\(work)/\(NetworkSteps.operations.contains(step.operation) ? NetworkSteps.spillName(step) : step.label)"
+      let path = OperationRegistry.operation(named: step.operation).map { spillPath(step, $0, folder: work) } ?? destination?.path ?? "\(work)/\(step.label)"
       let canStayInMemory = destination == nil && !readByNetworkSteps.contains(step.label)
       do {
         let held = try runStep(
@@ -115,7 +221,7 @@ public struct RecipeRunner {
       } catch {
         throw RecipeError.stepFailed(file: recipe.source, path: step.location, step: step.label, reason: "\(error)")
       }
-      for label in Set(step.references) {
+      for label in Set(references(step)) {
         readers[label, default: 1] -= 1
         guard readers[label] == 0 else { continue }
         results.held[label] = nil
@@ -132,6 +238,18 @@ public struct RecipeRunner {
         options: try writeOptions(output, overwrite: overwrite, copyFilesFrom: results.paths[output.label].flatMap(ModelFolder.modelFolder(of:))),
         progress: progress.map { p in { p(output.label, $0, $1) } })
     }
+  }
+
+  /// What a step reads: its base, data and models, and the path parameters of a registered
+  /// operation that name an input or step (`validation: test-data`).
+  func references(_ step: Recipe.Step) -> [String] {
+    guard let operation = OperationRegistry.operation(named: step.operation) else { return step.references }
+    let labels = Set(recipe.inputs.map(\.label) + recipe.steps.map(\.label))
+    let extra = operation.parameters.filter { $0.kind == .inputPath }.compactMap { spec -> String? in
+      if case .text(let reference)? = step.global[spec.name], labels.contains(reference) { return reference }
+      return nil
+    }
+    return step.references + extra
   }
 
   /// Where each input and step result is: a path, or a checkpoint held in memory.
@@ -187,11 +305,13 @@ public struct RecipeRunner {
     _ step: Recipe.Step, results: Results, output: Recipe.Output?, to destination: String, memory: Int, overwrite: Bool, dryRun: Bool,
     report: (String) -> Void, progress: ((String, Int, Int) -> Void)?
   ) throws -> MemoryCheckpoint? {
-    if NetworkSteps.operations.contains(step.operation) {
-      let reads = step.references.map(results.name)
-      report("\(step.label): \(step.operation)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)")
+    if let operation = OperationRegistry.operation(named: step.operation) {
+      let reads = references(step).map(results.name)
+      report("\(step.label): \(operation.name)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)")
       if dryRun { return nil }
-      try NetworkSteps.run(step, file: recipe.source, model: { results.paths[$0] ?? $0 }, to: destination, overwrite: overwrite || output == nil, report: report)
+      let request = try prepare(operation, step, paths: { results.paths[$0] ?? $0 }, output: destination)
+      let result = try operation.run(request, context: OperationContext(overwrite: overwrite || output == nil))
+      result.lines.forEach { report("  " + $0) }
       return nil
     }
     let outputType = try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? dtype(step.dtype, at: "\(step.location).dtype")
@@ -223,16 +343,12 @@ public struct RecipeRunner {
       }
       return held?.checkpoint
     }
-    let method: any MergeMethod
+    let method = try mergeMethod(step)
     var type = outputType
     var metadata: [String: String] = [:]
-    switch step.operation {
-    case "task-vector":
-      method = TaskVectors.Difference()
+    if step.operation == "task-vector" {
       type = type ?? .f32
       metadata = ["mergekit.kind": "task-vector"]
-    case "apply": method = TaskVectors.Sum()
-    default: method = try MergeRegistry.method(named: step.operation)
     }
     let plan = try MergePlan(method: method, base: base, models: models, global: step.global, perModel: step.perModel, outputType: type)
     if plan.bytesWritten <= memory {

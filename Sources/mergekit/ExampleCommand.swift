@@ -17,6 +17,10 @@ struct ExampleCommand: ParsableCommand {
   @Flag(help: "Replace existing example folders.")
   var overwrite = false
 
+  func validate() throws {
+    for name in ["base", "finetune-a", "finetune-b"] { try requireNewOutput("\(outdir)/\(name)", overwrite: overwrite) }
+  }
+
   func run() throws {
     let paths = try ExampleModels.writeExamples(to: outdir, overwrite: overwrite)
     for path in paths { print(path) }

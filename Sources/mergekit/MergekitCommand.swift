@@ -2,6 +2,9 @@ import ArgumentParser
 import Checkpoint
 import Dispatch
 import Foundation
+import Merge
+import Operations
+import Recipe
 import Tensor
 
 @main
@@ -17,8 +20,8 @@ struct MergekitCommand: ParsableCommand {
     version: "0.1.0",
     subcommands: [
       InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, MergeCommand.self, TaskVectorCommand.self, ApplyCommand.self, RunCommand.self,
-      ZipCommand.self, ATLASCommand.self, PELACommand.self, ExtractLoRACommand.self, MKVCommand.self, TrainCommand.self, EvalCommand.self, StatsCommand.self, SyntheticDataCommand.self, SyntheticTokensCommand.self, ExampleCommand.self,
-    ]
+      ATLASCommand.self,
+    ] + OperationRegistry.operations.filter { $0.commandPath.count == 1 }.map { commandType($0) } + [ExampleCommand.self]
   )
 
   /// Entry point. On SIGINT or SIGTERM, deletes the temporary files of unfinished outputs and
@@ -46,8 +49,41 @@ struct MergekitCommand: ParsableCommand {
       source.resume()
       signalSources.append(source)
     }
-    main(nil)
+    do {
+      var command = try parseAsRoot(nil)
+      try command.run()
+    } catch {
+      if let message = usageMessage(error) {
+        FileHandle.standardError.write(Data("Error: \(message)\n".utf8))
+        Glibc.exit(ExitCode.validationFailure.rawValue)
+      }
+      exit(withError: error)
+    }
   }
 
   nonisolated(unsafe) private static var signalSources: [any DispatchSourceSignal] = []
 }
+
+/// The message of an error that is the user's mistake in what they asked (a parameter out of
+/// range, a missing input, a bad recipe): these exit 64 like flag errors. Parameters are named
+/// as flags. nil for errors of the run itself (exit 1).
+func usageMessage(_ error: any Error) -> String? {
+  switch error {
+  case let error as OperationError: return error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") }
+  case let error as RecipeError:
+    if case .stepFailed = error { return nil }
+    return error.description
+  case let error as MergeError:
+    switch error {
+    case .invalidParameter(let method, let name, let tensor, let reason):
+      return "\(method): \(flagName(name))\(tensor.map { " for tensor '\($0)'" } ?? "") \(reason)"
+    case .missingParameter(let method, let name, let help): return "\(method): \(flagName(name)) is required (\(help))"
+    case .unknownParameter, .unknownMethod, .baseRequired, .baseUnused, .modelCount: return error.description
+    case .zeroWeightSum: return nil
+    }
+  default: return nil
+  }
+}
+
+/// `density (model 2)` as `--density (model 2)`.
+func flagName(_ parameter: String) -> String { "--" + parameter.replacingOccurrences(of: "_", with: "-") }

@@ -2,7 +2,7 @@ import ArgumentParser
 import Checkpoint
 import Foundation
 import Merge
-import Recipe
+import Operations
 import Tensor
 
 /// Output flags shared by the commands that write a merged checkpoint.
@@ -43,6 +43,9 @@ struct OutputOptions: ParsableArguments {
     defaultFormat: CheckpointFormat, metadata: [String: String] = [:]
   ) throws {
     MemoryPolicy.reuseTensorMemory()
+    // Every value and required parameter, before any input is opened or output created.
+    try method.checkInputs(hasBase: base != nil, modelCount: models.count)
+    try ParameterResolver(method: method.name, specs: method.parameters, global: global, models: perModel, positions: LayerPositions(layerCount: 0)).checkValues()
     let baseModel = try base.map { try openCheckpoint($0) }
     let inputs = try models.map { try openCheckpoint($0, base: baseModel) }
     let plan = try MergePlan(method: method, base: baseModel, models: inputs, global: global, perModel: perModel, outputType: outputType, allowMissing: allowMissing)

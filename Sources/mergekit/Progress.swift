@@ -1,4 +1,5 @@
 import Foundation
+import Operations
 
 #if canImport(Glibc)
   import Glibc
@@ -7,7 +8,7 @@ import Foundation
 /// Progress on stderr: a bar with rate and ETA, redrawn in place on a terminal; on a pipe or
 /// file, a plain line every 10% (so logs stay readable). Silent with `quiet`, and for work that
 /// ends within half a second (a rate measured over microseconds tells nobody anything).
-final class Progress {
+final class Progress: ProgressMeter {
   private let label: String
   private let quiet: Bool
   private let isTerminal = isatty(STDERR_FILENO) != 0
@@ -18,14 +19,9 @@ final class Progress {
   private static let quietPeriod: TimeInterval = 0.5
 
   /// What `update` counts: bytes (rates in B/s) or named items (training batches).
-  enum Unit {
-    case bytes
-    case items(String)
-  }
+  private let unit: ProgressUnit
 
-  private let unit: Unit
-
-  init(_ label: String, quiet: Bool = false, unit: Unit = .bytes) {
+  init(_ label: String, quiet: Bool = false, unit: ProgressUnit = .bytes) {
     self.label = label
     self.quiet = quiet
     self.unit = unit

@@ -40,10 +40,10 @@ import Testing
   }
 
   @Test func badValuesAndNamesAreErrorsNamingTheParameter() throws {
-    #expect(throws: MergeError.invalidParameter(method: "ties", name: "density (model 1)", tensor: "w", reason: "0 is outside (0, 1]")) {
+    #expect(throws: MergeError.invalidParameter(method: "ties", name: "density (model 1)", tensor: "w", reason: "0 is not a number in (0, 1]")) {
       try resolver([:], models: [["density": .number(0)], [:]]).resolve(tensor: "w")
     }
-    #expect(throws: MergeError.invalidParameter(method: "ties", name: "density (model 2)", tensor: "w", reason: "1.5 is outside (0, 1]")) {
+    #expect(throws: MergeError.invalidParameter(method: "ties", name: "density (model 2)", tensor: "w", reason: "1.5 is not a number in (0, 1]")) {
       try resolver([:], models: [[:], ["density": .number(1.5)]]).resolve(tensor: "w")
     }
     #expect(throws: MergeError.self) { try resolver(["densty": .number(0.5)]) }

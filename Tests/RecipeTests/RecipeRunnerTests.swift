@@ -1,6 +1,7 @@
 import Checkpoint
 import Foundation
 import Merge
+import Operations
 import Nets
 import Tensor
 import Testing

@@ -150,8 +150,13 @@ import Testing
     let shapes = try run("merge", folder.file("lacking.safetensors"), reshaped, "-o", out, "--allow-missing")
     #expect(shapes.status == 1 && shapes.stderr.contains("tensor 'model.embed_tokens.weight' has different shapes"), "\(shapes.stderr)")
 
-    let density = try run("merge", a, b, "--base", base, "--method", "ties", "--density", "1.5", "-o", out)
-    #expect(density.status == 1 && density.stderr.contains("parameter 'density (model 1)' for tensor 'model.embed_tokens.weight' 1.5 is outside (0, 1]"), "\(density.stderr)")
+    // A value out of range is a usage error found before any input is read, in a run and in a dry run alike.
+    for dryRun in [[], ["--dry-run"]] {
+      let density = try CLI.run(["merge", a, b, "--base", base, "--method", "ties", "--density", "1.5", "-o", out] + dryRun, environment: [:])
+      #expect(density.status == 64 && density.stderr.contains("ties: --density 1.5 is not a number in (0, 1]"), "\(density.stderr)")
+    }
+    let noT = try run("merge", a, "--base", base, "--method", "slerp", "-o", out)
+    #expect(noT.status == 64 && noT.stderr.contains("slerp: --t is required"), "\(noT.stderr)")
     let noBase = try run("merge", a, b, "--method", "ties", "-o", out)
     #expect(noBase.status == 64 && noBase.stderr.contains("ties needs a base model"), "\(noBase.stderr)")
     let slerp3 = try run("merge", a, b, base, "--base", base, "--method", "slerp", "--t", "0.5", "-o", out)

@@ -24,7 +24,7 @@ import Testing
     #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
 
     // Fine-tune on task 1 only with the first layer frozen: its weights stay bit-identical.
-    let tuned = try CLI.run("train", "--data", train, "--tasks", "1", "--initial", folder.file("mlp"), "--freeze", #"^layers\.0\."#, "--epochs", "2", "-o", folder.file("tuned"), "-q")
+    let tuned = try CLI.run("train", folder.file("mlp"), "--data", train, "--tasks", "1", "--freeze", #"^layers\.0\."#, "--epochs", "2", "-o", folder.file("tuned"), "-q")
     #expect(tuned.status == 0, "\(tuned.stderr)")
     let (before, after) = (try openCheckpoint(folder.file("mlp")), try openCheckpoint(folder.file("tuned")))
     #expect(try before.read("layers.0.weight") == after.read("layers.0.weight"))
@@ -120,7 +120,7 @@ import Testing
     #expect(try CLI.run("synthetic-data", "-o", data, "--features", "6", "--samples-per-class", "20").status == 0)
     #expect(try CLI.run("train", "--data", data, "--hidden", "8", "--epochs", "1", "-o", folder.file("base"), "-q").status == 0)
     for t in 0..<2 {
-      #expect(try CLI.run("train", "--data", data, "--initial", folder.file("base"), "--tasks", "\(t)", "--epochs", "2", "-o", folder.file("ft\(t)"), "-q").status == 0)
+      #expect(try CLI.run("train", folder.file("base"), "--data", data, "--tasks", "\(t)", "--epochs", "2", "-o", folder.file("ft\(t)"), "-q").status == 0)
       #expect(try CLI.run("task-vector", folder.file("ft\(t)"), "--base", folder.file("base"), "-o", folder.file("tv\(t).mkz"), "-q").status == 0)
     }
     let tvs = [folder.file("tv0.mkz"), folder.file("tv1.mkz")]

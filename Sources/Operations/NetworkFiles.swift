@@ -64,6 +64,16 @@ public enum NetworkFiles {
     try writer.finish()
   }
 
+  /// A JSON report (sorted keys), written atomically; refuses to replace an existing file
+  /// unless `overwrite`.
+  public static func writeReport(_ json: [String: Any], to destination: String, overwrite: Bool) throws {
+    guard overwrite || !FileManager.default.fileExists(atPath: destination) else { throw CheckpointError.outputExists(path: destination) }
+    do {
+      let bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
+      try bytes.write(to: URL(fileURLWithPath: destination), options: .atomic)
+    } catch { throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription) }
+  }
+
   /// The tensors of a checkpoint (task vectors), decoded.
   public static func tensors(_ path: String) throws -> [String: Tensor] {
     let checkpoint = try openCheckpoint(path)

@@ -1,0 +1,61 @@
+/// A request an operation refuses before running: every case is a usage error (the CLI exits
+/// 64, a recipe names the YAML path). Messages speak of parameters by their recipe names; the
+/// shells render them as flags (`--batch-size`) or YAML paths (`steps[1].parameters.batch_size`)
+/// through `parameter` and `reason`.
+public enum OperationError: Error, CustomStringConvertible, Equatable {
+  /// No operation or merge method has this name.
+  case unknownOperation(String, known: [String])
+  /// The operation declares no parameter of this name.
+  case unknownParameter(operation: String, name: String, known: [String])
+  /// A parameter's value has the wrong kind or is out of its range.
+  case invalidParameter(operation: String, name: String, value: String, reason: String)
+  /// A required parameter was not given.
+  case missingParameter(operation: String, name: String, help: String)
+  /// Parameters that cannot go together, or one that needs another (`distill` needs data).
+  case conflict(operation: String, name: String, reason: String)
+  /// The models, base or data given do not suit the operation.
+  case inputs(operation: String, reason: String)
+  /// An input path (model, base, data or a path parameter) does not exist.
+  case missingInput(operation: String, role: String, path: String)
+  /// The output exists and replacing it was not asked for.
+  case outputExists(path: String)
+  /// The output path is missing or of the wrong kind.
+  case badOutput(operation: String, reason: String)
+  /// The same path is written twice, or written while being read.
+  case outputClash(path: String, reason: String)
+
+  /// The parameter the error is about, if any.
+  public var parameter: String? {
+    switch self {
+    case .unknownParameter(_, let name, _), .invalidParameter(_, let name, _, _), .missingParameter(_, let name, _), .conflict(_, let name, _): return name
+    default: return nil
+    }
+  }
+
+  /// The message without the operation and parameter names, for shells that name them their way.
+  public var reason: String {
+    switch self {
+    case .unknownOperation(let name, let known): return "unknown operation '\(name)'; available: \(known.joined(separator: ", "))"
+    case .unknownParameter(_, _, let known): return "unknown parameter; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
+    case .invalidParameter(_, _, let value, let reason): return "'\(value)' \(reason)"
+    case .missingParameter(_, _, let help): return "is required (\(help))"
+    case .conflict(_, _, let reason), .inputs(_, let reason), .badOutput(_, let reason): return reason
+    case .missingInput(_, let role, let path): return "\(role) '\(path)' does not exist"
+    case .outputExists(let path): return "'\(path)' already exists; replace it with overwrite (--overwrite)"
+    case .outputClash(let path, let reason): return "'\(path)' \(reason)"
+    }
+  }
+
+  /// The message with parameters named by `render` (a flag or a YAML path).
+  public func message(naming render: (String) -> String) -> String {
+    switch self {
+    case .unknownParameter(let operation, let name, _), .invalidParameter(let operation, let name, _, _), .missingParameter(let operation, let name, _),
+      .conflict(let operation, let name, _):
+      return "\(operation): \(render(name)): \(reason)"
+    case .inputs(let operation, _), .missingInput(let operation, _, _), .badOutput(let operation, _): return "\(operation): \(reason)"
+    case .unknownOperation, .outputExists, .outputClash: return reason
+    }
+  }
+
+  public var description: String { message { "parameter '\($0)'" } }
+}

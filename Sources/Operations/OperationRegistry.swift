@@ -1,0 +1,25 @@
+import Merge
+
+/// Every operation that is not a tensor-wise merge, registered once. The CLI makes one command
+/// per entry (flags and help from its specs) and recipes find steps here; merge methods are in
+/// `MergeRegistry` and run through `MergeRunner` (`mergekit merge`, recipe `method: ties`).
+public enum OperationRegistry {
+  public static let operations: [any MergekitOperation] = [
+    SyntheticDataOperation(),
+    SyntheticTokensOperation(),
+    TrainOperation(),
+    EvalOperation(),
+    StatsOperation(),
+    ZipOperation(),
+    ATLASLearnOperation(),
+    PELAOperation(),
+    ExtractLoRAOperation(),
+    MKVOperation(),
+  ]
+
+  /// The operation called `name` (or one of its aliases); nil when there is none.
+  public static func operation(named name: String) -> (any MergekitOperation)? {
+    let key = name.lowercased().replacingOccurrences(of: "_", with: "-")
+    return operations.first { $0.name == key || $0.aliases.contains(key) }
+  }
+}

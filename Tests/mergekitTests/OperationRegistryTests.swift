@@ -1,0 +1,84 @@
+import Foundation
+import Merge
+import Operations
+import Testing
+
+@testable import TestSupport
+
+/// Every registered operation is reachable from the CLI and from a recipe with the same
+/// parameter names and checks: for each parameter, a value its spec refuses is a usage error
+/// (exit 64) in both, naming the flag or the YAML path, before any output exists.
+@Suite struct OperationRegistryTests {
+  /// A value the spec refuses, written for the command line, or nil where every value is
+  /// accepted (free text, paths).
+  static func refusedValue(_ spec: ParameterSpec) -> String? {
+    switch spec.kind {
+    case .number(let range, let openBelow):
+      if range.lowerBound > -Double.greatestFiniteMagnitude { return openBelow ? "\(range.lowerBound)" : "\(range.lowerBound - 1)" }
+      return range.upperBound < Double.greatestFiniteMagnitude ? "\(range.upperBound + 1)" : nil
+    case .integer(let range), .integers(let range): return "\(range.lowerBound - 1)"
+    case .flag: return "maybe"
+    case .choice: return "no-such-choice"
+    case .pattern: return "("
+    case .text, .inputPath, .outputPath: return nil
+    }
+  }
+
+  /// The output path an operation accepts.
+  static func outputName(_ operation: any MergekitOperation) -> String {
+    if case .file(let ext) = operation.output { return "out.\(ext)" }
+    return "out"
+  }
+
+  @Test func everyParameterIsCheckedAlikeOnTheCommandLineAndInRecipes() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let input = folder.file("input.txt")
+    try Data("an input that exists".utf8).write(to: URL(fileURLWithPath: input))
+    var checked = 0
+    for operation in OperationRegistry.operations {
+      let specNames = Set(operation.parameters.map(\.name))
+      #expect(specNames.count == operation.parameters.count, "\(operation.name) declares a parameter twice")
+      for spec in operation.parameters {
+        #expect(spec.name == spec.name.lowercased() && !spec.name.contains("-"), "\(operation.name).\(spec.name) is not snake_case")
+        guard let value = Self.refusedValue(spec) else { continue }
+        let output = folder.file(Self.outputName(operation))
+        // The command line: --flag=value, with the inputs the operation requires.
+        // Required parameters other than this one get a valid value (only regular expressions have none today).
+        let required = operation.parameters.filter { $0.name != spec.name && $0.defaultValue == nil && !$0.isOptional }
+        #expect(required.allSatisfy { $0.kind == .pattern }, "\(operation.name): give the test a valid value for \(required.map(\.name))")
+        var arguments = operation.commandPath + ["\(spec.flagName)=\(value)", "-o", output] + required.flatMap { [$0.flagName, "."] }
+        arguments += Array(repeating: input, count: operation.inputs.models.lowerBound)
+        if operation.inputs.base == .required { arguments += ["--base", input] }
+        if operation.inputs.data == .required { arguments += ["--data", input] }
+        let cli = try CLI.run(arguments, environment: [:])
+        #expect(cli.status == 64 && cli.stderr.contains(spec.flagName), "\(arguments.joined(separator: " ")): \(cli.status) \(cli.stderr)")
+        // The recipe: the same value under parameters, the same inputs as step keys.
+        let quoted = Double(value) == nil ? "\"\(value)\"" : value
+        var step = ["name: s", "method: \(operation.name)", "models: [\(Array(repeating: "m", count: operation.inputs.models.lowerBound).joined(separator: ", "))]"]
+        if operation.inputs.base == .required { step.append("base: m") }
+        if operation.inputs.data == .required { step.append("data: m") }
+        step.append("parameters: {\((["\(spec.name): \(quoted)"] + required.map { "\($0.name): \".\"" }).joined(separator: ", "))}")
+        let yaml = "inputs: {m: \(input)}\nsteps:\n  - {\(step.joined(separator: ", "))}\noutputs: {s: \(output)}\n"
+        let recipe = folder.file("recipe.yaml")
+        try Data(yaml.utf8).write(to: URL(fileURLWithPath: recipe))
+        let run = try CLI.run(["run", recipe], environment: [:])
+        let path = "steps[0].parameters.\(spec.name)"
+        #expect(run.status == 64 && run.stderr.contains(path), "\(operation.name) recipe with \(spec.name): \(value): \(run.status) \(run.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: output), "\(output) was written")
+        checked += 1
+      }
+    }
+    #expect(checked >= 60, "only \(checked) parameters were checked")
+    // Nothing but the input and the recipe: no output, no temporary folder.
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["input.txt", "recipe.yaml"])
+  }
+
+  @Test func everyOperationHasACommandWithItsParametersInTheHelp() throws {
+    for operation in OperationRegistry.operations {
+      let help = try CLI.run(operation.commandPath + ["--help"], environment: [:])
+      #expect(help.status == 0, "\(operation.commandPath): \(help.stderr)")
+      for spec in operation.parameters { #expect(help.stdout.contains(spec.flagName + " ("), "\(operation.name) help lacks \(spec.flagName)") }
+    }
+  }
+}

@@ -1,0 +1,83 @@
+import Foundation
+import Testing
+
+@testable import TestSupport
+
+/// A recipe is checked whole before its first step runs: a bad value in any step, a step name
+/// that is a path, or two outputs on one path write nothing and exit 64 naming the YAML path.
+@Suite struct RecipeValidationTests {
+  static let examples: TemporaryFolder = {
+    let folder = TemporaryFolder()
+    _ = try? CLI.run("example", folder.file("ex"))
+    return folder
+  }()
+
+  func recipe(_ folder: TemporaryFolder, method: String = "ties", models: String = "[soup, b]", secondStep: String, outputs: String? = nil) throws -> String {
+    let ex = Self.examples.file("ex")
+    let yaml = """
+      inputs: {base: \(ex)/base, a: \(ex)/finetune-a, b: \(ex)/finetune-b}
+      steps:
+        - {name: soup, method: linear, models: [a, b]}
+        - name: merged
+          method: \(method)
+          base: base
+          models: \(models)
+          \(secondStep)
+      outputs:
+        \(outputs ?? "soup: \(folder.file("soup"))\n  merged: \(folder.file("merged"))")
+
+      """
+    let path = folder.file("recipe.yaml")
+    try Data(yaml.utf8).write(to: URL(fileURLWithPath: path))
+    return path
+  }
+
+  @Test func aBadValueInTheLastStepWritesNothing() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let path = try recipe(folder, secondStep: "parameters: {density: 1.5}")
+    for dryRun in [[], ["--dry-run"]] {
+      let run = try CLI.run(["run", path] + dryRun, environment: [:])
+      #expect(run.status == 64, "\(run.stderr)")
+      #expect(run.stderr.contains("recipe.yaml:8: steps[1].parameters.density"), "\(run.stderr)")
+      #expect(run.stderr.contains("1.5 is not a number in (0, 1]"), "\(run.stderr)")
+      #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["recipe.yaml"])
+    }
+    let missing = try CLI.run("run", try recipe(folder, method: "slerp", models: "[soup]", secondStep: "parameters: {}"), "--dry-run")
+    #expect(missing.status == 64 && missing.stderr.contains("steps[1].parameters.t") && missing.stderr.contains("is required"), "\(missing.stderr)")
+    let perModel = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5, weight: [0.5, 2, nan]}"), "--dry-run")
+    #expect(perModel.status == 64 && perModel.stderr.contains("steps[1].parameters.weight"), "\(perModel.stderr)")
+    let typo = try CLI.run("run", try recipe(folder, secondStep: "parameter: {density: 0.5}"), "--dry-run")
+    #expect(typo.status == 64 && typo.stderr.contains("unknown key 'parameter'"), "\(typo.stderr)")
+  }
+
+  @Test func aValidRecipesDryRunPrintsThePlanAndWritesNothing() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let path = try recipe(folder, secondStep: "parameters: {density: 0.5}")
+    let dry = try CLI.run("run", path, "--dry-run")
+    #expect(dry.status == 0, "\(dry.stderr)")
+    #expect(dry.stderr.contains("soup: linear of") && dry.stderr.contains("merged: ties of"), "\(dry.stderr)")
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["recipe.yaml"])
+    let run = try CLI.run("run", path, "-q")
+    #expect(run.status == 0, "\(run.stderr)")
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["merged", "recipe.yaml", "soup"])
+  }
+
+  @Test func stepNamesArePlainAndOutputsDoNotCollide() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let escape = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}"), "--dry-run")
+    #expect(escape.status == 0, "\(escape.stderr)")
+    let yaml = try String(contentsOfFile: folder.file("recipe.yaml"), encoding: .utf8)
+    try Data(yaml.replacingOccurrences(of: "name: soup", with: "name: ../keep").replacingOccurrences(of: "[soup, b]", with: "[../keep, b]").replacingOccurrences(of: "soup: ", with: "../keep: ").utf8)
+      .write(to: URL(fileURLWithPath: folder.file("escape.yaml")))
+    let dotted = try CLI.run("run", folder.file("escape.yaml"))
+    #expect(dotted.status == 64 && dotted.stderr.contains("'../keep' is not a plain name"), "\(dotted.stderr)")
+    let twice = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}", outputs: "soup: \(folder.file("same"))\n  merged: \(folder.file("same"))"))
+    #expect(twice.status == 64 && twice.stderr.contains("is also the path of output soup"), "\(twice.stderr)")
+    let onInput = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}", outputs: "merged: \(Self.examples.file("ex/finetune-b"))"), "--overwrite")
+    #expect(onInput.status == 64 && onInput.stderr.contains("is also read by the recipe"), "\(onInput.stderr)")
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["escape.yaml", "recipe.yaml"])
+  }
+}
