@@ -38,11 +38,11 @@ extension MatryoshkaKV {
     let names = KVProjection.Kind.allCases.flatMap { kind in
       (0..<c.layerCount).flatMap { l in (0..<c.keyValueHeadCount).map { (KVProjection.basisName(layer: l, kind, head: $0), KVProjection.meanName(layer: l, kind, head: $0)) } }
     }
-    let initial = Dictionary(uniqueKeysWithValues: names.map { ($0.0, network.weights[$0.0]!) })
+    let initial = Dictionary(uniqueKeysWithValues: try names.map { ($0.0, try network.weights.required($0.0)) })
     var parameters: [String: Matrix<Float>] = [:]
     for (basis, mean) in names {
       parameters[basis] = Matrix(zeros: d, d)  // X: U = U0 Cayley(X)
-      parameters[mean] = network.weights[mean]!
+      parameters[mean] = try network.weights.required(mean)
     }
     var optimizer = Optimizer<Float>(.adam, learningRate: options.learningRate, weightDecay: 0, clipNorm: 1)
     let batches = (sequences.count + options.batchSize - 1) / options.batchSize
@@ -61,8 +61,8 @@ extension MatryoshkaKV {
         let tape = Tape<Float>()
         var bound: [String: Var] = [:]
         let out = try student.forward(tape, .tokens(batch)) { name, value in
-          if let u0 = initial[name] {
-            let x = tape.parameter(parameters[name]!)
+          if let u0 = initial[name], let rotation = parameters[name] {
+            let x = tape.parameter(rotation)
             bound[name] = x
             return tape.matmul(tape.constant(u0), tape.cayley(x))
           }
@@ -93,9 +93,9 @@ extension MatryoshkaKV {
     var tensors = Dictionary(uniqueKeysWithValues: network.tensors.map { ($0.name, $0.tensor) })
     for (basis, mean) in names {
       let tape = Tape<Float>()
-      let u = tape.value(tape.matmul(tape.constant(initial[basis]!), tape.cayley(tape.constant(parameters[basis]!))))
+      let u = tape.value(tape.matmul(tape.constant(try initial.required(basis)), tape.cayley(tape.constant(try parameters.required(basis)))))
       tensors[basis] = u.tensor()
-      tensors[mean] = parameters[mean]!.tensor(shape: [d])
+      tensors[mean] = try parameters.required(mean).tensor(shape: [d])
     }
     return (try Network(config: network.config, tensors: tensors, lowRank: network.lowRank, kvProjection: finalRanks), losses)
   }

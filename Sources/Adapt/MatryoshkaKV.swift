@@ -51,7 +51,7 @@ public enum MatryoshkaKV {
       let byName = Dictionary(points.map { ($0.name, $0.value) }) { a, _ in a }
       for layer in 0..<c.layerCount {
         for (kind, name) in [(0, "keys"), (1, "values")] {
-          let kept = tape.value(byName["model.layers.\(layer).self_attn.\(name)"]!).rows(rows)
+          let kept = tape.value(try byName.required("model.layers.\(layer).self_attn.\(name)")).rows(rows)
           if kind == 0 { keys[layer].add(kept) } else { values[layer].add(kept) }
         }
       }
@@ -96,7 +96,7 @@ public enum MatryoshkaKV {
     let c = try decoder(network)
     let d = c.headDimension
     func heads(_ projection: String, layer: Int) throws -> [HeadBasis] {
-      let w = network.weights["model.layers.\(layer).self_attn.\(projection).weight"]!
+      let w = try network.weights.required("model.layers.\(layer).self_attn.\(projection).weight")
       let bias = network.weights["model.layers.\(layer).self_attn.\(projection).bias"]
       return try (0..<c.keyValueHeadCount).map { h in
         var block = DoubleMatrix(zeros: d, w.columns)
@@ -135,17 +135,17 @@ public enum MatryoshkaKV {
   /// The bases a projected network holds.
   public static func bases(of network: Network<Float>, dataFree: Bool = false) throws -> Bases {
     let c = try decoder(network)
-    func heads(_ kind: KVProjection.Kind) -> [[HeadBasis]] {
-      (0..<c.layerCount).map { layer in
-        (0..<c.keyValueHeadCount).map { h in
+    func heads(_ kind: KVProjection.Kind) throws -> [[HeadBasis]] {
+      try (0..<c.layerCount).map { layer in
+        try (0..<c.keyValueHeadCount).map { h in
           HeadBasis(
-            basis: network.weights[KVProjection.basisName(layer: layer, kind, head: h)]!, mean: network.weights[KVProjection.meanName(layer: layer, kind, head: h)]!,
-            variances: [])
+            basis: try network.weights.required(KVProjection.basisName(layer: layer, kind, head: h)),
+            mean: try network.weights.required(KVProjection.meanName(layer: layer, kind, head: h)), variances: [])
         }
       }
     }
     guard network.kvProjection != nil else { throw AdaptError.badOption("the model has no K/V projections") }
-    return Bases(keys: heads(.keys), values: heads(.values), dataFree: dataFree)
+    return Bases(keys: try heads(.keys), values: try heads(.values), dataFree: dataFree)
   }
 
   /// Every head at the same rank: the multiple of `step` nearest `budget * d` (at least `step`).
@@ -196,7 +196,7 @@ public enum MatryoshkaKV {
   static func finalHidden(_ network: Network<Float>, _ batch: TokenBatch, _ point: String) throws -> Matrix<Float> {
     let tape = Tape<Float>()
     let out = try network.forward(tape, .tokens(batch))
-    return tape.value(out.points.first { $0.name == point }!.value)
+    return tape.value(try out.point(point))
   }
 
   /// Mean per-token `KL(teacher || student)` of the next-token distributions over `sequences`.

@@ -114,11 +114,14 @@ extension PELA {
         if options.featureWeight > 0, !distilled.isEmpty {
           var sum: Var?
           for point in distilled {
-            let mse = tape.meanSquaredError(point.value, tape.constant(teacherPoints[point.name]!))
+            let mse = tape.meanSquaredError(point.value, tape.constant(try teacherPoints.required(point.name)))
             sum = sum.map { tape.add($0, mse) } ?? mse
           }
-          featureLoss = tape.scale(sum!, 1 / Float(distilled.count))
-          terms.append(tape.scale(featureLoss!, options.featureWeight))
+          if let sum {
+            let mean = tape.scale(sum, 1 / Float(distilled.count))
+            featureLoss = mean
+            terms.append(tape.scale(mean, options.featureWeight))
+          }
         }
         if options.logitWeight > 0 {
           terms.append(tape.scale(tape.meanSquaredError(out.output, tape.constant(teacherTape.value(taught.output))), options.logitWeight))
@@ -127,15 +130,18 @@ extension PELA {
         if options.perturbationWeight > 0 {
           var sum: Var?
           for layer in student.lowRank.keys.sorted() {
-            let a = parameters[layer + ".0.weight"] ?? tape.constant(student.weights[layer + ".0.weight"]!)
-            let bMatrix = parameters[layer + ".1.weight"] ?? tape.constant(student.weights[layer + ".1.weight"]!)
-            let error = tape.maxAbs(tape.subtract(tape.matmul(bMatrix, a), tape.constant(teacher.weights[layer + ".weight"]!)))
+            let a = try parameters[layer + ".0.weight"] ?? tape.constant(student.weights.required(layer + ".0.weight"))
+            let bMatrix = try parameters[layer + ".1.weight"] ?? tape.constant(student.weights.required(layer + ".1.weight"))
+            let error = tape.maxAbs(tape.subtract(tape.matmul(bMatrix, a), tape.constant(try teacher.weights.required(layer + ".weight"))))
             let shifted = tape.subtract(error, tape.constant(Matrix(rows: 1, columns: 1, values: [options.perturbationEpsilon])))
             let term = tape.multiply(shifted, shifted)
             sum = sum.map { tape.add($0, term) } ?? term
           }
-          perturbation = tape.scale(sum!, 1 / Float(student.lowRank.count))
-          terms.append(tape.scale(perturbation!, options.perturbationWeight))
+          if let sum {
+            let mean = tape.scale(sum, 1 / Float(student.lowRank.count))
+            perturbation = mean
+            terms.append(tape.scale(mean, options.perturbationWeight))
+          }
         }
         guard var loss = terms.first else { throw AdaptError.badOption("every loss weight is 0: nothing to train") }
         for term in terms.dropFirst() { loss = tape.add(loss, term) }

@@ -101,7 +101,7 @@ public enum PELA {
     var ranks: [String: Int] = [:]
     var reports: [LayerReport] = []
     for (i, layer) in layers.enumerated() {
-      let (factors, report) = try factor(layer: layer, weight: out[layer + ".weight"]!, options: options)
+      let (factors, report) = try factor(layer: layer, weight: try out.required(layer + ".weight"), options: options)
       reports.append(report)
       progress?(i + 1, layers.count)
       guard let factors else { continue }
@@ -118,7 +118,9 @@ public enum PELA {
   public static func densified(_ network: Network<Float>) throws -> Network<Float> {
     var out = Dictionary(uniqueKeysWithValues: network.tensors.map { ($0.name, $0.tensor) })
     for layer in network.lowRank.keys {
-      out[layer + ".weight"] = BLAS.matmul(out.removeValue(forKey: layer + ".1.weight")!, out.removeValue(forKey: layer + ".0.weight")!)
+      let (b, a) = (try out.required(layer + ".1.weight"), try out.required(layer + ".0.weight"))
+      (out[layer + ".1.weight"], out[layer + ".0.weight"]) = (nil, nil)
+      out[layer + ".weight"] = BLAS.matmul(b, a)
       if let bias = out.removeValue(forKey: layer + ".1.bias") { out[layer + ".bias"] = bias }
     }
     return try Network(config: network.config, tensors: out)

@@ -74,7 +74,7 @@ enum ByteTransform: String, Sendable {
     case .planes: split(T.self, n, planes) { s.loadUnaligned(fromByteOffset: $0 * size, as: T.self) }
     case .floatPlanes: split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), 0, .floatPlanes) }
     case .delta:
-      guard let b = base?.baseAddress, base!.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
+      guard let base, let b = base.baseAddress, base.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
       split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta) }
     }
   }
@@ -90,7 +90,7 @@ enum ByteTransform: String, Sendable {
     case .planes: join(T.self, n, planes) { o.storeBytes(of: $1, toByteOffset: $0 * size, as: T.self) }
     case .floatPlanes: join(T.self, n, planes) { o.storeBytes(of: inverse($1, 0, .floatPlanes), toByteOffset: $0 * size, as: T.self) }
     case .delta:
-      guard let b = base?.baseAddress, base!.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
+      guard let base, let b = base.baseAddress, base.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
       join(T.self, n, planes) { o.storeBytes(of: inverse($1, b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta), toByteOffset: $0 * size, as: T.self) }
     }
   }

@@ -121,7 +121,8 @@ public enum DataFiles {
         if c == labelColumn {
           table.labels += try integers([value], path, "label on line \(line)")
         } else if c == taskColumn {
-          table.tasks! += try integers([value], path, "task on line \(line)")
+          let task = try integers([value], path, "task on line \(line)")
+          table.tasks?.append(contentsOf: task)
         } else {
           table.features.append(Float(value))
         }
@@ -160,7 +161,8 @@ public enum DataFiles {
       throw DataFileError(file: path, reason: "data holds \(bytes.count - offset) bytes, the shape \(shape) of '\(type)' needs \(count * size)")
     }
     let values: [Double] = bytes.withUnsafeBytes { raw in
-      let p = raw.baseAddress! + offset
+      guard let start = raw.baseAddress else { return [] }
+      let p = start + offset
       return (0..<count).map { i in
         switch type {
         case "<f4": return Double(Float(bitPattern: p.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)))

@@ -77,7 +77,7 @@ enum JSON: Equatable {
     guard asciiOnly else { return quote(s) }
     var out = ""
     for unit in quote(s).utf16 {
-      if unit < 0x80 { out.unicodeScalars.append(Unicode.Scalar(unit)!) } else { out += String(format: "\\u%04x", unit) }
+      if unit < 0x80 { out.unicodeScalars.append(Unicode.Scalar(UInt8(unit))) } else { out += String(format: "\\u%04x", unit) }
     }
     return out
   }

@@ -81,11 +81,14 @@ public final class MemoryCheckpointWriter: TensorSink {
   }
 
   public func append(_ piece: UnsafeRawBufferPointer) throws {
-    guard current != nil else { throw CheckpointError.writeOrder(file: name, reason: "bytes written before any tensor") }
-    guard current!.bytes.count + piece.count <= current!.info.byteCount else {
-      throw CheckpointError.writeOrder(file: name, reason: "more bytes than tensor '\(current!.info.name)' holds")
+    // Only the count is read: a second reference to the bytes would make the append copy them.
+    guard let info = current?.info, let held = current?.bytes.count else {
+      throw CheckpointError.writeOrder(file: name, reason: "bytes written before any tensor")
     }
-    current!.bytes.append(contentsOf: piece)
+    guard held + piece.count <= info.byteCount else {
+      throw CheckpointError.writeOrder(file: name, reason: "more bytes than tensor '\(info.name)' holds")
+    }
+    current?.bytes.append(contentsOf: piece)
   }
 
   private func completeCurrent() throws {

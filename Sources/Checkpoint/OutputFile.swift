@@ -63,13 +63,13 @@ final class OutputFile: @unchecked Sendable {
         current = (staging[nextStaging], 0)
         nextStaging ^= 1
       }
-      let n = min(Self.stagingSize - current!.filled, remaining.count)
-      UnsafeMutableRawBufferPointer(rebasing: current!.buffer[current!.filled..<(current!.filled + n)])
-        .copyMemory(from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
-      current!.filled += n
+      guard let (target, filled) = current else { break }
+      let n = min(Self.stagingSize - filled, remaining.count)
+      UnsafeMutableRawBufferPointer(rebasing: target[filled..<(filled + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
+      current = (target, filled + n)
       bytesWritten += n
       remaining = UnsafeRawBufferPointer(rebasing: remaining[n...])
-      if current!.filled == Self.stagingSize { submit() }
+      if filled + n == Self.stagingSize { submit() }
     }
   }
 
@@ -77,10 +77,10 @@ final class OutputFile: @unchecked Sendable {
 
   /// Hands the current staging buffer to the background queue.
   private func submit() {
-    guard let (buffer, filled) = current else { return }
+    guard let (buffer, filled) = current, let start = buffer.baseAddress else { return }
     current = nil
     let fd = self.fd
-    let staged = StagedBytes(start: UnsafeRawPointer(buffer.baseAddress!))
+    let staged = StagedBytes(start: UnsafeRawPointer(start))
     queue.async { [self] in
       if errorLock.withLock({ failure == nil }) {
         var p = staged.start

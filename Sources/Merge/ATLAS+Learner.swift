@@ -11,7 +11,8 @@ extension ATLAS {
     let partitions: Int
     /// `pieces[i][b][k]`: task vector i's block b restricted to partition k.
     let pieces: [[[Matrix<Float>]]]
-    var lambda: [String: Matrix<Float>]
+    /// The coefficients as one row, flat index `index(task:block:partition:)`.
+    var lambda: Matrix<Float>
     var trainable: [Bool]
     var optimizer: Optimizer<Float>
 
@@ -22,7 +23,7 @@ extension ATLAS {
       let k = partitions
       pieces = problem.taskVectors.map { tv in
         problem.blocks.map { block in
-          let whole = tv[block]!
+          guard let whole = tv[block] else { preconditionFailure("Problem keeps only blocks every task vector has") }
           guard k > 1 else { return [whole] }
           return (0..<k).map { part in
             var piece = whole
@@ -32,7 +33,7 @@ extension ATLAS {
         }
       }
       let count = options.isotropic ? problem.taskVectors.count : problem.taskVectors.count * problem.blocks.count * k
-      lambda = ["lambda": Matrix(zeros: 1, count)]
+      lambda = Matrix(zeros: 1, count)
       trainable = Array(repeating: true, count: count)
       optimizer = Optimizer(.adam, learningRate: options.learningRate, weightDecay: options.weightDecay, clipNorm: options.clipNorm)
     }
@@ -47,7 +48,7 @@ extension ATLAS {
       var lambdas: [Int: Var] = [:]
       func coefficient(_ n: Int) -> Var {
         if let v = lambdas[n] { return v }
-        let value = Matrix(rows: 1, columns: 1, values: [lambda["lambda"]!.values[n]])
+        let value = Matrix(rows: 1, columns: 1, values: [lambda.values[n]])
         let v = differentiable && trainable[n] ? tape.parameter(value) : tape.constant(value)
         lambdas[n] = v
         return v
@@ -57,7 +58,7 @@ extension ATLAS {
         var theta = tape.constant(value)
         guard let b = blockIndex[name] else { return theta }
         for i in pieces.indices {
-          for k in 0..<partitions where differentiable || lambda["lambda"]!.values[index(task: i, block: b, partition: k)] != 0 {
+          for k in 0..<partitions where differentiable || lambda.values[index(task: i, block: b, partition: k)] != 0 {
             theta = tape.add(theta, tape.scale(tape.constant(pieces[i][b][k]), by: coefficient(index(task: i, block: b, partition: k))))
           }
         }
@@ -139,11 +140,13 @@ extension ATLAS {
         let tape = Tape<Float>()
         let (loss, lambdas) = try self.loss(tape, data.rows(rows), rows: rows, epoch: epoch, classes: classes, trusted: trusted, scale: scale)
         tape.backward(from: loss)
-        var gradient = Matrix<Float>(zeros: 1, lambda["lambda"]!.count)
+        var gradient = Matrix<Float>(zeros: 1, lambda.count)
         for (n, v) in lambdas { gradient.values[n] = tape.gradient(v)?.values[0] ?? 0 }
-        optimizer.step(&lambda, gradients: ["lambda": gradient])
+        var state = ["lambda": lambda]
+        optimizer.step(&state, gradients: ["lambda": gradient])
+        lambda = state["lambda"] ?? lambda
         // Coefficients left out by block selection stay exactly 0 (no decay or momentum moves them).
-        for n in trainable.indices where !trainable[n] { lambda["lambda"]!.values[n] = 0 }
+        for n in trainable.indices where !trainable[n] { lambda.values[n] = 0 }
         total += Double(tape.value(loss).values[0])
       }
       return total / Double(max(batches.count, 1))
@@ -199,7 +202,7 @@ extension ATLAS {
 
     func coefficients() -> ATLASCoefficients {
       let (t, b, k) = (problem.taskVectors.count, problem.blocks.count, partitions)
-      let flat = lambda["lambda"]!.values
+      let flat = lambda.values
       let values = (0..<t).map { i in (0..<b).map { j in (0..<k).map { Double(flat[index(task: i, block: j, partition: $0)]) } } }
       var c = ATLASCoefficients(tasks: problem.names, blocks: problem.blocks, partitions: k)
       c.values = values  // tasks x blocks x partitions by construction

@@ -85,10 +85,11 @@ public enum ATLAS {
         if let pattern, name.contains(pattern) { continue }
         guard taskVectors.allSatisfy({ $0[name] != nil }) else { continue }
         for (i, tv) in taskVectors.enumerated() {
-          guard tv[name]!.shape == shape else {
-            throw ATLASError.taskVectorMismatch(taskVector: i, tensor: name, reason: "shape \(tv[name]!.shape), the base has \(shape)")
+          let vector = try tv.required(name)
+          guard vector.shape == shape else {
+            throw ATLASError.taskVectorMismatch(taskVector: i, tensor: name, reason: "shape \(vector.shape), the base has \(shape)")
           }
-          vectors[i][name] = Matrix(tv[name]!)
+          vectors[i][name] = Matrix(vector)
         }
         blocks.append(name)
       }
@@ -109,7 +110,7 @@ public enum ATLAS {
       ).resolve(tensor: c.blocks.first ?? "")
       for block in c.blocks {
         guard let w = out.weights[block] else { continue }
-        let inputs = MergeInputs(name: block, base: w.tensor(), models: taskVectors.map { $0[block]!.tensor() })
+        let inputs = MergeInputs(name: block, base: w.tensor(), models: try taskVectors.map { try $0.required(block).tensor() })
         out.weights[block] = Matrix(try apply.merge(inputs, parameters))
       }
       return out
@@ -156,7 +157,7 @@ public enum ATLAS {
         } else {
           metric = s.mean
         }
-        if best == nil || metric! > best!.metric { best = (learner.coefficients(), metric!) }
+        if let metric, metric > best?.metric ?? -Double.infinity || best == nil { best = (learner.coefficients(), metric) }
       }
       let report = EpochReport(epoch: epoch + 1, loss: loss, metric: metric)
       reports.append(report)

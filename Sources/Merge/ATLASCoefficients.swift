@@ -106,7 +106,7 @@ public struct ATLASApply: StreamingMerge {
   public var modelCount: ClosedRange<Int> { 1...Int.max }
   public var parameters: [ParameterSpec] { [] }
 
-  public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
+  public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeThroughRanges(inputs, p) }
 
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
     let lambdas = coefficients.coefficients(block: name) ?? Array(repeating: Array(repeating: 0, count: coefficients.partitions), count: p.models.count)

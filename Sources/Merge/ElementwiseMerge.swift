@@ -45,9 +45,10 @@ public struct RangeMerger: Sendable {
   public init(_ form: WeightedSumForm) {
     weightedSum = form
     merge = { range in
+      let base = range.base ?? []
       guard !form.usesBase || range.base != nil else { throw MergeError.baseRequired(method: form.method) }
       return Kernels.weightedSum(
-        form.terms.map { $0.map { range.models[$0] } ?? range.base! }, weights: form.weights, scale: form.scale, base: form.addsBase ? range.base : nil,
+        form.terms.map { $0.map { range.models[$0] } ?? base }, weights: form.weights, scale: form.scale, base: form.addsBase ? range.base : nil,
         subtractingBase: form.subtractsBase)
     }
   }
@@ -130,7 +131,12 @@ public final class ResultSlots<Value>: @unchecked Sendable {
   private let lock = NSLock()
   public init(count: Int) { values = Array(repeating: nil, count: count) }
   public func set(_ i: Int, _ value: Value) { lock.withLock { values[i] = value } }
-  public func get(_ i: Int) -> Value { lock.withLock { values[i]! } }
+  public func get(_ i: Int) -> Value {
+    lock.withLock {
+      guard let value = values[i] else { preconditionFailure("result slot \(i) read before it was filled") }
+      return value
+    }
+  }
 }
 
 /// A method the runner can stream range by range: memory stays at a few ranges however large
@@ -147,6 +153,13 @@ public protocol StreamingMerge: MergeMethod {
 
 extension StreamingMerge {
   public var readsTaskVectors: Bool { false }
+
+  /// The whole-tensor merge through the ranges, for methods whose `prepare` always gives a
+  /// range merger. Throws `MergeError.notStreamable` where it does not.
+  public func mergeThroughRanges(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor {
+    guard let merged = try mergeByRanges(inputs, parameters) else { throw MergeError.notStreamable(method: name, tensor: inputs.name) }
+    return merged
+  }
 
   /// The whole-tensor merge done through the same ranges as streaming (nil: not streamable).
   public func mergeByRanges(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor? {

@@ -17,7 +17,7 @@ public struct LinearMerge: StreamingMerge {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    try mergeByRanges(inputs, p)!
+    try mergeThroughRanges(inputs, p)
   }
 
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {

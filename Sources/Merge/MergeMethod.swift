@@ -59,6 +59,8 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
   case baseUnused(method: String)
   case modelCount(method: String, expected: ClosedRange<Int>, got: Int)
   case zeroWeightSum(method: String, tensor: String)
+  /// A method that promised to merge range by range did not (a bug in the method).
+  case notStreamable(method: String, tensor: String)
 
   public var description: String {
     switch self {
@@ -79,6 +81,8 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
         expected.lowerBound == expected.upperBound
         ? "\(expected.lowerBound)" : expected.upperBound == Int.max ? "at least \(expected.lowerBound)" : "\(expected.lowerBound) to \(expected.upperBound)"
       return "\(method) takes \(wanted) model\(expected.upperBound == 1 ? "" : "s") besides the base; got \(got)"
+    case .notStreamable(let method, let tensor):
+      return "\(method): tensor '\(tensor)' could not be merged range by range; this is a bug, please report it"
     case .zeroWeightSum(let method, let tensor):
       return "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"
     }

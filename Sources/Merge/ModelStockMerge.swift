@@ -19,7 +19,7 @@ public struct ModelStockMerge: StreamingMerge {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
-    guard p.flag("filter_wise") else { return try mergeByRanges(inputs, p)! }
+    guard p.flag("filter_wise") else { return try mergeThroughRanges(inputs, p) }
     let width = base.shape.last ?? 1
     let n = inputs.models.count
     var out = base.scalars

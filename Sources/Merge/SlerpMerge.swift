@@ -21,7 +21,7 @@ public struct SlerpMerge: StreamingMerge {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
-    return try mergeByRanges(inputs, p)!
+    return try mergeThroughRanges(inputs, p)
   }
 
   /// One pass for the two norms and the dot product (in Double), then every range is

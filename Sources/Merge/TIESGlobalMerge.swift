@@ -42,7 +42,7 @@ public struct TIESGlobalMerge: StreamingMerge, ModelWideMerge {
     let models = p.models.count
     var rankers = (0..<models).map { _ in MagnitudeRanker(keep: min(k + 1, total), count: total) }
     func deltas(_ r: RangeInputs, _ m: Int) -> [Float] {
-      let base = r.base!
+      let base = Self.base(of: r)
       return r.models[m].indices.map { r.models[m][$0] - base[$0] }
     }
     let keepAll = k >= total
@@ -81,9 +81,15 @@ public struct TIESGlobalMerge: StreamingMerge, ModelWideMerge {
     return out
   }
 
+  /// The base of a range: always there, since `checkInputs` refuses a ties-global merge without one.
+  static func base(of r: RangeInputs) -> [Float] {
+    guard let base = r.base else { preconditionFailure("ties-global runs with a base (BaseRequirement.required)") }
+    return base
+  }
+
   /// The task vectors of one range with the entries below each model's threshold set to 0.
   func trimmed(_ r: RangeInputs) -> [[Float]] {
-    let base = r.base!
+    let base = Self.base(of: r)
     return r.models.enumerated().map { m, values in
       values.indices.map { i in
         let d = values[i] - base[i]

@@ -78,7 +78,7 @@ public struct TaskVectorMerge: StreamingMerge {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
-    return try mergeByRanges(inputs, p)!
+    return try mergeThroughRanges(inputs, p)
   }
 
   /// How one model's task vector is sparsified on this tensor.
@@ -196,7 +196,8 @@ public struct TaskVectorMerge: StreamingMerge {
         guard let keep = sparsity[m].keep(delta, offset: range.offset) else { return delta }
         return Kernels.masked(delta, keep: keep, scale: sparsity[m].scale)
       }
-      return self.combine(base: range.base!, deltas: sparse, p)
+      guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
+      return self.combine(base: base, deltas: sparse, p)
     }
   }
 

@@ -15,7 +15,7 @@ public enum TaskVectors {
     public var modelCount: ClosedRange<Int> { 1...1 }
     public var parameters: [ParameterSpec] { [] }
 
-    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeThroughRanges(inputs, p) }
 
     public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
       RangeMerger { range in
@@ -37,7 +37,7 @@ public enum TaskVectors {
       [.number("scale", .perModel, default: 1, help: "each task vector's scale (lambda); negative forgets")]
     }
 
-    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeByRanges(inputs, p)! }
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeThroughRanges(inputs, p) }
 
     public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
       let scales = p.models.indices.map { p.number("scale", model: $0) }

@@ -24,7 +24,8 @@ extension ZipIt {
       if let first, first != c { throw ZipItError.differentArchitectures(model: m) }
       first = first ?? c
     }
-    return first!
+    guard let first else { throw ZipItError.tooFewModels }
+    return first
   }
 
   /// Merge point indices of a decoder's statistics and matchings: the residual stream, then
@@ -48,19 +49,19 @@ extension ZipIt {
         let tape = Tape<Float>()
         return Dictionary(try model.forward(tape, .tokens(batch)).points.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
       }
-      func joint(_ point: String, columns: Range<Int>? = nil) -> Matrix<Float> {
-        let parts = outputs.map { out -> Matrix<Float> in
-          let m = out[point]!.rows(rows)
+      func joint(_ point: String, columns: Range<Int>? = nil) throws -> Matrix<Float> {
+        let parts = try outputs.map { out -> Matrix<Float> in
+          let m = try out.required(point).rows(rows)
           guard let columns else { return m }
           return Matrix(rows: m.rows, columns: columns.count, values: (0..<m.rows).flatMap { r in columns.map { m[r, $0] } })
         }
         return parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) }
       }
-      for point in ["model.embed_tokens.output"] + (0..<c.layerCount).map({ "model.layers.\($0).output" }) { stats[0].add(joint(point)) }
+      for point in ["model.embed_tokens.output"] + (0..<c.layerCount).map({ "model.layers.\($0).output" }) { stats[0].add(try joint(point)) }
       for layer in 0..<c.layerCount {
-        stats[decoderPoint(mlp: layer)].add(joint("model.layers.\(layer).mlp.hidden"))
+        stats[decoderPoint(mlp: layer)].add(try joint("model.layers.\(layer).mlp.hidden"))
         for head in 0..<c.keyValueHeadCount {
-          stats[decoderPoint(values: layer, head: head, c)].add(joint("model.layers.\(layer).self_attn.values", columns: (head * d)..<((head + 1) * d)))
+          stats[decoderPoint(values: layer, head: head, c)].add(try joint("model.layers.\(layer).self_attn.values", columns: (head * d)..<((head + 1) * d)))
         }
       }
     }
@@ -86,21 +87,22 @@ extension ZipIt {
       }
       return out
     }
+    for model in models { try model.checkWeights() }
     func weight(_ m: Int, _ name: String) -> Matrix<Double> {
-      let w = models[m].weights[name]!
+      let w = models[m].checkedWeight(name)
       return Matrix(rows: w.rows, columns: w.columns, values: w.values.map(Double.init))
     }
     /// `sum_i L_i W_i R_i`; a nil right side is the identity, a nil left side averages the
     /// output rows over the models (`1/N`) unless `sumRows`.
     func zipped(_ name: String, left: ((Int) -> Matrix<Double>)?, right: ((Int) -> Matrix<Double>)?, sumRows: Bool = false) -> Matrix<Float> {
-      var total: Matrix<Double>?
-      for m in 0..<count {
+      func term(_ m: Int) -> Matrix<Double> {
         var w = weight(m, name)
         if let right { w = w.matmul(right(m)) }
-        w = left.map { $0(m).matmul(w) } ?? (sumRows ? w : w.map { $0 / Double(count) })
-        if total == nil { total = w } else { total!.add(w) }
+        return left.map { $0(m).matmul(w) } ?? (sumRows ? w : w.map { $0 / Double(count) })
       }
-      return Matrix(rows: total!.rows, columns: total!.columns, values: total!.values.map(Float.init))
+      var total = term(0)
+      for m in 1..<max(count, 1) { total.add(term(m)) }
+      return Matrix(rows: total.rows, columns: total.columns, values: total.values.map(Float.init))
     }
     /// A gain or bias vector (stored as one row) merged like an output side.
     func zippedVector(_ name: String, left: (Int) -> Matrix<Double>) -> Matrix<Float> {
@@ -142,7 +144,7 @@ extension ZipIt {
     out["model.norm.weight"] = zippedVector("model.norm.weight", left: residualMerge)
     if !c.tiedEmbeddings { out["lm_head.weight"] = zipped("lm_head.weight", left: nil, right: residualUnmerge) }
     return try Network(config: .decoder(c), tensors: Network<Float>.expectedShapes(.decoder(c)).reduce(into: [:]) { tensors, entry in
-      tensors[entry.name] = out[entry.name]!.tensor(shape: entry.shape)
+      tensors[entry.name] = out[entry.name]?.tensor(shape: entry.shape)
     })
   }
 
@@ -165,7 +167,7 @@ extension ZipIt {
         return Dictionary(try model.forward(tape, .tokens(batch)).points.filter { $0.name.hasSuffix("self_attn.keys") }.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
       }
       for layer in 0..<c.layerCount {
-        let parts = keys.map { $0["model.layers.\(layer).self_attn.keys"]!.rows(rows) }
+        let parts = try keys.map { try $0.required("model.layers.\(layer).self_attn.keys").rows(rows) }
         stats[layer].add(parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) })
       }
     }
@@ -203,7 +205,7 @@ extension ZipIt {
       }
     }
     func columns(_ name: String, _ p: [Int]) {
-      let m = w[name]!
+      guard let m = w[name] else { return }
       w[name] = Matrix(rows: m.rows, columns: m.columns, values: (0..<m.rows).flatMap { r in p.map { m[r, $0] } })
     }
     for (layer, heads) in order.enumerated() {
@@ -214,7 +216,7 @@ extension ZipIt {
       for name in ["q_proj.weight", "q_proj.bias"] { rows(p + name, queryFeatures) }
       columns(p + "o_proj.weight", queryFeatures)
     }
-    return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]!.tensor(shape: entry.tensor.shape) })
+    return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]?.tensor(shape: entry.tensor.shape) })
   }
 
   /// Statistics, matchings and the zipped decoder in one call (heads aligned first, except for

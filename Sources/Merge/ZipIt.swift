@@ -61,7 +61,8 @@ public enum ZipIt {
       if let first, first != c { throw ZipItError.differentArchitectures(model: m) }
       first = first ?? c
     }
-    return first!
+    guard let first else { throw ZipItError.tooFewModels }
+    return first
   }
 
   /// Joint statistics of the models' features at every merge point over `inputs`, batch by batch.
@@ -75,7 +76,7 @@ public enum ZipIt {
       for model in models {
         let tape = Tape<Float>()
         let out = try model.forward(tape, .features(batch))
-        for p in 0..<points { features[p].append(tape.value(out.points.first { $0.name == "layers.\(p).hidden" }!.value)) }
+        for p in 0..<points { features[p].append(tape.value(try out.point("layers.\(p).hidden"))) }
       }
       for p in 0..<points { stats[p].add(features[p].dropFirst().reduce(features[p][0]) { Matrix.concatenated($0, $1) }) }
     }
@@ -106,7 +107,11 @@ public enum ZipIt {
     let full = stop == c.layerCount - 1 && !keepHeads
     let merged = MLPConfig(layerSizes: c.layerSizes, activation: c.activation, layerNorm: c.layerNorm, heads: full ? 1 : count, sharedLayers: full ? c.layerCount : stop)
     var weights: [String: Matrix<Float>] = [:]
-    func weight(_ m: Int, _ name: String) -> Matrix<Double> { let w = models[m].weights[name]!; return Matrix(rows: w.rows, columns: w.columns, values: w.values.map(Double.init)) }
+    for model in models { try model.checkWeights() }
+    func weight(_ m: Int, _ name: String) -> Matrix<Double> {
+      let w = models[m].checkedWeight(name)
+      return Matrix(rows: w.rows, columns: w.columns, values: w.values.map(Double.init))
+    }
     func square(_ values: [Double], _ n: Int) -> Matrix<Double> { Matrix(rows: n, columns: n, values: values) }
     func sum(_ terms: [Matrix<Double>]) -> Matrix<Float> {
       var total = terms[0]
@@ -146,7 +151,7 @@ public enum ZipIt {
       }
     }
     return try Network(config: .mlp(merged), tensors: Network<Float>.expectedShapes(.mlp(merged)).reduce(into: [:]) { out, entry in
-      out[entry.name] = weights[entry.name]!.tensor(shape: entry.shape)
+      out[entry.name] = weights[entry.name]?.tensor(shape: entry.shape)
     })
   }
 

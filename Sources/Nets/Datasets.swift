@@ -13,8 +13,8 @@ public struct LabeledFeatures: Sendable, Equatable {
     guard labels.count == features.rows else {
       throw NetsError.invalidData(file: source, reason: "\(features.rows) feature rows but \(labels.count) labels")
     }
-    guard tasks == nil || tasks!.count == labels.count else {
-      throw NetsError.invalidData(file: source, reason: "\(labels.count) labels but \(tasks!.count) task ids")
+    if let tasks, tasks.count != labels.count {
+      throw NetsError.invalidData(file: source, reason: "\(labels.count) labels but \(tasks.count) task ids")
     }
     if let bad = labels.first(where: { $0 < 0 }) { throw NetsError.invalidData(file: source, reason: "negative label \(bad)") }
     self.init(checked: features, labels, tasks)

@@ -29,3 +29,12 @@ public enum NetsError: Error, CustomStringConvertible, Equatable {
     }
   }
 }
+
+extension Dictionary where Key == String {
+  /// The value of a tensor name that must be present: a missing one is `NetsError.missingTensors`
+  /// naming it (where a network's invariants promise presence, a bug; elsewhere, a bad input).
+  public func required(_ name: String) throws -> Value {
+    guard let value = self[name] else { throw NetsError.missingTensors([name]) }
+    return value
+  }
+}

@@ -46,7 +46,7 @@ extension Network {
         tensors[name] = Tensor(shape: shape, scalars: [Float](repeating: name.hasSuffix("weight") ? 1 : 0, count: shape[0]))
         continue
       }
-      let layer = Int(name.split(separator: ".").dropLast().last!)!
+      guard let index = name.split(separator: ".").dropLast().last, let layer = Int(index) else { preconditionFailure("MLP weight names are layers.N.weight") }
       let bound = 1 / Float(c.layerSizes[layer]).squareRoot()
       let rng = CounterRNG(seed: seed, stream: name)
       tensors[name] = Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { (2 * rng.uniform(UInt64($0)) - 1) * bound })
@@ -58,6 +58,23 @@ extension Network {
 extension Network {
   /// The weights as tensors with the checkpoint's names and shapes, in the architecture's order.
   public var tensors: [(name: String, tensor: Tensor)] {
-    Self.expectedShapes(config, prefix: prefix, lowRank: lowRank, kvProjection: kvProjection != nil).map { name, shape in (name, weights[name]!.tensor(shape: shape)) }
+    Self.expectedShapes(config, prefix: prefix, lowRank: lowRank, kvProjection: kvProjection != nil).compactMap { name, shape in
+      weights[name].map { (name, $0.tensor(shape: shape)) }
+    }
+  }
+}
+
+extension Network {
+  /// Checks that every weight the architecture reads is present (`weights` is public and may
+  /// have been edited since the network was built). Throws `NetsError.missingTensors`.
+  public func checkWeights() throws {
+    let absent = Self.expectedShapes(config, prefix: prefix, lowRank: lowRank, kvProjection: kvProjection != nil).map(\.name).filter { weights[$0] == nil }
+    guard absent.isEmpty else { throw NetsError.missingTensors(absent) }
+  }
+
+  /// Weight `name`, which `checkWeights` (or building the network) has shown present.
+  public func checkedWeight(_ name: String) -> Matrix<T> {
+    guard let w = weights[name] else { preconditionFailure("weight '\(name)' is missing; call checkWeights() first") }
+    return w
   }
 }

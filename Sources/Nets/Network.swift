@@ -38,6 +38,12 @@ public struct NetworkOutput {
   public let output: Var
   public let points: [(name: String, value: Var)]
 
+  /// The point called `name` (a missing one is `NetsError.missingTensors`).
+  public func point(_ name: String) throws -> Var {
+    guard let found = points.first(where: { $0.name == name }) else { throw NetsError.missingTensors([name]) }
+    return found.value
+  }
+
   /// The points whose names match `pattern` (a regular expression; nil: all).
   public func points(matching pattern: String?) throws -> [(name: String, value: Var)] {
     guard let pattern else { return points }
@@ -83,7 +89,7 @@ public struct Network<T: NetScalar> {
     guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
     var weights: [String: Matrix<T>] = [:]
     for (name, shape) in expected {
-      let tensor = tensors[name]!
+      let tensor = try tensors.required(name)
       guard tensor.shape == shape else { throw NetsError.shapeMismatch(tensor: name, expected: shape, found: tensor.shape) }
       weights[name] = Matrix(tensor)
     }
@@ -141,10 +147,12 @@ public struct Network<T: NetScalar> {
       let missing = KVProjection.shapes(c).map(\.name).filter { weights[$0] == nil }
       guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
     }
+    try checkWeights()
     var bound: [String: Var] = [:]
     let weight = WeightBinder(bind: { name in
       if let v = bound[name] { return v }
-      let v = bind(name, self.weights[name]!)
+      guard let value = self.weights[name] else { preconditionFailure("weight '\(name)' was checked present above") }
+      let v = bind(name, value)
       bound[name] = v
       return v
     }, lowRank: lowRank, kvProjection: kvProjection)

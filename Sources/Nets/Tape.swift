@@ -57,7 +57,7 @@ public final class Tape<T: NetScalar> {
     if gradients[v.id] == nil {
       gradients[v.id] = gradient()
     } else {
-      gradients[v.id]!.add(gradient())
+      gradients[v.id]?.add(gradient())
     }
   }
 

@@ -57,8 +57,9 @@ public enum Training {
     guard data.features.columns == config.layerSizes[0] else {
       throw NetsError.inputMismatch("the MLP takes \(config.layerSizes[0]) features, the data has \(data.features.columns)")
     }
-    guard data.classCount <= config.layerSizes.last! else {
-      throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the MLP has \(config.layerSizes.last!) outputs")
+    let outputs = config.layerSizes.last ?? 0
+    guard data.classCount <= outputs else {
+      throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the MLP has \(outputs) outputs")
     }
     return try fit(&network, count: data.count, options: options, trainable: trainable, progress: progress) { rows in
       let batch = data.rows(rows)

@@ -51,14 +51,19 @@ public enum KVProjectionFiles {
     let step = run.step ?? max(1, c.headDimension / 8)
     try MatryoshkaKV.checkBudget(c, budget: run.budget, step: step)
     let calibration = try run.data.map { try DataFiles.readTokens($0) }
-    guard calibration != nil || (run.dataFree && run.search == .uniform && run.training == nil) else {
-      throw AdaptError.badOption("token data is needed for PCA, the adaptive rank search and training (or use --data-free with uniform ranks)")
+    /// The calibration sequences, which PCA, the adaptive search and training need.
+    func sequences() throws -> [[Int]] {
+      guard let calibration else {
+        throw AdaptError.badOption("token data is needed for PCA, the adaptive rank search and training (or use data_free with uniform ranks)")
+      }
+      return calibration
     }
+    if !(run.dataFree && run.search == .uniform && run.training == nil) { _ = try sequences() }
     let bases: MatryoshkaKV.Bases
     if run.dataFree {
       bases = try MatryoshkaKV.dataFreeBases(network)
     } else {
-      let stats = try MatryoshkaKV.statistics(network, sequences: calibration!) { progress?("statistics", $0, $1) }
+      let stats = try MatryoshkaKV.statistics(network, sequences: try sequences()) { progress?("statistics", $0, $1) }
       bases = try MatryoshkaKV.pcaBases(network, statistics: stats)
     }
     let full = try MatryoshkaKV.apply(network, bases: bases, ranks: KVProjection(layers: c.layerCount, heads: c.keyValueHeadCount, rank: c.headDimension))
@@ -66,7 +71,7 @@ public enum KVProjectionFiles {
     switch run.search {
     case .uniform: ranks = MatryoshkaKV.uniformRanks(c, budget: run.budget, step: step)
     case .adaptive:
-      ranks = try MatryoshkaKV.searchRanks(full, sequences: calibration!, budget: run.budget, step: step, perRound: run.perRound) { kept in
+      ranks = try MatryoshkaKV.searchRanks(full, sequences: try sequences(), budget: run.budget, step: step, perRound: run.perRound) { kept in
         progress?("rank search", Int((1 - kept) * 1000), Int((1 - run.budget) * 1000))
       }
     }
@@ -75,8 +80,8 @@ public enum KVProjectionFiles {
     let pca = projected
     if var training = run.training {
       training.step = step
-      let sequences = try run.trainingData.map { try DataFiles.readTokens($0) } ?? calibration!
-      projected = try MatryoshkaKV.train(projected, teacher: network, sequences: sequences, options: training) { done, total, _ in progress?("training", done, total) }.network
+      let trainingSequences = try run.trainingData.map { try DataFiles.readTokens($0) } ?? sequences()
+      projected = try MatryoshkaKV.train(projected, teacher: network, sequences: trainingSequences, options: training) { done, total, _ in progress?("training", done, total) }.network
     }
     var measured: (Double, Double, Double?)?
     if let validation = run.validation {
@@ -114,7 +119,7 @@ public enum KVProjectionFiles {
         }
       } catch { throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription) }
       let writer = try CheckpointWriter(destination: staging + "/" + fileName, tensors: infos, options: WriteOptions(metadata: ["format": "pt", "mergekit.kind": "matryoshka-kv"]))
-      for (name, shape) in names { try writer.write(name, network.weights[name]!.tensor(shape: shape), as: .f32) }
+      for (name, shape) in names { try writer.write(name, try network.weights.required(name).tensor(shape: shape), as: .f32) }
       for (layer, kind, name) in rankNames {
         let ranks = projection.ranks(kind)[layer].map { Int64($0).littleEndian }
         try writer.write(name, TensorData(dtype: .i64, shape: [ranks.count], bytes: ranks.withUnsafeBytes { Array($0) }))

@@ -91,7 +91,7 @@ public struct MergePlan {
     var missingByFile: [String: [String]] = [:]
     for info in reference.tensors {
       let found = inputs.map { $0.lookup(info.name) }
-      if found.contains(where: { $0 != nil && $0!.shape != info.shape }) {
+      if found.contains(where: { $0.map { $0.shape != info.shape } ?? false }) {
         throw MergePlanError.shapeMismatch(tensor: info.name, shapes: zip(inputs, found).map { "\($0.path): \($1.map { "\($0.shape)" } ?? "absent")" })
       }
       let outputType = info.dtype.isFloatingPoint ? (outputType ?? info.dtype) : info.dtype
@@ -99,7 +99,7 @@ public struct MergePlan {
       if found.contains(where: { $0 == nil }) {
         for (input, f) in zip(inputs, found) where f == nil { missingByFile[input.path, default: []].append(info.name) }
         items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: info.byteCount))
-      } else if !info.dtype.isFloatingPoint || found.contains(where: { !$0!.dtype.isFloatingPoint }) {
+      } else if !info.dtype.isFloatingPoint || found.contains(where: { $0.map { !$0.dtype.isFloatingPoint } ?? false }) {
         items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: bytesRead))
       } else {
         items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .merge, bytesRead: bytesRead))
@@ -351,7 +351,7 @@ public enum MergeRunner {
       guard i < inputs.count else { return try body(held) }
       let size = types[i].size
       return try inputs[i].withBytes(of: name, range: (elements.lowerBound * size)..<(elements.upperBound * size)) { bytes in
-        try nest(i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, dtype: types[i])])
+        try nest(i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? Kernels.noElements, dtype: types[i])])
       }
     }
     return try nest(0, [])

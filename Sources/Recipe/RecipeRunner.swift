@@ -127,12 +127,17 @@ public struct RecipeRunner {
       try method.checkInputs(hasBase: step.base != nil, modelCount: step.models.count)
       try ParameterResolver(method: method.name, specs: method.parameters, global: step.global, models: step.perModel, positions: LayerPositions(layerCount: 0)).checkValues()
     } catch let error as MergeError {
+      let reason: String
+      let label: String
       switch error {
-      case .unknownParameter(_, let name, _), .invalidParameter(_, let name, _, _), .missingParameter(_, let name, _):
-        let (key, model) = Self.parameterName(name)
-        throw invalid(step.parameterPath(key, model: model), step.parameterLine(key, model: model), "\(error)")
+      case .unknownParameter(let method, let name, let known):
+        (label, reason) = (name, "\(method) has no parameter '\(Self.parameterName(name).0)'; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))")
+      case .invalidParameter(let method, let name, _, let why): (label, reason) = (name, "\(method): \(why)")
+      case .missingParameter(let method, let name, let help): (label, reason) = (name, "\(method): is required (\(help))")
       default: throw invalid(step.location, nil, "\(error)")
       }
+      let (key, model) = Self.parameterName(label)
+      throw invalid(step.parameterPath(key, model: model), step.parameterLine(key, model: model), reason)
     }
   }
 
@@ -277,15 +282,18 @@ public struct RecipeRunner {
   /// The write options an output asks for (format, shard size), taking non-tensor files from
   /// the model folder `copyFilesFrom`.
   func writeOptions(_ output: Recipe.Output?, overwrite: Bool, copyFilesFrom: String?) throws -> WriteOptions {
+    let location = output?.location ?? "outputs"
     let format = try output?.format.map { name -> CheckpointFormat in
       guard let f = CheckpointFormat(rawValue: name.lowercased()) else {
-        throw RecipeError.invalid(file: recipe.source, path: "\(output!.location).format", line: nil, reason: "unknown format '\(name)' (use safetensors or mkz)")
+        throw RecipeError.invalid(file: recipe.source, path: "\(location).format", line: nil, reason: "unknown format '\(name)' (use safetensors or mkz)")
       }
       return f
     }
     var shardSize: Int?
     if let text = output?.shardSize {
-      guard let size = WriteOptions.parseSize(text) else { throw RecipeError.invalid(file: recipe.source, path: "\(output!.location).shard_size", line: nil, reason: "invalid size '\(text)' (examples: 5GB, 500MB)") }
+      guard let size = WriteOptions.parseSize(text) else {
+        throw RecipeError.invalid(file: recipe.source, path: "\(location).shard_size", line: nil, reason: "invalid size '\(text)' (examples: 5GB, 500MB)")
+      }
       shardSize = size
     }
     let named = output.flatMap { CheckpointFormat(pathExtension: URL(fileURLWithPath: $0.path).pathExtension) }
@@ -333,8 +341,9 @@ public struct RecipeRunner {
       try copyCheckpoint(from: models[0], selection: selection, castTo: outputType, progress: stepProgress) { tensors, layout in
         if tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
           reportStep("memory")
-          held = MemoryCheckpointWriter(name: label, tensors: tensors, layout: layout, modelFolder: modelFolder)
-          return held!
+          let writer = MemoryCheckpointWriter(name: label, tensors: tensors, layout: layout, modelFolder: modelFolder)
+          held = writer
+          return writer
         }
         reportStep(destination)
         var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: modelFolder)

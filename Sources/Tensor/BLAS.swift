@@ -87,7 +87,9 @@ public enum BLAS {
     a.withUnsafeBufferPointer { pa in
       b.withUnsafeBufferPointer { pb in
         c.withUnsafeMutableBufferPointer { pc in
-          T.gemm(transposeA, transposeB, m, n, k, alpha, pa.baseAddress!, aColumns, pb.baseAddress!, bColumns, beta, pc.baseAddress!, n)
+          // Not empty (m, n, k > 0 and the counts checked above), so every base address exists.
+          guard let a = pa.baseAddress, let b = pb.baseAddress, let c = pc.baseAddress else { return }
+          T.gemm(transposeA, transposeB, m, n, k, alpha, a, aColumns, b, bColumns, beta, c, n)
         }
       }
     }

@@ -12,11 +12,12 @@ public enum Elementwise {
       let out = SendablePointer(buffer.baseAddress)
       let blocks = (count + blockSize - 1) / blockSize
       try? Parallel.forEach(blocks) { _, block in
+        guard let pointer = out.pointer else { return }
         let start = block * blockSize
         let end = Swift.min(count, start + blockSize)
         var i = start
         while i < end {
-          (out.pointer! + i).initialize(to: f(i))
+          (pointer + i).initialize(to: f(i))
           i += 1
         }
       }
@@ -41,7 +42,7 @@ public enum Elementwise {
     partials.withUnsafeMutableBufferPointer { slots in
       let out = SendablePointer(slots.baseAddress)
       try? Parallel.forEach(blocks) { _, b in
-        out.pointer![b] = block((b * blockSize)..<Swift.min(count, (b + 1) * blockSize))
+        out.pointer?[b] = block((b * blockSize)..<Swift.min(count, (b + 1) * blockSize))
       }
     }
     return partials.reduce(0, +)
@@ -81,4 +82,6 @@ struct SendablePointer<T>: @unchecked Sendable {
 struct SendableRawPointer: @unchecked Sendable {
   @usableFromInline let pointer: UnsafeRawPointer?
   @usableFromInline init(_ pointer: UnsafeRawPointer?) { self.pointer = pointer }
+  /// The pointer to `Float` elements it was made from (a pointer into a `[Float]`'s storage).
+  @usableFromInline var floats: UnsafePointer<Float>? { pointer?.assumingMemoryBound(to: Float.self) }
 }

@@ -15,11 +15,15 @@ public enum Kernels {
   @inline(__always)
   static func make<T>(_ count: Int, _ fill: (Range<Int>, UnsafeMutablePointer<T>) -> Void) -> [T] {
     [T](unsafeUninitializedCapacity: count) { buffer, initialized in
-      let out = SendablePointer(buffer.baseAddress)
-      blocks(count) { fill($0, out.pointer!) }
+      guard let start = buffer.baseAddress, count > 0 else { return }
+      let out = SendablePointer(start)
+      blocks(count) { range in if let pointer = out.pointer { fill(range, pointer) } }
       initialized = count
     }
   }
+
+  /// A valid address to stand for an empty range of bytes (nothing is ever read through it).
+  nonisolated(unsafe) public static let noElements = UnsafeRawPointer(UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16))
 
   /// Elements stored as `dtype` from `start` on (unaligned bytes are fine), decoded chunk by chunk.
   public struct StoredElements: @unchecked Sendable {
@@ -40,22 +44,36 @@ public enum Kernels {
     }
   }
 
-  /// Raw read pointers to each array (valid while the arrays are alive and unmodified).
-  static func pointers(_ arrays: [[Float]]) -> [SendableRawPointer] {
-    arrays.map { a in a.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) } }
+  /// Calls `body` with read pointers to the elements of every array, each pinned by a nested
+  /// `withUnsafeBufferPointer` for the whole call (no pointer outlives its closure). The arrays
+  /// must not be empty.
+  static func withPointers<R>(_ arrays: [[Float]], _ body: ([UnsafeRawPointer]) -> R) -> R {
+    func nest(_ i: Int, _ pointers: [UnsafeRawPointer]) -> R {
+      guard i < arrays.count else { return body(pointers) }
+      return arrays[i].withUnsafeBufferPointer { buffer in
+        guard let start = buffer.baseAddress else { preconditionFailure("Kernels.withPointers: array \(i) is empty") }
+        return nest(i + 1, pointers + [UnsafeRawPointer(start)])
+      }
+    }
+    return nest(0, [])
+  }
+
+  /// Calls `body` with the raw bytes of a Bool mask (one byte each, 0 or 1), read as bytes rather
+  /// than bound to another type.
+  @inline(__always)
+  static func withMaskBytes<R>(_ mask: [Bool], _ body: (SendableRawPointer) -> R) -> R {
+    mask.withUnsafeBytes { body(SendableRawPointer($0.baseAddress)) }
   }
 
   /// `a - b`.
   public static func difference(_ a: [Float], _ b: [Float]) -> [Float] {
     precondition(a.count == b.count)
-    return a.withUnsafeBufferPointer { pa in
-      b.withUnsafeBufferPointer { pb in
-        let (x, y) = (SendableRawPointer(UnsafeRawPointer(pa.baseAddress)), SendableRawPointer(UnsafeRawPointer(pb.baseAddress)))
-        return make(a.count) { range, out in
-          let xa = x.pointer!.assumingMemoryBound(to: Float.self)
-          let yb = y.pointer!.assumingMemoryBound(to: Float.self)
-          for i in range { (out + i).initialize(to: xa[i] - yb[i]) }
-        }
+    guard !a.isEmpty else { return [] }
+    return withPointers([a, b]) { p in
+      let (x, y) = (SendableRawPointer(p[0]), SendableRawPointer(p[1]))
+      return make(a.count) { range, out in
+        guard let xa = x.floats, let yb = y.floats else { return }
+        for i in range { (out + i).initialize(to: xa[i] - yb[i]) }
       }
     }
   }
@@ -68,10 +86,11 @@ public enum Kernels {
     return base.withUnsafeBufferPointer { b in
       models.map { model in
         [Float](unsafeUninitializedCapacity: count) { out, initialized in
+          guard let outStart = out.baseAddress, let baseStart = b.baseAddress else { return }
           var start = 0
           while start < count {
             let length = Swift.min(chunk, count - start)
-            let (x, y) = (out.baseAddress! + start, b.baseAddress! + start)
+            let (x, y) = (outStart + start, baseStart + start)
             model.decode(start, length, into: x)
             for j in 0..<length { x[j] = x[j] - y[j] }
             start += length
@@ -90,10 +109,11 @@ public enum Kernels {
   @inline(__always)
   static func chunked(_ range: Range<Int>, buffers: Int, _ body: (Int, Int, UnsafeMutablePointer<Double>) -> Void) {
     withUnsafeTemporaryAllocation(of: Double.self, capacity: buffers * chunk) { scratch in
+      guard let buffer = scratch.baseAddress else { return }
       var start = range.lowerBound
       while start < range.upperBound {
         let length = Swift.min(chunk, range.upperBound - start)
-        body(start, length, scratch.baseAddress!)
+        body(start, length, buffer)
         start += length
       }
     }
@@ -110,9 +130,10 @@ public enum Kernels {
     let n = arrays.first?.count ?? base?.count ?? 0
     precondition(arrays.allSatisfy { $0.count == n } && weights.count == arrays.count && (base?.count ?? n) == n)
     precondition(!subtractingBase || base != nil)
-    return withExtendedLifetime((arrays, base)) {
-      let terms = pointers(arrays).map { StoredElements(start: $0.pointer!, dtype: .f32) }
-      let b = base.map { StoredElements(start: pointers([$0])[0].pointer!, dtype: .f32) }
+    guard n > 0 else { return [] }
+    return withPointers(arrays + (base.map { [$0] } ?? [])) { p in
+      let terms = p.prefix(arrays.count).map { StoredElements(start: $0, dtype: .f32) }
+      let b = base == nil ? nil : StoredElements(start: p[arrays.count], dtype: .f32)
       return make(n) { range, out in
         weightedSumChunks(range, terms: terms, weights: weights, scale: scale, base: b, subtractingBase: subtractingBase) { start, length, sums in
           (out + start).initialize(from: sums, count: length)
@@ -145,7 +166,8 @@ public enum Kernels {
     emit: (Int, Int, UnsafePointer<Float>) -> Void
   ) {
     withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * chunk) { floats in
-      let (b, x, results) = (floats.baseAddress!, floats.baseAddress! + chunk, floats.baseAddress! + 2 * chunk)
+      guard let b = floats.baseAddress else { return }
+      let (x, results) = (b + chunk, b + 2 * chunk)
       chunked(range, buffers: 1) { start, length, sum in
         if let base { base.decode(start, length, into: b) }
         for j in 0..<length { sum[j] = 0 }
@@ -172,9 +194,10 @@ public enum Kernels {
   public static func consensusMerge(base: [Float], deltas: [[Float]], weights: [Double], lambda: Double, normalize: Bool) -> [Float] {
     let n = base.count
     precondition(deltas.allSatisfy { $0.count == n } && weights.count == deltas.count)
-    return withExtendedLifetime((base, deltas)) {
-      let inputs = pointers(deltas)
-      let b = pointers([base])[0]
+    guard n > 0 else { return [] }
+    return withPointers(deltas + [base]) { p in
+      let inputs = p.prefix(deltas.count).map { SendableRawPointer($0) }
+      let b = SendableRawPointer(p[deltas.count])
       return make(n) { range, out in
         chunked(range, buffers: 4) { start, length, scratch in
           let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
@@ -186,7 +209,7 @@ public enum Kernels {
             divisor[j] = 0
           }
           for t in inputs.indices {
-            let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
+            guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
             let w = weights[t]
             for j in 0..<length { total[j] += w * Double(x[j]) }
           }
@@ -196,7 +219,7 @@ public enum Kernels {
             negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
           }
           for t in inputs.indices {
-            let x = inputs[t].pointer!.assumingMemoryBound(to: Float.self) + start
+            guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
             let w = weights[t]
             if normalize {
               for j in 0..<length {
@@ -212,7 +235,7 @@ public enum Kernels {
               }
             }
           }
-          let x = b.pointer!.assumingMemoryBound(to: Float.self) + start
+          guard let x = b.floats.map({ $0 + start }) else { return }
           if normalize {
             for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
           }
@@ -226,18 +249,19 @@ public enum Kernels {
   /// Branch-free: the kept bits are masked, since the keep pattern is unpredictable.
   public static func masked(_ values: [Float], keep: [Bool], scale: Double = 1) -> [Float] {
     precondition(values.count == keep.count)
-    return withExtendedLifetime((values, keep)) {
-      let v = pointers([values])[0]
-      let k = keep.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) }
-      return make(values.count) { range, out in
-        let vp = v.pointer!.assumingMemoryBound(to: UInt32.self)
-        let kp = k.pointer!.assumingMemoryBound(to: UInt8.self)
-        if scale == 1 {
-          for i in range { (out + i).initialize(to: Float(bitPattern: vp[i] & (0 &- UInt32(kp[i] & 1)))) }
-        } else {
-          for i in range {
-            let scaled = Float(Double(Float(bitPattern: vp[i])) * scale).bitPattern
-            (out + i).initialize(to: Float(bitPattern: scaled & (0 &- UInt32(kp[i] & 1))))
+    guard !values.isEmpty else { return [] }
+    return withPointers([values]) { p in
+      let v = SendableRawPointer(p[0])
+      return withMaskBytes(keep) { k in
+        make(values.count) { range, out in
+          guard let vp = v.floats, let kp = k.pointer else { return }
+          if scale == 1 {
+            for i in range { (out + i).initialize(to: Float(bitPattern: vp[i].bitPattern & (0 &- UInt32(kp.load(fromByteOffset: i, as: UInt8.self) & 1)))) }
+          } else {
+            for i in range {
+              let scaled = Float(Double(vp[i]) * scale).bitPattern
+              (out + i).initialize(to: Float(bitPattern: scaled & (0 &- UInt32(kp.load(fromByteOffset: i, as: UInt8.self) & 1))))
+            }
           }
         }
       }
@@ -259,10 +283,11 @@ public enum Kernels {
   /// `sum a[i] * b[i]` in `Double`, deterministic.
   public static func dot(_ a: [Float], _ b: [Float]) -> Double {
     precondition(a.count == b.count)
-    return withExtendedLifetime((a, b)) {
-      let (x, y) = (pointers([a])[0], pointers([b])[0])
+    guard !a.isEmpty else { return 0 }
+    return withPointers([a, b]) { p in
+      let (x, y) = (SendableRawPointer(p[0]), SendableRawPointer(p[1]))
       return Elementwise.sumOfBlocks(a.count) { range in
-        let (xp, yp) = (x.pointer!.assumingMemoryBound(to: Float.self), y.pointer!.assumingMemoryBound(to: Float.self))
+        guard let xp = x.floats, let yp = y.floats else { return 0 }
         return Elementwise.blockSum(range) { Double(xp[$0]) * Double(yp[$0]) }
       }
     }
@@ -270,15 +295,16 @@ public enum Kernels {
 
   /// Sum of |values| (where `keep`, if given), in `Double`, deterministic.
   public static func absoluteSum(_ values: [Float], keep: [Bool]? = nil) -> Double {
-    withExtendedLifetime((values, keep)) {
-      let v = pointers([values])[0]
-      let k = keep.map { $0.withUnsafeBufferPointer { SendableRawPointer(UnsafeRawPointer($0.baseAddress)) } }
-      return Elementwise.sumOfBlocks(values.count) { range in
-        let vp = v.pointer!.assumingMemoryBound(to: UInt32.self)
-        guard let kp = k?.pointer?.assumingMemoryBound(to: UInt8.self) else {
-          return Elementwise.blockSum(range) { Double(Float(bitPattern: vp[$0] & 0x7FFF_FFFF)) }
+    precondition(keep.map { $0.count == values.count } ?? true)
+    guard !values.isEmpty else { return 0 }
+    return withPointers([values]) { p in
+      let v = SendableRawPointer(p[0])
+      return withMaskBytes(keep ?? []) { k in
+        Elementwise.sumOfBlocks(values.count) { range in
+          guard let vp = v.floats else { return 0 }
+          guard keep != nil, let kp = k.pointer else { return Elementwise.blockSum(range) { Double(abs(vp[$0])) } }
+          return Elementwise.blockSum(range) { Double(Float(bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF & (0 &- UInt32(kp.load(fromByteOffset: $0, as: UInt8.self) & 1)))) }
         }
-        return Elementwise.blockSum(range) { Double(Float(bitPattern: vp[$0] & 0x7FFF_FFFF & (0 &- UInt32(kp[$0] & 1)))) }
       }
     }
   }

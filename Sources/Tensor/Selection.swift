@@ -112,10 +112,9 @@ public struct MagnitudeRanker: Sendable {
   public func equalCount(_ values: [Float]) -> Int {
     let key = threshold.key
     return values.withUnsafeBufferPointer { v in
-      guard let start = v.baseAddress else { return 0 }
-      let x = UnsafeRawPointer(start).assumingMemoryBound(to: UInt32.self)
+      guard let x = v.baseAddress else { return 0 }
       var equal = 0
-      for i in 0..<values.count { equal &+= Int((((x[i] & 0x7FFF_FFFF) ^ key) &- 1) >> 31) }
+      for i in 0..<values.count { equal &+= Int((((x[i].bitPattern & 0x7FFF_FFFF) ^ key) &- 1) >> 31) }
       return equal
     }
   }
@@ -128,23 +127,22 @@ public struct MagnitudeRanker: Sendable {
     let (key, equalToKeep) = threshold
     return [Bool](unsafeUninitializedCapacity: values.count) { out, initialized in
       values.withUnsafeBufferPointer { v in
-        let x = UnsafeRawPointer(v.baseAddress!).assumingMemoryBound(to: UInt32.self)
-        let o = UnsafeMutableRawPointer(out.baseAddress!).assumingMemoryBound(to: UInt8.self)
+        guard let x = v.baseAddress, let o = out.baseAddress else { return }
         var equal = 0
         for i in 0..<values.count {
-          let b = x[i] & 0x7FFF_FFFF
-          o[i] = UInt8(truncatingIfNeeded: (key &- b) >> 31)  // b > key, both below 2^31
+          let b = x[i].bitPattern & 0x7FFF_FFFF
+          (o + i).initialize(to: (key &- b) >> 31 == 1)  // b > key, both below 2^31
           equal &+= Int(((b ^ key) &- 1) >> 31)  // b == key
         }
         var rank = equalBefore
         if equal > 0 && rank < equalToKeep {
-          for i in 0..<values.count where x[i] & 0x7FFF_FFFF == key {
-            o[i] = rank < equalToKeep ? 1 : 0
+          for i in 0..<values.count where x[i].bitPattern & 0x7FFF_FFFF == key {
+            o[i] = rank < equalToKeep
             rank += 1
           }
         }
+        initialized = values.count
       }
-      initialized = values.count
     }
   }
 }

@@ -26,11 +26,12 @@ public struct Tensor: Sendable, Equatable {
       let out = SendablePointer(buffer.baseAddress)
       let source = SendableRawPointer(raw.baseAddress)
       try? Parallel.forEach((count + blockSize - 1) / blockSize) { _, block in
+        guard let input = source.pointer, let output = out.pointer else { return }
         let start = block * blockSize
         let n = Swift.min(count, start + blockSize) - start
         DTypeConversion.decode(
-          UnsafeRawBufferPointer(start: source.pointer! + start * dtype.size, count: n * dtype.size), from: dtype,
-          into: UnsafeMutableBufferPointer(start: out.pointer! + start, count: n))
+          UnsafeRawBufferPointer(start: input + start * dtype.size, count: n * dtype.size), from: dtype,
+          into: UnsafeMutableBufferPointer(start: output + start, count: n))
       }
       initialized = count
     }

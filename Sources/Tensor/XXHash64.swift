@@ -21,7 +21,7 @@ public enum XXHash64 {
   /// The hash of `bytes` with `seed`.
   public static func hash(_ bytes: UnsafeRawBufferPointer, seed: UInt64 = 0) -> UInt64 {
     let n = bytes.count
-    guard let p = bytes.baseAddress else { return finish(seed &+ p5, p: UnsafeRawPointer(bitPattern: 1)!, from: 0, to: 0) }
+    guard let p = bytes.baseAddress else { return finish(seed &+ p5, p: Kernels.noElements, from: 0, to: 0) }
     var h: UInt64
     var i = 0
     if n >= 32 {

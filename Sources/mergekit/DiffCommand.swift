@@ -36,7 +36,7 @@ struct DiffCommand: ParsableCommand {
     let left = try openCheckpoint(a, base: baseModel)
     let right = try openCheckpoint(b, base: baseModel)
     let rightNames = Set(right.tensors.map(\.name))
-    var rows: [[String: Any]] = []
+    var rows: [(name: String, maxAbs: Double, relativeFrobenius: Double, cosine: Double, dtypes: String?)] = []
     var mismatches: [String] = []
     for info in left.tensors {
       guard let other = right.lookup(info.name) else {
@@ -48,27 +48,31 @@ struct DiffCommand: ParsableCommand {
         continue
       }
       let stats = try TensorDifference.compare(left, right, info, other)
-      var row: [String: Any] = ["name": info.name, "max_abs": stats.maxAbs, "relative_frobenius": stats.relativeFrobenius, "cosine": stats.cosine]
-      if other.dtype != info.dtype { row["dtypes"] = "\(info.dtype.rawValue) vs \(other.dtype.rawValue)" }
-      rows.append(row)
+      let dtypes = other.dtype != info.dtype ? "\(info.dtype.rawValue) vs \(other.dtype.rawValue)" : nil
+      rows.append((info.name, Double(stats.maxAbs), Double(stats.relativeFrobenius), Double(stats.cosine), dtypes))
     }
     for info in right.tensors where left.lookup(info.name) == nil && rightNames.contains(info.name) {
       mismatches.append("only in B: \(info.name)")
     }
     if json {
-      try printJSON(["tensors": rows, "mismatches": mismatches])
+      let tensors = rows.map { row -> [String: Any] in
+        var json: [String: Any] = ["name": row.name, "max_abs": row.maxAbs, "relative_frobenius": row.relativeFrobenius, "cosine": row.cosine]
+        if let dtypes = row.dtypes { json["dtypes"] = dtypes }
+        return json
+      }
+      try printJSON(["tensors": tensors, "mismatches": mismatches])
       return
     }
-    let width = max(4, rows.map { ($0["name"] as! String).count }.max() ?? 0)
+    let width = max(4, rows.map(\.name.count).max() ?? 0)
     print("name".padding(toLength: width, withPad: " ", startingAt: 0) + "       max_abs   rel_frobenius      cosine")
     for row in rows {
-      var line = (row["name"] as! String).padding(toLength: width, withPad: " ", startingAt: 0)
-      line += String(format: "  %12.6g  %14.6g  %10.7f", row["max_abs"] as! Double, row["relative_frobenius"] as! Double, row["cosine"] as! Double)
-      if let dtypes = row["dtypes"] as? String { line += "  (\(dtypes))" }
+      var line = row.name.padding(toLength: width, withPad: " ", startingAt: 0)
+      line += String(format: "  %12.6g  %14.6g  %10.7f", row.maxAbs, row.relativeFrobenius, row.cosine)
+      if let dtypes = row.dtypes { line += "  (\(dtypes))" }
       print(line)
     }
     for line in mismatches { print(line) }
-    let identical = rows.filter { ($0["max_abs"] as! Double) == 0 }.count
+    let identical = rows.filter { $0.maxAbs == 0 }.count
     print("\(rows.count) tensors compared, \(identical) identical, \(mismatches.count) mismatches")
   }
 }

@@ -79,7 +79,7 @@ func usageMessage(_ error: any Error) -> String? {
       return "\(method): \(flagName(name))\(tensor.map { " for tensor '\($0)'" } ?? "") \(reason)"
     case .missingParameter(let method, let name, let help): return "\(method): \(flagName(name)) is required (\(help))"
     case .unknownParameter, .unknownMethod, .baseRequired, .baseUnused, .modelCount: return error.description
-    case .zeroWeightSum: return nil
+    case .zeroWeightSum, .notStreamable: return nil
     }
   default: return nil
   }

@@ -42,8 +42,8 @@ struct MethodFlags {
       i += 1
     }
     for name in order {
-      let given = values[name]!.map(ParameterValue.init(parsing:))
-      let spec = method.parameters.first { $0.name == name }!
+      let given = (values[name] ?? []).map(ParameterValue.init(parsing:))
+      guard let spec = method.parameters.first(where: { $0.name == name }) else { continue }  // checked above
       switch (spec.scope, given.count) {
       case (_, 1): global[name] = given[0]
       case (.perModel, modelCount): for m in 0..<modelCount { perModel[m][name] = given[m] }

@@ -142,9 +142,10 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
         - {name: m, method: ties, base: base, models: [a], parameters: {density: 1.5}}
       outputs: {m: \(out)}
       """
-    let runner = try RecipeRunner(try Recipe.parse(yaml, file: "d.yaml"))
-    #expect(throws: RecipeError.self) { try runner.run() }
-    do { try runner.run() } catch { #expect("\(error)".contains("d.yaml: steps[0] (m): ties: parameter 'density (model 1)'"), "\(error)") }
+    // Refused when the recipe is checked, before any step runs.
+    #expect(throws: RecipeError.invalid(file: "d.yaml", path: "steps[0].parameters.density", line: 3, reason: "ties: 1.5 is not a number in (0, 1]")) {
+      try RecipeRunner(try Recipe.parse(yaml, file: "d.yaml"))
+    }
     #expect(!FileManager.default.fileExists(atPath: out))
   }
 
