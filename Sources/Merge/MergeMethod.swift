@@ -43,9 +43,16 @@ extension MergeMethod {
   /// Checks that the inputs suit the method: a base when it needs one, none when it ignores
   /// one, and a number of models it can merge.
   public func checkInputs(hasBase: Bool, modelCount count: Int) throws {
-    if base == .required && !hasBase { throw MergeError.baseRequired(method: name) }
-    if base == .unused && hasBase { throw MergeError.baseUnused(method: name) }
-    guard modelCount.contains(count) else { throw MergeError.modelCount(method: name, expected: modelCount, got: count) }
+    try MergeError.checkInputs(method: name, base: base, modelCount: modelCount, hasBase: hasBase, count: count)
+  }
+}
+
+extension MergeError {
+  /// Refuses inputs that do not suit a method declaring `base` and `modelCount`.
+  public static func checkInputs(method: String, base: BaseRequirement, modelCount: ClosedRange<Int>, hasBase: Bool, count: Int) throws {
+    if base == .required && !hasBase { throw MergeError.baseRequired(method: method) }
+    if base == .unused && hasBase { throw MergeError.baseUnused(method: method) }
+    guard modelCount.contains(count) else { throw MergeError.modelCount(method: method, expected: modelCount, got: count) }
   }
 }
 

@@ -17,6 +17,16 @@ public enum OperationRegistry {
     MKVOperation(),
   ]
 
+  /// The operations that stream checkpoints through `MergeRunner`: task-vector, apply,
+  /// atlas-apply, and every merge method of `MergeRegistry`.
+  public static let streamed: [StreamedOperation] = [.taskVector, .apply, .atlasApply] + MergeRegistry.methods.map(StreamedOperation.merge)
+
+  /// The streamed operation called `name` (mergekit's spellings such as `dare_ties` too).
+  public static func streamed(named name: String) -> StreamedOperation? {
+    let key = name.lowercased().replacingOccurrences(of: "_", with: "-")
+    return streamed.first { $0.name == key }
+  }
+
   /// The operation called `name` (or one of its aliases); nil when there is none.
   public static func operation(named name: String) -> (any MergekitOperation)? {
     let key = name.lowercased().replacingOccurrences(of: "_", with: "-")

@@ -17,7 +17,8 @@ public struct RecipeRunner {
 
   /// Operations that are not merge methods: the streamed ones run here, the others come from
   /// `OperationRegistry`.
-  public static let commands = ["task-vector", "apply", "convert"] + OperationRegistry.operations.map(\.name)
+  public static let commands = ["convert"] + OperationRegistry.streamed.map(\.name).filter { name in !MergeRegistry.methods.contains { $0.name == name } }
+    + OperationRegistry.operations.map(\.name)
 
   public init(_ recipe: Recipe) throws {
     self.recipe = recipe
@@ -31,10 +32,11 @@ public struct RecipeRunner {
       guard !step.label.isEmpty, !step.label.contains("/"), step.label != ".", step.label != "..", !step.label.hasPrefix(".") else {
         throw RecipeError.invalid(file: file, path: "\(step.location).name", line: nil, reason: "'\(step.label)' is not a plain name (no '/', no leading '.'); it names the step's temporary file")
       }
-      if OperationRegistry.operation(named: step.operation) == nil && !["task-vector", "apply", "convert"].contains(step.operation) {
-        do { _ = try MergeRegistry.method(named: step.operation) } catch {
-          throw RecipeError.invalid(file: file, path: "\(step.location).method", line: nil, reason: "\(error) (or a command: \(Self.commands.joined(separator: ", ")))")
-        }
+      if OperationRegistry.operation(named: step.operation) == nil && OperationRegistry.streamed(named: step.operation) == nil && step.operation != "convert" {
+        let known = MergeRegistry.methods.map(\.name)
+        throw RecipeError.invalid(
+          file: file, path: "\(step.location).method", line: nil,
+          reason: "unknown method '\(step.operation)'; merge methods: \(known.joined(separator: ", ")); other operations: \(Self.commands.joined(separator: ", "))")
       }
     }
     let inputLabels = Set(recipe.inputs.map(\.label))
@@ -122,10 +124,15 @@ public struct RecipeRunner {
       return
     }
     _ = try dtype(step.dtype, at: "\(step.location).dtype")
-    let method = try mergeMethod(step)
+    let operation = try streamed(step)
     do {
-      try method.checkInputs(hasBase: step.base != nil, modelCount: step.models.count)
-      try ParameterResolver(method: method.name, specs: method.parameters, global: step.global, models: step.perModel, positions: LayerPositions(layerCount: 0)).checkValues()
+      try operation.checkParameters(hasBase: step.base != nil, modelCount: step.models.count, global: step.global, perModel: step.perModel)
+      for (name, path) in operation.filePaths(step.global) where !FileManager.default.fileExists(atPath: path) {
+        throw invalid(step.parameterPath(name), step.parameterLine(name), "'\(path)' does not exist")
+      }
+    } catch let error as OperationError {
+      let name = error.parameter ?? ""
+      throw invalid(step.parameterPath(name), step.parameterLine(name), error.reason)
     } catch let error as MergeError {
       let reason: String
       let label: String
@@ -147,13 +154,12 @@ public struct RecipeRunner {
     return (String(label[..<open.lowerBound]), n - 1)
   }
 
-  /// The merge method of a streamed step: task-vector, apply or a registered method.
-  func mergeMethod(_ step: Recipe.Step) throws -> any MergeMethod {
-    switch step.operation {
-    case "task-vector": return TaskVectors.Difference()
-    case "apply": return TaskVectors.Sum()
-    default: return try MergeRegistry.method(named: step.operation)
+  /// The streamed operation of a step (a merge method, task-vector, apply or atlas-apply).
+  func streamed(_ step: Recipe.Step) throws -> StreamedOperation {
+    guard let operation = OperationRegistry.streamed(named: step.operation) else {
+      throw RecipeError.invalid(file: recipe.source, path: "\(step.location).method", line: nil, reason: "unknown method '\(step.operation)'")
     }
+    return operation
   }
 
   /// Where a registered operation's result goes when it is not an output: data sets and
@@ -352,14 +358,12 @@ public struct RecipeRunner {
       }
       return held?.checkpoint
     }
-    let method = try mergeMethod(step)
-    var type = outputType
-    var metadata: [String: String] = [:]
-    if step.operation == "task-vector" {
-      type = type ?? .f32
-      metadata = ["mergekit.kind": "task-vector"]
-    }
-    let plan = try MergePlan(method: method, base: base, models: models, global: step.global, perModel: step.perModel, outputType: type)
+    let operation = try streamed(step)
+    let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
+    let metadata = operation.kind.map { ["mergekit.kind": $0] } ?? [:]
+    let plan = try MergePlan(
+      method: method, base: base, models: models, global: operation.methodParameters(step.global), perModel: step.perModel,
+      outputType: outputType ?? operation.defaultDType)
     if plan.bytesWritten <= memory {
       reportStep("memory")
       let held = MemoryCheckpointWriter(

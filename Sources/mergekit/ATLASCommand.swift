@@ -35,11 +35,10 @@ struct ATLASApplyCommand: ParsableCommand {
   }
 
   func run() throws {
-    let c = try ATLASCoefficients(json: try Data(contentsOf: URL(fileURLWithPath: coefficients)))
-    let baseCheckpoint = try openCheckpoint(base)
-    try c.check(baseShapes: Dictionary(uniqueKeysWithValues: baseCheckpoint.tensors.map { ($0.name, $0.shape) }), taskVectors: vectors.count)
+    let operation = StreamedOperation.atlasApply
+    let method = try operation.method(files: ["coefficients": coefficients], base: try openCheckpoint(base), models: vectors.count)
     try output.execute(
-      "atlas", method: ATLASApply(c), base: base, models: vectors, global: [:], perModel: vectors.map { _ in [:] }, defaultFormat: .safetensors,
-      metadata: ["mergekit.kind": "atlas", "mergekit.coefficients": coefficients])
+      "atlas", method: method, base: base, models: vectors, global: [:], perModel: vectors.map { _ in [:] }, defaultFormat: operation.defaultFormat,
+      metadata: ["mergekit.kind": operation.kind ?? operation.name, "mergekit.coefficients": coefficients])
   }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Checkpoint
 import Foundation
 import Merge
+import Operations
 
 struct TaskVectorCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -27,11 +28,12 @@ struct TaskVectorCommand: ParsableCommand {
   }
 
   func run() throws {
+    let operation = StreamedOperation.taskVector
     var options = output
-    if options.dtype == nil { options.dtype = "f32" }
+    if options.dtype == nil { options.dtype = operation.defaultDType?.rawValue.lowercased() }
     try options.execute(
-      "task-vector", method: TaskVectors.Difference(), base: base, models: [finetuned], global: [:], perModel: [[:]], defaultFormat: .mkz,
-      metadata: ["mergekit.kind": "task-vector", "mergekit.finetuned": finetuned, "mergekit.base": base])
+      operation.name, method: try operation.method(), base: base, models: [finetuned], global: [:], perModel: [[:]], defaultFormat: operation.defaultFormat,
+      metadata: ["mergekit.kind": operation.kind ?? operation.name, "mergekit.finetuned": finetuned, "mergekit.base": base])
   }
 }
 
@@ -63,8 +65,9 @@ struct ApplyCommand: ParsableCommand {
   }
 
   func run() throws {
-    let method = TaskVectors.Sum()
+    let operation = StreamedOperation.apply
+    let method = try operation.method()
     let flags = try MethodFlags(scale.flatMap { ["--scale", $0] }, method: method, modelCount: vectors.count)
-    try output.execute("apply", method: method, base: base, models: vectors, global: flags.global, perModel: flags.perModel, defaultFormat: .safetensors)
+    try output.execute(operation.name, method: method, base: base, models: vectors, global: flags.global, perModel: flags.perModel, defaultFormat: operation.defaultFormat)
   }
 }

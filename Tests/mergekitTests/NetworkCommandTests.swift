@@ -130,6 +130,23 @@ import Testing
     #expect(try CLI.run(["atlas", "apply", folder.file("base")] + tvs + ["--coefficients", folder.file("c.json"), "-o", folder.file("applied"), "-q"], environment: [:]).status == 0)
     let (a, b) = (try openCheckpoint(folder.file("atlas")), try openCheckpoint(folder.file("applied")))
     for info in a.tensors { #expect(try zip(a.tensor(named: info.name).scalars, b.tensor(named: info.name).scalars).allSatisfy { abs($0 - $1) <= 1e-6 * max(1, abs($1)) }) }
+    // learn also keeps the coefficients in its folder; a recipe's atlas-apply step reading them writes what the CLI wrote.
+    #expect(try String(contentsOfFile: folder.file("atlas/atlas-coefficients.json"), encoding: .utf8) == String(contentsOfFile: folder.file("c.json"), encoding: .utf8))
+    let recipe = """
+      inputs: {base: \(folder.file("base")), tv0: \(tvs[0]), tv1: \(tvs[1])}
+      steps:
+        - {name: applied, method: atlas-apply, base: base, models: [tv0, tv1], parameters: {coefficients: \(folder.file("atlas/atlas-coefficients.json"))}}
+      outputs: {applied: \(folder.file("recipe-applied"))}
+      """
+    try recipe.write(toFile: folder.file("apply.yaml"), atomically: true, encoding: .utf8)
+    #expect(try CLI.run("run", folder.file("apply.yaml"), "-q").status == 0)
+    let (cli, fromRecipe) = (try openCheckpoint(folder.file("applied")), try openCheckpoint(folder.file("recipe-applied")))
+    for info in cli.tensors { #expect(try cli.read(info.name) == fromRecipe.read(info.name), "\(info.name)") }
+    let noFile = try CLI.run("run", folder.file("apply.yaml").replacingOccurrences(of: "apply.yaml", with: "none.yaml"))
+    #expect(noFile.status == 64)
+    try recipe.replacingOccurrences(of: "atlas/atlas-coefficients.json", with: "missing.json").write(toFile: folder.file("missing.yaml"), atomically: true, encoding: .utf8)
+    let missing = try CLI.run("run", folder.file("missing.yaml"), "--dry-run")
+    #expect(missing.status == 64 && missing.stderr.contains("steps[0].parameters.coefficients") && missing.stderr.contains("does not exist"), "\(missing.stderr)")
     // Coefficients for three task vectors, given two: refused, nothing written.
     let text = try String(contentsOfFile: folder.file("c.json"), encoding: .utf8)
     try text.replacingOccurrences(of: "\"tasks\" : [", with: "\"tasks\" : [\"extra\", ").write(toFile: folder.file("bad.json"), atomically: true, encoding: .utf8)

@@ -74,6 +74,41 @@ import Testing
     #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["input.txt", "recipe.yaml"])
   }
 
+  @Test func everyMergeParameterIsCheckedAlikeOnTheCommandLineAndInRecipes() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    #expect(try CLI.run("example", folder.file("ex")).status == 0)
+    let (base, models) = (folder.file("ex/base"), [folder.file("ex/finetune-a"), folder.file("ex/finetune-b")])
+    let output = folder.file("out")
+    var checked = 0
+    for operation in OperationRegistry.streamed where MergeRegistry.methods.contains(where: { $0.name == operation.name }) {
+      let count = min(max(operation.modelCount.lowerBound, 1), 2)
+      for spec in operation.parameters {
+        guard let value = Self.refusedValue(spec) else { continue }
+        var arguments = ["merge"] + models.prefix(count) + ["--method", operation.name, "\(spec.flagName)=\(value)", "-o", output]
+        if operation.base == .required { arguments += ["--base", base] }
+        let cli = try CLI.run(arguments, environment: [:])
+        #expect(cli.status == 64 && cli.stderr.contains(spec.flagName), "\(arguments.joined(separator: " ")): \(cli.status) \(cli.stderr)")
+        let quoted = Double(value) == nil ? "\"\(value)\"" : value
+        let labels = ["a", "b"].prefix(count).joined(separator: ", ")
+        let yaml = """
+          inputs: {base: \(base), a: \(models[0]), b: \(models[1])}
+          steps:
+            - {name: s, method: \(operation.name), \(operation.base == .required ? "base: base, " : "")models: [\(labels)], parameters: {\(spec.name): \(quoted)}}
+          outputs: {s: \(output)}
+
+          """
+        let recipe = folder.file("recipe.yaml")
+        try Data(yaml.utf8).write(to: URL(fileURLWithPath: recipe))
+        let run = try CLI.run(["run", recipe], environment: [:])
+        #expect(run.status == 64 && run.stderr.contains("steps[0].parameters.\(spec.name)"), "\(operation.name) recipe with \(spec.name): \(value): \(run.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: output))
+        checked += 1
+      }
+    }
+    #expect(checked >= 15, "only \(checked) merge parameters were checked")
+  }
+
   @Test func everyOperationHasACommandWithItsParametersInTheHelp() throws {
     for operation in OperationRegistry.operations {
       let help = try CLI.run(operation.commandPath + ["--help"], environment: [:])
