@@ -30,10 +30,10 @@ extension MatryoshkaKV {
     progress: ((Int, Int, Double) -> Void)? = nil
   ) throws -> (network: Network<Float>, losses: [Double]) {
     let c = try decoder(network)
-    guard let finalRanks = network.kvProjection else { throw AdaptError.badOption("the model has no K/V projections to train") }
-    guard options.step >= 1, c.headDimension % options.step == 0 else { throw AdaptError.badOption("the rank step must divide the head dimension \(c.headDimension)") }
-    if let r = options.fixedRank, !(1...c.headDimension).contains(r) { throw AdaptError.badOption("the fixed rank must be within 1...\(c.headDimension)") }
-    guard !sequences.isEmpty else { throw AdaptError.badOption("no token sequences to train on") }
+    guard let finalRanks = network.kvProjection else { throw AdaptError.nothingToDo(method: "MatryoshkaKV training", reason: "the model has no K/V projections to train") }
+    guard options.step >= 1, c.headDimension % options.step == 0 else { throw AdaptError.invalidOption(name: "step", value: "\(options.step)", reason: "the rank step must divide the head dimension \(c.headDimension)") }
+    if let r = options.fixedRank, !(1...c.headDimension).contains(r) { throw AdaptError.invalidOption(name: "fixed rank", value: "\(r)", reason: "must be within 1...\(c.headDimension)") }
+    guard !sequences.isEmpty else { throw AdaptError.missingData(method: "MatryoshkaKV training", needed: "token sequences to train on") }
     let d = c.headDimension
     let names = KVProjection.Kind.allCases.flatMap { kind in
       (0..<c.layerCount).flatMap { l in (0..<c.keyValueHeadCount).map { (KVProjection.basisName(layer: l, kind, head: $0), KVProjection.meanName(layer: l, kind, head: $0)) } }

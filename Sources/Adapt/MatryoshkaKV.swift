@@ -26,7 +26,7 @@ public enum MatryoshkaKV {
   }
 
   static func decoder(_ network: Network<Float>) throws -> DecoderConfig {
-    guard case .decoder(let c) = network.config else { throw AdaptError.badOption("MatryoshkaKV projects the keys and values of decoders (Llama, Mistral, Qwen2)") }
+    guard case .decoder(let c) = network.config else { throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)") }
     return c
   }
 
@@ -36,7 +36,7 @@ public enum MatryoshkaKV {
     _ network: Network<Float>, sequences: [[Int]], batchSize: Int = 8, progress: ((Int, Int) -> Void)? = nil
   ) throws -> (keys: [FeatureStatistics], values: [FeatureStatistics]) {
     let c = try decoder(network)
-    guard !sequences.isEmpty, sequences.allSatisfy({ !$0.isEmpty }) else { throw AdaptError.badOption("no token sequences to gather statistics from") }
+    guard !sequences.isEmpty, sequences.allSatisfy({ !$0.isEmpty }) else { throw AdaptError.missingData(method: "MatryoshkaKV", needed: "non-empty token sequences to gather statistics from") }
     let width = c.keyValueHeadCount * c.headDimension
     var keys = Array(repeating: FeatureStatistics(width: width), count: c.layerCount)
     var values = keys
@@ -144,7 +144,7 @@ public enum MatryoshkaKV {
         }
       }
     }
-    guard network.kvProjection != nil else { throw AdaptError.badOption("the model has no K/V projections") }
+    guard network.kvProjection != nil else { throw AdaptError.nothingToDo(method: "MatryoshkaKV", reason: "the model has no K/V projections") }
     return Bases(keys: try heads(.keys), values: try heads(.values), dataFree: dataFree)
   }
 
@@ -156,10 +156,10 @@ public enum MatryoshkaKV {
 
   /// Checks a budget and rank step against the head dimension.
   public static func checkBudget(_ c: DecoderConfig, budget: Double, step: Int) throws {
-    guard budget > 0 && budget <= 1 else { throw AdaptError.badOption("the budget is the kept fraction of K/V dimensions, in (0, 1]; got \(budget)") }
-    guard step >= 1, c.headDimension % step == 0 else { throw AdaptError.badOption("the rank step must divide the head dimension \(c.headDimension); got \(step)") }
+    guard budget > 0 && budget <= 1 else { throw AdaptError.invalidOption(name: "budget", value: "\(budget)", reason: "the kept fraction of K/V dimensions is in (0, 1]") }
+    guard step >= 1, c.headDimension % step == 0 else { throw AdaptError.invalidOption(name: "step", value: "\(step)", reason: "the rank step must divide the head dimension \(c.headDimension)") }
     guard budget * Double(c.headDimension) >= Double(step) - 1e-9 else {
-      throw AdaptError.badOption("a budget of \(budget) keeps fewer than \(step) of \(c.headDimension) dimensions per head; lower --step")
+      throw AdaptError.invalidOption(name: "budget", value: "\(budget)", reason: "keeps fewer than \(step) of \(c.headDimension) dimensions per head; lower --step")
     }
   }
 

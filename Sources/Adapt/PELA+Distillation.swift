@@ -79,15 +79,16 @@ extension PELA {
     _ student: inout Network<Float>, teacher: Network<Float>, on data: DistillationData, options: DistillationOptions,
     progress: ((DistillationReport) -> Void)? = nil
   ) throws -> [DistillationReport] {
-    guard !student.lowRank.isEmpty else { throw AdaptError.badOption("the student has no factored layer; factor the model first") }
-    guard student.config == teacher.config else { throw AdaptError.badOption("the teacher must have the student's architecture") }
+    guard !student.lowRank.isEmpty else { throw AdaptError.nothingToDo(method: "PELA distillation", reason: "the student has no factored layer; factor the model first") }
+    guard student.config == teacher.config else { throw AdaptError.unsupportedModel(method: "PELA distillation", reason: "the teacher must have the student's architecture") }
     let defaultPoints: String
     switch (student.config, data) {
     case (.mlp, .features): defaultPoints = #"\.hidden$"#
     case (.decoder, .tokens): defaultPoints = #"^model\.layers\.\d+\.output$"#
-    default: throw AdaptError.badOption("distillation takes an MLP with feature rows or a decoder with token sequences")
+    default: throw AdaptError.unsupportedModel(method: "PELA distillation", reason: "it takes an MLP with feature rows or a decoder with token sequences")
     }
-    guard options.epochs >= 1, options.batchSize >= 1 else { throw AdaptError.badOption("epochs and batch size must be at least 1") }
+    guard options.epochs >= 1 else { throw AdaptError.invalidOption(name: "epochs", value: "\(options.epochs)", reason: "must be at least 1") }
+    guard options.batchSize >= 1 else { throw AdaptError.invalidOption(name: "batch_size", value: "\(options.batchSize)", reason: "must be at least 1") }
     let points: Regex<AnyRegexOutput>
     do { points = try Regex(options.points ?? defaultPoints) } catch { throw AdaptError.badPattern(options.points ?? "", reason: "\(error)") }
     let factorNames = Set(student.lowRank.keys.flatMap { [$0 + ".0.weight", $0 + ".1.weight"] })
@@ -143,7 +144,7 @@ extension PELA {
             terms.append(tape.scale(mean, options.perturbationWeight))
           }
         }
-        guard var loss = terms.first else { throw AdaptError.badOption("every loss weight is 0: nothing to train") }
+        guard var loss = terms.first else { throw AdaptError.nothingToDo(method: "PELA distillation", reason: "every loss weight is 0: nothing to train") }
         for term in terms.dropFirst() { loss = tape.add(loss, term) }
         tape.backward(from: loss)
         let step = epoch * batchesPerEpoch + b

@@ -132,17 +132,31 @@ public enum PELA {
 
 /// Errors of the adaptation methods, naming the layer, pattern or value at fault.
 public enum AdaptError: Error, CustomStringConvertible, Equatable {
+  /// A layer pattern that is not a regular expression.
   case badPattern(String, reason: String)
+  /// No linear layer matches the selection.
   case noLayers(String)
+  /// PELA on a model that is already factored.
   case alreadyFactored
-  case badOption(String)
+  /// An option's value does not suit the model: the option (by its parameter name), the value
+  /// and what it must be.
+  case invalidOption(name: String, value: String, reason: String)
+  /// The model is not one the method works on.
+  case unsupportedModel(method: String, reason: String)
+  /// The method needs data it was not given (or the data is empty).
+  case missingData(method: String, needed: String)
+  /// The inputs leave the method nothing to do.
+  case nothingToDo(method: String, reason: String)
 
   public var description: String {
     switch self {
     case .badPattern(let p, let reason): return "'\(p)' is not a valid regular expression: \(reason)"
     case .noLayers(let what): return "no linear layer matches \(what); pass --select with a pattern of layer names (a weight's name without .weight)"
     case .alreadyFactored: return "the model is already factored (its config.json has low_rank); factor the original model"
-    case .badOption(let reason): return reason
+    case .invalidOption(let name, let value, let reason): return "\(name) \(value): \(reason)"
+    case .unsupportedModel(let method, let reason): return "\(method): \(reason)"
+    case .missingData(let method, let needed): return "\(method) needs \(needed)"
+    case .nothingToDo(let method, let reason): return "\(method): \(reason)"
     }
   }
 }

@@ -43,6 +43,18 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   // requests
   case rowRangeOutOfBounds(file: String, tensor: String, rows: Range<Int>, available: Int)
   case writeOrder(file: String, reason: String)
+  // surgery
+  /// A selection or drop pattern that is not a regular expression.
+  case invalidPattern(String)
+  /// A rename that is not PATTERN=REPLACEMENT.
+  case invalidRename(String)
+  /// Two tensors renamed to the same name.
+  case nameCollision(file: String, first: String, second: String, target: String)
+  /// The selection keeps no tensor.
+  case nothingSelected(file: String)
+  // data files
+  /// A data set (features, labels, token sequences) that cannot be used: the file and what is wrong.
+  case badDataFile(file: String, reason: String)
 
   public var description: String {
     switch self {
@@ -81,6 +93,11 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .deltaBaseMismatch(let f, let t, let e, let a): return "\(f): tensor '\(t)' was stored against a base tensor with digest \(e), but the given base has \(a); pass the original base"
     case .rowRangeOutOfBounds(let f, let t, let r, let n): return "\(f): tensor '\(t)': rows \(r.lowerBound)..<\(r.upperBound) out of bounds (it has \(n) rows)"
     case .writeOrder(let f, let r): return "\(f): \(r)"
+    case .invalidPattern(let p): return "'\(p)' is not a valid regular expression"
+    case .invalidRename(let r): return "rename '\(r)' must have the form PATTERN=REPLACEMENT"
+    case .nameCollision(let f, let a, let b, let t): return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust --rename"
+    case .nothingSelected(let f): return "\(f): the selection keeps no tensor; check --select and --drop"
+    case .badDataFile(let f, let r): return "\(f): \(r)"
     }
   }
 }

@@ -14,18 +14,18 @@ public struct TensorSelection: Sendable {
   private let drop: NSRegularExpression?
   private let renames: [(pattern: NSRegularExpression, template: String)]
 
-  /// Throws `SurgeryError.invalidPattern` for an invalid regular expression or a rename without `=`.
+  /// Throws `CheckpointError.invalidPattern` for an invalid regular expression or a rename without `=`.
   public init(select: String? = nil, drop: String? = nil, renames: [String] = []) throws {
     self.select = try select.map(Self.compile)
     self.drop = try drop.map(Self.compile)
     self.renames = try renames.map { rule in
-      guard let equals = rule.firstIndex(of: "=") else { throw SurgeryError.invalidRename(rule) }
+      guard let equals = rule.firstIndex(of: "=") else { throw CheckpointError.invalidRename(rule) }
       return (try Self.compile(String(rule[..<equals])), String(rule[rule.index(after: equals)...]))
     }
   }
 
   static func compile(_ pattern: String) throws -> NSRegularExpression {
-    do { return try NSRegularExpression(pattern: pattern) } catch { throw SurgeryError.invalidPattern(pattern) }
+    do { return try NSRegularExpression(pattern: pattern) } catch { throw CheckpointError.invalidPattern(pattern) }
   }
 
   static func matches(_ regex: NSRegularExpression, _ name: String) -> Bool {
@@ -53,29 +53,12 @@ public struct TensorSelection: Sendable {
     var result: [(source: String, target: String)] = []
     for name in names where keeps(name) {
       let target = rename(name)
-      if let other = seen[target] { throw SurgeryError.nameCollision(file: file, first: other, second: name, target: target) }
+      if let other = seen[target] { throw CheckpointError.nameCollision(file: file, first: other, second: name, target: target) }
       seen[target] = name
       result.append((name, target))
     }
-    if result.isEmpty && !names.isEmpty { throw SurgeryError.nothingSelected(file: file) }
+    if result.isEmpty && !names.isEmpty { throw CheckpointError.nothingSelected(file: file) }
     return result
-  }
-}
-
-/// Errors of checkpoint surgery (selection, renaming, casting).
-public enum SurgeryError: Error, CustomStringConvertible, Equatable {
-  case invalidPattern(String)
-  case invalidRename(String)
-  case nameCollision(file: String, first: String, second: String, target: String)
-  case nothingSelected(file: String)
-
-  public var description: String {
-    switch self {
-    case .invalidPattern(let p): return "'\(p)' is not a valid regular expression"
-    case .invalidRename(let r): return "rename '\(r)' must have the form PATTERN=REPLACEMENT"
-    case .nameCollision(let f, let a, let b, let t): return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust --rename"
-    case .nothingSelected(let f): return "\(f): the selection keeps no tensor; check --select and --drop"
-    }
   }
 }
 

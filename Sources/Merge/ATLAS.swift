@@ -77,7 +77,7 @@ public enum ATLAS {
     /// Blocks are the base's weights in architecture order that every task vector holds, minus
     /// those matching `exclude`. Throws when a task vector's tensor does not fit the base.
     public init(base: Network<Float>, taskVectors: [[String: Tensor]], names: [String], exclude: String? = nil) throws {
-      guard base.lowRank.isEmpty else { throw ATLASError.objective("the base has factored (low-rank) layers; aTLAS learns on dense models") }
+      guard base.lowRank.isEmpty else { throw MergeError.factoredBase }
       let pattern = try exclude.map { try Regex($0) }
       var blocks: [String] = []
       var vectors = [[String: Matrix<Float>]](repeating: [:], count: taskVectors.count)
@@ -87,13 +87,13 @@ public enum ATLAS {
         for (i, tv) in taskVectors.enumerated() {
           let vector = try tv.required(name)
           guard vector.shape == shape else {
-            throw ATLASError.taskVectorMismatch(taskVector: i, tensor: name, reason: "shape \(vector.shape), the base has \(shape)")
+            throw MergeError.taskVectorMismatch(taskVector: i, tensor: name, reason: "shape \(vector.shape), the base has \(shape)")
           }
           vectors[i][name] = Matrix(vector)
         }
         blocks.append(name)
       }
-      guard !blocks.isEmpty else { throw ATLASError.noBlocks }
+      guard !blocks.isEmpty else { throw MergeError.noBlocks }
       self.base = base
       self.names = names
       self.taskVectors = vectors
@@ -126,11 +126,12 @@ public enum ATLAS {
   ) throws -> (coefficients: ATLASCoefficients, epochs: [EpochReport]) {
     if options.objective == .negate {
       guard !options.negateTasks.isEmpty, Set(data.taskIDs).subtracting(options.negateTasks).count > 0 else {
-        throw ATLASError.objective("negate needs target tasks and at least one other (control) task in the data")
+        throw MergeError.invalidParameter(method: "atlas", name: "negate_tasks", tensor: nil, reason: "\(options.negateTasks.sorted()) leaves no target or no control task in the data: negate needs both")
       }
     }
-    if let keep = options.keepFraction, !(keep > 0 && keep <= 1) { throw ATLASError.objective("keep is a fraction of the coefficients in (0, 1], not \(keep)") }
-    guard options.epochs >= 1, options.batchSize >= 1 else { throw ATLASError.objective("epochs and batch size must be at least 1") }
+    if let keep = options.keepFraction, !(keep > 0 && keep <= 1) { throw MergeError.invalidParameter(method: "atlas", name: "keep", tensor: nil, reason: "\(keep) is not a fraction in (0, 1]") }
+    guard options.epochs >= 1 else { throw MergeError.invalidParameter(method: "atlas", name: "epochs", tensor: nil, reason: "\(options.epochs) is not at least 1") }
+    guard options.batchSize >= 1 else { throw MergeError.invalidParameter(method: "atlas", name: "batch_size", tensor: nil, reason: "\(options.batchSize) is not at least 1") }
     var data = data
     if options.objective == .fewShot, data.count < 10 * options.batchSize {
       // As the paper does: a small set is repeated so that an epoch has at least 10 batches.

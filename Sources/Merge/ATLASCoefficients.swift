@@ -25,9 +25,9 @@ public struct ATLASCoefficients: Sendable, Equatable {
 
   public init(tasks: [String], blocks: [String], partitions: Int, values: [[[Double]]]) throws {
     guard partitions >= 1, values.count == tasks.count, values.allSatisfy({ $0.count == blocks.count && $0.allSatisfy { $0.count == partitions } }) else {
-      throw ATLASError.malformed("expected \(tasks.count) tasks x \(blocks.count) blocks x \(partitions) partitions of coefficients")
+      throw MergeError.malformedCoefficients("expected \(tasks.count) tasks x \(blocks.count) blocks x \(partitions) partitions of coefficients")
     }
-    guard Set(blocks).count == blocks.count else { throw ATLASError.malformed("a block is listed twice") }
+    guard Set(blocks).count == blocks.count else { throw MergeError.malformedCoefficients("a block is listed twice") }
     self.tasks = tasks
     self.blocks = blocks
     self.partitions = partitions
@@ -47,20 +47,20 @@ public struct ATLASCoefficients: Sendable, Equatable {
 
   public init(json: Data) throws {
     guard let object = try? JSONSerialization.jsonObject(with: json) as? [String: Any], object["format"] as? String == "atlas-coefficients" else {
-      throw ATLASError.malformed("not an aTLAS coefficient file (a JSON object with \"format\": \"atlas-coefficients\")")
+      throw MergeError.malformedCoefficients("not an aTLAS coefficient file (a JSON object with \"format\": \"atlas-coefficients\")")
     }
     guard let tasks = object["tasks"] as? [String], let blocks = object["blocks"] as? [String], let partitions = object["partitions"] as? Int,
       let raw = object["coefficients"] as? [[[NSNumber]]]
-    else { throw ATLASError.malformed("needs 'tasks', 'blocks' (names), 'partitions' (an integer) and 'coefficients' (tasks x blocks x partitions numbers)") }
+    else { throw MergeError.malformedCoefficients("needs 'tasks', 'blocks' (names), 'partitions' (an integer) and 'coefficients' (tasks x blocks x partitions numbers)") }
     try self.init(tasks: tasks, blocks: blocks, partitions: partitions, values: raw.map { $0.map { $0.map(\.doubleValue) } })
   }
 
   /// Checks the coefficients against the base's tensors (name to shape) and the number of task
   /// vectors given: every block must be a tensor of the base.
   public func check(baseShapes: [String: [Int]], taskVectors: Int) throws {
-    guard tasks.count == taskVectors else { throw ATLASError.taskCount(file: tasks.count, given: taskVectors) }
+    guard tasks.count == taskVectors else { throw MergeError.taskCount(file: tasks.count, given: taskVectors) }
     let unknown = blocks.filter { baseShapes[$0] == nil }
-    guard unknown.isEmpty else { throw ATLASError.unknownBlocks(unknown) }
+    guard unknown.isEmpty else { throw MergeError.unknownBlocks(unknown) }
   }
 
   /// Which partition element `index` of a tensor of `count` elements belongs to: one fixed
@@ -69,27 +69,6 @@ public struct ATLASCoefficients: Sendable, Equatable {
   public static func partition(of index: Int, count: Int, partitions: Int) -> Int {
     guard partitions > 1 else { return 0 }
     return Int(CounterRNG(seed: 0, stream: "atlas-partition-\(count)").bits(UInt64(index)) % UInt64(partitions))
-  }
-}
-
-/// Errors of aTLAS, naming the blocks, files or tasks involved.
-public enum ATLASError: Error, CustomStringConvertible, Equatable {
-  case malformed(String)
-  case taskCount(file: Int, given: Int)
-  case unknownBlocks([String])
-  case taskVectorMismatch(taskVector: Int, tensor: String, reason: String)
-  case noBlocks
-  case objective(String)
-
-  public var description: String {
-    switch self {
-    case .malformed(let reason): return "coefficient file: \(reason)"
-    case .taskCount(let file, let given): return "the coefficients are for \(file) task vector\(file == 1 ? "" : "s"), \(given) were given"
-    case .unknownBlocks(let names): return "the coefficients name blocks the base lacks: \(names.prefix(6).joined(separator: ", "))\(names.count > 6 ? " and \(names.count - 6) more" : "")"
-    case .taskVectorMismatch(let i, let tensor, let reason): return "task vector \(i + 1), tensor '\(tensor)': \(reason); task vectors must come from this base"
-    case .noBlocks: return "no tensor is a block: every tensor was excluded"
-    case .objective(let reason): return reason
-    }
   }
 }
 

@@ -56,16 +56,47 @@ extension MergeError {
   }
 }
 
-/// Errors of merge configuration and maths; each names the method, parameter or tensor.
+/// Errors of the Merge target: merge configuration and maths, ZipIt! and aTLAS. Each names the
+/// method, parameter, model or tensor.
 public enum MergeError: Error, CustomStringConvertible, Equatable {
+  /// No merge method has this name.
   case unknownMethod(String, known: [String])
+  /// The method declares no parameter of this name.
   case unknownParameter(method: String, name: String, known: [String])
+  /// A required parameter was not given.
   case missingParameter(method: String, name: String, help: String)
+  /// A parameter's value is of the wrong kind or out of range (the reason gives the value).
   case invalidParameter(method: String, name: String, tensor: String?, reason: String)
+  /// The method needs a base model and none was given.
   case baseRequired(method: String)
+  /// The method ignores a base model and one was given.
   case baseUnused(method: String)
+  /// The method merges a number of models in `expected`.
   case modelCount(method: String, expected: ClosedRange<Int>, got: Int)
+  /// Normalising weights that sum to zero.
   case zeroWeightSum(method: String, tensor: String)
+  /// ZipIt!: model `model` (0-based) is not a dense single-head MLP.
+  case notAnMLP(model: Int)
+  /// ZipIt!: model `model` cannot be zipped, and why.
+  case notZippable(model: Int, reason: String)
+  /// ZipIt!: model `model` differs from the first in architecture or width.
+  case differentArchitectures(model: Int)
+  /// ZipIt!: partial zipping stops at a layer that does not exist.
+  case stopLayerOutOfRange(stop: Int, points: Int)
+  /// ZipIt!: fewer than two models.
+  case tooFewModels
+  /// aTLAS: a coefficient file that cannot be read as one.
+  case malformedCoefficients(String)
+  /// aTLAS: the coefficients are for `file` task vectors, `given` were given.
+  case taskCount(file: Int, given: Int)
+  /// aTLAS: the coefficients name blocks the base lacks.
+  case unknownBlocks([String])
+  /// aTLAS: a task vector does not fit the base.
+  case taskVectorMismatch(taskVector: Int, tensor: String, reason: String)
+  /// aTLAS: every tensor was excluded from the blocks.
+  case noBlocks
+  /// aTLAS: the base has factored (low-rank) layers.
+  case factoredBase
   /// A method that promised to merge range by range did not (a bug in the method).
   case notStreamable(method: String, tensor: String)
 
@@ -90,6 +121,17 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
       return "\(method) takes \(wanted) model\(expected.upperBound == 1 ? "" : "s") besides the base; got \(got)"
     case .notStreamable(let method, let tensor):
       return "\(method): tensor '\(tensor)' could not be merged range by range; this is a bug, please report it"
+    case .notAnMLP(let m): return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs and Llama-style decoders"
+    case .notZippable(let m, let reason): return "model \(m + 1) cannot be zipped: \(reason)"
+    case .differentArchitectures(let m): return "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
+    case .stopLayerOutOfRange(let s, let p): return "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"
+    case .tooFewModels: return "zipping needs at least two models"
+    case .malformedCoefficients(let reason): return "coefficient file: \(reason)"
+    case .taskCount(let file, let given): return "the coefficients are for \(file) task vector\(file == 1 ? "" : "s"), \(given) were given"
+    case .unknownBlocks(let names): return "the coefficients name blocks the base lacks: \(names.prefix(6).joined(separator: ", "))\(names.count > 6 ? " and \(names.count - 6) more" : "")"
+    case .taskVectorMismatch(let i, let tensor, let reason): return "task vector \(i + 1), tensor '\(tensor)': \(reason); task vectors must come from this base"
+    case .noBlocks: return "no tensor is a block: every tensor was excluded"
+    case .factoredBase: return "the base has factored (low-rank) layers; aTLAS learns on dense models"
     case .zeroWeightSum(let method, let tensor):
       return "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"
     }

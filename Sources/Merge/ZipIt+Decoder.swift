@@ -16,15 +16,15 @@ import Tensor
 extension ZipIt {
   /// The common decoder config of the models (dense, no K/V projections), checked.
   static func commonDecoderConfig(_ models: [Network<Float>]) throws -> DecoderConfig {
-    guard models.count >= 2 else { throw ZipItError.tooFewModels }
+    guard models.count >= 2 else { throw MergeError.tooFewModels }
     var first: DecoderConfig?
     for (m, model) in models.enumerated() {
-      guard case .decoder(let c) = model.config else { throw ZipItError.notZippable(model: m, reason: "it is not a decoder like the first") }
-      guard model.lowRank.isEmpty, model.kvProjection == nil else { throw ZipItError.notZippable(model: m, reason: "it has factored layers or K/V projections; zip the dense models") }
-      if let first, first != c { throw ZipItError.differentArchitectures(model: m) }
+      guard case .decoder(let c) = model.config else { throw MergeError.notZippable(model: m, reason: "it is not a decoder like the first") }
+      guard model.lowRank.isEmpty, model.kvProjection == nil else { throw MergeError.notZippable(model: m, reason: "it has factored layers or K/V projections; zip the dense models") }
+      if let first, first != c { throw MergeError.differentArchitectures(model: m) }
       first = first ?? c
     }
-    guard let first else { throw ZipItError.tooFewModels }
+    guard let first else { throw MergeError.tooFewModels }
     return first
   }
 
@@ -73,7 +73,7 @@ extension ZipIt {
     let c = try commonDecoderConfig(models)
     let count = models.count
     let (kv, heads) = (c.keyValueHeadCount, c.headCount)
-    guard matchings.count == 1 + c.layerCount * (1 + kv) else { throw ZipItError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv)) }
+    guard matchings.count == 1 + c.layerCount * (1 + kv) else { throw MergeError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv)) }
     func square(_ values: [Double], _ n: Int) -> Matrix<Double> { Matrix(rows: n, columns: n, values: values) }
     func merge(_ point: Int, _ m: Int) -> Matrix<Double> { square(matchings[point].merge(model: m), matchings[point].features) }
     func unmerge(_ point: Int, _ m: Int) -> Matrix<Double> { square(matchings[point].unmerge(model: m), matchings[point].features) }

@@ -1,25 +1,6 @@
 import Nets
 import Tensor
 
-/// Errors of zipping, naming the models, layers or data involved.
-public enum ZipItError: Error, CustomStringConvertible, Equatable {
-  case notAnMLP(model: Int)
-  case notZippable(model: Int, reason: String)
-  case differentArchitectures(model: Int)
-  case stopLayerOutOfRange(stop: Int, points: Int)
-  case tooFewModels
-
-  public var description: String {
-    switch self {
-    case .notAnMLP(let m): return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs and Llama-style decoders"
-    case .notZippable(let m, let reason): return "model \(m + 1) cannot be zipped: \(reason)"
-    case .differentArchitectures(let m): return "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
-    case .stopLayerOutOfRange(let s, let p): return "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"
-    case .tooFewModels: return "zipping needs at least two models"
-    }
-  }
-}
-
 /// ZipIt! (Stoica, Bolya et al., ICLR 2024): merges models of one architecture trained on
 /// different tasks, from different initialisations, by matching features rather than weights.
 /// At every merge point (the post-activation features of each hidden layer) the models'
@@ -54,14 +35,14 @@ public enum ZipIt {
 
   /// The models' common MLP config, checked.
   public static func commonConfig(_ models: [Network<Float>]) throws -> MLPConfig {
-    guard models.count >= 2 else { throw ZipItError.tooFewModels }
+    guard models.count >= 2 else { throw MergeError.tooFewModels }
     var first: MLPConfig?
     for (m, model) in models.enumerated() {
-      guard case .mlp(let c) = model.config, c.heads == 1, model.lowRank.isEmpty else { throw ZipItError.notAnMLP(model: m) }
-      if let first, first != c { throw ZipItError.differentArchitectures(model: m) }
+      guard case .mlp(let c) = model.config, c.heads == 1, model.lowRank.isEmpty else { throw MergeError.notAnMLP(model: m) }
+      if let first, first != c { throw MergeError.differentArchitectures(model: m) }
       first = first ?? c
     }
-    guard let first else { throw ZipItError.tooFewModels }
+    guard let first else { throw MergeError.tooFewModels }
     return first
   }
 
@@ -86,7 +67,7 @@ public enum ZipIt {
   /// The matching at each of the first `stop` merge points.
   public static func matchings(_ statistics: [FeatureStatistics], models: Int, options: Options) throws -> [FeatureMatching] {
     let stop = options.stop ?? statistics.count
-    guard (1...max(statistics.count, 1)).contains(stop), !statistics.isEmpty else { throw ZipItError.stopLayerOutOfRange(stop: stop, points: statistics.count) }
+    guard (1...max(statistics.count, 1)).contains(stop), !statistics.isEmpty else { throw MergeError.stopLayerOutOfRange(stop: stop, points: statistics.count) }
     return statistics.prefix(stop).map { s in
       let n = s.width / models
       switch options.method {
@@ -102,7 +83,7 @@ public enum ZipIt {
   public static func apply(_ models: [Network<Float>], matchings: [FeatureMatching], keepHeads: Bool = false) throws -> Network<Float> {
     let c = try commonConfig(models)
     let stop = matchings.count
-    guard (1...(c.layerCount - 1)).contains(stop) else { throw ZipItError.stopLayerOutOfRange(stop: stop, points: c.layerCount - 1) }
+    guard (1...(c.layerCount - 1)).contains(stop) else { throw MergeError.stopLayerOutOfRange(stop: stop, points: c.layerCount - 1) }
     let count = models.count
     let full = stop == c.layerCount - 1 && !keepHeads
     let merged = MLPConfig(layerSizes: c.layerSizes, activation: c.activation, layerNorm: c.layerNorm, heads: full ? 1 : count, sharedLayers: full ? c.layerCount : stop)

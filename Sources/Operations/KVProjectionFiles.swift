@@ -46,15 +46,15 @@ public enum KVProjectionFiles {
   public static func run(_ model: String, to output: String, run: Run, overwrite: Bool, progress: ((String, Int, Int) -> Void)? = nil) throws -> Result {
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
     let network = try NetworkFiles.load(model)
-    guard case .decoder(let c) = network.config else { throw AdaptError.badOption("MatryoshkaKV projects the keys and values of decoders (Llama, Mistral, Qwen2)") }
-    guard network.kvProjection == nil else { throw AdaptError.badOption("\(model) already has K/V projections; start from the original model") }
+    guard case .decoder(let c) = network.config else { throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)") }
+    guard network.kvProjection == nil else { throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "\(model) already has K/V projections; start from the original model") }
     let step = run.step ?? max(1, c.headDimension / 8)
     try MatryoshkaKV.checkBudget(c, budget: run.budget, step: step)
     let calibration = try run.data.map { try DataFiles.readTokens($0) }
     /// The calibration sequences, which PCA, the adaptive search and training need.
     func sequences() throws -> [[Int]] {
       guard let calibration else {
-        throw AdaptError.badOption("token data is needed for PCA, the adaptive rank search and training (or use data_free with uniform ranks)")
+        throw AdaptError.missingData(method: "MatryoshkaKV", needed: "token data for PCA, the adaptive rank search and training (or use data_free with uniform ranks)")
       }
       return calibration
     }
@@ -97,7 +97,7 @@ public enum KVProjectionFiles {
   /// Writes the model folder: the source's files, the projections and the amended config.json.
   static func write(_ network: Network<Float>, source: String, to output: String, overwrite: Bool, details: [String: Any]) throws {
     guard let folder = ModelFolder.modelFolder(of: source), let projection = network.kvProjection, case .decoder(let c) = network.config else {
-      throw AdaptError.badOption("\(source) is not a model folder with a config.json")
+      throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "\(source) is not a model folder with a config.json")
     }
     let fm = FileManager.default
     guard let json = fm.contents(atPath: folder + "/config.json"), var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
@@ -134,7 +134,7 @@ public enum KVProjectionFiles {
   /// The projection tensors of a model folder whose config declares them.
   static func tensors(folder: String) throws -> [String: Tensor] {
     let path = folder + "/" + fileName
-    guard FileManager.default.fileExists(atPath: path) else { throw DataFileError(file: path, reason: "config.json declares kv_projection but this file is missing") }
+    guard FileManager.default.fileExists(atPath: path) else { throw CheckpointError.badDataFile(file: path, reason: "config.json declares kv_projection but this file is missing") }
     let file = try openCheckpoint(path)
     var out: [String: Tensor] = [:]
     for info in file.tensors where info.dtype.isFloatingPoint { out[info.name] = try file.tensor(named: info.name) }

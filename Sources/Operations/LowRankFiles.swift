@@ -139,7 +139,7 @@ extension LowRankFiles {
       factors.append((layer, f))
       reports.append(PELA.LayerReport(layer: layer, rows: rows, columns: columns, factors: f))
     }
-    guard !factors.isEmpty else { throw AdaptError.badOption("the fine-tune does not differ from the base in any selected layer; nothing to extract") }
+    guard !factors.isEmpty else { throw AdaptError.nothingToDo(method: "extract-lora", reason: "the fine-tune does not differ from the base in any selected layer; nothing to extract") }
     let covered = Set(factors.map { $0.layer + ".weight" })
     var others: [String] = []
     for info in tuned.tensors where !covered.contains(info.name) {
@@ -210,7 +210,7 @@ extension LowRankFiles {
       let saved = layers.reduce(0) { $0 + $1.parametersBefore - $1.parametersAfter }
       return PELAResult(layers: layers, parameters: (before, before - saved), quality: nil, epochs: [])
     }
-    guard let data = run.data else { throw AdaptError.badOption("distillation needs data") }
+    guard let data = run.data else { throw AdaptError.missingData(method: "PELA distillation", needed: "data") }
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
     let teacher = try NetworkFiles.load(model)
     var (student, layers) = try PELA.factor(teacher, options: run.options) { progress?("factoring", $0, $1) }
@@ -227,7 +227,7 @@ extension LowRankFiles {
       let check = try run.evaluation.map { try DataFiles.readTokens($0) } ?? sequences
       (train, name, measure) = (.tokens(sequences), "perplexity", { try Training.perplexity($0, on: check).perplexity })
     case .bert:
-      throw AdaptError.badOption("distillation runs on MLPs and decoders; factor BERT models without --distill")
+      throw AdaptError.unsupportedModel(method: "PELA distillation", reason: "it runs on MLPs and decoders; factor BERT models without distill")
     }
     let (original, truncated) = (try measure(teacher), try measure(student))
     let epochs = try PELA.distill(&student, teacher: teacher, on: train, options: distillation, progress: epoch)

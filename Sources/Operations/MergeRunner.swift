@@ -3,34 +3,6 @@ import Foundation
 import Merge
 import Tensor
 
-/// Errors found while planning a merge: the inputs do not line up. Each names the files and
-/// tensors involved.
-public enum MergePlanError: Error, CustomStringConvertible, Equatable {
-  case missingTensors(file: String, names: [String])
-  case extraTensors(file: String, names: [String])
-  case shapeMismatch(tensor: String, shapes: [String])
-  case integerMismatch(tensor: String, file: String)
-  case noFloatingTensors
-
-  public var description: String {
-    func list(_ names: [String]) -> String {
-      names.prefix(8).joined(separator: ", ") + (names.count > 8 ? " and \(names.count - 8) more" : "")
-    }
-    switch self {
-    case .missingTensors(let file, let names):
-      return "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(list(names)) (pass --allow-missing to take them from the base)"
-    case .extraTensors(let file, let names):
-      return "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(list(names)) (pass --allow-missing to ignore them)"
-    case .shapeMismatch(let tensor, let shapes):
-      return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
-    case .integerMismatch(let tensor, let file):
-      return "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
-    case .noFloatingTensors:
-      return "the inputs hold no floating-point tensors to merge"
-    }
-  }
-}
-
 /// A planned merge: which tensors are merged, which copied, in what output dtype, and what it
 /// will cost. Built and checked before anything is written.
 public struct MergePlan {
@@ -85,14 +57,14 @@ public struct MergePlan {
     let referenceNames = Set(reference.tensors.map(\.name))
     for model in inputs.dropFirst() where !allowMissing {
       let extra = model.tensors.map(\.name).filter { !referenceNames.contains($0) }
-      if !extra.isEmpty { throw MergePlanError.extraTensors(file: model.path, names: extra) }
+      if !extra.isEmpty { throw OperationError.extraTensors(file: model.path, names: extra) }
     }
     var items: [Item] = []
     var missingByFile: [String: [String]] = [:]
     for info in reference.tensors {
       let found = inputs.map { $0.lookup(info.name) }
       if found.contains(where: { $0.map { $0.shape != info.shape } ?? false }) {
-        throw MergePlanError.shapeMismatch(tensor: info.name, shapes: zip(inputs, found).map { "\($0.path): \($1.map { "\($0.shape)" } ?? "absent")" })
+        throw OperationError.shapeMismatch(tensor: info.name, shapes: zip(inputs, found).map { "\($0.path): \($1.map { "\($0.shape)" } ?? "absent")" })
       }
       let outputType = info.dtype.isFloatingPoint ? (outputType ?? info.dtype) : info.dtype
       let bytesRead = found.compactMap { $0?.byteCount }.reduce(0, +)
@@ -106,9 +78,9 @@ public struct MergePlan {
       }
     }
     if !allowMissing, let (file, names) = missingByFile.sorted(by: { $0.key < $1.key }).first {
-      throw MergePlanError.missingTensors(file: file, names: names)
+      throw OperationError.missingTensors(file: file, names: names)
     }
-    guard items.contains(where: { $0.action == .merge }) else { throw MergePlanError.noFloatingTensors }
+    guard items.contains(where: { $0.action == .merge }) else { throw OperationError.noFloatingTensors }
     self.items = items
   }
 }
@@ -229,7 +201,7 @@ public enum MergeRunner {
       let data = try inputs[index].read(item.name)
       for other in inputs where other !== inputs[index] && !data.dtype.isFloatingPoint {
         guard let info = other.lookup(item.name) else { continue }
-        guard try info.dtype == data.dtype && other.read(item.name) == data else { throw MergePlanError.integerMismatch(tensor: item.name, file: other.path) }
+        guard try info.dtype == data.dtype && other.read(item.name) == data else { throw OperationError.integerMismatch(tensor: item.name, file: other.path) }
       }
       return .stored(data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data)
     case .merge:

@@ -4,13 +4,13 @@ import Nets
 import Tensor
 
 /// Loading and saving runnable models and data sets, for the data-driven commands and recipe
-/// steps. Errors are `DataFileError`s naming the file.
+/// steps. Errors are `CheckpointError.badDataFile`s naming the file.
 public enum NetworkFiles {
   /// The config.json of a model: `config` when given, else the one in the model's folder.
   public static func configPath(model: String, config: String?) throws -> String {
     if let config { return config }
     guard let folder = ModelFolder.modelFolder(of: model) else {
-      throw DataFileError(file: model, reason: "a lone tensor file has no config.json; pass the config explicitly")
+      throw CheckpointError.badDataFile(file: model, reason: "a lone tensor file has no config.json; pass the config explicitly")
     }
     return folder + "/config.json"
   }
@@ -18,7 +18,7 @@ public enum NetworkFiles {
   /// A model as a runnable network: its config and the tensors the architecture reads.
   public static func load(_ model: String, config: String? = nil) throws -> Network<Float> {
     let path = try configPath(model: model, config: config)
-    guard let json = FileManager.default.contents(atPath: path) else { throw DataFileError(file: path, reason: "cannot read the model's config.json") }
+    guard let json = FileManager.default.contents(atPath: path) else { throw CheckpointError.badDataFile(file: path, reason: "cannot read the model's config.json") }
     let networkConfig: NetworkConfig
     let lowRank: [String: Int]
     let kvProjection: KVProjection?
@@ -26,7 +26,7 @@ public enum NetworkFiles {
       networkConfig = try NetworkConfig(json: json)
       lowRank = try NetworkConfig.lowRankRanks(json: json)
       kvProjection = try KVProjection.fromConfig(json: json)
-    } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
+    } catch let error as NetsError { throw CheckpointError.badDataFile(file: path, reason: error.description) }
     let checkpoint = try openCheckpoint(model)
     let needed = Set(
       Network<Float>.expectedShapes(networkConfig, lowRank: lowRank).map(\.name) + Network<Float>.expectedShapes(networkConfig, prefix: "bert.", lowRank: lowRank).map(\.name))
@@ -35,13 +35,13 @@ public enum NetworkFiles {
     if kvProjection != nil { tensors.merge(try KVProjectionFiles.tensors(folder: URL(fileURLWithPath: path).deletingLastPathComponent().path)) { a, _ in a } }
     do {
       return try Network(config: networkConfig, tensors: tensors, lowRank: lowRank, kvProjection: kvProjection)
-    } catch let error as NetsError { throw DataFileError(file: model, reason: error.description) }
+    } catch let error as NetsError { throw CheckpointError.badDataFile(file: model, reason: error.description) }
   }
 
   /// Saves an MLP as a model folder (config.json with its factored layers, f32 safetensors, and
   /// `files` by name).
   public static func saveMLP(_ network: Network<Float>, to folder: String, overwrite: Bool, files: [String: String] = [:]) throws {
-    guard case .mlp(let config) = network.config else { throw DataFileError(file: folder, reason: "only MLPs are written as new models") }
+    guard case .mlp(let config) = network.config else { throw CheckpointError.badDataFile(file: folder, reason: "only MLPs are written as new models") }
     var configJSON = config.json
     if !network.lowRank.isEmpty {
       configJSON = String(decoding: try NetworkConfig.addingLowRank(to: Data(config.json.utf8), ranks: network.lowRank, method: "pela"), as: UTF8.self)
@@ -86,10 +86,10 @@ public enum NetworkFiles {
     var data: LabeledFeatures
     do {
       data = try LabeledFeatures(features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels, tasks: table.tasks, source: path)
-    } catch let error as NetsError { throw DataFileError(file: path, reason: error.description) }
+    } catch let error as NetsError { throw CheckpointError.badDataFile(file: path, reason: error.description) }
     if let tasks {
       data = data.tasks(Set(tasks))
-      guard data.count > 0 else { throw DataFileError(file: path, reason: "no rows belong to tasks \(tasks.map(String.init).joined(separator: ","))") }
+      guard data.count > 0 else { throw CheckpointError.badDataFile(file: path, reason: "no rows belong to tasks \(tasks.map(String.init).joined(separator: ","))") }
     }
     return data
   }

@@ -1,7 +1,8 @@
-/// A request an operation refuses before running: every case is a usage error (the CLI exits
-/// 64, a recipe names the YAML path). Messages speak of parameters by their recipe names; the
-/// shells render them as flags (`--batch-size`) or YAML paths (`steps[1].parameters.batch_size`)
-/// through `parameter` and `reason`.
+/// Errors of the Operations target. Most are requests refused before running (`isUsage`: the
+/// CLI exits 64, a recipe names the YAML path); the merge-plan cases are inputs that do not
+/// line up (exit 1). Messages speak of parameters by their recipe names; the shells render them
+/// as flags (`--batch-size`) or YAML paths (`steps[1].parameters.batch_size`) through
+/// `parameter` and `reason`.
 public enum OperationError: Error, CustomStringConvertible, Equatable {
   /// No operation or merge method has this name.
   case unknownOperation(String, known: [String])
@@ -23,6 +24,24 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
   case badOutput(operation: String, reason: String)
   /// The same path is written twice, or written while being read.
   case outputClash(path: String, reason: String)
+  /// A merge input lacks tensors the reference has.
+  case missingTensors(file: String, names: [String])
+  /// A merge input has tensors the reference lacks.
+  case extraTensors(file: String, names: [String])
+  /// One tensor name with different shapes across the inputs.
+  case shapeMismatch(tensor: String, shapes: [String])
+  /// An integer tensor that differs between inputs (integers are copied, never merged).
+  case integerMismatch(tensor: String, file: String)
+  /// No floating-point tensor to merge.
+  case noFloatingTensors
+
+  /// Whether the error is in what the user asked (exit 64) rather than in the inputs' contents.
+  public var isUsage: Bool {
+    switch self {
+    case .missingTensors, .extraTensors, .shapeMismatch, .integerMismatch, .noFloatingTensors: return false
+    default: return true
+    }
+  }
 
   /// The parameter the error is about, if any.
   public var parameter: String? {
@@ -43,8 +62,18 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
     case .missingInput(_, let role, let path): return "\(role) '\(path)' does not exist"
     case .outputExists(let path): return "'\(path)' already exists; replace it with overwrite (--overwrite)"
     case .outputClash(let path, let reason): return "'\(path)' \(reason)"
+    case .missingTensors(let file, let names):
+      return "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(Self.list(names)) (allow_missing, --allow-missing, takes them from the base)"
+    case .extraTensors(let file, let names):
+      return "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(Self.list(names)) (allow_missing, --allow-missing, ignores them)"
+    case .shapeMismatch(let tensor, let shapes): return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
+    case .integerMismatch(let tensor, let file):
+      return "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
+    case .noFloatingTensors: return "the inputs hold no floating-point tensors to merge"
     }
   }
+
+  private static func list(_ names: [String]) -> String { names.prefix(8).joined(separator: ", ") + (names.count > 8 ? " and \(names.count - 8) more" : "") }
 
   /// The message with parameters named by `render` (a flag or a YAML path).
   public func message(naming render: (String) -> String) -> String {
@@ -53,7 +82,7 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
       .conflict(let operation, let name, _):
       return "\(operation): \(render(name)): \(reason)"
     case .inputs(let operation, _), .missingInput(let operation, _, _), .badOutput(let operation, _): return "\(operation): \(reason)"
-    case .unknownOperation, .outputExists, .outputClash: return reason
+    default: return reason
     }
   }
 

@@ -30,12 +30,12 @@ public enum StatsFiles {
     return try (0..<points).map { p in
       let name = "layers.\(p).hidden"
       guard file.lookup(name + ".products") != nil, let count = try file.tensor(named: name + ".count").scalars.first else {
-        throw DataFileError(file: path, reason: "no statistics of '\(name)'; make them with mergekit stats \(models == 2 ? "A B" : "MODELS...") --at 'hidden$'")
+        throw CheckpointError.badDataFile(file: path, reason: "no statistics of '\(name)'; make them with mergekit stats \(models == 2 ? "A B" : "MODELS...") --at 'hidden$'")
       }
       let sum = try file.read(name + ".sum").doubles()
       let products = try file.read(name + ".products").doubles()
       guard sum.count * sum.count == products.count, sum.count % models == 0, count >= 0, count < 1e15 else {
-        throw DataFileError(file: path, reason: "statistics of '\(name)' do not hold \(models) models' features side by side")
+        throw CheckpointError.badDataFile(file: path, reason: "statistics of '\(name)' do not hold \(models) models' features side by side")
       }
       return FeatureStatistics(count: Int(count), sum: sum, products: products)
     }

@@ -39,6 +39,9 @@ public struct Recipe: Sendable {
     public var renames: [String]
     /// Data set of a data-driven step (`train`, `zip`, `eval`): a label or a path.
     public var data: String?
+    /// A merge step copies tensors some models lack from the base and ignores tensors only some
+    /// have (`allow_missing: true`, as `--allow-missing`).
+    public var allowMissing = false
     /// Where the step sits in the file, for errors (`steps[1]`).
     public var location: String
     /// The YAML path of its parameters (`steps[1].parameters`; `parameters` in a mergekit
@@ -221,7 +224,7 @@ extension Recipe {
     for (label, value) in try top["inputs"]?.map() ?? [] { inputs.append((label, try value.string())) }
     var steps: [Step] = []
     for item in try top["steps"]?.list() ?? [] {
-      let f = try item.fields(["name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename"])
+      let f = try item.fields(["name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename", "allow_missing"])
       guard let label = try f["name"]?.string() else { throw item.fail("a step needs a 'name' (its result's label)") }
       guard let operation = try f["method"]?.string() else { throw item.fail("a step needs a 'method' (a merge method, task-vector, apply or convert)") }
       var models: [String] = []
@@ -250,6 +253,10 @@ extension Recipe {
           renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [], data: try f["data"]?.string(),
           location: item.path)
       step.parameterLines = lines
+      if let allow = f["allow_missing"] {
+        guard let flag = allow.node.bool else { throw allow.fail("allow_missing is true or false") }
+        step.allowMissing = flag
+      }
       steps.append(step)
     }
     var outputs: [Output] = []

@@ -363,7 +363,7 @@ public struct RecipeRunner {
     let metadata = operation.kind.map { ["mergekit.kind": $0] } ?? [:]
     let plan = try MergePlan(
       method: method, base: base, models: models, global: operation.methodParameters(step.global), perModel: step.perModel,
-      outputType: outputType ?? operation.defaultDType)
+      outputType: outputType ?? operation.defaultDType, allowMissing: step.allowMissing)
     if plan.bytesWritten <= memory {
       reportStep("memory")
       let held = MemoryCheckpointWriter(

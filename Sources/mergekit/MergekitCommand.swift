@@ -69,7 +69,7 @@ struct MergekitCommand: ParsableCommand {
 /// as flags. nil for errors of the run itself (exit 1).
 func usageMessage(_ error: any Error) -> String? {
   switch error {
-  case let error as OperationError: return error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") }
+  case let error as OperationError: return error.isUsage ? error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") } : nil
   case let error as RecipeError:
     if case .stepFailed = error { return nil }
     return error.description
@@ -79,7 +79,7 @@ func usageMessage(_ error: any Error) -> String? {
       return "\(method): \(flagName(name))\(tensor.map { " for tensor '\($0)'" } ?? "") \(reason)"
     case .missingParameter(let method, let name, let help): return "\(method): \(flagName(name)) is required (\(help))"
     case .unknownParameter, .unknownMethod, .baseRequired, .baseUnused, .modelCount: return error.description
-    case .zeroWeightSum, .notStreamable: return nil
+    default: return nil  // errors of the inputs' contents or of the run
     }
   default: return nil
   }

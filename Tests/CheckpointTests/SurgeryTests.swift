@@ -16,12 +16,12 @@ import Testing
   }
 
   @Test func collisionsEmptySelectionsAndBadPatternsAreErrors() throws {
-    #expect(throws: SurgeryError.nameCollision(file: "m", first: "model.layers.0.mlp.up_proj.weight", second: "model.layers.1.mlp.up_proj.weight", target: "x")) {
+    #expect(throws: CheckpointError.nameCollision(file: "m", first: "model.layers.0.mlp.up_proj.weight", second: "model.layers.1.mlp.up_proj.weight", target: "x")) {
       try TensorSelection(select: "up_proj", renames: ["^.*$=x"]).apply(to: Self.names, file: "m")
     }
-    #expect(throws: SurgeryError.nothingSelected(file: "m")) { try TensorSelection(select: "nothing").apply(to: Self.names, file: "m") }
-    #expect(throws: SurgeryError.invalidPattern("([")) { try TensorSelection(select: "([") }
-    #expect(throws: SurgeryError.invalidRename("abc")) { try TensorSelection(renames: ["abc"]) }
+    #expect(throws: CheckpointError.nothingSelected(file: "m")) { try TensorSelection(select: "nothing").apply(to: Self.names, file: "m") }
+    #expect(throws: CheckpointError.invalidPattern("([")) { try TensorSelection(select: "([") }
+    #expect(throws: CheckpointError.invalidRename("abc")) { try TensorSelection(renames: ["abc"]) }
   }
 
   @Test func copyCastsOnlyFloatingTensorsAndKeepsValuesWithinRounding() throws {

@@ -128,15 +128,15 @@ struct ATLASFixture {
     var c = ATLASCoefficients(tasks: ["a", "b"], blocks: ["layers.0.weight", "layers.0.bias"], partitions: 2)
     c.values[1][0][1] = -0.25
     #expect(try ATLASCoefficients(json: try c.json()) == c)
-    #expect(throws: ATLASError.unknownBlocks(["nope"])) {
+    #expect(throws: MergeError.unknownBlocks(["nope"])) {
       try ATLASCoefficients(tasks: ["a"], blocks: ["nope"]).check(baseShapes: ["layers.0.weight": [2, 2]], taskVectors: 1)
     }
-    #expect(throws: ATLASError.taskCount(file: 2, given: 3)) { try c.check(baseShapes: ["layers.0.weight": [2, 2], "layers.0.bias": [2]], taskVectors: 3) }
-    #expect(throws: ATLASError.self) { try ATLASCoefficients(json: Data(#"{"format": "atlas-coefficients", "tasks": ["a"], "blocks": ["x"], "partitions": 1, "coefficients": [[[1, 2]]]}"#.utf8)) }
+    #expect(throws: MergeError.taskCount(file: 2, given: 3)) { try c.check(baseShapes: ["layers.0.weight": [2, 2], "layers.0.bias": [2]], taskVectors: 3) }
+    #expect(throws: MergeError.self) { try ATLASCoefficients(json: Data(#"{"format": "atlas-coefficients", "tasks": ["a"], "blocks": ["x"], "partitions": 1, "coefficients": [[[1, 2]]]}"#.utf8)) }
     let base = Network<Float>.initializedMLP(MLPConfig(layerSizes: [3, 4, 2]), seed: 1)
     var wrong = Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, $0.tensor) })
     wrong["layers.0.weight"] = Tensor(zeros: [4, 5])
-    #expect(throws: ATLASError.taskVectorMismatch(taskVector: 0, tensor: "layers.0.weight", reason: "shape [4, 5], the base has [4, 3]")) {
+    #expect(throws: MergeError.taskVectorMismatch(taskVector: 0, tensor: "layers.0.weight", reason: "shape [4, 5], the base has [4, 3]")) {
       try ATLAS.Problem(base: base, taskVectors: [wrong], names: ["x"])
     }
   }

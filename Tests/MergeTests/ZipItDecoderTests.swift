@@ -25,7 +25,7 @@ func randomDecoder(seed: UInt64, tied: Bool = false) throws -> Network<Float> {
 /// layer's MLP hidden units and each KV head's value features permuted (every weight adjusted
 /// to match).
 func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<Float> {
-  guard case .decoder(let c) = network.config else { throw ZipItError.tooFewModels }
+  guard case .decoder(let c) = network.config else { throw MergeError.tooFewModels }
   func permutation(_ n: Int, _ stream: String) -> [Int] {
     let rng = CounterRNG(seed: seed, stream: stream)
     return (0..<n).sorted { rng.bits(UInt64($0)) < rng.bits(UInt64($1)) }
@@ -113,7 +113,7 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
   @Test func mismatchedDecodersAreRefused() throws {
     let a = try randomDecoder(seed: 1)
     let tied = try randomDecoder(seed: 1, tied: true)
-    #expect(throws: ZipItError.differentArchitectures(model: 1)) { try ZipIt.zipDecoders([a, tied], sequences: tokenData(2, seed: 1)) }
-    #expect(throws: ZipItError.tooFewModels) { try ZipIt.zipDecoders([a], sequences: tokenData(2, seed: 1)) }
+    #expect(throws: MergeError.differentArchitectures(model: 1)) { try ZipIt.zipDecoders([a, tied], sequences: tokenData(2, seed: 1)) }
+    #expect(throws: MergeError.tooFewModels) { try ZipIt.zipDecoders([a], sequences: tokenData(2, seed: 1)) }
   }
 }

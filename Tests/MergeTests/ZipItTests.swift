@@ -160,11 +160,11 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
     let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 8, 3]), seed: 1)
     let wide = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 9, 3]), seed: 1)
     let x = Matrix<Float>(zeros: 10, 4)
-    #expect(throws: ZipItError.differentArchitectures(model: 1)) { try ZipIt.zip([a, wide], inputs: x) }
-    #expect(throws: ZipItError.tooFewModels) { try ZipIt.zip([a], inputs: x) }
+    #expect(throws: MergeError.differentArchitectures(model: 1)) { try ZipIt.zip([a, wide], inputs: x) }
+    #expect(throws: MergeError.tooFewModels) { try ZipIt.zip([a], inputs: x) }
     var options = ZipIt.Options()
     options.stop = 2
-    #expect(throws: ZipItError.stopLayerOutOfRange(stop: 2, points: 1)) { try ZipIt.zip([a, a], inputs: x, options: options) }
+    #expect(throws: MergeError.stopLayerOutOfRange(stop: 2, points: 1)) { try ZipIt.zip([a, a], inputs: x, options: options) }
     #expect(throws: NetsError.self) { try ZipIt.zip([a, a], inputs: Matrix<Float>(zeros: 10, 5)) }
   }
 }

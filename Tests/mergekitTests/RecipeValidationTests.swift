@@ -1,3 +1,4 @@
+import Checkpoint
 import Foundation
 import Testing
 
@@ -79,5 +80,35 @@ import Testing
     let onInput = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}", outputs: "merged: \(Self.examples.file("ex/finetune-b"))"), "--overwrite")
     #expect(onInput.status == 64 && onInput.stderr.contains("is also read by the recipe"), "\(onInput.stderr)")
     #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["escape.yaml", "recipe.yaml"])
+  }
+
+  @Test func allowMissingIsAStepKeyAsItIsAFlag() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let ex = Self.examples.file("ex")
+    let lacking = folder.file("lacking.safetensors")
+    #expect(try CLI.run("convert", "\(ex)/finetune-b", lacking, "--drop", "layers\\.2\\.mlp\\.up_proj", "-q").status == 0)
+    func recipe(_ extra: String) throws -> String {
+      let yaml = """
+        inputs: {base: \(ex)/base, a: \(ex)/finetune-a, b: \(lacking)}
+        steps:
+          - {name: m, method: ties, base: base, models: [a, b], parameters: {density: 0.5}\(extra)}
+        outputs: {m: \(folder.file("m.safetensors"))}
+
+        """
+      let path = folder.file("r.yaml")
+      try Data(yaml.utf8).write(to: URL(fileURLWithPath: path))
+      return path
+    }
+    let refused = try CLI.run("run", try recipe(""), "-q")
+    #expect(refused.status == 1 && refused.stderr.contains("lacks 1 tensor the others have") && refused.stderr.contains("allow_missing"), "\(refused.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("m.safetensors")))
+    #expect(try CLI.run("run", try recipe(", allow_missing: true"), "-q").status == 0)
+    let cli = folder.file("cli.safetensors")
+    #expect(try CLI.run("merge", "\(ex)/finetune-a", lacking, "--base", "\(ex)/base", "--method", "ties", "--density", "0.5", "--allow-missing", "-o", cli, "-q").status == 0)
+    let (a, b) = (try openCheckpoint(cli), try openCheckpoint(folder.file("m.safetensors")))
+    for info in a.tensors { #expect(try a.read(info.name) == b.read(info.name), "\(info.name)") }
+    let typo = try CLI.run("run", try recipe(", allow_missing: maybe"), "--dry-run")
+    #expect(typo.status == 64 && typo.stderr.contains("allow_missing is true or false"), "\(typo.stderr)")
   }
 }
