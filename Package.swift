@@ -35,7 +35,9 @@ let package = Package(
     .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),
     .target(name: "Adapt", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),
     .target(name: "Operations", dependencies: ["Checkpoint", "Merge", "Adapt", "Nets", "Tensor"]),
-    .target(name: "Recipe", dependencies: ["Operations", "Checkpoint", "Merge", "Nets", "Tensor", .product(name: "Yams", package: "Yams")]),
+    .target(
+      name: "Recipe",
+      dependencies: ["Operations", "Checkpoint", "Merge", "Nets", "Tensor", .product(name: "Yams", package: "Yams")]),
     .executableTarget(
       name: "mergekit",
       dependencies: [
@@ -58,11 +60,15 @@ let package = Package(
       path: "Benchmarks/NetsBenchmarks", swiftSettings: kernels),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
     .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
-    .testTarget(name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
+    .testTarget(
+      name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
     .testTarget(name: "AdaptTests", dependencies: ["Adapt", "Nets", "Tensor", "Checkpoint", "TestSupport"]),
-    .testTarget(name: "OperationsTests", dependencies: ["Operations", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
-    .testTarget(name: "RecipeTests", dependencies: ["Recipe", "Operations", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
+    .testTarget(
+      name: "OperationsTests", dependencies: ["Operations", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
+    .testTarget(
+      name: "RecipeTests",
+      dependencies: ["Recipe", "Operations", "Merge", "Nets", "Checkpoint", "Tensor", "TestSupport"]),
     .testTarget(name: "mergekitTests", dependencies: ["mergekit", "TestSupport", "Checkpoint", "Nets", "Tensor"]),
   ],
   swiftLanguageModes: [.v5]

@@ -35,7 +35,9 @@ for (rows, columns) in [(2048, 2048), (4096, 1024)] {
     var factors: LowRankFactors?
     let time = try seconds { factors = try LowRank.factor(w, rank: rank, solver: .randomized) }
     let optimum = values[rank...].reduce(0.0) { $0 + $1 * $1 }
-    print(String(format: "  rank %4d randomized %.3f s (%.3f of the exact time), squared error %.4f x the optimum",
-      rank, time, time / exact, squaredError(w, factors!.product) / optimum))
+    print(
+      String(
+        format: "  rank %4d randomized %.3f s (%.3f of the exact time), squared error %.4f x the optimum",
+        rank, time, time / exact, (factors.map { squaredError(w, $0.product) } ?? .nan) / optimum))
   }
 }

@@ -30,7 +30,8 @@ public func plainRead(_ model: any Checkpoint) throws -> Double {
 /// the file is removed afterwards, outside the timing.
 public func plainWrite(_ bytes: Int, to path: String) throws -> Double {
   let piece = [UInt8](repeating: 0x5A, count: 8 << 20)
-  guard FileManager.default.createFile(atPath: path, contents: nil), let file = FileHandle(forWritingAtPath: path) else {
+  guard FileManager.default.createFile(atPath: path, contents: nil), let file = FileHandle(forWritingAtPath: path)
+  else {
     throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
   }
   defer { try? FileManager.default.removeItem(atPath: path) }

@@ -48,12 +48,18 @@ func codecFigures(_ values: [Float], dtype: DType) throws -> (encode: Double, de
     for (i, frame) in stored.enumerated() {
       let rawSize = min(chunk, data.count - i * chunk)
       try frame.withUnsafeBytes { f in
-        try out.withUnsafeMutableBytes { try codec.decode(f, encodings[i], dtype: dtype, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<rawSize])) }
+        try out.withUnsafeMutableBytes {
+          try codec.decode(
+            f, encodings[i], dtype: dtype, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<rawSize]))
+        }
       }
     }
   }
   let storedBytes = encodings.reduce(0) { $0 + $1.size }
-  return (Double(data.count) / encodeTime / 1e9, Double(data.count) / decodeTime / 1e9, Double(data.count) / Double(storedBytes))
+  return (
+    Double(data.count) / encodeTime / 1e9, Double(data.count) / decodeTime / 1e9,
+    Double(data.count) / Double(storedBytes)
+  )
 }
 /// Writes a synthetic bf16 checkpoint of about `gigabytes` GB, tensor by tensor (64 MB each).
 func writeLarge(_ path: String, gigabytes: Double) throws {
@@ -90,7 +96,13 @@ if let modelPath {
 do {
   let bytes = Tensor(shape: [values.count], scalars: values).encoded(as: .bf16).bytes
   var hash: UInt64 = 0
-  let time = seconds { bytes.withUnsafeBytes { raw in for s in stride(from: 0, to: raw.count, by: 1 << 20) { hash ^= XXHash64.hash(UnsafeRawBufferPointer(rebasing: raw[s..<min(raw.count, s + (1 << 20))])) } } }
+  let time = seconds {
+    bytes.withUnsafeBytes { raw in
+      for s in stride(from: 0, to: raw.count, by: 1 << 20) {
+        hash ^= XXHash64.hash(UnsafeRawBufferPointer(rebasing: raw[s..<min(raw.count, s + (1 << 20))]))
+      }
+    }
+  }
   print("\nXXH64 checksum, one core: \(gbps(bytes.count, time))\(hash == 0 ? " " : "")")
   print("dtype conversion, one core (GB/s of output):")
   let f32 = Tensor(shape: [values.count], scalars: values).encoded(as: .f32).bytes
@@ -127,7 +139,10 @@ func wholeCheckpoint(_ path: String) throws {
   ]
   for (label, arguments) in steps {
     let (time, rss) = try runChild(binary, arguments)
-    print(String(format: "%@    %@  %.2f s  peak RSS %.0f MB  (%.2f of plain read speed)", label, gbps(bytes, time), time, rss, read / time))
+    print(
+      String(
+        format: "%@    %@  %.2f s  peak RSS %.0f MB  (%.2f of plain read speed)", label, gbps(bytes, time), time, rss,
+        read / time))
   }
   for file in ["m.mkz", "m.safetensors"] { try? FileManager.default.removeItem(atPath: scratch + "/" + file) }
 }
@@ -141,7 +156,9 @@ let largeGB = Double(option("--large-gb") ?? "2") ?? 2
 if largeGB > 0 {
   let large = scratch + "/large.safetensors"
   try writeLarge(large, gigabytes: largeGB)
-  print("\n== whole checkpoint, all cores, \(formatted(try openCheckpoint(large).totalByteCount)) synthetic bf16 (memory must stay flat)")
+  print(
+    "\n== whole checkpoint, all cores, \(formatted(try openCheckpoint(large).totalByteCount)) synthetic bf16 (memory must stay flat)"
+  )
   try wholeCheckpoint(large)
 }
 

@@ -29,25 +29,36 @@ func kernelFigures() throws {
   let repeats = 40
   func report(_ label: String, elements: Int, _ body: () -> Void) throws {
     let time = try seconds { for _ in 0..<repeats { body() } }
-    print(String(format: "%@ %6.2f ns per output element", label.padding(toLength: 40, withPad: " ", startingAt: 0), time / Double(repeats * elements) * 1e9))
+    print(
+      String(
+        format: "%@ %6.2f ns per output element", label.padding(toLength: 40, withPad: " ", startingAt: 0),
+        time / Double(repeats * elements) * 1e9))
   }
   print("\n== merge kernels, one range of \(n) elements, 3 models, \(Parallel.threadCount) threads")
   try report("difference", elements: n) { _ = Kernels.difference(deltas[0], base) }
   try report("masked (random half kept)", elements: n) { _ = Kernels.masked(deltas[0], keep: keep[0]) }
-  try report("weightedSum of 3 with base", elements: n) { _ = Kernels.weightedSum(deltas, weights: weights, base: base) }
+  try report("weightedSum of 3 with base", elements: n) {
+    _ = Kernels.weightedSum(deltas, weights: weights, base: base)
+  }
   let stored = ([base] + deltas).map { Tensor(shape: [n], scalars: $0).encoded(as: .bf16).bytes }
   var out = [UInt8](repeating: 0, count: 2 * n)
   try report("weightedSum of 3 with base, bf16 bytes in/out", elements: n) {
     stored.withUnsafeBufferPointers { p in
       let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
       out.withUnsafeMutableBytes { o in
-        Kernels.weightedSum(Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: false, count: n, into: o, as: .bf16)
+        Kernels.weightedSum(
+          Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: false, count: n,
+          into: o, as: .bf16)
       }
     }
   }
-  try report("consensusMerge of 3 (TIES)", elements: n) { _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true) }
+  try report("consensusMerge of 3 (TIES)", elements: n) {
+    _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true)
+  }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
-  try report("top-k histograms (high + low bits)", elements: n) { _ = ranker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0]) }
+  try report("top-k histograms (high + low bits)", elements: n) {
+    _ = ranker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0])
+  }
   ranker.addHigh(ranker.highCounts(deltas[0]))
   ranker.finishHigh()
   ranker.addLow(ranker.lowCounts(deltas[0]))
@@ -78,10 +89,16 @@ func writeModels(_ arch: ExampleModels.Architecture, to folder: String, count: I
   try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
   print("writing \(count + 1) models of \(arch.layerCount) layers to \(folder) ...")
   let infos = arch.tensors.map { TensorInfo(name: $0.name, dtype: .bf16, shape: $0.shape) }
-  let writers = try paths.map { try CheckpointWriter(destination: $0, tensors: infos, options: WriteOptions(metadata: ["format": "pt"], overwrite: true)) }
+  let writers = try paths.map {
+    try CheckpointWriter(
+      destination: $0, tensors: infos, options: WriteOptions(metadata: ["format": "pt"], overwrite: true))
+  }
   for (name, shape) in arch.tensors {
     let rng = CounterRNG(seed: 0, stream: name)
-    let base = shape.count == 1 ? Tensor(shape: shape, scalars: [Float](repeating: 1, count: shape[0])) : Tensor(shape: shape, scalars: Elementwise.map(shape.reduce(1, *)) { rng.normal(UInt64($0)) * 0.02 })
+    let base =
+      shape.count == 1
+      ? Tensor(shape: shape, scalars: [Float](repeating: 1, count: shape[0]))
+      : Tensor(shape: shape, scalars: Elementwise.map(shape.reduce(1, *)) { rng.normal(UInt64($0)) * 0.02 })
     try writers[0].write(name, base.encoded(as: .bf16))
     for i in 1...count {
       try writers[i].write(name, ExampleModels.fineTune([(name, base)], seed: UInt64(i))[0].tensor.encoded(as: .bf16))
@@ -103,7 +120,9 @@ let models = try paths.map { try openCheckpoint($0) }
 let largest = models[0].tensors.map(\.count).max() ?? 0
 let inputBytes = models.dropFirst().reduce(0) { $0 + $1.totalByteCount }
 let withBase = inputBytes + models[0].totalByteCount
-print("\n== \(modelCount) models of \(String(format: "%.2f", Double(models[0].totalByteCount) / 1e9)) GB bf16 (\(models[0].tensors.count) tensors, largest \(largest) values = \(String(format: "%.0f", Double(largest) * 4 / 1e6)) MB in f32)")
+print(
+  "\n== \(modelCount) models of \(String(format: "%.2f", Double(models[0].totalByteCount) / 1e9)) GB bf16 (\(models[0].tensors.count) tensors, largest \(largest) values = \(String(format: "%.0f", Double(largest) * 4 / 1e6)) MB in f32)"
+)
 for model in models { _ = try plainRead(model) }  // warm the page cache
 var read = 0.0
 for model in models { read += try plainRead(model) }
@@ -116,20 +135,27 @@ defer { try? FileManager.default.removeItem(atPath: scratch) }
 // earlier output does not count against the next.
 sync()
 let write = try plainWrite(models[0].totalByteCount, to: scratch + "/write-baseline")
-print(String(format: "plain write of one model (no work)      %.2f s  %@", write, gbps(models[0].totalByteCount, write)))
+print(
+  String(format: "plain write of one model (no work)      %.2f s  %@", write, gbps(models[0].totalByteCount, write)))
 for method in methods {
   let usesBase = method != "linear"
   let merged = method == "slerp" ? [paths[1]] : Array(paths.dropFirst())
   var arguments = ["merge"] + merged + ["--method", method, "-o", scratch + "/out.safetensors", "--overwrite", "-q"]
   if usesBase { arguments += ["--base", paths[0]] }
   if method == "slerp" { arguments += ["--t", "0.5"] }
-  if method.contains("ties") || method.contains("dare") || method.contains("breadcrumbs") { arguments += ["--density", "0.5"] }
+  if method.contains("ties") || method.contains("dare") || method.contains("breadcrumbs") {
+    arguments += ["--density", "0.5"]
+  }
   let bytes = method == "slerp" ? 2 * models[0].totalByteCount : usesBase ? withBase : inputBytes
   sync()
   let (time, rss) = try runChild(binary, arguments)
   let readTime = read * Double(bytes) / Double(withBase)
-  print(String(format: "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed, %.2f of plain read + write)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
-    method, time, gbps(bytes, time), readTime / time, (readTime + write) / time, rss, rss * 1e6 / (Double(largest) * 4)))
+  print(
+    String(
+      format:
+        "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed, %.2f of plain read + write)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
+      method, time, gbps(bytes, time), readTime / time, (readTime + write) / time, rss,
+      rss * 1e6 / (Double(largest) * 4)))
   try? FileManager.default.removeItem(atPath: scratch + "/out.safetensors")
 }
 
@@ -150,8 +176,12 @@ for n in [512, 1024, 2048] {
     let t = LAPACK.truncated(f, to: r).reconstructed
     return zip(a.scalars, t.scalars).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }.squareRoot()
   }
-  print(String(format: "n = %4d, r = %3d: full SVD %6.3f s (error %.4f x optimal), randomized %6.3f s (error %.4f x optimal), %.1fx faster",
-    n, r, fullTime, residual(full!) / optimal, fastTime, residual(fast!) / optimal, fullTime / fastTime))
+  print(
+    String(
+      format:
+        "n = %4d, r = %3d: full SVD %6.3f s (error %.4f x optimal), randomized %6.3f s (error %.4f x optimal), %.1fx faster",
+      n, r, fullTime, (full.map(residual) ?? .nan) / optimal, fastTime, (fast.map(residual) ?? .nan) / optimal,
+      fullTime / fastTime))
 }
 
 extension Array where Element == [UInt8] {
@@ -159,7 +189,7 @@ extension Array where Element == [UInt8] {
   func withUnsafeBufferPointers<R>(_ body: ([UnsafeRawPointer]) throws -> R) rethrows -> R {
     func nest(_ i: Int, _ held: [UnsafeRawPointer]) throws -> R {
       guard i < count else { return try body(held) }
-      return try self[i].withUnsafeBytes { try nest(i + 1, held + [$0.baseAddress!]) }
+      return try self[i].withUnsafeBytes { try nest(i + 1, held + [$0.baseAddress ?? Kernels.noElements]) }
     }
     return try nest(0, [])
   }

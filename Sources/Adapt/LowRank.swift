@@ -86,7 +86,9 @@ public enum LowRank {
 
   /// Factors `w` (`out x in`) at the rank `rule` gives. Returns nil when that rank would not save
   /// parameters (`r (out + in) >= out in`) or is 0.
-  public static func factor(_ w: Tensor, rule: RankRule, solver: Solver = .automatic, seed: UInt64 = 0) throws -> LowRankFactors? {
+  public static func factor(_ w: Tensor, rule: RankRule, solver: Solver = .automatic, seed: UInt64 = 0) throws
+    -> LowRankFactors?
+  {
     precondition(w.shape.count == 2, "factor needs a matrix, got \(w.shape)")
     let (rows, columns) = (w.shape[0], w.shape[1])
     var spectrum: SVD?
@@ -97,7 +99,9 @@ public enum LowRank {
   }
 
   /// Factors `w` at rank `rank` (1 ... min(out, in)).
-  public static func factor(_ w: Tensor, rank: Int, solver: Solver = .automatic, seed: UInt64 = 0, spectrum: SVD? = nil) throws -> LowRankFactors {
+  public static func factor(_ w: Tensor, rank: Int, solver: Solver = .automatic, seed: UInt64 = 0, spectrum: SVD? = nil)
+    throws -> LowRankFactors
+  {
     let (rows, columns) = (w.shape[0], w.shape[1])
     precondition(rank >= 1 && rank <= min(rows, columns), "rank \(rank) for a \(rows) x \(columns) matrix")
     let useRandomized: Bool
@@ -106,7 +110,10 @@ public enum LowRank {
     case .randomized: useRandomized = spectrum == nil
     case .automatic: useRandomized = spectrum == nil && min(rows, columns) >= 512 && rank * 16 <= min(rows, columns)
     }
-    let svd = useRandomized ? try LAPACK.randomizedSVD(w, rank: rank, oversampling: 10, powerIterations: 4, seed: seed) : LAPACK.truncated(try spectrum ?? LAPACK.svd(w), to: rank)
+    let svd =
+      useRandomized
+      ? try LAPACK.randomizedSVD(w, rank: rank, oversampling: 10, powerIterations: 4, seed: seed)
+      : LAPACK.truncated(try spectrum ?? LAPACK.svd(w), to: rank)
     return split(svd, total: w.scalars.reduce(0.0) { $0 + Double($1) * Double($1) })
   }
 

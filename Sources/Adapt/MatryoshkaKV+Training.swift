@@ -30,13 +30,27 @@ extension MatryoshkaKV {
     progress: ((Int, Int, Double) -> Void)? = nil
   ) throws -> (network: Network<Float>, losses: [Double]) {
     let c = try decoder(network)
-    guard let finalRanks = network.kvProjection else { throw AdaptError.nothingToDo(method: "MatryoshkaKV training", reason: "the model has no K/V projections to train") }
-    guard options.step >= 1, c.headDimension % options.step == 0 else { throw AdaptError.invalidOption(name: "step", value: "\(options.step)", reason: "the rank step must divide the head dimension \(c.headDimension)") }
-    if let r = options.fixedRank, !(1...c.headDimension).contains(r) { throw AdaptError.invalidOption(name: "fixed rank", value: "\(r)", reason: "must be within 1...\(c.headDimension)") }
-    guard !sequences.isEmpty else { throw AdaptError.missingData(method: "MatryoshkaKV training", needed: "token sequences to train on") }
+    guard let finalRanks = network.kvProjection else {
+      throw AdaptError.nothingToDo(method: "MatryoshkaKV training", reason: "the model has no K/V projections to train")
+    }
+    guard options.step >= 1, c.headDimension % options.step == 0 else {
+      throw AdaptError.invalidOption(
+        name: "step", value: "\(options.step)",
+        reason: "the rank step must divide the head dimension \(c.headDimension)")
+    }
+    if let r = options.fixedRank, !(1...c.headDimension).contains(r) {
+      throw AdaptError.invalidOption(name: "fixed rank", value: "\(r)", reason: "must be within 1...\(c.headDimension)")
+    }
+    guard !sequences.isEmpty else {
+      throw AdaptError.missingData(method: "MatryoshkaKV training", needed: "token sequences to train on")
+    }
     let d = c.headDimension
     let names = KVProjection.Kind.allCases.flatMap { kind in
-      (0..<c.layerCount).flatMap { l in (0..<c.keyValueHeadCount).map { (KVProjection.basisName(layer: l, kind, head: $0), KVProjection.meanName(layer: l, kind, head: $0)) } }
+      (0..<c.layerCount).flatMap { l in
+        (0..<c.keyValueHeadCount).map {
+          (KVProjection.basisName(layer: l, kind, head: $0), KVProjection.meanName(layer: l, kind, head: $0))
+        }
+      }
     }
     let initial = Dictionary(uniqueKeysWithValues: try names.map { ($0.0, try network.weights.required($0.0)) })
     var parameters: [String: Matrix<Float>] = [:]
@@ -53,7 +67,9 @@ extension MatryoshkaKV {
     var stepIndex = 0
     for epoch in 0..<options.epochs {
       var sum = 0.0
-      for (b, rows) in miniBatches(count: sequences.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch)).enumerated() {
+      for (b, rows) in miniBatches(
+        count: sequences.count, size: options.batchSize, shuffleSeed: options.seed &+ UInt64(epoch)
+      ).enumerated() {
         let batch = TokenBatch(rows.map { sequences[$0] })
         student.kvProjection = sampledRanks(c, options: options, step: stepIndex)
         let teacherTape = Tape<Float>()
@@ -80,7 +96,8 @@ extension MatryoshkaKV {
         }
         tape.backward(from: loss)
         let progressFraction = Double(stepIndex) / Double(total)
-        let schedule = stepIndex < warmup ? Double(stepIndex + 1) / Double(warmup) : 0.5 * (1 + cos(Double.pi * progressFraction))
+        let schedule =
+          stepIndex < warmup ? Double(stepIndex + 1) / Double(warmup) : 0.5 * (1 + cos(Double.pi * progressFraction))
         optimizer.learningRate = options.learningRate * Float(schedule)
         optimizer.step(&parameters, gradients: bound.compactMapValues { tape.gradient($0) })
         sum += Double(tape.value(loss).values[0])
@@ -93,11 +110,15 @@ extension MatryoshkaKV {
     var tensors = Dictionary(uniqueKeysWithValues: network.tensors.map { ($0.name, $0.tensor) })
     for (basis, mean) in names {
       let tape = Tape<Float>()
-      let u = tape.value(tape.matmul(tape.constant(try initial.required(basis)), tape.cayley(tape.constant(try parameters.required(basis)))))
+      let u = tape.value(
+        tape.matmul(
+          tape.constant(try initial.required(basis)), tape.cayley(tape.constant(try parameters.required(basis)))))
       tensors[basis] = u.tensor()
       tensors[mean] = try parameters.required(mean).tensor(shape: [d])
     }
-    return (try Network(config: network.config, tensors: tensors, lowRank: network.lowRank, kvProjection: finalRanks), losses)
+    return (
+      try Network(config: network.config, tensors: tensors, lowRank: network.lowRank, kvProjection: finalRanks), losses
+    )
   }
 
   /// The ranks of one training step: one draw from `step, 2 step, ..., d` per layer, head and

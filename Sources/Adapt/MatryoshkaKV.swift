@@ -26,7 +26,10 @@ public enum MatryoshkaKV {
   }
 
   static func decoder(_ network: Network<Float>) throws -> DecoderConfig {
-    guard case .decoder(let c) = network.config else { throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)") }
+    guard case .decoder(let c) = network.config else {
+      throw AdaptError.unsupportedModel(
+        method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)")
+    }
     return c
   }
 
@@ -36,7 +39,10 @@ public enum MatryoshkaKV {
     _ network: Network<Float>, sequences: [[Int]], batchSize: Int = 8, progress: ((Int, Int) -> Void)? = nil
   ) throws -> (keys: [FeatureStatistics], values: [FeatureStatistics]) {
     let c = try decoder(network)
-    guard !sequences.isEmpty, sequences.allSatisfy({ !$0.isEmpty }) else { throw AdaptError.missingData(method: "MatryoshkaKV", needed: "non-empty token sequences to gather statistics from") }
+    guard !sequences.isEmpty, sequences.allSatisfy({ !$0.isEmpty }) else {
+      throw AdaptError.missingData(
+        method: "MatryoshkaKV", needed: "non-empty token sequences to gather statistics from")
+    }
     let width = c.keyValueHeadCount * c.headDimension
     var keys = Array(repeating: FeatureStatistics(width: width), count: c.layerCount)
     var values = keys
@@ -77,11 +83,15 @@ public enum MatryoshkaKV {
     let (ascending, vectors) = try LAPACK.symmetricEigen(covariance)
     var basis = Matrix<Float>(zeros: d, d)
     for i in 0..<d { for j in 0..<d { basis.values[i * d + j] = Float(vectors.values[i * d + (d - 1 - j)]) } }
-    return HeadBasis(basis: basis, mean: Matrix(rows: 1, columns: d, values: mean.map(Float.init)), variances: ascending.reversed().map { max($0, 0) })
+    return HeadBasis(
+      basis: basis, mean: Matrix(rows: 1, columns: d, values: mean.map(Float.init)),
+      variances: ascending.reversed().map { max($0, 0) })
   }
 
   /// PCA bases of every layer and KV head from gathered statistics.
-  public static func pcaBases(_ network: Network<Float>, statistics: (keys: [FeatureStatistics], values: [FeatureStatistics])) throws -> Bases {
+  public static func pcaBases(
+    _ network: Network<Float>, statistics: (keys: [FeatureStatistics], values: [FeatureStatistics])
+  ) throws -> Bases {
     let c = try decoder(network)
     func heads(_ stats: [FeatureStatistics]) throws -> [[HeadBasis]] {
       try stats.map { s in try (0..<c.keyValueHeadCount).map { try pca(s, head: $0, dimension: c.headDimension) } }
@@ -102,11 +112,13 @@ public enum MatryoshkaKV {
         var block = DoubleMatrix(zeros: d, w.columns)
         for i in 0..<d { for j in 0..<w.columns { block.values[i * w.columns + j] = Double(w[h * d + i, j]) } }
         let mean = (0..<d).map { i in bias.map { Double($0.values[h * d + i]) } ?? 0 }
-        return try basis(covariance: BLAS.gram(DoubleMatrix(rows: w.columns, columns: d, values: transpose(block).values)), mean: mean)
+        return try basis(
+          covariance: BLAS.gram(DoubleMatrix(rows: w.columns, columns: d, values: transpose(block).values)), mean: mean)
       }
     }
     return Bases(
-      keys: try (0..<c.layerCount).map { try heads("k_proj", layer: $0) }, values: try (0..<c.layerCount).map { try heads("v_proj", layer: $0) },
+      keys: try (0..<c.layerCount).map { try heads("k_proj", layer: $0) },
+      values: try (0..<c.layerCount).map { try heads("v_proj", layer: $0) },
       dataFree: true)
   }
 
@@ -144,7 +156,9 @@ public enum MatryoshkaKV {
         }
       }
     }
-    guard network.kvProjection != nil else { throw AdaptError.nothingToDo(method: "MatryoshkaKV", reason: "the model has no K/V projections") }
+    guard network.kvProjection != nil else {
+      throw AdaptError.nothingToDo(method: "MatryoshkaKV", reason: "the model has no K/V projections")
+    }
     return Bases(keys: try heads(.keys), values: try heads(.values), dataFree: dataFree)
   }
 
@@ -156,16 +170,28 @@ public enum MatryoshkaKV {
 
   /// Checks a budget and rank step against the head dimension.
   public static func checkBudget(_ c: DecoderConfig, budget: Double, step: Int) throws {
-    guard budget > 0 && budget <= 1 else { throw AdaptError.invalidOption(name: "budget", value: "\(budget)", reason: "the kept fraction of K/V dimensions is in (0, 1]") }
-    guard step >= 1, c.headDimension % step == 0 else { throw AdaptError.invalidOption(name: "step", value: "\(step)", reason: "the rank step must divide the head dimension \(c.headDimension)") }
+    guard budget > 0 && budget <= 1 else {
+      throw AdaptError.invalidOption(
+        name: "budget", value: "\(budget)", reason: "the kept fraction of K/V dimensions is in (0, 1]")
+    }
+    guard step >= 1, c.headDimension % step == 0 else {
+      throw AdaptError.invalidOption(
+        name: "step", value: "\(step)", reason: "the rank step must divide the head dimension \(c.headDimension)")
+    }
     guard budget * Double(c.headDimension) >= Double(step) - 1e-9 else {
-      throw AdaptError.invalidOption(name: "budget", value: "\(budget)", reason: "keeps fewer than \(step) of \(c.headDimension) dimensions per head; lower --step")
+      throw AdaptError.invalidOption(
+        name: "budget", value: "\(budget)",
+        reason: "keeps fewer than \(step) of \(c.headDimension) dimensions per head; lower --step")
     }
   }
 
   /// `|a - b|_F / |b|_F` of the final hidden states (the last block's output) over `sequences`.
-  public static func outputError(_ network: Network<Float>, reference: Network<Float>, sequences: [[Int]], batchSize: Int = 8) throws -> Double {
-    try outputError(network, reference: try finalHidden(reference, sequences: sequences, batchSize: batchSize), sequences: sequences, batchSize: batchSize)
+  public static func outputError(
+    _ network: Network<Float>, reference: Network<Float>, sequences: [[Int]], batchSize: Int = 8
+  ) throws -> Double {
+    try outputError(
+      network, reference: try finalHidden(reference, sequences: sequences, batchSize: batchSize), sequences: sequences,
+      batchSize: batchSize)
   }
 
   /// The final hidden states of every batch of `sequences`.
@@ -176,7 +202,9 @@ public enum MatryoshkaKV {
     }
   }
 
-  static func outputError(_ network: Network<Float>, reference: [Matrix<Float>], sequences: [[Int]], batchSize: Int) throws -> Double {
+  static func outputError(_ network: Network<Float>, reference: [Matrix<Float>], sequences: [[Int]], batchSize: Int)
+    throws -> Double
+  {
     let layer = "model.layers.\(try decoder(network).layerCount - 1).output"
     var (difference, norm) = (0.0, 0.0)
     for (n, start) in stride(from: 0, to: sequences.count, by: batchSize).enumerated() {
@@ -200,7 +228,9 @@ public enum MatryoshkaKV {
   }
 
   /// Mean per-token `KL(teacher || student)` of the next-token distributions over `sequences`.
-  public static func logitKL(_ student: Network<Float>, teacher: Network<Float>, sequences: [[Int]], batchSize: Int = 8) throws -> Double {
+  public static func logitKL(_ student: Network<Float>, teacher: Network<Float>, sequences: [[Int]], batchSize: Int = 8)
+    throws -> Double
+  {
     var (total, tokens) = (0.0, 0)
     for start in stride(from: 0, to: sequences.count, by: batchSize) {
       let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
@@ -208,7 +238,9 @@ public enum MatryoshkaKV {
       let t = softmax(ts.value(try teacher.forward(ts, .tokens(batch)).output))
       let s = softmax(ss.value(try student.forward(ss, .tokens(batch)).output))
       for r in batch.mask.indices where batch.mask[r] {
-        for c in 0..<t.columns where t[r, c] > 0 { total += Double(t[r, c]) * (log(Double(t[r, c])) - log(max(Double(s[r, c]), 1e-30))) }
+        for c in 0..<t.columns where t[r, c] > 0 {
+          total += Double(t[r, c]) * (log(Double(t[r, c])) - log(max(Double(s[r, c]), 1e-30)))
+        }
         tokens += 1
       }
     }
@@ -220,13 +252,16 @@ public enum MatryoshkaKV {
   /// the current ranks' output), at most `perRound` of them, until the average kept fraction is
   /// at most `budget`. `network` must carry the bases (at any ranks).
   public static func searchRanks(
-    _ network: Network<Float>, sequences: [[Int]], budget: Double, step: Int, perRound: Int? = nil, progress: ((Double) -> Void)? = nil
+    _ network: Network<Float>, sequences: [[Int]], budget: Double, step: Int, perRound: Int? = nil,
+    progress: ((Double) -> Void)? = nil
   ) throws -> KVProjection {
     let c = try decoder(network)
     try checkBudget(c, budget: budget, step: step)
     var current = network
     var ranks = KVProjection(layers: c.layerCount, heads: c.keyValueHeadCount, rank: c.headDimension)
-    let candidates = KVProjection.Kind.allCases.flatMap { kind in (0..<c.layerCount).flatMap { l in (0..<c.keyValueHeadCount).map { (kind, l, $0) } } }
+    let candidates = KVProjection.Kind.allCases.flatMap { kind in
+      (0..<c.layerCount).flatMap { l in (0..<c.keyValueHeadCount).map { (kind, l, $0) } }
+    }
     let limit = perRound ?? max(1, candidates.count * 3 / 4)
     while ranks.keptFraction(dimension: c.headDimension) > budget + 1e-12 {
       current.kvProjection = ranks
@@ -237,7 +272,8 @@ public enum MatryoshkaKV {
         var lowered = ranks
         lowered.setRank(kind, layer: layer, head: head, ranks.ranks(kind)[layer][head] - step)
         trial.kvProjection = lowered
-        scored.append((try outputError(trial, reference: reference, sequences: sequences, batchSize: 8), kind, layer, head))
+        scored.append(
+          (try outputError(trial, reference: reference, sequences: sequences, batchSize: 8), kind, layer, head))
       }
       guard !scored.isEmpty else { break }
       scored.sort { ($0.error, $0.layer, $0.head) < ($1.error, $1.layer, $1.head) }

@@ -79,18 +79,32 @@ extension PELA {
     _ student: inout Network<Float>, teacher: Network<Float>, on data: DistillationData, options: DistillationOptions,
     progress: ((DistillationReport) -> Void)? = nil
   ) throws -> [DistillationReport] {
-    guard !student.lowRank.isEmpty else { throw AdaptError.nothingToDo(method: "PELA distillation", reason: "the student has no factored layer; factor the model first") }
-    guard student.config == teacher.config else { throw AdaptError.unsupportedModel(method: "PELA distillation", reason: "the teacher must have the student's architecture") }
+    guard !student.lowRank.isEmpty else {
+      throw AdaptError.nothingToDo(
+        method: "PELA distillation", reason: "the student has no factored layer; factor the model first")
+    }
+    guard student.config == teacher.config else {
+      throw AdaptError.unsupportedModel(
+        method: "PELA distillation", reason: "the teacher must have the student's architecture")
+    }
     let defaultPoints: String
     switch (student.config, data) {
     case (.mlp, .features): defaultPoints = #"\.hidden$"#
     case (.decoder, .tokens): defaultPoints = #"^model\.layers\.\d+\.output$"#
-    default: throw AdaptError.unsupportedModel(method: "PELA distillation", reason: "it takes an MLP with feature rows or a decoder with token sequences")
+    default:
+      throw AdaptError.unsupportedModel(
+        method: "PELA distillation", reason: "it takes an MLP with feature rows or a decoder with token sequences")
     }
-    guard options.epochs >= 1 else { throw AdaptError.invalidOption(name: "epochs", value: "\(options.epochs)", reason: "must be at least 1") }
-    guard options.batchSize >= 1 else { throw AdaptError.invalidOption(name: "batch_size", value: "\(options.batchSize)", reason: "must be at least 1") }
+    guard options.epochs >= 1 else {
+      throw AdaptError.invalidOption(name: "epochs", value: "\(options.epochs)", reason: "must be at least 1")
+    }
+    guard options.batchSize >= 1 else {
+      throw AdaptError.invalidOption(name: "batch_size", value: "\(options.batchSize)", reason: "must be at least 1")
+    }
     let points: Regex<AnyRegexOutput>
-    do { points = try Regex(options.points ?? defaultPoints) } catch { throw AdaptError.badPattern(options.points ?? "", reason: "\(error)") }
+    do { points = try Regex(options.points ?? defaultPoints) } catch {
+      throw AdaptError.badPattern(options.points ?? "", reason: "\(error)")
+    }
     let factorNames = Set(student.lowRank.keys.flatMap { [$0 + ".0.weight", $0 + ".1.weight"] })
     let trainable: (String) -> Bool = { options.trainEverything || factorNames.contains($0) }
     var optimizer = Optimizer<Float>(.adam, learningRate: options.learningRate, weightDecay: options.weightDecay)
@@ -104,12 +118,16 @@ extension PELA {
         let (input, labels) = data.batch(rows)
         let teacherTape = Tape<Float>()
         let taught = try teacher.forward(teacherTape, input)
-        let teacherPoints = Dictionary(taught.points.filter { $0.name.contains(points) }.map { ($0.name, teacherTape.value($0.value)) }) { a, _ in a }
+        let teacherPoints = Dictionary(
+          taught.points.filter { $0.name.contains(points) }.map { ($0.name, teacherTape.value($0.value)) }
+        ) { a, _ in a }
 
         let tape = Tape<Float>()
         let (out, parameters) = try student.forward(tape, input, trainable: trainable)
         var terms: [Var] = []
-        if options.taskWeight > 0 && labels.contains(where: { $0 >= 0 }) { terms.append(tape.scale(tape.crossEntropy(out.output, labels: labels), options.taskWeight)) }
+        if options.taskWeight > 0 && labels.contains(where: { $0 >= 0 }) {
+          terms.append(tape.scale(tape.crossEntropy(out.output, labels: labels), options.taskWeight))
+        }
         var featureLoss: Var?
         let distilled = out.points.filter { teacherPoints[$0.name] != nil }
         if options.featureWeight > 0, !distilled.isEmpty {
@@ -125,16 +143,21 @@ extension PELA {
           }
         }
         if options.logitWeight > 0 {
-          terms.append(tape.scale(tape.meanSquaredError(out.output, tape.constant(teacherTape.value(taught.output))), options.logitWeight))
+          terms.append(
+            tape.scale(
+              tape.meanSquaredError(out.output, tape.constant(teacherTape.value(taught.output))), options.logitWeight))
         }
         var perturbation: Var?
         if options.perturbationWeight > 0 {
           var sum: Var?
           for layer in student.lowRank.keys.sorted() {
             let a = try parameters[layer + ".0.weight"] ?? tape.constant(student.weights.required(layer + ".0.weight"))
-            let bMatrix = try parameters[layer + ".1.weight"] ?? tape.constant(student.weights.required(layer + ".1.weight"))
-            let error = tape.maxAbs(tape.subtract(tape.matmul(bMatrix, a), tape.constant(try teacher.weights.required(layer + ".weight"))))
-            let shifted = tape.subtract(error, tape.constant(Matrix(rows: 1, columns: 1, values: [options.perturbationEpsilon])))
+            let bMatrix =
+              try parameters[layer + ".1.weight"] ?? tape.constant(student.weights.required(layer + ".1.weight"))
+            let error = tape.maxAbs(
+              tape.subtract(tape.matmul(bMatrix, a), tape.constant(try teacher.weights.required(layer + ".weight"))))
+            let shifted = tape.subtract(
+              error, tape.constant(Matrix(rows: 1, columns: 1, values: [options.perturbationEpsilon])))
             let term = tape.multiply(shifted, shifted)
             sum = sum.map { tape.add($0, term) } ?? term
           }
@@ -144,18 +167,22 @@ extension PELA {
             terms.append(tape.scale(mean, options.perturbationWeight))
           }
         }
-        guard var loss = terms.first else { throw AdaptError.nothingToDo(method: "PELA distillation", reason: "every loss weight is 0: nothing to train") }
+        guard var loss = terms.first else {
+          throw AdaptError.nothingToDo(method: "PELA distillation", reason: "every loss weight is 0: nothing to train")
+        }
         for term in terms.dropFirst() { loss = tape.add(loss, term) }
         tape.backward(from: loss)
         let step = epoch * batchesPerEpoch + b
-        optimizer.learningRate = options.learningRate * Float(0.5 * (1 + cos(Double.pi * Double(step) / Double(totalSteps))))
+        optimizer.learningRate =
+          options.learningRate * Float(0.5 * (1 + cos(Double.pi * Double(step) / Double(totalSteps))))
         optimizer.step(&student.weights, gradients: parameters.compactMapValues { tape.gradient($0) })
         sums.loss += Double(tape.value(loss).values[0])
         sums.features += featureLoss.map { Double(tape.value($0).values[0]) } ?? 0
         sums.perturbation += perturbation.map { Double(tape.value($0).values[0]) } ?? 0
       }
       let n = Double(max(batches.count, 1))
-      let report = DistillationReport(epoch: epoch + 1, loss: sums.loss / n, features: sums.features / n, perturbation: sums.perturbation / n)
+      let report = DistillationReport(
+        epoch: epoch + 1, loss: sums.loss / n, features: sums.features / n, perturbation: sums.perturbation / n)
       reports.append(report)
       progress?(report)
     }

@@ -53,9 +53,13 @@ public enum PELA {
 
   /// The candidate layers among a checkpoint's 2-D weights (name to `[out, in]`), in the order
   /// given. `config`, when known, refines the default: an MLP's hidden layers, not its output layer.
-  public static func candidateLayers(_ weights: [(name: String, shape: [Int])], config: NetworkConfig? = nil, options: Options) throws -> [String] {
+  public static func candidateLayers(
+    _ weights: [(name: String, shape: [Int])], config: NetworkConfig? = nil, options: Options
+  ) throws -> [String] {
     let chosen: Regex<AnyRegexOutput>
-    do { chosen = try Regex(options.select ?? defaultLayerPattern) } catch { throw AdaptError.badPattern(options.select ?? "", reason: "\(error)") }
+    do { chosen = try Regex(options.select ?? defaultLayerPattern) } catch {
+      throw AdaptError.badPattern(options.select ?? "", reason: "\(error)")
+    }
     let excluded = try Regex(neverFactored)
     var mlpHidden: Set<String>?
     if options.select == nil, case .mlp(let c)? = config, c.heads == 1 {
@@ -72,11 +76,16 @@ public enum PELA {
   }
 
   /// Factors one layer's weight, or says why it stays dense.
-  public static func factor(layer: String, weight: Tensor, options: Options) throws -> (factors: LowRankFactors?, report: LayerReport) {
+  public static func factor(layer: String, weight: Tensor, options: Options) throws -> (
+    factors: LowRankFactors?, report: LayerReport
+  ) {
     let (rows, columns) = (weight.shape[0], weight.shape[1])
     let spectrum = options.rule.needsSpectrum && rows >= options.minimumOutputs ? try LAPACK.svd(weight) : nil
-    let planned = plannedRank(rows: rows, columns: columns, options: options, singularValues: spectrum?.s.map(Double.init) ?? [])
-    guard let rank = planned.rank else { return (nil, LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: planned.reason)) }
+    let planned = plannedRank(
+      rows: rows, columns: columns, options: options, singularValues: spectrum?.s.map(Double.init) ?? [])
+    guard let rank = planned.rank else {
+      return (nil, LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: planned.reason))
+    }
     let factors = try LowRank.factor(weight, rank: rank, solver: options.solver, seed: options.seed, spectrum: spectrum)
     return (factors, LayerReport(layer: layer, rows: rows, columns: columns, factors: factors))
   }
@@ -84,18 +93,24 @@ public enum PELA {
   /// The rank a `rows x columns` layer gets, or nil and why it stays dense: fewer outputs than
   /// `minimumOutputs`, or a rank whose two factors would not hold fewer parameters. The energy
   /// rule needs the layer's singular values (descending).
-  public static func plannedRank(rows: Int, columns: Int, options: Options, singularValues: [Double] = []) -> (rank: Int?, reason: String?) {
+  public static func plannedRank(rows: Int, columns: Int, options: Options, singularValues: [Double] = []) -> (
+    rank: Int?, reason: String?
+  ) {
     guard rows >= options.minimumOutputs else { return (nil, "fewer than \(options.minimumOutputs) outputs") }
     let r = options.rule.rank(rows: rows, columns: columns, singularValues: singularValues)
-    return RankRule.saves(rank: r, rows: rows, columns: columns) ? (r, nil) : (nil, "rank \(r) would not save parameters")
+    return RankRule.saves(rank: r, rows: rows, columns: columns)
+      ? (r, nil) : (nil, "rank \(r) would not save parameters")
   }
 
   /// The factored network: every candidate layer that saves parameters becomes `L.0.weight` (A),
   /// `L.1.weight` (B) and `L.1.bias`, and `lowRank` records its rank. Throws when no layer is selected.
-  public static func factor(_ network: Network<Float>, options: Options, progress: ((Int, Int) -> Void)? = nil) throws -> (network: Network<Float>, layers: [LayerReport]) {
+  public static func factor(_ network: Network<Float>, options: Options, progress: ((Int, Int) -> Void)? = nil) throws
+    -> (network: Network<Float>, layers: [LayerReport])
+  {
     guard network.lowRank.isEmpty else { throw AdaptError.alreadyFactored }
     let tensors = network.tensors
-    let layers = try candidateLayers(tensors.map { ($0.name, $0.tensor.shape) }, config: network.config, options: options)
+    let layers = try candidateLayers(
+      tensors.map { ($0.name, $0.tensor.shape) }, config: network.config, options: options)
     guard !layers.isEmpty else { throw AdaptError.noLayers(options.select ?? "the default layers") }
     var out = Dictionary(uniqueKeysWithValues: tensors.map { ($0.name, $0.tensor) })
     var ranks: [String: Int] = [:]
@@ -127,7 +142,9 @@ public enum PELA {
   }
 
   /// Total parameters of the linear layers considered and of the whole network.
-  public static func parameterCount(_ network: Network<Float>) -> Int { network.weights.values.reduce(0) { $0 + $1.count } }
+  public static func parameterCount(_ network: Network<Float>) -> Int {
+    network.weights.values.reduce(0) { $0 + $1.count }
+  }
 }
 
 /// Errors of the adaptation methods, naming the layer, pattern or value at fault.
@@ -151,8 +168,11 @@ public enum AdaptError: Error, CustomStringConvertible, Equatable {
   public var description: String {
     switch self {
     case .badPattern(let p, let reason): return "'\(p)' is not a valid regular expression: \(reason)"
-    case .noLayers(let what): return "no linear layer matches \(what); pass --select with a pattern of layer names (a weight's name without .weight)"
-    case .alreadyFactored: return "the model is already factored (its config.json has low_rank); factor the original model"
+    case .noLayers(let what):
+      return
+        "no linear layer matches \(what); pass --select with a pattern of layer names (a weight's name without .weight)"
+    case .alreadyFactored:
+      return "the model is already factored (its config.json has low_rank); factor the original model"
     case .invalidOption(let name, let value, let reason): return "\(name) \(value): \(reason)"
     case .unsupportedModel(let method, let reason): return "\(method): \(reason)"
     case .missingData(let method, let needed): return "\(method) needs \(needed)"

@@ -21,7 +21,10 @@ enum ByteTransform: String, Sendable {
 
   /// Transforms `source` (whole elements of `elementSize` bytes) into `destination`; `base` is
   /// the base tensor's bytes at the same offsets, required for `.delta`.
-  func encode(_ source: UnsafeRawBufferPointer, base: UnsafeRawBufferPointer?, elementSize: Int, into destination: UnsafeMutableRawBufferPointer) {
+  func encode(
+    _ source: UnsafeRawBufferPointer, base: UnsafeRawBufferPointer?, elementSize: Int,
+    into destination: UnsafeMutableRawBufferPointer
+  ) {
     switch elementSize {
     case 2: Self.encode(UInt16.self, self, source, base, destination)
     case 4: Self.encode(UInt32.self, self, source, base, destination)
@@ -31,7 +34,10 @@ enum ByteTransform: String, Sendable {
   }
 
   /// Inverse of `encode`.
-  func decode(_ payload: UnsafeRawBufferPointer, base: UnsafeRawBufferPointer?, elementSize: Int, into destination: UnsafeMutableRawBufferPointer) {
+  func decode(
+    _ payload: UnsafeRawBufferPointer, base: UnsafeRawBufferPointer?, elementSize: Int,
+    into destination: UnsafeMutableRawBufferPointer
+  ) {
     switch elementSize {
     case 2: Self.decode(UInt16.self, self, payload, base, destination)
     case 4: Self.decode(UInt32.self, self, payload, base, destination)
@@ -41,7 +47,9 @@ enum ByteTransform: String, Sendable {
   }
 
   /// Element `x` to its stored form (before plane splitting).
-  @inline(__always) private static func forward<T: FixedWidthInteger & UnsignedInteger>(_ x: T, _ b: T, _ mode: ByteTransform) -> T {
+  @inline(__always) private static func forward<T: FixedWidthInteger & UnsignedInteger>(
+    _ x: T, _ b: T, _ mode: ByteTransform
+  ) -> T {
     switch mode {
     case .planes: return x
     case .floatPlanes: return (x << 1) | (x >> (T.bitWidth - 1))
@@ -52,7 +60,9 @@ enum ByteTransform: String, Sendable {
   }
 
   /// Stored form back to the element.
-  @inline(__always) private static func inverse<T: FixedWidthInteger & UnsignedInteger>(_ y: T, _ b: T, _ mode: ByteTransform) -> T {
+  @inline(__always) private static func inverse<T: FixedWidthInteger & UnsignedInteger>(
+    _ y: T, _ b: T, _ mode: ByteTransform
+  ) -> T {
     switch mode {
     case .planes: return y
     case .floatPlanes: return (y >> 1) | (y << (T.bitWidth - 1))
@@ -64,7 +74,8 @@ enum ByteTransform: String, Sendable {
   // the compiler vectorises each body (plane stores become byte shuffles).
 
   private static func encode<T: FixedWidthInteger & UnsignedInteger>(
-    _: T.Type, _ mode: ByteTransform, _ source: UnsafeRawBufferPointer, _ base: UnsafeRawBufferPointer?, _ destination: UnsafeMutableRawBufferPointer
+    _: T.Type, _ mode: ByteTransform, _ source: UnsafeRawBufferPointer, _ base: UnsafeRawBufferPointer?,
+    _ destination: UnsafeMutableRawBufferPointer
   ) {
     let size = MemoryLayout<T>.size
     let n = source.count / size
@@ -72,15 +83,23 @@ enum ByteTransform: String, Sendable {
     let planes = o.bindMemory(to: UInt8.self, capacity: n * size)
     switch mode {
     case .planes: split(T.self, n, planes) { s.loadUnaligned(fromByteOffset: $0 * size, as: T.self) }
-    case .floatPlanes: split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), 0, .floatPlanes) }
+    case .floatPlanes:
+      split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), 0, .floatPlanes) }
     case .delta:
-      guard let base, let b = base.baseAddress, base.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
-      split(T.self, n, planes) { forward(s.loadUnaligned(fromByteOffset: $0 * size, as: T.self), b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta) }
+      guard let base, let b = base.baseAddress, base.count >= n * size else {
+        preconditionFailure("delta transform needs base bytes")
+      }
+      split(T.self, n, planes) {
+        forward(
+          s.loadUnaligned(fromByteOffset: $0 * size, as: T.self),
+          b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta)
+      }
     }
   }
 
   private static func decode<T: FixedWidthInteger & UnsignedInteger>(
-    _: T.Type, _ mode: ByteTransform, _ payload: UnsafeRawBufferPointer, _ base: UnsafeRawBufferPointer?, _ destination: UnsafeMutableRawBufferPointer
+    _: T.Type, _ mode: ByteTransform, _ payload: UnsafeRawBufferPointer, _ base: UnsafeRawBufferPointer?,
+    _ destination: UnsafeMutableRawBufferPointer
   ) {
     let size = MemoryLayout<T>.size
     let n = payload.count / size
@@ -88,15 +107,24 @@ enum ByteTransform: String, Sendable {
     let planes = p.bindMemory(to: UInt8.self, capacity: n * size)
     switch mode {
     case .planes: join(T.self, n, planes) { o.storeBytes(of: $1, toByteOffset: $0 * size, as: T.self) }
-    case .floatPlanes: join(T.self, n, planes) { o.storeBytes(of: inverse($1, 0, .floatPlanes), toByteOffset: $0 * size, as: T.self) }
+    case .floatPlanes:
+      join(T.self, n, planes) { o.storeBytes(of: inverse($1, 0, .floatPlanes), toByteOffset: $0 * size, as: T.self) }
     case .delta:
-      guard let base, let b = base.baseAddress, base.count >= n * size else { preconditionFailure("delta transform needs base bytes") }
-      join(T.self, n, planes) { o.storeBytes(of: inverse($1, b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta), toByteOffset: $0 * size, as: T.self) }
+      guard let base, let b = base.baseAddress, base.count >= n * size else {
+        preconditionFailure("delta transform needs base bytes")
+      }
+      join(T.self, n, planes) {
+        o.storeBytes(
+          of: inverse($1, b.loadUnaligned(fromByteOffset: $0 * size, as: T.self), .delta), toByteOffset: $0 * size,
+          as: T.self)
+      }
     }
   }
 
   /// Writes byte k of `value(i)` to `planes[k * n + i]`.
-  @inline(__always) private static func split<T: FixedWidthInteger>(_: T.Type, _ n: Int, _ planes: UnsafeMutablePointer<UInt8>, _ value: (Int) -> T) {
+  @inline(__always) private static func split<T: FixedWidthInteger>(
+    _: T.Type, _ n: Int, _ planes: UnsafeMutablePointer<UInt8>, _ value: (Int) -> T
+  ) {
     switch MemoryLayout<T>.size {
     case 1:
       for i in 0..<n { planes[i] = UInt8(truncatingIfNeeded: value(i)) }
@@ -125,7 +153,9 @@ enum ByteTransform: String, Sendable {
   }
 
   /// Calls `store(i, value)` with element i rebuilt from `planes[k * n + i]`.
-  @inline(__always) private static func join<T: FixedWidthInteger>(_: T.Type, _ n: Int, _ planes: UnsafePointer<UInt8>, _ store: (Int, T) -> Void) {
+  @inline(__always) private static func join<T: FixedWidthInteger>(
+    _: T.Type, _ n: Int, _ planes: UnsafePointer<UInt8>, _ store: (Int, T) -> Void
+  ) {
     switch MemoryLayout<T>.size {
     case 1:
       for i in 0..<n { store(i, T(truncatingIfNeeded: planes[i])) }
@@ -135,7 +165,8 @@ enum ByteTransform: String, Sendable {
     case 4:
       let (p1, p2, p3) = (planes + n, planes + 2 * n, planes + 3 * n)
       for i in 0..<n {
-        store(i, T(truncatingIfNeeded: UInt32(planes[i]) | UInt32(p1[i]) << 8 | UInt32(p2[i]) << 16 | UInt32(p3[i]) << 24))
+        store(
+          i, T(truncatingIfNeeded: UInt32(planes[i]) | UInt32(p1[i]) << 8 | UInt32(p2[i]) << 16 | UInt32(p3[i]) << 24))
       }
     default:
       for i in 0..<n {

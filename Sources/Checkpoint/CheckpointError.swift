@@ -61,41 +61,62 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .cannotOpen(let f, let r): return "\(f): cannot open: \(r)"
     case .cannotWrite(let f, let r): return "\(f): cannot write: \(r); nothing was published"
     case .outputExists(let p): return "\(p) already exists; choose another output or pass --overwrite"
-    case .notACheckpoint(let p): return "\(p): not a checkpoint (expected a .safetensors or .mkz file, or a folder with model.safetensors, model.mkz or a *.index.json)"
-    case .fileTooShort(let f, let s): return "\(f): file is \(s) bytes, too short for a safetensors header (needs at least 8)"
-    case .headerLengthPastEnd(let f, let n, let s): return "\(f): header length \(n) runs past the end of the \(s)-byte file (truncated or not safetensors)"
+    case .notACheckpoint(let p):
+      return
+        "\(p): not a checkpoint (expected a .safetensors or .mkz file, or a folder with model.safetensors, model.mkz or a *.index.json)"
+    case .fileTooShort(let f, let s):
+      return "\(f): file is \(s) bytes, too short for a safetensors header (needs at least 8)"
+    case .headerLengthPastEnd(let f, let n, let s):
+      return "\(f): header length \(n) runs past the end of the \(s)-byte file (truncated or not safetensors)"
     case .headerTooLarge(let f, let n): return "\(f): header length \(n) exceeds the 100,000,000-byte limit"
     case .headerNotUTF8(let f): return "\(f): header is not valid UTF-8"
     case .headerNotJSON(let f, let r): return "\(f): header is not a JSON object: \(r)"
     case .invalidEntry(let f, let t, let r): return "\(f): tensor '\(t)': \(r)"
-    case .unknownDType(let f, let t, let d): return "\(f): tensor '\(t)' has unknown dtype '\(d)' (known: \(DType.allCases.map(\.rawValue).joined(separator: ", ")))"
+    case .unknownDType(let f, let t, let d):
+      return
+        "\(f): tensor '\(t)' has unknown dtype '\(d)' (known: \(DType.allCases.map(\.rawValue).joined(separator: ", ")))"
     case .duplicateTensor(let f, let t): return "\(f): tensor '\(t)' appears more than once"
-    case .invalidShape(let f, let t, let s): return "\(f): tensor '\(t)' has an invalid shape \(s) (dimensions must be non-negative integers)"
-    case .sizeOverflow(let f, let t): return "\(f): tensor '\(t)': element count or byte size overflows a 64-bit integer"
-    case .byteSizeMismatch(let f, let t, let e, let a): return "\(f): tensor '\(t)' needs \(e) bytes for its dtype and shape but its offsets span \(a)"
+    case .invalidShape(let f, let t, let s):
+      return "\(f): tensor '\(t)' has an invalid shape \(s) (dimensions must be non-negative integers)"
+    case .sizeOverflow(let f, let t):
+      return "\(f): tensor '\(t)': element count or byte size overflows a 64-bit integer"
+    case .byteSizeMismatch(let f, let t, let e, let a):
+      return "\(f): tensor '\(t)' needs \(e) bytes for its dtype and shape but its offsets span \(a)"
     case .overlappingTensors(let f, let t, let p): return "\(f): tensor '\(t)' overlaps tensor '\(p)'"
-    case .gapBeforeTensor(let f, let t, let g): return "\(f): \(g) unused bytes before tensor '\(t)' (offsets must be contiguous from 0)"
-    case .tensorPastEnd(let f, let t, let e, let s): return "\(f): tensor '\(t)' ends at byte \(e) of a \(s)-byte data section (file truncated?)"
-    case .trailingBytes(let f, let n): return "\(f): \(n) bytes after the last tensor (data must end exactly at the end of the file)"
-    case .metadataNotStrings(let f, let k): return "\(f): __metadata__ entry '\(k)' is not a string (safetensors metadata maps strings to strings)"
+    case .gapBeforeTensor(let f, let t, let g):
+      return "\(f): \(g) unused bytes before tensor '\(t)' (offsets must be contiguous from 0)"
+    case .tensorPastEnd(let f, let t, let e, let s):
+      return "\(f): tensor '\(t)' ends at byte \(e) of a \(s)-byte data section (file truncated?)"
+    case .trailingBytes(let f, let n):
+      return "\(f): \(n) bytes after the last tensor (data must end exactly at the end of the file)"
+    case .metadataNotStrings(let f, let k):
+      return "\(f): __metadata__ entry '\(k)' is not a string (safetensors metadata maps strings to strings)"
     case .invalidIndex(let f, let r): return "\(f): invalid shard index: \(r)"
     case .missingShard(let i, let s): return "\(i): shard '\(s)' listed in the index does not exist"
     case .missingTensor(let f, let t): return "\(f): no tensor named '\(t)'"
     case .badMagic(let f): return "\(f): not a mergekit compressed checkpoint (bad magic bytes)"
-    case .unsupportedVersion(let f, let v): return "\(f): format version \(v) is not supported by this mergekit (supports 1); upgrade mergekit"
+    case .unsupportedVersion(let f, let v):
+      return "\(f): format version \(v) is not supported by this mergekit (supports 1); upgrade mergekit"
     case .truncatedFooter(let f): return "\(f): footer missing or truncated (the file is incomplete)"
     case .corruptChunkIndex(let f, let r): return "\(f): chunk index is corrupt: \(r)"
-    case .chunkChecksumMismatch(let f, let t, let c): return "\(f): tensor '\(t)' chunk \(c): checksum mismatch (data corrupted)"
+    case .chunkChecksumMismatch(let f, let t, let c):
+      return "\(f): tensor '\(t)' chunk \(c): checksum mismatch (data corrupted)"
     case .corruptFrame(let f, let t, let c, let r): return "\(f): tensor '\(t)' chunk \(c): zstd frame is corrupt: \(r)"
-    case .rawSizeMismatch(let f, let t, let c, let e, let a): return "\(f): tensor '\(t)' chunk \(c): decoded to \(a) bytes, expected \(e)"
+    case .rawSizeMismatch(let f, let t, let c, let e, let a):
+      return "\(f): tensor '\(t)' chunk \(c): decoded to \(a) bytes, expected \(e)"
     case .tensorDigestMismatch(let f, let t): return "\(f): tensor '\(t)': decoded bytes do not match the stored digest"
-    case .deltaBaseMissing(let f, let t): return "\(f): tensor '\(t)' is stored as a delta against a base checkpoint; pass that base with --base"
-    case .deltaBaseMismatch(let f, let t, let e, let a): return "\(f): tensor '\(t)' was stored against a base tensor with digest \(e), but the given base has \(a); pass the original base"
-    case .rowRangeOutOfBounds(let f, let t, let r, let n): return "\(f): tensor '\(t)': rows \(r.lowerBound)..<\(r.upperBound) out of bounds (it has \(n) rows)"
+    case .deltaBaseMissing(let f, let t):
+      return "\(f): tensor '\(t)' is stored as a delta against a base checkpoint; pass that base with --base"
+    case .deltaBaseMismatch(let f, let t, let e, let a):
+      return
+        "\(f): tensor '\(t)' was stored against a base tensor with digest \(e), but the given base has \(a); pass the original base"
+    case .rowRangeOutOfBounds(let f, let t, let r, let n):
+      return "\(f): tensor '\(t)': rows \(r.lowerBound)..<\(r.upperBound) out of bounds (it has \(n) rows)"
     case .writeOrder(let f, let r): return "\(f): \(r)"
     case .invalidPattern(let p): return "'\(p)' is not a valid regular expression"
     case .invalidRename(let r): return "rename '\(r)' must have the form PATTERN=REPLACEMENT"
-    case .nameCollision(let f, let a, let b, let t): return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust --rename"
+    case .nameCollision(let f, let a, let b, let t):
+      return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust --rename"
     case .nothingSelected(let f): return "\(f): the selection keeps no tensor; check --select and --drop"
     case .badDataFile(let f, let r): return "\(f): \(r)"
     }

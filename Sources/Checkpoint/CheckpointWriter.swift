@@ -104,7 +104,10 @@ public struct WriteOptions: Sendable {
       return layout.map { file in
         defer { start += file.tensors.count }
         let stem = URL(fileURLWithPath: file.name).deletingPathExtension().lastPathComponent
-        return (layout.count == 1 ? nil : "\(stem).\(format.fileExtension)", Array(tensors[start..<(start + file.tensors.count)]), file.safetensorsHeader)
+        return (
+          layout.count == 1 ? nil : "\(stem).\(format.fileExtension)",
+          Array(tensors[start..<(start + file.tensors.count)]), file.safetensorsHeader
+        )
       }
     }
     return CheckpointWriter.shardGroups(tensors, maxBytes: folder ? shardSize : nil).map { (nil, $0, nil) }
@@ -114,10 +117,15 @@ public struct WriteOptions: Sendable {
 extension WriteOptions {
   /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576` (decimal units as Hugging Face uses them).
   public static func parseSize(_ text: String) -> Int? {
-    let units: [(String, Double)] = [("KIB", 1024), ("MIB", 1_048_576), ("GIB", 1_073_741_824), ("TIB", 1_099_511_627_776), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("B", 1)]
+    let units: [(String, Double)] = [
+      ("KIB", 1024), ("MIB", 1_048_576), ("GIB", 1_073_741_824), ("TIB", 1_099_511_627_776), ("KB", 1e3), ("MB", 1e6),
+      ("GB", 1e9), ("TB", 1e12), ("K", 1e3), ("M", 1e6), ("G", 1e9), ("B", 1),
+    ]
     let upper = text.uppercased().trimmingCharacters(in: .whitespaces)
     for (suffix, factor) in units where upper.hasSuffix(suffix) {
-      guard let value = Double(upper.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), value > 0 else { return nil }
+      guard let value = Double(upper.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), value > 0 else {
+        return nil
+      }
       return Int(value * factor)
     }
     guard let value = Int(upper), value > 0 else { return nil }
@@ -153,13 +161,17 @@ public final class CheckpointWriter: TensorSink {
     let named = CheckpointFormat(pathExtension: url.pathExtension)
     isFolder = named == nil
     if let named, named != options.format {
-      throw CheckpointError.cannotWrite(file: destination, reason: "the extension says \(named.rawValue) but the format is \(options.format.rawValue)")
+      throw CheckpointError.cannotWrite(
+        file: destination, reason: "the extension says \(named.rawValue) but the format is \(options.format.rawValue)")
     }
-    if FileManager.default.fileExists(atPath: destination) && !options.overwrite { throw CheckpointError.outputExists(path: destination) }
+    if FileManager.default.fileExists(atPath: destination) && !options.overwrite {
+      throw CheckpointError.outputExists(path: destination)
+    }
     let groups = options.shardPlan(tensors, folder: isFolder)
     let ext = options.format.fileExtension
     if isFolder {
-      let work = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())").path
+      let work = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())")
+        .path
       workPath = work
       try? FileManager.default.removeItem(atPath: work)
       do {
@@ -169,7 +181,9 @@ public final class CheckpointWriter: TensorSink {
       }
       TemporaryOutputs.register(work)
       shards = groups.enumerated().map { i, group in
-        let name = group.name ?? (groups.count == 1 ? "model.\(ext)" : String(format: "model-%05d-of-%05d.\(ext)", i + 1, groups.count))
+        let name =
+          group.name
+          ?? (groups.count == 1 ? "model.\(ext)" : String(format: "model-%05d-of-%05d.\(ext)", i + 1, groups.count))
         return ("\(work)/\(name)", group.tensors, group.header)
       }
     } else {
@@ -212,10 +226,12 @@ public final class CheckpointWriter: TensorSink {
       let writer: TensorFileWriter =
         switch options.format {
         case .safetensors:
-          try SafetensorsWriter(destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
+          try SafetensorsWriter(
+            destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
         case .mkz:
           try CompressedWriter(
-            destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase, safetensorsHeader: file.header)
+            destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase,
+            safetensorsHeader: file.header)
         }
       openShard = (shard, writer)
     }
@@ -224,7 +240,9 @@ public final class CheckpointWriter: TensorSink {
 
   /// Appends bytes of the current tensor.
   public func append(_ piece: UnsafeRawBufferPointer) throws {
-    guard let open = openShard else { throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor") }
+    guard let open = openShard else {
+      throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor")
+    }
     try open.writer.append(piece)
   }
 
@@ -268,7 +286,9 @@ public final class CheckpointWriter: TensorSink {
       let file = URL(fileURLWithPath: shard.file).lastPathComponent
       for t in shard.tensors { map.append((t.name, .string(file))) }
     }
-    let index = JSON.object([("metadata", .object([("total_size", .number(String(total)))])), ("weight_map", .object(map))])
+    let index = JSON.object([
+      ("metadata", .object([("total_size", .number(String(total)))])), ("weight_map", .object(map)),
+    ])
     let out = try OutputFile(destination: "\(workPath)/model.\(options.format.fileExtension).index.json")
     try out.write(Array((index.prettyPrinted() + "\n").utf8))
     try out.publish()

@@ -40,17 +40,27 @@ public final class ChunkCodec {
   }
 
   /// Encodes one chunk of `dtype` elements into `stored` (at least `maxStoredSize(raw.count)` bytes).
-  public func encode(_ raw: UnsafeRawBufferPointer, dtype: DType, into stored: UnsafeMutableRawBufferPointer) -> Encoded {
-    encode(raw, base: nil, transform: .forDType(dtype.size, isFloatingPoint: dtype.isFloatingPoint), elementSize: dtype.size, into: stored)
+  public func encode(_ raw: UnsafeRawBufferPointer, dtype: DType, into stored: UnsafeMutableRawBufferPointer) -> Encoded
+  {
+    encode(
+      raw, base: nil, transform: .forDType(dtype.size, isFloatingPoint: dtype.isFloatingPoint), elementSize: dtype.size,
+      into: stored)
   }
 
   /// Decodes one chunk stored by `encode(_:dtype:into:)`; `out.count` is the raw size. Throws
   /// `ChunkCodec.Failure` on a corrupt frame, a size mismatch or a checksum mismatch.
-  public func decode(_ stored: UnsafeRawBufferPointer, _ encoded: Encoded, dtype: DType, into out: UnsafeMutableRawBufferPointer) throws {
-    try decode(stored, encoded, base: nil, transform: .forDType(dtype.size, isFloatingPoint: dtype.isFloatingPoint), elementSize: dtype.size, into: out)
+  public func decode(
+    _ stored: UnsafeRawBufferPointer, _ encoded: Encoded, dtype: DType, into out: UnsafeMutableRawBufferPointer
+  ) throws {
+    try decode(
+      stored, encoded, base: nil, transform: .forDType(dtype.size, isFloatingPoint: dtype.isFloatingPoint),
+      elementSize: dtype.size, into: out)
   }
 
-  func encode(_ raw: UnsafeRawBufferPointer, base: UnsafeRawBufferPointer?, transform: ByteTransform, elementSize: Int, into stored: UnsafeMutableRawBufferPointer) -> Encoded {
+  func encode(
+    _ raw: UnsafeRawBufferPointer, base: UnsafeRawBufferPointer?, transform: ByteTransform, elementSize: Int,
+    into stored: UnsafeMutableRawBufferPointer
+  ) -> Encoded {
     let payload = scratch(raw.count)
     transform.encode(raw, base: base, elementSize: elementSize, into: payload)
     let checksum = XXHash64.hash(UnsafeRawBufferPointer(payload))
@@ -63,7 +73,8 @@ public final class ChunkCodec {
   }
 
   func decode(
-    _ stored: UnsafeRawBufferPointer, _ encoded: Encoded, base: UnsafeRawBufferPointer?, transform: ByteTransform, elementSize: Int,
+    _ stored: UnsafeRawBufferPointer, _ encoded: Encoded, base: UnsafeRawBufferPointer?, transform: ByteTransform,
+    elementSize: Int,
     into out: UnsafeMutableRawBufferPointer
   ) throws {
     let payload = scratch(out.count)

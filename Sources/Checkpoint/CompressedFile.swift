@@ -33,7 +33,11 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     chunks = layout.chunks
     metadata = layout.metadata
     tensors = layout.tensors.map(\.info)
-    files = [StoredFile(name: URL(fileURLWithPath: path).lastPathComponent, tensors: tensors.map(\.name), safetensorsHeader: layout.safetensorsHeader)]
+    files = [
+      StoredFile(
+        name: URL(fileURLWithPath: path).lastPathComponent, tensors: tensors.map(\.name),
+        safetensorsHeader: layout.safetensorsHeader)
+    ]
     records = Dictionary(layout.tensors.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
   }
 
@@ -49,7 +53,9 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
   /// The transform a tensor is stored with (`delta` ones need the base).
   public func isDelta(_ name: String) -> Bool { records[name]?.transform == .delta }
 
-  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
+    -> R
+  {
     guard let record = records[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let total = record.info.byteCount
     let wanted = range ?? 0..<total
@@ -83,26 +89,36 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
 
   /// Decodes chunk `local` (0-based within the tensor) into `out`, checking size and checksum;
   /// `base` is the base tensor's bytes at the same offsets (delta tensors only).
-  func decodeChunk(_ record: MKZ.TensorRecord, local: Int, base: UnsafeRawBufferPointer?, codec: ChunkCodec, into out: UnsafeMutableRawBufferPointer) throws {
+  func decodeChunk(
+    _ record: MKZ.TensorRecord, local: Int, base: UnsafeRawBufferPointer?, codec: ChunkCodec,
+    into out: UnsafeMutableRawBufferPointer
+  ) throws {
     let chunk = chunks[record.chunks.lowerBound + local]
     let stored = map.bytes(chunk.offset..<(chunk.offset + chunk.storedSize))
     let encoded = ChunkCodec.Encoded(size: chunk.storedSize, isRaw: chunk.isRaw, checksum: chunk.checksum)
     let name = record.info.name
     do {
-      try codec.decode(stored, encoded, base: base, transform: base == nil && record.transform == .delta ? .planes : record.transform, elementSize: record.info.dtype.size, into: out)
+      try codec.decode(
+        stored, encoded, base: base, transform: base == nil && record.transform == .delta ? .planes : record.transform,
+        elementSize: record.info.dtype.size, into: out)
     } catch ChunkCodec.Failure.corruptFrame(let reason) {
       throw CheckpointError.corruptFrame(file: path, tensor: name, chunk: local, reason: reason)
     } catch ChunkCodec.Failure.rawSize(let actual) {
-      throw CheckpointError.rawSizeMismatch(file: path, tensor: name, chunk: local, expected: chunk.rawSize, actual: actual)
+      throw CheckpointError.rawSizeMismatch(
+        file: path, tensor: name, chunk: local, expected: chunk.rawSize, actual: actual)
     } catch {
       throw CheckpointError.chunkChecksumMismatch(file: path, tensor: name, chunk: local)
     }
   }
 
-  private func decodeChunk(_ record: MKZ.TensorRecord, local: Int, codec: ChunkCodec, into out: UnsafeMutableRawBufferPointer) throws {
+  private func decodeChunk(
+    _ record: MKZ.TensorRecord, local: Int, codec: ChunkCodec, into out: UnsafeMutableRawBufferPointer
+  ) throws {
     if record.transform == .delta, let base {
       let range = (local * chunkSize)..<(local * chunkSize + out.count)
-      try base.withBytes(of: record.info.name, range: range) { try decodeChunk(record, local: local, base: $0, codec: codec, into: out) }
+      try base.withBytes(of: record.info.name, range: range) {
+        try decodeChunk(record, local: local, base: $0, codec: codec, into: out)
+      }
     } else {
       try decodeChunk(record, local: local, base: nil, codec: codec, into: out)
     }
@@ -115,11 +131,13 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     guard let base else { throw CheckpointError.deltaBaseMissing(file: path, tensor: name) }
     if verifiedBases.contains(name) { return }
     guard let info = base.lookup(name), info.dtype == record.info.dtype, info.shape == record.info.shape else {
-      throw CheckpointError.deltaBaseMismatch(file: path, tensor: name, expected: MKZ.hex(expected), actual: "no matching tensor")
+      throw CheckpointError.deltaBaseMismatch(
+        file: path, tensor: name, expected: MKZ.hex(expected), actual: "no matching tensor")
     }
     let actual = try MKZ.digest(of: base, tensor: name)
     guard actual == expected else {
-      throw CheckpointError.deltaBaseMismatch(file: path, tensor: name, expected: MKZ.hex(expected), actual: MKZ.hex(actual))
+      throw CheckpointError.deltaBaseMismatch(
+        file: path, tensor: name, expected: MKZ.hex(expected), actual: MKZ.hex(actual))
     }
     verifiedBases.insert(name)
   }

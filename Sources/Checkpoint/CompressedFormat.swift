@@ -100,7 +100,9 @@ enum MKZ {
     return digest(ofPieceHashes: hashes)
   }
 
-  static func encodeTable(_ tensors: [TensorRecord], metadata: [String: String], chunkSize: Int, safetensorsHeader: [UInt8]?) -> [UInt8] {
+  static func encodeTable(
+    _ tensors: [TensorRecord], metadata: [String: String], chunkSize: Int, safetensorsHeader: [UInt8]?
+  ) -> [UInt8] {
     let entries: [JSON] = tensors.map { t in
       var pairs: [(key: String, value: JSON)] = [
         ("name", .string(t.info.name)),
@@ -119,7 +121,9 @@ enum MKZ {
       ("metadata", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })),
       ("tensors", .array(entries)),
     ]
-    if let header = safetensorsHeader, let text = String(validating: header, as: UTF8.self) { table.append(("safetensors_header", .string(text))) }
+    if let header = safetensorsHeader, let text = String(validating: header, as: UTF8.self) {
+      table.append(("safetensors_header", .string(text)))
+    }
     return Array(JSON.object(table).serialized.utf8)
   }
 
@@ -138,7 +142,9 @@ enum MKZ {
     return bytes
   }
 
-  static func encodeFooter(indexOffset: Int, chunkCount: Int, tableOffset: Int, tableLength: Int, checksum: UInt64) -> [UInt8] {
+  static func encodeFooter(indexOffset: Int, chunkCount: Int, tableOffset: Int, tableLength: Int, checksum: UInt64)
+    -> [UInt8]
+  {
     var bytes: [UInt8] = []
     func put<T: FixedWidthInteger>(_ v: T) { withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) } }
     put(UInt64(indexOffset))

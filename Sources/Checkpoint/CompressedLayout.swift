@@ -22,13 +22,20 @@ struct CompressedLayout {
     let fields = (footer.readSize(), footer.readSize(), footer.readSize(), footer.readSize(), footer.read(UInt64.self))
     let footerVersion = footer.read(UInt32.self)
     guard footer.readBytes(4) == MKZ.footerMagic else { throw CheckpointError.truncatedFooter(file: path) }
-    guard footerVersion == MKZ.version else { throw CheckpointError.unsupportedVersion(file: path, version: footerVersion ?? 0) }
-    guard let indexOffset = fields.0, let chunkCount = fields.1, let tableOffset = fields.2, let tableLength = fields.3, let checksum = fields.4
+    guard footerVersion == MKZ.version else {
+      throw CheckpointError.unsupportedVersion(file: path, version: footerVersion ?? 0)
+    }
+    guard let indexOffset = fields.0, let chunkCount = fields.1, let tableOffset = fields.2, let tableLength = fields.3,
+      let checksum = fields.4
     else { throw CheckpointError.corruptChunkIndex(file: path, reason: "footer fields out of range") }
     let (indexBytes, overflow) = chunkCount.multipliedReportingOverflow(by: MKZ.chunkRecordSize)
-    guard !overflow, indexOffset >= MKZ.preambleSize, indexOffset <= footerStart, indexBytes <= footerStart - indexOffset,
-      indexOffset + indexBytes == tableOffset, tableLength <= footerStart - tableOffset, tableOffset + tableLength == footerStart
-    else { throw CheckpointError.corruptChunkIndex(file: path, reason: "footer offsets do not describe this file's layout") }
+    guard !overflow, indexOffset >= MKZ.preambleSize, indexOffset <= footerStart,
+      indexBytes <= footerStart - indexOffset,
+      indexOffset + indexBytes == tableOffset, tableLength <= footerStart - tableOffset,
+      tableOffset + tableLength == footerStart
+    else {
+      throw CheckpointError.corruptChunkIndex(file: path, reason: "footer offsets do not describe this file's layout")
+    }
     guard XXHash64.hash(UnsafeRawBufferPointer(rebasing: file[indexOffset..<footerStart])) == checksum else {
       throw CheckpointError.corruptChunkIndex(file: path, reason: "index checksum mismatch")
     }
@@ -39,19 +46,27 @@ struct CompressedLayout {
     } catch {
       throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor table is not valid JSON")
     }
-    guard let chunkSize = table["chunk_size"]?.intValue, chunkSize > 0, chunkSize <= MKZ.maxChunkSize, chunkSize % 8 == 0 else {
+    guard let chunkSize = table["chunk_size"]?.intValue, chunkSize > 0, chunkSize <= MKZ.maxChunkSize,
+      chunkSize % 8 == 0
+    else {
       throw CheckpointError.corruptChunkIndex(file: path, reason: "chunk_size missing or outside 8 bytes..64 MiB")
     }
-    let chunks = try parseChunks(file, at: indexOffset, count: chunkCount, end: indexOffset, chunkSize: chunkSize, path: path)
+    let chunks = try parseChunks(
+      file, at: indexOffset, count: chunkCount, end: indexOffset, chunkSize: chunkSize, path: path)
     var metadata: [String: String] = [:]
     if let value = table["metadata"] { metadata = try SafetensorsHeader.parseMetadata(value, path: path) }
-    guard let entries = table["tensors"]?.arrayValue else { throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor table has no 'tensors' list") }
+    guard let entries = table["tensors"]?.arrayValue else {
+      throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor table has no 'tensors' list")
+    }
     let tensors = try parseTensors(entries, chunks: chunks, chunkSize: chunkSize, path: path)
     let header = table["safetensors_header"]?.stringValue.map { Array($0.utf8) }
-    return CompressedLayout(chunkSize: chunkSize, chunks: chunks, tensors: tensors, metadata: metadata, safetensorsHeader: header)
+    return CompressedLayout(
+      chunkSize: chunkSize, chunks: chunks, tensors: tensors, metadata: metadata, safetensorsHeader: header)
   }
 
-  static func parseChunks(_ file: UnsafeRawBufferPointer, at start: Int, count: Int, end dataEnd: Int, chunkSize: Int, path: String) throws -> [MKZ.ChunkRecord] {
+  static func parseChunks(
+    _ file: UnsafeRawBufferPointer, at start: Int, count: Int, end dataEnd: Int, chunkSize: Int, path: String
+  ) throws -> [MKZ.ChunkRecord] {
     var reader = ByteReader(file, at: start)
     var chunks: [MKZ.ChunkRecord] = []
     chunks.reserveCapacity(count)
@@ -60,27 +75,42 @@ struct CompressedLayout {
       guard let offset = reader.readSize(), let stored = reader.read(UInt32.self), let raw = reader.read(UInt32.self),
         let checksum = reader.read(UInt64.self), let flags = reader.read(UInt32.self), reader.read(UInt32.self) != nil
       else { throw CheckpointError.corruptChunkIndex(file: path, reason: "chunk record \(index) is truncated") }
-      let record = MKZ.ChunkRecord(offset: offset, storedSize: Int(stored), rawSize: Int(raw), checksum: checksum, isRaw: flags & 1 != 0)
+      let record = MKZ.ChunkRecord(
+        offset: offset, storedSize: Int(stored), rawSize: Int(raw), checksum: checksum, isRaw: flags & 1 != 0)
       guard record.offset >= previousEnd, record.storedSize <= dataEnd - record.offset, record.rawSize <= chunkSize,
-        record.storedSize <= max(record.rawSize, Zstd.compressBound(record.rawSize)), !record.isRaw || record.storedSize == record.rawSize,
+        record.storedSize <= max(record.rawSize, Zstd.compressBound(record.rawSize)),
+        !record.isRaw || record.storedSize == record.rawSize,
         flags & ~1 == 0
-      else { throw CheckpointError.corruptChunkIndex(file: path, reason: "chunk record \(index) points outside the data or has impossible sizes") }
+      else {
+        throw CheckpointError.corruptChunkIndex(
+          file: path, reason: "chunk record \(index) points outside the data or has impossible sizes")
+      }
       previousEnd = record.offset + record.storedSize
       chunks.append(record)
     }
     return chunks
   }
 
-  static func parseTensors(_ entries: [JSON], chunks: [MKZ.ChunkRecord], chunkSize: Int, path: String) throws -> [MKZ.TensorRecord] {
+  static func parseTensors(_ entries: [JSON], chunks: [MKZ.ChunkRecord], chunkSize: Int, path: String) throws -> [MKZ
+    .TensorRecord]
+  {
     var tensors: [MKZ.TensorRecord] = []
     var seen = Set<String>()
     var nextChunk = 0
     for entry in entries {
-      guard let name = entry["name"]?.stringValue else { throw CheckpointError.corruptChunkIndex(file: path, reason: "a tensor entry has no name") }
+      guard let name = entry["name"]?.stringValue else {
+        throw CheckpointError.corruptChunkIndex(file: path, reason: "a tensor entry has no name")
+      }
       guard seen.insert(name).inserted else { throw CheckpointError.duplicateTensor(file: path, tensor: name) }
-      guard let dtypeName = entry["dtype"]?.stringValue else { throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing 'dtype'") }
-      guard let dtype = DType(rawValue: dtypeName) else { throw CheckpointError.unknownDType(file: path, tensor: name, dtype: dtypeName) }
-      guard let shapeItems = entry["shape"]?.arrayValue else { throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing 'shape'") }
+      guard let dtypeName = entry["dtype"]?.stringValue else {
+        throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing 'dtype'")
+      }
+      guard let dtype = DType(rawValue: dtypeName) else {
+        throw CheckpointError.unknownDType(file: path, tensor: name, dtype: dtypeName)
+      }
+      guard let shapeItems = entry["shape"]?.arrayValue else {
+        throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing 'shape'")
+      }
       var shape: [Int] = []
       for item in shapeItems {
         guard let d = try SafetensorsHeader.integer(item, path: path, tensor: name) else {
@@ -88,11 +118,16 @@ struct CompressedLayout {
         }
         shape.append(d)
       }
-      guard let byteCount = SafetensorsHeader.checkedByteCount(shape: shape, dtype: dtype) else { throw CheckpointError.sizeOverflow(file: path, tensor: name) }
+      guard let byteCount = SafetensorsHeader.checkedByteCount(shape: shape, dtype: dtype) else {
+        throw CheckpointError.sizeOverflow(file: path, tensor: name)
+      }
       guard let transformName = entry["transform"]?.stringValue, let transform = ByteTransform(rawValue: transformName),
         let first = entry["first_chunk"]?.intValue, let count = entry["chunk_count"]?.intValue,
         let digestText = entry["digest"]?.stringValue, let digest = UInt64(digestText, radix: 16)
-      else { throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing or invalid transform, chunk range or digest") }
+      else {
+        throw CheckpointError.invalidEntry(
+          file: path, tensor: name, reason: "missing or invalid transform, chunk range or digest")
+      }
       var baseDigest: UInt64?
       if transform == .delta {
         guard let text = entry["base_digest"]?.stringValue, let value = UInt64(text, radix: 16) else {
@@ -102,16 +137,26 @@ struct CompressedLayout {
       }
       let expectedCount = (byteCount + chunkSize - 1) / chunkSize
       guard first == nextChunk, count == expectedCount, count <= chunks.count - first else {
-        throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor '\(name)' lists chunks \(first)..<\(first + count), expected \(nextChunk)..<\(nextChunk + expectedCount)")
+        throw CheckpointError.corruptChunkIndex(
+          file: path,
+          reason:
+            "tensor '\(name)' lists chunks \(first)..<\(first + count), expected \(nextChunk)..<\(nextChunk + expectedCount)"
+        )
       }
       for local in 0..<count where chunks[first + local].rawSize != min(chunkSize, byteCount - local * chunkSize) {
-        throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor '\(name)' chunk \(local) has raw size \(chunks[first + local].rawSize)")
+        throw CheckpointError.corruptChunkIndex(
+          file: path, reason: "tensor '\(name)' chunk \(local) has raw size \(chunks[first + local].rawSize)")
       }
       nextChunk += count
       let info = TensorInfo(name: name, dtype: dtype, shape: shape)
-      tensors.append(MKZ.TensorRecord(info: info, transform: transform, chunks: first..<(first + count), digest: digest, baseDigest: baseDigest))
+      tensors.append(
+        MKZ.TensorRecord(
+          info: info, transform: transform, chunks: first..<(first + count), digest: digest, baseDigest: baseDigest))
     }
-    guard nextChunk == chunks.count else { throw CheckpointError.corruptChunkIndex(file: path, reason: "\(chunks.count - nextChunk) chunks belong to no tensor") }
+    guard nextChunk == chunks.count else {
+      throw CheckpointError.corruptChunkIndex(
+        file: path, reason: "\(chunks.count - nextChunk) chunks belong to no tensor")
+    }
     return tensors
   }
 }

@@ -27,7 +27,10 @@ final class CompressedWriter: TensorFileWriter {
 
   private let safetensorsHeader: [UInt8]?
 
-  init(destination: String, tensors: [TensorInfo], metadata: [String: String], base: (any Checkpoint)?, safetensorsHeader: [UInt8]? = nil) throws {
+  init(
+    destination: String, tensors: [TensorInfo], metadata: [String: String], base: (any Checkpoint)?,
+    safetensorsHeader: [UInt8]? = nil
+  ) throws {
     output = try OutputFile(destination: destination)
     self.safetensorsHeader = safetensorsHeader
     plan = tensors
@@ -48,7 +51,8 @@ final class CompressedWriter: TensorFileWriter {
   func beginTensor(_ name: String) throws {
     try endTensor()
     guard planIndex < plan.count, plan[planIndex].name == name else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(name)' written out of the declared order")
+      throw CheckpointError.writeOrder(
+        file: output.destination, reason: "tensor '\(name)' written out of the declared order")
     }
     let info = plan[planIndex]
     planIndex += 1
@@ -58,7 +62,8 @@ final class CompressedWriter: TensorFileWriter {
       transform = .delta
       baseDigest = try MKZ.digest(of: base, tensor: name)
     }
-    current = MKZ.TensorRecord(info: info, transform: transform, chunks: chunks.count..<chunks.count, digest: 0, baseDigest: baseDigest)
+    current = MKZ.TensorRecord(
+      info: info, transform: transform, chunks: chunks.count..<chunks.count, digest: 0, baseDigest: baseDigest)
     currentOffset = 0
     pieceHashes = []
     if info.byteCount == 0 { try endTensor() }
@@ -70,7 +75,8 @@ final class CompressedWriter: TensorFileWriter {
       throw CheckpointError.writeOrder(file: output.destination, reason: "bytes written with no tensor begun")
     }
     guard currentOffset + filled + piece.count <= record.info.byteCount else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "more bytes written for '\(record.info.name)' than its shape holds")
+      throw CheckpointError.writeOrder(
+        file: output.destination, reason: "more bytes written for '\(record.info.name)' than its shape holds")
     }
     var remaining = piece
     while !remaining.isEmpty {
@@ -83,7 +89,8 @@ final class CompressedWriter: TensorFileWriter {
         continue
       }
       let n = min(batch.count - filled, remaining.count)
-      UnsafeMutableRawBufferPointer(rebasing: batch[filled..<(filled + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
+      UnsafeMutableRawBufferPointer(rebasing: batch[filled..<(filled + n)]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
       filled += n
       remaining = UnsafeRawBufferPointer(rebasing: remaining[n...])
       if filled == batch.count { try flushBatch() }
@@ -105,7 +112,8 @@ final class CompressedWriter: TensorFileWriter {
     let length = source.count
     let count = (length + chunkSize - 1) / chunkSize
     precondition(count <= batchChunks)
-    var results = [MKZ.ChunkRecord](repeating: MKZ.ChunkRecord(offset: 0, storedSize: 0, rawSize: 0, checksum: 0, isRaw: false), count: count)
+    var results = [MKZ.ChunkRecord](
+      repeating: MKZ.ChunkRecord(offset: 0, storedSize: 0, rawSize: 0, checksum: 0, isRaw: false), count: count)
     var hashes = [UInt64](repeating: 0, count: count)
     let size = record.info.dtype.size
     let tensorOffset = currentOffset
@@ -126,14 +134,16 @@ final class CompressedWriter: TensorFileWriter {
           } else {
             encoded = encode(nil)
           }
-          results[i] = MKZ.ChunkRecord(offset: 0, storedSize: encoded.size, rawSize: range.count, checksum: encoded.checksum, isRaw: encoded.isRaw)
+          results[i] = MKZ.ChunkRecord(
+            offset: 0, storedSize: encoded.size, rawSize: range.count, checksum: encoded.checksum, isRaw: encoded.isRaw)
         }
       }
     }
     for i in 0..<count {
       var chunk = results[i]
       chunk.offset = output.bytesWritten
-      try output.write(UnsafeRawBufferPointer(rebasing: frames[(i * frameCapacity)..<(i * frameCapacity + chunk.storedSize)]))
+      try output.write(
+        UnsafeRawBufferPointer(rebasing: frames[(i * frameCapacity)..<(i * frameCapacity + chunk.storedSize)]))
       chunks.append(chunk)
     }
     pieceHashes.append(contentsOf: hashes)
@@ -144,7 +154,9 @@ final class CompressedWriter: TensorFileWriter {
     guard var record = current else { return }
     try flushBatch()
     guard currentOffset == record.info.byteCount else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(record.info.name)' got \(currentOffset) of \(record.info.byteCount) bytes")
+      throw CheckpointError.writeOrder(
+        file: output.destination,
+        reason: "tensor '\(record.info.name)' got \(currentOffset) of \(record.info.byteCount) bytes")
     }
     record.chunks = record.chunks.lowerBound..<chunks.count
     record.digest = MKZ.digest(ofPieceHashes: pieceHashes)
@@ -155,17 +167,22 @@ final class CompressedWriter: TensorFileWriter {
   func finish() throws {
     try endTensor()
     guard planIndex == plan.count else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[planIndex].name)' was never written")
+      throw CheckpointError.writeOrder(
+        file: output.destination, reason: "tensor '\(plan[planIndex].name)' was never written")
     }
     let indexOffset = output.bytesWritten
     let index = MKZ.encodeChunkRecords(chunks)
-    let header = safetensorsHeader.flatMap { SafetensorsHeader.matches($0, tensors: plan, metadata: metadata) ? $0 : nil }
+    let header = safetensorsHeader.flatMap {
+      SafetensorsHeader.matches($0, tensors: plan, metadata: metadata) ? $0 : nil
+    }
     let table = MKZ.encodeTable(finished, metadata: metadata, chunkSize: chunkSize, safetensorsHeader: header)
     try output.write(index)
     try output.write(table)
     let checksum = XXHash64.hash(index + table)
     try output.write(
-      MKZ.encodeFooter(indexOffset: indexOffset, chunkCount: chunks.count, tableOffset: indexOffset + index.count, tableLength: table.count, checksum: checksum))
+      MKZ.encodeFooter(
+        indexOffset: indexOffset, chunkCount: chunks.count, tableOffset: indexOffset + index.count,
+        tableLength: table.count, checksum: checksum))
     try output.publish()
   }
 

@@ -33,16 +33,24 @@ public enum DataFiles {
     case "safetensors": return try readLabeledSafetensors(path)
     case "csv": return try readCSV(path)
     case "npy":
-      guard let labelsPath else { throw CheckpointError.badDataFile(file: path, reason: "a .npy holds only the features; pass the labels as a second .npy (--labels)") }
+      guard let labelsPath else {
+        throw CheckpointError.badDataFile(
+          file: path, reason: "a .npy holds only the features; pass the labels as a second .npy (--labels)")
+      }
       let (shape, values) = try readNPY(path)
-      guard shape.count == 2 else { throw CheckpointError.badDataFile(file: path, reason: "features must be a 2-D array, found shape \(shape)") }
+      guard shape.count == 2 else {
+        throw CheckpointError.badDataFile(file: path, reason: "features must be a 2-D array, found shape \(shape)")
+      }
       let (labelShape, labelValues) = try readNPY(labelsPath)
       guard labelShape.count == 1, labelShape[0] == shape[0] else {
-        throw CheckpointError.badDataFile(file: labelsPath, reason: "labels must be a 1-D array of \(shape[0]) entries, found shape \(labelShape)")
+        throw CheckpointError.badDataFile(
+          file: labelsPath, reason: "labels must be a 1-D array of \(shape[0]) entries, found shape \(labelShape)")
       }
-      return FeatureTable(features: values.map { Float($0) }, columns: shape[1], labels: try integers(labelValues, labelsPath, "labels"))
+      return FeatureTable(
+        features: values.map { Float($0) }, columns: shape[1], labels: try integers(labelValues, labelsPath, "labels"))
     default:
-      throw CheckpointError.badDataFile(file: path, reason: "unknown data format '.\(ext)' (expected .safetensors, .csv or .npy)")
+      throw CheckpointError.badDataFile(
+        file: path, reason: "unknown data format '.\(ext)' (expected .safetensors, .csv or .npy)")
     }
   }
 
@@ -52,13 +60,16 @@ public enum DataFiles {
       throw CheckpointError.badDataFile(file: path, reason: "needs a 2-D tensor 'features' (rows x columns)")
     }
     guard let labelInfo = file.lookup("labels"), labelInfo.shape == [info.shape[0]] else {
-      throw CheckpointError.badDataFile(file: path, reason: "needs a 1-D tensor 'labels' with one entry per feature row (\(info.shape[0]))")
+      throw CheckpointError.badDataFile(
+        file: path, reason: "needs a 1-D tensor 'labels' with one entry per feature row (\(info.shape[0]))")
     }
     let features = try file.tensor(named: "features").scalars
     let labels = try integers(try file.tensor(named: "labels").scalars.map(Double.init), path, "labels")
     var tasks: [Int]?
     if let taskInfo = file.lookup("tasks") {
-      guard taskInfo.shape == [info.shape[0]] else { throw CheckpointError.badDataFile(file: path, reason: "'tasks' must have one entry per row") }
+      guard taskInfo.shape == [info.shape[0]] else {
+        throw CheckpointError.badDataFile(file: path, reason: "'tasks' must have one entry per row")
+      }
       tasks = try integers(try file.tensor(named: "tasks").scalars.map(Double.init), path, "tasks")
     }
     return FeatureTable(features: features, columns: info.shape[1], labels: labels, tasks: tasks)
@@ -67,30 +78,43 @@ public enum DataFiles {
   /// Writes labelled features as safetensors (`features` f32, `labels` and `tasks` i64).
   public static func writeLabeled(_ table: FeatureTable, to path: String, overwrite: Bool) throws {
     var tensors: [(TensorInfo, TensorData)] = [
-      (TensorInfo(name: "features", dtype: .f32, shape: [table.rows, table.columns]), Tensor(shape: [table.rows, table.columns], scalars: table.features).encoded(as: .f32)),
+      (
+        TensorInfo(name: "features", dtype: .f32, shape: [table.rows, table.columns]),
+        Tensor(shape: [table.rows, table.columns], scalars: table.features).encoded(as: .f32)
+      ),
       (TensorInfo(name: "labels", dtype: .i64, shape: [table.rows]), integerData(table.labels)),
     ]
-    if let tasks = table.tasks { tensors.append((TensorInfo(name: "tasks", dtype: .i64, shape: [table.rows]), integerData(tasks))) }
-    let writer = try CheckpointWriter(destination: path, tensors: tensors.map(\.0), options: WriteOptions(format: .safetensors, overwrite: overwrite))
+    if let tasks = table.tasks {
+      tensors.append((TensorInfo(name: "tasks", dtype: .i64, shape: [table.rows]), integerData(tasks)))
+    }
+    let writer = try CheckpointWriter(
+      destination: path, tensors: tensors.map(\.0), options: WriteOptions(format: .safetensors, overwrite: overwrite))
     for (info, data) in tensors { try writer.write(info.name, data) }
     try writer.finish()
   }
 
   static func integerData(_ values: [Int]) -> TensorData {
-    TensorData(dtype: .i64, shape: [values.count], bytes: values.map { Int64($0).littleEndian }.withUnsafeBytes { Array($0) })
+    TensorData(
+      dtype: .i64, shape: [values.count], bytes: values.map { Int64($0).littleEndian }.withUnsafeBytes { Array($0) })
   }
 
   static func integers(_ values: [Double], _ file: String, _ what: String) throws -> [Int] {
     try values.enumerated().map { i, v in
-      guard let n = Int(exactly: v), n >= 0 else { throw CheckpointError.badDataFile(file: file, reason: "\(what)[\(i)] = \(v) is not a non-negative integer") }
+      guard let n = Int(exactly: v), n >= 0 else {
+        throw CheckpointError.badDataFile(file: file, reason: "\(what)[\(i)] = \(v) is not a non-negative integer")
+      }
       return n
     }
   }
 
   static func readCSV(_ path: String) throws -> FeatureTable {
     let text: String
-    do { text = try String(contentsOfFile: path, encoding: .utf8) } catch { throw CheckpointError.badDataFile(file: path, reason: "cannot read: \(error.localizedDescription)") }
-    var lines = text.split(whereSeparator: \.isNewline).map { $0.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) } }
+    do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+      throw CheckpointError.badDataFile(file: path, reason: "cannot read: \(error.localizedDescription)")
+    }
+    var lines = text.split(whereSeparator: \.isNewline).map {
+      $0.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+    }
     guard let first = lines.first else { throw CheckpointError.badDataFile(file: path, reason: "empty file") }
     var labelColumn = first.count - 1
     var taskColumn: Int?
@@ -100,13 +124,22 @@ public enum DataFiles {
       lines.removeFirst()
     }
     let width = first.count
-    var table = FeatureTable(features: [], columns: width - 1 - (taskColumn == nil ? 0 : 1), labels: [], tasks: taskColumn == nil ? nil : [])
-    guard table.columns >= 1 else { throw CheckpointError.badDataFile(file: path, reason: "needs at least one feature column besides the label") }
+    var table = FeatureTable(
+      features: [], columns: width - 1 - (taskColumn == nil ? 0 : 1), labels: [], tasks: taskColumn == nil ? nil : [])
+    guard table.columns >= 1 else {
+      throw CheckpointError.badDataFile(file: path, reason: "needs at least one feature column besides the label")
+    }
     for (n, fields) in lines.enumerated() {
       let line = n + (table.tasks == nil && Double(first[0]) != nil ? 1 : 2)
-      guard fields.count == width else { throw CheckpointError.badDataFile(file: path, reason: "line \(line) has \(fields.count) fields, expected \(width)") }
+      guard fields.count == width else {
+        throw CheckpointError.badDataFile(
+          file: path, reason: "line \(line) has \(fields.count) fields, expected \(width)")
+      }
       for (c, field) in fields.enumerated() {
-        guard let value = Double(field) else { throw CheckpointError.badDataFile(file: path, reason: "line \(line), field \(c + 1): '\(field)' is not a number") }
+        guard let value = Double(field) else {
+          throw CheckpointError.badDataFile(
+            file: path, reason: "line \(line), field \(c + 1): '\(field)' is not a number")
+        }
         if c == labelColumn {
           table.labels += try integers([value], path, "label on line \(line)")
         } else if c == taskColumn {
@@ -122,32 +155,55 @@ public enum DataFiles {
 
   /// A NumPy `.npy` array (format 1.0-3.0, little-endian f4/f8/i4/i8/u1, C order) as doubles.
   static func readNPY(_ path: String) throws -> (shape: [Int], values: [Double]) {
-    guard let data = FileManager.default.contents(atPath: path) else { throw CheckpointError.badDataFile(file: path, reason: "cannot read") }
+    guard let data = FileManager.default.contents(atPath: path) else {
+      throw CheckpointError.badDataFile(file: path, reason: "cannot read")
+    }
     let bytes = [UInt8](data)
-    guard bytes.count >= 10, bytes[0] == 0x93, Array(bytes[1..<6]) == Array("NUMPY".utf8) else { throw CheckpointError.badDataFile(file: path, reason: "not a .npy file (bad magic)") }
+    guard bytes.count >= 10, bytes[0] == 0x93, Array(bytes[1..<6]) == Array("NUMPY".utf8) else {
+      throw CheckpointError.badDataFile(file: path, reason: "not a .npy file (bad magic)")
+    }
     let major = bytes[6]
-    let headerLength = major == 1 ? Int(bytes[8]) | Int(bytes[9]) << 8 : (bytes.count >= 12 ? Int(bytes[8]) | Int(bytes[9]) << 8 | Int(bytes[10]) << 16 | Int(bytes[11]) << 24 : -1)
+    let headerLength =
+      major == 1
+      ? Int(bytes[8]) | Int(bytes[9]) << 8
+      : (bytes.count >= 12 ? Int(bytes[8]) | Int(bytes[9]) << 8 | Int(bytes[10]) << 16 | Int(bytes[11]) << 24 : -1)
     let start = major == 1 ? 10 : 12
-    guard headerLength >= 0, start + headerLength <= bytes.count, let header = String(bytes: bytes[start..<(start + headerLength)], encoding: .utf8) else {
+    guard headerLength >= 0, start + headerLength <= bytes.count,
+      let header = String(bytes: bytes[start..<(start + headerLength)], encoding: .utf8)
+    else {
       throw CheckpointError.badDataFile(file: path, reason: "truncated .npy header")
     }
     func field(_ key: String) -> String? {
       guard let range = header.range(of: "'\(key)':") else { return nil }
       return String(header[range.upperBound...]).trimmingCharacters(in: .whitespaces)
     }
-    guard let descr = field("descr"), let quote = descr.dropFirst().firstIndex(of: "'") else { throw CheckpointError.badDataFile(file: path, reason: "no dtype in the header") }
+    guard let descr = field("descr"), let quote = descr.dropFirst().firstIndex(of: "'") else {
+      throw CheckpointError.badDataFile(file: path, reason: "no dtype in the header")
+    }
     let type = String(descr[descr.index(after: descr.startIndex)..<quote])
-    guard field("fortran_order")?.hasPrefix("False") ?? false else { throw CheckpointError.badDataFile(file: path, reason: "Fortran-order arrays are not supported; save with C order") }
-    guard let shapeText = field("shape"), let open = shapeText.firstIndex(of: "("), let close = shapeText.firstIndex(of: ")") else {
+    guard field("fortran_order")?.hasPrefix("False") ?? false else {
+      throw CheckpointError.badDataFile(file: path, reason: "Fortran-order arrays are not supported; save with C order")
+    }
+    guard let shapeText = field("shape"), let open = shapeText.firstIndex(of: "("),
+      let close = shapeText.firstIndex(of: ")")
+    else {
       throw CheckpointError.badDataFile(file: path, reason: "no shape in the header")
     }
-    let shape = shapeText[shapeText.index(after: open)..<close].split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+    let shape = shapeText[shapeText.index(after: open)..<close].split(separator: ",").compactMap {
+      Int($0.trimmingCharacters(in: .whitespaces))
+    }
     let count = shape.reduce(1, *)
     let sizes: [String: Int] = ["<f4": 4, "<f8": 8, "<i4": 4, "<i8": 8, "|u1": 1, "<u1": 1, "|i1": 1]
-    guard let size = sizes[type] else { throw CheckpointError.badDataFile(file: path, reason: "dtype '\(type)' is not supported (use float32, float64, int32, int64 or uint8, little-endian)") }
+    guard let size = sizes[type] else {
+      throw CheckpointError.badDataFile(
+        file: path,
+        reason: "dtype '\(type)' is not supported (use float32, float64, int32, int64 or uint8, little-endian)")
+    }
     let offset = start + headerLength
     guard bytes.count - offset == count * size else {
-      throw CheckpointError.badDataFile(file: path, reason: "data holds \(bytes.count - offset) bytes, the shape \(shape) of '\(type)' needs \(count * size)")
+      throw CheckpointError.badDataFile(
+        file: path,
+        reason: "data holds \(bytes.count - offset) bytes, the shape \(shape) of '\(type)' needs \(count * size)")
     }
     let values: [Double] = bytes.withUnsafeBytes { raw in
       guard let start = raw.baseAddress else { return [] }
@@ -172,20 +228,28 @@ public enum DataFiles {
     if ext == "safetensors" {
       let file = try SafetensorsFile(path: path)
       guard let info = file.lookup("input_ids"), info.shape.count == 2, !info.dtype.isFloatingPoint else {
-        throw CheckpointError.badDataFile(file: path, reason: "needs an integer tensor 'input_ids' of shape (sequences, length)")
+        throw CheckpointError.badDataFile(
+          file: path, reason: "needs an integer tensor 'input_ids' of shape (sequences, length)")
       }
       let ids = try integers(try file.tensor(named: "input_ids").scalars.map(Double.init), path, "input_ids")
       let mask = try file.lookup("attention_mask").map { _ in try file.tensor(named: "attention_mask").scalars }
       let length = info.shape[1]
-      return (0..<info.shape[0]).map { s in (0..<length).compactMap { j in mask.map { $0[s * length + j] != 0 } ?? true ? ids[s * length + j] : nil } }
+      return (0..<info.shape[0]).map { s in
+        (0..<length).compactMap { j in mask.map { $0[s * length + j] != 0 } ?? true ? ids[s * length + j] : nil }
+      }
     }
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { throw CheckpointError.badDataFile(file: path, reason: "cannot read") }
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+      throw CheckpointError.badDataFile(file: path, reason: "cannot read")
+    }
     return try text.split(whereSeparator: \.isNewline).enumerated().compactMap { n, line in
       guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { return nil }
       let object = try? JSONSerialization.jsonObject(with: Data(line.utf8))
       let array = (object as? [Any]) ?? ((object as? [String: Any])?["input_ids"] as? [Any])
-      guard let ids = array?.compactMap({ ($0 as? NSNumber)?.intValue }), ids.count == array?.count, !ids.isEmpty, ids.allSatisfy({ $0 >= 0 }) else {
-        throw CheckpointError.badDataFile(file: path, reason: "line \(n + 1) is not a JSON array of token ids (or an object with 'input_ids')")
+      guard let ids = array?.compactMap({ ($0 as? NSNumber)?.intValue }), ids.count == array?.count, !ids.isEmpty,
+        ids.allSatisfy({ $0 >= 0 })
+      else {
+        throw CheckpointError.badDataFile(
+          file: path, reason: "line \(n + 1) is not a JSON array of token ids (or an object with 'input_ids')")
       }
       return ids
     }

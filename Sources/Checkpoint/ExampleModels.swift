@@ -91,7 +91,8 @@ public enum ExampleModels {
       }
       let (rows, columns) = (tensor.shape[0], tensor.shape[1])
       let left = CounterRNG(seed: seed, stream: name + "#left").normalTensor([rows, rank])
-      let right = CounterRNG(seed: seed, stream: name + "#right").normalTensor([rank, columns], scale: lowRankScale / Float(rank).squareRoot())
+      let right = CounterRNG(seed: seed, stream: name + "#right").normalTensor(
+        [rank, columns], scale: lowRankScale / Float(rank).squareRoot())
       let lowRank = BLAS.matmul(left, right)
       let sparse = CounterRNG(seed: seed, stream: name + "#sparse")
       for i in 0..<out.count {
@@ -105,14 +106,22 @@ public enum ExampleModels {
   }
 
   /// Writes a model folder: safetensors weights in `dtype`, config.json and generation_config.json.
-  public static func writeModel(_ weights: [(name: String, tensor: Tensor)], architecture: Architecture, dtype: DType = .bf16, to folder: String, overwrite: Bool = false) throws {
-    let files = ["config.json": architecture.configJSON, "generation_config.json": "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n"]
+  public static func writeModel(
+    _ weights: [(name: String, tensor: Tensor)], architecture: Architecture, dtype: DType = .bf16, to folder: String,
+    overwrite: Bool = false
+  ) throws {
+    let files = [
+      "config.json": architecture.configJSON,
+      "generation_config.json": "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n",
+    ]
     try ModelFolder.write(weights, files: files, dtype: dtype, to: folder, overwrite: overwrite)
   }
 
   /// Writes `base`, `finetune-a` and `finetune-b` under `folder`; returns their paths.
   @discardableResult
-  public static func writeExamples(to folder: String, architecture: Architecture = Architecture(), overwrite: Bool = false) throws -> [String] {
+  public static func writeExamples(
+    to folder: String, architecture: Architecture = Architecture(), overwrite: Bool = false
+  ) throws -> [String] {
     do {
       try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
     } catch {

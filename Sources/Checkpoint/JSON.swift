@@ -13,7 +13,8 @@ enum JSON: Equatable {
 
   static func == (a: JSON, b: JSON) -> Bool {
     switch (a, b) {
-    case (.object(let x), .object(let y)): return x.count == y.count && zip(x, y).allSatisfy { $0.key == $1.key && $0.value == $1.value }
+    case (.object(let x), .object(let y)):
+      return x.count == y.count && zip(x, y).allSatisfy { $0.key == $1.key && $0.value == $1.value }
     case (.array(let x), .array(let y)): return x == y
     case (.string(let x), .string(let y)), (.number(let x), .number(let y)): return x == y
     case (.bool(let x), .bool(let y)): return x == y
@@ -29,7 +30,9 @@ enum JSON: Equatable {
     var parser = Parser(bytes: Array(bytes))
     let value = try parser.value(depth: 0)
     parser.skipWhitespace()
-    guard parser.position == parser.bytes.count else { throw ParseError(message: "unexpected data at byte \(parser.position)") }
+    guard parser.position == parser.bytes.count else {
+      throw ParseError(message: "unexpected data at byte \(parser.position)")
+    }
     return value
   }
 
@@ -38,7 +41,9 @@ enum JSON: Equatable {
   var stringValue: String? { if case .string(let s) = self { return s } else { return nil } }
   /// A non-negative integer that fits in `Int`, or nil (not a number, fractional, negative, too big).
   var intValue: Int? {
-    guard case .number(let text) = self, !text.isEmpty, text.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) else { return nil }
+    guard case .number(let text) = self, !text.isEmpty, text.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) else {
+      return nil
+    }
     return Int(text)
   }
 
@@ -47,7 +52,8 @@ enum JSON: Equatable {
   /// Compact serialisation (keys in stored order).
   var serialized: String {
     switch self {
-    case .object(let pairs): return "{" + pairs.map { JSON.quote($0.key) + ":" + $0.value.serialized }.joined(separator: ",") + "}"
+    case .object(let pairs):
+      return "{" + pairs.map { JSON.quote($0.key) + ":" + $0.value.serialized }.joined(separator: ",") + "}"
     case .array(let items): return "[" + items.map(\.serialized).joined(separator: ",") + "]"
     case .string(let s): return JSON.quote(s)
     case .number(let n): return n
@@ -77,7 +83,11 @@ enum JSON: Equatable {
     guard asciiOnly else { return quote(s) }
     var out = ""
     for unit in quote(s).utf16 {
-      if unit < 0x80 { out.unicodeScalars.append(Unicode.Scalar(UInt8(unit))) } else { out += String(format: "\\u%04x", unit) }
+      if unit < 0x80 {
+        out.unicodeScalars.append(Unicode.Scalar(UInt8(unit)))
+      } else {
+        out += String(format: "\\u%04x", unit)
+      }
     }
     return out
   }
@@ -125,7 +135,9 @@ enum JSON: Equatable {
 
     mutating func literal(_ word: String) throws {
       let w = Array(word.utf8)
-      guard position + w.count <= bytes.count, Array(bytes[position..<position + w.count]) == w else { throw fail("invalid literal") }
+      guard position + w.count <= bytes.count, Array(bytes[position..<position + w.count]) == w else {
+        throw fail("invalid literal")
+      }
       position += w.count
     }
 
@@ -170,7 +182,8 @@ enum JSON: Equatable {
     mutating func number() throws -> String {
       let start = position
       while position < bytes.count, "+-0123456789.eE".utf8.contains(bytes[position]) { position += 1 }
-      guard position > start, let text = String(bytes: bytes[start..<position], encoding: .utf8), Double(text) != nil else {
+      guard position > start, let text = String(bytes: bytes[start..<position], encoding: .utf8), Double(text) != nil
+      else {
         throw fail("invalid value")
       }
       return text
@@ -180,7 +193,9 @@ enum JSON: Equatable {
       position += 1
       var scalars = String.UnicodeScalarView()
       var runStart = position
-      func flush(_ end: Int) { scalars.append(contentsOf: String(decoding: bytes[runStart..<end], as: UTF8.self).unicodeScalars) }
+      func flush(_ end: Int) {
+        scalars.append(contentsOf: String(decoding: bytes[runStart..<end], as: UTF8.self).unicodeScalars)
+      }
       while position < bytes.count {
         let c = bytes[position]
         if c == UInt8(ascii: "\"") {
@@ -216,7 +231,9 @@ enum JSON: Equatable {
     }
 
     mutating func hex4() throws -> UInt32 {
-      guard position + 4 <= bytes.count, let v = UInt32(String(decoding: bytes[position..<position + 4], as: UTF8.self), radix: 16) else {
+      guard position + 4 <= bytes.count,
+        let v = UInt32(String(decoding: bytes[position..<position + 4], as: UTF8.self), radix: 16)
+      else {
         throw fail("invalid \\u escape")
       }
       position += 4
@@ -226,12 +243,16 @@ enum JSON: Equatable {
     mutating func unicodeEscape() throws -> Unicode.Scalar {
       let high = try hex4()
       if (0xD800..<0xDC00).contains(high) {
-        guard position + 2 <= bytes.count, bytes[position] == UInt8(ascii: "\\"), bytes[position + 1] == UInt8(ascii: "u") else {
+        guard position + 2 <= bytes.count, bytes[position] == UInt8(ascii: "\\"),
+          bytes[position + 1] == UInt8(ascii: "u")
+        else {
           throw fail("unpaired surrogate")
         }
         position += 2
         let low = try hex4()
-        guard (0xDC00..<0xE000).contains(low), let s = Unicode.Scalar(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)) else {
+        guard (0xDC00..<0xE000).contains(low),
+          let s = Unicode.Scalar(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+        else {
           throw fail("invalid surrogate pair")
         }
         return s

@@ -20,15 +20,21 @@ final class MappedFile: @unchecked Sendable {
     guard fd >= 0 else { throw CheckpointError.cannotOpen(file: path, reason: String(cString: strerror(errno))) }
     defer { close(fd) }
     var info = stat()
-    guard fstat(fd, &info) == 0 else { throw CheckpointError.cannotOpen(file: path, reason: String(cString: strerror(errno))) }
-    guard (info.st_mode & S_IFMT) == S_IFREG else { throw CheckpointError.cannotOpen(file: path, reason: "not a regular file") }
+    guard fstat(fd, &info) == 0 else {
+      throw CheckpointError.cannotOpen(file: path, reason: String(cString: strerror(errno)))
+    }
+    guard (info.st_mode & S_IFMT) == S_IFREG else {
+      throw CheckpointError.cannotOpen(file: path, reason: "not a regular file")
+    }
     size = Int(info.st_size)
     if size == 0 {
       base = nil
       return
     }
     let mapped = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
-    guard let mapped, mapped != MAP_FAILED else { throw CheckpointError.cannotOpen(file: path, reason: "mmap failed: \(String(cString: strerror(errno)))") }
+    guard let mapped, mapped != MAP_FAILED else {
+      throw CheckpointError.cannotOpen(file: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
+    }
     base = UnsafeRawPointer(mapped)
   }
 

@@ -15,7 +15,10 @@ public final class MemoryCheckpoint: Checkpoint, @unchecked Sendable {
   private let bytes: [String: [UInt8]]
   private let index: [String: Int]
 
-  init(path: String, tensors: [TensorInfo], metadata: [String: String], files: [StoredFile], modelFolder: String?, bytes: [String: [UInt8]]) {
+  init(
+    path: String, tensors: [TensorInfo], metadata: [String: String], files: [StoredFile], modelFolder: String?,
+    bytes: [String: [UInt8]]
+  ) {
     self.path = path
     self.tensors = tensors
     self.metadata = metadata
@@ -32,10 +35,13 @@ public final class MemoryCheckpoint: Checkpoint, @unchecked Sendable {
 
   public func file(of name: String) -> String? { nil }
 
-  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
+    -> R
+  {
     guard let stored = bytes[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let range = range ?? 0..<stored.count
-    precondition(range.lowerBound >= 0 && range.upperBound <= stored.count, "byte range \(range) outside tensor '\(name)'")
+    precondition(
+      range.lowerBound >= 0 && range.upperBound <= stored.count, "byte range \(range) outside tensor '\(name)'")
     return try stored.withUnsafeBytes { try body(UnsafeRawBufferPointer(rebasing: $0[range])) }
   }
 
@@ -61,7 +67,10 @@ public final class MemoryCheckpointWriter: TensorSink {
 
   /// - `name`: how messages name the checkpoint; `layout`: the files a later written copy is
   ///   sharded like (default: one file); `modelFolder`: where its non-tensor files come from.
-  public init(name: String, tensors: [TensorInfo], metadata: [String: String] = [:], layout: [StoredFile]? = nil, modelFolder: String? = nil) {
+  public init(
+    name: String, tensors: [TensorInfo], metadata: [String: String] = [:], layout: [StoredFile]? = nil,
+    modelFolder: String? = nil
+  ) {
     self.name = name
     declared = tensors
     self.metadata = metadata
@@ -94,7 +103,8 @@ public final class MemoryCheckpointWriter: TensorSink {
   private func completeCurrent() throws {
     guard let (info, bytes) = current else { return }
     guard bytes.count == info.byteCount else {
-      throw CheckpointError.writeOrder(file: name, reason: "tensor '\(info.name)' got \(bytes.count) of its \(info.byteCount) bytes")
+      throw CheckpointError.writeOrder(
+        file: name, reason: "tensor '\(info.name)' got \(bytes.count) of its \(info.byteCount) bytes")
     }
     finished[info.name] = bytes
     current = nil
@@ -102,7 +112,9 @@ public final class MemoryCheckpointWriter: TensorSink {
 
   public func finish() throws {
     try completeCurrent()
-    guard next == declared.count else { throw CheckpointError.writeOrder(file: name, reason: "tensor '\(declared[next].name)' was never written") }
+    guard next == declared.count else {
+      throw CheckpointError.writeOrder(file: name, reason: "tensor '\(declared[next].name)' was never written")
+    }
     let names = declared.map(\.name)
     let infos = Dictionary(declared.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
     // A layout file keeps its safetensors header exactly when a written file would (same
@@ -110,12 +122,15 @@ public final class MemoryCheckpointWriter: TensorSink {
     let files = layout.flatMap { layout in
       layout.flatMap(\.tensors) == names
         ? layout.map { file in
-          let header = file.safetensorsHeader.flatMap { SafetensorsHeader.matches($0, tensors: file.tensors.compactMap { infos[$0] }, metadata: metadata) ? $0 : nil }
+          let header = file.safetensorsHeader.flatMap {
+            SafetensorsHeader.matches($0, tensors: file.tensors.compactMap { infos[$0] }, metadata: metadata) ? $0 : nil
+          }
           return StoredFile(name: file.name, tensors: file.tensors, safetensorsHeader: header)
         } : nil
     }
     result = MemoryCheckpoint(
-      path: name, tensors: declared, metadata: metadata, files: files ?? [StoredFile(name: "model.safetensors", tensors: names)], modelFolder: modelFolder,
+      path: name, tensors: declared, metadata: metadata,
+      files: files ?? [StoredFile(name: "model.safetensors", tensors: names)], modelFolder: modelFolder,
       bytes: finished)
     finished = [:]
   }

@@ -26,14 +26,20 @@ public func openCheckpoint(_ path: String, base: (any Checkpoint)? = nil) throws
 
 /// Helpers for Hugging Face style model folders.
 public enum ModelFolder {
-  static let weightExtensions: Set<String> = ["safetensors", MKZ.fileExtension, "bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "onnx"]
+  static let weightExtensions: Set<String> = [
+    "safetensors", MKZ.fileExtension, "bin", "pt", "pth", "ckpt", "h5", "msgpack", "gguf", "onnx",
+  ]
 
   /// The file to open for a model folder, by preference: an index, then a single file.
   static func tensorFile(in folder: String) -> String? {
     let candidates = ["model.safetensors.index.json", "model.mkz.index.json", "model.safetensors", "model.mkz"]
-    for name in candidates where FileManager.default.fileExists(atPath: "\(folder)/\(name)") { return "\(folder)/\(name)" }
+    for name in candidates where FileManager.default.fileExists(atPath: "\(folder)/\(name)") {
+      return "\(folder)/\(name)"
+    }
     let files = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
-    let tensorFiles = files.filter { $0.hasSuffix(".safetensors") || $0.hasSuffix(".mkz") || $0.hasSuffix(".index.json") }
+    let tensorFiles = files.filter {
+      $0.hasSuffix(".safetensors") || $0.hasSuffix(".mkz") || $0.hasSuffix(".index.json")
+    }
     return tensorFiles.count == 1 ? "\(folder)/\(tensorFiles[0])" : nil
   }
 
@@ -56,13 +62,17 @@ public enum ModelFolder {
   public static func auxiliaryFiles(in folder: String) -> [String] {
     let names = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
     return names.filter { name in
-      !name.hasPrefix(".") && !name.hasSuffix(".index.json") && !weightExtensions.contains(URL(fileURLWithPath: name).pathExtension.lowercased())
+      !name.hasPrefix(".") && !name.hasSuffix(".index.json")
+        && !weightExtensions.contains(URL(fileURLWithPath: name).pathExtension.lowercased())
     }.sorted()
   }
 
   /// Writes a model folder: `weights` as safetensors in `dtype` (floating tensors; others as
   /// they are) and text `files` by name (config.json ...), published atomically.
-  public static func write(_ weights: [(name: String, tensor: Tensor)], files: [String: String], dtype: DType, to folder: String, overwrite: Bool) throws {
+  public static func write(
+    _ weights: [(name: String, tensor: Tensor)], files: [String: String], dtype: DType, to folder: String,
+    overwrite: Bool
+  ) throws {
     let infos = weights.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) }
     var options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], overwrite: overwrite)
     options.files = files.mapValues { Data($0.utf8) }
@@ -99,7 +109,8 @@ public enum ModelFolder {
       do {
         try FileManager.default.copyItem(atPath: "\(folder)/\(name)", toPath: target)
       } catch {
-        throw CheckpointError.cannotWrite(file: target, reason: "copying \(folder)/\(name): \(error.localizedDescription)")
+        throw CheckpointError.cannotWrite(
+          file: target, reason: "copying \(folder)/\(name): \(error.localizedDescription)")
       }
     }
   }
@@ -113,7 +124,9 @@ public enum ModelFolder {
       guard overwrite else { throw CheckpointError.outputExists(path: destination) }
       let aside = work + ".old"
       try? fm.removeItem(atPath: aside)
-      guard rename(destination, aside) == 0 else { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
+      guard rename(destination, aside) == 0 else {
+        throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
+      }
       old = aside
     }
     guard rename(work, destination) == 0 else {
@@ -142,13 +155,18 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
       throw CheckpointError.cannotOpen(file: indexPath, reason: "cannot read the file")
     }
     let json: JSON
-    do { json = try JSON.parse([UInt8](data)) } catch { throw CheckpointError.invalidIndex(file: indexPath, reason: "not valid JSON") }
-    guard let map = json["weight_map"]?.objectPairs else { throw CheckpointError.invalidIndex(file: indexPath, reason: "no 'weight_map' object") }
+    do { json = try JSON.parse([UInt8](data)) } catch {
+      throw CheckpointError.invalidIndex(file: indexPath, reason: "not valid JSON")
+    }
+    guard let map = json["weight_map"]?.objectPairs else {
+      throw CheckpointError.invalidIndex(file: indexPath, reason: "no 'weight_map' object")
+    }
     var fileNames: [String] = []
     var fileOf: [String: String] = [:]
     for (tensor, value) in map {
       guard let file = value.stringValue, !file.contains("/") else {
-        throw CheckpointError.invalidIndex(file: indexPath, reason: "weight_map entry '\(tensor)' is not a file name in this folder")
+        throw CheckpointError.invalidIndex(
+          file: indexPath, reason: "weight_map entry '\(tensor)' is not a file name in this folder")
       }
       if !fileNames.contains(file) { fileNames.append(file) }
       fileOf[tensor] = file
@@ -158,18 +176,24 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
     var tensors: [TensorInfo] = []
     for (i, file) in fileNames.enumerated() {
       let shardPath = "\(folder)/\(file)"
-      guard FileManager.default.fileExists(atPath: shardPath) else { throw CheckpointError.missingShard(index: indexPath, shard: file) }
+      guard FileManager.default.fileExists(atPath: shardPath) else {
+        throw CheckpointError.missingShard(index: indexPath, shard: file)
+      }
       let shard = try openCheckpoint(shardPath, base: base)
       for info in shard.tensors {
         guard fileOf[info.name] == file else {
-          throw CheckpointError.invalidIndex(file: indexPath, reason: "tensor '\(info.name)' is in \(file) but the weight_map says \(fileOf[info.name] ?? "nothing")")
+          throw CheckpointError.invalidIndex(
+            file: indexPath,
+            reason: "tensor '\(info.name)' is in \(file) but the weight_map says \(fileOf[info.name] ?? "nothing")")
         }
         shardOf[info.name] = i
         tensors.append(info)
       }
       shards.append(shard)
     }
-    for (tensor, file) in fileOf where shardOf[tensor] == nil { throw CheckpointError.missingTensor(file: "\(folder)/\(file)", tensor: tensor) }
+    for (tensor, file) in fileOf where shardOf[tensor] == nil {
+      throw CheckpointError.missingTensor(file: "\(folder)/\(file)", tensor: tensor)
+    }
     self.shards = shards
     self.shardOf = shardOf
     self.tensors = tensors
@@ -180,12 +204,16 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
 
   public func file(of name: String) -> String? { shardOf[name].map { shards[$0].path } }
 
-  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
+    -> R
+  {
     guard let i = shardOf[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     return try shards[i].withBytes(of: name, range: range, body)
   }
 
-  public func release(_ name: String, range: Range<Int>?) { shardOf[name].map { shards[$0].release(name, range: range) } }
+  public func release(_ name: String, range: Range<Int>?) {
+    shardOf[name].map { shards[$0].release(name, range: range) }
+  }
 
   /// The shard that holds tensor `name`.
   public func shard(of name: String) -> (any Checkpoint)? { shardOf[name].map { shards[$0] } }

@@ -32,9 +32,14 @@ final class OutputFile: @unchecked Sendable {
   init(destination: String) throws {
     self.destination = destination
     let url = URL(fileURLWithPath: destination)
-    temporaryPath = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+    temporaryPath =
+      url.deletingLastPathComponent().appendingPathComponent(
+        ".\(url.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+      ).path
     fd = open(temporaryPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    guard fd >= 0 else { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
+    guard fd >= 0 else {
+      throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
+    }
     TemporaryOutputs.register(temporaryPath)
     staging = (0..<2).map { _ in .allocate(byteCount: Self.stagingSize, alignment: 64) }
   }
@@ -65,7 +70,8 @@ final class OutputFile: @unchecked Sendable {
       }
       guard let (target, filled) = current else { break }
       let n = min(Self.stagingSize - filled, remaining.count)
-      UnsafeMutableRawBufferPointer(rebasing: target[filled..<(filled + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
+      UnsafeMutableRawBufferPointer(rebasing: target[filled..<(filled + n)]).copyMemory(
+        from: UnsafeRawBufferPointer(rebasing: remaining[0..<n]))
       current = (target, filled + n)
       bytesWritten += n
       remaining = UnsafeRawBufferPointer(rebasing: remaining[n...])
@@ -121,7 +127,9 @@ final class OutputFile: @unchecked Sendable {
   func publish() throws {
     guard fd >= 0 else { throw CheckpointError.cannotWrite(file: destination, reason: "already closed") }
     try drain()
-    if Self.syncsToDisk && fsync(fd) != 0 { throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno))) }
+    if Self.syncsToDisk && fsync(fd) != 0 {
+      throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
+    }
     close(fd)
     fd = -1
     defer { TemporaryOutputs.unregister(temporaryPath) }

@@ -24,11 +24,16 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
     let ordered = header.entries.sorted { $0.offsets.lowerBound < $1.offsets.lowerBound }
     tensors = ordered.map(\.info)
     metadata = header.metadata
-    files = [StoredFile(name: URL(fileURLWithPath: path).lastPathComponent, tensors: ordered.map(\.info.name), safetensorsHeader: header.headerBytes)]
+    files = [
+      StoredFile(
+        name: URL(fileURLWithPath: path).lastPathComponent, tensors: ordered.map(\.info.name),
+        safetensorsHeader: header.headerBytes)
+    ]
     var ranges: [String: Range<Int>] = [:]
     var infos: [String: TensorInfo] = [:]
     for entry in ordered {
-      ranges[entry.info.name] = (header.dataStart + entry.offsets.lowerBound)..<(header.dataStart + entry.offsets.upperBound)
+      ranges[entry.info.name] =
+        (header.dataStart + entry.offsets.lowerBound)..<(header.dataStart + entry.offsets.upperBound)
       infos[entry.info.name] = entry.info
     }
     self.ranges = ranges
@@ -39,7 +44,9 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
 
   public func file(of name: String) -> String? { infos[name] == nil ? nil : path }
 
-  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+  public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
+    -> R
+  {
     guard let whole = ranges[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let part = range ?? 0..<whole.count
     precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
@@ -95,7 +102,8 @@ final class SafetensorsWriter: TensorFileWriter {
   static func header(tensors: [TensorInfo], metadata: [String: String]) -> [UInt8] {
     var pairs: [(key: String, value: JSON)] = []
     if !metadata.isEmpty {
-      pairs.append(("__metadata__", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, JSON.string($0.value)) })))
+      pairs.append(
+        ("__metadata__", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, JSON.string($0.value)) })))
     }
     var offset = 0
     for info in tensors {
@@ -121,7 +129,8 @@ final class SafetensorsWriter: TensorFileWriter {
   func beginTensor(_ name: String) throws {
     try requireCurrentComplete()
     guard next < plan.count, plan[next].name == name else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(name)' written out of the declared order")
+      throw CheckpointError.writeOrder(
+        file: output.destination, reason: "tensor '\(name)' written out of the declared order")
     }
     current = next
     next += 1
@@ -129,9 +138,12 @@ final class SafetensorsWriter: TensorFileWriter {
   }
 
   func append(_ piece: UnsafeRawBufferPointer) throws {
-    guard let current else { throw CheckpointError.writeOrder(file: output.destination, reason: "bytes written with no tensor begun") }
+    guard let current else {
+      throw CheckpointError.writeOrder(file: output.destination, reason: "bytes written with no tensor begun")
+    }
     guard writtenInTensor + piece.count <= plan[current].byteCount else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "more bytes written for '\(plan[current].name)' than its shape holds")
+      throw CheckpointError.writeOrder(
+        file: output.destination, reason: "more bytes written for '\(plan[current].name)' than its shape holds")
     }
     try output.write(piece)
     writtenInTensor += piece.count
@@ -139,14 +151,17 @@ final class SafetensorsWriter: TensorFileWriter {
 
   private func requireCurrentComplete() throws {
     if let current, writtenInTensor != plan[current].byteCount {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[current].name)' got \(writtenInTensor) of \(plan[current].byteCount) bytes")
+      throw CheckpointError.writeOrder(
+        file: output.destination,
+        reason: "tensor '\(plan[current].name)' got \(writtenInTensor) of \(plan[current].byteCount) bytes")
     }
   }
 
   func finish() throws {
     try requireCurrentComplete()
     guard next == plan.count else {
-      throw CheckpointError.writeOrder(file: output.destination, reason: "tensor '\(plan[next].name)' was never written")
+      throw CheckpointError.writeOrder(
+        file: output.destination, reason: "tensor '\(plan[next].name)' was never written")
     }
     try output.publish()
   }

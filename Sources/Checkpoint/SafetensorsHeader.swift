@@ -27,8 +27,12 @@ struct SafetensorsHeader {
   static func parse(_ file: UnsafeRawBufferPointer, path: String) throws -> SafetensorsHeader {
     guard file.count >= 8 else { throw CheckpointError.fileTooShort(file: path, size: file.count) }
     var reader = ByteReader(file)
-    guard let headerLength = reader.read(UInt64.self) else { throw CheckpointError.fileTooShort(file: path, size: file.count) }
-    guard headerLength <= maxHeaderLength else { throw CheckpointError.headerTooLarge(file: path, headerLength: headerLength) }
+    guard let headerLength = reader.read(UInt64.self) else {
+      throw CheckpointError.fileTooShort(file: path, size: file.count)
+    }
+    guard headerLength <= maxHeaderLength else {
+      throw CheckpointError.headerTooLarge(file: path, headerLength: headerLength)
+    }
     guard Int(headerLength) <= file.count - 8 else {
       throw CheckpointError.headerLengthPastEnd(file: path, headerLength: headerLength, fileSize: file.count)
     }
@@ -36,7 +40,8 @@ struct SafetensorsHeader {
     let (entries, metadata) = try parseTable(headerBytes, path: path)
     let dataStart = 8 + Int(headerLength)
     try checkLayout(entries, dataSize: file.count - dataStart, path: path)
-    return SafetensorsHeader(entries: entries, metadata: metadata, dataStart: dataStart, headerBytes: Array(headerBytes))
+    return SafetensorsHeader(
+      entries: entries, metadata: metadata, dataStart: dataStart, headerBytes: Array(headerBytes))
   }
 
   /// Parses the JSON header text: UTF-8, a JSON object, each entry valid, no duplicate names.
@@ -51,7 +56,9 @@ struct SafetensorsHeader {
     } catch let error as JSON.ParseError {
       throw CheckpointError.headerNotJSON(file: path, reason: error.message)
     }
-    guard let pairs = json.objectPairs else { throw CheckpointError.headerNotJSON(file: path, reason: "the top level is not an object") }
+    guard let pairs = json.objectPairs else {
+      throw CheckpointError.headerNotJSON(file: path, reason: "the top level is not an object")
+    }
 
     var entries: [Entry] = []
     var metadata: [String: String] = [:]
@@ -82,7 +89,9 @@ struct SafetensorsHeader {
   }
 
   static func parseMetadata(_ value: JSON, path: String) throws -> [String: String] {
-    guard let pairs = value.objectPairs else { throw CheckpointError.metadataNotStrings(file: path, key: "__metadata__") }
+    guard let pairs = value.objectPairs else {
+      throw CheckpointError.metadataNotStrings(file: path, key: "__metadata__")
+    }
     var metadata: [String: String] = [:]
     for (key, item) in pairs {
       guard let text = item.stringValue else { throw CheckpointError.metadataNotStrings(file: path, key: key) }
@@ -101,30 +110,43 @@ struct SafetensorsHeader {
   }
 
   static func parseEntry(name: String, _ value: JSON, path: String) throws -> Entry {
-    guard value.objectPairs != nil else { throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "entry is not an object") }
+    guard value.objectPairs != nil else {
+      throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "entry is not an object")
+    }
     guard let dtypeName = value["dtype"]?.stringValue else {
       throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing or non-string 'dtype'")
     }
-    guard let dtype = DType(rawValue: dtypeName) else { throw CheckpointError.unknownDType(file: path, tensor: name, dtype: dtypeName) }
+    guard let dtype = DType(rawValue: dtypeName) else {
+      throw CheckpointError.unknownDType(file: path, tensor: name, dtype: dtypeName)
+    }
     guard let shapeItems = value["shape"]?.arrayValue else {
       throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing or non-array 'shape'")
     }
     var shape: [Int] = []
     for item in shapeItems {
       guard let dimension = try integer(item, path: path, tensor: name) else {
-        throw CheckpointError.invalidShape(file: path, tensor: name, shape: "[" + shapeItems.map(\.serialized).joined(separator: ", ") + "]")
+        throw CheckpointError.invalidShape(
+          file: path, tensor: name, shape: "[" + shapeItems.map(\.serialized).joined(separator: ", ") + "]")
       }
       shape.append(dimension)
     }
     guard let offsetItems = value["data_offsets"]?.arrayValue, offsetItems.count == 2 else {
-      throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "'data_offsets' must be an array of two integers")
+      throw CheckpointError.invalidEntry(
+        file: path, tensor: name, reason: "'data_offsets' must be an array of two integers")
     }
-    guard let begin = try integer(offsetItems[0], path: path, tensor: name), let end = try integer(offsetItems[1], path: path, tensor: name)
-    else { throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "'data_offsets' must be non-negative integers") }
+    guard let begin = try integer(offsetItems[0], path: path, tensor: name),
+      let end = try integer(offsetItems[1], path: path, tensor: name)
+    else {
+      throw CheckpointError.invalidEntry(
+        file: path, tensor: name, reason: "'data_offsets' must be non-negative integers")
+    }
     guard begin <= end else {
-      throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "data_offsets [\(begin), \(end)] end before they begin")
+      throw CheckpointError.invalidEntry(
+        file: path, tensor: name, reason: "data_offsets [\(begin), \(end)] end before they begin")
     }
-    guard let byteCount = checkedByteCount(shape: shape, dtype: dtype) else { throw CheckpointError.sizeOverflow(file: path, tensor: name) }
+    guard let byteCount = checkedByteCount(shape: shape, dtype: dtype) else {
+      throw CheckpointError.sizeOverflow(file: path, tensor: name)
+    }
     guard byteCount == end - begin else {
       throw CheckpointError.byteSizeMismatch(file: path, tensor: name, expected: byteCount, actual: end - begin)
     }
@@ -146,7 +168,9 @@ struct SafetensorsHeader {
   /// Offsets must tile the data section exactly: sorted by start they run contiguously from 0,
   /// stay inside the data, never overlap, and the last one ends at the end of the file.
   static func checkLayout(_ entries: [Entry], dataSize: Int, path: String) throws {
-    let sorted = entries.sorted { ($0.offsets.lowerBound, $0.offsets.upperBound) < ($1.offsets.lowerBound, $1.offsets.upperBound) }
+    let sorted = entries.sorted {
+      ($0.offsets.lowerBound, $0.offsets.upperBound) < ($1.offsets.lowerBound, $1.offsets.upperBound)
+    }
     var expected = 0
     var previous: String?
     for entry in sorted {

@@ -42,7 +42,8 @@ public struct TensorSelection: Sendable {
   /// The name `name` gets after the renames.
   public func rename(_ name: String) -> String {
     renames.reduce(name) { current, rule in
-      rule.pattern.stringByReplacingMatches(in: current, range: NSRange(current.startIndex..., in: current), withTemplate: rule.template)
+      rule.pattern.stringByReplacingMatches(
+        in: current, range: NSRange(current.startIndex..., in: current), withTemplate: rule.template)
     }
   }
 
@@ -53,7 +54,9 @@ public struct TensorSelection: Sendable {
     var result: [(source: String, target: String)] = []
     for name in names where keeps(name) {
       let target = rename(name)
-      if let other = seen[target] { throw CheckpointError.nameCollision(file: file, first: other, second: name, target: target) }
+      if let other = seen[target] {
+        throw CheckpointError.nameCollision(file: file, first: other, second: name, target: target)
+      }
       seen[target] = name
       result.append((name, target))
     }
@@ -83,7 +86,8 @@ public func copyCheckpoint(
 /// `copyCheckpoint` into the sink `makeSink(tensors, layout)` makes for the copied tensors
 /// (`layout`: the source's files when the names are unchanged, so the copy can keep its sharding).
 public func copyCheckpoint(
-  from source: any Checkpoint, selection: TensorSelection? = nil, castTo dtype: DType? = nil, progress: ((Int, Int) -> Void)? = nil,
+  from source: any Checkpoint, selection: TensorSelection? = nil, castTo dtype: DType? = nil,
+  progress: ((Int, Int) -> Void)? = nil,
   into makeSink: (_ tensors: [TensorInfo], _ layout: [StoredFile]?) throws -> any TensorSink
 ) throws {
   let allNames = source.tensors.map(\.name)

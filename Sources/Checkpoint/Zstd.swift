@@ -25,8 +25,10 @@ enum Zstd {
     /// Compresses `source` into `destination` (at least `compressBound(source.count)` bytes);
     /// returns the frame size.
     func compress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Int {
-      let written = ZSTD_compress2(context, destination.baseAddress, destination.count, source.baseAddress, source.count)
-      precondition(ZSTD_isError(written) == 0, "zstd compression failed: \(String(cString: ZSTD_getErrorName(written)))")
+      let written = ZSTD_compress2(
+        context, destination.baseAddress, destination.count, source.baseAddress, source.count)
+      precondition(
+        ZSTD_isError(written) == 0, "zstd compression failed: \(String(cString: ZSTD_getErrorName(written)))")
       return written
     }
   }
@@ -42,7 +44,9 @@ enum Zstd {
     deinit { ZSTD_freeDCtx(context) }
 
     /// Decompresses one frame into `destination`; returns the decoded size or zstd's error text.
-    func decompress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Result<Int, FrameError> {
+    func decompress(_ source: UnsafeRawBufferPointer, into destination: UnsafeMutableRawBufferPointer) -> Result<
+      Int, FrameError
+    > {
       let n = ZSTD_decompressDCtx(context, destination.baseAddress, destination.count, source.baseAddress, source.count)
       if ZSTD_isError(n) != 0 { return .failure(FrameError(message: String(cString: ZSTD_getErrorName(n)))) }
       return .success(n)

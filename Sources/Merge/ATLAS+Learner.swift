@@ -27,7 +27,8 @@ extension ATLAS {
           guard k > 1 else { return [whole] }
           return (0..<k).map { part in
             var piece = whole
-            for e in piece.values.indices where ATLASCoefficients.partition(of: e, count: whole.count, partitions: k) != part { piece.values[e] = 0 }
+            for e in piece.values.indices
+            where ATLASCoefficients.partition(of: e, count: whole.count, partitions: k) != part { piece.values[e] = 0 }
             return piece
           }
         }
@@ -35,7 +36,8 @@ extension ATLAS {
       let count = options.isotropic ? problem.taskVectors.count : problem.taskVectors.count * problem.blocks.count * k
       lambda = Matrix(zeros: 1, count)
       trainable = Array(repeating: true, count: count)
-      optimizer = Optimizer(.adam, learningRate: options.learningRate, weightDecay: options.weightDecay, clipNorm: options.clipNorm)
+      optimizer = Optimizer(
+        .adam, learningRate: options.learningRate, weightDecay: options.weightDecay, clipNorm: options.clipNorm)
     }
 
     func index(task i: Int, block b: Int, partition k: Int) -> Int {
@@ -44,7 +46,9 @@ extension ATLAS {
 
     /// The forward pass with `theta_b = theta0_b + sum lambda tau`; trainable coefficients are
     /// tape parameters (returned by flat index) when `differentiable`.
-    func forward(_ tape: Tape<Float>, _ x: Matrix<Float>, differentiable: Bool = true) throws -> (logits: Var, lambdas: [Int: Var]) {
+    func forward(_ tape: Tape<Float>, _ x: Matrix<Float>, differentiable: Bool = true) throws -> (
+      logits: Var, lambdas: [Int: Var]
+    ) {
       var lambdas: [Int: Var] = [:]
       func coefficient(_ n: Int) -> Var {
         if let v = lambdas[n] { return v }
@@ -59,7 +63,9 @@ extension ATLAS {
         guard let b = blockIndex[name] else { return theta }
         for i in pieces.indices {
           for k in 0..<partitions where differentiable || lambda.values[index(task: i, block: b, partition: k)] != 0 {
-            theta = tape.add(theta, tape.scale(tape.constant(pieces[i][b][k]), by: coefficient(index(task: i, block: b, partition: k))))
+            theta = tape.add(
+              theta, tape.scale(tape.constant(pieces[i][b][k]), by: coefficient(index(task: i, block: b, partition: k)))
+            )
           }
         }
         return theta
@@ -77,7 +83,10 @@ extension ATLAS {
     }
 
     /// The objective on one batch.
-    func loss(_ tape: Tape<Float>, _ batch: LabeledFeatures, rows: [Int], epoch: Int, classes: [Int: [Int]], trusted: [Int: Int], scale: [Float]) throws -> (Var, [Int: Var]) {
+    func loss(
+      _ tape: Tape<Float>, _ batch: LabeledFeatures, rows: [Int], epoch: Int, classes: [Int: [Int]],
+      trusted: [Int: Int], scale: [Float]
+    ) throws -> (Var, [Int: Var]) {
       switch options.objective {
       case .ce, .fewShot:
         let (logits, lambdas) = try forward(tape, batch.features)
@@ -88,7 +97,11 @@ extension ATLAS {
         let tasks = batch.tasks ?? Array(repeating: 0, count: batch.count)
         let target = batch.labels.indices.map { options.negateTasks.contains(tasks[$0]) ? batch.labels[$0] : -1 }
         let control = batch.labels.indices.map { options.negateTasks.contains(tasks[$0]) ? -1 : batch.labels[$0] }
-        return (tape.add(tape.scale(tape.crossEntropy(scoped, labels: target), -1), tape.crossEntropy(scoped, labels: control)), lambdas)
+        return (
+          tape.add(
+            tape.scale(tape.crossEntropy(scoped, labels: target), -1), tape.crossEntropy(scoped, labels: control)),
+          lambdas
+        )
       case .entropy:
         let (logits, lambdas) = try forward(tape, batch.features)
         return (tape.entropy(logits), lambdas)
@@ -138,7 +151,8 @@ extension ATLAS {
           optimizer.learningRate = options.learningRate * Float(0.5 * (1 + cos(Double.pi * step / total)))
         }
         let tape = Tape<Float>()
-        let (loss, lambdas) = try self.loss(tape, data.rows(rows), rows: rows, epoch: epoch, classes: classes, trusted: trusted, scale: scale)
+        let (loss, lambdas) = try self.loss(
+          tape, data.rows(rows), rows: rows, epoch: epoch, classes: classes, trusted: trusted, scale: scale)
         tape.backward(from: loss)
         var gradient = Matrix<Float>(zeros: 1, lambda.count)
         for (n, v) in lambdas { gradient.values[n] = tape.gradient(v)?.values[0] ?? 0 }
@@ -160,7 +174,8 @@ extension ATLAS {
       var magnitude = [Double](repeating: 0, count: trainable.count)
       for rows in miniBatches(count: data.count, size: options.batchSize, shuffleSeed: nil) {
         let tape = Tape<Float>()
-        let (loss, lambdas) = try self.loss(tape, data.rows(rows), rows: rows, epoch: 0, classes: classes, trusted: trusted, scale: scale)
+        let (loss, lambdas) = try self.loss(
+          tape, data.rows(rows), rows: rows, epoch: 0, classes: classes, trusted: trusted, scale: scale)
         tape.backward(from: loss)
         for (n, v) in lambdas { magnitude[n] += Double(abs(tape.gradient(v)?.values[0] ?? 0)) }
       }
@@ -186,7 +201,9 @@ extension ATLAS {
     func featureSpread(_ x: Matrix<Float>) -> [Float] {
       (0..<x.columns).map { c in
         let mean = (0..<x.rows).reduce(0.0) { $0 + Double(x[$1, c]) } / Double(max(x.rows, 1))
-        return Float(((0..<x.rows).reduce(0.0) { $0 + (Double(x[$1, c]) - mean) * (Double(x[$1, c]) - mean) } / Double(max(x.rows, 1))).squareRoot())
+        return Float(
+          ((0..<x.rows).reduce(0.0) { $0 + (Double(x[$1, c]) - mean) * (Double(x[$1, c]) - mean) }
+            / Double(max(x.rows, 1))).squareRoot())
       }
     }
 
@@ -194,7 +211,10 @@ extension ATLAS {
     func scores(_ data: LabeledFeatures) throws -> (mean: Double, target: Double, control: Double) {
       let result = try Training.evaluate(problem.network(coefficients()), on: data)
       let mean = result.tasks.reduce(0.0) { $0 + $1.accuracyWithinTask } / Double(max(result.tasks.count, 1))
-      func average(_ tasks: [Evaluation.Task]) -> Double { tasks.reduce(0.0) { $0 + $1.accuracyWithinTask * Double($1.count) } / Double(max(tasks.reduce(0) { $0 + $1.count }, 1)) }
+      func average(_ tasks: [Evaluation.Task]) -> Double {
+        tasks.reduce(0.0) { $0 + $1.accuracyWithinTask * Double($1.count) }
+          / Double(max(tasks.reduce(0) { $0 + $1.count }, 1))
+      }
       let target = result.tasks.filter { options.negateTasks.contains($0.task) }
       let control = result.tasks.filter { !options.negateTasks.contains($0.task) }
       return (mean, average(target), average(control))
@@ -203,7 +223,9 @@ extension ATLAS {
     func coefficients() -> ATLASCoefficients {
       let (t, b, k) = (problem.taskVectors.count, problem.blocks.count, partitions)
       let flat = lambda.values
-      let values = (0..<t).map { i in (0..<b).map { j in (0..<k).map { Double(flat[index(task: i, block: j, partition: $0)]) } } }
+      let values = (0..<t).map { i in
+        (0..<b).map { j in (0..<k).map { Double(flat[index(task: i, block: j, partition: $0)]) } }
+      }
       var c = ATLASCoefficients(tasks: problem.names, blocks: problem.blocks, partitions: k)
       c.values = values  // tasks x blocks x partitions by construction
       return c

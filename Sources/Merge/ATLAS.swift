@@ -87,7 +87,8 @@ public enum ATLAS {
         for (i, tv) in taskVectors.enumerated() {
           let vector = try tv.required(name)
           guard vector.shape == shape else {
-            throw MergeError.taskVectorMismatch(taskVector: i, tensor: name, reason: "shape \(vector.shape), the base has \(shape)")
+            throw MergeError.taskVectorMismatch(
+              taskVector: i, tensor: name, reason: "shape \(vector.shape), the base has \(shape)")
           }
           vectors[i][name] = Matrix(vector)
         }
@@ -106,11 +107,13 @@ public enum ATLAS {
       var out = base
       let apply = ATLASApply(c)
       let parameters = try ParameterResolver(
-        method: apply.name, specs: [], global: [:], models: taskVectors.map { _ in [:] }, positions: LayerPositions(names: c.blocks)
+        method: apply.name, specs: [], global: [:], models: taskVectors.map { _ in [:] },
+        positions: LayerPositions(names: c.blocks)
       ).resolve(tensor: c.blocks.first ?? "")
       for block in c.blocks {
         guard let w = out.weights[block] else { continue }
-        let inputs = MergeInputs(name: block, base: w.tensor(), models: try taskVectors.map { try $0.required(block).tensor() })
+        let inputs = MergeInputs(
+          name: block, base: w.tensor(), models: try taskVectors.map { try $0.required(block).tensor() })
         out.weights[block] = Matrix(try apply.merge(inputs, parameters))
       }
       return out
@@ -122,16 +125,28 @@ public enum ATLAS {
   /// best on it (`negate`: the lowest target accuracy whose control accuracy stays at 95% of the
   /// base's); else the last epoch.
   public static func learn(
-    _ problem: Problem, data: LabeledFeatures, validation: LabeledFeatures? = nil, options: Options, progress: ((EpochReport) -> Void)? = nil
+    _ problem: Problem, data: LabeledFeatures, validation: LabeledFeatures? = nil, options: Options,
+    progress: ((EpochReport) -> Void)? = nil
   ) throws -> (coefficients: ATLASCoefficients, epochs: [EpochReport]) {
     if options.objective == .negate {
       guard !options.negateTasks.isEmpty, Set(data.taskIDs).subtracting(options.negateTasks).count > 0 else {
-        throw MergeError.invalidParameter(method: "atlas", name: "negate_tasks", tensor: nil, reason: "\(options.negateTasks.sorted()) leaves no target or no control task in the data: negate needs both")
+        throw MergeError.invalidParameter(
+          method: "atlas", name: "negate_tasks", tensor: nil,
+          reason: "\(options.negateTasks.sorted()) leaves no target or no control task in the data: negate needs both")
       }
     }
-    if let keep = options.keepFraction, !(keep > 0 && keep <= 1) { throw MergeError.invalidParameter(method: "atlas", name: "keep", tensor: nil, reason: "\(keep) is not a fraction in (0, 1]") }
-    guard options.epochs >= 1 else { throw MergeError.invalidParameter(method: "atlas", name: "epochs", tensor: nil, reason: "\(options.epochs) is not at least 1") }
-    guard options.batchSize >= 1 else { throw MergeError.invalidParameter(method: "atlas", name: "batch_size", tensor: nil, reason: "\(options.batchSize) is not at least 1") }
+    if let keep = options.keepFraction, !(keep > 0 && keep <= 1) {
+      throw MergeError.invalidParameter(
+        method: "atlas", name: "keep", tensor: nil, reason: "\(keep) is not a fraction in (0, 1]")
+    }
+    guard options.epochs >= 1 else {
+      throw MergeError.invalidParameter(
+        method: "atlas", name: "epochs", tensor: nil, reason: "\(options.epochs) is not at least 1")
+    }
+    guard options.batchSize >= 1 else {
+      throw MergeError.invalidParameter(
+        method: "atlas", name: "batch_size", tensor: nil, reason: "\(options.batchSize) is not at least 1")
+    }
     var data = data
     if options.objective == .fewShot, data.count < 10 * options.batchSize {
       // As the paper does: a small set is repeated so that an epoch has at least 10 batches.
@@ -158,7 +173,9 @@ public enum ATLAS {
         } else {
           metric = s.mean
         }
-        if let metric, metric > best?.metric ?? -Double.infinity || best == nil { best = (learner.coefficients(), metric) }
+        if let metric, metric > best?.metric ?? -Double.infinity || best == nil {
+          best = (learner.coefficients(), metric)
+        }
       }
       let report = EpochReport(epoch: epoch + 1, loss: loss, metric: metric)
       reports.append(report)

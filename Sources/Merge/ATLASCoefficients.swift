@@ -20,12 +20,16 @@ public struct ATLASCoefficients: Sendable, Equatable {
     self.tasks = tasks
     self.blocks = blocks
     self.partitions = partitions
-    values = Array(repeating: Array(repeating: Array(repeating: value, count: partitions), count: blocks.count), count: tasks.count)
+    values = Array(
+      repeating: Array(repeating: Array(repeating: value, count: partitions), count: blocks.count), count: tasks.count)
   }
 
   public init(tasks: [String], blocks: [String], partitions: Int, values: [[[Double]]]) throws {
-    guard partitions >= 1, values.count == tasks.count, values.allSatisfy({ $0.count == blocks.count && $0.allSatisfy { $0.count == partitions } }) else {
-      throw MergeError.malformedCoefficients("expected \(tasks.count) tasks x \(blocks.count) blocks x \(partitions) partitions of coefficients")
+    guard partitions >= 1, values.count == tasks.count,
+      values.allSatisfy({ $0.count == blocks.count && $0.allSatisfy { $0.count == partitions } })
+    else {
+      throw MergeError.malformedCoefficients(
+        "expected \(tasks.count) tasks x \(blocks.count) blocks x \(partitions) partitions of coefficients")
     }
     guard Set(blocks).count == blocks.count else { throw MergeError.malformedCoefficients("a block is listed twice") }
     self.tasks = tasks
@@ -41,18 +45,30 @@ public struct ATLASCoefficients: Sendable, Equatable {
   }
 
   public func json() throws -> Data {
-    let object: [String: Any] = ["format": "atlas-coefficients", "tasks": tasks, "blocks": blocks, "partitions": partitions, "coefficients": values]
+    let object: [String: Any] = [
+      "format": "atlas-coefficients", "tasks": tasks, "blocks": blocks, "partitions": partitions,
+      "coefficients": values,
+    ]
     return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
   }
 
   public init(json: Data) throws {
-    guard let object = try? JSONSerialization.jsonObject(with: json) as? [String: Any], object["format"] as? String == "atlas-coefficients" else {
-      throw MergeError.malformedCoefficients("not an aTLAS coefficient file (a JSON object with \"format\": \"atlas-coefficients\")")
+    guard let object = try? JSONSerialization.jsonObject(with: json) as? [String: Any],
+      object["format"] as? String == "atlas-coefficients"
+    else {
+      throw MergeError.malformedCoefficients(
+        "not an aTLAS coefficient file (a JSON object with \"format\": \"atlas-coefficients\")")
     }
-    guard let tasks = object["tasks"] as? [String], let blocks = object["blocks"] as? [String], let partitions = object["partitions"] as? Int,
+    guard let tasks = object["tasks"] as? [String], let blocks = object["blocks"] as? [String],
+      let partitions = object["partitions"] as? Int,
       let raw = object["coefficients"] as? [[[NSNumber]]]
-    else { throw MergeError.malformedCoefficients("needs 'tasks', 'blocks' (names), 'partitions' (an integer) and 'coefficients' (tasks x blocks x partitions numbers)") }
-    try self.init(tasks: tasks, blocks: blocks, partitions: partitions, values: raw.map { $0.map { $0.map(\.doubleValue) } })
+    else {
+      throw MergeError.malformedCoefficients(
+        "needs 'tasks', 'blocks' (names), 'partitions' (an integer) and 'coefficients' (tasks x blocks x partitions numbers)"
+      )
+    }
+    try self.init(
+      tasks: tasks, blocks: blocks, partitions: partitions, values: raw.map { $0.map { $0.map(\.doubleValue) } })
   }
 
   /// Checks the coefficients against the base's tensors (name to shape) and the number of task
@@ -80,15 +96,22 @@ public struct ATLASApply: StreamingMerge {
   public init(_ coefficients: ATLASCoefficients) { self.coefficients = coefficients }
   public var name: String { "atlas" }
   public var summary: String { "base + block-wise learned scalings of task vectors (aTLAS)" }
-  public var reference: String { "Zhang et al., Knowledge Composition using Task Vectors with Learned Anisotropic Scaling, NeurIPS 2024 (arXiv:2407.02880)" }
+  public var reference: String {
+    "Zhang et al., Knowledge Composition using Task Vectors with Learned Anisotropic Scaling, NeurIPS 2024 (arXiv:2407.02880)"
+  }
   public var base: BaseRequirement { .required }
   public var modelCount: ClosedRange<Int> { 1...Int.max }
   public var parameters: [ParameterSpec] { [] }
 
-  public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeThroughRanges(inputs, p) }
+  public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    try mergeThroughRanges(inputs, p)
+  }
 
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
-    let lambdas = coefficients.coefficients(block: name) ?? Array(repeating: Array(repeating: 0, count: coefficients.partitions), count: p.models.count)
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  {
+    let lambdas =
+      coefficients.coefficients(block: name)
+      ?? Array(repeating: Array(repeating: 0, count: coefficients.partitions), count: p.models.count)
     let partitions = coefficients.partitions
     guard partitions > 1 else {
       let weights = lambdas.map { $0[0] }

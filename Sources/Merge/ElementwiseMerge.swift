@@ -48,7 +48,8 @@ public struct RangeMerger: Sendable {
       let base = range.base ?? []
       guard !form.usesBase || range.base != nil else { throw MergeError.baseRequired(method: form.method) }
       return Kernels.weightedSum(
-        form.terms.map { $0.map { range.models[$0] } ?? base }, weights: form.weights, scale: form.scale, base: form.addsBase ? range.base : nil,
+        form.terms.map { $0.map { range.models[$0] } ?? base }, weights: form.weights, scale: form.scale,
+        base: form.addsBase ? range.base : nil,
         subtractingBase: form.subtractsBase)
     }
   }
@@ -67,7 +68,10 @@ public struct WeightedSumForm: Sendable {
   /// The method's name, for errors.
   public var method: String
 
-  public init(method: String, terms: [Int?], weights: [Double], scale: Double = 1, addsBase: Bool = false, subtractsBase: Bool = false) {
+  public init(
+    method: String, terms: [Int?], weights: [Double], scale: Double = 1, addsBase: Bool = false,
+    subtractsBase: Bool = false
+  ) {
     precondition(terms.count == weights.count && (addsBase || !subtractsBase), "task vectors are summed onto the base")
     self.method = method
     self.terms = terms
@@ -105,7 +109,10 @@ public struct TensorScan {
 
   /// - `read`: the inputs' values on one range; `release`: called on each batch's elements
   ///   once summarised.
-  public init(ranges: [Range<Int>], read: @escaping (Range<Int>) throws -> RangeInputs, release: @escaping (Range<Int>) throws -> Void = { _ in }) {
+  public init(
+    ranges: [Range<Int>], read: @escaping (Range<Int>) throws -> RangeInputs,
+    release: @escaping (Range<Int>) throws -> Void = { _ in }
+  ) {
     self.ranges = ranges
     self.read = read
     self.release = release
@@ -144,7 +151,8 @@ public final class ResultSlots<Value>: @unchecked Sendable {
 /// top-k thresholds or norms; it returns the range merger, or nil when this tensor must be
 /// merged whole.
 public protocol StreamingMerge: MergeMethod {
-  func prepare(tensor name: String, count: Int, _ parameters: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  func prepare(tensor name: String, count: Int, _ parameters: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
   /// Whether the method reads the models only through `modelsMinusBase` (and the base), apart
   /// from a `WeightedSumForm` merger, which the runner computes from the stored bytes anyway:
   /// the runner may then compute the task vectors straight from the stored bytes.
@@ -157,7 +165,9 @@ extension StreamingMerge {
   /// The whole-tensor merge through the ranges, for methods whose `prepare` always gives a
   /// range merger. Throws `MergeError.notStreamable` where it does not.
   public func mergeThroughRanges(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor {
-    guard let merged = try mergeByRanges(inputs, parameters) else { throw MergeError.notStreamable(method: name, tensor: inputs.name) }
+    guard let merged = try mergeByRanges(inputs, parameters) else {
+      throw MergeError.notStreamable(method: name, tensor: inputs.name)
+    }
     return merged
   }
 
@@ -167,9 +177,14 @@ extension StreamingMerge {
     let count = shape.reduce(1, *)
     let ranges = MergeRanges.ranges(count)
     @Sendable func slice(_ r: Range<Int>) -> RangeInputs {
-      RangeInputs(offset: r.lowerBound, base: inputs.base.map { Array($0.scalars[r]) }, models: inputs.models.map { Array($0.scalars[r]) })
+      RangeInputs(
+        offset: r.lowerBound, base: inputs.base.map { Array($0.scalars[r]) },
+        models: inputs.models.map { Array($0.scalars[r]) })
     }
-    guard let merger = try prepare(tensor: inputs.name, count: count, parameters, scan: TensorScan(ranges: ranges, read: slice)) else {
+    guard
+      let merger = try prepare(
+        tensor: inputs.name, count: count, parameters, scan: TensorScan(ranges: ranges, read: slice))
+    else {
       return nil
     }
     var out: [Float] = []

@@ -62,7 +62,9 @@ public enum Matching {
   /// times `alpha` (0: it is never matched again); each model may make `beta` of its share of
   /// merges within itself (the share is `(N n - n) / N`; the first within-model merge is always
   /// allowed).
-  public static func zip(correlation: [Double], features n: Int, models count: Int, alpha: Double, beta: Double) -> FeatureMatching {
+  public static func zip(correlation: [Double], features n: Int, models count: Int, alpha: Double, beta: Double)
+    -> FeatureMatching
+  {
     let total = n * count
     precondition(correlation.count == total * total && count >= 2)
     var s = correlation
@@ -94,7 +96,9 @@ public enum Matching {
       if within {
         budget[model] -= 1
         if budget[model] <= 0 {
-          for x in active where origin[x] == model { for y in active where origin[y] == model { s[x * total + y] = -.infinity } }
+          for x in active where origin[x] == model {
+            for y in active where origin[y] == model { s[x * total + y] = -.infinity }
+          }
         }
       }
     }
@@ -111,7 +115,8 @@ public enum Matching {
     precondition(correlation.count == total * total && count >= 2)
     var groups = Array(0..<n)
     for i in 1..<count {
-      let score = (0..<(n * n)).map { correlation[($0 / n) * total + i * n + $0 % n] }  // model 0 feature k vs model i feature j
+      // model 0 feature k vs model i feature j
+      let score = (0..<(n * n)).map { correlation[($0 / n) * total + i * n + $0 % n] }
       let assignment = LinearAssignment.maximumScore(score, n: n)
       var group = [Int](repeating: 0, count: n)
       for k in 0..<n { group[assignment[k]] = k }

@@ -5,7 +5,8 @@
 public enum LinearAssignment {
   /// `assignment[row]` is the column given to `row`; `cost` is row-major `n x n`, finite.
   public static func minimumCost(_ cost: [Double], n: Int) -> [Int] {
-    precondition(cost.count == n * n && cost.allSatisfy(\.isFinite), "assignment needs a finite \(n) x \(n) cost matrix")
+    precondition(
+      cost.count == n * n && cost.allSatisfy(\.isFinite), "assignment needs a finite \(n) x \(n) cost matrix")
     guard n > 0 else { return [] }
     // 1-based arrays; column 0 is a virtual start. u, v: row and column potentials; owner[j]:
     // the row holding column j; way[j]: the previous column on the augmenting path.

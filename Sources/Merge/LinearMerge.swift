@@ -20,7 +20,8 @@ public struct LinearMerge: StreamingMerge {
     try mergeThroughRanges(inputs, p)
   }
 
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  {
     let weights = p.models.indices.map { p.number("weight", model: $0) }
     var scale = 1.0
     if p.flag("normalize") {
@@ -28,6 +29,7 @@ public struct LinearMerge: StreamingMerge {
       guard total != 0 else { throw MergeError.zeroWeightSum(method: self.name, tensor: name) }
       scale = 1 / total
     }
-    return RangeMerger(WeightedSumForm(method: self.name, terms: WeightedSumForm.models(weights.count), weights: weights, scale: scale))
+    return RangeMerger(
+      WeightedSumForm(method: self.name, terms: WeightedSumForm.models(weights.count), weights: weights, scale: scale))
   }
 }

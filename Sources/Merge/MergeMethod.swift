@@ -49,10 +49,14 @@ extension MergeMethod {
 
 extension MergeError {
   /// Refuses inputs that do not suit a method declaring `base` and `modelCount`.
-  public static func checkInputs(method: String, base: BaseRequirement, modelCount: ClosedRange<Int>, hasBase: Bool, count: Int) throws {
+  public static func checkInputs(
+    method: String, base: BaseRequirement, modelCount: ClosedRange<Int>, hasBase: Bool, count: Int
+  ) throws {
     if base == .required && !hasBase { throw MergeError.baseRequired(method: method) }
     if base == .unused && hasBase { throw MergeError.baseUnused(method: method) }
-    guard modelCount.contains(count) else { throw MergeError.modelCount(method: method, expected: modelCount, got: count) }
+    guard modelCount.contains(count) else {
+      throw MergeError.modelCount(method: method, expected: modelCount, got: count)
+    }
   }
 }
 
@@ -105,7 +109,8 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
     case .unknownMethod(let name, let known):
       return "unknown merge method '\(name)'; available: \(known.joined(separator: ", "))"
     case .unknownParameter(let method, let name, let known):
-      return "\(method): unknown parameter '\(name)'; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
+      return
+        "\(method): unknown parameter '\(name)'; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
     case .missingParameter(let method, let name, let help):
       return "\(method): parameter '\(name)' is required (\(help))"
     case .invalidParameter(let method, let name, let tensor, let reason):
@@ -117,23 +122,35 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
     case .modelCount(let method, let expected, let got):
       let wanted =
         expected.lowerBound == expected.upperBound
-        ? "\(expected.lowerBound)" : expected.upperBound == Int.max ? "at least \(expected.lowerBound)" : "\(expected.lowerBound) to \(expected.upperBound)"
+        ? "\(expected.lowerBound)"
+        : expected.upperBound == Int.max
+          ? "at least \(expected.lowerBound)" : "\(expected.lowerBound) to \(expected.upperBound)"
       return "\(method) takes \(wanted) model\(expected.upperBound == 1 ? "" : "s") besides the base; got \(got)"
     case .notStreamable(let method, let tensor):
       return "\(method): tensor '\(tensor)' could not be merged range by range; this is a bug, please report it"
-    case .notAnMLP(let m): return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs and Llama-style decoders"
+    case .notAnMLP(let m):
+      return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs and Llama-style decoders"
     case .notZippable(let m, let reason): return "model \(m + 1) cannot be zipped: \(reason)"
-    case .differentArchitectures(let m): return "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
-    case .stopLayerOutOfRange(let s, let p): return "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"
+    case .differentArchitectures(let m):
+      return
+        "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
+    case .stopLayerOutOfRange(let s, let p):
+      return
+        "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"
     case .tooFewModels: return "zipping needs at least two models"
     case .malformedCoefficients(let reason): return "coefficient file: \(reason)"
-    case .taskCount(let file, let given): return "the coefficients are for \(file) task vector\(file == 1 ? "" : "s"), \(given) were given"
-    case .unknownBlocks(let names): return "the coefficients name blocks the base lacks: \(names.prefix(6).joined(separator: ", "))\(names.count > 6 ? " and \(names.count - 6) more" : "")"
-    case .taskVectorMismatch(let i, let tensor, let reason): return "task vector \(i + 1), tensor '\(tensor)': \(reason); task vectors must come from this base"
+    case .taskCount(let file, let given):
+      return "the coefficients are for \(file) task vector\(file == 1 ? "" : "s"), \(given) were given"
+    case .unknownBlocks(let names):
+      return
+        "the coefficients name blocks the base lacks: \(names.prefix(6).joined(separator: ", "))\(names.count > 6 ? " and \(names.count - 6) more" : "")"
+    case .taskVectorMismatch(let i, let tensor, let reason):
+      return "task vector \(i + 1), tensor '\(tensor)': \(reason); task vectors must come from this base"
     case .noBlocks: return "no tensor is a block: every tensor was excluded"
     case .factoredBase: return "the base has factored (low-rank) layers; aTLAS learns on dense models"
     case .zeroWeightSum(let method, let tensor):
-      return "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"
+      return
+        "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"
     }
   }
 }

@@ -9,12 +9,20 @@ import Tensor
 public struct ModelStockMerge: StreamingMerge {
   public init() {}
   public var name: String { "model-stock" }
-  public var summary: String { "interpolate from the base toward the models' average by how aligned their task vectors are" }
-  public var reference: String { "Jang et al., Model Stock: All We Need Is Just a Few Fine-tuned Models, ECCV 2024 (arXiv:2403.19522)" }
+  public var summary: String {
+    "interpolate from the base toward the models' average by how aligned their task vectors are"
+  }
+  public var reference: String {
+    "Jang et al., Model Stock: All We Need Is Just a Few Fine-tuned Models, ECCV 2024 (arXiv:2403.19522)"
+  }
   public var base: BaseRequirement { .required }
   public var modelCount: ClosedRange<Int> { 2...Int.max }
   public var parameters: [ParameterSpec] {
-    [.flag("filter_wise", default: false, help: "one interpolation factor per row instead of per tensor (mergekit's filter_wise)")]
+    [
+      .flag(
+        "filter_wise", default: false,
+        help: "one interpolation factor per row instead of per tensor (mergekit's filter_wise)")
+    ]
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
@@ -55,7 +63,8 @@ public struct ModelStockMerge: StreamingMerge {
   /// The Gram pass reads task vectors; the merge itself is a weighted-sum form.
   public var readsTaskVectors: Bool { true }
 
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  {
     guard !p.flag("filter_wise") else { return nil }  // rows need the shape: merged whole
     let n = p.models.count
     var gram = [Double](repeating: 0, count: n * n)

@@ -26,7 +26,8 @@ public indirect enum ParameterValue: Sendable, Equatable, CustomStringConvertibl
     case .flag(let b): return String(b)
     case .text(let s): return s
     case .gradient(let xs): return "[" + xs.map { $0.formatted() }.joined(separator: ", ") + "]"
-    case .filtered(let entries): return "[" + entries.map { "{filter: \($0.filter ?? "*"), value: \($0.value)}" }.joined(separator: ", ") + "]"
+    case .filtered(let entries):
+      return "[" + entries.map { "{filter: \($0.filter ?? "*"), value: \($0.value)}" }.joined(separator: ", ") + "]"
     }
   }
 
@@ -38,7 +39,8 @@ public indirect enum ParameterValue: Sendable, Equatable, CustomStringConvertibl
       self = .number(x)
     } else if trimmed == "true" || trimmed == "false" {
       self = .flag(trimmed == "true")
-    } else if trimmed.contains(","), case let parts = trimmed.split(separator: ",").compactMap({ Double($0.trimmingCharacters(in: .whitespaces)) }),
+    } else if trimmed.contains(","),
+      case let parts = trimmed.split(separator: ",").compactMap({ Double($0.trimmingCharacters(in: .whitespaces)) }),
       parts.count == trimmed.split(separator: ",").count
     {
       self = .gradient(parts)
@@ -75,7 +77,9 @@ public struct ParameterSpec: Sendable {
       switch self {
       case .number(let range, let openBelow):
         if range == ParameterSpec.anyNumber { return "a number" }
-        if range.upperBound == .greatestFiniteMagnitude { return "a number \(openBelow ? ">" : ">=") \(Self.plain(range.lowerBound))" }
+        if range.upperBound == .greatestFiniteMagnitude {
+          return "a number \(openBelow ? ">" : ">=") \(Self.plain(range.lowerBound))"
+        }
         return "a number in \(openBelow ? "(" : "[")\(Self.plain(range.lowerBound)), \(Self.plain(range.upperBound))]"
       case .integer(let range): return "an integer \(Self.describe(range))"
       case .integers(let range): return "integers \(Self.describe(range)), comma-separated"
@@ -105,7 +109,10 @@ public struct ParameterSpec: Sendable {
   public let isOptional: Bool
   public let help: String
 
-  public init(_ name: String, _ scope: Scope, _ kind: Kind, default defaultValue: ParameterValue?, optional: Bool = false, help: String) {
+  public init(
+    _ name: String, _ scope: Scope, _ kind: Kind, default defaultValue: ParameterValue?, optional: Bool = false,
+    help: String
+  ) {
     self.name = name
     self.scope = scope
     self.kind = kind
@@ -118,8 +125,13 @@ public struct ParameterSpec: Sendable {
   /// Zero or more (with `openBelow`: more than zero).
   public static let nonNegative = 0...Double.greatestFiniteMagnitude
 
-  public static func number(_ name: String, _ scope: Scope, in range: ClosedRange<Double> = anyNumber, openBelow: Bool = false, default value: Double?, optional: Bool = false, help: String) -> ParameterSpec {
-    ParameterSpec(name, scope, .number(range: range, openBelow: openBelow), default: value.map(ParameterValue.number), optional: optional, help: help)
+  public static func number(
+    _ name: String, _ scope: Scope, in range: ClosedRange<Double> = anyNumber, openBelow: Bool = false,
+    default value: Double?, optional: Bool = false, help: String
+  ) -> ParameterSpec {
+    ParameterSpec(
+      name, scope, .number(range: range, openBelow: openBelow), default: value.map(ParameterValue.number),
+      optional: optional, help: help)
   }
 
   public static func flag(_ name: String, default value: Bool, help: String) -> ParameterSpec {
@@ -130,12 +142,20 @@ public struct ParameterSpec: Sendable {
     ParameterSpec(name, .global, .choice(options), default: .text(value), help: help)
   }
 
-  public static func integer(_ name: String, in range: ClosedRange<Int> = 1...Int.max, default value: Int?, optional: Bool = false, help: String) -> ParameterSpec {
-    ParameterSpec(name, .global, .integer(range: range), default: value.map { .number(Double($0)) }, optional: optional, help: help)
+  public static func integer(
+    _ name: String, in range: ClosedRange<Int> = 1...Int.max, default value: Int?, optional: Bool = false, help: String
+  ) -> ParameterSpec {
+    ParameterSpec(
+      name, .global, .integer(range: range), default: value.map { .number(Double($0)) }, optional: optional, help: help)
   }
 
-  public static func integers(_ name: String, in range: ClosedRange<Int> = 0...Int.max, default value: [Int]? = nil, optional: Bool = false, help: String) -> ParameterSpec {
-    ParameterSpec(name, .global, .integers(range: range), default: value.map { .gradient($0.map(Double.init)) }, optional: optional, help: help)
+  public static func integers(
+    _ name: String, in range: ClosedRange<Int> = 0...Int.max, default value: [Int]? = nil, optional: Bool = false,
+    help: String
+  ) -> ParameterSpec {
+    ParameterSpec(
+      name, .global, .integers(range: range), default: value.map { .gradient($0.map(Double.init)) }, optional: optional,
+      help: help)
   }
 
   public static func text(_ name: String, default value: String? = nil, help: String) -> ParameterSpec {
@@ -188,13 +208,17 @@ public struct ResolvedParameters: Sendable {
 
   /// A global number (the resolver guarantees presence and kind for declared parameters).
   public func number(_ name: String) -> Double {
-    guard case .number(let x)? = global[name] else { preconditionFailure("parameter '\(name)' is not a resolved number") }
+    guard case .number(let x)? = global[name] else {
+      preconditionFailure("parameter '\(name)' is not a resolved number")
+    }
     return x
   }
 
   /// A per-model number.
   public func number(_ name: String, model: Int) -> Double {
-    guard case .number(let x)? = models[model][name] else { preconditionFailure("parameter '\(name)' of model \(model) is not a resolved number") }
+    guard case .number(let x)? = models[model][name] else {
+      preconditionFailure("parameter '\(name)' of model \(model) is not a resolved number")
+    }
     return x
   }
 
@@ -223,7 +247,8 @@ public struct LayerPositions: Sendable {
 
   public static func layerIndex(_ name: String) -> Int? {
     let parts = name.split(separator: ".")
-    for (i, part) in parts.enumerated() where i + 1 < parts.count && ["layers", "layer", "h", "blocks", "block"].contains(part) {
+    for (i, part) in parts.enumerated()
+    where i + 1 < parts.count && ["layers", "layer", "h", "blocks", "block"].contains(part) {
       if let n = Int(parts[i + 1]) { return n }
     }
     return nil
@@ -246,7 +271,10 @@ public struct ParameterResolver: Sendable {
 
   /// `global` holds global parameters and also per-model ones meant for every model (as mergekit
   /// allows); `models[i]` overrides for model i.
-  public init(method: String, specs: [ParameterSpec], global: [String: ParameterValue], models: [[String: ParameterValue]], positions: LayerPositions) throws {
+  public init(
+    method: String, specs: [ParameterSpec], global: [String: ParameterValue], models: [[String: ParameterValue]],
+    positions: LayerPositions
+  ) throws {
     self.method = method
     self.specs = specs
     self.global = global
@@ -261,7 +289,8 @@ public struct ParameterResolver: Sendable {
         throw MergeError.unknownParameter(method: method, name: "\(name) (model \(i + 1))", known: specs.map(\.name))
       }
       for name in values.keys where specs.first(where: { $0.name == name })?.scope == .global {
-        throw MergeError.invalidParameter(method: method, name: name, tensor: nil, reason: "is a global parameter; give it once, not per model")
+        throw MergeError.invalidParameter(
+          method: method, name: name, tensor: nil, reason: "is a global parameter; give it once, not per model")
       }
     }
   }
@@ -275,21 +304,31 @@ public struct ParameterResolver: Sendable {
       var checked: [(label: String, value: ParameterValue)] = []
       if let value = global[spec.name] { checked.append((spec.name, value)) }
       if spec.scope == .perModel {
-        for (i, values) in models.enumerated() { if let value = values[spec.name] { checked.append(("\(spec.name) (model \(i + 1))", value)) } }
+        for (i, values) in models.enumerated() {
+          if let value = values[spec.name] { checked.append(("\(spec.name) (model \(i + 1))", value)) }
+        }
       }
       for (label, value) in checked { try Self.check(value, spec: spec, label: label, method: method) }
       guard spec.defaultValue == nil, !spec.isOptional, global[spec.name] == nil else { continue }
-      if spec.scope == .global || models.isEmpty { throw MergeError.missingParameter(method: method, name: spec.name, help: spec.help) }
+      if spec.scope == .global || models.isEmpty {
+        throw MergeError.missingParameter(method: method, name: spec.name, help: spec.help)
+      }
       let lacking = models.indices.filter { models[$0][spec.name] == nil }
-      if lacking.count == models.count { throw MergeError.missingParameter(method: method, name: spec.name, help: spec.help) }
-      if let first = lacking.first { throw MergeError.missingParameter(method: method, name: "\(spec.name) (model \(first + 1))", help: spec.help) }
+      if lacking.count == models.count {
+        throw MergeError.missingParameter(method: method, name: spec.name, help: spec.help)
+      }
+      if let first = lacking.first {
+        throw MergeError.missingParameter(method: method, name: "\(spec.name) (model \(first + 1))", help: spec.help)
+      }
     }
   }
 
   private static func check(_ value: ParameterValue, spec: ParameterSpec, label: String, method: String) throws {
     switch value {
     case .gradient(let points):
-      guard !points.isEmpty else { throw MergeError.invalidParameter(method: method, name: label, tensor: nil, reason: "is an empty list") }
+      guard !points.isEmpty else {
+        throw MergeError.invalidParameter(method: method, name: label, tensor: nil, reason: "is an empty list")
+      }
       for x in points { try check(.number(x), spec: spec, label: label, method: method) }
     case .filtered(let entries):
       for entry in entries { try check(entry.value, spec: spec, label: label, method: method) }
@@ -319,26 +358,37 @@ public struct ParameterResolver: Sendable {
       switch spec.scope {
       case .global:
         if spec.isOptional, global[spec.name] == nil { continue }
-        result.global[spec.name] = try value(spec, given: global[spec.name], model: nil, tensor: name, position: position, label: spec.name)
+        result.global[spec.name] = try value(
+          spec, given: global[spec.name], model: nil, tensor: name, position: position, label: spec.name)
       case .perModel:
         for i in models.indices {
           result.models[i][spec.name] = try value(
-            spec, given: models[i][spec.name] ?? global[spec.name], model: i, tensor: name, position: position, label: "\(spec.name) (model \(i + 1))")
+            spec, given: models[i][spec.name] ?? global[spec.name], model: i, tensor: name, position: position,
+            label: "\(spec.name) (model \(i + 1))")
         }
       }
     }
     return result
   }
 
-  private func value(_ spec: ParameterSpec, given: ParameterValue?, model: Int?, tensor: String?, position: Double, label: String) throws -> ResolvedValue {
-    func fail(_ reason: String) -> MergeError { .invalidParameter(method: method, name: label, tensor: tensor, reason: reason) }
-    guard let given = try Self.select(given, tensor: tensor ?? "", position: position) ?? Self.select(spec.defaultValue, tensor: tensor ?? "", position: position) else {
+  private func value(
+    _ spec: ParameterSpec, given: ParameterValue?, model: Int?, tensor: String?, position: Double, label: String
+  ) throws -> ResolvedValue {
+    func fail(_ reason: String) -> MergeError {
+      .invalidParameter(method: method, name: label, tensor: tensor, reason: reason)
+    }
+    guard
+      let given = try Self.select(given, tensor: tensor ?? "", position: position)
+        ?? Self.select(spec.defaultValue, tensor: tensor ?? "", position: position)
+    else {
       throw MergeError.missingParameter(method: method, name: label, help: spec.help)
     }
     switch (spec.kind, given) {
     case (.number(let range, let openBelow), .number(let x)):
       guard x.isFinite else { throw fail("\(x) is not a finite number") }
-      guard range.contains(x), !(openBelow && x == range.lowerBound) else { throw fail("\(x.formatted()) is not \(spec.kind.summary)") }
+      guard range.contains(x), !(openBelow && x == range.lowerBound) else {
+        throw fail("\(x.formatted()) is not \(spec.kind.summary)")
+      }
       return .number(x)
     case (.flag, .flag(let b)): return .flag(b)
     case (.flag, .number(let x)) where x == 0 || x == 1: return .flag(x == 1)

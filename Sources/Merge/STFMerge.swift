@@ -20,16 +20,26 @@ public struct STFMerge: MergeMethod {
   public init() {}
   public var name: String { "stf" }
   public var summary: String { "superpose the task-specific features of each weight matrix by solving a linear system" }
-  public var reference: String { "Qiu et al., Superpose Task-specific Features for Model Merging, EMNLP 2025 (arXiv:2502.10698)" }
+  public var reference: String {
+    "Qiu et al., Superpose Task-specific Features for Model Merging, EMNLP 2025 (arXiv:2502.10698)"
+  }
   public var base: BaseRequirement { .required }
   public var modelCount: ClosedRange<Int> { 1...Int.max }
   public var parameters: [ParameterSpec] {
     [
-      .choice("mode", ["projection", "outputs"], default: "projection", help: "which property of each feature the merged map preserves"),
-      .number("rank", .global, in: 0...Double(Int32.max), default: 0, help: "features kept per task and matrix; 0: max(1, min(m, n) / T)"),
+      .choice(
+        "mode", ["projection", "outputs"], default: "projection",
+        help: "which property of each feature the merged map preserves"),
+      .number(
+        "rank", .global, in: 0...Double(Int32.max), default: 0,
+        help: "features kept per task and matrix; 0: max(1, min(m, n) / T)"),
       .number("lambda", .global, default: 1, help: "scale of the merged task matrix"),
-      .number("fallback_lambda", .global, default: nil, optional: true, help: "task-arithmetic scale for tensors that are not linear maps (default 1/T: the mean of the models)"),
-      .number("rcond", .global, in: 0...1, default: 1e-6, help: "relative cut-off below which the linear system's directions are dropped"),
+      .number(
+        "fallback_lambda", .global, default: nil, optional: true,
+        help: "task-arithmetic scale for tensors that are not linear maps (default 1/T: the mean of the models)"),
+      .number(
+        "rcond", .global, in: 0...1, default: 1e-6,
+        help: "relative cut-off below which the linear system's directions are dropped"),
     ]
   }
 
@@ -37,7 +47,9 @@ public struct STFMerge: MergeMethod {
   public static func isLinearMap(_ name: String, shape: [Int]) -> Bool {
     guard shape.count == 2, shape[0] > 1, shape[1] > 1 else { return false }
     let lower = name.lowercased()
-    return !["embed", "lm_head", "wte", "wpe", "shared.weight", "word_embeddings", "position_embeddings"].contains { lower.contains($0) }
+    return !["embed", "lm_head", "wte", "wpe", "shared.weight", "word_embeddings", "position_embeddings"].contains {
+      lower.contains($0)
+    }
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
@@ -70,7 +82,9 @@ public struct STFMerge: MergeMethod {
   }
 
   static func difference(_ model: Tensor, _ base: Tensor) -> DoubleMatrix {
-    DoubleMatrix(rows: base.shape[0], columns: base.shape[1], values: Elementwise.map(base.count) { Double(model.scalars[$0]) - Double(base.scalars[$0]) })
+    DoubleMatrix(
+      rows: base.shape[0], columns: base.shape[1],
+      values: Elementwise.map(base.count) { Double(model.scalars[$0]) - Double(base.scalars[$0]) })
   }
 
   /// Matrices whose smaller side reaches this many get their singular triplets from the Gram
@@ -86,7 +100,9 @@ public struct STFMerge: MergeMethod {
     var columnsV: [[Double]] = []
     var s: [Double] = []
     for task in tasks {
-      let triplets = min(task.rows, task.columns) >= gramSide ? try topTriplets(task, rank: rank) : try exactTriplets(task, rank: rank)
+      let triplets =
+        min(task.rows, task.columns) >= gramSide
+        ? try topTriplets(task, rank: rank) : try exactTriplets(task, rank: rank)
       columnsU += triplets.u
       columnsV += triplets.v
       s += triplets.s
@@ -134,7 +150,8 @@ public struct STFMerge: MergeMethod {
   }
 
   /// Solves STF's linear system and returns `dW*` (m x n).
-  static func superpose(_ f: Features, mode: String, rcond: Double, rows m: Int, columns n: Int) throws -> DoubleMatrix {
+  static func superpose(_ f: Features, mode: String, rcond: Double, rows m: Int, columns n: Int) throws -> DoubleMatrix
+  {
     let k = f.s.count
     guard k > 0 else { return DoubleMatrix(zeros: m, n) }
     let gramV = BLAS.gram(f.v)  // K x K

@@ -9,7 +9,9 @@ public struct SlerpMerge: StreamingMerge {
   public init() {}
   public var name: String { "slerp" }
   public var summary: String { "spherical interpolation between the base (t=0) and one model (t=1)" }
-  public var reference: String { "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp" }
+  public var reference: String {
+    "Shoemake, Animating Rotation with Quaternion Curves, SIGGRAPH 1985; mergekit's slerp"
+  }
   public var base: BaseRequirement { .required }
   public var modelCount: ClosedRange<Int> { 1...1 }
   public var parameters: [ParameterSpec] {
@@ -26,7 +28,8 @@ public struct SlerpMerge: StreamingMerge {
 
   /// One pass for the two norms and the dot product (in Double), then every range is
   /// `s0 v0 + s1 v1` with the tensor's coefficients.
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  {
     let t = p.number("t")
     var (norm0, norm1, dot) = (0.0, 0.0, 0.0)
     try scan.pass { range in

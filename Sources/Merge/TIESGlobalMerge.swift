@@ -25,13 +25,19 @@ public struct TIESGlobalMerge: StreamingMerge, ModelWideMerge {
   public init() {}
 
   public var name: String { "ties-global" }
-  public var summary: String { "TIES as the official code: trim each task vector over the whole model, elect signs, disjoint mean" }
-  public var reference: String { "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708), official implementation" }
+  public var summary: String {
+    "TIES as the official code: trim each task vector over the whole model, elect signs, disjoint mean"
+  }
+  public var reference: String {
+    "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv:2306.01708), official implementation"
+  }
   public var base: BaseRequirement { .required }
   public var modelCount: ClosedRange<Int> { 1...Int.max }
   public var parameters: [ParameterSpec] {
     [
-      .number("density", .global, in: 0...1, default: 0.2, help: "fraction of each task vector kept, over the whole model (the paper's K)"),
+      .number(
+        "density", .global, in: 0...1, default: 0.2,
+        help: "fraction of each task vector kept, over the whole model (the paper's K)"),
       .number("lambda", .global, default: 1, help: "scale of the merged task vector"),
     ]
   }
@@ -49,21 +55,25 @@ public struct TIESGlobalMerge: StreamingMerge, ModelWideMerge {
     if !keepAll {
       let first = rankers
       for scan in tensors {
-        try scan.pass({ (r: RangeInputs) -> [[UInt32]] in (0..<models).map { first[$0].highCounts(deltas(r, $0)) } }) { counts in
+        try scan.pass({ (r: RangeInputs) -> [[UInt32]] in (0..<models).map { first[$0].highCounts(deltas(r, $0)) } }) {
+          counts in
           for m in 0..<models { rankers[m].addHigh(counts[m]) }
         }
       }
       for m in 0..<models { rankers[m].finishHigh() }
       let second = rankers
       for scan in tensors {
-        try scan.pass({ (r: RangeInputs) -> [[UInt32]] in (0..<models).map { second[$0].lowCounts(deltas(r, $0)) } }) { counts in
+        try scan.pass({ (r: RangeInputs) -> [[UInt32]] in (0..<models).map { second[$0].lowCounts(deltas(r, $0)) } }) {
+          counts in
           for m in 0..<models { rankers[m].addLow(counts[m]) }
         }
       }
       for m in 0..<models { rankers[m].finishLow() }
     }
     var out = self
-    out.thresholds = (0..<models).map { m in keepAll ? nil : (rankers[m].keep == 0 ? UInt32.max : rankers[m].threshold.key) }
+    out.thresholds = (0..<models).map { m in
+      keepAll ? nil : (rankers[m].keep == 0 ? UInt32.max : rankers[m].threshold.key)
+    }
     var elected = 0
     for scan in tensors {
       try scan.pass({ r -> Int in
@@ -104,9 +114,12 @@ public struct TIESGlobalMerge: StreamingMerge, ModelWideMerge {
     return out
   }
 
-  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
+  {
     guard thresholds != nil else {
-      throw MergeError.invalidParameter(method: self.name, name: "density", tensor: name, reason: "ties-global trims over the whole model; merge whole checkpoints with it")
+      throw MergeError.invalidParameter(
+        method: self.name, name: "density", tensor: name,
+        reason: "ties-global trims over the whole model; merge whole checkpoints with it")
     }
     let lambda = Float(p.number("lambda"))
     return RangeMerger { r in

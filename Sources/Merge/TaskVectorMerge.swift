@@ -34,16 +34,28 @@ public struct TaskVectorMerge: StreamingMerge {
     var specs: [ParameterSpec] = [
       .number("weight", .perModel, default: 1, help: "scale of each model's task vector"),
       .number("lambda", .global, default: 1, help: "scale of the merged task vector"),
-      .flag("normalize", default: defaultNormalize, help: "divide by the sum of the weights (of the agreeing models, with consensus)"),
+      .flag(
+        "normalize", default: defaultNormalize,
+        help: "divide by the sum of the weights (of the agreeing models, with consensus)"),
     ]
     if let sparsification {
-      specs.append(.number("density", .perModel, in: 0...1, openBelow: true, default: 1, help: "fraction of each task vector's entries to keep, in (0, 1]"))
-      specs.append(.flag("rescale", default: defaultRescale, help: "rescale each sparsified task vector to its original L1 norm"))
+      specs.append(
+        .number(
+          "density", .perModel, in: 0...1, openBelow: true, default: 1,
+          help: "fraction of each task vector's entries to keep, in (0, 1]"))
+      specs.append(
+        .flag("rescale", default: defaultRescale, help: "rescale each sparsified task vector to its original L1 norm"))
       if sparsification == .magnitudeOutliers {
-        specs.append(.number("gamma", .perModel, in: 0...1, default: 0.01, help: "fraction of the largest-magnitude entries removed as outliers"))
+        specs.append(
+          .number(
+            "gamma", .perModel, in: 0...1, default: 0.01,
+            help: "fraction of the largest-magnitude entries removed as outliers"))
       }
       if sparsification == .random {
-        specs.append(.number("seed", .global, in: 0...9.007_199_254_740_992e15, default: 0, help: "random seed; the same seed gives the same output on any machine"))
+        specs.append(
+          .number(
+            "seed", .global, in: 0...9.007_199_254_740_992e15, default: 0,
+            help: "random seed; the same seed gives the same output on any machine"))
       }
     }
     return specs
@@ -66,7 +78,8 @@ public struct TaskVectorMerge: StreamingMerge {
     reference: "Yu et al., Language Models are Super Mario (DARE), ICML 2024 (arXiv:2311.03099)",
     sparsification: .random, consensus: true, defaultNormalize: false, defaultRescale: true)
   public static let breadcrumbs = TaskVectorMerge(
-    name: "breadcrumbs", summary: "drop the largest outliers and the smallest entries of each task vector, then task arithmetic",
+    name: "breadcrumbs",
+    summary: "drop the largest outliers and the smallest entries of each task vector, then task arithmetic",
     reference: "Davari and Belilovsky, Model Breadcrumbs, ECCV 2024 (arXiv:2312.06795)",
     sparsification: .magnitudeOutliers, consensus: false, defaultNormalize: false, defaultRescale: false)
   public static let breadcrumbsTies = TaskVectorMerge(
@@ -96,7 +109,9 @@ public struct TaskVectorMerge: StreamingMerge {
 
     /// The kept entries of one range.
     func keep(_ delta: [Float], offset: Int) -> [Bool]? {
-      if let (density, rng) = random { return Kernels.randomKeep(delta.count, offset: offset, rng: rng, density: density) }
+      if let (density, rng) = random {
+        return Kernels.randomKeep(delta.count, offset: offset, rng: rng, density: density)
+      }
       guard !rankers.isEmpty else { return nil }
       let upper = rankers[0].mask(delta, equalBefore: equalBefore[0][offset] ?? 0)
       guard rankers.count > 1 else { return upper }
@@ -109,7 +124,9 @@ public struct TaskVectorMerge: StreamingMerge {
   /// magnitude thresholds take two histogram passes, and a pass counting ties in index order
   /// when some elements equal to a threshold are dropped;
   /// L1 rescaling sums |delta| before and after the drop. Then every range merges alone.
-  public func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+  public func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
     let models = p.models.count
     var plans = [Sparsity](repeating: Sparsity(), count: models)
     if let sparsification {
@@ -134,7 +151,9 @@ public struct TaskVectorMerge: StreamingMerge {
     @Sendable func deltas(_ range: RangeInputs) throws -> [[Float]] { try range.modelsMinusBase(method: self.name) }
     // The rankers that need passes, as (model, ranker) pairs; each pass summarises every range
     // for all of them at once.
-    let ranked = plans.indices.flatMap { m in plans[m].rankers.indices.filter { plans[m].rankers[$0].needsPasses }.map { (m, $0) } }
+    let ranked = plans.indices.flatMap { m in
+      plans[m].rankers.indices.filter { plans[m].rankers[$0].needsPasses }.map { (m, $0) }
+    }
     if !ranked.isEmpty {
       var rankers = plans
       try scan.pass { range in
@@ -189,7 +208,10 @@ public struct TaskVectorMerge: StreamingMerge {
     if !consensus && plans.allSatisfy(\.isIdentity) {
       // Task arithmetic: base + scale * sum_t w_t (model_t - base), the sum `combine` computes.
       let (weights, scale) = linearWeights(p)
-      return RangeMerger(WeightedSumForm(method: name, terms: WeightedSumForm.models(models), weights: weights, scale: scale, addsBase: true, subtractsBase: true))
+      return RangeMerger(
+        WeightedSumForm(
+          method: name, terms: WeightedSumForm.models(models), weights: weights, scale: scale, addsBase: true,
+          subtractsBase: true))
     }
     return RangeMerger { range in
       let sparse: [[Float]] = try deltas(range).enumerated().map { m, delta in
@@ -206,7 +228,8 @@ public struct TaskVectorMerge: StreamingMerge {
   func combine(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
     if consensus {
       let weights = deltas.indices.map { p.number("weight", model: $0) }
-      return Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: p.number("lambda"), normalize: p.flag("normalize"))
+      return Kernels.consensusMerge(
+        base: base, deltas: deltas, weights: weights, lambda: p.number("lambda"), normalize: p.flag("normalize"))
     }
     let (weights, scale) = linearWeights(p)
     return Kernels.weightedSum(deltas, weights: weights, scale: scale, base: base)
@@ -232,7 +255,9 @@ public struct TaskVectorMerge: StreamingMerge {
     single.global["lambda"] = .number(1)
     single.global["normalize"] = .flag(false)
     for m in single.models.indices { single.models[m]["weight"] = .number(m == model ? 1 : 0) }
-    let inputs = MergeInputs(name: tensor, base: Tensor(shape: [delta.count], scalars: zero), models: models.map { Tensor(shape: [delta.count], scalars: $0) })
+    let inputs = MergeInputs(
+      name: tensor, base: Tensor(shape: [delta.count], scalars: zero),
+      models: models.map { Tensor(shape: [delta.count], scalars: $0) })
     return try merge(inputs, single).scalars
   }
 }

@@ -15,9 +15,13 @@ public enum TaskVectors {
     public var modelCount: ClosedRange<Int> { 1...1 }
     public var parameters: [ParameterSpec] { [] }
 
-    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeThroughRanges(inputs, p) }
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+      try mergeThroughRanges(inputs, p)
+    }
 
-    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+      -> RangeMerger?
+    {
       RangeMerger { range in
         guard let base = range.base else { throw MergeError.baseRequired(method: "task-vector") }
         return Kernels.difference(range.models[0], base)
@@ -37,11 +41,16 @@ public enum TaskVectors {
       [.number("scale", .perModel, default: 1, help: "each task vector's scale (lambda); negative forgets")]
     }
 
-    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor { try mergeThroughRanges(inputs, p) }
+    public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+      try mergeThroughRanges(inputs, p)
+    }
 
-    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger? {
+    public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+      -> RangeMerger?
+    {
       let scales = p.models.indices.map { p.number("scale", model: $0) }
-      return RangeMerger(WeightedSumForm(method: name, terms: WeightedSumForm.models(scales.count), weights: scales, addsBase: true))
+      return RangeMerger(
+        WeightedSumForm(method: name, terms: WeightedSumForm.models(scales.count), weights: scales, addsBase: true))
     }
   }
 }

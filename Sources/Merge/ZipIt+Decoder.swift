@@ -19,8 +19,13 @@ extension ZipIt {
     guard models.count >= 2 else { throw MergeError.tooFewModels }
     var first: DecoderConfig?
     for (m, model) in models.enumerated() {
-      guard case .decoder(let c) = model.config else { throw MergeError.notZippable(model: m, reason: "it is not a decoder like the first") }
-      guard model.lowRank.isEmpty, model.kvProjection == nil else { throw MergeError.notZippable(model: m, reason: "it has factored layers or K/V projections; zip the dense models") }
+      guard case .decoder(let c) = model.config else {
+        throw MergeError.notZippable(model: m, reason: "it is not a decoder like the first")
+      }
+      guard model.lowRank.isEmpty, model.kvProjection == nil else {
+        throw MergeError.notZippable(
+          model: m, reason: "it has factored layers or K/V projections; zip the dense models")
+      }
       if let first, first != c { throw MergeError.differentArchitectures(model: m) }
       first = first ?? c
     }
@@ -31,11 +36,15 @@ extension ZipIt {
   /// Merge point indices of a decoder's statistics and matchings: the residual stream, then
   /// every layer's MLP hidden features, then every layer's value features per KV head.
   static func decoderPoint(mlp layer: Int) -> Int { 1 + layer }
-  static func decoderPoint(values layer: Int, head: Int, _ c: DecoderConfig) -> Int { 1 + c.layerCount + layer * c.keyValueHeadCount + head }
+  static func decoderPoint(values layer: Int, head: Int, _ c: DecoderConfig) -> Int {
+    1 + c.layerCount + layer * c.keyValueHeadCount + head
+  }
 
   /// Joint statistics of the models' features at every merge point over the non-padding tokens
   /// of `sequences`.
-  public static func decoderStatistics(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws -> [FeatureStatistics] {
+  public static func decoderStatistics(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws
+    -> [FeatureStatistics]
+  {
     let c = try commonDecoderConfig(models)
     let n = models.count
     let d = c.headDimension
@@ -47,21 +56,27 @@ extension ZipIt {
       let rows = batch.mask.indices.filter { batch.mask[$0] }
       let outputs = try models.map { model -> [String: Matrix<Float>] in
         let tape = Tape<Float>()
-        return Dictionary(try model.forward(tape, .tokens(batch)).points.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
+        return Dictionary(try model.forward(tape, .tokens(batch)).points.map { ($0.name, tape.value($0.value)) }) {
+          a, _ in a
+        }
       }
       func joint(_ point: String, columns: Range<Int>? = nil) throws -> Matrix<Float> {
         let parts = try outputs.map { out -> Matrix<Float> in
           let m = try out.required(point).rows(rows)
           guard let columns else { return m }
-          return Matrix(rows: m.rows, columns: columns.count, values: (0..<m.rows).flatMap { r in columns.map { m[r, $0] } })
+          return Matrix(
+            rows: m.rows, columns: columns.count, values: (0..<m.rows).flatMap { r in columns.map { m[r, $0] } })
         }
         return parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) }
       }
-      for point in ["model.embed_tokens.output"] + (0..<c.layerCount).map({ "model.layers.\($0).output" }) { stats[0].add(try joint(point)) }
+      for point in ["model.embed_tokens.output"] + (0..<c.layerCount).map({ "model.layers.\($0).output" }) {
+        stats[0].add(try joint(point))
+      }
       for layer in 0..<c.layerCount {
         stats[decoderPoint(mlp: layer)].add(try joint("model.layers.\(layer).mlp.hidden"))
         for head in 0..<c.keyValueHeadCount {
-          stats[decoderPoint(values: layer, head: head, c)].add(try joint("model.layers.\(layer).self_attn.values", columns: (head * d)..<((head + 1) * d)))
+          stats[decoderPoint(values: layer, head: head, c)].add(
+            try joint("model.layers.\(layer).self_attn.values", columns: (head * d)..<((head + 1) * d)))
         }
       }
     }
@@ -73,10 +88,16 @@ extension ZipIt {
     let c = try commonDecoderConfig(models)
     let count = models.count
     let (kv, heads) = (c.keyValueHeadCount, c.headCount)
-    guard matchings.count == 1 + c.layerCount * (1 + kv) else { throw MergeError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv)) }
+    guard matchings.count == 1 + c.layerCount * (1 + kv) else {
+      throw MergeError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv))
+    }
     func square(_ values: [Double], _ n: Int) -> Matrix<Double> { Matrix(rows: n, columns: n, values: values) }
-    func merge(_ point: Int, _ m: Int) -> Matrix<Double> { square(matchings[point].merge(model: m), matchings[point].features) }
-    func unmerge(_ point: Int, _ m: Int) -> Matrix<Double> { square(matchings[point].unmerge(model: m), matchings[point].features) }
+    func merge(_ point: Int, _ m: Int) -> Matrix<Double> {
+      square(matchings[point].merge(model: m), matchings[point].features)
+    }
+    func unmerge(_ point: Int, _ m: Int) -> Matrix<Double> {
+      square(matchings[point].unmerge(model: m), matchings[point].features)
+    }
     func blocks(_ parts: [Matrix<Double>]) -> Matrix<Double> {
       let size = parts.reduce(0) { $0 + $1.rows }
       var out = Matrix<Double>(zeros: size, size)
@@ -94,7 +115,9 @@ extension ZipIt {
     }
     /// `sum_i L_i W_i R_i`; a nil right side is the identity, a nil left side averages the
     /// output rows over the models (`1/N`) unless `sumRows`.
-    func zipped(_ name: String, left: ((Int) -> Matrix<Double>)?, right: ((Int) -> Matrix<Double>)?, sumRows: Bool = false) -> Matrix<Float> {
+    func zipped(
+      _ name: String, left: ((Int) -> Matrix<Double>)?, right: ((Int) -> Matrix<Double>)?, sumRows: Bool = false
+    ) -> Matrix<Float> {
       func term(_ m: Int) -> Matrix<Double> {
         var w = weight(m, name)
         if let right { w = w.matmul(right(m)) }
@@ -118,16 +141,21 @@ extension ZipIt {
     var out: [String: Matrix<Float>] = [:]
     // The embedding table maps tokens to residual features: its rows are tokens, so it is
     // merged on the right with M^T (`E* = sum E_i M_i^T`).
-    out["model.embed_tokens.weight"] = zipped("model.embed_tokens.weight", left: nil, right: { residualMerge($0).transposed }, sumRows: true)
+    out["model.embed_tokens.weight"] = zipped(
+      "model.embed_tokens.weight", left: nil, right: { residualMerge($0).transposed }, sumRows: true)
     for layer in 0..<c.layerCount {
       let p = "model.layers.\(layer)."
       let valueMerge = { (m: Int) in blocks((0..<kv).map { merge(decoderPoint(values: layer, head: $0, c), m) }) }
-      let valueUnmerge = { (m: Int) in blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), c), m) }) }
+      let valueUnmerge = { (m: Int) in
+        blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), c), m) })
+      }
       out[p + "input_layernorm.weight"] = zippedVector(p + "input_layernorm.weight", left: residualMerge)
-      out[p + "post_attention_layernorm.weight"] = zippedVector(p + "post_attention_layernorm.weight", left: residualMerge)
+      out[p + "post_attention_layernorm.weight"] = zippedVector(
+        p + "post_attention_layernorm.weight", left: residualMerge)
       out[p + "self_attn.q_proj.weight"] = zipped(p + "self_attn.q_proj.weight", left: nil, right: residualUnmerge)
       out[p + "self_attn.k_proj.weight"] = zipped(p + "self_attn.k_proj.weight", left: nil, right: residualUnmerge)
-      out[p + "self_attn.v_proj.weight"] = zipped(p + "self_attn.v_proj.weight", left: valueMerge, right: residualUnmerge)
+      out[p + "self_attn.v_proj.weight"] = zipped(
+        p + "self_attn.v_proj.weight", left: valueMerge, right: residualUnmerge)
       if c.attentionBias {
         for name in ["q_proj", "k_proj"] {
           let b = zipped(p + "self_attn.\(name).bias", left: nil, right: nil)
@@ -135,17 +163,21 @@ extension ZipIt {
         }
         out[p + "self_attn.v_proj.bias"] = zippedVector(p + "self_attn.v_proj.bias", left: valueMerge)
       }
-      out[p + "self_attn.o_proj.weight"] = zipped(p + "self_attn.o_proj.weight", left: residualMerge, right: valueUnmerge)
+      out[p + "self_attn.o_proj.weight"] = zipped(
+        p + "self_attn.o_proj.weight", left: residualMerge, right: valueUnmerge)
       let mlpMerge = { (m: Int) in merge(decoderPoint(mlp: layer), m) }
       out[p + "mlp.gate_proj.weight"] = zipped(p + "mlp.gate_proj.weight", left: mlpMerge, right: residualUnmerge)
       out[p + "mlp.up_proj.weight"] = zipped(p + "mlp.up_proj.weight", left: mlpMerge, right: residualUnmerge)
-      out[p + "mlp.down_proj.weight"] = zipped(p + "mlp.down_proj.weight", left: residualMerge, right: { unmerge(decoderPoint(mlp: layer), $0) })
+      out[p + "mlp.down_proj.weight"] = zipped(
+        p + "mlp.down_proj.weight", left: residualMerge, right: { unmerge(decoderPoint(mlp: layer), $0) })
     }
     out["model.norm.weight"] = zippedVector("model.norm.weight", left: residualMerge)
     if !c.tiedEmbeddings { out["lm_head.weight"] = zipped("lm_head.weight", left: nil, right: residualUnmerge) }
-    return try Network(config: .decoder(c), tensors: Network<Float>.expectedShapes(.decoder(c)).reduce(into: [:]) { tensors, entry in
-      tensors[entry.name] = out[entry.name]?.tensor(shape: entry.shape)
-    })
+    return try Network(
+      config: .decoder(c),
+      tensors: Network<Float>.expectedShapes(.decoder(c)).reduce(into: [:]) { tensors, entry in
+        tensors[entry.name] = out[entry.name]?.tensor(shape: entry.shape)
+      })
   }
 
   /// Aligns every model's attention heads with the first model's, layer by layer: rotary fixes
@@ -154,7 +186,9 @@ extension ZipIt {
   /// on `sum_i corr(k_{0,a,i}, k_{m,b,i})` (same-index key features, after rotary, over the
   /// tokens); its query heads follow it. Returns the models with their heads reordered (each
   /// computes what it computed before).
-  public static func alignHeads(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws -> [Network<Float>] {
+  public static func alignHeads(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws -> [Network<
+    Float
+  >] {
     let c = try commonDecoderConfig(models)
     let (kv, d, n) = (c.keyValueHeadCount, c.headDimension, models.count)
     guard kv > 1 else { return models }
@@ -164,7 +198,11 @@ extension ZipIt {
       let rows = batch.mask.indices.filter { batch.mask[$0] }
       let keys = try models.map { model -> [String: Matrix<Float>] in
         let tape = Tape<Float>()
-        return Dictionary(try model.forward(tape, .tokens(batch)).points.filter { $0.name.hasSuffix("self_attn.keys") }.map { ($0.name, tape.value($0.value)) }) { a, _ in a }
+        return Dictionary(
+          try model.forward(tape, .tokens(batch)).points.filter { $0.name.hasSuffix("self_attn.keys") }.map {
+            ($0.name, tape.value($0.value))
+          }
+        ) { a, _ in a }
       }
       for layer in 0..<c.layerCount {
         let parts = try keys.map { try $0.required("model.layers.\(layer).self_attn.keys").rows(rows) }
@@ -216,12 +254,18 @@ extension ZipIt {
       for name in ["q_proj.weight", "q_proj.bias"] { rows(p + name, queryFeatures) }
       columns(p + "o_proj.weight", queryFeatures)
     }
-    return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]?.tensor(shape: entry.tensor.shape) })
+    return try Network(
+      config: network.config,
+      tensors: network.tensors.reduce(into: [:]) { out, entry in
+        out[entry.name] = w[entry.name]?.tensor(shape: entry.tensor.shape)
+      })
   }
 
   /// Statistics, matchings and the zipped decoder in one call (heads aligned first, except for
   /// `average`, which keeps every index as it is).
-  public static func zipDecoders(_ models: [Network<Float>], sequences: [[Int]], options: Options = Options()) throws -> Network<Float> {
+  public static func zipDecoders(_ models: [Network<Float>], sequences: [[Int]], options: Options = Options()) throws
+    -> Network<Float>
+  {
     let models = options.method == .average ? models : try alignHeads(models, sequences: sequences)
     let stats = try decoderStatistics(models, sequences: sequences)
     var all = options

@@ -38,7 +38,9 @@ public enum ZipIt {
     guard models.count >= 2 else { throw MergeError.tooFewModels }
     var first: MLPConfig?
     for (m, model) in models.enumerated() {
-      guard case .mlp(let c) = model.config, c.heads == 1, model.lowRank.isEmpty else { throw MergeError.notAnMLP(model: m) }
+      guard case .mlp(let c) = model.config, c.heads == 1, model.lowRank.isEmpty else {
+        throw MergeError.notAnMLP(model: m)
+      }
       if let first, first != c { throw MergeError.differentArchitectures(model: m) }
       first = first ?? c
     }
@@ -47,7 +49,9 @@ public enum ZipIt {
   }
 
   /// Joint statistics of the models' features at every merge point over `inputs`, batch by batch.
-  public static func statistics(_ models: [Network<Float>], inputs: Matrix<Float>, batchSize: Int = 512) throws -> [FeatureStatistics] {
+  public static func statistics(_ models: [Network<Float>], inputs: Matrix<Float>, batchSize: Int = 512) throws
+    -> [FeatureStatistics]
+  {
     let c = try commonConfig(models)
     let points = c.layerCount - 1
     var stats = (0..<points).map { FeatureStatistics(width: c.layerSizes[$0 + 1] * models.count) }
@@ -59,20 +63,31 @@ public enum ZipIt {
         let out = try model.forward(tape, .features(batch))
         for p in 0..<points { features[p].append(tape.value(try out.point("layers.\(p).hidden"))) }
       }
-      for p in 0..<points { stats[p].add(features[p].dropFirst().reduce(features[p][0]) { Matrix.concatenated($0, $1) }) }
+      for p in 0..<points {
+        stats[p].add(features[p].dropFirst().reduce(features[p][0]) { Matrix.concatenated($0, $1) })
+      }
     }
     return stats
   }
 
   /// The matching at each of the first `stop` merge points.
-  public static func matchings(_ statistics: [FeatureStatistics], models: Int, options: Options) throws -> [FeatureMatching] {
+  public static func matchings(_ statistics: [FeatureStatistics], models: Int, options: Options) throws
+    -> [FeatureMatching]
+  {
     let stop = options.stop ?? statistics.count
-    guard (1...max(statistics.count, 1)).contains(stop), !statistics.isEmpty else { throw MergeError.stopLayerOutOfRange(stop: stop, points: statistics.count) }
+    guard (1...max(statistics.count, 1)).contains(stop), !statistics.isEmpty else {
+      throw MergeError.stopLayerOutOfRange(stop: stop, points: statistics.count)
+    }
     return statistics.prefix(stop).map { s in
       let n = s.width / models
       switch options.method {
-      case .zipit: return Matching.zip(correlation: zipCorrelation(covariance: s.covariance, width: s.width), features: n, models: models, alpha: options.alpha, beta: options.beta)
-      case .permute: return Matching.permute(correlation: zipCorrelation(covariance: s.covariance, width: s.width), features: n, models: models)
+      case .zipit:
+        return Matching.zip(
+          correlation: zipCorrelation(covariance: s.covariance, width: s.width), features: n, models: models,
+          alpha: options.alpha, beta: options.beta)
+      case .permute:
+        return Matching.permute(
+          correlation: zipCorrelation(covariance: s.covariance, width: s.width), features: n, models: models)
       case .average: return Matching.identity(features: n, models: models)
       }
     }
@@ -80,13 +95,19 @@ public enum ZipIt {
 
   /// The zipped model: shared layers up to the last matched point, then the averaged output
   /// layer or one head per model.
-  public static func apply(_ models: [Network<Float>], matchings: [FeatureMatching], keepHeads: Bool = false) throws -> Network<Float> {
+  public static func apply(_ models: [Network<Float>], matchings: [FeatureMatching], keepHeads: Bool = false) throws
+    -> Network<Float>
+  {
     let c = try commonConfig(models)
     let stop = matchings.count
-    guard (1...(c.layerCount - 1)).contains(stop) else { throw MergeError.stopLayerOutOfRange(stop: stop, points: c.layerCount - 1) }
+    guard (1...(c.layerCount - 1)).contains(stop) else {
+      throw MergeError.stopLayerOutOfRange(stop: stop, points: c.layerCount - 1)
+    }
     let count = models.count
     let full = stop == c.layerCount - 1 && !keepHeads
-    let merged = MLPConfig(layerSizes: c.layerSizes, activation: c.activation, layerNorm: c.layerNorm, heads: full ? 1 : count, sharedLayers: full ? c.layerCount : stop)
+    let merged = MLPConfig(
+      layerSizes: c.layerSizes, activation: c.activation, layerNorm: c.layerNorm, heads: full ? 1 : count,
+      sharedLayers: full ? c.layerCount : stop)
     var weights: [String: Matrix<Float>] = [:]
     for model in models { try model.checkWeights() }
     func weight(_ m: Int, _ name: String) -> Matrix<Double> {
@@ -107,7 +128,8 @@ public enum ZipIt {
     for i in 0..<stop {
       let p = "layers.\(i)"
       let mergers = (0..<count).map { square(matchings[i].merge(model: $0), matchings[i].features) }
-      weights[p + ".weight"] = sum((0..<count).map { mergers[$0].matmul(unmerged(weight($0, p + ".weight"), $0, layer: i)) })
+      weights[p + ".weight"] = sum(
+        (0..<count).map { mergers[$0].matmul(unmerged(weight($0, p + ".weight"), $0, layer: i)) })
       var rows = [".bias"]
       if c.layerNorm { rows += [".norm.weight", ".norm.bias"] }
       for suffix in rows {
@@ -121,24 +143,35 @@ public enum ZipIt {
         let names = [".weight", ".bias"] + (c.layerNorm && i < c.layerCount - 1 ? [".norm.weight", ".norm.bias"] : [])
         for suffix in names {
           if full {  // the output layer, averaged over the models' unmerged weights
-            let terms = (0..<count).map { k in suffix == ".weight" ? unmerged(weight(k, "layers.\(i)" + suffix), k, layer: i) : weight(k, "layers.\(i)" + suffix) }
+            let terms = (0..<count).map { k in
+              suffix == ".weight"
+                ? unmerged(weight(k, "layers.\(i)" + suffix), k, layer: i) : weight(k, "layers.\(i)" + suffix)
+            }
             let average = sum(terms)
-            weights[target + suffix] = Matrix(rows: average.rows, columns: average.columns, values: average.values.map { $0 / Float(count) })
+            weights[target + suffix] = Matrix(
+              rows: average.rows, columns: average.columns, values: average.values.map { $0 / Float(count) })
           } else {
-            let w = suffix == ".weight" ? unmerged(weight(m, "layers.\(i)" + suffix), m, layer: i) : weight(m, "layers.\(i)" + suffix)
+            let w =
+              suffix == ".weight"
+              ? unmerged(weight(m, "layers.\(i)" + suffix), m, layer: i) : weight(m, "layers.\(i)" + suffix)
             weights[target + suffix] = Matrix(rows: w.rows, columns: w.columns, values: w.values.map { Float($0) })
           }
         }
       }
     }
-    return try Network(config: .mlp(merged), tensors: Network<Float>.expectedShapes(.mlp(merged)).reduce(into: [:]) { out, entry in
-      out[entry.name] = weights[entry.name]?.tensor(shape: entry.shape)
-    })
+    return try Network(
+      config: .mlp(merged),
+      tensors: Network<Float>.expectedShapes(.mlp(merged)).reduce(into: [:]) { out, entry in
+        out[entry.name] = weights[entry.name]?.tensor(shape: entry.shape)
+      })
   }
 
   /// Statistics, matchings and the zipped model in one call.
-  public static func zip(_ models: [Network<Float>], inputs: Matrix<Float>, options: Options = Options()) throws -> Network<Float> {
+  public static func zip(_ models: [Network<Float>], inputs: Matrix<Float>, options: Options = Options()) throws
+    -> Network<Float>
+  {
     let stats = try statistics(models, inputs: inputs)
-    return try apply(models, matchings: try matchings(stats, models: models.count, options: options), keepHeads: options.keepHeads)
+    return try apply(
+      models, matchings: try matchings(stats, models: models.count, options: options), keepHeads: options.keepHeads)
   }
 }

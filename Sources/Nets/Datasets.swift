@@ -16,7 +16,9 @@ public struct LabeledFeatures: Sendable, Equatable {
     if let tasks, tasks.count != labels.count {
       throw NetsError.invalidData(file: source, reason: "\(labels.count) labels but \(tasks.count) task ids")
     }
-    if let bad = labels.first(where: { $0 < 0 }) { throw NetsError.invalidData(file: source, reason: "negative label \(bad)") }
+    if let bad = labels.first(where: { $0 < 0 }) {
+      throw NetsError.invalidData(file: source, reason: "negative label \(bad)")
+    }
     self.init(checked: features, labels, tasks)
   }
 
@@ -34,7 +36,8 @@ public struct LabeledFeatures: Sendable, Equatable {
 
   /// The rows at `indices`, in that order.
   public func rows(_ indices: [Int]) -> LabeledFeatures {
-    LabeledFeatures(checked: features.rows(indices), indices.map { labels[$0] }, tasks.map { t in indices.map { t[$0] } })
+    LabeledFeatures(
+      checked: features.rows(indices), indices.map { labels[$0] }, tasks.map { t in indices.map { t[$0] } })
   }
 
   /// The rows of the given tasks.
@@ -84,13 +87,19 @@ public enum SyntheticTasks {
   }
 
   public static func make(_ o: Options, split: String) throws -> LabeledFeatures {
-    guard o.tasks >= 1, o.classesPerTask >= 2, o.sharedClasses >= 0, o.sharedClasses < o.classesPerTask, o.features >= 2, o.samplesPerClass >= 1 else {
-      throw NetsError.invalidData(file: "synthetic", reason: "needs tasks >= 1, classes per task >= 2, 0 <= shared < classes per task, features >= 2, samples >= 1")
+    guard o.tasks >= 1, o.classesPerTask >= 2, o.sharedClasses >= 0, o.sharedClasses < o.classesPerTask,
+      o.features >= 2, o.samplesPerClass >= 1
+    else {
+      throw NetsError.invalidData(
+        file: "synthetic",
+        reason: "needs tasks >= 1, classes per task >= 2, 0 <= shared < classes per task, features >= 2, samples >= 1")
     }
     let stride = o.classesPerTask - o.sharedClasses
     let classCount = (o.tasks - 1) * stride + o.classesPerTask
     let centres = CounterRNG(seed: o.seed, stream: "synthetic-centres").normalTensor([classCount, o.features]).scalars
-    let mixing = CounterRNG(seed: o.seed, stream: "synthetic-map").normalTensor([o.features, o.features], scale: 1 / Float(o.features).squareRoot()).scalars
+    let mixing = CounterRNG(seed: o.seed, stream: "synthetic-map").normalTensor(
+      [o.features, o.features], scale: 1 / Float(o.features).squareRoot()
+    ).scalars
     let noise = CounterRNG(seed: o.seed, stream: "synthetic-noise-" + split)
     var values: [Float] = []
     var labels: [Int] = []
@@ -106,13 +115,18 @@ public enum SyntheticTasks {
             return centres[c * o.features + f] + Float(o.noise) * noise.normal(draw)
           }
           // x -> point + tanh(M point): a fixed smooth warp of the input space.
-          values += (0..<o.features).map { f in point[f] + Foundation.tanh((0..<o.features).reduce(Float(0)) { $0 + mixing[f * o.features + $1] * point[$1] } * 2) }
+          values += (0..<o.features).map { f in
+            point[f]
+              + Foundation.tanh((0..<o.features).reduce(Float(0)) { $0 + mixing[f * o.features + $1] * point[$1] } * 2)
+          }
           labels.append(c)
           tasks.append(t)
         }
       }
     }
-    return try LabeledFeatures(features: Matrix(rows: labels.count, columns: o.features, values: values), labels: labels, tasks: tasks, source: "synthetic")
+    return try LabeledFeatures(
+      features: Matrix(rows: labels.count, columns: o.features, values: values), labels: labels, tasks: tasks,
+      source: "synthetic")
   }
 }
 
@@ -132,7 +146,8 @@ public enum SyntheticTokens {
 
   public static func make(_ o: Options, split: String) throws -> [[Int]] {
     guard o.sequences >= 1, o.length >= 2, o.vocabulary >= 2, (0...1).contains(o.noise) else {
-      throw NetsError.invalidData(file: "synthetic", reason: "needs sequences >= 1, length >= 2, vocabulary >= 2 and noise in [0, 1]")
+      throw NetsError.invalidData(
+        file: "synthetic", reason: "needs sequences >= 1, length >= 2, vocabulary >= 2 and noise in [0, 1]")
     }
     let rng = CounterRNG(seed: o.seed, stream: "synthetic-tokens-" + split)
     let strides = max(1, min(7, o.vocabulary - 1))
@@ -141,7 +156,8 @@ public enum SyntheticTokens {
       let start = Int(rng.bits(base) % UInt64(o.vocabulary))
       let stride = 1 + Int(rng.bits(base + 1) % UInt64(strides))
       return (0..<o.length).map { i in
-        rng.uniform(base + 2 + UInt64(2 * i)) < Float(o.noise) ? Int(rng.bits(base + 3 + UInt64(2 * i)) % UInt64(o.vocabulary)) : (start + i * stride) % o.vocabulary
+        rng.uniform(base + 2 + UInt64(2 * i)) < Float(o.noise)
+          ? Int(rng.bits(base + 3 + UInt64(2 * i)) % UInt64(o.vocabulary)) : (start + i * stride) % o.vocabulary
       }
     }
   }

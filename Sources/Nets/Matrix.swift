@@ -8,28 +8,31 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   /// Elements in row-major order; `values.count == rows * columns`.
   public var values: [T]
 
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public init(rows: Int, columns: Int, values: [T]) {
-    precondition(rows >= 0 && columns >= 0 && values.count == rows * columns, "\(rows) x \(columns) matrix with \(values.count) values")
+    precondition(
+      rows >= 0 && columns >= 0 && values.count == rows * columns,
+      "\(rows) x \(columns) matrix with \(values.count) values")
     self.rows = rows
     self.columns = columns
     self.values = values
   }
 
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public init(zeros rows: Int, _ columns: Int) {
     self.init(rows: rows, columns: columns, values: [T](repeating: 0, count: rows * columns))
   }
 
   /// A tensor's values as a matrix: 2-D as is, 1-D as one row.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public init(_ tensor: Tensor) {
-    let (rows, columns) = tensor.shape.count == 1 ? (1, tensor.shape[0]) : (tensor.shape.dropLast().reduce(1, *), tensor.shape.last ?? 1)
+    let (rows, columns) =
+      tensor.shape.count == 1 ? (1, tensor.shape[0]) : (tensor.shape.dropLast().reduce(1, *), tensor.shape.last ?? 1)
     self.init(rows: rows, columns: columns, values: tensor.scalars.map { T($0) })
   }
 
   /// The values as a `Float` tensor of `shape` (default `[rows, columns]`).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func tensor(shape: [Int]? = nil) -> Tensor {
     Tensor(shape: shape ?? [rows, columns], scalars: values.map { Float($0) })
   }
@@ -43,25 +46,31 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   }
 
   /// `op(self) * op(b)` by BLAS.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func matmul(_ b: Matrix, transposeSelf: Bool = false, transposeB: Bool = false) -> Matrix {
     let m = transposeSelf ? columns : rows
     let n = transposeB ? b.rows : b.columns
     var c = [T](repeating: 0, count: m * n)
-    BLAS.gemm(values, rows, columns, transposeA: transposeSelf, b.values, b.rows, b.columns, transposeB: transposeB, into: &c)
+    BLAS.gemm(
+      values, rows, columns, transposeA: transposeSelf, b.values, b.rows, b.columns, transposeB: transposeB, into: &c)
     return Matrix(rows: m, columns: n, values: c)
   }
 
   /// `self += alpha * op(a) * op(b)` by BLAS.
-  @_specialize(exported: true, where T == Float)
-  public mutating func addProduct(_ a: Matrix, _ b: Matrix, transposeA: Bool = false, transposeB: Bool = false, alpha: T = 1) {
-    BLAS.gemm(a.values, a.rows, a.columns, transposeA: transposeA, b.values, b.rows, b.columns, transposeB: transposeB, into: &values, alpha: alpha, beta: 1)
+  @_specialize(exported:true,where T == Float)
+  public mutating func addProduct(
+    _ a: Matrix, _ b: Matrix, transposeA: Bool = false, transposeB: Bool = false, alpha: T = 1
+  ) {
+    BLAS.gemm(
+      a.values, a.rows, a.columns, transposeA: transposeA, b.values, b.rows, b.columns, transposeB: transposeB,
+      into: &values, alpha: alpha, beta: 1)
   }
 
   /// `self += other`, element-wise.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public mutating func add(_ other: Matrix) {
-    precondition(rows == other.rows && columns == other.columns, "adding \(other.rows) x \(other.columns) to \(rows) x \(columns)")
+    precondition(
+      rows == other.rows && columns == other.columns, "adding \(other.rows) x \(other.columns) to \(rows) x \(columns)")
     values.withUnsafeMutableBufferPointer { v in
       other.values.withUnsafeBufferPointer { o in for i in 0..<v.count { v[i] += o[i] } }
     }
@@ -71,7 +80,7 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   @inlinable public func map(_ f: (T) -> T) -> Matrix { Matrix(rows: rows, columns: columns, values: values.map(f)) }
 
   /// The sum of each column (a `1 x columns` row), accumulated in `T`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func columnSums() -> Matrix {
     var sums = [T](repeating: 0, count: columns)
     for r in 0..<rows { for c in 0..<columns { sums[c] += values[r * columns + c] } }

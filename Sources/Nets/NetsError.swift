@@ -12,7 +12,8 @@ public enum NetsError: Error, CustomStringConvertible, Equatable {
   public var description: String {
     switch self {
     case .unknownArchitecture(let name):
-      return "unknown architecture '\(name)': supported are MLP, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and BertModel"
+      return
+        "unknown architecture '\(name)': supported are MLP, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and BertModel"
     case .missingConfigKey(let key):
       return "config.json lacks '\(key)', which this architecture needs"
     case .invalidConfig(let key, let reason):

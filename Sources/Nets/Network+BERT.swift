@@ -7,30 +7,39 @@ extension Network {
   static func bertShapes(_ c: BERTConfig, prefix: String) -> [(name: String, shape: [Int])] {
     let (h, p) = (c.hiddenSize, prefix)
     var shapes: [(String, [Int])] = [
-      (p + "embeddings.word_embeddings.weight", [c.vocabularySize, h]), (p + "embeddings.position_embeddings.weight", [c.maxPositions, h]),
-      (p + "embeddings.token_type_embeddings.weight", [c.typeVocabularySize, h]), (p + "embeddings.LayerNorm.weight", [h]),
+      (p + "embeddings.word_embeddings.weight", [c.vocabularySize, h]),
+      (p + "embeddings.position_embeddings.weight", [c.maxPositions, h]),
+      (p + "embeddings.token_type_embeddings.weight", [c.typeVocabularySize, h]),
+      (p + "embeddings.LayerNorm.weight", [h]),
       (p + "embeddings.LayerNorm.bias", [h]),
     ]
     for i in 0..<c.layerCount {
       let l = p + "encoder.layer.\(i)."
       for (name, out, input) in [
-        ("attention.self.query", h, h), ("attention.self.key", h, h), ("attention.self.value", h, h), ("attention.output.dense", h, h),
+        ("attention.self.query", h, h), ("attention.self.key", h, h), ("attention.self.value", h, h),
+        ("attention.output.dense", h, h),
         ("intermediate.dense", c.intermediateSize, h), ("output.dense", h, c.intermediateSize),
       ] {
         shapes += [(l + name + ".weight", [out, input]), (l + name + ".bias", [out])]
       }
-      for norm in ["attention.output.LayerNorm", "output.LayerNorm"] { shapes += [(l + norm + ".weight", [h]), (l + norm + ".bias", [h])] }
+      for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        shapes += [(l + norm + ".weight", [h]), (l + norm + ".bias", [h])]
+      }
     }
     return shapes
   }
 
-  func bertForward(_ c: BERTConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
+  func bertForward(
+    _ c: BERTConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder
+  ) -> Var {
     let p = prefix
     let words = tape.embedding(batch.ids, table: weight(p + "embeddings.word_embeddings.weight"))
     let positions = tape.embedding(batch.positions, table: weight(p + "embeddings.position_embeddings.weight"))
-    let types = tape.embedding([Int](repeating: 0, count: batch.ids.count), table: weight(p + "embeddings.token_type_embeddings.weight"))
+    let types = tape.embedding(
+      [Int](repeating: 0, count: batch.ids.count), table: weight(p + "embeddings.token_type_embeddings.weight"))
     var x = tape.layerNorm(
-      tape.add(tape.add(words, positions), types), gamma: weight(p + "embeddings.LayerNorm.weight"), beta: weight(p + "embeddings.LayerNorm.bias"),
+      tape.add(tape.add(words, positions), types), gamma: weight(p + "embeddings.LayerNorm.weight"),
+      beta: weight(p + "embeddings.LayerNorm.bias"),
       epsilon: c.epsilon)
     recorder.record("embeddings.output", x)
     for i in 0..<c.layerCount {
@@ -40,13 +49,19 @@ extension Network {
       let v = tape.dense(x, l + "attention.self.value", bias: true, weight, &recorder)
       recorder.record(l + "attention.self.keys", k)
       recorder.record(l + "attention.self.values", v)
-      let a = tape.attention(query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.headCount, causal: false, keyMask: batch.mask)
+      let a = tape.attention(
+        query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.headCount, causal: false,
+        keyMask: batch.mask)
       let attended = tape.add(tape.dense(a, l + "attention.output.dense", bias: true, weight, &recorder), x)
-      x = tape.layerNorm(attended, gamma: weight(l + "attention.output.LayerNorm.weight"), beta: weight(l + "attention.output.LayerNorm.bias"), epsilon: c.epsilon)
+      x = tape.layerNorm(
+        attended, gamma: weight(l + "attention.output.LayerNorm.weight"),
+        beta: weight(l + "attention.output.LayerNorm.bias"), epsilon: c.epsilon)
       let hidden = tape.activation(c.activation, tape.dense(x, l + "intermediate.dense", bias: true, weight, &recorder))
       recorder.record(l + "intermediate.hidden", hidden)
       let out = tape.add(tape.dense(hidden, l + "output.dense", bias: true, weight, &recorder), x)
-      x = tape.layerNorm(out, gamma: weight(l + "output.LayerNorm.weight"), beta: weight(l + "output.LayerNorm.bias"), epsilon: c.epsilon)
+      x = tape.layerNorm(
+        out, gamma: weight(l + "output.LayerNorm.weight"), beta: weight(l + "output.LayerNorm.bias"), epsilon: c.epsilon
+      )
       recorder.record(l + "output", x)
     }
     recorder.record("last_hidden_state", x)

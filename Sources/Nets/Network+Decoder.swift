@@ -10,13 +10,17 @@ extension Network {
     for i in 0..<c.layerCount {
       let p = "model.layers.\(i)."
       shapes += [
-        (p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [q, h]), (p + "self_attn.k_proj.weight", [kv, h]),
-        (p + "self_attn.v_proj.weight", [kv, h]), (p + "self_attn.o_proj.weight", [h, q]), (p + "post_attention_layernorm.weight", [h]),
+        (p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [q, h]),
+        (p + "self_attn.k_proj.weight", [kv, h]),
+        (p + "self_attn.v_proj.weight", [kv, h]), (p + "self_attn.o_proj.weight", [h, q]),
+        (p + "post_attention_layernorm.weight", [h]),
         (p + "mlp.gate_proj.weight", [c.intermediateSize, h]), (p + "mlp.up_proj.weight", [c.intermediateSize, h]),
         (p + "mlp.down_proj.weight", [h, c.intermediateSize]),
       ]
       if c.attentionBias {
-        shapes += [(p + "self_attn.q_proj.bias", [q]), (p + "self_attn.k_proj.bias", [kv]), (p + "self_attn.v_proj.bias", [kv])]
+        shapes += [
+          (p + "self_attn.q_proj.bias", [q]), (p + "self_attn.k_proj.bias", [kv]), (p + "self_attn.v_proj.bias", [kv]),
+        ]
       }
     }
     shapes.append(("model.norm.weight", [h]))
@@ -24,7 +28,9 @@ extension Network {
     return shapes
   }
 
-  func decoderForward(_ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
+  func decoderForward(
+    _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder
+  ) -> Var {
     var x = tape.embedding(batch.ids, table: weight("model.embed_tokens.weight"))
     recorder.record("model.embed_tokens.output", x)
     let positions = batch.positions
@@ -32,9 +38,11 @@ extension Network {
       let p = "model.layers.\(i)."
       let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
       let q = tape.rotary(
-        tape.dense(h, p + "self_attn.q_proj", bias: c.attentionBias, weight, &recorder), positions: positions, heads: c.headCount, theta: c.ropeTheta)
+        tape.dense(h, p + "self_attn.q_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
+        heads: c.headCount, theta: c.ropeTheta)
       var k = tape.rotary(
-        tape.dense(h, p + "self_attn.k_proj", bias: c.attentionBias, weight, &recorder), positions: positions, heads: c.keyValueHeadCount,
+        tape.dense(h, p + "self_attn.k_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
+        heads: c.keyValueHeadCount,
         theta: c.ropeTheta)
       var v = tape.dense(h, p + "self_attn.v_proj", bias: c.attentionBias, weight, &recorder)
       recorder.record(p + "self_attn.queries", q)
@@ -45,7 +53,8 @@ extension Network {
         v = tape.projectHeads(v, layer: i, .values, ranks: projection.valueRanks[i], dimension: c.headDimension, weight)
       }
       let a = tape.attention(
-        query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount, causal: true, keyMask: batch.mask)
+        query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount,
+        causal: true, keyMask: batch.mask)
       x = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: false, weight, &recorder))
       let m = tape.rmsNorm(x, weight: weight(p + "post_attention_layernorm.weight"), epsilon: c.epsilon)
       let gate = tape.activation(c.activation, tape.dense(m, p + "mlp.gate_proj", bias: false, weight, &recorder))
@@ -56,7 +65,8 @@ extension Network {
     }
     let normalized = tape.rmsNorm(x, weight: weight("model.norm.weight"), epsilon: c.epsilon)
     recorder.record("model.norm.output", normalized)
-    let logits = tape.linear(normalized, weight: weight(c.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight"))
+    let logits = tape.linear(
+      normalized, weight: weight(c.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight"))
     recorder.record("lm_head.output", logits)
     return logits
   }

@@ -40,8 +40,12 @@ public struct KVProjection: Sendable, Equatable {
     return Double(all.reduce(0, +)) / Double(max(all.count * d, 1))
   }
 
-  public static func basisName(layer: Int, _ kind: Kind, head: Int) -> String { "model.layers.\(layer).self_attn.\(kind.rawValue)_basis.\(head)" }
-  public static func meanName(layer: Int, _ kind: Kind, head: Int) -> String { "model.layers.\(layer).self_attn.\(kind.rawValue)_mean.\(head)" }
+  public static func basisName(layer: Int, _ kind: Kind, head: Int) -> String {
+    "model.layers.\(layer).self_attn.\(kind.rawValue)_basis.\(head)"
+  }
+  public static func meanName(layer: Int, _ kind: Kind, head: Int) -> String {
+    "model.layers.\(layer).self_attn.\(kind.rawValue)_mean.\(head)"
+  }
 
   /// The tensors a decoder with these projections reads besides its own: bases `[d, d]` and means `[d]`.
   public static func shapes(_ c: DecoderConfig) -> [(name: String, shape: [Int])] {
@@ -49,7 +53,10 @@ public struct KVProjection: Sendable, Equatable {
     for layer in 0..<c.layerCount {
       for kind in Kind.allCases {
         for head in 0..<c.keyValueHeadCount {
-          out += [(basisName(layer: layer, kind, head: head), [c.headDimension, c.headDimension]), (meanName(layer: layer, kind, head: head), [c.headDimension])]
+          out += [
+            (basisName(layer: layer, kind, head: head), [c.headDimension, c.headDimension]),
+            (meanName(layer: layer, kind, head: head), [c.headDimension]),
+          ]
         }
       }
     }
@@ -60,10 +67,13 @@ public struct KVProjection: Sendable, Equatable {
   public func check(_ c: DecoderConfig) throws {
     for (kind, ranks) in [("key", keyRanks), ("value", valueRanks)] {
       guard ranks.count == c.layerCount, ranks.allSatisfy({ $0.count == c.keyValueHeadCount }) else {
-        throw NetsError.invalidConfig(key: "kv_projection.\(kind)_ranks", reason: "expected \(c.layerCount) layers x \(c.keyValueHeadCount) KV heads")
+        throw NetsError.invalidConfig(
+          key: "kv_projection.\(kind)_ranks",
+          reason: "expected \(c.layerCount) layers x \(c.keyValueHeadCount) KV heads")
       }
       if let bad = ranks.joined().first(where: { !(1...c.headDimension).contains($0) }) {
-        throw NetsError.invalidConfig(key: "kv_projection.\(kind)_ranks", reason: "rank \(bad) is outside 1...\(c.headDimension)")
+        throw NetsError.invalidConfig(
+          key: "kv_projection.\(kind)_ranks", reason: "rank \(bad) is outside 1...\(c.headDimension)")
       }
     }
   }
@@ -73,10 +83,14 @@ public struct KVProjection: Sendable, Equatable {
 
   /// Reads config.json's `kv_projection`, nil when absent.
   public static func fromConfig(json: Data) throws -> KVProjection? {
-    guard let object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else { throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object") }
+    guard let object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
+      throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
+    }
     guard let section = object["kv_projection"] else { return nil }
-    guard let s = section as? [String: Any], let k = s["key_ranks"] as? [[Int]], let v = s["value_ranks"] as? [[Int]] else {
-      throw NetsError.invalidConfig(key: "kv_projection", reason: "expected key_ranks and value_ranks (layers x KV heads of integers)")
+    guard let s = section as? [String: Any], let k = s["key_ranks"] as? [[Int]], let v = s["value_ranks"] as? [[Int]]
+    else {
+      throw NetsError.invalidConfig(
+        key: "kv_projection", reason: "expected key_ranks and value_ranks (layers x KV heads of integers)")
     }
     return KVProjection(keyRanks: k, valueRanks: v)
   }
@@ -84,7 +98,9 @@ public struct KVProjection: Sendable, Equatable {
 
 extension Tape {
   /// `x~ = (x - mu) U_r U_r^T + mu` for every head of a packed `rows x (heads d)` matrix.
-  func projectHeads(_ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder) -> Var {
+  func projectHeads(
+    _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
+  ) -> Var {
     let parts = ranks.enumerated().map { head, r -> Var in
       let u = weight(KVProjection.basisName(layer: layer, kind, head: head))
       let mu = weight(KVProjection.meanName(layer: layer, kind, head: head))

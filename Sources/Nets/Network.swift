@@ -70,19 +70,24 @@ public struct Network<T: NetScalar> {
   /// Builds the model. Throws `NetsError.missingTensors` listing every absent tensor, or
   /// `.shapeMismatch` for the first wrong shape. Tensors the architecture does not use are ignored.
   /// `lowRank` names the factored layers (config.json's `low_rank.ranks`, see `NetworkConfig.lowRankRanks`).
-  @_specialize(exported: true, where T == Float)
-  public init(config: NetworkConfig, tensors: [String: Tensor], lowRank: [String: Int] = [:], kvProjection: KVProjection? = nil) throws {
+  @_specialize(exported:true,where T == Float)
+  public init(
+    config: NetworkConfig, tensors: [String: Tensor], lowRank: [String: Int] = [:], kvProjection: KVProjection? = nil
+  ) throws {
     self.config = config
     self.lowRank = lowRank
     self.kvProjection = kvProjection
     if let kvProjection {
-      guard case .decoder(let c) = config else { throw NetsError.invalidConfig(key: "kv_projection", reason: "K/V projections apply to decoders") }
+      guard case .decoder(let c) = config else {
+        throw NetsError.invalidConfig(key: "kv_projection", reason: "K/V projections apply to decoders")
+      }
       try kvProjection.check(c)
     }
     prefix = tensors["bert.embeddings.word_embeddings.weight"] != nil ? "bert." : ""
     let dense = Set(Self.expectedShapes(config, prefix: prefix).map(\.name))
     if let unknown = lowRank.keys.sorted().first(where: { !dense.contains($0 + ".weight") }) {
-      throw NetsError.invalidConfig(key: "low_rank.ranks", reason: "'\(unknown)' is not a linear layer of this architecture")
+      throw NetsError.invalidConfig(
+        key: "low_rank.ranks", reason: "'\(unknown)' is not a linear layer of this architecture")
     }
     let expected = Self.expectedShapes(config, prefix: prefix, lowRank: lowRank, kvProjection: kvProjection != nil)
     let missing = expected.map(\.name).filter { tensors[$0] == nil }
@@ -90,7 +95,9 @@ public struct Network<T: NetScalar> {
     var weights: [String: Matrix<T>] = [:]
     for (name, shape) in expected {
       let tensor = try tensors.required(name)
-      guard tensor.shape == shape else { throw NetsError.shapeMismatch(tensor: name, expected: shape, found: tensor.shape) }
+      guard tensor.shape == shape else {
+        throw NetsError.shapeMismatch(tensor: name, expected: shape, found: tensor.shape)
+      }
       weights[name] = Matrix(tensor)
     }
     self.weights = weights
@@ -108,7 +115,9 @@ public struct Network<T: NetScalar> {
   /// layer `L` of rank r reads `L.0.weight` (r x in), `L.1.weight` (out x r) and `L.1.bias`
   /// instead of `L.weight` and `L.bias` (the layout of PyTorch's `nn.Sequential` of two linears).
   /// With `kvProjection`, a decoder also reads its K/V projection bases and means.
-  public static func expectedShapes(_ config: NetworkConfig, prefix: String = "", lowRank: [String: Int] = [:], kvProjection: Bool = false) -> [(name: String, shape: [Int])] {
+  public static func expectedShapes(
+    _ config: NetworkConfig, prefix: String = "", lowRank: [String: Int] = [:], kvProjection: Bool = false
+  ) -> [(name: String, shape: [Int])] {
     let dense: [(name: String, shape: [Int])]
     switch config {
     case .mlp(let c): dense = mlpShapes(c)
@@ -122,52 +131,68 @@ public struct Network<T: NetScalar> {
   /// The tensors that stand for tensor `name` when the layers in `lowRank` are factored: a
   /// factored layer's weight becomes `L.0.weight` (r x in) and `L.1.weight` (out x r), its bias
   /// `L.1.bias`; any other tensor stays as it is.
-  public static func factoredLayout(_ name: String, shape: [Int], lowRank: [String: Int]) -> [(name: String, shape: [Int])] {
+  public static func factoredLayout(_ name: String, shape: [Int], lowRank: [String: Int]) -> [(
+    name: String, shape: [Int]
+  )] {
     if name.hasSuffix(".weight"), shape.count == 2, let r = lowRank[String(name.dropLast(7))] {
       let layer = name.dropLast(7)
       return [(layer + ".0.weight", [r, shape[1]]), (layer + ".1.weight", [shape[0], r])]
     }
-    if name.hasSuffix(".bias"), lowRank[String(name.dropLast(5))] != nil { return [(name.dropLast(5) + ".1.bias", shape)] }
+    if name.hasSuffix(".bias"), lowRank[String(name.dropLast(5))] != nil {
+      return [(name.dropLast(5) + ".1.bias", shape)]
+    }
     return [(name, shape)]
   }
 
   /// Runs the model on `input`. `bind` turns each weight into a tape node (constant, parameter,
   /// or a computed expression such as aTLAS's base plus scaled task vectors); it is called once
   /// per weight name, so tied weights share one node.
-  @_specialize(exported: true, where T == Float)
-  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: (String, Matrix<T>) -> Var) throws -> NetworkOutput {
+  @_specialize(exported:true,where T == Float)
+  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: (String, Matrix<T>) -> Var) throws
+    -> NetworkOutput
+  {
     try withoutActuallyEscaping(bind) { try run(tape, input, bind: $0) }
   }
 
-  private func run(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: @escaping (String, Matrix<T>) -> Var) throws -> NetworkOutput {
+  private func run(_ tape: Tape<T>, _ input: NetworkInput<T>, bind: @escaping (String, Matrix<T>) -> Var) throws
+    -> NetworkOutput
+  {
     if let kvProjection {
       // Ranks may be changed on a built network (rank search, Matryoshka training): check them here.
-      guard case .decoder(let c) = config else { throw NetsError.invalidConfig(key: "kv_projection", reason: "K/V projections apply to decoders") }
+      guard case .decoder(let c) = config else {
+        throw NetsError.invalidConfig(key: "kv_projection", reason: "K/V projections apply to decoders")
+      }
       try kvProjection.check(c)
       let missing = KVProjection.shapes(c).map(\.name).filter { weights[$0] == nil }
       guard missing.isEmpty else { throw NetsError.missingTensors(missing) }
     }
     try checkWeights()
     var bound: [String: Var] = [:]
-    let weight = WeightBinder(bind: { name in
-      if let v = bound[name] { return v }
-      guard let value = self.weights[name] else { preconditionFailure("weight '\(name)' was checked present above") }
-      let v = bind(name, value)
-      bound[name] = v
-      return v
-    }, lowRank: lowRank, kvProjection: kvProjection)
+    let weight = WeightBinder(
+      bind: { name in
+        if let v = bound[name] { return v }
+        guard let value = self.weights[name] else { preconditionFailure("weight '\(name)' was checked present above") }
+        let v = bind(name, value)
+        bound[name] = v
+        return v
+      }, lowRank: lowRank, kvProjection: kvProjection)
     var recorder = PointRecorder()
     let output: Var
     switch (config, input) {
     case (.mlp(let c), .features(let x)):
-      guard x.columns == c.layerSizes[0] else { throw NetsError.inputMismatch("the MLP takes \(c.layerSizes[0]) features, the data has \(x.columns)") }
+      guard x.columns == c.layerSizes[0] else {
+        throw NetsError.inputMismatch("the MLP takes \(c.layerSizes[0]) features, the data has \(x.columns)")
+      }
       output = mlpForward(c, tape, tape.constant(x), weight, &recorder)
     case (.decoder(let c), .tokens(let batch)):
       try checkTokens(batch, vocabulary: c.vocabularySize)
       output = decoderForward(c, tape, batch, weight, &recorder)
     case (.bert(let c), .tokens(let batch)):
       try checkTokens(batch, vocabulary: c.vocabularySize)
-      guard batch.sequence <= c.maxPositions else { throw NetsError.inputMismatch("sequences of \(batch.sequence) tokens exceed max_position_embeddings \(c.maxPositions)") }
+      guard batch.sequence <= c.maxPositions else {
+        throw NetsError.inputMismatch(
+          "sequences of \(batch.sequence) tokens exceed max_position_embeddings \(c.maxPositions)")
+      }
       output = bertForward(c, tape, batch, weight, &recorder)
     case (.mlp, .tokens):
       throw NetsError.inputMismatch("an MLP takes feature rows, not token sequences")
@@ -179,8 +204,10 @@ public struct Network<T: NetScalar> {
 
   /// Runs with the weights for which `trainable` is true as tape parameters (the rest frozen),
   /// and returns those parameters by name, for an optimiser step after `backward`.
-  @_specialize(exported: true, where T == Float)
-  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, trainable: (String) -> Bool) throws -> (output: NetworkOutput, parameters: [String: Var]) {
+  @_specialize(exported:true,where T == Float)
+  public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>, trainable: (String) -> Bool) throws -> (
+    output: NetworkOutput, parameters: [String: Var]
+  ) {
     var parameters: [String: Var] = [:]
     let out = try forward(tape, input) { name, value in
       guard trainable(name) else { return tape.constant(value) }
@@ -192,7 +219,7 @@ public struct Network<T: NetScalar> {
   }
 
   /// Runs with every weight frozen.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func forward(_ tape: Tape<T>, _ input: NetworkInput<T>) throws -> NetworkOutput {
     try forward(tape, input) { tape.constant($1) }
   }

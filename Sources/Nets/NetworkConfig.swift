@@ -12,7 +12,8 @@ public enum NetworkConfig: Equatable, Sendable {
       throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
     }
     let keys = ConfigKeys(dictionary)
-    let architecture = (dictionary["architectures"] as? [String])?.first ?? (dictionary["model_type"] as? String) ?? "(none given)"
+    let architecture =
+      (dictionary["architectures"] as? [String])?.first ?? (dictionary["model_type"] as? String) ?? "(none given)"
     switch architecture.lowercased() {
     case "mlp":
       self = .mlp(try MLPConfig(keys))
@@ -73,7 +74,9 @@ struct ConfigKeys {
 
   func double(_ key: String, default value: Double) throws -> Double {
     guard let raw = values[key], !(raw is NSNull) else { return value }
-    guard let number = raw as? NSNumber else { throw NetsError.invalidConfig(key: key, reason: "expected a number, found \(raw)") }
+    guard let number = raw as? NSNumber else {
+      throw NetsError.invalidConfig(key: key, reason: "expected a number, found \(raw)")
+    }
     return number.doubleValue
   }
 
@@ -103,7 +106,9 @@ public struct MLPConfig: Equatable, Sendable {
   /// Linear layers shared by all heads (all of them when there is one head).
   public var sharedLayers: Int
 
-  public init(layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false, heads: Int = 1, sharedLayers: Int? = nil) {
+  public init(
+    layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false, heads: Int = 1, sharedLayers: Int? = nil
+  ) {
     self.layerSizes = layerSizes
     self.activation = activation
     self.layerNorm = layerNorm
@@ -122,14 +127,19 @@ public struct MLPConfig: Equatable, Sendable {
   init(_ keys: ConfigKeys) throws {
     guard let sizes = keys.values["layer_sizes"] as? [Int] else { throw NetsError.missingConfigKey("layer_sizes") }
     guard sizes.count >= 2, sizes.allSatisfy({ $0 > 0 }) else {
-      throw NetsError.invalidConfig(key: "layer_sizes", reason: "needs at least an input and an output size, all positive")
+      throw NetsError.invalidConfig(
+        key: "layer_sizes", reason: "needs at least an input and an output size, all positive")
     }
     let heads = try keys.int("heads", default: 1)
     let shared = keys.values["shared_layers"] == nil ? sizes.count - 1 : (keys.values["shared_layers"] as? Int ?? -1)
     guard heads == 1 || (0..<(sizes.count - 1)).contains(shared) else {
-      throw NetsError.invalidConfig(key: "shared_layers", reason: "a multi-head MLP shares between 0 and \(sizes.count - 2) of its \(sizes.count - 1) layers")
+      throw NetsError.invalidConfig(
+        key: "shared_layers",
+        reason: "a multi-head MLP shares between 0 and \(sizes.count - 2) of its \(sizes.count - 1) layers")
     }
-    self.init(layerSizes: sizes, activation: try keys.activation("hidden_act", default: "relu"), layerNorm: keys.bool("layer_norm", default: false), heads: heads, sharedLayers: shared)
+    self.init(
+      layerSizes: sizes, activation: try keys.activation("hidden_act", default: "relu"),
+      layerNorm: keys.bool("layer_norm", default: false), heads: heads, sharedLayers: shared)
   }
 
   /// The config.json text for this MLP.
@@ -170,9 +180,12 @@ public struct DecoderConfig: Equatable, Sendable {
     attentionBias = qwen || keys.bool("attention_bias", default: false)
     activation = try keys.activation("hidden_act", default: "silu")
     guard headCount % keyValueHeadCount == 0 else {
-      throw NetsError.invalidConfig(key: "num_key_value_heads", reason: "\(keyValueHeadCount) does not divide num_attention_heads \(headCount)")
+      throw NetsError.invalidConfig(
+        key: "num_key_value_heads", reason: "\(keyValueHeadCount) does not divide num_attention_heads \(headCount)")
     }
-    guard headDimension % 2 == 0 else { throw NetsError.invalidConfig(key: "head_dim", reason: "rotary embeddings need an even head size") }
+    guard headDimension % 2 == 0 else {
+      throw NetsError.invalidConfig(key: "head_dim", reason: "rotary embeddings need an even head size")
+    }
     if let scaling = keys.values["rope_scaling"], !(scaling is NSNull) {
       throw NetsError.invalidConfig(key: "rope_scaling", reason: "scaled rotary embeddings are not supported yet")
     }
@@ -196,7 +209,8 @@ public struct BERTConfig: Equatable, Sendable {
     epsilon = try keys.double("layer_norm_eps", default: 1e-12)
     activation = try keys.activation("hidden_act", default: "gelu")
     guard hiddenSize % headCount == 0 else {
-      throw NetsError.invalidConfig(key: "num_attention_heads", reason: "\(headCount) does not divide hidden_size \(hiddenSize)")
+      throw NetsError.invalidConfig(
+        key: "num_attention_heads", reason: "\(headCount) does not divide hidden_size \(hiddenSize)")
     }
   }
 }

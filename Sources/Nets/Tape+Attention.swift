@@ -8,12 +8,19 @@ extension Tape {
   /// reads key/value head `h / (heads / kvHeads)` (grouped-query attention). `causal` hides
   /// later positions; `keyMask` (one flag per row, false = padding) hides padded keys. A query
   /// that sees no key gets zeros.
-  @_specialize(exported: true, where T == Float)
-  public func attention(query q: Var, key k: Var, value v: Var, sequence: Int, heads: Int, kvHeads: Int, causal: Bool, keyMask: [Bool]? = nil) -> Var {
+  @_specialize(exported:true,where T == Float)
+  public func attention(
+    query q: Var, key k: Var, value v: Var, sequence: Int, heads: Int, kvHeads: Int, causal: Bool,
+    keyMask: [Bool]? = nil
+  ) -> Var {
     let (qm, km, vm) = (value(q), value(k), value(v))
     let d = qm.columns / heads
-    precondition(qm.columns == heads * d && km.columns == kvHeads * d && vm.columns == kvHeads * d && heads % kvHeads == 0, "attention shapes")
-    precondition(qm.rows % sequence == 0 && km.rows == qm.rows && vm.rows == qm.rows && (keyMask?.count ?? qm.rows) == qm.rows, "attention rows")
+    precondition(
+      qm.columns == heads * d && km.columns == kvHeads * d && vm.columns == kvHeads * d && heads % kvHeads == 0,
+      "attention shapes")
+    precondition(
+      qm.rows % sequence == 0 && km.rows == qm.rows && vm.rows == qm.rows && (keyMask?.count ?? qm.rows) == qm.rows,
+      "attention rows")
     let batch = qm.rows / sequence
     let group = heads / kvHeads
     let scale = 1 / T(d).squareRoot()
@@ -25,14 +32,18 @@ extension Tape {
         let qh = block(qm, b, sequence, h, d)
         let kh = block(km, b, sequence, kv, d)
         var p = qh.matmul(kh, transposeB: true)
-        let keys = keyMask.map { Array($0[(b * sequence)..<((b + 1) * sequence)]) } ?? [Bool](repeating: true, count: sequence)
+        let keys =
+          keyMask.map { Array($0[(b * sequence)..<((b + 1) * sequence)]) } ?? [Bool](repeating: true, count: sequence)
         for i in 0..<sequence { softmaxRow(&p, i, scale: scale, visible: keys, through: causal ? i : sequence - 1) }
         addBlock(&out, p.matmul(block(vm, b, sequence, kv, d)), b, sequence, h, d)
         probabilities.append(p)
       }
     }
     return record(out, inputs: [q, k, v]) { [unowned self] g in
-      var (dq, dk, dv) = (Matrix<T>(zeros: qm.rows, qm.columns), Matrix<T>(zeros: km.rows, km.columns), Matrix<T>(zeros: vm.rows, vm.columns))
+      var (dq, dk, dv) = (
+        Matrix<T>(zeros: qm.rows, qm.columns), Matrix<T>(zeros: km.rows, km.columns),
+        Matrix<T>(zeros: vm.rows, vm.columns)
+      )
       for b in 0..<batch {
         for h in 0..<heads {
           let kv = h / group
@@ -58,7 +69,7 @@ extension Tape {
   /// Rotary position embedding (Hugging Face's rotate-half layout): within each head of width
   /// `d`, features `i` and `i + d/2` turn by `position * theta^(-2i/d)`. `positions` has one
   /// entry per row.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func rotary(_ a: Var, positions: [Int], heads: Int, theta: Double) -> Var {
     let x = value(a)
     let d = x.columns / heads
@@ -79,11 +90,12 @@ extension Tape {
       }
       return out
     }
-    return record(rotate(x, inverse: false), inputs: [a]) { [unowned self] g in accumulate(a, rotate(g, inverse: true)) }
+    return record(rotate(x, inverse: false), inputs: [a]) { [unowned self] g in accumulate(a, rotate(g, inverse: true))
+    }
   }
 
   /// Per-sequence mean of the rows whose `mask` flag is set (all rows when nil): `batch x columns`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func meanPool(_ a: Var, sequence: Int, mask: [Bool]? = nil) -> Var {
     let x = value(a)
     let batch = x.rows / sequence
@@ -108,12 +120,16 @@ extension Tape {
   /// The `sequence x d` block of head `head` of sequence `b`.
   private func block(_ m: Matrix<T>, _ b: Int, _ sequence: Int, _ head: Int, _ d: Int) -> Matrix<T> {
     var out = Matrix<T>(zeros: sequence, d)
-    for s in 0..<sequence { for c in 0..<d { out.values[s * d + c] = m.values[(b * sequence + s) * m.columns + head * d + c] } }
+    for s in 0..<sequence {
+      for c in 0..<d { out.values[s * d + c] = m.values[(b * sequence + s) * m.columns + head * d + c] }
+    }
     return out
   }
 
   private func addBlock(_ m: inout Matrix<T>, _ part: Matrix<T>, _ b: Int, _ sequence: Int, _ head: Int, _ d: Int) {
-    for s in 0..<sequence { for c in 0..<d { m.values[(b * sequence + s) * m.columns + head * d + c] += part.values[s * d + c] } }
+    for s in 0..<sequence {
+      for c in 0..<d { m.values[(b * sequence + s) * m.columns + head * d + c] += part.values[s * d + c] }
+    }
   }
 
   /// Row `i` of `scores` becomes `softmax(scale * scores)` over the columns `j <= last` with

@@ -1,10 +1,12 @@
 /// Element-wise operations, sums and activations.
 extension Tape {
   /// `a + b`; `b` may also be one row (`1 x columns`, a bias) added to every row of `a`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func add(_ a: Var, _ b: Var) -> Var {
     let (x, y) = (value(a), value(b))
-    precondition(x.columns == y.columns && (x.rows == y.rows || y.rows == 1), "add: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
+    precondition(
+      x.columns == y.columns && (x.rows == y.rows || y.rows == 1),
+      "add: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
     var out = x
     if y.rows == x.rows {
       out.add(y)
@@ -19,14 +21,15 @@ extension Tape {
   }
 
   /// `a - b` (same shapes).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func subtract(_ a: Var, _ b: Var) -> Var { add(a, scale(b, -1)) }
 
   /// `a * b` element-wise (same shapes).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func multiply(_ a: Var, _ b: Var) -> Var {
     let (x, y) = (value(a), value(b))
-    precondition(x.rows == y.rows && x.columns == y.columns, "multiply: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
+    precondition(
+      x.rows == y.rows && x.columns == y.columns, "multiply: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
     let out = Matrix(rows: x.rows, columns: x.columns, values: zip(x.values, y.values).map(*))
     return record(out, inputs: [a, b]) { [unowned self] g in
       accumulate(a, Matrix(rows: g.rows, columns: g.columns, values: zip(g.values, y.values).map(*)))
@@ -35,13 +38,13 @@ extension Tape {
   }
 
   /// `c * a` for a constant `c`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func scale(_ a: Var, _ c: T) -> Var {
     record(value(a).map { $0 * c }, inputs: [a]) { [unowned self] g in accumulate(a, g.map { $0 * c }) }
   }
 
   /// `s * a` where `s` is a `1 x 1` node (a learned coefficient: aTLAS's lambda).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func scale(_ a: Var, by s: Var) -> Var {
     let (x, k) = (value(a), value(s))
     precondition(k.count == 1, "scale(by:) needs a 1 x 1 factor")
@@ -53,7 +56,7 @@ extension Tape {
   }
 
   /// The sum of all elements, `1 x 1`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func sum(_ a: Var) -> Var {
     let x = value(a)
     return record(Matrix(rows: 1, columns: 1, values: [x.values.reduce(0, +)]), inputs: [a]) { [unowned self] g in
@@ -63,7 +66,7 @@ extension Tape {
 
   /// The largest absolute value of all elements, `1 x 1` (an infinity norm). Its subgradient
   /// flows to the first element of largest magnitude only, with that element's sign.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func maxAbs(_ a: Var) -> Var {
     let x = value(a)
     var at = 0
@@ -78,7 +81,7 @@ extension Tape {
   }
 
   /// The mean of all elements, `1 x 1`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func mean(_ a: Var) -> Var { scale(sum(a), 1 / T(value(a).count)) }
 
   /// Applies `f` element-wise, with `derivative(x, f(x))` for the backward pass.
@@ -92,19 +95,20 @@ extension Tape {
     }
   }
 
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func relu(_ a: Var) -> Var { pointwise(a, { max($0, 0) }, derivative: { x, _ in x > 0 ? 1 : 0 }) }
 
   /// GELU with the exact erf form, `x * Phi(x)` (BERT's `gelu`).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func gelu(_ a: Var) -> Var {
     let r: T = 1 / T(2).squareRoot()
     let c: T = 1 / T(2 * Double.pi).squareRoot()
-    return pointwise(a, { $0 * (1 + T.erf($0 * r)) / 2 }, derivative: { x, _ in (1 + T.erf(x * r)) / 2 + x * c * T.exp(-x * x / 2) })
+    return pointwise(
+      a, { $0 * (1 + T.erf($0 * r)) / 2 }, derivative: { x, _ in (1 + T.erf(x * r)) / 2 + x * c * T.exp(-x * x / 2) })
   }
 
   /// GELU with the tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func geluTanh(_ a: Var) -> Var {
     let k: T = T(2 / Double.pi).squareRoot()
     let cubic: T = 0.044715
@@ -118,7 +122,7 @@ extension Tape {
   }
 
   /// SiLU (swish), `x * sigmoid(x)`: Llama's MLP activation.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func silu(_ a: Var) -> Var {
     pointwise(a, { $0 / (1 + T.exp(-$0)) }) { x, _ in
       let s = 1 / (1 + T.exp(-x))
@@ -126,11 +130,11 @@ extension Tape {
     }
   }
 
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func tanh(_ a: Var) -> Var { pointwise(a, { T.tanh($0) }, derivative: { _, y in 1 - y * y }) }
 
   /// The named activation of a config (`relu`, `gelu`, `gelu_new`/`gelu_pytorch_tanh`, `silu`/`swish`, `tanh`).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func activation(_ name: Activation, _ a: Var) -> Var {
     switch name {
     case .relu: return relu(a)

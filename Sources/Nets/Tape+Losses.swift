@@ -2,7 +2,7 @@
 extension Tape {
   /// Softmax cross-entropy of `logits` (`rows x classes`) against integer labels, averaged over
   /// the rows whose label is not negative (a negative label, like PyTorch's -100, is ignored).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func crossEntropy(_ logits: Var, labels: [Int]) -> Var {
     let z = value(logits)
     precondition(labels.count == z.rows, "crossEntropy: \(labels.count) labels for \(z.rows) rows")
@@ -27,16 +27,19 @@ extension Tape {
   /// Cross-entropy against soft targets (rows of probabilities), weighted per row:
   /// `sum_r w_r * (-sum_c t_rc log softmax(z_r)_c) / sum_r w_r` (0 when every weight is 0).
   /// FixMatch's loss: confident weak-view predictions as targets for strong views.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func softCrossEntropy(_ logits: Var, targets: Matrix<T>, weights: [T]) -> Var {
     let z = value(logits)
-    precondition(targets.rows == z.rows && targets.columns == z.columns && weights.count == z.rows, "softCrossEntropy shapes")
+    precondition(
+      targets.rows == z.rows && targets.columns == z.columns && weights.count == z.rows, "softCrossEntropy shapes")
     let p = softmax(z)
     let total = weights.reduce(0, +)
     let scale = total > 0 ? 1 / total : 0
     var loss: T = 0
     for r in 0..<z.rows where weights[r] != 0 {
-      for c in 0..<z.columns where targets[r, c] != 0 { loss -= weights[r] * targets[r, c] * T.log(max(p[r, c], T.leastNormalMagnitude)) }
+      for c in 0..<z.columns where targets[r, c] != 0 {
+        loss -= weights[r] * targets[r, c] * T.log(max(p[r, c], T.leastNormalMagnitude))
+      }
     }
     return record(Matrix(rows: 1, columns: 1, values: [loss * scale]), inputs: [logits]) { [unowned self] g in
       var dz = Matrix<T>(zeros: z.rows, z.columns)
@@ -49,7 +52,7 @@ extension Tape {
   }
 
   /// Mean squared error over all elements, `mean((a - b)^2)` (feature distillation).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func meanSquaredError(_ a: Var, _ b: Var) -> Var {
     let difference = subtract(a, b)
     return mean(multiply(difference, difference))
@@ -58,7 +61,7 @@ extension Tape {
   /// `KL(softmax(teacher / t) || softmax(student / t))` averaged over rows, times `t^2` (the
   /// usual distillation scaling, so gradients keep their size across temperatures).
   /// `teacher` is a constant matrix of logits.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func klDivergence(teacher: Matrix<T>, student: Var, temperature: T = 1) -> Var {
     let s = value(student)
     precondition(teacher.rows == s.rows && teacher.columns == s.columns, "klDivergence shapes")
@@ -78,7 +81,7 @@ extension Tape {
 
   /// Mean entropy of the predicted distributions, `-sum p log p` per row (unsupervised
   /// test-time adaptation minimises it).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func entropy(_ logits: Var) -> Var {
     let z = value(logits)
     let p = softmax(z)
@@ -87,10 +90,13 @@ extension Tape {
       for c in 0..<z.columns where p[r, c] > 0 { rowEntropy[r] -= p[r, c] * T.log(p[r, c]) }
     }
     let scale = 1 / T(z.rows)
-    return record(Matrix(rows: 1, columns: 1, values: [rowEntropy.reduce(0, +) * scale]), inputs: [logits]) { [unowned self] g in
+    return record(Matrix(rows: 1, columns: 1, values: [rowEntropy.reduce(0, +) * scale]), inputs: [logits]) {
+      [unowned self] g in
       var dz = Matrix<T>(zeros: z.rows, z.columns)
       for r in 0..<z.rows {
-        for c in 0..<z.columns where p[r, c] > 0 { dz[r, c] = -p[r, c] * (T.log(p[r, c]) + rowEntropy[r]) * scale * g.values[0] }
+        for c in 0..<z.columns where p[r, c] > 0 {
+          dz[r, c] = -p[r, c] * (T.log(p[r, c]) + rowEntropy[r]) * scale * g.values[0]
+        }
       }
       accumulate(logits, dz)
     }
@@ -101,7 +107,7 @@ extension Tape {
   /// Scores of a multi-head model: per row and class, `log p` of the head that gives the class
   /// the highest probability (each head's `p` a softmax over its logits). The gradient follows
   /// that head's log-softmax.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func bestHeadScores(_ heads: [Var]) -> Var {
     let logits = heads.map { value($0) }
     let probabilities = logits.map { softmax($0) }

@@ -2,7 +2,7 @@
 extension Tape {
   /// LayerNorm: `(x - mean) / sqrt(var + eps) * gamma + beta` per row, with the biased variance
   /// (as PyTorch); `gamma` and `beta` are `1 x columns`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func layerNorm(_ a: Var, gamma: Var, beta: Var, epsilon: Double) -> Var {
     let x = value(a)
     let (w, b) = (value(gamma), value(beta))
@@ -50,7 +50,7 @@ extension Tape {
   }
 
   /// RMSNorm: `x / sqrt(mean(x^2) + eps) * weight` per row (Llama), `weight` `1 x columns`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func rmsNorm(_ a: Var, weight: Var, epsilon: Double) -> Var {
     let x = value(a)
     let w = value(weight)

@@ -4,7 +4,7 @@ import Tensor
 /// MatryoshkaKV's per-head projections.
 extension Tape {
   /// `[a_0 | a_1 | ...]`: the parts side by side (same rows).
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func concatenateColumns(_ parts: [Var]) -> Var {
     let values = parts.map { value($0) }
     let rows = values[0].rows
@@ -31,7 +31,7 @@ extension Tape {
   /// The Cayley map of the skew-symmetric part of a square `x`: with `A = x - x^T`,
   /// `U = (I - A/2)^-1 (I + A/2)`, an orthogonal matrix with determinant +1 (`x = 0` gives `I`).
   /// Solved in double precision. Backward: `dA = 1/2 (I - A/2)^-T G (I + U)^T`, `dx = dA - dA^T`.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func cayley(_ x: Var) -> Var {
     let m = value(x)
     precondition(m.rows == m.columns, "cayley needs a square matrix")
@@ -55,7 +55,9 @@ extension Tape {
       let gd = DoubleMatrix(rows: n, columns: n, values: g.values.map { Double($0) })
       let da = BLAS.matmul(BLAS.matmul(inverse, gd, transposeA: true), onePlusU, transposeB: true)
       var dx = Matrix<T>(zeros: n, n)
-      for i in 0..<n { for j in 0..<n { dx.values[i * n + j] = T(0.5 * (da.values[i * n + j] - da.values[j * n + i])) } }
+      for i in 0..<n {
+        for j in 0..<n { dx.values[i * n + j] = T(0.5 * (da.values[i * n + j] - da.values[j * n + i])) }
+      }
       accumulate(x, dx)
     }
   }

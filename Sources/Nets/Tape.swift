@@ -63,9 +63,11 @@ public final class Tape<T: NetScalar> {
 
   /// Back-propagates from a `1 x 1` loss: afterwards `gradient(p)` is d loss / d p. Gradients
   /// of an earlier `backward` are cleared first.
-  @_specialize(exported: true, where T == Float)
+  @_specialize(exported:true,where T == Float)
   public func backward(from loss: Var) {
-    precondition(values[loss.id].count == 1, "backward needs a scalar loss, got \(values[loss.id].rows) x \(values[loss.id].columns)")
+    precondition(
+      values[loss.id].count == 1,
+      "backward needs a scalar loss, got \(values[loss.id].rows) x \(values[loss.id].columns)")
     for i in gradients.indices { gradients[i] = nil }
     guard tracked[loss.id] else { return }
     gradients[loss.id] = Matrix(rows: 1, columns: 1, values: [1])

@@ -50,12 +50,16 @@ public enum Training {
   /// Trains `network` as a classifier with cross-entropy on `data`, updating the weights for
   /// which `trainable` is true (all by default). Returns the mean loss of each epoch.
   public static func classify(
-    _ network: inout Network<Float>, on data: LabeledFeatures, options: TrainingOptions, trainable: (String) -> Bool = { _ in true },
+    _ network: inout Network<Float>, on data: LabeledFeatures, options: TrainingOptions,
+    trainable: (String) -> Bool = { _ in true },
     progress: ((TrainingProgress) -> Void)? = nil
   ) throws -> [Double] {
-    guard case .mlp(let config) = network.config else { throw NetsError.inputMismatch("classification training takes an MLP") }
+    guard case .mlp(let config) = network.config else {
+      throw NetsError.inputMismatch("classification training takes an MLP")
+    }
     guard data.features.columns == config.layerSizes[0] else {
-      throw NetsError.inputMismatch("the MLP takes \(config.layerSizes[0]) features, the data has \(data.features.columns)")
+      throw NetsError.inputMismatch(
+        "the MLP takes \(config.layerSizes[0]) features, the data has \(data.features.columns)")
     }
     let outputs = config.layerSizes.last ?? 0
     guard data.classCount <= outputs else {
@@ -69,10 +73,13 @@ public enum Training {
 
   /// Mini-batch training with cross-entropy: `batch` gives the input and labels of some rows.
   static func fit(
-    _ network: inout Network<Float>, count: Int, options: TrainingOptions, trainable: (String) -> Bool, progress: ((TrainingProgress) -> Void)?,
+    _ network: inout Network<Float>, count: Int, options: TrainingOptions, trainable: (String) -> Bool,
+    progress: ((TrainingProgress) -> Void)?,
     batch: ([Int]) -> (input: NetworkInput<Float>, labels: [Int])
   ) throws -> [Double] {
-    var optimizer = Optimizer<Float>(options.optimizer, learningRate: options.learningRate, weightDecay: options.weightDecay, clipNorm: options.clipNorm)
+    var optimizer = Optimizer<Float>(
+      options.optimizer, learningRate: options.learningRate, weightDecay: options.weightDecay,
+      clipNorm: options.clipNorm)
     optimizer.momentum = options.momentum
     var losses: [Double] = []
     for epoch in 0..<options.epochs {
@@ -86,7 +93,10 @@ public enum Training {
         tape.backward(from: loss)
         optimizer.step(&network.weights, gradients: parameters.compactMapValues { tape.gradient($0) })
         total += Double(tape.value(loss).values[0])
-        progress?(TrainingProgress(epoch: epoch + 1, epochs: options.epochs, batch: b + 1, batches: batches.count, loss: total / Double(b + 1)))
+        progress?(
+          TrainingProgress(
+            epoch: epoch + 1, epochs: options.epochs, batch: b + 1, batches: batches.count, loss: total / Double(b + 1))
+        )
       }
       losses.append(total / Double(max(batches.count, 1)))
     }
@@ -94,12 +104,16 @@ public enum Training {
   }
 
   /// The classifier's logits on every row of `features`, batch by batch.
-  public static func logits(_ network: Network<Float>, _ features: Matrix<Float>, batchSize: Int = 512) throws -> Matrix<Float> {
+  public static func logits(_ network: Network<Float>, _ features: Matrix<Float>, batchSize: Int = 512) throws
+    -> Matrix<Float>
+  {
     var values: [Float] = []
     var columns = 0
     for start in stride(from: 0, to: features.rows, by: batchSize) {
       let end = min(features.rows, start + batchSize)
-      let batch = Matrix(rows: end - start, columns: features.columns, values: Array(features.values[(start * features.columns)..<(end * features.columns)]))
+      let batch = Matrix(
+        rows: end - start, columns: features.columns,
+        values: Array(features.values[(start * features.columns)..<(end * features.columns)]))
       let tape = Tape<Float>()
       let out = tape.value(try network.forward(tape, .features(batch)).output)
       columns = out.columns
@@ -112,7 +126,8 @@ public enum Training {
   public static func evaluate(_ network: Network<Float>, on data: LabeledFeatures) throws -> Evaluation {
     let z = try logits(network, data.features)
     guard data.classCount <= z.columns else {
-      throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the model has \(z.columns) outputs")
+      throw NetsError.inputMismatch(
+        "the data has labels up to \(data.classCount - 1), the model has \(z.columns) outputs")
     }
     let p = softmax(z)
     var loss = 0.0
@@ -128,7 +143,9 @@ public enum Training {
       for own in classes.values {
         let top = own.map { Double(z[r, $0]) }.max() ?? 0
         let total = own.reduce(0.0) { $0 + Foundation.exp(Double(z[r, $1]) - top) }
-        for c in own where Foundation.exp(Double(z[r, c]) - top) / total > best.score { best = (Foundation.exp(Double(z[r, c]) - top) / total, c) }
+        for c in own where Foundation.exp(Double(z[r, c]) - top) / total > best.score {
+          best = (Foundation.exp(Double(z[r, c]) - top) / total, c)
+        }
       }
       if best.label == data.labels[r] { jointCorrect += 1 }
     }
@@ -137,27 +154,37 @@ public enum Training {
       let own = classes[task] ?? []
       let right = rows.filter { argmax(z, $0, among: 0..<z.columns) == data.labels[$0] }.count
       let rightWithin = rows.filter { argmax(z, $0, among: own) == data.labels[$0] }.count
-      return Evaluation.Task(task: task, count: rows.count, accuracy: Double(right) / Double(max(rows.count, 1)), accuracyWithinTask: Double(rightWithin) / Double(max(rows.count, 1)))
+      return Evaluation.Task(
+        task: task, count: rows.count, accuracy: Double(right) / Double(max(rows.count, 1)),
+        accuracyWithinTask: Double(rightWithin) / Double(max(rows.count, 1)))
     }
     let rows = Double(max(data.count, 1))
-    return Evaluation(count: data.count, loss: loss / rows, accuracy: Double(correct) / rows, jointAccuracy: classes.count > 1 ? Double(jointCorrect) / rows : Double(correct) / rows, tasks: tasks)
+    return Evaluation(
+      count: data.count, loss: loss / rows, accuracy: Double(correct) / rows,
+      jointAccuracy: classes.count > 1 ? Double(jointCorrect) / rows : Double(correct) / rows, tasks: tasks)
   }
 
   /// Trains a decoder on token sequences with next-token cross-entropy, updating the weights
   /// for which `trainable` is true. Returns the mean loss of each epoch.
   public static func languageModel(
-    _ network: inout Network<Float>, on sequences: [[Int]], options: TrainingOptions, trainable: (String) -> Bool = { _ in true },
+    _ network: inout Network<Float>, on sequences: [[Int]], options: TrainingOptions,
+    trainable: (String) -> Bool = { _ in true },
     progress: ((TrainingProgress) -> Void)? = nil
   ) throws -> [Double] {
-    guard case .decoder = network.config else { throw NetsError.inputMismatch("language-model training takes a decoder") }
-    return try fit(&network, count: sequences.count, options: options, trainable: trainable, progress: progress) { rows in
+    guard case .decoder = network.config else {
+      throw NetsError.inputMismatch("language-model training takes a decoder")
+    }
+    return try fit(&network, count: sequences.count, options: options, trainable: trainable, progress: progress) {
+      rows in
       let batch = TokenBatch(rows.map { sequences[$0] })
       return (.tokens(batch), nextTokenLabels(batch))
     }
   }
 
   /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.
-  public static func perplexity(_ network: Network<Float>, on sequences: [[Int]], batchSize: Int = 8) throws -> (loss: Double, perplexity: Double, tokens: Int) {
+  public static func perplexity(_ network: Network<Float>, on sequences: [[Int]], batchSize: Int = 8) throws -> (
+    loss: Double, perplexity: Double, tokens: Int
+  ) {
     var total = 0.0
     var tokens = 0
     for start in stride(from: 0, to: sequences.count, by: batchSize) {

@@ -25,21 +25,36 @@ public struct ATLASLearnOperation: MergekitOperation {
     given), which `atlas apply` reuses. Paper: Zhang et al., NeurIPS 2024 (arXiv:2407.02880).
     """
   public let inputs = OperationInputs(
-    models: 1...Int.max, modelHelp: "task vectors of the base (from `mergekit task-vector`)", base: .required, baseHelp: "the base MLP",
+    models: 1...Int.max, modelHelp: "task vectors of the base (from `mergekit task-vector`)", base: .required,
+    baseHelp: "the base MLP",
     data: .required, dataHelp: "labelled features", baseIsFirstArgument: true)
   public let output = OutputKind.model
   public let parameters: [ParameterSpec] =
     ParameterSpec.labelledDataSpecs + [
       .path("validation", help: "labelled validation data to select the best epoch"),
-      .choice("objective", ATLAS.Objective.allCases.map(\.rawValue), default: "ce", help: "ce, few-shot, negate, entropy or ufm"),
-      .text("blocks", default: "tensor", help: "tensor (one coefficient per tensor), isotropic (one per task vector), or K (K random partitions per tensor)"),
-      .number("keep", .global, in: 0...1, openBelow: true, default: nil, optional: true, help: "train only this fraction of coefficients, those with the largest gradients at 0"),
+      .choice(
+        "objective", ATLAS.Objective.allCases.map(\.rawValue), default: "ce",
+        help: "ce, few-shot, negate, entropy or ufm"),
+      .text(
+        "blocks", default: "tensor",
+        help:
+          "tensor (one coefficient per tensor), isotropic (one per task vector), or K (K random partitions per tensor)"),
+      .number(
+        "keep", .global, in: 0...1, openBelow: true, default: nil, optional: true,
+        help: "train only this fraction of coefficients, those with the largest gradients at 0"),
       .integers("negate_tasks", optional: true, help: "target tasks of negate"),
-      .pattern("exclude", help: "leave tensors matching this regular expression out of the blocks (they keep the base's values)"),
-      .integer("epochs", in: 1...1_000_000, default: nil, optional: true, help: "epochs (default: the objective's, 20 or 10)"),
+      .pattern(
+        "exclude",
+        help: "leave tensors matching this regular expression out of the blocks (they keep the base's values)"),
+      .integer(
+        "epochs", in: 1...1_000_000, default: nil, optional: true, help: "epochs (default: the objective's, 20 or 10)"),
       .integer("batch_size", in: 1...1 << 24, default: 128, help: "mini-batch size"),
-      .number("lr", .global, in: ParameterSpec.nonNegative, openBelow: true, default: nil, optional: true, help: "learning rate (default: the objective's, 1e-3 or 0.1 for few-shot)"),
-      .number("weight_decay", .global, in: ParameterSpec.nonNegative, default: 0.1, help: "weight decay (pulls coefficients toward 0, the base)"),
+      .number(
+        "lr", .global, in: ParameterSpec.nonNegative, openBelow: true, default: nil, optional: true,
+        help: "learning rate (default: the objective's, 1e-3 or 0.1 for few-shot)"),
+      .number(
+        "weight_decay", .global, in: ParameterSpec.nonNegative, default: 0.1,
+        help: "weight decay (pulls coefficients toward 0, the base)"),
       .integer("seed", in: 0...Int.max, default: 0, help: "seed of the mini-batch order and augmentations"),
       .path("coefficients_out", writes: true, help: "also write the coefficient file (JSON) here"),
     ]
@@ -48,10 +63,12 @@ public struct ATLASLearnOperation: MergekitOperation {
     let p = request.parameters
     let blocks = p.text("blocks")
     guard blocks == "tensor" || blocks == "isotropic" || (Int(blocks) ?? 0) >= 1 else {
-      throw OperationError.invalidParameter(operation: name, name: "blocks", value: blocks, reason: "is not tensor, isotropic or a number of partitions")
+      throw OperationError.invalidParameter(
+        operation: name, name: "blocks", value: blocks, reason: "is not tensor, isotropic or a number of partitions")
     }
     if p.text("objective") == "negate" && p.optionalIntegers("negate_tasks") == nil {
-      throw OperationError.conflict(operation: name, name: "negate_tasks", reason: "the negate objective needs its target tasks")
+      throw OperationError.conflict(
+        operation: name, name: "negate_tasks", reason: "the negate objective needs its target tasks")
     }
   }
 
@@ -59,27 +76,47 @@ public struct ATLASLearnOperation: MergekitOperation {
     let p = request.parameters
     guard let base = request.base else { throw OperationError.inputs(operation: name, reason: "needs base") }
     let problem = try ATLAS.Problem(
-      base: try NetworkFiles.load(base), taskVectors: try request.models.map { try NetworkFiles.tensors($0) }, names: request.models, exclude: p.optionalText("exclude"))
+      base: try NetworkFiles.load(base), taskVectors: try request.models.map { try NetworkFiles.tensors($0) },
+      names: request.models, exclude: p.optionalText("exclude"))
     var options = ATLAS.Options(objective: ATLAS.Objective(rawValue: p.text("objective")) ?? .ce)
-    (options.epochs, options.learningRate) = (p.optionalInt("epochs") ?? options.epochs, p.optionalDouble("lr").map(Float.init) ?? options.learningRate)
-    (options.batchSize, options.weightDecay, options.seed, options.keepFraction) = (p.int("batch_size"), p.float("weight_decay"), p.seed(), p.optionalDouble("keep"))
+    (options.epochs, options.learningRate) = (
+      p.optionalInt("epochs") ?? options.epochs, p.optionalDouble("lr").map(Float.init) ?? options.learningRate
+    )
+    (options.batchSize, options.weightDecay, options.seed, options.keepFraction) = (
+      p.int("batch_size"), p.float("weight_decay"), p.seed(), p.optionalDouble("keep")
+    )
     options.isotropic = p.text("blocks") == "isotropic"
     options.partitions = Int(p.text("blocks")) ?? 1
     options.negateTasks = Set(p.optionalIntegers("negate_tasks") ?? [])
     let validation = try p.optionalText("validation").map { try request.labelledData($0) }
     let meter = context.meter("atlas", .items("epochs"))
-    let (coefficients, reports) = try ATLAS.learn(problem, data: try request.labelledData(), validation: validation, options: options) { report in
-      meter.update(report.epoch, options.epochs, note: String(format: "loss %.4f", report.loss) + (report.metric.map { String(format: "  validation %.4f", $0) } ?? ""))
+    let (coefficients, reports) = try ATLAS.learn(
+      problem, data: try request.labelledData(), validation: validation, options: options
+    ) { report in
+      meter.update(
+        report.epoch, options.epochs,
+        note: String(format: "loss %.4f", report.loss)
+          + (report.metric.map { String(format: "  validation %.4f", $0) } ?? ""))
     }
     meter.finish()
     let json = try coefficients.json()
     let output = try request.requireOutput()
-    try NetworkFiles.saveMLP(problem.network(coefficients), to: output, overwrite: context.overwrite, files: [Self.coefficientsFile: String(decoding: json, as: UTF8.self)])
+    try NetworkFiles.saveMLP(
+      problem.network(coefficients), to: output, overwrite: context.overwrite,
+      files: [Self.coefficientsFile: String(decoding: json, as: UTF8.self)])
     if let path = p.optionalText("coefficients_out") {
-      do { try json.write(to: URL(fileURLWithPath: path), options: .atomic) } catch { throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription) }
+      do { try json.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
+        throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription)
+      }
     }
     let (t, b, k) = (coefficients.tasks.count, coefficients.blocks.count, coefficients.partitions)
-    let learned = options.isotropic ? "\(t) coefficients (one per task vector, isotropic)" : "\(t * b * k) coefficients (\(t) task vectors x \(b) blocks x \(k))"
-    return OperationResult(lines: ["\(output): \(learned) after \(reports.count) epochs" + (reports.last.map { String(format: ", loss %.4f", $0.loss) } ?? "")])
+    let learned =
+      options.isotropic
+      ? "\(t) coefficients (one per task vector, isotropic)"
+      : "\(t * b * k) coefficients (\(t) task vectors x \(b) blocks x \(k))"
+    return OperationResult(lines: [
+      "\(output): \(learned) after \(reports.count) epochs"
+        + (reports.last.map { String(format: ", loss %.4f", $0.loss) } ?? "")
+    ])
   }
 }

@@ -43,18 +43,28 @@ public enum KVProjectionFiles {
     public let validation: (kl: Double, error: Double, pcaKL: Double?)?
   }
 
-  public static func run(_ model: String, to output: String, run: Run, overwrite: Bool, progress: ((String, Int, Int) -> Void)? = nil) throws -> Result {
+  public static func run(
+    _ model: String, to output: String, run: Run, overwrite: Bool, progress: ((String, Int, Int) -> Void)? = nil
+  ) throws -> Result {
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
     let network = try NetworkFiles.load(model)
-    guard case .decoder(let c) = network.config else { throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)") }
-    guard network.kvProjection == nil else { throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "\(model) already has K/V projections; start from the original model") }
+    guard case .decoder(let c) = network.config else {
+      throw AdaptError.unsupportedModel(
+        method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)")
+    }
+    guard network.kvProjection == nil else {
+      throw AdaptError.unsupportedModel(
+        method: "MatryoshkaKV", reason: "\(model) already has K/V projections; start from the original model")
+    }
     let step = run.step ?? max(1, c.headDimension / 8)
     try MatryoshkaKV.checkBudget(c, budget: run.budget, step: step)
     let calibration = try run.data.map { try DataFiles.readTokens($0) }
     /// The calibration sequences, which PCA, the adaptive search and training need.
     func sequences() throws -> [[Int]] {
       guard let calibration else {
-        throw AdaptError.missingData(method: "MatryoshkaKV", needed: "token data for PCA, the adaptive rank search and training (or use data_free with uniform ranks)")
+        throw AdaptError.missingData(
+          method: "MatryoshkaKV",
+          needed: "token data for PCA, the adaptive rank search and training (or use data_free with uniform ranks)")
       }
       return calibration
     }
@@ -66,12 +76,16 @@ public enum KVProjectionFiles {
       let stats = try MatryoshkaKV.statistics(network, sequences: try sequences()) { progress?("statistics", $0, $1) }
       bases = try MatryoshkaKV.pcaBases(network, statistics: stats)
     }
-    let full = try MatryoshkaKV.apply(network, bases: bases, ranks: KVProjection(layers: c.layerCount, heads: c.keyValueHeadCount, rank: c.headDimension))
+    let full = try MatryoshkaKV.apply(
+      network, bases: bases,
+      ranks: KVProjection(layers: c.layerCount, heads: c.keyValueHeadCount, rank: c.headDimension))
     let ranks: KVProjection
     switch run.search {
     case .uniform: ranks = MatryoshkaKV.uniformRanks(c, budget: run.budget, step: step)
     case .adaptive:
-      ranks = try MatryoshkaKV.searchRanks(full, sequences: try sequences(), budget: run.budget, step: step, perRound: run.perRound) { kept in
+      ranks = try MatryoshkaKV.searchRanks(
+        full, sequences: try sequences(), budget: run.budget, step: step, perRound: run.perRound
+      ) { kept in
         progress?("rank search", Int((1 - kept) * 1000), Int((1 - run.budget) * 1000))
       }
     }
@@ -81,26 +95,44 @@ public enum KVProjectionFiles {
     if var training = run.training {
       training.step = step
       let trainingSequences = try run.trainingData.map { try DataFiles.readTokens($0) } ?? sequences()
-      projected = try MatryoshkaKV.train(projected, teacher: network, sequences: trainingSequences, options: training) { done, total, _ in progress?("training", done, total) }.network
+      projected = try MatryoshkaKV.train(projected, teacher: network, sequences: trainingSequences, options: training) {
+        done, total, _ in progress?("training", done, total)
+      }.network
     }
     var measured: (Double, Double, Double?)?
     if let validation = run.validation {
       let held = try DataFiles.readTokens(validation)
       let kl = try MatryoshkaKV.logitKL(projected, teacher: network, sequences: held)
       let error = try MatryoshkaKV.outputError(projected, reference: network, sequences: held)
-      measured = (kl, error, run.training == nil ? nil : try MatryoshkaKV.logitKL(pca, teacher: network, sequences: held))
+      measured = (
+        kl, error, run.training == nil ? nil : try MatryoshkaKV.logitKL(pca, teacher: network, sequences: held)
+      )
     }
-    try write(projected, source: model, to: output, overwrite: overwrite, details: ["bases": run.dataFree ? "data-free" : "pca", "trained": run.training != nil, "budget": run.budget, "step": step, "rank_search": run.search.rawValue])
-    return Result(ranks: ranks, headDimension: c.headDimension, dataFree: run.dataFree, trained: run.training != nil, validation: measured)
+    try write(
+      projected, source: model, to: output, overwrite: overwrite,
+      details: [
+        "bases": run.dataFree ? "data-free" : "pca", "trained": run.training != nil, "budget": run.budget, "step": step,
+        "rank_search": run.search.rawValue,
+      ])
+    return Result(
+      ranks: ranks, headDimension: c.headDimension, dataFree: run.dataFree, trained: run.training != nil,
+      validation: measured)
   }
 
   /// Writes the model folder: the source's files, the projections and the amended config.json.
-  static func write(_ network: Network<Float>, source: String, to output: String, overwrite: Bool, details: [String: Any]) throws {
-    guard let folder = ModelFolder.modelFolder(of: source), let projection = network.kvProjection, case .decoder(let c) = network.config else {
-      throw AdaptError.unsupportedModel(method: "MatryoshkaKV", reason: "\(source) is not a model folder with a config.json")
+  static func write(
+    _ network: Network<Float>, source: String, to output: String, overwrite: Bool, details: [String: Any]
+  ) throws {
+    guard let folder = ModelFolder.modelFolder(of: source), let projection = network.kvProjection,
+      case .decoder(let c) = network.config
+    else {
+      throw AdaptError.unsupportedModel(
+        method: "MatryoshkaKV", reason: "\(source) is not a model folder with a config.json")
     }
     let fm = FileManager.default
-    guard let json = fm.contents(atPath: folder + "/config.json"), var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
+    guard let json = fm.contents(atPath: folder + "/config.json"),
+      var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any]
+    else {
       throw CheckpointError.cannotWrite(file: output, reason: "cannot read \(folder)/config.json")
     }
     var section = projection.json.merging(details) { a, _ in a }
@@ -108,25 +140,40 @@ public enum KVProjectionFiles {
     section["kept_fraction"] = projection.keptFraction(dimension: c.headDimension)
     object["kv_projection"] = section
     let names = KVProjection.shapes(c)
-    let rankNames = (0..<c.layerCount).flatMap { l in KVProjection.Kind.allCases.map { (l, $0, "model.layers.\(l).self_attn.\($0.rawValue)_ranks") } }
-    let infos = names.map { TensorInfo(name: $0.name, dtype: .f32, shape: $0.shape) } + rankNames.map { TensorInfo(name: $0.2, dtype: .i64, shape: [c.keyValueHeadCount]) }
+    let rankNames = (0..<c.layerCount).flatMap { l in
+      KVProjection.Kind.allCases.map { (l, $0, "model.layers.\(l).self_attn.\($0.rawValue)_ranks") }
+    }
+    let infos =
+      names.map { TensorInfo(name: $0.name, dtype: .f32, shape: $0.shape) }
+      + rankNames.map { TensorInfo(name: $0.2, dtype: .i64, shape: [c.keyValueHeadCount]) }
     try ModelFolder.publishing(output, overwrite: overwrite) { staging in
       do {
-        for name in try fm.contentsOfDirectory(atPath: folder).sorted() where name != "config.json" && name != fileName && !name.hasPrefix(".") {
+        for name in try fm.contentsOfDirectory(atPath: folder).sorted()
+        where name != "config.json" && name != fileName && !name.hasPrefix(".") {
           var isDirectory: ObjCBool = false
-          guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else { continue }
-          do { try fm.linkItem(atPath: folder + "/" + name, toPath: staging + "/" + name) } catch { try fm.copyItem(atPath: folder + "/" + name, toPath: staging + "/" + name) }
+          guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else {
+            continue
+          }
+          do { try fm.linkItem(atPath: folder + "/" + name, toPath: staging + "/" + name) } catch {
+            try fm.copyItem(atPath: folder + "/" + name, toPath: staging + "/" + name)
+          }
         }
       } catch { throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription) }
-      let writer = try CheckpointWriter(destination: staging + "/" + fileName, tensors: infos, options: WriteOptions(metadata: ["format": "pt", "mergekit.kind": "matryoshka-kv"]))
-      for (name, shape) in names { try writer.write(name, try network.weights.required(name).tensor(shape: shape), as: .f32) }
+      let writer = try CheckpointWriter(
+        destination: staging + "/" + fileName, tensors: infos,
+        options: WriteOptions(metadata: ["format": "pt", "mergekit.kind": "matryoshka-kv"]))
+      for (name, shape) in names {
+        try writer.write(name, try network.weights.required(name).tensor(shape: shape), as: .f32)
+      }
       for (layer, kind, name) in rankNames {
         let ranks = projection.ranks(kind)[layer].map { Int64($0).littleEndian }
-        try writer.write(name, TensorData(dtype: .i64, shape: [ranks.count], bytes: ranks.withUnsafeBytes { Array($0) }))
+        try writer.write(
+          name, TensorData(dtype: .i64, shape: [ranks.count], bytes: ranks.withUnsafeBytes { Array($0) }))
       }
       try writer.finish()
       do {
-        try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/config.json"))
+        try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]).write(
+          to: URL(fileURLWithPath: staging + "/config.json"))
       } catch { throw CheckpointError.cannotWrite(file: output + "/config.json", reason: error.localizedDescription) }
     }
   }
@@ -134,7 +181,10 @@ public enum KVProjectionFiles {
   /// The projection tensors of a model folder whose config declares them.
   static func tensors(folder: String) throws -> [String: Tensor] {
     let path = folder + "/" + fileName
-    guard FileManager.default.fileExists(atPath: path) else { throw CheckpointError.badDataFile(file: path, reason: "config.json declares kv_projection but this file is missing") }
+    guard FileManager.default.fileExists(atPath: path) else {
+      throw CheckpointError.badDataFile(
+        file: path, reason: "config.json declares kv_projection but this file is missing")
+    }
     let file = try openCheckpoint(path)
     var out: [String: Tensor] = [:]
     for info in file.tensors where info.dtype.isFloatingPoint { out[info.name] = try file.tensor(named: info.name) }

@@ -17,20 +17,28 @@ public enum LowRankFiles {
 
   /// The config of a model folder, when it has one that Nets knows.
   static func config(of model: String) -> (NetworkConfig?, Data?) {
-    guard let folder = ModelFolder.modelFolder(of: model), let json = FileManager.default.contents(atPath: folder + "/config.json") else { return (nil, nil) }
+    guard let folder = ModelFolder.modelFolder(of: model),
+      let json = FileManager.default.contents(atPath: folder + "/config.json")
+    else { return (nil, nil) }
     return (try? NetworkConfig(json: json), json)
   }
 
   /// The candidate layers of a checkpoint and the rank each gets (nil: stays dense, with why).
   /// The energy rule needs each weight's spectrum, so it reads and decomposes them here.
-  static func plan(_ checkpoint: any Checkpoint, config: NetworkConfig?, options: PELA.Options, progress: ((Int, Int) -> Void)?) throws -> [(layer: String, rank: Int?, reason: String?)] {
+  static func plan(
+    _ checkpoint: any Checkpoint, config: NetworkConfig?, options: PELA.Options, progress: ((Int, Int) -> Void)?
+  ) throws -> [(layer: String, rank: Int?, reason: String?)] {
     let weights = checkpoint.tensors.map { ($0.name, $0.shape) }
     let layers = try PELA.candidateLayers(weights, config: config, options: options)
-    guard !layers.isEmpty else { throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)") }
+    guard !layers.isEmpty else {
+      throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)")
+    }
     return try layers.enumerated().map { i, layer in
       defer { progress?(i + 1, layers.count) }
       let shape = try checkpoint.info(layer + ".weight").shape
-      let spectrum = options.rule.needsSpectrum && shape[0] >= options.minimumOutputs ? try LAPACK.svd(try checkpoint.tensor(named: layer + ".weight")).s.map(Double.init) : []
+      let spectrum =
+        options.rule.needsSpectrum && shape[0] >= options.minimumOutputs
+        ? try LAPACK.svd(try checkpoint.tensor(named: layer + ".weight")).s.map(Double.init) : []
       let planned = PELA.plannedRank(rows: shape[0], columns: shape[1], options: options, singularValues: spectrum)
       return (layer, planned.rank, planned.reason)
     }
@@ -39,7 +47,8 @@ public enum LowRankFiles {
   /// Factors the selected layers of `model` into `output` (a folder or a single file), copying
   /// every other tensor and the folder's other files. Returns one report per candidate layer.
   public static func factor(
-    _ model: String, to output: String, options: PELA.Options, format: Format, outputFormat: CheckpointFormat, overwrite: Bool,
+    _ model: String, to output: String, options: PELA.Options, format: Format, outputFormat: CheckpointFormat,
+    overwrite: Bool,
     progress: ((String, Int, Int) -> Void)? = nil
   ) throws -> [PELA.LayerReport] {
     let checkpoint = try openCheckpoint(model)
@@ -54,11 +63,15 @@ public enum LowRankFiles {
       let dtype = layout.count == 2 && !info.dtype.isFloatingPoint ? .f32 : info.dtype
       infos += layout.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.shape) }
     }
-    var write = WriteOptions(format: outputFormat, metadata: checkpoint.metadata, copyFilesFrom: ModelFolder.modelFolder(of: model), overwrite: overwrite)
+    var write = WriteOptions(
+      format: outputFormat, metadata: checkpoint.metadata, copyFilesFrom: ModelFolder.modelFolder(of: model),
+      overwrite: overwrite)
     if !factored.isEmpty {
       let rankJSON = try JSONSerialization.data(withJSONObject: factored, options: [.sortedKeys])
       write.metadata["low_rank"] = String(decoding: rankJSON, as: UTF8.self)
-      if let configJSON { write.files["config.json"] = try NetworkConfig.addingLowRank(to: configJSON, ranks: factored, method: "pela") }
+      if let configJSON {
+        write.files["config.json"] = try NetworkConfig.addingLowRank(to: configJSON, ranks: factored, method: "pela")
+      }
     }
     let writer = try CheckpointWriter(destination: output, tensors: infos, options: write)
     var reports: [String: PELA.LayerReport] = [:]
@@ -80,7 +93,9 @@ public enum LowRankFiles {
         progress?("factoring", done, ranks.count)
       } else {
         // Copied byte for byte, under its factored name when it is a factored layer's bias.
-        try writer.write(Network<Float>.factoredLayout(info.name, shape: info.shape, lowRank: factored)[0].name, try checkpoint.read(info.name))
+        try writer.write(
+          Network<Float>.factoredLayout(info.name, shape: info.shape, lowRank: factored)[0].name,
+          try checkpoint.read(info.name))
       }
     }
     try writer.finish()
@@ -106,27 +121,36 @@ extension LowRankFiles {
   /// `lora_alpha = r` per layer so PEFT's scaling is 1. Layers the fine-tune left unchanged are
   /// skipped. Memory: one layer at a time plus the (small) factors.
   public static func extractLoRA(
-    finetuned: String, base: String, to output: String, options: PELA.Options, overwrite: Bool, progress: ((Int, Int) -> Void)? = nil
+    finetuned: String, base: String, to output: String, options: PELA.Options, overwrite: Bool,
+    progress: ((Int, Int) -> Void)? = nil
   ) throws -> LoRAExtraction {
     let tuned = try openCheckpoint(finetuned)
     let original = try openCheckpoint(base)
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
-    let layers = try PELA.candidateLayers(tuned.tensors.map { ($0.name, $0.shape) }, config: config(of: finetuned).0, options: options)
-    guard !layers.isEmpty else { throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)") }
+    let layers = try PELA.candidateLayers(
+      tuned.tensors.map { ($0.name, $0.shape) }, config: config(of: finetuned).0, options: options)
+    guard !layers.isEmpty else {
+      throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)")
+    }
     var factors: [(layer: String, factors: LowRankFactors)] = []
     var reports: [PELA.LayerReport] = []
     for (i, layer) in layers.enumerated() {
       let name = layer + ".weight"
       guard let info = original.lookup(name) else { throw CheckpointError.missingTensor(file: base, tensor: name) }
       let w = try tuned.tensor(named: name)
-      guard info.shape == w.shape else { throw CheckpointError.invalidEntry(file: base, tensor: name, reason: "shape \(info.shape), the fine-tune has \(w.shape); the LoRA must come from the fine-tune's own base") }
+      guard info.shape == w.shape else {
+        throw CheckpointError.invalidEntry(
+          file: base, tensor: name,
+          reason: "shape \(info.shape), the fine-tune has \(w.shape); the LoRA must come from the fine-tune's own base")
+      }
       var delta = w
       let b = try original.tensor(named: name)
       for e in delta.scalars.indices { delta.scalars[e] -= b.scalars[e] }
       let (rows, columns) = (w.shape[0], w.shape[1])
       defer { progress?(i + 1, layers.count) }
       guard delta.scalars.contains(where: { $0 != 0 }) else {
-        reports.append(PELA.LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: "unchanged from the base"))
+        reports.append(
+          PELA.LayerReport(layer: layer, rows: rows, columns: columns, denseBecause: "unchanged from the base"))
         continue
       }
       let spectrum = options.rule.needsSpectrum ? try LAPACK.svd(delta) : nil
@@ -139,7 +163,11 @@ extension LowRankFiles {
       factors.append((layer, f))
       reports.append(PELA.LayerReport(layer: layer, rows: rows, columns: columns, factors: f))
     }
-    guard !factors.isEmpty else { throw AdaptError.nothingToDo(method: "extract-lora", reason: "the fine-tune does not differ from the base in any selected layer; nothing to extract") }
+    guard !factors.isEmpty else {
+      throw AdaptError.nothingToDo(
+        method: "extract-lora",
+        reason: "the fine-tune does not differ from the base in any selected layer; nothing to extract")
+    }
     let covered = Set(factors.map { $0.layer + ".weight" })
     var others: [String] = []
     for info in tuned.tensors where !covered.contains(info.name) {
@@ -152,7 +180,10 @@ extension LowRankFiles {
 
     let prefix = "base_model.model."
     let infos = factors.flatMap { layer, f in
-      [TensorInfo(name: prefix + layer + ".lora_A.weight", dtype: .f32, shape: f.a.shape), TensorInfo(name: prefix + layer + ".lora_B.weight", dtype: .f32, shape: f.b.shape)]
+      [
+        TensorInfo(name: prefix + layer + ".lora_A.weight", dtype: .f32, shape: f.a.shape),
+        TensorInfo(name: prefix + layer + ".lora_B.weight", dtype: .f32, shape: f.b.shape),
+      ]
     }
     let ranks = Dictionary(uniqueKeysWithValues: factors.map { ($0.layer, $0.factors.rank) })
     let top = ranks.values.max() ?? 0
@@ -162,15 +193,20 @@ extension LowRankFiles {
       "lora_dropout": 0.0, "use_rslora": false, "inference_mode": true,
     ]
     try ModelFolder.publishing(output, overwrite: overwrite) { staging in
-      let writer = try CheckpointWriter(destination: staging + "/adapter_model.safetensors", tensors: infos, options: WriteOptions(metadata: ["format": "pt"]))
+      let writer = try CheckpointWriter(
+        destination: staging + "/adapter_model.safetensors", tensors: infos,
+        options: WriteOptions(metadata: ["format": "pt"]))
       for (layer, f) in factors {
         try writer.write(prefix + layer + ".lora_A.weight", f.a, as: .f32)
         try writer.write(prefix + layer + ".lora_B.weight", f.b, as: .f32)
       }
       try writer.finish()
       do {
-        try JSONSerialization.data(withJSONObject: adapterConfig, options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: staging + "/adapter_config.json"))
-      } catch { throw CheckpointError.cannotWrite(file: output + "/adapter_config.json", reason: error.localizedDescription) }
+        try JSONSerialization.data(withJSONObject: adapterConfig, options: [.prettyPrinted, .sortedKeys]).write(
+          to: URL(fileURLWithPath: staging + "/adapter_config.json"))
+      } catch {
+        throw CheckpointError.cannotWrite(file: output + "/adapter_config.json", reason: error.localizedDescription)
+      }
     }
     return LoRAExtraction(layers: reports, otherChangedTensors: others)
   }
@@ -206,7 +242,9 @@ extension LowRankFiles {
   ) throws -> PELAResult {
     guard let distillation = run.distillation else {
       let before = try openCheckpoint(model).tensors.reduce(0) { $0 + $1.count }
-      let layers = try factor(model, to: output, options: run.options, format: run.format, outputFormat: outputFormat, overwrite: overwrite, progress: progress)
+      let layers = try factor(
+        model, to: output, options: run.options, format: run.format, outputFormat: outputFormat, overwrite: overwrite,
+        progress: progress)
       let saved = layers.reduce(0) { $0 + $1.parametersBefore - $1.parametersAfter }
       return PELAResult(layers: layers, parameters: (before, before - saved), quality: nil, epochs: [])
     }
@@ -227,7 +265,8 @@ extension LowRankFiles {
       let check = try run.evaluation.map { try DataFiles.readTokens($0) } ?? sequences
       (train, name, measure) = (.tokens(sequences), "perplexity", { try Training.perplexity($0, on: check).perplexity })
     case .bert:
-      throw AdaptError.unsupportedModel(method: "PELA distillation", reason: "it runs on MLPs and decoders; factor BERT models without distill")
+      throw AdaptError.unsupportedModel(
+        method: "PELA distillation", reason: "it runs on MLPs and decoders; factor BERT models without distill")
     }
     let (original, truncated) = (try measure(teacher), try measure(student))
     let epochs = try PELA.distill(&student, teacher: teacher, on: train, options: distillation, progress: epoch)
@@ -239,6 +278,7 @@ extension LowRankFiles {
       try NetworkFiles.save(result, like: model, to: output, overwrite: overwrite)
     }
     return PELAResult(
-      layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)), quality: (name, original, truncated, distilled), epochs: epochs)
+      layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)),
+      quality: (name, original, truncated, distilled), epochs: epochs)
   }
 }

@@ -40,7 +40,8 @@ public struct MergePlan {
   /// - `allowMissing`: tensors absent from some model are copied from the base (or reference);
   ///   tensors only some models have are ignored.
   public init(
-    method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue], perModel: [[String: ParameterValue]],
+    method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue],
+    perModel: [[String: ParameterValue]],
     outputType: DType? = nil, allowMissing: Bool = false
   ) throws {
     try method.checkInputs(hasBase: base != nil, modelCount: models.count)
@@ -51,7 +52,8 @@ public struct MergePlan {
     let reference = inputs[0]
     self.reference = reference
     resolver = try ParameterResolver(
-      method: method.name, specs: method.parameters, global: global, models: perModel.isEmpty ? Array(repeating: [:], count: models.count) : perModel,
+      method: method.name, specs: method.parameters, global: global,
+      models: perModel.isEmpty ? Array(repeating: [:], count: models.count) : perModel,
       positions: LayerPositions(names: reference.tensors.map(\.name)))
 
     let referenceNames = Set(reference.tensors.map(\.name))
@@ -64,17 +66,25 @@ public struct MergePlan {
     for info in reference.tensors {
       let found = inputs.map { $0.lookup(info.name) }
       if found.contains(where: { $0.map { $0.shape != info.shape } ?? false }) {
-        throw OperationError.shapeMismatch(tensor: info.name, shapes: zip(inputs, found).map { "\($0.path): \($1.map { "\($0.shape)" } ?? "absent")" })
+        throw OperationError.shapeMismatch(
+          tensor: info.name, shapes: zip(inputs, found).map { "\($0.path): \($1.map { "\($0.shape)" } ?? "absent")" })
       }
       let outputType = info.dtype.isFloatingPoint ? (outputType ?? info.dtype) : info.dtype
       let bytesRead = found.compactMap { $0?.byteCount }.reduce(0, +)
       if found.contains(where: { $0 == nil }) {
         for (input, f) in zip(inputs, found) where f == nil { missingByFile[input.path, default: []].append(info.name) }
-        items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: info.byteCount))
-      } else if !info.dtype.isFloatingPoint || found.contains(where: { $0.map { !$0.dtype.isFloatingPoint } ?? false }) {
-        items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: bytesRead))
+        items.append(
+          Item(
+            name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0),
+            bytesRead: info.byteCount))
+      } else if !info.dtype.isFloatingPoint || found.contains(where: { $0.map { !$0.dtype.isFloatingPoint } ?? false })
+      {
+        items.append(
+          Item(name: info.name, shape: info.shape, outputType: outputType, action: .copy(from: 0), bytesRead: bytesRead)
+        )
       } else {
-        items.append(Item(name: info.name, shape: info.shape, outputType: outputType, action: .merge, bytesRead: bytesRead))
+        items.append(
+          Item(name: info.name, shape: info.shape, outputType: outputType, action: .merge, bytesRead: bytesRead))
       }
     }
     if !allowMissing, let (file, names) = missingByFile.sorted(by: { $0.key < $1.key }).first {
@@ -99,7 +109,9 @@ public enum MergeRunner {
   public static let bufferBytes = 48 << 20
 
   /// Working memory of one tensor: every input decoded to Float, the result, its encoding.
-  static func workingSet(_ item: MergePlan.Item, inputs: Int) -> Int { item.count * (4 * (inputs + 1) + item.outputType.size) }
+  static func workingSet(_ item: MergePlan.Item, inputs: Int) -> Int {
+    item.count * (4 * (inputs + 1) + item.outputType.size)
+  }
 
   /// Whether `item` is streamed range by range (its method can, and it is merged, not copied).
   static func isStreamed(_ item: MergePlan.Item, _ plan: MergePlan) -> Bool {
@@ -120,7 +132,9 @@ public enum MergeRunner {
         start = end
         continue
       }
-      while end < plan.items.count, !isStreamed(plan.items[end], plan), used + workingSet(plan.items[end], inputs: inputs) <= groupBudget {
+      while end < plan.items.count, !isStreamed(plan.items[end], plan),
+        used + workingSet(plan.items[end], inputs: inputs) <= groupBudget
+      {
         used += workingSet(plan.items[end], inputs: inputs)
         end += 1
       }
@@ -135,7 +149,8 @@ public enum MergeRunner {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
     return groups(plan).map { range in
       if range.count == 1, isStreamed(plan.items[range.lowerBound], plan) {
-        return 2 * Parallel.threadCount * MergeRanges.size * (4 * (inputs + 1) + plan.items[range.lowerBound].outputType.size)
+        return 2 * Parallel.threadCount * MergeRanges.size
+          * (4 * (inputs + 1) + plan.items[range.lowerBound].outputType.size)
       }
       return plan.items[range].reduce(0) { $0 + workingSet($1, inputs: inputs) }
     }.max() ?? 0
@@ -148,7 +163,9 @@ public enum MergeRunner {
 
   /// Runs the merge into a checkpoint file or folder at `destination`, sharded like the reference
   /// unless `options` says otherwise.
-  public static func run(_ plan: MergePlan, to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil) throws {
+  public static func run(
+    _ plan: MergePlan, to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil
+  ) throws {
     var options = options
     if options.layout == nil { options.layout = plan.reference.files }
     let writer = try CheckpointWriter(destination: destination, tensors: outputTensors(plan), options: options)
@@ -162,7 +179,9 @@ public enum MergeRunner {
     let total = plan.bytesRead
     var done = 0
     for range in groups(plan) {
-      if range.count == 1, isStreamed(plan.items[range.lowerBound], plan), let method = plan.method as? any StreamingMerge {
+      if range.count == 1, isStreamed(plan.items[range.lowerBound], plan),
+        let method = plan.method as? any StreamingMerge
+      {
         let item = plan.items[range.lowerBound]
         let streamed = try stream(item, method: method, plan: plan, inputs: inputs, writer: writer) { bytes in
           done += bytes
@@ -201,9 +220,12 @@ public enum MergeRunner {
       let data = try inputs[index].read(item.name)
       for other in inputs where other !== inputs[index] && !data.dtype.isFloatingPoint {
         guard let info = other.lookup(item.name) else { continue }
-        guard try info.dtype == data.dtype && other.read(item.name) == data else { throw OperationError.integerMismatch(tensor: item.name, file: other.path) }
+        guard try info.dtype == data.dtype && other.read(item.name) == data else {
+          throw OperationError.integerMismatch(tensor: item.name, file: other.path)
+        }
       }
-      return .stored(data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data)
+      return .stored(
+        data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data)
     case .merge:
       let parameters = try plan.resolver.resolve(tensor: item.name)
       let base = try plan.base.map { try $0.tensor(named: item.name) }
@@ -220,7 +242,9 @@ public enum MergeRunner {
     func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
       let info = try input.info(item.name)
       let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
-      return try input.withBytes(of: item.name, range: bytes) { Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars }
+      return try input.withBytes(of: item.name, range: bytes) {
+        Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars
+      }
     }
     let readsTaskVectors = (plan.method as? any StreamingMerge)?.readsTaskVectors == true
     let read = { (elements: Range<Int>) throws -> RangeInputs in
@@ -228,10 +252,14 @@ public enum MergeRunner {
         // Task vectors straight from the stored bytes: the models are never decoded whole.
         let baseValues = try values(base, elements)
         let types = try plan.models.map { try $0.info(item.name).dtype }
-        let taskVectors = try withStoredElements(plan.models, types, name: item.name, elements: elements) { Kernels.differences($0, minus: baseValues) }
+        let taskVectors = try withStoredElements(plan.models, types, name: item.name, elements: elements) {
+          Kernels.differences($0, minus: baseValues)
+        }
         return RangeInputs(offset: elements.lowerBound, base: baseValues, models: [], taskVectors: taskVectors)
       }
-      return RangeInputs(offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) }, models: try plan.models.map { try values($0, elements) })
+      return RangeInputs(
+        offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) },
+        models: try plan.models.map { try values($0, elements) })
     }
     let release = { (elements: Range<Int>) throws -> Int in
       var bytes = 0
@@ -248,7 +276,8 @@ public enum MergeRunner {
   /// A method that needs the whole model first (TIES's global trimming) gets it here: one scan
   /// per merged tensor, which it may pass over several times; it returns the method to merge with.
   static func preparedForModel(_ plan: MergePlan, inputs: [any Checkpoint]) throws -> MergePlan {
-    guard let wide = plan.method as? any ModelWideMerge, let first = plan.items.first(where: { $0.action == .merge }) else { return plan }
+    guard let wide = plan.method as? any ModelWideMerge, let first = plan.items.first(where: { $0.action == .merge })
+    else { return plan }
     let scans = plan.items.filter { $0.action == .merge }.map { item in
       let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
       return TensorScan(ranges: MergeRanges.ranges(item.count), read: read) { _ = try release($0) }
@@ -264,7 +293,8 @@ public enum MergeRunner {
   /// `advance` gets the input bytes done. Returns false (writing nothing) when the method must
   /// merge this tensor whole.
   static func stream(
-    _ item: MergePlan.Item, method: any StreamingMerge, plan: MergePlan, inputs: [any Checkpoint], writer: any TensorSink, advance: (Int) -> Void
+    _ item: MergePlan.Item, method: any StreamingMerge, plan: MergePlan, inputs: [any Checkpoint],
+    writer: any TensorSink, advance: (Int) -> Void
   ) throws -> Bool {
     let parameters = try plan.resolver.resolve(tensor: item.name)
     let ranges = MergeRanges.ranges(item.count)
@@ -297,7 +327,9 @@ public enum MergeRunner {
 
   /// A weighted-sum merge of one range computed straight from the inputs' stored bytes (the
   /// same bits as decoding each input to an array and merging it, without the arrays).
-  static func weightedSum(_ form: WeightedSumForm, _ item: MergePlan.Item, _ elements: Range<Int>, plan: MergePlan) throws -> TensorData {
+  static func weightedSum(_ form: WeightedSumForm, _ item: MergePlan.Item, _ elements: Range<Int>, plan: MergePlan)
+    throws -> TensorData
+  {
     let base = form.usesBase ? plan.base : nil
     if form.usesBase && base == nil { throw MergeError.baseRequired(method: form.method) }
     let inputs: [any Checkpoint] = (base.map { [$0] } ?? []) + plan.models
@@ -307,8 +339,10 @@ public enum MergeRunner {
       let size = elements.count * item.outputType.size
       return [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
         Kernels.weightedSum(
-          form.terms.map { $0.map { models[$0] } ?? stored[0] }, weights: form.weights, scale: form.scale, base: form.addsBase ? stored[0] : nil,
-          subtractingBase: form.subtractsBase, count: elements.count, into: UnsafeMutableRawBufferPointer(buffer), as: item.outputType)
+          form.terms.map { $0.map { models[$0] } ?? stored[0] }, weights: form.weights, scale: form.scale,
+          base: form.addsBase ? stored[0] : nil,
+          subtractingBase: form.subtractsBase, count: elements.count, into: UnsafeMutableRawBufferPointer(buffer),
+          as: item.outputType)
         initialized = size
       }
     }
@@ -317,13 +351,16 @@ public enum MergeRunner {
 
   /// Calls `body` with every input's stored elements of `elements` (valid only inside `body`).
   static func withStoredElements<R>(
-    _ inputs: [any Checkpoint], _ types: [DType], name: String, elements: Range<Int>, _ body: ([Kernels.StoredElements]) throws -> R
+    _ inputs: [any Checkpoint], _ types: [DType], name: String, elements: Range<Int>,
+    _ body: ([Kernels.StoredElements]) throws -> R
   ) throws -> R {
     func nest(_ i: Int, _ held: [Kernels.StoredElements]) throws -> R {
       guard i < inputs.count else { return try body(held) }
       let size = types[i].size
-      return try inputs[i].withBytes(of: name, range: (elements.lowerBound * size)..<(elements.upperBound * size)) { bytes in
-        try nest(i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? Kernels.noElements, dtype: types[i])])
+      return try inputs[i].withBytes(of: name, range: (elements.lowerBound * size)..<(elements.upperBound * size)) {
+        bytes in
+        try nest(
+          i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? Kernels.noElements, dtype: types[i])])
       }
     }
     return try nest(0, [])

@@ -10,7 +10,8 @@ public enum NetworkFiles {
   public static func configPath(model: String, config: String?) throws -> String {
     if let config { return config }
     guard let folder = ModelFolder.modelFolder(of: model) else {
-      throw CheckpointError.badDataFile(file: model, reason: "a lone tensor file has no config.json; pass the config explicitly")
+      throw CheckpointError.badDataFile(
+        file: model, reason: "a lone tensor file has no config.json; pass the config explicitly")
     }
     return folder + "/config.json"
   }
@@ -18,7 +19,9 @@ public enum NetworkFiles {
   /// A model as a runnable network: its config and the tensors the architecture reads.
   public static func load(_ model: String, config: String? = nil) throws -> Network<Float> {
     let path = try configPath(model: model, config: config)
-    guard let json = FileManager.default.contents(atPath: path) else { throw CheckpointError.badDataFile(file: path, reason: "cannot read the model's config.json") }
+    guard let json = FileManager.default.contents(atPath: path) else {
+      throw CheckpointError.badDataFile(file: path, reason: "cannot read the model's config.json")
+    }
     let networkConfig: NetworkConfig
     let lowRank: [String: Int]
     let kvProjection: KVProjection?
@@ -29,10 +32,16 @@ public enum NetworkFiles {
     } catch let error as NetsError { throw CheckpointError.badDataFile(file: path, reason: error.description) }
     let checkpoint = try openCheckpoint(model)
     let needed = Set(
-      Network<Float>.expectedShapes(networkConfig, lowRank: lowRank).map(\.name) + Network<Float>.expectedShapes(networkConfig, prefix: "bert.", lowRank: lowRank).map(\.name))
+      Network<Float>.expectedShapes(networkConfig, lowRank: lowRank).map(\.name)
+        + Network<Float>.expectedShapes(networkConfig, prefix: "bert.", lowRank: lowRank).map(\.name))
     var tensors: [String: Tensor] = [:]
-    for info in checkpoint.tensors where needed.contains(info.name) { tensors[info.name] = try checkpoint.tensor(named: info.name) }
-    if kvProjection != nil { tensors.merge(try KVProjectionFiles.tensors(folder: URL(fileURLWithPath: path).deletingLastPathComponent().path)) { a, _ in a } }
+    for info in checkpoint.tensors where needed.contains(info.name) {
+      tensors[info.name] = try checkpoint.tensor(named: info.name)
+    }
+    if kvProjection != nil {
+      tensors.merge(try KVProjectionFiles.tensors(folder: URL(fileURLWithPath: path).deletingLastPathComponent().path))
+      { a, _ in a }
+    }
     do {
       return try Network(config: networkConfig, tensors: tensors, lowRank: lowRank, kvProjection: kvProjection)
     } catch let error as NetsError { throw CheckpointError.badDataFile(file: model, reason: error.description) }
@@ -40,13 +49,21 @@ public enum NetworkFiles {
 
   /// Saves an MLP as a model folder (config.json with its factored layers, f32 safetensors, and
   /// `files` by name).
-  public static func saveMLP(_ network: Network<Float>, to folder: String, overwrite: Bool, files: [String: String] = [:]) throws {
-    guard case .mlp(let config) = network.config else { throw CheckpointError.badDataFile(file: folder, reason: "only MLPs are written as new models") }
+  public static func saveMLP(
+    _ network: Network<Float>, to folder: String, overwrite: Bool, files: [String: String] = [:]
+  ) throws {
+    guard case .mlp(let config) = network.config else {
+      throw CheckpointError.badDataFile(file: folder, reason: "only MLPs are written as new models")
+    }
     var configJSON = config.json
     if !network.lowRank.isEmpty {
-      configJSON = String(decoding: try NetworkConfig.addingLowRank(to: Data(config.json.utf8), ranks: network.lowRank, method: "pela"), as: UTF8.self)
+      configJSON = String(
+        decoding: try NetworkConfig.addingLowRank(to: Data(config.json.utf8), ranks: network.lowRank, method: "pela"),
+        as: UTF8.self)
     }
-    try ModelFolder.write(network.tensors, files: files.merging(["config.json": configJSON]) { $1 }, dtype: .f32, to: folder, overwrite: overwrite)
+    try ModelFolder.write(
+      network.tensors, files: files.merging(["config.json": configJSON]) { $1 }, dtype: .f32, to: folder,
+      overwrite: overwrite)
   }
 
   /// Saves any network as a model folder next to the files of `source` (tokenizer, generation
@@ -54,12 +71,20 @@ public enum NetworkFiles {
   public static func save(_ network: Network<Float>, like source: String, to folder: String, overwrite: Bool) throws {
     let original = try openCheckpoint(source)
     let dtype = original.tensors.first { $0.dtype.isFloatingPoint }?.dtype ?? .f32
-    var options = WriteOptions(format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: ModelFolder.modelFolder(of: source), overwrite: overwrite)
-    if let configPath = ModelFolder.modelFolder(of: source).map({ $0 + "/config.json" }), let json = FileManager.default.contents(atPath: configPath) {
-      options.files["config.json"] = network.lowRank.isEmpty ? json : try NetworkConfig.addingLowRank(to: json, ranks: network.lowRank, method: "pela")
+    var options = WriteOptions(
+      format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: ModelFolder.modelFolder(of: source),
+      overwrite: overwrite)
+    if let configPath = ModelFolder.modelFolder(of: source).map({ $0 + "/config.json" }),
+      let json = FileManager.default.contents(atPath: configPath)
+    {
+      options.files["config.json"] =
+        network.lowRank.isEmpty
+        ? json : try NetworkConfig.addingLowRank(to: json, ranks: network.lowRank, method: "pela")
     }
     let tensors = network.tensors
-    let writer = try CheckpointWriter(destination: folder, tensors: tensors.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) }, options: options)
+    let writer = try CheckpointWriter(
+      destination: folder, tensors: tensors.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) },
+      options: options)
     for (name, tensor) in tensors { try writer.write(name, tensor, as: dtype) }
     try writer.finish()
   }
@@ -67,7 +92,9 @@ public enum NetworkFiles {
   /// A JSON report (sorted keys), written atomically; refuses to replace an existing file
   /// unless `overwrite`.
   public static func writeReport(_ json: [String: Any], to destination: String, overwrite: Bool) throws {
-    guard overwrite || !FileManager.default.fileExists(atPath: destination) else { throw CheckpointError.outputExists(path: destination) }
+    guard overwrite || !FileManager.default.fileExists(atPath: destination) else {
+      throw CheckpointError.outputExists(path: destination)
+    }
     do {
       let bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
       try bytes.write(to: URL(fileURLWithPath: destination), options: .atomic)
@@ -77,7 +104,8 @@ public enum NetworkFiles {
   /// The tensors of a checkpoint (task vectors), decoded.
   public static func tensors(_ path: String) throws -> [String: Tensor] {
     let checkpoint = try openCheckpoint(path)
-    return Dictionary(uniqueKeysWithValues: try checkpoint.tensors.map { ($0.name, try checkpoint.tensor(named: $0.name)) })
+    return Dictionary(
+      uniqueKeysWithValues: try checkpoint.tensors.map { ($0.name, try checkpoint.tensor(named: $0.name)) })
   }
 
   /// Labelled features from a data file, optionally only the rows of some tasks.
@@ -85,11 +113,16 @@ public enum NetworkFiles {
     let table = try DataFiles.readLabeled(path, labels: labels)
     var data: LabeledFeatures
     do {
-      data = try LabeledFeatures(features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels, tasks: table.tasks, source: path)
+      data = try LabeledFeatures(
+        features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels,
+        tasks: table.tasks, source: path)
     } catch let error as NetsError { throw CheckpointError.badDataFile(file: path, reason: error.description) }
     if let tasks {
       data = data.tasks(Set(tasks))
-      guard data.count > 0 else { throw CheckpointError.badDataFile(file: path, reason: "no rows belong to tasks \(tasks.map(String.init).joined(separator: ","))") }
+      guard data.count > 0 else {
+        throw CheckpointError.badDataFile(
+          file: path, reason: "no rows belong to tasks \(tasks.map(String.init).joined(separator: ","))")
+      }
     }
     return data
   }
@@ -97,11 +130,16 @@ public enum NetworkFiles {
   /// Writes token sequences as JSON lines (one array of ids per line), atomically.
   public static func writeTokens(_ sequences: [[Int]], to path: String) throws {
     let text = sequences.map { "[" + $0.map(String.init).joined(separator: ", ") + "]" }.joined(separator: "\n") + "\n"
-    do { try Data(text.utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch { throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription) }
+    do { try Data(text.utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
+      throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription)
+    }
   }
 
   /// Writes labelled features as safetensors.
   public static func writeLabeled(_ data: LabeledFeatures, to path: String, overwrite: Bool) throws {
-    try DataFiles.writeLabeled(FeatureTable(features: data.features.values, columns: data.features.columns, labels: data.labels, tasks: data.tasks), to: path, overwrite: overwrite)
+    try DataFiles.writeLabeled(
+      FeatureTable(
+        features: data.features.values, columns: data.features.columns, labels: data.labels, tasks: data.tasks),
+      to: path, overwrite: overwrite)
   }
 }

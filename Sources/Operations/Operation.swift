@@ -55,7 +55,8 @@ public struct OperationInputs: Sendable {
   public var baseIsFirstArgument: Bool
 
   public init(
-    models: ClosedRange<Int>, modelHelp: String, base: Requirement = .unused, baseHelp: String = "", data: Requirement = .unused, dataHelp: String = "",
+    models: ClosedRange<Int>, modelHelp: String, base: Requirement = .unused, baseHelp: String = "",
+    data: Requirement = .unused, dataHelp: String = "",
     baseIsFirstArgument: Bool = false
   ) {
     self.models = models
@@ -68,7 +69,8 @@ public struct OperationInputs: Sendable {
   }
 
   /// Labelled features or token sequences, as every data-driven operation reads them.
-  public static let dataHelp = "labelled features (.safetensors with features/labels[/tasks], .csv, or .npy with labels) or token sequences (.jsonl, .safetensors input_ids)"
+  public static let dataHelp =
+    "labelled features (.safetensors with features/labels[/tasks], .csv, or .npy with labels) or token sequences (.jsonl, .safetensors input_ids)"
 }
 
 /// What an operation writes.
@@ -99,7 +101,8 @@ public struct OperationContext {
   /// Makes a meter for a stage (`train`, `distill`).
   public var meter: (String, ProgressUnit) -> any ProgressMeter
 
-  public init(overwrite: Bool, meter: @escaping (String, ProgressUnit) -> any ProgressMeter = { _, _ in SilentMeter() }) {
+  public init(overwrite: Bool, meter: @escaping (String, ProgressUnit) -> any ProgressMeter = { _, _ in SilentMeter() })
+  {
     self.overwrite = overwrite
     self.meter = meter
   }

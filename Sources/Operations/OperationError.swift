@@ -46,7 +46,9 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
   /// The parameter the error is about, if any.
   public var parameter: String? {
     switch self {
-    case .unknownParameter(_, let name, _), .invalidParameter(_, let name, _, _), .missingParameter(_, let name, _), .conflict(_, let name, _): return name
+    case .unknownParameter(_, let name, _), .invalidParameter(_, let name, _, _), .missingParameter(_, let name, _),
+      .conflict(_, let name, _):
+      return name
     default: return nil
     }
   }
@@ -54,8 +56,10 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
   /// The message without the operation and parameter names, for shells that name them their way.
   public var reason: String {
     switch self {
-    case .unknownOperation(let name, let known): return "unknown operation '\(name)'; available: \(known.joined(separator: ", "))"
-    case .unknownParameter(_, _, let known): return "unknown parameter; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
+    case .unknownOperation(let name, let known):
+      return "unknown operation '\(name)'; available: \(known.joined(separator: ", "))"
+    case .unknownParameter(_, _, let known):
+      return "unknown parameter; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
     case .invalidParameter(_, _, let value, let reason): return "'\(value)' \(reason)"
     case .missingParameter(_, _, let help): return "is required (\(help))"
     case .conflict(_, _, let reason), .inputs(_, let reason), .badOutput(_, let reason): return reason
@@ -63,25 +67,33 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
     case .outputExists(let path): return "'\(path)' already exists; replace it with overwrite (--overwrite)"
     case .outputClash(let path, let reason): return "'\(path)' \(reason)"
     case .missingTensors(let file, let names):
-      return "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(Self.list(names)) (allow_missing, --allow-missing, takes them from the base)"
+      return
+        "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(Self.list(names)) (allow_missing, --allow-missing, takes them from the base)"
     case .extraTensors(let file, let names):
-      return "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(Self.list(names)) (allow_missing, --allow-missing, ignores them)"
-    case .shapeMismatch(let tensor, let shapes): return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
+      return
+        "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(Self.list(names)) (allow_missing, --allow-missing, ignores them)"
+    case .shapeMismatch(let tensor, let shapes):
+      return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
     case .integerMismatch(let tensor, let file):
-      return "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
+      return
+        "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
     case .noFloatingTensors: return "the inputs hold no floating-point tensors to merge"
     }
   }
 
-  private static func list(_ names: [String]) -> String { names.prefix(8).joined(separator: ", ") + (names.count > 8 ? " and \(names.count - 8) more" : "") }
+  private static func list(_ names: [String]) -> String {
+    names.prefix(8).joined(separator: ", ") + (names.count > 8 ? " and \(names.count - 8) more" : "")
+  }
 
   /// The message with parameters named by `render` (a flag or a YAML path).
   public func message(naming render: (String) -> String) -> String {
     switch self {
-    case .unknownParameter(let operation, let name, _), .invalidParameter(let operation, let name, _, _), .missingParameter(let operation, let name, _),
+    case .unknownParameter(let operation, let name, _), .invalidParameter(let operation, let name, _, _),
+      .missingParameter(let operation, let name, _),
       .conflict(let operation, let name, _):
       return "\(operation): \(render(name)): \(reason)"
-    case .inputs(let operation, _), .missingInput(let operation, _, _), .badOutput(let operation, _): return "\(operation): \(reason)"
+    case .inputs(let operation, _), .missingInput(let operation, _, _), .badOutput(let operation, _):
+      return "\(operation): \(reason)"
     default: return reason
     }
   }

@@ -19,7 +19,8 @@ public enum OperationRegistry {
 
   /// The operations that stream checkpoints through `MergeRunner`: task-vector, apply,
   /// atlas-apply, and every merge method of `MergeRegistry`.
-  public static let streamed: [StreamedOperation] = [.taskVector, .apply, .atlasApply] + MergeRegistry.methods.map(StreamedOperation.merge)
+  public static let streamed: [StreamedOperation] =
+    [.taskVector, .apply, .atlasApply] + MergeRegistry.methods.map(StreamedOperation.merge)
 
   /// The streamed operation called `name` (mergekit's spellings such as `dare_ties` too).
   public static func streamed(named name: String) -> StreamedOperation? {

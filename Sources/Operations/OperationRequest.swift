@@ -99,7 +99,9 @@ extension MergekitOperation {
   /// Checks a request as the user gave it and resolves its parameters: known names, kinds,
   /// ranges and defaults, the number and roles of inputs, the output, then the operation's own
   /// rules. Reads no file. Throws `OperationError`.
-  public func prepare(models: [String], base: String?, data: String?, output: String?, parameters given: [String: ParameterValue]) throws -> OperationRequest {
+  public func prepare(
+    models: [String], base: String?, data: String?, output: String?, parameters given: [String: ParameterValue]
+  ) throws -> OperationRequest {
     let known = parameters.map(\.name)
     if let unknown = given.keys.sorted().first(where: { !known.contains($0) }) {
       throw OperationError.unknownParameter(operation: name, name: unknown, known: known)
@@ -114,13 +116,19 @@ extension MergekitOperation {
     }
     guard inputs.models.contains(models.count) else {
       let range = inputs.models
-      let wanted = range.lowerBound == range.upperBound ? "\(range.lowerBound)" : range.upperBound == Int.max ? "at least \(range.lowerBound)" : "\(range.lowerBound) to \(range.upperBound)"
-      throw OperationError.inputs(operation: name, reason: "takes \(wanted) model\(range.upperBound == 1 ? "" : "s") (\(inputs.modelHelp)); got \(models.count)")
+      let wanted =
+        range.lowerBound == range.upperBound
+        ? "\(range.lowerBound)"
+        : range.upperBound == Int.max ? "at least \(range.lowerBound)" : "\(range.lowerBound) to \(range.upperBound)"
+      throw OperationError.inputs(
+        operation: name,
+        reason: "takes \(wanted) model\(range.upperBound == 1 ? "" : "s") (\(inputs.modelHelp)); got \(models.count)")
     }
     try checkRole("base", base, inputs.base, help: inputs.baseHelp)
     try checkRole("data", data, inputs.data, help: inputs.dataHelp)
     let request = OperationRequest(
-      operation: name, models: models, base: base, data: data, output: output, parameters: OperationParameters(values: values, given: Set(given.keys)))
+      operation: name, models: models, base: base, data: data, output: output,
+      parameters: OperationParameters(values: values, given: Set(given.keys)))
     try checkOutput(request)
     try check(request)
     return request
@@ -136,20 +144,27 @@ extension MergekitOperation {
 
   private func checkOutput(_ request: OperationRequest) throws {
     guard let path = request.output else {
-      if output != .report { throw OperationError.badOutput(operation: name, reason: "needs an output (-o PATH, or an output in the recipe)") }
+      if output != .report {
+        throw OperationError.badOutput(operation: name, reason: "needs an output (-o PATH, or an output in the recipe)")
+      }
       return
     }
     if case .file(let ext) = output, !path.hasSuffix("." + ext) {
-      throw OperationError.badOutput(operation: name, reason: "writes a .\(ext) file; '\(path)' does not end in .\(ext)")
+      throw OperationError.badOutput(
+        operation: name, reason: "writes a .\(ext) file; '\(path)' does not end in .\(ext)")
     }
   }
 
   /// One value checked against its spec.
   private func resolve(_ value: ParameterValue, _ spec: ParameterSpec) throws -> OperationValue {
-    func fail(_ reason: String) -> OperationError { .invalidParameter(operation: name, name: spec.name, value: "\(value)", reason: reason) }
+    func fail(_ reason: String) -> OperationError {
+      .invalidParameter(operation: name, name: spec.name, value: "\(value)", reason: reason)
+    }
     switch (spec.kind, value) {
     case (.number(let range, let openBelow), .number(let x)):
-      guard x.isFinite, range.contains(x), !(openBelow && x == range.lowerBound) else { throw fail("is not \(spec.kind.summary)") }
+      guard x.isFinite, range.contains(x), !(openBelow && x == range.lowerBound) else {
+        throw fail("is not \(spec.kind.summary)")
+      }
       return .number(x)
     case (.integer(let range), .number(let x)):
       guard let n = Int(exactly: x), range.contains(n) else { throw fail("is not \(spec.kind.summary)") }
@@ -159,7 +174,9 @@ extension MergekitOperation {
       return .integers([n])
     case (.integers(let range), .gradient(let xs)):
       let ns = xs.compactMap { Int(exactly: $0) }
-      guard !xs.isEmpty, ns.count == xs.count, ns.allSatisfy(range.contains) else { throw fail("is not \(spec.kind.summary)") }
+      guard !xs.isEmpty, ns.count == xs.count, ns.allSatisfy(range.contains) else {
+        throw fail("is not \(spec.kind.summary)")
+      }
       return .integers(ns)
     case (.flag, .flag(let b)): return .flag(b)
     case (.flag, .number(let x)) where x == 0 || x == 1: return .flag(x == 1)
@@ -170,7 +187,8 @@ extension MergekitOperation {
       guard !s.isEmpty else { throw fail("is empty") }
       if spec.kind == .pattern, (try? Regex(s)) == nil { throw fail("is not a valid regular expression") }
       return .text(s)
-    case (.text, .number(let x)), (.inputPath, .number(let x)), (.outputPath, .number(let x)), (.pattern, .number(let x)):
+    case (.text, .number(let x)), (.inputPath, .number(let x)), (.outputPath, .number(let x)),
+      (.pattern, .number(let x)):
       return .text(x.formatted())
     default:
       throw fail("is not \(spec.kind.summary)")

@@ -24,23 +24,30 @@ public struct StreamedOperation: Sendable {
   public let defaultFormat: CheckpointFormat
   /// `mergekit.kind` in the output's metadata, when the output is not a plain model.
   public let kind: String?
-  private let make: @Sendable (_ files: [String: String], _ base: (any Checkpoint)?, _ models: Int) throws -> any MergeMethod
+  private let make:
+    @Sendable (_ files: [String: String], _ base: (any Checkpoint)?, _ models: Int) throws -> any MergeMethod
 
   /// The merge method for `files` (resolved paths by parameter name), checked against the base
   /// and the number of models where the method depends on them.
-  public func method(files: [String: String] = [:], base: (any Checkpoint)? = nil, models: Int = 0) throws -> any MergeMethod {
+  public func method(files: [String: String] = [:], base: (any Checkpoint)? = nil, models: Int = 0) throws
+    -> any MergeMethod
+  {
     try make(files, base, models)
   }
 
   /// Checks the inputs' count and roles and every parameter value before anything is opened.
   /// Throws `MergeError` naming the parameter, or `OperationError.missingParameter` for a file.
-  public func checkParameters(hasBase: Bool, modelCount count: Int, global: [String: ParameterValue], perModel: [[String: ParameterValue]]) throws {
+  public func checkParameters(
+    hasBase: Bool, modelCount count: Int, global: [String: ParameterValue], perModel: [[String: ParameterValue]]
+  ) throws {
     for spec in files where global[spec.name] == nil {
       throw OperationError.missingParameter(operation: name, name: spec.name, help: spec.help)
     }
     let methodGlobal = global.filter { key, _ in !files.contains { $0.name == key } }
     try MergeError.checkInputs(method: name, base: base, modelCount: modelCount, hasBase: hasBase, count: count)
-    try ParameterResolver(method: name, specs: parameters, global: methodGlobal, models: perModel, positions: LayerPositions(layerCount: 0)).checkValues()
+    try ParameterResolver(
+      method: name, specs: parameters, global: methodGlobal, models: perModel, positions: LayerPositions(layerCount: 0)
+    ).checkValues()
   }
 
   /// The file paths given among `global`, by parameter name.
@@ -58,31 +65,47 @@ public struct StreamedOperation: Sendable {
   /// A registered merge method as an operation.
   public static func merge(_ method: any MergeMethod) -> StreamedOperation {
     StreamedOperation(
-      name: method.name, summary: method.summary, base: method.base, modelCount: method.modelCount, parameters: method.parameters, files: [],
+      name: method.name, summary: method.summary, base: method.base, modelCount: method.modelCount,
+      parameters: method.parameters, files: [],
       defaultDType: nil, defaultFormat: .safetensors, kind: nil, make: { _, _, _ in method })
   }
 
   /// `task-vector`: fine-tuned minus base, f32, compressed by default.
   public static let taskVector = StreamedOperation(
-    name: "task-vector", summary: "the task vector of a fine-tune: fine-tuned minus base, tensor by tensor", base: .required, modelCount: 1...1, parameters: [],
-    files: [], defaultDType: .f32, defaultFormat: .mkz, kind: "task-vector", make: { _, _, _ in TaskVectors.Difference() })
+    name: "task-vector", summary: "the task vector of a fine-tune: fine-tuned minus base, tensor by tensor",
+    base: .required, modelCount: 1...1, parameters: [],
+    files: [], defaultDType: .f32, defaultFormat: .mkz, kind: "task-vector",
+    make: { _, _, _ in TaskVectors.Difference() })
 
   /// `apply`: base plus scaled task vectors.
   public static let apply = StreamedOperation(
-    name: "apply", summary: "add scaled task vectors to a base model: base + sum of scale_i * tau_i", base: .required, modelCount: 1...Int.max,
-    parameters: TaskVectors.Sum().parameters, files: [], defaultDType: nil, defaultFormat: .safetensors, kind: nil, make: { _, _, _ in TaskVectors.Sum() })
+    name: "apply", summary: "add scaled task vectors to a base model: base + sum of scale_i * tau_i", base: .required,
+    modelCount: 1...Int.max,
+    parameters: TaskVectors.Sum().parameters, files: [], defaultDType: nil, defaultFormat: .safetensors, kind: nil,
+    make: { _, _, _ in TaskVectors.Sum() })
 
   /// `atlas-apply`: base plus task vectors scaled block by block from a coefficient file.
   public static let atlasApply = StreamedOperation(
-    name: "atlas-apply", summary: "theta = base + sum over tasks and blocks of lambda * tau, from a coefficient file (aTLAS)", base: .required,
-    modelCount: 1...Int.max, parameters: [], files: [.path("coefficients", help: "coefficient file (from atlas learn, or written by hand)")],
+    name: "atlas-apply",
+    summary: "theta = base + sum over tasks and blocks of lambda * tau, from a coefficient file (aTLAS)",
+    base: .required,
+    modelCount: 1...Int.max, parameters: [],
+    files: [.path("coefficients", help: "coefficient file (from atlas learn, or written by hand)")],
     defaultDType: nil, defaultFormat: .safetensors, kind: "atlas",
     make: { files, base, models in
-      guard let path = files["coefficients"] else { throw OperationError.missingParameter(operation: "atlas-apply", name: "coefficients", help: "a coefficient file") }
+      guard let path = files["coefficients"] else {
+        throw OperationError.missingParameter(
+          operation: "atlas-apply", name: "coefficients", help: "a coefficient file")
+      }
       let data: Data
-      do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch { throw CheckpointError.cannotOpen(file: path, reason: error.localizedDescription) }
+      do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+        throw CheckpointError.cannotOpen(file: path, reason: error.localizedDescription)
+      }
       let coefficients = try ATLASCoefficients(json: data)
-      if let base { try coefficients.check(baseShapes: Dictionary(base.tensors.map { ($0.name, $0.shape) }) { a, _ in a }, taskVectors: models) }
+      if let base {
+        try coefficients.check(
+          baseShapes: Dictionary(base.tensors.map { ($0.name, $0.shape) }) { a, _ in a }, taskVectors: models)
+      }
       return ATLASApply(coefficients)
     })
 }

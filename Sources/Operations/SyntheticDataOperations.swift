@@ -18,10 +18,14 @@ public struct SyntheticDataOperation: MergekitOperation {
   public let parameters: [ParameterSpec] = [
     .integer("task_count", default: 2, help: "number of tasks"),
     .integer("classes_per_task", in: 2...Int.max, default: 5, help: "classes per task"),
-    .integer("shared_classes", in: 0...Int.max, default: 0, help: "classes each task shares with the next (fewer than classes_per_task)"),
+    .integer(
+      "shared_classes", in: 0...Int.max, default: 0,
+      help: "classes each task shares with the next (fewer than classes_per_task)"),
     .integer("features", in: 2...Int.max, default: 16, help: "feature dimension"),
     .integer("samples_per_class", default: 100, help: "samples per class"),
-    .number("noise", .global, in: ParameterSpec.nonNegative, default: 1, help: "noise around each class centre (the centres have unit spread)"),
+    .number(
+      "noise", .global, in: ParameterSpec.nonNegative, default: 1,
+      help: "noise around each class centre (the centres have unit spread)"),
     .integer("seed", in: 0...Int.max, default: 0, help: "seed of the tasks (centres and map)"),
     .text("split", default: "train", help: "name of the split: samples differ per split"),
   ]
@@ -29,23 +33,31 @@ public struct SyntheticDataOperation: MergekitOperation {
   public func check(_ request: OperationRequest) throws {
     let p = request.parameters
     guard p.int("shared_classes") < p.int("classes_per_task") else {
-      throw OperationError.conflict(operation: name, name: "shared_classes", reason: "must be fewer than classes_per_task (\(p.int("classes_per_task")))")
+      throw OperationError.conflict(
+        operation: name, name: "shared_classes",
+        reason: "must be fewer than classes_per_task (\(p.int("classes_per_task")))")
     }
-    let rows = p.int("task_count").multipliedReportingOverflow(by: p.int("classes_per_task").multipliedReportingOverflow(by: p.int("samples_per_class")).partialValue)
+    let rows = p.int("task_count").multipliedReportingOverflow(
+      by: p.int("classes_per_task").multipliedReportingOverflow(by: p.int("samples_per_class")).partialValue)
     guard rows.partialValue <= 50_000_000, !rows.overflow, p.int("features") <= 1 << 20 else {
-      throw OperationError.conflict(operation: name, name: "samples_per_class", reason: "asks for more than 50 million rows or 2^20 features")
+      throw OperationError.conflict(
+        operation: name, name: "samples_per_class", reason: "asks for more than 50 million rows or 2^20 features")
     }
   }
 
   public func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult {
     let p = request.parameters
     var o = SyntheticTasks.Options()
-    (o.tasks, o.classesPerTask, o.sharedClasses, o.features) = (p.int("task_count"), p.int("classes_per_task"), p.int("shared_classes"), p.int("features"))
+    (o.tasks, o.classesPerTask, o.sharedClasses, o.features) = (
+      p.int("task_count"), p.int("classes_per_task"), p.int("shared_classes"), p.int("features")
+    )
     (o.samplesPerClass, o.noise, o.seed) = (p.int("samples_per_class"), p.double("noise"), p.seed())
     let data = try SyntheticTasks.make(o, split: p.text("split"))
     let output = try request.requireOutput()
     try NetworkFiles.writeLabeled(data, to: output, overwrite: context.overwrite)
-    return OperationResult(lines: ["\(output): \(data.count) rows, \(data.features.columns) features, \(data.classCount) classes in \(data.taskIDs.count) tasks"])
+    return OperationResult(lines: [
+      "\(output): \(data.count) rows, \(data.features.columns) features, \(data.classCount) classes in \(data.taskIDs.count) tasks"
+    ])
   }
 }
 
@@ -53,7 +65,8 @@ public struct SyntheticDataOperation: MergekitOperation {
 public struct SyntheticTokensOperation: MergekitOperation {
   public init() {}
   public let name = "synthetic-tokens"
-  public let summary = "Write synthetic token sequences (JSON lines) with learnable structure, for language-model examples."
+  public let summary =
+    "Write synthetic token sequences (JSON lines) with learnable structure, for language-model examples."
   public let discussion =
     "Each sequence walks the vocabulary from its own start with its own stride; each token is replaced by a random one with probability noise. Another split gives fresh sequences."
   public let inputs = OperationInputs(models: 0...0, modelHelp: "none")
@@ -77,7 +90,9 @@ public struct SyntheticTokensOperation: MergekitOperation {
   public func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult {
     let p = request.parameters
     var o = SyntheticTokens.Options()
-    (o.sequences, o.length, o.vocabulary, o.noise, o.seed) = (p.int("sequences"), p.int("length"), p.int("vocabulary"), p.double("noise"), p.seed())
+    (o.sequences, o.length, o.vocabulary, o.noise, o.seed) = (
+      p.int("sequences"), p.int("length"), p.int("vocabulary"), p.double("noise"), p.seed()
+    )
     let output = try request.requireOutput()
     try request.requireNewOutput(overwrite: context.overwrite)
     try NetworkFiles.writeTokens(try SyntheticTokens.make(o, split: p.text("split")), to: output)

@@ -7,7 +7,8 @@ import Nets
 public struct ZipOperation: MergekitOperation {
   public init() {}
   public let name = "zip"
-  public let summary = "ZipIt!: merge MLPs trained on different tasks (and from different inits) by matching their features."
+  public let summary =
+    "ZipIt!: merge MLPs trained on different tasks (and from different inits) by matching their features."
   public let discussion = """
     Runs every model over the data's features (labels unused) to correlate their hidden \
     features, matches them (zipit: greedy zip across and within models; permute: one-to-one \
@@ -27,17 +28,25 @@ public struct ZipOperation: MergekitOperation {
   public let parameters: [ParameterSpec] =
     ParameterSpec.labelledDataSpecs + [
       .path("stats", help: "statistics from `mergekit stats A B --at 'hidden$'` instead of data (MLPs)"),
-      .choice("method", ZipIt.Method.allCases.map(\.rawValue), default: "zipit", help: "matching: zipit, permute or average"),
-      .number("alpha", .global, in: ParameterSpec.nonNegative, default: 0.3, help: "ZipIt's alpha: how strongly a merged feature competes again (0 never)"),
-      .number("beta", .global, in: 0...1, default: 0.125, help: "ZipIt's beta: share of each model's merges allowed within itself"),
-      .integer("stop_at", in: 1...1 << 20, default: nil, optional: true, help: "zip only the first K hidden layers (1...); the rest of each model becomes a head"),
+      .choice(
+        "method", ZipIt.Method.allCases.map(\.rawValue), default: "zipit", help: "matching: zipit, permute or average"),
+      .number(
+        "alpha", .global, in: ParameterSpec.nonNegative, default: 0.3,
+        help: "ZipIt's alpha: how strongly a merged feature competes again (0 never)"),
+      .number(
+        "beta", .global, in: 0...1, default: 0.125,
+        help: "ZipIt's beta: share of each model's merges allowed within itself"),
+      .integer(
+        "stop_at", in: 1...1 << 20, default: nil, optional: true,
+        help: "zip only the first K hidden layers (1...); the rest of each model becomes a head"),
       .flag("keep_heads", default: false, help: "keep each model's output layer as a head"),
     ]
 
   public func check(_ request: OperationRequest) throws {
     let hasStats = request.parameters.isGiven("stats")
     guard (request.data == nil) != !hasStats else {
-      throw OperationError.conflict(operation: name, name: "stats", reason: "give the data or its statistics (stats), one of them")
+      throw OperationError.conflict(
+        operation: name, name: "stats", reason: "give the data or its statistics (stats), one of them")
     }
   }
 
@@ -46,26 +55,37 @@ public struct ZipOperation: MergekitOperation {
     let networks = try request.models.map { try NetworkFiles.load($0) }
     var options = ZipIt.Options()
     options.method = ZipIt.Method(rawValue: p.text("method")) ?? .zipit
-    (options.alpha, options.beta, options.stop, options.keepHeads) = (p.double("alpha"), p.double("beta"), p.optionalInt("stop_at"), p.flag("keep_heads"))
+    (options.alpha, options.beta, options.stop, options.keepHeads) = (
+      p.double("alpha"), p.double("beta"), p.optionalInt("stop_at"), p.flag("keep_heads")
+    )
     let output = try request.requireOutput()
     if case .decoder = networks[0].config {
       guard let data = request.data, options.stop == nil, !options.keepHeads else {
-        throw OperationError.conflict(operation: name, name: "stats", reason: "decoders are zipped whole from token data; stats, stop_at and keep_heads are for MLPs")
+        throw OperationError.conflict(
+          operation: name, name: "stats",
+          reason: "decoders are zipped whole from token data; stats, stop_at and keep_heads are for MLPs")
       }
       let zipped = try ZipIt.zipDecoders(networks, sequences: try DataFiles.readTokens(data), options: options)
       try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite)
-      return OperationResult(lines: ["\(output): \(options.method.rawValue) of \(networks.count) decoders (residual stream, MLP hidden units and value features matched)"])
+      return OperationResult(lines: [
+        "\(output): \(options.method.rawValue) of \(networks.count) decoders (residual stream, MLP hidden units and value features matched)"
+      ])
     }
     let statistics: [FeatureStatistics]
     if let stats = p.optionalText("stats") {
-      statistics = try StatsFiles.mergePoints(stats, points: try ZipIt.commonConfig(networks).layerCount - 1, models: networks.count)
+      statistics = try StatsFiles.mergePoints(
+        stats, points: try ZipIt.commonConfig(networks).layerCount - 1, models: networks.count)
     } else {
       statistics = try ZipIt.statistics(networks, inputs: try request.labelledData().features)
     }
-    let zipped = try ZipIt.apply(networks, matchings: try ZipIt.matchings(statistics, models: networks.count, options: options), keepHeads: options.keepHeads)
+    let zipped = try ZipIt.apply(
+      networks, matchings: try ZipIt.matchings(statistics, models: networks.count, options: options),
+      keepHeads: options.keepHeads)
     try NetworkFiles.saveMLP(zipped, to: output, overwrite: context.overwrite)
     guard case .mlp(let c) = zipped.config else { return OperationResult(lines: []) }
     let heads = c.heads > 1 ? ", \(c.heads) heads" : ""
-    return OperationResult(lines: ["\(output): \(options.method.rawValue) of \(networks.count) models, \(c.sharedLayers) shared layer\(c.sharedLayers == 1 ? "" : "s")\(heads)"])
+    return OperationResult(lines: [
+      "\(output): \(options.method.rawValue) of \(networks.count) models, \(c.sharedLayers) shared layer\(c.sharedLayers == 1 ? "" : "s")\(heads)"
+    ])
   }
 }

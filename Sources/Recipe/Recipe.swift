@@ -53,11 +53,17 @@ public struct Recipe: Sendable {
     public var parameterLines: [String: Int] = [:]
 
     public init(
-      label: String, operation: String, base: String?, models: [String], global: [String: ParameterValue], perModel: [[String: ParameterValue]], dtype: String?,
-      select: String?, drop: String?, renames: [String], data: String?, location: String, parametersLocation: String? = nil, modelsLocation: String? = nil
+      label: String, operation: String, base: String?, models: [String], global: [String: ParameterValue],
+      perModel: [[String: ParameterValue]], dtype: String?,
+      select: String?, drop: String?, renames: [String], data: String?, location: String,
+      parametersLocation: String? = nil, modelsLocation: String? = nil
     ) {
-      (self.label, self.operation, self.base, self.models, self.global, self.perModel) = (label, operation, base, models, global, perModel)
-      (self.dtype, self.select, self.drop, self.renames, self.data, self.location) = (dtype, select, drop, renames, data, location)
+      (self.label, self.operation, self.base, self.models, self.global, self.perModel) = (
+        label, operation, base, models, global, perModel
+      )
+      (self.dtype, self.select, self.drop, self.renames, self.data, self.location) = (
+        dtype, select, drop, renames, data, location
+      )
       self.parametersLocation = parametersLocation ?? "\(location).parameters"
       self.modelsLocation = modelsLocation ?? "\(location).models"
     }
@@ -69,7 +75,9 @@ public struct Recipe: Sendable {
     }
 
     /// The line of parameter `name`, when the file gave it.
-    public func parameterLine(_ name: String, model: Int? = nil) -> Int? { parameterLines[model.map { "\(name)@\($0)" } ?? name] }
+    public func parameterLine(_ name: String, model: Int? = nil) -> Int? {
+      parameterLines[model.map { "\(name)@\($0)" } ?? name]
+    }
 
     /// Everything the step reads (labels or paths): base, data set, models.
     public var references: [String] { (base.map { [$0] } ?? []) + (data.map { [$0] } ?? []) + models }
@@ -108,8 +116,10 @@ public enum RecipeError: Error, CustomStringConvertible, Equatable {
   public var description: String {
     switch self {
     case .unreadable(let file, let reason): return "\(file): \(reason)"
-    case .invalid(let file, let path, let line, let reason): return "\(file)\(line.map { ":\($0)" } ?? ""): \(path): \(reason)"
-    case .cycle(let file, let steps): return "\(file): steps depend on each other in a cycle: \(steps.joined(separator: " -> "))"
+    case .invalid(let file, let path, let line, let reason):
+      return "\(file)\(line.map { ":\($0)" } ?? ""): \(path): \(reason)"
+    case .cycle(let file, let steps):
+      return "\(file): steps depend on each other in a cycle: \(steps.joined(separator: " -> "))"
     case .stepFailed(let file, let path, let step, let reason): return "\(file): \(path) (\(step)): \(reason)"
     }
   }
@@ -147,7 +157,9 @@ struct YAMLValue {
   func fields(_ allowed: [String]) throws -> [String: YAMLValue] {
     var result: [String: YAMLValue] = [:]
     for (key, value) in try map() {
-      guard allowed.contains(key) else { throw value.fail("unknown key '\(key)'; expected one of \(allowed.joined(separator: ", "))") }
+      guard allowed.contains(key) else {
+        throw value.fail("unknown key '\(key)'; expected one of \(allowed.joined(separator: ", "))")
+      }
       result[key] = value
     }
     return result
@@ -158,22 +170,28 @@ struct YAMLValue {
   func parameter() throws -> ParameterValue {
     switch node {
     case .scalar:
-      if let bool = node.bool, ["true", "false", "yes", "no"].contains(node.string?.lowercased() ?? "") { return .flag(bool) }
+      if let bool = node.bool, ["true", "false", "yes", "no"].contains(node.string?.lowercased() ?? "") {
+        return .flag(bool)
+      }
       if let number = node.float ?? node.int.map(Double.init) { return .number(number) }
       return .text(try string())
     case .sequence:
       let items = try list()
       if items.allSatisfy(\.isScalar) {
-        return .gradient(try items.map { item in
-          guard let x = item.node.float ?? item.node.int.map(Double.init) else { throw item.fail("a gradient lists numbers") }
-          return x
-        })
+        return .gradient(
+          try items.map { item in
+            guard let x = item.node.float ?? item.node.int.map(Double.init) else {
+              throw item.fail("a gradient lists numbers")
+            }
+            return x
+          })
       }
-      return .filtered(try items.map { item in
-        let f = try item.fields(["filter", "value"])
-        guard let value = f["value"] else { throw item.fail("a filtered entry needs 'value'") }
-        return .init(filter: try f["filter"]?.string(), value: try value.parameter())
-      })
+      return .filtered(
+        try items.map { item in
+          let f = try item.fields(["filter", "value"])
+          guard let value = f["value"] else { throw item.fail("a filtered entry needs 'value'") }
+          return .init(filter: try f["filter"]?.string(), value: try value.parameter())
+        })
     default:
       throw fail("expected a number, true/false, a word or a list")
     }
@@ -198,14 +216,18 @@ extension Recipe {
   /// `output` is where a mergekit configuration's result goes (mergekit takes it on the command line).
   public static func load(_ file: String, output: String? = nil) throws -> Recipe {
     let text: String
-    do { text = try String(contentsOfFile: file, encoding: .utf8) } catch { throw RecipeError.unreadable(file: file, reason: "cannot read: \(error.localizedDescription)") }
+    do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
+      throw RecipeError.unreadable(file: file, reason: "cannot read: \(error.localizedDescription)")
+    }
     return try parse(text, file: file, output: output)
   }
 
   public static func parse(_ text: String, file: String, output: String? = nil) throws -> Recipe {
     let node: Node
     do {
-      guard let parsed = try Yams.compose(yaml: text) else { throw RecipeError.unreadable(file: file, reason: "the file is empty") }
+      guard let parsed = try Yams.compose(yaml: text) else {
+        throw RecipeError.unreadable(file: file, reason: "the file is empty")
+      }
       node = parsed
     } catch let error as RecipeError {
       throw error
@@ -224,9 +246,14 @@ extension Recipe {
     for (label, value) in try top["inputs"]?.map() ?? [] { inputs.append((label, try value.string())) }
     var steps: [Step] = []
     for item in try top["steps"]?.list() ?? [] {
-      let f = try item.fields(["name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename", "allow_missing"])
+      let f = try item.fields([
+        "name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename",
+        "allow_missing",
+      ])
       guard let label = try f["name"]?.string() else { throw item.fail("a step needs a 'name' (its result's label)") }
-      guard let operation = try f["method"]?.string() else { throw item.fail("a step needs a 'method' (a merge method, task-vector, apply or convert)") }
+      guard let operation = try f["method"]?.string() else {
+        throw item.fail("a step needs a 'method' (a merge method, task-vector, apply or convert)")
+      }
       var models: [String] = []
       var perModel: [[String: ParameterValue]] = []
       var lines = try f["parameters"]?.keyLines() ?? [:]
@@ -248,9 +275,12 @@ extension Recipe {
       }
       var step =
         Step(
-          label: label, operation: operation, base: try f["base"]?.string(), models: models, global: try f["parameters"]?.parameters() ?? [:],
-          perModel: perModel, dtype: try f["dtype"]?.string(), select: try f["select"]?.string(), drop: try f["drop"]?.string(),
-          renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [], data: try f["data"]?.string(),
+          label: label, operation: operation, base: try f["base"]?.string(), models: models,
+          global: try f["parameters"]?.parameters() ?? [:],
+          perModel: perModel, dtype: try f["dtype"]?.string(), select: try f["select"]?.string(),
+          drop: try f["drop"]?.string(),
+          renames: try f["rename"].map { try $0.isScalar ? [$0.string()] : $0.list().map { try $0.string() } } ?? [],
+          data: try f["data"]?.string(),
           location: item.path)
       step.parameterLines = lines
       if let allow = f["allow_missing"] {
@@ -267,7 +297,9 @@ extension Recipe {
         let f = try value.fields(["path", "format", "dtype", "shard_size"])
         guard let path = f["path"] else { throw value.fail("an output needs 'path'") }
         outputs.append(
-          Output(label: label, path: try path.string(), format: try f["format"]?.string(), dtype: try f["dtype"]?.string(), shardSize: try f["shard_size"]?.string(), location: value.path))
+          Output(
+            label: label, path: try path.string(), format: try f["format"]?.string(), dtype: try f["dtype"]?.string(),
+            shardSize: try f["shard_size"]?.string(), location: value.path))
       }
     }
     if let output, outputs.count == 1 { outputs[0].path = output }

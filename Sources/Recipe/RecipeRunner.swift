@@ -17,7 +17,9 @@ public struct RecipeRunner {
 
   /// Operations that are not merge methods: the streamed ones run here, the others come from
   /// `OperationRegistry`.
-  public static let commands = ["convert"] + OperationRegistry.streamed.map(\.name).filter { name in !MergeRegistry.methods.contains { $0.name == name } }
+  public static let commands =
+    ["convert"]
+    + OperationRegistry.streamed.map(\.name).filter { name in !MergeRegistry.methods.contains { $0.name == name } }
     + OperationRegistry.operations.map(\.name)
 
   public init(_ recipe: Recipe) throws {
@@ -27,42 +29,60 @@ public struct RecipeRunner {
     var seen = Set(recipe.inputs.map(\.label))
     for step in recipe.steps {
       guard seen.insert(step.label).inserted else {
-        throw RecipeError.invalid(file: file, path: "\(step.location).name", line: nil, reason: "the label '\(step.label)' is used twice")
+        throw RecipeError.invalid(
+          file: file, path: "\(step.location).name", line: nil, reason: "the label '\(step.label)' is used twice")
       }
-      guard !step.label.isEmpty, !step.label.contains("/"), step.label != ".", step.label != "..", !step.label.hasPrefix(".") else {
-        throw RecipeError.invalid(file: file, path: "\(step.location).name", line: nil, reason: "'\(step.label)' is not a plain name (no '/', no leading '.'); it names the step's temporary file")
+      guard !step.label.isEmpty, !step.label.contains("/"), step.label != ".", step.label != "..",
+        !step.label.hasPrefix(".")
+      else {
+        throw RecipeError.invalid(
+          file: file, path: "\(step.location).name", line: nil,
+          reason: "'\(step.label)' is not a plain name (no '/', no leading '.'); it names the step's temporary file")
       }
-      if OperationRegistry.operation(named: step.operation) == nil && OperationRegistry.streamed(named: step.operation) == nil && step.operation != "convert" {
+      if OperationRegistry.operation(named: step.operation) == nil
+        && OperationRegistry.streamed(named: step.operation) == nil && step.operation != "convert"
+      {
         let known = MergeRegistry.methods.map(\.name)
         throw RecipeError.invalid(
           file: file, path: "\(step.location).method", line: nil,
-          reason: "unknown method '\(step.operation)'; merge methods: \(known.joined(separator: ", ")); other operations: \(Self.commands.joined(separator: ", "))")
+          reason:
+            "unknown method '\(step.operation)'; merge methods: \(known.joined(separator: ", ")); other operations: \(Self.commands.joined(separator: ", "))"
+        )
       }
     }
     let inputLabels = Set(recipe.inputs.map(\.label))
     func check(_ reference: String, at path: String) throws {
-      if inputLabels.contains(reference) || stepLabels[reference] != nil || FileManager.default.fileExists(atPath: reference) { return }
-      throw RecipeError.invalid(file: file, path: path, line: nil, reason: "'\(reference)' is neither an input, a step nor an existing path")
+      if inputLabels.contains(reference) || stepLabels[reference] != nil
+        || FileManager.default.fileExists(atPath: reference)
+      {
+        return
+      }
+      throw RecipeError.invalid(
+        file: file, path: path, line: nil, reason: "'\(reference)' is neither an input, a step nor an existing path")
     }
     for step in recipe.steps {
       if let base = step.base { try check(base, at: "\(step.location).base") }
       if let data = step.data { try check(data, at: "\(step.location).data") }
       for (i, model) in step.models.enumerated() { try check(model, at: "\(step.location).models[\(i)]") }
-      if step.models.isEmpty && (OperationRegistry.operation(named: step.operation)?.inputs.models.lowerBound ?? 1) > 0 {
+      if step.models.isEmpty && (OperationRegistry.operation(named: step.operation)?.inputs.models.lowerBound ?? 1) > 0
+      {
         throw RecipeError.invalid(file: file, path: step.location, line: nil, reason: "the step names no models")
       }
     }
     for output in recipe.outputs { try check(output.label, at: output.location) }
     try Self.checkOutputs(recipe)
     for input in recipe.inputs where !FileManager.default.fileExists(atPath: input.path) {
-      throw RecipeError.invalid(file: file, path: "inputs.\(input.label)", line: nil, reason: "'\(input.path)' does not exist")
+      throw RecipeError.invalid(
+        file: file, path: "inputs.\(input.label)", line: nil, reason: "'\(input.path)' does not exist")
     }
     // Depth-first topological order; a step met again while being visited closes a cycle.
     var order: [Recipe.Step] = []
     var state: [String: Bool] = [:]  // false: visiting, true: done
     func visit(_ step: Recipe.Step, _ trail: [String]) throws {
       if state[step.label] == true { return }
-      if state[step.label] == false { throw RecipeError.cycle(file: file, steps: trail.drop { $0 != step.label } + [step.label]) }
+      if state[step.label] == false {
+        throw RecipeError.cycle(file: file, steps: trail.drop { $0 != step.label } + [step.label])
+      }
       state[step.label] = false
       for reference in step.references {
         if let dependency = stepLabels[reference] { try visit(dependency, trail + [step.label]) }
@@ -83,16 +103,22 @@ public struct RecipeRunner {
   /// later step the new result instead of the input.
   static func checkOutputs(_ recipe: Recipe) throws {
     var written: [String: String] = [:]
-    let inputs = Set(recipe.inputs.map { URL(fileURLWithPath: $0.path).standardizedFileURL.path } + recipe.steps.flatMap(\.references).filter(FileManager.default.fileExists(atPath:)).map {
-      URL(fileURLWithPath: $0).standardizedFileURL.path
-    })
+    let inputs = Set(
+      recipe.inputs.map { URL(fileURLWithPath: $0.path).standardizedFileURL.path }
+        + recipe.steps.flatMap(\.references).filter(FileManager.default.fileExists(atPath:)).map {
+          URL(fileURLWithPath: $0).standardizedFileURL.path
+        })
     for output in recipe.outputs {
       let path = URL(fileURLWithPath: output.path).standardizedFileURL.path
       if let other = written[path] {
-        throw RecipeError.invalid(file: recipe.source, path: output.location, line: nil, reason: "'\(output.path)' is also the path of output \(other); each output needs its own path")
+        throw RecipeError.invalid(
+          file: recipe.source, path: output.location, line: nil,
+          reason: "'\(output.path)' is also the path of output \(other); each output needs its own path")
       }
       if inputs.contains(path) {
-        throw RecipeError.invalid(file: recipe.source, path: output.location, line: nil, reason: "'\(output.path)' is also read by the recipe; write the output elsewhere")
+        throw RecipeError.invalid(
+          file: recipe.source, path: output.location, line: nil,
+          reason: "'\(output.path)' is also read by the recipe; write the output elsewhere")
       }
       written[path] = output.label
     }
@@ -103,30 +129,42 @@ public struct RecipeRunner {
   /// the YAML path of the parameter.
   func validate(_ step: Recipe.Step) throws {
     let file = recipe.source
-    func invalid(_ path: String, _ line: Int?, _ reason: String) -> RecipeError { .invalid(file: file, path: path, line: line, reason: reason) }
+    func invalid(_ path: String, _ line: Int?, _ reason: String) -> RecipeError {
+      .invalid(file: file, path: path, line: line, reason: reason)
+    }
     if let operation = OperationRegistry.operation(named: step.operation) {
       if let i = step.perModel.firstIndex(where: { !$0.isEmpty }) {
-        throw invalid("\(step.modelsLocation)[\(i)].parameters", nil, "\(operation.name) takes no per-model parameters; give them under parameters")
+        throw invalid(
+          "\(step.modelsLocation)[\(i)].parameters", nil,
+          "\(operation.name) takes no per-model parameters; give them under parameters")
       }
       do {
         _ = try prepare(operation, step, paths: { $0 }, output: spillPath(step, operation, folder: "."))
       } catch let error as OperationError {
-        if let name = error.parameter { throw invalid(step.parameterPath(name), step.parameterLine(name), error.reason) }
+        if let name = error.parameter {
+          throw invalid(step.parameterPath(name), step.parameterLine(name), error.reason)
+        }
         throw invalid(step.location, nil, error.message { "parameter '\($0)'" })
       }
       return
     }
     if step.operation == "convert" {
       guard step.models.count == 1 else { throw invalid(step.location, nil, "convert takes one model") }
-      guard step.global.isEmpty else { throw invalid(step.parametersLocation, nil, "convert takes select, drop, rename and dtype as step keys, not parameters") }
-      do { _ = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames) } catch { throw invalid(step.location, nil, "\(error)") }
+      guard step.global.isEmpty else {
+        throw invalid(
+          step.parametersLocation, nil, "convert takes select, drop, rename and dtype as step keys, not parameters")
+      }
+      do { _ = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames) } catch {
+        throw invalid(step.location, nil, "\(error)")
+      }
       _ = try dtype(step.dtype, at: "\(step.location).dtype")
       return
     }
     _ = try dtype(step.dtype, at: "\(step.location).dtype")
     let operation = try streamed(step)
     do {
-      try operation.checkParameters(hasBase: step.base != nil, modelCount: step.models.count, global: step.global, perModel: step.perModel)
+      try operation.checkParameters(
+        hasBase: step.base != nil, modelCount: step.models.count, global: step.global, perModel: step.perModel)
       for (name, path) in operation.filePaths(step.global) where !FileManager.default.fileExists(atPath: path) {
         throw invalid(step.parameterPath(name), step.parameterLine(name), "'\(path)' does not exist")
       }
@@ -138,9 +176,13 @@ public struct RecipeRunner {
       let label: String
       switch error {
       case .unknownParameter(let method, let name, let known):
-        (label, reason) = (name, "\(method) has no parameter '\(Self.parameterName(name).0)'; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))")
+        (label, reason) = (
+          name,
+          "\(method) has no parameter '\(Self.parameterName(name).0)'; it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
+        )
       case .invalidParameter(let method, let name, _, let why): (label, reason) = (name, "\(method): \(why)")
-      case .missingParameter(let method, let name, let help): (label, reason) = (name, "\(method): is required (\(help))")
+      case .missingParameter(let method, let name, let help):
+        (label, reason) = (name, "\(method): is required (\(help))")
       default: throw invalid(step.location, nil, "\(error)")
       }
       let (key, model) = Self.parameterName(label)
@@ -150,14 +192,17 @@ public struct RecipeRunner {
 
   /// A resolver label (`density (model 2)`) as the parameter name and 0-based model index.
   static func parameterName(_ label: String) -> (String, Int?) {
-    guard let open = label.range(of: " (model "), label.hasSuffix(")"), let n = Int(label[open.upperBound...].dropLast()) else { return (label, nil) }
+    guard let open = label.range(of: " (model "), label.hasSuffix(")"),
+      let n = Int(label[open.upperBound...].dropLast())
+    else { return (label, nil) }
     return (String(label[..<open.lowerBound]), n - 1)
   }
 
   /// The streamed operation of a step (a merge method, task-vector, apply or atlas-apply).
   func streamed(_ step: Recipe.Step) throws -> StreamedOperation {
     guard let operation = OperationRegistry.streamed(named: step.operation) else {
-      throw RecipeError.invalid(file: recipe.source, path: "\(step.location).method", line: nil, reason: "unknown method '\(step.operation)'")
+      throw RecipeError.invalid(
+        file: recipe.source, path: "\(step.location).method", line: nil, reason: "unknown method '\(step.operation)'")
     }
     return operation
   }
@@ -174,12 +219,16 @@ public struct RecipeRunner {
   }
 
   /// The operation's request for a step, with references turned into paths by `paths`.
-  func prepare(_ operation: any MergekitOperation, _ step: Recipe.Step, paths: (String) -> String, output: String) throws -> OperationRequest {
+  func prepare(_ operation: any MergekitOperation, _ step: Recipe.Step, paths: (String) -> String, output: String)
+    throws -> OperationRequest
+  {
     var parameters = step.global
     for spec in operation.parameters where spec.kind == .inputPath {
       if case .text(let reference)? = parameters[spec.name] { parameters[spec.name] = .text(paths(reference)) }
     }
-    return try operation.prepare(models: step.models.map(paths), base: step.base.map(paths), data: step.data.map(paths), output: output, parameters: parameters)
+    return try operation.prepare(
+      models: step.models.map(paths), base: step.base.map(paths), data: step.data.map(paths), output: output,
+      parameters: parameters)
   }
 
   /// Default memory for intermediates kept in memory: an eighth of physical memory, at most 4 GiB.
@@ -191,13 +240,15 @@ public struct RecipeRunner {
   /// otherwise it is spilled to a temporary folder next to the first output. Each is dropped
   /// once the last step that reads it is done.
   public func run(
-    overwrite: Bool = false, dryRun: Bool = false, memoryBudget: Int = RecipeRunner.defaultMemoryBudget, report: (String) -> Void = { _ in },
+    overwrite: Bool = false, dryRun: Bool = false, memoryBudget: Int = RecipeRunner.defaultMemoryBudget,
+    report: (String) -> Void = { _ in },
     progress: ((String, Int, Int) -> Void)? = nil
   ) throws {
     let outputs = Dictionary(recipe.outputs.map { ($0.label, $0) }, uniquingKeysWith: { first, _ in first })
     let firstOutput = URL(fileURLWithPath: recipe.outputs[0].path).deletingLastPathComponent().path
     let work = "\(firstOutput)/.mergekit-run-\(getpid())"
-    var results = Results(paths: Dictionary(recipe.inputs.map { ($0.label, $0.path) }, uniquingKeysWith: { first, _ in first }))
+    var results = Results(
+      paths: Dictionary(recipe.inputs.map { ($0.label, $0.path) }, uniquingKeysWith: { first, _ in first }))
     if !dryRun {
       try? FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
       TemporaryOutputs.register(work)
@@ -216,11 +267,14 @@ public struct RecipeRunner {
     }
     for step in order {
       let destination = outputs[step.label]
-      let path = OperationRegistry.operation(named: step.operation).map { spillPath(step, $0, folder: work) } ?? destination?.path ?? "\(work)/\(step.label)"
+      let path =
+        OperationRegistry.operation(named: step.operation).map { spillPath(step, $0, folder: work) } ?? destination?
+        .path ?? "\(work)/\(step.label)"
       let canStayInMemory = destination == nil && !readByNetworkSteps.contains(step.label)
       do {
         let held = try runStep(
-          step, results: results, output: destination, to: path, memory: canStayInMemory ? memoryBudget - results.heldBytes : 0, overwrite: overwrite,
+          step, results: results, output: destination, to: path,
+          memory: canStayInMemory ? memoryBudget - results.heldBytes : 0, overwrite: overwrite,
           dryRun: dryRun, report: report, progress: progress)
         if let held {
           results.held[step.label] = held
@@ -236,7 +290,9 @@ public struct RecipeRunner {
         readers[label, default: 1] -= 1
         guard readers[label] == 0 else { continue }
         results.held[label] = nil
-        if let spilled = results.paths[label], spilled.hasPrefix(work + "/") { try? FileManager.default.removeItem(atPath: spilled) }
+        if let spilled = results.paths[label], spilled.hasPrefix(work + "/") {
+          try? FileManager.default.removeItem(atPath: spilled)
+        }
       }
     }
     // Outputs that are inputs (no step): copies with the output's format and dtype.
@@ -246,7 +302,9 @@ public struct RecipeRunner {
       if dryRun { continue }
       try copyCheckpoint(
         from: source, to: output.path, castTo: output.dtype.flatMap { DType(userSpelling: $0) },
-        options: try writeOptions(output, overwrite: overwrite, copyFilesFrom: results.paths[output.label].flatMap(ModelFolder.modelFolder(of:))),
+        options: try writeOptions(
+          output, overwrite: overwrite, copyFilesFrom: results.paths[output.label].flatMap(ModelFolder.modelFolder(of:))
+        ),
         progress: progress.map { p in { p(output.label, $0, $1) } })
     }
   }
@@ -291,45 +349,57 @@ public struct RecipeRunner {
     let location = output?.location ?? "outputs"
     let format = try output?.format.map { name -> CheckpointFormat in
       guard let f = CheckpointFormat(rawValue: name.lowercased()) else {
-        throw RecipeError.invalid(file: recipe.source, path: "\(location).format", line: nil, reason: "unknown format '\(name)' (use safetensors or mkz)")
+        throw RecipeError.invalid(
+          file: recipe.source, path: "\(location).format", line: nil,
+          reason: "unknown format '\(name)' (use safetensors or mkz)")
       }
       return f
     }
     var shardSize: Int?
     if let text = output?.shardSize {
       guard let size = WriteOptions.parseSize(text) else {
-        throw RecipeError.invalid(file: recipe.source, path: "\(location).shard_size", line: nil, reason: "invalid size '\(text)' (examples: 5GB, 500MB)")
+        throw RecipeError.invalid(
+          file: recipe.source, path: "\(location).shard_size", line: nil,
+          reason: "invalid size '\(text)' (examples: 5GB, 500MB)")
       }
       shardSize = size
     }
     let named = output.flatMap { CheckpointFormat(pathExtension: URL(fileURLWithPath: $0.path).pathExtension) }
-    return WriteOptions(format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom, overwrite: overwrite || output == nil)
+    return WriteOptions(
+      format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom,
+      overwrite: overwrite || output == nil)
   }
 
   func dtype(_ name: String?, at path: String) throws -> DType? {
     guard let name else { return nil }
     guard let type = DType(userSpelling: name), type.isFloatingPoint else {
-      throw RecipeError.invalid(file: recipe.source, path: path, line: nil, reason: "unknown dtype '\(name)' (use bf16, f16, f32 or f64)")
+      throw RecipeError.invalid(
+        file: recipe.source, path: path, line: nil, reason: "unknown dtype '\(name)' (use bf16, f16, f32 or f64)")
     }
     return type
   }
 
   /// Runs one step into `destination`, or into memory (returned) when its result fits `memory` bytes.
   private func runStep(
-    _ step: Recipe.Step, results: Results, output: Recipe.Output?, to destination: String, memory: Int, overwrite: Bool, dryRun: Bool,
+    _ step: Recipe.Step, results: Results, output: Recipe.Output?, to destination: String, memory: Int, overwrite: Bool,
+    dryRun: Bool,
     report: (String) -> Void, progress: ((String, Int, Int) -> Void)?
   ) throws -> MemoryCheckpoint? {
     if let operation = OperationRegistry.operation(named: step.operation) {
       let reads = references(step).map(results.name)
-      report("\(step.label): \(operation.name)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)")
+      report(
+        "\(step.label): \(operation.name)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)"
+      )
       if dryRun { return nil }
       let request = try prepare(operation, step, paths: { results.paths[$0] ?? $0 }, output: destination)
       let result = try operation.run(request, context: OperationContext(overwrite: overwrite || output == nil))
       result.lines.forEach { report("  " + $0) }
       return nil
     }
-    let outputType = try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? dtype(step.dtype, at: "\(step.location).dtype")
-    let described = "\(step.label): \(step.operation) of \(step.models.map(results.name).joined(separator: ", "))\(step.base.map { " on base \(results.name($0))" } ?? "")"
+    let outputType =
+      try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? dtype(step.dtype, at: "\(step.location).dtype")
+    let described =
+      "\(step.label): \(step.operation) of \(step.models.map(results.name).joined(separator: ", "))\(step.base.map { " on base \(results.name($0))" } ?? "")"
     func reportStep(_ target: String) { report("\(described) -> \(target)") }
     if dryRun {
       reportStep(output == nil ? "intermediate (in memory when small, else a temporary file)" : destination)
@@ -341,10 +411,14 @@ public struct RecipeRunner {
     let label = "step '\(step.label)' (in memory)"
     let stepProgress = progress.map { p in { (done: Int, total: Int) in p(step.label, done, total) } }
     if step.operation == "convert" {
-      guard models.count == 1 else { throw RecipeError.invalid(file: recipe.source, path: step.location, line: nil, reason: "convert takes one model") }
+      guard models.count == 1 else {
+        throw RecipeError.invalid(
+          file: recipe.source, path: step.location, line: nil, reason: "convert takes one model")
+      }
       let selection = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames)
       var held: MemoryCheckpointWriter?
-      try copyCheckpoint(from: models[0], selection: selection, castTo: outputType, progress: stepProgress) { tensors, layout in
+      try copyCheckpoint(from: models[0], selection: selection, castTo: outputType, progress: stepProgress) {
+        tensors, layout in
         if tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
           reportStep("memory")
           let writer = MemoryCheckpointWriter(name: label, tensors: tensors, layout: layout, modelFolder: modelFolder)
@@ -362,12 +436,14 @@ public struct RecipeRunner {
     let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
     let metadata = operation.kind.map { ["mergekit.kind": $0] } ?? [:]
     let plan = try MergePlan(
-      method: method, base: base, models: models, global: operation.methodParameters(step.global), perModel: step.perModel,
+      method: method, base: base, models: models, global: operation.methodParameters(step.global),
+      perModel: step.perModel,
       outputType: outputType ?? operation.defaultDType, allowMissing: step.allowMissing)
     if plan.bytesWritten <= memory {
       reportStep("memory")
       let held = MemoryCheckpointWriter(
-        name: label, tensors: MergeRunner.outputTensors(plan), metadata: metadata, layout: plan.reference.files, modelFolder: modelFolder)
+        name: label, tensors: MergeRunner.outputTensors(plan), metadata: metadata, layout: plan.reference.files,
+        modelFolder: modelFolder)
       try MergeRunner.run(plan, into: held, progress: stepProgress)
       return held.checkpoint
     }

@@ -17,7 +17,8 @@ public enum BLAS {
       b.scalars.withUnsafeBufferPointer { pb in
         c.scalars.withUnsafeMutableBufferPointer { pc in
           cblas_sgemm(
-            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, int32(m), int32(n), int32(k), 1,
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, int32(m),
+            int32(n), int32(k), 1,
             pa.baseAddress, int32(a.shape[1]), pb.baseAddress, int32(b.shape[1]), 0, pc.baseAddress, int32(n))
         }
       }
@@ -26,7 +27,9 @@ public enum BLAS {
   }
 
   /// Matrix product `op(a) * op(b)` in double precision (`cblas_dgemm`).
-  public static func matmul(_ a: DoubleMatrix, _ b: DoubleMatrix, transposeA: Bool = false, transposeB: Bool = false) -> DoubleMatrix {
+  public static func matmul(_ a: DoubleMatrix, _ b: DoubleMatrix, transposeA: Bool = false, transposeB: Bool = false)
+    -> DoubleMatrix
+  {
     let (m, k) = transposeA ? (a.columns, a.rows) : (a.rows, a.columns)
     let (k2, n) = transposeB ? (b.columns, b.rows) : (b.rows, b.columns)
     precondition(k == k2, "matmul shapes \(a.rows)x\(a.columns) x \(b.rows)x\(b.columns)")
@@ -36,7 +39,8 @@ public enum BLAS {
       b.values.withUnsafeBufferPointer { pb in
         c.values.withUnsafeMutableBufferPointer { pc in
           cblas_dgemm(
-            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, int32(m), int32(n), int32(k), 1,
+            CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, int32(m),
+            int32(n), int32(k), 1,
             pa.baseAddress, int32(a.columns), pb.baseAddress, int32(b.columns), 0, pc.baseAddress, int32(n))
         }
       }
@@ -52,7 +56,9 @@ public enum BLAS {
     guard n > 0, a.rows > 0 else { return g }
     a.values.withUnsafeBufferPointer { pa in
       g.values.withUnsafeMutableBufferPointer { pg in
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int32(n), int32(a.rows), 1, pa.baseAddress, int32(n), 0, pg.baseAddress, int32(n))
+        cblas_dsyrk(
+          CblasRowMajor, CblasUpper, CblasTrans, int32(n), int32(a.rows), 1, pa.baseAddress, int32(n), 0,
+          pg.baseAddress, int32(n))
       }
     }
     for i in 0..<n { for j in 0..<i { g.values[i * n + j] = g.values[j * n + i] } }
@@ -73,12 +79,15 @@ public enum BLAS {
   /// `a` is `aRows x aColumns` as stored (before `op`), likewise `b`, and `c` is m x n.
   /// `beta = 1` accumulates into `c` (gradients). Precondition: the shapes agree.
   public static func gemm<T: BLASScalar>(
-    _ a: [T], _ aRows: Int, _ aColumns: Int, transposeA: Bool = false, _ b: [T], _ bRows: Int, _ bColumns: Int, transposeB: Bool = false,
+    _ a: [T], _ aRows: Int, _ aColumns: Int, transposeA: Bool = false, _ b: [T], _ bRows: Int, _ bColumns: Int,
+    transposeB: Bool = false,
     into c: inout [T], alpha: T = 1, beta: T = 0
   ) {
     let (m, k) = transposeA ? (aColumns, aRows) : (aRows, aColumns)
     let (k2, n) = transposeB ? (bColumns, bRows) : (bRows, bColumns)
-    precondition(k == k2 && a.count == aRows * aColumns && b.count == bRows * bColumns && c.count == m * n, "gemm shapes \(aRows)x\(aColumns) x \(bRows)x\(bColumns)")
+    precondition(
+      k == k2 && a.count == aRows * aColumns && b.count == bRows * bColumns && c.count == m * n,
+      "gemm shapes \(aRows)x\(aColumns) x \(bRows)x\(bColumns)")
     guard m > 0, n > 0 else { return }
     guard k > 0 else {
       for i in c.indices { c[i] = beta == 0 ? 0 : beta * c[i] }
@@ -100,28 +109,33 @@ public enum BLAS {
 /// Nets runtime) runs in `Float`, and in `Double` for gradient checks and references.
 public protocol BLASScalar: BinaryFloatingPoint, Sendable {
   static func gemm(
-    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Self, _ a: UnsafePointer<Self>, _ lda: Int,
+    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Self, _ a: UnsafePointer<Self>,
+    _ lda: Int,
     _ b: UnsafePointer<Self>, _ ldb: Int, _ beta: Self, _ c: UnsafeMutablePointer<Self>, _ ldc: Int)
 }
 
 extension Float: BLASScalar {
   public static func gemm(
-    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Float, _ a: UnsafePointer<Float>, _ lda: Int,
+    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Float, _ a: UnsafePointer<Float>,
+    _ lda: Int,
     _ b: UnsafePointer<Float>, _ ldb: Int, _ beta: Float, _ c: UnsafeMutablePointer<Float>, _ ldc: Int
   ) {
     cblas_sgemm(
-      CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m), BLAS.int32(n), BLAS.int32(k),
+      CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m),
+      BLAS.int32(n), BLAS.int32(k),
       alpha, a, BLAS.int32(lda), b, BLAS.int32(ldb), beta, c, BLAS.int32(ldc))
   }
 }
 
 extension Double: BLASScalar {
   public static func gemm(
-    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Double, _ a: UnsafePointer<Double>, _ lda: Int,
+    _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Double, _ a: UnsafePointer<Double>,
+    _ lda: Int,
     _ b: UnsafePointer<Double>, _ ldb: Int, _ beta: Double, _ c: UnsafeMutablePointer<Double>, _ ldc: Int
   ) {
     cblas_dgemm(
-      CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m), BLAS.int32(n), BLAS.int32(k),
+      CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m),
+      BLAS.int32(n), BLAS.int32(k),
       alpha, a, BLAS.int32(lda), b, BLAS.int32(ldb), beta, c, BLAS.int32(ldc))
   }
 }
@@ -136,7 +150,9 @@ extension BLAS {
   /// is the kernel set its features do allow (`SkylakeX` with AVX-512, `Haswell` with AVX2 and
   /// FMA), for `OPENBLAS_CORETYPE`; nil when the library's choice stands or was set by the user.
   public static var betterCoreType: String? {
-    guard ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] == nil, coreName.lowercased() == "prescott" else { return nil }
+    guard ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] == nil, coreName.lowercased() == "prescott" else {
+      return nil
+    }
     return coreType(cpuFlags: cpuFlags())
   }
 

@@ -61,7 +61,9 @@ public enum DTypeConversion {
   // MARK: Buffers to and from Float
 
   /// Decodes `source` (elements of `dtype`) into `out`; `out.count` elements are read.
-  public static func decode(_ source: UnsafeRawBufferPointer, from dtype: DType, into out: UnsafeMutableBufferPointer<Float>) {
+  public static func decode(
+    _ source: UnsafeRawBufferPointer, from dtype: DType, into out: UnsafeMutableBufferPointer<Float>
+  ) {
     precondition(source.count >= out.count * dtype.size)
     guard let base = source.baseAddress, let o = out.baseAddress else { return }
     let n = out.count
@@ -69,9 +71,13 @@ public enum DTypeConversion {
     case .f32:
       for i in 0..<n { o[i] = Float(bitPattern: base.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)) }
     case .bf16:
-      for i in 0..<n { o[i] = Float(bitPattern: bf16ToF32Bits(base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) }
+      for i in 0..<n {
+        o[i] = Float(bitPattern: bf16ToF32Bits(base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+      }
     case .f16:
-      for i in 0..<n { o[i] = Float(bitPattern: f16ToF32Bits(base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) }
+      for i in 0..<n {
+        o[i] = Float(bitPattern: f16ToF32Bits(base.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+      }
     case .f64:
       for i in 0..<n { o[i] = Float(Double(bitPattern: base.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self))) }
     case .f8E4M3, .f8E5M2:
@@ -90,7 +96,9 @@ public enum DTypeConversion {
   }
 
   /// Encodes `values` as `dtype` into `destination` (which must hold `values.count` elements).
-  public static func encode(_ values: UnsafeBufferPointer<Float>, as dtype: DType, into destination: UnsafeMutableRawBufferPointer) {
+  public static func encode(
+    _ values: UnsafeBufferPointer<Float>, as dtype: DType, into destination: UnsafeMutableRawBufferPointer
+  ) {
     precondition(destination.count >= values.count * dtype.size)
     guard let o = destination.baseAddress, let v = values.baseAddress else { return }
     let n = values.count
@@ -107,14 +115,28 @@ public enum DTypeConversion {
       for i in 0..<n { o.storeBytes(of: MiniFloat.e4m3.encode(v[i]), toByteOffset: i, as: UInt8.self) }
     case .f8E5M2:
       for i in 0..<n { o.storeBytes(of: MiniFloat.e5m2.encode(v[i]), toByteOffset: i, as: UInt8.self) }
-    case .i64: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int64.self), toByteOffset: 8 * i, as: Int64.self) }
-    case .i32: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int32.self), toByteOffset: 4 * i, as: Int32.self) }
-    case .i16: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int16.self), toByteOffset: 2 * i, as: Int16.self) }
-    case .i8: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int8.self), toByteOffset: i, as: Int8.self) }
-    case .u64: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: UInt64.self), toByteOffset: 8 * i, as: UInt64.self) }
-    case .u32: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: UInt32.self), toByteOffset: 4 * i, as: UInt32.self) }
-    case .u16: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: UInt16.self), toByteOffset: 2 * i, as: UInt16.self) }
-    case .u8: for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: UInt8.self), toByteOffset: i, as: UInt8.self) }
+    case .i64:
+      for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int64.self), toByteOffset: 8 * i, as: Int64.self) }
+    case .i32:
+      for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int32.self), toByteOffset: 4 * i, as: Int32.self) }
+    case .i16:
+      for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int16.self), toByteOffset: 2 * i, as: Int16.self) }
+    case .i8:
+      for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: Int8.self), toByteOffset: i, as: Int8.self) }
+    case .u64:
+      for i in 0..<n {
+        o.storeBytes(of: saturated(Double(v[i]), as: UInt64.self), toByteOffset: 8 * i, as: UInt64.self)
+      }
+    case .u32:
+      for i in 0..<n {
+        o.storeBytes(of: saturated(Double(v[i]), as: UInt32.self), toByteOffset: 4 * i, as: UInt32.self)
+      }
+    case .u16:
+      for i in 0..<n {
+        o.storeBytes(of: saturated(Double(v[i]), as: UInt16.self), toByteOffset: 2 * i, as: UInt16.self)
+      }
+    case .u8:
+      for i in 0..<n { o.storeBytes(of: saturated(Double(v[i]), as: UInt8.self), toByteOffset: i, as: UInt8.self) }
     case .bool: for i in 0..<n { o.storeBytes(of: v[i] != 0 && !v[i].isNaN ? 1 : 0, toByteOffset: i, as: UInt8.self) }
     }
   }
@@ -132,7 +154,9 @@ public enum DTypeConversion {
 
   /// Converts `count` elements from one stored dtype to another, in blocks (bounded scratch).
   /// F64 and 64-bit integers go through `Double`; F64 -> F16/BF16 rounds once, not twice.
-  public static func convert(_ source: UnsafeRawBufferPointer, from: DType, to: DType, into destination: UnsafeMutableRawBufferPointer) {
+  public static func convert(
+    _ source: UnsafeRawBufferPointer, from: DType, to: DType, into destination: UnsafeMutableRawBufferPointer
+  ) {
     let count = source.count / from.size
     precondition(destination.count >= count * to.size)
     if from == to {
@@ -149,14 +173,17 @@ public enum DTypeConversion {
         let n = min(blockSize, count - start)
         let block = UnsafeMutableBufferPointer(rebasing: scratch[0..<n])
         decode(UnsafeRawBufferPointer(rebasing: source[(start * from.size)...]), from: from, into: block)
-        encode(UnsafeBufferPointer(block), as: to, into: UnsafeMutableRawBufferPointer(rebasing: destination[(start * to.size)...]))
+        encode(
+          UnsafeBufferPointer(block), as: to,
+          into: UnsafeMutableRawBufferPointer(rebasing: destination[(start * to.size)...]))
         start += n
       }
     }
   }
 
   private static func convertThroughDouble(
-    _ source: UnsafeRawBufferPointer, count: Int, from: DType, to: DType, into destination: UnsafeMutableRawBufferPointer
+    _ source: UnsafeRawBufferPointer, count: Int, from: DType, to: DType,
+    into destination: UnsafeMutableRawBufferPointer
   ) {
     guard let s = source.baseAddress, let o = destination.baseAddress else { return }
     for i in 0..<count {
@@ -170,7 +197,9 @@ public enum DTypeConversion {
       default:
         var single: Float = 0
         withUnsafeMutablePointer(to: &single) { p in
-          decode(UnsafeRawBufferPointer(start: s + i * from.size, count: from.size), from: from, into: UnsafeMutableBufferPointer(start: p, count: 1))
+          decode(
+            UnsafeRawBufferPointer(start: s + i * from.size, count: from.size), from: from,
+            into: UnsafeMutableBufferPointer(start: p, count: 1))
         }
         value = Double(single)
       }

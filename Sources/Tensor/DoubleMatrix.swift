@@ -7,7 +7,9 @@ public struct DoubleMatrix: Sendable, Equatable {
   public var values: [Double]
 
   public init(rows: Int, columns: Int, values: [Double]) {
-    precondition(rows >= 0 && columns >= 0 && values.count == rows * columns, "\(rows) x \(columns) matrix with \(values.count) values")
+    precondition(
+      rows >= 0 && columns >= 0 && values.count == rows * columns,
+      "\(rows) x \(columns) matrix with \(values.count) values")
     self.rows = rows
     self.columns = columns
     self.values = values

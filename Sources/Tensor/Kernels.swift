@@ -23,7 +23,8 @@ public enum Kernels {
   }
 
   /// A valid address to stand for an empty range of bytes (nothing is ever read through it).
-  nonisolated(unsafe) public static let noElements = UnsafeRawPointer(UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16))
+  nonisolated(unsafe) public static let noElements = UnsafeRawPointer(
+    UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16))
 
   /// Elements stored as `dtype` from `start` on (unaligned bytes are fine), decoded chunk by chunk.
   public struct StoredElements: @unchecked Sendable {
@@ -135,7 +136,9 @@ public enum Kernels {
       let terms = p.prefix(arrays.count).map { StoredElements(start: $0, dtype: .f32) }
       let b = base == nil ? nil : StoredElements(start: p[arrays.count], dtype: .f32)
       return make(n) { range, out in
-        weightedSumChunks(range, terms: terms, weights: weights, scale: scale, base: b, subtractingBase: subtractingBase) { start, length, sums in
+        weightedSumChunks(
+          range, terms: terms, weights: weights, scale: scale, base: b, subtractingBase: subtractingBase
+        ) { start, length, sums in
           (out + start).initialize(from: sums, count: length)
         }
       }
@@ -147,11 +150,14 @@ public enum Kernels {
   /// input is ever decoded whole. Gives the bits `weightedSum` gives on the decoded arrays,
   /// encoded. Runs on the calling thread.
   public static func weightedSum(
-    _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool, count: Int,
+    _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
+    count: Int,
     into out: UnsafeMutableRawBufferPointer, as dtype: DType
   ) {
     precondition(out.count >= count * dtype.size && weights.count == terms.count && (!subtractingBase || base != nil))
-    weightedSumChunks(0..<count, terms: terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase) { start, length, sums in
+    weightedSumChunks(
+      0..<count, terms: terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase
+    ) { start, length, sums in
       DTypeConversion.encode(
         UnsafeBufferPointer(start: sums, count: length), as: dtype,
         into: UnsafeMutableRawBufferPointer(rebasing: out[(start * dtype.size)..<((start + length) * dtype.size)]))
@@ -162,7 +168,8 @@ public enum Kernels {
   /// `Float` scratch, sums in `Double`; `emit(start, length, results)` takes each chunk's results.
   @inline(__always)
   static func weightedSumChunks(
-    _ range: Range<Int>, terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
+    _ range: Range<Int>, terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?,
+    subtractingBase: Bool,
     emit: (Int, Int, UnsafePointer<Float>) -> Void
   ) {
     withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * chunk) { floats in
@@ -191,7 +198,9 @@ public enum Kernels {
   /// the weighted deltas agreeing with it (zeros never agree) are summed, divided by their
   /// weights' sum when `normalize` (0 -> 1), scaled by `lambda` and added to `base`. Branch-free
   /// over chunks: which deltas agree is unpredictable, and mispredicted branches cost 20x.
-  public static func consensusMerge(base: [Float], deltas: [[Float]], weights: [Double], lambda: Double, normalize: Bool) -> [Float] {
+  public static func consensusMerge(
+    base: [Float], deltas: [[Float]], weights: [Double], lambda: Double, normalize: Bool
+  ) -> [Float] {
     let n = base.count
     precondition(deltas.allSatisfy { $0.count == n } && weights.count == deltas.count)
     guard n > 0 else { return [] }
@@ -256,11 +265,15 @@ public enum Kernels {
         make(values.count) { range, out in
           guard let vp = v.floats, let kp = k.pointer else { return }
           if scale == 1 {
-            for i in range { (out + i).initialize(to: Float(bitPattern: vp[i].bitPattern & (0 &- UInt32(kp.load(fromByteOffset: i, as: UInt8.self) & 1)))) }
+            for i in range {
+              (out + i).initialize(
+                to: Float(bitPattern: vp[i].bitPattern & (0 &- UInt32(kp.load(fromByteOffset: i, as: UInt8.self) & 1))))
+            }
           } else {
             for i in range {
               let scaled = Float(Double(vp[i]) * scale).bitPattern
-              (out + i).initialize(to: Float(bitPattern: scaled & (0 &- UInt32(kp.load(fromByteOffset: i, as: UInt8.self) & 1))))
+              (out + i).initialize(
+                to: Float(bitPattern: scaled & (0 &- UInt32(kp.load(fromByteOffset: i, as: UInt8.self) & 1))))
             }
           }
         }
@@ -303,7 +316,12 @@ public enum Kernels {
         Elementwise.sumOfBlocks(values.count) { range in
           guard let vp = v.floats else { return 0 }
           guard keep != nil, let kp = k.pointer else { return Elementwise.blockSum(range) { Double(abs(vp[$0])) } }
-          return Elementwise.blockSum(range) { Double(Float(bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF & (0 &- UInt32(kp.load(fromByteOffset: $0, as: UInt8.self) & 1)))) }
+          return Elementwise.blockSum(range) {
+            Double(
+              Float(
+                bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF
+                  & (0 &- UInt32(kp.load(fromByteOffset: $0, as: UInt8.self) & 1))))
+          }
         }
       }
     }

@@ -11,7 +11,8 @@ public enum LinearAlgebraError: Error, CustomStringConvertible, Equatable {
 
   public var description: String {
     switch self {
-    case .singular(let pivot): return "the matrix is singular (zero pivot at position \(pivot)); the system has no unique solution"
+    case .singular(let pivot):
+      return "the matrix is singular (zero pivot at position \(pivot)); the system has no unique solution"
     case .notPositiveDefinite(let order): return "the matrix is not positive definite (leading minor of order \(order))"
     case .noConvergence(let routine): return "\(routine) did not converge; the matrix may hold NaN or infinite values"
     }
@@ -54,11 +55,15 @@ public enum LAPACK {
 
   /// Solves `a x = b` in double precision by LU with partial pivoting (`dgesv`).
   public static func solve(_ a: DoubleMatrix, _ b: DoubleMatrix) throws -> DoubleMatrix {
-    precondition(a.rows == a.columns && b.rows == a.rows, "solve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
+    precondition(
+      a.rows == a.columns && b.rows == a.rows,
+      "solve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
     var lu = a.values
     var x = b
     var pivots = [Int32](repeating: 0, count: a.rows)
-    let info = LAPACKE_dgesv(LAPACK_ROW_MAJOR, BLAS.int32(a.rows), BLAS.int32(b.columns), &lu, BLAS.int32(a.rows), &pivots, &x.values, BLAS.int32(b.columns))
+    let info = LAPACKE_dgesv(
+      LAPACK_ROW_MAJOR, BLAS.int32(a.rows), BLAS.int32(b.columns), &lu, BLAS.int32(a.rows), &pivots, &x.values,
+      BLAS.int32(b.columns))
     try check(info, "dgesv") { .singular(pivot: $0) }
     return x
   }
@@ -66,11 +71,14 @@ public enum LAPACK {
   /// Solves `a x = b` for symmetric positive definite `a` by Cholesky (`dposv`); throws
   /// `.notPositiveDefinite` otherwise (callers fall back to a rank-revealing solver).
   public static func choleskySolve(_ a: DoubleMatrix, _ b: DoubleMatrix) throws -> DoubleMatrix {
-    precondition(a.rows == a.columns && b.rows == a.rows, "choleskySolve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
+    precondition(
+      a.rows == a.columns && b.rows == a.rows,
+      "choleskySolve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
     var factor = a.values
     var x = b
     let n = BLAS.int32(a.rows)
-    let info = LAPACKE_dposv(LAPACK_ROW_MAJOR, ascii("U"), n, BLAS.int32(b.columns), &factor, n, &x.values, BLAS.int32(b.columns))
+    let info = LAPACKE_dposv(
+      LAPACK_ROW_MAJOR, ascii("U"), n, BLAS.int32(b.columns), &factor, n, &x.values, BLAS.int32(b.columns))
     try check(info, "dposv") { .notPositiveDefinite(order: $0) }
     return x
   }
@@ -106,7 +114,9 @@ public enum LAPACK {
     var s = [Float](repeating: 0, count: k)
     var u = [Float](repeating: 0, count: m * k)
     var vt = [Float](repeating: 0, count: k * n)
-    let info = LAPACKE_sgesdd(LAPACK_ROW_MAJOR, ascii("S"), BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &s, &u, BLAS.int32(k), &vt, BLAS.int32(n))
+    let info = LAPACKE_sgesdd(
+      LAPACK_ROW_MAJOR, ascii("S"), BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &s, &u, BLAS.int32(k), &vt,
+      BLAS.int32(n))
     try check(info, "sgesdd") { _ in .noConvergence(routine: "SVD (sgesdd)") }
     return SVD(u: Tensor(shape: [m, k], scalars: u), s: s, vt: Tensor(shape: [k, n], scalars: vt))
   }
@@ -120,7 +130,9 @@ public enum LAPACK {
     var s = [Double](repeating: 0, count: k)
     var u = DoubleMatrix(zeros: m, k)
     var vt = DoubleMatrix(zeros: k, n)
-    let info = LAPACKE_dgesdd(LAPACK_ROW_MAJOR, ascii("S"), BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &s, &u.values, BLAS.int32(k), &vt.values, BLAS.int32(n))
+    let info = LAPACKE_dgesdd(
+      LAPACK_ROW_MAJOR, ascii("S"), BLAS.int32(m), BLAS.int32(n), &work, BLAS.int32(n), &s, &u.values, BLAS.int32(k),
+      &vt.values, BLAS.int32(n))
     try check(info, "dgesdd") { _ in .noConvergence(routine: "SVD (dgesdd)") }
     return (u, s, vt)
   }
@@ -132,14 +144,17 @@ public enum LAPACK {
     var vectors = a
     var values = [Double](repeating: 0, count: a.rows)
     guard a.rows > 0 else { return (values, vectors) }
-    let info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, ascii("V"), ascii("U"), BLAS.int32(a.rows), &vectors.values, BLAS.int32(a.rows), &values)
+    let info = LAPACKE_dsyevd(
+      LAPACK_ROW_MAJOR, ascii("V"), ascii("U"), BLAS.int32(a.rows), &vectors.values, BLAS.int32(a.rows), &values)
     try check(info, "dsyevd") { _ in .noConvergence(routine: "eigendecomposition (dsyevd)") }
     return (values, vectors)
   }
 
   /// Minimum-norm least squares `min |a x - b|` (`dgelsd`, SVD based): singular values below
   /// `rcond * s_max` are treated as zero. Returns the solution (n x nrhs) and the effective rank.
-  public static func leastSquares(_ a: DoubleMatrix, _ b: DoubleMatrix, rcond: Double = -1) throws -> (x: DoubleMatrix, rank: Int) {
+  public static func leastSquares(_ a: DoubleMatrix, _ b: DoubleMatrix, rcond: Double = -1) throws -> (
+    x: DoubleMatrix, rank: Int
+  ) {
     precondition(b.rows == a.rows, "leastSquares: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
     let (m, n, nrhs) = (a.rows, a.columns, b.columns)
     var work = a.values
@@ -151,7 +166,8 @@ public enum LAPACK {
     var rank: Int32 = 0
     if m > 0 && n > 0 && nrhs > 0 {
       let info = LAPACKE_dgelsd(
-        LAPACK_ROW_MAJOR, BLAS.int32(m), BLAS.int32(n), BLAS.int32(nrhs), &work, BLAS.int32(n), &rhs, BLAS.int32(nrhs), &s, rcond, &rank)
+        LAPACK_ROW_MAJOR, BLAS.int32(m), BLAS.int32(n), BLAS.int32(nrhs), &work, BLAS.int32(n), &rhs, BLAS.int32(nrhs),
+        &s, rcond, &rank)
       try check(info, "dgelsd") { _ in .noConvergence(routine: "least squares (dgelsd)") }
     }
     return (DoubleMatrix(rows: n, columns: nrhs, values: Array(rhs.prefix(n * nrhs))), Int(rank))
@@ -160,7 +176,9 @@ public enum LAPACK {
   /// Randomized truncated SVD of rank `rank` (Halko, Martinsson and Tropp): a Gaussian sketch of
   /// `rank + oversampling` columns, `powerIterations` rounds of re-orthonormalised power iteration,
   /// then an exact SVD of the small projected matrix. Deterministic in `seed`.
-  public static func randomizedSVD(_ a: Tensor, rank: Int, oversampling: Int = 10, powerIterations: Int = 2, seed: UInt64 = 0) throws -> SVD {
+  public static func randomizedSVD(
+    _ a: Tensor, rank: Int, oversampling: Int = 10, powerIterations: Int = 2, seed: UInt64 = 0
+  ) throws -> SVD {
     precondition(a.shape.count == 2 && rank >= 0, "randomizedSVD of \(a.shape) at rank \(rank)")
     let (m, n) = (a.shape[0], a.shape[1])
     let r = min(rank, m, n)
@@ -187,7 +205,9 @@ public enum LAPACK {
     let n = svd.vt.shape[1]
     var u = [Float](repeating: 0, count: m * rank)
     for i in 0..<m { for j in 0..<rank { u[i * rank + j] = svd.u.scalars[i * k + j] } }
-    return SVD(u: Tensor(shape: [m, rank], scalars: u), s: Array(svd.s.prefix(rank)), vt: Tensor(shape: [rank, n], scalars: Array(svd.vt.scalars.prefix(rank * n))))
+    return SVD(
+      u: Tensor(shape: [m, rank], scalars: u), s: Array(svd.s.prefix(rank)),
+      vt: Tensor(shape: [rank, n], scalars: Array(svd.vt.scalars.prefix(rank * n))))
   }
 
   private static func ascii(_ c: Unicode.Scalar) -> CChar { CChar(UInt8(ascii: c)) }

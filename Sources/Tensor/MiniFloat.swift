@@ -37,7 +37,8 @@ struct MiniFloat: Sendable {
     } else if exponentField == 0 {
       magnitude = Float(mantissa) * Float(sign: .plus, exponent: 1 - bias - mantissaBits, significand: 1)
     } else {
-      magnitude = Float(sign: .plus, exponent: exponentField - bias, significand: 1 + Float(mantissa) / Float(1 << mantissaBits))
+      magnitude = Float(
+        sign: .plus, exponent: exponentField - bias, significand: 1 + Float(mantissa) / Float(1 << mantissaBits))
     }
     return negative ? -magnitude : magnitude
   }
@@ -60,7 +61,8 @@ struct MiniFloat: Sendable {
       let mantissa = Int(rounded / Float(sign: .plus, exponent: minNormalExponent - mantissaBits, significand: 1))
       return sign | UInt8(mantissa)
     }
-    let mantissa = Int(rounded / Float(sign: .plus, exponent: exponent - mantissaBits, significand: 1)) - (1 << mantissaBits)
+    let mantissa =
+      Int(rounded / Float(sign: .plus, exponent: exponent - mantissaBits, significand: 1)) - (1 << mantissaBits)
     return sign | UInt8(((exponent + bias) << mantissaBits) | mantissa)
   }
 }

@@ -26,7 +26,11 @@ public struct TensorData: Sendable, Equatable {
   /// The values as `Double`: exact for F64 (float64 statistics) and every narrower type.
   public func doubles() -> [Double] {
     guard dtype == .f64 else { return decoded().scalars.map(Double.init) }
-    return bytes.withUnsafeBytes { raw in (0..<count).map { Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * $0, as: UInt64.self))) } }
+    return bytes.withUnsafeBytes { raw in
+      (0..<count).map {
+        Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * $0, as: UInt64.self)))
+      }
+    }
   }
 
   /// Wraps `Double` values as F64 data.

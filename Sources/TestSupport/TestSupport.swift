@@ -65,7 +65,9 @@ public func randomTensorData(_ dtype: DType, shape: [Int], seed: UInt64, scale: 
 
 /// Writes a small checkpoint with the given tensors (in order) and returns its path.
 @discardableResult
-public func writeCheckpoint(_ tensors: [(String, TensorData)], to path: String, options: WriteOptions = WriteOptions()) throws -> String {
+public func writeCheckpoint(_ tensors: [(String, TensorData)], to path: String, options: WriteOptions = WriteOptions())
+  throws -> String
+{
   let infos = tensors.map { TensorInfo(name: $0.0, dtype: $0.1.dtype, shape: $0.1.shape) }
   let writer = try CheckpointWriter(destination: path, tensors: infos, options: options)
   for (name, data) in tensors { try writer.write(name, data) }

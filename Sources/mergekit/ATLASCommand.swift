@@ -20,7 +20,8 @@ struct ATLASCommand: ParsableCommand {
 
 struct ATLASApplyCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
-    commandName: "apply", abstract: "theta = base + sum over tasks and blocks of lambda * tau, from a coefficient file.")
+    commandName: "apply", abstract: "theta = base + sum over tasks and blocks of lambda * tau, from a coefficient file."
+  )
 
   @Argument(help: "The base model.") var base: String
   @Argument(help: "Task vectors, in the coefficient file's order.") var vectors: [String] = []
@@ -36,9 +37,11 @@ struct ATLASApplyCommand: ParsableCommand {
 
   func run() throws {
     let operation = StreamedOperation.atlasApply
-    let method = try operation.method(files: ["coefficients": coefficients], base: try openCheckpoint(base), models: vectors.count)
+    let method = try operation.method(
+      files: ["coefficients": coefficients], base: try openCheckpoint(base), models: vectors.count)
     try output.execute(
-      "atlas", method: method, base: base, models: vectors, global: [:], perModel: vectors.map { _ in [:] }, defaultFormat: operation.defaultFormat,
+      "atlas", method: method, base: base, models: vectors, global: [:], perModel: vectors.map { _ in [:] },
+      defaultFormat: operation.defaultFormat,
       metadata: ["mergekit.kind": operation.kind ?? operation.name, "mergekit.coefficients": coefficients])
   }
 }

@@ -10,7 +10,9 @@ func requireExisting(_ path: String, _ what: String) throws {
 
 /// Refuses to replace an existing output unless `--overwrite` was given (a usage error, exit 64).
 func requireNewOutput(_ output: String, overwrite: Bool) throws {
-  if !overwrite && FileManager.default.fileExists(atPath: output) { throw ValidationError("'\(output)' already exists; pass --overwrite to replace it") }
+  if !overwrite && FileManager.default.fileExists(atPath: output) {
+    throw ValidationError("'\(output)' already exists; pass --overwrite to replace it")
+  }
 }
 
 /// Parses sizes such as `5GB`, `500MB`, `2GiB`, `1048576`.
@@ -20,11 +22,19 @@ func parseByteSize(_ text: String) -> Int? { WriteOptions.parseSize(text) }
 /// exit 64): known format and dtype, a valid shard size, an extension that agrees with
 /// `--format`, shards only for folders, and no silent replacement of an existing output.
 func validateOutput(_ output: String, format: String?, dtype: String?, shardSize: String?, mayExist: Bool) throws {
-  if let format, CheckpointFormat(rawValue: format.lowercased()) == nil { throw ValidationError("unknown --format '\(format)' (use safetensors or mkz)") }
-  if let dtype, DType(userSpelling: dtype)?.isFloatingPoint != true { throw ValidationError("unknown --dtype '\(dtype)' (use bf16, f16, f32 or f64)") }
-  if let shardSize, parseByteSize(shardSize) == nil { throw ValidationError("invalid --shard-size '\(shardSize)' (examples: 5GB, 500MB, 1048576)") }
+  if let format, CheckpointFormat(rawValue: format.lowercased()) == nil {
+    throw ValidationError("unknown --format '\(format)' (use safetensors or mkz)")
+  }
+  if let dtype, DType(userSpelling: dtype)?.isFloatingPoint != true {
+    throw ValidationError("unknown --dtype '\(dtype)' (use bf16, f16, f32 or f64)")
+  }
+  if let shardSize, parseByteSize(shardSize) == nil {
+    throw ValidationError("invalid --shard-size '\(shardSize)' (examples: 5GB, 500MB, 1048576)")
+  }
   let named = CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension)
-  if let named, let format, named.rawValue != format.lowercased() { throw ValidationError("output '\(output)' is a .\(named.fileExtension) file but --format is \(format)") }
+  if let named, let format, named.rawValue != format.lowercased() {
+    throw ValidationError("output '\(output)' is a .\(named.fileExtension) file but --format is \(format)")
+  }
   if named != nil && shardSize != nil { throw ValidationError("--shard-size needs a folder output, not a single file") }
   try requireNewOutput(output, overwrite: mayExist)
 }

@@ -6,7 +6,8 @@ import Tensor
 struct ConvertCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "convert",
-    abstract: "Copy a checkpoint to another format, dtype or sharding, optionally selecting, dropping or renaming tensors.",
+    abstract:
+      "Copy a checkpoint to another format, dtype or sharding, optionally selecting, dropping or renaming tensors.",
     discussion: """
       OUT ending in .safetensors or .mkz writes one file; any other OUT is a model folder (shards \
       plus index when --shard-size requires, and the input folder's config and tokenizer files). \
@@ -51,17 +52,22 @@ struct ConvertCommand: ParsableCommand {
     try requireExisting(input, "input")
     if let base { try requireExisting(base, "base") }
     try validateOutput(output, format: format, dtype: dtype, shardSize: shardSize, mayExist: overwrite)
-    do { _ = try TensorSelection(select: select, drop: drop, renames: rename) } catch { throw ValidationError("\(error)") }
+    do { _ = try TensorSelection(select: select, drop: drop, renames: rename) } catch {
+      throw ValidationError("\(error)")
+    }
   }
 
   func run() throws {
     let baseModel = try openBase(base)
     let source = try openCheckpoint(input, base: baseModel)
-    let outputFormat = format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension) ?? .safetensors
+    let outputFormat =
+      format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(
+        pathExtension: URL(fileURLWithPath: output).pathExtension) ?? .safetensors
     let metadata = source.metadata
     let options = WriteOptions(
       format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata,
-      deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.modelFolder(of: input), overwrite: overwrite)
+      deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.modelFolder(of: input),
+      overwrite: overwrite)
     let progress = Progress("convert", quiet: quiet)
     try copyCheckpoint(
       from: source, to: output, selection: try TensorSelection(select: select, drop: drop, renames: rename),

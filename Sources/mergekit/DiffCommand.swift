@@ -56,7 +56,9 @@ struct DiffCommand: ParsableCommand {
     }
     if json {
       let tensors = rows.map { row -> [String: Any] in
-        var json: [String: Any] = ["name": row.name, "max_abs": row.maxAbs, "relative_frobenius": row.relativeFrobenius, "cosine": row.cosine]
+        var json: [String: Any] = [
+          "name": row.name, "max_abs": row.maxAbs, "relative_frobenius": row.relativeFrobenius, "cosine": row.cosine,
+        ]
         if let dtypes = row.dtypes { json["dtypes"] = dtypes }
         return json
       }
@@ -85,7 +87,8 @@ enum TensorDifference {
     var cosine = 1.0
   }
 
-  static func compare(_ left: any Checkpoint, _ right: any Checkpoint, _ a: TensorInfo, _ b: TensorInfo) throws -> Stats {
+  static func compare(_ left: any Checkpoint, _ right: any Checkpoint, _ a: TensorInfo, _ b: TensorInfo) throws -> Stats
+  {
     let piece = 1 << 20
     var x = [Float](repeating: 0, count: piece)
     var y = [Float](repeating: 0, count: piece)
@@ -94,10 +97,14 @@ enum TensorDifference {
     while start < a.count {
       let n = min(piece, a.count - start)
       try left.withBytes(of: a.name, range: (start * a.dtype.size)..<((start + n) * a.dtype.size)) { bytes in
-        x.withUnsafeMutableBufferPointer { DTypeConversion.decode(bytes, from: a.dtype, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n])) }
+        x.withUnsafeMutableBufferPointer {
+          DTypeConversion.decode(bytes, from: a.dtype, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n]))
+        }
       }
       try right.withBytes(of: b.name, range: (start * b.dtype.size)..<((start + n) * b.dtype.size)) { bytes in
-        y.withUnsafeMutableBufferPointer { DTypeConversion.decode(bytes, from: b.dtype, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n])) }
+        y.withUnsafeMutableBufferPointer {
+          DTypeConversion.decode(bytes, from: b.dtype, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n]))
+        }
       }
       for i in 0..<n {
         let (p, q) = (Double(x[i]), Double(y[i]))

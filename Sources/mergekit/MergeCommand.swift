@@ -26,7 +26,11 @@ struct MergeCommand: ParsableCommand {
 
   @OptionGroup var output: OutputOptions
 
-  @Argument(parsing: .allUnrecognized, help: ArgumentHelp("Models to merge (.safetensors or .mkz files, or model folders), and method parameter flags.", valueName: "models-and-flags"))
+  @Argument(
+    parsing: .allUnrecognized,
+    help: ArgumentHelp(
+      "Models to merge (.safetensors or .mkz files, or model folders), and method parameter flags.",
+      valueName: "models-and-flags"))
   var arguments: [String] = []
 
   /// The positional arguments: the models.
@@ -37,7 +41,9 @@ struct MergeCommand: ParsableCommand {
     for model in models { try requireExisting(model, "model") }
     if let base { try requireExisting(base, "base") }
     let method = try chosenMethod()
-    do { try method.checkInputs(hasBase: base != nil, modelCount: models.count) } catch { throw ValidationError("\(error)") }
+    do { try method.checkInputs(hasBase: base != nil, modelCount: models.count) } catch {
+      throw ValidationError("\(error)")
+    }
     _ = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
   }
 
@@ -54,6 +60,8 @@ struct MergeCommand: ParsableCommand {
   func run() throws {
     let method = try chosenMethod()
     let flags = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
-    try output.execute("merge", method: method, base: base, models: models, global: flags.global, perModel: flags.perModel, defaultFormat: .safetensors)
+    try output.execute(
+      "merge", method: method, base: base, models: models, global: flags.global, perModel: flags.perModel,
+      defaultFormat: .safetensors)
   }
 }

@@ -19,9 +19,12 @@ struct MergekitCommand: ParsableCommand {
       """,
     version: "0.1.0",
     subcommands: [
-      InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, MergeCommand.self, TaskVectorCommand.self, ApplyCommand.self, RunCommand.self,
+      InspectCommand.self, ConvertCommand.self, VerifyCommand.self, DiffCommand.self, MergeCommand.self,
+      TaskVectorCommand.self, ApplyCommand.self, RunCommand.self,
       ATLASCommand.self,
-    ] + OperationRegistry.operations.filter { $0.commandPath.count == 1 }.map { commandType($0) } + [ExampleCommand.self]
+    ] + OperationRegistry.operations.filter { $0.commandPath.count == 1 }.map { commandType($0) } + [
+      ExampleCommand.self
+    ]
   )
 
   /// Entry point. On SIGINT or SIGTERM, deletes the temporary files of unfinished outputs and
@@ -34,7 +37,8 @@ struct MergekitCommand: ParsableCommand {
       atexit {
         let status = (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) ?? ""
         if let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }) {
-          FileHandle.standardError.write(Data("peak RSS: \(line.dropFirst(6).trimmingCharacters(in: .whitespaces))\n".utf8))
+          FileHandle.standardError.write(
+            Data("peak RSS: \(line.dropFirst(6).trimmingCharacters(in: .whitespaces))\n".utf8))
         }
       }
     }
@@ -69,7 +73,8 @@ struct MergekitCommand: ParsableCommand {
 /// as flags. nil for errors of the run itself (exit 1).
 func usageMessage(_ error: any Error) -> String? {
   switch error {
-  case let error as OperationError: return error.isUsage ? error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") } : nil
+  case let error as OperationError:
+    return error.isUsage ? error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") } : nil
   case let error as RecipeError:
     if case .stepFailed = error { return nil }
     return error.description

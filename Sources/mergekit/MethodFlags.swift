@@ -35,7 +35,9 @@ struct MethodFlags {
       let name = flag.replacingOccurrences(of: "-", with: "_")
       guard method.parameters.contains(where: { $0.name == name }) else {
         let known = method.parameters.map { "--" + $0.name.replacingOccurrences(of: "_", with: "-") }
-        throw ValidationError("\(method.name) has no parameter --\(flag); it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))")
+        throw ValidationError(
+          "\(method.name) has no parameter --\(flag); it takes \(known.isEmpty ? "none" : known.joined(separator: ", "))"
+        )
       }
       if values[name] == nil { order.append(name) }
       values[name, default: []].append(value)
@@ -47,8 +49,11 @@ struct MethodFlags {
       switch (spec.scope, given.count) {
       case (_, 1): global[name] = given[0]
       case (.perModel, modelCount): for m in 0..<modelCount { perModel[m][name] = given[m] }
-      case (.perModel, _): throw ValidationError("--\(flag(name)) given \(given.count) times; give it once (all models) or once per model (\(modelCount))")
-      case (.global, _): throw ValidationError("--\(flag(name)) is one value for the whole merge; it was given \(given.count) times")
+      case (.perModel, _):
+        throw ValidationError(
+          "--\(flag(name)) given \(given.count) times; give it once (all models) or once per model (\(modelCount))")
+      case (.global, _):
+        throw ValidationError("--\(flag(name)) is one value for the whole merge; it was given \(given.count) times")
       }
     }
   }

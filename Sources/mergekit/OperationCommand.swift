@@ -11,7 +11,8 @@ import Operations
 struct OperationCommand<Op: MergekitOperation>: ParsableCommand {
   static var configuration: CommandConfiguration {
     let operation = Op()
-    return CommandConfiguration(commandName: operation.commandPath.last, abstract: operation.summary, discussion: OperationFlags.help(operation))
+    return CommandConfiguration(
+      commandName: operation.commandPath.last, abstract: operation.summary, discussion: OperationFlags.help(operation))
   }
 
   @Option(name: .shortAndLong, help: "Output path (see below).")
@@ -29,24 +30,33 @@ struct OperationCommand<Op: MergekitOperation>: ParsableCommand {
   @Flag(name: .shortAndLong, help: "No progress output.")
   var quiet = false
 
-  @Argument(parsing: .allUnrecognized, help: ArgumentHelp("Inputs and parameter flags (see below).", valueName: "inputs-and-flags"))
+  @Argument(
+    parsing: .allUnrecognized,
+    help: ArgumentHelp("Inputs and parameter flags (see below).", valueName: "inputs-and-flags"))
   var arguments: [String] = []
 
   func run() throws {
     let operation = Op()
     let flags = try OperationFlags(arguments, operation)
-    let request = try operation.prepare(models: flags.models, base: flags.base, data: flags.data, output: output, parameters: flags.parameters)
+    let request = try operation.prepare(
+      models: flags.models, base: flags.base, data: flags.data, output: output, parameters: flags.parameters)
     for (role, path) in request.inputPaths(operation.parameters) where !FileManager.default.fileExists(atPath: path) {
       throw OperationError.missingInput(operation: operation.name, role: role, path: path)
     }
     for path in (output.map { [$0] } ?? []) + request.extraOutputs(operation.parameters) {
-      if !overwrite && !dryRun && FileManager.default.fileExists(atPath: path) { throw OperationError.outputExists(path: path) }
+      if !overwrite && !dryRun && FileManager.default.fileExists(atPath: path) {
+        throw OperationError.outputExists(path: path)
+      }
     }
     if dryRun {
       print("operation:     \(operation.name)")
-      for (role, path) in request.inputPaths(operation.parameters) { print("\(role):".padding(toLength: 15, withPad: " ", startingAt: 0) + path) }
+      for (role, path) in request.inputPaths(operation.parameters) {
+        print("\(role):".padding(toLength: 15, withPad: " ", startingAt: 0) + path)
+      }
       print("output:        \(output ?? "(none: the report is printed)")")
-      let shown = operation.parameters.compactMap { spec in request.parameters.values[spec.name].map { "\(spec.name)=\(OperationFlags.describe($0))" } }
+      let shown = operation.parameters.compactMap { spec in
+        request.parameters.values[spec.name].map { "\(spec.name)=\(OperationFlags.describe($0))" }
+      }
       print("parameters:    \(shown.joined(separator: " "))")
       return
     }
@@ -78,7 +88,9 @@ struct OperationFlags {
       let argument = arguments[i]
       i += 1
       guard argument.hasPrefix("--") else {
-        if argument.hasPrefix("-"), argument.count > 1, Double(argument) == nil { throw ValidationError("unknown option '\(argument)'") }
+        if argument.hasPrefix("-"), argument.count > 1, Double(argument) == nil {
+          throw ValidationError("unknown option '\(argument)'")
+        }
         positional.append(argument)
         continue
       }
@@ -90,9 +102,12 @@ struct OperationFlags {
       }
       let key = name.replacingOccurrences(of: "-", with: "_")
       let spec = operation.parameters.first { $0.name == key }
-      let isRole = (key == "base" && operation.inputs.base != .unused) || (key == "data" && operation.inputs.data != .unused)
+      let isRole =
+        (key == "base" && operation.inputs.base != .unused) || (key == "data" && operation.inputs.data != .unused)
       guard spec != nil || isRole else {
-        let known = (operation.inputs.base != .unused ? ["--base"] : []) + (operation.inputs.data != .unused ? ["--data"] : []) + operation.parameters.map(\.flagName)
+        let known =
+          (operation.inputs.base != .unused ? ["--base"] : []) + (operation.inputs.data != .unused ? ["--data"] : [])
+          + operation.parameters.map(\.flagName)
         throw ValidationError("\(operation.name) has no option --\(name); it takes \(known.joined(separator: ", "))")
       }
       var value: String
@@ -137,10 +152,21 @@ struct OperationFlags {
   static func help(_ operation: any MergekitOperation) -> String {
     let inputs = operation.inputs
     var lines = [operation.discussion, ""]
-    let usage = (inputs.baseIsFirstArgument ? ["BASE"] : []) + (inputs.models.upperBound == 0 ? [] : inputs.models.lowerBound == 0 ? ["[MODEL]"] : inputs.models.upperBound > 1 ? ["MODEL..."] : ["MODEL"])
-    if !usage.isEmpty { lines.append("Arguments: \(usage.joined(separator: " ")): \(inputs.modelHelp)\(inputs.baseIsFirstArgument ? " (BASE: \(inputs.baseHelp); or --base)" : "").") }
-    if inputs.base != .unused && !inputs.baseIsFirstArgument { lines.append("  --base PATH\(inputs.base == .required ? " [required]" : ""): \(inputs.baseHelp)") }
-    if inputs.data != .unused { lines.append("  --data PATH\(inputs.data == .required ? " [required]" : ""): \(inputs.dataHelp)") }
+    let usage =
+      (inputs.baseIsFirstArgument ? ["BASE"] : [])
+      + (inputs.models.upperBound == 0
+        ? [] : inputs.models.lowerBound == 0 ? ["[MODEL]"] : inputs.models.upperBound > 1 ? ["MODEL..."] : ["MODEL"])
+    if !usage.isEmpty {
+      lines.append(
+        "Arguments: \(usage.joined(separator: " ")): \(inputs.modelHelp)\(inputs.baseIsFirstArgument ? " (BASE: \(inputs.baseHelp); or --base)" : "")."
+      )
+    }
+    if inputs.base != .unused && !inputs.baseIsFirstArgument {
+      lines.append("  --base PATH\(inputs.base == .required ? " [required]" : ""): \(inputs.baseHelp)")
+    }
+    if inputs.data != .unused {
+      lines.append("  --data PATH\(inputs.data == .required ? " [required]" : ""): \(inputs.dataHelp)")
+    }
     if operation.output == .report { lines.append("  -o PATH: write the report as JSON (it is printed either way)") }
     lines.append("")
     lines.append("Parameters:")
@@ -149,7 +175,9 @@ struct OperationFlags {
       lines.append("  \(spec.flagName) (\(spec.kind.summary))\(value): \(spec.help)")
     }
     lines.append("")
-    lines.append("In a recipe: method: \(operation.name), with models/model, base and data as step keys and the parameters under parameters: (batch_size for --batch-size).")
+    lines.append(
+      "In a recipe: method: \(operation.name), with models/model, base and data as step keys and the parameters under parameters: (batch_size for --batch-size)."
+    )
     return lines.joined(separator: "\n")
   }
 }

@@ -16,13 +16,19 @@ struct OutputOptions: ParsableArguments {
   @Option(help: "Store floating-point tensors as bf16, f16, f32 or f64 (default: the inputs' dtype).")
   var dtype: String?
 
-  @Option(name: .customLong("shard-size"), help: "Largest shard of a folder output, e.g. 5GB (default: the reference input's sharding).")
+  @Option(
+    name: .customLong("shard-size"),
+    help: "Largest shard of a folder output, e.g. 5GB (default: the reference input's sharding).")
   var shardSize: String?
 
-  @Flag(name: .customLong("allow-missing"), help: "Copy tensors some models lack from the base (or first model), and ignore tensors only some models have.")
+  @Flag(
+    name: .customLong("allow-missing"),
+    help: "Copy tensors some models lack from the base (or first model), and ignore tensors only some models have.")
   var allowMissing = false
 
-  @Flag(name: .customLong("dry-run"), help: "Print the plan (tensors, bytes to read and write, memory) and exit without writing.")
+  @Flag(
+    name: .customLong("dry-run"),
+    help: "Print the plan (tensors, bytes to read and write, memory) and exit without writing.")
   var dryRun = false
 
   @Flag(help: "Replace the output if it exists (only after the new output is complete).")
@@ -39,22 +45,31 @@ struct OutputOptions: ParsableArguments {
 
   /// Plans, then prints the plan (`--dry-run`) or runs it with a progress bar.
   func execute(
-    _ label: String, method: any MergeMethod, base: String?, models: [String], global: [String: ParameterValue], perModel: [[String: ParameterValue]],
+    _ label: String, method: any MergeMethod, base: String?, models: [String], global: [String: ParameterValue],
+    perModel: [[String: ParameterValue]],
     defaultFormat: CheckpointFormat, metadata: [String: String] = [:]
   ) throws {
     MemoryPolicy.reuseTensorMemory()
     // Every value and required parameter, before any input is opened or output created.
     try method.checkInputs(hasBase: base != nil, modelCount: models.count)
-    try ParameterResolver(method: method.name, specs: method.parameters, global: global, models: perModel, positions: LayerPositions(layerCount: 0)).checkValues()
+    try ParameterResolver(
+      method: method.name, specs: method.parameters, global: global, models: perModel,
+      positions: LayerPositions(layerCount: 0)
+    ).checkValues()
     let baseModel = try base.map { try openCheckpoint($0) }
     let inputs = try models.map { try openCheckpoint($0, base: baseModel) }
-    let plan = try MergePlan(method: method, base: baseModel, models: inputs, global: global, perModel: perModel, outputType: outputType, allowMissing: allowMissing)
-    let outputFormat = format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension) ?? defaultFormat
+    let plan = try MergePlan(
+      method: method, base: baseModel, models: inputs, global: global, perModel: perModel, outputType: outputType,
+      allowMissing: allowMissing)
+    let outputFormat =
+      format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(
+        pathExtension: URL(fileURLWithPath: output).pathExtension) ?? defaultFormat
     if dryRun {
       printPlan(plan, format: outputFormat)
       return
     }
-    var options = WriteOptions(format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata, overwrite: overwrite)
+    var options = WriteOptions(
+      format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata, overwrite: overwrite)
     options.copyFilesFrom = ModelFolder.modelFolder(of: base ?? models[0])
     let progress = Progress(label, quiet: quiet)
     try MergeRunner.run(plan, to: output, options: options, progress: { progress.update($0, $1) })
@@ -69,9 +84,13 @@ struct OutputOptions: ParsableArguments {
     print("tensors:       \(plan.items.count) (\(merged) merged, \(plan.items.count - merged) copied)")
     print("read:          \(formatBytes(plan.bytesRead))")
     print("write:         \(formatBytes(plan.bytesWritten)) as \(format.rawValue) to \(output)")
-    print("memory:        about \(formatBytes(MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together, decoded to f32, plus I/O buffers)")
+    print(
+      "memory:        about \(formatBytes(MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together, decoded to f32, plus I/O buffers)"
+    )
     let parameters = plan.method.parameters.map(\.name)
-    if !parameters.isEmpty, let first = plan.items.first(where: { $0.action == .merge }), let resolved = try? plan.resolver.resolve(tensor: first.name) {
+    if !parameters.isEmpty, let first = plan.items.first(where: { $0.action == .merge }),
+      let resolved = try? plan.resolver.resolve(tensor: first.name)
+    {
       let shown = parameters.compactMap { name -> String? in
         if let g = resolved.global[name] { return "\(name)=\(g)" }
         let per = resolved.models.compactMap { $0[name] }

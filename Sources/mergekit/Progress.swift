@@ -41,7 +41,8 @@ final class Progress: ProgressMeter {
     case .bytes: speed = formatBytes(Int(rate)) + "/s"
     case .items(let name): speed = String(format: "%.1f %@/s", rate, name)
     }
-    let figures = String(format: "%3.0f%%  %@  ETA %@", fraction * 100, speed, Self.duration(eta)) + (note.map { "  " + $0 } ?? "")
+    let figures =
+      String(format: "%3.0f%%  %@  ETA %@", fraction * 100, speed, Self.duration(eta)) + (note.map { "  " + $0 } ?? "")
     if isTerminal {
       guard Date().timeIntervalSince(lastDraw) > 0.1 || done == total else { return }
       lastDraw = Date()

@@ -19,15 +19,18 @@ struct RunCommand: ParsableCommand {
   @Argument(help: "The recipe or mergekit configuration file.")
   var recipe: String
 
-  @Option(name: .shortAndLong, help: "Output path: required for a mergekit configuration; for a recipe with one output, overrides its path.")
+  @Option(
+    name: .shortAndLong,
+    help: "Output path: required for a mergekit configuration; for a recipe with one output, overrides its path.")
   var output: String?
 
   @Flag(name: .customLong("dry-run"), help: "Check the recipe and print the steps in order without running them.")
   var dryRun = false
 
-  @Option(help: ArgumentHelp(
-    "Memory for intermediate results (e.g. 2GB, 0 to spill every one to a temporary file); default: an eighth of physical memory, at most 4 GiB.",
-    valueName: "size"))
+  @Option(
+    help: ArgumentHelp(
+      "Memory for intermediate results (e.g. 2GB, 0 to spill every one to a temporary file); default: an eighth of physical memory, at most 4 GiB.",
+      valueName: "size"))
   var memory: String?
 
   @Flag(help: "Replace outputs that exist (each only after its new version is complete).")
@@ -44,7 +47,9 @@ struct RunCommand: ParsableCommand {
   func memoryBudget() throws -> Int {
     guard let memory else { return RecipeRunner.defaultMemoryBudget }
     if memory.trimmingCharacters(in: .whitespaces) == "0" { return 0 }
-    guard let bytes = parseByteSize(memory) else { throw ValidationError("invalid --memory '\(memory)' (examples: 2GB, 500MB, 0)") }
+    guard let bytes = parseByteSize(memory) else {
+      throw ValidationError("invalid --memory '\(memory)' (examples: 2GB, 500MB, 0)")
+    }
     return bytes
   }
 

@@ -32,8 +32,11 @@ struct TaskVectorCommand: ParsableCommand {
     var options = output
     if options.dtype == nil { options.dtype = operation.defaultDType?.rawValue.lowercased() }
     try options.execute(
-      operation.name, method: try operation.method(), base: base, models: [finetuned], global: [:], perModel: [[:]], defaultFormat: operation.defaultFormat,
-      metadata: ["mergekit.kind": operation.kind ?? operation.name, "mergekit.finetuned": finetuned, "mergekit.base": base])
+      operation.name, method: try operation.method(), base: base, models: [finetuned], global: [:], perModel: [[:]],
+      defaultFormat: operation.defaultFormat,
+      metadata: [
+        "mergekit.kind": operation.kind ?? operation.name, "mergekit.finetuned": finetuned, "mergekit.base": base,
+      ])
   }
 }
 
@@ -53,7 +56,8 @@ struct ApplyCommand: ParsableCommand {
   @Argument(help: "Task vectors (from `mergekit task-vector`).")
   var vectors: [String] = []
 
-  @Option(parsing: .unconditionalSingleValue, help: "Scale (lambda): once for all task vectors, or once per task vector.")
+  @Option(
+    parsing: .unconditionalSingleValue, help: "Scale (lambda): once for all task vectors, or once per task vector.")
   var scale: [String] = []
 
   @OptionGroup var output: OutputOptions
@@ -68,6 +72,8 @@ struct ApplyCommand: ParsableCommand {
     let operation = StreamedOperation.apply
     let method = try operation.method()
     let flags = try MethodFlags(scale.flatMap { ["--scale", $0] }, method: method, modelCount: vectors.count)
-    try output.execute(operation.name, method: method, base: base, models: vectors, global: flags.global, perModel: flags.perModel, defaultFormat: operation.defaultFormat)
+    try output.execute(
+      operation.name, method: method, base: base, models: vectors, global: flags.global, perModel: flags.perModel,
+      defaultFormat: operation.defaultFormat)
   }
 }

@@ -10,7 +10,8 @@ func matrixWithSpectrum(_ rows: Int, _ columns: Int, decay: Double, seed: UInt64
   let k = min(rows, columns)
   let rng = CounterRNG(seed: seed, stream: "spectrum")
   let u = LAPACK.qr(Tensor(shape: [rows, k], scalars: (0..<(rows * k)).map { rng.normal(UInt64($0)) })).q
-  let v = LAPACK.qr(Tensor(shape: [columns, k], scalars: (0..<(columns * k)).map { rng.normal(UInt64(1 << 32 + $0)) })).q
+  let v = LAPACK.qr(Tensor(shape: [columns, k], scalars: (0..<(columns * k)).map { rng.normal(UInt64(1 << 32 + $0)) }))
+    .q
   let s = (0..<k).map { pow(decay, Double($0)) }
   var scaled = u
   for i in 0..<rows { for j in 0..<k { scaled.scalars[i * k + j] *= Float(s[j]) } }

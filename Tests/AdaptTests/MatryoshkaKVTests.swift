@@ -38,7 +38,10 @@ func tokenSequences(_ count: Int, length: Int, seed: UInt64) -> [[Int]] {
   return (0..<count).map { s in
     let start = Int(rng.bits(UInt64(s * 1000)) % 48)
     let stride = 1 + Int(rng.bits(UInt64(s * 1000 + 1)) % 5)
-    return (0..<length).map { i in rng.uniform(UInt64(s * 1000 + 2 + i)) < 0.2 ? Int(rng.bits(UInt64(s * 1000 + 500 + i)) % 48) : (start + i * stride) % 48 }
+    return (0..<length).map { i in
+      rng.uniform(UInt64(s * 1000 + 2 + i)) < 0.2
+        ? Int(rng.bits(UInt64(s * 1000 + 500 + i)) % 48) : (start + i * stride) % 48
+    }
   }
 }
 
@@ -48,9 +51,14 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     let rng = CounterRNG(seed: seed, stream: stream)
     let q = LAPACK.qr(rng.normalTensor([c.headDimension, c.headDimension])).q
     return MatryoshkaKV.HeadBasis(
-      basis: Matrix(q), mean: Matrix(rows: 1, columns: c.headDimension, values: (0..<c.headDimension).map { rng.normal(UInt64(1 << 20 + $0)) }), variances: [])
+      basis: Matrix(q),
+      mean: Matrix(
+        rows: 1, columns: c.headDimension, values: (0..<c.headDimension).map { rng.normal(UInt64(1 << 20 + $0)) }),
+      variances: [])
   }
-  let heads = { (kind: String) in (0..<c.layerCount).map { l in (0..<c.keyValueHeadCount).map { head("\(kind)\(l).\($0)") } } }
+  let heads = { (kind: String) in
+    (0..<c.layerCount).map { l in (0..<c.keyValueHeadCount).map { head("\(kind)\(l).\($0)") } }
+  }
   return MatryoshkaKV.Bases(keys: heads("k"), values: heads("v"), dataFree: false)
 }
 
@@ -62,14 +70,17 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     let u = tape.value(tape.cayley(tape.constant(x)))
     let product = u.matmul(u, transposeSelf: true)
     for i in 0..<16 { for j in 0..<16 { #expect(abs(product[i, j] - (i == j ? 1 : 0)) < 1e-5) } }
-    #expect(tape.value(tape.cayley(tape.constant(Matrix(zeros: 4, 4)))).values == Matrix<Float>(rows: 4, columns: 4, values: (0..<16).map { $0 % 5 == 0 ? 1 : 0 }).values)
+    #expect(
+      tape.value(tape.cayley(tape.constant(Matrix(zeros: 4, 4)))).values
+        == Matrix<Float>(rows: 4, columns: 4, values: (0..<16).map { $0 % 5 == 0 ? 1 : 0 }).values)
   }
 
   /// At full rank, any orthogonal bases and any means leave the model's outputs unchanged.
   @Test func fullRankProjectionsChangeNothing() throws {
     let network = try smallDecoder()
     guard case .decoder(let c) = network.config else { return }
-    let projected = try MatryoshkaKV.apply(network, bases: randomBases(c, seed: 5), ranks: KVProjection(layers: 2, heads: 2, rank: 16))
+    let projected = try MatryoshkaKV.apply(
+      network, bases: randomBases(c, seed: 5), ranks: KVProjection(layers: 2, heads: 2, rank: 16))
     let batch = NetworkInput<Float>.tokens(TokenBatch([[3, 17, 42, 8, 0, 11], [5, 9, 33]]))
     #expect(maxRelativeDifference(try outputs(projected, batch), try outputs(network, batch)) < 1e-5)
     // Below full rank they do change.
@@ -89,12 +100,18 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     var rows: [[Double]] = []
     for s in sequences {
       let tape = Tape<Float>()
-      let keys = tape.value(try network.forward(tape, .tokens(TokenBatch([s]))).points.first { $0.name == "model.layers.1.self_attn.keys" }!.value)
+      let keys = tape.value(
+        try network.forward(tape, .tokens(TokenBatch([s]))).points.first { $0.name == "model.layers.1.self_attn.keys" }!
+          .value)
       for r in 0..<keys.rows { rows.append((16..<32).map { Double(keys[r, $0]) }) }
     }
     let mean = (0..<16).map { j in rows.reduce(0.0) { $0 + $1[j] } / Double(rows.count) }
     var covariance = DoubleMatrix(zeros: 16, 16)
-    for x in rows { for i in 0..<16 { for j in 0..<16 { covariance.values[i * 16 + j] += (x[i] - mean[i]) * (x[j] - mean[j]) / Double(rows.count) } } }
+    for x in rows {
+      for i in 0..<16 {
+        for j in 0..<16 { covariance.values[i * 16 + j] += (x[i] - mean[i]) * (x[j] - mean[j]) / Double(rows.count) }
+      }
+    }
     let eigenvalues = try LAPACK.symmetricEigen(covariance).values.sorted(by: >)
     let u = bases.keys[1][1].basis
     let gram = u.matmul(u, transposeSelf: true)
@@ -117,9 +134,11 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     guard var network = try? smallDecoder() else { return nil }
     var lm = TrainingOptions()
     (lm.epochs, lm.batchSize, lm.learningRate) = (8, 8, 3e-3)
-    guard (try? Training.languageModel(&network, on: tokenSequences(96, length: 16, seed: 9), options: lm)) != nil else { return nil }
+    guard (try? Training.languageModel(&network, on: tokenSequences(96, length: 16, seed: 9), options: lm)) != nil
+    else { return nil }
     let calibration = tokenSequences(24, length: 16, seed: 1)
-    guard let stats = try? MatryoshkaKV.statistics(network, sequences: calibration), let bases = try? MatryoshkaKV.pcaBases(network, statistics: stats),
+    guard let stats = try? MatryoshkaKV.statistics(network, sequences: calibration),
+      let bases = try? MatryoshkaKV.pcaBases(network, statistics: stats),
       let full = try? MatryoshkaKV.apply(network, bases: bases, ranks: KVProjection(layers: 2, heads: 2, rank: 16))
     else { return nil }
     return (network, full, calibration, tokenSequences(32, length: 16, seed: 2))
@@ -135,11 +154,19 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     var (uniformModel, adaptiveModel) = (s.full, s.full)
     uniformModel.kvProjection = MatryoshkaKV.uniformRanks(c, budget: 0.5, step: 4)
     adaptiveModel.kvProjection = adaptive
-    let errors = (try MatryoshkaKV.outputError(uniformModel, reference: s.network, sequences: s.heldOut), try MatryoshkaKV.outputError(adaptiveModel, reference: s.network, sequences: s.heldOut))
+    let errors = (
+      try MatryoshkaKV.outputError(uniformModel, reference: s.network, sequences: s.heldOut),
+      try MatryoshkaKV.outputError(adaptiveModel, reference: s.network, sequences: s.heldOut)
+    )
     #expect(errors.1 < errors.0, "adaptive \(adaptive): error \(errors.1), uniform \(errors.0)")
-    let kl = (try MatryoshkaKV.logitKL(uniformModel, teacher: s.network, sequences: s.heldOut), try MatryoshkaKV.logitKL(adaptiveModel, teacher: s.network, sequences: s.heldOut))
+    let kl = (
+      try MatryoshkaKV.logitKL(uniformModel, teacher: s.network, sequences: s.heldOut),
+      try MatryoshkaKV.logitKL(adaptiveModel, teacher: s.network, sequences: s.heldOut)
+    )
     #expect(kl.1 < kl.0)
-    print("MatryoshkaKV at half the cache, held-out: uniform error \(errors.0) KL \(kl.0); adaptive \(adaptive) error \(errors.1) KL \(kl.1)")
+    print(
+      "MatryoshkaKV at half the cache, held-out: uniform error \(errors.0) KL \(kl.0); adaptive \(adaptive) error \(errors.1) KL \(kl.1)"
+    )
   }
 
   /// Matryoshka training (ranks sampled per head and step, model frozen, distilled from the
@@ -151,22 +178,31 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     var start = s.full
     start.kvProjection = KVProjection(layers: 2, heads: 2, rank: 8)
     var options = MatryoshkaKV.TrainingOptions()
-    (options.epochs, options.batchSize, options.step, options.learningRate, options.klWeight, options.crossEntropyWeight) = (8, 8, 4, 1e-2, 1, 0)
-    let (trained, losses) = try MatryoshkaKV.train(start, teacher: s.network, sequences: tokenSequences(128, length: 16, seed: 11), options: options)
+    (
+      options.epochs, options.batchSize, options.step, options.learningRate, options.klWeight,
+      options.crossEntropyWeight
+    ) = (8, 8, 4, 1e-2, 1, 0)
+    let (trained, losses) = try MatryoshkaKV.train(
+      start, teacher: s.network, sequences: tokenSequences(128, length: 16, seed: 11), options: options)
     #expect(trained.kvProjection == start.kvProjection && losses.count == 8)
     var kl: [Int: (pca: Double, trained: Double)] = [:]
     for r in [4, 8, 12] {
       var (p, t) = (s.full, trained)
       p.kvProjection = KVProjection(layers: 2, heads: 2, rank: r)
       t.kvProjection = p.kvProjection
-      kl[r] = (try MatryoshkaKV.logitKL(p, teacher: s.network, sequences: s.heldOut), try MatryoshkaKV.logitKL(t, teacher: s.network, sequences: s.heldOut))
+      kl[r] = (
+        try MatryoshkaKV.logitKL(p, teacher: s.network, sequences: s.heldOut),
+        try MatryoshkaKV.logitKL(t, teacher: s.network, sequences: s.heldOut)
+      )
     }
     #expect(kl[8]!.trained < kl[8]!.pca, "\(kl)")
     #expect(kl.values.reduce(0) { $0 + $1.trained } < kl.values.reduce(0) { $0 + $1.pca }, "\(kl)")
     // The Matryoshka effect: trained at rank 8 alone, the other prefixes are worse than with
     // sampled ranks (the columns within and beyond the first 8 lose their order).
     options.fixedRank = 8
-    let fixed = try MatryoshkaKV.train(start, teacher: s.network, sequences: tokenSequences(128, length: 16, seed: 11), options: options).network
+    let fixed = try MatryoshkaKV.train(
+      start, teacher: s.network, sequences: tokenSequences(128, length: 16, seed: 11), options: options
+    ).network
     for r in [4, 12] {
       var f = fixed
       f.kvProjection = KVProjection(layers: 2, heads: 2, rank: r)
@@ -197,13 +233,18 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
         let name = "model.layers.\(layer).self_attn.\(projection).weight"
         let w = tensors[name]!
         // Query head h reads KV head h / 2: its rows are that head's rows.
-        tensors[name] = Tensor(shape: [64, 64], scalars: (0..<4).flatMap { h in Array(w.scalars[((h / 2) * 16 * 64)..<((h / 2 + 1) * 16 * 64)]) })
+        tensors[name] = Tensor(
+          shape: [64, 64],
+          scalars: (0..<4).flatMap { h in Array(w.scalars[((h / 2) * 16 * 64)..<((h / 2 + 1) * 16 * 64)]) })
       }
     }
     let plain = try Network<Float>(config: .decoder(expanded), tensors: tensors)
     let repeated = MatryoshkaKV.Bases(
-      keys: bases.keys.map { heads in (0..<4).map { heads[$0 / 2] } }, values: bases.values.map { heads in (0..<4).map { heads[$0 / 2] } }, dataFree: false)
-    let repeatedRanks = KVProjection(keyRanks: ranks.keyRanks.map { r in (0..<4).map { r[$0 / 2] } }, valueRanks: ranks.valueRanks.map { r in (0..<4).map { r[$0 / 2] } })
+      keys: bases.keys.map { heads in (0..<4).map { heads[$0 / 2] } },
+      values: bases.values.map { heads in (0..<4).map { heads[$0 / 2] } }, dataFree: false)
+    let repeatedRanks = KVProjection(
+      keyRanks: ranks.keyRanks.map { r in (0..<4).map { r[$0 / 2] } },
+      valueRanks: ranks.valueRanks.map { r in (0..<4).map { r[$0 / 2] } })
     let multiHead = try MatryoshkaKV.apply(plain, bases: repeated, ranks: repeatedRanks)
     let batch = NetworkInput<Float>.tokens(TokenBatch([[3, 17, 42, 8, 0, 11, 5], [5, 9, 33]]))
     #expect(maxRelativeDifference(try outputs(grouped, batch), try outputs(multiHead, batch)) < 1e-5)
@@ -215,14 +256,21 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     for (budget, step) in [(0.0, 4), (1.5, 4), (0.5, 5), (0.1, 4)] {
       #expect(throws: AdaptError.self) { try MatryoshkaKV.checkBudget(c, budget: budget, step: step) }
     }
-    #expect(throws: AdaptError.self) { try MatryoshkaKV.statistics(Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 4, 2]), seed: 1), sequences: [[1, 2]]) }
+    #expect(throws: AdaptError.self) {
+      try MatryoshkaKV.statistics(
+        Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 4, 2]), seed: 1), sequences: [[1, 2]])
+    }
     #expect(throws: AdaptError.self) { try MatryoshkaKV.statistics(network, sequences: []) }
-    #expect(throws: NetsError.self) { try MatryoshkaKV.apply(network, bases: randomBases(c, seed: 1), ranks: KVProjection(layers: 2, heads: 2, rank: 17)) }
+    #expect(throws: NetsError.self) {
+      try MatryoshkaKV.apply(
+        network, bases: randomBases(c, seed: 1), ranks: KVProjection(layers: 2, heads: 2, rank: 17))
+    }
     // Ranks set on a network without bases, or out of range after the fact: an error, not a crash.
     var bare = network
     bare.kvProjection = KVProjection(layers: 2, heads: 2, rank: 8)
     #expect(throws: NetsError.self) { try outputs(bare, .tokens(TokenBatch([[1, 2, 3]]))) }
-    var projected = try MatryoshkaKV.apply(network, bases: randomBases(c, seed: 1), ranks: KVProjection(layers: 2, heads: 2, rank: 8))
+    var projected = try MatryoshkaKV.apply(
+      network, bases: randomBases(c, seed: 1), ranks: KVProjection(layers: 2, heads: 2, rank: 8))
     projected.kvProjection = KVProjection(layers: 2, heads: 2, rank: 0)
     #expect(throws: NetsError.self) { try outputs(projected, .tokens(TokenBatch([[1, 2, 3]]))) }
   }

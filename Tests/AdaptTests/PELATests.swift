@@ -29,12 +29,15 @@ func maxRelativeDifference(_ a: [Float], _ b: [Float]) -> Float {
 }
 
 /// The UCI digits set (1797 8x8 images), fetched by `make digits` into bench-data/digits.
-let digitsFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../bench-data/digits").standardized.path
+let digitsFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+  "../../bench-data/digits"
+).standardized.path
 let digitsPresent = FileManager.default.fileExists(atPath: digitsFolder + "/train.csv")
 
 func digits(_ split: String) throws -> LabeledFeatures {
   let table = try DataFiles.readLabeled(digitsFolder + "/\(split).csv")
-  return try LabeledFeatures(features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels)
+  return try LabeledFeatures(
+    features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels)
 }
 
 @Suite struct PELATests {
@@ -49,10 +52,16 @@ func digits(_ split: String) throws -> LabeledFeatures {
     #expect(layers.map(\.layer) == ["layers.0", "layers.1"])
     for layer in layers {
       let target = 0.5 * Double(layer.parametersBefore)
-      #expect(Double(layer.parametersAfter) <= target && Double(layer.parametersAfter) > target - Double(layer.rows + layer.columns))
+      #expect(
+        Double(layer.parametersAfter) <= target
+          && Double(layer.parametersAfter) > target - Double(layer.rows + layer.columns))
     }
-    #expect(factored.weights["layers.0.0.weight"].map { [$0.rows, $0.columns] } == [6, 16] && factored.weights["layers.0.1.weight"].map { [$0.rows, $0.columns] } == [64, 6])
-    #expect(factored.weights["layers.0.1.bias"] == network.weights["layers.0.bias"] && factored.weights["layers.2.weight"] == network.weights["layers.2.weight"])
+    #expect(
+      factored.weights["layers.0.0.weight"].map { [$0.rows, $0.columns] } == [6, 16]
+        && factored.weights["layers.0.1.weight"].map { [$0.rows, $0.columns] } == [64, 6])
+    #expect(
+      factored.weights["layers.0.1.bias"] == network.weights["layers.0.bias"]
+        && factored.weights["layers.2.weight"] == network.weights["layers.2.weight"])
     let dense = try PELA.densified(factored)
     #expect(dense.lowRank.isEmpty && PELA.parameterCount(dense) == PELA.parameterCount(network))
     let x = Matrix<Float>(rows: 7, columns: 16, values: (0..<112).map { Float(sin(Double($0))) })
@@ -60,7 +69,10 @@ func digits(_ split: String) throws -> LabeledFeatures {
     // Each dense product is the layer's best rank-r approximation.
     for (layer, report) in zip(layers.map(\.layer), layers) {
       let w = network.weights[layer + ".weight"]!.tensor()
-      let error = (zip(w.scalars, dense.weights[layer + ".weight"]!.values).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }).squareRoot()
+      let error =
+        (zip(w.scalars, dense.weights[layer + ".weight"]!.values).reduce(0.0) {
+          $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1)
+        }).squareRoot()
       let norm = (w.scalars.reduce(0.0) { $0 + Double($1) * Double($1) }).squareRoot()
       #expect(abs(error / norm - report.relativeError!) < 1e-4)
     }
@@ -76,11 +88,21 @@ func digits(_ split: String) throws -> LabeledFeatures {
     let config = try NetworkConfig(json: Data(json.utf8))
     let network = try Network<Float>(config: config, tensors: randomWeights(config))
     let (factored, layers) = try PELA.factor(network, options: PELA.Options(rule: .keep(0.5)))
-    #expect(Set(factored.lowRank.keys) == Set((0..<2).flatMap { l in ["q_proj", "o_proj"].map { "model.layers.\(l).self_attn.\($0)" } + ["gate_proj", "up_proj", "down_proj"].map { "model.layers.\(l).mlp.\($0)" } }))
-    #expect(layers.filter { $0.rank == nil }.allSatisfy { $0.layer.hasSuffix("k_proj") || $0.layer.hasSuffix("v_proj") })
-    #expect(factored.weights["model.layers.0.self_attn.q_proj.1.bias"] != nil && factored.weights["model.embed_tokens.weight"] != nil)
+    #expect(
+      Set(factored.lowRank.keys)
+        == Set(
+          (0..<2).flatMap { l in
+            ["q_proj", "o_proj"].map { "model.layers.\(l).self_attn.\($0)" }
+              + ["gate_proj", "up_proj", "down_proj"].map { "model.layers.\(l).mlp.\($0)" }
+          }))
+    #expect(
+      layers.filter { $0.rank == nil }.allSatisfy { $0.layer.hasSuffix("k_proj") || $0.layer.hasSuffix("v_proj") })
+    #expect(
+      factored.weights["model.layers.0.self_attn.q_proj.1.bias"] != nil
+        && factored.weights["model.embed_tokens.weight"] != nil)
     let tokens = NetworkInput<Float>.tokens(TokenBatch([[3, 17, 42, 8], [5, 9]]))
-    #expect(maxRelativeDifference(try outputs(factored, tokens), try outputs(try PELA.densified(factored), tokens)) < 1e-5)
+    #expect(
+      maxRelativeDifference(try outputs(factored, tokens), try outputs(try PELA.densified(factored), tokens)) < 1e-5)
   }
 
   @Test func badRequestsAreRefused() throws {
@@ -93,7 +115,11 @@ func digits(_ split: String) throws -> LabeledFeatures {
     let (factored, _) = try PELA.factor(network, options: PELA.Options())
     #expect(throws: AdaptError.alreadyFactored) { try PELA.factor(factored, options: PELA.Options()) }
     var student = network
-    #expect(throws: AdaptError.self) { try PELA.distill(&student, teacher: network, data: try LabeledFeatures(features: Matrix(zeros: 2, 16), labels: [0, 1]), options: .init()) }
+    #expect(throws: AdaptError.self) {
+      try PELA.distill(
+        &student, teacher: network, data: try LabeledFeatures(features: Matrix(zeros: 2, 16), labels: [0, 1]),
+        options: .init())
+    }
   }
 
   /// Distillation trains only the factors by default; the weight-perturbation regulariser alone
@@ -109,11 +135,16 @@ func digits(_ split: String) throws -> LabeledFeatures {
     var (student, _) = try PELA.factor(teacher, options: PELA.Options(rule: .keep(0.3)))
     let before = student
     var options = PELA.DistillationOptions()
-    (options.taskWeight, options.featureWeight, options.perturbationWeight, options.epochs, options.learningRate, options.weightDecay) = (0, 0, 1, 40, 1e-2, 0)
+    (
+      options.taskWeight, options.featureWeight, options.perturbationWeight, options.epochs, options.learningRate,
+      options.weightDecay
+    ) = (0, 0, 1, 40, 1e-2, 0)
     let reports = try PELA.distill(&student, teacher: teacher, data: data, options: options)
     // A subgradient of a max moves one entry at a time: slow, but steadily down.
     #expect(reports.last!.perturbation < 0.85 * reports.first!.perturbation, "\(reports.map(\.perturbation))")
-    for name in ["layers.1.weight", "layers.1.bias", "layers.0.1.bias"] { #expect(student.weights[name] == before.weights[name], "\(name)") }
+    for name in ["layers.1.weight", "layers.1.bias", "layers.0.1.bias"] {
+      #expect(student.weights[name] == before.weights[name], "\(name)")
+    }
     #expect(student.weights["layers.0.0.weight"] != before.weights["layers.0.0.weight"])
   }
 
@@ -125,10 +156,17 @@ func digits(_ split: String) throws -> LabeledFeatures {
     let before = try MatryoshkaKV.logitKL(student, teacher: s.network, sequences: s.heldOut)
     var options = PELA.DistillationOptions()
     (options.epochs, options.batchSize, options.taskWeight, options.learningRate) = (4, 8, 0, 1e-2)
-    let reports = try PELA.distill(&student, teacher: s.network, on: .tokens(tokenSequences(64, length: 16, seed: 21)), options: options)
+    let reports = try PELA.distill(
+      &student, teacher: s.network, on: .tokens(tokenSequences(64, length: 16, seed: 21)), options: options)
     let after = try MatryoshkaKV.logitKL(student, teacher: s.network, sequences: s.heldOut)
-    #expect(reports.last!.features < reports.first!.features && after < 0.8 * before, "KL \(before) -> \(after); \(reports.map(\.features))")
-    #expect(throws: AdaptError.self) { try PELA.distill(&student, teacher: s.network, on: .features(try LabeledFeatures(features: Matrix(zeros: 1, 64), labels: [0])), options: options) }
+    #expect(
+      reports.last!.features < reports.first!.features && after < 0.8 * before,
+      "KL \(before) -> \(after); \(reports.map(\.features))")
+    #expect(throws: AdaptError.self) {
+      try PELA.distill(
+        &student, teacher: s.network, on: .features(try LabeledFeatures(features: Matrix(zeros: 1, 64), labels: [0])),
+        options: options)
+    }
   }
 
   /// The paper's claim on a real small data set: MLPs 64-32-32-10 trained on UCI digits (three
@@ -161,7 +199,9 @@ func digits(_ split: String) throws -> LabeledFeatures {
         sums[name + " truncated loss", default: 0] += truncated.loss
         sums[name + " distilled loss", default: 0] += distilled.loss
         guard name == "third" else { continue }
-        var scratch = try PELA.factor(Network<Float>.initializedMLP(config, seed: seed + 100), options: PELA.Options(rule: .keep(keep))).network
+        var scratch = try PELA.factor(
+          Network<Float>.initializedMLP(config, seed: seed + 100), options: PELA.Options(rule: .keep(keep))
+        ).network
         var scratchOptions = options
         scratchOptions.epochs = distillation.epochs
         _ = try Training.classify(&scratch, on: train, options: scratchOptions)
@@ -170,9 +210,13 @@ func digits(_ split: String) throws -> LabeledFeatures {
     }
     let mean = sums.mapValues { $0 / Double(seeds.count) }
     let table = mean.keys.sorted().map { "\($0) \(String(format: "%.4f", mean[$0]!))" }.joined(separator: ", ")
-    #expect(mean["half distilled"]! >= mean["dense"]! - 0.005 && mean["half distilled"]! >= mean["half truncated"]!, "\(table)")
+    #expect(
+      mean["half distilled"]! >= mean["dense"]! - 0.005 && mean["half distilled"]! >= mean["half truncated"]!,
+      "\(table)")
     #expect(mean["half distilled loss"]! < mean["half truncated loss"]!, "\(table)")
-    #expect(mean["third distilled"]! > mean["third truncated"]! + 0.05 && mean["third distilled"]! > mean["third scratch"]!, "\(table)")
+    #expect(
+      mean["third distilled"]! > mean["third truncated"]! + 0.05 && mean["third distilled"]! > mean["third scratch"]!,
+      "\(table)")
     print("PELA on digits (mean of \(seeds.count) seeds): \(table)")
   }
 }

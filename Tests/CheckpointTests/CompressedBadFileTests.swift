@@ -11,11 +11,14 @@ import Testing
   static func validFile(in folder: TemporaryFolder) throws -> (path: String, bytes: [UInt8], file: CompressedFile) {
     let zeros = TensorData(dtype: .f32, shape: [300_000], bytes: [UInt8](repeating: 0, count: 1_200_000))
     let noise = randomTensorData(.u8, shape: [5000], seed: 3)
-    let path = try writeCheckpoint([("zeros", zeros), ("noise", noise)], to: folder.file("good.mkz"), options: WriteOptions(format: .mkz))
+    let path = try writeCheckpoint(
+      [("zeros", zeros), ("noise", noise)], to: folder.file("good.mkz"), options: WriteOptions(format: .mkz))
     return (path, readBytes(path), try CompressedFile(path: path))
   }
 
-  static func expectError(_ bytes: [UInt8], in folder: TemporaryFolder, read tensor: String? = nil, _ check: (CheckpointError, String) -> Bool) {
+  static func expectError(
+    _ bytes: [UInt8], in folder: TemporaryFolder, read tensor: String? = nil, _ check: (CheckpointError, String) -> Bool
+  ) {
     let path = folder.file("bad-\(UUID().uuidString).mkz")
     writeBytes(bytes, to: path)
     do {
@@ -45,10 +48,14 @@ import Testing
     var index = good.bytes
     let indexOffset = good.file.chunks.last!.offset + good.file.chunks.last!.storedSize
     index[indexOffset + 3] ^= 0x40
-    Self.expectError(index, in: folder) { e, p in if case .corruptChunkIndex(let f, _) = e { return f == p } else { return false } }
+    Self.expectError(index, in: folder) { e, p in
+      if case .corruptChunkIndex(let f, _) = e { return f == p } else { return false }
+    }
     var footer = good.bytes
     footer[footer.count - 48] ^= 0x01  // index offset
-    Self.expectError(footer, in: folder) { e, p in if case .corruptChunkIndex(let f, _) = e { return f == p } else { return false } }
+    Self.expectError(footer, in: folder) { e, p in
+      if case .corruptChunkIndex(let f, _) = e { return f == p } else { return false }
+    }
   }
 
   @Test func chunkDamage() throws {
@@ -59,13 +66,19 @@ import Testing
     #expect(rawChunk.isRaw)
     var flipped = good.bytes
     flipped[rawChunk.offset + 100] ^= 0x10
-    Self.expectError(flipped, in: folder, read: "noise") { e, p in e == .chunkChecksumMismatch(file: p, tensor: "noise", chunk: 0) }
+    Self.expectError(flipped, in: folder, read: "noise") { e, p in
+      e == .chunkChecksumMismatch(file: p, tensor: "noise", chunk: 0)
+    }
     let frame = good.file.chunks[1]
     #expect(!frame.isRaw)
     var broken = good.bytes
     broken[frame.offset] ^= 0xFF  // zstd frame magic
     Self.expectError(broken, in: folder, read: "zeros") { e, p in
-      if case .corruptFrame(let f, let t, let c, _) = e { return f == p && t == "zeros" && c == 1 } else { return false }
+      if case .corruptFrame(let f, let t, let c, _) = e {
+        return f == p && t == "zeros" && c == 1
+      } else {
+        return false
+      }
     }
   }
 
@@ -78,11 +91,15 @@ import Testing
     let size = short.withUnsafeBytes { s in frame.withUnsafeMutableBytes { Zstd.Compressor().compress(s, into: $0) } }
     frame = Array(frame.prefix(size))
     let record = MKZ.ChunkRecord(offset: MKZ.preambleSize, storedSize: size, rawSize: 1024, checksum: 0, isRaw: false)
-    let tensor = MKZ.TensorRecord(info: TensorInfo(name: "t", dtype: .u8, shape: [1024]), transform: .planes, chunks: 0..<1, digest: 0, baseDigest: nil)
+    let tensor = MKZ.TensorRecord(
+      info: TensorInfo(name: "t", dtype: .u8, shape: [1024]), transform: .planes, chunks: 0..<1, digest: 0,
+      baseDigest: nil)
     let index = MKZ.encodeChunkRecords([record])
     let table = MKZ.encodeTable([tensor], metadata: [:], chunkSize: MKZ.chunkSize, safetensorsHeader: nil)
     let indexOffset = MKZ.preambleSize + size
-    let footer = MKZ.encodeFooter(indexOffset: indexOffset, chunkCount: 1, tableOffset: indexOffset + index.count, tableLength: table.count, checksum: XXHash64.hash(index + table))
+    let footer = MKZ.encodeFooter(
+      indexOffset: indexOffset, chunkCount: 1, tableOffset: indexOffset + index.count, tableLength: table.count,
+      checksum: XXHash64.hash(index + table))
     Self.expectError(MKZ.preamble + frame + index + table + footer, in: folder, read: "t") { e, p in
       e == .rawSizeMismatch(file: p, tensor: "t", chunk: 0, expected: 1024, actual: 512)
     }
@@ -92,7 +109,10 @@ import Testing
   @Test func verifyCatchesAFlippedByteInEveryChunk() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
-    let tensors = [("a", randomTensorData(.bf16, shape: [800_000], seed: 1)), ("b", randomTensorData(.f32, shape: [100, 100], seed: 2))]
+    let tensors = [
+      ("a", randomTensorData(.bf16, shape: [800_000], seed: 1)),
+      ("b", randomTensorData(.f32, shape: [100, 100], seed: 2)),
+    ]
     let path = try writeCheckpoint(tensors, to: folder.file("v.mkz"), options: WriteOptions(format: .mkz))
     let file = try CompressedFile(path: path)
     let bytes = readBytes(path)
@@ -106,7 +126,8 @@ import Testing
         Self.expectError(damaged, in: folder) { e, p in
           let (tensor, local) = owners[index]
           switch e {
-          case .chunkChecksumMismatch(let f, let t, let c), .corruptFrame(let f, let t, let c, _), .rawSizeMismatch(let f, let t, let c, _, _):
+          case .chunkChecksumMismatch(let f, let t, let c), .corruptFrame(let f, let t, let c, _),
+            .rawSizeMismatch(let f, let t, let c, _, _):
             return f == p && t == tensor && c == local
           default: return false
           }

@@ -25,7 +25,8 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let tensors = Self.fixtures()
-    let path = try writeCheckpoint(tensors, to: folder.file("all.mkz"), options: WriteOptions(format: .mkz, metadata: ["k": "v"]))
+    let path = try writeCheckpoint(
+      tensors, to: folder.file("all.mkz"), options: WriteOptions(format: .mkz, metadata: ["k": "v"]))
     let file = try CompressedFile(path: path)
     #expect(file.metadata == ["k": "v"])
     #expect(file.tensors.map(\.name) == tensors.map(\.0))
@@ -38,7 +39,8 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let data = randomTensorData(.f32, shape: [1000, 700], seed: 3)  // 2.8 MB, rows of 2800 B
-    let file = try openCheckpoint(try writeCheckpoint([("w", data)], to: folder.file("w.mkz"), options: WriteOptions(format: .mkz)))
+    let file = try openCheckpoint(
+      try writeCheckpoint([("w", data)], to: folder.file("w.mkz"), options: WriteOptions(format: .mkz)))
     for rows in [0..<1, 370..<380, 374..<750, 999..<1000, 0..<1000] {
       let part = try file.readRows("w", rows)
       #expect(part.bytes == Array(data.bytes[(rows.lowerBound * 2800)..<(rows.upperBound * 2800)]), "rows \(rows)")
@@ -56,7 +58,9 @@ import Testing
       let writer = try CheckpointWriter(destination: path, tensors: info, options: WriteOptions(format: .mkz))
       try writer.beginTensor("w")
       try data.bytes.withUnsafeBytes { raw in
-        for start in stride(from: 0, to: raw.count, by: piece) { try writer.append(UnsafeRawBufferPointer(rebasing: raw[start..<min(raw.count, start + piece)])) }
+        for start in stride(from: 0, to: raw.count, by: piece) {
+          try writer.append(UnsafeRawBufferPointer(rebasing: raw[start..<min(raw.count, start + piece)]))
+        }
       }
       try writer.finish()
       files.append(readBytes(path))
@@ -67,14 +71,18 @@ import Testing
   @Test func deltaAgainstTheBaseIsLosslessSmallerAndRefusesAnotherBase() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
-    let base = Tensor(shape: [1024, 512], scalars: CounterRNG(seed: 1, stream: "base").normalTensor([1024, 512], scale: 0.02).scalars)
+    let base = Tensor(
+      shape: [1024, 512], scalars: CounterRNG(seed: 1, stream: "base").normalTensor([1024, 512], scale: 0.02).scalars)
     let noise = CounterRNG(seed: 1, stream: "tune").normalTensor([1024, 512], scale: 0.0002)  // 1% of the weights' std
     let tuned = Tensor(shape: base.shape, scalars: zip(base.scalars, noise.scalars).map(+))
-    let basePath = try writeCheckpoint([("w", base.encoded(as: .bf16)), ("bias", randomTensorData(.f32, shape: [8], seed: 1))], to: folder.file("base.safetensors"))
+    let basePath = try writeCheckpoint(
+      [("w", base.encoded(as: .bf16)), ("bias", randomTensorData(.f32, shape: [8], seed: 1))],
+      to: folder.file("base.safetensors"))
     let tunedData = tuned.encoded(as: .bf16)
     let tensors = [("w", tunedData), ("extra", randomTensorData(.f16, shape: [10], seed: 2))]
     let baseModel = try openCheckpoint(basePath)
-    let deltaPath = try writeCheckpoint(tensors, to: folder.file("delta.mkz"), options: WriteOptions(format: .mkz, deltaBase: baseModel))
+    let deltaPath = try writeCheckpoint(
+      tensors, to: folder.file("delta.mkz"), options: WriteOptions(format: .mkz, deltaBase: baseModel))
     let plainPath = try writeCheckpoint(tensors, to: folder.file("plain.mkz"), options: WriteOptions(format: .mkz))
 
     let delta = try CompressedFile(path: deltaPath, base: baseModel)
@@ -85,7 +93,9 @@ import Testing
     #expect(bitsPerWeight < 6, "delta stores \(bitsPerWeight) bits per weight")
     #expect(plainBits > 9, "plain stores \(plainBits) bits per weight")
 
-    #expect(throws: CheckpointError.deltaBaseMissing(file: deltaPath, tensor: "w")) { try CompressedFile(path: deltaPath).read("w") }
+    #expect(throws: CheckpointError.deltaBaseMissing(file: deltaPath, tensor: "w")) {
+      try CompressedFile(path: deltaPath).read("w")
+    }
     let otherBase = try openCheckpoint(try writeCheckpoint([("w", tunedData)], to: folder.file("other.safetensors")))
     do {
       _ = try CompressedFile(path: deltaPath, base: otherBase).read("w")

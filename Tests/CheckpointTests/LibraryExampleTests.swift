@@ -76,7 +76,8 @@ func libraryExample(in folder: String) throws {
     }
 
     let layer0 = try openCheckpoint(folder.file("layer0-attn.mkz"))
-    #expect(layer0.tensors.map(\.name) == ["q_proj", "k_proj", "v_proj", "o_proj"].map { "block0.self_attn.\($0).weight" })
+    #expect(
+      layer0.tensors.map(\.name) == ["q_proj", "k_proj", "v_proj", "o_proj"].map { "block0.self_attn.\($0).weight" })
     #expect(layer0.tensors.allSatisfy { $0.dtype == .f32 })
     let q = try layer0.tensor(named: "block0.self_attn.q_proj.weight")
     #expect(q == (try original.tensor(named: "model.layers.0.self_attn.q_proj.weight")))  // bf16 -> f32 is exact
@@ -92,7 +93,9 @@ func libraryExample(in folder: String) throws {
     let document = try String(contentsOf: root.appendingPathComponent("docs/library.md"), encoding: .utf8)
     let source = try String(contentsOf: here, encoding: .utf8)
     func example(_ text: String) -> Substring? {
-      guard let start = text.range(of: "func libraryExample("), let end = text.range(of: "\n}\n", range: start.upperBound..<text.endIndex) else { return nil }
+      guard let start = text.range(of: "func libraryExample("),
+        let end = text.range(of: "\n}\n", range: start.upperBound..<text.endIndex)
+      else { return nil }
       return text[start.lowerBound..<end.upperBound]
     }
     #expect(example(document) != nil)

@@ -13,7 +13,9 @@ import Testing
   @Test func readsBackWhatWasWrittenAndCopiesLikeAFile() throws {
     let folder = TemporaryFolder()
     let w = Tensor(shape: [3, 5], scalars: (0..<15).map { Float($0) * 0.25 - 1 })
-    let ids = TensorData(dtype: .i64, shape: [4], bytes: (0..<4).flatMap { withUnsafeBytes(of: Int64($0 * 1000).littleEndian, Array.init) })
+    let ids = TensorData(
+      dtype: .i64, shape: [4], bytes: (0..<4).flatMap { withUnsafeBytes(of: Int64($0 * 1000).littleEndian, Array.init) }
+    )
     let sink = MemoryCheckpointWriter(name: "held", tensors: infos, metadata: ["k": "v"], modelFolder: "/models/base")
     let encoded = w.encoded(as: .bf16)
     try sink.beginTensor("w")
@@ -24,7 +26,9 @@ import Testing
     try sink.write("ids", ids)
     try sink.finish()
     let held = sink.checkpoint
-    #expect(held.tensors == infos && held.metadata == ["k": "v"] && held.modelFolder == "/models/base" && held.byteCount == 30 + 32)
+    #expect(
+      held.tensors == infos && held.metadata == ["k": "v"] && held.modelFolder == "/models/base"
+        && held.byteCount == 30 + 32)
     #expect(try held.read("w") == encoded && held.read("ids") == ids)
     #expect(try held.withBytes(of: "w", range: 4..<10) { Array($0) } == Array(encoded.bytes[4..<10]))
     #expect(throws: CheckpointError.missingTensor(file: "held", tensor: "nope")) { try held.read("nope") }
@@ -54,9 +58,17 @@ import Testing
       }
     }
     expectOrderError { try $0.beginTensor("ids") }
-    expectOrderError { s in try s.beginTensor("w"); try w.withUnsafeBytes { try s.append($0) }; try s.append(UnsafeRawBufferPointer(start: nil, count: 0)); try [UInt8](repeating: 0, count: 1).withUnsafeBytes { try s.append($0) } }
-    expectOrderError { s in try s.beginTensor("w"); try w.dropLast().withUnsafeBytes { try s.append($0) }; try s.beginTensor("ids") }
-    expectOrderError { s in try s.beginTensor("w"); try w.withUnsafeBytes { try s.append($0) }; try s.finish() }
+    expectOrderError { s in
+      try s.beginTensor("w"); try w.withUnsafeBytes { try s.append($0) };
+      try s.append(UnsafeRawBufferPointer(start: nil, count: 0));
+      try [UInt8](repeating: 0, count: 1).withUnsafeBytes { try s.append($0) }
+    }
+    expectOrderError { s in
+      try s.beginTensor("w"); try w.dropLast().withUnsafeBytes { try s.append($0) }; try s.beginTensor("ids")
+    }
+    expectOrderError { s in
+      try s.beginTensor("w"); try w.withUnsafeBytes { try s.append($0) }; try s.finish()
+    }
     expectOrderError { try $0.append(UnsafeRawBufferPointer(start: nil, count: 0)) }
   }
 }

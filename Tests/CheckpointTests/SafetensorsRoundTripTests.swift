@@ -7,15 +7,21 @@ import Testing
 
 @Suite struct SafetensorsRoundTripTests {
   static func allDTypes() -> [(String, TensorData)] {
-    DType.allCases.enumerated().map { i, dtype in ("t.\(dtype.rawValue)", randomTensorData(dtype, shape: [3, 5 + i], seed: UInt64(i))) }
-      + [("empty", TensorData(dtype: .f32, shape: [0, 4], bytes: [])), ("scalar", Tensor(shape: [], scalars: [2.5]).encoded(as: .f32))]
+    DType.allCases.enumerated().map { i, dtype in
+      ("t.\(dtype.rawValue)", randomTensorData(dtype, shape: [3, 5 + i], seed: UInt64(i)))
+    }
+      + [
+        ("empty", TensorData(dtype: .f32, shape: [0, 4], bytes: [])),
+        ("scalar", Tensor(shape: [], scalars: [2.5]).encoded(as: .f32)),
+      ]
   }
 
   @Test func everyDTypeReadsBackBitExactWithShapes() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let tensors = Self.allDTypes()
-    let path = try writeCheckpoint(tensors, to: folder.file("all.safetensors"), options: WriteOptions(metadata: ["format": "pt"]))
+    let path = try writeCheckpoint(
+      tensors, to: folder.file("all.safetensors"), options: WriteOptions(metadata: ["format": "pt"]))
     let file = try SafetensorsFile(path: path)
     #expect(file.metadata == ["format": "pt"])
     #expect(file.tensors.map(\.name) == tensors.map(\.0))
@@ -44,15 +50,21 @@ import Testing
     try FileManager.default.createDirectory(atPath: source + "/1_Pooling", withIntermediateDirectories: true)
     try "{}".write(toFile: source + "/config.json", atomically: true, encoding: .utf8)
     try "{}".write(toFile: source + "/1_Pooling/config.json", atomically: true, encoding: .utf8)
-    let tensors = (0..<6).map { ("layer.\($0).weight", randomTensorData(.f32, shape: [100, 10], seed: UInt64($0))) }  // 4000 B each
+    // 4000 B each
+    let tensors = (0..<6).map { ("layer.\($0).weight", randomTensorData(.f32, shape: [100, 10], seed: UInt64($0))) }
     let out = folder.file("out")
     try writeCheckpoint(tensors, to: out, options: WriteOptions(shardSize: 9000, copyFilesFrom: source))
     let names = try FileManager.default.contentsOfDirectory(atPath: out).sorted()
-    #expect(names == ["1_Pooling", "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors", "model.safetensors.index.json"])
+    #expect(
+      names == [
+        "1_Pooling", "config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json",
+      ])
     let model = try openCheckpoint(out)
     #expect(model.tensors.map(\.name) == tensors.map(\.0))
     for (name, data) in tensors { #expect(try model.read(name) == data) }
-    let index = try JSONSerialization.jsonObject(with: Data(readBytes(out + "/model.safetensors.index.json"))) as! [String: Any]
+    let index =
+      try JSONSerialization.jsonObject(with: Data(readBytes(out + "/model.safetensors.index.json"))) as! [String: Any]
     #expect((index["metadata"] as! [String: Any])["total_size"] as! Int == 24000)
     #expect((index["weight_map"] as! [String: String])["layer.5.weight"] == "model-00003-of-00003.safetensors")
   }
@@ -65,7 +77,9 @@ import Testing
     try writeCheckpoint([("a", data)], to: out)
     #expect(throws: CheckpointError.outputExists(path: out)) { try writeCheckpoint([("a", data)], to: out) }
     do {
-      let writer = try CheckpointWriter(destination: folder.file("half"), tensors: [TensorInfo(name: "a", dtype: .f32, shape: [4])], options: WriteOptions(overwrite: true))
+      let writer = try CheckpointWriter(
+        destination: folder.file("half"), tensors: [TensorInfo(name: "a", dtype: .f32, shape: [4])],
+        options: WriteOptions(overwrite: true))
       try writer.beginTensor("a")
       try data.bytes.withUnsafeBytes { try writer.append(UnsafeRawBufferPointer(rebasing: $0[0..<8])) }
       #expect(throws: CheckpointError.self) { try writer.finish() }
@@ -77,9 +91,14 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let out = folder.file("m")
-    try writeCheckpoint([("a", randomTensorData(.f16, shape: [600], seed: 1)), ("b", randomTensorData(.f16, shape: [600], seed: 2))], to: out, options: WriteOptions(shardSize: 1000))
+    try writeCheckpoint(
+      [("a", randomTensorData(.f16, shape: [600], seed: 1)), ("b", randomTensorData(.f16, shape: [600], seed: 2))],
+      to: out, options: WriteOptions(shardSize: 1000))
     try FileManager.default.removeItem(atPath: out + "/model-00002-of-00002.safetensors")
-    #expect(throws: CheckpointError.missingShard(index: out + "/model.safetensors.index.json", shard: "model-00002-of-00002.safetensors")) {
+    #expect(
+      throws: CheckpointError.missingShard(
+        index: out + "/model.safetensors.index.json", shard: "model-00002-of-00002.safetensors")
+    ) {
       try openCheckpoint(out)
     }
     #expect(throws: CheckpointError.notACheckpoint(path: folder.path)) { try openCheckpoint(folder.path) }
@@ -90,8 +109,10 @@ import Testing
     defer { folder.remove() }
     // numpy has no bfloat16 or float8; those dtypes are covered by the round-trip tests above.
     let tensors = Self.allDTypes().filter { ![DType.bf16, .f8E4M3, .f8E5M2].contains($0.1.dtype) }
-    let path = try writeCheckpoint(tensors, to: folder.file("py.safetensors"), options: WriteOptions(metadata: ["format": "np"]))
-    let script = "from safetensors.numpy import load_file; import sys; t = load_file(sys.argv[1]); print(','.join(sorted(f'{k}:{v.dtype}:{list(v.shape)}:{v.tobytes().hex()}' for k, v in t.items())))"
+    let path = try writeCheckpoint(
+      tensors, to: folder.file("py.safetensors"), options: WriteOptions(metadata: ["format": "np"]))
+    let script =
+      "from safetensors.numpy import load_file; import sys; t = load_file(sys.argv[1]); print(','.join(sorted(f'{k}:{v.dtype}:{list(v.shape)}:{v.tobytes().hex()}' for k, v in t.items())))"
     let output = try runProcess("/usr/bin/env", ["python3", "-c", script, path])
     let expected = tensors.sorted { $0.0 < $1.0 }.map { name, data in
       "\(name):\(numpyName(data.dtype)):\(data.shape):\(data.bytes.map { String(format: "%02x", $0) }.joined())"

@@ -6,20 +6,29 @@ import Testing
 @testable import TestSupport
 
 @Suite struct SurgeryTests {
-  static let names = ["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight", "lm_head.weight"]
+  static let names = [
+    "model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight",
+    "lm_head.weight",
+  ]
 
   @Test func selectDropAndRenameInOrder() throws {
-    let selection = try TensorSelection(select: "^model\\.", drop: "self_attn", renames: ["^model\\.layers\\.(\\d+)\\.=blocks.$1.", "up_proj=fc1"])
+    let selection = try TensorSelection(
+      select: "^model\\.", drop: "self_attn", renames: ["^model\\.layers\\.(\\d+)\\.=blocks.$1.", "up_proj=fc1"])
     let result = try selection.apply(to: Self.names, file: "m")
     #expect(result.map(\.source) == ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"])
     #expect(result.map(\.target) == ["blocks.0.mlp.fc1.weight", "blocks.1.mlp.fc1.weight"])
   }
 
   @Test func collisionsEmptySelectionsAndBadPatternsAreErrors() throws {
-    #expect(throws: CheckpointError.nameCollision(file: "m", first: "model.layers.0.mlp.up_proj.weight", second: "model.layers.1.mlp.up_proj.weight", target: "x")) {
+    #expect(
+      throws: CheckpointError.nameCollision(
+        file: "m", first: "model.layers.0.mlp.up_proj.weight", second: "model.layers.1.mlp.up_proj.weight", target: "x")
+    ) {
       try TensorSelection(select: "up_proj", renames: ["^.*$=x"]).apply(to: Self.names, file: "m")
     }
-    #expect(throws: CheckpointError.nothingSelected(file: "m")) { try TensorSelection(select: "nothing").apply(to: Self.names, file: "m") }
+    #expect(throws: CheckpointError.nothingSelected(file: "m")) {
+      try TensorSelection(select: "nothing").apply(to: Self.names, file: "m")
+    }
     #expect(throws: CheckpointError.invalidPattern("([")) { try TensorSelection(select: "([") }
     #expect(throws: CheckpointError.invalidRename("abc")) { try TensorSelection(renames: ["abc"]) }
   }
@@ -29,7 +38,8 @@ import Testing
     defer { folder.remove() }
     let weights = CounterRNG(seed: 1, stream: "w").normalTensor([300, 40])
     let ids = randomTensorData(.i64, shape: [5], seed: 2)
-    let source = try openCheckpoint(try writeCheckpoint([("w", weights.encoded(as: .f32)), ("ids", ids)], to: folder.file("s.safetensors")))
+    let source = try openCheckpoint(
+      try writeCheckpoint([("w", weights.encoded(as: .f32)), ("ids", ids)], to: folder.file("s.safetensors")))
     try copyCheckpoint(from: source, to: folder.file("c.mkz"), castTo: .bf16, options: WriteOptions(format: .mkz))
     let copy = try openCheckpoint(folder.file("c.mkz"))
     #expect(try copy.info("w").dtype == .bf16)
@@ -44,7 +54,9 @@ import Testing
     defer { folder.remove() }
     let tensors = (0..<4).map { ("l.\($0)", randomTensorData(.f16, shape: [1000], seed: UInt64($0))) }
     let source = try openCheckpoint(try writeCheckpoint(tensors, to: folder.file("s.safetensors")))
-    try copyCheckpoint(from: source, to: folder.file("out"), selection: try TensorSelection(renames: ["^l=layer"]), options: WriteOptions(shardSize: 4000))
+    try copyCheckpoint(
+      from: source, to: folder.file("out"), selection: try TensorSelection(renames: ["^l=layer"]),
+      options: WriteOptions(shardSize: 4000))
     let copy = try openCheckpoint(folder.file("out"))
     #expect(copy.tensors.map(\.name) == ["layer.0", "layer.1", "layer.2", "layer.3"])
     #expect(copy.files.count == 2)

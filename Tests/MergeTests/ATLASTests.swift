@@ -32,13 +32,21 @@ struct ATLASFixture {
       var tuned = pretrained
       options.seed = UInt64(t + 5)
       _ = try Training.classify(&tuned, on: data.tasks([t]), options: options)
-      return Dictionary(uniqueKeysWithValues: pretrained.tensors.map { name, tensor in
-        (name, Tensor(shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, pretrained.weights[name]!.values).map { $0 - $1 }))
-      })
+      return Dictionary(
+        uniqueKeysWithValues: pretrained.tensors.map { name, tensor in
+          (
+            name,
+            Tensor(
+              shape: tensor.shape,
+              scalars: zip(tuned.weights[name]!.values, pretrained.weights[name]!.values).map { $0 - $1 })
+          )
+        })
     }
   }
 
-  var problem: ATLAS.Problem { get throws { try ATLAS.Problem(base: base, taskVectors: taskVectors, names: taskVectors.indices.map { "tv\($0)" }) } }
+  var problem: ATLAS.Problem {
+    get throws { try ATLAS.Problem(base: base, taskVectors: taskVectors, names: taskVectors.indices.map { "tv\($0)" }) }
+  }
 
   /// Mean accuracy within each task's classes.
   func accuracy(_ network: Network<Float>, on data: LabeledFeatures? = nil) throws -> Double {
@@ -50,7 +58,12 @@ struct ATLASFixture {
 @Suite struct ATLASTests {
   @Test func coefficientGradientsAreInnerProductsAndFiniteDifferences() throws {
     let base = Network<Float>.initializedMLP(MLPConfig(layerSizes: [5, 7, 3], activation: .tanh), seed: 2)
-    let taus = (0..<2).map { i in Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, CounterRNG(seed: UInt64(i), stream: $0.name).normalTensor($0.tensor.shape, scale: 0.3)) }) }
+    let taus = (0..<2).map { i in
+      Dictionary(
+        uniqueKeysWithValues: base.tensors.map {
+          ($0.name, CounterRNG(seed: UInt64(i), stream: $0.name).normalTensor($0.tensor.shape, scale: 0.3))
+        })
+    }
     let problem = try ATLAS.Problem(base: base, taskVectors: taus, names: ["a", "b"])
     let x = Matrix(rows: 9, columns: 5, values: CounterRNG(seed: 3, stream: "x").normalTensor([45]).scalars)
     let labels = (0..<9).map { $0 % 3 }
@@ -70,13 +83,16 @@ struct ATLASFixture {
     direct.backward(from: direct.crossEntropy(out.output, labels: labels))
     for (i, tau) in taus.enumerated() {
       for (b, block) in problem.blocks.enumerated() {
-        let inner = zip(direct.gradient(weights[block]!)!.values, tau[block]!.scalars).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        let inner = zip(direct.gradient(weights[block]!)!.values, tau[block]!.scalars).reduce(0.0) {
+          $0 + Double($1.0) * Double($1.1)
+        }
         let learned = Double(tape.gradient(lambdas[learner.index(task: i, block: b, partition: 0)]!)!.values[0])
         #expect(abs(learned - inner) <= 1e-4 * max(1, abs(inner)), "\(block) of task \(i)")
       }
     }
     // In float64, the same formulation against central finite differences of the loss.
-    let base64 = try Network<Double>(config: base.config, tensors: Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, $0.tensor) }))
+    let base64 = try Network<Double>(
+      config: base.config, tensors: Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, $0.tensor) }))
     let x64 = Matrix(rows: 9, columns: 5, values: x.values.map(Double.init))
     func loss(_ lambda: [Double], gradients: Bool) throws -> (Double, [Double]) {
       let t = Tape<Double>()
@@ -85,7 +101,8 @@ struct ATLASFixture {
         guard let b = problem.blocks.firstIndex(of: name) else { return t.constant(value) }
         var theta = t.constant(value)
         for i in 0..<2 {
-          let tau = Matrix<Double>(rows: value.rows, columns: value.columns, values: taus[i][name]!.scalars.map(Double.init))
+          let tau = Matrix<Double>(
+            rows: value.rows, columns: value.columns, values: taus[i][name]!.scalars.map(Double.init))
           theta = t.add(theta, t.scale(t.constant(tau), by: vars[i * problem.blocks.count + b]))
         }
         return theta
@@ -109,13 +126,25 @@ struct ATLASFixture {
     let base = CounterRNG(seed: 1, stream: "b").normalTensor([300_001])
     let taus = (0..<3).map { CounterRNG(seed: UInt64($0), stream: "t").normalTensor([300_001], scale: 0.1) }
     let inputs = MergeInputs(name: "w", base: base, models: taus)
-    let ta = try TaskVectors.Sum().merge(inputs, try ParameterResolver(method: "apply", specs: TaskVectors.Sum().parameters, global: ["scale": .number(0.7)], models: [[:], [:], [:]], positions: LayerPositions(names: ["w"])).resolve(tensor: "w"))
-    let resolved = try ParameterResolver(method: "atlas", specs: [], global: [:], models: [[:], [:], [:]], positions: LayerPositions(names: ["w"])).resolve(tensor: "w")
-    let uniform = try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], value: 0.7)).merge(inputs, resolved)
+    let ta = try TaskVectors.Sum().merge(
+      inputs,
+      try ParameterResolver(
+        method: "apply", specs: TaskVectors.Sum().parameters, global: ["scale": .number(0.7)], models: [[:], [:], [:]],
+        positions: LayerPositions(names: ["w"])
+      ).resolve(tensor: "w"))
+    let resolved = try ParameterResolver(
+      method: "atlas", specs: [], global: [:], models: [[:], [:], [:]], positions: LayerPositions(names: ["w"])
+    ).resolve(tensor: "w")
+    let uniform = try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], value: 0.7)).merge(
+      inputs, resolved)
     #expect(uniform.scalars == ta.scalars)
-    #expect(try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], value: 0)).merge(inputs, resolved).scalars == base.scalars)
+    #expect(
+      try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], value: 0)).merge(inputs, resolved).scalars
+        == base.scalars)
     // Four partitions with equal coefficients are block-wise scaling.
-    let partitioned = try ATLASApply(ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], partitions: 4, value: 0.7)).merge(inputs, resolved)
+    let partitioned = try ATLASApply(
+      ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], partitions: 4, value: 0.7)
+    ).merge(inputs, resolved)
     #expect(partitioned.scalars == ta.scalars)
     // Different partitions scale different elements: about a quarter each.
     var split = ATLASCoefficients(tasks: ["a", "b", "c"], blocks: ["w"], partitions: 4)
@@ -129,14 +158,25 @@ struct ATLASFixture {
     c.values[1][0][1] = -0.25
     #expect(try ATLASCoefficients(json: try c.json()) == c)
     #expect(throws: MergeError.unknownBlocks(["nope"])) {
-      try ATLASCoefficients(tasks: ["a"], blocks: ["nope"]).check(baseShapes: ["layers.0.weight": [2, 2]], taskVectors: 1)
+      try ATLASCoefficients(tasks: ["a"], blocks: ["nope"]).check(
+        baseShapes: ["layers.0.weight": [2, 2]], taskVectors: 1)
     }
-    #expect(throws: MergeError.taskCount(file: 2, given: 3)) { try c.check(baseShapes: ["layers.0.weight": [2, 2], "layers.0.bias": [2]], taskVectors: 3) }
-    #expect(throws: MergeError.self) { try ATLASCoefficients(json: Data(#"{"format": "atlas-coefficients", "tasks": ["a"], "blocks": ["x"], "partitions": 1, "coefficients": [[[1, 2]]]}"#.utf8)) }
+    #expect(throws: MergeError.taskCount(file: 2, given: 3)) {
+      try c.check(baseShapes: ["layers.0.weight": [2, 2], "layers.0.bias": [2]], taskVectors: 3)
+    }
+    #expect(throws: MergeError.self) {
+      try ATLASCoefficients(
+        json: Data(
+          #"{"format": "atlas-coefficients", "tasks": ["a"], "blocks": ["x"], "partitions": 1, "coefficients": [[[1, 2]]]}"#
+            .utf8))
+    }
     let base = Network<Float>.initializedMLP(MLPConfig(layerSizes: [3, 4, 2]), seed: 1)
     var wrong = Dictionary(uniqueKeysWithValues: base.tensors.map { ($0.name, $0.tensor) })
     wrong["layers.0.weight"] = Tensor(zeros: [4, 5])
-    #expect(throws: MergeError.taskVectorMismatch(taskVector: 0, tensor: "layers.0.weight", reason: "shape [4, 5], the base has [4, 3]")) {
+    #expect(
+      throws: MergeError.taskVectorMismatch(
+        taskVector: 0, tensor: "layers.0.weight", reason: "shape [4, 5], the base has [4, 3]")
+    ) {
       try ATLAS.Problem(base: base, taskVectors: [wrong], names: ["x"])
     }
   }
@@ -151,10 +191,13 @@ struct ATLASFixture {
     }.max()!
     var options = ATLAS.Options()
     (options.learningRate, options.epochs) = (0.01, 30)
-    let learned = try f.accuracy(problem.network(try ATLAS.learn(problem, data: f.validation, options: options).coefficients))
+    let learned = try f.accuracy(
+      problem.network(try ATLAS.learn(problem, data: f.validation, options: options).coefficients))
     options.isotropic = true
-    let isotropic = try f.accuracy(problem.network(try ATLAS.learn(problem, data: f.validation, options: options).coefficients))
-    #expect(learned > best && learned > isotropic, "learned \(learned), isotropic \(isotropic), best task arithmetic \(best)")
+    let isotropic = try f.accuracy(
+      problem.network(try ATLAS.learn(problem, data: f.validation, options: options).coefficients))
+    #expect(
+      learned > best && learned > isotropic, "learned \(learned), isotropic \(isotropic), best task arithmetic \(best)")
   }
 
   @Test func negationForgetsTheTargetWhileTheControlStays() throws {
@@ -167,12 +210,19 @@ struct ATLASFixture {
     // follows within a few points, while the target task drops.
     func accuracies(_ network: Network<Float>, _ data: LabeledFeatures) throws -> (target: Double, control: Double) {
       let tasks = try Training.evaluate(network, on: data).tasks
-      return (tasks[0].accuracyWithinTask, (tasks[1].accuracyWithinTask * Double(tasks[1].count) + tasks[2].accuracyWithinTask * Double(tasks[2].count)) / Double(tasks[1].count + tasks[2].count))
+      return (
+        tasks[0].accuracyWithinTask,
+        (tasks[1].accuracyWithinTask * Double(tasks[1].count) + tasks[2].accuracyWithinTask * Double(tasks[2].count))
+          / Double(tasks[1].count + tasks[2].count)
+      )
     }
     let (before, after) = (try accuracies(f.base, f.validation), try accuracies(problem.network(c), f.validation))
-    #expect(after.control >= 0.95 * before.control && after.target < before.target - 0.1, "validation: \(before) -> \(after)")
+    #expect(
+      after.control >= 0.95 * before.control && after.target < before.target - 0.1, "validation: \(before) -> \(after)")
     let (beforeTest, afterTest) = (try accuracies(f.base, f.test), try accuracies(problem.network(c), f.test))
-    #expect(afterTest.control >= 0.9 * beforeTest.control && afterTest.target < beforeTest.target - 0.1, "test: \(beforeTest) -> \(afterTest)")
+    #expect(
+      afterTest.control >= 0.9 * beforeTest.control && afterTest.target < beforeTest.target - 0.1,
+      "test: \(beforeTest) -> \(afterTest)")
   }
 
   @Test(arguments: [ATLAS.Objective.entropy, .ufm])
@@ -190,9 +240,15 @@ struct ATLASFixture {
     var training = TrainingOptions()
     training.epochs = 10
     _ = try Training.classify(&tuned, on: shifted(f.train, by: 0.5), options: training)
-    let tau = Dictionary(uniqueKeysWithValues: f.base.tensors.map { name, tensor in
-      (name, Tensor(shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, f.base.weights[name]!.values).map { $0 - $1 }))
-    })
+    let tau = Dictionary(
+      uniqueKeysWithValues: f.base.tensors.map { name, tensor in
+        (
+          name,
+          Tensor(
+            shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, f.base.weights[name]!.values).map { $0 - $1 }
+          )
+        )
+      })
     let problem = try ATLAS.Problem(base: f.base, taskVectors: [tau], names: ["shift"])
     let target = shifted(f.train, by: 1)
     var options = ATLAS.Options()
@@ -217,7 +273,8 @@ struct ATLASFixture {
     }
     let problem = try f.problem
     let target = shifted(f.train.tasks([0]))
-    let shots = target.rows(Set(target.labels).sorted().flatMap { c in target.labels.indices.filter { target.labels[$0] == c }.prefix(5) })
+    let shots = target.rows(
+      Set(target.labels).sorted().flatMap { c in target.labels.indices.filter { target.labels[$0] == c }.prefix(5) })
     let options = ATLAS.Options(objective: .fewShot)
     #expect(options.learningRate == 0.1 && options.epochs == 10 && options.cosine)
     let c = try ATLAS.learn(problem, data: shots, options: options).coefficients

@@ -3,10 +3,15 @@ import Testing
 @testable import Merge
 
 @Suite struct ParametersTests {
-  let positions = LayerPositions(names: (0..<5).map { "model.layers.\($0).mlp.up_proj.weight" } + ["model.embed_tokens.weight"])
+  let positions = LayerPositions(
+    names: (0..<5).map { "model.layers.\($0).mlp.up_proj.weight" } + ["model.embed_tokens.weight"])
 
-  func resolver(_ global: [String: ParameterValue], models: [[String: ParameterValue]] = [[:], [:]], method: any MergeMethod = TaskVectorMerge.ties) throws -> ParameterResolver {
-    try ParameterResolver(method: method.name, specs: method.parameters, global: global, models: models, positions: positions)
+  func resolver(
+    _ global: [String: ParameterValue], models: [[String: ParameterValue]] = [[:], [:]],
+    method: any MergeMethod = TaskVectorMerge.ties
+  ) throws -> ParameterResolver {
+    try ParameterResolver(
+      method: method.name, specs: method.parameters, global: global, models: models, positions: positions)
   }
 
   @Test func layersAreCountedAndPlacedOnZeroToOne() {
@@ -30,7 +35,8 @@ import Testing
 
   @Test func filtersPickTheFirstMatchingEntryThenTheFallback() throws {
     let density: ParameterValue = .filtered([
-      .init(filter: "self_attn", value: .number(0.3)), .init(filter: "mlp", value: .gradient([0.2, 0.6])), .init(filter: nil, value: .number(0.9)),
+      .init(filter: "self_attn", value: .number(0.3)), .init(filter: "mlp", value: .gradient([0.2, 0.6])),
+      .init(filter: nil, value: .number(0.9)),
     ])
     let r = try resolver([:], models: [["density": density], [:]])
     #expect(try r.resolve(tensor: "model.layers.1.self_attn.q_proj.weight").number("density", model: 0) == 0.3)
@@ -40,15 +46,25 @@ import Testing
   }
 
   @Test func badValuesAndNamesAreErrorsNamingTheParameter() throws {
-    #expect(throws: MergeError.invalidParameter(method: "ties", name: "density (model 1)", tensor: "w", reason: "0 is not a number in (0, 1]")) {
+    #expect(
+      throws: MergeError.invalidParameter(
+        method: "ties", name: "density (model 1)", tensor: "w", reason: "0 is not a number in (0, 1]")
+    ) {
       try resolver([:], models: [["density": .number(0)], [:]]).resolve(tensor: "w")
     }
-    #expect(throws: MergeError.invalidParameter(method: "ties", name: "density (model 2)", tensor: "w", reason: "1.5 is not a number in (0, 1]")) {
+    #expect(
+      throws: MergeError.invalidParameter(
+        method: "ties", name: "density (model 2)", tensor: "w", reason: "1.5 is not a number in (0, 1]")
+    ) {
       try resolver([:], models: [[:], ["density": .number(1.5)]]).resolve(tensor: "w")
     }
     #expect(throws: MergeError.self) { try resolver(["densty": .number(0.5)]) }
-    #expect(throws: MergeError.self) { try resolver([:], models: [["lambda": .number(1)], [:]]) }  // global given per model
-    #expect(throws: MergeError.missingParameter(method: "slerp", name: "t", help: "interpolation factor: 0 gives the base, 1 the other model")) {
+    // global given per model
+    #expect(throws: MergeError.self) { try resolver([:], models: [["lambda": .number(1)], [:]]) }
+    #expect(
+      throws: MergeError.missingParameter(
+        method: "slerp", name: "t", help: "interpolation factor: 0 gives the base, 1 the other model")
+    ) {
       try resolver([:], models: [[:]], method: SlerpMerge()).resolve(tensor: "w")
     }
     #expect(throws: MergeError.self) { try resolver(["mode": .text("both")], method: STFMerge()).resolve(tensor: "w") }

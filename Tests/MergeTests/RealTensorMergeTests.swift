@@ -6,7 +6,9 @@ import Testing
 @testable import Tensor
 
 /// all-MiniLM-L6-v2 (a real BERT checkpoint), fetched by `make minilm` into bench-data/minilm.
-let miniLMFile = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../bench-data/minilm/model.safetensors").standardized.path
+let miniLMFile = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+  "../../bench-data/minilm/model.safetensors"
+).standardized.path
 let miniLMAvailable = FileManager.default.fileExists(atPath: miniLMFile)
 
 /// The merge methods on real weights: a tensor of all-MiniLM-L6-v2 is the base, and three
@@ -18,12 +20,14 @@ struct RealTensorMergeTests {
     guard let file = try? openCheckpoint(miniLMFile) else { return nil }
     let names = ["attention.self.query.weight", "output.LayerNorm.weight", "attention.output.dense.bias"]
     func layer(_ l: Int, _ name: String) -> Tensor? {
-      (try? file.tensor(named: "encoder.layer.\(l).\(name)")) ?? (try? file.tensor(named: "bert.encoder.layer.\(l).\(name)"))
+      (try? file.tensor(named: "encoder.layer.\(l).\(name)"))
+        ?? (try? file.tensor(named: "bert.encoder.layer.\(l).\(name)"))
     }
     guard let base = Optional(names.compactMap { layer(0, $0) }), base.count == names.count else { return nil }
     let models = (1...3).map { l in
       names.enumerated().map { i, name in
-        Tensor(shape: base[i].shape, scalars: zip(base[i].scalars, layer(l, name)!.scalars).map { $0 + 0.1 * ($1 - $0) })
+        Tensor(
+          shape: base[i].shape, scalars: zip(base[i].scalars, layer(l, name)!.scalars).map { $0 + 0.1 * ($1 - $0) })
       }
     }
     return (base, models)
@@ -38,30 +42,52 @@ struct RealTensorMergeTests {
     let weights = [1.0, 0.6, 1.4]
     for (base, models) in try cases() {
       let inputs = MergeInputs(name: "w", base: base, models: models)
-      let ta = try TaskVectorMerge.taskArithmetic.merge(inputs, try resolve(TaskVectorMerge.taskArithmetic, ["lambda": .number(0.7)], models: weights.map { ["weight": .number($0)] }))
-      expectClose(ta.scalars, referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, consensus: false, normalize: false, lambda: 0.7))
+      let ta = try TaskVectorMerge.taskArithmetic.merge(
+        inputs,
+        try resolve(
+          TaskVectorMerge.taskArithmetic, ["lambda": .number(0.7)], models: weights.map { ["weight": .number($0)] }))
+      expectClose(
+        ta.scalars,
+        referenceTaskVectors(
+          base: base.scalars, models: models.map(\.scalars), weights: weights, consensus: false, normalize: false,
+          lambda: 0.7))
       for density in [0.2, 0.5] {
-        let p = try resolve(TaskVectorMerge.ties, models: weights.map { ["weight": .number($0), "density": .number(density)] })
+        let p = try resolve(
+          TaskVectorMerge.ties, models: weights.map { ["weight": .number($0), "density": .number(density)] })
         expectClose(
           try TaskVectorMerge.ties.merge(inputs, p).scalars,
-          referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, density: density, consensus: true, normalize: true, lambda: 1))
+          referenceTaskVectors(
+            base: base.scalars, models: models.map(\.scalars), weights: weights, density: density, consensus: true,
+            normalize: true, lambda: 1))
       }
-      let crumbs = try resolve(TaskVectorMerge.breadcrumbs, models: weights.map { ["weight": .number($0), "density": .number(0.5), "gamma": .number(0.02)] })
+      let crumbs = try resolve(
+        TaskVectorMerge.breadcrumbs,
+        models: weights.map { ["weight": .number($0), "density": .number(0.5), "gamma": .number(0.02)] })
       expectClose(
         try TaskVectorMerge.breadcrumbs.merge(inputs, crumbs).scalars,
-        referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, density: 0.5, gamma: 0.02, consensus: false, normalize: false, lambda: 1))
+        referenceTaskVectors(
+          base: base.scalars, models: models.map(\.scalars), weights: weights, density: 0.5, gamma: 0.02,
+          consensus: false, normalize: false, lambda: 1))
     }
   }
 
   @Test func linearAndSlerpMatchTheFloat64Formulas() throws {
     for (base, models) in try cases() {
       let weights = [0.5, 0.3, 0.2]
-      let linear = try LinearMerge().merge(MergeInputs(name: "w", base: nil, models: models), try resolve(LinearMerge(), models: weights.map { ["weight": .number($0)] }))
-      expectClose(linear.scalars, (0..<base.count).map { i in (0..<3).reduce(0.0) { $0 + weights[$1] * Double(models[$1].scalars[i]) } })
+      let linear = try LinearMerge().merge(
+        MergeInputs(name: "w", base: nil, models: models),
+        try resolve(LinearMerge(), models: weights.map { ["weight": .number($0)] }))
+      expectClose(
+        linear.scalars,
+        (0..<base.count).map { i in (0..<3).reduce(0.0) { $0 + weights[$1] * Double(models[$1].scalars[i]) } })
       let t = 0.35
-      let slerped = try SlerpMerge().merge(MergeInputs(name: "w", base: base, models: [models[0]]), try resolve(SlerpMerge(), ["t": .number(t)], models: [[:]]))
+      let slerped = try SlerpMerge().merge(
+        MergeInputs(name: "w", base: base, models: [models[0]]),
+        try resolve(SlerpMerge(), ["t": .number(t)], models: [[:]]))
       let (a, b) = (base.scalars.map(Double.init), models[0].scalars.map(Double.init))
-      let cosine = zip(a, b).reduce(0) { $0 + $1.0 * $1.1 } / (a.reduce(0) { $0 + $1 * $1 }.squareRoot() * b.reduce(0) { $0 + $1 * $1 }.squareRoot())
+      let cosine =
+        zip(a, b).reduce(0) { $0 + $1.0 * $1.1 }
+        / (a.reduce(0) { $0 + $1 * $1 }.squareRoot() * b.reduce(0) { $0 + $1 * $1 }.squareRoot())
       let reference: [Double]
       if abs(cosine) > 0.9995 {
         reference = zip(a, b).map { (1 - t) * $0 + t * $1 }  // nearly colinear: linear interpolation
@@ -84,17 +110,22 @@ struct RealTensorMergeTests {
         return (0..<base.count).map { rng.uniform(UInt64($0)) < Float(0.4) }
       }
       for (engine, consensus) in [(TaskVectorMerge.dareLinear, false), (TaskVectorMerge.dareTies, true)] {
-        let p = try resolve(engine, ["seed": .number(5)], models: weights.map { ["weight": .number($0), "density": .number(0.4)] }, tensor: name)
+        let p = try resolve(
+          engine, ["seed": .number(5)], models: weights.map { ["weight": .number($0), "density": .number(0.4)] },
+          tensor: name)
         expectClose(
           try engine.merge(MergeInputs(name: name, base: base, models: models), p).scalars,
-          referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, keep: keep, consensus: consensus, normalize: false, lambda: 1, rescale: true))
+          referenceTaskVectors(
+            base: base.scalars, models: models.map(\.scalars), weights: weights, keep: keep, consensus: consensus,
+            normalize: false, lambda: 1, rescale: true))
       }
     }
   }
 
   @Test func modelStockMatchesTheFloat64Formula() throws {
     for (base, models) in try cases() {
-      let out = try ModelStockMerge().merge(MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
+      let out = try ModelStockMerge().merge(
+        MergeInputs(name: "w", base: base, models: models), try resolve(ModelStockMerge(), models: [[:], [:], [:]]))
       expectClose(out.scalars, referenceModelStock(base: base, models: models).merged)
     }
   }
@@ -110,17 +141,23 @@ struct RealTensorMergeTests {
     func norm(_ x: [Double]) -> Double { x.reduce(0) { $0 + $1 * $1 }.squareRoot() }
     /// Columns as a matrix (one feature per column).
     func matrix(_ columns: [[Double]]) -> DoubleMatrix {
-      DoubleMatrix(rows: columns[0].count, columns: columns.count, values: (0..<columns[0].count).flatMap { i in columns.map { $0[i] } })
+      DoubleMatrix(
+        rows: columns[0].count, columns: columns.count,
+        values: (0..<columns[0].count).flatMap { i in columns.map { $0[i] } })
     }
     for mode in ["outputs", "projection"] {
       let p = try resolve(STFMerge(), ["mode": .text(mode), "rank": .number(40)], models: [[:], [:], [:]])
-      let merged = STFMerge.difference(try STFMerge().merge(MergeInputs(name: "encoder.layer.0.attention.self.query.weight", base: base, models: models), p), base)
+      let merged = STFMerge.difference(
+        try STFMerge().merge(
+          MergeInputs(name: "encoder.layer.0.attention.self.query.weight", base: base, models: models), p), base)
       for (t, f) in features.enumerated() {
         let got = BLAS.matmul(merged, matrix(f.v))  // column k: dW* v_k
         let expected = BLAS.matmul(deltas[t], matrix(f.v))
         for k in 0..<f.s.count {
           if mode == "outputs" {
-            #expect(norm(zip(got.column(k), expected.column(k)).map { $0 - $1 }) <= 1e-4 * norm(expected.column(k)), "task \(t) feature \(k)")
+            #expect(
+              norm(zip(got.column(k), expected.column(k)).map { $0 - $1 }) <= 1e-4 * norm(expected.column(k)),
+              "task \(t) feature \(k)")
           } else {
             let strength = zip(f.u[k], got.column(k)).reduce(0) { $0 + $1.0 * $1.1 }
             #expect(abs(strength - f.s[k]) <= 1e-4 * f.s[k], "task \(t) feature \(k)")

@@ -63,24 +63,29 @@ import Testing
     var sum = DoubleMatrix(zeros: m, n)
     for d in deltas { for i in sum.values.indices { sum.values[i] += d.values[i] } }
     for mode in ["projection", "outputs"] {
-      let merged = try STFMerge.superpose(try STFMerge.features(of: deltas, rank: 10), mode: mode, rcond: 1e-6, rows: m, columns: n)
+      let merged = try STFMerge.superpose(
+        try STFMerge.features(of: deltas, rank: 10), mode: mode, rcond: 1e-6, rows: m, columns: n)
       for (a, b) in zip(merged.values, sum.values) { #expect(abs(a - b) < 1e-6, "\(mode)") }
     }
   }
 
   @Test func mergingAModelWithItselfAtFullRankGivesTheModel() throws {
     let base = random([m, n], "base")
-    let tuned = Tensor(shape: [m, n], scalars: zip(base.scalars, random([m, n], "self", scale: 0.1).scalars).map { $0 + $1 })
+    let tuned = Tensor(
+      shape: [m, n], scalars: zip(base.scalars, random([m, n], "self", scale: 0.1).scalars).map { $0 + $1 })
     for mode in ["projection", "outputs"] {
       let p = try resolve(STFMerge(), ["mode": .text(mode), "rank": .number(Double(n))], models: [[:], [:]])
-      let out = try STFMerge().merge(MergeInputs(name: "model.layers.0.mlp.up_proj.weight", base: base, models: [tuned, tuned]), p)
+      let out = try STFMerge().merge(
+        MergeInputs(name: "model.layers.0.mlp.up_proj.weight", base: base, models: [tuned, tuned]), p)
       expectClose(out.scalars, tuned.scalars.map(Double.init), relative: 1e-6)
     }
   }
 
   @Test func taskOrderDoesNotMatter() throws {
     let base = random([m, n], "ob")
-    let tuned = (0..<tasks).map { t in Tensor(shape: [m, n], scalars: zip(base.scalars, random([m, n], "ord\(t)", scale: 0.1).scalars).map { $0 + $1 }) }
+    let tuned = (0..<tasks).map { t in
+      Tensor(shape: [m, n], scalars: zip(base.scalars, random([m, n], "ord\(t)", scale: 0.1).scalars).map { $0 + $1 })
+    }
     let p = try resolve(STFMerge(), models: [[:], [:], [:]])
     let a = try STFMerge().merge(MergeInputs(name: "attn.q_proj.weight", base: base, models: tuned), p)
     let b = try STFMerge().merge(MergeInputs(name: "attn.q_proj.weight", base: base, models: tuned.reversed()), p)
@@ -104,7 +109,9 @@ import Testing
 
   @Test func tensorsThatAreNotLinearMapsAverageTheModels() throws {
     let base = random([64], "norm")
-    let tuned = (0..<2).map { t in Tensor(shape: [64], scalars: zip(base.scalars, random([64], "n\(t)").scalars).map { $0 + $1 }) }
+    let tuned = (0..<2).map { t in
+      Tensor(shape: [64], scalars: zip(base.scalars, random([64], "n\(t)").scalars).map { $0 + $1 })
+    }
     let p = try resolve(STFMerge(), models: [[:], [:]])
     let out = try STFMerge().merge(MergeInputs(name: "model.norm.weight", base: base, models: tuned), p)
     expectClose(out.scalars, (0..<64).map { (Double(tuned[0].scalars[$0]) + Double(tuned[1].scalars[$0])) / 2 })
@@ -122,7 +129,13 @@ import Testing
     let q1 = LAPACK.qr(random([m, k], "q1")).q
     let q2 = LAPACK.qr(random([n, k], "q2")).q
     var a = DoubleMatrix(zeros: m, n)
-    for i in 0..<m { for j in 0..<n { for r in 0..<k { a[i, j] += Double(q1.scalars[i * k + r]) * pow(0.85, Double(r)) * Double(q2.scalars[j * k + r]) } } }
+    for i in 0..<m {
+      for j in 0..<n {
+        for r in 0..<k {
+          a[i, j] += Double(q1.scalars[i * k + r]) * pow(0.85, Double(r)) * Double(q2.scalars[j * k + r])
+        }
+      }
+    }
     let exact = try STFMerge.exactTriplets(a, rank: 12)
     let gram = try STFMerge.topTriplets(a, rank: 12)
     #expect(gram.s.count == 12)
@@ -136,10 +149,14 @@ import Testing
         #expect(abs(uu - (j == l ? 1 : 0)) < 1e-9 && abs(vv - (j == l ? 1 : 0)) < 1e-9)
       }
     }
-    let tasks = [a, DoubleMatrix(rows: m, columns: n, values: random([m, n], "second", scale: 0.05).scalars.map(Double.init))]
+    let tasks = [
+      a, DoubleMatrix(rows: m, columns: n, values: random([m, n], "second", scale: 0.05).scalars.map(Double.init)),
+    ]
     for mode in ["projection", "outputs"] {
-      let viaGram = try STFMerge.superpose(try STFMerge.features(of: tasks, rank: 12, gramSide: 1), mode: mode, rcond: 1e-6, rows: m, columns: n)
-      let viaSVD = try STFMerge.superpose(try STFMerge.features(of: tasks, rank: 12, gramSide: 10_000), mode: mode, rcond: 1e-6, rows: m, columns: n)
+      let viaGram = try STFMerge.superpose(
+        try STFMerge.features(of: tasks, rank: 12, gramSide: 1), mode: mode, rcond: 1e-6, rows: m, columns: n)
+      let viaSVD = try STFMerge.superpose(
+        try STFMerge.features(of: tasks, rank: 12, gramSide: 10_000), mode: mode, rcond: 1e-6, rows: m, columns: n)
       let scale = viaSVD.values.map(abs).max()!
       let worst = zip(viaGram.values, viaSVD.values).map { abs($0 - $1) }.max()!
       #expect(worst <= 1e-7 * scale, "\(mode): \(worst / scale)")

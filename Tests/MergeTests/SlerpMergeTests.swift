@@ -6,7 +6,8 @@ import Testing
 
 @Suite struct SlerpMergeTests {
   func slerp(_ v0: Tensor, _ v1: Tensor, t: Double) throws -> Tensor {
-    try SlerpMerge().merge(MergeInputs(name: "w", base: v0, models: [v1]), try resolve(SlerpMerge(), ["t": .number(t)], models: [[:]]))
+    try SlerpMerge().merge(
+      MergeInputs(name: "w", base: v0, models: [v1]), try resolve(SlerpMerge(), ["t": .number(t)], models: [[:]]))
   }
 
   @Test func endsAreReturnedExactly() throws {

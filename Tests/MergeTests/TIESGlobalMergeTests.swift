@@ -46,16 +46,25 @@ func referenceOfficialTIES(base: [Tensor], models: [[Tensor]], density: Double, 
 
 @Suite struct TIESGlobalMergeTests {
   func merged(base: [Tensor], models: [[Tensor]], density: Double, lambda: Double = 1) throws -> [[Float]] {
-    let p = try resolve(TIESGlobalMerge(), ["density": .number(density), "lambda": .number(lambda)], models: models.map { _ in [:] })
+    let p = try resolve(
+      TIESGlobalMerge(), ["density": .number(density), "lambda": .number(lambda)], models: models.map { _ in [:] })
     let method = try TIESGlobalMerge().prepared(scans(base: base, models: models), parameters: p)
-    return try base.indices.map { t in try method.merge(MergeInputs(name: "t\(t)", base: base[t], models: models.map { $0[t] }), p).scalars }
+    return try base.indices.map { t in
+      try method.merge(MergeInputs(name: "t\(t)", base: base[t], models: models.map { $0[t] }), p).scalars
+    }
   }
 
   @Test(arguments: [0.1, 0.2, 0.5, 1.0])
   func matchesTheFloat64ReferenceOverTheWholeModel(_ density: Double) throws {
     let shapes = [[37, 11], [300], [9, 9]]
     let base = shapes.enumerated().map { random($1, "gb\($0)") }
-    let models = (0..<3).map { m in base.enumerated().map { t, b in Tensor(shape: b.shape, scalars: zip(b.scalars, random(b.shape, "gd\(m).\(t)", scale: 0.02 * Float(t + 1)).scalars).map { $0 + $1 }) } }
+    let models = (0..<3).map { m in
+      base.enumerated().map { t, b in
+        Tensor(
+          shape: b.shape,
+          scalars: zip(b.scalars, random(b.shape, "gd\(m).\(t)", scale: 0.02 * Float(t + 1)).scalars).map { $0 + $1 })
+      }
+    }
     let out = try merged(base: base, models: models, density: density, lambda: 0.9)
     let reference = referenceOfficialTIES(base: base, models: models, density: density, lambda: 0.9)
     for t in base.indices { expectClose(out[t], reference[t], relative: 1e-6) }
@@ -73,16 +82,21 @@ func referenceOfficialTIES(base: [Tensor], models: [[Tensor]], density: Double, 
     // and the official rule keeps |tau| >= the 4th smallest, the 5 largest: all of tensor 0 and
     // only the largest change of tensor 1.
     let base2 = [Tensor(zeros: [4]), Tensor(zeros: [4])]
-    let one = [[Tensor(shape: [4], scalars: [1, 1.1, 1.2, 1.3]), Tensor(shape: [4], scalars: [0.01, 0.02, 0.03, 0.04])]]
+    let one = [
+      [Tensor(shape: [4], scalars: [1, 1.1, 1.2, 1.3]), Tensor(shape: [4], scalars: [0.01, 0.02, 0.03, 0.04])]
+    ]
     let out = try merged(base: base2, models: one, density: 0.5)
     #expect(out[0] == [1, 1.1, 1.2, 1.3] && out[1] == [0, 0, 0, 0.04])
     let perTensor = try TaskVectorMerge.ties.merge(
-      MergeInputs(name: "w", base: base2[1], models: [one[0][1]]), try resolve(TaskVectorMerge.ties, models: [["density": .number(0.5)]]))
+      MergeInputs(name: "w", base: base2[1], models: [one[0][1]]),
+      try resolve(TaskVectorMerge.ties, models: [["density": .number(0.5)]]))
     #expect(perTensor.scalars == [0, 0, 0.03, 0.04])
   }
 
   @Test func unpreparedUseIsRefused() throws {
     let p = try resolve(TIESGlobalMerge(), models: [[:]])
-    #expect(throws: MergeError.self) { try TIESGlobalMerge().merge(MergeInputs(name: "w", base: Tensor(zeros: [3]), models: [Tensor(zeros: [3])]), p) }
+    #expect(throws: MergeError.self) {
+      try TIESGlobalMerge().merge(MergeInputs(name: "w", base: Tensor(zeros: [3]), models: [Tensor(zeros: [3])]), p)
+    }
   }
 }

@@ -5,13 +5,23 @@ import Testing
 @testable import Tensor
 
 /// Resolves `method`'s parameters for one tensor from plain dictionaries.
-func resolve(_ method: any MergeMethod, _ global: [String: ParameterValue] = [:], models: [[String: ParameterValue]], tensor: String = "w") throws -> ResolvedParameters {
-  try ParameterResolver(method: method.name, specs: method.parameters, global: global, models: models, positions: LayerPositions(layerCount: 0)).resolve(tensor: tensor)
+func resolve(
+  _ method: any MergeMethod, _ global: [String: ParameterValue] = [:], models: [[String: ParameterValue]],
+  tensor: String = "w"
+) throws -> ResolvedParameters {
+  try ParameterResolver(
+    method: method.name, specs: method.parameters, global: global, models: models,
+    positions: LayerPositions(layerCount: 0)
+  ).resolve(tensor: tensor)
 }
 
-func random(_ shape: [Int], _ stream: String, scale: Float = 1) -> Tensor { CounterRNG(seed: 11, stream: stream).normalTensor(shape, scale: scale) }
+func random(_ shape: [Int], _ stream: String, scale: Float = 1) -> Tensor {
+  CounterRNG(seed: 11, stream: stream).normalTensor(shape, scale: scale)
+}
 
-func expectClose(_ a: [Float], _ b: [Double], relative: Double = 1e-6, sourceLocation: SourceLocation = #_sourceLocation) {
+func expectClose(
+  _ a: [Float], _ b: [Double], relative: Double = 1e-6, sourceLocation: SourceLocation = #_sourceLocation
+) {
   let scale = max(b.map(abs).max() ?? 0, 1e-30)
   var worst = 0.0
   var first: Int?
@@ -20,14 +30,17 @@ func expectClose(_ a: [Float], _ b: [Double], relative: Double = 1e-6, sourceLoc
     worst = max(worst, d)
     if d > relative * scale && first == nil { first = i }
   }
-  #expect(first == nil, "max abs difference \(worst) (relative \(worst / scale)); first failing index \(first ?? -1)", sourceLocation: sourceLocation)
+  #expect(
+    first == nil, "max abs difference \(worst) (relative \(worst / scale)); first failing index \(first ?? -1)",
+    sourceLocation: sourceLocation)
 }
 
 /// Float64 reference of mergekit's generalized task arithmetic with magnitude sparsification
 /// (sort-based top-k, ties toward the lower index), explicit kept entries per model (`keep`:
 /// DARE's draws), or none.
 func referenceTaskVectors(
-  base: [Float], models: [[Float]], weights: [Double], density: Double? = nil, densities: [Double]? = nil, gamma: Double? = nil, keep: [[Bool]]? = nil,
+  base: [Float], models: [[Float]], weights: [Double], density: Double? = nil, densities: [Double]? = nil,
+  gamma: Double? = nil, keep: [[Bool]]? = nil,
   consensus: Bool, normalize: Bool, lambda: Double, rescale: Bool = false
 ) -> [Double] {
   let n = base.count
@@ -80,28 +93,48 @@ func referenceTaskVectors(
 
 @Suite struct TaskVectorMergeTests {
   let base = random([64, 47], "base")  // not a multiple of the kernels' chunk
-  var models: [Tensor] { (0..<3).map { t in Tensor(shape: [64, 47], scalars: zip(base.scalars, random([64, 47], "delta\(t)", scale: 0.05).scalars).map { $0 + $1 }) } }
+  var models: [Tensor] {
+    (0..<3).map { t in
+      Tensor(
+        shape: [64, 47], scalars: zip(base.scalars, random([64, 47], "delta\(t)", scale: 0.05).scalars).map { $0 + $1 })
+    }
+  }
 
   @Test func taskArithmeticMatchesTheFloat64Reference() throws {
     let weights = [0.7, 1.3, -0.4]
-    let p = try resolve(TaskVectorMerge.taskArithmetic, ["lambda": .number(0.8)], models: weights.map { ["weight": .number($0)] })
+    let p = try resolve(
+      TaskVectorMerge.taskArithmetic, ["lambda": .number(0.8)], models: weights.map { ["weight": .number($0)] })
     let out = try TaskVectorMerge.taskArithmetic.merge(MergeInputs(name: "w", base: base, models: models), p)
-    expectClose(out.scalars, referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, consensus: false, normalize: false, lambda: 0.8))
+    expectClose(
+      out.scalars,
+      referenceTaskVectors(
+        base: base.scalars, models: models.map(\.scalars), weights: weights, consensus: false, normalize: false,
+        lambda: 0.8))
   }
 
   @Test(arguments: [0.2, 0.5, 1.0])
   func tiesMatchesTheFloat64Reference(_ density: Double) throws {
     let weights = [1.0, 0.5, 2.0]
-    let p = try resolve(TaskVectorMerge.ties, ["lambda": .number(1.2)], models: weights.map { ["weight": .number($0), "density": .number(density)] })
+    let p = try resolve(
+      TaskVectorMerge.ties, ["lambda": .number(1.2)],
+      models: weights.map { ["weight": .number($0), "density": .number(density)] })
     let out = try TaskVectorMerge.ties.merge(MergeInputs(name: "w", base: base, models: models), p)
-    expectClose(out.scalars, referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: weights, density: density, consensus: true, normalize: true, lambda: 1.2))
+    expectClose(
+      out.scalars,
+      referenceTaskVectors(
+        base: base.scalars, models: models.map(\.scalars), weights: weights, density: density, consensus: true,
+        normalize: true, lambda: 1.2))
   }
 
   @Test func breadcrumbsMatchesTheFloat64Reference() throws {
     for method in [TaskVectorMerge.breadcrumbs, .breadcrumbsTies] {
       let p = try resolve(method, models: (0..<3).map { _ in ["density": .number(0.6), "gamma": .number(0.05)] })
       let out = try method.merge(MergeInputs(name: "w", base: base, models: models), p)
-      expectClose(out.scalars, referenceTaskVectors(base: base.scalars, models: models.map(\.scalars), weights: [1, 1, 1], density: 0.6, gamma: 0.05, consensus: method.consensus, normalize: false, lambda: 1))
+      expectClose(
+        out.scalars,
+        referenceTaskVectors(
+          base: base.scalars, models: models.map(\.scalars), weights: [1, 1, 1], density: 0.6, gamma: 0.05,
+          consensus: method.consensus, normalize: false, lambda: 1))
     }
   }
 
@@ -119,17 +152,29 @@ func referenceTaskVectors(
   @Test func lambdaZeroAndIdenticalInputsReturnTheBase() throws {
     for method in MergeRegistry.methods.compactMap({ $0 as? TaskVectorMerge }) {
       let zero = try resolve(method, ["lambda": .number(0)], models: (0..<3).map { _ in [:] })
-      #expect(try method.merge(MergeInputs(name: "w", base: base, models: models), zero).scalars == base.scalars, "\(method.name)")
-      let same = try resolve(method, models: (0..<2).map { _ in ["density": .number(0.5)].filter { _ in method.sparsification != nil } })
-      #expect(try method.merge(MergeInputs(name: "w", base: base, models: [base, base]), same).scalars == base.scalars, "\(method.name)")
+      #expect(
+        try method.merge(MergeInputs(name: "w", base: base, models: models), zero).scalars == base.scalars,
+        "\(method.name)")
+      let same = try resolve(
+        method, models: (0..<2).map { _ in ["density": .number(0.5)].filter { _ in method.sparsification != nil } })
+      #expect(
+        try method.merge(MergeInputs(name: "w", base: base, models: [base, base]), same).scalars == base.scalars,
+        "\(method.name)")
     }
   }
 
   @Test func tiesAtFullDensityWithoutConflictsIsTheMeanTaskVector() throws {
     // All deltas positive: no sign conflict, so TIES = base + lambda * mean(delta).
-    let positive = (0..<3).map { t in Tensor(shape: base.shape, scalars: zip(base.scalars, random(base.shape, "pos\(t)").scalars).map { $0 + abs($1) * 0.1 + 0.001 }) }
-    let ties = try TaskVectorMerge.ties.merge(MergeInputs(name: "w", base: base, models: positive), try resolve(TaskVectorMerge.ties, models: [[:], [:], [:]]))
-    let mean = try TaskVectorMerge.taskArithmetic.merge(MergeInputs(name: "w", base: base, models: positive), try resolve(TaskVectorMerge.taskArithmetic, ["normalize": .flag(true)], models: [[:], [:], [:]]))
+    let positive = (0..<3).map { t in
+      Tensor(
+        shape: base.shape,
+        scalars: zip(base.scalars, random(base.shape, "pos\(t)").scalars).map { $0 + abs($1) * 0.1 + 0.001 })
+    }
+    let ties = try TaskVectorMerge.ties.merge(
+      MergeInputs(name: "w", base: base, models: positive), try resolve(TaskVectorMerge.ties, models: [[:], [:], [:]]))
+    let mean = try TaskVectorMerge.taskArithmetic.merge(
+      MergeInputs(name: "w", base: base, models: positive),
+      try resolve(TaskVectorMerge.taskArithmetic, ["normalize": .flag(true)], models: [[:], [:], [:]]))
     expectClose(ties.scalars, mean.scalars.map(Double.init), relative: 1e-7)
   }
 
@@ -145,15 +190,20 @@ func referenceTaskVectors(
   }
 
   @Test func dareAtDensityOneIsTaskArithmetic() throws {
-    let dare = try TaskVectorMerge.dareLinear.merge(MergeInputs(name: "w", base: base, models: models), try resolve(TaskVectorMerge.dareLinear, models: [[:], [:], [:]]))
-    let plain = try TaskVectorMerge.taskArithmetic.merge(MergeInputs(name: "w", base: base, models: models), try resolve(TaskVectorMerge.taskArithmetic, models: [[:], [:], [:]]))
+    let dare = try TaskVectorMerge.dareLinear.merge(
+      MergeInputs(name: "w", base: base, models: models),
+      try resolve(TaskVectorMerge.dareLinear, models: [[:], [:], [:]]))
+    let plain = try TaskVectorMerge.taskArithmetic.merge(
+      MergeInputs(name: "w", base: base, models: models),
+      try resolve(TaskVectorMerge.taskArithmetic, models: [[:], [:], [:]]))
     #expect(dare.scalars == plain.scalars)
   }
 
   @Test func dareDropsTheRightFractionAndIsUnbiasedAndSeeded() throws {
     let engine = TaskVectorMerge.dareLinear
     let delta = random([4000], "dare", scale: 0.01).scalars
-    let p = try resolve(engine, ["rescale": .flag(false)], models: [["density": .number(0.3)], ["density": .number(0.3)]])
+    let p = try resolve(
+      engine, ["rescale": .flag(false)], models: [["density": .number(0.3)], ["density": .number(0.3)]])
     let once = try engine.sparsify(delta, model: 0, tensor: "w", p)
     let kept = Double(once.filter { $0 != 0 }.count) / 4000
     #expect(abs(kept - 0.3) < 4 * (0.3 * 0.7 / 4000).squareRoot())
@@ -163,7 +213,8 @@ func referenceTaskVectors(
     let seeds = 400
     var mean = [Double](repeating: 0, count: 200)
     for seed in 0..<seeds {
-      let ps = try resolve(engine, ["rescale": .flag(false), "seed": .number(Double(seed))], models: [["density": .number(0.3)]])
+      let ps = try resolve(
+        engine, ["rescale": .flag(false), "seed": .number(Double(seed))], models: [["density": .number(0.3)]])
       let s = try engine.sparsify(Array(delta.prefix(200)), model: 0, tensor: "w", ps)
       for i in 0..<200 { mean[i] += Double(s[i]) / 0.3 / Double(seeds) }
     }
@@ -186,13 +237,19 @@ func referenceTaskVectors(
     let n = MergeRanges.size + 7_000
     let base = random([n], "long-base")
     let models = (0..<2).map { t in
-      Tensor(shape: [n], scalars: zip(base.scalars, random([n], "long\(t)").scalars).map { $0 + ($1 * 4).rounded() / 64 })
+      Tensor(
+        shape: [n], scalars: zip(base.scalars, random([n], "long\(t)").scalars).map { $0 + ($1 * 4).rounded() / 64 })
     }
     for (method, rescale) in [(TaskVectorMerge.ties, false), (.breadcrumbs, true)] {
-      let p = try resolve(method, ["rescale": .flag(rescale)], models: [["density": .number(0.3), "gamma": .number(0.02)], ["density": .number(0.7), "gamma": .number(0.02)]].map { m in m.filter { $0.key != "gamma" || method.sparsification == .magnitudeOutliers } })
+      let p = try resolve(
+        method, ["rescale": .flag(rescale)],
+        models: [
+          ["density": .number(0.3), "gamma": .number(0.02)], ["density": .number(0.7), "gamma": .number(0.02)],
+        ].map { m in m.filter { $0.key != "gamma" || method.sparsification == .magnitudeOutliers } })
       let out = try method.merge(MergeInputs(name: "w", base: base, models: models), p)
       let reference = referenceTaskVectors(
-        base: base.scalars, models: models.map(\.scalars), weights: [1, 1], densities: [0.3, 0.7], gamma: method.sparsification == .magnitudeOutliers ? 0.02 : nil,
+        base: base.scalars, models: models.map(\.scalars), weights: [1, 1], densities: [0.3, 0.7],
+        gamma: method.sparsification == .magnitudeOutliers ? 0.02 : nil,
         consensus: method.consensus, normalize: method.defaultNormalize, lambda: 1, rescale: rescale)
       expectClose(out.scalars, reference, relative: 1e-6)
     }

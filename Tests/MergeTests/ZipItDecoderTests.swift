@@ -57,7 +57,10 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
   for l in 0..<c.layerCount {
     let p = "model.layers.\(l)."
     for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] { columns(p + name, residual) }
-    for name in ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"] { columns(p + name, residual) }
+    for name in [
+      "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
+      "mlp.up_proj.weight",
+    ] { columns(p + name, residual) }
     for name in ["self_attn.o_proj.weight", "mlp.down_proj.weight"] { rows(p + name, residual) }
     let hidden = permutation(c.intermediateSize, "mlp\(l)")
     rows(p + "mlp.gate_proj.weight", hidden)
@@ -67,7 +70,11 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
     rows(p + "self_attn.v_proj.weight", (0..<c.keyValueHeadCount).flatMap { h in values[h].map { h * d + $0 } })
     columns(p + "self_attn.o_proj.weight", (0..<c.headCount).flatMap { q in values[q / group].map { q * d + $0 } })
   }
-  return try Network(config: network.config, tensors: network.tensors.reduce(into: [:]) { out, entry in out[entry.name] = w[entry.name]!.tensor(shape: entry.tensor.shape) })
+  return try Network(
+    config: network.config,
+    tensors: network.tensors.reduce(into: [:]) { out, entry in
+      out[entry.name] = w[entry.name]!.tensor(shape: entry.tensor.shape)
+    })
 }
 
 func logits(_ network: Network<Float>, _ sequences: [[Int]]) throws -> [Float] {
@@ -113,7 +120,9 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
   @Test func mismatchedDecodersAreRefused() throws {
     let a = try randomDecoder(seed: 1)
     let tied = try randomDecoder(seed: 1, tied: true)
-    #expect(throws: MergeError.differentArchitectures(model: 1)) { try ZipIt.zipDecoders([a, tied], sequences: tokenData(2, seed: 1)) }
+    #expect(throws: MergeError.differentArchitectures(model: 1)) {
+      try ZipIt.zipDecoders([a, tied], sequences: tokenData(2, seed: 1))
+    }
     #expect(throws: MergeError.tooFewModels) { try ZipIt.zipDecoders([a], sequences: tokenData(2, seed: 1)) }
   }
 }

@@ -7,12 +7,18 @@ import Testing
 @testable import Merge
 
 /// The UCI digits set (1797 8x8 images), fetched by `make digits` into bench-data/digits.
-let digitsFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../bench-data/digits").standardized.path
-let digitsPresent = FileManager.default.fileExists(atPath: digitsFolder + "/train.csv") && FileManager.default.fileExists(atPath: digitsFolder + "/test.csv")
+let digitsFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+  "../../bench-data/digits"
+).standardized.path
+let digitsPresent =
+  FileManager.default.fileExists(atPath: digitsFolder + "/train.csv")
+  && FileManager.default.fileExists(atPath: digitsFolder + "/test.csv")
 
 func digits(_ split: String) throws -> LabeledFeatures {
   let table = try DataFiles.readLabeled(digitsFolder + "/\(split).csv")
-  return try LabeledFeatures(features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels, tasks: table.tasks)
+  return try LabeledFeatures(
+    features: Matrix(rows: table.rows, columns: table.columns, values: table.features), labels: table.labels,
+    tasks: table.tasks)
 }
 
 @Suite struct ZipItDigitsTests {
@@ -47,7 +53,9 @@ func digits(_ split: String) throws -> LabeledFeatures {
     }
     let mean = (0..<4).map { k in (0..<pairs).reduce(0.0) { $0 + results.get($1)[k] } / Double(pairs) }
     let (average, permute, zipit, partial) = (mean[0], mean[1], mean[2], mean[3])
-    #expect(zipit > permute && permute > average, "mean joint accuracy: average \(average), permute \(permute), zipit \(zipit)")
+    #expect(
+      zipit > permute && permute > average,
+      "mean joint accuracy: average \(average), permute \(permute), zipit \(zipit)")
     #expect(partial > zipit, "partial \(partial) against full \(zipit)")
     #expect(zipit > 0.7 && average < 0.6)
     // ZipIt wins on every pair, not only on average.

@@ -31,7 +31,9 @@ func referenceZip(_ correlation: [Double], n: Int, models: Int, alpha: Double, b
     if within {
       budget[origin[a]] -= 1
       if budget[origin[a]] <= 0 {
-        for i in s.indices where origin[i] == origin[a] { for j in s.indices where origin[j] == origin[a] { s[i][j] = -.infinity } }
+        for i in s.indices where origin[i] == origin[a] {
+          for j in s.indices where origin[j] == origin[a] { s[i][j] = -.infinity }
+        }
       }
     }
   }
@@ -42,7 +44,9 @@ func referenceZip(_ correlation: [Double], n: Int, models: Int, alpha: Double, b
 func randomCorrelation(_ m: Int, _ stream: String) -> [Double] {
   let rng = CounterRNG(seed: 9, stream: stream)
   var r = [Double](repeating: 1, count: m * m)
-  for i in 0..<m { for j in (i + 1)..<m { r[i * m + j] = Double(2 * rng.uniform(UInt64(i * m + j)) - 1); r[j * m + i] = r[i * m + j] } }
+  for i in 0..<m {
+    for j in (i + 1)..<m { r[i * m + j] = Double(2 * rng.uniform(UInt64(i * m + j)) - 1); r[j * m + i] = r[i * m + j] }
+  }
   return r
 }
 
@@ -55,7 +59,9 @@ func permutedCopy(_ network: Network<Float>, seed: UInt64) -> Network<Float> {
     let w = network.weights["layers.\(i).weight"]!
     let b = network.weights["layers.\(i).bias"]!
     let rng = CounterRNG(seed: seed, stream: "perm\(i)")
-    let order = i < c.layerCount - 1 ? Array(0..<w.rows).sorted { rng.bits(UInt64($0)) < rng.bits(UInt64($1)) } : Array(0..<w.rows)
+    let order =
+      i < c.layerCount - 1
+      ? Array(0..<w.rows).sorted { rng.bits(UInt64($0)) < rng.bits(UInt64($1)) } : Array(0..<w.rows)
     var nw = w
     var nb = b
     for (r, source) in order.enumerated() {
@@ -105,7 +111,9 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
       #expect((0..<n).allSatisfy { j in (0..<n).reduce(0.0) { $0 + unmerge[j * n + $1] } == 1 })  // U rows one-hot
     }
     // M rows over all models sum to 1 (a mean of the members).
-    let rowSums = (0..<n).map { k in (0..<models).reduce(0.0) { total, m in total + (0..<n).reduce(0.0) { $0 + matching.merge(model: m)[k * n + $1] } } }
+    let rowSums = (0..<n).map { k in
+      (0..<models).reduce(0.0) { total, m in total + (0..<n).reduce(0.0) { $0 + matching.merge(model: m)[k * n + $1] } }
+    }
     #expect(rowSums.allSatisfy { abs($0 - 1) < 1e-12 })
   }
 
@@ -137,15 +145,20 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
     #expect(zip(got, want).allSatisfy { abs($0 - $1) < 1e-5 })
     // Averaging same-index units of the two (different orders) does not recover it.
     options.method = .average
-    #expect(try !zip(outputs(try ZipIt.zip([a, b], inputs: x, options: options), x), want).allSatisfy { abs($0 - $1) < 1e-3 })
+    #expect(
+      try !zip(outputs(try ZipIt.zip([a, b], inputs: x, options: options), x), want).allSatisfy { abs($0 - $1) < 1e-3 })
   }
 
   @Test func averagingIdenticalModelsAndPartialZipsReproduceTheModel() throws {
-    let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [6, 10, 10, 10, 4], activation: .tanh, layerNorm: true), seed: 8)
+    let a = Network<Float>.initializedMLP(
+      MLPConfig(layerSizes: [6, 10, 10, 10, 4], activation: .tanh, layerNorm: true), seed: 8)
     let x = Matrix(rows: 100, columns: 6, values: CounterRNG(seed: 6, stream: "x").normalTensor([600]).scalars)
     var options = ZipIt.Options()
     options.method = .average
-    #expect(zip(try outputs(try ZipIt.zip([a, a], inputs: x, options: options), x), try outputs(a, x)).allSatisfy { abs($0 - $1) < 1e-5 })
+    #expect(
+      zip(try outputs(try ZipIt.zip([a, a], inputs: x, options: options), x), try outputs(a, x)).allSatisfy {
+        abs($0 - $1) < 1e-5
+      })
     // Partial: one shared layer, two heads of the same model; the best-head score is then log softmax.
     options.stop = 1
     let partial = try ZipIt.zip([a, a], inputs: x, options: options)
@@ -164,7 +177,9 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
     #expect(throws: MergeError.tooFewModels) { try ZipIt.zip([a], inputs: x) }
     var options = ZipIt.Options()
     options.stop = 2
-    #expect(throws: MergeError.stopLayerOutOfRange(stop: 2, points: 1)) { try ZipIt.zip([a, a], inputs: x, options: options) }
+    #expect(throws: MergeError.stopLayerOutOfRange(stop: 2, points: 1)) {
+      try ZipIt.zip([a, a], inputs: x, options: options)
+    }
     #expect(throws: NetsError.self) { try ZipIt.zip([a, a], inputs: Matrix<Float>(zeros: 10, 5)) }
   }
 }

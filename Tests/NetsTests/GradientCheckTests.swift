@@ -7,7 +7,8 @@ import Testing
 /// Random `rows x columns` matrix in Float64, reproducible by `stream`.
 func randomMatrix(_ rows: Int, _ columns: Int, _ stream: String, scale: Double = 1) -> Matrix<Double> {
   let rng = CounterRNG(seed: 5, stream: stream)
-  return Matrix(rows: rows, columns: columns, values: (0..<(rows * columns)).map { Double(rng.normal(UInt64($0))) * scale })
+  return Matrix(
+    rows: rows, columns: columns, values: (0..<(rows * columns)).map { Double(rng.normal(UInt64($0))) * scale })
 }
 
 /// Checks the tape's gradients of `build` (reduced to a scalar as `sum(output * R)` for a fixed
@@ -34,7 +35,8 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
       minus[k].values[i] -= step
       let up = Tape<Double>()
       let down = Tape<Double>()
-      let numeric = (up.value(loss(plus, tape: up).0).values[0] - down.value(loss(minus, tape: down).0).values[0]) / (2 * step)
+      let numeric =
+        (up.value(loss(plus, tape: up).0).values[0] - down.value(loss(minus, tape: down).0).values[0]) / (2 * step)
       worst = max(worst, abs(analytic.values[i] - numeric) / max(1, abs(numeric)))
     }
   }
@@ -48,7 +50,9 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
   func matmulWithEveryTransposition(_ transposes: (Bool, Bool)) {
     let a = transposes.0 ? randomMatrix(4, 3, "a") : randomMatrix(3, 4, "a")
     let b = transposes.1 ? randomMatrix(5, 4, "b") : randomMatrix(4, 5, "b")
-    #expect(gradientError([a, b]) { t, v in t.matmul(v[0], v[1], transposeA: transposes.0, transposeB: transposes.1) } < tolerance)
+    #expect(
+      gradientError([a, b]) { t, v in t.matmul(v[0], v[1], transposeA: transposes.0, transposeB: transposes.1) }
+        < tolerance)
   }
 
   @Test func linearWithBiasAndColumns() {
@@ -71,12 +75,14 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     let x = randomMatrix(4, 6, "x", scale: 3)
     let gamma = randomMatrix(1, 6, "g")
     let beta = randomMatrix(1, 6, "b")
-    #expect(gradientError([x, gamma, beta]) { t, v in t.layerNorm(v[0], gamma: v[1], beta: v[2], epsilon: 1e-5) } < tolerance)
+    #expect(
+      gradientError([x, gamma, beta]) { t, v in t.layerNorm(v[0], gamma: v[1], beta: v[2], epsilon: 1e-5) } < tolerance)
     #expect(gradientError([x, gamma]) { t, v in t.rmsNorm(v[0], weight: v[1], epsilon: 1e-6) } < tolerance)
   }
 
   @Test func embeddingLookupWithRepeatedIds() {
-    #expect(gradientError([randomMatrix(7, 3, "table")]) { t, v in t.embedding([2, 0, 2, 6], table: v[0]) } < tolerance)
+    #expect(
+      gradientError([randomMatrix(7, 3, "table")]) { t, v in t.embedding([2, 0, 2, 6], table: v[0]) } < tolerance)
   }
 
   @Test(arguments: [(4, 4, true), (4, 2, true), (4, 1, false)])
@@ -87,26 +93,35 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     let k = randomMatrix(2 * sequence, kvHeads * d, "k")
     let v = randomMatrix(2 * sequence, kvHeads * d, "v")
     let mask = (0..<(2 * sequence)).map { $0 != 3 && $0 != 9 }
-    #expect(gradientError([q, k, v]) { t, x in
-      t.attention(query: x[0], key: x[1], value: x[2], sequence: sequence, heads: heads, kvHeads: kvHeads, causal: causal, keyMask: mask)
-    } < tolerance)
+    #expect(
+      gradientError([q, k, v]) { t, x in
+        t.attention(
+          query: x[0], key: x[1], value: x[2], sequence: sequence, heads: heads, kvHeads: kvHeads, causal: causal,
+          keyMask: mask)
+      } < tolerance)
   }
 
   @Test func rotaryAndPooling() {
     let x = randomMatrix(6, 8, "x")
-    #expect(gradientError([x]) { t, v in t.rotary(v[0], positions: [0, 1, 2, 0, 1, 2], heads: 2, theta: 10_000) } < tolerance)
-    #expect(gradientError([x]) { t, v in t.meanPool(v[0], sequence: 3, mask: [true, true, false, true, false, false]) } < tolerance)
+    #expect(
+      gradientError([x]) { t, v in t.rotary(v[0], positions: [0, 1, 2, 0, 1, 2], heads: 2, theta: 10_000) } < tolerance)
+    #expect(
+      gradientError([x]) { t, v in t.meanPool(v[0], sequence: 3, mask: [true, true, false, true, false, false]) }
+        < tolerance)
   }
 
   @Test func losses() {
     let logits = randomMatrix(5, 4, "z", scale: 2)
     let teacher = randomMatrix(5, 4, "teacher", scale: 2)
     #expect(gradientError([logits]) { t, v in t.crossEntropy(v[0], labels: [0, 3, -100, 1, 2]) } < tolerance)
-    #expect(gradientError([logits]) { t, v in t.klDivergence(teacher: teacher, student: v[0], temperature: 2) } < tolerance)
+    #expect(
+      gradientError([logits]) { t, v in t.klDivergence(teacher: teacher, student: v[0], temperature: 2) } < tolerance)
     #expect(gradientError([logits]) { t, v in t.entropy(v[0]) } < tolerance)
     #expect(gradientError([logits, teacher]) { t, v in t.meanSquaredError(v[0], v[1]) } < tolerance)
     let targets = softmax(teacher)
-    #expect(gradientError([logits]) { t, v in t.softCrossEntropy(v[0], targets: targets, weights: [1, 0, 0.5, 2, 1]) } < tolerance)
+    #expect(
+      gradientError([logits]) { t, v in t.softCrossEntropy(v[0], targets: targets, weights: [1, 0, 0.5, 2, 1]) }
+        < tolerance)
   }
 
   /// PELA's weight-perturbation term `max |B A - W|`: random entries have a unique largest
@@ -128,11 +143,14 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     let u0 = randomMatrix(5, 5, "U0")
     #expect(gradientError([x]) { t, v in t.cayley(v[0]) } < tolerance)
     #expect(gradientError([x]) { t, v in t.matmul(t.constant(u0), t.cayley(v[0])) } < tolerance)
-    #expect(gradientError([randomMatrix(3, 2, "a"), randomMatrix(3, 4, "b")]) { t, v in t.concatenateColumns(v) } < tolerance)
+    #expect(
+      gradientError([randomMatrix(3, 2, "a"), randomMatrix(3, 4, "b")]) { t, v in t.concatenateColumns(v) } < tolerance)
   }
 
   @Test func bestHeadScoresOfAMultiHeadModel() {
-    let heads = [randomMatrix(4, 5, "h0", scale: 2), randomMatrix(4, 5, "h1", scale: 2), randomMatrix(4, 5, "h2", scale: 2)]
+    let heads = [
+      randomMatrix(4, 5, "h0", scale: 2), randomMatrix(4, 5, "h1", scale: 2), randomMatrix(4, 5, "h2", scale: 2),
+    ]
     #expect(gradientError(heads) { t, v in t.bestHeadScores(v) } < tolerance)
     let t = Tape<Double>()
     let scores = t.value(t.bestHeadScores(heads.map { t.constant($0) }))
@@ -145,21 +163,27 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     let (sequence, width, heads, kvHeads, hidden, vocabulary) = (4, 8, 4, 2, 12, 6)
     let d = width / heads
     let names = ["emb", "norm1", "wq", "wk", "wv", "wo", "norm2", "gate", "up", "down", "head"]
-    let shapes = [(vocabulary, width), (1, width), (width, width), (kvHeads * d, width), (kvHeads * d, width), (width, width), (1, width),
-                  (hidden, width), (hidden, width), (width, hidden), (vocabulary, width)]
+    let shapes = [
+      (vocabulary, width), (1, width), (width, width), (kvHeads * d, width), (kvHeads * d, width), (width, width),
+      (1, width),
+      (hidden, width), (hidden, width), (width, hidden), (vocabulary, width),
+    ]
     let weights = zip(names, shapes).map { randomMatrix($1.0, $1.1, $0, scale: 0.5) }
     let ids = [1, 4, 2, 5, 0, 3, 3, 1]
-    #expect(gradientError(weights) { t, w in
-      let x = t.embedding(ids, table: w[0])
-      let h = t.rmsNorm(x, weight: w[1], epsilon: 1e-6)
-      let positions = (0..<ids.count).map { $0 % sequence }
-      let q = t.rotary(t.linear(h, weight: w[2]), positions: positions, heads: heads, theta: 10_000)
-      let k = t.rotary(t.linear(h, weight: w[3]), positions: positions, heads: kvHeads, theta: 10_000)
-      let a = t.attention(query: q, key: k, value: t.linear(h, weight: w[4]), sequence: sequence, heads: heads, kvHeads: kvHeads, causal: true)
-      let r = t.add(x, t.linear(a, weight: w[5]))
-      let m = t.rmsNorm(r, weight: w[6], epsilon: 1e-6)
-      let mlp = t.linear(t.multiply(t.silu(t.linear(m, weight: w[7])), t.linear(m, weight: w[8])), weight: w[9])
-      return t.crossEntropy(t.linear(t.add(r, mlp), weight: w[10]), labels: [4, 2, 5, -100, 3, 3, 1, 0])
-    } < tolerance)
+    #expect(
+      gradientError(weights) { t, w in
+        let x = t.embedding(ids, table: w[0])
+        let h = t.rmsNorm(x, weight: w[1], epsilon: 1e-6)
+        let positions = (0..<ids.count).map { $0 % sequence }
+        let q = t.rotary(t.linear(h, weight: w[2]), positions: positions, heads: heads, theta: 10_000)
+        let k = t.rotary(t.linear(h, weight: w[3]), positions: positions, heads: kvHeads, theta: 10_000)
+        let a = t.attention(
+          query: q, key: k, value: t.linear(h, weight: w[4]), sequence: sequence, heads: heads, kvHeads: kvHeads,
+          causal: true)
+        let r = t.add(x, t.linear(a, weight: w[5]))
+        let m = t.rmsNorm(r, weight: w[6], epsilon: 1e-6)
+        let mlp = t.linear(t.multiply(t.silu(t.linear(m, weight: w[7])), t.linear(m, weight: w[8])), weight: w[9])
+        return t.crossEntropy(t.linear(t.add(r, mlp), weight: w[10]), labels: [4, 2, 5, -100, 3, 3, 1, 0])
+      } < tolerance)
   }
 }

@@ -25,7 +25,10 @@ func relativeError(_ a: [Double], _ b: [Double]) -> Double {
   @Test(arguments: [false, true])
   func decoderMatchesTheFloat64Reference(_ variant: Bool) throws {
     // variant: Qwen2 (q/k/v biases) with tied embeddings.
-    let json = variant ? llama.replacingOccurrences(of: "LlamaForCausalLM", with: "Qwen2ForCausalLM").replacingOccurrences(of: "\"hidden_act\"", with: "\"tie_word_embeddings\": true, \"hidden_act\"") : llama
+    let json =
+      variant
+      ? llama.replacingOccurrences(of: "LlamaForCausalLM", with: "Qwen2ForCausalLM").replacingOccurrences(
+        of: "\"hidden_act\"", with: "\"tie_word_embeddings\": true, \"hidden_act\"") : llama
     let c = try config(json)
     guard case .decoder(let d) = c else { Issue.record("not a decoder"); return }
     #expect(d.attentionBias == variant && d.tiedEmbeddings == variant)
@@ -71,7 +74,10 @@ func relativeError(_ a: [Double], _ b: [Double]) -> Double {
     let tape = Tape<Float>()
     let out = try network.forward(tape, .tokens(TokenBatch([[1, 2, 3]])))
     let names = Set(out.points.map(\.name))
-    for name in ["model.layers.1.self_attn.keys", "model.layers.0.mlp.down_proj.input", "model.layers.1.output", "model.layers.0.self_attn.q_proj.output"] {
+    for name in [
+      "model.layers.1.self_attn.keys", "model.layers.0.mlp.down_proj.input", "model.layers.1.output",
+      "model.layers.0.self_attn.q_proj.output",
+    ] {
       #expect(names.contains(name))
     }
     let keys = try out.points(matching: #"self_attn\.keys$"#)
@@ -79,15 +85,23 @@ func relativeError(_ a: [Double], _ b: [Double]) -> Double {
   }
 
   @Test func badModelsAndInputsAreNamed() throws {
-    #expect(throws: NetsError.unknownArchitecture("GPT2LMHeadModel")) { try config(#"{"architectures": ["GPT2LMHeadModel"]}"#) }
-    #expect(throws: NetsError.missingConfigKey("hidden_size")) { try config(#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 4}"#) }
+    #expect(throws: NetsError.unknownArchitecture("GPT2LMHeadModel")) {
+      try config(#"{"architectures": ["GPT2LMHeadModel"]}"#)
+    }
+    #expect(throws: NetsError.missingConfigKey("hidden_size")) {
+      try config(#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 4}"#)
+    }
     let c = try config(llama)
     var weights = randomWeights(c)
     weights["model.layers.1.mlp.up_proj.weight"] = nil
-    #expect(throws: NetsError.missingTensors(["model.layers.1.mlp.up_proj.weight"])) { try Network<Float>(config: c, tensors: weights) }
+    #expect(throws: NetsError.missingTensors(["model.layers.1.mlp.up_proj.weight"])) {
+      try Network<Float>(config: c, tensors: weights)
+    }
     weights = randomWeights(c)
     weights["model.norm.weight"] = Tensor(zeros: [15])
-    #expect(throws: NetsError.shapeMismatch(tensor: "model.norm.weight", expected: [16], found: [15])) { try Network<Float>(config: c, tensors: weights) }
+    #expect(throws: NetsError.shapeMismatch(tensor: "model.norm.weight", expected: [16], found: [15])) {
+      try Network<Float>(config: c, tensors: weights)
+    }
     let network = try Network<Float>(config: c, tensors: randomWeights(c))
     #expect(throws: NetsError.self) { try network.forward(Tape<Float>(), .tokens(TokenBatch([[1, 50]]))) }
     #expect(throws: NetsError.self) { try network.forward(Tape<Float>(), .features(Matrix(zeros: 2, 16))) }
@@ -97,7 +111,8 @@ func relativeError(_ a: [Double], _ b: [Double]) -> Double {
     let tape = Tape<Double>()
     let x = tape.constant(Matrix(rows: 1, columns: 3, values: [1, -1, 0]))
     let gelu = tape.value(tape.gelu(x)).values
-    #expect(abs(gelu[0] - 0.841_344_746_068_543) < 1e-12 && abs(gelu[1] + 0.158_655_253_931_457) < 1e-12 && gelu[2] == 0)
+    #expect(
+      abs(gelu[0] - 0.841_344_746_068_543) < 1e-12 && abs(gelu[1] + 0.158_655_253_931_457) < 1e-12 && gelu[2] == 0)
     #expect(abs(tape.value(tape.silu(x)).values[0] - 0.731_058_578_630_005) < 1e-12)
     let uniform = tape.constant(Matrix(zeros: 2, 5))
     #expect(abs(tape.value(tape.crossEntropy(uniform, labels: [1, 4])).values[0] - log(5)) < 1e-12)

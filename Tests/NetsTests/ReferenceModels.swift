@@ -52,14 +52,18 @@ struct Reference {
   }
 
   /// Attention of one sequence: `visible(i, j)` says whether query i sees key j.
-  func attention(_ q: [[Double]], _ k: [[Double]], _ v: [[Double]], heads: Int, kvHeads: Int, visible: (Int, Int) -> Bool) -> [[Double]] {
+  func attention(
+    _ q: [[Double]], _ k: [[Double]], _ v: [[Double]], heads: Int, kvHeads: Int, visible: (Int, Int) -> Bool
+  ) -> [[Double]] {
     let d = q[0].count / heads
     var out = q.map { _ in [Double](repeating: 0, count: heads * d) }
     for h in 0..<heads {
       let g = h / (heads / kvHeads)
       for i in q.indices {
         let keys = k.indices.filter { visible(i, $0) }
-        let scores = keys.map { j in (0..<d).reduce(0.0) { $0 + q[i][h * d + $1] * k[j][g * d + $1] } / Double(d).squareRoot() }
+        let scores = keys.map { j in
+          (0..<d).reduce(0.0) { $0 + q[i][h * d + $1] * k[j][g * d + $1] } / Double(d).squareRoot()
+        }
         let top = scores.max() ?? 0
         let e = scores.map { exp($0 - top) }
         let total = e.reduce(0, +)
@@ -79,14 +83,24 @@ struct Reference {
     for l in 0..<c.layerCount {
       let p = "model.layers.\(l)."
       let h = x.map { rmsNorm($0, p + "input_layernorm.weight", c.epsilon) }
-      let q = h.enumerated().map { rotary(linear($1, p + "self_attn.q_proj", bias: c.attentionBias), position: $0, heads: c.headCount, theta: c.ropeTheta) }
-      let k = h.enumerated().map { rotary(linear($1, p + "self_attn.k_proj", bias: c.attentionBias), position: $0, heads: c.keyValueHeadCount, theta: c.ropeTheta) }
+      let q = h.enumerated().map {
+        rotary(
+          linear($1, p + "self_attn.q_proj", bias: c.attentionBias), position: $0, heads: c.headCount,
+          theta: c.ropeTheta)
+      }
+      let k = h.enumerated().map {
+        rotary(
+          linear($1, p + "self_attn.k_proj", bias: c.attentionBias), position: $0, heads: c.keyValueHeadCount,
+          theta: c.ropeTheta)
+      }
       let v = h.map { linear($0, p + "self_attn.v_proj", bias: c.attentionBias) }
       let a = attention(q, k, v, heads: c.headCount, kvHeads: c.keyValueHeadCount) { $1 <= $0 }
       x = x.indices.map { i in zip(x[i], linear(a[i], p + "self_attn.o_proj", bias: false)).map(+) }
       x = x.map { row in
         let m = rmsNorm(row, p + "post_attention_layernorm.weight", c.epsilon)
-        let hidden = zip(linear(m, p + "mlp.gate_proj", bias: false), linear(m, p + "mlp.up_proj", bias: false)).map { silu($0) * $1 }
+        let hidden = zip(linear(m, p + "mlp.gate_proj", bias: false), linear(m, p + "mlp.up_proj", bias: false)).map {
+          silu($0) * $1
+        }
         return zip(row, linear(hidden, p + "mlp.down_proj", bias: false)).map(+)
       }
     }
@@ -96,18 +110,29 @@ struct Reference {
 
   /// BERT sentence embedding (mean over tokens) for one unpadded sequence.
   func bert(_ c: BERTConfig, _ ids: [Int]) -> [Double] {
-    let (words, positions, types) = (matrix("embeddings.word_embeddings.weight"), matrix("embeddings.position_embeddings.weight"), matrix("embeddings.token_type_embeddings.weight"))
-    var x = ids.enumerated().map { s, id in layerNorm(words[id].indices.map { words[id][$0] + positions[s][$0] + types[0][$0] }, "embeddings.LayerNorm", c.epsilon) }
+    let (words, positions, types) = (
+      matrix("embeddings.word_embeddings.weight"), matrix("embeddings.position_embeddings.weight"),
+      matrix("embeddings.token_type_embeddings.weight")
+    )
+    var x = ids.enumerated().map { s, id in
+      layerNorm(
+        words[id].indices.map { words[id][$0] + positions[s][$0] + types[0][$0] }, "embeddings.LayerNorm", c.epsilon)
+    }
     for l in 0..<c.layerCount {
       let p = "encoder.layer.\(l)."
       let q = x.map { linear($0, p + "attention.self.query", bias: true) }
       let k = x.map { linear($0, p + "attention.self.key", bias: true) }
       let v = x.map { linear($0, p + "attention.self.value", bias: true) }
       let a = attention(q, k, v, heads: c.headCount, kvHeads: c.headCount) { _, _ in true }
-      x = x.indices.map { i in layerNorm(zip(linear(a[i], p + "attention.output.dense", bias: true), x[i]).map(+), p + "attention.output.LayerNorm", c.epsilon) }
+      x = x.indices.map { i in
+        layerNorm(
+          zip(linear(a[i], p + "attention.output.dense", bias: true), x[i]).map(+), p + "attention.output.LayerNorm",
+          c.epsilon)
+      }
       x = x.map { row in
         let hidden = linear(row, p + "intermediate.dense", bias: true).map(gelu)
-        return layerNorm(zip(linear(hidden, p + "output.dense", bias: true), row).map(+), p + "output.LayerNorm", c.epsilon)
+        return layerNorm(
+          zip(linear(hidden, p + "output.dense", bias: true), row).map(+), p + "output.LayerNorm", c.epsilon)
       }
     }
     return x[0].indices.map { c in x.reduce(0) { $0 + $1[c] } / Double(x.count) }
@@ -119,7 +144,8 @@ func randomWeights(_ config: NetworkConfig, seed: UInt64 = 1, scale: Float = 0.3
   var tensors: [String: Tensor] = [:]
   for (name, shape) in Network<Float>.expectedShapes(config) {
     let random = CounterRNG(seed: seed, stream: name).normalTensor(shape, scale: shape.count == 1 ? 0.1 : scale)
-    let isNormWeight = shape.count == 1 && name.hasSuffix("weight") && (name.contains("norm") || name.contains("LayerNorm"))
+    let isNormWeight =
+      shape.count == 1 && name.hasSuffix("weight") && (name.contains("norm") || name.contains("LayerNorm"))
     tensors[name] = isNormWeight ? Tensor(shape: shape, scalars: random.scalars.map { $0 + 1 }) : random
   }
   return tensors

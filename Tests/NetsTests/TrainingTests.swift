@@ -50,7 +50,8 @@ import Testing
       var optimizer = Optimizer<Double>(kind, learningRate: kind == .adam ? 0.05 : 0.1)
       for _ in 0..<500 {
         let p = parameters["p"]!
-        optimizer.step(&parameters, gradients: ["p": Matrix(rows: 1, columns: 3, values: zip(p.values, target.values).map(-))])
+        optimizer.step(
+          &parameters, gradients: ["p": Matrix(rows: 1, columns: 3, values: zip(p.values, target.values).map(-))])
       }
       #expect(zip(parameters["p"]!.values, target.values).allSatisfy { abs($0 - $1) < 1e-3 })
     }
@@ -96,7 +97,8 @@ import Testing
   @Test func miniBatchesCoverEveryRowOnceAndDependOnlyOnTheSeed() {
     let a = miniBatches(count: 103, size: 10, shuffleSeed: 4)
     #expect(a.count == 11 && a.flatMap { $0 }.sorted() == Array(0..<103))
-    #expect(a == miniBatches(count: 103, size: 10, shuffleSeed: 4) && a != miniBatches(count: 103, size: 10, shuffleSeed: 5))
+    #expect(
+      a == miniBatches(count: 103, size: 10, shuffleSeed: 4) && a != miniBatches(count: 103, size: 10, shuffleSeed: 5))
     #expect(miniBatches(count: 5, size: 2, shuffleSeed: nil) == [[0, 1], [2, 3], [4]])
   }
 
@@ -111,7 +113,9 @@ import Testing
     var network = try Network<Float>(config: config, tensors: randomWeights(config))
     var tokens = SyntheticTokens.Options()
     (tokens.sequences, tokens.length, tokens.vocabulary, tokens.noise) = (256, 12, 32, 0.1)
-    let (train, test) = (try SyntheticTokens.make(tokens, split: "train"), try SyntheticTokens.make(tokens, split: "test"))
+    let (train, test) = (
+      try SyntheticTokens.make(tokens, split: "train"), try SyntheticTokens.make(tokens, split: "test")
+    )
     #expect(train != test && train.allSatisfy { $0.count == 12 && $0.allSatisfy { (0..<32).contains($0) } })
     let before = try Training.perplexity(network, on: test).perplexity
     var options = TrainingOptions()

@@ -18,7 +18,8 @@ import Testing
   ]
   static let system: Set<String> = ["Foundation", "Dispatch", "Glibc", "Darwin", "Testing"]
 
-  static let sources = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("Sources")
+  static let sources = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().appendingPathComponent("Sources")
 
   @Test func everyTargetImportsOnlyTheTargetsBelowIt() throws {
     var files = 0
@@ -31,9 +32,13 @@ import Testing
         let text = try String(contentsOf: url, encoding: .utf8)
         for line in text.split(separator: "\n") {
           let words = line.split(separator: " ").map(String.init)
-          guard let i = words.firstIndex(of: "import"), words[..<i].allSatisfy({ $0.hasPrefix("@") }), i + 1 < words.count else { continue }
+          guard let i = words.firstIndex(of: "import"), words[..<i].allSatisfy({ $0.hasPrefix("@") }),
+            i + 1 < words.count
+          else { continue }
           let module = words[i + 1].split(separator: ".").first.map(String.init) ?? words[i + 1]
-          #expect(allowed.contains(module) || Self.system.contains(module), "\(target)/\(url.lastPathComponent) imports \(module), which \(target) may not import")
+          #expect(
+            allowed.contains(module) || Self.system.contains(module),
+            "\(target)/\(url.lastPathComponent) imports \(module), which \(target) may not import")
         }
       }
     }

@@ -1,8 +1,8 @@
 import Checkpoint
 import Foundation
 import Merge
-import Operations
 import Nets
+import Operations
 import Tensor
 import Testing
 
@@ -10,7 +10,8 @@ import Testing
 @testable import TestSupport
 
 /// The repository's `recipes/` folder.
-let recipesFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("recipes").path
+let recipesFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+  .deletingLastPathComponent().appendingPathComponent("recipes").path
 
 /// Example models under `folder/demo`, written once for the suite.
 let exampleFolder: TemporaryFolder = {
@@ -21,23 +22,28 @@ let exampleFolder: TemporaryFolder = {
 
 /// A recipe file's text with its `demo/` paths moved into `folder`.
 func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws -> Recipe {
-  let text = try String(contentsOfFile: "\(recipesFolder)/\(name)", encoding: .utf8).replacingOccurrences(of: "demo/", with: "\(folder)/demo/")
+  let text = try String(contentsOfFile: "\(recipesFolder)/\(name)", encoding: .utf8).replacingOccurrences(
+    of: "demo/", with: "\(folder)/demo/")
   return try Recipe.parse(text, file: name, output: output)
 }
 
 @Suite(.serialized) struct RecipeRunnerTests {
   @Test func everyExampleRecipeRuns() throws {
-    let names = try FileManager.default.contentsOfDirectory(atPath: recipesFolder).filter { $0.hasSuffix(".yaml") }.sorted()
+    let names = try FileManager.default.contentsOfDirectory(atPath: recipesFolder).filter { $0.hasSuffix(".yaml") }
+      .sorted()
     #expect(names.count >= 10)
     let work = exampleFolder.path
     for name in names {
-      let recipe = try loadRecipe(name, in: work, output: name.hasPrefix("mergekit-") ? "\(work)/demo/out/\(name).out" : nil)
+      let recipe = try loadRecipe(
+        name, in: work, output: name.hasPrefix("mergekit-") ? "\(work)/demo/out/\(name).out" : nil)
       try RecipeRunner(recipe).run(overwrite: true)
       for output in recipe.outputs {
         if name == "atlas.yaml" {
           // An MLP with its coefficients: 6 task vectors x 6 tensors, not all zero.
-          let c = try ATLASCoefficients(json: try Data(contentsOf: URL(fileURLWithPath: output.path + "/atlas-coefficients.json")))
-          #expect(c.tasks.count == 6 && c.blocks.count == 6 && c.values.flatMap { $0.flatMap { $0 } }.contains { $0 != 0 })
+          let c = try ATLASCoefficients(
+            json: try Data(contentsOf: URL(fileURLWithPath: output.path + "/atlas-coefficients.json")))
+          #expect(
+            c.tasks.count == 6 && c.blocks.count == 6 && c.values.flatMap { $0.flatMap { $0 } }.contains { $0 != 0 })
           #expect(try NetworkFiles.load(output.path).weights.count == 6)
           continue
         }
@@ -54,8 +60,12 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
         }
         if name == "zipit.yaml" {
           // MLPs: one zipped model, and one with a shared first layer and a head per model.
-          guard case .mlp(let config) = try NetworkFiles.load(output.path).config else { Issue.record("\(output.label) is not an MLP"); continue }
-          #expect(config.heads == (output.label == "partial" ? 2 : 1) && config.layerSizes == [32, 64, 64, 10], "\(output.label)")
+          guard case .mlp(let config) = try NetworkFiles.load(output.path).config else {
+            Issue.record("\(output.label) is not an MLP"); continue
+          }
+          #expect(
+            config.heads == (output.label == "partial" ? 2 : 1) && config.layerSizes == [32, 64, 64, 10],
+            "\(output.label)")
           continue
         }
         let written = try openCheckpoint(output.path)
@@ -87,7 +97,8 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
     let edited = try openCheckpoint("\(work)/demo/out/edited")
     let name = "model.layers.2.self_attn.v_proj.weight"
     let (base, a, b) = try (
-      openCheckpoint("\(work)/demo/base").tensor(named: name).scalars, openCheckpoint("\(work)/demo/finetune-a").tensor(named: name).scalars,
+      openCheckpoint("\(work)/demo/base").tensor(named: name).scalars,
+      openCheckpoint("\(work)/demo/finetune-a").tensor(named: name).scalars,
       openCheckpoint("\(work)/demo/finetune-b").tensor(named: name).scalars
     )
     let expected: [Double] = (0..<base.count).map { (i: Int) -> Double in
@@ -95,16 +106,20 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
       return b0 + (Double(a[i]) - b0) - 0.5 * (Double(b[i]) - b0)
     }
     let got = try edited.tensor(named: name).scalars
-    for i in got.indices { #expect(abs(Double(got[i]) - expected[i]) <= abs(expected[i]) * 0x1p-8 + 1e-12) }  // one bf16 rounding
+    // one bf16 rounding
+    for i in got.indices { #expect(abs(Double(got[i]) - expected[i]) <= abs(expected[i]) * 0x1p-8 + 1e-12) }
     #expect(try openCheckpoint("\(work)/demo/out/tau-a.mkz").tensors.allSatisfy { $0.dtype == .f32 })
   }
 
   func expectInvalid(_ yaml: String, path: String, sourceLocation: SourceLocation = #_sourceLocation) {
     do {
-      _ = try RecipeRunner(try Recipe.parse(yaml.replacingOccurrences(of: "DEMO", with: exampleFolder.file("demo")), file: "bad.yaml"))
+      _ = try RecipeRunner(
+        try Recipe.parse(yaml.replacingOccurrences(of: "DEMO", with: exampleFolder.file("demo")), file: "bad.yaml"))
       Issue.record("no error for a recipe that should fail at \(path)", sourceLocation: sourceLocation)
     } catch let error as RecipeError {
-      guard case .invalid(let file, let at, _, _) = error else { Issue.record("\(error)", sourceLocation: sourceLocation); return }
+      guard case .invalid(let file, let at, _, _) = error else {
+        Issue.record("\(error)", sourceLocation: sourceLocation); return
+      }
       #expect(file == "bad.yaml" && at == path, "\(error)", sourceLocation: sourceLocation)
     } catch {
       Issue.record("\(error)", sourceLocation: sourceLocation)
@@ -113,13 +128,23 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
 
   @Test func badRecipesNameTheYAMLPath() throws {
     let header = "inputs: {base: DEMO/base, a: DEMO/finetune-a}\n"
-    expectInvalid(header + "steps:\n  - {name: m, method: frankenmerge, base: base, models: [a]}\noutputs: {m: x}\n", path: "steps[0].method")
-    expectInvalid(header + "steps:\n  - {name: m, method: ties, base: base, models: [a, nowhere]}\noutputs: {m: x}\n", path: "steps[0].models[1]")
-    expectInvalid(header + "steps:\n  - {name: m, method: ties, base: base, models: [a], colour: red}\noutputs: {m: x}\n", path: "steps[0].colour")
-    expectInvalid(header + "steps:\n  - {name: a, method: linear, models: [base]}\noutputs: {a: x}\n", path: "steps[0].name")
+    expectInvalid(
+      header + "steps:\n  - {name: m, method: frankenmerge, base: base, models: [a]}\noutputs: {m: x}\n",
+      path: "steps[0].method")
+    expectInvalid(
+      header + "steps:\n  - {name: m, method: ties, base: base, models: [a, nowhere]}\noutputs: {m: x}\n",
+      path: "steps[0].models[1]")
+    expectInvalid(
+      header + "steps:\n  - {name: m, method: ties, base: base, models: [a], colour: red}\noutputs: {m: x}\n",
+      path: "steps[0].colour")
+    expectInvalid(
+      header + "steps:\n  - {name: a, method: linear, models: [base]}\noutputs: {a: x}\n", path: "steps[0].name")
     expectInvalid(header + "steps:\n  - {name: m, method: linear, models: [a]}\n", path: "")
     expectInvalid("merge_method: ties\nbase_model: DEMO/base\nslices: []\n", path: "slices")
-    expectInvalid(header + "steps:\n  - {name: m, method: ties, base: base, models: [a], parameters: {density: [{filter: x}]}}\noutputs: {m: x}\n", path: "steps[0].parameters.density[0]")
+    expectInvalid(
+      header
+        + "steps:\n  - {name: m, method: ties, base: base, models: [a], parameters: {density: [{filter: x}]}}\noutputs: {m: x}\n",
+      path: "steps[0].parameters.density[0]")
   }
 
   @Test func cyclesAreRefusedNamingTheSteps() throws {
@@ -131,7 +156,9 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
         - {name: z, method: linear, models: [x]}
       outputs: {x: out}
       """
-    #expect(throws: RecipeError.cycle(file: "c.yaml", steps: ["x", "y", "z", "x"])) { try RecipeRunner(try Recipe.parse(yaml, file: "c.yaml")) }
+    #expect(throws: RecipeError.cycle(file: "c.yaml", steps: ["x", "y", "z", "x"])) {
+      try RecipeRunner(try Recipe.parse(yaml, file: "c.yaml"))
+    }
   }
 
   @Test func aParameterOutOfRangeFailsNamingTheStepAndNothingIsWritten() throws {
@@ -143,7 +170,10 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
       outputs: {m: \(out)}
       """
     // Refused when the recipe is checked, before any step runs.
-    #expect(throws: RecipeError.invalid(file: "d.yaml", path: "steps[0].parameters.density", line: 3, reason: "ties: 1.5 is not a number in (0, 1]")) {
+    #expect(
+      throws: RecipeError.invalid(
+        file: "d.yaml", path: "steps[0].parameters.density", line: 3, reason: "ties: 1.5 is not a number in (0, 1]")
+    ) {
       try RecipeRunner(try Recipe.parse(yaml, file: "d.yaml"))
     }
     #expect(!FileManager.default.fileExists(atPath: out))
@@ -173,19 +203,24 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
       var lines: [String] = []
       try RecipeRunner(try recipe(tag)).run(overwrite: true, memoryBudget: budget, report: { lines.append($0) })
       heldSteps[tag] = lines.filter { $0.hasSuffix("-> memory") }.map { String($0.prefix { $0 != ":" }) }
-      #expect(FileManager.default.fileExists(atPath: "\(demo)/out/held-sum-\(tag)/config.json"), "\(tag): the config follows the intermediates")
+      #expect(
+        FileManager.default.fileExists(atPath: "\(demo)/out/held-sum-\(tag)/config.json"),
+        "\(tag): the config follows the intermediates")
     }
     #expect(heldSteps["all"] == ["tau_a", "tau_b", "soup", "narrow"])
     #expect(heldSteps["none"] == [])
     #expect(heldSteps["some"] == ["tau_a"], "tau_b no longer fits while tau_a is held")
     for output in ["held", "held-sum"] {
       let all = readBytes("\(demo)/out/\(output)-all/model.safetensors")
-      #expect(all == readBytes("\(demo)/out/\(output)-none/model.safetensors") && all == readBytes("\(demo)/out/\(output)-some/model.safetensors"))
+      #expect(
+        all == readBytes("\(demo)/out/\(output)-none/model.safetensors")
+          && all == readBytes("\(demo)/out/\(output)-some/model.safetensors"))
     }
     // edited = base + bf16(mean of the task vectors): one bf16 rounding of the soup, one of the sum.
     let name = "model.layers.1.mlp.up_proj.weight"
     let (base, a, b) = try (
-      openCheckpoint("\(demo)/base").tensor(named: name).scalars, openCheckpoint("\(demo)/finetune-a").tensor(named: name).scalars,
+      openCheckpoint("\(demo)/base").tensor(named: name).scalars,
+      openCheckpoint("\(demo)/finetune-a").tensor(named: name).scalars,
       openCheckpoint("\(demo)/finetune-b").tensor(named: name).scalars
     )
     let got = try openCheckpoint("\(demo)/out/held-all").tensor(named: name).scalars
@@ -226,29 +261,36 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
     let selection = try TensorSelection(select: #"layers\.[01]\.|embed"#, drop: nil, renames: [])
     let (base, a, b) = try [("base", nil), ("finetune-a", nil), ("finetune-b", DType.f32)].map { name, type in
       let path = exampleFolder.file("demo/out/stored-\(name).safetensors")
-      try copyCheckpoint(from: try openCheckpoint("\(demo)/\(name)"), to: path, selection: selection, castTo: type, options: WriteOptions(overwrite: true))
+      try copyCheckpoint(
+        from: try openCheckpoint("\(demo)/\(name)"), to: path, selection: selection, castTo: type,
+        options: WriteOptions(overwrite: true))
       return try openCheckpoint(path)
     }.triple
-    let cases: [(method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue])] = [
-      (LinearMerge(), nil, [a, b], ["weight": .number(0.3)]),
-      (TaskVectorMerge.taskArithmetic, base, [a, b], ["lambda": .number(0.7)]),
-      (SlerpMerge(), base, [b], ["t": .number(0.3)]),
-      (ModelStockMerge(), base, [a, b], [:]),
-      (TaskVectors.Sum(), base, [a, b], ["scale": .number(-0.4)]),
-      (TaskVectorMerge.ties, base, [a, b], ["density": .number(0.3)]),
-      (TaskVectorMerge.dareTies, base, [a, b], ["density": .number(0.5), "seed": .number(3)]),
-      (TaskVectorMerge.breadcrumbs, base, [a, b], ["density": .number(0.5), "gamma": .number(0.05)]),
-    ]
+    let cases:
+      [(method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue])] =
+        [
+          (LinearMerge(), nil, [a, b], ["weight": .number(0.3)]),
+          (TaskVectorMerge.taskArithmetic, base, [a, b], ["lambda": .number(0.7)]),
+          (SlerpMerge(), base, [b], ["t": .number(0.3)]),
+          (ModelStockMerge(), base, [a, b], [:]),
+          (TaskVectors.Sum(), base, [a, b], ["scale": .number(-0.4)]),
+          (TaskVectorMerge.ties, base, [a, b], ["density": .number(0.3)]),
+          (TaskVectorMerge.dareTies, base, [a, b], ["density": .number(0.5), "seed": .number(3)]),
+          (TaskVectorMerge.breadcrumbs, base, [a, b], ["density": .number(0.5), "gamma": .number(0.05)]),
+        ]
     for (method, base, models, global) in cases {
       // The task-vector methods read their inputs the same way for any output dtype: one is enough.
       for type in method is TaskVectorMerge && method.name != "task-arithmetic" ? [DType.bf16] : [.bf16, .f32] {
-        let plan = try MergePlan(method: method, base: base, models: models, global: global, perModel: [], outputType: type)
+        let plan = try MergePlan(
+          method: method, base: base, models: models, global: global, perModel: [], outputType: type)
         let out = exampleFolder.file("demo/out/stored-\(method.name)-\(type).safetensors")
         try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
         let written = try openCheckpoint(out)
         var compared = 0
         for item in plan.items where item.action == .merge {
-          let inputs = MergeInputs(name: item.name, base: try base?.tensor(named: item.name), models: try models.map { try $0.tensor(named: item.name) })
+          let inputs = MergeInputs(
+            name: item.name, base: try base?.tensor(named: item.name),
+            models: try models.map { try $0.tensor(named: item.name) })
           let expected = try method.merge(inputs, try plan.resolver.resolve(tensor: item.name))
           #expect(try written.read(item.name) == expected.encoded(as: type), "\(method.name) \(type): \(item.name)")
           compared += 1

@@ -101,7 +101,11 @@ private func nearestEven(_ x: Double, low: Double, lowCode: UInt32, high: Double
     for code in 0...255 {
       for format in [MiniFloat.e4m3, MiniFloat.e5m2] {
         let value = format.decode(UInt8(code))
-        if value.isNaN { #expect(format.encode(value).isNaNCode(format)) } else { #expect(format.encode(value) == UInt8(code), "code \(code)") }
+        if value.isNaN {
+          #expect(format.encode(value).isNaNCode(format))
+        } else {
+          #expect(format.encode(value) == UInt8(code), "code \(code)")
+        }
       }
     }
     // Midpoint between 1.0 (mantissa 000) and 1.125 (001) rounds to the even code, 1.0.

@@ -11,7 +11,9 @@ func referenceProduct(_ a: Tensor, _ b: Tensor, transposeA: Bool = false, transp
     Double(transposed ? t.scalars[j * t.shape[1] + i] : t.scalars[i * t.shape[1] + j])
   }
   var c = [Double](repeating: 0, count: m * n)
-  for i in 0..<m { for j in 0..<n { for p in 0..<k { c[i * n + j] += at(a, i, p, transposeA) * at(b, p, j, transposeB) } } }
+  for i in 0..<m {
+    for j in 0..<n { for p in 0..<k { c[i * n + j] += at(a, i, p, transposeA) * at(b, p, j, transposeB) } }
+  }
   return c
 }
 
@@ -75,7 +77,9 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     let b = Tensor(shape: [2, 1], scalars: [1, 1])
     #expect(throws: LinearAlgebraError.singular(pivot: 2)) { try LAPACK.solve(a, b) }
     let indefinite = DoubleMatrix(rows: 2, columns: 2, values: [1, 2, 2, 1])  // eigenvalues 3 and -1
-    #expect(throws: LinearAlgebraError.notPositiveDefinite(order: 2)) { try LAPACK.choleskySolve(indefinite, DoubleMatrix(rows: 2, columns: 1, values: [1, 1])) }
+    #expect(throws: LinearAlgebraError.notPositiveDefinite(order: 2)) {
+      try LAPACK.choleskySolve(indefinite, DoubleMatrix(rows: 2, columns: 1, values: [1, 1]))
+    }
   }
 
   @Test func choleskySolvesAPositiveDefiniteSystem() throws {
@@ -106,7 +110,10 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     let f = try LAPACK.svd(a)
     for (s, e) in zip(f.s, values) { #expect(abs(s - e) < 1e-4 * values[0]) }
     #expect(orthonormalityError(f.u) < 1e-5)
-    #expect(orthonormalityError(Tensor(shape: [f.vt.shape[1], f.vt.shape[0]], scalars: DoubleMatrix(f.vt).transposed.values.map(Float.init))) < 1e-5)
+    #expect(
+      orthonormalityError(
+        Tensor(shape: [f.vt.shape[1], f.vt.shape[0]], scalars: DoubleMatrix(f.vt).transposed.values.map(Float.init)))
+        < 1e-5)
     #expect(maxRelativeDifference(f.reconstructed.scalars, a.scalars.map(Double.init)) < 1e-5)
 
     let d = try LAPACK.svd(DoubleMatrix(a))
@@ -138,7 +145,8 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
 
     // Rank 1: every x with x0 + x1 = 2 fits; the minimum-norm one is (1, 1).
     let deficient = DoubleMatrix(rows: 2, columns: 2, values: [1, 1, 1, 1])
-    let (minimum, rank1) = try LAPACK.leastSquares(deficient, DoubleMatrix(rows: 2, columns: 1, values: [2, 2]), rcond: 1e-12)
+    let (minimum, rank1) = try LAPACK.leastSquares(
+      deficient, DoubleMatrix(rows: 2, columns: 1, values: [2, 2]), rcond: 1e-12)
     #expect(rank1 == 1)
     #expect(abs(minimum.values[0] - 1) < 1e-12 && abs(minimum.values[1] - 1) < 1e-12)
   }
@@ -158,7 +166,9 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     let r = 12
     let f = try LAPACK.randomizedSVD(a, rank: r, seed: 2)
     let optimal = values[r...].reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()
-    let residual = zip(a.scalars, f.reconstructed.scalars).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }.squareRoot()
+    let residual = zip(a.scalars, f.reconstructed.scalars).reduce(0.0) {
+      $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1)
+    }.squareRoot()
     #expect(residual <= optimal * 1.01)
     #expect(residual >= optimal * 0.999)  // nobody beats Eckart-Young
     let same = try LAPACK.randomizedSVD(a, rank: r, seed: 2)

@@ -9,7 +9,9 @@ import Testing
     #expect(XXHash64.hash(Array("a".utf8)) == 0xD24E_C4F1_A98C_6E5B)
     #expect(XXHash64.hash(Array("abc".utf8)) == 0x44BC_2CF5_AD77_0999)
     #expect(XXHash64.hash(Array("abc".utf8), seed: 7) == 0x9E75_5206_1566_76D7)
-    let long = Array((0..<256).map { UInt8($0) }) + Array((0..<256).map { UInt8($0) }) + Array((0..<256).map { UInt8($0) }) + Array("xyz".utf8)
+    let long =
+      Array((0..<256).map { UInt8($0) }) + Array((0..<256).map { UInt8($0) }) + Array((0..<256).map { UInt8($0) })
+      + Array("xyz".utf8)
     #expect(XXHash64.hash(long) == 0xE921_A1B4_5BD7_79F8)
     #expect(XXHash64.hash(long, seed: 7) == 0xB635_55D1_BF05_377F)
   }

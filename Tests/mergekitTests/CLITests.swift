@@ -14,7 +14,9 @@ struct CLI {
     while folder.path != "/" {
       let candidate = folder.appendingPathComponent("mergekit").path
       var isDirectory: ObjCBool = false
-      if FileManager.default.fileExists(atPath: candidate, isDirectory: &isDirectory), !isDirectory.boolValue { return candidate }
+      if FileManager.default.fileExists(atPath: candidate, isDirectory: &isDirectory), !isDirectory.boolValue {
+        return candidate
+      }
       folder = folder.deletingLastPathComponent()
     }
     return "mergekit"
@@ -33,7 +35,9 @@ struct CLI {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: binary)
     process.arguments = arguments
-    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }.filter { !unset.contains($0.key) }
+    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }.filter {
+      !unset.contains($0.key)
+    }
     let out = Pipe()
     let err = Pipe()
     process.standardOutput = out
@@ -42,7 +46,9 @@ struct CLI {
     let stdout = out.fileHandleForReading.readDataToEndOfFile()
     let stderr = err.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
-    return Result(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self), stderr: String(decoding: stderr, as: UTF8.self))
+    return Result(
+      status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+      stderr: String(decoding: stderr, as: UTF8.self))
   }
 }
 
@@ -63,7 +69,9 @@ struct CLI {
   }
 
   @Test func coreTypesFollowTheCPUFeatures() {
-    #expect(BLAS.coreType(cpuFlags: ["sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"]) == "SkylakeX")
+    #expect(
+      BLAS.coreType(cpuFlags: ["sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"])
+        == "SkylakeX")
     #expect(BLAS.coreType(cpuFlags: ["avx2", "fma", "avx512f"]) == "Haswell")  // AVX-512 without BW/DQ/VL
     #expect(BLAS.coreType(cpuFlags: ["sse2", "avx"]) == nil)
   }
@@ -86,7 +94,9 @@ struct CLI {
 
     let delta = folder.file("tuned-mkz")
     #expect(try CLI.run("convert", tuned, delta, "--format", "mkz", "--base", base, "-q").status == 0)
-    #expect(FileManager.default.fileExists(atPath: delta + "/model.mkz") && FileManager.default.fileExists(atPath: delta + "/config.json"))
+    #expect(
+      FileManager.default.fileExists(atPath: delta + "/model.mkz")
+        && FileManager.default.fileExists(atPath: delta + "/config.json"))
     let table = try CLI.run("inspect", delta)
     #expect(table.stdout.contains("stored in"), "\(table.stdout)")
     #expect(try CLI.run("verify", delta, "--base", base, "-q").status == 0)
@@ -96,8 +106,11 @@ struct CLI {
     #expect(FileManager.default.fileExists(atPath: back + "/config.json"))
 
     let same = try CLI.run("diff", tuned, back, "--json")
-    let sameRows = (try JSONSerialization.jsonObject(with: Data(same.stdout.utf8)) as! [String: Any])["tensors"] as! [[String: Any]]
-    #expect(sameRows.count == 39 && sameRows.allSatisfy { ($0["max_abs"] as! Double) == 0 && ($0["cosine"] as! Double) > 0.9999999 })
+    let sameRows =
+      (try JSONSerialization.jsonObject(with: Data(same.stdout.utf8)) as! [String: Any])["tensors"] as! [[String: Any]]
+    #expect(
+      sameRows.count == 39
+        && sameRows.allSatisfy { ($0["max_abs"] as! Double) == 0 && ($0["cosine"] as! Double) > 0.9999999 })
     let different = try CLI.run("diff", base, tuned)
     #expect(different.status == 0)
     #expect(different.stdout.contains("39 tensors compared, 0 identical"), "\(different.stdout)")
@@ -108,7 +121,8 @@ struct CLI {
     defer { folder.remove() }
     _ = try CLI.run("example", folder.file("ex"))
     let out = folder.file("mlp")
-    let result = try CLI.run("convert", folder.file("ex/base"), out, "--dtype", "f32", "--select", "mlp", "--shard-size", "2MB", "-q")
+    let result = try CLI.run(
+      "convert", folder.file("ex/base"), out, "--dtype", "f32", "--select", "mlp", "--shard-size", "2MB", "-q")
     #expect(result.status == 0, "\(result.stderr)")
     let model = try openCheckpoint(out)
     #expect(model.tensors.count == 12 && model.tensors.allSatisfy { $0.name.contains("mlp") && $0.dtype == .f32 })
@@ -168,7 +182,9 @@ struct CLI {
     let deadline = Date().addingTimeInterval(30)
     var sawTemporaryOutput = false
     while process.isRunning && Date() < deadline && !sawTemporaryOutput {
-      sawTemporaryOutput = (try FileManager.default.contentsOfDirectory(atPath: folder.path)).contains { $0.hasPrefix(".\(output[0]).tmp-") }
+      sawTemporaryOutput = (try FileManager.default.contentsOfDirectory(atPath: folder.path)).contains {
+        $0.hasPrefix(".\(output[0]).tmp-")
+      }
       usleep(sawTemporaryOutput ? 300_000 : 5_000)
     }
     #expect(sawTemporaryOutput && process.isRunning, "the conversion ended before it could be interrupted")

@@ -25,7 +25,8 @@ import Testing
 
   func tokens(_ folder: TemporaryFolder, _ name: String, split: String) throws -> String {
     let path = folder.file(name)
-    let result = try CLI.run("synthetic-tokens", "-o", path, "--sequences", "6", "--length", "12", "--vocabulary", "40", "--split", split)
+    let result = try CLI.run(
+      "synthetic-tokens", "-o", path, "--sequences", "6", "--length", "12", "--vocabulary", "40", "--split", split)
     #expect(result.status == 0, "\(result.stderr)")
     return path
   }
@@ -42,22 +43,42 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let model = try tinyDecoder(folder)
-    let (calibration, held) = (try tokens(folder, "cal.jsonl", split: "train"), try tokens(folder, "held.jsonl", split: "test"))
-    let half = try CLI.run("mkv", model, "--data", calibration, "--budget", "0.5", "--step", "2", "--validation", held, "-o", folder.file("half"), "-q")
-    #expect(half.status == 0 && half.stdout.contains("KV cache 50.0% of the original") && half.stdout.contains("next-token KL"), "\(half.stdout)\(half.stderr)")
+    let (calibration, held) = (
+      try tokens(folder, "cal.jsonl", split: "train"), try tokens(folder, "held.jsonl", split: "test")
+    )
+    let half = try CLI.run(
+      "mkv", model, "--data", calibration, "--budget", "0.5", "--step", "2", "--validation", held, "-o",
+      folder.file("half"), "-q")
+    #expect(
+      half.status == 0 && half.stdout.contains("KV cache 50.0% of the original")
+        && half.stdout.contains("next-token KL"), "\(half.stdout)\(half.stderr)")
     let projections = try openCheckpoint(folder.file("half/kv_projections.safetensors"))
-    #expect(try projections.info("model.layers.1.self_attn.v_basis.1").shape == [8, 8] && projections.info("model.layers.0.self_attn.k_ranks").dtype == .i64)
-    let config = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder.file("half/config.json")))) as! [String: Any]
+    #expect(
+      try projections.info("model.layers.1.self_attn.v_basis.1").shape == [8, 8]
+        && projections.info("model.layers.0.self_attn.k_ranks").dtype == .i64)
+    let config =
+      try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder.file("half/config.json"))))
+      as! [String: Any]
     let section = config["kv_projection"] as! [String: Any]
     #expect((section["key_ranks"] as! [[Int]]).count == 2 && section["bases"] as? String == "pca")
-    #expect(try openCheckpoint(folder.file("half")).read("model.embed_tokens.weight") == openCheckpoint(model).read("model.embed_tokens.weight"))
+    #expect(
+      try openCheckpoint(folder.file("half")).read("model.embed_tokens.weight")
+        == openCheckpoint(model).read("model.embed_tokens.weight"))
     let (original, projected) = (try perplexity(model, held), try perplexity(folder.file("half"), held))
     #expect(projected != original && projected.isFinite)
-    #expect(try CLI.run("mkv", model, "--data", calibration, "--budget", "1", "--ranks", "uniform", "-o", folder.file("full"), "-q").status == 0)
+    #expect(
+      try CLI.run(
+        "mkv", model, "--data", calibration, "--budget", "1", "--ranks", "uniform", "-o", folder.file("full"), "-q"
+      ).status == 0)
     #expect(abs(try perplexity(folder.file("full"), held) - original) <= 1e-4 * original)
     // Training keeps every basis orthonormal.
-    #expect(try CLI.run("mkv", model, "--data", calibration, "--budget", "0.5", "--step", "2", "--train", "--epochs", "2", "-o", folder.file("trained"), "-q").status == 0)
-    let u = try openCheckpoint(folder.file("trained/kv_projections.safetensors")).tensor(named: "model.layers.0.self_attn.k_basis.0")
+    #expect(
+      try CLI.run(
+        "mkv", model, "--data", calibration, "--budget", "0.5", "--step", "2", "--train", "--epochs", "2", "-o",
+        folder.file("trained"), "-q"
+      ).status == 0)
+    let u = try openCheckpoint(folder.file("trained/kv_projections.safetensors")).tensor(
+      named: "model.layers.0.self_attn.k_basis.0")
     let gram = BLAS.matmul(u, u, transposeA: true)
     for i in 0..<8 { for j in 0..<8 { #expect(abs(gram.scalars[i * 8 + j] - (i == j ? 1 : 0)) < 1e-5) } }
   }
@@ -80,7 +101,8 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let model = try tinyDecoder(folder)
-    let free = try CLI.run("mkv", model, "--data-free", "--ranks", "uniform", "--budget", "0.5", "-o", folder.file("free"), "-q")
+    let free = try CLI.run(
+      "mkv", model, "--data-free", "--ranks", "uniform", "--budget", "0.5", "-o", folder.file("free"), "-q")
     #expect(free.status == 0 && free.stdout.contains("data-free"), "\(free.stderr)")
     let calibration = try tokens(folder, "cal.jsonl", split: "train")
     #expect(try CLI.run("mkv", model, "--budget", "0.5", "-o", folder.file("x")).status == 64)  // no data

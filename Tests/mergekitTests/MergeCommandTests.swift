@@ -31,7 +31,8 @@ import Testing
     let x = try openCheckpoint(soup)
     let y = try openCheckpoint(ta)
     for info in x.tensors {
-      let (worst, failure) = compareClose(try x.tensor(named: info.name).scalars, try y.tensor(named: info.name).scalars, tolerance: 1e-6)
+      let (worst, failure) = compareClose(
+        try x.tensor(named: info.name).scalars, try y.tensor(named: info.name).scalars, tolerance: 1e-6)
       #expect(failure == nil, "\(info.name): max difference \(worst)")
     }
   }
@@ -64,16 +65,24 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let common = ["merge", a, b, "--base", base, "--method", "dare_ties", "--density", "0.4", "--seed", "7", "-q"]
-    #expect(try CLI.run(common + ["-o", folder.file("one.safetensors")], environment: ["MERGEKIT_THREADS": "1"]).status == 0)
-    #expect(try CLI.run(common + ["-o", folder.file("two.safetensors")], environment: ["MERGEKIT_THREADS": "2"]).status == 0)
-    #expect(try CLI.run(common + ["-o", folder.file("sharded"), "--shard-size", "2MB", "--format", "mkz"], environment: ["MERGEKIT_THREADS": "3"]).status == 0)
+    #expect(
+      try CLI.run(common + ["-o", folder.file("one.safetensors")], environment: ["MERGEKIT_THREADS": "1"]).status == 0)
+    #expect(
+      try CLI.run(common + ["-o", folder.file("two.safetensors")], environment: ["MERGEKIT_THREADS": "2"]).status == 0)
+    #expect(
+      try CLI.run(
+        common + ["-o", folder.file("sharded"), "--shard-size", "2MB", "--format", "mkz"],
+        environment: ["MERGEKIT_THREADS": "3"]
+      ).status == 0)
     #expect(readBytes(folder.file("one.safetensors")) == readBytes(folder.file("two.safetensors")))
     let one = try openCheckpoint(folder.file("one.safetensors"))
     let sharded = try openCheckpoint(folder.file("sharded"))
     #expect(FileManager.default.fileExists(atPath: folder.file("sharded/model.mkz.index.json")))
     for info in one.tensors { #expect(try sharded.read(info.name) == one.read(info.name)) }
     // A different seed draws different masks.
-    #expect(try CLI.run(common.dropLast(2) + ["8", "-q", "-o", folder.file("other.safetensors")], environment: [:]).status == 0)
+    #expect(
+      try CLI.run(common.dropLast(2) + ["8", "-q", "-o", folder.file("other.safetensors")], environment: [:]).status
+        == 0)
     #expect(readBytes(folder.file("other.safetensors")) != readBytes(folder.file("one.safetensors")))
   }
 
@@ -87,19 +96,27 @@ import Testing
       let values = shapes.enumerated().map { t, entry in
         CounterRNG(seed: seed, stream: entry.0).normalTensor(entry.1, scale: scale * Float(t + 1)).scalars
       }
-      try ModelFolder.write(zip(shapes, values).map { ($0.0, Tensor(shape: $0.1, scalars: $1)) }, files: [:], dtype: .f32, to: folder.file(name), overwrite: false)
+      try ModelFolder.write(
+        zip(shapes, values).map { ($0.0, Tensor(shape: $0.1, scalars: $1)) }, files: [:], dtype: .f32,
+        to: folder.file(name), overwrite: false)
       return values
     }
     let base = try checkpoint("base", scale: 1, seed: 1)
     let deltas = try (0..<3).map { m in try checkpoint("d\(m)", scale: 0.02, seed: UInt64(10 + m)) }
     for m in 0..<3 {
-      let tuned = zip(shapes, zip(base, deltas[m])).map { entry, pair in (entry.0, Tensor(shape: entry.1, scalars: zip(pair.0, pair.1).map { $0 + $1 })) }
+      let tuned = zip(shapes, zip(base, deltas[m])).map { entry, pair in
+        (entry.0, Tensor(shape: entry.1, scalars: zip(pair.0, pair.1).map { $0 + $1 }))
+      }
       try ModelFolder.write(tuned, files: [:], dtype: .f32, to: folder.file("m\(m)"), overwrite: false)
     }
-    let r = try run("merge", folder.file("m0"), folder.file("m1"), folder.file("m2"), "--base", folder.file("base"), "--method", "ties-global", "--density", "0.15", "--lambda", "0.8", "-o", folder.file("out"), "-q")
+    let r = try run(
+      "merge", folder.file("m0"), folder.file("m1"), folder.file("m2"), "--base", folder.file("base"), "--method",
+      "ties-global", "--density", "0.15", "--lambda", "0.8", "-o", folder.file("out"), "-q")
     #expect(r.status == 0, "\(r.stderr)")
     // The reference: flatten, trim each task at the (D - k)-th smallest magnitude, elect, average.
-    let tuned = (0..<3).map { m in (0..<3).flatMap { t in try! openCheckpoint(folder.file("m\(m)")).tensor(named: shapes[t].0).scalars } }
+    let tuned = (0..<3).map { m in
+      (0..<3).flatMap { t in try! openCheckpoint(folder.file("m\(m)")).tensor(named: shapes[t].0).scalars }
+    }
     let flatBase = (0..<3).flatMap { t in try! openCheckpoint(folder.file("base")).tensor(named: shapes[t].0).scalars }
     let d = flatBase.count
     let k = Int(0.15 * Double(d))
@@ -108,7 +125,9 @@ import Testing
       let threshold = tau.map(abs).sorted()[d - k - 1]
       return tau.map { abs($0) >= threshold ? $0 : 0 }
     }
-    let elected = (0..<d).map { i -> Double in let s = trimmed.reduce(0.0) { $0 + $1[i] }; return s > 0 ? 1 : (s < 0 ? -1 : 0) }
+    let elected = (0..<d).map { i -> Double in
+      let s = trimmed.reduce(0.0) { $0 + $1[i] }; return s > 0 ? 1 : (s < 0 ? -1 : 0)
+    }
     let majority: Double = elected.reduce(0, +) >= 0 ? 1 : -1
     let expected = (0..<d).map { i -> Double in
       let sign = elected[i] != 0 ? elected[i] : majority
@@ -123,7 +142,8 @@ import Testing
   @Test func dryRunPrintsThePlanAndWritesNothing() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
-    let r = try run("merge", a, b, "--base", base, "--method", "ties", "--density", "0.3", "-o", folder.file("out"), "--dry-run")
+    let r = try run(
+      "merge", a, b, "--base", base, "--method", "ties", "--density", "0.3", "-o", folder.file("out"), "--dry-run")
     #expect(r.status == 0)
     #expect(r.stdout.contains("tensors:       39 (39 merged, 0 copied)"), "\(r.stdout)")
     #expect(r.stdout.contains("density=[0.3, 0.3]"))
@@ -138,32 +158,47 @@ import Testing
     #expect(try run("convert", b, lacking, "--drop", "layers\\.2\\.mlp\\.up_proj", "-q").status == 0)
     let missing = try run("merge", a, lacking, "--base", base, "-o", out)
     #expect(missing.status == 1)
-    #expect(missing.stderr.contains("\(lacking) lacks 1 tensor the others have: model.layers.2.mlp.up_proj.weight"), "\(missing.stderr)")
+    #expect(
+      missing.stderr.contains("\(lacking) lacks 1 tensor the others have: model.layers.2.mlp.up_proj.weight"),
+      "\(missing.stderr)")
     let allowed = try run("merge", a, lacking, "--base", base, "-o", out, "--allow-missing", "-q")
     #expect(allowed.status == 0, "\(allowed.stderr)")
-    #expect(try openCheckpoint(out).read("model.layers.2.mlp.up_proj.weight") == openCheckpoint(base).read("model.layers.2.mlp.up_proj.weight"))
+    #expect(
+      try openCheckpoint(out).read("model.layers.2.mlp.up_proj.weight")
+        == openCheckpoint(base).read("model.layers.2.mlp.up_proj.weight"))
     try FileManager.default.removeItem(atPath: out)
 
     let reshaped = folder.file("reshaped.safetensors")
     let embed = try openCheckpoint(a).read("model.embed_tokens.weight")
-    try writeCheckpoint([("model.embed_tokens.weight", TensorData(dtype: embed.dtype, shape: [1024, 512], bytes: embed.bytes))], to: reshaped)
+    try writeCheckpoint(
+      [("model.embed_tokens.weight", TensorData(dtype: embed.dtype, shape: [1024, 512], bytes: embed.bytes))],
+      to: reshaped)
     let shapes = try run("merge", folder.file("lacking.safetensors"), reshaped, "-o", out, "--allow-missing")
-    #expect(shapes.status == 1 && shapes.stderr.contains("tensor 'model.embed_tokens.weight' has different shapes"), "\(shapes.stderr)")
+    #expect(
+      shapes.status == 1 && shapes.stderr.contains("tensor 'model.embed_tokens.weight' has different shapes"),
+      "\(shapes.stderr)")
 
     // A value out of range is a usage error found before any input is read, in a run and in a dry run alike.
     for dryRun in [[], ["--dry-run"]] {
-      let density = try CLI.run(["merge", a, b, "--base", base, "--method", "ties", "--density", "1.5", "-o", out] + dryRun, environment: [:])
-      #expect(density.status == 64 && density.stderr.contains("ties: --density 1.5 is not a number in (0, 1]"), "\(density.stderr)")
+      let density = try CLI.run(
+        ["merge", a, b, "--base", base, "--method", "ties", "--density", "1.5", "-o", out] + dryRun, environment: [:])
+      #expect(
+        density.status == 64 && density.stderr.contains("ties: --density 1.5 is not a number in (0, 1]"),
+        "\(density.stderr)")
     }
     let noT = try run("merge", a, "--base", base, "--method", "slerp", "-o", out)
     #expect(noT.status == 64 && noT.stderr.contains("slerp: --t is required"), "\(noT.stderr)")
     let noBase = try run("merge", a, b, "--method", "ties", "-o", out)
     #expect(noBase.status == 64 && noBase.stderr.contains("ties needs a base model"), "\(noBase.stderr)")
     let slerp3 = try run("merge", a, b, base, "--base", base, "--method", "slerp", "--t", "0.5", "-o", out)
-    #expect(slerp3.status == 64 && slerp3.stderr.contains("slerp takes 1 model besides the base; got 3"), "\(slerp3.stderr)")
+    #expect(
+      slerp3.status == 64 && slerp3.stderr.contains("slerp takes 1 model besides the base; got 3"), "\(slerp3.stderr)")
     let unknown = try run("merge", a, b, "--method", "linear", "--density", "0.5", "-o", out)
     #expect(unknown.status == 64 && unknown.stderr.contains("linear has no parameter --density"), "\(unknown.stderr)")
-    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["lacking.safetensors", "reshaped.safetensors"])
+    #expect(
+      try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == [
+        "lacking.safetensors", "reshaped.safetensors",
+      ])
   }
 }
 

@@ -24,24 +24,34 @@ import Testing
     #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
 
     // Fine-tune on task 1 only with the first layer frozen: its weights stay bit-identical.
-    let tuned = try CLI.run("train", folder.file("mlp"), "--data", train, "--tasks", "1", "--freeze", #"^layers\.0\."#, "--epochs", "2", "-o", folder.file("tuned"), "-q")
+    let tuned = try CLI.run(
+      "train", folder.file("mlp"), "--data", train, "--tasks", "1", "--freeze", #"^layers\.0\."#, "--epochs", "2", "-o",
+      folder.file("tuned"), "-q")
     #expect(tuned.status == 0, "\(tuned.stderr)")
     let (before, after) = (try openCheckpoint(folder.file("mlp")), try openCheckpoint(folder.file("tuned")))
     #expect(try before.read("layers.0.weight") == after.read("layers.0.weight"))
     #expect(try before.read("layers.1.weight") != after.read("layers.1.weight"))
 
     // Joint statistics of both models' hidden features: the count and the sums match a direct run.
-    let stats = try CLI.run("stats", folder.file("mlp"), folder.file("tuned"), "--data", test, "--at", #"layers\.1\.hidden$"#, "-o", folder.file("stats.safetensors"), "-q")
+    let stats = try CLI.run(
+      "stats", folder.file("mlp"), folder.file("tuned"), "--data", test, "--at", #"layers\.1\.hidden$"#, "-o",
+      folder.file("stats.safetensors"), "-q")
     #expect(stats.status == 0, "\(stats.stderr)")
     let saved = try openCheckpoint(folder.file("stats.safetensors"))
     #expect(try saved.info("layers.1.hidden.products").shape == [128, 128])
     let table = try DataFiles.readLabeled(test)
     var direct = [Double](repeating: 0, count: 128)
     for (k, path) in ["mlp", "tuned"].enumerated() {
-      let network = try Network<Float>(config: try NetworkConfig(json: Data(contentsOf: URL(fileURLWithPath: folder.file(path + "/config.json")))),
-        tensors: Dictionary(uniqueKeysWithValues: try openCheckpoint(folder.file(path)).tensors.map { ($0.name, try openCheckpoint(folder.file(path)).tensor(named: $0.name)) }))
+      let network = try Network<Float>(
+        config: try NetworkConfig(json: Data(contentsOf: URL(fileURLWithPath: folder.file(path + "/config.json")))),
+        tensors: Dictionary(
+          uniqueKeysWithValues: try openCheckpoint(folder.file(path)).tensors.map {
+            ($0.name, try openCheckpoint(folder.file(path)).tensor(named: $0.name))
+          }))
       let tape = Tape<Float>()
-      let hidden = tape.value(try network.forward(tape, .features(Matrix(rows: table.rows, columns: table.columns, values: table.features))).points(matching: #"layers\.1\.hidden$"#)[0].value)
+      let hidden = tape.value(
+        try network.forward(tape, .features(Matrix(rows: table.rows, columns: table.columns, values: table.features)))
+          .points(matching: #"layers\.1\.hidden$"#)[0].value)
       for r in 0..<hidden.rows { for c in 0..<64 { direct[k * 64 + c] += Double(hidden[r, c]) } }
     }
     let sums = try saved.tensor(named: "layers.1.hidden.sum").scalars
@@ -53,7 +63,9 @@ import Testing
     let folder = TemporaryFolder()
     defer { folder.remove() }
     #expect(try CLI.run("example", folder.file("ex")).status == 0)
-    let lines = (0..<4).map { s in "[" + (0..<12).map { String(($0 * 37 + s * 101) % 2048) }.joined(separator: ", ") + "]" }
+    let lines = (0..<4).map { s in
+      "[" + (0..<12).map { String(($0 * 37 + s * 101) % 2048) }.joined(separator: ", ") + "]"
+    }
     try lines.joined(separator: "\n").write(toFile: folder.file("tokens.jsonl"), atomically: true, encoding: .utf8)
     let result = try CLI.run("eval", folder.file("ex/base"), "--data", folder.file("tokens.jsonl"), "--json")
     #expect(result.status == 0, "\(result.stderr)")
@@ -80,9 +92,14 @@ import Testing
     #expect(try CLI.run("synthetic-data", "-o", other, "--features", "7", "--samples-per-class", "4").status == 0)
     let mismatch = try CLI.run("eval", folder.file("m"), "--data", other)
     #expect(mismatch.status == 1 && mismatch.stderr.contains("takes 5 features, the data has 7"), "\(mismatch.stderr)")
-    #expect(try CLI.run("stats", folder.file("m"), "--data", data, "--at", "nothing-matches", "-o", folder.file("s.safetensors")).status == 64)
+    #expect(
+      try CLI.run(
+        "stats", folder.file("m"), "--data", data, "--at", "nothing-matches", "-o", folder.file("s.safetensors")
+      ).status == 64)
     #expect(try CLI.run("train", "--data", data, "--optimizer", "lbfgs", "-o", folder.file("m3")).status == 64)
-    #expect(!FileManager.default.fileExists(atPath: folder.file("m2")) && !FileManager.default.fileExists(atPath: folder.file("s.safetensors")))
+    #expect(
+      !FileManager.default.fileExists(atPath: folder.file("m2"))
+        && !FileManager.default.fileExists(atPath: folder.file("s.safetensors")))
   }
 
   @Test func zipWritesARunnableModelAndRefusesMismatches() throws {
@@ -91,25 +108,44 @@ import Testing
     let data = folder.file("d.safetensors")
     #expect(try CLI.run("synthetic-data", "-o", data, "--features", "6", "--samples-per-class", "20").status == 0)
     for (name, hidden, tasks) in [("a", "16,16", "0"), ("b", "16,16", "1"), ("wide", "17,16", "1")] {
-      #expect(try CLI.run("train", "--data", data, "--tasks", tasks, "--classes", "10", "--hidden", hidden, "--epochs", "3", "-o", folder.file(name), "-q").status == 0)
+      #expect(
+        try CLI.run(
+          "train", "--data", data, "--tasks", tasks, "--classes", "10", "--hidden", hidden, "--epochs", "3", "-o",
+          folder.file(name), "-q"
+        ).status == 0)
     }
-    let zipped = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "1", "-o", folder.file("z"))
+    let zipped = try CLI.run(
+      "zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "1", "-o", folder.file("z"))
     #expect(zipped.status == 0 && zipped.stdout.contains("1 shared layer, 2 heads"), "\(zipped.stderr)")
     let evaluation = try json(try CLI.run("eval", folder.file("z"), "--data", data, "--json"))
     #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
     // From a statistics file (same batches, so the same sums): the same model.
-    #expect(try CLI.run("stats", folder.file("a"), folder.file("b"), "--data", data, "--at", "hidden$", "--batch-size", "512", "-o", folder.file("s.safetensors"), "-q").status == 0)
-    #expect(try CLI.run("zip", folder.file("a"), folder.file("b"), "--stats", folder.file("s.safetensors"), "--stop-at", "1", "-o", folder.file("zs")).status == 0)
-    #expect(try openCheckpoint(folder.file("z")).read("layers.0.weight") == openCheckpoint(folder.file("zs")).read("layers.0.weight"))
+    #expect(
+      try CLI.run(
+        "stats", folder.file("a"), folder.file("b"), "--data", data, "--at", "hidden$", "--batch-size", "512", "-o",
+        folder.file("s.safetensors"), "-q"
+      ).status == 0)
+    #expect(
+      try CLI.run(
+        "zip", folder.file("a"), folder.file("b"), "--stats", folder.file("s.safetensors"), "--stop-at", "1", "-o",
+        folder.file("zs")
+      ).status == 0)
+    #expect(
+      try openCheckpoint(folder.file("z")).read("layers.0.weight")
+        == openCheckpoint(folder.file("zs")).read("layers.0.weight"))
     let wide = try CLI.run("zip", folder.file("a"), folder.file("wide"), "--data", data, "-o", folder.file("z2"))
     #expect(wide.status == 1 && wide.stderr.contains("model 2 differs from the first"), "\(wide.stderr)")
-    let stop = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "3", "-o", folder.file("z3"))
+    let stop = try CLI.run(
+      "zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "3", "-o", folder.file("z3"))
     #expect(stop.status == 1 && stop.stderr.contains("stop layer 3 does not exist"), "\(stop.stderr)")
     let other = folder.file("other.safetensors")
     #expect(try CLI.run("synthetic-data", "-o", other, "--features", "7", "--samples-per-class", "4").status == 0)
     let features = try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", other, "-o", folder.file("z4"))
     #expect(features.status == 1 && features.stderr.contains("takes 6 features, the data has 7"), "\(features.stderr)")
-    #expect(try CLI.run("zip", folder.file("a"), folder.file("b"), "--data", data, "--method", "magic", "-o", folder.file("z5")).status == 64)
+    #expect(
+      try CLI.run(
+        "zip", folder.file("a"), folder.file("b"), "--data", data, "--method", "magic", "-o", folder.file("z5")
+      ).status == 64)
     #expect(["z2", "z3", "z4", "z5"].allSatisfy { !FileManager.default.fileExists(atPath: folder.file($0)) })
   }
 
@@ -118,20 +154,46 @@ import Testing
     defer { folder.remove() }
     let data = folder.file("d.safetensors")
     #expect(try CLI.run("synthetic-data", "-o", data, "--features", "6", "--samples-per-class", "20").status == 0)
-    #expect(try CLI.run("train", "--data", data, "--hidden", "8", "--epochs", "1", "-o", folder.file("base"), "-q").status == 0)
+    #expect(
+      try CLI.run("train", "--data", data, "--hidden", "8", "--epochs", "1", "-o", folder.file("base"), "-q").status
+        == 0)
     for t in 0..<2 {
-      #expect(try CLI.run("train", folder.file("base"), "--data", data, "--tasks", "\(t)", "--epochs", "2", "-o", folder.file("ft\(t)"), "-q").status == 0)
-      #expect(try CLI.run("task-vector", folder.file("ft\(t)"), "--base", folder.file("base"), "-o", folder.file("tv\(t).mkz"), "-q").status == 0)
+      #expect(
+        try CLI.run(
+          "train", folder.file("base"), "--data", data, "--tasks", "\(t)", "--epochs", "2", "-o", folder.file("ft\(t)"),
+          "-q"
+        ).status == 0)
+      #expect(
+        try CLI.run(
+          "task-vector", folder.file("ft\(t)"), "--base", folder.file("base"), "-o", folder.file("tv\(t).mkz"), "-q"
+        ).status == 0)
     }
     let tvs = [folder.file("tv0.mkz"), folder.file("tv1.mkz")]
-    let learned = try CLI.run(["atlas", "learn", folder.file("base")] + tvs + ["--data", data, "--epochs", "2", "-o", folder.file("atlas"), "--coefficients-out", folder.file("c.json"), "-q"], environment: [:])
-    #expect(learned.status == 0 && learned.stdout.contains("8 coefficients (2 task vectors x 4 blocks x 1)"), "\(learned.stderr)")
+    let learned = try CLI.run(
+      ["atlas", "learn", folder.file("base")] + tvs + [
+        "--data", data, "--epochs", "2", "-o", folder.file("atlas"), "--coefficients-out", folder.file("c.json"), "-q",
+      ], environment: [:])
+    #expect(
+      learned.status == 0 && learned.stdout.contains("8 coefficients (2 task vectors x 4 blocks x 1)"),
+      "\(learned.stderr)")
     // Applying the learned coefficients gives the model learn wrote (to f32 rounding of the sums).
-    #expect(try CLI.run(["atlas", "apply", folder.file("base")] + tvs + ["--coefficients", folder.file("c.json"), "-o", folder.file("applied"), "-q"], environment: [:]).status == 0)
+    #expect(
+      try CLI.run(
+        ["atlas", "apply", folder.file("base")] + tvs + [
+          "--coefficients", folder.file("c.json"), "-o", folder.file("applied"), "-q",
+        ], environment: [:]
+      ).status == 0)
     let (a, b) = (try openCheckpoint(folder.file("atlas")), try openCheckpoint(folder.file("applied")))
-    for info in a.tensors { #expect(try zip(a.tensor(named: info.name).scalars, b.tensor(named: info.name).scalars).allSatisfy { abs($0 - $1) <= 1e-6 * max(1, abs($1)) }) }
+    for info in a.tensors {
+      #expect(
+        try zip(a.tensor(named: info.name).scalars, b.tensor(named: info.name).scalars).allSatisfy {
+          abs($0 - $1) <= 1e-6 * max(1, abs($1))
+        })
+    }
     // learn also keeps the coefficients in its folder; a recipe's atlas-apply step reading them writes what the CLI wrote.
-    #expect(try String(contentsOfFile: folder.file("atlas/atlas-coefficients.json"), encoding: .utf8) == String(contentsOfFile: folder.file("c.json"), encoding: .utf8))
+    #expect(
+      try String(contentsOfFile: folder.file("atlas/atlas-coefficients.json"), encoding: .utf8)
+        == String(contentsOfFile: folder.file("c.json"), encoding: .utf8))
     let recipe = """
       inputs: {base: \(folder.file("base")), tv0: \(tvs[0]), tv1: \(tvs[1])}
       steps:
@@ -140,19 +202,33 @@ import Testing
       """
     try recipe.write(toFile: folder.file("apply.yaml"), atomically: true, encoding: .utf8)
     #expect(try CLI.run("run", folder.file("apply.yaml"), "-q").status == 0)
-    let (cli, fromRecipe) = (try openCheckpoint(folder.file("applied")), try openCheckpoint(folder.file("recipe-applied")))
+    let (cli, fromRecipe) = (
+      try openCheckpoint(folder.file("applied")), try openCheckpoint(folder.file("recipe-applied"))
+    )
     for info in cli.tensors { #expect(try cli.read(info.name) == fromRecipe.read(info.name), "\(info.name)") }
     let noFile = try CLI.run("run", folder.file("apply.yaml").replacingOccurrences(of: "apply.yaml", with: "none.yaml"))
     #expect(noFile.status == 64)
-    try recipe.replacingOccurrences(of: "atlas/atlas-coefficients.json", with: "missing.json").write(toFile: folder.file("missing.yaml"), atomically: true, encoding: .utf8)
+    try recipe.replacingOccurrences(of: "atlas/atlas-coefficients.json", with: "missing.json").write(
+      toFile: folder.file("missing.yaml"), atomically: true, encoding: .utf8)
     let missing = try CLI.run("run", folder.file("missing.yaml"), "--dry-run")
-    #expect(missing.status == 64 && missing.stderr.contains("steps[0].parameters.coefficients") && missing.stderr.contains("does not exist"), "\(missing.stderr)")
+    #expect(
+      missing.status == 64 && missing.stderr.contains("steps[0].parameters.coefficients")
+        && missing.stderr.contains("does not exist"), "\(missing.stderr)")
     // Coefficients for three task vectors, given two: refused, nothing written.
     let text = try String(contentsOfFile: folder.file("c.json"), encoding: .utf8)
-    try text.replacingOccurrences(of: "\"tasks\" : [", with: "\"tasks\" : [\"extra\", ").write(toFile: folder.file("bad.json"), atomically: true, encoding: .utf8)
-    let bad = try CLI.run(["atlas", "apply", folder.file("base")] + tvs + ["--coefficients", folder.file("bad.json"), "-o", folder.file("x")], environment: [:])
+    try text.replacingOccurrences(of: "\"tasks\" : [", with: "\"tasks\" : [\"extra\", ").write(
+      toFile: folder.file("bad.json"), atomically: true, encoding: .utf8)
+    let bad = try CLI.run(
+      ["atlas", "apply", folder.file("base")] + tvs + [
+        "--coefficients", folder.file("bad.json"), "-o", folder.file("x"),
+      ], environment: [:])
     #expect(bad.status == 1 && bad.stderr.contains("coefficient file"), "\(bad.stderr)")
     #expect(!FileManager.default.fileExists(atPath: folder.file("x")))
-    #expect(try CLI.run(["atlas", "learn", folder.file("base")] + tvs + ["--data", data, "--objective", "negate", "-o", folder.file("y")], environment: [:]).status == 64)
+    #expect(
+      try CLI.run(
+        ["atlas", "learn", folder.file("base")] + tvs + [
+          "--data", data, "--objective", "negate", "-o", folder.file("y"),
+        ], environment: [:]
+      ).status == 64)
   }
 }

@@ -14,7 +14,9 @@ import Testing
   static func refusedValue(_ spec: ParameterSpec) -> String? {
     switch spec.kind {
     case .number(let range, let openBelow):
-      if range.lowerBound > -Double.greatestFiniteMagnitude { return openBelow ? "\(range.lowerBound)" : "\(range.lowerBound - 1)" }
+      if range.lowerBound > -Double.greatestFiniteMagnitude {
+        return openBelow ? "\(range.lowerBound)" : "\(range.lowerBound - 1)"
+      }
       return range.upperBound < Double.greatestFiniteMagnitude ? "\(range.upperBound + 1)" : nil
     case .integer(let range), .integers(let range): return "\(range.lowerBound - 1)"
     case .flag: return "maybe"
@@ -40,31 +42,45 @@ import Testing
       let specNames = Set(operation.parameters.map(\.name))
       #expect(specNames.count == operation.parameters.count, "\(operation.name) declares a parameter twice")
       for spec in operation.parameters {
-        #expect(spec.name == spec.name.lowercased() && !spec.name.contains("-"), "\(operation.name).\(spec.name) is not snake_case")
+        #expect(
+          spec.name == spec.name.lowercased() && !spec.name.contains("-"),
+          "\(operation.name).\(spec.name) is not snake_case")
         guard let value = Self.refusedValue(spec) else { continue }
         let output = folder.file(Self.outputName(operation))
         // The command line: --flag=value, with the inputs the operation requires.
         // Required parameters other than this one get a valid value (only regular expressions have none today).
         let required = operation.parameters.filter { $0.name != spec.name && $0.defaultValue == nil && !$0.isOptional }
-        #expect(required.allSatisfy { $0.kind == .pattern }, "\(operation.name): give the test a valid value for \(required.map(\.name))")
-        var arguments = operation.commandPath + ["\(spec.flagName)=\(value)", "-o", output] + required.flatMap { [$0.flagName, "."] }
+        #expect(
+          required.allSatisfy { $0.kind == .pattern },
+          "\(operation.name): give the test a valid value for \(required.map(\.name))")
+        var arguments =
+          operation.commandPath + ["\(spec.flagName)=\(value)", "-o", output] + required.flatMap { [$0.flagName, "."] }
         arguments += Array(repeating: input, count: operation.inputs.models.lowerBound)
         if operation.inputs.base == .required { arguments += ["--base", input] }
         if operation.inputs.data == .required { arguments += ["--data", input] }
         let cli = try CLI.run(arguments, environment: [:])
-        #expect(cli.status == 64 && cli.stderr.contains(spec.flagName), "\(arguments.joined(separator: " ")): \(cli.status) \(cli.stderr)")
+        #expect(
+          cli.status == 64 && cli.stderr.contains(spec.flagName),
+          "\(arguments.joined(separator: " ")): \(cli.status) \(cli.stderr)")
         // The recipe: the same value under parameters, the same inputs as step keys.
         let quoted = Double(value) == nil ? "\"\(value)\"" : value
-        var step = ["name: s", "method: \(operation.name)", "models: [\(Array(repeating: "m", count: operation.inputs.models.lowerBound).joined(separator: ", "))]"]
+        var step = [
+          "name: s", "method: \(operation.name)",
+          "models: [\(Array(repeating: "m", count: operation.inputs.models.lowerBound).joined(separator: ", "))]",
+        ]
         if operation.inputs.base == .required { step.append("base: m") }
         if operation.inputs.data == .required { step.append("data: m") }
-        step.append("parameters: {\((["\(spec.name): \(quoted)"] + required.map { "\($0.name): \".\"" }).joined(separator: ", "))}")
+        step.append(
+          "parameters: {\((["\(spec.name): \(quoted)"] + required.map { "\($0.name): \".\"" }).joined(separator: ", "))}"
+        )
         let yaml = "inputs: {m: \(input)}\nsteps:\n  - {\(step.joined(separator: ", "))}\noutputs: {s: \(output)}\n"
         let recipe = folder.file("recipe.yaml")
         try Data(yaml.utf8).write(to: URL(fileURLWithPath: recipe))
         let run = try CLI.run(["run", recipe], environment: [:])
         let path = "steps[0].parameters.\(spec.name)"
-        #expect(run.status == 64 && run.stderr.contains(path), "\(operation.name) recipe with \(spec.name): \(value): \(run.status) \(run.stderr)")
+        #expect(
+          run.status == 64 && run.stderr.contains(path),
+          "\(operation.name) recipe with \(spec.name): \(value): \(run.status) \(run.stderr)")
         #expect(!FileManager.default.fileExists(atPath: output), "\(output) was written")
         checked += 1
       }
@@ -81,14 +97,18 @@ import Testing
     let (base, models) = (folder.file("ex/base"), [folder.file("ex/finetune-a"), folder.file("ex/finetune-b")])
     let output = folder.file("out")
     var checked = 0
-    for operation in OperationRegistry.streamed where MergeRegistry.methods.contains(where: { $0.name == operation.name }) {
+    for operation in OperationRegistry.streamed
+    where MergeRegistry.methods.contains(where: { $0.name == operation.name }) {
       let count = min(max(operation.modelCount.lowerBound, 1), 2)
       for spec in operation.parameters {
         guard let value = Self.refusedValue(spec) else { continue }
-        var arguments = ["merge"] + models.prefix(count) + ["--method", operation.name, "\(spec.flagName)=\(value)", "-o", output]
+        var arguments =
+          ["merge"] + models.prefix(count) + ["--method", operation.name, "\(spec.flagName)=\(value)", "-o", output]
         if operation.base == .required { arguments += ["--base", base] }
         let cli = try CLI.run(arguments, environment: [:])
-        #expect(cli.status == 64 && cli.stderr.contains(spec.flagName), "\(arguments.joined(separator: " ")): \(cli.status) \(cli.stderr)")
+        #expect(
+          cli.status == 64 && cli.stderr.contains(spec.flagName),
+          "\(arguments.joined(separator: " ")): \(cli.status) \(cli.stderr)")
         let quoted = Double(value) == nil ? "\"\(value)\"" : value
         let labels = ["a", "b"].prefix(count).joined(separator: ", ")
         let yaml = """
@@ -101,7 +121,9 @@ import Testing
         let recipe = folder.file("recipe.yaml")
         try Data(yaml.utf8).write(to: URL(fileURLWithPath: recipe))
         let run = try CLI.run(["run", recipe], environment: [:])
-        #expect(run.status == 64 && run.stderr.contains("steps[0].parameters.\(spec.name)"), "\(operation.name) recipe with \(spec.name): \(value): \(run.stderr)")
+        #expect(
+          run.status == 64 && run.stderr.contains("steps[0].parameters.\(spec.name)"),
+          "\(operation.name) recipe with \(spec.name): \(value): \(run.stderr)")
         #expect(!FileManager.default.fileExists(atPath: output))
         checked += 1
       }
@@ -113,7 +135,9 @@ import Testing
     for operation in OperationRegistry.operations {
       let help = try CLI.run(operation.commandPath + ["--help"], environment: [:])
       #expect(help.status == 0, "\(operation.commandPath): \(help.stderr)")
-      for spec in operation.parameters { #expect(help.stdout.contains(spec.flagName + " ("), "\(operation.name) help lacks \(spec.flagName)") }
+      for spec in operation.parameters {
+        #expect(help.stdout.contains(spec.flagName + " ("), "\(operation.name) help lacks \(spec.flagName)")
+      }
     }
   }
 }

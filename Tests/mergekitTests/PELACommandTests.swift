@@ -20,19 +20,38 @@ import Testing
     defer { folder.remove() }
     let data = folder.file("d.safetensors")
     #expect(try CLI.run("synthetic-data", "-o", data, "--features", "32", "--samples-per-class", "40").status == 0)
-    #expect(try CLI.run("train", "--data", data, "--hidden", "48,48", "--epochs", "5", "-o", folder.file("mlp"), "-q").status == 0)
+    #expect(
+      try CLI.run("train", "--data", data, "--hidden", "48,48", "--epochs", "5", "-o", folder.file("mlp"), "-q").status
+        == 0)
     let factored = try CLI.run("pela", folder.file("mlp"), "--keep", "0.5", "-o", folder.file("f"), "-q")
     #expect(factored.status == 0, "\(factored.stderr)")
-    #expect(factored.stdout.contains("layers.0  48x32 -> rank 9") && factored.stdout.contains("layers.1  48x48 -> rank 12"), "\(factored.stdout)")
-    #expect(try CLI.run("pela", folder.file("mlp"), "--keep", "0.5", "--format", "dense", "-o", folder.file("d"), "-q").status == 0)
+    #expect(
+      factored.stdout.contains("layers.0  48x32 -> rank 9") && factored.stdout.contains("layers.1  48x48 -> rank 12"),
+      "\(factored.stdout)")
+    #expect(
+      try CLI.run("pela", folder.file("mlp"), "--keep", "0.5", "--format", "dense", "-o", folder.file("d"), "-q").status
+        == 0)
     let f = try openCheckpoint(folder.file("f"))
-    #expect(Set(f.tensors.map(\.name)) == ["layers.0.0.weight", "layers.0.1.weight", "layers.0.1.bias", "layers.1.0.weight", "layers.1.1.weight", "layers.1.1.bias", "layers.2.weight", "layers.2.bias"])
+    #expect(
+      Set(f.tensors.map(\.name)) == [
+        "layers.0.0.weight", "layers.0.1.weight", "layers.0.1.bias", "layers.1.0.weight", "layers.1.1.weight",
+        "layers.1.1.bias", "layers.2.weight", "layers.2.bias",
+      ])
     let (a, b) = (try evaluation(folder.file("f"), data), try evaluation(folder.file("d"), data))
-    #expect(abs((a["loss"] as! Double) - (b["loss"] as! Double)) < 1e-5 && (a["accuracy"] as! Double) == (b["accuracy"] as! Double))
+    #expect(
+      abs((a["loss"] as! Double) - (b["loss"] as! Double)) < 1e-5
+        && (a["accuracy"] as! Double) == (b["accuracy"] as! Double))
 
-    let distilled = try CLI.run("pela", folder.file("mlp"), "--keep", "0.5", "--distill", "--data", data, "--epochs", "2", "-o", folder.file("s"), "-q")
-    #expect(distilled.status == 0 && distilled.stdout.contains("truncated") && distilled.stdout.contains("distilled"), "\(distilled.stderr)")
-    #expect(try NetworkConfig.lowRankRanks(json: Data(contentsOf: URL(fileURLWithPath: folder.file("s/config.json")))) == ["layers.0": 9, "layers.1": 12])
+    let distilled = try CLI.run(
+      "pela", folder.file("mlp"), "--keep", "0.5", "--distill", "--data", data, "--epochs", "2", "-o", folder.file("s"),
+      "-q")
+    #expect(
+      distilled.status == 0 && distilled.stdout.contains("truncated") && distilled.stdout.contains("distilled"),
+      "\(distilled.stderr)")
+    #expect(
+      try NetworkConfig.lowRankRanks(json: Data(contentsOf: URL(fileURLWithPath: folder.file("s/config.json")))) == [
+        "layers.0": 9, "layers.1": 12,
+      ])
     #expect(try evaluation(folder.file("s"), data)["accuracy"] as? Double != nil)
   }
 
@@ -45,14 +64,19 @@ import Testing
     let result = try CLI.run("pela", folder.file("ex/base"), "--keep", "0.5", "-o", folder.file("f"), "-q")
     #expect(result.status == 0, "\(result.stderr)")
     let (original, factored) = (try openCheckpoint(folder.file("ex/base")), try openCheckpoint(folder.file("f")))
-    #expect(try factored.info("model.layers.0.self_attn.q_proj.0.weight") == TensorInfo(name: "model.layers.0.self_attn.q_proj.0.weight", dtype: .bf16, shape: [64, 256]))
+    #expect(
+      try factored.info("model.layers.0.self_attn.q_proj.0.weight")
+        == TensorInfo(name: "model.layers.0.self_attn.q_proj.0.weight", dtype: .bf16, shape: [64, 256]))
     #expect(try factored.info("model.layers.2.mlp.down_proj.1.weight").shape == [256, 93])
     for name in ["model.embed_tokens.weight", "model.layers.1.input_layernorm.weight", "model.norm.weight"] {
       #expect(try original.read(name) == factored.read(name), "\(name)")
     }
-    let ranks = try NetworkConfig.lowRankRanks(json: Data(contentsOf: URL(fileURLWithPath: folder.file("f/config.json"))))
+    let ranks = try NetworkConfig.lowRankRanks(
+      json: Data(contentsOf: URL(fileURLWithPath: folder.file("f/config.json"))))
     #expect(ranks.count == 28 && ranks["model.layers.3.mlp.up_proj"] == 93)
-    let lines = (0..<3).map { s in "[" + (0..<10).map { String(($0 * 37 + s * 101) % 2048) }.joined(separator: ", ") + "]" }
+    let lines = (0..<3).map { s in
+      "[" + (0..<10).map { String(($0 * 37 + s * 101) % 2048) }.joined(separator: ", ") + "]"
+    }
     try lines.joined(separator: "\n").write(toFile: folder.file("tokens.jsonl"), atomically: true, encoding: .utf8)
     let perplexity = try evaluation(folder.file("f"), folder.file("tokens.jsonl"))["perplexity"] as? Double
     #expect(perplexity.map { $0 > 1 && $0.isFinite } == true)
@@ -65,7 +89,9 @@ import Testing
     defer { folder.remove() }
     let data = folder.file("d.safetensors")
     #expect(try CLI.run("synthetic-data", "-o", data, "--features", "24").status == 0)
-    #expect(try CLI.run("train", "--data", data, "--hidden", "40,40", "--epochs", "1", "-o", folder.file("base"), "-q").status == 0)
+    #expect(
+      try CLI.run("train", "--data", data, "--hidden", "40,40", "--epochs", "1", "-o", folder.file("base"), "-q").status
+        == 0)
     let base = try openCheckpoint(folder.file("base"))
     var tensors = try base.tensors.map { ($0.name, try base.tensor(named: $0.name)) }
     let (u, v) = ((0..<40).map { Float(sin(Double($0))) }, (0..<24).map { Float(cos(Double($0) * 0.7)) })
@@ -75,18 +101,33 @@ import Testing
     }
     for (k, entry) in tensors.enumerated() where entry.0 == "layers.0.bias" { tensors[k].1.scalars[0] += 1 }
     let config = try String(contentsOfFile: folder.file("base/config.json"), encoding: .utf8)
-    try ModelFolder.write(tensors, files: ["config.json": config], dtype: .f32, to: folder.file("tuned"), overwrite: false)
+    try ModelFolder.write(
+      tensors, files: ["config.json": config], dtype: .f32, to: folder.file("tuned"), overwrite: false)
 
-    let result = try CLI.run("extract-lora", folder.file("tuned"), "--base", folder.file("base"), "--rank", "2", "--select", #"^layers\.\d$"#, "-o", folder.file("lora"), "-q")
+    let result = try CLI.run(
+      "extract-lora", folder.file("tuned"), "--base", folder.file("base"), "--rank", "2", "--select", #"^layers\.\d$"#,
+      "-o", folder.file("lora"), "-q")
     #expect(result.status == 0, "\(result.stderr)")
-    #expect(result.stdout.contains("layers.1  40x40 dense: unchanged from the base") && result.stdout.contains("layers.0.bias"), "\(result.stdout)")
+    #expect(
+      result.stdout.contains("layers.1  40x40 dense: unchanged from the base")
+        && result.stdout.contains("layers.0.bias"), "\(result.stdout)")
     let adapter = try openCheckpoint(folder.file("lora/adapter_model.safetensors"))
-    #expect(adapter.tensors.map(\.name) == ["base_model.model.layers.0.lora_A.weight", "base_model.model.layers.0.lora_B.weight"])
-    let product = BLAS.matmul(try adapter.tensor(named: "base_model.model.layers.0.lora_B.weight"), try adapter.tensor(named: "base_model.model.layers.0.lora_A.weight"))
-    let (w0, w1) = (try base.tensor(named: "layers.0.weight").scalars, tensors.first { $0.0 == "layers.0.weight" }!.1.scalars)
+    #expect(
+      adapter.tensors.map(\.name) == [
+        "base_model.model.layers.0.lora_A.weight", "base_model.model.layers.0.lora_B.weight",
+      ])
+    let product = BLAS.matmul(
+      try adapter.tensor(named: "base_model.model.layers.0.lora_B.weight"),
+      try adapter.tensor(named: "base_model.model.layers.0.lora_A.weight"))
+    let (w0, w1) = (
+      try base.tensor(named: "layers.0.weight").scalars, tensors.first { $0.0 == "layers.0.weight" }!.1.scalars
+    )
     #expect(zip(zip(w0, product.scalars).map { $0 + $1 }, w1).allSatisfy { abs($0 - $1) < 1e-5 })
-    let config0 = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder.file("lora/adapter_config.json")))) as! [String: Any]
-    #expect(config0["peft_type"] as? String == "LORA" && config0["r"] as? Int == 2 && config0["lora_alpha"] as? Int == 2)
+    let config0 =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: folder.file("lora/adapter_config.json")))) as! [String: Any]
+    #expect(
+      config0["peft_type"] as? String == "LORA" && config0["r"] as? Int == 2 && config0["lora_alpha"] as? Int == 2)
   }
 
   @Test func badRequestsAreRefusedAndWriteNothing() throws {
@@ -94,19 +135,32 @@ import Testing
     defer { folder.remove() }
     #expect(try CLI.run("example", folder.file("ex")).status == 0)
     #expect(try CLI.run("pela", folder.file("ex/base"), "--keep", "1.5", "-o", folder.file("x")).status == 64)
-    #expect(try CLI.run("pela", folder.file("ex/base"), "--keep", "0.5", "--rank", "3", "-o", folder.file("x")).status == 64)
+    #expect(
+      try CLI.run("pela", folder.file("ex/base"), "--keep", "0.5", "--rank", "3", "-o", folder.file("x")).status == 64)
     #expect(try CLI.run("pela", folder.file("ex/base"), "--distill", "-o", folder.file("x")).status == 64)
     let none = try CLI.run("pela", folder.file("ex/base"), "--select", "no-such-layer", "-o", folder.file("x"))
     #expect(none.status == 1 && none.stderr.contains("no linear layer matches no-such-layer"), "\(none.stderr)")
     // A decoder is distilled on token sequences: feature rows are refused, naming the file.
     try "0,1\n".write(toFile: folder.file("d.csv"), atomically: true, encoding: .utf8)
-    let decoder = try CLI.run("pela", folder.file("ex/base"), "--distill", "--data", folder.file("d.csv"), "-o", folder.file("x"))
-    #expect(decoder.status == 1 && decoder.stderr.contains("d.csv") && decoder.stderr.contains("token ids"), "\(decoder.stderr)")
+    let decoder = try CLI.run(
+      "pela", folder.file("ex/base"), "--distill", "--data", folder.file("d.csv"), "-o", folder.file("x"))
+    #expect(
+      decoder.status == 1 && decoder.stderr.contains("d.csv") && decoder.stderr.contains("token ids"),
+      "\(decoder.stderr)")
     // A LoRA from a base of another shape: the tensor is named.
-    #expect(try CLI.run("train", "--data", try syntheticData(folder), "--hidden", "16", "--epochs", "1", "-o", folder.file("mlp"), "-q").status == 0)
-    let mismatch = try CLI.run("extract-lora", folder.file("ex/finetune-a"), "--base", folder.file("mlp"), "--rank", "2", "--select", "q_proj", "-o", folder.file("x"))
-    #expect(mismatch.status == 1 && mismatch.stderr.contains("model.layers.0.self_attn.q_proj.weight"), "\(mismatch.stderr)")
-    #expect(try CLI.run("extract-lora", folder.file("ex/finetune-a"), "--base", folder.file("ex/base"), "-o", folder.file("x")).status == 64)
+    #expect(
+      try CLI.run(
+        "train", "--data", try syntheticData(folder), "--hidden", "16", "--epochs", "1", "-o", folder.file("mlp"), "-q"
+      ).status == 0)
+    let mismatch = try CLI.run(
+      "extract-lora", folder.file("ex/finetune-a"), "--base", folder.file("mlp"), "--rank", "2", "--select", "q_proj",
+      "-o", folder.file("x"))
+    #expect(
+      mismatch.status == 1 && mismatch.stderr.contains("model.layers.0.self_attn.q_proj.weight"), "\(mismatch.stderr)")
+    #expect(
+      try CLI.run(
+        "extract-lora", folder.file("ex/finetune-a"), "--base", folder.file("ex/base"), "-o", folder.file("x")
+      ).status == 64)
     #expect(!FileManager.default.fileExists(atPath: folder.file("x")))
   }
 

@@ -13,7 +13,10 @@ import Testing
     return folder
   }()
 
-  func recipe(_ folder: TemporaryFolder, method: String = "ties", models: String = "[soup, b]", secondStep: String, outputs: String? = nil) throws -> String {
+  func recipe(
+    _ folder: TemporaryFolder, method: String = "ties", models: String = "[soup, b]", secondStep: String,
+    outputs: String? = nil
+  ) throws -> String {
     let ex = Self.examples.file("ex")
     let yaml = """
       inputs: {base: \(ex)/base, a: \(ex)/finetune-a, b: \(ex)/finetune-b}
@@ -44,9 +47,13 @@ import Testing
       #expect(run.stderr.contains("1.5 is not a number in (0, 1]"), "\(run.stderr)")
       #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["recipe.yaml"])
     }
-    let missing = try CLI.run("run", try recipe(folder, method: "slerp", models: "[soup]", secondStep: "parameters: {}"), "--dry-run")
-    #expect(missing.status == 64 && missing.stderr.contains("steps[1].parameters.t") && missing.stderr.contains("is required"), "\(missing.stderr)")
-    let perModel = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5, weight: [0.5, 2, nan]}"), "--dry-run")
+    let missing = try CLI.run(
+      "run", try recipe(folder, method: "slerp", models: "[soup]", secondStep: "parameters: {}"), "--dry-run")
+    #expect(
+      missing.status == 64 && missing.stderr.contains("steps[1].parameters.t")
+        && missing.stderr.contains("is required"), "\(missing.stderr)")
+    let perModel = try CLI.run(
+      "run", try recipe(folder, secondStep: "parameters: {density: 0.5, weight: [0.5, 2, nan]}"), "--dry-run")
     #expect(perModel.status == 64 && perModel.stderr.contains("steps[1].parameters.weight"), "\(perModel.stderr)")
     let typo = try CLI.run("run", try recipe(folder, secondStep: "parameter: {density: 0.5}"), "--dry-run")
     #expect(typo.status == 64 && typo.stderr.contains("unknown key 'parameter'"), "\(typo.stderr)")
@@ -62,7 +69,8 @@ import Testing
     #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["recipe.yaml"])
     let run = try CLI.run("run", path, "-q")
     #expect(run.status == 0, "\(run.stderr)")
-    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["merged", "recipe.yaml", "soup"])
+    #expect(
+      try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["merged", "recipe.yaml", "soup"])
   }
 
   @Test func stepNamesArePlainAndOutputsDoNotCollide() throws {
@@ -71,15 +79,28 @@ import Testing
     let escape = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}"), "--dry-run")
     #expect(escape.status == 0, "\(escape.stderr)")
     let yaml = try String(contentsOfFile: folder.file("recipe.yaml"), encoding: .utf8)
-    try Data(yaml.replacingOccurrences(of: "name: soup", with: "name: ../keep").replacingOccurrences(of: "[soup, b]", with: "[../keep, b]").replacingOccurrences(of: "soup: ", with: "../keep: ").utf8)
-      .write(to: URL(fileURLWithPath: folder.file("escape.yaml")))
+    try Data(
+      yaml.replacingOccurrences(of: "name: soup", with: "name: ../keep").replacingOccurrences(
+        of: "[soup, b]", with: "[../keep, b]"
+      ).replacingOccurrences(of: "soup: ", with: "../keep: ").utf8
+    )
+    .write(to: URL(fileURLWithPath: folder.file("escape.yaml")))
     let dotted = try CLI.run("run", folder.file("escape.yaml"))
     #expect(dotted.status == 64 && dotted.stderr.contains("'../keep' is not a plain name"), "\(dotted.stderr)")
-    let twice = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}", outputs: "soup: \(folder.file("same"))\n  merged: \(folder.file("same"))"))
+    let twice = try CLI.run(
+      "run",
+      try recipe(
+        folder, secondStep: "parameters: {density: 0.5}",
+        outputs: "soup: \(folder.file("same"))\n  merged: \(folder.file("same"))"))
     #expect(twice.status == 64 && twice.stderr.contains("is also the path of output soup"), "\(twice.stderr)")
-    let onInput = try CLI.run("run", try recipe(folder, secondStep: "parameters: {density: 0.5}", outputs: "merged: \(Self.examples.file("ex/finetune-b"))"), "--overwrite")
+    let onInput = try CLI.run(
+      "run",
+      try recipe(
+        folder, secondStep: "parameters: {density: 0.5}", outputs: "merged: \(Self.examples.file("ex/finetune-b"))"),
+      "--overwrite")
     #expect(onInput.status == 64 && onInput.stderr.contains("is also read by the recipe"), "\(onInput.stderr)")
-    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["escape.yaml", "recipe.yaml"])
+    #expect(
+      try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == ["escape.yaml", "recipe.yaml"])
   }
 
   @Test func allowMissingIsAStepKeyAsItIsAFlag() throws {
@@ -87,7 +108,8 @@ import Testing
     defer { folder.remove() }
     let ex = Self.examples.file("ex")
     let lacking = folder.file("lacking.safetensors")
-    #expect(try CLI.run("convert", "\(ex)/finetune-b", lacking, "--drop", "layers\\.2\\.mlp\\.up_proj", "-q").status == 0)
+    #expect(
+      try CLI.run("convert", "\(ex)/finetune-b", lacking, "--drop", "layers\\.2\\.mlp\\.up_proj", "-q").status == 0)
     func recipe(_ extra: String) throws -> String {
       let yaml = """
         inputs: {base: \(ex)/base, a: \(ex)/finetune-a, b: \(lacking)}
@@ -101,11 +123,17 @@ import Testing
       return path
     }
     let refused = try CLI.run("run", try recipe(""), "-q")
-    #expect(refused.status == 1 && refused.stderr.contains("lacks 1 tensor the others have") && refused.stderr.contains("allow_missing"), "\(refused.stderr)")
+    #expect(
+      refused.status == 1 && refused.stderr.contains("lacks 1 tensor the others have")
+        && refused.stderr.contains("allow_missing"), "\(refused.stderr)")
     #expect(!FileManager.default.fileExists(atPath: folder.file("m.safetensors")))
     #expect(try CLI.run("run", try recipe(", allow_missing: true"), "-q").status == 0)
     let cli = folder.file("cli.safetensors")
-    #expect(try CLI.run("merge", "\(ex)/finetune-a", lacking, "--base", "\(ex)/base", "--method", "ties", "--density", "0.5", "--allow-missing", "-o", cli, "-q").status == 0)
+    #expect(
+      try CLI.run(
+        "merge", "\(ex)/finetune-a", lacking, "--base", "\(ex)/base", "--method", "ties", "--density", "0.5",
+        "--allow-missing", "-o", cli, "-q"
+      ).status == 0)
     let (a, b) = (try openCheckpoint(cli), try openCheckpoint(folder.file("m.safetensors")))
     for info in a.tensors { #expect(try a.read(info.name) == b.read(info.name), "\(info.name)") }
     let typo = try CLI.run("run", try recipe(", allow_missing: maybe"), "--dry-run")
