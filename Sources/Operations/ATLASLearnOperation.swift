@@ -77,7 +77,7 @@ public struct ATLASLearnOperation: MergekitOperation {
     guard let base = request.base else { throw OperationError.inputs(operation: name, reason: "needs base") }
     let problem = try ATLAS.Problem(
       base: try NetworkFiles.load(base), taskVectors: try request.models.map { try NetworkFiles.tensors($0) },
-      names: request.models, exclude: p.optionalText("exclude"))
+      names: request.modelNames, exclude: p.optionalText("exclude"))
     var options = ATLAS.Options(objective: ATLAS.Objective(rawValue: p.text("objective")) ?? .ce)
     (options.epochs, options.learningRate) = (
       p.optionalInt("epochs") ?? options.epochs, p.optionalDouble("lr").map(Float.init) ?? options.learningRate

@@ -77,6 +77,9 @@ public struct OperationRequest: Sendable {
   public var data: String?
   public var output: String?
   public let parameters: OperationParameters
+  /// The models as the user named them (recipe labels, or the paths given), for reports and
+  /// files that record them.
+  public var modelNames: [String]
 
   /// Every path the request reads, with its role, for existence checks and recipe references.
   public func inputPaths(_ specs: [ParameterSpec]) -> [(role: String, path: String)] {
@@ -100,7 +103,8 @@ extension MergekitOperation {
   /// ranges and defaults, the number and roles of inputs, the output, then the operation's own
   /// rules. Reads no file. Throws `OperationError`.
   public func prepare(
-    models: [String], base: String?, data: String?, output: String?, parameters given: [String: ParameterValue]
+    models: [String], base: String?, data: String?, output: String?, parameters given: [String: ParameterValue],
+    modelNames: [String]? = nil
   ) throws -> OperationRequest {
     let known = parameters.map(\.name)
     if let unknown = given.keys.sorted().first(where: { !known.contains($0) }) {
@@ -128,7 +132,7 @@ extension MergekitOperation {
     try checkRole("data", data, inputs.data, help: inputs.dataHelp)
     let request = OperationRequest(
       operation: name, models: models, base: base, data: data, output: output,
-      parameters: OperationParameters(values: values, given: Set(given.keys)))
+      parameters: OperationParameters(values: values, given: Set(given.keys)), modelNames: modelNames ?? models)
     try checkOutput(request)
     try check(request)
     return request

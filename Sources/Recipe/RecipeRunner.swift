@@ -228,7 +228,7 @@ public struct RecipeRunner {
     }
     return try operation.prepare(
       models: step.models.map(paths), base: step.base.map(paths), data: step.data.map(paths), output: output,
-      parameters: parameters)
+      parameters: parameters, modelNames: step.models)
   }
 
   /// Default memory for intermediates kept in memory: an eighth of physical memory, at most 4 GiB.
