@@ -22,10 +22,10 @@ public indirect enum ParameterValue: Sendable, Equatable, CustomStringConvertibl
 
   public var description: String {
     switch self {
-    case .number(let x): return x.formatted()
+    case .number(let x): return ParameterSpec.Kind.plain(x)
     case .flag(let b): return String(b)
     case .text(let s): return s
-    case .gradient(let xs): return "[" + xs.map { $0.formatted() }.joined(separator: ", ") + "]"
+    case .gradient(let xs): return "[" + xs.map(ParameterSpec.Kind.plain).joined(separator: ", ") + "]"
     case .filtered(let entries):
       return "[" + entries.map { "{filter: \($0.filter ?? "*"), value: \($0.value)}" }.joined(separator: ", ") + "]"
     }

@@ -120,13 +120,16 @@ extension MergekitOperation {
     }
     guard inputs.models.contains(models.count) else {
       let range = inputs.models
-      let wanted =
-        range.lowerBound == range.upperBound
-        ? "\(range.lowerBound)"
-        : range.upperBound == Int.max ? "at least \(range.lowerBound)" : "\(range.lowerBound) to \(range.upperBound)"
-      throw OperationError.inputs(
-        operation: name,
-        reason: "takes \(wanted) model\(range.upperBound == 1 ? "" : "s") (\(inputs.modelHelp)); got \(models.count)")
+      let wanted: String
+      switch (range.lowerBound, range.upperBound) {
+      case (0, 0): wanted = "no models"
+      case (1, 1): wanted = "one model"
+      case (let n, let m) where n == m: wanted = "\(n) models"
+      case (1, Int.max): wanted = "at least one model"
+      case (let n, Int.max): wanted = "at least \(n) models"
+      case (let n, let m): wanted = "\(n) to \(m) models"
+      }
+      throw OperationError.inputs(operation: name, reason: "takes \(wanted) (\(inputs.modelHelp)); got \(models.count)")
     }
     try checkRole("base", base, inputs.base, help: inputs.baseHelp)
     try checkRole("data", data, inputs.data, help: inputs.dataHelp)

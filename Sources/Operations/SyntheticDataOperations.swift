@@ -13,7 +13,7 @@ public struct SyntheticDataOperation: MergekitOperation {
     seed with another split gives fresh samples of the same tasks (train and test sets). \
     Writes safetensors with features (f32), labels and tasks (i64).
     """
-  public let inputs = OperationInputs(models: 0...0, modelHelp: "none")
+  public let inputs = OperationInputs(models: 0...0, modelHelp: "it makes its data from its parameters")
   public let output = OutputKind.file(extension: "safetensors")
   public let parameters: [ParameterSpec] = [
     .integer("task_count", default: 2, help: "number of tasks"),
@@ -37,11 +37,16 @@ public struct SyntheticDataOperation: MergekitOperation {
         operation: name, name: "shared_classes",
         reason: "must be fewer than classes_per_task (\(p.int("classes_per_task")))")
     }
-    let rows = p.int("task_count").multipliedReportingOverflow(
-      by: p.int("classes_per_task").multipliedReportingOverflow(by: p.int("samples_per_class")).partialValue)
-    guard rows.partialValue <= 50_000_000, !rows.overflow, p.int("features") <= 1 << 20 else {
+    // Rows x features floats are held in memory: at most 2^28 (1 GiB), counted without overflow.
+    var values = 1
+    for n in [p.int("task_count"), p.int("classes_per_task"), p.int("samples_per_class"), p.int("features")] {
+      let (product, overflow) = values.multipliedReportingOverflow(by: n)
+      values = overflow ? Int.max : product
+    }
+    guard values <= 1 << 28 else {
       throw OperationError.conflict(
-        operation: name, name: "samples_per_class", reason: "asks for more than 50 million rows or 2^20 features")
+        operation: name, name: "samples_per_class",
+        reason: "task_count x classes_per_task x samples_per_class x features is more than 2^28 values (1 GiB)")
     }
   }
 
@@ -69,7 +74,7 @@ public struct SyntheticTokensOperation: MergekitOperation {
     "Write synthetic token sequences (JSON lines) with learnable structure, for language-model examples."
   public let discussion =
     "Each sequence walks the vocabulary from its own start with its own stride; each token is replaced by a random one with probability noise. Another split gives fresh sequences."
-  public let inputs = OperationInputs(models: 0...0, modelHelp: "none")
+  public let inputs = OperationInputs(models: 0...0, modelHelp: "it makes its data from its parameters")
   public let output = OutputKind.file(extension: "jsonl")
   public let parameters: [ParameterSpec] = [
     .integer("sequences", in: 1...10_000_000, default: 64, help: "number of sequences"),

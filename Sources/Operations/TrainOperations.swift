@@ -70,6 +70,15 @@ public struct TrainOperation: MergekitOperation {
           operation: name, name: key, reason: "describes a new MLP; a fine-tuned model keeps its architecture")
       }
     }
+    // The weights between hidden layers (and to the classes) are allocated at once: at most 2^28 values (1 GiB).
+    let sizes =
+      (request.parameters.optionalIntegers("hidden") ?? [])
+      + (request.parameters.optionalInt("classes").map { [$0] } ?? [])
+    let weights = zip(sizes, sizes.dropFirst()).reduce(0) { total, pair in total + pair.0 * pair.1 }
+    guard weights <= 1 << 28 else {
+      throw OperationError.conflict(
+        operation: name, name: "hidden", reason: "layers of \(sizes) need more than 2^28 weights (1 GiB)")
+    }
   }
 
   public func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult {
