@@ -27,6 +27,9 @@ public protocol MergekitOperation: Sendable {
   /// Rules between parameters and inputs that one spec cannot state (give one of keep, rank or
   /// energy; --distill needs data). Pure: no I/O. Throws `OperationError`.
   func check(_ request: OperationRequest) throws
+  /// Whether this request must name an output (by default every kind but `report`; an
+  /// operation that only prints in some modes says so here).
+  func needsOutput(_ request: OperationRequest) -> Bool
   /// Does the work. Throws the lower layers' errors (files, maths) naming files and tensors.
   func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult
 }
@@ -35,6 +38,7 @@ extension MergekitOperation {
   public var commandPath: [String] { [name] }
   public var aliases: [String] { [] }
   public func check(_ request: OperationRequest) throws {}
+  public func needsOutput(_ request: OperationRequest) -> Bool { output != .report }
 }
 
 /// Whether an input role is needed.

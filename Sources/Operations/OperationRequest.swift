@@ -151,7 +151,7 @@ extension MergekitOperation {
 
   private func checkOutput(_ request: OperationRequest) throws {
     guard let path = request.output else {
-      if output != .report {
+      if needsOutput(request) {
         throw OperationError.badOutput(operation: name, reason: "needs an output (-o PATH, or an output in the recipe)")
       }
       return

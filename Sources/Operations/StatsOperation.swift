@@ -20,7 +20,7 @@ public struct StatsOperation: MergekitOperation {
   public let inputs = OperationInputs(
     models: 1...2, modelHelp: "a model, and optionally a second of the same architecture", data: .required,
     dataHelp: OperationInputs.dataHelp)
-  public let output = OutputKind.report
+  public let output = OutputKind.file(extension: "safetensors")
   public let parameters: [ParameterSpec] =
     ParameterSpec.labelledDataSpecs + [
       ParameterSpec(
@@ -30,17 +30,8 @@ public struct StatsOperation: MergekitOperation {
       .flag("list", default: false, help: "list the matching point names and widths, write nothing"),
     ]
 
-  public func check(_ request: OperationRequest) throws {
-    if !request.parameters.flag("list") {
-      guard let output = request.output else {
-        throw OperationError.badOutput(operation: name, reason: "needs an output .safetensors file (or list)")
-      }
-      guard output.hasSuffix(".safetensors") else {
-        throw OperationError.badOutput(
-          operation: name, reason: "writes a .safetensors file; '\(output)' does not end in .safetensors")
-      }
-    }
-  }
+  /// With `list`, nothing is written and no output is needed.
+  public func needsOutput(_ request: OperationRequest) -> Bool { !request.parameters.flag("list") }
 
   public func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult {
     let p = request.parameters

@@ -139,4 +139,31 @@ import Testing
     let typo = try CLI.run("run", try recipe(", allow_missing: maybe"), "--dry-run")
     #expect(typo.status == 64 && typo.stderr.contains("allow_missing is true or false"), "\(typo.stderr)")
   }
+
+  @Test func pathParametersTakeTheLabelsOfEarlierSteps() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    // The statistics are an intermediate step that zip reads through its stats parameter.
+    let yaml = """
+      steps:
+        - {name: data, method: synthetic-data, parameters: {features: 6, samples_per_class: 10}}
+        - {name: a, method: train, data: data, parameters: {hidden: [8], epochs: 1, seed: 1}}
+        - {name: b, method: train, data: data, parameters: {hidden: [8], epochs: 1, seed: 2}}
+        - {name: s, method: stats, models: [a, b], data: data, parameters: {at: "hidden$"}}
+        - {name: z, method: zip, models: [a, b], parameters: {stats: s}}
+      outputs: {z: \(folder.file("z")), a: \(folder.file("a")), b: \(folder.file("b")), data: \(folder.file("d.safetensors"))}
+
+      """
+    try Data(yaml.utf8).write(to: URL(fileURLWithPath: folder.file("r.yaml")))
+    let run = try CLI.run("run", folder.file("r.yaml"), "-q")
+    #expect(run.status == 0, "\(run.stderr)")
+    // The same chain by hand gives the same model.
+    let (a, b, d) = (folder.file("a"), folder.file("b"), folder.file("d.safetensors"))
+    #expect(
+      try CLI.run("stats", a, b, "--data", d, "--at", "hidden$", "-o", folder.file("s.safetensors"), "-q").status == 0)
+    #expect(
+      try CLI.run("zip", a, b, "--stats", folder.file("s.safetensors"), "-o", folder.file("z-cli"), "-q").status == 0)
+    let (fromRecipe, byHand) = (try openCheckpoint(folder.file("z")), try openCheckpoint(folder.file("z-cli")))
+    for info in byHand.tensors { #expect(try fromRecipe.read(info.name) == byHand.read(info.name), "\(info.name)") }
+  }
 }
