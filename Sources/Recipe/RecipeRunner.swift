@@ -97,6 +97,30 @@ public struct RecipeRunner {
       _ = try writeOptions(output, overwrite: true, copyFilesFrom: nil)
       _ = try dtype(output.dtype, at: "\(output.location).dtype")
     }
+    for step in recipe.steps { try planFromInputs(step, stepLabels: Set(stepLabels.keys)) }
+  }
+
+  /// A merge step that reads only the recipe's inputs (no earlier step) is planned now, from the
+  /// files' headers: missing tensors, differing shapes or a coefficient file that does not fit
+  /// are refused before any step runs, naming the step.
+  func planFromInputs(_ step: Recipe.Step, stepLabels: Set<String>) throws {
+    guard let operation = OperationRegistry.streamed(named: step.operation),
+      !step.references.contains(where: stepLabels.contains)
+    else { return }
+    let paths = Dictionary(recipe.inputs.map { ($0.label, $0.path) }) { first, _ in first }
+    do {
+      let base = try step.base.map { try openCheckpoint(paths[$0] ?? $0) }
+      let models = try step.models.map { try openCheckpoint(paths[$0] ?? $0, base: base) }
+      let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
+      _ = try MergePlan(
+        method: method, base: base, models: models, global: operation.methodParameters(step.global),
+        perModel: step.perModel,
+        allowMissing: step.allowMissing)
+    } catch let error as RecipeError {
+      throw error
+    } catch {
+      throw RecipeError.stepFailed(file: recipe.source, path: step.location, step: step.label, reason: "\(error)")
+    }
   }
 
   /// Two outputs with one path, or an output that is also an input, would lose data or feed a

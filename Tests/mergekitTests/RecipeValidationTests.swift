@@ -122,6 +122,17 @@ import Testing
       try Data(yaml.utf8).write(to: URL(fileURLWithPath: path))
       return path
     }
+    // A later merge step whose inputs do not line up is refused before the first step runs.
+    let ex2 = "  - {name: soup, method: linear, models: [a, a]}\n"
+    let twoSteps = try String(contentsOfFile: try recipe(""), encoding: .utf8)
+      .replacingOccurrences(of: "steps:\n", with: "steps:\n" + ex2)
+      .replacingOccurrences(of: "outputs: {", with: "outputs: {soup: \(folder.file("soup.safetensors")), ")
+    try Data(twoSteps.utf8).write(to: URL(fileURLWithPath: folder.file("two.yaml")))
+    let early = try CLI.run("run", folder.file("two.yaml"), "-q")
+    #expect(
+      early.status == 1 && early.stderr.contains("steps[1] (m)") && early.stderr.contains("lacks 1 tensor"),
+      "\(early.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("soup.safetensors")))
     let refused = try CLI.run("run", try recipe(""), "-q")
     #expect(
       refused.status == 1 && refused.stderr.contains("lacks 1 tensor the others have")
