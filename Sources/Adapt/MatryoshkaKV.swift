@@ -181,7 +181,7 @@ public enum MatryoshkaKV {
     guard budget * Double(c.headDimension) >= Double(step) - 1e-9 else {
       throw AdaptError.invalidOption(
         name: "budget", value: "\(budget)",
-        reason: "keeps fewer than \(step) of \(c.headDimension) dimensions per head; lower --step")
+        reason: "keeps fewer than \(step) of \(c.headDimension) dimensions per head; lower the rank step (step)")
     }
   }
 

@@ -170,7 +170,7 @@ public enum AdaptError: Error, CustomStringConvertible, Equatable {
     case .badPattern(let p, let reason): return "'\(p)' is not a valid regular expression: \(reason)"
     case .noLayers(let what):
       return
-        "no linear layer matches \(what); pass --select with a pattern of layer names (a weight's name without .weight)"
+        "no linear layer matches \(what); give select, a pattern of layer names (a weight's name without .weight)"
     case .alreadyFactored:
       return "the model is already factored (its config.json has low_rank); factor the original model"
     case .invalidOption(let name, let value, let reason): return "\(name) \(value): \(reason)"

@@ -60,7 +60,7 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     switch self {
     case .cannotOpen(let f, let r): return "\(f): cannot open: \(r)"
     case .cannotWrite(let f, let r): return "\(f): cannot write: \(r); nothing was published"
-    case .outputExists(let p): return "\(p) already exists; choose another output or pass --overwrite"
+    case .outputExists(let p): return "\(p) already exists; choose another output or allow replacing it (overwrite)"
     case .notACheckpoint(let p):
       return
         "\(p): not a checkpoint (expected a .safetensors or .mkz file, or a folder with model.safetensors, model.mkz or a *.index.json)"
@@ -106,7 +106,7 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
       return "\(f): tensor '\(t)' chunk \(c): decoded to \(a) bytes, expected \(e)"
     case .tensorDigestMismatch(let f, let t): return "\(f): tensor '\(t)': decoded bytes do not match the stored digest"
     case .deltaBaseMissing(let f, let t):
-      return "\(f): tensor '\(t)' is stored as a delta against a base checkpoint; pass that base with --base"
+      return "\(f): tensor '\(t)' is stored as a delta against a base checkpoint; give that base checkpoint (base)"
     case .deltaBaseMismatch(let f, let t, let e, let a):
       return
         "\(f): tensor '\(t)' was stored against a base tensor with digest \(e), but the given base has \(a); pass the original base"
@@ -116,8 +116,8 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .invalidPattern(let p): return "'\(p)' is not a valid regular expression"
     case .invalidRename(let r): return "rename '\(r)' must have the form PATTERN=REPLACEMENT"
     case .nameCollision(let f, let a, let b, let t):
-      return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust --rename"
-    case .nothingSelected(let f): return "\(f): the selection keeps no tensor; check --select and --drop"
+      return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust the renames"
+    case .nothingSelected(let f): return "\(f): the selection keeps no tensor; check select and drop"
     case .badDataFile(let f, let r): return "\(f): \(r)"
     }
   }

@@ -35,7 +35,7 @@ public enum DataFiles {
     case "npy":
       guard let labelsPath else {
         throw CheckpointError.badDataFile(
-          file: path, reason: "a .npy holds only the features; pass the labels as a second .npy (--labels)")
+          file: path, reason: "a .npy holds only the features; pass the labels as a second .npy (labels)")
       }
       let (shape, values) = try readNPY(path)
       guard shape.count == 2 else {

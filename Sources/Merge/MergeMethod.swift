@@ -116,9 +116,9 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
     case .invalidParameter(let method, let name, let tensor, let reason):
       return "\(method): parameter '\(name)'\(tensor.map { " for tensor '\($0)'" } ?? "") \(reason)"
     case .baseRequired(let method):
-      return "\(method) needs a base model (--base)"
+      return "\(method) needs a base model"
     case .baseUnused(let method):
-      return "\(method) does not use a base model; drop --base (or list it as a model)"
+      return "\(method) does not use a base model; drop the base (or list it as a model)"
     case .modelCount(let method, let expected, let got):
       let wanted =
         expected.lowerBound == expected.upperBound

@@ -64,14 +64,14 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
     case .missingParameter(_, _, let help): return "is required (\(help))"
     case .conflict(_, _, let reason), .inputs(_, let reason), .badOutput(_, let reason): return reason
     case .missingInput(_, let role, let path): return "\(role) '\(path)' does not exist"
-    case .outputExists(let path): return "'\(path)' already exists; replace it with overwrite (--overwrite)"
+    case .outputExists(let path): return "'\(path)' already exists; allow replacing it (overwrite)"
     case .outputClash(let path, let reason): return "'\(path)' \(reason)"
     case .missingTensors(let file, let names):
       return
-        "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(Self.list(names)) (allow_missing, --allow-missing, takes them from the base)"
+        "\(file) lacks \(names.count) tensor\(names.count == 1 ? "" : "s") the others have: \(Self.list(names)) (allow_missing: true in a recipe step, --allow-missing on the command line, takes them from the base)"
     case .extraTensors(let file, let names):
       return
-        "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(Self.list(names)) (allow_missing, --allow-missing, ignores them)"
+        "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(Self.list(names)) (allow_missing: true in a recipe step, --allow-missing on the command line, ignores them)"
     case .shapeMismatch(let tensor, let shapes):
       return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
     case .integerMismatch(let tensor, let file):

@@ -73,6 +73,7 @@ struct MergekitCommand: ParsableCommand {
 /// as flags. nil for errors of the run itself (exit 1).
 func usageMessage(_ error: any Error) -> String? {
   switch error {
+  case OperationError.outputExists(let path): return "'\(path)' already exists; pass --overwrite to replace it"
   case let error as OperationError:
     return error.isUsage ? error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") } : nil
   case let error as RecipeError:
