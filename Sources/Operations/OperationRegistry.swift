@@ -1,6 +1,7 @@
 import Merge
 
-/// Every operation that is not a tensor-wise merge, registered once. The CLI makes one command
+/// Every operation that is not a tensor-wise merge, registered once (`convert`, a streamed copy
+/// rather than a merge, declares its parameters in `ConvertOperation`). The CLI makes one command
 /// per entry (flags and help from its specs) and recipes find steps here; merge methods are in
 /// `MergeRegistry` and run through `MergeRunner` (`mergekit merge`, recipe `method: ties`).
 public enum OperationRegistry {

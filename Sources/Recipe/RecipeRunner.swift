@@ -18,7 +18,7 @@ public struct RecipeRunner {
   /// Operations that are not merge methods: the streamed ones run here, the others come from
   /// `OperationRegistry`.
   public static let commands =
-    ["convert"]
+    [ConvertOperation.name]
     + OperationRegistry.streamed.map(\.name).filter { name in !MergeRegistry.methods.contains { $0.name == name } }
     + OperationRegistry.operations.map(\.name)
 
@@ -40,7 +40,7 @@ public struct RecipeRunner {
           reason: "'\(step.label)' is not a plain name (no '/', no leading '.'); it names the step's temporary file")
       }
       if OperationRegistry.operation(named: step.operation) == nil
-        && OperationRegistry.streamed(named: step.operation) == nil && step.operation != "convert"
+        && OperationRegistry.streamed(named: step.operation) == nil && step.operation != ConvertOperation.name
       {
         let known = MergeRegistry.methods.map(\.name)
         throw RecipeError.invalid(
@@ -172,16 +172,9 @@ public struct RecipeRunner {
       }
       return
     }
-    if step.operation == "convert" {
+    if step.operation == ConvertOperation.name {
       guard step.models.count == 1 else { throw invalid(step.location, nil, "convert takes one model") }
-      guard step.global.isEmpty else {
-        throw invalid(
-          step.parametersLocation, nil, "convert takes select, drop, rename and dtype as step keys, not parameters")
-      }
-      do { _ = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames) } catch {
-        throw invalid(step.location, nil, "\(error)")
-      }
-      _ = try dtype(step.dtype, at: "\(step.location).dtype")
+      _ = try convertSettings(step)
       return
     }
     _ = try dtype(step.dtype, at: "\(step.location).dtype")
@@ -211,6 +204,39 @@ public struct RecipeRunner {
       }
       let (key, model) = Self.parameterName(label)
       throw invalid(step.parameterPath(key, model: model), step.parameterLine(key, model: model), reason)
+    }
+  }
+
+  /// A convert step's selection and cast: `select`, `drop`, `rename` and `dtype` as step keys or
+  /// under `parameters` (not both), checked by `ConvertOperation` as the CLI's flags are.
+  func convertSettings(_ step: Recipe.Step) throws -> ConvertOperation.Resolved {
+    func invalid(_ name: String, _ reason: String) -> RecipeError {
+      let asParameter = step.global[name] != nil
+      return RecipeError.invalid(
+        file: recipe.source, path: asParameter ? step.parameterPath(name) : "\(step.location).\(name)",
+        line: asParameter ? step.parameterLine(name) : nil, reason: reason)
+    }
+    let known = ConvertOperation.parameters.map(\.name)
+    if let unknown = step.global.keys.sorted().first(where: { !known.contains($0) }) {
+      throw invalid(unknown, "convert has no parameter '\(unknown)'; it takes \(known.joined(separator: ", "))")
+    }
+    func text(_ name: String, _ key: String?) throws -> String? {
+      switch (key, step.global[name]) {
+      case (_?, _?): throw invalid(name, "given both as a step key and under parameters; give it once")
+      case (let key?, nil): return key
+      case (nil, .text(let value)?): return value
+      case (nil, .number(let x)?): return ParameterSpec.Kind.plain(x)
+      case (nil, nil): return nil
+      case (nil, let other?): throw invalid(name, "'\(other)' is not text")
+      }
+    }
+    let renames = step.renames + (try text("rename", nil).map { [$0] } ?? [])
+    do {
+      return try ConvertOperation.resolve(
+        select: try text("select", step.select), drop: try text("drop", step.drop), renames: renames,
+        dtype: try text("dtype", step.dtype))
+    } catch let error as OperationError {
+      throw invalid(error.parameter ?? "", error.reason)
     }
   }
 
@@ -420,8 +446,10 @@ public struct RecipeRunner {
       result.lines.forEach { report("  " + $0) }
       return nil
     }
+    let convert = step.operation == ConvertOperation.name ? try convertSettings(step) : nil
     let outputType =
-      try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? dtype(step.dtype, at: "\(step.location).dtype")
+      try dtype(output?.dtype, at: "\(output?.location ?? "").dtype") ?? convert?.dtype
+      ?? dtype(step.dtype, at: "\(step.location).dtype")
     let described =
       "\(step.label): \(step.operation) of \(step.models.map(results.name).joined(separator: ", "))\(step.base.map { " on base \(results.name($0))" } ?? "")"
     func reportStep(_ target: String) { report("\(described) -> \(target)") }
@@ -434,14 +462,13 @@ public struct RecipeRunner {
     let modelFolder = results.modelFolder(step.base ?? step.models[0])
     let label = "step '\(step.label)' (in memory)"
     let stepProgress = progress.map { p in { (done: Int, total: Int) in p(step.label, done, total) } }
-    if step.operation == "convert" {
+    if let convert {
       guard models.count == 1 else {
         throw RecipeError.invalid(
           file: recipe.source, path: step.location, line: nil, reason: "convert takes one model")
       }
-      let selection = try TensorSelection(select: step.select, drop: step.drop, renames: step.renames)
       var held: MemoryCheckpointWriter?
-      try copyCheckpoint(from: models[0], selection: selection, castTo: outputType, progress: stepProgress) {
+      try copyCheckpoint(from: models[0], selection: convert.selection, castTo: outputType, progress: stepProgress) {
         tensors, layout in
         if tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
           reportStep("memory")

@@ -61,3 +61,13 @@ func printJSON(_ value: Any) throws {
   let data = try JSONSerialization.data(withJSONObject: value, options: [.prettyPrinted, .sortedKeys])
   print(String(decoding: data, as: UTF8.self))
 }
+
+/// Runs a check inside `validate()`: ArgumentParser wraps what `validate` throws, so a usage
+/// error of the libraries (a parameter out of range) is turned into a `ValidationError` here to
+/// keep its exit status 64 and its flag-naming message.
+func asUsage<T>(_ check: () throws -> T) throws -> T {
+  do { return try check() } catch {
+    guard let message = usageMessage(error) else { throw error }
+    throw ValidationError(message)
+  }
+}

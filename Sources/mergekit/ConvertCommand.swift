@@ -1,6 +1,7 @@
 import ArgumentParser
 import Checkpoint
 import Foundation
+import Operations
 import Tensor
 
 struct ConvertCommand: ParsableCommand {
@@ -51,10 +52,8 @@ struct ConvertCommand: ParsableCommand {
   func validate() throws {
     try requireExisting(input, "input")
     if let base { try requireExisting(base, "base") }
+    _ = try asUsage { try ConvertOperation.resolve(select: select, drop: drop, renames: rename, dtype: dtype) }
     try validateOutput(output, format: format, dtype: dtype, shardSize: shardSize, mayExist: overwrite)
-    do { _ = try TensorSelection(select: select, drop: drop, renames: rename) } catch {
-      throw ValidationError("\(error)")
-    }
   }
 
   func run() throws {
@@ -68,10 +67,11 @@ struct ConvertCommand: ParsableCommand {
       format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata,
       deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.modelFolder(of: input),
       overwrite: overwrite)
-    let progress = Progress("convert", quiet: quiet)
+    let progress = Progress(ConvertOperation.name, quiet: quiet)
+    let resolved = try ConvertOperation.resolve(select: select, drop: drop, renames: rename, dtype: dtype)
     try copyCheckpoint(
-      from: source, to: output, selection: try TensorSelection(select: select, drop: drop, renames: rename),
-      castTo: dtype.flatMap { DType(userSpelling: $0) }, options: options, progress: { progress.update($0, $1) })
+      from: source, to: output, selection: resolved.selection, castTo: resolved.dtype, options: options,
+      progress: { progress.update($0, $1) })
     progress.finish()
   }
 }

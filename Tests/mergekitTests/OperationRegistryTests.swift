@@ -129,6 +129,24 @@ import Testing
       }
     }
     #expect(checked >= 15, "only \(checked) merge parameters were checked")
+    // convert: its parameters are flags and recipe parameters (or step keys) with one check.
+    let refused = ["select": "(", "drop": "[", "rename": "no-equals-sign", "dtype": "f7"]
+    #expect(Set(refused.keys) == Set(ConvertOperation.parameters.map(\.name)))
+    for spec in ConvertOperation.parameters {
+      guard let value = refused[spec.name] else { continue }
+      let cli = try CLI.run(["convert", models[0], output, "\(spec.flagName)=\(value)"], environment: [:])
+      #expect(
+        cli.status == 64 && cli.stderr.contains(spec.flagName), "convert \(spec.flagName)=\(value): \(cli.stderr)")
+      for form in ["parameters: {\(spec.name): \"\(value)\"}", "\(spec.name): \"\(value)\""] {
+        let yaml =
+          "inputs: {a: \(models[0])}\nsteps:\n  - {name: s, method: convert, model: a, \(form)}\noutputs: {s: \(output)}\n"
+        try Data(yaml.utf8).write(to: URL(fileURLWithPath: folder.file("recipe.yaml")))
+        let run = try CLI.run(["run", folder.file("recipe.yaml")], environment: [:])
+        let path = form.hasPrefix("parameters") ? "steps[0].parameters.\(spec.name)" : "steps[0].\(spec.name)"
+        #expect(run.status == 64 && run.stderr.contains(path), "convert recipe \(form): \(run.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: output))
+      }
+    }
   }
 
   @Test func everyOperationHasACommandWithItsParametersInTheHelp() throws {
