@@ -4,44 +4,79 @@ import Tensor
 /// tensor or chunk) and says what to do; none is a crash.
 public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   // I/O
+  /// A file that cannot be opened or read.
   case cannotOpen(file: String, reason: String)
+  /// An output that cannot be written (nothing is published).
   case cannotWrite(file: String, reason: String)
+  /// The output exists and replacing it was not asked for.
   case outputExists(path: String)
+  /// A path that is neither a checkpoint file nor a model folder.
   case notACheckpoint(path: String)
   // safetensors
+  /// A safetensors file shorter than its 8-byte header length.
   case fileTooShort(file: String, size: Int)
+  /// A header length that runs past the end of the file.
   case headerLengthPastEnd(file: String, headerLength: UInt64, fileSize: Int)
+  /// A header length above the 100 MB limit.
   case headerTooLarge(file: String, headerLength: UInt64)
+  /// A header that is not UTF-8.
   case headerNotUTF8(file: String)
+  /// A header that is not a JSON object.
   case headerNotJSON(file: String, reason: String)
+  /// A tensor entry of the header that breaks a rule, and which.
   case invalidEntry(file: String, tensor: String, reason: String)
+  /// A dtype the format does not define.
   case unknownDType(file: String, tensor: String, dtype: String)
+  /// A tensor name given twice.
   case duplicateTensor(file: String, tensor: String)
+  /// A shape with a negative or non-integer dimension.
   case invalidShape(file: String, tensor: String, shape: String)
+  /// An element count or byte size past 64 bits.
   case sizeOverflow(file: String, tensor: String)
+  /// Offsets that do not span the tensor's dtype and shape.
   case byteSizeMismatch(file: String, tensor: String, expected: Int, actual: Int)
+  /// Two tensors whose bytes overlap.
   case overlappingTensors(file: String, tensor: String, previous: String)
+  /// Unused bytes before a tensor.
   case gapBeforeTensor(file: String, tensor: String, gap: Int)
+  /// A tensor ending past the data section.
   case tensorPastEnd(file: String, tensor: String, end: Int, dataSize: Int)
+  /// Bytes after the last tensor.
   case trailingBytes(file: String, count: Int)
+  /// A metadata value that is not a string.
   case metadataNotStrings(file: String, key: String)
   // folders and shards
+  /// A shard index that breaks a rule, and which.
   case invalidIndex(file: String, reason: String)
+  /// A shard the index lists that does not exist.
   case missingShard(index: String, shard: String)
+  /// A tensor name the checkpoint does not have.
   case missingTensor(file: String, tensor: String)
   // compressed format
+  /// A file without the .mkz magic bytes.
   case badMagic(file: String)
+  /// An .mkz version this build does not read.
   case unsupportedVersion(file: String, version: UInt32)
+  /// An .mkz footer missing or cut short.
   case truncatedFooter(file: String)
+  /// An .mkz chunk index that breaks a rule, and which.
   case corruptChunkIndex(file: String, reason: String)
+  /// A chunk whose bytes do not match its checksum.
   case chunkChecksumMismatch(file: String, tensor: String, chunk: Int)
+  /// A zstd frame that does not decode.
   case corruptFrame(file: String, tensor: String, chunk: Int, reason: String)
+  /// A chunk that decodes to the wrong number of bytes.
   case rawSizeMismatch(file: String, tensor: String, chunk: Int, expected: Int, actual: Int)
+  /// A decoded tensor that does not match its digest.
   case tensorDigestMismatch(file: String, tensor: String)
+  /// A delta-stored tensor read without its base.
   case deltaBaseMissing(file: String, tensor: String)
+  /// A delta-stored tensor read with a base other than the one it was stored against.
   case deltaBaseMismatch(file: String, tensor: String, expected: String, actual: String)
   // requests
+  /// Rows asked for past the tensor's end.
   case rowRangeOutOfBounds(file: String, tensor: String, rows: Range<Int>, available: Int)
+  /// Tensors or bytes written out of the declared order or size.
   case writeOrder(file: String, reason: String)
   // surgery
   /// A selection or drop pattern that is not a regular expression.

@@ -181,7 +181,7 @@ public struct Network<T: NetScalar> {
     switch (config, input) {
     case (.mlp(let c), .features(let x)):
       guard x.columns == c.layerSizes[0] else {
-        throw NetsError.inputMismatch("the MLP takes \(c.layerSizes[0]) features, the data has \(x.columns)")
+        throw NetsError.featureCount(model: c.layerSizes[0], data: x.columns)
       }
       output = mlpForward(c, tape, tape.constant(x), weight, &recorder)
     case (.decoder(let c), .tokens(let batch)):
@@ -190,14 +190,13 @@ public struct Network<T: NetScalar> {
     case (.bert(let c), .tokens(let batch)):
       try checkTokens(batch, vocabulary: c.vocabularySize)
       guard batch.sequence <= c.maxPositions else {
-        throw NetsError.inputMismatch(
-          "sequences of \(batch.sequence) tokens exceed max_position_embeddings \(c.maxPositions)")
+        throw NetsError.sequenceTooLong(tokens: batch.sequence, positions: c.maxPositions)
       }
       output = bertForward(c, tape, batch, weight, &recorder)
     case (.mlp, .tokens):
-      throw NetsError.inputMismatch("an MLP takes feature rows, not token sequences")
+      throw NetsError.wrongInput(model: "an MLP", takes: "feature rows, not token sequences")
     case (_, .features):
-      throw NetsError.inputMismatch("a transformer takes token sequences, not feature rows")
+      throw NetsError.wrongInput(model: "a transformer", takes: "token sequences, not feature rows")
     }
     return NetworkOutput(output: output, points: recorder.points)
   }
@@ -226,7 +225,7 @@ public struct Network<T: NetScalar> {
 
   private func checkTokens(_ batch: TokenBatch, vocabulary: Int) throws {
     if let bad = batch.ids.first(where: { $0 < 0 || $0 >= vocabulary }) {
-      throw NetsError.inputMismatch("token id \(bad) is outside the vocabulary of \(vocabulary)")
+      throw NetsError.tokenOutOfVocabulary(token: bad, vocabulary: vocabulary)
     }
   }
 }

@@ -55,15 +55,14 @@ public enum Training {
     progress: ((TrainingProgress) -> Void)? = nil
   ) throws -> [Double] {
     guard case .mlp(let config) = network.config else {
-      throw NetsError.inputMismatch("classification training takes an MLP")
+      throw NetsError.wrongModel(operation: "classification training", needs: "an MLP")
     }
     guard data.features.columns == config.layerSizes[0] else {
-      throw NetsError.inputMismatch(
-        "the MLP takes \(config.layerSizes[0]) features, the data has \(data.features.columns)")
+      throw NetsError.featureCount(model: config.layerSizes[0], data: data.features.columns)
     }
     let outputs = config.layerSizes.last ?? 0
     guard data.classCount <= outputs else {
-      throw NetsError.inputMismatch("the data has labels up to \(data.classCount - 1), the MLP has \(outputs) outputs")
+      throw NetsError.classCount(labels: data.classCount, outputs: outputs)
     }
     return try fit(&network, count: data.count, options: options, trainable: trainable, progress: progress) { rows in
       let batch = data.rows(rows)
@@ -126,8 +125,7 @@ public enum Training {
   public static func evaluate(_ network: Network<Float>, on data: LabeledFeatures) throws -> Evaluation {
     let z = try logits(network, data.features)
     guard data.classCount <= z.columns else {
-      throw NetsError.inputMismatch(
-        "the data has labels up to \(data.classCount - 1), the model has \(z.columns) outputs")
+      throw NetsError.classCount(labels: data.classCount, outputs: z.columns)
     }
     let p = softmax(z)
     var loss = 0.0
@@ -172,7 +170,7 @@ public enum Training {
     progress: ((TrainingProgress) -> Void)? = nil
   ) throws -> [Double] {
     guard case .decoder = network.config else {
-      throw NetsError.inputMismatch("language-model training takes a decoder")
+      throw NetsError.wrongModel(operation: "language-model training", needs: "a decoder")
     }
     return try fit(&network, count: sequences.count, options: options, trainable: trainable, progress: progress) {
       rows in

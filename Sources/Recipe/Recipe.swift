@@ -108,9 +108,13 @@ public struct Recipe: Sendable {
 
 /// A recipe that cannot run: each case names the file and the YAML path.
 public enum RecipeError: Error, CustomStringConvertible, Equatable {
+  /// The file cannot be read, or is not YAML.
   case unreadable(file: String, reason: String)
+  /// A value at a YAML path (and line, when known) that the recipe cannot use: a usage error.
   case invalid(file: String, path: String, line: Int?, reason: String)
+  /// Steps that read each other in a cycle.
   case cycle(file: String, steps: [String])
+  /// A step that failed while planning or running (the inputs' contents): not a usage error.
   case stepFailed(file: String, path: String, step: String, reason: String)
 
   public var description: String {
