@@ -333,21 +333,8 @@ public struct ParameterResolver: Sendable {
     case .filtered(let entries):
       for entry in entries { try check(entry.value, spec: spec, label: label, method: method) }
     default:
-      let probe = ParameterResolver.unchecked(method: method, specs: [spec])
-      _ = try probe.value(spec, given: value, model: nil, tensor: nil, position: 0, label: label)
+      _ = try Self.value(spec, given: value, method: method, tensor: nil, position: 0, label: label)
     }
-  }
-
-  private static func unchecked(method: String, specs: [ParameterSpec]) -> ParameterResolver {
-    ParameterResolver(method: method, specs: specs)
-  }
-
-  private init(method: String, specs: [ParameterSpec]) {
-    self.method = method
-    self.specs = specs
-    self.global = [:]
-    self.models = []
-    self.positions = LayerPositions(layerCount: 0)
   }
 
   /// The parameters for tensor `name`.
@@ -358,12 +345,12 @@ public struct ParameterResolver: Sendable {
       switch spec.scope {
       case .global:
         if spec.isOptional, global[spec.name] == nil { continue }
-        result.global[spec.name] = try value(
-          spec, given: global[spec.name], model: nil, tensor: name, position: position, label: spec.name)
+        result.global[spec.name] = try Self.value(
+          spec, given: global[spec.name], method: method, tensor: name, position: position, label: spec.name)
       case .perModel:
         for i in models.indices {
-          result.models[i][spec.name] = try value(
-            spec, given: models[i][spec.name] ?? global[spec.name], model: i, tensor: name, position: position,
+          result.models[i][spec.name] = try Self.value(
+            spec, given: models[i][spec.name] ?? global[spec.name], method: method, tensor: name, position: position,
             label: "\(spec.name) (model \(i + 1))")
         }
       }
@@ -371,8 +358,9 @@ public struct ParameterResolver: Sendable {
     return result
   }
 
-  private func value(
-    _ spec: ParameterSpec, given: ParameterValue?, model: Int?, tensor: String?, position: Double, label: String
+  /// One parameter's value for a tensor (nil: checked without one), named `label` in errors.
+  private static func value(
+    _ spec: ParameterSpec, given: ParameterValue?, method: String, tensor: String?, position: Double, label: String
   ) throws -> ResolvedValue {
     func fail(_ reason: String) -> MergeError {
       .invalidParameter(method: method, name: label, tensor: tensor, reason: reason)

@@ -43,10 +43,10 @@ public struct StreamedOperation: Sendable {
     for spec in files where global[spec.name] == nil {
       throw OperationError.missingParameter(operation: name, name: spec.name, help: spec.help)
     }
-    let methodGlobal = global.filter { key, _ in !files.contains { $0.name == key } }
     try MergeError.checkInputs(method: name, base: base, modelCount: modelCount, hasBase: hasBase, count: count)
     try ParameterResolver(
-      method: name, specs: parameters, global: methodGlobal, models: perModel, positions: LayerPositions(layerCount: 0)
+      method: name, specs: parameters, global: methodParameters(global), models: perModel,
+      positions: LayerPositions(layerCount: 0)
     ).checkValues()
   }
 

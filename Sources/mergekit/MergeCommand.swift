@@ -41,9 +41,7 @@ struct MergeCommand: ParsableCommand {
     for model in models { try requireExisting(model, "model") }
     if let base { try requireExisting(base, "base") }
     let method = try chosenMethod()
-    do { try method.checkInputs(hasBase: base != nil, modelCount: models.count) } catch {
-      throw ValidationError("\(error)")
-    }
+    try asUsage { try method.checkInputs(hasBase: base != nil, modelCount: models.count) }
     _ = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
   }
 
@@ -54,7 +52,7 @@ struct MergeCommand: ParsableCommand {
   }
 
   func resolvedMethod(_ name: String) throws -> any MergeMethod {
-    do { return try MergeRegistry.method(named: name) } catch { throw ValidationError("\(error)") }
+    try asUsage { try MergeRegistry.method(named: name) }
   }
 
   func run() throws {
