@@ -10,6 +10,9 @@
 #   make bench-adapt  PELA factorisation: exact against randomized SVD, time and error
 #   make minilm  fetch all-MiniLM-L6-v2 (a real BERT checkpoint) for the test that checks it
 #   make digits  fetch the UCI digits data set (from scikit-learn's wheel) for the ZipIt! and PELA tests
+#   make fuzz    mutate inputs of every kind and run the parsers on them (FUZZ_SECONDS, FUZZ_SEED;
+#                FUZZ_CONFIG=debug reuses the test build); a crash, hang or memory blow-up fails it
+#                and saves the input under .build/fuzz
 
 SWIFT ?= swift
 
@@ -30,7 +33,7 @@ BENCH_DATA := bench-data
 MINILM := $(BENCH_DATA)/minilm/model.safetensors
 DIGITS := $(BENCH_DATA)/digits/train.csv
 
-.PHONY: all deps build test lint demo bench bench-merge bench-nets bench-adapt minilm digits clean
+.PHONY: all deps build test lint fuzz demo bench bench-merge bench-nets bench-adapt minilm digits clean
 
 all: build
 
@@ -44,7 +47,14 @@ test: deps
 	$(SWIFT) test
 
 lint:
-	$(SWIFT) format lint --strict --recursive Sources Tests Benchmarks Package.swift
+	$(SWIFT) format lint --strict --recursive Sources Tests Benchmarks Fuzz Package.swift
+
+FUZZ_SECONDS ?= 300
+FUZZ_SEED ?= 1
+FUZZ_CONFIG ?= release
+fuzz: deps
+	$(SWIFT) build -c $(FUZZ_CONFIG) --product mergekit-fuzz
+	.build/$(FUZZ_CONFIG)/mergekit-fuzz --seconds $(FUZZ_SECONDS) --seed $(FUZZ_SEED) --out .build/fuzz
 
 demo: build
 	$(BIN) example $(DEMO) --overwrite

@@ -44,6 +44,9 @@ let package = Package(
         "Tensor", "Checkpoint", "Nets", "Merge", "Adapt", "Operations", "Recipe",
         .product(name: "ArgumentParser", package: "swift-argument-parser"),
       ]),
+    // The fuzz driver (make fuzz): built with the shipped checks, never -Ounchecked.
+    .executableTarget(
+      name: "mergekit-fuzz", dependencies: ["Checkpoint", "Nets", "Operations", "Recipe", "Tensor"], path: "Fuzz"),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
     .target(name: "BenchmarkSupport", dependencies: ["Checkpoint"], path: "Benchmarks/BenchmarkSupport"),
     .executableTarget(

@@ -120,3 +120,21 @@ extension Checkpoint {
     } while start < total
   }
 }
+
+/// A tensor name compared by its exact UTF-8 bytes. Swift's `String` equality treats
+/// canonically equivalent texts as equal ("é" precomposed and "e" plus a combining accent), but
+/// tensor names are byte strings in every format: two names that differ in a byte are two
+/// tensors. Lookups and duplicate checks key by this.
+public struct ExactName: Hashable, Sendable {
+  public let name: String
+  public init(_ name: String) { self.name = name }
+
+  public static func == (a: ExactName, b: ExactName) -> Bool {
+    a.name.utf8.count == b.name.utf8.count && a.name.utf8.elementsEqual(b.name.utf8)
+  }
+
+  public func hash(into hasher: inout Hasher) {
+    var contiguous = name  // shares storage; made contiguous only if bridged
+    contiguous.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer($0)) }
+  }
+}

@@ -90,6 +90,13 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   // data files
   /// A data set (features, labels, token sequences) that cannot be used: the file and what is wrong.
   case badDataFile(file: String, reason: String)
+  // hostile input
+  /// An input that is a folder, FIFO, device or socket where a regular file is needed.
+  case notARegularFile(file: String, kind: String)
+  /// A file read whole that is larger than its kind ever needs to be.
+  case fileTooLarge(file: String, size: Int, limit: Int)
+  /// A text file (JSON, YAML, CSV) that is not valid UTF-8.
+  case notUTF8(file: String)
 
   public var description: String {
     switch self {
@@ -154,6 +161,10 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
       return "\(f): tensors '\(a)' and '\(b)' would both be named '\(t)'; adjust the renames"
     case .nothingSelected(let f): return "\(f): the selection keeps no tensor; check select and drop"
     case .badDataFile(let f, let r): return "\(f): \(r)"
+    case .notARegularFile(let f, let k): return "\(f): is \(k), not a regular file; pass the file itself"
+    case .fileTooLarge(let f, let s, let l):
+      return "\(f): \(s) bytes is more than the \(l)-byte limit for this kind of file"
+    case .notUTF8(let f): return "\(f): not valid UTF-8 text"
     }
   }
 }

@@ -126,7 +126,7 @@ extension WriteOptions {
       guard let value = Double(upper.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), value > 0 else {
         return nil
       }
-      return Int(value * factor)
+      return Int(exactly: (value * factor).rounded(.down)).flatMap { $0 > 0 ? $0 : nil }
     }
     guard let value = Int(upper), value > 0 else { return nil }
     return value
@@ -149,7 +149,7 @@ public final class CheckpointWriter: TensorSink {
   private let isFolder: Bool
   private let workPath: String
   private let shards: [(file: String, tensors: [TensorInfo], header: [UInt8]?)]
-  private var shardOfTensor: [String: Int] = [:]
+  private var shardOfTensor: [ExactName: Int] = [:]
   private var openShard: (index: Int, writer: TensorFileWriter)?
   private var finishedShards = Set<Int>()
   private var done = false
@@ -170,8 +170,7 @@ public final class CheckpointWriter: TensorSink {
     let groups = options.shardPlan(tensors, folder: isFolder)
     let ext = options.format.fileExtension
     if isFolder {
-      let work = url.deletingLastPathComponent().appendingPathComponent(".\(url.lastPathComponent).tmp-\(getpid())")
-        .path
+      let work = TemporaryOutputs.path(for: destination)
       workPath = work
       try? FileManager.default.removeItem(atPath: work)
       do {
@@ -190,7 +189,7 @@ public final class CheckpointWriter: TensorSink {
       workPath = destination
       shards = [(destination, tensors, groups.first?.header)]
     }
-    for (i, shard) in shards.enumerated() { for t in shard.tensors { shardOfTensor[t.name] = i } }
+    for (i, shard) in shards.enumerated() { for t in shard.tensors { shardOfTensor[ExactName(t.name)] = i } }
   }
 
   deinit { abandon() }
@@ -214,7 +213,7 @@ public final class CheckpointWriter: TensorSink {
 
   /// Starts tensor `name`; it must be the next one in the declared order.
   public func beginTensor(_ name: String) throws {
-    guard let shard = shardOfTensor[name] else {
+    guard let shard = shardOfTensor[ExactName(name)] else {
       throw CheckpointError.writeOrder(file: destination, reason: "tensor '\(name)' was not declared")
     }
     if openShard?.index != shard {

@@ -20,7 +20,7 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
   public let base: (any Checkpoint)?
   let chunkSize: Int
   let chunks: [MKZ.ChunkRecord]
-  let records: [String: MKZ.TensorRecord]
+  let records: [ExactName: MKZ.TensorRecord]
   private let map: MappedFile
   private let verifiedBases = VerifiedSet()
 
@@ -38,25 +38,25 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
         name: URL(fileURLWithPath: path).lastPathComponent, tensors: tensors.map(\.name),
         safetensorsHeader: layout.safetensorsHeader)
     ]
-    records = Dictionary(layout.tensors.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
+    records = Dictionary(layout.tensors.map { (ExactName($0.info.name), $0) }, uniquingKeysWith: { a, _ in a })
   }
 
-  public func lookup(_ name: String) -> TensorInfo? { records[name]?.info }
+  public func lookup(_ name: String) -> TensorInfo? { records[ExactName(name)]?.info }
 
-  public func file(of name: String) -> String? { records[name] == nil ? nil : path }
+  public func file(of name: String) -> String? { records[ExactName(name)] == nil ? nil : path }
 
   /// Bytes tensor `name` occupies in the file (its chunks as stored).
   public func storedByteCount(of name: String) -> Int? {
-    records[name].map { record in record.chunks.reduce(0) { $0 + chunks[$1].storedSize } }
+    records[ExactName(name)].map { record in record.chunks.reduce(0) { $0 + chunks[$1].storedSize } }
   }
 
   /// The transform a tensor is stored with (`delta` ones need the base).
-  public func isDelta(_ name: String) -> Bool { records[name]?.transform == .delta }
+  public func isDelta(_ name: String) -> Bool { records[ExactName(name)]?.transform == .delta }
 
   public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
     -> R
   {
-    guard let record = records[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    guard let record = records[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let total = record.info.byteCount
     let wanted = range ?? 0..<total
     precondition(wanted.lowerBound >= 0 && wanted.upperBound <= total, "byte range \(wanted) outside tensor \(name)")
@@ -79,7 +79,7 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
   }
 
   public func release(_ name: String, range: Range<Int>?) {
-    guard let record = records[name], !record.chunks.isEmpty else { return }
+    guard let record = records[ExactName(name)], !record.chunks.isEmpty else { return }
     let part = range ?? 0..<record.info.byteCount
     guard !part.isEmpty else { return }
     let first = chunks[record.chunks.lowerBound + part.lowerBound / chunkSize]
@@ -148,7 +148,7 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
     let total = totalByteCount
     var done = 0
     for info in tensors {
-      guard let record = records[info.name] else { continue }
+      guard let record = records[ExactName(info.name)] else { continue }
       if record.transform == .delta && base == nil {
         // Without the base only the stored payloads can be checked (decoded as plain planes).
         try Parallel.forEach(record.chunks.count) { _, local in
@@ -172,8 +172,8 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
 
 /// A thread-safe set of names.
 final class VerifiedSet: @unchecked Sendable {
-  private var names = Set<String>()
+  private var names = Set<ExactName>()
   private let lock = NSLock()
-  func contains(_ name: String) -> Bool { lock.withLock { names.contains(name) } }
-  func insert(_ name: String) { _ = lock.withLock { names.insert(name) } }
+  func contains(_ name: String) -> Bool { lock.withLock { names.contains(ExactName(name)) } }
+  func insert(_ name: String) { _ = lock.withLock { names.insert(ExactName(name)) } }
 }

@@ -51,6 +51,11 @@ enum MKZ {
   static let chunkSize = 1 << 20
   /// Largest chunk size a reader accepts (bounds every allocation made from the file).
   static let maxChunkSize = 64 << 20
+  /// The most raw bytes one stored byte can stand for. zstd's densest encoding (run-length
+  /// blocks of 128 KiB) reaches about 32,000:1 (64 MiB of zeros take 2,077 bytes); a chunk
+  /// table claiming more is refused, so a small file can never make a reader allocate
+  /// gigabytes for tensors its bytes cannot hold.
+  static let maxCompressionRatio = 1 << 16
   /// A chunk is stored raw unless zstd saves at least 1%.
   static let minimumSaving = 0.01
   /// Piece size of the tensor digest.

@@ -79,6 +79,7 @@ struct CompressedLayout {
         offset: offset, storedSize: Int(stored), rawSize: Int(raw), checksum: checksum, isRaw: flags & 1 != 0)
       guard record.offset >= previousEnd, record.storedSize <= dataEnd - record.offset, record.rawSize <= chunkSize,
         record.storedSize <= max(record.rawSize, Zstd.compressBound(record.rawSize)),
+        record.rawSize <= record.storedSize * MKZ.maxCompressionRatio,
         !record.isRaw || record.storedSize == record.rawSize,
         flags & ~1 == 0
       else {
@@ -95,13 +96,15 @@ struct CompressedLayout {
     .TensorRecord]
   {
     var tensors: [MKZ.TensorRecord] = []
-    var seen = Set<String>()
+    var seen = Set<ExactName>()
     var nextChunk = 0
     for entry in entries {
       guard let name = entry["name"]?.stringValue else {
         throw CheckpointError.corruptChunkIndex(file: path, reason: "a tensor entry has no name")
       }
-      guard seen.insert(name).inserted else { throw CheckpointError.duplicateTensor(file: path, tensor: name) }
+      guard seen.insert(ExactName(name)).inserted else {
+        throw CheckpointError.duplicateTensor(file: path, tensor: name)
+      }
       guard let dtypeName = entry["dtype"]?.stringValue else {
         throw CheckpointError.invalidEntry(file: path, tensor: name, reason: "missing 'dtype'")
       }

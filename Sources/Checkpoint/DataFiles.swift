@@ -27,7 +27,22 @@ public struct FeatureTable: Sendable, Equatable {
 ///   safetensors file with an integer `input_ids` tensor (sequences x length; with an
 ///   `attention_mask`, masked positions are dropped).
 public enum DataFiles {
+  /// The largest class or task index a data file may hold: an index sizes a model's output
+  /// layer, so a stray 10^11 must not become a 10^11-wide layer.
+  public static let maxClassIndex = 1 << 20
+
   public static func readLabeled(_ path: String, labels labelsPath: String? = nil) throws -> FeatureTable {
+    let table = try readLabeledTable(path, labels: labelsPath)
+    guard table.rows > 0 else { throw CheckpointError.badDataFile(file: path, reason: "holds no rows") }
+    guard table.columns > 0 else { throw CheckpointError.badDataFile(file: path, reason: "holds no feature columns") }
+    guard table.features.count == table.rows * table.columns else {
+      throw CheckpointError.badDataFile(
+        file: path, reason: "holds \(table.features.count) features for \(table.rows) rows of \(table.columns)")
+    }
+    return table
+  }
+
+  static func readLabeledTable(_ path: String, labels labelsPath: String?) throws -> FeatureTable {
     let ext = URL(fileURLWithPath: path).pathExtension.lowercased()
     switch ext {
     case "safetensors": return try readLabeledSafetensors(path)
@@ -100,18 +115,17 @@ public enum DataFiles {
 
   static func integers(_ values: [Double], _ file: String, _ what: String) throws -> [Int] {
     try values.enumerated().map { i, v in
-      guard let n = Int(exactly: v), n >= 0 else {
-        throw CheckpointError.badDataFile(file: file, reason: "\(what)[\(i)] = \(v) is not a non-negative integer")
+      guard let n = Int(exactly: v), n >= 0, n <= maxClassIndex else {
+        throw CheckpointError.badDataFile(
+          file: file,
+          reason: "\(what)\(values.count == 1 ? "" : "[\(i)]") = \(v) is not an integer between 0 and \(maxClassIndex)")
       }
       return n
     }
   }
 
   static func readCSV(_ path: String) throws -> FeatureTable {
-    let text: String
-    do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
-      throw CheckpointError.badDataFile(file: path, reason: "cannot read: \(error.localizedDescription)")
-    }
+    let text = try InputFile.readText(path, limit: Int.max)
     var lines = text.split(whereSeparator: \.isNewline).map {
       $0.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
     }
@@ -155,20 +169,20 @@ public enum DataFiles {
 
   /// A NumPy `.npy` array (format 1.0-3.0, little-endian f4/f8/i4/i8/u1, C order) as doubles.
   static func readNPY(_ path: String) throws -> (shape: [Int], values: [Double]) {
-    guard let data = FileManager.default.contents(atPath: path) else {
-      throw CheckpointError.badDataFile(file: path, reason: "cannot read")
-    }
-    let bytes = [UInt8](data)
+    let bytes = try InputFile.read(path, limit: Int.max)
     guard bytes.count >= 10, bytes[0] == 0x93, Array(bytes[1..<6]) == Array("NUMPY".utf8) else {
       throw CheckpointError.badDataFile(file: path, reason: "not a .npy file (bad magic)")
     }
     let major = bytes[6]
+    guard major >= 1 && major <= 3 else {
+      throw CheckpointError.badDataFile(file: path, reason: ".npy format version \(major) is not supported (1 to 3)")
+    }
     let headerLength =
       major == 1
       ? Int(bytes[8]) | Int(bytes[9]) << 8
       : (bytes.count >= 12 ? Int(bytes[8]) | Int(bytes[9]) << 8 | Int(bytes[10]) << 16 | Int(bytes[11]) << 24 : -1)
     let start = major == 1 ? 10 : 12
-    guard headerLength >= 0, start + headerLength <= bytes.count,
+    guard headerLength >= 0, headerLength <= bytes.count - start,
       let header = String(bytes: bytes[start..<(start + headerLength)], encoding: .utf8)
     else {
       throw CheckpointError.badDataFile(file: path, reason: "truncated .npy header")
@@ -177,7 +191,7 @@ public enum DataFiles {
       guard let range = header.range(of: "'\(key)':") else { return nil }
       return String(header[range.upperBound...]).trimmingCharacters(in: .whitespaces)
     }
-    guard let descr = field("descr"), let quote = descr.dropFirst().firstIndex(of: "'") else {
+    guard let descr = field("descr"), descr.count >= 2, let quote = descr.dropFirst().firstIndex(of: "'") else {
       throw CheckpointError.badDataFile(file: path, reason: "no dtype in the header")
     }
     let type = String(descr[descr.index(after: descr.startIndex)..<quote])
@@ -185,14 +199,17 @@ public enum DataFiles {
       throw CheckpointError.badDataFile(file: path, reason: "Fortran-order arrays are not supported; save with C order")
     }
     guard let shapeText = field("shape"), let open = shapeText.firstIndex(of: "("),
-      let close = shapeText.firstIndex(of: ")")
+      let close = shapeText.firstIndex(of: ")"), open < close
     else {
       throw CheckpointError.badDataFile(file: path, reason: "no shape in the header")
     }
-    let shape = shapeText[shapeText.index(after: open)..<close].split(separator: ",").compactMap {
-      Int($0.trimmingCharacters(in: .whitespaces))
+    let shapeItems = shapeText[shapeText.index(after: open)..<close].split(separator: ",")
+      .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    let shape = shapeItems.compactMap { Int($0) }
+    guard shape.count == shapeItems.count, shape.allSatisfy({ $0 >= 0 }) else {
+      throw CheckpointError.badDataFile(
+        file: path, reason: "shape (\(shapeItems.joined(separator: ", "))) is not a tuple of non-negative integers")
     }
-    let count = shape.reduce(1, *)
     let sizes: [String: Int] = ["<f4": 4, "<f8": 8, "<i4": 4, "<i8": 8, "|u1": 1, "<u1": 1, "|i1": 1]
     guard let size = sizes[type] else {
       throw CheckpointError.badDataFile(
@@ -200,10 +217,14 @@ public enum DataFiles {
         reason: "dtype '\(type)' is not supported (use float32, float64, int32, int64 or uint8, little-endian)")
     }
     let offset = start + headerLength
-    guard bytes.count - offset == count * size else {
+    guard let byteCount = checkedProduct(shape + [size]) else {
+      throw CheckpointError.badDataFile(file: path, reason: "shape \(shape) is too large to exist")
+    }
+    let count = byteCount / size
+    guard bytes.count - offset == byteCount else {
       throw CheckpointError.badDataFile(
         file: path,
-        reason: "data holds \(bytes.count - offset) bytes, the shape \(shape) of '\(type)' needs \(count * size)")
+        reason: "data holds \(bytes.count - offset) bytes, the shape \(shape) of '\(type)' needs \(byteCount)")
     }
     let values: [Double] = bytes.withUnsafeBytes { raw in
       guard let start = raw.baseAddress else { return [] }
@@ -238,15 +259,13 @@ public enum DataFiles {
         (0..<length).compactMap { j in mask.map { $0[s * length + j] != 0 } ?? true ? ids[s * length + j] : nil }
       }
     }
-    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-      throw CheckpointError.badDataFile(file: path, reason: "cannot read")
-    }
+    let text = try InputFile.readText(path, limit: Int.max)
     return try text.split(whereSeparator: \.isNewline).enumerated().compactMap { n, line in
       guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { return nil }
       let object = try? JSONSerialization.jsonObject(with: Data(line.utf8))
       let array = (object as? [Any]) ?? ((object as? [String: Any])?["input_ids"] as? [Any])
       guard let ids = array?.compactMap({ ($0 as? NSNumber)?.intValue }), ids.count == array?.count, !ids.isEmpty,
-        ids.allSatisfy({ $0 >= 0 })
+        ids.allSatisfy({ $0 >= 0 && $0 <= maxClassIndex })
       else {
         throw CheckpointError.badDataFile(
           file: path, reason: "line \(n + 1) is not a JSON array of token ids (or an object with 'input_ids')")

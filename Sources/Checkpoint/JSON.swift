@@ -28,6 +28,8 @@ enum JSON: Equatable {
   /// Parses one JSON value that may be followed only by whitespace.
   static func parse(_ bytes: some Collection<UInt8>) throws -> JSON {
     var parser = Parser(bytes: Array(bytes))
+    // Strings are decoded without repair below, so invalid UTF-8 is refused here, once.
+    guard String(validating: parser.bytes, as: UTF8.self) != nil else { throw ParseError(message: "not valid UTF-8") }
     let value = try parser.value(depth: 0)
     parser.skipWhitespace()
     guard parser.position == parser.bytes.count else {
@@ -113,7 +115,12 @@ enum JSON: Equatable {
     var position = 0
 
     mutating func skipWhitespace() {
-      while position < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[position]) { position += 1 }
+      while position < bytes.count {
+        switch bytes[position] {
+        case 0x20, 0x09, 0x0A, 0x0D: position += 1
+        default: return
+        }
+      }
     }
 
     func fail(_ message: String) -> ParseError { ParseError(message: "\(message) at byte \(position)") }
@@ -144,14 +151,14 @@ enum JSON: Equatable {
     mutating func object(depth: Int) throws -> JSON {
       position += 1
       var pairs: [(key: String, value: JSON)] = []
-      var seen = Set<String>()
+      var seen = Set<ExactName>()
       skipWhitespace()
       if position < bytes.count, bytes[position] == UInt8(ascii: "}") { position += 1; return .object(pairs) }
       while true {
         skipWhitespace()
         guard position < bytes.count, bytes[position] == UInt8(ascii: "\"") else { throw fail("expected a string key") }
         let key = try string()
-        guard seen.insert(key).inserted else { throw DuplicateKey(key: key, depth: depth) }
+        guard seen.insert(ExactName(key)).inserted else { throw DuplicateKey(key: key, depth: depth) }
         skipWhitespace()
         guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else { throw fail("expected ':'") }
         position += 1
@@ -181,9 +188,17 @@ enum JSON: Equatable {
 
     mutating func number() throws -> String {
       let start = position
-      while position < bytes.count, "+-0123456789.eE".utf8.contains(bytes[position]) { position += 1 }
-      guard position > start, let text = String(bytes: bytes[start..<position], encoding: .utf8), Double(text) != nil
-      else {
+      scan: while position < bytes.count {
+        switch bytes[position] {
+        case UInt8(ascii: "0")...UInt8(ascii: "9"), UInt8(ascii: "+"), UInt8(ascii: "-"), UInt8(ascii: "."),
+          UInt8(ascii: "e"), UInt8(ascii: "E"):
+          position += 1
+        default: break scan
+        }
+      }
+      let text = String(decoding: bytes[start..<position], as: UTF8.self)  // ASCII by the scan
+      let isInteger = bytes[start..<position].allSatisfy { $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9") }
+      guard position > start, isInteger || Double(text) != nil else {
         throw fail("invalid value")
       }
       return text
@@ -191,6 +206,18 @@ enum JSON: Equatable {
 
     mutating func string() throws -> String {
       position += 1
+      // Fast path: no escape before the closing quote (nearly every key and value).
+      let start = position
+      while position < bytes.count, bytes[position] != UInt8(ascii: "\""), bytes[position] != UInt8(ascii: "\\"),
+        bytes[position] >= 0x20
+      {
+        position += 1
+      }
+      if position < bytes.count, bytes[position] == UInt8(ascii: "\"") {
+        position += 1
+        return String(decoding: bytes[start..<(position - 1)], as: UTF8.self)
+      }
+      position = start
       var scalars = String.UnicodeScalarView()
       var runStart = position
       func flush(_ end: Int) {

@@ -16,17 +16,9 @@ final class MappedFile: @unchecked Sendable {
 
   init(path: String) throws {
     self.path = path
-    let fd = open(path, O_RDONLY)
-    guard fd >= 0 else { throw CheckpointError.cannotOpen(file: path, reason: String(cString: strerror(errno))) }
+    let (fd, size) = try InputFile.openRegular(path)
     defer { close(fd) }
-    var info = stat()
-    guard fstat(fd, &info) == 0 else {
-      throw CheckpointError.cannotOpen(file: path, reason: String(cString: strerror(errno)))
-    }
-    guard (info.st_mode & S_IFMT) == S_IFREG else {
-      throw CheckpointError.cannotOpen(file: path, reason: "not a regular file")
-    }
-    size = Int(info.st_size)
+    self.size = size
     if size == 0 {
       base = nil
       return

@@ -12,12 +12,12 @@ public final class MemoryCheckpoint: Checkpoint, @unchecked Sendable {
   /// The model folder whose non-tensor files (config.json, tokenizer files) a written copy of
   /// this checkpoint takes.
   public let modelFolder: String?
-  private let bytes: [String: [UInt8]]
-  private let index: [String: Int]
+  private let bytes: [ExactName: [UInt8]]
+  private let index: [ExactName: Int]
 
   init(
     path: String, tensors: [TensorInfo], metadata: [String: String], files: [StoredFile], modelFolder: String?,
-    bytes: [String: [UInt8]]
+    bytes: [ExactName: [UInt8]]
   ) {
     self.path = path
     self.tensors = tensors
@@ -25,20 +25,20 @@ public final class MemoryCheckpoint: Checkpoint, @unchecked Sendable {
     self.files = files
     self.modelFolder = modelFolder
     self.bytes = bytes
-    index = Dictionary(tensors.enumerated().map { ($1.name, $0) }, uniquingKeysWith: { first, _ in first })
+    index = Dictionary(tensors.enumerated().map { (ExactName($1.name), $0) }, uniquingKeysWith: { first, _ in first })
   }
 
   /// Stored bytes held.
   public var byteCount: Int { totalByteCount }
 
-  public func lookup(_ name: String) -> TensorInfo? { index[name].map { tensors[$0] } }
+  public func lookup(_ name: String) -> TensorInfo? { index[ExactName(name)].map { tensors[$0] } }
 
   public func file(of name: String) -> String? { nil }
 
   public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
     -> R
   {
-    guard let stored = bytes[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    guard let stored = bytes[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let range = range ?? 0..<stored.count
     precondition(
       range.lowerBound >= 0 && range.upperBound <= stored.count, "byte range \(range) outside tensor '\(name)'")
@@ -62,7 +62,7 @@ public final class MemoryCheckpointWriter: TensorSink {
   private let modelFolder: String?
   private var next = 0
   private var current: (info: TensorInfo, bytes: [UInt8])?
-  private var finished: [String: [UInt8]] = [:]
+  private var finished: [ExactName: [UInt8]] = [:]
   private var result: MemoryCheckpoint?
 
   /// - `name`: how messages name the checkpoint; `layout`: the files a later written copy is
@@ -106,7 +106,7 @@ public final class MemoryCheckpointWriter: TensorSink {
       throw CheckpointError.writeOrder(
         file: name, reason: "tensor '\(info.name)' got \(bytes.count) of its \(info.byteCount) bytes")
     }
-    finished[info.name] = bytes
+    finished[ExactName(info.name)] = bytes
     current = nil
   }
 

@@ -1,6 +1,12 @@
 import Foundation
 import Tensor
 
+#if canImport(Glibc)
+  import Glibc
+#elseif canImport(Darwin)
+  import Darwin
+#endif
+
 /// Opens any supported checkpoint: a `.safetensors` or `.mkz` file, a shard index
 /// (`*.index.json`), or a model folder holding one of `model.safetensors.index.json`,
 /// `model.mkz.index.json`, `model.safetensors`, `model.mkz` (or a single tensor file).
@@ -15,12 +21,20 @@ public func openCheckpoint(_ path: String, base: (any Checkpoint)? = nil) throws
   guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
     throw CheckpointError.cannotOpen(file: path, reason: "no such file or folder")
   }
+  var file = path
   if isDirectory.boolValue {
-    guard let file = ModelFolder.tensorFile(in: path) else { throw CheckpointError.notACheckpoint(path: path) }
-    return try openCheckpoint(file, base: base)
+    guard let chosen = ModelFolder.tensorFile(in: path) else { throw CheckpointError.notACheckpoint(path: path) }
+    file = chosen
   }
-  if path.hasSuffix(".index.json") { return try ShardedCheckpoint(indexPath: path, base: base) }
-  if ModelFolder.startsWithMKZMagic(path) { return try CompressedFile(path: path, base: base) }
+  try InputFile.checkRegular(file)
+  if file.hasSuffix(".index.json") { return try ShardedCheckpoint(indexPath: file, base: base) }
+  return try openTensorFile(file, base: base)
+}
+
+/// Opens one regular tensor file, `.mkz` (by its magic bytes) or safetensors; never an index
+/// or a folder, so that nothing a file names can lead back to itself.
+func openTensorFile(_ path: String, base: (any Checkpoint)?) throws -> any Checkpoint {
+  if try ModelFolder.startsWithMKZMagic(path) { return try CompressedFile(path: path, base: base) }
   return try SafetensorsFile(path: path)
 }
 
@@ -43,10 +57,58 @@ public enum ModelFolder {
     return tensorFiles.count == 1 ? "\(folder)/\(tensorFiles[0])" : nil
   }
 
-  static func startsWithMKZMagic(_ path: String) -> Bool {
-    guard let handle = FileHandle(forReadingAtPath: path) else { return false }
-    defer { try? handle.close() }
-    return (try? handle.read(upToCount: 8)).map { Array($0) == MKZ.magic } ?? false
+  /// Whether the regular file `path` begins with the `.mkz` magic bytes (read without blocking).
+  static func startsWithMKZMagic(_ path: String) throws -> Bool {
+    let (fd, size) = try InputFile.openRegular(path)
+    defer { close(fd) }
+    guard size >= MKZ.magic.count else { return false }
+    var head = [UInt8](repeating: 0, count: MKZ.magic.count)
+    let n = head.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+    return n == head.count && head == MKZ.magic
+  }
+
+  /// The path of shard `name` listed by the index `indexPath` in `folder`, after checking that
+  /// it stays there: a plain file name (no `/`, not `.` or `..`, not hidden, not an index) whose
+  /// real path, symbolic links resolved, is inside the folder's real path (or, for a Hugging Face
+  /// cache snapshot `<repo>/snapshots/<revision>`, inside that repository's `blobs` folder).
+  static func shardPath(_ name: String, folder: String, indexPath: String) throws -> String {
+    func refuse(_ why: String) -> CheckpointError {
+      .invalidIndex(file: indexPath, reason: "weight_map names the shard '\(name)', which \(why)")
+    }
+    guard !name.isEmpty, !name.contains("/"), !name.contains("\0"), !name.hasPrefix(".") else {
+      throw refuse("is not a plain file name in this folder (no '/', no leading '.')")
+    }
+    guard !name.hasSuffix(".index.json") else { throw refuse("is an index; an index must list tensor files") }
+    let path = "\(folder)/\(name)"
+    guard FileManager.default.fileExists(atPath: path) else {
+      throw CheckpointError.missingShard(index: indexPath, shard: name)
+    }
+    guard let realShard = realPath(path), allowedRoots(of: folder).contains(where: { realShard.hasPrefix($0) }) else {
+      throw refuse("resolves (through a symbolic link) to a file outside the model folder")
+    }
+    return path
+  }
+
+  /// The real folders (each ending in `/`) that files of the model folder `folder` may resolve
+  /// into: the folder itself and, in a Hugging Face cache snapshot, the repository's blobs.
+  static func allowedRoots(of folder: String) -> [String] {
+    guard let real = realPath(folder) else { return [] }
+    var roots = [real.hasSuffix("/") ? real : real + "/"]
+    let url = URL(fileURLWithPath: folder).standardizedFileURL
+    if url.deletingLastPathComponent().lastPathComponent == "snapshots",
+      let blobs = realPath(
+        url.deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("blobs").path)
+    {
+      roots.append(blobs + "/")
+    }
+    return roots
+  }
+
+  /// `path` with every symbolic link and `.`/`..` resolved, or nil.
+  static func realPath(_ path: String) -> String? {
+    guard let resolved = realpath(path, nil) else { return nil }
+    defer { free(resolved) }
+    return String(cString: resolved)
   }
 
   /// The model folder a checkpoint path stands for: the path itself when it is a folder, the
@@ -85,7 +147,7 @@ public enum ModelFolder {
   /// staging folder next to `destination`, removed on failure or interrupt, and publishes it
   /// once `fill` has written everything into the staging path it is given.
   public static func publishing(_ destination: String, overwrite: Bool, _ fill: (String) throws -> Void) throws {
-    let staging = destination + ".staging-\(getpid())"
+    let staging = TemporaryOutputs.path(for: destination, tag: "staging")
     let fm = FileManager.default
     try? fm.removeItem(atPath: staging)
     TemporaryOutputs.register(staging)
@@ -106,12 +168,42 @@ public enum ModelFolder {
     for name in auxiliaryFiles(in: folder) {
       let target = "\(destination)/\(name)"
       if FileManager.default.fileExists(atPath: target) { continue }
-      do {
-        try FileManager.default.copyItem(atPath: "\(folder)/\(name)", toPath: target)
-      } catch {
-        throw CheckpointError.cannotWrite(
-          file: target, reason: "copying \(folder)/\(name): \(error.localizedDescription)")
+      try copyEntry("\(folder)/\(name)", to: target)
+    }
+  }
+
+  /// Copies a regular file or a folder of them to `target`, following symbolic links (a Hugging
+  /// Face cache links its files to blobs) so that the copy stands alone. A FIFO, device or
+  /// socket anywhere is refused (`notARegularFile`) instead of being read forever; folders
+  /// nest at most `depth` levels, which also ends a link that loops back to its folder. With
+  /// `hardLink`, a file is linked rather than copied where the file system allows (weights of
+  /// many gigabytes that the output shares unchanged).
+  public static func copyEntry(_ source: String, to target: String, hardLink: Bool = false, depth: Int = 8) throws {
+    let fm = FileManager.default
+    var info = stat()
+    guard stat(source, &info) == 0 else {
+      throw CheckpointError.cannotOpen(file: source, reason: String(cString: strerror(errno)))
+    }
+    do {
+      if info.st_mode & S_IFMT == S_IFDIR {
+        guard depth > 0 else {
+          throw CheckpointError.cannotOpen(file: source, reason: "folders nest too deep (a link loop?)")
+        }
+        try fm.createDirectory(atPath: target, withIntermediateDirectories: false)
+        for name in try fm.contentsOfDirectory(atPath: source).sorted() {
+          try copyEntry("\(source)/\(name)", to: "\(target)/\(name)", hardLink: hardLink, depth: depth - 1)
+        }
+      } else {
+        try InputFile.checkRegular(info, path: source)
+        let file = realPath(source) ?? source
+        if !hardLink || (try? fm.linkItem(atPath: file, toPath: target)) == nil {
+          try fm.copyItem(atPath: file, toPath: target)
+        }
       }
+    } catch let error as CheckpointError {
+      throw error
+    } catch {
+      throw CheckpointError.cannotWrite(file: target, reason: "copying \(source): \(error.localizedDescription)")
     }
   }
 
@@ -146,53 +238,52 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
   public var files: [StoredFile] { shards.flatMap(\.files) }
   /// The shard files, in index order.
   public let shards: [any Checkpoint]
-  private let shardOf: [String: Int]
+  private let shardOf: [ExactName: Int]
 
   public init(indexPath: String, base: (any Checkpoint)? = nil) throws {
     path = indexPath
     let folder = URL(fileURLWithPath: indexPath).deletingLastPathComponent().path
-    guard let data = FileManager.default.contents(atPath: indexPath) else {
-      throw CheckpointError.cannotOpen(file: indexPath, reason: "cannot read the file")
-    }
+    let data = try InputFile.read(indexPath)
     let json: JSON
-    do { json = try JSON.parse([UInt8](data)) } catch {
+    do { json = try JSON.parse(data) } catch {
       throw CheckpointError.invalidIndex(file: indexPath, reason: "not valid JSON")
     }
     guard let map = json["weight_map"]?.objectPairs else {
       throw CheckpointError.invalidIndex(file: indexPath, reason: "no 'weight_map' object")
     }
     var fileNames: [String] = []
-    var fileOf: [String: String] = [:]
+    var fileOf: [ExactName: String] = [:]
     for (tensor, value) in map {
-      guard let file = value.stringValue, !file.contains("/") else {
+      guard let file = value.stringValue else {
         throw CheckpointError.invalidIndex(
           file: indexPath, reason: "weight_map entry '\(tensor)' is not a file name in this folder")
       }
       if !fileNames.contains(file) { fileNames.append(file) }
-      fileOf[tensor] = file
+      guard fileOf.updateValue(file, forKey: ExactName(tensor)) == nil else {
+        throw CheckpointError.invalidIndex(file: indexPath, reason: "weight_map lists tensor '\(tensor)' twice")
+      }
     }
     var shards: [any Checkpoint] = []
-    var shardOf: [String: Int] = [:]
+    var shardOf: [ExactName: Int] = [:]
     var tensors: [TensorInfo] = []
     for (i, file) in fileNames.enumerated() {
-      let shardPath = "\(folder)/\(file)"
-      guard FileManager.default.fileExists(atPath: shardPath) else {
-        throw CheckpointError.missingShard(index: indexPath, shard: file)
-      }
-      let shard = try openCheckpoint(shardPath, base: base)
+      let shardPath = try ModelFolder.shardPath(file, folder: folder, indexPath: indexPath)
+      let shard = try openTensorFile(shardPath, base: base)
       for info in shard.tensors {
-        guard fileOf[info.name] == file else {
+        guard fileOf[ExactName(info.name)] == file else {
           throw CheckpointError.invalidIndex(
             file: indexPath,
-            reason: "tensor '\(info.name)' is in \(file) but the weight_map says \(fileOf[info.name] ?? "nothing")")
+            reason:
+              "tensor '\(info.name)' is in \(file) but the weight_map says \(fileOf[ExactName(info.name)] ?? "nothing")"
+          )
         }
-        shardOf[info.name] = i
+        shardOf[ExactName(info.name)] = i
         tensors.append(info)
       }
       shards.append(shard)
     }
     for (tensor, file) in fileOf where shardOf[tensor] == nil {
-      throw CheckpointError.missingTensor(file: "\(folder)/\(file)", tensor: tensor)
+      throw CheckpointError.missingTensor(file: "\(folder)/\(file)", tensor: tensor.name)
     }
     self.shards = shards
     self.shardOf = shardOf
@@ -200,23 +291,23 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
     metadata = shards.first?.metadata ?? [:]
   }
 
-  public func lookup(_ name: String) -> TensorInfo? { shardOf[name].flatMap { shards[$0].lookup(name) } }
+  public func lookup(_ name: String) -> TensorInfo? { shardOf[ExactName(name)].flatMap { shards[$0].lookup(name) } }
 
-  public func file(of name: String) -> String? { shardOf[name].map { shards[$0].path } }
+  public func file(of name: String) -> String? { shardOf[ExactName(name)].map { shards[$0].path } }
 
   public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
     -> R
   {
-    guard let i = shardOf[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    guard let i = shardOf[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     return try shards[i].withBytes(of: name, range: range, body)
   }
 
   public func release(_ name: String, range: Range<Int>?) {
-    shardOf[name].map { shards[$0].release(name, range: range) }
+    shardOf[ExactName(name)].map { shards[$0].release(name, range: range) }
   }
 
   /// The shard that holds tensor `name`.
-  public func shard(of name: String) -> (any Checkpoint)? { shardOf[name].map { shards[$0] } }
+  public func shard(of name: String) -> (any Checkpoint)? { shardOf[ExactName(name)].map { shards[$0] } }
 
   public func verify(progress: ((Int, Int) -> Void)?) throws {
     let total = totalByteCount

@@ -31,12 +31,8 @@ final class OutputFile: @unchecked Sendable {
 
   init(destination: String) throws {
     self.destination = destination
-    let url = URL(fileURLWithPath: destination)
-    temporaryPath =
-      url.deletingLastPathComponent().appendingPathComponent(
-        ".\(url.lastPathComponent).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-      ).path
-    fd = open(temporaryPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    temporaryPath = TemporaryOutputs.path(for: destination, tag: String(UInt32.random(in: 0...UInt32.max)))
+    fd = open(temporaryPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
     guard fd >= 0 else {
       throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
     }
@@ -158,10 +154,60 @@ private struct StagedBytes: @unchecked Sendable {
 }
 
 /// The temporary files and work folders of outputs still being written, so that an interrupted
-/// command (Ctrl-C, `kill`) can delete them instead of leaving hidden multi-gigabyte files behind.
+/// command (Ctrl-C, `kill`, a closed terminal) can delete them instead of leaving hidden
+/// multi-gigabyte files behind, and so that a later run can recognise and delete the ones a
+/// killed or crashed process could not.
+///
+/// Every temporary is named `.<destination name>.mergekit-tmp-<pid>[-<tag>]` (hidden, next to
+/// its destination). Before the first temporary of a process is created in a folder, the folder
+/// is swept: temporaries whose process no longer exists are removed, and each is reported.
 public enum TemporaryOutputs {
   nonisolated(unsafe) private static var paths = Set<String>()
+  nonisolated(unsafe) private static var sweptFolders = Set<String>()
   private static let lock = NSLock()
+  static let marker = ".mergekit-tmp-"
+
+  /// Where removals of stale temporaries are reported (standard error by default).
+  nonisolated(unsafe) public static var report: @Sendable (String) -> Void = { line in
+    FileHandle.standardError.write(Data((line + "\n").utf8))
+  }
+
+  /// A temporary path for `destination` owned by this process, in the same folder (so that
+  /// publishing is a rename); `tag` tells several temporaries of one destination apart. The
+  /// folder is swept of stale temporaries first.
+  public static func path(for destination: String, tag: String? = nil) -> String {
+    let url = URL(fileURLWithPath: destination)
+    let folder = url.deletingLastPathComponent().path
+    removeStale(in: folder)
+    let name = ".\(url.lastPathComponent)\(marker)\(getpid())" + (tag.map { "-" + $0 } ?? "")
+    return folder == "/" ? "/" + name : folder + "/" + name
+  }
+
+  /// The process id a temporary's name carries, or nil for any other name.
+  static func owner(ofTemporary name: String) -> pid_t? {
+    guard name.hasPrefix("."), let range = name.range(of: marker, options: .backwards) else { return nil }
+    let digits = name[range.upperBound...].prefix { $0.isASCII && $0.isNumber }
+    let rest = name[range.upperBound...].dropFirst(digits.count)
+    guard !digits.isEmpty, digits.count <= 10, rest.isEmpty || rest.hasPrefix("-") || rest.hasPrefix(".") else {
+      return nil
+    }
+    return pid_t(digits)
+  }
+
+  /// Removes, once per folder and process, the temporaries in `folder` whose owning process no
+  /// longer runs (killed with SIGKILL, crashed, or the machine restarted), reporting each.
+  public static func removeStale(in folder: String) {
+    let key = URL(fileURLWithPath: folder).standardizedFileURL.path
+    guard lock.withLock({ sweptFolders.insert(key).inserted }) else { return }
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: folder)) ?? []
+    for name in names {
+      guard let pid = owner(ofTemporary: name), pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
+      let path = "\(folder)/\(name)"
+      if (try? FileManager.default.removeItem(atPath: path)) != nil {
+        report("mergekit: removed \(path), left behind by process \(pid), which no longer runs")
+      }
+    }
+  }
 
   /// Marks a temporary file or folder for deletion if the process is interrupted.
   public static func register(_ path: String) { _ = lock.withLock { paths.insert(path) } }

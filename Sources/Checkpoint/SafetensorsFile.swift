@@ -13,8 +13,8 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
   public let metadata: [String: String]
   public let files: [StoredFile]
   private let map: MappedFile
-  private let ranges: [String: Range<Int>]
-  private let infos: [String: TensorInfo]
+  private let ranges: [ExactName: Range<Int>]
+  private let infos: [ExactName: TensorInfo]
 
   /// Opens and validates `path`; throws the first rule the file breaks.
   public init(path: String) throws {
@@ -29,32 +29,34 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
         name: URL(fileURLWithPath: path).lastPathComponent, tensors: ordered.map(\.info.name),
         safetensorsHeader: header.headerBytes)
     ]
-    var ranges: [String: Range<Int>] = [:]
-    var infos: [String: TensorInfo] = [:]
+    var ranges: [ExactName: Range<Int>] = [:]
+    var infos: [ExactName: TensorInfo] = [:]
+    ranges.reserveCapacity(ordered.count)
+    infos.reserveCapacity(ordered.count)
     for entry in ordered {
-      ranges[entry.info.name] =
+      ranges[ExactName(entry.info.name)] =
         (header.dataStart + entry.offsets.lowerBound)..<(header.dataStart + entry.offsets.upperBound)
-      infos[entry.info.name] = entry.info
+      infos[ExactName(entry.info.name)] = entry.info
     }
     self.ranges = ranges
     self.infos = infos
   }
 
-  public func lookup(_ name: String) -> TensorInfo? { infos[name] }
+  public func lookup(_ name: String) -> TensorInfo? { infos[ExactName(name)] }
 
-  public func file(of name: String) -> String? { infos[name] == nil ? nil : path }
+  public func file(of name: String) -> String? { infos[ExactName(name)] == nil ? nil : path }
 
   public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
     -> R
   {
-    guard let whole = ranges[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    guard let whole = ranges[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let part = range ?? 0..<whole.count
     precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
     return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
   }
 
   public func release(_ name: String, range: Range<Int>?) {
-    guard let whole = ranges[name] else { return }
+    guard let whole = ranges[ExactName(name)] else { return }
     let part = range ?? 0..<whole.count
     map.release((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound))
   }

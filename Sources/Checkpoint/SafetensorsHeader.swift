@@ -154,16 +154,7 @@ struct SafetensorsHeader {
   }
 
   /// Element count times element size, or nil when it overflows `Int`.
-  static func checkedByteCount(shape: [Int], dtype: DType) -> Int? {
-    var count = 1
-    for dimension in shape {
-      let (product, overflow) = count.multipliedReportingOverflow(by: dimension)
-      if overflow { return nil }
-      count = product
-    }
-    let (bytes, overflow) = count.multipliedReportingOverflow(by: dtype.size)
-    return overflow ? nil : bytes
-  }
+  static func checkedByteCount(shape: [Int], dtype: DType) -> Int? { checkedProduct(shape + [dtype.size]) }
 
   /// Offsets must tile the data section exactly: sorted by start they run contiguously from 0,
   /// stay inside the data, never overlap, and the last one ends at the end of the file.

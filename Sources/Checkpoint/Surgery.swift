@@ -50,14 +50,14 @@ public struct TensorSelection: Sendable {
   /// (source name, target name) for every kept tensor, in order. Throws when two tensors would
   /// get the same name or nothing is kept.
   public func apply(to names: [String], file: String) throws -> [(source: String, target: String)] {
-    var seen: [String: String] = [:]
+    var seen: [ExactName: String] = [:]
     var result: [(source: String, target: String)] = []
     for name in names where keeps(name) {
       let target = rename(name)
-      if let other = seen[target] {
+      if let other = seen[ExactName(target)] {
         throw CheckpointError.nameCollision(file: file, first: other, second: name, target: target)
       }
-      seen[target] = name
+      seen[ExactName(target)] = name
       result.append((name, target))
     }
     if result.isEmpty && !names.isEmpty { throw CheckpointError.nothingSelected(file: file) }

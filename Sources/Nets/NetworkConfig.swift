@@ -28,6 +28,41 @@ public enum NetworkConfig: Equatable, Sendable {
 }
 
 extension NetworkConfig {
+  /// The number of layers the config declares and the tensor-name prefix each layer's tensors
+  /// start with (before the layer index).
+  var layerScheme: (count: Int, prefixes: [String]) {
+    switch self {
+    case .mlp(let c): return (c.layerCount, ["layers.", "heads."])
+    case .decoder(let c): return (c.layerCount, ["model.layers."])
+    case .bert(let c): return (c.layerCount, ["encoder.layer.", "bert.encoder.layer."])
+    }
+  }
+
+  /// Checks that a checkpoint with tensors `names` can hold the layers this config declares,
+  /// before anything is sized by the config: a config.json claiming a billion layers fails here
+  /// at once instead of building a billion tensor names. MLP configs list their sizes, so
+  /// only decoders and BERT are counted.
+  public func checkLayers(against names: [String]) throws {
+    guard case (let count, let prefixes) = layerScheme, !isMLP else { return }
+    var present = Set<Int>()
+    for name in names {
+      for prefix in prefixes where name.hasPrefix(prefix) {
+        let digits = name.dropFirst(prefix.count).prefix { $0.isASCII && $0.isNumber }
+        if let index = Int(digits), index < count { present.insert(index) }
+      }
+    }
+    guard present.count == count else {
+      let missing = (0..<min(count, present.count + 1)).first { !present.contains($0) } ?? 0
+      throw NetsError.invalidConfig(
+        key: "num_hidden_layers",
+        reason:
+          "declares \(count) layers but the checkpoint holds tensors for \(present.count) of them "
+          + "(none for layer \(missing)); the config does not describe this checkpoint")
+    }
+  }
+
+  var isMLP: Bool { if case .mlp = self { return true } else { return false } }
+
   /// The factored linear layers a config.json declares (PELA): `"low_rank": {"ranks": {layer: r}}`;
   /// empty when there is no such key.
   public static func lowRankRanks(json: Data) throws -> [String: Int] {
@@ -58,6 +93,9 @@ extension NetworkConfig {
 
 /// Typed reads of config keys, with errors naming the key.
 struct ConfigKeys {
+  /// The largest size or count a config key may hold (2^26: above every real vocabulary,
+  /// width, layer count and context length), so products of two sizes never overflow.
+  static let maxSize = 1 << 26
   let values: [String: Any]
   init(_ values: [String: Any]) { self.values = values }
 
@@ -66,8 +104,11 @@ struct ConfigKeys {
       if let value { return value }
       throw NetsError.missingConfigKey(key)
     }
-    guard let number = raw as? NSNumber, let exact = Int(exactly: number.doubleValue), exact > 0 else {
-      throw NetsError.invalidConfig(key: key, reason: "expected a positive integer, found \(raw)")
+    guard let number = raw as? NSNumber, let exact = Int(exactly: number.doubleValue), exact > 0,
+      exact <= ConfigKeys.maxSize
+    else {
+      throw NetsError.invalidConfig(
+        key: key, reason: "expected a positive integer up to \(ConfigKeys.maxSize), found \(raw)")
     }
     return exact
   }
@@ -126,9 +167,9 @@ public struct MLPConfig: Equatable, Sendable {
 
   init(_ keys: ConfigKeys) throws {
     guard let sizes = keys.values["layer_sizes"] as? [Int] else { throw NetsError.missingConfigKey("layer_sizes") }
-    guard sizes.count >= 2, sizes.allSatisfy({ $0 > 0 }) else {
+    guard sizes.count >= 2, sizes.allSatisfy({ $0 > 0 && $0 <= ConfigKeys.maxSize }) else {
       throw NetsError.invalidConfig(
-        key: "layer_sizes", reason: "needs at least an input and an output size, all positive")
+        key: "layer_sizes", reason: "needs at least an input and an output size, all positive (up to 2^26)")
     }
     let heads = try keys.int("heads", default: 1)
     let shared = keys.values["shared_layers"] == nil ? sizes.count - 1 : (keys.values["shared_layers"] as? Int ?? -1)

@@ -130,7 +130,7 @@ public enum KVProjectionFiles {
         method: "MatryoshkaKV", reason: "\(source) is not a model folder with a config.json")
     }
     let fm = FileManager.default
-    guard let json = fm.contents(atPath: folder + "/config.json"),
+    guard let json = try? Data(InputFile.read(folder + "/config.json")),
       var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any]
     else {
       throw CheckpointError.cannotWrite(file: output, reason: "cannot read \(folder)/config.json")
@@ -154,10 +154,10 @@ public enum KVProjectionFiles {
           guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else {
             continue
           }
-          do { try fm.linkItem(atPath: folder + "/" + name, toPath: staging + "/" + name) } catch {
-            try fm.copyItem(atPath: folder + "/" + name, toPath: staging + "/" + name)
-          }
+          try ModelFolder.copyEntry(folder + "/" + name, to: staging + "/" + name, hardLink: true)
         }
+      } catch let error as CheckpointError {
+        throw error
       } catch { throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription) }
       let writer = try CheckpointWriter(
         destination: staging + "/" + fileName, tensors: infos,

@@ -17,8 +17,8 @@ public enum LowRankFiles {
 
   /// The config of a model folder, when it has one that Nets knows.
   static func config(of model: String) -> (NetworkConfig?, Data?) {
-    guard let folder = ModelFolder.modelFolder(of: model),
-      let json = FileManager.default.contents(atPath: folder + "/config.json")
+    guard let folder = ModelFolder.modelFolder(of: model), InputFile.isRegularFile(folder + "/config.json"),
+      let json = try? Data(InputFile.read(folder + "/config.json"))
     else { return (nil, nil) }
     return (try? NetworkConfig(json: json), json)
   }

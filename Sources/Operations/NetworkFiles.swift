@@ -19,9 +19,7 @@ public enum NetworkFiles {
   /// A model as a runnable network: its config and the tensors the architecture reads.
   public static func load(_ model: String, config: String? = nil) throws -> Network<Float> {
     let path = try configPath(model: model, config: config)
-    guard let json = FileManager.default.contents(atPath: path) else {
-      throw CheckpointError.badDataFile(file: path, reason: "cannot read the model's config.json")
-    }
+    let json = Data(try InputFile.read(path))
     let networkConfig: NetworkConfig
     let lowRank: [String: Int]
     let kvProjection: KVProjection?
@@ -31,6 +29,9 @@ public enum NetworkFiles {
       kvProjection = try KVProjection.fromConfig(json: json)
     } catch let error as NetsError { throw CheckpointError.badDataFile(file: path, reason: error.description) }
     let checkpoint = try openCheckpoint(model)
+    do { try networkConfig.checkLayers(against: checkpoint.tensors.map(\.name)) } catch let error as NetsError {
+      throw CheckpointError.badDataFile(file: path, reason: error.description)
+    }
     let needed = Set(
       Network<Float>.expectedShapes(networkConfig, lowRank: lowRank).map(\.name)
         + Network<Float>.expectedShapes(networkConfig, prefix: "bert.", lowRank: lowRank).map(\.name))
@@ -75,8 +76,9 @@ public enum NetworkFiles {
       format: .safetensors, metadata: ["format": "pt"], copyFilesFrom: ModelFolder.modelFolder(of: source),
       overwrite: overwrite)
     if let configPath = ModelFolder.modelFolder(of: source).map({ $0 + "/config.json" }),
-      let json = FileManager.default.contents(atPath: configPath)
+      InputFile.isRegularFile(configPath)
     {
+      let json = Data(try InputFile.read(configPath))
       options.files["config.json"] =
         network.lowRank.isEmpty
         ? json : try NetworkConfig.addingLowRank(to: json, ranks: network.lowRank, method: "pela")

@@ -97,10 +97,7 @@ public struct StreamedOperation: Sendable {
         throw OperationError.missingParameter(
           operation: "atlas-apply", name: "coefficients", help: "a coefficient file")
       }
-      let data: Data
-      do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
-        throw CheckpointError.cannotOpen(file: path, reason: error.localizedDescription)
-      }
+      let data = Data(try InputFile.read(path))
       let coefficients = try ATLASCoefficients(json: data)
       if let base {
         try coefficients.check(

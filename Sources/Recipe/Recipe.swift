@@ -1,3 +1,4 @@
+import Checkpoint
 import Foundation
 import Merge
 import Yams
@@ -220,10 +221,44 @@ extension Recipe {
   /// `output` is where a mergekit configuration's result goes (mergekit takes it on the command line).
   public static func load(_ file: String, output: String? = nil) throws -> Recipe {
     let text: String
-    do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
-      throw RecipeError.unreadable(file: file, reason: "cannot read: \(error.localizedDescription)")
+    do { text = try InputFile.readText(file, limit: Recipe.maxFileSize) } catch let error as CheckpointError {
+      let message = error.description
+      let prefix = file + ": "
+      throw RecipeError.unreadable(
+        file: file, reason: message.hasPrefix(prefix) ? String(message.dropFirst(prefix.count)) : message)
     }
     return try parse(text, file: file, output: output)
+  }
+
+  /// What a step name or input label may be: letters, digits, `.`, `_` and `-`, not starting
+  /// with `.` (so `..` and hidden names are out). Names also name temporary files, so they must
+  /// never be paths.
+  public static func isIdentifier(_ name: String) -> Bool {
+    !name.isEmpty && name.utf8.first != UInt8(ascii: ".") && name.utf8.count <= 200
+      && name.utf8.allSatisfy { c in
+        (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5A) || (c >= 0x61 && c <= 0x7A) || c == 0x2E || c == 0x5F
+          || c == 0x2D
+      }
+  }
+  static let identifierRule = "use letters, digits, '.', '_' and '-' (at most 200), not starting with '.'"
+
+  /// The largest recipe or mergekit configuration file read: 16 MiB.
+  public static let maxFileSize = 16 << 20
+  /// The most YAML nodes a recipe may expand to, each alias counted at every place it is used,
+  /// so that a few lines of nested aliases (a "billion laughs") cannot make a run spin.
+  public static let maxNodeCount = 100_000
+
+  /// Spends one unit of `budget` per node of the tree under `node`, aliases expanded; false as
+  /// soon as it runs out (so the walk itself never exceeds the budget).
+  static func withinBudget(_ node: Node, _ budget: inout Int) -> Bool {
+    budget -= 1
+    guard budget >= 0 else { return false }
+    switch node {
+    case .scalar, .alias: return true
+    case .sequence(let items): return items.allSatisfy { withinBudget($0, &budget) }
+    case .mapping(let pairs):
+      return pairs.allSatisfy { withinBudget($0.key, &budget) && withinBudget($0.value, &budget) }
+    }
   }
 
   public static func parse(_ text: String, file: String, output: String? = nil) throws -> Recipe {
@@ -233,6 +268,14 @@ extension Recipe {
         throw RecipeError.unreadable(file: file, reason: "the file is empty")
       }
       node = parsed
+      var budget = maxNodeCount
+      guard withinBudget(node, &budget) else {
+        throw RecipeError.unreadable(
+          file: file,
+          reason:
+            "the YAML expands to more than \(maxNodeCount) nodes (aliases and merge keys counted at each use); "
+            + "a recipe is far smaller")
+      }
     } catch let error as RecipeError {
       throw error
     } catch {
@@ -247,7 +290,10 @@ extension Recipe {
   static func parseOurs(_ root: YAMLValue, output: String?) throws -> Recipe {
     let top = try root.fields(["inputs", "steps", "outputs"])
     var inputs: [(String, String)] = []
-    for (label, value) in try top["inputs"]?.map() ?? [] { inputs.append((label, try value.string())) }
+    for (label, value) in try top["inputs"]?.map() ?? [] {
+      guard isIdentifier(label) else { throw value.fail("'\(label)' is not a name: \(identifierRule)") }
+      inputs.append((label, try value.string()))
+    }
     var steps: [Step] = []
     for item in try top["steps"]?.list() ?? [] {
       let f = try item.fields([

@@ -32,12 +32,10 @@ public struct RecipeRunner {
         throw RecipeError.invalid(
           file: file, path: "\(step.location).name", line: nil, reason: "the label '\(step.label)' is used twice")
       }
-      guard !step.label.isEmpty, !step.label.contains("/"), step.label != ".", step.label != "..",
-        !step.label.hasPrefix(".")
-      else {
+      guard Recipe.isIdentifier(step.label) else {
         throw RecipeError.invalid(
           file: file, path: "\(step.location).name", line: nil,
-          reason: "'\(step.label)' is not a plain name (no '/', no leading '.'); it names the step's temporary file")
+          reason: "'\(step.label)' is not a name: \(Recipe.identifierRule)")
       }
       if OperationRegistry.operation(named: step.operation) == nil
         && OperationRegistry.streamed(named: step.operation) == nil && step.operation != ConvertOperation.name
@@ -296,7 +294,7 @@ public struct RecipeRunner {
   ) throws {
     let outputs = Dictionary(recipe.outputs.map { ($0.label, $0) }, uniquingKeysWith: { first, _ in first })
     let firstOutput = URL(fileURLWithPath: recipe.outputs[0].path).deletingLastPathComponent().path
-    let work = "\(firstOutput)/.mergekit-run-\(getpid())"
+    let work = TemporaryOutputs.path(for: "\(firstOutput)/recipe-steps")
     var results = Results(
       paths: Dictionary(recipe.inputs.map { ($0.label, $0.path) }, uniquingKeysWith: { first, _ in first }))
     if !dryRun {

@@ -46,27 +46,32 @@ struct InspectCommand: ParsableCommand {
     }
     let nameWidth = max(4, infos.map(\.name.count).max() ?? 0)
     let showStored = storedTotal != nil
-    var header =
-      "name".padding(toLength: nameWidth, withPad: " ", startingAt: 0)
-      + "  dtype    shape                parameters          bytes"
+    var header = pad("name", nameWidth) + "  dtype    shape                parameters          bytes"
     if showStored { header += "         stored" }
-    print(header)
+    var out = header + "\n"
     for (info, s) in zip(infos, stored) {
       let shape = "[" + info.shape.map(String.init).joined(separator: ", ") + "]"
-      var line =
-        info.name.padding(toLength: nameWidth, withPad: " ", startingAt: 0) + "  "
-        + info.dtype.rawValue.padding(toLength: 7, withPad: " ", startingAt: 0)
-      line +=
-        "  " + shape.padding(toLength: 19, withPad: " ", startingAt: 0)
-        + String(format: "%12d  %13d", info.count, info.byteCount)
-      if let s { line += String(format: "  %13d", s) }
-      print(line)
+      out += pad(info.name, nameWidth) + "  " + pad(info.dtype.rawValue, 7) + "  " + pad(shape, 19)
+      out += pad(String(info.count), 12, right: true) + "  " + pad(String(info.byteCount), 13, right: true)
+      if let s { out += "  " + pad(String(s), 13, right: true) }
+      out += "\n"
+      if out.utf8.count > 1 << 16 {
+        print(out, terminator: "")
+        out = ""
+      }
     }
+    print(out, terminator: "")
     var total = "\(infos.count) tensors, \(parameters) parameters, \(formatBytes(bytes))"
     if let storedTotal, storedTotal > 0 {
       total += String(format: ", stored in %@ (%.3fx)", formatBytes(storedTotal), Double(bytes) / Double(storedTotal))
     }
     print(total)
+  }
+
+  /// `text` padded with spaces to `width` characters, on the left with `right` (numbers).
+  private func pad(_ text: String, _ width: Int, right: Bool = false) -> String {
+    let fill = String(repeating: " ", count: max(0, width - text.count))
+    return right ? fill + text : text + fill
   }
 
   private func storedBytes(_ model: any Checkpoint, _ name: String) -> Int? {

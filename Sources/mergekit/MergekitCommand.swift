@@ -27,8 +27,8 @@ struct MergekitCommand: ParsableCommand {
     ]
   )
 
-  /// Entry point. On SIGINT or SIGTERM, deletes the temporary files of unfinished outputs and
-  /// exits with 128 + signal number. With `MERGEKIT_REPORT_PEAK_RSS=1`, prints this process's peak resident memory
+  /// Entry point. On SIGINT, SIGTERM or SIGHUP (a closed terminal), deletes the temporary files
+  /// of unfinished outputs and exits with 128 + signal number. With `MERGEKIT_REPORT_PEAK_RSS=1`, prints this process's peak resident memory
   /// (`VmHWM`) on stderr at exit, for benchmarks and memory checks.
   static func main() {
     BLAS.restartWithTheCPUsKernels()
@@ -42,7 +42,7 @@ struct MergekitCommand: ParsableCommand {
         }
       }
     }
-    for signalNumber in [SIGINT, SIGTERM] {
+    for signalNumber in [SIGINT, SIGTERM, SIGHUP] {
       signal(signalNumber, SIG_IGN)
       let source = DispatchSource.makeSignalSource(signal: signalNumber, queue: .global())
       source.setEventHandler {

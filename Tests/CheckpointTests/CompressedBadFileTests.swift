@@ -116,7 +116,9 @@ import Testing
     let path = try writeCheckpoint(tensors, to: folder.file("v.mkz"), options: WriteOptions(format: .mkz))
     let file = try CompressedFile(path: path)
     let bytes = readBytes(path)
-    let owners = file.tensors.flatMap { info in (0..<file.records[info.name]!.chunks.count).map { (info.name, $0) } }
+    let owners = file.tensors.flatMap { info in
+      (0..<file.records[ExactName(info.name)]!.chunks.count).map { (info.name, $0) }
+    }
     let rng = CounterRNG(seed: 4, stream: "flip")
     for (index, chunk) in file.chunks.enumerated() {
       for trial in 0..<3 {

@@ -29,7 +29,7 @@ func npyBytes(descr: String, shape: String, data: [UInt8]) -> [UInt8] {
     try "1,2,0.5\n".write(toFile: folder.file("c.csv"), atomically: true, encoding: .utf8)
     #expect(
       throws: CheckpointError.badDataFile(
-        file: folder.file("c.csv"), reason: "label on line 1[0] = 0.5 is not a non-negative integer")
+        file: folder.file("c.csv"), reason: "label on line 1 = 0.5 is not an integer between 0 and 1048576")
     ) { try DataFiles.readLabeled(folder.file("c.csv")) }
   }
 

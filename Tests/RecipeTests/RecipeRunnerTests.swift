@@ -246,7 +246,7 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
     var lines: [String] = []
     try RecipeRunner(try Recipe.parse(yaml, file: "net.yaml")).run(overwrite: true, report: { lines.append($0) })
     let soup = try #require(lines.first { $0.hasPrefix("soup:") })
-    #expect(!soup.hasSuffix("-> memory") && soup.contains(".mergekit-run-"), "\(soup)")
+    #expect(!soup.hasSuffix("-> memory") && soup.contains(".recipe-steps.mergekit-tmp-"), "\(soup)")
     #expect(FileManager.default.fileExists(atPath: "\(demo)/out/soup-eval.json"))
   }
 

@@ -157,11 +157,39 @@ struct CLI {
     #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["bad.safetensors"])
   }
 
-  /// One file output, and a folder output whose first shards are complete when the signal lands.
-  @Test(arguments: [["out.mkz"], ["out", "--format", "mkz", "--shard-size", "8MB"]])
-  func anInterruptedConvertLeavesNothingBehind(_ output: [String]) throws {
+  /// One file output, and a folder output whose first shards are complete when the signal lands;
+  /// Ctrl-C's SIGTERM and a closed terminal's SIGHUP are handled alike.
+  @Test(arguments: [["out.mkz"], ["out", "--format", "mkz", "--shard-size", "8MB"]], [SIGTERM, SIGHUP])
+  func anInterruptedConvertLeavesNothingBehind(_ output: [String], _ signal: Int32) throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
+    let process = try startLongConversion(in: folder, output: output)
+    kill(process.processIdentifier, signal)
+    process.waitUntilExit()
+    #expect(process.terminationStatus == 128 + signal)
+    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["in.safetensors"])
+  }
+
+  /// SIGKILL cannot be handled: the temporary stays, and the next run writing into the folder
+  /// removes it (its process no longer exists) and says so.
+  @Test func aKilledConversionsTemporariesAreRemovedByTheNextRun() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let process = try startLongConversion(in: folder, output: ["out", "--format", "mkz", "--shard-size", "8MB"])
+    kill(process.processIdentifier, SIGKILL)
+    process.waitUntilExit()
+    let left = try FileManager.default.contentsOfDirectory(atPath: folder.path).filter { $0 != "in.safetensors" }
+    #expect(left == [".out.mergekit-tmp-\(process.processIdentifier)"])
+    let next = try CLI.run("convert", folder.file("in.safetensors"), folder.file("copy.safetensors"), "-q")
+    #expect(next.stderr.contains("removed \(folder.file(left.first ?? "?"))"), "\(next.stderr)")
+    #expect(
+      try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == [
+        "copy.safetensors", "in.safetensors",
+      ])
+  }
+
+  /// Starts `convert` on 64 MB of f32 in `folder` and returns once its temporary output exists.
+  func startLongConversion(in folder: TemporaryFolder, output: [String]) throws -> Process {
     // 64 MB of f32 (a 1 MiB random block repeated): a second or more of work, so the signal
     // lands mid-write.
     let block = Data(randomTensorData(.f32, shape: [1 << 18], seed: 5).bytes)
@@ -183,14 +211,11 @@ struct CLI {
     var sawTemporaryOutput = false
     while process.isRunning && Date() < deadline && !sawTemporaryOutput {
       sawTemporaryOutput = (try FileManager.default.contentsOfDirectory(atPath: folder.path)).contains {
-        $0.hasPrefix(".\(output[0]).tmp-")
+        $0.hasPrefix(".\(output[0]).mergekit-tmp-")
       }
       usleep(sawTemporaryOutput ? 300_000 : 5_000)
     }
     #expect(sawTemporaryOutput && process.isRunning, "the conversion ended before it could be interrupted")
-    process.terminate()  // SIGTERM
-    process.waitUntilExit()
-    #expect(process.terminationStatus == 128 + SIGTERM)
-    #expect(try FileManager.default.contentsOfDirectory(atPath: folder.path) == ["in.safetensors"])
+    return process
   }
 }

@@ -86,7 +86,8 @@ import Testing
     )
     .write(to: URL(fileURLWithPath: folder.file("escape.yaml")))
     let dotted = try CLI.run("run", folder.file("escape.yaml"))
-    #expect(dotted.status == 64 && dotted.stderr.contains("'../keep' is not a plain name"), "\(dotted.stderr)")
+    #expect(
+      dotted.status == 64 && dotted.stderr.contains("'../keep' is not a name: use letters, digits"), "\(dotted.stderr)")
     let twice = try CLI.run(
       "run",
       try recipe(
