@@ -97,6 +97,8 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   case fileTooLarge(file: String, size: Int, limit: Int)
   /// A text file (JSON, YAML, CSV) that is not valid UTF-8.
   case notUTF8(file: String)
+  /// An output that is, holds or lies inside one of the run's inputs.
+  case outputIsInput(output: String, input: String)
 
   public var description: String {
     switch self {
@@ -165,6 +167,10 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .fileTooLarge(let f, let s, let l):
       return "\(f): \(s) bytes is more than the \(l)-byte limit for this kind of file"
     case .notUTF8(let f): return "\(f): not valid UTF-8 text"
+    case .outputIsInput(let o, let i):
+      return o == i
+        ? "the output '\(o)' is also an input; write it elsewhere (an output replaces its path when it is done)"
+        : "the output '\(o)' overlaps the input '\(i)'; write it elsewhere (an output replaces its path when it is done)"
     }
   }
 }

@@ -104,6 +104,32 @@ public enum ModelFolder {
     return roots
   }
 
+  /// Throws `outputIsInput` when writing `output` would replace or write inside one of `inputs`
+  /// (or replace a folder holding one): the same path, links resolved, or one inside the other.
+  /// Outputs are published by a rename, so such a run would end by destroying what it read, and
+  /// a later step of a recipe would read the new output instead of the input.
+  public static func checkOutput(_ output: String, isNotAmong inputs: [String]) throws {
+    let target = resolvedPath(output)
+    for input in inputs {
+      let source = resolvedPath(input)
+      if target == source || target.hasPrefix(source + "/") || source.hasPrefix(target + "/") {
+        throw CheckpointError.outputIsInput(output: output, input: input)
+      }
+    }
+  }
+
+  /// The absolute path `path` stands for, links resolved in the part of it that exists.
+  static func resolvedPath(_ path: String) -> String {
+    var url = URL(fileURLWithPath: path).standardizedFileURL
+    var rest: [String] = []
+    while url.path != "/" {
+      if let real = realPath(url.path) { return ([real] + rest.reversed()).joined(separator: "/") }
+      rest.append(url.lastPathComponent)
+      url = url.deletingLastPathComponent()
+    }
+    return "/" + rest.reversed().joined(separator: "/")
+  }
+
   /// `path` with every symbolic link and `.`/`..` resolved, or nil.
   static func realPath(_ path: String) -> String? {
     guard let resolved = realpath(path, nil) else { return nil }

@@ -125,11 +125,8 @@ public struct RecipeRunner {
   /// later step the new result instead of the input.
   static func checkOutputs(_ recipe: Recipe) throws {
     var written: [String: String] = [:]
-    let inputs = Set(
-      recipe.inputs.map { URL(fileURLWithPath: $0.path).standardizedFileURL.path }
-        + recipe.steps.flatMap(\.references).filter(FileManager.default.fileExists(atPath:)).map {
-          URL(fileURLWithPath: $0).standardizedFileURL.path
-        })
+    let inputs =
+      recipe.inputs.map(\.path) + recipe.steps.flatMap(\.references).filter(FileManager.default.fileExists(atPath:))
     for output in recipe.outputs {
       let path = URL(fileURLWithPath: output.path).standardizedFileURL.path
       if let other = written[path] {
@@ -137,10 +134,12 @@ public struct RecipeRunner {
           file: recipe.source, path: output.location, line: nil,
           reason: "'\(output.path)' is also the path of output \(other); each output needs its own path")
       }
-      if inputs.contains(path) {
+      do { try ModelFolder.checkOutput(output.path, isNotAmong: inputs) } catch {
         throw RecipeError.invalid(
           file: recipe.source, path: output.location, line: nil,
-          reason: "'\(output.path)' is also read by the recipe; write the output elsewhere")
+          reason:
+            "'\(output.path)' is also read by the recipe (or holds or lies in what it reads); write the output elsewhere"
+        )
       }
       written[path] = output.label
     }

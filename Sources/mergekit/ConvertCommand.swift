@@ -54,6 +54,7 @@ struct ConvertCommand: ParsableCommand {
     if let base { try requireExisting(base, "base") }
     _ = try asUsage { try ConvertOperation.resolve(select: select, drop: drop, renames: rename, dtype: dtype) }
     try validateOutput(output, format: format, dtype: dtype, shardSize: shardSize, mayExist: overwrite)
+    try asUsage { try ModelFolder.checkOutput(output, isNotAmong: [input] + (base.map { [$0] } ?? [])) }
   }
 
   func run() throws {

@@ -74,6 +74,7 @@ struct MergekitCommand: ParsableCommand {
 func usageMessage(_ error: any Error) -> String? {
   switch error {
   case OperationError.outputExists(let path): return "'\(path)' already exists; pass --overwrite to replace it"
+  case CheckpointError.outputIsInput: return "\(error)"
   case let error as OperationError:
     return error.isUsage ? error.message { "--" + $0.replacingOccurrences(of: "_", with: "-") } : nil
   case let error as RecipeError:

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Checkpoint
 import Foundation
 import Merge
 import Operations
@@ -47,6 +48,7 @@ struct OperationCommand<Op: MergekitOperation>: ParsableCommand {
       if !overwrite && !dryRun && FileManager.default.fileExists(atPath: path) {
         throw OperationError.outputExists(path: path)
       }
+      try ModelFolder.checkOutput(path, isNotAmong: request.inputPaths(operation.parameters).map(\.path))
     }
     if dryRun {
       print("operation:     \(operation.name)")

@@ -50,6 +50,7 @@ struct OutputOptions: ParsableArguments {
     defaultFormat: CheckpointFormat, metadata: [String: String] = [:]
   ) throws {
     MemoryPolicy.reuseTensorMemory()
+    try ModelFolder.checkOutput(output, isNotAmong: (base.map { [$0] } ?? []) + models)
     // Every value and required parameter, before any input is opened or output created.
     try method.checkInputs(hasBase: base != nil, modelCount: models.count)
     try ParameterResolver(

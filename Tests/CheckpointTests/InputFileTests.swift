@@ -1,0 +1,76 @@
+import Foundation
+import Testing
+
+@testable import Checkpoint
+@testable import TestSupport
+
+/// The layer every untrusted file is read through: regular files only, never blocking, capped.
+@Suite struct InputFileTests {
+  @Test func readsRegularFilesAndRefusesEverythingElse() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    writeBytes([1, 2, 3], to: folder.file("a.bin"))
+    #expect(try InputFile.read(folder.file("a.bin")) == [1, 2, 3])
+    #expect(throws: CheckpointError.fileTooLarge(file: folder.file("a.bin"), size: 3, limit: 2)) {
+      try InputFile.read(folder.file("a.bin"), limit: 2)
+    }
+    #expect(mkfifo(folder.file("pipe"), 0o600) == 0)
+    #expect(throws: CheckpointError.notARegularFile(file: folder.file("pipe"), kind: "a FIFO (named pipe)")) {
+      try InputFile.read(folder.file("pipe"))
+    }
+    #expect(throws: CheckpointError.notARegularFile(file: folder.path, kind: "a folder")) {
+      try InputFile.read(folder.path)
+    }
+    #expect(!InputFile.isRegularFile(folder.file("pipe")) && InputFile.isRegularFile(folder.file("a.bin")))
+    writeBytes([0xC3, 0x28], to: folder.file("bad.txt"))
+    #expect(throws: CheckpointError.notUTF8(file: folder.file("bad.txt"))) {
+      try InputFile.readText(folder.file("bad.txt"))
+    }
+  }
+
+  /// Temporaries carry their process id; only names of this exact form are ever swept.
+  @Test func temporaryNamesCarryTheirOwner() {
+    #expect(TemporaryOutputs.owner(ofTemporary: ".out.mkz.mergekit-tmp-1234-99") == 1234)
+    #expect(TemporaryOutputs.owner(ofTemporary: ".out.mergekit-tmp-77") == 77)
+    #expect(TemporaryOutputs.owner(ofTemporary: ".out.mergekit-tmp-77.old") == 77)
+    #expect(TemporaryOutputs.owner(ofTemporary: "out.mergekit-tmp-77") == nil)  // not hidden: a user's file
+    #expect(TemporaryOutputs.owner(ofTemporary: ".out.mergekit-tmp-") == nil)
+    #expect(TemporaryOutputs.owner(ofTemporary: ".out.mergekit-tmp-12x") == nil)
+    let path = TemporaryOutputs.path(for: "/tmp/x/model.mkz", tag: "7")
+    #expect(path == "/tmp/x/.model.mkz.mergekit-tmp-\(getpid())-7")
+  }
+
+  /// A dead process's temporaries are removed (and reported); a live one's and other files stay.
+  @Test func staleTemporariesAreSwept() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    // A process id that cannot be running: above the kernel's maximum.
+    let dead =
+      (Int(
+        (try? String(contentsOfFile: "/proc/sys/kernel/pid_max", encoding: .utf8))?.trimmingCharacters(
+          in: .whitespacesAndNewlines) ?? "") ?? 4_194_304) + 1
+    writeBytes([1], to: folder.file(".a.mkz.mergekit-tmp-\(dead)-5"))
+    try FileManager.default.createDirectory(
+      atPath: folder.file(".b.mergekit-tmp-\(dead)"), withIntermediateDirectories: true)
+    writeBytes([2], to: folder.file(".c.mkz.mergekit-tmp-1"))  // pid 1 always runs
+    writeBytes([3], to: folder.file("keep.mergekit-tmp-\(dead)"))
+    final class Lines: @unchecked Sendable { var all: [String] = [] }
+    let lines = Lines()
+    let saved = TemporaryOutputs.report
+    TemporaryOutputs.report = { lines.all.append($0) }
+    defer { TemporaryOutputs.report = saved }
+    TemporaryOutputs.removeStale(in: folder.path)
+    #expect(
+      try FileManager.default.contentsOfDirectory(atPath: folder.path).sorted() == [
+        ".c.mkz.mergekit-tmp-1", "keep.mergekit-tmp-\(dead)",
+      ])
+    #expect(lines.all.count == 2 && lines.all.allSatisfy { $0.contains("process \(dead)") })
+  }
+
+  /// Canonically equivalent names with different bytes are different tensors.
+  @Test func namesCompareByBytes() {
+    #expect("\u{E9}" == "e\u{301}")
+    #expect(ExactName("\u{E9}") != ExactName("e\u{301}"))
+    #expect(Set([ExactName("\u{E9}"), ExactName("e\u{301}"), ExactName("\u{E9}")]).count == 2)
+  }
+}
