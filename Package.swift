@@ -46,7 +46,8 @@ let package = Package(
       ]),
     // The fuzz driver (make fuzz): built with the shipped checks, never -Ounchecked.
     .executableTarget(
-      name: "mergekit-fuzz", dependencies: ["Checkpoint", "Nets", "Operations", "Recipe", "Tensor"], path: "Fuzz"),
+      name: "mergekit-fuzz", dependencies: ["Checkpoint", "Merge", "Nets", "Operations", "Recipe", "Tensor"],
+      path: "Fuzz"),
     .target(name: "TestSupport", dependencies: ["Tensor", "Checkpoint"]),
     .target(name: "BenchmarkSupport", dependencies: ["Checkpoint"], path: "Benchmarks/BenchmarkSupport"),
     .executableTarget(

@@ -1,5 +1,6 @@
 import Checkpoint
 import Foundation
+import Merge
 import Nets
 import Operations
 import Recipe
@@ -122,6 +123,10 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     tokenizer_source: base
 
     """
+  let shapesByName = Dictionary(source.tensors.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
+  let coefficients = try ATLASCoefficients(
+    tasks: ["a", "b"], blocks: Array(source.tensors.prefix(3).map(\.name)), partitions: 2, value: 0.3
+  ).json()
   let features = (0..<8).flatMap { littleEndian(Float(Double($0) * 0.25).bitPattern) }
   return [
     InputKind(
@@ -142,6 +147,11 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     InputKind(
       name: "config.json", file: "configured/config.json", seeds: [Array(config.utf8)], isText: true,
       run: { _ in _ = try loadNetwork(configured) }),
+    InputKind(
+      name: "coefficients", file: "coefficients.json", seeds: [[UInt8](coefficients)], isText: true,
+      run: { path in
+        try ATLASCoefficients(json: Data(InputFile.read(path))).check(baseShapes: shapesByName, taskVectors: 2)
+      }),
     InputKind(
       name: "npy", file: "features.npy", seeds: [npy(descr: "<f4", shape: [4, 2], body: features)], isText: false,
       run: { path in _ = try DataFiles.readLabeled(path, labels: work + "/labels.npy") }),

@@ -264,7 +264,8 @@ public enum DataFiles {
       guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { return nil }
       let object = try? JSONSerialization.jsonObject(with: Data(line.utf8))
       let array = (object as? [Any]) ?? ((object as? [String: Any])?["input_ids"] as? [Any])
-      guard let ids = array?.compactMap({ ($0 as? NSNumber)?.intValue }), ids.count == array?.count, !ids.isEmpty,
+      guard let ids = array?.compactMap({ ($0 as? NSNumber).flatMap { Int(exactly: $0.doubleValue) } }),
+        ids.count == array?.count, !ids.isEmpty,
         ids.allSatisfy({ $0 >= 0 && $0 <= maxClassIndex })
       else {
         throw CheckpointError.badDataFile(

@@ -147,6 +147,15 @@ final class OutputFile: @unchecked Sendable {
   }
 }
 
+/// Writes a small file (a report, token sequences, coefficients) the way checkpoints are
+/// written: under a recognisable temporary name, removed on interrupt, renamed into place when
+/// complete. Throws `cannotWrite` naming the file.
+public func writeFileAtomically(_ bytes: [UInt8], to path: String) throws {
+  let file = try OutputFile(destination: path)
+  try file.write(bytes)
+  try file.publish()
+}
+
 /// A staging buffer handed to the writer queue; the semaphore guarantees nobody else touches it
 /// until the write is done.
 private struct StagedBytes: @unchecked Sendable {

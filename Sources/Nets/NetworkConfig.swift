@@ -28,22 +28,23 @@ public enum NetworkConfig: Equatable, Sendable {
 }
 
 extension NetworkConfig {
-  /// The number of layers the config declares and the tensor-name prefix each layer's tensors
-  /// start with (before the layer index).
-  var layerScheme: (count: Int, prefixes: [String]) {
+  /// What the config declares that is counted in tensor names: its layers (decoders, BERT) or
+  /// its heads (a multi-head MLP), the name key, and the tensor-name prefixes each is numbered
+  /// after.
+  var countedUnits: (count: Int, key: String, unit: String, prefixes: [String])? {
     switch self {
-    case .mlp(let c): return (c.layerCount, ["layers.", "heads."])
-    case .decoder(let c): return (c.layerCount, ["model.layers."])
-    case .bert(let c): return (c.layerCount, ["encoder.layer.", "bert.encoder.layer."])
+    case .mlp(let c): return c.heads > 1 ? (c.heads, "heads", "heads", ["heads."]) : nil
+    case .decoder(let c): return (c.layerCount, "num_hidden_layers", "layers", ["model.layers."])
+    case .bert(let c): return (c.layerCount, "num_hidden_layers", "layers", ["encoder.layer.", "bert.encoder.layer."])
     }
   }
 
-  /// Checks that a checkpoint with tensors `names` can hold the layers this config declares,
-  /// before anything is sized by the config: a config.json claiming a billion layers fails here
-  /// at once instead of building a billion tensor names. MLP configs list their sizes, so
-  /// only decoders and BERT are counted.
+  /// Checks that a checkpoint with tensors `names` holds the layers (or heads) this config
+  /// declares, before anything is sized by the config: a config.json claiming a billion layers
+  /// fails here at once instead of building a billion tensor names. An MLP's layer sizes are
+  /// listed in the file itself, so only its heads are counted.
   public func checkLayers(against names: [String]) throws {
-    guard case (let count, let prefixes) = layerScheme, !isMLP else { return }
+    guard let (count, key, unit, prefixes) = countedUnits else { return }
     var present = Set<Int>()
     for name in names {
       for prefix in prefixes where name.hasPrefix(prefix) {
@@ -52,16 +53,15 @@ extension NetworkConfig {
       }
     }
     guard present.count == count else {
-      let missing = (0..<min(count, present.count + 1)).first { !present.contains($0) } ?? 0
+      // The first index without tensors lies in 0...present.count (pigeonhole).
+      let missing = (0...present.count).first { !present.contains($0) } ?? 0
       throw NetsError.invalidConfig(
-        key: "num_hidden_layers",
+        key: key,
         reason:
-          "declares \(count) layers but the checkpoint holds tensors for \(present.count) of them "
-          + "(none for layer \(missing)); the config does not describe this checkpoint")
+          "declares \(count) \(unit) but the checkpoint holds tensors for \(present.count) of them "
+          + "(none for number \(missing)); the config does not describe this checkpoint")
     }
   }
-
-  var isMLP: Bool { if case .mlp = self { return true } else { return false } }
 
   /// The factored linear layers a config.json declares (PELA): `"low_rank": {"ranks": {layer: r}}`;
   /// empty when there is no such key.
@@ -113,10 +113,15 @@ struct ConfigKeys {
     return exact
   }
 
-  func double(_ key: String, default value: Double) throws -> Double {
+  /// A finite number at least `minimum` (above it with `exclusive`): an epsilon of -1 or a rotary
+  /// base of 0 would give NaN or meaningless outputs without any error.
+  func double(_ key: String, default value: Double, minimum: Double = 0, exclusive: Bool = false) throws -> Double {
     guard let raw = values[key], !(raw is NSNull) else { return value }
-    guard let number = raw as? NSNumber else {
-      throw NetsError.invalidConfig(key: key, reason: "expected a number, found \(raw)")
+    guard let number = raw as? NSNumber, number.doubleValue.isFinite,
+      exclusive ? number.doubleValue > minimum : number.doubleValue >= minimum
+    else {
+      throw NetsError.invalidConfig(
+        key: key, reason: "expected a finite number \(exclusive ? ">" : ">=") \(minimum), found \(raw)")
     }
     return number.doubleValue
   }
@@ -216,7 +221,7 @@ public struct DecoderConfig: Equatable, Sendable {
     keyValueHeadCount = try keys.int("num_key_value_heads", default: headCount)
     headDimension = try keys.int("head_dim", default: hiddenSize / headCount)
     epsilon = try keys.double("rms_norm_eps", default: 1e-6)
-    ropeTheta = try keys.double("rope_theta", default: 10_000)
+    ropeTheta = try keys.double("rope_theta", default: 10_000, exclusive: true)
     tiedEmbeddings = keys.bool("tie_word_embeddings", default: false)
     attentionBias = qwen || keys.bool("attention_bias", default: false)
     activation = try keys.activation("hidden_act", default: "silu")

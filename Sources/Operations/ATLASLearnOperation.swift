@@ -105,9 +105,7 @@ public struct ATLASLearnOperation: MergekitOperation {
       problem.network(coefficients), to: output, overwrite: context.overwrite,
       files: [Self.coefficientsFile: String(decoding: json, as: UTF8.self)])
     if let path = p.optionalText("coefficients_out") {
-      do { try json.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
-        throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription)
-      }
+      try writeFileAtomically([UInt8](json), to: path)
     }
     let (t, b, k) = (coefficients.tasks.count, coefficients.blocks.count, coefficients.partitions)
     let learned =

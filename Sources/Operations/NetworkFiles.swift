@@ -97,10 +97,11 @@ public enum NetworkFiles {
     guard overwrite || !FileManager.default.fileExists(atPath: destination) else {
       throw CheckpointError.outputExists(path: destination)
     }
-    do {
-      let bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys])
-      try bytes.write(to: URL(fileURLWithPath: destination), options: .atomic)
-    } catch { throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription) }
+    let bytes: Data
+    do { bytes = try JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys]) } catch {
+      throw CheckpointError.cannotWrite(file: destination, reason: error.localizedDescription)
+    }
+    try writeFileAtomically([UInt8](bytes), to: destination)
   }
 
   /// The tensors of a checkpoint (task vectors), decoded.
@@ -132,9 +133,7 @@ public enum NetworkFiles {
   /// Writes token sequences as JSON lines (one array of ids per line), atomically.
   public static func writeTokens(_ sequences: [[Int]], to path: String) throws {
     let text = sequences.map { "[" + $0.map(String.init).joined(separator: ", ") + "]" }.joined(separator: "\n") + "\n"
-    do { try Data(text.utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
-      throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription)
-    }
+    try writeFileAtomically(Array(text.utf8), to: path)
   }
 
   /// Writes labelled features as safetensors.

@@ -279,7 +279,11 @@ extension Recipe {
     } catch let error as RecipeError {
       throw error
     } catch {
-      throw RecipeError.unreadable(file: file, reason: "not valid YAML: \(error)")
+      // The parser quotes the offending line; a hostile file's line can be megabytes long.
+      let message = "\(error)".split(separator: "\n", omittingEmptySubsequences: false).prefix(6).map {
+        $0.count > 160 ? $0.prefix(160) + "..." : $0
+      }
+      throw RecipeError.unreadable(file: file, reason: "not valid YAML: " + message.joined(separator: "\n"))
     }
     let root = YAMLValue(node: node, path: "", file: file)
     let keys = try root.map().map(\.key)

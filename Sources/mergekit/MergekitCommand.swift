@@ -58,10 +58,13 @@ struct MergekitCommand: ParsableCommand {
       try command.run()
     } catch {
       if let message = usageMessage(error) {
-        FileHandle.standardError.write(Data("Error: \(message)\n".utf8))
+        FileHandle.standardError.write(Data("Error: \(boundedLines(message))\n".utf8))
         Glibc.exit(ExitCode.validationFailure.rawValue)
       }
-      exit(withError: error)
+      let code = exitCode(for: error)
+      if code == .success { exit(withError: error) }  // --help, --version: printed in full
+      FileHandle.standardError.write(Data((boundedLines(fullMessage(for: error)) + "\n").utf8))
+      Glibc.exit(code.rawValue)
     }
   }
 
@@ -90,6 +93,16 @@ func usageMessage(_ error: any Error) -> String? {
     }
   default: return nil
   }
+}
+
+/// A message with each line cut to about 1,000 characters (its start and its end, where the
+/// reason is): errors quote names and values from the input, and a hostile file's "tensor
+/// name" can be megabytes long.
+func boundedLines(_ message: String) -> String {
+  message.split(separator: "\n", omittingEmptySubsequences: false).map { line in
+    guard line.count > 1000 else { return String(line) }
+    return line.prefix(600) + " [... \(line.count - 1000) characters ...] " + line.suffix(400)
+  }.joined(separator: "\n")
 }
 
 /// `density (model 2)` as `--density (model 2)`.
