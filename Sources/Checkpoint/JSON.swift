@@ -1,5 +1,8 @@
 import Foundation
 
+/// `text` as a JSON string literal: quotes, backslashes and control characters escaped.
+public func jsonStringLiteral(_ text: String) -> String { JSON.quote(text) }
+
 /// A small strict JSON reader and writer for checkpoint headers. Unlike Foundation's parser it
 /// keeps object keys in order, reports duplicate keys, and keeps numbers as text so that 64-bit
 /// offsets are parsed exactly with overflow checks.
@@ -24,6 +27,25 @@ enum JSON: Equatable {
   }
 
   struct ParseError: Error { let message: String }
+
+  /// Parses a JSON object, handing each member to `visit` as it is read instead of building the
+  /// whole tree: a safetensors header of a million tensors never exists as a million parsed
+  /// objects at once. Throws `ParseError`, `DuplicateKey` (depth 0 for a member's key), or what
+  /// `visit` throws; `notAnObject` when the text is valid JSON of another kind.
+  static func parseObject(_ bytes: some Collection<UInt8>, visit: (String, JSON) throws -> Void) throws {
+    var parser = Parser(bytes: Array(bytes))
+    guard String(validating: parser.bytes, as: UTF8.self) != nil else { throw ParseError(message: "not valid UTF-8") }
+    parser.skipWhitespace()
+    guard parser.position < parser.bytes.count, parser.bytes[parser.position] == UInt8(ascii: "{") else {
+      _ = try parser.value(depth: 0)
+      throw ParseError(message: "the top level is not an object")
+    }
+    try parser.object(depth: 0, visit: visit)
+    parser.skipWhitespace()
+    guard parser.position == parser.bytes.count else {
+      throw ParseError(message: "unexpected data at byte \(parser.position)")
+    }
+  }
 
   /// Parses one JSON value that may be followed only by whitespace.
   static func parse(_ bytes: some Collection<UInt8>) throws -> JSON {
@@ -149,11 +171,17 @@ enum JSON: Equatable {
     }
 
     mutating func object(depth: Int) throws -> JSON {
-      position += 1
       var pairs: [(key: String, value: JSON)] = []
+      try object(depth: depth) { pairs.append(($0, $1)) }
+      return .object(pairs)
+    }
+
+    /// Reads an object member by member, handing each to `visit`.
+    mutating func object(depth: Int, visit: (String, JSON) throws -> Void) throws {
+      position += 1
       var seen = Set<ExactName>()
       skipWhitespace()
-      if position < bytes.count, bytes[position] == UInt8(ascii: "}") { position += 1; return .object(pairs) }
+      if position < bytes.count, bytes[position] == UInt8(ascii: "}") { position += 1; return }
       while true {
         skipWhitespace()
         guard position < bytes.count, bytes[position] == UInt8(ascii: "\"") else { throw fail("expected a string key") }
@@ -162,11 +190,11 @@ enum JSON: Equatable {
         skipWhitespace()
         guard position < bytes.count, bytes[position] == UInt8(ascii: ":") else { throw fail("expected ':'") }
         position += 1
-        pairs.append((key, try value(depth: depth + 1)))
+        try visit(key, try value(depth: depth + 1))
         skipWhitespace()
         guard position < bytes.count else { throw fail("unterminated object") }
         if bytes[position] == UInt8(ascii: ",") { position += 1; continue }
-        if bytes[position] == UInt8(ascii: "}") { position += 1; return .object(pairs) }
+        if bytes[position] == UInt8(ascii: "}") { position += 1; return }
         throw fail("expected ',' or '}'")
       }
     }

@@ -47,27 +47,21 @@ struct SafetensorsHeader {
   /// Parses the JSON header text: UTF-8, a JSON object, each entry valid, no duplicate names.
   static func parseTable(_ headerBytes: UnsafeRawBufferPointer, path: String) throws -> ([Entry], [String: String]) {
     guard String(validating: headerBytes, as: UTF8.self) != nil else { throw CheckpointError.headerNotUTF8(file: path) }
-    let json: JSON
+    var entries: [Entry] = []
+    var metadata: [String: String] = [:]
     do {
-      json = try JSON.parse(headerBytes)
+      try JSON.parseObject(headerBytes) { name, value in
+        if name == "__metadata__" {
+          metadata = try parseMetadata(value, path: path)
+        } else {
+          entries.append(try parseEntry(name: name, value, path: path))
+        }
+      }
     } catch let duplicate as JSON.DuplicateKey {
       if duplicate.depth == 0 { throw CheckpointError.duplicateTensor(file: path, tensor: duplicate.key) }
       throw CheckpointError.headerNotJSON(file: path, reason: "duplicate key '\(duplicate.key)'")
     } catch let error as JSON.ParseError {
       throw CheckpointError.headerNotJSON(file: path, reason: error.message)
-    }
-    guard let pairs = json.objectPairs else {
-      throw CheckpointError.headerNotJSON(file: path, reason: "the top level is not an object")
-    }
-
-    var entries: [Entry] = []
-    var metadata: [String: String] = [:]
-    for (name, value) in pairs {
-      if name == "__metadata__" {
-        metadata = try parseMetadata(value, path: path)
-      } else {
-        entries.append(try parseEntry(name: name, value, path: path))
-      }
     }
     return (entries, metadata)
   }

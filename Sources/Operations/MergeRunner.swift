@@ -56,9 +56,9 @@ public struct MergePlan {
       models: perModel.isEmpty ? Array(repeating: [:], count: models.count) : perModel,
       positions: LayerPositions(names: reference.tensors.map(\.name)))
 
-    let referenceNames = Set(reference.tensors.map(\.name))
+    let referenceNames = Set(reference.tensors.map { ExactName($0.name) })
     for model in inputs.dropFirst() where !allowMissing {
-      let extra = model.tensors.map(\.name).filter { !referenceNames.contains($0) }
+      let extra = model.tensors.map(\.name).filter { !referenceNames.contains(ExactName($0)) }
       if !extra.isEmpty { throw OperationError.extraTensors(file: model.path, names: extra) }
     }
     var items: [Item] = []

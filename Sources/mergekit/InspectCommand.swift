@@ -28,20 +28,8 @@ struct InspectCommand: ParsableCommand {
     let bytes = infos.reduce(0) { $0 + $1.byteCount }
     let storedTotal = stored.allSatisfy { $0 != nil } ? stored.reduce(0) { $0 + ($1 ?? 0) } : nil
     if json {
-      var rows: [[String: Any]] = []
-      for (info, s) in zip(infos, stored) {
-        var row: [String: Any] = [
-          "name": info.name, "dtype": info.dtype.rawValue, "shape": info.shape, "parameters": info.count,
-          "bytes": info.byteCount,
-        ]
-        if let s { row["stored_bytes"] = s }
-        rows.append(row)
-      }
-      var summary: [String: Any] = [
-        "path": path, "tensors": rows, "total_parameters": parameters, "total_bytes": bytes, "metadata": model.metadata,
-      ]
-      if let storedTotal { summary["total_stored_bytes"] = storedTotal }
-      try printJSON(summary)
+      printInspectJSON(
+        infos: infos, stored: stored, parameters: parameters, bytes: bytes, storedTotal: storedTotal, model)
       return
     }
     let nameWidth = max(4, infos.map(\.name.count).max() ?? 0)
@@ -66,6 +54,36 @@ struct InspectCommand: ParsableCommand {
       total += String(format: ", stored in %@ (%.3fx)", formatBytes(storedTotal), Double(bytes) / Double(storedTotal))
     }
     print(total)
+  }
+
+  /// The listing as JSON (keys sorted, as `printJSON` writes them), written row by row: a
+  /// header of a million tensors must not become a million dictionaries first.
+  private func printInspectJSON(
+    infos: [TensorInfo], stored: [Int?], parameters: Int, bytes: Int, storedTotal: Int?, _ model: any Checkpoint
+  ) {
+    var out = "{\n  \"metadata\" : {"
+    out += model.metadata.sorted { $0.key < $1.key }.map {
+      "\n    \(jsonStringLiteral($0.key)) : \(jsonStringLiteral($0.value))"
+    }
+    .joined(separator: ",")
+    out += model.metadata.isEmpty ? "},\n" : "\n  },\n"
+    out += "  \"path\" : \(jsonStringLiteral(path)),\n  \"tensors\" : ["
+    for (i, (info, s)) in zip(infos, stored).enumerated() {
+      out += i == 0 ? "\n" : ",\n"
+      out += "    {\"bytes\" : \(info.byteCount), \"dtype\" : \(jsonStringLiteral(info.dtype.rawValue)), "
+      out += "\"name\" : \(jsonStringLiteral(info.name)), \"parameters\" : \(info.count), "
+      out += "\"shape\" : [" + info.shape.map(String.init).joined(separator: ", ") + "]"
+      if let s { out += ", \"stored_bytes\" : \(s)" }
+      out += "}"
+      if out.utf8.count > 1 << 16 {
+        print(out, terminator: "")
+        out = ""
+      }
+    }
+    out += infos.isEmpty ? "],\n" : "\n  ],\n"
+    out += "  \"total_bytes\" : \(bytes),\n  \"total_parameters\" : \(parameters)"
+    if let storedTotal { out += ",\n  \"total_stored_bytes\" : \(storedTotal)" }
+    print(out + "\n}")
   }
 
   /// `text` padded with spaces to `width` characters, on the left with `right` (numbers).

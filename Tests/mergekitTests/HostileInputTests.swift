@@ -262,6 +262,20 @@ import Testing
       ])
   }
 
+  // 8. Names with quotes, backslashes and control characters stay exact through `inspect --json`.
+  @Test func inspectJSONEscapesNames() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let name = "a\"b\\c\n\u{1}\u{E9}"
+    _ = try writeCheckpoint(
+      [(name, TensorData(dtype: .f32, shape: [1], bytes: [0, 0, 0, 0]))], to: folder.file("n.safetensors"))
+    let result = try CLI.run("inspect", folder.file("n.safetensors"), "--json")
+    let parsed = try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any]
+    let tensors = parsed?["tensors"] as? [[String: Any]]
+    #expect((tensors?.first?["name"] as? String).map { Array($0.utf8) } == Array(name.utf8), "\(result.stdout)")
+    #expect(parsed?["total_parameters"] as? Int == 1)
+  }
+
   // 8. Counts above 2^31 print as they are (a sparse 3 GB file).
   @Test func inspectPrintsLargeCounts() throws {
     let folder = TemporaryFolder()
