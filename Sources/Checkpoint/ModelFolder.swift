@@ -194,18 +194,28 @@ public enum ModelFolder {
     for name in auxiliaryFiles(in: folder) {
       let target = "\(destination)/\(name)"
       if FileManager.default.fileExists(atPath: target) { continue }
-      try copyEntry("\(folder)/\(name)", to: target)
+      try copyEntry("\(folder)/\(name)", to: target, from: folder)
     }
   }
 
   /// Copies a regular file or a folder of them to `target`, following symbolic links (a Hugging
   /// Face cache links its files to blobs) so that the copy stands alone. A FIFO, device or
   /// socket anywhere is refused (`notARegularFile`) instead of being read forever; folders
-  /// nest at most `depth` levels, which also ends a link that loops back to its folder. With
-  /// `hardLink`, a file is linked rather than copied where the file system allows (weights of
-  /// many gigabytes that the output shares unchanged).
-  public static func copyEntry(_ source: String, to target: String, hardLink: Bool = false, depth: Int = 8) throws {
+  /// nest at most `depth` levels, which also ends a link that loops back to its folder. A link
+  /// must stay inside the model folder `folder` (or its Hugging Face cache blobs): a link to `/`
+  /// or `~/.ssh` is refused, never copied. With `hardLink`, a file is linked rather than copied
+  /// where the file system allows (weights of many gigabytes that the output shares unchanged).
+  public static func copyEntry(
+    _ source: String, to target: String, from folder: String, hardLink: Bool = false, depth: Int = 8
+  ) throws {
     let fm = FileManager.default
+    guard let real = realPath(source) else {
+      throw CheckpointError.cannotOpen(file: source, reason: "no such file (a broken link?)")
+    }
+    guard allowedRoots(of: folder).contains(where: { real.hasPrefix($0) }) else {
+      throw CheckpointError.cannotOpen(
+        file: source, reason: "links outside the model folder \(folder); copy the file in or remove the link")
+    }
     var info = stat()
     guard stat(source, &info) == 0 else {
       throw CheckpointError.cannotOpen(file: source, reason: String(cString: strerror(errno)))
@@ -217,7 +227,8 @@ public enum ModelFolder {
         }
         try fm.createDirectory(atPath: target, withIntermediateDirectories: false)
         for name in try fm.contentsOfDirectory(atPath: source).sorted() {
-          try copyEntry("\(source)/\(name)", to: "\(target)/\(name)", hardLink: hardLink, depth: depth - 1)
+          try copyEntry(
+            "\(source)/\(name)", to: "\(target)/\(name)", from: folder, hardLink: hardLink, depth: depth - 1)
         }
       } else {
         try InputFile.checkRegular(info, path: source)

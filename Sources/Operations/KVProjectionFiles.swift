@@ -154,7 +154,7 @@ public enum KVProjectionFiles {
           guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else {
             continue
           }
-          try ModelFolder.copyEntry(folder + "/" + name, to: staging + "/" + name, hardLink: true)
+          try ModelFolder.copyEntry(folder + "/" + name, to: staging + "/" + name, from: folder, hardLink: true)
         }
       } catch let error as CheckpointError {
         throw error

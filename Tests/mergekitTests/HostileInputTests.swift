@@ -236,6 +236,32 @@ import Testing
     try Self.expectRefused(["eval", Self.model, "--data", folder.file("t.jsonl")], names: folder.file("t.jsonl"))
   }
 
+  // 1. Links: a model folder's link to `/` (or anything outside it) is refused, never copied; a
+  // Hugging Face cache snapshot's links into its repository's blobs are followed.
+  @Test func linksOutOfTheModelFolderAreNotFollowed() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let evil = folder.file("evil")
+    try FileManager.default.copyItem(atPath: Self.model, toPath: evil)
+    try FileManager.default.createSymbolicLink(atPath: evil + "/root", withDestinationPath: "/")
+    try Self.expectRefused(["convert", evil, folder.file("out")], names: evil + "/root")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("out")))
+
+    let repo = folder.file("models--org--tiny")
+    let snapshot = repo + "/snapshots/abc123"
+    try FileManager.default.createDirectory(atPath: repo + "/blobs", withIntermediateDirectories: true)
+    try FileManager.default.createDirectory(atPath: snapshot, withIntermediateDirectories: true)
+    for (name, blob) in [("config.json", "c0ffee"), ("model.safetensors", "beef")] {
+      try FileManager.default.copyItem(atPath: Self.model + "/" + name, toPath: repo + "/blobs/" + blob)
+      try FileManager.default.createSymbolicLink(
+        atPath: snapshot + "/" + name, withDestinationPath: "../../blobs/" + blob)
+    }
+    let copied = try CLI.run("convert", snapshot, folder.file("copy"), "-q")
+    #expect(copied.status == 0, "\(copied.stderr)")
+    let attributes = try FileManager.default.attributesOfItem(atPath: folder.file("copy/config.json"))
+    #expect(attributes[.type] as? FileAttributeType == .typeRegular)  // a copy, not a dangling link
+  }
+
   // 8. Names: byte-different tensor names are different tensors, even when Unicode calls them
   // equivalent ("é" precomposed and "e" + combining accent).
   @Test func tensorNamesAreExactBytes() throws {
