@@ -12,6 +12,7 @@ public enum MergeRegistry {
     SlerpMerge(),
     ModelStockMerge(),
     STFMerge(),
+    PassthroughMerge(),
   ]
 
   /// The method called `name`; mergekit's spellings (`task_arithmetic`, `dare_ties`) work too.

@@ -237,13 +237,43 @@ public struct ResolvedParameters: Sendable {
 /// (1 when L = 1); tensors outside the layers (embeddings, final norm, head) at 0.
 public struct LayerPositions: Sendable {
   public let layerCount: Int
+  /// The index of the first layer counted (a mergekit slice's first output layer).
+  public let firstLayer: Int
 
   /// Counts the layers from the tensor names (`...layers.N...`, `h.N`, `blocks.N`, `layer.N`).
   public init(names: [String]) {
     layerCount = names.compactMap(Self.layerIndex).max().map { $0 + 1 } ?? 0
+    firstLayer = 0
   }
 
-  public init(layerCount: Int) { self.layerCount = layerCount }
+  /// Positions over `layerCount` layers starting at `firstLayer` (one mergekit slice).
+  public init(layerCount: Int, firstLayer: Int = 0) {
+    self.layerCount = layerCount
+    self.firstLayer = firstLayer
+  }
+
+  /// Whether a tensor outside the layers comes after them (final norm, LM head, classifier) as
+  /// mergekit's architectures order them: everything but the embeddings. mergekit evaluates
+  /// gradients at 0 for the tensors before the layers and at 1 for those after.
+  public static func isAfterLayers(_ name: String) -> Bool {
+    let lower = name.lowercased()
+    return !["embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type"].contains {
+      lower.contains($0)
+    }
+  }
+
+  /// Replaces the layer index in `name` (as `layerIndex` finds it) by `index`.
+  public static func renumbered(_ name: String, to index: Int) -> String {
+    var parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+    for i in parts.indices
+    where i + 1 < parts.count && ["layers", "layer", "h", "blocks", "block"].contains(parts[i])
+      && Int(parts[i + 1]) != nil
+    {
+      parts[i + 1] = String(index)
+      return parts.joined(separator: ".")
+    }
+    return name
+  }
 
   public static func layerIndex(_ name: String) -> Int? {
     let parts = name.split(separator: ".")
@@ -255,8 +285,8 @@ public struct LayerPositions: Sendable {
   }
 
   public func position(of name: String) -> Double {
-    guard let l = Self.layerIndex(name) else { return 0 }
-    return layerCount <= 1 ? 1 : Double(l) / Double(layerCount - 1)
+    guard let l = Self.layerIndex(name) else { return Self.isAfterLayers(name) ? 1 : 0 }
+    return layerCount <= 1 ? 1 : Double(l - firstLayer) / Double(layerCount - 1)
   }
 }
 

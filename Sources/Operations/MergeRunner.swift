@@ -42,7 +42,7 @@ public struct MergePlan {
   public init(
     method: any MergeMethod, base: (any Checkpoint)?, models: [any Checkpoint], global: [String: ParameterValue],
     perModel: [[String: ParameterValue]],
-    outputType: DType? = nil, allowMissing: Bool = false
+    outputType: DType? = nil, allowMissing: Bool = false, positions: LayerPositions? = nil
   ) throws {
     try method.checkInputs(hasBase: base != nil, modelCount: models.count)
     self.method = method
@@ -54,7 +54,7 @@ public struct MergePlan {
     resolver = try ParameterResolver(
       method: method.name, specs: method.parameters, global: global,
       models: perModel.isEmpty ? Array(repeating: [:], count: models.count) : perModel,
-      positions: LayerPositions(names: reference.tensors.map(\.name)))
+      positions: positions ?? LayerPositions(names: reference.tensors.map(\.name)))
 
     let referenceNames = Set(reference.tensors.map { ExactName($0.name) })
     for model in inputs.dropFirst() where !allowMissing {
@@ -172,8 +172,11 @@ public enum MergeRunner {
     try run(plan, into: writer, progress: progress)
   }
 
-  /// Runs the merge into `writer`, which declared `outputTensors(plan)`; finishes it.
-  public static func run(_ plan: MergePlan, into writer: any TensorSink, progress: ((Int, Int) -> Void)? = nil) throws {
+  /// Runs the merge into `writer`, which declared `outputTensors(plan)` (or those of several
+  /// plans, run in turn); finishes it unless `finish` is false.
+  public static func run(
+    _ plan: MergePlan, into writer: any TensorSink, finish: Bool = true, progress: ((Int, Int) -> Void)? = nil
+  ) throws {
     let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
     let plan = try preparedForModel(plan, inputs: inputs)
     let total = plan.bytesRead
@@ -204,7 +207,7 @@ public enum MergeRunner {
         progress?(done, total)
       }
     }
-    try writer.finish()
+    if finish { try writer.finish() }
   }
 
   /// An output tensor: bytes to copy, or merged values still to encode.

@@ -34,6 +34,8 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
   case integerMismatch(tensor: String, file: String)
   /// No floating-point tensor to merge.
   case noFloatingTensors
+  /// A mergekit `slices:` configuration that cannot be built (empty, uneven or missing layers).
+  case slices(reason: String)
 
   /// Whether the error is in what the user asked (exit 64) rather than in the inputs' contents.
   public var isUsage: Bool {
@@ -78,6 +80,7 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
       return
         "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
     case .noFloatingTensors: return "the inputs hold no floating-point tensors to merge"
+    case .slices(let reason): return reason
     }
   }
 

@@ -1,10 +1,12 @@
 import Merge
+import Operations
 
 /// Reads mergekit's own YAML configuration (`mergekit-yaml config.yml OUT`) as a one-step recipe,
 /// for the methods both tools have, so existing configs run unchanged:
 /// `merge_method`, `base_model`, `models` (each `model` with `parameters`), `parameters`,
-/// `dtype`, and `tokenizer_source: base` (the base's tokenizer files are copied; other
-/// tokenizer sources, `slices` and `chat_template` are refused with a clear message).
+/// `dtype`, `tokenizer_source: base` (the base's tokenizer files are copied; other tokenizer
+/// sources and `chat_template` are refused with a clear message), and `slices` (layer ranges
+/// merged slice by slice, `SlicedMerge`).
 enum MergekitConfig {
   /// mergekit's dtype names.
   static let dtypes = [
@@ -13,14 +15,67 @@ enum MergekitConfig {
   /// mergekit parameters that change nothing in our computation (memory or speed hints).
   static let ignoredParameters: Set<String> = ["int8_mask"]
 
+  /// Our dtype for the config's `out_dtype` (or `dtype`), if any.
+  static func outputDType(_ f: [String: YAMLValue]) throws -> String? {
+    guard let node = f["out_dtype"] ?? f["dtype"] else { return nil }
+    let name = try node.string()
+    guard let ours = dtypes[name] else {
+      throw node.fail("unknown dtype '\(name)'; use \(dtypes.keys.sorted().joined(separator: ", "))")
+    }
+    return ours
+  }
+
+  /// A `slices:` configuration: each slice's `sources` (`model`, `layer_range: [start, end]`,
+  /// `parameters`) and optional slice `parameters`, merged with the config's method.
+  static func slicedRecipe(
+    _ slicesNode: YAMLValue, root: YAMLValue, method: any MergeMethod, fields f: [String: YAMLValue], output: String
+  ) throws -> Recipe {
+    var slices: [SlicedMerge.Slice] = []
+    var models: [String] = []
+    for sliceNode in try slicesNode.list() {
+      let s = try sliceNode.fields(["sources", "parameters", "base_model", "residual_weight"])
+      guard let sourcesNode = s["sources"] else { throw sliceNode.fail("a slice needs 'sources'") }
+      var sources: [SlicedMerge.Source] = []
+      for sourceNode in try sourcesNode.list() {
+        let e = try sourceNode.fields(["model", "layer_range", "parameters"])
+        guard let model = try e["model"]?.string() else { throw sourceNode.fail("a source needs 'model'") }
+        guard let rangeNode = e["layer_range"] else {
+          throw sourceNode.fail("a source needs 'layer_range: [start, end]'")
+        }
+        let bounds = try rangeNode.list().map { item -> Int in
+          guard let n = Int(try item.string()), n >= 0, n <= 1 << 20 else {
+            throw item.fail("a layer index is a non-negative integer")
+          }
+          return n
+        }
+        guard bounds.count == 2, bounds[0] < bounds[1] else {
+          throw rangeNode.fail("layer_range is [start, end] with start < end (end excluded)")
+        }
+        sources.append(
+          SlicedMerge.Source(
+            model: model, layers: bounds[0]..<bounds[1], parameters: try e["parameters"]?.parameters() ?? [:]))
+        if !models.contains(model) { models.append(model) }
+      }
+      slices.append(SlicedMerge.Slice(sources: sources, parameters: try s["parameters"]?.parameters() ?? [:]))
+    }
+    var global = try f["parameters"]?.parameters() ?? [:]
+    for name in ignoredParameters { global[name] = nil }
+    let basePath = try f["base_model"]?.string()
+    let sliced = SlicedMerge(method: method, base: basePath, slices: slices, global: global)
+    let dtype = try outputDType(f)
+    let inputs = ((basePath.map { [$0] } ?? []) + models.filter { $0 != basePath }).map { (label: $0, path: $0) }
+    return Recipe(
+      inputs: inputs, steps: [],
+      outputs: [
+        Recipe.Output(label: "merged", path: output, format: nil, dtype: dtype, shardSize: nil, location: "output")
+      ], source: root.file, slicedMerge: sliced)
+  }
+
   static func recipe(from root: YAMLValue, output: String?) throws -> Recipe {
     let f = try root.fields([
       "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
       "slices", "chat_template", "name",
     ])
-    if let slices = f["slices"] {
-      throw slices.fail("mergekit 'slices' (layer-range merges) are not supported yet; merge whole models")
-    }
     if let template = f["chat_template"] {
       throw template.fail("'chat_template' is not supported; copy the template into the output's tokenizer_config.json")
     }
@@ -35,7 +90,14 @@ enum MergekitConfig {
     guard let methodNode = f["merge_method"] else { throw root.fail("missing merge_method") }
     let method: any MergeMethod
     do { method = try MergeRegistry.method(named: try methodNode.string()) } catch { throw methodNode.fail("\(error)") }
+    if let slicesNode = f["slices"], try slicesNode.list().isEmpty {
+      throw slicesNode.fail("lists no slice; give each slice its sources and layer_range")
+    }
     guard let output else { throw root.fail("a mergekit configuration names no output; pass one with -o") }
+    if let slicesNode = f["slices"] {
+      guard f["models"] == nil else { throw slicesNode.fail("give either 'models' or 'slices', not both") }
+      return try slicedRecipe(slicesNode, root: root, method: method, fields: f, output: output)
+    }
 
     let basePath = try f["base_model"]?.string()
     var models: [String] = []
@@ -53,14 +115,7 @@ enum MergekitConfig {
     }
     var global = try f["parameters"]?.parameters() ?? [:]
     for name in ignoredParameters { global[name] = nil }
-    var dtype: String?
-    if let node = f["out_dtype"] ?? f["dtype"] {
-      let name = try node.string()
-      guard let ours = dtypes[name] else {
-        throw node.fail("unknown dtype '\(name)'; use \(dtypes.keys.sorted().joined(separator: ", "))")
-      }
-      dtype = ours
-    }
+    let dtype = try outputDType(f)
     var inputs: [(label: String, path: String)] = models.map { ($0, $0) }
     if let basePath, method.base != .unused { inputs.insert((basePath, basePath), at: 0) }
     var step = Recipe.Step(

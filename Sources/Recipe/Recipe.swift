@@ -1,6 +1,7 @@
 import Checkpoint
 import Foundation
 import Merge
+import Operations
 import Yams
 
 /// A recipe: named inputs, steps that each run one operation (a merge method, `task-vector`,
@@ -98,12 +99,19 @@ public struct Recipe: Sendable {
   public var outputs: [Output]
   /// The file it came from (for messages).
   public var source: String
+  /// A mergekit `slices:` configuration: the one merge the recipe makes (no steps), written to
+  /// its one output.
+  public var slicedMerge: SlicedMerge?
 
-  public init(inputs: [(label: String, path: String)], steps: [Step], outputs: [Output], source: String) {
+  public init(
+    inputs: [(label: String, path: String)], steps: [Step], outputs: [Output], source: String,
+    slicedMerge: SlicedMerge? = nil
+  ) {
     self.inputs = inputs
     self.steps = steps
     self.outputs = outputs
     self.source = source
+    self.slicedMerge = slicedMerge
   }
 }
 

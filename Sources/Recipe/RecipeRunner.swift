@@ -24,6 +24,11 @@ public struct RecipeRunner {
 
   public init(_ recipe: Recipe) throws {
     self.recipe = recipe
+    if let sliced = recipe.slicedMerge {
+      order = []
+      try checkSliced(sliced)
+      return
+    }
     let file = recipe.source
     let stepLabels = Dictionary(recipe.steps.map { ($0.label, $0) }, uniquingKeysWith: { first, _ in first })
     var seen = Set(recipe.inputs.map(\.label))
@@ -291,6 +296,10 @@ public struct RecipeRunner {
     report: (String) -> Void = { _ in },
     progress: ((String, Int, Int) -> Void)? = nil
   ) throws {
+    if let sliced = recipe.slicedMerge {
+      try runSliced(sliced, overwrite: overwrite, dryRun: dryRun, report: report, progress: progress)
+      return
+    }
     let outputs = Dictionary(recipe.outputs.map { ($0.label, $0) }, uniquingKeysWith: { first, _ in first })
     let firstOutput = URL(fileURLWithPath: recipe.outputs[0].path).deletingLastPathComponent().path
     let work = TemporaryOutputs.path(for: "\(firstOutput)/recipe-steps")
@@ -500,5 +509,80 @@ public struct RecipeRunner {
     options.metadata = metadata
     try MergeRunner.run(plan, to: destination, options: options, progress: stepProgress)
     return nil
+  }
+}
+
+// MARK: - mergekit slices
+
+extension RecipeRunner {
+  /// Checks a `slices:` configuration before anything runs: its structure, every parameter of
+  /// every slice and source, the inputs, the output, and the plan from the inputs' headers
+  /// (layers that exist, tensors and shapes that agree).
+  func checkSliced(_ sliced: SlicedMerge) throws {
+    let file = recipe.source
+    do { try sliced.check() } catch let error as OperationError {
+      throw RecipeError.invalid(file: file, path: "slices", line: nil, reason: error.reason)
+    }
+    for (i, slice) in sliced.slices.enumerated() {
+      let (_, models) = sliced.roles(slice)
+      do {
+        try ParameterResolver(
+          method: sliced.method.name, specs: sliced.method.parameters,
+          global: sliced.global.merging(slice.parameters) { $1 },
+          models: models.map { slice.sources[$0].parameters }, positions: LayerPositions(layerCount: 0)
+        ).checkValues()
+      } catch let error as MergeError {
+        throw RecipeError.invalid(file: file, path: "slices[\(i)]", line: nil, reason: "\(error)")
+      }
+    }
+    for input in recipe.inputs where !FileManager.default.fileExists(atPath: input.path) {
+      throw RecipeError.invalid(file: file, path: "slices", line: nil, reason: "'\(input.path)' does not exist")
+    }
+    try Self.checkOutputs(recipe)
+    let output = recipe.outputs[0]
+    _ = try writeOptions(output, overwrite: true, copyFilesFrom: nil)
+    do {
+      _ = try sliced.plans(outputType: try dtype(output.dtype, at: "dtype"), open: { try openCheckpoint($0) })
+    } catch let error as RecipeError {
+      throw error
+    } catch {
+      throw RecipeError.stepFailed(file: file, path: "slices", step: output.label, reason: "\(error)")
+    }
+  }
+
+  /// Runs a `slices:` configuration into its output: the merged tensors in output order and the
+  /// config.json of the base (or first source) with the output's layer count.
+  func runSliced(
+    _ sliced: SlicedMerge, overwrite: Bool, dryRun: Bool, report: (String) -> Void,
+    progress: ((String, Int, Int) -> Void)?
+  ) throws {
+    let output = recipe.outputs[0]
+    var opened: [String: any Checkpoint] = [:]
+    let plans = try sliced.plans(outputType: try dtype(output.dtype, at: "dtype")) { path in
+      if let checkpoint = opened[path] { return checkpoint }
+      let checkpoint = try openCheckpoint(path)
+      opened[path] = checkpoint
+      return checkpoint
+    }
+    let tensors = plans.reduce(0) { $0 + $1.items.count }
+    report(
+      "\(output.label): \(sliced.method.name) over \(sliced.slices.count) slice\(sliced.slices.count == 1 ? "" : "s"), "
+        + "\(sliced.layerCount) layers, \(tensors) tensors -> \(output.path)")
+    if dryRun { return }
+    let source = sliced.base ?? sliced.slices[0].sources[0].model
+    var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: ModelFolder.modelFolder(of: source))
+    let config = try sliced.outputConfig { path in
+      guard let folder = ModelFolder.modelFolder(of: path), InputFile.isRegularFile(folder + "/config.json") else {
+        return nil
+      }
+      return try JSONSerialization.jsonObject(with: Data(InputFile.read(folder + "/config.json"))) as? [String: Any]
+    }
+    if let config { options.files["config.json"] = config }
+    do {
+      try SlicedMerge.run(
+        plans, to: output.path, options: options, progress: progress.map { p in { p(output.label, $0, $1) } })
+    } catch {
+      throw RecipeError.stepFailed(file: recipe.source, path: "slices", step: output.label, reason: "\(error)")
+    }
   }
 }

@@ -19,7 +19,13 @@ import Testing
     #expect(positions.position(of: "model.layers.0.self_attn.q_proj.weight") == 0)
     #expect(positions.position(of: "model.layers.2.mlp.up_proj.weight") == 0.5)
     #expect(positions.position(of: "model.layers.4.input_layernorm.weight") == 1)
-    #expect(positions.position(of: "lm_head.weight") == 0)
+    // mergekit evaluates gradients at 0 before the layers and at 1 after them.
+    #expect(positions.position(of: "model.embed_tokens.weight") == 0)
+    #expect(positions.position(of: "lm_head.weight") == 1)
+    #expect(positions.position(of: "model.norm.weight") == 1)
+    #expect(LayerPositions(layerCount: 3, firstLayer: 4).position(of: "model.layers.5.mlp.up_proj.weight") == 0.5)
+    #expect(
+      LayerPositions.renumbered("model.layers.12.mlp.up_proj.weight", to: 3) == "model.layers.3.mlp.up_proj.weight")
     #expect(LayerPositions.layerIndex("transformer.h.11.attn.c_attn.weight") == 11)
   }
 
