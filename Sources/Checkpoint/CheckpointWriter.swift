@@ -74,6 +74,9 @@ public struct WriteOptions: Sendable {
   public var deltaBase: (any Checkpoint)?
   /// A model folder whose non-tensor files (config.json, tokenizer files, ...) are copied.
   public var copyFilesFrom: String?
+  /// Names of `copyFilesFrom`'s files not to copy (the tokenizer's, with mergekit's
+  /// `--no-copy-tokenizer`).
+  public var skippedFiles: Set<String> = []
   /// Files written into a folder output by name (a config.json changed by the command); they
   /// take precedence over those copied from `copyFilesFrom`.
   public var files: [String: Data] = [:]
@@ -272,7 +275,9 @@ public final class CheckpointWriter: TensorSink {
       try out.write(Array(contents))
       try out.publish()
     }
-    if let source = options.copyFilesFrom { try ModelFolder.copyAuxiliaryFiles(from: source, to: workPath) }
+    if let source = options.copyFilesFrom {
+      try ModelFolder.copyAuxiliaryFiles(from: source, to: workPath, skipping: options.skippedFiles)
+    }
     try ModelFolder.publish(workPath, at: destination, overwrite: options.overwrite)
     TemporaryOutputs.unregister(workPath)
     done = true

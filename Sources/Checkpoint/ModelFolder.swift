@@ -145,6 +145,12 @@ public enum ModelFolder {
     return path.hasSuffix(".index.json") ? URL(fileURLWithPath: path).deletingLastPathComponent().path : nil
   }
 
+  /// The files a Hugging Face tokenizer is saved as (any of them).
+  public static let tokenizerFiles: Set<String> = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+  ]
+
   /// Names of a folder's non-tensor entries (config.json, tokenizer files, subfolders such as
   /// `1_Pooling`): everything but weight files, shard indexes and hidden files.
   public static func auxiliaryFiles(in folder: String) -> [String] {
@@ -189,9 +195,11 @@ public enum ModelFolder {
   }
 
   /// Copies the non-tensor files of the model folder `source` into `destination`.
-  public static func copyAuxiliaryFiles(from source: String, to destination: String) throws {
+  public static func copyAuxiliaryFiles(from source: String, to destination: String, skipping: Set<String> = [])
+    throws
+  {
     guard let folder = modelFolder(of: source) else { return }
-    for name in auxiliaryFiles(in: folder) {
+    for name in auxiliaryFiles(in: folder) where !skipping.contains(name) {
       let target = "\(destination)/\(name)"
       if FileManager.default.fileExists(atPath: target) { continue }
       try copyEntry("\(folder)/\(name)", to: target, from: folder)

@@ -75,7 +75,11 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
       return
         "\(file) has \(names.count) tensor\(names.count == 1 ? "" : "s") the reference lacks: \(Self.list(names)) (allow_missing: true in a recipe step, --allow-missing on the command line, ignores them)"
     case .shapeMismatch(let tensor, let shapes):
+      let vocabulary = ["embed", "lm_head", "wte", "word_embeddings"].contains { tensor.contains($0) }
       return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
+        + (vocabulary
+          ? "; the models' vocabularies differ (mergekit aligns them with tokenizer_source: union or a model, "
+            + "which this version cannot do yet: merge models that share a vocabulary)" : "")
     case .integerMismatch(let tensor, let file):
       return
         "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"

@@ -15,6 +15,26 @@ enum MergekitConfig {
   /// mergekit parameters that change nothing in our computation (memory or speed hints).
   static let ignoredParameters: Set<String> = ["int8_mask"]
 
+  /// `values` without the parameters `method` does not declare: mergekit reads only those its
+  /// method declares and ignores the rest (an `epsilon` left on a ties config), so they are
+  /// dropped here too, each with a warning naming its YAML path (`--strict` makes them errors).
+  static func declared(
+    _ values: [String: ParameterValue], method: any MergeMethod, at path: String, warnings: inout [String]
+  ) -> [String: ParameterValue] {
+    let known = Set(method.parameters.map(\.name))
+    var kept: [String: ParameterValue] = [:]
+    for (name, value) in values.sorted(by: { $0.key < $1.key }) {
+      if known.contains(name) {
+        kept[name] = value
+      } else if !ignoredParameters.contains(name) {
+        warnings.append(
+          "\(path).\(name): \(method.name) has no parameter '\(name)' (its parameters: "
+            + "\(method.parameters.map(\.name).joined(separator: ", "))); mergekit ignores it")
+      }
+    }
+    return kept
+  }
+
   /// Our dtype for the config's `out_dtype` (or `dtype`), if any.
   static func outputDType(_ f: [String: YAMLValue]) throws -> String? {
     guard let node = f["out_dtype"] ?? f["dtype"] else { return nil }
@@ -32,6 +52,7 @@ enum MergekitConfig {
   ) throws -> Recipe {
     var slices: [SlicedMerge.Slice] = []
     var models: [String] = []
+    var warnings: [String] = []
     for sliceNode in try slicesNode.list() {
       let s = try sliceNode.fields(["sources", "parameters", "base_model", "residual_weight"])
       guard let sourcesNode = s["sources"] else { throw sliceNode.fail("a slice needs 'sources'") }
@@ -53,22 +74,33 @@ enum MergekitConfig {
         }
         sources.append(
           SlicedMerge.Source(
-            model: model, layers: bounds[0]..<bounds[1], parameters: try e["parameters"]?.parameters() ?? [:]))
+            model: model, layers: bounds[0]..<bounds[1],
+            parameters: declared(
+              try e["parameters"]?.parameters() ?? [:], method: method, at: "\(sourceNode.path).parameters",
+              warnings: &warnings)))
         if !models.contains(model) { models.append(model) }
       }
-      slices.append(SlicedMerge.Slice(sources: sources, parameters: try s["parameters"]?.parameters() ?? [:]))
+      slices.append(
+        SlicedMerge.Slice(
+          sources: sources,
+          parameters: declared(
+            try s["parameters"]?.parameters() ?? [:], method: method, at: "\(sliceNode.path).parameters",
+            warnings: &warnings)))
     }
-    var global = try f["parameters"]?.parameters() ?? [:]
-    for name in ignoredParameters { global[name] = nil }
+    let global = declared(
+      try f["parameters"]?.parameters() ?? [:], method: method, at: "parameters", warnings: &warnings)
     let basePath = try f["base_model"]?.string()
     let sliced = SlicedMerge(method: method, base: basePath, slices: slices, global: global)
     let dtype = try outputDType(f)
     let inputs = ((basePath.map { [$0] } ?? []) + models.filter { $0 != basePath }).map { (label: $0, path: $0) }
-    return Recipe(
+    var recipe = Recipe(
       inputs: inputs, steps: [],
       outputs: [
         Recipe.Output(label: "merged", path: output, format: nil, dtype: dtype, shardSize: nil, location: "output")
       ], source: root.file, slicedMerge: sliced)
+    recipe.warnings = warnings
+    recipe.isMergekitConfiguration = true
+    return recipe
   }
 
   static func recipe(from root: YAMLValue, output: String?) throws -> Recipe {
@@ -103,6 +135,7 @@ enum MergekitConfig {
     var models: [String] = []
     var perModel: [[String: ParameterValue]] = []
     var lines = try f["parameters"]?.keyLines() ?? [:]
+    var warnings: [String] = []
     for entry in try f["models"]?.list() ?? [] {
       let e = try entry.fields(["model", "parameters"])
       guard let model = e["model"] else { throw entry.fail("a model entry needs 'model'") }
@@ -111,10 +144,13 @@ enum MergekitConfig {
       if path == basePath && method.base != .unused { continue }
       lines.merge(try e["parameters"]?.keyLines(suffix: "@\(models.count)") ?? [:]) { a, _ in a }
       models.append(path)
-      perModel.append(try e["parameters"]?.parameters().filter { !ignoredParameters.contains($0.key) } ?? [:])
+      perModel.append(
+        declared(
+          try e["parameters"]?.parameters() ?? [:], method: method, at: "\(entry.path).parameters",
+          warnings: &warnings))
     }
-    var global = try f["parameters"]?.parameters() ?? [:]
-    for name in ignoredParameters { global[name] = nil }
+    let global = declared(
+      try f["parameters"]?.parameters() ?? [:], method: method, at: "parameters", warnings: &warnings)
     let dtype = try outputDType(f)
     var inputs: [(label: String, path: String)] = models.map { ($0, $0) }
     if let basePath, method.base != .unused { inputs.insert((basePath, basePath), at: 0) }
@@ -124,10 +160,13 @@ enum MergekitConfig {
       dtype: dtype, select: nil, drop: nil, renames: [], data: nil, location: "merge_method",
       parametersLocation: "parameters", modelsLocation: "models")
     step.parameterLines = lines
-    return Recipe(
+    var recipe = Recipe(
       inputs: inputs, steps: [step],
       outputs: [
         Recipe.Output(label: "merged", path: output, format: nil, dtype: dtype, shardSize: nil, location: "output")
       ], source: root.file)
+    recipe.warnings = warnings
+    recipe.isMergekitConfiguration = true
+    return recipe
   }
 }

@@ -102,6 +102,11 @@ public struct Recipe: Sendable {
   /// A mergekit `slices:` configuration: the one merge the recipe makes (no steps), written to
   /// its one output.
   public var slicedMerge: SlicedMerge?
+  /// Whether the file is a mergekit configuration (`merge_method` at the top).
+  public var isMergekitConfiguration = false
+  /// What was accepted but ignored, as mergekit ignores it (parameters the method does not
+  /// declare), each naming its YAML path.
+  public var warnings: [String] = []
 
   public init(
     inputs: [(label: String, path: String)], steps: [Step], outputs: [Output], source: String,

@@ -12,6 +12,9 @@ import Tensor
 /// output; either is dropped once no later step reads it.
 public struct RecipeRunner {
   public let recipe: Recipe
+  /// Whether outputs take the tokenizer files of the model their other files come from
+  /// (mergekit's `--copy-tokenizer`, the default).
+  public var copiesTokenizer = true
   /// The steps in execution order.
   public let order: [Recipe.Step]
 
@@ -421,9 +424,11 @@ public struct RecipeRunner {
       shardSize = size
     }
     let named = output.flatMap { CheckpointFormat(pathExtension: URL(fileURLWithPath: $0.path).pathExtension) }
-    return WriteOptions(
+    var options = WriteOptions(
       format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom,
       overwrite: overwrite || output == nil)
+    if !copiesTokenizer { options.skippedFiles = ModelFolder.tokenizerFiles }
+    return options
   }
 
   func dtype(_ name: String?, at path: String) throws -> DType? {
@@ -584,5 +589,23 @@ extension RecipeRunner {
     } catch {
       throw RecipeError.stepFailed(file: recipe.source, path: "slices", step: output.label, reason: "\(error)")
     }
+  }
+}
+
+extension RecipeRunner {
+  /// The architectures of the recipe's inputs when their config.json files disagree
+  /// (`architectures`, else `model_type`): mergekit refuses such a merge unless asked with
+  /// `--allow-crimes`. Nil when they agree or say nothing.
+  public func mixedArchitectures() -> [String]? {
+    var seen: [String] = []
+    for input in recipe.inputs {
+      guard let folder = ModelFolder.modelFolder(of: input.path), InputFile.isRegularFile(folder + "/config.json"),
+        let bytes = try? InputFile.read(folder + "/config.json"),
+        let config = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+      else { continue }
+      let name = (config["architectures"] as? [String])?.first ?? (config["model_type"] as? String)
+      if let name, !seen.contains(name) { seen.append(name) }
+    }
+    return seen.count > 1 ? seen : nil
   }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Merge
 import Recipe
 import Tensor
 
@@ -8,9 +9,11 @@ struct RunCommand: ParsableCommand {
     commandName: "run",
     abstract: "Run a recipe (YAML): named inputs, steps whose results feed later steps, outputs.",
     discussion: """
-      Also runs mergekit's own configuration files (merge_method, base_model, models with \
-      parameters, parameters, dtype) unchanged for the methods both tools have; give the output \
-      with -o, as mergekit-yaml takes it. See recipes/ for an example of every method.
+      Also runs mergekit's own configuration files (merge_method, base_model, models or slices \
+      with parameters, parameters, dtype) unchanged for the methods both tools have: \
+      `mergekit run CONFIG OUT` takes mergekit-yaml's command line and flags. Parameters the \
+      method does not declare are ignored with a warning, as mergekit ignores them (an error \
+      with --strict). See recipes/ for an example of every method.
 
       A step result that is not an output stays in memory within --memory, else it goes to a \
       temporary folder next to the first output; either is dropped once no later step reads it.
@@ -18,6 +21,9 @@ struct RunCommand: ParsableCommand {
 
   @Argument(help: "The recipe or mergekit configuration file.")
   var recipe: String
+
+  @Argument(help: "Output path, as mergekit-yaml takes it (the same as -o).")
+  var outputPath: String?
 
   @Option(
     name: .shortAndLong,
@@ -39,9 +45,100 @@ struct RunCommand: ParsableCommand {
   @Flag(name: .shortAndLong, help: "No progress output.")
   var quiet = false
 
+  @Flag(help: "Refuse (exit 64) parameters a mergekit configuration's method does not declare, instead of warning.")
+  var strict = false
+
+  // mergekit-yaml's flags, accepted with their meaning.
+  @Flag(
+    name: .customLong("copy-tokenizer"), inversion: .prefixedNo,
+    help: "Copy the tokenizer files with the other model files (mergekit-yaml's default).")
+  var copyTokenizer = true
+
+  @Flag(name: .customLong("allow-crimes"), help: "Allow merging models of different architectures (as mergekit).")
+  var allowCrimes = false
+
+  @Option(
+    name: .customLong("out-shard-size"),
+    help: ArgumentHelp(
+      "Largest output shard, mergekit's way: a count with K, M or B (thousand, million, billion bytes), e.g. 5B.",
+      valueName: "size"))
+  var outShardSize: String?
+
+  @Option(
+    name: .customLong("random-seed"), help: "Seed of the random methods (DARE ...), for every step that takes one.")
+  var randomSeed: UInt64?
+
+  @Flag(name: .customLong("lazy-unpickle"), help: "Accepted for mergekit-yaml; inputs are always streamed.")
+  var lazyUnpickle = false
+
+  @Flag(name: .customLong("low-cpu-memory"), help: "Accepted for mergekit-yaml; memory is always bounded.")
+  var lowCPUMemory = false
+
+  @Flag(
+    name: .customLong("write-model-card"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; model cards are not written yet.")
+  var writeModelCard = true
+
+  @Flag(name: .customLong("trust-remote-code"), help: "Accepted for mergekit-yaml; no code from a model is ever run.")
+  var trustRemoteCode = false
+
+  @Flag(name: .shortAndLong, help: "Accepted for mergekit-yaml; the steps are always reported.")
+  var verbose = false
+
+  @Flag(name: .customLong("cuda"), help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
+  var cuda = false
+
+  @Flag(name: .customLong("gpu-rich"), help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
+  var gpuRich = false
+
+  @Flag(name: .customLong("read-to-gpu"), help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
+  var readToGPU = false
+
   func validate() throws {
     try requireExisting(recipe, "recipe")
     _ = try memoryBudget()
+    if let output, let outputPath, output != outputPath {
+      throw ValidationError("the output is given twice ('\(outputPath)' and -o '\(output)'); give it once")
+    }
+    if let outShardSize, Self.mergekitSize(outShardSize) == nil {
+      throw ValidationError("invalid --out-shard-size '\(outShardSize)' (examples: 5B, 500M, 1000000000)")
+    }
+  }
+
+  /// mergekit's sizes: an integer with an optional K, M or B suffix (10^3, 10^6, 10^9).
+  static func mergekitSize(_ text: String) -> Int? {
+    let trimmed = text.trimmingCharacters(in: .whitespaces).uppercased()
+    let factors: [Character: Double] = ["K": 1e3, "M": 1e6, "B": 1e9]
+    let factor = trimmed.last.flatMap { factors[$0] } ?? 1
+    let digits = factors[trimmed.last ?? " "] == nil ? trimmed : String(trimmed.dropLast())
+    guard let value = Double(digits), value > 0, let bytes = Int(exactly: (value * factor).rounded(.down)), bytes > 0
+    else { return nil }
+    return bytes
+  }
+
+  /// The recipe with the command line's mergekit-yaml settings applied: output shard size and
+  /// the random seed of every step (or slice merge) whose method takes one and was not given it.
+  func adjusted(_ loaded: Recipe) throws -> Recipe {
+    var recipe = loaded
+    if let outShardSize, let bytes = Self.mergekitSize(outShardSize) {
+      for i in recipe.outputs.indices { recipe.outputs[i].shardSize = String(bytes) }
+    }
+    if let randomSeed {
+      let seed = ParameterValue.number(Double(randomSeed))
+      for i in recipe.steps.indices where recipe.steps[i].global["seed"] == nil {
+        if let method = try? MergeRegistry.method(named: recipe.steps[i].operation),
+          method.parameters.contains(where: { $0.name == "seed" })
+        {
+          recipe.steps[i].global["seed"] = seed
+        }
+      }
+      if let sliced = recipe.slicedMerge, sliced.global["seed"] == nil,
+        sliced.method.parameters.contains(where: { $0.name == "seed" })
+      {
+        recipe.slicedMerge?.global["seed"] = seed
+      }
+    }
+    return recipe
   }
 
   func memoryBudget() throws -> Int {
@@ -55,7 +152,27 @@ struct RunCommand: ParsableCommand {
 
   func run() throws {
     MemoryPolicy.reuseTensorMemory()
-    let runner = try RecipeRunner(try Recipe.load(recipe, output: output))
+    let loaded = try adjusted(try Recipe.load(recipe, output: output ?? outputPath))
+    func note(_ line: String) { FileHandle.standardError.write(Data((line + "\n").utf8)) }
+    if !loaded.warnings.isEmpty {
+      if strict {
+        throw RecipeError.unreadable(
+          file: recipe, reason: loaded.warnings.joined(separator: "\n") + " (refused: --strict)")
+      }
+      for warning in loaded.warnings { note("warning: \(recipe): \(warning), and so does this run") }
+    }
+    if cuda || gpuRich || readToGPU {
+      note("note: --cuda, --gpu-rich and --read-to-gpu are accepted; the merge runs on the CPU")
+    }
+    var runner = try RecipeRunner(loaded)
+    runner.copiesTokenizer = copyTokenizer
+    if loaded.isMergekitConfiguration, !allowCrimes, let mixed = runner.mixedArchitectures() {
+      throw RecipeError.invalid(
+        file: recipe, path: loaded.slicedMerge == nil ? "models" : "slices", line: nil,
+        reason:
+          "the models have different architectures (\(mixed.joined(separator: ", "))); pass --allow-crimes to merge them anyway, as mergekit asks"
+      )
+    }
     if !overwrite && !dryRun {
       for output in runner.recipe.outputs where FileManager.default.fileExists(atPath: output.path) {
         throw ValidationError("output '\(output.path)' already exists; pass --overwrite to replace it")

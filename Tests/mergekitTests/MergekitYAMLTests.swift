@@ -1,0 +1,100 @@
+import Checkpoint
+import Foundation
+import Testing
+
+@testable import TestSupport
+
+/// mergekit-yaml command lines run as `mergekit run CONFIG OUT [flags]`.
+@Suite struct MergekitYAMLTests {
+  static let examples: TemporaryFolder = {
+    let folder = TemporaryFolder()
+    _ = try? CLI.run("example", folder.file("ex"))
+    return folder
+  }()
+
+  static func model(_ name: String) -> String { examples.file("ex/\(name)") }
+
+  static func ties(extra: String = "") -> String {
+    """
+    models:
+      - model: \(model("finetune-a"))
+        parameters: {density: 0.5, weight: 0.5\(extra)}
+      - model: \(model("finetune-b"))
+        parameters: {density: 0.5, weight: 0.5}
+    merge_method: dare_ties
+    base_model: \(model("base"))
+    parameters: {int8_mask: true}
+    dtype: bfloat16
+    """
+  }
+
+  @Test func mergekitYAMLCommandLinesRun() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    try Self.ties().write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    let result = try CLI.run(
+      "run", folder.file("c.yml"), folder.file("out"), "--copy-tokenizer", "--allow-crimes", "--out-shard-size", "2M",
+      "--lazy-unpickle", "--low-cpu-memory", "--random-seed", "7", "--write-model-card", "--trust-remote-code", "-v",
+      "--cuda", "--gpu-rich", "--read-to-gpu", "-q")
+    #expect(result.status == 0, "\(result.stderr)")
+    #expect(result.stderr.contains("the merge runs on the CPU"))
+    // 2M: shards of at most 2,000,000 bytes (the 1 MiB tensors go two to a shard at most).
+    let index = try openCheckpoint(folder.file("out"))
+    #expect(index.files.count > 1)
+    for file in index.files {
+      let size = file.tensors.reduce(0) { $0 + (index.lookup($1)?.byteCount ?? 0) }
+      #expect(size <= 2_000_000 || file.tensors.count == 1)
+    }
+    // --random-seed 7 is the config's seed: 7.
+    try Self.ties().replacingOccurrences(of: "int8_mask: true", with: "int8_mask: true, seed: 7").write(
+      toFile: folder.file("seeded.yml"), atomically: true, encoding: .utf8)
+    #expect(
+      try CLI.run("run", folder.file("seeded.yml"), "-o", folder.file("seeded"), "--out-shard-size", "2M", "-q").status
+        == 0)
+    for file in index.files {
+      #expect(
+        readBytes(folder.file("out/\(file.name)")) == readBytes(folder.file("seeded/\(file.name)")), "\(file.name)")
+    }
+    let twice = try CLI.run("run", folder.file("c.yml"), folder.file("a"), "-o", folder.file("b"))
+    #expect(twice.status == 64 && twice.stderr.contains("given twice"))
+  }
+
+  /// A parameter the method does not declare is ignored with a warning (mergekit ignores it),
+  /// or refused with --strict.
+  @Test func undeclaredParametersWarnOrFailWithStrict() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    try Self.ties(extra: ", epsilon: 0.1").write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    let lenient = try CLI.run("run", folder.file("c.yml"), folder.file("out"), "-q")
+    #expect(lenient.status == 0, "\(lenient.stderr)")
+    #expect(lenient.stderr.contains("warning:") && lenient.stderr.contains("models[0].parameters.epsilon"))
+    let strict = try CLI.run("run", folder.file("c.yml"), folder.file("strict"), "--strict")
+    #expect(strict.status == 64 && strict.stderr.contains("refused: --strict"), "\(strict.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("strict")))
+  }
+
+  /// Models of different architectures need --allow-crimes; --no-copy-tokenizer leaves the
+  /// tokenizer files out.
+  @Test func crimesAndTokenizerCopies() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let mistral = folder.file("mistral")
+    try FileManager.default.copyItem(atPath: Self.model("finetune-b"), toPath: mistral)
+    let config = try String(contentsOfFile: mistral + "/config.json", encoding: .utf8)
+    try config.replacingOccurrences(of: "LlamaForCausalLM", with: "MistralForCausalLM").write(
+      toFile: mistral + "/config.json", atomically: true, encoding: .utf8)
+    try #"{"version": "1.0"}"#.write(toFile: mistral + "/tokenizer.json", atomically: true, encoding: .utf8)
+    let yaml = "models:\n  - model: \(mistral)\n  - model: \(Self.model("finetune-a"))\nmerge_method: linear\n"
+    try yaml.write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    let refused = try CLI.run("run", folder.file("c.yml"), folder.file("out"))
+    #expect(refused.status == 64 && refused.stderr.contains("--allow-crimes"), "\(refused.stderr)")
+    let allowed = try CLI.run("run", folder.file("c.yml"), folder.file("out"), "--allow-crimes", "-q")
+    #expect(allowed.status == 0, "\(allowed.stderr)")
+    #expect(FileManager.default.fileExists(atPath: folder.file("out/tokenizer.json")))
+    let bare = try CLI.run(
+      "run", folder.file("c.yml"), folder.file("bare"), "--allow-crimes", "--no-copy-tokenizer", "-q")
+    #expect(bare.status == 0, "\(bare.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("bare/tokenizer.json")))
+    #expect(FileManager.default.fileExists(atPath: folder.file("bare/config.json")))
+  }
+}
