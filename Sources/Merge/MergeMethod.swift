@@ -79,6 +79,8 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
   case modelCount(method: String, expected: ClosedRange<Int>, got: Int)
   /// Normalising weights that sum to zero.
   case zeroWeightSum(method: String, tensor: String)
+  /// Inputs whose weighted directions cancel (more than two exactly opposed tensors).
+  case opposedInputs(method: String, tensor: String)
   /// ZipIt!: model `model` (0-based) is not a dense single-head MLP.
   case notAnMLP(model: Int)
   /// ZipIt!: model `model` cannot be zipped, and why.
@@ -148,6 +150,9 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
       return "task vector \(i + 1), tensor '\(tensor)': \(reason); task vectors must come from this base"
     case .noBlocks: return "no tensor is a block: every tensor was excluded"
     case .factoredBase: return "the base has factored (low-rank) layers; aTLAS learns on dense models"
+    case .opposedInputs(let method, let tensor):
+      return
+        "\(method): the models' weighted directions cancel for tensor '\(tensor)' (opposed tensors); change the weights"
     case .zeroWeightSum(let method, let tensor):
       return
         "\(method): the weights of tensor '\(tensor)' sum to zero, so they cannot be normalised; set normalize to false or change the weights"

@@ -13,6 +13,9 @@ public enum MergeRegistry {
     ModelStockMerge(),
     STFMerge(),
     PassthroughMerge(),
+    NearSwapMerge(),
+    MultiSLERPMerge(),
+    KarcherMerge(),
   ]
 
   /// The method called `name`; mergekit's spellings (`task_arithmetic`, `dare_ties`) work too.

@@ -1,0 +1,60 @@
+import Foundation
+import Testing
+
+@testable import Merge
+@testable import Tensor
+
+/// nearswap, multislerp and karcher (mergekit's methods) against closed forms.
+@Suite struct SphereAndSwapMergeTests {
+  @Test func nearswapTakesTheOtherModelWhereTheyAreClose() throws {
+    let a = Tensor(shape: [4], scalars: [0, 1, 2, 3])
+    let b = Tensor(shape: [4], scalars: [0.0005, 1.5, 10, 3])
+    let out = try NearSwapMerge().merge(
+      MergeInputs(name: "w", base: a, models: [b]), try resolve(NearSwapMerge(), ["t": .number(0.001)], models: [[:]]))
+    // |a - b| = 0.0005 (w = 1: b), 0.5 (w = 0.002), 8 (w = 0.000125), 0 (w = 1: b, which equals a).
+    expectClose(out.scalars, [0.0005, 0.002 * 1.5 + 0.998 * 1, 0.000125 * 10 + 0.999875 * 2, 3], relative: 1e-7)
+  }
+
+  @Test func multislerpOfOrthogonalModelsIsTheArcMidpointAtTheirNorm() throws {
+    let a = Tensor(shape: [3], scalars: [2, 0, 0])
+    let b = Tensor(shape: [3], scalars: [0, 2, 0])
+    let p = try resolve(MultiSLERPMerge(), [:], models: [["weight": .number(1)], ["weight": .number(1)]])
+    let out = try MultiSLERPMerge().merge(MergeInputs(name: "w", base: nil, models: [a, b]), p)
+    expectClose(out.scalars, [2 / 2.0.squareRoot(), 2 / 2.0.squareRoot(), 0], relative: 1e-7)
+    // Around a base: the same construction on the differences, the base added back.
+    let base = Tensor(shape: [3], scalars: [1, 1, 1])
+    let shifted = try MultiSLERPMerge().merge(
+      MergeInputs(
+        name: "w", base: base,
+        models: [Tensor(shape: [3], scalars: [3, 1, 1]), Tensor(shape: [3], scalars: [1, 3, 1])]), p)
+    expectClose(shifted.scalars, [1 + 2 / 2.0.squareRoot(), 1 + 2 / 2.0.squareRoot(), 1], relative: 1e-7)
+    // Exactly opposed pair: the weighted sum (here zero).
+    let opposed = try MultiSLERPMerge().merge(
+      MergeInputs(name: "w", base: nil, models: [a, Tensor(shape: [3], scalars: [-2, 0, 0])]), p)
+    #expect(opposed.scalars == [0, 0, 0])
+  }
+
+  @Test func karcherMeanIsTheSphericalCentreScaledByTheMeanNorm() throws {
+    let p = try resolve(KarcherMerge(), [:], models: [[:], [:], [:]])
+    // Orthogonal directions of norms 2, 4 and 6: centre (1, 1, 1)/sqrt 3, mean norm 4.
+    let out = try KarcherMerge().merge(
+      MergeInputs(
+        name: "w", base: nil,
+        models: [
+          Tensor(shape: [3], scalars: [2, 0, 0]), Tensor(shape: [3], scalars: [0, 4, 0]),
+          Tensor(shape: [3], scalars: [0, 0, 6]),
+        ]), p)
+    let c = 4 / 3.0.squareRoot()
+    expectClose(out.scalars, [c, c, c], relative: 1e-6)
+    // Two directions 90 degrees apart but weighted by a third on one of them: the Karcher mean
+    // lies where the weighted tangent sum vanishes, at 30 degrees from the doubled direction.
+    let three = try KarcherMerge().merge(
+      MergeInputs(
+        name: "w", base: nil,
+        models: [
+          Tensor(shape: [2], scalars: [1, 0]), Tensor(shape: [2], scalars: [1, 0]),
+          Tensor(shape: [2], scalars: [0, 1]),
+        ]), try resolve(KarcherMerge(), ["max_iter": .number(100), "tol": .number(1e-12)], models: [[:], [:], [:]]))
+    expectClose(three.scalars, [cos(Double.pi / 6), sin(Double.pi / 6)], relative: 1e-6)
+  }
+}
