@@ -16,6 +16,10 @@ public enum MergeRegistry {
     NearSwapMerge(),
     MultiSLERPMerge(),
     KarcherMerge(),
+    NuSLERPMerge(),
+    SCEMerge(),
+    DELLAMerge.della,
+    DELLAMerge.dellaLinear,
   ]
 
   /// The method called `name`; mergekit's spellings (`task_arithmetic`, `dare_ties`) work too.

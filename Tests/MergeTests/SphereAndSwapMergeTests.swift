@@ -57,4 +57,49 @@ import Testing
         ]), try resolve(KarcherMerge(), ["max_iter": .number(100), "tol": .number(1e-12)], models: [[:], [:], [:]]))
     expectClose(three.scalars, [cos(Double.pi / 6), sin(Double.pi / 6)], relative: 1e-6)
   }
+
+  func nuslerp(_ a: [Float], _ b: [Float], shape: [Int], _ global: [String: ParameterValue], weights: (Double, Double))
+    throws -> [Float]
+  {
+    let p = try resolve(
+      NuSLERPMerge(), global, models: [["weight": .number(weights.0)], ["weight": .number(weights.1)]])
+    return try NuSLERPMerge().merge(
+      MergeInputs(
+        name: "w", base: nil, models: [Tensor(shape: shape, scalars: a), Tensor(shape: shape, scalars: b)]), p
+    ).scalars
+  }
+
+  @Test func nuslerpInterpolatesByTheWeightsOverTensorsRowsOrColumns() throws {
+    let h = 0.5.squareRoot()
+    expectClose(try nuslerp([1, 0], [0, 1], shape: [2], [:], weights: (1, 1)), [h, h], relative: 1e-7)
+    // t = 3/4 of a right angle.
+    expectClose(
+      try nuslerp([1, 0], [0, 1], shape: [2], [:], weights: (1, 3)), [sin(Double.pi / 8), sin(3 * Double.pi / 8)],
+      relative: 1e-7)
+    let a: [Float] = [1, 0, 1, 0]
+    let b: [Float] = [0, 1, 1, 0]
+    let flat = ["nuslerp_flatten": ParameterValue.flag(false)]
+    // Rows (last dimension): (1,0)~(0,1) meet halfway; (1,0)~(1,0) are colinear.
+    expectClose(try nuslerp(a, b, shape: [2, 2], flat, weights: (1, 1)), [h, h, 1, 0], relative: 1e-7)
+    // Columns: (1,1)~(0,1) at 45 degrees, halfway: sin(pi/8)/sin(pi/4) of each; (0,0)~(1,0) at 90.
+    let s = sin(Double.pi / 8) / sin(Double.pi / 4)
+    expectClose(
+      try nuslerp(a, b, shape: [2, 2], flat.merging(["nuslerp_row_wise": .flag(true)]) { $1 }, weights: (1, 1)),
+      [s * 1 + s * 0, h, s * 1 + s * 1, 0], relative: 1e-6)
+  }
+
+  @Test func sceSelectsWeighsAndErases() throws {
+    let base = Tensor(shape: [4], scalars: [0, 0, 0, 0])
+    let one = Tensor(shape: [4], scalars: [1, -2, 3, 0])
+    // Weights 3.5/5 and 1.5/5; element 1's sum is 0 (counts as +), so only the +2 is kept.
+    let all = try SCEMerge().merge(
+      MergeInputs(name: "w", base: base, models: [one, Tensor(shape: [4], scalars: [1, 2, -1, 0])]),
+      try resolve(SCEMerge(), [:], models: [[:], [:]]))
+    expectClose(all.scalars, [1, 2, 3, 0], relative: 1e-7)
+    // select_topk 0.5 of the 2 elements that vary: only element 2 (variance 6.25, against 4) is kept.
+    let selected = try SCEMerge().merge(
+      MergeInputs(name: "w", base: base, models: [one, Tensor(shape: [4], scalars: [1, 2, -2, 0])]),
+      try resolve(SCEMerge(), ["select_topk": .number(0.5)], models: [[:], [:]]))
+    expectClose(selected.scalars, [0, 0, 3, 0], relative: 1e-7)
+  }
 }

@@ -1,0 +1,60 @@
+import Foundation
+import Tensor
+
+/// mergekit's `nuslerp`: spherical interpolation of exactly two models (or of their task
+/// vectors around an optional base, which is added back), with `t = w_2 / (w_1 + w_2)` from the
+/// models' weights (0.5 when they sum to 0). The angle is taken over the whole flattened tensor
+/// (`nuslerp_flatten`, the default), else per row (vectors along the last dimension) or, with
+/// `nuslerp_row_wise`, per column (along the first). Nearly colinear vectors
+/// (`1 - cos^2 <= 1e-16`) are interpolated linearly. Computed in `Double` on whole tensors.
+public struct NuSLERPMerge: MergeMethod {
+  public init() {}
+  public var name: String { "nuslerp" }
+  public var summary: String { "spherical interpolation of two models by their weights, optionally around a base" }
+  public var reference: String { "mergekit's nuslerp (Goddard et al., arXiv:2403.13257)" }
+  public var base: BaseRequirement { .optional }
+  public var modelCount: ClosedRange<Int> { 2...2 }
+  public var parameters: [ParameterSpec] {
+    [
+      .number("weight", .perModel, default: 1, help: "each model's weight; t = w2 / (w1 + w2)"),
+      .flag("nuslerp_flatten", default: true, help: "one angle for the whole tensor"),
+      .flag("nuslerp_row_wise", default: false, help: "without flatten: vectors along the first dimension"),
+    ]
+  }
+
+  public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    let shape = inputs.models[0].shape
+    let (w0, w1) = (p.number("weight", model: 0), p.number("weight", model: 1))
+    let t = abs(w0 + w1) < 1e-6 ? 0.5 : w1 / (w0 + w1)
+    let base = inputs.base.map { $0.scalars.map(Double.init) }
+    let (a, b) = (inputs.models[0].scalars, inputs.models[1].scalars)
+    let v0 = a.indices.map { Double(a[$0]) - (base?[$0] ?? 0) }
+    let v1 = b.indices.map { Double(b[$0]) - (base?[$0] ?? 0) }
+    // The vectors interpolated: index lists into the flat tensors.
+    let count = v0.count
+    let vectors: [[Int]]
+    if p.flag("nuslerp_flatten") || shape.count < 2 {
+      vectors = [Array(0..<count)]
+    } else if p.flag("nuslerp_row_wise") {
+      let rows = shape[0]
+      let stride = count / max(rows, 1)
+      vectors = (0..<stride).map { column in (0..<rows).map { $0 * stride + column } }
+    } else {
+      let width = shape[shape.count - 1]
+      vectors = (0..<(count / max(width, 1))).map { row in Array((row * width)..<((row + 1) * width)) }
+    }
+    var out = [Double](repeating: 0, count: count)
+    for indices in vectors {
+      let x = indices.map { v0[$0] }
+      let y = indices.map { v1[$0] }
+      let nx = max(x.reduce(0) { $0 + $1 * $1 }.squareRoot(), 1e-7)
+      let ny = max(y.reduce(0) { $0 + $1 * $1 }.squareRoot(), 1e-7)
+      let cosine = min(1, max(-1, zip(x, y).reduce(0) { $0 + ($1.0 / nx) * ($1.1 / ny) }))
+      let colinear = 1 - cosine * cosine <= 1e-16
+      let theta = colinear ? 0 : acos(cosine)
+      let (s0, s1) = colinear ? (1 - t, t) : (sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))
+      for (k, i) in indices.enumerated() { out[i] = s0 * x[k] + s1 * y[k] }
+    }
+    return Tensor(shape: shape, scalars: out.enumerated().map { i, v in Float(v + (base?[i] ?? 0)) })
+  }
+}
