@@ -20,6 +20,9 @@ public enum MergeRegistry {
     SCEMerge(),
     DELLAMerge.della,
     DELLAMerge.dellaLinear,
+    RAMMerge.ram,
+    RAMMerge.ramPlus,
+    ArceeFusionMerge(),
   ]
 
   /// The method called `name`; mergekit's spellings (`task_arithmetic`, `dare_ties`) work too.

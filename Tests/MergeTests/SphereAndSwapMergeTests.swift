@@ -102,4 +102,26 @@ import Testing
       try resolve(SCEMerge(), ["select_topk": .number(0.5)], models: [[:], [:]]))
     expectClose(selected.scalars, [0, 0, 3, 0], relative: 1e-7)
   }
+
+  @Test func ramKeepsUniqueChangesAndAveragesShared() throws {
+    let base = Tensor(shape: [4], scalars: [0, 0, 0, 0])
+    let models = [Tensor(shape: [4], scalars: [1, 1, 0, 1e-6]), Tensor(shape: [4], scalars: [0, 3, 2, 0])]
+    let ram = try RAMMerge.ram.merge(
+      MergeInputs(name: "w", base: base, models: models), try resolve(RAMMerge.ram, [:], models: [[:], [:]]))
+    expectClose(ram.scalars, [1, 2, 2, 0], relative: 1e-7)
+    // Each model: one shared and one unique change, rho 1, lambda 1 + 0.1 min(0.2, 1) = 1.02.
+    let plus = try RAMMerge.ramPlus.merge(
+      MergeInputs(name: "w", base: base, models: models), try resolve(RAMMerge.ramPlus, [:], models: [[:], [:]]))
+    expectClose(plus.scalars, [1.02, 2, 2.04, 0], relative: 1e-6)
+  }
+
+  @Test func arceeFusionKeepsOnlyOutlyingImportance() throws {
+    // One row: importances k * (1, 2, 3, 4, 100) with k the row's KL divergence; quartiles 2k,
+    // 3k, 4k give the threshold 6k, so only the last change is taken.
+    let out = try ArceeFusionMerge().merge(
+      MergeInputs(
+        name: "w", base: Tensor(shape: [5], scalars: [0, 0, 0, 0, 0]),
+        models: [Tensor(shape: [5], scalars: [1, 2, 3, 4, 100])]), try resolve(ArceeFusionMerge(), [:], models: [[:]]))
+    #expect(out.scalars == [0, 0, 0, 0, 100])
+  }
 }
