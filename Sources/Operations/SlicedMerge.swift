@@ -206,3 +206,35 @@ final class LayerView: Checkpoint, @unchecked Sendable {
 
   func verify(progress: ((Int, Int) -> Void)?) throws { try source.verify(progress: progress) }
 }
+
+/// Several views of one model read as one checkpoint, in order (`convert --layers`).
+final class LayerStack: Checkpoint, @unchecked Sendable {
+  let parts: [LayerView]
+  let tensors: [TensorInfo]
+  private let partOf: [ExactName: Int]
+
+  init(_ parts: [LayerView]) {
+    self.parts = parts
+    tensors = parts.flatMap(\.tensors)
+    var partOf: [ExactName: Int] = [:]
+    for (i, part) in parts.enumerated() { for info in part.tensors { partOf[ExactName(info.name)] = i } }
+    self.partOf = partOf
+  }
+
+  var path: String { parts[0].path }
+  var metadata: [String: String] { parts[0].metadata }
+  var files: [StoredFile] {
+    [StoredFile(name: URL(fileURLWithPath: path).lastPathComponent, tensors: tensors.map(\.name))]
+  }
+  func part(_ name: String) -> LayerView? { partOf[ExactName(name)].map { parts[$0] } }
+  func lookup(_ name: String) -> TensorInfo? { part(name)?.lookup(name) }
+  func file(of name: String) -> String? { part(name)?.file(of: name) }
+
+  func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+    guard let part = part(name) else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    return try part.withBytes(of: name, range: range, body)
+  }
+
+  func release(_ name: String, range: Range<Int>?) { part(name)?.release(name, range: range) }
+  func verify(progress: ((Int, Int) -> Void)?) throws { try parts[0].verify(progress: progress) }
+}

@@ -39,6 +39,8 @@ public struct Recipe: Sendable {
     public var select: String?
     public var drop: String?
     public var renames: [String]
+    /// `convert` only: layer ranges to stack (`0-8,4-12`).
+    public var layers: String?
     /// Data set of a data-driven step (`train`, `zip`, `eval`): a label or a path.
     public var data: String?
     /// A merge step copies tensors some models lack from the base and ignores tensors only some
@@ -315,7 +317,7 @@ extension Recipe {
     for item in try top["steps"]?.list() ?? [] {
       let f = try item.fields([
         "name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename",
-        "allow_missing",
+        "layers", "allow_missing",
       ])
       guard let label = try f["name"]?.string() else { throw item.fail("a step needs a 'name' (its result's label)") }
       guard let operation = try f["method"]?.string() else {
@@ -350,6 +352,7 @@ extension Recipe {
           data: try f["data"]?.string(),
           location: item.path)
       step.parameterLines = lines
+      step.layers = try f["layers"]?.string()
       if let allow = f["allow_missing"] {
         guard let flag = allow.node.bool else { throw allow.fail("allow_missing is true or false") }
         step.allowMissing = flag

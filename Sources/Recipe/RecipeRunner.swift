@@ -239,7 +239,7 @@ public struct RecipeRunner {
     do {
       return try ConvertOperation.resolve(
         select: try text("select", step.select), drop: try text("drop", step.drop), renames: renames,
-        dtype: try text("dtype", step.dtype))
+        dtype: try text("dtype", step.dtype), layers: try text("layers", step.layers))
     } catch let error as OperationError {
       throw invalid(error.parameter ?? "", error.reason)
     }
@@ -479,9 +479,17 @@ public struct RecipeRunner {
           file: recipe.source, path: step.location, line: nil, reason: "convert takes one model")
       }
       var held: MemoryCheckpointWriter?
-      try copyCheckpoint(from: models[0], selection: convert.selection, castTo: outputType, progress: stepProgress) {
+      var source = models[0]
+      var config: Data?
+      if let ranges = convert.layers {
+        source = try ConvertOperation.stackingLayers(source, ranges)
+        config = try ConvertOperation.stackedConfig(of: modelFolder, ranges)
+      }
+      try copyCheckpoint(from: source, selection: convert.selection, castTo: outputType, progress: stepProgress) {
         tensors, layout in
-        if tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
+        // A result held in memory takes its config.json from its source's folder, so a
+        // re-layered one (its layer count changed) is written out with its own.
+        if config == nil && tensors.reduce(0, { $0 + $1.byteCount }) <= memory {
           reportStep("memory")
           let writer = MemoryCheckpointWriter(name: label, tensors: tensors, layout: layout, modelFolder: modelFolder)
           held = writer
@@ -490,6 +498,7 @@ public struct RecipeRunner {
         reportStep(destination)
         var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: modelFolder)
         options.layout = layout
+        if let config { options.files["config.json"] = config }
         return try CheckpointWriter(destination: destination, tensors: tensors, options: options)
       }
       return held?.checkpoint

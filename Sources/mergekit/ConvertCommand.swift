@@ -43,6 +43,12 @@ struct ConvertCommand: ParsableCommand {
   @Option(help: "Rename tensors: PATTERN=REPLACEMENT (regular expression, $1 for groups); repeatable.")
   var rename: [String] = []
 
+  @Option(
+    help: ArgumentHelp(
+      "Keep these layer ranges, stacked and renumbered (config.json follows): START-END with END excluded, as mergekit's layer_range, comma-separated (0-8,4-12).",
+      valueName: "ranges"))
+  var layers: String?
+
   @Flag(help: "Replace OUT if it exists (only after the new output is complete).")
   var overwrite = false
 
@@ -52,24 +58,33 @@ struct ConvertCommand: ParsableCommand {
   func validate() throws {
     try requireExisting(input, "input")
     if let base { try requireExisting(base, "base") }
-    _ = try asUsage { try ConvertOperation.resolve(select: select, drop: drop, renames: rename, dtype: dtype) }
+    _ = try asUsage {
+      try ConvertOperation.resolve(select: select, drop: drop, renames: rename, dtype: dtype, layers: layers)
+    }
     try validateOutput(output, format: format, dtype: dtype, shardSize: shardSize, mayExist: overwrite)
     try asUsage { try ModelFolder.checkOutput(output, isNotAmong: [input] + (base.map { [$0] } ?? [])) }
   }
 
   func run() throws {
     let baseModel = try openBase(base)
-    let source = try openCheckpoint(input, base: baseModel)
+    let resolved = try ConvertOperation.resolve(
+      select: select, drop: drop, renames: rename, dtype: dtype, layers: layers)
+    var source = try openCheckpoint(input, base: baseModel)
+    if let ranges = resolved.layers { source = try ConvertOperation.stackingLayers(source, ranges) }
     let outputFormat =
       format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(
         pathExtension: URL(fileURLWithPath: output).pathExtension) ?? .safetensors
     let metadata = source.metadata
-    let options = WriteOptions(
+    var options = WriteOptions(
       format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata,
       deltaBase: outputFormat == .mkz ? baseModel : nil, copyFilesFrom: ModelFolder.modelFolder(of: input),
       overwrite: overwrite)
+    if let ranges = resolved.layers,
+      let config = try ConvertOperation.stackedConfig(of: ModelFolder.modelFolder(of: input), ranges)
+    {
+      options.files["config.json"] = config
+    }
     let progress = Progress(ConvertOperation.name, quiet: quiet)
-    let resolved = try ConvertOperation.resolve(select: select, drop: drop, renames: rename, dtype: dtype)
     try copyCheckpoint(
       from: source, to: output, selection: resolved.selection, castTo: resolved.dtype, options: options,
       progress: { progress.update($0, $1) })

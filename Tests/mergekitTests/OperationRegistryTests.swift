@@ -130,7 +130,7 @@ import Testing
     }
     #expect(checked >= 15, "only \(checked) merge parameters were checked")
     // convert: its parameters are flags and recipe parameters (or step keys) with one check.
-    let refused = ["select": "(", "drop": "[", "rename": "no-equals-sign", "dtype": "f7"]
+    let refused = ["select": "(", "drop": "[", "rename": "no-equals-sign", "dtype": "f7", "layers": "4-2"]
     #expect(Set(refused.keys) == Set(ConvertOperation.parameters.map(\.name)))
     for spec in ConvertOperation.parameters {
       guard let value = refused[spec.name] else { continue }

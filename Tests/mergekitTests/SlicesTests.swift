@@ -140,4 +140,46 @@ import Testing
         "past.yml", "two.yml", "uneven.yml",
       ])
   }
+
+  /// `convert --layers` stacks layer ranges of one model: the same tensors as a passthrough
+  /// slices config over that model, and config.json with the new layer count; the recipe step
+  /// takes `layers` as a parameter.
+  @Test func convertLayersStacksRangesOfOneModel() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let a = Self.model("finetune-a")
+    let converted = try CLI.run("convert", a, folder.file("stacked"), "--layers", "0-3,1-4", "-q")
+    #expect(converted.status == 0, "\(converted.stderr)")
+    let sliced = try run(
+      """
+      slices:
+        - sources: [{model: \(a), layer_range: [0, 3]}]
+        - sources: [{model: \(a), layer_range: [1, 4]}]
+      merge_method: passthrough
+      """, in: folder, name: "sliced")
+    #expect(sliced.status == 0, "\(sliced.stderr)")
+    let (x, y) = (try openCheckpoint(folder.file("stacked")), try openCheckpoint(folder.file("sliced")))
+    #expect(x.tensors.map(\.name).sorted() == y.tensors.map(\.name).sorted() && x.tensors.count == 57)
+    for info in x.tensors { #expect(try x.read(info.name) == y.read(info.name), "\(info.name)") }
+    let config =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: folder.file("stacked/config.json")))) as? [String: Any]
+    #expect(config?["num_hidden_layers"] as? Int == 6)
+    let recipe = """
+      inputs: {a: \(a)}
+      steps:
+        - {name: deep, method: convert, model: a, parameters: {layers: "0-3,1-4"}}
+        - {name: soup, method: linear, models: [deep, deep]}
+      outputs: {soup: \(folder.file("soup"))}
+      """
+    try recipe.write(toFile: folder.file("r.yaml"), atomically: true, encoding: .utf8)
+    let ran = try CLI.run("run", folder.file("r.yaml"), "-q")
+    #expect(ran.status == 0, "\(ran.stderr)")
+    let soupConfig =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: folder.file("soup/config.json")))) as? [String: Any]
+    #expect(soupConfig?["num_hidden_layers"] as? Int == 6)
+    let bad = try CLI.run("convert", a, folder.file("bad"), "--layers", "3-1")
+    #expect(bad.status == 64 && bad.stderr.contains("--layers"), "\(bad.stderr)")
+  }
 }
