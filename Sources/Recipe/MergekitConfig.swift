@@ -1,3 +1,5 @@
+import Checkpoint
+import Foundation
 import Merge
 import Operations
 
@@ -5,8 +7,9 @@ import Operations
 /// for the methods both tools have, so existing configs run unchanged:
 /// `merge_method`, `base_model`, `models` (each `model` with `parameters`), `parameters`,
 /// `dtype`, `tokenizer_source: base` (the base's tokenizer files are copied; other tokenizer
-/// sources and `chat_template` are refused with a clear message), and `slices` (layer ranges
-/// merged slice by slice, `SlicedMerge`).
+/// sources are refused with a clear message), `chat_template` (`auto`, `chatml` or an inline
+/// Jinja template, written with the output's tokenizer files) and `slices` (layer ranges merged
+/// slice by slice, `SlicedMerge`).
 enum MergekitConfig {
   /// mergekit's dtype names.
   static let dtypes = [
@@ -108,8 +111,14 @@ enum MergekitConfig {
       "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
       "slices", "chat_template", "name",
     ])
-    if let template = f["chat_template"] {
-      throw template.fail("'chat_template' is not supported; copy the template into the output's tokenizer_config.json")
+    let chatTemplate = try f["chat_template"].map { node -> String in
+      let text = try node.string()
+      guard ChatTemplates.isValid(text) else {
+        throw node.fail(
+          "'\(text)' is neither auto, a known template (\(ChatTemplates.named.keys.sorted().joined(separator: ", "))) nor a Jinja template"
+        )
+      }
+      return text
     }
     if let tokenizer = f["tokenizer"] {
       throw tokenizer.fail("'tokenizer' settings are not supported; the base model's tokenizer files are copied")
@@ -128,7 +137,9 @@ enum MergekitConfig {
     guard let output else { throw root.fail("a mergekit configuration names no output; pass one with -o") }
     if let slicesNode = f["slices"] {
       guard f["models"] == nil else { throw slicesNode.fail("give either 'models' or 'slices', not both") }
-      return try slicedRecipe(slicesNode, root: root, method: method, fields: f, output: output)
+      var recipe = try slicedRecipe(slicesNode, root: root, method: method, fields: f, output: output)
+      recipe.chatTemplate = chatTemplate
+      return recipe
     }
 
     let basePath = try f["base_model"]?.string()
@@ -167,6 +178,72 @@ enum MergekitConfig {
       ], source: root.file)
     recipe.warnings = warnings
     recipe.isMergekitConfiguration = true
+    recipe.chatTemplate = chatTemplate
     return recipe
+  }
+}
+
+/// Chat templates for mergekit's `chat_template:` key: `auto` (the template most of the input
+/// models share), a name, or an inline Jinja template.
+public enum ChatTemplates {
+  /// Templates by name (our own text of each format).
+  public static let named: [String: String] = [
+    "chatml": """
+    {%- for message in messages -%}
+    {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' -}}
+    {%- endfor -%}
+    {%- if add_generation_prompt -%}
+    {{- '<|im_start|>assistant\n' -}}
+    {%- endif -%}
+    """
+  ]
+
+  /// Whether `text` can be a template: `auto`, a name, or Jinja (it has `{`) of 20 characters or more.
+  public static func isValid(_ text: String) -> Bool {
+    text == "auto" || named[text] != nil || (text.contains("{") && text.count >= 20)
+  }
+
+  /// The template of a model folder: `chat_template.jinja`, else tokenizer_config.json's
+  /// `chat_template` (a string, or the `default` of a list of named templates).
+  public static func template(ofModel folder: String) -> String? {
+    if InputFile.isRegularFile(folder + "/chat_template.jinja"),
+      let text = try? InputFile.readText(folder + "/chat_template.jinja")
+    {
+      return text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+    guard InputFile.isRegularFile(folder + "/tokenizer_config.json"),
+      let bytes = try? InputFile.read(folder + "/tokenizer_config.json"),
+      let config = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+    else { return nil }
+    if let text = config["chat_template"] as? String { return text.trimmingCharacters(in: .whitespacesAndNewlines) }
+    let list = config["chat_template"] as? [[String: Any]]
+    return (list?.first { $0["name"] as? String == "default" }?["template"] as? String)?
+      .trimmingCharacters(in: .whitespacesAndNewlines)
+  }
+
+  /// The text `setting` stands for with `models` as the inputs: for `auto`, the template most
+  /// of them have (the first such in input order on a tie), or nil when none has one.
+  public static func resolve(_ setting: String, models: [String]) -> String? {
+    guard setting == "auto" else { return named[setting] ?? setting }
+    let templates = models.compactMap { ModelFolder.modelFolder(of: $0).flatMap(template(ofModel:)) }
+    var counts: [String: Int] = [:]
+    for template in templates { counts[template, default: 0] += 1 }
+    return templates.max { counts[$0, default: 0] < counts[$1, default: 0] }
+  }
+
+  /// The files that carry `template` in an output whose tokenizer files come from `folder`:
+  /// `chat_template.jinja`, and tokenizer_config.json with its `chat_template` replaced.
+  public static func files(_ template: String, tokenizerFrom folder: String?) -> [String: Data] {
+    var files = ["chat_template.jinja": Data((template + "\n").utf8)]
+    if let folder, InputFile.isRegularFile(folder + "/tokenizer_config.json"),
+      let bytes = try? InputFile.read(folder + "/tokenizer_config.json"),
+      var config = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+    {
+      config["chat_template"] = template
+      if let data = try? JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]) {
+        files["tokenizer_config.json"] = data
+      }
+    }
+    return files
   }
 }

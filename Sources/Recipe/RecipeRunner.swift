@@ -428,6 +428,11 @@ public struct RecipeRunner {
       format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom,
       overwrite: overwrite || output == nil)
     if !copiesTokenizer { options.skippedFiles = ModelFolder.tokenizerFiles }
+    if output != nil, let setting = recipe.chatTemplate,
+      let template = ChatTemplates.resolve(setting, models: recipe.inputs.map(\.path))
+    {
+      options.files.merge(ChatTemplates.files(template, tokenizerFrom: copiesTokenizer ? copyFilesFrom : nil)) { $1 }
+    }
     return options
   }
 

@@ -97,4 +97,42 @@ import Testing
     #expect(!FileManager.default.fileExists(atPath: folder.file("bare/tokenizer.json")))
     #expect(FileManager.default.fileExists(atPath: folder.file("bare/config.json")))
   }
+
+  /// `chat_template`: auto takes the template most inputs share; a name or inline Jinja is
+  /// written as given; it lands in chat_template.jinja and tokenizer_config.json.
+  @Test func chatTemplatesAreWrittenWithTheTokenizer() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    var models: [String] = []
+    for (name, template) in [("a", "{{ 'A' }} {# one #}"), ("b", "{{ 'B' }} {# two #}"), ("c", "{{ 'B' }} {# two #}")] {
+      let path = folder.file(name)
+      try FileManager.default.copyItem(atPath: Self.model("finetune-a"), toPath: path)
+      let config = ["chat_template": template, "model_max_length": 512] as [String: Any]
+      try JSONSerialization.data(withJSONObject: config).write(
+        to: URL(fileURLWithPath: path + "/tokenizer_config.json"))
+      models.append(path)
+    }
+    func merge(_ setting: String, _ name: String) throws -> CLI.Result {
+      let yaml =
+        "models:\n" + models.map { "  - model: \($0)\n" }.joined() + "merge_method: linear\nchat_template: \(setting)\n"
+      try yaml.write(toFile: folder.file("\(name).yml"), atomically: true, encoding: .utf8)
+      return try CLI.run("run", folder.file("\(name).yml"), folder.file(name), "-q")
+    }
+    func template(_ name: String) throws -> (jinja: String, config: String?) {
+      let jinja = try String(contentsOfFile: folder.file("\(name)/chat_template.jinja"), encoding: .utf8)
+      let config =
+        try JSONSerialization.jsonObject(
+          with: Data(contentsOf: URL(fileURLWithPath: folder.file("\(name)/tokenizer_config.json")))) as? [String: Any]
+      #expect(config?["model_max_length"] as? Int == 512)
+      return (jinja.trimmingCharacters(in: .newlines), config?["chat_template"] as? String)
+    }
+    #expect(try merge("auto", "auto").status == 0)
+    #expect(try template("auto") == ("{{ 'B' }} {# two #}", "{{ 'B' }} {# two #}"))
+    #expect(try merge("chatml", "chatml").status == 0)
+    #expect(try template("chatml").jinja.contains("<|im_start|>"))
+    #expect(try merge("\"{{ messages[0]['content'] }} inline\"", "inline").status == 0)
+    #expect(try template("inline").config == "{{ messages[0]['content'] }} inline")
+    let unknown = try merge("vicuna", "unknown")
+    #expect(unknown.status == 64 && unknown.stderr.contains("chat_template"), "\(unknown.stderr)")
+  }
 }
