@@ -2,6 +2,7 @@ import Checkpoint
 import Foundation
 import Merge
 import Operations
+import Tensor
 
 /// Reads mergekit's own YAML configuration (`mergekit-yaml config.yml OUT`) as a one-step recipe,
 /// for the methods both tools have, so existing configs run unchanged:
@@ -120,13 +121,13 @@ enum MergekitConfig {
       }
       return text
     }
+    var tokenizerSource = try f["tokenizer_source"]?.string()
     if let tokenizer = f["tokenizer"] {
-      throw tokenizer.fail("'tokenizer' settings are not supported; the base model's tokenizer files are copied")
-    }
-    if let source = f["tokenizer_source"], try source.string() != "base" {
-      throw source.fail(
-        "tokenizer_source '\(try source.string())' is not supported; only 'base' (the base model's tokenizer files are copied)"
-      )
+      let t = try tokenizer.fields(["source", "tokens", "pad_to_multiple_of"])
+      if let tokens = t["tokens"] ?? t["pad_to_multiple_of"] {
+        throw tokens.fail("added or padded tokens change the vocabulary, which this version cannot merge yet")
+      }
+      tokenizerSource = try t["source"]?.string() ?? tokenizerSource
     }
     guard let methodNode = f["merge_method"] else { throw root.fail("missing merge_method") }
     let method: any MergeMethod
@@ -139,6 +140,7 @@ enum MergekitConfig {
       guard f["models"] == nil else { throw slicesNode.fail("give either 'models' or 'slices', not both") }
       var recipe = try slicedRecipe(slicesNode, root: root, method: method, fields: f, output: output)
       recipe.chatTemplate = chatTemplate
+      recipe.tokenizerSource = tokenizerSource
       return recipe
     }
 
@@ -179,6 +181,7 @@ enum MergekitConfig {
     recipe.warnings = warnings
     recipe.isMergekitConfiguration = true
     recipe.chatTemplate = chatTemplate
+    recipe.tokenizerSource = tokenizerSource
     return recipe
   }
 }
@@ -243,6 +246,75 @@ public enum ChatTemplates {
       if let data = try? JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]) {
         files["tokenizer_config.json"] = data
       }
+    }
+    return files
+  }
+}
+
+/// Which tokenizer an output gets (mergekit's `tokenizer_source`): `base` (the base's, or the
+/// first model's), `union`, or a model's. Merging is per tensor, so the embedding rows must
+/// mean the same tokens in every model: all vocabularies must be the same, which is checked, and
+/// the files then come from the chosen model. Differing vocabularies (which mergekit aligns by
+/// token) are refused with a message.
+public enum TokenizerSources {
+  /// The vocabulary a model folder's tokenizer defines, comparable across models: the token to
+  /// id map and the added tokens of tokenizer.json, else the bytes of its vocabulary files. Nil
+  /// when the folder has no tokenizer.
+  static func vocabulary(of folder: String) -> String? {
+    if InputFile.isRegularFile(folder + "/tokenizer.json"), let bytes = try? InputFile.read(folder + "/tokenizer.json"),
+      let tokenizer = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+    {
+      let model = tokenizer["model"] as? [String: Any]
+      let parts: [Any] = [model?["vocab"] ?? NSNull(), tokenizer["added_tokens"] ?? NSNull()]
+      if let data = try? JSONSerialization.data(withJSONObject: parts, options: [.sortedKeys]) {
+        return String(decoding: data, as: UTF8.self)
+      }
+    }
+    for name in ["tokenizer.model", "spiece.model", "vocab.json", "vocab.txt"]
+    where InputFile.isRegularFile(folder + "/" + name) {
+      if let bytes = try? InputFile.read(folder + "/" + name, limit: Int.max) {
+        return name + ":" + String(XXHash64.hash(bytes))
+      }
+    }
+    return nil
+  }
+
+  /// The model folder whose tokenizer files the output takes for `setting`, after checking that
+  /// every input with a tokenizer has the same vocabulary. Throws `RecipeError.invalid` naming
+  /// `tokenizer_source`.
+  public static func folder(for setting: String, base: String?, models: [String], file: String) throws -> String? {
+    let folders = ([base].compactMap { $0 } + models).compactMap(ModelFolder.modelFolder(of:))
+    let vocabularies = folders.map { ($0, vocabulary(of: $0)) }.filter { $0.1 != nil }
+    if let first = vocabularies.first, let other = vocabularies.first(where: { $0.1 != first.1 }) {
+      throw RecipeError.invalid(
+        file: file, path: "tokenizer_source", line: nil,
+        reason:
+          "the vocabularies of \(first.0) and \(other.0) differ; aligning embeddings by token (tokenizer_source "
+          + "union or a model with another vocabulary) is not supported yet: merge models that share a vocabulary")
+    }
+    switch setting {
+    case "base", "union": return base.flatMap(ModelFolder.modelFolder(of:)) ?? folders.first
+    default:
+      guard let folder = ModelFolder.modelFolder(of: setting), vocabulary(of: folder) != nil else {
+        throw RecipeError.invalid(
+          file: file, path: "tokenizer_source", line: nil,
+          reason: "'\(setting)' is not base, union or a model folder with a tokenizer")
+      }
+      if let first = vocabularies.first, vocabulary(of: folder) != first.1 {
+        throw RecipeError.invalid(
+          file: file, path: "tokenizer_source", line: nil,
+          reason:
+            "the vocabulary of \(setting) differs from the merged models'; aligning embeddings is not supported yet")
+      }
+      return folder
+    }
+  }
+
+  /// The tokenizer files of `folder`, read (regular files only) for writing into an output.
+  static func files(in folder: String) throws -> [String: Data] {
+    var files: [String: Data] = [:]
+    for name in ModelFolder.tokenizerFiles where InputFile.isRegularFile(folder + "/" + name) {
+      files[name] = Data(try InputFile.read(folder + "/" + name, limit: Int.max))
     }
     return files
   }

@@ -104,6 +104,8 @@ public struct Recipe: Sendable {
   /// A mergekit `slices:` configuration: the one merge the recipe makes (no steps), written to
   /// its one output.
   public var slicedMerge: SlicedMerge?
+  /// mergekit's `tokenizer_source` (or `tokenizer.source`): `base`, `union` or a model.
+  public var tokenizerSource: String?
   /// mergekit's `chat_template`: `auto`, a name or a Jinja template, written into the outputs.
   public var chatTemplate: String?
   /// Whether the file is a mergekit configuration (`merge_method` at the top).

@@ -427,11 +427,24 @@ public struct RecipeRunner {
     var options = WriteOptions(
       format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom,
       overwrite: overwrite || output == nil)
-    if !copiesTokenizer { options.skippedFiles = ModelFolder.tokenizerFiles }
+    var tokenizerFolder = copyFilesFrom
+    if !copiesTokenizer {
+      options.skippedFiles = ModelFolder.tokenizerFiles
+      tokenizerFolder = nil
+    } else if output != nil, let setting = recipe.tokenizerSource {
+      let base = recipe.slicedMerge?.base ?? recipe.steps.first?.base
+      let source = try TokenizerSources.folder(
+        for: setting, base: base, models: recipe.inputs.map(\.path).filter { $0 != base }, file: recipe.source)
+      if let source, source != copyFilesFrom {
+        options.skippedFiles = ModelFolder.tokenizerFiles
+        options.files.merge(try TokenizerSources.files(in: source)) { $1 }
+      }
+      tokenizerFolder = source
+    }
     if output != nil, let setting = recipe.chatTemplate,
       let template = ChatTemplates.resolve(setting, models: recipe.inputs.map(\.path))
     {
-      options.files.merge(ChatTemplates.files(template, tokenizerFrom: copiesTokenizer ? copyFilesFrom : nil)) { $1 }
+      options.files.merge(ChatTemplates.files(template, tokenizerFrom: tokenizerFolder)) { $1 }
     }
     return options
   }

@@ -135,4 +135,40 @@ import Testing
     let unknown = try merge("vicuna", "unknown")
     #expect(unknown.status == 64 && unknown.stderr.contains("chat_template"), "\(unknown.stderr)")
   }
+
+  /// tokenizer_source: base, union or a model give that tokenizer when every vocabulary is the
+  /// same; differing vocabularies are refused, naming tokenizer_source.
+  @Test func tokenizerSourcesNeedOneVocabulary() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    func model(_ name: String, vocabulary: [String: Int], marker: String) throws -> String {
+      let path = folder.file(name)
+      try FileManager.default.copyItem(atPath: Self.model("finetune-a"), toPath: path)
+      let tokenizer: [String: Any] = ["model": ["vocab": vocabulary], "added_tokens": [], "marker": marker]
+      try JSONSerialization.data(withJSONObject: tokenizer).write(to: URL(fileURLWithPath: path + "/tokenizer.json"))
+      return path
+    }
+    let vocabulary = ["a": 0, "b": 1]
+    let a = try model("a", vocabulary: vocabulary, marker: "from a")
+    let b = try model("b", vocabulary: vocabulary, marker: "from b")
+    let c = try model("c", vocabulary: ["a": 0, "z": 1], marker: "from c")
+    func merge(_ models: [String], _ source: String, _ name: String) throws -> CLI.Result {
+      let yaml =
+        "models:\n" + models.map { "  - model: \($0)\n" }.joined()
+        + "merge_method: linear\ntokenizer_source: \(source)\n"
+      try yaml.write(toFile: folder.file("\(name).yml"), atomically: true, encoding: .utf8)
+      return try CLI.run("run", folder.file("\(name).yml"), folder.file(name), "-q")
+    }
+    func marker(_ name: String) throws -> String? {
+      let data = try Data(contentsOf: URL(fileURLWithPath: folder.file("\(name)/tokenizer.json")))
+      return (try JSONSerialization.jsonObject(with: data) as? [String: Any])?["marker"] as? String
+    }
+    #expect(try merge([a, b], "union", "union").status == 0)
+    #expect(try marker("union") == "from a")
+    #expect(try merge([a, b], b, "fromb").status == 0)
+    #expect(try marker("fromb") == "from b")
+    let differ = try merge([a, c], "union", "differ")
+    #expect(differ.status == 64 && differ.stderr.contains("tokenizer_source"), "\(differ.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("differ")))
+  }
 }
