@@ -80,6 +80,14 @@ public enum InputFile {
     return stat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFREG
   }
 
+  /// The JSON object in the regular file `path` (config.json, tokenizer files), or nil when
+  /// there is no such file or it is not a JSON object. Throws only for a file that is there but
+  /// cannot be read (too large, not a regular file).
+  public static func jsonObject(_ path: String) throws -> [String: Any]? {
+    guard isRegularFile(path) else { return nil }
+    return (try? JSONSerialization.jsonObject(with: Data(try read(path)))) as? [String: Any]
+  }
+
   static func describe(_ kind: mode_t) -> String {
     switch kind {
     case S_IFDIR: return "a folder"

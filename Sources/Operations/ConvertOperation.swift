@@ -90,19 +90,12 @@ public enum ConvertOperation {
   }
 
   /// A model folder's config.json with `num_hidden_layers` and `layer_types` following `ranges`
-  /// (nil when there is none).
+  /// (nil when there is none): the config of the passthrough slices that stack the same ranges.
   public static func stackedConfig(of folder: String?, _ ranges: [Range<Int>]) throws -> Data? {
-    guard let folder, InputFile.isRegularFile(folder + "/config.json"),
-      var config = try JSONSerialization.jsonObject(with: Data(InputFile.read(folder + "/config.json")))
-        as? [String: Any]
-    else { return nil }
-    config["num_hidden_layers"] = ranges.reduce(0) { $0 + $1.count }
-    if let types = config["layer_types"] as? [Any] {
-      guard ranges.allSatisfy({ $0.upperBound <= types.count }) else {
-        throw OperationError.slices(reason: "config.json 'layer_types' does not list every layer of \(folder)")
-      }
-      config["layer_types"] = ranges.flatMap { Array(types[$0]) }
+    guard let folder else { return nil }
+    let slices = ranges.map { SlicedMerge.Slice(sources: [SlicedMerge.Source(model: folder, layers: $0)]) }
+    return try SlicedMerge(method: PassthroughMerge(), base: nil, slices: slices, global: [:]).outputConfig { _ in
+      try InputFile.jsonObject(folder + "/config.json")
     }
-    return try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys])
   }
 }

@@ -214,10 +214,7 @@ public enum ChatTemplates {
     {
       return text.trimmingCharacters(in: .whitespacesAndNewlines)
     }
-    guard InputFile.isRegularFile(folder + "/tokenizer_config.json"),
-      let bytes = try? InputFile.read(folder + "/tokenizer_config.json"),
-      let config = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
-    else { return nil }
+    guard let config = try? InputFile.jsonObject(folder + "/tokenizer_config.json") else { return nil }
     if let text = config["chat_template"] as? String { return text.trimmingCharacters(in: .whitespacesAndNewlines) }
     let list = config["chat_template"] as? [[String: Any]]
     return (list?.first { $0["name"] as? String == "default" }?["template"] as? String)?
@@ -238,10 +235,7 @@ public enum ChatTemplates {
   /// `chat_template.jinja`, and tokenizer_config.json with its `chat_template` replaced.
   public static func files(_ template: String, tokenizerFrom folder: String?) -> [String: Data] {
     var files = ["chat_template.jinja": Data((template + "\n").utf8)]
-    if let folder, InputFile.isRegularFile(folder + "/tokenizer_config.json"),
-      let bytes = try? InputFile.read(folder + "/tokenizer_config.json"),
-      var config = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
-    {
+    if let folder, var config = try? InputFile.jsonObject(folder + "/tokenizer_config.json") {
       config["chat_template"] = template
       if let data = try? JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]) {
         files["tokenizer_config.json"] = data
@@ -261,9 +255,7 @@ public enum TokenizerSources {
   /// id map and the added tokens of tokenizer.json, else the bytes of its vocabulary files. Nil
   /// when the folder has no tokenizer.
   static func vocabulary(of folder: String) -> String? {
-    if InputFile.isRegularFile(folder + "/tokenizer.json"), let bytes = try? InputFile.read(folder + "/tokenizer.json"),
-      let tokenizer = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
-    {
+    if let tokenizer = try? InputFile.jsonObject(folder + "/tokenizer.json") {
       let model = tokenizer["model"] as? [String: Any]
       let parts: [Any] = [model?["vocab"] ?? NSNull(), tokenizer["added_tokens"] ?? NSNull()]
       if let data = try? JSONSerialization.data(withJSONObject: parts, options: [.sortedKeys]) {

@@ -604,10 +604,7 @@ extension RecipeRunner {
     let source = sliced.base ?? sliced.slices[0].sources[0].model
     var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: ModelFolder.modelFolder(of: source))
     let config = try sliced.outputConfig { path in
-      guard let folder = ModelFolder.modelFolder(of: path), InputFile.isRegularFile(folder + "/config.json") else {
-        return nil
-      }
-      return try JSONSerialization.jsonObject(with: Data(InputFile.read(folder + "/config.json"))) as? [String: Any]
+      try ModelFolder.modelFolder(of: path).flatMap { try InputFile.jsonObject($0 + "/config.json") }
     }
     if let config { options.files["config.json"] = config }
     do {
@@ -626,9 +623,8 @@ extension RecipeRunner {
   public func mixedArchitectures() -> [String]? {
     var seen: [String] = []
     for input in recipe.inputs {
-      guard let folder = ModelFolder.modelFolder(of: input.path), InputFile.isRegularFile(folder + "/config.json"),
-        let bytes = try? InputFile.read(folder + "/config.json"),
-        let config = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]
+      guard let folder = ModelFolder.modelFolder(of: input.path),
+        let config = try? InputFile.jsonObject(folder + "/config.json")
       else { continue }
       let name = (config["architectures"] as? [String])?.first ?? (config["model_type"] as? String)
       if let name, !seen.contains(name) { seen.append(name) }
