@@ -278,9 +278,33 @@ public final class CheckpointWriter: TensorSink {
     if let source = options.copyFilesFrom {
       try ModelFolder.copyAuxiliaryFiles(from: source, to: workPath, skipping: options.skippedFiles)
     }
+    try recordDType()
     try ModelFolder.publish(workPath, at: destination, overwrite: options.overwrite)
     TemporaryOutputs.unregister(workPath)
     done = true
+  }
+
+  /// Sets config.json's `torch_dtype` and `dtype` (transformers 4 and 5 read one each) to the
+  /// floating dtype that holds most of the written bytes, so that a plain `from_pretrained`
+  /// loads a bf16 merge as bf16 rather than as the input config's float32.
+  private func recordDType() throws {
+    let path = "\(workPath)/config.json"
+    var bytesByType: [DType: Int] = [:]
+    for shard in shards {
+      for t in shard.tensors where t.dtype.isFloatingPoint { bytesByType[t.dtype, default: 0] += t.byteCount }
+    }
+    guard let dtype = bytesByType.max(by: { $0.value < $1.value })?.key, let name = dtype.torchName,
+      var config = try InputFile.jsonObject(path)
+    else { return }
+    guard config["torch_dtype"] as? String != name || config["dtype"] as? String != name else { return }
+    config["torch_dtype"] = name
+    config["dtype"] = name
+    let data: Data
+    do { data = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]) } catch {
+      throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription)
+    }
+    try? FileManager.default.removeItem(atPath: path)
+    try writeFileAtomically(Array(data) + [0x0A], to: path)
   }
 
   private func writeIndex() throws {

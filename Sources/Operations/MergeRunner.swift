@@ -168,6 +168,8 @@ public enum MergeRunner {
   ) throws {
     var options = options
     if options.layout == nil { options.layout = plan.reference.files }
+    // transformers before 4.40 refuses safetensors files without `format: pt`.
+    if options.metadata["format"] == nil { options.metadata["format"] = "pt" }
     let writer = try CheckpointWriter(destination: destination, tensors: outputTensors(plan), options: options)
     try run(plan, into: writer, progress: progress)
   }

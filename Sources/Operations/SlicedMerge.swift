@@ -109,6 +109,8 @@ public struct SlicedMerge: Sendable {
     _ plans: [MergePlan], to destination: String, options: WriteOptions, progress: ((Int, Int) -> Void)? = nil
   ) throws {
     let infos = plans.flatMap { MergeRunner.outputTensors($0) }
+    var options = options
+    if options.metadata["format"] == nil { options.metadata["format"] = "pt" }
     let writer = try CheckpointWriter(destination: destination, tensors: infos, options: options)
     let total = plans.reduce(0) { $0 + $1.bytesRead }
     var before = 0

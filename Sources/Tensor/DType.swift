@@ -55,3 +55,17 @@ public enum DType: String, CaseIterable, Sendable, Codable {
     }
   }
 }
+
+extension DType {
+  /// PyTorch's name of the dtype, as config.json's `torch_dtype` spells it (nil for the 8-bit
+  /// floats and types transformers does not record).
+  public var torchName: String? {
+    switch self {
+    case .f64: return "float64"
+    case .f32: return "float32"
+    case .f16: return "float16"
+    case .bf16: return "bfloat16"
+    default: return nil
+    }
+  }
+}

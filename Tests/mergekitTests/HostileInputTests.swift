@@ -189,9 +189,11 @@ import Testing
     let big = folder.file("big")
     try FileManager.default.createDirectory(atPath: big, withIntermediateDirectories: true)
     try FileManager.default.linkItem(atPath: Self.model + "/model.safetensors", toPath: big + "/model.safetensors")
-    let config = try String(contentsOfFile: Self.model + "/config.json", encoding: .utf8)
-    try config.replacingOccurrences(of: "\"num_hidden_layers\": 2", with: "\"num_hidden_layers\": 1e9").write(
-      toFile: big + "/config.json", atomically: true, encoding: .utf8)
+    var config = try #require(
+      try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: Self.model + "/config.json")))
+        as? [String: Any])
+    config["num_hidden_layers"] = 1e9
+    try JSONSerialization.data(withJSONObject: config).write(to: URL(fileURLWithPath: big + "/config.json"))
     let data = Self.fixture.file("tokens.jsonl")
     try Self.expectRefused(["eval", big, "--data", data], names: big + "/config.json")
     try Self.expectRefused(

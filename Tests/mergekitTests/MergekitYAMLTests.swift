@@ -171,4 +171,27 @@ import Testing
     #expect(differ.status == 64 && differ.stderr.contains("tokenizer_source"), "\(differ.stderr)")
     #expect(!FileManager.default.fileExists(atPath: folder.file("differ")))
   }
+
+  /// Outputs say what they hold: config.json's torch_dtype and dtype follow the written dtype,
+  /// and merged safetensors carry `format: pt`.
+  @Test func outputsRecordTheirDTypeAndFormat() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    func config(_ path: String) throws -> [String: Any]? {
+      try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path + "/config.json")))
+        as? [String: Any]
+    }
+    #expect(try config(Self.model("base"))?["torch_dtype"] as? String == "bfloat16")
+    let converted = try CLI.run("convert", Self.model("base"), folder.file("f32"), "--dtype", "f32", "-q")
+    #expect(converted.status == 0, "\(converted.stderr)")
+    #expect(try config(folder.file("f32"))?["torch_dtype"] as? String == "float32")
+    #expect(try config(folder.file("f32"))?["dtype"] as? String == "float32")
+    #expect(try config(folder.file("f32"))?["num_hidden_layers"] as? Int == 4)
+    let merged = try CLI.run(
+      "merge", folder.file("f32"), Self.model("finetune-a"), "--method", "linear", "--dtype", "f16", "-o",
+      folder.file("f16"), "-q")
+    #expect(merged.status == 0, "\(merged.stderr)")
+    #expect(try config(folder.file("f16"))?["torch_dtype"] as? String == "float16")
+    #expect(try openCheckpoint(folder.file("f16")).metadata["format"] == "pt")
+  }
 }
