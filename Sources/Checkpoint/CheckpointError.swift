@@ -97,6 +97,8 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   case fileTooLarge(file: String, size: Int, limit: Int)
   /// A text file (JSON, YAML, CSV) that is not valid UTF-8.
   case notUTF8(file: String)
+  /// A Hugging Face id that is neither a local path nor in the local cache.
+  case notCached(id: String, cache: String)
   /// An output that is, holds or lies inside one of the run's inputs.
   case outputIsInput(output: String, input: String)
 
@@ -167,6 +169,10 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .fileTooLarge(let f, let s, let l):
       return "\(f): \(s) bytes is more than the \(l)-byte limit for this kind of file"
     case .notUTF8(let f): return "\(f): not valid UTF-8 text"
+    case .notCached(let id, let cache):
+      return
+        "'\(id)' is not a local path and the Hugging Face cache (\(cache)) does not hold it; download it first "
+        + "(`hf download \(id)` or `huggingface-cli download \(id)`), or give the model's folder; nothing is fetched from the network"
     case .outputIsInput(let o, let i):
       return o == i
         ? "the output '\(o)' is also an input; write it elsewhere (an output replaces its path when it is done)"

@@ -16,7 +16,8 @@ import Tensor
 /// let model = try openCheckpoint("path/to/model")
 /// print(model.tensors.count, model.totalByteCount)
 /// ```
-public func openCheckpoint(_ path: String, base: (any Checkpoint)? = nil) throws -> any Checkpoint {
+public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throws -> any Checkpoint {
+  let path = try HubCache.resolve(given)
   var isDirectory: ObjCBool = false
   guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
     throw CheckpointError.cannotOpen(file: path, reason: "no such file or folder")
@@ -139,7 +140,8 @@ public enum ModelFolder {
 
   /// The model folder a checkpoint path stands for: the path itself when it is a folder, the
   /// folder of a shard index; nil for a lone tensor file (its neighbours are not its files).
-  public static func modelFolder(of path: String) -> String? {
+  public static func modelFolder(of given: String) -> String? {
+    let path = (try? HubCache.resolve(given)) ?? given
     var isDirectory: ObjCBool = false
     if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { return path }
     return path.hasSuffix(".index.json") ? URL(fileURLWithPath: path).deletingLastPathComponent().path : nil
@@ -361,5 +363,64 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
       try shard.verify { done, _ in progress?(before + done, total) }
       before += shard.totalByteCount
     }
+  }
+}
+
+/// Models named by Hugging Face id (`org/name`, optionally `@revision`), as published configs
+/// name them, found in the local Hugging Face cache without any network access:
+/// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`, in its layout
+/// `models--org--name/refs/<revision>` (a commit hash) -> `snapshots/<hash>/`.
+public enum HubCache {
+  /// The cache folder the environment selects.
+  public static var root: String {
+    let environment = ProcessInfo.processInfo.environment
+    if let hub = environment["HF_HUB_CACHE"], !hub.isEmpty { return hub }
+    if let home = environment["HF_HOME"], !home.isEmpty { return home + "/hub" }
+    return (environment["HOME"] ?? NSHomeDirectory()) + "/.cache/huggingface/hub"
+  }
+
+  /// `(org/name, revision)` when `text` has the form of a Hub id, else nil.
+  public static func parse(_ text: String) -> (id: String, revision: String)? {
+    let parts = text.split(separator: "@", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+    let id = parts[0]
+    let names = id.split(separator: "/", omittingEmptySubsequences: false)
+    func plain(_ s: Substring) -> Bool {
+      !s.isEmpty && !s.hasPrefix(".") && s.count <= 96
+        && s.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) || "._-".unicodeScalars.contains($0) }
+    }
+    guard names.count == 2, names.allSatisfy(plain) else { return nil }
+    let revision = parts.count == 2 ? parts[1] : "main"
+    guard !revision.isEmpty, !revision.contains(".."), !revision.hasPrefix("/"), revision.count <= 256 else {
+      return nil
+    }
+    return (id, revision)
+  }
+
+  /// `path` itself when it exists; for a Hub id that is not a local path, its snapshot folder in
+  /// the cache; anything else unchanged (the caller reports it missing). Throws `notCached` for
+  /// a Hub id the cache does not hold, saying how to download it.
+  public static func resolve(_ path: String) throws -> String {
+    if FileManager.default.fileExists(atPath: path) { return path }
+    guard let (id, revision) = parse(path) else { return path }
+    let repo = "\(root)/models--" + id.replacingOccurrences(of: "/", with: "--")
+    var commit = revision
+    if InputFile.isRegularFile("\(repo)/refs/\(revision)"),
+      let text = try? InputFile.readText("\(repo)/refs/\(revision)", limit: 4096)
+    {
+      commit = text.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+    let snapshot = "\(repo)/snapshots/\(commit)"
+    var isDirectory: ObjCBool = false
+    guard !commit.contains("/"), FileManager.default.fileExists(atPath: snapshot, isDirectory: &isDirectory),
+      isDirectory.boolValue
+    else {
+      throw CheckpointError.notCached(id: path, cache: root)
+    }
+    return snapshot
+  }
+
+  /// Whether `path` exists, or names a model the cache holds.
+  public static func exists(_ path: String) -> Bool {
+    FileManager.default.fileExists(atPath: path) || ((try? resolve(path)).map { $0 != path } ?? false)
   }
 }

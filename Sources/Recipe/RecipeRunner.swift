@@ -59,7 +59,7 @@ public struct RecipeRunner {
     let inputLabels = Set(recipe.inputs.map(\.label))
     func check(_ reference: String, at path: String) throws {
       if inputLabels.contains(reference) || stepLabels[reference] != nil
-        || FileManager.default.fileExists(atPath: reference)
+        || HubCache.exists(reference)
       {
         return
       }
@@ -77,7 +77,7 @@ public struct RecipeRunner {
     }
     for output in recipe.outputs { try check(output.label, at: output.location) }
     try Self.checkOutputs(recipe)
-    for input in recipe.inputs where !FileManager.default.fileExists(atPath: input.path) {
+    for input in recipe.inputs where !HubCache.exists(input.path) {
       throw RecipeError.invalid(
         file: file, path: "inputs.\(input.label)", line: nil, reason: "'\(input.path)' does not exist")
     }
@@ -567,7 +567,7 @@ extension RecipeRunner {
         throw RecipeError.invalid(file: file, path: "slices[\(i)]", line: nil, reason: "\(error)")
       }
     }
-    for input in recipe.inputs where !FileManager.default.fileExists(atPath: input.path) {
+    for input in recipe.inputs where !HubCache.exists(input.path) {
       throw RecipeError.invalid(file: file, path: "slices", line: nil, reason: "'\(input.path)' does not exist")
     }
     try Self.checkOutputs(recipe)

@@ -5,7 +5,12 @@ import Tensor
 
 /// Checks that a path to read exists (a usage error, exit 64, when it does not).
 func requireExisting(_ path: String, _ what: String) throws {
-  guard FileManager.default.fileExists(atPath: path) else { throw ValidationError("\(what) '\(path)' does not exist") }
+  guard HubCache.exists(path) else {
+    if HubCache.parse(path) != nil {
+      throw ValidationError(CheckpointError.notCached(id: path, cache: HubCache.root).description)
+    }
+    throw ValidationError("\(what) '\(path)' does not exist")
+  }
 }
 
 /// Refuses to replace an existing output unless `--overwrite` was given (a usage error, exit 64).

@@ -194,4 +194,33 @@ import Testing
     #expect(try config(folder.file("f16"))?["torch_dtype"] as? String == "float16")
     #expect(try openCheckpoint(folder.file("f16")).metadata["format"] == "pt")
   }
+
+  /// Models named by Hub id resolve through the local cache layout (no network); an id the cache
+  /// lacks gets a message saying how to download it.
+  @Test func hubIdsResolveFromTheLocalCache() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let repo = folder.file("hub/models--org--tiny")
+    let commit = String(repeating: "ab", count: 20)
+    let snapshot = repo + "/snapshots/" + commit
+    for path in [repo + "/blobs", repo + "/refs", snapshot] {
+      try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+    }
+    try commit.write(toFile: repo + "/refs/main", atomically: true, encoding: .utf8)
+    for (name, blob) in [("config.json", "c1"), ("model.safetensors", "w1")] {
+      try FileManager.default.copyItem(atPath: Self.model("finetune-a") + "/" + name, toPath: repo + "/blobs/" + blob)
+      try FileManager.default.createSymbolicLink(
+        atPath: snapshot + "/" + name, withDestinationPath: "../../blobs/" + blob)
+    }
+    let environment = ["HF_HUB_CACHE": folder.file("hub")]
+    let inspect = try CLI.run(["inspect", "org/tiny"], environment: environment)
+    #expect(inspect.status == 0 && inspect.stdout.contains("39 tensors"), "\(inspect.stderr)")
+    let yaml = "models:\n  - model: org/tiny\n  - model: \(Self.model("finetune-b"))\nmerge_method: linear\n"
+    try yaml.write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    let merged = try CLI.run(["run", folder.file("c.yml"), folder.file("out"), "-q"], environment: environment)
+    #expect(merged.status == 0, "\(merged.stderr)")
+    #expect(FileManager.default.fileExists(atPath: folder.file("out/config.json")))
+    let missing = try CLI.run(["inspect", "org/absent"], environment: environment)
+    #expect(missing.status == 64 && missing.stderr.contains("hf download org/absent"), "\(missing.stderr)")
+  }
 }
