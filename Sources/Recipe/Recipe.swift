@@ -104,6 +104,8 @@ public struct Recipe: Sendable {
   /// A mergekit `slices:` configuration: the one merge the recipe makes (no steps), written to
   /// its one output.
   public var slicedMerge: SlicedMerge?
+  /// The YAML text the recipe was read from (written into outputs as `mergekit_config.yml`).
+  public var text: String?
   /// mergekit's `tokenizer_source` (or `tokenizer.source`): `base`, `union` or a model.
   public var tokenizerSource: String?
   /// mergekit's `chat_template`: `auto`, a name or a Jinja template, written into the outputs.
@@ -306,8 +308,11 @@ extension Recipe {
     }
     let root = YAMLValue(node: node, path: "", file: file)
     let keys = try root.map().map(\.key)
-    if keys.contains("merge_method") { return try MergekitConfig.recipe(from: root, output: output) }
-    return try parseOurs(root, output: output)
+    var recipe =
+      keys.contains("merge_method")
+      ? try MergekitConfig.recipe(from: root, output: output) : try parseOurs(root, output: output)
+    recipe.text = text
+    return recipe
   }
 
   static func parseOurs(_ root: YAMLValue, output: String?) throws -> Recipe {

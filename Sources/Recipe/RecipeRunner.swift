@@ -449,6 +449,17 @@ public struct RecipeRunner {
     return options
   }
 
+  /// `options` with the model card of a merge into `output` (models named by their input paths,
+  /// the recipe's text as the configuration).
+  func withCard(_ options: WriteOptions, output: String, method: any MergeMethod, base: String?, models: [String])
+    -> WriteOptions
+  {
+    let paths = Dictionary(recipe.inputs.map { ($0.label, $0.path) }) { first, _ in first }
+    return ModelCard.adding(
+      to: options, output: output, method: method, base: base.map { paths[$0] ?? $0 },
+      models: models.map { paths[$0] ?? $0 }, configuration: recipe.text ?? "", isYAML: recipe.text != nil)
+  }
+
   func dtype(_ name: String?, at path: String) throws -> DType? {
     guard let name else { return nil }
     guard let type = DType(userSpelling: name), type.isFloatingPoint else {
@@ -539,6 +550,9 @@ public struct RecipeRunner {
     reportStep(destination)
     var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: modelFolder)
     options.metadata = metadata
+    if output != nil, let mergeMethod = try? MergeRegistry.method(named: step.operation) {
+      options = withCard(options, output: destination, method: mergeMethod, base: step.base, models: step.models)
+    }
     try MergeRunner.run(plan, to: destination, options: options, progress: stepProgress)
     return nil
   }
@@ -602,7 +616,10 @@ extension RecipeRunner {
         + "\(sliced.layerCount) layers, \(tensors) tensors -> \(output.path)")
     if dryRun { return }
     let source = sliced.base ?? sliced.slices[0].sources[0].model
-    var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: ModelFolder.modelFolder(of: source))
+    var options = withCard(
+      try writeOptions(output, overwrite: overwrite, copyFilesFrom: ModelFolder.modelFolder(of: source)),
+      output: output.path, method: sliced.method, base: sliced.base,
+      models: recipe.inputs.map(\.path).filter { $0 != sliced.base })
     let config = try sliced.outputConfig { path in
       try ModelFolder.modelFolder(of: path).flatMap { try InputFile.jsonObject($0 + "/config.json") }
     }

@@ -72,6 +72,11 @@ struct OutputOptions: ParsableArguments {
     var options = WriteOptions(
       format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata, overwrite: overwrite)
     options.copyFilesFrom = ModelFolder.modelFolder(of: base ?? models[0])
+    if MergeRegistry.methods.contains(where: { $0.name == method.name }) {
+      let command = (["mergekit"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
+      options = ModelCard.adding(
+        to: options, output: output, method: method, base: base, models: models, configuration: command, isYAML: false)
+    }
     let progress = Progress(label, quiet: quiet)
     try MergeRunner.run(plan, to: output, options: options, progress: { progress.update($0, $1) })
     progress.finish()

@@ -223,4 +223,28 @@ import Testing
     let missing = try CLI.run(["inspect", "org/absent"], environment: environment)
     #expect(missing.status == 64 && missing.stderr.contains("hf download org/absent"), "\(missing.stderr)")
   }
+
+  /// A merge's output gets its own model card and mergekit_config.yml, never the base's card.
+  @Test func mergesGetTheirOwnModelCard() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let base = folder.file("base")
+    try FileManager.default.copyItem(atPath: Self.model("base"), toPath: base)
+    try "# This is the BASE model\n".write(toFile: base + "/README.md", atomically: true, encoding: .utf8)
+    let yaml = Self.ties().replacingOccurrences(of: Self.model("base"), with: base)
+    try yaml.write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    #expect(try CLI.run("run", folder.file("c.yml"), folder.file("out"), "-q").status == 0)
+    let card = try String(contentsOfFile: folder.file("out/README.md"), encoding: .utf8)
+    #expect(!card.contains("BASE model"))
+    #expect(card.hasPrefix("---\nbase_model:\n- \(base)\n- \(Self.model("finetune-a"))\n"))
+    #expect(card.contains("library_name: transformers\ntags:\n- mergekit\n- merge\n- dare-ties\n---"))
+    #expect(try String(contentsOfFile: folder.file("out/mergekit_config.yml"), encoding: .utf8) == yaml + "\n")
+    let cli = try CLI.run(
+      "merge", Self.model("finetune-a"), Self.model("finetune-b"), "--base", base, "--method", "ties", "-o",
+      folder.file("cli"), "-q")
+    #expect(cli.status == 0, "\(cli.stderr)")
+    let cliCard = try String(contentsOfFile: folder.file("cli/README.md"), encoding: .utf8)
+    #expect(!cliCard.contains("BASE model") && cliCard.contains("mergekit merge "))
+    #expect(!FileManager.default.fileExists(atPath: folder.file("cli/mergekit_config.yml")))
+  }
 }
