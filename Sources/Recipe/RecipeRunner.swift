@@ -15,6 +15,9 @@ public struct RecipeRunner {
   /// Whether outputs take the tokenizer files of the model their other files come from
   /// (mergekit's `--copy-tokenizer`, the default).
   public var copiesTokenizer = true
+  /// Whether merge outputs get a generated model card (mergekit's `--write-model-card`, the
+  /// default); the inputs' own cards are never copied either way.
+  public var writesModelCard = true
   /// The steps in execution order.
   public let order: [Recipe.Step]
 
@@ -454,6 +457,11 @@ public struct RecipeRunner {
   func withCard(_ options: WriteOptions, output: String, method: any MergeMethod, base: String?, models: [String])
     -> WriteOptions
   {
+    guard writesModelCard else {
+      var options = options
+      options.skippedFiles.formUnion(ModelCard.replacedFiles)
+      return options
+    }
     let paths = Dictionary(recipe.inputs.map { ($0.label, $0.path) }) { first, _ in first }
     return ModelCard.adding(
       to: options, output: output, method: method, base: base.map { paths[$0] ?? $0 },

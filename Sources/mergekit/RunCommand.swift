@@ -76,7 +76,7 @@ struct RunCommand: ParsableCommand {
 
   @Flag(
     name: .customLong("write-model-card"), inversion: .prefixedNo,
-    help: "Accepted for mergekit-yaml; model cards are not written yet.")
+    help: "Write a model card (README.md) and mergekit_config.yml into a merge's output (the default).")
   var writeModelCard = true
 
   @Flag(name: .customLong("trust-remote-code"), help: "Accepted for mergekit-yaml; no code from a model is ever run.")
@@ -166,6 +166,7 @@ struct RunCommand: ParsableCommand {
     }
     var runner = try RecipeRunner(loaded)
     runner.copiesTokenizer = copyTokenizer
+    runner.writesModelCard = writeModelCard
     if loaded.isMergekitConfiguration, !allowCrimes, let mixed = runner.mixedArchitectures() {
       throw RecipeError.invalid(
         file: recipe, path: loaded.slicedMerge == nil ? "models" : "slices", line: nil,

@@ -246,5 +246,7 @@ import Testing
     let cliCard = try String(contentsOfFile: folder.file("cli/README.md"), encoding: .utf8)
     #expect(!cliCard.contains("BASE model") && cliCard.contains("mergekit merge "))
     #expect(!FileManager.default.fileExists(atPath: folder.file("cli/mergekit_config.yml")))
+    #expect(try CLI.run("run", folder.file("c.yml"), folder.file("bare"), "--no-write-model-card", "-q").status == 0)
+    #expect(!FileManager.default.fileExists(atPath: folder.file("bare/README.md")))
   }
 }
