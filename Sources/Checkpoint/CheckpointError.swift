@@ -12,6 +12,9 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   case outputExists(path: String)
   /// A path that is neither a checkpoint file nor a model folder.
   case notACheckpoint(path: String)
+  /// A file of a format we do not read (a PyTorch pickle, a GGUF file), recognised by its first
+  /// bytes: the format's name and what to do.
+  case unsupportedFormat(file: String, format: String, advice: String)
   // safetensors
   /// A safetensors file shorter than its 8-byte header length.
   case fileTooShort(file: String, size: Int)
@@ -110,6 +113,7 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .notACheckpoint(let p):
       return
         "\(p): not a checkpoint (expected a .safetensors or .mkz file, or a folder with model.safetensors, model.mkz or a *.index.json)"
+    case .unsupportedFormat(let f, let format, let advice): return "\(f): \(format) is not supported yet; \(advice)"
     case .fileTooShort(let f, let s):
       return "\(f): file is \(s) bytes, too short for a safetensors header (needs at least 8)"
     case .headerLengthPastEnd(let f, let n, let s):

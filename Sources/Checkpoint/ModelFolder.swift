@@ -24,7 +24,16 @@ public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throw
   }
   var file = path
   if isDirectory.boolValue {
-    guard let chosen = ModelFolder.tensorFile(in: path) else { throw CheckpointError.notACheckpoint(path: path) }
+    guard let chosen = ModelFolder.tensorFile(in: path) else {
+      if let other = ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.gguf"].first(where: {
+        FileManager.default.fileExists(atPath: "\(path)/\($0)")
+      }) {
+        throw CheckpointError.unsupportedFormat(
+          file: "\(path)/\(other)", format: "a PyTorch or GGUF checkpoint (the folder has no safetensors)",
+          advice: "convert it to safetensors with transformers (save_pretrained(..., safe_serialization=True)) first")
+      }
+      throw CheckpointError.notACheckpoint(path: path)
+    }
     file = chosen
   }
   try InputFile.checkRegular(file)
@@ -33,9 +42,27 @@ public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throw
 }
 
 /// Opens one regular tensor file, `.mkz` (by its magic bytes) or safetensors; never an index
-/// or a folder, so that nothing a file names can lead back to itself.
+/// or a folder, so that nothing a file names can lead back to itself. PyTorch and GGUF files are
+/// recognised by their first bytes and refused by name (rather than misread as a safetensors
+/// header of absurd length); nothing in them is ever run.
 func openTensorFile(_ path: String, base: (any Checkpoint)?) throws -> any Checkpoint {
-  if try ModelFolder.startsWithMKZMagic(path) { return try CompressedFile(path: path, base: base) }
+  let head = try ModelFolder.firstBytes(path, count: 9)
+  if head.starts(with: MKZ.magic) { return try CompressedFile(path: path, base: base) }
+  // A safetensors header length can begin with any bytes, but its JSON starts at byte 8.
+  guard head.count < 9 || head[8] != UInt8(ascii: "{") else { return try SafetensorsFile(path: path) }
+  let convert = "convert it to safetensors with transformers (save_pretrained(..., safe_serialization=True)) first"
+  if head.starts(with: Array("PK\u{03}\u{04}".utf8)) {
+    throw CheckpointError.unsupportedFormat(
+      file: path, format: "a PyTorch checkpoint (zip of pickles)", advice: convert)
+  }
+  if head.count > 2 && head[0] == 0x80 && (2...5).contains(head[1]) && head[2] != 0 {
+    throw CheckpointError.unsupportedFormat(file: path, format: "a legacy PyTorch pickle", advice: convert)
+  }
+  if head.starts(with: Array("GGUF".utf8)) {
+    throw CheckpointError.unsupportedFormat(
+      file: path, format: "GGUF (llama.cpp)",
+      advice: "use the model's safetensors release, or convert it back with llama.cpp's tools")
+  }
   return try SafetensorsFile(path: path)
 }
 
@@ -58,14 +85,14 @@ public enum ModelFolder {
     return tensorFiles.count == 1 ? "\(folder)/\(tensorFiles[0])" : nil
   }
 
-  /// Whether the regular file `path` begins with the `.mkz` magic bytes (read without blocking).
-  static func startsWithMKZMagic(_ path: String) throws -> Bool {
+  /// The first `count` bytes of the regular file `path` (fewer when it is shorter), read
+  /// without blocking.
+  static func firstBytes(_ path: String, count: Int) throws -> [UInt8] {
     let (fd, size) = try InputFile.openRegular(path)
     defer { close(fd) }
-    guard size >= MKZ.magic.count else { return false }
-    var head = [UInt8](repeating: 0, count: MKZ.magic.count)
+    var head = [UInt8](repeating: 0, count: min(count, size))
     let n = head.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-    return n == head.count && head == MKZ.magic
+    return Array(head.prefix(max(0, n)))
   }
 
   /// The path of shard `name` listed by the index `indexPath` in `folder`, after checking that

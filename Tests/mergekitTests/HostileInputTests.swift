@@ -264,6 +264,29 @@ import Testing
     #expect(attributes[.type] as? FileAttributeType == .typeRegular)  // a copy, not a dangling link
   }
 
+  // Formats we do not read are named, not misread as safetensors with an absurd header; a
+  // safetensors file whose header length happens to start like a pickle still opens.
+  @Test func foreignFormatsAreNamed() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let cases: [(String, [UInt8], String)] = [
+      ("m.bin", Array("PK\u{03}\u{04}".utf8) + [UInt8](repeating: 1, count: 12), "PyTorch checkpoint"),
+      ("old.pt", [0x80, 0x02, 0x63] + [UInt8](repeating: 1, count: 12), "legacy PyTorch pickle"),
+      ("m.gguf", Array("GGUF".utf8) + [3, 0, 0, 0] + [UInt8](repeating: 1, count: 8), "GGUF"),
+    ]
+    for (name, bytes, format) in cases {
+      writeBytes(bytes, to: folder.file(name))
+      try Self.expectRefused(["inspect", folder.file(name)], names: format)
+    }
+    try FileManager.default.createDirectory(atPath: folder.file("pt"), withIntermediateDirectories: true)
+    writeBytes(cases[0].1, to: folder.file("pt/pytorch_model.bin"))
+    try Self.expectRefused(["inspect", folder.file("pt")], names: folder.file("pt/pytorch_model.bin"))
+    var header = #"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#
+    header += String(repeating: " ", count: 640 - header.utf8.count)  // length 640: bytes 80 02 00 ...
+    writeBytes(safetensorsBytes(header: header, data: [7]), to: folder.file("st.safetensors"))
+    #expect(try openCheckpoint(folder.file("st.safetensors")).read("x").bytes == [7])
+  }
+
   // 8. Names: byte-different tensor names are different tensors, even when Unicode calls them
   // equivalent ("é" precomposed and "e" + combining accent).
   @Test func tensorNamesAreExactBytes() throws {
