@@ -123,6 +123,24 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     tokenizer_source: base
 
     """
+  let slices = """
+    slices:
+      - sources:
+          - model: \(model)
+            layer_range: [0, 2]
+            parameters: {weight: [0.2, 0.8]}
+          - model: \(work)/seed.mkz
+            layer_range: [0, 2]
+        parameters: {normalize: true}
+      - sources:
+          - model: \(model)
+            layer_range: [1, 2]
+    merge_method: linear
+    chat_template: chatml
+    tokenizer_source: base
+    dtype: bfloat16
+
+    """
   let shapesByName = Dictionary(source.tensors.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
   let coefficients = try ATLASCoefficients(
     tasks: ["a", "b"], blocks: Array(source.tensors.prefix(3).map(\.name)), partitions: 2, value: 0.3
@@ -144,6 +162,9 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     InputKind(
       name: "mergekit-config", file: "config.yml", seeds: [Array(config2.utf8)], isText: true,
       run: { path in try checkRecipe(path, output: work + "/out/config-merge") }),
+    InputKind(
+      name: "mergekit-slices", file: "slices.yml", seeds: [Array(slices.utf8)], isText: true,
+      run: { path in try checkRecipe(path, output: work + "/out/slices-merge") }),
     InputKind(
       name: "config.json", file: "configured/config.json", seeds: [Array(config.utf8)], isText: true,
       run: { _ in _ = try loadNetwork(configured) }),
