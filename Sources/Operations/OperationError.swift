@@ -36,11 +36,15 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
   case noFloatingTensors
   /// A mergekit `slices:` configuration that cannot be built (empty, uneven or missing layers).
   case slices(reason: String)
+  /// A tokenizer that cannot be read or vocabularies that cannot be aligned (`file` is the
+  /// model folder or tokenizer file).
+  case vocabulary(file: String, reason: String)
 
   /// Whether the error is in what the user asked (exit 64) rather than in the inputs' contents.
   public var isUsage: Bool {
     switch self {
-    case .missingTensors, .extraTensors, .shapeMismatch, .integerMismatch, .noFloatingTensors: return false
+    case .missingTensors, .extraTensors, .shapeMismatch, .integerMismatch, .noFloatingTensors, .vocabulary:
+      return false
     default: return true
     }
   }
@@ -78,13 +82,14 @@ public enum OperationError: Error, CustomStringConvertible, Equatable {
       let vocabulary = ["embed", "lm_head", "wte", "word_embeddings"].contains { tensor.contains($0) }
       return "tensor '\(tensor)' has different shapes: \(shapes.joined(separator: ", "))"
         + (vocabulary
-          ? "; the models' vocabularies differ (mergekit aligns them with tokenizer_source: union or a model, "
-            + "which this version cannot do yet: merge models that share a vocabulary)" : "")
+          ? "; the models' vocabularies differ: align them by token with tokenizer_source (base, union or a model)"
+          : "")
     case .integerMismatch(let tensor, let file):
       return
         "integer tensor '\(tensor)' of \(file) differs from the reference; integer tensors cannot be merged, only copied"
     case .noFloatingTensors: return "the inputs hold no floating-point tensors to merge"
     case .slices(let reason): return reason
+    case .vocabulary(let file, let reason): return file.isEmpty ? reason : "\(file) \(reason)"
     }
   }
 

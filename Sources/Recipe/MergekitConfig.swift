@@ -7,10 +7,10 @@ import Tensor
 /// Reads mergekit's own YAML configuration (`mergekit-yaml config.yml OUT`) as a one-step recipe,
 /// for the methods both tools have, so existing configs run unchanged:
 /// `merge_method`, `base_model`, `models` (each `model` with `parameters`), `parameters`,
-/// `dtype`, `tokenizer_source: base` (the base's tokenizer files are copied; other tokenizer
-/// sources are refused with a clear message), `chat_template` (`auto`, `chatml` or an inline
-/// Jinja template, written with the output's tokenizer files) and `slices` (layer ranges merged
-/// slice by slice, `SlicedMerge`).
+/// `dtype`, `tokenizer_source` and the `tokenizer:` block (the output's tokenizer, with the
+/// inputs' embedding and LM-head rows aligned to it by token, `VocabularyAlignment`),
+/// `chat_template` (`auto`, `chatml` or an inline Jinja template, written with the output's
+/// tokenizer files) and `slices` (layer ranges merged slice by slice, `SlicedMerge`).
 enum MergekitConfig {
   /// mergekit's dtype names.
   static let dtypes = [
@@ -121,14 +121,7 @@ enum MergekitConfig {
       }
       return text
     }
-    var tokenizerSource = try f["tokenizer_source"]?.string()
-    if let tokenizer = f["tokenizer"] {
-      let t = try tokenizer.fields(["source", "tokens", "pad_to_multiple_of"])
-      if let tokens = t["tokens"] ?? t["pad_to_multiple_of"] {
-        throw tokens.fail("added or padded tokens change the vocabulary, which this version cannot merge yet")
-      }
-      tokenizerSource = try t["source"]?.string() ?? tokenizerSource
-    }
+    let tokenizer = try tokenizerSettings(f)
     guard let methodNode = f["merge_method"] else { throw root.fail("missing merge_method") }
     let method: any MergeMethod
     do { method = try MergeRegistry.method(named: try methodNode.string()) } catch { throw methodNode.fail("\(error)") }
@@ -140,7 +133,7 @@ enum MergekitConfig {
       guard f["models"] == nil else { throw slicesNode.fail("give either 'models' or 'slices', not both") }
       var recipe = try slicedRecipe(slicesNode, root: root, method: method, fields: f, output: output)
       recipe.chatTemplate = chatTemplate
-      recipe.tokenizerSource = tokenizerSource
+      recipe.tokenizer = tokenizer
       return recipe
     }
 
@@ -181,8 +174,57 @@ enum MergekitConfig {
     recipe.warnings = warnings
     recipe.isMergekitConfiguration = true
     recipe.chatTemplate = chatTemplate
-    recipe.tokenizerSource = tokenizerSource
+    recipe.tokenizer = tokenizer
     return recipe
+  }
+}
+
+extension MergekitConfig {
+  /// The tokenizer settings of `tokenizer_source` or the `tokenizer:` block (`source`, default
+  /// union; `tokens` with `source` and `force`; `pad_to_multiple_of`), or nil for neither.
+  static func tokenizerSettings(_ f: [String: YAMLValue]) throws -> TokenizerSettings? {
+    guard let block = f["tokenizer"] else {
+      return try f["tokenizer_source"].map { TokenizerSettings(source: .init(try $0.string())) }
+    }
+    let t = try block.fields(["source", "tokens", "pad_to_multiple_of"])
+    var settings = TokenizerSettings(source: .init(try t["source"]?.string() ?? "union"))
+    if let node = t["pad_to_multiple_of"] {
+      guard let multiple = node.node.int, multiple >= 1, multiple <= 1 << 20 else {
+        throw node.fail("expected a whole number from 1 to 1048576")
+      }
+      settings.padToMultipleOf = multiple
+    }
+    for (token, entry) in try t["tokens"]?.map() ?? [] {
+      let e = try entry.fields(["source", "force"])
+      var force = false
+      if let node = e["force"] {
+        guard let flag = node.node.bool else { throw node.fail("expected true or false") }
+        force = flag
+      }
+      settings.tokens.append(.init(text: token, source: try e["source"].map(rowSource), force: force))
+    }
+    return settings
+  }
+
+  /// A token's row source: a model, `{kind: zero}`, or `{kind: model_token, model, token |
+  /// token_id}`.
+  static func rowSource(_ node: YAMLValue) throws -> TokenizerSettings.RowSource {
+    if node.isScalar { return .model(try node.string()) }
+    let f = try node.fields(["kind", "model", "token", "token_id"])
+    switch try f["kind"]?.string() {
+    case "zero"?: return .zero
+    case "model_token"?:
+      guard let model = f["model"] else { throw node.fail("a model_token source needs 'model'") }
+      let id = try f["token_id"].map { value -> Int in
+        guard let id = value.node.int, id >= 0 else { throw value.fail("expected a token id (a whole number)") }
+        return id
+      }
+      let token = try f["token"]?.string()
+      guard (id == nil) != (token == nil) else { throw node.fail("give exactly one of 'token' and 'token_id'") }
+      return .modelToken(model: try model.string(), token: token, id: id)
+    default:
+      throw node.fail("a token source is a model, {kind: zero} or {kind: model_token, model, token}")
+    }
   }
 }
 
@@ -231,82 +273,15 @@ public enum ChatTemplates {
     return templates.max { counts[$0, default: 0] < counts[$1, default: 0] }
   }
 
-  /// The files that carry `template` in an output whose tokenizer files come from `folder`:
+  /// The files that carry `template` in an output whose tokenizer_config.json is `config`:
   /// `chat_template.jinja`, and tokenizer_config.json with its `chat_template` replaced.
-  public static func files(_ template: String, tokenizerFrom folder: String?) -> [String: Data] {
+  public static func files(_ template: String, tokenizerConfig config: [String: Any]?) -> [String: Data] {
     var files = ["chat_template.jinja": Data((template + "\n").utf8)]
-    if let folder, var config = try? InputFile.jsonObject(folder + "/tokenizer_config.json") {
+    if var config {
       config["chat_template"] = template
       if let data = try? JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]) {
         files["tokenizer_config.json"] = data
       }
-    }
-    return files
-  }
-}
-
-/// Which tokenizer an output gets (mergekit's `tokenizer_source`): `base` (the base's, or the
-/// first model's), `union`, or a model's. Merging is per tensor, so the embedding rows must
-/// mean the same tokens in every model: all vocabularies must be the same, which is checked, and
-/// the files then come from the chosen model. Differing vocabularies (which mergekit aligns by
-/// token) are refused with a message.
-public enum TokenizerSources {
-  /// The vocabulary a model folder's tokenizer defines, comparable across models: the token to
-  /// id map and the added tokens of tokenizer.json, else the bytes of its vocabulary files. Nil
-  /// when the folder has no tokenizer.
-  static func vocabulary(of folder: String) -> String? {
-    if let tokenizer = try? InputFile.jsonObject(folder + "/tokenizer.json") {
-      let model = tokenizer["model"] as? [String: Any]
-      let parts: [Any] = [model?["vocab"] ?? NSNull(), tokenizer["added_tokens"] ?? NSNull()]
-      if let data = try? JSONSerialization.data(withJSONObject: parts, options: [.sortedKeys]) {
-        return String(decoding: data, as: UTF8.self)
-      }
-    }
-    for name in ["tokenizer.model", "spiece.model", "vocab.json", "vocab.txt"]
-    where InputFile.isRegularFile(folder + "/" + name) {
-      if let bytes = try? InputFile.read(folder + "/" + name, limit: Int.max) {
-        return name + ":" + String(XXHash64.hash(bytes))
-      }
-    }
-    return nil
-  }
-
-  /// The model folder whose tokenizer files the output takes for `setting`, after checking that
-  /// every input with a tokenizer has the same vocabulary. Throws `RecipeError.invalid` naming
-  /// `tokenizer_source`.
-  public static func folder(for setting: String, base: String?, models: [String], file: String) throws -> String? {
-    let folders = ([base].compactMap { $0 } + models).compactMap(ModelFolder.modelFolder(of:))
-    let vocabularies = folders.map { ($0, vocabulary(of: $0)) }.filter { $0.1 != nil }
-    if let first = vocabularies.first, let other = vocabularies.first(where: { $0.1 != first.1 }) {
-      throw RecipeError.invalid(
-        file: file, path: "tokenizer_source", line: nil,
-        reason:
-          "the vocabularies of \(first.0) and \(other.0) differ; aligning embeddings by token (tokenizer_source "
-          + "union or a model with another vocabulary) is not supported yet: merge models that share a vocabulary")
-    }
-    switch setting {
-    case "base", "union": return base.flatMap(ModelFolder.modelFolder(of:)) ?? folders.first
-    default:
-      guard let folder = ModelFolder.modelFolder(of: setting), vocabulary(of: folder) != nil else {
-        throw RecipeError.invalid(
-          file: file, path: "tokenizer_source", line: nil,
-          reason: "'\(setting)' is not base, union or a model folder with a tokenizer")
-      }
-      if let first = vocabularies.first, vocabulary(of: folder) != first.1 {
-        throw RecipeError.invalid(
-          file: file, path: "tokenizer_source", line: nil,
-          reason:
-            "the vocabulary of \(setting) differs from the merged models'; aligning embeddings is not supported yet")
-      }
-      return folder
-    }
-  }
-
-  /// The tokenizer files of `folder`, read (regular files only) for writing into an output.
-  static func files(in folder: String) throws -> [String: Data] {
-    var files: [String: Data] = [:]
-    for name in ModelFolder.tokenizerFiles where InputFile.isRegularFile(folder + "/" + name) {
-      files[name] = Data(try InputFile.read(folder + "/" + name, limit: Int.max))
     }
     return files
   }

@@ -106,8 +106,9 @@ public struct Recipe: Sendable {
   public var slicedMerge: SlicedMerge?
   /// The YAML text the recipe was read from (written into outputs as `mergekit_config.yml`).
   public var text: String?
-  /// mergekit's `tokenizer_source` (or `tokenizer.source`): `base`, `union` or a model.
-  public var tokenizerSource: String?
+  /// mergekit's `tokenizer_source` or `tokenizer:` block: the output's tokenizer, tokens to
+  /// add and padding; the inputs' vocabulary tensors are aligned to it.
+  public var tokenizer: TokenizerSettings?
   /// mergekit's `chat_template`: `auto`, a name or a Jinja template, written into the outputs.
   public var chatTemplate: String?
   /// Whether the file is a mergekit configuration (`merge_method` at the top).

@@ -18,6 +18,9 @@ public struct RecipeRunner {
   /// Whether merge outputs get a generated model card (mergekit's `--write-model-card`, the
   /// default); the inputs' own cards are never copied either way.
   public var writesModelCard = true
+  /// How the inputs' vocabulary tensors are aligned to the output's tokenizer (a mergekit
+  /// configuration with `tokenizer_source` or `tokenizer:`), or nil.
+  public let vocabulary: VocabularyAlignment?
   /// The steps in execution order.
   public let order: [Recipe.Step]
 
@@ -30,6 +33,7 @@ public struct RecipeRunner {
 
   public init(_ recipe: Recipe) throws {
     self.recipe = recipe
+    vocabulary = try Self.alignment(recipe)
     if let sliced = recipe.slicedMerge {
       order = []
       try checkSliced(sliced)
@@ -118,8 +122,10 @@ public struct RecipeRunner {
     else { return }
     let paths = Dictionary(recipe.inputs.map { ($0.label, $0.path) }) { first, _ in first }
     do {
-      let base = try step.base.map { try openCheckpoint(paths[$0] ?? $0) }
-      let models = try step.models.map { try openCheckpoint(paths[$0] ?? $0, base: base) }
+      let base = try step.base.map { try aligned(openCheckpoint(paths[$0] ?? $0), path: paths[$0] ?? $0) }
+      let models = try step.models.map {
+        try aligned(openCheckpoint(paths[$0] ?? $0, base: base), path: paths[$0] ?? $0)
+      }
       let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
       _ = try MergePlan(
         method: method, base: base, models: models, global: operation.methodParameters(step.global),
@@ -431,23 +437,26 @@ public struct RecipeRunner {
       format: format ?? named ?? .safetensors, shardSize: shardSize, copyFilesFrom: copyFilesFrom,
       overwrite: overwrite || output == nil)
     var tokenizerFolder = copyFilesFrom
-    if !copiesTokenizer {
+    if output != nil, let vocabulary {
+      // mergekit writes the tokenizer it built whatever --copy-tokenizer says.
+      options.skippedFiles = ModelFolder.tokenizerFiles
+      options.files.merge(try tokenizerFiles(vocabulary)) { $1 }
+      tokenizerFolder = vocabulary.tokenizerFolder
+      if let folder = copyFilesFrom, let config = try InputFile.jsonObject(folder + "/config.json") {
+        options.files["config.json"] = try VocabularyAlignment.json(vocabulary.outputConfig(config))
+      }
+    } else if !copiesTokenizer {
       options.skippedFiles = ModelFolder.tokenizerFiles
       tokenizerFolder = nil
-    } else if output != nil, let setting = recipe.tokenizerSource {
-      let base = recipe.slicedMerge?.base ?? recipe.steps.first?.base
-      let source = try TokenizerSources.folder(
-        for: setting, base: base, models: recipe.inputs.map(\.path).filter { $0 != base }, file: recipe.source)
-      if let source, source != copyFilesFrom {
-        options.skippedFiles = ModelFolder.tokenizerFiles
-        options.files.merge(try TokenizerSources.files(in: source)) { $1 }
-      }
-      tokenizerFolder = source
     }
     if output != nil, let setting = recipe.chatTemplate,
       let template = ChatTemplates.resolve(setting, models: recipe.inputs.map(\.path))
     {
-      options.files.merge(ChatTemplates.files(template, tokenizerFrom: tokenizerFolder)) { $1 }
+      let written = options.files["tokenizer_config.json"].flatMap {
+        (try? JSONSerialization.jsonObject(with: $0)) as? [String: Any]
+      }
+      let config = try written ?? tokenizerFolder.flatMap { try InputFile.jsonObject($0 + "/tokenizer_config.json") }
+      options.files.merge(ChatTemplates.files(template, tokenizerConfig: config)) { $1 }
     }
     return options
   }
@@ -505,8 +514,8 @@ public struct RecipeRunner {
       reportStep(output == nil ? "intermediate (in memory when small, else a temporary file)" : destination)
       return nil
     }
-    let base = try step.base.map { try results.open($0) }
-    let models = try step.models.map { try results.open($0, base: base) }
+    let base = try step.base.map { try aligned(results.open($0), path: results.name($0)) }
+    let models = try step.models.map { try aligned(results.open($0, base: base), path: results.name($0)) }
     let modelFolder = results.modelFolder(step.base ?? step.models[0])
     let label = "step '\(step.label)' (in memory)"
     let stepProgress = progress.map { p in { (done: Int, total: Int) in p(step.label, done, total) } }
@@ -596,7 +605,9 @@ extension RecipeRunner {
     let output = recipe.outputs[0]
     _ = try writeOptions(output, overwrite: true, copyFilesFrom: nil)
     do {
-      _ = try sliced.plans(outputType: try dtype(output.dtype, at: "dtype"), open: { try openCheckpoint($0) })
+      _ = try sliced.plans(outputType: try dtype(output.dtype, at: "dtype")) {
+        try aligned(openCheckpoint($0), path: $0)
+      }
     } catch let error as RecipeError {
       throw error
     } catch {
@@ -614,7 +625,7 @@ extension RecipeRunner {
     var opened: [String: any Checkpoint] = [:]
     let plans = try sliced.plans(outputType: try dtype(output.dtype, at: "dtype")) { path in
       if let checkpoint = opened[path] { return checkpoint }
-      let checkpoint = try openCheckpoint(path)
+      let checkpoint = try aligned(openCheckpoint(path), path: path)
       opened[path] = checkpoint
       return checkpoint
     }
@@ -631,7 +642,12 @@ extension RecipeRunner {
     let config = try sliced.outputConfig { path in
       try ModelFolder.modelFolder(of: path).flatMap { try InputFile.jsonObject($0 + "/config.json") }
     }
-    if let config { options.files["config.json"] = config }
+    if let config {
+      options.files["config.json"] = config
+      if let vocabulary, let object = (try? JSONSerialization.jsonObject(with: config)) as? [String: Any] {
+        options.files["config.json"] = try VocabularyAlignment.json(vocabulary.outputConfig(object))
+      }
+    }
     do {
       try SlicedMerge.run(
         plans, to: output.path, options: options, progress: progress.map { p in { p(output.label, $0, $1) } })
@@ -642,6 +658,36 @@ extension RecipeRunner {
 }
 
 extension RecipeRunner {
+  /// The vocabulary alignment a mergekit configuration's tokenizer settings ask for, or nil.
+  /// Throws `RecipeError.invalid` naming `tokenizer_source` when a tokenizer cannot be read.
+  static func alignment(_ recipe: Recipe) throws -> VocabularyAlignment? {
+    guard let settings = recipe.tokenizer else { return nil }
+    let base = recipe.slicedMerge?.base ?? recipe.steps.first?.base
+    var inputs = recipe.inputs.map(\.path)
+    if let base, let index = inputs.firstIndex(of: base) { inputs.insert(inputs.remove(at: index), at: 0) }
+    do {
+      return try VocabularyAlignment(settings: settings, base: base, inputs: inputs) { try openCheckpoint($0) }
+    } catch let error as OperationError {
+      throw RecipeError.invalid(file: recipe.source, path: "tokenizer_source", line: nil, reason: error.reason)
+    }
+  }
+
+  /// `checkpoint` (input `path`) as the merge reads it: with its vocabulary tensors aligned to
+  /// the output's tokenizer when the configuration asks for it.
+  func aligned(_ checkpoint: any Checkpoint, path: String) throws -> any Checkpoint {
+    guard let vocabulary, let index = vocabulary.inputs.firstIndex(of: path) else { return checkpoint }
+    do { return try vocabulary.view(of: checkpoint, input: index) } catch let error as OperationError {
+      throw RecipeError.invalid(file: recipe.source, path: "tokenizer_source", line: nil, reason: error.reason)
+    }
+  }
+
+  /// The output's tokenizer files, with messages naming `tokenizer_source`.
+  func tokenizerFiles(_ vocabulary: VocabularyAlignment) throws -> [String: Data] {
+    do { return try vocabulary.tokenizerFiles() } catch let error as OperationError {
+      throw RecipeError.invalid(file: recipe.source, path: "tokenizer_source", line: nil, reason: error.reason)
+    }
+  }
+
   /// The architectures of the recipe's inputs when their config.json files disagree
   /// (`architectures`, else `model_type`): mergekit refuses such a merge unless asked with
   /// `--allow-crimes`. Nil when they agree or say nothing.

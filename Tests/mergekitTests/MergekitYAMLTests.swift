@@ -1,5 +1,6 @@
 import Checkpoint
 import Foundation
+import Tensor
 import Testing
 
 @testable import TestSupport
@@ -136,22 +137,26 @@ import Testing
     #expect(unknown.status == 64 && unknown.stderr.contains("chat_template"), "\(unknown.stderr)")
   }
 
-  /// tokenizer_source: base, union or a model give that tokenizer when every vocabulary is the
-  /// same; differing vocabularies are refused, naming tokenizer_source.
-  @Test func tokenizerSourcesNeedOneVocabulary() throws {
+  /// tokenizer_source: the output takes the chosen tokenizer, and the inputs' embedding and
+  /// LM-head rows are aligned to it by token: with `union`, a token only one model has keeps
+  /// that model's row in the merge, and config.json's vocab_size counts the new rows.
+  @Test func tokenizerSourcesAlignVocabularies() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
-    func model(_ name: String, vocabulary: [String: Int], marker: String) throws -> String {
+    func model(_ name: String, from source: String, renaming: [Int: String] = [:], marker: String) throws -> String {
       let path = folder.file(name)
-      try FileManager.default.copyItem(atPath: Self.model("finetune-a"), toPath: path)
-      let tokenizer: [String: Any] = ["model": ["vocab": vocabulary], "added_tokens": [], "marker": marker]
+      try FileManager.default.copyItem(atPath: Self.model(source), toPath: path)
+      var vocabulary: [String: Int] = [:]
+      for id in 0..<2048 { vocabulary[renaming[id] ?? "t\(id)"] = id }
+      let tokenizer: [String: Any] = [
+        "model": ["type": "BPE", "vocab": vocabulary, "merges": [] as [String]], "added_tokens": [], "marker": marker,
+      ]
       try JSONSerialization.data(withJSONObject: tokenizer).write(to: URL(fileURLWithPath: path + "/tokenizer.json"))
       return path
     }
-    let vocabulary = ["a": 0, "b": 1]
-    let a = try model("a", vocabulary: vocabulary, marker: "from a")
-    let b = try model("b", vocabulary: vocabulary, marker: "from b")
-    let c = try model("c", vocabulary: ["a": 0, "z": 1], marker: "from c")
+    let a = try model("a", from: "finetune-a", marker: "from a")
+    let b = try model("b", from: "finetune-b", marker: "from b")
+    let c = try model("c", from: "finetune-b", renaming: [5: "z5"], marker: "from c")
     func merge(_ models: [String], _ source: String, _ name: String) throws -> CLI.Result {
       let yaml =
         "models:\n" + models.map { "  - model: \($0)\n" }.joined()
@@ -159,17 +164,37 @@ import Testing
       try yaml.write(toFile: folder.file("\(name).yml"), atomically: true, encoding: .utf8)
       return try CLI.run("run", folder.file("\(name).yml"), folder.file(name), "-q")
     }
-    func marker(_ name: String) throws -> String? {
-      let data = try Data(contentsOf: URL(fileURLWithPath: folder.file("\(name)/tokenizer.json")))
-      return (try JSONSerialization.jsonObject(with: data) as? [String: Any])?["marker"] as? String
+    func json(_ path: String) throws -> [String: Any]? {
+      try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as? [String: Any]
     }
-    #expect(try merge([a, b], "union", "union").status == 0)
-    #expect(try marker("union") == "from a")
+    #expect(try merge([a, b], "union", "same").status == 0)
+    #expect(try json(folder.file("same/tokenizer.json"))?["marker"] as? String == "from a")
     #expect(try merge([a, b], b, "fromb").status == 0)
-    #expect(try marker("fromb") == "from b")
-    let differ = try merge([a, c], "union", "differ")
-    #expect(differ.status == 64 && differ.stderr.contains("tokenizer_source"), "\(differ.stderr)")
-    #expect(!FileManager.default.fileExists(atPath: folder.file("differ")))
+    #expect(try json(folder.file("fromb/tokenizer.json"))?["marker"] as? String == "from b")
+
+    let union = try merge([a, c], "union", "union")
+    #expect(union.status == 0, "\(union.stderr)")
+    #expect(try json(folder.file("union/config.json"))?["vocab_size"] as? Int == 2049)
+    let added = try json(folder.file("union/tokenizer.json"))?["added_tokens"] as? [[String: Any]]
+    #expect(added?.first?["content"] as? String == "z5" && added?.first?["id"] as? Int == 2048)
+    let output = try openCheckpoint(folder.file("union"))
+    let (inputA, inputC) = (try openCheckpoint(a), try openCheckpoint(c))
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+      #expect(try output.info(name).shape == [2049, 256])
+      // t5 is only a's, z5 only c's: their rows pass through the mean unchanged.
+      #expect(try output.readRows(name, 5..<6) == inputA.readRows(name, 5..<6))
+      #expect(try output.readRows(name, 2048..<2049).bytes == inputC.readRows(name, 5..<6).bytes)
+      let mean = zip(
+        try inputA.readRows(name, 7..<8).decoded().scalars, try inputC.readRows(name, 7..<8).decoded().scalars
+      )
+      .map { ($0 + $1) / 2 }
+      #expect(try output.readRows(name, 7..<8) == Tensor(shape: [1, 256], scalars: mean).encoded(as: .bf16))
+    }
+
+    try FileManager.default.removeItem(atPath: c + "/tokenizer.json")
+    let unreadable = try merge([a, c], "union", "unreadable")
+    #expect(unreadable.status != 0 && unreadable.stderr.contains("tokenizer.json"), "\(unreadable.stderr)")
+    #expect(!FileManager.default.fileExists(atPath: folder.file("unreadable")))
   }
 
   /// Outputs say what they hold: config.json's torch_dtype and dtype follow the written dtype,
