@@ -1,7 +1,8 @@
 import Tensor
 
 /// Weighted average of the models (a model soup): `sum w_i theta_i / sum w_i`, or the plain
-/// weighted sum with `normalize: false`. As mergekit's `linear`.
+/// weighted sum with `normalize: false`. As mergekit's `linear` (which, with its arithmetic,
+/// sums in float32 weight by weight before the result is rounded to the compute dtype).
 public struct LinearMerge: StreamingMerge {
   public init() {}
   public var name: String { "linear" }
@@ -28,6 +29,21 @@ public struct LinearMerge: StreamingMerge {
       let total = weights.reduce(0, +)
       guard total != 0 else { throw MergeError.zeroWeightSum(method: self.name, tensor: name) }
       scale = 1 / total
+    }
+    if p.arithmetic.isRounded {
+      // mergekit accumulates in float32 (torch fuses each multiply-add), weight by weight, then
+      // divides by the float32 sum.
+      let single = weights.map(Float.init)
+      var total: Float = 0
+      for w in single { total += w }
+      let normalize = p.flag("normalize")
+      return RangeMerger { range in
+        var sum = [Float](repeating: 0, count: range.count)
+        for (model, w) in zip(range.models, single) {
+          for j in sum.indices { sum[j].addProduct(model[j], w) }
+        }
+        return normalize ? sum.map { $0 / total } : sum
+      }
     }
     return RangeMerger(
       WeightedSumForm(method: self.name, terms: WeightedSumForm.models(weights.count), weights: weights, scale: scale))

@@ -1,4 +1,5 @@
 import Foundation
+import Tensor
 
 /// A parameter value as a user writes it (CLI flag, recipe, mergekit YAML). As in mergekit, a
 /// value may vary per tensor: a list of numbers is a gradient interpolated across layers, and a
@@ -194,6 +195,8 @@ public enum ResolvedValue: Sendable, Equatable, CustomStringConvertible {
 public struct ResolvedParameters: Sendable {
   public var global: [String: ResolvedValue]
   public var models: [[String: ResolvedValue]]
+  /// How the merge rounds its arithmetic on this tensor (exact unless mergekit's is asked for).
+  public var arithmetic: MergeArithmetic = .exact
 
   public init(global: [String: ResolvedValue] = [:], models: [[String: ResolvedValue]] = []) {
     self.global = global

@@ -52,6 +52,14 @@ public struct SlerpMerge: StreamingMerge {
       let sine = sin(theta)
       (s0, s1) = (sin((1 - t) * theta) / sine, sin(t * theta) / sine)
     }
+    if p.arithmetic.isRounded {
+      // mergekit computes `coef_a * x + coef_b * y` as float32 tensors, each product rounded.
+      let (c0, c1) = (Float(s0), Float(s1))
+      return RangeMerger { range in
+        guard let v0 = range.base else { throw MergeError.baseRequired(method: self.name) }
+        return zip(v0, range.models[0]).map { c0 * $0 + c1 * $1 }
+      }
+    }
     return RangeMerger(WeightedSumForm(method: self.name, terms: [nil, 0], weights: [s0, s1]))
   }
 }

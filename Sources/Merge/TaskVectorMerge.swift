@@ -7,7 +7,8 @@ import Tensor
 /// the result is summed, optionally divided by the summed weights, scaled by `lambda`, and added
 /// to the base. Semantics and defaults follow mergekit's generalized task arithmetic, so a
 /// mergekit config gives the same result (up to rounding: we compute in Float with Double sums
-/// and round once).
+/// and round once; with `MergeArithmetic.rounded`, each step is rounded as mergekit's torch
+/// operations round it in the compute dtype, `combineRounded`).
 public struct TaskVectorMerge: StreamingMerge {
   public enum Sparsification: Sendable {
     /// Keep the `density` fraction of largest |delta| (exactly k = floor(density * n)).
@@ -136,7 +137,8 @@ public struct TaskVectorMerge: StreamingMerge {
         let kept = Int(density * Double(n))
         switch sparsification {
         case .magnitude:
-          plans[m].rankers = [MagnitudeRanker(keep: kept, count: n)]
+          // mergekit keeps at least one element of a non-empty tensor.
+          plans[m].rankers = [MagnitudeRanker(keep: max(kept, min(n, 1)), count: n)]
         case .magnitudeOutliers:
           var top = Int(p.number("gamma", model: m) * Double(n))
           if n - kept - top < 0 { top = n - kept }
@@ -148,7 +150,10 @@ public struct TaskVectorMerge: StreamingMerge {
       }
     }
     let rescale = sparsification != nil && p.flag("rescale") && plans.contains { !$0.isIdentity }
-    @Sendable func deltas(_ range: RangeInputs) throws -> [[Float]] { try range.modelsMinusBase(method: self.name) }
+    let arithmetic = p.arithmetic
+    @Sendable func deltas(_ range: RangeInputs) throws -> [[Float]] {
+      try range.modelsMinusBase(method: self.name).map(arithmetic.round)
+    }
     // The rankers that need passes, as (model, ranker) pairs; each pass summarises every range
     // for all of them at once.
     let ranked = plans.indices.flatMap { m in
@@ -202,10 +207,17 @@ public struct TaskVectorMerge: StreamingMerge {
           after[m] += sums[m].1
         }
       }
-      for m in 0..<models where before[m] >= 1e-7 && after[m] >= 1e-7 { plans[m].scale = before[m] / after[m] }
+      for m in 0..<models {
+        // mergekit's norms and their ratio are tensors of the compute dtype.
+        let (b, a) =
+          arithmetic.isRounded
+          ? (Double(arithmetic.round(before[m])), Double(arithmetic.round(after[m]))) : (before[m], after[m])
+        guard b >= 1e-7 && a >= 1e-7 else { continue }
+        plans[m].scale = arithmetic.isRounded ? Double(arithmetic.round(Float(b) / Float(a))) : b / a
+      }
     }
     let sparsity = plans
-    if !consensus && plans.allSatisfy(\.isIdentity) {
+    if !consensus && plans.allSatisfy(\.isIdentity) && !arithmetic.isRounded {
       // Task arithmetic: base + scale * sum_t w_t (model_t - base), the sum `combine` computes.
       let (weights, scale) = linearWeights(p)
       return RangeMerger(
@@ -216,7 +228,7 @@ public struct TaskVectorMerge: StreamingMerge {
     return RangeMerger { range in
       let sparse: [[Float]] = try deltas(range).enumerated().map { m, delta in
         guard let keep = sparsity[m].keep(delta, offset: range.offset) else { return delta }
-        return Kernels.masked(delta, keep: keep, scale: sparsity[m].scale)
+        return arithmetic.round(Kernels.masked(delta, keep: keep, scale: sparsity[m].scale))
       }
       guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
       return self.combine(base: base, deltas: sparse, p)
@@ -226,6 +238,7 @@ public struct TaskVectorMerge: StreamingMerge {
   /// Weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled, scaled
   /// and added to the base.
   func combine(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
+    if p.arithmetic.isRounded { return combineRounded(base: base, deltas: deltas, p) }
     if consensus {
       let weights = deltas.indices.map { p.number("weight", model: $0) }
       return Kernels.consensusMerge(
@@ -233,6 +246,44 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     let (weights, scale) = linearWeights(p)
     return Kernels.weightedSum(deltas, weights: weights, scale: scale, base: base)
+  }
+
+  /// `combine` as mergekit computes it in a narrow dtype, each torch operation rounded: the
+  /// weights are cast to the dtype; each delta is multiplied by its weight; the sign election
+  /// sums the weighted deltas; the kept deltas and the divisor (the kept weights, or all) are
+  /// summed in float and rounded; then the division, the scaling by lambda and the addition
+  /// to the base are each rounded.
+  func combineRounded(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
+    let r = p.arithmetic
+    let weights = deltas.indices.map { r.round(Float(p.number("weight", model: $0))) }
+    let weighted = deltas.enumerated().map { i, delta in delta.map { r.round($0 * weights[i]) } }
+    let lambda = Float(p.number("lambda"))
+    let normalize = p.flag("normalize")
+    var allWeights: Float = 0
+    for w in weights { allWeights += w }
+    return base.indices.map { j in
+      var mixed: Float = 0
+      var divisor: Float = 0
+      if consensus {
+        var total: Float = 0
+        for d in weighted { total += d[j] }
+        let majority: Float = total >= 0 ? 1 : -1
+        for (i, d) in weighted.enumerated() where (d[j] > 0 ? 1 : (d[j] < 0 ? -1 : 0)) == majority {
+          mixed += d[j]
+          divisor += weights[i]
+        }
+        divisor = r.round(divisor)
+        if divisor == 0 { divisor = 1 }
+      } else {
+        for d in weighted { mixed += d[j] }
+        divisor = r.round(allWeights)
+        if abs(divisor) < 1e-8 { divisor = 1 }
+      }
+      mixed = r.round(mixed)
+      if normalize { mixed = r.round(mixed / divisor) }
+      if lambda != 1 { mixed = r.round(mixed * lambda) }
+      return r.round(base[j] + mixed)
+    }
   }
 
   /// The weights and overall scale of the non-consensus sum: lambda, over the weights' sum when

@@ -6,6 +6,23 @@ import Tensor
 /// A planned merge: which tensors are merged, which copied, in what output dtype, and what it
 /// will cost. Built and checked before anything is written.
 public struct MergePlan {
+  /// How the merge computes: exactly (the default), or with mergekit's arithmetic, where the
+  /// inputs are cast to `dtype` (each tensor's own when nil) and every operation is rounded to it
+  /// as torch does, so that published bf16/f16 configurations give mergekit's numbers.
+  public enum Compute: Sendable, Equatable {
+    case exact
+    case mergekit(dtype: DType?)
+
+    /// Parses `exact` or `mergekit`.
+    public init?(name: String, dtype: DType?) {
+      switch name {
+      case "exact": self = .exact
+      case "mergekit": self = .mergekit(dtype: dtype)
+      default: return nil
+      }
+    }
+  }
+
   public enum Action: Equatable {
     /// Merged from the inputs that hold it.
     case merge
@@ -31,6 +48,24 @@ public struct MergePlan {
   public let items: [Item]
   /// The checkpoint whose tensor order, sharding and non-tensor files the output follows.
   public let reference: any Checkpoint
+  /// How the merge computes.
+  public var compute: Compute = .exact
+
+  /// The arithmetic of tensor `name`: mergekit's rounds to the compute dtype, or without one to
+  /// the inputs' dtype (promoted as torch does: mixed half types compute in f32).
+  public func arithmetic(_ name: String) -> MergeArithmetic {
+    guard case .mergekit(let dtype) = compute else { return .exact }
+    if let dtype { return .rounded(dtype) }
+    let types = Set(((base.map { [$0] } ?? []) + models).compactMap { $0.lookup(name)?.dtype })
+    return .rounded(types.count == 1 ? types.first ?? .f32 : (types.contains(.f64) ? .f64 : .f32))
+  }
+
+  /// The parameters of tensor `name`, with its arithmetic.
+  public func parameters(_ name: String) throws -> ResolvedParameters {
+    var parameters = try resolver.resolve(tensor: name)
+    parameters.arithmetic = arithmetic(name)
+    return parameters
+  }
 
   public var bytesRead: Int { items.reduce(0) { $0 + $1.bytesRead } }
   public var bytesWritten: Int { items.reduce(0) { $0 + $1.count * $1.outputType.size } }
@@ -232,10 +267,17 @@ public enum MergeRunner {
       return .stored(
         data.dtype.isFloatingPoint && data.dtype != item.outputType ? data.cast(to: item.outputType) : data)
     case .merge:
-      let parameters = try plan.resolver.resolve(tensor: item.name)
-      let base = try plan.base.map { try $0.tensor(named: item.name) }
-      let models = try plan.models.map { try $0.tensor(named: item.name) }
-      return .merged(try plan.method.merge(MergeInputs(name: item.name, base: base, models: models), parameters))
+      let parameters = try plan.parameters(item.name)
+      let arithmetic = parameters.arithmetic
+      func read(_ input: any Checkpoint) throws -> Tensor {
+        let tensor = try input.tensor(named: item.name)
+        return arithmetic.isRounded ? Tensor(shape: tensor.shape, scalars: arithmetic.round(tensor.scalars)) : tensor
+      }
+      let base = try plan.base.map(read)
+      let models = try plan.models.map(read)
+      let merged = try plan.method.merge(MergeInputs(name: item.name, base: base, models: models), parameters)
+      guard arithmetic.isRounded else { return .merged(merged) }
+      return .merged(Tensor(shape: merged.shape, scalars: arithmetic.round(merged.scalars)))
     }
   }
 
@@ -244,14 +286,17 @@ public enum MergeRunner {
   static func rangeAccess(
     _ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]
   ) -> (read: (Range<Int>) throws -> RangeInputs, release: (Range<Int>) throws -> Int) {
+    let arithmetic = plan.arithmetic(item.name)
     func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
       let info = try input.info(item.name)
       let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
-      return try input.withBytes(of: item.name, range: bytes) {
-        Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars
-      }
+      return arithmetic.round(
+        try input.withBytes(of: item.name, range: bytes) {
+          Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars
+        })
     }
-    let readsTaskVectors = (plan.method as? any StreamingMerge)?.readsTaskVectors == true
+    let readsTaskVectors =
+      (plan.method as? any StreamingMerge)?.readsTaskVectors == true && !arithmetic.isRounded
     let read = { (elements: Range<Int>) throws -> RangeInputs in
       if readsTaskVectors, let base = plan.base {
         // Task vectors straight from the stored bytes: the models are never decoded whole.
@@ -288,7 +333,7 @@ public enum MergeRunner {
       return TensorScan(ranges: MergeRanges.ranges(item.count), read: read) { _ = try release($0) }
     }
     var prepared = plan
-    prepared.method = try wide.prepared(scans, parameters: try plan.resolver.resolve(tensor: first.name))
+    prepared.method = try wide.prepared(scans, parameters: try plan.parameters(first.name))
     return prepared
   }
 
@@ -301,7 +346,8 @@ public enum MergeRunner {
     _ item: MergePlan.Item, method: any StreamingMerge, plan: MergePlan, inputs: [any Checkpoint],
     writer: any TensorSink, advance: (Int) -> Void
   ) throws -> Bool {
-    let parameters = try plan.resolver.resolve(tensor: item.name)
+    let parameters = try plan.parameters(item.name)
+    let arithmetic = parameters.arithmetic
     let ranges = MergeRanges.ranges(item.count)
     let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
     let scan = TensorScan(ranges: ranges, read: read) { _ = try release($0) }
@@ -316,10 +362,10 @@ public enum MergeRunner {
       let encoded = ResultSlots<TensorData>(count: last - first)
       try Parallel.forEach(last - first) { _, j in
         let elements = ranges[first + j]
-        if let form = merger.weightedSum {
+        if let form = merger.weightedSum, !arithmetic.isRounded {
           encoded.set(j, try weightedSum(form, item, elements, plan: plan))
         } else {
-          let merged = try merger.merge(try read(elements))
+          let merged = arithmetic.round(try merger.merge(try read(elements)))
           encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
         }
       }

@@ -40,6 +40,12 @@ enum MergekitConfig {
   }
 
   /// Our dtype for the config's `out_dtype` (or `dtype`), if any.
+  /// mergekit's compute dtype: `dtype` (not `out_dtype`), in our spelling.
+  static func computeDType(_ f: [String: YAMLValue]) throws -> String? {
+    guard let node = f["dtype"] else { return nil }
+    return dtypes[try node.string()]
+  }
+
   static func outputDType(_ f: [String: YAMLValue]) throws -> String? {
     guard let node = f["out_dtype"] ?? f["dtype"] else { return nil }
     let name = try node.string()
@@ -110,7 +116,7 @@ enum MergekitConfig {
   static func recipe(from root: YAMLValue, output: String?) throws -> Recipe {
     let f = try root.fields([
       "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
-      "slices", "chat_template", "name",
+      "slices", "chat_template", "name", "compute",
     ])
     let chatTemplate = try f["chat_template"].map { node -> String in
       let text = try node.string()
@@ -134,6 +140,7 @@ enum MergekitConfig {
       var recipe = try slicedRecipe(slicesNode, root: root, method: method, fields: f, output: output)
       recipe.chatTemplate = chatTemplate
       recipe.tokenizer = tokenizer
+      recipe.computeDType = try computeDType(f)
       return recipe
     }
 
@@ -175,6 +182,7 @@ enum MergekitConfig {
     recipe.isMergekitConfiguration = true
     recipe.chatTemplate = chatTemplate
     recipe.tokenizer = tokenizer
+    recipe.computeDType = try computeDType(f)
     return recipe
   }
 }

@@ -111,6 +111,11 @@ public struct Recipe: Sendable {
   public var tokenizer: TokenizerSettings?
   /// mergekit's `chat_template`: `auto`, a name or a Jinja template, written into the outputs.
   public var chatTemplate: String?
+  /// How merges compute (`compute: exact | mergekit`; exact by default).
+  public var compute = "exact"
+  /// mergekit's compute dtype (a mergekit configuration's `dtype`, in our spelling); without
+  /// it, mergekit's arithmetic rounds to a step's dtype, else each tensor's own.
+  public var computeDType: String?
   /// Whether the file is a mergekit configuration (`merge_method` at the top).
   public var isMergekitConfiguration = false
   /// What was accepted but ignored, as mergekit ignores it (parameters the method does not
@@ -313,11 +318,18 @@ extension Recipe {
       keys.contains("merge_method")
       ? try MergekitConfig.recipe(from: root, output: output) : try parseOurs(root, output: output)
     recipe.text = text
+    if let node = try root.map().first(where: { $0.key == "compute" })?.value {
+      let mode = try node.string()
+      guard ["exact", "mergekit"].contains(mode) else {
+        throw node.fail("'\(mode)' is not a compute mode; use exact (the default) or mergekit (mergekit's rounding)")
+      }
+      recipe.compute = mode
+    }
     return recipe
   }
 
   static func parseOurs(_ root: YAMLValue, output: String?) throws -> Recipe {
-    let top = try root.fields(["inputs", "steps", "outputs"])
+    let top = try root.fields(["inputs", "steps", "outputs", "compute"])
     var inputs: [(String, String)] = []
     for (label, value) in try top["inputs"]?.map() ?? [] {
       guard isIdentifier(label) else { throw value.fail("'\(label)' is not a name: \(identifierRule)") }

@@ -477,6 +477,13 @@ public struct RecipeRunner {
       models: models.map { paths[$0] ?? $0 }, configuration: recipe.text ?? "", isYAML: recipe.text != nil)
   }
 
+  /// How the recipe's merges compute: exactly, or with mergekit's rounding to the compute dtype
+  /// (a mergekit configuration's `dtype`, else the step's `dtype`, else each tensor's own).
+  func compute(dtype step: String?, at path: String) throws -> MergePlan.Compute {
+    guard recipe.compute == "mergekit" else { return .exact }
+    return .mergekit(dtype: try dtype(recipe.computeDType ?? step, at: path))
+  }
+
   func dtype(_ name: String?, at path: String) throws -> DType? {
     guard let name else { return nil }
     guard let type = DType(userSpelling: name), type.isFloatingPoint else {
@@ -552,10 +559,11 @@ public struct RecipeRunner {
     let operation = try streamed(step)
     let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
     let metadata = operation.kind.map { ["mergekit.kind": $0] } ?? [:]
-    let plan = try MergePlan(
+    var plan = try MergePlan(
       method: method, base: base, models: models, global: operation.methodParameters(step.global),
       perModel: step.perModel,
       outputType: outputType ?? operation.defaultDType, allowMissing: step.allowMissing)
+    plan.compute = try compute(dtype: step.dtype, at: "\(step.location).dtype")
     if plan.bytesWritten <= memory {
       reportStep("memory")
       let held = MemoryCheckpointWriter(
@@ -623,11 +631,17 @@ extension RecipeRunner {
   ) throws {
     let output = recipe.outputs[0]
     var opened: [String: any Checkpoint] = [:]
+    let compute = try compute(dtype: nil, at: "dtype")
     let plans = try sliced.plans(outputType: try dtype(output.dtype, at: "dtype")) { path in
       if let checkpoint = opened[path] { return checkpoint }
       let checkpoint = try aligned(openCheckpoint(path), path: path)
       opened[path] = checkpoint
       return checkpoint
+    }
+    .map { plan in
+      var plan = plan
+      plan.compute = compute
+      return plan
     }
     let tensors = plans.reduce(0) { $0 + $1.items.count }
     report(

@@ -219,3 +219,43 @@ public enum DTypeConversion {
     }
   }
 }
+
+/// How a merge rounds its arithmetic: exactly (Float values, Double sums, one rounding when the
+/// result is stored; the default), or as mergekit does with torch, where the inputs are cast
+/// to the configuration's `dtype` and each operation's result is rounded to it.
+public enum MergeArithmetic: Sendable, Equatable {
+  case exact
+  /// Every input and intermediate rounded to this dtype (bf16, f16 or f32).
+  case rounded(DType)
+
+  /// `x` rounded to the arithmetic's dtype (nearest, ties to even); `x` itself when exact.
+  @inline(__always) public func round(_ x: Float) -> Float {
+    switch self {
+    case .exact: return x
+    case .rounded(let dtype):
+      switch dtype {
+      case .bf16: return Float(bitPattern: DTypeConversion.bf16ToF32Bits(DTypeConversion.f32ToBF16Bits(x.bitPattern)))
+      case .f16: return Float(bitPattern: DTypeConversion.f16ToF32Bits(DTypeConversion.f32ToF16Bits(x.bitPattern)))
+      default: return x
+      }
+    }
+  }
+
+  /// A `Double` (an exact sum) rounded to the arithmetic's dtype once, without the error of
+  /// rounding to Float first.
+  @inline(__always) public func round(_ x: Double) -> Float {
+    switch self {
+    case .rounded(.bf16), .rounded(.f16): return round(DTypeConversion.roundedToOdd(x))
+    default: return Float(x)
+    }
+  }
+
+  /// `values` rounded element by element.
+  public func round(_ values: [Float]) -> [Float] {
+    if case .exact = self { return values }
+    return values.map { round($0) }
+  }
+
+  /// Whether values are rounded at each step.
+  public var isRounded: Bool { self != .exact }
+}

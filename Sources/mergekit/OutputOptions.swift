@@ -17,6 +17,12 @@ struct OutputOptions: ParsableArguments {
   var dtype: String?
 
   @Option(
+    help: ArgumentHelp(
+      "exact (default: computed exactly, rounded once when stored) or mergekit (inputs cast to --dtype, or each tensor's own, and every operation rounded to it, as mergekit's torch arithmetic does).",
+      valueName: "mode"))
+  var compute = "exact"
+
+  @Option(
     name: .customLong("shard-size"),
     help: "Largest shard of a folder output, e.g. 5GB (default: the reference input's sharding).")
   var shardSize: String?
@@ -39,6 +45,9 @@ struct OutputOptions: ParsableArguments {
 
   func validate() throws {
     try validateOutput(output, format: format, dtype: dtype, shardSize: shardSize, mayExist: overwrite || dryRun)
+    guard MergePlan.Compute(name: compute, dtype: nil) != nil else {
+      throw ValidationError("invalid --compute '\(compute)' (use exact or mergekit)")
+    }
   }
 
   var outputType: DType? { dtype.flatMap { DType(userSpelling: $0) } }
@@ -59,9 +68,10 @@ struct OutputOptions: ParsableArguments {
     ).checkValues()
     let baseModel = try base.map { try openCheckpoint($0) }
     let inputs = try models.map { try openCheckpoint($0, base: baseModel) }
-    let plan = try MergePlan(
+    var plan = try MergePlan(
       method: method, base: baseModel, models: inputs, global: global, perModel: perModel, outputType: outputType,
       allowMissing: allowMissing)
+    plan.compute = MergePlan.Compute(name: compute, dtype: outputType) ?? .exact
     let outputFormat =
       format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(
         pathExtension: URL(fileURLWithPath: output).pathExtension) ?? defaultFormat

@@ -65,6 +65,12 @@ struct RunCommand: ParsableCommand {
   var outShardSize: String?
 
   @Option(
+    help: ArgumentHelp(
+      "exact (default: each merge computed exactly, rounded once) or mergekit (inputs cast to the configuration's dtype and every operation rounded to it, as mergekit's torch arithmetic does); overrides the recipe's compute key.",
+      valueName: "mode"))
+  var compute: String?
+
+  @Option(
     name: .customLong("random-seed"), help: "Seed of the random methods (DARE ...), for every step that takes one.")
   var randomSeed: UInt64?
 
@@ -120,6 +126,12 @@ struct RunCommand: ParsableCommand {
   /// the random seed of every step (or slice merge) whose method takes one and was not given it.
   func adjusted(_ loaded: Recipe) throws -> Recipe {
     var recipe = loaded
+    if let compute {
+      guard ["exact", "mergekit"].contains(compute) else {
+        throw ValidationError("invalid --compute '\(compute)' (use exact or mergekit)")
+      }
+      recipe.compute = compute
+    }
     if let outShardSize, let bytes = Self.mergekitSize(outShardSize) {
       for i in recipe.outputs.indices { recipe.outputs[i].shardSize = String(bytes) }
     }

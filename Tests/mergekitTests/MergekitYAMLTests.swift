@@ -197,6 +197,41 @@ import Testing
     #expect(!FileManager.default.fileExists(atPath: folder.file("unreadable")))
   }
 
+  /// `--compute mergekit` (or `compute: mergekit`) rounds every operation to the config's dtype:
+  /// task arithmetic gives r(b + r(r(r(m - b) * r(w)) * lambda)) element by element.
+  @Test func mergekitComputeModeRoundsEachOperation() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let yaml = """
+      merge_method: task_arithmetic
+      base_model: \(Self.model("base"))
+      models:
+        - model: \(Self.model("finetune-a"))
+          parameters: {weight: 0.3}
+      parameters: {lambda: 3}
+      dtype: bfloat16
+
+      """
+    try yaml.write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    let rounded = try CLI.run("run", folder.file("c.yml"), folder.file("rounded"), "-q", "--compute", "mergekit")
+    #expect(rounded.status == 0, "\(rounded.stderr)")
+    let name = "model.layers.1.mlp.up_proj.weight"
+    let base = try openCheckpoint(Self.model("base")).tensor(named: name).scalars
+    let model = try openCheckpoint(Self.model("finetune-a")).tensor(named: name).scalars
+    let r = { (x: Float) in Tensor(shape: [1], scalars: [x]).encoded(as: .bf16).decoded().scalars[0] }
+    let expected = zip(base, model).map { b, m in r(b + r(r(r(m - b) * r(0.3)) * 3)) }
+    let output = try openCheckpoint(folder.file("rounded")).tensor(named: name).scalars
+    #expect(output == expected)
+    try (yaml + "compute: mergekit\n").write(toFile: folder.file("k.yml"), atomically: true, encoding: .utf8)
+    #expect(try CLI.run("run", folder.file("k.yml"), folder.file("keyed"), "-q").status == 0)
+    #expect(try openCheckpoint(folder.file("keyed")).tensor(named: name).scalars == expected)
+    #expect(try CLI.run("run", folder.file("c.yml"), folder.file("exact"), "-q").status == 0)
+    #expect(try openCheckpoint(folder.file("exact")).tensor(named: name).scalars != expected)
+    try (yaml + "compute: torch\n").write(toFile: folder.file("bad.yml"), atomically: true, encoding: .utf8)
+    let bad = try CLI.run("run", folder.file("bad.yml"), folder.file("bad"), "-q")
+    #expect(bad.status == 64 && bad.stderr.contains("compute"), "\(bad.stderr)")
+  }
+
   /// Outputs say what they hold: config.json's torch_dtype and dtype follow the written dtype,
   /// and merged safetensors carry `format: pt`.
   @Test func outputsRecordTheirDTypeAndFormat() throws {

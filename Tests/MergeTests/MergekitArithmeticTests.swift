@@ -1,0 +1,69 @@
+import Foundation
+import Testing
+
+@testable import Merge
+@testable import Tensor
+
+/// mergekit's arithmetic (`MergeArithmetic.rounded`): each torch operation rounded to the
+/// compute dtype. The expected values are worked out by hand in bf16 (8 significant bits).
+@Suite struct MergekitArithmeticTests {
+  @Test func roundingToHalfTypes() {
+    let bf16 = MergeArithmetic.rounded(.bf16)
+    // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even significand.
+    #expect(bf16.round(Float(1 + 0x1p-8)) == 1)
+    #expect(bf16.round(Float(1 + 3 * 0x1p-8)) == 1 + 0x1p-6)
+    #expect(bf16.round(Float(0.3)) == 0.30078125)
+    #expect(MergeArithmetic.rounded(.f16).round(Float(0.3)) == 0.300048828125)
+    #expect(MergeArithmetic.exact.round(Float(0.3)) == Float(0.3))
+    // A Double rounds once: 1 + 2^-8 + 2^-40 is above the halfway point.
+    #expect(bf16.round(1 + 0x1p-8 + 0x1p-40) == 1 + 0x1p-7)
+  }
+
+  /// Task arithmetic: the weight 0.3 becomes 0.30078125 in bf16 and the product by lambda 3 is
+  /// rounded again, 0.90234375; exactly, 0.9 rounds once to 0.8984375.
+  @Test func taskArithmeticRoundsEachOperation() throws {
+    let method = TaskVectorMerge.taskArithmetic
+    var p = try resolve(method, ["lambda": .number(3)], models: [["weight": .number(0.3)]])
+    let inputs = MergeInputs(
+      name: "w", base: Tensor(shape: [2], scalars: [0, 1]), models: [Tensor(shape: [2], scalars: [1, 2])])
+    let exact = try method.merge(inputs, p).encoded(as: .bf16).decoded().scalars
+    #expect(exact == [0.8984375, 1.8984375])
+    p.arithmetic = .rounded(.bf16)
+    // 1 + r(0.90234375) = 1.90234375, which needs 9 bits: rounds to 1.90625 (even).
+    #expect(try method.merge(inputs, p).scalars == [0.90234375, 1.90625])
+  }
+
+  /// TIES: the weighted deltas elect the sign; the divisor is the bf16 sum of the agreeing
+  /// models' bf16 weights; the quotient is rounded.
+  @Test func tiesDividesByTheRoundedAgreeingWeights() throws {
+    let method = TaskVectorMerge.ties
+    var p = try resolve(method, models: [["weight": .number(0.3)], ["weight": .number(0.7)], ["weight": .number(0.1)]])
+    p.arithmetic = .rounded(.bf16)
+    let base = Tensor(shape: [1], scalars: [0])
+    let models = [[1], [1], [-1]].map { Tensor(shape: [1], scalars: $0) }
+    let merged = try method.merge(MergeInputs(name: "w", base: base, models: models), p).scalars
+    // Weights in bf16: 0.30078125, 0.69921875, 0.10009765625. Weighted deltas: the same, the
+    // last negative; the sum is positive, so models 1 and 2 agree. Kept sum 1.0 and divisor
+    // r(0.30078125 + 0.69921875) = 1: the quotient is 1.
+    #expect(merged == [1])
+    let models2 = [[0.5], [0.25], [-1]].map { Tensor(shape: [1], scalars: $0) }
+    let merged2 = try method.merge(MergeInputs(name: "w", base: base, models: models2), p).scalars
+    // Weighted: r(0.5 * 0.30078125) = 0.150390625, r(0.25 * 0.69921875) = 0.1748046875,
+    // -0.10009765625. The kept sum 0.3251953125 is 1.01001101b x 2^-2, halfway between two
+    // bf16 values: it rounds to the even one, 0.32421875; the divisor is 1.
+    #expect(merged2 == [0.32421875])
+  }
+
+  /// Linear, as mergekit computes it: float32 fused multiply-adds, then the division.
+  @Test func linearAccumulatesInFloat32() throws {
+    let method = LinearMerge()
+    var p = try resolve(method, models: [["weight": .number(0.1)], ["weight": .number(0.2)]])
+    p.arithmetic = .rounded(.f32)
+    let a: Float = 0.7
+    let b: Float = 1.3
+    let inputs = MergeInputs(
+      name: "w", base: nil, models: [Tensor(shape: [1], scalars: [a]), Tensor(shape: [1], scalars: [b])])
+    let sum = (Float(0) + 0).addingProduct(a, Float(0.1)).addingProduct(b, Float(0.2))
+    #expect(try method.merge(inputs, p).scalars == [sum / (Float(0.1) + Float(0.2))])
+  }
+}
