@@ -105,19 +105,94 @@ public enum ExampleModels {
     }
   }
 
-  /// Writes a model folder: safetensors weights in `dtype`, config.json and generation_config.json.
+  /// Writes a model folder: safetensors weights in `dtype`, config.json, generation_config.json
+  /// and a tokenizer (`tokenizer.json`, `tokenizer_config.json`) for the architecture's vocabulary:
+  /// `<unk>`, `<s>`, `</s>`, words `w3` ..., then `addedTokens` as special tokens.
   public static func writeModel(
     _ weights: [(name: String, tensor: Tensor)], architecture: Architecture, dtype: DType = .bf16, to folder: String,
-    overwrite: Bool = false
+    overwrite: Bool = false, addedTokens: [String] = [], chatTemplate: String? = nil
   ) throws {
-    let files = [
+    var files = [
       "config.json": architecture.configJSON,
       "generation_config.json": "{\n  \"bos_token_id\": 1,\n  \"eos_token_id\": 2\n}\n",
     ]
+    files.merge(
+      tokenizerFiles(vocabularySize: architecture.vocabularySize, addedTokens: addedTokens, chatTemplate: chatTemplate)
+    ) { $1 }
     try ModelFolder.write(weights, files: files, dtype: dtype, to: folder, overwrite: overwrite)
   }
 
-  /// Writes `base`, `finetune-a` and `finetune-b` under `folder`; returns their paths.
+  /// A word-level Hugging Face tokenizer of `vocabularySize` tokens, the last `addedTokens` of
+  /// them special added tokens (split on whitespace; unknown words map to `<unk>`).
+  static func tokenizerFiles(vocabularySize: Int, addedTokens: [String], chatTemplate: String?) -> [String: String] {
+    let special = ["<unk>", "<s>", "</s>"]
+    let plainCount = vocabularySize - addedTokens.count
+    let words = (0..<plainCount).map { $0 < special.count ? special[$0] : "w\($0)" }
+    let vocabulary = words.enumerated().map { "\"\($1)\": \($0)" }.joined(separator: ", ")
+    let added = (special + addedTokens).enumerated().map { i, token in
+      let id = i < special.count ? i : plainCount + i - special.count
+      return
+        "{\"id\": \(id), \"content\": \"\(token)\", \"single_word\": false, \"lstrip\": false, \"rstrip\": false, "
+        + "\"normalized\": false, \"special\": true}"
+    }
+    let tokenizer = """
+      {
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [\(added.joined(separator: ", "))],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {\(vocabulary)}, "unk_token": "<unk>"}
+      }
+
+      """
+    var config = """
+      {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 512
+      """
+    if let chatTemplate {
+      let quoted = chatTemplate.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(
+        of: "\"", with: "\\\""
+      )
+      .replacingOccurrences(of: "\n", with: "\\n")
+      config += ",\n  \"chat_template\": \"\(quoted)\""
+    }
+    if !addedTokens.isEmpty {
+      config += ",\n  \"extra_special_tokens\": [\(addedTokens.map { "\"\($0)\"" }.joined(separator: ", "))]"
+    }
+    return ["tokenizer.json": tokenizer, "tokenizer_config.json": config + "\n}\n"]
+  }
+
+  /// The ChatML template of the chat fine-tune.
+  static let chatMLTemplate =
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    + "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+
+  /// A chat fine-tune of `base` whose vocabulary gained `<|im_start|>` and `<|im_end|>`: two
+  /// more embedding and LM-head rows (new rows ~ N(0, 0.02^2)), as `resize_token_embeddings`
+  /// leaves them before training.
+  static func chatFineTune(_ base: [(name: String, tensor: Tensor)], architecture: Architecture, seed: UInt64)
+    -> [(name: String, tensor: Tensor)]
+  {
+    fineTune(base, seed: seed).map { name, tensor in
+      guard name == "model.embed_tokens.weight" || name == "lm_head.weight" else { return (name, tensor) }
+      let rows = CounterRNG(seed: seed, stream: name + "#new-rows").normalTensor(
+        [2, architecture.hiddenSize], scale: 0.02)
+      return (
+        name, Tensor(shape: [tensor.shape[0] + 2, architecture.hiddenSize], scalars: tensor.scalars + rows.scalars)
+      )
+    }
+  }
+
+  /// Writes `base`, `finetune-a`, `finetune-b` and `finetune-chat` (whose vocabulary gained two
+  /// chat tokens) under `folder`; returns their paths.
   @discardableResult
   public static func writeExamples(
     to folder: String, architecture: Architecture = Architecture(), overwrite: Bool = false
@@ -129,10 +204,17 @@ public enum ExampleModels {
     }
     let base = baseWeights(architecture)
     let models = [("base", base), ("finetune-a", fineTune(base, seed: 1)), ("finetune-b", fineTune(base, seed: 2))]
-    return try models.map { name, weights in
+    var paths = try models.map { name, weights in
       let path = "\(folder)/\(name)"
       try writeModel(weights, architecture: architecture, to: path, overwrite: overwrite)
       return path
     }
+    var chat = architecture
+    chat.vocabularySize += 2
+    paths.append("\(folder)/finetune-chat")
+    try writeModel(
+      chatFineTune(base, architecture: architecture, seed: 3), architecture: chat, to: paths[3], overwrite: overwrite,
+      addedTokens: ["<|im_start|>", "<|im_end|>"], chatTemplate: chatMLTemplate)
+    return paths
   }
 }

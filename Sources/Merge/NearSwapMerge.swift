@@ -26,6 +26,20 @@ public struct NearSwapMerge: StreamingMerge {
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
   {
     let t = p.number("t")
+    let r = p.arithmetic
+    if r.isRounded {
+      // mergekit's operations, each rounded to the compute dtype: the clamp's bound is cast to
+      // it, and torch computes `t / x` as `reciprocal(x) * t`.
+      let floor = r.round(Float(1e-6))
+      return RangeMerger { range in
+        guard let a = range.base else { throw MergeError.baseRequired(method: self.name) }
+        return zip(a, range.models[0]).map { x, y in
+          let distance = max(abs(r.round(x - y)), floor)
+          let w = min(1, max(0, r.round(r.round(1 / distance) * Float(t))))
+          return r.round(r.round(w * y) + r.round(r.round(1 - w) * x))
+        }
+      }
+    }
     return RangeMerger { range in
       guard let a = range.base else { throw MergeError.baseRequired(method: self.name) }
       let b = range.models[0]

@@ -50,6 +50,9 @@ public struct TokenizerVocabulary: Sendable {
   /// Tokens of tokenizer.json dropped because their ids have no embedding row.
   public let unusedTokens: [String]
 
+  /// The largest vocabulary accepted (config.json sizes are capped alike).
+  public static let maxRows = 1 << 26
+
   /// The number of tokens with a row.
   public var count: Int { ids.count }
 
@@ -103,6 +106,10 @@ public struct TokenizerVocabulary: Sendable {
     let config = try InputFile.jsonObject(folder + "/config.json")
     let declared = integer(config?["vocab_size"]) ?? integer((config?["text_config"] as? [String: Any])?["vocab_size"])
     let rows = declared ?? ((ids.values.max() ?? -1) + 1)
+    guard rows >= 1, rows <= maxRows else {
+      throw OperationError.vocabulary(
+        file: folder + "/config.json", reason: "vocab_size \(rows) is not between 1 and \(maxRows)")
+    }
     let unused = ids.filter { $0.value >= rows }.map(\.key).sorted()
     for token in unused { ids[token] = nil }
     return TokenizerVocabulary(

@@ -4,7 +4,8 @@ import Checkpoint
 struct ExampleCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "example",
-    abstract: "Write small Llama-style example models (a base and two fine-tunes) to try every command offline.",
+    abstract:
+      "Write small Llama-style example models (a base, two fine-tunes and a chat fine-tune with two more tokens) to try every command offline.",
     discussion: """
       Writes OUTDIR/base, OUTDIR/finetune-a and OUTDIR/finetune-b: bf16 safetensors plus config.json \
       of a 4-layer LlamaForCausalLM (hidden 256, 8 heads, 4 KV heads, vocabulary 2048, 3.4M \
@@ -18,7 +19,9 @@ struct ExampleCommand: ParsableCommand {
   var overwrite = false
 
   func validate() throws {
-    for name in ["base", "finetune-a", "finetune-b"] { try requireNewOutput("\(outdir)/\(name)", overwrite: overwrite) }
+    for name in ["base", "finetune-a", "finetune-b", "finetune-chat"] {
+      try requireNewOutput("\(outdir)/\(name)", overwrite: overwrite)
+    }
   }
 
   func run() throws {
