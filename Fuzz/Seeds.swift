@@ -56,7 +56,9 @@ func makeInputKinds(work: String) throws -> [InputKind] {
   let weights = shapes.map { entry in
     (entry.name, Tensor(shape: entry.shape, scalars: (0..<entry.shape.reduce(1, *)).map { _ in random.float() }))
   }
-  try ModelFolder.write(weights, files: ["config.json": config], dtype: .f32, to: model, overwrite: true)
+  let tokenizer = ExampleModels.tokenizerFiles(vocabularySize: 16, addedTokens: [], chatTemplate: nil)
+  try ModelFolder.write(
+    weights, files: tokenizer.merging(["config.json": config]) { $1 }, dtype: .f32, to: model, overwrite: true)
 
   // The same weights as a two-shard folder (the index is what gets mutated) and as a .mkz file.
   let sharded = work + "/sharded"
@@ -79,6 +81,19 @@ func makeInputKinds(work: String) throws -> [InputKind] {
   try fm.createDirectory(atPath: configured, withIntermediateDirectories: true)
   try? fm.removeItem(atPath: configured + "/model.safetensors")
   try fm.linkItem(atPath: model + "/model.safetensors", toPath: configured + "/model.safetensors")
+
+  // A third folder for mutated tokenizer.json files (two more tokens than the model's), sharing
+  // the weights; aligned to the model's tokenizer by a union.
+  let tokenized = work + "/tokenized"
+  try fm.createDirectory(atPath: tokenized, withIntermediateDirectories: true)
+  try? fm.removeItem(atPath: tokenized + "/model.safetensors")
+  try fm.linkItem(atPath: model + "/model.safetensors", toPath: tokenized + "/model.safetensors")
+  try Data(config.utf8).write(to: URL(fileURLWithPath: tokenized + "/config.json"))
+  let tokenizerSeed = ExampleModels.tokenizerFiles(vocabularySize: 16, addedTokens: ["<a>", "<b>"], chatTemplate: nil)
+  let alignment = TokenizerSettings(
+    source: .union,
+    tokens: [.init(text: "<c>", source: .modelToken(model: tokenized, token: "<a>", id: nil), force: false)],
+    padToMultipleOf: 8)
 
   // Labels for .npy features.
   try Data(npy(descr: "<i8", shape: [4], body: (0..<4).flatMap { littleEndian(Int64($0 % 2)) }))
@@ -120,7 +135,12 @@ func makeInputKinds(work: String) throws -> [InputKind] {
       int8_mask: true
       normalize: false
     dtype: float16
-    tokenizer_source: base
+    tokenizer:
+      source: union
+      tokens:
+        <x>: {source: {kind: zero}}
+        w4: {source: \(model), force: true}
+      pad_to_multiple_of: 32
 
     """
   let slices = """
@@ -166,6 +186,18 @@ func makeInputKinds(work: String) throws -> [InputKind] {
       name: "mergekit-slices", file: "slices.yml", seeds: [Array(slices.utf8)], isText: true,
       run: { path in try checkRecipe(path, output: work + "/out/slices-merge") }),
     InputKind(
+      name: "tokenizer", file: "tokenized/tokenizer.json", seeds: [Array((tokenizerSeed["tokenizer.json"] ?? "").utf8)],
+      isText: true,
+      run: { _ in
+        let aligned = try VocabularyAlignment(settings: alignment, base: model, inputs: [model, tokenized]) {
+          try openCheckpoint($0)
+        }
+        for (i, path) in aligned.inputs.enumerated() {
+          try readEverything(aligned.view(of: openCheckpoint(path), input: i))
+        }
+        _ = try aligned.tokenizerFiles()
+      }),
+    InputKind(
       name: "config.json", file: "configured/config.json", seeds: [Array(config.utf8)], isText: true,
       run: { _ in _ = try loadNetwork(configured) }),
     InputKind(
@@ -187,8 +219,10 @@ func makeInputKinds(work: String) throws -> [InputKind] {
 
 /// Opens a checkpoint and reads and verifies every tensor (bounded: the seeds are small, so a
 /// mutated table that claims more is what must fail).
-func readEverything(_ path: String) throws {
-  let checkpoint = try openCheckpoint(path)
+func readEverything(_ path: String) throws { try readEverything(try openCheckpoint(path)) }
+
+/// Reads and verifies every tensor of an open checkpoint.
+func readEverything(_ checkpoint: any Checkpoint) throws {
   for info in checkpoint.tensors.prefix(64) {
     _ = try checkpoint.withBytes(of: info.name, range: nil) { $0.count }
   }

@@ -124,7 +124,9 @@ public enum ExampleModels {
 
   /// A word-level Hugging Face tokenizer of `vocabularySize` tokens, the last `addedTokens` of
   /// them special added tokens (split on whitespace; unknown words map to `<unk>`).
-  static func tokenizerFiles(vocabularySize: Int, addedTokens: [String], chatTemplate: String?) -> [String: String] {
+  public static func tokenizerFiles(vocabularySize: Int, addedTokens: [String], chatTemplate: String?)
+    -> [String: String]
+  {
     let special = ["<unk>", "<s>", "</s>"]
     let plainCount = vocabularySize - addedTokens.count
     let words = (0..<plainCount).map { $0 < special.count ? special[$0] : "w\($0)" }

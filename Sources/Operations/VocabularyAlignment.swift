@@ -76,6 +76,9 @@ public final class VocabularyAlignment: @unchecked Sendable {
   public let dropped: [String]
   /// The inputs' paths, in input order (the base first when there is one).
   public let inputs: [String]
+  /// Inputs without a tokenizer of their own, taken to have the base's (or first model's)
+  /// vocabulary; a caller reports them.
+  public let assumed: [String]
   /// Per input, per output id: the input's own row (>= 0), or -(k + 1) for `defaults[k]`.
   let table: [[Int32]]
   /// The rows of tokens some input lacks (or forced): shared by every input that takes them.
@@ -121,9 +124,23 @@ public final class VocabularyAlignment: @unchecked Sendable {
       }
       return folder
     }
-    var vocabularies: [TokenizerVocabulary] = []
-    for path in inputs { vocabularies.append(try TokenizerVocabulary.read(folder: folder(path))) }
     let baseIndex = inputs.firstIndex(of: reference) ?? 0
+    // An input without a tokenizer (a lone weights file, a folder without tokenizer.json) is
+    // taken to have the reference's vocabulary, as mergekit assumes when it cannot load one.
+    let referenceVocabulary = try TokenizerVocabulary.read(folder: folder(reference))
+    var vocabularies: [TokenizerVocabulary] = []
+    var assumed: [String] = []
+    for path in inputs {
+      if path == reference {
+        vocabularies.append(referenceVocabulary)
+      } else if let found = ModelFolder.modelFolder(of: path), InputFile.isRegularFile(found + "/tokenizer.json") {
+        vocabularies.append(try TokenizerVocabulary.read(folder: found))
+      } else {
+        vocabularies.append(referenceVocabulary)
+        assumed.append(path)
+      }
+    }
+    self.assumed = assumed
     inputRows = vocabularies.map(\.rows)
 
     // The output tokenizer, before additions.

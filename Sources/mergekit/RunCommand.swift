@@ -177,6 +177,9 @@ struct RunCommand: ParsableCommand {
       note("note: --cuda, --gpu-rich and --read-to-gpu are accepted; the merge runs on the CPU")
     }
     var runner = try RecipeRunner(loaded)
+    for path in runner.vocabulary?.assumed ?? [] {
+      note("warning: \(path) has no tokenizer.json; its vocabulary is taken to be the base's, as mergekit does")
+    }
     runner.copiesTokenizer = copyTokenizer
     runner.writesModelCard = writeModelCard
     if loaded.isMergekitConfiguration, !allowCrimes, let mixed = runner.mixedArchitectures() {

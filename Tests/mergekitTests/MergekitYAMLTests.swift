@@ -191,8 +191,13 @@ import Testing
       #expect(try output.readRows(name, 7..<8) == Tensor(shape: [1, 256], scalars: mean).encoded(as: .bf16))
     }
 
+    // A model without a tokenizer is taken to share the first model's vocabulary (as mergekit
+    // assumes); the first model (or base) must have one.
     try FileManager.default.removeItem(atPath: c + "/tokenizer.json")
-    let unreadable = try merge([a, c], "union", "unreadable")
+    let assumed = try merge([a, c], "union", "assumed")
+    #expect(assumed.status == 0 && assumed.stderr.contains("taken to be the base's"), "\(assumed.stderr)")
+    #expect(try openCheckpoint(folder.file("assumed")).info("lm_head.weight").shape == [2048, 256])
+    let unreadable = try merge([c, a], "union", "unreadable")
     #expect(unreadable.status != 0 && unreadable.stderr.contains("tokenizer.json"), "\(unreadable.stderr)")
     #expect(!FileManager.default.fileExists(atPath: folder.file("unreadable")))
   }
