@@ -239,7 +239,7 @@ extension MergekitConfig {
 /// Chat templates for mergekit's `chat_template:` key: `auto` (the template most of the input
 /// models share), a name, or an inline Jinja template.
 public enum ChatTemplates {
-  /// Templates by name (our own text of each format).
+  /// Templates by name, as mergekit names them (our own text of each format).
   public static let named: [String: String] = [
     "chatml": """
     {%- for message in messages -%}
@@ -248,7 +248,52 @@ public enum ChatTemplates {
     {%- if add_generation_prompt -%}
     {{- '<|im_start|>assistant\n' -}}
     {%- endif -%}
-    """
+    """,
+    "llama3": """
+    {%- for message in messages -%}
+    {%- if loop.first -%}{{- bos_token -}}{%- endif -%}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}
+    {%- endfor -%}
+    {%- if add_generation_prompt -%}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+    {%- endif -%}
+    """,
+    "mistral": """
+    {%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none -%}
+    {%- set turns = messages[1:] if system is not none else messages -%}
+    {{- bos_token -}}
+    {%- for message in turns -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+    {{- raise_exception('roles must alternate user and assistant after an optional system message') -}}
+    {%- endif -%}
+    {%- if message['role'] == 'user' -%}
+    {{- ' [INST] ' + (system + '\n\n' if loop.first and system is not none else '') + message['content'] + ' [/INST]' -}}
+    {%- else -%}
+    {{- ' ' + message['content'] + eos_token -}}
+    {%- endif -%}
+    {%- endfor -%}
+    """,
+    "alpaca": """
+    {%- set systems = messages | selectattr('role', 'equalto', 'system') | list -%}
+    {{- (systems | last).content | trim if systems else '' -}}
+    {{- '\n\n' -}}
+    {%- set headings = {'user': '### Instruction:', 'assistant': '### Response:', 'user_context': '### Input:'} -%}
+    {%- for message in messages if message['role'] in headings -%}
+    {{- headings[message['role']] + '\n' + message['content'] | trim -}}
+    {%- if not loop.last -%}{{- '\n\n' -}}{%- endif -%}
+    {%- endfor -%}
+    {%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}
+    {{- '\n\n### Response:\n' -}}
+    {%- endif -%}
+    """,
+    "exaone": """
+    {%- for message in messages -%}
+    {%- if loop.first and message['role'] != 'system' -%}{{- '[|system|][|endofturn|]\n' -}}{%- endif -%}
+    {{- '[|' + message['role'] + '|]' + message['content'] -}}
+    {{- '\n' if message['role'] == 'user' else '[|endofturn|]\n' -}}
+    {%- endfor -%}
+    {%- if add_generation_prompt -%}{{- '[|assistant|]' -}}{%- endif -%}
+    """,
   ]
 
   /// Whether `text` can be a template: `auto`, a name, or Jinja (it has `{`) of 20 characters or more.

@@ -131,6 +131,13 @@ import Testing
     #expect(try template("auto") == ("{{ 'B' }} {# two #}", "{{ 'B' }} {# two #}"))
     #expect(try merge("chatml", "chatml").status == 0)
     #expect(try template("chatml").jinja.contains("<|im_start|>"))
+    for (name, marker) in [("llama3", "<|start_header_id|>"), ("mistral", "[INST]"), ("alpaca", "### Instruction:")]
+    {
+      #expect(try merge(name, name).status == 0)
+      #expect(try template(name).jinja.contains(marker))
+    }
+    #expect(try merge("exaone", "exaone").status == 0)
+    #expect(try template("exaone").config?.contains("[|endofturn|]") == true)
     #expect(try merge("\"{{ messages[0]['content'] }} inline\"", "inline").status == 0)
     #expect(try template("inline").config == "{{ messages[0]['content'] }} inline")
     let unknown = try merge("vicuna", "unknown")
