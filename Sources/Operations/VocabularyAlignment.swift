@@ -79,6 +79,8 @@ public final class VocabularyAlignment: @unchecked Sendable {
   /// Inputs without a tokenizer of their own, taken to have the base's (or first model's)
   /// vocabulary; a caller reports them.
   public let assumed: [String]
+  /// Whether the output gets a tokenizer built here (false for `truncating`).
+  public let buildsTokenizer: Bool
   /// Per input, per output id: the input's own row (>= 0), or -(k + 1) for `defaults[k]`.
   let table: [[Int32]]
   /// The rows of tokens some input lacks (or forced): shared by every input that takes them.
@@ -141,6 +143,7 @@ public final class VocabularyAlignment: @unchecked Sendable {
       }
     }
     self.assumed = assumed
+    buildsTokenizer = true
     inputRows = vocabularies.map(\.rows)
 
     // The output tokenizer, before additions.
@@ -239,6 +242,39 @@ public final class VocabularyAlignment: @unchecked Sendable {
         return row
       }
     }
+  }
+
+  /// mergekit's `--unsafe-truncate-embeddings`: every input's vocabulary tensors keep their
+  /// first rows, as many as the smallest vocabulary has, assuming the same token ids; no
+  /// tokenizer is built. Throws when an input has no vocabulary tensor.
+  public static func truncating(inputs: [String], open: @escaping (String) throws -> any Checkpoint) throws
+    -> VocabularyAlignment
+  {
+    let rows = try inputs.map { path -> Int in
+      let checkpoint = try open(path)
+      guard let info = checkpoint.tensors.first(where: { isVocabularyTensor($0.name) }) else {
+        throw OperationError.vocabulary(file: path, reason: "has no embedding or LM-head tensor to truncate")
+      }
+      return info.rowCount
+    }
+    return VocabularyAlignment(truncatingTo: rows.min() ?? 0, inputs: inputs, inputRows: rows, open: open)
+  }
+
+  private init(
+    truncatingTo rows: Int, inputs: [String], inputRows: [Int], open: @escaping (String) throws -> any Checkpoint
+  ) {
+    tokens = Array(repeating: "", count: rows)
+    self.rows = rows
+    tokenizerFolder = ""
+    appended = []
+    dropped = []
+    self.inputs = inputs
+    assumed = []
+    buildsTokenizer = false
+    table = inputs.map { _ in (0..<Int32(rows)).map { $0 } }
+    defaults = []
+    self.inputRows = inputRows
+    self.open = open
   }
 
   /// Whether `name` is a tensor indexed by token on its first dimension, as mergekit's

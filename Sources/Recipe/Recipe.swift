@@ -111,6 +111,9 @@ public struct Recipe: Sendable {
   public var tokenizer: TokenizerSettings?
   /// mergekit's `chat_template`: `auto`, a name or a Jinja template, written into the outputs.
   public var chatTemplate: String?
+  /// mergekit's `--unsafe-truncate-embeddings`: without tokenizer settings, vocabulary tensors
+  /// are cut to the smallest vocabulary's rows, token ids assumed equal.
+  public var truncatesEmbeddings = false
   /// How merges compute (`compute: exact | mergekit`; exact by default).
   public var compute = "exact"
   /// mergekit's compute dtype (a mergekit configuration's `dtype`, in our spelling); without

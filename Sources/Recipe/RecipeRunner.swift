@@ -438,10 +438,15 @@ public struct RecipeRunner {
       overwrite: overwrite || output == nil)
     var tokenizerFolder = copyFilesFrom
     if output != nil, let vocabulary {
-      // mergekit writes the tokenizer it built whatever --copy-tokenizer says.
-      options.skippedFiles = ModelFolder.tokenizerFiles
-      options.files.merge(try tokenizerFiles(vocabulary)) { $1 }
-      tokenizerFolder = vocabulary.tokenizerFolder
+      if vocabulary.buildsTokenizer {
+        // mergekit writes the tokenizer it built whatever --copy-tokenizer says.
+        options.skippedFiles = ModelFolder.tokenizerFiles
+        options.files.merge(try tokenizerFiles(vocabulary)) { $1 }
+        tokenizerFolder = vocabulary.tokenizerFolder
+      } else if !copiesTokenizer {
+        options.skippedFiles = ModelFolder.tokenizerFiles
+        tokenizerFolder = nil
+      }
       if let folder = copyFilesFrom, let config = try InputFile.jsonObject(folder + "/config.json") {
         options.files["config.json"] = try VocabularyAlignment.json(vocabulary.outputConfig(config))
       }
@@ -675,11 +680,14 @@ extension RecipeRunner {
   /// The vocabulary alignment a mergekit configuration's tokenizer settings ask for, or nil.
   /// Throws `RecipeError.invalid` naming `tokenizer_source` when a tokenizer cannot be read.
   static func alignment(_ recipe: Recipe) throws -> VocabularyAlignment? {
-    guard let settings = recipe.tokenizer else { return nil }
     let base = recipe.slicedMerge?.base ?? recipe.steps.first?.base
     var inputs = recipe.inputs.map(\.path)
     if let base, let index = inputs.firstIndex(of: base) { inputs.insert(inputs.remove(at: index), at: 0) }
     do {
+      guard let settings = recipe.tokenizer else {
+        guard recipe.truncatesEmbeddings else { return nil }
+        return try VocabularyAlignment.truncating(inputs: inputs) { try openCheckpoint($0) }
+      }
       return try VocabularyAlignment(settings: settings, base: base, inputs: inputs) { try openCheckpoint($0) }
     } catch let error as OperationError {
       throw RecipeError.invalid(file: recipe.source, path: "tokenizer_source", line: nil, reason: error.reason)

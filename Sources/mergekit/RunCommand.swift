@@ -42,7 +42,7 @@ struct RunCommand: ParsableCommand {
   @Flag(help: "Replace outputs that exist (each only after its new version is complete).")
   var overwrite = false
 
-  @Flag(name: .shortAndLong, help: "No progress output.")
+  @Flag(name: .shortAndLong, inversion: .prefixedNo, help: "No progress output.")
   var quiet = false
 
   @Flag(help: "Refuse (exit 64) parameters a mergekit configuration's method does not declare, instead of warning.")
@@ -54,8 +54,28 @@ struct RunCommand: ParsableCommand {
     help: "Copy the tokenizer files with the other model files (mergekit-yaml's default).")
   var copyTokenizer = true
 
-  @Flag(name: .customLong("allow-crimes"), help: "Allow merging models of different architectures (as mergekit).")
+  @Flag(
+    name: .customLong("allow-crimes"), inversion: .prefixedNo,
+    help: "Allow merging models of different architectures (as mergekit).")
   var allowCrimes = false
+
+  @Flag(
+    name: .customLong("unsafe-truncate-embeddings"), inversion: .prefixedNo,
+    help:
+      "Without tokenizer settings, cut embeddings and LM heads to the smallest vocabulary's rows, assuming equal token ids (mergekit's; tokenizer_source is the safe way)."
+  )
+  var unsafeTruncateEmbeddings = false
+
+  @Option(
+    name: .customLong("transformers-cache"),
+    help: ArgumentHelp("Hugging Face cache folder that model ids are resolved in (as HF_HUB_CACHE).", valueName: "path")
+  )
+  var transformersCache: String?
+
+  @Option(
+    name: [.customLong("num-threads"), .customShort("j")],
+    help: "Worker threads (default: every core; as MERGEKIT_THREADS). Results do not depend on it.")
+  var numThreads: Int?
 
   @Option(
     name: .customLong("out-shard-size"),
@@ -74,31 +94,78 @@ struct RunCommand: ParsableCommand {
     name: .customLong("random-seed"), help: "Seed of the random methods (DARE ...), for every step that takes one.")
   var randomSeed: UInt64?
 
-  @Flag(name: .customLong("lazy-unpickle"), help: "Accepted for mergekit-yaml; inputs are always streamed.")
+  @Flag(
+    name: .customLong("lazy-unpickle"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; inputs are always streamed.")
   var lazyUnpickle = false
 
-  @Flag(name: .customLong("low-cpu-memory"), help: "Accepted for mergekit-yaml; memory is always bounded.")
+  @Flag(
+    name: .customLong("low-cpu-memory"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; memory is always bounded.")
   var lowCPUMemory = false
+
+  @Flag(
+    name: .customLong("clone-tensors"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; every output tensor is written from its own bytes.")
+  var cloneTensors = false
+
+  @Flag(
+    name: .customLong("safe-serialization"), inversion: .prefixedNo,
+    help: "Write safetensors (the default and the only format written; --no-safe-serialization is refused).")
+  var safeSerialization = true
+
+  @Flag(
+    name: .customLong("async-write"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; writing overlaps merging already.")
+  var asyncWrite = false
+
+  @Option(name: .customLong("write-threads"), help: "Accepted for mergekit-yaml (shards are written in order).")
+  var writeThreads: Int?
+
+  @Option(
+    name: .customLong("lora-merge-cache"),
+    help: ArgumentHelp("Accepted for mergekit-yaml; LoRA-on-base model references are not read yet.", valueName: "path")
+  )
+  var loraMergeCache: String?
+
+  @Option(
+    name: .customLong("lora-merge-dtype"),
+    help: ArgumentHelp(
+      "Accepted for mergekit-yaml; LoRA-on-base model references are not read yet.", valueName: "dtype"))
+  var loraMergeDType: String?
 
   @Flag(
     name: .customLong("write-model-card"), inversion: .prefixedNo,
     help: "Write a model card (README.md) and mergekit_config.yml into a merge's output (the default).")
   var writeModelCard = true
 
-  @Flag(name: .customLong("trust-remote-code"), help: "Accepted for mergekit-yaml; no code from a model is ever run.")
+  @Flag(
+    name: .customLong("trust-remote-code"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; no code from a model is ever run.")
   var trustRemoteCode = false
 
-  @Flag(name: .shortAndLong, help: "Accepted for mergekit-yaml; the steps are always reported.")
-  var verbose = false
+  @Flag(name: .shortAndLong, help: "Accepted for mergekit-yaml (repeatable); the steps are always reported.")
+  var verbose: Int
 
-  @Flag(name: .customLong("cuda"), help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
+  @Flag(
+    name: .customLong("cuda"), inversion: .prefixedNo, help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
   var cuda = false
 
   @Flag(name: .customLong("gpu-rich"), help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
   var gpuRich = false
 
-  @Flag(name: .customLong("read-to-gpu"), help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
+  @Flag(
+    name: .customLong("read-to-gpu"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
   var readToGPU = false
+
+  @Flag(
+    name: .customLong("multi-gpu"), inversion: .prefixedNo,
+    help: "Accepted for mergekit-yaml; the merge runs on the CPU.")
+  var multiGPU = false
+
+  @Option(help: "Accepted for mergekit-yaml (cpu, cuda, auto ...); the merge runs on the CPU.")
+  var device: String?
 
   func validate() throws {
     try requireExisting(recipe, "recipe")
@@ -106,6 +173,11 @@ struct RunCommand: ParsableCommand {
     if let output, let outputPath, output != outputPath {
       throw ValidationError("the output is given twice ('\(outputPath)' and -o '\(output)'); give it once")
     }
+    if !safeSerialization {
+      throw ValidationError(
+        "--no-safe-serialization would write PyTorch pickles; outputs are always safetensors (or .mkz)")
+    }
+    if let numThreads, numThreads < 1 { throw ValidationError("--num-threads must be at least 1") }
     if let outShardSize, Self.mergekitSize(outShardSize) == nil {
       throw ValidationError("invalid --out-shard-size '\(outShardSize)' (examples: 5B, 500M, 1000000000)")
     }
@@ -126,6 +198,7 @@ struct RunCommand: ParsableCommand {
   /// the random seed of every step (or slice merge) whose method takes one and was not given it.
   func adjusted(_ loaded: Recipe) throws -> Recipe {
     var recipe = loaded
+    recipe.truncatesEmbeddings = unsafeTruncateEmbeddings
     if let compute {
       guard ["exact", "mergekit"].contains(compute) else {
         throw ValidationError("invalid --compute '\(compute)' (use exact or mergekit)")
@@ -163,6 +236,9 @@ struct RunCommand: ParsableCommand {
   }
 
   func run() throws {
+    // Before anything reads them: the worker count and the cache model ids resolve in.
+    if let numThreads { setenv("MERGEKIT_THREADS", String(numThreads), 1) }
+    if let transformersCache { setenv("HF_HUB_CACHE", transformersCache, 1) }
     MemoryPolicy.reuseTensorMemory()
     let loaded = try adjusted(try Recipe.load(recipe, output: output ?? outputPath))
     func note(_ line: String) { FileHandle.standardError.write(Data((line + "\n").utf8)) }
@@ -173,8 +249,10 @@ struct RunCommand: ParsableCommand {
       }
       for warning in loaded.warnings { note("warning: \(recipe): \(warning), and so does this run") }
     }
-    if cuda || gpuRich || readToGPU {
-      note("note: --cuda, --gpu-rich and --read-to-gpu are accepted; the merge runs on the CPU")
+    if cuda || gpuRich || readToGPU || multiGPU || (device.map { $0 != "cpu" } ?? false) {
+      note(
+        "note: the GPU flags (--cuda, --gpu-rich, --read-to-gpu, --multi-gpu, --device) are accepted; the merge runs on the CPU"
+      )
     }
     var runner = try RecipeRunner(loaded)
     for path in runner.vocabulary?.assumed ?? [] {

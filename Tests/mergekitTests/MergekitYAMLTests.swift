@@ -58,6 +58,43 @@ import Testing
     }
     let twice = try CLI.run("run", folder.file("c.yml"), folder.file("a"), "-o", folder.file("b"))
     #expect(twice.status == 64 && twice.stderr.contains("given twice"))
+    // The rest of mergekit-yaml's flags; the output does not depend on the thread count.
+    let more = try CLI.run(
+      "run", folder.file("seeded.yml"), folder.file("more"), "--out-shard-size", "2M", "-vv", "-j", "1",
+      "--no-lazy-unpickle", "--clone-tensors", "--async-write", "--write-threads", "2", "--device", "cpu",
+      "--no-allow-crimes", "--safe-serialization", "--lora-merge-cache", folder.file("cache"), "--no-quiet", "-q")
+    #expect(more.status == 0, "\(more.stderr)")
+    for file in index.files {
+      #expect(readBytes(folder.file("more/\(file.name)")) == readBytes(folder.file("seeded/\(file.name)")))
+    }
+    let pickles = try CLI.run("run", folder.file("c.yml"), folder.file("pickles"), "--no-safe-serialization")
+    #expect(pickles.status == 64 && pickles.stderr.contains("safetensors"), "\(pickles.stderr)")
+  }
+
+  /// --unsafe-truncate-embeddings cuts every vocabulary tensor to the smallest vocabulary's rows
+  /// (token ids assumed equal), as mergekit's flag does; without it the shapes are refused.
+  @Test func unsafeTruncationCutsEmbeddingsToTheSmallestVocabulary() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let yaml =
+      "models:\n  - model: \(Self.model("finetune-a"))\n  - model: \(Self.model("finetune-chat"))\nmerge_method: linear\n"
+    try yaml.write(toFile: folder.file("c.yml"), atomically: true, encoding: .utf8)
+    let refused = try CLI.run("run", folder.file("c.yml"), folder.file("refused"), "-q")
+    #expect(refused.status != 0 && refused.stderr.contains("tokenizer_source"), "\(refused.stderr)")
+    let cut = try CLI.run("run", folder.file("c.yml"), folder.file("cut"), "-q", "--unsafe-truncate-embeddings")
+    #expect(cut.status == 0, "\(cut.stderr)")
+    let output = try openCheckpoint(folder.file("cut"))
+    let (a, chat) = (try openCheckpoint(Self.model("finetune-a")), try openCheckpoint(Self.model("finetune-chat")))
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+      #expect(try output.info(name).shape == [2048, 256])
+      let mean = zip(try a.readRows(name, 9..<10).decoded().scalars, try chat.readRows(name, 9..<10).decoded().scalars)
+        .map { ($0 + $1) / 2 }
+      #expect(try output.readRows(name, 9..<10) == Tensor(shape: [1, 256], scalars: mean).encoded(as: .bf16))
+    }
+    let config =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: folder.file("cut/config.json")))) as? [String: Any]
+    #expect(config?["vocab_size"] as? Int == 2048)
   }
 
   /// A parameter the method does not declare is ignored with a warning (mergekit ignores it),
@@ -131,8 +168,7 @@ import Testing
     #expect(try template("auto") == ("{{ 'B' }} {# two #}", "{{ 'B' }} {# two #}"))
     #expect(try merge("chatml", "chatml").status == 0)
     #expect(try template("chatml").jinja.contains("<|im_start|>"))
-    for (name, marker) in [("llama3", "<|start_header_id|>"), ("mistral", "[INST]"), ("alpaca", "### Instruction:")]
-    {
+    for (name, marker) in [("llama3", "<|start_header_id|>"), ("mistral", "[INST]"), ("alpaca", "### Instruction:")] {
       #expect(try merge(name, name).status == 0)
       #expect(try template(name).jinja.contains(marker))
     }
