@@ -67,6 +67,7 @@ def configurations(e):
         "breadcrumbs_ties": gta("breadcrumbs_ties", "bfloat16", ["weight: 0.5, density: 0.6, gamma: 0.02"] * 2),
         "linear": f"merge_method: linear\n{two}dtype: bfloat16\n",
         "slerp": f"merge_method: slerp\nbase_model: {e}/base\nmodels:\n  - model: {e}/base\n  - model: {e}/finetune-a\nparameters: {{t: 0.3}}\ndtype: bfloat16\n",
+        "model_stock_bf16": gta("model_stock", "bfloat16", ["", ""]),
         "nearswap": f"merge_method: nearswap\nbase_model: {e}/base\nmodels:\n  - model: {e}/finetune-a\nparameters: {{t: 0.001}}\ndtype: bfloat16\n",
     }
     newer = {
@@ -117,7 +118,7 @@ def main():
             print(f"{name:26} float64: largest difference {worst:.2e} of the tensor's largest value")
             continue
         counts = []
-        dtype = torch.float16 if "float16" in text else torch.bfloat16
+        dtype = torch.float16 if "dtype: float16" in text else torch.bfloat16
         for mode in ("mergekit", "exact"):
             ours = f"{work}/{name}-swift-{mode}"
             subprocess.run([SWIFT, "run", path, ours, "-q", "--compute", mode], check=True)

@@ -54,7 +54,9 @@ public struct ModelStockMerge: StreamingMerge {
       }
     }
     let cosine = cosines / Double(n * (n - 1) / 2)
-    let t = Double(n) * cosine / (1 + Double(n - 1) * cosine)
+    // At the singularity (opposed task vectors) the base is kept, as mergekit does.
+    let denominator = 1 + Double(n - 1) * cosine
+    let t = abs(denominator) < 1e-6 ? 0 : Double(n) * cosine / denominator
     return [1 - t] + Array(repeating: t / Double(n), count: n)
   }
 
@@ -67,16 +69,53 @@ public struct ModelStockMerge: StreamingMerge {
   {
     guard !p.flag("filter_wise") else { return nil }  // rows need the shape: merged whole
     let n = p.models.count
+    let r = p.arithmetic
     var gram = [Double](repeating: 0, count: n * n)
     try scan.pass { range in
-      let deltas = try range.modelsMinusBase(method: self.name)
+      let deltas = try range.modelsMinusBase(method: self.name).map(r.round)
       var partial = [Double](repeating: 0, count: n * n)
-      for i in 0..<n { for j in i..<n { partial[i * n + j] = Kernels.dot(deltas[i], deltas[j]) } }
+      for i in 0..<n {
+        for j in i..<n {
+          // mergekit's dot products multiply in the compute dtype; its norms square in float.
+          partial[i * n + j] =
+            r.isRounded && i != j
+            ? zip(deltas[i], deltas[j]).reduce(0) { $0 + Double(r.round($1.0 * $1.1)) }
+            : Kernels.dot(deltas[i], deltas[j])
+        }
+      }
       return partial
     } combine: { partial in
       for k in gram.indices { gram[k] += partial[k] }
     }
+    if r.isRounded { return roundedMerger(gram: gram, models: n, r) }
     let weights = Self.weights(gram: gram, models: n)
     return RangeMerger(WeightedSumForm(method: self.name, terms: [nil] + WeightedSumForm.models(n), weights: weights))
+  }
+
+  /// mergekit's model stock in a narrow compute dtype: the norms, products, cosines, their mean
+  /// and `t` are tensors of that dtype, each operation rounded; the models' average is summed
+  /// one model at a time and divided; then `t * average + (1 - t) * base`, each step rounded.
+  func roundedMerger(gram: [Double], models n: Int, _ r: MergeArithmetic) -> RangeMerger {
+    var cosines: [Float] = []
+    for i in 0..<n {
+      for j in (i + 1)..<n {
+        let norms = r.round(r.round(gram[i * n + i].squareRoot()) * r.round(gram[j * n + j].squareRoot()))
+        cosines.append(min(1, max(-1, r.round(r.round(gram[i * n + j]) / max(norms, 1e-6)))))
+      }
+    }
+    let cosine = r.round(cosines.reduce(0.0) { $0 + Double($1) } / Double(max(cosines.count, 1)))
+    let denominator = r.round(1 + r.round(Float(n - 1) * cosine))
+    let singular = abs(denominator) < 1e-6
+    let t = singular ? 0 : r.round(r.round(Float(n) * cosine) / denominator)
+    let keep = r.round(1 - t)
+    return RangeMerger { range in
+      guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
+      return base.indices.map { k in
+        var sum = range.models[0][k]
+        for model in range.models.dropFirst() { sum = r.round(sum + model[k]) }
+        let average = r.round(sum / Float(n))
+        return r.round(r.round(t * average) + r.round(keep * base[k]))
+      }
+    }
   }
 }

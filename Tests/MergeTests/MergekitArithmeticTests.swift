@@ -67,3 +67,20 @@ import Testing
     #expect(try method.merge(inputs, p).scalars == [sum / (Float(0.1) + Float(0.2))])
   }
 }
+
+/// Model Stock at its singularity: two opposed task vectors give cos = -1, so
+/// `1 + (N - 1) cos = 0`; mergekit keeps the base there (t = 0) rather than dividing by zero.
+/// In bf16 mergekit never reaches it: the norms round to 1.734375 each and their product to
+/// 3.015625, so cos = r(-3 / 3.015625) = -0.99609375, the denominator 0.00390625, t = -510 and
+/// 1 - t = 511 rounds to 512; the average of the models is the base here, so each element is
+/// r(-510 b + 512 b) = 2 b.
+@Test func modelStockAtItsSingularity() throws {
+  let method = ModelStockMerge()
+  let base = Tensor(shape: [3], scalars: [0.5, -1, 2])
+  let up = Tensor(shape: [3], scalars: [1.5, 0, 3])
+  let down = Tensor(shape: [3], scalars: [-0.5, -2, 1])
+  var p = try resolve(method, models: [[:], [:]])
+  #expect(try method.merge(MergeInputs(name: "w", base: base, models: [up, down]), p).scalars == base.scalars)
+  p.arithmetic = .rounded(.bf16)
+  #expect(try method.merge(MergeInputs(name: "w", base: base, models: [up, down]), p).scalars == [1, -2, 4])
+}
