@@ -26,8 +26,10 @@ public struct SlicedMerge: Sendable {
   public struct Slice: Sendable {
     public var sources: [Source]
     public var parameters: [String: ParameterValue]
-    public init(sources: [Source], parameters: [String: ParameterValue] = [:]) {
-      (self.sources, self.parameters) = (sources, parameters)
+    /// The slice's own base model (mergekit's slice `base_model`), else the configuration's.
+    public var base: String?
+    public init(sources: [Source], parameters: [String: ParameterValue] = [:], base: String? = nil) {
+      (self.sources, self.parameters, self.base) = (sources, parameters, base)
     }
     var layerCount: Int { sources.first?.layers.count ?? 0 }
   }
@@ -66,9 +68,11 @@ public struct SlicedMerge: Sendable {
   }
 
   /// Which sources of a slice are the base and the models: for a method that uses a base, the
-  /// source that is the base model is the base; for others every source is a model.
+  /// source that is the slice's base model (or the configuration's) is the base; for others
+  /// every source is a model.
   public func roles(_ slice: Slice) -> (hasBase: Bool, models: [Int]) {
-    let baseIndex = method.base == .unused ? nil : slice.sources.firstIndex { $0.model == base }
+    let sliceBase = slice.base ?? base
+    let baseIndex = method.base == .unused ? nil : slice.sources.firstIndex { $0.model == sliceBase }
     return (baseIndex != nil, slice.sources.indices.filter { $0 != baseIndex })
   }
 

@@ -90,12 +90,14 @@ enum MergekitConfig {
               warnings: &warnings)))
         if !models.contains(model) { models.append(model) }
       }
+      // `residual_weight` is part of mergekit's schema but no merge reads it; it is ignored.
       slices.append(
         SlicedMerge.Slice(
           sources: sources,
           parameters: declared(
             try s["parameters"]?.parameters() ?? [:], method: method, at: "\(sliceNode.path).parameters",
-            warnings: &warnings)))
+            warnings: &warnings),
+          base: try s["base_model"]?.string()))
     }
     let global = declared(
       try f["parameters"]?.parameters() ?? [:], method: method, at: "parameters", warnings: &warnings)

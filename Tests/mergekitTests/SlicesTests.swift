@@ -50,6 +50,41 @@ import Testing
     #expect(readBytes(folder.file("sliced/model.safetensors")) == readBytes(folder.file("plain/model.safetensors")))
   }
 
+  /// A slice's own `base_model` replaces the configuration's for that slice: with task
+  /// arithmetic (weight 1), `base + (model - base)` is the model, so layers 0-1 (base a) come out
+  /// as b's and layers 2-3 (base b) as a's; the tensors before the layers follow the first slice,
+  /// those after the last.
+  @Test func aSliceBaseModelReplacesTheConfigurations() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let a = Self.model("finetune-a")
+    let b = Self.model("finetune-b")
+    let result = try run(
+      """
+      slices:
+        - sources:
+            - {model: \(a), layer_range: [0, 2]}
+            - {model: \(b), layer_range: [0, 2]}
+        - sources:
+            - {model: \(a), layer_range: [2, 4]}
+            - {model: \(b), layer_range: [2, 4]}
+          base_model: \(b)
+          residual_weight: 0.5
+      merge_method: task_arithmetic
+      base_model: \(a)
+      parameters: {weight: 1.0}
+      dtype: bfloat16
+      """, in: folder, name: "bases")
+    #expect(result.status == 0, "\(result.stderr)")
+    let out = folder.file("bases")
+    for (layer, source) in [(0, b), (1, b), (2, a), (3, a)] {
+      let name = "model.layers.\(layer).mlp.up_proj.weight"
+      #expect(try bytes(out, name) == bytes(source, name), "layer \(layer)")
+    }
+    #expect(try bytes(out, "model.embed_tokens.weight") == bytes(b, "model.embed_tokens.weight"))
+    #expect(try bytes(out, "lm_head.weight") == bytes(a, "lm_head.weight"))
+  }
+
   /// Passthrough stacks layer ranges: layers renumbered, embeddings from the first slice's
   /// source, final norm and head from the last's, config.json's layer count updated, and
   /// `scale` with filters zeroing the projections it names.
