@@ -68,6 +68,13 @@ def configurations(e):
         "linear": f"merge_method: linear\n{two}dtype: bfloat16\n",
         "slerp": f"merge_method: slerp\nbase_model: {e}/base\nmodels:\n  - model: {e}/base\n  - model: {e}/finetune-a\nparameters: {{t: 0.3}}\ndtype: bfloat16\n",
         "model_stock_bf16": gta("model_stock", "bfloat16", ["", ""]),
+        "sce_bf16": gta("sce", "bfloat16", ["", ""], "parameters: {select_topk: 0.5}\n"),
+        "nuslerp_bf16": f"merge_method: nuslerp\n{two}dtype: bfloat16\n",
+        "multislerp_bf16": f"merge_method: multislerp\n{two}dtype: bfloat16\n",
+        "karcher_bf16": f"merge_method: karcher\nmodels:\n  - model: {e}/finetune-a\n  - model: {e}/finetune-b\n  - model: {e}/base\ndtype: bfloat16\n",
+        "ram_bf16": gta("ram", "bfloat16", ["", ""]),
+        "ramplus_tl_bf16": gta("ramplus_tl", "bfloat16", ["", ""]),
+        "arcee_fusion_bf16": f"merge_method: arcee_fusion\nbase_model: {e}/base\nmodels:\n  - model: {e}/finetune-a\ndtype: bfloat16\n",
         "nearswap": f"merge_method: nearswap\nbase_model: {e}/base\nmodels:\n  - model: {e}/finetune-a\nparameters: {{t: 0.001}}\ndtype: bfloat16\n",
     }
     newer = {

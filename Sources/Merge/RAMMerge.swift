@@ -40,6 +40,7 @@ public struct RAMMerge: MergeMethod {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
     let base = baseTensor.scalars.map(Double.init)
     let count = base.count
     let epsilon = p.number("epsilon")
@@ -64,5 +65,48 @@ public struct RAMMerge: MergeMethod {
       return Float(base[i] + delta)
     }
     return Tensor(shape: baseTensor.shape, scalars: merged)
+  }
+
+  /// RAM as mergekit computes it in a narrow dtype: task vectors and the shared entries' division
+  /// by their count rounded to it, the models' sum accumulated in float and rounded, then the
+  /// addition to the base. RAM+'s amplification is a float32 tensor, so that variant computes
+  /// in float32 (torch's type promotion) and rounds once at the end.
+  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    let r = p.arithmetic
+    let base = baseTensor.scalars
+    let count = base.count
+    let epsilon = p.number("epsilon")
+    let tvs = inputs.models.map { model in zip(model.scalars, base).map { r.round($0 - $1) } }
+    // torch compares with the scalar cast to the tensor's dtype.
+    let threshold = r.round(Float(epsilon))
+    let changed = tvs.map { tv in tv.map { abs($0) > threshold } }
+    let contributors = (0..<count).map { i in changed.reduce(0) { $0 + ($1[i] ? 1 : 0) } }
+    func shared(_ m: Int, _ i: Int) -> Float { r.round(tvs[m][i] / Float(contributors[i])) }
+    guard plus else {
+      return Tensor(
+        shape: baseTensor.shape,
+        scalars: (0..<count).map { i in
+          var sum: Float = 0
+          for m in tvs.indices where changed[m][i] { sum += contributors[i] == 1 ? tvs[m][i] : shared(m, i) }
+          return r.round(base[i] + r.round(sum))
+        })
+    }
+    let (ratio, cap) = (Float(p.number("r")), Float(p.number("alpha")))
+    let lambdas = tvs.indices.map { m -> Float in
+      let sharedCount = (0..<count).filter { changed[m][$0] && contributors[$0] > 1 }.count
+      let uniqueCount = (0..<count).filter { changed[m][$0] && contributors[$0] == 1 }.count
+      let rho = Float(sharedCount) / max(Float(uniqueCount), Float(epsilon))
+      return 1 + ratio * min(cap, max(0, rho))
+    }
+    return Tensor(
+      shape: baseTensor.shape,
+      scalars: (0..<count).map { i in
+        var sum: Float = 0
+        for m in tvs.indices where changed[m][i] {
+          sum += contributors[i] == 1 ? tvs[m][i] * lambdas[m] : shared(m, i)
+        }
+        return r.round(base[i] + sum)
+      })
   }
 }
