@@ -27,6 +27,7 @@ public struct MultiSLERPMerge: MergeMethod {
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let shape = inputs.models[0].shape
     if inputs.models.count == 1 { return inputs.models[0] }
+    if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
     let base = inputs.base.map { $0.scalars.map(Double.init) }
     let points = inputs.models.map { model in
       model.scalars.enumerated().map { i, x in Double(x) - (base?[i] ?? 0) }
@@ -61,5 +62,54 @@ public struct MultiSLERPMerge: MergeMethod {
     let averageNorm = zip(norms, weights).reduce(0) { $0 + $1.0 * $1.1 }
     let (c, s) = (cos(tangentNorm), sin(tangentNorm) / tangentNorm)
     return finish((0..<count).map { (mean[$0] * c + tangent[$0] * s) * averageNorm })
+  }
+
+  /// Multi-SLERP as mergekit computes it in a narrow dtype: every element-wise product,
+  /// quotient and difference rounded to it, each reduction (norms, the weighted sums over the
+  /// models, the dot products) accumulated in float and rounded once.
+  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    let r = p.arithmetic
+    let shape = inputs.models[0].shape
+    let base = inputs.base?.scalars
+    let points = inputs.models.map { model in base.map { zip(model.scalars, $0).map { r.round($0 - $1) } } ?? model.scalars }
+    let count = points[0].count
+    var weights = inputs.models.indices.map { r.round(Float(p.number("weight", model: $0))) }
+    if p.flag("normalize_weights") {
+      let total = r.round(weights.reduce(0.0) { $0 + Double($1) })
+      guard total != 0 else { throw MergeError.zeroWeightSum(method: name, tensor: inputs.name) }
+      weights = weights.map { r.round($0 / total) }
+    }
+    let eps = Float(p.number("eps"))
+    func norm(_ v: [Float]) -> Float { r.round(v.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()) }
+    /// `sum_i values[i][j] * w_i` over the models, each product rounded, the sum rounded once.
+    func weightedSum(_ values: [[Float]]) -> [Float] {
+      (0..<count).map { j in r.round(zip(values, weights).reduce(0.0) { $0 + Double(r.round($1.0[j] * $1.1)) }) }
+    }
+    func finish(_ values: [Float]) -> Tensor {
+      Tensor(shape: shape, scalars: base.map { zip(values, $0).map { r.round($0 + $1) } } ?? values)
+    }
+    let norms = points.map(norm)
+    let units = zip(points, norms).map { v, n in
+      let divisor = r.round(n + eps)
+      return v.map { r.round($0 / divisor) }
+    }
+    var mean = weightedSum(units)
+    let meanNorm = norm(mean)
+    if meanNorm < eps {
+      guard points.count == 2 else { throw MergeError.opposedInputs(method: name, tensor: inputs.name) }
+      return finish((0..<count).map { r.round(r.round(points[0][$0] * weights[0]) + r.round(points[1][$0] * weights[1])) })
+    }
+    mean = mean.map { r.round($0 / meanNorm) }
+    let tangents = units.map { u -> [Float] in
+      let dot = r.round(zip(u, mean).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })
+      return zip(u, mean).map { r.round($0 - r.round(dot * $1)) }
+    }
+    let tangent = weightedSum(tangents)
+    let tangentNorm = r.round(norm(tangent) + eps)
+    let cosine = r.round(Float(cos(Double(tangentNorm))))
+    let scale = r.round(r.round(Float(sin(Double(tangentNorm)))) / tangentNorm)
+    let averageNorm = r.round(zip(norms, weights).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })
+    return finish(
+      (0..<count).map { j in r.round(r.round(r.round(mean[j] * cosine) + r.round(tangent[j] * scale)) * averageNorm) })
   }
 }
