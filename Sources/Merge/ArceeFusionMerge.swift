@@ -18,6 +18,7 @@ public struct ArceeFusionMerge: MergeMethod {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
     let base = baseTensor.scalars.map(Double.init)
     let model = inputs.models[0].scalars.map(Double.init)
     let count = base.count
@@ -37,6 +38,36 @@ public struct ArceeFusionMerge: MergeMethod {
     return Tensor(
       shape: baseTensor.shape,
       scalars: (0..<count).map { Float(importance[$0] >= threshold ? model[$0] : base[$0]) })
+  }
+
+  /// Arcee Fusion as mergekit computes it in a narrow dtype: the change, both softmaxes (plus
+  /// 1e-8), their ratio, its logarithm, the products, each row's KL sum, the importances and the
+  /// threshold's arithmetic rounded to it; the masked change is added to the base in float32
+  /// (the mask is a float32 tensor) and rounded once.
+  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    let r = p.arithmetic
+    let base = baseTensor.scalars
+    let model = inputs.models[0].scalars
+    let count = base.count
+    guard count > 0 else { return baseTensor }
+    let width = max(baseTensor.shape.last ?? 1, 1)
+    let change = zip(model, base).map { r.round($0 - $1) }
+    var importance = [Float](repeating: 0, count: count)
+    for start in stride(from: 0, to: count, by: width) {
+      let row = start..<min(count, start + width)
+      let pm = Self.softmax(model[row].map(Double.init)[...]).map { r.round(r.round($0) + 1e-8) }
+      let qb = Self.softmax(base[row].map(Double.init)[...]).map { r.round(r.round($0) + 1e-8) }
+      let kl = r.round(
+        zip(pm, qb).reduce(0.0) { $0 + Double(r.round($1.0 * r.round(Float(log(Double(r.round($1.0 / $1.1))))))) })
+      for i in row { importance[i] = r.round(abs(change[i]) * kl) }
+    }
+    let sorted = importance.sorted()
+    func quantile(_ q: Double) -> Float { sorted[Int(q * Double(count - 1))] }
+    let threshold = r.round(quantile(0.5) + r.round(1.5 * r.round(quantile(0.75) - quantile(0.25))))
+    return Tensor(
+      shape: baseTensor.shape,
+      scalars: (0..<count).map { r.round(base[$0] + (importance[$0] >= threshold ? change[$0] : 0)) })
   }
 
   static func softmax(_ values: ArraySlice<Double>) -> [Double] {

@@ -43,6 +43,10 @@ public struct NuSLERPMerge: MergeMethod {
       let width = shape[shape.count - 1]
       vectors = (0..<(count / max(width, 1))).map { row in Array((row * width)..<((row + 1) * width)) }
     }
+    if p.arithmetic.isRounded {
+      return Self.interpolateRounded(
+        inputs, t: t, vectors: vectors, arithmetic: p.arithmetic)
+    }
     var out = [Double](repeating: 0, count: count)
     for indices in vectors {
       let x = indices.map { v0[$0] }
@@ -56,5 +60,40 @@ public struct NuSLERPMerge: MergeMethod {
       for (k, i) in indices.enumerated() { out[i] = s0 * x[k] + s1 * y[k] }
     }
     return Tensor(shape: shape, scalars: out.enumerated().map { i, v in Float(v + (base?[i] ?? 0)) })
+  }
+
+  /// NuSLERP as mergekit computes it in a narrow dtype, vector by vector: the task vectors, the
+  /// normalised vectors, the cosine, the angle and its sines, each product and the sum rounded
+  /// to it (reductions accumulate in float and round once); the clamps' bounds are cast to it.
+  static func interpolateRounded(_ inputs: MergeInputs, t: Double, vectors: [[Int]], arithmetic r: MergeArithmetic)
+    -> Tensor
+  {
+    let base = inputs.base?.scalars
+    func relative(_ model: Tensor) -> [Float] { base.map { zip(model.scalars, $0).map { r.round($0 - $1) } } ?? model.scalars }
+    let (v0, v1) = (relative(inputs.models[0]), relative(inputs.models[1]))
+    let floor = r.round(Float(1e-7))
+    let tolerance = r.round(Float(1e-16))
+    let (keep, take) = (Float(1 - t), Float(t))
+    var out = [Float](repeating: 0, count: v0.count)
+    for indices in vectors {
+      func unit(_ v: [Float]) -> [Float] {
+        let n = max(r.round(indices.reduce(0.0) { $0 + Double(v[$1]) * Double(v[$1]) }.squareRoot()), floor)
+        return indices.map { r.round(v[$0] / n) }
+      }
+      let (x, y) = (unit(v0), unit(v1))
+      let cosine = min(1, max(-1, r.round(zip(x, y).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })))
+      let colinear = r.round(1 - r.round(cosine * cosine)) <= tolerance
+      if colinear {
+        for i in indices { out[i] = r.round(r.round(keep * v0[i]) + r.round(take * v1[i])) }
+        continue
+      }
+      let theta = r.round(Float(acos(Double(cosine))))
+      let sine = r.round(Float(sin(Double(theta))))
+      let s0 = r.round(Float(sin(Double(r.round(keep * theta)))))
+      let s1 = r.round(Float(sin(Double(r.round(take * theta)))))
+      for i in indices { out[i] = r.round(r.round(r.round(s0 * v0[i]) + r.round(s1 * v1[i])) / sine) }
+    }
+    if let base { out = zip(out, base).map { r.round($0 + $1) } }
+    return Tensor(shape: inputs.models[0].shape, scalars: out)
   }
 }
