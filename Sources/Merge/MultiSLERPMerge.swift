@@ -71,7 +71,9 @@ public struct MultiSLERPMerge: MergeMethod {
     let r = p.arithmetic
     let shape = inputs.models[0].shape
     let base = inputs.base?.scalars
-    let points = inputs.models.map { model in base.map { zip(model.scalars, $0).map { r.round($0 - $1) } } ?? model.scalars }
+    let points = inputs.models.map { model in
+      base.map { zip(model.scalars, $0).map { r.round($0 - $1) } } ?? model.scalars
+    }
     let count = points[0].count
     var weights = inputs.models.indices.map { r.round(Float(p.number("weight", model: $0))) }
     if p.flag("normalize_weights") {
@@ -97,7 +99,8 @@ public struct MultiSLERPMerge: MergeMethod {
     let meanNorm = norm(mean)
     if meanNorm < eps {
       guard points.count == 2 else { throw MergeError.opposedInputs(method: name, tensor: inputs.name) }
-      return finish((0..<count).map { r.round(r.round(points[0][$0] * weights[0]) + r.round(points[1][$0] * weights[1])) })
+      return finish(
+        (0..<count).map { r.round(r.round(points[0][$0] * weights[0]) + r.round(points[1][$0] * weights[1])) })
     }
     mean = mean.map { r.round($0 / meanNorm) }
     let tangents = units.map { u -> [Float] in

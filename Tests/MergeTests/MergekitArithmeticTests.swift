@@ -84,3 +84,16 @@ import Testing
   p.arithmetic = .rounded(.bf16)
   #expect(try method.merge(MergeInputs(name: "w", base: base, models: [up, down]), p).scalars == [1, -2, 4])
 }
+
+/// RAM compares |tau| with epsilon as torch does, the scalar cast to the tensor's dtype: a task
+/// vector entry of exactly bf16(1e-5) = 1.0013580322265625e-5 exceeds 1e-5, but not bf16(1e-5).
+@Test func ramComparesWithEpsilonInTheComputeDType() throws {
+  let method = RAMMerge.ram
+  let tiny: Float = 1.0013580322265625e-5
+  let inputs = MergeInputs(
+    name: "w", base: Tensor(shape: [2], scalars: [0, 0]), models: [Tensor(shape: [2], scalars: [tiny, 0.5])])
+  var p = try resolve(method, models: [[:]])
+  #expect(try method.merge(inputs, p).scalars == [tiny, 0.5])
+  p.arithmetic = .rounded(.bf16)
+  #expect(try method.merge(inputs, p).scalars == [0, 0.5])
+}
