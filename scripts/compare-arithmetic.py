@@ -9,6 +9,10 @@ value of the compute dtype, with `--compute mergekit` and with the default exact
 Configurations marked `float64` are compared by their largest difference relative to each
 tensor's largest value instead (both tools then compute in float64).
 
+torch reduces a half-precision tensor in one float sum per thread and rounds each partial sum to
+the tensor's dtype, so mergekit's results depend on its thread count; ours match torch on one
+thread (`--torch-threads 1`).
+
 With `--stable`, mergekit runs with its sorts made stable (`torch.argsort`, `torch.sort` and
 `torch.topk` keep tied values in index order, as mergekit-swift does), so that top-k selections
 agree on tied magnitudes and what remains is arithmetic.
@@ -101,6 +105,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", default="/tmp/mergekit-arithmetic")
     parser.add_argument("--stable", action="store_true")
+    parser.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="torch's thread count for mergekit (its half-precision reductions round each thread's partial sum)")
     parser.add_argument("names", nargs="*")
     args = parser.parse_args()
     work = args.work
@@ -119,7 +126,10 @@ def main():
             command = [sys.executable, "-c", STABLE_RUNNER, path, theirs]
         else:
             command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), path, theirs]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        environment = dict(os.environ)
+        if args.torch_threads:
+            environment["OMP_NUM_THREADS"] = str(args.torch_threads)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
         a = load_file(f"{theirs}/model.safetensors")
         if name in newer:
             subprocess.run([SWIFT, "run", path, f"{work}/{name}-swift", "-q"], check=True)
