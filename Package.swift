@@ -63,7 +63,7 @@ let package = Package(
       name: "NetsBenchmarks", dependencies: ["Tensor", "Nets", "BenchmarkSupport"],
       path: "Benchmarks/NetsBenchmarks", swiftSettings: kernels),
     .testTarget(name: "TensorTests", dependencies: ["Tensor", "TestSupport"]),
-    .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"]),
+    .testTarget(name: "CheckpointTests", dependencies: ["Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
     .testTarget(
       name: "NetsTests", dependencies: ["Nets", "Tensor", "Checkpoint", "TestSupport"], exclude: ["Fixtures"]),
     .testTarget(name: "MergeTests", dependencies: ["Merge", "Nets", "Tensor", "Checkpoint", "TestSupport"]),

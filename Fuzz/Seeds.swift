@@ -171,6 +171,8 @@ func makeInputKinds(work: String) throws -> [InputKind] {
       name: "safetensors", file: "input.safetensors", seeds: [try readAll(model + "/model.safetensors")],
       isText: true, run: readEverything),
     InputKind(
+      name: "pytorch", file: "input.pt", seeds: try pytorchSeeds(), isText: false, run: readEverything),
+    InputKind(
       name: "index", file: "sharded/model.safetensors.index.json", seeds: [indexSeed], isText: true,
       run: { _ in try readEverything(sharded) }),
     InputKind(
@@ -227,6 +229,16 @@ func readEverything(_ checkpoint: any Checkpoint) throws {
     _ = try checkpoint.withBytes(of: info.name, range: nil) { $0.count }
   }
   try checkpoint.verify(progress: nil)
+}
+
+/// PyTorch checkpoints written by torch (the test fixtures): a state dict with views, a
+/// Parameter, half types and integers, and a shard.
+func pytorchSeeds() throws -> [[UInt8]] {
+  let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("Tests/CheckpointTests/Fixtures/pytorch").path
+  return try ["state.pt", "nested.pt", "sharded/pytorch_model-00001-of-00002.bin"].map {
+    try readAll(fixtures + "/" + $0)
+  }
 }
 
 func readAll(_ path: String) throws -> [UInt8] { [UInt8](try Data(contentsOf: URL(fileURLWithPath: path))) }

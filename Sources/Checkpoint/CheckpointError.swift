@@ -15,6 +15,8 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
   /// A file of a format we do not read (a PyTorch pickle, a GGUF file), recognised by its first
   /// bytes: the format's name and what to do.
   case unsupportedFormat(file: String, format: String, advice: String)
+  /// A PyTorch zip checkpoint that cannot be read safely, and why.
+  case invalidPyTorch(file: String, reason: String)
   // safetensors
   /// A safetensors file shorter than its 8-byte header length.
   case fileTooShort(file: String, size: Int)
@@ -112,8 +114,9 @@ public enum CheckpointError: Error, CustomStringConvertible, Equatable {
     case .outputExists(let p): return "\(p) already exists; choose another output or allow replacing it (overwrite)"
     case .notACheckpoint(let p):
       return
-        "\(p): not a checkpoint (expected a .safetensors or .mkz file, or a folder with model.safetensors, model.mkz or a *.index.json)"
+        "\(p): not a checkpoint (expected a .safetensors, .mkz or PyTorch .bin file, or a folder with model.safetensors, model.mkz, pytorch_model.bin or a *.index.json)"
     case .unsupportedFormat(let f, let format, let advice): return "\(f): \(format) is not supported yet; \(advice)"
+    case .invalidPyTorch(let f, let reason): return "\(f): not a PyTorch state dict that can be read safely: \(reason)"
     case .fileTooShort(let f, let s):
       return "\(f): file is \(s) bytes, too short for a safetensors header (needs at least 8)"
     case .headerLengthPastEnd(let f, let n, let s):

@@ -7,9 +7,10 @@ import Tensor
   import Darwin
 #endif
 
-/// Opens any supported checkpoint: a `.safetensors` or `.mkz` file, a shard index
-/// (`*.index.json`), or a model folder holding one of `model.safetensors.index.json`,
-/// `model.mkz.index.json`, `model.safetensors`, `model.mkz` (or a single tensor file).
+/// Opens any supported checkpoint: a `.safetensors`, `.mkz` or PyTorch (`.bin`, `.pt`) file, a
+/// shard index (`*.index.json`), or a model folder holding one of `model.safetensors.index.json`,
+/// `model.mkz.index.json`, `model.safetensors`, `model.mkz`, `pytorch_model.bin.index.json`,
+/// `pytorch_model.bin` (or a single tensor file).
 /// `base` is the checkpoint delta-stored `.mkz` tensors were written against.
 ///
 /// ```swift
@@ -25,12 +26,10 @@ public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throw
   var file = path
   if isDirectory.boolValue {
     guard let chosen = ModelFolder.tensorFile(in: path) else {
-      if let other = ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.gguf"].first(where: {
-        FileManager.default.fileExists(atPath: "\(path)/\($0)")
-      }) {
+      if let other = ["model.gguf"].first(where: { FileManager.default.fileExists(atPath: "\(path)/\($0)") }) {
         throw CheckpointError.unsupportedFormat(
-          file: "\(path)/\(other)", format: "a PyTorch or GGUF checkpoint (the folder has no safetensors)",
-          advice: "convert it to safetensors with transformers (save_pretrained(..., safe_serialization=True)) first")
+          file: "\(path)/\(other)", format: "a GGUF checkpoint (the folder has no safetensors)",
+          advice: "use the model's safetensors release, or convert it back with llama.cpp's tools")
       }
       throw CheckpointError.notACheckpoint(path: path)
     }
@@ -41,20 +40,18 @@ public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throw
   return try openTensorFile(file, base: base)
 }
 
-/// Opens one regular tensor file, `.mkz` (by its magic bytes) or safetensors; never an index
-/// or a folder, so that nothing a file names can lead back to itself. PyTorch and GGUF files are
+/// Opens one regular tensor file, `.mkz` (by its magic bytes), a PyTorch zip checkpoint (read
+/// by `PyTorchFile`, which runs nothing) or safetensors; never an index or a folder, so that
+/// nothing a file names can lead back to itself. Legacy PyTorch pickles and GGUF files are
 /// recognised by their first bytes and refused by name (rather than misread as a safetensors
-/// header of absurd length); nothing in them is ever run.
+/// header of absurd length).
 func openTensorFile(_ path: String, base: (any Checkpoint)?) throws -> any Checkpoint {
   let head = try ModelFolder.firstBytes(path, count: 9)
   if head.starts(with: MKZ.magic) { return try CompressedFile(path: path, base: base) }
   // A safetensors header length can begin with any bytes, but its JSON starts at byte 8.
   guard head.count < 9 || head[8] != UInt8(ascii: "{") else { return try SafetensorsFile(path: path) }
   let convert = "convert it to safetensors with transformers (save_pretrained(..., safe_serialization=True)) first"
-  if head.starts(with: Array("PK\u{03}\u{04}".utf8)) {
-    throw CheckpointError.unsupportedFormat(
-      file: path, format: "a PyTorch checkpoint (zip of pickles)", advice: convert)
-  }
+  if head.starts(with: Array("PK\u{03}\u{04}".utf8)) { return try PyTorchFile(path: path) }
   if head.count > 2 && head[0] == 0x80 && (2...5).contains(head[1]) && head[2] != 0 {
     throw CheckpointError.unsupportedFormat(file: path, format: "a legacy PyTorch pickle", advice: convert)
   }
@@ -74,7 +71,10 @@ public enum ModelFolder {
 
   /// The file to open for a model folder, by preference: an index, then a single file.
   static func tensorFile(in folder: String) -> String? {
-    let candidates = ["model.safetensors.index.json", "model.mkz.index.json", "model.safetensors", "model.mkz"]
+    let candidates = [
+      "model.safetensors.index.json", "model.mkz.index.json", "model.safetensors", "model.mkz",
+      "pytorch_model.bin.index.json", "pytorch_model.bin",
+    ]
     for name in candidates where FileManager.default.fileExists(atPath: "\(folder)/\(name)") {
       return "\(folder)/\(name)"
     }

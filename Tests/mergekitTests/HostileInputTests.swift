@@ -264,13 +264,14 @@ import Testing
     #expect(attributes[.type] as? FileAttributeType == .typeRegular)  // a copy, not a dangling link
   }
 
-  // Formats we do not read are named, not misread as safetensors with an absurd header; a
-  // safetensors file whose header length happens to start like a pickle still opens.
+  // Formats we do not read are named, not misread as safetensors with an absurd header (a zip
+  // that is no PyTorch checkpoint gets PyTorchFile's message); a safetensors file whose header
+  // length happens to start like a pickle still opens.
   @Test func foreignFormatsAreNamed() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
     let cases: [(String, [UInt8], String)] = [
-      ("m.bin", Array("PK\u{03}\u{04}".utf8) + [UInt8](repeating: 1, count: 12), "PyTorch checkpoint"),
+      ("m.bin", Array("PK\u{03}\u{04}".utf8) + [UInt8](repeating: 1, count: 12), "PyTorch state dict"),
       ("old.pt", [0x80, 0x02, 0x63] + [UInt8](repeating: 1, count: 12), "legacy PyTorch pickle"),
       ("m.gguf", Array("GGUF".utf8) + [3, 0, 0, 0] + [UInt8](repeating: 1, count: 8), "GGUF"),
     ]
