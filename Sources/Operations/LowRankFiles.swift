@@ -121,16 +121,26 @@ extension LowRankFiles {
   /// `lora_alpha = r` per layer so PEFT's scaling is 1. Layers the fine-tune left unchanged are
   /// skipped. Memory: one layer at a time plus the (small) factors.
   public static func extractLoRA(
-    finetuned: String, base: String, to output: String, options: PELA.Options, overwrite: Bool,
-    progress: ((Int, Int) -> Void)? = nil
+    finetuned: String, base: String, to output: String, options: PELA.Options, savesModules: Bool = false,
+    overwrite: Bool, progress: ((Int, Int) -> Void)? = nil
   ) throws -> LoRAExtraction {
     let tuned = try openCheckpoint(finetuned)
     let original = try openCheckpoint(base)
     if !overwrite && FileManager.default.fileExists(atPath: output) { throw CheckpointError.outputExists(path: output) }
+    let (networkConfig, configJSON) = config(of: finetuned)
     let layers = try PELA.candidateLayers(
-      tuned.tensors.map { ($0.name, $0.shape) }, config: config(of: finetuned).0, options: options)
+      tuned.tensors.map { ($0.name, $0.shape) }, config: networkConfig, options: options)
     guard !layers.isEmpty else {
       throw AdaptError.noLayers(options.select ?? "the default layers (attention and MLP projections)")
+    }
+    let configObject = configJSON.flatMap { (try? JSONSerialization.jsonObject(with: $0)) as? [String: Any] }
+    // GPT-2's Conv1D layers store the weight as (in x out): the update is factored transposed
+    // and the adapter says fan_in_fan_out, as PEFT needs for them.
+    let conv1D = Set(layers.filter { Self.isConv1D($0, config: configObject) })
+    guard conv1D.isEmpty || conv1D.count == layers.count else {
+      throw AdaptError.noLayers(
+        "both Conv1D (\(conv1D.sorted().prefix(2).joined(separator: ", "))) and linear layers; PEFT takes one "
+          + "orientation per adapter: select one kind with --select")
     }
     var factors: [(layer: String, factors: LowRankFactors)] = []
     var reports: [PELA.LayerReport] = []
@@ -146,7 +156,8 @@ extension LowRankFiles {
       var delta = w
       let b = try original.tensor(named: name)
       for e in delta.scalars.indices { delta.scalars[e] -= b.scalars[e] }
-      let (rows, columns) = (w.shape[0], w.shape[1])
+      if conv1D.contains(layer) { delta = Self.transposed(delta) }
+      let (rows, columns) = (delta.shape[0], delta.shape[1])
       defer { progress?(i + 1, layers.count) }
       guard delta.scalars.contains(where: { $0 != 0 }) else {
         reports.append(
@@ -177,21 +188,44 @@ extension LowRankFiles {
       }
       if try tuned.read(info.name) != original.read(info.name) { others.append(info.name) }
     }
+    // PEFT's modules_to_save: the changed modules outside the LoRA layers, named by their last
+    // component; PEFT wraps every module whose name ends with one, so all of those are saved.
+    let loraLayers = Set(factors.map(\.layer))
+    func module(_ tensor: String) -> String { tensor.split(separator: ".").dropLast().joined(separator: ".") }
+    let savedKeys =
+      savesModules
+      ? Array(
+        Set(
+          others.map(module).filter { !$0.isEmpty && !loraLayers.contains($0) }.map {
+            String($0.split(separator: ".").last ?? "")
+          })
+      ).sorted() : []
+    let saved = tuned.tensors.filter { info in
+      let m = module(info.name)
+      return !loraLayers.contains(m) && savedKeys.contains { m == $0 || m.hasSuffix("." + $0) }
+    }
+    others = others.filter { name in !saved.contains { $0.name == name } }
 
     let prefix = "base_model.model."
-    let infos = factors.flatMap { layer, f in
-      [
-        TensorInfo(name: prefix + layer + ".lora_A.weight", dtype: .f32, shape: f.a.shape),
-        TensorInfo(name: prefix + layer + ".lora_B.weight", dtype: .f32, shape: f.b.shape),
-      ]
-    }
+    let infos =
+      factors.flatMap { layer, f in
+        [
+          TensorInfo(name: prefix + layer + ".lora_A.weight", dtype: .f32, shape: f.a.shape),
+          TensorInfo(name: prefix + layer + ".lora_B.weight", dtype: .f32, shape: f.b.shape),
+        ]
+      } + saved.map { TensorInfo(name: prefix + $0.name, dtype: $0.dtype, shape: $0.shape) }
     let ranks = Dictionary(uniqueKeysWithValues: factors.map { ($0.layer, $0.factors.rank) })
     let top = ranks.values.max() ?? 0
-    let adapterConfig: [String: Any] = [
+    var adapterConfig: [String: Any] = [
       "peft_type": "LORA", "r": top, "lora_alpha": top, "rank_pattern": ranks, "alpha_pattern": ranks,
-      "target_modules": factors.map(\.layer), "base_model_name_or_path": base, "bias": "none", "fan_in_fan_out": false,
-      "lora_dropout": 0.0, "use_rslora": false, "inference_mode": true,
+      "target_modules": factors.map(\.layer), "base_model_name_or_path": base, "bias": "none",
+      "fan_in_fan_out": !conv1D.isEmpty, "lora_dropout": 0.0, "use_rslora": false, "inference_mode": true,
+      "task_type": Self.taskType(configObject) ?? NSNull(),
     ]
+    if !savedKeys.isEmpty { adapterConfig["modules_to_save"] = savedKeys }
+    let card = Self.adapterCard(
+      base: base, finetuned: finetuned, layers: factors.count, rank: top, conv1D: !conv1D.isEmpty, saved: savedKeys,
+      taskType: Self.taskType(configObject))
     try ModelFolder.publishing(output, overwrite: overwrite) { staging in
       let writer = try CheckpointWriter(
         destination: staging + "/adapter_model.safetensors", tensors: infos,
@@ -200,10 +234,12 @@ extension LowRankFiles {
         try writer.write(prefix + layer + ".lora_A.weight", f.a, as: .f32)
         try writer.write(prefix + layer + ".lora_B.weight", f.b, as: .f32)
       }
+      for info in saved { try writer.write(prefix + info.name, try tuned.read(info.name)) }
       try writer.finish()
       do {
         try JSONSerialization.data(withJSONObject: adapterConfig, options: [.prettyPrinted, .sortedKeys]).write(
           to: URL(fileURLWithPath: staging + "/adapter_config.json"))
+        try Data(card.utf8).write(to: URL(fileURLWithPath: staging + "/README.md"))
       } catch {
         throw CheckpointError.cannotWrite(file: output + "/adapter_config.json", reason: error.localizedDescription)
       }
@@ -280,5 +316,62 @@ extension LowRankFiles {
     return PELAResult(
       layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)),
       quality: (name, original, truncated, distilled), epochs: epochs)
+  }
+}
+
+extension LowRankFiles {
+  /// Whether `layer` is a GPT-2 style Conv1D (weight stored in x out): `c_attn`, `c_proj` and
+  /// `c_fc` of a `gpt2` model.
+  static func isConv1D(_ layer: String, config: [String: Any]?) -> Bool {
+    guard config?["model_type"] as? String == "gpt2" else { return false }
+    return ["c_attn", "c_proj", "c_fc"].contains { layer.hasSuffix("." + $0) }
+  }
+
+  /// PEFT's `task_type` for the architecture config.json names (`*ForCausalLM` -> CAUSAL_LM ...).
+  static func taskType(_ config: [String: Any]?) -> String? {
+    guard let architecture = (config?["architectures"] as? [String])?.first else { return nil }
+    let types = [
+      ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+      ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+      ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Model", "FEATURE_EXTRACTION"),
+    ]
+    return types.first { architecture.hasSuffix($0.0) }?.1
+  }
+
+  static func transposed(_ matrix: Tensor) -> Tensor {
+    let (rows, columns) = (matrix.shape[0], matrix.shape[1])
+    var out = [Float](repeating: 0, count: matrix.count)
+    for i in 0..<rows { for j in 0..<columns { out[j * rows + i] = matrix.scalars[i * columns + j] } }
+    return Tensor(shape: [columns, rows], scalars: out)
+  }
+
+  /// The adapter's README.md: what it holds and how to load it.
+  static func adapterCard(
+    base: String, finetuned: String, layers: Int, rank: Int, conv1D: Bool, saved: [String], taskType: String?
+  ) -> String {
+    let loader = taskType == "CAUSAL_LM" ? "AutoPeftModelForCausalLM" : "AutoPeftModel"
+    return """
+      ---
+      base_model: \(base)
+      library_name: peft
+      tags:
+      - lora
+      - mergekit
+      ---
+
+      # LoRA adapter extracted from \(finetuned)
+
+      `mergekit extract-lora` factored the difference between \(finetuned) and its base \(base) in
+      \(layers) layers, each at rank up to \(rank) (the truncated SVD: the best approximation at
+      that rank), with `lora_alpha` equal to the rank so that the update is `B A` exactly\(conv1D
+        ? "; the layers are Conv1D, so the adapter sets `fan_in_fan_out`" : "").\(saved.isEmpty
+        ? "" : " Modules saved in full (`modules_to_save`): \(saved.joined(separator: ", ")).")
+
+      ```python
+      from peft import \(loader)
+      model = \(loader).from_pretrained("path/to/this/folder")
+      ```
+
+      """
   }
 }

@@ -195,7 +195,14 @@ public struct ExtractLoRAOperation: MergekitOperation {
     models: 1...1, modelHelp: "the fine-tuned model", base: .required, baseHelp: "the model it was fine-tuned from")
   public let output = OutputKind.model
   public let parameters: [ParameterSpec] =
-    ParameterSpec.rankSpecs + [.integer("seed", in: 0...Int.max, default: 0, help: "seed of the randomized SVD")]
+    ParameterSpec.rankSpecs + [
+      .integer("seed", in: 0...Int.max, default: 0, help: "seed of the randomized SVD"),
+      .flag(
+        "save_modules", default: false,
+        help:
+          "also save the changed modules outside the LoRA layers (embeddings, head, norms) in full, as PEFT's modules_to_save"
+      ),
+    ]
 
   public func check(_ request: OperationRequest) throws { _ = try request.rankOptions(defaultKeep: nil) }
 
@@ -205,7 +212,7 @@ public struct ExtractLoRAOperation: MergekitOperation {
     let meter = context.meter("extract-lora", .items("layers"))
     let result = try LowRankFiles.extractLoRA(
       finetuned: request.models[0], base: base, to: output, options: try request.rankOptions(defaultKeep: nil),
-      overwrite: context.overwrite
+      savesModules: request.parameters.flag("save_modules"), overwrite: context.overwrite
     ) { meter.update($0, $1, note: nil) }
     meter.finish()
     var lines = layerLines(result.layers)
@@ -217,7 +224,7 @@ public struct ExtractLoRAOperation: MergekitOperation {
     let names = result.otherChangedTensors
     if !names.isEmpty {
       lines.append(
-        "note: \(names.count) other tensor\(names.count == 1 ? "" : "s") differ from the base and are not in the adapter: \(names.prefix(5).joined(separator: ", "))\(names.count > 5 ? ", ..." : "")"
+        "note: \(names.count) other tensor\(names.count == 1 ? "" : "s") differ from the base and are not in the adapter: \(names.prefix(5).joined(separator: ", "))\(names.count > 5 ? ", ..." : "") (save_modules keeps whole modules)"
       )
     }
     return OperationResult(lines: lines)

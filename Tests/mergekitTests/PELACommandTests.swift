@@ -130,6 +130,54 @@ import Testing
       config0["peft_type"] as? String == "LORA" && config0["r"] as? Int == 2 && config0["lora_alpha"] as? Int == 2)
   }
 
+  /// GPT-2's Conv1D layers store their weight as (in x out): the adapter holds the update in
+  /// PEFT's orientation (B A = delta transposed) with fan_in_fan_out; task_type comes from the
+  /// architecture; --save-modules keeps the changed final norm whole (modules_to_save); a card
+  /// says how to load it.
+  @Test func extractLoRAFromConv1DLayersWithSavedModules() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let config = #"{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 4}"#
+    let (inputs, outputs) = (4, 6)
+    let weight = Tensor(shape: [inputs, outputs], scalars: (0..<24).map { Float($0 % 7) * 0.1 })
+    let norm = Tensor(shape: [4], scalars: [1, 1, 1, 1])
+    try ModelFolder.write(
+      [("transformer.h.0.mlp.c_fc.weight", weight), ("transformer.ln_f.weight", norm)],
+      files: ["config.json": config], dtype: .f32, to: folder.file("base"), overwrite: false)
+    // A rank-1 change u v^T in the stored (in x out) layout, and a moved norm.
+    let (u, v) = ([Float]([1, -2, 0.5, 3]), [Float]([0.2, 0, -0.1, 0.4, 0.3, -0.5]))
+    var tuned = weight
+    for i in 0..<inputs { for j in 0..<outputs { tuned.scalars[i * outputs + j] += u[i] * v[j] } }
+    try ModelFolder.write(
+      [
+        ("transformer.h.0.mlp.c_fc.weight", tuned),
+        ("transformer.ln_f.weight", Tensor(shape: [4], scalars: [1, 2, 3, 4])),
+      ],
+      files: ["config.json": config], dtype: .f32, to: folder.file("tuned"), overwrite: false)
+    let result = try CLI.run(
+      "extract-lora", folder.file("tuned"), "--base", folder.file("base"), "--rank", "1", "--save-modules", "-o",
+      folder.file("lora"), "-q")
+    #expect(result.status == 0, "\(result.stderr)")
+    let adapter = try openCheckpoint(folder.file("lora/adapter_model.safetensors"))
+    let prefix = "base_model.model.transformer."
+    let a = try adapter.tensor(named: prefix + "h.0.mlp.c_fc.lora_A.weight")
+    let b = try adapter.tensor(named: prefix + "h.0.mlp.c_fc.lora_B.weight")
+    #expect(a.shape == [1, inputs] && b.shape == [outputs, 1])
+    let product = BLAS.matmul(b, a)  // (out x in): the transpose of the stored change
+    for j in 0..<outputs {
+      for i in 0..<inputs { #expect(abs(product.scalars[j * inputs + i] - u[i] * v[j]) < 1e-5, "(\(j), \(i))") }
+    }
+    #expect(try adapter.tensor(named: prefix + "ln_f.weight").scalars == [1, 2, 3, 4])
+    let adapterConfig =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: folder.file("lora/adapter_config.json")))) as? [String: Any]
+    #expect(adapterConfig?["fan_in_fan_out"] as? Bool == true)
+    #expect(adapterConfig?["task_type"] as? String == "CAUSAL_LM")
+    #expect(adapterConfig?["modules_to_save"] as? [String] == ["ln_f"])
+    let card = try String(contentsOfFile: folder.file("lora/README.md"), encoding: .utf8)
+    #expect(card.contains("AutoPeftModelForCausalLM") && card.contains("library_name: peft"))
+  }
+
   @Test func badRequestsAreRefusedAndWriteNothing() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
