@@ -8,6 +8,7 @@ import Tensor
 #endif
 
 /// Opens any supported checkpoint: a `.safetensors`, `.mkz` or PyTorch (`.bin`, `.pt`) file, a
+/// model with a LoRA adapter applied (`base+adapter`, mergekit's syntax), a
 /// shard index (`*.index.json`), or a model folder holding one of `model.safetensors.index.json`,
 /// `model.mkz.index.json`, `model.safetensors`, `model.mkz`, `pytorch_model.bin.index.json`,
 /// `pytorch_model.bin` (or a single tensor file).
@@ -18,6 +19,9 @@ import Tensor
 /// print(model.tensors.count, model.totalByteCount)
 /// ```
 public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throws -> any Checkpoint {
+  if let (model, adapter) = LoRAReference.split(given) {
+    return try LoRAAppliedCheckpoint(base: openCheckpoint(model, base: base), adapterPath: adapter)
+  }
   let path = try HubCache.resolve(given)
   var isDirectory: ObjCBool = false
   guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
@@ -168,6 +172,7 @@ public enum ModelFolder {
   /// The model folder a checkpoint path stands for: the path itself when it is a folder, the
   /// folder of a shard index; nil for a lone tensor file (its neighbours are not its files).
   public static func modelFolder(of given: String) -> String? {
+    if let (model, _) = LoRAReference.split(given) { return modelFolder(of: model) }
     let path = (try? HubCache.resolve(given)) ?? given
     var isDirectory: ObjCBool = false
     if FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory), isDirectory.boolValue { return path }
@@ -449,5 +454,6 @@ public enum HubCache {
   /// Whether `path` exists, or names a model the cache holds.
   public static func exists(_ path: String) -> Bool {
     FileManager.default.fileExists(atPath: path) || ((try? resolve(path)).map { $0 != path } ?? false)
+      || LoRAReference.split(path) != nil
   }
 }

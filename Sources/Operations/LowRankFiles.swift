@@ -156,7 +156,7 @@ extension LowRankFiles {
       var delta = w
       let b = try original.tensor(named: name)
       for e in delta.scalars.indices { delta.scalars[e] -= b.scalars[e] }
-      if conv1D.contains(layer) { delta = Self.transposed(delta) }
+      if conv1D.contains(layer) { delta = delta.transposed() }
       let (rows, columns) = (delta.shape[0], delta.shape[1])
       defer { progress?(i + 1, layers.count) }
       guard delta.scalars.contains(where: { $0 != 0 }) else {
@@ -336,13 +336,6 @@ extension LowRankFiles {
       ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("Model", "FEATURE_EXTRACTION"),
     ]
     return types.first { architecture.hasSuffix($0.0) }?.1
-  }
-
-  static func transposed(_ matrix: Tensor) -> Tensor {
-    let (rows, columns) = (matrix.shape[0], matrix.shape[1])
-    var out = [Float](repeating: 0, count: matrix.count)
-    for i in 0..<rows { for j in 0..<columns { out[j * rows + i] = matrix.scalars[i * columns + j] } }
-    return Tensor(shape: [columns, rows], scalars: out)
   }
 
   /// The adapter's README.md: what it holds and how to load it.

@@ -68,4 +68,13 @@ public struct Tensor: Sendable, Equatable {
   public var squaredNorm: Double {
     scalars.reduce(0.0) { $0 + Double($1) * Double($1) }
   }
+
+  /// A matrix's transpose (rows become columns); the tensor must be 2-D.
+  public func transposed() -> Tensor {
+    precondition(shape.count == 2, "transposed() needs a matrix, not shape \(shape)")
+    let (rows, columns) = (shape[0], shape[1])
+    var out = [Float](repeating: 0, count: count)
+    for i in 0..<rows { for j in 0..<columns { out[j * rows + i] = scalars[i * columns + j] } }
+    return Tensor(shape: [columns, rows], scalars: out)
+  }
 }

@@ -176,6 +176,52 @@ import Testing
     #expect(adapterConfig?["modules_to_save"] as? [String] == ["ln_f"])
     let card = try String(contentsOfFile: folder.file("lora/README.md"), encoding: .utf8)
     #expect(card.contains("AutoPeftModelForCausalLM") && card.contains("library_name: peft"))
+    // mergekit's `base+adapter` applies it back: the fine-tune, in the base's layout.
+    let applied = try openCheckpoint(folder.file("base") + "+" + folder.file("lora"))
+    let restored = try applied.tensor(named: "transformer.h.0.mlp.c_fc.weight")
+    #expect(zip(restored.scalars, tuned.scalars).allSatisfy { abs($0 - $1) < 1e-5 })
+    #expect(try applied.tensor(named: "transformer.ln_f.weight").scalars == [1, 2, 3, 4])
+  }
+
+  /// A hand-written adapter: PEFT's scale is lora_alpha / r (alpha_pattern per module), or
+  /// alpha / sqrt(r) with rsLoRA; `base+adapter` works wherever a model is named.
+  @Test func loraAdaptersApplyWithTheirScaling() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let weight = Tensor(shape: [2, 3], scalars: [1, 2, 3, 4, 5, 6])
+    try ModelFolder.write(
+      [("m.q.weight", weight), ("m.k.weight", weight)], files: ["config.json": "{}"], dtype: .f32,
+      to: folder.file("base"), overwrite: false)
+    let a = Tensor(shape: [4, 3], scalars: (0..<12).map { Float($0) * 0.25 })
+    let b = Tensor(shape: [2, 4], scalars: (0..<8).map { Float($0) - 3 })
+    func adapter(_ name: String, config: String) throws {
+      try FileManager.default.createDirectory(atPath: folder.file(name), withIntermediateDirectories: true)
+      try writeCheckpoint(
+        ["q", "k"].flatMap { m in
+          [
+            ("base_model.model.m.\(m).lora_A.weight", a.encoded(as: .f32)),
+            ("base_model.model.m.\(m).lora_B.weight", b.encoded(as: .f32)),
+          ]
+        }, to: folder.file(name + "/adapter_model.safetensors"))
+      try config.write(toFile: folder.file(name + "/adapter_config.json"), atomically: true, encoding: .utf8)
+    }
+    try adapter("plain", config: #"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {"k": 2}}"#)
+    try adapter("rs", config: #"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": true}"#)
+    let product = BLAS.matmul(b, a).scalars
+    for (name, module, scale) in [("plain", "q", 2.0), ("plain", "k", 0.5), ("rs", "q", 4.0)]
+      as [(String, String, Float)]
+    {
+      let applied = try openCheckpoint(folder.file("base") + "+" + folder.file(name)).tensor(
+        named: "m.\(module).weight")
+      let expected = zip(weight.scalars, product).map { $0 + scale * $1 }
+      #expect(zip(applied.scalars, expected).allSatisfy { abs($0 - $1) < 1e-4 }, "\(name) \(module)")
+    }
+    let diff = try CLI.run("diff", folder.file("base") + "+" + folder.file("plain"), folder.file("base"))
+    #expect(diff.status == 0 && diff.stdout.contains("0 identical"), "\(diff.stdout) \(diff.stderr)")
+    try #"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true}"#.write(
+      toFile: folder.file("rs/adapter_config.json"), atomically: true, encoding: .utf8)
+    let dora = try CLI.run("inspect", folder.file("base") + "+" + folder.file("rs"))
+    #expect(dora.status != 0 && dora.stderr.contains("DoRA"), "\(dora.stderr)")
   }
 
   @Test func badRequestsAreRefusedAndWriteNothing() throws {
