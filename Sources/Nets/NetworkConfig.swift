@@ -12,8 +12,10 @@ public enum NetworkConfig: Equatable, Sendable {
       throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
     }
     let keys = ConfigKeys(dictionary)
+    // A folder only mergekit runs keeps its own architecture aside (`markedAsOurs`).
+    let named = (dictionary[Self.originalKey] as? [String: Any]) ?? dictionary
     let architecture =
-      (dictionary["architectures"] as? [String])?.first ?? (dictionary["model_type"] as? String) ?? "(none given)"
+      (named["architectures"] as? [String])?.first ?? (named["model_type"] as? String) ?? "(none given)"
     switch architecture.lowercased() {
     case "mlp":
       self = .mlp(try MLPConfig(keys))
@@ -87,7 +89,28 @@ extension NetworkConfig {
       throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
     }
     object["low_rank"] = ["method": method, "ranks": ranks] as [String: Any]
-    return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+    return try JSONSerialization.data(
+      withJSONObject: markedAsOurs(object, format: "\(method)-factored"), options: [.prettyPrinted, .sortedKeys])
+  }
+
+  /// Where a config marked by `markedAsOurs` keeps its own `model_type` and `architectures`.
+  public static let originalKey = "mergekit_original"
+
+  /// `config` marked as a model only mergekit runs (PELA's factored layers, MatryoshkaKV's
+  /// projections): transformers would load such a folder as the plain architecture with the
+  /// extra tensors ignored or missing, a wrong model without an error. With `model_type`
+  /// `mergekit-<format>` it refuses the folder, naming that type; the original `model_type` and
+  /// `architectures` move under `mergekit_original`, which `init(json:)` reads. An MLP config
+  /// (no transformers model) is returned as it is.
+  public static func markedAsOurs(_ config: [String: Any], format: String) -> [String: Any] {
+    guard config["model_type"] as? String != "mlp", config[originalKey] == nil else { return config }
+    var marked = config
+    var original: [String: Any] = [:]
+    for key in ["model_type", "architectures"] where config[key] != nil { original[key] = config[key] }
+    marked[originalKey] = original
+    marked["model_type"] = "mergekit-\(format)"
+    marked["architectures"] = ["MergekitModel"]
+    return marked
   }
 }
 

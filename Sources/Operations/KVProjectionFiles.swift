@@ -139,6 +139,7 @@ public enum KVProjectionFiles {
     section["file"] = fileName
     section["kept_fraction"] = projection.keptFraction(dimension: c.headDimension)
     object["kv_projection"] = section
+    object = NetworkConfig.markedAsOurs(object, format: "matryoshka-kv")
     let names = KVProjection.shapes(c)
     let rankNames = (0..<c.layerCount).flatMap { l in
       KVProjection.Kind.allCases.map { (l, $0, "model.layers.\(l).self_attn.\($0.rawValue)_ranks") }
@@ -149,7 +150,9 @@ public enum KVProjectionFiles {
     try ModelFolder.publishing(output, overwrite: overwrite) { staging in
       do {
         for name in try fm.contentsOfDirectory(atPath: folder).sorted()
-        where name != "config.json" && name != fileName && !name.hasPrefix(".") {
+        where name != "config.json" && name != fileName && !name.hasPrefix(".")
+          && !ModelCard.replacedFiles.contains(name)
+        {
           var isDirectory: ObjCBool = false
           guard fm.fileExists(atPath: folder + "/" + name, isDirectory: &isDirectory), !isDirectory.boolValue else {
             continue
@@ -159,6 +162,19 @@ public enum KVProjectionFiles {
       } catch let error as CheckpointError {
         throw error
       } catch { throw CheckpointError.cannotWrite(file: output, reason: error.localizedDescription) }
+      let card = ModelCard.adaptation(
+        method: "matryoshka-kv", title: "MatryoshkaKV projections for \(source)", models: [source],
+        description:
+          "`mergekit mkv` fitted orthogonal projections of every layer's keys and values (MatryoshkaKV, "
+          + "arXiv:2410.14731) in `\(fileName)`, keeping \(String(format: "%.0f", 100 * projection.keptFraction(dimension: c.headDimension)))% of the KV cache. "
+          + "The weights are \(source)'s. config.json has `model_type: mergekit-matryoshka-kv` (the original under "
+          + "`mergekit_original`), so transformers refuses the folder instead of running it without the projections.",
+        loadsInTransformers: false,
+        howToRun:
+          "`mergekit eval THIS_FOLDER --data TOKENS` runs the model with its projections. The unprojected model is \(source)."
+      )
+      // A new file: the source's card, which may be hard-linked into the staging folder, is skipped above.
+      try card.write(to: URL(fileURLWithPath: staging + "/README.md"))
       let writer = try CheckpointWriter(
         destination: staging + "/" + fileName, tensors: infos,
         options: WriteOptions(metadata: ["format": "pt", "mergekit.kind": "matryoshka-kv"]))

@@ -66,6 +66,8 @@ public enum LowRankFiles {
     var write = WriteOptions(
       format: outputFormat, metadata: checkpoint.metadata, copyFilesFrom: ModelFolder.modelFolder(of: model),
       overwrite: overwrite)
+    write.skippedFiles.formUnion(ModelCard.replacedFiles)
+    write.files["README.md"] = pelaCard(model: model, layers: factored.count, factored: !factored.isEmpty)
     if !factored.isEmpty {
       let rankJSON = try JSONSerialization.data(withJSONObject: factored, options: [.sortedKeys])
       write.metadata["low_rank"] = String(decoding: rankJSON, as: UTF8.self)
@@ -311,7 +313,9 @@ extension LowRankFiles {
     if case .mlp = teacher.config {
       try NetworkFiles.saveMLP(result, to: output, overwrite: overwrite)
     } else {
-      try NetworkFiles.save(result, like: model, to: output, overwrite: overwrite)
+      try NetworkFiles.save(
+        result, like: model, to: output, overwrite: overwrite,
+        card: pelaCard(model: model, layers: result.lowRank.count, factored: !result.lowRank.isEmpty))
     }
     return PELAResult(
       layers: layers, parameters: (PELA.parameterCount(teacher), PELA.parameterCount(student)),
@@ -366,5 +370,28 @@ extension LowRankFiles {
       ```
 
       """
+  }
+}
+
+extension LowRankFiles {
+  /// The card of a PELA output: what was factored and, for a factored folder (which
+  /// transformers refuses by its `model_type`), how to run it or get a standard model.
+  static func pelaCard(model: String, layers: Int, factored: Bool) -> Data {
+    let description =
+      factored
+      ? "`mergekit pela` replaced \(layers) linear layers of \(model) by two low-rank factors each (PELA, "
+        + "arXiv:2311.13459). Its config.json has `model_type: mergekit-pela-factored` (the original under "
+        + "`mergekit_original`), so transformers refuses the folder instead of loading the plain architecture "
+        + "with the factored layers missing."
+      : "`mergekit pela --format dense` factored linear layers of \(model) at low rank (PELA, arXiv:2311.13459) "
+        + "and stored each product back as a plain weight: a standard model of the same architecture."
+    let run =
+      factored
+      ? "`mergekit eval THIS_FOLDER --data TOKENS` runs it. For a model transformers loads, write the products "
+        + "back as plain weights: `mergekit pela \(model) --format dense ...` with the same rank flags."
+      : ModelCard.transformersUsage
+    return ModelCard.adaptation(
+      method: "pela", title: "PELA low-rank version of \(model)", models: [model], description: description,
+      loadsInTransformers: !factored, howToRun: run)
   }
 }

@@ -52,6 +52,29 @@ public enum ModelCard {
   }
 
   /// `text` as a YAML scalar (quoted when it has characters YAML would read otherwise).
+  /// The card of an adaptation's output (pela, mkv, zip, atlas): what was done to which models,
+  /// and how to run the result. `loadsInTransformers` is false for folders only mergekit runs
+  /// (factored PELA, MatryoshkaKV), whose config makes transformers refuse them; the card then
+  /// says how to run them and how to get a standard model.
+  public static func adaptation(
+    method: String, title: String, models: [String], description: String, loadsInTransformers: Bool,
+    howToRun: String
+  ) -> Data {
+    var card = "---\n" + (models.isEmpty ? "" : "base_model:\n" + models.map { "- \(yamlScalar($0))\n" }.joined())
+    if loadsInTransformers { card += "library_name: transformers\n" }
+    card += "tags:\n- mergekit\n- \(yamlScalar(method))\n---\n\n# \(title)\n\n\(description)\n\n## How to run it\n\n"
+    card += howToRun + "\n"
+    return Data(card.utf8)
+  }
+
+  /// How to run a model folder with transformers.
+  public static let transformersUsage = """
+    ```python
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")
+    ```
+    """
+
   static func yamlScalar(_ text: String) -> String {
     let plain = text.unicodeScalars.allSatisfy {
       CharacterSet.alphanumerics.contains($0) || "/._-@".unicodeScalars.contains($0)

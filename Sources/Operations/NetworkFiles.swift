@@ -68,8 +68,11 @@ public enum NetworkFiles {
   }
 
   /// Saves any network as a model folder next to the files of `source` (tokenizer, generation
-  /// config), in the source's floating dtype, with config.json recording its factored layers.
-  public static func save(_ network: Network<Float>, like source: String, to folder: String, overwrite: Bool) throws {
+  /// config), in the source's floating dtype, with config.json recording its factored layers
+  /// and `card` as its README.md (the source's own card is never copied).
+  public static func save(
+    _ network: Network<Float>, like source: String, to folder: String, overwrite: Bool, card: Data? = nil
+  ) throws {
     let original = try openCheckpoint(source)
     let dtype = original.tensors.first { $0.dtype.isFloatingPoint }?.dtype ?? .f32
     var options = WriteOptions(
@@ -83,6 +86,8 @@ public enum NetworkFiles {
         network.lowRank.isEmpty
         ? json : try NetworkConfig.addingLowRank(to: json, ranks: network.lowRank, method: "pela")
     }
+    options.skippedFiles.formUnion(ModelCard.replacedFiles)
+    if let card { options.files["README.md"] = card }
     let tensors = network.tensors
     let writer = try CheckpointWriter(
       destination: folder, tensors: tensors.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) },

@@ -66,7 +66,14 @@ public struct ZipOperation: MergekitOperation {
           reason: "decoders are zipped whole from token data; stats, stop_at and keep_heads are for MLPs")
       }
       let zipped = try ZipIt.zipDecoders(networks, sequences: try DataFiles.readTokens(data), options: options)
-      try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite)
+      let card = ModelCard.adaptation(
+        method: "zipit", title: "ZipIt! merge of \(request.models.count) decoders", models: request.models,
+        description:
+          "`mergekit zip` merged \(request.models.joined(separator: ", ")) by matching their features on token data "
+          + "(ZipIt!, arXiv:2305.03053): residual stream, MLP hidden units and value features zipped with "
+          + "\(options.method.rawValue). The result has the models' architecture.",
+        loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+      try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite, card: card)
       return OperationResult(lines: [
         "\(output): \(options.method.rawValue) of \(networks.count) decoders (residual stream, MLP hidden units and value features matched)"
       ])
