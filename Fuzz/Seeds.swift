@@ -72,7 +72,8 @@ func makeInputKinds(work: String) throws -> [InputKind] {
   try fm.moveItem(atPath: work + "/sharded-seed", toPath: sharded)
   let indexSeed = try readAll(sharded + "/model.safetensors.index.json")
   let mkzWriter = try CheckpointWriter(
-    destination: work + "/seed.mkz", tensors: source.tensors, options: WriteOptions(format: .mkz, overwrite: true))
+    destination: work + "/seed.mkz", tensors: source.tensors,
+    options: WriteOptions(format: .mkz, copyFilesFrom: model, overwrite: true))
   for info in source.tensors { try mkzWriter.write(info.name, try source.read(info.name)) }
   try mkzWriter.finish()
 

@@ -233,7 +233,7 @@ public final class CheckpointWriter: TensorSink {
         case .mkz:
           try CompressedWriter(
             destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase,
-            safetensorsHeader: file.header)
+            safetensorsHeader: file.header, files: isFolder ? [:] : try filesToEmbed())
         }
       openShard = (shard, writer)
     }
@@ -262,7 +262,9 @@ public final class CheckpointWriter: TensorSink {
       let writer: TensorFileWriter =
         options.format == .safetensors
         ? try SafetensorsWriter(destination: shards[i].file, tensors: [], metadata: options.metadata)
-        : try CompressedWriter(destination: shards[i].file, tensors: [], metadata: options.metadata, base: nil)
+        : try CompressedWriter(
+          destination: shards[i].file, tensors: [], metadata: options.metadata, base: nil,
+          files: isFolder ? [:] : try filesToEmbed())
       try writer.finish()
     }
     guard isFolder else {
@@ -284,27 +286,46 @@ public final class CheckpointWriter: TensorSink {
     done = true
   }
 
-  /// Sets config.json's `torch_dtype` and `dtype` (transformers 4 and 5 read one each) to the
-  /// floating dtype that holds most of the written bytes, so that a plain `from_pretrained`
-  /// loads a bf16 merge as bf16 rather than as the input config's float32.
-  private func recordDType() throws {
-    let path = "\(workPath)/config.json"
+  /// The model folder's files a single `.mkz` output carries (version 2's `files`): those of
+  /// `copyFilesFrom` and `files`, as a folder output would get them, config.json's dtype recorded.
+  private func filesToEmbed() throws -> [String: Data] {
+    var files =
+      try options.copyFilesFrom.map { try ModelFolder.smallFiles(in: $0, skipping: options.skippedFiles) } ?? [:]
+    files.merge(options.files) { $1 }
+    if let config = files["config.json"], let updated = try withWrittenDType(config) {
+      files["config.json"] = updated
+    }
+    return files
+  }
+
+  /// config.json's text with `torch_dtype` and `dtype` (transformers 4 and 5 read one each) set
+  /// to the floating dtype that holds most of the written bytes, so that a plain
+  /// `from_pretrained` loads a bf16 merge as bf16 rather than as the input config's float32; nil
+  /// when it already says so (or is not a JSON object).
+  private func withWrittenDType(_ config: Data) throws -> Data? {
     var bytesByType: [DType: Int] = [:]
     for shard in shards {
       for t in shard.tensors where t.dtype.isFloatingPoint { bytesByType[t.dtype, default: 0] += t.byteCount }
     }
     guard let dtype = bytesByType.max(by: { $0.value < $1.value })?.key, let name = dtype.torchName,
-      var config = try InputFile.jsonObject(path)
-    else { return }
-    guard config["torch_dtype"] as? String != name || config["dtype"] as? String != name else { return }
-    config["torch_dtype"] = name
-    config["dtype"] = name
-    let data: Data
-    do { data = try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted, .sortedKeys]) } catch {
-      throw CheckpointError.cannotWrite(file: path, reason: error.localizedDescription)
+      var object = (try? JSONSerialization.jsonObject(with: config)) as? [String: Any],
+      object["torch_dtype"] as? String != name || object["dtype"] as? String != name
+    else { return nil }
+    object["torch_dtype"] = name
+    object["dtype"] = name
+    do {
+      return try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]) + [0x0A]
+    } catch {
+      throw CheckpointError.cannotWrite(file: destination + "/config.json", reason: error.localizedDescription)
     }
+  }
+
+  /// Records the written dtype in a folder output's config.json (`withWrittenDType`).
+  private func recordDType() throws {
+    let path = "\(workPath)/config.json"
+    guard InputFile.isRegularFile(path), let data = try withWrittenDType(Data(try InputFile.read(path))) else { return }
     try? FileManager.default.removeItem(atPath: path)
-    try writeFileAtomically(Array(data) + [0x0A], to: path)
+    try writeFileAtomically(Array(data), to: path)
   }
 
   private func writeIndex() throws {

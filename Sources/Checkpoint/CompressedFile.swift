@@ -21,6 +21,8 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
   let chunkSize: Int
   let chunks: [MKZ.ChunkRecord]
   let records: [ExactName: MKZ.TensorRecord]
+  /// The embedded model-folder files (version 2), by name.
+  let fileRecords: [String: MKZ.TensorRecord]
   private let map: MappedFile
   private let verifiedBases = VerifiedSet()
 
@@ -39,6 +41,34 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
         safetensorsHeader: layout.safetensorsHeader)
     ]
     records = Dictionary(layout.tensors.map { (ExactName($0.info.name), $0) }, uniquingKeysWith: { a, _ in a })
+    fileRecords = Dictionary(layout.files.map { ($0.info.name, $0) }, uniquingKeysWith: { a, _ in a })
+  }
+
+  /// The names of the model folder's files this `.mkz` carries (config.json, tokenizer files ...).
+  public var embeddedFileNames: [String] { fileRecords.keys.sorted() }
+
+  /// Embedded file `name`, decoded, its chunk checksums and digest checked. Throws
+  /// `missingTensor` naming it when there is no such file, or the chunk's or digest's error.
+  public func embeddedFile(_ name: String) throws -> Data {
+    guard let record = fileRecords[name] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    var bytes = [UInt8](repeating: 0, count: record.info.byteCount)
+    let codec = ChunkCodec()
+    try bytes.withUnsafeMutableBytes { out in
+      for local in 0..<record.chunks.count {
+        let range = (local * chunkSize)..<min(out.count, (local + 1) * chunkSize)
+        try decodeChunk(
+          record, local: local, base: nil, codec: codec, into: UnsafeMutableRawBufferPointer(rebasing: out[range]))
+      }
+    }
+    let pieces = bytes.withUnsafeBytes { raw in
+      stride(from: 0, to: raw.count, by: MKZ.digestPieceSize).map { start in
+        XXHash64.hash(UnsafeRawBufferPointer(rebasing: raw[start..<min(raw.count, start + MKZ.digestPieceSize)]))
+      }
+    }
+    guard MKZ.digest(ofPieceHashes: pieces) == record.digest else {
+      throw CheckpointError.tensorDigestMismatch(file: path, tensor: name)
+    }
+    return Data(bytes)
   }
 
   public func lookup(_ name: String) -> TensorInfo? { records[ExactName(name)]?.info }
@@ -167,6 +197,7 @@ public final class CompressedFile: Checkpoint, @unchecked Sendable {
       done += info.byteCount
       progress?(done, total)
     }
+    for name in embeddedFileNames { _ = try embeddedFile(name) }
   }
 }
 

@@ -1,6 +1,7 @@
 import Tensor
 
-// MKZ: the mergekit compressed checkpoint format, version 1. File extension `.mkz`.
+// MKZ: the mergekit compressed checkpoint format, version 2 (version 1, without `files`, is still
+// read). File extension `.mkz`.
 //
 // A lossless container for the same tensors a safetensors file holds, compressed with zstd after a
 // dtype-aware byte transform, in independently decodable chunks with checksums. All integers are
@@ -27,6 +28,11 @@ import Tensor
 //                "first_chunk", "chunk_count", "digest", "base_digest"?}]}
 // Tensors list their chunks in order; their chunk ranges tile 0..<chunk_count. A tensor of B bytes
 // has ceil(B / chunk_size) chunks; chunks never span two tensors and hold whole elements.
+// Version 2: an optional "files": [{"name", "size", "first_chunk", "chunk_count", "digest"}] after
+// the tensors holds a model folder's small files (config.json, tokenizer files, card), each a
+// byte vector stored like a U8 tensor ("planes" of 1-byte elements: the bytes themselves), its
+// chunks following the tensors' so that tensors and files together tile the index. Names are
+// plain file names (letters, digits, `._-`, not starting with a dot), at most 256 MiB each.
 // `safetensors_header` is the header text of the safetensors file this one was made from; a
 // writer converting back uses it verbatim when the tensors are unchanged (bit-identical round trip).
 // `digest` is the tensor's XXH64 digest in 16 hex digits: XXH64 of the concatenated little-endian
@@ -43,7 +49,12 @@ enum MKZ {
   static let fileExtension = "mkz"
   static let magic: [UInt8] = [0x89, 0x4D, 0x4B, 0x5A, 0x0D, 0x0A, 0x1A, 0x0A]
   static let footerMagic: [UInt8] = Array("MKZF".utf8)
-  static let version: UInt32 = 1
+  /// The version written: 2 adds the `files` list (a model folder's small files). Version 1
+  /// files (without it) are still read.
+  static let version: UInt32 = 2
+  static let readableVersions: ClosedRange<UInt32> = 1...2
+  /// The largest embedded file (a tokenizer.json is a few MiB).
+  static let maxEmbeddedFileSize = 256 << 20
   static let preambleSize = 16
   static let footerSize = 48
   static let chunkRecordSize = 32
@@ -75,6 +86,14 @@ enum MKZ {
     var chunks: Range<Int>
     var digest: UInt64
     var baseDigest: UInt64?
+    /// An embedded file (listed under `files`, its bytes as a U8 vector), not a tensor.
+    var isFile = false
+  }
+
+  /// Whether `name` may be an embedded file's: a plain file name of at most 200 bytes.
+  static func isFileName(_ name: String) -> Bool {
+    !name.isEmpty && name.utf8.count <= 200 && !name.hasPrefix(".")
+      && name.utf8.allSatisfy { $0.isASCIIAlphanumeric || $0 == 0x2E || $0 == 0x5F || $0 == 0x2D }
   }
 
   static func hex(_ value: UInt64) -> String {
@@ -108,7 +127,14 @@ enum MKZ {
   static func encodeTable(
     _ tensors: [TensorRecord], metadata: [String: String], chunkSize: Int, safetensorsHeader: [UInt8]?
   ) -> [UInt8] {
-    let entries: [JSON] = tensors.map { t in
+    func entry(_ t: TensorRecord) -> JSON {
+      if t.isFile {
+        return .object([
+          ("name", .string(t.info.name)), ("size", .number(String(t.info.byteCount))),
+          ("first_chunk", .number(String(t.chunks.lowerBound))), ("chunk_count", .number(String(t.chunks.count))),
+          ("digest", .string(hex(t.digest))),
+        ])
+      }
       var pairs: [(key: String, value: JSON)] = [
         ("name", .string(t.info.name)),
         ("dtype", .string(t.info.dtype.rawValue)),
@@ -124,8 +150,10 @@ enum MKZ {
     var table: [(key: String, value: JSON)] = [
       ("chunk_size", .number(String(chunkSize))),
       ("metadata", .object(metadata.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) })),
-      ("tensors", .array(entries)),
+      ("tensors", .array(tensors.filter { !$0.isFile }.map(entry))),
     ]
+    let files = tensors.filter(\.isFile)
+    if !files.isEmpty { table.append(("files", .array(files.map(entry)))) }
     if let header = safetensorsHeader, let text = String(validating: header, as: UTF8.self) {
       table.append(("safetensors_header", .string(text)))
     }
@@ -167,5 +195,11 @@ enum MKZ {
     withUnsafeBytes(of: version.littleEndian) { bytes.append(contentsOf: $0) }
     bytes.append(contentsOf: [0, 0, 0, 0])
     return bytes
+  }
+}
+
+extension UInt8 {
+  var isASCIIAlphanumeric: Bool {
+    (0x30...0x39).contains(self) || (0x41...0x5A).contains(self) || (0x61...0x7A).contains(self)
   }
 }

@@ -6,6 +6,8 @@ struct CompressedLayout {
   var chunkSize: Int
   var chunks: [MKZ.ChunkRecord]
   var tensors: [MKZ.TensorRecord]
+  /// Embedded files (version 2), their chunks after the tensors'.
+  var files: [MKZ.TensorRecord] = []
   var metadata: [String: String]
   /// The header of the safetensors file this one was converted from, if recorded.
   var safetensorsHeader: [UInt8]?
@@ -14,7 +16,9 @@ struct CompressedLayout {
     var reader = ByteReader(file)
     guard let magic = reader.readBytes(8), magic == MKZ.magic else { throw CheckpointError.badMagic(file: path) }
     guard let version = reader.read(UInt32.self) else { throw CheckpointError.truncatedFooter(file: path) }
-    guard version == MKZ.version else { throw CheckpointError.unsupportedVersion(file: path, version: version) }
+    guard MKZ.readableVersions.contains(version) else {
+      throw CheckpointError.unsupportedVersion(file: path, version: version)
+    }
     guard file.count >= MKZ.preambleSize + MKZ.footerSize else { throw CheckpointError.truncatedFooter(file: path) }
 
     let footerStart = file.count - MKZ.footerSize
@@ -22,7 +26,7 @@ struct CompressedLayout {
     let fields = (footer.readSize(), footer.readSize(), footer.readSize(), footer.readSize(), footer.read(UInt64.self))
     let footerVersion = footer.read(UInt32.self)
     guard footer.readBytes(4) == MKZ.footerMagic else { throw CheckpointError.truncatedFooter(file: path) }
-    guard footerVersion == MKZ.version else {
+    guard footerVersion == version else {
       throw CheckpointError.unsupportedVersion(file: path, version: footerVersion ?? 0)
     }
     guard let indexOffset = fields.0, let chunkCount = fields.1, let tableOffset = fields.2, let tableLength = fields.3,
@@ -58,10 +62,19 @@ struct CompressedLayout {
     guard let entries = table["tensors"]?.arrayValue else {
       throw CheckpointError.corruptChunkIndex(file: path, reason: "tensor table has no 'tensors' list")
     }
-    let tensors = try parseTensors(entries, chunks: chunks, chunkSize: chunkSize, path: path)
+    let (tensors, tensorChunks) = try parseTensors(entries, chunks: chunks, chunkSize: chunkSize, path: path)
+    var files: [MKZ.TensorRecord] = []
+    var end = tensorChunks
+    if let fileEntries = table["files"]?.arrayValue {
+      (files, end) = try parseFiles(fileEntries, chunks: chunks, from: tensorChunks, chunkSize: chunkSize, path: path)
+    }
+    guard end == chunks.count else {
+      throw CheckpointError.corruptChunkIndex(file: path, reason: "\(chunks.count - end) chunks belong to no tensor")
+    }
     let header = table["safetensors_header"]?.stringValue.map { Array($0.utf8) }
     return CompressedLayout(
-      chunkSize: chunkSize, chunks: chunks, tensors: tensors, metadata: metadata, safetensorsHeader: header)
+      chunkSize: chunkSize, chunks: chunks, tensors: tensors, files: files, metadata: metadata,
+      safetensorsHeader: header)
   }
 
   static func parseChunks(
@@ -92,9 +105,42 @@ struct CompressedLayout {
     return chunks
   }
 
-  static func parseTensors(_ entries: [JSON], chunks: [MKZ.ChunkRecord], chunkSize: Int, path: String) throws -> [MKZ
-    .TensorRecord]
-  {
+  /// The embedded files (version 2): plain names, at most `MKZ.maxEmbeddedFileSize` bytes, their
+  /// chunks continuing the tiling from `first`. Returns them and the chunk after the last.
+  static func parseFiles(
+    _ entries: [JSON], chunks: [MKZ.ChunkRecord], from first: Int, chunkSize: Int, path: String
+  ) throws -> ([MKZ.TensorRecord], Int) {
+    var files: [MKZ.TensorRecord] = []
+    var next = first
+    var seen = Set<String>()
+    for entry in entries {
+      guard let name = entry["name"]?.stringValue, MKZ.isFileName(name), seen.insert(name).inserted,
+        let size = entry["size"]?.intValue, size >= 0, size <= MKZ.maxEmbeddedFileSize,
+        let start = entry["first_chunk"]?.intValue, let count = entry["chunk_count"]?.intValue,
+        let digestText = entry["digest"]?.stringValue, let digest = UInt64(digestText, radix: 16)
+      else {
+        throw CheckpointError.corruptChunkIndex(
+          file: path, reason: "an embedded file entry lacks a plain name, a size, its chunks or a digest")
+      }
+      let expected = (size + chunkSize - 1) / chunkSize
+      guard start == next, count == expected, count <= chunks.count - start else {
+        throw CheckpointError.corruptChunkIndex(file: path, reason: "embedded file '\(name)' lists the wrong chunks")
+      }
+      for local in 0..<count where chunks[start + local].rawSize != min(chunkSize, size - local * chunkSize) {
+        throw CheckpointError.corruptChunkIndex(file: path, reason: "embedded file '\(name)' has a chunk of wrong size")
+      }
+      next += count
+      files.append(
+        MKZ.TensorRecord(
+          info: TensorInfo(name: name, dtype: .u8, shape: [size]), transform: .planes,
+          chunks: start..<(start + count), digest: digest, isFile: true))
+    }
+    return (files, next)
+  }
+
+  static func parseTensors(_ entries: [JSON], chunks: [MKZ.ChunkRecord], chunkSize: Int, path: String) throws -> (
+    [MKZ.TensorRecord], Int
+  ) {
     var tensors: [MKZ.TensorRecord] = []
     var seen = Set<ExactName>()
     var nextChunk = 0
@@ -156,10 +202,6 @@ struct CompressedLayout {
         MKZ.TensorRecord(
           info: info, transform: transform, chunks: first..<(first + count), digest: digest, baseDigest: baseDigest))
     }
-    guard nextChunk == chunks.count else {
-      throw CheckpointError.corruptChunkIndex(
-        file: path, reason: "\(chunks.count - nextChunk) chunks belong to no tensor")
-    }
-    return tensors
+    return (tensors, nextChunk)
   }
 }

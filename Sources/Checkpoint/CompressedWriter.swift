@@ -1,3 +1,4 @@
+import Foundation
 import Tensor
 
 /// Streams tensors into a `.mkz` file: bytes arrive in any piece sizes, are cut into 1 MiB
@@ -26,13 +27,16 @@ final class CompressedWriter: TensorFileWriter {
   private var pieceHashes: [UInt64] = []
 
   private let safetensorsHeader: [UInt8]?
+  /// Model-folder files stored after the tensors (version 2's `files`), by name.
+  private let embeddedFiles: [String: Data]
 
   init(
     destination: String, tensors: [TensorInfo], metadata: [String: String], base: (any Checkpoint)?,
-    safetensorsHeader: [UInt8]? = nil
+    safetensorsHeader: [UInt8]? = nil, files: [String: Data] = [:]
   ) throws {
     output = try OutputFile(destination: destination)
     self.safetensorsHeader = safetensorsHeader
+    embeddedFiles = files
     plan = tensors
     self.metadata = metadata
     self.base = base
@@ -169,6 +173,18 @@ final class CompressedWriter: TensorFileWriter {
     guard planIndex == plan.count else {
       throw CheckpointError.writeOrder(
         file: output.destination, reason: "tensor '\(plan[planIndex].name)' was never written")
+    }
+    for (name, contents) in embeddedFiles.sorted(by: { $0.key < $1.key }) {
+      guard MKZ.isFileName(name), contents.count <= MKZ.maxEmbeddedFileSize else {
+        throw CheckpointError.cannotWrite(
+          file: output.destination, reason: "'\(name)' cannot be embedded (not a plain file name, or over 256 MiB)")
+      }
+      current = MKZ.TensorRecord(
+        info: TensorInfo(name: name, dtype: .u8, shape: [contents.count]), transform: .planes,
+        chunks: chunks.count..<chunks.count, digest: 0, isFile: true)
+      currentOffset = 0
+      pieceHashes = []
+      if contents.isEmpty { try endTensor() } else { try contents.withUnsafeBytes { try append($0) } }
     }
     let indexOffset = output.bytesWritten
     let index = MKZ.encodeChunkRecords(chunks)

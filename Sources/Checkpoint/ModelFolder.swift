@@ -195,6 +195,23 @@ public enum ModelFolder {
     }.sorted()
   }
 
+  /// The small files of `folder` (config.json, tokenizer files, generation config ...) read for
+  /// embedding in a single-file `.mkz`: regular files with plain names only (subfolders are not
+  /// carried), each under the same link rules as a copy (`copyEntry`), at most 256 MiB each.
+  public static func smallFiles(in folder: String, skipping: Set<String>) throws -> [String: Data] {
+    var files: [String: Data] = [:]
+    for name in auxiliaryFiles(in: folder) where !skipping.contains(name) && MKZ.isFileName(name) {
+      let path = "\(folder)/\(name)"
+      guard InputFile.isRegularFile(path) else { continue }
+      guard let real = realPath(path), allowedRoots(of: folder).contains(where: { real.hasPrefix($0) }) else {
+        throw CheckpointError.cannotOpen(
+          file: path, reason: "links outside the model folder \(folder); copy the file in or remove the link")
+      }
+      files[name] = Data(try InputFile.read(path, limit: MKZ.maxEmbeddedFileSize))
+    }
+    return files
+  }
+
   /// Writes a model folder: `weights` as safetensors in `dtype` (floating tensors; others as
   /// they are) and text `files` by name (config.json ...), published atomically.
   public static func write(

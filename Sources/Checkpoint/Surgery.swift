@@ -79,7 +79,20 @@ public func copyCheckpoint(
   try copyCheckpoint(from: source, selection: selection, castTo: dtype, progress: progress) { tensors, layout in
     var options = options
     if options.layout == nil { options.layout = layout }
+    try options.takeEmbeddedFiles(of: source)
     return try CheckpointWriter(destination: destination, tensors: tensors, options: options)
+  }
+}
+
+extension WriteOptions {
+  /// Adds the model-folder files a `.mkz` input carries (config.json, tokenizer files ...) when
+  /// no folder is copied from, so that `.mkz` -> folder restores a loadable model; files given
+  /// already and skipped names keep precedence.
+  public mutating func takeEmbeddedFiles(of source: any Checkpoint) throws {
+    guard copyFilesFrom == nil, let file = source as? CompressedFile else { return }
+    for name in file.embeddedFileNames where files[name] == nil && !skippedFiles.contains(name) {
+      files[name] = try file.embeddedFile(name)
+    }
   }
 }
 

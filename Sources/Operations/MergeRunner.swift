@@ -203,6 +203,7 @@ public enum MergeRunner {
   ) throws {
     var options = options
     if options.layout == nil { options.layout = plan.reference.files }
+    try options.takeEmbeddedFiles(of: plan.reference)
     // transformers before 4.40 refuses safetensors files without `format: pt`.
     if options.metadata["format"] == nil { options.metadata["format"] = "pt" }
     let writer = try CheckpointWriter(destination: destination, tensors: outputTensors(plan), options: options)

@@ -41,8 +41,18 @@ import Testing
     magic[1] = 0x4E
     Self.expectError(magic, in: folder) { e, p in e == .badMagic(file: p) }
     var version = good.bytes
-    version[8] = 2
-    Self.expectError(version, in: folder) { e, p in e == .unsupportedVersion(file: p, version: 2) }
+    version[8] = 3
+    Self.expectError(version, in: folder) { e, p in e == .unsupportedVersion(file: p, version: 3) }
+    // Version 1 (no embedded files) is still read: the same file with both version fields at 1.
+    var first = good.bytes
+    first[8] = 1
+    first[first.count - 8] = 1
+    let older = folder.file("v1.mkz")
+    writeBytes(first, to: older)
+    #expect(try CompressedFile(path: older).read("noise") == good.file.read("noise"))
+    var mixed = good.bytes
+    mixed[8] = 1
+    Self.expectError(mixed, in: folder) { e, p in e == .unsupportedVersion(file: p, version: 2) }
     Self.expectError(Array(good.bytes.dropLast(10)), in: folder) { e, p in e == .truncatedFooter(file: p) }
     Self.expectError(Array(good.bytes.prefix(20)), in: folder) { e, p in e == .truncatedFooter(file: p) }
     var index = good.bytes
