@@ -101,9 +101,19 @@ public struct ATLASLearnOperation: MergekitOperation {
     meter.finish()
     let json = try coefficients.json()
     let output = try request.requireOutput()
+    let card = ModelCard.adaptation(
+      method: "atlas", title: "aTLAS merge of \(request.models.count) task vectors", models: request.models,
+      description:
+        "`mergekit atlas-learn` learned block-wise coefficients for the task vectors of \(request.models.joined(separator: ", ")) "
+        + "on \(request.base ?? "the base") (aTLAS, arXiv:2407.07089); they are in `\(Self.coefficientsFile)`.",
+      loadsInTransformers: false,
+      howToRun: "`mergekit eval THIS_FOLDER --data DATA` runs the merged MLP (it is not a transformers model).")
     try NetworkFiles.saveMLP(
       problem.network(coefficients), to: output, overwrite: context.overwrite,
-      files: [Self.coefficientsFile: String(decoding: json, as: UTF8.self)])
+      files: [
+        Self.coefficientsFile: String(decoding: json, as: UTF8.self),
+        "README.md": String(decoding: card, as: UTF8.self),
+      ])
     if let path = p.optionalText("coefficients_out") {
       try writeFileAtomically([UInt8](json), to: path)
     }

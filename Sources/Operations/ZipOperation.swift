@@ -88,7 +88,15 @@ public struct ZipOperation: MergekitOperation {
     let zipped = try ZipIt.apply(
       networks, matchings: try ZipIt.matchings(statistics, models: networks.count, options: options),
       keepHeads: options.keepHeads)
-    try NetworkFiles.saveMLP(zipped, to: output, overwrite: context.overwrite)
+    let card = ModelCard.adaptation(
+      method: "zipit", title: "ZipIt! merge of \(networks.count) models", models: request.models,
+      description:
+        "`mergekit zip` merged \(request.models.joined(separator: ", ")) by matching their features (ZipIt!, "
+        + "arXiv:2305.03053) with \(options.method.rawValue).",
+      loadsInTransformers: false,
+      howToRun: "`mergekit eval THIS_FOLDER --data DATA` runs the zipped MLP (it is not a transformers model).")
+    try NetworkFiles.saveMLP(
+      zipped, to: output, overwrite: context.overwrite, files: ["README.md": String(decoding: card, as: UTF8.self)])
     guard case .mlp(let c) = zipped.config else { return OperationResult(lines: []) }
     let heads = c.heads > 1 ? ", \(c.heads) heads" : ""
     return OperationResult(lines: [

@@ -82,10 +82,20 @@ struct OutputOptions: ParsableArguments {
     var options = WriteOptions(
       format: outputFormat, shardSize: shardSize.flatMap(parseByteSize), metadata: metadata, overwrite: overwrite)
     options.copyFilesFrom = ModelFolder.modelFolder(of: base ?? models[0])
+    let command = (["mergekit"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
     if MergeRegistry.methods.contains(where: { $0.name == method.name }) {
-      let command = (["mergekit"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
       options = ModelCard.adding(
         to: options, output: output, method: method, base: base, models: models, configuration: command, isYAML: false)
+    } else if CheckpointFormat(pathExtension: URL(fileURLWithPath: output).pathExtension) == nil {
+      // task-vector, apply, atlas apply: a card saying what was done, never the base's own.
+      options.skippedFiles.formUnion(ModelCard.replacedFiles)
+      let inputs = (base.map { [$0] } ?? []) + models
+      options.files["README.md"] = ModelCard.adaptation(
+        method: method.name, title: "\(label) of \(inputs.joined(separator: ", "))", models: inputs,
+        description: "Made by `\(command)`: \(method.summary).", loadsInTransformers: metadata["mergekit.kind"] == nil,
+        howToRun: metadata["mergekit.kind"] == nil
+          ? ModelCard.transformersUsage
+          : "A task vector (differences from the base), not a model: `mergekit apply` adds it to a base.")
     }
     let progress = Progress(label, quiet: quiet)
     try MergeRunner.run(plan, to: output, options: options, progress: { progress.update($0, $1) })

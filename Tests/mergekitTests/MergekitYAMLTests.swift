@@ -356,5 +356,15 @@ import Testing
     #expect(!FileManager.default.fileExists(atPath: folder.file("cli/mergekit_config.yml")))
     #expect(try CLI.run("run", folder.file("c.yml"), folder.file("bare"), "--no-write-model-card", "-q").status == 0)
     #expect(!FileManager.default.fileExists(atPath: folder.file("bare/README.md")))
+    // task-vector and apply outputs get their own card too: a task vector is said not to be a model.
+    let tuned = folder.file("tuned")
+    try FileManager.default.copyItem(atPath: Self.model("finetune-a"), toPath: tuned)
+    try "# This is the BASE model\n".write(toFile: tuned + "/README.md", atomically: true, encoding: .utf8)
+    #expect(try CLI.run("task-vector", tuned, "--base", base, "-o", folder.file("tv"), "-q").status == 0)
+    let vectorCard = try String(contentsOfFile: folder.file("tv/README.md"), encoding: .utf8)
+    #expect(!vectorCard.contains("BASE model") && vectorCard.contains("not a model"), "\(vectorCard)")
+    #expect(try CLI.run("apply", base, folder.file("tv"), "-o", folder.file("applied"), "-q").status == 0)
+    let appliedCard = try String(contentsOfFile: folder.file("applied/README.md"), encoding: .utf8)
+    #expect(!appliedCard.contains("BASE model") && appliedCard.contains("library_name: transformers"), "\(appliedCard)")
   }
 }
