@@ -52,3 +52,29 @@ final class MappedFile: @unchecked Sendable {
     madvise(UnsafeMutableRawPointer(mutating: base + start), end - start, Int32(MADV_DONTNEED))
   }
 }
+
+/// Tensors stored as plain byte ranges of one memory-mapped file (a safetensors file, the stored
+/// entries of a PyTorch zip): lookups, reads and page releases by name, shared by the readers.
+struct MappedTensors {
+  let path: String
+  let map: MappedFile
+  let ranges: [ExactName: Range<Int>]
+  let infos: [ExactName: TensorInfo]
+
+  func lookup(_ name: String) -> TensorInfo? { infos[ExactName(name)] }
+
+  /// Calls `body` with bytes `range` (default: all) of tensor `name`, straight from the mapping.
+  func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+    guard let whole = ranges[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    let part = range ?? 0..<whole.count
+    precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
+    return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
+  }
+
+  /// Drops the pages of bytes `range` (default: all) of tensor `name`.
+  func release(_ name: String, range: Range<Int>?) {
+    guard let whole = ranges[ExactName(name)] else { return }
+    let part = range ?? 0..<whole.count
+    map.release((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound))
+  }
+}

@@ -12,8 +12,7 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
   public let metadata: [String: String] = [:]
   public let files: [StoredFile]
   private let map: MappedFile
-  private let ranges: [ExactName: Range<Int>]
-  private let infos: [ExactName: TensorInfo]
+  private let stored: MappedTensors
   /// The storage entries, for `verify`: byte range and the zip's CRC-32.
   private let entries: [(name: String, range: Range<Int>, crc: UInt32)]
 
@@ -75,8 +74,7 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
     }
     guard !tensors.isEmpty else { throw fail("data.pkl holds no tensors") }
     self.tensors = tensors
-    self.ranges = ranges
-    self.infos = infos
+    stored = MappedTensors(path: path, map: map, ranges: ranges, infos: infos)
     entries = used.values.sorted { $0.range.lowerBound < $1.range.lowerBound }
     // Written out, the shards become safetensors: pytorch_model-00001-of-00002.bin ->
     // model-00001-of-00002.safetensors.
@@ -116,27 +114,18 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
     return true
   }
 
-  public func lookup(_ name: String) -> TensorInfo? { infos[ExactName(name)] }
+  public func lookup(_ name: String) -> TensorInfo? { stored.lookup(name) }
 
   /// Where tensor `name`'s bytes lie in the archive.
-  func byteRange(of name: String) -> Range<Int>? { ranges[ExactName(name)] }
+  func byteRange(of name: String) -> Range<Int>? { stored.ranges[ExactName(name)] }
 
-  public func file(of name: String) -> String? { infos[ExactName(name)] == nil ? nil : path }
+  public func file(of name: String) -> String? { stored.lookup(name) == nil ? nil : path }
 
   public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
     -> R
-  {
-    guard let whole = ranges[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
-    let part = range ?? 0..<whole.count
-    precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
-    return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
-  }
+  { try stored.withBytes(of: name, range: range, body) }
 
-  public func release(_ name: String, range: Range<Int>?) {
-    guard let whole = ranges[ExactName(name)] else { return }
-    let part = range ?? 0..<whole.count
-    map.release((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound))
-  }
+  public func release(_ name: String, range: Range<Int>?) { stored.release(name, range: range) }
 
   /// Checks every storage entry against the CRC-32 the archive records for it.
   public func verify(progress: ((Int, Int) -> Void)?) throws {

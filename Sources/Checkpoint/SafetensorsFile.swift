@@ -12,14 +12,12 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
   public let tensors: [TensorInfo]
   public let metadata: [String: String]
   public let files: [StoredFile]
-  private let map: MappedFile
-  private let ranges: [ExactName: Range<Int>]
-  private let infos: [ExactName: TensorInfo]
+  private let stored: MappedTensors
 
   /// Opens and validates `path`; throws the first rule the file breaks.
   public init(path: String) throws {
     self.path = path
-    map = try MappedFile(path: path)
+    let map = try MappedFile(path: path)
     let header = try SafetensorsHeader.parse(map.bytes(0..<map.size), path: path)
     let ordered = header.entries.sorted { $0.offsets.lowerBound < $1.offsets.lowerBound }
     tensors = ordered.map(\.info)
@@ -38,28 +36,18 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
         (header.dataStart + entry.offsets.lowerBound)..<(header.dataStart + entry.offsets.upperBound)
       infos[ExactName(entry.info.name)] = entry.info
     }
-    self.ranges = ranges
-    self.infos = infos
+    stored = MappedTensors(path: path, map: map, ranges: ranges, infos: infos)
   }
 
-  public func lookup(_ name: String) -> TensorInfo? { infos[ExactName(name)] }
+  public func lookup(_ name: String) -> TensorInfo? { stored.lookup(name) }
 
-  public func file(of name: String) -> String? { infos[ExactName(name)] == nil ? nil : path }
+  public func file(of name: String) -> String? { stored.lookup(name) == nil ? nil : path }
 
   public func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws
     -> R
-  {
-    guard let whole = ranges[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
-    let part = range ?? 0..<whole.count
-    precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
-    return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
-  }
+  { try stored.withBytes(of: name, range: range, body) }
 
-  public func release(_ name: String, range: Range<Int>?) {
-    guard let whole = ranges[ExactName(name)] else { return }
-    let part = range ?? 0..<whole.count
-    map.release((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound))
-  }
+  public func release(_ name: String, range: Range<Int>?) { stored.release(name, range: range) }
 
   /// A safetensors file has no checksums: its structure was validated on open; this also reads
   /// every byte once so that I/O errors surface.

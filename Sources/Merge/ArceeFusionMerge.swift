@@ -52,7 +52,7 @@ public struct ArceeFusionMerge: MergeMethod {
     let count = base.count
     guard count > 0 else { return baseTensor }
     let width = max(baseTensor.shape.last ?? 1, 1)
-    let change = zip(model, base).map { r.round($0 - $1) }
+    let change = inputs.relativeToBase(r)[0]
     var importance = [Float](repeating: 0, count: count)
     for start in stride(from: 0, to: count, by: width) {
       let row = start..<min(count, start + width)

@@ -12,6 +12,13 @@ public struct MergeInputs: Sendable {
     self.base = base
     self.models = models
   }
+
+  /// Each model minus the base, element by element, each difference rounded as `arithmetic`
+  /// rounds (torch's `model - base` in the compute dtype); the models themselves without a base.
+  public func relativeToBase(_ arithmetic: MergeArithmetic) -> [[Float]] {
+    guard let base = base?.scalars else { return models.map(\.scalars) }
+    return models.map { model in zip(model.scalars, base).map { arithmetic.round($0 - $1) } }
+  }
 }
 
 /// Whether a method needs a base model.

@@ -71,9 +71,7 @@ public struct MultiSLERPMerge: MergeMethod {
     let r = p.arithmetic
     let shape = inputs.models[0].shape
     let base = inputs.base?.scalars
-    let points = inputs.models.map { model in
-      base.map { zip(model.scalars, $0).map { r.round($0 - $1) } } ?? model.scalars
-    }
+    let points = inputs.relativeToBase(r)
     let count = points[0].count
     var weights = inputs.models.indices.map { r.round(Float(p.number("weight", model: $0))) }
     if p.flag("normalize_weights") {

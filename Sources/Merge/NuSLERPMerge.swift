@@ -69,10 +69,8 @@ public struct NuSLERPMerge: MergeMethod {
     -> Tensor
   {
     let base = inputs.base?.scalars
-    func relative(_ model: Tensor) -> [Float] {
-      base.map { zip(model.scalars, $0).map { r.round($0 - $1) } } ?? model.scalars
-    }
-    let (v0, v1) = (relative(inputs.models[0]), relative(inputs.models[1]))
+    let relative = inputs.relativeToBase(r)
+    let (v0, v1) = (relative[0], relative[1])
     let floor = r.round(Float(1e-7))
     let tolerance = r.round(Float(1e-16))
     let (keep, take) = (Float(1 - t), Float(t))

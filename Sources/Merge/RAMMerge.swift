@@ -77,7 +77,7 @@ public struct RAMMerge: MergeMethod {
     let base = baseTensor.scalars
     let count = base.count
     let epsilon = p.number("epsilon")
-    let tvs = inputs.models.map { model in zip(model.scalars, base).map { r.round($0 - $1) } }
+    let tvs = inputs.relativeToBase(r)
     // torch compares with the scalar cast to the tensor's dtype.
     let threshold = r.round(Float(epsilon))
     let changed = tvs.map { tv in tv.map { abs($0) > threshold } }

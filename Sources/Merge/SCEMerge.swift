@@ -74,7 +74,7 @@ public struct SCEMerge: MergeMethod {
     let r = p.arithmetic
     let base = baseTensor.scalars
     let count = base.count
-    var tvs = inputs.models.map { model in zip(model.scalars, base).map { r.round($0 - $1) } }
+    var tvs = inputs.relativeToBase(r)
     let n = Float(tvs.count)
     let density = p.number("select_topk")
     if density < 1 {
