@@ -176,8 +176,15 @@ public enum LAPACK {
   /// Randomized truncated SVD of rank `rank` (Halko, Martinsson and Tropp): a Gaussian sketch of
   /// `rank + oversampling` columns, `powerIterations` rounds of re-orthonormalised power iteration,
   /// then an exact SVD of the small projected matrix. Deterministic in `seed`.
+  ///
+  /// With `tolerance`, power iterations continue (up to `maxExtraIterations` more) while one more
+  /// round still raises the energy the rank-`rank` truncation captures by more than `tolerance`
+  /// times the energy it leaves out: the captured energy rises toward the optimum as the sketch
+  /// converges, so stopping when it no longer moves keeps the truncation error close to optimal
+  /// where the spectrum decays slowly (the case fixed iterations miss).
   public static func randomizedSVD(
-    _ a: Tensor, rank: Int, oversampling: Int = 10, powerIterations: Int = 2, seed: UInt64 = 0
+    _ a: Tensor, rank: Int, oversampling: Int = 10, powerIterations: Int = 2, seed: UInt64 = 0,
+    tolerance: Double? = nil, maxExtraIterations: Int = 8
   ) throws -> SVD {
     precondition(a.shape.count == 2 && rank >= 0, "randomizedSVD of \(a.shape) at rank \(rank)")
     let (m, n) = (a.shape[0], a.shape[1])
@@ -188,11 +195,25 @@ public enum LAPACK {
     }
     let omega = CounterRNG(seed: seed, stream: "randomized-svd").normalTensor([n, width])
     var q = qr(BLAS.matmul(a, omega)).q  // m x width
-    for _ in 0..<powerIterations {
+    func iterate() {
       let z = qr(BLAS.matmul(a, q, transposeA: true)).q  // n x width
       q = qr(BLAS.matmul(a, z)).q
     }
-    let small = try svd(BLAS.matmul(q, a, transposeA: true))  // width x n
+    for _ in 0..<powerIterations { iterate() }
+    var small = try svd(BLAS.matmul(q, a, transposeA: true))  // width x n
+    if let tolerance {
+      let total = a.scalars.reduce(0.0) { $0 + Double($1) * Double($1) }
+      func captured(_ s: [Float]) -> Double { s.prefix(r).reduce(0.0) { $0 + Double($1) * Double($1) } }
+      var energy = captured(small.s)
+      for _ in 0..<maxExtraIterations {
+        iterate()
+        let next = try svd(BLAS.matmul(q, a, transposeA: true))
+        let gain = captured(next.s) - energy
+        small = next
+        energy += gain
+        if gain <= tolerance * max(total - energy, 0) { break }
+      }
+    }
     let full = SVD(u: BLAS.matmul(q, small.u), s: small.s, vt: small.vt)
     return truncated(full, to: r)
   }

@@ -66,6 +66,23 @@ func squaredDistance(_ a: Tensor, _ b: Tensor) -> Double {
     #expect(squaredDistance(w, factors.product) <= 1.01 * optimum)
   }
 
+  /// At every rank the tool uses (n/32 to n/2 of the smaller side), square and rectangular, on
+  /// the hardest spectrum for a sketch (a Gaussian matrix: nearly flat singular values), the
+  /// randomized solver stays within 1% of the optimal squared error, measured against a float64
+  /// SVD.
+  @Test(arguments: [(384, 384), (512, 256)])
+  func randomizedFactorsStayNearlyOptimalAtEveryRank(rows: Int, columns: Int) throws {
+    let w = CounterRNG(seed: 9, stream: "flat").normalTensor([rows, columns])
+    let reference = try LAPACK.svd(DoubleMatrix(w)).s
+    let n = min(rows, columns)
+    for rank in [n / 32, n / 8, n / 4, n / 2] {
+      let factors = try LowRank.factor(w, rank: rank, solver: .randomized)
+      let optimum = reference.dropFirst(rank).reduce(0.0) { $0 + $1 * $1 }
+      let ratio = squaredDistance(w, factors.product) / optimum
+      #expect(ratio <= 1.01, "rank \(rank): \(ratio)")
+    }
+  }
+
   @Test func layersThatWouldNotShrinkStayDense() throws {
     let (w, _) = matrixWithSpectrum(10, 10, decay: 0.5, seed: 5)
     #expect(try LowRank.factor(w, rule: .rank(5)) == nil)
