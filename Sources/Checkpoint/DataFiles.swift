@@ -42,6 +42,35 @@ public enum DataFiles {
     return table
   }
 
+  /// Features alone (rows x columns), for commands that never look at labels (`zip`): a
+  /// safetensors file needs only `features`, a `.npy` only itself; a CSV is read as labelled (its
+  /// last column, or the one named `label`, is not a feature).
+  public static func readFeatures(_ path: String) throws -> (rows: Int, columns: Int, values: [Float]) {
+    let ext = URL(fileURLWithPath: path).pathExtension.lowercased()
+    var shape: [Int]
+    var values: [Float]
+    switch ext {
+    case "safetensors":
+      let file = try SafetensorsFile(path: path)
+      guard let info = file.lookup("features"), info.shape.count == 2 else {
+        throw CheckpointError.badDataFile(file: path, reason: "needs a 2-D tensor 'features' (rows x columns)")
+      }
+      (shape, values) = (info.shape, try file.tensor(named: "features").scalars)
+    case "npy":
+      let (npyShape, npyValues) = try readNPY(path)
+      guard npyShape.count == 2 else {
+        throw CheckpointError.badDataFile(file: path, reason: "features must be a 2-D array, found shape \(npyShape)")
+      }
+      (shape, values) = (npyShape, npyValues.map { Float($0) })
+    default:
+      let table = try readLabeled(path)
+      return (table.rows, table.columns, table.features)
+    }
+    guard shape[0] > 0 else { throw CheckpointError.badDataFile(file: path, reason: "holds no rows") }
+    guard shape[1] > 0 else { throw CheckpointError.badDataFile(file: path, reason: "holds no feature columns") }
+    return (shape[0], shape[1], values)
+  }
+
   static func readLabeledTable(_ path: String, labels labelsPath: String?) throws -> FeatureTable {
     let ext = URL(fileURLWithPath: path).pathExtension.lowercased()
     switch ext {

@@ -93,7 +93,7 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
   /// ZipIt!: model `model` cannot be zipped, and why.
   case notZippable(model: Int, reason: String)
   /// ZipIt!: model `model` differs from the first in architecture or width.
-  case differentArchitectures(model: Int)
+  case differentArchitectures(model: Int, detail: String)
   /// ZipIt!: partial zipping stops at a layer that does not exist.
   case stopLayerOutOfRange(stop: Int, points: Int)
   /// ZipIt!: fewer than two models.
@@ -140,9 +140,9 @@ public enum MergeError: Error, CustomStringConvertible, Equatable {
     case .notAnMLP(let m):
       return "model \(m + 1) is not a dense single-head MLP; zipping supports dense MLPs and Llama-style decoders"
     case .notZippable(let m, let reason): return "model \(m + 1) cannot be zipped: \(reason)"
-    case .differentArchitectures(let m):
+    case .differentArchitectures(let m, let detail):
       return
-        "model \(m + 1) differs from the first in layer sizes, activation or normalisation; ZipIt needs one architecture and width"
+        "model \(m + 1) differs from the first (\(detail)); ZipIt needs one architecture and width"
     case .stopLayerOutOfRange(let s, let p):
       return
         "stop layer \(s) does not exist: the models have \(p) merge point\(p == 1 ? "" : "s") (hidden layers), so stop at 1...\(p)"

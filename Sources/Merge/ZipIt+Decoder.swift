@@ -26,7 +26,9 @@ extension ZipIt {
         throw MergeError.notZippable(
           model: m, reason: "it has factored layers or K/V projections; zip the dense models")
       }
-      if let first, first != c { throw MergeError.differentArchitectures(model: m) }
+      if let first, first != c {
+        throw MergeError.differentArchitectures(model: m, detail: "its config.json sizes differ from the first's")
+      }
       first = first ?? c
     }
     guard let first else { throw MergeError.tooFewModels }

@@ -41,11 +41,27 @@ public enum ZipIt {
       guard case .mlp(let c) = model.config, c.heads == 1, model.lowRank.isEmpty else {
         throw MergeError.notAnMLP(model: m)
       }
-      if let first, first != c { throw MergeError.differentArchitectures(model: m) }
+      if let first, first != c { throw MergeError.differentArchitectures(model: m, detail: difference(first, c)) }
       first = first ?? c
     }
     guard let first else { throw MergeError.tooFewModels }
     return first
+  }
+
+  /// How MLP config `other` differs from `first`, for the message; a different output width is
+  /// usually two classifiers trained on different label sets.
+  static func difference(_ first: MLPConfig, _ other: MLPConfig) -> String {
+    if first.layerSizes.count == other.layerSizes.count, first.layerSizes.dropLast() == other.layerSizes.dropLast(),
+      let a = first.layerSizes.last, let b = other.layerSizes.last, a != b
+    {
+      return "its output layer has \(b) classes where the first has \(a): zipped models share one output layer, "
+        + "so train each with every class (train --tasks selects rows, not classes: both outputs keep the data's "
+        + "class count when trained on the same data file)"
+    }
+    if first.layerSizes != other.layerSizes {
+      return "layer sizes \(other.layerSizes) against \(first.layerSizes)"
+    }
+    return "activation or normalisation"
   }
 
   /// Joint statistics of the models' features at every merge point over `inputs`, batch by batch.

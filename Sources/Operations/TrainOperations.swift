@@ -46,7 +46,7 @@ public struct TrainOperation: MergekitOperation {
       .integers("hidden", in: 1...1 << 20, default: [64, 64], help: "hidden layer sizes of a new MLP"),
       .integer(
         "classes", in: 1...1 << 20, default: nil, optional: true,
-        help: "output classes of a new MLP (default: the data's)"),
+        help: "output classes of a new MLP (default: the data's, over every task)"),
       .choice(
         "activation", ["relu", "gelu", "gelu_new", "silu", "tanh"], default: "relu", help: "activation of a new MLP"),
       .flag("layer_norm", default: false, help: "LayerNorm after each hidden linear layer of a new MLP"),
@@ -92,8 +92,14 @@ public struct TrainOperation: MergekitOperation {
         throw OperationError.invalidParameter(
           operation: name, name: "activation", value: p.text("activation"), reason: "is not a known activation")
       }
-      let sizes =
-        [train.features.columns] + (p.optionalIntegers("hidden") ?? []) + [p.optionalInt("classes") ?? train.classCount]
+      // The classes of the whole data set, not only of the tasks trained on: models trained on
+      // different tasks of one data set then share an output layer (and can be zipped or merged).
+      let classes =
+        try p.optionalInt("classes")
+        ?? (p.isGiven("tasks")
+          ? NetworkFiles.labeled(try request.requireData(), labels: p.optionalText("labels")).classCount
+          : train.classCount)
+      let sizes = [train.features.columns] + (p.optionalIntegers("hidden") ?? []) + [classes]
       network = .initializedMLP(
         MLPConfig(layerSizes: sizes, activation: activation, layerNorm: p.flag("layer_norm")), seed: p.seed())
     }

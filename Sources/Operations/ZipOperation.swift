@@ -83,7 +83,14 @@ public struct ZipOperation: MergekitOperation {
       statistics = try StatsFiles.mergePoints(
         stats, points: try ZipIt.commonConfig(networks).layerCount - 1, models: networks.count)
     } else {
-      statistics = try ZipIt.statistics(networks, inputs: try request.labelledData().features)
+      if p.isGiven("tasks") || p.isGiven("labels") {
+        statistics = try ZipIt.statistics(networks, inputs: try request.labelledData().features)
+      } else {
+        // Labels are never used: without a task selection the data file need not have them.
+        let features = try DataFiles.readFeatures(try request.requireData())
+        statistics = try ZipIt.statistics(
+          networks, inputs: Matrix(rows: features.rows, columns: features.columns, values: features.values))
+      }
     }
     let zipped = try ZipIt.apply(
       networks, matchings: try ZipIt.matchings(statistics, models: networks.count, options: options),

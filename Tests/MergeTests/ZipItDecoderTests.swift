@@ -120,7 +120,9 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
   @Test func mismatchedDecodersAreRefused() throws {
     let a = try randomDecoder(seed: 1)
     let tied = try randomDecoder(seed: 1, tied: true)
-    #expect(throws: MergeError.differentArchitectures(model: 1)) {
+    #expect(
+      throws: MergeError.differentArchitectures(model: 1, detail: "its config.json sizes differ from the first's")
+    ) {
       try ZipIt.zipDecoders([a, tied], sequences: tokenData(2, seed: 1))
     }
     #expect(throws: MergeError.tooFewModels) { try ZipIt.zipDecoders([a], sequences: tokenData(2, seed: 1)) }

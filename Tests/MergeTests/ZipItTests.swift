@@ -173,7 +173,18 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
     let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 8, 3]), seed: 1)
     let wide = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 9, 3]), seed: 1)
     let x = Matrix<Float>(zeros: 10, 4)
-    #expect(throws: MergeError.differentArchitectures(model: 1)) { try ZipIt.zip([a, wide], inputs: x) }
+    #expect(throws: MergeError.differentArchitectures(model: 1, detail: "layer sizes [4, 9, 3] against [4, 8, 3]")) {
+      try ZipIt.zip([a, wide], inputs: x)
+    }
+    // Classifiers of different label sets: the message says why and what to do.
+    let fewer = Network<Float>.initializedMLP(MLPConfig(layerSizes: [4, 8, 2]), seed: 1)
+    do {
+      _ = try ZipIt.zip([a, fewer], inputs: x)
+      Issue.record("zipped models with 3 and 2 classes")
+    } catch let error as MergeError {
+      #expect(
+        "\(error)".contains("2 classes where the first has 3") && "\(error)".contains("train each with every class"))
+    }
     #expect(throws: MergeError.tooFewModels) { try ZipIt.zip([a], inputs: x) }
     var options = ZipIt.Options()
     options.stop = 2

@@ -114,9 +114,27 @@ import Testing
           folder.file(name), "-q"
         ).status == 0)
     }
+    // Without --classes, a model trained on task 0 (classes 0-4) still has the data's 10 outputs,
+    // so the README's two-task workflow zips.
+    #expect(
+      try CLI.run(
+        "train", "--data", data, "--tasks", "0", "--hidden", "16,16", "--epochs", "1", "-o", folder.file("t0"), "-q"
+      ).status == 0)
+    #expect(try openCheckpoint(folder.file("t0")).info("layers.2.weight").shape == [10, 16])
     let zipped = try CLI.run(
       "zip", folder.file("a"), folder.file("b"), "--data", data, "--stop-at", "1", "-o", folder.file("z"))
     #expect(zipped.status == 0 && zipped.stdout.contains("1 shared layer, 2 heads"), "\(zipped.stderr)")
+    // Labels are unused: features alone zip to the same model.
+    let featuresOnly = try openCheckpoint(data).read("features")
+    try writeCheckpoint([("features", featuresOnly)], to: folder.file("features.safetensors"))
+    #expect(
+      try CLI.run(
+        "zip", folder.file("a"), folder.file("b"), "--data", folder.file("features.safetensors"), "--stop-at", "1",
+        "-o", folder.file("zf"), "-q"
+      ).status == 0)
+    #expect(
+      try openCheckpoint(folder.file("zf")).read("layers.0.weight")
+        == openCheckpoint(folder.file("z")).read("layers.0.weight"))
     let evaluation = try json(try CLI.run("eval", folder.file("z"), "--data", data, "--json"))
     #expect((evaluation["tasks"] as! [[String: Any]]).count == 2)
     // From a statistics file (same batches, so the same sums): the same model.
