@@ -303,14 +303,16 @@ public struct RecipeRunner {
   /// within `memoryBudget` bytes and no network step (which reads model folders) uses it;
   /// otherwise it is spilled to a temporary folder next to the first output. Each is dropped
   /// once the last step that reads it is done.
+  /// Returns the results table of the recipe's `eval` steps (`summary`), empty without any.
+  @discardableResult
   public func run(
     overwrite: Bool = false, dryRun: Bool = false, memoryBudget: Int = RecipeRunner.defaultMemoryBudget,
     report: (String) -> Void = { _ in },
     progress: ((String, Int, Int) -> Void)? = nil
-  ) throws {
+  ) throws -> [String] {
     if let sliced = recipe.slicedMerge {
       try runSliced(sliced, overwrite: overwrite, dryRun: dryRun, report: report, progress: progress)
-      return
+      return []
     }
     let outputs = Dictionary(recipe.outputs.map { ($0.label, $0) }, uniquingKeysWith: { first, _ in first })
     let firstOutput = URL(fileURLWithPath: recipe.outputs[0].path).deletingLastPathComponent().path
@@ -333,6 +335,7 @@ public struct RecipeRunner {
         if OperationRegistry.operation(named: step.operation) != nil { readByNetworkSteps.insert(label) }
       }
     }
+    var evaluations: [(step: Recipe.Step, report: [String: Any])] = []
     for step in order {
       let destination = outputs[step.label]
       let path =
@@ -343,7 +346,8 @@ public struct RecipeRunner {
         let held = try runStep(
           step, results: results, output: destination, to: path,
           memory: canStayInMemory ? memoryBudget - results.heldBytes : 0, overwrite: overwrite,
-          dryRun: dryRun, report: report, progress: progress)
+          dryRun: dryRun, report: report, progress: progress
+        ) { json in evaluations.append((step, json)) }
         if let held {
           results.held[step.label] = held
         } else if !dryRun || destination != nil {
@@ -375,6 +379,7 @@ public struct RecipeRunner {
         ),
         progress: progress.map { p in { p(output.label, $0, $1) } })
     }
+    return Self.summary(evaluations)
   }
 
   /// What a step reads: its base, data and models, and the path parameters of a registered
@@ -502,17 +507,19 @@ public struct RecipeRunner {
   private func runStep(
     _ step: Recipe.Step, results: Results, output: Recipe.Output?, to destination: String, memory: Int, overwrite: Bool,
     dryRun: Bool,
-    report: (String) -> Void, progress: ((String, Int, Int) -> Void)?
+    report: (String) -> Void, progress: ((String, Int, Int) -> Void)?, evaluated: ([String: Any]) -> Void
   ) throws -> MemoryCheckpoint? {
     if let operation = OperationRegistry.operation(named: step.operation) {
-      let reads = references(step).map(results.name)
+      // Steps are named by their labels; a result that is no output is just "intermediate".
+      let reads = references(step)
       report(
-        "\(step.label): \(operation.name)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> \(destination)"
-      )
+        "\(step.label): \(operation.name)\(reads.isEmpty ? "" : " of " + reads.joined(separator: ", ")) -> "
+          + (output == nil ? "intermediate" : destination))
       if dryRun { return nil }
       let request = try prepare(operation, step, paths: { results.paths[$0] ?? $0 }, output: destination)
       let result = try operation.run(request, context: OperationContext(overwrite: overwrite || output == nil))
       result.lines.forEach { report("  " + $0) }
+      if step.operation == "eval", let json = result.json { evaluated(json) }
       return nil
     }
     let convert = step.operation == ConvertOperation.name ? try convertSettings(step) : nil
@@ -723,5 +730,55 @@ extension RecipeRunner {
       if let name, !seen.contains(name) { seen.append(name) }
     }
     return seen.count > 1 ? seen : nil
+  }
+}
+
+extension RecipeRunner {
+  /// The table a recipe with `eval` steps ends with: per step, the model evaluated and its
+  /// scores (accuracy, joint accuracy and each task's accuracy for classifiers; loss and
+  /// perplexity for language models), so that the comparison the recipe exists for is read at
+  /// a glance.
+  static func summary(_ evaluations: [(step: Recipe.Step, report: [String: Any])]) -> [String] {
+    guard !evaluations.isEmpty else { return [] }
+    func percent(_ value: Any?) -> String { (value as? Double).map { String(format: "%.2f%%", $0 * 100) } ?? "-" }
+    let classifiers = evaluations.filter { $0.report["accuracy"] != nil }
+    let models = evaluations.filter { $0.report["perplexity"] != nil }
+    var lines = ["results:"]
+    func table(_ header: [String], _ rows: [[String]]) {
+      let widths = header.indices.map { i in ([header[i]] + rows.map { $0[i] }).map(\.count).max() ?? 0 }
+      func line(_ cells: [String]) -> String {
+        cells.enumerated().map { i, cell in
+          i < 2
+            ? cell.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+            : String(repeating: " ", count: widths[i] - cell.count) + cell
+        }.joined(separator: "  ")
+      }
+      lines.append("  " + line(header))
+      lines += rows.map { "  " + line($0) }
+    }
+    if !classifiers.isEmpty {
+      let tasks = Set(
+        classifiers.flatMap { ($0.report["tasks"] as? [[String: Any]] ?? []).compactMap { $0["task"] as? Int } }
+      )
+      .sorted()
+      table(
+        ["step", "model", "accuracy", "joint"] + tasks.map { "task \($0)" },
+        classifiers.map { step, report in
+          let perTask = report["tasks"] as? [[String: Any]] ?? []
+          return [step.label, step.models.first ?? "", percent(report["accuracy"]), percent(report["joint_accuracy"])]
+            + tasks.map { t in percent(perTask.first { $0["task"] as? Int == t }?["accuracy"]) }
+        })
+    }
+    if !models.isEmpty {
+      table(
+        ["step", "model", "loss", "perplexity"],
+        models.map { step, report in
+          [
+            step.label, step.models.first ?? "", (report["loss"] as? Double).map { String(format: "%.4f", $0) } ?? "-",
+            (report["perplexity"] as? Double).map { String(format: "%.3f", $0) } ?? "-",
+          ]
+        })
+    }
+    return lines
   }
 }

@@ -273,7 +273,7 @@ struct RunCommand: ParsableCommand {
       }
     }
     var bars: [String: Progress] = [:]
-    try runner.run(
+    let results = try runner.run(
       overwrite: overwrite, dryRun: dryRun, memoryBudget: try memoryBudget(),
       report: { line in if dryRun || !quiet { FileHandle.standardError.write(Data((line + "\n").utf8)) } },
       progress: { label, done, total in
@@ -282,5 +282,7 @@ struct RunCommand: ParsableCommand {
         bar.update(done, total)
         if done == total { bar.finish() }
       })
+    // The comparison the recipe exists for, on stdout (the steps' reports go to stderr).
+    results.forEach { print($0) }
   }
 }

@@ -245,10 +245,21 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
       outputs: {scored: \(demo)/out/soup-eval.json}
       """
     var lines: [String] = []
-    try RecipeRunner(try Recipe.parse(yaml, file: "net.yaml")).run(overwrite: true, report: { lines.append($0) })
+    let results = try RecipeRunner(try Recipe.parse(yaml, file: "net.yaml")).run(
+      overwrite: true, report: { lines.append($0) })
     let soup = try #require(lines.first { $0.hasPrefix("soup:") })
     #expect(!soup.hasSuffix("-> memory") && soup.contains(".recipe-steps.mergekit-tmp-"), "\(soup)")
     #expect(FileManager.default.fileExists(atPath: "\(demo)/out/soup-eval.json"))
+    // Steps are reported by their labels, and the recipe ends with the table of its eval steps,
+    // whose perplexity is the one the report file holds.
+    #expect(lines.contains("scored: eval of tokens, soup -> \(demo)/out/soup-eval.json"), "\(lines)")
+    let saved =
+      try JSONSerialization.jsonObject(
+        with: Data(contentsOf: URL(fileURLWithPath: "\(demo)/out/soup-eval.json"))) as? [String: Any]
+    let perplexity = try #require(saved?["perplexity"] as? Double)
+    #expect(results.first == "results:" && results[1].contains("perplexity"))
+    #expect(
+      results[2].hasPrefix("  scored  soup") && results[2].hasSuffix(String(format: "%.3f", perplexity)), "\(results)")
   }
 
   /// The runner computes weighted-sum merges (linear, task arithmetic, SLERP, Model Stock, apply)
