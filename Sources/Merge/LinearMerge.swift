@@ -34,8 +34,7 @@ public struct LinearMerge: StreamingMerge {
       // mergekit accumulates in float32 (torch fuses each multiply-add), weight by weight, then
       // divides by the float32 sum.
       let single = weights.map(Float.init)
-      var total: Float = 0
-      for w in single { total += w }
+      let total = single.reduce(Float(0), +)  // float32, in order, as torch sums the weights
       let normalize = p.flag("normalize")
       return RangeMerger { range in
         var sum = [Float](repeating: 0, count: range.count)
