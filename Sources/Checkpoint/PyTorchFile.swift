@@ -11,7 +11,6 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
   public let tensors: [TensorInfo]
   public let metadata: [String: String] = [:]
   public let files: [StoredFile]
-  private let map: MappedFile
   private let stored: MappedTensors
   /// The storage entries, for `verify`: byte range and the zip's CRC-32.
   private let entries: [(name: String, range: Range<Int>, crc: UInt32)]
@@ -24,7 +23,7 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
   /// storage or not stored contiguously.
   public init(path: String) throws {
     self.path = path
-    map = try MappedFile(path: path)
+    let map = try MappedFile(path: path)
     func fail(_ reason: String) -> CheckpointError { .invalidPyTorch(file: path, reason: reason) }
     let zip = try ZipDirectory(map.bytes(0..<map.size), fail: fail)
     guard let pickleName = zip.entries.keys.filter({ $0 == "data.pkl" || $0.hasSuffix("/data.pkl") }).min() else {
@@ -136,8 +135,8 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
       var start = entry.range.lowerBound
       while start < entry.range.upperBound {
         let end = min(entry.range.upperBound, start + (8 << 20))
-        crc.update(map.bytes(start..<end))
-        map.release(start..<end)
+        crc.update(stored.map.bytes(start..<end))
+        stored.map.release(start..<end)
         done += end - start
         progress?(done, total)
         start = end
