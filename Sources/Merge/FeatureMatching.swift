@@ -62,6 +62,10 @@ public enum Matching {
   /// times `alpha` (0: it is never matched again); each model may make `beta` of its share of
   /// merges within itself (the share is `(N n - n) / N`; the first within-model merge is always
   /// allowed).
+  ///
+  /// Each feature keeps its best partner (highest similarity, lowest index on ties), so a step
+  /// scans the `N n` row maxima and rescans only the rows whose best partner changed: about
+  /// `O((N n)^2)` in all instead of the literal `O(n (N n)^2)`, with the same result.
   public static func zip(correlation: [Double], features n: Int, models count: Int, alpha: Double, beta: Double)
     -> FeatureMatching
   {
@@ -69,41 +73,61 @@ public enum Matching {
     precondition(correlation.count == total * total && count >= 2)
     var s = correlation
     for i in 0..<total { s[i * total + i] = -.infinity }
-    var active = Array(0..<total)  // original index of each current feature
+    var active = [Bool](repeating: true, count: total)
+    var remaining = total
     var members = (0..<total).map { [$0] }
     let origin = (0..<total).map { $0 / n }  // a merged feature keeps its lower member's model
     var budget = [Int](repeating: Int(Double((total - n) / count) * beta), count: count)
-    func similarity(_ a: Int, _ b: Int) -> Double { s[active[a] * total + active[b]] }
-    func set(_ a: Int, _ b: Int, _ value: Double) {
-      s[active[a] * total + active[b]] = value
+    // Best partner of every active feature: (similarity, index), -1 when every pair is -inf.
+    var bestValue = [Double](repeating: -.infinity, count: total)
+    var bestIndex = [Int](repeating: -1, count: total)
+    func rescan(_ a: Int) {
+      var (value, index) = (-Double.infinity, -1)
+      let row = a * total
+      for b in 0..<total where active[b] && s[row + b] > value { (value, index) = (s[row + b], b) }
+      (bestValue[a], bestIndex[a]) = (value, index)
     }
-    while active.count > n {
-      var best = (value: -Double.infinity, a: -1, b: -1)
-      for a in active.indices {
-        for b in active.indices where similarity(a, b) > best.value { best = (similarity(a, b), a, b) }
+    for a in 0..<total { rescan(a) }
+    while remaining > n {
+      var (value, a) = (-Double.infinity, -1)
+      for r in 0..<total where active[r] && bestValue[r] > value { (value, a) = (bestValue[r], r) }
+      var b: Int
+      if a < 0 {  // only -inf left (every pair blocked): merge the first two to finish
+        let first = active.indices.filter { active[$0] }.prefix(2)
+        (a, b) = (first[first.startIndex], first[first.startIndex + 1])
+      } else {
+        b = bestIndex[a]
+        (a, b) = (min(a, b), max(a, b))
       }
-      // Only -inf left (every pair blocked): merge the first two to finish.
-      let (a, b) = best.a < 0 ? (0, 1) : (min(best.a, best.b), max(best.a, best.b))
-      members[active[a]] += members[active[b]]
-      for c in active.indices where c != a && c != b {
-        let merged = alpha > 0 ? min(similarity(a, c), similarity(b, c)) * alpha : -Double.infinity
-        set(a, c, merged)
-        set(c, a, merged)
+      members[a] += members[b]
+      active[b] = false
+      remaining -= 1
+      var stale: [Int] = [a]
+      for c in 0..<total where active[c] && c != a {
+        let merged = alpha > 0 ? min(s[a * total + c], s[b * total + c]) * alpha : -Double.infinity
+        s[a * total + c] = merged
+        s[c * total + a] = merged
+        if bestIndex[c] == a || bestIndex[c] == b {
+          stale.append(c)
+        } else if merged > bestValue[c] || (merged == bestValue[c] && merged > -.infinity && a < bestIndex[c]) {
+          (bestValue[c], bestIndex[c]) = (merged, a)
+        }
       }
-      let within = origin[active[a]] == origin[active[b]]
-      let model = origin[active[a]]
-      active.remove(at: b)
-      if within {
+      if origin[a] == origin[b] {
+        let model = origin[a]
         budget[model] -= 1
         if budget[model] <= 0 {
-          for x in active where origin[x] == model {
-            for y in active where origin[y] == model { s[x * total + y] = -.infinity }
+          let own = (0..<total).filter { active[$0] && origin[$0] == model }
+          for x in own {
+            for y in own { s[x * total + y] = -.infinity }
+            if bestIndex[x] >= 0, origin[bestIndex[x]] == model { stale.append(x) }
           }
         }
       }
+      for c in stale { rescan(c) }
     }
     var groups = [Int](repeating: 0, count: total)
-    for (k, head) in active.enumerated() { for j in members[head] { groups[j] = k } }
+    for (k, head) in (0..<total).filter({ active[$0] }).enumerated() { for j in members[head] { groups[j] = k } }
     return FeatureMatching(features: n, models: count, groups: groups)
   }
 

@@ -38,7 +38,8 @@ extension Network {
     }
     let trunk = layers(0..<c.sharedLayers, head: 0, x)
     guard c.heads > 1 else { return trunk }
-    return tape.bestHeadScores((0..<c.heads).map { layers(c.sharedLayers..<c.layerCount, head: $0, trunk) })
+    let heads = (0..<c.heads).map { layers(c.sharedLayers..<c.layerCount, head: $0, trunk) }
+    return c.stackedHeads ? tape.stackedHeadScores(heads) : tape.bestHeadScores(heads)
   }
 }
 

@@ -166,7 +166,13 @@ struct ConfigKeys {
 ///
 /// A multi-head MLP (partial zipping) shares its first `shared_layers` linear layers and gives
 /// each of its `heads` its own copy of the rest, named `heads.{h}.layers.{i}...` (the global
-/// layer index `i`). Its output scores every class by its best head.
+/// layer index `i`). Its heads either share one label space (`head_outputs: best`, the
+/// default: every class is scored by its most confident head) or each has its own classes
+/// (`head_outputs: stacked`: the output is the heads' log-softmax side by side, head h's class
+/// c at `h * classes + c`).
+///
+/// `trained_classes` (written by `train`) lists the labels the model was trained on, so that
+/// `zip` can tell models that share one label space from models with their own labels.
 public struct MLPConfig: Equatable, Sendable {
   public var layerSizes: [Int]
   public var activation: Activation
@@ -174,19 +180,37 @@ public struct MLPConfig: Equatable, Sendable {
   public var heads: Int
   /// Linear layers shared by all heads (all of them when there is one head).
   public var sharedLayers: Int
+  /// Whether a multi-head MLP's heads each have their own classes (outputs side by side).
+  public var stackedHeads: Bool
+  /// The labels seen in training (sorted), when known.
+  public var trainedClasses: [Int]?
 
   public init(
-    layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false, heads: Int = 1, sharedLayers: Int? = nil
+    layerSizes: [Int], activation: Activation = .relu, layerNorm: Bool = false, heads: Int = 1,
+    sharedLayers: Int? = nil,
+    stackedHeads: Bool = false, trainedClasses: [Int]? = nil
   ) {
     self.layerSizes = layerSizes
     self.activation = activation
     self.layerNorm = layerNorm
     self.heads = heads
     self.sharedLayers = heads == 1 ? layerSizes.count - 1 : (sharedLayers ?? layerSizes.count - 1)
+    self.stackedHeads = heads > 1 && stackedHeads
+    self.trainedClasses = trainedClasses
   }
 
   /// Linear layers in all (per head).
   public var layerCount: Int { layerSizes.count - 1 }
+
+  /// Classes the model scores: the output layer's width, times the heads when they are stacked.
+  public var outputWidth: Int { (layerSizes.last ?? 0) * (stackedHeads ? heads : 1) }
+
+  /// The architecture alone (what training recorded left out), to compare models' shapes.
+  public var architecture: MLPConfig {
+    var a = self
+    a.trainedClasses = nil
+    return a
+  }
 
   /// Tensor name prefix of linear layer `i` for head `h`.
   public func prefix(layer i: Int, head h: Int) -> String {
@@ -206,14 +230,30 @@ public struct MLPConfig: Equatable, Sendable {
         key: "shared_layers",
         reason: "a multi-head MLP shares between 0 and \(sizes.count - 2) of its \(sizes.count - 1) layers")
     }
+    let headOutputs = keys.values["head_outputs"] as? String ?? "best"
+    guard ["best", "stacked"].contains(headOutputs) else {
+      throw NetsError.invalidConfig(key: "head_outputs", reason: "is '\(headOutputs)'; expected best or stacked")
+    }
+    var trained: [Int]?
+    if let value = keys.values["trained_classes"] {
+      guard let classes = value as? [Int], classes.allSatisfy({ (0..<ConfigKeys.maxSize).contains($0) }) else {
+        throw NetsError.invalidConfig(key: "trained_classes", reason: "is not a list of class indices")
+      }
+      trained = Array(Set(classes)).sorted()
+    }
     self.init(
       layerSizes: sizes, activation: try keys.activation("hidden_act", default: "relu"),
-      layerNorm: keys.bool("layer_norm", default: false), heads: heads, sharedLayers: shared)
+      layerNorm: keys.bool("layer_norm", default: false), heads: heads, sharedLayers: shared,
+      stackedHeads: headOutputs == "stacked", trainedClasses: trained)
   }
 
   /// The config.json text for this MLP.
   public var json: String {
-    let heads = self.heads == 1 ? "" : ",\n  \"heads\": \(self.heads),\n  \"shared_layers\": \(sharedLayers)"
+    var heads = self.heads == 1 ? "" : ",\n  \"heads\": \(self.heads),\n  \"shared_layers\": \(sharedLayers)"
+    if stackedHeads { heads += ",\n  \"head_outputs\": \"stacked\"" }
+    if let trainedClasses {
+      heads += ",\n  \"trained_classes\": [\(trainedClasses.map(String.init).joined(separator: ", "))]"
+    }
     return """
       {
         "architectures": ["MLP"],

@@ -104,6 +104,26 @@ extension Tape {
 }
 
 extension Tape {
+  /// Row-wise `log softmax(z)`. Backward: `dz_j = g_j - p_j sum_c g_c`.
+  public func logSoftmax(_ logits: Var) -> Var {
+    let z = value(logits)
+    let p = softmax(z)
+    var out = p
+    for i in out.values.indices { out.values[i] = T.log(max(p.values[i], T.leastNormalMagnitude)) }
+    return record(out, inputs: [logits]) { [unowned self] g in
+      var dz = g
+      for r in 0..<z.rows {
+        var total: T = 0
+        for c in 0..<z.columns { total += g[r, c] }
+        for c in 0..<z.columns { dz[r, c] -= p[r, c] * total }
+      }
+      accumulate(logits, dz)
+    }
+  }
+
+  /// Scores of a multi-head model whose heads each have their own classes: every head's
+  /// log-softmax, side by side (head h's class c at column `h * classes + c`).
+  public func stackedHeadScores(_ heads: [Var]) -> Var { concatenateColumns(heads.map { logSoftmax($0) }) }
   /// Scores of a multi-head model: per row and class, `log p` of the head that gives the class
   /// the highest probability (each head's `p` a softmax over its logits). The gradient follows
   /// that head's log-softmax.

@@ -60,7 +60,7 @@ public enum Training {
     guard data.features.columns == config.layerSizes[0] else {
       throw NetsError.featureCount(model: config.layerSizes[0], data: data.features.columns)
     }
-    let outputs = config.layerSizes.last ?? 0
+    let outputs = config.outputWidth
     guard data.classCount <= outputs else {
       throw NetsError.classCount(labels: data.classCount, outputs: outputs)
     }

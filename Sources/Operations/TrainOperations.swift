@@ -120,6 +120,13 @@ public struct TrainOperation: MergekitOperation {
         note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
     }
     meter.finish()
+    // The labels seen in training (with those of the model fine-tuned, when it records them),
+    // so that `zip` knows which outputs each model was taught.
+    if case .mlp(var c) = network.config, request.models.isEmpty || c.trainedClasses != nil {
+      c.trainedClasses = Array(Set(train.labels).union(c.trainedClasses ?? [])).sorted()
+      network = try Network(
+        config: .mlp(c), tensors: Dictionary(uniqueKeysWithValues: network.tensors.map { ($0.name, $0.tensor) }))
+    }
     let output = try request.requireOutput()
     try NetworkFiles.saveMLP(network, to: output, overwrite: context.overwrite)
     let result = try Training.evaluate(network, on: train)

@@ -14,8 +14,13 @@ public struct ZipOperation: MergekitOperation {
     features, matches them (zipit: greedy zip across and within models; permute: one-to-one \
     Hungarian matching to the first model; average: same-index units), and folds the matching \
     into the weights. stop_at K zips the first K hidden layers and keeps the rest of every \
-    model as a head (partial zipping; the result scores each class by its best head); \
-    keep_heads keeps separate output layers after zipping every hidden layer. Llama-style \
+    model as a head (partial zipping); keep_heads keeps separate output layers after zipping \
+    every hidden layer. label_space says how the models' classes combine: stacked (each \
+    model numbers its own classes; the result has all of them side by side, model i's class c \
+    at i C + c), shared (one label space: the output layers are averaged; heads compete by \
+    confidence) or auto (models whose config.json records trained_classes, as train writes, \
+    share one label space and each class comes from the models trained on it; otherwise \
+    stacked). Llama-style \
     decoders are zipped from token sequences: heads are aligned across the models, then the \
     residual stream (one merge point), every layer's MLP hidden units and each KV head's value \
     features are matched; queries and keys of aligned heads are averaged. \
@@ -40,6 +45,11 @@ public struct ZipOperation: MergekitOperation {
         "stop_at", in: 1...1 << 20, default: nil, optional: true,
         help: "zip only the first K hidden layers (1...); the rest of each model becomes a head"),
       .flag("keep_heads", default: false, help: "keep each model's output layer as a head"),
+      .choice(
+        "label_space", ["auto", "stacked", "shared"], default: "auto",
+        help:
+          "MLP outputs: stacked (each model's own classes, side by side), shared (one label space, averaged), "
+          + "auto (shared, class by class, when every model records its trained classes; else stacked)"),
     ]
 
   public func check(_ request: OperationRequest) throws {
@@ -60,10 +70,10 @@ public struct ZipOperation: MergekitOperation {
     )
     let output = try request.requireOutput()
     if case .decoder = networks[0].config {
-      guard let data = request.data, options.stop == nil, !options.keepHeads else {
+      guard let data = request.data, options.stop == nil, !options.keepHeads, !p.isGiven("label_space") else {
         throw OperationError.conflict(
           operation: name, name: "stats",
-          reason: "decoders are zipped whole from token data; stats, stop_at and keep_heads are for MLPs")
+          reason: "decoders are zipped whole from token data; stats, stop_at, keep_heads and label_space are for MLPs")
       }
       let zipped = try ZipIt.zipDecoders(networks, sequences: try DataFiles.readTokens(data), options: options)
       let card = ModelCard.adaptation(
@@ -92,9 +102,14 @@ public struct ZipOperation: MergekitOperation {
           networks, inputs: Matrix(rows: features.rows, columns: features.columns, values: features.values))
       }
     }
+    switch p.text("label_space") {
+    case "stacked": options.labels = .stacked
+    case "shared": options.labels = .shared
+    default: options.labels = ZipIt.inferredLabelSpace(networks)
+    }
     let zipped = try ZipIt.apply(
-      networks, matchings: try ZipIt.matchings(statistics, models: networks.count, options: options),
-      keepHeads: options.keepHeads)
+      networks, matchings: try ZipIt.matchings(statistics, networks: networks, options: options),
+      keepHeads: options.keepHeads, labels: options.labels)
     let card = ModelCard.adaptation(
       method: "zipit", title: "ZipIt! merge of \(networks.count) models", models: request.models,
       description:
@@ -106,8 +121,14 @@ public struct ZipOperation: MergekitOperation {
       zipped, to: output, overwrite: context.overwrite, files: ["README.md": String(decoding: card, as: UTF8.self)])
     guard case .mlp(let c) = zipped.config else { return OperationResult(lines: []) }
     let heads = c.heads > 1 ? ", \(c.heads) heads" : ""
+    let classes: String
+    switch options.labels {
+    case .stacked: classes = "each model's classes stacked (\(c.outputWidth) outputs)"
+    case .shared: classes = "one label space of \(c.outputWidth) classes"
+    case .trainedClasses: classes = "one label space of \(c.outputWidth) classes, each from the models trained on it"
+    }
     return OperationResult(lines: [
-      "\(output): \(options.method.rawValue) of \(networks.count) models, \(c.sharedLayers) shared layer\(c.sharedLayers == 1 ? "" : "s")\(heads)"
+      "\(output): \(options.method.rawValue) of \(networks.count) models, \(c.sharedLayers) shared layer\(c.sharedLayers == 1 ? "" : "s")\(heads); \(classes)"
     ])
   }
 }

@@ -76,6 +76,25 @@ func permutedCopy(_ network: Network<Float>, seed: UInt64) -> Network<Float> {
   return copy
 }
 
+/// Each row of a row-major `values` repeated `copies` times side by side.
+func sideBySide(_ values: [Float], rows: Int, copies: Int) -> [Float] {
+  let width = values.count / rows
+  var out: [Float] = []
+  for r in 0..<rows {
+    let row = values[(r * width)..<((r + 1) * width)]
+    for _ in 0..<copies { out += row }
+  }
+  return out
+}
+
+/// The network with `classes` recorded as its trained classes.
+func recording(_ network: Network<Float>, _ classes: [Int]) throws -> Network<Float> {
+  guard case .mlp(var c) = network.config else { return network }
+  c.trainedClasses = classes
+  return try Network(
+    config: .mlp(c), tensors: Dictionary(uniqueKeysWithValues: network.tensors.map { ($0.name, $0.tensor) }))
+}
+
 func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
   let tape = Tape<Float>()
   return tape.value(try network.forward(tape, .features(x)).output).values
@@ -97,6 +116,17 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
       search(0, [], 0)
       #expect(abs(found.enumerated().reduce(0) { $0 + cost[$1.0 * n + $1.1] } - best) < 1e-12)
     }
+  }
+
+  /// Ties (a correlation rounded to a few levels), alpha above 1 (merged similarities grow) and
+  /// fully blocked finishes: the cached best partners pick what the literal scan picks.
+  @Test(arguments: [(0.3, 0.125, 2), (2.0, 0.5, 2), (0.0, 0.0, 2), (1.0, 0.25, 3), (0.3, 1.0, 4)])
+  func zipBreaksTiesAsTheLiteralImplementation(_ config: (Double, Double, Int)) {
+    let (alpha, beta, models) = config
+    let n = 10
+    let r = randomCorrelation(n * models, "ties\(alpha)\(beta)\(models)").map { ($0 * 3).rounded() / 3 }
+    let matching = Matching.zip(correlation: r, features: n, models: models, alpha: alpha, beta: beta)
+    #expect(matching.members.map { $0.sorted() } == referenceZip(r, n: n, models: models, alpha: alpha, beta: beta))
   }
 
   @Test(arguments: [(0.3, 0.125, 2), (0.0, 1.0, 2), (1.0, 0.0, 2), (0.5, 0.25, 3), (0.3, 1.0, 3)])
@@ -139,10 +169,16 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
     let x = Matrix(rows: 300, columns: 8, values: CounterRNG(seed: 5, stream: "x").normalTensor([2400]).scalars)
     #expect(try outputs(b, x).elementsEqual(try outputs(a, x)) { abs($0 - $1) < 1e-5 })
     var options = ZipIt.Options()
-    options.method = method
+    (options.method, options.labels) = (method, .shared)
     let zipped = try ZipIt.zip([a, b], inputs: x, options: options)
     let (got, want) = (try outputs(zipped, x), try outputs(a, x))
     #expect(zip(got, want).allSatisfy { abs($0 - $1) < 1e-5 })
+    // Stacked labels: both models' classes side by side, each the model's own logits.
+    options.labels = .stacked
+    let stacked = try outputs(try ZipIt.zip([a, b], inputs: x, options: options), x)
+    let twice = sideBySide(want, rows: x.rows, copies: 2)
+    #expect(stacked.count == twice.count && zip(stacked, twice).allSatisfy { abs($0 - $1) < 1e-5 })
+    options.labels = .shared
     // Averaging same-index units of the two (different orders) does not recover it.
     options.method = .average
     #expect(
@@ -154,7 +190,7 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
       MLPConfig(layerSizes: [6, 10, 10, 10, 4], activation: .tanh, layerNorm: true), seed: 8)
     let x = Matrix(rows: 100, columns: 6, values: CounterRNG(seed: 6, stream: "x").normalTensor([600]).scalars)
     var options = ZipIt.Options()
-    options.method = .average
+    (options.method, options.labels) = (.average, .shared)
     #expect(
       zip(try outputs(try ZipIt.zip([a, a], inputs: x, options: options), x), try outputs(a, x)).allSatisfy {
         abs($0 - $1) < 1e-5
@@ -167,6 +203,64 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
     let logits = Matrix(rows: 100, columns: 4, values: try outputs(a, x))
     let expected = softmax(logits).values.map { log($0) }
     #expect(zip(try outputs(partial, x), expected).allSatisfy { abs($0 - $1) < 1e-5 })
+    // Stacked heads: each head's log-softmax side by side.
+    options.labels = .stacked
+    let stackedHeads = try ZipIt.zip([a, a], inputs: x, options: options)
+    guard case .mlp(let s) = stackedHeads.config else { Issue.record("not an MLP"); return }
+    #expect(s.stackedHeads && s.outputWidth == 8)
+    let twice = sideBySide(expected, rows: 100, copies: 2)
+    #expect(zip(try outputs(stackedHeads, x), twice).allSatisfy { abs($0 - $1) < 1e-5 })
+  }
+
+  /// Units that never fire on the data correlate 0 with everything; they are matched by their
+  /// weights, so a model with dead units zipped with a permuted copy of itself comes back, also
+  /// on inputs where those units fire.
+  @Test(arguments: [ZipIt.Method.zipit, .permute])
+  func deadUnitsAreMatchedByTheirWeights(_ method: ZipIt.Method) throws {
+    var a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [8, 24, 20, 5]), seed: 3)
+    for (layer, units) in [(0, [1, 5, 6, 7, 12, 20]), (1, [0, 3, 4, 9, 19])] {
+      for unit in units { a.weights["layers.\(layer).bias"]?.values[unit] = -6 }  // silent on x
+    }
+    let b = permutedCopy(a, seed: 4)
+    let x = Matrix(rows: 300, columns: 8, values: CounterRNG(seed: 5, stream: "x").normalTensor([2400]).scalars)
+    let wide = Matrix(
+      rows: 300, columns: 8, values: CounterRNG(seed: 6, stream: "x").normalTensor([2400]).scalars.map { $0 * 8 })
+    let stats = try ZipIt.statistics([a, b], inputs: x)
+    let dead = (0..<48).filter { stats[0].covariance[$0 * 48 + $0] == 0 }.count
+    #expect(dead == 12, "both models' silent first-layer units")
+    var options = ZipIt.Options()
+    (options.method, options.labels) = (method, .shared)
+    let want = try outputs(a, wide)
+    let zipped = try ZipIt.apply(
+      [a, b], matchings: try ZipIt.matchings(stats, networks: [a, b], options: options), labels: .shared)
+    #expect((zip(try outputs(zipped, wide), want).map { abs($0 - $1) }.max() ?? .infinity) < 1e-5)
+    // Matched on the data alone, the dead units pair arbitrarily and the model is not recovered.
+    let blind = try ZipIt.apply(
+      [a, b], matchings: try ZipIt.matchings(stats, models: 2, options: options), labels: .shared)
+    #expect((zip(try outputs(blind, wide), want).map { abs($0 - $1) }.max() ?? 0) > 1e-3)
+  }
+
+  /// Models trained on some classes of one label space: each class's output row comes from the
+  /// models trained on it, so what a model never learnt does not dilute the others.
+  @Test func classesComeFromTheModelsTrainedOnThem() throws {
+    let a = Network<Float>.initializedMLP(MLPConfig(layerSizes: [8, 24, 20, 5]), seed: 3)
+    var b = permutedCopy(a, seed: 4)
+    for row in 0..<2 { for column in 0..<20 { b.weights["layers.2.weight"]?[row, column] = 7 } }  // untrained rows
+    let x = Matrix(rows: 300, columns: 8, values: CounterRNG(seed: 5, stream: "x").normalTensor([2400]).scalars)
+    var options = ZipIt.Options()
+    options.labels = .trainedClasses([[0, 1], [2, 3, 4]])
+    let zipped = try ZipIt.zip([a, b], inputs: x, options: options)
+    let want = try outputs(a, x)
+    #expect(zip(try outputs(zipped, x), want).allSatisfy { abs($0 - $1) < 1e-5 })
+    guard case .mlp(let c) = zipped.config else { Issue.record("not an MLP"); return }
+    #expect(c.trainedClasses == [0, 1, 2, 3, 4])
+    options.labels = .shared
+    #expect(
+      try !zip(outputs(try ZipIt.zip([a, b], inputs: x, options: options), x), want).allSatisfy { abs($0 - $1) < 1e-3 })
+    // What the configs record decides: classes written by training, else stacked.
+    #expect(ZipIt.inferredLabelSpace([a, b]) == .stacked)
+    let (ta, tb) = (try recording(a, [0, 1]), try recording(b, [2, 3, 4]))
+    #expect(ZipIt.inferredLabelSpace([ta, tb]) == .trainedClasses([[0, 1], [2, 3, 4]]))
   }
 
   @Test func badInputsAreRefused() throws {
@@ -183,7 +277,7 @@ func outputs(_ network: Network<Float>, _ x: Matrix<Float>) throws -> [Float] {
       Issue.record("zipped models with 3 and 2 classes")
     } catch let error as MergeError {
       #expect(
-        "\(error)".contains("2 classes where the first has 3") && "\(error)".contains("train each with every class"))
+        "\(error)".contains("2 classes where the first has 3") && "\(error)".contains("train --tasks keeps"))
     }
     #expect(throws: MergeError.tooFewModels) { try ZipIt.zip([a], inputs: x) }
     var options = ZipIt.Options()
