@@ -247,13 +247,27 @@ public enum MatryoshkaKV {
     return total / Double(max(tokens, 1))
   }
 
+  /// Where the rank search stands, for progress: evaluations done and an estimate of all of
+  /// them (rounds left at the current pace), the round, and the kept fraction.
+  public struct SearchProgress: Sendable {
+    public let evaluations: Int
+    public let estimatedEvaluations: Int
+    public let round: Int
+    public let keptFraction: Double
+  }
+
   /// The greedy rank search: from full ranks, each round lowers by `step` the heads (keys and
   /// values separately) whose lowering alone changes the final hidden states least (relative to
   /// the current ranks' output), at most `perRound` of them, until the average kept fraction is
   /// at most `budget`. `network` must carry the bases (at any ranks).
+  ///
+  /// Each round runs the model once at the current ranks and keeps the residual stream entering
+  /// every layer; a candidate in layer l then runs only layers l... from there (what comes
+  /// before is unchanged), without the final norm and head, and the candidates run in parallel.
+  /// Same ranks as running the whole model per candidate, at about `(L + 1) / 2L` of its cost.
   public static func searchRanks(
     _ network: Network<Float>, sequences: [[Int]], budget: Double, step: Int, perRound: Int? = nil,
-    progress: ((Double) -> Void)? = nil
+    batchSize: Int = 8, progress: ((SearchProgress) -> Void)? = nil
   ) throws -> KVProjection {
     let c = try decoder(network)
     try checkBudget(c, budget: budget, step: step)
@@ -263,26 +277,68 @@ public enum MatryoshkaKV {
       (0..<c.layerCount).flatMap { l in (0..<c.keyValueHeadCount).map { (kind, l, $0) } }
     }
     let limit = perRound ?? max(1, candidates.count * 3 / 4)
+    let batches = stride(from: 0, to: sequences.count, by: batchSize).map {
+      TokenBatch(Array(sequences[$0..<min(sequences.count, $0 + batchSize)]))
+    }
+    let dimensions = Double(candidates.count * c.headDimension)
+    var (round, evaluations) = (0, 0)
     while ranks.keptFraction(dimension: c.headDimension) > budget + 1e-12 {
+      round += 1
       current.kvProjection = ranks
-      let reference = try finalHidden(current, sequences: sequences, batchSize: 8)
-      var scored: [(error: Double, kind: KVProjection.Kind, layer: Int, head: Int)] = []
-      for (kind, layer, head) in candidates where ranks.ranks(kind)[layer][head] > step {
+      // The residual stream entering each layer, and after the last, per batch.
+      let streams = try batches.map { batch -> [Matrix<Float>] in
+        let tape = Tape<Float>()
+        let out = try current.forward(tape, .tokens(batch))
+        return try (["model.embed_tokens.output"] + (0..<c.layerCount).map { "model.layers.\($0).output" }).map {
+          tape.value(try out.point($0))
+        }
+      }
+      let open = candidates.filter { ranks.ranks($0.0)[$0.1][$0.2] > step }
+      guard !open.isEmpty else { break }
+      let kept = ranks.keptFraction(dimension: c.headDimension)
+      let lowerings = Int(((kept - budget) * dimensions / Double(step)).rounded(.up))
+      let estimate = evaluations + open.count * max(1, (lowerings + limit - 1) / limit)
+      let errors = ResultSlots<Double>(count: open.count)
+      let finished = ResultSlots<Int>(count: 1)
+      finished.set(0, 0)
+      try BLAS.singleThreaded { try Parallel.forEach(open.count) { _, index in
+        let (kind, layer, head) = open[index]
         var trial = current
         var lowered = ranks
         lowered.setRank(kind, layer: layer, head: head, ranks.ranks(kind)[layer][head] - step)
         trial.kvProjection = lowered
-        scored.append(
-          (try outputError(trial, reference: reference, sequences: sequences, batchSize: 8), kind, layer, head))
-      }
-      guard !scored.isEmpty else { break }
-      scored.sort { ($0.error, $0.layer, $0.head) < ($1.error, $1.layer, $1.head) }
+        var (difference, norm) = (0.0, 0.0)
+        for (b, batch) in batches.enumerated() {
+          let tape = Tape<Float>()
+          let output = tape.value(
+            try trial.forward(tape, .residual(batch, layer: layer, hidden: streams[b][layer])).output)
+          let reference = streams[b][c.layerCount]
+          for r in batch.mask.indices where batch.mask[r] {
+            for j in 0..<output.columns {
+              let (x, y) = (Double(output[r, j]), Double(reference[r, j]))
+              difference += (x - y) * (x - y)
+              norm += y * y
+            }
+          }
+        }
+        errors.set(index, (difference / max(norm, 1e-300)).squareRoot())
+        let done = finished.update(0) { $0 + 1 }
+        progress?(
+          SearchProgress(
+            evaluations: evaluations + done, estimatedEvaluations: estimate, round: round, keptFraction: kept))
+      } }
+      evaluations += open.count
+      var scored = open.indices.map { (error: errors.get($0), kind: open[$0].0, layer: open[$0].1, head: open[$0].2) }
+      scored.sort { ($0.error, $0.layer, $0.head, $0.kind == .keys ? 0 : 1) < ($1.error, $1.layer, $1.head, $1.kind == .keys ? 0 : 1) }
       for s in scored.prefix(limit) {
         ranks.setRank(s.kind, layer: s.layer, head: s.head, ranks.ranks(s.kind)[s.layer][s.head] - step)
         if ranks.keptFraction(dimension: c.headDimension) <= budget + 1e-12 { break }
       }
-      progress?(ranks.keptFraction(dimension: c.headDimension))
     }
+    progress?(
+      SearchProgress(
+        evaluations: evaluations, estimatedEvaluations: evaluations, round: round,
+        keptFraction: ranks.keptFraction(dimension: c.headDimension)))
     return ranks
   }
 }

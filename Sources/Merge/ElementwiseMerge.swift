@@ -132,20 +132,6 @@ public struct TensorScan {
   }
 }
 
-/// Results filled by parallel workers, one slot each.
-public final class ResultSlots<Value>: @unchecked Sendable {
-  private var values: [Value?]
-  private let lock = NSLock()
-  public init(count: Int) { values = Array(repeating: nil, count: count) }
-  public func set(_ i: Int, _ value: Value) { lock.withLock { values[i] = value } }
-  public func get(_ i: Int) -> Value {
-    lock.withLock {
-      guard let value = values[i] else { preconditionFailure("result slot \(i) read before it was filled") }
-      return value
-    }
-  }
-}
-
 /// A method the runner can stream range by range: memory stays at a few ranges however large
 /// the tensor. `prepare` may first make statistics passes over the tensor (`scan`) to gather
 /// top-k thresholds or norms; it returns the range merger, or nil when this tensor must be

@@ -28,13 +28,21 @@ extension Network {
     return shapes
   }
 
+  /// The logits of `batch`; from `start` (a layer and the residual stream entering it), the
+  /// residual stream after the last block instead.
   func decoderForward(
-    _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder
+    _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
+    from start: (layer: Int, hidden: Var)? = nil
   ) -> Var {
-    var x = tape.embedding(batch.ids, table: weight("model.embed_tokens.weight"))
-    recorder.record("model.embed_tokens.output", x)
+    var x: Var
+    if let start {
+      x = start.hidden
+    } else {
+      x = tape.embedding(batch.ids, table: weight("model.embed_tokens.weight"))
+      recorder.record("model.embed_tokens.output", x)
+    }
     let positions = batch.positions
-    for i in 0..<c.layerCount {
+    for i in (start?.layer ?? 0)..<c.layerCount {
       let p = "model.layers.\(i)."
       let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
       let q = tape.rotary(
@@ -63,6 +71,7 @@ extension Network {
       x = tape.add(x, tape.dense(hidden, p + "mlp.down_proj", bias: false, weight, &recorder))
       recorder.record(p + "output", x)
     }
+    if start != nil { return x }
     let normalized = tape.rmsNorm(x, weight: weight("model.norm.weight"), epsilon: c.epsilon)
     recorder.record("model.norm.output", normalized)
     let logits = tape.linear(

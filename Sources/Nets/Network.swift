@@ -4,6 +4,12 @@ import Tensor
 public enum NetworkInput<T: NetScalar> {
   case features(Matrix<T>)
   case tokens(TokenBatch)
+  /// A decoder's residual stream entering layer `layer` (one row per token of `batch`, as the
+  /// point `model.layers.{layer-1}.output` or `model.embed_tokens.output` records it): the
+  /// model runs from that layer on and its output is the residual stream after the last block
+  /// (no final norm, no head). For searches that change one layer: the ones before it need
+  /// not run again.
+  case residual(TokenBatch, layer: Int, hidden: Matrix<T>)
 }
 
 /// Token sequences padded to one length: row `b * sequence + s` is token `s` of sequence `b`;
@@ -187,6 +193,13 @@ public struct Network<T: NetScalar> {
     case (.decoder(let c), .tokens(let batch)):
       try checkTokens(batch, vocabulary: c.vocabularySize)
       output = decoderForward(c, tape, batch, weight, &recorder)
+    case (.decoder(let c), .residual(let batch, let layer, let hidden)):
+      guard (0..<c.layerCount).contains(layer), hidden.rows == batch.ids.count, hidden.columns == c.hiddenSize else {
+        throw NetsError.wrongInput(
+          model: "a decoder of \(c.layerCount) layers and width \(c.hiddenSize)",
+          takes: "a residual stream of one row per token entering one of its layers")
+      }
+      output = decoderForward(c, tape, batch, weight, &recorder, from: (layer, tape.constant(hidden)))
     case (.bert(let c), .tokens(let batch)):
       try checkTokens(batch, vocabulary: c.vocabularySize)
       guard batch.sequence <= c.maxPositions else {
@@ -197,6 +210,8 @@ public struct Network<T: NetScalar> {
       throw NetsError.wrongInput(model: "an MLP", takes: "feature rows, not token sequences")
     case (_, .features):
       throw NetsError.wrongInput(model: "a transformer", takes: "token sequences, not feature rows")
+    case (_, .residual):
+      throw NetsError.wrongInput(model: "this model", takes: "token sequences or features, not a residual stream")
     }
     return NetworkOutput(output: output, points: recorder.points)
   }

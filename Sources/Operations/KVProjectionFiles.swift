@@ -56,7 +56,7 @@ public enum KVProjectionFiles {
       throw AdaptError.unsupportedModel(
         method: "MatryoshkaKV", reason: "\(model) already has K/V projections; start from the original model")
     }
-    let step = run.step ?? max(1, c.headDimension / 8)
+    let step = run.step ?? max(1, c.headDimension / 4)
     try MatryoshkaKV.checkBudget(c, budget: run.budget, step: step)
     let calibration = try run.data.map { try DataFiles.readTokens($0) }
     /// The calibration sequences, which PCA, the adaptive search and training need.
@@ -85,8 +85,10 @@ public enum KVProjectionFiles {
     case .adaptive:
       ranks = try MatryoshkaKV.searchRanks(
         full, sequences: try sequences(), budget: run.budget, step: step, perRound: run.perRound
-      ) { kept in
-        progress?("rank search", Int((1 - kept) * 1000), Int((1 - run.budget) * 1000))
+      ) { state in
+        progress?(
+          String(format: "rank search round %d, cache at %.1f%%", state.round, state.keptFraction * 100),
+          state.evaluations, state.estimatedEvaluations)
       }
     }
     var projected = full
@@ -101,6 +103,7 @@ public enum KVProjectionFiles {
     }
     var measured: (Double, Double, Double?)?
     if let validation = run.validation {
+      progress?("validation", 0, 1)
       let held = try DataFiles.readTokens(validation)
       let kl = try MatryoshkaKV.logitKL(projected, teacher: network, sequences: held)
       let error = try MatryoshkaKV.outputError(projected, reference: network, sequences: held)

@@ -44,3 +44,26 @@ public enum Parallel {
     @usableFromInline var first: Error? { lock.withLock { slots.lazy.compactMap { $0 }.first } }
   }
 }
+
+/// Results filled by parallel workers, one slot each.
+public final class ResultSlots<Value>: @unchecked Sendable {
+  private var values: [Value?]
+  private let lock = NSLock()
+  public init(count: Int) { values = Array(repeating: nil, count: count) }
+  public func set(_ i: Int, _ value: Value) { lock.withLock { values[i] = value } }
+  /// Replaces slot `i` by `change` of its value, atomically; returns the new value.
+  @discardableResult public func update(_ i: Int, _ change: (Value) -> Value) -> Value {
+    lock.withLock {
+      guard let value = values[i] else { preconditionFailure("result slot \(i) updated before it was filled") }
+      let new = change(value)
+      values[i] = new
+      return new
+    }
+  }
+  public func get(_ i: Int) -> Value {
+    lock.withLock {
+      guard let value = values[i] else { preconditionFailure("result slot \(i) read before it was filled") }
+      return value
+    }
+  }
+}

@@ -8,7 +8,9 @@ import Operations
 /// Progress on stderr: a bar with rate and ETA, redrawn in place on a terminal; on a pipe or
 /// file, a plain line every 10% (so logs stay readable). Silent with `quiet`, and for work that
 /// ends within half a second (a rate measured over microseconds tells nobody anything).
-final class Progress: ProgressMeter {
+/// Updates may come from several threads (parallel work); they are drawn one at a time.
+final class Progress: ProgressMeter, @unchecked Sendable {
+  private let lock = NSLock()
   private let label: String
   private let quiet: Bool
   private let isTerminal = isatty(STDERR_FILENO) != 0
@@ -30,6 +32,8 @@ final class Progress: ProgressMeter {
   /// Reports `done` of `total` units, with an optional note (the running loss).
   func update(_ done: Int, _ total: Int, note: String? = nil) {
     guard !quiet, total > 0 else { return }
+    lock.lock()
+    defer { lock.unlock() }
     let fraction = min(1, Double(done) / Double(total))
     let elapsed = Date().timeIntervalSince(start)
     guard elapsed >= Self.quietPeriod else { return }
@@ -60,6 +64,8 @@ final class Progress: ProgressMeter {
 
   /// Ends the bar with the total time.
   func finish() {
+    lock.lock()
+    defer { lock.unlock() }
     let elapsed = Date().timeIntervalSince(start)
     guard !quiet, hasPrinted || elapsed >= Self.quietPeriod else { return }
     let end = String(format: "%@: done in %.2f s\n", label, elapsed)

@@ -169,6 +169,54 @@ func randomBases(_ c: DecoderConfig, seed: UInt64) -> MatryoshkaKV.Bases {
     )
   }
 
+  /// The search with cached prefixes and parallel candidates picks what the literal search
+  /// picks (the whole model run per candidate, as the official script); running from a layer's
+  /// recorded residual stream gives the whole run's last block output.
+  @Test func cachedSearchEqualsTheLiteralSearch() throws {
+    let s = try #require(Self.trained)
+    guard case .decoder(let c) = s.network.config else { return }
+    let batch = TokenBatch(Array(s.calibration.prefix(8)))
+    let tape = Tape<Float>()
+    let whole = try s.network.forward(tape, .tokens(batch))
+    let last = tape.value(try whole.point("model.layers.\(c.layerCount - 1).output"))
+    let entering = tape.value(try whole.point("model.layers.0.output"))
+    let rerun = Tape<Float>()
+    let resumed = rerun.value(try s.network.forward(rerun, .residual(batch, layer: 1, hidden: entering)).output)
+    #expect(zip(resumed.values, last.values).allSatisfy { abs($0 - $1) <= 1e-5 * max(1, abs($1)) })
+
+    var literal = KVProjection(layers: c.layerCount, heads: c.keyValueHeadCount, rank: c.headDimension)
+    var current = s.full
+    while literal.keptFraction(dimension: c.headDimension) > 0.5 + 1e-12 {
+      current.kvProjection = literal
+      var scored: [(Double, Int, Int, Int)] = []
+      for (k, kind) in KVProjection.Kind.allCases.enumerated() {
+        for layer in 0..<c.layerCount {
+          for head in 0..<c.keyValueHeadCount where literal.ranks(kind)[layer][head] > 4 {
+            var trial = current
+            var lowered = literal
+            lowered.setRank(kind, layer: layer, head: head, literal.ranks(kind)[layer][head] - 4)
+            trial.kvProjection = lowered
+            let error = try MatryoshkaKV.outputError(trial, reference: current, sequences: s.calibration)
+            scored.append((error, layer, head, k))
+          }
+        }
+      }
+      scored.sort { $0 < $1 }
+      for (_, layer, head, k) in scored.prefix(max(1, 2 * c.layerCount * c.keyValueHeadCount * 3 / 4)) {
+        let kind = KVProjection.Kind.allCases[k]
+        literal.setRank(kind, layer: layer, head: head, literal.ranks(kind)[layer][head] - 4)
+        if literal.keptFraction(dimension: c.headDimension) <= 0.5 + 1e-12 { break }
+      }
+    }
+    let reports = ResultSlots<Int>(count: 1)
+    reports.set(0, 0)
+    let cached = try MatryoshkaKV.searchRanks(s.full, sequences: s.calibration, budget: 0.5, step: 4) { _ in
+      reports.update(0) { $0 + 1 }
+    }
+    #expect(cached == literal)
+    #expect(reports.get(0) > 8, "progress after every candidate")
+  }
+
   /// Matryoshka training (ranks sampled per head and step, model frozen, distilled from the
   /// model without projections) beats PCA on held-out sequences at the 50% budget, and on
   /// average over the rank schedule; training at one fixed rank instead does worse at the other
