@@ -301,35 +301,41 @@ public enum MatryoshkaKV {
       let errors = ResultSlots<Double>(count: open.count)
       let finished = ResultSlots<Int>(count: 1)
       finished.set(0, 0)
-      try BLAS.singleThreaded { try Parallel.forEach(open.count) { _, index in
-        let (kind, layer, head) = open[index]
-        var trial = current
-        var lowered = ranks
-        lowered.setRank(kind, layer: layer, head: head, ranks.ranks(kind)[layer][head] - step)
-        trial.kvProjection = lowered
-        var (difference, norm) = (0.0, 0.0)
-        for (b, batch) in batches.enumerated() {
-          let tape = Tape<Float>()
-          let output = tape.value(
-            try trial.forward(tape, .residual(batch, layer: layer, hidden: streams[b][layer])).output)
-          let reference = streams[b][c.layerCount]
-          for r in batch.mask.indices where batch.mask[r] {
-            for j in 0..<output.columns {
-              let (x, y) = (Double(output[r, j]), Double(reference[r, j]))
-              difference += (x - y) * (x - y)
-              norm += y * y
+      try BLAS.singleThreaded {
+        try Parallel.forEach(open.count) { _, index in
+          let (kind, layer, head) = open[index]
+          var trial = current
+          var lowered = ranks
+          lowered.setRank(kind, layer: layer, head: head, ranks.ranks(kind)[layer][head] - step)
+          trial.kvProjection = lowered
+          var (difference, norm) = (0.0, 0.0)
+          for (b, batch) in batches.enumerated() {
+            let tape = Tape<Float>()
+            let output = tape.value(
+              try trial.forward(tape, .residual(batch, layer: layer, hidden: streams[b][layer])).output)
+            let reference = streams[b][c.layerCount]
+            for r in batch.mask.indices where batch.mask[r] {
+              for j in 0..<output.columns {
+                let (x, y) = (Double(output[r, j]), Double(reference[r, j]))
+                difference += (x - y) * (x - y)
+                norm += y * y
+              }
             }
           }
+          errors.set(index, (difference / max(norm, 1e-300)).squareRoot())
+          let done = finished.update(0) { $0 + 1 }
+          progress?(
+            SearchProgress(
+              evaluations: evaluations + done, estimatedEvaluations: estimate, round: round, keptFraction: kept))
         }
-        errors.set(index, (difference / max(norm, 1e-300)).squareRoot())
-        let done = finished.update(0) { $0 + 1 }
-        progress?(
-          SearchProgress(
-            evaluations: evaluations + done, estimatedEvaluations: estimate, round: round, keptFraction: kept))
-      } }
+      }
       evaluations += open.count
       var scored = open.indices.map { (error: errors.get($0), kind: open[$0].0, layer: open[$0].1, head: open[$0].2) }
-      scored.sort { ($0.error, $0.layer, $0.head, $0.kind == .keys ? 0 : 1) < ($1.error, $1.layer, $1.head, $1.kind == .keys ? 0 : 1) }
+      scored.sort {
+        ($0.error, $0.layer, $0.head, $0.kind == .keys ? 0 : 1) < (
+          $1.error, $1.layer, $1.head, $1.kind == .keys ? 0 : 1
+        )
+      }
       for s in scored.prefix(limit) {
         ranks.setRank(s.kind, layer: s.layer, head: s.head, ranks.ranks(s.kind)[s.layer][s.head] - step)
         if ranks.keptFraction(dimension: c.headDimension) <= budget + 1e-12 { break }

@@ -25,7 +25,9 @@ public struct MKVOperation: MergekitOperation {
   public let parameters: [ParameterSpec] = [
     .number(
       "budget", .global, in: 0...1, openBelow: true, default: 0.5, help: "average kept fraction of the K/V dimensions"),
-    .integer("step", in: 1...1 << 20, default: nil, optional: true, help: "rank step (default: head dimension / 4, as the official search script)"),
+    .integer(
+      "step", in: 1...1 << 20, default: nil, optional: true,
+      help: "rank step (default: head dimension / 4, as the official search script)"),
     .choice(
       "ranks", KVProjectionFiles.RankSearch.allCases.map(\.rawValue), default: "adaptive",
       help: "adaptive (greedy search) or uniform"),

@@ -31,15 +31,20 @@ extension OperationRequest {
 public struct TrainOperation: MergekitOperation {
   public init() {}
   public let name = "train"
-  public let summary = "Train or fine-tune an MLP classifier on labelled features."
+  public let summary = "Train or fine-tune an MLP classifier on labelled features, or a decoder on token sequences."
   public let discussion = """
     A new MLP takes the data's feature count as input and its class count as output, with \
     hidden layers between (initialised as PyTorch does, from seed). Given a model, fine-tunes \
-    it instead. freeze keeps the weights whose names match a regular expression fixed. Writes \
-    a model folder (config.json and f32 safetensors) that every command reads.
+    it instead: an MLP on labelled features, a Llama-style decoder (Llama, Mistral, Qwen2) \
+    with next-token cross-entropy on token sequences (.jsonl or safetensors input_ids; \
+    padding is not predicted). freeze keeps the weights whose names match a regular \
+    expression fixed; train_only trains only those that match. An MLP is written as a model \
+    folder (config.json and f32 safetensors), a decoder next to its source's files in its \
+    dtype.
     """
   public let inputs = OperationInputs(
-    models: 0...1, modelHelp: "an MLP to fine-tune (none: a new one)", data: .required, dataHelp: "labelled features")
+    models: 0...1, modelHelp: "an MLP or a decoder to fine-tune (none: a new MLP)", data: .required,
+    dataHelp: "labelled features (MLPs) or token sequences (decoders)")
   public let output = OutputKind.model
   public let parameters: [ParameterSpec] =
     ParameterSpec.labelledDataSpecs + [
@@ -61,6 +66,7 @@ public struct TrainOperation: MergekitOperation {
         help: "clip gradients to this global L2 norm"),
       .integer("seed", in: 0...Int.max, default: 0, help: "seed of the initialisation and the mini-batch order"),
       .pattern("freeze", help: "keep weights whose names match this regular expression fixed"),
+      .pattern("train_only", help: "train only the weights whose names match this regular expression"),
     ]
 
   public func check(_ request: OperationRequest) throws {
@@ -81,12 +87,42 @@ public struct TrainOperation: MergekitOperation {
     }
   }
 
+  /// The optimiser options of the parameters.
+  func trainingOptions(_ p: OperationParameters) -> TrainingOptions {
+    var options = TrainingOptions()
+    (options.epochs, options.batchSize, options.seed) = (p.int("epochs"), p.int("batch_size"), p.seed())
+    (options.learningRate, options.momentum, options.weightDecay) = (
+      p.float("lr"), p.float("momentum"), p.float("weight_decay")
+    )
+    options.clipNorm = p.optionalDouble("clip").map(Float.init)
+    options.optimizer = p.text("optimizer") == "sgd" ? .sgd : .adam
+    return options
+  }
+
+  /// Which weights train: not those `freeze` matches, and only those `train_only` matches.
+  func trainable(_ p: OperationParameters) throws -> (String) -> Bool {
+    let frozen = try p.optionalText("freeze").map { try Regex($0) }
+    let only = try p.optionalText("train_only").map { try Regex($0) }
+    return { name in
+      (frozen.map { !name.contains($0) } ?? true) && (only.map { name.contains($0) } ?? true)
+    }
+  }
+
   public func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult {
     let p = request.parameters
+    let loaded = try request.models.first.map { try NetworkFiles.load($0) }
+    if let loaded {
+      if case .decoder = loaded.config { return try trainDecoder(loaded, request, context) }
+      guard case .mlp = loaded.config else {
+        throw OperationError.inputs(
+          operation: name,
+          reason: "'\(request.models[0])' is neither an MLP nor a Llama-style decoder; train fine-tunes those")
+      }
+    }
     let train = try request.labelledData()
     var network: Network<Float>
-    if let initial = request.models.first {
-      network = try NetworkFiles.load(initial)
+    if let loaded {
+      network = loaded
     } else {
       guard let activation = Activation(configName: p.text("activation")) else {
         throw OperationError.invalidParameter(
@@ -103,18 +139,10 @@ public struct TrainOperation: MergekitOperation {
       network = .initializedMLP(
         MLPConfig(layerSizes: sizes, activation: activation, layerNorm: p.flag("layer_norm")), seed: p.seed())
     }
-    var options = TrainingOptions()
-    (options.epochs, options.batchSize, options.seed) = (p.int("epochs"), p.int("batch_size"), p.seed())
-    (options.learningRate, options.momentum, options.weightDecay) = (
-      p.float("lr"), p.float("momentum"), p.float("weight_decay")
-    )
-    options.clipNorm = p.optionalDouble("clip").map(Float.init)
-    options.optimizer = p.text("optimizer") == "sgd" ? .sgd : .adam
-    let frozen = try p.optionalText("freeze").map { try Regex($0) }
+    let options = trainingOptions(p)
     let meter = context.meter("train", .items("batches"))
-    let losses = try Training.classify(
-      &network, on: train, options: options, trainable: { name in frozen.map { !name.contains($0) } ?? true }
-    ) { progress in
+    let losses = try Training.classify(&network, on: train, options: options, trainable: try trainable(p)) {
+      progress in
       meter.update(
         (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
         note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
@@ -134,6 +162,48 @@ public struct TrainOperation: MergekitOperation {
       String(
         format: "%@: %d epochs, final loss %.4f, training accuracy %.2f%%", output, options.epochs, losses.last ?? 0,
         result.accuracy * 100)
+    ])
+  }
+}
+
+extension TrainOperation {
+  /// Next-token training of a decoder on the token sequences of `data`.
+  func trainDecoder(_ initial: Network<Float>, _ request: OperationRequest, _ context: OperationContext) throws
+    -> OperationResult
+  {
+    let p = request.parameters
+    for key in ["labels", "tasks"] where p.isGiven(key) {
+      throw OperationError.conflict(
+        operation: name, name: key, reason: "is for labelled features; a decoder trains on tokens")
+    }
+    guard case .decoder(let c) = initial.config else { preconditionFailure("trainDecoder takes decoders") }
+    let data = try request.requireData()
+    let sequences = try EvalOperation.tokenSequences(data, vocabulary: c.vocabularySize, operation: name)
+    var network = initial
+    let options = trainingOptions(p)
+    let before = try Training.perplexity(network, on: sequences)
+    let meter = context.meter("train", .items("batches"))
+    let losses = try Training.languageModel(&network, on: sequences, options: options, trainable: try trainable(p)) {
+      progress in
+      meter.update(
+        (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
+        note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
+    }
+    meter.finish()
+    let after = try Training.perplexity(network, on: sequences)
+    let output = try request.requireOutput()
+    let model = request.models[0]
+    let card = ModelCard.adaptation(
+      method: "train", title: "\(model) trained on \(URL(fileURLWithPath: data).lastPathComponent)", models: [model],
+      description:
+        "`mergekit train` fine-tuned \(model) with next-token cross-entropy on \(sequences.count) sequences of \(data) "
+        + "(\(options.epochs) epochs, \(options.optimizer == .sgd ? "SGD" : "AdamW"), learning rate \(options.learningRate)).",
+      loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+    try NetworkFiles.save(network, like: model, to: output, overwrite: context.overwrite, card: card)
+    return OperationResult(lines: [
+      String(
+        format: "%@: %d epochs, final loss %.4f, training perplexity %.3f (%.3f before)", output, options.epochs,
+        losses.last ?? 0, after.perplexity, before.perplexity)
     ])
   }
 }
@@ -184,13 +254,9 @@ public struct EvalOperation: MergekitOperation {
       ]
       result = OperationResult(lines: lines, json: json)
     case .decoder:
-      let ext = URL(fileURLWithPath: data).pathExtension.lowercased()
-      guard ["jsonl", "json", "safetensors"].contains(ext) else {
-        throw OperationError.inputs(
-          operation: name,
-          reason: "a language model is evaluated on token sequences (.jsonl or .safetensors input_ids), not '\(data)'")
-      }
-      let p = try Training.perplexity(network, on: try DataFiles.readTokens(data))
+      guard case .decoder(let c) = network.config else { preconditionFailure("matched .decoder") }
+      let p = try Training.perplexity(
+        network, on: try Self.tokenSequences(data, vocabulary: c.vocabularySize, operation: name))
       result = OperationResult(
         lines: [String(format: "tokens %d  loss %.4f  perplexity %.3f", p.tokens, p.loss, p.perplexity)],
         json: ["model": model, "tokens": p.tokens, "loss": p.loss, "perplexity": p.perplexity])
@@ -204,5 +270,33 @@ public struct EvalOperation: MergekitOperation {
       try NetworkFiles.writeReport(json, to: output, overwrite: context.overwrite)
     }
     return result
+  }
+
+  /// The token sequences of `data` for a decoder with `vocabulary` tokens, checked: a token
+  /// file, ids within the vocabulary, and at least one sequence of two or more tokens (else
+  /// there is nothing to predict).
+  static func tokenSequences(_ data: String, vocabulary: Int, operation: String) throws -> [[Int]] {
+    let ext = URL(fileURLWithPath: data).pathExtension.lowercased()
+    guard ["jsonl", "json", "safetensors"].contains(ext) else {
+      throw OperationError.inputs(
+        operation: operation,
+        reason: "a language model reads token sequences (.jsonl or .safetensors input_ids), not '\(data)'")
+    }
+    let sequences = try DataFiles.readTokens(data)
+    for (index, sequence) in sequences.enumerated() {
+      if let bad = sequence.first(where: { !(0..<vocabulary).contains($0) }) {
+        throw OperationError.inputs(
+          operation: operation,
+          reason: "\(data): sequence \(index + 1) has token id \(bad), outside the model's vocabulary of \(vocabulary)")
+      }
+    }
+    guard sequences.contains(where: { $0.count >= 2 }) else {
+      throw OperationError.inputs(
+        operation: operation,
+        reason:
+          "\(data) has no sequence of two or more tokens (\(sequences.count) sequences): there is no next token to predict"
+      )
+    }
+    return sequences
   }
 }

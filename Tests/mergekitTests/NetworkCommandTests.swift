@@ -79,6 +79,58 @@ import Testing
     #expect(abs((figures["perplexity"] as! Double) - exp(loss)) < 1e-6 * exp(loss))
   }
 
+  /// `train` fine-tunes a decoder on token walks: held-out perplexity falls; `--train-only`
+  /// leaves every other weight's bits alone; data with nothing to predict or with ids beyond
+  /// the vocabulary is refused by train and eval, naming the file, and nothing is written.
+  @Test func aDecoderTrainsOnTokensAndBadTokenDataIsRefused() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    #expect(try CLI.run("example", folder.file("ex")).status == 0)
+    let (train, test) = (folder.file("train.jsonl"), folder.file("test.jsonl"))
+    for (path, split) in [(train, "train"), (test, "test")] {
+      #expect(
+        try CLI.run(
+          "synthetic-tokens", "-o", path, "--sequences", "32", "--length", "12", "--vocabulary", "32", "--split", split
+        ).status == 0)
+    }
+    func perplexity(_ model: String) throws -> Double {
+      try json(try CLI.run("eval", model, "--data", test, "--json"))["perplexity"] as! Double
+    }
+    let trained = try CLI.run(
+      "train", folder.file("ex/base"), "--data", train, "--epochs", "3", "--lr", "3e-3", "--batch-size", "8", "-o",
+      folder.file("trained"), "-q")
+    #expect(trained.status == 0 && trained.stdout.contains("training perplexity"), "\(trained.stderr)")
+    let (before, after) = (try perplexity(folder.file("ex/base")), try perplexity(folder.file("trained")))
+    #expect(after < before / 4, "held-out perplexity \(before) -> \(after)")
+    #expect(FileManager.default.fileExists(atPath: folder.file("trained/tokenizer.json")))
+
+    let normOnly = try CLI.run(
+      "train", folder.file("ex/base"), "--data", train, "--epochs", "1", "--lr", "0.05", "--train-only",
+      #"^model\.norm\."#, "-o",
+      folder.file("norm-only"), "-q")
+    #expect(normOnly.status == 0, "\(normOnly.stderr)")
+    let (base, tuned) = (try openCheckpoint(folder.file("ex/base")), try openCheckpoint(folder.file("norm-only")))
+    #expect(try base.read("model.layers.0.mlp.up_proj.weight") == tuned.read("model.layers.0.mlp.up_proj.weight"))
+    #expect(try base.read("model.norm.weight") != tuned.read("model.norm.weight"))
+
+    try "[5]\n[7]\n".write(toFile: folder.file("short.jsonl"), atomically: true, encoding: .utf8)
+    try "[5, 6, 5000]\n".write(toFile: folder.file("wide.jsonl"), atomically: true, encoding: .utf8)
+    for command in ["train", "eval"] {
+      let output = command == "train" ? ["-o", folder.file("never")] : []
+      let short = try CLI.run(
+        [command, folder.file("ex/base"), "--data", folder.file("short.jsonl")] + output, environment: [:])
+      #expect(
+        short.status == 64 && short.stderr.contains("short.jsonl has no sequence of two or more tokens"),
+        "\(short.stderr)")
+      let wide = try CLI.run(
+        [command, folder.file("ex/base"), "--data", folder.file("wide.jsonl")] + output, environment: [:])
+      #expect(
+        wide.status == 64 && wide.stderr.contains("wide.jsonl: sequence 1 has token id 5000, outside"), "\(wide.stderr)"
+      )
+    }
+    #expect(!FileManager.default.fileExists(atPath: folder.file("never")))
+  }
+
   @Test func badDataIsNamedAndWritesNothing() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
