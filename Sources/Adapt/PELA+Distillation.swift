@@ -42,7 +42,7 @@ extension PELA {
   }
 
   /// What a model is distilled on: labelled feature rows (MLPs) or token sequences (decoders,
-  /// whose labels are the next tokens).
+  /// whose labels are the next tokens; BERT encoders, features only).
   public enum DistillationData {
     case features(LabeledFeatures)
     case tokens([[Int]])
@@ -91,9 +91,16 @@ extension PELA {
     switch (student.config, data) {
     case (.mlp, .features): defaultPoints = #"\.hidden$"#
     case (.decoder, .tokens): defaultPoints = #"^model\.layers\.\d+\.output$"#
+    case (.bert, .tokens): defaultPoints = #"^encoder\.layer\.\d+\.output$"#
     default:
       throw AdaptError.unsupportedModel(
-        method: "PELA distillation", reason: "it takes an MLP with feature rows or a decoder with token sequences")
+        method: "PELA distillation",
+        reason: "it takes an MLP with feature rows, or a decoder or BERT encoder with token sequences")
+    }
+    // An encoder has no labels of its own (its output is a sentence embedding): features only.
+    var encoder: Bool {
+      if case .bert = student.config { return true }
+      return false
     }
     guard options.epochs >= 1 else {
       throw AdaptError.invalidOption(name: "epochs", value: "\(options.epochs)", reason: "must be at least 1")
@@ -125,7 +132,7 @@ extension PELA {
         let tape = Tape<Float>()
         let (out, parameters) = try student.forward(tape, input, trainable: trainable)
         var terms: [Var] = []
-        if options.taskWeight > 0 && labels.contains(where: { $0 >= 0 }) {
+        if options.taskWeight > 0 && !encoder && labels.contains(where: { $0 >= 0 }) {
           terms.append(tape.scale(tape.crossEntropy(out.output, labels: labels), options.taskWeight))
         }
         var featureLoss: Var?

@@ -179,6 +179,29 @@ public enum Training {
     }
   }
 
+  /// `|S - T|_F / |T|_F` of an encoder's last hidden states (`last_hidden_state`, padding
+  /// excluded) against a reference model's, over token sequences: how far a compressed encoder
+  /// is from its original.
+  public static func hiddenStateError(
+    _ network: Network<Float>, reference: Network<Float>, on sequences: [[Int]], batchSize: Int = 8
+  ) throws -> Double {
+    var (difference, norm) = (0.0, 0.0)
+    for start in stride(from: 0, to: sequences.count, by: batchSize) {
+      let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
+      let (a, b) = (Tape<Float>(), Tape<Float>())
+      let s = a.value(try network.forward(a, .tokens(batch)).point("last_hidden_state"))
+      let t = b.value(try reference.forward(b, .tokens(batch)).point("last_hidden_state"))
+      for r in batch.mask.indices where batch.mask[r] {
+        for c in 0..<s.columns {
+          let (x, y) = (Double(s[r, c]), Double(t[r, c]))
+          difference += (x - y) * (x - y)
+          norm += y * y
+        }
+      }
+    }
+    return (difference / max(norm, 1e-300)).squareRoot()
+  }
+
   /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.
   public static func perplexity(_ network: Network<Float>, on sequences: [[Int]], batchSize: Int = 8) throws -> (
     loss: Double, perplexity: Double, tokens: Int

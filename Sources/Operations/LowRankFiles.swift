@@ -303,8 +303,12 @@ extension LowRankFiles {
       let check = try run.evaluation.map { try DataFiles.readTokens($0) } ?? sequences
       (train, name, measure) = (.tokens(sequences), "perplexity", { try Training.perplexity($0, on: check).perplexity })
     case .bert:
-      throw AdaptError.unsupportedModel(
-        method: "PELA distillation", reason: "it runs on MLPs and decoders; factor BERT models without distill")
+      // An encoder's quality: the relative error of its last hidden states against the original's.
+      let sequences = try DataFiles.readTokens(data)
+      let check = try run.evaluation.map { try DataFiles.readTokens($0) } ?? sequences
+      (train, name, measure) = (
+        .tokens(sequences), "hidden-state error", { try Training.hiddenStateError($0, reference: teacher, on: check) }
+      )
     }
     let (original, truncated) = (try measure(teacher), try measure(student))
     let epochs = try PELA.distill(&student, teacher: teacher, on: train, options: distillation, progress: epoch)

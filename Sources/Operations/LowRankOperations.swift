@@ -80,12 +80,13 @@ public struct PELAOperation: MergekitOperation {
     L.1.bias with the ranks in config.json (low_rank), which `mergekit eval` runs at the lower \
     cost; format dense writes W = B A under the original names. distill then trains the \
     factors against the frozen original (cross-entropy + feature MSE at every hidden layer of \
-    an MLP or block output of a decoder, the paper's intermediate pre-training). The output is \
+    an MLP or block output of a decoder; feature MSE at every layer output of a BERT encoder; \
+    the paper's intermediate pre-training). The output is \
     a folder, or a .safetensors/.mkz file. Paper: Guo et al., PELA, CVPR 2024 (arXiv:2311.13459).
     """
   public let inputs = OperationInputs(
     models: 1...1, modelHelp: "the model (a folder, or a .safetensors/.mkz file)", data: .optional,
-    dataHelp: "distillation data: labelled features for an MLP, token sequences (.jsonl) for a decoder")
+    dataHelp: "distillation data: labelled features for an MLP, token sequences (.jsonl) for a decoder or BERT")
   public let output = OutputKind.model
   public let parameters: [ParameterSpec] =
     ParameterSpec.rankSpecs + [
@@ -96,7 +97,9 @@ public struct PELAOperation: MergekitOperation {
       .path("labels", help: "labels of a .npy features file"),
       .path(
         "validation",
-        help: "held-out data for the accuracy (perplexity) reported before and after distillation (default: the data)"),
+        help:
+          "held-out data for the accuracy (perplexity; BERT: hidden-state error) reported before and after distillation (default: the data)"
+      ),
       .integer("epochs", in: 1...1_000_000, default: 10, help: "distillation epochs"),
       .integer("batch_size", in: 1...1 << 24, default: 64, help: "mini-batch size"),
       .number(

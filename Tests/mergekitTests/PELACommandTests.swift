@@ -57,6 +57,40 @@ import Testing
 
   /// A bf16 Llama-shaped model streamed through `pela`: projections factored with their ranks in
   /// config.json, every other tensor copied bit for bit, and the factored model runs.
+  /// `pela --distill` on a BERT encoder: feature distillation on token sequences, reported as
+  /// the hidden-state error against the original (0 for the original itself).
+  @Test func bertEncodersDistilFromTheCLI() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let json = """
+      {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 40, "hidden_size": 32,
+       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
+       "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
+      """
+    let config = try NetworkConfig(json: Data(json.utf8))
+    let weights = Network<Float>.expectedShapes(config).map { name, shape -> (name: String, tensor: Tensor) in
+      let rng = CounterRNG(seed: 5, stream: name)
+      let gain: Float = name.hasSuffix("LayerNorm.weight") ? 1 : 0
+      return (
+        name, Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { gain + 0.15 * rng.normal(UInt64($0)) })
+      )
+    }
+    try ModelFolder.write(weights, files: ["config.json": json], dtype: .f32, to: folder.file("bert"), overwrite: false)
+    let lines = (0..<48).map { s in
+      "[" + (0..<12).map { String(($0 * (s % 5 + 1) + s) % 40) }.joined(separator: ", ") + "]"
+    }
+    try lines.joined(separator: "\n").write(toFile: folder.file("t.jsonl"), atomically: true, encoding: .utf8)
+    let result = try CLI.run(
+      "pela", folder.file("bert"), "--keep", "0.25", "--distill", "--data", folder.file("t.jsonl"), "--epochs", "4",
+      "--lr", "1e-2", "--batch-size", "8", "-o", folder.file("out"), "-q")
+    #expect(result.status == 0, "\(result.stderr)")
+    let report = try #require(result.stdout.split(separator: "\n").first { $0.hasPrefix("hidden-state error on") })
+    let figures = report.split(separator: ":").last!.split(separator: ",").map {
+      Double($0.split(separator: " ").first!)!
+    }
+    #expect(figures.count == 3 && figures[0] == 0 && figures[2] < 0.8 * figures[1], "\(report)")
+  }
+
   @Test func decodersFactorTensorByTensor() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
