@@ -48,41 +48,21 @@ extension ZipIt {
     -> [FeatureStatistics]
   {
     let c = try commonDecoderConfig(models)
-    let n = models.count
     let d = c.headDimension
-    var stats = [FeatureStatistics(width: c.hiddenSize * n)]
-    stats += (0..<c.layerCount).map { _ in FeatureStatistics(width: c.intermediateSize * n) }
-    stats += (0..<(c.layerCount * c.keyValueHeadCount)).map { _ in FeatureStatistics(width: d * n) }
-    for start in stride(from: 0, to: sequences.count, by: batchSize) {
-      let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
-      let rows = batch.mask.indices.filter { batch.mask[$0] }
-      let outputs = try models.map { model -> [String: Matrix<Float>] in
-        let tape = Tape<Float>()
-        return Dictionary(try model.forward(tape, .tokens(batch)).points.map { ($0.name, tape.value($0.value)) }) {
-          a, _ in a
-        }
-      }
-      func joint(_ point: String, columns: Range<Int>? = nil) throws -> Matrix<Float> {
-        let parts = try outputs.map { out -> Matrix<Float> in
-          let m = try out.required(point).rows(rows)
-          guard let columns else { return m }
-          return Matrix(
-            rows: m.rows, columns: columns.count, values: (0..<m.rows).flatMap { r in columns.map { m[r, $0] } })
-        }
-        return parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) }
-      }
-      for point in ["model.embed_tokens.output"] + (0..<c.layerCount).map({ "model.layers.\($0).output" }) {
-        stats[0].add(try joint(point))
-      }
-      for layer in 0..<c.layerCount {
-        stats[decoderPoint(mlp: layer)].add(try joint("model.layers.\(layer).mlp.hidden"))
-        for head in 0..<c.keyValueHeadCount {
-          stats[decoderPoint(values: layer, head: head, c)].add(
-            try joint("model.layers.\(layer).self_attn.values", columns: (head * d)..<((head + 1) * d)))
-        }
+    var sources = [
+      PointSource(
+        points: ["model.embed_tokens.output"] + (0..<c.layerCount).map { "model.layers.\($0).output" }, columns: nil)
+    ]
+    sources += (0..<c.layerCount).map { PointSource(points: ["model.layers.\($0).mlp.hidden"], columns: nil) }
+    sources += (0..<c.layerCount).flatMap { layer in
+      (0..<c.keyValueHeadCount).map { head in
+        PointSource(points: ["model.layers.\(layer).self_attn.values"], columns: (head * d)..<((head + 1) * d))
       }
     }
-    return stats
+    let widths =
+      [c.hiddenSize] + Array(repeating: c.intermediateSize, count: c.layerCount)
+      + Array(repeating: d, count: c.layerCount * c.keyValueHeadCount)
+    return try tokenStatistics(models, sequences: sequences, sources: sources, widths: widths, batchSize: batchSize)
   }
 
   /// The zipped decoder from one matching per merge point (`decoderStatistics`' order).
@@ -93,57 +73,14 @@ extension ZipIt {
     guard matchings.count == 1 + c.layerCount * (1 + kv) else {
       throw MergeError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv))
     }
-    func square(_ values: [Double], _ n: Int) -> Matrix<Double> { Matrix(rows: n, columns: n, values: values) }
-    func merge(_ point: Int, _ m: Int) -> Matrix<Double> {
-      square(matchings[point].merge(model: m), matchings[point].features)
-    }
-    func unmerge(_ point: Int, _ m: Int) -> Matrix<Double> {
-      square(matchings[point].unmerge(model: m), matchings[point].features)
-    }
-    func blocks(_ parts: [Matrix<Double>]) -> Matrix<Double> {
-      let size = parts.reduce(0) { $0 + $1.rows }
-      var out = Matrix<Double>(zeros: size, size)
-      var offset = 0
-      for p in parts {
-        for i in 0..<p.rows { for j in 0..<p.columns { out[offset + i, offset + j] = p[i, j] } }
-        offset += p.rows
-      }
-      return out
-    }
-    for model in models { try model.checkWeights() }
-    func weight(_ m: Int, _ name: String) -> Matrix<Double> {
-      let w = models[m].checkedWeight(name)
-      return Matrix(rows: w.rows, columns: w.columns, values: w.values.map(Double.init))
-    }
-    /// `sum_i L_i W_i R_i`; a nil right side is the identity, a nil left side averages the
-    /// output rows over the models (`1/N`) unless `sumRows`.
-    func zipped(
-      _ name: String, left: ((Int) -> Matrix<Double>)?, right: ((Int) -> Matrix<Double>)?, sumRows: Bool = false
-    ) -> Matrix<Float> {
-      func term(_ m: Int) -> Matrix<Double> {
-        var w = weight(m, name)
-        if let right { w = w.matmul(right(m)) }
-        return left.map { $0(m).matmul(w) } ?? (sumRows ? w : w.map { $0 / Double(count) })
-      }
-      var total = term(0)
-      for m in 1..<max(count, 1) { total.add(term(m)) }
-      return Matrix(rows: total.rows, columns: total.columns, values: total.values.map(Float.init))
-    }
-    /// A gain or bias vector (stored as one row) merged like an output side.
-    func zippedVector(_ name: String, left: (Int) -> Matrix<Double>) -> Matrix<Float> {
-      var total = [Double](repeating: 0, count: left(0).rows)
-      for m in 0..<count {
-        let merged = left(m).matmul(weight(m, name), transposeB: true)
-        for i in total.indices { total[i] += merged.values[i] }
-      }
-      return Matrix(rows: 1, columns: total.count, values: total.map(Float.init))
-    }
+    let z = try Zipper(models, matchings)
+    let (merge, unmerge, blocks) = (z.merge, z.unmerge, Zipper.blocks)
     let residualMerge = { (m: Int) in merge(0, m) }
     let residualUnmerge = { (m: Int) in unmerge(0, m) }
     var out: [String: Matrix<Float>] = [:]
     // The embedding table maps tokens to residual features: its rows are tokens, so it is
     // merged on the right with M^T (`E* = sum E_i M_i^T`).
-    out["model.embed_tokens.weight"] = zipped(
+    out["model.embed_tokens.weight"] = z.zipped(
       "model.embed_tokens.weight", left: nil, right: { residualMerge($0).transposed }, sumRows: true)
     for layer in 0..<c.layerCount {
       let p = "model.layers.\(layer)."
@@ -151,30 +88,30 @@ extension ZipIt {
       let valueUnmerge = { (m: Int) in
         blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), c), m) })
       }
-      out[p + "input_layernorm.weight"] = zippedVector(p + "input_layernorm.weight", left: residualMerge)
-      out[p + "post_attention_layernorm.weight"] = zippedVector(
+      out[p + "input_layernorm.weight"] = z.zippedVector(p + "input_layernorm.weight", left: residualMerge)
+      out[p + "post_attention_layernorm.weight"] = z.zippedVector(
         p + "post_attention_layernorm.weight", left: residualMerge)
-      out[p + "self_attn.q_proj.weight"] = zipped(p + "self_attn.q_proj.weight", left: nil, right: residualUnmerge)
-      out[p + "self_attn.k_proj.weight"] = zipped(p + "self_attn.k_proj.weight", left: nil, right: residualUnmerge)
-      out[p + "self_attn.v_proj.weight"] = zipped(
+      out[p + "self_attn.q_proj.weight"] = z.zipped(p + "self_attn.q_proj.weight", left: nil, right: residualUnmerge)
+      out[p + "self_attn.k_proj.weight"] = z.zipped(p + "self_attn.k_proj.weight", left: nil, right: residualUnmerge)
+      out[p + "self_attn.v_proj.weight"] = z.zipped(
         p + "self_attn.v_proj.weight", left: valueMerge, right: residualUnmerge)
       if c.attentionBias {
         for name in ["q_proj", "k_proj"] {
-          let b = zipped(p + "self_attn.\(name).bias", left: nil, right: nil)
+          let b = z.zipped(p + "self_attn.\(name).bias", left: nil, right: nil)
           out[p + "self_attn.\(name).bias"] = b
         }
-        out[p + "self_attn.v_proj.bias"] = zippedVector(p + "self_attn.v_proj.bias", left: valueMerge)
+        out[p + "self_attn.v_proj.bias"] = z.zippedVector(p + "self_attn.v_proj.bias", left: valueMerge)
       }
-      out[p + "self_attn.o_proj.weight"] = zipped(
+      out[p + "self_attn.o_proj.weight"] = z.zipped(
         p + "self_attn.o_proj.weight", left: residualMerge, right: valueUnmerge)
       let mlpMerge = { (m: Int) in merge(decoderPoint(mlp: layer), m) }
-      out[p + "mlp.gate_proj.weight"] = zipped(p + "mlp.gate_proj.weight", left: mlpMerge, right: residualUnmerge)
-      out[p + "mlp.up_proj.weight"] = zipped(p + "mlp.up_proj.weight", left: mlpMerge, right: residualUnmerge)
-      out[p + "mlp.down_proj.weight"] = zipped(
+      out[p + "mlp.gate_proj.weight"] = z.zipped(p + "mlp.gate_proj.weight", left: mlpMerge, right: residualUnmerge)
+      out[p + "mlp.up_proj.weight"] = z.zipped(p + "mlp.up_proj.weight", left: mlpMerge, right: residualUnmerge)
+      out[p + "mlp.down_proj.weight"] = z.zipped(
         p + "mlp.down_proj.weight", left: residualMerge, right: { unmerge(decoderPoint(mlp: layer), $0) })
     }
-    out["model.norm.weight"] = zippedVector("model.norm.weight", left: residualMerge)
-    if !c.tiedEmbeddings { out["lm_head.weight"] = zipped("lm_head.weight", left: nil, right: residualUnmerge) }
+    out["model.norm.weight"] = z.zippedVector("model.norm.weight", left: residualMerge)
+    if !c.tiedEmbeddings { out["lm_head.weight"] = z.zipped("lm_head.weight", left: nil, right: residualUnmerge) }
     return try Network(
       config: .decoder(c),
       tensors: Network<Float>.expectedShapes(.decoder(c)).reduce(into: [:]) { tensors, entry in

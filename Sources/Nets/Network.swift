@@ -72,6 +72,8 @@ public struct Network<T: NetScalar> {
   public var kvProjection: KVProjection?
   /// Tensor name prefix of BERT checkpoints saved from a task model (`bert.`), else empty.
   let prefix: String
+  /// The prefix of this model's tensor names (`bert.` for BERT saved from a task model).
+  public var tensorPrefix: String { prefix }
 
   /// Builds the model. Throws `NetsError.missingTensors` listing every absent tensor, or
   /// `.shapeMismatch` for the first wrong shape. Tensors the architecture does not use are ignored.

@@ -23,12 +23,15 @@ public struct ZipOperation: MergekitOperation {
     stacked). Llama-style \
     decoders are zipped from token sequences: heads are aligned across the models, then the \
     residual stream (one merge point), every layer's MLP hidden units and each KV head's value \
-    features are matched; queries and keys of aligned heads are averaged. \
+    features are matched; queries and keys of aligned heads are averaged. BERT encoders too: \
+    heads aligned, then the residual stream, MLP hidden units, and each head's query/key \
+    features (jointly) and value features are matched. \
     Paper: Stoica, Bolya et al., ZipIt!, ICLR 2024 (arXiv:2305.03053).
     """
   public let inputs = OperationInputs(
-    models: 2...Int.max, modelHelp: "two or more MLPs, or Llama-style decoders, of one architecture", data: .optional,
-    dataHelp: "features (.safetensors, .csv, .npy) for MLPs, token sequences (.jsonl) for decoders; labels unused")
+    models: 2...Int.max, modelHelp: "two or more MLPs, Llama-style decoders or BERT encoders of one architecture",
+    data: .optional,
+    dataHelp: "features (.safetensors, .csv, .npy) for MLPs, token sequences (.jsonl) for transformers; labels unused")
   public let output = OutputKind.model
   public let parameters: [ParameterSpec] =
     ParameterSpec.labelledDataSpecs + [
@@ -69,6 +72,25 @@ public struct ZipOperation: MergekitOperation {
       p.double("alpha"), p.double("beta"), p.optionalInt("stop_at"), p.flag("keep_heads")
     )
     let output = try request.requireOutput()
+    if case .bert = networks[0].config {
+      guard let data = request.data, options.stop == nil, !options.keepHeads, !p.isGiven("label_space") else {
+        throw OperationError.conflict(
+          operation: name, name: "stats",
+          reason: "encoders are zipped whole from token data; stats, stop_at, keep_heads and label_space are for MLPs")
+      }
+      let zipped = try ZipIt.zipBERT(networks, sequences: try DataFiles.readTokens(data), options: options)
+      let card = ModelCard.adaptation(
+        method: "zipit", title: "ZipIt! merge of \(request.models.count) BERT encoders", models: request.models,
+        description:
+          "`mergekit zip` merged \(request.models.joined(separator: ", ")) by matching their features on token data "
+          + "(ZipIt!, arXiv:2305.03053): residual stream, MLP hidden units and each head's query/key and value "
+          + "features zipped with \(options.method.rawValue). The result has the models' architecture.",
+        loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+      try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite, card: card)
+      return OperationResult(lines: [
+        "\(output): \(options.method.rawValue) of \(networks.count) BERT encoders (residual stream, MLP hidden units, query/key and value features matched)"
+      ])
+    }
     if case .decoder = networks[0].config {
       guard let data = request.data, options.stop == nil, !options.keepHeads, !p.isGiven("label_space") else {
         throw OperationError.conflict(

@@ -131,6 +131,27 @@ import Testing
     #expect(!FileManager.default.fileExists(atPath: folder.file("never")))
   }
 
+  /// `zip` takes BERT encoders with token data: an encoder zipped with itself comes back.
+  @Test func zipTakesBERTEncoders() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    try writeRandomBERT(to: folder.file("bert"))
+    let lines = (0..<16).map { s in "[" + (0..<10).map { String(($0 * 3 + s * 7) % 40) }.joined(separator: ", ") + "]" }
+    try lines.joined(separator: "\n").write(toFile: folder.file("t.jsonl"), atomically: true, encoding: .utf8)
+    let zipped = try CLI.run(
+      "zip", folder.file("bert"), folder.file("bert"), "--data", folder.file("t.jsonl"), "-o", folder.file("zipped"))
+    #expect(zipped.status == 0 && zipped.stdout.contains("BERT encoders"), "\(zipped.stderr)")
+    let (original, result) = (try openCheckpoint(folder.file("bert")), try openCheckpoint(folder.file("zipped")))
+    for name in ["encoder.layer.1.output.dense.weight", "embeddings.word_embeddings.weight"] {
+      let (a, b) = (try original.tensor(named: name).scalars, try result.tensor(named: name).scalars)
+      #expect(zip(a, b).allSatisfy { abs($0 - $1) <= 1e-6 }, "\(name)")
+    }
+    let refused = try CLI.run(
+      "zip", folder.file("bert"), folder.file("bert"), "--data", folder.file("t.jsonl"), "--keep-heads", "-o",
+      folder.file("x"))
+    #expect(refused.status == 64 && refused.stderr.contains("encoders are zipped whole"), "\(refused.stderr)")
+  }
+
   @Test func badDataIsNamedAndWritesNothing() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }

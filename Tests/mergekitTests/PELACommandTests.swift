@@ -6,6 +6,22 @@ import Testing
 
 @testable import TestSupport
 
+/// A random BERT encoder folder (2 layers, hidden 32, 4 heads, vocabulary 40, f32).
+func writeRandomBERT(to path: String) throws {
+  let json = """
+    {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 40, "hidden_size": 32,
+     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
+     "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
+    """
+  let config = try NetworkConfig(json: Data(json.utf8))
+  let weights = Network<Float>.expectedShapes(config).map { name, shape -> (name: String, tensor: Tensor) in
+    let rng = CounterRNG(seed: 5, stream: name)
+    let gain: Float = name.hasSuffix("LayerNorm.weight") ? 1 : 0
+    return (name, Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { gain + 0.15 * rng.normal(UInt64($0)) }))
+  }
+  try ModelFolder.write(weights, files: ["config.json": json], dtype: .f32, to: path, overwrite: false)
+}
+
 @Suite(.serialized) struct PELACommandTests {
   func evaluation(_ model: String, _ data: String) throws -> [String: Any] {
     let result = try CLI.run("eval", model, "--data", data, "--json")
@@ -62,20 +78,7 @@ import Testing
   @Test func bertEncodersDistilFromTheCLI() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
-    let json = """
-      {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 40, "hidden_size": 32,
-       "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 16,
-       "type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu"}
-      """
-    let config = try NetworkConfig(json: Data(json.utf8))
-    let weights = Network<Float>.expectedShapes(config).map { name, shape -> (name: String, tensor: Tensor) in
-      let rng = CounterRNG(seed: 5, stream: name)
-      let gain: Float = name.hasSuffix("LayerNorm.weight") ? 1 : 0
-      return (
-        name, Tensor(shape: shape, scalars: (0..<shape.reduce(1, *)).map { gain + 0.15 * rng.normal(UInt64($0)) })
-      )
-    }
-    try ModelFolder.write(weights, files: ["config.json": json], dtype: .f32, to: folder.file("bert"), overwrite: false)
+    try writeRandomBERT(to: folder.file("bert"))
     let lines = (0..<48).map { s in
       "[" + (0..<12).map { String(($0 * (s % 5 + 1) + s) % 40) }.joined(separator: ", ") + "]"
     }
