@@ -43,6 +43,13 @@ public enum ATLAS {
     public var keepFraction: Double?
     /// Target tasks of `negate` (the other tasks are the control).
     public var negateTasks: Set<Int> = []
+    /// Stop when the validation metric has not improved for this many epochs.
+    public var patience: Int?
+    /// Without validation data: choose the number of epochs on a held-out fifth of the data
+    /// (every fifth example), then train on all of it for that many epochs.
+    public var earlyStopping = false
+    /// Select epochs by the validation loss (within each task's classes) rather than accuracy.
+    public var selectByLoss = false
     public var seed: UInt64 = 0
     public init() {}
 
@@ -57,7 +64,30 @@ public enum ATLAS {
       case .ufm, .entropy: (epochs, learningRate, cosine) = (10, 1e-3, true)
       }
     }
+
+    /// The defaults for `ce` on `examples` rows (or sequences): the paper's 20 epochs at 1e-3
+    /// assume thousands of examples, hundreds of steps; on a small set they leave the
+    /// coefficients near 0 (the base), yet a fixed longer schedule overfits some small sets.
+    /// When the paper's epochs make fewer than `smallDataSteps` (300) steps, the schedule is
+    /// validated instead: 1e-2 without decay for up to `smallDataSteps` steps (at most 500
+    /// epochs), stopping after 10 epochs or 40 steps (whichever is more) without improvement,
+    /// the number of epochs chosen on validation data or, without it, on a held-out fifth of
+    /// the data (`earlyStopping`). Other objectives keep their defaults.
+    public func adaptedToDataSize(examples: Int) -> Options {
+      let batches = max(1, (examples + batchSize - 1) / max(batchSize, 1))
+      guard objective == .ce, epochs * batches < ATLAS.smallDataSteps else { return self }
+      var o = self
+      (o.epochs, o.learningRate, o.cosine, o.earlyStopping) = (
+        min(500, max(epochs, (ATLAS.smallDataSteps + batches - 1) / batches)), 1e-2, false, true
+      )
+      o.patience = max(10, (40 + batches - 1) / batches)
+      return o
+    }
   }
+
+  /// A data set is small for `ce` when the paper's schedule makes fewer steps than this; the
+  /// small-data schedule then runs at most this many (`Options.adaptedToDataSize`).
+  public static let smallDataSteps = 300
 
   /// One epoch's figures: mean training loss, and the selection metric when there is one.
   public struct EpochReport: Sendable {
@@ -66,39 +96,68 @@ public enum ATLAS {
     public let metric: Double?
   }
 
-  /// A base network, its task vectors and the blocks they are learned on.
+  /// What the coefficients are learned on: labelled feature rows (MLPs; labels unused by the
+  /// unsupervised objectives), or token sequences (decoders: next-token cross-entropy, or the
+  /// entropy of the next-token distributions).
+  public enum TrainingData {
+    case features(LabeledFeatures)
+    case tokens([[Int]])
+
+    /// Rows or sequences.
+    public var count: Int {
+      switch self {
+      case .features(let d): return d.count
+      case .tokens(let t): return t.count
+      }
+    }
+
+    func rows(_ indices: [Int]) -> TrainingData {
+      switch self {
+      case .features(let d): return .features(d.rows(indices))
+      case .tokens(let t): return .tokens(indices.map { t[$0] })
+      }
+    }
+  }
+
+  /// A base network, its task vectors and the blocks they are learned on. The task vectors are
+  /// read block by block from their source whenever a step needs them (twice per step: to form
+  /// the weights, and for the coefficients' gradients), so a mapped source keeps them on disk.
   public struct Problem {
     public let base: Network<Float>
     public let names: [String]
-    /// Per task vector, the values of every block, shaped like the base's weights.
-    public let taskVectors: [[String: Matrix<Float>]]
+    public let taskVectors: any TaskVectorSource
     public let blocks: [String]
 
     /// Blocks are the base's weights in architecture order that every task vector holds, minus
     /// those matching `exclude`. Throws when a task vector's tensor does not fit the base.
-    public init(base: Network<Float>, taskVectors: [[String: Tensor]], names: [String], exclude: String? = nil) throws {
+    public init(base: Network<Float>, taskVectors: any TaskVectorSource, names: [String], exclude: String? = nil) throws
+    {
       guard base.lowRank.isEmpty else { throw MergeError.factoredBase }
       let pattern = try exclude.map { try Regex($0) }
       var blocks: [String] = []
-      var vectors = [[String: Matrix<Float>]](repeating: [:], count: taskVectors.count)
-      for (name, shape) in Network<Float>.expectedShapes(base.config) {
+      let prefix = base.tensorPrefix
+      for (name, shape) in Network<Float>.expectedShapes(base.config, prefix: prefix) {
         if let pattern, name.contains(pattern) { continue }
-        guard taskVectors.allSatisfy({ $0[name] != nil }) else { continue }
-        for (i, tv) in taskVectors.enumerated() {
-          let vector = try tv.required(name)
-          guard vector.shape == shape else {
+        guard (0..<taskVectors.count).allSatisfy({ taskVectors.shape(of: name, in: $0) != nil }) else { continue }
+        for i in 0..<taskVectors.count {
+          let found = taskVectors.shape(of: name, in: i) ?? []
+          guard found == shape else {
             throw MergeError.taskVectorMismatch(
-              taskVector: i, tensor: name, reason: "shape \(vector.shape), the base has \(shape)")
+              taskVector: i, tensor: name, reason: "shape \(found), the base has \(shape)")
           }
-          vectors[i][name] = Matrix(vector)
         }
         blocks.append(name)
       }
       guard !blocks.isEmpty else { throw MergeError.noBlocks }
       self.base = base
       self.names = names
-      self.taskVectors = vectors
+      self.taskVectors = taskVectors
       self.blocks = blocks
+    }
+
+    /// Task vectors held in memory, by tensor name.
+    public init(base: Network<Float>, taskVectors: [[String: Tensor]], names: [String], exclude: String? = nil) throws {
+      try self.init(base: base, taskVectors: TaskVectorTensors(taskVectors), names: names, exclude: exclude)
     }
 
     /// `theta(Lambda)` as a runnable network, computed by `ATLASApply` (what `atlas apply`
@@ -107,13 +166,14 @@ public enum ATLAS {
       var out = base
       let apply = ATLASApply(c)
       let parameters = try ParameterResolver(
-        method: apply.name, specs: [], global: [:], models: taskVectors.map { _ in [:] },
+        method: apply.name, specs: [], global: [:], models: (0..<taskVectors.count).map { _ in [:] },
         positions: LayerPositions(names: c.blocks)
       ).resolve(tensor: c.blocks.first ?? "")
       for block in c.blocks {
         guard let w = out.weights[block] else { continue }
         let inputs = MergeInputs(
-          name: block, base: w.tensor(), models: try taskVectors.map { try $0.required(block).tensor() })
+          name: block, base: w.tensor(),
+          models: try (0..<taskVectors.count).map { try taskVectors.values(of: block, in: $0).tensor() })
         out.weights[block] = Matrix(try apply.merge(inputs, parameters))
       }
       return out
@@ -128,7 +188,33 @@ public enum ATLAS {
     _ problem: Problem, data: LabeledFeatures, validation: LabeledFeatures? = nil, options: Options,
     progress: ((EpochReport) -> Void)? = nil
   ) throws -> (coefficients: ATLASCoefficients, epochs: [EpochReport]) {
-    if options.objective == .negate {
+    try learn(
+      problem, on: .features(data), validation: validation.map { .features($0) }, options: options, progress: progress)
+  }
+
+  /// Learns the coefficients on feature rows or token sequences (see `TrainingData`). With
+  /// token sequences the objective is `ce` (next-token cross-entropy) or `entropy`, and
+  /// validation keeps the epoch with the lowest next-token loss.
+  public static func learn(
+    _ problem: Problem, on data: TrainingData, validation: TrainingData? = nil, options: Options,
+    progress: ((EpochReport) -> Void)? = nil
+  ) throws -> (coefficients: ATLASCoefficients, epochs: [EpochReport]) {
+    switch (problem.base.config, data) {
+    case (.mlp, .features): break
+    case (.decoder, .tokens):
+      guard [.ce, .fewShot, .entropy].contains(options.objective) else {
+        throw MergeError.invalidParameter(
+          method: "atlas", name: "objective", tensor: nil,
+          reason:
+            "\(options.objective.rawValue) needs labelled feature rows with tasks; a decoder learns with ce "
+            + "(next-token cross-entropy) or entropy")
+      }
+    default:
+      throw MergeError.invalidParameter(
+        method: "atlas", name: "data", tensor: nil,
+        reason: "aTLAS learns an MLP's coefficients on feature rows and a decoder's on token sequences")
+    }
+    if options.objective == .negate, case .features(let data) = data {
       guard !options.negateTasks.isEmpty, Set(data.taskIDs).subtracting(options.negateTasks).count > 0 else {
         throw MergeError.invalidParameter(
           method: "atlas", name: "negate_tasks", tensor: nil,
@@ -147,6 +233,21 @@ public enum ATLAS {
       throw MergeError.invalidParameter(
         method: "atlas", name: "batch_size", tensor: nil, reason: "\(options.batchSize) is not at least 1")
     }
+    if options.earlyStopping, validation == nil, data.count >= 10 {
+      // Choose the epochs on a held-out fifth, then train on everything for that many.
+      let held = (0..<data.count).filter { $0 % 5 == 4 }
+      let kept = (0..<data.count).filter { $0 % 5 != 4 }
+      var search = options
+      search.earlyStopping = false
+      search.selectByLoss = true  // a continuous signal: a fifth of a small set ties on accuracy
+      let trial = try learn(problem, on: data.rows(kept), validation: data.rows(held), options: search)
+      // The last of equally good epochs (accuracy plateaus: later is no worse, and trained more).
+      let metrics = trial.epochs.map { $0.metric ?? -.infinity }
+      let top = metrics.max() ?? -.infinity
+      search.epochs = (metrics.lastIndex(of: top) ?? 0) + 1
+      (search.patience, search.selectByLoss) = (nil, false)
+      return try learn(problem, on: data, options: search, progress: progress)
+    }
     var data = data
     if options.objective == .fewShot, data.count < 10 * options.batchSize {
       // As the paper does: a small set is repeated so that an epoch has at least 10 batches.
@@ -162,6 +263,7 @@ public enum ATLAS {
     // Negation falls back to the base (Lambda = 0) when no epoch keeps the control task's accuracy.
     if options.objective == .negate, let baseline { best = (learner.coefficients(), -baseline.target) }
     var reports: [EpochReport] = []
+    var bestEpoch = -1
     for epoch in 0..<options.epochs {
       let loss = try learner.epoch(data, epoch: epoch, trusted: trusted)
       var metric: Double?
@@ -175,11 +277,13 @@ public enum ATLAS {
         }
         if let metric, metric > best?.metric ?? -Double.infinity || best == nil {
           best = (learner.coefficients(), metric)
+          bestEpoch = epoch
         }
       }
       let report = EpochReport(epoch: epoch + 1, loss: loss, metric: metric)
       reports.append(report)
       progress?(report)
+      if let patience = options.patience, check != nil, epoch - bestEpoch >= patience { break }
     }
     return (best?.coefficients ?? learner.coefficients(), reports)
   }

@@ -80,20 +80,22 @@ extension Tape {
   }
 
   /// Mean entropy of the predicted distributions, `-sum p log p` per row (unsupervised
-  /// test-time adaptation minimises it).
+  /// test-time adaptation minimises it); with `rows`, over the rows where it is true only
+  /// (a token batch's non-padding positions).
   @_specialize(exported:true,where T == Float)
-  public func entropy(_ logits: Var) -> Var {
+  public func entropy(_ logits: Var, rows counted: [Bool]? = nil) -> Var {
     let z = value(logits)
     let p = softmax(z)
+    let included = counted ?? Array(repeating: true, count: z.rows)
     var rowEntropy = [T](repeating: 0, count: z.rows)
-    for r in 0..<z.rows {
+    for r in 0..<z.rows where included[r] {
       for c in 0..<z.columns where p[r, c] > 0 { rowEntropy[r] -= p[r, c] * T.log(p[r, c]) }
     }
-    let scale = 1 / T(z.rows)
+    let scale = 1 / T(max(included.filter { $0 }.count, 1))
     return record(Matrix(rows: 1, columns: 1, values: [rowEntropy.reduce(0, +) * scale]), inputs: [logits]) {
       [unowned self] g in
       var dz = Matrix<T>(zeros: z.rows, z.columns)
-      for r in 0..<z.rows {
+      for r in 0..<z.rows where included[r] {
         for c in 0..<z.columns where p[r, c] > 0 {
           dz[r, c] = -p[r, c] * (T.log(p[r, c]) + rowEntropy[r]) * scale * g.values[0]
         }

@@ -3,6 +3,16 @@ import Foundation
 import Merge
 import Nets
 
+/// Task vectors read from their files tensor by tensor when the learner needs them (the files
+/// stay mapped; nothing is held decoded between steps).
+struct CheckpointTaskVectors: TaskVectorSource {
+  let files: [any Checkpoint]
+  init(_ paths: [String]) throws { files = try paths.map { try openCheckpoint($0) } }
+  var count: Int { files.count }
+  func shape(of name: String, in i: Int) -> [Int]? { files[i].lookup(name)?.shape }
+  func values(of name: String, in i: Int) throws -> Matrix<Float> { Matrix(try files[i].tensor(named: name)) }
+}
+
 /// `atlas-learn` (`mergekit atlas learn`, recipe `atlas`): learns aTLAS coefficients on data and
 /// writes the model with `atlas-coefficients.json` in its folder.
 public struct ATLASLearnOperation: MergekitOperation {
@@ -22,12 +32,16 @@ public struct ATLASLearnOperation: MergekitOperation {
     unsupervised objectives), from 0 (the base). validation keeps the best epoch (negate: the \
     lowest target accuracy whose control accuracy stays at 95% of the base's). The output \
     folder holds the model and atlas-coefficients.json (also written to coefficients_out when \
-    given), which `atlas apply` reuses. Paper: Zhang et al., NeurIPS 2024 (arXiv:2407.02880).
+    given), which `atlas apply` reuses. A Llama-style decoder learns on token sequences with \
+    ce (next-token cross-entropy) or entropy (of the next-token distributions); validation \
+    then keeps the epoch with the lowest next-token loss. Task vectors are read from their \
+    files block by block at every step (they stay mapped, never held decoded). \
+    Paper: Zhang et al., NeurIPS 2024 (arXiv:2407.02880).
     """
   public let inputs = OperationInputs(
     models: 1...Int.max, modelHelp: "task vectors of the base (from `mergekit task-vector`)", base: .required,
-    baseHelp: "the base MLP",
-    data: .required, dataHelp: "labelled features", baseIsFirstArgument: true)
+    baseHelp: "the base MLP or decoder",
+    data: .required, dataHelp: "labelled features (MLPs) or token sequences (decoders)", baseIsFirstArgument: true)
   public let output = OutputKind.model
   public let parameters: [ParameterSpec] =
     ParameterSpec.labelledDataSpecs + [
@@ -48,7 +62,9 @@ public struct ATLASLearnOperation: MergekitOperation {
         help: "leave tensors matching this regular expression out of the blocks (they keep the base's values)"),
       .integer(
         "epochs", in: 1...1_000_000, default: nil, optional: true, help: "epochs (default: the objective's, 20 or 10)"),
-      .integer("batch_size", in: 1...1 << 24, default: 128, help: "mini-batch size"),
+      .integer(
+        "batch_size", in: 1...1 << 24, default: nil, optional: true,
+        help: "mini-batch size (default: 128 feature rows, 8 token sequences)"),
       .number(
         "lr", .global, in: ParameterSpec.nonNegative, openBelow: true, default: nil, optional: true,
         help: "learning rate (default: the objective's, 1e-3 or 0.1 for few-shot)"),
@@ -75,28 +91,43 @@ public struct ATLASLearnOperation: MergekitOperation {
   public func run(_ request: OperationRequest, context: OperationContext) throws -> OperationResult {
     let p = request.parameters
     guard let base = request.base else { throw OperationError.inputs(operation: name, reason: "needs base") }
+    let network = try NetworkFiles.load(base)
     let problem = try ATLAS.Problem(
-      base: try NetworkFiles.load(base), taskVectors: try request.models.map { try NetworkFiles.tensors($0) },
-      names: request.modelNames, exclude: p.optionalText("exclude"))
+      base: network, taskVectors: try CheckpointTaskVectors(request.models), names: request.modelNames,
+      exclude: p.optionalText("exclude"))
+    let decoder: Bool
+    switch network.config {
+    case .mlp: decoder = false
+    case .decoder: decoder = true
+    case .bert:
+      throw OperationError.inputs(
+        operation: name,
+        reason: "aTLAS learns on MLPs and decoders; '\(base)' is a BERT encoder without a head to train")
+    }
     var options = ATLAS.Options(objective: ATLAS.Objective(rawValue: p.text("objective")) ?? .ce)
     (options.epochs, options.learningRate) = (
       p.optionalInt("epochs") ?? options.epochs, p.optionalDouble("lr").map(Float.init) ?? options.learningRate
     )
     (options.batchSize, options.weightDecay, options.seed, options.keepFraction) = (
-      p.int("batch_size"), p.float("weight_decay"), p.seed(), p.optionalDouble("keep")
+      p.optionalInt("batch_size") ?? (decoder ? 8 : 128), p.float("weight_decay"), p.seed(), p.optionalDouble("keep")
     )
     options.isotropic = p.text("blocks") == "isotropic"
     options.partitions = Int(p.text("blocks")) ?? 1
     options.negateTasks = Set(p.optionalIntegers("negate_tasks") ?? [])
-    let validation = try p.optionalText("validation").map { try request.labelledData($0) }
+    func read(_ path: String) throws -> ATLAS.TrainingData {
+      guard decoder, case .decoder(let c) = network.config else { return .features(try request.labelledData(path)) }
+      return .tokens(try EvalOperation.tokenSequences(path, vocabulary: c.vocabularySize, operation: name))
+    }
+    let data: ATLAS.TrainingData = decoder ? try read(try request.requireData()) : .features(try request.labelledData())
+    if !p.isGiven("epochs") && !p.isGiven("lr") { options = options.adaptedToDataSize(examples: data.count) }
+    let validation = try p.optionalText("validation").map { try read($0) }
     let meter = context.meter("atlas", .items("epochs"))
-    let (coefficients, reports) = try ATLAS.learn(
-      problem, data: try request.labelledData(), validation: validation, options: options
-    ) { report in
-      meter.update(
-        report.epoch, options.epochs,
-        note: String(format: "loss %.4f", report.loss)
-          + (report.metric.map { String(format: "  validation %.4f", $0) } ?? ""))
+    let (coefficients, reports) = try ATLAS.learn(problem, on: data, validation: validation, options: options) {
+      report in
+      let metric = report.metric.map {
+        decoder ? String(format: "  validation perplexity %.3f", exp(-$0)) : String(format: "  validation %.4f", $0)
+      }
+      meter.update(report.epoch, options.epochs, note: String(format: "loss %.4f", report.loss) + (metric ?? ""))
     }
     meter.finish()
     let json = try coefficients.json()
@@ -106,14 +137,22 @@ public struct ATLASLearnOperation: MergekitOperation {
       description:
         "`mergekit atlas-learn` learned block-wise coefficients for the task vectors of \(request.models.joined(separator: ", ")) "
         + "on \(request.base ?? "the base") (aTLAS, arXiv:2407.07089); they are in `\(Self.coefficientsFile)`.",
-      loadsInTransformers: false,
-      howToRun: "`mergekit eval THIS_FOLDER --data DATA` runs the merged MLP (it is not a transformers model).")
-    try NetworkFiles.saveMLP(
-      problem.network(coefficients), to: output, overwrite: context.overwrite,
-      files: [
-        Self.coefficientsFile: String(decoding: json, as: UTF8.self),
-        "README.md": String(decoding: card, as: UTF8.self),
-      ])
+      loadsInTransformers: decoder,
+      howToRun: decoder
+        ? ModelCard.transformersUsage
+        : "`mergekit eval THIS_FOLDER --data DATA` runs the merged MLP (it is not a transformers model).")
+    if decoder {
+      try NetworkFiles.save(
+        problem.network(coefficients), like: base, to: output, overwrite: context.overwrite, card: card,
+        files: [Self.coefficientsFile: json])
+    } else {
+      try NetworkFiles.saveMLP(
+        problem.network(coefficients), to: output, overwrite: context.overwrite,
+        files: [
+          Self.coefficientsFile: String(decoding: json, as: UTF8.self),
+          "README.md": String(decoding: card, as: UTF8.self),
+        ])
+    }
     if let path = p.optionalText("coefficients_out") {
       try writeFileAtomically([UInt8](json), to: path)
     }

@@ -68,10 +68,11 @@ public enum NetworkFiles {
   }
 
   /// Saves any network as a model folder next to the files of `source` (tokenizer, generation
-  /// config), in the source's floating dtype, with config.json recording its factored layers
-  /// and `card` as its README.md (the source's own card is never copied).
+  /// config), in the source's floating dtype, with config.json recording its factored layers,
+  /// `card` as its README.md (the source's own card is never copied) and `files` besides.
   public static func save(
-    _ network: Network<Float>, like source: String, to folder: String, overwrite: Bool, card: Data? = nil
+    _ network: Network<Float>, like source: String, to folder: String, overwrite: Bool, card: Data? = nil,
+    files: [String: Data] = [:]
   ) throws {
     let original = try openCheckpoint(source)
     let dtype = original.tensors.first { $0.dtype.isFloatingPoint }?.dtype ?? .f32
@@ -88,6 +89,7 @@ public enum NetworkFiles {
     }
     options.skippedFiles.formUnion(ModelCard.replacedFiles)
     if let card { options.files["README.md"] = card }
+    options.files.merge(files) { $1 }
     let tensors = network.tensors
     let writer = try CheckpointWriter(
       destination: folder, tensors: tensors.map { TensorInfo(name: $0.name, dtype: dtype, shape: $0.tensor.shape) },

@@ -80,6 +80,11 @@ public struct SyntheticTokensOperation: MergekitOperation {
     .integer("sequences", in: 1...10_000_000, default: 64, help: "number of sequences"),
     .integer("length", in: 2...1_000_000, default: 32, help: "tokens per sequence"),
     .integer("vocabulary", in: 2...Int(Int32.max), default: 2048, help: "vocabulary size"),
+    .integers(
+      "offsets", in: 0...Int(Int32.max), default: [0],
+      help:
+        "first token id of each domain (ids offset ..< offset + vocabulary); several: sequence i is in domain i mod their count"
+    ),
     .number("noise", .global, in: 0...1, default: 0.2, help: "probability of a random token"),
     .integer("seed", in: 0...Int.max, default: 0, help: "seed"),
     .text("split", default: "train", help: "name of the split: sequences differ per split"),
@@ -100,7 +105,11 @@ public struct SyntheticTokensOperation: MergekitOperation {
     )
     let output = try request.requireOutput()
     try request.requireNewOutput(overwrite: context.overwrite)
-    try NetworkFiles.writeTokens(try SyntheticTokens.make(o, split: p.text("split")), to: output)
+    let offsets = p.optionalIntegers("offsets") ?? [0]
+    let sequences = try SyntheticTokens.make(o, split: p.text("split")).enumerated().map { i, sequence in
+      sequence.map { $0 + offsets[i % max(offsets.count, 1)] }
+    }
+    try NetworkFiles.writeTokens(sequences, to: output)
     return OperationResult(lines: ["\(output): \(o.sequences) sequences of \(o.length) tokens"])
   }
 }

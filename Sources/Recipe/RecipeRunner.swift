@@ -761,13 +761,20 @@ extension RecipeRunner {
         classifiers.flatMap { ($0.report["tasks"] as? [[String: Any]] ?? []).compactMap { $0["task"] as? Int } }
       )
       .sorted()
+      // Per task: accuracy within the task's own classes (the papers' per-task, task-aware
+      // accuracy), and their mean.
+      let several = tasks.count > 1
       table(
-        ["step", "model", "accuracy", "joint"] + tasks.map { "task \($0)" },
+        ["step", "model", "accuracy"] + (several ? ["joint", "mean of tasks"] + tasks.map { "task \($0)" } : []),
         classifiers.map { step, report in
           let perTask = report["tasks"] as? [[String: Any]] ?? []
-          return [step.label, step.models.first ?? "", percent(report["accuracy"]), percent(report["joint_accuracy"])]
-            + tasks.map { t in percent(perTask.first { $0["task"] as? Int == t }?["accuracy"]) }
+          let within = tasks.map { t in perTask.first { $0["task"] as? Int == t }?["accuracy_within_task"] as? Double }
+          let known = within.compactMap { $0 }
+          let mean = known.isEmpty ? nil : known.reduce(0, +) / Double(known.count)
+          return [step.label, step.models.first ?? "", percent(report["accuracy"])]
+            + (several ? [percent(report["joint_accuracy"]), percent(mean)] + within.map { percent($0) } : [])
         })
+      if several { lines.append("  (task columns: accuracy within each task's own classes)") }
     }
     if !models.isEmpty {
       table(

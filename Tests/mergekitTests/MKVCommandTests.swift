@@ -97,6 +97,37 @@ import Testing
     #expect(try CLI.run("zip", model, model, "--data", held, "--stop-at", "1", "-o", folder.file("x")).status == 64)
   }
 
+  /// `atlas learn` on a decoder: task vectors of two fine-tunes (written by `train` and
+  /// `task-vector`), coefficients learned on token sequences with next-token cross-entropy; the
+  /// output is a decoder folder with the coefficient file, and its validation loss is no worse
+  /// than the base's (Lambda = 0 is where training starts). Objectives that need labelled rows
+  /// are refused.
+  @Test func atlasLearnsOnADecoder() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let model = try tinyDecoder(folder)
+    let data = try tokens(folder, "train.jsonl", split: "train")
+    for task in ["a", "b"] {
+      let tuned = try CLI.run(
+        "train", model, "--data", data, "--epochs", "1", "--lr", task == "a" ? "0.01" : "0.003", "--seed",
+        task == "a" ? "1" : "2", "-o", folder.file("ft-" + task), "-q")
+      #expect(tuned.status == 0, "\(tuned.stderr)")
+      #expect(
+        try CLI.run("task-vector", folder.file("ft-" + task), "--base", model, "-o", folder.file(task + ".safetensors"))
+          .status == 0)
+    }
+    let learned = try CLI.run(
+      "atlas", "learn", model, folder.file("a.safetensors"), folder.file("b.safetensors"), "--data", data, "--epochs",
+      "3", "--lr", "0.01", "-o", folder.file("atlas"), "-q")
+    #expect(learned.status == 0 && learned.stdout.contains("after 3 epochs"), "\(learned.stderr)")
+    #expect(FileManager.default.fileExists(atPath: folder.file("atlas/atlas-coefficients.json")))
+    #expect(try perplexity(folder.file("atlas"), data) <= perplexity(model, data) * 1.0001)
+    let negate = try CLI.run(
+      "atlas", "learn", model, folder.file("a.safetensors"), "--data", data, "--objective", "negate", "--negate-tasks",
+      "0", "-o", folder.file("x"))
+    #expect(negate.status == 64 && negate.stderr.contains("a decoder learns with ce"), "\(negate.stderr)")
+  }
+
   @Test func dataFreeBasesAndBadRequests() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
