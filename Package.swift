@@ -7,7 +7,11 @@ import PackageDescription
 /// `-Ounchecked` (no overflow or precondition traps) only for the numeric kernels, where
 /// `make bench-merge` shows it matters. Targets that parse input (Checkpoint, Operations,
 /// Recipe, the CLI) keep the checks, so a lying size traps instead of reading out of bounds.
-let kernels: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+/// Debug builds optimise the kernels too (`-O`, checks kept): training and matching loops run
+/// about twenty times slower unoptimised, which the tests and recipes would pay.
+let kernels: [SwiftSetting] = [
+  .unsafeFlags(["-Ounchecked"], .when(configuration: .release)), .unsafeFlags(["-O"], .when(configuration: .debug)),
+]
 
 let package = Package(
   name: "mergekit-swift",

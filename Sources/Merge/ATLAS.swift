@@ -68,18 +68,24 @@ public enum ATLAS {
     /// The defaults for `ce` on `examples` rows (or sequences): the paper's 20 epochs at 1e-3
     /// assume thousands of examples, hundreds of steps; on a small set they leave the
     /// coefficients near 0 (the base), yet a fixed longer schedule overfits some small sets.
-    /// When the paper's epochs make fewer than `smallDataSteps` (300) steps, the schedule is
-    /// validated instead: 1e-2 without decay for up to `smallDataSteps` steps (at most 500
-    /// epochs), stopping after 10 epochs or 40 steps (whichever is more) without improvement,
-    /// the number of epochs chosen on validation data or, without it, on a held-out fifth of
-    /// the data (`earlyStopping`). Other objectives keep their defaults.
+    /// When the paper's epochs make fewer than `smallDataSteps` (300) steps, the rate is 1e-2
+    /// without decay and the length is validated: up to 300 steps (at most 500 epochs),
+    /// stopping after 10 epochs or 40 steps (whichever is more) without improvement, the number
+    /// of epochs chosen on validation data or, without it, on a held-out fifth of the data
+    /// (`earlyStopping`). A fifth of fewer than 40 examples is too few to choose by; then the
+    /// schedule is fixed at the paper's epochs or 60 steps, whichever is more. Other
+    /// objectives keep their defaults.
     public func adaptedToDataSize(examples: Int) -> Options {
       let batches = max(1, (examples + batchSize - 1) / max(batchSize, 1))
       guard objective == .ce, epochs * batches < ATLAS.smallDataSteps else { return self }
       var o = self
-      (o.epochs, o.learningRate, o.cosine, o.earlyStopping) = (
-        min(500, max(epochs, (ATLAS.smallDataSteps + batches - 1) / batches)), 1e-2, false, true
-      )
+      (o.learningRate, o.cosine) = (1e-2, false)
+      guard examples >= 40 else {
+        o.epochs = max(epochs, (60 + batches - 1) / batches)
+        return o
+      }
+      o.epochs = min(500, max(epochs, (ATLAS.smallDataSteps + batches - 1) / batches))
+      o.earlyStopping = true
       o.patience = max(10, (40 + batches - 1) / batches)
       return o
     }
@@ -92,8 +98,12 @@ public enum ATLAS {
   /// One epoch's figures: mean training loss, and the selection metric when there is one.
   public struct EpochReport: Sendable {
     public let epoch: Int
+    /// Epochs this stage runs at most.
+    public var epochs: Int = 0
     public let loss: Double
     public let metric: Double?
+    /// True while the number of epochs is being chosen on a held-out part (`earlyStopping`).
+    public var choosing = false
   }
 
   /// What the coefficients are learned on: labelled feature rows (MLPs; labels unused by the
@@ -233,14 +243,18 @@ public enum ATLAS {
       throw MergeError.invalidParameter(
         method: "atlas", name: "batch_size", tensor: nil, reason: "\(options.batchSize) is not at least 1")
     }
-    if options.earlyStopping, validation == nil, data.count >= 10 {
+    if options.earlyStopping, validation == nil, data.count >= 40 {
       // Choose the epochs on a held-out fifth, then train on everything for that many.
       let held = (0..<data.count).filter { $0 % 5 == 4 }
       let kept = (0..<data.count).filter { $0 % 5 != 4 }
       var search = options
       search.earlyStopping = false
       search.selectByLoss = true  // a continuous signal: a fifth of a small set ties on accuracy
-      let trial = try learn(problem, on: data.rows(kept), validation: data.rows(held), options: search)
+      let trial = try learn(problem, on: data.rows(kept), validation: data.rows(held), options: search) { report in
+        var report = report
+        report.choosing = true
+        progress?(report)
+      }
       // The last of equally good epochs (accuracy plateaus: later is no worse, and trained more).
       let metrics = trial.epochs.map { $0.metric ?? -.infinity }
       let top = metrics.max() ?? -.infinity
@@ -280,7 +294,7 @@ public enum ATLAS {
           bestEpoch = epoch
         }
       }
-      let report = EpochReport(epoch: epoch + 1, loss: loss, metric: metric)
+      let report = EpochReport(epoch: epoch + 1, epochs: options.epochs, loss: loss, metric: metric)
       reports.append(report)
       progress?(report)
       if let patience = options.patience, check != nil, epoch - bestEpoch >= patience { break }

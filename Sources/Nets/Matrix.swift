@@ -101,3 +101,14 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
     return t
   }
 }
+
+extension Matrix where T == Float {
+  /// A tensor's values as a `Float` matrix (2-D as is, 1-D as one row): the generic
+  /// `init(_:)` made concrete, so unoptimised callers (a debug build's command layer) on a
+  /// hot path do not run the generic per-element code.
+  public init(floats tensor: Tensor) {
+    let (rows, columns) =
+      tensor.shape.count == 1 ? (1, tensor.shape[0]) : (tensor.shape.dropLast().reduce(1, *), tensor.shape.last ?? 1)
+    self.init(rows: rows, columns: columns, values: tensor.scalars)
+  }
+}

@@ -1,8 +1,11 @@
 /// BERT encoders: word + position + token-type embeddings and LayerNorm, post-LayerNorm blocks
 /// with bidirectional attention over the unpadded tokens, then mean pooling over the tokens
-/// (sentence embeddings, as sentence-transformers does). Points per layer
-/// `encoder.layer.{i}.`: every dense layer's `.input`/`.output`, `attention.self.keys`,
-/// `attention.self.values`, `intermediate.hidden`, `output`; and `last_hidden_state`.
+/// (sentence embeddings, as sentence-transformers does), or with a classification head
+/// (`BertForSequenceClassification`) `classifier(tanh(pooler.dense(h_first)))`, the logits
+/// from the first token's last hidden state. Points per layer `encoder.layer.{i}.`: every dense
+/// layer's `.input`/`.output`, `attention.self.keys`, `attention.self.values`,
+/// `intermediate.hidden`, `output`; and `last_hidden_state` (and `pooler.dense.output`,
+/// `classifier.output` with a head).
 extension Network {
   static func bertShapes(_ c: BERTConfig, prefix: String) -> [(name: String, shape: [Int])] {
     let (h, p) = (c.hiddenSize, prefix)
@@ -25,6 +28,12 @@ extension Network {
       for norm in ["attention.output.LayerNorm", "output.LayerNorm"] {
         shapes += [(l + norm + ".weight", [h]), (l + norm + ".bias", [h])]
       }
+    }
+    if let labels = c.classifierLabels {
+      shapes += [
+        (p + "pooler.dense.weight", [h, h]), (p + "pooler.dense.bias", [h]), ("classifier.weight", [labels, h]),
+        ("classifier.bias", [labels]),
+      ]
     }
     return shapes
   }
@@ -65,6 +74,9 @@ extension Network {
       recorder.record(l + "output", x)
     }
     recorder.record("last_hidden_state", x)
-    return tape.meanPool(x, sequence: batch.sequence, mask: batch.mask)
+    guard c.classifierLabels != nil else { return tape.meanPool(x, sequence: batch.sequence, mask: batch.mask) }
+    let first = tape.rows(x, Array(stride(from: 0, to: batch.ids.count, by: batch.sequence)))
+    let pooled = tape.tanh(tape.dense(first, p + "pooler.dense", bias: true, weight, &recorder))
+    return tape.dense(pooled, "classifier", bias: true, weight, &recorder)
   }
 }

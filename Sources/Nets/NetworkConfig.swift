@@ -21,7 +21,11 @@ public enum NetworkConfig: Equatable, Sendable {
       self = .mlp(try MLPConfig(keys))
     case "llamaforcausallm", "mistralforcausallm", "qwen2forcausallm", "llama", "mistral", "qwen2":
       self = .decoder(try DecoderConfig(keys, qwen: architecture.lowercased().hasPrefix("qwen2")))
-    case "bertmodel", "bertformaskedlm", "bertforsequenceclassification", "bertforpretraining", "bert":
+    case "bertforsequenceclassification":
+      var c = try BERTConfig(keys)
+      c.classifierLabels = try BERTConfig.labelCount(keys)
+      self = .bert(c)
+    case "bertmodel", "bertformaskedlm", "bertforpretraining", "bert":
       self = .bert(try BERTConfig(keys))
     default:
       throw NetsError.unknownArchitecture(architecture)
@@ -301,11 +305,27 @@ public struct DecoderConfig: Equatable, Sendable {
   }
 }
 
-/// BERT encoders: sizes, LayerNorm epsilon, activation, position and token-type tables.
+/// BERT encoders: sizes, LayerNorm epsilon, activation, position and token-type tables; for
+/// `BertForSequenceClassification`, the number of labels of its head.
 public struct BERTConfig: Equatable, Sendable {
   public var vocabularySize, hiddenSize, intermediateSize, layerCount, headCount, maxPositions, typeVocabularySize: Int
   public var epsilon: Double
   public var activation: Activation
+  /// Labels of the classification head (pooler on the first token, then `classifier`); nil:
+  /// an encoder whose output is the mean of its last hidden states.
+  public var classifierLabels: Int?
+
+  /// `num_labels`, else the size of `id2label`, else 2 (transformers' default).
+  static func labelCount(_ keys: ConfigKeys) throws -> Int {
+    if keys.values["num_labels"] != nil { return try keys.int("num_labels") }
+    if let map = keys.values["id2label"] as? [String: Any], !map.isEmpty {
+      guard map.count <= ConfigKeys.maxSize else {
+        throw NetsError.invalidConfig(key: "id2label", reason: "has \(map.count) labels")
+      }
+      return map.count
+    }
+    return 2
+  }
 
   init(_ keys: ConfigKeys) throws {
     vocabularySize = try keys.int("vocab_size")

@@ -51,6 +51,20 @@ extension Tape {
     }
   }
 
+  /// Rows `indices` of `a`, in that order (each sequence's first token of a batch).
+  @_specialize(exported:true,where T == Float)
+  public func rows(_ a: Var, _ indices: [Int]) -> Var {
+    let x = value(a)
+    let out = x.rows(indices)
+    return record(out, inputs: [a]) { [unowned self] g in
+      var dx = Matrix<T>(zeros: x.rows, x.columns)
+      for (j, r) in indices.enumerated() {
+        for c in 0..<x.columns { dx.values[r * x.columns + c] += g.values[j * x.columns + c] }
+      }
+      accumulate(a, dx)
+    }
+  }
+
   /// Columns `range` of `a` (one head of a projection, one half of a fused weight).
   @_specialize(exported:true,where T == Float)
   public func columns(_ a: Var, _ range: Range<Int>) -> Var {

@@ -10,7 +10,7 @@ struct CheckpointTaskVectors: TaskVectorSource {
   init(_ paths: [String]) throws { files = try paths.map { try openCheckpoint($0) } }
   var count: Int { files.count }
   func shape(of name: String, in i: Int) -> [Int]? { files[i].lookup(name)?.shape }
-  func values(of name: String, in i: Int) throws -> Matrix<Float> { Matrix(try files[i].tensor(named: name)) }
+  func values(of name: String, in i: Int) throws -> Matrix<Float> { Matrix(floats: try files[i].tensor(named: name)) }
 }
 
 /// `atlas-learn` (`mergekit atlas learn`, recipe `atlas`): learns aTLAS coefficients on data and
@@ -127,7 +127,9 @@ public struct ATLASLearnOperation: MergekitOperation {
       let metric = report.metric.map {
         decoder ? String(format: "  validation perplexity %.3f", exp(-$0)) : String(format: "  validation %.4f", $0)
       }
-      meter.update(report.epoch, options.epochs, note: String(format: "loss %.4f", report.loss) + (metric ?? ""))
+      let stage = report.choosing ? "choosing the epochs on a held-out fifth: " : ""
+      meter.update(
+        report.epoch, report.epochs, note: stage + String(format: "loss %.4f", report.loss) + (metric ?? ""))
     }
     meter.finish()
     let json = try coefficients.json()

@@ -369,7 +369,7 @@ struct DecoderATLASFixture {
         })
     }
     self.base = base
-    validation = try Self.domain(0, count: 16, split: "val") + Self.domain(16, count: 16, split: "val")
+    validation = try Self.domain(0, count: 24, split: "val") + Self.domain(16, count: 24, split: "val")
     test = [try Self.domain(0, count: 24, split: "test"), try Self.domain(16, count: 24, split: "test")]
   }
 }
@@ -393,7 +393,7 @@ struct DecoderATLASFixture {
     var options = ATLAS.Options()
     options.batchSize = 8
     options = options.adaptedToDataSize(examples: f.validation.count)
-    #expect(options.learningRate == 1e-2 && options.earlyStopping && options.epochs == 75)
+    #expect(options.learningRate == 1e-2 && options.earlyStopping && options.epochs == 50)
     let learned = try ATLAS.learn(problem, on: .tokens(f.validation), options: options).coefficients
     let atlas = try testLoss(problem.network(learned))
     let base = try testLoss(f.base)
