@@ -83,7 +83,7 @@ extension PELA {
       throw AdaptError.nothingToDo(
         method: "PELA distillation", reason: "the student has no factored layer; factor the model first")
     }
-    guard student.config == teacher.config else {
+    guard student.config.architecture == teacher.config.architecture else {
       throw AdaptError.unsupportedModel(
         method: "PELA distillation", reason: "the teacher must have the student's architecture")
     }

@@ -303,4 +303,45 @@ public enum DataFiles {
       return ids
     }
   }
+
+  /// Labelled token sequences from JSON lines, one object per line: `input_ids` (token ids),
+  /// `label` (a class index) and optionally `task` (a task id), as sequence classification
+  /// data (`synthetic-tokens --labelled` writes them). Throws naming the line.
+  public static func readLabelledTokens(_ path: String) throws -> (sequences: [[Int]], labels: [Int], tasks: [Int]?) {
+    let text = try InputFile.readText(path, limit: Int.max)
+    var (sequences, labels, tasks) = ([[Int]](), [Int](), [Int]())
+    var withTasks = 0
+    func integer(_ value: Any?) -> Int? {
+      (value as? NSNumber).flatMap { Int(exactly: $0.doubleValue) }.flatMap {
+        (0...maxClassIndex).contains($0) ? $0 : nil
+      }
+    }
+    for (n, line) in text.split(whereSeparator: \.isNewline).enumerated() {
+      guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { continue }
+      let object = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any]
+      let array = object?["input_ids"] as? [Any]
+      guard let array, let ids = Optional(array.compactMap(integer)), ids.count == array.count, !ids.isEmpty,
+        let label = integer(object?["label"])
+      else {
+        throw CheckpointError.badDataFile(
+          file: path,
+          reason: "line \(n + 1) is not an object with 'input_ids' (token ids) and 'label' (a class index)")
+      }
+      if object?["task"] != nil {
+        guard let task = integer(object?["task"]) else {
+          throw CheckpointError.badDataFile(file: path, reason: "line \(n + 1): 'task' is not a task id")
+        }
+        tasks.append(task)
+        withTasks += 1
+      } else {
+        tasks.append(0)
+      }
+      sequences.append(ids)
+      labels.append(label)
+    }
+    guard withTasks == 0 || withTasks == sequences.count else {
+      throw CheckpointError.badDataFile(file: path, reason: "some lines have a 'task' and others do not")
+    }
+    return (sequences, labels, withTasks == 0 ? nil : tasks)
+  }
 }

@@ -123,7 +123,7 @@ extension ATLAS {
     }
 
     /// Logits with every row's classes outside its task pushed to -1e4 (its own head's view).
-    func withinTask(_ tape: Tape<Float>, _ logits: Var, _ batch: LabeledFeatures, classes: [Int: [Int]]) -> Var {
+    func withinTask(_ tape: Tape<Float>, _ logits: Var, _ batch: some Labelled, classes: [Int: [Int]]) -> Var {
       guard let tasks = batch.tasks, classes.count > 1 else { return logits }
       let z = tape.value(logits)
       var mask = Matrix<Float>(rows: z.rows, columns: z.columns, values: Array(repeating: -1e4, count: z.count))
@@ -138,6 +138,28 @@ extension ATLAS {
       let (logits, leaves) = try forward(tape, .tokens(batch))
       if options.objective == .entropy { return (tape.entropy(logits, rows: batch.mask), leaves) }
       return (tape.crossEntropy(logits, labels: Training.nextTokenLabels(batch)), leaves)
+    }
+
+    /// The objective on one batch of labelled token sequences (a BERT classifier).
+    func loss(_ tape: Tape<Float>, labelled batch: LabeledTokens, classes: [Int: [Int]]) throws -> (Var, [Int: Var]) {
+      let (logits, leaves) = try forward(tape, .tokens(TokenBatch(batch.sequences)))
+      return (supervised(tape, logits, batch, classes: classes), leaves)
+    }
+
+    /// The supervised objectives on logits: `ce`/`few-shot` within each row's task, or `negate`'s
+    /// `-CE(target) + CE(control)`; `entropy` needs no labels.
+    func supervised(_ tape: Tape<Float>, _ logits: Var, _ batch: some Labelled, classes: [Int: [Int]]) -> Var {
+      switch options.objective {
+      case .entropy: return tape.entropy(logits)
+      case .negate:
+        let scoped = withinTask(tape, logits, batch, classes: classes)
+        let tasks = batch.tasks ?? Array(repeating: 0, count: batch.count)
+        let target = batch.labels.indices.map { options.negateTasks.contains(tasks[$0]) ? batch.labels[$0] : -1 }
+        let control = batch.labels.indices.map { options.negateTasks.contains(tasks[$0]) ? -1 : batch.labels[$0] }
+        return tape.add(
+          tape.scale(tape.crossEntropy(scoped, labels: target), -1), tape.crossEntropy(scoped, labels: control))
+      default: return tape.crossEntropy(withinTask(tape, logits, batch, classes: classes), labels: batch.labels)
+      }
     }
 
     /// The objective on one batch of feature rows.
@@ -191,6 +213,7 @@ extension ATLAS {
     ) throws -> (Var, [Int: Var]) {
       switch data {
       case .tokens(let sequences): return try loss(tape, tokens: rows.map { sequences[$0] })
+      case .labelledTokens(let d): return try loss(tape, labelled: d.rows(rows), classes: context.classes)
       case .features(let d):
         return try loss(
           tape, d.rows(rows), rows: rows, epoch: epoch, classes: context.classes, trusted: context.trusted,
@@ -206,8 +229,12 @@ extension ATLAS {
     }
 
     func context(_ data: TrainingData, trusted: [Int: Int]) -> BatchContext {
-      guard case .features(let d) = data else { return BatchContext() }
-      return BatchContext(classes: d.classesByTask, trusted: trusted, scale: featureSpread(d.features))
+      switch data {
+      case .features(let d):
+        return BatchContext(classes: d.classesByTask, trusted: trusted, scale: featureSpread(d.features))
+      case .labelledTokens(let d): return BatchContext(classes: d.classesByTask)
+      case .tokens: return BatchContext()
+      }
     }
 
     /// A strong view of feature rows: each feature dropped with probability 0.1, plus Gaussian
@@ -294,12 +321,16 @@ extension ATLAS {
     /// accuracies (for negation).
     func scores(_ data: TrainingData) throws -> (mean: Double, target: Double, control: Double) {
       let network = try problem.network(coefficients())
-      guard case .features(let data) = data else {
-        guard case .tokens(let sequences) = data else { return (0, 0, 0) }
-        return (-(try Training.perplexity(network, on: sequences).loss), 0, 0)
+      let result: Evaluation
+      switch data {
+      case .tokens(let sequences): return (-(try Training.perplexity(network, on: sequences).loss), 0, 0)
+      case .features(let d):
+        if options.selectByLoss { return (-withinTaskLoss(try Training.logits(network, d.features), d), 0, 0) }
+        result = try Training.evaluate(network, on: d)
+      case .labelledTokens(let d):
+        if options.selectByLoss { return (-withinTaskLoss(try Training.logits(network, d.sequences), d), 0, 0) }
+        result = try Training.evaluate(network, on: d)
       }
-      if options.selectByLoss { return (-(try withinTaskLoss(network, data)), 0, 0) }
-      let result = try Training.evaluate(network, on: data)
       let mean = result.tasks.reduce(0.0) { $0 + $1.accuracyWithinTask } / Double(max(result.tasks.count, 1))
       func average(_ tasks: [Evaluation.Task]) -> Double {
         tasks.reduce(0.0) { $0 + $1.accuracyWithinTask * Double($1.count) }
@@ -310,9 +341,8 @@ extension ATLAS {
       return (mean, average(target), average(control))
     }
 
-    /// Mean cross-entropy of each row within its own task's classes (what `ce` minimises).
-    func withinTaskLoss(_ network: Network<Float>, _ data: LabeledFeatures) throws -> Double {
-      let logits = try Training.logits(network, data.features)
+    /// Mean cross-entropy of each example within its own task's classes (what `ce` minimises).
+    func withinTaskLoss(_ logits: Matrix<Float>, _ data: some Labelled) -> Double {
       let classes = data.classesByTask
       var total = 0.0
       for r in 0..<data.count {

@@ -112,12 +112,15 @@ public enum ATLAS {
   public enum TrainingData {
     case features(LabeledFeatures)
     case tokens([[Int]])
+    /// Labelled token sequences, for a BERT classifier (`BertForSequenceClassification`).
+    case labelledTokens(LabeledTokens)
 
     /// Rows or sequences.
     public var count: Int {
       switch self {
       case .features(let d): return d.count
       case .tokens(let t): return t.count
+      case .labelledTokens(let d): return d.count
       }
     }
 
@@ -125,6 +128,16 @@ public enum ATLAS {
       switch self {
       case .features(let d): return .features(d.rows(indices))
       case .tokens(let t): return .tokens(indices.map { t[$0] })
+      case .labelledTokens(let d): return .labelledTokens(d.rows(indices))
+      }
+    }
+
+    /// The labels and tasks, when the examples are labelled.
+    var labelled: (any Labelled)? {
+      switch self {
+      case .features(let d): return d
+      case .labelledTokens(let d): return d
+      case .tokens: return nil
       }
     }
   }
@@ -211,6 +224,12 @@ public enum ATLAS {
   ) throws -> (coefficients: ATLASCoefficients, epochs: [EpochReport]) {
     switch (problem.base.config, data) {
     case (.mlp, .features): break
+    case (.bert(let c), .labelledTokens) where c.classifierLabels != nil:
+      guard options.objective != .ufm else {
+        throw MergeError.invalidParameter(
+          method: "atlas", name: "objective", tensor: nil,
+          reason: "ufm augments feature rows; a BERT classifier learns with ce, few-shot, negate or entropy")
+      }
     case (.decoder, .tokens):
       guard [.ce, .fewShot, .entropy].contains(options.objective) else {
         throw MergeError.invalidParameter(
@@ -222,9 +241,11 @@ public enum ATLAS {
     default:
       throw MergeError.invalidParameter(
         method: "atlas", name: "data", tensor: nil,
-        reason: "aTLAS learns an MLP's coefficients on feature rows and a decoder's on token sequences")
+        reason:
+          "aTLAS learns an MLP's coefficients on feature rows, a decoder's on token sequences and a BERT "
+          + "classifier's on labelled token sequences")
     }
-    if options.objective == .negate, case .features(let data) = data {
+    if options.objective == .negate, let data = data.labelled {
       guard !options.negateTasks.isEmpty, Set(data.taskIDs).subtracting(options.negateTasks).count > 0 else {
         throw MergeError.invalidParameter(
           method: "atlas", name: "negate_tasks", tensor: nil,

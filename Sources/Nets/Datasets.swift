@@ -1,17 +1,30 @@
 import Foundation
 import Tensor
 
-/// Dense feature rows with integer class labels, optionally tagged with the task each row
-/// belongs to (several tasks over one input space).
-public struct LabeledFeatures: Sendable, Equatable {
-  public var features: Matrix<Float>
-  public var labels: [Int]
-  public var tasks: [Int]?
+/// Class labels of a data set's examples (feature rows or token sequences), optionally tagged
+/// with the task each belongs to (several tasks over one input space).
+public protocol Labelled {
+  var labels: [Int] { get }
+  var tasks: [Int]? { get }
+}
 
-  /// Throws `NetsError.invalidData` when the counts disagree or a label is negative.
-  public init(features: Matrix<Float>, labels: [Int], tasks: [Int]? = nil, source: String = "data") throws {
-    guard labels.count == features.rows else {
-      throw NetsError.invalidData(file: source, reason: "\(features.rows) feature rows but \(labels.count) labels")
+extension Labelled {
+  public var count: Int { labels.count }
+  public var classCount: Int { (labels.max() ?? -1) + 1 }
+  /// The distinct task ids, in order (one task, 0, when untagged).
+  public var taskIDs: [Int] { Array(Set(tasks ?? [0])).sorted() }
+
+  /// The classes that occur in each task's examples.
+  public var classesByTask: [Int: [Int]] {
+    var classes: [Int: Set<Int>] = [:]
+    for i in labels.indices { classes[tasks?[i] ?? 0, default: []].insert(labels[i]) }
+    return classes.mapValues { $0.sorted() }
+  }
+
+  /// Checks that `count` examples have as many labels and task ids, and no negative label.
+  static func checkLabels(_ labels: [Int], _ tasks: [Int]?, examples: Int, what: String, source: String) throws {
+    guard labels.count == examples else {
+      throw NetsError.invalidData(file: source, reason: "\(examples) \(what) but \(labels.count) labels")
     }
     if let tasks, tasks.count != labels.count {
       throw NetsError.invalidData(file: source, reason: "\(labels.count) labels but \(tasks.count) task ids")
@@ -19,6 +32,43 @@ public struct LabeledFeatures: Sendable, Equatable {
     if let bad = labels.first(where: { $0 < 0 }) {
       throw NetsError.invalidData(file: source, reason: "negative label \(bad)")
     }
+  }
+}
+
+/// Token sequences with a class label each (sequence classification), optionally tagged with
+/// their task.
+public struct LabeledTokens: Labelled, Sendable, Equatable {
+  public var sequences: [[Int]]
+  public var labels: [Int]
+  public var tasks: [Int]?
+
+  /// Throws `NetsError.invalidData` when the counts disagree or a label is negative.
+  public init(sequences: [[Int]], labels: [Int], tasks: [Int]? = nil, source: String = "data") throws {
+    try Self.checkLabels(labels, tasks, examples: sequences.count, what: "sequences", source: source)
+    (self.sequences, self.labels, self.tasks) = (sequences, labels, tasks)
+  }
+
+  private init(checked sequences: [[Int]], _ labels: [Int], _ tasks: [Int]?) {
+    (self.sequences, self.labels, self.tasks) = (sequences, labels, tasks)
+  }
+
+  /// The sequences at `indices`, in that order.
+  public func rows(_ indices: [Int]) -> LabeledTokens {
+    LabeledTokens(
+      checked: indices.map { sequences[$0] }, indices.map { labels[$0] }, tasks.map { t in indices.map { t[$0] } })
+  }
+}
+
+/// Dense feature rows with integer class labels, optionally tagged with the task each row
+/// belongs to (several tasks over one input space).
+public struct LabeledFeatures: Labelled, Sendable, Equatable {
+  public var features: Matrix<Float>
+  public var labels: [Int]
+  public var tasks: [Int]?
+
+  /// Throws `NetsError.invalidData` when the counts disagree or a label is negative.
+  public init(features: Matrix<Float>, labels: [Int], tasks: [Int]? = nil, source: String = "data") throws {
+    try Self.checkLabels(labels, tasks, examples: features.rows, what: "feature rows", source: source)
     self.init(checked: features, labels, tasks)
   }
 
@@ -28,11 +78,6 @@ public struct LabeledFeatures: Sendable, Equatable {
     self.labels = labels
     self.tasks = tasks
   }
-
-  public var count: Int { labels.count }
-  public var classCount: Int { (labels.max() ?? -1) + 1 }
-  /// The distinct task ids, in order (one task, 0, when untagged).
-  public var taskIDs: [Int] { Array(Set(tasks ?? [0])).sorted() }
 
   /// The rows at `indices`, in that order.
   public func rows(_ indices: [Int]) -> LabeledFeatures {
@@ -45,12 +90,6 @@ public struct LabeledFeatures: Sendable, Equatable {
     rows(labels.indices.filter { selected.contains(tasks?[$0] ?? 0) })
   }
 
-  /// The classes that occur in each task's rows.
-  public var classesByTask: [Int: [Int]] {
-    var classes: [Int: Set<Int>] = [:]
-    for i in labels.indices { classes[tasks?[i] ?? 0, default: []].insert(labels[i]) }
-    return classes.mapValues { $0.sorted() }
-  }
 }
 
 /// Mini-batches of `0..<count`: shuffled by `seed` (a counter-based generator, so the order is
@@ -145,20 +184,30 @@ public enum SyntheticTokens {
   }
 
   public static func make(_ o: Options, split: String) throws -> [[Int]] {
+    try walks(o, split: split).map(\.tokens)
+  }
+
+  /// Strides a walk may take (1 ... this).
+  public static func strideCount(_ o: Options) -> Int { max(1, min(7, o.vocabulary - 1)) }
+
+  /// The sequences with the stride each walks by (1 ... `strideCount`): a label a sequence
+  /// classifier can learn from the tokens.
+  public static func walks(_ o: Options, split: String) throws -> [(tokens: [Int], stride: Int)] {
     guard o.sequences >= 1, o.length >= 2, o.vocabulary >= 2, (0...1).contains(o.noise) else {
       throw NetsError.invalidData(
         file: "synthetic", reason: "needs sequences >= 1, length >= 2, vocabulary >= 2 and noise in [0, 1]")
     }
     let rng = CounterRNG(seed: o.seed, stream: "synthetic-tokens-" + split)
-    let strides = max(1, min(7, o.vocabulary - 1))
+    let strides = strideCount(o)
     return (0..<o.sequences).map { s in
       let base = UInt64(s) << 32
       let start = Int(rng.bits(base) % UInt64(o.vocabulary))
       let stride = 1 + Int(rng.bits(base + 1) % UInt64(strides))
-      return (0..<o.length).map { i in
+      let tokens = (0..<o.length).map { i in
         rng.uniform(base + 2 + UInt64(2 * i)) < Float(o.noise)
           ? Int(rng.bits(base + 3 + UInt64(2 * i)) % UInt64(o.vocabulary)) : (start + i * stride) % o.vocabulary
       }
+      return (tokens, stride)
     }
   }
 }

@@ -34,6 +34,13 @@ public enum NetworkConfig: Equatable, Sendable {
 }
 
 extension NetworkConfig {
+  /// The config without what training recorded (an MLP's trained classes), so that two models
+  /// of one architecture compare equal.
+  public var architecture: NetworkConfig {
+    if case .mlp(let c) = self { return .mlp(c.architecture) }
+    return self
+  }
+
   /// What the config declares that is counted in tensor names: its layers (decoders, BERT) or
   /// its heads (a multi-head MLP), the name key, and the tensor-name prefixes each is numbered
   /// after.

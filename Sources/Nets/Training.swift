@@ -123,7 +123,52 @@ public enum Training {
 
   /// Accuracy and cross-entropy on `data`, overall and per task.
   public static func evaluate(_ network: Network<Float>, on data: LabeledFeatures) throws -> Evaluation {
-    let z = try logits(network, data.features)
+    try evaluate(logits: try logits(network, data.features), data)
+  }
+
+  /// A sequence classifier's (BERT with a head) accuracy and loss on labelled token sequences.
+  public static func evaluate(_ network: Network<Float>, on data: LabeledTokens, batchSize: Int = 16) throws
+    -> Evaluation
+  {
+    try evaluate(logits: try logits(network, data.sequences, batchSize: batchSize), data)
+  }
+
+  /// The logits of a sequence classifier for every sequence, batch by batch.
+  public static func logits(_ network: Network<Float>, _ sequences: [[Int]], batchSize: Int = 16) throws -> Matrix<
+    Float
+  > {
+    var values: [Float] = []
+    var columns = 0
+    for start in stride(from: 0, to: sequences.count, by: batchSize) {
+      let tape = Tape<Float>()
+      let z = tape.value(
+        try network.forward(
+          tape, .tokens(TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)])))
+        )
+        .output)
+      values += z.values
+      columns = z.columns
+    }
+    return Matrix(rows: sequences.count, columns: columns, values: values)
+  }
+
+  /// Trains a sequence classifier (BERT with a head) with cross-entropy on labelled token
+  /// sequences. Returns the mean loss of each epoch.
+  public static func classify(
+    _ network: inout Network<Float>, on data: LabeledTokens, options: TrainingOptions,
+    trainable: (String) -> Bool = { _ in true }, progress: ((TrainingProgress) -> Void)? = nil
+  ) throws -> [Double] {
+    guard case .bert(let c) = network.config, let outputs = c.classifierLabels else {
+      throw NetsError.wrongModel(operation: "sequence classification training", needs: "a BERT classifier")
+    }
+    guard data.classCount <= outputs else { throw NetsError.classCount(labels: data.classCount, outputs: outputs) }
+    return try fit(&network, count: data.count, options: options, trainable: trainable, progress: progress) { rows in
+      (.tokens(TokenBatch(rows.map { data.sequences[$0] })), rows.map { data.labels[$0] })
+    }
+  }
+
+  /// Accuracy, loss and per-task figures from a classifier's logits for `data`'s examples.
+  static func evaluate(logits z: Matrix<Float>, _ data: some Labelled) throws -> Evaluation {
     guard data.classCount <= z.columns else {
       throw NetsError.classCount(labels: data.classCount, outputs: z.columns)
     }

@@ -95,30 +95,42 @@ public struct ATLASLearnOperation: MergekitOperation {
     let problem = try ATLAS.Problem(
       base: network, taskVectors: try CheckpointTaskVectors(request.models), names: request.modelNames,
       exclude: p.optionalText("exclude"))
-    let decoder: Bool
+    let (decoder, classifier): (Bool, Bool)
     switch network.config {
-    case .mlp: decoder = false
-    case .decoder: decoder = true
-    case .bert:
-      throw OperationError.inputs(
-        operation: name,
-        reason: "aTLAS learns on MLPs and decoders; '\(base)' is a BERT encoder without a head to train")
+    case .mlp: (decoder, classifier) = (false, false)
+    case .decoder: (decoder, classifier) = (true, false)
+    case .bert(let c):
+      guard c.classifierLabels != nil else {
+        throw OperationError.inputs(
+          operation: name,
+          reason:
+            "'\(base)' is a BERT encoder without a classification head: aTLAS learns a BERT classifier's coefficients "
+            + "(add a head with `mergekit train BASE --classes N`)")
+      }
+      (decoder, classifier) = (false, true)
     }
     var options = ATLAS.Options(objective: ATLAS.Objective(rawValue: p.text("objective")) ?? .ce)
     (options.epochs, options.learningRate) = (
       p.optionalInt("epochs") ?? options.epochs, p.optionalDouble("lr").map(Float.init) ?? options.learningRate
     )
     (options.batchSize, options.weightDecay, options.seed, options.keepFraction) = (
-      p.optionalInt("batch_size") ?? (decoder ? 8 : 128), p.float("weight_decay"), p.seed(), p.optionalDouble("keep")
+      p.optionalInt("batch_size") ?? (decoder || classifier ? 8 : 128), p.float("weight_decay"), p.seed(),
+      p.optionalDouble("keep")
     )
     options.isotropic = p.text("blocks") == "isotropic"
     options.partitions = Int(p.text("blocks")) ?? 1
     options.negateTasks = Set(p.optionalIntegers("negate_tasks") ?? [])
     func read(_ path: String) throws -> ATLAS.TrainingData {
+      if classifier {
+        let read = try DataFiles.readLabelledTokens(path)
+        return .labelledTokens(
+          try LabeledTokens(sequences: read.sequences, labels: read.labels, tasks: read.tasks, source: path))
+      }
       guard decoder, case .decoder(let c) = network.config else { return .features(try request.labelledData(path)) }
       return .tokens(try EvalOperation.tokenSequences(path, vocabulary: c.vocabularySize, operation: name))
     }
-    let data: ATLAS.TrainingData = decoder ? try read(try request.requireData()) : .features(try request.labelledData())
+    let data: ATLAS.TrainingData =
+      decoder || classifier ? try read(try request.requireData()) : .features(try request.labelledData())
     if !p.isGiven("epochs") && !p.isGiven("lr") { options = options.adaptedToDataSize(examples: data.count) }
     let validation = try p.optionalText("validation").map { try read($0) }
     let meter = context.meter("atlas", .items("epochs"))
@@ -139,11 +151,11 @@ public struct ATLASLearnOperation: MergekitOperation {
       description:
         "`mergekit atlas-learn` learned block-wise coefficients for the task vectors of \(request.models.joined(separator: ", ")) "
         + "on \(request.base ?? "the base") (aTLAS, arXiv:2407.07089); they are in `\(Self.coefficientsFile)`.",
-      loadsInTransformers: decoder,
-      howToRun: decoder
+      loadsInTransformers: decoder || classifier,
+      howToRun: decoder || classifier
         ? ModelCard.transformersUsage
         : "`mergekit eval THIS_FOLDER --data DATA` runs the merged MLP (it is not a transformers model).")
-    if decoder {
+    if decoder || classifier {
       try NetworkFiles.save(
         problem.network(coefficients), like: base, to: output, overwrite: context.overwrite, card: card,
         files: [Self.coefficientsFile: json])

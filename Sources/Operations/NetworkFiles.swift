@@ -98,6 +98,48 @@ public enum NetworkFiles {
     try writer.finish()
   }
 
+  /// A BERT encoder with a new classification head of `labels` classes
+  /// (`BertForSequenceClassification`): the encoder's tensors under `bert.`, its checkpoint's
+  /// pooler when it has one (else drawn like the classifier), and a classifier drawn from
+  /// N(0, 0.02^2) with zero bias, as transformers initialises it. Returns the network and its
+  /// config.json (the source's, with the architecture, `num_labels` and label maps).
+  public static func withClassificationHead(_ encoder: Network<Float>, source: String, labels: Int, seed: UInt64) throws
+    -> (Network<Float>, Data)
+  {
+    guard case .bert(var c) = encoder.config else { preconditionFailure("withClassificationHead takes BERT") }
+    c.classifierLabels = labels
+    var tensors = Dictionary(
+      uniqueKeysWithValues: encoder.tensors.map { ("bert." + $0.name.dropFirst(encoder.tensorPrefix.count), $0.tensor) }
+    )
+    let checkpoint = try openCheckpoint(source)
+    let h = c.hiddenSize
+    func drawn(_ name: String, _ shape: [Int]) -> Tensor {
+      CounterRNG(seed: seed, stream: "head-" + name).normalTensor(shape, scale: 0.02)
+    }
+    for suffix in ["weight", "bias"] {
+      let stored = ["pooler.dense." + suffix, "bert.pooler.dense." + suffix].first { checkpoint.lookup($0) != nil }
+      tensors["bert.pooler.dense." + suffix] =
+        try stored.map { try checkpoint.tensor(named: $0) }
+        ?? (suffix == "weight"
+          ? drawn("pooler", [h, h]) : Tensor(shape: [h], scalars: [Float](repeating: 0, count: h)))
+    }
+    tensors["classifier.weight"] = drawn("classifier", [labels, h])
+    tensors["classifier.bias"] = Tensor(shape: [labels], scalars: [Float](repeating: 0, count: labels))
+    let network = try Network<Float>(config: .bert(c), tensors: tensors)
+    var object: [String: Any] = [:]
+    if let folder = ModelFolder.modelFolder(of: source), InputFile.isRegularFile(folder + "/config.json") {
+      object =
+        (try? JSONSerialization.jsonObject(with: Data(InputFile.read(folder + "/config.json")))) as? [String: Any]
+        ?? [:]
+    }
+    object["architectures"] = ["BertForSequenceClassification"]
+    object["num_labels"] = labels
+    object["id2label"] = Dictionary(uniqueKeysWithValues: (0..<labels).map { ("\($0)", "LABEL_\($0)") })
+    object["label2id"] = Dictionary(uniqueKeysWithValues: (0..<labels).map { ("LABEL_\($0)", $0) })
+    let json = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
+    return (network, json)
+  }
+
   /// A JSON report (sorted keys), written atomically; refuses to replace an existing file
   /// unless `overwrite`.
   public static func writeReport(_ json: [String: Any], to destination: String, overwrite: Bool) throws {

@@ -37,7 +37,7 @@ public struct StatsOperation: MergekitOperation {
     let p = request.parameters
     let at = p.text("at")
     let networks = try request.models.map { try NetworkFiles.load($0) }
-    if networks.count == 2, networks[0].config != networks[1].config {
+    if networks.count == 2, networks[0].config.architecture != networks[1].config.architecture {
       throw OperationError.inputs(
         operation: name, reason: "'\(request.models[0])' and '\(request.models[1])' have different architectures")
     }

@@ -1,3 +1,4 @@
+import Checkpoint
 import Foundation
 import Merge
 import Nets
@@ -88,6 +89,11 @@ public struct SyntheticTokensOperation: MergekitOperation {
     .number("noise", .global, in: 0...1, default: 0.2, help: "probability of a random token"),
     .integer("seed", in: 0...Int.max, default: 0, help: "seed"),
     .text("split", default: "train", help: "name of the split: sequences differ per split"),
+    .flag(
+      "labelled", default: false,
+      help:
+        "write {input_ids, label, task} objects for sequence classification: the task is the domain (offset) and "
+        + "the label its own class for the walk's stride (task t, stride s: t * strides + s - 1)"),
   ]
 
   public func check(_ request: OperationRequest) throws {
@@ -106,10 +112,19 @@ public struct SyntheticTokensOperation: MergekitOperation {
     let output = try request.requireOutput()
     try request.requireNewOutput(overwrite: context.overwrite)
     let offsets = p.optionalIntegers("offsets") ?? [0]
-    let sequences = try SyntheticTokens.make(o, split: p.text("split")).enumerated().map { i, sequence in
-      sequence.map { $0 + offsets[i % max(offsets.count, 1)] }
+    let walks = try SyntheticTokens.walks(o, split: p.text("split"))
+    let sequences = walks.enumerated().map { i, walk in walk.tokens.map { $0 + offsets[i % max(offsets.count, 1)] } }
+    if p.flag("labelled") {
+      let strides = SyntheticTokens.strideCount(o)
+      let lines = walks.indices.map { i in
+        let task = i % max(offsets.count, 1)
+        return "{\"input_ids\": [\(sequences[i].map(String.init).joined(separator: ", "))], \"label\": "
+          + "\(task * strides + walks[i].stride - 1), \"task\": \(task)}"
+      }
+      try writeFileAtomically(Array((lines.joined(separator: "\n") + "\n").utf8), to: output)
+    } else {
+      try NetworkFiles.writeTokens(sequences, to: output)
     }
-    try NetworkFiles.writeTokens(sequences, to: output)
     return OperationResult(lines: ["\(output): \(o.sequences) sequences of \(o.length) tokens"])
   }
 }

@@ -71,7 +71,8 @@ public struct TrainOperation: MergekitOperation {
 
   public func check(_ request: OperationRequest) throws {
     if !request.models.isEmpty {
-      for key in ["hidden", "classes", "activation", "layer_norm"] where request.parameters.isGiven(key) {
+      // classes may add a classification head to a BERT encoder; the rest describe a new MLP.
+      for key in ["hidden", "activation", "layer_norm"] where request.parameters.isGiven(key) {
         throw OperationError.conflict(
           operation: name, name: key, reason: "describes a new MLP; a fine-tuned model keeps its architecture")
       }
@@ -112,11 +113,14 @@ public struct TrainOperation: MergekitOperation {
     let p = request.parameters
     let loaded = try request.models.first.map { try NetworkFiles.load($0) }
     if let loaded {
-      if case .decoder = loaded.config { return try trainDecoder(loaded, request, context) }
-      guard case .mlp = loaded.config else {
-        throw OperationError.inputs(
-          operation: name,
-          reason: "'\(request.models[0])' is neither an MLP nor a Llama-style decoder; train fine-tunes those")
+      switch loaded.config {
+      case .decoder: return try trainDecoder(loaded, request, context)
+      case .bert: return try trainClassifier(loaded, request, context)
+      case .mlp:
+        if p.isGiven("classes") {
+          throw OperationError.conflict(
+            operation: name, name: "classes", reason: "describes a new MLP; a fine-tuned model keeps its architecture")
+        }
       }
     }
     let train = try request.labelledData()
@@ -208,6 +212,75 @@ extension TrainOperation {
   }
 }
 
+extension TrainOperation {
+  /// Fine-tunes a BERT classifier on labelled token sequences; a BERT encoder without a head
+  /// first gets one (`classes` labels: the encoder's pooler when its checkpoint has one, a new
+  /// classifier drawn as transformers initialises it).
+  func trainClassifier(_ initial: Network<Float>, _ request: OperationRequest, _ context: OperationContext) throws
+    -> OperationResult
+  {
+    let p = request.parameters
+    let model = request.models[0]
+    guard case .bert(let c) = initial.config else { preconditionFailure("trainClassifier takes BERT") }
+    let data = try request.requireData()
+    let read = try DataFiles.readLabelledTokens(data)
+    let train = try LabeledTokens(sequences: read.sequences, labels: read.labels, tasks: read.tasks, source: data)
+    let selected = p.optionalIntegers("tasks").map { Set($0) }
+    let rows = selected.map { wanted in train.labels.indices.filter { wanted.contains(train.tasks?[$0] ?? 0) } }
+    let examples = rows.map { train.rows($0) } ?? train
+    for (index, sequence) in examples.sequences.enumerated() {
+      if let bad = sequence.first(where: { !(0..<c.vocabularySize).contains($0) }) {
+        throw OperationError.inputs(
+          operation: name, reason: "\(data): sequence \(index + 1) has token id \(bad), outside the vocabulary")
+      }
+      guard sequence.count <= c.maxPositions else {
+        throw OperationError.inputs(
+          operation: name,
+          reason: "\(data): sequence \(index + 1) has \(sequence.count) tokens, more than \(c.maxPositions)")
+      }
+    }
+    var network = initial
+    var config: Data?
+    if c.classifierLabels == nil {
+      guard let classes = p.optionalInt("classes") else {
+        throw OperationError.missingParameter(
+          operation: name, name: "classes", help: "'\(model)' is a BERT encoder without a head: the labels of a new one"
+        )
+      }
+      (network, config) = try NetworkFiles.withClassificationHead(
+        initial, source: model, labels: classes, seed: p.seed())
+    } else if p.isGiven("classes") {
+      throw OperationError.conflict(
+        operation: name, name: "classes", reason: "'\(model)' already has a classification head")
+    }
+    let options = trainingOptions(p)
+    let meter = context.meter("train", .items("batches"))
+    let losses = try Training.classify(&network, on: examples, options: options, trainable: try trainable(p)) {
+      progress in
+      meter.update(
+        (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
+        note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
+    }
+    meter.finish()
+    let output = try request.requireOutput()
+    let card = ModelCard.adaptation(
+      method: "train", title: "\(model) trained as a sequence classifier", models: [model],
+      description:
+        "`mergekit train` fine-tuned \(model) with cross-entropy on \(examples.count) labelled sequences of \(data) "
+        + "(\(options.epochs) epochs, \(options.optimizer == .sgd ? "SGD" : "AdamW"), learning rate \(options.learningRate)).",
+      loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+    try NetworkFiles.save(
+      network, like: model, to: output, overwrite: context.overwrite, card: card,
+      files: config.map { ["config.json": $0] } ?? [:])
+    let result = try Training.evaluate(network, on: examples)
+    return OperationResult(lines: [
+      String(
+        format: "%@: %d epochs, final loss %.4f, training accuracy %.2f%%", output, options.epochs, losses.last ?? 0,
+        result.accuracy * 100)
+    ])
+  }
+}
+
 /// `eval`: accuracy of a classifier (per task) or perplexity of a language model.
 public struct EvalOperation: MergekitOperation {
   public init() {}
@@ -234,8 +307,22 @@ public struct EvalOperation: MergekitOperation {
     let data = try request.requireData()
     let result: OperationResult
     switch network.config {
-    case .mlp:
-      let e = try Training.evaluate(network, on: try request.labelledData())
+    case .mlp, .bert:
+      let e: Evaluation
+      if case .bert(let c) = network.config {
+        guard c.classifierLabels != nil else {
+          throw OperationError.inputs(
+            operation: name,
+            reason:
+              "eval scores classifiers and decoder language models; '\(model)' is a BERT encoder with no head to score")
+        }
+        let read = try DataFiles.readLabelledTokens(data)
+        e = try Training.evaluate(
+          network,
+          on: try LabeledTokens(sequences: read.sequences, labels: read.labels, tasks: read.tasks, source: data))
+      } else {
+        e = try Training.evaluate(network, on: try request.labelledData())
+      }
       var lines = [String(format: "rows %d  loss %.4f  accuracy %.2f%%", e.count, e.loss, e.accuracy * 100)]
       if e.tasks.count > 1 {
         lines.append(
@@ -260,11 +347,6 @@ public struct EvalOperation: MergekitOperation {
       result = OperationResult(
         lines: [String(format: "tokens %d  loss %.4f  perplexity %.3f", p.tokens, p.loss, p.perplexity)],
         json: ["model": model, "tokens": p.tokens, "loss": p.loss, "perplexity": p.perplexity])
-    default:
-      throw OperationError.inputs(
-        operation: name,
-        reason:
-          "eval scores MLP classifiers and decoder language models; '\(model)' is a BERT encoder with no head to score")
     }
     if let output = request.output, let json = result.json {
       try NetworkFiles.writeReport(json, to: output, overwrite: context.overwrite)

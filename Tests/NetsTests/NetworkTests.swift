@@ -60,6 +60,33 @@ func relativeError(_ a: [Double], _ b: [Double]) -> Double {
     }
   }
 
+  /// `BertForSequenceClassification`: the pooler (tanh of a dense layer on the first token) and
+  /// the classifier, against the float64 reference; `num_labels`, else `id2label`, sets the
+  /// head's size.
+  @Test func bertClassifierMatchesTheFloat64Reference() throws {
+    let json = bertJSON.replacingOccurrences(of: "\"BertModel\"", with: "\"BertForSequenceClassification\"")
+      .replacingOccurrences(of: "\"hidden_act\"", with: "\"num_labels\": 3, \"hidden_act\"")
+    let c = try config(json)
+    guard case .bert(let bc) = c else { Issue.record("not BERT"); return }
+    #expect(bc.classifierLabels == 3)
+    let weights = randomWeights(c)
+    let network = try Network<Float>(config: c, tensors: weights)
+    let sequences = [[1, 7, 22, 39, 2], [1, 4, 2]]
+    let tape = Tape<Float>()
+    let logits = tape.value(try network.forward(tape, .tokens(TokenBatch(sequences))).output)
+    #expect(logits.rows == 2 && logits.columns == 3)
+    let reference = Reference(weights: weights)
+    for (b, ids) in sequences.enumerated() {
+      #expect(relativeError((0..<3).map { Double(logits[b, $0]) }, reference.bertClassifier(bc, ids)) < 1e-5)
+    }
+    let labelled = try config(
+      bertJSON.replacingOccurrences(of: "\"BertModel\"", with: "\"BertForSequenceClassification\"")
+        .replacingOccurrences(
+          of: "\"hidden_act\"", with: "\"id2label\": {\"0\": \"no\", \"1\": \"yes\"}, \"hidden_act\""))
+    guard case .bert(let two) = labelled else { Issue.record("not BERT"); return }
+    #expect(two.classifierLabels == 2)
+  }
+
   @Test func bertCheckpointsWithATaskPrefixLoad() throws {
     let c = try config(bertJSON)
     let prefixed = Dictionary(uniqueKeysWithValues: randomWeights(c).map { ("bert." + $0.key, $0.value) })

@@ -109,7 +109,21 @@ struct Reference {
   }
 
   /// BERT sentence embedding (mean over tokens) for one unpadded sequence.
+  /// `BertForSequenceClassification`'s logits: `classifier(tanh(pooler.dense(h_0)))` of the
+  /// first token's last hidden state (tensors under `bert.` but the classifier).
+  func bertClassifier(_ c: BERTConfig, _ ids: [Int]) -> [Double] {
+    let first = bertHidden(c, ids)[0]
+    let pooled = linear(first, "pooler.dense", bias: true).map { Foundation.tanh($0) }
+    return linear(pooled, "classifier", bias: true)
+  }
+
   func bert(_ c: BERTConfig, _ ids: [Int]) -> [Double] {
+    let x = bertHidden(c, ids)
+    return x[0].indices.map { c in x.reduce(0) { $0 + $1[c] } / Double(x.count) }
+  }
+
+  /// The last hidden state of every token.
+  func bertHidden(_ c: BERTConfig, _ ids: [Int]) -> [[Double]] {
     let (words, positions, types) = (
       matrix("embeddings.word_embeddings.weight"), matrix("embeddings.position_embeddings.weight"),
       matrix("embeddings.token_type_embeddings.weight")
@@ -135,7 +149,7 @@ struct Reference {
           zip(linear(hidden, p + "output.dense", bias: true), row).map(+), p + "output.LayerNorm", c.epsilon)
       }
     }
-    return x[0].indices.map { c in x.reduce(0) { $0 + $1[c] } / Double(x.count) }
+    return x
   }
 }
 

@@ -152,6 +152,52 @@ import Testing
     #expect(refused.status == 64 && refused.stderr.contains("encoders are zipped whole"), "\(refused.stderr)")
   }
 
+  /// A BERT encoder gets a classification head (`train --classes`), trains and evaluates on
+  /// labelled token sequences, and aTLAS learns coefficients for two fine-tunes of it; the
+  /// outputs are `BertForSequenceClassification` folders. Lines without a label are refused.
+  @Test func bertClassifiersTrainEvaluateAndLearnATLASCoefficients() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    try writeRandomBERT(to: folder.file("bert"))
+    let data = folder.file("labelled.jsonl")
+    let made = try CLI.run(
+      "synthetic-tokens", "--labelled", "-o", data, "--sequences", "64", "--length", "8", "--vocabulary", "16",
+      "--offsets", "0,16")
+    #expect(made.status == 0, "\(made.stderr)")
+    let headed = try CLI.run(
+      "train", folder.file("bert"), "--classes", "14", "--data", data, "--epochs", "2", "--lr", "3e-3", "-o",
+      folder.file("base"), "-q")
+    #expect(headed.status == 0 && headed.stdout.contains("training accuracy"), "\(headed.stderr)")
+    let config = try String(contentsOfFile: folder.file("base/config.json"), encoding: .utf8)
+    #expect(config.contains("BertForSequenceClassification") && config.contains("\"num_labels\" : 14"))
+    let evaluation = try json(try CLI.run("eval", folder.file("base"), "--data", data, "--json"))
+    #expect((evaluation["tasks"] as! [[String: Any]]).count == 2 && (evaluation["rows"] as! Int) == 64)
+    for task in ["0", "1"] {
+      #expect(
+        try CLI.run(
+          "train", folder.file("base"), "--data", data, "--tasks", task, "--epochs", "1", "-o",
+          folder.file("ft" + task),
+          "-q"
+        ).status == 0)
+      #expect(
+        try CLI.run(
+          "task-vector", folder.file("ft" + task), "--base", folder.file("base"), "-o",
+          folder.file("tv\(task).safetensors")
+        ).status == 0)
+    }
+    let learned = try CLI.run(
+      "atlas", "learn", folder.file("base"), folder.file("tv0.safetensors"), folder.file("tv1.safetensors"), "--data",
+      data, "--epochs", "2", "--lr", "0.01", "-o", folder.file("atlas"), "-q")
+    #expect(learned.status == 0 && learned.stdout.contains("2 task vectors"), "\(learned.stderr)")
+    #expect(FileManager.default.fileExists(atPath: folder.file("atlas/atlas-coefficients.json")))
+    #expect(try CLI.run("eval", folder.file("atlas"), "--data", data).status == 0)
+    try "{\"input_ids\": [1, 2]}\n".write(toFile: folder.file("bad.jsonl"), atomically: true, encoding: .utf8)
+    let bad = try CLI.run("eval", folder.file("base"), "--data", folder.file("bad.jsonl"))
+    #expect(bad.status == 1 && bad.stderr.contains("bad.jsonl: line 1 is not an object"), "\(bad.stderr)")
+    let headless = try CLI.run("train", folder.file("bert"), "--data", data, "-o", folder.file("x"))
+    #expect(headless.status == 64 && headless.stderr.contains("without a head"), "\(headless.stderr)")
+  }
+
   @Test func badDataIsNamedAndWritesNothing() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
