@@ -217,6 +217,14 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     InputKind(
       name: "jsonl", file: "tokens.jsonl", seeds: [Array("[1, 2, 3, 4]\n{\"input_ids\": [5, 6, 7]}\n\n[15]\n".utf8)],
       isText: true, run: { path in _ = try DataFiles.readTokens(path) }),
+    InputKind(
+      name: "labelled-jsonl", file: "labelled.jsonl",
+      seeds: [
+        Array(
+          "{\"input_ids\": [1, 2, 3], \"label\": 4, \"task\": 0}\n{\"input_ids\": [5, 6], \"label\": 0, \"task\": 1}\n"
+            .utf8)
+      ],
+      isText: true, run: { path in _ = try DataFiles.readLabelledTokens(path) }),
   ]
 }
 
