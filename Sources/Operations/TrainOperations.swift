@@ -100,6 +100,15 @@ public struct TrainOperation: MergekitOperation {
     return options
   }
 
+  /// Training progress on `meter`: batches done of all epochs, with the epoch and its loss.
+  static func reporting(to meter: any ProgressMeter) -> (TrainingProgress) -> Void {
+    { progress in
+      meter.update(
+        (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
+        note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
+    }
+  }
+
   /// Which weights train: not those `freeze` matches, and only those `train_only` matches.
   func trainable(_ p: OperationParameters) throws -> (String) -> Bool {
     let frozen = try p.optionalText("freeze").map { try Regex($0) }
@@ -145,12 +154,8 @@ public struct TrainOperation: MergekitOperation {
     }
     let options = trainingOptions(p)
     let meter = context.meter("train", .items("batches"))
-    let losses = try Training.classify(&network, on: train, options: options, trainable: try trainable(p)) {
-      progress in
-      meter.update(
-        (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
-        note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
-    }
+    let losses = try Training.classify(
+      &network, on: train, options: options, trainable: try trainable(p), progress: Self.reporting(to: meter))
     meter.finish()
     // The labels seen in training (with those of the model fine-tuned, when it records them),
     // so that `zip` knows which outputs each model was taught.
@@ -187,12 +192,8 @@ extension TrainOperation {
     let options = trainingOptions(p)
     let before = try Training.perplexity(network, on: sequences)
     let meter = context.meter("train", .items("batches"))
-    let losses = try Training.languageModel(&network, on: sequences, options: options, trainable: try trainable(p)) {
-      progress in
-      meter.update(
-        (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
-        note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
-    }
+    let losses = try Training.languageModel(
+      &network, on: sequences, options: options, trainable: try trainable(p), progress: Self.reporting(to: meter))
     meter.finish()
     let after = try Training.perplexity(network, on: sequences)
     let output = try request.requireOutput()
@@ -228,11 +229,8 @@ extension TrainOperation {
     let selected = p.optionalIntegers("tasks").map { Set($0) }
     let rows = selected.map { wanted in train.labels.indices.filter { wanted.contains(train.tasks?[$0] ?? 0) } }
     let examples = rows.map { train.rows($0) } ?? train
+    try EvalOperation.checkTokens(examples.sequences, vocabulary: c.vocabularySize, data: data, operation: name)
     for (index, sequence) in examples.sequences.enumerated() {
-      if let bad = sequence.first(where: { !(0..<c.vocabularySize).contains($0) }) {
-        throw OperationError.inputs(
-          operation: name, reason: "\(data): sequence \(index + 1) has token id \(bad), outside the vocabulary")
-      }
       guard sequence.count <= c.maxPositions else {
         throw OperationError.inputs(
           operation: name,
@@ -255,12 +253,8 @@ extension TrainOperation {
     }
     let options = trainingOptions(p)
     let meter = context.meter("train", .items("batches"))
-    let losses = try Training.classify(&network, on: examples, options: options, trainable: try trainable(p)) {
-      progress in
-      meter.update(
-        (progress.epoch - 1) * progress.batches + progress.batch, progress.epochs * progress.batches,
-        note: String(format: "epoch %d  loss %.4f", progress.epoch, progress.loss))
-    }
+    let losses = try Training.classify(
+      &network, on: examples, options: options, trainable: try trainable(p), progress: Self.reporting(to: meter))
     meter.finish()
     let output = try request.requireOutput()
     let card = ModelCard.adaptation(
@@ -354,6 +348,17 @@ public struct EvalOperation: MergekitOperation {
     return result
   }
 
+  /// Throws naming the first sequence of `data` with a token id outside `vocabulary`.
+  static func checkTokens(_ sequences: [[Int]], vocabulary: Int, data: String, operation: String) throws {
+    for (index, sequence) in sequences.enumerated() {
+      if let bad = sequence.first(where: { !(0..<vocabulary).contains($0) }) {
+        throw OperationError.inputs(
+          operation: operation,
+          reason: "\(data): sequence \(index + 1) has token id \(bad), outside the model's vocabulary of \(vocabulary)")
+      }
+    }
+  }
+
   /// The token sequences of `data` for a decoder with `vocabulary` tokens, checked: a token
   /// file, ids within the vocabulary, and at least one sequence of two or more tokens (else
   /// there is nothing to predict).
@@ -365,13 +370,7 @@ public struct EvalOperation: MergekitOperation {
         reason: "a language model reads token sequences (.jsonl or .safetensors input_ids), not '\(data)'")
     }
     let sequences = try DataFiles.readTokens(data)
-    for (index, sequence) in sequences.enumerated() {
-      if let bad = sequence.first(where: { !(0..<vocabulary).contains($0) }) {
-        throw OperationError.inputs(
-          operation: operation,
-          reason: "\(data): sequence \(index + 1) has token id \(bad), outside the model's vocabulary of \(vocabulary)")
-      }
-    }
+    try checkTokens(sequences, vocabulary: vocabulary, data: data, operation: operation)
     guard sequences.contains(where: { $0.count >= 2 }) else {
       throw OperationError.inputs(
         operation: operation,
