@@ -182,8 +182,9 @@ public enum ZipIt {
   /// the largest) replaced by the cosine similarity of their rows.
   static func withConstantFeatures(_ correlation: [Double], _ s: FeatureStatistics, _ rows: [[Double]]?) -> [Double] {
     guard let rows, rows.count == s.width else { return correlation }
-    let covariance = s.covariance
-    let variance = (0..<s.width).map { covariance[$0 * s.width + $0] }
+    // The covariance's diagonal, as `FeatureStatistics.covariance` computes it.
+    let (mean, n) = (s.mean, Double(max(s.count, 1)))
+    let variance = (0..<s.width).map { s.products[$0 * s.width + $0] / n - mean[$0] * mean[$0] }
     let threshold = 1e-12 * (variance.max() ?? 0)
     let constant = (0..<s.width).filter { variance[$0] <= threshold }
     guard constant.count > 1 else { return correlation }
