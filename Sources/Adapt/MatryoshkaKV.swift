@@ -209,14 +209,8 @@ public enum MatryoshkaKV {
     var (difference, norm) = (0.0, 0.0)
     for (n, start) in stride(from: 0, to: sequences.count, by: batchSize).enumerated() {
       let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
-      let (a, b) = (try finalHidden(network, batch, layer), reference[n])
-      for r in batch.mask.indices where batch.mask[r] {
-        for c in 0..<a.columns {
-          let (x, y) = (Double(a[r, c]), Double(b[r, c]))
-          difference += (x - y) * (x - y)
-          norm += y * y
-        }
-      }
+      let sums = Training.squaredDifference(try finalHidden(network, batch, layer), reference[n], rows: batch.mask)
+      (difference, norm) = (difference + sums.difference, norm + sums.norm)
     }
     return (difference / max(norm, 1e-300)).squareRoot()
   }
@@ -313,14 +307,8 @@ public enum MatryoshkaKV {
             let tape = Tape<Float>()
             let output = tape.value(
               try trial.forward(tape, .residual(batch, layer: layer, hidden: streams[b][layer])).output)
-            let reference = streams[b][c.layerCount]
-            for r in batch.mask.indices where batch.mask[r] {
-              for j in 0..<output.columns {
-                let (x, y) = (Double(output[r, j]), Double(reference[r, j]))
-                difference += (x - y) * (x - y)
-                norm += y * y
-              }
-            }
+            let sums = Training.squaredDifference(output, streams[b][c.layerCount], rows: batch.mask)
+            (difference, norm) = (difference + sums.difference, norm + sums.norm)
           }
           errors.set(index, (difference / max(norm, 1e-300)).squareRoot())
           let done = finished.update(0) { $0 + 1 }

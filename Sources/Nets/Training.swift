@@ -236,15 +236,26 @@ public enum Training {
       let (a, b) = (Tape<Float>(), Tape<Float>())
       let s = a.value(try network.forward(a, .tokens(batch)).point("last_hidden_state"))
       let t = b.value(try reference.forward(b, .tokens(batch)).point("last_hidden_state"))
-      for r in batch.mask.indices where batch.mask[r] {
-        for c in 0..<s.columns {
-          let (x, y) = (Double(s[r, c]), Double(t[r, c]))
-          difference += (x - y) * (x - y)
-          norm += y * y
-        }
-      }
+      let sums = squaredDifference(s, t, rows: batch.mask)
+      (difference, norm) = (difference + sums.difference, norm + sums.norm)
     }
     return (difference / max(norm, 1e-300)).squareRoot()
+  }
+
+  /// `sum |a - b|^2` and `sum |b|^2` over the rows where `rows` is true, in float64: the parts
+  /// of a relative error over a token batch's non-padding positions.
+  public static func squaredDifference(_ a: Matrix<Float>, _ b: Matrix<Float>, rows: [Bool]) -> (
+    difference: Double, norm: Double
+  ) {
+    var (difference, norm) = (0.0, 0.0)
+    for r in rows.indices where rows[r] {
+      for c in 0..<a.columns {
+        let (x, y) = (Double(a[r, c]), Double(b[r, c]))
+        difference += (x - y) * (x - y)
+        norm += y * y
+      }
+    }
+    return (difference, norm)
   }
 
   /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.

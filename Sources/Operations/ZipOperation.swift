@@ -72,42 +72,41 @@ public struct ZipOperation: MergekitOperation {
       p.double("alpha"), p.double("beta"), p.optionalInt("stop_at"), p.flag("keep_heads")
     )
     let output = try request.requireOutput()
-    if case .bert = networks[0].config {
-      guard let data = request.data, options.stop == nil, !options.keepHeads, !p.isGiven("label_space") else {
-        throw OperationError.conflict(
-          operation: name, name: "stats",
-          reason: "encoders are zipped whole from token data; stats, stop_at, keep_heads and label_space are for MLPs")
-      }
-      let zipped = try ZipIt.zipBERT(networks, sequences: try DataFiles.readTokens(data), options: options)
-      let card = ModelCard.adaptation(
-        method: "zipit", title: "ZipIt! merge of \(request.models.count) BERT encoders", models: request.models,
-        description:
-          "`mergekit zip` merged \(request.models.joined(separator: ", ")) by matching their features on token data "
-          + "(ZipIt!, arXiv:2305.03053): residual stream, MLP hidden units and each head's query/key and value "
-          + "features zipped with \(options.method.rawValue). The result has the models' architecture.",
-        loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
-      try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite, card: card)
-      return OperationResult(lines: [
-        "\(output): \(options.method.rawValue) of \(networks.count) BERT encoders (residual stream, MLP hidden units, query/key and value features matched)"
-      ])
+    // Transformers are zipped whole from token sequences: what differs is the zipper and its points.
+    let transformer:
+      (kind: String, points: String, zip: ([Network<Float>], [[Int]], ZipIt.Options) throws -> Network<Float>)?
+    switch networks[0].config {
+    case .bert:
+      transformer = (
+        "BERT encoders", "residual stream, MLP hidden units, each head's query/key and value features",
+        { try ZipIt.zipBERT($0, sequences: $1, options: $2) }
+      )
+    case .decoder:
+      transformer = (
+        "decoders", "residual stream, MLP hidden units and value features",
+        { try ZipIt.zipDecoders($0, sequences: $1, options: $2) }
+      )
+    case .mlp: transformer = nil
     }
-    if case .decoder = networks[0].config {
+    if let transformer {
       guard let data = request.data, options.stop == nil, !options.keepHeads, !p.isGiven("label_space") else {
         throw OperationError.conflict(
           operation: name, name: "stats",
-          reason: "decoders are zipped whole from token data; stats, stop_at, keep_heads and label_space are for MLPs")
+          reason:
+            "\(transformer.kind) are zipped whole from token data; stats, stop_at, keep_heads and label_space are for MLPs"
+        )
       }
-      let zipped = try ZipIt.zipDecoders(networks, sequences: try DataFiles.readTokens(data), options: options)
+      let zipped = try transformer.zip(networks, try DataFiles.readTokens(data), options)
       let card = ModelCard.adaptation(
-        method: "zipit", title: "ZipIt! merge of \(request.models.count) decoders", models: request.models,
+        method: "zipit", title: "ZipIt! merge of \(request.models.count) \(transformer.kind)", models: request.models,
         description:
           "`mergekit zip` merged \(request.models.joined(separator: ", ")) by matching their features on token data "
-          + "(ZipIt!, arXiv:2305.03053): residual stream, MLP hidden units and value features zipped with "
-          + "\(options.method.rawValue). The result has the models' architecture.",
+          + "(ZipIt!, arXiv:2305.03053): \(transformer.points) zipped with \(options.method.rawValue). The result has "
+          + "the models' architecture.",
         loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
       try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite, card: card)
       return OperationResult(lines: [
-        "\(output): \(options.method.rawValue) of \(networks.count) decoders (residual stream, MLP hidden units and value features matched)"
+        "\(output): \(options.method.rawValue) of \(networks.count) \(transformer.kind) (\(transformer.points) matched)"
       ])
     }
     let statistics: [FeatureStatistics]
