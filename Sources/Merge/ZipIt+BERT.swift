@@ -16,24 +16,12 @@ import Tensor
 /// Heads are aligned across the models first (`alignBERTHeads`): features never move between
 /// heads (each head has its own attention weights).
 extension ZipIt {
-  /// The common BERT config of the models (dense, one tensor prefix), checked.
+  /// The common BERT config of the models (dense), checked.
   static func commonBERTConfig(_ models: [Network<Float>]) throws -> BERTConfig {
-    guard models.count >= 2 else { throw MergeError.tooFewModels }
-    var first: BERTConfig?
-    for (m, model) in models.enumerated() {
-      guard case .bert(let c) = model.config else {
-        throw MergeError.notZippable(model: m, reason: "it is not a BERT encoder like the first")
-      }
-      guard model.lowRank.isEmpty else {
-        throw MergeError.notZippable(model: m, reason: "it has factored layers; zip the dense models")
-      }
-      if let first, first != c {
-        throw MergeError.differentArchitectures(model: m, detail: "its config.json sizes differ from the first's")
-      }
-      first = first ?? c
+    try commonTransformerConfig(models, kind: "a BERT encoder") { model in
+      guard case .bert(let c) = model.config else { return nil }
+      return c
     }
-    guard let first else { throw MergeError.tooFewModels }
-    return first
   }
 
   /// Merge point indices of a BERT encoder: the residual stream, every layer's MLP hidden

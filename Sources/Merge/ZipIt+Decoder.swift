@@ -16,23 +16,10 @@ import Tensor
 extension ZipIt {
   /// The common decoder config of the models (dense, no K/V projections), checked.
   static func commonDecoderConfig(_ models: [Network<Float>]) throws -> DecoderConfig {
-    guard models.count >= 2 else { throw MergeError.tooFewModels }
-    var first: DecoderConfig?
-    for (m, model) in models.enumerated() {
-      guard case .decoder(let c) = model.config else {
-        throw MergeError.notZippable(model: m, reason: "it is not a decoder like the first")
-      }
-      guard model.lowRank.isEmpty, model.kvProjection == nil else {
-        throw MergeError.notZippable(
-          model: m, reason: "it has factored layers or K/V projections; zip the dense models")
-      }
-      if let first, first != c {
-        throw MergeError.differentArchitectures(model: m, detail: "its config.json sizes differ from the first's")
-      }
-      first = first ?? c
+    try commonTransformerConfig(models, kind: "a decoder") { model in
+      guard case .decoder(let c) = model.config else { return nil }
+      return c
     }
-    guard let first else { throw MergeError.tooFewModels }
-    return first
   }
 
   /// Merge point indices of a decoder's statistics and matchings: the residual stream, then

@@ -11,6 +11,30 @@ extension ZipIt {
     let columns: Range<Int>?
   }
 
+  /// The config all the models share, as `config` reads it (nil: not of this kind), checked:
+  /// at least two models, dense (no factored layers or K/V projections), equal configs.
+  static func commonTransformerConfig<Config: Equatable>(
+    _ models: [Network<Float>], kind: String, _ config: (Network<Float>) -> Config?
+  ) throws -> Config {
+    guard models.count >= 2 else { throw MergeError.tooFewModels }
+    var first: Config?
+    for (m, model) in models.enumerated() {
+      guard let c = config(model) else {
+        throw MergeError.notZippable(model: m, reason: "it is not \(kind) like the first")
+      }
+      guard model.lowRank.isEmpty, model.kvProjection == nil else {
+        throw MergeError.notZippable(
+          model: m, reason: "it has factored layers or K/V projections; zip the dense models")
+      }
+      if let first, first != c {
+        throw MergeError.differentArchitectures(model: m, detail: "its config.json sizes differ from the first's")
+      }
+      first = first ?? c
+    }
+    guard let first else { throw MergeError.tooFewModels }
+    return first
+  }
+
   /// Joint statistics per merge point over `sequences` in batches: every model runs once per
   /// batch, and each point's features of the models sit side by side.
   static func tokenStatistics(
