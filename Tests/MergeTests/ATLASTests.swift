@@ -5,6 +5,18 @@ import Testing
 
 @testable import Merge
 
+/// `tuned - base` for every tensor of the base.
+func taskVector(_ tuned: Network<Float>, minus base: Network<Float>) -> [String: Tensor] {
+  Dictionary(
+    uniqueKeysWithValues: base.tensors.map { name, tensor in
+      (
+        name,
+        Tensor(
+          shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, base.weights[name]!.values).map { $0 - $1 })
+      )
+    })
+}
+
 /// Synthetic tasks, a briefly pre-trained base MLP and one fine-tune (task vector) per task.
 struct ATLASFixture {
   let train: LabeledFeatures
@@ -32,15 +44,7 @@ struct ATLASFixture {
       var tuned = pretrained
       options.seed = UInt64(t + 5)
       _ = try Training.classify(&tuned, on: data.tasks([t]), options: options)
-      return Dictionary(
-        uniqueKeysWithValues: pretrained.tensors.map { name, tensor in
-          (
-            name,
-            Tensor(
-              shape: tensor.shape,
-              scalars: zip(tuned.weights[name]!.values, pretrained.weights[name]!.values).map { $0 - $1 })
-          )
-        })
+      return taskVector(tuned, minus: pretrained)
     }
   }
 
@@ -266,15 +270,7 @@ struct ATLASFixture {
     var training = TrainingOptions()
     training.epochs = 10
     _ = try Training.classify(&tuned, on: shifted(f.train, by: 0.5), options: training)
-    let tau = Dictionary(
-      uniqueKeysWithValues: f.base.tensors.map { name, tensor in
-        (
-          name,
-          Tensor(
-            shape: tensor.shape, scalars: zip(tuned.weights[name]!.values, f.base.weights[name]!.values).map { $0 - $1 }
-          )
-        )
-      })
+    let tau = taskVector(tuned, minus: f.base)
     let problem = try ATLAS.Problem(base: f.base, taskVectors: [tau], names: ["shift"])
     let target = shifted(f.train, by: 1)
     var options = ATLAS.Options()
@@ -358,15 +354,7 @@ struct DecoderATLASFixture {
     taskVectors = try [a, b].map { domain in
       var tuned = pretrained
       _ = try Training.languageModel(&tuned, on: domain, options: options)
-      return Dictionary(
-        uniqueKeysWithValues: pretrained.tensors.map { name, tensor in
-          (
-            name,
-            Tensor(
-              shape: tensor.shape,
-              scalars: zip(tuned.weights[name]!.values, pretrained.weights[name]!.values).map { $0 - $1 })
-          )
-        })
+      return taskVector(tuned, minus: pretrained)
     }
     self.base = base
     validation = try Self.domain(0, count: 24, split: "val") + Self.domain(16, count: 24, split: "val")

@@ -21,6 +21,23 @@ func digits(_ split: String) throws -> LabeledFeatures {
     tasks: table.tasks)
 }
 
+/// Two MLPs 64-64-64-C from seeds of `pair` (Adam, 60 epochs, lr 3e-3), one on digits 0-4 and
+/// one on 5-9: with the ten digits' labels (C = 10), or task-local ones, each numbering its own
+/// digits 0-4 (C = 5).
+func trainedPair(_ train: LabeledFeatures, pair: Int, taskLocal: Bool) throws -> [Network<Float>] {
+  var options = TrainingOptions()
+  (options.epochs, options.learningRate) = (60, 3e-3)
+  return try (0..<2).map { task in
+    options.seed = UInt64(2 * pair + task + 1)
+    var rows = train.tasks([task])
+    if taskLocal { rows = try LabeledFeatures(features: rows.features, labels: rows.labels.map { $0 - 5 * task }) }
+    var network = Network<Float>.initializedMLP(
+      MLPConfig(layerSizes: [64, 64, 64, taskLocal ? 5 : 10]), seed: options.seed)
+    _ = try Training.classify(&network, on: rows, options: options)
+    return network
+  }
+}
+
 @Suite struct ZipItDigitsTests {
   /// The paper's qualitative result on a real data set: two MLPs 64-64-64-10 from different
   /// seeds, one trained on digits 0-4 and one on 5-9, zipped with statistics from the training
@@ -33,15 +50,7 @@ func digits(_ split: String) throws -> LabeledFeatures {
     let pairs = 8
     let results = ResultSlots<[Double]>(count: pairs)
     try Parallel.forEach(pairs) { _, pair in
-      var options = TrainingOptions()
-      (options.epochs, options.learningRate) = (60, 3e-3)
-      var models: [Network<Float>] = []
-      for task in 0..<2 {
-        options.seed = UInt64(2 * pair + task + 1)
-        var network = Network<Float>.initializedMLP(MLPConfig(layerSizes: [64, 64, 64, 10]), seed: options.seed)
-        _ = try Training.classify(&network, on: train.tasks([task]), options: options)
-        models.append(network)
-      }
+      let models = try trainedPair(train, pair: pair, taskLocal: false)
       let stats = try ZipIt.statistics(models, inputs: train.features)
       func joint(_ method: ZipIt.Method, beta: Double = 1, stop: Int? = nil) throws -> Double {
         var o = ZipIt.Options()
@@ -72,17 +81,7 @@ func digits(_ split: String) throws -> LabeledFeatures {
     let pairs = 4
     let results = ResultSlots<[Double]>(count: pairs)
     try Parallel.forEach(pairs) { _, pair in
-      var options = TrainingOptions()
-      (options.epochs, options.learningRate) = (60, 3e-3)
-      var models: [Network<Float>] = []
-      for task in 0..<2 {
-        options.seed = UInt64(2 * pair + task + 1)
-        let rows = train.tasks([task])
-        let local = try LabeledFeatures(features: rows.features, labels: rows.labels.map { $0 - 5 * task })
-        var network = Network<Float>.initializedMLP(MLPConfig(layerSizes: [64, 64, 64, 5]), seed: options.seed)
-        _ = try Training.classify(&network, on: local, options: options)
-        models.append(network)
-      }
+      let models = try trainedPair(train, pair: pair, taskLocal: true)
       let stats = try ZipIt.statistics(models, inputs: train.features)
       func joint(_ method: ZipIt.Method) throws -> Double {
         var o = ZipIt.Options()
