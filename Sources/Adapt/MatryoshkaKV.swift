@@ -30,6 +30,11 @@ public enum MatryoshkaKV {
       throw AdaptError.unsupportedModel(
         method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2)")
     }
+    guard c.tails == 1 else {
+      throw AdaptError.unsupportedModel(
+        method: "MatryoshkaKV",
+        reason: "it is a partially zipped decoder (\(c.tails) tails); project a plain decoder's keys and values")
+    }
     return c
   }
 

@@ -14,51 +14,78 @@ import Tensor
 /// whole heads are aligned first (`alignHeads`), then q_proj and k_proj average their output
 /// rows over the models after unmerging the residual input, as does the head. RMSNorm gains are merged like biases (exact for permutations, approximate otherwise).
 extension ZipIt {
-  /// The common decoder config of the models (dense, no K/V projections), checked.
+  /// The common decoder config of the models (dense, no K/V projections, not partially
+  /// zipped), checked.
   static func commonDecoderConfig(_ models: [Network<Float>]) throws -> DecoderConfig {
-    try commonTransformerConfig(models, kind: "a decoder") { model in
+    let c: DecoderConfig = try commonTransformerConfig(models, kind: "a decoder") { model in
       guard case .decoder(let c) = model.config else { return nil }
       return c
     }
+    guard c.tails == 1 else {
+      throw MergeError.notZippable(model: 0, reason: "it is already partially zipped (\(c.tails) tails)")
+    }
+    return c
   }
 
-  /// Merge point indices of a decoder's statistics and matchings: the residual stream, then
-  /// every layer's MLP hidden features, then every layer's value features per KV head.
+  /// Merge point indices of a decoder's statistics and matchings when its first `layers`
+  /// layers are zipped: the residual stream, then those layers' MLP hidden features, then
+  /// their value features per KV head.
   static func decoderPoint(mlp layer: Int) -> Int { 1 + layer }
-  static func decoderPoint(values layer: Int, head: Int, _ c: DecoderConfig) -> Int {
-    1 + c.layerCount + layer * c.keyValueHeadCount + head
+  static func decoderPoint(values layer: Int, head: Int, layers: Int, _ c: DecoderConfig) -> Int {
+    1 + layers + layer * c.keyValueHeadCount + head
   }
 
-  /// Joint statistics of the models' features at every merge point over the non-padding tokens
-  /// of `sequences`.
-  public static func decoderStatistics(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws
-    -> [FeatureStatistics]
-  {
+  /// The number of merge points when the first `layers` layers are zipped.
+  static func decoderPointCount(layers: Int, _ c: DecoderConfig) -> Int { 1 + layers * (1 + c.keyValueHeadCount) }
+
+  /// Joint statistics of the models' features at every merge point of the first `layers`
+  /// layers (nil: all) over the non-padding tokens of `sequences`. The residual stream's pool
+  /// the embeddings' output and those layers' outputs.
+  public static func decoderStatistics(
+    _ models: [Network<Float>], sequences: [[Int]], layers: Int? = nil, batchSize: Int = 8
+  ) throws -> [FeatureStatistics] {
     let c = try commonDecoderConfig(models)
+    let layers = try zippedLayers(layers, c)
     let d = c.headDimension
     var sources = [
       PointSource(
-        points: ["model.embed_tokens.output"] + (0..<c.layerCount).map { "model.layers.\($0).output" }, columns: nil)
+        points: ["model.embed_tokens.output"] + (0..<layers).map { "model.layers.\($0).output" }, columns: nil)
     ]
-    sources += (0..<c.layerCount).map { PointSource(points: ["model.layers.\($0).mlp.hidden"], columns: nil) }
-    sources += (0..<c.layerCount).flatMap { layer in
+    sources += (0..<layers).map { PointSource(points: ["model.layers.\($0).mlp.hidden"], columns: nil) }
+    sources += (0..<layers).flatMap { layer in
       (0..<c.keyValueHeadCount).map { head in
         PointSource(points: ["model.layers.\(layer).self_attn.values"], columns: (head * d)..<((head + 1) * d))
       }
     }
     let widths =
-      [c.hiddenSize] + Array(repeating: c.intermediateSize, count: c.layerCount)
-      + Array(repeating: d, count: c.layerCount * c.keyValueHeadCount)
+      [c.hiddenSize] + Array(repeating: c.intermediateSize, count: layers)
+      + Array(repeating: d, count: layers * c.keyValueHeadCount)
     return try tokenStatistics(models, sequences: sequences, sources: sources, widths: widths, batchSize: batchSize)
   }
 
-  /// The zipped decoder from one matching per merge point (`decoderStatistics`' order).
-  public static func applyDecoder(_ models: [Network<Float>], matchings: [FeatureMatching]) throws -> Network<Float> {
+  /// `layers` (nil: all of them) checked against the decoder's layer count.
+  static func zippedLayers(_ layers: Int?, _ c: DecoderConfig) throws -> Int {
+    let layers = layers ?? c.layerCount
+    guard (1...c.layerCount).contains(layers) else {
+      throw MergeError.stopLayerOutOfRange(stop: layers, points: c.layerCount)
+    }
+    return layers
+  }
+
+  /// The zipped decoder from one matching per merge point (`decoderStatistics`' order). With
+  /// matchings for fewer layers than the model has, or `keepTails`, it is partially zipped: the
+  /// zipped layers form a shared trunk and every model keeps its remaining layers, final norm
+  /// and head as a tail, which first maps the residual stream back to its own features with its
+  /// unmerge `U_i` (`tails.{i}.unmerge.weight`); the output is the tails' mean probability.
+  public static func applyDecoder(_ models: [Network<Float>], matchings: [FeatureMatching], keepTails: Bool = false)
+    throws -> Network<Float>
+  {
     let c = try commonDecoderConfig(models)
-    let count = models.count
     let (kv, heads) = (c.keyValueHeadCount, c.headCount)
-    guard matchings.count == 1 + c.layerCount * (1 + kv) else {
-      throw MergeError.stopLayerOutOfRange(stop: matchings.count, points: 1 + c.layerCount * (1 + kv))
+    guard
+      let layers = (1...c.layerCount).first(where: { decoderPointCount(layers: $0, c) == matchings.count })
+    else {
+      throw MergeError.stopLayerOutOfRange(stop: matchings.count, points: decoderPointCount(layers: c.layerCount, c))
     }
     let z = try Zipper(models, matchings)
     let (merge, unmerge, blocks) = (z.merge, z.unmerge, Zipper.blocks)
@@ -69,11 +96,13 @@ extension ZipIt {
     // merged on the right with M^T (`E* = sum E_i M_i^T`).
     out["model.embed_tokens.weight"] = z.zipped(
       "model.embed_tokens.weight", left: nil, right: { residualMerge($0).transposed }, sumRows: true)
-    for layer in 0..<c.layerCount {
+    for layer in 0..<layers {
       let p = "model.layers.\(layer)."
-      let valueMerge = { (m: Int) in blocks((0..<kv).map { merge(decoderPoint(values: layer, head: $0, c), m) }) }
+      let valueMerge = { (m: Int) in
+        blocks((0..<kv).map { merge(decoderPoint(values: layer, head: $0, layers: layers, c), m) })
+      }
       let valueUnmerge = { (m: Int) in
-        blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), c), m) })
+        blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), layers: layers, c), m) })
       }
       out[p + "input_layernorm.weight"] = z.zippedVector(p + "input_layernorm.weight", left: residualMerge)
       out[p + "post_attention_layernorm.weight"] = z.zippedVector(
@@ -97,11 +126,27 @@ extension ZipIt {
       out[p + "mlp.down_proj.weight"] = z.zipped(
         p + "mlp.down_proj.weight", left: residualMerge, right: { unmerge(decoderPoint(mlp: layer), $0) })
     }
-    out["model.norm.weight"] = z.zippedVector("model.norm.weight", left: residualMerge)
-    if !c.tiedEmbeddings { out["lm_head.weight"] = z.zipped("lm_head.weight", left: nil, right: residualUnmerge) }
+    var zipped = c
+    if layers == c.layerCount && !keepTails {
+      out["model.norm.weight"] = z.zippedVector("model.norm.weight", left: residualMerge)
+      if !c.tiedEmbeddings { out["lm_head.weight"] = z.zipped("lm_head.weight", left: nil, right: residualUnmerge) }
+    } else {
+      (zipped.tails, zipped.sharedLayers) = (models.count, layers)
+      for (m, model) in models.enumerated() {
+        let tail = DecoderConfig.tailPrefix(m)
+        let u = residualUnmerge(m)
+        out[tail + "unmerge.weight"] = Matrix(rows: u.rows, columns: u.columns, values: u.values.map(Float.init))
+        for i in layers..<c.layerCount {
+          for (name, weight) in model.weights where name.hasPrefix("model.layers.\(i).") { out[tail + name] = weight }
+        }
+        out[tail + "model.norm.weight"] = model.checkedWeight("model.norm.weight")
+        out[tail + "lm_head.weight"] = model.checkedWeight(
+          c.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight")
+      }
+    }
     return try Network(
-      config: .decoder(c),
-      tensors: Network<Float>.expectedShapes(.decoder(c)).reduce(into: [:]) { tensors, entry in
+      config: .decoder(zipped),
+      tensors: Network<Float>.expectedShapes(.decoder(zipped)).reduce(into: [:]) { tensors, entry in
         tensors[entry.name] = out[entry.name]?.tensor(shape: entry.shape)
       })
   }
@@ -112,13 +157,15 @@ extension ZipIt {
   /// on `sum_i corr(k_{0,a,i}, k_{m,b,i})` (same-index key features, after rotary, over the
   /// tokens); its query heads follow it. Returns the models with their heads reordered (each
   /// computes what it computed before).
-  public static func alignHeads(_ models: [Network<Float>], sequences: [[Int]], batchSize: Int = 8) throws -> [Network<
-    Float
-  >] {
+  /// Only the first `layers` layers (nil: all) are aligned.
+  public static func alignHeads(
+    _ models: [Network<Float>], sequences: [[Int]], layers: Int? = nil, batchSize: Int = 8
+  ) throws -> [Network<Float>] {
     let c = try commonDecoderConfig(models)
+    let layers = try zippedLayers(layers, c)
     let (kv, d, n) = (c.keyValueHeadCount, c.headDimension, models.count)
     guard kv > 1 else { return models }
-    var stats = (0..<c.layerCount).map { _ in FeatureStatistics(width: kv * d * n) }
+    var stats = (0..<layers).map { _ in FeatureStatistics(width: kv * d * n) }
     for start in stride(from: 0, to: sequences.count, by: batchSize) {
       let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
       let rows = batch.mask.indices.filter { batch.mask[$0] }
@@ -130,7 +177,7 @@ extension ZipIt {
           }
         ) { a, _ in a }
       }
-      for layer in 0..<c.layerCount {
+      for layer in 0..<layers {
         let parts = try keys.map { try $0.required("model.layers.\(layer).self_attn.keys").rows(rows) }
         stats[layer].add(parts.dropFirst().reduce(parts[0]) { Matrix.concatenated($0, $1) })
       }
@@ -138,7 +185,7 @@ extension ZipIt {
     var aligned = [models[0]]
     for m in 1..<n {
       var order: [[Int]] = []  // per layer: model m's head placed at each position
-      for layer in 0..<c.layerCount {
+      for layer in 0..<layers {
         let correlation = zipCorrelation(covariance: stats[layer].covariance, width: stats[layer].width)
         let width = stats[layer].width
         var score = [Double](repeating: 0, count: kv * kv)
@@ -188,14 +235,17 @@ extension ZipIt {
   }
 
   /// Statistics, matchings and the zipped decoder in one call (heads aligned first, except for
-  /// `average`, which keeps every index as it is).
+  /// `average`, which keeps every index as it is). `options.stop` zips only the first layers and
+  /// `options.keepHeads` keeps every model's norm and head as a tail (partial zipping).
   public static func zipDecoders(_ models: [Network<Float>], sequences: [[Int]], options: Options = Options()) throws
     -> Network<Float>
   {
-    let models = options.method == .average ? models : try alignHeads(models, sequences: sequences)
-    let stats = try decoderStatistics(models, sequences: sequences)
+    let layers = try zippedLayers(options.stop, try commonDecoderConfig(models))
+    let models = options.method == .average ? models : try alignHeads(models, sequences: sequences, layers: layers)
+    let stats = try decoderStatistics(models, sequences: sequences, layers: layers)
     var all = options
     all.stop = nil
-    return try applyDecoder(models, matchings: try matchings(stats, models: models.count, options: all))
+    return try applyDecoder(
+      models, matchings: try matchings(stats, models: models.count, options: all), keepTails: options.keepHeads)
   }
 }

@@ -42,9 +42,10 @@ public enum ZipIt {
     public var alpha = 0.3
     /// Share of each model's merges allowed within itself (default 0.125).
     public var beta = 0.125
-    /// Number of merge points (hidden layers) zipped, from the input; nil: all.
+    /// Number of hidden layers (MLPs) or layers (decoders) zipped, from the input; nil: all.
     public var stop: Int?
-    /// Keep each model's output layer as a head even when every hidden layer is zipped.
+    /// Keep each model's output layer (a decoder's final norm and head) as a head even when
+    /// every layer is zipped.
     public var keepHeads = false
     public init() {}
   }

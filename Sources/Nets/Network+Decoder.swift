@@ -3,33 +3,54 @@
 /// Points per layer `model.layers.{i}.`: every projection's `.input`/`.output`,
 /// `self_attn.queries`/`self_attn.keys` (after rotary), `self_attn.values`, `mlp.hidden`,
 /// and `output` (the residual stream after the block).
+///
+/// A partially zipped decoder (ZipIt!, `DecoderConfig.tails` > 1) runs its first
+/// `sharedLayers` layers once, then every tail `t` maps the residual stream back to its model's
+/// features (`tails.{t}.unmerge.weight`) and runs its own remaining layers, final norm and head
+/// under the prefix `tails.{t}.` (points likewise). The output is the log of the tails' mean
+/// next-token probability: an ensemble of the tails, a normalised distribution (its
+/// log-softmax is itself), so perplexity and cross-entropy read it like logits.
 extension Network {
   static func decoderShapes(_ c: DecoderConfig) -> [(name: String, shape: [Int])] {
-    let (h, q, kv) = (c.hiddenSize, c.headCount * c.headDimension, c.keyValueHeadCount * c.headDimension)
-    var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [c.vocabularySize, h])]
-    for i in 0..<c.layerCount {
-      let p = "model.layers.\(i)."
-      shapes += [
-        (p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [q, h]),
-        (p + "self_attn.k_proj.weight", [kv, h]),
-        (p + "self_attn.v_proj.weight", [kv, h]), (p + "self_attn.o_proj.weight", [h, q]),
-        (p + "post_attention_layernorm.weight", [h]),
-        (p + "mlp.gate_proj.weight", [c.intermediateSize, h]), (p + "mlp.up_proj.weight", [c.intermediateSize, h]),
-        (p + "mlp.down_proj.weight", [h, c.intermediateSize]),
-      ]
-      if c.attentionBias {
-        shapes += [
-          (p + "self_attn.q_proj.bias", [q]), (p + "self_attn.k_proj.bias", [kv]), (p + "self_attn.v_proj.bias", [kv]),
-        ]
-      }
+    var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [c.vocabularySize, c.hiddenSize])]
+    for i in 0..<c.sharedLayers { shapes += decoderLayerShapes(c, prefix: "model.layers.\(i).") }
+    guard c.tails > 1 else {
+      shapes.append(("model.norm.weight", [c.hiddenSize]))
+      if !c.tiedEmbeddings { shapes.append(("lm_head.weight", [c.vocabularySize, c.hiddenSize])) }
+      return shapes
     }
-    shapes.append(("model.norm.weight", [h]))
-    if !c.tiedEmbeddings { shapes.append(("lm_head.weight", [c.vocabularySize, h])) }
+    for t in 0..<c.tails {
+      let tail = DecoderConfig.tailPrefix(t)
+      shapes.append((tail + "unmerge.weight", [c.hiddenSize, c.hiddenSize]))
+      for i in c.sharedLayers..<c.layerCount { shapes += decoderLayerShapes(c, prefix: tail + "model.layers.\(i).") }
+      shapes += [
+        (tail + "model.norm.weight", [c.hiddenSize]), (tail + "lm_head.weight", [c.vocabularySize, c.hiddenSize]),
+      ]
+    }
+    return shapes
+  }
+
+  /// The tensors of one block whose names start with `p` (`model.layers.{i}.`).
+  static func decoderLayerShapes(_ c: DecoderConfig, prefix p: String) -> [(name: String, shape: [Int])] {
+    let (h, q, kv) = (c.hiddenSize, c.headCount * c.headDimension, c.keyValueHeadCount * c.headDimension)
+    var shapes: [(String, [Int])] = [
+      (p + "input_layernorm.weight", [h]), (p + "self_attn.q_proj.weight", [q, h]),
+      (p + "self_attn.k_proj.weight", [kv, h]),
+      (p + "self_attn.v_proj.weight", [kv, h]), (p + "self_attn.o_proj.weight", [h, q]),
+      (p + "post_attention_layernorm.weight", [h]),
+      (p + "mlp.gate_proj.weight", [c.intermediateSize, h]), (p + "mlp.up_proj.weight", [c.intermediateSize, h]),
+      (p + "mlp.down_proj.weight", [h, c.intermediateSize]),
+    ]
+    if c.attentionBias {
+      shapes += [
+        (p + "self_attn.q_proj.bias", [q]), (p + "self_attn.k_proj.bias", [kv]), (p + "self_attn.v_proj.bias", [kv]),
+      ]
+    }
     return shapes
   }
 
   /// The logits of `batch`; from `start` (a layer and the residual stream entering it), the
-  /// residual stream after the last block instead.
+  /// residual stream after the last block instead (one tail only).
   func decoderForward(
     _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
     from start: (layer: Int, hidden: Var)? = nil
@@ -41,42 +62,69 @@ extension Network {
       x = tape.embedding(batch.ids, table: weight("model.embed_tokens.weight"))
       recorder.record("model.embed_tokens.output", x)
     }
-    let positions = batch.positions
-    for i in (start?.layer ?? 0)..<c.layerCount {
-      let p = "model.layers.\(i)."
-      let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
-      let q = tape.rotary(
-        tape.dense(h, p + "self_attn.q_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
-        heads: c.headCount, theta: c.ropeTheta)
-      var k = tape.rotary(
-        tape.dense(h, p + "self_attn.k_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
-        heads: c.keyValueHeadCount,
-        theta: c.ropeTheta)
-      var v = tape.dense(h, p + "self_attn.v_proj", bias: c.attentionBias, weight, &recorder)
-      recorder.record(p + "self_attn.queries", q)
-      recorder.record(p + "self_attn.keys", k)
-      recorder.record(p + "self_attn.values", v)
-      if let projection = weight.kvProjection {
-        k = tape.projectHeads(k, layer: i, .keys, ranks: projection.keyRanks[i], dimension: c.headDimension, weight)
-        v = tape.projectHeads(v, layer: i, .values, ranks: projection.valueRanks[i], dimension: c.headDimension, weight)
-      }
-      let a = tape.attention(
-        query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount,
-        causal: true, keyMask: batch.mask)
-      x = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: false, weight, &recorder))
-      let m = tape.rmsNorm(x, weight: weight(p + "post_attention_layernorm.weight"), epsilon: c.epsilon)
-      let gate = tape.activation(c.activation, tape.dense(m, p + "mlp.gate_proj", bias: false, weight, &recorder))
-      let hidden = tape.multiply(gate, tape.dense(m, p + "mlp.up_proj", bias: false, weight, &recorder))
-      recorder.record(p + "mlp.hidden", hidden)
-      x = tape.add(x, tape.dense(hidden, p + "mlp.down_proj", bias: false, weight, &recorder))
-      recorder.record(p + "output", x)
+    for i in (start?.layer ?? 0)..<c.sharedLayers {
+      x = decoderBlock(c, tape, x, batch, layer: i, prefix: "model.layers.\(i).", weight, &recorder)
     }
     if start != nil { return x }
-    let normalized = tape.rmsNorm(x, weight: weight("model.norm.weight"), epsilon: c.epsilon)
-    recorder.record("model.norm.output", normalized)
-    let logits = tape.linear(
-      normalized, weight: weight(c.tiedEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight"))
-    recorder.record("lm_head.output", logits)
+    guard c.tails > 1 else {
+      return decoderHead(c, tape, x, prefix: "", tied: c.tiedEmbeddings, weight, &recorder)
+    }
+    let tails = (0..<c.tails).map { t in
+      let tail = DecoderConfig.tailPrefix(t)
+      var y = tape.dense(x, tail + "unmerge", bias: false, weight, &recorder)
+      for i in c.sharedLayers..<c.layerCount {
+        y = decoderBlock(c, tape, y, batch, layer: i, prefix: tail + "model.layers.\(i).", weight, &recorder)
+      }
+      return decoderHead(c, tape, y, prefix: tail, tied: false, weight, &recorder)
+    }
+    return tape.meanProbabilityScores(tails)
+  }
+
+  /// One block (attention, then the gated MLP, each added to the residual stream `x`), its
+  /// weights and points named `prefix...`.
+  private func decoderBlock(
+    _ c: DecoderConfig, _ tape: Tape<T>, _ x: Var, _ batch: TokenBatch, layer i: Int, prefix p: String,
+    _ weight: WeightBinder, _ recorder: inout PointRecorder
+  ) -> Var {
+    let positions = batch.positions
+    let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
+    let q = tape.rotary(
+      tape.dense(h, p + "self_attn.q_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
+      heads: c.headCount, theta: c.ropeTheta)
+    var k = tape.rotary(
+      tape.dense(h, p + "self_attn.k_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
+      heads: c.keyValueHeadCount,
+      theta: c.ropeTheta)
+    var v = tape.dense(h, p + "self_attn.v_proj", bias: c.attentionBias, weight, &recorder)
+    recorder.record(p + "self_attn.queries", q)
+    recorder.record(p + "self_attn.keys", k)
+    recorder.record(p + "self_attn.values", v)
+    if let projection = weight.kvProjection {
+      k = tape.projectHeads(k, layer: i, .keys, ranks: projection.keyRanks[i], dimension: c.headDimension, weight)
+      v = tape.projectHeads(v, layer: i, .values, ranks: projection.valueRanks[i], dimension: c.headDimension, weight)
+    }
+    let a = tape.attention(
+      query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount,
+      causal: true, keyMask: batch.mask)
+    var out = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: false, weight, &recorder))
+    let m = tape.rmsNorm(out, weight: weight(p + "post_attention_layernorm.weight"), epsilon: c.epsilon)
+    let gate = tape.activation(c.activation, tape.dense(m, p + "mlp.gate_proj", bias: false, weight, &recorder))
+    let hidden = tape.multiply(gate, tape.dense(m, p + "mlp.up_proj", bias: false, weight, &recorder))
+    recorder.record(p + "mlp.hidden", hidden)
+    out = tape.add(out, tape.dense(hidden, p + "mlp.down_proj", bias: false, weight, &recorder))
+    recorder.record(p + "output", out)
+    return out
+  }
+
+  /// The final RMSNorm and the head (the embedding table when `tied`), points `prefix...`.
+  private func decoderHead(
+    _ c: DecoderConfig, _ tape: Tape<T>, _ x: Var, prefix: String, tied: Bool, _ weight: WeightBinder,
+    _ recorder: inout PointRecorder
+  ) -> Var {
+    let normalized = tape.rmsNorm(x, weight: weight(prefix + "model.norm.weight"), epsilon: c.epsilon)
+    recorder.record(prefix + "model.norm.output", normalized)
+    let logits = tape.linear(normalized, weight: weight(tied ? "model.embed_tokens.weight" : prefix + "lm_head.weight"))
+    recorder.record(prefix + "lm_head.output", logits)
     return logits
   }
 }

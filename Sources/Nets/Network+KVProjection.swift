@@ -65,6 +65,10 @@ public struct KVProjection: Sendable, Equatable {
 
   /// Checks the ranks against the architecture.
   public func check(_ c: DecoderConfig) throws {
+    guard c.tails == 1 else {
+      throw NetsError.invalidConfig(
+        key: "tails", reason: "K/V projections apply to plain decoders, not a partially zipped one (\(c.tails) tails)")
+    }
     for (kind, ranks) in [("key", keyRanks), ("value", valueRanks)] {
       guard ranks.count == c.layerCount, ranks.allSatisfy({ $0.count == c.keyValueHeadCount }) else {
         throw NetsError.invalidConfig(

@@ -196,10 +196,13 @@ public struct Network<T: NetScalar> {
       try checkTokens(batch, vocabulary: c.vocabularySize)
       output = decoderForward(c, tape, batch, weight, &recorder)
     case (.decoder(let c), .residual(let batch, let layer, let hidden)):
-      guard (0..<c.layerCount).contains(layer), hidden.rows == batch.ids.count, hidden.columns == c.hiddenSize else {
+      guard c.tails == 1, (0..<c.layerCount).contains(layer), hidden.rows == batch.ids.count,
+        hidden.columns == c.hiddenSize
+      else {
         throw NetsError.wrongInput(
-          model: "a decoder of \(c.layerCount) layers and width \(c.hiddenSize)",
-          takes: "a residual stream of one row per token entering one of its layers")
+          model:
+            "a decoder of \(c.layerCount) layers and width \(c.hiddenSize)\(c.tails > 1 ? " with \(c.tails) tails" : "")",
+          takes: "a residual stream of one row per token entering one of its layers (one tail only)")
       }
       output = decoderForward(c, tape, batch, weight, &recorder, from: (layer, tape.constant(hidden)))
     case (.bert(let c), .tokens(let batch)):

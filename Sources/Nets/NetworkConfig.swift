@@ -41,38 +41,48 @@ extension NetworkConfig {
     return self
   }
 
-  /// What the config declares that is counted in tensor names: its layers (decoders, BERT) or
-  /// its heads (a multi-head MLP), the name key, and the tensor-name prefixes each is numbered
-  /// after.
-  var countedUnits: (count: Int, key: String, unit: String, prefixes: [String])? {
+  /// What the config declares that is counted in tensor names: its layers (decoders, BERT), its
+  /// heads (a multi-head MLP) or a partially zipped decoder's tails, each with the indices the
+  /// names must hold, the config key and the tensor-name prefixes the index follows.
+  var countedUnits: [(indices: Range<Int>, key: String, unit: String, prefixes: [String])] {
     switch self {
-    case .mlp(let c): return c.heads > 1 ? (c.heads, "heads", "heads", ["heads."]) : nil
-    case .decoder(let c): return (c.layerCount, "num_hidden_layers", "layers", ["model.layers."])
-    case .bert(let c): return (c.layerCount, "num_hidden_layers", "layers", ["encoder.layer.", "bert.encoder.layer."])
+    case .mlp(let c): return c.heads > 1 ? [(0..<c.heads, "heads", "heads", ["heads."])] : []
+    case .decoder(let c) where c.tails > 1:
+      return [
+        (0..<c.sharedLayers, "shared_layers", "shared layers", ["model.layers."]),
+        (0..<c.tails, "tails", "tails", ["tails."]),
+        (c.sharedLayers..<c.layerCount, "num_hidden_layers", "layers of tail 0", ["tails.0.model.layers."]),
+      ]
+    case .decoder(let c): return [(0..<c.layerCount, "num_hidden_layers", "layers", ["model.layers."])]
+    case .bert(let c):
+      return [(0..<c.layerCount, "num_hidden_layers", "layers", ["encoder.layer.", "bert.encoder.layer."])]
     }
   }
 
-  /// Checks that a checkpoint with tensors `names` holds the layers (or heads) this config
-  /// declares, before anything is sized by the config: a config.json claiming a billion layers
-  /// fails here at once instead of building a billion tensor names. An MLP's layer sizes are
-  /// listed in the file itself, so only its heads are counted.
+  /// Checks that a checkpoint with tensors `names` holds the layers (or heads, or tails) this
+  /// config declares, before anything is sized by the config: a config.json claiming a billion
+  /// layers fails here at once instead of building a billion tensor names. An MLP's layer sizes
+  /// are listed in the file itself, so only its heads are counted.
   public func checkLayers(against names: [String]) throws {
-    guard let (count, key, unit, prefixes) = countedUnits else { return }
-    var present = Set<Int>()
-    for name in names {
-      for prefix in prefixes where name.hasPrefix(prefix) {
-        let digits = name.dropFirst(prefix.count).prefix { $0.isASCII && $0.isNumber }
-        if let index = Int(digits), index < count { present.insert(index) }
+    for (indices, key, unit, prefixes) in countedUnits {
+      var present = Set<Int>()
+      for name in names {
+        for prefix in prefixes where name.hasPrefix(prefix) {
+          let digits = name.dropFirst(prefix.count).prefix { $0.isASCII && $0.isNumber }
+          if let index = Int(digits), indices.contains(index) { present.insert(index) }
+        }
       }
-    }
-    guard present.count == count else {
-      // The first index without tensors lies in 0...present.count (pigeonhole).
-      let missing = (0...present.count).first { !present.contains($0) } ?? 0
-      throw NetsError.invalidConfig(
-        key: key,
-        reason:
-          "declares \(count) \(unit) but the checkpoint holds tensors for \(present.count) of them "
-          + "(none for number \(missing)); the config does not describe this checkpoint")
+      guard present.count == indices.count else {
+        // The first index without tensors lies within indices.count + 1 of the start (pigeonhole).
+        let missing =
+          (indices.lowerBound...(indices.lowerBound + present.count)).first { !present.contains($0) }
+          ?? indices.lowerBound
+        throw NetsError.invalidConfig(
+          key: key,
+          reason:
+            "declares \(indices.count) \(unit) but the checkpoint holds tensors for \(present.count) of them "
+            + "(none for number \(missing)); the config does not describe this checkpoint")
+      }
     }
   }
 
@@ -102,6 +112,18 @@ extension NetworkConfig {
     object["low_rank"] = ["method": method, "ranks": ranks] as [String: Any]
     return try JSONSerialization.data(
       withJSONObject: markedAsOurs(object, format: "\(method)-factored"), options: [.prettyPrinted, .sortedKeys])
+  }
+
+  /// config.json bytes of a partially zipped decoder: the models' config with `tails` and
+  /// `shared_layers` set, marked as ours (transformers cannot run a trunk with several tails).
+  public static func addingTails(to json: Data, _ c: DecoderConfig) throws -> Data {
+    guard var object = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
+      throw NetsError.invalidConfig(key: "(root)", reason: "not a JSON object")
+    }
+    object["tails"] = c.tails
+    object["shared_layers"] = c.sharedLayers
+    return try JSONSerialization.data(
+      withJSONObject: markedAsOurs(object, format: "zipit-partial"), options: [.prettyPrinted, .sortedKeys])
   }
 
   /// Where a config marked by `markedAsOurs` keeps its own `model_type` and `architectures`.
@@ -285,6 +307,15 @@ public struct DecoderConfig: Equatable, Sendable {
   public var epsilon, ropeTheta: Double
   public var tiedEmbeddings, attentionBias: Bool
   public var activation: Activation
+  /// Tails of a partially zipped decoder (config key `tails`, written by `zip --stop-at`): each
+  /// runs its own copy of the layers after the shared trunk, with its own norm and head. 1 for
+  /// a plain decoder.
+  public var tails: Int
+  /// Layers of the shared trunk (`shared_layers`, 1...layers); all of them with one tail.
+  public var sharedLayers: Int
+
+  /// Where tail `t`'s tensor names start.
+  public static func tailPrefix(_ t: Int) -> String { "tails.\(t)." }
 
   init(_ keys: ConfigKeys, qwen: Bool) throws {
     vocabularySize = try keys.int("vocab_size")
@@ -299,6 +330,12 @@ public struct DecoderConfig: Equatable, Sendable {
     tiedEmbeddings = keys.bool("tie_word_embeddings", default: false)
     attentionBias = qwen || keys.bool("attention_bias", default: false)
     activation = try keys.activation("hidden_act", default: "silu")
+    tails = try keys.int("tails", default: 1)
+    sharedLayers = tails == 1 ? layerCount : try keys.int("shared_layers")
+    guard sharedLayers <= layerCount else {
+      throw NetsError.invalidConfig(
+        key: "shared_layers", reason: "\(sharedLayers) is more than num_hidden_layers \(layerCount)")
+    }
     guard headCount % keyValueHeadCount == 0 else {
       throw NetsError.invalidConfig(
         key: "num_key_value_heads", reason: "\(keyValueHeadCount) does not divide num_attention_heads \(headCount)")

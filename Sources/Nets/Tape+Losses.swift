@@ -126,6 +126,37 @@ extension Tape {
   /// Scores of a multi-head model whose heads each have their own classes: every head's
   /// log-softmax, side by side (head h's class c at column `h * classes + c`).
   public func stackedHeadScores(_ heads: [Var]) -> Var { concatenateColumns(heads.map { logSoftmax($0) }) }
+  /// Scores of an ensemble of heads over one label space (a partially zipped decoder's
+  /// tails): `log((1/H) sum_h softmax(z_h))`, a normalised distribution per row.
+  public func meanProbabilityScores(_ heads: [Var]) -> Var { logMeanExp(heads.map { logSoftmax($0) }) }
+
+  /// Element-wise `log((1/H) sum_h exp(x_h))` of equally shaped nodes, computed stably
+  /// (shifted by the largest). Backward: `dx_h = g * exp(x_h - out) / H`.
+  @_specialize(exported:true,where T == Float)
+  public func logMeanExp(_ parts: [Var]) -> Var {
+    let values = parts.map { value($0) }
+    var out = values[0]
+    let scale = T(values.count)
+    for i in out.values.indices {
+      let top = values.reduce(-T.infinity) { max($0, $1.values[i]) }
+      guard top.isFinite else {
+        out.values[i] = top
+        continue
+      }
+      let total = values.reduce(T(0)) { $0 + T.exp($1.values[i] - top) }
+      out.values[i] = top + T.log(total / scale)
+    }
+    return record(out, inputs: parts) { [unowned self] g in
+      for (h, part) in parts.enumerated() {
+        var dx = g
+        for i in dx.values.indices {
+          dx.values[i] = out.values[i].isFinite ? g.values[i] * T.exp(values[h].values[i] - out.values[i]) / scale : 0
+        }
+        accumulate(part, dx)
+      }
+    }
+  }
+
   /// Scores of a multi-head model: per row and class, `log p` of the head that gives the class
   /// the highest probability (each head's `p` a softmax over its logits). The gradient follows
   /// that head's log-softmax.

@@ -258,11 +258,17 @@ public enum Training {
     return (difference, norm)
   }
 
-  /// Mean next-token cross-entropy and perplexity of a decoder on token sequences.
+  /// Mean next-token cross-entropy and perplexity of a decoder on token sequences; for a
+  /// partially zipped decoder also each tail's own mean cross-entropy (`tailLosses`, empty
+  /// otherwise): the model's output is the tails' ensemble, a tail alone is its model's view
+  /// through the shared trunk (how a task-aware evaluation reads it).
   public static func perplexity(_ network: Network<Float>, on sequences: [[Int]], batchSize: Int = 8) throws -> (
-    loss: Double, perplexity: Double, tokens: Int
+    loss: Double, perplexity: Double, tokens: Int, tailLosses: [Double]
   ) {
+    let tails: Int
+    if case .decoder(let c) = network.config, c.tails > 1 { tails = c.tails } else { tails = 0 }
     var total = 0.0
+    var tailTotals = [Double](repeating: 0, count: tails)
     var tokens = 0
     for start in stride(from: 0, to: sequences.count, by: batchSize) {
       let batch = TokenBatch(Array(sequences[start..<min(sequences.count, start + batchSize)]))
@@ -271,11 +277,15 @@ public enum Training {
       let labels = nextTokenLabels(batch)
       let counted = labels.filter { $0 >= 0 }.count
       guard counted > 0 else { continue }
-      total += Double(tape.value(tape.crossEntropy(out.output, labels: labels)).values[0]) * Double(counted)
+      func loss(_ logits: Var) -> Double { Double(tape.value(tape.crossEntropy(logits, labels: labels)).values[0]) }
+      total += loss(out.output) * Double(counted)
+      for t in 0..<tails {
+        tailTotals[t] += loss(try out.point(DecoderConfig.tailPrefix(t) + "lm_head.output")) * Double(counted)
+      }
       tokens += counted
     }
     let loss = total / Double(max(tokens, 1))
-    return (loss, Foundation.exp(loss), tokens)
+    return (loss, Foundation.exp(loss), tokens, tailTotals.map { $0 / Double(max(tokens, 1)) })
   }
 
   /// Row `b * S + s` predicts token `s + 1` of sequence `b`; -1 where there is none.

@@ -82,7 +82,8 @@ public enum NetworkFiles {
     if let configPath = ModelFolder.modelFolder(of: source).map({ $0 + "/config.json" }),
       InputFile.isRegularFile(configPath)
     {
-      let json = Data(try InputFile.read(configPath))
+      var json = Data(try InputFile.read(configPath))
+      if case .decoder(let c) = network.config, c.tails > 1 { json = try NetworkConfig.addingTails(to: json, c) }
       options.files["config.json"] =
         network.lowRank.isEmpty
         ? json : try NetworkConfig.addingLowRank(to: json, ranks: network.lowRank, method: "pela")

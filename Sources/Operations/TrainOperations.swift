@@ -338,9 +338,19 @@ public struct EvalOperation: MergekitOperation {
       guard case .decoder(let c) = network.config else { preconditionFailure("matched .decoder") }
       let p = try Training.perplexity(
         network, on: try Self.tokenSequences(data, vocabulary: c.vocabularySize, operation: name))
+      // A partially zipped decoder: each tail alone too (task-aware, as the ZipIt! paper reads its heads).
+      let tails = p.tailLosses.enumerated().map { t, loss in
+        (
+          String(format: "tail %d: loss %.4f  perplexity %.3f", t, loss, exp(loss)),
+          ["tail": t, "loss": loss, "perplexity": exp(loss)]
+        )
+      }
+      var json: [String: Any] = ["model": model, "tokens": p.tokens, "loss": p.loss, "perplexity": p.perplexity]
+      if !tails.isEmpty { json["tails"] = tails.map(\.1) }
       result = OperationResult(
-        lines: [String(format: "tokens %d  loss %.4f  perplexity %.3f", p.tokens, p.loss, p.perplexity)],
-        json: ["model": model, "tokens": p.tokens, "loss": p.loss, "perplexity": p.perplexity])
+        lines: [String(format: "tokens %d  loss %.4f  perplexity %.3f", p.tokens, p.loss, p.perplexity)]
+          + tails.map(\.0),
+        json: json)
     }
     if let output = request.output, let json = result.json {
       try NetworkFiles.writeReport(json, to: output, overwrite: context.overwrite)

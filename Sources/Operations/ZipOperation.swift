@@ -23,7 +23,10 @@ public struct ZipOperation: MergekitOperation {
     stacked). Llama-style \
     decoders are zipped from token sequences: heads are aligned across the models, then the \
     residual stream (one merge point), every layer's MLP hidden units and each KV head's value \
-    features are matched; queries and keys of aligned heads are averaged. BERT encoders too: \
+    features are matched; queries and keys of aligned heads are averaged; stop_at K zips the \
+    first K layers into a trunk and keeps each model's other layers, norm and head as a tail \
+    (the output is the tails' mean next-token probability; mergekit runs it, transformers \
+    cannot). BERT encoders too: \
     heads aligned, then the residual stream, MLP hidden units, and each head's query/key \
     features (jointly) and value features are matched. \
     Paper: Stoica, Bolya et al., ZipIt!, ICLR 2024 (arXiv:2305.03053).
@@ -46,8 +49,10 @@ public struct ZipOperation: MergekitOperation {
         help: "ZipIt's beta: share of each model's merges allowed within itself"),
       .integer(
         "stop_at", in: 1...1 << 20, default: nil, optional: true,
-        help: "zip only the first K hidden layers (1...); the rest of each model becomes a head"),
-      .flag("keep_heads", default: false, help: "keep each model's output layer as a head"),
+        help:
+          "zip only the first K hidden layers (MLPs) or layers (decoders), 1...; the rest of each model becomes "
+          + "a head (a decoder's tail)"),
+      .flag("keep_heads", default: false, help: "keep each model's output layer (a decoder's norm and head) as a head"),
       .choice(
         "label_space", ["auto", "stacked", "shared"], default: "auto",
         help:
@@ -89,24 +94,38 @@ public struct ZipOperation: MergekitOperation {
     case .mlp: transformer = nil
     }
     if let transformer {
-      guard let data = request.data, options.stop == nil, !options.keepHeads, !p.isGiven("label_space") else {
+      let partial = options.stop != nil || options.keepHeads
+      guard let data = request.data, !p.isGiven("label_space"), !partial || transformer.kind == "decoders" else {
         throw OperationError.conflict(
           operation: name, name: "stats",
           reason:
-            "\(transformer.kind) are zipped whole from token data; stats, stop_at, keep_heads and label_space are for MLPs"
-        )
+            "\(transformer.kind) are zipped from token data; stats and label_space are for MLPs, "
+            + "stop_at and keep_heads for MLPs and decoders")
       }
       let zipped = try transformer.zip(networks, try DataFiles.readTokens(data), options)
+      var tails: String?
+      if case .decoder(let c) = zipped.config, c.tails > 1 {
+        tails =
+          "the first \(c.sharedLayers) of \(c.layerCount) layers zipped into a shared trunk, then one tail per model"
+      }
       let card = ModelCard.adaptation(
         method: "zipit", title: "ZipIt! merge of \(request.models.count) \(transformer.kind)", models: request.models,
         description:
           "`mergekit zip` merged \(request.models.joined(separator: ", ")) by matching their features on token data "
-          + "(ZipIt!, arXiv:2305.03053): \(transformer.points) zipped with \(options.method.rawValue). The result has "
-          + "the models' architecture.",
-        loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+          + "(ZipIt!, arXiv:2305.03053): \(transformer.points) zipped with \(options.method.rawValue). "
+          + (tails.map {
+            "Partially zipped: \($0) (its remaining layers, final norm and head, reading the trunk's residual stream "
+              + "through its unmerge); the output is the tails' mean next-token probability."
+          } ?? "The result has the models' architecture."),
+        loadsInTransformers: tails == nil,
+        howToRun: tails == nil
+          ? ModelCard.transformersUsage
+          : "`mergekit eval THIS_FOLDER --data TOKENS.jsonl` runs it (transformers has no layout for a trunk with tails)."
+      )
       try NetworkFiles.save(zipped, like: request.models[0], to: output, overwrite: context.overwrite, card: card)
       return OperationResult(lines: [
-        "\(output): \(options.method.rawValue) of \(networks.count) \(transformer.kind) (\(transformer.points) matched)"
+        "\(output): \(options.method.rawValue) of \(networks.count) \(transformer.kind) (\(transformer.points) matched"
+          + (tails.map { "; \($0)" } ?? "") + ")"
       ])
     }
     let statistics: [FeatureStatistics]

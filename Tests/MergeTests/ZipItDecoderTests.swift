@@ -82,6 +82,16 @@ func logits(_ network: Network<Float>, _ sequences: [[Int]]) throws -> [Float] {
   return tape.value(try network.forward(tape, .tokens(TokenBatch(sequences))).output).values
 }
 
+/// Row-wise log-softmax in float64 of `values` (rows of `width`), as floats.
+func logSoftmaxRows(_ values: [Float], width: Int) -> [Float] {
+  stride(from: 0, to: values.count, by: width).flatMap { start -> [Float] in
+    let row = values[start..<(start + width)].map(Double.init)
+    let top = row.max()!
+    let total = log(row.map { exp($0 - top) }.reduce(0, +)) + top
+    return row.map { Float($0 - total) }
+  }
+}
+
 func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
   let rng = CounterRNG(seed: seed, stream: "zip-tokens")
   return (0..<count).map { s in (0..<12).map { Int(rng.bits(UInt64(s * 100 + $0)) % 30) } }
@@ -106,6 +116,54 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
     options.method = .average
     let averaged = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3), options: options)
     #expect(zip(try logits(averaged, probe), want).map { abs($0 - $1) }.max()! > 1e-2)
+  }
+
+  /// Partial zipping (a trunk of the first `stop` layers, a tail per model): with a permuted
+  /// copy every tail computes the model again, so the output is the model's log-softmax.
+  @Test(arguments: [(1, false, false), (2, true, false), (1, false, true)])
+  func partiallyZippingADecoderWithAPermutedCopyGivesItsDistribution(_ setting: (Int, Bool, Bool)) throws {
+    let a = try randomDecoder(seed: 1, tied: setting.2)
+    let b = try permutedDecoder(a, seed: 2)
+    var options = ZipIt.Options()
+    (options.stop, options.keepHeads) = (setting.0, setting.1)
+    let zipped = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3), options: options)
+    guard case .decoder(let c) = zipped.config else { throw MergeError.tooFewModels }
+    #expect(c.tails == 2 && c.sharedLayers == setting.0)
+    let probe = tokenData(4, seed: 9)
+    let worst = zip(try logits(zipped, probe), logSoftmaxRows(try logits(a, probe), width: 30)).map { abs($0 - $1) }
+      .max()!
+    #expect(worst < 1e-4, "max difference \(worst)")
+  }
+
+  /// Two decoders that share their first layer and differ after it: zipped up to that layer,
+  /// the trunk is the shared layer and the tails are the two models, so the output is their
+  /// ensemble, `log((p_A + p_B) / 2)`, computed here from each model's own logits.
+  @Test func partiallyZippedDecodersWithACommonTrunkAreTheirEnsemble() throws {
+    let a = try randomDecoder(seed: 1)
+    let other = try randomDecoder(seed: 7)
+    var tensors: [String: Tensor] = [:]
+    for (name, tensor) in a.tensors {
+      tensors[name] =
+        name.hasPrefix("model.layers.0.") || name.hasPrefix("model.embed_tokens")
+        ? tensor : other.tensors.first { $0.name == name }!.tensor
+    }
+    let b = try Network<Float>(config: a.config, tensors: tensors)
+    var options = ZipIt.Options()
+    options.stop = 1
+    let zipped = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3), options: options)
+    let probe = tokenData(4, seed: 9)
+    let (pa, pb) = (logSoftmaxRows(try logits(a, probe), width: 30), logSoftmaxRows(try logits(b, probe), width: 30))
+    let ensemble = zip(pa, pb).map { Float(log((exp(Double($0)) + exp(Double($1))) / 2)) }
+    let worst = zip(try logits(zipped, probe), ensemble).map { abs($0 - $1) }.max()!
+    #expect(worst < 1e-4, "max difference \(worst)")
+    // Neither model alone.
+    #expect(zip(ensemble, pa).map { abs($0 - $1) }.max()! > 1e-2)
+    // A partially zipped decoder is not zipped again; stops beyond the layers are refused.
+    #expect(throws: MergeError.self) { try ZipIt.zipDecoders([zipped, zipped], sequences: tokenData(2, seed: 1)) }
+    options.stop = 3
+    #expect(throws: MergeError.stopLayerOutOfRange(stop: 3, points: 2)) {
+      try ZipIt.zipDecoders([a, b], sequences: tokenData(2, seed: 1), options: options)
+    }
   }
 
   @Test func averagingADecoderWithItselfGivesItBack() throws {

@@ -158,6 +158,20 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
     #expect(abs(scores[2, 3] - log(max(p[0][2, 3], p[1][2, 3], p[2][2, 3]))) < 1e-12)
   }
 
+  /// The tails' ensemble of a partially zipped decoder: `log((1/H) sum_h softmax(z_h))`,
+  /// checked against the float64 mean of the softmaxes, and its gradient.
+  @Test func meanProbabilityScoresOfTails() {
+    let heads = [randomMatrix(4, 5, "t0", scale: 3), randomMatrix(4, 5, "t1", scale: 3)]
+    #expect(gradientError(heads) { t, v in t.meanProbabilityScores(v) } < tolerance)
+    let t = Tape<Double>()
+    let scores = t.value(t.meanProbabilityScores(heads.map { t.constant($0) }))
+    let p = heads.map { softmax($0) }
+    for r in 0..<4 {
+      for c in 0..<5 { #expect(abs(scores[r, c] - log((p[0][r, c] + p[1][r, c]) / 2)) < 1e-12) }
+      #expect(abs((0..<5).map { exp(scores[r, $0]) }.reduce(0, +) - 1) < 1e-12)
+    }
+  }
+
   /// A whole pre-norm decoder block with a head, every weight checked at once.
   @Test func wholeDecoderBlock() {
     let (sequence, width, heads, kvHeads, hidden, vocabulary) = (4, 8, 4, 2, 12, 6)

@@ -44,4 +44,26 @@ import Testing
       json: Data(#"{"architectures": ["MLP"], "layer_sizes": [4, 8, 3], "heads": 1000000, "shared_layers": 1}"#.utf8))
     #expect(throws: NetsError.self) { try heads.checkLayers(against: ["layers.0.weight", "heads.0.layers.1.weight"]) }
   }
+
+  /// A partially zipped decoder (a trunk of `shared_layers`, `tails` tails) is checked the same
+  /// way: its trunk, its tails and the layers of a tail; more shared layers than layers is refused.
+  @Test func tailsOfAPartiallyZippedDecoderMustExist() throws {
+    let config = try Self.config(["tails": 2, "shared_layers": 1])
+    let names = Network<Float>.expectedShapes(config).map(\.name)
+    #expect(
+      names.contains("tails.1.model.layers.1.self_attn.o_proj.weight") && names.contains("tails.0.lm_head.weight"))
+    #expect(!names.contains("model.layers.1.self_attn.o_proj.weight") && !names.contains("lm_head.weight"))
+    try config.checkLayers(against: names)
+    for (claim, message) in [
+      (["tails": 3_000_000], "declares 3000000 tails but the checkpoint holds tensors for 2 of them"),
+      (["num_hidden_layers": 50_000_000], "declares 49999999 layers of tail 0 but the checkpoint holds tensors for 1"),
+    ] as [([String: Any], String)] {
+      let wrong = try Self.config(["tails": 2, "shared_layers": 1].merging(claim) { $1 })
+      #expect { try wrong.checkLayers(against: names) } throws: { "\($0)".contains(message) }
+    }
+    #expect { try Self.config(["tails": 2, "shared_layers": 3]) } throws: { error in
+      guard case NetsError.invalidConfig(let key, _) = error else { return false }
+      return key == "shared_layers"
+    }
+  }
 }

@@ -27,6 +27,10 @@ let shrunkRecipes: [String: [(String, String)]] = [
     ("sequences: 256", "sequences: 16"), ("sequences: 128", "sequences: 8"), ("sequences: 32", "sequences: 4"),
     ("epochs: 2", "epochs: 1"),
   ],
+  "zipit-decoder.yaml": [
+    ("sequences: 256", "sequences: 16"), ("sequences: 128", "sequences: 8"), ("sequences: 32", "sequences: 4"),
+    ("epochs: 2", "epochs: 1"),
+  ],
   "matryoshka-kv.yaml": [
     ("sequences: 256", "sequences: 16"), ("sequences: 32", "sequences: 8"), ("epochs: 4", "epochs: 1"),
   ],
@@ -91,6 +95,16 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
           }
           #expect(
             config.heads == (output.label == "partial" ? 2 : 1) && config.layerSizes == [32, 64, 64, 10],
+            "\(output.label)")
+          continue
+        }
+        if name == "zipit-decoder.yaml" {
+          // A decoder zipped whole, and one with a trunk of 1 layer and a tail per fine-tune.
+          guard case .decoder(let c) = try NetworkFiles.load(output.path).config else {
+            Issue.record("\(output.label) is not a decoder"); continue
+          }
+          #expect(
+            c.tails == (output.label == "partial-1" ? 2 : 1) && c.sharedLayers == (output.label == "partial-1" ? 1 : 4),
             "\(output.label)")
           continue
         }

@@ -84,7 +84,9 @@ import Testing
   }
 
   /// `mergekit zip` takes decoders with token data: a decoder averaged with itself is itself;
-  /// MLP-only options are refused.
+  /// partially zipped with itself (`--stop-at 1`: a trunk of one layer, a tail per model), it
+  /// gives the same perplexity, in a folder marked as mergekit's that `eval` runs and `mkv`
+  /// refuses; MLP-only options are refused.
   @Test func zipTakesDecodersWithTokens() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
@@ -92,9 +94,28 @@ import Testing
     let held = try tokens(folder, "held.jsonl", split: "test")
     let zipped = try CLI.run("zip", model, model, "--data", held, "--method", "average", "-o", folder.file("zipped"))
     #expect(zipped.status == 0, "\(zipped.stderr)")
-    let (original, averaged) = (try perplexity(model, held), try perplexity(folder.file("zipped"), held))
-    #expect(abs(averaged - original) <= 1e-4 * original)
-    #expect(try CLI.run("zip", model, model, "--data", held, "--stop-at", "1", "-o", folder.file("x")).status == 64)
+    let original = try perplexity(model, held)
+    #expect(abs(try perplexity(folder.file("zipped"), held) - original) <= 1e-4 * original)
+    let partial = try CLI.run("zip", model, model, "--data", held, "--stop-at", "1", "-o", folder.file("partial"))
+    #expect(
+      partial.status == 0 && partial.stdout.contains("the first 1 of 2 layers zipped into a shared trunk"),
+      "\(partial.stderr)")
+    #expect(abs(try perplexity(folder.file("partial"), held) - original) <= 1e-4 * original)
+    let tails = try CLI.run("eval", folder.file("partial"), "--data", held)
+    #expect(tails.stdout.contains("tail 0: loss") && tails.stdout.contains("tail 1: loss"), "\(tails.stdout)")
+    let config =
+      try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder.file("partial/config.json"))))
+      as! [String: Any]
+    #expect(config["model_type"] as? String == "mergekit-zipit-partial")
+    #expect(config["tails"] as? Int == 2 && config["shared_layers"] as? Int == 1)
+    let names = Set(try openCheckpoint(folder.file("partial")).tensors.map(\.name))
+    #expect(names.contains("tails.1.model.layers.1.mlp.down_proj.weight") && names.contains("tails.0.unmerge.weight"))
+    #expect(!names.contains("model.layers.1.mlp.down_proj.weight") && !names.contains("model.norm.weight"))
+    let projected = try CLI.run("mkv", folder.file("partial"), "--data", held, "-o", folder.file("y"))
+    #expect(projected.status != 0 && projected.stderr.contains("tails"), "\(projected.stderr)")
+    let stacked = try CLI.run(
+      "zip", model, model, "--data", held, "--label-space", "stacked", "-o", folder.file("x"))
+    #expect(stacked.status == 64 && stacked.stderr.contains("label_space are for MLPs"), "\(stacked.stderr)")
   }
 
   /// `atlas learn` on a decoder: task vectors of two fine-tunes (written by `train` and
