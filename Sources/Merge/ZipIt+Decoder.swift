@@ -120,11 +120,25 @@ extension ZipIt {
       }
       out[p + "self_attn.o_proj.weight"] = z.zipped(
         p + "self_attn.o_proj.weight", left: residualMerge, right: valueUnmerge)
+      if c.outputBias {
+        out[p + "self_attn.o_proj.bias"] = z.zippedVector(p + "self_attn.o_proj.bias", left: residualMerge)
+      }
+      if c.queryKeyNorm {
+        // One gain per head feature, shared by every head: features do not move within a head.
+        for name in ["q_norm.weight", "k_norm.weight"] {
+          out[p + "self_attn." + name] = z.zipped(p + "self_attn." + name, left: nil, right: nil)
+        }
+      }
       let mlpMerge = { (m: Int) in merge(decoderPoint(mlp: layer), m) }
       out[p + "mlp.gate_proj.weight"] = z.zipped(p + "mlp.gate_proj.weight", left: mlpMerge, right: residualUnmerge)
       out[p + "mlp.up_proj.weight"] = z.zipped(p + "mlp.up_proj.weight", left: mlpMerge, right: residualUnmerge)
       out[p + "mlp.down_proj.weight"] = z.zipped(
         p + "mlp.down_proj.weight", left: residualMerge, right: { unmerge(decoderPoint(mlp: layer), $0) })
+      if c.mlpBias {
+        out[p + "mlp.gate_proj.bias"] = z.zippedVector(p + "mlp.gate_proj.bias", left: mlpMerge)
+        out[p + "mlp.up_proj.bias"] = z.zippedVector(p + "mlp.up_proj.bias", left: mlpMerge)
+        out[p + "mlp.down_proj.bias"] = z.zippedVector(p + "mlp.down_proj.bias", left: residualMerge)
+      }
     }
     var zipped = c
     if layers == c.layerCount && !keepTails {

@@ -46,6 +46,18 @@ extension Network {
         (p + "self_attn.q_proj.bias", [q]), (p + "self_attn.k_proj.bias", [kv]), (p + "self_attn.v_proj.bias", [kv]),
       ]
     }
+    if c.outputBias { shapes.append((p + "self_attn.o_proj.bias", [h])) }
+    if c.mlpBias {
+      shapes += [
+        (p + "mlp.gate_proj.bias", [c.intermediateSize]), (p + "mlp.up_proj.bias", [c.intermediateSize]),
+        (p + "mlp.down_proj.bias", [h]),
+      ]
+    }
+    if c.queryKeyNorm {
+      shapes += [
+        (p + "self_attn.q_norm.weight", [c.headDimension]), (p + "self_attn.k_norm.weight", [c.headDimension]),
+      ]
+    }
     return shapes
   }
 
@@ -87,14 +99,23 @@ extension Network {
     _ weight: WeightBinder, _ recorder: inout PointRecorder
   ) -> Var {
     let positions = batch.positions
+    let frequencies = c.rotary.inverseFrequencies(dimension: c.headDimension, length: batch.sequence)
     let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
-    let q = tape.rotary(
-      tape.dense(h, p + "self_attn.q_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
-      heads: c.headCount, theta: c.ropeTheta)
-    var k = tape.rotary(
-      tape.dense(h, p + "self_attn.k_proj", bias: c.attentionBias, weight, &recorder), positions: positions,
-      heads: c.keyValueHeadCount,
-      theta: c.ropeTheta)
+    /// A projection split in heads: Qwen3 normalises each head (RMSNorm over its features), then rotary.
+    func rotated(_ name: String, heads: Int, norm: String) -> Var {
+      var y = tape.dense(h, p + "self_attn." + name, bias: c.attentionBias, weight, &recorder)
+      if c.queryKeyNorm {
+        let rows = tape.value(y).rows
+        y = tape.reshaped(
+          tape.rmsNorm(
+            tape.reshaped(y, rows: rows * heads, columns: c.headDimension), weight: weight(p + "self_attn." + norm),
+            epsilon: c.epsilon), rows: rows, columns: heads * c.headDimension)
+      }
+      return tape.rotary(
+        y, positions: positions, heads: heads, frequencies: frequencies, scale: c.rotary.attentionFactor)
+    }
+    let q = rotated("q_proj", heads: c.headCount, norm: "q_norm.weight")
+    var k = rotated("k_proj", heads: c.keyValueHeadCount, norm: "k_norm.weight")
     var v = tape.dense(h, p + "self_attn.v_proj", bias: c.attentionBias, weight, &recorder)
     recorder.record(p + "self_attn.queries", q)
     recorder.record(p + "self_attn.keys", k)
@@ -105,13 +126,13 @@ extension Network {
     }
     let a = tape.attention(
       query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount,
-      causal: true, keyMask: batch.mask)
-    var out = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: false, weight, &recorder))
+      causal: true, keyMask: batch.mask, window: c.windows[i])
+    var out = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: c.outputBias, weight, &recorder))
     let m = tape.rmsNorm(out, weight: weight(p + "post_attention_layernorm.weight"), epsilon: c.epsilon)
-    let gate = tape.activation(c.activation, tape.dense(m, p + "mlp.gate_proj", bias: false, weight, &recorder))
-    let hidden = tape.multiply(gate, tape.dense(m, p + "mlp.up_proj", bias: false, weight, &recorder))
+    let gate = tape.activation(c.activation, tape.dense(m, p + "mlp.gate_proj", bias: c.mlpBias, weight, &recorder))
+    let hidden = tape.multiply(gate, tape.dense(m, p + "mlp.up_proj", bias: c.mlpBias, weight, &recorder))
     recorder.record(p + "mlp.hidden", hidden)
-    out = tape.add(out, tape.dense(hidden, p + "mlp.down_proj", bias: false, weight, &recorder))
+    out = tape.add(out, tape.dense(hidden, p + "mlp.down_proj", bias: c.mlpBias, weight, &recorder))
     recorder.record(p + "output", out)
     return out
   }

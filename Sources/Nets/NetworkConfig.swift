@@ -19,8 +19,8 @@ public enum NetworkConfig: Equatable, Sendable {
     switch architecture.lowercased() {
     case "mlp":
       self = .mlp(try MLPConfig(keys))
-    case "llamaforcausallm", "mistralforcausallm", "qwen2forcausallm", "llama", "mistral", "qwen2":
-      self = .decoder(try DecoderConfig(keys, qwen: architecture.lowercased().hasPrefix("qwen2")))
+    case let name where DecoderConfig.Family(architecture: name) != nil:
+      self = .decoder(try DecoderConfig(keys, family: DecoderConfig.Family(architecture: name) ?? .llama))
     case "bertforsequenceclassification":
       var c = try BERTConfig(keys)
       c.classifierLabels = try BERTConfig.labelCount(keys)
@@ -147,47 +147,104 @@ extension NetworkConfig {
   }
 }
 
-/// Typed reads of config keys, with errors naming the key.
+/// Typed reads of config keys, with errors naming the key (with `path`, the object it sits in:
+/// `rope_parameters.factor`).
 struct ConfigKeys {
   /// The largest size or count a config key may hold (2^26: above every real vocabulary,
   /// width, layer count and context length), so products of two sizes never overflow.
   static let maxSize = 1 << 26
   let values: [String: Any]
-  init(_ values: [String: Any]) { self.values = values }
+  let path: String
+  init(_ values: [String: Any], path: String = "") {
+    self.values = values
+    self.path = path
+  }
+
+  /// The full name of `key` for messages.
+  func name(_ key: String) -> String { path + key }
+
+  /// The value of `key`, nil when absent or JSON null.
+  func present(_ key: String) -> Any? {
+    guard let raw = values[key], !(raw is NSNull) else { return nil }
+    return raw
+  }
 
   func int(_ key: String, default value: Int? = nil) throws -> Int {
-    guard let raw = values[key] else {
+    guard let raw = present(key) else {
       if let value { return value }
-      throw NetsError.missingConfigKey(key)
+      throw NetsError.missingConfigKey(name(key))
     }
-    guard let number = raw as? NSNumber, let exact = Int(exactly: number.doubleValue), exact > 0,
+    guard let number = raw as? NSNumber, !Self.isBoolean(number), let exact = Int(exactly: number.doubleValue),
+      exact > 0,
       exact <= ConfigKeys.maxSize
     else {
       throw NetsError.invalidConfig(
-        key: key, reason: "expected a positive integer up to \(ConfigKeys.maxSize), found \(raw)")
+        key: name(key), reason: "expected a positive integer up to \(ConfigKeys.maxSize), found \(raw)")
     }
     return exact
   }
 
+  /// `key` as a positive integer, nil when absent or null.
+  func optionalInt(_ key: String) throws -> Int? { present(key) == nil ? nil : try int(key) }
+
   /// A finite number at least `minimum` (above it with `exclusive`): an epsilon of -1 or a rotary
   /// base of 0 would give NaN or meaningless outputs without any error.
   func double(_ key: String, default value: Double, minimum: Double = 0, exclusive: Bool = false) throws -> Double {
-    guard let raw = values[key], !(raw is NSNull) else { return value }
-    guard let number = raw as? NSNumber, number.doubleValue.isFinite,
+    try optionalDouble(key, minimum: minimum, exclusive: exclusive) ?? value
+  }
+
+  /// `double` without a default: nil when absent or null.
+  func optionalDouble(_ key: String, minimum: Double = 0, exclusive: Bool = false) throws -> Double? {
+    guard let raw = present(key) else { return nil }
+    guard let number = raw as? NSNumber, !Self.isBoolean(number), number.doubleValue.isFinite,
       exclusive ? number.doubleValue > minimum : number.doubleValue >= minimum
     else {
       throw NetsError.invalidConfig(
-        key: key, reason: "expected a finite number \(exclusive ? ">" : ">=") \(minimum), found \(raw)")
+        key: name(key), reason: "expected a finite number \(exclusive ? ">" : ">=") \(minimum), found \(raw)")
     }
     return number.doubleValue
   }
 
   func bool(_ key: String, default value: Bool) -> Bool { (values[key] as? Bool) ?? value }
 
+  /// `key` as true or false; anything else present (a string "true", a number) is an error,
+  /// since guessing would silently change the model.
+  func flag(_ key: String, default value: Bool) throws -> Bool {
+    guard let raw = present(key) else { return value }
+    guard let number = raw as? NSNumber, Self.isBoolean(number) else {
+      throw NetsError.invalidConfig(key: name(key), reason: "expected true or false, found \(raw)")
+    }
+    return number.boolValue
+  }
+
+  /// Whether JSON gave `true`/`false` (Foundation's booleans are `char` numbers) rather than a number.
+  static func isBoolean(_ number: NSNumber) -> Bool {
+    let type = String(cString: number.objCType)
+    return type == "c" || type == "B"
+  }
+
+  /// `key` as a string, nil when absent or null.
+  func string(_ key: String) throws -> String? {
+    guard let raw = present(key) else { return nil }
+    guard let text = raw as? String else {
+      throw NetsError.invalidConfig(key: name(key), reason: "expected a string, found \(raw)")
+    }
+    return text
+  }
+
+  /// `key` as a JSON object, nil when absent or null.
+  func object(_ key: String) throws -> ConfigKeys? {
+    guard let raw = present(key) else { return nil }
+    guard let object = raw as? [String: Any] else {
+      throw NetsError.invalidConfig(key: name(key), reason: "expected an object, found \(raw)")
+    }
+    return ConfigKeys(object, path: name(key) + ".")
+  }
+
   func activation(_ key: String, default value: String) throws -> Activation {
     let name = (values[key] as? String) ?? value
     guard let activation = Activation(configName: name) else {
-      throw NetsError.invalidConfig(key: key, reason: "unknown activation '\(name)'")
+      throw NetsError.invalidConfig(key: self.name(key), reason: "unknown activation '\(name)'")
     }
     return activation
   }
@@ -297,55 +354,6 @@ public struct MLPConfig: Equatable, Sendable {
       }
 
       """
-  }
-}
-
-/// Llama-style decoders (Llama, Mistral, Qwen2): sizes, RMSNorm epsilon, rotary theta, grouped
-/// heads, tied head, q/k/v biases (always for Qwen2, `attention_bias` for Llama).
-public struct DecoderConfig: Equatable, Sendable {
-  public var vocabularySize, hiddenSize, intermediateSize, layerCount, headCount, keyValueHeadCount, headDimension: Int
-  public var epsilon, ropeTheta: Double
-  public var tiedEmbeddings, attentionBias: Bool
-  public var activation: Activation
-  /// Tails of a partially zipped decoder (config key `tails`, written by `zip --stop-at`): each
-  /// runs its own copy of the layers after the shared trunk, with its own norm and head. 1 for
-  /// a plain decoder.
-  public var tails: Int
-  /// Layers of the shared trunk (`shared_layers`, 1...layers); all of them with one tail.
-  public var sharedLayers: Int
-
-  /// Where tail `t`'s tensor names start.
-  public static func tailPrefix(_ t: Int) -> String { "tails.\(t)." }
-
-  init(_ keys: ConfigKeys, qwen: Bool) throws {
-    vocabularySize = try keys.int("vocab_size")
-    hiddenSize = try keys.int("hidden_size")
-    intermediateSize = try keys.int("intermediate_size")
-    layerCount = try keys.int("num_hidden_layers")
-    headCount = try keys.int("num_attention_heads")
-    keyValueHeadCount = try keys.int("num_key_value_heads", default: headCount)
-    headDimension = try keys.int("head_dim", default: hiddenSize / headCount)
-    epsilon = try keys.double("rms_norm_eps", default: 1e-6)
-    ropeTheta = try keys.double("rope_theta", default: 10_000, exclusive: true)
-    tiedEmbeddings = keys.bool("tie_word_embeddings", default: false)
-    attentionBias = qwen || keys.bool("attention_bias", default: false)
-    activation = try keys.activation("hidden_act", default: "silu")
-    tails = try keys.int("tails", default: 1)
-    sharedLayers = tails == 1 ? layerCount : try keys.int("shared_layers")
-    guard sharedLayers <= layerCount else {
-      throw NetsError.invalidConfig(
-        key: "shared_layers", reason: "\(sharedLayers) is more than num_hidden_layers \(layerCount)")
-    }
-    guard headCount % keyValueHeadCount == 0 else {
-      throw NetsError.invalidConfig(
-        key: "num_key_value_heads", reason: "\(keyValueHeadCount) does not divide num_attention_heads \(headCount)")
-    }
-    guard headDimension % 2 == 0 else {
-      throw NetsError.invalidConfig(key: "head_dim", reason: "rotary embeddings need an even head size")
-    }
-    if let scaling = keys.values["rope_scaling"], !(scaling is NSNull) {
-      throw NetsError.invalidConfig(key: "rope_scaling", reason: "scaled rotary embeddings are not supported yet")
-    }
   }
 }
 

@@ -6,12 +6,13 @@ extension Tape {
   /// Scaled dot-product attention, `softmax(q k^T / sqrt(d) + mask) v` per sequence and head.
   /// `q` is `rows x (heads * d)`; `k` and `v` are `rows x (kvHeads * d)`, and query head `h`
   /// reads key/value head `h / (heads / kvHeads)` (grouped-query attention). `causal` hides
-  /// later positions; `keyMask` (one flag per row, false = padding) hides padded keys. A query
-  /// that sees no key gets zeros.
+  /// later positions; `keyMask` (one flag per row, false = padding) hides padded keys; `window`
+  /// (sliding-window attention) lets query `i` see only keys `j > i - window`. A query that sees
+  /// no key gets zeros.
   @_specialize(exported:true,where T == Float)
   public func attention(
     query q: Var, key k: Var, value v: Var, sequence: Int, heads: Int, kvHeads: Int, causal: Bool,
-    keyMask: [Bool]? = nil
+    keyMask: [Bool]? = nil, window: Int? = nil
   ) -> Var {
     let (qm, km, vm) = (value(q), value(k), value(v))
     let d = qm.columns / heads
@@ -34,7 +35,11 @@ extension Tape {
         var p = qh.matmul(kh, transposeB: true)
         let keys =
           keyMask.map { Array($0[(b * sequence)..<((b + 1) * sequence)]) } ?? [Bool](repeating: true, count: sequence)
-        for i in 0..<sequence { softmaxRow(&p, i, scale: scale, visible: keys, through: causal ? i : sequence - 1) }
+        for i in 0..<sequence {
+          softmaxRow(
+            &p, i, scale: scale, visible: keys, from: window.map { max(0, i - $0 + 1) } ?? 0,
+            through: causal ? i : sequence - 1)
+        }
         addBlock(&out, p.matmul(block(vm, b, sequence, kv, d)), b, sequence, h, d)
         probabilities.append(p)
       }
@@ -69,13 +74,24 @@ extension Tape {
   /// Rotary position embedding (Hugging Face's rotate-half layout): within each head of width
   /// `d`, features `i` and `i + d/2` turn by `position * theta^(-2i/d)`. `positions` has one
   /// entry per row.
-  @_specialize(exported:true,where T == Float)
   public func rotary(_ a: Var, positions: [Int], heads: Int, theta: Double) -> Var {
+    let d = value(a).columns / max(heads, 1)
+    return rotary(
+      a, positions: positions, heads: heads,
+      frequencies: Rotary(theta: theta).inverseFrequencies(dimension: d, length: 0))
+  }
+
+  /// Rotary position embedding with the given inverse frequency per feature pair (`Rotary`
+  /// computes them for the scaled variants): features `i` and `i + d/2` turn by
+  /// `position * frequencies[i]`, and both are multiplied by `scale` (yarn's attention factor).
+  @_specialize(exported:true,where T == Float)
+  public func rotary(_ a: Var, positions: [Int], heads: Int, frequencies: [Double], scale: Double = 1) -> Var {
     let x = value(a)
     let d = x.columns / heads
-    precondition(x.columns == heads * d && d % 2 == 0 && positions.count == x.rows, "rotary shapes")
+    precondition(
+      x.columns == heads * d && d % 2 == 0 && positions.count == x.rows && frequencies.count == d / 2, "rotary shapes")
     let half = d / 2
-    let (cosines, sines) = rotaryTables(positions: positions, half: half, d: d, theta: theta)
+    let (cosines, sines) = rotaryTables(positions: positions, frequencies: frequencies, scale: scale)
     func rotate(_ m: Matrix<T>, inverse: Bool) -> Matrix<T> {
       var out = m
       for r in 0..<m.rows {
@@ -132,21 +148,23 @@ extension Tape {
     }
   }
 
-  /// Row `i` of `scores` becomes `softmax(scale * scores)` over the columns `j <= last` with
-  /// `visible[j]` (zeros elsewhere).
-  private func softmaxRow(_ scores: inout Matrix<T>, _ i: Int, scale: T, visible: [Bool], through last: Int) {
+  /// Row `i` of `scores` becomes `softmax(scale * scores)` over the columns `first <= j <= last`
+  /// with `visible[j]` (zeros elsewhere).
+  private func softmaxRow(
+    _ scores: inout Matrix<T>, _ i: Int, scale: T, visible: [Bool], from first: Int, through last: Int
+  ) {
     let n = scores.columns
     scores.values.withUnsafeMutableBufferPointer { all in
       let row = UnsafeMutableBufferPointer(rebasing: all[(i * n)..<((i + 1) * n)])
       var largest = -T.infinity
-      for j in 0...last where visible[j] { largest = max(largest, row[j] * scale) }
+      for j in first...last where visible[j] { largest = max(largest, row[j] * scale) }
       guard largest > -T.infinity else {
         for j in 0..<n { row[j] = 0 }
         return
       }
       var total: T = 0
       for j in 0..<n {
-        let e = j <= last && visible[j] ? T.exp(row[j] * scale - largest) : 0
+        let e = j >= first && j <= last && visible[j] ? T.exp(row[j] * scale - largest) : 0
         row[j] = e
         total += e
       }
@@ -155,15 +173,16 @@ extension Tape {
     }
   }
 
-  /// cos and sin of `position * theta^(-2i/d)`, computed in Double, per row and pair `i`.
-  private func rotaryTables(positions: [Int], half: Int, d: Int, theta: Double) -> ([T], [T]) {
+  /// `scale` times cos and sin of `position * frequencies[i]`, computed in Double, per row and pair `i`.
+  private func rotaryTables(positions: [Int], frequencies: [Double], scale: Double) -> ([T], [T]) {
+    let half = frequencies.count
     var cosines = [T](repeating: 0, count: positions.count * half)
     var sines = cosines
     for (r, p) in positions.enumerated() {
       for i in 0..<half {
-        let angle = Double(p) / Foundation.pow(theta, Double(2 * i) / Double(d))
-        cosines[r * half + i] = T(Foundation.cos(angle))
-        sines[r * half + i] = T(Foundation.sin(angle))
+        let angle = Double(p) * frequencies[i]
+        cosines[r * half + i] = T(scale * Foundation.cos(angle))
+        sines[r * half + i] = T(scale * Foundation.sin(angle))
       }
     }
     return (cosines, sines)

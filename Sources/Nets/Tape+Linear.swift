@@ -81,4 +81,14 @@ extension Tape {
       accumulate(a, dx)
     }
   }
+
+  /// The same values read as `rows x columns` (row-major order kept): `rows x (heads * d)`
+  /// becomes `(rows * heads) x d`, one head per row, and back.
+  public func reshaped(_ a: Var, rows: Int, columns: Int) -> Var {
+    let x = value(a)
+    precondition(rows * columns == x.values.count, "reshape keeps the element count")
+    return record(Matrix(rows: rows, columns: columns, values: x.values), inputs: [a]) { [unowned self] g in
+      accumulate(a, Matrix(rows: x.rows, columns: x.columns, values: g.values))
+    }
+  }
 }

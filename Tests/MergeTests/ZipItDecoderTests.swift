@@ -6,10 +6,14 @@ import Testing
 @testable import Merge
 
 /// A small Llama-style decoder (4 heads of 4, 2 KV heads) with random weights.
-func randomDecoder(seed: UInt64, tied: Bool = false) throws -> Network<Float> {
+/// `extra` adds config keys (biases).
+func randomDecoder(
+  seed: UInt64, tied: Bool = false, architecture: String = "LlamaForCausalLM", extra: String = ""
+) throws -> Network<Float> {
   let json = """
-    {"architectures": ["LlamaForCausalLM"], "vocab_size": 30, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
-     "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": \(tied)}
+    {"architectures": ["\(architecture)"], "vocab_size": 30, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+     \(extra) "tie_word_embeddings": \(tied)}
     """
   let config = try NetworkConfig(json: Data(json.utf8))
   var tensors: [String: Tensor] = [:]
@@ -31,8 +35,13 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
     return (0..<n).sorted { rng.bits(UInt64($0)) < rng.bits(UInt64($1)) }
   }
   var w = network.weights
+  // Output features: a weight's rows, a bias's entries (a bias is one row); absent biases are skipped.
   func rows(_ name: String, _ p: [Int]) {
-    let m = w[name]!
+    guard let m = w[name] else { return }
+    if name.hasSuffix(".bias") {
+      w[name] = Matrix(rows: 1, columns: m.columns, values: p.map { m.values[$0] })
+      return
+    }
     w[name] = Matrix(rows: m.rows, columns: m.columns, values: p.flatMap { r in (0..<m.columns).map { m[r, $0] } })
   }
   func columns(_ name: String, _ p: [Int]) {
@@ -44,10 +53,12 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
   for l in 0..<c.layerCount {
     let p = "model.layers.\(l).self_attn."
     let heads = Array((0..<c.keyValueHeadCount).reversed())
-    rows(p + "k_proj.weight", heads.flatMap { b in (0..<d).map { b * d + $0 } })
-    rows(p + "v_proj.weight", heads.flatMap { b in (0..<d).map { b * d + $0 } })
+    for name in ["k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias"] {
+      rows(p + name, heads.flatMap { b in (0..<d).map { b * d + $0 } })
+    }
     let queries = heads.flatMap { b in (0..<(group * d)).map { b * group * d + $0 } }
     rows(p + "q_proj.weight", queries)
+    rows(p + "q_proj.bias", queries)
     columns(p + "o_proj.weight", queries)
   }
   let residual = permutation(c.hiddenSize, "residual")
@@ -61,13 +72,18 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
       "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
       "mlp.up_proj.weight",
     ] { columns(p + name, residual) }
-    for name in ["self_attn.o_proj.weight", "mlp.down_proj.weight"] { rows(p + name, residual) }
+    for name in ["self_attn.o_proj.weight", "mlp.down_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.bias"] {
+      rows(p + name, residual)
+    }
     let hidden = permutation(c.intermediateSize, "mlp\(l)")
-    rows(p + "mlp.gate_proj.weight", hidden)
-    rows(p + "mlp.up_proj.weight", hidden)
+    for name in ["gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias"] {
+      rows(p + "mlp." + name, hidden)
+    }
     columns(p + "mlp.down_proj.weight", hidden)
     let values = (0..<c.keyValueHeadCount).map { permutation(d, "v\(l).\($0)") }
-    rows(p + "self_attn.v_proj.weight", (0..<c.keyValueHeadCount).flatMap { h in values[h].map { h * d + $0 } })
+    for name in ["self_attn.v_proj.weight", "self_attn.v_proj.bias"] {
+      rows(p + name, (0..<c.keyValueHeadCount).flatMap { h in values[h].map { h * d + $0 } })
+    }
     columns(p + "self_attn.o_proj.weight", (0..<c.headCount).flatMap { q in values[q / group].map { q * d + $0 } })
   }
   return try Network(
@@ -116,6 +132,21 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
     options.method = .average
     let averaged = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3), options: options)
     #expect(zip(try logits(averaged, probe), want).map { abs($0 - $1) }.max()! > 1e-2)
+  }
+
+  /// The same with every bias transformers allows (q/k/v/o and MLP biases, Llama) and with
+  /// Qwen3's per-head query/key norms and o bias: biases are merged with their output side,
+  /// the norms averaged.
+  @Test(arguments: [("LlamaForCausalLM", #""mlp_bias": true,"#), ("Qwen3ForCausalLM", "")])
+  func zippingADecoderWithBiasesAndNormsRecoversIt(_ setting: (String, String)) throws {
+    let a = try randomDecoder(seed: 1, architecture: setting.0, extra: #""attention_bias": true, "# + setting.1)
+    guard case .decoder(let c) = a.config else { throw MergeError.tooFewModels }
+    #expect(c.outputBias && (c.mlpBias || c.queryKeyNorm))
+    let b = try permutedDecoder(a, seed: 2)
+    let probe = tokenData(4, seed: 9)
+    let zipped = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3))
+    let worst = zip(try logits(zipped, probe), try logits(a, probe)).map { abs($0 - $1) }.max()!
+    #expect(worst < 1e-4, "max difference \(worst)")
   }
 
   /// Partial zipping (a trunk of the first `stop` layers, a tail per model): with a permuted

@@ -66,4 +66,77 @@ import Testing
       return key == "shared_layers"
     }
   }
+
+  /// Rotary and attention keys transformers reads but this runtime does not implement are
+  /// refused, naming the key (with the object it sits in) and the value.
+  @Test(
+    arguments: [
+      (["rope_parameters": ["rope_type": "longrope", "factor": 2.0]], "rope_parameters.rope_type", "longrope"),
+      (["rope_scaling": ["type": "su", "factor": 2.0]], "rope_scaling.type", "su"),
+      (["rope_parameters": ["rope_type": "linear"]], "rope_parameters.factor", ""),
+      (
+        ["rope_parameters": ["rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0]],
+        "rope_parameters.high_freq_factor", ""
+      ),
+      (
+        ["rope_parameters": ["full_attention": ["rope_type": "default"]]], "rope_parameters.full_attention",
+        "layer type"
+      ),
+      (
+        ["rope_parameters": ["rope_type": "linear", "factor": 2.0], "partial_rotary_factor": 0.5],
+        "partial_rotary_factor", "0.5"
+      ),
+      (["attention_bias": "yes"], "attention_bias", "yes"),
+      (["tie_word_embeddings": 1], "tie_word_embeddings", "1"),
+    ] as [([String: Any], String, String)])
+  func unsupportedKeysAreRefusedByName(_ changes: [String: Any], _ key: String, _ detail: String) {
+    #expect {
+      try Self.config(changes)
+    } throws: { error in
+      switch error as? NetsError {
+      case .invalidConfig(let named, let reason): return named == key && reason.contains(detail)
+      case .missingConfigKey(let named): return named == key
+      default: return false
+      }
+    }
+  }
+
+  /// Which biases, norms and windows each family has, as transformers builds it: Mistral
+  /// ignores `attention_bias`; Qwen2 always has q/k/v biases and never an o bias; Qwen3 has
+  /// query/key norms and a 128 head size by default; Qwen's windows need `use_sliding_window`.
+  @Test func familiesReadTheirOwnKeys() throws {
+    func decoder(_ architecture: String, _ changes: [String: Any]) throws -> DecoderConfig {
+      guard case .decoder(let c) = try Self.config(changes.merging(["architectures": [architecture]]) { $1 }) else {
+        throw NetsError.missingConfigKey("architectures")
+      }
+      return c
+    }
+    let mistral = try decoder("MistralForCausalLM", ["attention_bias": true, "mlp_bias": true, "sliding_window": 5])
+    #expect(!mistral.attentionBias && !mistral.outputBias && !mistral.mlpBias && mistral.windows == [5, 5])
+    #expect(try decoder("MistralForCausalLM", ["sliding_window": NSNull()]).windows == [nil, nil])
+    let qwen2 = try decoder("Qwen2ForCausalLM", ["attention_bias": false, "sliding_window": 5, "max_window_layers": 1])
+    #expect(qwen2.attentionBias && !qwen2.outputBias && qwen2.windows == [nil, nil])
+    let windowed = try decoder(
+      "Qwen2ForCausalLM", ["use_sliding_window": true, "sliding_window": 5, "max_window_layers": 1])
+    #expect(windowed.windows == [nil, 5])
+    let qwen3 = try decoder("Qwen3ForCausalLM", [:])
+    #expect(qwen3.queryKeyNorm && qwen3.headDimension == 128 && !qwen3.attentionBias)
+    #expect(
+      Network<Float>.expectedShapes(.decoder(qwen3)).contains { $0.name == "model.layers.1.self_attn.k_norm.weight" })
+    let llama = try decoder("LlamaForCausalLM", ["attention_bias": true, "mlp_bias": true, "sliding_window": 5])
+    #expect(llama.outputBias && llama.mlpBias && llama.windows == [nil, nil])
+    #expect(throws: NetsError.self) {
+      try decoder("Qwen2ForCausalLM", ["use_sliding_window": true, "layer_types": ["full_attention"]])
+    }
+    // transformers 5 keeps the base in rope_parameters; 4 at the top level; rope_scaling wins.
+    #expect(try decoder("LlamaForCausalLM", ["rope_parameters": ["rope_theta": 7.0e5]]).rotary.theta == 7.0e5)
+    #expect(try decoder("LlamaForCausalLM", ["rope_theta": 300.0]).rotary.theta == 300)
+    let both = try decoder(
+      "LlamaForCausalLM",
+      [
+        "rope_scaling": ["type": "linear", "factor": 4.0], "rope_parameters": ["rope_type": "default"],
+        "rope_theta": 9.0,
+      ])
+    #expect(both.rotary.kind == .linear && both.rotary.factor == 4 && both.rotary.theta == 9)
+  }
 }

@@ -1,0 +1,43 @@
+import Checkpoint
+import Foundation
+import Tensor
+import Testing
+
+@testable import Nets
+
+/// Tiny decoders written and run by Hugging Face transformers (5.24, in float64) with the
+/// config.json fields that change the maths: q/k/v/o and MLP biases, a head size other than
+/// hidden / heads, `rope_parameters` and `rope_scaling` (default, linear, dynamic beyond
+/// `max_position_embeddings`, yarn, llama3), Mistral's and Qwen2's sliding windows, tied
+/// embeddings, Qwen3's query/key norms. `scripts/make-decoder-fixtures.py` made them.
+@Suite struct TransformersDecoderTests {
+  static let folder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+    "Fixtures/transformers-decoders"
+  ).path
+  static let cases = [
+    "llama-biases", "llama-linear", "llama-dynamic", "llama-yarn", "llama3", "mistral-window", "qwen2-window", "qwen3",
+  ]
+
+  @Test(arguments: cases)
+  func logitsMatchTransformers(_ name: String) throws {
+    let folder = Self.folder + "/" + name
+    let reference =
+      try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: folder + "/reference.json")))
+      as! [String: Any]
+    let sequences = (reference["sequences"] as! [[NSNumber]]).map { $0.map(\.intValue) }
+    let expected = (reference["logits"] as! [[[NSNumber]]]).map { $0.flatMap { $0.map(\.doubleValue) } }
+    let config = try NetworkConfig(json: Data(contentsOf: URL(fileURLWithPath: folder + "/config.json")))
+    let checkpoint = try openCheckpoint(folder + "/model.safetensors")
+    let network = try Network<Float>(
+      config: config,
+      tensors: Dictionary(
+        uniqueKeysWithValues: try checkpoint.tensors.map { ($0.name, try checkpoint.tensor(named: $0.name)) }))
+    let tape = Tape<Float>()
+    let logits = tape.value(try network.forward(tape, .tokens(TokenBatch(sequences))).output)
+    for (b, want) in expected.enumerated() {
+      let got = (0..<(want.count)).map { Double(logits.values[b * want.count + $0]) }
+      let error = relativeError(got, want)
+      #expect(error < 1e-5, "\(name), sequence \(b): relative error \(error)")
+    }
+  }
+}
