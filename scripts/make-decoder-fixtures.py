@@ -26,12 +26,15 @@ cases = {
                     tie_word_embeddings=True)),
   "qwen3": ("Qwen3ForCausalLM", dict(attention_bias=True, head_dim=6, use_sliding_window=True, sliding_window=5,
                     layer_types=["sliding_attention", "full_attention"])),
+  "gemma2": ("Gemma2ForCausalLM", dict(head_dim=4, query_pre_attn_scalar=6, attn_logit_softcapping=2.0,
+                    final_logit_softcapping=3.0, sliding_window=3, attention_bias=True,
+                    hidden_activation="gelu_pytorch_tanh")),
 }
 sequences = [[3, 17, 22, 8, 0, 19, 5, 11, 2, 23, 7, 14], [5, 9, 13, 1, 20, 4, 16, 10, 6, 12, 18, 21]]
 for name, (arch, extra) in cases.items():
     kwargs = dict(base); kwargs.update(extra)
     model_type = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                  "Qwen3ForCausalLM": "qwen3"}[arch]
+                  "Qwen3ForCausalLM": "qwen3", "Gemma2ForCausalLM": "gemma2"}[arch]
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     config.architectures = [arch]
     model = getattr(transformers, arch)(config).to(torch.float64)

@@ -28,7 +28,8 @@ public enum MatryoshkaKV {
   static func decoder(_ network: Network<Float>) throws -> DecoderConfig {
     guard case .decoder(let c) = network.config else {
       throw AdaptError.unsupportedModel(
-        method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2, Qwen3)")
+        method: "MatryoshkaKV",
+        reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2)")
     }
     guard c.tails == 1 else {
       throw AdaptError.unsupportedModel(

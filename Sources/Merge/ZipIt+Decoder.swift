@@ -105,8 +105,11 @@ extension ZipIt {
         blocks((0..<heads).map { unmerge(decoderPoint(values: layer, head: $0 / (heads / kv), layers: layers, c), m) })
       }
       out[p + "input_layernorm.weight"] = z.zippedVector(p + "input_layernorm.weight", left: residualMerge)
-      out[p + "post_attention_layernorm.weight"] = z.zippedVector(
-        p + "post_attention_layernorm.weight", left: residualMerge)
+      for norm in ["post_attention_layernorm"]
+        + (c.gemma != nil ? ["pre_feedforward_layernorm", "post_feedforward_layernorm"] : [])
+      {
+        out[p + norm + ".weight"] = z.zippedVector(p + norm + ".weight", left: residualMerge)
+      }
       out[p + "self_attn.q_proj.weight"] = z.zipped(p + "self_attn.q_proj.weight", left: nil, right: residualUnmerge)
       out[p + "self_attn.k_proj.weight"] = z.zipped(p + "self_attn.k_proj.weight", left: nil, right: residualUnmerge)
       out[p + "self_attn.v_proj.weight"] = z.zipped(

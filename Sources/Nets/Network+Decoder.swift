@@ -47,6 +47,9 @@ extension Network {
       ]
     }
     if c.outputBias { shapes.append((p + "self_attn.o_proj.bias", [h])) }
+    if c.gemma != nil {
+      shapes += [(p + "pre_feedforward_layernorm.weight", [h]), (p + "post_feedforward_layernorm.weight", [h])]
+    }
     if c.mlpBias {
       shapes += [
         (p + "mlp.gate_proj.bias", [c.intermediateSize]), (p + "mlp.up_proj.bias", [c.intermediateSize]),
@@ -72,6 +75,7 @@ extension Network {
       x = start.hidden
     } else {
       x = tape.embedding(batch.ids, table: weight("model.embed_tokens.weight"))
+      if let gemma = c.gemma { x = tape.scale(x, T(gemma.embeddingScale)) }
       recorder.record("model.embed_tokens.output", x)
     }
     for i in (start?.layer ?? 0)..<c.sharedLayers {
@@ -100,7 +104,7 @@ extension Network {
   ) -> Var {
     let positions = batch.positions
     let frequencies = c.rotary.inverseFrequencies(dimension: c.headDimension, length: batch.sequence)
-    let h = tape.rmsNorm(x, weight: weight(p + "input_layernorm.weight"), epsilon: c.epsilon)
+    let h = decoderNorm(c, tape, x, p + "input_layernorm.weight", weight)
     /// A projection split in heads: Qwen3 normalises each head (RMSNorm over its features), then rotary.
     func rotated(_ name: String, heads: Int, norm: String) -> Var {
       var y = tape.dense(h, p + "self_attn." + name, bias: c.attentionBias, weight, &recorder)
@@ -126,13 +130,21 @@ extension Network {
     }
     let a = tape.attention(
       query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.keyValueHeadCount,
-      causal: true, keyMask: batch.mask, window: c.windows[i])
-    var out = tape.add(x, tape.dense(a, p + "self_attn.o_proj", bias: c.outputBias, weight, &recorder))
-    let m = tape.rmsNorm(out, weight: weight(p + "post_attention_layernorm.weight"), epsilon: c.epsilon)
+      causal: true, keyMask: batch.mask, window: c.windows[i], scale: c.gemma?.attentionScale,
+      softcap: c.gemma?.attentionSoftcap)
+    var attended = tape.dense(a, p + "self_attn.o_proj", bias: c.outputBias, weight, &recorder)
+    // Gemma 2 normalises each sublayer's output too; its MLP input norm is pre_feedforward_layernorm.
+    if c.gemma != nil { attended = decoderNorm(c, tape, attended, p + "post_attention_layernorm.weight", weight) }
+    var out = tape.add(x, attended)
+    let m = decoderNorm(
+      c, tape, out, p + (c.gemma != nil ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight"),
+      weight)
     let gate = tape.activation(c.activation, tape.dense(m, p + "mlp.gate_proj", bias: c.mlpBias, weight, &recorder))
     let hidden = tape.multiply(gate, tape.dense(m, p + "mlp.up_proj", bias: c.mlpBias, weight, &recorder))
     recorder.record(p + "mlp.hidden", hidden)
-    out = tape.add(out, tape.dense(hidden, p + "mlp.down_proj", bias: c.mlpBias, weight, &recorder))
+    var down = tape.dense(hidden, p + "mlp.down_proj", bias: c.mlpBias, weight, &recorder)
+    if c.gemma != nil { down = decoderNorm(c, tape, down, p + "post_feedforward_layernorm.weight", weight) }
+    out = tape.add(out, down)
     recorder.record(p + "output", out)
     return out
   }
@@ -142,10 +154,22 @@ extension Network {
     _ c: DecoderConfig, _ tape: Tape<T>, _ x: Var, prefix: String, tied: Bool, _ weight: WeightBinder,
     _ recorder: inout PointRecorder
   ) -> Var {
-    let normalized = tape.rmsNorm(x, weight: weight(prefix + "model.norm.weight"), epsilon: c.epsilon)
+    let normalized = decoderNorm(c, tape, x, prefix + "model.norm.weight", weight)
     recorder.record(prefix + "model.norm.output", normalized)
-    let logits = tape.linear(normalized, weight: weight(tied ? "model.embed_tokens.weight" : prefix + "lm_head.weight"))
+    var logits = tape.linear(normalized, weight: weight(tied ? "model.embed_tokens.weight" : prefix + "lm_head.weight"))
+    if let cap = c.gemma?.logitSoftcap { logits = tape.scale(tape.tanh(tape.scale(logits, T(1 / cap))), T(cap)) }
     recorder.record(prefix + "lm_head.output", logits)
     return logits
+  }
+
+  /// RMSNorm with weight `name`: times `1 + weight` for Gemma 2, times `weight` for the others.
+  private func decoderNorm(_ c: DecoderConfig, _ tape: Tape<T>, _ x: Var, _ name: String, _ weight: WeightBinder)
+    -> Var
+  {
+    guard c.gemma != nil else { return tape.rmsNorm(x, weight: weight(name), epsilon: c.epsilon) }
+    let gain = tape.add(
+      weight(name),
+      tape.constant(Matrix(rows: 1, columns: c.hiddenSize, values: [T](repeating: 1, count: c.hiddenSize))))
+    return tape.rmsNorm(x, weight: gain, epsilon: c.epsilon)
   }
 }

@@ -7,12 +7,14 @@ extension Tape {
   /// `q` is `rows x (heads * d)`; `k` and `v` are `rows x (kvHeads * d)`, and query head `h`
   /// reads key/value head `h / (heads / kvHeads)` (grouped-query attention). `causal` hides
   /// later positions; `keyMask` (one flag per row, false = padding) hides padded keys; `window`
-  /// (sliding-window attention) lets query `i` see only keys `j > i - window`. A query that sees
+  /// (sliding-window attention) lets query `i` see only keys `j > i - window`. `scale` replaces
+  /// `1 / sqrt(d)` (Gemma's `query_pre_attn_scalar^-0.5`); `softcap` turns each scaled score `s`
+  /// into `softcap * tanh(s / softcap)` before the mask and softmax (Gemma 2). A query that sees
   /// no key gets zeros.
   @_specialize(exported:true,where T == Float)
   public func attention(
     query q: Var, key k: Var, value v: Var, sequence: Int, heads: Int, kvHeads: Int, causal: Bool,
-    keyMask: [Bool]? = nil, window: Int? = nil
+    keyMask: [Bool]? = nil, window: Int? = nil, scale customScale: Double? = nil, softcap: Double? = nil
   ) -> Var {
     let (qm, km, vm) = (value(q), value(k), value(v))
     let d = qm.columns / heads
@@ -24,20 +26,34 @@ extension Tape {
       "attention rows")
     let batch = qm.rows / sequence
     let group = heads / kvHeads
-    let scale = 1 / T(d).squareRoot()
+    let scale = customScale.map { T($0) } ?? 1 / T(d).squareRoot()
     var out = Matrix<T>(zeros: qm.rows, qm.columns)
     var probabilities: [Matrix<T>] = []
+    // With soft-capping, d score / d (q . k) per entry: scale (1 - tanh^2).
+    var cappedSlopes: [Matrix<T>] = []
     for b in 0..<batch {
       for h in 0..<heads {
         let kv = h / group
         let qh = block(qm, b, sequence, h, d)
         let kh = block(km, b, sequence, kv, d)
         var p = qh.matmul(kh, transposeB: true)
+        var rowScale = scale
+        if let softcap {
+          let cap = T(softcap)
+          var slope = p
+          for i in p.values.indices {
+            let t = T.tanh(p.values[i] * scale / cap)
+            p.values[i] = cap * t
+            slope.values[i] = scale * (1 - t * t)
+          }
+          cappedSlopes.append(slope)
+          rowScale = 1
+        }
         let keys =
           keyMask.map { Array($0[(b * sequence)..<((b + 1) * sequence)]) } ?? [Bool](repeating: true, count: sequence)
         for i in 0..<sequence {
           softmaxRow(
-            &p, i, scale: scale, visible: keys, from: window.map { max(0, i - $0 + 1) } ?? 0,
+            &p, i, scale: rowScale, visible: keys, from: window.map { max(0, i - $0 + 1) } ?? 0,
             through: causal ? i : sequence - 1)
         }
         addBlock(&out, p.matmul(block(vm, b, sequence, kv, d)), b, sequence, h, d)
@@ -59,7 +75,12 @@ extension Tape {
           for i in 0..<sequence {
             var dotted: T = 0
             for j in 0..<sequence { dotted += ds[i, j] * p[i, j] }
-            for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * scale }
+            if softcap != nil {
+              let slope = cappedSlopes[b * heads + h]
+              for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * slope[i, j] }
+            } else {
+              for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * scale }
+            }
           }
           addBlock(&dq, ds.matmul(block(km, b, sequence, kv, d)), b, sequence, h, d)
           addBlock(&dk, ds.matmul(block(qm, b, sequence, h, d), transposeSelf: true), b, sequence, kv, d)

@@ -50,7 +50,8 @@ public enum KVProjectionFiles {
     let network = try NetworkFiles.load(model)
     guard case .decoder(let c) = network.config else {
       throw AdaptError.unsupportedModel(
-        method: "MatryoshkaKV", reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2, Qwen3)")
+        method: "MatryoshkaKV",
+        reason: "it projects the keys and values of decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2)")
     }
     guard network.kvProjection == nil else {
       throw AdaptError.unsupportedModel(

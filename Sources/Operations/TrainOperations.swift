@@ -35,7 +35,7 @@ public struct TrainOperation: MergekitOperation {
   public let discussion = """
     A new MLP takes the data's feature count as input and its class count as output, with \
     hidden layers between (initialised as PyTorch does, from seed). Given a model, fine-tunes \
-    it instead: an MLP on labelled features, a Llama-style decoder (Llama, Mistral, Qwen2, Qwen3) \
+    it instead: an MLP on labelled features, a Llama-style decoder (Llama, Mistral, Qwen2, Qwen3, Gemma 2) \
     with next-token cross-entropy on token sequences (.jsonl or safetensors input_ids; \
     padding is not predicted). freeze keeps the weights whose names match a regular \
     expression fixed; train_only trains only those that match. An MLP is written as a model \

@@ -45,7 +45,7 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
     w[name] = Matrix(rows: m.rows, columns: m.columns, values: p.flatMap { r in (0..<m.columns).map { m[r, $0] } })
   }
   func columns(_ name: String, _ p: [Int]) {
-    let m = w[name]!
+    guard let m = w[name] else { return }
     w[name] = Matrix(rows: m.rows, columns: m.columns, values: (0..<m.rows).flatMap { r in p.map { m[r, $0] } })
   }
   // Whole heads first: KV heads (with their query heads) reversed in every layer.
@@ -67,7 +67,10 @@ func permutedDecoder(_ network: Network<Float>, seed: UInt64) throws -> Network<
   if !c.tiedEmbeddings { columns("lm_head.weight", residual) }
   for l in 0..<c.layerCount {
     let p = "model.layers.\(l)."
-    for name in ["input_layernorm.weight", "post_attention_layernorm.weight"] { columns(p + name, residual) }
+    for name in [
+      "input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
+      "post_feedforward_layernorm.weight",
+    ] { columns(p + name, residual) }
     for name in [
       "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate_proj.weight",
       "mlp.up_proj.weight",
@@ -134,14 +137,18 @@ func tokenData(_ count: Int, seed: UInt64) -> [[Int]] {
     #expect(zip(try logits(averaged, probe), want).map { abs($0 - $1) }.max()! > 1e-2)
   }
 
-  /// The same with every bias transformers allows (q/k/v/o and MLP biases, Llama) and with
-  /// Qwen3's per-head query/key norms and o bias: biases are merged with their output side,
-  /// the norms averaged.
-  @Test(arguments: [("LlamaForCausalLM", #""mlp_bias": true,"#), ("Qwen3ForCausalLM", "")])
+  /// The same with every bias transformers allows (q/k/v/o and MLP biases, Llama), with
+  /// Qwen3's per-head query/key norms and o bias, and with Gemma 2's extra norms, soft-capping
+  /// and windows: biases and residual norms are merged with their output side, the per-head
+  /// norms averaged.
+  @Test(arguments: [
+    ("LlamaForCausalLM", #""mlp_bias": true,"#), ("Qwen3ForCausalLM", ""),
+    ("Gemma2ForCausalLM", #""sliding_window": 5, "query_pre_attn_scalar": 8, "attn_logit_softcapping": 3.0,"#),
+  ])
   func zippingADecoderWithBiasesAndNormsRecoversIt(_ setting: (String, String)) throws {
     let a = try randomDecoder(seed: 1, architecture: setting.0, extra: #""attention_bias": true, "# + setting.1)
     guard case .decoder(let c) = a.config else { throw MergeError.tooFewModels }
-    #expect(c.outputBias && (c.mlpBias || c.queryKeyNorm))
+    #expect(c.outputBias && (c.mlpBias || c.queryKeyNorm || c.gemma != nil))
     let b = try permutedDecoder(a, seed: 2)
     let probe = tokenData(4, seed: 9)
     let zipped = try ZipIt.zipDecoders([a, b], sequences: tokenData(24, seed: 3))

@@ -101,10 +101,32 @@ func gradientError(_ inputs: [Matrix<Double>], step: Double = 1e-6, _ build: (Ta
       } < tolerance)
   }
 
+  /// Sliding windows, a custom score scale and Gemma 2's soft-capped scores.
+  @Test(arguments: [(2, nil), (3, 1.5), (nil, 0.7)] as [(Int?, Double?)])
+  func attentionWithWindowScaleAndSoftcap(_ config: (Int?, Double?)) {
+    let (sequence, d) = (5, 2)
+    let q = randomMatrix(2 * sequence, 2 * d, "q", scale: 2)
+    let k = randomMatrix(2 * sequence, d, "k", scale: 2)
+    let v = randomMatrix(2 * sequence, d, "v")
+    #expect(
+      gradientError([q, k, v]) { t, x in
+        t.attention(
+          query: x[0], key: x[1], value: x[2], sequence: sequence, heads: 2, kvHeads: 1, causal: true,
+          window: config.0, scale: 0.4, softcap: config.1)
+      } < tolerance)
+  }
+
   @Test func rotaryAndPooling() {
     let x = randomMatrix(6, 8, "x")
     #expect(
       gradientError([x]) { t, v in t.rotary(v[0], positions: [0, 1, 2, 0, 1, 2], heads: 2, theta: 10_000) } < tolerance)
+    #expect(
+      gradientError([x]) { t, v in
+        t.rotary(v[0], positions: [0, 1, 2, 0, 1, 2], heads: 2, frequencies: [0.9, 0.05], scale: 1.3)
+      } < tolerance)
+    #expect(
+      gradientError([x]) { t, v in t.reshaped(t.tanh(t.reshaped(v[0], rows: 12, columns: 4)), rows: 6, columns: 8) }
+        < tolerance)
     #expect(
       gradientError([x]) { t, v in t.meanPool(v[0], sequence: 3, mask: [true, true, false, true, false, false]) }
         < tolerance)

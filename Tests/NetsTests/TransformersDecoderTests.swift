@@ -9,13 +9,16 @@ import Testing
 /// config.json fields that change the maths: q/k/v/o and MLP biases, a head size other than
 /// hidden / heads, `rope_parameters` and `rope_scaling` (default, linear, dynamic beyond
 /// `max_position_embeddings`, yarn, llama3), Mistral's and Qwen2's sliding windows, tied
-/// embeddings, Qwen3's query/key norms. `scripts/make-decoder-fixtures.py` made them.
+/// embeddings, Qwen3's query/key norms, Gemma 2 (offset norms around each sublayer, scaled
+/// embeddings, `query_pre_attn_scalar`, soft-capped scores and logits, alternating windows).
+/// `scripts/make-decoder-fixtures.py` made them.
 @Suite struct TransformersDecoderTests {
   static let folder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
     "Fixtures/transformers-decoders"
   ).path
   static let cases = [
     "llama-biases", "llama-linear", "llama-dynamic", "llama-yarn", "llama3", "mistral-window", "qwen2-window", "qwen3",
+    "gemma2",
   ]
 
   @Test(arguments: cases)
