@@ -59,7 +59,8 @@ extension Network {
       recorder.record(l + "attention.self.keys", k)
       recorder.record(l + "attention.self.values", v)
       let a = tape.attention(
-        query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.headCount, causal: false,
+        query: q, key: k, value: v, sequence: batch.sequence, heads: c.headCount, kvHeads: c.headCount,
+        causal: c.causal,
         keyMask: batch.mask)
       let attended = tape.add(tape.dense(a, l + "attention.output.dense", bias: true, weight, &recorder), x)
       x = tape.layerNorm(

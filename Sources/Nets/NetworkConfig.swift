@@ -366,6 +366,8 @@ public struct BERTConfig: Equatable, Sendable {
   /// Labels of the classification head (pooler on the first token, then `classifier`); nil:
   /// an encoder whose output is the mean of its last hidden states.
   public var classifierLabels: Int?
+  /// `is_decoder`: attention sees only earlier tokens (transformers' BERT as a decoder).
+  public var causal: Bool
 
   /// `num_labels`, else the size of `id2label`, else 2 (transformers' default).
   static func labelCount(_ keys: ConfigKeys) throws -> Int {
@@ -389,6 +391,12 @@ public struct BERTConfig: Equatable, Sendable {
     typeVocabularySize = try keys.int("type_vocab_size", default: 2)
     epsilon = try keys.double("layer_norm_eps", default: 1e-12)
     activation = try keys.activation("hidden_act", default: "gelu")
+    causal = try keys.flag("is_decoder", default: false)
+    // transformers 4 reads it (relative position scores); 5 dropped everything but absolute.
+    if let kind = try keys.string("position_embedding_type"), kind != "absolute" {
+      throw NetsError.invalidConfig(
+        key: "position_embedding_type", reason: "'\(kind)' position embeddings are not supported (only absolute)")
+    }
     guard hiddenSize % headCount == 0 else {
       throw NetsError.invalidConfig(
         key: "num_attention_heads", reason: "\(headCount) does not divide hidden_size \(hiddenSize)")

@@ -128,6 +128,19 @@ import Testing
     #expect(throws: NetsError.self) {
       try decoder("Qwen2ForCausalLM", ["use_sliding_window": true, "layer_types": ["full_attention"]])
     }
+    let gemma = try decoder("Gemma2ForCausalLM", ["final_logit_softcapping": NSNull()])
+    #expect(gemma.tiedEmbeddings && gemma.headDimension == 256 && gemma.windows == [4096, nil])
+    #expect(gemma.gemma?.logitSoftcap == nil && gemma.gemma?.attentionSoftcap == 50 && gemma.activation == .geluTanh)
+    #expect(throws: NetsError.self) { try decoder("Gemma2ForCausalLM", ["use_bidirectional_attention": true]) }
+    #expect(throws: NetsError.unknownArchitecture("Gemma3ForCausalLM")) { try decoder("Gemma3ForCausalLM", [:]) }
+    // BERT: relative position scores (transformers 4) are refused.
+    #expect {
+      try NetworkConfig(
+        json: JSONSerialization.data(withJSONObject: [
+          "architectures": ["BertModel"], "vocab_size": 8, "hidden_size": 4, "intermediate_size": 8,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "position_embedding_type": "relative_key",
+        ]))
+    } throws: { "\($0)".contains("position_embedding_type") }
     // transformers 5 keeps the base in rope_parameters; 4 at the top level; rope_scaling wins.
     #expect(try decoder("LlamaForCausalLM", ["rope_parameters": ["rope_theta": 7.0e5]]).rotary.theta == 7.0e5)
     #expect(try decoder("LlamaForCausalLM", ["rope_theta": 300.0]).rotary.theta == 300)

@@ -45,9 +45,13 @@ func relativeError(_ a: [Double], _ b: [Double]) -> Double {
     }
   }
 
-  @Test func bertMatchesTheFloat64Reference() throws {
-    let c = try config(bertJSON)
+  /// Also as a decoder (`is_decoder`: causal attention).
+  @Test(arguments: [false, true])
+  func bertMatchesTheFloat64Reference(_ causal: Bool) throws {
+    let c = try config(
+      bertJSON.replacingOccurrences(of: "\"hidden_act\"", with: "\"is_decoder\": \(causal), \"hidden_act\""))
     guard case .bert(let bc) = c else { Issue.record("not BERT"); return }
+    #expect(bc.causal == causal)
     let weights = randomWeights(c)
     let network = try Network<Float>(config: c, tensors: weights)
     let sequences = [[1, 7, 22, 39, 2], [1, 4, 2]]

@@ -137,7 +137,7 @@ struct Reference {
       let q = x.map { linear($0, p + "attention.self.query", bias: true) }
       let k = x.map { linear($0, p + "attention.self.key", bias: true) }
       let v = x.map { linear($0, p + "attention.self.value", bias: true) }
-      let a = attention(q, k, v, heads: c.headCount, kvHeads: c.headCount) { _, _ in true }
+      let a = attention(q, k, v, heads: c.headCount, kvHeads: c.headCount) { i, j in !c.causal || j <= i }
       x = x.indices.map { i in
         layerNorm(
           zip(linear(a[i], p + "attention.output.dense", bias: true), x[i]).map(+), p + "attention.output.LayerNorm",
