@@ -103,7 +103,14 @@ extension Network {
     _ weight: WeightBinder, _ recorder: inout PointRecorder
   ) -> Var {
     let positions = batch.positions
-    let frequencies = c.rotary.inverseFrequencies(dimension: c.headDimension, length: batch.sequence)
+    // Dynamic scaling depends on the length: each sequence's own (as transformers runs it alone).
+    let perSequence =
+      c.rotary.kind == .dynamic
+      ? (0..<batch.batch).map { b in
+        c.rotary.inverseFrequencies(
+          dimension: c.headDimension,
+          length: batch.mask[(b * batch.sequence)..<((b + 1) * batch.sequence)].filter { $0 }.count)
+      } : [c.rotary.inverseFrequencies(dimension: c.headDimension, length: batch.sequence)]
     let h = decoderNorm(c, tape, x, p + "input_layernorm.weight", weight)
     /// A projection split in heads: Qwen3 normalises each head (RMSNorm over its features), then rotary.
     func rotated(_ name: String, heads: Int, norm: String) -> Var {
@@ -116,7 +123,9 @@ extension Network {
             epsilon: c.epsilon), rows: rows, columns: heads * c.headDimension)
       }
       return tape.rotary(
-        y, positions: positions, heads: heads, frequencies: frequencies, scale: c.rotary.attentionFactor)
+        y, positions: positions, heads: heads,
+        rowFrequencies: { perSequence.count == 1 ? perSequence[0] : perSequence[$0 / batch.sequence] },
+        scale: c.rotary.attentionFactor)
     }
     let q = rotated("q_proj", heads: c.headCount, norm: "q_norm.weight")
     var k = rotated("k_proj", heads: c.keyValueHeadCount, norm: "k_norm.weight")

@@ -105,14 +105,21 @@ extension Tape {
   /// Rotary position embedding with the given inverse frequency per feature pair (`Rotary`
   /// computes them for the scaled variants): features `i` and `i + d/2` turn by
   /// `position * frequencies[i]`, and both are multiplied by `scale` (yarn's attention factor).
-  @_specialize(exported:true,where T == Float)
   public func rotary(_ a: Var, positions: [Int], heads: Int, frequencies: [Double], scale: Double = 1) -> Var {
+    rotary(a, positions: positions, heads: heads, rowFrequencies: { _ in frequencies }, scale: scale)
+  }
+
+  /// Rotary position embedding whose frequencies may differ from row to row (dynamic scaling,
+  /// which depends on each sequence's length): `rowFrequencies(r)` gives row `r`'s, `d / 2` of them.
+  @_specialize(exported:true,where T == Float)
+  public func rotary(
+    _ a: Var, positions: [Int], heads: Int, rowFrequencies: (Int) -> [Double], scale: Double = 1
+  ) -> Var {
     let x = value(a)
     let d = x.columns / heads
-    precondition(
-      x.columns == heads * d && d % 2 == 0 && positions.count == x.rows && frequencies.count == d / 2, "rotary shapes")
+    precondition(x.columns == heads * d && d % 2 == 0 && positions.count == x.rows, "rotary shapes")
     let half = d / 2
-    let (cosines, sines) = rotaryTables(positions: positions, frequencies: frequencies, scale: scale)
+    let (cosines, sines) = rotaryTables(positions: positions, half: half, rowFrequencies: rowFrequencies, scale: scale)
     func rotate(_ m: Matrix<T>, inverse: Bool) -> Matrix<T> {
       var out = m
       for r in 0..<m.rows {
@@ -195,11 +202,14 @@ extension Tape {
   }
 
   /// `scale` times cos and sin of `position * frequencies[i]`, computed in Double, per row and pair `i`.
-  private func rotaryTables(positions: [Int], frequencies: [Double], scale: Double) -> ([T], [T]) {
-    let half = frequencies.count
+  private func rotaryTables(positions: [Int], half: Int, rowFrequencies: (Int) -> [Double], scale: Double) -> (
+    [T], [T]
+  ) {
     var cosines = [T](repeating: 0, count: positions.count * half)
     var sines = cosines
     for (r, p) in positions.enumerated() {
+      let frequencies = rowFrequencies(r)
+      precondition(frequencies.count == half, "one rotary frequency per feature pair")
       for i in 0..<half {
         let angle = Double(p) * frequencies[i]
         cosines[r * half + i] = T(scale * Foundation.cos(angle))

@@ -21,6 +21,31 @@ import Testing
     "gemma2",
   ]
 
+  static func network(_ name: String) throws -> Network<Float> {
+    let folder = Self.folder + "/" + name
+    let config = try NetworkConfig(json: Data(contentsOf: URL(fileURLWithPath: folder + "/config.json")))
+    let checkpoint = try openCheckpoint(folder + "/model.safetensors")
+    return try Network<Float>(
+      config: config,
+      tensors: Dictionary(
+        uniqueKeysWithValues: try checkpoint.tensors.map { ($0.name, try checkpoint.tensor(named: $0.name)) }))
+  }
+
+  /// Dynamic scaling follows each sequence's own length, so a short sequence (6 tokens, within
+  /// `max_position_embeddings` 8) gets the same logits alone and padded next to a long one (12).
+  @Test func dynamicScalingIsPerSequence() throws {
+    let network = try Self.network("llama-dynamic")
+    let (long, short) = (Array(0..<12), [3, 17, 22, 8, 0, 19])
+    func logits(_ sequences: [[Int]]) throws -> Matrix<Float> {
+      let tape = Tape<Float>()
+      return tape.value(try network.forward(tape, .tokens(TokenBatch(sequences))).output)
+    }
+    let (together, alone) = (try logits([long, short]), try logits([short]))
+    let width = alone.columns
+    let worst = (0..<(6 * width)).map { abs(together.values[12 * width + $0] - alone.values[$0]) }.max() ?? 1
+    #expect(worst < 1e-5, "max difference \(worst)")
+  }
+
   @Test(arguments: cases)
   func logitsMatchTransformers(_ name: String) throws {
     let folder = Self.folder + "/" + name
@@ -29,12 +54,7 @@ import Testing
       as! [String: Any]
     let sequences = (reference["sequences"] as! [[NSNumber]]).map { $0.map(\.intValue) }
     let expected = (reference["logits"] as! [[[NSNumber]]]).map { $0.flatMap { $0.map(\.doubleValue) } }
-    let config = try NetworkConfig(json: Data(contentsOf: URL(fileURLWithPath: folder + "/config.json")))
-    let checkpoint = try openCheckpoint(folder + "/model.safetensors")
-    let network = try Network<Float>(
-      config: config,
-      tensors: Dictionary(
-        uniqueKeysWithValues: try checkpoint.tensors.map { ($0.name, try checkpoint.tensor(named: $0.name)) }))
+    let network = try Self.network(name)
     let tape = Tape<Float>()
     let logits = tape.value(try network.forward(tape, .tokens(TokenBatch(sequences))).output)
     for (b, want) in expected.enumerated() {
