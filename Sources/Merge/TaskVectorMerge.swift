@@ -103,10 +103,36 @@ public struct TaskVectorMerge: StreamingMerge {
     var random: (density: Float, rng: CounterRNG)?
     /// Count of threshold-equal elements before each range, per ranker (keyed by range offset).
     var equalBefore: [[Int: Int]] = []
+    /// Count of threshold-equal elements in the whole tensor, per ranker (when tie order matters).
+    var equalTotal: [Int] = []
     /// L1 rescale factor (1 when not rescaling).
     var scale = 1.0
 
     var isIdentity: Bool { rankers.isEmpty && random == nil }
+
+    /// The kept entries of one range as a rule: a band of magnitudes when the thresholds need no
+    /// tie order (no mask to build), else the mask.
+    func rule(_ delta: [Float], offset: Int) -> Kernels.KeepRule {
+      if random == nil {
+        if rankers.isEmpty { return .all }
+        if rankers.count == 1, let kept = rankers[0].keptKeys { return .magnitudes(kept) }
+        if rankers.count == 1, equalTotal.count == 1 {
+          // Ties ordered by index: only the range where the kept ties run out needs a mask.
+          let (key, allowed) = rankers[0].threshold
+          let before = equalBefore[0][offset] ?? 0
+          let after = equalBefore[0][offset + delta.count] ?? equalTotal[0]
+          if before >= allowed { return .magnitudes((key + 1)...0x7FFF_FFFF) }
+          if after <= allowed { return .magnitudes(key...0x7FFF_FFFF) }
+        }
+        if rankers.count == 2, let upper = rankers[0].keptKeys, let outliers = rankers[1].keptKeys {
+          // Kept by the first and not among the outliers: below the outliers' lowest kept key.
+          guard outliers.lowerBound <= 0x7FFF_FFFF else { return .magnitudes(upper) }
+          guard outliers.lowerBound > upper.lowerBound else { return .magnitudes(0x8000_0000...0x8000_0000) }
+          return .magnitudes(upper.lowerBound...(outliers.lowerBound - 1))
+        }
+      }
+      return keep(delta, offset: offset).map { .mask($0) } ?? .all
+    }
 
     /// The kept entries of one range.
     func keep(_ delta: [Float], offset: Int) -> [Bool]? {
@@ -156,8 +182,12 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     // The rankers that need passes, as (model, ranker) pairs; each pass summarises every range
     // for all of them at once.
-    let ranked = plans.indices.flatMap { m in
+    var ranked = plans.indices.flatMap { m in
       plans[m].rankers.indices.filter { plans[m].rankers[$0].needsPasses }.map { (m, $0) }
+    }
+    if !ranked.isEmpty {
+      // One pass, bracketed by a sample; the rankers it cannot settle take the passes below.
+      ranked = try bracketedThresholds(ranked, &plans, count: n, scan: scan, deltas: deltas)
     }
     if !ranked.isEmpty {
       var rankers = plans
@@ -188,6 +218,12 @@ public struct TaskVectorMerge: StreamingMerge {
             plans[m].equalBefore[r][offset] = running[k]
             running[k] += equal[k]
           }
+        }
+        for (k, (m, r)) in tied.enumerated() {
+          if plans[m].equalTotal.count != plans[m].rankers.count {
+            plans[m].equalTotal = Array(repeating: 0, count: plans[m].rankers.count)
+          }
+          plans[m].equalTotal[r] = running[k]
         }
       }
     }
@@ -225,6 +261,18 @@ public struct TaskVectorMerge: StreamingMerge {
           method: name, terms: WeightedSumForm.models(models), weights: weights, scale: scale, addsBase: true,
           subtractsBase: true))
     }
+    if consensus && !arithmetic.isRounded {
+      // TIES-style: the kept entries are formed chunk by chunk inside the consensus merge.
+      let weights = (0..<models).map { p.number("weight", model: $0) }
+      let (lambda, normalize) = (p.number("lambda"), p.flag("normalize"))
+      return RangeMerger { range in
+        let d = try deltas(range)
+        guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
+        return Kernels.sparseConsensusMerge(
+          base: base, deltas: d, keep: d.indices.map { sparsity[$0].rule(d[$0], offset: range.offset) },
+          scales: sparsity.map(\.scale), weights: weights, lambda: lambda, normalize: normalize)
+      }
+    }
     return RangeMerger { range in
       let sparse: [[Float]] = try deltas(range).enumerated().map { m, delta in
         guard let keep = sparsity[m].keep(delta, offset: range.offset) else { return delta }
@@ -233,6 +281,56 @@ public struct TaskVectorMerge: StreamingMerge {
       guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
       return self.combine(base: base, deltas: sparse, p)
     }
+  }
+
+  /// Settles the magnitude thresholds of `ranked` (model, ranker) pairs in one pass over the
+  /// tensor (`MagnitudeBracket`): a sample of every model's task vector, 64 neighbouring
+  /// elements at a time at evenly spaced places (about n / 256 values, 2^16 to 2^20), brackets
+  /// each threshold; the pass keeps the keys inside the brackets. Returns the pairs it could not
+  /// settle (their threshold fell outside the bracket, or the bracket held more than n / 32 keys),
+  /// which need the ranker's own passes.
+  func bracketedThresholds(
+    _ ranked: [(Int, Int)], _ plans: inout [Sparsity], count n: Int, scan: TensorScan,
+    deltas: (RangeInputs) throws -> [[Float]]
+  ) throws -> [(Int, Int)] {
+    let block = 64
+    let wanted = min(n, max(1 << 16, min(1 << 20, n / 256)))
+    let blocks = max(1, wanted / block)
+    var samples = [[Float]](repeating: [], count: plans.count)
+    let starts =
+      blocks * block >= n ? [0] : (0..<blocks).map { b in blocks == 1 ? 0 : b * (n - block) / (blocks - 1) }
+    let length = blocks * block >= n ? n : block
+    for start in starts {
+      let d = try deltas(try scan.read(start..<(start + length)))
+      for (m, _) in ranked { samples[m] += d[m] }
+    }
+    let brackets = ranked.map { m, r in
+      MagnitudeBracket(
+        keep: plans[m].rankers[r].keep, count: n, sample: samples[m], budget: max(1 << 18, n / 32))
+    }
+    var summaries = [[MagnitudeBracket.Summary]](repeating: [], count: ranked.count)
+    var offsets: [Int] = []
+    try scan.pass { range in
+      let d = try deltas(range)
+      return (range.offset, ranked.indices.map { k in brackets[k]?.summarize(d[ranked[k].0]) })
+    } combine: { offset, parts in
+      offsets.append(offset)
+      for k in ranked.indices { if let part = parts[k] { summaries[k].append(part) } }
+    }
+    var unsettled: [(Int, Int)] = []
+    for (k, (m, r)) in ranked.enumerated() {
+      guard let bracket = brackets[k], let (ranker, before) = bracket.ranker(summaries[k]) else {
+        unsettled.append((m, r))
+        continue
+      }
+      plans[m].rankers[r] = ranker
+      plans[m].equalBefore[r] = Dictionary(uniqueKeysWithValues: zip(offsets, before))
+      if plans[m].equalTotal.count != plans[m].rankers.count {
+        plans[m].equalTotal = Array(repeating: 0, count: plans[m].rankers.count)
+      }
+      plans[m].equalTotal[r] = bracket.equalTotal(summaries[k], key: ranker.threshold.key)
+    }
+    return unsettled
   }
 
   /// Weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled, scaled

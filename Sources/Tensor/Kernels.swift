@@ -194,6 +194,16 @@ public enum Kernels {
     }
   }
 
+  /// Which entries of a task vector a sparsified merge keeps (`sparseConsensusMerge`).
+  public enum KeepRule: Sendable {
+    case all
+    /// Entries whose magnitude bit pattern (`bits & 0x7FFF_FFFF`) lies in the range: a top-k
+    /// threshold without ties to order, or breadcrumbs' band below the outliers.
+    case magnitudes(ClosedRange<UInt32>)
+    /// An explicit mask (DARE's random drop, or a threshold whose ties are kept by index).
+    case mask([Bool])
+  }
+
   /// TIES's disjoint merge: per element, the sign of `sum_t w_t d_t` is elected (0 counts as +);
   /// the weighted deltas agreeing with it (zeros never agree) are summed, divided by their
   /// weights' sum when `normalize` (0 -> 1), scaled by `lambda` and added to `base`. Branch-free
@@ -201,57 +211,134 @@ public enum Kernels {
   public static func consensusMerge(
     base: [Float], deltas: [[Float]], weights: [Double], lambda: Double, normalize: Bool
   ) -> [Float] {
+    sparseConsensusMerge(
+      base: base, deltas: deltas, keep: deltas.map { _ in .all }, scales: deltas.map { _ in 1 }, weights: weights,
+      lambda: lambda, normalize: normalize)
+  }
+
+  /// `consensusMerge` of the sparsified deltas `masked(deltas[t], keep[t], scales[t])`, with the
+  /// same bits, in one sweep: each chunk's kept (and rescaled) entries are formed in scratch
+  /// memory instead of whole masked arrays.
+  public static func sparseConsensusMerge(
+    base: [Float], deltas: [[Float]], keep: [KeepRule], scales: [Double], weights: [Double], lambda: Double,
+    normalize: Bool
+  ) -> [Float] {
     let n = base.count
-    precondition(deltas.allSatisfy { $0.count == n } && weights.count == deltas.count)
+    let models = deltas.count
+    precondition(
+      deltas.allSatisfy { $0.count == n } && weights.count == models && keep.count == models
+        && scales.count == models)
+    for rule in keep { if case .mask(let m) = rule { precondition(m.count == n) } }
     guard n > 0 else { return [] }
+    let masks = keep.map { rule -> [Bool] in
+      if case .mask(let m) = rule { return m }
+      return []
+    }
     return withPointers(deltas + [base]) { p in
-      let inputs = p.prefix(deltas.count).map { SendableRawPointer($0) }
-      let b = SendableRawPointer(p[deltas.count])
-      return make(n) { range, out in
-        chunked(range, buffers: 4) { start, length, scratch in
-          let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
-          // 1 where the elected sign is negative (the sum is below -0), per element.
-          let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
-          for j in 0..<length {
-            total[j] = 0
-            mixed[j] = 0
-            divisor[j] = 0
-          }
-          for t in inputs.indices {
-            guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
-            let w = weights[t]
-            for j in 0..<length { total[j] += w * Double(x[j]) }
-          }
-          for j in 0..<length {
-            // Sign bits as integers: comparisons compile to branches, which mispredict here.
-            let sum = total[j].bitPattern
-            negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
-          }
-          for t in inputs.indices {
-            guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
-            let w = weights[t]
-            if normalize {
-              for j in 0..<length {
-                let bits = (w * Double(x[j])).bitPattern
-                let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
-                mixed[j] += Double(bitPattern: bits & keep)
-                divisor[j] += Double(bitPattern: w.bitPattern & keep)
+      let inputs = p.prefix(models).map { SendableRawPointer($0) }
+      let b = SendableRawPointer(p[models])
+      return withMaskPointers(masks) { maskBytes in
+        make(n) { range, out in
+          // Scratch: total, mixed, divisor, the sign flags, then one Float chunk per model.
+          chunked(range, buffers: 4 + (models + 1) / 2) { start, length, scratch in
+            let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
+            // 1 where the elected sign is negative (the sum is below -0), per element.
+            let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
+            let stash = UnsafeMutableRawPointer(scratch + 4 * chunk).assumingMemoryBound(to: Float.self)
+            var values: [UnsafePointer<Float>?] = []
+            for t in 0..<models {
+              guard let x = inputs[t].floats.map({ $0 + start }) else {
+                values.append(nil)
+                continue
               }
-            } else {
-              for j in 0..<length {
-                let bits = (w * Double(x[j])).bitPattern
-                mixed[j] += Double(bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+              values.append(
+                sparseChunk(
+                  x, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
+                  into: stash + t * chunk))
+            }
+            for j in 0..<length {
+              total[j] = 0
+              mixed[j] = 0
+              divisor[j] = 0
+            }
+            for t in 0..<models {
+              guard let x = values[t] else { continue }
+              let w = weights[t]
+              for j in 0..<length { total[j] += w * Double(x[j]) }
+            }
+            for j in 0..<length {
+              // Sign bits as integers: comparisons compile to branches, which mispredict here.
+              let sum = total[j].bitPattern
+              negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
+            }
+            for t in 0..<models {
+              guard let x = values[t] else { continue }
+              let w = weights[t]
+              if normalize {
+                for j in 0..<length {
+                  let bits = (w * Double(x[j])).bitPattern
+                  let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
+                  mixed[j] += Double(bitPattern: bits & keep)
+                  divisor[j] += Double(bitPattern: w.bitPattern & keep)
+                }
+              } else {
+                for j in 0..<length {
+                  let bits = (w * Double(x[j])).bitPattern
+                  mixed[j] += Double(bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+                }
               }
             }
+            guard let x = b.floats.map({ $0 + start }) else { return }
+            if normalize {
+              for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
+            }
+            for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
           }
-          guard let x = b.floats.map({ $0 + start }) else { return }
-          if normalize {
-            for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
-          }
-          for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
         }
       }
     }
+  }
+
+  /// One chunk of `masked(x, keep, scale)`: the source itself when everything is kept unscaled,
+  /// else the kept (rescaled) entries written to `stash`, branch-free.
+  @inline(__always)
+  static func sparseChunk(
+    _ x: UnsafePointer<Float>, _ length: Int, _ rule: KeepRule, scale: Double, mask: UnsafeRawPointer?,
+    into stash: UnsafeMutablePointer<Float>
+  ) -> UnsafePointer<Float> {
+    @inline(__always) func scaled(_ v: Float) -> UInt32 {
+      scale == 1 ? v.bitPattern : Float(Double(v) * scale).bitPattern
+    }
+    switch rule {
+    case .all:
+      if scale == 1 { return x }
+      for j in 0..<length { stash[j] = Float(bitPattern: scaled(x[j])) }
+    case .magnitudes(let kept):
+      // Keys are below 2^31 (bounds up to 2^31): (a - b) >> 31 is 1 exactly when a < b.
+      let (lowest, highest) = (kept.lowerBound, kept.upperBound)
+      for j in 0..<length {
+        let key = x[j].bitPattern & 0x7FFF_FFFF
+        let inside = (1 ^ ((key &- lowest) >> 31)) & (1 ^ ((highest &- key) >> 31))
+        stash[j] = Float(bitPattern: scaled(x[j]) & (0 &- inside))
+      }
+    case .mask:
+      guard let mask else { return x }
+      for j in 0..<length {
+        stash[j] = Float(bitPattern: scaled(x[j]) & (0 &- UInt32(mask.load(fromByteOffset: j, as: UInt8.self) & 1)))
+      }
+    }
+    return UnsafePointer(stash)
+  }
+
+  /// Calls `body` with the raw bytes of every mask (nil pointers for empty ones).
+  static func withMaskPointers<R>(_ masks: [[Bool]], _ body: ([SendableRawPointer]) -> R) -> R {
+    func nest(_ i: Int, _ pointers: [SendableRawPointer]) -> R {
+      guard i < masks.count else { return body(pointers) }
+      return masks[i].withUnsafeBytes {
+        nest(i + 1, pointers + [SendableRawPointer(masks[i].isEmpty ? nil : $0.baseAddress)])
+      }
+    }
+    return nest(0, [])
   }
 
   /// `keep[i] ? values[i] * scale : 0` (scale applied in `Double`; 1 leaves values exact).

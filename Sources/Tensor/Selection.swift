@@ -43,6 +43,23 @@ public struct MagnitudeRanker: Sendable {
   /// Whether the passes are needed (keeping none or all is decided without looking).
   public var needsPasses: Bool { keep > 0 && keep < count }
 
+  /// A ranker whose threshold is already known (found by `MagnitudeBracket`).
+  public init(keep: Int, count: Int, threshold: (key: UInt32, equalToKeep: Int), needsTieOrder: Bool) {
+    self.init(keep: keep, count: count)
+    self.threshold = threshold
+    self.needsTieOrder = needsTieOrder
+  }
+
+  /// The kept magnitudes as an inclusive key range `minKey...0x7FFF_FFFF` when ties need no
+  /// order (every threshold-equal element kept, or none), nil when they do. Keeping none is the
+  /// empty range `0x8000_0000...`.
+  public var keptKeys: ClosedRange<UInt32>? {
+    if keep == 0 { return 0x8000_0000...0x8000_0000 }
+    if keep == count { return 0...0x7FFF_FFFF }
+    guard !needsTieOrder else { return nil }
+    return (threshold.equalToKeep > 0 ? threshold.key : threshold.key + 1)...0x7FFF_FFFF
+  }
+
   /// Pass 1 summary of one range: counts by the high 16 bits of |x|.
   public func highCounts(_ values: [Float]) -> [UInt32] {
     var counts = [UInt32](repeating: 0, count: 65536)
@@ -144,5 +161,142 @@ public struct MagnitudeRanker: Sendable {
         initialized = values.count
       }
     }
+  }
+}
+
+/// Exact top-k by magnitude in ONE pass over a streamed tensor, in the common case: a sample of
+/// the values (taken before the pass) brackets the threshold between two keys; the pass counts
+/// the elements above the bracket and keeps the keys inside it, range by range. If the k-th
+/// largest magnitude falls inside the bracket, the kept keys give the exact threshold, and their
+/// per-range counts give the threshold-equal elements before every range (the tie order), so no
+/// other pass is needed; otherwise (an unlucky sample, or more bracket keys than `budget`) it
+/// reports failure and the caller runs `MagnitudeRanker`'s passes. Same total order and result
+/// as `MagnitudeRanker`.
+public struct MagnitudeBracket: Sendable {
+  public let keep: Int
+  public let count: Int
+  /// Keys (magnitude bit patterns) collected by the pass: `low...high`.
+  public let low: UInt32
+  public let high: UInt32
+  /// The most bracket keys the pass may keep over the whole tensor.
+  public let budget: Int
+
+  /// One range's summary: counts above the bracket and at its two ends (heavily repeated
+  /// magnitudes, such as zeros or a low-precision step, land there), and the keys strictly inside.
+  public struct Summary: Sendable {
+    public var above = 0
+    public var atHigh = 0
+    public var atLow = 0
+    public var inner: [UInt32] = []
+  }
+
+  /// The bracket for keeping `keep` of `count` elements, from `sample` (values spread over the
+  /// tensor): sample ranks `r -/+ margin` around the k-th largest's expected rank `r`, with a
+  /// margin of 8 standard deviations of a sampled quantile plus 2 (blocks of neighbouring
+  /// values are correlated). Nil when no pass is needed or the sample is empty.
+  public init?(keep: Int, count: Int, sample: [Float], budget: Int) {
+    guard keep > 0, keep < count, !sample.isEmpty else { return nil }
+    self.keep = keep
+    self.count = count
+    self.budget = budget
+    let keys = sample.map { $0.bitPattern & 0x7FFF_FFFF }.sorted(by: >)
+    let s = Double(keys.count)
+    let q = Double(keep) / Double(count)
+    let rank = q * s
+    let margin = 8 * (s * q * (1 - q)).squareRoot() + 2
+    let upper = Int((rank - margin).rounded(.down))
+    let lower = Int((rank + margin).rounded(.up))
+    high = upper < 0 ? 0x7FFF_FFFF : keys[upper]
+    low = lower >= keys.count ? 0 : keys[lower]
+  }
+
+  /// The pass's summary of one range: a branch-free counting loop (keys are below 2^31, so
+  /// `(a - b) >> 31` is `b > a`), then, only when some keys fall inside, a loop collecting them.
+  public func summarize(_ values: [Float]) -> Summary {
+    var summary = Summary()
+    let (low, high) = (self.low, self.high)
+    values.withUnsafeBufferPointer { v in
+      guard let x = v.baseAddress else { return }
+      var (above, atHigh, atLow, inside): (UInt32, UInt32, UInt32, UInt32) = (0, 0, 0, 0)
+      for i in 0..<values.count {
+        let b = x[i].bitPattern & 0x7FFF_FFFF
+        above &+= (high &- b) >> 31  // b > high
+        atHigh &+= ((b ^ high) &- 1) >> 31  // b == high
+        atLow &+= ((b ^ low) &- 1) >> 31  // b == low
+        inside &+= ((low &- b) >> 31) & ((b &- high) >> 31)  // low < b < high
+      }
+      summary.above = Int(above)
+      summary.atHigh = Int(atHigh)
+      summary.atLow = low == high ? 0 : Int(atLow)
+      guard inside > 0 else { return }
+      summary.inner = [UInt32](unsafeUninitializedCapacity: Int(inside)) { out, initialized in
+        var n = 0
+        for i in 0..<values.count {
+          let b = x[i].bitPattern & 0x7FFF_FFFF
+          if b > low && b < high {
+            out[n] = b
+            n += 1
+          }
+        }
+        initialized = n
+      }
+    }
+    return summary
+  }
+
+  /// How many elements of the tensor have magnitude key `key` (a threshold `ranker` found).
+  public func equalTotal(_ summaries: [Summary], key: UInt32) -> Int {
+    if key == high { return summaries.reduce(0) { $0 + $1.atHigh } }
+    if key == low { return summaries.reduce(0) { $0 + $1.atLow } }
+    return summaries.reduce(0) { total, summary in total + summary.inner.filter { $0 == key }.count }
+  }
+
+  /// The ranker with its exact threshold, and the number of threshold-equal elements before
+  /// each range (in range order), from every range's summary in order; nil when the k-th
+  /// largest is outside the bracket or more than `budget` keys fell strictly inside it.
+  public func ranker(_ summaries: [Summary]) -> (ranker: MagnitudeRanker, equalBefore: [Int])? {
+    let above = summaries.reduce(0) { $0 + $1.above }
+    let atHigh = summaries.reduce(0) { $0 + $1.atHigh }
+    let atLow = summaries.reduce(0) { $0 + $1.atLow }
+    let inside = summaries.reduce(0) { $0 + $1.inner.count }
+    guard above < keep, inside <= budget else { return nil }
+    let key: UInt32
+    let equalToKeep: Int
+    let equalInRange: (Summary) -> Int
+    if keep <= above + atHigh {
+      (key, equalToKeep, equalInRange) = (high, keep - above, { $0.atHigh })
+    } else if keep <= above + atHigh + inside {
+      // The (keep - above - atHigh)-th largest inner key, by two histogram passes over them.
+      var keys: [Float] = []
+      keys.reserveCapacity(inside)
+      for summary in summaries { keys += summary.inner.map { Float(bitPattern: $0) } }
+      var inner = MagnitudeRanker(keep: keep - above - atHigh, count: keys.count)
+      if inner.needsPasses {
+        inner.addHigh(inner.highCounts(keys))
+        inner.finishHigh()
+        inner.addLow(inner.lowCounts(keys))
+        inner.finishLow()
+        (key, equalToKeep) = inner.threshold
+      } else {
+        // Every inner key is kept: the threshold is the smallest of them.
+        let smallest = keys.map(\.bitPattern).min() ?? low
+        (key, equalToKeep) = (smallest, keys.filter { $0.bitPattern == smallest }.count)
+      }
+      equalInRange = { summary in summary.inner.filter { $0 == key }.count }
+    } else if keep <= above + atHigh + inside + atLow {
+      (key, equalToKeep, equalInRange) = (low, keep - above - atHigh - inside, { $0.atLow })
+    } else {
+      return nil
+    }
+    var before: [Int] = []
+    var running = 0
+    for summary in summaries {
+      before.append(running)
+      running += equalInRange(summary)
+    }
+    return (
+      MagnitudeRanker(keep: keep, count: count, threshold: (key, equalToKeep), needsTieOrder: running > equalToKeep),
+      before
+    )
   }
 }

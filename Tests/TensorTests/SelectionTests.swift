@@ -60,6 +60,45 @@ import Testing
     }
   }
 
+  /// The one-pass bracketed selection, as `TaskVectorMerge` drives it: a strided sample, one
+  /// summary per range, then masks by the ranker it returns (the kept keys as a band when ties
+  /// need no order; the ranker's mask with the per-range tie counts otherwise).
+  func bracketedMask(_ x: [Float], keep k: Int, rangeSize: Int, sample: [Float]) -> [Bool]? {
+    let ranges = stride(from: 0, to: x.count, by: rangeSize).map { Array(x[$0..<min(x.count, $0 + rangeSize)]) }
+    guard let bracket = MagnitudeBracket(keep: k, count: x.count, sample: sample, budget: x.count),
+      let (ranker, before) = bracket.ranker(ranges.map { bracket.summarize($0) })
+    else { return nil }
+    if let kept = ranker.keptKeys {
+      return x.map { kept.contains($0.bitPattern & 0x7FFF_FFFF) }
+    }
+    return zip(ranges, before).flatMap { ranker.mask($0, equalBefore: $1) }
+  }
+
+  @Test func bracketedSelectionMatchesASortWithAndWithoutTies() {
+    let distinct = CounterRNG(seed: 4, stream: "bracket").normalTensor([60_000]).scalars
+    let tied = distinct.map { ($0 * 8).rounded() / 8 }  // few distinct magnitudes
+    let zeros = distinct.enumerated().map { $0.offset % 3 == 0 ? 0 : $0.element }  // a third exactly 0
+    for (x, name) in [(distinct, "distinct"), (tied, "tied"), (zeros, "zeros")] {
+      let sample = stride(from: 0, to: x.count, by: 7).map { x[$0] }
+      for k in [1, 5_000, 29_999, 30_000, 45_000, 59_999] {
+        let got = bracketedMask(x, keep: k, rangeSize: 4096, sample: sample)
+        #expect(got == referenceMask(x, k), "\(name), k = \(k)")
+      }
+    }
+  }
+
+  /// A sample that misses the threshold (or a bracket over budget) is reported, not guessed.
+  @Test func bracketedSelectionReportsAMissedThreshold() {
+    let x = CounterRNG(seed: 5, stream: "miss").normalTensor([20_000]).scalars
+    let misleading = x.map { $0 * 100 }  // every sampled magnitude above every real one
+    let ranges = stride(from: 0, to: x.count, by: 4096).map { Array(x[$0..<min(x.count, $0 + 4096)]) }
+    let bracket = MagnitudeBracket(keep: 10_000, count: x.count, sample: misleading, budget: x.count)
+    #expect(bracket.map { b in b.ranker(ranges.map { b.summarize($0) }) == nil } == true)
+    let tight = MagnitudeBracket(keep: 10_000, count: x.count, sample: x, budget: 10)
+    #expect(tight.map { b in b.ranker(ranges.map { b.summarize($0) }) == nil } == true)
+    #expect(MagnitudeBracket(keep: 0, count: 10, sample: x, budget: 10) == nil)
+  }
+
   @Test func thresholdSplitsTheHighHistogramBin() {
     // Values sharing their top 16 bits differ only in the low bits.
     let x: [Float] = (0..<1000).map { Float(bitPattern: 0x3F80_0000 | UInt32(($0 * 7919) % 1000)) }

@@ -1,0 +1,62 @@
+import Testing
+
+@testable import Tensor
+
+@Suite struct KernelsTests {
+  /// TIES on sparsified deltas, element by element with plain loops: keep, rescale, elect the
+  /// sign of the weighted sum (0 counts as +), average the agreeing weighted deltas.
+  func referenceTIES(
+    base: [Float], deltas: [[Float]], keep: [[Bool]], scales: [Double], weights: [Double], lambda: Double,
+    normalize: Bool
+  ) -> [Float] {
+    base.indices.map { j in
+      let sparse = deltas.indices.map { t -> Float in
+        guard keep[t][j] else { return 0 }
+        return scales[t] == 1 ? deltas[t][j] : Float(Double(deltas[t][j]) * scales[t])
+      }
+      var total = 0.0
+      for t in sparse.indices { total += weights[t] * Double(sparse[t]) }
+      let negative = total < 0
+      var (mixed, divisor) = (0.0, 0.0)
+      for t in sparse.indices {
+        let value = weights[t] * Double(sparse[t])
+        guard value != 0, (value < 0) == negative else { continue }
+        mixed += value
+        divisor += weights[t]
+      }
+      if normalize { mixed /= divisor == 0 ? 1 : divisor }
+      return Float(Double(base[j]) + lambda * mixed)
+    }
+  }
+
+  /// Each keep rule (all, a band of magnitudes, a mask) with and without rescaling gives the
+  /// reference's bits, over several chunks and parallel blocks.
+  @Test(arguments: [true, false])
+  func sparseConsensusMergeMatchesTheReference(_ normalize: Bool) {
+    let n = 70_001
+    let rng = CounterRNG(seed: 9, stream: "ties")
+    let base = rng.normalTensor([n]).scalars
+    let deltas = (0..<4).map { CounterRNG(seed: UInt64($0), stream: "delta").normalTensor([n]).scalars }
+    let band = UInt32(0x3E80_0000)...UInt32(0x3FC0_0000)  // magnitudes in [0.25, 1.5]
+    let randomMask = (0..<n).map { rng.uniform(UInt64($0)) < 0.3 }
+    let rules: [Kernels.KeepRule] = [
+      .all, .magnitudes(band), .mask(randomMask), .magnitudes(0x8000_0000...0x8000_0000),
+    ]
+    let keep: [[Bool]] = [
+      Array(repeating: true, count: n), deltas[1].map { band.contains($0.bitPattern & 0x7FFF_FFFF) }, randomMask,
+      Array(repeating: false, count: n),
+    ]
+    let (scales, weights) = ([1.0, 1.7, 0.6, 2.0], [1.0, 0.8, -0.5, 0.3])
+    let got = Kernels.sparseConsensusMerge(
+      base: base, deltas: deltas, keep: rules, scales: scales, weights: weights, lambda: 0.9, normalize: normalize)
+    let want = referenceTIES(
+      base: base, deltas: deltas, keep: keep, scales: scales, weights: weights, lambda: 0.9, normalize: normalize)
+    #expect(got.map(\.bitPattern) == want.map(\.bitPattern))
+    // The plain consensus merge is the case where everything is kept.
+    let plain = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 0.9, normalize: normalize)
+    let all = referenceTIES(
+      base: base, deltas: deltas, keep: Array(repeating: Array(repeating: true, count: n), count: 4),
+      scales: [1, 1, 1, 1], weights: weights, lambda: 0.9, normalize: normalize)
+    #expect(plain.map(\.bitPattern) == all.map(\.bitPattern))
+  }
+}
