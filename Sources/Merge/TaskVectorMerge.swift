@@ -187,7 +187,7 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     if !ranked.isEmpty {
       // One pass, bracketed by a sample; the rankers it cannot settle take the passes below.
-      ranked = try bracketedThresholds(ranked, &plans, count: n, scan: scan, deltas: deltas)
+      ranked = try bracketedThresholds(ranked, &plans, name: name, count: n, scan: scan, deltas: deltas)
     }
     if !ranked.isEmpty {
       var rankers = plans
@@ -290,7 +290,7 @@ public struct TaskVectorMerge: StreamingMerge {
   /// settle (their threshold fell outside the bracket, or the bracket held more than n / 32 keys),
   /// which need the ranker's own passes.
   func bracketedThresholds(
-    _ ranked: [(Int, Int)], _ plans: inout [Sparsity], count n: Int, scan: TensorScan,
+    _ ranked: [(Int, Int)], _ plans: inout [Sparsity], name: String, count n: Int, scan: TensorScan,
     deltas: (RangeInputs) throws -> [[Float]]
   ) throws -> [(Int, Int)] {
     let block = 64
@@ -300,9 +300,18 @@ public struct TaskVectorMerge: StreamingMerge {
     let starts =
       blocks * block >= n ? [0] : (0..<blocks).map { b in blocks == 1 ? 0 : b * (n - block) / (blocks - 1) }
     let length = blocks * block >= n ? n : block
-    for start in starts {
+    // Each sampled page brings its neighbours into memory (the kernel maps up to 64 KB around a
+    // fault), so the pages behind the sample are let go as it moves on: memory stays at a few
+    // ranges, as in the pass.
+    var released = 0
+    for (b, start) in starts.enumerated() {
       let d = try deltas(try scan.read(start..<(start + length)))
       for (m, _) in ranked { samples[m] += d[m] }
+      if b % 32 == 31 || b == starts.count - 1 {
+        let end = b == starts.count - 1 ? n : max(released, start - MergeRanges.size)
+        if end > released { try scan.release(released..<end) }
+        released = end
+      }
     }
     let brackets = ranked.map { m, r in
       MagnitudeBracket(

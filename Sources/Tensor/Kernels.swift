@@ -245,16 +245,17 @@ public enum Kernels {
             // 1 where the elected sign is negative (the sum is below -0), per element.
             let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
             let stash = UnsafeMutableRawPointer(scratch + 4 * chunk).assumingMemoryBound(to: Float.self)
-            var values: [UnsafePointer<Float>?] = []
+            // The chunk's sparse values per model, behind one pointer each (no array per chunk).
+            func values(_ t: Int) -> UnsafePointer<Float>? {
+              guard let x = inputs[t].floats.map({ $0 + start }) else { return nil }
+              if case .all = keep[t], scales[t] == 1 { return x }
+              return UnsafePointer(stash + t * chunk)
+            }
             for t in 0..<models {
-              guard let x = inputs[t].floats.map({ $0 + start }) else {
-                values.append(nil)
-                continue
-              }
-              values.append(
-                sparseChunk(
-                  x, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
-                  into: stash + t * chunk))
+              guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
+              _ = sparseChunk(
+                x, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
+                into: stash + t * chunk)
             }
             for j in 0..<length {
               total[j] = 0
@@ -262,7 +263,7 @@ public enum Kernels {
               divisor[j] = 0
             }
             for t in 0..<models {
-              guard let x = values[t] else { continue }
+              guard let x = values(t) else { continue }
               let w = weights[t]
               for j in 0..<length { total[j] += w * Double(x[j]) }
             }
@@ -272,7 +273,7 @@ public enum Kernels {
               negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
             }
             for t in 0..<models {
-              guard let x = values[t] else { continue }
+              guard let x = values(t) else { continue }
               let w = weights[t]
               if normalize {
                 for j in 0..<length {
