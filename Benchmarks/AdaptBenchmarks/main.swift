@@ -32,6 +32,7 @@ for (rows, columns) in [(2048, 2048), (4096, 1024)] {
   let (w, values) = matrix(rows, columns, decay: 0.995)
   let exact = try seconds { _ = try LowRank.factor(w, rank: 16, solver: .exact) }
   print(String(format: "%d x %d: exact SVD (sgesdd) %.3f s", rows, columns, exact))
+  record("adapt", "exact svd", exact, unit: "s", ["rows": rows, "columns": columns])
   let n = min(rows, columns)
   for rank in [n / 32, n / 8, n / 4, n / 2] {
     var factors: LowRankFactors?
@@ -45,5 +46,11 @@ for (rows, columns) in [(2048, 2048), (4096, 1024)] {
           "  rank %4d (n/%2d) randomized %.3f s (%.3f of the exact time), squared error %.4f x the optimum; auto %.3f s, %.4f x",
         rank, n / rank, time, time / exact, (factors.map { squaredError(w, $0.product) } ?? .nan) / optimum,
         automatic, (chosen.map { squaredError(w, $0.product) } ?? .nan) / optimum))
+    record(
+      "adapt", "randomized svd", time, unit: "s",
+      [
+        "rows": rows, "columns": columns, "rank": rank, "of_exact_time": time / exact,
+        "error_over_optimum": (factors.map { squaredError(w, $0.product) } ?? .nan) / optimum,
+      ])
   }
 }

@@ -83,3 +83,49 @@ public func siblingBinary(_ name: String = "mergekit") -> String {
 public func option(_ name: String, in arguments: [String] = Array(CommandLine.arguments.dropFirst())) -> String? {
   arguments.firstIndex(of: name).flatMap { $0 + 1 < arguments.count ? arguments[$0 + 1] : nil }
 }
+
+/// Where `record` appends its JSON lines: `--json FILE`, else `bench-data/benchmarks.jsonl`.
+let recordFile = option("--json") ?? "bench-data/benchmarks.jsonl"
+
+/// When this run started (ISO 8601), the same in every record it writes.
+let runStarted = ISO8601DateFormatter().string(from: Date())
+
+/// The machine, for the records: core count and CPU model.
+let machine: String = {
+  let model =
+    (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?.split(separator: "\n")
+    .first { $0.hasPrefix("model name") }.map { String($0.split(separator: ":", maxSplits: 1).last ?? "") }?
+    .trimmingCharacters(in: .whitespaces) ?? "unknown CPU"
+  return "\(ProcessInfo.processInfo.activeProcessorCount) cores, \(model)"
+}()
+
+/// Appends one measure as a JSON line (`{"benchmark", "measure", "value", "unit", "started",
+/// "machine", ...details}`) so that runs can be compared over time; the printed table stays
+/// the human view. A file that cannot be written is reported once and the run goes on.
+public func record(
+  _ benchmark: String, _ measure: String, _ value: Double, unit: String, _ details: [String: Any] = [:]
+) {
+  var object: [String: Any] = [
+    "benchmark": benchmark, "measure": measure, "value": value.isFinite ? value : 0, "unit": unit,
+    "started": runStarted, "machine": machine,
+  ]
+  object.merge(details) { a, _ in a }
+  guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
+  let url = URL(fileURLWithPath: recordFile)
+  try? FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+  if !FileManager.default.fileExists(atPath: url.path) {
+    FileManager.default.createFile(atPath: url.path, contents: nil)
+  }
+  guard let handle = try? FileHandle(forWritingTo: url) else {
+    if !recordWarned {
+      recordWarned = true
+      print("(cannot append to \(url.path); figures are printed only)")
+    }
+    return
+  }
+  defer { try? handle.close() }
+  _ = try? handle.seekToEnd()
+  try? handle.write(contentsOf: data + Data("\n".utf8))
+}
+
+nonisolated(unsafe) var recordWarned = false

@@ -104,6 +104,7 @@ do {
     }
   }
   print("\nXXH64 checksum, one core: \(gbps(bytes.count, time))\(hash == 0 ? " " : "")")
+  record("checkpoint", "xxh64", Double(bytes.count) / time / 1e9, unit: "GB/s")
   print("dtype conversion, one core (GB/s of output):")
   let f32 = Tensor(shape: [values.count], scalars: values).encoded(as: .f32).bytes
   for (from, to) in [(DType.bf16, DType.f32), (.f32, .bf16), (.f16, .f32), (.f32, .f16)] {
@@ -115,6 +116,7 @@ do {
       }
     }
     print(String(format: "  %@ -> %@  %@", from.rawValue, to.rawValue, gbps(output.count, time)))
+    record("checkpoint", "convert \(from.rawValue) -> \(to.rawValue)", Double(output.count) / time / 1e9, unit: "GB/s")
   }
 }
 print("\n== chunk codec, one core, \(source), \(values.count) values")
@@ -122,6 +124,8 @@ print("dtype   encode       decode       ratio")
 for dtype in [DType.bf16, .f16, .f32] {
   let f = try codecFigures(values, dtype: dtype)
   print(String(format: "%-6@  %5.2f GB/s   %5.2f GB/s   %.3fx", dtype.rawValue, f.encode, f.decode, f.ratio))
+  record(
+    "checkpoint", "codec \(dtype.rawValue) decode", f.decode, unit: "GB/s", ["encode": f.encode, "ratio": f.ratio])
 }
 
 /// Whole-checkpoint figures on all cores, each command in its own process (so its peak RSS is its
@@ -143,6 +147,9 @@ func wholeCheckpoint(_ path: String) throws {
       String(
         format: "%@    %@  %.2f s  peak RSS %.0f MB  (%.2f of plain read speed)", label, gbps(bytes, time), time, rss,
         read / time))
+    record(
+      "checkpoint", label.trimmingCharacters(in: .whitespaces), time, unit: "s",
+      ["bytes": bytes, "peak_rss_mb": rss, "of_plain_read_speed": read / time])
   }
   for file in ["m.mkz", "m.safetensors"] { try? FileManager.default.removeItem(atPath: scratch + "/" + file) }
 }

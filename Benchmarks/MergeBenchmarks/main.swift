@@ -33,6 +33,7 @@ func kernelFigures() throws {
       String(
         format: "%@ %6.2f ns per output element", label.padding(toLength: 40, withPad: " ", startingAt: 0),
         time / Double(repeats * elements) * 1e9))
+    record("merge-kernels", label, time / Double(repeats * elements) * 1e9, unit: "ns per element")
   }
   print("\n== merge kernels, one range of \(n) elements, 3 models, \(Parallel.threadCount) threads")
   try report("difference", elements: n) { _ = Kernels.difference(deltas[0], base) }
@@ -127,6 +128,7 @@ for model in models { _ = try plainRead(model) }  // warm the page cache
 var read = 0.0
 for model in models { read += try plainRead(model) }
 print(String(format: "plain read of base + models (no work)   %.2f s  %@", read, gbps(withBase, read)))
+record("merge", "plain read", Double(withBase) / read / 1e9, unit: "GB/s")
 let scratch = NSTemporaryDirectory() + "mergekit-merge-bench-\(getpid())"
 try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
 defer { try? FileManager.default.removeItem(atPath: scratch) }
@@ -137,6 +139,17 @@ sync()
 let write = try plainWrite(models[0].totalByteCount, to: scratch + "/write-baseline")
 print(
   String(format: "plain write of one model (no work)      %.2f s  %@", write, gbps(models[0].totalByteCount, write)))
+record("merge", "plain write", Double(models[0].totalByteCount) / write / 1e9, unit: "GB/s")
+// dd writing the same bytes, the system's own reference for a sequential write to the page cache.
+sync()
+let blocks = (models[0].totalByteCount + (8 << 20) - 1) >> 23
+if let dd = try? runChild(
+  "/bin/dd", ["if=/dev/zero", "of=\(scratch)/dd-baseline", "bs=8M", "count=\(blocks)", "status=none"])
+{
+  print(String(format: "dd of the same bytes (bs=8M)            %.2f s  %@", dd.0, gbps(blocks << 23, dd.0)))
+  record("merge", "dd write", Double(blocks << 23) / dd.0 / 1e9, unit: "GB/s")
+  try? FileManager.default.removeItem(atPath: scratch + "/dd-baseline")
+}
 for method in methods {
   let usesBase = method != "linear"
   let merged = method == "slerp" ? [paths[1]] : Array(paths.dropFirst())
@@ -156,6 +169,12 @@ for method in methods {
         "merge --method %-12@ %6.2f s  %@ of input  (%.2f of plain read speed, %.2f of plain read + write)  peak RSS %.0f MB = %.1f x the largest tensor in f32",
       method, time, gbps(bytes, time), readTime / time, (readTime + write) / time, rss,
       rss * 1e6 / (Double(largest) * 4)))
+  record(
+    "merge", method, time, unit: "s",
+    [
+      "input_bytes": bytes, "peak_rss_mb": rss, "models": modelCount, "gigabytes": gigabytes,
+      "of_plain_read": readTime / time,
+    ])
   try? FileManager.default.removeItem(atPath: scratch + "/out.safetensors")
 }
 

@@ -24,6 +24,7 @@ let n = 1024
 let a = Matrix<Float>(rows: n, columns: n, values: CounterRNG(seed: 1, stream: "a").normalTensor([n * n]).scalars)
 let sgemm = gflops(2 * Double(n * n * n), try best(5) { _ = a.matmul(a) })
 print(String(format: "sgemm %d x %d x %d: %.1f GFLOP/s", n, n, n, sgemm))
+record("nets", "sgemm", sgemm, unit: "GFLOP/s", ["n": n])
 
 // MLP [1024, 4096, 4096, 1024], batch 512.
 let sizes = [1024, 4096, 4096, 1024]
@@ -38,6 +39,7 @@ print(
   String(
     format: "MLP %@ forward, batch 512: %.3f s, %.1f GFLOP/s = %.2f of sgemm", sizes.description, forward,
     gflops(mlpFlops, forward), gflops(mlpFlops, forward) / sgemm))
+record("nets", "mlp forward", gflops(mlpFlops, forward) / sgemm, unit: "of sgemm", ["seconds": forward])
 let training = try best(2) {
   let tape = Tape<Float>()
   let out = try mlp.forward(tape, .features(batch)) { tape.parameter($1) }
@@ -47,6 +49,7 @@ print(
   String(
     format: "MLP forward + backward: %.3f s, %.1f GFLOP/s (3x the forward products) = %.2f of sgemm", training,
     gflops(3 * mlpFlops, training), gflops(3 * mlpFlops, training) / sgemm))
+record("nets", "mlp forward+backward", gflops(3 * mlpFlops, training) / sgemm, unit: "of sgemm", ["seconds": training])
 
 // Decoder: hidden 512, 4 layers, 8 heads (4 KV), MLP 1536, vocabulary 8000; 4 sequences of 256.
 let decoderJSON = """
@@ -72,3 +75,5 @@ print(
   String(
     format: "decoder forward (%d x %d tokens): %.3f s, %.1f GFLOP/s = %.2f of sgemm", sequences, length, decoderTime,
     gflops(decoderFlops, decoderTime), gflops(decoderFlops, decoderTime) / sgemm))
+record(
+  "nets", "decoder forward", gflops(decoderFlops, decoderTime) / sgemm, unit: "of sgemm", ["seconds": decoderTime])
