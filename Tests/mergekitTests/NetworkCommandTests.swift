@@ -90,7 +90,7 @@ import Testing
     for (path, split) in [(train, "train"), (test, "test")] {
       #expect(
         try CLI.run(
-          "synthetic-tokens", "-o", path, "--sequences", "32", "--length", "12", "--vocabulary", "32", "--split", split
+          "synthetic-tokens", "-o", path, "--sequences", "16", "--length", "12", "--vocabulary", "32", "--split", split
         ).status == 0)
     }
     func perplexity(_ model: String) throws -> Double {
