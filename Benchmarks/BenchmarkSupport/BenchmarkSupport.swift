@@ -110,7 +110,8 @@ public func record(
     "started": runStarted, "machine": machine,
   ]
   object.merge(details) { a, _ in a }
-  guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes]) else { return }
+  guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+  else { return }
   let url = URL(fileURLWithPath: recordFile)
   try? FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
   if !FileManager.default.fileExists(atPath: url.path) {
