@@ -115,7 +115,7 @@ public func record(
   let url = URL(fileURLWithPath: recordFile)
   try? FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
   if !FileManager.default.fileExists(atPath: url.path) {
-    FileManager.default.createFile(atPath: url.path, contents: nil)
+    _ = FileManager.default.createFile(atPath: url.path, contents: nil)
   }
   guard let handle = try? FileHandle(forWritingTo: url) else {
     if !recordWarned {
