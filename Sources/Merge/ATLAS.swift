@@ -68,8 +68,8 @@ public enum ATLAS {
     /// The defaults for `ce` on `examples` rows (or sequences): the paper's 20 epochs at 1e-3
     /// assume thousands of examples, hundreds of steps; on a small set they leave the
     /// coefficients near 0 (the base), yet a fixed longer schedule overfits some small sets.
-    /// When the paper's epochs make fewer than `smallDataSteps` (300) steps, the rate is 1e-2
-    /// without decay and the length is validated: up to 300 steps (at most 500 epochs),
+    /// When the paper's epochs make fewer than `smallDataSteps` (1000) steps, the rate is 5e-2
+    /// without decay and the length is validated: up to 1000 steps (at most 500 epochs),
     /// stopping after 10 epochs or 40 steps (whichever is more) without improvement, the number
     /// of epochs chosen on validation data or, without it, on a held-out fifth of the data
     /// (`earlyStopping`). A fifth of fewer than 40 examples is too few to choose by; then the
@@ -79,7 +79,7 @@ public enum ATLAS {
       let batches = max(1, (examples + batchSize - 1) / max(batchSize, 1))
       guard objective == .ce, epochs * batches < ATLAS.smallDataSteps else { return self }
       var o = self
-      (o.learningRate, o.cosine) = (1e-2, false)
+      (o.learningRate, o.cosine) = (5e-2, false)
       guard examples >= 40 else {
         o.epochs = max(epochs, (60 + batches - 1) / batches)
         return o
@@ -93,7 +93,7 @@ public enum ATLAS {
 
   /// A data set is small for `ce` when the paper's schedule makes fewer steps than this; the
   /// small-data schedule then runs at most this many (`Options.adaptedToDataSize`).
-  public static let smallDataSteps = 300
+  public static let smallDataSteps = 1000
 
   /// One epoch's figures: mean training loss, and the selection metric when there is one.
   public struct EpochReport: Sendable {
