@@ -100,6 +100,17 @@ public struct TrainOperation: MergekitOperation {
     return options
   }
 
+  /// The model card of a fine-tuned transformer: what it was trained with (`training`: the
+  /// loss and the data) and how (epochs, optimiser, learning rate).
+  static func fineTuneCard(_ model: String, title: String, training: String, options: TrainingOptions) -> Data {
+    ModelCard.adaptation(
+      method: "train", title: title, models: [model],
+      description:
+        "`mergekit train` fine-tuned \(model) with \(training) (\(options.epochs) epochs, "
+        + "\(options.optimizer == .sgd ? "SGD" : "AdamW"), learning rate \(options.learningRate)).",
+      loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+  }
+
   /// Training progress on `meter`: batches done of all epochs, with the epoch and its loss.
   static func reporting(to meter: any ProgressMeter) -> (TrainingProgress) -> Void {
     { progress in
@@ -198,12 +209,9 @@ extension TrainOperation {
     let after = try Training.perplexity(network, on: sequences)
     let output = try request.requireOutput()
     let model = request.models[0]
-    let card = ModelCard.adaptation(
-      method: "train", title: "\(model) trained on \(URL(fileURLWithPath: data).lastPathComponent)", models: [model],
-      description:
-        "`mergekit train` fine-tuned \(model) with next-token cross-entropy on \(sequences.count) sequences of \(data) "
-        + "(\(options.epochs) epochs, \(options.optimizer == .sgd ? "SGD" : "AdamW"), learning rate \(options.learningRate)).",
-      loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+    let card = Self.fineTuneCard(
+      model, title: "\(model) trained on \(URL(fileURLWithPath: data).lastPathComponent)",
+      training: "next-token cross-entropy on \(sequences.count) sequences of \(data)", options: options)
     try NetworkFiles.save(network, like: model, to: output, overwrite: context.overwrite, card: card)
     return OperationResult(lines: [
       String(
@@ -257,12 +265,9 @@ extension TrainOperation {
       &network, on: examples, options: options, trainable: try trainable(p), progress: Self.reporting(to: meter))
     meter.finish()
     let output = try request.requireOutput()
-    let card = ModelCard.adaptation(
-      method: "train", title: "\(model) trained as a sequence classifier", models: [model],
-      description:
-        "`mergekit train` fine-tuned \(model) with cross-entropy on \(examples.count) labelled sequences of \(data) "
-        + "(\(options.epochs) epochs, \(options.optimizer == .sgd ? "SGD" : "AdamW"), learning rate \(options.learningRate)).",
-      loadsInTransformers: true, howToRun: ModelCard.transformersUsage)
+    let card = Self.fineTuneCard(
+      model, title: "\(model) trained as a sequence classifier",
+      training: "cross-entropy on \(examples.count) labelled sequences of \(data)", options: options)
     try NetworkFiles.save(
       network, like: model, to: output, overwrite: context.overwrite, card: card,
       files: config.map { ["config.json": $0] } ?? [:])
