@@ -50,6 +50,15 @@ func makeInputKinds(work: String) throws -> [InputKind] {
      "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
      "head_dim": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}
     """
+  // The same decoder with keys that change its maths but not its tensors (rotary variants,
+  // sliding windows), so that mutations explore their parsing too.
+  let llama = #""architectures": ["LlamaForCausalLM"], "model_type": "llama","#
+  let configVariants = [
+    #"\#(llama) "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},"#,
+    #"\#(llama) "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},"#,
+    #"\#(llama) "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 4,"#,
+    #""architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 3,"#,
+  ].map { config.replacingOccurrences(of: llama, with: $0) }
   let model = work + "/model"
   let shapes = Network<Float>.expectedShapes(try NetworkConfig(json: Data(config.utf8)))
   var random = SplitMix64(seed: 7)
@@ -201,7 +210,8 @@ func makeInputKinds(work: String) throws -> [InputKind] {
         _ = try aligned.tokenizerFiles()
       }),
     InputKind(
-      name: "config.json", file: "configured/config.json", seeds: [Array(config.utf8)], isText: true,
+      name: "config.json", file: "configured/config.json", seeds: ([config] + configVariants).map { Array($0.utf8) },
+      isText: true,
       run: { _ in _ = try loadNetwork(configured) }),
     InputKind(
       name: "coefficients", file: "coefficients.json", seeds: [[UInt8](coefficients)], isText: true,
