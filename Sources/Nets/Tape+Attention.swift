@@ -1,4 +1,5 @@
 import Foundation
+import Tensor
 
 /// Multi-head attention, rotary position embeddings and pooling over sequences. Rows are
 /// positions: row `b * sequence + s` is position `s` of sequence `b`.
@@ -28,25 +29,28 @@ extension Tape {
     let group = heads / kvHeads
     let scale = customScale.map { T($0) } ?? 1 / T(d).squareRoot()
     var out = Matrix<T>(zeros: qm.rows, qm.columns)
-    var probabilities: [Matrix<T>] = []
+    // Every (sequence, head) is independent: they run on all cores, each product on one (BLAS's
+    // own threads would only contend with the workers), and land in disjoint blocks.
     // With soft-capping, d score / d (q . k) per entry: scale (1 - tanh^2).
-    var cappedSlopes: [Matrix<T>] = []
-    for b in 0..<batch {
-      for h in 0..<heads {
+    let results = ResultSlots<(p: Matrix<T>, slope: Matrix<T>?, out: Matrix<T>)>(count: batch * heads)
+    BLAS.singleThreaded {
+      try? Parallel.forEach(batch * heads) { _, item in
+        let (b, h) = (item / heads, item % heads)
         let kv = h / group
         let qh = block(qm, b, sequence, h, d)
         let kh = block(km, b, sequence, kv, d)
         var p = qh.matmul(kh, transposeB: true)
         var rowScale = scale
+        var slope: Matrix<T>?
         if let softcap {
           let cap = T(softcap)
-          var slope = p
+          var slopes = p
           for i in p.values.indices {
             let t = T.tanh(p.values[i] * scale / cap)
             p.values[i] = cap * t
-            slope.values[i] = scale * (1 - t * t)
+            slopes.values[i] = scale * (1 - t * t)
           }
-          cappedSlopes.append(slope)
+          slope = slopes
           rowScale = 1
         }
         let keys =
@@ -56,9 +60,16 @@ extension Tape {
             &p, i, scale: rowScale, visible: keys, from: window.map { max(0, i - $0 + 1) } ?? 0,
             through: causal ? i : sequence - 1)
         }
-        addBlock(&out, p.matmul(block(vm, b, sequence, kv, d)), b, sequence, h, d)
-        probabilities.append(p)
+        results.set(item, (p, slope, p.matmul(block(vm, b, sequence, kv, d))))
       }
+    }
+    var probabilities: [Matrix<T>] = []
+    var cappedSlopes: [Matrix<T>] = []
+    for item in 0..<(batch * heads) {
+      let r = results.get(item)
+      addBlock(&out, r.out, item / heads, sequence, item % heads, d)
+      probabilities.append(r.p)
+      if let slope = r.slope { cappedSlopes.append(slope) }
     }
     return record(out, inputs: [q, k, v]) { [unowned self] g in
       var (dq, dk, dv) = (
@@ -120,19 +131,18 @@ extension Tape {
     precondition(x.columns == heads * d && d % 2 == 0 && positions.count == x.rows, "rotary shapes")
     let half = d / 2
     let (cosines, sines) = rotaryTables(positions: positions, half: half, rowFrequencies: rowFrequencies, scale: scale)
+    // Element by element on all cores: feature i of a head pairs with i + d/2.
     func rotate(_ m: Matrix<T>, inverse: Bool) -> Matrix<T> {
-      var out = m
-      for r in 0..<m.rows {
-        for h in 0..<heads {
-          for i in 0..<half {
-            let (c, s) = (cosines[r * half + i], inverse ? -sines[r * half + i] : sines[r * half + i])
-            let (first, second) = (r * m.columns + h * d + i, r * m.columns + h * d + i + half)
-            out.values[first] = m.values[first] * c - m.values[second] * s
-            out.values[second] = m.values[second] * c + m.values[first] * s
-          }
-        }
-      }
-      return out
+      Matrix(
+        rows: m.rows, columns: m.columns,
+        values: Matrix<T>.elementwise(m.values.count) { e in
+          let (r, column) = (e / m.columns, e % m.columns)
+          let i = column % d
+          let pair = r * half + i % half
+          let (c, s) = (cosines[pair], inverse ? -sines[pair] : sines[pair])
+          if i < half { return m.values[e] * c - m.values[e + half] * s }
+          return m.values[e] * c + m.values[e - half] * s
+        })
     }
     return record(rotate(x, inverse: false), inputs: [a]) { [unowned self] g in accumulate(a, rotate(g, inverse: true))
     }
@@ -205,17 +215,11 @@ extension Tape {
   private func rotaryTables(positions: [Int], half: Int, rowFrequencies: (Int) -> [Double], scale: Double) -> (
     [T], [T]
   ) {
-    var cosines = [T](repeating: 0, count: positions.count * half)
-    var sines = cosines
-    for (r, p) in positions.enumerated() {
-      let frequencies = rowFrequencies(r)
-      precondition(frequencies.count == half, "one rotary frequency per feature pair")
-      for i in 0..<half {
-        let angle = Double(p) * frequencies[i]
-        cosines[r * half + i] = T(scale * Foundation.cos(angle))
-        sines[r * half + i] = T(scale * Foundation.sin(angle))
-      }
-    }
+    let frequencies = positions.indices.map(rowFrequencies)
+    for f in frequencies { precondition(f.count == half, "one rotary frequency per feature pair") }
+    let angle = { (k: Int) in Double(positions[k / half]) * frequencies[k / half][k % half] }
+    let cosines = Matrix<T>.elementwise(positions.count * half) { T(scale * Foundation.cos(angle($0))) }
+    let sines = Matrix<T>.elementwise(positions.count * half) { T(scale * Foundation.sin(angle($0))) }
     return (cosines, sines)
   }
 }

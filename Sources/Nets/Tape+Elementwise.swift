@@ -30,10 +30,10 @@ extension Tape {
     let (x, y) = (value(a), value(b))
     precondition(
       x.rows == y.rows && x.columns == y.columns, "multiply: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
-    let out = Matrix(rows: x.rows, columns: x.columns, values: zip(x.values, y.values).map(*))
+    let out = x.zipMap(y, *)
     return record(out, inputs: [a, b]) { [unowned self] g in
-      accumulate(a, Matrix(rows: g.rows, columns: g.columns, values: zip(g.values, y.values).map(*)))
-      accumulate(b, Matrix(rows: g.rows, columns: g.columns, values: zip(g.values, x.values).map(*)))
+      accumulate(a, g.zipMap(y, *))
+      accumulate(b, g.zipMap(x, *))
     }
   }
 
@@ -89,9 +89,11 @@ extension Tape {
     let x = value(a)
     let y = x.map(f)
     return record(y, inputs: [a]) { [unowned self] g in
-      var dx = g
-      for i in dx.values.indices { dx.values[i] *= derivative(x.values[i], y.values[i]) }
-      accumulate(a, dx)
+      accumulate(
+        a,
+        Matrix(
+          rows: g.rows, columns: g.columns,
+          values: Matrix<T>.elementwise(g.values.count) { i in g.values[i] * derivative(x.values[i], y.values[i]) }))
     }
   }
 

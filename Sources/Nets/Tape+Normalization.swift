@@ -55,16 +55,15 @@ extension Tape {
     let x = value(a)
     let w = value(weight)
     let n = x.columns
-    var inverseRMS = [T](repeating: 0, count: x.rows)
-    var out = x
-    for r in 0..<x.rows {
-      let row = r * n
+    // Row by row on all cores: each row's sum in order, so the bits do not depend on the split.
+    let inverseRMS = Matrix<T>.elementwise(x.rows) { r in
       var squares: T = 0
-      for c in 0..<n { squares += x.values[row + c] * x.values[row + c] }
-      let inverse = 1 / (squares / T(n) + T(epsilon)).squareRoot()
-      inverseRMS[r] = inverse
-      for c in 0..<n { out.values[row + c] = x.values[row + c] * inverse * w.values[c] }
+      for c in 0..<n { squares += x.values[r * n + c] * x.values[r * n + c] }
+      return 1 / (squares / T(n) + T(epsilon)).squareRoot()
     }
+    let out = Matrix(
+      rows: x.rows, columns: n,
+      values: Matrix<T>.elementwise(x.values.count) { i in x.values[i] * inverseRMS[i / n] * w.values[i % n] })
     return record(out, inputs: [a, weight]) { [unowned self] g in
       var dw = Matrix<T>(zeros: 1, n)
       var dx = Matrix<T>(zeros: x.rows, n)
