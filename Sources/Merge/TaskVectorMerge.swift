@@ -227,21 +227,28 @@ public struct TaskVectorMerge: StreamingMerge {
         }
       }
     }
+    // DARE's random masks, drawn once in the rescale pass and kept for the merge (packed: a bit
+    // per element and model), by range offset.
+    var drawnMasks: [Int: [[UInt64]?]] = [:]
+    let keepsDraws = consensus && !arithmetic.isRounded
     if rescale {
       var before = [Double](repeating: 0, count: models)
       var after = [Double](repeating: 0, count: models)
       let sparsity = plans
       try scan.pass { range in
         let d = try deltas(range)
-        return (0..<models).map { m -> (Double, Double) in
-          guard let keep = sparsity[m].keep(d[m], offset: range.offset) else { return (0, 0) }
-          return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep))
+        let summary = (0..<models).map { m -> (Double, Double, [UInt64]?) in
+          guard let keep = sparsity[m].keep(d[m], offset: range.offset) else { return (0, 0, nil) }
+          let bits = keepsDraws && sparsity[m].random != nil ? Kernels.packBits(keep) : nil
+          return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep), bits)
         }
-      } combine: { sums in
+        return (range.offset, summary)
+      } combine: { offset, sums in
         for m in 0..<models {
           before[m] += sums[m].0
           after[m] += sums[m].1
         }
+        if sums.contains(where: { $0.2 != nil }) { drawnMasks[offset] = sums.map(\.2) }
       }
       for m in 0..<models {
         // mergekit's norms and their ratio are tensors of the compute dtype.
@@ -261,15 +268,20 @@ public struct TaskVectorMerge: StreamingMerge {
           method: name, terms: WeightedSumForm.models(models), weights: weights, scale: scale, addsBase: true,
           subtractsBase: true))
     }
-    if consensus && !arithmetic.isRounded {
+    if keepsDraws {
       // TIES-style: the kept entries are formed chunk by chunk inside the consensus merge.
       let weights = (0..<models).map { p.number("weight", model: $0) }
       let (lambda, normalize) = (p.number("lambda"), p.flag("normalize"))
+      let drawn = drawnMasks
       return RangeMerger { range in
         let d = try deltas(range)
         guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
+        let kept = drawn[range.offset]
         return Kernels.sparseConsensusMerge(
-          base: base, deltas: d, keep: d.indices.map { sparsity[$0].rule(d[$0], offset: range.offset) },
+          base: base, deltas: d,
+          keep: d.indices.map { m in
+            kept?[m].map { .bits($0) } ?? sparsity[m].rule(d[m], offset: range.offset)
+          },
           scales: sparsity.map(\.scale), weights: weights, lambda: lambda, normalize: normalize)
       }
     }

@@ -202,6 +202,25 @@ public enum Kernels {
     case magnitudes(ClosedRange<UInt32>)
     /// An explicit mask (DARE's random drop, or a threshold whose ties are kept by index).
     case mask([Bool])
+    /// The same as bits, element i kept when bit `i % 64` of word `i / 64` is set (`packBits`):
+    /// an eighth of the memory, for masks kept from one pass to the next.
+    case bits([UInt64])
+  }
+
+  /// `mask` packed 64 flags to a word (element i: bit `i % 64` of word `i / 64`).
+  public static func packBits(_ mask: [Bool]) -> [UInt64] {
+    let count = (mask.count + 63) / 64
+    return mask.withUnsafeBytes { m in
+      [UInt64](unsafeUninitializedCapacity: count) { words, initialized in
+        for w in 0..<count {
+          var word: UInt64 = 0
+          let first = w * 64
+          for k in 0..<Swift.min(64, mask.count - first) { word |= UInt64(m[first + k] & 1) << UInt64(k) }
+          words[w] = word
+        }
+        initialized = count
+      }
+    }
   }
 
   /// TIES's disjoint merge: per element, the sign of `sum_t w_t d_t` is elected (0 counts as +);
@@ -228,76 +247,96 @@ public enum Kernels {
     precondition(
       deltas.allSatisfy { $0.count == n } && weights.count == models && keep.count == models
         && scales.count == models)
-    for rule in keep { if case .mask(let m) = rule { precondition(m.count == n) } }
+    for rule in keep {
+      if case .mask(let m) = rule { precondition(m.count == n) }
+      if case .bits(let b) = rule { precondition(b.count == (n + 63) / 64) }
+    }
     guard n > 0 else { return [] }
     let masks = keep.map { rule -> [Bool] in
       if case .mask(let m) = rule { return m }
+      return []
+    }
+    let words = keep.map { rule -> [UInt64] in
+      if case .bits(let b) = rule { return b }
       return []
     }
     return withPointers(deltas + [base]) { p in
       let inputs = p.prefix(models).map { SendableRawPointer($0) }
       let b = SendableRawPointer(p[models])
       return withMaskPointers(masks) { maskBytes in
-        make(n) { range, out in
-          // Scratch: total, mixed, divisor, the sign flags, then one Float chunk per model.
-          chunked(range, buffers: 4 + (models + 1) / 2) { start, length, scratch in
-            let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
-            // 1 where the elected sign is negative (the sum is below -0), per element.
-            let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
-            let stash = UnsafeMutableRawPointer(scratch + 4 * chunk).assumingMemoryBound(to: Float.self)
-            // The chunk's sparse values per model, behind one pointer each (no array per chunk).
-            func values(_ t: Int) -> UnsafePointer<Float>? {
-              guard let x = inputs[t].floats.map({ $0 + start }) else { return nil }
-              if case .all = keep[t], scales[t] == 1 { return x }
-              return UnsafePointer(stash + t * chunk)
-            }
-            for t in 0..<models {
-              guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
-              _ = sparseChunk(
-                x, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
-                into: stash + t * chunk)
-            }
-            for j in 0..<length {
-              total[j] = 0
-              mixed[j] = 0
-              divisor[j] = 0
-            }
-            for t in 0..<models {
-              guard let x = values(t) else { continue }
-              let w = weights[t]
-              for j in 0..<length { total[j] += w * Double(x[j]) }
-            }
-            for j in 0..<length {
-              // Sign bits as integers: comparisons compile to branches, which mispredict here.
-              let sum = total[j].bitPattern
-              negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
-            }
-            for t in 0..<models {
-              guard let x = values(t) else { continue }
-              let w = weights[t]
-              if normalize {
-                for j in 0..<length {
-                  let bits = (w * Double(x[j])).bitPattern
-                  let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
-                  mixed[j] += Double(bitPattern: bits & keep)
-                  divisor[j] += Double(bitPattern: w.bitPattern & keep)
-                }
-              } else {
-                for j in 0..<length {
-                  let bits = (w * Double(x[j])).bitPattern
-                  mixed[j] += Double(bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+        withWordPointers(words) { wordPointers in
+          make(n) { range, out in
+            // Scratch: total, mixed, divisor, the sign flags, then one Float chunk per model.
+            chunked(range, buffers: 4 + (models + 1) / 2) { start, length, scratch in
+              let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
+              // 1 where the elected sign is negative (the sum is below -0), per element.
+              let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
+              let stash = UnsafeMutableRawPointer(scratch + 4 * chunk).assumingMemoryBound(to: Float.self)
+              // The chunk's sparse values per model, behind one pointer each (no array per chunk).
+              func values(_ t: Int) -> UnsafePointer<Float>? {
+                guard let x = inputs[t].floats.map({ $0 + start }) else { return nil }
+                if case .all = keep[t], scales[t] == 1 { return x }
+                return UnsafePointer(stash + t * chunk)
+              }
+              for t in 0..<models {
+                guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
+                _ = sparseChunk(
+                  x, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
+                  words: wordPointers[t].pointer, first: start, into: stash + t * chunk)
+              }
+              for j in 0..<length {
+                total[j] = 0
+                mixed[j] = 0
+                divisor[j] = 0
+              }
+              for t in 0..<models {
+                guard let x = values(t) else { continue }
+                let w = weights[t]
+                for j in 0..<length { total[j] += w * Double(x[j]) }
+              }
+              for j in 0..<length {
+                // Sign bits as integers: comparisons compile to branches, which mispredict here.
+                let sum = total[j].bitPattern
+                negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
+              }
+              for t in 0..<models {
+                guard let x = values(t) else { continue }
+                let w = weights[t]
+                if normalize {
+                  for j in 0..<length {
+                    let bits = (w * Double(x[j])).bitPattern
+                    let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
+                    mixed[j] += Double(bitPattern: bits & keep)
+                    divisor[j] += Double(bitPattern: w.bitPattern & keep)
+                  }
+                } else {
+                  for j in 0..<length {
+                    let bits = (w * Double(x[j])).bitPattern
+                    mixed[j] += Double(bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+                  }
                 }
               }
+              guard let x = b.floats.map({ $0 + start }) else { return }
+              if normalize {
+                for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
+              }
+              for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
             }
-            guard let x = b.floats.map({ $0 + start }) else { return }
-            if normalize {
-              for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
-            }
-            for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
           }
         }
       }
     }
+  }
+
+  /// Calls `body` with every word array's start (nil pointers for empty ones).
+  static func withWordPointers<R>(_ arrays: [[UInt64]], _ body: ([SendableRawPointer]) -> R) -> R {
+    func nest(_ i: Int, _ pointers: [SendableRawPointer]) -> R {
+      guard i < arrays.count else { return body(pointers) }
+      return arrays[i].withUnsafeBytes {
+        nest(i + 1, pointers + [SendableRawPointer(arrays[i].isEmpty ? nil : $0.baseAddress)])
+      }
+    }
+    return nest(0, [])
   }
 
   /// One chunk of `masked(x, keep, scale)`: the source itself when everything is kept unscaled,
@@ -305,7 +344,7 @@ public enum Kernels {
   @inline(__always)
   static func sparseChunk(
     _ x: UnsafePointer<Float>, _ length: Int, _ rule: KeepRule, scale: Double, mask: UnsafeRawPointer?,
-    into stash: UnsafeMutablePointer<Float>
+    words: UnsafeRawPointer? = nil, first: Int = 0, into stash: UnsafeMutablePointer<Float>
   ) -> UnsafePointer<Float> {
     @inline(__always) func scaled(_ v: Float) -> UInt32 {
       scale == 1 ? v.bitPattern : Float(Double(v) * scale).bitPattern
@@ -321,6 +360,18 @@ public enum Kernels {
         let key = x[j].bitPattern & 0x7FFF_FFFF
         let inside = (1 ^ ((key &- lowest) >> 31)) & (1 ^ ((highest &- key) >> 31))
         stash[j] = Float(bitPattern: scaled(x[j]) & (0 &- inside))
+      }
+    case .bits:
+      guard let words else { return x }
+      // Unpacked to one byte a flag first: testing bits in the loop below compiles to a branch,
+      // which the random pattern mispredicts half the time.
+      let w = words.assumingMemoryBound(to: UInt64.self)
+      withUnsafeTemporaryAllocation(of: UInt8.self, capacity: length) { flags in
+        for j in 0..<length {
+          let i = first + j
+          flags[j] = UInt8(truncatingIfNeeded: w[i >> 6] >> UInt64(i & 63)) & 1
+        }
+        for j in 0..<length { stash[j] = Float(bitPattern: scaled(x[j]) & (0 &- UInt32(flags[j]))) }
       }
     case .mask:
       guard let mask else { return x }

@@ -29,7 +29,7 @@ import Testing
     }
   }
 
-  /// Each keep rule (all, a band of magnitudes, a mask) with and without rescaling gives the
+  /// Each keep rule (all, a band of magnitudes, packed bits, a mask) with and without rescaling gives the
   /// reference's bits, over several chunks and parallel blocks.
   @Test(arguments: [true, false])
   func sparseConsensusMergeMatchesTheReference(_ normalize: Bool) {
@@ -40,7 +40,7 @@ import Testing
     let band = UInt32(0x3E80_0000)...UInt32(0x3FC0_0000)  // magnitudes in [0.25, 1.5]
     let randomMask = (0..<n).map { rng.uniform(UInt64($0)) < 0.3 }
     let rules: [Kernels.KeepRule] = [
-      .all, .magnitudes(band), .mask(randomMask), .magnitudes(0x8000_0000...0x8000_0000),
+      .all, .magnitudes(band), .bits(Kernels.packBits(randomMask)), .magnitudes(0x8000_0000...0x8000_0000),
     ]
     let keep: [[Bool]] = [
       Array(repeating: true, count: n), deltas[1].map { band.contains($0.bitPattern & 0x7FFF_FFFF) }, randomMask,
@@ -52,6 +52,12 @@ import Testing
     let want = referenceTIES(
       base: base, deltas: deltas, keep: keep, scales: scales, weights: weights, lambda: 0.9, normalize: normalize)
     #expect(got.map(\.bitPattern) == want.map(\.bitPattern))
+    // The same mask unpacked (one byte a flag) gives the same bits.
+    var unpacked = rules
+    unpacked[2] = .mask(randomMask)
+    let viaMask = Kernels.sparseConsensusMerge(
+      base: base, deltas: deltas, keep: unpacked, scales: scales, weights: weights, lambda: 0.9, normalize: normalize)
+    #expect(viaMask.map(\.bitPattern) == want.map(\.bitPattern))
     // The plain consensus merge is the case where everything is kept.
     let plain = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 0.9, normalize: normalize)
     let all = referenceTIES(
