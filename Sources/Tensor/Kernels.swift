@@ -263,8 +263,8 @@ public enum Kernels {
     return withPointers(deltas + [base]) { p in
       let inputs = p.prefix(models).map { SendableRawPointer($0) }
       let b = SendableRawPointer(p[models])
-      return withMaskPointers(masks) { maskBytes in
-        withWordPointers(words) { wordPointers in
+      return withBytePointers(masks) { maskBytes in
+        withBytePointers(words) { wordPointers in
           make(n) { range, out in
             // Scratch: total, mixed, divisor, the sign flags, then one Float chunk per model.
             chunked(range, buffers: 4 + (models + 1) / 2) { start, length, scratch in
@@ -272,71 +272,59 @@ public enum Kernels {
               // 1 where the elected sign is negative (the sum is below -0), per element.
               let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
               let stash = UnsafeMutableRawPointer(scratch + 4 * chunk).assumingMemoryBound(to: Float.self)
-              // The chunk's sparse values per model, behind one pointer each (no array per chunk).
-              func values(_ t: Int) -> UnsafePointer<Float>? {
-                guard let x = inputs[t].floats.map({ $0 + start }) else { return nil }
-                if case .all = keep[t], scales[t] == 1 { return x }
-                return UnsafePointer(stash + t * chunk)
-              }
-              for t in 0..<models {
-                guard let x = inputs[t].floats.map({ $0 + start }) else { continue }
-                _ = sparseChunk(
-                  x, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
-                  words: wordPointers[t].pointer, first: start, into: stash + t * chunk)
-              }
-              for j in 0..<length {
-                total[j] = 0
-                mixed[j] = 0
-                divisor[j] = 0
-              }
-              for t in 0..<models {
-                guard let x = values(t) else { continue }
-                let w = weights[t]
-                for j in 0..<length { total[j] += w * Double(x[j]) }
-              }
-              for j in 0..<length {
-                // Sign bits as integers: comparisons compile to branches, which mispredict here.
-                let sum = total[j].bitPattern
-                negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
-              }
-              for t in 0..<models {
-                guard let x = values(t) else { continue }
-                let w = weights[t]
-                if normalize {
-                  for j in 0..<length {
-                    let bits = (w * Double(x[j])).bitPattern
-                    let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
-                    mixed[j] += Double(bitPattern: bits & keep)
-                    divisor[j] += Double(bitPattern: w.bitPattern & keep)
-                  }
-                } else {
-                  for j in 0..<length {
-                    let bits = (w * Double(x[j])).bitPattern
-                    mixed[j] += Double(bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+              // The chunk's sparse values per model, one pointer each, in stack memory.
+              withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: models) { sparse in
+                for t in 0..<models {
+                  sparse[t] = inputs[t].floats.map { x in
+                    sparseChunk(
+                      x + start, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
+                      words: wordPointers[t].pointer, first: start, into: stash + t * chunk)
                   }
                 }
+                for j in 0..<length {
+                  total[j] = 0
+                  mixed[j] = 0
+                  divisor[j] = 0
+                }
+                for t in 0..<models {
+                  guard let x = sparse[t] else { continue }
+                  let w = weights[t]
+                  for j in 0..<length { total[j] += w * Double(x[j]) }
+                }
+                for j in 0..<length {
+                  // Sign bits as integers: comparisons compile to branches, which mispredict here.
+                  let sum = total[j].bitPattern
+                  negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
+                }
+                for t in 0..<models {
+                  guard let x = sparse[t] else { continue }
+                  let w = weights[t]
+                  if normalize {
+                    for j in 0..<length {
+                      let bits = (w * Double(x[j])).bitPattern
+                      let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
+                      mixed[j] += Double(bitPattern: bits & keep)
+                      divisor[j] += Double(bitPattern: w.bitPattern & keep)
+                    }
+                  } else {
+                    for j in 0..<length {
+                      let bits = (w * Double(x[j])).bitPattern
+                      mixed[j] += Double(
+                        bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
+                    }
+                  }
+                }
+                guard let x = b.floats.map({ $0 + start }) else { return }
+                if normalize {
+                  for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
+                }
+                for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
               }
-              guard let x = b.floats.map({ $0 + start }) else { return }
-              if normalize {
-                for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
-              }
-              for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
             }
           }
         }
       }
     }
-  }
-
-  /// Calls `body` with every word array's start (nil pointers for empty ones).
-  static func withWordPointers<R>(_ arrays: [[UInt64]], _ body: ([SendableRawPointer]) -> R) -> R {
-    func nest(_ i: Int, _ pointers: [SendableRawPointer]) -> R {
-      guard i < arrays.count else { return body(pointers) }
-      return arrays[i].withUnsafeBytes {
-        nest(i + 1, pointers + [SendableRawPointer(arrays[i].isEmpty ? nil : $0.baseAddress)])
-      }
-    }
-    return nest(0, [])
   }
 
   /// One chunk of `masked(x, keep, scale)`: the source itself when everything is kept unscaled,
@@ -382,12 +370,13 @@ public enum Kernels {
     return UnsafePointer(stash)
   }
 
-  /// Calls `body` with the raw bytes of every mask (nil pointers for empty ones).
-  static func withMaskPointers<R>(_ masks: [[Bool]], _ body: ([SendableRawPointer]) -> R) -> R {
+  /// Calls `body` with the raw bytes of every array (masks, packed words; nil pointers for
+  /// empty ones), valid only inside `body`.
+  static func withBytePointers<Element, R>(_ arrays: [[Element]], _ body: ([SendableRawPointer]) -> R) -> R {
     func nest(_ i: Int, _ pointers: [SendableRawPointer]) -> R {
-      guard i < masks.count else { return body(pointers) }
-      return masks[i].withUnsafeBytes {
-        nest(i + 1, pointers + [SendableRawPointer(masks[i].isEmpty ? nil : $0.baseAddress)])
+      guard i < arrays.count else { return body(pointers) }
+      return arrays[i].withUnsafeBytes {
+        nest(i + 1, pointers + [SendableRawPointer(arrays[i].isEmpty ? nil : $0.baseAddress)])
       }
     }
     return nest(0, [])
