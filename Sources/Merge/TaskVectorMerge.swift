@@ -116,7 +116,7 @@ public struct TaskVectorMerge: StreamingMerge {
       if random == nil {
         if rankers.isEmpty { return .all }
         if rankers.count == 1, let kept = rankers[0].keptKeys { return .magnitudes(kept) }
-        if rankers.count == 1, equalTotal.count == 1 {
+        if rankers.count == 1 {
           // Ties ordered by index: only the range where the kept ties run out needs a mask.
           let (key, allowed) = rankers[0].threshold
           let before = equalBefore[0][offset] ?? 0
@@ -173,6 +173,7 @@ public struct TaskVectorMerge: StreamingMerge {
           plans[m].random = (Float(density), CounterRNG(seed: UInt64(p.number("seed")), stream: "\(name)#\(m)"))
         }
         plans[m].equalBefore = Array(repeating: [:], count: plans[m].rankers.count)
+        plans[m].equalTotal = Array(repeating: 0, count: plans[m].rankers.count)
       }
     }
     let rescale = sparsification != nil && p.flag("rescale") && plans.contains { !$0.isIdentity }
@@ -187,7 +188,7 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     if !ranked.isEmpty {
       // One pass, bracketed by a sample; the rankers it cannot settle take the passes below.
-      ranked = try bracketedThresholds(ranked, &plans, name: name, count: n, scan: scan, deltas: deltas)
+      ranked = try bracketedThresholds(ranked, &plans, count: n, scan: scan, deltas: deltas)
     }
     if !ranked.isEmpty {
       var rankers = plans
@@ -219,12 +220,7 @@ public struct TaskVectorMerge: StreamingMerge {
             running[k] += equal[k]
           }
         }
-        for (k, (m, r)) in tied.enumerated() {
-          if plans[m].equalTotal.count != plans[m].rankers.count {
-            plans[m].equalTotal = Array(repeating: 0, count: plans[m].rankers.count)
-          }
-          plans[m].equalTotal[r] = running[k]
-        }
+        for (k, (m, r)) in tied.enumerated() { plans[m].equalTotal[r] = running[k] }
       }
     }
     // DARE's random masks, drawn once in the rescale pass and kept for the merge (packed: a bit
@@ -302,7 +298,7 @@ public struct TaskVectorMerge: StreamingMerge {
   /// settle (their threshold fell outside the bracket, or the bracket held more than n / 32 keys),
   /// which need the ranker's own passes.
   func bracketedThresholds(
-    _ ranked: [(Int, Int)], _ plans: inout [Sparsity], name: String, count n: Int, scan: TensorScan,
+    _ ranked: [(Int, Int)], _ plans: inout [Sparsity], count n: Int, scan: TensorScan,
     deltas: (RangeInputs) throws -> [[Float]]
   ) throws -> [(Int, Int)] {
     let block = 64
@@ -346,9 +342,6 @@ public struct TaskVectorMerge: StreamingMerge {
       }
       plans[m].rankers[r] = ranker
       plans[m].equalBefore[r] = Dictionary(uniqueKeysWithValues: zip(offsets, before))
-      if plans[m].equalTotal.count != plans[m].rankers.count {
-        plans[m].equalTotal = Array(repeating: 0, count: plans[m].rankers.count)
-      }
       plans[m].equalTotal[r] = bracket.equalTotal(summaries[k], key: ranker.threshold.key)
     }
     return unsettled
