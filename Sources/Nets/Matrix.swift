@@ -77,31 +77,14 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   /// `f` applied to every element, large matrices on all cores (element by element, so the
   /// same bits as a plain loop).
   @inlinable public func map(_ f: (T) -> T) -> Matrix {
-    Matrix(rows: rows, columns: columns, values: Self.elementwise(values.count) { i in f(values[i]) })
+    Matrix(rows: rows, columns: columns, values: Elementwise.map(values.count) { i in f(values[i]) })
   }
 
   /// `f(self[i], other[i])` for every element (same shapes), on all cores when large.
   @inlinable public func zipMap(_ other: Matrix, _ f: (T, T) -> T) -> Matrix {
     precondition(rows == other.rows && columns == other.columns, "element-wise shapes")
     return Matrix(
-      rows: rows, columns: columns, values: Self.elementwise(values.count) { i in f(values[i], other.values[i]) })
-  }
-
-  /// Elements below which one core does the work: splitting costs more than it saves.
-  @usableFromInline static var parallelThreshold: Int { 1 << 16 }
-
-  /// `[value(0), value(1), ...]` of `count` elements, in blocks over the cores when large.
-  @inlinable static func elementwise(_ count: Int, _ value: (Int) -> T) -> [T] {
-    [T](unsafeUninitializedCapacity: count) { buffer, initialized in
-      guard let start = buffer.baseAddress else { return }
-      let workers = count < parallelThreshold ? 1 : Parallel.threadCount
-      let out = UncheckedPointer(start)
-      let chunk = (count + workers - 1) / max(workers, 1)
-      try? Parallel.forEach(workers) { _, w in
-        for i in (w * chunk)..<min(count, (w + 1) * chunk) { (out.pointer + i).initialize(to: value(i)) }
-      }
-      initialized = count
-    }
+      rows: rows, columns: columns, values: Elementwise.map(values.count) { i in f(values[i], other.values[i]) })
   }
 
   /// The sum of each column (a `1 x columns` row), accumulated in `T`.
@@ -136,10 +119,4 @@ extension Matrix where T == Float {
       tensor.shape.count == 1 ? (1, tensor.shape[0]) : (tensor.shape.dropLast().reduce(1, *), tensor.shape.last ?? 1)
     self.init(rows: rows, columns: columns, values: tensor.scalars)
   }
-}
-
-/// A pointer that parallel workers write through, each to its own elements.
-@usableFromInline struct UncheckedPointer<T>: @unchecked Sendable {
-  @usableFromInline let pointer: UnsafeMutablePointer<T>
-  @usableFromInline init(_ pointer: UnsafeMutablePointer<T>) { self.pointer = pointer }
 }

@@ -135,7 +135,7 @@ extension Tape {
     func rotate(_ m: Matrix<T>, inverse: Bool) -> Matrix<T> {
       Matrix(
         rows: m.rows, columns: m.columns,
-        values: Matrix<T>.elementwise(m.values.count) { e in
+        values: Elementwise.map(m.values.count) { e in
           let (r, column) = (e / m.columns, e % m.columns)
           let i = column % d
           let pair = r * half + i % half
@@ -218,8 +218,8 @@ extension Tape {
     let frequencies = positions.indices.map(rowFrequencies)
     for f in frequencies { precondition(f.count == half, "one rotary frequency per feature pair") }
     let angle = { (k: Int) in Double(positions[k / half]) * frequencies[k / half][k % half] }
-    let cosines = Matrix<T>.elementwise(positions.count * half) { T(scale * Foundation.cos(angle($0))) }
-    let sines = Matrix<T>.elementwise(positions.count * half) { T(scale * Foundation.sin(angle($0))) }
+    let cosines = Elementwise.map(positions.count * half) { T(scale * Foundation.cos(angle($0))) }
+    let sines = Elementwise.map(positions.count * half) { T(scale * Foundation.sin(angle($0))) }
     return (cosines, sines)
   }
 }

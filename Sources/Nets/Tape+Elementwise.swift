@@ -1,3 +1,5 @@
+import Tensor
+
 /// Element-wise operations, sums and activations.
 extension Tape {
   /// `a + b`; `b` may also be one row (`1 x columns`, a bias) added to every row of `a`.
@@ -93,7 +95,7 @@ extension Tape {
         a,
         Matrix(
           rows: g.rows, columns: g.columns,
-          values: Matrix<T>.elementwise(g.values.count) { i in g.values[i] * derivative(x.values[i], y.values[i]) }))
+          values: Elementwise.map(g.values.count) { i in g.values[i] * derivative(x.values[i], y.values[i]) }))
     }
   }
 

@@ -1,3 +1,5 @@
+import Tensor
+
 /// Normalisation over the features of each row.
 extension Tape {
   /// LayerNorm: `(x - mean) / sqrt(var + eps) * gamma + beta` per row, with the biased variance
@@ -56,14 +58,14 @@ extension Tape {
     let w = value(weight)
     let n = x.columns
     // Row by row on all cores: each row's sum in order, so the bits do not depend on the split.
-    let inverseRMS = Matrix<T>.elementwise(x.rows) { r in
+    let inverseRMS = Elementwise.map(x.rows) { r in
       var squares: T = 0
       for c in 0..<n { squares += x.values[r * n + c] * x.values[r * n + c] }
       return 1 / (squares / T(n) + T(epsilon)).squareRoot()
     }
     let out = Matrix(
       rows: x.rows, columns: n,
-      values: Matrix<T>.elementwise(x.values.count) { i in x.values[i] * inverseRMS[i / n] * w.values[i % n] })
+      values: Elementwise.map(x.values.count) { i in x.values[i] * inverseRMS[i / n] * w.values[i % n] })
     return record(out, inputs: [a, weight]) { [unowned self] g in
       var dw = Matrix<T>(zeros: 1, n)
       var dx = Matrix<T>(zeros: x.rows, n)
