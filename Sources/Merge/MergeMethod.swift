@@ -44,6 +44,15 @@ public protocol MergeMethod: Sendable {
   var parameters: [ParameterSpec] { get }
   /// Merges one tensor. Inputs are validated (same shape, base present when required).
   func merge(_ inputs: MergeInputs, _ parameters: ResolvedParameters) throws -> Tensor
+  /// Bytes one tensor's merge holds besides its inputs decoded to `Float` and its result, which
+  /// the runner counts itself: copies, factorisations, workspaces. The runner merges tensors side
+  /// by side as long as their sum fits its memory budget, so a method that works in place
+  /// declares 0 (the default) and one that factorises declares its peak.
+  func scratchBytes(name: String, shape: [Int], models: Int, _ parameters: ResolvedParameters) -> Int
+}
+
+extension MergeMethod {
+  public func scratchBytes(name: String, shape: [Int], models: Int, _ parameters: ResolvedParameters) -> Int { 0 }
 }
 
 extension MergeMethod {

@@ -1,4 +1,5 @@
 import Foundation
+import Nets
 import Tensor
 
 /// STF: superpose the task-specific features of every model in one linear map per weight matrix.
@@ -15,7 +16,9 @@ import Tensor
 /// of the largest are dropped), which averages the outputs of conflicting features. Then
 /// `W* = W_0 + lambda dW*`. Tensors that are not linear maps (1-D, embeddings, the output head)
 /// get task arithmetic `W_0 + fallback_lambda sum_t dW_t`, by default the mean of the models.
-/// SVDs, Gram matrices and solves run in Double; the result is rounded once.
+/// By default the factorisations and products run in `Float` (the Gram matrix of each task
+/// matrix's smaller side, its top eigenpairs only, sgemm), and the K x K systems in `Double`;
+/// `precision: float64` runs everything in `Double`, the reference. The result is rounded once.
 public struct STFMerge: MergeMethod {
   public init() {}
   public var name: String { "stf" }
@@ -40,6 +43,11 @@ public struct STFMerge: MergeMethod {
       .number(
         "rcond", .global, in: 0...1, default: 1e-6,
         help: "relative cut-off below which the linear system's directions are dropped"),
+      .choice(
+        "precision", ["float32", "float64"], default: "float32",
+        help:
+          "arithmetic of the factorisations and products (the linear systems are solved in float64); float64 is the reference, about 3x slower"
+      ),
     ]
   }
 
@@ -64,113 +72,181 @@ public struct STFMerge: MergeMethod {
       }
       return Tensor(shape: base.shape, scalars: merged)
     }
-    let (m, n) = (base.shape[0], base.shape[1])
+    let rank = Self.rank(p, shape: base.shape, tasks: taskCount)
+    let (mode, rcond, lambda) = (p.text("mode"), p.number("rcond"), p.number("lambda"))
+    func merged<T: NetScalar & LAPACKScalar>(_: T.Type) throws -> [Float] {
+      let tasks: [Matrix<T>] = inputs.models.map { Self.difference($0, base) }
+      let delta = try Self.superpose(try Self.features(of: tasks, rank: rank), mode: mode, rcond: rcond)
+      return Elementwise.map(base.count) { Float(Double(base.scalars[$0]) + lambda * Double(delta.values[$0])) }
+    }
+    let scalars = p.text("precision") == "float64" ? try merged(Double.self) : try merged(Float.self)
+    return Tensor(shape: base.shape, scalars: scalars)
+  }
+
+  /// Features kept per task of an m x n matrix: the `rank` parameter, or `max(1, min(m, n) / T)`
+  /// so that all tasks together keep at most `min(m, n)`.
+  static func rank(_ p: ResolvedParameters, shape: [Int], tasks: Int) -> Int {
     let requested = Int(p.number("rank"))
-    let rank = requested > 0 ? min(requested, m, n) : max(1, min(m, n) / taskCount)
-    let features = try Self.features(of: inputs.models.map { Self.difference($0, base) }, rank: rank)
-    let delta = try Self.superpose(features, mode: p.text("mode"), rcond: p.number("rcond"), rows: m, columns: n)
-    let lambda = p.number("lambda")
-    let merged = Elementwise.map(base.count) { Float(Double(base.scalars[$0]) + lambda * delta.values[$0]) }
-    return Tensor(shape: base.shape, scalars: merged)
+    let side = min(shape[0], shape[1])
+    return requested > 0 ? min(requested, side) : max(1, side / max(1, tasks))
   }
 
-  /// The kept features of all tasks: `u` (m x K), `v` (n x K), strengths `s` (K).
-  struct Features {
-    var u: DoubleMatrix
-    var v: DoubleMatrix
+  /// The peak of one linear map's merge besides its decoded inputs and result: the task
+  /// matrices, the features (per task, then stacked), the larger of one task's factorisation
+  /// (its Gram matrix, LAPACK's copy, the vectors) and the K x K systems in Double, and `dW*`.
+  public func scratchBytes(name: String, shape: [Int], models: Int, _ p: ResolvedParameters) -> Int {
+    guard Self.isLinearMap(name, shape: shape) else { return 0 }
+    let (m, n) = (shape[0], shape[1])
+    let e = p.text("precision") == "float64" ? 8 : 4
+    let r = Self.rank(p, shape: shape, tasks: models)
+    let k = models * r
+    let factorising = 2 * min(m, n) * min(m, n) * e + 4 * (m + n) * r * e
+    let solving = 6 * k * k * 8 + 2 * k * n * 8
+    return models * m * n * e + 2 * k * (m + n) * e + max(factorising, solving) + m * n * e
+  }
+
+  /// The kept features of all tasks, one per row: `u` (K x m, unit output directions), `v`
+  /// (K x n, unit input directions) and their strengths `s`, so that the task matrices map
+  /// `v_j` to `s_j u_j`.
+  struct Features<T: NetScalar> {
+    var u: Matrix<T>
+    var v: Matrix<T>
     var s: [Double]
+
+    static func empty(rows m: Int, columns n: Int) -> Features {
+      Features(u: Matrix(zeros: 0, m), v: Matrix(zeros: 0, n), s: [])
+    }
+
+    /// Features `j` as row `j` of `u` and of `v`, with strength `s[j]`.
+    init(u: Matrix<T>, v: Matrix<T>, s: [Double]) {
+      precondition(u.rows == s.count && v.rows == s.count, "\(s.count) features with \(u.rows) and \(v.rows) rows")
+      self.u = u
+      self.v = v
+      self.s = s
+    }
+
+    /// All tasks' features, stacked.
+    init(stacking parts: [Features], rows m: Int, columns n: Int) {
+      self.init(
+        u: Matrix(rows: parts.reduce(0) { $0 + $1.s.count }, columns: m, values: parts.flatMap(\.u.values)),
+        v: Matrix(rows: parts.reduce(0) { $0 + $1.s.count }, columns: n, values: parts.flatMap(\.v.values)),
+        s: parts.flatMap(\.s))
+    }
   }
 
-  static func difference(_ model: Tensor, _ base: Tensor) -> DoubleMatrix {
-    DoubleMatrix(
+  /// `model - base` as an m x n matrix.
+  static func difference<T: NetScalar>(_ model: Tensor, _ base: Tensor) -> Matrix<T> {
+    Matrix(
       rows: base.shape[0], columns: base.shape[1],
-      values: Elementwise.map(base.count) { Double(model.scalars[$0]) - Double(base.scalars[$0]) })
+      values: Elementwise.map(base.count) { T(model.scalars[$0]) - T(base.scalars[$0]) })
   }
 
   /// Matrices whose smaller side reaches this many get their singular triplets from the Gram
-  /// matrix of that side (`dsyrk` + `dsyevd`, several times faster than `dgesdd` on large
-  /// matrices); smaller ones from `dgesdd`.
+  /// matrix of that side (`syrk`, then only the kept eigenpairs by `syevr`: several times faster
+  /// than a full SVD); smaller ones from the exact SVD (`dgesdd`).
   static let gramMethodSide = 256
 
-  /// The top `rank` singular triplets of each task matrix, dropping those with sigma <= 1e-12
-  /// sigma_max (1e-6 by the Gram method, whose small singular values are less accurate); a zero
-  /// task matrix contributes none.
-  static func features(of tasks: [DoubleMatrix], rank: Int, gramSide: Int = gramMethodSide) throws -> Features {
-    var columnsU: [[Double]] = []
-    var columnsV: [[Double]] = []
-    var s: [Double] = []
-    for task in tasks {
-      let triplets =
-        min(task.rows, task.columns) >= gramSide
-        ? try topTriplets(task, rank: rank) : try exactTriplets(task, rank: rank)
-      columnsU += triplets.u
-      columnsV += triplets.v
-      s += triplets.s
+  /// Features whose strength is at most this fraction of the task's largest are dropped: 1e-12
+  /// from the exact SVD; from a Gram matrix in precision `T`, whose eigenvalues carry absolute
+  /// errors near `eps * sigma_max^2`, `3 sqrt(eps)` (1e-3 in Float) and at least 1e-6.
+  static func cutoff<T: NetScalar>(gram: Bool, _: T.Type) -> Double {
+    gram ? max(1e-6, 3 * Double(T.ulpOfOne).squareRoot()) : 1e-12
+  }
+
+  /// The top `rank` singular triplets of each task matrix (those above `cutoff`; a zero task
+  /// matrix contributes none), stacked in task order.
+  static func features<T: NetScalar & LAPACKScalar>(
+    of tasks: [Matrix<T>], rank: Int, gramSide: Int = gramMethodSide
+  ) throws -> Features<T> {
+    let (m, n) = (tasks.first?.rows ?? 0, tasks.first?.columns ?? 0)
+    // The tasks side by side, BLAS on one thread each: the eigensolver runs mostly on one core.
+    let parts = ResultSlots<Features<T>>(count: tasks.count)
+    try BLAS.singleThreaded {
+      try Parallel.forEachTakingTurns(tasks.count) { t in
+        let task = tasks[t]
+        parts.set(
+          t,
+          min(task.rows, task.columns) >= gramSide
+            ? try gramTriplets(task, rank: rank) : try exactTriplets(task, rank: rank))
+      }
     }
-    func matrix(_ columns: [[Double]], rows: Int) -> DoubleMatrix {
-      var out = DoubleMatrix(zeros: rows, columns.count)
-      for (j, column) in columns.enumerated() { for i in 0..<rows { out[i, j] = column[i] } }
-      return out
+    return Features(stacking: tasks.indices.map(parts.get), rows: m, columns: n)
+  }
+
+  /// The top triplets from the exact SVD, computed in Double.
+  static func exactTriplets<T: NetScalar>(_ task: Matrix<T>, rank: Int) throws -> Features<T> {
+    let (m, n) = (task.rows, task.columns)
+    let (u, sigma, vt) = try LAPACK.svd(DoubleMatrix(rows: m, columns: n, values: task.values.map { Double($0) }))
+    guard let largest = sigma.first, largest > 0 else { return .empty(rows: m, columns: n) }
+    let kept = (0..<min(rank, sigma.count)).filter { sigma[$0] > cutoff(gram: false, T.self) * largest }
+    return Features(
+      u: Matrix(rows: kept.count, columns: m, values: kept.flatMap { k in (0..<m).map { T(u[$0, k]) } }),
+      v: Matrix(rows: kept.count, columns: n, values: kept.flatMap { k in (0..<n).map { T(vt[k, $0]) } }),
+      s: kept.map { sigma[$0] })
+  }
+
+  /// The top triplets from the kept eigenvectors of the Gram matrix of the smaller side: for
+  /// m <= n, `A Aᵀ = U S² Uᵀ` and `s_k v_k = Aᵀ u_k` (else the same on `Aᵀ`). Each strength is
+  /// the norm of `Aᵀ u_k` (or `A v_k`), accurate to the precision of `T` where the eigenvalue's
+  /// square root would not be.
+  static func gramTriplets<T: NetScalar & LAPACKScalar>(_ task: Matrix<T>, rank: Int) throws -> Features<T> {
+    let (m, n) = (task.rows, task.columns)
+    let wide = m <= n
+    let (side, other) = wide ? (m, n) : (n, m)
+    let count = min(rank, side)
+    let gram = BLAS.gram(task.values, rows: m, columns: n, ofRows: wide)
+    let basis = try LAPACK.largestEigenpairs(gram, order: side, count: count).vectorRows  // count x side
+    var mapped = [T](repeating: 0, count: count * other)  // the other side's vectors times sigma
+    BLAS.gemm(basis, count, side, task.values, m, n, transposeB: !wide, into: &mapped)
+    let sigma = (0..<count).map { j in
+      Elementwise.blockSum(0..<other) { Double(mapped[j * other + $0]) * Double(mapped[j * other + $0]) }.squareRoot()
     }
-    let rows = tasks.first?.rows ?? 0
-    let cols = tasks.first?.columns ?? 0
-    return Features(u: matrix(columnsU, rows: rows), v: matrix(columnsV, rows: cols), s: s)
+    guard let largest = sigma.max(), largest > 0 else { return .empty(rows: m, columns: n) }
+    let kept = (0..<count).filter { sigma[$0] > cutoff(gram: true, T.self) * largest }
+    let small = Matrix(
+      rows: kept.count, columns: side, values: kept.flatMap { basis[($0 * side)..<($0 * side + side)] })
+    let large = Matrix(
+      rows: kept.count, columns: other,
+      values: kept.flatMap { j in mapped[(j * other)..<(j * other + other)].map { $0 / T(sigma[j]) } })
+    let s = kept.map { sigma[$0] }
+    return wide ? Features(u: small, v: large, s: s) : Features(u: large, v: small, s: s)
   }
 
-  static func exactTriplets(_ task: DoubleMatrix, rank: Int) throws -> (u: [[Double]], v: [[Double]], s: [Double]) {
-    let (u, sigma, vt) = try LAPACK.svd(task)
-    guard let largest = sigma.first, largest > 0 else { return ([], [], []) }
-    let kept = (0..<min(rank, sigma.count)).filter { sigma[$0] > 1e-12 * largest }
-    return (kept.map { u.column($0) }, kept.map { k in (0..<vt.columns).map { vt[k, $0] } }, kept.map { sigma[$0] })
-  }
-
-  /// The top triplets from the eigenvectors of the Gram matrix of the smaller side: for m <= n,
-  /// `A A^T = U S^2 U^T` and `v_k = A^T u_k / s_k` (else the same on `A^T`).
-  static func topTriplets(_ task: DoubleMatrix, rank: Int) throws -> (u: [[Double]], v: [[Double]], s: [Double]) {
-    let wide = task.rows <= task.columns
-    let a = wide ? transposed(task) : task  // the Gram of a's columns is the smaller side's
-    let (values, vectors) = try LAPACK.symmetricEigen(BLAS.gram(a))
-    let side = values.count
-    guard let largest = values.last, largest > 0 else { return ([], [], []) }
-    let kept = (0..<min(rank, side)).map { side - 1 - $0 }.filter { values[$0] > 1e-12 * largest }
-    var basis = DoubleMatrix(zeros: side, kept.count)
-    for (j, k) in kept.enumerated() { for i in 0..<side { basis[i, j] = vectors[i, k] } }
-    let sigma = kept.map { values[$0].squareRoot() }
-    var other = BLAS.matmul(a, basis)  // the other side's vectors times sigma
-    for i in 0..<other.rows { for j in 0..<kept.count { other[i, j] /= sigma[j] } }
-    let small = (0..<kept.count).map { basis.column($0) }
-    let large = (0..<kept.count).map { other.column($0) }
-    return wide ? (small, large, sigma) : (large, small, sigma)
-  }
-
-  static func transposed(_ m: DoubleMatrix) -> DoubleMatrix {
-    var t = DoubleMatrix(zeros: m.columns, m.rows)
-    for i in 0..<m.rows { for j in 0..<m.columns { t.values[j * m.rows + i] = m.values[i * m.columns + j] } }
-    return t
-  }
-
-  /// Solves STF's linear system and returns `dW*` (m x n).
-  static func superpose(_ f: Features, mode: String, rcond: Double, rows m: Int, columns n: Int) throws -> DoubleMatrix
-  {
-    let k = f.s.count
-    guard k > 0 else { return DoubleMatrix(zeros: m, n) }
-    let gramV = BLAS.gram(f.v)  // K x K
+  /// Solves STF's linear system and returns `dW*` (m x n) in the precision of the features:
+  /// the Gram matrices of the features in `T`, the K x K system in Double, `dW* = Uᵀ diag(c) X`
+  /// by one product.
+  static func superpose<T: NetScalar>(_ f: Features<T>, mode: String, rcond: Double) throws -> Matrix<T> {
+    let (k, m, n) = (f.s.count, f.u.columns, f.v.columns)
+    guard k > 0 else { return Matrix(zeros: m, n) }
+    func gram(_ rows: Matrix<T>) -> DoubleMatrix {
+      DoubleMatrix(
+        rows: k, columns: k,
+        values: BLAS.gram(rows.values, rows: k, columns: rows.columns, ofRows: true).map(Double.init))
+    }
+    let gramV = gram(f.v)  // VᵀV, K x K
+    var right: Matrix<T>  // K x n: dW* = Uᵀ-rows times this
     if mode == "outputs" {
-      // dW* = B V⁺ = B (VᵀV)⁺ Vᵀ with B = U diag(s).
-      let pinv = try pseudoInverse(gramV, rcond: rcond * rcond)  // eigenvalues of VᵀV are squared singular values of V
-      var b = f.u
-      for i in 0..<m { for j in 0..<k { b[i, j] *= f.s[j] } }
-      let coefficients = BLAS.matmul(b, pinv)  // m x K
-      return BLAS.matmul(coefficients, f.v, transposeB: true)
+      // dW* = U diag(s) (VᵀV)⁺ Vᵀ; the eigenvalues of VᵀV are the squared singular values of V.
+      let x = try solve(
+        gramV, DoubleMatrix(rows: k, columns: n, values: f.v.values.map { Double($0) }), rcond: rcond * rcond)
+      right = Matrix(rows: k, columns: n, values: Elementwise.map(k * n) { T(f.s[$0 / n] * x.values[$0]) })
+    } else {
+      // Projection: (UᵀU ∘ VᵀV) a = s, dW* = U diag(a) Vᵀ.
+      var system = gram(f.u)
+      for i in 0..<(k * k) { system.values[i] *= gramV.values[i] }
+      let a = try solve(system, DoubleMatrix(rows: k, columns: 1, values: f.s), rcond: rcond).values
+      right = f.v
+      for j in 0..<k { for i in 0..<n { right.values[j * n + i] *= T(a[j]) } }
     }
-    // Projection: (UᵀU ∘ VᵀV) a = s, dW* = U diag(a) Vᵀ.
-    var system = BLAS.gram(f.u)
-    for i in 0..<(k * k) { system.values[i] *= gramV.values[i] }
-    let pinv = try pseudoInverse(system, rcond: rcond)
-    let a = BLAS.matmul(pinv, DoubleMatrix(rows: k, columns: 1, values: f.s)).values
-    var scaled = f.u
-    for i in 0..<m { for j in 0..<k { scaled[i, j] *= a[j] } }
-    return BLAS.matmul(scaled, f.v, transposeB: true)
+    return f.u.matmul(right, transposeSelf: true)
+  }
+
+  /// `a⁺ b` for a symmetric positive semi-definite `a`: by Cholesky when `a` is well within
+  /// `rcond` (estimated condition at most 1% of `1 / rcond`, so no eigenvalue would be dropped),
+  /// else from its eigendecomposition, dropping eigenvalues <= rcond * the largest.
+  static func solve(_ a: DoubleMatrix, _ b: DoubleMatrix, rcond: Double) throws -> DoubleMatrix {
+    if rcond > 0, let x = try LAPACK.wellConditionedCholeskySolve(a, b, maxCondition: 0.01 / rcond) { return x }
+    return BLAS.matmul(try pseudoInverse(a, rcond: rcond), b)
   }
 
   /// Pseudo-inverse of a symmetric positive semi-definite matrix from its eigendecomposition,

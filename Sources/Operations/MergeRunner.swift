@@ -50,6 +50,8 @@ public struct MergePlan {
   public let reference: any Checkpoint
   /// How the merge computes.
   public var compute: Compute = .exact
+  /// Working memory for whole tensors merged side by side (see `MergeRunner`).
+  public var memoryBudget = MergeRunner.memoryBudget
 
   /// The arithmetic of tensor `name`: mergekit's rounds to the compute dtype, or without one to
   /// the inputs' dtype (promoted as torch does: mixed half types compute in f32).
@@ -132,20 +134,29 @@ public struct MergePlan {
 
 /// Runs a planned merge into a checkpoint, tensor by tensor in order. A `StreamingMerge` method's
 /// tensors are streamed in fixed ranges (after its statistics passes), so memory stays at a few
-/// ranges; other methods get whole tensors, a group at a time (as many as fit `groupBudget`, so
-/// small tensors run in parallel and a huge one runs alone with its loops in parallel). Inputs
+/// ranges; other methods get whole tensors, a group at a time: as many consecutive tensors as
+/// fit the plan's `memoryBudget` (their decoded inputs, results and the method's declared scratch) are
+/// merged side by side, each on one core with BLAS on one thread, so that several matrices are
+/// in flight; a tensor that fills the budget alone runs alone, with BLAS on every core. Inputs
 /// are memory-mapped and their pages released after use. The output is bit-identical whatever
-/// the thread count, shard size or format.
+/// the worker count, shard size or format.
 public enum MergeRunner {
-  /// Working memory allowed for one group of tensors processed together.
-  public static let groupBudget = 256 << 20
+  /// The default working memory for one group of whole tensors merged side by side: 2 GiB, or
+  /// an eighth of the machine's memory where that is less. Streamed tensors stay far below it.
+  public static let memoryBudget = min(2 << 30, Int(ProcessInfo.processInfo.physicalMemory / 8))
 
   /// Memory the writer and readers hold besides the tensors (staging buffers, chunk batches).
   public static let bufferBytes = 48 << 20
 
-  /// Working memory of one tensor: every input decoded to Float, the result, its encoding.
-  static func workingSet(_ item: MergePlan.Item, inputs: Int) -> Int {
-    item.count * (4 * (inputs + 1) + item.outputType.size)
+  /// Working memory of one tensor: every input decoded to Float, the result, its encoding, and
+  /// the method's own scratch.
+  static func workingSet(_ item: MergePlan.Item, plan: MergePlan) throws -> Int {
+    let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
+    let own = item.count * (4 * (inputs + 1) + item.outputType.size)
+    guard item.action == .merge else { return own }
+    return own
+      + plan.method.scratchBytes(
+        name: item.name, shape: item.shape, models: plan.models.count, try plan.parameters(item.name))
   }
 
   /// Whether `item` is streamed range by range (its method can, and it is merged, not copied).
@@ -153,42 +164,37 @@ public enum MergeRunner {
     item.action == .merge && plan.method is any StreamingMerge
   }
 
-  /// The plan cut into consecutive groups processed together: a streamed tensor alone, else as
-  /// many tensors as fit `groupBudget`, at least one.
-  static func groups(_ plan: MergePlan) -> [Range<Int>] {
+  /// The plan cut into consecutive groups processed together, with their working sets: a
+  /// streamed tensor alone, else as many tensors as fit the plan's budget, at least one.
+  static func groups(_ plan: MergePlan) throws -> [(range: Range<Int>, bytes: Int)] {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
-    var result: [Range<Int>] = []
+    var result: [(range: Range<Int>, bytes: Int)] = []
     var start = 0
     while start < plan.items.count {
-      var end = start + 1
-      var used = workingSet(plan.items[start], inputs: inputs)
       if isStreamed(plan.items[start], plan) {
-        result.append(start..<end)
-        start = end
+        let bytes =
+          2 * Parallel.threadCount * MergeRanges.size * (4 * (inputs + 1) + plan.items[start].outputType.size)
+        result.append((start..<(start + 1), bytes))
+        start += 1
         continue
       }
-      while end < plan.items.count, !isStreamed(plan.items[end], plan),
-        used + workingSet(plan.items[end], inputs: inputs) <= groupBudget
-      {
-        used += workingSet(plan.items[end], inputs: inputs)
+      var end = start + 1
+      var used = try workingSet(plan.items[start], plan: plan)
+      while end < plan.items.count, !isStreamed(plan.items[end], plan) {
+        let next = try workingSet(plan.items[end], plan: plan)
+        guard used + next <= plan.memoryBudget else { break }
+        used += next
         end += 1
       }
-      result.append(start..<end)
+      result.append((start..<end, used))
       start = end
     }
     return result
   }
 
   /// The largest working set of any group: the tensor memory the merge needs at its peak.
-  public static func workingSetBytes(_ plan: MergePlan) -> Int {
-    let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
-    return groups(plan).map { range in
-      if range.count == 1, isStreamed(plan.items[range.lowerBound], plan) {
-        return 2 * Parallel.threadCount * MergeRanges.size
-          * (4 * (inputs + 1) + plan.items[range.lowerBound].outputType.size)
-      }
-      return plan.items[range].reduce(0) { $0 + workingSet($1, inputs: inputs) }
-    }.max() ?? 0
+  public static func workingSetBytes(_ plan: MergePlan) throws -> Int {
+    try groups(plan).map(\.bytes).max() ?? 0
   }
 
   /// The output's tensors, in order.
@@ -219,7 +225,7 @@ public enum MergeRunner {
     let plan = try preparedForModel(plan, inputs: inputs)
     let total = plan.bytesRead
     var done = 0
-    for range in groups(plan) {
+    for (range, _) in try groups(plan) {
       if range.count == 1, isStreamed(plan.items[range.lowerBound], plan),
         let method = plan.method as? any StreamingMerge
       {
@@ -232,8 +238,15 @@ public enum MergeRunner {
       }
       let group = Array(plan.items[range])
       let results = ResultSlots<Produced>(count: group.count)
-      try Parallel.forEach(group.count) { _, i in
-        results.set(i, try produce(group[i], plan: plan, inputs: inputs))
+      if group.count == 1 {
+        results.set(0, try produce(group[0], plan: plan, inputs: inputs))
+      } else {
+        // Side by side, each tensor on one core: BLAS's own threads would only contend.
+        try BLAS.singleThreaded {
+          try Parallel.forEachTakingTurns(group.count) { i in
+            results.set(i, try produce(group[i], plan: plan, inputs: inputs))
+          }
+        }
       }
       for (i, item) in group.enumerated() {
         switch results.get(i) {

@@ -51,17 +51,27 @@ public enum BLAS {
   /// The Gram matrix of the columns, `aᵀ a` (n x n for an m x n matrix), accumulated in double
   /// precision (`cblas_dsyrk` on the widened matrix), both triangles filled.
   public static func gram(_ a: DoubleMatrix) -> DoubleMatrix {
-    let n = a.columns
-    var g = DoubleMatrix(zeros: n, n)
-    guard n > 0, a.rows > 0 else { return g }
-    a.values.withUnsafeBufferPointer { pa in
-      g.values.withUnsafeMutableBufferPointer { pg in
-        cblas_dsyrk(
-          CblasRowMajor, CblasUpper, CblasTrans, int32(n), int32(a.rows), 1, pa.baseAddress, int32(n), 0,
-          pg.baseAddress, int32(n))
+    DoubleMatrix(
+      rows: a.columns, columns: a.columns, values: gram(a.values, rows: a.rows, columns: a.columns, ofRows: false))
+  }
+
+  /// The Gram matrix of a row-major `rows x columns` array in its own precision: of its columns
+  /// (`aᵀ a`, columns x columns) or of its rows (`a aᵀ`, rows x rows), both triangles filled
+  /// (`ssyrk`/`dsyrk`).
+  @_specialize(exported:true,where T == Float)
+  @_specialize(exported:true,where T == Double)
+  public static func gram<T: BLASScalar>(_ a: [T], rows: Int, columns: Int, ofRows: Bool) -> [T] {
+    precondition(a.count == rows * columns, "gram of a \(rows) x \(columns) matrix with \(a.count) values")
+    let (n, k) = ofRows ? (rows, columns) : (columns, rows)
+    var g = [T](repeating: 0, count: n * n)
+    guard n > 0, k > 0 else { return g }
+    a.withUnsafeBufferPointer { pa in
+      g.withUnsafeMutableBufferPointer { pg in
+        guard let a = pa.baseAddress, let c = pg.baseAddress else { return }
+        T.syrk(!ofRows, n, k, a, columns, c, n)
       }
     }
-    for i in 0..<n { for j in 0..<i { g.values[i * n + j] = g.values[j * n + i] } }
+    for i in 0..<n { for j in 0..<i { g[i * n + j] = g[j * n + i] } }
     return g
   }
 
@@ -112,6 +122,11 @@ public protocol BLASScalar: BinaryFloatingPoint, Sendable {
     _ transposeA: Bool, _ transposeB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Self, _ a: UnsafePointer<Self>,
     _ lda: Int,
     _ b: UnsafePointer<Self>, _ ldb: Int, _ beta: Self, _ c: UnsafeMutablePointer<Self>, _ ldc: Int)
+  /// `c = op(a) op(a)ᵀ`, upper triangle only (`ssyrk`/`dsyrk`, row-major): `op(a)` is n x k, and
+  /// `a` is stored n x k, or k x n when `transpose` (then `c = aᵀ a`).
+  static func syrk(
+    _ transpose: Bool, _ n: Int, _ k: Int, _ a: UnsafePointer<Self>, _ lda: Int, _ c: UnsafeMutablePointer<Self>,
+    _ ldc: Int)
 }
 
 extension Float: BLASScalar {
@@ -124,6 +139,15 @@ extension Float: BLASScalar {
       CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans, BLAS.int32(m),
       BLAS.int32(n), BLAS.int32(k),
       alpha, a, BLAS.int32(lda), b, BLAS.int32(ldb), beta, c, BLAS.int32(ldc))
+  }
+
+  public static func syrk(
+    _ transpose: Bool, _ n: Int, _ k: Int, _ a: UnsafePointer<Float>, _ lda: Int, _ c: UnsafeMutablePointer<Float>,
+    _ ldc: Int
+  ) {
+    cblas_ssyrk(
+      CblasRowMajor, CblasUpper, transpose ? CblasTrans : CblasNoTrans, BLAS.int32(n), BLAS.int32(k), 1, a,
+      BLAS.int32(lda), 0, c, BLAS.int32(ldc))
   }
 }
 
@@ -138,18 +162,53 @@ extension Double: BLASScalar {
       BLAS.int32(n), BLAS.int32(k),
       alpha, a, BLAS.int32(lda), b, BLAS.int32(ldb), beta, c, BLAS.int32(ldc))
   }
+
+  public static func syrk(
+    _ transpose: Bool, _ n: Int, _ k: Int, _ a: UnsafePointer<Double>, _ lda: Int, _ c: UnsafeMutablePointer<Double>,
+    _ ldc: Int
+  ) {
+    cblas_dsyrk(
+      CblasRowMajor, CblasUpper, transpose ? CblasTrans : CblasNoTrans, BLAS.int32(n), BLAS.int32(k), 1, a,
+      BLAS.int32(lda), 0, c, BLAS.int32(ldc))
+  }
 }
 
 extension BLAS {
   /// Runs `body` with OpenBLAS on one thread, then restores its thread count: for work that is
   /// itself spread over the cores (`Parallel.forEach` over many small products), where BLAS's
   /// own threads would only contend with the workers (measured: a fifth of the time spent
-  /// yielding). The thread count is process-wide, so `body` must be the only BLAS user meanwhile.
+  /// yielding). The thread count is process-wide: scopes may overlap (tensors merged side by
+  /// side each open one), and the count comes back when the last one closes. Meanwhile every
+  /// BLAS call in the process runs on one thread.
   public static func singleThreaded<R>(_ body: () throws -> R) rethrows -> R {
-    let threads = openblas_get_num_threads()
-    openblas_set_num_threads(1)
-    defer { openblas_set_num_threads(threads) }
+    SingleThreadedScopes.shared.enter()
+    defer { SingleThreadedScopes.shared.leave() }
     return try body()
+  }
+
+  /// The open `singleThreaded` scopes and the thread count to restore when they close.
+  final class SingleThreadedScopes: @unchecked Sendable {
+    static let shared = SingleThreadedScopes()
+    private let lock = NSLock()
+    private var open = 0
+    private var saved: Int32 = 1
+
+    func enter() {
+      lock.withLock {
+        if open == 0 {
+          saved = openblas_get_num_threads()
+          openblas_set_num_threads(1)
+        }
+        open += 1
+      }
+    }
+
+    func leave() {
+      lock.withLock {
+        open -= 1
+        if open == 0 { openblas_set_num_threads(saved) }
+      }
+    }
   }
 
   /// The kernel set OpenBLAS chose when it loaded (`Haswell`, `SkylakeX`, `Prescott` ...).

@@ -150,6 +150,66 @@ public enum LAPACK {
     return (values, vectors)
   }
 
+  /// The `count` largest eigenpairs of a symmetric `n x n` matrix (row-major; one triangle is
+  /// read, so either layout serves), by MRRR on the tridiagonal form (`ssyevr`/`dsyevr` with an
+  /// index range): eigenvalues descending, and the matching eigenvectors as the rows of a
+  /// `count x n` row-major array. Only the kept vectors are formed, so the cost past the
+  /// tridiagonal reduction is sized by `count`.
+  @_specialize(exported:true,where T == Float)
+  @_specialize(exported:true,where T == Double)
+  public static func largestEigenpairs<T: LAPACKScalar>(_ a: [T], order n: Int, count: Int) throws -> (
+    values: [T], vectorRows: [T]
+  ) {
+    precondition(a.count == n * n && count >= 0 && count <= n, "largestEigenpairs(\(count)) of a \(n) x \(n) matrix")
+    guard count > 0 else { return ([], []) }
+    var work = a
+    var values = [T](repeating: 0, count: n)
+    var vectors = [T](repeating: 0, count: n * count)
+    var support = [Int32](repeating: 0, count: 2 * count)
+    var found: Int32 = 0
+    // Column-major: the symmetric input reads the same, and each eigenvector comes out contiguous.
+    let info = T.syevr(
+      BLAS.int32(n), &work, BLAS.int32(n - count + 1), BLAS.int32(n), &found, &values, &vectors, &support)
+    try check(info, T.self == Float.self ? "ssyevr" : "dsyevr") { _ in
+      .noConvergence(routine: "eigendecomposition (syevr)")
+    }
+    guard Int(found) == count else { throw LinearAlgebraError.noConvergence(routine: "eigendecomposition (syevr)") }
+    // Ascending from LAPACK; the largest first.
+    var rows = [T](repeating: 0, count: n * count)
+    for j in 0..<count {
+      let from = (count - 1 - j) * n
+      for i in 0..<n { rows[j * n + i] = vectors[from + i] }
+    }
+    return (Array(values.prefix(count).reversed()), rows)
+  }
+
+  /// Solves `a x = b` for symmetric `a` by Cholesky when `a` is positive definite with an
+  /// estimated 1-norm condition number below `maxCondition` (`dpotrf`, `dpocon`, `dpotrs`), else
+  /// returns nil, for the caller's rank-revealing solver. The 1-norm condition bounds the 2-norm
+  /// one from above; LAPACK's estimate of it is a lower bound that is rarely off by more than a
+  /// factor of 3, so callers leave a margin.
+  public static func wellConditionedCholeskySolve(_ a: DoubleMatrix, _ b: DoubleMatrix, maxCondition: Double) throws
+    -> DoubleMatrix?
+  {
+    precondition(
+      a.rows == a.columns && b.rows == a.rows,
+      "wellConditionedCholeskySolve: \(a.rows)x\(a.columns) with right-hand side \(b.rows)x\(b.columns)")
+    let n = BLAS.int32(a.rows)
+    guard n > 0 else { return b }
+    var factor = a.values
+    let norm = LAPACKE_dlansy(LAPACK_ROW_MAJOR, ascii("1"), ascii("U"), n, &factor, n)
+    guard LAPACKE_dpotrf(LAPACK_ROW_MAJOR, ascii("U"), n, &factor, n) == 0 else { return nil }
+    var reciprocal = 0.0
+    guard LAPACKE_dpocon(LAPACK_ROW_MAJOR, ascii("U"), n, &factor, n, norm, &reciprocal) == 0,
+      reciprocal * maxCondition > 1
+    else { return nil }
+    var x = b
+    let info = LAPACKE_dpotrs(
+      LAPACK_ROW_MAJOR, ascii("U"), n, BLAS.int32(b.columns), &factor, n, &x.values, BLAS.int32(b.columns))
+    try check(info, "dpotrs") { .notPositiveDefinite(order: $0) }
+    return x
+  }
+
   /// Minimum-norm least squares `min |a x - b|` (`dgelsd`, SVD based): singular values below
   /// `rcond * s_max` are treated as zero. Returns the solution (n x nrhs) and the effective rank.
   public static func leastSquares(_ a: DoubleMatrix, _ b: DoubleMatrix, rcond: Double = -1) throws -> (
@@ -237,5 +297,38 @@ public enum LAPACK {
   private static func check(_ info: Int32, _ routine: String, _ failure: (Int) -> LinearAlgebraError) throws {
     precondition(info >= 0, "LAPACKE_\(routine) argument \(-info) is invalid")
     if info > 0 { throw failure(Int(info)) }
+  }
+}
+
+/// The element types LAPACK's symmetric eigensolvers take: `Float` (`ssyevr`) and `Double`
+/// (`dsyevr`).
+public protocol LAPACKScalar: BLASScalar {
+  /// `syevr` in column-major layout on an `n x n` matrix, eigenvalues `first...last` (1-based,
+  /// ascending), upper triangle read; eigenvectors into `vectors` (n x (last - first + 1)).
+  static func syevr(
+    _ n: Int32, _ a: inout [Self], _ first: Int32, _ last: Int32, _ found: inout Int32, _ values: inout [Self],
+    _ vectors: inout [Self], _ support: inout [Int32]
+  ) -> Int32
+}
+
+extension Float: LAPACKScalar {
+  public static func syevr(
+    _ n: Int32, _ a: inout [Float], _ first: Int32, _ last: Int32, _ found: inout Int32, _ values: inout [Float],
+    _ vectors: inout [Float], _ support: inout [Int32]
+  ) -> Int32 {
+    LAPACKE_ssyevr(
+      LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "U")), n, &a, n, 0, 0,
+      first, last, 0, &found, &values, &vectors, n, &support)
+  }
+}
+
+extension Double: LAPACKScalar {
+  public static func syevr(
+    _ n: Int32, _ a: inout [Double], _ first: Int32, _ last: Int32, _ found: inout Int32, _ values: inout [Double],
+    _ vectors: inout [Double], _ support: inout [Int32]
+  ) -> Int32 {
+    LAPACKE_dsyevr(
+      LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "U")), n, &a, n, 0, 0,
+      first, last, 0, &found, &values, &vectors, n, &support)
   }
 }

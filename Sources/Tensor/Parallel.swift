@@ -35,6 +35,32 @@ public enum Parallel {
     if let first = errors.first { throw first }
   }
 
+  /// Runs `body(item)` for every item in `0..<count` on up to `threadCount` workers, each taking
+  /// the next item not yet taken when it finishes one: for items of very different cost (whole
+  /// tensors), where fixed strides leave workers idle. Rethrows the error of the lowest-numbered
+  /// failing item.
+  public static func forEachTakingTurns(
+    _ count: Int, workers: Int = Parallel.threadCount, _ body: (_ item: Int) throws -> Void
+  ) throws {
+    let next = TurnCounter()
+    try forEach(min(workers, count), workers: workers) { _, _ in
+      while let item = next.take(below: count) { try body(item) }
+    }
+  }
+
+  /// Hands out 0, 1, 2, ... to workers, one at a time.
+  final class TurnCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = 0
+    func take(below limit: Int) -> Int? {
+      lock.withLock {
+        guard value < limit else { return nil }
+        value += 1
+        return value - 1
+      }
+    }
+  }
+
   @usableFromInline
   final class ErrorSlots: @unchecked Sendable {
     private var slots: [Error?]

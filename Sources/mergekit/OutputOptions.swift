@@ -76,7 +76,7 @@ struct OutputOptions: ParsableArguments {
       format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) } ?? CheckpointFormat(
         pathExtension: URL(fileURLWithPath: output).pathExtension) ?? defaultFormat
     if dryRun {
-      printPlan(plan, format: outputFormat)
+      try printPlan(plan, format: outputFormat)
       return
     }
     var options = WriteOptions(
@@ -102,7 +102,7 @@ struct OutputOptions: ParsableArguments {
     progress.finish()
   }
 
-  func printPlan(_ plan: MergePlan, format: CheckpointFormat) {
+  func printPlan(_ plan: MergePlan, format: CheckpointFormat) throws {
     let merged = plan.items.filter { $0.action == .merge }.count
     print("method:        \(plan.method.name) (\(plan.method.reference))")
     if let base = plan.base { print("base:          \(base.path)") }
@@ -111,7 +111,7 @@ struct OutputOptions: ParsableArguments {
     print("read:          \(formatBytes(plan.bytesRead))")
     print("write:         \(formatBytes(plan.bytesWritten)) as \(format.rawValue) to \(output)")
     print(
-      "memory:        about \(formatBytes(MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together, decoded to f32, plus I/O buffers)"
+      "memory:        about \(formatBytes(try MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together: decoded to f32, the method's scratch, I/O buffers; budget \(formatBytes(plan.memoryBudget)))"
     )
     let parameters = plan.method.parameters.map(\.name)
     if !parameters.isEmpty, let first = plan.items.first(where: { $0.action == .merge }),

@@ -1,3 +1,4 @@
+import CBLAS
 import Foundation
 import Testing
 
@@ -173,5 +174,57 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     #expect(residual >= optimal * 0.999)  // nobody beats Eckart-Young
     let same = try LAPACK.randomizedSVD(a, rank: r, seed: 2)
     #expect(same.s == f.s && same.u == f.u)  // deterministic in the seed
+  }
+
+  /// `gram(ofRows:)` in each precision equals the loop product `a aᵀ` or `aᵀ a`.
+  @Test func gramInItsOwnPrecisionMatchesTheDefinition() {
+    let a = CounterRNG(seed: 9, stream: "g").normalTensor([7, 5])
+    for ofRows in [false, true] {
+      let expected = referenceProduct(a, a, transposeA: !ofRows, transposeB: ofRows)
+      let single = BLAS.gram(a.scalars, rows: 7, columns: 5, ofRows: ofRows)
+      let double = BLAS.gram(a.scalars.map(Double.init), rows: 7, columns: 5, ofRows: ofRows)
+      #expect(single.count == (ofRows ? 49 : 25))
+      for (x, e) in zip(single, expected) { #expect(abs(Double(x) - e) < 1e-5 * max(1, abs(e))) }
+      for (x, e) in zip(double, expected) { #expect(abs(x - e) < 1e-12 * max(1, abs(e))) }
+    }
+  }
+
+  /// The kept eigenpairs are the full decomposition's largest, largest first, in both precisions.
+  @Test func largestEigenpairsAreTheTopOfTheFullDecomposition() throws {
+    let n = 12
+    let a = BLAS.gram(DoubleMatrix(CounterRNG(seed: 10, stream: "top").normalTensor([20, n])))
+    let full = try LAPACK.symmetricEigen(a)
+    let top = try LAPACK.largestEigenpairs(a.values, order: n, count: 4)
+    let topSingle = try LAPACK.largestEigenpairs(a.values.map { Float($0) }, order: n, count: 4)
+    for j in 0..<4 {
+      let k = n - 1 - j
+      #expect(abs(top.values[j] - full.values[k]) < 1e-10 * full.values[n - 1])
+      #expect(abs(Double(topSingle.values[j]) - full.values[k]) < 1e-5 * full.values[n - 1])
+      // Same vector up to sign.
+      let dot = (0..<n).reduce(0.0) { $0 + top.vectorRows[j * n + $1] * full.vectors[$1, k] }
+      let dotSingle = (0..<n).reduce(0.0) { $0 + Double(topSingle.vectorRows[j * n + $1]) * full.vectors[$1, k] }
+      #expect(abs(abs(dot) - 1) < 1e-10 && abs(abs(dotSingle) - 1) < 1e-4)
+    }
+    #expect(try LAPACK.largestEigenpairs(a.values, order: n, count: 0).values.isEmpty)
+  }
+
+  /// Overlapping single-threaded scopes from several workers leave BLAS's thread count as it
+  /// was once the last one closes.
+  @Test func overlappingSingleThreadedScopesRestoreTheThreadCount() throws {
+    let before = openblas_get_num_threads()
+    try Parallel.forEach(8, workers: 4) { _, _ in
+      BLAS.singleThreaded { #expect(openblas_get_num_threads() == 1) }
+    }
+    #expect(openblas_get_num_threads() == before)
+  }
+
+  @Test func takingTurnsRunsEveryItemOnceAndRethrowsTheFirstError() throws {
+    let seen = ResultSlots<Int>(count: 50)
+    try Parallel.forEachTakingTurns(50, workers: 3) { seen.set($0, $0 * $0) }
+    #expect((0..<50).map(seen.get) == (0..<50).map { $0 * $0 })
+    struct Failure: Error, Equatable { let item: Int }
+    #expect(throws: Failure(item: 7)) {
+      try Parallel.forEachTakingTurns(20, workers: 3) { if $0 == 7 || $0 == 12 { throw Failure(item: $0) } }
+    }
   }
 }
