@@ -163,8 +163,8 @@ public struct ParameterSpec: Sendable {
     ParameterSpec(name, .global, .text, default: value.map(ParameterValue.text), optional: value == nil, help: help)
   }
 
-  public static func pattern(_ name: String, help: String) -> ParameterSpec {
-    ParameterSpec(name, .global, .pattern, default: nil, optional: true, help: help)
+  public static func pattern(_ name: String, default value: String? = nil, help: String) -> ParameterSpec {
+    ParameterSpec(name, .global, .pattern, default: value.map(ParameterValue.text), optional: value == nil, help: help)
   }
 
   public static func path(_ name: String, writes: Bool = false, help: String) -> ParameterSpec {
@@ -415,6 +415,9 @@ public struct ParameterResolver: Sendable {
     case (.flag, .number(let x)) where x == 0 || x == 1: return .flag(x == 1)
     case (.choice(let options), .text(let s)):
       guard options.contains(s) else { throw fail("'\(s)' is not one of \(options.joined(separator: ", "))") }
+      return .text(s)
+    case (.pattern, .text(let s)):
+      guard (try? Regex(s)) != nil else { throw fail("'\(s)' is not a valid regular expression") }
       return .text(s)
     default:
       throw fail("'\(given)' is not a valid \(spec.kind == .flag ? "true/false" : "value")")

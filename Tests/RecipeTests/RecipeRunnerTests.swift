@@ -72,6 +72,12 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
           #expect(try NetworkFiles.load(output.path).weights.count == 6)
           continue
         }
+        if name == "svd-merging.yaml" {
+          // The TSV-M merge of six fine-tuned MLPs: an MLP of 6 weights (the figures are printed).
+          let merged = try NetworkFiles.load(output.path)
+          #expect(merged.weights.count == 6)
+          continue
+        }
         if name == "atlas-decoder.yaml" {
           // A decoder with its coefficients: 2 task vectors x every tensor of the example model.
           let c = try ATLASCoefficients(
