@@ -40,8 +40,10 @@ public func openCheckpoint(_ given: String, base: (any Checkpoint)? = nil) throw
     file = chosen
   }
   try InputFile.checkRegular(file)
-  if file.hasSuffix(".index.json") { return try ShardedCheckpoint(indexPath: file, base: base) }
-  return try openTensorFile(file, base: base)
+  if file.hasSuffix(".index.json") {
+    return try FactoredCheckpoint.wrapping(ShardedCheckpoint(indexPath: file, base: base))
+  }
+  return try FactoredCheckpoint.wrapping(openTensorFile(file, base: base))
 }
 
 /// Opens one regular tensor file, `.mkz` (by its magic bytes), a PyTorch zip checkpoint (read

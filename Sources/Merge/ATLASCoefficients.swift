@@ -95,6 +95,7 @@ public struct ATLASApply: StreamingMerge {
   public let coefficients: ATLASCoefficients
   public init(_ coefficients: ATLASCoefficients) { self.coefficients = coefficients }
   public var name: String { "atlas" }
+  public var takesTaskVectors: Bool { true }
   public var summary: String { "base + block-wise learned scalings of task vectors (aTLAS)" }
   public var reference: String {
     "Zhang et al., Knowledge Composition using Task Vectors with Learned Anisotropic Scaling, NeurIPS 2024 (arXiv:2407.02880)"

@@ -12,7 +12,9 @@ import Tensor
 /// 3. The `r` stacked left and right vectors are replaced by the nearest orthonormal ones
 ///    (orthogonal Procrustes) and the spectrum by its mean: `M = mean(s) U_perp V_perpᵀ`.
 /// With `c = 1` this is Iso-C. Where `k_t` rounds up past `r` (tiny matrices, many tasks) it is
-/// lowered by one, so `k_c` never goes negative.
+/// lowered by one, so `k_c` never goes negative. Task-specific directions weaker than 1e-6 of
+/// the sum's largest singular value are left out: where the common subspace already holds a
+/// task (low-rank task vectors), what remains of it is rounding.
 public struct IsoCTSMerge: MergeMethod {
   public init() {}
   public var name: String { "iso-cts" }
@@ -40,32 +42,54 @@ public struct IsoCTSMerge: MergeMethod {
     return (r - perTask * tasks, perTask)
   }
 
+  public var usesStoredTaskVectors: Bool { true }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    try SpectralMerge.merge(inputs, p, method: name) { tasks in
-      let (m, n) = (tasks[0].rows, tasks[0].columns)
-      let r = min(m, n)
-      let (commonCount, perTask) = Self.subspaceSizes(
-        side: r, tasks: tasks.count, commonFraction: p.number("common_space_fraction"))
-      var sum = Matrix<Double>(zeros: m, n)
-      for task in tasks { sum.add(task) }
-      let common = try SpectralMerge.triplets(of: sum, rank: commonCount)
-      var parts: [STFMerge.Features<Double>] = []
-      if perTask > 0 {
-        for task in tasks {
+    let fraction = p.number("common_space_fraction")
+    return try SpectralMerge.merge(
+      inputs, p, method: name,
+      update: { tasks in
+        let (m, n) = (tasks[0].rows, tasks[0].columns)
+        let (commonCount, perTask) = Self.subspaceSizes(side: min(m, n), tasks: tasks.count, commonFraction: fraction)
+        var sum = Matrix<Double>(zeros: m, n)
+        for task in tasks { sum.add(task) }
+        let common = try SpectralMerge.triplets(of: sum, rank: commonCount)
+        let specific = try tasks.map { task in
           // D_t - U_c (U_cᵀ D_t), with U_c as rows.
-          var specific = task
-          specific.addProduct(common.u, common.u.matmul(task), transposeA: true, alpha: -1)
-          parts.append(try SpectralMerge.triplets(of: specific, rank: perTask))
+          var rest = task
+          rest.addProduct(common.u, common.u.matmul(task), transposeA: true, alpha: -1)
+          return try SpectralMerge.triplets(of: rest, rank: perTask, scale: common.s.first ?? 0)
         }
-      }
-      parts.append(common)
-      let all = STFMerge.Features(stacking: parts, rows: m, columns: n)
-      guard !all.s.isEmpty else { return Matrix(zeros: m, n) }
-      let mean = all.s.reduce(0, +) / Double(r)
-      var core = BLAS.matmul(
-        try SpectralMerge.inverseSquareRoot(ofGramOf: all.u), try SpectralMerge.inverseSquareRoot(ofGramOf: all.v))
-      for i in core.values.indices { core.values[i] *= mean }
-      return SpectralMerge.expand(all.u, core: core, all.v)
-    }
+        return try Self.combined(common: common, specific: perTask > 0 ? specific : [])
+      },
+      factored: { tasks in
+        let (m, n) = (tasks[0].u.columns, tasks[0].v.columns)
+        let (commonCount, perTask) = Self.subspaceSizes(side: min(m, n), tasks: tasks.count, commonFraction: fraction)
+        let common = SpectralMerge.leading(try SpectralMerge.svd(ofSum: SpectralMerge.stacked(tasks)), commonCount)
+        let specific = try tasks.map { task in
+          // (I - U_c U_cᵀ) U_t S_t V_tᵀ: the left factors with the common subspace removed.
+          var left = task.u
+          left.addProduct(task.u.matmul(common.u, transposeB: true), common.u, alpha: -1)
+          return SpectralMerge.leading(
+            try SpectralMerge.svd(ofSum: STFMerge.Features(u: left, v: task.v, s: task.s), scale: common.s.first ?? 0),
+            perTask)
+        }
+        return try Self.combined(common: common, specific: perTask > 0 ? specific : [])
+      })
+  }
+
+  /// `mean(s) U_perp V_perpᵀ` over the task-specific then common features, the mean over all
+  /// `r` directions.
+  static func combined(common: STFMerge.Features<Double>, specific: [STFMerge.Features<Double>]) throws
+    -> Matrix<Double>
+  {
+    let all = SpectralMerge.stacked(specific + [common])
+    let (m, n) = (all.u.columns, all.v.columns)
+    guard !all.s.isEmpty else { return Matrix(zeros: m, n) }
+    let mean = all.s.reduce(0, +) / Double(min(m, n))
+    var core = BLAS.matmul(
+      try SpectralMerge.inverseSquareRoot(ofGramOf: all.u), try SpectralMerge.inverseSquareRoot(ofGramOf: all.v))
+    for i in core.values.indices { core.values[i] *= mean }
+    return SpectralMerge.expand(all.u, core: core, all.v)
   }
 }

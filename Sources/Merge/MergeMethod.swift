@@ -6,11 +6,17 @@ public struct MergeInputs: Sendable {
   public let name: String
   public let base: Tensor?
   public let models: [Tensor]
+  /// The models' task vectors as stored, when the models are task vectors (`mergekit
+  /// task-vector`) and the method reads them (`usesStoredTaskVectors`): exact where `models`
+  /// (base + tau, rounded to f32) are not, and low-rank ones as their triplets. Then `models`
+  /// may be empty.
+  public let taskVectors: [StoredTaskVector]?
 
-  public init(name: String, base: Tensor?, models: [Tensor]) {
+  public init(name: String, base: Tensor?, models: [Tensor], taskVectors: [StoredTaskVector]? = nil) {
     self.name = name
     self.base = base
     self.models = models
+    self.taskVectors = taskVectors
   }
 
   /// Each model minus the base, element by element, each difference rounded as `arithmetic`
@@ -18,6 +24,20 @@ public struct MergeInputs: Sendable {
   public func relativeToBase(_ arithmetic: MergeArithmetic) -> [[Float]] {
     guard let base = base?.scalars else { return models.map(\.scalars) }
     return models.map { model in zip(model.scalars, base).map { arithmetic.round($0 - $1) } }
+  }
+}
+
+/// One model's task vector for one tensor, as its file stores it.
+public enum StoredTaskVector: Sendable {
+  case dense(Tensor)
+  case factored(SingularFactors)
+
+  /// The values, densified where factored.
+  public var dense: Tensor {
+    switch self {
+    case .dense(let t): return t
+    case .factored(let f): return f.dense
+    }
   }
 }
 
@@ -49,10 +69,18 @@ public protocol MergeMethod: Sendable {
   /// by side as long as their sum fits its memory budget, so a method that works in place
   /// declares 0 (the default) and one that factorises declares its peak.
   func scratchBytes(name: String, shape: [Int], models: Int, _ parameters: ResolvedParameters) -> Int
+  /// Whether the models are task vectors to add (`apply`, aTLAS). Otherwise a task vector given
+  /// as a model (`mergekit.kind: task-vector`) is read as the model it stands for, base + tau.
+  var takesTaskVectors: Bool { get }
+  /// Whether the method reads task vectors given as models as they are stored
+  /// (`MergeInputs.taskVectors`): the SVD-based merges, which take low-rank ones as triplets.
+  var usesStoredTaskVectors: Bool { get }
 }
 
 extension MergeMethod {
   public func scratchBytes(name: String, shape: [Int], models: Int, _ parameters: ResolvedParameters) -> Int { 0 }
+  public var takesTaskVectors: Bool { false }
+  public var usesStoredTaskVectors: Bool { false }
 }
 
 extension MergeMethod {

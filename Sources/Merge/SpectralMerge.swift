@@ -32,15 +32,36 @@ enum SpectralMerge {
   }
 
   /// The per-tensor flow: `W_0 + alpha update(D_1, ..., D_T)` for matrices, the mean task vector
-  /// for other tensors.
+  /// for other tensors. When every task vector comes as triplets (low-rank task vectors),
+  /// `factored` computes the update from them and no task matrix is formed.
   static func merge(
     _ inputs: MergeInputs, _ p: ResolvedParameters, method: String,
-    update: ([Matrix<Double>]) throws -> Matrix<Double>
+    update: ([Matrix<Double>]) throws -> Matrix<Double>,
+    factored: ([Features<Double>]) throws -> Matrix<Double>
   ) throws -> Tensor {
     guard let base = inputs.base else { throw MergeError.baseRequired(method: method) }
     let alpha = p.number("alpha")
+    let isMatrix = try isMatrix(inputs.name, shape: base.shape, exclude: p.text("exclude"))
     let merged: [Double]
-    if try isMatrix(inputs.name, shape: base.shape, exclude: p.text("exclude")) {
+    if let stored = inputs.taskVectors {
+      let factors = stored.compactMap { vector -> SingularFactors? in
+        if case .factored(let f) = vector { return f }
+        return nil
+      }
+      if isMatrix && factors.count == stored.count {
+        merged = try factored(factors.map(features(of:))).values
+      } else {
+        let dense = stored.map { $0.dense.scalars }
+        if isMatrix {
+          merged = try update(
+            dense.map { Matrix(rows: base.shape[0], columns: base.shape[1], values: $0.map { Double($0) }) }
+          ).values
+        } else {
+          let scale = 1 / Double(dense.count)
+          merged = Elementwise.map(base.count) { i in dense.reduce(0.0) { $0 + Double($1[i]) } * scale }
+        }
+      }
+    } else if isMatrix {
       merged = try update(inputs.models.map { STFMerge.difference($0, base) }).values
     } else {
       let scale = 1 / Double(inputs.models.count)
@@ -50,6 +71,80 @@ enum SpectralMerge {
     }
     return Tensor(
       shape: base.shape, scalars: Elementwise.map(base.count) { Float(Double(base.scalars[$0]) + alpha * merged[$0]) })
+  }
+
+  typealias Features = STFMerge.Features
+
+  /// Stored triplets as features (rows), in Double.
+  static func features(of f: SingularFactors) -> Features<Double> {
+    let (m, n, k) = (f.rows, f.columns, f.rank)
+    var u = [Double](repeating: 0, count: k * m)
+    for i in 0..<m { for j in 0..<k { u[j * m + i] = Double(f.u.scalars[i * k + j]) } }
+    return Features(
+      u: Matrix(rows: k, columns: m, values: u),
+      v: Matrix(rows: k, columns: n, values: f.vt.scalars.map { Double($0) }),
+      s: f.s.map { Double($0) })
+  }
+
+  /// The first `count` features (the strongest, for triplets stored in order).
+  static func leading(_ f: Features<Double>, _ count: Int) -> Features<Double> {
+    let k = min(count, f.s.count)
+    return Features(
+      u: Matrix(rows: k, columns: f.u.columns, values: Array(f.u.values.prefix(k * f.u.columns))),
+      v: Matrix(rows: k, columns: f.v.columns, values: Array(f.v.values.prefix(k * f.v.columns))),
+      s: Array(f.s.prefix(k)))
+  }
+
+  /// The SVD of `sum_j s_j l_j r_jᵀ` (rows `l_j` of `f.u`, `r_j` of `f.v`, not orthonormal)
+  /// without forming it: with `L = Q_l B_l` and `R = Q_r B_r` from the eigendecompositions of the
+  /// K x K Gram matrices, the SVD of the small core `B_l diag(s) B_rᵀ` rotated back. Directions
+  /// below `1e-6` of the largest singular value (or of `scale`) are dropped, as in
+  /// `triplets(of:)`. Cost
+  /// `O((m + n) K² + K³)`.
+  static func svd(ofSum f: Features<Double>, scale: Double = 0) throws -> Features<Double> {
+    let k = f.s.count
+    guard k > 0 else { return f }
+    /// `(B, C)` with `rows = ... `: `Bᵀ`-coordinates and the map `C` (K' x K) to orthonormal rows.
+    func split(_ rows: Matrix<Double>) throws -> (b: DoubleMatrix, toOrthonormal: DoubleMatrix) {
+      let gram = DoubleMatrix(
+        rows: k, columns: k, values: BLAS.gram(rows.values, rows: k, columns: rows.columns, ofRows: true))
+      let (values, vectors) = try LAPACK.symmetricEigen(gram)
+      let kept = (0..<k).filter { values[$0] > 1e-12 * (values.last ?? 0) && values[$0] > 0 }
+      var b = DoubleMatrix(zeros: kept.count, k)  // Λ^(1/2) Eᵀ
+      var c = DoubleMatrix(zeros: kept.count, k)  // Λ^(-1/2) Eᵀ
+      for (r, j) in kept.enumerated() {
+        let root = values[j].squareRoot()
+        for i in 0..<k {
+          b[r, i] = root * vectors[i, j]
+          c[r, i] = vectors[i, j] / root
+        }
+      }
+      return (b, c)
+    }
+    let (bl, cl) = try split(f.u)
+    let (br, cr) = try split(f.v)
+    var scaled = bl
+    for i in 0..<scaled.rows { for j in 0..<k { scaled[i, j] *= f.s[j] } }
+    let core = BLAS.matmul(scaled, br, transposeB: true)  // K'_l x K'_r
+    let (p, sigma, wt) = try LAPACK.svd(core)
+    let largest = max(sigma.first ?? 0, scale)
+    let kept = (0..<sigma.count).filter { sigma[$0] > 1e-6 * largest && sigma[$0] > 0 }
+    func rows(_ rotation: DoubleMatrix, _ c: DoubleMatrix, _ original: Matrix<Double>) -> Matrix<Double> {
+      // Rows (rotationᵀ C) original, for the kept directions only.
+      let map = BLAS.matmul(rotation, c)  // kept x K
+      let out = BLAS.matmul(map, DoubleMatrix(rows: k, columns: original.columns, values: original.values))
+      return Matrix(rows: out.rows, columns: out.columns, values: out.values)
+    }
+    var pt = DoubleMatrix(zeros: kept.count, p.rows)
+    for (r, j) in kept.enumerated() { for i in 0..<p.rows { pt[r, i] = p[i, j] } }
+    var w = DoubleMatrix(zeros: kept.count, wt.columns)
+    for (r, j) in kept.enumerated() { for i in 0..<wt.columns { w[r, i] = wt[j, i] } }
+    return Features(u: rows(pt, cl, f.u), v: rows(w, cr, f.v), s: kept.map { sigma[$0] })
+  }
+
+  /// Several tasks' features as one set of rows (for sums).
+  static func stacked(_ parts: [Features<Double>]) -> Features<Double> {
+    Features(stacking: parts, rows: parts.first?.u.columns ?? 0, columns: parts.first?.v.columns ?? 0)
   }
 
   /// `G^(-1/2)` for the Gram matrix `G = F Fᵀ` of K row vectors `F`: `G^(-1/2) F` are the
@@ -79,8 +174,31 @@ enum SpectralMerge {
   }
 
   /// The top `rank` singular triplets of one matrix, as rows (exact SVD below 256 on the smaller
-  /// side, else from the Gram matrix; see `STFMerge.features`).
-  static func triplets(of matrix: Matrix<Double>, rank: Int) throws -> STFMerge.Features<Double> {
-    try STFMerge.features(of: [matrix], rank: rank)
+  /// side, else from the Gram matrix; see `STFMerge.features`), without those below `1e-6` of
+  /// the largest (or of `scale`, when that is larger: the size of the matrix this one was cut
+  /// from): directions of a rank-deficient matrix that rounding alone puts there.
+  static func triplets(of matrix: Matrix<Double>, rank: Int, scale: Double = 0) throws -> STFMerge.Features<Double> {
+    let f = try STFMerge.features(of: [matrix], rank: rank)
+    let largest = max(f.s.first ?? 0, scale)
+    return leading(f, f.s.prefix { $0 > 1e-6 * largest }.count)
+  }
+}
+
+extension SingularFactors {
+  /// The top `rank` singular triplets of `matrix` as f32 factors (computed in Double: the exact
+  /// SVD below 256 on the smaller side, else the Gram matrix of that side), padded with zero
+  /// triplets where the matrix has fewer (a zero or low-rank matrix).
+  public init(truncating matrix: Matrix<Double>, rank k: Int) throws {
+    let f = try STFMerge.features(of: [matrix], rank: k)
+    let (m, n) = (matrix.rows, matrix.columns)
+    var u = [Float](repeating: 0, count: m * k)
+    var vt = [Float](repeating: 0, count: k * n)
+    var s = [Float](repeating: 0, count: k)
+    for j in 0..<f.s.count {
+      s[j] = Float(f.s[j])
+      for i in 0..<m { u[i * k + j] = Float(f.u.values[j * m + i]) }
+      for i in 0..<n { vt[j * n + i] = Float(f.v.values[j * n + i]) }
+    }
+    self.init(u: Tensor(shape: [m, k], scalars: u), s: s, vt: Tensor(shape: [k, n], scalars: vt))
   }
 }

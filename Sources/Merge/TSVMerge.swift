@@ -27,18 +27,33 @@ public struct TSVMerge: MergeMethod {
     ]
   }
 
+  public var usesStoredTaskVectors: Bool { true }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    try SpectralMerge.merge(inputs, p, method: name) { tasks in
-      let (m, n) = (tasks[0].rows, tasks[0].columns)
-      let fraction = p.optionalNumber("task_fraction") ?? 1 / Double(tasks.count)
-      let kept = Int((Double(min(m, n)) * fraction).rounded(.down))
-      let f = try STFMerge.features(of: tasks, rank: kept)
-      guard !f.s.isEmpty else { return Matrix(zeros: m, n) }
-      // U_perp diag(s) V_perpᵀ = uᵀ [G_u^(-1/2) diag(s) G_v^(-1/2)] v, features as rows.
-      var left = try SpectralMerge.inverseSquareRoot(ofGramOf: f.u)
-      for i in 0..<left.rows { for j in 0..<left.columns { left[i, j] *= f.s[j] } }
-      let core = BLAS.matmul(left, try SpectralMerge.inverseSquareRoot(ofGramOf: f.v))
-      return SpectralMerge.expand(f.u, core: core, f.v)
+    let fraction = p.optionalNumber("task_fraction")
+    func kept(_ shape: (Int, Int), tasks: Int) -> Int {
+      Int((Double(min(shape.0, shape.1)) * (fraction ?? 1 / Double(tasks))).rounded(.down))
     }
+    return try SpectralMerge.merge(
+      inputs, p, method: name,
+      update: { tasks in
+        let k = kept((tasks[0].rows, tasks[0].columns), tasks: tasks.count)
+        return try Self.decorrelated(
+          SpectralMerge.stacked(try tasks.map { try SpectralMerge.triplets(of: $0, rank: k) }))
+      },
+      factored: { tasks in
+        let k = kept((tasks[0].u.columns, tasks[0].v.columns), tasks: tasks.count)
+        return try Self.decorrelated(SpectralMerge.stacked(tasks.map { SpectralMerge.leading($0, k) }))
+      })
+  }
+
+  /// `U_perp diag(s) V_perpᵀ = uᵀ [G_u^(-1/2) diag(s) G_v^(-1/2)] v` for the tasks' kept
+  /// features as rows.
+  static func decorrelated(_ f: STFMerge.Features<Double>) throws -> Matrix<Double> {
+    guard !f.s.isEmpty else { return Matrix(zeros: f.u.columns, f.v.columns) }
+    var left = try SpectralMerge.inverseSquareRoot(ofGramOf: f.u)
+    for i in 0..<left.rows { for j in 0..<left.columns { left[i, j] *= f.s[j] } }
+    let core = BLAS.matmul(left, try SpectralMerge.inverseSquareRoot(ofGramOf: f.v))
+    return SpectralMerge.expand(f.u, core: core, f.v)
   }
 }

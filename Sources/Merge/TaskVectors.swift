@@ -33,6 +33,7 @@ public enum TaskVectors {
   public struct Sum: StreamingMerge {
     public init() {}
     public var name: String { "apply" }
+    public var takesTaskVectors: Bool { true }
     public var summary: String { "add scaled task vectors to a base model" }
     public var reference: String { "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)" }
     public var base: BaseRequirement { .required }

@@ -84,6 +84,8 @@ public struct MergePlan {
     try method.checkInputs(hasBase: base != nil, modelCount: models.count)
     self.method = method
     self.base = base
+    // A task vector among the models of a merge stands for base + tau.
+    let models = method.takesTaskVectors ? models : try models.map { try TaskVectorModel.wrapping($0, base: base) }
     self.models = models
     let inputs: [any Checkpoint] = (base.map { [$0] } ?? []) + models
     let reference = inputs[0]
@@ -288,10 +290,31 @@ public enum MergeRunner {
         return arithmetic.isRounded ? Tensor(shape: tensor.shape, scalars: arithmetic.round(tensor.scalars)) : tensor
       }
       let base = try plan.base.map(read)
-      let models = try plan.models.map(read)
-      let merged = try plan.method.merge(MergeInputs(name: item.name, base: base, models: models), parameters)
+      let taskVectors = try storedTaskVectors(item, plan: plan, base: base, arithmetic: arithmetic)
+      let models = taskVectors == nil ? try plan.models.map(read) : []
+      let merged = try plan.method.merge(
+        MergeInputs(name: item.name, base: base, models: models, taskVectors: taskVectors), parameters)
       guard arithmetic.isRounded else { return .merged(merged) }
       return .merged(Tensor(shape: merged.shape, scalars: arithmetic.round(merged.scalars)))
+    }
+  }
+
+  /// The models' task vectors as stored, for a method that reads them, when some model is a
+  /// task vector: low-rank ones as triplets, dense ones as stored; a plain model as its
+  /// difference from the base. Nil otherwise (and under mergekit's rounding).
+  static func storedTaskVectors(_ item: MergePlan.Item, plan: MergePlan, base: Tensor?, arithmetic: MergeArithmetic)
+    throws -> [StoredTaskVector]?
+  {
+    guard plan.method.usesStoredTaskVectors, !arithmetic.isRounded, let base,
+      plan.models.contains(where: { $0 is TaskVectorModel })
+    else { return nil }
+    return try plan.models.map { model in
+      if let vector = model as? TaskVectorModel {
+        if let factors = try vector.factors(of: item.name) { return .factored(factors) }
+        return .dense(try vector.storedTensor(named: item.name))
+      }
+      let values = try model.tensor(named: item.name)
+      return .dense(Tensor(shape: values.shape, scalars: zip(values.scalars, base.scalars).map { $0 - $1 }))
     }
   }
 

@@ -3,6 +3,7 @@ import Checkpoint
 import Foundation
 import Merge
 import Operations
+import Tensor
 
 struct TaskVectorCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -20,14 +21,43 @@ struct TaskVectorCommand: ParsableCommand {
   @Option(help: "The base model it was fine-tuned from.")
   var base: String
 
+  @Option(
+    name: .customLong("rank-fraction"),
+    help: ArgumentHelp(
+      "Keep each matrix as its leading singular triplets, at the rank where they take this fraction of its dense size (0.1: about a tenth of the file).",
+      valueName: "fraction"))
+  var rankFraction: Double?
+
+  @Option(
+    help: ArgumentHelp(
+      "Keep each matrix as the fewest singular triplets that hold this fraction of its energy (0.9).",
+      valueName: "fraction"))
+  var energy: Double?
+
   @OptionGroup var output: OutputOptions
 
   func validate() throws {
     try requireExisting(finetuned, "fine-tuned model")
     try requireExisting(base, "base")
+    guard rankFraction == nil || energy == nil else {
+      throw ValidationError("give --rank-fraction or --energy, not both")
+    }
+    if let rankFraction, !(rankFraction > 0 && rankFraction < 1) {
+      throw ValidationError("--rank-fraction \(rankFraction) is not in (0, 1)")
+    }
+    if let energy, !(energy > 0 && energy <= 1) { throw ValidationError("--energy \(energy) is not in (0, 1]") }
+    if lowRankRule != nil, let dtype = output.dtype, DType(userSpelling: dtype) != .f32 {
+      throw ValidationError("a low-rank task vector is stored in f32; --dtype \(dtype) does not apply")
+    }
+  }
+
+  var lowRankRule: LowRankTaskVector.Rule? {
+    if let rankFraction { return .sizeFraction(rankFraction) }
+    return energy.map { .energy($0) }
   }
 
   func run() throws {
+    if let rule = lowRankRule { return try writeLowRank(rule) }
     let operation = StreamedOperation.taskVector
     var options = output
     if options.dtype == nil { options.dtype = operation.defaultDType?.rawValue.lowercased() }
@@ -37,6 +67,44 @@ struct TaskVectorCommand: ParsableCommand {
       metadata: [
         "mergekit.kind": operation.kind ?? operation.name, "mergekit.finetuned": finetuned, "mergekit.base": base,
       ])
+  }
+}
+
+extension TaskVectorCommand {
+  /// `--rank-fraction` / `--energy`: the factored task vector, then a line per matrix.
+  func writeLowRank(_ rule: LowRankTaskVector.Rule) throws {
+    MemoryPolicy.reuseTensorMemory()
+    try ModelFolder.checkOutput(output.output, isNotAmong: [base, finetuned])
+    let baseModel = try openCheckpoint(base)
+    let model = try openCheckpoint(finetuned)
+    let format =
+      output.format.flatMap { CheckpointFormat(rawValue: $0.lowercased()) }
+      ?? CheckpointFormat(pathExtension: URL(fileURLWithPath: output.output).pathExtension) ?? .mkz
+    var options = WriteOptions(
+      format: format, shardSize: output.shardSize.flatMap(parseByteSize),
+      metadata: ["mergekit.kind": "task-vector", "mergekit.finetuned": finetuned, "mergekit.base": base],
+      overwrite: output.overwrite)
+    options.copyFilesFrom = ModelFolder.modelFolder(of: base)
+    options.skippedFiles.formUnion(ModelCard.replacedFiles)
+    let progress = Progress("task-vector", quiet: output.quiet)
+    let entries = try LowRankTaskVector.write(
+      finetuned: model, base: baseModel, rule: rule, to: output.output, options: options,
+      progress: { progress.update($0, $1) })
+    progress.finish()
+    guard !output.quiet else { return }
+    for entry in entries where entry.rank != nil {
+      print(
+        String(
+          format: "%@  %@  rank %d  %.1f%% of its f32 size  energy kept %.4f", entry.name,
+          entry.shape.map(String.init).joined(separator: " x "), entry.rank ?? 0,
+          100 * Double(entry.storedBytes) / Double(entry.denseBytes), entry.keptEnergy))
+    }
+    let stored = entries.reduce(0) { $0 + $1.storedBytes }
+    let dense = entries.reduce(0) { $0 + $1.denseBytes }
+    print(
+      "\(entries.filter { $0.rank != nil }.count) of \(entries.count) tensors factored: "
+        + "\(formatBytes(stored)) of tensor data, \(String(format: "%.1f", 100 * Double(stored) / Double(max(dense, 1))))% of the dense f32 task vector"
+    )
   }
 }
 
