@@ -86,6 +86,63 @@ import Testing
     #expect(readBytes(folder.file("other.safetensors")) != readBytes(folder.file("one.safetensors")))
   }
 
+  /// `task-vector --rank-fraction`: a tenth of the size, read by `apply` and `convert` as the
+  /// dense task vector, and merged by TSV-M from its triplets like its densified copy.
+  @Test func lowRankTaskVectorsFromTheCommandLine() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let (tvA, tvB) = (folder.file("a.mkz"), folder.file("b.mkz"))
+    let r = try run("task-vector", a, "--base", base, "-o", tvA, "--rank-fraction", "0.1")
+    #expect(r.status == 0, "\(r.stderr)")
+    #expect(r.stdout.contains("of the dense f32 task vector"))
+    #expect(try run("task-vector", b, "--base", base, "-o", tvB, "--energy", "0.9", "-q").status == 0)
+    let factored = try openCheckpoint(tvA)
+    #expect(factored is FactoredCheckpoint)
+    // convert densifies; apply adds the dense task vector.
+    let dense = folder.file("a-dense.safetensors")
+    #expect(try run("convert", tvA, dense, "-q").status == 0)
+    let densified = try openCheckpoint(dense)
+    #expect(densified.metadata[LowRankLayout.metadataKey] == nil)
+    for info in factored.tensors { #expect(try densified.read(info.name) == factored.read(info.name)) }
+    let applied = folder.file("applied.safetensors")
+    #expect(try run("apply", base, tvA, "--scale", "1", "-o", applied, "--dtype", "f32", "-q").status == 0)
+    let name = "model.layers.1.mlp.up_proj.weight"
+    let expected = zip(try base.tensor(name), try factored.tensor(named: name).scalars).map { $0 + $1 }
+    #expect(
+      compareClose(try openCheckpoint(applied).tensor(named: name).scalars, expected, tolerance: 1e-6).firstFailure
+        == nil)
+    // TSV-M from the triplets and from the densified copies; and the same bytes at any thread count.
+    let viaFactors = folder.file("tsv-factored.safetensors")
+    let viaDense = folder.file("tsv-dense.safetensors")
+    #expect(
+      try CLI.run(
+        ["merge", tvA, tvB, "--base", base, "--method", "tsv", "--dtype", "f32", "-q", "-o", viaFactors],
+        environment: ["MERGEKIT_THREADS": "1"]
+      ).status == 0)
+    let denseB = folder.file("b-dense.safetensors")
+    #expect(try run("convert", tvB, denseB, "-q").status == 0)
+    #expect(
+      try run("merge", dense, denseB, "--base", base, "--method", "tsv", "--dtype", "f32", "-q", "-o", viaDense).status
+        == 0)
+    let x = try openCheckpoint(viaFactors)
+    let y = try openCheckpoint(viaDense)
+    for info in x.tensors {
+      let (worst, failure) = compareClose(
+        try x.tensor(named: info.name).scalars, try y.tensor(named: info.name).scalars, tolerance: 1e-5)
+      #expect(failure == nil, "\(info.name): \(worst)")
+    }
+    let again = folder.file("tsv-3.safetensors")
+    #expect(
+      try CLI.run(
+        ["merge", tvA, tvB, "--base", base, "--method", "tsv", "--dtype", "f32", "-q", "-o", again],
+        environment: ["MERGEKIT_THREADS": "3"]
+      ).status == 0)
+    #expect(readBytes(again) == readBytes(viaFactors))
+    // Without a base, a task vector among the models is an error naming it.
+    let bad = try run("merge", tvA, a, "-o", folder.file("bad.safetensors"), "-q")
+    #expect(bad.status != 0 && bad.stderr.contains("a.mkz") && bad.stderr.contains("task vector"))
+  }
+
   /// `ties-global` through the streaming runner (model-wide passes, then the merge) against the
   /// official algorithm in float64 over the flattened checkpoints.
   @Test func globalTIESMergesWholeCheckpointsAsTheOfficialCode() throws {
