@@ -18,7 +18,13 @@ public enum NetworkFiles {
 
   /// A model as a runnable network: its config and the tensors the architecture reads.
   public static func load(_ model: String, config: String? = nil) throws -> Network<Float> {
-    let path = try configPath(model: model, config: config)
+    try load(config: try configPath(model: model, config: config), checkpoint: try openCheckpoint(model))
+  }
+
+  /// A network from `checkpoint`'s tensors (a file, or one held in memory) with the config at
+  /// `path`.
+  public static func load(config path: String, checkpoint: any Checkpoint) throws -> Network<Float> {
+    let model = checkpoint.path
     let json = Data(try InputFile.read(path))
     let networkConfig: NetworkConfig
     let lowRank: [String: Int]
@@ -28,7 +34,6 @@ public enum NetworkFiles {
       lowRank = try NetworkConfig.lowRankRanks(json: json)
       kvProjection = try KVProjection.fromConfig(json: json)
     } catch let error as NetsError { throw CheckpointError.badDataFile(file: path, reason: error.description) }
-    let checkpoint = try openCheckpoint(model)
     do { try networkConfig.checkLayers(against: checkpoint.tensors.map(\.name)) } catch let error as NetsError {
       throw CheckpointError.badDataFile(file: path, reason: error.description)
     }

@@ -307,21 +307,13 @@ public struct EvalOperation: MergekitOperation {
     let result: OperationResult
     switch network.config {
     case .mlp, .bert:
-      let e: Evaluation
-      if case .bert(let c) = network.config {
-        guard c.classifierLabels != nil else {
-          throw OperationError.inputs(
-            operation: name,
-            reason:
-              "eval scores classifiers and decoder language models; '\(model)' is a BERT encoder with no head to score")
-        }
-        let read = try DataFiles.readLabelledTokens(data)
-        e = try Training.evaluate(
-          network,
-          on: try LabeledTokens(sequences: read.sequences, labels: read.labels, tasks: read.tasks, source: data))
-      } else {
-        e = try Training.evaluate(network, on: try request.labelledData())
+      if case .bert(let c) = network.config, c.classifierLabels == nil {
+        throw OperationError.inputs(
+          operation: name,
+          reason:
+            "eval scores classifiers and decoder language models; '\(model)' is a BERT encoder with no head to score")
       }
+      let e = try Self.classifierEvaluation(network, data: data, features: { try request.labelledData() })
       var lines = [String(format: "rows %d  loss %.4f  accuracy %.2f%%", e.count, e.loss, e.accuracy * 100)]
       if e.tasks.count > 1 {
         lines.append(
@@ -363,6 +355,38 @@ public struct EvalOperation: MergekitOperation {
     return result
   }
 
+  /// A classifier's evaluation: a BERT classifier on labelled token sequences read from `data`,
+  /// an MLP on the labelled features `features` reads.
+  static func classifierEvaluation(
+    _ network: Network<Float>, data: String, features: () throws -> LabeledFeatures
+  ) throws -> Evaluation {
+    guard case .bert = network.config else { return try Training.evaluate(network, on: try features()) }
+    let read = try DataFiles.readLabelledTokens(data)
+    return try Training.evaluate(
+      network, on: try LabeledTokens(sequences: read.sequences, labels: read.labels, tasks: read.tasks, source: data))
+  }
+
+  /// A model's figure of merit on `data`, for choosing among candidates: a classifier's mean
+  /// accuracy within each task's classes (its accuracy with one task), a decoder's perplexity.
+  public static func score(_ network: Network<Float>, data: String) throws -> ModelScore {
+    switch network.config {
+    case .mlp, .bert:
+      if case .bert(let c) = network.config, c.classifierLabels == nil {
+        throw OperationError.inputs(
+          operation: "eval", reason: "a BERT encoder with no classification head has nothing to score")
+      }
+      let e = try classifierEvaluation(network, data: data, features: { try NetworkFiles.labeled(data) })
+      let value =
+        e.tasks.count > 1 ? e.tasks.reduce(0) { $0 + $1.accuracyWithinTask } / Double(e.tasks.count) : e.accuracy
+      return ModelScore(
+        value: value, higherIsBetter: true, label: e.tasks.count > 1 ? "mean task accuracy" : "accuracy")
+    case .decoder(let c):
+      let p = try Training.perplexity(
+        network, on: try tokenSequences(data, vocabulary: c.vocabularySize, operation: "eval"))
+      return ModelScore(value: p.perplexity, higherIsBetter: false, label: "perplexity")
+    }
+  }
+
   /// Throws naming the first sequence of `data` with a token id outside `vocabulary`.
   static func checkTokens(_ sequences: [[Int]], vocabulary: Int, data: String, operation: String) throws {
     for (index, sequence) in sequences.enumerated() {
@@ -394,5 +418,21 @@ public struct EvalOperation: MergekitOperation {
       )
     }
     return sequences
+  }
+}
+
+/// One model's figure of merit on some data (`EvalOperation.score`).
+public struct ModelScore: Sendable, Equatable {
+  public let value: Double
+  public let higherIsBetter: Bool
+  /// What the value is: "accuracy", "mean task accuracy" or "perplexity".
+  public let label: String
+
+  /// Whether this score beats `other` (strictly).
+  public func beats(_ other: ModelScore) -> Bool { higherIsBetter ? value > other.value : value < other.value }
+
+  /// The value as printed: percent for accuracies.
+  public var formatted: String {
+    higherIsBetter ? String(format: "%.2f%%", value * 100) : String(format: "%.3f", value)
   }
 }

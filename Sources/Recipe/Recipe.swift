@@ -46,6 +46,9 @@ public struct Recipe: Sendable {
     /// A merge step copies tensors some models lack from the base and ignores tensors only some
     /// have (`allow_missing: true`, as `--allow-missing`).
     public var allowMissing = false
+    /// A merge step chooses its `alpha` on `data` among `start:end:step` (`alpha_search`, as
+    /// `--alpha-search`).
+    public var alphaSearch: String?
     /// Where the step sits in the file, for errors (`steps[1]`).
     public var location: String
     /// The YAML path of its parameters (`steps[1].parameters`; `parameters` in a mergekit
@@ -342,7 +345,7 @@ extension Recipe {
     for item in try top["steps"]?.list() ?? [] {
       let f = try item.fields([
         "name", "method", "base", "models", "model", "data", "parameters", "dtype", "select", "drop", "rename",
-        "layers", "allow_missing",
+        "layers", "allow_missing", "alpha_search",
       ])
       guard let label = try f["name"]?.string() else { throw item.fail("a step needs a 'name' (its result's label)") }
       guard let operation = try f["method"]?.string() else {
@@ -378,6 +381,7 @@ extension Recipe {
           location: item.path)
       step.parameterLines = lines
       step.layers = try f["layers"]?.string()
+      step.alphaSearch = try f["alpha_search"]?.string()
       if let allow = f["allow_missing"] {
         guard let flag = allow.node.bool else { throw allow.fail("allow_missing is true or false") }
         step.allowMissing = flag

@@ -193,6 +193,19 @@ public struct RecipeRunner {
     }
     _ = try dtype(step.dtype, at: "\(step.location).dtype")
     let operation = try streamed(step)
+    if let search = step.alphaSearch {
+      let at = "\(step.location).alpha_search"
+      guard step.data != nil else { throw invalid(at, nil, "alpha_search needs 'data' (the validation data)") }
+      do { _ = try AlphaSearch.grid(search) } catch let error as OperationError { throw invalid(at, nil, error.reason) }
+      guard operation.parameters.contains(where: { $0.name == "alpha" }) else {
+        throw invalid(at, nil, "\(operation.name) has no alpha parameter (tsv, iso-c and iso-cts do)")
+      }
+      guard step.global["alpha"] == nil else {
+        throw invalid(step.parameterPath("alpha"), step.parameterLine("alpha"), "give alpha or alpha_search, not both")
+      }
+    } else if step.data != nil {
+      throw invalid("\(step.location).data", nil, "a merge step reads data only to choose its alpha (alpha_search)")
+    }
     do {
       try operation.checkParameters(
         hasBase: step.base != nil, modelCount: step.models.count, global: step.global, perModel: step.perModel)
@@ -571,8 +584,23 @@ public struct RecipeRunner {
     let operation = try streamed(step)
     let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
     let metadata = operation.kind.map { ["mergekit.kind": $0] } ?? [:]
+    var global = operation.methodParameters(step.global)
+    if let search = step.alphaSearch, let data = step.data, let folder = modelFolder {
+      let (points, best) = try AlphaSearch.run(
+        method: method, base: base, models: models, global: global, perModel: step.perModel,
+        grid: try AlphaSearch.grid(search), data: results.paths[data] ?? data, config: folder + "/config.json")
+      for point in points {
+        report("  alpha \(point.alpha.formatted()): \(point.score.label) \(point.score.formatted)")
+      }
+      report("  best alpha \(best.alpha.formatted()): \(best.score.label) \(best.score.formatted)")
+      global["alpha"] = .number(best.alpha)
+    } else if step.alphaSearch != nil {
+      throw RecipeError.invalid(
+        file: recipe.source, path: "\(step.location).alpha_search", line: nil,
+        reason: "the merged network needs a config.json, and \(step.base ?? step.models[0]) has no model folder")
+    }
     var plan = try MergePlan(
-      method: method, base: base, models: models, global: operation.methodParameters(step.global),
+      method: method, base: base, models: models, global: global,
       perModel: step.perModel,
       outputType: outputType ?? operation.defaultDType, allowMissing: step.allowMissing)
     plan.compute = try compute(dtype: step.dtype, at: "\(step.location).dtype")

@@ -2,6 +2,8 @@ import ArgumentParser
 import Checkpoint
 import Foundation
 import Merge
+import Operations
+import Tensor
 
 struct MergeCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -24,6 +26,19 @@ struct MergeCommand: ParsableCommand {
   @Option(help: "Merge method (see below).")
   var method: String?
 
+  @Option(
+    name: .customLong("alpha-search"),
+    help: ArgumentHelp(
+      "Choose alpha on --data: try start:end:step (0.5:2:0.1), score each merge with the Nets runtime (a classifier's mean task accuracy, a decoder's perplexity), print the curve and write the best.",
+      valueName: "start:end:step"))
+  var alphaSearch: String?
+
+  @Option(help: "Validation data for --alpha-search (labelled features, labelled token sequences, or token sequences).")
+  var data: String?
+
+  @Option(help: "config.json of the merged network for --alpha-search (default: the base's, else the first model's).")
+  var config: String?
+
   @OptionGroup var output: OutputOptions
 
   @Argument(
@@ -42,7 +57,18 @@ struct MergeCommand: ParsableCommand {
     if let base { try requireExisting(base, "base") }
     let method = try chosenMethod()
     try asUsage { try method.checkInputs(hasBase: base != nil, modelCount: models.count) }
-    _ = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
+    let flags = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
+    if let alphaSearch {
+      guard let data else { throw ValidationError("--alpha-search needs --data (the validation data)") }
+      try requireExisting(data, "data")
+      try asUsage { _ = try AlphaSearch.grid(alphaSearch) }
+      guard method.parameters.contains(where: { $0.name == "alpha" }) else {
+        throw ValidationError("--alpha-search: \(method.name) has no alpha parameter (tsv, iso-c and iso-cts do)")
+      }
+      guard flags.global["alpha"] == nil else { throw ValidationError("give --alpha or --alpha-search, not both") }
+    } else if data != nil || config != nil {
+      throw ValidationError("--data and --config are for --alpha-search")
+    }
   }
 
   /// `--method`, or the default: linear without a base, task arithmetic with one.
@@ -58,8 +84,30 @@ struct MergeCommand: ParsableCommand {
   func run() throws {
     let method = try chosenMethod()
     let flags = try MethodFlags(MethodFlags.split(arguments).flags, method: method, modelCount: models.count)
+    var global = flags.global
+    if let alphaSearch, let data, !output.dryRun {
+      global["alpha"] = .number(try searchAlpha(method, grid: alphaSearch, data: data, flags: flags))
+    }
     try output.execute(
-      "merge", method: method, base: base, models: models, global: flags.global, perModel: flags.perModel,
+      "merge", method: method, base: base, models: models, global: global, perModel: flags.perModel,
       defaultFormat: .safetensors)
+  }
+
+  /// Runs the search, prints the curve, and returns the best alpha.
+  func searchAlpha(_ method: any MergeMethod, grid text: String, data: String, flags: MethodFlags) throws -> Double {
+    MemoryPolicy.reuseTensorMemory()
+    let grid = try AlphaSearch.grid(text)
+    let configPath = try NetworkFiles.configPath(model: base ?? models[0], config: config)
+    let baseModel = try base.map { try openCheckpoint($0) }
+    let inputs = try models.map { try openCheckpoint($0, base: baseModel) }
+    let (points, best) = try AlphaSearch.run(
+      method: method, base: baseModel, models: inputs, global: flags.global, perModel: flags.perModel, grid: grid,
+      data: data, config: configPath,
+      progress: { point in
+        if !output.quiet { print("alpha \(point.alpha.formatted()): \(point.score.label) \(point.score.formatted)") }
+      })
+    print(
+      "best alpha \(best.alpha.formatted()) of \(points.count): \(best.score.label) \(best.score.formatted) on \(data)")
+    return best.alpha
   }
 }

@@ -233,3 +233,14 @@ import Testing
     }
   }
 }
+
+@Suite struct AlphaGridTests {
+  @Test func gridsParseInclusivelyAndRefuseNonsense() throws {
+    #expect(try AlphaSearch.grid("0.5:2:0.5") == [0.5, 1, 1.5, 2])
+    #expect(try AlphaSearch.grid("0.1:0.3:0.1") == [0.1, 0.2, 0.3])
+    #expect(try AlphaSearch.grid("1:1:0.1") == [1])
+    for bad in ["2:1:0.1", "0:1:0", "0:1", "a:b:c", "0:1e6:0.1", "0:inf:1", "0:1:-0.1"] {
+      #expect(throws: OperationError.self, "\(bad)") { try AlphaSearch.grid(bad) }
+    }
+  }
+}

@@ -72,7 +72,7 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
           #expect(try NetworkFiles.load(output.path).weights.count == 6)
           continue
         }
-        if name == "svd-merging.yaml" {
+        if name == "svd-merging.yaml" || name == "svd-alpha.yaml" {
           // The TSV-M merge of six fine-tuned MLPs: an MLP of 6 weights (the figures are printed).
           let merged = try NetworkFiles.load(output.path)
           #expect(merged.weights.count == 6)
@@ -367,4 +367,65 @@ func loadRecipe(_ name: String, in folder: String, output: String? = nil) throws
 extension Array {
   /// The first three elements.
   var triple: (Element, Element, Element) { (self[0], self[1], self[2]) }
+}
+
+/// `alpha_search` in a recipe, and its checks.
+@Suite(.serialized) struct AlphaSearchRecipeTests {
+  /// Every candidate is scored and the best (the first of ties) is kept: the reported best is
+  /// the argmax of the reported curve, for each SVD merge of recipes/svd-alpha.yaml.
+  @Test func theBestAlphaIsTheArgmaxOfTheCurve() throws {
+    let work = exampleFolder.path
+    var lines: [String] = []
+    try RecipeRunner(try loadRecipe("svd-alpha.yaml", in: work)).run(overwrite: true, report: { lines.append($0) })
+    var curve: [(Double, Double)] = []
+    var checked = 0
+    for line in lines {
+      let trimmed = line.trimmingCharacters(in: .whitespaces)
+      let parts = trimmed.split(separator: " ")
+      if trimmed.hasPrefix("alpha "), let alpha = Double(parts[1].dropLast()),
+        let score = Double(parts.last!.dropLast())
+      {
+        curve.append((alpha, score))
+      } else if trimmed.hasPrefix("best alpha "), let alpha = Double(parts[2].dropLast()) {
+        let best = curve.max { $0.1 < $1.1 }!.1
+        #expect(alpha == curve.first { $0.1 == best }!.0, "\(curve)")
+        #expect(curve.count == 19)
+        checked += 1
+        curve = []
+      }
+    }
+    #expect(checked == 3)
+  }
+
+  @Test func alphaSearchChecks() throws {
+    let head = """
+      inputs: {base: DEMO/base, a: DEMO/finetune-a, b: DEMO/finetune-b}
+      steps:
+        - {name: data, method: synthetic-data, parameters: {task_count: 2, classes_per_task: 2, features: 8, samples_per_class: 4}}
+
+      """
+    func expectInvalid(_ step: String, _ path: String, _ reason: String) {
+      let yaml = (head + "  - " + step + "\noutputs: {m: DEMO/out/m}\n").replacingOccurrences(
+        of: "DEMO", with: exampleFolder.file("demo"))
+      do {
+        try RecipeRunner(try Recipe.parse(yaml, file: "bad.yaml")).run(dryRun: true)
+        Issue.record("\(step) was accepted")
+      } catch {
+        #expect("\(error)".contains(path) && "\(error)".contains(reason), "\(error)")
+      }
+    }
+    expectInvalid(
+      "{name: m, method: iso-c, base: base, models: [a, b], alpha_search: '0.5:2:0.1'}", "steps[1].alpha_search",
+      "needs 'data'")
+    expectInvalid(
+      "{name: m, method: iso-c, base: base, models: [a, b], data: data, alpha_search: '2:1:0.1'}",
+      "steps[1].alpha_search", "start <= end")
+    expectInvalid(
+      "{name: m, method: ties, base: base, models: [a, b], data: data, alpha_search: '0.5:2:0.1'}",
+      "steps[1].alpha_search", "no alpha parameter")
+    expectInvalid(
+      "{name: m, method: iso-c, base: base, models: [a, b], data: data, alpha_search: '0.5:2:0.1', parameters: {alpha: 1}}",
+      "steps[1].parameters.alpha", "not both")
+    expectInvalid("{name: m, method: iso-c, base: base, models: [a, b], data: data}", "steps[1].data", "alpha_search")
+  }
 }

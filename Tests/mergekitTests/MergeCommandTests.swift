@@ -143,6 +143,47 @@ import Testing
     #expect(bad.status != 0 && bad.stderr.contains("a.mkz") && bad.stderr.contains("task vector"))
   }
 
+  /// `--alpha-search` on the example decoders: each candidate's perplexity on token sequences,
+  /// the lowest kept and written; the checks on its flags.
+  @Test func alphaSearchKeepsTheLowestPerplexity() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let tokens = folder.file("tokens.jsonl")
+    #expect(try run("synthetic-tokens", "-o", tokens, "--sequences", "6", "--length", "12", "-q").status == 0)
+    let out = folder.file("best.safetensors")
+    let r = try run(
+      "merge", a, b, "--base", base, "--method", "iso-c", "--alpha-search", "0.5:1.5:0.5", "--data", tokens, "-o", out,
+      "-q")
+    #expect(r.status == 0, "\(r.stderr)")
+    // Without -q each candidate is printed; with it only the choice.
+    let chosen = try #require(r.stdout.split(separator: "\n").first { $0.hasPrefix("best alpha ") })
+    let verbose = try run(
+      "merge", a, b, "--base", base, "--method", "iso-c", "--alpha-search", "0.5:1.5:0.5", "--data", tokens, "-o",
+      folder.file("again.safetensors"))
+    let curve = verbose.stdout.split(separator: "\n").filter { $0.hasPrefix("alpha ") }.compactMap { line in
+      Double(line.split(separator: " ").last ?? "").map { (String(line.split(separator: " ")[1].dropLast()), $0) }
+    }
+    #expect(curve.count == 3)
+    let best = try #require(curve.min { $0.1 < $1.1 })
+    #expect(chosen.hasPrefix("best alpha \(best.0) "), "\(chosen) against \(curve)")
+    #expect(readBytes(out) == readBytes(folder.file("again.safetensors")))
+    // The written merge is the merge at that alpha.
+    let direct = folder.file("direct.safetensors")
+    #expect(
+      try run("merge", a, b, "--base", base, "--method", "iso-c", "--alpha", best.0, "-o", direct, "-q").status == 0)
+    #expect(readBytes(direct) == readBytes(out))
+    for (arguments, message) in [
+      (["--method", "ties", "--alpha-search", "0.5:1:0.5", "--data", tokens], "no alpha parameter"),
+      (["--method", "iso-c", "--alpha-search", "0.5:1:0.5"], "needs --data"),
+      (["--method", "iso-c", "--alpha-search", "1:0.5:0.5", "--data", tokens], "start <= end"),
+      (["--method", "iso-c", "--data", tokens], "are for --alpha-search"),
+    ] {
+      let bad = try CLI.run(
+        ["merge", a, b, "--base", base, "-o", folder.file("bad.safetensors")] + arguments, environment: [:])
+      #expect(bad.status != 0 && bad.stderr.contains(message), "\(arguments): \(bad.stderr)")
+    }
+  }
+
   /// `ties-global` through the streaming runner (model-wide passes, then the merge) against the
   /// official algorithm in float64 over the flattened checkpoints.
   @Test func globalTIESMergesWholeCheckpointsAsTheOfficialCode() throws {
