@@ -13,7 +13,20 @@ public enum TaskVectors {
     public var reference: String { "Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)" }
     public var base: BaseRequirement { .required }
     public var modelCount: ClosedRange<Int> { 1...1 }
-    public var parameters: [ParameterSpec] { [] }
+    /// The low-rank options: when one is given, the task vector is written with its matrices as
+    /// singular triplets (`LowRankTaskVector` in Operations) instead of streamed dense.
+    public var parameters: [ParameterSpec] {
+      [
+        .number(
+          "rank_fraction", .global, in: 0...1, openBelow: true, default: nil, optional: true,
+          help:
+            "keep each matrix as its leading singular triplets, at the rank where they take this fraction of its dense size (0.1: about a tenth)"
+        ),
+        .number(
+          "energy", .global, in: 0...1, openBelow: true, default: nil, optional: true,
+          help: "keep each matrix as the fewest singular triplets that hold this fraction of its energy"),
+      ]
+    }
 
     public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
       try mergeThroughRanges(inputs, p)

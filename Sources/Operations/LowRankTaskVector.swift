@@ -20,6 +20,24 @@ public enum LowRankTaskVector {
     case energy(Double)
   }
 
+  /// The rule a task-vector step's parameters ask for (`rank_fraction` or `energy`), or nil for
+  /// a dense task vector. Throws `OperationError.inputs` when both are given; their ranges are
+  /// checked with the other parameters (`TaskVectors.Difference.parameters`).
+  public static func rule(_ global: [String: ParameterValue]) throws -> Rule? {
+    func number(_ name: String) -> Double? {
+      if case .number(let x)? = global[name] { return x }
+      return nil
+    }
+    switch (number("rank_fraction"), number("energy")) {
+    case (nil, nil): return nil
+    case (let f?, nil): return .sizeFraction(f)
+    case (nil, let e?): return .energy(e)
+    default:
+      throw OperationError.inputs(
+        operation: "task-vector", reason: "give one of rank_fraction and energy (--rank-fraction, --energy), not both")
+    }
+  }
+
   /// What happened to one tensor.
   public struct Entry: Sendable {
     public let name: String

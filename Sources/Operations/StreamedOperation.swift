@@ -73,7 +73,7 @@ public struct StreamedOperation: Sendable {
   /// `task-vector`: fine-tuned minus base, f32, compressed by default.
   public static let taskVector = StreamedOperation(
     name: "task-vector", summary: "the task vector of a fine-tune: fine-tuned minus base, tensor by tensor",
-    base: .required, modelCount: 1...1, parameters: [],
+    base: .required, modelCount: 1...1, parameters: TaskVectors.Difference().parameters,
     files: [], defaultDType: .f32, defaultFormat: .mkz, kind: "task-vector",
     make: { _, _, _ in TaskVectors.Difference() })
 

@@ -193,6 +193,11 @@ public struct RecipeRunner {
     }
     _ = try dtype(step.dtype, at: "\(step.location).dtype")
     let operation = try streamed(step)
+    if operation.name == StreamedOperation.taskVector.name {
+      do { _ = try LowRankTaskVector.rule(step.global) } catch let error as OperationError {
+        throw invalid(step.parametersLocation, nil, error.reason)
+      }
+    }
     if let search = step.alphaSearch {
       let at = "\(step.location).alpha_search"
       guard step.data != nil else { throw invalid(at, nil, "alpha_search needs 'data' (the validation data)") }
@@ -584,6 +589,17 @@ public struct RecipeRunner {
     let operation = try streamed(step)
     let method = try operation.method(files: operation.filePaths(step.global), base: base, models: models.count)
     let metadata = operation.kind.map { ["mergekit.kind": $0] } ?? [:]
+    if operation.name == StreamedOperation.taskVector.name, let rule = try LowRankTaskVector.rule(step.global),
+      let base
+    {
+      reportStep(destination)
+      var options = try writeOptions(output, overwrite: overwrite, copyFilesFrom: modelFolder)
+      options.metadata = metadata
+      options.skippedFiles.formUnion(ModelCard.replacedFiles)
+      _ = try LowRankTaskVector.write(
+        finetuned: models[0], base: base, rule: rule, to: destination, options: options, progress: stepProgress)
+      return nil
+    }
     var global = operation.methodParameters(step.global)
     if let search = step.alphaSearch, let data = step.data, let folder = modelFolder {
       let (points, best) = try AlphaSearch.run(

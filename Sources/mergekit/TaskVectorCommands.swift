@@ -39,25 +39,26 @@ struct TaskVectorCommand: ParsableCommand {
   func validate() throws {
     try requireExisting(finetuned, "fine-tuned model")
     try requireExisting(base, "base")
-    guard rankFraction == nil || energy == nil else {
-      throw ValidationError("give --rank-fraction or --energy, not both")
+    let operation = StreamedOperation.taskVector
+    try asUsage {
+      try operation.checkParameters(hasBase: true, modelCount: 1, global: lowRankParameters, perModel: [[:]])
+      _ = try LowRankTaskVector.rule(lowRankParameters)
     }
-    if let rankFraction, !(rankFraction > 0 && rankFraction < 1) {
-      throw ValidationError("--rank-fraction \(rankFraction) is not in (0, 1)")
-    }
-    if let energy, !(energy > 0 && energy <= 1) { throw ValidationError("--energy \(energy) is not in (0, 1]") }
-    if lowRankRule != nil, let dtype = output.dtype, DType(userSpelling: dtype) != .f32 {
+    if !lowRankParameters.isEmpty, let dtype = output.dtype, DType(userSpelling: dtype) != .f32 {
       throw ValidationError("a low-rank task vector is stored in f32; --dtype \(dtype) does not apply")
     }
   }
 
-  var lowRankRule: LowRankTaskVector.Rule? {
-    if let rankFraction { return .sizeFraction(rankFraction) }
-    return energy.map { .energy($0) }
+  /// `--rank-fraction` and `--energy` as the operation's parameters.
+  var lowRankParameters: [String: ParameterValue] {
+    var global: [String: ParameterValue] = [:]
+    if let rankFraction { global["rank_fraction"] = .number(rankFraction) }
+    if let energy { global["energy"] = .number(energy) }
+    return global
   }
 
   func run() throws {
-    if let rule = lowRankRule { return try writeLowRank(rule) }
+    if let rule = try LowRankTaskVector.rule(lowRankParameters) { return try writeLowRank(rule) }
     let operation = StreamedOperation.taskVector
     var options = output
     if options.dtype == nil { options.dtype = operation.defaultDType?.rawValue.lowercased() }
