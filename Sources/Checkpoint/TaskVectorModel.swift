@@ -21,15 +21,21 @@ public final class TaskVectorModel: Checkpoint, @unchecked Sendable {
     checkpoint.metadata["mergekit.kind"] == "task-vector"
   }
 
-  /// `checkpoint` as a model over `base` when it is a task vector; unchanged otherwise. Throws
-  /// `cannotOpen` naming the file when a task vector comes without a base.
-  public static func wrapping(_ checkpoint: any Checkpoint, base: (any Checkpoint)?) throws -> any Checkpoint {
-    guard isTaskVector(checkpoint) else { return checkpoint }
-    guard let base else {
-      throw CheckpointError.cannotOpen(
-        file: checkpoint.path, reason: "it is a task vector; a merge takes it as base + task vector, so give --base")
+  /// A merge's models as models: over a base that is a model, each task vector becomes
+  /// base + tau. Without a base, or over a base that is itself a task vector, the inputs are
+  /// merged as they are (task vectors with task vectors). Throws `cannotOpen` naming the first
+  /// task vector when, without a base, task vectors and models are mixed: a task vector cannot
+  /// stand for a model without the base it was taken from.
+  public static func models(_ models: [any Checkpoint], base: (any Checkpoint)?) throws -> [any Checkpoint] {
+    guard let base, !isTaskVector(base) else {
+      if base == nil, let vector = models.first(where: isTaskVector), models.contains(where: { !isTaskVector($0) }) {
+        throw CheckpointError.cannotOpen(
+          file: vector.path,
+          reason: "it is a task vector among models; a merge takes it as base + task vector, so give --base")
+      }
+      return models
     }
-    return TaskVectorModel(checkpoint, base: base)
+    return models.map { isTaskVector($0) ? TaskVectorModel($0, base: base) : $0 }
   }
 
   init(_ taskVector: any Checkpoint, base: any Checkpoint) {

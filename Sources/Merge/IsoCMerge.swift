@@ -24,6 +24,10 @@ public struct IsoCMerge: MergeMethod {
 
   public var usesStoredTaskVectors: Bool { true }
 
+  public func scratchBytes(name: String, shape: [Int], models: Int, _ p: ResolvedParameters) -> Int {
+    SpectralMerge.scratchBytes(name: name, shape: shape, models: models, p) { $0 }
+  }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     try SpectralMerge.merge(
       inputs, p, method: name,

@@ -44,6 +44,10 @@ public struct IsoCTSMerge: MergeMethod {
 
   public var usesStoredTaskVectors: Bool { true }
 
+  public func scratchBytes(name: String, shape: [Int], models: Int, _ p: ResolvedParameters) -> Int {
+    SpectralMerge.scratchBytes(name: name, shape: shape, models: models, p) { $0 }
+  }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let fraction = p.number("common_space_fraction")
     return try SpectralMerge.merge(

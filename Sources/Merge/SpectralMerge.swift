@@ -23,6 +23,20 @@ enum SpectralMerge {
     ]
   }
 
+  /// The peak of one matrix's merge besides its decoded inputs and result, in Double: the task
+  /// matrices and their sum, each task's Gram matrix and LAPACK's copy of it, the stacked
+  /// features (`k` of them, twice while stacking), the k x k Gram matrices and their
+  /// eigenvectors, and the update. 0 for tensors that take the mean task vector.
+  static func scratchBytes(
+    name: String, shape: [Int], models: Int, _ p: ResolvedParameters, features k: (_ side: Int) -> Int
+  ) -> Int {
+    guard (try? isMatrix(name, shape: shape, exclude: p.text("exclude"))) == true else { return 0 }
+    let (m, n) = (shape[0], shape[1])
+    let r = min(m, n)
+    let kept = k(r)
+    return 8 * ((models + 2) * m * n + 2 * r * r + 2 * kept * (m + n) + 4 * kept * kept)
+  }
+
   /// Whether `name` of `shape` gets the SVD treatment: 2-D, both sides above 1, and not excluded.
   static func isMatrix(_ name: String, shape: [Int], exclude: String) throws -> Bool {
     guard shape.count == 2, shape[0] > 1, shape[1] > 1 else { return false }

@@ -29,6 +29,12 @@ public struct TSVMerge: MergeMethod {
 
   public var usesStoredTaskVectors: Bool { true }
 
+  public func scratchBytes(name: String, shape: [Int], models: Int, _ p: ResolvedParameters) -> Int {
+    SpectralMerge.scratchBytes(name: name, shape: shape, models: models, p) { side in
+      models * Int((Double(side) * (p.optionalNumber("task_fraction") ?? 1 / Double(models))).rounded(.down))
+    }
+  }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let fraction = p.optionalNumber("task_fraction")
     func kept(_ shape: (Int, Int), tasks: Int) -> Int {

@@ -85,7 +85,7 @@ public struct MergePlan {
     self.method = method
     self.base = base
     // A task vector among the models of a merge stands for base + tau.
-    let models = method.takesTaskVectors ? models : try models.map { try TaskVectorModel.wrapping($0, base: base) }
+    let models = method.takesTaskVectors ? models : try TaskVectorModel.models(models, base: base)
     self.models = models
     let inputs: [any Checkpoint] = (base.map { [$0] } ?? []) + models
     let reference = inputs[0]

@@ -220,16 +220,22 @@ import Testing
     #expect(try attempt(#"{"w": [4, 3]}"#, good + [("w", vt)]).contains("both dense and as low-rank"))
   }
 
-  @Test func aTaskVectorAmongTheModelsNeedsABase() throws {
+  /// Without a base, task vectors merge among themselves as they are; mixed with a model they
+  /// are an error naming the task vector.
+  @Test func withoutABaseTaskVectorsMergeAsTheyAre() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
-    let paths = try models(in: folder, count: 1)
-    _ = try write(paths[1], base: paths[0], rule: .sizeFraction(0.3), to: folder.file("tv.mkz"))
+    let paths = try models(in: folder, count: 2)
+    for i in 1...2 {
+      _ = try write(paths[i], base: paths[0], rule: .sizeFraction(0.3), to: folder.file("tv\(i).mkz"))
+    }
+    let vectors = try (1...2).map { try openCheckpoint(folder.file("tv\($0).mkz")) }
+    let soup = try MergePlan(method: LinearMerge(), base: nil, models: vectors, global: [:], perModel: [[:], [:]])
+    #expect(soup.models.allSatisfy { !($0 is TaskVectorModel) })
     #expect(throws: CheckpointError.self) {
       try MergePlan(
-        method: LinearMerge(), base: nil,
-        models: [try openCheckpoint(folder.file("tv.mkz")), try openCheckpoint(paths[1])],
-        global: [:], perModel: [[:], [:]])
+        method: LinearMerge(), base: nil, models: [vectors[0], try openCheckpoint(paths[1])], global: [:],
+        perModel: [[:], [:]])
     }
   }
 }

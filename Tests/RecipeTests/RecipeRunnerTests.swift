@@ -369,8 +369,9 @@ extension Array {
   var triple: (Element, Element, Element) { (self[0], self[1], self[2]) }
 }
 
-/// `alpha_search` in a recipe, and its checks.
-@Suite(.serialized) struct AlphaSearchRecipeTests {
+/// `alpha_search` in a recipe, and its checks (in the serialized suite: the recipes share the
+/// example folder's outputs).
+extension RecipeRunnerTests {
   /// Every candidate is scored and the best (the first of ties) is kept: the reported best is
   /// the argmax of the reported curve, for each SVD merge of recipes/svd-alpha.yaml.
   @Test func theBestAlphaIsTheArgmaxOfTheCurve() throws {
