@@ -163,14 +163,16 @@ enum SpectralMerge {
 
   /// `G^(-1/2)` for the Gram matrix `G = F Fᵀ` of K row vectors `F`: `G^(-1/2) F` are the
   /// orthonormal rows nearest to `F` (orthogonal Procrustes; the polar factor `P Qᵀ` of
-  /// `F = P S Qᵀ`). Eigenvalues at most `1e-12` of the largest (rows that repeat others) are
-  /// dropped, so repeated rows share one direction instead of being amplified.
+  /// `F = P S Qᵀ`). Eigenvalues at most `1e-14` of the largest are dropped: near the rounding of
+  /// a Double Gram matrix (rows that repeat others), so repeated rows share one direction
+  /// instead of being amplified. Real task vectors do reach 1e-12 (a right singular vector
+  /// that three tasks nearly share), and the official SVD-based polar factor keeps those.
   static func inverseSquareRoot(ofGramOf rows: Matrix<Double>) throws -> DoubleMatrix {
     let k = rows.rows
     let gram = DoubleMatrix(
       rows: k, columns: k, values: BLAS.gram(rows.values, rows: k, columns: rows.columns, ofRows: true))
     let (values, vectors) = try LAPACK.symmetricEigen(gram)
-    let cutoff = 1e-12 * (values.last ?? 0)
+    let cutoff = 1e-14 * (values.last ?? 0)
     var scaled = vectors
     for j in 0..<k {
       let factor = values[j] > cutoff && values[j] > 0 ? 1 / values[j].squareRoot() : 0

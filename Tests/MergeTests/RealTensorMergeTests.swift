@@ -167,4 +167,28 @@ struct RealTensorMergeTests {
       }
     }
   }
+
+  /// TSV-M, Iso-C and Iso-CTS on the real 384 x 384 query weight (the Gram route) against the
+  /// float64 references of `SpectralMergeTests` (full SVDs): the task matrices are real weight
+  /// differences, with their slowly decaying spectra.
+  @Test func svdMergesMatchTheFloat64ReferenceOnARealWeight() throws {
+    let (base, models) = try cases()[0]
+    let references = SpectralMergeTests()
+    let tasks = models.map { m in Tensor(shape: m.shape, scalars: zip(m.scalars, base.scalars).map { $0 - $1 }) }
+    let name = "encoder.layer.0.attention.self.query.weight"
+    func merged(_ method: any MergeMethod, _ global: [String: ParameterValue] = [:]) throws -> [Double] {
+      let p = try resolve(method, global, models: [[:], [:], [:]], tensor: name)
+      let out = try method.merge(MergeInputs(name: name, base: base, models: models), p)
+      return zip(out.scalars, base.scalars).map { Double($0) - Double($1) }
+    }
+    func close(_ got: [Double], _ expected: DoubleMatrix, _ label: String) {
+      let scale = expected.values.map(abs).max() ?? 1
+      let worst = zip(got, expected.values).map { abs($0 - $1) }.max() ?? 0
+      // The output is rounded to f32 on top of a base 100x larger than the update.
+      #expect(worst <= 1e-4 * scale, "\(label): \(worst / scale)")
+    }
+    close(try merged(TSVMerge()), try references.tsvReference(tasks), "tsv")
+    close(try merged(IsoCMerge()), try references.isoCReference(tasks), "iso-c")
+    close(try merged(IsoCTSMerge()), try references.isoCTSReference(tasks, common: 0.8), "iso-cts")
+  }
 }
