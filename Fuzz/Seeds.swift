@@ -171,6 +171,26 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     dtype: bfloat16
 
     """
+  // A low-rank task vector: one matrix as its triplets, listed in the metadata, and a dense tensor.
+  let lowRank = work + "/low-rank-seed.safetensors"
+  let names = LowRankLayout.factorNames(of: "w")
+  let lowRankTensors = [
+    TensorInfo(name: "bias", dtype: .f32, shape: [5]), TensorInfo(name: names.u, dtype: .f32, shape: [6, 2]),
+    TensorInfo(name: names.s, dtype: .f32, shape: [2]), TensorInfo(name: names.vt, dtype: .f32, shape: [2, 5]),
+  ]
+  let lowRankWriter = try CheckpointWriter(
+    destination: lowRank, tensors: lowRankTensors,
+    options: WriteOptions(
+      metadata: [
+        LowRankLayout.metadataKey: LowRankLayout.metadataValue([("w", [6, 5])]), "mergekit.kind": "task-vector",
+      ],
+      overwrite: true))
+  for info in lowRankTensors {
+    try lowRankWriter.write(
+      info.name, Tensor(shape: info.shape, scalars: (0..<info.shape.reduce(1, *)).map { _ in random.float() }),
+      as: .f32)
+  }
+  try lowRankWriter.finish()
   let shapesByName = Dictionary(source.tensors.map { ($0.name, $0.shape) }, uniquingKeysWith: { a, _ in a })
   let coefficients = try ATLASCoefficients(
     tasks: ["a", "b"], blocks: Array(source.tensors.prefix(3).map(\.name)), partitions: 2, value: 0.3
@@ -180,6 +200,9 @@ func makeInputKinds(work: String) throws -> [InputKind] {
     InputKind(
       name: "safetensors", file: "input.safetensors", seeds: [try readAll(model + "/model.safetensors")],
       isText: true, run: readEverything),
+    InputKind(
+      name: "low-rank", file: "low-rank.safetensors", seeds: [try readAll(lowRank)], isText: true,
+      run: readEverything),
     InputKind(
       name: "pytorch", file: "input.pt", seeds: try pytorchSeeds(), isText: false, run: readEverything),
     InputKind(

@@ -74,6 +74,13 @@ public final class FactoredCheckpoint: Checkpoint, @unchecked Sendable {
       guard s.shape.count == 1, u.shape == [m, s.shape[0]], vt.shape == [s.shape[0], n] else {
         throw fail(name, "has factors \(u.shape), \(s.shape), \(vt.shape) that do not make a \(m) x \(n) matrix")
       }
+      // As .mkz bounds a chunk's raw size by its stored size: a few stored bytes cannot stand for
+      // a huge dense tensor (a rank-1 matrix of 65,536 x 65,536 is about the largest this allows).
+      let stored = 4 * (s.shape[0] * (m + n + 1))
+      guard s.shape[0] >= 1, elements / 16_384 <= stored else {
+        throw fail(
+          name, "stands for \(m) x \(n) values with factors of rank \(s.shape[0]): too large for what it stores")
+      }
       factored[ExactName(name)] = ([m, n], s.shape[0])
       hidden.formUnion([ExactName(names.s), ExactName(names.vt)])
     }

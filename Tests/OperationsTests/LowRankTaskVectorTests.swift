@@ -218,6 +218,13 @@ import Testing
     #expect(try attempt(#"{"w": [-4, 3]}"#, good).contains("positive sizes"))
     #expect(try attempt(#"{"w": [4611686018427387904, 4]}"#, good).contains("positive sizes"))
     #expect(try attempt(#"{"w": [4, 3]}"#, good + [("w", vt)]).contains("both dense and as low-rank"))
+    // A rank-0 (or tiny) factorisation cannot stand for a huge matrix.
+    let empty: [(String, TensorData)] = [
+      ("w.lowrank.u", randomTensorData(.f32, shape: [1_000_000, 0], seed: 1)),
+      ("w.lowrank.s", randomTensorData(.f32, shape: [0], seed: 2)),
+      ("w.lowrank.vt", randomTensorData(.f32, shape: [0, 1_000_000], seed: 3)),
+    ]
+    #expect(try attempt(#"{"w": [1000000, 1000000]}"#, empty).contains("too large for what it stores"))
   }
 
   /// Without a base, task vectors merge among themselves as they are; mixed with a model they
