@@ -24,9 +24,10 @@ enum SpectralMerge {
   }
 
   /// The peak of one matrix's merge besides its decoded inputs and result, in Double: the task
-  /// matrices and their sum, each task's Gram matrix and LAPACK's copy of it, the stacked
-  /// features (`k` of them, twice while stacking), the k x k Gram matrices and their
-  /// eigenvectors, and the update. 0 for tensors that take the mean task vector.
+  /// matrices and their sum, the update and its copies on the way out (five m x n in all), a
+  /// Gram matrix with LAPACK's copy and workspace, the stacked features (`k` of them, twice
+  /// while stacking), and the k x k Gram matrices with their eigenvectors and products. 0 for
+  /// tensors that take the mean task vector.
   static func scratchBytes(
     name: String, shape: [Int], models: Int, _ p: ResolvedParameters, features k: (_ side: Int) -> Int
   ) -> Int {
@@ -34,7 +35,7 @@ enum SpectralMerge {
     let (m, n) = (shape[0], shape[1])
     let r = min(m, n)
     let kept = k(r)
-    return 8 * ((models + 2) * m * n + 2 * r * r + 2 * kept * (m + n) + 4 * kept * kept)
+    return 8 * ((models + 5) * m * n + 4 * r * r + 2 * kept * (m + n) + 6 * kept * kept)
   }
 
   /// Whether `name` of `shape` gets the SVD treatment: 2-D, both sides above 1, and not excluded.
