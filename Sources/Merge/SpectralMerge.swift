@@ -114,16 +114,15 @@ enum SpectralMerge {
   /// without forming it: with `L = Q_l B_l` and `R = Q_r B_r` from the eigendecompositions of the
   /// K x K Gram matrices, the SVD of the small core `B_l diag(s) B_rᵀ` rotated back. Directions
   /// below `1e-6` of the largest singular value (or of `scale`) are dropped, as in
-  /// `triplets(of:)`. Cost
-  /// `O((m + n) K² + K³)`.
+  /// `triplets(of:)`. Cost `O((m + n) K² + K³)`.
   static func svd(ofSum f: Features<Double>, scale: Double = 0) throws -> Features<Double> {
     let k = f.s.count
     guard k > 0 else { return f }
-    /// `(B, C)` with `rows = ... `: `Bᵀ`-coordinates and the map `C` (K' x K) to orthonormal rows.
+    /// For rows `F`: `B = Λ^(1/2) Eᵀ` (F's coordinates in an orthonormal basis of its
+    /// span, `F = Bᵀ Q`) and `C = Λ^(-1/2) Eᵀ` (so `C F = Q`, that basis as rows), from
+    /// `F Fᵀ = E Λ Eᵀ`, without the directions `F` does not span.
     func split(_ rows: Matrix<Double>) throws -> (b: DoubleMatrix, toOrthonormal: DoubleMatrix) {
-      let gram = DoubleMatrix(
-        rows: k, columns: k, values: BLAS.gram(rows.values, rows: k, columns: rows.columns, ofRows: true))
-      let (values, vectors) = try LAPACK.symmetricEigen(gram)
+      let (values, vectors) = try gramEigen(rows)
       let kept = (0..<k).filter { values[$0] > 1e-12 * (values.last ?? 0) && values[$0] > 0 }
       var b = DoubleMatrix(zeros: kept.count, k)  // Λ^(1/2) Eᵀ
       var c = DoubleMatrix(zeros: kept.count, k)  // Λ^(-1/2) Eᵀ
@@ -170,9 +169,7 @@ enum SpectralMerge {
   /// that three tasks nearly share), and the official SVD-based polar factor keeps those.
   static func inverseSquareRoot(ofGramOf rows: Matrix<Double>) throws -> DoubleMatrix {
     let k = rows.rows
-    let gram = DoubleMatrix(
-      rows: k, columns: k, values: BLAS.gram(rows.values, rows: k, columns: rows.columns, ofRows: true))
-    let (values, vectors) = try LAPACK.symmetricEigen(gram)
+    let (values, vectors) = try gramEigen(rows)
     let cutoff = 1e-14 * (values.last ?? 0)
     var scaled = vectors
     for j in 0..<k {
@@ -180,6 +177,13 @@ enum SpectralMerge {
       for i in 0..<k { scaled[i, j] *= factor }
     }
     return BLAS.matmul(scaled, vectors, transposeB: true)
+  }
+
+  /// The eigendecomposition of `F Fᵀ` for rows `F` (values ascending, vectors as columns).
+  static func gramEigen(_ rows: Matrix<Double>) throws -> (values: [Double], vectors: DoubleMatrix) {
+    let k = rows.rows
+    return try LAPACK.symmetricEigen(
+      DoubleMatrix(rows: k, columns: k, values: BLAS.gram(rows.values, rows: k, columns: rows.columns, ofRows: true)))
   }
 
   /// `uᵀ C v` for features as rows (`u` K x m, `v` K x n) and a K x K core `C`: the m x n update.
