@@ -136,10 +136,10 @@ public struct MergePlan {
 
 /// Runs a planned merge into a checkpoint, tensor by tensor in order. A `StreamingMerge` method's
 /// tensors are streamed in fixed ranges (after its statistics passes), so memory stays at a few
-/// ranges; other methods get whole tensors, a group at a time: as many consecutive tensors as
-/// fit the plan's `memoryBudget` (their decoded inputs, results and the method's declared scratch) are
-/// merged side by side, each on one core with BLAS on one thread, so that several matrices are
-/// in flight; a tensor that fills the budget alone runs alone, with BLAS on every core. Inputs
+/// ranges; other methods get whole tensors, several in flight (`runInFlight`): as many as fit
+/// the plan's `memoryBudget` (their decoded inputs, results and the method's declared scratch)
+/// are merged side by side, each on one core with BLAS on one thread, and written in order; a
+/// tensor that fills the budget alone runs alone. Inputs
 /// are memory-mapped and their pages released after use. The output is bit-identical whatever
 /// the worker count, shard size or format.
 public enum MergeRunner {
@@ -166,8 +166,9 @@ public enum MergeRunner {
     item.action == .merge && plan.method is any StreamingMerge
   }
 
-  /// The plan cut into consecutive groups processed together, with their working sets: a
-  /// streamed tensor alone, else as many tensors as fit the plan's budget, at least one.
+  /// The plan cut into consecutive runs processed together, with the most memory each holds: a
+  /// streamed tensor alone; else a run of whole tensors, which holds at most the budget (or
+  /// its largest tensor, which runs alone when larger).
   static func groups(_ plan: MergePlan) throws -> [(range: Range<Int>, bytes: Int)] {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
     var result: [(range: Range<Int>, bytes: Int)] = []
@@ -180,15 +181,16 @@ public enum MergeRunner {
         start += 1
         continue
       }
-      var end = start + 1
-      var used = try workingSet(plan.items[start], plan: plan)
+      var end = start
+      var total = 0
+      var largest = 0
       while end < plan.items.count, !isStreamed(plan.items[end], plan) {
-        let next = try workingSet(plan.items[end], plan: plan)
-        guard used + next <= plan.memoryBudget else { break }
-        used += next
+        let bytes = try workingSet(plan.items[end], plan: plan)
+        total += bytes
+        largest = max(largest, bytes)
         end += 1
       }
-      result.append((start..<end, used))
+      result.append((start..<end, max(largest, min(total, plan.memoryBudget))))
       start = end
     }
     return result
@@ -238,20 +240,8 @@ public enum MergeRunner {
         }
         if streamed { continue }
       }
-      let group = Array(plan.items[range])
-      let results = ResultSlots<Produced>(count: group.count)
-      if group.count == 1 {
-        results.set(0, try produce(group[0], plan: plan, inputs: inputs))
-      } else {
-        // Side by side, each tensor on one core: BLAS's own threads would only contend.
-        try BLAS.singleThreaded {
-          try Parallel.forEachTakingTurns(group.count) { i in
-            results.set(i, try produce(group[i], plan: plan, inputs: inputs))
-          }
-        }
-      }
-      for (i, item) in group.enumerated() {
-        switch results.get(i) {
+      try runInFlight(Array(plan.items[range]), plan: plan, inputs: inputs) { item, produced in
+        switch produced {
         case .stored(let data): try writer.write(item.name, data)
         case .merged(let tensor): try writer.write(item.name, tensor, as: item.outputType)
         }
@@ -261,6 +251,119 @@ public enum MergeRunner {
       }
     }
     if finish { try writer.finish() }
+  }
+
+  /// Merges `items` (consecutive whole tensors) with several in flight and writes them in
+  /// order: each worker takes the next tensor once its working set fits the budget next to those
+  /// not yet written (a tensor too large for the budget waits until nothing else is held, then
+  /// runs alone), and whoever finishes writes every result that is next in order. With more
+  /// than one tensor, BLAS runs on one thread (the tensors share the cores); a lone tensor
+  /// keeps BLAS on every core. Throws the error of the lowest-numbered failing tensor; nothing
+  /// after it is written.
+  static func runInFlight(
+    _ items: [MergePlan.Item], plan: MergePlan, inputs: [any Checkpoint],
+    write: (MergePlan.Item, Produced) throws -> Void
+  ) throws {
+    if items.count == 1 {
+      return try write(items[0], try produce(items[0], plan: plan, inputs: inputs))
+    }
+    let sizes = try items.map { try workingSet($0, plan: plan) }
+    let flight = Flight(sizes: sizes, budget: plan.memoryBudget)
+    BLAS.singleThreaded {
+      // Errors are kept by the flight, which stops handing out work after one.
+      try? Parallel.forEach(min(Parallel.threadCount, items.count)) { _, _ in
+        while let i = flight.take() {
+          do {
+            flight.finish(i, try produce(items[i], plan: plan, inputs: inputs))
+            try flight.writeReady { try write(items[$0], $1) }
+          } catch {
+            flight.fail(i, error)
+          }
+        }
+      }
+    }
+    try flight.check()
+  }
+
+  /// The shared state of `runInFlight`: which tensor is next, the memory held by tensors taken
+  /// and not yet written, finished results waiting for their turn, the first failure.
+  final class Flight: @unchecked Sendable {
+    private let condition = NSCondition()
+    private let sizes: [Int]
+    private let budget: Int
+    private var next = 0
+    private var held = 0
+    private var nextToWrite = 0
+    private var writing = false
+    private var results: [Produced?]
+    private var failure: (index: Int, error: Error)?
+
+    init(sizes: [Int], budget: Int) {
+      self.sizes = sizes
+      self.budget = budget
+      results = Array(repeating: nil, count: sizes.count)
+    }
+
+    /// The next tensor to merge, once it fits (or nothing else is held); nil when all are taken
+    /// or one failed.
+    func take() -> Int? {
+      condition.lock()
+      defer { condition.unlock() }
+      while true {
+        guard failure == nil, next < sizes.count else { return nil }
+        if held == 0 || held + sizes[next] <= budget {
+          next += 1
+          held += sizes[next - 1]
+          return next - 1
+        }
+        condition.wait()
+      }
+    }
+
+    func finish(_ i: Int, _ produced: Produced) {
+      condition.lock()
+      results[i] = produced
+      condition.unlock()
+    }
+
+    func fail(_ i: Int, _ error: Error) {
+      condition.lock()
+      if failure.map({ i < $0.index }) ?? true { failure = (i, error) }
+      condition.broadcast()
+      condition.unlock()
+    }
+
+    /// Writes, in order, every finished result that is next, unless another worker is writing
+    /// (it will take them); frees their memory for the tensors waiting.
+    func writeReady(_ write: (Int, Produced) throws -> Void) throws {
+      condition.lock()
+      guard !writing else { return condition.unlock() }
+      writing = true
+      while failure == nil, nextToWrite < results.count, let produced = results[nextToWrite] {
+        let j = nextToWrite
+        results[j] = nil
+        condition.unlock()
+        do { try write(j, produced) } catch {
+          condition.lock()
+          writing = false
+          condition.unlock()
+          throw error
+        }
+        condition.lock()
+        nextToWrite += 1
+        held -= sizes[j]
+        condition.broadcast()
+      }
+      writing = false
+      condition.unlock()
+    }
+
+    /// Throws the first failure; otherwise every result must have been written.
+    func check() throws {
+      if let failure { throw failure.error }
+      precondition(
+        nextToWrite == results.count, "merge in flight ended with \(nextToWrite) of \(results.count) written")
+    }
   }
 
   /// An output tensor: bytes to copy, or merged values still to encode.
