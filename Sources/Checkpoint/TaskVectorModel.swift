@@ -4,7 +4,8 @@ import Tensor
 /// A task vector read as the model it stands for, `base + tau`, so that merges take task
 /// vectors (dense or low-rank, from `mergekit task-vector`) among their models. Floating-point
 /// tensors are presented in f32 (base decoded plus the task vector, rounded once to f32, so that
-/// `model - base` gives the task vector back to f32 rounding); other tensors are the base's.
+/// `model - base` gives the task vector back to f32 rounding); other tensors (integer ones) as
+/// the task vector stores them, which are copies of the base's.
 /// `factors(of:)` passes on a low-rank task vector's triplets.
 public final class TaskVectorModel: Checkpoint, @unchecked Sendable {
   let taskVector: any Checkpoint

@@ -59,6 +59,7 @@ public enum LowRankTaskVector {
     let plan = try MergePlan(
       method: TaskVectors.Difference(), base: base, models: [finetuned], global: [:], perModel: [[:]],
       outputType: .f32)
+    let finetuned = plan.models[0]  // a task vector given as the fine-tune stands for base + tau
     // Pass 1: each matrix's rank (from its spectrum under the energy rule).
     var ranks: [Int?] = []
     for item in plan.items {
