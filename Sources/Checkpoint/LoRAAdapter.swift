@@ -151,14 +151,26 @@ public final class LoRAAppliedCheckpoint: Checkpoint, @unchecked Sendable {
     }
     guard let update = updates[key] else { return try base.withBytes(of: name, range: range, body) }
     let info = try base.info(name)
-    var weight = try base.tensor(named: name)
-    var product = BLAS.matmul(try adapter.tensor(named: update.b), try adapter.tensor(named: update.a))
-    if fanInFanOut { product = product.transposed() }
+    // Only the rows that hold the range: base rows plus scale times the same rows of B A (of
+    // (B A)ᵀ with fan_in_fan_out), so a streaming merge forms each row once, not the whole
+    // product for every range.
+    let columns = info.shape.count == 2 ? info.shape[1] : 1
+    let rowBytes = columns * info.dtype.size
+    let bytes = range ?? 0..<info.byteCount
+    guard !bytes.isEmpty, rowBytes > 0 else { return try body(UnsafeRawBufferPointer(start: nil, count: 0)) }
+    let rows = (bytes.lowerBound / rowBytes)..<((bytes.upperBound - 1) / rowBytes + 1)
+    var weight = try base.readRows(name, rows).decoded()
+    let (a, b) = (try adapter.tensor(named: update.a), try adapter.tensor(named: update.b))
+    // B A is out x in; with fan_in_fan_out the weight is its transpose, rows of Aᵀ Bᵀ.
+    let product =
+      fanInFanOut
+      ? BLAS.matmul(a.columns(rows), b, transposeA: true, transposeB: true)
+      : BLAS.matmul(b.rows(rows), a)
     for i in weight.scalars.indices { weight.scalars[i] += update.scale * product.scalars[i] }
-    let bytes = weight.encoded(as: info.dtype).bytes
-    return try bytes.withUnsafeBytes { raw in
-      guard let range else { return try body(raw) }
-      return try body(UnsafeRawBufferPointer(rebasing: raw[range]))
+    let encoded = weight.encoded(as: info.dtype).bytes
+    return try encoded.withUnsafeBytes { raw in
+      let start = bytes.lowerBound - rows.lowerBound * rowBytes
+      return try body(UnsafeRawBufferPointer(rebasing: raw[start..<(start + bytes.count)]))
     }
   }
 }

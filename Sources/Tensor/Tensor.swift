@@ -69,6 +69,25 @@ public struct Tensor: Sendable, Equatable {
     scalars.reduce(0.0) { $0 + Double($1) * Double($1) }
   }
 
+  /// Rows `range` of a matrix, as a `range.count x columns` matrix; the tensor must be 2-D.
+  public func rows(_ range: Range<Int>) -> Tensor {
+    precondition(shape.count == 2 && range.lowerBound >= 0 && range.upperBound <= shape[0], "rows \(range) of \(shape)")
+    let columns = shape[1]
+    return Tensor(
+      shape: [range.count, columns],
+      scalars: Array(scalars[(range.lowerBound * columns)..<(range.upperBound * columns)]))
+  }
+
+  /// Columns `range` of a matrix, as a `rows x range.count` matrix; the tensor must be 2-D.
+  public func columns(_ range: Range<Int>) -> Tensor {
+    precondition(
+      shape.count == 2 && range.lowerBound >= 0 && range.upperBound <= shape[1], "columns \(range) of \(shape)")
+    let (rows, columns) = (shape[0], shape[1])
+    var out = [Float](repeating: 0, count: rows * range.count)
+    for i in 0..<rows { for (j, c) in range.enumerated() { out[i * range.count + j] = scalars[i * columns + c] } }
+    return Tensor(shape: [rows, range.count], scalars: out)
+  }
+
   /// A matrix's transpose (rows become columns); the tensor must be 2-D.
   public func transposed() -> Tensor {
     precondition(shape.count == 2, "transposed() needs a matrix, not shape \(shape)")
