@@ -102,6 +102,9 @@ public final class FactoredCheckpoint: Checkpoint, @unchecked Sendable {
 
   public func lookup(_ name: String) -> TensorInfo? { byName[ExactName(name)] }
 
+  /// The stored rank of matrix `name`, or nil for a tensor stored dense.
+  public func rank(of name: String) -> Int? { factored[ExactName(name)]?.rank }
+
   public func file(of name: String) -> String? {
     factored[ExactName(name)] == nil ? inner.file(of: name) : inner.file(of: LowRankLayout.factorNames(of: name).u)
   }

@@ -6,7 +6,9 @@ import Tensor
 struct InspectCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "inspect",
-    abstract: "List a checkpoint's tensors: name, dtype, shape, parameters, bytes (and stored bytes for .mkz).")
+    abstract:
+      "List a checkpoint's tensors: name, dtype, shape, parameters, bytes (and stored bytes for .mkz, the rank of low-rank matrices)."
+  )
 
   @Argument(help: "A .safetensors or .mkz file, a shard index, or a model folder.")
   var path: String
@@ -42,6 +44,7 @@ struct InspectCommand: ParsableCommand {
       out += pad(info.name, nameWidth) + "  " + pad(info.dtype.rawValue, 7) + "  " + pad(shape, 19)
       out += pad(String(info.count), 12, right: true) + "  " + pad(String(info.byteCount), 13, right: true)
       if let s { out += "  " + pad(String(s), 13, right: true) }
+      if let rank = (model as? FactoredCheckpoint)?.rank(of: info.name) { out += "  low-rank \(rank)" }
       out += "\n"
       if out.utf8.count > 1 << 16 {
         print(out, terminator: "")
@@ -50,6 +53,10 @@ struct InspectCommand: ParsableCommand {
     }
     print(out, terminator: "")
     var total = "\(infos.count) tensors, \(parameters) parameters, \(formatBytes(bytes))"
+    if let factored = model as? FactoredCheckpoint {
+      let count = infos.filter { factored.rank(of: $0.name) != nil }.count
+      total += " (dense view; \(count) matrices stored as singular triplets)"
+    }
     if let storedTotal, storedTotal > 0 {
       total += String(format: ", stored in %@ (%.3fx)", formatBytes(storedTotal), Double(bytes) / Double(storedTotal))
     }
@@ -72,6 +79,7 @@ struct InspectCommand: ParsableCommand {
       out += i == 0 ? "\n" : ",\n"
       out += "    {\"bytes\" : \(info.byteCount), \"dtype\" : \(jsonStringLiteral(info.dtype.rawValue)), "
       out += "\"name\" : \(jsonStringLiteral(info.name)), \"parameters\" : \(info.count), "
+      if let rank = (model as? FactoredCheckpoint)?.rank(of: info.name) { out += "\"rank\" : \(rank), " }
       out += "\"shape\" : [" + info.shape.map(String.init).joined(separator: ", ") + "]"
       if let s { out += ", \"stored_bytes\" : \(s)" }
       out += "}"

@@ -98,6 +98,18 @@ import Testing
     #expect(try run("task-vector", b, "--base", base, "-o", tvB, "--energy", "0.9", "-q").status == 0)
     let factored = try openCheckpoint(tvA)
     #expect(factored is FactoredCheckpoint)
+    // inspect shows the dense view and says which matrices are stored low-rank.
+    let listing = try run("inspect", tvA)
+    #expect(listing.stdout.contains("low-rank") && listing.stdout.contains("stored as singular triplets"))
+    let json = try run("inspect", tvA, "--json")
+    let parsed = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+    let tensors = parsed?["tensors"] as? [[String: Any]] ?? []
+    let lowRank = factored as? FactoredCheckpoint
+    for entry in tensors {
+      let name = entry["name"] as? String ?? ""
+      #expect(entry["rank"] as? Int == lowRank?.rank(of: name), "\(name)")
+    }
+    #expect(tensors.contains { $0["rank"] != nil } && tensors.contains { $0["rank"] == nil })
     // convert densifies; apply adds the dense task vector.
     let dense = folder.file("a-dense.safetensors")
     #expect(try run("convert", tvA, dense, "-q").status == 0)
