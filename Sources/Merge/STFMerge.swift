@@ -134,8 +134,8 @@ public struct STFMerge: MergeMethod {
     }
   }
 
-  /// `model - base` as an m x n matrix.
-  static func difference<T: NetScalar>(_ model: Tensor, _ base: Tensor) -> Matrix<T> {
+  /// `model - base` as an m x n matrix (a task matrix), in `T`.
+  public static func difference<T: NetScalar>(_ model: Tensor, _ base: Tensor) -> Matrix<T> {
     Matrix(
       rows: base.shape[0], columns: base.shape[1],
       values: Elementwise.map(base.count) { T(model.scalars[$0]) - T(base.scalars[$0]) })

@@ -141,10 +141,7 @@ public enum LowRankTaskVector {
 
   /// `finetuned - base` of one matrix, in Double.
   static func difference(_ name: String, _ finetuned: any Checkpoint, _ base: any Checkpoint) throws -> Matrix<Double> {
-    let (tuned, original) = (try finetuned.tensor(named: name), try base.tensor(named: name))
-    return Matrix(
-      rows: original.shape[0], columns: original.shape[1],
-      values: zip(tuned.scalars, original.scalars).map { Double($0) - Double($1) })
+    STFMerge.difference(try finetuned.tensor(named: name), try base.tensor(named: name))
   }
 
   /// The fewest triplets holding `fraction` of the energy of `d` (its squared singular values,
