@@ -2,16 +2,38 @@
 // mergekit-swift: merge and adapt neural-network checkpoints without Python.
 // Target layout and import direction: Tensor <- Checkpoint, Nets <- Merge, Adapt <- Operations <- Recipe <- mergekit
 // (docs/architecture.md). Tests/OperationsTests/ImportDirectionTests.swift checks the direction.
+import Foundation
 import PackageDescription
+
+/// The element loops (merging, dtype conversion, the Nets runtime) vectorise over four doubles or
+/// eight floats with AVX2 instead of two and four with the x86-64 baseline (SSE2). A Linux x86-64
+/// machine whose CPU has Haswell's instruction set (AVX2, FMA, BMI2, F16C, MOVBE, LZCNT) builds for
+/// it: the binary then runs on such CPUs only, like `-march=native`. The results keep their bits:
+/// Swift never contracts a product and a sum into an FMA, and the loops' order is unchanged.
+/// `MERGEKIT_PORTABLE=1` builds for the baseline.
+let hostCPU: [SwiftSetting] = {
+  #if os(Linux) && arch(x86_64)
+    guard ProcessInfo.processInfo.environment["MERGEKIT_PORTABLE"] != "1",
+      let cpuinfo = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+      let flags = cpuinfo.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
+    else { return [] }
+    let present = Set(flags.split(separator: " ").map(String.init))
+    guard ["avx2", "fma", "bmi2", "f16c", "movbe", "abm"].allSatisfy(present.contains) else { return [] }
+    return [.unsafeFlags(["-target-cpu", "haswell"])]
+  #else
+    return []
+  #endif
+}()
 
 /// `-Ounchecked` (no overflow or precondition traps) only for the numeric kernels, where
 /// `make bench-merge` shows it matters. Targets that parse input (Checkpoint, Operations,
 /// Recipe, the CLI) keep the checks, so a lying size traps instead of reading out of bounds.
 /// Debug builds optimise the kernels too (`-O`, checks kept): training and matching loops run
 /// about twenty times slower unoptimised, which the tests and recipes would pay.
-let kernels: [SwiftSetting] = [
-  .unsafeFlags(["-Ounchecked"], .when(configuration: .release)), .unsafeFlags(["-O"], .when(configuration: .debug)),
-]
+let kernels: [SwiftSetting] =
+  [
+    .unsafeFlags(["-Ounchecked"], .when(configuration: .release)), .unsafeFlags(["-O"], .when(configuration: .debug)),
+  ] + hostCPU
 
 let package = Package(
   name: "mergekit-swift",
@@ -34,7 +56,7 @@ let package = Package(
     .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
     .systemLibrary(name: "CSystem", path: "Sources/CSystem"),
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: kernels),
-    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"]),
+    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: hostCPU),
     .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: kernels),
     .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),
     .target(name: "Adapt", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),

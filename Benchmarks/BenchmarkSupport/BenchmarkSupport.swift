@@ -30,20 +30,26 @@ public func plainRead(_ model: any Checkpoint) throws -> Double {
 /// the file is removed afterwards, outside the timing.
 public func plainWrite(_ bytes: Int, to path: String) throws -> Double {
   let piece = [UInt8](repeating: 0x5A, count: 8 << 20)
-  guard FileManager.default.createFile(atPath: path, contents: nil), let file = FileHandle(forWritingAtPath: path)
-  else {
-    throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path])
-  }
+  let descriptor = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+  guard descriptor >= 0 else { throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path]) }
   defer { try? FileManager.default.removeItem(atPath: path) }
-  return try seconds {
+  var failed = false
+  let time = seconds {
     var left = bytes
-    while left > 0 {
-      let n = min(left, piece.count)
-      try file.write(contentsOf: piece[0..<n])
-      left -= n
+    piece.withUnsafeBytes { raw in
+      while left > 0, let start = raw.baseAddress {
+        let written = write(descriptor, start, min(left, raw.count))
+        guard written > 0 else {
+          failed = true
+          return
+        }
+        left -= written
+      }
     }
-    try file.close()
+    if close(descriptor) != 0 { failed = true }
   }
+  if failed { throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path]) }
+  return time
 }
 
 /// Runs the mergekit binary and returns (wall seconds, its peak RSS in MB). The child reports

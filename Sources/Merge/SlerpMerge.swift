@@ -26,7 +26,7 @@ public struct SlerpMerge: StreamingMerge {
     return try mergeThroughRanges(inputs, p)
   }
 
-  /// One pass for the two norms and the dot product (in Double), then every range is
+  /// One pass for the two norms and the dot product (in Double, one sweep per range), then every range is
   /// `s0 v0 + s1 v1` with the tensor's coefficients.
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
   {
@@ -35,11 +35,11 @@ public struct SlerpMerge: StreamingMerge {
     try scan.pass { range in
       guard let v0 = range.base else { throw MergeError.baseRequired(method: self.name) }
       let v1 = range.models[0]
-      return (Kernels.dot(v0, v0), Kernels.dot(v1, v1), Kernels.dot(v0, v1))
+      return Kernels.dotsOfPair(v0, v1)
     } combine: { sums in
-      norm0 += sums.0
-      norm1 += sums.1
-      dot += sums.2
+      norm0 += sums.aa
+      norm1 += sums.bb
+      dot += sums.ab
     }
     (norm0, norm1) = (norm0.squareRoot(), norm1.squareRoot())
     // A tensor with norm <= 1e-8 is left unnormalised, as mergekit does.

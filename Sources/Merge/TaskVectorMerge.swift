@@ -234,9 +234,13 @@ public struct TaskVectorMerge: StreamingMerge {
       try scan.pass { range in
         let d = try deltas(range)
         let summary = (0..<models).map { m -> (Double, Double, [UInt64]?) in
+          if let (density, rng) = sparsity[m].random {
+            // DARE's draws go straight into packed bits, kept for the merge pass when it uses them.
+            let bits = Kernels.randomKeepBits(d[m].count, offset: range.offset, rng: rng, density: density)
+            return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keepBits: bits), keepsDraws ? bits : nil)
+          }
           guard let keep = sparsity[m].keep(d[m], offset: range.offset) else { return (0, 0, nil) }
-          let bits = keepsDraws && sparsity[m].random != nil ? Kernels.packBits(keep) : nil
-          return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep), bits)
+          return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep), nil)
         }
         return (range.offset, summary)
       } combine: { offset, sums in

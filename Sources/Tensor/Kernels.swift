@@ -421,6 +421,28 @@ public enum Kernels {
     }
   }
 
+  /// `randomKeep` packed as `packBits` packs it, drawn straight into the words: element
+  /// `offset + i` is bit `i % 64` of word `i / 64`, set when its draw is below `density`.
+  /// The same draws and decisions as `randomKeep`, with no byte per element in between.
+  public static func randomKeepBits(_ count: Int, offset: Int, rng: CounterRNG, density: Float) -> [UInt64] {
+    // uniform(i) < density  <=>  bits(i) >> 40 < density * 2^24  <=>  bits(i) < ceil(density * 2^24) << 40:
+    // the draw is an integer below 2^24 scaled exactly by 2^-24.
+    let threshold = (Double(density) * 0x1p24).rounded(.up)
+    guard threshold < 0x1p24 else { return packBits(randomKeep(count, offset: offset, rng: rng, density: density)) }
+    let limit = UInt64(Swift.max(0, threshold)) << 40
+    return make((count + 63) / 64) { words, out in
+      for w in words {
+        var word: UInt64 = 0
+        let first = w * 64
+        for k in 0..<Swift.min(64, count - first) {
+          let kept: UInt64 = rng.bits(UInt64(offset + first + k)) < limit ? 1 : 0
+          word |= kept &<< UInt64(k)
+        }
+        (out + w).initialize(to: word)
+      }
+    }
+  }
+
   /// `sum a[i] * b[i]` in `Double`, deterministic.
   public static func dot(_ a: [Float], _ b: [Float]) -> Double {
     precondition(a.count == b.count)
@@ -430,6 +452,98 @@ public enum Kernels {
       return Elementwise.sumOfBlocks(a.count) { range in
         guard let xp = x.floats, let yp = y.floats else { return 0 }
         return Elementwise.blockSum(range) { Double(xp[$0]) * Double(yp[$0]) }
+      }
+    }
+  }
+
+  /// `(dot(a, a), dot(a, b), dot(b, b))` in one sweep over the two arrays instead of three: the
+  /// same three sums to the bit (the same blocks, lanes and order as `blockSum`). SLERP's norms
+  /// and angle.
+  public static func dotsOfPair(_ a: [Float], _ b: [Float]) -> (aa: Double, ab: Double, bb: Double) {
+    precondition(a.count == b.count)
+    guard !a.isEmpty else { return (0, 0, 0) }
+    let size = Elementwise.blockSize
+    let blocks = (a.count + size - 1) / size
+    var partials = [Double](repeating: 0, count: 3 * blocks)
+    withPointers([a, b]) { p in
+      let (x, y) = (SendableRawPointer(p[0]), SendableRawPointer(p[1]))
+      partials.withUnsafeMutableBufferPointer { slots in
+        let out = SendablePointer(slots.baseAddress)
+        try? Parallel.forEach(blocks) { _, block in
+          guard let xp = x.floats, let yp = y.floats, let o = out.pointer else { return }
+          let end = Swift.min(a.count, (block + 1) * size)
+          var (aa0, aa1, aa2, aa3) = (0.0, 0.0, 0.0, 0.0)
+          var (ab0, ab1, ab2, ab3) = (0.0, 0.0, 0.0, 0.0)
+          var (bb0, bb1, bb2, bb3) = (0.0, 0.0, 0.0, 0.0)
+          var i = block * size
+          while i + 4 <= end {
+            let (a0, a1, a2, a3) = (Double(xp[i]), Double(xp[i + 1]), Double(xp[i + 2]), Double(xp[i + 3]))
+            let (b0, b1, b2, b3) = (Double(yp[i]), Double(yp[i + 1]), Double(yp[i + 2]), Double(yp[i + 3]))
+            aa0 += a0 * a0
+            aa1 += a1 * a1
+            aa2 += a2 * a2
+            aa3 += a3 * a3
+            ab0 += a0 * b0
+            ab1 += a1 * b1
+            ab2 += a2 * b2
+            ab3 += a3 * b3
+            bb0 += b0 * b0
+            bb1 += b1 * b1
+            bb2 += b2 * b2
+            bb3 += b3 * b3
+            i += 4
+          }
+          var (aa, ab, bb) = ((aa0 + aa1) + (aa2 + aa3), (ab0 + ab1) + (ab2 + ab3), (bb0 + bb1) + (bb2 + bb3))
+          while i < end {
+            let (ai, bi) = (Double(xp[i]), Double(yp[i]))
+            aa += ai * ai
+            ab += ai * bi
+            bb += bi * bi
+            i += 1
+          }
+          (o[3 * block], o[3 * block + 1], o[3 * block + 2]) = (aa, ab, bb)
+        }
+      }
+    }
+    // As `Elementwise.sumOfBlocks`: one block is its own sum, several add up from 0 in order.
+    guard blocks > 1 else { return (partials[0], partials[1], partials[2]) }
+    var sums = (aa: 0.0, ab: 0.0, bb: 0.0)
+    for block in 0..<blocks {
+      sums.aa += partials[3 * block]
+      sums.ab += partials[3 * block + 1]
+      sums.bb += partials[3 * block + 2]
+    }
+    return sums
+  }
+
+  /// Sum of |values| where bit `i % 64` of `keep[i / 64]` is set (`packBits`), in `Double`:
+  /// the same sum, to the bit, as `absoluteSum(values, keep:)` of the unpacked mask.
+  public static func absoluteSum(_ values: [Float], keepBits keep: [UInt64]) -> Double {
+    precondition(keep.count == (values.count + 63) / 64)
+    guard !values.isEmpty else { return 0 }
+    return withPointers([values]) { p in
+      let v = SendableRawPointer(p[0])
+      return keep.withUnsafeBytes { raw in
+        let k = SendableRawPointer(raw.baseAddress)
+        return Elementwise.sumOfBlocks(values.count) { range in
+          guard let vp = v.floats, let kp = k.pointer?.assumingMemoryBound(to: UInt64.self) else { return 0 }
+          // Unpacked to a byte a flag first: the sum then runs as fast as over a `[Bool]` mask
+          // (testing the bits inside it is several times slower).
+          return withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) { flags in
+            // Blocks start on a word (`Elementwise.blockSize` is a multiple of 64).
+            let first = range.lowerBound
+            for w in (first &>> 6)..<((range.upperBound + 63) &>> 6) {
+              let word = kp[w]
+              let start = w &<< 6 - first
+              for k in 0..<Swift.min(64, range.count - start) {
+                flags[start + k] = 0 &- UInt32(truncatingIfNeeded: (word &>> UInt64(k)) & 1)
+              }
+            }
+            return Elementwise.blockSum(range) {
+              Double(Float(bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF & flags[$0 - first]))
+            }
+          }
+        }
       }
     }
   }

@@ -29,6 +29,38 @@ import Testing
     }
   }
 
+  /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
+  /// element (counts off the word boundary, offsets, densities near the ends), and the L1 sum over
+  /// them is the mask's sum to the bit.
+  @Test(arguments: [Float(1e-7), 0.1, 0.5, 0.9, 0.999_999_9])
+  func packedRandomKeepIsTheMask(_ density: Float) {
+    let rng = CounterRNG(seed: 4, stream: "dare#1")
+    let values = rng.normalTensor([70_001]).scalars
+    for (count, offset) in [(1, 0), (63, 5), (64, 64), (70_001, 262_144)] {
+      let mask = Kernels.randomKeep(count, offset: offset, rng: rng, density: density)
+      let expected = (0..<count).map { rng.uniform(UInt64(offset + $0)) < density }
+      #expect(mask == expected)
+      let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
+      #expect(bits == Kernels.packBits(mask))
+      let slice = Array(values[0..<count])
+      #expect(Kernels.absoluteSum(slice, keepBits: bits) == Kernels.absoluteSum(slice, keep: mask))
+    }
+  }
+
+  /// The three sums of one sweep are the three dot products to the bit, on one block, several
+  /// blocks, and a count off the four lanes; and close to a plain float64 sum.
+  @Test func dotsOfPairAreTheDots() {
+    for n in [1, 7, 32_768, 100_003] {
+      let a = CounterRNG(seed: 1, stream: "a").normalTensor([n]).scalars
+      let b = CounterRNG(seed: 2, stream: "b").normalTensor([n]).scalars
+      let sums = Kernels.dotsOfPair(a, b)
+      #expect(sums.aa == Kernels.dot(a, a) && sums.ab == Kernels.dot(a, b) && sums.bb == Kernels.dot(b, b))
+      var plain = 0.0
+      for i in 0..<n { plain += Double(a[i]) * Double(b[i]) }
+      #expect(abs(sums.ab - plain) <= 1e-9 * Double(n))
+    }
+  }
+
   /// Each keep rule (all, a band of magnitudes, packed bits, a mask) with and without rescaling gives the
   /// reference's bits, over several chunks and parallel blocks.
   @Test(arguments: [true, false])
