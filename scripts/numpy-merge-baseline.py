@@ -62,9 +62,13 @@ def ties(base, models, density, rng=None):
         delta = model - base
         n = delta.size
         if rng is None:
+            # Exactly k entries: all above the k-th largest magnitude, then its ties in index order.
             k = max(int(density * n), 1)
-            threshold = np.partition(np.abs(delta), n - k)[n - k]
-            delta[np.abs(delta) < threshold] = 0
+            magnitude = np.abs(delta)
+            threshold = np.partition(magnitude, n - k)[n - k]
+            kept = magnitude > threshold
+            kept[np.flatnonzero(magnitude == threshold)[: k - int(kept.sum())]] = True
+            delta[~kept] = 0
         else:
             before = np.abs(delta).sum(dtype=np.float64)
             delta[rng.random(n, dtype=np.float32) >= density] = 0

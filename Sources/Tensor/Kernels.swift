@@ -414,10 +414,12 @@ public enum Kernels {
     zip(a, b).map { $0 && !$1 }
   }
 
-  /// DARE's keep mask: element `offset + i` is kept when draw `offset + i` of `rng` is below `density`.
+  /// DARE's keep mask: element `offset + i` is kept when draw `offset + i` of `rng` is below
+  /// `density` (`CounterRNG.bits32` against `keepBound`).
   public static func randomKeep(_ count: Int, offset: Int, rng: CounterRNG, density: Float) -> [Bool] {
-    make(count) { range, out in
-      for i in range { (out + i).initialize(to: rng.uniform(UInt64(offset + i)) < density) }
+    guard let bound = CounterRNG.keepBound(density: density) else { return [Bool](repeating: true, count: count) }
+    return make(count) { range, out in
+      for i in range { (out + i).initialize(to: rng.bits32(UInt64(offset + i)) < bound) }
     }
   }
 
@@ -425,20 +427,32 @@ public enum Kernels {
   /// `offset + i` is bit `i % 64` of word `i / 64`, set when its draw is below `density`.
   /// The same draws and decisions as `randomKeep`, with no byte per element in between.
   public static func randomKeepBits(_ count: Int, offset: Int, rng: CounterRNG, density: Float) -> [UInt64] {
-    // uniform(i) < density  <=>  bits(i) >> 40 < density * 2^24  <=>  bits(i) < ceil(density * 2^24) << 40:
-    // the draw is an integer below 2^24 scaled exactly by 2^-24.
-    let threshold = (Double(density) * 0x1p24).rounded(.up)
-    guard threshold < 0x1p24 else { return packBits(randomKeep(count, offset: offset, rng: rng, density: density)) }
-    let limit = UInt64(Swift.max(0, threshold)) << 40
+    guard let bound = CounterRNG.keepBound(density: density) else {
+      return packBits([Bool](repeating: true, count: count))
+    }
     return make((count + 63) / 64) { words, out in
-      for w in words {
-        var word: UInt64 = 0
-        let first = w * 64
-        for k in 0..<Swift.min(64, count - first) {
-          let kept: UInt64 = rng.bits(UInt64(offset + first + k)) < limit ? 1 : 0
-          word |= kept &<< UInt64(k)
+      // 64 flag bytes as raw memory: stored a byte at a time, loaded 8 at a time.
+      withUnsafeTemporaryAllocation(byteCount: 64, alignment: 8) { buffer in
+        guard let flags = buffer.baseAddress else { return }
+        for w in words {
+          let first = w * 64
+          let length = Swift.min(64, count - first)
+          // The draws first, a byte each (a loop the compiler vectorises), then each 8 flag bytes
+          // (loaded little-endian: byte i is bits 8i ..< 8i + 8)
+          // gathered into 8 bits by one product: byte i times 2^(56 - 7i) lands on bit 56 + i,
+          // with no two terms on one bit.
+          for k in 0..<length {
+            flags.storeBytes(
+              of: rng.bits32(UInt64(offset + first + k)) < bound ? 1 : 0, toByteOffset: k, as: UInt8.self)
+          }
+          for k in length..<64 { flags.storeBytes(of: 0, toByteOffset: k, as: UInt8.self) }
+          var word: UInt64 = 0
+          for g in 0..<8 {
+            let eight = flags.load(fromByteOffset: 8 * g, as: UInt64.self)
+            word |= ((eight &* 0x0102_0408_1020_4080) &>> 56) &<< UInt64(8 * g)
+          }
+          (out + w).initialize(to: word)
         }
-        (out + w).initialize(to: word)
       }
     }
   }

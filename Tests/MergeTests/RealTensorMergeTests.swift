@@ -100,15 +100,16 @@ struct RealTensorMergeTests {
     }
   }
 
-  /// DARE keeps entry i of model m when draw i of the generator keyed by (seed, tensor, model)
-  /// is below the density; with those same draws, the rest is the float64 reference.
+  /// DARE keeps entry i of model m when 32-bit draw i of the generator keyed by (seed, tensor,
+  /// model) is below the density; with those same draws, the rest is the float64 reference.
   @Test func dareMatchesTheFloat64ReferenceWithTheSameDraws() throws {
     let weights = [1.0, 0.6, 1.4]
     for (index, (base, models)) in try cases().enumerated() {
       let name = "tensor\(index)"
       let keep = (0..<3).map { m in
         let rng = CounterRNG(seed: 5, stream: "\(name)#\(m)")
-        return (0..<base.count).map { rng.uniform(UInt64($0)) < Float(0.4) }
+        // 24 bits of the 32-bit draw as a uniform number in [0, 1).
+        return (0..<base.count).map { Double(rng.bits32(UInt64($0)) >> 8) * 0x1p-24 < 0.4 }
       }
       for (engine, consensus) in [(TaskVectorMerge.dareLinear, false), (TaskVectorMerge.dareTies, true)] {
         let p = try resolve(

@@ -38,7 +38,7 @@ import Testing
     let values = rng.normalTensor([70_001]).scalars
     for (count, offset) in [(1, 0), (63, 5), (64, 64), (70_001, 262_144)] {
       let mask = Kernels.randomKeep(count, offset: offset, rng: rng, density: density)
-      let expected = (0..<count).map { rng.uniform(UInt64(offset + $0)) < density }
+      let expected = (0..<count).map { Double(rng.bits32(UInt64(offset + $0)) >> 8) * 0x1p-24 < Double(density) }
       #expect(mask == expected)
       let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
       #expect(bits == Kernels.packBits(mask))

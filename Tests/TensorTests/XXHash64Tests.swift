@@ -44,4 +44,35 @@ import Testing
     #expect(abs(variance - 1) < 0.02)  // standard error 0.0032
     #expect((0..<10_000).allSatisfy { (0..<1).contains(rng.uniform(UInt64($0))) })
   }
+
+  /// DARE's 32-bit keep draws: each bit is balanced; at density 0.3 the kept fraction, and the
+  /// fraction of pairs both kept (neighbours, the same counter in two models' streams, counters
+  /// 2^32 apart) match independent draws, each within 5 standard errors.
+  @Test func keepDrawsAreBalancedAndIndependent() {
+    let (a, b) = (CounterRNG(seed: 3, stream: "w#0"), CounterRNG(seed: 3, stream: "w#1"))
+    let n = 1 << 20
+    var ones = [Int](repeating: 0, count: 32)
+    var (kept, neighbours, streams, far) = (0, 0, 0, 0)
+    guard let bound = CounterRNG.keepBound(density: 0.3) else {
+      Issue.record("density 0.3 keeps every draw")
+      return
+    }
+    func keeps(_ rng: CounterRNG, _ i: UInt64) -> Bool { rng.bits32(i) < bound }
+    for i in 0..<UInt64(n) {
+      let draw = a.bits32(i)
+      for bit in 0..<32 where draw >> UInt32(bit) & 1 == 1 { ones[bit] += 1 }
+      let k = keeps(a, i)
+      if k { kept += 1 }
+      if k && keeps(a, i + 1) { neighbours += 1 }
+      if k && keeps(b, i) { streams += 1 }
+      if k && keeps(a, i + (1 << 32)) { far += 1 }
+    }
+    let count = Double(n)
+    for bit in 0..<32 { #expect(abs(Double(ones[bit]) / count - 0.5) < 5 * (0.25 / count).squareRoot()) }
+    #expect(abs(Double(kept) / count - 0.3) < 5 * (0.21 / count).squareRoot())
+    for both in [neighbours, streams, far] {
+      #expect(abs(Double(both) / count - 0.09) < 5 * (0.09 * 0.91 / count).squareRoot())
+    }
+    #expect(CounterRNG.keepBound(density: 1) == nil && CounterRNG.keepBound(density: 0.5) == 0x8000_0000)
+  }
 }
