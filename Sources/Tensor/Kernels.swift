@@ -437,10 +437,9 @@ public enum Kernels {
         for w in words {
           let first = w * 64
           let length = Swift.min(64, count - first)
-          // The draws first, a byte each (a loop the compiler vectorises), then each 8 flag bytes
-          // (loaded little-endian: byte i is bits 8i ..< 8i + 8)
-          // gathered into 8 bits by one product: byte i times 2^(56 - 7i) lands on bit 56 + i,
-          // with no two terms on one bit.
+          // The draws first, a byte each (a loop the compiler vectorises); then each 8 flag bytes,
+          // loaded as one little-endian word (byte i at bit 8i), become 8 bits by one product:
+          // byte i times 2^(56 - 7i) lands on bit 56 + i, and no two terms share a bit.
           for k in 0..<length {
             flags.storeBytes(
               of: rng.bits32(UInt64(offset + first + k)) < bound ? 1 : 0, toByteOffset: k, as: UInt8.self)
@@ -541,8 +540,8 @@ public enum Kernels {
         let k = SendableRawPointer(raw.baseAddress)
         return Elementwise.sumOfBlocks(values.count) { range in
           guard let vp = v.floats, let kp = k.pointer?.assumingMemoryBound(to: UInt64.self) else { return 0 }
-          // Unpacked to a byte a flag first: the sum then runs as fast as over a `[Bool]` mask
-          // (testing the bits inside it is several times slower).
+          // Unpacked to a 32-bit mask an element first: the sum then runs as fast as over a
+          // `[Bool]` mask (testing the bits inside it is several times slower).
           return withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) { flags in
             // Blocks start on a word (`Elementwise.blockSize` is a multiple of 64).
             let first = range.lowerBound
