@@ -151,7 +151,7 @@ public enum LowRankTaskVector {
     let side = min(d.rows, d.columns)
     let gram = DoubleMatrix(
       rows: side, columns: side, values: BLAS.gram(d.values, rows: d.rows, columns: d.columns, ofRows: wide))
-    let energies = try LAPACK.symmetricEigen(gram).values.reversed().map { max(0, $0) }
+    let energies = try LAPACK.symmetricEigenvalues(gram).reversed().map { max(0, $0) }
     let total = energies.reduce(0, +)
     guard total > 0 else { return 1 }
     var kept = 0.0

@@ -150,6 +150,20 @@ public enum LAPACK {
     return (values, vectors)
   }
 
+  /// The eigenvalues of a symmetric matrix, ascending (`dsyevd` without vectors, upper triangle
+  /// read): the tridiagonal reduction and a root-free QR on it, a fraction of the cost of
+  /// `symmetricEigen` when only the spectrum is wanted.
+  public static func symmetricEigenvalues(_ a: DoubleMatrix) throws -> [Double] {
+    precondition(a.rows == a.columns, "symmetricEigenvalues needs a square matrix, got \(a.rows)x\(a.columns)")
+    var work = a.values
+    var values = [Double](repeating: 0, count: a.rows)
+    guard a.rows > 0 else { return values }
+    let info = LAPACKE_dsyevd(
+      LAPACK_ROW_MAJOR, ascii("N"), ascii("U"), BLAS.int32(a.rows), &work, BLAS.int32(a.rows), &values)
+    try check(info, "dsyevd") { _ in .noConvergence(routine: "eigenvalues (dsyevd)") }
+    return values
+  }
+
   /// The `count` largest eigenpairs of a symmetric `n x n` matrix (row-major; one triangle is
   /// read, so either layout serves), by MRRR on the tridiagonal form (`ssyevr`/`dsyevr` with an
   /// index range): eigenvalues descending, and the matching eigenvectors as the rows of a

@@ -136,6 +136,22 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     for i in 0..<6 { for j in 0..<6 { #expect(abs(av[i, j] - eig.values[j] * eig.vectors[i, j]) < 1e-10) } }
   }
 
+  /// The values alone: the closed form of [[2, 1], [1, 2]], the vector route's values on a Gram
+  /// matrix of 300 x 200 (to 1e-10 of the largest), and their sum is the trace.
+  @Test func symmetricEigenvaluesAreTheEigendecompositionsValues() throws {
+    let small = try LAPACK.symmetricEigenvalues(DoubleMatrix(rows: 2, columns: 2, values: [2, 1, 1, 2]))
+    #expect(abs(small[0] - 1) < 1e-14 && abs(small[1] - 3) < 1e-14)
+    let a = BLAS.gram(DoubleMatrix(CounterRNG(seed: 9, stream: "values").normalTensor([300, 200])))
+    let values = try LAPACK.symmetricEigenvalues(a)
+    let reference = try LAPACK.symmetricEigen(a).values
+    let largest = reference.map(abs).max() ?? 1
+    #expect(values.count == 200 && values == values.sorted())
+    for (x, y) in zip(values, reference) { #expect(abs(x - y) <= 1e-10 * largest) }
+    let trace = (0..<200).reduce(0.0) { $0 + a[$1, $1] }
+    #expect(abs(values.reduce(0, +) - trace) <= 1e-10 * trace)
+    #expect(try LAPACK.symmetricEigenvalues(DoubleMatrix(rows: 0, columns: 0, values: [])).isEmpty)
+  }
+
   @Test func leastSquaresSolvesOverdeterminedAndRankDeficientSystems() throws {
     let a = CounterRNG(seed: 8, stream: "ls").normalTensor([10, 4])
     let x = CounterRNG(seed: 8, stream: "x").normalTensor([4, 2])
