@@ -351,15 +351,12 @@ public enum Kernels {
       }
     case .bits:
       guard let words else { return x }
-      // Unpacked to one byte a flag first: testing bits in the loop below compiles to a branch,
-      // which the random pattern mispredicts half the time.
-      let w = words.assumingMemoryBound(to: UInt64.self)
-      withUnsafeTemporaryAllocation(of: UInt8.self, capacity: length) { flags in
-        for j in 0..<length {
-          let i = first + j
-          flags[j] = UInt8(truncatingIfNeeded: w[i >> 6] >> UInt64(i & 63)) & 1
-        }
-        for j in 0..<length { stash[j] = Float(bitPattern: scaled(x[j]) & (0 &- UInt32(flags[j]))) }
+      // Unpacked to masks first: testing bits in the loop below compiles to a branch, which the
+      // random pattern mispredicts half the time.
+      withUnsafeTemporaryAllocation(of: UInt32.self, capacity: length) { masks in
+        guard let m = masks.baseAddress else { return }
+        unpackMasks(words.assumingMemoryBound(to: UInt64.self), first: first, count: length, into: m)
+        for j in 0..<length { stash[j] = Float(bitPattern: scaled(x[j]) & m[j]) }
       }
     case .mask:
       guard let mask else { return x }
@@ -368,6 +365,23 @@ public enum Kernels {
       }
     }
     return UnsafePointer(stash)
+  }
+
+  /// The keep flags of elements `first ..< first + count` of packed `words` (bit `i % 64` of
+  /// word `i / 64`, as `packBits` packs them) as masks for `&`: all ones where kept, else 0.
+  /// One word is loaded per 64 elements; `first` need not be a multiple of 64.
+  @inline(__always)
+  static func unpackMasks(
+    _ words: UnsafePointer<UInt64>, first: Int, count: Int, into masks: UnsafeMutablePointer<UInt32>
+  ) {
+    var j = 0
+    while j < count {
+      let i = first + j
+      let word = words[i &>> 6] &>> UInt64(i & 63)
+      let length = Swift.min(64 - (i & 63), count - j)
+      for k in 0..<length { masks[j + k] = 0 &- UInt32(truncatingIfNeeded: (word &>> UInt64(k)) & 1) }
+      j += length
+    }
   }
 
   /// Calls `body` with the raw bytes of every array (masks, packed words; nil pointers for
@@ -540,20 +554,14 @@ public enum Kernels {
         let k = SendableRawPointer(raw.baseAddress)
         return Elementwise.sumOfBlocks(values.count) { range in
           guard let vp = v.floats, let kp = k.pointer?.assumingMemoryBound(to: UInt64.self) else { return 0 }
-          // Unpacked to a 32-bit mask an element first: the sum then runs as fast as over a
-          // `[Bool]` mask (testing the bits inside it is several times slower).
-          return withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) { flags in
-            // Blocks start on a word (`Elementwise.blockSize` is a multiple of 64).
+          // Unpacked to masks first: the sum then runs as fast as over a `[Bool]` mask (testing
+          // the bits inside it is several times slower).
+          return withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) { masks in
+            guard let m = masks.baseAddress else { return 0 }
             let first = range.lowerBound
-            for w in (first &>> 6)..<((range.upperBound + 63) &>> 6) {
-              let word = kp[w]
-              let start = w &<< 6 - first
-              for k in 0..<Swift.min(64, range.count - start) {
-                flags[start + k] = 0 &- UInt32(truncatingIfNeeded: (word &>> UInt64(k)) & 1)
-              }
-            }
+            unpackMasks(kp, first: first, count: range.count, into: m)
             return Elementwise.blockSum(range) {
-              Double(Float(bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF & flags[$0 - first]))
+              Double(Float(bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF & m[$0 - first]))
             }
           }
         }

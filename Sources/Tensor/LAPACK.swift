@@ -305,7 +305,7 @@ public enum LAPACK {
       vt: Tensor(shape: [rank, n], scalars: Array(svd.vt.scalars.prefix(rank * n))))
   }
 
-  private static func ascii(_ c: Unicode.Scalar) -> CChar { CChar(UInt8(ascii: c)) }
+  fileprivate static func ascii(_ c: Unicode.Scalar) -> CChar { CChar(UInt8(ascii: c)) }
 
   /// `info < 0` is a wrong argument (our bug); `info > 0` a numerical failure for the caller.
   private static func check(_ info: Int32, _ routine: String, _ failure: (Int) -> LinearAlgebraError) throws {
@@ -331,7 +331,7 @@ extension Float: LAPACKScalar {
     _ vectors: inout [Float], _ support: inout [Int32]
   ) -> Int32 {
     LAPACKE_ssyevr(
-      LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "U")), n, &a, n, 0, 0,
+      LAPACK_COL_MAJOR, LAPACK.ascii("V"), LAPACK.ascii("I"), LAPACK.ascii("U"), n, &a, n, 0, 0,
       first, last, 0, &found, &values, &vectors, n, &support)
   }
 }
@@ -342,7 +342,7 @@ extension Double: LAPACKScalar {
     _ vectors: inout [Double], _ support: inout [Int32]
   ) -> Int32 {
     LAPACKE_dsyevr(
-      LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "U")), n, &a, n, 0, 0,
+      LAPACK_COL_MAJOR, LAPACK.ascii("V"), LAPACK.ascii("I"), LAPACK.ascii("U"), n, &a, n, 0, 0,
       first, last, 0, &found, &values, &vectors, n, &support)
   }
 }

@@ -47,6 +47,25 @@ import Testing
     }
   }
 
+  /// Packed flags unpack to all-ones or zero masks, element for element, from any first element
+  /// (on a word boundary or not) and for any count.
+  @Test func packedFlagsUnpackToMasks() {
+    let rng = CounterRNG(seed: 6, stream: "flags")
+    let flags = (0..<300).map { rng.uniform(UInt64($0)) < 0.5 }
+    let words = Kernels.packBits(flags)
+    for (first, count) in [(0, 300), (5, 1), (63, 2), (64, 64), (100, 137), (37, 0)] {
+      var masks = [UInt32](repeating: 7, count: count)
+      words.withUnsafeBufferPointer { w in
+        masks.withUnsafeMutableBufferPointer { m in
+          if let wp = w.baseAddress, let mp = m.baseAddress {
+            Kernels.unpackMasks(wp, first: first, count: count, into: mp)
+          }
+        }
+      }
+      #expect(masks == flags[first..<(first + count)].map { $0 ? UInt32.max : 0 })
+    }
+  }
+
   /// The three sums of one sweep are the three dot products to the bit, on one block, several
   /// blocks, and a count off the four lanes; and close to a plain float64 sum.
   @Test func dotsOfPairAreTheDots() {
