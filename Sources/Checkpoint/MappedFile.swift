@@ -8,23 +8,35 @@ import Foundation
 
 /// A read-only memory map of a whole file. Pages are loaded on first touch and can be dropped
 /// from this process's resident set after use (`release`), so streaming over a large file keeps
-/// memory flat.
+/// memory flat. Reads of a streamed merge's size (`copiedReads`) are copied out with `pread`
+/// instead (`withBytes`).
 final class MappedFile: @unchecked Sendable {
   let path: String
   let size: Int
   private let base: UnsafeRawPointer?
+  /// Kept open for `pread`.
+  private let descriptor: Int32
+
+  /// Byte counts that `withBytes` copies into a pooled buffer rather than reading through the
+  /// mapping. The kernel copies from the page cache through its own huge-page mapping at about
+  /// 19 GB/s a core, while a first touch of the mapping costs a page-table walk and a cache miss
+  /// every 4 KiB plus a fault every 64 KiB: on a linear merge of 3 x 1 GB this took user time
+  /// from 0.62 to 0.38 s for the same system time. Larger reads (whole tensors) stay mapped, so
+  /// they are never held twice.
+  static let copiedReads = (64 << 10)...(8 << 20)
 
   init(path: String) throws {
     self.path = path
     let (fd, size) = try InputFile.openRegular(path)
-    defer { close(fd) }
     self.size = size
+    descriptor = fd
     if size == 0 {
       base = nil
       return
     }
     let mapped = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
     guard let mapped, mapped != MAP_FAILED else {
+      close(fd)
       throw CheckpointError.cannotOpen(file: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
     }
     base = UnsafeRawPointer(mapped)
@@ -32,6 +44,28 @@ final class MappedFile: @unchecked Sendable {
 
   deinit {
     if let base { munmap(UnsafeMutableRawPointer(mutating: base), size) }
+    close(descriptor)
+  }
+
+  /// Calls `body` with bytes `range` of the file (valid only inside `body`): copied into a
+  /// pooled buffer when the count is in `copiedReads`, else straight from the mapping (also the
+  /// fallback when `pread` fails; the mapping then reports the problem as it always did). The
+  /// caller has checked that the range is inside the file.
+  func withBytes<R>(_ range: Range<Int>, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+    guard Self.copiedReads.contains(range.count) else { return try body(bytes(range)) }
+    let buffer = ReadBuffers.shared.take(range.count)
+    defer { ReadBuffers.shared.give(buffer) }
+    guard let start = buffer.baseAddress else { return try body(bytes(range)) }
+    var filled = 0
+    while filled < range.count {
+      let n = pread(descriptor, start + filled, range.count - filled, off_t(range.lowerBound + filled))
+      if n > 0 {
+        filled += n
+      } else if !(n < 0 && errno == EINTR) {
+        return try body(bytes(range))
+      }
+    }
+    return try body(UnsafeRawBufferPointer(start: start, count: range.count))
   }
 
   /// Bytes `range` of the file; the caller has checked that the range is inside the file.
@@ -68,7 +102,7 @@ struct MappedTensors {
     guard let whole = ranges[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     let part = range ?? 0..<whole.count
     precondition(part.lowerBound >= 0 && part.upperBound <= whole.count, "byte range \(part) outside tensor \(name)")
-    return try body(map.bytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound)))
+    return try map.withBytes((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound), body)
   }
 
   /// Drops the pages of bytes `range` (default: all) of tensor `name`.
@@ -76,5 +110,40 @@ struct MappedTensors {
     guard let whole = ranges[ExactName(name)] else { return }
     let part = range ?? 0..<whole.count
     map.release((whole.lowerBound + part.lowerBound)..<(whole.lowerBound + part.upperBound))
+  }
+}
+
+/// Reusable buffers for `MappedFile.withBytes`'s copies, so that each streamed range does not
+/// allocate (glibc would map and unmap a fresh region, faulting its pages in every time). A
+/// buffer is taken for the length of one read; at most `kept` bytes wait in the pool.
+final class ReadBuffers: @unchecked Sendable {
+  static let shared = ReadBuffers()
+  private let lock = NSLock()
+  private var free: [UnsafeMutableRawBufferPointer] = []
+  private var freeBytes = 0
+  private let kept = 64 << 20
+
+  /// A buffer of at least `count` bytes (64-byte aligned), from the pool when one fits.
+  func take(_ count: Int) -> UnsafeMutableRawBufferPointer {
+    let pooled: UnsafeMutableRawBufferPointer? = lock.withLock {
+      guard let index = free.firstIndex(where: { $0.count >= count }) else { return nil }
+      freeBytes -= free[index].count
+      return free.remove(at: index)
+    }
+    if let pooled { return pooled }
+    // Whole powers of two from 64 KiB, so that buffers fit the next read of a similar size.
+    let capacity = max(64 << 10, 1 << (Int.bitWidth - (count - 1).leadingZeroBitCount))
+    return UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 64)
+  }
+
+  /// Returns `buffer` to the pool, or frees it when the pool is full.
+  func give(_ buffer: UnsafeMutableRawBufferPointer) {
+    let pooled = lock.withLock {
+      guard freeBytes + buffer.count <= kept else { return false }
+      free.append(buffer)
+      freeBytes += buffer.count
+      return true
+    }
+    if !pooled { buffer.deallocate() }
   }
 }

@@ -43,6 +43,36 @@ import Testing
     #expect(throws: CheckpointError.self) { try file.readRows("w", 8..<11) }
   }
 
+  /// Reads in `MappedFile.copiedReads` come from pooled `pread` buffers, the rest from the
+  /// mapping: both give the file's bytes, also while several reads are held at once (as a merge
+  /// holds every input's range), and at odd offsets.
+  @Test func copiedAndMappedReadsGiveTheStoredBytes() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    // 3 x 256 KiB of f32, and a tensor below the copied sizes.
+    let tensors =
+      (0..<3).map { ("w\($0)", randomTensorData(.f32, shape: [256, 256], seed: UInt64(10 + $0))) }
+      + [("small", randomTensorData(.bf16, shape: [64, 8], seed: 20))]
+    let file = try SafetensorsFile(path: try writeCheckpoint(tensors, to: folder.file("m.safetensors")))
+    let copied = MappedFile.copiedReads
+    for range in [0..<(256 << 10), 3..<(copied.lowerBound + 3), 100..<(100 + copied.lowerBound - 1)] {
+      func nested(_ i: Int) throws -> Bool {
+        guard i < 3 else { return true }
+        return try file.withBytes(of: "w\(i)", range: range) { bytes in
+          guard Array(bytes) == Array(tensors[i].1.bytes[range]) else { return false }
+          return try nested(i + 1)
+        }
+      }
+      #expect(try nested(0), "\(range)")
+      // The same range again: now from buffers the pool kept.
+      #expect(try nested(0), "\(range), again")
+    }
+    #expect(try file.withBytes(of: "small", range: nil) { Array($0) } == tensors[3].1.bytes)
+    let buffer = ReadBuffers.shared.take(copied.lowerBound + 1)
+    #expect(buffer.count >= copied.lowerBound + 1 && Int(bitPattern: buffer.baseAddress) % 64 == 0)
+    ReadBuffers.shared.give(buffer)
+  }
+
   @Test func shardedFolderWithIndexAndAuxiliaryFiles() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
