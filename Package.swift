@@ -56,7 +56,7 @@ let package = Package(
     .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
     .systemLibrary(name: "CSystem", path: "Sources/CSystem"),
     .target(name: "Tensor", dependencies: ["CBLAS", "CLAPACKE", "CSystem"], swiftSettings: kernels),
-    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd"], swiftSettings: hostCPU),
+    .target(name: "Checkpoint", dependencies: ["Tensor", "CZstd", "CSystem"], swiftSettings: hostCPU),
     .target(name: "Nets", dependencies: ["Tensor"], swiftSettings: kernels),
     .target(name: "Merge", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),
     .target(name: "Adapt", dependencies: ["Tensor", "Nets"], swiftSettings: kernels),

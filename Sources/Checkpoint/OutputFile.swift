@@ -1,5 +1,8 @@
 import Foundation
 
+#if canImport(CSystem) && os(Linux)
+  import CSystem
+#endif
 #if canImport(Glibc)
   import Glibc
 #elseif canImport(Darwin)
@@ -19,6 +22,8 @@ final class OutputFile: @unchecked Sendable {
   private var fd: Int32
   /// Bytes accepted so far (the file offset the next write lands at).
   private(set) var bytesWritten = 0
+  /// The size `reserve` gave the file; `publish` cuts the file to `bytesWritten` if less came.
+  private var reserved = 0
 
   private static let stagingSize = 8 << 20
   private let queue = DispatchQueue(label: "mergekit.output")
@@ -50,6 +55,23 @@ final class OutputFile: @unchecked Sendable {
     }
     queue.sync {}
     staging.forEach { $0.deallocate() }
+  }
+
+  /// Allocates the disk blocks of the whole file before it is written, when its size is known
+  /// (a safetensors file): the page-cache writes then skip ext4's per-page block reservation
+  /// (1 GB written in 0.09-0.12 s instead of 0.16-0.17 s), and a disk too small for the output
+  /// fails here, before any work, with `cannotWrite`. Where the file system cannot preallocate,
+  /// the file is written as usual.
+  func reserve(_ size: Int) throws {
+    #if canImport(CSystem) && os(Linux)
+      guard size > 0, bytesWritten == 0, fd >= 0 else { return }
+      if mergekit_preallocate(fd, Int64(size)) == 0 {
+        reserved = size
+      } else if errno == ENOSPC || errno == EDQUOT || errno == EFBIG {
+        throw CheckpointError.cannotWrite(
+          file: destination, reason: "\(String(cString: strerror(errno))) (the file needs \(size) bytes)")
+      }
+    #endif
   }
 
   /// Appends bytes (copied; the caller may reuse its buffer at once).
@@ -123,6 +145,9 @@ final class OutputFile: @unchecked Sendable {
   func publish() throws {
     guard fd >= 0 else { throw CheckpointError.cannotWrite(file: destination, reason: "already closed") }
     try drain()
+    if reserved > bytesWritten && ftruncate(fd, off_t(bytesWritten)) != 0 {
+      throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
+    }
     if Self.syncsToDisk && fsync(fd) != 0 {
       throw CheckpointError.cannotWrite(file: destination, reason: String(cString: strerror(errno)))
     }

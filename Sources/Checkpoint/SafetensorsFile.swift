@@ -81,11 +81,14 @@ final class SafetensorsWriter: TensorFileWriter {
   init(destination: String, tensors: [TensorInfo], metadata: [String: String], preservedHeader: [UInt8]? = nil) throws {
     output = try OutputFile(destination: destination)
     plan = tensors
-    if let preservedHeader, SafetensorsHeader.matches(preservedHeader, tensors: tensors, metadata: metadata) {
-      try output.write(withUnsafeBytes(of: UInt64(preservedHeader.count).littleEndian) { Array($0) } + preservedHeader)
-    } else {
-      try output.write(Self.header(tensors: tensors, metadata: metadata))
-    }
+    let header =
+      if let preservedHeader, SafetensorsHeader.matches(preservedHeader, tensors: tensors, metadata: metadata) {
+        withUnsafeBytes(of: UInt64(preservedHeader.count).littleEndian) { Array($0) } + preservedHeader
+      } else {
+        Self.header(tensors: tensors, metadata: metadata)
+      }
+    try output.reserve(tensors.reduce(header.count) { $0 + $1.byteCount })
+    try output.write(header)
   }
 
   /// The length prefix and JSON header bytes for `tensors` laid out contiguously in order.

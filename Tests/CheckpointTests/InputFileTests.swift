@@ -74,3 +74,33 @@ import Testing
     #expect(Set([ExactName("\u{E9}"), ExactName("e\u{301}"), ExactName("\u{E9}")]).count == 2)
   }
 }
+
+@Suite struct OutputFileTests {
+  /// `reserve` sizes the file before it is written (where the file system preallocates); a file
+  /// that gets fewer bytes than reserved is cut to what was written; a size no disk here has is
+  /// refused before anything is written, naming the file.
+  @Test func reservedFilesHoldExactlyWhatWasWritten() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let destination = folder.file("out.bin")
+    let file = try OutputFile(destination: destination)
+    try file.reserve(1 << 20)
+    var info = stat()
+    #expect(stat(file.temporaryPath, &info) == 0)
+    let preallocates = info.st_size == 1 << 20
+    let bytes = (0..<1000).map { UInt8(truncatingIfNeeded: $0 * 7) }
+    try file.write(bytes)
+    try file.publish()
+    #expect(readBytes(destination) == bytes)
+    guard preallocates else { return }
+    let huge = try OutputFile(destination: folder.file("huge.bin"))
+    #expect {
+      try huge.reserve(1 << 46)
+    } throws: { error in
+      guard case CheckpointError.cannotWrite(let file, let reason) = error else { return false }
+      return file == folder.file("huge.bin") && reason.contains("\(1 << 46) bytes")
+    }
+    huge.discard()
+    #expect(!FileManager.default.fileExists(atPath: folder.file("huge.bin")))
+  }
+}
