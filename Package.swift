@@ -5,21 +5,16 @@
 import Foundation
 import PackageDescription
 
-/// The element loops (merging, dtype conversion, the Nets runtime) vectorise over four doubles or
-/// eight floats with AVX2 instead of two and four with the x86-64 baseline (SSE2). A Linux x86-64
-/// machine whose CPU has Haswell's instruction set (AVX2, FMA, BMI2, F16C, MOVBE, LZCNT) builds for
-/// it: the binary then runs on such CPUs only, like `-march=native`. The results keep their bits:
-/// Swift never contracts a product and a sum into an FMA, and the loops' order is unchanged.
-/// `MERGEKIT_PORTABLE=1` builds for the baseline.
+/// The element loops (merging, dtype conversion, the Nets runtime) vectorise over the widest
+/// vectors the machine has: on Linux x86-64 the numeric targets are built for the host CPU
+/// (`-target-cpu native`, like `-march=native`), so an AVX-512 machine sums eight doubles a step
+/// where the x86-64 baseline (SSE2) sums two; the binary then runs on such CPUs only. The results
+/// keep their bits: Swift never contracts a product and a sum into an FMA, and the loops' order
+/// is unchanged. `MERGEKIT_PORTABLE=1` builds for the baseline.
 let hostCPU: [SwiftSetting] = {
   #if os(Linux) && arch(x86_64)
-    guard ProcessInfo.processInfo.environment["MERGEKIT_PORTABLE"] != "1",
-      let cpuinfo = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-      let flags = cpuinfo.split(separator: "\n").first(where: { $0.hasPrefix("flags") })
-    else { return [] }
-    let present = Set(flags.split(separator: " ").map(String.init))
-    guard ["avx2", "fma", "bmi2", "f16c", "movbe", "abm"].allSatisfy(present.contains) else { return [] }
-    return [.unsafeFlags(["-target-cpu", "haswell"])]
+    guard ProcessInfo.processInfo.environment["MERGEKIT_PORTABLE"] != "1" else { return [] }
+    return [.unsafeFlags(["-target-cpu", "native"])]
   #else
     return []
   #endif

@@ -53,6 +53,16 @@ func kernelFigures() throws {
       }
     }
   }
+  try report("task arithmetic of 3, bf16 bytes in/out", elements: n) {
+    stored.withUnsafeBufferPointers { p in
+      let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+      out.withUnsafeMutableBytes { o in
+        Kernels.weightedSum(
+          Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: true, count: n,
+          into: o, as: .bf16)
+      }
+    }
+  }
   try report("consensusMerge of 3 (TIES)", elements: n) {
     _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true)
   }

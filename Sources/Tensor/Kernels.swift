@@ -155,12 +155,93 @@ public enum Kernels {
     into out: UnsafeMutableRawBufferPointer, as dtype: DType
   ) {
     precondition(out.count >= count * dtype.size && weights.count == terms.count && (!subtractingBase || base != nil))
+    if let o = out.baseAddress,
+      fusedWeightedSum(
+        terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase, count: count, into: o,
+        as: dtype)
+    {
+      return
+    }
     weightedSumChunks(
       0..<count, terms: terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase
     ) { start, length, sums in
       DTypeConversion.encode(
         UnsafeBufferPointer(start: sums, count: length), as: dtype,
         into: UnsafeMutableRawBufferPointer(rebasing: out[(start * dtype.size)..<((start + length) * dtype.size)]))
+    }
+  }
+
+  /// `weightedSum` from stored bytes with the decoding, the sum and the encoding in one loop per
+  /// term (no `Float` scratch to write and read back), when every input has one dtype among
+  /// BF16, F16 and F32 and the output is one of those; returns false otherwise. The same
+  /// operations in the same order as `weightedSumChunks`, so the same bits.
+  static func fusedWeightedSum(
+    _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
+    count: Int, into out: UnsafeMutableRawPointer, as dtype: DType
+  ) -> Bool {
+    let inputType = terms.first?.dtype ?? base?.dtype
+    guard let inputType, terms.allSatisfy({ $0.dtype == inputType }), (base?.dtype ?? inputType) == inputType else {
+      return false
+    }
+    func run<In: FloatStorage>(_: In.Type) -> Bool {
+      switch dtype {
+      case .bf16: fusedWeightedSum(In.self, BF16Storage.self, terms, weights, scale, base, subtractingBase, count, out)
+      case .f16: fusedWeightedSum(In.self, F16Storage.self, terms, weights, scale, base, subtractingBase, count, out)
+      case .f32: fusedWeightedSum(In.self, F32Storage.self, terms, weights, scale, base, subtractingBase, count, out)
+      default: return false
+      }
+      return true
+    }
+    switch inputType {
+    case .bf16: return run(BF16Storage.self)
+    case .f16: return run(F16Storage.self)
+    case .f32: return run(F32Storage.self)
+    default: return false
+    }
+  }
+
+  @inline(__always)
+  static func fusedWeightedSum<In: FloatStorage, Out: FloatStorage>(
+    _: In.Type, _: Out.Type, _ terms: [StoredElements], _ weights: [Double], _ scale: Double, _ base: StoredElements?,
+    _ subtractingBase: Bool, _ count: Int, _ out: UnsafeMutableRawPointer
+  ) {
+    let b = base?.start
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: chunk) { scratch in
+      guard let results = scratch.baseAddress else { return }
+      fusedWeightedSumChunks(In.self, Out.self, terms, weights, scale, b, subtractingBase, count, out, results)
+    }
+  }
+
+  @inline(__always)
+  static func fusedWeightedSumChunks<In: FloatStorage, Out: FloatStorage>(
+    _: In.Type, _: Out.Type, _ terms: [StoredElements], _ weights: [Double], _ scale: Double, _ b: UnsafeRawPointer?,
+    _ subtractingBase: Bool, _ count: Int, _ out: UnsafeMutableRawPointer, _ results: UnsafeMutablePointer<Float>
+  ) {
+    chunked(0..<count, buffers: 1) { start, length, sum in
+      for t in terms.indices {
+        let x = terms[t].start
+        let w = weights[t]
+        // `0 + w * v` as in the scratch loop: a -0 product gives +0 there too.
+        switch (t == 0, subtractingBase, b) {
+        case (true, true, let b?):
+          for j in 0..<length { sum[j] = 0 + w * Double(In.load(x, start + j) - In.load(b, start + j)) }
+        case (true, _, _):
+          for j in 0..<length { sum[j] = 0 + w * Double(In.load(x, start + j)) }
+        case (false, true, let b?):
+          for j in 0..<length { sum[j] += w * Double(In.load(x, start + j) - In.load(b, start + j)) }
+        case (false, _, _):
+          for j in 0..<length { sum[j] += w * Double(In.load(x, start + j)) }
+        }
+      }
+      if terms.isEmpty { for j in 0..<length { sum[j] = 0 } }
+      // Rounded to Float, then encoded in a loop of its own: eight floats to a step instead
+      // of the four doubles of the sums.
+      if let b {
+        for j in 0..<length { results[j] = Float(Double(In.load(b, start + j)) + scale * sum[j]) }
+      } else {
+        for j in 0..<length { results[j] = Float(0 + scale * sum[j]) }
+      }
+      for j in 0..<length { Out.store(results[j], out, start + j) }
     }
   }
 
@@ -588,5 +669,39 @@ public enum Kernels {
         }
       }
     }
+  }
+}
+
+/// Loading and storing one element of a floating dtype at an element index of unaligned bytes,
+/// for kernels specialised per dtype (`Kernels.fusedWeightedSum`).
+protocol FloatStorage {
+  static func load(_ bytes: UnsafeRawPointer, _ index: Int) -> Float
+  static func store(_ value: Float, _ bytes: UnsafeMutableRawPointer, _ index: Int)
+}
+
+enum BF16Storage: FloatStorage {
+  @inline(__always) static func load(_ bytes: UnsafeRawPointer, _ index: Int) -> Float {
+    Float(bitPattern: DTypeConversion.bf16ToF32Bits(bytes.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
+  }
+  @inline(__always) static func store(_ value: Float, _ bytes: UnsafeMutableRawPointer, _ index: Int) {
+    bytes.storeBytes(of: DTypeConversion.f32ToBF16Bits(value.bitPattern), toByteOffset: 2 * index, as: UInt16.self)
+  }
+}
+
+enum F16Storage: FloatStorage {
+  @inline(__always) static func load(_ bytes: UnsafeRawPointer, _ index: Int) -> Float {
+    Float(bitPattern: DTypeConversion.f16ToF32Bits(bytes.loadUnaligned(fromByteOffset: 2 * index, as: UInt16.self)))
+  }
+  @inline(__always) static func store(_ value: Float, _ bytes: UnsafeMutableRawPointer, _ index: Int) {
+    bytes.storeBytes(of: DTypeConversion.f32ToF16Bits(value.bitPattern), toByteOffset: 2 * index, as: UInt16.self)
+  }
+}
+
+enum F32Storage: FloatStorage {
+  @inline(__always) static func load(_ bytes: UnsafeRawPointer, _ index: Int) -> Float {
+    Float(bitPattern: bytes.loadUnaligned(fromByteOffset: 4 * index, as: UInt32.self))
+  }
+  @inline(__always) static func store(_ value: Float, _ bytes: UnsafeMutableRawPointer, _ index: Int) {
+    bytes.storeBytes(of: value.bitPattern, toByteOffset: 4 * index, as: UInt32.self)
   }
 }
