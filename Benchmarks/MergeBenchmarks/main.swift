@@ -63,6 +63,13 @@ func kernelFigures() throws {
       }
     }
   }
+  let drawn = Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5)
+  try report("DARE rescale: draws and both L1 sums", elements: n) {
+    _ = Kernels.absoluteSums(deltas[0], keepBits: Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5))
+  }
+  try report("L1 sums (all and kept) of drawn bits", elements: n) {
+    _ = Kernels.absoluteSums(deltas[0], keepBits: drawn)
+  }
   try report("consensusMerge of 3 (TIES)", elements: n) {
     _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true)
   }

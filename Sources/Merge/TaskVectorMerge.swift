@@ -237,7 +237,8 @@ public struct TaskVectorMerge: StreamingMerge {
           if let (density, rng) = sparsity[m].random {
             // DARE's draws go straight into packed bits, kept for the merge pass when it uses them.
             let bits = Kernels.randomKeepBits(d[m].count, offset: range.offset, rng: rng, density: density)
-            return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keepBits: bits), keepsDraws ? bits : nil)
+            let (all, kept) = Kernels.absoluteSums(d[m], keepBits: bits)
+            return (all, kept, keepsDraws ? bits : nil)
           }
           guard let keep = sparsity[m].keep(d[m], offset: range.offset) else { return (0, 0, nil) }
           return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep), nil)

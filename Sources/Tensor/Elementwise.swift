@@ -48,20 +48,59 @@ public enum Elementwise {
     return partials.reduce(0, +)
   }
 
+  /// Two sums over the same fixed blocks in one sweep (`block` gives both partial sums); each
+  /// has the bits `sumOfBlocks` gives it alone.
+  @inlinable
+  public static func sumOfBlockPairs(_ count: Int, _ block: (Range<Int>) -> (Double, Double)) -> (Double, Double) {
+    let blocks = (count + blockSize - 1) / blockSize
+    guard blocks > 1 else { return block(0..<count) }
+    var partials = [(Double, Double)](repeating: (0, 0), count: blocks)
+    partials.withUnsafeMutableBufferPointer { slots in
+      let out = SendablePointer(slots.baseAddress)
+      try? Parallel.forEach(blocks) { _, b in
+        out.pointer?[b] = block((b * blockSize)..<Swift.min(count, (b + 1) * blockSize))
+      }
+    }
+    return (partials.reduce(0) { $0 + $1.0 }, partials.reduce(0) { $0 + $1.1 })
+  }
+
+  /// Two `blockSum`s in one sweep: each sum has the bits `blockSum` gives it alone (lane k of
+  /// its vector holds `blockSum`'s chain k).
+  @inlinable
+  public static func blockSumPair(_ range: Range<Int>, _ f: (Int) -> (Double, Double)) -> (Double, Double) {
+    var (a, b) = (SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0))
+    var i = range.lowerBound
+    while i + 4 <= range.upperBound {
+      let (x0, y0) = f(i)
+      let (x1, y1) = f(i + 1)
+      let (x2, y2) = f(i + 2)
+      let (x3, y3) = f(i + 3)
+      a += SIMD4(x0, x1, x2, x3)
+      b += SIMD4(y0, y1, y2, y3)
+      i += 4
+    }
+    var (first, second) = ((a[0] + a[1]) + (a[2] + a[3]), (b[0] + b[1]) + (b[2] + b[3]))
+    while i < range.upperBound {
+      let (x, y) = f(i)
+      first += x
+      second += y
+      i += 1
+    }
+    return (first, second)
+  }
+
   /// The sum of `f(i)` over one block in four interleaved lanes, `(l0 + l1) + (l2 + l3)`, then
   /// the tail: four independent additions pipeline, where one chain would wait on each.
   @inlinable
   public static func blockSum(_ range: Range<Int>, _ f: (Int) -> Double) -> Double {
-    var (l0, l1, l2, l3) = (0.0, 0.0, 0.0, 0.0)
+    // The lanes in one vector: the same additions, which the compiler then keeps in one register.
+    var lanes = SIMD4<Double>(repeating: 0)
     var i = range.lowerBound
     while i + 4 <= range.upperBound {
-      l0 += f(i)
-      l1 += f(i + 1)
-      l2 += f(i + 2)
-      l3 += f(i + 3)
+      lanes += SIMD4(f(i), f(i + 1), f(i + 2), f(i + 3))
       i += 4
     }
-    var total = (l0 + l1) + (l2 + l3)
+    var total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
     while i < range.upperBound {
       total += f(i)
       i += 1

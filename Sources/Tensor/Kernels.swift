@@ -624,25 +624,27 @@ public enum Kernels {
     return sums
   }
 
-  /// Sum of |values| where bit `i % 64` of `keep[i / 64]` is set (`packBits`), in `Double`:
-  /// the same sum, to the bit, as `absoluteSum(values, keep:)` of the unpacked mask.
-  public static func absoluteSum(_ values: [Float], keepBits keep: [UInt64]) -> Double {
+  /// DARE's two L1 norms of one range in one sweep: the sum of |values| and the sum over the
+  /// elements kept by packed flags (bit `i % 64` of word `i / 64`), each in `Double` with the bits
+  /// `absoluteSum(values)` and `absoluteSum(values, keep:)` of the unpacked mask give.
+  public static func absoluteSums(_ values: [Float], keepBits keep: [UInt64]) -> (all: Double, kept: Double) {
     precondition(keep.count == (values.count + 63) / 64)
-    guard !values.isEmpty else { return 0 }
+    guard !values.isEmpty else { return (0, 0) }
     return withPointers([values]) { p in
       let v = SendableRawPointer(p[0])
       return keep.withUnsafeBytes { raw in
         let k = SendableRawPointer(raw.baseAddress)
-        return Elementwise.sumOfBlocks(values.count) { range in
-          guard let vp = v.floats, let kp = k.pointer?.assumingMemoryBound(to: UInt64.self) else { return 0 }
+        return Elementwise.sumOfBlockPairs(values.count) { range in
+          guard let vp = v.floats, let kp = k.pointer?.assumingMemoryBound(to: UInt64.self) else { return (0, 0) }
           // Unpacked to masks first: the sum then runs as fast as over a `[Bool]` mask (testing
           // the bits inside it is several times slower).
           return withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) { masks in
-            guard let m = masks.baseAddress else { return 0 }
+            guard let m = masks.baseAddress else { return (0, 0) }
             let first = range.lowerBound
             unpackMasks(kp, first: first, count: range.count, into: m)
-            return Elementwise.blockSum(range) {
-              Double(Float(bitPattern: vp[$0].bitPattern & 0x7FFF_FFFF & m[$0 - first]))
+            return Elementwise.blockSumPair(range) {
+              let magnitude = vp[$0].bitPattern & 0x7FFF_FFFF
+              return (Double(Float(bitPattern: magnitude)), Double(Float(bitPattern: magnitude & m[$0 - first])))
             }
           }
         }

@@ -30,8 +30,8 @@ import Testing
   }
 
   /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
-  /// element (counts off the word boundary, offsets, densities near the ends), and the L1 sum over
-  /// them is the mask's sum to the bit.
+  /// element (counts off the word boundary, offsets, densities near the ends), and the two L1 sums
+  /// over them are the mask's and the whole slice's sums to the bit.
   @Test(arguments: [Float(1e-7), 0.1, 0.5, 0.9, 0.999_999_9])
   func packedRandomKeepIsTheMask(_ density: Float) {
     let rng = CounterRNG(seed: 4, stream: "dare#1")
@@ -43,7 +43,13 @@ import Testing
       let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
       #expect(bits == Kernels.packBits(mask))
       let slice = Array(values[0..<count])
-      #expect(Kernels.absoluteSum(slice, keepBits: bits) == Kernels.absoluteSum(slice, keep: mask))
+      let sums = Kernels.absoluteSums(slice, keepBits: bits)
+      #expect(sums.all == Kernels.absoluteSum(slice) && sums.kept == Kernels.absoluteSum(slice, keep: mask))
+      // Against float64 sums in another order: equal to rounding.
+      let exact = zip(slice, mask).reduce((0.0, 0.0)) {
+        ($0.0 + Double(abs($1.0)), $0.1 + ($1.1 ? Double(abs($1.0)) : 0))
+      }
+      #expect(abs(sums.all - exact.0) <= 1e-9 * exact.0 && abs(sums.kept - exact.1) <= 1e-9 * max(exact.1, 1e-30))
     }
   }
 
