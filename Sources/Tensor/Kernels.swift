@@ -580,28 +580,19 @@ public enum Kernels {
         try? Parallel.forEach(blocks) { _, block in
           guard let xp = x.floats, let yp = y.floats, let o = out.pointer else { return }
           let end = Swift.min(a.count, (block + 1) * size)
-          var (aa0, aa1, aa2, aa3) = (0.0, 0.0, 0.0, 0.0)
-          var (ab0, ab1, ab2, ab3) = (0.0, 0.0, 0.0, 0.0)
-          var (bb0, bb1, bb2, bb3) = (0.0, 0.0, 0.0, 0.0)
+          // Lane k of each vector is `blockSum`'s chain k.
+          var (aa4, ab4, bb4) = (SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0))
           var i = block * size
           while i + 4 <= end {
-            let (a0, a1, a2, a3) = (Double(xp[i]), Double(xp[i + 1]), Double(xp[i + 2]), Double(xp[i + 3]))
-            let (b0, b1, b2, b3) = (Double(yp[i]), Double(yp[i + 1]), Double(yp[i + 2]), Double(yp[i + 3]))
-            aa0 += a0 * a0
-            aa1 += a1 * a1
-            aa2 += a2 * a2
-            aa3 += a3 * a3
-            ab0 += a0 * b0
-            ab1 += a1 * b1
-            ab2 += a2 * b2
-            ab3 += a3 * b3
-            bb0 += b0 * b0
-            bb1 += b1 * b1
-            bb2 += b2 * b2
-            bb3 += b3 * b3
+            let a4 = SIMD4(Double(xp[i]), Double(xp[i + 1]), Double(xp[i + 2]), Double(xp[i + 3]))
+            let b4 = SIMD4(Double(yp[i]), Double(yp[i + 1]), Double(yp[i + 2]), Double(yp[i + 3]))
+            aa4 += a4 * a4
+            ab4 += a4 * b4
+            bb4 += b4 * b4
             i += 4
           }
-          var (aa, ab, bb) = ((aa0 + aa1) + (aa2 + aa3), (ab0 + ab1) + (ab2 + ab3), (bb0 + bb1) + (bb2 + bb3))
+          func total(_ v: SIMD4<Double>) -> Double { (v[0] + v[1]) + (v[2] + v[3]) }
+          var (aa, ab, bb) = (total(aa4), total(ab4), total(bb4))
           while i < end {
             let (ai, bi) = (Double(xp[i]), Double(yp[i]))
             aa += ai * ai
