@@ -12,6 +12,7 @@ import Testing
   /// checkpoint is the same file as the one written directly.
   @Test func readsBackWhatWasWrittenAndCopiesLikeAFile() throws {
     let folder = TemporaryFolder()
+    defer { folder.remove() }
     let w = Tensor(shape: [3, 5], scalars: (0..<15).map { Float($0) * 0.25 - 1 })
     let ids = TensorData(
       dtype: .i64, shape: [4], bytes: (0..<4).flatMap { withUnsafeBytes(of: Int64($0 * 1000).littleEndian, Array.init) }

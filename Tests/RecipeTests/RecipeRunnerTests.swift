@@ -15,7 +15,7 @@ let recipesFolder = URL(fileURLWithPath: #filePath).deletingLastPathComponent().
 
 /// Example models under `folder/demo`, written once for the suite.
 let exampleFolder: TemporaryFolder = {
-  let folder = TemporaryFolder()
+  let folder = TemporaryFolder.removedAtExit()
   _ = try? ExampleModels.writeExamples(to: folder.file("demo"))
   return folder
 }()

@@ -13,7 +13,7 @@ import Testing
 @Suite(.serialized) struct HostileInputTests {
   /// One tiny Llama model folder (2 layers, width 8) shared by the cases.
   static let fixture: TemporaryFolder = {
-    let folder = TemporaryFolder()
+    let folder = TemporaryFolder.removedAtExit()
     let config = """
       {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 16, "hidden_size": 8,
        "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,

@@ -8,7 +8,7 @@ import Testing
 /// `mergekit merge`, `task-vector` and `apply` on the example models, through the built binary.
 @Suite(.serialized) struct MergeCommandTests {
   static let examples: TemporaryFolder = {
-    let folder = TemporaryFolder()
+    let folder = TemporaryFolder.removedAtExit()
     _ = try? CLI.run("example", folder.file("ex"))
     return folder
   }()

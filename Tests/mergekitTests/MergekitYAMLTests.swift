@@ -8,7 +8,7 @@ import Testing
 /// mergekit-yaml command lines run as `mergekit run CONFIG OUT [flags]`.
 @Suite struct MergekitYAMLTests {
   static let examples: TemporaryFolder = {
-    let folder = TemporaryFolder()
+    let folder = TemporaryFolder.removedAtExit()
     _ = try? CLI.run("example", folder.file("ex"))
     return folder
   }()

@@ -8,7 +8,7 @@ import Testing
 /// that is a path, or two outputs on one path write nothing and exit 64 naming the YAML path.
 @Suite struct RecipeValidationTests {
   static let examples: TemporaryFolder = {
-    let folder = TemporaryFolder()
+    let folder = TemporaryFolder.removedAtExit()
     _ = try? CLI.run("example", folder.file("ex"))
     return folder
   }()

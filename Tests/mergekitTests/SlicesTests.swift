@@ -8,7 +8,7 @@ import Testing
 /// `mergekit run CONFIG -o OUT` on the example Llama models (4 layers).
 @Suite struct SlicesTests {
   static let examples: TemporaryFolder = {
-    let folder = TemporaryFolder()
+    let folder = TemporaryFolder.removedAtExit()
     _ = try? CLI.run("example", folder.file("ex"))
     return folder
   }()
