@@ -30,13 +30,13 @@ import Testing
   }
 
   /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
-  /// element (counts off the word boundary, offsets, densities near the ends), and the two L1 sums
-  /// over them are the mask's and the whole slice's sums to the bit.
+  /// element (counts off the word boundary, offsets, counters whose low word wraps, densities near
+  /// the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit.
   @Test(arguments: [Float(1e-7), 0.1, 0.5, 0.9, 0.999_999_9])
   func packedRandomKeepIsTheMask(_ density: Float) {
     let rng = CounterRNG(seed: 4, stream: "dare#1")
     let values = rng.normalTensor([70_001]).scalars
-    for (count, offset) in [(1, 0), (63, 5), (64, 64), (70_001, 262_144)] {
+    for (count, offset) in [(1, 0), (63, 5), (64, 64), (70_001, 262_144), (300, (1 << 32) - 100)] {
       let mask = Kernels.randomKeep(count, offset: offset, rng: rng, density: density)
       let expected = (0..<count).map { Double(rng.bits32(UInt64(offset + $0)) >> 8) * 0x1p-24 < Double(density) }
       #expect(mask == expected)
