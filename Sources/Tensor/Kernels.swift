@@ -200,6 +200,8 @@ public enum Kernels {
     }
   }
 
+  /// `fusedWeightedSum` specialised to its input and output dtypes, with a chunk of `Float`
+  /// scratch for the rounded results.
   @inline(__always)
   static func fusedWeightedSum<In: FloatStorage, Out: FloatStorage>(
     _: In.Type, _: Out.Type, _ terms: [StoredElements], _ weights: [Double], _ scale: Double, _ base: StoredElements?,
@@ -212,6 +214,8 @@ public enum Kernels {
     }
   }
 
+  /// The chunks of `fusedWeightedSum`: per chunk, one loop per term into the `Double` sums, then
+  /// the rounding to `Float` and the encoding.
   @inline(__always)
   static func fusedWeightedSumChunks<In: FloatStorage, Out: FloatStorage>(
     _: In.Type, _: Out.Type, _ terms: [StoredElements], _ weights: [Double], _ scale: Double, _ b: UnsafeRawPointer?,

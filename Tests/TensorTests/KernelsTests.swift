@@ -29,6 +29,63 @@ import Testing
     }
   }
 
+  /// The weighted sum from stored bytes (its decoding fused into the sum loops when the inputs
+  /// share one dtype among BF16, F16 and F32) gives the bits of the weighted sum of the decoded
+  /// arrays, encoded: with and without a base, subtracting it or not, into each of the three
+  /// output dtypes, with zeros and a negative weight (-0 products) and a count off the chunk size;
+  /// inputs of mixed dtypes take the scratch route and agree too.
+  @Test func storedWeightedSumIsTheDecodedOne() {
+    let n = 1_037
+    let rng = CounterRNG(seed: 9, stream: "weighted")
+    // Zeros everywhere at i % 7 == 0, the base's negative at every other one of them.
+    let values = (0..<4).map { k in
+      (0..<n).map { i -> Float in i % 7 == 0 ? (k == 0 && i % 14 == 0 ? -0.0 : 0) : rng.normal(UInt64(k * n + i)) }
+    }
+    // Two negative weights alone leave a -0 sum where both products are -0, which the sums'
+    // leading `0 +` turns to +0 (seen where the base is -0).
+    let weightSets = [[-0.7, -1.3, 0.25], [-0.7, -1.3]]
+    func withBytes<R>(_ arrays: [[UInt8]], _ body: ([UnsafeRawPointer]) -> R) -> R {
+      func nest(_ i: Int, _ held: [UnsafeRawPointer]) -> R {
+        guard i < arrays.count else { return body(held) }
+        return arrays[i].withUnsafeBytes { nest(i + 1, held + [$0.baseAddress ?? Kernels.noElements]) }
+      }
+      return nest(0, [])
+    }
+    for types in [
+      [DType.bf16, .bf16, .bf16, .bf16], [.f16, .f16, .f16, .f16], [.f32, .f32, .f32, .f32],
+      [.bf16, .f32, .bf16, .f16],
+    ] {
+      let stored = zip(values, types).map { Tensor(shape: [n], scalars: $0).encoded(as: $1).bytes }
+      let decoded = zip(stored, types).map { bytes, type in
+        bytes.withUnsafeBytes { Tensor(decoding: $0, dtype: type, shape: [n]).scalars }
+      }
+      for output in [DType.bf16, .f16, .f32] {
+        for weights in weightSets {
+          for (hasBase, subtracting) in [(false, false), (true, false), (true, true)] {
+            let terms = 1...weights.count
+            let expected = Tensor(
+              shape: [n],
+              scalars: Kernels.weightedSum(
+                Array(decoded[terms]), weights: weights, scale: 0.9, base: hasBase ? decoded[0] : nil,
+                subtractingBase: subtracting)
+            ).encoded(as: output).bytes
+            let actual = withBytes(stored) { p in
+              let elements = zip(p, types).map { Kernels.StoredElements(start: $0, dtype: $1) }
+              return [UInt8](unsafeUninitializedCapacity: n * output.size) { buffer, initialized in
+                Kernels.weightedSum(
+                  Array(elements[terms]), weights: weights, scale: 0.9, base: hasBase ? elements[0] : nil,
+                  subtractingBase: subtracting, count: n, into: UnsafeMutableRawBufferPointer(buffer), as: output)
+                initialized = n * output.size
+              }
+            }
+            #expect(
+              actual == expected, "\(types) -> \(output), \(weights), base \(hasBase), subtracting \(subtracting)")
+          }
+        }
+      }
+    }
+  }
+
   /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
   /// element (counts off the word boundary, offsets, counters whose low word wraps, densities near
   /// the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit.
