@@ -14,7 +14,8 @@ final class MappedFile: @unchecked Sendable {
   let path: String
   let size: Int
   private let base: UnsafeRawPointer?
-  /// Kept open for `pread`.
+  /// Kept open for `pread`; -1 when `ReadDescriptors` has none to spare (reads then go
+  /// through the mapping).
   private let descriptor: Int32
 
   /// Byte counts that `withBytes` copies into a pooled buffer rather than reading through the
@@ -29,9 +30,10 @@ final class MappedFile: @unchecked Sendable {
     self.path = path
     let (fd, size) = try InputFile.openRegular(path)
     self.size = size
-    descriptor = fd
     if size == 0 {
+      close(fd)
       base = nil
+      descriptor = -1
       return
     }
     let mapped = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
@@ -40,11 +42,23 @@ final class MappedFile: @unchecked Sendable {
       throw CheckpointError.cannotOpen(file: path, reason: "mmap failed: \(String(cString: strerror(errno)))")
     }
     base = UnsafeRawPointer(mapped)
+    if ReadDescriptors.shared.hold() {
+      descriptor = fd
+    } else {
+      close(fd)
+      descriptor = -1
+    }
   }
+
+  /// Whether reads of `copiedReads`'s sizes are copied with `pread` (a descriptor was kept).
+  var copiesReads: Bool { descriptor >= 0 }
 
   deinit {
     if let base { munmap(UnsafeMutableRawPointer(mutating: base), size) }
-    close(descriptor)
+    if descriptor >= 0 {
+      close(descriptor)
+      ReadDescriptors.shared.letGo()
+    }
   }
 
   /// Calls `body` with bytes `range` of the file (valid only inside `body`): copied into a
@@ -52,7 +66,7 @@ final class MappedFile: @unchecked Sendable {
   /// fallback when `pread` fails; the mapping then reports the problem as it always did). The
   /// caller has checked that the range is inside the file.
   func withBytes<R>(_ range: Range<Int>, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-    guard Self.copiedReads.contains(range.count) else { return try body(bytes(range)) }
+    guard descriptor >= 0, Self.copiedReads.contains(range.count) else { return try body(bytes(range)) }
     let buffer = ReadBuffers.shared.take(range.count)
     defer { ReadBuffers.shared.give(buffer) }
     guard let start = buffer.baseAddress else { return try body(bytes(range)) }
@@ -146,4 +160,34 @@ final class ReadBuffers: @unchecked Sendable {
     }
     if !pooled { buffer.deallocate() }
   }
+}
+
+/// How many files `MappedFile` keeps open for `pread`: at most half the process's limit on open
+/// files, so that inputs of many shards never run a merge out of descriptors (a file past the
+/// cap is read through its mapping, as before `pread`; the mapping needs no descriptor).
+final class ReadDescriptors: @unchecked Sendable {
+  static let shared = ReadDescriptors()
+  private let lock = NSLock()
+  private var held = 0
+  let cap: Int = {
+    var limits = rlimit()
+    #if os(Linux)
+      let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+    #else
+      let resource = RLIMIT_NOFILE
+    #endif
+    guard getrlimit(resource, &limits) == 0 else { return 0 }
+    return Int(min(limits.rlim_cur, 1 << 20)) / 2
+  }()
+
+  /// Takes one of the descriptors the cap allows; false when none is left.
+  func hold() -> Bool {
+    lock.withLock {
+      guard held < cap else { return false }
+      held += 1
+      return true
+    }
+  }
+
+  func letGo() { lock.withLock { held -= 1 } }
 }

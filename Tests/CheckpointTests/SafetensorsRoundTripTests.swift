@@ -73,6 +73,25 @@ import Testing
     ReadBuffers.shared.give(buffer)
   }
 
+  /// With every descriptor the cap allows held elsewhere, a file is still read, through its
+  /// mapping: the same bytes.
+  @Test func filesPastTheDescriptorCapAreReadThroughTheMapping() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let data = randomTensorData(.f32, shape: [256, 256], seed: 30)
+    let path = try writeCheckpoint([("w", data)], to: folder.file("m.safetensors"))
+    #expect(try MappedFile(path: path).copiesReads)
+    var taken = 0
+    while ReadDescriptors.shared.hold() { taken += 1 }
+    defer { for _ in 0..<taken { ReadDescriptors.shared.letGo() } }
+    let withoutDescriptor = try MappedFile(path: path)
+    #expect(ReadDescriptors.shared.cap > 0 && !withoutDescriptor.copiesReads)
+    let file = try SafetensorsFile(path: path)
+    let range = 1000..<(1000 + MappedFile.copiedReads.lowerBound)
+    #expect(try file.withBytes(of: "w", range: range) { Array($0) } == Array(data.bytes[range]))
+    #expect(try file.read("w") == data)
+  }
+
   @Test func shardedFolderWithIndexAndAuxiliaryFiles() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
