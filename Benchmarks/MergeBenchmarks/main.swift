@@ -43,23 +43,17 @@ func kernelFigures() throws {
   }
   let stored = ([base] + deltas).map { Tensor(shape: [n], scalars: $0).encoded(as: .bf16).bytes }
   var out = [UInt8](repeating: 0, count: 2 * n)
-  try report("weightedSum of 3 with base, bf16 bytes in/out", elements: n) {
-    stored.withUnsafeBufferPointers { p in
-      let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
-      out.withUnsafeMutableBytes { o in
-        Kernels.weightedSum(
-          Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: false, count: n,
-          into: o, as: .bf16)
-      }
-    }
-  }
-  try report("task arithmetic of 3, bf16 bytes in/out", elements: n) {
-    stored.withUnsafeBufferPointers { p in
-      let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
-      out.withUnsafeMutableBytes { o in
-        Kernels.weightedSum(
-          Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: true, count: n,
-          into: o, as: .bf16)
+  for (label, subtracting) in [
+    ("weightedSum of 3 with base, bf16 bytes in/out", false), ("task arithmetic of 3, bf16 bytes in/out", true),
+  ] {
+    try report(label, elements: n) {
+      stored.withUnsafeBufferPointers { p in
+        let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+        out.withUnsafeMutableBytes { o in
+          Kernels.weightedSum(
+            Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: subtracting,
+            count: n, into: o, as: .bf16)
+        }
       }
     }
   }
