@@ -214,7 +214,7 @@ extension BLAS {
   /// Stops OpenBLAS's worker threads until the next threaded BLAS call starts them again.
   /// OpenBLAS starts them when it loads, and each waits for work by spinning on `sched_yield` for
   /// 2^28 clock ticks (about a tenth of a second) before it sleeps: on two cores a streaming merge
-  /// that calls no BLAS lost that much of a core at its start (13% of a 0.55 s SLERP's samples).
+  /// that calls no BLAS lost that much of a core at its start (8% of the samples of a 0.55 s SLERP).
   public static func stopIdleThreads() { blas_thread_shutdown_() }
 
   /// The kernel set OpenBLAS chose when it loaded (`Haswell`, `SkylakeX`, `Prescott` ...).
