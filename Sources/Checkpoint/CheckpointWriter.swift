@@ -225,16 +225,23 @@ public final class CheckpointWriter: TensorSink {
         finishedShards.insert(open.index)
       }
       let file = shards[shard]
-      let writer: TensorFileWriter =
-        switch options.format {
-        case .safetensors:
-          try SafetensorsWriter(
-            destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
-        case .mkz:
-          try CompressedWriter(
-            destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase,
-            safetensorsHeader: file.header, files: isFolder ? [:] : try filesToEmbed())
-        }
+      let writer: TensorFileWriter
+      do {
+        writer =
+          switch options.format {
+          case .safetensors:
+            try SafetensorsWriter(
+              destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
+          case .mkz:
+            try CompressedWriter(
+              destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase,
+              safetensorsHeader: file.header, files: isFolder ? [:] : try filesToEmbed())
+          }
+      } catch CheckpointError.cannotWrite(let path, let reason) where isFolder && path == file.file {
+        // Named as the user will look for it: in the output folder, not the work folder.
+        let name = URL(fileURLWithPath: file.file).lastPathComponent
+        throw CheckpointError.cannotWrite(file: "\(destination)/\(name)", reason: reason)
+      }
       openShard = (shard, writer)
     }
     try openShard?.writer.beginTensor(name)

@@ -78,7 +78,8 @@ import Testing
 @Suite struct OutputFileTests {
   /// `reserve` sizes the file before it is written (where the file system preallocates); a file
   /// that gets fewer bytes than reserved is cut to what was written; a size no disk here has is
-  /// refused before anything is written, naming the file.
+  /// refused before anything is written, naming the file (a folder's shard by its place in the
+  /// output folder).
   @Test func reservedFilesHoldExactlyWhatWasWritten() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
@@ -102,5 +103,19 @@ import Testing
     }
     huge.discard()
     #expect(!FileManager.default.fileExists(atPath: folder.file("huge.bin")))
+
+    // A shard of a folder output that no disk here holds: refused when it starts, named in the
+    // output folder rather than the work folder it is written in, and nothing is published.
+    let out = folder.file("out")
+    let writer = try CheckpointWriter(
+      destination: out, tensors: [TensorInfo(name: "w", dtype: .f32, shape: [1 << 44])], options: WriteOptions())
+    #expect {
+      try writer.beginTensor("w")
+    } throws: { error in
+      guard case CheckpointError.cannotWrite(let file, let reason) = error else { return false }
+      return file == out + "/model.safetensors" && reason.contains("bytes")
+    }
+    writer.abandon()
+    #expect(!FileManager.default.fileExists(atPath: out))
   }
 }
