@@ -215,7 +215,13 @@ extension BLAS {
   /// OpenBLAS starts them when it loads, and each waits for work by spinning on `sched_yield` for
   /// 2^28 clock ticks (about a tenth of a second) before it sleeps: on two cores a streaming merge
   /// that calls no BLAS lost that much of a core at its start (8% of the samples of a 0.55 s SLERP).
-  public static func stopIdleThreads() { blas_thread_shutdown_() }
+  /// The function is OpenBLAS's own (`blas_thread_shutdown_`, not in its `cblas.h`), looked up
+  /// when called: a single-threaded OpenBLAS build has none, and then there is nothing to stop.
+  public static func stopIdleThreads() {
+    typealias Shutdown = @convention(c) () -> Int32
+    guard let symbol = dlsym(nil, "blas_thread_shutdown_") else { return }
+    _ = unsafeBitCast(symbol, to: Shutdown.self)()
+  }
 
   /// The kernel set OpenBLAS chose when it loaded (`Haswell`, `SkylakeX`, `Prescott` ...).
   public static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
