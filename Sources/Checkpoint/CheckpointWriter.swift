@@ -221,30 +221,25 @@ public final class CheckpointWriter: TensorSink {
     }
     if openShard?.index != shard {
       if let open = openShard {
-        try open.writer.finish()
+        try namedInOutput(open.index) { try open.writer.finish() }
         finishedShards.insert(open.index)
       }
       let file = shards[shard]
-      let writer: TensorFileWriter
-      do {
-        writer =
-          switch options.format {
-          case .safetensors:
-            try SafetensorsWriter(
-              destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
-          case .mkz:
-            try CompressedWriter(
-              destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase,
-              safetensorsHeader: file.header, files: isFolder ? [:] : try filesToEmbed())
-          }
-      } catch CheckpointError.cannotWrite(let path, let reason) where isFolder && path == file.file {
-        // Named as the user will look for it: in the output folder, not the work folder.
-        let name = URL(fileURLWithPath: file.file).lastPathComponent
-        throw CheckpointError.cannotWrite(file: "\(destination)/\(name)", reason: reason)
+      let writer: TensorFileWriter = try namedInOutput(shard) {
+        switch options.format {
+        case .safetensors:
+          try SafetensorsWriter(
+            destination: file.file, tensors: file.tensors, metadata: options.metadata, preservedHeader: file.header)
+        case .mkz:
+          try CompressedWriter(
+            destination: file.file, tensors: file.tensors, metadata: options.metadata, base: options.deltaBase,
+            safetensorsHeader: file.header, files: isFolder ? [:] : try filesToEmbed())
+        }
       }
       openShard = (shard, writer)
     }
-    try openShard?.writer.beginTensor(name)
+    guard let open = openShard else { return }
+    try namedInOutput(open.index) { try open.writer.beginTensor(name) }
   }
 
   /// Appends bytes of the current tensor.
@@ -252,13 +247,25 @@ public final class CheckpointWriter: TensorSink {
     guard let open = openShard else {
       throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor")
     }
-    try open.writer.append(piece)
+    try namedInOutput(open.index) { try open.writer.append(piece) }
+  }
+
+  /// Runs `body` on shard `index`'s file. A folder's shards are written in a work folder; a
+  /// `cannotWrite` (a full disk, a refused preallocation) names the shard where the user will
+  /// look for it, in the output folder.
+  private func namedInOutput<R>(_ index: Int, _ body: () throws -> R) throws -> R {
+    do {
+      return try body()
+    } catch CheckpointError.cannotWrite(let path, let reason) where isFolder && path == shards[index].file {
+      let name = URL(fileURLWithPath: path).lastPathComponent
+      throw CheckpointError.cannotWrite(file: "\(destination)/\(name)", reason: reason)
+    }
   }
 
   /// Completes every file, writes the shard index, copies the non-tensor files and publishes.
   public func finish() throws {
     if let open = openShard {
-      try open.writer.finish()
+      try namedInOutput(open.index) { try open.writer.finish() }
       finishedShards.insert(open.index)
     }
     openShard = nil
