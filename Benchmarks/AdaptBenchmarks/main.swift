@@ -27,6 +27,7 @@ func squaredError(_ a: Tensor, _ b: Tensor) -> Double {
 }
 
 BLAS.restartWithTheCPUsKernels()
+BLAS.shortenIdleSpin()  // as mergekit does
 print("== one matrix, singular values 0.995^i, \(Parallel.threadCount) threads, OpenBLAS kernels \(BLAS.coreName)")
 for (rows, columns) in [(2048, 2048), (4096, 1024)] {
   let (w, values) = matrix(rows, columns, decay: 0.995)

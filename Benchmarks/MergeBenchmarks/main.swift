@@ -123,7 +123,7 @@ func writeModels(_ arch: ExampleModels.Architecture, to folder: String, count: I
 
 BLAS.restartWithTheCPUsKernels()
 // As `mergekit` does: OpenBLAS's start-up threads would spin through the first kernel figures.
-BLAS.stopIdleThreads()
+BLAS.shortenIdleSpin()
 print("mergekit merge benchmarks (\(Parallel.threadCount) cores, OpenBLAS kernels \(BLAS.coreName))")
 try kernelFigures()
 if CommandLine.arguments.contains("--kernels-only") { exit(0) }

@@ -1,6 +1,13 @@
+import Tensor
+
 /// A node of a `Tape`: one recorded matrix value.
 public struct Var: Hashable, Sendable {
   public let id: Int
+}
+
+/// Sets the allocator for tensor work once per process (a static is initialised once).
+private enum MemoryUse {
+  static let reused: Void = MemoryPolicy.reuseTensorMemory()
 }
 
 /// Reverse-mode automatic differentiation. Each operation (the `Tape+*.swift` extensions)
@@ -16,7 +23,11 @@ public final class Tape<T: NetScalar> {
   private var tracked: [Bool] = []
   private var backwards: [((Matrix<T>) -> Void)?] = []
 
-  public init() {}
+  /// A tape's work allocates and frees matrices of the same few sizes over and over (every
+  /// mini-batch, every forward): the first tape of a process has their memory reused from the
+  /// heap (`MemoryPolicy.reuseTensorMemory`) instead of mapped, zero-filled by page faults and
+  /// unmapped each time (a tenth of a decoder forward's samples were page faults).
+  public init() { _ = MemoryUse.reused }
 
   /// A value that gets no gradient (data, frozen weights).
   public func constant(_ value: Matrix<T>) -> Var { append(value, tracked: false, backward: nil) }

@@ -223,6 +223,35 @@ extension BLAS {
     _ = unsafeBitCast(symbol, to: Shutdown.self)()
   }
 
+  /// How long OpenBLAS's idle workers spin before they sleep, as a power of two of clock ticks
+  /// (`OPENBLAS_THREAD_TIMEOUT`, 4 to 30): 2^20, about a quarter of a millisecond, where
+  /// OpenBLAS's own 2^28 is about a tenth of a second. Back-to-back products still find their
+  /// workers awake (shorter spins cost sgemm 5-10% in wake-ups).
+  public static let idleSpinExponent = 20
+
+  /// For a program's start: OpenBLAS's workers spin on `sched_yield` after each threaded call
+  /// for `idleSpinExponent` (unless the user set `OPENBLAS_THREAD_TIMEOUT`) instead of about a
+  /// tenth of a second, then sleep until the next call wakes them. Between products, Nets's
+  /// element-wise work runs on every core; with the long spin a core went to the spinning
+  /// worker instead (a sixth of a decoder forward's samples in the scheduler): 0.53 -> 0.63 of
+  /// the sgemm rate. OpenBLAS reads the variable when it starts its threads, so this sets it,
+  /// has OpenBLAS read its environment again and stops the threads (`stopIdleThreads`); the
+  /// next threaded call starts them with the new spin. Looked up when called, as there.
+  public static func shortenIdleSpin() {
+    if let timeout = idleSpinSetting(environment: ProcessInfo.processInfo.environment) {
+      setenv("OPENBLAS_THREAD_TIMEOUT", timeout, 1)
+      typealias ReadEnvironment = @convention(c) () -> Void
+      if let symbol = dlsym(nil, "openblas_read_env") { unsafeBitCast(symbol, to: ReadEnvironment.self)() }
+    }
+    stopIdleThreads()
+  }
+
+  /// The `OPENBLAS_THREAD_TIMEOUT` value `shortenIdleSpin` sets in this environment: nil when the
+  /// user set one (theirs stands), else `idleSpinExponent`.
+  public static func idleSpinSetting(environment: [String: String]) -> String? {
+    environment["OPENBLAS_THREAD_TIMEOUT"] == nil ? String(idleSpinExponent) : nil
+  }
+
   /// The kernel set OpenBLAS chose when it loaded (`Haswell`, `SkylakeX`, `Prescott` ...).
   public static var coreName: String { openblas_get_corename().map { String(cString: $0) } ?? "unknown" }
 

@@ -32,7 +32,7 @@ struct MergekitCommand: ParsableCommand {
   /// (`VmHWM`) on stderr at exit, for benchmarks and memory checks.
   static func main() {
     BLAS.restartWithTheCPUsKernels()
-    BLAS.stopIdleThreads()
+    BLAS.shortenIdleSpin()
     MemoryPolicy.returnLargeBlocksToSystem()
     if ProcessInfo.processInfo.environment["MERGEKIT_REPORT_PEAK_RSS"] == "1" {
       atexit {

@@ -234,6 +234,14 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     #expect(openblas_get_num_threads() == before)
   }
 
+  /// OpenBLAS's idle spin is shortened to 2^20 ticks, within the 4...30 OpenBLAS accepts,
+  /// unless the user chose one.
+  @Test func theIdleSpinIsShortenedUnlessTheUserChoseOne() {
+    #expect(BLAS.idleSpinSetting(environment: ["PATH": "/usr/bin"]) == "20")
+    #expect((4...30).contains(BLAS.idleSpinExponent))
+    #expect(BLAS.idleSpinSetting(environment: ["OPENBLAS_THREAD_TIMEOUT": "28"]) == nil)
+  }
+
   @Test func takingTurnsRunsEveryItemOnceAndRethrowsTheFirstError() throws {
     let seen = ResultSlots<Int>(count: 50)
     try Parallel.forEachTakingTurns(50, workers: 3) { seen.set($0, $0 * $0) }
