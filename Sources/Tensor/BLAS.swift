@@ -224,10 +224,11 @@ extension BLAS {
   }
 
   /// How long OpenBLAS's idle workers spin before they sleep, as a power of two of clock ticks
-  /// (`OPENBLAS_THREAD_TIMEOUT`, 4 to 30): 2^20, about a quarter of a millisecond, where
-  /// OpenBLAS's own 2^28 is about a tenth of a second. Back-to-back products still find their
-  /// workers awake (shorter spins cost sgemm 5-10% in wake-ups).
-  public static let idleSpinExponent = 20
+  /// (`OPENBLAS_THREAD_TIMEOUT`, 4 to 30): 2^22, about a millisecond, where OpenBLAS's own 2^28
+  /// is about a tenth of a second. Products a little apart still find their workers awake: with
+  /// 2^20 or less, sgemm 1024^3 ran 5-10% slower on this virtual machine, where waking a worker
+  /// that slept takes a large part of a millisecond.
+  public static let idleSpinExponent = 22
 
   /// For a program's start: OpenBLAS's workers spin on `sched_yield` after each threaded call
   /// for `idleSpinExponent` (unless the user set `OPENBLAS_THREAD_TIMEOUT`) instead of about a

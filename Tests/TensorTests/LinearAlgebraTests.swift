@@ -234,10 +234,10 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     #expect(openblas_get_num_threads() == before)
   }
 
-  /// OpenBLAS's idle spin is shortened to 2^20 ticks, within the 4...30 OpenBLAS accepts,
+  /// OpenBLAS's idle spin is shortened to 2^22 ticks, within the 4...30 OpenBLAS accepts,
   /// unless the user chose one.
   @Test func theIdleSpinIsShortenedUnlessTheUserChoseOne() {
-    #expect(BLAS.idleSpinSetting(environment: ["PATH": "/usr/bin"]) == "20")
+    #expect(BLAS.idleSpinSetting(environment: ["PATH": "/usr/bin"]) == "22")
     #expect((4...30).contains(BLAS.idleSpinExponent))
     #expect(BLAS.idleSpinSetting(environment: ["OPENBLAS_THREAD_TIMEOUT": "28"]) == nil)
   }
