@@ -50,9 +50,8 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   public func matmul(_ b: Matrix, transposeSelf: Bool = false, transposeB: Bool = false) -> Matrix {
     let m = transposeSelf ? columns : rows
     let n = transposeB ? b.rows : b.columns
-    var c = [T](repeating: 0, count: m * n)
-    BLAS.gemm(
-      values, rows, columns, transposeA: transposeSelf, b.values, b.rows, b.columns, transposeB: transposeB, into: &c)
+    let c = BLAS.product(
+      values, rows, columns, transposeA: transposeSelf, b.values, b.rows, b.columns, transposeB: transposeB)
     return Matrix(rows: m, columns: n, values: c)
   }
 

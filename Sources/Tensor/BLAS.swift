@@ -85,6 +85,40 @@ public enum BLAS {
     return v
   }
 
+  /// `(m, n, k)` of `op(a) op(b)`, the operands' shapes checked (a caller bug otherwise).
+  static func productShape(
+    _ aCount: Int, _ aRows: Int, _ aColumns: Int, _ transposeA: Bool, _ bCount: Int, _ bRows: Int, _ bColumns: Int,
+    _ transposeB: Bool
+  ) -> (m: Int, n: Int, k: Int) {
+    let (m, k) = transposeA ? (aColumns, aRows) : (aRows, aColumns)
+    let (k2, n) = transposeB ? (bColumns, bRows) : (bRows, bColumns)
+    precondition(
+      k == k2 && aCount == aRows * aColumns && bCount == bRows * bColumns,
+      "gemm shapes \(aRows)x\(aColumns) x \(bRows)x\(bColumns)")
+    return (m, n, k)
+  }
+
+  /// `op(a) op(b)` as a new row-major array, written by gemm with beta 0, which sets every
+  /// element of its output without reading it: the array is not zero-filled first (a pass over
+  /// the output that a Nets forward made for each of its products).
+  public static func product<T: BLASScalar>(
+    _ a: [T], _ aRows: Int, _ aColumns: Int, transposeA: Bool = false, _ b: [T], _ bRows: Int, _ bColumns: Int,
+    transposeB: Bool = false
+  ) -> [T] {
+    let (m, n, k) = productShape(a.count, aRows, aColumns, transposeA, b.count, bRows, bColumns, transposeB)
+    guard m > 0, n > 0, k > 0 else { return [T](repeating: 0, count: m * n) }
+    return [T](unsafeUninitializedCapacity: m * n) { pc, initialized in
+      a.withUnsafeBufferPointer { pa in
+        b.withUnsafeBufferPointer { pb in
+          // Not empty (m, n, k > 0 and the counts checked above), so every base address exists.
+          guard let a = pa.baseAddress, let b = pb.baseAddress, let c = pc.baseAddress else { return }
+          T.gemm(transposeA, transposeB, m, n, k, 1, a, aColumns, b, bColumns, 0, c, n)
+          initialized = m * n
+        }
+      }
+    }
+  }
+
   /// `c = alpha * op(a) * op(b) + beta * c` for row-major arrays of `Float` or `Double`, where
   /// `a` is `aRows x aColumns` as stored (before `op`), likewise `b`, and `c` is m x n.
   /// `beta = 1` accumulates into `c` (gradients). Precondition: the shapes agree.
@@ -93,11 +127,8 @@ public enum BLAS {
     transposeB: Bool = false,
     into c: inout [T], alpha: T = 1, beta: T = 0
   ) {
-    let (m, k) = transposeA ? (aColumns, aRows) : (aRows, aColumns)
-    let (k2, n) = transposeB ? (bColumns, bRows) : (bRows, bColumns)
-    precondition(
-      k == k2 && a.count == aRows * aColumns && b.count == bRows * bColumns && c.count == m * n,
-      "gemm shapes \(aRows)x\(aColumns) x \(bRows)x\(bColumns)")
+    let (m, n, k) = productShape(a.count, aRows, aColumns, transposeA, b.count, bRows, bColumns, transposeB)
+    precondition(c.count == m * n, "gemm output of \(c.count) elements for \(m)x\(n)")
     guard m > 0, n > 0 else { return }
     guard k > 0 else {
       for i in c.indices { c[i] = beta == 0 ? 0 : beta * c[i] }

@@ -54,6 +54,22 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     for (x, y) in zip(d.values, referenceProduct(a, b, transposeA: ta, transposeB: tb)) { #expect(abs(x - y) < 1e-12) }
   }
 
+  /// `BLAS.product` writes a fresh, never zero-filled array: every element must come from the
+  /// product (freed memory of NaNs beforehand must not show through), and a zero inner size
+  /// gives zeros.
+  @Test(arguments: [(false, false), (true, false), (false, true), (true, true)])
+  func productIntoAFreshArrayMatchesAFloat64Loop(_ transposes: (Bool, Bool)) {
+    let (ta, tb) = transposes
+    let a = CounterRNG(seed: 5, stream: "a").normalTensor(ta ? [64, 96] : [96, 64])
+    let b = CounterRNG(seed: 5, stream: "b").normalTensor(tb ? [80, 64] : [64, 80])
+    for _ in 0..<4 { _ = [Float](repeating: .nan, count: 96 * 80) }
+    let c = BLAS.product(
+      a.scalars, a.shape[0], a.shape[1], transposeA: ta, b.scalars, b.shape[0], b.shape[1], transposeB: tb)
+    #expect(c.count == 96 * 80 && c.allSatisfy(\.isFinite))
+    #expect(maxRelativeDifference(c, referenceProduct(a, b, transposeA: ta, transposeB: tb)) < 1e-5)
+    #expect(BLAS.product([Float](), 3, 0, [Float](), 0, 2) == [Float](repeating: 0, count: 6))
+  }
+
   @Test func gramIsATransposeAInDouble() {
     let a = CounterRNG(seed: 3, stream: "g").normalTensor([11, 4])
     let g = BLAS.gram(a)
