@@ -265,8 +265,8 @@ extension BLAS {
   /// for `idleSpinExponent` (unless the user set `OPENBLAS_THREAD_TIMEOUT`) instead of about a
   /// tenth of a second, then sleep until the next call wakes them. Between products, Nets's
   /// element-wise work runs on every core; with the long spin a core went to the spinning
-  /// worker instead (a sixth of a decoder forward's samples in the scheduler): 0.53 -> 0.63 of
-  /// the sgemm rate. OpenBLAS reads the variable when it starts its threads, so this sets it,
+  /// worker instead (a sixth of a decoder forward's samples were in the scheduler; 1.5% with
+  /// the short spin). OpenBLAS reads the variable when it starts its threads, so this sets it,
   /// has OpenBLAS read its environment again and stops the threads (`stopIdleThreads`); the
   /// next threaded call starts them with the new spin. Looked up when called, as there.
   public static func shortenIdleSpin() {
