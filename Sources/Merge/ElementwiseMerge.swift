@@ -143,10 +143,14 @@ public protocol StreamingMerge: MergeMethod {
   /// from a `WeightedSumForm` merger, which the runner computes from the stored bytes anyway:
   /// the runner may then compute the task vectors straight from the stored bytes.
   var readsTaskVectors: Bool { get }
+  /// Whether the runner streams this tensor through `prepare` (every tensor unless the method
+  /// says otherwise); the others are merged whole by `merge`, several in flight.
+  func streams(tensor name: String, shape: [Int]) -> Bool
 }
 
 extension StreamingMerge {
   public var readsTaskVectors: Bool { false }
+  public func streams(tensor name: String, shape: [Int]) -> Bool { true }
 
   /// The whole-tensor merge through the ranges, for methods whose `prepare` always gives a
   /// range merger. Throws `MergeError.notStreamable` where it does not.

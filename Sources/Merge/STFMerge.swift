@@ -15,11 +15,13 @@ import Tensor
 /// Singular systems are solved in the minimum-norm least-squares sense (eigenvalues below `rcond`
 /// of the largest are dropped), which averages the outputs of conflicting features. Then
 /// `W* = W_0 + lambda dW*`. Tensors that are not linear maps (1-D, embeddings, the output head)
-/// get task arithmetic `W_0 + fallback_lambda sum_t dW_t`, by default the mean of the models.
+/// get task arithmetic `W_0 + fallback_lambda sum_t dW_t`, by default the mean of the models,
+/// streamed range by range when large (an embedding held whole with its inputs would fill the
+/// memory budget alone).
 /// By default the factorisations and products run in `Float` (the Gram matrix of each task
 /// matrix's smaller side, its top eigenpairs only, sgemm), and the K x K systems in `Double`;
 /// `precision: float64` runs everything in `Double`, the reference. The result is rounded once.
-public struct STFMerge: MergeMethod {
+public struct STFMerge: StreamingMerge {
   public init() {}
   public var name: String { "stf" }
   public var summary: String { "superpose the task-specific features of each weight matrix by solving a linear system" }
@@ -63,15 +65,7 @@ public struct STFMerge: MergeMethod {
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
     let taskCount = inputs.models.count
-    guard Self.isLinearMap(inputs.name, shape: base.shape) else {
-      let scale = p.optionalNumber("fallback_lambda") ?? 1 / Double(taskCount)
-      let merged = Elementwise.map(base.count) { i in
-        var sum = 0.0
-        for model in inputs.models { sum += Double(model.scalars[i]) - Double(base.scalars[i]) }
-        return Float(Double(base.scalars[i]) + scale * sum)
-      }
-      return Tensor(shape: base.shape, scalars: merged)
-    }
+    guard Self.isLinearMap(inputs.name, shape: base.shape) else { return try mergeThroughRanges(inputs, p) }
     let rank = Self.rank(p, shape: base.shape, tasks: taskCount)
     let (mode, rcond, lambda) = (p.text("mode"), p.number("rcond"), p.number("lambda"))
     func merged<T: NetScalar & LAPACKScalar>(_: T.Type) throws -> [Float] {
@@ -81,6 +75,28 @@ public struct STFMerge: MergeMethod {
     }
     let scalars = p.text("precision") == "float64" ? try merged(Double.self) : try merged(Float.self)
     return Tensor(shape: base.shape, scalars: scalars)
+  }
+
+  /// Tensors that are not linear maps and have at least this many elements are streamed.
+  static let streamedFallbackCount = 1 << 22
+
+  /// Large tensors that are not linear maps (embeddings, the output head): the runner streams
+  /// their task arithmetic instead of holding their inputs whole.
+  public func streams(tensor name: String, shape: [Int]) -> Bool {
+    !Self.isLinearMap(name, shape: shape) && shape.reduce(1, *) >= Self.streamedFallbackCount
+  }
+
+  /// The merge of a tensor that is not a linear map (the runner streams only those, and `merge`
+  /// sends only those here): `W_0 + fallback_lambda sum_t (W_t - W_0)`, summed in Double.
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    let models = p.models.count
+    let scale = p.optionalNumber("fallback_lambda") ?? 1 / Double(models)
+    return RangeMerger(
+      WeightedSumForm(
+        method: self.name, terms: WeightedSumForm.models(models), weights: Array(repeating: 1, count: models),
+        scale: scale, addsBase: true, subtractsBase: true))
   }
 
   /// Features kept per task of an m x n matrix: the `rank` parameter, or `max(1, min(m, n) / T)`

@@ -134,14 +134,14 @@ public struct MergePlan {
   }
 }
 
-/// Runs a planned merge into a checkpoint, tensor by tensor in order. A `StreamingMerge` method's
-/// tensors are streamed in fixed ranges (after its statistics passes), so memory stays at a few
-/// ranges; other methods get whole tensors, several in flight (`runInFlight`): as many as fit
-/// the plan's `memoryBudget` (their decoded inputs, results and the method's declared scratch)
-/// are merged side by side, each on one core with BLAS on one thread, and written in order; a
-/// tensor that fills the budget alone runs alone. Inputs
-/// are memory-mapped and their pages released after use. The output is bit-identical whatever
-/// the worker count, shard size or format.
+/// Runs a planned merge into a checkpoint, tensor by tensor in order. The tensors a
+/// `StreamingMerge` method streams are read in fixed ranges (after its statistics passes), so
+/// memory stays at a few ranges; other tensors are merged whole, several in flight
+/// (`runInFlight`): as many as fit the plan's `memoryBudget` (their stored and decoded inputs,
+/// results and the method's declared scratch) are merged side by side, each on one core with
+/// BLAS on one thread, and written in order; a tensor that fills the budget alone runs alone.
+/// Inputs are memory-mapped and their pages released after use. The output is bit-identical
+/// whatever the worker count, shard size or format.
 public enum MergeRunner {
   /// The default working memory for one group of whole tensors merged side by side: 2 GiB, or
   /// an eighth of the machine's memory where that is less. Streamed tensors stay far below it.
@@ -150,20 +150,23 @@ public enum MergeRunner {
   /// Memory the writer and readers hold besides the tensors (staging buffers, chunk batches).
   public static let bufferBytes = 48 << 20
 
-  /// Working memory of one tensor: every input decoded to Float, the result, its encoding, and
+  /// Working memory of one tensor: the inputs' stored bytes (their mapped pages stay resident
+  /// until the tensor is written), every input decoded to Float, the result, its encoding, and
   /// the method's own scratch.
   static func workingSet(_ item: MergePlan.Item, plan: MergePlan) throws -> Int {
     let inputs = plan.models.count + (plan.base == nil ? 0 : 1)
-    let own = item.count * (4 * (inputs + 1) + item.outputType.size)
+    let own = item.bytesRead + item.count * (4 * (inputs + 1) + item.outputType.size)
     guard item.action == .merge else { return own }
     return own
       + plan.method.scratchBytes(
         name: item.name, shape: item.shape, models: plan.models.count, try plan.parameters(item.name))
   }
 
-  /// Whether `item` is streamed range by range (its method can, and it is merged, not copied).
+  /// Whether `item` is streamed range by range (its method streams it, and it is merged, not
+  /// copied).
   static func isStreamed(_ item: MergePlan.Item, _ plan: MergePlan) -> Bool {
-    item.action == .merge && plan.method is any StreamingMerge
+    guard item.action == .merge, let method = plan.method as? any StreamingMerge else { return false }
+    return method.streams(tensor: item.name, shape: item.shape)
   }
 
   /// The plan cut into consecutive runs processed together, with the most memory each holds: a

@@ -111,7 +111,7 @@ struct OutputOptions: ParsableArguments {
     print("read:          \(formatBytes(plan.bytesRead))")
     print("write:         \(formatBytes(plan.bytesWritten)) as \(format.rawValue) to \(output)")
     print(
-      "memory:        about \(formatBytes(try MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together: decoded to f32, the method's scratch, I/O buffers; budget \(formatBytes(plan.memoryBudget)))"
+      "memory:        about \(formatBytes(try MergeRunner.workingSetBytes(plan) + MergeRunner.bufferBytes)) (the largest group of tensors processed together: stored, decoded to f32, the method's scratch, I/O buffers; budget \(formatBytes(plan.memoryBudget)))"
     )
     let parameters = plan.method.parameters.map(\.name)
     if !parameters.isEmpty, let first = plan.items.first(where: { $0.action == .merge }),

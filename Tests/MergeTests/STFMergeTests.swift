@@ -128,6 +128,36 @@ import Testing
     #expect(STFMerge.isLinearMap("model.layers.3.self_attn.k_proj.weight", shape: [8, 16]))
   }
 
+  /// Large tensors that are not linear maps are streamed (their whole inputs would fill the memory
+  /// budget); linear maps and small tensors are merged whole. The streamed merger gives the
+  /// whole-tensor merge's bits, with `fallback_lambda` applied.
+  @Test func largeTensorsThatAreNotLinearMapsAreStreamed() throws {
+    let stf = STFMerge()
+    #expect(stf.streams(tensor: "model.embed_tokens.weight", shape: [32_000, 2048]))
+    #expect(stf.streams(tensor: "lm_head.weight", shape: [1 << 22]))
+    #expect(!stf.streams(tensor: "model.norm.weight", shape: [2048]))
+    #expect(!stf.streams(tensor: "model.layers.0.mlp.up_proj.weight", shape: [5632, 2048]))
+    let base = random([700], "embed")
+    let tuned = (0..<3).map { t in
+      Tensor(shape: [700], scalars: zip(base.scalars, random([700], "e\(t)").scalars).map { $0 + $1 })
+    }
+    let p = try resolve(stf, ["fallback_lambda": .number(0.5)], models: [[:], [:], [:]])
+    let whole = try stf.merge(MergeInputs(name: "lm_head.weight", base: base, models: tuned), p)
+    let scan = TensorScan(ranges: [0..<700]) { _ in
+      RangeInputs(offset: 0, base: base.scalars, models: tuned.map(\.scalars))
+    }
+    let merger = try #require(try stf.prepare(tensor: "lm_head.weight", count: 700, p, scan: scan))
+    let form = try #require(merger.weightedSum)
+    #expect(form.scale == 0.5 && form.addsBase && form.subtractsBase)
+    let streamed = try merger.merge(RangeInputs(offset: 0, base: base.scalars, models: tuned.map(\.scalars)))
+    #expect(streamed == whole.scalars)
+    expectClose(
+      whole.scalars,
+      (0..<700).map { i in
+        Double(base.scalars[i]) + 0.5 * tuned.reduce(0) { $0 + Double($1.scalars[i]) - Double(base.scalars[i]) }
+      })
+  }
+
   /// The Gram route for large matrices gives the same top singular triplets as dgesdd: the same
   /// singular values, orthonormal vectors and `A v = s u`, for wide and tall task matrices; and
   /// so the same merge.

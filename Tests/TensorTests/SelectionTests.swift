@@ -90,6 +90,19 @@ import Testing
     }
   }
 
+  /// The bracket's ends come from order statistics of the sample's keys, found by histograms:
+  /// the same keys as indexing the sorted keys, with ties, zeros and the last index.
+  @Test func descendingKeyMatchesTheSortedKeys() {
+    let distinct = CounterRNG(seed: 6, stream: "order").normalTensor([5_000]).scalars
+    let tied = distinct.map { ($0 * 4).rounded() / 4 }
+    for x in [distinct, tied, [Float](repeating: 0, count: 9), [-2.5]] {
+      let sorted = x.map { $0.bitPattern & 0x7FFF_FFFF }.sorted(by: >)
+      for index in Set([0, 1, x.count / 3, x.count / 2, x.count - 2, x.count - 1]) where x.indices.contains(index) {
+        #expect(MagnitudeBracket.descendingKey(x, at: index) == sorted[index], "index \(index) of \(x.count)")
+      }
+    }
+  }
+
   /// A sample that misses the threshold (or a bracket over budget) is reported, not guessed.
   @Test func bracketedSelectionReportsAMissedThreshold() {
     let x = CounterRNG(seed: 5, stream: "miss").normalTensor([20_000]).scalars
