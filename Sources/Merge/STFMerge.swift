@@ -109,14 +109,15 @@ public struct STFMerge: StreamingMerge {
 
   /// The peak of one linear map's merge besides its decoded inputs and result: the task
   /// matrices, the features (per task, then stacked), the larger of one task's factorisation
-  /// (its Gram matrix, LAPACK's copy, the vectors) and the K x K systems in Double, and `dW*`.
+  /// (its Gram matrix, the reduced copy, the tridiagonal form's vectors and LAPACK's workspace,
+  /// the kept vectors) and the K x K systems in Double, and `dW*`.
   public func scratchBytes(name: String, shape: [Int], models: Int, _ p: ResolvedParameters) -> Int {
     guard Self.isLinearMap(name, shape: shape) else { return 0 }
     let (m, n) = (shape[0], shape[1])
     let e = p.text("precision") == "float64" ? 8 : 4
     let r = Self.rank(p, shape: shape, tasks: models)
     let k = models * r
-    let factorising = 2 * min(m, n) * min(m, n) * e + 4 * (m + n) * r * e
+    let factorising = 4 * min(m, n) * min(m, n) * e + 4 * (m + n) * r * e
     let solving = 6 * k * k * 8 + 2 * k * n * 8
     return models * m * n * e + 2 * k * (m + n) * e + max(factorising, solving) + m * n * e
   }
@@ -158,8 +159,8 @@ public struct STFMerge: StreamingMerge {
   }
 
   /// Matrices whose smaller side reaches this many get their singular triplets from the Gram
-  /// matrix of that side (`syrk`, then only the kept eigenpairs by `syevr`: several times faster
-  /// than a full SVD); smaller ones from the exact SVD (`dgesdd`).
+  /// matrix of that side (`syrk`, then only the kept eigenpairs by `LAPACK.largestEigenpairs`:
+  /// several times faster than a full SVD); smaller ones from the exact SVD (`dgesdd`).
   static let gramMethodSide = 256
 
   /// Features whose strength is at most this fraction of the task's largest are dropped: 1e-12

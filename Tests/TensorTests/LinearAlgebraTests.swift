@@ -221,14 +221,18 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     }
   }
 
-  /// The kept eigenpairs are the full decomposition's largest, largest first, in both precisions.
-  @Test func largestEigenpairsAreTheTopOfTheFullDecomposition() throws {
-    let n = 12
-    let a = BLAS.gram(DoubleMatrix(CounterRNG(seed: 10, stream: "top").normalTensor([20, n])))
+  /// The kept eigenpairs are the full decomposition's largest, largest first, in both precisions,
+  /// by both routes: inverse iteration for a few (3 of 40), divide and conquer for many (4 of 12).
+  @Test(arguments: [(12, 4), (40, 3)])
+  func largestEigenpairsAreTheTopOfTheFullDecomposition(_ shape: (Int, Int)) throws {
+    let (n, count) = shape
+    #expect((count * LAPACK.divideAndConquerShare >= n) == (n == 12))
+    let a = BLAS.gram(DoubleMatrix(CounterRNG(seed: 10, stream: "top").normalTensor([n + 8, n])))
     let full = try LAPACK.symmetricEigen(a)
-    let top = try LAPACK.largestEigenpairs(a.values, order: n, count: 4)
-    let topSingle = try LAPACK.largestEigenpairs(a.values.map { Float($0) }, order: n, count: 4)
-    for j in 0..<4 {
+    let top = try LAPACK.largestEigenpairs(a.values, order: n, count: count)
+    let topSingle = try LAPACK.largestEigenpairs(a.values.map { Float($0) }, order: n, count: count)
+    #expect(top.values.count == count && top.vectorRows.count == count * n)
+    for j in 0..<count {
       let k = n - 1 - j
       #expect(abs(top.values[j] - full.values[k]) < 1e-10 * full.values[n - 1])
       #expect(abs(Double(topSingle.values[j]) - full.values[k]) < 1e-5 * full.values[n - 1])
@@ -238,6 +242,45 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
       #expect(abs(abs(dot) - 1) < 1e-10 && abs(abs(dotSingle) - 1) < 1e-4)
     }
     #expect(try LAPACK.largestEigenpairs(a.values, order: n, count: 0).values.isEmpty)
+  }
+
+  /// A spectrum like a task matrix's Gram matrix: a few large eigenvalues over a bulk packed
+  /// within 1e-3 of the largest, where eigenvectors are only defined as a subspace. Both routes
+  /// return orthonormal vectors with residuals `|A v - l v|` at the precision's rounding, and
+  /// the divide-and-conquer route handles every pair (count = n).
+  @Test(arguments: [4, 10, 60])
+  func largestEigenpairsOfAClusteredSpectrum(_ count: Int) throws {
+    let n = 60
+    // An orthogonal basis: the eigenvectors of a random Gram matrix.
+    let q = try LAPACK.symmetricEigen(
+      BLAS.gram(DoubleMatrix(CounterRNG(seed: 12, stream: "cluster").normalTensor([n + 5, n])))
+    ).vectors
+    let spectrum = (0..<n).map { i in i < 3 ? 3.0 - Double(i) : 1e-3 * (1 + Double(i) / Double(n)) }
+    var a = DoubleMatrix(zeros: n, n)
+    for i in 0..<n {
+      for j in 0..<n { a[i, j] = (0..<n).reduce(0) { $0 + q[i, $1] * spectrum[$1] * q[j, $1] } }
+    }
+    for single in [false, true] {
+      let (values, rows): ([Double], [Double])
+      if single {
+        let top = try LAPACK.largestEigenpairs(a.values.map { Float($0) }, order: n, count: count)
+        (values, rows) = (top.values.map(Double.init), top.vectorRows.map(Double.init))
+      } else {
+        (values, rows) = try LAPACK.largestEigenpairs(a.values, order: n, count: count)
+      }
+      let tolerance = single ? 1e-5 : 1e-12
+      for j in 0..<count {
+        #expect(abs(values[j] - spectrum.sorted(by: >)[j]) < tolerance * 3)
+        let residual = (0..<n).map { i in
+          (0..<n).reduce(0) { $0 + a[i, $1] * rows[j * n + $1] } - values[j] * rows[j * n + i]
+        }
+        #expect(residual.map(abs).max() ?? 0 < tolerance * 3, "residual of pair \(j), float: \(single)")
+        for k in j..<count {
+          let dot = (0..<n).reduce(0) { $0 + rows[j * n + $1] * rows[k * n + $1] }
+          #expect(abs(dot - (j == k ? 1 : 0)) < tolerance * 10, "pairs \(j), \(k), float: \(single)")
+        }
+      }
+    }
   }
 
   /// Overlapping single-threaded scopes from several workers leave BLAS's thread count as it
