@@ -345,6 +345,15 @@ public enum Kernels {
       if case .bits(let b) = rule { return b }
       return []
     }
+    // The rules without their arrays (reached through the pointers below): copying a rule that
+    // holds an array retains it, once per chunk and model.
+    let rules = keep.map { rule -> KeepRule in
+      switch rule {
+      case .all, .magnitudes: return rule
+      case .mask: return .mask([])
+      case .bits: return .bits([])
+      }
+    }
     return withPointers(deltas + [base]) { p in
       let inputs = p.prefix(models).map { SendableRawPointer($0) }
       let b = SendableRawPointer(p[models])
@@ -362,7 +371,7 @@ public enum Kernels {
                 for t in 0..<models {
                   sparse[t] = inputs[t].floats.map { x in
                     sparseChunk(
-                      x + start, length, keep[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
+                      x + start, length, rules[t], scale: scales[t], mask: maskBytes[t].pointer.map { $0 + start },
                       words: wordPointers[t].pointer, first: start, into: stash + t * chunk)
                   }
                 }
