@@ -28,7 +28,7 @@ func kernelFigures() throws {
   let weights = [1.0, 0.8, 0.6]
   let repeats = 40
   func report(_ label: String, elements: Int, _ body: () -> Void) throws {
-    let time = try seconds { for _ in 0..<repeats { body() } }
+    let time = seconds { for _ in 0..<repeats { body() } }
     print(
       String(
         format: "%@ %6.2f ns per output element", label.padding(toLength: 40, withPad: " ", startingAt: 0),
