@@ -232,13 +232,10 @@ public enum MergeRunner {
   }
 
   /// Runs the merge into `writer`, which declared `outputTensors(plan)` (or those of several
-  /// plans, run in turn); finishes it unless `finish` is false. A run that merges most of its
-  /// elements whole makes threads that have not allocated yet share one heap
-  /// (`MemoryPolicy.shareOneHeap`).
+  /// plans, run in turn); finishes it unless `finish` is false.
   public static func run(
     _ plan: MergePlan, into writer: any TensorSink, finish: Bool = true, progress: ((Int, Int) -> Void)? = nil
   ) throws {
-    if mergesMostlyWhole(plan) { MemoryPolicy.shareOneHeap() }
     let inputs: [any Checkpoint] = (plan.base.map { [$0] } ?? []) + plan.models
     let plan = try preparedForModel(plan, inputs: inputs)
     let total = plan.bytesRead
