@@ -199,14 +199,6 @@ public enum MergeRunner {
     return result
   }
 
-  /// Whether most merged elements belong to tensors merged whole (not streamed), so that the
-  /// run is best served by `MemoryPolicy.shareOneHeap`.
-  public static func mergesMostlyWhole(_ plan: MergePlan) -> Bool {
-    let merged = plan.items.filter { $0.action == .merge }
-    let whole = merged.filter { !isStreamed($0, plan) }.reduce(0) { $0 + $1.count }
-    return 2 * whole > merged.reduce(0) { $0 + $1.count }
-  }
-
   /// The largest working set of any group: the tensor memory the merge needs at its peak.
   public static func workingSetBytes(_ plan: MergePlan) throws -> Int {
     try groups(plan).map(\.bytes).max() ?? 0

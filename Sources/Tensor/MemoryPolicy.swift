@@ -22,17 +22,4 @@ public enum MemoryPolicy {
       _ = mallopt(M_TRIM_THRESHOLD, 1 << 28)
     #endif
   }
-
-  /// For merges of whole tensors in flight (STF, the SVD merges): every thread allocates from
-  /// the one main heap, so the matrices one worker frees serve the next tensor of any worker.
-  /// With a heap per thread (glibc's default), a worker's large blocks live in heaps of at most
-  /// 64 MiB that are unmapped once empty and faulted in again: STF on 3 x 0.5 GB spent 5 s
-  /// instead of 2.5 s in the kernel (20.2 s against 18.7 s). Not for streamed merges: their
-  /// workers allocate every range and wait on the shared heap's lock (DARE-TIES on 3 x 1 GB:
-  /// 1.8 s against 2.4-2.8 s). Takes effect for threads that have not allocated yet.
-  public static func shareOneHeap() {
-    #if canImport(CSystem) && os(Linux)
-      _ = mallopt(M_ARENA_MAX, 1)
-    #endif
-  }
 }

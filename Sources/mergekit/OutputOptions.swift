@@ -97,7 +97,6 @@ struct OutputOptions: ParsableArguments {
           ? ModelCard.transformersUsage
           : "A task vector (differences from the base), not a model: `mergekit apply` adds it to a base.")
     }
-    if MergeRunner.mergesMostlyWhole(plan) { MemoryPolicy.shareOneHeap() }
     let progress = Progress(label, quiet: quiet)
     try MergeRunner.run(plan, to: output, options: options, progress: { progress.update($0, $1) })
     progress.finish()
