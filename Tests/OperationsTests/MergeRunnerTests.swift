@@ -59,6 +59,21 @@ import Testing
 }
 
 extension MergeRunnerTests {
+  /// A whole tensor's working set counts its inputs' stored bytes (their mapped pages stay until
+  /// it is written) besides the decoded inputs and result.
+  @Test func workingSetsCountTheInputsStoredBytes() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let (base, models) = try models(in: folder)
+    let stf = try MergePlan(
+      method: STFMerge(), base: base, models: models, global: [:], perModel: Array(repeating: [:], count: 3))
+    for item in stf.items {
+      let decoded = item.count * (4 * 5 + item.outputType.size)
+      #expect(item.bytesRead == 4 * item.count * 4)
+      #expect(try MergeRunner.workingSet(item, plan: stf) >= item.bytesRead + decoded)
+    }
+  }
+
   /// The flight hands out tensors in order while they fit, writes results in order whoever
   /// finishes them, and stops at the first failure: nothing after it is written.
   @Test func theFlightWritesInOrderAndStopsAtTheFirstFailure() throws {
