@@ -177,13 +177,13 @@ public enum LAPACK {
   ///   here (one core), with residuals and orthogonality at float precision in both.
   @_specialize(exported:true,where T == Float)
   @_specialize(exported:true,where T == Double)
-  public static func largestEigenpairs<T: LAPACKScalar>(_ a: [T], order n: Int, count: Int) throws -> (
+  public static func largestEigenpairs<T: LAPACKScalar>(_ a: consuming [T], order n: Int, count: Int) throws -> (
     values: [T], vectorRows: [T]
   ) {
     precondition(a.count == n * n && count >= 0 && count <= n, "largestEigenpairs(\(count)) of a \(n) x \(n) matrix")
     guard count > 0 else { return ([], []) }
     if count * divideAndConquerShare >= n { return try largestByDivideAndConquer(a, order: n, count: count) }
-    var work = a
+    var work = consume a
     var values = [T](repeating: 0, count: n)
     var vectors = [T](repeating: 0, count: n * count)
     var support = [Int32](repeating: 0, count: 2 * count)
@@ -209,11 +209,12 @@ public enum LAPACK {
 
   /// `largestEigenpairs` by `sytrd`, `stedc` (all vectors of the tridiagonal form) and `ormtr` on
   /// the kept ones; column-major throughout (the symmetric input reads the same).
-  static func largestByDivideAndConquer<T: LAPACKScalar>(_ a: [T], order n: Int, count: Int) throws -> (
+  static func largestByDivideAndConquer<T: LAPACKScalar>(_ a: consuming [T], order n: Int, count: Int) throws -> (
     values: [T], vectorRows: [T]
   ) {
     let order = BLAS.int32(n)
-    var reduced = a
+    // Taken over, not copied, when the caller passes its last use (a Gram matrix made for this).
+    var reduced = consume a
     var diagonal = [T](repeating: 0, count: n)
     var offDiagonal = [T](repeating: 0, count: max(1, n - 1))
     var reflectors = [T](repeating: 0, count: max(1, n - 1))
@@ -221,7 +222,8 @@ public enum LAPACK {
     try check(T.sytrd(order, &reduced, &diagonal, &offDiagonal, &reflectors), name + "sytrd") { _ in
       .noConvergence(routine: "tridiagonal reduction (\(name)sytrd)")
     }
-    var tridiagonalVectors = [T](repeating: 0, count: n * n)
+    // stedc with compz = I writes every element.
+    var tridiagonalVectors = [T](unsafeUninitializedCapacity: n * n) { _, initialized in initialized = n * n }
     try check(T.stedc(order, &diagonal, &offDiagonal, &tridiagonalVectors), name + "stedc") { _ in
       .noConvergence(routine: "eigendecomposition (\(name)stedc)")
     }
