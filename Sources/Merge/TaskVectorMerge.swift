@@ -154,6 +154,20 @@ public struct TaskVectorMerge: StreamingMerge {
   public func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: TensorScan) throws
     -> RangeMerger?
   {
+    try prepare(tensor: name, count: n, p, scan: scan, keptDrawsLimit: Self.keptDrawsLimit)
+  }
+
+  /// The most bytes of DARE draws (a bit per element and model) kept from the rescale pass for
+  /// the merge pass: 32 MiB, 89M elements with 3 models. A larger tensor (a 128k-token
+  /// vocabulary's embedding) draws again in the merge pass, the same draws from the same
+  /// counters, so that memory stays flat in model size.
+  static let keptDrawsLimit = 32 << 20
+
+  /// `prepare`, keeping DARE's draws for the merge pass when they take at most `keptDrawsLimit`
+  /// bytes.
+  func prepare(tensor name: String, count n: Int, _ p: ResolvedParameters, scan: TensorScan, keptDrawsLimit: Int)
+    throws -> RangeMerger?
+  {
     let models = p.models.count
     var plans = [Sparsity](repeating: Sparsity(), count: models)
     if let sparsification {
@@ -226,7 +240,8 @@ public struct TaskVectorMerge: StreamingMerge {
     // DARE's random masks, drawn once in the rescale pass and kept for the merge (packed: a bit
     // per element and model), by range offset.
     var drawnMasks: [Int: [[UInt64]?]] = [:]
-    let keepsDraws = consensus && !arithmetic.isRounded
+    let mergesChunkwise = consensus && !arithmetic.isRounded
+    let keepsDraws = mergesChunkwise && models * ((n + 63) / 64) * 8 <= keptDrawsLimit
     if rescale {
       var before = [Double](repeating: 0, count: models)
       var after = [Double](repeating: 0, count: models)
@@ -269,7 +284,7 @@ public struct TaskVectorMerge: StreamingMerge {
           method: name, terms: WeightedSumForm.models(models), weights: weights, scale: scale, addsBase: true,
           subtractsBase: true))
     }
-    if keepsDraws {
+    if mergesChunkwise {
       // TIES-style: the kept entries are formed chunk by chunk inside the consensus merge.
       let weights = (0..<models).map { p.number("weight", model: $0) }
       let (lambda, normalize) = (p.number("lambda"), p.flag("normalize"))

@@ -231,6 +231,28 @@ func referenceTaskVectors(
     #expect(abs(l1.reduce(0.0) { $0 + Double(abs($1)) } - before) < 1e-5 * before)
   }
 
+  /// DARE-TIES keeps its draws from the rescale pass for the merge pass only up to a size; a
+  /// larger tensor draws again from the same counters, with the same bits.
+  @Test func dareTiesDrawsAgainWhenItsDrawsAreNotKept() throws {
+    let engine = TaskVectorMerge.dareTies
+    let n = MergeRanges.size + 5_000
+    let base = random([n], "draws-base").scalars
+    let models = (0..<3).map { t in zip(base, random([n], "draws-\(t)", scale: 0.01).scalars).map { $0 + $1 } }
+    let p = try resolve(engine, ["seed": .number(7)], models: Array(repeating: ["density": .number(0.4)], count: 3))
+    let ranges = MergeRanges.ranges(n)
+    @Sendable func slice(_ r: Range<Int>) -> RangeInputs {
+      RangeInputs(offset: r.lowerBound, base: Array(base[r]), models: models.map { Array($0[r]) })
+    }
+    let merged = try [0, Int.max].map { limit -> [Float] in
+      let merger = try #require(
+        try engine.prepare(
+          tensor: "w", count: n, p, scan: TensorScan(ranges: ranges, read: slice), keptDrawsLimit: limit))
+      return try ranges.flatMap { try merger.merge(slice($0)) }
+    }
+    #expect(merged[0] == merged[1])
+    #expect(merged[0].count == n && zip(merged[0], base).contains { $0 != $1 })
+  }
+
   @Test func rangesSpanningATensorGiveTheWholeTensorResult() throws {
     // 2 ranges; deltas quantised to multiples of 1/64 so that many magnitudes tie, including
     // across the range boundary: the index-order tie rule must hold over the whole tensor.
