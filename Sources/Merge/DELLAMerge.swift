@@ -10,8 +10,13 @@ import Tensor
 /// distribution, not in value). With `rescale` (default) the kept entries are scaled back to the
 /// delta's L1 norm. The weighted deltas are then combined as in TIES (`della`: sign consensus,
 /// normalised by the agreeing weights) or summed (`della_linear`), scaled by `lambda` and added
-/// to the base. Magnitude ties rank in index order. Computed in `Double` on whole tensors.
-public struct DELLAMerge: MergeMethod {
+/// to the base. Magnitude ties rank in index order. Computed in `Double`.
+///
+/// Streamed by rows: a first pass over blocks of whole rows sums each model's L1 norms before
+/// and after the drop; each range of the merge then reads the whole rows it touches, ranks and
+/// draws again (the same draws), and keeps its own elements. Memory stays at a few ranges
+/// whatever the tensor; a whole tensor merges through the same code (`mergeThroughRanges`).
+public struct DELLAMerge: StreamingMerge {
   public let name: String
   public let consensus: Bool
   public let defaultNormalize: Bool
@@ -47,67 +52,171 @@ public struct DELLAMerge: MergeMethod {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
-    let base = baseTensor.scalars.map(Double.init)
-    let count = base.count
-    let shape = baseTensor.shape
-    let rowLength = shape.count >= 2 ? count / max(shape[0], 1) : count
-    var deltas: [[Double]] = []
-    var weights: [Double] = []
-    for (m, model) in inputs.models.enumerated() {
-      var delta = model.scalars.enumerated().map { Double($1) - base[$0] }
-      let density = p.number("density", model: m)
-      if density <= 0 {
-        delta = [Double](repeating: 0, count: count)
-      } else if density < 1 {
-        let epsilon = p.number("epsilon", model: m)
-        guard density - epsilon > 0 && density + epsilon < 1 else {
-          throw MergeError.invalidParameter(
-            method: name, name: "epsilon", tensor: inputs.name,
-            reason: "must leave density +- epsilon inside (0, 1) (density \(density), epsilon \(epsilon))")
-        }
-        let rng = CounterRNG(seed: UInt64(p.number("seed")), stream: "\(name)#\(m)")
-        var kept = [Double](repeating: 0, count: count)
-        for start in stride(from: 0, to: count, by: max(rowLength, 1)) {
-          let row = start..<min(count, start + rowLength)
-          let order = row.sorted { abs(delta[$0]) < abs(delta[$1]) || (abs(delta[$0]) == abs(delta[$1]) && $0 < $1) }
-          let span = Double(max(order.count - 1, 1))
-          for (rank, i) in order.enumerated() {
-            let probability = density - epsilon + 2 * epsilon * Double(rank) / span
-            if Double(rng.uniform(UInt64(i))) < probability { kept[i] = delta[i] }
+    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
+    return try mergeThroughRanges(inputs, p)
+  }
+
+  /// Rows longer than a merge range (a large vector is one row) are merged whole: each range
+  /// would read the whole row again.
+  public func streams(tensor name: String, shape: [Int]) -> Bool {
+    Self.rowLength(shape) <= MergeRanges.size
+  }
+
+  /// The length of the rows ranks are taken in: the last dimensions of a matrix or more, the
+  /// whole tensor for a vector.
+  static func rowLength(_ shape: [Int]) -> Int {
+    let count = shape.reduce(1, *)
+    return shape.count >= 2 ? count / max(shape[0], 1) : count
+  }
+
+  /// As a vector (one row): `prepare(tensor:shape:)` is the one the runner calls.
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    try prepare(tensor: name, shape: [count], p, scan: scan)
+  }
+
+  /// One model's drop on this tensor.
+  struct Drop: Sendable {
+    var density: Double
+    var epsilon: Double
+    var rng: CounterRNG
+    /// L1 norm before over after the drop (1 without `rescale`), as a ratio `before / after`.
+    var before = 1.0
+    var after = 1.0
+
+    /// Whether entries are dropped at all (0 < density < 1).
+    var drops: Bool { density > 0 && density < 1 }
+  }
+
+  public func prepare(tensor name: String, shape: [Int], _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    let count = shape.reduce(1, *)
+    let rowLength = max(Self.rowLength(shape), 1)
+    let models = p.models.count
+    let seed = UInt64(p.number("seed"))
+    var drops = try (0..<models).map { m -> Drop in
+      let (density, epsilon) = (p.number("density", model: m), p.number("epsilon", model: m))
+      if density > 0 && density < 1 && !(density - epsilon > 0 && density + epsilon < 1) {
+        throw MergeError.invalidParameter(
+          method: self.name, name: "epsilon", tensor: name,
+          reason: "must leave density +- epsilon inside (0, 1) (density \(density), epsilon \(epsilon))")
+      }
+      return Drop(density: density, epsilon: epsilon, rng: CounterRNG(seed: seed, stream: "\(self.name)#\(m)"))
+    }
+    if p.flag("rescale") && drops.contains(where: \.drops) {
+      // Blocks of whole rows, about a range each, summed in order.
+      let rowsPerBlock = max(1, MergeRanges.size / rowLength)
+      let blocks = stride(from: 0, to: count, by: rowsPerBlock * rowLength).map {
+        $0..<min(count, $0 + rowsPerBlock * rowLength)
+      }
+      var sums = [(before: Double, after: Double)](repeating: (0, 0), count: models)
+      let fixed = drops
+      try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows in
+        try (0..<models).map { m -> (Double, Double) in
+          guard fixed[m].drops else { return (0, 0) }
+          var (before, after) = (0.0, 0.0)
+          try Self.eachKept(rows, model: m, drop: fixed[m], rowLength: rowLength, method: self.name) { _, delta, kept in
+            before += abs(delta)
+            if kept { after += abs(delta) }
           }
+          return (before, after)
         }
-        if p.flag("rescale") {
-          let before = delta.reduce(0) { $0 + abs($1) }
-          let after = kept.reduce(0) { $0 + abs($1) }
-          if before >= 1e-7 && after >= 1e-7 { kept = kept.map { $0 * before / after } }
+      } combine: { parts in
+        for m in 0..<models {
+          sums[m].before += parts[m].0
+          sums[m].after += parts[m].1
         }
-        delta = kept
       }
-      let weight = p.number("weight", model: m)
-      deltas.append(delta.map { $0 * weight })
-      weights.append(weight)
+      for m in 0..<models where drops[m].drops && sums[m].before >= 1e-7 && sums[m].after >= 1e-7 {
+        (drops[m].before, drops[m].after) = sums[m]
+      }
     }
-    let lambda = p.number("lambda")
-    let normalize = p.flag("normalize")
+    let weights = (0..<models).map { p.number("weight", model: $0) }
+    let (lambda, normalize, consensus) = (p.number("lambda"), p.flag("normalize"), self.consensus)
     let weightSum = weights.reduce(0, +)
-    let merged = (0..<count).map { i -> Float in
-      var mixed = 0.0
-      var divisor = 0.0
-      if consensus {
-        let majority: Double = deltas.reduce(0) { $0 + $1[i] } >= 0 ? 1 : -1
-        for (delta, weight) in zip(deltas, weights) where delta[i] != 0 && (delta[i] > 0 ? 1.0 : -1.0) == majority {
-          mixed += delta[i]
-          divisor += weight
+    let fixed = drops
+    let read = scan.read
+    return RangeMerger { range in
+      guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
+      let (first, end) = (range.offset, range.offset + base.count)
+      // The whole rows the range touches.
+      let rowsStart = first / rowLength * rowLength
+      let rowsEnd = min(count, (end + rowLength - 1) / rowLength * rowLength)
+      let rows = rowsStart == first && rowsEnd == end ? range : try read(rowsStart..<rowsEnd)
+      // Each model's weighted, kept (and rescaled) delta on the range's elements.
+      var deltas = [[Double]](repeating: [Double](repeating: 0, count: end - first), count: models)
+      for m in 0..<models {
+        let (drop, weight) = (fixed[m], weights[m])
+        try Self.eachKept(rows, model: m, drop: drop, rowLength: rowLength, method: self.name) { i, delta, kept in
+          guard i >= first && i < end else { return }
+          // before / after is 1 / 1 (exact) without rescale or drop.
+          deltas[m][i - first] = (kept ? delta * drop.before / drop.after : 0) * weight
         }
-        if divisor == 0 { divisor = 1 }
-      } else {
-        mixed = deltas.reduce(0) { $0 + $1[i] }
-        divisor = abs(weightSum) < 1e-8 ? 1 : weightSum
       }
-      if normalize { mixed /= divisor }
-      return Float(base[i] + mixed * lambda)
+      return (0..<(end - first)).map { j -> Float in
+        var mixed = 0.0
+        var divisor = 0.0
+        if consensus {
+          let majority: Double = deltas.reduce(0) { $0 + $1[j] } >= 0 ? 1 : -1
+          for (delta, weight) in zip(deltas, weights) where delta[j] != 0 && (delta[j] > 0 ? 1.0 : -1.0) == majority {
+            mixed += delta[j]
+            divisor += weight
+          }
+          if divisor == 0 { divisor = 1 }
+        } else {
+          mixed = deltas.reduce(0) { $0 + $1[j] }
+          divisor = abs(weightSum) < 1e-8 ? 1 : weightSum
+        }
+        if normalize { mixed /= divisor }
+        return Float(Double(base[j]) + mixed * lambda)
+      }
     }
-    return Tensor(shape: shape, scalars: merged)
+  }
+
+  /// Calls `body(index, delta, kept)` for every element of `rows` (whole rows of `rowLength`,
+  /// the last one possibly shorter at the tensor's end) for model `m`: its index in the tensor,
+  /// `model - base` in Double, and whether the drop keeps it (always, when `drop` drops none and
+  /// its density is 1; never at density 0).
+  static func eachKept(
+    _ rows: RangeInputs, model m: Int, drop: Drop, rowLength: Int, method: String,
+    _ body: (Int, Double, Bool) throws -> Void
+  ) throws {
+    guard let base = rows.base else { throw MergeError.baseRequired(method: method) }
+    let values = rows.models[m]
+    let n = base.count
+    var magnitudes = [Double](repeating: 0, count: min(rowLength, n))
+    var order = [Int32](repeating: 0, count: min(rowLength, n))
+    var start = 0
+    while start < n {
+      let length = min(rowLength, n - start)
+      guard drop.drops else {
+        for k in 0..<length {
+          let delta = Double(values[start + k]) - Double(base[start + k])
+          try body(rows.offset + start + k, delta, drop.density >= 1)
+        }
+        start += length
+        continue
+      }
+      for k in 0..<length { magnitudes[k] = abs(Double(values[start + k]) - Double(base[start + k])) }
+      for k in 0..<length { order[k] = Int32(k) }
+      magnitudes.withUnsafeBufferPointer { mags in
+        order[0..<length].sort { a, b in
+          mags[Int(a)] < mags[Int(b)] || (mags[Int(a)] == mags[Int(b)] && a < b)
+        }
+      }
+      let span = Double(max(length - 1, 1))
+      var keep = [Bool](repeating: false, count: length)
+      for rank in 0..<length {
+        let k = Int(order[rank])
+        let probability = drop.density - drop.epsilon + 2 * drop.epsilon * Double(rank) / span
+        keep[k] = Double(drop.rng.uniform(UInt64(rows.offset + start + k))) < probability
+      }
+      for k in 0..<length {
+        try body(rows.offset + start + k, Double(values[start + k]) - Double(base[start + k]), keep[k])
+      }
+      start += length
+    }
   }
 }

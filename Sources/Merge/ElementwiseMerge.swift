@@ -146,11 +146,20 @@ public protocol StreamingMerge: MergeMethod {
   /// Whether the runner streams this tensor through `prepare` (every tensor unless the method
   /// says otherwise); the others are merged whole by `merge`, several in flight.
   func streams(tensor name: String, shape: [Int]) -> Bool
+  /// `prepare` for a method that needs the tensor's shape (DELLA ranks within rows); by default
+  /// the count-only `prepare`. The runner and `mergeByRanges` call this one.
+  func prepare(tensor name: String, shape: [Int], _ parameters: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
 }
 
 extension StreamingMerge {
   public var readsTaskVectors: Bool { false }
   public func streams(tensor name: String, shape: [Int]) -> Bool { true }
+  public func prepare(tensor name: String, shape: [Int], _ parameters: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    try prepare(tensor: name, count: shape.reduce(1, *), parameters, scan: scan)
+  }
 
   /// The whole-tensor merge through the ranges, for methods whose `prepare` always gives a
   /// range merger. Throws `MergeError.notStreamable` where it does not.
@@ -173,7 +182,7 @@ extension StreamingMerge {
     }
     guard
       let merger = try prepare(
-        tensor: inputs.name, count: count, parameters, scan: TensorScan(ranges: ranges, read: slice))
+        tensor: inputs.name, shape: shape, parameters, scan: TensorScan(ranges: ranges, read: slice))
     else {
       return nil
     }

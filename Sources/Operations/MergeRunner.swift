@@ -494,7 +494,7 @@ public enum MergeRunner {
     let ranges = MergeRanges.ranges(item.count)
     let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
     let scan = TensorScan(ranges: ranges, read: read) { _ = try release($0) }
-    guard let merger = try method.prepare(tensor: item.name, count: item.count, parameters, scan: scan) else {
+    guard let merger = try method.prepare(tensor: item.name, shape: item.shape, parameters, scan: scan) else {
       return false
     }
     try writer.beginTensor(item.name)

@@ -61,6 +61,74 @@ import Testing
     expectClose(ties.scalars, [0.5 + 0.9 / 1.0, 0.5 - 1.5 / 0.6, 0.5 + 1.5 / 0.6], relative: 1e-7)
   }
 
+  /// The whole-tensor algorithm, written plainly: per model, rank each row's |delta|, draw,
+  /// rescale by the whole tensor's L1 norms, weight; then consensus or sum.
+  func reference(base: [Float], models: [[Float]], rowLength: Int, p: ResolvedParameters, consensus: Bool) -> [Double] {
+    let n = base.count
+    var deltas: [[Double]] = []
+    for (m, model) in models.enumerated() {
+      let delta = (0..<n).map { Double(model[$0]) - Double(base[$0]) }
+      let (density, epsilon) = (p.number("density", model: m), p.number("epsilon", model: m))
+      let rng = CounterRNG(seed: UInt64(p.number("seed")), stream: "\(consensus ? "della" : "della-linear")#\(m)")
+      var kept = [Double](repeating: 0, count: n)
+      for start in stride(from: 0, to: n, by: rowLength) {
+        let row = start..<min(n, start + rowLength)
+        let order = row.sorted { abs(delta[$0]) < abs(delta[$1]) || (abs(delta[$0]) == abs(delta[$1]) && $0 < $1) }
+        for (rank, i) in order.enumerated() {
+          let probability = density - epsilon + 2 * epsilon * Double(rank) / Double(max(order.count - 1, 1))
+          if Double(rng.uniform(UInt64(i))) < probability { kept[i] = delta[i] }
+        }
+      }
+      let (before, after) = (delta.reduce(0) { $0 + abs($1) }, kept.reduce(0) { $0 + abs($1) })
+      deltas.append(kept.map { $0 * before / after * p.number("weight", model: m) })
+    }
+    let weights = models.indices.map { p.number("weight", model: $0) }
+    return (0..<n).map { i in
+      var (mixed, divisor) = (0.0, 0.0)
+      if consensus {
+        let majority: Double = deltas.reduce(0) { $0 + $1[i] } >= 0 ? 1 : -1
+        for (d, w) in zip(deltas, weights) where d[i] != 0 && (d[i] > 0 ? 1.0 : -1.0) == majority {
+          mixed += d[i]
+          divisor += w
+        }
+        mixed /= divisor == 0 ? 1 : divisor
+      } else {
+        mixed = deltas.reduce(0) { $0 + $1[i] }
+      }
+      return Double(base[i]) + mixed
+    }
+  }
+
+  /// Streamed by rows: with rows that straddle the merge ranges (3 rows of 100,000 against
+  /// ranges of 262,144), each range reads the whole rows it touches and gets the whole-tensor
+  /// algorithm's result, and the rescale keeps each model's L1 norm. Rows longer than a range
+  /// are merged whole.
+  @Test(arguments: [true, false])
+  func rowsStraddlingRangesMergeAsTheWholeTensor(_ consensus: Bool) throws {
+    let method = consensus ? DELLAMerge.della : DELLAMerge.dellaLinear
+    let shape = [3, 100_000]
+    let n = 300_000
+    #expect(n > MergeRanges.size && method.streams(tensor: "w", shape: shape))
+    #expect(!method.streams(tensor: "v", shape: [n]))
+    let base = random([n], "della-base").scalars
+    let models = (0..<2).map { t in zip(base, random([n], "della-\(t)", scale: 0.01).scalars).map { $0 + $1 } }
+    let p = try resolve(
+      method, ["seed": .number(3)],
+      models: [
+        ["density": .number(0.5), "epsilon": .number(0.1), "weight": .number(0.7)],
+        ["density": .number(0.3), "epsilon": .number(0.2), "weight": .number(0.5)],
+      ])
+    let out = try method.merge(
+      MergeInputs(
+        name: "w", base: Tensor(shape: shape, scalars: base), models: models.map { Tensor(shape: shape, scalars: $0) }),
+      p)
+    let expected = reference(base: base, models: models, rowLength: 100_000, p: p, consensus: consensus)
+    #expect(out.shape == shape)
+    // The same kept entries; values to the rounding of the L1 sums' order.
+    #expect(zip(out.scalars, base).map { $0 != $1 } == zip(expected, base).map { Float($0) != $1 })
+    expectClose(out.scalars, expected, relative: 1e-6)
+  }
+
   @Test func epsilonMustKeepProbabilitiesInsideZeroOne() throws {
     #expect(throws: MergeError.self) { try della([:], ["density": .number(0.9), "epsilon": .number(0.2)]) }
   }
