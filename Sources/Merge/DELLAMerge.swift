@@ -52,12 +52,19 @@ public struct DELLAMerge: StreamingMerge {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
-    return try mergeThroughRanges(inputs, p)
+    guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
+    guard !streams(tensor: inputs.name, shape: base.shape) else { return try mergeThroughRanges(inputs, p) }
+    // Rows longer than a range: the whole tensor as one range, so that each row is ranked once.
+    let whole = RangeInputs(offset: 0, base: base.scalars, models: inputs.models.map(\.scalars))
+    let scan = TensorScan(ranges: [0..<base.count]) { _ in whole }
+    guard let merger = try prepare(tensor: inputs.name, shape: base.shape, p, scan: scan) else {
+      throw MergeError.notStreamable(method: name, tensor: inputs.name)
+    }
+    return Tensor(shape: base.shape, scalars: try merger.merge(whole))
   }
 
-  /// Rows longer than a merge range (a large vector is one row) are merged whole: each range
-  /// would read the whole row again.
+  /// Rows longer than a merge range (a large vector is one row) are merged whole, in one piece:
+  /// each range would rank the whole row again.
   public func streams(tensor name: String, shape: [Int]) -> Bool {
     Self.rowLength(shape) <= MergeRanges.size
   }

@@ -127,6 +127,14 @@ import Testing
     // The same kept entries; values to the rounding of the L1 sums' order.
     #expect(zip(out.scalars, base).map { $0 != $1 } == zip(expected, base).map { Float($0) != $1 })
     expectClose(out.scalars, expected, relative: 1e-6)
+    // The same values as one row longer than a range: merged whole, ranked once.
+    let vector = try method.merge(
+      MergeInputs(
+        name: "v", base: Tensor(shape: [n], scalars: base), models: models.map { Tensor(shape: [n], scalars: $0) }),
+      p)
+    let expectedVector = reference(base: base, models: models, rowLength: n, p: p, consensus: consensus)
+    #expect(zip(vector.scalars, base).map { $0 != $1 } == zip(expectedVector, base).map { Float($0) != $1 })
+    expectClose(vector.scalars, expectedVector, relative: 1e-6)
   }
 
   @Test func epsilonMustKeepProbabilitiesInsideZeroOne() throws {
