@@ -6,8 +6,14 @@ import Tensor
 /// mean direction `m` is the tangent point; the weighted sum of the unit vectors' tangent
 /// components at `m` is mapped back to the sphere with the exponential map and scaled by the
 /// weighted mean of the norms (then the base is added back). Two exactly opposed inputs fall
-/// back to the weighted sum. Computed in `Double` on whole tensors.
-public struct MultiSLERPMerge: MergeMethod {
+/// back to the weighted sum. Computed in `Double`.
+///
+/// Every vector involved (the unit points, their mean, the tangent) is a combination of the
+/// points, so the result is `sum_t k_t v_t` (plus the base) with coefficients found from the
+/// points' Gram matrix `G_st = v_s . v_t`: one streamed pass sums `G`, and the merge is a weighted
+/// sum, computed from the stored bytes like SLERP's. Under mergekit's rounding
+/// (`MergeArithmetic.rounded`) the tensor is merged whole, each step rounded as mergekit's.
+public struct MultiSLERPMerge: StreamingMerge {
   public init() {}
   public var name: String { "multislerp" }
   public var summary: String { "spherical barycentric interpolation of several models (optionally around a base)" }
@@ -25,48 +31,105 @@ public struct MultiSLERPMerge: MergeMethod {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    let shape = inputs.models[0].shape
     if inputs.models.count == 1 { return inputs.models[0] }
     if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
-    let base = inputs.base.map { $0.scalars.map(Double.init) }
-    let points = inputs.models.map { model in
-      model.scalars.enumerated().map { i, x in Double(x) - (base?[i] ?? 0) }
+    return try mergeThroughRanges(inputs, p)
+  }
+
+  /// The Gram pass, then the weighted sum; nil under mergekit's rounding (merged whole).
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !p.arithmetic.isRounded else { return nil }
+    let models = p.models.count
+    var gram = [Double](repeating: 0, count: models * models)
+    var hasBase = false
+    if models > 1 {
+      try scan.pass { range -> (part: [Double], hasBase: Bool) in
+        (Self.gramPart(range), range.base != nil)
+      } combine: { summary in
+        hasBase = summary.hasBase
+        for s in 0..<models { for t in s..<models { gram[s * models + t] += summary.part[s * models + t] } }
+      }
+      for s in 0..<models { for t in 0..<s { gram[s * models + t] = gram[t * models + s] } }
     }
-    var weights = inputs.models.indices.map { p.number("weight", model: $0) }
+    let coefficients = try self.coefficients(gram: gram, p, tensor: name)
+    return RangeMerger(
+      WeightedSumForm(
+        method: self.name, terms: WeightedSumForm.models(models), weights: coefficients, addsBase: hasBase,
+        subtractsBase: hasBase))
+  }
+
+  /// One range's part of the Gram matrix (upper triangle, row-major) of the points: each model
+  /// minus the base in Double (or the model, without one), summed in four lanes.
+  static func gramPart(_ range: RangeInputs) -> [Double] {
+    let models = range.models.count
+    let n = range.count
+    let points = range.models.map { model in
+      range.base.map { base in (0..<n).map { Double(model[$0]) - Double(base[$0]) } } ?? model.map(Double.init)
+    }
+    var part = [Double](repeating: 0, count: models * models)
+    for s in 0..<models {
+      for t in s..<models {
+        let (x, y) = (points[s], points[t])
+        var lanes = SIMD4<Double>(repeating: 0)
+        var i = 0
+        while i + 4 <= n {
+          let left = SIMD4<Double>(x[i], x[i + 1], x[i + 2], x[i + 3])
+          let right = SIMD4<Double>(y[i], y[i + 1], y[i + 2], y[i + 3])
+          lanes += left * right
+          i += 4
+        }
+        var total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+        while i < n {
+          total += x[i] * y[i]
+          i += 1
+        }
+        part[s * models + t] = total
+      }
+    }
+    return part
+  }
+
+  /// The coefficients `k_t` of the result `sum_t k_t v_t` from the points' Gram matrix (models x
+  /// models, row-major): norms `n_t = sqrt G_tt`; the mean direction `sum_t a_t v_t / |.|` with
+  /// `a_t = w_t / (n_t + eps)`; each unit point's dot with it; the tangent's coefficients and norm;
+  /// the exponential map, scaled by the weighted mean norm.
+  func coefficients(gram: [Double], _ p: ResolvedParameters, tensor: String) throws -> [Double] {
+    let models = p.models.count
+    guard models > 1 else { return [1] }
+    var weights = (0..<models).map { p.number("weight", model: $0) }
     if p.flag("normalize_weights") {
       let total = weights.reduce(0, +)
-      guard total != 0 else { throw MergeError.zeroWeightSum(method: name, tensor: inputs.name) }
+      guard total != 0 else { throw MergeError.zeroWeightSum(method: name, tensor: tensor) }
       weights = weights.map { $0 / total }
     }
     let eps = p.number("eps")
-    let count = points[0].count
-    let norms = points.map { v in v.reduce(0) { $0 + $1 * $1 }.squareRoot() }
-    let units = zip(points, norms).map { v, n in v.map { $0 / (n + eps) } }
-    var mean = [Double](repeating: 0, count: count)
-    for (u, w) in zip(units, weights) { for i in 0..<count { mean[i] += w * u[i] } }
-    let meanNorm = mean.reduce(0) { $0 + $1 * $1 }.squareRoot()
-    func finish(_ values: [Double]) -> Tensor {
-      Tensor(shape: shape, scalars: values.enumerated().map { i, x in Float(x + (base?[i] ?? 0)) })
+    func quadratic(_ c: [Double]) -> Double {
+      var total = 0.0
+      for s in 0..<models { for t in 0..<models { total += c[s] * c[t] * gram[s * models + t] } }
+      return max(total, 0)
     }
+    let norms = (0..<models).map { gram[$0 * models + $0].squareRoot() }
+    let a = (0..<models).map { weights[$0] / (norms[$0] + eps) }
+    let meanNorm = quadratic(a).squareRoot()
     if meanNorm < eps {
-      guard points.count == 2 else { throw MergeError.opposedInputs(method: name, tensor: inputs.name) }
-      return finish((0..<count).map { points[0][$0] * weights[0] + points[1][$0] * weights[1] })
+      guard models == 2 else { throw MergeError.opposedInputs(method: name, tensor: tensor) }
+      return weights
     }
-    mean = mean.map { $0 / meanNorm }
-    var tangent = [Double](repeating: 0, count: count)
-    for (u, w) in zip(units, weights) {
-      let dot = zip(u, mean).reduce(0) { $0 + $1.0 * $1.1 }
-      for i in 0..<count { tangent[i] += w * (u[i] - dot * mean[i]) }
+    let mean = a.map { $0 / meanNorm }
+    // Each unit point's dot with the mean direction, and the tangent sum_t w_t (u_t - dot_t mean).
+    let dots = (0..<models).map { t in
+      (0..<models).reduce(0.0) { $0 + mean[$1] * gram[t * models + $1] } / (norms[t] + eps)
     }
-    let tangentNorm = tangent.reduce(0) { $0 + $1 * $1 }.squareRoot() + eps
-    let averageNorm = zip(norms, weights).reduce(0) { $0 + $1.0 * $1.1 }
+    let drift = zip(weights, dots).reduce(0.0) { $0 + $1.0 * $1.1 }
+    let tangent = (0..<models).map { a[$0] - drift * mean[$0] }
+    let tangentNorm = quadratic(tangent).squareRoot() + eps
+    let averageNorm = zip(norms, weights).reduce(0.0) { $0 + $1.0 * $1.1 }
     let (c, s) = (cos(tangentNorm), sin(tangentNorm) / tangentNorm)
-    return finish((0..<count).map { (mean[$0] * c + tangent[$0] * s) * averageNorm })
+    return (0..<models).map { (mean[$0] * c + tangent[$0] * s) * averageNorm }
   }
 
-  /// Multi-SLERP as mergekit computes it in a narrow dtype: every element-wise product,
-  /// quotient and difference rounded to it, each reduction (norms, the weighted sums over the
-  /// models, the dot products) accumulated in float and rounded once.
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let r = p.arithmetic
     let shape = inputs.models[0].shape

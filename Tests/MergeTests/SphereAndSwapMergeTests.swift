@@ -34,6 +34,55 @@ import Testing
     #expect(opposed.scalars == [0, 0, 0])
   }
 
+  /// Multi-SLERP through its Gram pass and weighted sum, over several ranges, against the
+  /// construction done on the vectors themselves in float64 (with and without a base, uneven
+  /// weights); a lone model is returned as it is, and three opposed-summing inputs are refused.
+  @Test(arguments: [true, false])
+  func multislerpFromTheGramMatrixIsTheConstructionOnTheVectors(_ withBase: Bool) throws {
+    let n = MergeRanges.size + 3_001
+    let base = random([n], "ms-base").scalars
+    let models = (0..<3).map { t in
+      zip(base, random([n], "ms-\(t)", scale: 0.02).scalars).map { $0 + $1 + (t == 0 ? 0.01 : 0) }
+    }
+    let weights = [0.5, 0.3, 0.2]
+    let p = try resolve(MultiSLERPMerge(), [:], models: weights.map { ["weight": .number($0)] })
+    let out = try MultiSLERPMerge().merge(
+      MergeInputs(
+        name: "w", base: withBase ? Tensor(shape: [n], scalars: base) : nil,
+        models: models.map { Tensor(shape: [n], scalars: $0) }), p)
+    // The construction, step by step on the vectors.
+    let points = models.map { m in (0..<n).map { Double(m[$0]) - (withBase ? Double(base[$0]) : 0) } }
+    func dot(_ x: [Double], _ y: [Double]) -> Double { zip(x, y).reduce(0) { $0 + $1.0 * $1.1 } }
+    let norms = points.map { dot($0, $0).squareRoot() }
+    let units = zip(points, norms).map { v, norm in v.map { $0 / (norm + 1e-8) } }
+    var mean = (0..<n).map { i in (0..<3).reduce(0.0) { $0 + weights[$1] * units[$1][i] } }
+    let meanNorm = dot(mean, mean).squareRoot()
+    mean = mean.map { $0 / meanNorm }
+    var tangent = [Double](repeating: 0, count: n)
+    for t in 0..<3 {
+      let d = dot(units[t], mean)
+      for i in 0..<n { tangent[i] += weights[t] * (units[t][i] - d * mean[i]) }
+    }
+    let tangentNorm = dot(tangent, tangent).squareRoot() + 1e-8
+    let averageNorm = zip(norms, weights).reduce(0.0) { $0 + $1.0 * $1.1 }
+    let expected = (0..<n).map { i in
+      (mean[i] * cos(tangentNorm) + tangent[i] * sin(tangentNorm) / tangentNorm) * averageNorm
+        + (withBase ? Double(base[i]) : 0)
+    }
+    expectClose(out.scalars, expected, relative: 1e-6)
+    let lone = try MultiSLERPMerge().merge(
+      MergeInputs(name: "w", base: nil, models: [Tensor(shape: [n], scalars: models[0])]),
+      try resolve(MultiSLERPMerge(), [:], models: [[:]]))
+    #expect(lone.scalars == models[0])
+    let x = Tensor(shape: [2], scalars: [1, 0])
+    let y = Tensor(shape: [2], scalars: [-1, 0])
+    #expect(throws: MergeError.self) {
+      try MultiSLERPMerge().merge(
+        MergeInputs(name: "w", base: nil, models: [x, y, Tensor(shape: [2], scalars: [0, 0])]),
+        try resolve(MultiSLERPMerge(), [:], models: [[:], [:], [:]]))
+    }
+  }
+
   @Test func karcherMeanIsTheSphericalCentreScaledByTheMeanNorm() throws {
     let p = try resolve(KarcherMerge(), [:], models: [[:], [:], [:]])
     // Orthogonal directions of norms 2, 4 and 6: centre (1, 1, 1)/sqrt 3, mean norm 4.
