@@ -4,8 +4,13 @@ import Tensor
 /// mergekit's `karcher`: the Karcher (Riemannian) mean of the models' directions on the unit
 /// hypersphere, found by fixed-point iteration (at most `max_iter` steps, stopping when the
 /// tangent step is below `tol`), scaled by the mean of their norms. Models with a norm at most
-/// `tol` do not steer the direction. Equal weights; computed in `Double` on whole tensors.
-public struct KarcherMerge: MergeMethod {
+/// `tol` do not steer the direction. Equal weights; computed in `Double`.
+///
+/// Every iterate stays in the span of the models' directions, so the iteration runs on
+/// coefficients over them, with dot products from the models' Gram matrix: one streamed pass
+/// sums it, and the merge is a weighted sum of the models, computed from the stored bytes. Under
+/// mergekit's rounding in bf16 or f16 the tensor is merged whole, each step rounded as mergekit's.
+public struct KarcherMerge: StreamingMerge {
   public init() {}
   public var name: String { "karcher" }
   public var summary: String { "Karcher mean of the models' directions on the hypersphere, times their mean norm" }
@@ -23,45 +28,86 @@ public struct KarcherMerge: MergeMethod {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     if inputs.models.count == 1 { return inputs.models[0] }
-    if case .rounded(let dtype) = p.arithmetic, dtype == .bf16 || dtype == .f16 { return mergeRounded(inputs, p) }
-    let shape = inputs.models[0].shape
+    if Self.roundsSteps(p) { return mergeRounded(inputs, p) }
+    return try mergeThroughRanges(MergeInputs(name: inputs.name, base: nil, models: inputs.models), p)
+  }
+
+  /// Whether mergekit's rounding applies (bf16 or f16 compute): then the tensor is merged whole.
+  static func roundsSteps(_ p: ResolvedParameters) -> Bool {
+    if case .rounded(let dtype) = p.arithmetic, dtype == .bf16 || dtype == .f16 { return true }
+    return false
+  }
+
+  /// The Gram pass, then the weighted sum; nil under mergekit's rounding (merged whole).
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !Self.roundsSteps(p) else { return nil }
+    let models = p.models.count
+    guard models > 1 else {
+      return RangeMerger(WeightedSumForm(method: self.name, terms: [0], weights: [1]))
+    }
+    var gram = [Double](repeating: 0, count: models * models)
+    try scan.pass { range in
+      MultiSLERPMerge.gramPart(RangeInputs(offset: range.offset, base: nil, models: range.models))
+    } combine: { part in
+      for s in 0..<models { for t in s..<models { gram[s * models + t] += part[s * models + t] } }
+    }
+    for s in 0..<models { for t in 0..<s { gram[s * models + t] = gram[t * models + s] } }
+    guard let weights = coefficients(gram: gram, models: models, p) else {
+      // Every model has a norm within tol: zeros.
+      return RangeMerger { range in [Float](repeating: 0, count: range.count) }
+    }
+    return RangeMerger(WeightedSumForm(method: self.name, terms: WeightedSumForm.models(models), weights: weights))
+  }
+
+  /// The Karcher iteration on coefficients: the mean direction is `sum_j c_j u_j` over the
+  /// directions `u_j = v_j / n_j` of the models whose norm exceeds `tol`, with `u_i . u_j =
+  /// G_ij / (n_i n_j)`. Returns each model's weight in the result (`scale c_j / n_j`, 0 for the
+  /// others), or nil when no model's norm exceeds `tol`.
+  func coefficients(gram: [Double], models: Int, _ p: ResolvedParameters) -> [Double]? {
     let tol = p.number("tol")
-    let points = inputs.models.map { $0.scalars.map(Double.init) }
-    let count = points[0].count
-    let alphas = [Double](repeating: 1 / Double(points.count), count: points.count)
-    let norms = points.map { v in v.reduce(0) { $0 + $1 * $1 }.squareRoot() }
+    let alphas = [Double](repeating: 1 / Double(models), count: models)
+    let norms = (0..<models).map { gram[$0 * models + $0].squareRoot() }
     let valid = norms.indices.filter { norms[$0] > tol }
-    guard !valid.isEmpty else { return Tensor(shape: shape, scalars: [Float](repeating: 0, count: count)) }
-    let units = valid.map { i in points[i].map { $0 / norms[i] } }
+    guard !valid.isEmpty else { return nil }
+    let v = valid.count
+    // The directions' Gram matrix.
+    var units = [Double](repeating: 0, count: v * v)
+    for (a, i) in valid.enumerated() {
+      for (b, j) in valid.enumerated() { units[a * v + b] = gram[i * models + j] / (norms[i] * norms[j]) }
+    }
+    func times(_ c: [Double]) -> [Double] {
+      (0..<v).map { a in (0..<v).reduce(0.0) { $0 + units[a * v + $1] * c[$1] } }
+    }
+    func norm(_ c: [Double]) -> Double { max(zip(c, times(c)).reduce(0.0) { $0 + $1.0 * $1.1 }, 0).squareRoot() }
     let total = valid.reduce(0) { $0 + alphas[$1] }
     let weights = valid.map { alphas[$0] / total }
-    func norm(_ v: [Double]) -> Double { v.reduce(0) { $0 + $1 * $1 }.squareRoot() }
-    var mean = [Double](repeating: 0, count: count)
-    for (u, w) in zip(units, weights) { for i in 0..<count { mean[i] += w * u[i] } }
+    var mean = weights
     let meanNorm = norm(mean)
-    mean = meanNorm < tol ? units[0] : mean.map { $0 / meanNorm }
+    mean = meanNorm < tol ? (0..<v).map { $0 == 0 ? 1 : 0 } : mean.map { $0 / meanNorm }
     for _ in 0..<Int(p.number("max_iter")) {
-      var tangent = [Double](repeating: 0, count: count)
-      for (u, w) in zip(units, weights) {
-        let dot = min(1, max(-1, zip(mean, u).reduce(0) { $0 + $1.0 * $1.1 }))
+      var tangent = [Double](repeating: 0, count: v)
+      let dots = times(mean)
+      for a in 0..<v {
+        let dot = min(1, max(-1, dots[a]))
         let theta = acos(dot)
         if theta < tol { continue }
-        let factor = w * theta / sin(theta)
-        for i in 0..<count { tangent[i] += factor * (u[i] - dot * mean[i]) }
+        let factor = weights[a] * theta / sin(theta)
+        for b in 0..<v { tangent[b] += factor * ((a == b ? 1 : 0) - dot * mean[b]) }
       }
       let step = norm(tangent)
       if step < tol { break }
-      mean = (0..<count).map { cos(step) * mean[$0] + sin(step) * tangent[$0] / step }
+      mean = (0..<v).map { cos(step) * mean[$0] + sin(step) * tangent[$0] / step }
       let length = norm(mean)
       if length > tol { mean = mean.map { $0 / length } }
     }
     let scale = zip(alphas, norms).reduce(0) { $0 + $1.0 * $1.1 }
-    return Tensor(shape: shape, scalars: mean.map { Float(scale * $0) })
+    var result = [Double](repeating: 0, count: models)
+    for (a, i) in valid.enumerated() { result[i] = scale * mean[a] / norms[i] }
+    return result
   }
 
-  /// The Karcher mean as mergekit computes it for half-precision tensors: norms in float32,
-  /// the directions, the running mean and every element-wise step in the compute dtype (each
-  /// rounded), dot products accumulated in float and rounded; the same iterations and stops.
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) -> Tensor {
     let r = p.arithmetic
     let tol = p.number("tol")

@@ -83,6 +83,40 @@ import Testing
     }
   }
 
+  /// Karcher through its Gram pass and coefficients, over several ranges, against the fixed-point
+  /// iteration done on the vectors themselves in float64.
+  @Test func karcherFromTheGramMatrixIsTheIterationOnTheVectors() throws {
+    let n = MergeRanges.size + 1_001
+    let shared = random([n], "k-shared").scalars
+    let models = (0..<3).map { t in zip(shared, random([n], "k-\(t)", scale: 0.6).scalars).map { $0 + $1 } }
+    let p = try resolve(KarcherMerge(), ["max_iter": .number(20), "tol": .number(1e-9)], models: [[:], [:], [:]])
+    let out = try KarcherMerge().merge(
+      MergeInputs(name: "w", base: nil, models: models.map { Tensor(shape: [n], scalars: $0) }), p)
+    func dot(_ x: [Double], _ y: [Double]) -> Double { zip(x, y).reduce(0) { $0 + $1.0 * $1.1 } }
+    let points = models.map { $0.map(Double.init) }
+    let norms = points.map { dot($0, $0).squareRoot() }
+    let units = zip(points, norms).map { v, norm in v.map { $0 / norm } }
+    var mean = (0..<n).map { i in units.reduce(0.0) { $0 + $1[i] / 3 } }
+    let first = dot(mean, mean).squareRoot()
+    mean = mean.map { $0 / first }
+    for _ in 0..<20 {
+      var tangent = [Double](repeating: 0, count: n)
+      for u in units {
+        let c = min(1, max(-1, dot(mean, u)))
+        let theta = acos(c)
+        guard theta >= 1e-9 else { continue }
+        for i in 0..<n { tangent[i] += theta / sin(theta) / 3 * (u[i] - c * mean[i]) }
+      }
+      let step = dot(tangent, tangent).squareRoot()
+      if step < 1e-9 { break }
+      mean = (0..<n).map { cos(step) * mean[$0] + sin(step) * tangent[$0] / step }
+      let length = dot(mean, mean).squareRoot()
+      mean = mean.map { $0 / length }
+    }
+    let scale = norms.reduce(0, +) / 3
+    expectClose(out.scalars, mean.map { $0 * scale }, relative: 1e-6)
+  }
+
   @Test func karcherMeanIsTheSphericalCentreScaledByTheMeanNorm() throws {
     let p = try resolve(KarcherMerge(), [:], models: [[:], [:], [:]])
     // Orthogonal directions of norms 2, 4 and 6: centre (1, 1, 1)/sqrt 3, mean norm 4.
