@@ -86,11 +86,19 @@ public struct STFMerge: StreamingMerge {
     !Self.isLinearMap(name, shape: shape) && shape.reduce(1, *) >= Self.streamedFallbackCount
   }
 
-  /// The merge of a tensor that is not a linear map (the runner streams only those, and `merge`
-  /// sends only those here): `W_0 + fallback_lambda sum_t (W_t - W_0)`, summed in Double.
+  /// As a vector (not a linear map): `prepare(tensor:shape:)` is the one the runner calls.
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
     -> RangeMerger?
   {
+    try prepare(tensor: name, shape: [count], p, scan: scan)
+  }
+
+  /// The merge of a tensor that is not a linear map: `W_0 + fallback_lambda sum_t (W_t - W_0)`,
+  /// summed in Double. Nil for a linear map, which is merged whole.
+  public func prepare(tensor name: String, shape: [Int], _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !Self.isLinearMap(name, shape: shape) else { return nil }
     let models = p.models.count
     let scale = p.optionalNumber("fallback_lambda") ?? 1 / Double(models)
     return RangeMerger(

@@ -147,6 +147,8 @@ import Testing
       RangeInputs(offset: 0, base: base.scalars, models: tuned.map(\.scalars))
     }
     let merger = try #require(try stf.prepare(tensor: "lm_head.weight", count: 700, p, scan: scan))
+    // A linear map is never streamed as task arithmetic.
+    #expect(try stf.prepare(tensor: "model.layers.0.mlp.up_proj.weight", shape: [35, 20], p, scan: scan) == nil)
     let form = try #require(merger.weightedSum)
     #expect(form.scale == 0.5 && form.addsBase && form.subtractsBase)
     let streamed = try merger.merge(RangeInputs(offset: 0, base: base.scalars, models: tuned.map(\.scalars)))
