@@ -8,8 +8,13 @@ import Tensor
 ///    their sum (equal weights when that sum is below 1e-6, as mergekit);
 /// 3. erase: per element, drop the entries whose sign differs from the sign of the sum
 ///    (zero counts as +), then `base + sum w_i m_i tau_i / max(sum w_i m_i, 1e-6)`.
-/// Computed in `Double` on whole tensors.
-public struct SCEMerge: MergeMethod {
+/// Computed in `Double`; the variances are ranked as float32 values (ties by index), as
+/// mergekit ranks them in its float32 compute.
+///
+/// Streamed: the exact top-k of the variances by `MagnitudeRanker`'s passes (with the count of
+/// nonzero variances in the first), a pass for the mean squares, then the merge range by range.
+/// Under mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
+public struct SCEMerge: StreamingMerge {
   public init() {}
   public var name: String { "sce" }
   public var summary: String { "variance-selected task vectors, weighted by energy, with sign consensus" }
@@ -26,49 +31,108 @@ public struct SCEMerge: MergeMethod {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
     if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
-    let base = baseTensor.scalars.map(Double.init)
-    let count = base.count
-    var tvs = inputs.models.map { model in model.scalars.enumerated().map { Double($1) - base[$0] } }
-    let n = Double(tvs.count)
-    let density = p.number("select_topk")
-    if density < 1 {
-      var keep = [Bool](repeating: false, count: count)
-      if density > 0 {
-        let variance = (0..<count).map { i -> Double in
-          let mean = tvs.reduce(0) { $0 + $1[i] } / n
-          return tvs.reduce(0) { $0 + ($1[i] - mean) * ($1[i] - mean) } / n
-        }
-        let k = Int((Double(variance.filter { $0 != 0 }.count) * density).rounded(.towardZero))
-        for i in (0..<count).sorted(by: { variance[$0] > variance[$1] || (variance[$0] == variance[$1] && $0 < $1) })
-          .prefix(k)
-        {
-          keep[i] = true
-        }
-      }
-      tvs = tvs.map { tv in tv.enumerated().map { keep[$0] ? $1 : 0 } }
-    }
-    var weights = tvs.map { tv in tv.reduce(0) { $0 + $1 * $1 } / Double(max(count, 1)) }
-    let total = weights.reduce(0, +)
-    weights = abs(total) < 1e-6 ? weights.map { _ in 1 / n } : weights.map { $0 / total }
-    let merged = (0..<count).map { i -> Float in
-      let sum = tvs.reduce(0) { $0 + $1[i] }
-      let majority: Double = sum >= 0 ? 1 : -1
-      var numerator = 0.0
-      var denominator = 0.0
-      for (tv, w) in zip(tvs, weights) where tv[i] != 0 && (tv[i] > 0 ? 1.0 : -1.0) == majority {
-        numerator += tv[i] * w
-        denominator += w
-      }
-      return Float(base[i] + numerator / max(denominator, 1e-6))
-    }
-    return Tensor(shape: baseTensor.shape, scalars: merged)
+    return try mergeThroughRanges(inputs, p)
   }
 
-  /// SCE as mergekit computes it in a narrow dtype: task vectors, variances, squares, the
-  /// energy weights, each product and the division rounded to it; sums and means accumulate
-  /// in float and round once; tied variances are taken in index order.
+  /// The task vectors of one range in Double.
+  static func taskVectors(_ range: RangeInputs, method: String) throws -> [[Double]] {
+    guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+    return range.models.map { model in (0..<base.count).map { Double(model[$0]) - Double(base[$0]) } }
+  }
+
+  /// Each element's population variance across the models, as float32 (the ranking key).
+  static func variances(_ tvs: [[Double]]) -> [Float] {
+    let n = Double(tvs.count)
+    return (0..<(tvs.first?.count ?? 0)).map { i in
+      let mean = tvs.reduce(0) { $0 + $1[i] } / n
+      return Float(tvs.reduce(0) { $0 + ($1[i] - mean) * ($1[i] - mean) } / n)
+    }
+  }
+
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !p.arithmetic.isRounded else { return nil }
+    let models = p.models.count
+    let density = p.number("select_topk")
+    let method = self.name
+    // The selection: nil keeps everything; else a ranker over the variances and, when ties at
+    // the threshold are cut, the count of threshold-equal elements before each range.
+    var selection: (ranker: MagnitudeRanker, equalBefore: [Int: Int])?
+    if density < 1 {
+      var nonzero = 0
+      var high = [UInt32](repeating: 0, count: 65536)
+      let probe = MagnitudeRanker(keep: 1, count: max(count, 2))
+      try scan.pass { range -> ([UInt32], Int) in
+        let v = Self.variances(try Self.taskVectors(range, method: method))
+        return (probe.highCounts(v), v.filter { $0 != 0 }.count)
+      } combine: { counts, nonzeroInRange in
+        nonzero += nonzeroInRange
+        for bin in 0..<65536 { high[bin] &+= counts[bin] }
+      }
+      let kept = density > 0 ? Int((Double(nonzero) * density).rounded(.towardZero)) : 0
+      var ranker = MagnitudeRanker(keep: kept, count: count)
+      var equalBefore: [Int: Int] = [:]
+      if ranker.needsPasses {
+        ranker.addHigh(high)
+        ranker.finishHigh()
+        let first = ranker
+        try scan.pass { range in
+          first.lowCounts(Self.variances(try Self.taskVectors(range, method: method)))
+        } combine: {
+          ranker.addLow($0)
+        }
+        ranker.finishLow()
+        if ranker.needsTieOrder {
+          let settled = ranker
+          var running = 0
+          try scan.pass { range in
+            (range.offset, settled.equalCount(Self.variances(try Self.taskVectors(range, method: method))))
+          } combine: { offset, equal in
+            equalBefore[offset] = running
+            running += equal
+          }
+        }
+      }
+      selection = (ranker, equalBefore)
+    }
+    let chosen = selection
+    @Sendable func selected(_ range: RangeInputs) throws -> [[Double]] {
+      let tvs = try Self.taskVectors(range, method: method)
+      guard let (ranker, equalBefore) = chosen else { return tvs }
+      let keep = ranker.mask(Self.variances(tvs), equalBefore: equalBefore[range.offset] ?? 0)
+      return tvs.map { tv in tv.indices.map { keep[$0] ? tv[$0] : 0 } }
+    }
+    // Each model's mean square over the tensor, summed in range order.
+    var squares = [Double](repeating: 0, count: models)
+    try scan.pass { range in
+      try selected(range).map { tv in tv.reduce(0) { $0 + $1 * $1 } }
+    } combine: { parts in
+      for m in 0..<models { squares[m] += parts[m] }
+    }
+    var weights = squares.map { $0 / Double(max(count, 1)) }
+    let total = weights.reduce(0, +)
+    weights = abs(total) < 1e-6 ? weights.map { _ in 1 / Double(models) } : weights.map { $0 / total }
+    let fixed = weights
+    return RangeMerger { range in
+      guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+      let tvs = try selected(range)
+      return base.indices.map { i -> Float in
+        let sum = tvs.reduce(0) { $0 + $1[i] }
+        let majority: Double = sum >= 0 ? 1 : -1
+        var numerator = 0.0
+        var denominator = 0.0
+        for (tv, w) in zip(tvs, fixed) where tv[i] != 0 && (tv[i] > 0 ? 1.0 : -1.0) == majority {
+          numerator += tv[i] * w
+          denominator += w
+        }
+        return Float(Double(base[i]) + numerator / max(denominator, 1e-6))
+      }
+    }
+  }
+
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
     let r = p.arithmetic

@@ -186,6 +186,52 @@ import Testing
     expectClose(selected.scalars, [0, 0, 3, 0], relative: 1e-7)
   }
 
+  /// SCE streamed over several ranges against the whole-tensor construction in float64 (the
+  /// variances ranked as float32, ties by index), with quantised task vectors so that many
+  /// variances tie, including at the threshold.
+  @Test(arguments: [0.3, 1.0])
+  func sceStreamedIsTheWholeTensorConstruction(_ topk: Double) throws {
+    let n = MergeRanges.size + 9_000
+    let base = random([n], "sce-base").scalars
+    let models = (0..<3).map { t in
+      zip(base, random([n], "sce-\(t)", scale: 0.02).scalars).map { $0 + ($1 * 256).rounded() / 256 }
+    }
+    let p = try resolve(SCEMerge(), ["select_topk": .number(topk)], models: [[:], [:], [:]])
+    let out = try SCEMerge().merge(
+      MergeInputs(
+        name: "w", base: Tensor(shape: [n], scalars: base), models: models.map { Tensor(shape: [n], scalars: $0) }),
+      p)
+    var tvs = models.map { m in (0..<n).map { Double(m[$0]) - Double(base[$0]) } }
+    if topk < 1 {
+      let variance = (0..<n).map { i -> Float in
+        let mean = tvs.reduce(0) { $0 + $1[i] } / 3
+        return Float(tvs.reduce(0) { $0 + ($1[i] - mean) * ($1[i] - mean) } / 3)
+      }
+      let k = Int((Double(variance.filter { $0 != 0 }.count) * topk).rounded(.towardZero))
+      var keep = [Bool](repeating: false, count: n)
+      for i in (0..<n).sorted(by: { variance[$0] > variance[$1] || (variance[$0] == variance[$1] && $0 < $1) })
+        .prefix(k)
+      {
+        keep[i] = true
+      }
+      tvs = tvs.map { tv in tv.indices.map { keep[$0] ? tv[$0] : 0 } }
+    }
+    var weights = tvs.map { tv in tv.reduce(0) { $0 + $1 * $1 } / Double(n) }
+    let total = weights.reduce(0, +)
+    weights = weights.map { $0 / total }
+    let expected = (0..<n).map { i -> Double in
+      let majority: Double = tvs.reduce(0) { $0 + $1[i] } >= 0 ? 1 : -1
+      var (numerator, denominator) = (0.0, 0.0)
+      for (tv, w) in zip(tvs, weights) where tv[i] != 0 && (tv[i] > 0 ? 1.0 : -1.0) == majority {
+        numerator += tv[i] * w
+        denominator += w
+      }
+      return Double(base[i]) + numerator / max(denominator, 1e-6)
+    }
+    #expect(zip(out.scalars, base).map { $0 != $1 } == zip(expected, base).map { Float($0) != $1 })
+    expectClose(out.scalars, expected, relative: 1e-6)
+  }
+
   @Test func ramKeepsUniqueChangesAndAveragesShared() throws {
     let base = Tensor(shape: [4], scalars: [0, 0, 0, 0])
     let models = [Tensor(shape: [4], scalars: [1, 1, 0, 1e-6]), Tensor(shape: [4], scalars: [0, 3, 2, 0])]
