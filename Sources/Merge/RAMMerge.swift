@@ -5,8 +5,10 @@ import Tensor
 /// `|tau| <= epsilon` are dropped. Per element, an entry only one model changes is taken whole
 /// (in `ramplus_tl` scaled by that model's `lambda_i = 1 + r * clamp(rho_i, 0, alpha)`, `rho_i`
 /// the ratio of the model's shared to unique changed entries in this tensor); entries several
-/// models change are averaged over those models. Computed in `Double` on whole tensors.
-public struct RAMMerge: MergeMethod {
+/// models change are averaged over those models. Computed in `Double`, streamed: RAM merges
+/// range by range; RAM+TL first counts each model's shared and unique entries in one pass.
+/// Under mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
+public struct RAMMerge: StreamingMerge {
   public let name: String
   public let plus: Bool
 
@@ -39,38 +41,64 @@ public struct RAMMerge: MergeMethod {
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
     if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
-    let base = baseTensor.scalars.map(Double.init)
-    let count = base.count
+    return try mergeThroughRanges(inputs, p)
+  }
+
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !p.arithmetic.isRounded else { return nil }
+    let method = self.name
     let epsilon = p.number("epsilon")
-    let tvs = inputs.models.map { model in model.scalars.enumerated().map { Double($1) - base[$0] } }
-    let changed = tvs.map { tv in tv.map { abs($0) > epsilon } }
-    let contributors = (0..<count).map { i in changed.reduce(0) { $0 + ($1[i] ? 1 : 0) } }
-    var lambdas = [Double](repeating: 1, count: tvs.count)
+    let models = p.models.count
+    /// The range's task vectors and, per element, how many models change it.
+    @Sendable func changes(_ range: RangeInputs) throws -> (tvs: [[Double]], contributors: [Int]) {
+      guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+      let tvs = range.models.map { model in (0..<base.count).map { Double(model[$0]) - Double(base[$0]) } }
+      let contributors = base.indices.map { i in tvs.reduce(0) { $0 + (abs($1[i]) > epsilon ? 1 : 0) } }
+      return (tvs, contributors)
+    }
+    var lambdas = [Double](repeating: 1, count: models)
     if plus {
+      var shared = [Int](repeating: 0, count: models)
+      var unique = [Int](repeating: 0, count: models)
+      try scan.pass { range -> [(Int, Int)] in
+        let (tvs, contributors) = try changes(range)
+        return tvs.map { tv in
+          var (s, u) = (0, 0)
+          for i in tv.indices where abs(tv[i]) > epsilon {
+            if contributors[i] > 1 { s += 1 } else { u += 1 }
+          }
+          return (s, u)
+        }
+      } combine: { counts in
+        for m in 0..<models {
+          shared[m] += counts[m].0
+          unique[m] += counts[m].1
+        }
+      }
       let (r, alpha) = (p.number("r"), p.number("alpha"))
-      for m in tvs.indices {
-        let shared = (0..<count).filter { changed[m][$0] && contributors[$0] > 1 }.count
-        let unique = (0..<count).filter { changed[m][$0] && contributors[$0] == 1 }.count
-        let rho = Double(shared) / max(Double(unique), epsilon)
+      for m in 0..<models {
+        let rho = Double(shared[m]) / max(Double(unique[m]), epsilon)
         lambdas[m] = 1 + r * min(alpha, max(0, rho))
       }
     }
-    let merged = (0..<count).map { i -> Float in
-      var delta = 0.0
-      for m in tvs.indices where changed[m][i] {
-        delta += contributors[i] == 1 ? tvs[m][i] * lambdas[m] : tvs[m][i] / Double(contributors[i])
+    let fixed = lambdas
+    return RangeMerger { range in
+      guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+      let (tvs, contributors) = try changes(range)
+      return base.indices.map { i -> Float in
+        var delta = 0.0
+        for m in tvs.indices where abs(tvs[m][i]) > epsilon {
+          delta += contributors[i] == 1 ? tvs[m][i] * fixed[m] : tvs[m][i] / Double(contributors[i])
+        }
+        return Float(Double(base[i]) + delta)
       }
-      return Float(base[i] + delta)
     }
-    return Tensor(shape: baseTensor.shape, scalars: merged)
   }
 
-  /// RAM as mergekit computes it in a narrow dtype: task vectors and the shared entries' division
-  /// by their count rounded to it, the models' sum accumulated in float and rounded, then the
-  /// addition to the base. RAM+'s amplification is a float32 tensor, so that variant computes
-  /// in float32 (torch's type promotion) and rounds once at the end.
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
     let r = p.arithmetic

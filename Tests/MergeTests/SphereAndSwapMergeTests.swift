@@ -232,6 +232,44 @@ import Testing
     expectClose(out.scalars, expected, relative: 1e-6)
   }
 
+  /// RAM and RAM+TL streamed over several ranges give the whole-tensor construction's values
+  /// exactly (its per-element arithmetic is unchanged; RAM+TL's counts span the ranges).
+  @Test(arguments: [false, true])
+  func ramStreamedIsTheWholeTensorConstruction(_ plus: Bool) throws {
+    let method = plus ? RAMMerge.ramPlus : RAMMerge.ram
+    let n = MergeRanges.size + 5_000
+    let base = random([n], "ram-base").scalars
+    // About a third of each task vector's entries unchanged.
+    let models = (0..<3).map { t in
+      zip(base, random([n], "ram-\(t)", scale: 0.01).scalars).enumerated().map { i, pair in
+        (i + t) % 3 == 0 ? pair.0 : pair.0 + pair.1
+      }
+    }
+    let p = try resolve(method, [:], models: [[:], [:], [:]])
+    let out = try method.merge(
+      MergeInputs(
+        name: "w", base: Tensor(shape: [n], scalars: base), models: models.map { Tensor(shape: [n], scalars: $0) }),
+      p)
+    let epsilon = 1e-5
+    let tvs = models.map { m in (0..<n).map { Double(m[$0]) - Double(base[$0]) } }
+    let changed = tvs.map { tv in tv.map { abs($0) > epsilon } }
+    let contributors = (0..<n).map { i in changed.reduce(0) { $0 + ($1[i] ? 1 : 0) } }
+    let lambdas = (0..<3).map { m -> Double in
+      guard plus else { return 1 }
+      let shared = (0..<n).filter { changed[m][$0] && contributors[$0] > 1 }.count
+      let unique = (0..<n).filter { changed[m][$0] && contributors[$0] == 1 }.count
+      return 1 + 0.1 * min(0.2, max(0, Double(shared) / max(Double(unique), epsilon)))
+    }
+    let expected = (0..<n).map { i -> Float in
+      var delta = 0.0
+      for m in 0..<3 where changed[m][i] {
+        delta += contributors[i] == 1 ? tvs[m][i] * lambdas[m] : tvs[m][i] / Double(contributors[i])
+      }
+      return Float(Double(base[i]) + delta)
+    }
+    #expect(out.scalars == expected)
+  }
+
   @Test func ramKeepsUniqueChangesAndAveragesShared() throws {
     let base = Tensor(shape: [4], scalars: [0, 0, 0, 0])
     let models = [Tensor(shape: [4], scalars: [1, 1, 0, 1e-6]), Tensor(shape: [4], scalars: [0, 3, 2, 0])]
