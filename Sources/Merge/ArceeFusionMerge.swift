@@ -6,8 +6,11 @@ import Tensor
 /// softmaxes of the model's and the base's row (last dimension, each probability plus 1e-8);
 /// the threshold is `median + 1.5 (q3 - q1)` of the importances (quantiles at index
 /// `floor(q (n - 1))` of the sorted values). mergekit samples a million values with replacement
-/// for larger tensors; here the quantiles are exact. Computed in `Double` on whole tensors.
-public struct ArceeFusionMerge: MergeMethod {
+/// for larger tensors; here the quantiles are exact. Computed in `Double`, streamed: a pass over
+/// blocks of whole rows gives each row's KL divergence, four radix passes (16 bits of the
+/// importances' 64 at a time) the three exact quantiles, then the merge range by range. Under
+/// mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
+public struct ArceeFusionMerge: StreamingMerge {
   public init() {}
   public var name: String { "arcee-fusion" }
   public var summary: String { "the base, updated only where the change is important (KL-weighted outliers)" }
@@ -17,33 +20,98 @@ public struct ArceeFusionMerge: MergeMethod {
   public var parameters: [ParameterSpec] { [] }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+    guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
     if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
-    let base = baseTensor.scalars.map(Double.init)
-    let model = inputs.models[0].scalars.map(Double.init)
-    let count = base.count
-    guard count > 0 else { return baseTensor }
-    let width = baseTensor.shape.last ?? 1
-    var importance = [Double](repeating: 0, count: count)
-    for start in stride(from: 0, to: count, by: max(width, 1)) {
-      let row = start..<min(count, start + width)
-      let p = Self.softmax(model[row]).map { $0 + 1e-8 }
-      let q = Self.softmax(base[row]).map { $0 + 1e-8 }
-      let kl = zip(p, q).reduce(0) { $0 + $1.0 * log($1.0 / $1.1) }
-      for i in row { importance[i] = abs(model[i] - base[i]) * kl }
-    }
-    let sorted = importance.sorted()
-    func quantile(_ q: Double) -> Double { sorted[Int(q * Double(count - 1))] }
-    let threshold = quantile(0.5) + 1.5 * (quantile(0.75) - quantile(0.25))
-    return Tensor(
-      shape: baseTensor.shape,
-      scalars: (0..<count).map { Float(importance[$0] >= threshold ? model[$0] : base[$0]) })
+    return try mergeThroughRanges(inputs, p)
   }
 
-  /// Arcee Fusion as mergekit computes it in a narrow dtype: the change, both softmaxes (plus
-  /// 1e-8), their ratio, its logarithm, the products, each row's KL sum, the importances and the
-  /// threshold's arithmetic rounded to it; the masked change is added to the base in float32
-  /// (the mask is a float32 tensor) and rounded once.
+  /// As a vector (one row): `prepare(tensor:shape:)` is the one the runner calls.
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    try prepare(tensor: name, shape: [count], p, scan: scan)
+  }
+
+  /// An order-preserving 64-bit key of a Double (negative values below positive ones).
+  static func key(_ x: Double) -> UInt64 {
+    let bits = x.bitPattern
+    return bits >> 63 == 1 ? ~bits : bits | (1 << 63)
+  }
+
+  public func prepare(tensor name: String, shape: [Int], _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !p.arithmetic.isRounded else { return nil }
+    let count = shape.reduce(1, *)
+    guard count > 0 else { return RangeMerger { _ in [] } }
+    let method = self.name
+    let width = max(shape.last ?? 1, 1)
+    // Each row's KL divergence between the softmaxes of the model's and the base's row.
+    let rowsPerBlock = max(1, MergeRanges.size / width)
+    let blocks = stride(from: 0, to: count, by: rowsPerBlock * width).map {
+      $0..<min(count, $0 + rowsPerBlock * width)
+    }
+    var divergences: [Double] = []
+    divergences.reserveCapacity((count + width - 1) / width)
+    try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows -> [Double] in
+      guard let base = rows.base, let model = rows.models.first else { throw MergeError.baseRequired(method: method) }
+      let (m, b) = (model.map(Double.init), base.map(Double.init))
+      return stride(from: 0, to: m.count, by: width).map { start in
+        let row = start..<min(m.count, start + width)
+        let p = Self.softmax(m[row]).map { $0 + 1e-8 }
+        let q = Self.softmax(b[row]).map { $0 + 1e-8 }
+        return zip(p, q).reduce(0) { $0 + $1.0 * log($1.0 / $1.1) }
+      }
+    } combine: {
+      divergences += $0
+    }
+    let kl = divergences
+    @Sendable func importances(_ range: RangeInputs) throws -> [Double] {
+      guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
+      return base.indices.map { i in
+        abs(Double(model[i]) - Double(base[i])) * kl[(range.offset + i) / width]
+      }
+    }
+    // The three quantiles (sorted ascending, index floor(q (n - 1))), 16 bits a pass.
+    let ranks = [0.25, 0.5, 0.75].map { Int($0 * Double(count - 1)) }
+    var prefixes = [UInt64](repeating: 0, count: 3)
+    var below = [Int](repeating: 0, count: 3)
+    for pass in 0..<4 {
+      let shift = UInt64(48 - 16 * pass)
+      let known = prefixes
+      var histograms = [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
+      try scan.pass { range -> [[UInt32]] in
+        let keys = try importances(range).map(Self.key)
+        return (0..<3).map { q in
+          var counts = [UInt32](repeating: 0, count: 65536)
+          for key in keys where pass == 0 || key >> (shift + 16) == known[q] {
+            counts[Int((key >> shift) & 0xFFFF)] &+= 1
+          }
+          return counts
+        }
+      } combine: { parts in
+        for q in 0..<3 { for bin in 0..<65536 { histograms[q][bin] += Int(parts[q][bin]) } }
+      }
+      for q in 0..<3 {
+        var bin = 0
+        while below[q] + histograms[q][bin] <= ranks[q] {
+          below[q] += histograms[q][bin]
+          bin += 1
+        }
+        prefixes[q] = prefixes[q] << 16 | UInt64(bin)
+      }
+    }
+    let quantiles = prefixes.map { key -> Double in
+      Double(bitPattern: key >> 63 == 1 ? key & ~(1 << 63) : ~key)
+    }
+    let threshold = quantiles[1] + 1.5 * (quantiles[2] - quantiles[0])
+    return RangeMerger { range in
+      guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
+      let importance = try importances(range)
+      return base.indices.map { i in Float(importance[i] >= threshold ? Double(model[i]) : Double(base[i])) }
+    }
+  }
+
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
     let r = p.arithmetic

@@ -282,6 +282,35 @@ import Testing
     expectClose(plus.scalars, [1.02, 2, 2.04, 0], relative: 1e-6)
   }
 
+  /// Arcee fusion streamed (rows straddling the ranges, quantiles by radix passes) gives the
+  /// whole-tensor construction with sorted quantiles exactly.
+  @Test func arceeFusionStreamedIsTheWholeTensorConstruction() throws {
+    let shape = [3, 100_000]
+    let n = 300_000
+    let base = random([n], "af-base").scalars
+    let model = zip(base, random([n], "af-model", scale: 0.05).scalars).enumerated().map { i, pair in
+      pair.0 + pair.1 * Float(1 + (i / 100_000))
+    }
+    let out = try ArceeFusionMerge().merge(
+      MergeInputs(name: "w", base: Tensor(shape: shape, scalars: base), models: [Tensor(shape: shape, scalars: model)]),
+      try resolve(ArceeFusionMerge(), [:], models: [[:]]))
+    let (m, b) = (model.map(Double.init), base.map(Double.init))
+    var importance = [Double](repeating: 0, count: n)
+    for start in stride(from: 0, to: n, by: 100_000) {
+      let row = start..<(start + 100_000)
+      let p = ArceeFusionMerge.softmax(m[row]).map { $0 + 1e-8 }
+      let q = ArceeFusionMerge.softmax(b[row]).map { $0 + 1e-8 }
+      let kl = zip(p, q).reduce(0) { $0 + $1.0 * log($1.0 / $1.1) }
+      for i in row { importance[i] = abs(m[i] - b[i]) * kl }
+    }
+    let sorted = importance.sorted()
+    func quantile(_ q: Double) -> Double { sorted[Int(q * Double(n - 1))] }
+    let threshold = quantile(0.5) + 1.5 * (quantile(0.75) - quantile(0.25))
+    let expected = (0..<n).map { Float(importance[$0] >= threshold ? m[$0] : b[$0]) }
+    #expect(out.scalars == expected)
+    #expect(expected.enumerated().contains { $1 != base[$0] } && expected.enumerated().contains { $1 == base[$0] })
+  }
+
   @Test func arceeFusionKeepsOnlyOutlyingImportance() throws {
     // One row: importances k * (1, 2, 3, 4, 100) with k the row's KL divergence; quartiles 2k,
     // 3k, 4k give the threshold 6k, so only the last change is taken.
