@@ -6,8 +6,11 @@ import Tensor
 /// models' weights (0.5 when they sum to 0). The angle is taken over the whole flattened tensor
 /// (`nuslerp_flatten`, the default), else per row (vectors along the last dimension) or, with
 /// `nuslerp_row_wise`, per column (along the first). Nearly colinear vectors
-/// (`1 - cos^2 <= 1e-16`) are interpolated linearly. Computed in `Double` on whole tensors.
-public struct NuSLERPMerge: MergeMethod {
+/// (`1 - cos^2 <= 1e-16`) are interpolated linearly. Computed in `Double`. With one angle for
+/// the whole tensor (and outside mergekit's rounding) it streams: a pass sums the two vectors'
+/// Gram matrix, and the merge is a weighted sum from the stored bytes; per-row angles merge the
+/// tensor whole.
+public struct NuSLERPMerge: StreamingMerge {
   public init() {}
   public var name: String { "nuslerp" }
   public var summary: String { "spherical interpolation of two models by their weights, optionally around a base" }
@@ -22,10 +25,53 @@ public struct NuSLERPMerge: MergeMethod {
     ]
   }
 
+  /// Whether the tensor takes one angle as a whole (`nuslerp_flatten`, or a vector).
+  static func flattens(_ shape: [Int], _ p: ResolvedParameters) -> Bool {
+    p.flag("nuslerp_flatten") || shape.count < 2
+  }
+
+  /// `t` from the models' weights.
+  static func fraction(_ p: ResolvedParameters) -> Double {
+    let (w0, w1) = (p.number("weight", model: 0), p.number("weight", model: 1))
+    return abs(w0 + w1) < 1e-6 ? 0.5 : w1 / (w0 + w1)
+  }
+
+  /// As a vector (one angle): `prepare(tensor:shape:)` is the one the runner calls.
+  public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    try prepare(tensor: name, shape: [count], p, scan: scan)
+  }
+
+  /// The Gram pass and the weighted sum; nil (merged whole) for per-row angles or under
+  /// mergekit's rounding.
+  public func prepare(tensor name: String, shape: [Int], _ p: ResolvedParameters, scan: TensorScan) throws
+    -> RangeMerger?
+  {
+    guard !p.arithmetic.isRounded, Self.flattens(shape, p) else { return nil }
+    var gram = [Double](repeating: 0, count: 4)
+    var hasBase = false
+    try scan.pass { range in
+      (MultiSLERPMerge.gramPart(range), range.base != nil)
+    } combine: { part, withBase in
+      hasBase = withBase
+      for k in [0, 1, 3] { gram[k] += part[k] }
+    }
+    let t = Self.fraction(p)
+    let nx = max(gram[0].squareRoot(), 1e-7)
+    let ny = max(gram[3].squareRoot(), 1e-7)
+    let cosine = min(1, max(-1, gram[1] / nx / ny))
+    let colinear = 1 - cosine * cosine <= 1e-16
+    let theta = colinear ? 0 : acos(cosine)
+    let (s0, s1) = colinear ? (1 - t, t) : (sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))
+    return RangeMerger(
+      WeightedSumForm(method: self.name, terms: [0, 1], weights: [s0, s1], addsBase: hasBase, subtractsBase: hasBase))
+  }
+
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let shape = inputs.models[0].shape
-    let (w0, w1) = (p.number("weight", model: 0), p.number("weight", model: 1))
-    let t = abs(w0 + w1) < 1e-6 ? 0.5 : w1 / (w0 + w1)
+    if !p.arithmetic.isRounded && Self.flattens(shape, p) { return try mergeThroughRanges(inputs, p) }
+    let t = Self.fraction(p)
     let base = inputs.base.map { $0.scalars.map(Double.init) }
     let (a, b) = (inputs.models[0].scalars, inputs.models[1].scalars)
     let v0 = a.indices.map { Double(a[$0]) - (base?[$0] ?? 0) }

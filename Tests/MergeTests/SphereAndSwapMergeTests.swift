@@ -282,6 +282,30 @@ import Testing
     expectClose(plus.scalars, [1.02, 2, 2.04, 0], relative: 1e-6)
   }
 
+  /// NuSLERP with one angle streams through a Gram pass and a weighted sum over several ranges:
+  /// the construction on the vectors in float64, with and without a base.
+  @Test(arguments: [true, false])
+  func nuslerpStreamedIsTheConstructionOnTheVectors(_ withBase: Bool) throws {
+    let n = MergeRanges.size + 2_000
+    let base = random([n], "nu-base").scalars
+    let models = (0..<2).map { t in zip(base, random([n], "nu-\(t)", scale: 0.03).scalars).map { $0 + $1 } }
+    let p = try resolve(NuSLERPMerge(), [:], models: [["weight": .number(0.7)], ["weight": .number(0.3)]])
+    let out = try NuSLERPMerge().merge(
+      MergeInputs(
+        name: "w", base: withBase ? Tensor(shape: [n], scalars: base) : nil,
+        models: models.map { Tensor(shape: [n], scalars: $0) }), p)
+    let (x, y) = (
+      (0..<n).map { Double(models[0][$0]) - (withBase ? Double(base[$0]) : 0) },
+      (0..<n).map { Double(models[1][$0]) - (withBase ? Double(base[$0]) : 0) }
+    )
+    let nx = x.reduce(0) { $0 + $1 * $1 }.squareRoot()
+    let ny = y.reduce(0) { $0 + $1 * $1 }.squareRoot()
+    let theta = acos(zip(x, y).reduce(0) { $0 + $1.0 * $1.1 } / nx / ny)
+    let (s0, s1) = (sin(0.7 * theta) / sin(theta), sin(0.3 * theta) / sin(theta))
+    expectClose(
+      out.scalars, (0..<n).map { s0 * x[$0] + s1 * y[$0] + (withBase ? Double(base[$0]) : 0) }, relative: 1e-6)
+  }
+
   /// Arcee fusion streamed (rows straddling the ranges, quantiles by radix passes) gives the
   /// whole-tensor construction with sorted quantiles exactly.
   @Test func arceeFusionStreamedIsTheWholeTensorConstruction() throws {
