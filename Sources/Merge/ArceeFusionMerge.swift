@@ -47,10 +47,7 @@ public struct ArceeFusionMerge: StreamingMerge {
     let method = self.name
     let width = max(shape.last ?? 1, 1)
     // Each row's KL divergence between the softmaxes of the model's and the base's row.
-    let rowsPerBlock = max(1, MergeRanges.size / width)
-    let blocks = stride(from: 0, to: count, by: rowsPerBlock * width).map {
-      $0..<min(count, $0 + rowsPerBlock * width)
-    }
+    let blocks = MergeRanges.rowBlocks(count, rowLength: width)
     var divergences: [Double] = []
     divergences.reserveCapacity((count + width - 1) / width)
     try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows -> [Double] in

@@ -114,10 +114,7 @@ public struct DELLAMerge: StreamingMerge {
     }
     if p.flag("rescale") && drops.contains(where: \.drops) {
       // Blocks of whole rows, about a range each, summed in order.
-      let rowsPerBlock = max(1, MergeRanges.size / rowLength)
-      let blocks = stride(from: 0, to: count, by: rowsPerBlock * rowLength).map {
-        $0..<min(count, $0 + rowsPerBlock * rowLength)
-      }
+      let blocks = MergeRanges.rowBlocks(count, rowLength: rowLength)
       var sums = [(before: Double, after: Double)](repeating: (0, 0), count: models)
       let fixed = drops
       try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows in

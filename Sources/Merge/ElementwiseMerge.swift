@@ -96,6 +96,13 @@ public enum MergeRanges {
   public static func ranges(_ count: Int) -> [Range<Int>] {
     stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }
   }
+
+  /// Blocks of whole rows of `rowLength` elements, about a range each (at least one row), for
+  /// passes that need whole rows (DELLA's ranks, arcee fusion's row divergences).
+  public static func rowBlocks(_ count: Int, rowLength: Int) -> [Range<Int>] {
+    let block = max(1, size / max(rowLength, 1)) * max(rowLength, 1)
+    return stride(from: 0, to: count, by: block).map { $0..<min(count, $0 + block) }
+  }
 }
 
 /// Statistics passes over one tensor, range by range. `pass` summarises every range (in
