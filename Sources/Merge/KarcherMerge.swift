@@ -47,13 +47,7 @@ public struct KarcherMerge: StreamingMerge {
     guard models > 1 else {
       return RangeMerger(WeightedSumForm(method: self.name, terms: [0], weights: [1]))
     }
-    var gram = [Double](repeating: 0, count: models * models)
-    try scan.pass { range in
-      MultiSLERPMerge.gramPart(RangeInputs(offset: range.offset, base: nil, models: range.models))
-    } combine: { part in
-      for s in 0..<models { for t in s..<models { gram[s * models + t] += part[s * models + t] } }
-    }
-    for s in 0..<models { for t in 0..<s { gram[s * models + t] = gram[t * models + s] } }
+    let gram = try scan.pointGram(models: models, ignoringBase: true).gram
     guard let weights = coefficients(gram: gram, models: models, p) else {
       // Every model has a norm within tol: zeros.
       return RangeMerger { range in [Float](repeating: 0, count: range.count) }

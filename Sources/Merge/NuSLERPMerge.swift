@@ -49,14 +49,7 @@ public struct NuSLERPMerge: StreamingMerge {
     -> RangeMerger?
   {
     guard !p.arithmetic.isRounded, Self.flattens(shape, p) else { return nil }
-    var gram = [Double](repeating: 0, count: 4)
-    var hasBase = false
-    try scan.pass { range in
-      (MultiSLERPMerge.gramPart(range), range.base != nil)
-    } combine: { part, withBase in
-      hasBase = withBase
-      for k in [0, 1, 3] { gram[k] += part[k] }
-    }
+    let (gram, hasBase) = try scan.pointGram(models: 2)
     let t = Self.fraction(p)
     let nx = max(gram[0].squareRoot(), 1e-7)
     let ny = max(gram[3].squareRoot(), 1e-7)
