@@ -106,9 +106,9 @@ public enum MergeRanges {
 }
 
 /// Statistics passes over one tensor, range by range. `pass` summarises every range (in
-/// parallel batches, so `summarize` must only read shared state) and hands the summaries to
-/// `combine` one at a time in range order, so sums come out the same on any machine. The
-/// runner reads ranges from memory-mapped inputs and releases their pages after each batch.
+/// parallel, so `summarize` must only read shared state) and hands the summaries to `combine`
+/// one at a time in range order, so sums come out the same on any machine. The runner reads
+/// ranges from memory-mapped inputs and releases their pages a few ranges at a time.
 public struct TensorScan {
   public let ranges: [Range<Int>]
   let read: (Range<Int>) throws -> RangeInputs
@@ -126,16 +126,19 @@ public struct TensorScan {
   }
 
   public func pass<Summary>(_ summarize: (RangeInputs) throws -> Summary, combine: (Summary) throws -> Void) throws {
+    // Summaries are combined in order by whoever finishes the next one, a few ranges ahead at
+    // most; pages are released every `batch` ranges.
     let batch = 2 * Parallel.threadCount
-    var first = 0
-    while first < ranges.count {
-      let last = min(ranges.count, first + batch)
-      let summaries = ResultSlots<Summary>(count: last - first)
-      try Parallel.forEach(last - first) { _, j in summaries.set(j, try summarize(try read(ranges[first + j]))) }
-      for j in 0..<(last - first) { try combine(summaries.get(j)) }
-      try release(ranges[first].lowerBound..<ranges[last - 1].upperBound)
-      first = last
-    }
+    var released = 0
+    try Parallel.inOrder(
+      ranges.count, budget: batch, produce: { try summarize(try read(ranges[$0])) },
+      consume: { j, summary in
+        try combine(summary)
+        if (j + 1) % batch == 0 || j == ranges.count - 1 {
+          try release(ranges[released].lowerBound..<ranges[j].upperBound)
+          released = j + 1
+        }
+      })
   }
 }
 

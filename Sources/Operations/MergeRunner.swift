@@ -271,101 +271,11 @@ public enum MergeRunner {
       return try write(items[0], try produce(items[0], plan: plan, inputs: inputs))
     }
     let sizes = try items.map { try workingSet($0, plan: plan) }
-    let flight = Flight(sizes: sizes, budget: plan.memoryBudget)
-    BLAS.singleThreaded {
-      // Errors are kept by the flight, which stops handing out work after one.
-      try? Parallel.forEach(min(Parallel.threadCount, items.count)) { _, _ in
-        while let i = flight.take() {
-          do {
-            flight.finish(i, try produce(items[i], plan: plan, inputs: inputs))
-            try flight.writeReady { try write(items[$0], $1) }
-          } catch {
-            flight.fail(i, error)
-          }
-        }
-      }
-    }
-    try flight.check()
-  }
-
-  /// The shared state of `runInFlight`: which tensor is next, the memory held by tensors taken
-  /// and not yet written, finished results waiting for their turn, the first failure.
-  final class Flight: @unchecked Sendable {
-    private let condition = NSCondition()
-    private let sizes: [Int]
-    private let budget: Int
-    private var next = 0
-    private var held = 0
-    private var nextToWrite = 0
-    private var writing = false
-    private var results: [Produced?]
-    private var failure: (index: Int, error: Error)?
-
-    init(sizes: [Int], budget: Int) {
-      self.sizes = sizes
-      self.budget = budget
-      results = Array(repeating: nil, count: sizes.count)
-    }
-
-    /// The next tensor to merge, once it fits (or nothing else is held); nil when all are taken
-    /// or one failed.
-    func take() -> Int? {
-      condition.lock()
-      defer { condition.unlock() }
-      while true {
-        guard failure == nil, next < sizes.count else { return nil }
-        if held == 0 || held + sizes[next] <= budget {
-          next += 1
-          held += sizes[next - 1]
-          return next - 1
-        }
-        condition.wait()
-      }
-    }
-
-    func finish(_ i: Int, _ produced: Produced) {
-      condition.lock()
-      results[i] = produced
-      condition.unlock()
-    }
-
-    func fail(_ i: Int, _ error: Error) {
-      condition.lock()
-      if failure.map({ i < $0.index }) ?? true { failure = (i, error) }
-      condition.broadcast()
-      condition.unlock()
-    }
-
-    /// Writes, in order, every finished result that is next, unless another worker is writing
-    /// (it will take them); frees their memory for the tensors waiting.
-    func writeReady(_ write: (Int, Produced) throws -> Void) throws {
-      condition.lock()
-      guard !writing else { return condition.unlock() }
-      writing = true
-      while failure == nil, nextToWrite < results.count, let produced = results[nextToWrite] {
-        let j = nextToWrite
-        results[j] = nil
-        condition.unlock()
-        do { try write(j, produced) } catch {
-          condition.lock()
-          writing = false
-          condition.unlock()
-          throw error
-        }
-        condition.lock()
-        nextToWrite += 1
-        held -= sizes[j]
-        condition.broadcast()
-      }
-      writing = false
-      condition.unlock()
-    }
-
-    /// Throws the first failure; otherwise every result must have been written.
-    func check() throws {
-      if let failure { throw failure.error }
-      precondition(
-        nextToWrite == results.count, "merge in flight ended with \(nextToWrite) of \(results.count) written")
+    try BLAS.singleThreaded {
+      try Parallel.inOrder(
+        items.count, budget: plan.memoryBudget, size: { sizes[$0] },
+        produce: { try produce(items[$0], plan: plan, inputs: inputs) },
+        consume: { try write(items[$0], $1) })
     }
   }
 
@@ -498,24 +408,28 @@ public enum MergeRunner {
       return false
     }
     try writer.beginTensor(item.name)
+    // Ranges are merged side by side and written in order by whoever finishes the next one, so
+    // the write overlaps the following merges; a few ranges ahead of the writer at most. Input
+    // pages are released every `batch` ranges.
     let batch = 2 * Parallel.threadCount
-    var first = 0
-    while first < ranges.count {
-      let last = min(ranges.count, first + batch)
-      let encoded = ResultSlots<TensorData>(count: last - first)
-      try Parallel.forEach(last - first) { _, j in
-        let elements = ranges[first + j]
+    var released = 0
+    try Parallel.inOrder(
+      ranges.count, budget: batch,
+      produce: { j -> TensorData in
+        let elements = ranges[j]
         if let form = merger.weightedSum, !arithmetic.isRounded {
-          encoded.set(j, try weightedSum(form, item, elements, plan: plan))
-        } else {
-          let merged = arithmetic.round(try merger.merge(try read(elements)))
-          encoded.set(j, Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType))
+          return try weightedSum(form, item, elements, plan: plan)
         }
-      }
-      for j in 0..<(last - first) { try encoded.get(j).bytes.withUnsafeBytes { try writer.append($0) } }
-      advance(try release(ranges[first].lowerBound..<ranges[last - 1].upperBound))
-      first = last
-    }
+        let merged = arithmetic.round(try merger.merge(try read(elements)))
+        return Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType)
+      },
+      consume: { j, encoded in
+        try encoded.bytes.withUnsafeBytes { try writer.append($0) }
+        if (j + 1) % batch == 0 || j == ranges.count - 1 {
+          advance(try release(ranges[released].lowerBound..<ranges[j].upperBound))
+          released = j + 1
+        }
+      })
     return true
   }
 

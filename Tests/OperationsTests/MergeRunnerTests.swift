@@ -73,24 +73,4 @@ extension MergeRunnerTests {
       #expect(try MergeRunner.workingSet(item, plan: stf) >= item.bytesRead + decoded)
     }
   }
-
-  /// The flight hands out tensors in order while they fit, writes results in order whoever
-  /// finishes them, and stops at the first failure: nothing after it is written.
-  @Test func theFlightWritesInOrderAndStopsAtTheFirstFailure() throws {
-    let flight = MergeRunner.Flight(sizes: [5, 5, 5], budget: 10)
-    #expect(flight.take() == 0 && flight.take() == 1)
-    // Item 2 does not fit next to 0 and 1: it waits until one is written.
-    var written: [Int] = []
-    flight.finish(1, .stored(randomTensorData(.f32, shape: [1], seed: 1)))
-    try flight.writeReady { j, _ in written.append(j) }
-    #expect(written.isEmpty)  // 1 waits for 0
-    flight.finish(0, .stored(randomTensorData(.f32, shape: [1], seed: 0)))
-    try flight.writeReady { j, _ in written.append(j) }
-    #expect(written == [0, 1])
-    #expect(flight.take() == 2)
-    struct Failure: Error {}
-    flight.fail(2, Failure())
-    #expect(flight.take() == nil)
-    #expect(throws: Failure.self) { try flight.check() }
-  }
 }

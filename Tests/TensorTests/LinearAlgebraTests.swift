@@ -310,4 +310,62 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
       try Parallel.forEachTakingTurns(20, workers: 3) { if $0 == 7 || $0 == 12 { throw Failure(item: $0) } }
     }
   }
+
+  /// Items are produced side by side but consumed in order, never more than the budget ahead of
+  /// the consumer; the flight's budget also admits an item larger than it, alone.
+  @Test func inOrderConsumesEveryResultInOrderWithinTheBudget() throws {
+    let produced = ResultSlots<Int>(count: 1)
+    produced.set(0, 0)
+    var consumed: [Int] = []
+    var mostAhead = 0
+    try Parallel.inOrder(
+      200, workers: 4, budget: 3,
+      produce: { i -> Int in
+        produced.update(0) { $0 + 1 }
+        return i * i
+      },
+      consume: { i, square in
+        #expect(square == i * i)
+        // Produced and not yet consumed (i is, 0..<i are not): within the budget of 3.
+        mostAhead = max(mostAhead, produced.get(0) - i)
+        consumed.append(i)
+      })
+    #expect(consumed == Array(0..<200))
+    #expect((1...3).contains(mostAhead))
+    let flight = InOrderFlight<Int>(sizes: [5, 5, 20], budget: 10)
+    #expect(flight.take() == 0 && flight.take() == 1)
+    var written: [Int] = []
+    flight.finish(1, 1)
+    flight.consumeReady { j, _ in written.append(j) }
+    #expect(written.isEmpty)  // 1 waits for 0
+    flight.finish(0, 0)
+    flight.consumeReady { j, _ in written.append(j) }
+    #expect(written == [0, 1])
+    #expect(flight.take() == 2)  // larger than the budget: taken once nothing is held
+  }
+
+  /// A failure stops the flight: the lowest-numbered failing item's error is thrown, whether it
+  /// came from producing or consuming, and nothing after it is consumed.
+  @Test func inOrderStopsAtTheFirstFailure() {
+    struct Failure: Error, Equatable { let item: Int }
+    var consumed: [Int] = []
+    #expect(throws: Failure(item: 9)) {
+      try Parallel.inOrder(
+        40, workers: 3, budget: 4,
+        produce: { i -> Int in
+          if i == 30 { throw Failure(item: 30) }
+          return i
+        },
+        consume: { i, _ in
+          if i == 9 { throw Failure(item: 9) }
+          consumed.append(i)
+        })
+    }
+    #expect(consumed == Array(0..<9))
+    #expect(throws: Failure(item: 5)) {
+      try Parallel.inOrder(
+        40, workers: 3, budget: 4, produce: { i -> Int in if i == 5 { throw Failure(item: 5) } else { return i } },
+        consume: { _, _ in })
+    }
+  }
 }
