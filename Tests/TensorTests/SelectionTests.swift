@@ -95,6 +95,36 @@ import Testing
     }
   }
 
+  /// Both summary loops (AVX-512 where the machine has it, the portable one everywhere) give a
+  /// plain filter's counts and inside keys, in order: lengths with and without a tail of fewer
+  /// than 16, ties at both ends, zeros of both signs and a bracket of one key.
+  @Test func bracketSummariesMatchAPlainFilter() {
+    let normal = CounterRNG(seed: 8, stream: "summary").normalTensor([5_003]).scalars
+    let tied = normal.map { ($0 * 4).rounded() / 4 }
+    let zeros = normal.enumerated().map { $0.offset % 5 == 0 ? ($0.offset % 10 == 0 ? -0.0 : 0) : $0.element }
+    for x in [normal, tied, zeros] {
+      for length in [0, 7, 16, 1_000, 4_096, 5_003] {
+        let values = Array(x.prefix(length))
+        for keep in [1, 1_500, 2_500, 4_900] {
+          guard let bracket = MagnitudeBracket(keep: keep, count: x.count, sample: x, budget: x.count) else { continue }
+          for (low, high) in [(bracket.low, bracket.high), (bracket.low, bracket.low)] {
+            let b = MagnitudeBracket(keep: keep, count: x.count, low: low, high: high, budget: x.count)
+            let keys = values.map { $0.bitPattern & 0x7FFF_FFFF }
+            let portable = b.summarizePortably(values)
+            var loops = [portable]
+            if MagnitudeBracket.usesAVX512 { loops.append(b.summarizeAVX512(values)) }
+            for summary in loops {
+              #expect(summary.above == keys.filter { $0 > high }.count)
+              #expect(summary.atHigh == keys.filter { $0 == high }.count)
+              #expect(summary.atLow == (low == high ? 0 : keys.filter { $0 == low }.count))
+              #expect(summary.inner == keys.filter { $0 > low && $0 < high })
+            }
+          }
+        }
+      }
+    }
+  }
+
   /// The bracket's ends come from order statistics of the sample's keys, found by histograms:
   /// the same keys as indexing the sorted keys, with ties, zeros and the last index.
   @Test func descendingKeyMatchesTheSortedKeys() {
