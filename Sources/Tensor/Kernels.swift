@@ -360,12 +360,9 @@ public enum Kernels {
       return withBytePointers(masks) { maskBytes in
         withBytePointers(words) { wordPointers in
           make(n) { range, out in
-            // Scratch: total, mixed, divisor, the sign flags, then one Float chunk per model.
-            chunked(range, buffers: 4 + (models + 1) / 2) { start, length, scratch in
-              let (total, mixed, divisor) = (scratch, scratch + chunk, scratch + 2 * chunk)
-              // 1 where the elected sign is negative (the sum is below -0), per element.
-              let negative = UnsafeMutableRawPointer(scratch + 3 * chunk).assumingMemoryBound(to: UInt64.self)
-              let stash = UnsafeMutableRawPointer(scratch + 4 * chunk).assumingMemoryBound(to: Float.self)
+            // Scratch: one Float chunk per model.
+            chunked(range, buffers: max(1, (models + 1) / 2)) { start, length, scratch in
+              let stash = UnsafeMutableRawPointer(scratch).assumingMemoryBound(to: Float.self)
               // The chunk's sparse values per model, one pointer each, in stack memory.
               withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: models) { sparse in
                 for t in 0..<models {
@@ -375,49 +372,81 @@ public enum Kernels {
                       words: wordPointers[t].pointer, first: start, into: stash + t * chunk)
                   }
                 }
-                for j in 0..<length {
-                  total[j] = 0
-                  mixed[j] = 0
-                  divisor[j] = 0
-                }
-                for t in 0..<models {
-                  guard let x = sparse[t] else { continue }
-                  let w = weights[t]
-                  for j in 0..<length { total[j] += w * Double(x[j]) }
-                }
-                for j in 0..<length {
-                  // Sign bits as integers: comparisons compile to branches, which mispredict here.
-                  let sum = total[j].bitPattern
-                  negative[j] = (sum >> 63) & isNonzero(sum << 1)  // -0 counts as +
-                }
-                for t in 0..<models {
-                  guard let x = sparse[t] else { continue }
-                  let w = weights[t]
-                  if normalize {
-                    for j in 0..<length {
-                      let bits = (w * Double(x[j])).bitPattern
-                      let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))
-                      mixed[j] += Double(bitPattern: bits & keep)
-                      divisor[j] += Double(bitPattern: w.bitPattern & keep)
-                    }
-                  } else {
-                    for j in 0..<length {
-                      let bits = (w * Double(x[j])).bitPattern
-                      mixed[j] += Double(
-                        bitPattern: bits & (0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative[j]))))
-                    }
-                  }
-                }
                 guard let x = b.floats.map({ $0 + start }) else { return }
-                if normalize {
-                  for j in 0..<length { mixed[j] /= divisor[j] == 0 ? 1 : divisor[j] }
-                }
-                for j in 0..<length { (out + start + j).initialize(to: Float(Double(x[j]) + lambda * mixed[j])) }
+                consensusChunk(
+                  sparse, models: models, length: length, weights: weights, lambda: lambda, normalize: normalize,
+                  base: x, into: out + start)
               }
             }
           }
         }
       }
+    }
+  }
+
+  /// The consensus merge of one chunk (`sparseConsensusMerge`'s arithmetic), eight elements at
+  /// a time with every model's terms in registers: per element, `total = sum_t w_t x_t` in
+  /// Double, model by model; the elected sign is negative when `total` is below -0; the terms
+  /// `w_t x_t` that are nonzero and agree with it are summed into `mixed`, their weights into
+  /// `divisor`; `mixed / divisor` (0 -> 1) when `normalize`; `Float(base + lambda * mixed)`.
+  /// The same operations in the same order for every element as a loop per model would do.
+  /// Branch-free: which terms agree is unpredictable.
+  @inline(__always)
+  static func consensusChunk(
+    _ sparse: UnsafeMutableBufferPointer<UnsafePointer<Float>?>, models: Int, length: Int, weights: [Double],
+    lambda: Double, normalize: Bool, base: UnsafePointer<Float>, into out: UnsafeMutablePointer<Float>
+  ) {
+    typealias Doubles = SIMD8<Double>
+    typealias Words = SIMD8<UInt64>
+    @inline(__always) func load(_ p: UnsafePointer<Float>, _ j: Int) -> Doubles {
+      Doubles(UnsafeRawPointer(p + j).loadUnaligned(as: SIMD8<Float>.self))
+    }
+    @inline(__always) func nonzero(_ m: Words) -> Words { (m | (0 &- m)) &>> 63 }
+    let lanes = Doubles.scalarCount
+    var j = 0
+    while j + lanes <= length {
+      var total = Doubles(repeating: 0)
+      for t in 0..<models {
+        guard let x = sparse[t] else { continue }
+        total += Doubles(repeating: weights[t]) * load(x, j)
+      }
+      let sum = unsafeBitCast(total, to: Words.self)
+      let negative = (sum &>> 63) & nonzero(sum &<< 1)  // -0 counts as +
+      var mixed = Doubles(repeating: 0)
+      var divisor = Doubles(repeating: 0)
+      for t in 0..<models {
+        guard let x = sparse[t] else { continue }
+        let w = weights[t]
+        let bits = unsafeBitCast(Doubles(repeating: w) * load(x, j), to: Words.self)
+        let keep = 0 &- (nonzero(bits &<< 1) & ~((bits &>> 63) ^ negative))
+        mixed += unsafeBitCast(bits & keep, to: Doubles.self)
+        divisor += unsafeBitCast(Words(repeating: w.bitPattern) & keep, to: Doubles.self)
+      }
+      if normalize { mixed /= divisor.replacing(with: 1, where: divisor .== 0) }
+      let merged = load(base, j) + Doubles(repeating: lambda) * mixed
+      UnsafeMutableRawPointer(out + j).storeBytes(of: SIMD8<Float>(merged), as: SIMD8<Float>.self)
+      j += lanes
+    }
+    while j < length {
+      var total = 0.0
+      for t in 0..<models {
+        guard let x = sparse[t] else { continue }
+        total += weights[t] * Double(x[j])
+      }
+      let sum = total.bitPattern
+      let negative = (sum >> 63) & isNonzero(sum << 1)
+      var (mixed, divisor) = (0.0, 0.0)
+      for t in 0..<models {
+        guard let x = sparse[t] else { continue }
+        let w = weights[t]
+        let bits = (w * Double(x[j])).bitPattern
+        let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative))
+        mixed += Double(bitPattern: bits & keep)
+        divisor += Double(bitPattern: w.bitPattern & keep)
+      }
+      if normalize { mixed /= divisor == 0 ? 1 : divisor }
+      (out + j).initialize(to: Float(Double(base[j]) + lambda * mixed))
+      j += 1
     }
   }
 
