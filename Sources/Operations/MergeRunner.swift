@@ -340,29 +340,32 @@ public enum MergeRunner {
     _ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]
   ) -> (read: (Range<Int>) throws -> RangeInputs, release: (Range<Int>) throws -> Int) {
     let arithmetic = plan.arithmetic(item.name)
-    func values(_ input: any Checkpoint, _ elements: Range<Int>) throws -> [Float] {
-      let info = try input.info(item.name)
-      let bytes = (elements.lowerBound * info.dtype.size)..<(elements.upperBound * info.dtype.size)
+    // The dtypes, looked up once: a statistics sample reads thousands of short ranges.
+    let baseType = Result { try plan.base?.info(item.name).dtype }
+    let modelTypes = Result { try plan.models.map { try $0.info(item.name).dtype } }
+    func values(_ input: any Checkpoint, _ dtype: DType, _ elements: Range<Int>) throws -> [Float] {
+      let bytes = (elements.lowerBound * dtype.size)..<(elements.upperBound * dtype.size)
       return arithmetic.round(
         try input.withBytes(of: item.name, range: bytes) {
-          Tensor(decoding: $0, dtype: info.dtype, shape: [elements.count]).scalars
+          Tensor(decoding: $0, dtype: dtype, shape: [elements.count]).scalars
         })
     }
     let readsTaskVectors =
       (plan.method as? any StreamingMerge)?.readsTaskVectors == true && !arithmetic.isRounded
     let read = { (elements: Range<Int>) throws -> RangeInputs in
-      if readsTaskVectors, let base = plan.base {
+      let types = try modelTypes.get()
+      var baseValues: [Float]?
+      if let base = plan.base, let dtype = try baseType.get() { baseValues = try values(base, dtype, elements) }
+      if readsTaskVectors, let baseValues {
         // Task vectors straight from the stored bytes: the models are never decoded whole.
-        let baseValues = try values(base, elements)
-        let types = try plan.models.map { try $0.info(item.name).dtype }
         let taskVectors = try withStoredElements(plan.models, types, name: item.name, elements: elements) {
           Kernels.differences($0, minus: baseValues)
         }
         return RangeInputs(offset: elements.lowerBound, base: baseValues, models: [], taskVectors: taskVectors)
       }
       return RangeInputs(
-        offset: elements.lowerBound, base: try plan.base.map { try values($0, elements) },
-        models: try plan.models.map { try values($0, elements) })
+        offset: elements.lowerBound, base: baseValues,
+        models: try plan.models.indices.map { try values(plan.models[$0], types[$0], elements) })
     }
     let release = { (elements: Range<Int>) throws -> Int in
       var bytes = 0
