@@ -19,7 +19,7 @@ import Foundation
 ///
 /// Why 1 MiB: where the page cache uses large folios (ext4 on Linux 6.x), a write of 2 MiB or
 /// more gets 2 MiB folios, and copying into those was 4-12x slower in most runs (0.5-1.2 CPU-s
-/// per GB written during a TIES merge of 3 x 1 GB, against 0.09-0.13 s with writes of 256 KiB
+/// per GB written during a TIES merge of 3 x 1 GB, against 0.09-0.14 s with writes of 256 KiB
 /// to 1 MiB in every run).
 final class OutputFile: @unchecked Sendable {
   let destination: String
