@@ -93,6 +93,18 @@ public struct WeightedSumForm: Sendable {
 public enum MergeRanges {
   public static let size = 1 << 18
 
+  /// Ranges a pass or a merge holds ahead of the one being written or combined, at most; input
+  /// pages are released this many ranges at a time.
+  public static var inFlight: Int { 2 * Parallel.threadCount }
+
+  /// The elements of the batch of `inFlight` consecutive ranges (from range 0) that range `j`
+  /// completes, whose input pages can then be released: the whole batch at its last range and
+  /// at the last range of all; nil elsewhere.
+  public static func completedBatch(_ ranges: [Range<Int>], at j: Int) -> Range<Int>? {
+    guard (j + 1) % inFlight == 0 || j == ranges.count - 1 else { return nil }
+    return ranges[j / inFlight * inFlight].lowerBound..<ranges[j].upperBound
+  }
+
   public static func ranges(_ count: Int) -> [Range<Int>] {
     stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }
   }
@@ -127,17 +139,12 @@ public struct TensorScan {
 
   public func pass<Summary>(_ summarize: (RangeInputs) throws -> Summary, combine: (Summary) throws -> Void) throws {
     // Summaries are combined in order by whoever finishes the next one, a few ranges ahead at
-    // most; pages are released every `batch` ranges.
-    let batch = 2 * Parallel.threadCount
-    var released = 0
+    // most; pages are released a batch of ranges at a time.
     try Parallel.inOrder(
-      ranges.count, budget: batch, produce: { try summarize(try read(ranges[$0])) },
+      ranges.count, budget: MergeRanges.inFlight, produce: { try summarize(try read(ranges[$0])) },
       consume: { j, summary in
         try combine(summary)
-        if (j + 1) % batch == 0 || j == ranges.count - 1 {
-          try release(ranges[released].lowerBound..<ranges[j].upperBound)
-          released = j + 1
-        }
+        if let batch = MergeRanges.completedBatch(ranges, at: j) { try release(batch) }
       })
   }
 }

@@ -179,7 +179,7 @@ public enum MergeRunner {
     while start < plan.items.count {
       if isStreamed(plan.items[start], plan) {
         let bytes =
-          2 * Parallel.threadCount * MergeRanges.size * (4 * (inputs + 1) + plan.items[start].outputType.size)
+          MergeRanges.inFlight * MergeRanges.size * (4 * (inputs + 1) + plan.items[start].outputType.size)
         result.append((start..<(start + 1), bytes))
         start += 1
         continue
@@ -394,8 +394,8 @@ public enum MergeRunner {
   }
 
   /// Streams one tensor range by range: the method's statistics passes read the ranges in
-  /// order; then each batch of ranges is decoded from every input, merged and encoded in
-  /// parallel, and appended in order, and the inputs' pages for the batch are released.
+  /// order; then the ranges are decoded from every input, merged and encoded in parallel, and
+  /// appended in order, and the inputs' pages are released a batch of ranges at a time.
   /// `advance` gets the input bytes done. Returns false (writing nothing) when the method must
   /// merge this tensor whole.
   static func stream(
@@ -413,11 +413,9 @@ public enum MergeRunner {
     try writer.beginTensor(item.name)
     // Ranges are merged side by side and written in order by whoever finishes the next one, so
     // the write overlaps the following merges; a few ranges ahead of the writer at most. Input
-    // pages are released every `batch` ranges.
-    let batch = 2 * Parallel.threadCount
-    var released = 0
+    // pages are released a batch of ranges at a time.
     try Parallel.inOrder(
-      ranges.count, budget: batch,
+      ranges.count, budget: MergeRanges.inFlight,
       produce: { j -> TensorData in
         let elements = ranges[j]
         if let form = merger.weightedSum, !arithmetic.isRounded {
@@ -428,10 +426,7 @@ public enum MergeRunner {
       },
       consume: { j, encoded in
         try encoded.bytes.withUnsafeBytes { try writer.append($0) }
-        if (j + 1) % batch == 0 || j == ranges.count - 1 {
-          advance(try release(ranges[released].lowerBound..<ranges[j].upperBound))
-          released = j + 1
-        }
+        if let batch = MergeRanges.completedBatch(ranges, at: j) { advance(try release(batch)) }
       })
     return true
   }

@@ -232,10 +232,8 @@ public struct MagnitudeBracket: Sendable {
     return ranker.threshold.key
   }
 
-  /// The pass's summary of one range: a branch-free counting loop over 16 lanes at a time (keys
-  /// are below 2^31, so `(a - b) >> 31` is `b > a`; the scalar form of the loop compiled to
-  /// comparisons and flag moves, 2-3 cycles an element), then, only when some keys fall inside,
-  /// a loop collecting them in order from the blocks of 16 that hold one.
+  /// The pass's summary of one range: by AVX-512 where the machine has it, else portably; the
+  /// same summary either way.
   public func summarize(_ values: [Float]) -> Summary {
     Self.usesAVX512 ? summarizeAVX512(values) : summarizePortably(values)
   }
@@ -270,7 +268,10 @@ public struct MagnitudeBracket: Sendable {
     return summary
   }
 
-  /// `summarize` with Swift's vectors, on any CPU.
+  /// `summarize` with Swift's vectors, on any CPU: a branch-free counting loop over 16 lanes at
+  /// a time (keys are below 2^31, so `(a - b) >> 31` is `b > a`; the scalar form of the loop
+  /// compiled to comparisons and flag moves, 2-3 cycles an element), then, only when some keys
+  /// fall inside, a loop collecting them in order from the blocks of 16 that hold one.
   func summarizePortably(_ values: [Float]) -> Summary {
     var summary = Summary()
     let (low, high) = (self.low, self.high)
