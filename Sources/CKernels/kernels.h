@@ -1,10 +1,14 @@
 #pragma once
-// Element loops that need instructions Swift's SIMD types cannot express (AVX-512's compress).
-// Each is compiled for AVX-512 only inside its own function (`target` attribute) and called
-// only when `mergekit_has_avx512()` says the CPU and the OS support it; the Swift callers keep
-// a portable loop for every other machine.
+// Element loops that need instructions Swift's SIMD types cannot express (AVX-512's compress),
+// or an order of instructions LLVM's vectoriser does not keep from Swift. Each is compiled for
+// AVX-512 only inside its own function (`target` attribute) and called only when
+// `mergekit_has_avx512()` says the CPU and the OS support it; the Swift callers keep a portable
+// loop for every other machine. Products and sums are never fused (FP_CONTRACT OFF), so that
+// the sums are those of the Swift loops to the bit.
 #include <stddef.h>
 #include <stdint.h>
+
+#pragma STDC FP_CONTRACT OFF
 
 #if defined(__x86_64__)
 #include <cpuid.h>
@@ -72,8 +76,112 @@ __attribute__((target("avx512f,popcnt"))) static inline size_t mergekit_bracket_
   }
   return k;
 }
+
+/// Four elements at `p + i` (bf16 bit patterns, or floats) as doubles; `..._pair`: four at
+/// `p + i` in the low half and four at `p + k` in the high half of one vector of eight.
+__attribute__((target("avx512f"))) static inline __m256d mergekit_load4_bf16(const void *p, size_t i) {
+  __m128i halves = _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + i));
+  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(halves), 16)));
+}
+__attribute__((target("avx512f"))) static inline __m512d mergekit_load4_bf16_pair(const void *p, size_t i, size_t k) {
+  __m128i halves = _mm_unpacklo_epi64(
+      _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + i)),
+      _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + k)));
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16)));
+}
+__attribute__((target("avx512f"))) static inline __m256d mergekit_load4_f32(const void *p, size_t i) {
+  return _mm256_cvtps_pd(_mm_loadu_ps((const float *)p + i));
+}
+__attribute__((target("avx512f"))) static inline __m512d mergekit_load4_f32_pair(const void *p, size_t i, size_t k) {
+  __m256 both = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps((const float *)p + i)),
+                                     _mm_loadu_ps((const float *)p + k), 1);
+  return _mm512_cvtps_pd(both);
+}
+
+/// A block's four chains added as `(c0 + c1) + (c2 + c3)`.
+__attribute__((target("avx512f"))) static inline double mergekit_chain_total(__m256d v) {
+  double lanes[4];
+  _mm256_storeu_pd(lanes, v);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+/// For each whole block j in `first ..< first + blocks` of `block` elements (a multiple of 4) of
+/// `a` and `b` (elements j * block ..< (j + 1) * block): the sums of a*a, a*b and b*b (as
+/// doubles) into out[3j], out[3j + 1], out[3j + 2], each summed in four chains (chain k:
+/// elements k, k + 4, ... of the block), the chains then added as `(c0 + c1) + (c2 + c3)`:
+/// `Kernels.dotsOfPair`'s block sums. Two blocks share a vector of eight lanes (the first's
+/// chains low, the second's high), and two such pairs are swept side by side: the conversion
+/// to double then takes one instruction for eight elements, and a block's chains do not wait
+/// on their own adds.
+#define MERGEKIT_PAIR_DOTS_STEP(LOAD, at, aa, ab, bb)                                            \
+  do {                                                                                           \
+    __m256d x = LOAD(a, at), y = LOAD(b, at);                                                    \
+    aa = _mm256_add_pd(aa, _mm256_mul_pd(x, x));                                                 \
+    ab = _mm256_add_pd(ab, _mm256_mul_pd(x, y));                                                 \
+    bb = _mm256_add_pd(bb, _mm256_mul_pd(y, y));                                                 \
+  } while (0)
+#define MERGEKIT_PAIR_DOTS_STEP2(LOAD2, at, aa, ab, bb)                                          \
+  do {                                                                                           \
+    __m512d x = LOAD2(a, at, (at) + block), y = LOAD2(b, at, (at) + block);                      \
+    aa = _mm512_add_pd(aa, _mm512_mul_pd(x, x));                                                 \
+    ab = _mm512_add_pd(ab, _mm512_mul_pd(x, y));                                                 \
+    bb = _mm512_add_pd(bb, _mm512_mul_pd(y, y));                                                 \
+  } while (0)
+#define MERGEKIT_PAIR_DOTS_STORE(j, aa, ab, bb)                                                  \
+  do {                                                                                           \
+    out[3 * (j)] = mergekit_chain_total(aa);                                                     \
+    out[3 * (j) + 1] = mergekit_chain_total(ab);                                                 \
+    out[3 * (j) + 2] = mergekit_chain_total(bb);                                                 \
+  } while (0)
+#define MERGEKIT_PAIR_DOTS_STORE2(j, aa, ab, bb)                                                 \
+  do {                                                                                           \
+    MERGEKIT_PAIR_DOTS_STORE(j, _mm512_castpd512_pd256(aa), _mm512_castpd512_pd256(ab),          \
+                             _mm512_castpd512_pd256(bb));                                        \
+    MERGEKIT_PAIR_DOTS_STORE((j) + 1, _mm512_extractf64x4_pd(aa, 1), _mm512_extractf64x4_pd(ab, 1), \
+                             _mm512_extractf64x4_pd(bb, 1));                                     \
+  } while (0)
+#define MERGEKIT_PAIR_DOTS(NAME, LOAD, LOAD2)                                                    \
+  __attribute__((target("avx512f"))) static inline void NAME(                                    \
+      const void *a, const void *b, size_t first, size_t blocks, size_t block, double *out) {    \
+    size_t j = first, end = first + blocks;                                                      \
+    for (; j + 4 <= end; j += 4) {                                                               \
+      __m512d aa0 = _mm512_setzero_pd(), ab0 = aa0, bb0 = aa0, aa1 = aa0, ab1 = aa0, bb1 = aa0;  \
+      for (size_t i = j * block; i < (j + 1) * block; i += 4) {                                  \
+        MERGEKIT_PAIR_DOTS_STEP2(LOAD2, i, aa0, ab0, bb0);                                       \
+        MERGEKIT_PAIR_DOTS_STEP2(LOAD2, i + 2 * block, aa1, ab1, bb1);                           \
+      }                                                                                          \
+      MERGEKIT_PAIR_DOTS_STORE2(j, aa0, ab0, bb0);                                               \
+      MERGEKIT_PAIR_DOTS_STORE2(j + 2, aa1, ab1, bb1);                                           \
+    }                                                                                            \
+    for (; j + 2 <= end; j += 2) {                                                               \
+      __m512d aa = _mm512_setzero_pd(), ab = aa, bb = aa;                                        \
+      for (size_t i = j * block; i < (j + 1) * block; i += 4) MERGEKIT_PAIR_DOTS_STEP2(LOAD2, i, aa, ab, bb); \
+      MERGEKIT_PAIR_DOTS_STORE2(j, aa, ab, bb);                                                  \
+    }                                                                                            \
+    for (; j < end; j++) {                                                                       \
+      __m256d aa = _mm256_setzero_pd(), ab = aa, bb = aa;                                        \
+      for (size_t i = j * block; i < (j + 1) * block; i += 4) MERGEKIT_PAIR_DOTS_STEP(LOAD, i, aa, ab, bb); \
+      MERGEKIT_PAIR_DOTS_STORE(j, aa, ab, bb);                                                   \
+    }                                                                                            \
+  }
+
+MERGEKIT_PAIR_DOTS(mergekit_pair_dots_bf16_avx512, mergekit_load4_bf16, mergekit_load4_bf16_pair)
+MERGEKIT_PAIR_DOTS(mergekit_pair_dots_f32_avx512, mergekit_load4_f32, mergekit_load4_f32_pair)
+#undef MERGEKIT_PAIR_DOTS
+#undef MERGEKIT_PAIR_DOTS_STEP
+#undef MERGEKIT_PAIR_DOTS_STEP2
+#undef MERGEKIT_PAIR_DOTS_STORE
+#undef MERGEKIT_PAIR_DOTS_STORE2
 #else
 static inline int mergekit_has_avx512(void) { return 0; }
+static inline void mergekit_pair_dots_bf16_avx512(
+    const void *a, const void *b, size_t first, size_t blocks, size_t block, double *out) {
+  (void)a; (void)b; (void)first; (void)blocks; (void)block; (void)out;
+}
+static inline void mergekit_pair_dots_f32_avx512(
+    const void *a, const void *b, size_t first, size_t blocks, size_t block, double *out) {
+  (void)a; (void)b; (void)first; (void)blocks; (void)block; (void)out;
+}
 static inline void mergekit_bracket_counts_avx512(
     const uint32_t *bits, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
   (void)bits; (void)n; (void)low; (void)high;

@@ -122,30 +122,80 @@ public enum MergeRanges {
 /// one at a time in range order, so sums come out the same on any machine. The runner reads
 /// ranges from memory-mapped inputs and releases their pages a few ranges at a time.
 public struct TensorScan {
+  /// Calls its body with the stored elements of one range of every input: the base first when
+  /// there is one, then the models (valid only inside the body).
+  public typealias StoredReader = (Range<Int>, ([Kernels.StoredElements]) throws -> Void) throws -> Void
+
   public let ranges: [Range<Int>]
   let read: (Range<Int>) throws -> RangeInputs
+  let readStored: StoredReader?
   let release: (Range<Int>) throws -> Void
 
-  /// - `read`: the inputs' values on one range; `release`: called on each batch's elements
-  ///   once summarised.
+  /// - `read`: the inputs' values on one range; `readStored`: their stored bytes, when they can
+  ///   be read as stored and the merge's arithmetic is exact (else `storedPass` presents `read`'s
+  ///   values as F32); `release`: called on each batch's elements once summarised.
   public init(
-    ranges: [Range<Int>], read: @escaping (Range<Int>) throws -> RangeInputs,
+    ranges: [Range<Int>], read: @escaping (Range<Int>) throws -> RangeInputs, readStored: StoredReader? = nil,
     release: @escaping (Range<Int>) throws -> Void = { _ in }
   ) {
     self.ranges = ranges
     self.read = read
+    self.readStored = readStored
     self.release = release
   }
 
   public func pass<Summary>(_ summarize: (RangeInputs) throws -> Summary, combine: (Summary) throws -> Void) throws {
-    // Summaries are combined in order by whoever finishes the next one, a few ranges ahead at
-    // most; pages are released a batch of ranges at a time.
+    try pass(summarizingRange: { try summarize(try read(ranges[$0])) }, combine: combine)
+  }
+
+  /// `pass` over each range's stored elements (`StoredReader`'s order; `count` elements each)
+  /// instead of arrays of decoded values, for sweeps that decode as they go. The summaries must
+  /// depend only on the values, not on their stored dtype: where the inputs cannot be read as
+  /// stored, the decoded values come as F32. For methods that read the models, not only their
+  /// task vectors.
+  public func storedPass<Summary>(
+    _ summarize: (_ inputs: [Kernels.StoredElements], _ count: Int) throws -> Summary,
+    combine: (Summary) throws -> Void
+  ) throws {
+    try pass(
+      summarizingRange: { j in
+        let range = ranges[j]
+        if let readStored {
+          var summary: Summary?
+          try readStored(range) { summary = try summarize($0, range.count) }
+          guard let summary else { preconditionFailure("TensorScan.readStored did not call its body") }
+          return summary
+        }
+        let values = try read(range)
+        precondition(values.taskVectors == nil, "storedPass needs the models' values, not task vectors")
+        return try Self.withF32Elements((values.base.map { [$0] } ?? []) + values.models) {
+          try summarize($0, range.count)
+        }
+      }, combine: combine)
+  }
+
+  /// Summaries are combined in order by whoever finishes the next one, a few ranges ahead at
+  /// most; pages are released a batch of ranges at a time.
+  private func pass<Summary>(summarizingRange summarize: (Int) throws -> Summary, combine: (Summary) throws -> Void)
+    throws
+  {
     try Parallel.inOrder(
-      ranges.count, budget: MergeRanges.inFlight, produce: { try summarize(try read(ranges[$0])) },
+      ranges.count, budget: MergeRanges.inFlight, produce: summarize,
       consume: { j, summary in
         try combine(summary)
         if let batch = MergeRanges.completedBatch(ranges, at: j) { try release(batch) }
       })
+  }
+
+  /// Calls `body` with `arrays` as F32 stored elements (valid only inside `body`).
+  static func withF32Elements<R>(_ arrays: [[Float]], _ body: ([Kernels.StoredElements]) throws -> R) rethrows -> R {
+    func nest(_ i: Int, _ held: [Kernels.StoredElements]) throws -> R {
+      guard i < arrays.count else { return try body(held) }
+      return try arrays[i].withUnsafeBytes { bytes in
+        try nest(i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? Kernels.noElements, dtype: .f32)])
+      }
+    }
+    return try nest(0, [])
   }
 }
 

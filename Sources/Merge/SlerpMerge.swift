@@ -26,16 +26,16 @@ public struct SlerpMerge: StreamingMerge {
     return try mergeThroughRanges(inputs, p)
   }
 
-  /// One pass for the two norms and the dot product (in Double, one sweep per range), then every range is
-  /// `s0 v0 + s1 v1` with the tensor's coefficients.
+  /// One pass for the two norms and the dot product (in Double, one sweep per range over the
+  /// stored bytes), then every range is `s0 v0 + s1 v1` with the tensor's coefficients.
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger?
   {
     let t = p.number("t")
     var (norm0, norm1, dot) = (0.0, 0.0, 0.0)
-    try scan.pass { range in
-      guard let v0 = range.base else { throw MergeError.baseRequired(method: self.name) }
-      let v1 = range.models[0]
-      return Kernels.dotsOfPair(v0, v1)
+    // The stored base and model, decoded inside the sweep.
+    try scan.storedPass { inputs, count in
+      guard inputs.count == 2 else { throw MergeError.baseRequired(method: self.name) }
+      return Kernels.dotsOfPair(inputs[0], inputs[1], count: count)
     } combine: { sums in
       norm0 += sums.aa
       norm1 += sums.bb

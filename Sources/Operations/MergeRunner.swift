@@ -334,11 +334,14 @@ public enum MergeRunner {
     }
   }
 
-  /// Reading one tensor's ranges from every input (decoded to Float), and releasing their pages
-  /// (returning the bytes released).
+  /// Reading one tensor's ranges from every input (`inputs`: the base first when there is one,
+  /// then the models) decoded to Float, or as stored (nil under mergekit's rounding, which
+  /// rounds the decoded values), and releasing their pages (returning the bytes released).
   static func rangeAccess(
     _ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]
-  ) -> (read: (Range<Int>) throws -> RangeInputs, release: (Range<Int>) throws -> Int) {
+  ) -> (
+    read: (Range<Int>) throws -> RangeInputs, stored: TensorScan.StoredReader?, release: (Range<Int>) throws -> Int
+  ) {
     let arithmetic = plan.arithmetic(item.name)
     // The dtypes, looked up once: a statistics sample reads thousands of short ranges.
     let baseType = Result { try plan.base?.info(item.name).dtype }
@@ -367,6 +370,13 @@ public enum MergeRunner {
         offset: elements.lowerBound, base: baseValues,
         models: try plan.models.indices.map { try values(plan.models[$0], types[$0], elements) })
     }
+    let inputTypes = Result { try inputs.map { try $0.info(item.name).dtype } }
+    let stored: TensorScan.StoredReader? =
+      arithmetic.isRounded
+      ? nil
+      : { elements, body in
+        try withStoredElements(inputs, try inputTypes.get(), name: item.name, elements: elements, body)
+      }
     let release = { (elements: Range<Int>) throws -> Int in
       var bytes = 0
       for input in inputs {
@@ -376,7 +386,7 @@ public enum MergeRunner {
       }
       return bytes
     }
-    return (read, release)
+    return (read, stored, release)
   }
 
   /// A method that needs the whole model first (TIES's global trimming) gets it here: one scan
@@ -385,8 +395,8 @@ public enum MergeRunner {
     guard let wide = plan.method as? any ModelWideMerge, let first = plan.items.first(where: { $0.action == .merge })
     else { return plan }
     let scans = plan.items.filter { $0.action == .merge }.map { item in
-      let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
-      return TensorScan(ranges: MergeRanges.ranges(item.count), read: read) { _ = try release($0) }
+      let (read, stored, release) = rangeAccess(item, plan: plan, inputs: inputs)
+      return TensorScan(ranges: MergeRanges.ranges(item.count), read: read, readStored: stored) { _ = try release($0) }
     }
     var prepared = plan
     prepared.method = try wide.prepared(scans, parameters: try plan.parameters(first.name))
@@ -405,8 +415,8 @@ public enum MergeRunner {
     let parameters = try plan.parameters(item.name)
     let arithmetic = parameters.arithmetic
     let ranges = MergeRanges.ranges(item.count)
-    let (read, release) = rangeAccess(item, plan: plan, inputs: inputs)
-    let scan = TensorScan(ranges: ranges, read: read) { _ = try release($0) }
+    let (read, stored, release) = rangeAccess(item, plan: plan, inputs: inputs)
+    let scan = TensorScan(ranges: ranges, read: read, readStored: stored) { _ = try release($0) }
     guard let merger = try method.prepare(tensor: item.name, shape: item.shape, parameters, scan: scan) else {
       return false
     }

@@ -1,3 +1,5 @@
+import CKernels
+
 /// The element loops of merging, written once with raw pointers over fixed parallel blocks (so
 /// results never depend on the thread count). Callers work with arrays; sums run in `Double`
 /// and each result is rounded once.
@@ -612,37 +614,81 @@ public enum Kernels {
   public static func dotsOfPair(_ a: [Float], _ b: [Float]) -> (aa: Double, ab: Double, bb: Double) {
     precondition(a.count == b.count)
     guard !a.isEmpty else { return (0, 0, 0) }
+    return withPointers([a, b]) { p in
+      dotsOfPair(StoredElements(start: p[0], dtype: .f32), StoredElements(start: p[1], dtype: .f32), count: a.count)
+    }
+  }
+
+  /// `dotsOfPair` of `count` stored elements of each input, decoded inside the sweep (BF16, F16
+  /// and F32; other dtypes are decoded to arrays first): the sums of the decoded values to the
+  /// bit, without writing and reading back a `Float` copy of either input. Two BF16 or two F32
+  /// inputs run `CKernels`' AVX-512 sweep where the CPU has it, unless `portable`.
+  public static func dotsOfPair(_ a: StoredElements, _ b: StoredElements, count: Int, portable: Bool = false) -> (
+    aa: Double, ab: Double, bb: Double
+  ) {
+    guard count > 0 else { return (0, 0, 0) }
+    func second<A: FloatStorage>(_: A.Type) -> (aa: Double, ab: Double, bb: Double)? {
+      switch b.dtype {
+      case .bf16:
+        dotsOfPair(A.self, BF16Storage.self, a.start, b.start, count: count, vectorized: !portable && usesAVX512)
+      case .f16: dotsOfPair(A.self, F16Storage.self, a.start, b.start, count: count, vectorized: false)
+      case .f32:
+        dotsOfPair(A.self, F32Storage.self, a.start, b.start, count: count, vectorized: !portable && usesAVX512)
+      default: nil
+      }
+    }
+    let sums: (aa: Double, ab: Double, bb: Double)? =
+      switch a.dtype {
+      case .bf16: second(BF16Storage.self)
+      case .f16: second(F16Storage.self)
+      case .f32: second(F32Storage.self)
+      default: nil
+      }
+    if let sums { return sums }
+    func decoded(_ x: StoredElements) -> [Float] {
+      [Float](unsafeUninitializedCapacity: count) { values, initialized in
+        if let start = values.baseAddress { x.decode(0, count, into: start) }
+        initialized = count
+      }
+    }
+    return dotsOfPair(decoded(a), decoded(b))
+  }
+
+  /// Whether the CPU and the OS run `CKernels`' AVX-512 loops.
+  static let usesAVX512 = mergekit_has_avx512() != 0
+
+  /// The sweep of `dotsOfPair`: blocks of `Elementwise.blockSize` in parallel, four chains a
+  /// block in the lanes of one vector, the blocks' sums added in order. With `vectorized` (two
+  /// BF16 or two F32 inputs), the whole blocks of each group of four run in `CKernels`, side by
+  /// side: a block's chains wait on their own adds, which bounds the portable loop.
+  @inline(__always)
+  static func dotsOfPair<A: FloatStorage, B: FloatStorage>(
+    _: A.Type, _: B.Type, _ a: UnsafeRawPointer, _ b: UnsafeRawPointer, count: Int, vectorized: Bool
+  ) -> (aa: Double, ab: Double, bb: Double) {
     let size = Elementwise.blockSize
-    let blocks = (a.count + size - 1) / size
+    let blocks = (count + size - 1) / size
     var partials = [Double](repeating: 0, count: 3 * blocks)
-    withPointers([a, b]) { p in
-      let (x, y) = (SendableRawPointer(p[0]), SendableRawPointer(p[1]))
-      partials.withUnsafeMutableBufferPointer { slots in
-        let out = SendablePointer(slots.baseAddress)
-        try? Parallel.forEach(blocks) { _, block in
-          guard let xp = x.floats, let yp = y.floats, let o = out.pointer else { return }
-          let end = Swift.min(a.count, (block + 1) * size)
-          // Lane k of each vector is `blockSum`'s chain k.
-          var (aa4, ab4, bb4) = (SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0))
-          var i = block * size
-          while i + 4 <= end {
-            let a4 = SIMD4(Double(xp[i]), Double(xp[i + 1]), Double(xp[i + 2]), Double(xp[i + 3]))
-            let b4 = SIMD4(Double(yp[i]), Double(yp[i + 1]), Double(yp[i + 2]), Double(yp[i + 3]))
-            aa4 += a4 * a4
-            ab4 += a4 * b4
-            bb4 += b4 * b4
-            i += 4
-          }
-          func total(_ v: SIMD4<Double>) -> Double { (v[0] + v[1]) + (v[2] + v[3]) }
-          var (aa, ab, bb) = (total(aa4), total(ab4), total(bb4))
-          while i < end {
-            let (ai, bi) = (Double(xp[i]), Double(yp[i]))
-            aa += ai * ai
-            ab += ai * bi
-            bb += bi * bi
-            i += 1
-          }
-          (o[3 * block], o[3 * block + 1], o[3 * block + 2]) = (aa, ab, bb)
+    let (x, y) = (SendableRawPointer(a), SendableRawPointer(b))
+    let kernel: ((UnsafeRawPointer, UnsafeRawPointer, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void)? =
+      switch (vectorized, A.self == B.self, A.self) {
+      case (true, true, is BF16Storage.Type): mergekit_pair_dots_bf16_avx512
+      case (true, true, is F32Storage.Type): mergekit_pair_dots_f32_avx512
+      default: nil
+      }
+    partials.withUnsafeMutableBufferPointer { slots in
+      let out = SendablePointer(slots.baseAddress)
+      try? Parallel.forEach((blocks + 3) / 4) { _, group in
+        guard let xp = x.pointer, let yp = y.pointer, let o = out.pointer else { return }
+        var block = 4 * group
+        let end = Swift.min(blocks, block + 4)
+        if let kernel {
+          let whole = Swift.min(end, count / size) - block
+          if whole > 0 { kernel(xp, yp, block, whole, size, o) }
+          block += Swift.max(whole, 0)
+        }
+        while block < end {
+          dotsOfBlock(A.self, B.self, xp, yp, block: block, count: count, into: o)
+          block += 1
         }
       }
     }
@@ -656,6 +702,44 @@ public enum Kernels {
     }
     return sums
   }
+
+  /// One block's three sums into `o[3 block ..< 3 block + 3]`: lane k of each vector is
+  /// `blockSum`'s chain k, then the tail past the last four.
+  @inline(__always)
+  static func dotsOfBlock<A: FloatStorage, B: FloatStorage>(
+    _: A.Type, _: B.Type, _ xp: UnsafeRawPointer, _ yp: UnsafeRawPointer, block: Int, count: Int,
+    into o: UnsafeMutablePointer<Double>
+  ) {
+    let end = Swift.min(count, (block + 1) * Elementwise.blockSize)
+    var (aa4, ab4, bb4) = (SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0), SIMD4<Double>(repeating: 0))
+    var i = block * Elementwise.blockSize
+    while i + 4 <= end {
+      let (a4, b4) = (quad(A.self, xp, i), quad(B.self, yp, i))
+      aa4 += a4 * a4
+      ab4 += a4 * b4
+      bb4 += b4 * b4
+      i += 4
+    }
+    var (aa, ab, bb) = (chainTotal(aa4), chainTotal(ab4), chainTotal(bb4))
+    while i < end {
+      let (ai, bi) = (Double(A.load(xp, i)), Double(B.load(yp, i)))
+      aa += ai * ai
+      ab += ai * bi
+      bb += bi * bi
+      i += 1
+    }
+    (o[3 * block], o[3 * block + 1], o[3 * block + 2]) = (aa, ab, bb)
+  }
+
+  /// Elements `i ..< i + 4` as doubles.
+  @inline(__always)
+  static func quad<S: FloatStorage>(_: S.Type, _ p: UnsafeRawPointer, _ i: Int) -> SIMD4<Double> {
+    SIMD4(Double(S.load(p, i)), Double(S.load(p, i + 1)), Double(S.load(p, i + 2)), Double(S.load(p, i + 3)))
+  }
+
+  /// A block's four chains added as `blockSum` adds them.
+  @inline(__always)
+  static func chainTotal(_ v: SIMD4<Double>) -> Double { (v[0] + v[1]) + (v[2] + v[3]) }
 
   /// DARE's two L1 norms of one range in one sweep: the sum of |values| and the sum over the
   /// elements kept by packed flags (bit `i % 64` of word `i / 64`), each in `Double` with the bits

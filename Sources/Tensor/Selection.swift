@@ -235,11 +235,8 @@ public struct MagnitudeBracket: Sendable {
   /// The pass's summary of one range: by AVX-512 where the machine has it, else portably; the
   /// same summary either way.
   public func summarize(_ values: [Float]) -> Summary {
-    Self.usesAVX512 ? summarizeAVX512(values) : summarizePortably(values)
+    Kernels.usesAVX512 ? summarizeAVX512(values) : summarizePortably(values)
   }
-
-  /// Whether `summarize` runs the AVX-512 loops of `CKernels` (the CPU and the OS support them).
-  static let usesAVX512 = mergekit_has_avx512() != 0
 
   /// `summarize` by AVX-512 compares, counted by popcount, with the inside keys compressed out 16
   /// lanes at a time: no branch per block, where about a third of the blocks of 16 hold a key

@@ -74,3 +74,35 @@ extension MergeRunnerTests {
     }
   }
 }
+
+extension MergeRunnerTests {
+  /// SLERP's statistics pass reads the stored BF16 bytes when streamed and the decoded values
+  /// (as F32) when merged whole: both give the same bits, on a tensor of several ranges and
+  /// blocks and on one shorter than a block.
+  @Test func slerpStreamedFromStoredBytesEqualsTheWholeTensorMerge() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let shapes: [(String, [Int])] = [("a.weight", [613, 1001]), ("b.weight", [3, 7])]
+    var paths: [String] = []
+    for (i, label) in ["base", "model"].enumerated() {
+      let path = folder.file("\(label).safetensors")
+      try writeCheckpoint(
+        shapes.enumerated().map { j, entry in
+          (entry.0, randomTensorData(.bf16, shape: entry.1, seed: UInt64(10 * i + j), scale: 0.5))
+        }, to: path)
+      paths.append(path)
+    }
+    let (base, model) = (try openCheckpoint(paths[0]), try openCheckpoint(paths[1]))
+    let plan = try MergePlan(
+      method: SlerpMerge(), base: base, models: [model], global: ["t": .number(0.3)], perModel: [[:]])
+    let out = folder.file("merged.safetensors")
+    try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
+    let merged = try openCheckpoint(out)
+    for (name, _) in shapes {
+      let whole = try SlerpMerge().merge(
+        MergeInputs(name: name, base: try base.tensor(named: name), models: [try model.tensor(named: name)]),
+        try plan.parameters(name))
+      #expect(try merged.read(name) == whole.encoded(as: .bf16), "\(name)")
+    }
+  }
+}

@@ -130,9 +130,10 @@ import Testing
   }
 
   /// The three sums of one sweep are the three dot products to the bit, on one block, several
-  /// blocks, and a count off the four lanes; and close to a plain float64 sum.
+  /// blocks (in groups of four and alone), and a count off the four lanes; and close to a plain
+  /// float64 sum.
   @Test func dotsOfPairAreTheDots() {
-    for n in [1, 7, 32_768, 100_003] {
+    for n in [1, 7, 32_768, 100_003, 300_007] {
       let a = CounterRNG(seed: 1, stream: "a").normalTensor([n]).scalars
       let b = CounterRNG(seed: 2, stream: "b").normalTensor([n]).scalars
       let sums = Kernels.dotsOfPair(a, b)
@@ -140,6 +141,32 @@ import Testing
       var plain = 0.0
       for i in 0..<n { plain += Double(a[i]) * Double(b[i]) }
       #expect(abs(sums.ab - plain) <= 1e-9 * Double(n))
+    }
+  }
+
+  /// From stored BF16 and F32 bytes (and mixed dtypes), both the AVX-512 sweep and the portable
+  /// loop give the sums of the decoded arrays to the bit, on counts with whole groups of four
+  /// blocks, a lone whole block and a partial one.
+  @Test func dotsOfPairFromStoredBytesAreTheDotsOfTheValues() {
+    for n in [5, 32_768, 4 * 32_768 + 3, 7 * 32_768, 9 * 32_768 + 1_001] {
+      let a = CounterRNG(seed: 3, stream: "a").normalTensor([n])
+      let b = CounterRNG(seed: 4, stream: "b").normalTensor([n])
+      for (ta, tb) in [(DType.bf16, DType.bf16), (.f32, .f32), (.bf16, .f32), (.f16, .bf16)] {
+        let (sa, sb) = (a.encoded(as: ta), b.encoded(as: tb))
+        let expected = Kernels.dotsOfPair(sa.decoded().scalars, sb.decoded().scalars)
+        for portable in [true, false] {
+          let sums = sa.bytes.withUnsafeBytes { x in
+            sb.bytes.withUnsafeBytes { y in
+              Kernels.dotsOfPair(
+                Kernels.StoredElements(start: x.baseAddress!, dtype: ta),
+                Kernels.StoredElements(start: y.baseAddress!, dtype: tb),
+                count: n, portable: portable)
+            }
+          }
+          #expect(
+            sums.aa == expected.aa && sums.ab == expected.ab && sums.bb == expected.bb, "\(n) \(ta) \(tb) \(portable)")
+        }
+      }
     }
   }
 

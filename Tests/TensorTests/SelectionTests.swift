@@ -112,7 +112,7 @@ import Testing
             let keys = values.map { $0.bitPattern & 0x7FFF_FFFF }
             let portable = b.summarizePortably(values)
             var loops = [portable]
-            if MagnitudeBracket.usesAVX512 { loops.append(b.summarizeAVX512(values)) }
+            if Kernels.usesAVX512 { loops.append(b.summarizeAVX512(values)) }
             for summary in loops {
               #expect(summary.above == keys.filter { $0 > high }.count)
               #expect(summary.atHigh == keys.filter { $0 == high }.count)
