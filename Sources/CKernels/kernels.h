@@ -167,6 +167,54 @@ __attribute__((target("avx512f"))) static inline double mergekit_chain_total(__m
 
 MERGEKIT_PAIR_DOTS(mergekit_pair_dots_bf16_avx512, mergekit_load4_bf16, mergekit_load4_bf16_pair)
 MERGEKIT_PAIR_DOTS(mergekit_pair_dots_f32_avx512, mergekit_load4_f32, mergekit_load4_f32_pair)
+/// For each whole block j in `first ..< first + blocks` of `block` elements (a multiple of 4)
+/// of `v`: the sum of |v| into out[2j] and the sum of |v| over the elements whose bit is set in
+/// `keep` (element i: bit i % 64 of word i / 64) into out[2j + 1], as doubles in four chains
+/// added as `(c0 + c1) + (c2 + c3)`: `Kernels.absoluteSums`' block sums. Blocks are paired in
+/// vectors of eight lanes as in `mergekit_pair_dots_*` (a lone last block is paired with itself).
+__attribute__((target("avx512f"))) static inline __m512d mergekit_magnitudes_pair(const float *v, size_t i, size_t k) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256 both = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(v + i)), _mm_loadu_ps(v + k), 1);
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(both), magnitude)));
+}
+__attribute__((target("avx512f"))) static inline __mmask8 mergekit_keep_pair(const uint64_t *keep, size_t i, size_t k) {
+  return (__mmask8)(((keep[i / 64] >> (i % 64)) & 0xFu) | (((keep[k / 64] >> (k % 64)) & 0xFu) << 4));
+}
+#define MERGEKIT_ABSOLUTE_SUMS_STEP(i, k, all, kept)                                             \
+  do {                                                                                           \
+    __m512d d = mergekit_magnitudes_pair(v, i, k);                                               \
+    all = _mm512_add_pd(all, d);                                                                 \
+    kept = _mm512_add_pd(kept, _mm512_maskz_mov_pd(mergekit_keep_pair(keep, i, k), d));          \
+  } while (0)
+#define MERGEKIT_ABSOLUTE_SUMS_STORE(j, half, all, kept)                                         \
+  do {                                                                                           \
+    out[2 * (j)] = mergekit_chain_total(_mm512_extractf64x4_pd(all, half));                      \
+    out[2 * (j) + 1] = mergekit_chain_total(_mm512_extractf64x4_pd(kept, half));                 \
+  } while (0)
+__attribute__((target("avx512f"))) static inline void mergekit_absolute_sums_avx512(
+    const float *v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
+  size_t j = first, end = first + blocks;
+  for (; j + 4 <= end; j += 4) {
+    __m512d all0 = _mm512_setzero_pd(), kept0 = all0, all1 = all0, kept1 = all0;
+    for (size_t i = j * block; i < (j + 1) * block; i += 4) {
+      MERGEKIT_ABSOLUTE_SUMS_STEP(i, i + block, all0, kept0);
+      MERGEKIT_ABSOLUTE_SUMS_STEP(i + 2 * block, i + 3 * block, all1, kept1);
+    }
+    MERGEKIT_ABSOLUTE_SUMS_STORE(j, 0, all0, kept0);
+    MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all0, kept0);
+    MERGEKIT_ABSOLUTE_SUMS_STORE(j + 2, 0, all1, kept1);
+    MERGEKIT_ABSOLUTE_SUMS_STORE(j + 3, 1, all1, kept1);
+  }
+  for (; j < end; j += 2) {
+    size_t second = j + 1 < end ? block : 0;  // a lone block paired with itself
+    __m512d all = _mm512_setzero_pd(), kept = all;
+    for (size_t i = j * block; i < (j + 1) * block; i += 4) MERGEKIT_ABSOLUTE_SUMS_STEP(i, i + second, all, kept);
+    MERGEKIT_ABSOLUTE_SUMS_STORE(j, 0, all, kept);
+    if (second) MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all, kept);
+  }
+}
+#undef MERGEKIT_ABSOLUTE_SUMS_STEP
+#undef MERGEKIT_ABSOLUTE_SUMS_STORE
 #undef MERGEKIT_PAIR_DOTS
 #undef MERGEKIT_PAIR_DOTS_STEP
 #undef MERGEKIT_PAIR_DOTS_STEP2
@@ -181,6 +229,10 @@ static inline void mergekit_pair_dots_bf16_avx512(
 static inline void mergekit_pair_dots_f32_avx512(
     const void *a, const void *b, size_t first, size_t blocks, size_t block, double *out) {
   (void)a; (void)b; (void)first; (void)blocks; (void)block; (void)out;
+}
+static inline void mergekit_absolute_sums_avx512(
+    const float *v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
+  (void)v; (void)keep; (void)first; (void)blocks; (void)block; (void)out;
 }
 static inline void mergekit_bracket_counts_avx512(
     const uint32_t *bits, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {

@@ -659,46 +659,60 @@ public enum Kernels {
 
   /// The sweep of `dotsOfPair`: blocks of `Elementwise.blockSize` in parallel, four chains a
   /// block in the lanes of one vector, the blocks' sums added in order. With `vectorized` (two
-  /// BF16 or two F32 inputs), the whole blocks of each group of four run in `CKernels`, side by
-  /// side: a block's chains wait on their own adds, which bounds the portable loop.
+  /// BF16 or two F32 inputs), whole blocks run in `CKernels`, which converts eight elements at
+  /// once and sweeps four blocks side by side.
   @inline(__always)
   static func dotsOfPair<A: FloatStorage, B: FloatStorage>(
     _: A.Type, _: B.Type, _ a: UnsafeRawPointer, _ b: UnsafeRawPointer, count: Int, vectorized: Bool
   ) -> (aa: Double, ab: Double, bb: Double) {
     let size = Elementwise.blockSize
-    let blocks = (count + size - 1) / size
-    var partials = [Double](repeating: 0, count: 3 * blocks)
-    let (x, y) = (SendableRawPointer(a), SendableRawPointer(b))
     let kernel: ((UnsafeRawPointer, UnsafeRawPointer, Int, Int, Int, UnsafeMutablePointer<Double>) -> Void)? =
       switch (vectorized, A.self == B.self, A.self) {
       case (true, true, is BF16Storage.Type): mergekit_pair_dots_bf16_avx512
       case (true, true, is F32Storage.Type): mergekit_pair_dots_f32_avx512
       default: nil
       }
+    let sums = sumsOfBlocks(
+      count: count, width: 3, whole: kernel.map { kernel in { kernel(a, b, $0, $1, size, $2) } },
+      single: { dotsOfBlock(A.self, B.self, a, b, block: $0, count: count, into: $1) })
+    return (sums[0], sums[1], sums[2])
+  }
+
+  /// `width` sums over `count` elements, each summed per block of `Elementwise.blockSize` and
+  /// then over the blocks in order from 0, as `Elementwise.sumOfBlocks` adds one (one block is
+  /// its own sum). The blocks run in parallel four to a task: `whole` (when given) takes each
+  /// task's whole blocks at once (`first`, `count`, the partials), `single` each other block
+  /// (its index, the partials); both write block j's sums at `width * j` of the partials.
+  static func sumsOfBlocks(
+    count: Int, width: Int, whole: ((Int, Int, UnsafeMutablePointer<Double>) -> Void)?,
+    single: (Int, UnsafeMutablePointer<Double>) -> Void
+  ) -> [Double] {
+    let size = Elementwise.blockSize
+    let blocks = (count + size - 1) / size
+    var partials = [Double](repeating: 0, count: width * blocks)
     partials.withUnsafeMutableBufferPointer { slots in
       let out = SendablePointer(slots.baseAddress)
       try? Parallel.forEach((blocks + 3) / 4) { _, group in
-        guard let xp = x.pointer, let yp = y.pointer, let o = out.pointer else { return }
+        guard let o = out.pointer else { return }
         var block = 4 * group
         let end = Swift.min(blocks, block + 4)
-        if let kernel {
-          let whole = Swift.min(end, count / size) - block
-          if whole > 0 { kernel(xp, yp, block, whole, size, o) }
-          block += Swift.max(whole, 0)
+        if let whole {
+          let wholeBlocks = Swift.min(end, count / size) - block
+          if wholeBlocks > 0 {
+            whole(block, wholeBlocks, o)
+            block += wholeBlocks
+          }
         }
         while block < end {
-          dotsOfBlock(A.self, B.self, xp, yp, block: block, count: count, into: o)
+          single(block, o)
           block += 1
         }
       }
     }
-    // As `Elementwise.sumOfBlocks`: one block is its own sum, several add up from 0 in order.
-    guard blocks > 1 else { return (partials[0], partials[1], partials[2]) }
-    var sums = (aa: 0.0, ab: 0.0, bb: 0.0)
+    guard blocks > 1 else { return partials }
+    var sums = [Double](repeating: 0, count: width)
     for block in 0..<blocks {
-      sums.aa += partials[3 * block]
-      sums.ab += partials[3 * block + 1]
-      sums.bb += partials[3 * block + 2]
+      for k in 0..<width { sums[k] += partials[width * block + k] }
     }
     return sums
   }
@@ -743,19 +757,26 @@ public enum Kernels {
 
   /// DARE's two L1 norms of one range in one sweep: the sum of |values| and the sum over the
   /// elements kept by packed flags (bit `i % 64` of word `i / 64`), each in `Double` with the bits
-  /// `absoluteSum(values)` and `absoluteSum(values, keep:)` of the unpacked mask give.
-  public static func absoluteSums(_ values: [Float], keepBits keep: [UInt64]) -> (all: Double, kept: Double) {
+  /// `absoluteSum(values)` and `absoluteSum(values, keep:)` of the unpacked mask give. Whole
+  /// blocks run in `CKernels` where the CPU has AVX-512, unless `portable`.
+  public static func absoluteSums(_ values: [Float], keepBits keep: [UInt64], portable: Bool = false) -> (
+    all: Double, kept: Double
+  ) {
     precondition(keep.count == (values.count + 63) / 64)
     guard !values.isEmpty else { return (0, 0) }
-    return withPointers([values]) { p in
-      let v = SendableRawPointer(p[0])
-      return keep.withUnsafeBytes { raw in
-        let k = SendableRawPointer(raw.baseAddress)
-        return Elementwise.sumOfBlockPairs(values.count) { range in
-          guard let vp = v.floats, let kp = k.pointer?.assumingMemoryBound(to: UInt64.self) else { return (0, 0) }
+    let sums = values.withUnsafeBufferPointer { v in
+      keep.withUnsafeBufferPointer { k in
+        guard let vp = v.baseAddress, let kp = k.baseAddress else { return [0.0, 0.0] }
+        let whole: ((Int, Int, UnsafeMutablePointer<Double>) -> Void)? =
+          portable || !usesAVX512
+          ? nil
+          : { mergekit_absolute_sums_avx512(vp, kp, $0, $1, Elementwise.blockSize, $2) }
+        return sumsOfBlocks(count: values.count, width: 2, whole: whole) { block, o in
+          let range = (block * Elementwise.blockSize)..<Swift.min(values.count, (block + 1) * Elementwise.blockSize)
           // Unpacked to masks first: the sum then runs as fast as over a `[Bool]` mask (testing
           // the bits inside it is several times slower).
-          return withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) { masks in
+          (o[2 * block], o[2 * block + 1]) = withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) {
+            masks in
             guard let m = masks.baseAddress else { return (0, 0) }
             let first = range.lowerBound
             unpackMasks(kp, first: first, count: range.count, into: m)
@@ -767,6 +788,7 @@ public enum Kernels {
         }
       }
     }
+    return (sums[0], sums[1])
   }
 
   /// Sum of |values| (where `keep`, if given), in `Double`, deterministic.

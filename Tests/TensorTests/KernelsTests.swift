@@ -88,12 +88,13 @@ import Testing
 
   /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
   /// element (counts off the word boundary, offsets, counters whose low word wraps, densities near
-  /// the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit.
+  /// the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit,
+  /// by the AVX-512 kernel (groups of four blocks, a pair, a lone block) and the portable loop.
   @Test(arguments: [Float(1e-7), 0.1, 0.5, 0.9, 0.999_999_9])
   func packedRandomKeepIsTheMask(_ density: Float) {
     let rng = CounterRNG(seed: 4, stream: "dare#1")
-    let values = rng.normalTensor([70_001]).scalars
-    for (count, offset) in [(1, 0), (63, 5), (64, 64), (70_001, 262_144), (300, (1 << 32) - 100)] {
+    let values = rng.normalTensor([7 * 32_768 + 9]).scalars
+    for (count, offset) in [(1, 0), (63, 5), (64, 64), (70_001, 262_144), (7 * 32_768 + 9, 3), (300, (1 << 32) - 100)] {
       let mask = Kernels.randomKeep(count, offset: offset, rng: rng, density: density)
       let expected = (0..<count).map { Double(rng.bits32(UInt64(offset + $0)) >> 8) * 0x1p-24 < Double(density) }
       #expect(mask == expected)
@@ -102,6 +103,8 @@ import Testing
       let slice = Array(values[0..<count])
       let sums = Kernels.absoluteSums(slice, keepBits: bits)
       #expect(sums.all == Kernels.absoluteSum(slice) && sums.kept == Kernels.absoluteSum(slice, keep: mask))
+      let portable = Kernels.absoluteSums(slice, keepBits: bits, portable: true)
+      #expect(portable.all == sums.all && portable.kept == sums.kept)
       // Against float64 sums in another order: equal to rounding.
       let exact = zip(slice, mask).reduce((0.0, 0.0)) {
         ($0.0 + Double(abs($1.0)), $0.1 + ($1.1 ? Double(abs($1.0)) : 0))
