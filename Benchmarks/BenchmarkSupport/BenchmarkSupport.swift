@@ -26,10 +26,12 @@ public func plainRead(_ model: any Checkpoint) throws -> Double {
   return time
 }
 
-/// Writes `bytes` bytes to a new file at `path` in 8 MiB pieces, with no work (the write baseline);
-/// the file is removed afterwards, outside the timing.
+/// Writes `bytes` bytes to a new file at `path` in 1 MiB pieces, with no work (the write baseline);
+/// the file is removed afterwards, outside the timing. 1 MiB, as the checkpoint writer stages its
+/// output: writes of 2 MiB and more can get the page cache's 2 MiB folios, whose copy cost several
+/// times more on this project's machines (docs/performance.md).
 public func plainWrite(_ bytes: Int, to path: String) throws -> Double {
-  let piece = [UInt8](repeating: 0x5A, count: 8 << 20)
+  let piece = [UInt8](repeating: 0x5A, count: 1 << 20)
   let descriptor = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
   guard descriptor >= 0 else { throw CocoaError(.fileWriteUnknown, userInfo: [NSFilePathErrorKey: path]) }
   defer { try? FileManager.default.removeItem(atPath: path) }

@@ -150,7 +150,8 @@ defer { try? FileManager.default.removeItem(atPath: scratch) }
 // earlier output does not count against the next.
 // The first writes after a sync can wait on the kernel reclaiming the page cache (dd shows the
 // same), so the plain write and dd take turns, twice each, and each keeps its best.
-let blocks = (models[0].totalByteCount + (8 << 20) - 1) >> 23
+// Both in 1 MiB pieces, as the checkpoint writer writes (see `plainWrite`).
+let blocks = (models[0].totalByteCount + (1 << 20) - 1) >> 20
 var write = Double.infinity
 var ddBest = Double.infinity
 for _ in 0..<2 {
@@ -158,7 +159,7 @@ for _ in 0..<2 {
   write = min(write, try plainWrite(models[0].totalByteCount, to: scratch + "/write-baseline"))
   sync()
   if let dd = try? runChild(
-    "/bin/dd", ["if=/dev/zero", "of=\(scratch)/dd-baseline", "bs=8M", "count=\(blocks)", "status=none"])
+    "/bin/dd", ["if=/dev/zero", "of=\(scratch)/dd-baseline", "bs=1M", "count=\(blocks)", "status=none"])
   {
     ddBest = min(ddBest, dd.0)
   }
