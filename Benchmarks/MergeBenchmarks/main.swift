@@ -57,6 +57,21 @@ func kernelFigures() throws {
       }
     }
   }
+  try report("SLERP sums (norms, dot), bf16 bytes", elements: n) {
+    stored.withUnsafeBufferPointers { p in
+      _ = Kernels.dotsOfPair(
+        Kernels.StoredElements(start: p[0], dtype: .bf16), Kernels.StoredElements(start: p[1], dtype: .bf16), count: n)
+    }
+  }
+  try report("SLERP's weighted sum of 2, bf16 bytes", elements: n) {
+    stored.withUnsafeBufferPointers { p in
+      out.withUnsafeMutableBytes { o in
+        Kernels.weightedSum(
+          [Kernels.StoredElements(start: p[0], dtype: .bf16), Kernels.StoredElements(start: p[1], dtype: .bf16)],
+          weights: [0.6, 0.4], scale: 1, base: nil, subtractingBase: false, count: n, into: o, as: .bf16)
+      }
+    }
+  }
   let drawn = Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5)
   try report("DARE rescale: draws and both L1 sums", elements: n) {
     _ = Kernels.absoluteSums(deltas[0], keepBits: Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5))
