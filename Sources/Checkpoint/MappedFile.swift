@@ -22,9 +22,12 @@ final class MappedFile: @unchecked Sendable {
   /// mapping. The kernel copies from the page cache through its own huge-page mapping at about
   /// 19 GB/s a core, while a first touch of the mapping costs a page-table walk and a cache miss
   /// every 4 KiB plus a fault every 64 KiB: on a linear merge of 3 x 1 GB this took user time
-  /// from 0.62 to 0.38 s for the same system time. Larger reads (whole tensors) stay mapped, so
-  /// they are never held twice.
-  static let copiedReads = (64 << 10)...(8 << 20)
+  /// from 0.62 to 0.38 s for the same system time. Small reads are copied too: a scattered read
+  /// through the mapping costs a fault (the kernel maps 64 KiB around it) and a release later,
+  /// and TIES's threshold sample (about a thousand reads of 64 elements per tensor and input)
+  /// spent an eighth of its merge's time in them (1 GB: 1.72 to 1.49 s). Larger reads (whole
+  /// tensors) stay mapped, so they are never held twice.
+  static let copiedReads = 1...(8 << 20)
 
   init(path: String) throws {
     self.path = path
