@@ -6,10 +6,10 @@ import Tensor
 /// models' weights (0.5 when they sum to 0). The angle is taken over the whole flattened tensor
 /// (`nuslerp_flatten`, the default), else per row (vectors along the last dimension) or, with
 /// `nuslerp_row_wise`, per column (along the first). Nearly colinear vectors
-/// (`1 - cos^2 <= 1e-16`) are interpolated linearly. Computed in `Double`. With one angle for
-/// the whole tensor (and outside mergekit's rounding) it streams: a pass sums the two vectors'
-/// Gram matrix, and the merge is a weighted sum from the stored bytes; per-row angles merge the
-/// tensor whole.
+/// (`1 - cos^2 <= 1e-16`) are interpolated linearly. Computed in `Double`. Outside mergekit's
+/// rounding it streams: with one angle, a pass sums the two vectors' Gram matrix and the merge
+/// is a weighted sum from the stored bytes; per row, a pass over blocks of whole rows takes each
+/// row's coefficients; per column, two passes sum each column's norms, then its cosine.
 public struct NuSLERPMerge: StreamingMerge {
   public init() {}
   public var name: String { "nuslerp" }
@@ -43,36 +43,35 @@ public struct NuSLERPMerge: StreamingMerge {
     try prepare(tensor: name, shape: [count], p, scan: scan)
   }
 
-  /// The Gram pass and the weighted sum; nil (merged whole) for per-row angles or under
-  /// mergekit's rounding.
+  /// The Gram pass and the weighted sum for one angle, the row or column passes and a merger
+  /// with each vector's coefficients otherwise; nil (merged whole) under mergekit's rounding.
   public func prepare(tensor name: String, shape: [Int], _ p: ResolvedParameters, scan: TensorScan) throws
     -> RangeMerger?
   {
-    guard !p.arithmetic.isRounded, Self.flattens(shape, p) else { return nil }
-    let (gram, hasBase) = try scan.pointGram(models: 2)
+    guard !p.arithmetic.isRounded else { return nil }
     let t = Self.fraction(p)
+    guard Self.flattens(shape, p) else {
+      let count = shape.reduce(1, *)
+      if p.flag("nuslerp_row_wise") {
+        return try columnMerger(scan, count: count, columns: count / max(shape[0], 1), t: t)
+      }
+      return try rowMerger(scan, count: count, width: shape[shape.count - 1], t: t)
+    }
+    let (gram, hasBase) = try scan.pointGram(models: 2)
     let nx = max(gram[0].squareRoot(), 1e-7)
     let ny = max(gram[3].squareRoot(), 1e-7)
-    let cosine = min(1, max(-1, gram[1] / nx / ny))
-    let colinear = 1 - cosine * cosine <= 1e-16
-    let theta = colinear ? 0 : acos(cosine)
-    let (s0, s1) = colinear ? (1 - t, t) : (sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))
+    let (s0, s1) = Self.weights(cosine: min(1, max(-1, gram[1] / nx / ny)), t: t)
     return RangeMerger(
       WeightedSumForm(method: self.name, terms: [0, 1], weights: [s0, s1], addsBase: hasBase, subtractsBase: hasBase))
   }
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+    if !p.arithmetic.isRounded { return try mergeThroughRanges(inputs, p) }
     let shape = inputs.models[0].shape
-    if !p.arithmetic.isRounded && Self.flattens(shape, p) { return try mergeThroughRanges(inputs, p) }
-    let t = Self.fraction(p)
-    let base = inputs.base.map { $0.scalars.map(Double.init) }
-    let (a, b) = (inputs.models[0].scalars, inputs.models[1].scalars)
-    let v0 = a.indices.map { Double(a[$0]) - (base?[$0] ?? 0) }
-    let v1 = b.indices.map { Double(b[$0]) - (base?[$0] ?? 0) }
+    let count = shape.reduce(1, *)
     // The vectors interpolated: index lists into the flat tensors.
-    let count = v0.count
     let vectors: [[Int]]
-    if p.flag("nuslerp_flatten") || shape.count < 2 {
+    if Self.flattens(shape, p) {
       vectors = [Array(0..<count)]
     } else if p.flag("nuslerp_row_wise") {
       let rows = shape[0]
@@ -82,23 +81,96 @@ public struct NuSLERPMerge: StreamingMerge {
       let width = shape[shape.count - 1]
       vectors = (0..<(count / max(width, 1))).map { row in Array((row * width)..<((row + 1) * width)) }
     }
-    if p.arithmetic.isRounded {
-      return Self.interpolateRounded(
-        inputs, t: t, vectors: vectors, arithmetic: p.arithmetic)
+    return Self.interpolateRounded(inputs, t: Self.fraction(p), vectors: vectors, arithmetic: p.arithmetic)
+  }
+
+  /// The interpolation's weights `(s0, s1)` for vectors at `cosine`: linear when nearly colinear.
+  static func weights(cosine: Double, t: Double) -> (Double, Double) {
+    guard 1 - cosine * cosine > 1e-16 else { return (1 - t, t) }
+    let theta = acos(cosine)
+    return (sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))
+  }
+
+  /// Model `model`'s value at element `k` of `range` minus the base's (0 without one), in Double.
+  @inline(__always)
+  static func relative(_ range: RangeInputs, _ model: Int, _ k: Int) -> Double {
+    Double(range.models[model][k]) - (range.base.map { Double($0[k]) } ?? 0)
+  }
+
+  /// `s0 x + s1 y` with the base added back (0 without one), rounded once.
+  @inline(__always)
+  static func interpolated(_ range: RangeInputs, _ k: Int, _ s0: Double, _ s1: Double) -> Float {
+    Float(s0 * relative(range, 0, k) + s1 * relative(range, 1, k) + (range.base.map { Double($0[k]) } ?? 0))
+  }
+
+  /// Per-row angles (vectors along the last dimension, `width` long): one pass over blocks of
+  /// whole rows gives each row's weights from its norms and cosine (each summed in order over
+  /// the row: `(x_i / |x|) (y_i / |y|)`, as mergekit divides first); the merger applies them.
+  func rowMerger(_ scan: TensorScan, count: Int, width: Int, t: Double) throws -> RangeMerger {
+    guard width > 0 else { return RangeMerger { _ in [] } }
+    var rowWeights: [(Double, Double)] = []
+    rowWeights.reserveCapacity(count / width)
+    let blocks = MergeRanges.rowBlocks(count, rowLength: width)
+    try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { block in
+      (0..<(block.count / width)).map { row in
+        let elements = (row * width)..<((row + 1) * width)
+        let x = elements.map { Self.relative(block, 0, $0) }
+        let y = elements.map { Self.relative(block, 1, $0) }
+        let nx = max(x.reduce(0) { $0 + $1 * $1 }.squareRoot(), 1e-7)
+        let ny = max(y.reduce(0) { $0 + $1 * $1 }.squareRoot(), 1e-7)
+        let cosine = zip(x, y).reduce(0) { $0 + ($1.0 / nx) * ($1.1 / ny) }
+        return Self.weights(cosine: min(1, max(-1, cosine)), t: t)
+      }
+    } combine: {
+      rowWeights += $0
     }
-    var out = [Double](repeating: 0, count: count)
-    for indices in vectors {
-      let x = indices.map { v0[$0] }
-      let y = indices.map { v1[$0] }
-      let nx = max(x.reduce(0) { $0 + $1 * $1 }.squareRoot(), 1e-7)
-      let ny = max(y.reduce(0) { $0 + $1 * $1 }.squareRoot(), 1e-7)
-      let cosine = min(1, max(-1, zip(x, y).reduce(0) { $0 + ($1.0 / nx) * ($1.1 / ny) }))
-      let colinear = 1 - cosine * cosine <= 1e-16
-      let theta = colinear ? 0 : acos(cosine)
-      let (s0, s1) = colinear ? (1 - t, t) : (sin((1 - t) * theta) / sin(theta), sin(t * theta) / sin(theta))
-      for (k, i) in indices.enumerated() { out[i] = s0 * x[k] + s1 * y[k] }
+    let weights = rowWeights
+    return RangeMerger { range in
+      (0..<range.count).map { k in
+        let (s0, s1) = weights[(range.offset + k) / width]
+        return Self.interpolated(range, k, s0, s1)
+      }
     }
-    return Tensor(shape: shape, scalars: out.enumerated().map { i, v in Float(v + (base?[i] ?? 0)) })
+  }
+
+  /// Per-column angles (vectors along the first dimension: element i is in column
+  /// `i % columns`): a pass sums each column's squares in row order, a second its
+  /// `(x_i / |x|) (y_i / |y|)`; both add in range order, so every sum is taken in row order as
+  /// over the column alone. The merger applies each column's weights.
+  func columnMerger(_ scan: TensorScan, count: Int, columns: Int, t: Double) throws -> RangeMerger {
+    guard columns > 0 else { return RangeMerger { _ in [] } }
+    var squares = [Double](repeating: 0, count: 2 * columns)
+    try scan.pass { range in
+      (range.offset, (0..<range.count).map { k in (Self.relative(range, 0, k), Self.relative(range, 1, k)) })
+    } combine: { offset, values in
+      for (k, (x, y)) in values.enumerated() {
+        let column = (offset + k) % columns
+        squares[2 * column] += x * x
+        squares[2 * column + 1] += y * y
+      }
+    }
+    let norms = (0..<columns).map {
+      (max(squares[2 * $0].squareRoot(), 1e-7), max(squares[2 * $0 + 1].squareRoot(), 1e-7))
+    }
+    var cosines = [Double](repeating: 0, count: columns)
+    try scan.pass { range in
+      (
+        range.offset,
+        (0..<range.count).map { k in
+          let (nx, ny) = norms[(range.offset + k) % columns]
+          return (Self.relative(range, 0, k) / nx) * (Self.relative(range, 1, k) / ny)
+        }
+      )
+    } combine: { offset, terms in
+      for (k, term) in terms.enumerated() { cosines[(offset + k) % columns] += term }
+    }
+    let weights = cosines.map { Self.weights(cosine: min(1, max(-1, $0)), t: t) }
+    return RangeMerger { range in
+      (0..<range.count).map { k in
+        let (s0, s1) = weights[(range.offset + k) % columns]
+        return Self.interpolated(range, k, s0, s1)
+      }
+    }
   }
 
   /// NuSLERP as mergekit computes it in a narrow dtype, vector by vector: the task vectors, the

@@ -306,6 +306,58 @@ import Testing
       out.scalars, (0..<n).map { s0 * x[$0] + s1 * y[$0] + (withBase ? Double(base[$0]) : 0) }, relative: 1e-6)
   }
 
+  /// NuSLERP per row and per column streams (rows straddling the ranges, columns summed across
+  /// them): each vector's construction in float64, taken over the vector alone, to the bit,
+  /// with and without a base.
+  @Test(arguments: [true, false])
+  func nuslerpPerRowAndColumnStreamsTheConstructionOnEachVector(_ withBase: Bool) throws {
+    let shape = [301, 1_000]
+    let n = shape[0] * shape[1]
+    let base = random([n], "nv-base").scalars
+    let noise = (0..<2).map { random([n], "nv-\($0)", scale: 0.03).scalars }
+    // Row 7 of the second model moves twice as far from the base as the first's: nearly
+    // colinear task vectors.
+    let models: [[Float]] = (0..<2).map { t in
+      (0..<n).map { i -> Float in
+        let step: Float = t == 1 && i / 1_000 == 7 ? 2 * noise[0][i] : noise[t][i]
+        return base[i] + step
+      }
+    }
+    for rowWise in [false, true] {
+      let p = try resolve(
+        NuSLERPMerge(), ["nuslerp_flatten": .flag(false), "nuslerp_row_wise": .flag(rowWise)],
+        models: [["weight": .number(0.6)], ["weight": .number(0.4)]])
+      let out = try NuSLERPMerge().merge(
+        MergeInputs(
+          name: "w", base: withBase ? Tensor(shape: shape, scalars: base) : nil,
+          models: models.map { Tensor(shape: shape, scalars: $0) }), p)
+      let b = (0..<n).map { withBase ? Double(base[$0]) : 0 }
+      let (x, y) = ((0..<n).map { Double(models[0][$0]) - b[$0] }, (0..<n).map { Double(models[1][$0]) - b[$0] })
+      let vectors: [[Int]] =
+        rowWise
+        ? (0..<1_000).map { c in (0..<301).map { $0 * 1_000 + c } }
+        : (0..<301).map { r in Array((r * 1_000)..<((r + 1) * 1_000)) }
+      var expected = [Float](repeating: 0, count: n)
+      for v in vectors {
+        let nx = max(v.reduce(0.0) { $0 + x[$1] * x[$1] }.squareRoot(), 1e-7)
+        let ny = max(v.reduce(0.0) { $0 + y[$1] * y[$1] }.squareRoot(), 1e-7)
+        let dot: Double = v.reduce(0.0) { $0 + (x[$1] / nx) * (y[$1] / ny) }
+        let cosine = min(1, max(-1, dot))
+        // t = 0.4 / (0.6 + 0.4).
+        var (s0, s1) = (0.6, 0.4)
+        if 1 - cosine * cosine > 1e-16 {
+          let theta = acos(cosine)
+          (s0, s1) = (sin(0.6 * theta) / sin(theta), sin(0.4 * theta) / sin(theta))
+        }
+        for i in v { expected[i] = Float(s0 * x[i] + s1 * y[i] + b[i]) }
+      }
+      let wrong = (0..<n).filter { out.scalars[$0].bitPattern != expected[$0].bitPattern }
+      #expect(
+        wrong.count == 0,
+        "row-wise \(rowWise): first differing \(wrong.prefix(3).map { ($0, out.scalars[$0], expected[$0]) })")
+    }
+  }
+
   /// Arcee fusion streamed (rows straddling the ranges, quantiles by radix passes) gives the
   /// whole-tensor construction with sorted quantiles exactly.
   @Test func arceeFusionStreamedIsTheWholeTensorConstruction() throws {
