@@ -84,9 +84,9 @@ func kernelFigures() throws {
   }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
   try report("top-k histograms (high + low bits)", elements: n) {
-    _ = ranker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0])
+    _ = MagnitudeRanker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0])
   }
-  ranker.addHigh(ranker.highCounts(deltas[0]))
+  ranker.addHigh(MagnitudeRanker.highCounts(deltas[0]))
   ranker.finishHigh()
   ranker.addLow(ranker.lowCounts(deltas[0]))
   ranker.finishLow()

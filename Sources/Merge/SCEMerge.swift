@@ -64,10 +64,9 @@ public struct SCEMerge: StreamingMerge {
     if density < 1 {
       var nonzero = 0
       var high = [UInt32](repeating: 0, count: 65536)
-      let probe = MagnitudeRanker(keep: 1, count: max(count, 2))
       try scan.pass { range -> ([UInt32], Int) in
         let v = Self.variances(try Self.taskVectors(range, method: method))
-        return (probe.highCounts(v), v.filter { $0 != 0 }.count)
+        return (MagnitudeRanker.highCounts(v), v.filter { $0 != 0 }.count)
       } combine: { counts, nonzeroInRange in
         nonzero += nonzeroInRange
         for bin in 0..<65536 { high[bin] &+= counts[bin] }

@@ -53,10 +53,10 @@ public struct TIESGlobalMerge: StreamingMerge, ModelWideMerge {
     }
     let keepAll = k >= total
     if !keepAll {
-      let first = rankers
       for scan in tensors {
-        try scan.pass({ (r: RangeInputs) -> [[UInt32]] in (0..<models).map { first[$0].highCounts(deltas(r, $0)) } }) {
-          counts in
+        try scan.pass { (r: RangeInputs) -> [[UInt32]] in
+          (0..<models).map { MagnitudeRanker.highCounts(deltas(r, $0)) }
+        } combine: { counts in
           for m in 0..<models { rankers[m].addHigh(counts[m]) }
         }
       }

@@ -205,15 +205,14 @@ public struct TaskVectorMerge: StreamingMerge {
       ranked = try bracketedThresholds(ranked, &plans, count: n, scan: scan, deltas: deltas)
     }
     if !ranked.isEmpty {
-      var rankers = plans
       try scan.pass { range in
         let d = try deltas(range)
-        return ranked.map { m, r in rankers[m].rankers[r].highCounts(d[m]) }
+        return ranked.map { m, _ in MagnitudeRanker.highCounts(d[m]) }
       } combine: { counts in
         for (k, (m, r)) in ranked.enumerated() { plans[m].rankers[r].addHigh(counts[k]) }
       }
       for (m, r) in ranked { plans[m].rankers[r].finishHigh() }
-      rankers = plans
+      var rankers = plans
       try scan.pass { range in
         let d = try deltas(range)
         return ranked.map { m, r in rankers[m].rankers[r].lowCounts(d[m]) }

@@ -11,7 +11,7 @@ public enum Selection {
   public static func largestMagnitudes(_ values: [Float], keep k: Int) -> [Bool] {
     var ranker = MagnitudeRanker(keep: k, count: values.count)
     if ranker.needsPasses {
-      ranker.addHigh(ranker.highCounts(values))
+      ranker.addHigh(MagnitudeRanker.highCounts(values))
       ranker.finishHigh()
       ranker.addLow(ranker.lowCounts(values))
       ranker.finishLow()
@@ -62,8 +62,9 @@ public struct MagnitudeRanker: Sendable {
     return (threshold.equalToKeep > 0 ? threshold.key : threshold.key + 1)...0x7FFF_FFFF
   }
 
-  /// Pass 1 summary of one range: counts by the high 16 bits of |x|.
-  public func highCounts(_ values: [Float]) -> [UInt32] {
+  /// Pass 1 summary of one range: counts by the high 16 bits of |x| (the same for every ranker,
+  /// so a pass can take them before it knows how many to keep).
+  public static func highCounts(_ values: [Float]) -> [UInt32] {
     var counts = [UInt32](repeating: 0, count: 65536)
     values.withUnsafeBufferPointer { v in
       guard let start = v.baseAddress else { return }
@@ -225,7 +226,7 @@ public struct MagnitudeBracket: Sendable {
       // The last index: the smallest key.
       return values.reduce(0x7FFF_FFFF) { Swift.min($0, $1.bitPattern & 0x7FFF_FFFF) }
     }
-    ranker.addHigh(ranker.highCounts(values))
+    ranker.addHigh(MagnitudeRanker.highCounts(values))
     ranker.finishHigh()
     ranker.addLow(ranker.lowCounts(values))
     ranker.finishLow()
@@ -354,7 +355,7 @@ public struct MagnitudeBracket: Sendable {
       for summary in summaries { keys += summary.inner.map { Float(bitPattern: $0) } }
       var inner = MagnitudeRanker(keep: keep - above - atHigh, count: keys.count)
       if inner.needsPasses {
-        inner.addHigh(inner.highCounts(keys))
+        inner.addHigh(MagnitudeRanker.highCounts(keys))
         inner.finishHigh()
         inner.addLow(inner.lowCounts(keys))
         inner.finishLow()

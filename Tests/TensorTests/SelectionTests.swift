@@ -34,7 +34,7 @@ import Testing
   func streamedMask(_ x: [Float], keep k: Int, rangeSize: Int) -> (mask: [Bool], tieOrder: Bool) {
     let ranges = stride(from: 0, to: x.count, by: rangeSize).map { Array(x[$0..<min(x.count, $0 + rangeSize)]) }
     var ranker = MagnitudeRanker(keep: k, count: x.count)
-    for r in ranges.reversed() { ranker.addHigh(ranker.highCounts(r)) }  // sums: any order
+    for r in ranges.reversed() { ranker.addHigh(MagnitudeRanker.highCounts(r)) }  // sums: any order
     ranker.finishHigh()
     for r in ranges { ranker.addLow(ranker.lowCounts(r)) }
     ranker.finishLow()
