@@ -185,8 +185,8 @@ print(
 record("merge", "plain write", Double(models[0].totalByteCount) / write / 1e9, unit: "GB/s")
 // dd writing the same bytes, the system's own reference for a sequential write to the page cache.
 if ddBest.isFinite {
-  print(String(format: "dd of the same bytes (bs=8M)            %.2f s  %@", ddBest, gbps(blocks << 23, ddBest)))
-  record("merge", "dd write", Double(blocks << 23) / ddBest / 1e9, unit: "GB/s")
+  print(String(format: "dd of the same bytes (bs=1M)            %.2f s  %@", ddBest, gbps(blocks << 20, ddBest)))
+  record("merge", "dd write", Double(blocks << 20) / ddBest / 1e9, unit: "GB/s")
 }
 // mergekit's own write path with no merge work: `convert` copies the base through the same
 // checkpoint writer a merge uses (reading it is the 0.03 s above).
