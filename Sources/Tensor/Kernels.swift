@@ -709,7 +709,7 @@ public enum Kernels {
         }
       }
     }
-    guard blocks > 1 else { return partials }
+    guard blocks > 1 else { return blocks == 1 ? partials : [Double](repeating: 0, count: width) }
     var sums = [Double](repeating: 0, count: width)
     for block in 0..<blocks {
       for k in 0..<width { sums[k] += partials[width * block + k] }
