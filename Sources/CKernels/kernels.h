@@ -25,57 +25,100 @@ static inline int mergekit_has_avx512(void) {
   return (ebx & (1u << 16)) != 0;  // AVX512F
 }
 
-/// Counts of `bits[i] & 0x7FFFFFFF` (a float's magnitude key) against a bracket, for i < n:
-/// counts[0] above `high`, counts[1] equal to `high`, counts[2] equal to `low`, counts[3]
-/// strictly between `low` and `high`. Keys are below 2^31, so unsigned comparisons order them.
-__attribute__((target("avx512f,popcnt"))) static inline void mergekit_bracket_counts_avx512(
-    const uint32_t *bits, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i lo = _mm512_set1_epi32((int)low), hi = _mm512_set1_epi32((int)high);
-  uint64_t above = 0, at_high = 0, at_low = 0, inside = 0;
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512i b = _mm512_and_si512(_mm512_loadu_si512((const void *)(bits + i)), magnitude);
-    above += (uint64_t)_mm_popcnt_u32(_mm512_cmpgt_epu32_mask(b, hi));
-    at_high += (uint64_t)_mm_popcnt_u32(_mm512_cmpeq_epu32_mask(b, hi));
-    at_low += (uint64_t)_mm_popcnt_u32(_mm512_cmpeq_epu32_mask(b, lo));
-    inside += (uint64_t)_mm_popcnt_u32(_mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi));
-  }
-  for (; i < n; i++) {
-    uint32_t b = bits[i] & 0x7FFFFFFFu;
-    above += b > high;
-    at_high += b == high;
-    at_low += b == low;
-    inside += (b > low) & (b < high);
-  }
-  counts[0] = above;
-  counts[1] = at_high;
-  counts[2] = at_low;
-  counts[3] = inside;
+/// The magnitude keys (`bits & 0x7FFFFFFF`) of 16 elements from `i`: of floats' bit patterns
+/// (`mergekit_keys_of_bits`), or of the float differences `model - base` of two bf16 arrays
+/// (`mergekit_keys_of_bf16_differences`, the differences rounded to float as a `Float`
+/// subtraction in Swift rounds them); `..._one`: one element's key, for the tails.
+typedef struct {
+  const void *first;
+  const void *second;
+} mergekit_key_source;
+
+__attribute__((target("avx512f"))) static inline __m512i mergekit_keys_of_bits(mergekit_key_source s, size_t i) {
+  return _mm512_and_si512(_mm512_loadu_si512((const void *)((const uint32_t *)s.first + i)),
+                          _mm512_set1_epi32(0x7FFFFFFF));
 }
+static inline uint32_t mergekit_keys_of_bits_one(mergekit_key_source s, size_t i) {
+  return ((const uint32_t *)s.first)[i] & 0x7FFFFFFFu;
+}
+__attribute__((target("avx512f"))) static inline __m512 mergekit_bf16_floats(const void *p, size_t i) {
+  __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+__attribute__((target("avx512f"))) static inline __m512i mergekit_keys_of_bf16_differences(mergekit_key_source s,
+                                                                                            size_t i) {
+  __m512 difference = _mm512_sub_ps(mergekit_bf16_floats(s.first, i), mergekit_bf16_floats(s.second, i));
+  return _mm512_and_si512(_mm512_castps_si512(difference), _mm512_set1_epi32(0x7FFFFFFF));
+}
+static inline uint32_t mergekit_keys_of_bf16_differences_one(mergekit_key_source s, size_t i) {
+  uint32_t x = (uint32_t)((const uint16_t *)s.first)[i] << 16, y = (uint32_t)((const uint16_t *)s.second)[i] << 16;
+  float a, b;
+  __builtin_memcpy(&a, &x, 4);
+  __builtin_memcpy(&b, &y, 4);
+  float d = a - b;
+  uint32_t bits;
+  __builtin_memcpy(&bits, &d, 4);
+  return bits & 0x7FFFFFFFu;
+}
+
+/// Counts of the keys of n elements against a bracket: counts[0] above `high`, counts[1] equal
+/// to `high`, counts[2] equal to `low`, counts[3] strictly between `low` and `high`. Keys are
+/// below 2^31, so unsigned comparisons order them.
+#define MERGEKIT_BRACKET_COUNTS(NAME, KEYS)                                                      \
+  __attribute__((target("avx512f,popcnt"))) static inline void NAME(                            \
+      mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {   \
+    const __m512i lo = _mm512_set1_epi32((int)low), hi = _mm512_set1_epi32((int)high);           \
+    uint64_t above = 0, at_high = 0, at_low = 0, inside = 0;                                     \
+    size_t i = 0;                                                                                \
+    for (; i + 16 <= n; i += 16) {                                                               \
+      __m512i b = KEYS(source, i);                                                               \
+      above += (uint64_t)_mm_popcnt_u32(_mm512_cmpgt_epu32_mask(b, hi));                         \
+      at_high += (uint64_t)_mm_popcnt_u32(_mm512_cmpeq_epu32_mask(b, hi));                       \
+      at_low += (uint64_t)_mm_popcnt_u32(_mm512_cmpeq_epu32_mask(b, lo));                        \
+      inside += (uint64_t)_mm_popcnt_u32(_mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi)); \
+    }                                                                                            \
+    for (; i < n; i++) {                                                                         \
+      uint32_t b = KEYS##_one(source, i);                                                        \
+      above += b > high;                                                                         \
+      at_high += b == high;                                                                      \
+      at_low += b == low;                                                                        \
+      inside += (b > low) & (b < high);                                                          \
+    }                                                                                            \
+    counts[0] = above;                                                                           \
+    counts[1] = at_high;                                                                         \
+    counts[2] = at_low;                                                                          \
+    counts[3] = inside;                                                                          \
+  }
 
 /// Writes the keys strictly between `low` and `high`, in order, to `out` and returns how many.
 /// `out` must have room for that count plus 16: whole vectors are stored, and the lanes past the
-/// count are overwritten by the next store or left as slack.
-__attribute__((target("avx512f,popcnt"))) static inline size_t mergekit_bracket_collect_avx512(
-    const uint32_t *bits, size_t n, uint32_t low, uint32_t high, uint32_t *out) {
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  const __m512i lo = _mm512_set1_epi32((int)low), hi = _mm512_set1_epi32((int)high);
-  size_t k = 0, i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512i b = _mm512_and_si512(_mm512_loadu_si512((const void *)(bits + i)), magnitude);
-    __mmask16 m = _mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi);
-    // The compress into a register, then a full store, even of no lanes (no branch to
-    // mispredict): the memory form of the compress is microcoded on some cores.
-    _mm512_storeu_si512((void *)(out + k), _mm512_maskz_compress_epi32(m, b));
-    k += (size_t)_mm_popcnt_u32(m);
+/// count are overwritten by the next store or left as slack. The compress goes into a register,
+/// then a full store, even of no lanes (no branch to mispredict): the memory form of the
+/// compress is microcoded on some cores.
+#define MERGEKIT_BRACKET_COLLECT(NAME, KEYS)                                                     \
+  __attribute__((target("avx512f,popcnt"))) static inline size_t NAME(                          \
+      mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint32_t *out) {        \
+    const __m512i lo = _mm512_set1_epi32((int)low), hi = _mm512_set1_epi32((int)high);           \
+    size_t k = 0, i = 0;                                                                         \
+    for (; i + 16 <= n; i += 16) {                                                               \
+      __m512i b = KEYS(source, i);                                                               \
+      __mmask16 m = _mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi);             \
+      _mm512_storeu_si512((void *)(out + k), _mm512_maskz_compress_epi32(m, b));                 \
+      k += (size_t)_mm_popcnt_u32(m);                                                            \
+    }                                                                                            \
+    for (; i < n; i++) {                                                                         \
+      uint32_t b = KEYS##_one(source, i);                                                        \
+      if (b > low && b < high) out[k++] = b;                                                     \
+    }                                                                                            \
+    return k;                                                                                    \
   }
-  for (; i < n; i++) {
-    uint32_t b = bits[i] & 0x7FFFFFFFu;
-    if (b > low && b < high) out[k++] = b;
-  }
-  return k;
-}
+
+MERGEKIT_BRACKET_COUNTS(mergekit_bracket_counts_avx512, mergekit_keys_of_bits)
+MERGEKIT_BRACKET_COLLECT(mergekit_bracket_collect_avx512, mergekit_keys_of_bits)
+MERGEKIT_BRACKET_COUNTS(mergekit_bracket_counts_bf16_differences_avx512, mergekit_keys_of_bf16_differences)
+MERGEKIT_BRACKET_COLLECT(mergekit_bracket_collect_bf16_differences_avx512, mergekit_keys_of_bf16_differences)
+#undef MERGEKIT_BRACKET_COUNTS
+#undef MERGEKIT_BRACKET_COLLECT
 
 /// Four elements at `p + i` (bf16 bit patterns, or floats) as doubles; `..._pair`: four at
 /// `p + i` in the low half and four at `p + k` in the high half of one vector of eight.
@@ -234,14 +277,26 @@ static inline void mergekit_absolute_sums_avx512(
     const float *v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
   (void)v; (void)keep; (void)first; (void)blocks; (void)block; (void)out;
 }
+typedef struct {
+  const void *first;
+  const void *second;
+} mergekit_key_source;
 static inline void mergekit_bracket_counts_avx512(
-    const uint32_t *bits, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
-  (void)bits; (void)n; (void)low; (void)high;
+    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
+  (void)source; (void)n; (void)low; (void)high;
   counts[0] = counts[1] = counts[2] = counts[3] = 0;
 }
 static inline size_t mergekit_bracket_collect_avx512(
-    const uint32_t *bits, size_t n, uint32_t low, uint32_t high, uint32_t *out) {
-  (void)bits; (void)n; (void)low; (void)high; (void)out;
+    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint32_t *out) {
+  (void)source; (void)n; (void)low; (void)high; (void)out;
   return 0;
+}
+static inline void mergekit_bracket_counts_bf16_differences_avx512(
+    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
+  mergekit_bracket_counts_avx512(source, n, low, high, counts);
+}
+static inline size_t mergekit_bracket_collect_bf16_differences_avx512(
+    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint32_t *out) {
+  return mergekit_bracket_collect_avx512(source, n, low, high, out);
 }
 #endif

@@ -148,13 +148,13 @@ public struct TensorScan {
     try pass(summarizingRange: { try summarize(try read(ranges[$0])) }, combine: combine)
   }
 
-  /// `pass` over each range's stored elements (`StoredReader`'s order; `count` elements each)
-  /// instead of arrays of decoded values, for sweeps that decode as they go. The summaries must
-  /// depend only on the values, not on their stored dtype: where the inputs cannot be read as
-  /// stored, the decoded values come as F32. For methods that read the models, not only their
-  /// task vectors.
+  /// `pass` over each range's stored elements (`StoredReader`'s order) instead of arrays of
+  /// decoded values, for sweeps that decode as they go; `summarize` gets them and the range's
+  /// elements. The summaries must depend only on the values, not on their stored dtype: where
+  /// the inputs cannot be read as stored, the decoded values come as F32. For methods that read
+  /// the models, not only their task vectors.
   public func storedPass<Summary>(
-    _ summarize: (_ inputs: [Kernels.StoredElements], _ count: Int) throws -> Summary,
+    _ summarize: (_ inputs: [Kernels.StoredElements], _ elements: Range<Int>) throws -> Summary,
     combine: (Summary) throws -> Void
   ) throws {
     try pass(
@@ -162,14 +162,14 @@ public struct TensorScan {
         let range = ranges[j]
         if let readStored {
           var summary: Summary?
-          try readStored(range) { summary = try summarize($0, range.count) }
+          try readStored(range) { summary = try summarize($0, range) }
           guard let summary else { preconditionFailure("TensorScan.readStored did not call its body") }
           return summary
         }
         let values = try read(range)
         precondition(values.taskVectors == nil, "storedPass needs the models' values, not task vectors")
         return try Self.withF32Elements((values.base.map { [$0] } ?? []) + values.models) {
-          try summarize($0, range.count)
+          try summarize($0, range)
         }
       }, combine: combine)
   }

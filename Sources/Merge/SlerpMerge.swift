@@ -33,9 +33,9 @@ public struct SlerpMerge: StreamingMerge {
     let t = p.number("t")
     var (norm0, norm1, dot) = (0.0, 0.0, 0.0)
     // The stored base and model, decoded inside the sweep.
-    try scan.storedPass { inputs, count in
+    try scan.storedPass { inputs, elements in
       guard inputs.count == 2 else { throw MergeError.baseRequired(method: self.name) }
-      return Kernels.dotsOfPair(inputs[0], inputs[1], count: count)
+      return Kernels.dotsOfPair(inputs[0], inputs[1], count: elements.count)
     } combine: { sums in
       norm0 += sums.aa
       norm1 += sums.bb

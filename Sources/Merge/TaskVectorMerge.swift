@@ -202,7 +202,8 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     if !ranked.isEmpty {
       // One pass, bracketed by a sample; the rankers it cannot settle take the passes below.
-      ranked = try bracketedThresholds(ranked, &plans, count: n, scan: scan, deltas: deltas)
+      ranked = try bracketedThresholds(
+        ranked, &plans, count: n, scan: scan, deltas: deltas, storedDeltas: !arithmetic.isRounded)
     }
     if !ranked.isEmpty {
       try scan.pass { range in
@@ -318,7 +319,7 @@ public struct TaskVectorMerge: StreamingMerge {
   /// which need the ranker's own passes.
   func bracketedThresholds(
     _ ranked: [(Int, Int)], _ plans: inout [Sparsity], count n: Int, scan: TensorScan,
-    deltas: (RangeInputs) throws -> [[Float]]
+    deltas: (RangeInputs) throws -> [[Float]], storedDeltas: Bool
   ) throws -> [(Int, Int)] {
     let block = 64
     let wanted = min(n, max(1 << 16, min(1 << 20, n / 256)))
@@ -346,12 +347,28 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     var summaries = [[MagnitudeBracket.Summary]](repeating: [], count: ranked.count)
     var offsets: [Int] = []
-    try scan.pass { range in
-      let d = try deltas(range)
-      return (range.offset, ranked.indices.map { k in brackets[k]?.summarize(d[ranked[k].0]) })
-    } combine: { offset, parts in
+    let combine = { (offset: Int, parts: [MagnitudeBracket.Summary?]) in
       offsets.append(offset)
       for k in ranked.indices { if let part = parts[k] { summaries[k].append(part) } }
+    }
+    if storedDeltas {
+      // The differences formed from the stored bytes inside the summary's loops.
+      try scan.storedPass(
+        { inputs, elements in
+          guard inputs.count == plans.count + 1 else { throw MergeError.baseRequired(method: self.name) }
+          return (
+            elements.lowerBound,
+            ranked.indices.map { k in
+              brackets[k]?.summarize(differenceOf: inputs[1 + ranked[k].0], minus: inputs[0], count: elements.count)
+            }
+          )
+        }, combine: combine)
+    } else {
+      try scan.pass(
+        { range in
+          let d = try deltas(range)
+          return (range.offset, ranked.indices.map { k in brackets[k]?.summarize(d[ranked[k].0]) })
+        }, combine: combine)
     }
     var unsettled: [(Int, Int)] = []
     for (k, (m, r)) in ranked.enumerated() {

@@ -239,29 +239,61 @@ public struct MagnitudeBracket: Sendable {
     Kernels.usesAVX512 ? summarizeAVX512(values) : summarizePortably(values)
   }
 
+  /// The summary of the differences `model - base` (rounded to `Float`) of `count` stored
+  /// elements: the summary of `Kernels.differences` of them. Two BF16 inputs on a machine with
+  /// AVX-512 (unless `portable`) form each difference in a register as the loops go, without
+  /// decoding the base or writing the differences out.
+  public func summarize(
+    differenceOf model: Kernels.StoredElements, minus base: Kernels.StoredElements, count: Int,
+    portable: Bool = false
+  ) -> Summary {
+    guard !portable, Kernels.usesAVX512, model.dtype == .bf16, base.dtype == .bf16 else {
+      let decodedBase = [Float](unsafeUninitializedCapacity: count) { values, initialized in
+        if let start = values.baseAddress { base.decode(0, count, into: start) }
+        initialized = count
+      }
+      let difference = Kernels.differences([model], minus: decodedBase)[0]
+      return portable ? summarizePortably(difference) : summarize(difference)
+    }
+    return summarizeAVX512(
+      mergekit_key_source(first: model.start, second: base.start), count: count,
+      counts: mergekit_bracket_counts_bf16_differences_avx512, collect: mergekit_bracket_collect_bf16_differences_avx512
+    )
+  }
+
   /// `summarize` by AVX-512 compares, counted by popcount, with the inside keys compressed out 16
   /// lanes at a time: no branch per block, where about a third of the blocks of 16 hold a key
   /// inside a typical bracket. The same summary as the portable loop.
   func summarizeAVX512(_ values: [Float]) -> Summary {
-    var summary = Summary()
-    let (low, high) = (self.low, self.high)
     values.withUnsafeBytes { raw in
-      guard let bits = raw.baseAddress?.assumingMemoryBound(to: UInt32.self) else { return }
-      var counts: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-      withUnsafeMutableBytes(of: &counts) { c in
-        guard let out = c.baseAddress?.assumingMemoryBound(to: UInt64.self) else { return }
-        mergekit_bracket_counts_avx512(bits, values.count, low, high, out)
-      }
-      summary.above = Int(counts.0)
-      summary.atHigh = Int(counts.1)
-      summary.atLow = low == high ? 0 : Int(counts.2)
-      let inside = Int(counts.3)
-      guard inside > 0 else { return }
-      // Room for 16 lanes past the count: the kernel stores whole vectors.
-      summary.inner = [UInt32](unsafeUninitializedCapacity: inside + 16) { out, initialized in
-        guard let start = out.baseAddress else { return }
-        initialized = mergekit_bracket_collect_avx512(bits, values.count, low, high, start)
-      }
+      summarizeAVX512(
+        mergekit_key_source(first: raw.baseAddress, second: nil), count: values.count,
+        counts: mergekit_bracket_counts_avx512, collect: mergekit_bracket_collect_avx512)
+    }
+  }
+
+  /// `summarizeAVX512` over the keys `counts` and `collect` read from `source`.
+  func summarizeAVX512(
+    _ source: mergekit_key_source, count n: Int,
+    counts countKeys: (mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt64>?) -> Void,
+    collect: (mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt32>?) -> Int
+  ) -> Summary {
+    var summary = Summary()
+    guard n > 0, source.first != nil else { return summary }
+    let (low, high) = (self.low, self.high)
+    var counts: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+    withUnsafeMutableBytes(of: &counts) { c in
+      countKeys(source, n, low, high, c.baseAddress?.assumingMemoryBound(to: UInt64.self))
+    }
+    summary.above = Int(counts.0)
+    summary.atHigh = Int(counts.1)
+    summary.atLow = low == high ? 0 : Int(counts.2)
+    let inside = Int(counts.3)
+    guard inside > 0 else { return summary }
+    // Room for 16 lanes past the count: the kernel stores whole vectors.
+    summary.inner = [UInt32](unsafeUninitializedCapacity: inside + 16) { out, initialized in
+      guard let start = out.baseAddress else { return }
+      initialized = collect(source, n, low, high, start)
     }
     return summary
   }

@@ -125,6 +125,52 @@ import Testing
     }
   }
 
+  /// The summary of stored differences `model - base` is the summary of `Kernels.differences`,
+  /// by the fused AVX-512 loops on BF16 (where the machine has them) and by the portable path,
+  /// with tails, equal elements (differences of zero of either sign), and mixed dtypes.
+  @Test func bracketSummariesOfStoredDifferencesAreThoseOfTheDifferences() {
+    let n = 5_003
+    let base = CounterRNG(seed: 9, stream: "base").normalTensor([n])
+    var model = CounterRNG(seed: 10, stream: "model").normalTensor([n]).scalars.map { $0 * 0.1 }
+    for i in stride(from: 0, to: n, by: 7) { model[i] = 0 }
+    let stepped = Tensor(
+      shape: [n],
+      scalars: zip(model, base.scalars).enumerated().map { i, pair in
+        i % 11 == 0 ? pair.1 : pair.1 + pair.0  // every 11th equal to the base
+      })
+    for (modelType, baseType) in [(DType.bf16, DType.bf16), (.f32, .bf16), (.bf16, .f16)] {
+      let (m, b) = (stepped.encoded(as: modelType), base.encoded(as: baseType))
+      let decodedBase = b.decoded().scalars
+      let wholeDifferences = zip(m.decoded().scalars, decodedBase).map { $0 - $1 }
+      for length in [0, 15, 16, 4_096, n] {
+        let expectedValues = m.bytes.withUnsafeBytes { mb in
+          Kernels.differences(
+            [Kernels.StoredElements(start: mb.baseAddress!, dtype: modelType)], minus: Array(decodedBase.prefix(length))
+          )[0]
+        }
+        // The bracket from the whole tensor's differences, so that every length meets one.
+        guard let bracket = MagnitudeBracket(keep: n / 2, count: n, sample: wholeDifferences, budget: n) else {
+          Issue.record("no bracket")
+          continue
+        }
+        let expected = bracket.summarizePortably(expectedValues)
+        for portable in [true, false] {
+          let summary = m.bytes.withUnsafeBytes { mb in
+            b.bytes.withUnsafeBytes { bb in
+              bracket.summarize(
+                differenceOf: Kernels.StoredElements(start: mb.baseAddress!, dtype: modelType),
+                minus: Kernels.StoredElements(start: bb.baseAddress!, dtype: baseType), count: length,
+                portable: portable)
+            }
+          }
+          #expect(
+            summary.above == expected.above && summary.atHigh == expected.atHigh && summary.atLow == expected.atLow
+              && summary.inner == expected.inner, "\(modelType) \(baseType) \(length) \(portable)")
+        }
+      }
+    }
+  }
+
   /// The bracket's ends come from order statistics of the sample's keys, found by histograms:
   /// the same keys as indexing the sorted keys, with ties, zeros and the last index.
   @Test func descendingKeyMatchesTheSortedKeys() {
