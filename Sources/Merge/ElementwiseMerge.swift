@@ -35,15 +35,25 @@ public struct RangeMerger: Sendable {
   /// Set when the merge is a weighted sum of the inputs: the runner may then compute it straight
   /// from the stored bytes, with the same bits.
   public let weightedSum: WeightedSumForm?
+  /// Set when the merge can also read a range's stored elements (`TensorScan.StoredReader`'s
+  /// order: the base first when there is one, then the models) and give `merge`'s bits; it may
+  /// decline a range (nil), which `merge` then takes. The runner calls it under exact
+  /// arithmetic.
+  public let storedMerge: (@Sendable ([Kernels.StoredElements], Range<Int>) throws -> [Float]?)?
 
-  public init(_ merge: @escaping @Sendable (RangeInputs) throws -> [Float]) {
+  public init(
+    _ merge: @escaping @Sendable (RangeInputs) throws -> [Float],
+    stored: (@Sendable ([Kernels.StoredElements], Range<Int>) throws -> [Float]?)? = nil
+  ) {
     self.merge = merge
     weightedSum = nil
+    storedMerge = stored
   }
 
   /// A weighted-sum merger (`Kernels.weightedSum` over the inputs the form names).
   public init(_ form: WeightedSumForm) {
     weightedSum = form
+    storedMerge = nil
     merge = { range in
       let base = range.base ?? []
       guard !form.usesBase || range.base != nil else { throw MergeError.baseRequired(method: form.method) }

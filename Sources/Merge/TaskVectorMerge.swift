@@ -113,25 +113,31 @@ public struct TaskVectorMerge: StreamingMerge {
     /// The kept entries of one range as a rule: a band of magnitudes when the thresholds need no
     /// tie order (no mask to build), else the mask.
     func rule(_ delta: [Float], offset: Int) -> Kernels.KeepRule {
-      if random == nil {
-        if rankers.isEmpty { return .all }
-        if rankers.count == 1, let kept = rankers[0].keptKeys { return .magnitudes(kept) }
-        if rankers.count == 1 {
-          // Ties ordered by index: only the range where the kept ties run out needs a mask.
-          let (key, allowed) = rankers[0].threshold
-          let before = equalBefore[0][offset] ?? 0
-          let after = equalBefore[0][offset + delta.count] ?? equalTotal[0]
-          if before >= allowed { return .magnitudes((key + 1)...0x7FFF_FFFF) }
-          if after <= allowed { return .magnitudes(key...0x7FFF_FFFF) }
-        }
-        if rankers.count == 2, let upper = rankers[0].keptKeys, let outliers = rankers[1].keptKeys {
-          // Kept by the first and not among the outliers: below the outliers' lowest kept key.
-          guard outliers.lowerBound <= 0x7FFF_FFFF else { return .magnitudes(upper) }
-          guard outliers.lowerBound > upper.lowerBound else { return .magnitudes(0x8000_0000...0x8000_0000) }
-          return .magnitudes(upper.lowerBound...(outliers.lowerBound - 1))
-        }
+      rule(offset: offset, count: delta.count) ?? keep(delta, offset: offset).map { .mask($0) } ?? .all
+    }
+
+    /// The keep rule of the range of `count` elements at `offset` when it needs no deltas (a
+    /// band of magnitudes, or all); nil when it does (DARE's draws, or the range where the kept
+    /// ties at a threshold run out).
+    func rule(offset: Int, count: Int) -> Kernels.KeepRule? {
+      guard random == nil else { return nil }
+      if rankers.isEmpty { return .all }
+      if rankers.count == 1, let kept = rankers[0].keptKeys { return .magnitudes(kept) }
+      if rankers.count == 1 {
+        // Ties ordered by index: only the range where the kept ties run out needs a mask.
+        let (key, allowed) = rankers[0].threshold
+        let before = equalBefore[0][offset] ?? 0
+        let after = equalBefore[0][offset + count] ?? equalTotal[0]
+        if before >= allowed { return .magnitudes((key + 1)...0x7FFF_FFFF) }
+        if after <= allowed { return .magnitudes(key...0x7FFF_FFFF) }
       }
-      return keep(delta, offset: offset).map { .mask($0) } ?? .all
+      if rankers.count == 2, let upper = rankers[0].keptKeys, let outliers = rankers[1].keptKeys {
+        // Kept by the first and not among the outliers: below the outliers' lowest kept key.
+        guard outliers.lowerBound <= 0x7FFF_FFFF else { return .magnitudes(upper) }
+        guard outliers.lowerBound > upper.lowerBound else { return .magnitudes(0x8000_0000...0x8000_0000) }
+        return .magnitudes(upper.lowerBound...(outliers.lowerBound - 1))
+      }
+      return nil
     }
 
     /// The kept entries of one range.
@@ -289,6 +295,7 @@ public struct TaskVectorMerge: StreamingMerge {
       let weights = (0..<models).map { p.number("weight", model: $0) }
       let (lambda, normalize) = (p.number("lambda"), p.flag("normalize"))
       let drawn = drawnMasks
+      let scales = sparsity.map(\.scale)
       return RangeMerger { range in
         let d = try deltas(range)
         guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
@@ -298,7 +305,22 @@ public struct TaskVectorMerge: StreamingMerge {
           keep: d.indices.map { m in
             kept?[m].map { .bits($0) } ?? sparsity[m].rule(d[m], offset: range.offset)
           },
-          scales: sparsity.map(\.scale), weights: weights, lambda: lambda, normalize: normalize)
+          scales: scales, weights: weights, lambda: lambda, normalize: normalize)
+      } stored: { inputs, elements in
+        // The deltas formed chunk by chunk from the stored bytes, where no keep rule needs them.
+        guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
+        let kept = drawn[elements.lowerBound]
+        var rules: [Kernels.KeepRule] = []
+        for m in 0..<models {
+          guard
+            let rule = kept?[m].map({ .bits($0) })
+              ?? sparsity[m].rule(offset: elements.lowerBound, count: elements.count)
+          else { return nil }
+          rules.append(rule)
+        }
+        return Kernels.sparseConsensusMerge(
+          base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, keep: rules, scales: scales,
+          weights: weights, lambda: lambda, normalize: normalize)
       }
     }
     return RangeMerger { range in

@@ -431,6 +431,11 @@ public enum MergeRunner {
         if let form = merger.weightedSum, !arithmetic.isRounded {
           return try weightedSum(form, item, elements, plan: plan)
         }
+        if let storedMerge = merger.storedMerge, let stored {
+          var merged: [Float]?
+          try stored(elements) { merged = try storedMerge($0, elements) }
+          if let merged { return Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType) }
+        }
         let merged = arithmetic.round(try merger.merge(try read(elements)))
         return Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType)
       },

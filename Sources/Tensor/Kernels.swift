@@ -386,6 +386,53 @@ public enum Kernels {
     }
   }
 
+  /// `sparseConsensusMerge` of `count` stored elements: the deltas are each model minus the
+  /// base, rounded to `Float` as `differences` forms them, formed chunk by chunk in scratch
+  /// memory with the base's chunk, instead of as whole arrays (the same bits). For keep rules
+  /// that need no delta array: `.all`, `.magnitudes` and `.bits`.
+  public static func sparseConsensusMerge(
+    base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
+    weights: [Double], lambda: Double, normalize: Bool
+  ) -> [Float] {
+    let count = models.count
+    precondition(weights.count == count && keep.count == count && scales.count == count)
+    for rule in keep {
+      if case .mask = rule { preconditionFailure("sparseConsensusMerge(base:models:): a mask needs the deltas") }
+      if case .bits(let b) = rule { precondition(b.count == (n + 63) / 64) }
+    }
+    guard n > 0 else { return [] }
+    let words = keep.map { rule -> [UInt64] in
+      if case .bits(let b) = rule { return b }
+      return []
+    }
+    let rules = keep.map { rule -> KeepRule in
+      if case .bits = rule { return .bits([]) }
+      return rule
+    }
+    return withBytePointers(words) { wordPointers in
+      make(n) { range, out in
+        // Scratch: the base's chunk, then a delta and a stash chunk per model.
+        chunked(range, buffers: count + 1) { start, length, scratch in
+          let floats = UnsafeMutableRawPointer(scratch).assumingMemoryBound(to: Float.self)
+          base.decode(start, length, into: floats)
+          withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: count) { sparse in
+            for t in 0..<count {
+              let delta = floats + (1 + t) * chunk
+              models[t].decode(start, length, into: delta)
+              for j in 0..<length { delta[j] = delta[j] - floats[j] }
+              sparse[t] = sparseChunk(
+                delta, length, rules[t], scale: scales[t], mask: nil, words: wordPointers[t].pointer, first: start,
+                into: floats + (1 + count + t) * chunk)
+            }
+            consensusChunk(
+              sparse, models: count, length: length, weights: weights, lambda: lambda, normalize: normalize,
+              base: floats, into: out + start)
+          }
+        }
+      }
+    }
+  }
+
   /// The consensus merge of one chunk (`sparseConsensusMerge`'s arithmetic), eight elements at
   /// a time with every model's terms in registers: per element, `total = sum_t w_t x_t` in
   /// Double, model by model; the elected sign is negative when `total` is below -0; the terms

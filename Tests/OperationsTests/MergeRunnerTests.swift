@@ -106,3 +106,43 @@ extension MergeRunnerTests {
     }
   }
 }
+
+extension MergeRunnerTests {
+  /// TIES, DARE-TIES and breadcrumbs-TIES streamed from BF16 files form their task vectors from
+  /// the stored bytes inside the consensus merge (and fall back to arrays in the range where
+  /// the kept ties at a threshold run out): the bits of the whole-tensor merge, on a tensor of
+  /// several ranges whose coarse values tie often.
+  @Test func taskVectorMergesFromStoredBytesEqualTheWholeTensorMerge() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let shape = [700, 1_000]
+    let n = shape[0] * shape[1]
+    var paths: [String] = []
+    for (i, label) in ["base", "a", "b", "c"].enumerated() {
+      let rng = CounterRNG(seed: UInt64(40 + i), stream: label)
+      // Multiples of 1/64 near zero: many task-vector entries share a magnitude.
+      let values = (0..<n).map { j in (rng.normal(UInt64(j)) * (i == 0 ? 4 : 1)).rounded() / 64 }
+      let path = folder.file("\(label).safetensors")
+      try writeCheckpoint([("w", Tensor(shape: shape, scalars: values).encoded(as: .bf16))], to: path)
+      paths.append(path)
+    }
+    let opened = try paths.map { try openCheckpoint($0) }
+    let methods: [(any MergeMethod, [String: ParameterValue])] = [
+      (TaskVectorMerge.ties, ["density": .number(0.5)]), (TaskVectorMerge.dareTies, ["density": .number(0.4)]),
+      (TaskVectorMerge.breadcrumbsTies, ["density": .number(0.8), "gamma": .number(0.05)]),
+    ]
+    for (method, global) in methods {
+      let plan = try MergePlan(
+        method: method, base: opened[0], models: Array(opened.dropFirst()), global: global,
+        perModel: Array(repeating: [:], count: 3))
+      let out = folder.file("\(method.name).safetensors")
+      try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
+      let whole = try method.merge(
+        MergeInputs(
+          name: "w", base: try opened[0].tensor(named: "w"),
+          models: try opened.dropFirst().map { try $0.tensor(named: "w") }),
+        try plan.parameters("w"))
+      #expect(try openCheckpoint(out).read("w") == whole.encoded(as: .bf16), "\(method.name)")
+    }
+  }
+}

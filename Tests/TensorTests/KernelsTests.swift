@@ -208,5 +208,38 @@ import Testing
       base: base, deltas: deltas, keep: Array(repeating: Array(repeating: true, count: n), count: 4),
       scales: [1, 1, 1, 1], weights: weights, lambda: 0.9, normalize: normalize)
     #expect(plain.map(\.bitPattern) == all.map(\.bitPattern))
+    // From stored BF16 models and base, the deltas formed chunk by chunk: the reference on the
+    // deltas `differences` forms.
+    let stored = ([base] + zip(deltas, [0.5, 1, 2, 1] as [Float]).map { d, s in zip(base, d).map { $0 + s * $1 } })
+      .map { Tensor(shape: [n], scalars: $0).encoded(as: .bf16).bytes }
+    let decodedBase = stored[0].withUnsafeBytes { Tensor(decoding: $0, dtype: .bf16, shape: [n]).scalars }
+    stored.withUnsafeBufferPointers { p in
+      let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+      let storedDeltas = Kernels.differences(Array(elements.dropFirst()), minus: decodedBase)
+      let storedKeep = keep.indices.map { m -> [Bool] in
+        m == 1 ? storedDeltas[1].map { band.contains($0.bitPattern & 0x7FFF_FFFF) } : keep[m]
+      }
+      let fromStored = Kernels.sparseConsensusMerge(
+        base: elements[0], models: Array(elements.dropFirst()), count: n, keep: rules, scales: scales,
+        weights: weights, lambda: 0.9, normalize: normalize)
+      let reference = referenceTIES(
+        base: decodedBase, deltas: storedDeltas, keep: storedKeep, scales: scales, weights: weights, lambda: 0.9,
+        normalize: normalize)
+      #expect(fromStored.map(\.bitPattern) == reference.map(\.bitPattern))
+    }
+  }
+}
+
+extension Array where Element == [UInt8] {
+  /// Calls `body` with a pointer to each array's bytes (valid only inside `body`).
+  func withUnsafeBufferPointers<R>(_ body: ([UnsafeRawPointer]) throws -> R) rethrows -> R {
+    func nest(_ i: Int, _ pointers: [UnsafeRawPointer]) throws -> R {
+      guard i < count else { return try body(pointers) }
+      return try self[i].withUnsafeBytes { bytes in
+        guard let start = bytes.baseAddress else { preconditionFailure("empty array") }
+        return try nest(i + 1, pointers + [start])
+      }
+    }
+    return try nest(0, [])
   }
 }
