@@ -343,9 +343,9 @@ public enum MergeRunner {
     read: (Range<Int>) throws -> RangeInputs, stored: TensorScan.StoredReader?, release: (Range<Int>) throws -> Int
   ) {
     let arithmetic = plan.arithmetic(item.name)
-    // The dtypes, looked up once: a statistics sample reads thousands of short ranges.
-    let baseType = Result { try plan.base?.info(item.name).dtype }
-    let modelTypes = Result { try plan.models.map { try $0.info(item.name).dtype } }
+    // Every input's dtype, looked up once: a statistics sample reads thousands of short ranges.
+    let inputTypes = Result { try inputs.map { try $0.info(item.name).dtype } }
+    let firstModel = plan.base == nil ? 0 : 1
     func values(_ input: any Checkpoint, _ dtype: DType, _ elements: Range<Int>) throws -> [Float] {
       let bytes = (elements.lowerBound * dtype.size)..<(elements.upperBound * dtype.size)
       return arithmetic.round(
@@ -356,9 +356,9 @@ public enum MergeRunner {
     let readsTaskVectors =
       (plan.method as? any StreamingMerge)?.readsTaskVectors == true && !arithmetic.isRounded
     let read = { (elements: Range<Int>) throws -> RangeInputs in
-      let types = try modelTypes.get()
-      var baseValues: [Float]?
-      if let base = plan.base, let dtype = try baseType.get() { baseValues = try values(base, dtype, elements) }
+      let allTypes = try inputTypes.get()
+      let types = Array(allTypes[firstModel...])
+      let baseValues = try plan.base.map { try values($0, allTypes[0], elements) }
       if readsTaskVectors, let baseValues {
         // Task vectors straight from the stored bytes: the models are never decoded whole.
         let taskVectors = try withStoredElements(plan.models, types, name: item.name, elements: elements) {
@@ -370,7 +370,6 @@ public enum MergeRunner {
         offset: elements.lowerBound, base: baseValues,
         models: try plan.models.indices.map { try values(plan.models[$0], types[$0], elements) })
     }
-    let inputTypes = Result { try inputs.map { try $0.info(item.name).dtype } }
     let stored: TensorScan.StoredReader? =
       arithmetic.isRounded
       ? nil
@@ -379,10 +378,9 @@ public enum MergeRunner {
       }
     let release = { (elements: Range<Int>) throws -> Int in
       var bytes = 0
-      for input in inputs {
-        let size = try input.info(item.name).dtype.size
-        input.release(item.name, range: (elements.lowerBound * size)..<(elements.upperBound * size))
-        bytes += elements.count * size
+      for (input, dtype) in zip(inputs, try inputTypes.get()) {
+        input.release(item.name, range: (elements.lowerBound * dtype.size)..<(elements.upperBound * dtype.size))
+        bytes += elements.count * dtype.size
       }
       return bytes
     }

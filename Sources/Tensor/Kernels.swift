@@ -38,6 +38,14 @@ public enum Kernels {
       self.dtype = dtype
     }
 
+    /// Elements `0 ..< count` decoded to a new array.
+    public func decoded(count: Int) -> [Float] {
+      [Float](unsafeUninitializedCapacity: count) { values, initialized in
+        if let start = values.baseAddress { decode(0, count, into: start) }
+        initialized = count
+      }
+    }
+
     /// Decodes elements `first ..< first + count` into `out`.
     @inline(__always)
     func decode(_ first: Int, _ count: Int, into out: UnsafeMutablePointer<Float>) {
@@ -692,13 +700,7 @@ public enum Kernels {
       default: nil
       }
     if let sums { return sums }
-    func decoded(_ x: StoredElements) -> [Float] {
-      [Float](unsafeUninitializedCapacity: count) { values, initialized in
-        if let start = values.baseAddress { x.decode(0, count, into: start) }
-        initialized = count
-      }
-    }
-    return dotsOfPair(decoded(a), decoded(b))
+    return dotsOfPair(a.decoded(count: count), b.decoded(count: count))
   }
 
   /// Whether the CPU and the OS run `CKernels`' AVX-512 loops.

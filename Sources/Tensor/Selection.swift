@@ -248,11 +248,7 @@ public struct MagnitudeBracket: Sendable {
     portable: Bool = false
   ) -> Summary {
     guard !portable, Kernels.usesAVX512, model.dtype == .bf16, base.dtype == .bf16 else {
-      let decodedBase = [Float](unsafeUninitializedCapacity: count) { values, initialized in
-        if let start = values.baseAddress { base.decode(0, count, into: start) }
-        initialized = count
-      }
-      let difference = Kernels.differences([model], minus: decodedBase)[0]
+      let difference = Kernels.differences([model], minus: base.decoded(count: count))[0]
       return portable ? summarizePortably(difference) : summarize(difference)
     }
     return summarizeAVX512(
