@@ -31,7 +31,7 @@ func kernelFigures() throws {
     let time = seconds { for _ in 0..<repeats { body() } }
     print(
       String(
-        format: "%@ %6.2f ns per output element", label.padding(toLength: 40, withPad: " ", startingAt: 0),
+        format: "%@ %6.2f ns per output element", label.padding(toLength: 44, withPad: " ", startingAt: 0),
         time / Double(repeats * elements) * 1e9))
     record("merge-kernels", label, time / Double(repeats * elements) * 1e9, unit: "ns per element")
   }
@@ -81,6 +81,22 @@ func kernelFigures() throws {
   }
   try report("consensusMerge of 3 (TIES)", elements: n) {
     _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true)
+  }
+  // TIES's merge pass as the streamed runner calls it: the deltas formed from the stored bf16
+  // bytes, each kept above a magnitude threshold (about half).
+  let bands = deltas.map { d -> Kernels.KeepRule in
+    let keys = d.map { $0.bitPattern & 0x7FFF_FFFF }.sorted()
+    return .magnitudes(keys[n / 2]...0x7FFF_FFFF)
+  }
+  for portable in [false, true] {
+    try report("TIES merge of 3 from bf16 bytes\(portable ? ", portable" : "")", elements: n) {
+      stored.withUnsafeBufferPointers { p in
+        let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+        _ = Kernels.sparseConsensusMerge(
+          base: elements[0], models: Array(elements.dropFirst()), count: n, keep: bands, scales: [1, 1, 1],
+          weights: weights, lambda: 1, normalize: true, portable: portable)
+      }
+    }
   }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
   try report("top-k histograms (high + low bits)", elements: n) {

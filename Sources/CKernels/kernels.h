@@ -10,6 +10,22 @@
 
 #pragma STDC FP_CONTRACT OFF
 
+/// One model of `mergekit_sparse_consensus_*`: its stored elements, which of its deltas are kept
+/// (by packed flags `words`, element i: bit i % 64 of word i / 64; or, when `words` is NULL, by
+/// the band `lowest ... highest` of magnitude keys, `bits & 0x7FFFFFFF`, bounds up to 2^31), the
+/// rescaling of the kept deltas (1: none) and the model's weight.
+typedef struct {
+  const void *elements;
+  const uint64_t *words;
+  uint32_t lowest;
+  uint32_t highest;
+  double scale;
+  double weight;
+} mergekit_consensus_model;
+
+/// The most models `mergekit_sparse_consensus_*` takes.
+#define MERGEKIT_CONSENSUS_MODELS 8
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -256,6 +272,151 @@ __attribute__((target("avx512f"))) static inline void mergekit_absolute_sums_avx
     if (second) MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all, kept);
   }
 }
+
+/// 16 keep flags of elements `i ..< i + 16` from packed words (any `i`).
+static inline uint32_t mergekit_flags16(const uint64_t *words, size_t i) {
+  size_t shift = i & 63;
+  uint64_t v = words[i >> 6] >> shift;
+  if (shift > 48) v |= words[(i >> 6) + 1] << (64 - shift);
+  return (uint32_t)(v & 0xFFFFu);
+}
+static inline float mergekit_bf16_one(const void *p, size_t i) {
+  uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+  float v;
+  __builtin_memcpy(&v, &bits, 4);
+  return v;
+}
+static inline float mergekit_f32_one(const void *p, size_t i) { return ((const float *)p)[i]; }
+__attribute__((target("avx512f"))) static inline __m512 mergekit_f32_floats(const void *p, size_t i) {
+  return _mm512_loadu_ps((const float *)p + i);
+}
+static inline uint64_t mergekit_double_bits(double v) {
+  uint64_t bits;
+  __builtin_memcpy(&bits, &v, 8);
+  return bits;
+}
+static inline double mergekit_bits_double(uint64_t bits) {
+  double v;
+  __builtin_memcpy(&v, &bits, 8);
+  return v;
+}
+
+/// TIES's disjoint merge of elements `first ..< first + n`, from the stored elements of the base
+/// and of `count` models (at most `MERGEKIT_CONSENSUS_MODELS`, all of one dtype), into `out`:
+/// `Kernels.sparseConsensusMerge`'s arithmetic to the bit. Per element and model, the delta
+/// `model - base` is rounded to float, kept by the model's rule (else +0) and rescaled
+/// (`(float)((double)delta * scale)`); then in double, model by model, `total = sum w_t d_t`
+/// from +0; the elected sign is negative when `total`'s sign bit is set and it is not +-0; the
+/// products `w_t d_t` that are nonzero and share that sign are summed into `mixed` and their
+/// weights into `divisor`; `mixed / divisor` (0 -> 1) when `normalize`; the result is
+/// `(float)(base + lambda * mixed)`. Sixteen elements a step, every model's products in
+/// registers, no scratch memory.
+#define MERGEKIT_CONSENSUS_KEEP(m, d, i)                                                          \
+  (any_words && (m).words ? (__mmask16)mergekit_flags16((m).words, i)                            \
+             : (__mmask16)(_mm512_testn_epi32_mask(_mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(d), magnitude), \
+                                                                    _mm512_set1_epi32((int)(m).lowest)), sign32) & \
+                           _mm512_testn_epi32_mask(_mm512_sub_epi32(_mm512_set1_epi32((int)(m).highest),              \
+                                                                    _mm512_and_si512(_mm512_castps_si512(d), magnitude)), \
+                                                   sign32)))
+#define MERGEKIT_SPARSE_CONSENSUS(NAME, LOAD16, LOAD1)                                            \
+  __attribute__((target("avx512f"), always_inline)) static inline void NAME##_step(               \
+      const void *base, const mergekit_consensus_model *models, size_t count, size_t i, __m512d lambda, int normalize, \
+      float *out, int any_words, int any_scale) {                                                 \
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), sign32 = _mm512_set1_epi32((int)0x80000000u); \
+    const __m512i magnitude64 = _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll), zero = _mm512_setzero_si512(); \
+    const __m512i sign64 = _mm512_set1_epi64((long long)0x8000000000000000ull);                   \
+    __m512 b = LOAD16(base, i);                                                                   \
+    __m512d products[2][MERGEKIT_CONSENSUS_MODELS];                                               \
+    __m512d total[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};                                \
+    _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                        \
+      __m512 d = _mm512_sub_ps(LOAD16(models[t].elements, i), b);                                 \
+      __mmask16 keep = MERGEKIT_CONSENSUS_KEEP(models[t], d, i);                                  \
+      __m512d halves[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(d)),                           \
+                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)))}; \
+      const __m512d weight = _mm512_set1_pd(models[t].weight);                                    \
+      _Pragma("unroll") for (int h = 0; h < 2; h++) {                                             \
+        __m512d v = halves[h];                                                                    \
+        if (any_scale && models[t].scale != 1) v = _mm512_cvtps_pd(_mm512_cvtpd_ps(_mm512_mul_pd(v, _mm512_set1_pd(models[t].scale)))); \
+        v = _mm512_maskz_mov_pd((__mmask8)(keep >> (8 * h)), v);                                  \
+        products[h][t] = _mm512_mul_pd(weight, v);                                                \
+        total[h] = _mm512_add_pd(total[h], products[h][t]);                                       \
+      }                                                                                           \
+    }                                                                                             \
+    _Pragma("unroll") for (int h = 0; h < 2; h++) {                                               \
+      /* The elected sign in the sign bit: the sign bit of `total` where it is not +-0. A     \
+         product agrees when, its sign flipped by that, it is above 0 as an integer: the same  \
+         sign, and not +-0. */                                                                \
+      __m512i sum = _mm512_castpd_si512(total[h]);                                                \
+      __m512i elected = _mm512_maskz_mov_epi64(_mm512_test_epi64_mask(sum, magnitude64), _mm512_and_si512(sum, sign64)); \
+      __m512d mixed = _mm512_setzero_pd(), divisor = _mm512_setzero_pd();                         \
+      _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                      \
+        __m512i bits = _mm512_castpd_si512(products[h][t]);                                       \
+        __mmask8 agrees = _mm512_cmpgt_epi64_mask(_mm512_xor_si512(bits, elected), zero);         \
+        mixed = _mm512_add_pd(mixed, _mm512_maskz_mov_pd(agrees, products[h][t]));                \
+        divisor = _mm512_add_pd(divisor, _mm512_maskz_mov_pd(agrees, _mm512_set1_pd(models[t].weight))); \
+      }                                                                                           \
+      if (normalize)                                                                              \
+        mixed = _mm512_div_pd(                                                                    \
+            mixed, _mm512_mask_mov_pd(divisor, _mm512_cmp_pd_mask(divisor, _mm512_setzero_pd(), _CMP_EQ_OQ), _mm512_set1_pd(1))); \
+      __m512d b64 = _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(b)                            \
+                                           : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))); \
+      _mm256_storeu_ps(out + i + 8 * h, _mm512_cvtpd_ps(_mm512_add_pd(b64, _mm512_mul_pd(lambda, mixed)))); \
+    }                                                                                             \
+  }                                                                                               \
+  static inline void NAME##_one(const void *base, const mergekit_consensus_model *models, size_t count, size_t i, \
+                                double lambda, int normalize, float *out) {                       \
+    double products[MERGEKIT_CONSENSUS_MODELS];                                                   \
+    double total = 0;                                                                             \
+    float b = LOAD1(base, i);                                                                     \
+    for (size_t t = 0; t < count; t++) {                                                          \
+      float d = LOAD1(models[t].elements, i) - b;                                                 \
+      uint32_t bits;                                                                              \
+      __builtin_memcpy(&bits, &d, 4);                                                             \
+      uint32_t key = bits & 0x7FFFFFFFu;                                                          \
+      int kept = models[t].words ? (int)((models[t].words[i >> 6] >> (i & 63)) & 1)               \
+                                 : (int)((1 ^ ((key - models[t].lowest) >> 31)) & (1 ^ ((models[t].highest - key) >> 31))); \
+      if (models[t].scale != 1) d = (float)((double)d * models[t].scale);                         \
+      if (!kept) d = 0;                                                                           \
+      products[t] = models[t].weight * (double)d;                                                 \
+      total += products[t];                                                                       \
+    }                                                                                             \
+    uint64_t sum = mergekit_double_bits(total);                                                   \
+    uint64_t negative = (sum >> 63) & (uint64_t)((sum << 1) != 0);                                \
+    double mixed = 0, divisor = 0;                                                                \
+    for (size_t t = 0; t < count; t++) {                                                          \
+      uint64_t bits = mergekit_double_bits(products[t]);                                          \
+      uint64_t agrees = 0 - ((uint64_t)((bits << 1) != 0) & ~((bits >> 63) ^ negative) & 1);      \
+      mixed += mergekit_bits_double(bits & agrees);                                               \
+      divisor += mergekit_bits_double(mergekit_double_bits(models[t].weight) & agrees);           \
+    }                                                                                             \
+    if (normalize) mixed /= divisor == 0 ? 1 : divisor;                                           \
+    out[i] = (float)((double)b + lambda * mixed);                                                 \
+  }                                                                                               \
+  __attribute__((target("avx512f"))) static inline void NAME(                                     \
+      const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda, \
+      int normalize, float *out) {                                                                \
+    const __m512d lambdas = _mm512_set1_pd(lambda);                                               \
+    size_t i = first, end = first + n;                                                            \
+    int words = 0, scaled = 0;                                                                    \
+    for (size_t t = 0; t < count; t++) {                                                          \
+      words |= models[t].words != 0;                                                              \
+      scaled |= models[t].scale != 1;                                                             \
+    }                                                                                             \
+    /* Common cases with the model count and the rules' kinds known to the compiler: the      \
+       unrolled loops keep every product in registers, and no step tests a rule's kind. */   \
+    switch (words || scaled ? 0 : count) {                                                        \
+    case 1: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, 0, 0); break; \
+    case 2: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, 0, 0); break; \
+    case 3: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, 0, 0); break; \
+    case 4: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, 0, 0); break; \
+    default: for (; i + 16 <= end; i += 16) NAME##_step(base, models, count, i, lambdas, normalize, out, 1, 1); break; \
+    }                                                                                             \
+    for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, out);              \
+  }
+MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
+MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
+#undef MERGEKIT_SPARSE_CONSENSUS
+#undef MERGEKIT_CONSENSUS_KEEP
 #undef MERGEKIT_ABSOLUTE_SUMS_STEP
 #undef MERGEKIT_ABSOLUTE_SUMS_STORE
 #undef MERGEKIT_PAIR_DOTS
@@ -276,6 +437,16 @@ static inline void mergekit_pair_dots_f32_avx512(
 static inline void mergekit_absolute_sums_avx512(
     const float *v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
   (void)v; (void)keep; (void)first; (void)blocks; (void)block; (void)out;
+}
+static inline void mergekit_sparse_consensus_bf16_avx512(
+    const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
+    int normalize, float *out) {
+  (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
+}
+static inline void mergekit_sparse_consensus_f32_avx512(
+    const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
+    int normalize, float *out) {
+  (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
 }
 typedef struct {
   const void *first;

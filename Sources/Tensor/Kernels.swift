@@ -397,10 +397,12 @@ public enum Kernels {
   /// `sparseConsensusMerge` of `count` stored elements: the deltas are each model minus the
   /// base, rounded to `Float` as `differences` forms them, formed chunk by chunk in scratch
   /// memory with the base's chunk, instead of as whole arrays (the same bits). For keep rules
-  /// that need no delta array: `.all`, `.magnitudes` and `.bits`.
+  /// that need no delta array: `.all`, `.magnitudes` and `.bits`. On an AVX-512 machine, inputs
+  /// all BF16 or all F32 (up to `MERGEKIT_CONSENSUS_MODELS` models) run in `CKernels`, sixteen
+  /// elements a step with every model's terms in registers (unless `portable`).
   public static func sparseConsensusMerge(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
-    weights: [Double], lambda: Double, normalize: Bool
+    weights: [Double], lambda: Double, normalize: Bool, portable: Bool = false
   ) -> [Float] {
     let count = models.count
     precondition(weights.count == count && keep.count == count && scales.count == count)
@@ -417,8 +419,37 @@ public enum Kernels {
       if case .bits = rule { return .bits([]) }
       return rule
     }
+    let dtypes = Set(models.map(\.dtype) + [base.dtype])
+    let fused =
+      !portable && usesAVX512 && (1...Int(MERGEKIT_CONSENSUS_MODELS)).contains(count) && dtypes.count == 1
+      && (base.dtype == .bf16 || base.dtype == .f32)
     return withBytePointers(words) { wordPointers in
-      make(n) { range, out in
+      if fused {
+        let terms = (0..<count).map { t in
+          let (lowest, highest): (UInt32, UInt32) =
+            switch rules[t] {
+            case .magnitudes(let band): (band.lowerBound, band.upperBound)
+            default: (0, 0x7FFF_FFFF)
+            }
+          return mergekit_consensus_model(
+            elements: models[t].start, words: wordPointers[t].pointer?.assumingMemoryBound(to: UInt64.self),
+            lowest: lowest, highest: highest, scale: scales[t], weight: weights[t])
+        }
+        let b = base.start
+        let bf16 = base.dtype == .bf16
+        return make(n) { range, out in
+          terms.withUnsafeBufferPointer { t in
+            guard let t = t.baseAddress else { return }
+            let (first, length) = (range.lowerBound, range.count)
+            if bf16 {
+              mergekit_sparse_consensus_bf16_avx512(b, t, count, first, length, lambda, normalize ? 1 : 0, out)
+            } else {
+              mergekit_sparse_consensus_f32_avx512(b, t, count, first, length, lambda, normalize ? 1 : 0, out)
+            }
+          }
+        }
+      }
+      return make(n) { range, out in
         // Scratch: the base's chunk, then a delta and a stash chunk per model.
         chunked(range, buffers: count + 1) { start, length, scratch in
           let floats = UnsafeMutableRawPointer(scratch).assumingMemoryBound(to: Float.self)
