@@ -77,64 +77,57 @@ static inline uint32_t mergekit_keys_of_bf16_differences_one(mergekit_key_source
   return bits & 0x7FFFFFFFu;
 }
 
-/// Counts of the keys of n elements against a bracket: counts[0] above `high`, counts[1] equal
-/// to `high`, counts[2] equal to `low`, counts[3] strictly between `low` and `high`. Keys are
-/// below 2^31, so unsigned comparisons order them.
-#define MERGEKIT_BRACKET_COUNTS(NAME, KEYS)                                                      \
-  __attribute__((target("avx512f,popcnt"))) static inline void NAME(                            \
-      mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {   \
-    const __m512i lo = _mm512_set1_epi32((int)low), hi = _mm512_set1_epi32((int)high);           \
-    uint64_t above = 0, at_high = 0, at_low = 0, inside = 0;                                     \
-    size_t i = 0;                                                                                \
-    for (; i + 16 <= n; i += 16) {                                                               \
-      __m512i b = KEYS(source, i);                                                               \
-      above += (uint64_t)_mm_popcnt_u32(_mm512_cmpgt_epu32_mask(b, hi));                         \
-      at_high += (uint64_t)_mm_popcnt_u32(_mm512_cmpeq_epu32_mask(b, hi));                       \
-      at_low += (uint64_t)_mm_popcnt_u32(_mm512_cmpeq_epu32_mask(b, lo));                        \
-      inside += (uint64_t)_mm_popcnt_u32(_mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi)); \
-    }                                                                                            \
-    for (; i < n; i++) {                                                                         \
-      uint32_t b = KEYS##_one(source, i);                                                        \
-      above += b > high;                                                                         \
-      at_high += b == high;                                                                      \
-      at_low += b == low;                                                                        \
-      inside += (b > low) & (b < high);                                                          \
-    }                                                                                            \
-    counts[0] = above;                                                                           \
-    counts[1] = at_high;                                                                         \
-    counts[2] = at_low;                                                                          \
-    counts[3] = inside;                                                                          \
-  }
-
-/// Writes the keys strictly between `low` and `high`, in order, to `out` and returns how many.
-/// `out` must have room for that count plus 16: whole vectors are stored, and the lanes past the
-/// count are overwritten by the next store or left as slack. The compress goes into a register,
-/// then a full store, even of no lanes (no branch to mispredict): the memory form of the
-/// compress is microcoded on some cores.
-#define MERGEKIT_BRACKET_COLLECT(NAME, KEYS)                                                     \
+/// The keys of n elements against a bracket, in one sweep: into `counts`, counts[0] above `high`,
+/// counts[1] equal to `high`, counts[2] equal to `low`, counts[3] strictly between `low` and
+/// `high` (also returned); and those inside keys, in order, into `out`, which must have room for
+/// n + 16 keys (whole vectors are stored; the lanes past the count are overwritten by the next
+/// store or left as slack). Keys are below 2^31, so unsigned comparisons order them. The end
+/// counts are kept per lane (a masked add of 1: one instruction, where a popcount takes
+/// three), added up at the end. The compress goes into a register, then a full store, even of
+/// no lanes (no branch to mispredict): the memory form of the compress is microcoded on some
+/// cores.
+#define MERGEKIT_BRACKET_SUMMARY(NAME, KEYS)                                                     \
   __attribute__((target("avx512f,popcnt"))) static inline size_t NAME(                          \
-      mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint32_t *out) {        \
+      mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) { \
     const __m512i lo = _mm512_set1_epi32((int)low), hi = _mm512_set1_epi32((int)high);           \
+    const __m512i one = _mm512_set1_epi32(1);                                                    \
+    __m512i above = _mm512_setzero_si512(), at_high = above, at_low = above;                     \
+    uint64_t above_total = 0, at_high_total = 0, at_low_total = 0;                               \
     size_t k = 0, i = 0;                                                                         \
-    for (; i + 16 <= n; i += 16) {                                                               \
-      __m512i b = KEYS(source, i);                                                               \
-      __mmask16 m = _mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi);             \
-      _mm512_storeu_si512((void *)(out + k), _mm512_maskz_compress_epi32(m, b));                 \
-      k += (size_t)_mm_popcnt_u32(m);                                                            \
+    while (i + 16 <= n) {                                                                        \
+      /* Lanes count to at most 2^20 before they are added up: no overflow. */                  \
+      size_t end = i + ((n - i) / 16 < (1u << 20) ? (n - i) / 16 : (1u << 20)) * 16;             \
+      for (; i < end; i += 16) {                                                                 \
+        __m512i b = KEYS(source, i);                                                             \
+        above = _mm512_mask_add_epi32(above, _mm512_cmpgt_epu32_mask(b, hi), above, one);        \
+        at_high = _mm512_mask_add_epi32(at_high, _mm512_cmpeq_epu32_mask(b, hi), at_high, one);  \
+        at_low = _mm512_mask_add_epi32(at_low, _mm512_cmpeq_epu32_mask(b, lo), at_low, one);     \
+        __mmask16 m = _mm512_cmpgt_epu32_mask(b, lo) & _mm512_cmplt_epu32_mask(b, hi);           \
+        _mm512_storeu_si512((void *)(out + k), _mm512_maskz_compress_epi32(m, b));               \
+        k += (size_t)_mm_popcnt_u32(m);                                                          \
+      }                                                                                          \
+      above_total += (uint64_t)_mm512_reduce_add_epi32(above);                                   \
+      at_high_total += (uint64_t)_mm512_reduce_add_epi32(at_high);                               \
+      at_low_total += (uint64_t)_mm512_reduce_add_epi32(at_low);                                 \
+      above = at_high = at_low = _mm512_setzero_si512();                                         \
     }                                                                                            \
     for (; i < n; i++) {                                                                         \
       uint32_t b = KEYS##_one(source, i);                                                        \
+      above_total += b > high;                                                                   \
+      at_high_total += b == high;                                                                \
+      at_low_total += b == low;                                                                  \
       if (b > low && b < high) out[k++] = b;                                                     \
     }                                                                                            \
+    counts[0] = above_total;                                                                     \
+    counts[1] = at_high_total;                                                                   \
+    counts[2] = at_low_total;                                                                    \
+    counts[3] = k;                                                                               \
     return k;                                                                                    \
   }
 
-MERGEKIT_BRACKET_COUNTS(mergekit_bracket_counts_avx512, mergekit_keys_of_bits)
-MERGEKIT_BRACKET_COLLECT(mergekit_bracket_collect_avx512, mergekit_keys_of_bits)
-MERGEKIT_BRACKET_COUNTS(mergekit_bracket_counts_bf16_differences_avx512, mergekit_keys_of_bf16_differences)
-MERGEKIT_BRACKET_COLLECT(mergekit_bracket_collect_bf16_differences_avx512, mergekit_keys_of_bf16_differences)
-#undef MERGEKIT_BRACKET_COUNTS
-#undef MERGEKIT_BRACKET_COLLECT
+MERGEKIT_BRACKET_SUMMARY(mergekit_bracket_summary_avx512, mergekit_keys_of_bits)
+MERGEKIT_BRACKET_SUMMARY(mergekit_bracket_summary_bf16_differences_avx512, mergekit_keys_of_bf16_differences)
+#undef MERGEKIT_BRACKET_SUMMARY
 
 /// Four elements at `p + i` (bf16 bit patterns, or floats) as doubles; `..._pair`: four at
 /// `p + i` in the low half and four at `p + k` in the high half of one vector of eight.
@@ -452,22 +445,14 @@ typedef struct {
   const void *first;
   const void *second;
 } mergekit_key_source;
-static inline void mergekit_bracket_counts_avx512(
-    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
-  (void)source; (void)n; (void)low; (void)high;
-  counts[0] = counts[1] = counts[2] = counts[3] = 0;
-}
-static inline size_t mergekit_bracket_collect_avx512(
-    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint32_t *out) {
+static inline size_t mergekit_bracket_summary_avx512(
+    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) {
   (void)source; (void)n; (void)low; (void)high; (void)out;
+  counts[0] = counts[1] = counts[2] = counts[3] = 0;
   return 0;
 }
-static inline void mergekit_bracket_counts_bf16_differences_avx512(
-    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4]) {
-  mergekit_bracket_counts_avx512(source, n, low, high, counts);
-}
-static inline size_t mergekit_bracket_collect_bf16_differences_avx512(
-    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint32_t *out) {
-  return mergekit_bracket_collect_avx512(source, n, low, high, out);
+static inline size_t mergekit_bracket_summary_bf16_differences_avx512(
+    mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) {
+  return mergekit_bracket_summary_avx512(source, n, low, high, counts, out);
 }
 #endif

@@ -253,44 +253,40 @@ public struct MagnitudeBracket: Sendable {
     }
     return summarizeAVX512(
       mergekit_key_source(first: model.start, second: base.start), count: count,
-      counts: mergekit_bracket_counts_bf16_differences_avx512, collect: mergekit_bracket_collect_bf16_differences_avx512
-    )
+      sweep: mergekit_bracket_summary_bf16_differences_avx512)
   }
 
-  /// `summarize` by AVX-512 compares, counted by popcount, with the inside keys compressed out 16
-  /// lanes at a time: no branch per block, where about a third of the blocks of 16 hold a key
-  /// inside a typical bracket. The same summary as the portable loop.
+  /// `summarize` by AVX-512 compares in one sweep: the end counts kept per lane, the inside keys
+  /// compressed out 16 lanes at a time (no branch per block, where about a third of the blocks
+  /// of 16 hold a key inside a typical bracket). The same summary as the portable loop.
   func summarizeAVX512(_ values: [Float]) -> Summary {
     values.withUnsafeBytes { raw in
       summarizeAVX512(
         mergekit_key_source(first: raw.baseAddress, second: nil), count: values.count,
-        counts: mergekit_bracket_counts_avx512, collect: mergekit_bracket_collect_avx512)
+        sweep: mergekit_bracket_summary_avx512)
     }
   }
 
-  /// `summarizeAVX512` over the keys `counts` and `collect` read from `source`.
+  /// `summarizeAVX512` over the keys `sweep` reads from `source`: the counts, and the inside keys
+  /// into scratch with room for all (only the pages written are touched), copied out.
   func summarizeAVX512(
     _ source: mergekit_key_source, count n: Int,
-    counts countKeys: (mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt64>?) -> Void,
-    collect: (mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt32>?) -> Int
+    sweep: (mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt32>?)
+      -> Int
   ) -> Summary {
     var summary = Summary()
     guard n > 0, source.first != nil else { return summary }
     let (low, high) = (self.low, self.high)
     var counts: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-    withUnsafeMutableBytes(of: &counts) { c in
-      countKeys(source, n, low, high, c.baseAddress?.assumingMemoryBound(to: UInt64.self))
+    withUnsafeTemporaryAllocation(of: UInt32.self, capacity: n + 16) { scratch in
+      let inside = withUnsafeMutableBytes(of: &counts) { c in
+        sweep(source, n, low, high, c.baseAddress?.assumingMemoryBound(to: UInt64.self), scratch.baseAddress)
+      }
+      if inside > 0 { summary.inner = Array(scratch.prefix(inside)) }
     }
     summary.above = Int(counts.0)
     summary.atHigh = Int(counts.1)
     summary.atLow = low == high ? 0 : Int(counts.2)
-    let inside = Int(counts.3)
-    guard inside > 0 else { return summary }
-    // Room for 16 lanes past the count: the kernel stores whole vectors.
-    summary.inner = [UInt32](unsafeUninitializedCapacity: inside + 16) { out, initialized in
-      guard let start = out.baseAddress else { return }
-      initialized = collect(source, n, low, high, start)
-    }
     return summary
   }
 
