@@ -307,16 +307,24 @@ public struct TaskVectorMerge: StreamingMerge {
           },
           scales: scales, weights: weights, lambda: lambda, normalize: normalize)
       } stored: { inputs, elements in
-        // The deltas formed chunk by chunk from the stored bytes, where no keep rule needs them.
+        // The deltas formed chunk by chunk from the stored bytes. A model whose rule needs its
+        // deltas (the range where the kept ties at a threshold run out, DARE's draws of a large
+        // tensor) gets them formed once here, as `deltas` would, for its mask, packed to bits.
         guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
         let kept = drawn[elements.lowerBound]
         var rules: [Kernels.KeepRule] = []
+        var decodedBase: [Float]?
         for m in 0..<models {
-          guard
-            let rule = kept?[m].map({ .bits($0) })
-              ?? sparsity[m].rule(offset: elements.lowerBound, count: elements.count)
-          else { return nil }
-          rules.append(rule)
+          if let rule = kept?[m].map({ .bits($0) })
+            ?? sparsity[m].rule(offset: elements.lowerBound, count: elements.count)
+          {
+            rules.append(rule)
+            continue
+          }
+          let base = decodedBase ?? inputs[0].decoded(count: elements.count)
+          decodedBase = base
+          let delta = Kernels.differences([inputs[1 + m]], minus: base)[0]
+          rules.append(sparsity[m].keep(delta, offset: elements.lowerBound).map { .bits(Kernels.packBits($0)) } ?? .all)
         }
         return Kernels.sparseConsensusMerge(
           base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, keep: rules, scales: scales,
