@@ -294,6 +294,24 @@ static inline double mergekit_bits_double(uint64_t bits) {
   return v;
 }
 
+/// Float bits to BF16 bits, rounded to nearest even, a NaN keeping its high payload (quietened
+/// when that would be 0): `DTypeConversion.f32ToBF16Bits`. `..._of_floats`: 16 at a time.
+static inline uint16_t mergekit_bf16_of_float_bits(uint32_t b) {
+  uint32_t high = b >> 16;
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)(high | ((high & 0x7Fu) == 0 ? 0x40u : 0));
+  return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+__attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i high = _mm512_srli_epi32(b, 16);
+  __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), _mm512_and_si512(high, _mm512_set1_epi32(1))), 16);
+  __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  __m512i quiet = _mm512_mask_or_epi32(high, _mm512_testn_epi32_mask(high, _mm512_set1_epi32(0x7F)), high,
+                                       _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
 /// TIES's disjoint merge of elements `first ..< first + n`, from the stored elements of the base
 /// and of `count` models (at most `MERGEKIT_CONSENSUS_MODELS`, all of one dtype), into `out`:
 /// `Kernels.sparseConsensusMerge`'s arithmetic to the bit. Per element and model, the delta
@@ -302,7 +320,8 @@ static inline double mergekit_bits_double(uint64_t bits) {
 /// from +0; the elected sign is negative when `total`'s sign bit is set and it is not +-0; the
 /// products `w_t d_t` that are nonzero and share that sign are summed into `mixed` and their
 /// weights into `divisor`; `mixed / divisor` (0 -> 1) when `normalize`; the result is
-/// `(float)(base + lambda * mixed)`. Sixteen elements a step, every model's products in
+/// `(float)(base + lambda * mixed)`, stored as floats, or as BF16 when `bf16_out` (`out` then
+/// holds uint16_t bit patterns). Sixteen elements a step, every model's products in
 /// registers, no scratch memory.
 #define MERGEKIT_CONSENSUS_KEEP(m, d, i)                                                          \
   (any_words && (m).words ? (__mmask16)mergekit_flags16((m).words, i)                            \
@@ -314,7 +333,8 @@ static inline double mergekit_bits_double(uint64_t bits) {
 #define MERGEKIT_SPARSE_CONSENSUS(NAME, LOAD16, LOAD1)                                            \
   __attribute__((target("avx512f"), always_inline)) static inline void NAME##_step(               \
       const void *base, const mergekit_consensus_model *models, size_t count, size_t i, __m512d lambda, int normalize, \
-      float *out, int any_words, int any_scale) {                                                 \
+      void *out, int bf16_out, int any_words, int any_scale) {                                    \
+    __m256 merged[2];                                                                             \
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), sign32 = _mm512_set1_epi32((int)0x80000000u); \
     const __m512i magnitude64 = _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll), zero = _mm512_setzero_si512(); \
     const __m512i sign64 = _mm512_set1_epi64((long long)0x8000000000000000ull);                   \
@@ -353,11 +373,19 @@ static inline double mergekit_bits_double(uint64_t bits) {
             mixed, _mm512_mask_mov_pd(divisor, _mm512_cmp_pd_mask(divisor, _mm512_setzero_pd(), _CMP_EQ_OQ), _mm512_set1_pd(1))); \
       __m512d b64 = _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(b)                            \
                                            : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))); \
-      _mm256_storeu_ps(out + i + 8 * h, _mm512_cvtpd_ps(_mm512_add_pd(b64, _mm512_mul_pd(lambda, mixed)))); \
+      merged[h] = _mm512_cvtpd_ps(_mm512_add_pd(b64, _mm512_mul_pd(lambda, mixed)));              \
+    }                                                                                             \
+    if (bf16_out) {                                                                               \
+      __m512 both = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(merged[0])), \
+                                                        _mm256_castps_pd(merged[1]), 1));         \
+      _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), mergekit_bf16_of_floats(both));      \
+    } else {                                                                                      \
+      _mm256_storeu_ps((float *)out + i, merged[0]);                                              \
+      _mm256_storeu_ps((float *)out + i + 8, merged[1]);                                          \
     }                                                                                             \
   }                                                                                               \
   static inline void NAME##_one(const void *base, const mergekit_consensus_model *models, size_t count, size_t i, \
-                                double lambda, int normalize, float *out) {                       \
+                                double lambda, int normalize, void *out, int bf16_out) {          \
     double products[MERGEKIT_CONSENSUS_MODELS];                                                   \
     double total = 0;                                                                             \
     float b = LOAD1(base, i);                                                                     \
@@ -383,11 +411,18 @@ static inline double mergekit_bits_double(uint64_t bits) {
       divisor += mergekit_bits_double(mergekit_double_bits(models[t].weight) & agrees);           \
     }                                                                                             \
     if (normalize) mixed /= divisor == 0 ? 1 : divisor;                                           \
-    out[i] = (float)((double)b + lambda * mixed);                                                 \
+    float merged = (float)((double)b + lambda * mixed);                                           \
+    if (bf16_out) {                                                                               \
+      uint32_t bits;                                                                              \
+      __builtin_memcpy(&bits, &merged, 4);                                                        \
+      ((uint16_t *)out)[i] = mergekit_bf16_of_float_bits(bits);                                   \
+    } else {                                                                                      \
+      ((float *)out)[i] = merged;                                                                 \
+    }                                                                                             \
   }                                                                                               \
   __attribute__((target("avx512f"))) static inline void NAME(                                     \
       const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda, \
-      int normalize, float *out) {                                                                \
+      int normalize, void *out, int bf16_out) {                                                   \
     const __m512d lambdas = _mm512_set1_pd(lambda);                                               \
     size_t i = first, end = first + n;                                                            \
     int words = 0, scaled = 0;                                                                    \
@@ -398,13 +433,13 @@ static inline double mergekit_bits_double(uint64_t bits) {
     /* Common cases with the model count and the rules' kinds known to the compiler: the      \
        unrolled loops keep every product in registers, and no step tests a rule's kind. */   \
     switch (words || scaled ? 0 : count) {                                                        \
-    case 1: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, 0, 0); break; \
-    case 2: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, 0, 0); break; \
-    case 3: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, 0, 0); break; \
-    case 4: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, 0, 0); break; \
-    default: for (; i + 16 <= end; i += 16) NAME##_step(base, models, count, i, lambdas, normalize, out, 1, 1); break; \
+    case 1: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
+    case 2: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
+    case 3: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
+    case 4: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
+    default: for (; i + 16 <= end; i += 16) NAME##_step(base, models, count, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
     }                                                                                             \
-    for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, out);              \
+    for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, out, bf16_out);              \
   }
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
@@ -433,13 +468,15 @@ static inline void mergekit_absolute_sums_avx512(
 }
 static inline void mergekit_sparse_consensus_bf16_avx512(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
-    int normalize, float *out) {
+    int normalize, void *out, int bf16_out) {
   (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
+  (void)bf16_out;
 }
 static inline void mergekit_sparse_consensus_f32_avx512(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
-    int normalize, float *out) {
+    int normalize, void *out, int bf16_out) {
   (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
+  (void)bf16_out;
 }
 typedef struct {
   const void *first;

@@ -36,14 +36,14 @@ public struct RangeMerger: Sendable {
   /// from the stored bytes, with the same bits.
   public let weightedSum: WeightedSumForm?
   /// Set when the merge can also read a range's stored elements (`TensorScan.StoredReader`'s
-  /// order: the base first when there is one, then the models) and give `merge`'s bits; it may
-  /// decline a range (nil), which `merge` then takes. The runner calls it under exact
-  /// arithmetic.
-  public let storedMerge: (@Sendable ([Kernels.StoredElements], Range<Int>) throws -> [Float]?)?
+  /// order: the base first when there is one, then the models) and give `merge`'s bits, encoded
+  /// as the given dtype; it may decline a range (nil), which `merge` then takes. The runner
+  /// calls it under exact arithmetic.
+  public let storedMerge: (@Sendable ([Kernels.StoredElements], Range<Int>, DType) throws -> TensorData?)?
 
   public init(
     _ merge: @escaping @Sendable (RangeInputs) throws -> [Float],
-    stored: (@Sendable ([Kernels.StoredElements], Range<Int>) throws -> [Float]?)? = nil
+    stored: (@Sendable ([Kernels.StoredElements], Range<Int>, DType) throws -> TensorData?)? = nil
   ) {
     self.merge = merge
     weightedSum = nil

@@ -306,7 +306,7 @@ public struct TaskVectorMerge: StreamingMerge {
             kept?[m].map { .bits($0) } ?? sparsity[m].rule(d[m], offset: range.offset)
           },
           scales: scales, weights: weights, lambda: lambda, normalize: normalize)
-      } stored: { inputs, elements in
+      } stored: { inputs, elements, dtype in
         // The deltas formed chunk by chunk from the stored bytes. A model whose rule needs its
         // deltas (the range where the kept ties at a threshold run out, DARE's draws of a large
         // tensor) gets them formed once here, as `deltas` would, for its mask, packed to bits.
@@ -326,9 +326,15 @@ public struct TaskVectorMerge: StreamingMerge {
           let delta = Kernels.differences([inputs[1 + m]], minus: base)[0]
           rules.append(sparsity[m].keep(delta, offset: elements.lowerBound).map { .bits(Kernels.packBits($0)) } ?? .all)
         }
-        return Kernels.sparseConsensusMerge(
-          base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, keep: rules, scales: scales,
-          weights: weights, lambda: lambda, normalize: normalize)
+        let size = elements.count * dtype.size
+        let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+          Kernels.sparseConsensusMerge(
+            base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, keep: rules, scales: scales,
+            weights: weights, lambda: lambda, normalize: normalize, into: UnsafeMutableRawBufferPointer(buffer),
+            as: dtype)
+          initialized = size
+        }
+        return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
       }
     }
     return RangeMerger { range in

@@ -430,9 +430,9 @@ public enum MergeRunner {
           return try weightedSum(form, item, elements, plan: plan)
         }
         if let storedMerge = merger.storedMerge, let stored {
-          var merged: [Float]?
-          try stored(elements) { merged = try storedMerge($0, elements) }
-          if let merged { return Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType) }
+          var merged: TensorData?
+          try stored(elements) { merged = try storedMerge($0, elements, item.outputType) }
+          if let merged { return merged }
         }
         let merged = arithmetic.round(try merger.merge(try read(elements)))
         return Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType)

@@ -404,13 +404,58 @@ public enum Kernels {
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
     weights: [Double], lambda: Double, normalize: Bool, portable: Bool = false
   ) -> [Float] {
+    guard n > 0 else { return [] }
+    return storedConsensus(
+      base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
+      normalize: normalize, fused: fusesStoredConsensus(base: base, models: models, portable: portable), bf16: false
+    ) { fill in make(n) { range, out in fill(range, UnsafeMutableRawPointer(out)) } }
+  }
+
+  /// `sparseConsensusMerge` of stored elements, encoded as `dtype` into `out` (at least
+  /// `count * dtype.size` bytes). The AVX-512 loop writes BF16 and F32 itself (rounded as
+  /// `DTypeConversion` rounds), without a `Float` array between; other cases encode that array.
+  public static func sparseConsensusMerge(
+    base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
+    weights: [Double], lambda: Double, normalize: Bool, into out: UnsafeMutableRawBufferPointer, as dtype: DType,
+    portable: Bool = false
+  ) {
+    precondition(out.count >= n * dtype.size)
+    guard n > 0, let start = out.baseAddress else { return }
+    guard (dtype == .bf16 || dtype == .f32) && fusesStoredConsensus(base: base, models: models, portable: portable)
+    else {
+      let merged = sparseConsensusMerge(
+        base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
+        normalize: normalize, portable: portable)
+      merged.withUnsafeBufferPointer { DTypeConversion.encode($0, as: dtype, into: out) }
+      return
+    }
+    let target = SendableRawPointer(UnsafeRawPointer(start))
+    storedConsensus(
+      base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
+      normalize: normalize, fused: true, bf16: dtype == .bf16
+    ) { fill in blocks(n) { range in if let p = target.pointer { fill(range, UnsafeMutableRawPointer(mutating: p)) } } }
+  }
+
+  /// Whether `sparseConsensusMerge` of these stored inputs runs the AVX-512 loop.
+  static func fusesStoredConsensus(base: StoredElements, models: [StoredElements], portable: Bool) -> Bool {
+    !portable && usesAVX512 && (1...Int(MERGEKIT_CONSENSUS_MODELS)).contains(models.count)
+      && models.allSatisfy { $0.dtype == base.dtype } && (base.dtype == .bf16 || base.dtype == .f32)
+  }
+
+  /// The two forms' shared body: checks the rules, pins the packed words, and hands `run` the
+  /// function that merges a range of elements into the output (indexed from element 0): floats,
+  /// or BF16 when `bf16`, which only the `fused` loop writes.
+  static func storedConsensus<R>(
+    base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
+    weights: [Double], lambda: Double, normalize: Bool, fused: Bool, bf16: Bool,
+    _ run: ((Range<Int>, UnsafeMutableRawPointer) -> Void) -> R
+  ) -> R {
     let count = models.count
-    precondition(weights.count == count && keep.count == count && scales.count == count)
+    precondition(weights.count == count && keep.count == count && scales.count == count && (fused || !bf16))
     for rule in keep {
       if case .mask = rule { preconditionFailure("sparseConsensusMerge(base:models:): a mask needs the deltas") }
       if case .bits(let b) = rule { precondition(b.count == (n + 63) / 64) }
     }
-    guard n > 0 else { return [] }
     let words = keep.map { rule -> [UInt64] in
       if case .bits(let b) = rule { return b }
       return []
@@ -419,10 +464,6 @@ public enum Kernels {
       if case .bits = rule { return .bits([]) }
       return rule
     }
-    let dtypes = Set(models.map(\.dtype) + [base.dtype])
-    let fused =
-      !portable && usesAVX512 && (1...Int(MERGEKIT_CONSENSUS_MODELS)).contains(count) && dtypes.count == 1
-      && (base.dtype == .bf16 || base.dtype == .f32)
     return withBytePointers(words) { wordPointers in
       if fused {
         let terms = (0..<count).map { t in
@@ -436,20 +477,23 @@ public enum Kernels {
             lowest: lowest, highest: highest, scale: scales[t], weight: weights[t])
         }
         let b = base.start
-        let bf16 = base.dtype == .bf16
-        return make(n) { range, out in
+        let bf16Inputs = base.dtype == .bf16
+        return run { range, out in
           terms.withUnsafeBufferPointer { t in
             guard let t = t.baseAddress else { return }
-            let (first, length) = (range.lowerBound, range.count)
-            if bf16 {
-              mergekit_sparse_consensus_bf16_avx512(b, t, count, first, length, lambda, normalize ? 1 : 0, out)
+            let (first, length, n, bf16Out) = (
+              range.lowerBound, range.count, normalize ? Int32(1) : 0, bf16 ? Int32(1) : 0
+            )
+            if bf16Inputs {
+              mergekit_sparse_consensus_bf16_avx512(b, t, count, first, length, lambda, n, out, bf16Out)
             } else {
-              mergekit_sparse_consensus_f32_avx512(b, t, count, first, length, lambda, normalize ? 1 : 0, out)
+              mergekit_sparse_consensus_f32_avx512(b, t, count, first, length, lambda, n, out, bf16Out)
             }
           }
         }
       }
-      return make(n) { range, out in
+      return run { range, output in
+        let out = output.assumingMemoryBound(to: Float.self)
         // Scratch: the base's chunk, then a delta and a stash chunk per model.
         chunked(range, buffers: count + 1) { start, length, scratch in
           let floats = UnsafeMutableRawPointer(scratch).assumingMemoryBound(to: Float.self)

@@ -55,11 +55,13 @@ public struct TensorData: Sendable, Equatable {
 extension Tensor {
   /// Stores the values in `dtype` (round to nearest even when narrowing).
   public func encoded(as dtype: DType) -> TensorData {
-    var out = [UInt8](repeating: 0, count: count * dtype.size)
-    scalars.withUnsafeBufferPointer { values in
-      out.withUnsafeMutableBytes { destination in
-        DTypeConversion.encode(values, as: dtype, into: destination)
+    // Not zero-filled first: `encode` writes every element of every dtype.
+    let size = count * dtype.size
+    let out = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+      scalars.withUnsafeBufferPointer { values in
+        DTypeConversion.encode(values, as: dtype, into: UnsafeMutableRawBufferPointer(buffer))
       }
+      initialized = size
     }
     return TensorData(dtype: dtype, shape: shape, bytes: out)
   }

@@ -240,8 +240,9 @@ extension KernelsTests {
   /// TIES's merge from stored bytes gives the same bits through the AVX-512 kernel as through
   /// the portable loops (which the test above holds to the reference): BF16 and F32 inputs, one
   /// to five models, the fast case (bands of magnitudes and all, unscaled) and the general one
-  /// (packed bits, rescaling), with zero deltas, exact ties of the elected sum, a negative
-  /// weight, and a count off the 16-element step.
+  /// (packed bits, rescaling), with zero deltas, exact ties of the elected sum, NaNs, a negative
+  /// weight, and a count off the 16-element step; and its BF16 and F32 output, written by the
+  /// kernel itself, is the floats encoded.
   @Test(arguments: [DType.bf16, .f32])
   func storedSparseConsensusMergeIsThePortableOne(_ dtype: DType) {
     let n = 40_003
@@ -252,6 +253,7 @@ extension KernelsTests {
     let models = (0..<5).map { m in
       (0..<n).map { i -> Float in
         if i % 9 == 0 { return base[i] }  // a zero delta
+        if i % 997 == 5 && m == 0 { return i % 2 == 0 ? .nan : -.nan }  // NaN merges, quietened in BF16
         if i % 9 == 1 { return m == 0 ? 0.25 : (m == 3 ? -0.25 : 0) }
         return base[i] + 0.1 * rng.normal(UInt64((m + 1) * n + i))
       }
@@ -275,6 +277,18 @@ extension KernelsTests {
               Kernels.sparseConsensusMerge(
                 base: elements[0], models: Array(elements[1...count]), count: n, keep: rules, scales: scales,
                 weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, portable: portable)
+            }
+            // Written as BF16 or F32 by the kernel itself (F16 through the floats): the floats encoded.
+            for output in [DType.bf16, .f32, .f16] {
+              var bytes = [UInt8](repeating: 0xA5, count: n * output.size)
+              bytes.withUnsafeMutableBytes { out in
+                Kernels.sparseConsensusMerge(
+                  base: elements[0], models: Array(elements[1...count]), count: n, keep: rules, scales: scales,
+                  weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, into: out, as: output)
+              }
+              let expected = Tensor(shape: [n], scalars: merged[1]).encoded(as: output).bytes
+              #expect(
+                zip(bytes, expected).filter { $0 != $1 }.count == 0, "\(dtype) -> \(output), \(count) models")
             }
             #expect(
               differingBits(merged[0], merged[1]) == 0,
