@@ -129,8 +129,13 @@ public struct ExactName: Hashable, Sendable {
   public let name: String
   public init(_ name: String) { self.name = name }
 
+  /// Compares the contiguous UTF-8 bytes (the generic `utf8.elementsEqual` walked them a byte
+  /// at a time through the string's index machinery: a streamed merge looks names up for
+  /// every range read).
   public static func == (a: ExactName, b: ExactName) -> Bool {
-    a.name.utf8.count == b.name.utf8.count && a.name.utf8.elementsEqual(b.name.utf8)
+    guard a.name.utf8.count == b.name.utf8.count else { return false }
+    var (x, y) = (a.name, b.name)  // share storage; made contiguous only if bridged
+    return x.withUTF8 { p in y.withUTF8 { q in p.elementsEqual(q) } }
   }
 
   public func hash(into hasher: inout Hasher) {

@@ -72,6 +72,11 @@ import Testing
     #expect("\u{E9}" == "e\u{301}")
     #expect(ExactName("\u{E9}") != ExactName("e\u{301}"))
     #expect(Set([ExactName("\u{E9}"), ExactName("e\u{301}"), ExactName("\u{E9}")]).count == 2)
+    // Equivalent with as many bytes (D with the dots above and below in either order).
+    let (aboveFirst, belowFirst) = ("\u{1E0A}\u{323}", "\u{1E0C}\u{307}")
+    #expect(aboveFirst == belowFirst && aboveFirst.utf8.count == belowFirst.utf8.count)
+    #expect(ExactName(aboveFirst) != ExactName(belowFirst))
+    #expect(ExactName(aboveFirst) == ExactName(String(aboveFirst.unicodeScalars)))
   }
 }
 
