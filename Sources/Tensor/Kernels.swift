@@ -302,16 +302,27 @@ public enum Kernels {
     case bits([UInt64])
   }
 
-  /// `mask` packed 64 flags to a word (element i: bit `i % 64` of word `i / 64`).
+  /// `mask` packed 64 flags to a word (element i: bit `i % 64` of word `i / 64`). Eight flags
+  /// (bytes of 0 or 1) at a time: multiplied by 0x0102040810204080, flag k's term lands on bit
+  /// 56 + k and every other term on a bit of its own elsewhere (no carries), so the top byte
+  /// holds the eight flags in order.
   public static func packBits(_ mask: [Bool]) -> [UInt64] {
     let count = (mask.count + 63) / 64
     return mask.withUnsafeBytes { m in
       [UInt64](unsafeUninitializedCapacity: count) { words, initialized in
-        for w in 0..<count {
+        let whole = mask.count / 64
+        for w in 0..<whole {
           var word: UInt64 = 0
-          let first = w * 64
-          for k in 0..<Swift.min(64, mask.count - first) { word |= UInt64(m[first + k] & 1) << UInt64(k) }
+          for octet in 0..<8 {
+            let flags = m.loadUnaligned(fromByteOffset: 64 * w + 8 * octet, as: UInt64.self) & 0x0101_0101_0101_0101
+            word |= ((flags &* 0x0102_0408_1020_4080) >> 56) << UInt64(8 * octet)
+          }
           words[w] = word
+        }
+        if whole < count {
+          var word: UInt64 = 0
+          for k in 0..<(mask.count - 64 * whole) { word |= UInt64(m[64 * whole + k] & 1) << UInt64(k) }
+          words[whole] = word
         }
         initialized = count
       }

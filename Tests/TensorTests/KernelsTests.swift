@@ -119,6 +119,21 @@ import Testing
     }
   }
 
+  /// Packing puts flag i on bit i % 64 of word i / 64, for lengths with and without a partial
+  /// last word (checked against the bits read back one by one).
+  @Test func packedFlagsSitOnTheirBits() {
+    let rng = CounterRNG(seed: 12, stream: "pack")
+    for length in [0, 1, 8, 63, 64, 65, 300, 1_000] {
+      let flags = (0..<length).map { rng.uniform(UInt64(length * 1_000 + $0)) < 0.5 }
+      let words = Kernels.packBits(flags)
+      #expect(words.count == (length + 63) / 64)
+      let read = (0..<length).map { i in (words[i / 64] >> UInt64(i % 64)) & 1 == 1 }
+      #expect(read == flags, "\(length)")
+      // No stray bits past the last flag.
+      if length % 64 != 0, let last = words.last { #expect(last >> UInt64(length % 64) == 0) }
+    }
+  }
+
   /// Packed flags unpack to all-ones or zero masks, element for element, from any first element
   /// (on a word boundary or not) and for any count.
   @Test func packedFlagsUnpackToMasks() {
