@@ -364,19 +364,30 @@ public struct TaskVectorMerge: StreamingMerge {
     let starts =
       blocks * block >= n ? [0] : (0..<blocks).map { b in blocks == 1 ? 0 : b * (n - block) / (blocks - 1) }
     let length = blocks * block >= n ? n : block
-    // Each sampled page brings its neighbours into memory (the kernel maps up to 64 KB around a
-    // fault), so the pages behind the sample are let go as it moves on: memory stays at a few
-    // ranges, as in the pass.
+    // Batches of 32 blocks are read side by side (thousands of small reads a tensor) and their
+    // values appended in order. A sampled page read through the mapping brings its neighbours
+    // into memory (the kernel maps up to 64 KB around a fault), so the pages behind the sample
+    // are let go as it moves on: memory stays at a few ranges, as in the pass.
+    let batch = 32
+    let models = plans.count
     var released = 0
-    for (b, start) in starts.enumerated() {
-      let d = try deltas(try scan.read(start..<(start + length)))
-      for (m, _) in ranked { samples[m] += d[m] }
-      if b % 32 == 31 || b == starts.count - 1 {
-        let end = b == starts.count - 1 ? n : max(released, start - MergeRanges.size)
+    try Parallel.inOrder(
+      (starts.count + batch - 1) / batch, budget: MergeRanges.inFlight,
+      produce: { j -> [[Float]] in
+        var part = [[Float]](repeating: [], count: models)
+        for start in starts[(j * batch)..<min(starts.count, (j + 1) * batch)] {
+          let d = try deltas(try scan.read(start..<(start + length)))
+          for (m, _) in ranked { part[m] += d[m] }
+        }
+        return part
+      },
+      consume: { j, part in
+        for (m, _) in ranked { samples[m] += part[m] }
+        let last = min(starts.count, (j + 1) * batch) - 1
+        let end = last == starts.count - 1 ? n : max(released, starts[last] - MergeRanges.size)
         if end > released { try scan.release(released..<end) }
         released = end
-      }
-    }
+      })
     let brackets = ranked.map { m, r in
       MagnitudeBracket(
         keep: plans[m].rankers[r].keep, count: n, sample: samples[m], budget: max(1 << 18, n / 32))
