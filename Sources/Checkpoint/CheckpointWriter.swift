@@ -8,11 +8,16 @@ public protocol TensorSink: AnyObject {
   func beginTensor(_ name: String) throws
   /// Appends bytes of the current tensor.
   func append(_ piece: UnsafeRawBufferPointer) throws
+  /// Appends bytes of the current tensor that the caller hands over: a file writer queues the
+  /// array for its background writes instead of copying it (the default copies).
+  func append(owned bytes: [UInt8]) throws
   /// Completes the checkpoint (every declared tensor must have been written).
   func finish() throws
 }
 
 extension TensorSink {
+  public func append(owned bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try append($0) } }
+
   /// Writes a whole tensor (its dtype and shape must match the declaration).
   public func write(_ name: String, _ data: TensorData) throws {
     try beginTensor(name)
@@ -41,8 +46,13 @@ extension TensorSink {
 protocol TensorFileWriter: AnyObject {
   func beginTensor(_ name: String) throws
   func append(_ piece: UnsafeRawBufferPointer) throws
+  func append(owned bytes: [UInt8]) throws
   func finish() throws
   func discard()
+}
+
+extension TensorFileWriter {
+  func append(owned bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try append($0) } }
 }
 
 /// On-disk formats a checkpoint can be written in.
@@ -248,6 +258,15 @@ public final class CheckpointWriter: TensorSink {
       throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor")
     }
     try namedInOutput(open.index) { try open.writer.append(piece) }
+  }
+
+  /// Appends bytes of the current tensor, handed over: queued for the file's background writes
+  /// without a copy.
+  public func append(owned bytes: [UInt8]) throws {
+    guard let open = openShard else {
+      throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor")
+    }
+    try namedInOutput(open.index) { try open.writer.append(owned: bytes) }
   }
 
   /// Runs `body` on shard `index`'s file. A folder's shards are written in a work folder; a

@@ -105,6 +105,38 @@ final class OutputFile: @unchecked Sendable {
 
   func write(_ bytes: [UInt8]) throws { try bytes.withUnsafeBytes { try write($0) } }
 
+  /// Appends bytes the caller hands over, without copying them: the array itself is queued
+  /// after everything accepted before (the staged bytes are submitted first) and written in
+  /// pieces of at most `stagingSize` (see the type's note on write sizes). It takes one of the
+  /// staging buffers' turns, so at most `stagingCount` writes of either kind wait; writes still
+  /// finish in submission order, so a staging buffer is free whenever a turn is.
+  func write(owned bytes: [UInt8]) throws {
+    try throwIfFailed()
+    guard !bytes.isEmpty else { return }
+    submit()
+    free.wait()
+    bytesWritten += bytes.count
+    let fd = self.fd
+    queue.async { [self] in
+      if errorLock.withLock({ failure == nil }) {
+        bytes.withUnsafeBytes { all in
+          var offset = 0
+          while offset < all.count, let start = all.baseAddress {
+            let n = Glibc.write(fd, start + offset, min(Self.stagingSize, all.count - offset))
+            if n < 0 {
+              if errno == EINTR { continue }
+              let reason = String(cString: strerror(errno))
+              errorLock.withLock { failure = .cannotWrite(file: destination, reason: reason) }
+              return
+            }
+            offset += n
+          }
+        }
+      }
+      free.signal()
+    }
+  }
+
   /// Hands the current staging buffer to the background queue.
   private func submit() {
     guard let (buffer, filled) = current, let start = buffer.baseAddress else { return }

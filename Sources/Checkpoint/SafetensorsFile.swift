@@ -131,15 +131,26 @@ final class SafetensorsWriter: TensorFileWriter {
   }
 
   func append(_ piece: UnsafeRawBufferPointer) throws {
+    try checkAppend(piece.count)
+    try output.write(piece)
+    writtenInTensor += piece.count
+  }
+
+  func append(owned bytes: [UInt8]) throws {
+    try checkAppend(bytes.count)
+    try output.write(owned: bytes)
+    writtenInTensor += bytes.count
+  }
+
+  /// Throws unless `count` more bytes fit the current tensor.
+  private func checkAppend(_ count: Int) throws {
     guard let current else {
       throw CheckpointError.writeOrder(file: output.destination, reason: "bytes written with no tensor begun")
     }
-    guard writtenInTensor + piece.count <= plan[current].byteCount else {
+    guard writtenInTensor + count <= plan[current].byteCount else {
       throw CheckpointError.writeOrder(
         file: output.destination, reason: "more bytes written for '\(plan[current].name)' than its shape holds")
     }
-    try output.write(piece)
-    writtenInTensor += piece.count
   }
 
   private func requireCurrentComplete() throws {

@@ -438,7 +438,7 @@ public enum MergeRunner {
         return Tensor(shape: [elements.count], scalars: merged).encoded(as: item.outputType)
       },
       consume: { j, encoded in
-        try encoded.bytes.withUnsafeBytes { try writer.append($0) }
+        try writer.append(owned: encoded.bytes)
         if let batch = MergeRanges.completedBatch(ranges, at: j) { advance(try release(batch)) }
       })
     return true

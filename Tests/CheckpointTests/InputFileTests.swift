@@ -81,6 +81,26 @@ import Testing
 }
 
 @Suite struct OutputFileTests {
+  /// Copied and handed-over writes land in the order they were made, whatever their sizes:
+  /// pieces smaller and larger than a staging buffer (one spanning several write calls), more of
+  /// them than there are turns, empty ones, and a staging buffer left partly filled before each.
+  @Test func ownedAndCopiedWritesKeepTheirOrder() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let destination = folder.file("out.bin")
+    let file = try OutputFile(destination: destination)
+    var expected: [UInt8] = []
+    for (i, size) in [100, 3 << 20, 0, 1 << 20, 7, (1 << 20) + 5, 64, 2_000_000, 1, 9].enumerated() {
+      let piece = (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) }
+      if i % 2 == 0 { try file.write(piece) } else { try file.write(owned: piece) }
+      expected += piece
+    }
+    try file.publish()
+    let got = readBytes(destination)
+    let same = got == expected  // a Bool: a failure prints no megabyte arrays
+    #expect(same, "\(got.count) bytes written, \(expected.count) expected")
+  }
+
   /// `reserve` sizes the file before it is written (where the file system preallocates); a file
   /// that gets fewer bytes than reserved is cut to what was written; a size no disk here has is
   /// refused before anything is written, naming the file (a folder's shard by its place in the
