@@ -98,6 +98,23 @@ func kernelFigures() throws {
       }
     }
   }
+  // TIES's statistics pass: one task vector's bracket summary from the stored bf16 bytes.
+  let storedDifference = stored.withUnsafeBufferPointers { p in
+    Kernels.differences(
+      [Kernels.StoredElements(start: p[1], dtype: .bf16)],
+      minus: Kernels.StoredElements(start: p[0], dtype: .bf16).decoded(count: n))[0]
+  }
+  if let bracket = MagnitudeBracket(keep: n / 2, count: n, sample: storedDifference, budget: n / 32) {
+    for portable in [false, true] {
+      try report("bracket summary, bf16 bytes\(portable ? ", portable" : "")", elements: n) {
+        stored.withUnsafeBufferPointers { p in
+          _ = bracket.summarize(
+            differenceOf: Kernels.StoredElements(start: p[1], dtype: .bf16),
+            minus: Kernels.StoredElements(start: p[0], dtype: .bf16), count: n, portable: portable)
+        }
+      }
+    }
+  }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
   try report("top-k histograms (high + low bits)", elements: n) {
     _ = MagnitudeRanker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0])
