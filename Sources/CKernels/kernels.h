@@ -441,6 +441,89 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
     }                                                                                             \
     for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, out, bf16_out);              \
   }
+/// The weighted sum `Kernels.weightedSum` computes from stored elements, to the bit, over
+/// elements `first ..< first + n`: per element, `sum = 0 + w_0 x_0`, then `sum += w_t x_t` in
+/// double, where `x_t` is term t's value (minus the base's, rounded to float, when `subtract`);
+/// the result `(float)(base + scale * sum)`, or `(float)(0 + scale * sum)` without a base, stored
+/// as floats or, when `bf16_out`, as BF16. Every input has the loader's dtype; `count` terms, at
+/// most `MERGEKIT_CONSENSUS_MODELS`. Sixteen elements a step.
+#define MERGEKIT_WEIGHTED_SUM(NAME, LOAD16, LOAD1)                                                \
+  __attribute__((target("avx512f"), always_inline)) static inline void NAME##_step(               \
+      const void *const *terms, const double *weights, size_t count, const void *base, int subtract, \
+      __m512d scale, size_t i, void *out, int bf16_out) {                                         \
+    const __m512d zero = _mm512_setzero_pd();                                                     \
+    __m512 b = base ? LOAD16(base, i) : _mm512_setzero_ps();                                      \
+    __m512d sum[2] = {zero, zero};                                                                \
+    _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                        \
+      __m512 x = LOAD16(terms[t], i);                                                             \
+      if (subtract) x = _mm512_sub_ps(x, b);                                                      \
+      const __m512d w = _mm512_set1_pd(weights[t]);                                              \
+      sum[0] = _mm512_add_pd(sum[0], _mm512_mul_pd(w, _mm512_cvtps_pd(_mm512_castps512_ps256(x)))); \
+      sum[1] = _mm512_add_pd(                                                                     \
+          sum[1], _mm512_mul_pd(w, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))))); \
+    }                                                                                             \
+    __m256 merged[2];                                                                             \
+    _Pragma("unroll") for (int h = 0; h < 2; h++) {                                               \
+      __m512d first = base ? _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(b)                   \
+                                                    : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))) \
+                           : zero;                                                                \
+      merged[h] = _mm512_cvtpd_ps(_mm512_add_pd(first, _mm512_mul_pd(scale, sum[h])));            \
+    }                                                                                             \
+    if (bf16_out) {                                                                               \
+      __m512 both = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(merged[0])), \
+                                                        _mm256_castps_pd(merged[1]), 1));         \
+      _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), mergekit_bf16_of_floats(both));      \
+    } else {                                                                                      \
+      _mm256_storeu_ps((float *)out + i, merged[0]);                                              \
+      _mm256_storeu_ps((float *)out + i + 8, merged[1]);                                          \
+    }                                                                                             \
+  }                                                                                               \
+  static inline void NAME##_one(const void *const *terms, const double *weights, size_t count, const void *base, \
+                                int subtract, double scale, size_t i, void *out, int bf16_out) {  \
+    float b = base ? LOAD1(base, i) : 0;                                                          \
+    double sum = 0;                                                                               \
+    for (size_t t = 0; t < count; t++) {                                                          \
+      float x = LOAD1(terms[t], i);                                                               \
+      if (subtract) x = x - b;                                                                    \
+      sum = sum + weights[t] * (double)x;                                                         \
+    }                                                                                             \
+    float merged = (float)((base ? (double)b : 0.0) + scale * sum);                               \
+    if (bf16_out) {                                                                               \
+      uint32_t bits;                                                                              \
+      __builtin_memcpy(&bits, &merged, 4);                                                        \
+      ((uint16_t *)out)[i] = mergekit_bf16_of_float_bits(bits);                                   \
+    } else {                                                                                      \
+      ((float *)out)[i] = merged;                                                                 \
+    }                                                                                             \
+  }                                                                                               \
+  __attribute__((target("avx512f"))) static inline void NAME(                                     \
+      const void *const *terms, const double *weights, size_t count, const void *base, int subtract, double scale, \
+      size_t first, size_t n, void *out, int bf16_out) {                                          \
+    const __m512d scales = _mm512_set1_pd(scale);                                                 \
+    size_t i = first, end = first + n;                                                            \
+    /* The model count and whether the base is added or subtracted known to the compiler for  \
+       the common cases. */                                                                     \
+    int form = subtract ? 2 : (base ? 1 : 0);                                                     \
+    switch (count <= 4 ? 3 * (int)count + form : -1) {                                            \
+    case 3: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 1, 0, 0, scales, i, out, bf16_out); break; \
+    case 4: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 1, base, 0, scales, i, out, bf16_out); break; \
+    case 5: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 1, base, 1, scales, i, out, bf16_out); break; \
+    case 6: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 2, 0, 0, scales, i, out, bf16_out); break; \
+    case 7: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 2, base, 0, scales, i, out, bf16_out); break; \
+    case 8: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 2, base, 1, scales, i, out, bf16_out); break; \
+    case 9: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 3, 0, 0, scales, i, out, bf16_out); break; \
+    case 10: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 3, base, 0, scales, i, out, bf16_out); break; \
+    case 11: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 3, base, 1, scales, i, out, bf16_out); break; \
+    case 12: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 4, 0, 0, scales, i, out, bf16_out); break; \
+    case 13: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 4, base, 0, scales, i, out, bf16_out); break; \
+    case 14: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, 4, base, 1, scales, i, out, bf16_out); break; \
+    default: for (; i + 16 <= end; i += 16) NAME##_step(terms, weights, count, base, subtract, scales, i, out, bf16_out); break; \
+    }                                                                                             \
+    for (; i < end; i++) NAME##_one(terms, weights, count, base, subtract, scale, i, out, bf16_out); \
+  }
+MERGEKIT_WEIGHTED_SUM(mergekit_weighted_sum_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
+MERGEKIT_WEIGHTED_SUM(mergekit_weighted_sum_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
+#undef MERGEKIT_WEIGHTED_SUM
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
 #undef MERGEKIT_SPARSE_CONSENSUS
@@ -471,6 +554,18 @@ static inline void mergekit_sparse_consensus_bf16_avx512(
     int normalize, void *out, int bf16_out) {
   (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
   (void)bf16_out;
+}
+static inline void mergekit_weighted_sum_bf16_avx512(
+    const void *const *terms, const double *weights, size_t count, const void *base, int subtract, double scale,
+    size_t first, size_t n, void *out, int bf16_out) {
+  (void)terms; (void)weights; (void)count; (void)base; (void)subtract; (void)scale; (void)first; (void)n;
+  (void)out; (void)bf16_out;
+}
+static inline void mergekit_weighted_sum_f32_avx512(
+    const void *const *terms, const double *weights, size_t count, const void *base, int subtract, double scale,
+    size_t first, size_t n, void *out, int bf16_out) {
+  (void)terms; (void)weights; (void)count; (void)base; (void)subtract; (void)scale; (void)first; (void)n;
+  (void)out; (void)bf16_out;
 }
 static inline void mergekit_sparse_consensus_f32_avx512(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,

@@ -158,13 +158,21 @@ public enum Kernels {
   /// The same weighted sum computed straight from stored elements of any floating dtype, `count`
   /// of them, encoded as `dtype` into `out`: each chunk is decoded into L1-sized scratch, so no
   /// input is ever decoded whole. Gives the bits `weightedSum` gives on the decoded arrays,
-  /// encoded. Runs on the calling thread.
+  /// encoded. Runs on the calling thread. On an AVX-512 machine, inputs all BF16 or all F32 into
+  /// BF16 or F32 run in `CKernels`, sixteen elements a step (unless `portable`).
   public static func weightedSum(
     _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
     count: Int,
-    into out: UnsafeMutableRawBufferPointer, as dtype: DType
+    into out: UnsafeMutableRawBufferPointer, as dtype: DType, portable: Bool = false
   ) {
     precondition(out.count >= count * dtype.size && weights.count == terms.count && (!subtractingBase || base != nil))
+    if !portable, let o = out.baseAddress,
+      vectorWeightedSum(
+        terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase, count: count, into: o,
+        as: dtype)
+    {
+      return
+    }
     if let o = out.baseAddress,
       fusedWeightedSum(
         terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase, count: count, into: o,
@@ -179,6 +187,34 @@ public enum Kernels {
         UnsafeBufferPointer(start: sums, count: length), as: dtype,
         into: UnsafeMutableRawBufferPointer(rebasing: out[(start * dtype.size)..<((start + length) * dtype.size)]))
     }
+  }
+
+  /// `weightedSum` from stored bytes in the AVX-512 loop (`mergekit_weighted_sum_*`), where the
+  /// machine has it, every input is BF16 or every input F32, and the output is BF16 or F32;
+  /// returns false otherwise.
+  static func vectorWeightedSum(
+    _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
+    count: Int, into out: UnsafeMutableRawPointer, as dtype: DType
+  ) -> Bool {
+    let inputType = terms.first?.dtype ?? base?.dtype
+    guard usesAVX512, let inputType, inputType == .bf16 || inputType == .f32, dtype == .bf16 || dtype == .f32,
+      terms.allSatisfy({ $0.dtype == inputType }), (base?.dtype ?? inputType) == inputType
+    else { return false }
+    let pointers: [UnsafeRawPointer?] = terms.map { $0.start }
+    let (subtract, bf16Out) = (subtractingBase ? Int32(1) : 0, dtype == .bf16 ? Int32(1) : 0)
+    pointers.withUnsafeBufferPointer { t in
+      weights.withUnsafeBufferPointer { w in
+        // With no terms, neither pointer is read.
+        if inputType == .bf16 {
+          mergekit_weighted_sum_bf16_avx512(
+            t.baseAddress, w.baseAddress, terms.count, base?.start, subtract, scale, 0, count, out, bf16Out)
+        } else {
+          mergekit_weighted_sum_f32_avx512(
+            t.baseAddress, w.baseAddress, terms.count, base?.start, subtract, scale, 0, count, out, bf16Out)
+        }
+      }
+    }
+    return true
   }
 
   /// `weightedSum` from stored bytes with the decoding, the sum and the encoding in one loop per

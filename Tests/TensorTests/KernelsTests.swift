@@ -39,17 +39,18 @@ import Testing
   /// share one dtype among BF16, F16 and F32) gives the bits of the weighted sum of the decoded
   /// arrays, encoded: with and without a base, subtracting it or not, into each of the three
   /// output dtypes, with zeros and a negative weight (-0 products) and a count off the chunk size;
-  /// inputs of mixed dtypes take the scratch route and agree too.
+  /// inputs of mixed dtypes take the scratch route and agree too. One to six terms, through the
+  /// AVX-512 loop (BF16 and F32) where the machine has it and through the portable loops.
   @Test func storedWeightedSumIsTheDecodedOne() {
     let n = 1_037
     let rng = CounterRNG(seed: 9, stream: "weighted")
     // Zeros everywhere at i % 7 == 0, the base's negative at every other one of them.
-    let values = (0..<4).map { k in
+    let values = (0..<7).map { k in
       (0..<n).map { i -> Float in i % 7 == 0 ? (k == 0 && i % 14 == 0 ? -0.0 : 0) : rng.normal(UInt64(k * n + i)) }
     }
     // Two negative weights alone leave a -0 sum where both products are -0, which the sums'
     // leading `0 +` turns to +0 (seen where the base is -0).
-    let weightSets = [[-0.7, -1.3, 0.25], [-0.7, -1.3]]
+    let weightSets = [[-0.7, -1.3, 0.25], [-0.7, -1.3], [0.6], [0.3, -0.2, 1.1, 0.5, 0.9, -0.4]]
     func withBytes<R>(_ arrays: [[UInt8]], _ body: ([UnsafeRawPointer]) -> R) -> R {
       func nest(_ i: Int, _ held: [UnsafeRawPointer]) -> R {
         guard i < arrays.count else { return body(held) }
@@ -57,10 +58,11 @@ import Testing
       }
       return nest(0, [])
     }
-    for types in [
+    for pattern in [
       [DType.bf16, .bf16, .bf16, .bf16], [.f16, .f16, .f16, .f16], [.f32, .f32, .f32, .f32],
       [.bf16, .f32, .bf16, .f16],
     ] {
+      let types = pattern + pattern.prefix(3)
       let stored = zip(values, types).map { Tensor(shape: [n], scalars: $0).encoded(as: $1).bytes }
       let decoded = zip(stored, types).map { bytes, type in
         bytes.withUnsafeBytes { Tensor(decoding: $0, dtype: type, shape: [n]).scalars }
@@ -75,17 +77,23 @@ import Testing
                 Array(decoded[terms]), weights: weights, scale: 0.9, base: hasBase ? decoded[0] : nil,
                 subtractingBase: subtracting)
             ).encoded(as: output).bytes
-            let actual = withBytes(stored) { p in
-              let elements = zip(p, types).map { Kernels.StoredElements(start: $0, dtype: $1) }
-              return [UInt8](unsafeUninitializedCapacity: n * output.size) { buffer, initialized in
-                Kernels.weightedSum(
-                  Array(elements[terms]), weights: weights, scale: 0.9, base: hasBase ? elements[0] : nil,
-                  subtractingBase: subtracting, count: n, into: UnsafeMutableRawBufferPointer(buffer), as: output)
-                initialized = n * output.size
+            for portable in [false, true] {
+              let actual = withBytes(stored) { p in
+                let elements = zip(p, types).map { Kernels.StoredElements(start: $0, dtype: $1) }
+                return [UInt8](unsafeUninitializedCapacity: n * output.size) { buffer, initialized in
+                  Kernels.weightedSum(
+                    Array(elements[terms]), weights: weights, scale: 0.9, base: hasBase ? elements[0] : nil,
+                    subtractingBase: subtracting, count: n, into: UnsafeMutableRawBufferPointer(buffer), as: output,
+                    portable: portable)
+                  initialized = n * output.size
+                }
               }
+              let same = actual == expected
+              #expect(
+                same,
+                "\(pattern) -> \(output), \(weights), base \(hasBase), subtracting \(subtracting), portable \(portable)"
+              )
             }
-            #expect(
-              actual == expected, "\(types) -> \(output), \(weights), base \(hasBase), subtracting \(subtracting)")
           }
         }
       }
