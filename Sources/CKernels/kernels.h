@@ -430,13 +430,17 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
       words |= models[t].words != 0;                                                              \
       scaled |= models[t].scale != 1;                                                             \
     }                                                                                             \
-    /* Common cases with the model count and the rules' kinds known to the compiler: the      \
-       unrolled loops keep every product in registers, and no step tests a rule's kind. */   \
-    switch (words || scaled ? 0 : count) {                                                        \
+    /* The model count known to the compiler for up to four (the unrolled loops keep every    \
+       product in registers), and with plain bands no step tests a rule's kind. */            \
+    switch (count <= 4 ? (int)count + (words || scaled ? 4 : 0) : 0) {                            \
     case 1: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
     case 2: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
     case 3: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
     case 4: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
+    case 5: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
+    case 6: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
+    case 7: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
+    case 8: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
     default: for (; i + 16 <= end; i += 16) NAME##_step(base, models, count, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
     }                                                                                             \
     for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, out, bf16_out);              \
