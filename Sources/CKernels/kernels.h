@@ -232,9 +232,23 @@ __attribute__((target("avx512f"))) static inline __m512d mergekit_magnitudes_pai
 __attribute__((target("avx512f"))) static inline __mmask8 mergekit_keep_pair(const uint64_t *keep, size_t i, size_t k) {
   return (__mmask8)(((keep[i / 64] >> (i % 64)) & 0xFu) | (((keep[k / 64] >> (k % 64)) & 0xFu) << 4));
 }
-#define MERGEKIT_ABSOLUTE_SUMS_STEP(i, k, all, kept)                                             \
+/// `..._bf16_differences`: the magnitudes of the float differences `model - base` of two bf16
+/// arrays (`mergekit_key_source`: first the model, second the base), rounded as `Kernels.differences`
+/// rounds them, formed in registers.
+__attribute__((target("avx512f"))) static inline __m512d mergekit_bf16_difference_magnitudes_pair(
+    mergekit_key_source s, size_t i, size_t k) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  __m128i model = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s.first + i)),
+                                     _mm_loadl_epi64((const __m128i *)((const uint16_t *)s.first + k)));
+  __m128i base = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s.second + i)),
+                                    _mm_loadl_epi64((const __m128i *)((const uint16_t *)s.second + k)));
+  __m256 difference = _mm256_sub_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(model), 16)),
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(base), 16)));
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(difference), magnitude)));
+}
+#define MERGEKIT_ABSOLUTE_SUMS_STEP(MAGNITUDES, i, k, all, kept)                                         \
   do {                                                                                           \
-    __m512d d = mergekit_magnitudes_pair(v, i, k);                                               \
+    __m512d d = MAGNITUDES(v, i, k);                                                             \
     all = _mm512_add_pd(all, d);                                                                 \
     kept = _mm512_add_pd(kept, _mm512_maskz_mov_pd(mergekit_keep_pair(keep, i, k), d));          \
   } while (0)
@@ -243,28 +257,33 @@ __attribute__((target("avx512f"))) static inline __mmask8 mergekit_keep_pair(con
     out[2 * (j)] = mergekit_chain_total(_mm512_extractf64x4_pd(all, half));                      \
     out[2 * (j) + 1] = mergekit_chain_total(_mm512_extractf64x4_pd(kept, half));                 \
   } while (0)
-__attribute__((target("avx512f"))) static inline void mergekit_absolute_sums_avx512(
-    const float *v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
-  size_t j = first, end = first + blocks;
-  for (; j + 4 <= end; j += 4) {
-    __m512d all0 = _mm512_setzero_pd(), kept0 = all0, all1 = all0, kept1 = all0;
-    for (size_t i = j * block; i < (j + 1) * block; i += 4) {
-      MERGEKIT_ABSOLUTE_SUMS_STEP(i, i + block, all0, kept0);
-      MERGEKIT_ABSOLUTE_SUMS_STEP(i + 2 * block, i + 3 * block, all1, kept1);
-    }
-    MERGEKIT_ABSOLUTE_SUMS_STORE(j, 0, all0, kept0);
-    MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all0, kept0);
-    MERGEKIT_ABSOLUTE_SUMS_STORE(j + 2, 0, all1, kept1);
-    MERGEKIT_ABSOLUTE_SUMS_STORE(j + 3, 1, all1, kept1);
+#define MERGEKIT_ABSOLUTE_SUMS(NAME, SOURCE, MAGNITUDES)                                          \
+  __attribute__((target("avx512f"))) static inline void NAME(                                     \
+      SOURCE v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {   \
+    size_t j = first, end = first + blocks;                                                       \
+    for (; j + 4 <= end; j += 4) {                                                                \
+      __m512d all0 = _mm512_setzero_pd(), kept0 = all0, all1 = all0, kept1 = all0;                \
+      for (size_t i = j * block; i < (j + 1) * block; i += 4) {                                   \
+        MERGEKIT_ABSOLUTE_SUMS_STEP(MAGNITUDES, i, i + block, all0, kept0);                               \
+        MERGEKIT_ABSOLUTE_SUMS_STEP(MAGNITUDES, i + 2 * block, i + 3 * block, all1, kept1);               \
+      }                                                                                           \
+      MERGEKIT_ABSOLUTE_SUMS_STORE(j, 0, all0, kept0);                                            \
+      MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all0, kept0);                                        \
+      MERGEKIT_ABSOLUTE_SUMS_STORE(j + 2, 0, all1, kept1);                                        \
+      MERGEKIT_ABSOLUTE_SUMS_STORE(j + 3, 1, all1, kept1);                                        \
+    }                                                                                             \
+    for (; j < end; j += 2) {                                                                     \
+      size_t second = j + 1 < end ? block : 0; /* a lone block paired with itself */              \
+      __m512d all = _mm512_setzero_pd(), kept = all;                                              \
+      for (size_t i = j * block; i < (j + 1) * block; i += 4) MERGEKIT_ABSOLUTE_SUMS_STEP(MAGNITUDES, i, i + second, all, kept); \
+      MERGEKIT_ABSOLUTE_SUMS_STORE(j, 0, all, kept);                                              \
+      if (second) MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all, kept);                              \
+    }                                                                                             \
   }
-  for (; j < end; j += 2) {
-    size_t second = j + 1 < end ? block : 0;  // a lone block paired with itself
-    __m512d all = _mm512_setzero_pd(), kept = all;
-    for (size_t i = j * block; i < (j + 1) * block; i += 4) MERGEKIT_ABSOLUTE_SUMS_STEP(i, i + second, all, kept);
-    MERGEKIT_ABSOLUTE_SUMS_STORE(j, 0, all, kept);
-    if (second) MERGEKIT_ABSOLUTE_SUMS_STORE(j + 1, 1, all, kept);
-  }
-}
+MERGEKIT_ABSOLUTE_SUMS(mergekit_absolute_sums_avx512, const float *, mergekit_magnitudes_pair)
+MERGEKIT_ABSOLUTE_SUMS(mergekit_absolute_sums_bf16_differences_avx512, mergekit_key_source,
+                       mergekit_bf16_difference_magnitudes_pair)
+#undef MERGEKIT_ABSOLUTE_SUMS
 
 /// 16 keep flags of elements `i ..< i + 16` from packed words (any `i`).
 static inline uint32_t mergekit_flags16(const uint64_t *words, size_t i) {
@@ -449,8 +468,8 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
 /// elements `first ..< first + n`: per element, `sum = 0 + w_0 x_0`, then `sum += w_t x_t` in
 /// double, where `x_t` is term t's value (minus the base's, rounded to float, when `subtract`);
 /// the result `(float)(base + scale * sum)`, or `(float)(0 + scale * sum)` without a base, stored
-/// as floats or, when `bf16_out`, as BF16. Every input has the loader's dtype; `count` terms, at
-/// most `MERGEKIT_CONSENSUS_MODELS`. Sixteen elements a step.
+/// as floats or, when `bf16_out`, as BF16. Every input has the loader's dtype. Sixteen elements
+/// a step.
 #define MERGEKIT_WEIGHTED_SUM(NAME, LOAD16, LOAD1)                                                \
   __attribute__((target("avx512f"), always_inline)) static inline void NAME##_step(               \
       const void *const *terms, const double *weights, size_t count, const void *base, int subtract, \
@@ -581,6 +600,10 @@ typedef struct {
   const void *first;
   const void *second;
 } mergekit_key_source;
+static inline void mergekit_absolute_sums_bf16_differences_avx512(
+    mergekit_key_source v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
+  (void)v; (void)keep; (void)first; (void)blocks; (void)block; (void)out;
+}
 static inline size_t mergekit_bracket_summary_avx512(
     mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) {
   (void)source; (void)n; (void)low; (void)high; (void)out;

@@ -252,25 +252,62 @@ public struct TaskVectorMerge: StreamingMerge {
       var before = [Double](repeating: 0, count: models)
       var after = [Double](repeating: 0, count: models)
       let sparsity = plans
-      try scan.pass { range in
-        let d = try deltas(range)
-        let summary = (0..<models).map { m -> (Double, Double, [UInt64]?) in
-          if let (density, rng) = sparsity[m].random {
-            // DARE's draws go straight into packed bits, kept for the merge pass when it uses them.
-            let bits = Kernels.randomKeepBits(d[m].count, offset: range.offset, rng: rng, density: density)
-            let (all, kept) = Kernels.absoluteSums(d[m], keepBits: bits)
-            return (all, kept, keepsDraws ? bits : nil)
-          }
-          guard let keep = sparsity[m].keep(d[m], offset: range.offset) else { return (0, 0, nil) }
-          return (Kernels.absoluteSum(d[m]), Kernels.absoluteSum(d[m], keep: keep), nil)
+      /// Model m's two L1 sums over a range (and DARE's draws, packed, when the merge keeps them):
+      /// `storedSums` sums the stored differences under given draws, `delta` forms the range's
+      /// task vector where a rule needs its values.
+      func sums(
+        _ m: Int, offset: Int, count: Int, delta: () -> [Float], storedSums: (([UInt64]) -> (Double, Double))?
+      ) -> (Double, Double, [UInt64]?) {
+        if let (density, rng) = sparsity[m].random {
+          // DARE's draws go straight into packed bits, kept for the merge pass when it uses them.
+          let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
+          let (all, kept) = storedSums?(bits) ?? Kernels.absoluteSums(delta(), keepBits: bits)
+          return (all, kept, keepsDraws ? bits : nil)
         }
-        return (range.offset, summary)
-      } combine: { offset, sums in
+        let d = delta()
+        guard let keep = sparsity[m].keep(d, offset: offset) else { return (0, 0, nil) }
+        return (Kernels.absoluteSum(d), Kernels.absoluteSum(d, keep: keep), nil)
+      }
+      let combine = { (offset: Int, sums: [(Double, Double, [UInt64]?)]) in
         for m in 0..<models {
           before[m] += sums[m].0
           after[m] += sums[m].1
         }
         if sums.contains(where: { $0.2 != nil }) { drawnMasks[offset] = sums.map(\.2) }
+      }
+      if arithmetic.isRounded {
+        try scan.pass(
+          { range in
+            let d = try deltas(range)
+            return (
+              range.offset,
+              (0..<models).map { m in sums(m, offset: range.offset, count: d[m].count, delta: { d[m] }, storedSums: nil)
+              }
+            )
+          }, combine: combine)
+      } else {
+        // From the stored bytes: DARE's sums form each difference in a register (BF16 inputs).
+        try scan.storedPass(
+          { inputs, elements in
+            guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
+            var decodedBase: [Float]?
+            return (
+              elements.lowerBound,
+              (0..<models).map { m in
+                sums(
+                  m, offset: elements.lowerBound, count: elements.count,
+                  delta: {
+                    let base = decodedBase ?? inputs[0].decoded(count: elements.count)
+                    decodedBase = base
+                    return Kernels.differences([inputs[1 + m]], minus: base)[0]
+                  },
+                  storedSums: { bits in
+                    Kernels.absoluteSums(
+                      differenceOf: inputs[1 + m], minus: inputs[0], count: elements.count, keepBits: bits)
+                  })
+              }
+            )
+          }, combine: combine)
       }
       for m in 0..<models {
         // mergekit's norms and their ratio are tensors of the compute dtype.

@@ -944,22 +944,63 @@ public enum Kernels {
           : { mergekit_absolute_sums_avx512(vp, kp, $0, $1, Elementwise.blockSize, $2) }
         return sumsOfBlocks(count: values.count, width: 2, whole: whole) { block, o in
           let range = (block * Elementwise.blockSize)..<Swift.min(values.count, (block + 1) * Elementwise.blockSize)
-          // Unpacked to masks first: the sum then runs as fast as over a `[Bool]` mask (testing
-          // the bits inside it is several times slower).
-          (o[2 * block], o[2 * block + 1]) = withUnsafeTemporaryAllocation(of: UInt32.self, capacity: range.count) {
-            masks in
-            guard let m = masks.baseAddress else { return (0, 0) }
-            let first = range.lowerBound
-            unpackMasks(kp, first: first, count: range.count, into: m)
-            return Elementwise.blockSumPair(range) {
-              let magnitude = vp[$0].bitPattern & 0x7FFF_FFFF
-              return (Double(Float(bitPattern: magnitude)), Double(Float(bitPattern: magnitude & m[$0 - first])))
-            }
-          }
+          (o[2 * block], o[2 * block + 1]) = absoluteSumsOfBlock(
+            vp + range.lowerBound, kp, first: range.lowerBound, count: range.count)
         }
       }
     }
     return (sums[0], sums[1])
+  }
+
+  /// `absoluteSums` of the differences `model - base` of `count` stored elements, rounded to
+  /// `Float` as `differences` forms them: the same sums to the bit. Two BF16 inputs on an
+  /// AVX-512 machine (unless `portable`) form each difference in a register, without decoding the
+  /// base or writing the differences out; other cases sum `differences`' array.
+  public static func absoluteSums(
+    differenceOf model: StoredElements, minus base: StoredElements, count: Int, keepBits keep: [UInt64],
+    portable: Bool = false
+  ) -> (all: Double, kept: Double) {
+    guard !portable, usesAVX512, model.dtype == .bf16, base.dtype == .bf16 else {
+      return absoluteSums(
+        differences([model], minus: base.decoded(count: count))[0], keepBits: keep, portable: portable)
+    }
+    precondition(keep.count == (count + 63) / 64)
+    guard count > 0 else { return (0, 0) }
+    let source = mergekit_key_source(first: model.start, second: base.start)
+    let sums = keep.withUnsafeBufferPointer { k in
+      guard let kp = k.baseAddress else { return [0.0, 0.0] }
+      return sumsOfBlocks(
+        count: count, width: 2,
+        whole: { mergekit_absolute_sums_bf16_differences_avx512(source, kp, $0, $1, Elementwise.blockSize, $2) }
+      ) { block, o in
+        // The partial last block: its differences formed here, summed as the array's are.
+        let range = (block * Elementwise.blockSize)..<Swift.min(count, (block + 1) * Elementwise.blockSize)
+        let offset = range.lowerBound
+        let shifted = [model, base].map { StoredElements(start: $0.start + offset * $0.dtype.size, dtype: $0.dtype) }
+        let difference = differences([shifted[0]], minus: shifted[1].decoded(count: range.count))[0]
+        (o[2 * block], o[2 * block + 1]) = difference.withUnsafeBufferPointer { d in
+          guard let dp = d.baseAddress else { return (0, 0) }
+          return absoluteSumsOfBlock(dp, kp, first: offset, count: range.count)
+        }
+      }
+    }
+    return (sums[0], sums[1])
+  }
+
+  /// The two sums of one block for `absoluteSums`: `count` values from `values` (elements `first`
+  /// on), their flags from packed `keep`. Unpacked to masks first: the sum then runs as fast as
+  /// over a `[Bool]` mask (testing the bits inside it is several times slower).
+  static func absoluteSumsOfBlock(
+    _ values: UnsafePointer<Float>, _ keep: UnsafePointer<UInt64>, first: Int, count: Int
+  ) -> (Double, Double) {
+    withUnsafeTemporaryAllocation(of: UInt32.self, capacity: count) { masks in
+      guard let m = masks.baseAddress else { return (0, 0) }
+      unpackMasks(keep, first: first, count: count, into: m)
+      return Elementwise.blockSumPair(0..<count) {
+        let magnitude = values[$0].bitPattern & 0x7FFF_FFFF
+        return (Double(Float(bitPattern: magnitude)), Double(Float(bitPattern: magnitude & m[$0])))
+      }
+    }
   }
 
   /// Sum of |values| (where `keep`, if given), in `Double`, deterministic.

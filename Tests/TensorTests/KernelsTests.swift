@@ -127,6 +127,42 @@ import Testing
     }
   }
 
+  /// DARE's two L1 sums of stored differences `model - base` are those of `differences`' array
+  /// to the bit: BF16 pairs through the AVX-512 loop (groups of four blocks, a pair, a lone block
+  /// and a partial one) and the portable path, other dtypes through the array; with differences
+  /// of zero of either sign.
+  @Test func absoluteSumsOfStoredDifferencesAreThoseOfTheArray() {
+    let block = Elementwise.blockSize
+    for n in [5, 4 * block, 7 * block + 1_001] {
+      let base = CounterRNG(seed: 13, stream: "l1-base").normalTensor([n])
+      let model = Tensor(
+        shape: [n],
+        scalars: base.scalars.enumerated().map { i, b in
+          i % 9 == 0 ? b : b + 0.05 * CounterRNG(seed: 14, stream: "l1-model").normal(UInt64(i))
+        })
+      let bits = Kernels.randomKeepBits(n, offset: 3, rng: CounterRNG(seed: 15, stream: "l1"), density: 0.4)
+      for (modelType, baseType) in [(DType.bf16, DType.bf16), (.f32, .f32), (.bf16, .f16)] {
+        let (m, b) = (model.encoded(as: modelType), base.encoded(as: baseType))
+        m.bytes.withUnsafeBytes { mb in
+          b.bytes.withUnsafeBytes { bb in
+            let (ms, bs) = (
+              Kernels.StoredElements(start: mb.baseAddress!, dtype: modelType),
+              Kernels.StoredElements(start: bb.baseAddress!, dtype: baseType)
+            )
+            let expected = Kernels.absoluteSums(
+              Kernels.differences([ms], minus: bs.decoded(count: n))[0], keepBits: bits, portable: true)
+            for portable in [false, true] {
+              let sums = Kernels.absoluteSums(
+                differenceOf: ms, minus: bs, count: n, keepBits: bits, portable: portable)
+              #expect(
+                sums.all == expected.all && sums.kept == expected.kept, "\(n) \(modelType) \(baseType) \(portable)")
+            }
+          }
+        }
+      }
+    }
+  }
+
   /// Packing puts flag i on bit i % 64 of word i / 64, for lengths with and without a partial
   /// last word (checked against the bits read back one by one).
   @Test func packedFlagsSitOnTheirBits() {
