@@ -331,6 +331,35 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
 }
 
+/// Sixteen results at `out + i` from two vectors of eight, as floats or (`bf16_out`) BF16;
+/// `mergekit_store1`: one.
+__attribute__((target("avx512f"))) static inline void mergekit_store16(void *out, size_t i, __m256 low, __m256 high,
+                                                                       int bf16_out) {
+  if (bf16_out) {
+    __m512 both = _mm512_castpd_ps(
+        _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(low)), _mm256_castps_pd(high), 1));
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), mergekit_bf16_of_floats(both));
+  } else {
+    _mm256_storeu_ps((float *)out + i, low);
+    _mm256_storeu_ps((float *)out + i + 8, high);
+  }
+}
+static inline void mergekit_store1(void *out, size_t i, float value, int bf16_out) {
+  if (bf16_out) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &value, 4);
+    ((uint16_t *)out)[i] = mergekit_bf16_of_float_bits(bits);
+  } else {
+    ((float *)out)[i] = value;
+  }
+}
+
+/// Floats `8h ..< 8h + 8` of `v` as doubles.
+__attribute__((target("avx512f"))) static inline __m512d mergekit_doubles_of_half(__m512 v, int h) {
+  return _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(v)
+                                : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
 /// TIES's disjoint merge of elements `first ..< first + n`, from the stored elements of the base
 /// and of `count` models (at most `MERGEKIT_CONSENSUS_MODELS`, all of one dtype), into `out`:
 /// `Kernels.sparseConsensusMerge`'s arithmetic to the bit. Per element and model, the delta
@@ -363,8 +392,7 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
     _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                        \
       __m512 d = _mm512_sub_ps(LOAD16(models[t].elements, i), b);                                 \
       __mmask16 keep = MERGEKIT_CONSENSUS_KEEP(models[t], d, i);                                  \
-      __m512d halves[2] = {_mm512_cvtps_pd(_mm512_castps512_ps256(d)),                           \
-                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)))}; \
+      __m512d halves[2] = {mergekit_doubles_of_half(d, 0), mergekit_doubles_of_half(d, 1)};        \
       const __m512d weight = _mm512_set1_pd(models[t].weight);                                    \
       _Pragma("unroll") for (int h = 0; h < 2; h++) {                                             \
         __m512d v = halves[h];                                                                    \
@@ -390,18 +418,9 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
       if (normalize)                                                                              \
         mixed = _mm512_div_pd(                                                                    \
             mixed, _mm512_mask_mov_pd(divisor, _mm512_cmp_pd_mask(divisor, _mm512_setzero_pd(), _CMP_EQ_OQ), _mm512_set1_pd(1))); \
-      __m512d b64 = _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(b)                            \
-                                           : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))); \
-      merged[h] = _mm512_cvtpd_ps(_mm512_add_pd(b64, _mm512_mul_pd(lambda, mixed)));              \
+      merged[h] = _mm512_cvtpd_ps(_mm512_add_pd(mergekit_doubles_of_half(b, h), _mm512_mul_pd(lambda, mixed))); \
     }                                                                                             \
-    if (bf16_out) {                                                                               \
-      __m512 both = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(merged[0])), \
-                                                        _mm256_castps_pd(merged[1]), 1));         \
-      _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), mergekit_bf16_of_floats(both));      \
-    } else {                                                                                      \
-      _mm256_storeu_ps((float *)out + i, merged[0]);                                              \
-      _mm256_storeu_ps((float *)out + i + 8, merged[1]);                                          \
-    }                                                                                             \
+    mergekit_store16(out, i, merged[0], merged[1], bf16_out);                                     \
   }                                                                                               \
   static inline void NAME##_one(const void *base, const mergekit_consensus_model *models, size_t count, size_t i, \
                                 double lambda, int normalize, void *out, int bf16_out) {          \
@@ -430,14 +449,7 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
       divisor += mergekit_bits_double(mergekit_double_bits(models[t].weight) & agrees);           \
     }                                                                                             \
     if (normalize) mixed /= divisor == 0 ? 1 : divisor;                                           \
-    float merged = (float)((double)b + lambda * mixed);                                           \
-    if (bf16_out) {                                                                               \
-      uint32_t bits;                                                                              \
-      __builtin_memcpy(&bits, &merged, 4);                                                        \
-      ((uint16_t *)out)[i] = mergekit_bf16_of_float_bits(bits);                                   \
-    } else {                                                                                      \
-      ((float *)out)[i] = merged;                                                                 \
-    }                                                                                             \
+    mergekit_store1(out, i, (float)((double)b + lambda * mixed), bf16_out);                       \
   }                                                                                               \
   __attribute__((target("avx512f"))) static inline void NAME(                                     \
       const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda, \
@@ -481,25 +493,15 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
       __m512 x = LOAD16(terms[t], i);                                                             \
       if (subtract) x = _mm512_sub_ps(x, b);                                                      \
       const __m512d w = _mm512_set1_pd(weights[t]);                                              \
-      sum[0] = _mm512_add_pd(sum[0], _mm512_mul_pd(w, _mm512_cvtps_pd(_mm512_castps512_ps256(x)))); \
-      sum[1] = _mm512_add_pd(                                                                     \
-          sum[1], _mm512_mul_pd(w, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))))); \
+      sum[0] = _mm512_add_pd(sum[0], _mm512_mul_pd(w, mergekit_doubles_of_half(x, 0)));           \
+      sum[1] = _mm512_add_pd(sum[1], _mm512_mul_pd(w, mergekit_doubles_of_half(x, 1)));           \
     }                                                                                             \
     __m256 merged[2];                                                                             \
     _Pragma("unroll") for (int h = 0; h < 2; h++) {                                               \
-      __m512d first = base ? _mm512_cvtps_pd(h == 0 ? _mm512_castps512_ps256(b)                   \
-                                                    : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))) \
-                           : zero;                                                                \
+      __m512d first = base ? mergekit_doubles_of_half(b, h) : zero;                               \
       merged[h] = _mm512_cvtpd_ps(_mm512_add_pd(first, _mm512_mul_pd(scale, sum[h])));            \
     }                                                                                             \
-    if (bf16_out) {                                                                               \
-      __m512 both = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(merged[0])), \
-                                                        _mm256_castps_pd(merged[1]), 1));         \
-      _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), mergekit_bf16_of_floats(both));      \
-    } else {                                                                                      \
-      _mm256_storeu_ps((float *)out + i, merged[0]);                                              \
-      _mm256_storeu_ps((float *)out + i + 8, merged[1]);                                          \
-    }                                                                                             \
+    mergekit_store16(out, i, merged[0], merged[1], bf16_out);                                     \
   }                                                                                               \
   static inline void NAME##_one(const void *const *terms, const double *weights, size_t count, const void *base, \
                                 int subtract, double scale, size_t i, void *out, int bf16_out) {  \
@@ -510,14 +512,7 @@ __attribute__((target("avx512f"))) static inline __m256i mergekit_bf16_of_floats
       if (subtract) x = x - b;                                                                    \
       sum = sum + weights[t] * (double)x;                                                         \
     }                                                                                             \
-    float merged = (float)((base ? (double)b : 0.0) + scale * sum);                               \
-    if (bf16_out) {                                                                               \
-      uint32_t bits;                                                                              \
-      __builtin_memcpy(&bits, &merged, 4);                                                        \
-      ((uint16_t *)out)[i] = mergekit_bf16_of_float_bits(bits);                                   \
-    } else {                                                                                      \
-      ((float *)out)[i] = merged;                                                                 \
-    }                                                                                             \
+    mergekit_store1(out, i, (float)((base ? (double)b : 0.0) + scale * sum), bf16_out);           \
   }                                                                                               \
   __attribute__((target("avx512f"))) static inline void NAME(                                     \
       const void *const *terms, const double *weights, size_t count, const void *base, int subtract, double scale, \
