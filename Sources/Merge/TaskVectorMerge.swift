@@ -290,17 +290,12 @@ public struct TaskVectorMerge: StreamingMerge {
         try scan.storedPass(
           { inputs, elements in
             guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
-            var decodedBase: [Float]?
+            let taskVectors = StoredTaskVectors(inputs, count: elements.count)
             return (
               elements.lowerBound,
               (0..<models).map { m in
                 sums(
-                  m, offset: elements.lowerBound, count: elements.count,
-                  delta: {
-                    let base = decodedBase ?? inputs[0].decoded(count: elements.count)
-                    decodedBase = base
-                    return Kernels.differences([inputs[1 + m]], minus: base)[0]
-                  },
+                  m, offset: elements.lowerBound, count: elements.count, delta: { taskVectors.model(m) },
                   storedSums: { bits in
                     Kernels.absoluteSums(
                       differenceOf: inputs[1 + m], minus: inputs[0], count: elements.count, keepBits: bits)
@@ -350,7 +345,7 @@ public struct TaskVectorMerge: StreamingMerge {
         guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
         let kept = drawn[elements.lowerBound]
         var rules: [Kernels.KeepRule] = []
-        var decodedBase: [Float]?
+        let taskVectors = StoredTaskVectors(inputs, count: elements.count)
         for m in 0..<models {
           if let rule = kept?[m].map({ .bits($0) })
             ?? sparsity[m].rule(offset: elements.lowerBound, count: elements.count)
@@ -358,9 +353,7 @@ public struct TaskVectorMerge: StreamingMerge {
             rules.append(rule)
             continue
           }
-          let base = decodedBase ?? inputs[0].decoded(count: elements.count)
-          decodedBase = base
-          let delta = Kernels.differences([inputs[1 + m]], minus: base)[0]
+          let delta = taskVectors.model(m)
           rules.append(sparsity[m].keep(delta, offset: elements.lowerBound).map { .bits(Kernels.packBits($0)) } ?? .all)
         }
         let size = elements.count * dtype.size
@@ -542,5 +535,26 @@ public struct TaskVectorMerge: StreamingMerge {
       name: tensor, base: Tensor(shape: [delta.count], scalars: zero),
       models: models.map { Tensor(shape: [delta.count], scalars: $0) })
     return try merge(inputs, single).scalars
+  }
+}
+
+/// The task vectors of one range's stored elements (`TensorScan.StoredReader`'s order: the
+/// base, then the models), formed on demand as `RangeInputs.modelsMinusBase` forms them, for the
+/// rules that need a model's values; the base is decoded once, on first use.
+final class StoredTaskVectors {
+  private let inputs: [Kernels.StoredElements]
+  private let count: Int
+  private var base: [Float]?
+
+  init(_ inputs: [Kernels.StoredElements], count: Int) {
+    self.inputs = inputs
+    self.count = count
+  }
+
+  /// Model `m` minus the base, rounded to `Float`.
+  func model(_ m: Int) -> [Float] {
+    let base = self.base ?? inputs[0].decoded(count: count)
+    self.base = base
+    return Kernels.differences([inputs[1 + m]], minus: base)[0]
   }
 }
