@@ -148,22 +148,32 @@ final class OutputFile: @unchecked Sendable {
     }
   }
 
-  /// Writes every piece in order with `writev`, resuming after partial writes; returns the
-  /// error's text if one fails.
+  /// Writes every piece in order with `writev`, at most `stagingSize` bytes a call (a larger
+  /// piece in parts), resuming after partial writes; returns the error's text if one fails.
   private static func writeAll(_ fd: Int32, _ pieces: [UnsafeRawBufferPointer]) -> String? {
     var vectors = pieces.filter { $0.count > 0 }.map {
       iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)
     }
     var first = 0
     while first < vectors.count {
-      let written = vectors.withUnsafeBufferPointer { v -> Int in
+      // The next call: whole pieces while they fit, else the first piece's next part.
+      var (count, total) = (0, 0)
+      while first + count < vectors.count && count < 512 && total + vectors[first + count].iov_len <= stagingSize {
+        total += vectors[first + count].iov_len
+        count += 1
+      }
+      let written = vectors.withUnsafeMutableBufferPointer { v -> Int in
         guard let start = v.baseAddress else { return 0 }
-        return writev(fd, start + first, Int32(min(v.count - first, 512)))
+        if count > 0 { return writev(fd, start + first, Int32(count)) }
+        var part = v[first]
+        part.iov_len = stagingSize
+        return writev(fd, &part, 1)
       }
       if written < 0 {
         if errno == EINTR { continue }
         return String(cString: strerror(errno))
       }
+      if written == 0 { return "the write made no progress" }
       var left = written
       while left > 0 && first < vectors.count {
         if left >= vectors[first].iov_len {
