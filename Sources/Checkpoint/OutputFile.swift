@@ -112,8 +112,8 @@ final class OutputFile: @unchecked Sendable {
 
   /// Appends bytes the caller hands over, without copying them. Arrays are gathered until they
   /// hold a staging buffer's worth (never twice that), then queued after everything accepted
-  /// before and written by one `writev`: the page cache sizes its folios by the write, and
-  /// writes of 512 KiB cost more system time than writes of 1 MiB (see the note on write sizes
+  /// before and written with `writev`, a staging buffer's worth a call: the page cache sizes its
+  /// folios by the write, and writes of 512 KiB cost more system time than writes of 1 MiB (see the note on write sizes
   /// above). A group takes one of the staging buffers' turns, so at most `stagingCount` writes
   /// of either kind wait; writes still finish in submission order, so a staging buffer is free
   /// whenever a turn is.
