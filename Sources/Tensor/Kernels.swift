@@ -338,10 +338,14 @@ public enum Kernels {
     case bits([UInt64])
   }
 
-  /// `mask` packed 64 flags to a word (element i: bit `i % 64` of word `i / 64`). Eight flags
-  /// (bytes of 0 or 1) at a time: multiplied by 0x0102040810204080, flag k's term lands on bit
-  /// 56 + k and every other term on a bit of its own elsewhere (no carries), so the top byte
-  /// holds the eight flags in order.
+  /// Eight flag bytes (0 or 1; byte k at bits 8k of a little-endian word) as eight bits, flag k
+  /// at bit k: times 0x0102040810204080, flag k's term lands on bit 56 + k and every other term
+  /// on a bit of its own elsewhere (no carries), so the top byte holds the flags in order.
+  @inline(__always)
+  static func bitsOfFlagBytes(_ eight: UInt64) -> UInt64 { (eight &* 0x0102_0408_1020_4080) &>> 56 }
+
+  /// `mask` packed 64 flags to a word (element i: bit `i % 64` of word `i / 64`), eight flags a
+  /// multiply (`bitsOfFlagBytes`).
   public static func packBits(_ mask: [Bool]) -> [UInt64] {
     let count = (mask.count + 63) / 64
     return mask.withUnsafeBytes { m in
@@ -351,7 +355,7 @@ public enum Kernels {
           var word: UInt64 = 0
           for octet in 0..<8 {
             let flags = m.loadUnaligned(fromByteOffset: 64 * w + 8 * octet, as: UInt64.self) & 0x0101_0101_0101_0101
-            word |= ((flags &* 0x0102_0408_1020_4080) >> 56) << UInt64(8 * octet)
+            word |= bitsOfFlagBytes(flags) << UInt64(8 * octet)
           }
           words[w] = word
         }
@@ -754,8 +758,7 @@ public enum Kernels {
           let first = w * 64
           let length = Swift.min(64, count - first)
           // The draws first, a byte each (a loop the compiler vectorises); then each 8 flag bytes,
-          // loaded as one little-endian word (byte i at bit 8i), become 8 bits by one product:
-          // byte i times 2^(56 - 7i) lands on bit 56 + i, and no two terms share a bit.
+          // loaded as one word, become 8 bits by one product (`bitsOfFlagBytes`).
           for k in 0..<length {
             flags.storeBytes(
               of: rng.bits32(UInt64(offset + first + k)) < bound ? 1 : 0, toByteOffset: k, as: UInt8.self)
@@ -763,8 +766,7 @@ public enum Kernels {
           for k in length..<64 { flags.storeBytes(of: 0, toByteOffset: k, as: UInt8.self) }
           var word: UInt64 = 0
           for g in 0..<8 {
-            let eight = flags.load(fromByteOffset: 8 * g, as: UInt64.self)
-            word |= ((eight &* 0x0102_0408_1020_4080) &>> 56) &<< UInt64(8 * g)
+            word |= bitsOfFlagBytes(flags.load(fromByteOffset: 8 * g, as: UInt64.self)) &<< UInt64(8 * g)
           }
           (out + w).initialize(to: word)
         }
