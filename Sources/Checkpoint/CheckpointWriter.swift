@@ -254,19 +254,21 @@ public final class CheckpointWriter: TensorSink {
 
   /// Appends bytes of the current tensor.
   public func append(_ piece: UnsafeRawBufferPointer) throws {
-    guard let open = openShard else {
-      throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor")
-    }
-    try namedInOutput(open.index) { try open.writer.append(piece) }
+    try appendToOpenShard { try $0.append(piece) }
   }
 
   /// Appends bytes of the current tensor, handed over: queued for the file's background writes
   /// without a copy.
   public func append(owned bytes: [UInt8]) throws {
+    try appendToOpenShard { try $0.append(owned: bytes) }
+  }
+
+  /// Runs `append` on the open shard's file (a write-order error when no tensor has begun).
+  private func appendToOpenShard(_ append: (any TensorFileWriter) throws -> Void) throws {
     guard let open = openShard else {
       throw CheckpointError.writeOrder(file: destination, reason: "bytes written before any tensor")
     }
-    try namedInOutput(open.index) { try open.writer.append(owned: bytes) }
+    try namedInOutput(open.index) { try append(open.writer) }
   }
 
   /// Runs `body` on shard `index`'s file. A folder's shards are written in a work folder; a

@@ -1,4 +1,5 @@
 import Foundation
+import Tensor
 
 #if canImport(CSystem) && os(Linux)
   import CSystem
@@ -138,7 +139,7 @@ final class OutputFile: @unchecked Sendable {
     let fd = self.fd
     queue.async { [self] in
       if errorLock.withLock({ failure == nil }) {
-        withByteBuffers(group) { pieces in
+        Kernels.withBytes(of: group) { pieces in
           if let reason = Self.writeAll(fd, pieces) {
             errorLock.withLock { failure = .cannotWrite(file: destination, reason: reason) }
           }
@@ -343,13 +344,4 @@ public enum TemporaryOutputs {
   public static func removeAll() {
     for path in lock.withLock({ paths }) { try? FileManager.default.removeItem(atPath: path) }
   }
-}
-
-/// Calls `body` with the bytes of every array (valid only inside `body`).
-private func withByteBuffers(_ arrays: [[UInt8]], _ body: ([UnsafeRawBufferPointer]) -> Void) {
-  func nest(_ i: Int, _ held: [UnsafeRawBufferPointer]) {
-    guard i < arrays.count else { return body(held) }
-    arrays[i].withUnsafeBytes { nest(i + 1, held + [$0]) }
-  }
-  nest(0, [])
 }

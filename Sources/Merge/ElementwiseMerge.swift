@@ -199,13 +199,9 @@ public struct TensorScan {
 
   /// Calls `body` with `arrays` as F32 stored elements (valid only inside `body`).
   static func withF32Elements<R>(_ arrays: [[Float]], _ body: ([Kernels.StoredElements]) throws -> R) rethrows -> R {
-    func nest(_ i: Int, _ held: [Kernels.StoredElements]) throws -> R {
-      guard i < arrays.count else { return try body(held) }
-      return try arrays[i].withUnsafeBytes { bytes in
-        try nest(i + 1, held + [Kernels.StoredElements(start: bytes.baseAddress ?? Kernels.noElements, dtype: .f32)])
-      }
+    try Kernels.withBytes(of: arrays) { buffers in
+      try body(buffers.map { Kernels.StoredElements(start: $0.baseAddress ?? Kernels.noElements, dtype: .f32) })
     }
-    return try nest(0, [])
   }
 }
 

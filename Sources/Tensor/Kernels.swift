@@ -55,18 +55,31 @@ public enum Kernels {
     }
   }
 
-  /// Calls `body` with read pointers to the elements of every array, each pinned by a nested
-  /// `withUnsafeBufferPointer` for the whole call (no pointer outlives its closure). The arrays
-  /// must not be empty.
-  static func withPointers<R>(_ arrays: [[Float]], _ body: ([UnsafeRawPointer]) -> R) -> R {
-    func nest(_ i: Int, _ pointers: [UnsafeRawPointer]) -> R {
-      guard i < arrays.count else { return body(pointers) }
-      return arrays[i].withUnsafeBufferPointer { buffer in
-        guard let start = buffer.baseAddress else { preconditionFailure("Kernels.withPointers: array \(i) is empty") }
-        return nest(i + 1, pointers + [UnsafeRawPointer(start)])
-      }
+  /// Calls `body` with the bytes of every array, each pinned by a nested `withUnsafeBytes` for
+  /// the whole call (no pointer outlives its closure; an empty array's buffer may have no
+  /// address).
+  public static func withBytes<Element, R>(
+    of arrays: [[Element]], _ body: ([UnsafeRawBufferPointer]) throws -> R
+  ) rethrows -> R {
+    func nest(_ i: Int, _ held: [UnsafeRawBufferPointer]) throws -> R {
+      guard i < arrays.count else { return try body(held) }
+      return try arrays[i].withUnsafeBytes { try nest(i + 1, held + [$0]) }
     }
-    return nest(0, [])
+    return try nest(0, [])
+  }
+
+  /// Calls `body` with read pointers to the elements of every array (`withBytes(of:)`). The
+  /// arrays must not be empty.
+  static func withPointers<R>(_ arrays: [[Float]], _ body: ([UnsafeRawPointer]) -> R) -> R {
+    withBytes(of: arrays) { buffers in
+      body(
+        buffers.enumerated().map { i, buffer in
+          guard let start = buffer.baseAddress, buffer.count > 0 else {
+            preconditionFailure("Kernels.withPointers: array \(i) is empty")
+          }
+          return start
+        })
+    }
   }
 
   /// Calls `body` with the raw bytes of a Bool mask (one byte each, 0 or 1), read as bytes rather
@@ -693,13 +706,7 @@ public enum Kernels {
   /// Calls `body` with the raw bytes of every array (masks, packed words; nil pointers for
   /// empty ones), valid only inside `body`.
   static func withBytePointers<Element, R>(_ arrays: [[Element]], _ body: ([SendableRawPointer]) -> R) -> R {
-    func nest(_ i: Int, _ pointers: [SendableRawPointer]) -> R {
-      guard i < arrays.count else { return body(pointers) }
-      return arrays[i].withUnsafeBytes {
-        nest(i + 1, pointers + [SendableRawPointer(arrays[i].isEmpty ? nil : $0.baseAddress)])
-      }
-    }
-    return nest(0, [])
+    withBytes(of: arrays) { buffers in body(buffers.map { SendableRawPointer($0.isEmpty ? nil : $0.baseAddress) }) }
   }
 
   /// `keep[i] ? values[i] * scale : 0` (scale applied in `Double`; 1 leaves values exact).
