@@ -61,6 +61,12 @@ public protocol Checkpoint: AnyObject, Sendable {
   /// Calls `body` with bytes `range` (default: all) of tensor `name`. The buffer is valid only
   /// inside `body`. Throws `missingTensor`, or a decoding error naming the chunk.
   func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R
+  /// Copies bytes `parts` (ranges inside the tensor's bytes) of tensor `name` to `destination`,
+  /// back to back in the order given, for reads of many short pieces (a statistics sample reads
+  /// thousands a tensor): a memory-mapped file finds the tensor once and copies each piece
+  /// straight from the page cache. Traps when `destination` has too little room. Throws as
+  /// `withBytes` does.
+  func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws
   /// Drops the pages of bytes `range` (default: all) of tensor `name` from this process's memory
   /// after a streaming pass; a hint that may do nothing.
   func release(_ name: String, range: Range<Int>?)
@@ -74,6 +80,18 @@ extension Checkpoint {
   public func info(_ name: String) throws -> TensorInfo {
     guard let info = lookup(name) else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     return info
+  }
+
+  /// `copyBytes` through `withBytes`, a part at a time (checkpoints that decode their pieces).
+  public func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws {
+    var offset = 0
+    for part in parts {
+      precondition(offset + part.count <= destination.count, "copyBytes: \(destination.count) bytes of room is too few")
+      try withBytes(of: name, range: part) { bytes in
+        UnsafeMutableRawBufferPointer(rebasing: destination[offset..<(offset + bytes.count)]).copyMemory(from: bytes)
+      }
+      offset += part.count
+    }
   }
 
   /// Total stored bytes of all tensors.

@@ -400,6 +400,11 @@ public final class ShardedCheckpoint: Checkpoint, @unchecked Sendable {
     return try shards[i].withBytes(of: name, range: range, body)
   }
 
+  public func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws {
+    guard let i = shardOf[ExactName(name)] else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    try shards[i].copyBytes(of: name, parts: parts, into: destination)
+  }
+
   public func release(_ name: String, range: Range<Int>?) {
     shardOf[ExactName(name)].map { shards[$0].release(name, range: range) }
   }

@@ -124,6 +124,10 @@ public final class PyTorchFile: Checkpoint, @unchecked Sendable {
     -> R
   { try stored.withBytes(of: name, range: range, body) }
 
+  public func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws {
+    try stored.copyBytes(of: name, parts: parts, into: destination)
+  }
+
   public func release(_ name: String, range: Range<Int>?) { stored.release(name, range: range) }
 
   /// Checks every storage entry against the CRC-32 the archive records for it.

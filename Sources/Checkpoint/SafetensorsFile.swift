@@ -47,6 +47,10 @@ public final class SafetensorsFile: Checkpoint, @unchecked Sendable {
     -> R
   { try stored.withBytes(of: name, range: range, body) }
 
+  public func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws {
+    try stored.copyBytes(of: name, parts: parts, into: destination)
+  }
+
   public func release(_ name: String, range: Range<Int>?) { stored.release(name, range: range) }
 
   /// A safetensors file has no checksums: its structure was validated on open; this also reads

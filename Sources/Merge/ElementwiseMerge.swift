@@ -135,23 +135,43 @@ public struct TensorScan {
   /// Calls its body with the stored elements of one range of every input: the base first when
   /// there is one, then the models (valid only inside the body).
   public typealias StoredReader = (Range<Int>, ([Kernels.StoredElements]) throws -> Void) throws -> Void
+  /// Calls its body with the stored elements of short blocks `start ..< start + length` of every
+  /// input (base first), one buffer per input holding the blocks back to back in the order of
+  /// `starts` (valid only inside the body).
+  public typealias StoredBlocksReader = (_ starts: [Int], _ length: Int, ([Kernels.StoredElements]) throws -> Void)
+    throws -> Void
 
   public let ranges: [Range<Int>]
   let read: (Range<Int>) throws -> RangeInputs
   let readStored: StoredReader?
+  let readStoredBlocks: StoredBlocksReader?
   let release: (Range<Int>) throws -> Void
 
   /// - `read`: the inputs' values on one range; `readStored`: their stored bytes, when they can
   ///   be read as stored and the merge's arithmetic is exact (else `storedPass` presents `read`'s
-  ///   values as F32); `release`: called on each batch's elements once summarised.
+  ///   values as F32); `readStoredBlocks`: many short blocks' stored bytes at once, under the
+  ///   same conditions; `release`: called on each batch's elements once summarised.
   public init(
     ranges: [Range<Int>], read: @escaping (Range<Int>) throws -> RangeInputs, readStored: StoredReader? = nil,
-    release: @escaping (Range<Int>) throws -> Void = { _ in }
+    readStoredBlocks: StoredBlocksReader? = nil, release: @escaping (Range<Int>) throws -> Void = { _ in }
   ) {
     self.ranges = ranges
     self.read = read
     self.readStored = readStored
+    self.readStoredBlocks = readStoredBlocks
     self.release = release
+  }
+
+  /// `body`'s result on the stored elements of blocks `start ..< start + length`, for each of
+  /// `starts`, of every input (base first), back to back: block i's elements from `i * length`
+  /// (valid only inside `body`). Nil when the inputs cannot be read as stored.
+  public func withStoredBlocks<R>(_ starts: [Int], length: Int, _ body: ([Kernels.StoredElements]) throws -> R)
+    throws -> R?
+  {
+    guard let readStoredBlocks else { return nil }
+    var result: R?
+    try readStoredBlocks(starts, length) { result = try body($0) }
+    return result
   }
 
   public func pass<Summary>(_ summarize: (RangeInputs) throws -> Summary, combine: (Summary) throws -> Void) throws {

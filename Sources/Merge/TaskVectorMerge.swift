@@ -396,8 +396,8 @@ public struct TaskVectorMerge: StreamingMerge {
     let length = blocks * block >= n ? n : block
     // Batches of 32 blocks are read side by side (thousands of small reads a tensor) and their
     // values appended in order. A sampled page read through the mapping brings its neighbours
-    // into memory (the kernel maps up to 64 KB around a fault), so the pages behind the sample
-    // are let go as it moves on: memory stays at a few ranges, as in the pass.
+    // into memory (the kernel maps a 2 MiB folio, or up to 64 KiB, around a fault), so the pages
+    // behind the sample are let go as it moves on: memory stays at a few ranges, as in the pass.
     let batch = 32
     let models = plans.count
     var released = 0
@@ -405,7 +405,22 @@ public struct TaskVectorMerge: StreamingMerge {
       (starts.count + batch - 1) / batch, budget: MergeRanges.inFlight,
       produce: { j -> [[Float]] in
         var part = [[Float]](repeating: [], count: models)
-        for start in starts[(j * batch)..<min(starts.count, (j + 1) * batch)] {
+        let batchStarts = Array(starts[(j * batch)..<min(starts.count, (j + 1) * batch)])
+        // The batch's blocks copied from every input in one go, their differences formed from
+        // the stored bytes: a short read costs a copy, not a range's bookkeeping.
+        if storedDeltas,
+          let d = try scan.withStoredBlocks(
+            batchStarts, length: length,
+            { inputs -> [[Float]] in
+              guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
+              return Kernels.differences(
+                Array(inputs.dropFirst()), minus: inputs[0].decoded(count: batchStarts.count * length))
+            })
+        {
+          for (m, _) in ranked { part[m] += d[m] }
+          return part
+        }
+        for start in batchStarts {
           let d = try deltas(try scan.read(start..<(start + length)))
           for (m, _) in ranked { part[m] += d[m] }
         }
@@ -414,7 +429,10 @@ public struct TaskVectorMerge: StreamingMerge {
       consume: { j, part in
         for (m, _) in ranked { samples[m] += part[m] }
         let last = min(starts.count, (j + 1) * batch) - 1
+        // Released as the passes release theirs, a batch of ranges at a time: each release that
+        // drops mapped pages interrupts the other cores to flush their address translations.
         let end = last == starts.count - 1 ? n : max(released, starts[last] - MergeRanges.size)
+        guard end == n || end - released >= MergeRanges.size * MergeRanges.inFlight else { return }
         if end > released { try scan.release(released..<end) }
         released = end
       })

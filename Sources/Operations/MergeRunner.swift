@@ -335,12 +335,14 @@ public enum MergeRunner {
   }
 
   /// Reading one tensor's ranges from every input (`inputs`: the base first when there is one,
-  /// then the models) decoded to Float, or as stored (nil under mergekit's rounding, which
-  /// rounds the decoded values), and releasing their pages (returning the bytes released).
+  /// then the models) decoded to Float, or as stored, and many short blocks of it as stored (both
+  /// nil under mergekit's rounding, which rounds the decoded values), and releasing their pages
+  /// (returning the bytes released).
   static func rangeAccess(
     _ item: MergePlan.Item, plan: MergePlan, inputs: [any Checkpoint]
   ) -> (
-    read: (Range<Int>) throws -> RangeInputs, stored: TensorScan.StoredReader?, release: (Range<Int>) throws -> Int
+    read: (Range<Int>) throws -> RangeInputs, stored: TensorScan.StoredReader?,
+    blocks: TensorScan.StoredBlocksReader?, release: (Range<Int>) throws -> Int
   ) {
     let arithmetic = plan.arithmetic(item.name)
     // Every input's dtype, looked up once: a statistics sample reads thousands of short ranges.
@@ -376,6 +378,25 @@ public enum MergeRunner {
       : { elements, body in
         try withStoredElements(inputs, try inputTypes.get(), name: item.name, elements: elements, body)
       }
+    // A statistics sample's blocks, every input's copied back to back into one buffer.
+    let blocks: TensorScan.StoredBlocksReader? =
+      arithmetic.isRounded
+      ? nil
+      : { starts, length, body in
+        let types = try inputTypes.get()
+        let buffers = types.map {
+          UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, starts.count * length * $0.size), alignment: 64)
+        }
+        defer { for buffer in buffers { buffer.deallocate() } }
+        for (input, (dtype, buffer)) in zip(inputs, zip(types, buffers)) {
+          let parts = starts.map { ($0 * dtype.size)..<(($0 + length) * dtype.size) }
+          try input.copyBytes(of: item.name, parts: parts, into: buffer)
+        }
+        try body(
+          zip(buffers, types).map {
+            Kernels.StoredElements(start: UnsafeRawPointer($0.0.baseAddress) ?? Kernels.noElements, dtype: $0.1)
+          })
+      }
     let release = { (elements: Range<Int>) throws -> Int in
       var bytes = 0
       for (input, dtype) in zip(inputs, try inputTypes.get()) {
@@ -384,7 +405,7 @@ public enum MergeRunner {
       }
       return bytes
     }
-    return (read, stored, release)
+    return (read, stored, blocks, release)
   }
 
   /// A method that needs the whole model first (TIES's global trimming) gets it here: one scan
@@ -393,8 +414,10 @@ public enum MergeRunner {
     guard let wide = plan.method as? any ModelWideMerge, let first = plan.items.first(where: { $0.action == .merge })
     else { return plan }
     let scans = plan.items.filter { $0.action == .merge }.map { item in
-      let (read, stored, release) = rangeAccess(item, plan: plan, inputs: inputs)
-      return TensorScan(ranges: MergeRanges.ranges(item.count), read: read, readStored: stored) { _ = try release($0) }
+      let (read, stored, blocks, release) = rangeAccess(item, plan: plan, inputs: inputs)
+      return TensorScan(
+        ranges: MergeRanges.ranges(item.count), read: read, readStored: stored, readStoredBlocks: blocks
+      ) { _ = try release($0) }
     }
     var prepared = plan
     prepared.method = try wide.prepared(scans, parameters: try plan.parameters(first.name))
@@ -413,8 +436,10 @@ public enum MergeRunner {
     let parameters = try plan.parameters(item.name)
     let arithmetic = parameters.arithmetic
     let ranges = MergeRanges.ranges(item.count)
-    let (read, stored, release) = rangeAccess(item, plan: plan, inputs: inputs)
-    let scan = TensorScan(ranges: ranges, read: read, readStored: stored) { _ = try release($0) }
+    let (read, stored, blocks, release) = rangeAccess(item, plan: plan, inputs: inputs)
+    let scan = TensorScan(ranges: ranges, read: read, readStored: stored, readStoredBlocks: blocks) {
+      _ = try release($0)
+    }
     guard let merger = try method.prepare(tensor: item.name, shape: item.shape, parameters, scan: scan) else {
       return false
     }

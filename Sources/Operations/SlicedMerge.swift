@@ -206,6 +206,13 @@ final class LayerView: Checkpoint, @unchecked Sendable {
     return try source.withBytes(of: original, range: range, body)
   }
 
+  func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws {
+    guard let original = sourceName[ExactName(name)] else {
+      throw CheckpointError.missingTensor(file: path, tensor: name)
+    }
+    try source.copyBytes(of: original, parts: parts, into: destination)
+  }
+
   func release(_ name: String, range: Range<Int>?) {
     if let original = sourceName[ExactName(name)] { source.release(original, range: range) }
   }
@@ -239,6 +246,11 @@ final class LayerStack: Checkpoint, @unchecked Sendable {
   func withBytes<R>(of name: String, range: Range<Int>?, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
     guard let part = part(name) else { throw CheckpointError.missingTensor(file: path, tensor: name) }
     return try part.withBytes(of: name, range: range, body)
+  }
+
+  func copyBytes(of name: String, parts: [Range<Int>], into destination: UnsafeMutableRawBufferPointer) throws {
+    guard let part = part(name) else { throw CheckpointError.missingTensor(file: path, tensor: name) }
+    try part.copyBytes(of: name, parts: parts, into: destination)
   }
 
   func release(_ name: String, range: Range<Int>?) { part(name)?.release(name, range: range) }

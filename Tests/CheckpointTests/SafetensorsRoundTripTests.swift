@@ -74,6 +74,36 @@ import Testing
     ReadBuffers.shared.give(buffer)
   }
 
+  /// `copyBytes` puts the asked pieces of a tensor back to back, in the order given (repeats,
+  /// odd offsets, an empty piece, the tensor's last byte), the same from a single file (through
+  /// its mapping), a sharded folder and a compressed file (piece by piece, through `withBytes`);
+  /// a missing tensor is named.
+  @Test func copiedPiecesAreTheStoredBytesInOrder() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let tensors = (0..<3).map { ("w\($0)", randomTensorData(.bf16, shape: [300, 70], seed: UInt64(50 + $0))) }
+    let paths = [
+      try writeCheckpoint(tensors, to: folder.file("one.safetensors")),
+      try writeCheckpoint(tensors, to: folder.file("shards"), options: WriteOptions(shardSize: 50_000)),
+      try writeCheckpoint(tensors, to: folder.file("packed.mkz"), options: WriteOptions(format: .mkz)),
+    ]
+    let size = tensors[1].1.bytes.count
+    let parts = [1000..<1128, 3..<131, 1000..<1128, 77..<77, (size - 9)..<size, 0..<1]
+    let expected = parts.flatMap { tensors[1].1.bytes[$0] }
+    for path in paths {
+      let model = try openCheckpoint(path)
+      let copied = try [UInt8](unsafeUninitializedCapacity: expected.count) { buffer, initialized in
+        try model.copyBytes(of: "w1", parts: parts, into: UnsafeMutableRawBufferPointer(buffer))
+        initialized = expected.count
+      }
+      #expect(copied == expected, "\(path)")
+      var room = [UInt8](repeating: 0, count: 8)
+      #expect(throws: CheckpointError.missingTensor(file: model.path, tensor: "v")) {
+        try room.withUnsafeMutableBytes { try model.copyBytes(of: "v", parts: [0..<8], into: $0) }
+      }
+    }
+  }
+
   /// With every descriptor the cap allows held elsewhere, a file is still read, through its
   /// mapping: the same bytes.
   @Test func filesPastTheDescriptorCapAreReadThroughTheMapping() throws {

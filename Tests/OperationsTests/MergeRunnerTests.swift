@@ -145,4 +145,38 @@ extension MergeRunnerTests {
       #expect(try openCheckpoint(out).read("w") == whole.encoded(as: .bf16), "\(method.name)")
     }
   }
+
+  /// A statistics sample's blocks come as stored from every input, the base first, each input's
+  /// back to back in the order asked (`rangeAccess`'s block reader): inputs of two dtypes, a
+  /// block repeated and one at the tensor's end.
+  @Test func sampleBlocksAreEveryInputsStoredBytes() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let shape = [50, 40]
+    let dtypes: [DType] = [.bf16, .f32, .bf16]
+    var paths: [String] = []
+    for (i, dtype) in dtypes.enumerated() {
+      let path = folder.file("m\(i).safetensors")
+      try writeCheckpoint([("w", randomTensorData(dtype, shape: shape, seed: UInt64(60 + i)))], to: path)
+      paths.append(path)
+    }
+    let inputs = try paths.map { try openCheckpoint($0) }
+    let plan = try MergePlan(
+      method: TaskVectorMerge.ties, base: inputs[0], models: Array(inputs.dropFirst()),
+      global: ["density": .number(0.5)], perModel: Array(repeating: [:], count: 2))
+    let item = try #require(plan.items.first { $0.name == "w" })
+    let blocks = try #require(MergeRunner.rangeAccess(item, plan: plan, inputs: inputs).blocks)
+    let (starts, length) = ([64, 1000, 64, 2000 - 64, 7], 64)
+    var seen: [[UInt8]] = []
+    try blocks(starts, length) { stored in
+      seen = zip(stored, dtypes).map { elements, dtype in
+        Array(UnsafeRawBufferPointer(start: elements.start, count: starts.count * length * dtype.size))
+      }
+      #expect(stored.map(\.dtype) == dtypes)
+    }
+    for (i, input) in inputs.enumerated() {
+      let (bytes, size) = (try input.read("w").bytes, dtypes[i].size)
+      #expect(seen[i] == starts.flatMap { bytes[($0 * size)..<(($0 + length) * size)] }, "input \(i)")
+    }
+  }
 }
