@@ -553,6 +553,47 @@ MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_f32_avx512, mergekit_f32_flo
 #undef MERGEKIT_PAIR_DOTS_STEP2
 #undef MERGEKIT_PAIR_DOTS_STORE
 #undef MERGEKIT_PAIR_DOTS_STORE2
+/// `CounterRNG.bits32` of 16 consecutive counters `low + j` (j = 0 ..< 16, the low words
+/// wrapping into `high + 1`): two rounds of the 32-bit multiply-xorshift mix.
+__attribute__((target("avx512f"))) static inline __m512i mergekit_bits32_16(uint32_t low, uint32_t high,
+                                                                           uint64_t key) {
+  const __m512i lows = _mm512_add_epi32(_mm512_set1_epi32((int)low),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __mmask16 wrapped = _mm512_cmplt_epu32_mask(lows, _mm512_set1_epi32((int)low));
+  const __m512i highs = _mm512_mask_add_epi32(_mm512_set1_epi32((int)high), wrapped, _mm512_set1_epi32((int)high),
+                                              _mm512_set1_epi32(1));
+  __m512i x = _mm512_xor_si512(
+      _mm512_xor_si512(_mm512_mullo_epi32(lows, _mm512_set1_epi32((int)0x9E3779B9u)), _mm512_set1_epi32((int)(uint32_t)key)),
+      _mm512_mullo_epi32(highs, _mm512_set1_epi32((int)0x85EBCA6Bu)));
+  for (int round = 0; round < 2; round++) {
+    if (round == 1) x = _mm512_xor_si512(x, _mm512_set1_epi32((int)(uint32_t)(key >> 32)));
+    x = _mm512_mullo_epi32(_mm512_xor_si512(x, _mm512_srli_epi32(x, 16)), _mm512_set1_epi32((int)0x7FEB352Du));
+    x = _mm512_mullo_epi32(_mm512_xor_si512(x, _mm512_srli_epi32(x, 15)), _mm512_set1_epi32((int)0x846CA68Bu));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  }
+  return x;
+}
+
+/// DARE's draws packed into words (`Kernels.randomKeepBits`): words `first ..< first + n` of a
+/// slice of `count` elements whose element i has counter `offset + i`; bit k of word w is set
+/// when `64 w + k < count` and `CounterRNG.bits32(offset + 64 w + k) < bound`. Sixteen draws a
+/// step, their comparison's mask the bits themselves.
+__attribute__((target("avx512f"))) static inline void mergekit_random_keep_bits_avx512(
+    uint64_t key, uint64_t offset, size_t count, uint32_t bound, size_t first, size_t n, uint64_t *out) {
+  const __m512i bounds = _mm512_set1_epi32((int)bound);
+  for (size_t w = first; w < first + n; w++) {
+    uint64_t word = 0;
+    for (int part = 0; part < 4; part++) {
+      uint64_t counter = offset + 64 * (uint64_t)w + 16 * (uint64_t)part;
+      __m512i draws = mergekit_bits32_16((uint32_t)counter, (uint32_t)(counter >> 32), key);
+      word |= (uint64_t)_mm512_cmplt_epu32_mask(draws, bounds) << (16 * part);
+    }
+    size_t valid = count - 64 * w;
+    if (valid < 64) word &= ((uint64_t)1 << valid) - 1;
+    out[w] = word;
+  }
+}
+
 #else
 static inline int mergekit_has_avx512(void) { return 0; }
 static inline void mergekit_pair_dots_bf16_avx512(
@@ -608,5 +649,9 @@ static inline size_t mergekit_bracket_summary_avx512(
 static inline size_t mergekit_bracket_summary_bf16_differences_avx512(
     mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) {
   return mergekit_bracket_summary_avx512(source, n, low, high, counts, out);
+}
+static inline void mergekit_random_keep_bits_avx512(
+    uint64_t key, uint64_t offset, size_t count, uint32_t bound, size_t first, size_t n, uint64_t *out) {
+  (void)key; (void)offset; (void)count; (void)bound; (void)first; (void)n; (void)out;
 }
 #endif

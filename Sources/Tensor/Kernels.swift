@@ -752,10 +752,20 @@ public enum Kernels {
 
   /// `randomKeep` packed as `packBits` packs it, drawn straight into the words: element
   /// `offset + i` is bit `i % 64` of word `i / 64`, set when its draw is below `density`.
-  /// The same draws and decisions as `randomKeep`, with no byte per element in between.
-  public static func randomKeepBits(_ count: Int, offset: Int, rng: CounterRNG, density: Float) -> [UInt64] {
+  /// The same draws and decisions as `randomKeep`, with no byte per element in between: on a
+  /// machine with AVX-512 (unless `portable`) sixteen draws a step in `CKernels`, whose
+  /// comparison gives the bits themselves.
+  public static func randomKeepBits(_ count: Int, offset: Int, rng: CounterRNG, density: Float, portable: Bool = false)
+    -> [UInt64]
+  {
     guard let bound = CounterRNG.keepBound(density: density) else {
       return packBits([Bool](repeating: true, count: count))
+    }
+    if !portable && usesAVX512 {
+      return make((count + 63) / 64) { words, out in
+        mergekit_random_keep_bits_avx512(
+          rng.key, UInt64(offset), count, bound, words.lowerBound, words.count, out)
+      }
     }
     return make((count + 63) / 64) { words, out in
       // 64 flag bytes as raw memory: stored a byte at a time, loaded 8 at a time.

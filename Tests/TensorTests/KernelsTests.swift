@@ -101,8 +101,8 @@ import Testing
   }
 
   /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
-  /// element (counts off the word boundary, offsets, counters whose low word wraps, densities near
-  /// the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit,
+  /// element, by the AVX-512 kernel and the portable loop (counts off the word boundary, offsets,
+  /// counters whose low word wraps, densities near the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit,
   /// by the AVX-512 kernel (groups of four blocks, a pair, a lone block) and the portable loop.
   @Test(arguments: [Float(1e-7), 0.1, 0.5, 0.9, 0.999_999_9])
   func packedRandomKeepIsTheMask(_ density: Float) {
@@ -114,6 +114,7 @@ import Testing
       #expect(mask == expected)
       let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
       #expect(bits == Kernels.packBits(mask))
+      #expect(Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density, portable: true) == bits)
       let slice = Array(values[0..<count])
       let sums = Kernels.absoluteSums(slice, keepBits: bits)
       #expect(sums.all == Kernels.absoluteSum(slice) && sums.kept == Kernels.absoluteSum(slice, keep: mask))
