@@ -400,6 +400,8 @@ public struct TaskVectorMerge: StreamingMerge {
     // behind the sample are let go as it moves on: memory stays at a few ranges, as in the pass.
     let batch = 32
     let models = plans.count
+    // Each sampled model once, also when two of its rankers take the pass (breadcrumbs).
+    let sampled = Array(Set(ranked.map(\.0))).sorted()
     var released = 0
     try Parallel.inOrder(
       (starts.count + batch - 1) / batch, budget: MergeRanges.inFlight,
@@ -417,17 +419,17 @@ public struct TaskVectorMerge: StreamingMerge {
                 Array(inputs.dropFirst()), minus: inputs[0].decoded(count: batchStarts.count * length))
             })
         {
-          for (m, _) in ranked { part[m] += d[m] }
+          for m in sampled { part[m] = d[m] }
           return part
         }
         for start in batchStarts {
           let d = try deltas(try scan.read(start..<(start + length)))
-          for (m, _) in ranked { part[m] += d[m] }
+          for m in sampled { part[m] += d[m] }
         }
         return part
       },
       consume: { j, part in
-        for (m, _) in ranked { samples[m] += part[m] }
+        for m in sampled { samples[m] += part[m] }
         let last = min(starts.count, (j + 1) * batch) - 1
         // Released as the passes release theirs, a batch of ranges at a time: each release that
         // drops mapped pages interrupts the other cores to flush their address translations.
