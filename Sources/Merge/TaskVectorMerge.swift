@@ -411,15 +411,15 @@ public struct TaskVectorMerge: StreamingMerge {
         // The batch's blocks copied from every input in one go, their differences formed from
         // the stored bytes: a short read costs a copy, not a range's bookkeeping.
         if storedDeltas,
-          let d = try scan.withStoredBlocks(
+          let values = try scan.withStoredBlocks(
             batchStarts, length: length,
             { inputs -> [[Float]] in
               guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: self.name) }
-              return Kernels.differences(
-                Array(inputs.dropFirst()), minus: inputs[0].decoded(count: batchStarts.count * length))
+              let taskVectors = StoredTaskVectors(inputs, count: batchStarts.count * length)
+              return sampled.map { taskVectors.model($0) }
             })
         {
-          for m in sampled { part[m] = d[m] }
+          for (m, sample) in zip(sampled, values) { part[m] = sample }
           return part
         }
         for start in batchStarts {
