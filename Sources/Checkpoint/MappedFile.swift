@@ -67,35 +67,24 @@ final class MappedFile: @unchecked Sendable {
   }
 
   /// Calls `body` with bytes `range` of the file (valid only inside `body`): copied into a
-  /// pooled buffer when the count is in `copiedReads`, else straight from the mapping. The
+  /// pooled buffer when the count is in `copiedReads`, else straight from the mapping (also the
+  /// fallback when `pread` fails; the mapping then reports the problem as it always did). The
   /// caller has checked that the range is inside the file.
   func withBytes<R>(_ range: Range<Int>, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
     guard descriptor >= 0, Self.copiedReads.contains(range.count) else { return try body(bytes(range)) }
     let buffer = ReadBuffers.shared.take(range.count)
     defer { ReadBuffers.shared.give(buffer) }
     guard let start = buffer.baseAddress else { return try body(bytes(range)) }
-    copy(range, into: start)
-    return try body(UnsafeRawBufferPointer(start: start, count: range.count))
-  }
-
-  /// Copies bytes `range` of the file to `destination` (room for `range.count` bytes): with
-  /// `pread` when a descriptor is kept, else (and when `pread` fails) from the mapping, which then
-  /// reports the problem as it always did. The caller has checked that the range is inside the
-  /// file.
-  func copy(_ range: Range<Int>, into destination: UnsafeMutableRawPointer) {
     var filled = 0
-    while descriptor >= 0, filled < range.count {
-      let n = pread(descriptor, destination + filled, range.count - filled, off_t(range.lowerBound + filled))
+    while filled < range.count {
+      let n = pread(descriptor, start + filled, range.count - filled, off_t(range.lowerBound + filled))
       if n > 0 {
         filled += n
       } else if !(n < 0 && errno == EINTR) {
-        break
+        return try body(bytes(range))
       }
     }
-    guard filled < range.count else { return }
-    let rest = bytes((range.lowerBound + filled)..<range.upperBound)
-    guard let source = rest.baseAddress else { return }
-    (destination + filled).copyMemory(from: source, byteCount: rest.count)
+    return try body(UnsafeRawBufferPointer(start: start, count: range.count))
   }
 
   /// Bytes `range` of the file; the caller has checked that the range is inside the file.
