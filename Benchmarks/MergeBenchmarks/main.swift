@@ -88,13 +88,13 @@ func kernelFigures() throws {
     let keys = d.map { $0.bitPattern & 0x7FFF_FFFF }.sorted()
     return .magnitudes(keys[n / 2]...0x7FFF_FFFF)
   }
-  for portable in [false, true] {
-    try report("TIES merge of 3 from bf16 bytes\(portable ? ", portable" : "")", elements: n) {
+  for unit in VectorUnit.allCases.reversed() where unit <= .machine {
+    try report("TIES merge of 3 from bf16 bytes, \(unit)", elements: n) {
       stored.withUnsafeBufferPointers { p in
         let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
         _ = Kernels.sparseConsensusMerge(
           base: elements[0], models: Array(elements.dropFirst()), count: n, keep: bands, scales: [1, 1, 1],
-          weights: weights, lambda: 1, normalize: true, portable: portable)
+          weights: weights, lambda: 1, normalize: true, unit: unit)
       }
     }
   }
@@ -105,12 +105,12 @@ func kernelFigures() throws {
       minus: Kernels.StoredElements(start: p[0], dtype: .bf16).decoded(count: n))[0]
   }
   if let bracket = MagnitudeBracket(keep: n / 2, count: n, sample: storedDifference, budget: n / 32) {
-    for portable in [false, true] {
-      try report("bracket summary, bf16 bytes\(portable ? ", portable" : "")", elements: n) {
+    for unit in VectorUnit.allCases.reversed() where unit <= .machine {
+      try report("bracket summary, bf16 bytes, \(unit)", elements: n) {
         stored.withUnsafeBufferPointers { p in
           _ = bracket.summarize(
             differenceOf: Kernels.StoredElements(start: p[1], dtype: .bf16),
-            minus: Kernels.StoredElements(start: p[0], dtype: .bf16), count: n, portable: portable)
+            minus: Kernels.StoredElements(start: p[0], dtype: .bf16), count: n, unit: unit)
         }
       }
     }

@@ -655,3 +655,4 @@ static inline void mergekit_random_keep_bits_avx512(
   (void)key; (void)offset; (void)count; (void)bound; (void)first; (void)n; (void)out;
 }
 #endif
+#include "kernels_avx2.h"

@@ -172,14 +172,14 @@ public enum Kernels {
   /// of them, encoded as `dtype` into `out`: each chunk is decoded into L1-sized scratch, so no
   /// input is ever decoded whole. Gives the bits `weightedSum` gives on the decoded arrays,
   /// encoded. Runs on the calling thread. On an AVX-512 machine, inputs all BF16 or all F32 into
-  /// BF16 or F32 run in `CKernels`, sixteen elements a step (unless `portable`).
+  /// BF16 or F32 run in `CKernels`, sixteen elements a step (when `unit` allows AVX-512).
   public static func weightedSum(
     _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
     count: Int,
-    into out: UnsafeMutableRawBufferPointer, as dtype: DType, portable: Bool = false
+    into out: UnsafeMutableRawBufferPointer, as dtype: DType, unit: VectorUnit = .machine
   ) {
     precondition(out.count >= count * dtype.size && weights.count == terms.count && (!subtractingBase || base != nil))
-    if !portable, let o = out.baseAddress,
+    if unit.available == .avx512, let o = out.baseAddress,
       vectorWeightedSum(
         terms, weights: weights, scale: scale, base: base, subtractingBase: subtractingBase, count: count, into: o,
         as: dtype)
@@ -202,15 +202,15 @@ public enum Kernels {
     }
   }
 
-  /// `weightedSum` from stored bytes in the AVX-512 loop (`mergekit_weighted_sum_*`), where the
-  /// machine has it, every input is BF16 or every input F32, and the output is BF16 or F32;
-  /// returns false otherwise.
+  /// `weightedSum` from stored bytes in the AVX-512 loop (`mergekit_weighted_sum_*`; the caller
+  /// checks that the machine has it), where every input is BF16 or every input F32 and the
+  /// output is BF16 or F32; returns false otherwise.
   static func vectorWeightedSum(
     _ terms: [StoredElements], weights: [Double], scale: Double, base: StoredElements?, subtractingBase: Bool,
     count: Int, into out: UnsafeMutableRawPointer, as dtype: DType
   ) -> Bool {
     let inputType = terms.first?.dtype ?? base?.dtype
-    guard usesAVX512, let inputType, inputType == .bf16 || inputType == .f32, dtype == .bf16 || dtype == .f32,
+    guard let inputType, inputType == .bf16 || inputType == .f32, dtype == .bf16 || dtype == .f32,
       terms.allSatisfy({ $0.dtype == inputType }), (base?.dtype ?? inputType) == inputType
     else { return false }
     let pointers: [UnsafeRawPointer?] = terms.map { $0.start }
@@ -463,59 +463,66 @@ public enum Kernels {
   /// memory with the base's chunk, instead of as whole arrays (the same bits). For keep rules
   /// that need no delta array: `.all`, `.magnitudes` and `.bits`. On an AVX-512 machine, inputs
   /// all BF16 or all F32 (up to `MERGEKIT_CONSENSUS_MODELS` models) run in `CKernels`, sixteen
-  /// elements a step with every model's terms in registers (unless `portable`).
+  /// elements a step with every model's terms in registers (eight on an AVX2 machine), in the
+  /// best form `unit` allows.
   public static func sparseConsensusMerge(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
-    weights: [Double], lambda: Double, normalize: Bool, portable: Bool = false
+    weights: [Double], lambda: Double, normalize: Bool, unit: VectorUnit = .machine
   ) -> [Float] {
     guard n > 0 else { return [] }
     return storedConsensus(
       base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
-      normalize: normalize, fused: fusesStoredConsensus(base: base, models: models, portable: portable), bf16: false
+      normalize: normalize, fused: fusedConsensusUnit(base: base, models: models, unit: unit), bf16: false
     ) { fill in make(n) { range, out in fill(range, UnsafeMutableRawPointer(out)) } }
   }
 
   /// `sparseConsensusMerge` of stored elements, encoded as `dtype` into `out` (at least
-  /// `count * dtype.size` bytes). The AVX-512 loop writes BF16 and F32 itself (rounded as
-  /// `DTypeConversion` rounds), without a `Float` array between; other cases encode that array.
+  /// `count * dtype.size` bytes). The AVX-512 and AVX2 loops write BF16 and F32 themselves
+  /// (rounded as `DTypeConversion` rounds), without a `Float` array between; other cases encode
+  /// that array.
   public static func sparseConsensusMerge(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
     weights: [Double], lambda: Double, normalize: Bool, into out: UnsafeMutableRawBufferPointer, as dtype: DType,
-    portable: Bool = false
+    unit: VectorUnit = .machine
   ) {
     precondition(out.count >= n * dtype.size)
     guard n > 0, let start = out.baseAddress else { return }
-    guard (dtype == .bf16 || dtype == .f32) && fusesStoredConsensus(base: base, models: models, portable: portable)
+    let fused = fusedConsensusUnit(base: base, models: models, unit: unit)
+    guard (dtype == .bf16 || dtype == .f32) && fused != .portable
     else {
       let merged = sparseConsensusMerge(
         base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
-        normalize: normalize, portable: portable)
+        normalize: normalize, unit: unit)
       merged.withUnsafeBufferPointer { DTypeConversion.encode($0, as: dtype, into: out) }
       return
     }
     let target = SendableRawPointer(UnsafeRawPointer(start))
     storedConsensus(
       base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
-      normalize: normalize, fused: true, bf16: dtype == .bf16
+      normalize: normalize, fused: fused, bf16: dtype == .bf16
     ) { fill in blocks(n) { range in if let p = target.pointer { fill(range, UnsafeMutableRawPointer(mutating: p)) } } }
   }
 
-  /// Whether `sparseConsensusMerge` of these stored inputs runs the AVX-512 loop.
-  static func fusesStoredConsensus(base: StoredElements, models: [StoredElements], portable: Bool) -> Bool {
-    !portable && usesAVX512 && (1...Int(MERGEKIT_CONSENSUS_MODELS)).contains(models.count)
-      && models.allSatisfy { $0.dtype == base.dtype } && (base.dtype == .bf16 || base.dtype == .f32)
+  /// The `CKernels` loop `sparseConsensusMerge` of these stored inputs runs under `unit`
+  /// (AVX-512 or AVX2), or `.portable` for the Swift loop.
+  static func fusedConsensusUnit(base: StoredElements, models: [StoredElements], unit: VectorUnit) -> VectorUnit {
+    let fits =
+      (1...Int(MERGEKIT_CONSENSUS_MODELS)).contains(models.count) && models.allSatisfy { $0.dtype == base.dtype }
+      && (base.dtype == .bf16 || base.dtype == .f32)
+    return fits ? unit.available : .portable
   }
 
   /// The two forms' shared body: checks the rules, pins the packed words, and hands `run` the
   /// function that merges a range of elements into the output (indexed from element 0): floats,
-  /// or BF16 when `bf16`, which only the `fused` loop writes.
+  /// or BF16 when `bf16`, which only the `fused` loops (any unit but `.portable`) write.
   static func storedConsensus<R>(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
-    weights: [Double], lambda: Double, normalize: Bool, fused: Bool, bf16: Bool,
+    weights: [Double], lambda: Double, normalize: Bool, fused: VectorUnit, bf16: Bool,
     _ run: ((Range<Int>, UnsafeMutableRawPointer) -> Void) -> R
   ) -> R {
     let count = models.count
-    precondition(weights.count == count && keep.count == count && scales.count == count && (fused || !bf16))
+    precondition(
+      weights.count == count && keep.count == count && scales.count == count && (fused != .portable || !bf16))
     for rule in keep {
       if case .mask = rule { preconditionFailure("sparseConsensusMerge(base:models:): a mask needs the deltas") }
       if case .bits(let b) = rule { precondition(b.count == (n + 63) / 64) }
@@ -529,7 +536,7 @@ public enum Kernels {
       return rule
     }
     return withBytePointers(words) { wordPointers in
-      if fused {
+      if fused != .portable {
         let terms = (0..<count).map { t in
           let (lowest, highest): (UInt32, UInt32) =
             switch rules[t] {
@@ -548,10 +555,13 @@ public enum Kernels {
             let (first, length, n, bf16Out) = (
               range.lowerBound, range.count, normalize ? Int32(1) : 0, bf16 ? Int32(1) : 0
             )
-            if bf16Inputs {
+            switch (bf16Inputs, fused) {
+            case (true, .avx512):
               mergekit_sparse_consensus_bf16_avx512(b, t, count, first, length, lambda, n, out, bf16Out)
-            } else {
+            case (false, .avx512):
               mergekit_sparse_consensus_f32_avx512(b, t, count, first, length, lambda, n, out, bf16Out)
+            case (true, _): mergekit_sparse_consensus_bf16_avx2(b, t, count, first, length, lambda, n, out, bf16Out)
+            case (false, _): mergekit_sparse_consensus_f32_avx2(b, t, count, first, length, lambda, n, out, bf16Out)
             }
           }
         }
@@ -753,15 +763,15 @@ public enum Kernels {
   /// `randomKeep` packed as `packBits` packs it, drawn straight into the words: element
   /// `offset + i` is bit `i % 64` of word `i / 64`, set when its draw is below `density`.
   /// The same draws and decisions as `randomKeep`, with no byte per element in between: on a
-  /// machine with AVX-512 (unless `portable`) sixteen draws a step in `CKernels`, whose
+  /// machine with AVX-512 (when `unit` allows it) sixteen draws a step in `CKernels`, whose
   /// comparison gives the bits themselves.
-  public static func randomKeepBits(_ count: Int, offset: Int, rng: CounterRNG, density: Float, portable: Bool = false)
-    -> [UInt64]
-  {
+  public static func randomKeepBits(
+    _ count: Int, offset: Int, rng: CounterRNG, density: Float, unit: VectorUnit = .machine
+  ) -> [UInt64] {
     guard let bound = CounterRNG.keepBound(density: density) else {
       return packBits([Bool](repeating: true, count: count))
     }
-    if !portable && usesAVX512 {
+    if unit.available == .avx512 {
       return make((count + 63) / 64) { words, out in
         mergekit_random_keep_bits_avx512(
           rng.key, UInt64(offset), count, bound, words.lowerBound, words.count, out)
@@ -818,18 +828,18 @@ public enum Kernels {
   /// `dotsOfPair` of `count` stored elements of each input, decoded inside the sweep (BF16, F16
   /// and F32; other dtypes are decoded to arrays first): the sums of the decoded values to the
   /// bit, without writing and reading back a `Float` copy of either input. Two BF16 or two F32
-  /// inputs run `CKernels`' AVX-512 sweep where the CPU has it, unless `portable`.
-  public static func dotsOfPair(_ a: StoredElements, _ b: StoredElements, count: Int, portable: Bool = false) -> (
-    aa: Double, ab: Double, bb: Double
-  ) {
+  /// inputs run `CKernels`' AVX-512 sweep where the CPU has it and `unit` allows it.
+  public static func dotsOfPair(
+    _ a: StoredElements, _ b: StoredElements, count: Int, unit: VectorUnit = .machine
+  ) -> (aa: Double, ab: Double, bb: Double) {
     guard count > 0 else { return (0, 0, 0) }
     func second<A: FloatStorage>(_: A.Type) -> (aa: Double, ab: Double, bb: Double)? {
       switch b.dtype {
       case .bf16:
-        dotsOfPair(A.self, BF16Storage.self, a.start, b.start, count: count, vectorized: !portable && usesAVX512)
+        dotsOfPair(A.self, BF16Storage.self, a.start, b.start, count: count, vectorized: unit.available == .avx512)
       case .f16: dotsOfPair(A.self, F16Storage.self, a.start, b.start, count: count, vectorized: false)
       case .f32:
-        dotsOfPair(A.self, F32Storage.self, a.start, b.start, count: count, vectorized: !portable && usesAVX512)
+        dotsOfPair(A.self, F32Storage.self, a.start, b.start, count: count, vectorized: unit.available == .avx512)
       default: nil
       }
     }
@@ -843,9 +853,6 @@ public enum Kernels {
     if let sums { return sums }
     return dotsOfPair(a.decoded(count: count), b.decoded(count: count))
   }
-
-  /// Whether the CPU and the OS run `CKernels`' AVX-512 loops.
-  static let usesAVX512 = mergekit_has_avx512() != 0
 
   /// The sweep of `dotsOfPair`: blocks of `Elementwise.blockSize` in parallel, four chains a
   /// block in the lanes of one vector, the blocks' sums added in order. With `vectorized` (two
@@ -948,8 +955,8 @@ public enum Kernels {
   /// DARE's two L1 norms of one range in one sweep: the sum of |values| and the sum over the
   /// elements kept by packed flags (bit `i % 64` of word `i / 64`), each in `Double` with the bits
   /// `absoluteSum(values)` and `absoluteSum(values, keep:)` of the unpacked mask give. Whole
-  /// blocks run in `CKernels` where the CPU has AVX-512, unless `portable`.
-  public static func absoluteSums(_ values: [Float], keepBits keep: [UInt64], portable: Bool = false) -> (
+  /// blocks run in `CKernels` where the CPU has AVX-512 and `unit` allows it.
+  public static func absoluteSums(_ values: [Float], keepBits keep: [UInt64], unit: VectorUnit = .machine) -> (
     all: Double, kept: Double
   ) {
     precondition(keep.count == (values.count + 63) / 64)
@@ -958,7 +965,7 @@ public enum Kernels {
       keep.withUnsafeBufferPointer { k in
         guard let vp = v.baseAddress, let kp = k.baseAddress else { return [0.0, 0.0] }
         let whole: ((Int, Int, UnsafeMutablePointer<Double>) -> Void)? =
-          portable || !usesAVX512
+          unit.available != .avx512
           ? nil
           : { mergekit_absolute_sums_avx512(vp, kp, $0, $1, Elementwise.blockSize, $2) }
         return sumsOfBlocks(count: values.count, width: 2, whole: whole) { block, o in
@@ -973,15 +980,15 @@ public enum Kernels {
 
   /// `absoluteSums` of the differences `model - base` of `count` stored elements, rounded to
   /// `Float` as `differences` forms them: the same sums to the bit. Two BF16 inputs on an
-  /// AVX-512 machine (unless `portable`) form each difference in a register, without decoding the
-  /// base or writing the differences out; other cases sum `differences`' array.
+  /// AVX-512 machine (when `unit` allows it) form each difference in a register, without
+  /// decoding the base or writing the differences out; other cases sum `differences`' array.
   public static func absoluteSums(
     differenceOf model: StoredElements, minus base: StoredElements, count: Int, keepBits keep: [UInt64],
-    portable: Bool = false
+    unit: VectorUnit = .machine
   ) -> (all: Double, kept: Double) {
-    guard !portable, usesAVX512, model.dtype == .bf16, base.dtype == .bf16 else {
+    guard unit.available == .avx512, model.dtype == .bf16, base.dtype == .bf16 else {
       return absoluteSums(
-        differences([model], minus: base.decoded(count: count))[0], keepBits: keep, portable: portable)
+        differences([model], minus: base.decoded(count: count))[0], keepBits: keep, unit: unit)
     }
     precondition(keep.count == (count + 63) / 64)
     guard count > 0 else { return (0, 0) }

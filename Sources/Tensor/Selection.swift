@@ -233,47 +233,53 @@ public struct MagnitudeBracket: Sendable {
     return ranker.threshold.key
   }
 
-  /// The pass's summary of one range: by AVX-512 where the machine has it, else portably; the
-  /// same summary either way.
-  public func summarize(_ values: [Float]) -> Summary {
-    Kernels.usesAVX512 ? summarizeAVX512(values) : summarizePortably(values)
+  /// The pass's summary of one range: by AVX-512 or AVX2 where the machine has it and `unit`
+  /// allows it, else portably; the same summary every way.
+  public func summarize(_ values: [Float], unit: VectorUnit = .machine) -> Summary {
+    let sweep: KeySweep
+    switch unit.available {
+    case .portable: return summarizePortably(values)
+    case .avx2: sweep = mergekit_bracket_summary_avx2
+    case .avx512: sweep = mergekit_bracket_summary_avx512
+    }
+    return values.withUnsafeBytes { raw in
+      summarizeVectorized(mergekit_key_source(first: raw.baseAddress, second: nil), count: values.count, sweep: sweep)
+    }
   }
 
   /// The summary of the differences `model - base` (rounded to `Float`) of `count` stored
   /// elements: the summary of `Kernels.differences` of them. Two BF16 inputs on a machine with
-  /// AVX-512 (unless `portable`) form each difference in a register as the loops go, without
-  /// decoding the base or writing the differences out.
+  /// AVX-512 or AVX2 (when `unit` allows it) form each difference in a register as the loops go,
+  /// without decoding the base or writing the differences out.
   public func summarize(
     differenceOf model: Kernels.StoredElements, minus base: Kernels.StoredElements, count: Int,
-    portable: Bool = false
+    unit: VectorUnit = .machine
   ) -> Summary {
-    guard !portable, Kernels.usesAVX512, model.dtype == .bf16, base.dtype == .bf16 else {
-      let difference = Kernels.differences([model], minus: base.decoded(count: count))[0]
-      return portable ? summarizePortably(difference) : summarize(difference)
+    let sweep: KeySweep?
+    switch unit.available {
+    case .avx512: sweep = mergekit_bracket_summary_bf16_differences_avx512
+    case .avx2: sweep = mergekit_bracket_summary_bf16_differences_avx2
+    case .portable: sweep = nil
     }
-    return summarizeAVX512(
-      mergekit_key_source(first: model.start, second: base.start), count: count,
-      sweep: mergekit_bracket_summary_bf16_differences_avx512)
+    guard let sweep, model.dtype == .bf16, base.dtype == .bf16 else {
+      return summarize(Kernels.differences([model], minus: base.decoded(count: count))[0], unit: unit)
+    }
+    return summarizeVectorized(mergekit_key_source(first: model.start, second: base.start), count: count, sweep: sweep)
   }
 
-  /// `summarize` by AVX-512 compares in one sweep: the end counts kept per lane, the inside keys
-  /// compressed out 16 lanes at a time (no branch per block, where about a third of the blocks
-  /// of 16 hold a key inside a typical bracket). The same summary as the portable loop.
-  func summarizeAVX512(_ values: [Float]) -> Summary {
-    values.withUnsafeBytes { raw in
-      summarizeAVX512(
-        mergekit_key_source(first: raw.baseAddress, second: nil), count: values.count,
-        sweep: mergekit_bracket_summary_avx512)
-    }
-  }
+  /// A `CKernels` bracket sweep (`mergekit_bracket_summary_*`): reads `n` keys from a source,
+  /// writes the counts above, at `high` and at `low`, and the inside keys in order; returns how
+  /// many keys are inside.
+  typealias KeySweep = (
+    mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt32>?
+  ) -> Int
 
-  /// `summarizeAVX512` over the keys `sweep` reads from `source`: the counts, and the inside keys
-  /// into scratch with room for all (only the pages written are touched), copied out.
-  func summarizeAVX512(
-    _ source: mergekit_key_source, count n: Int,
-    sweep: (mergekit_key_source, Int, UInt32, UInt32, UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<UInt32>?)
-      -> Int
-  ) -> Summary {
+  /// `summarize` by vector compares in one sweep over the keys `sweep` reads from `source`: the
+  /// end counts kept per lane, the inside keys compressed out a vector at a time (no branch per
+  /// block, where about a third of the blocks of 16 hold a key inside a typical bracket) into
+  /// scratch with room for all (only the pages written are touched), copied out. The same
+  /// summary as the portable loop.
+  func summarizeVectorized(_ source: mergekit_key_source, count n: Int, sweep: KeySweep) -> Summary {
     var summary = Summary()
     guard n > 0, source.first != nil else { return summary }
     let (low, high) = (self.low, self.high)

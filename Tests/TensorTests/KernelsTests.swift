@@ -77,21 +77,21 @@ import Testing
                 Array(decoded[terms]), weights: weights, scale: 0.9, base: hasBase ? decoded[0] : nil,
                 subtractingBase: subtracting)
             ).encoded(as: output).bytes
-            for portable in [false, true] {
+            for unit in VectorUnit.runnable {
               let actual = withBytes(stored) { p in
                 let elements = zip(p, types).map { Kernels.StoredElements(start: $0, dtype: $1) }
                 return [UInt8](unsafeUninitializedCapacity: n * output.size) { buffer, initialized in
                   Kernels.weightedSum(
                     Array(elements[terms]), weights: weights, scale: 0.9, base: hasBase ? elements[0] : nil,
                     subtractingBase: subtracting, count: n, into: UnsafeMutableRawBufferPointer(buffer), as: output,
-                    portable: portable)
+                    unit: unit)
                   initialized = n * output.size
                 }
               }
               let same = actual == expected
               #expect(
                 same,
-                "\(pattern) -> \(output), \(weights), base \(hasBase), subtracting \(subtracting), portable \(portable)"
+                "\(pattern) -> \(output), \(weights), base \(hasBase), subtracting \(subtracting), \(unit)"
               )
             }
           }
@@ -114,11 +114,11 @@ import Testing
       #expect(mask == expected)
       let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
       #expect(bits == Kernels.packBits(mask))
-      #expect(Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density, portable: true) == bits)
+      #expect(Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density, unit: .portable) == bits)
       let slice = Array(values[0..<count])
       let sums = Kernels.absoluteSums(slice, keepBits: bits)
       #expect(sums.all == Kernels.absoluteSum(slice) && sums.kept == Kernels.absoluteSum(slice, keep: mask))
-      let portable = Kernels.absoluteSums(slice, keepBits: bits, portable: true)
+      let portable = Kernels.absoluteSums(slice, keepBits: bits, unit: .portable)
       #expect(portable.all == sums.all && portable.kept == sums.kept)
       // Against float64 sums in another order: equal to rounding.
       let exact = zip(slice, mask).reduce((0.0, 0.0)) {
@@ -151,12 +151,11 @@ import Testing
               Kernels.StoredElements(start: bb.baseAddress!, dtype: baseType)
             )
             let expected = Kernels.absoluteSums(
-              Kernels.differences([ms], minus: bs.decoded(count: n))[0], keepBits: bits, portable: true)
-            for portable in [false, true] {
-              let sums = Kernels.absoluteSums(
-                differenceOf: ms, minus: bs, count: n, keepBits: bits, portable: portable)
+              Kernels.differences([ms], minus: bs.decoded(count: n))[0], keepBits: bits, unit: .portable)
+            for unit in VectorUnit.runnable {
+              let sums = Kernels.absoluteSums(differenceOf: ms, minus: bs, count: n, keepBits: bits, unit: unit)
               #expect(
-                sums.all == expected.all && sums.kept == expected.kept, "\(n) \(modelType) \(baseType) \(portable)")
+                sums.all == expected.all && sums.kept == expected.kept, "\(n) \(modelType) \(baseType) \(unit)")
             }
           }
         }
@@ -223,17 +222,17 @@ import Testing
       for (ta, tb) in [(DType.bf16, DType.bf16), (.f32, .f32), (.bf16, .f32), (.f16, .bf16)] {
         let (sa, sb) = (a.encoded(as: ta), b.encoded(as: tb))
         let expected = Kernels.dotsOfPair(sa.decoded().scalars, sb.decoded().scalars)
-        for portable in [true, false] {
+        for unit in VectorUnit.runnable {
           let sums = sa.bytes.withUnsafeBytes { x in
             sb.bytes.withUnsafeBytes { y in
               Kernels.dotsOfPair(
                 Kernels.StoredElements(start: x.baseAddress!, dtype: ta),
                 Kernels.StoredElements(start: y.baseAddress!, dtype: tb),
-                count: n, portable: portable)
+                count: n, unit: unit)
             }
           }
           #expect(
-            sums.aa == expected.aa && sums.ab == expected.ab && sums.bb == expected.bb, "\(n) \(ta) \(tb) \(portable)")
+            sums.aa == expected.aa && sums.ab == expected.ab && sums.bb == expected.bb, "\(n) \(ta) \(tb) \(unit)")
         }
       }
     }
@@ -297,8 +296,8 @@ import Testing
 }
 
 extension KernelsTests {
-  /// TIES's merge from stored bytes gives the same bits through the AVX-512 kernel as through
-  /// the portable loops (which the test above holds to the reference): BF16 and F32 inputs, one
+  /// TIES's merge from stored bytes gives the same bits through the AVX-512 and AVX2 kernels
+  /// (those the machine runs) as through the portable loops (which the test above holds to the reference): BF16 and F32 inputs, one
   /// to five models, the fast case (bands of magnitudes and all, unscaled) and the general one
   /// (packed bits, rescaling), with zero deltas, exact ties of the elected sum, NaNs, a negative
   /// weight, and a count off the 16-element step; and its BF16 and F32 output, written by the
@@ -333,10 +332,11 @@ extension KernelsTests {
           (fast, [Double](repeating: 1, count: count)), (general, [1, 1.6, 1, 0.7, 1].prefix(count).map { $0 }),
         ] {
           for normalize in [true, false] {
-            let merged = [false, true].map { portable in
+            // The portable loops first, then each kernel the machine runs.
+            let merged = ([.portable] + VectorUnit.runnable.filter { $0 != .portable }).map { unit in
               Kernels.sparseConsensusMerge(
                 base: elements[0], models: Array(elements[1...count]), count: n, keep: rules, scales: scales,
-                weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, portable: portable)
+                weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, unit: unit)
             }
             // Written as BF16 or F32 by the kernel itself (F16 through the floats): the floats encoded.
             for output in [DType.bf16, .f32, .f16] {
@@ -346,18 +346,25 @@ extension KernelsTests {
                   base: elements[0], models: Array(elements[1...count]), count: n, keep: rules, scales: scales,
                   weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, into: out, as: output)
               }
-              let expected = Tensor(shape: [n], scalars: merged[1]).encoded(as: output).bytes
+              let expected = Tensor(shape: [n], scalars: merged[0]).encoded(as: output).bytes
               #expect(
                 zip(bytes, expected).filter { $0 != $1 }.count == 0, "\(dtype) -> \(output), \(count) models")
             }
-            #expect(
-              differingBits(merged[0], merged[1]) == 0,
-              "\(dtype), \(count) models, \(rules.count) rules, normalize \(normalize)")
+            for (unit, kernel) in zip(VectorUnit.runnable.filter { $0 != .portable }, merged.dropFirst()) {
+              #expect(
+                differingBits(merged[0], kernel) == 0,
+                "\(dtype), \(count) models, \(rules.count) rules, normalize \(normalize), \(unit)")
+            }
           }
         }
       }
     }
   }
+}
+
+extension VectorUnit {
+  /// Every unit this machine runs, `.portable` first.
+  static let runnable = allCases.filter { $0 <= machine }
 }
 
 extension Array where Element == [UInt8] {

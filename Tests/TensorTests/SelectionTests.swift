@@ -95,7 +95,8 @@ import Testing
     }
   }
 
-  /// Both summary loops (AVX-512 where the machine has it, the portable one everywhere) give a
+  /// Every summary loop (AVX-512 and AVX2 where the machine has them, the portable one
+  /// everywhere) gives a
   /// plain filter's counts and inside keys, in order: lengths with and without a tail of fewer
   /// than 16, ties at both ends, zeros of both signs and a bracket of one key.
   @Test func bracketSummariesMatchAPlainFilter() {
@@ -110,10 +111,8 @@ import Testing
           for (low, high) in [(bracket.low, bracket.high), (bracket.low, bracket.low)] {
             let b = MagnitudeBracket(keep: keep, count: x.count, low: low, high: high, budget: x.count)
             let keys = values.map { $0.bitPattern & 0x7FFF_FFFF }
-            let portable = b.summarizePortably(values)
-            var loops = [portable]
-            if Kernels.usesAVX512 { loops.append(b.summarizeAVX512(values)) }
-            for summary in loops {
+            for unit in VectorUnit.runnable {
+              let summary = b.summarize(values, unit: unit)
               #expect(summary.above == keys.filter { $0 > high }.count)
               #expect(summary.atHigh == keys.filter { $0 == high }.count)
               #expect(summary.atLow == (low == high ? 0 : keys.filter { $0 == low }.count))
@@ -126,7 +125,7 @@ import Testing
   }
 
   /// The summary of stored differences `model - base` is the summary of `Kernels.differences`,
-  /// by the fused AVX-512 loops on BF16 (where the machine has them) and by the portable path,
+  /// by the fused AVX-512 and AVX2 loops on BF16 (where the machine has them) and by the portable path,
   /// with tails, equal elements (differences of zero of either sign), and mixed dtypes.
   @Test func bracketSummariesOfStoredDifferencesAreThoseOfTheDifferences() {
     let n = 5_003
@@ -154,18 +153,18 @@ import Testing
           continue
         }
         let expected = bracket.summarizePortably(expectedValues)
-        for portable in [true, false] {
+        for unit in VectorUnit.runnable {
           let summary = m.bytes.withUnsafeBytes { mb in
             b.bytes.withUnsafeBytes { bb in
               bracket.summarize(
                 differenceOf: Kernels.StoredElements(start: mb.baseAddress!, dtype: modelType),
                 minus: Kernels.StoredElements(start: bb.baseAddress!, dtype: baseType), count: length,
-                portable: portable)
+                unit: unit)
             }
           }
           #expect(
             summary.above == expected.above && summary.atHigh == expected.atHigh && summary.atLow == expected.atLow
-              && summary.inner == expected.inner, "\(modelType) \(baseType) \(length) \(portable)")
+              && summary.inner == expected.inner, "\(modelType) \(baseType) \(length) \(unit)")
         }
       }
     }
