@@ -43,24 +43,28 @@ func kernelFigures() throws {
   }
   let stored = ([base] + deltas).map { Tensor(shape: [n], scalars: $0).encoded(as: .bf16).bytes }
   var out = [UInt8](repeating: 0, count: 2 * n)
-  for (label, subtracting) in [
-    ("weightedSum of 3 with base, bf16 bytes in/out", false), ("task arithmetic of 3, bf16 bytes in/out", true),
-  ] {
-    try report(label, elements: n) {
-      stored.withUnsafeBufferPointers { p in
-        let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
-        out.withUnsafeMutableBytes { o in
-          Kernels.weightedSum(
-            Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: subtracting,
-            count: n, into: o, as: .bf16)
+  let units = VectorUnit.allCases.reversed().filter { $0 <= .machine }
+  for (label, subtracting) in [("weightedSum of 3 with base, bf16", false), ("task arithmetic of 3, bf16", true)] {
+    for unit in units {
+      try report("\(label), \(unit)", elements: n) {
+        stored.withUnsafeBufferPointers { p in
+          let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+          out.withUnsafeMutableBytes { o in
+            Kernels.weightedSum(
+              Array(elements.dropFirst()), weights: weights, scale: 1, base: elements[0], subtractingBase: subtracting,
+              count: n, into: o, as: .bf16, unit: unit)
+          }
         }
       }
     }
   }
-  try report("SLERP sums (norms, dot), bf16 bytes", elements: n) {
-    stored.withUnsafeBufferPointers { p in
-      _ = Kernels.dotsOfPair(
-        Kernels.StoredElements(start: p[0], dtype: .bf16), Kernels.StoredElements(start: p[1], dtype: .bf16), count: n)
+  for unit in units {
+    try report("SLERP sums (norms, dot), bf16, \(unit)", elements: n) {
+      stored.withUnsafeBufferPointers { p in
+        _ = Kernels.dotsOfPair(
+          Kernels.StoredElements(start: p[0], dtype: .bf16), Kernels.StoredElements(start: p[1], dtype: .bf16),
+          count: n, unit: unit)
+      }
     }
   }
   try report("SLERP's weighted sum of 2, bf16 bytes", elements: n) {
@@ -73,11 +77,24 @@ func kernelFigures() throws {
     }
   }
   let drawn = Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5)
-  try report("DARE rescale: draws and both L1 sums", elements: n) {
-    _ = Kernels.absoluteSums(deltas[0], keepBits: Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5))
+  for unit in units {
+    try report("DARE draws, \(unit)", elements: n) {
+      _ = Kernels.randomKeepBits(n, offset: 0, rng: rng, density: 0.5, unit: unit)
+    }
   }
-  try report("L1 sums (all and kept) of drawn bits", elements: n) {
-    _ = Kernels.absoluteSums(deltas[0], keepBits: drawn)
+  for unit in units {
+    try report("L1 sums (all and kept) of drawn bits, \(unit)", elements: n) {
+      _ = Kernels.absoluteSums(deltas[0], keepBits: drawn, unit: unit)
+    }
+  }
+  for unit in units {
+    try report("L1 sums of bf16 differences, \(unit)", elements: n) {
+      stored.withUnsafeBufferPointers { p in
+        _ = Kernels.absoluteSums(
+          differenceOf: Kernels.StoredElements(start: p[1], dtype: .bf16),
+          minus: Kernels.StoredElements(start: p[0], dtype: .bf16), count: n, keepBits: drawn, unit: unit)
+      }
+    }
   }
   try report("consensusMerge of 3 (TIES)", elements: n) {
     _ = Kernels.consensusMerge(base: base, deltas: deltas, weights: weights, lambda: 1, normalize: true)
@@ -88,7 +105,7 @@ func kernelFigures() throws {
     let keys = d.map { $0.bitPattern & 0x7FFF_FFFF }.sorted()
     return .magnitudes(keys[n / 2]...0x7FFF_FFFF)
   }
-  for unit in VectorUnit.allCases.reversed() where unit <= .machine {
+  for unit in units {
     try report("TIES merge of 3 from bf16 bytes, \(unit)", elements: n) {
       stored.withUnsafeBufferPointers { p in
         let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
@@ -105,7 +122,7 @@ func kernelFigures() throws {
       minus: Kernels.StoredElements(start: p[0], dtype: .bf16).decoded(count: n))[0]
   }
   if let bracket = MagnitudeBracket(keep: n / 2, count: n, sample: storedDifference, budget: n / 32) {
-    for unit in VectorUnit.allCases.reversed() where unit <= .machine {
+    for unit in units {
       try report("bracket summary, bf16 bytes, \(unit)", elements: n) {
         stored.withUnsafeBufferPointers { p in
           _ = bracket.summarize(

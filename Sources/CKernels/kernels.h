@@ -26,6 +26,32 @@ typedef struct {
 /// The most models `mergekit_sparse_consensus_*` takes.
 #define MERGEKIT_CONSENSUS_MODELS 8
 
+/// The step loops of `mergekit_sparse_consensus_*` (each unit's form: `STEP` takes `WIDTH`
+/// elements a step): the model count fixed at one to four for the compiler, where the unrolled
+/// loops keep every product in registers, and with plain bands (no packed bits, no rescaling)
+/// no step tests a rule's kind. Expects `base`, `models`, `count`, `i`, `end`, `lambdas`,
+/// `normalize`, `elect`, `out` and `bf16_out` in scope; leaves `i` at the first element of the
+/// tail.
+#define MERGEKIT_CONSENSUS_STEPS(STEP, WIDTH)                                                    \
+  do {                                                                                           \
+    int words = 0, scaled = 0;                                                                   \
+    for (size_t t = 0; t < count; t++) {                                                         \
+      words |= models[t].words != 0;                                                             \
+      scaled |= models[t].scale != 1;                                                            \
+    }                                                                                            \
+    switch (count <= 4 ? (int)count + (words || scaled ? 4 : 0) : 0) {                           \
+    case 1: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 1, i, lambdas, normalize, elect, out, bf16_out, 0, 0); break; \
+    case 2: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 2, i, lambdas, normalize, elect, out, bf16_out, 0, 0); break; \
+    case 3: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 3, i, lambdas, normalize, elect, out, bf16_out, 0, 0); break; \
+    case 4: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 4, i, lambdas, normalize, elect, out, bf16_out, 0, 0); break; \
+    case 5: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 1, i, lambdas, normalize, elect, out, bf16_out, 1, 1); break; \
+    case 6: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 2, i, lambdas, normalize, elect, out, bf16_out, 1, 1); break; \
+    case 7: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 3, i, lambdas, normalize, elect, out, bf16_out, 1, 1); break; \
+    case 8: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, 4, i, lambdas, normalize, elect, out, bf16_out, 1, 1); break; \
+    default: for (; i + WIDTH <= end; i += WIDTH) STEP(base, models, count, i, lambdas, normalize, elect, out, bf16_out, 1, 1); break; \
+    }                                                                                            \
+  } while (0)
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -369,8 +395,10 @@ __attribute__((target("avx512f"))) static inline __m512d mergekit_doubles_of_hal
 /// products `w_t d_t` that are nonzero and share that sign are summed into `mixed` and their
 /// weights into `divisor`; `mixed / divisor` (0 -> 1) when `normalize`; the result is
 /// `(float)(base + lambda * mixed)`, stored as floats, or as BF16 when `bf16_out` (`out` then
-/// holds uint16_t bit patterns). Sixteen elements a step, every model's products in
-/// registers, no scratch memory.
+/// holds uint16_t bit patterns). Without the election (`elect` 0: breadcrumbs, DARE and the
+/// other sparsified task arithmetic), `mixed` is `total` and `normalize` is not used: the
+/// weighted sum of the kept deltas, as `Kernels.weightedSum` adds up the masked deltas. Sixteen
+/// elements a step, every model's products in registers, no scratch memory.
 #define MERGEKIT_CONSENSUS_KEEP(m, d, i)                                                          \
   (any_words && (m).words ? (__mmask16)mergekit_flags16((m).words, i)                            \
              : (__mmask16)(_mm512_testn_epi32_mask(_mm512_sub_epi32(_mm512_and_si512(_mm512_castps_si512(d), magnitude), \
@@ -381,7 +409,7 @@ __attribute__((target("avx512f"))) static inline __m512d mergekit_doubles_of_hal
 #define MERGEKIT_SPARSE_CONSENSUS(NAME, LOAD16, LOAD1)                                            \
   __attribute__((target("avx512f"), always_inline)) static inline void NAME##_step(               \
       const void *base, const mergekit_consensus_model *models, size_t count, size_t i, __m512d lambda, int normalize, \
-      void *out, int bf16_out, int any_words, int any_scale) {                                    \
+      int elect, void *out, int bf16_out, int any_words, int any_scale) {                         \
     __m256 merged[2];                                                                             \
     const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), sign32 = _mm512_set1_epi32((int)0x80000000u); \
     const __m512i magnitude64 = _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll), zero = _mm512_setzero_si512(); \
@@ -406,24 +434,28 @@ __attribute__((target("avx512f"))) static inline __m512d mergekit_doubles_of_hal
       /* The elected sign in the sign bit: the sign bit of `total` where it is not +-0. A     \
          product agrees when, its sign flipped by that, it is above 0 as an integer: the same  \
          sign, and not +-0. */                                                                \
-      __m512i sum = _mm512_castpd_si512(total[h]);                                                \
-      __m512i elected = _mm512_maskz_mov_epi64(_mm512_test_epi64_mask(sum, magnitude64), _mm512_and_si512(sum, sign64)); \
-      __m512d mixed = _mm512_setzero_pd(), divisor = _mm512_setzero_pd();                         \
-      _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                      \
-        __m512i bits = _mm512_castpd_si512(products[h][t]);                                       \
-        __mmask8 agrees = _mm512_cmpgt_epi64_mask(_mm512_xor_si512(bits, elected), zero);         \
-        mixed = _mm512_add_pd(mixed, _mm512_maskz_mov_pd(agrees, products[h][t]));                \
-        divisor = _mm512_add_pd(divisor, _mm512_maskz_mov_pd(agrees, _mm512_set1_pd(models[t].weight))); \
+      __m512d mixed = total[h];                                                                   \
+      if (elect) {                                                                                \
+        __m512i sum = _mm512_castpd_si512(total[h]);                                              \
+        __m512i elected = _mm512_maskz_mov_epi64(_mm512_test_epi64_mask(sum, magnitude64), _mm512_and_si512(sum, sign64)); \
+        __m512d divisor = _mm512_setzero_pd();                                                    \
+        mixed = _mm512_setzero_pd();                                                              \
+        _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                    \
+          __m512i bits = _mm512_castpd_si512(products[h][t]);                                     \
+          __mmask8 agrees = _mm512_cmpgt_epi64_mask(_mm512_xor_si512(bits, elected), zero);       \
+          mixed = _mm512_add_pd(mixed, _mm512_maskz_mov_pd(agrees, products[h][t]));              \
+          divisor = _mm512_add_pd(divisor, _mm512_maskz_mov_pd(agrees, _mm512_set1_pd(models[t].weight))); \
+        }                                                                                         \
+        if (normalize)                                                                            \
+          mixed = _mm512_div_pd(                                                                  \
+              mixed, _mm512_mask_mov_pd(divisor, _mm512_cmp_pd_mask(divisor, _mm512_setzero_pd(), _CMP_EQ_OQ), _mm512_set1_pd(1))); \
       }                                                                                           \
-      if (normalize)                                                                              \
-        mixed = _mm512_div_pd(                                                                    \
-            mixed, _mm512_mask_mov_pd(divisor, _mm512_cmp_pd_mask(divisor, _mm512_setzero_pd(), _CMP_EQ_OQ), _mm512_set1_pd(1))); \
       merged[h] = _mm512_cvtpd_ps(_mm512_add_pd(mergekit_doubles_of_half(b, h), _mm512_mul_pd(lambda, mixed))); \
     }                                                                                             \
     mergekit_store16(out, i, merged[0], merged[1], bf16_out);                                     \
   }                                                                                               \
   static inline void NAME##_one(const void *base, const mergekit_consensus_model *models, size_t count, size_t i, \
-                                double lambda, int normalize, void *out, int bf16_out) {          \
+                                double lambda, int normalize, int elect, void *out, int bf16_out) { \
     double products[MERGEKIT_CONSENSUS_MODELS];                                                   \
     double total = 0;                                                                             \
     float b = LOAD1(base, i);                                                                     \
@@ -439,42 +471,29 @@ __attribute__((target("avx512f"))) static inline __m512d mergekit_doubles_of_hal
       products[t] = models[t].weight * (double)d;                                                 \
       total += products[t];                                                                       \
     }                                                                                             \
-    uint64_t sum = mergekit_double_bits(total);                                                   \
-    uint64_t negative = (sum >> 63) & (uint64_t)((sum << 1) != 0);                                \
-    double mixed = 0, divisor = 0;                                                                \
-    for (size_t t = 0; t < count; t++) {                                                          \
-      uint64_t bits = mergekit_double_bits(products[t]);                                          \
-      uint64_t agrees = 0 - ((uint64_t)((bits << 1) != 0) & ~((bits >> 63) ^ negative) & 1);      \
-      mixed += mergekit_bits_double(bits & agrees);                                               \
-      divisor += mergekit_bits_double(mergekit_double_bits(models[t].weight) & agrees);           \
+    double mixed = total;                                                                         \
+    if (elect) {                                                                                  \
+      uint64_t sum = mergekit_double_bits(total);                                                 \
+      uint64_t negative = (sum >> 63) & (uint64_t)((sum << 1) != 0);                              \
+      double divisor = 0;                                                                         \
+      mixed = 0;                                                                                  \
+      for (size_t t = 0; t < count; t++) {                                                        \
+        uint64_t bits = mergekit_double_bits(products[t]);                                        \
+        uint64_t agrees = 0 - ((uint64_t)((bits << 1) != 0) & ~((bits >> 63) ^ negative) & 1);    \
+        mixed += mergekit_bits_double(bits & agrees);                                             \
+        divisor += mergekit_bits_double(mergekit_double_bits(models[t].weight) & agrees);         \
+      }                                                                                           \
+      if (normalize) mixed /= divisor == 0 ? 1 : divisor;                                         \
     }                                                                                             \
-    if (normalize) mixed /= divisor == 0 ? 1 : divisor;                                           \
     mergekit_store1(out, i, (float)((double)b + lambda * mixed), bf16_out);                       \
   }                                                                                               \
   __attribute__((target("avx512f"))) static inline void NAME(                                     \
       const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda, \
-      int normalize, void *out, int bf16_out) {                                                   \
+      int normalize, int elect, void *out, int bf16_out) {                                        \
     const __m512d lambdas = _mm512_set1_pd(lambda);                                               \
     size_t i = first, end = first + n;                                                            \
-    int words = 0, scaled = 0;                                                                    \
-    for (size_t t = 0; t < count; t++) {                                                          \
-      words |= models[t].words != 0;                                                              \
-      scaled |= models[t].scale != 1;                                                             \
-    }                                                                                             \
-    /* The model count known to the compiler for up to four (the unrolled loops keep every    \
-       product in registers), and with plain bands no step tests a rule's kind. */            \
-    switch (count <= 4 ? (int)count + (words || scaled ? 4 : 0) : 0) {                            \
-    case 1: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 2: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 3: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 4: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 5: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    case 6: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    case 7: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    case 8: for (; i + 16 <= end; i += 16) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    default: for (; i + 16 <= end; i += 16) NAME##_step(base, models, count, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    }                                                                                             \
-    for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, out, bf16_out);              \
+    MERGEKIT_CONSENSUS_STEPS(NAME##_step, 16);                                                    \
+    for (; i < end; i++) NAME##_one(base, models, count, i, lambda, normalize, elect, out, bf16_out);              \
   }
 /// The weighted sum `Kernels.weightedSum` computes from stored elements, to the bit, over
 /// elements `first ..< first + n`: per element, `sum = 0 + w_0 x_0`, then `sum += w_t x_t` in
@@ -610,8 +629,8 @@ static inline void mergekit_absolute_sums_avx512(
 }
 static inline void mergekit_sparse_consensus_bf16_avx512(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
-    int normalize, void *out, int bf16_out) {
-  (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
+    int normalize, int elect, void *out, int bf16_out) {
+  (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)elect; (void)out;
   (void)bf16_out;
 }
 static inline void mergekit_weighted_sum_bf16_avx512(
@@ -628,8 +647,8 @@ static inline void mergekit_weighted_sum_f32_avx512(
 }
 static inline void mergekit_sparse_consensus_f32_avx512(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
-    int normalize, void *out, int bf16_out) {
-  (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)out;
+    int normalize, int elect, void *out, int bf16_out) {
+  (void)base; (void)models; (void)count; (void)first; (void)n; (void)lambda; (void)normalize; (void)elect; (void)out;
   (void)bf16_out;
 }
 typedef struct {

@@ -194,7 +194,7 @@ MERGEKIT_AVX2 static inline __m256d mergekit_wide_lanes_of_half8(__m256i m, int 
 #define MERGEKIT_SPARSE_CONSENSUS_AVX2(NAME, LOAD8, ONE)                                         \
   MERGEKIT_AVX2 __attribute__((always_inline)) static inline void NAME##_step(                  \
       const void *base, const mergekit_consensus_model *models, size_t count, size_t i, __m256d lambda, int normalize, \
-      void *out, int bf16_out, int any_words, int any_scale) {                                    \
+      int elect, void *out, int bf16_out, int any_words, int any_scale) {                         \
     const __m256i magnitude64 = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll), zero = _mm256_setzero_si256(); \
     const __m256i sign64 = _mm256_set1_epi64x((long long)0x8000000000000000ull);                  \
     __m256 b = LOAD8(base, i);                                                                    \
@@ -219,51 +219,135 @@ MERGEKIT_AVX2 static inline __m256d mergekit_wide_lanes_of_half8(__m256i m, int 
     }                                                                                             \
     __m128 merged[2];                                                                             \
     _Pragma("unroll") for (int h = 0; h < 2; h++) {                                               \
-      __m256i sum = _mm256_castpd_si256(total[h]);                                                \
-      __m256i elected = _mm256_andnot_si256(_mm256_cmpeq_epi64(_mm256_and_si256(sum, magnitude64), zero), \
-                                            _mm256_and_si256(sum, sign64));                       \
-      __m256d mixed = _mm256_setzero_pd(), divisor = _mm256_setzero_pd();                         \
-      _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                      \
-        __m256d agrees = _mm256_castsi256_pd(                                                     \
-            _mm256_cmpgt_epi64(_mm256_xor_si256(_mm256_castpd_si256(products[h][t]), elected), zero)); \
-        mixed = _mm256_add_pd(mixed, _mm256_and_pd(agrees, products[h][t]));                      \
-        divisor = _mm256_add_pd(divisor, _mm256_and_pd(agrees, _mm256_set1_pd(models[t].weight))); \
+      __m256d mixed = total[h];                                                                   \
+      if (elect) {                                                                                \
+        __m256i sum = _mm256_castpd_si256(total[h]);                                              \
+        __m256i elected = _mm256_andnot_si256(_mm256_cmpeq_epi64(_mm256_and_si256(sum, magnitude64), zero), \
+                                              _mm256_and_si256(sum, sign64));                     \
+        __m256d divisor = _mm256_setzero_pd();                                                    \
+        mixed = _mm256_setzero_pd();                                                              \
+        _Pragma("unroll") for (size_t t = 0; t < count; t++) {                                    \
+          __m256d agrees = _mm256_castsi256_pd(                                                   \
+              _mm256_cmpgt_epi64(_mm256_xor_si256(_mm256_castpd_si256(products[h][t]), elected), zero)); \
+          mixed = _mm256_add_pd(mixed, _mm256_and_pd(agrees, products[h][t]));                    \
+          divisor = _mm256_add_pd(divisor, _mm256_and_pd(agrees, _mm256_set1_pd(models[t].weight))); \
+        }                                                                                         \
+        if (normalize)                                                                            \
+          mixed = _mm256_div_pd(                                                                  \
+              mixed, _mm256_blendv_pd(divisor, _mm256_set1_pd(1), _mm256_cmp_pd(divisor, _mm256_setzero_pd(), _CMP_EQ_OQ))); \
       }                                                                                           \
-      if (normalize)                                                                              \
-        mixed = _mm256_div_pd(                                                                    \
-            mixed, _mm256_blendv_pd(divisor, _mm256_set1_pd(1), _mm256_cmp_pd(divisor, _mm256_setzero_pd(), _CMP_EQ_OQ))); \
       merged[h] = _mm256_cvtpd_ps(_mm256_add_pd(mergekit_doubles_of_half8(b, h), _mm256_mul_pd(lambda, mixed))); \
     }                                                                                             \
     mergekit_store8(out, i, merged[0], merged[1], bf16_out);                                      \
   }                                                                                               \
   MERGEKIT_AVX2 static inline void NAME(const void *base, const mergekit_consensus_model *models, size_t count, \
-                                        size_t first, size_t n, double lambda, int normalize, void *out, int bf16_out) { \
+                                        size_t first, size_t n, double lambda, int normalize, int elect, void *out, \
+                                        int bf16_out) {                                          \
     const __m256d lambdas = _mm256_set1_pd(lambda);                                               \
     size_t i = first, end = first + n;                                                            \
-    int words = 0, scaled = 0;                                                                    \
-    for (size_t t = 0; t < count; t++) {                                                          \
-      words |= models[t].words != 0;                                                              \
-      scaled |= models[t].scale != 1;                                                             \
-    }                                                                                             \
-    switch (count <= 4 ? (int)count + (words || scaled ? 4 : 0) : 0) {                            \
-    case 1: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 2: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 3: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 4: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 0, 0); break; \
-    case 5: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 1, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    case 6: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 2, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    case 7: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 3, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    case 8: for (; i + 8 <= end; i += 8) NAME##_step(base, models, 4, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    default: for (; i + 8 <= end; i += 8) NAME##_step(base, models, count, i, lambdas, normalize, out, bf16_out, 1, 1); break; \
-    }                                                                                             \
-    for (; i < end; i++) ONE(base, models, count, i, lambda, normalize, out, bf16_out);           \
+    MERGEKIT_CONSENSUS_STEPS(NAME##_step, 8);                                                     \
+    for (; i < end; i++) ONE(base, models, count, i, lambda, normalize, elect, out, bf16_out);           \
   }
 MERGEKIT_SPARSE_CONSENSUS_AVX2(mergekit_sparse_consensus_bf16_avx2, mergekit_bf16_floats8,
                                mergekit_sparse_consensus_bf16_avx512_one)
 MERGEKIT_SPARSE_CONSENSUS_AVX2(mergekit_sparse_consensus_f32_avx2, mergekit_f32_floats8,
                                mergekit_sparse_consensus_f32_avx512_one)
 #undef MERGEKIT_SPARSE_CONSENSUS_AVX2
+
+/// `mergekit_bits32_16` in eights: `CounterRNG.bits32` of counters `low + j` (j = 0 ..< 8, the
+/// low words wrapping into `high + 1`).
+MERGEKIT_AVX2 static inline __m256i mergekit_bits32_8(uint32_t low, uint32_t high, uint64_t key) {
+  const __m256i lows = _mm256_add_epi32(_mm256_set1_epi32((int)low), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // Unsigned `lows < low` as a signed comparison of both with their sign bits flipped.
+  const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
+  const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_set1_epi32((int)low), flip),
+                                             _mm256_xor_si256(lows, flip));
+  const __m256i highs = _mm256_sub_epi32(_mm256_set1_epi32((int)high), wrapped);
+  __m256i x = _mm256_xor_si256(
+      _mm256_xor_si256(_mm256_mullo_epi32(lows, _mm256_set1_epi32((int)0x9E3779B9u)), _mm256_set1_epi32((int)(uint32_t)key)),
+      _mm256_mullo_epi32(highs, _mm256_set1_epi32((int)0x85EBCA6Bu)));
+  for (int round = 0; round < 2; round++) {
+    if (round == 1) x = _mm256_xor_si256(x, _mm256_set1_epi32((int)(uint32_t)(key >> 32)));
+    x = _mm256_mullo_epi32(_mm256_xor_si256(x, _mm256_srli_epi32(x, 16)), _mm256_set1_epi32((int)0x7FEB352Du));
+    x = _mm256_mullo_epi32(_mm256_xor_si256(x, _mm256_srli_epi32(x, 15)), _mm256_set1_epi32((int)0x846CA68Bu));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  }
+  return x;
+}
+
+/// `mergekit_random_keep_bits_avx512` in eights: the same words.
+MERGEKIT_AVX2 static inline void mergekit_random_keep_bits_avx2(uint64_t key, uint64_t offset, size_t count,
+                                                                uint32_t bound, size_t first, size_t n, uint64_t *out) {
+  const __m256i flip = _mm256_set1_epi32((int)0x80000000u);
+  const __m256i bounds = _mm256_xor_si256(_mm256_set1_epi32((int)bound), flip);
+  for (size_t w = first; w < first + n; w++) {
+    uint64_t word = 0;
+    for (int part = 0; part < 8; part++) {
+      uint64_t counter = offset + 64 * (uint64_t)w + 8 * (uint64_t)part;
+      __m256i draws = mergekit_bits32_8((uint32_t)counter, (uint32_t)(counter >> 32), key);
+      __m256i below = _mm256_cmpgt_epi32(bounds, _mm256_xor_si256(draws, flip));
+      word |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)) << (8 * part);
+    }
+    size_t valid = count - 64 * w;
+    if (valid < 64) word &= ((uint64_t)1 << valid) - 1;
+    out[w] = word;
+  }
+}
+
+/// Four elements from `i` as doubles: the magnitudes of floats, or the magnitudes of the float
+/// differences of two BF16 arrays (`mergekit_key_source`: first the model, second the base,
+/// rounded as `Kernels.differences` rounds them).
+MERGEKIT_AVX2 static inline __m256d mergekit_magnitudes4(const float *v, size_t i) {
+  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(_mm_loadu_si128((const __m128i *)(v + i)),
+                                                        _mm_set1_epi32(0x7FFFFFFF))));
+}
+MERGEKIT_AVX2 static inline __m256d mergekit_bf16_difference_magnitudes4(mergekit_key_source s, size_t i) {
+  __m128 model = _mm_castsi128_ps(
+      _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s.first + i))), 16));
+  __m128 base = _mm_castsi128_ps(
+      _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s.second + i))), 16));
+  return _mm256_cvtps_pd(_mm_and_ps(_mm_sub_ps(model, base), _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF))));
+}
+
+/// A block's four chains added as `(c0 + c1) + (c2 + c3)`.
+MERGEKIT_AVX2 static inline double mergekit_chain_total4(__m256d v) {
+  double lanes[4];
+  _mm256_storeu_pd(lanes, v);
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+/// `mergekit_absolute_sums_*` with one block's four chains in a vector of four lanes, two
+/// blocks swept side by side (a lone last block alone): the same sums in the same order. A
+/// dropped element adds +0 to the kept sum, as the AVX-512 loop's masked move does.
+#define MERGEKIT_ABSOLUTE_SUMS_AVX2(NAME, SOURCE, MAGNITUDES4)                                   \
+  MERGEKIT_AVX2 static inline void NAME(SOURCE v, const uint64_t *keep, size_t first, size_t blocks, size_t block, \
+                                        double *out) {                                           \
+    const __m256i bits = _mm256_setr_epi64x(1, 2, 4, 8);                                         \
+    for (size_t j = first, end = first + blocks; j < end; j += 2) {                              \
+      size_t second = j + 1 < end ? block : 0; /* a lone block swept twice, stored once */       \
+      __m256d all[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()}, kept[2] = {all[0], all[0]};   \
+      for (size_t i = j * block; i < (j + 1) * block; i += 4) {                                  \
+        _Pragma("unroll") for (int s = 0; s < 2; s++) {                                          \
+          size_t at = i + s * second;                                                            \
+          __m256d d = MAGNITUDES4(v, at);                                                        \
+          __m256i flags = _mm256_set1_epi64x((long long)((keep[at / 64] >> (at % 64)) & 0xFu));  \
+          __m256d mask = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(flags, bits), bits)); \
+          all[s] = _mm256_add_pd(all[s], d);                                                     \
+          kept[s] = _mm256_add_pd(kept[s], _mm256_and_pd(mask, d));                              \
+        }                                                                                        \
+      }                                                                                          \
+      for (int s = 0; s < (second ? 2 : 1); s++) {                                               \
+        out[2 * (j + s)] = mergekit_chain_total4(all[s]);                                        \
+        out[2 * (j + s) + 1] = mergekit_chain_total4(kept[s]);                                   \
+      }                                                                                          \
+    }                                                                                            \
+  }
+MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_avx2, const float *, mergekit_magnitudes4)
+MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_bf16_differences_avx2, mergekit_key_source,
+                            mergekit_bf16_difference_magnitudes4)
+#undef MERGEKIT_ABSOLUTE_SUMS_AVX2
 #undef MERGEKIT_AVX2
+#undef MERGEKIT_CONSENSUS_STEPS
 
 #else
 static inline int mergekit_has_avx2(void) { return 0; }
@@ -277,12 +361,24 @@ static inline size_t mergekit_bracket_summary_bf16_differences_avx2(
 }
 static inline void mergekit_sparse_consensus_bf16_avx2(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
-    int normalize, void *out, int bf16_out) {
-  mergekit_sparse_consensus_bf16_avx512(base, models, count, first, n, lambda, normalize, out, bf16_out);
+    int normalize, int elect, void *out, int bf16_out) {
+  mergekit_sparse_consensus_bf16_avx512(base, models, count, first, n, lambda, normalize, elect, out, bf16_out);
 }
 static inline void mergekit_sparse_consensus_f32_avx2(
     const void *base, const mergekit_consensus_model *models, size_t count, size_t first, size_t n, double lambda,
-    int normalize, void *out, int bf16_out) {
-  mergekit_sparse_consensus_f32_avx512(base, models, count, first, n, lambda, normalize, out, bf16_out);
+    int normalize, int elect, void *out, int bf16_out) {
+  mergekit_sparse_consensus_f32_avx512(base, models, count, first, n, lambda, normalize, elect, out, bf16_out);
+}
+static inline void mergekit_random_keep_bits_avx2(
+    uint64_t key, uint64_t offset, size_t count, uint32_t bound, size_t first, size_t n, uint64_t *out) {
+  mergekit_random_keep_bits_avx512(key, offset, count, bound, first, n, out);
+}
+static inline void mergekit_absolute_sums_avx2(
+    const float *v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
+  mergekit_absolute_sums_avx512(v, keep, first, blocks, block, out);
+}
+static inline void mergekit_absolute_sums_bf16_differences_avx2(
+    mergekit_key_source v, const uint64_t *keep, size_t first, size_t blocks, size_t block, double *out) {
+  mergekit_absolute_sums_bf16_differences_avx512(v, keep, first, blocks, block, out);
 }
 #endif

@@ -122,21 +122,32 @@ public struct TaskVectorMerge: StreamingMerge {
     func rule(offset: Int, count: Int) -> Kernels.KeepRule? {
       guard random == nil else { return nil }
       if rankers.isEmpty { return .all }
-      if rankers.count == 1, let kept = rankers[0].keptKeys { return .magnitudes(kept) }
-      if rankers.count == 1 {
-        // Ties ordered by index: only the range where the kept ties run out needs a mask.
-        let (key, allowed) = rankers[0].threshold
-        let before = equalBefore[0][offset] ?? 0
-        let after = equalBefore[0][offset + count] ?? equalTotal[0]
-        if before >= allowed { return .magnitudes((key + 1)...0x7FFF_FFFF) }
-        if after <= allowed { return .magnitudes(key...0x7FFF_FFFF) }
-      }
-      if rankers.count == 2, let upper = rankers[0].keptKeys, let outliers = rankers[1].keptKeys {
+      if rankers.count == 1 { return keptBand(0, offset: offset, count: count).map { .magnitudes($0) } }
+      if rankers.count == 2, let upper = keptBand(0, offset: offset, count: count),
+        let outliers = keptBand(1, offset: offset, count: count)
+      {
         // Kept by the first and not among the outliers: below the outliers' lowest kept key.
         guard outliers.lowerBound <= 0x7FFF_FFFF else { return .magnitudes(upper) }
-        guard outliers.lowerBound > upper.lowerBound else { return .magnitudes(0x8000_0000...0x8000_0000) }
+        guard outliers.lowerBound > upper.lowerBound else { return .magnitudes(Self.noKeys) }
         return .magnitudes(upper.lowerBound...(outliers.lowerBound - 1))
       }
+      return nil
+    }
+
+    /// The band of magnitude keys that selects nothing (every key is below 2^31).
+    static let noKeys: ClosedRange<UInt32> = 0x8000_0000...0x8000_0000
+
+    /// The magnitude keys ranker `r` keeps in the range of `count` elements at `offset`, as a
+    /// band `low...0x7FFF_FFFF` (or `noKeys`), when they form one there: always when no tie
+    /// order is needed; with ties ordered by index, in every range but the one where the kept
+    /// ties at the threshold run out (that one needs a mask: nil).
+    func keptBand(_ r: Int, offset: Int, count: Int) -> ClosedRange<UInt32>? {
+      if let kept = rankers[r].keptKeys { return kept }
+      let (key, allowed) = rankers[r].threshold
+      let before = equalBefore[r][offset] ?? 0
+      let after = equalBefore[r][offset + count] ?? equalTotal[r]
+      if before >= allowed { return key < 0x7FFF_FFFF ? (key + 1)...0x7FFF_FFFF : Self.noKeys }
+      if after <= allowed { return key...0x7FFF_FFFF }
       return nil
     }
 
@@ -146,6 +157,9 @@ public struct TaskVectorMerge: StreamingMerge {
         return Kernels.randomKeep(delta.count, offset: offset, rng: rng, density: density)
       }
       guard !rankers.isEmpty else { return nil }
+      if case .magnitudes(let band)? = rule(offset: offset, count: delta.count) {
+        return Kernels.magnitudeMask(delta, band: band)
+      }
       let upper = rankers[0].mask(delta, equalBefore: equalBefore[0][offset] ?? 0)
       guard rankers.count > 1 else { return upper }
       let outliers = rankers[1].mask(delta, equalBefore: equalBefore[1][offset] ?? 0)
@@ -246,7 +260,7 @@ public struct TaskVectorMerge: StreamingMerge {
     // DARE's random masks, drawn once in the rescale pass and kept for the merge (packed: a bit
     // per element and model), by range offset.
     var drawnMasks: [Int: [[UInt64]?]] = [:]
-    let mergesChunkwise = consensus && !arithmetic.isRounded
+    let mergesChunkwise = !arithmetic.isRounded
     let keepsDraws = mergesChunkwise && models * ((n + 63) / 64) * 8 <= keptDrawsLimit
     if rescale {
       var before = [Double](repeating: 0, count: models)
@@ -323,9 +337,16 @@ public struct TaskVectorMerge: StreamingMerge {
           subtractsBase: true))
     }
     if mergesChunkwise {
-      // TIES-style: the kept entries are formed chunk by chunk inside the consensus merge.
-      let weights = (0..<models).map { p.number("weight", model: $0) }
-      let (lambda, normalize) = (p.number("lambda"), p.flag("normalize"))
+      // The kept entries are formed chunk by chunk inside the consensus merge: with the sign
+      // election (TIES-style), or without it for the sparsified task arithmetic (breadcrumbs,
+      // DARE), whose weighted sum of the kept deltas is `combine`'s, the weights' sum folded
+      // into the scale.
+      let (weights, lambda, normalize, elect) =
+        consensus
+        ? ((0..<models).map { p.number("weight", model: $0) }, p.number("lambda"), p.flag("normalize"), true)
+        : {
+          let (weights, scale) = linearWeights(p); return (weights, scale, false, false)
+        }()
       let drawn = drawnMasks
       let scales = sparsity.map(\.scale)
       return RangeMerger { range in
@@ -337,7 +358,7 @@ public struct TaskVectorMerge: StreamingMerge {
           keep: d.indices.map { m in
             kept?[m].map { .bits($0) } ?? sparsity[m].rule(d[m], offset: range.offset)
           },
-          scales: scales, weights: weights, lambda: lambda, normalize: normalize)
+          scales: scales, weights: weights, lambda: lambda, normalize: normalize, elect: elect)
       } stored: { inputs, elements, dtype in
         // The deltas formed chunk by chunk from the stored bytes. A model whose rule needs its
         // deltas (the range where the kept ties at a threshold run out, DARE's draws of a large
@@ -360,8 +381,8 @@ public struct TaskVectorMerge: StreamingMerge {
         let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
           Kernels.sparseConsensusMerge(
             base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, keep: rules, scales: scales,
-            weights: weights, lambda: lambda, normalize: normalize, into: UnsafeMutableRawBufferPointer(buffer),
-            as: dtype)
+            weights: weights, lambda: lambda, normalize: normalize, elect: elect,
+            into: UnsafeMutableRawBufferPointer(buffer), as: dtype)
           initialized = size
         }
         return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)

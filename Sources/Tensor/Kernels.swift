@@ -396,10 +396,12 @@ public enum Kernels {
 
   /// `consensusMerge` of the sparsified deltas `masked(deltas[t], keep[t], scales[t])`, with the
   /// same bits, in one sweep: each chunk's kept (and rescaled) entries are formed in scratch
-  /// memory instead of whole masked arrays.
+  /// memory instead of whole masked arrays. Without `elect`, no sign is elected: the result is
+  /// `weightedSum` of the sparsified deltas with scale `lambda` and the base, to the bit
+  /// (`normalize` is not used; a caller folds the weights' sum into `lambda`).
   public static func sparseConsensusMerge(
     base: [Float], deltas: [[Float]], keep: [KeepRule], scales: [Double], weights: [Double], lambda: Double,
-    normalize: Bool
+    normalize: Bool, elect: Bool = true
   ) -> [Float] {
     let n = base.count
     let models = deltas.count
@@ -449,7 +451,7 @@ public enum Kernels {
                 guard let x = b.floats.map({ $0 + start }) else { return }
                 consensusChunk(
                   sparse, models: models, length: length, weights: weights, lambda: lambda, normalize: normalize,
-                  base: x, into: out + start)
+                  elect: elect, base: x, into: out + start)
               }
             }
           }
@@ -464,15 +466,16 @@ public enum Kernels {
   /// that need no delta array: `.all`, `.magnitudes` and `.bits`. On an AVX-512 machine, inputs
   /// all BF16 or all F32 (up to `MERGEKIT_CONSENSUS_MODELS` models) run in `CKernels`, sixteen
   /// elements a step with every model's terms in registers (eight on an AVX2 machine), in the
-  /// best form `unit` allows.
+  /// best form `unit` allows. `elect` as in the array form.
   public static func sparseConsensusMerge(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
-    weights: [Double], lambda: Double, normalize: Bool, unit: VectorUnit = .machine
+    weights: [Double], lambda: Double, normalize: Bool, elect: Bool = true, unit: VectorUnit = .machine
   ) -> [Float] {
     guard n > 0 else { return [] }
     return storedConsensus(
       base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
-      normalize: normalize, fused: fusedConsensusUnit(base: base, models: models, unit: unit), bf16: false
+      normalize: normalize, elect: elect, fused: fusedConsensusUnit(base: base, models: models, unit: unit),
+      bf16: false
     ) { fill in make(n) { range, out in fill(range, UnsafeMutableRawPointer(out)) } }
   }
 
@@ -482,8 +485,8 @@ public enum Kernels {
   /// that array.
   public static func sparseConsensusMerge(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
-    weights: [Double], lambda: Double, normalize: Bool, into out: UnsafeMutableRawBufferPointer, as dtype: DType,
-    unit: VectorUnit = .machine
+    weights: [Double], lambda: Double, normalize: Bool, elect: Bool = true, into out: UnsafeMutableRawBufferPointer,
+    as dtype: DType, unit: VectorUnit = .machine
   ) {
     precondition(out.count >= n * dtype.size)
     guard n > 0, let start = out.baseAddress else { return }
@@ -492,14 +495,14 @@ public enum Kernels {
     else {
       let merged = sparseConsensusMerge(
         base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
-        normalize: normalize, unit: unit)
+        normalize: normalize, elect: elect, unit: unit)
       merged.withUnsafeBufferPointer { DTypeConversion.encode($0, as: dtype, into: out) }
       return
     }
     let target = SendableRawPointer(UnsafeRawPointer(start))
     storedConsensus(
       base: base, models: models, count: n, keep: keep, scales: scales, weights: weights, lambda: lambda,
-      normalize: normalize, fused: fused, bf16: dtype == .bf16
+      normalize: normalize, elect: elect, fused: fused, bf16: dtype == .bf16
     ) { fill in blocks(n) { range in if let p = target.pointer { fill(range, UnsafeMutableRawPointer(mutating: p)) } } }
   }
 
@@ -517,7 +520,7 @@ public enum Kernels {
   /// or BF16 when `bf16`, which only the `fused` loops (any unit but `.portable`) write.
   static func storedConsensus<R>(
     base: StoredElements, models: [StoredElements], count n: Int, keep: [KeepRule], scales: [Double],
-    weights: [Double], lambda: Double, normalize: Bool, fused: VectorUnit, bf16: Bool,
+    weights: [Double], lambda: Double, normalize: Bool, elect: Bool, fused: VectorUnit, bf16: Bool,
     _ run: ((Range<Int>, UnsafeMutableRawPointer) -> Void) -> R
   ) -> R {
     let count = models.count
@@ -552,16 +555,16 @@ public enum Kernels {
         return run { range, out in
           terms.withUnsafeBufferPointer { t in
             guard let t = t.baseAddress else { return }
-            let (first, length, n, bf16Out) = (
-              range.lowerBound, range.count, normalize ? Int32(1) : 0, bf16 ? Int32(1) : 0
+            let (first, length, n, e, bf16Out) = (
+              range.lowerBound, range.count, normalize ? Int32(1) : 0, elect ? Int32(1) : 0, bf16 ? Int32(1) : 0
             )
             switch (bf16Inputs, fused) {
             case (true, .avx512):
-              mergekit_sparse_consensus_bf16_avx512(b, t, count, first, length, lambda, n, out, bf16Out)
+              mergekit_sparse_consensus_bf16_avx512(b, t, count, first, length, lambda, n, e, out, bf16Out)
             case (false, .avx512):
-              mergekit_sparse_consensus_f32_avx512(b, t, count, first, length, lambda, n, out, bf16Out)
-            case (true, _): mergekit_sparse_consensus_bf16_avx2(b, t, count, first, length, lambda, n, out, bf16Out)
-            case (false, _): mergekit_sparse_consensus_f32_avx2(b, t, count, first, length, lambda, n, out, bf16Out)
+              mergekit_sparse_consensus_f32_avx512(b, t, count, first, length, lambda, n, e, out, bf16Out)
+            case (true, _): mergekit_sparse_consensus_bf16_avx2(b, t, count, first, length, lambda, n, e, out, bf16Out)
+            case (false, _): mergekit_sparse_consensus_f32_avx2(b, t, count, first, length, lambda, n, e, out, bf16Out)
             }
           }
         }
@@ -583,7 +586,7 @@ public enum Kernels {
             }
             consensusChunk(
               sparse, models: count, length: length, weights: weights, lambda: lambda, normalize: normalize,
-              base: floats, into: out + start)
+              elect: elect, base: floats, into: out + start)
           }
         }
       }
@@ -595,12 +598,13 @@ public enum Kernels {
   /// Double, model by model; the elected sign is negative when `total` is below -0; the terms
   /// `w_t x_t` that are nonzero and agree with it are summed into `mixed`, their weights into
   /// `divisor`; `mixed / divisor` (0 -> 1) when `normalize`; `Float(base + lambda * mixed)`.
-  /// The same operations in the same order for every element as a loop per model would do.
-  /// Branch-free: which terms agree is unpredictable.
+  /// Without `elect`, `mixed` is `total` (no election, no division). The same operations in the
+  /// same order for every element as a loop per model would do. Branch-free: which terms agree
+  /// is unpredictable.
   @inline(__always)
   static func consensusChunk(
     _ sparse: UnsafeMutableBufferPointer<UnsafePointer<Float>?>, models: Int, length: Int, weights: [Double],
-    lambda: Double, normalize: Bool, base: UnsafePointer<Float>, into out: UnsafeMutablePointer<Float>
+    lambda: Double, normalize: Bool, elect: Bool, base: UnsafePointer<Float>, into out: UnsafeMutablePointer<Float>
   ) {
     typealias Doubles = SIMD8<Double>
     typealias Words = SIMD8<UInt64>
@@ -616,19 +620,22 @@ public enum Kernels {
         guard let x = sparse[t] else { continue }
         total += Doubles(repeating: weights[t]) * load(x, j)
       }
-      let sum = unsafeBitCast(total, to: Words.self)
-      let negative = (sum &>> 63) & nonzero(sum &<< 1)  // -0 counts as +
-      var mixed = Doubles(repeating: 0)
-      var divisor = Doubles(repeating: 0)
-      for t in 0..<models {
-        guard let x = sparse[t] else { continue }
-        let w = weights[t]
-        let bits = unsafeBitCast(Doubles(repeating: w) * load(x, j), to: Words.self)
-        let keep = 0 &- (nonzero(bits &<< 1) & ~((bits &>> 63) ^ negative))
-        mixed += unsafeBitCast(bits & keep, to: Doubles.self)
-        divisor += unsafeBitCast(Words(repeating: w.bitPattern) & keep, to: Doubles.self)
+      var mixed = total
+      if elect {
+        let sum = unsafeBitCast(total, to: Words.self)
+        let negative = (sum &>> 63) & nonzero(sum &<< 1)  // -0 counts as +
+        var divisor = Doubles(repeating: 0)
+        mixed = Doubles(repeating: 0)
+        for t in 0..<models {
+          guard let x = sparse[t] else { continue }
+          let w = weights[t]
+          let bits = unsafeBitCast(Doubles(repeating: w) * load(x, j), to: Words.self)
+          let keep = 0 &- (nonzero(bits &<< 1) & ~((bits &>> 63) ^ negative))
+          mixed += unsafeBitCast(bits & keep, to: Doubles.self)
+          divisor += unsafeBitCast(Words(repeating: w.bitPattern) & keep, to: Doubles.self)
+        }
+        if normalize { mixed /= divisor.replacing(with: 1, where: divisor .== 0) }
       }
-      if normalize { mixed /= divisor.replacing(with: 1, where: divisor .== 0) }
       let merged = load(base, j) + Doubles(repeating: lambda) * mixed
       UnsafeMutableRawPointer(out + j).storeBytes(of: SIMD8<Float>(merged), as: SIMD8<Float>.self)
       j += lanes
@@ -639,18 +646,22 @@ public enum Kernels {
         guard let x = sparse[t] else { continue }
         total += weights[t] * Double(x[j])
       }
-      let sum = total.bitPattern
-      let negative = (sum >> 63) & isNonzero(sum << 1)
-      var (mixed, divisor) = (0.0, 0.0)
-      for t in 0..<models {
-        guard let x = sparse[t] else { continue }
-        let w = weights[t]
-        let bits = (w * Double(x[j])).bitPattern
-        let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative))
-        mixed += Double(bitPattern: bits & keep)
-        divisor += Double(bitPattern: w.bitPattern & keep)
+      var mixed = total
+      if elect {
+        let sum = total.bitPattern
+        let negative = (sum >> 63) & isNonzero(sum << 1)
+        var divisor = 0.0
+        mixed = 0
+        for t in 0..<models {
+          guard let x = sparse[t] else { continue }
+          let w = weights[t]
+          let bits = (w * Double(x[j])).bitPattern
+          let keep = 0 &- (isNonzero(bits << 1) & ~((bits >> 63) ^ negative))
+          mixed += Double(bitPattern: bits & keep)
+          divisor += Double(bitPattern: w.bitPattern & keep)
+        }
+        if normalize { mixed /= divisor == 0 ? 1 : divisor }
       }
-      if normalize { mixed /= divisor == 0 ? 1 : divisor }
       (out + j).initialize(to: Float(Double(base[j]) + lambda * mixed))
       j += 1
     }
@@ -746,9 +757,31 @@ public enum Kernels {
     }
   }
 
-  /// `a[i] && !b[i]`.
+  /// `a[i] && !b[i]`, branch-free on the flag bytes.
   public static func andNot(_ a: [Bool], _ b: [Bool]) -> [Bool] {
-    zip(a, b).map { $0 && !$1 }
+    precondition(a.count == b.count)
+    return a.withUnsafeBytes { x in
+      b.withUnsafeBytes { y in
+        make(a.count) { range, out in
+          for i in range { (out + i).initialize(to: x[i] & ~y[i] & 1 == 1) }
+        }
+      }
+    }
+  }
+
+  /// The entries whose magnitude key (`bits & 0x7FFF_FFFF`) lies in `band` (bounds up to 2^31):
+  /// the mask of the rule `.magnitudes(band)`.
+  public static func magnitudeMask(_ values: [Float], band: ClosedRange<UInt32>) -> [Bool] {
+    let (lowest, highest) = (band.lowerBound, band.upperBound)
+    return values.withUnsafeBufferPointer { v in
+      make(values.count) { range, out in
+        for i in range {
+          // Keys are below 2^31: (a - b) >> 31 is 1 exactly when a < b.
+          let key = v[i].bitPattern & 0x7FFF_FFFF
+          (out + i).initialize(to: ((key &- lowest) >> 31) | ((highest &- key) >> 31) == 0)
+        }
+      }
+    }
   }
 
   /// DARE's keep mask: element `offset + i` is kept when draw `offset + i` of `rng` is below
@@ -763,19 +796,24 @@ public enum Kernels {
   /// `randomKeep` packed as `packBits` packs it, drawn straight into the words: element
   /// `offset + i` is bit `i % 64` of word `i / 64`, set when its draw is below `density`.
   /// The same draws and decisions as `randomKeep`, with no byte per element in between: on a
-  /// machine with AVX-512 (when `unit` allows it) sixteen draws a step in `CKernels`, whose
-  /// comparison gives the bits themselves.
+  /// machine with AVX-512 or AVX2 (when `unit` allows it) sixteen or eight draws a step in
+  /// `CKernels`, whose comparison gives the bits themselves.
   public static func randomKeepBits(
     _ count: Int, offset: Int, rng: CounterRNG, density: Float, unit: VectorUnit = .machine
   ) -> [UInt64] {
     guard let bound = CounterRNG.keepBound(density: density) else {
       return packBits([Bool](repeating: true, count: count))
     }
-    if unit.available == .avx512 {
+    switch unit.available {
+    case .avx512:
       return make((count + 63) / 64) { words, out in
-        mergekit_random_keep_bits_avx512(
-          rng.key, UInt64(offset), count, bound, words.lowerBound, words.count, out)
+        mergekit_random_keep_bits_avx512(rng.key, UInt64(offset), count, bound, words.lowerBound, words.count, out)
       }
+    case .avx2:
+      return make((count + 63) / 64) { words, out in
+        mergekit_random_keep_bits_avx2(rng.key, UInt64(offset), count, bound, words.lowerBound, words.count, out)
+      }
+    case .portable: break
     }
     return make((count + 63) / 64) { words, out in
       // 64 flag bytes as raw memory: stored a byte at a time, loaded 8 at a time.
@@ -955,7 +993,7 @@ public enum Kernels {
   /// DARE's two L1 norms of one range in one sweep: the sum of |values| and the sum over the
   /// elements kept by packed flags (bit `i % 64` of word `i / 64`), each in `Double` with the bits
   /// `absoluteSum(values)` and `absoluteSum(values, keep:)` of the unpacked mask give. Whole
-  /// blocks run in `CKernels` where the CPU has AVX-512 and `unit` allows it.
+  /// blocks run in `CKernels` where the CPU has AVX-512 or AVX2 and `unit` allows it.
   public static func absoluteSums(_ values: [Float], keepBits keep: [UInt64], unit: VectorUnit = .machine) -> (
     all: Double, kept: Double
   ) {
@@ -965,9 +1003,11 @@ public enum Kernels {
       keep.withUnsafeBufferPointer { k in
         guard let vp = v.baseAddress, let kp = k.baseAddress else { return [0.0, 0.0] }
         let whole: ((Int, Int, UnsafeMutablePointer<Double>) -> Void)? =
-          unit.available != .avx512
-          ? nil
-          : { mergekit_absolute_sums_avx512(vp, kp, $0, $1, Elementwise.blockSize, $2) }
+          switch unit.available {
+          case .avx512: { mergekit_absolute_sums_avx512(vp, kp, $0, $1, Elementwise.blockSize, $2) }
+          case .avx2: { mergekit_absolute_sums_avx2(vp, kp, $0, $1, Elementwise.blockSize, $2) }
+          case .portable: nil
+          }
         return sumsOfBlocks(count: values.count, width: 2, whole: whole) { block, o in
           let range = (block * Elementwise.blockSize)..<Swift.min(values.count, (block + 1) * Elementwise.blockSize)
           (o[2 * block], o[2 * block + 1]) = absoluteSumsOfBlock(
@@ -980,13 +1020,14 @@ public enum Kernels {
 
   /// `absoluteSums` of the differences `model - base` of `count` stored elements, rounded to
   /// `Float` as `differences` forms them: the same sums to the bit. Two BF16 inputs on an
-  /// AVX-512 machine (when `unit` allows it) form each difference in a register, without
+  /// AVX-512 or AVX2 machine (when `unit` allows it) form each difference in a register, without
   /// decoding the base or writing the differences out; other cases sum `differences`' array.
   public static func absoluteSums(
     differenceOf model: StoredElements, minus base: StoredElements, count: Int, keepBits keep: [UInt64],
     unit: VectorUnit = .machine
   ) -> (all: Double, kept: Double) {
-    guard unit.available == .avx512, model.dtype == .bf16, base.dtype == .bf16 else {
+    let vectorUnit = unit.available
+    guard vectorUnit != .portable, model.dtype == .bf16, base.dtype == .bf16 else {
       return absoluteSums(
         differences([model], minus: base.decoded(count: count))[0], keepBits: keep, unit: unit)
     }
@@ -997,7 +1038,13 @@ public enum Kernels {
       guard let kp = k.baseAddress else { return [0.0, 0.0] }
       return sumsOfBlocks(
         count: count, width: 2,
-        whole: { mergekit_absolute_sums_bf16_differences_avx512(source, kp, $0, $1, Elementwise.blockSize, $2) }
+        whole: {
+          if vectorUnit == .avx512 {
+            mergekit_absolute_sums_bf16_differences_avx512(source, kp, $0, $1, Elementwise.blockSize, $2)
+          } else {
+            mergekit_absolute_sums_bf16_differences_avx2(source, kp, $0, $1, Elementwise.blockSize, $2)
+          }
+        }
       ) { block, o in
         // The partial last block: its differences formed here, summed as the array's are.
         let range = (block * Elementwise.blockSize)..<Swift.min(count, (block + 1) * Elementwise.blockSize)

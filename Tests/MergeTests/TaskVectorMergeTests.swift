@@ -286,4 +286,47 @@ func referenceTaskVectors(
     let out = try TaskVectorMerge.breadcrumbs.merge(MergeInputs(name: "w", base: base, models: [model]), p)
     #expect(out.scalars == Array(model.scalars.dropLast()) + [0])  // the largest entry is the outlier dropped
   }
+
+  /// Breadcrumbs' keep rule of a range is a band of magnitudes wherever both rankings' kept ties
+  /// are settled there (none of the range's threshold-equal entries kept, or all of them), and
+  /// that band keeps exactly the entries the rankings' masks keep: on magnitudes with many ties
+  /// at both thresholds, over ranges where the ties run out and ranges where they do not.
+  @Test func breadcrumbsBandsKeepWhatTheMasksKeep() throws {
+    let (n, length) = (12_000, 1_000)
+    // Magnitudes in steps of 1/16 up to 6/16: every threshold falls on hundreds of equal keys.
+    let delta = random([n], "crumbs").scalars.map { ($0 * 2).rounded() / 16 }
+    var plan = TaskVectorMerge.Sparsity()
+    plan.rankers = [MagnitudeRanker(keep: 4_000, count: n), MagnitudeRanker(keep: 600, count: n)]
+    for r in 0..<2 {
+      plan.rankers[r].addHigh(MagnitudeRanker.highCounts(delta))
+      plan.rankers[r].finishHigh()
+      plan.rankers[r].addLow(plan.rankers[r].lowCounts(delta))
+      plan.rankers[r].finishLow()
+      #expect(plan.rankers[r].needsTieOrder)
+    }
+    plan.equalBefore = [[:], [:]]
+    plan.equalTotal = [0, 0]
+    for r in 0..<2 {
+      for offset in stride(from: 0, to: n, by: length) {
+        plan.equalBefore[r][offset] = plan.equalTotal[r]
+        plan.equalTotal[r] += plan.rankers[r].equalCount(Array(delta[offset..<(offset + length)]))
+      }
+    }
+    var (banded, masked, kept) = (0, 0, 0)
+    for offset in stride(from: 0, to: n, by: length) {
+      let slice = Array(delta[offset..<(offset + length)])
+      let masks = (0..<2).map { plan.rankers[$0].mask(slice, equalBefore: plan.equalBefore[$0][offset] ?? 0) }
+      let expected = zip(masks[0], masks[1]).map { $0 && !$1 }
+      if case .magnitudes(let band)? = plan.rule(offset: offset, count: length) {
+        banded += 1
+        #expect(slice.map { band.contains($0.bitPattern & 0x7FFF_FFFF) } == expected, "range at \(offset)")
+      } else {
+        masked += 1
+      }
+      #expect(plan.keep(slice, offset: offset) == expected, "range at \(offset)")
+      kept += expected.filter { $0 }.count
+    }
+    #expect(kept == 4_000 - 600)
+    #expect(banded >= 8 && masked >= 1)
+  }
 }

@@ -110,8 +110,9 @@ extension MergeRunnerTests {
 extension MergeRunnerTests {
   /// TIES, DARE-TIES and breadcrumbs-TIES streamed from BF16 files form their task vectors from
   /// the stored bytes inside the consensus merge (and fall back to arrays in the range where
-  /// the kept ties at a threshold run out): the bits of the whole-tensor merge, on a tensor of
-  /// several ranges whose coarse values tie often.
+  /// the kept ties at a threshold run out), and breadcrumbs and DARE-linear inside the same
+  /// merge without its election: the bits of the whole-tensor merge, on a tensor of several
+  /// ranges whose coarse values tie often.
   @Test func taskVectorMergesFromStoredBytesEqualTheWholeTensorMerge() throws {
     let folder = TemporaryFolder()
     defer { folder.remove() }
@@ -130,6 +131,8 @@ extension MergeRunnerTests {
     let methods: [(any MergeMethod, [String: ParameterValue])] = [
       (TaskVectorMerge.ties, ["density": .number(0.5)]), (TaskVectorMerge.dareTies, ["density": .number(0.4)]),
       (TaskVectorMerge.breadcrumbsTies, ["density": .number(0.8), "gamma": .number(0.05)]),
+      (TaskVectorMerge.breadcrumbs, ["density": .number(0.8), "gamma": .number(0.05)]),
+      (TaskVectorMerge.dareLinear, ["density": .number(0.4)]),
     ]
     for (method, global) in methods {
       let plan = try MergePlan(

@@ -101,9 +101,10 @@ import Testing
   }
 
   /// DARE's draws packed straight into words are the packed draws of `randomKeep`, element for
-  /// element, by the AVX-512 kernel and the portable loop (counts off the word boundary, offsets,
-  /// counters whose low word wraps, densities near the ends), and the two L1 sums over them are the mask's and the whole slice's sums to the bit,
-  /// by the AVX-512 kernel (groups of four blocks, a pair, a lone block) and the portable loop.
+  /// element, by every vector unit the machine runs and the portable loop (counts off the word
+  /// boundary, offsets, counters whose low word wraps, densities near the ends), and the two L1
+  /// sums over them are the mask's and the whole slice's sums to the bit, by every unit (groups
+  /// of four blocks, a pair, a lone block).
   @Test(arguments: [Float(1e-7), 0.1, 0.5, 0.9, 0.999_999_9])
   func packedRandomKeepIsTheMask(_ density: Float) {
     let rng = CounterRNG(seed: 4, stream: "dare#1")
@@ -112,14 +113,16 @@ import Testing
       let mask = Kernels.randomKeep(count, offset: offset, rng: rng, density: density)
       let expected = (0..<count).map { Double(rng.bits32(UInt64(offset + $0)) >> 8) * 0x1p-24 < Double(density) }
       #expect(mask == expected)
-      let bits = Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density)
-      #expect(bits == Kernels.packBits(mask))
-      #expect(Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density, unit: .portable) == bits)
+      let bits = Kernels.packBits(mask)
       let slice = Array(values[0..<count])
-      let sums = Kernels.absoluteSums(slice, keepBits: bits)
+      let sums = Kernels.absoluteSums(slice, keepBits: bits, unit: .portable)
       #expect(sums.all == Kernels.absoluteSum(slice) && sums.kept == Kernels.absoluteSum(slice, keep: mask))
-      let portable = Kernels.absoluteSums(slice, keepBits: bits, unit: .portable)
-      #expect(portable.all == sums.all && portable.kept == sums.kept)
+      for unit in VectorUnit.runnable {
+        #expect(
+          Kernels.randomKeepBits(count, offset: offset, rng: rng, density: density, unit: unit) == bits, "\(unit)")
+        let unitSums = Kernels.absoluteSums(slice, keepBits: bits, unit: unit)
+        #expect(unitSums.all == sums.all && unitSums.kept == sums.kept, "\(unit)")
+      }
       // Against float64 sums in another order: equal to rounding.
       let exact = zip(slice, mask).reduce((0.0, 0.0)) {
         ($0.0 + Double(abs($1.0)), $0.1 + ($1.1 ? Double(abs($1.0)) : 0))
@@ -129,9 +132,9 @@ import Testing
   }
 
   /// DARE's two L1 sums of stored differences `model - base` are those of `differences`' array
-  /// to the bit: BF16 pairs through the AVX-512 loop (groups of four blocks, a pair, a lone block
-  /// and a partial one) and the portable path, other dtypes through the array; with differences
-  /// of zero of either sign.
+  /// to the bit: BF16 pairs through every vector unit's loop (groups of four blocks, a pair, a
+  /// lone block and a partial one) and the portable path, other dtypes through the array; with
+  /// differences of zero of either sign.
   @Test func absoluteSumsOfStoredDifferencesAreThoseOfTheArray() {
     let block = Elementwise.blockSize
     for n in [5, 4 * block, 7 * block + 1_001] {
@@ -301,7 +304,8 @@ extension KernelsTests {
   /// to five models, the fast case (bands of magnitudes and all, unscaled) and the general one
   /// (packed bits, rescaling), with zero deltas, exact ties of the elected sum, NaNs, a negative
   /// weight, and a count off the 16-element step; and its BF16 and F32 output, written by the
-  /// kernel itself, is the floats encoded.
+  /// kernel itself, is the floats encoded. Without the election it is, to the bit, the weighted
+  /// sum of the masked and rescaled deltas with the base (breadcrumbs' and DARE's merge).
   @Test(arguments: [DType.bf16, .f32])
   func storedSparseConsensusMergeIsThePortableOne(_ dtype: DType) {
     let n = 40_003
@@ -331,12 +335,28 @@ extension KernelsTests {
         for (rules, scales) in [
           (fast, [Double](repeating: 1, count: count)), (general, [1, 1.6, 1, 0.7, 1].prefix(count).map { $0 }),
         ] {
-          for normalize in [true, false] {
+          for (normalize, elect) in [(true, true), (false, true), (false, false)] {
             // The portable loops first, then each kernel the machine runs.
             let merged = ([.portable] + VectorUnit.runnable.filter { $0 != .portable }).map { unit in
               Kernels.sparseConsensusMerge(
                 base: elements[0], models: Array(elements[1...count]), count: n, keep: rules, scales: scales,
-                weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, unit: unit)
+                weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, elect: elect, unit: unit)
+            }
+            if !elect {
+              let decodedBase = elements[0].decoded(count: n)
+              let masked = (0..<count).map { m in
+                let delta = Kernels.differences([elements[1 + m]], minus: decodedBase)[0]
+                let keep: [Bool] =
+                  switch rules[m] {
+                  case .magnitudes(let kept): Kernels.magnitudeMask(delta, band: kept)
+                  case .bits: drawn
+                  default: [Bool](repeating: true, count: n)
+                  }
+                return Kernels.masked(delta, keep: keep, scale: scales[m])
+              }
+              let sum = Kernels.weightedSum(
+                masked, weights: Array(weights.prefix(count)), scale: 0.9, base: decodedBase)
+              #expect(differingBits(merged[0], sum) == 0, "\(dtype), \(count) models, no election")
             }
             // Written as BF16 or F32 by the kernel itself (F16 through the floats): the floats encoded.
             for output in [DType.bf16, .f32, .f16] {
@@ -344,7 +364,8 @@ extension KernelsTests {
               bytes.withUnsafeMutableBytes { out in
                 Kernels.sparseConsensusMerge(
                   base: elements[0], models: Array(elements[1...count]), count: n, keep: rules, scales: scales,
-                  weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, into: out, as: output)
+                  weights: Array(weights.prefix(count)), lambda: 0.9, normalize: normalize, elect: elect, into: out,
+                  as: output)
               }
               let expected = Tensor(shape: [n], scalars: merged[0]).encoded(as: output).bytes
               #expect(
@@ -353,7 +374,7 @@ extension KernelsTests {
             for (unit, kernel) in zip(VectorUnit.runnable.filter { $0 != .portable }, merged.dropFirst()) {
               #expect(
                 differingBits(merged[0], kernel) == 0,
-                "\(dtype), \(count) models, \(rules.count) rules, normalize \(normalize), \(unit)")
+                "\(dtype), \(count) models, \(rules.count) rules, normalize \(normalize), elect \(elect), \(unit)")
             }
           }
         }
