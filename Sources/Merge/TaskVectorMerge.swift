@@ -341,12 +341,11 @@ public struct TaskVectorMerge: StreamingMerge {
       // election (TIES-style), or without it for the sparsified task arithmetic (breadcrumbs,
       // DARE), whose weighted sum of the kept deltas is `combine`'s, the weights' sum folded
       // into the scale.
+      let linear = linearWeights(p)
       let (weights, lambda, normalize, elect) =
         consensus
         ? ((0..<models).map { p.number("weight", model: $0) }, p.number("lambda"), p.flag("normalize"), true)
-        : {
-          let (weights, scale) = linearWeights(p); return (weights, scale, false, false)
-        }()
+        : (linear.weights, linear.scale, false, false)
       let drawn = drawnMasks
       let scales = sparsity.map(\.scale)
       return RangeMerger { range in
