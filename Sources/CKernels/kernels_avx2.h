@@ -294,19 +294,15 @@ MERGEKIT_AVX2 static inline void mergekit_random_keep_bits_avx2(uint64_t key, ui
   }
 }
 
-/// Four elements from `i` as doubles: the magnitudes of floats, or the magnitudes of the float
-/// differences of two BF16 arrays (`mergekit_key_source`: first the model, second the base,
-/// rounded as `Kernels.differences` rounds them).
-MERGEKIT_AVX2 static inline __m256d mergekit_magnitudes4(const float *v, size_t i) {
-  return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_and_si128(_mm_loadu_si128((const __m128i *)(v + i)),
-                                                        _mm_set1_epi32(0x7FFFFFFF))));
+/// The magnitudes of eight elements from `i`, as floats: of floats, or of the float differences
+/// of two BF16 arrays (`mergekit_key_source`: first the model, second the base, rounded as
+/// `Kernels.differences` rounds them).
+MERGEKIT_AVX2 static inline __m256 mergekit_magnitudes8(const float *v, size_t i) {
+  return _mm256_and_ps(_mm256_loadu_ps(v + i), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
 }
-MERGEKIT_AVX2 static inline __m256d mergekit_bf16_difference_magnitudes4(mergekit_key_source s, size_t i) {
-  __m128 model = _mm_castsi128_ps(
-      _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s.first + i))), 16));
-  __m128 base = _mm_castsi128_ps(
-      _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)((const uint16_t *)s.second + i))), 16));
-  return _mm256_cvtps_pd(_mm_and_ps(_mm_sub_ps(model, base), _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF))));
+MERGEKIT_AVX2 static inline __m256 mergekit_bf16_difference_magnitudes8(mergekit_key_source s, size_t i) {
+  __m256 difference = _mm256_sub_ps(mergekit_bf16_floats8(s.first, i), mergekit_bf16_floats8(s.second, i));
+  return _mm256_and_ps(difference, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
 }
 
 /// A block's four chains added as `(c0 + c1) + (c2 + c3)`.
@@ -316,24 +312,32 @@ MERGEKIT_AVX2 static inline double mergekit_chain_total4(__m256d v) {
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
-/// `mergekit_absolute_sums_*` with one block's four chains in a vector of four lanes, two
-/// blocks swept side by side (a lone last block alone): the same sums in the same order. A
-/// dropped element adds +0 to the kept sum, as the AVX-512 loop's masked move does.
-#define MERGEKIT_ABSOLUTE_SUMS_AVX2(NAME, SOURCE, MAGNITUDES4)                                   \
+/// `mergekit_absolute_sums_*` for blocks of a multiple of 8 elements, with one block's four
+/// chains in a vector of four lanes, two blocks swept side by side (a lone last block alone):
+/// the same sums in the same order. Eight elements of a block are formed at once and added to
+/// its chains as two quads, the first first. A dropped element adds +0 to the kept sum, as the
+/// AVX-512 loop's masked move does.
+#define MERGEKIT_ABSOLUTE_SUMS_AVX2_ADD(all, kept, half, flags, bits)                           \
+  do {                                                                                           \
+    __m256d mask = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(flags, bits), bits)); \
+    all = _mm256_add_pd(all, half);                                                              \
+    kept = _mm256_add_pd(kept, _mm256_and_pd(mask, half));                                       \
+  } while (0)
+#define MERGEKIT_ABSOLUTE_SUMS_AVX2(NAME, SOURCE, MAGNITUDES8)                                   \
   MERGEKIT_AVX2 static inline void NAME(SOURCE v, const uint64_t *keep, size_t first, size_t blocks, size_t block, \
                                         double *out) {                                           \
-    const __m256i bits = _mm256_setr_epi64x(1, 2, 4, 8);                                         \
+    const __m256i low_bits = _mm256_setr_epi64x(1, 2, 4, 8), high_bits = _mm256_setr_epi64x(16, 32, 64, 128); \
     for (size_t j = first, end = first + blocks; j < end; j += 2) {                              \
       size_t second = j + 1 < end ? block : 0; /* a lone block swept twice, stored once */       \
       __m256d all[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()}, kept[2] = {all[0], all[0]};   \
-      for (size_t i = j * block; i < (j + 1) * block; i += 4) {                                  \
+      for (size_t i = j * block; i < (j + 1) * block; i += 8) {                                  \
         _Pragma("unroll") for (int s = 0; s < 2; s++) {                                          \
           size_t at = i + s * second;                                                            \
-          __m256d d = MAGNITUDES4(v, at);                                                        \
-          __m256i flags = _mm256_set1_epi64x((long long)((keep[at / 64] >> (at % 64)) & 0xFu));  \
-          __m256d mask = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(flags, bits), bits)); \
-          all[s] = _mm256_add_pd(all[s], d);                                                     \
-          kept[s] = _mm256_add_pd(kept[s], _mm256_and_pd(mask, d));                              \
+          __m256 d = MAGNITUDES8(v, at);                                                         \
+          /* Eight flags from `at`, a multiple of 8: within one word. */                         \
+          __m256i flags = _mm256_set1_epi64x((long long)((keep[at / 64] >> (at % 64)) & 0xFFu)); \
+          MERGEKIT_ABSOLUTE_SUMS_AVX2_ADD(all[s], kept[s], _mm256_cvtps_pd(_mm256_castps256_ps128(d)), flags, low_bits); \
+          MERGEKIT_ABSOLUTE_SUMS_AVX2_ADD(all[s], kept[s], _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)), flags, high_bits); \
         }                                                                                        \
       }                                                                                          \
       for (int s = 0; s < (second ? 2 : 1); s++) {                                               \
@@ -342,10 +346,11 @@ MERGEKIT_AVX2 static inline double mergekit_chain_total4(__m256d v) {
       }                                                                                          \
     }                                                                                            \
   }
-MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_avx2, const float *, mergekit_magnitudes4)
+MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_avx2, const float *, mergekit_magnitudes8)
 MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_bf16_differences_avx2, mergekit_key_source,
-                            mergekit_bf16_difference_magnitudes4)
+                            mergekit_bf16_difference_magnitudes8)
 #undef MERGEKIT_ABSOLUTE_SUMS_AVX2
+#undef MERGEKIT_ABSOLUTE_SUMS_AVX2_ADD
 #undef MERGEKIT_AVX2
 #undef MERGEKIT_CONSENSUS_STEPS
 
