@@ -190,8 +190,9 @@ public struct DELLAMerge: StreamingMerge {
     guard let base = rows.base else { throw MergeError.baseRequired(method: method) }
     let values = rows.models[m]
     let n = base.count
-    var magnitudes = [Double](repeating: 0, count: min(rowLength, n))
-    var order = [Int32](repeating: 0, count: min(rowLength, n))
+    // Each entry's rank key: its magnitude's bit pattern (non-negative doubles order as their
+    // bits; a NaN above +inf, as torch's sort puts it); equal magnitudes rank in index order.
+    var keys = [UInt64](repeating: 0, count: min(rowLength, n))
     var start = 0
     while start < n {
       let length = min(rowLength, n - start)
@@ -203,13 +204,8 @@ public struct DELLAMerge: StreamingMerge {
         start += length
         continue
       }
-      for k in 0..<length { magnitudes[k] = abs(Double(values[start + k]) - Double(base[start + k])) }
-      for k in 0..<length { order[k] = Int32(k) }
-      magnitudes.withUnsafeBufferPointer { mags in
-        order[0..<length].sort { a, b in
-          mags[Int(a)] < mags[Int(b)] || (mags[Int(a)] == mags[Int(b)] && a < b)
-        }
-      }
+      for k in 0..<length { keys[k] = abs(Double(values[start + k]) - Double(base[start + k])).bitPattern }
+      let order = keys.withUnsafeBufferPointer { KeyOrder.ascending(UnsafeBufferPointer(rebasing: $0[0..<length])) }
       let span = Double(max(length - 1, 1))
       var keep = [Bool](repeating: false, count: length)
       for rank in 0..<length {
