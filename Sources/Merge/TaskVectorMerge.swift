@@ -329,7 +329,7 @@ public struct TaskVectorMerge: StreamingMerge {
     }
     let sparsity = plans
     if !consensus && plans.allSatisfy(\.isIdentity) && !arithmetic.isRounded {
-      // Task arithmetic: base + scale * sum_t w_t (model_t - base), the sum `combine` computes.
+      // Task arithmetic: base + scale * sum_t w_t (model_t - base), `linearWeights`' sum.
       let (weights, scale) = linearWeights(p)
       return RangeMerger(
         WeightedSumForm(
@@ -339,13 +339,10 @@ public struct TaskVectorMerge: StreamingMerge {
     if mergesChunkwise {
       // The kept entries are formed chunk by chunk inside the consensus merge: with the sign
       // election (TIES-style), or without it for the sparsified task arithmetic (breadcrumbs,
-      // DARE), whose weighted sum of the kept deltas is `combine`'s, the weights' sum folded
-      // into the scale.
-      let linear = linearWeights(p)
-      let (weights, lambda, normalize, elect) =
-        consensus
-        ? ((0..<models).map { p.number("weight", model: $0) }, p.number("lambda"), p.flag("normalize"), true)
-        : (linear.weights, linear.scale, false, false)
+      // DARE): the weighted sum of the kept deltas, the weights' sum folded into the scale.
+      let (weights, scale) = linearWeights(p)
+      let (lambda, normalize, elect) =
+        consensus ? (p.number("lambda"), p.flag("normalize"), true) : (scale, false, false)
       let drawn = drawnMasks
       let scales = sparsity.map(\.scale)
       return RangeMerger { range in
@@ -387,13 +384,14 @@ public struct TaskVectorMerge: StreamingMerge {
         return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
       }
     }
+    // Only mergekit's narrow compute dtypes get here: every operation rounded as torch rounds it.
     return RangeMerger { range in
       let sparse: [[Float]] = try deltas(range).enumerated().map { m, delta in
         guard let keep = sparsity[m].keep(delta, offset: range.offset) else { return delta }
         return arithmetic.round(Kernels.masked(delta, keep: keep, scale: sparsity[m].scale))
       }
       guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
-      return self.combine(base: base, deltas: sparse, p)
+      return self.combineRounded(base: base, deltas: sparse, p)
     }
   }
 
@@ -500,24 +498,12 @@ public struct TaskVectorMerge: StreamingMerge {
     return unsettled
   }
 
-  /// Weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled, scaled
-  /// and added to the base.
-  func combine(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
-    if p.arithmetic.isRounded { return combineRounded(base: base, deltas: deltas, p) }
-    if consensus {
-      let weights = deltas.indices.map { p.number("weight", model: $0) }
-      return Kernels.consensusMerge(
-        base: base, deltas: deltas, weights: weights, lambda: p.number("lambda"), normalize: p.flag("normalize"))
-    }
-    let (weights, scale) = linearWeights(p)
-    return Kernels.weightedSum(deltas, weights: weights, scale: scale, base: base)
-  }
-
-  /// `combine` as mergekit computes it in a narrow dtype, each torch operation rounded: the
-  /// weights are cast to the dtype; each delta is multiplied by its weight; the sign election
-  /// sums the weighted deltas; the kept deltas and the divisor (the kept weights, or all) are
-  /// summed in float and rounded; then the division, the scaling by lambda and the addition
-  /// to the base are each rounded.
+  /// The weighted sum of the (sparsified) deltas, with TIES's sign consensus when enabled,
+  /// scaled and added to the base, as mergekit computes it in a narrow dtype, each torch
+  /// operation rounded: the weights are cast to the dtype; each delta is multiplied by its
+  /// weight; the sign election sums the weighted deltas; the kept deltas and the divisor (the
+  /// kept weights, or all) are summed in float and rounded; then the division, the scaling by
+  /// lambda and the addition to the base are each rounded.
   func combineRounded(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
     let r = p.arithmetic
     let weights = deltas.indices.map { r.round(Float(p.number("weight", model: $0))) }
