@@ -141,6 +141,24 @@ func kernelFigures() throws {
   ranker.addLow(ranker.lowCounts(deltas[0]))
   ranker.finishLow()
   try report("top-k mask", elements: n) { _ = ranker.mask(deltas[0], equalBefore: 0) }
+  // DELLA's ranking: rows of 2048 magnitudes of a fine-tune's bf16 differences from its base,
+  // as Float keys, on one core.
+  let fineTuned = Tensor(shape: [n], scalars: zip(base, deltas[0]).map { $0 + 0.01 * $1 }).encoded(as: .bf16)
+  let rounded = (Tensor(shape: [n], scalars: base).encoded(as: .bf16), fineTuned)
+  let magnitudeKeys = zip(rounded.0.decoded().scalars, rounded.1.decoded().scalars).map {
+    Float(abs(Double($1) - Double($0))).bitPattern
+  }
+  var workspace = KeyOrder.Workspace()
+  var rowRanks = [Int32](repeating: 0, count: 2048)
+  try report("DELLA row ranks (rows of 2048, one core)", elements: n) {
+    magnitudeKeys.withUnsafeBufferPointer { keys in
+      rowRanks.withUnsafeMutableBufferPointer { ranks in
+        for start in stride(from: 0, to: n, by: 2048) {
+          workspace.ranks(of: UnsafeBufferPointer(rebasing: keys[start..<start + 2048]), into: ranks)
+        }
+      }
+    }
+  }
 }
 
 /// A Llama-like architecture of about `gigabytes` GB in bf16: hidden 2048, MLP 5632, 32k vocabulary.

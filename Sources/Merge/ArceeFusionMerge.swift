@@ -52,12 +52,9 @@ public struct ArceeFusionMerge: StreamingMerge {
     divergences.reserveCapacity((count + width - 1) / width)
     try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows -> [Double] in
       guard let base = rows.base, let model = rows.models.first else { throw MergeError.baseRequired(method: method) }
-      let (m, b) = (model.map(Double.init), base.map(Double.init))
-      return stride(from: 0, to: m.count, by: width).map { start in
-        let row = start..<min(m.count, start + width)
-        let p = Self.softmax(m[row]).map { $0 + 1e-8 }
-        let q = Self.softmax(b[row]).map { $0 + 1e-8 }
-        return zip(p, q).reduce(0) { $0 + $1.0 * log($1.0 / $1.1) }
+      var scratch = Self.DivergenceScratch()
+      return stride(from: 0, to: base.count, by: width).map { start in
+        scratch.divergence(model[start..<min(base.count, start + width)], base[start..<min(base.count, start + width)])
       }
     } combine: {
       divergences += $0
@@ -65,8 +62,17 @@ public struct ArceeFusionMerge: StreamingMerge {
     let kl = divergences
     @Sendable func importances(_ range: RangeInputs) throws -> [Double] {
       guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
-      return base.indices.map { i in
-        abs(Double(model[i]) - Double(base[i])) * kl[(range.offset + i) / width]
+      // Row segment by row segment, each with its row's divergence.
+      return [Double](unsafeUninitializedCapacity: base.count) { out, initialized in
+        var start = 0
+        while start < base.count {
+          let row = (range.offset + start) / width
+          let end = min(base.count, (row + 1) * width - range.offset)
+          let divergence = kl[row]
+          for i in start..<end { out[i] = abs(Double(model[i]) - Double(base[i])) * divergence }
+          start = end
+        }
+        initialized = base.count
       }
     }
     // The three quantiles (sorted ascending, index floor(q (n - 1))), 16 bits a pass.
@@ -77,17 +83,30 @@ public struct ArceeFusionMerge: StreamingMerge {
       let shift = UInt64(48 - 16 * pass)
       let known = prefixes
       var histograms = [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
-      try scan.pass { range -> [[UInt32]] in
-        let keys = try importances(range).map(Self.key)
-        return (0..<3).map { q in
+      if pass == 0 {
+        // The top 16 bits of every key: one histogram for the three quantiles.
+        try scan.pass { range -> [UInt32] in
           var counts = [UInt32](repeating: 0, count: 65536)
-          for key in keys where pass == 0 || key >> (shift + 16) == known[q] {
-            counts[Int((key >> shift) & 0xFFFF)] &+= 1
-          }
+          for x in try importances(range) { counts[Int(Self.key(x) >> 48)] &+= 1 }
           return counts
+        } combine: { counts in
+          for bin in 0..<65536 { histograms[0][bin] += Int(counts[bin]) }
         }
-      } combine: { parts in
-        for q in 0..<3 { for bin in 0..<65536 { histograms[q][bin] += Int(parts[q][bin]) } }
+        (histograms[1], histograms[2]) = (histograms[0], histograms[0])
+      } else {
+        // The next 16 bits of the keys under each quantile's prefix, few of the range's.
+        try scan.pass { range -> [[UInt16]] in
+          var digits: [[UInt16]] = [[], [], []]
+          for x in try importances(range) {
+            let key = Self.key(x)
+            for q in 0..<3 where key >> (shift + 16) == known[q] {
+              digits[q].append(UInt16(truncatingIfNeeded: key >> shift))
+            }
+          }
+          return digits
+        } combine: { parts in
+          for q in 0..<3 { for digit in parts[q] { histograms[q][Int(digit)] += 1 } }
+        }
       }
       for q in 0..<3 {
         var bin = 0
@@ -133,6 +152,42 @@ public struct ArceeFusionMerge: StreamingMerge {
     return Tensor(
       shape: baseTensor.shape,
       scalars: (0..<count).map { r.round(base[$0] + (importance[$0] >= threshold ? change[$0] : 0)) })
+  }
+
+  /// Buffers for the KL divergence of row after row, reused.
+  struct DivergenceScratch {
+    private var model: [Double] = []
+    private var base: [Double] = []
+
+    /// `sum p log(p / q)` over the row, `p` and `q` the softmaxes of the model's and the
+    /// base's row, each probability plus 1e-8: `softmax`'s arithmetic, in the same order.
+    mutating func divergence(_ modelRow: ArraySlice<Float>, _ baseRow: ArraySlice<Float>) -> Double {
+      let n = modelRow.count
+      if model.count < n { (model, base) = ([Double](repeating: 0, count: n), [Double](repeating: 0, count: n)) }
+      return model.withUnsafeMutableBufferPointer { p in
+        base.withUnsafeMutableBufferPointer { q in
+          ArceeFusionMerge.fillSoftmax(modelRow, into: p)
+          ArceeFusionMerge.fillSoftmax(baseRow, into: q)
+          var sum = 0.0
+          for i in 0..<n {
+            let (pi, qi) = (p[i] + 1e-8, q[i] + 1e-8)
+            sum += pi * log(pi / qi)
+          }
+          return sum
+        }
+      }
+    }
+  }
+
+  /// `softmax` of a row of floats into the first `row.count` elements of `out`.
+  static func fillSoftmax(_ row: ArraySlice<Float>, into out: UnsafeMutableBufferPointer<Double>) {
+    let top = row.max().map(Double.init) ?? 0
+    var total = 0.0
+    for (i, x) in row.enumerated() {
+      out[i] = exp(Double(x) - top)
+      total += out[i]
+    }
+    for i in 0..<row.count { out[i] /= total }
   }
 
   static func softmax(_ values: ArraySlice<Double>) -> [Double] {

@@ -20,6 +20,10 @@ public struct DELLAMerge: StreamingMerge {
   public let name: String
   public let consensus: Bool
   public let defaultNormalize: Bool
+  /// The most memory (bytes) the drawn flags of one tensor's dropping models may take to be
+  /// kept from the L1 pass for the merge (32 MiB: a 268M-element tensor of one model, or a
+  /// 65M-element embedding of four); the merge ranks and draws a larger tensor's rows again.
+  var keptFlagsBudget = 32 << 20
 
   public static let della = DELLAMerge(name: "della", consensus: true, defaultNormalize: true)
   public static let dellaLinear = DELLAMerge(name: "della-linear", consensus: false, defaultNormalize: false)
@@ -83,6 +87,45 @@ public struct DELLAMerge: StreamingMerge {
     try prepare(tensor: name, shape: [count], p, scan: scan)
   }
 
+  /// Flags packed 64 to a word (flag i: bit `i % 64` of word `i / 64`, as `Kernels.packBits`
+  /// packs them), appended block by block at any bit offset.
+  struct PackedFlags: Sendable {
+    private var words: [UInt64] = []
+    private(set) var count = 0
+
+    /// Empty, with room for `capacity` flags.
+    init(capacity: Int = 0) { words.reserveCapacity((capacity + 63) / 64) }
+
+    /// Appends the first `count` flags of `packed` (its bits past them are 0).
+    mutating func append(_ packed: [UInt64], count added: Int) {
+      let shift = count % 64
+      if shift == 0 {
+        words += packed
+      } else {
+        // The last word is partly filled (count > 0 here).
+        for word in packed {
+          words[words.count - 1] |= word << UInt64(shift)
+          words.append(word >> UInt64(64 - shift))
+        }
+      }
+      count += added
+      words.removeLast(max(0, words.count - (count + 63) / 64))
+    }
+
+    subscript(i: Int) -> Bool { words[i / 64] >> UInt64(i % 64) & 1 == 1 }
+
+    /// Flags `start ..< start + out.count` into `out`.
+    func unpack(from start: Int, into out: UnsafeMutableBufferPointer<Bool>) {
+      precondition(start >= 0 && start + out.count <= count)
+      words.withUnsafeBufferPointer { words in
+        for k in 0..<out.count {
+          let i = start + k
+          out[k] = words[i &>> 6] &>> UInt64(i & 63) & 1 == 1
+        }
+      }
+    }
+  }
+
   /// One model's drop on this tensor.
   struct Drop: Sendable {
     var density: Double
@@ -112,111 +155,268 @@ public struct DELLAMerge: StreamingMerge {
       }
       return Drop(density: density, epsilon: epsilon, rng: CounterRNG(seed: seed, stream: "\(self.name)#\(m)"))
     }
+    // With `rescale`, the L1 pass draws every dropping model's flags once; where they fit
+    // `keptFlagsBudget`, they are kept for the merge, which then neither ranks nor draws again.
+    var cached: [PackedFlags?] = Array(repeating: nil, count: models)
     if p.flag("rescale") && drops.contains(where: \.drops) {
       // Blocks of whole rows, about a range each, summed in order.
       let blocks = MergeRanges.rowBlocks(count, rowLength: rowLength)
       var sums = [(before: Double, after: Double)](repeating: (0, 0), count: models)
       let fixed = drops
+      let keep = count / 8 * drops.filter(\.drops).count <= keptFlagsBudget
+      var flags = drops.map { $0.drops && keep ? PackedFlags(capacity: count) : nil }
       try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows in
-        try (0..<models).map { m -> (Double, Double) in
-          guard fixed[m].drops else { return (0, 0) }
-          var (before, after) = (0.0, 0.0)
-          try Self.eachKept(rows, model: m, drop: fixed[m], rowLength: rowLength, method: self.name) { _, delta, kept in
-            before += abs(delta)
-            if kept { after += abs(delta) }
-          }
-          return (before, after)
+        var draws = RowDraws()
+        return try (0..<models).map { m -> (before: Double, after: Double, flags: [UInt64], count: Int) in
+          guard fixed[m].drops else { return (0, 0, [], 0) }
+          try draws.draw(rows, model: m, drop: fixed[m], rowLength: rowLength, method: self.name)
+          let (before, after) = draws.l1Norms()
+          return (before, after, keep ? Kernels.packBits(Array(draws.kept[0..<draws.count])) : [], draws.count)
         }
       } combine: { parts in
         for m in 0..<models {
-          sums[m].before += parts[m].0
-          sums[m].after += parts[m].1
+          sums[m].before += parts[m].before
+          sums[m].after += parts[m].after
+          flags[m]?.append(parts[m].flags, count: parts[m].count)
         }
       }
       for m in 0..<models where drops[m].drops && sums[m].before >= 1e-7 && sums[m].after >= 1e-7 {
         (drops[m].before, drops[m].after) = sums[m]
       }
+      cached = flags
     }
     let weights = (0..<models).map { p.number("weight", model: $0) }
     let (lambda, normalize, consensus) = (p.number("lambda"), p.flag("normalize"), self.consensus)
-    let weightSum = weights.reduce(0, +)
     let fixed = drops
     let read = scan.read
+    let flags = cached
     return RangeMerger { range in
       guard let base = range.base else { throw MergeError.baseRequired(method: self.name) }
       let (first, end) = (range.offset, range.offset + base.count)
-      // The whole rows the range touches.
-      let rowsStart = first / rowLength * rowLength
-      let rowsEnd = min(count, (end + rowLength - 1) / rowLength * rowLength)
+      // The whole rows the range touches, unless every dropping model's flags are kept.
+      let ranks = (0..<models).contains { fixed[$0].drops && flags[$0] == nil }
+      let rowsStart = ranks ? first / rowLength * rowLength : first
+      let rowsEnd = ranks ? min(count, (end + rowLength - 1) / rowLength * rowLength) : end
       let rows = rowsStart == first && rowsEnd == end ? range : try read(rowsStart..<rowsEnd)
-      // Each model's weighted, kept (and rescaled) delta on the range's elements.
-      var deltas = [[Double]](repeating: [Double](repeating: 0, count: end - first), count: models)
+      // Each model's weighted, kept (and rescaled) delta on the range's elements, model by
+      // model in one buffer.
+      let (length, skip) = (end - first, first - rowsStart)
+      var weighted = [Double](repeating: 0, count: models * length)
+      var draws = RowDraws()
       for m in 0..<models {
         let (drop, weight) = (fixed[m], weights[m])
-        try Self.eachKept(rows, model: m, drop: drop, rowLength: rowLength, method: self.name) { i, delta, kept in
-          guard i >= first && i < end else { return }
-          // before / after is 1 / 1 (exact) without rescale or drop.
-          deltas[m][i - first] = (kept ? delta * drop.before / drop.after : 0) * weight
+        if let kept = flags[m] {
+          try draws.take(rows, model: m, flags: kept, method: self.name)
+        } else {
+          try draws.draw(rows, model: m, drop: drop, rowLength: rowLength, method: self.name)
+        }
+        draws.deltas.withUnsafeBufferPointer { deltas in
+          draws.kept.withUnsafeBufferPointer { kept in
+            weighted.withUnsafeMutableBufferPointer { out in
+              for j in 0..<length {
+                let k = skip + j
+                // before / after is 1 / 1 (exact) without rescale or drop.
+                out[m * length + j] = (kept[k] ? deltas[k] * drop.before / drop.after : 0) * weight
+              }
+            }
+          }
         }
       }
-      return (0..<(end - first)).map { j -> Float in
-        var mixed = 0.0
-        var divisor = 0.0
-        if consensus {
-          let majority: Double = deltas.reduce(0) { $0 + $1[j] } >= 0 ? 1 : -1
-          for (delta, weight) in zip(deltas, weights) where delta[j] != 0 && (delta[j] > 0 ? 1.0 : -1.0) == majority {
-            mixed += delta[j]
-            divisor += weight
-          }
-          if divisor == 0 { divisor = 1 }
-        } else {
-          mixed = deltas.reduce(0) { $0 + $1[j] }
-          divisor = abs(weightSum) < 1e-8 ? 1 : weightSum
+      var out = [Float](repeating: 0, count: length)
+      weighted.withUnsafeBufferPointer { deltas in
+        out.withUnsafeMutableBufferPointer { out in
+          Self.combine(
+            deltas, models: models, length: length, base: base, weights: weights, consensus: consensus,
+            normalize: normalize, lambda: lambda, into: out)
         }
-        if normalize { mixed /= divisor }
-        return Float(Double(base[j]) + mixed * lambda)
+      }
+      return out
+    }
+  }
+
+  /// `base + lambda * mixed` for each element j of a range, from the models' weighted deltas
+  /// (model m's at `deltas[m * length + j]`): with `consensus`, `mixed` sums the deltas of the
+  /// majority sign (that of their sum, + for 0), divided when `normalize` by those models'
+  /// weights (1 if none); else it sums all of them, divided by the weights' sum (1 if about
+  /// 0). Model by model over blocks of elements, so that the loops run in vectors without
+  /// branches (the signs are random), each element's sums taken in model order.
+  static func combine(
+    _ deltas: UnsafeBufferPointer<Double>, models: Int, length: Int, base: [Float], weights: [Double],
+    consensus: Bool, normalize: Bool, lambda: Double, into out: UnsafeMutableBufferPointer<Float>
+  ) {
+    guard let first = deltas.baseAddress else { return }
+    let block = 1024
+    let weightSum = weights.reduce(0, +)
+    let sumDivisor = abs(weightSum) < 1e-8 ? 1 : weightSum
+    var total = [Double](repeating: 0, count: block)
+    var mixed = [Double](repeating: 0, count: block)
+    var divisor = [Double](repeating: 0, count: block)
+    for start in stride(from: 0, to: length, by: block) {
+      let n = min(block, length - start)
+      total.withUnsafeMutableBufferPointer { total in
+        mixed.withUnsafeMutableBufferPointer { mixed in
+          divisor.withUnsafeMutableBufferPointer { divisor in
+            for j in 0..<n { (total[j], mixed[j], divisor[j]) = (0, 0, 0) }
+            for m in 0..<models {
+              let row = first + m * length + start
+              for j in 0..<n { total[j] += row[j] }
+            }
+            if consensus {
+              // Adding +0 for the deltas of the other sign changes nothing: neither sum can
+              // be -0, as both start at +0 and take only nonzero deltas and weights' sums.
+              for m in 0..<models {
+                let (row, weight) = (first + m * length + start, weights[m])
+                for j in 0..<n {
+                  let delta = row[j]
+                  let agrees = delta != 0 && (delta > 0) == (total[j] >= 0)
+                  mixed[j] += agrees ? delta : 0
+                  divisor[j] += agrees ? weight : 0
+                }
+              }
+              for j in 0..<n {
+                let d = divisor[j] == 0 ? 1 : divisor[j]
+                let m = normalize ? mixed[j] / d : mixed[j]
+                out[start + j] = Float(Double(base[start + j]) + m * lambda)
+              }
+            } else {
+              for j in 0..<n {
+                let m = normalize ? total[j] / sumDivisor : total[j]
+                out[start + j] = Float(Double(base[start + j]) + m * lambda)
+              }
+            }
+          }
+        }
       }
     }
   }
 
-  /// Calls `body(index, delta, kept)` for every element of `rows` (whole rows of `rowLength`,
-  /// the last one possibly shorter at the tensor's end) for model `m`: its index in the tensor,
-  /// `model - base` in Double, and whether the drop keeps it (always, when `drop` drops none and
-  /// its density is 1; never at density 0).
-  static func eachKept(
-    _ rows: RangeInputs, model m: Int, drop: Drop, rowLength: Int, method: String,
-    _ body: (Int, Double, Bool) throws -> Void
-  ) throws {
-    guard let base = rows.base else { throw MergeError.baseRequired(method: method) }
-    let values = rows.models[m]
-    let n = base.count
-    // Each entry's rank key: its magnitude's bit pattern (non-negative doubles order as their
-    // bits; a NaN above +inf, as torch's sort puts it); equal magnitudes rank in index order.
-    var keys = [UInt64](repeating: 0, count: min(rowLength, n))
-    var start = 0
-    while start < n {
-      let length = min(rowLength, n - start)
+  /// One model's drop over whole rows: each element's `model - base` in Double and whether the
+  /// drop keeps it, with the scratch that ranks the rows. Buffers grow to the longest rows
+  /// drawn and are reused; one per thread.
+  struct RowDraws {
+    /// `model - base` of each element drawn, in Double.
+    var deltas: [Double] = []
+    /// Whether the drop keeps each element (always when it drops none at density 1; never at 0).
+    var kept: [Bool] = []
+    /// How many elements the last `draw` filled.
+    var count = 0
+    private var keys32: [UInt32] = []
+    private var keys64: [UInt64] = []
+    private var ranks: [Int32] = []
+    private var workspace = KeyOrder.Workspace()
+
+    /// Fills `deltas` and `kept` for every element of `rows` (whole rows of `rowLength`, the
+    /// last one possibly shorter at the tensor's end) for model `m`. Within each row the
+    /// entries are ranked by magnitude (equal magnitudes in index order; a NaN above +inf, as
+    /// torch's sort puts it), and entry of rank `r` is kept when its draw is below
+    /// `density - epsilon + 2 epsilon r / (length - 1)`. Throws `MergeError.baseRequired`
+    /// without a base.
+    mutating func draw(_ rows: RangeInputs, model m: Int, drop: Drop, rowLength: Int, method: String) throws {
+      let n = try fillDeltas(rows, model: m, method: method)
+      let rowCapacity = min(rowLength, n)
+      if ranks.count < rowCapacity {
+        (keys32, keys64) = ([UInt32](repeating: 0, count: rowCapacity), [UInt64](repeating: 0, count: rowCapacity))
+        ranks = [Int32](repeating: 0, count: rowCapacity)
+      }
       guard drop.drops else {
-        for k in 0..<length {
-          let delta = Double(values[start + k]) - Double(base[start + k])
-          try body(rows.offset + start + k, delta, drop.density >= 1)
+        let keepAll = drop.density >= 1
+        kept.withUnsafeMutableBufferPointer { $0.update(repeating: keepAll) }
+        return
+      }
+      var start = 0
+      while start < n {
+        let length = min(rowLength, n - start)
+        rankRow(start..<start + length)
+        let span = Double(max(length - 1, 1))
+        let firstIndex = rows.offset + start
+        ranks.withUnsafeBufferPointer { ranks in
+          kept.withUnsafeMutableBufferPointer { kept in
+            for k in 0..<length {
+              let probability = drop.density - drop.epsilon + 2 * drop.epsilon * Double(ranks[k]) / span
+              kept[start + k] = Double(drop.rng.uniform(UInt64(firstIndex + k))) < probability
+            }
+          }
         }
         start += length
-        continue
       }
-      for k in 0..<length { keys[k] = abs(Double(values[start + k]) - Double(base[start + k])).bitPattern }
-      let order = keys.withUnsafeBufferPointer { KeyOrder.ascending(UnsafeBufferPointer(rebasing: $0[0..<length])) }
-      let span = Double(max(length - 1, 1))
-      var keep = [Bool](repeating: false, count: length)
-      for rank in 0..<length {
-        let k = Int(order[rank])
-        let probability = drop.density - drop.epsilon + 2 * drop.epsilon * Double(rank) / span
-        keep[k] = Double(drop.rng.uniform(UInt64(rows.offset + start + k))) < probability
+    }
+
+    /// Fills `deltas` and `kept` for the elements of `rows` from model `m`'s flags drawn
+    /// before, for the whole tensor (`flags[rows.offset + k]`).
+    mutating func take(_ rows: RangeInputs, model m: Int, flags: PackedFlags, method: String) throws {
+      let n = try fillDeltas(rows, model: m, method: method)
+      kept.withUnsafeMutableBufferPointer {
+        flags.unpack(from: rows.offset, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n]))
       }
-      for k in 0..<length {
-        try body(rows.offset + start + k, Double(values[start + k]) - Double(base[start + k]), keep[k])
+    }
+
+    /// Sizes the buffers for `rows` and fills `deltas`; returns the element count.
+    private mutating func fillDeltas(_ rows: RangeInputs, model m: Int, method: String) throws -> Int {
+      guard let base = rows.base else { throw MergeError.baseRequired(method: method) }
+      let values = rows.models[m]
+      let n = base.count
+      count = n
+      if deltas.count < n {
+        deltas = [Double](repeating: 0, count: n)
+        kept = [Bool](repeating: false, count: n)
       }
-      start += length
+      deltas.withUnsafeMutableBufferPointer { d in
+        for k in 0..<n { d[k] = Double(values[k]) - Double(base[k]) }
+      }
+      return n
+    }
+
+    /// Ranks the magnitudes of `deltas[row]` into `ranks[0 ..< row.count]`. Non-negative
+    /// doubles order as their bit patterns; where every magnitude of the row is a `Float`
+    /// exactly (differences of BF16 or F16 values nearly always are), as the `Float`'s, whose
+    /// radix sort takes half the passes.
+    private mutating func rankRow(_ row: Range<Int>) {
+      let length = row.count
+      var exact = true
+      deltas.withUnsafeBufferPointer { d in
+        keys32.withUnsafeMutableBufferPointer { keys in
+          for k in 0..<length {
+            let magnitude = abs(d[row.lowerBound + k])
+            let single = Float(magnitude)
+            exact = exact && Double(single) == magnitude
+            keys[k] = single.bitPattern
+          }
+        }
+      }
+      ranks.withUnsafeMutableBufferPointer { ranks in
+        if exact {
+          keys32.withUnsafeBufferPointer {
+            workspace.ranks(of: UnsafeBufferPointer(rebasing: $0[0..<length]), into: ranks)
+          }
+        } else {
+          deltas.withUnsafeBufferPointer { d in
+            keys64.withUnsafeMutableBufferPointer { keys in
+              for k in 0..<length { keys[k] = abs(d[row.lowerBound + k]).bitPattern }
+            }
+          }
+          keys64.withUnsafeBufferPointer {
+            workspace.ranks(of: UnsafeBufferPointer(rebasing: $0[0..<length]), into: ranks)
+          }
+        }
+      }
+    }
+
+    /// The L1 norms of the drawn deltas before and after the drop, summed in index order.
+    func l1Norms() -> (before: Double, after: Double) {
+      var (before, after) = (0.0, 0.0)
+      deltas.withUnsafeBufferPointer { d in
+        kept.withUnsafeBufferPointer { kept in
+          // The dropped magnitudes masked to +0, which leaves the sum as it is (it is never
+          // -0), without a branch on the random flags.
+          kept.withMemoryRebound(to: UInt8.self) { kept in
+            for k in 0..<count {
+              before += abs(d[k])
+              after += Double(bitPattern: abs(d[k]).bitPattern & (0 &- UInt64(kept[k] & 1)))
+            }
+          }
+        }
+      }
+      return (before, after)
     }
   }
 }

@@ -73,12 +73,13 @@ public struct ModelStockMerge: StreamingMerge {
     var gram = [Double](repeating: 0, count: n * n)
     try scan.pass { range in
       let deltas = try range.modelsMinusBase(method: self.name).map(r.round)
+      guard r.isRounded else { return Kernels.upperGram(deltas) }
       var partial = [Double](repeating: 0, count: n * n)
       for i in 0..<n {
         for j in i..<n {
           // mergekit's dot products multiply in the compute dtype; its norms square in float.
           partial[i * n + j] =
-            r.isRounded && i != j
+            i != j
             ? zip(deltas[i], deltas[j]).reduce(0) { $0 + Double(r.round($1.0 * $1.1)) }
             : Kernels.dot(deltas[i], deltas[j])
         }

@@ -36,18 +36,95 @@ public struct SCEMerge: StreamingMerge {
     return try mergeThroughRanges(inputs, p)
   }
 
-  /// The task vectors of one range in Double.
-  static func taskVectors(_ range: RangeInputs, method: String) throws -> [[Double]] {
+  /// Elements per block of `eachBlock`: a block's task vectors stay in the first-level cache.
+  static let block = 1024
+
+  /// Calls `body(start, length, tvs)` for each block of up to `block` elements of `range`, in
+  /// order: `tvs` holds the block's task vectors `model - base` in Double, model by model
+  /// (model m's element j at `m * length + j`), with the elements `keep` drops set to +0.
+  static func eachBlock(
+    _ range: RangeInputs, keep: [Bool]?, method: String, _ body: (Int, Int, UnsafeBufferPointer<Double>) -> Void
+  ) throws {
     guard let base = range.base else { throw MergeError.baseRequired(method: method) }
-    return range.models.map { model in (0..<base.count).map { Double(model[$0]) - Double(base[$0]) } }
+    let (count, models) = (base.count, range.models.count)
+    var scratch = [Double](repeating: 0, count: models * block)
+    for start in stride(from: 0, to: count, by: block) {
+      let length = min(block, count - start)
+      scratch.withUnsafeMutableBufferPointer { tvs in
+        for (m, model) in range.models.enumerated() {
+          model.withUnsafeBufferPointer { model in
+            base.withUnsafeBufferPointer { base in
+              for j in 0..<length { tvs[m * length + j] = Double(model[start + j]) - Double(base[start + j]) }
+            }
+          }
+          // Dropped elements +0, by masking the bits: a loop in vectors.
+          keep?.withUnsafeBytes { keep in
+            for j in 0..<length {
+              let bits = tvs[m * length + j].bitPattern & (0 &- UInt64(keep[start + j] & 1))
+              tvs[m * length + j] = Double(bitPattern: bits)
+            }
+          }
+        }
+        body(start, length, UnsafeBufferPointer(tvs))
+      }
+    }
   }
 
-  /// Each element's population variance across the models, as float32 (the ranking key).
-  static func variances(_ tvs: [[Double]]) -> [Float] {
-    let n = Double(tvs.count)
-    return (0..<(tvs.first?.count ?? 0)).map { i in
-      let mean = tvs.reduce(0) { $0 + $1[i] } / n
-      return Float(tvs.reduce(0) { $0 + ($1[i] - mean) * ($1[i] - mean) } / n)
+  /// Each element's population variance across the models, as float32 (the ranking key): the
+  /// mean and the squared deviations summed in model order.
+  static func variances(_ range: RangeInputs, method: String) throws -> [Float] {
+    let models = range.models.count
+    let n = Double(models)
+    var (mean, squares) = ([Double](repeating: 0, count: block), [Double](repeating: 0, count: block))
+    return try [Float](unsafeUninitializedCapacity: range.count) { out, initialized in
+      try eachBlock(range, keep: nil, method: method) { start, length, tvs in
+        mean.withUnsafeMutableBufferPointer { mean in
+          squares.withUnsafeMutableBufferPointer { squares in
+            for j in 0..<length { (mean[j], squares[j]) = (0, 0) }
+            for m in 0..<models {
+              for j in 0..<length { mean[j] += tvs[m * length + j] }
+            }
+            for j in 0..<length { mean[j] /= n }
+            for m in 0..<models {
+              for j in 0..<length {
+                let deviation = tvs[m * length + j] - mean[j]
+                squares[j] += deviation * deviation
+              }
+            }
+            for j in 0..<length { out[start + j] = Float(squares[j] / n) }
+          }
+        }
+      }
+      initialized = range.count
+    }
+  }
+
+  /// `base + sum w_m tv_m / max(sum w_m, 1e-6)` per element of a block (task vectors laid out
+  /// as `eachBlock` gives them) over the task vectors whose sign is the sign of their sum (+
+  /// for 0), zeros left out, into `out`. Model by model over the block, so that the loops run
+  /// in vectors without branches (the signs are random), each element's sums taken in model
+  /// order; adding +0 for the others changes nothing, as neither sum can be -0 (both start at
+  /// +0).
+  static func erase(
+    _ tvs: UnsafeBufferPointer<Double>, length: Int, weights: [Double], base: UnsafeBufferPointer<Float>,
+    into out: UnsafeMutableBufferPointer<Float>, scratch: inout [Double]
+  ) {
+    scratch.withUnsafeMutableBufferPointer { scratch in
+      guard let total = scratch.baseAddress else { return }
+      let (numerator, denominator) = (total + length, total + 2 * length)
+      for j in 0..<length { (total[j], numerator[j], denominator[j]) = (0, 0, 0) }
+      for m in weights.indices {
+        for j in 0..<length { total[j] += tvs[m * length + j] }
+      }
+      for (m, w) in weights.enumerated() {
+        for j in 0..<length {
+          let value = tvs[m * length + j]
+          let agrees = value != 0 && (value > 0) == (total[j] >= 0)
+          numerator[j] += agrees ? value * w : 0
+          denominator[j] += agrees ? w : 0
+        }
+      }
+      for j in 0..<length { out[j] = Float(Double(base[j]) + numerator[j] / max(denominator[j], 1e-6)) }
     }
   }
 
@@ -65,7 +142,7 @@ public struct SCEMerge: StreamingMerge {
       var nonzero = 0
       var high = [UInt32](repeating: 0, count: 65536)
       try scan.pass { range -> ([UInt32], Int) in
-        let v = Self.variances(try Self.taskVectors(range, method: method))
+        let v = try Self.variances(range, method: method)
         return (MagnitudeRanker.highCounts(v), v.filter { $0 != 0 }.count)
       } combine: { counts, nonzeroInRange in
         nonzero += nonzeroInRange
@@ -79,7 +156,7 @@ public struct SCEMerge: StreamingMerge {
         ranker.finishHigh()
         let first = ranker
         try scan.pass { range in
-          first.lowCounts(Self.variances(try Self.taskVectors(range, method: method)))
+          first.lowCounts(try Self.variances(range, method: method))
         } combine: {
           ranker.addLow($0)
         }
@@ -88,7 +165,7 @@ public struct SCEMerge: StreamingMerge {
           let settled = ranker
           var running = 0
           try scan.pass { range in
-            (range.offset, settled.equalCount(Self.variances(try Self.taskVectors(range, method: method))))
+            (range.offset, settled.equalCount(try Self.variances(range, method: method)))
           } combine: { offset, equal in
             equalBefore[offset] = running
             running += equal
@@ -98,16 +175,22 @@ public struct SCEMerge: StreamingMerge {
       selection = (ranker, equalBefore)
     }
     let chosen = selection
-    @Sendable func selected(_ range: RangeInputs) throws -> [[Double]] {
-      let tvs = try Self.taskVectors(range, method: method)
-      guard let (ranker, equalBefore) = chosen else { return tvs }
-      let keep = ranker.mask(Self.variances(tvs), equalBefore: equalBefore[range.offset] ?? 0)
-      return tvs.map { tv in tv.indices.map { keep[$0] ? tv[$0] : 0 } }
+    /// Which elements of a range the selection keeps (nil: all).
+    @Sendable func keep(_ range: RangeInputs) throws -> [Bool]? {
+      guard let (ranker, equalBefore) = chosen else { return nil }
+      return ranker.mask(try Self.variances(range, method: method), equalBefore: equalBefore[range.offset] ?? 0)
     }
-    // Each model's mean square over the tensor, summed in range order.
+    // Each model's mean square over the tensor: summed in element order within each range,
+    // the ranges' sums in range order.
     var squares = [Double](repeating: 0, count: models)
     try scan.pass { range in
-      try selected(range).map { tv in tv.reduce(0) { $0 + $1 * $1 } }
+      var sums = [Double](repeating: 0, count: models)
+      try Self.eachBlock(range, keep: try keep(range), method: method) { _, length, tvs in
+        for m in 0..<models {
+          for j in 0..<length { sums[m] += tvs[m * length + j] * tvs[m * length + j] }
+        }
+      }
+      return sums
     } combine: { parts in
       for m in 0..<models { squares[m] += parts[m] }
     }
@@ -117,17 +200,16 @@ public struct SCEMerge: StreamingMerge {
     let fixed = weights
     return RangeMerger { range in
       guard let base = range.base else { throw MergeError.baseRequired(method: method) }
-      let tvs = try selected(range)
-      return base.indices.map { i -> Float in
-        let sum = tvs.reduce(0) { $0 + $1[i] }
-        let majority: Double = sum >= 0 ? 1 : -1
-        var numerator = 0.0
-        var denominator = 0.0
-        for (tv, w) in zip(tvs, fixed) where tv[i] != 0 && (tv[i] > 0 ? 1.0 : -1.0) == majority {
-          numerator += tv[i] * w
-          denominator += w
+      var scratch = [Double](repeating: 0, count: 3 * Self.block)
+      return try [Float](unsafeUninitializedCapacity: base.count) { out, initialized in
+        try base.withUnsafeBufferPointer { base in
+          try Self.eachBlock(range, keep: try keep(range), method: method) { start, length, tvs in
+            Self.erase(
+              tvs, length: length, weights: fixed, base: UnsafeBufferPointer(rebasing: base[start..<start + length]),
+              into: UnsafeMutableBufferPointer(rebasing: out[start..<start + length]), scratch: &scratch)
+          }
         }
-        return Float(Double(base[i]) + numerator / max(denominator, 1e-6))
+        initialized = base.count
       }
     }
   }

@@ -852,6 +852,41 @@ public enum Kernels {
     }
   }
 
+  /// `dot(arrays[i], arrays[j])` for every `i <= j` (at `i * n + j` of an n x n row-major
+  /// matrix, the lower triangle 0), each to the bit of `dot` (the same blocks, lanes and
+  /// order): block by block, every pair's sum of the block while the block is in cache, where
+  /// `dot` per pair streams the arrays from memory once per pair. Model Stock's Gram matrix.
+  public static func upperGram(_ arrays: [[Float]]) -> [Double] {
+    let n = arrays.count
+    let count = arrays.first?.count ?? 0
+    precondition(arrays.allSatisfy { $0.count == count })
+    var gram = [Double](repeating: 0, count: n * n)
+    guard count > 0 else { return gram }
+    let blockSize = Elementwise.blockSize
+    let blocks = (count + blockSize - 1) / blockSize
+    var partials = [Double](repeating: 0, count: blocks * n * n)
+    withPointers(arrays) { pointers in
+      let floats = pointers.map { $0.assumingMemoryBound(to: Float.self) }
+      for b in 0..<blocks {
+        let range = (b * blockSize)..<min(count, (b + 1) * blockSize)
+        for s in 0..<n {
+          for t in s..<n {
+            let (x, y) = (floats[s], floats[t])
+            partials[b * n * n + s * n + t] = Elementwise.blockSum(range) { Double(x[$0]) * Double(y[$0]) }
+          }
+        }
+      }
+    }
+    // One block's sum as it is; more blocks' sums added in order from 0, as `sumOfBlocks` does.
+    for s in 0..<n {
+      for t in s..<n {
+        gram[s * n + t] =
+          blocks == 1 ? partials[s * n + t] : (0..<blocks).reduce(0) { $0 + partials[$1 * n * n + s * n + t] }
+      }
+    }
+    return gram
+  }
+
   /// `(dot(a, a), dot(a, b), dot(b, b))` in one sweep over the two arrays instead of three: the
   /// same three sums to the bit (the same blocks, lanes and order as `blockSum`). SLERP's norms
   /// and angle.

@@ -124,6 +124,14 @@ import Testing
       p)
     let expected = reference(base: base, models: models, rowLength: 100_000, p: p, consensus: consensus)
     #expect(out.shape == shape)
+    // The flags drawn in the L1 pass kept for the merge, or drawn again there: the same bits.
+    var redrawing = method
+    redrawing.keptFlagsBudget = 0
+    let redrawn = try redrawing.merge(
+      MergeInputs(
+        name: "w", base: Tensor(shape: shape, scalars: base), models: models.map { Tensor(shape: shape, scalars: $0) }),
+      p)
+    #expect(redrawn.scalars.map(\.bitPattern) == out.scalars.map(\.bitPattern))
     // The same kept entries; values to the rounding of the L1 sums' order.
     #expect(zip(out.scalars, base).map { $0 != $1 } == zip(expected, base).map { Float($0) != $1 })
     expectClose(out.scalars, expected, relative: 1e-6)
@@ -139,5 +147,19 @@ import Testing
 
   @Test func epsilonMustKeepProbabilitiesInsideZeroOne() throws {
     #expect(throws: MergeError.self) { try della([:], ["density": .number(0.9), "epsilon": .number(0.2)]) }
+  }
+
+  /// Packed flags appended in blocks of any length read back as the flags in order.
+  @Test func packedFlagsAppendAtAnyBitOffset() {
+    let rng = CounterRNG(seed: 2, stream: "della-flags")
+    var packed = DELLAMerge.PackedFlags()
+    var flags: [Bool] = []
+    for (b, length) in [64, 1, 63, 100, 0, 200, 7, 128].enumerated() {
+      let block = (0..<length).map { rng.bits32(UInt64(1_000 * b + $0)) & 1 == 1 }
+      packed.append(Kernels.packBits(block), count: length)
+      flags += block
+    }
+    #expect(packed.count == flags.count)
+    #expect(flags.indices.map { packed[$0] } == flags)
   }
 }

@@ -85,6 +85,29 @@ import Testing
 
   /// Karcher through its Gram pass and coefficients, over several ranges, against the fixed-point
   /// iteration done on the vectors themselves in float64.
+  /// The Gram matrix of a range, formed block by block, is the plain four-lane sums of the
+  /// points to the bit (element i in lane i % 4, the lanes added pairwise, then the last n % 4
+  /// products in order): lengths with and without a tail, across blocks, with and without a
+  /// base.
+  @Test(arguments: [0, 3, 1_024, 2_050, 5_003])
+  func gramPartIsTheFourLaneSumOfThePoints(_ n: Int) {
+    let base = random([n], "gram-base").scalars
+    let models = (0..<3).map { random([n], "gram-\($0)").scalars }
+    for withBase in [true, false] {
+      let points = models.map { model in (0..<n).map { Double(model[$0]) - (withBase ? Double(base[$0]) : 0) } }
+      let part = TensorScan.gramPart(RangeInputs(offset: 0, base: withBase ? base : nil, models: models))
+      for s in 0..<3 {
+        for t in s..<3 {
+          var lanes = SIMD4<Double>(repeating: 0)
+          for i in 0..<(n / 4 * 4) { lanes[i % 4] += points[s][i] * points[t][i] }
+          var expected = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+          for i in (n / 4 * 4)..<n { expected += points[s][i] * points[t][i] }
+          #expect(part[s * 3 + t].bitPattern == expected.bitPattern, "n \(n), pair \(s) \(t), base \(withBase)")
+        }
+      }
+    }
+  }
+
   @Test func karcherFromTheGramMatrixIsTheIterationOnTheVectors() throws {
     let n = MergeRanges.size + 1_001
     let shared = random([n], "k-shared").scalars

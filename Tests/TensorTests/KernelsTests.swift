@@ -215,6 +215,21 @@ import Testing
     }
   }
 
+  /// The Gram matrix's upper triangle is every pair's `dot` to the bit (the lower triangle 0),
+  /// on one block, several, a count off the four lanes, and no elements.
+  @Test func upperGramIsEveryPairsDot() {
+    for n in [0, 7, 32_768, 70_003] {
+      let arrays = (0..<3).map { CounterRNG(seed: UInt64($0), stream: "gram").normalTensor([n]).scalars }
+      let gram = Kernels.upperGram(arrays)
+      for s in 0..<3 {
+        for t in 0..<3 {
+          let expected = t < s || n == 0 ? 0 : Kernels.dot(arrays[s], arrays[t])
+          #expect(gram[s * 3 + t].bitPattern == expected.bitPattern, "n \(n), pair \(s) \(t)")
+        }
+      }
+    }
+  }
+
   /// From stored BF16 and F32 bytes (and mixed dtypes), both the AVX-512 sweep and the portable
   /// loop give the sums of the decoded arrays to the bit, on counts with whole groups of four
   /// blocks, a lone whole block and a partial one.
