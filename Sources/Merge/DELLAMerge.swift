@@ -198,9 +198,18 @@ public struct DELLAMerge: StreamingMerge {
       let rowsStart = ranks ? first / rowLength * rowLength : first
       let rowsEnd = ranks ? min(count, (end + rowLength - 1) / rowLength * rowLength) : end
       let rows = rowsStart == first && rowsEnd == end ? range : try read(rowsStart..<rowsEnd)
+      let (length, skip) = (end - first, first - rowsStart)
+      var out = [Float](repeating: 0, count: length)
+      guard ranks else {
+        // Every drop's flags kept: block by block in cache, each model's weighted, kept (and
+        // rescaled) deltas, then their combination.
+        try Self.mergeBlocks(
+          range, flags: flags, drops: fixed, weights: weights, consensus: consensus, normalize: normalize,
+          lambda: lambda, into: &out, method: self.name)
+        return out
+      }
       // Each model's weighted, kept (and rescaled) delta on the range's elements, model by
       // model in one buffer.
-      let (length, skip) = (end - first, first - rowsStart)
       var weighted = [Double](repeating: 0, count: models * length)
       var draws = RowDraws()
       for m in 0..<models {
@@ -222,15 +231,64 @@ public struct DELLAMerge: StreamingMerge {
           }
         }
       }
-      var out = [Float](repeating: 0, count: length)
       weighted.withUnsafeBufferPointer { deltas in
-        out.withUnsafeMutableBufferPointer { out in
-          Self.combine(
-            deltas, models: models, length: length, base: base, weights: weights, consensus: consensus,
-            normalize: normalize, lambda: lambda, into: out)
+        base.withUnsafeBufferPointer { base in
+          out.withUnsafeMutableBufferPointer { out in
+            Self.combine(
+              deltas, models: models, length: length, base: base, weights: weights, consensus: consensus,
+              normalize: normalize, lambda: lambda, into: out)
+          }
         }
       }
       return out
+    }
+  }
+
+  /// The merge of one range whose dropping models' flags were all kept from the L1 pass: for
+  /// each block of elements, each model's weighted, kept (and rescaled) deltas, as the ranked
+  /// path computes them, then `combine`; everything a block needs stays in cache.
+  static func mergeBlocks(
+    _ range: RangeInputs, flags: [PackedFlags?], drops: [Drop], weights: [Double], consensus: Bool,
+    normalize: Bool, lambda: Double, into out: inout [Float], method: String
+  ) throws {
+    guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+    let (models, count, block) = (range.models.count, base.count, 1024)
+    var weighted = [Double](repeating: 0, count: models * block)
+    var kept = [Bool](repeating: false, count: block)
+    base.withUnsafeBufferPointer { base in
+      out.withUnsafeMutableBufferPointer { out in
+        for start in stride(from: 0, to: count, by: block) {
+          let n = min(block, count - start)
+          for m in 0..<models {
+            let (drop, weight) = (drops[m], weights[m])
+            if let flags = flags[m] {
+              kept.withUnsafeMutableBufferPointer {
+                flags.unpack(from: range.offset + start, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n]))
+              }
+            } else {
+              precondition(!drop.drops, "DELLA's block merge needs every dropping model's kept flags")
+              kept.withUnsafeMutableBufferPointer { $0.update(repeating: drop.density >= 1) }
+            }
+            range.models[m].withUnsafeBufferPointer { values in
+              kept.withUnsafeBufferPointer { kept in
+                weighted.withUnsafeMutableBufferPointer { weighted in
+                  for j in 0..<n {
+                    let delta = Double(values[start + j]) - Double(base[start + j])
+                    // before / after is 1 / 1 (exact) without rescale or drop.
+                    weighted[m * n + j] = (kept[j] ? delta * drop.before / drop.after : 0) * weight
+                  }
+                }
+              }
+            }
+          }
+          weighted.withUnsafeBufferPointer { weighted in
+            combine(
+              weighted, models: models, length: n, base: UnsafeBufferPointer(rebasing: base[start..<start + n]),
+              weights: weights, consensus: consensus, normalize: normalize, lambda: lambda,
+              into: UnsafeMutableBufferPointer(rebasing: out[start..<start + n]))
+          }
+        }
+      }
     }
   }
 
@@ -241,50 +299,47 @@ public struct DELLAMerge: StreamingMerge {
   /// 0). Model by model over blocks of elements, so that the loops run in vectors without
   /// branches (the signs are random), each element's sums taken in model order.
   static func combine(
-    _ deltas: UnsafeBufferPointer<Double>, models: Int, length: Int, base: [Float], weights: [Double],
+    _ deltas: UnsafeBufferPointer<Double>, models: Int, length: Int, base: UnsafeBufferPointer<Float>,
+    weights: [Double],
     consensus: Bool, normalize: Bool, lambda: Double, into out: UnsafeMutableBufferPointer<Float>
   ) {
     guard let first = deltas.baseAddress else { return }
     let block = 1024
     let weightSum = weights.reduce(0, +)
     let sumDivisor = abs(weightSum) < 1e-8 ? 1 : weightSum
-    var total = [Double](repeating: 0, count: block)
-    var mixed = [Double](repeating: 0, count: block)
-    var divisor = [Double](repeating: 0, count: block)
+    // One scratch of three blocks, through plain pointers, so that the loops vectorize.
+    let scratch = UnsafeMutableBufferPointer<Double>.allocate(capacity: 3 * block)
+    defer { scratch.deallocate() }
+    guard let total = scratch.baseAddress, let out = out.baseAddress, let base = base.baseAddress else { return }
+    let (mixed, divisor) = (total + block, total + 2 * block)
     for start in stride(from: 0, to: length, by: block) {
       let n = min(block, length - start)
-      total.withUnsafeMutableBufferPointer { total in
-        mixed.withUnsafeMutableBufferPointer { mixed in
-          divisor.withUnsafeMutableBufferPointer { divisor in
-            for j in 0..<n { (total[j], mixed[j], divisor[j]) = (0, 0, 0) }
-            for m in 0..<models {
-              let row = first + m * length + start
-              for j in 0..<n { total[j] += row[j] }
-            }
-            if consensus {
-              // Adding +0 for the deltas of the other sign changes nothing: neither sum can
-              // be -0, as both start at +0 and take only nonzero deltas and weights' sums.
-              for m in 0..<models {
-                let (row, weight) = (first + m * length + start, weights[m])
-                for j in 0..<n {
-                  let delta = row[j]
-                  let agrees = delta != 0 && (delta > 0) == (total[j] >= 0)
-                  mixed[j] += agrees ? delta : 0
-                  divisor[j] += agrees ? weight : 0
-                }
-              }
-              for j in 0..<n {
-                let d = divisor[j] == 0 ? 1 : divisor[j]
-                let m = normalize ? mixed[j] / d : mixed[j]
-                out[start + j] = Float(Double(base[start + j]) + m * lambda)
-              }
-            } else {
-              for j in 0..<n {
-                let m = normalize ? total[j] / sumDivisor : total[j]
-                out[start + j] = Float(Double(base[start + j]) + m * lambda)
-              }
-            }
+      for j in 0..<n { (total[j], mixed[j], divisor[j]) = (0, 0, 0) }
+      for m in 0..<models {
+        let row = first + m * length + start
+        for j in 0..<n { total[j] += row[j] }
+      }
+      if consensus {
+        // The deltas of the other sign masked to +0: adding it changes nothing, as neither
+        // sum can be -0 (both start at +0 and take only nonzero deltas and weights' sums).
+        for m in 0..<models {
+          let (row, weight) = (first + m * length + start, weights[m].bitPattern)
+          for j in 0..<n {
+            let delta = row[j]
+            let agrees: UInt64 = delta != 0 && (delta > 0) == (total[j] >= 0) ? ~0 : 0
+            mixed[j] += Double(bitPattern: delta.bitPattern & agrees)
+            divisor[j] += Double(bitPattern: weight & agrees)
           }
+        }
+        for j in 0..<n {
+          let d = divisor[j] == 0 ? 1 : divisor[j]
+          let m = normalize ? mixed[j] / d : mixed[j]
+          out[start + j] = Float(Double(base[start + j]) + m * lambda)
+        }
+      } else {
+        for j in 0..<n {
+          let m = normalize ? total[j] / sumDivisor : total[j]
+          out[start + j] = Float(Double(base[start + j]) + m * lambda)
         }
       }
     }

@@ -43,10 +43,19 @@ public struct NearSwapMerge: StreamingMerge {
     return RangeMerger { range in
       guard let a = range.base else { throw MergeError.baseRequired(method: self.name) }
       let b = range.models[0]
-      return (0..<a.count).map { i in
-        let (x, y) = (Double(a[i]), Double(b[i]))
-        let w = min(1, max(0, t / max(abs(x - y), 1e-6)))
-        return Float(w * y + (1 - w) * x)
+      precondition(b.count == a.count)
+      // Over buffers, so that the loop runs in vectors.
+      return [Float](unsafeUninitializedCapacity: a.count) { out, initialized in
+        a.withUnsafeBufferPointer { a in
+          b.withUnsafeBufferPointer { b in
+            for i in 0..<a.count {
+              let (x, y) = (Double(a[i]), Double(b[i]))
+              let w = min(1, max(0, t / max(abs(x - y), 1e-6)))
+              out[i] = Float(w * y + (1 - w) * x)
+            }
+          }
+        }
+        initialized = a.count
       }
     }
   }
