@@ -112,8 +112,6 @@ public struct DELLAMerge: StreamingMerge {
       words.removeLast(max(0, words.count - (count + 63) / 64))
     }
 
-    subscript(i: Int) -> Bool { words[i / 64] >> UInt64(i % 64) & 1 == 1 }
-
     /// Flags `start ..< start + out.count` into `out`.
     func unpack(from start: Int, into out: UnsafeMutableBufferPointer<Bool>) {
       precondition(start >= 0 && start + out.count <= count)
@@ -214,19 +212,14 @@ public struct DELLAMerge: StreamingMerge {
       var draws = RowDraws()
       for m in 0..<models {
         let (drop, weight) = (fixed[m], weights[m])
-        if let kept = flags[m] {
-          try draws.take(rows, model: m, flags: kept, method: self.name)
-        } else {
-          try draws.draw(rows, model: m, drop: drop, rowLength: rowLength, method: self.name)
-        }
+        try draws.draw(rows, model: m, drop: drop, rowLength: rowLength, method: self.name)
         draws.deltas.withUnsafeBufferPointer { deltas in
           draws.kept.withUnsafeBufferPointer { kept in
             weighted.withUnsafeMutableBufferPointer { out in
-              for j in 0..<length {
-                let k = skip + j
-                // before / after is 1 / 1 (exact) without rescale or drop.
-                out[m * length + j] = (kept[k] ? deltas[k] * drop.before / drop.after : 0) * weight
-              }
+              Self.weigh(
+                UnsafeBufferPointer(rebasing: deltas[skip..<skip + length]),
+                kept: UnsafeBufferPointer(rebasing: kept[skip..<skip + length]), drop: drop, weight: weight,
+                into: UnsafeMutableBufferPointer(rebasing: out[m * length..<(m + 1) * length]))
             }
           }
         }
@@ -255,6 +248,7 @@ public struct DELLAMerge: StreamingMerge {
     let (models, count, block) = (range.models.count, base.count, 1024)
     var weighted = [Double](repeating: 0, count: models * block)
     var kept = [Bool](repeating: false, count: block)
+    var deltas = [Double](repeating: 0, count: block)
     base.withUnsafeBufferPointer { base in
       out.withUnsafeMutableBufferPointer { out in
         for start in stride(from: 0, to: count, by: block) {
@@ -270,13 +264,17 @@ public struct DELLAMerge: StreamingMerge {
               kept.withUnsafeMutableBufferPointer { $0.update(repeating: drop.density >= 1) }
             }
             range.models[m].withUnsafeBufferPointer { values in
+              deltas.withUnsafeMutableBufferPointer { deltas in
+                for j in 0..<n { deltas[j] = Double(values[start + j]) - Double(base[start + j]) }
+              }
+            }
+            deltas.withUnsafeBufferPointer { deltas in
               kept.withUnsafeBufferPointer { kept in
                 weighted.withUnsafeMutableBufferPointer { weighted in
-                  for j in 0..<n {
-                    let delta = Double(values[start + j]) - Double(base[start + j])
-                    // before / after is 1 / 1 (exact) without rescale or drop.
-                    weighted[m * n + j] = (kept[j] ? delta * drop.before / drop.after : 0) * weight
-                  }
+                  weigh(
+                    UnsafeBufferPointer(rebasing: deltas[0..<n]), kept: UnsafeBufferPointer(rebasing: kept[0..<n]),
+                    drop: drop, weight: weight,
+                    into: UnsafeMutableBufferPointer(rebasing: weighted[m * n..<(m + 1) * n]))
                 }
               }
             }
@@ -290,6 +288,15 @@ public struct DELLAMerge: StreamingMerge {
         }
       }
     }
+  }
+
+  /// One model's weighted, kept (and rescaled) deltas: `(kept ? delta * before / after : 0) *
+  /// weight` for each element (before / after is 1 / 1, exact, without rescale or drop).
+  static func weigh(
+    _ deltas: UnsafeBufferPointer<Double>, kept: UnsafeBufferPointer<Bool>, drop: Drop, weight: Double,
+    into out: UnsafeMutableBufferPointer<Double>
+  ) {
+    for j in 0..<deltas.count { out[j] = (kept[j] ? deltas[j] * drop.before / drop.after : 0) * weight }
   }
 
   /// `base + lambda * mixed` for each element j of a range, from the models' weighted deltas
@@ -393,15 +400,6 @@ public struct DELLAMerge: StreamingMerge {
           }
         }
         start += length
-      }
-    }
-
-    /// Fills `deltas` and `kept` for the elements of `rows` from model `m`'s flags drawn
-    /// before, for the whole tensor (`flags[rows.offset + k]`).
-    mutating func take(_ rows: RangeInputs, model m: Int, flags: PackedFlags, method: String) throws {
-      let n = try fillDeltas(rows, model: m, method: method)
-      kept.withUnsafeMutableBufferPointer {
-        flags.unpack(from: rows.offset, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n]))
       }
     }
 

@@ -1,19 +1,8 @@
-/// Orders of unsigned integer keys without comparisons.
+/// Ranks of unsigned integer keys without comparisons: a stable LSD radix sort, eight bits a
+/// pass, in place of a comparison sort of index-tagged keys where many short arrays are ranked
+/// (DELLA ranks every row of every task vector by magnitude). One sweep finds the digits where
+/// keys differ, then each of those passes counts and scatters the keys by its digit.
 public enum KeyOrder {
-  /// The indices of `keys` in ascending key order, equal keys in index order: a stable LSD
-  /// radix sort, eight bits a pass, skipping the passes whose digit every key shares. It
-  /// replaces a comparison sort of index-tagged keys where many short arrays are ranked (DELLA
-  /// ranks every row of every task vector by magnitude): one sweep finds the digits where
-  /// keys differ, then each of those passes counts and scatters the keys by its digit.
-  public static func ascending(_ keys: UnsafeBufferPointer<UInt64>) -> [Int32] {
-    var workspace = Workspace()
-    var ranks = [Int32](repeating: 0, count: keys.count)
-    ranks.withUnsafeMutableBufferPointer { workspace.ranks(of: keys, into: $0) }
-    var order = [Int32](repeating: 0, count: keys.count)
-    for (index, rank) in ranks.enumerated() { order[Int(rank)] = Int32(index) }
-    return order
-  }
-
   /// Scratch for ranking many short arrays one after another (DELLA's rows): its buffers grow
   /// to the longest array seen and are reused, so that ranking a row allocates nothing. One
   /// workspace per thread.

@@ -160,6 +160,12 @@ import Testing
       flags += block
     }
     #expect(packed.count == flags.count)
-    #expect(flags.indices.map { packed[$0] } == flags)
+    var unpacked = [Bool](repeating: false, count: flags.count)
+    unpacked.withUnsafeMutableBufferPointer { packed.unpack(from: 0, into: $0) }
+    #expect(unpacked == flags)
+    // From an offset inside a word, across words.
+    var tail = [Bool](repeating: false, count: flags.count - 70)
+    tail.withUnsafeMutableBufferPointer { packed.unpack(from: 70, into: $0) }
+    #expect(tail == Array(flags[70...]))
   }
 }
