@@ -7,8 +7,9 @@ import Tensor
 /// the threshold is `median + 1.5 (q3 - q1)` of the importances (quantiles at index
 /// `floor(q (n - 1))` of the sorted values). mergekit samples a million values with replacement
 /// for larger tensors; here the quantiles are exact. Computed in `Double`, streamed: a pass over
-/// blocks of whole rows gives each row's KL divergence, four radix passes (16 bits of the
-/// importances' 64 at a time) the three exact quantiles, then the merge range by range. Under
+/// blocks of whole rows gives each row's KL divergence and the top 16 bits of the importances,
+/// three more radix passes (16 bits of the importances' 64 at a time, counting only the keys
+/// under each quantile's prefix) the three exact quantiles, then the merge range by range. Under
 /// mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
 public struct ArceeFusionMerge: StreamingMerge {
   public init() {}
@@ -46,55 +47,46 @@ public struct ArceeFusionMerge: StreamingMerge {
     guard count > 0 else { return RangeMerger { _ in [] } }
     let method = self.name
     let width = max(shape.last ?? 1, 1)
-    // Each row's KL divergence between the softmaxes of the model's and the base's row.
+    // Each row's KL divergence between the softmaxes of the model's and the base's row, and
+    // with them, as the block holds whole rows, the top 16 bits of each importance's key: one
+    // histogram for the three quantiles.
     let blocks = MergeRanges.rowBlocks(count, rowLength: width)
     var divergences: [Double] = []
     divergences.reserveCapacity((count + width - 1) / width)
-    try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows -> [Double] in
+    var top = [Int](repeating: 0, count: 65536)
+    try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows -> ([Double], [UInt32]) in
       guard let base = rows.base, let model = rows.models.first else { throw MergeError.baseRequired(method: method) }
       var scratch = Self.DivergenceScratch()
-      return stride(from: 0, to: base.count, by: width).map { start in
+      let local = stride(from: 0, to: base.count, by: width).map { start in
         scratch.divergence(model[start..<min(base.count, start + width)], base[start..<min(base.count, start + width)])
       }
-    } combine: {
-      divergences += $0
+      let firstRow = rows.offset / width
+      var counts = [UInt32](repeating: 0, count: 65536)
+      for x in Self.importances(rows, width: width, divergence: { local[$0 - firstRow] }) {
+        counts[Int(Self.key(x) >> 48)] &+= 1
+      }
+      return (local, counts)
+    } combine: { local, counts in
+      divergences += local
+      for bin in 0..<65536 { top[bin] += Int(counts[bin]) }
     }
     let kl = divergences
     @Sendable func importances(_ range: RangeInputs) throws -> [Double] {
-      guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
-      // Row segment by row segment, each with its row's divergence.
-      return [Double](unsafeUninitializedCapacity: base.count) { out, initialized in
-        var start = 0
-        while start < base.count {
-          let row = (range.offset + start) / width
-          let end = min(base.count, (row + 1) * width - range.offset)
-          let divergence = kl[row]
-          for i in start..<end { out[i] = abs(Double(model[i]) - Double(base[i])) * divergence }
-          start = end
-        }
-        initialized = base.count
-      }
+      guard range.base != nil, range.models.first != nil else { throw MergeError.baseRequired(method: method) }
+      return Self.importances(range, width: width, divergence: { kl[$0] })
     }
-    // The three quantiles (sorted ascending, index floor(q (n - 1))), 16 bits a pass.
+    // The three quantiles (sorted ascending, index floor(q (n - 1))), 16 bits a pass, the first
+    // 16 from the histogram above.
     let ranks = [0.25, 0.5, 0.75].map { Int($0 * Double(count - 1)) }
     var prefixes = [UInt64](repeating: 0, count: 3)
     var below = [Int](repeating: 0, count: 3)
     for pass in 0..<4 {
       let shift = UInt64(48 - 16 * pass)
       let known = prefixes
-      var histograms = [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
-      if pass == 0 {
-        // The top 16 bits of every key: one histogram for the three quantiles.
-        try scan.pass { range -> [UInt32] in
-          var counts = [UInt32](repeating: 0, count: 65536)
-          for x in try importances(range) { counts[Int(Self.key(x) >> 48)] &+= 1 }
-          return counts
-        } combine: { counts in
-          for bin in 0..<65536 { histograms[0][bin] += Int(counts[bin]) }
-        }
-        (histograms[1], histograms[2]) = (histograms[0], histograms[0])
-      } else {
+      var histograms = [top, top, top]
+      if pass > 0 {
         // The next 16 bits of the keys under each quantile's prefix, few of the range's.
+        histograms = [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
         try scan.pass { range -> [[UInt16]] in
           var digits: [[UInt16]] = [[], [], []]
           for x in try importances(range) {
@@ -152,6 +144,23 @@ public struct ArceeFusionMerge: StreamingMerge {
     return Tensor(
       shape: baseTensor.shape,
       scalars: (0..<count).map { r.round(base[$0] + (importance[$0] >= threshold ? change[$0] : 0)) })
+  }
+
+  /// `|model - base| * divergence(row)` for each element of `range` (with a base and a model),
+  /// row segment by row segment; `divergence` takes the tensor's row index.
+  static func importances(_ range: RangeInputs, width: Int, divergence: (Int) -> Double) -> [Double] {
+    guard let base = range.base, let model = range.models.first else { return [] }
+    return [Double](unsafeUninitializedCapacity: base.count) { out, initialized in
+      var start = 0
+      while start < base.count {
+        let row = (range.offset + start) / width
+        let end = min(base.count, (row + 1) * width - range.offset)
+        let factor = divergence(row)
+        for i in start..<end { out[i] = abs(Double(model[i]) - Double(base[i])) * factor }
+        start = end
+      }
+      initialized = base.count
+    }
   }
 
   /// Buffers for the KL divergence of row after row, reused.
