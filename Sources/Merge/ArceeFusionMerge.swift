@@ -83,10 +83,9 @@ public struct ArceeFusionMerge: StreamingMerge {
     for pass in 0..<4 {
       let shift = UInt64(48 - 16 * pass)
       let known = prefixes
-      var histograms = [top, top, top]
+      var histograms = pass == 0 ? [top, top, top] : [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
       if pass > 0 {
         // The next 16 bits of the keys under each quantile's prefix, few of the range's.
-        histograms = [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
         try scan.pass { range -> [[UInt16]] in
           var digits: [[UInt16]] = [[], [], []]
           for x in try importances(range) {

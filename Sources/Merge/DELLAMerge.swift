@@ -21,9 +21,9 @@ public struct DELLAMerge: StreamingMerge {
   public let consensus: Bool
   public let defaultNormalize: Bool
   /// The most memory (bytes) the drawn flags of one tensor's dropping models may take to be
-  /// kept from the L1 pass for the merge (32 MiB: a 268M-element tensor of one model, or a
-  /// 65M-element embedding of four); the merge ranks and draws a larger tensor's rows again.
-  var keptFlagsBudget = 32 << 20
+  /// kept from the L1 pass for the merge: DARE's limit (`TaskVectorMerge.keptDrawsLimit`,
+  /// 32 MiB); the merge ranks and draws a larger tensor's rows again.
+  var keptFlagsBudget = TaskVectorMerge.keptDrawsLimit
 
   public static let della = DELLAMerge(name: "della", consensus: true, defaultNormalize: true)
   public static let dellaLinear = DELLAMerge(name: "della-linear", consensus: false, defaultNormalize: false)
@@ -161,7 +161,7 @@ public struct DELLAMerge: StreamingMerge {
       let blocks = MergeRanges.rowBlocks(count, rowLength: rowLength)
       var sums = [(before: Double, after: Double)](repeating: (0, 0), count: models)
       let fixed = drops
-      let keep = count / 8 * drops.filter(\.drops).count <= keptFlagsBudget
+      let keep = drops.filter(\.drops).count * ((count + 63) / 64) * 8 <= keptFlagsBudget
       var flags = drops.map { $0.drops && keep ? PackedFlags(capacity: count) : nil }
       try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows in
         var draws = RowDraws()
