@@ -6,13 +6,23 @@ import Tensor
 /// softmaxes of the model's and the base's row (last dimension, each probability plus 1e-8);
 /// the threshold is `median + 1.5 (q3 - q1)` of the importances (quantiles at index
 /// `floor(q (n - 1))` of the sorted values). mergekit samples a million values with replacement
-/// for larger tensors; here the quantiles are exact. Computed in `Double`, streamed: a pass over
-/// blocks of whole rows gives each row's KL divergence and the top 16 bits of the importances,
-/// three more radix passes (16 bits of the importances' 64 at a time, counting only the keys
-/// under each quantile's prefix) the three exact quantiles, then the merge range by range. Under
-/// mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
+/// for larger tensors; here the quantiles are exact. Computed in `Double` (exp and log within
+/// an ulp, `Kernels.softmaxDivergence`), streamed: a pass over blocks of whole rows gives each
+/// row's KL divergence and a histogram of the top 16 bits of the importances' keys; a second
+/// pass collects the keys under the three quantiles' 16-bit prefixes (a few percent of them,
+/// narrowed by 16 more bits a pass first where they exceed `candidateLimit`), among which the
+/// exact quantiles are found in memory; then the merge, range by range. Under mergekit's
+/// rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
 public struct ArceeFusionMerge: StreamingMerge {
-  public init() {}
+  /// The most importance keys collected for the quantile search to finish in memory (8 bytes
+  /// each): above it, a pass over the tensor narrows the prefixes by 16 more bits first.
+  let candidateLimit: Int
+
+  public init() { candidateLimit = 1 << 22 }
+
+  /// With a smaller `candidateLimit`, to exercise the narrowing passes on small tensors.
+  init(candidateLimit: Int) { self.candidateLimit = max(candidateLimit, 0) }
+
   public var name: String { "arcee-fusion" }
   public var summary: String { "the base, updated only where the change is important (KL-weighted outliers)" }
   public var reference: String { "Arcee AI, Arcee Fusion (arcee.ai); mergekit's arcee_fusion" }
@@ -33,10 +43,60 @@ public struct ArceeFusionMerge: StreamingMerge {
     try prepare(tensor: name, shape: [count], p, scan: scan)
   }
 
-  /// An order-preserving 64-bit key of a Double (negative values below positive ones).
-  static func key(_ x: Double) -> UInt64 {
-    let bits = x.bitPattern
-    return bits >> 63 == 1 ? ~bits : bits | (1 << 63)
+  /// The search for the keys at three ranks among all of a tensor's keys, 16 bits at a time
+  /// from the top: each rank's known top bits (its prefix), how many keys lie below the prefix
+  /// and how many under it.
+  struct QuantileSearch: Sendable {
+    let ranks: [Int]
+    private(set) var prefixes: [UInt64]
+    private var below: [Int]
+    private var under: [Int]
+    private(set) var knownBits = 0
+
+    static var emptyHistograms: [[Int]] { [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3) }
+
+    init(ranks: [Int]) {
+      self.ranks = ranks
+      prefixes = [UInt64](repeating: 0, count: ranks.count)
+      below = [Int](repeating: 0, count: ranks.count)
+      under = [Int](repeating: Int.max, count: ranks.count)
+    }
+
+    /// The keys under at least one prefix, each counted once.
+    var candidateCount: Int {
+      (0..<prefixes.count).reduce(0) { total, q in
+        prefixes[..<q].contains(prefixes[q]) ? total : total &+ under[q]
+      }
+    }
+
+    /// Whether `key` lies under one of the prefixes.
+    @inline(__always) func isCandidate(_ key: UInt64) -> Bool {
+      guard knownBits > 0 else { return true }
+      return prefixes.contains(key >> UInt64(64 - knownBits))
+    }
+
+    /// `body(q, digit)` for each rank `q` whose prefix `key` lies under, with the 16 bits of
+    /// `key` that follow the prefix.
+    @inline(__always) func forEachDigit(of key: UInt64, _ body: (Int, UInt16) -> Void) {
+      let digit = UInt16(truncatingIfNeeded: key >> UInt64(48 - knownBits))
+      let top = knownBits == 0 ? 0 : key >> UInt64(64 - knownBits)
+      for q in 0..<prefixes.count where top == prefixes[q] { body(q, digit) }
+    }
+
+    /// Extends each prefix by 16 bits, from each rank's histogram of the next 16 bits of the
+    /// keys under its prefix.
+    mutating func narrow(by histograms: [[Int]]) {
+      for q in 0..<prefixes.count {
+        var bin = 0
+        while below[q] + histograms[q][bin] <= ranks[q] {
+          below[q] += histograms[q][bin]
+          bin += 1
+        }
+        prefixes[q] = prefixes[q] << 16 | UInt64(bin)
+        under[q] = histograms[q][bin]
+      }
+      knownBits += 16
+    }
   }
 
   public func prepare(tensor name: String, shape: [Int], _ p: ResolvedParameters, scan: TensorScan) throws
@@ -56,66 +116,65 @@ public struct ArceeFusionMerge: StreamingMerge {
     var top = [Int](repeating: 0, count: 65536)
     try TensorScan(ranges: blocks, read: scan.read, release: scan.release).pass { rows -> ([Double], [UInt32]) in
       guard let base = rows.base, let model = rows.models.first else { throw MergeError.baseRequired(method: method) }
-      var scratch = Self.DivergenceScratch()
+      var scratch: [Double] = []
       let local = stride(from: 0, to: base.count, by: width).map { start in
-        scratch.divergence(model[start..<min(base.count, start + width)], base[start..<min(base.count, start + width)])
+        let row = start..<min(base.count, start + width)
+        return Kernels.softmaxDivergence(model[row], base[row], epsilon: 1e-8, scratch: &scratch)
       }
-      let firstRow = rows.offset / width
       var counts = [UInt32](repeating: 0, count: 65536)
-      for x in Self.importances(rows, width: width, divergence: { local[$0 - firstRow] }) {
-        counts[Int(Self.key(x) >> 48)] &+= 1
-      }
+      Kernels.countImportanceKeys(model: model, base: base, offset: 0, width: width, factors: local, into: &counts)
       return (local, counts)
     } combine: { local, counts in
       divergences += local
       for bin in 0..<65536 { top[bin] += Int(counts[bin]) }
     }
     let kl = divergences
-    @Sendable func importances(_ range: RangeInputs) throws -> [Double] {
-      guard range.base != nil, range.models.first != nil else { throw MergeError.baseRequired(method: method) }
-      return Self.importances(range, width: width, divergence: { kl[$0] })
+    // The keys of a range's importances under the search's prefixes.
+    @Sendable func keys(_ range: RangeInputs, under search: QuantileSearch) throws -> [UInt64] {
+      guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
+      return Kernels.importanceKeys(
+        model: model, base: base, offset: range.offset, width: width, factors: kl, under: search.prefixes,
+        knownBits: search.knownBits)
     }
-    // The three quantiles (sorted ascending, index floor(q (n - 1))), 16 bits a pass, the first
-    // 16 from the histogram above.
-    let ranks = [0.25, 0.5, 0.75].map { Int($0 * Double(count - 1)) }
-    var prefixes = [UInt64](repeating: 0, count: 3)
-    var below = [Int](repeating: 0, count: 3)
-    for pass in 0..<4 {
-      let shift = UInt64(48 - 16 * pass)
-      let known = prefixes
-      var histograms = pass == 0 ? [top, top, top] : [[Int]](repeating: [Int](repeating: 0, count: 65536), count: 3)
-      if pass > 0 {
-        // The next 16 bits of the keys under each quantile's prefix, few of the range's.
-        try scan.pass { range -> [[UInt16]] in
-          var digits: [[UInt16]] = [[], [], []]
-          for x in try importances(range) {
-            let key = Self.key(x)
-            for q in 0..<3 where key >> (shift + 16) == known[q] {
-              digits[q].append(UInt16(truncatingIfNeeded: key >> shift))
-            }
-          }
-          return digits
-        } combine: { parts in
-          for q in 0..<3 { for digit in parts[q] { histograms[q][Int(digit)] += 1 } }
-        }
+    // The three quantiles (sorted ascending, index floor(q (n - 1))), by their keys' bits from
+    // the top: 16 from the histogram above; 16 more a pass over the tensor while more than
+    // `candidateLimit` keys lie under the three prefixes; then one pass collects those keys and
+    // the rest of the bits are found among them in memory.
+    var search = QuantileSearch(ranks: [0.25, 0.5, 0.75].map { Int($0 * Double(count - 1)) })
+    search.narrow(by: [top, top, top])
+    while search.knownBits < 64 && search.candidateCount > candidateLimit {
+      let current = search
+      var histograms = QuantileSearch.emptyHistograms
+      try scan.pass { range in
+        try keys(range, under: current)
+      } combine: { keys in
+        for key in keys { current.forEachDigit(of: key) { q, digit in histograms[q][Int(digit)] += 1 } }
       }
-      for q in 0..<3 {
-        var bin = 0
-        while below[q] + histograms[q][bin] <= ranks[q] {
-          below[q] += histograms[q][bin]
-          bin += 1
-        }
-        prefixes[q] = prefixes[q] << 16 | UInt64(bin)
+      search.narrow(by: histograms)
+    }
+    if search.knownBits < 64 {
+      let current = search
+      var candidates: [UInt64] = []
+      candidates.reserveCapacity(search.candidateCount)
+      try scan.pass { range in
+        try keys(range, under: current)
+      } combine: {
+        candidates += $0
+      }
+      while search.knownBits < 64 {
+        var histograms = QuantileSearch.emptyHistograms
+        for key in candidates { search.forEachDigit(of: key) { q, digit in histograms[q][Int(digit)] += 1 } }
+        search.narrow(by: histograms)
+        let narrowed = search
+        candidates.removeAll { !narrowed.isCandidate($0) }
       }
     }
-    let quantiles = prefixes.map { key -> Double in
-      Double(bitPattern: key >> 63 == 1 ? key & ~(1 << 63) : ~key)
-    }
+    let quantiles = search.prefixes.map(Kernels.orderedDouble)
     let threshold = quantiles[1] + 1.5 * (quantiles[2] - quantiles[0])
     return RangeMerger { range in
       guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
-      let importance = try importances(range)
-      return base.indices.map { i in Float(importance[i] >= threshold ? Double(model[i]) : Double(base[i])) }
+      return Kernels.fuseByImportance(
+        model: model, base: base, offset: range.offset, width: width, factors: kl, threshold: threshold)
     }
   }
 
@@ -143,59 +202,6 @@ public struct ArceeFusionMerge: StreamingMerge {
     return Tensor(
       shape: baseTensor.shape,
       scalars: (0..<count).map { r.round(base[$0] + (importance[$0] >= threshold ? change[$0] : 0)) })
-  }
-
-  /// `|model - base| * divergence(row)` for each element of `range` (with a base and a model),
-  /// row segment by row segment; `divergence` takes the tensor's row index.
-  static func importances(_ range: RangeInputs, width: Int, divergence: (Int) -> Double) -> [Double] {
-    guard let base = range.base, let model = range.models.first else { return [] }
-    return [Double](unsafeUninitializedCapacity: base.count) { out, initialized in
-      var start = 0
-      while start < base.count {
-        let row = (range.offset + start) / width
-        let end = min(base.count, (row + 1) * width - range.offset)
-        let factor = divergence(row)
-        for i in start..<end { out[i] = abs(Double(model[i]) - Double(base[i])) * factor }
-        start = end
-      }
-      initialized = base.count
-    }
-  }
-
-  /// Buffers for the KL divergence of row after row, reused.
-  struct DivergenceScratch {
-    private var model: [Double] = []
-    private var base: [Double] = []
-
-    /// `sum p log(p / q)` over the row, `p` and `q` the softmaxes of the model's and the
-    /// base's row, each probability plus 1e-8: `softmax`'s arithmetic, in the same order.
-    mutating func divergence(_ modelRow: ArraySlice<Float>, _ baseRow: ArraySlice<Float>) -> Double {
-      let n = modelRow.count
-      if model.count < n { (model, base) = ([Double](repeating: 0, count: n), [Double](repeating: 0, count: n)) }
-      return model.withUnsafeMutableBufferPointer { p in
-        base.withUnsafeMutableBufferPointer { q in
-          ArceeFusionMerge.fillSoftmax(modelRow, into: p)
-          ArceeFusionMerge.fillSoftmax(baseRow, into: q)
-          var sum = 0.0
-          for i in 0..<n {
-            let (pi, qi) = (p[i] + 1e-8, q[i] + 1e-8)
-            sum += pi * log(pi / qi)
-          }
-          return sum
-        }
-      }
-    }
-  }
-
-  /// `softmax` of a row of floats into the first `row.count` elements of `out`.
-  static func fillSoftmax(_ row: ArraySlice<Float>, into out: UnsafeMutableBufferPointer<Double>) {
-    let top = row.max().map(Double.init) ?? 0
-    var total = 0.0
-    for (i, x) in row.enumerated() {
-      out[i] = exp(Double(x) - top)
-      total += out[i]
-    }
-    for i in 0..<row.count { out[i] /= total }
   }
 
   static func softmax(_ values: ArraySlice<Double>) -> [Double] {

@@ -382,21 +382,27 @@ import Testing
   }
 
   /// Arcee fusion streamed (rows straddling the ranges, quantiles by radix passes) gives the
-  /// whole-tensor construction with sorted quantiles exactly.
-  @Test func arceeFusionStreamedIsTheWholeTensorConstruction() throws {
-    let shape = [3, 100_000]
-    let n = 300_000
+  /// whole-tensor construction with sorted quantiles exactly: with the quantile keys found in
+  /// memory after one collecting pass (the default limit), after a narrowing pass (1000), and
+  /// by narrowing passes alone (0).
+  @Test(arguments: [nil, 1000, 0])
+  func arceeFusionStreamedIsTheWholeTensorConstruction(candidateLimit: Int?) throws {
+    // Rows of an odd length, so that rows and ranges split the eight-element lanes.
+    let width = 99_997
+    let shape = [3, width]
+    let n = 3 * width
     let base = random([n], "af-base").scalars
     let model = zip(base, random([n], "af-model", scale: 0.05).scalars).enumerated().map { i, pair in
-      pair.0 + pair.1 * Float(1 + (i / 100_000))
+      pair.0 + pair.1 * Float(1 + (i / width))
     }
-    let out = try ArceeFusionMerge().merge(
+    let method = candidateLimit.map { ArceeFusionMerge(candidateLimit: $0) } ?? ArceeFusionMerge()
+    let out = try method.merge(
       MergeInputs(name: "w", base: Tensor(shape: shape, scalars: base), models: [Tensor(shape: shape, scalars: model)]),
       try resolve(ArceeFusionMerge(), [:], models: [[:]]))
     let (m, b) = (model.map(Double.init), base.map(Double.init))
     var importance = [Double](repeating: 0, count: n)
-    for start in stride(from: 0, to: n, by: 100_000) {
-      let row = start..<(start + 100_000)
+    for start in stride(from: 0, to: n, by: width) {
+      let row = start..<(start + width)
       let p = ArceeFusionMerge.softmax(m[row]).map { $0 + 1e-8 }
       let q = ArceeFusionMerge.softmax(b[row]).map { $0 + 1e-8 }
       let kl = zip(p, q).reduce(0) { $0 + $1.0 * log($1.0 / $1.1) }

@@ -1,0 +1,139 @@
+import Foundation
+import Testing
+
+@testable import Tensor
+
+/// Arcee fusion's kernels against plain scalar references in `Double` with the C library's
+/// `exp` and `log`: on row lengths and ranges that do and do not fill whole eight-element
+/// lanes, and ranges that start inside a row.
+@Suite struct ImportanceKernelsTests {
+  private let rng = CounterRNG(seed: 23, stream: "importance-kernels")
+  private func values(_ count: Int, _ stream: Int, scale: Float) -> [Float] {
+    (0..<count).map { Float(Int32(bitPattern: rng.bits32(UInt64(stream << 32 | $0)))) * 0x1p-31 * scale }
+  }
+
+  private func referenceDivergence(_ model: [Float], _ base: [Float], epsilon: Double) -> Double {
+    func softmax(_ row: [Float]) -> [Double] {
+      let top = Double(row.max() ?? 0)
+      let e = row.map { Foundation.exp(Double($0) - top) }
+      let total = e.reduce(0, +)
+      return e.map { $0 / total + epsilon }
+    }
+    return zip(softmax(model), softmax(base)).reduce(0) { $0 + $1.0 * Foundation.log($1.0 / $1.1) }
+  }
+
+  @Test func softmaxDivergenceIsTheSequentialSum() {
+    var scratch: [Double] = []
+    // Lengths around the lane width, then long rows (scratch reused, growing and shrinking).
+    for (n, count) in [1, 2, 7, 8, 9, 15, 17, 100, 1_001, 4_096, 50_003, 3].enumerated() {
+      let base = values(count, 2 * n, scale: 4)
+      let model = zip(base, values(count, 2 * n + 1, scale: 0.5)).map { $0 + $1 }
+      let got = Kernels.softmaxDivergence(model[...], base[...], epsilon: 1e-8, scratch: &scratch)
+      let expected = referenceDivergence(model, base, epsilon: 1e-8)
+      #expect(abs(got - expected) <= 1e-12 * abs(expected) + 1e-300, "row of \(count): \(got) vs \(expected)")
+      #expect(count == 1 || got > 0)
+    }
+  }
+
+  @Test func softmaxDivergenceEdgeCases() {
+    var scratch: [Double] = []
+    let row: [Float] = [0.5, -2, 3, 1, 0, 7, -1, 2, 4]
+    #expect(Kernels.softmaxDivergence(row[...], row[...], epsilon: 1e-8, scratch: &scratch) == 0)
+    #expect(Kernels.softmaxDivergence([][...], [][...], epsilon: 1e-8, scratch: &scratch) == 0)
+    var withNaN = row
+    withNaN[8] = .nan
+    #expect(Kernels.softmaxDivergence(withNaN[...], row[...], epsilon: 1e-8, scratch: &scratch).isNaN)
+    // Slices that do not start at index 0.
+    let long = values(40, 99, scale: 2)
+    let other = values(40, 98, scale: 2)
+    let got = Kernels.softmaxDivergence(long[13..<31], other[13..<31], epsilon: 1e-8, scratch: &scratch)
+    let expected = referenceDivergence(Array(long[13..<31]), Array(other[13..<31]), epsilon: 1e-8)
+    #expect(abs(got - expected) <= 1e-12 * expected)
+  }
+
+  @Test func orderKeyFollowsTheDoublesOrder() {
+    let sorted: [Double] = [
+      -.infinity, -.greatestFiniteMagnitude, -1, -.leastNormalMagnitude, -.leastNonzeroMagnitude, -0.0, 0,
+      .leastNonzeroMagnitude, .leastNormalMagnitude, 1, 1.0000000000000002, .greatestFiniteMagnitude, .infinity,
+    ]
+    let keys = sorted.map(Kernels.orderKey)
+    #expect(zip(keys, keys.dropFirst()).allSatisfy { $0 < $1 })
+    // The key is a bijection: the double comes back from it.
+    for x in sorted + [.nan, -.nan] {
+      #expect(Kernels.orderedDouble(Kernels.orderKey(x)).bitPattern == x.bitPattern)
+    }
+  }
+
+  /// A tensor's range: `count` elements from `offset`, in rows of `width`, with one factor
+  /// per row of the whole tensor.
+  private struct Case {
+    let model: [Float]
+    let base: [Float]
+    let offset: Int
+    let width: Int
+    let factors: [Double]
+
+    var importances: [Double] {
+      model.indices.map { abs(Double(model[$0]) - Double(base[$0])) * factors[(offset + $0) / width] }
+    }
+  }
+
+  private var cases: [Case] {
+    // (offset, count, width): whole lanes, tails, ranges beginning and ending mid-row, rows
+    // shorter than a lane, one element.
+    [(0, 64, 16), (0, 61, 13), (5, 100, 7), (37, 250, 64), (3, 1, 5), (0, 29, 3), (1_000, 3_001, 1_013)].enumerated()
+      .map { n, shape in
+        let (offset, count, width) = shape
+        let base = values(count, 100 + 2 * n, scale: 1)
+        let model = zip(base, values(count, 101 + 2 * n, scale: 0.01)).map { $0 + $1 }
+        // Repeats among the changes, so that prefixes are shared by several keys.
+        let rows = (offset + count + width - 1) / width
+        let factors = (0..<rows).map { Double($0 % 3 + 1) * 0.125 }
+        return Case(
+          model: model.enumerated().map { $0 % 5 == 0 ? base[$0] + 0.005 : $1 }, base: base, offset: offset,
+          width: width, factors: factors)
+      }
+  }
+
+  @Test func countImportanceKeysIsTheTopBitsHistogram() {
+    for c in cases {
+      var counts = [UInt32](repeating: 1, count: 65536)
+      Kernels.countImportanceKeys(
+        model: c.model, base: c.base, offset: c.offset, width: c.width, factors: c.factors, into: &counts)
+      var expected = [UInt32](repeating: 1, count: 65536)
+      for x in c.importances { expected[Int(Kernels.orderKey(x) >> 48)] += 1 }
+      #expect(counts == expected, "\(c.model.count) from \(c.offset) in rows of \(c.width)")
+    }
+  }
+
+  @Test func importanceKeysAreTheKeysUnderThePrefixes() {
+    for c in cases {
+      let keys = c.importances.map(Kernels.orderKey)
+      for knownBits in [16, 32, 48] {
+        let shift = UInt64(64 - knownBits)
+        // Prefixes of existing keys (one of them twice) and one that matches nothing.
+        let prefixes = [keys[keys.count / 2] >> shift, keys[0] >> shift, keys[keys.count - 1] >> shift]
+        for chosen in [[prefixes[0]], [prefixes[0], prefixes[0]], prefixes, [prefixes[1], 0x1234]] {
+          let got = Kernels.importanceKeys(
+            model: c.model, base: c.base, offset: c.offset, width: c.width, factors: c.factors, under: chosen,
+            knownBits: knownBits)
+          let expected = keys.filter { chosen.contains($0 >> shift) }
+          #expect(got == expected, "\(c.model.count) from \(c.offset), \(knownBits) bits, \(chosen.count) prefixes")
+          #expect(!got.isEmpty)
+        }
+      }
+    }
+  }
+
+  @Test func fuseByImportanceTakesTheModelFromTheThreshold() {
+    for c in cases {
+      let importances = c.importances
+      // The median importance as the threshold: ties at it take the model.
+      let threshold = importances.sorted()[importances.count / 2]
+      let got = Kernels.fuseByImportance(
+        model: c.model, base: c.base, offset: c.offset, width: c.width, factors: c.factors, threshold: threshold)
+      let expected = importances.indices.map { importances[$0] >= threshold ? c.model[$0] : c.base[$0] }
+      #expect(got == expected, "\(c.model.count) from \(c.offset) in rows of \(c.width)")
+    }
+  }
+}
