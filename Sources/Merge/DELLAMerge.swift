@@ -112,15 +112,9 @@ public struct DELLAMerge: StreamingMerge {
       words.removeLast(max(0, words.count - (count + 63) / 64))
     }
 
-    /// Flags `start ..< start + out.count` into `out`.
-    func unpack(from start: Int, into out: UnsafeMutableBufferPointer<Bool>) {
-      precondition(start >= 0 && start + out.count <= count)
-      words.withUnsafeBufferPointer { words in
-        for k in 0..<out.count {
-          let i = start + k
-          out[k] = words[i &>> 6] &>> UInt64(i & 63) & 1 == 1
-        }
-      }
+    /// The packed words (flag i: bit `i % 64` of word `i / 64`; the bits past `count` are 0).
+    func withWords<R>(_ body: (UnsafeBufferPointer<UInt64>) throws -> R) rethrows -> R {
+      try words.withUnsafeBufferPointer(body)
     }
   }
 
@@ -238,8 +232,9 @@ public struct DELLAMerge: StreamingMerge {
   }
 
   /// The merge of one range whose dropping models' flags were all kept from the L1 pass: for
-  /// each block of elements, each model's weighted, kept (and rescaled) deltas, as the ranked
-  /// path computes them, then `combine`; everything a block needs stays in cache.
+  /// each block of elements, each model's weighted, kept (and rescaled) deltas, formed from its
+  /// values, the base and the packed flags in one sweep, then `combine`; everything a block
+  /// needs stays in cache.
   static func mergeBlocks(
     _ range: RangeInputs, flags: [PackedFlags?], drops: [Drop], weights: [Double], consensus: Bool,
     normalize: Bool, lambda: Double, into out: inout [Float], method: String
@@ -247,56 +242,81 @@ public struct DELLAMerge: StreamingMerge {
     guard let base = range.base else { throw MergeError.baseRequired(method: method) }
     let (models, count, block) = (range.models.count, base.count, 1024)
     var weighted = [Double](repeating: 0, count: models * block)
-    var kept = [Bool](repeating: false, count: block)
-    var deltas = [Double](repeating: 0, count: block)
     base.withUnsafeBufferPointer { base in
       out.withUnsafeMutableBufferPointer { out in
         for start in stride(from: 0, to: count, by: block) {
           let n = min(block, count - start)
+          let blockBase = UnsafeBufferPointer(rebasing: base[start..<start + n])
           for m in 0..<models {
             let (drop, weight) = (drops[m], weights[m])
-            if let flags = flags[m] {
-              kept.withUnsafeMutableBufferPointer {
-                flags.unpack(from: range.offset + start, into: UnsafeMutableBufferPointer(rebasing: $0[0..<n]))
-              }
-            } else {
-              precondition(!drop.drops, "DELLA's block merge needs every dropping model's kept flags")
-              kept.withUnsafeMutableBufferPointer { $0.update(repeating: drop.density >= 1) }
-            }
+            precondition(
+              flags[m] != nil || !drop.drops, "DELLA's block merge needs every dropping model's kept flags")
             range.models[m].withUnsafeBufferPointer { values in
-              deltas.withUnsafeMutableBufferPointer { deltas in
-                for j in 0..<n { deltas[j] = Double(values[start + j]) - Double(base[start + j]) }
-              }
-            }
-            deltas.withUnsafeBufferPointer { deltas in
-              kept.withUnsafeBufferPointer { kept in
-                weighted.withUnsafeMutableBufferPointer { weighted in
-                  weigh(
-                    UnsafeBufferPointer(rebasing: deltas[0..<n]), kept: UnsafeBufferPointer(rebasing: kept[0..<n]),
-                    drop: drop, weight: weight,
-                    into: UnsafeMutableBufferPointer(rebasing: weighted[m * n..<(m + 1) * n]))
+              weighted.withUnsafeMutableBufferPointer { weighted in
+                let into = UnsafeMutableBufferPointer(rebasing: weighted[m * n..<(m + 1) * n])
+                let values = UnsafeBufferPointer(rebasing: values[start..<start + n])
+                if let flags = flags[m] {
+                  flags.withWords { words in
+                    weigh(
+                      values, minus: blockBase, flags: words, from: range.offset + start, drop: drop, weight: weight,
+                      into: into)
+                  }
+                } else {
+                  let all: UInt64 = drop.density >= 1 ? ~0 : 0
+                  withUnsafePointer(to: all) { word in
+                    weigh(
+                      values, minus: blockBase, flags: UnsafeBufferPointer(start: word, count: 1), from: 0,
+                      repeating: true, drop: drop, weight: weight, into: into)
+                  }
                 }
               }
             }
           }
           weighted.withUnsafeBufferPointer { weighted in
             combine(
-              weighted, models: models, length: n, base: UnsafeBufferPointer(rebasing: base[start..<start + n]),
-              weights: weights, consensus: consensus, normalize: normalize, lambda: lambda,
-              into: UnsafeMutableBufferPointer(rebasing: out[start..<start + n]))
+              weighted, models: models, length: n, base: blockBase, weights: weights, consensus: consensus,
+              normalize: normalize, lambda: lambda, into: UnsafeMutableBufferPointer(rebasing: out[start..<start + n]))
           }
         }
       }
     }
   }
 
-  /// One model's weighted, kept (and rescaled) deltas: `(kept ? delta * before / after : 0) *
-  /// weight` for each element (before / after is 1 / 1, exact, without rescale or drop).
+  /// One element's weighted, kept (and rescaled) delta: `(kept ? delta * before / after : 0) *
+  /// weight`, the dropped delta masked to +0 without a branch on the random flag (`kept` is 0
+  /// or 1). Before / after is 1 / 1, exact, without rescale or drop.
+  @inline(__always) static func weighted(_ delta: Double, kept: UInt64, drop: Drop, weight: Double) -> Double {
+    Double(bitPattern: (delta * drop.before / drop.after).bitPattern & (0 &- kept)) * weight
+  }
+
+  /// One model's weighted, kept (and rescaled) deltas.
   static func weigh(
     _ deltas: UnsafeBufferPointer<Double>, kept: UnsafeBufferPointer<Bool>, drop: Drop, weight: Double,
     into out: UnsafeMutableBufferPointer<Double>
   ) {
-    for j in 0..<deltas.count { out[j] = (kept[j] ? deltas[j] * drop.before / drop.after : 0) * weight }
+    kept.withMemoryRebound(to: UInt8.self) { kept in
+      for j in 0..<deltas.count { out[j] = weighted(deltas[j], kept: UInt64(kept[j] & 1), drop: drop, weight: weight) }
+    }
+  }
+
+  /// One model's weighted, kept (and rescaled) deltas `values - base`, element j kept when
+  /// flag `first + j` of the packed `flags` is set (with `repeating`, flag `j % 64` of the
+  /// first word), a word of flags at a time.
+  static func weigh(
+    _ values: UnsafeBufferPointer<Float>, minus base: UnsafeBufferPointer<Float>, flags: UnsafeBufferPointer<UInt64>,
+    from first: Int, repeating: Bool = false, drop: Drop, weight: Double, into out: UnsafeMutableBufferPointer<Double>
+  ) {
+    var j = 0
+    while j < values.count {
+      let i = first + j
+      let word = flags[repeating ? 0 : i &>> 6] &>> UInt64(i & 63)
+      let run = min(64 - i & 63, values.count - j)
+      for k in 0..<run {
+        let delta = Double(values[j + k]) - Double(base[j + k])
+        out[j + k] = weighted(delta, kept: word &>> UInt64(k) & 1, drop: drop, weight: weight)
+      }
+      j += run
+    }
   }
 
   /// `base + lambda * mixed` for each element j of a range, from the models' weighted deltas
@@ -425,17 +445,20 @@ public struct DELLAMerge: StreamingMerge {
     /// radix sort takes half the passes.
     private mutating func rankRow(_ row: Range<Int>) {
       let length = row.count
-      var exact = true
+      // Whether every magnitude converts to `Float` and back unchanged, as a byte AND so that
+      // the loop runs in vectors.
+      var allExact: UInt8 = 1
       deltas.withUnsafeBufferPointer { d in
         keys32.withUnsafeMutableBufferPointer { keys in
           for k in 0..<length {
             let magnitude = abs(d[row.lowerBound + k])
             let single = Float(magnitude)
-            exact = exact && Double(single) == magnitude
+            allExact &= Double(single) == magnitude ? 1 : 0
             keys[k] = single.bitPattern
           }
         }
       }
+      let exact = allExact == 1
       ranks.withUnsafeMutableBufferPointer { ranks in
         if exact {
           keys32.withUnsafeBufferPointer {

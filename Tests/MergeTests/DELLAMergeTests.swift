@@ -160,12 +160,45 @@ import Testing
       flags += block
     }
     #expect(packed.count == flags.count)
-    var unpacked = [Bool](repeating: false, count: flags.count)
-    unpacked.withUnsafeMutableBufferPointer { packed.unpack(from: 0, into: $0) }
+    let unpacked = packed.withWords { words in
+      (0..<flags.count).map { words[$0 / 64] >> UInt64($0 % 64) & 1 == 1 }
+    }
     #expect(unpacked == flags)
-    // From an offset inside a word, across words.
-    var tail = [Bool](repeating: false, count: flags.count - 70)
-    tail.withUnsafeMutableBufferPointer { packed.unpack(from: 70, into: $0) }
-    #expect(tail == Array(flags[70...]))
+    // The bits past the last flag are 0.
+    let padding = packed.withWords { words in
+      words.count * 64 - flags.count == 0 ? 0 : words[words.count - 1] >> UInt64(flags.count % 64)
+    }
+    #expect(padding == 0)
+  }
+
+  /// The block merge's weighing from packed flags, from any first flag (inside a word, across
+  /// words), gives each element's `(kept ? delta * before / after : 0) * weight` to the bit.
+  @Test func weighingFromPackedFlagsIsWeighingFromFlags() {
+    let rng = CounterRNG(seed: 4, stream: "della-weigh")
+    let n = 700
+    let flags = (0..<n).map { rng.bits32(UInt64($0)) & 1 == 1 }
+    let packed = Kernels.packBits(flags)
+    let values = (0..<n).map { rng.normal(UInt64(1_000 + $0)) }
+    let base = (0..<n).map { rng.normal(UInt64(2_000 + $0)) }
+    var drop = DELLAMerge.Drop(density: 0.5, epsilon: 0.1, rng: rng)
+    (drop.before, drop.after) = (3.7, 1.9)
+    for (first, count) in [(0, n), (70, 300), (63, 2), (128, 64), (5, 0)] {
+      let range = first..<first + count
+      let expected = range.map { i in
+        (flags[i] ? (Double(values[i]) - Double(base[i])) * drop.before / drop.after : 0) * -0.7
+      }
+      var weighted = [Double](repeating: 0, count: count)
+      Array(values[range]).withUnsafeBufferPointer { v in
+        Array(base[range]).withUnsafeBufferPointer { b in
+          packed.withUnsafeBufferPointer { words in
+            weighted.withUnsafeMutableBufferPointer {
+              DELLAMerge.weigh(v, minus: b, flags: words, from: first, drop: drop, weight: -0.7, into: $0)
+            }
+          }
+        }
+      }
+      #expect(weighted.map(\.bitPattern) == expected.map(\.bitPattern), "from \(first), \(count) flags")
+      #expect(zip(weighted, flags[range]).allSatisfy { $1 || $0 == 0 })
+    }
   }
 }

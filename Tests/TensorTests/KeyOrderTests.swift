@@ -59,4 +59,38 @@ import Testing
       }
     }
   }
+  /// The digits cover exactly the bits where keys differ, however wide that span and wherever
+  /// it lies (constant bits above and below it): as few passes as digits of 11 bits allow (8
+  /// for fewer than 1024 keys), and the ranks those of a comparison sort by (key, index).
+  @Test func digitsSpanTheBitsWhereKeysDiffer() {
+    let rng = CounterRNG(seed: 11, stream: "key-order-digits")
+    var workspace = KeyOrder.Workspace()
+    for (round, (span, count)) in [
+      (1, 1_500), (8, 1_500), (11, 1_500), (12, 1_500), (21, 2_048), (22, 2_048), (23, 2_048), (32, 1_024),
+      (9, 300), (17, 300), (32, 1_023),
+    ].enumerated() {
+      let shift = (32 - span) / 2
+      let low = UInt32((UInt64(1) << span) - 1)
+      // The span's lowest and highest bits both differ between keys; the bits outside it are
+      // the same in every key (ones above, zeros below).
+      var keys = (0..<count).map { rng.bits32(UInt64(round * 10_000 + $0)) & low }
+      keys[0] = 0
+      keys[1] = low
+      let high = span + shift == 32 ? UInt32(0) : ~UInt32(0) << UInt32(span + shift)
+      keys = keys.map { $0 << UInt32(shift) | high }
+      let digits = keys.withUnsafeBufferPointer { KeyOrder.Digits($0) }
+      let widest = count >= 1024 ? 11 : 8
+      #expect(digits.lowest == shift, "span \(span)")
+      #expect(digits.passes == (span + widest - 1) / widest, "span \(span), \(count) keys")
+      #expect(digits.passes * digits.width >= span && digits.width <= widest && digits.bins == 1 << digits.width)
+      var expected = [Int32](repeating: -1, count: count)
+      for (rank, index) in keys.indices.sorted(by: { (keys[$0], $0) < (keys[$1], $1) }).enumerated() {
+        expected[index] = Int32(rank)
+      }
+      var ranks = [Int32](repeating: -1, count: count)
+      ranks.withUnsafeMutableBufferPointer { out in keys.withUnsafeBufferPointer { workspace.ranks(of: $0, into: out) }
+      }
+      #expect(ranks == expected, "span \(span), \(count) keys")
+    }
+  }
 }
