@@ -310,7 +310,7 @@ public struct DELLAMerge: StreamingMerge {
     while j < values.count {
       let i = first + j
       let word = flags[repeating ? 0 : i &>> 6] &>> UInt64(i & 63)
-      let run = min(64 - i & 63, values.count - j)
+      let run = min(64 - (i & 63), values.count - j)
       for k in 0..<run {
         let delta = Double(values[j + k]) - Double(base[j + k])
         out[j + k] = weighted(delta, kept: word &>> UInt64(k) & 1, drop: drop, weight: weight)

@@ -1,8 +1,8 @@
 /// Ranks of unsigned integer keys without comparisons: a stable LSD radix sort, in place of a
 /// comparison sort of index-tagged keys where many short arrays are ranked (DELLA ranks every
 /// row of every task vector by magnitude). One sweep finds the span of bits where keys differ
-/// and cuts it into as few digits of up to 11 bits as it takes (`Digits`); a second counts
-/// every digit, then each pass scatters the keys by its digit.
+/// and cuts it into as few digits of up to 11 bits as it takes (`Digits`), then each pass counts
+/// and scatters the keys by its digit.
 public enum KeyOrder {
   /// Scratch for ranking many short arrays one after another (DELLA's rows): its buffers grow
   /// to the longest array seen and are reused, so that ranking a row allocates nothing. One
@@ -175,7 +175,8 @@ public enum KeyOrder {
       bins = 1 << width
     }
 
-    /// The widest digit: tables of 2048 counters (8 KB), which stay in the first-level cache.
+    /// The widest digit: a pass's two tables of 2048 counters (16 KB) stay in the first-level
+    /// cache.
     static let widest = 11
 
     /// Counters a pass's two tables take at most.
