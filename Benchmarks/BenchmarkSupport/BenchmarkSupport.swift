@@ -54,6 +54,33 @@ public func plainWrite(_ bytes: Int, to path: String) throws -> Double {
   return time
 }
 
+/// Whether this machine is a virtual machine that hands its free memory back to the host: a
+/// virtio balloon offering free page reporting (feature bit 5, `VIRTIO_BALLOON_F_REPORTING`).
+/// There, memory the guest freed a few seconds ago has been given back, and the first write to
+/// each of its pages waits on the host to supply it again: a page-cache write of 1 GB onto such
+/// memory took 6-9 s on this project's machines, against 0.4 s onto memory just freed
+/// (docs/performance.md, "The write path").
+public func hostTakesFreeMemory() -> Bool {
+  let devices = "/sys/bus/virtio/devices"
+  let names = (try? FileManager.default.contentsOfDirectory(atPath: devices)) ?? []
+  return names.contains { name in
+    let folder = devices + "/" + name
+    guard (try? String(contentsOfFile: folder + "/device", encoding: .utf8))?.hasPrefix("0x0005") == true,
+      let features = try? String(contentsOfFile: folder + "/features", encoding: .utf8)
+    else { return false }
+    let bits = Array(features.utf8)
+    return bits.count > 5 && bits[5] == UInt8(ascii: "1")
+  }
+}
+
+/// Writes `bytes` to a scratch file at `path` and removes it, so that the guest has that much
+/// memory freed just now: the timed run after it gets its page cache and heap from those pages,
+/// which the host has not taken back yet (the balloon reports free pages after about two
+/// seconds). Without it, a run's figures depend on how long the machine sat idle before it.
+public func recycleMemory(_ bytes: Int, at path: String) throws {
+  _ = try plainWrite(bytes, to: path)
+}
+
 /// Runs the mergekit binary and returns (wall seconds, its peak RSS in MB). The child reports
 /// its own VmHWM (`MERGEKIT_REPORT_PEAK_RSS=1`): wait4's ru_maxrss would also count this
 /// process's memory, which Linux folds into a vforked child's high-water mark at exec.

@@ -1,9 +1,12 @@
+import Foundation
+
 extension Kernels {
   /// `sum_i p_i log(p_i / q_i)` with `p = softmax(model) + epsilon` and
   /// `q = softmax(base) + epsilon` (each probability plus `epsilon`), for two rows of the same
   /// length: Arcee fusion's per-row KL divergence, in `Double`. Each softmax is
-  /// `exp(x - max) / sum exp(x - max)`; the exponentials and logarithms are `VectorMath`'s
-  /// (within one ulp), and every sum runs in eight lanes (element `i` into lane `i % 8`),
+  /// `exp(x - max) * (1 / sum exp(x - max))`; the exponentials are `VectorMath`'s (within one
+  /// ulp), or for a row of BF16 values a table's times `exp(-max)` (within two), the logarithms
+  /// `VectorMath`'s, and every sum runs in eight lanes (element `i` into lane `i % 8`),
   /// added up in `VectorMath.sum`'s order, so the result is the same on every machine and
   /// thread count. `scratch` is grown to twice `count` rounded up to 8 doubles and reused. An empty
   /// row gives 0; a NaN or an infinity in a row gives NaN.
@@ -36,27 +39,60 @@ extension Kernels {
   }
 
   /// `exp(x - max x)` of each of `count` floats into `out`, and their sum; `out` has room for
-  /// `count` rounded up to 8, and the elements past `count` are set to 0.
+  /// `count` rounded up to 8, and the elements past `count` are set to 0. A row whose values are
+  /// all BF16 values (the low 16 bits of each float zero) within `tableBound` of 0 takes each
+  /// exponential from `bf16Exponentials` times `exp(-max x)`, within two ulps of `exp(x - max x)`
+  /// (a lookup where the polynomial costs a few nanoseconds: BF16 checkpoints are the common
+  /// input); any other row, `VectorMath.exp`.
   @inline(__always)
   static func shiftedExponentials(_ x: UnsafePointer<Float>, count: Int, into out: UnsafeMutablePointer<Double>)
     -> Double
   {
     var top = SIMD8<Float>(repeating: -.infinity)
+    var lowBits = SIMD8<UInt32>(repeating: 0)
+    var inside = SIMDMask<SIMD8<Int32>>(repeating: true)
+    let bound = SIMD8<UInt32>(repeating: tableBound.bitPattern)
     var i = 0
     while i + 8 <= count {
       let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
       top.replace(with: v, where: v .> top)
+      let bits = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<UInt32>.self)
+      lowBits |= bits & 0xFFFF
+      // |v| <= bound as the magnitudes' bit patterns (a NaN's are above every number's).
+      inside = inside .& (bits & 0x7FFF_FFFF .<= bound)
       i += 8
     }
     var largest = top.max()
+    var fromTable = lowBits == .zero && all(inside)
     while i < count {
       if x[i] > largest { largest = x[i] }
+      fromTable = fromTable && x[i].bitPattern & 0xFFFF == 0 && abs(x[i]) <= tableBound
       i += 1
+    }
+    var total = Doubles(repeating: 0)
+    i = 0
+    if fromTable {
+      // The lanes past the end are 0, which adds nothing to the sum.
+      let scale = VectorMath.exp(Doubles(repeating: -Double(largest)))
+      bf16Exponentials.withUnsafeBufferPointer { table in
+        guard let entries = table.baseAddress else { return }
+        while i < count {
+          // Each float's top 16 bits are its BF16 pattern.
+          if i + 8 <= count {
+            for j in 0..<8 { out[i + j] = entries[Int(x[i + j].bitPattern >> 16)] }
+          } else {
+            for j in 0..<8 { out[i + j] = i + j < count ? entries[Int(x[i + j].bitPattern >> 16)] : 0 }
+          }
+          let e = UnsafeRawPointer(out + i).loadUnaligned(as: Doubles.self) * scale
+          UnsafeMutableRawPointer(out + i).storeBytes(of: e, as: Doubles.self)
+          total += e
+          i += 8
+        }
+      }
+      return VectorMath.sum(total)
     }
     // The lanes past the end are exp(-inf) = 0, which adds nothing to the sum.
     let shift = Doubles(repeating: Double(largest))
-    var total = Doubles(repeating: 0)
-    i = 0
     while i < count {
       let e = VectorMath.exp(lanes(x, i, count: count, fill: -.infinity) - shift)
       UnsafeMutableRawPointer(out + i).storeBytes(of: e, as: Doubles.self)
@@ -66,19 +102,40 @@ extension Kernels {
     return VectorMath.sum(total)
   }
 
+  /// The largest magnitude a row's values may have to take their exponentials from
+  /// `bf16Exponentials`: `exp(x)`, `exp(-max x)` and their product (`x - max x` down to
+  /// -700) stay normal doubles.
+  static let tableBound: Float = 350
+
+  /// `exp` of every BF16 value, indexed by its 16-bit pattern, in `Double`: `VectorMath`'s
+  /// (within an ulp, the same on every machine, as the rest of the divergence). 512 KiB, of
+  /// which a checkpoint's rows touch the few kilobytes around their magnitudes.
+  static let bf16Exponentials: [Double] = [Double](unsafeUninitializedCapacity: 65536) { table, initialized in
+    for first in stride(from: 0, to: 65536, by: 8) {
+      var x = Doubles()
+      for j in 0..<8 { x[j] = Double(Float(bitPattern: UInt32(first + j) << 16)) }
+      let e = VectorMath.exp(x)
+      for j in 0..<8 { table[first + j] = e[j] }
+    }
+    initialized = 65536
+  }
+
   /// The divergence of two rows, `p` and `q` each with room for `count` rounded up to 8.
   static func divergence(
     _ model: UnsafePointer<Float>, _ base: UnsafePointer<Float>, count: Int, epsilon: Double,
     p: UnsafeMutablePointer<Double>, q: UnsafeMutablePointer<Double>
   ) -> Double {
-    let modelTotal = Doubles(repeating: shiftedExponentials(model, count: count, into: p))
-    let baseTotal = Doubles(repeating: shiftedExponentials(base, count: count, into: q))
+    // Each softmax's division as a product with the reciprocal of its sum (within 1.5 ulps
+    // where the division is within half of one): a vector division costs several times a
+    // product, and this loop had three an element.
+    let modelScale = Doubles(repeating: 1 / shiftedExponentials(model, count: count, into: p))
+    let baseScale = Doubles(repeating: 1 / shiftedExponentials(base, count: count, into: q))
     var sum = Doubles(repeating: 0)
     var i = 0
     while i < count {
-      // Past the end both sides are 0 / total + epsilon, whose term epsilon * log 1 is 0.
-      let pi = UnsafeRawPointer(p + i).loadUnaligned(as: Doubles.self) / modelTotal + epsilon
-      let qi = UnsafeRawPointer(q + i).loadUnaligned(as: Doubles.self) / baseTotal + epsilon
+      // Past the end both sides are 0 * scale + epsilon, whose term epsilon * log 1 is 0.
+      let pi = UnsafeRawPointer(p + i).loadUnaligned(as: Doubles.self) * modelScale + epsilon
+      let qi = UnsafeRawPointer(q + i).loadUnaligned(as: Doubles.self) * baseScale + epsilon
       sum += pi * VectorMath.log(pi / qi)
       i += 8
     }
@@ -166,15 +223,24 @@ extension Kernels {
   ) {
     let count = Swift.min(model.count, base.count)
     precondition(counts.count == 65536, "countImportanceKeys needs 65536 bins")
+    // Half the lanes count into a second histogram: a block's importances crowd into a few
+    // bins, and increments of one bin wait on each other through memory.
+    var second = [UInt32](repeating: 0, count: 65536)
     counts.withUnsafeMutableBufferPointer { counts in
-      guard let bins = counts.baseAddress else { return }
-      _ = withImportanceInputs(model, base, factors) { m, b, f in
-        forEachImportance(
-          model: m, base: b, count: count, offset: offset, width: width, factors: f,
-          lanes: { _, x in
-            let top = orderKeys(x) &>> 48
-            for j in 0..<8 { bins[Int(top[j])] &+= 1 }
-          }, one: { _, x in bins[Int(orderKey(x) >> 48)] &+= 1 })
+      second.withUnsafeMutableBufferPointer { second in
+        guard let bins = counts.baseAddress, let others = second.baseAddress else { return }
+        _ = withImportanceInputs(model, base, factors) { m, b, f in
+          forEachImportance(
+            model: m, base: b, count: count, offset: offset, width: width, factors: f,
+            lanes: { _, x in
+              let top = orderKeys(x) &>> 48
+              for j in 0..<4 {
+                bins[Int(top[2 * j])] &+= 1
+                others[Int(top[2 * j + 1])] &+= 1
+              }
+            }, one: { _, x in bins[Int(orderKey(x) >> 48)] &+= 1 })
+        }
+        for bin in 0..<65536 { bins[bin] &+= others[bin] }
       }
     }
   }

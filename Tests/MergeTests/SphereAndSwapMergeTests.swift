@@ -384,17 +384,20 @@ import Testing
   /// Arcee fusion streamed (rows straddling the ranges, quantiles by radix passes) gives the
   /// whole-tensor construction with sorted quantiles exactly: with the quantile keys found in
   /// memory after one collecting pass (the default limit), after a narrowing pass (1000), and
-  /// by narrowing passes alone (0).
-  @Test(arguments: [nil, 1000, 0])
-  func arceeFusionStreamedIsTheWholeTensorConstruction(candidateLimit: Int?) throws {
+  /// by narrowing passes alone (0); and with BF16 values, whose rows take their exponentials
+  /// from a table.
+  @Test(arguments: [(nil, false), (1000, false), (0, false), (nil, true)])
+  func arceeFusionStreamedIsTheWholeTensorConstruction(candidateLimit: Int?, bf16: Bool) throws {
     // Rows of an odd length, so that rows and ranges split the eight-element lanes.
     let width = 99_997
     let shape = [3, width]
     let n = 3 * width
-    let base = random([n], "af-base").scalars
-    let model = zip(base, random([n], "af-model", scale: 0.05).scalars).enumerated().map { i, pair in
-      pair.0 + pair.1 * Float(1 + (i / width))
-    }
+    func stored(_ x: [Float]) -> [Float] { bf16 ? x.map { Float(bitPattern: $0.bitPattern & 0xFFFF_0000) } : x }
+    let base = stored(random([n], "af-base").scalars)
+    let model = stored(
+      zip(base, random([n], "af-model", scale: 0.05).scalars).enumerated().map { i, pair in
+        pair.0 + pair.1 * Float(1 + (i / width))
+      })
     let method = candidateLimit.map { ArceeFusionMerge(candidateLimit: $0) } ?? ArceeFusionMerge()
     let out = try method.merge(
       MergeInputs(name: "w", base: Tensor(shape: shape, scalars: base), models: [Tensor(shape: shape, scalars: model)]),

@@ -35,6 +35,62 @@ import Testing
     }
   }
 
+  /// Rows of BF16 values take their exponentials from the table (`exp(x) * exp(-max)`, to the
+  /// bit), others from the polynomial: both within two ulps of `exp(x - max)`, and the divergence
+  /// within 1e-13 of the reference (relative, or absolute below 1), also where one value passes
+  /// the table's bound (the whole row then takes the polynomial) or a row's length leaves a tail.
+  @Test func bf16RowsTakeTheirExponentialsFromTheTable() {
+    func bf16(_ x: [Float]) -> [Float] { x.map { Float(bitPattern: $0.bitPattern & 0xFFFF_0000) } }
+    for (n, count) in [1, 7, 8, 13, 64, 2_051].enumerated() {
+      let base = bf16(values(count, 40 + 2 * n, scale: 3))
+      let model = bf16(zip(base, values(count, 41 + 2 * n, scale: 0.05)).map { $0 + $1 })
+      var outside = model
+      outside[count / 2] = 2 * Kernels.tableBound
+      for row in [base, model, outside] {
+        var out = [Double](repeating: .nan, count: (count + 7) & ~7)
+        let top = Double(row.max() ?? 0)
+        let total = row.withUnsafeBufferPointer { x in
+          out.withUnsafeMutableBufferPointer { o in
+            guard let x = x.baseAddress, let o = o.baseAddress else { return Double.nan }
+            return Kernels.shiftedExponentials(x, count: count, into: o)
+          }
+        }
+        let tabled = row != outside
+        var sum = 0.0
+        for i in 0..<count {
+          let expected = Foundation.exp(Double(row[i]) - top)
+          #expect(abs(out[i] - expected) <= 2 * expected.ulp, "row of \(count), element \(i)")
+          let fromTable =
+            Kernels.bf16Exponentials[Int(row[i].bitPattern >> 16)] * VectorMath.exp(.init(repeating: -top))[0]
+          #expect(!tabled || out[i].bitPattern == fromTable.bitPattern)
+          sum += expected
+        }
+        #expect(out[count...].allSatisfy { $0 == 0 })
+        #expect(abs(total - sum) <= 1e-14 * sum)
+      }
+      var scratch: [Double] = []
+      for (m, b) in [(model, base), (outside, base)] {
+        let got = Kernels.softmaxDivergence(m[...], b[...], epsilon: 1e-8, scratch: &scratch)
+        let expected = referenceDivergence(m, b, epsilon: 1e-8)
+        // A probability's last bit moves log(p / q) by about an ulp of 1, and the weights p of
+        // those terms sum to 1: the error is some ulps of 1 however small the divergence.
+        #expect(abs(got - expected) <= 1e-13 * max(abs(expected), 1), "row of \(count): \(got) vs \(expected)")
+      }
+    }
+    // The table itself: exp of each BF16 value within an ulp of the C library's, inf above
+    // ln(Double.max), 0 far below, NaN for NaN.
+    for bits in 0..<65536 {
+      let x = Double(Float(bitPattern: UInt32(bits) << 16))
+      let entry = Kernels.bf16Exponentials[bits]
+      let expected = Foundation.exp(x)
+      let agrees =
+        entry == expected || (entry.isNaN && x.isNaN)
+        || (expected.isNormal && abs(entry - expected) <= expected.ulp)
+      #expect(agrees, "exp(\(x)): \(entry) against \(expected)")
+      if !agrees { break }
+    }
+  }
+
   @Test func softmaxDivergenceEdgeCases() {
     var scratch: [Double] = []
     let row: [Float] = [0.5, -2, 3, 1, 0, 7, -1, 2, 4]
