@@ -121,12 +121,12 @@ public struct ArceeFusionMerge: StreamingMerge {
         let row = start..<min(base.count, start + width)
         return Kernels.softmaxDivergence(model[row], base[row], epsilon: 1e-8, scratch: &scratch)
       }
-      var counts = [UInt32](repeating: 0, count: 65536)
+      var counts = [UInt32](repeating: 0, count: 2 * 65536)
       Kernels.countImportanceKeys(model: model, base: base, offset: 0, width: width, factors: local, into: &counts)
       return (local, counts)
     } combine: { local, counts in
       divergences += local
-      for bin in 0..<65536 { top[bin] += Int(counts[bin]) }
+      for bin in 0..<65536 { top[bin] += Int(counts[bin]) + Int(counts[65536 + bin]) }
     }
     let kl = divergences
     // The keys of a range's importances under the search's prefixes.

@@ -217,30 +217,28 @@ extension Kernels {
     }
   }
 
-  /// Adds the top 16 bits of each importance's key into `counts` (65536 bins).
+  /// Adds the top 16 bits of each importance's key into `counts`: two histograms of 65536
+  /// bins, back to back, whose sum is the histogram. Half the lanes count into the second: a
+  /// block's importances crowd into a few bins, and increments of one bin wait on each other
+  /// through memory.
   public static func countImportanceKeys(
     model: [Float], base: [Float], offset: Int, width: Int, factors: [Double], into counts: inout [UInt32]
   ) {
     let count = Swift.min(model.count, base.count)
-    precondition(counts.count == 65536, "countImportanceKeys needs 65536 bins")
-    // Half the lanes count into a second histogram: a block's importances crowd into a few
-    // bins, and increments of one bin wait on each other through memory.
-    var second = [UInt32](repeating: 0, count: 65536)
+    precondition(counts.count == 2 * 65536, "countImportanceKeys needs two histograms of 65536 bins")
     counts.withUnsafeMutableBufferPointer { counts in
-      second.withUnsafeMutableBufferPointer { second in
-        guard let bins = counts.baseAddress, let others = second.baseAddress else { return }
-        _ = withImportanceInputs(model, base, factors) { m, b, f in
-          forEachImportance(
-            model: m, base: b, count: count, offset: offset, width: width, factors: f,
-            lanes: { _, x in
-              let top = orderKeys(x) &>> 48
-              for j in 0..<4 {
-                bins[Int(top[2 * j])] &+= 1
-                others[Int(top[2 * j + 1])] &+= 1
-              }
-            }, one: { _, x in bins[Int(orderKey(x) >> 48)] &+= 1 })
-        }
-        for bin in 0..<65536 { bins[bin] &+= others[bin] }
+      guard let bins = counts.baseAddress else { return }
+      let others = bins + 65536
+      _ = withImportanceInputs(model, base, factors) { m, b, f in
+        forEachImportance(
+          model: m, base: b, count: count, offset: offset, width: width, factors: f,
+          lanes: { _, x in
+            let top = orderKeys(x) &>> 48
+            for j in 0..<4 {
+              bins[Int(top[2 * j])] &+= 1
+              others[Int(top[2 * j + 1])] &+= 1
+            }
+          }, one: { _, x in bins[Int(orderKey(x) >> 48)] &+= 1 })
       }
     }
   }
