@@ -204,6 +204,40 @@ public struct TensorScan {
       }, combine: combine)
   }
 
+  /// A sample of a tensor of `count` elements for bracketing a threshold: blocks of 64
+  /// neighbouring elements at evenly spaced places, about `count / 256` elements (2^16 to 2^20;
+  /// the whole tensor when it is smaller), in batches of 32 blocks. `produce(starts, length)`
+  /// reads one batch's blocks (thousands of short reads a tensor, side by side on all cores);
+  /// `consume` gets the batches' results in order. A sampled page read through the mapping
+  /// brings its neighbours into memory (the kernel maps a 2 MiB folio, or up to 64 KiB, around
+  /// a fault), so the pages behind the sample are let go as it moves on, a batch of ranges at a
+  /// time as the passes release theirs (each release that drops mapped pages interrupts the
+  /// other cores to flush their address translations): memory stays at a few ranges.
+  func sampleBlocks<Part>(
+    count n: Int, produce: (_ starts: [Int], _ length: Int) throws -> Part,
+    consume: (Part) throws -> Void
+  ) throws {
+    let block = 64
+    let wanted = min(n, max(1 << 16, min(1 << 20, n / 256)))
+    let blocks = max(1, wanted / block)
+    let starts =
+      blocks * block >= n ? [0] : (0..<blocks).map { b in blocks == 1 ? 0 : b * (n - block) / (blocks - 1) }
+    let length = blocks * block >= n ? n : block
+    let batch = 32
+    var released = 0
+    try Parallel.inOrder(
+      (starts.count + batch - 1) / batch, budget: MergeRanges.inFlight,
+      produce: { j in try produce(Array(starts[(j * batch)..<min(starts.count, (j + 1) * batch)]), length) },
+      consume: { j, part in
+        try consume(part)
+        let last = min(starts.count, (j + 1) * batch) - 1
+        let end = last == starts.count - 1 ? n : max(released, starts[last] - MergeRanges.size)
+        guard end == n || end - released >= MergeRanges.size * MergeRanges.inFlight else { return }
+        if end > released { try release(released..<end) }
+        released = end
+      })
+  }
+
   /// Summaries are combined in order by whoever finishes the next one, a few ranges ahead at
   /// most; pages are released a batch of ranges at a time.
   private func pass<Summary>(summarizingRange summarize: (Int) throws -> Summary, combine: (Summary) throws -> Void)

@@ -11,8 +11,9 @@ import Tensor
 /// Computed in `Double`; the variances are ranked as float32 values (ties by index), as
 /// mergekit ranks them in its float32 compute.
 ///
-/// Streamed: the exact top-k of the variances by `MagnitudeRanker`'s passes (with the count of
-/// nonzero variances in the first), a pass for the mean squares, then the merge range by range.
+/// Streamed: the exact top-k of the variances, in one pass where a sample's bracket holds the
+/// threshold (`MagnitudeBracket`, retargeted to the count of nonzero variances the pass finds),
+/// else by `MagnitudeRanker`'s passes; a pass for the mean squares; then the merge range by range.
 /// Under mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
 public struct SCEMerge: StreamingMerge {
   public init() {}
@@ -128,6 +129,21 @@ public struct SCEMerge: StreamingMerge {
     }
   }
 
+  /// The variances of short blocks `start ..< start + length` (for each of `starts`), back to
+  /// back: copied from the stored bytes in one go where the inputs allow it, else read block by
+  /// block.
+  static func sampledVariances(_ scan: TensorScan, starts: [Int], length: Int, method: String) throws -> [Float] {
+    let count = starts.count * length
+    let stored = try scan.withStoredBlocks(starts, length: length) { inputs -> [Float] in
+      guard inputs.count >= 2 else { throw MergeError.baseRequired(method: method) }
+      let values = inputs.map { $0.decoded(count: count) }
+      return try variances(
+        RangeInputs(offset: 0, base: values[0], models: Array(values.dropFirst())), method: method)
+    }
+    if let stored { return stored }
+    return try starts.flatMap { start in try variances(try scan.read(start..<(start + length)), method: method) }
+  }
+
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
     -> RangeMerger?
   {
@@ -139,19 +155,37 @@ public struct SCEMerge: StreamingMerge {
     // the threshold are cut, the count of threshold-equal elements before each range.
     var selection: (ranker: MagnitudeRanker, equalBefore: [Int: Int])?
     if density < 1 {
+      // A sample of the variances brackets the threshold for the kept share its nonzero
+      // variances suggest; the first pass counts the nonzero variances, the high histogram and
+      // the bracket's summary. Where the exact count's threshold falls inside the bracket, that
+      // pass settles it with the tie order; else `MagnitudeRanker`'s remaining passes do.
+      var sample: [Float] = []
+      try scan.sampleBlocks(count: count) { starts, length in
+        try Self.sampledVariances(scan, starts: starts, length: length, method: method)
+      } consume: {
+        sample += $0
+      }
+      let sampledNonzero = sample.filter { $0 != 0 }.count
+      let expectedKeep = Int(Double(count) * Double(sampledNonzero) / Double(max(sample.count, 1)) * density)
+      let bracket = MagnitudeBracket(keep: expectedKeep, count: count, sample: sample, budget: max(1 << 18, count / 32))
       var nonzero = 0
       var high = [UInt32](repeating: 0, count: 65536)
-      try scan.pass { range -> ([UInt32], Int) in
+      var summaries: [MagnitudeBracket.Summary] = []
+      try scan.pass { range -> ([UInt32], Int, MagnitudeBracket.Summary?) in
         let v = try Self.variances(range, method: method)
-        return (MagnitudeRanker.highCounts(v), v.filter { $0 != 0 }.count)
-      } combine: { counts, nonzeroInRange in
+        return (MagnitudeRanker.highCounts(v), v.filter { $0 != 0 }.count, bracket?.summarize(v))
+      } combine: { counts, nonzeroInRange, summary in
         nonzero += nonzeroInRange
         for bin in 0..<65536 { high[bin] &+= counts[bin] }
+        if let summary { summaries.append(summary) }
       }
       let kept = density > 0 ? Int((Double(nonzero) * density).rounded(.towardZero)) : 0
       var ranker = MagnitudeRanker(keep: kept, count: count)
       var equalBefore: [Int: Int] = [:]
-      if ranker.needsPasses {
+      if ranker.needsPasses, let settled = bracket?.keeping(kept).ranker(summaries) {
+        ranker = settled.ranker
+        equalBefore = Dictionary(uniqueKeysWithValues: zip(scan.ranges.map(\.lowerBound), settled.equalBefore))
+      } else if ranker.needsPasses {
         ranker.addHigh(high)
         ranker.finishHigh()
         let first = ranker

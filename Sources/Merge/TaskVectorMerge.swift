@@ -405,27 +405,14 @@ public struct TaskVectorMerge: StreamingMerge {
     _ ranked: [(Int, Int)], _ plans: inout [Sparsity], count n: Int, scan: TensorScan,
     deltas: (RangeInputs) throws -> [[Float]], storedDeltas: Bool
   ) throws -> [(Int, Int)] {
-    let block = 64
-    let wanted = min(n, max(1 << 16, min(1 << 20, n / 256)))
-    let blocks = max(1, wanted / block)
     var samples = [[Float]](repeating: [], count: plans.count)
-    let starts =
-      blocks * block >= n ? [0] : (0..<blocks).map { b in blocks == 1 ? 0 : b * (n - block) / (blocks - 1) }
-    let length = blocks * block >= n ? n : block
-    // Batches of 32 blocks are read side by side (thousands of small reads a tensor) and their
-    // values appended in order. A sampled page read through the mapping brings its neighbours
-    // into memory (the kernel maps a 2 MiB folio, or up to 64 KiB, around a fault), so the pages
-    // behind the sample are let go as it moves on: memory stays at a few ranges, as in the pass.
-    let batch = 32
     let models = plans.count
     // Each sampled model once, also when two of its rankers take the pass (breadcrumbs).
     let sampled = Array(Set(ranked.map(\.0))).sorted()
-    var released = 0
-    try Parallel.inOrder(
-      (starts.count + batch - 1) / batch, budget: MergeRanges.inFlight,
-      produce: { j -> [[Float]] in
+    try scan.sampleBlocks(
+      count: n,
+      produce: { batchStarts, length -> [[Float]] in
         var part = [[Float]](repeating: [], count: models)
-        let batchStarts = Array(starts[(j * batch)..<min(starts.count, (j + 1) * batch)])
         // The batch's blocks copied from every input in one go, their differences formed from
         // the stored bytes: a short read costs a copy, not a range's bookkeeping.
         if storedDeltas,
@@ -446,15 +433,8 @@ public struct TaskVectorMerge: StreamingMerge {
         }
         return part
       },
-      consume: { j, part in
+      consume: { part in
         for m in sampled { samples[m] += part[m] }
-        let last = min(starts.count, (j + 1) * batch) - 1
-        // Released as the passes release theirs, a batch of ranges at a time: each release that
-        // drops mapped pages interrupts the other cores to flush their address translations.
-        let end = last == starts.count - 1 ? n : max(released, starts[last] - MergeRanges.size)
-        guard end == n || end - released >= MergeRanges.size * MergeRanges.inFlight else { return }
-        if end > released { try scan.release(released..<end) }
-        released = end
       })
     let brackets = ranked.map { m, r in
       MagnitudeBracket(

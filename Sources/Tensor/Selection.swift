@@ -212,6 +212,12 @@ public struct MagnitudeBracket: Sendable {
     low = lower >= sample.count ? 0 : Self.descendingKey(sample, at: lower)
   }
 
+  /// The same bracket for keeping `keep` elements instead: for a count known only after the
+  /// pass (SCE keeps a share of the nonzero variances), whose threshold may still fall inside.
+  public func keeping(_ keep: Int) -> MagnitudeBracket {
+    MagnitudeBracket(keep: keep, count: count, low: low, high: high, budget: budget)
+  }
+
   /// A bracket with the given ends (`low <= high`), for tests.
   init(keep: Int, count: Int, low: UInt32, high: UInt32, budget: Int) {
     (self.keep, self.count, self.low, self.high, self.budget) = (keep, count, low, high, budget)

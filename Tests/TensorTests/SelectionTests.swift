@@ -184,6 +184,26 @@ import Testing
   }
 
   /// A sample that misses the threshold (or a bracket over budget) is reported, not guessed.
+  /// A bracket made for one count kept, asked for another (`keeping`, as SCE does once it knows
+  /// its count): the exact mask where the new threshold still falls inside the bracket, nil
+  /// where it falls outside.
+  @Test func aBracketKeepsAnotherCountWhereItsThresholdFallsInside() throws {
+    let x = CounterRNG(seed: 6, stream: "keeping").normalTensor([40_000]).scalars.map { ($0 * 64).rounded() / 64 }
+    let sample = stride(from: 0, to: x.count, by: 5).map { x[$0] }
+    let order = x.indices.sorted { (abs(x[$0]), -$0) > (abs(x[$1]), -$1) }
+    let ranges = stride(from: 0, to: x.count, by: 4096).map { Array(x[$0..<min(x.count, $0 + 4096)]) }
+    let bracket = try #require(MagnitudeBracket(keep: 20_000, count: x.count, sample: sample, budget: x.count))
+    let summaries = ranges.map { bracket.summarize($0) }
+    for k in [19_990, 20_000, 20_010] {
+      let (ranker, before) = try #require(bracket.keeping(k).ranker(summaries), "k = \(k)")
+      var want = [Bool](repeating: false, count: x.count)
+      for i in order.prefix(k) { want[i] = true }
+      #expect(zip(ranges, before).flatMap { ranker.mask($0, equalBefore: $1) } == want, "k = \(k)")
+    }
+    #expect(bracket.keeping(5_000).ranker(summaries) == nil)
+    #expect(bracket.keeping(39_000).ranker(summaries) == nil)
+  }
+
   @Test func bracketedSelectionReportsAMissedThreshold() {
     let x = CounterRNG(seed: 5, stream: "miss").normalTensor([20_000]).scalars
     let misleading = x.map { $0 * 100 }  // every sampled magnitude above every real one
