@@ -7,8 +7,9 @@ import Tensor
 /// the threshold is `median + 1.5 (q3 - q1)` of the importances (quantiles at index
 /// `floor(q (n - 1))` of the sorted values). mergekit samples a million values with replacement
 /// for larger tensors; here the quantiles are exact. Computed in `Double` (probabilities and
-/// logarithms within a few ulps, `Kernels.softmaxDivergence`), streamed: a pass over blocks of whole rows gives each
-/// row's KL divergence and a histogram of the top 16 bits of the importances' keys; a second
+/// logarithms within a few ulps, `Kernels.softmaxDivergence`), streamed: a pass over blocks of
+/// whole rows gives each row's KL divergence and a histogram of the top 16 bits of the
+/// importances' keys; a second
 /// pass collects the keys under the three quantiles' 16-bit prefixes (a few percent of them,
 /// narrowed by 16 more bits a pass first where they exceed `candidateLimit`), among which the
 /// exact quantiles are found in memory; then the merge, range by range. Under mergekit's

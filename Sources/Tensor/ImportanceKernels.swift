@@ -1,5 +1,3 @@
-import Foundation
-
 extension Kernels {
   /// `sum_i p_i log(p_i / q_i)` with `p = softmax(model) + epsilon` and
   /// `q = softmax(base) + epsilon` (each probability plus `epsilon`), for two rows of the same
