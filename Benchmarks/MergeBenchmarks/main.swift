@@ -132,6 +132,24 @@ func kernelFigures() throws {
       }
     }
   }
+  // RAM's merge and RAM+TL's counting pass from the stored bf16 bytes, as one range's producer
+  // runs them: on the calling core.
+  try report("RAM merge of 3 from bf16 bytes (one core)", elements: n) {
+    stored.withUnsafeBufferPointers { p in
+      out.withUnsafeMutableBytes { o in
+        let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+        Kernels.changeMerge(
+          base: elements[0], models: Array(elements.dropFirst()), count: n, epsilon: 1e-5, lambdas: [1, 1, 1],
+          into: o, as: .bf16)
+      }
+    }
+  }
+  try report("RAM+TL counts of 3, bf16 bytes (one core)", elements: n) {
+    stored.withUnsafeBufferPointers { p in
+      let elements = p.map { Kernels.StoredElements(start: $0, dtype: .bf16) }
+      _ = Kernels.changeCounts(base: elements[0], models: Array(elements.dropFirst()), count: n, epsilon: 1e-5)
+    }
+  }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
   try report("top-k histograms (high + low bits)", elements: n) {
     _ = MagnitudeRanker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0])

@@ -1,12 +1,12 @@
-import Foundation
 import Tensor
 
 /// mergekit's `ram` and `ramplus_tl` (Reinforced Agent Merging). Task vector entries with
 /// `|tau| <= epsilon` are dropped. Per element, an entry only one model changes is taken whole
 /// (in `ramplus_tl` scaled by that model's `lambda_i = 1 + r * clamp(rho_i, 0, alpha)`, `rho_i`
 /// the ratio of the model's shared to unique changed entries in this tensor); entries several
-/// models change are averaged over those models. Computed in `Double`, streamed: RAM merges
-/// range by range; RAM+TL first counts each model's shared and unique entries in one pass.
+/// models change are averaged over those models. Computed in `Double` (`Kernels.changeMerge`),
+/// streamed from the stored bytes: RAM merges range by range; RAM+TL first counts each model's
+/// shared and unique entries in one pass (`Kernels.changeCounts`).
 /// Under mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
 public struct RAMMerge: StreamingMerge {
   public let name: String
@@ -53,30 +53,18 @@ public struct RAMMerge: StreamingMerge {
     let method = self.name
     let epsilon = p.number("epsilon")
     let models = p.models.count
-    /// The range's task vectors and, per element, how many models change it.
-    @Sendable func changes(_ range: RangeInputs) throws -> (tvs: [[Double]], contributors: [Int]) {
-      guard let base = range.base else { throw MergeError.baseRequired(method: method) }
-      let tvs = range.models.map { model in (0..<base.count).map { Double(model[$0]) - Double(base[$0]) } }
-      let contributors = base.indices.map { i in tvs.reduce(0) { $0 + (abs($1[i]) > epsilon ? 1 : 0) } }
-      return (tvs, contributors)
-    }
     var lambdas = [Double](repeating: 1, count: models)
     if plus {
       var shared = [Int](repeating: 0, count: models)
       var unique = [Int](repeating: 0, count: models)
-      try scan.pass { range -> [(Int, Int)] in
-        let (tvs, contributors) = try changes(range)
-        return tvs.map { tv in
-          var (s, u) = (0, 0)
-          for i in tv.indices where abs(tv[i]) > epsilon {
-            if contributors[i] > 1 { s += 1 } else { u += 1 }
-          }
-          return (s, u)
-        }
+      try scan.storedPass { inputs, elements in
+        guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: method) }
+        return Kernels.changeCounts(
+          base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, epsilon: epsilon)
       } combine: { counts in
         for m in 0..<models {
-          shared[m] += counts[m].0
-          unique[m] += counts[m].1
+          shared[m] += counts.shared[m]
+          unique[m] += counts.unique[m]
         }
       }
       let (r, alpha) = (p.number("r"), p.number("alpha"))
@@ -88,14 +76,20 @@ public struct RAMMerge: StreamingMerge {
     let fixed = lambdas
     return RangeMerger { range in
       guard let base = range.base else { throw MergeError.baseRequired(method: method) }
-      let (tvs, contributors) = try changes(range)
-      return base.indices.map { i -> Float in
-        var delta = 0.0
-        for m in tvs.indices where abs(tvs[m][i]) > epsilon {
-          delta += contributors[i] == 1 ? tvs[m][i] * fixed[m] : tvs[m][i] / Double(contributors[i])
-        }
-        return Float(Double(base[i]) + delta)
+      return TensorScan.withF32Elements([base] + range.models) { inputs in
+        Kernels.changeMerge(
+          base: inputs[0], models: Array(inputs.dropFirst()), count: base.count, epsilon: epsilon, lambdas: fixed)
       }
+    } stored: { inputs, elements, dtype in
+      guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: method) }
+      let size = elements.count * dtype.size
+      let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+        Kernels.changeMerge(
+          base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, epsilon: epsilon,
+          lambdas: fixed, into: UnsafeMutableRawBufferPointer(buffer), as: dtype)
+        initialized = size
+      }
+      return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
     }
   }
 

@@ -149,6 +149,46 @@ extension MergeRunnerTests {
     }
   }
 
+  /// RAM and RAM+TL streamed from BF16 files merge and count from the stored bytes
+  /// (`Kernels.changeMerge`, `Kernels.changeCounts`): the bits of the whole-tensor merge over
+  /// decoded values, on a tensor of several ranges where each model leaves a third of the
+  /// entries unchanged and some changes are below epsilon.
+  @Test func ramFromStoredBytesEqualsTheWholeTensorMerge() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let shape = [700, 1_000]
+    let n = shape[0] * shape[1]
+    let base = (0..<n).map { j in CounterRNG(seed: 70, stream: "base").normal(UInt64(j)) * 0.05 }
+    var paths = [folder.file("base.safetensors")]
+    try writeCheckpoint([("w", Tensor(shape: shape, scalars: base).encoded(as: .bf16))], to: paths[0])
+    for t in 0..<3 {
+      let rng = CounterRNG(seed: UInt64(71 + t), stream: "model")
+      let values = (0..<n).map { j -> Float in
+        switch (j + t) % 3 {
+        case 0: return base[j]
+        case 1 where j % 7 == 0: return base[j] + 1e-7
+        default: return base[j] + rng.normal(UInt64(j)) * 0.01
+        }
+      }
+      paths.append(folder.file("m\(t).safetensors"))
+      try writeCheckpoint([("w", Tensor(shape: shape, scalars: values).encoded(as: .bf16))], to: paths[t + 1])
+    }
+    let opened = try paths.map { try openCheckpoint($0) }
+    for method in [RAMMerge.ram, RAMMerge.ramPlus] {
+      let plan = try MergePlan(
+        method: method, base: opened[0], models: Array(opened.dropFirst()), global: [:],
+        perModel: Array(repeating: [:], count: 3))
+      let out = folder.file("\(method.name).safetensors")
+      try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
+      let whole = try method.merge(
+        MergeInputs(
+          name: "w", base: try opened[0].tensor(named: "w"),
+          models: try opened.dropFirst().map { try $0.tensor(named: "w") }),
+        try plan.parameters("w"))
+      #expect(try openCheckpoint(out).read("w") == whole.encoded(as: .bf16), "\(method.name)")
+    }
+  }
+
   /// A statistics sample's blocks come as stored from every input, the base first, each input's
   /// back to back in the order asked (`rangeAccess`'s block reader): inputs of two dtypes, a
   /// block repeated and one at the tensor's end.
