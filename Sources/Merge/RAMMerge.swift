@@ -7,7 +7,8 @@ import Tensor
 /// models change are averaged over those models. Computed in `Double` (`Kernels.changeMerge`),
 /// streamed from the stored bytes: RAM merges range by range; RAM+TL first counts each model's
 /// shared and unique entries in one pass (`Kernels.changeCounts`).
-/// Under mergekit's rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
+/// Under mergekit's rounding (`MergeArithmetic.rounded`) it streams the same way, in `Float`
+/// (`preparedRounded`).
 public struct RAMMerge: StreamingMerge {
   public let name: String
   public let plus: Bool
@@ -42,14 +43,13 @@ public struct RAMMerge: StreamingMerge {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     guard inputs.base != nil else { throw MergeError.baseRequired(method: name) }
-    if p.arithmetic.isRounded { return try mergeRounded(inputs, p) }
     return try mergeThroughRanges(inputs, p)
   }
 
   public func prepare(tensor name: String, count: Int, _ p: ResolvedParameters, scan: TensorScan) throws
     -> RangeMerger?
   {
-    guard !p.arithmetic.isRounded else { return nil }
+    if p.arithmetic.isRounded { return try preparedRounded(p, scan: scan) }
     let method = self.name
     let epsilon = p.number("epsilon")
     let models = p.models.count
@@ -93,42 +93,65 @@ public struct RAMMerge: StreamingMerge {
     }
   }
 
-  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
+  /// The merge under mergekit's rounding (`MergeArithmetic.rounded`), range by range as the
+  /// exact one: each task vector entry rounded to the compute dtype and compared with epsilon
+  /// cast to it (torch compares with the scalar in the tensor's dtype); a shared entry divided
+  /// by its count and rounded; the entries summed in `Float`. RAM rounds the sum and then its
+  /// addition to the base. RAM+TL's lambdas are float32, as torch promotes the task vectors
+  /// times them (mergekit then writes F32), so only the sum's addition to the base is rounded.
+  func preparedRounded(_ p: ResolvedParameters, scan: TensorScan) throws -> RangeMerger {
     let r = p.arithmetic
-    let base = baseTensor.scalars
-    let count = base.count
+    let method = self.name
     let epsilon = p.number("epsilon")
-    let tvs = inputs.relativeToBase(r)
-    // torch compares with the scalar cast to the tensor's dtype.
     let threshold = r.round(Float(epsilon))
-    let changed = tvs.map { tv in tv.map { abs($0) > threshold } }
-    let contributors = (0..<count).map { i in changed.reduce(0) { $0 + ($1[i] ? 1 : 0) } }
-    func shared(_ m: Int, _ i: Int) -> Float { r.round(tvs[m][i] / Float(contributors[i])) }
-    guard plus else {
-      return Tensor(
-        shape: baseTensor.shape,
-        scalars: (0..<count).map { i in
-          var sum: Float = 0
-          for m in tvs.indices where changed[m][i] { sum += contributors[i] == 1 ? tvs[m][i] : shared(m, i) }
-          return r.round(base[i] + r.round(sum))
-        })
+    let models = p.models.count
+    /// The range's rounded task vectors and each element's count of models changing it.
+    @Sendable func changes(_ range: RangeInputs) throws -> (taskVectors: [[Float]], contributors: [Int32]) {
+      guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+      let taskVectors = range.models.map { model in zip(model, base).map { r.round($0 - $1) } }
+      var contributors = [Int32](repeating: 0, count: base.count)
+      for tv in taskVectors {
+        for i in tv.indices where abs(tv[i]) > threshold { contributors[i] &+= 1 }
+      }
+      return (taskVectors, contributors)
     }
-    let (ratio, cap) = (Float(p.number("r")), Float(p.number("alpha")))
-    let lambdas = tvs.indices.map { m -> Float in
-      let sharedCount = (0..<count).filter { changed[m][$0] && contributors[$0] > 1 }.count
-      let uniqueCount = (0..<count).filter { changed[m][$0] && contributors[$0] == 1 }.count
-      let rho = Float(sharedCount) / max(Float(uniqueCount), Float(epsilon))
-      return 1 + ratio * min(cap, max(0, rho))
-    }
-    return Tensor(
-      shape: baseTensor.shape,
-      scalars: (0..<count).map { i in
-        var sum: Float = 0
-        for m in tvs.indices where changed[m][i] {
-          sum += contributors[i] == 1 ? tvs[m][i] * lambdas[m] : shared(m, i)
+    var lambdas: [Float]?
+    if plus {
+      var shared = [Int](repeating: 0, count: models)
+      var unique = [Int](repeating: 0, count: models)
+      try scan.pass { range -> [(Int, Int)] in
+        let (taskVectors, contributors) = try changes(range)
+        return taskVectors.map { tv in
+          var (s, u) = (0, 0)
+          for i in tv.indices where abs(tv[i]) > threshold {
+            if contributors[i] > 1 { s += 1 } else { u += 1 }
+          }
+          return (s, u)
         }
-        return r.round(base[i] + sum)
-      })
+      } combine: { counts in
+        for m in 0..<models {
+          shared[m] += counts[m].0
+          unique[m] += counts[m].1
+        }
+      }
+      let (ratio, cap) = (Float(p.number("r")), Float(p.number("alpha")))
+      lambdas = (0..<models).map { m in
+        let rho = Float(shared[m]) / max(Float(unique[m]), Float(epsilon))
+        return 1 + ratio * min(cap, max(0, rho))
+      }
+    }
+    let fixed = lambdas
+    return RangeMerger { range in
+      guard let base = range.base else { throw MergeError.baseRequired(method: method) }
+      let (taskVectors, contributors) = try changes(range)
+      return base.indices.map { i in
+        let c = contributors[i]
+        var sum: Float = 0
+        for (m, tv) in taskVectors.enumerated() where abs(tv[i]) > threshold {
+          sum += c == 1 ? tv[i] * (fixed?[m] ?? 1) : r.round(tv[i] / Float(c))
+        }
+        return fixed == nil ? r.round(base[i] + r.round(sum)) : r.round(base[i] + sum)
+      }
+    }
   }
 }

@@ -97,3 +97,46 @@ import Testing
   p.arithmetic = .rounded(.bf16)
   #expect(try method.merge(inputs, p).scalars == [0, 0.5])
 }
+
+/// RAM and RAM+TL under bf16 rounding, streamed over several ranges (RAM+TL's counts spanning
+/// them), give the whole-tensor construction of mergekit's torch operations: task vectors
+/// rounded, epsilon cast, each shared entry's division rounded, the sum rounded (RAM) or left in
+/// float32 (RAM+TL, whose lambdas are float32), and the addition to the base rounded.
+@Test(arguments: [false, true])
+func ramRoundedStreamedIsTheWholeTensorConstruction(_ plus: Bool) throws {
+  let method = plus ? RAMMerge.ramPlus : RAMMerge.ram
+  let r = MergeArithmetic.rounded(.bf16)
+  let n = MergeRanges.size + 5_000
+  let base = r.round(random([n], "ram-rounded-base").scalars)
+  let models = (0..<3).map { t in
+    r.round(
+      zip(base, random([n], "ram-rounded-\(t)", scale: 0.01).scalars).enumerated().map { i, pair in
+        (i >> (2 * t)) & 3 == 0 ? pair.0 : pair.0 + pair.1
+      })
+  }
+  var p = try resolve(method, [:], models: [[:], [:], [:]])
+  p.arithmetic = r
+  let out = try method.merge(
+    MergeInputs(
+      name: "w", base: Tensor(shape: [n], scalars: base), models: models.map { Tensor(shape: [n], scalars: $0) }),
+    p)
+  let threshold = r.round(Float(1e-5))
+  let tvs = models.map { m in (0..<n).map { r.round(m[$0] - base[$0]) } }
+  let changed = tvs.map { tv in tv.map { abs($0) > threshold } }
+  let contributors = (0..<n).map { i in changed.filter { $0[i] }.count }
+  #expect(contributors.contains(1) && contributors.contains(2) && contributors.contains(3))
+  let lambdas = (0..<3).map { m -> Float in
+    guard plus else { return 1 }
+    let shared = (0..<n).filter { changed[m][$0] && contributors[$0] > 1 }.count
+    let unique = (0..<n).filter { changed[m][$0] && contributors[$0] == 1 }.count
+    return 1 + 0.1 * min(0.2, max(0, Float(shared) / max(Float(unique), Float(1e-5))))
+  }
+  let expected = (0..<n).map { i -> Float in
+    var sum: Float = 0
+    for m in 0..<3 where changed[m][i] {
+      sum += contributors[i] == 1 ? tvs[m][i] * lambdas[m] : r.round(tvs[m][i] / Float(contributors[i]))
+    }
+    return plus ? r.round(base[i] + sum) : r.round(base[i] + r.round(sum))
+  }
+  #expect(out.scalars == expected)
+}

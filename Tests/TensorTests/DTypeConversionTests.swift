@@ -125,6 +125,23 @@ private func nearestEven(_ x: Double, low: Double, lowCode: UInt32, high: Double
     }
     #expect(tensor.encoded(as: .f32).decoded() == tensor)
   }
+
+  /// Rounding an array to BF16 or F16 (one loop for the dtype) gives each element's scalar
+  /// rounding, bit for bit, on ties, subnormals, overflow, infinities, NaNs with and without
+  /// payload, and ordinary values; exact and F32 arithmetic leave the array as it is.
+  @Test func arrayRoundingIsTheScalarRounding() {
+    let rng = CounterRNG(seed: 5, stream: "round")
+    let special: [Float] = [
+      0, -0, 1 + 0x1p-8, 1 + 3 * 0x1p-8, 0x1p-130, -0x1p-140, 65520, 70000, 3.4e38, .infinity, -.infinity, .nan,
+      Float(bitPattern: 0x7F80_0001), Float(bitPattern: 0xFFC1_2345), 0x1p-24, 0x1p-25, 0x1.8p-25,
+    ]
+    let values = special + (0..<5_000).map { rng.normal(UInt64($0)) * 100 }
+    for arithmetic in [MergeArithmetic.rounded(.bf16), .rounded(.f16), .rounded(.f32), .exact] {
+      let rounded = arithmetic.round(values)
+      #expect(rounded.map(\.bitPattern) == values.map { arithmetic.round($0).bitPattern }, "\(arithmetic)")
+    }
+    #expect(MergeArithmetic.rounded(.bf16).round([Float]()) == [])
+  }
 }
 
 extension UInt8 {
