@@ -14,9 +14,9 @@ extension Kernels {
   ) {
     precondition(lambdas.count == models.count && out.count >= n * dtype.size)
     guard let target = out.baseAddress else { return }
-    withDecodedChunks(base: base, models: models, count: n) { start, length, b, x, stride in
-      withUnsafeTemporaryAllocation(of: Float.self, capacity: chunk) { merged in
-        guard let merged = merged.baseAddress else { return }
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: chunk) { merged in
+      guard let merged = merged.baseAddress else { return }
+      withDecodedChunks(base: base, models: models, count: n) { start, length, b, x, stride in
         changeMergeChunk(
           b, x, stride: stride, models: models.count, length: length, epsilon: epsilon, lambdas: lambdas,
           into: merged)

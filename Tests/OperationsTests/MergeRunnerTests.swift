@@ -135,18 +135,27 @@ extension MergeRunnerTests {
       (TaskVectorMerge.dareLinear, ["density": .number(0.4)]),
     ]
     for (method, global) in methods {
-      let plan = try MergePlan(
-        method: method, base: opened[0], models: Array(opened.dropFirst()), global: global,
-        perModel: Array(repeating: [:], count: 3))
-      let out = folder.file("\(method.name).safetensors")
-      try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
-      let whole = try method.merge(
-        MergeInputs(
-          name: "w", base: try opened[0].tensor(named: "w"),
-          models: try opened.dropFirst().map { try $0.tensor(named: "w") }),
-        try plan.parameters("w"))
-      #expect(try openCheckpoint(out).read("w") == whole.encoded(as: .bf16), "\(method.name)")
+      try expectStreamedIsTheWholeTensorMerge(method, global: global, of: opened, in: folder)
     }
+  }
+
+  /// `method` run by the runner on `opened` (the base first, then the models, each holding a
+  /// BF16 tensor "w") writes the bits of its whole-tensor merge over the decoded values.
+  func expectStreamedIsTheWholeTensorMerge(
+    _ method: any MergeMethod, global: [String: ParameterValue], of opened: [any Checkpoint],
+    in folder: TemporaryFolder
+  ) throws {
+    let plan = try MergePlan(
+      method: method, base: opened[0], models: Array(opened.dropFirst()), global: global,
+      perModel: Array(repeating: [:], count: opened.count - 1))
+    let out = folder.file("\(method.name).safetensors")
+    try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
+    let whole = try method.merge(
+      MergeInputs(
+        name: "w", base: try opened[0].tensor(named: "w"),
+        models: try opened.dropFirst().map { try $0.tensor(named: "w") }),
+      try plan.parameters("w"))
+    #expect(try openCheckpoint(out).read("w") == whole.encoded(as: .bf16), "\(method.name)")
   }
 
   /// RAM and RAM+TL streamed from BF16 files merge and count from the stored bytes
@@ -175,17 +184,7 @@ extension MergeRunnerTests {
     }
     let opened = try paths.map { try openCheckpoint($0) }
     for method in [RAMMerge.ram, RAMMerge.ramPlus] {
-      let plan = try MergePlan(
-        method: method, base: opened[0], models: Array(opened.dropFirst()), global: [:],
-        perModel: Array(repeating: [:], count: 3))
-      let out = folder.file("\(method.name).safetensors")
-      try MergeRunner.run(plan, to: out, options: WriteOptions(overwrite: true))
-      let whole = try method.merge(
-        MergeInputs(
-          name: "w", base: try opened[0].tensor(named: "w"),
-          models: try opened.dropFirst().map { try $0.tensor(named: "w") }),
-        try plan.parameters("w"))
-      #expect(try openCheckpoint(out).read("w") == whole.encoded(as: .bf16), "\(method.name)")
+      try expectStreamedIsTheWholeTensorMerge(method, global: [:], of: opened, in: folder)
     }
   }
 
