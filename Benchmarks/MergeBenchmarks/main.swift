@@ -150,6 +150,38 @@ func kernelFigures() throws {
       _ = Kernels.changeCounts(base: elements[0], models: Array(elements.dropFirst()), count: n, epsilon: 1e-5)
     }
   }
+  // Arcee fusion's key pass and merge from the stored bf16 bytes (the model's and the base's),
+  // rows of 2048, on the calling core: keys under three 16-bit prefixes of the quartiles'.
+  let width = 2048
+  let factors = (0..<(n / width)).map { 0.5 + Double($0 % 7) * 0.1 }
+  let decoded = stored.prefix(2).map { TensorData(dtype: .bf16, shape: [n], bytes: $0).decoded().scalars }
+  var importanceKeys = (0..<n).map {
+    Kernels.orderKey(abs(Double(decoded[1][$0]) - Double(decoded[0][$0])) * factors[$0 / width])
+  }
+  importanceKeys.sort()
+  let prefixes = [n / 4, n / 2, 3 * n / 4].map { importanceKeys[$0] >> 48 }
+  for unit in units {
+    try report("arcee keys, bf16 bytes, \(unit) (one core)", elements: n) {
+      stored.withUnsafeBufferPointers { p in
+        _ = Kernels.importanceKeys(
+          model: Kernels.StoredElements(start: p[1], dtype: .bf16),
+          base: Kernels.StoredElements(start: p[0], dtype: .bf16),
+          count: n, offset: 0, width: width, factors: factors, under: prefixes, knownBits: 16, unit: unit)
+      }
+    }
+    try report("arcee merge, bf16 bytes, \(unit) (one core)", elements: n) {
+      stored.withUnsafeBufferPointers { p in
+        out.withUnsafeMutableBytes { o in
+          Kernels.fuseByImportance(
+            model: Kernels.StoredElements(start: p[1], dtype: .bf16),
+            base: Kernels.StoredElements(start: p[0], dtype: .bf16),
+            count: n, offset: 0, width: width, factors: factors,
+            threshold: Kernels.orderedDouble(importanceKeys[n / 2]),
+            into: o, as: .bf16, unit: unit)
+        }
+      }
+    }
+  }
   var ranker = MagnitudeRanker(keep: n / 2, count: n)
   try report("top-k histograms (high + low bits)", elements: n) {
     _ = MagnitudeRanker.highCounts(deltas[0]); _ = ranker.lowCounts(deltas[0])

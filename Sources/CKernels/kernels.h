@@ -564,6 +564,87 @@ MERGEKIT_WEIGHTED_SUM(mergekit_weighted_sum_f32_avx512, mergekit_f32_floats, mer
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
 #undef MERGEKIT_SPARSE_CONSENSUS
+/// Arcee fusion's importances `|m - b| * factor` in double (each float widened exactly, the
+/// difference's sign bit cleared) of 8 elements, as their order-preserving keys
+/// (`Kernels.orderKey`: the sign bit set for positive values, every bit flipped for negative).
+__attribute__((target("avx512f"), always_inline)) static inline __m512i mergekit_importance_keys8(
+    __m512d m, __m512d b, __m512d factor) {
+  __m512i magnitude = _mm512_and_si512(_mm512_castpd_si512(_mm512_sub_pd(m, b)), _mm512_set1_epi64(INT64_MAX));
+  __m512i bits = _mm512_castpd_si512(_mm512_mul_pd(_mm512_castsi512_pd(magnitude), factor));
+  return _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi64(bits, 63), _mm512_set1_epi64(INT64_MIN)));
+}
+static inline uint64_t mergekit_importance_key1(float m, float b, double factor) {
+  double d = (double)m - (double)b;
+  uint64_t bits = mergekit_double_bits(d) & (uint64_t)INT64_MAX;
+  bits = mergekit_double_bits(mergekit_bits_double(bits) * factor);
+  return bits ^ ((0 - (bits >> 63)) | ((uint64_t)1 << 63));
+}
+/// The importance keys (`mergekit_importance_keys8`) of elements `first ..< first + n` of one
+/// row segment (one `factor`) of a model and a base of the loader's dtype that lie in one of
+/// the three key ranges `lows[q] ... highs[q]`, written to `out` in element order; returns how
+/// many. `out` has room for `n + 8` keys: each step stores a whole vector of its matching keys
+/// packed to the front.
+#define MERGEKIT_IMPORTANCE_KEYS(NAME, LOAD16, LOAD1)                                             \
+  __attribute__((target("avx512f"))) static inline size_t NAME(                                   \
+      const void *model, const void *base, size_t first, size_t n, double factor, const uint64_t *lows, \
+      const uint64_t *highs, uint64_t *out) {                                                     \
+    const __m512d f = _mm512_set1_pd(factor);                                                     \
+    const __m512i l0 = _mm512_set1_epi64((long long)lows[0]), h0 = _mm512_set1_epi64((long long)highs[0]); \
+    const __m512i l1 = _mm512_set1_epi64((long long)lows[1]), h1 = _mm512_set1_epi64((long long)highs[1]); \
+    const __m512i l2 = _mm512_set1_epi64((long long)lows[2]), h2 = _mm512_set1_epi64((long long)highs[2]); \
+    size_t i = first, end = first + n, found = 0;                                                 \
+    for (; i + 16 <= end; i += 16) {                                                              \
+      __m512 m = LOAD16(model, i), b = LOAD16(base, i);                                           \
+      _Pragma("unroll") for (int h = 0; h < 2; h++) {                                             \
+        __m512i k = mergekit_importance_keys8(mergekit_doubles_of_half(m, h), mergekit_doubles_of_half(b, h), f); \
+        __mmask8 hit = (_mm512_cmpge_epu64_mask(k, l0) & _mm512_cmple_epu64_mask(k, h0)) |        \
+                       (_mm512_cmpge_epu64_mask(k, l1) & _mm512_cmple_epu64_mask(k, h1)) |        \
+                       (_mm512_cmpge_epu64_mask(k, l2) & _mm512_cmple_epu64_mask(k, h2));         \
+        _mm512_storeu_si512((void *)(out + found), _mm512_maskz_compress_epi64(hit, k));          \
+        found += (size_t)__builtin_popcount((unsigned)hit);                                       \
+      }                                                                                           \
+    }                                                                                             \
+    for (; i < end; i++) {                                                                        \
+      uint64_t k = mergekit_importance_key1(LOAD1(model, i), LOAD1(base, i), factor);             \
+      if ((k >= lows[0] && k <= highs[0]) || (k >= lows[1] && k <= highs[1]) || (k >= lows[2] && k <= highs[2])) \
+        out[found++] = k;                                                                         \
+    }                                                                                             \
+    return found;                                                                                 \
+  }
+MERGEKIT_IMPORTANCE_KEYS(mergekit_importance_keys_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
+MERGEKIT_IMPORTANCE_KEYS(mergekit_importance_keys_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
+#undef MERGEKIT_IMPORTANCE_KEYS
+/// Arcee fusion's fused elements `first ..< first + n` of one row segment: the model's value
+/// where its importance `|m - b| * factor` (in double) is at least `threshold`, else the base's,
+/// stored as floats or, when `bf16_out`, as BF16 (`mergekit_store16`'s rounding).
+#define MERGEKIT_FUSE_BY_IMPORTANCE(NAME, LOAD16, LOAD1)                                          \
+  __attribute__((target("avx512f"))) static inline void NAME(                                     \
+      const void *model, const void *base, size_t first, size_t n, double factor, double threshold, void *out, \
+      int bf16_out) {                                                                             \
+    const __m512d f = _mm512_set1_pd(factor), t = _mm512_set1_pd(threshold);                      \
+    const __m512i magnitude = _mm512_set1_epi64(INT64_MAX);                                       \
+    size_t i = first, end = first + n;                                                            \
+    for (; i + 16 <= end; i += 16) {                                                              \
+      __m512 m = LOAD16(model, i), b = LOAD16(base, i);                                           \
+      __m256 chosen[2];                                                                           \
+      _Pragma("unroll") for (int h = 0; h < 2; h++) {                                             \
+        __m512d md = mergekit_doubles_of_half(m, h), bd = mergekit_doubles_of_half(b, h);         \
+        __m512d importance = _mm512_mul_pd(                                                       \
+            _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(_mm512_sub_pd(md, bd)), magnitude)), f); \
+        __mmask8 keep = _mm512_cmp_pd_mask(importance, t, _CMP_GE_OQ);                            \
+        chosen[h] = _mm512_cvtpd_ps(_mm512_mask_mov_pd(bd, keep, md));                            \
+      }                                                                                           \
+      mergekit_store16(out, i, chosen[0], chosen[1], bf16_out);                                   \
+    }                                                                                             \
+    for (; i < end; i++) {                                                                        \
+      float m = LOAD1(model, i), b = LOAD1(base, i);                                              \
+      double importance = mergekit_bits_double(mergekit_double_bits((double)m - (double)b) & (uint64_t)INT64_MAX) * factor; \
+      mergekit_store1(out, i, importance >= threshold ? m : b, bf16_out);                         \
+    }                                                                                             \
+  }
+MERGEKIT_FUSE_BY_IMPORTANCE(mergekit_fuse_by_importance_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
+MERGEKIT_FUSE_BY_IMPORTANCE(mergekit_fuse_by_importance_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
+#undef MERGEKIT_FUSE_BY_IMPORTANCE
 #undef MERGEKIT_CONSENSUS_KEEP
 #undef MERGEKIT_ABSOLUTE_SUMS_STEP
 #undef MERGEKIT_ABSOLUTE_SUMS_STORE
@@ -668,6 +749,28 @@ static inline size_t mergekit_bracket_summary_avx512(
 static inline size_t mergekit_bracket_summary_bf16_differences_avx512(
     mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) {
   return mergekit_bracket_summary_avx512(source, n, low, high, counts, out);
+}
+static inline size_t mergekit_importance_keys_bf16_avx512(
+    const void *model, const void *base, size_t first, size_t n, double factor, const uint64_t *lows,
+    const uint64_t *highs, uint64_t *out) {
+  (void)model; (void)base; (void)first; (void)n; (void)factor; (void)lows; (void)highs; (void)out;
+  return 0;
+}
+static inline size_t mergekit_importance_keys_f32_avx512(
+    const void *model, const void *base, size_t first, size_t n, double factor, const uint64_t *lows,
+    const uint64_t *highs, uint64_t *out) {
+  (void)model; (void)base; (void)first; (void)n; (void)factor; (void)lows; (void)highs; (void)out;
+  return 0;
+}
+static inline void mergekit_fuse_by_importance_bf16_avx512(
+    const void *model, const void *base, size_t first, size_t n, double factor, double threshold, void *out,
+    int bf16_out) {
+  (void)model; (void)base; (void)first; (void)n; (void)factor; (void)threshold; (void)out; (void)bf16_out;
+}
+static inline void mergekit_fuse_by_importance_f32_avx512(
+    const void *model, const void *base, size_t first, size_t n, double factor, double threshold, void *out,
+    int bf16_out) {
+  (void)model; (void)base; (void)first; (void)n; (void)factor; (void)threshold; (void)out; (void)bf16_out;
 }
 static inline void mergekit_random_keep_bits_avx512(
     uint64_t key, uint64_t offset, size_t count, uint32_t bound, size_t first, size_t n, uint64_t *out) {

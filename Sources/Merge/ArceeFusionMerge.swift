@@ -9,10 +9,10 @@ import Tensor
 /// for larger tensors; here the quantiles are exact. Computed in `Double` (probabilities and
 /// logarithms within a few ulps, `Kernels.softmaxDivergence`), streamed: a pass over blocks of
 /// whole rows gives each row's KL divergence and a histogram of the top 16 bits of the
-/// importances' keys; a second
-/// pass collects the keys under the three quantiles' 16-bit prefixes (a few percent of them,
-/// narrowed by 16 more bits a pass first where they exceed `candidateLimit`), among which the
-/// exact quantiles are found in memory; then the merge, range by range. Under mergekit's
+/// importances' keys; a second pass collects the keys under the three quantiles' 16-bit
+/// prefixes (a few percent of them, narrowed by 16 more bits a pass first where they exceed
+/// `candidateLimit`), among which the exact quantiles are found in memory; then the merge, range
+/// by range. The second pass and the merge read the inputs' stored bytes. Under mergekit's
 /// rounding (`MergeArithmetic.rounded`) the tensor is merged whole.
 public struct ArceeFusionMerge: StreamingMerge {
   /// The most importance keys collected for the quantile search to finish in memory (8 bytes
@@ -127,15 +127,18 @@ public struct ArceeFusionMerge: StreamingMerge {
       return (local, counts)
     } combine: { local, counts in
       divergences += local
-      for bin in 0..<65536 { top[bin] += Int(counts[bin]) + Int(counts[65536 + bin]) }
+      Kernels.addHistograms(counts, into: &top)
     }
     let kl = divergences
-    // The keys of a range's importances under the search's prefixes.
-    @Sendable func keys(_ range: RangeInputs, under search: QuantileSearch) throws -> [UInt64] {
-      guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
+    // The keys of a range's importances under the search's prefixes, from its stored elements
+    // (the base's first).
+    func keys(_ inputs: [Kernels.StoredElements], _ elements: Range<Int>, under search: QuantileSearch) throws
+      -> [UInt64]
+    {
+      guard inputs.count == 2 else { throw MergeError.baseRequired(method: method) }
       return Kernels.importanceKeys(
-        model: model, base: base, offset: range.offset, width: width, factors: kl, under: search.prefixes,
-        knownBits: search.knownBits)
+        model: inputs[1], base: inputs[0], count: elements.count, offset: elements.lowerBound, width: width,
+        factors: kl, under: search.prefixes, knownBits: search.knownBits)
     }
     // The three quantiles (sorted ascending, index floor(q (n - 1))), by their keys' bits from
     // the top: 16 from the histogram above; 16 more a pass over the tensor while more than
@@ -146,8 +149,8 @@ public struct ArceeFusionMerge: StreamingMerge {
     while search.knownBits < 64 && search.candidateCount > candidateLimit {
       let current = search
       var histograms = QuantileSearch.emptyHistograms
-      try scan.pass { range in
-        try keys(range, under: current)
+      try scan.storedPass { inputs, elements in
+        try keys(inputs, elements, under: current)
       } combine: { keys in
         for key in keys { current.forEachDigit(of: key) { q, digit in histograms[q][Int(digit)] += 1 } }
       }
@@ -157,8 +160,8 @@ public struct ArceeFusionMerge: StreamingMerge {
       let current = search
       var candidates: [UInt64] = []
       candidates.reserveCapacity(search.candidateCount)
-      try scan.pass { range in
-        try keys(range, under: current)
+      try scan.storedPass { inputs, elements in
+        try keys(inputs, elements, under: current)
       } combine: {
         candidates += $0
       }
@@ -176,6 +179,16 @@ public struct ArceeFusionMerge: StreamingMerge {
       guard let base = range.base, let model = range.models.first else { throw MergeError.baseRequired(method: method) }
       return Kernels.fuseByImportance(
         model: model, base: base, offset: range.offset, width: width, factors: kl, threshold: threshold)
+    } stored: { inputs, elements, dtype in
+      guard inputs.count == 2 else { throw MergeError.baseRequired(method: method) }
+      let size = elements.count * dtype.size
+      let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+        Kernels.fuseByImportance(
+          model: inputs[1], base: inputs[0], count: elements.count, offset: elements.lowerBound, width: width,
+          factors: kl, threshold: threshold, into: UnsafeMutableRawBufferPointer(buffer), as: dtype)
+        initialized = size
+      }
+      return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
     }
   }
 

@@ -1,3 +1,5 @@
+import CKernels
+
 extension Kernels {
   /// `sum_i p_i log(p_i / q_i)` with `p = softmax(model) + epsilon` and
   /// `q = softmax(base) + epsilon` (each probability plus `epsilon`), for two rows of the same
@@ -168,17 +170,16 @@ extension Kernels {
     return bits ^ ((0 &- (bits &>> 63)) | (1 << 63))
   }
 
-  /// Calls `lanes(i, importances)` for eight elements from `i` at a time and `one(i, importance)`
-  /// for the rest, row segment by row segment; `i` counts from the range's start.
+  /// Calls `visitor.lanes(i, importances)` for eight elements from `i` at a time and
+  /// `visitor.one(i, importance)` for the rest, row segment by row segment; `i` counts from the
+  /// range's start. A visitor type, not closures: each kernel's loop is then specialised with
+  /// its step inlined (a closure that appends was called once per eight elements).
   @inline(__always)
-  static func forEachImportance(
+  static func forEachImportance<Visitor: ImportanceVisitor>(
     model: UnsafePointer<Float>, base: UnsafePointer<Float>, count: Int, offset: Int, width: Int,
-    factors: UnsafePointer<Double>, lanes: (Int, Doubles) -> Void, one: (Int, Double) -> Void
+    factors: UnsafePointer<Double>, _ visitor: inout Visitor
   ) {
-    var start = 0
-    while start < count {
-      let row = (offset + start) / width
-      let end = Swift.min(count, (row + 1) * width - offset)
+    forEachRowSegment(count: count, offset: offset, width: width) { start, end, row in
       let factor = factors[row]
       var i = start
       while i + 8 <= end {
@@ -188,14 +189,13 @@ extension Kernels {
         // |d|: the sign bit cleared.
         let magnitude = unsafeBitCast(
           unsafeBitCast(difference, to: SIMD8<UInt64>.self) & ~(1 << 63), to: Doubles.self)
-        lanes(i, magnitude * factor)
+        visitor.lanes(i, magnitude * factor)
         i += 8
       }
       while i < end {
-        one(i, abs(Double(model[i]) - Double(base[i])) * factor)
+        visitor.one(i, abs(Double(model[i]) - Double(base[i])) * factor)
         i += 1
       }
-      start = end
     }
   }
 
@@ -226,17 +226,32 @@ extension Kernels {
     precondition(counts.count == 2 * 65536, "countImportanceKeys needs two histograms of 65536 bins")
     counts.withUnsafeMutableBufferPointer { counts in
       guard let bins = counts.baseAddress else { return }
-      let others = bins + 65536
+      struct Counter: ImportanceVisitor {
+        let bins: UnsafeMutablePointer<UInt32>
+        let others: UnsafeMutablePointer<UInt32>
+        @inline(__always) mutating func lanes(_ i: Int, _ x: Doubles) {
+          let top = Kernels.orderKeys(x) &>> 48
+          for j in 0..<4 {
+            bins[Int(top[2 * j])] &+= 1
+            others[Int(top[2 * j + 1])] &+= 1
+          }
+        }
+        @inline(__always) mutating func one(_ i: Int, _ x: Double) { bins[Int(Kernels.orderKey(x) >> 48)] &+= 1 }
+      }
+      var counter = Counter(bins: bins, others: bins + 65536)
       _ = withImportanceInputs(model, base, factors) { m, b, f in
-        forEachImportance(
-          model: m, base: b, count: count, offset: offset, width: width, factors: f,
-          lanes: { _, x in
-            let top = orderKeys(x) &>> 48
-            for j in 0..<4 {
-              bins[Int(top[2 * j])] &+= 1
-              others[Int(top[2 * j + 1])] &+= 1
-            }
-          }, one: { _, x in bins[Int(orderKey(x) >> 48)] &+= 1 })
+        forEachImportance(model: m, base: b, count: count, offset: offset, width: width, factors: f, &counter)
+      }
+    }
+  }
+
+  /// Adds `countImportanceKeys`' two histograms (`counts`, back to back) into `histogram`, bin
+  /// by bin: a loop over buffers that runs in vectors (once per range of a pass).
+  public static func addHistograms(_ counts: [UInt32], into histogram: inout [Int]) {
+    precondition(counts.count == 2 * 65536 && histogram.count == 65536, "addHistograms' bins")
+    counts.withUnsafeBufferPointer { counts in
+      histogram.withUnsafeMutableBufferPointer { histogram in
+        for bin in 0..<65536 { histogram[bin] &+= Int(counts[bin]) &+ Int(counts[65536 + bin]) }
       }
     }
   }
@@ -249,36 +264,40 @@ extension Kernels {
   ) -> [UInt64] {
     precondition((1...3).contains(prefixes.count) && (16...48).contains(knownBits), "importanceKeys' prefixes")
     let count = Swift.min(model.count, base.count)
-    let shift = UInt64(64 - knownBits)
-    let (p0, p1, p2) = (prefixes[0], prefixes[prefixes.count > 1 ? 1 : 0], prefixes[prefixes.count - 1])
-    var keys: [UInt64] = []
-    @inline(__always) func appendIfUnder(_ key: UInt64) {
-      let top = key >> shift
-      if top == p0 || top == p1 || top == p2 { keys.append(key) }
+    struct Collector: ImportanceVisitor {
+      let shift: SIMD8<UInt64>
+      let p0: SIMD8<UInt64>, p1: SIMD8<UInt64>, p2: SIMD8<UInt64>
+      var keys: [UInt64] = []
+      @inline(__always) mutating func lanes(_ i: Int, _ x: Doubles) {
+        let k = Kernels.orderKeys(x)
+        let top = k &>> shift
+        // A lane's top bit set where `top` equals a prefix ((d - 1) & ~d has it only for d = 0),
+        // in plain vector operations: few lanes ever match.
+        let (d0, d1, d2) = (top ^ p0, top ^ p1, top ^ p2)
+        let zero = ((d0 &- 1) & ~d0) | ((d1 &- 1) & ~d1) | ((d2 &- 1) & ~d2)
+        // Lane j's flag at bit j, the lanes' flags or-ed together.
+        let flags = (zero &>> 63) &<< SIMD8<UInt64>(0, 1, 2, 3, 4, 5, 6, 7)
+        let four = flags.lowHalf | flags.highHalf
+        let two = four.lowHalf | four.highHalf
+        var hits = two[0] | two[1]
+        while hits != 0 {
+          keys.append(k[hits.trailingZeroBitCount])
+          hits &= hits &- 1
+        }
+      }
+      @inline(__always) mutating func one(_ i: Int, _ x: Double) {
+        let key = Kernels.orderKey(x)
+        let top = key >> shift[0]
+        if top == p0[0] || top == p1[0] || top == p2[0] { keys.append(key) }
+      }
     }
+    var collector = Collector(
+      shift: SIMD8(repeating: UInt64(64 - knownBits)), p0: SIMD8(repeating: prefixes[0]),
+      p1: SIMD8(repeating: prefixes[prefixes.count > 1 ? 1 : 0]), p2: SIMD8(repeating: prefixes[prefixes.count - 1]))
     _ = withImportanceInputs(model, base, factors) { m, b, f in
-      forEachImportance(
-        model: m, base: b, count: count, offset: offset, width: width, factors: f,
-        lanes: { _, x in
-          let k = orderKeys(x)
-          let top = k &>> shift
-          // A lane's top bit set where `top` equals a prefix ((d - 1) & ~d has it only for d = 0),
-          // in plain integer operations: few lanes ever match.
-          let (d0, d1, d2) = (top ^ p0, top ^ p1, top ^ p2)
-          let zero = ((d0 &- 1) & ~d0) | ((d1 &- 1) & ~d1) | ((d2 &- 1) & ~d2)
-          // Lane j's flag at bit j, the lanes' flags or-ed together.
-          let flags = (zero &>> 63) &<< SIMD8<UInt64>(0, 1, 2, 3, 4, 5, 6, 7)
-          let four = flags.lowHalf | flags.highHalf
-          let two = four.lowHalf | four.highHalf
-          var hits = two[0] | two[1]
-          while hits != 0 {
-            keys.append(k[hits.trailingZeroBitCount])
-            hits &= hits &- 1
-          }
-        },
-        one: { _, x in appendIfUnder(orderKey(x)) })
+      forEachImportance(model: m, base: b, count: count, offset: offset, width: width, factors: f, &collector)
     }
-    return keys
+    return collector.keys
   }
 
   /// The fused range: the model's element where its importance is at least `threshold`, else
@@ -289,16 +308,103 @@ extension Kernels {
     let count = Swift.min(model.count, base.count)
     return [Float](unsafeUninitializedCapacity: count) { out, initialized in
       guard let o = out.baseAddress else { return }
+      struct Fuser: ImportanceVisitor {
+        let model: UnsafePointer<Float>, base: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>
+        let threshold: Double
+        @inline(__always) mutating func lanes(_ i: Int, _ x: Doubles) {
+          let m = Doubles(UnsafeRawPointer(model + i).loadUnaligned(as: SIMD8<Float>.self))
+          let chosen = Doubles(UnsafeRawPointer(base + i).loadUnaligned(as: SIMD8<Float>.self)).replacing(
+            with: m, where: x .>= threshold)
+          UnsafeMutableRawPointer(out + i).storeBytes(of: SIMD8<Float>(chosen), as: SIMD8<Float>.self)
+        }
+        @inline(__always) mutating func one(_ i: Int, _ x: Double) { out[i] = x >= threshold ? model[i] : base[i] }
+      }
       _ = withImportanceInputs(model, base, factors) { m, b, f in
-        forEachImportance(
-          model: m, base: b, count: count, offset: offset, width: width, factors: f,
-          lanes: { i, x in
-            let chosen = Doubles(UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)).replacing(
-              with: Doubles(UnsafeRawPointer(m + i).loadUnaligned(as: SIMD8<Float>.self)), where: x .>= threshold)
-            UnsafeMutableRawPointer(o + i).storeBytes(of: SIMD8<Float>(chosen), as: SIMD8<Float>.self)
-          }, one: { i, x in o[i] = x >= threshold ? m[i] : b[i] })
+        var fuser = Fuser(model: m, base: b, out: o, threshold: threshold)
+        forEachImportance(model: m, base: b, count: count, offset: offset, width: width, factors: f, &fuser)
       }
       initialized = count
+    }
+  }
+}
+
+/// One kernel's step over Arcee fusion's importances (`Kernels.forEachImportance`).
+protocol ImportanceVisitor {
+  /// Eight importances, of elements `i ..< i + 8` of the range.
+  mutating func lanes(_ i: Int, _ x: SIMD8<Double>)
+  /// The importance of element `i`.
+  mutating func one(_ i: Int, _ x: Double)
+}
+
+/// Arcee fusion's key-collecting and fusing kernels over the stored elements of a range: on a
+/// machine with AVX-512 (when `unit` allows it) and a model and base both BF16 or both F32, a
+/// `CKernels` loop per row segment widens each element in a register as it goes, without
+/// decoding the range into arrays; otherwise the inputs are decoded and the array kernels run.
+/// The same results every way.
+extension Kernels {
+  /// `importanceKeys` of `count` stored elements of the model and the base, the range's first
+  /// element being element `offset` of the tensor.
+  public static func importanceKeys(
+    model: StoredElements, base: StoredElements, count: Int, offset: Int, width: Int, factors: [Double],
+    under prefixes: [UInt64], knownBits: Int, unit: VectorUnit = .machine
+  ) -> [UInt64] {
+    precondition((1...3).contains(prefixes.count) && (16...48).contains(knownBits), "importanceKeys' prefixes")
+    guard count > 0, unit.available == .avx512, model.dtype == base.dtype, model.dtype == .bf16 || model.dtype == .f32
+    else {
+      return importanceKeys(
+        model: model.decoded(count: count), base: base.decoded(count: count), offset: offset, width: width,
+        factors: factors, under: prefixes, knownBits: knownBits)
+    }
+    let kernel = model.dtype == .bf16 ? mergekit_importance_keys_bf16_avx512 : mergekit_importance_keys_f32_avx512
+    // Each prefix as the range of keys under it.
+    let shift = UInt64(64 - knownBits)
+    let lows = (0..<3).map { prefixes[Swift.min($0, prefixes.count - 1)] << shift }
+    let highs = lows.map { $0 | ((1 << shift) - 1) }
+    return withUnsafeTemporaryAllocation(of: UInt64.self, capacity: count + 8) { scratch in
+      guard let out = scratch.baseAddress else { return [] }
+      var found = 0
+      forEachRowSegment(count: count, offset: offset, width: width) { start, end, row in
+        found += kernel(model.start, base.start, start, end - start, factors[row], lows, highs, out + found)
+      }
+      return Array(UnsafeBufferPointer(start: out, count: found))
+    }
+  }
+
+  /// `fuseByImportance` of `count` stored elements of the model and the base, encoded as
+  /// `dtype` into `out` (room for `count` elements of it).
+  public static func fuseByImportance(
+    model: StoredElements, base: StoredElements, count: Int, offset: Int, width: Int, factors: [Double],
+    threshold: Double, into out: UnsafeMutableRawBufferPointer, as dtype: DType, unit: VectorUnit = .machine
+  ) {
+    precondition(out.count >= count * dtype.size, "fuseByImportance's output")
+    guard let target = out.baseAddress, count > 0 else { return }
+    guard unit.available == .avx512, model.dtype == base.dtype, model.dtype == .bf16 || model.dtype == .f32,
+      dtype == .bf16 || dtype == .f32
+    else {
+      let fused = fuseByImportance(
+        model: model.decoded(count: count), base: base.decoded(count: count), offset: offset, width: width,
+        factors: factors, threshold: threshold)
+      fused.withUnsafeBufferPointer { DTypeConversion.encode($0, as: dtype, into: out) }
+      return
+    }
+    let kernel =
+      model.dtype == .bf16 ? mergekit_fuse_by_importance_bf16_avx512 : mergekit_fuse_by_importance_f32_avx512
+    forEachRowSegment(count: count, offset: offset, width: width) { start, end, row in
+      kernel(model.start, base.start, start, end - start, factors[row], threshold, target, dtype == .bf16 ? 1 : 0)
+    }
+  }
+
+  /// Calls `body(start, end, row)` for each segment `start ..< end` of a range of `count`
+  /// elements (counted from the range's start, element `offset` of the tensor) that lies in one
+  /// row of `width` elements, in order.
+  @inline(__always)
+  static func forEachRowSegment(count: Int, offset: Int, width: Int, _ body: (Int, Int, Int) -> Void) {
+    var start = 0
+    while start < count {
+      let row = (offset + start) / width
+      let end = Swift.min(count, (row + 1) * width - offset)
+      body(start, end, row)
+      start = end
     }
   }
 }

@@ -188,6 +188,28 @@ extension MergeRunnerTests {
     }
   }
 
+  /// Arcee fusion streamed from BF16 files collects its quantile keys and fuses from the stored
+  /// bytes (`Kernels.importanceKeys` and `fuseByImportance` over stored elements): the bits of
+  /// the whole-tensor merge over decoded values, on rows that straddle the ranges, each row's
+  /// changes of a different size, some elements unchanged.
+  @Test func arceeFusionFromStoredBytesEqualsTheWholeTensorMerge() throws {
+    let folder = TemporaryFolder()
+    defer { folder.remove() }
+    let shape = [130, 4_099]
+    let n = shape[0] * shape[1]
+    let base = (0..<n).map { j in CounterRNG(seed: 80, stream: "base").normal(UInt64(j)) }
+    let rng = CounterRNG(seed: 81, stream: "model")
+    let model = (0..<n).map { j -> Float in
+      j % 5 == 0 ? base[j] : base[j] + rng.normal(UInt64(j)) * 0.01 * Float(1 + (j / shape[1]) % 7)
+    }
+    let paths = [folder.file("base.safetensors"), folder.file("model.safetensors")]
+    for (path, values) in zip(paths, [base, model]) {
+      try writeCheckpoint([("w", Tensor(shape: shape, scalars: values).encoded(as: .bf16))], to: path)
+    }
+    try expectStreamedIsTheWholeTensorMerge(
+      ArceeFusionMerge(), global: [:], of: try paths.map { try openCheckpoint($0) }, in: folder)
+  }
+
   /// A statistics sample's blocks come as stored from every input, the base first, each input's
   /// back to back in the order asked (`rangeAccess`'s block reader): inputs of two dtypes, a
   /// block repeated and one at the tensor's end.

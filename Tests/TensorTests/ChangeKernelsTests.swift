@@ -52,18 +52,6 @@ import Testing
     return (base, changes)
   }
 
-  /// Stored elements of `arrays` encoded as `types`, for `body` (valid only inside it).
-  func withStored<R>(_ arrays: [[Float]], _ types: [DType], _ body: ([Kernels.StoredElements]) -> R) -> R {
-    let bytes = zip(arrays, types).map { Tensor(shape: [$0.count], scalars: $0).encoded(as: $1).bytes }
-    func nest(_ i: Int, _ held: [Kernels.StoredElements]) -> R {
-      guard i < bytes.count else { return body(held) }
-      return bytes[i].withUnsafeBytes {
-        nest(i + 1, held + [Kernels.StoredElements(start: $0.baseAddress ?? Kernels.noElements, dtype: types[i])])
-      }
-    }
-    return nest(0, [])
-  }
-
   /// The merge from stored BF16, F16 and F32 inputs (alike and mixed), encoded as BF16 and F32,
   /// is the plain loops' result on the decoded values, byte for byte, for one to five models,
   /// with and without lambdas, over several chunks and a tail that is not a multiple of eight.
@@ -81,7 +69,7 @@ import Testing
           let expected = referenceMerge(
             base: decoded[0], models: Array(decoded.dropFirst()), epsilon: epsilon, lambdas: lambdas)
           for output in [DType.bf16, .f32] {
-            let actual = withStored([base] + models, types) { stored in
+            let actual = withStoredElements([base] + models, types) { stored in
               [UInt8](unsafeUninitializedCapacity: n * output.size) { buffer, initialized in
                 Kernels.changeMerge(
                   base: stored[0], models: Array(stored.dropFirst()), count: n, epsilon: epsilon, lambdas: lambdas,
@@ -95,7 +83,7 @@ import Testing
               actual.count == wanted.count && first == nil,
               "\(types) -> \(output), lambdas \(lambdas), epsilon \(epsilon): element \(first ?? -1) differs")
           }
-          let floats = withStored(decoded, [DType](repeating: .f32, count: count + 1)) { stored in
+          let floats = withStoredElements(decoded, [DType](repeating: .f32, count: count + 1)) { stored in
             Kernels.changeMerge(
               base: stored[0], models: Array(stored.dropFirst()), count: n, epsilon: epsilon, lambdas: lambdas)
           }
@@ -118,7 +106,7 @@ import Testing
     let shared = changed.map { c in (0..<n).filter { c[$0] && contributors[$0] > 1 }.count }
     let unique = changed.map { c in (0..<n).filter { c[$0] && contributors[$0] == 1 }.count }
     #expect(shared.reduce(0, +) + unique.reduce(0, +) > 0)
-    let counts = withStored([base] + models, [DType](repeating: .f32, count: count + 1)) { stored in
+    let counts = withStoredElements([base] + models, [DType](repeating: .f32, count: count + 1)) { stored in
       Kernels.changeCounts(base: stored[0], models: Array(stored.dropFirst()), count: n, epsilon: epsilon)
     }
     #expect(counts.shared == shared)

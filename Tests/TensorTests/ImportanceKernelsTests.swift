@@ -194,4 +194,57 @@ import Testing
       #expect(got == expected, "\(c.model.count) from \(c.offset) in rows of \(c.width)")
     }
   }
+
+  /// The cases with a NaN change in every range longer than a lane and a negative factor on
+  /// every third row (the keys of negative importances have every bit flipped), their values
+  /// rounded to `dtype` as a checkpoint of it would hold them.
+  private func storedCases(_ dtype: DType) -> [Case] {
+    cases.map { c in
+      func rounded(_ x: [Float]) -> [Float] {
+        Tensor(shape: [x.count], scalars: x).encoded(as: dtype).decoded().scalars
+      }
+      var model = c.model
+      if model.count > 8 { model[model.count / 2] = .nan }
+      return Case(
+        model: rounded(model), base: rounded(c.base), offset: c.offset, width: c.width,
+        factors: c.factors.enumerated().map { $0 % 3 == 2 ? -$1 : $1 })
+    }
+  }
+
+  /// The kernels from stored elements (BF16 or F32 inputs: the `CKernels` loops where the unit
+  /// has AVX-512; a model and base of different dtypes: decoded) give the definition's keys, and
+  /// the definition's fused values encoded as BF16 and F32 byte for byte, on every unit.
+  @Test(arguments: VectorUnit.allCases)
+  func storedFormsAreTheDefinition(unit: VectorUnit) {
+    for (dtypes, label) in [([DType.bf16, .bf16], "bf16"), ([.f32, .f32], "f32"), ([.bf16, .f32], "mixed")] {
+      for c in storedCases(dtypes[0] == dtypes[1] ? dtypes[0] : .bf16) {
+        let importances = c.importances
+        let keys = importances.map(Kernels.orderKey)
+        let where_ = "\(label) on \(unit): \(c.model.count) from \(c.offset) in rows of \(c.width)"
+        withStoredElements([c.model, c.base], dtypes) { stored in
+          for knownBits in [16, 48] {
+            let shift = UInt64(64 - knownBits)
+            let prefixes = [keys[keys.count / 2] >> shift, keys[0] >> shift, keys[keys.count - 1] >> shift]
+            let got = Kernels.importanceKeys(
+              model: stored[0], base: stored[1], count: c.model.count, offset: c.offset, width: c.width,
+              factors: c.factors, under: prefixes, knownBits: knownBits, unit: unit)
+            #expect(got == keys.filter { prefixes.contains($0 >> shift) }, "\(where_), \(knownBits) bits")
+          }
+          let threshold = importances.filter { !$0.isNaN }.sorted()[importances.count / 3]
+          let fused = importances.indices.map { importances[$0] >= threshold ? c.model[$0] : c.base[$0] }
+          for output in [DType.bf16, .f32] {
+            let expected = Tensor(shape: [fused.count], scalars: fused).encoded(as: output).bytes
+            let got = [UInt8](unsafeUninitializedCapacity: fused.count * output.size) { buffer, initialized in
+              Kernels.fuseByImportance(
+                model: stored[0], base: stored[1], count: c.model.count, offset: c.offset, width: c.width,
+                factors: c.factors, threshold: threshold, into: UnsafeMutableRawBufferPointer(buffer), as: output,
+                unit: unit)
+              initialized = fused.count * output.size
+            }
+            #expect(got == expected, "\(where_), fused as \(output)")
+          }
+        }
+      }
+    }
+  }
 }
