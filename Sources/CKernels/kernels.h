@@ -579,6 +579,18 @@ static inline uint64_t mergekit_importance_key1(float m, float b, double factor)
   bits = mergekit_double_bits(mergekit_bits_double(bits) * factor);
   return bits ^ ((0 - (bits >> 63)) | ((uint64_t)1 << 63));
 }
+/// The key loops' last elements `i ..< end`, one at a time: each key in one of the ranges is
+/// written at `out[found]`, `found` counting on; returns the new count.
+static inline size_t mergekit_importance_keys_rest(const void *model, const void *base, size_t i, size_t end,
+                                                   double factor, const uint64_t *lows, const uint64_t *highs,
+                                                   uint64_t *out, size_t found, float (*load)(const void *, size_t)) {
+  for (; i < end; i++) {
+    uint64_t k = mergekit_importance_key1(load(model, i), load(base, i), factor);
+    if ((k >= lows[0] && k <= highs[0]) || (k >= lows[1] && k <= highs[1]) || (k >= lows[2] && k <= highs[2]))
+      out[found++] = k;
+  }
+  return found;
+}
 /// The importance keys (`mergekit_importance_keys8`) of elements `first ..< first + n` of one
 /// row segment (one `factor`) of a model and a base of the loader's dtype that lie in one of
 /// the three key ranges `lows[q] ... highs[q]`, written to `out` in element order; returns how
@@ -604,12 +616,7 @@ static inline uint64_t mergekit_importance_key1(float m, float b, double factor)
         found += (size_t)__builtin_popcount((unsigned)hit);                                       \
       }                                                                                           \
     }                                                                                             \
-    for (; i < end; i++) {                                                                        \
-      uint64_t k = mergekit_importance_key1(LOAD1(model, i), LOAD1(base, i), factor);             \
-      if ((k >= lows[0] && k <= highs[0]) || (k >= lows[1] && k <= highs[1]) || (k >= lows[2] && k <= highs[2])) \
-        out[found++] = k;                                                                         \
-    }                                                                                             \
-    return found;                                                                                 \
+    return mergekit_importance_keys_rest(model, base, i, end, factor, lows, highs, out, found, LOAD1); \
   }
 MERGEKIT_IMPORTANCE_KEYS(mergekit_importance_keys_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)
 MERGEKIT_IMPORTANCE_KEYS(mergekit_importance_keys_f32_avx512, mergekit_f32_floats, mergekit_f32_one)

@@ -350,12 +350,71 @@ MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_avx2, const float *, mergekit
 MERGEKIT_ABSOLUTE_SUMS_AVX2(mergekit_absolute_sums_bf16_differences_avx2, mergekit_key_source,
                             mergekit_bf16_difference_magnitudes8)
 #undef MERGEKIT_ABSOLUTE_SUMS_AVX2
+
+/// `mergekit_importance_keys8` in fours: AVX2 has no 64-bit arithmetic shift, so a negative
+/// value's mask is a signed comparison with 0.
+MERGEKIT_AVX2 __attribute__((always_inline)) static inline __m256i mergekit_importance_keys4(__m256d m, __m256d b,
+                                                                                            __m256d factor) {
+  __m256i magnitude = _mm256_and_si256(_mm256_castpd_si256(_mm256_sub_pd(m, b)), _mm256_set1_epi64x(INT64_MAX));
+  __m256i bits = _mm256_castpd_si256(_mm256_mul_pd(_mm256_castsi256_pd(magnitude), factor));
+  __m256i negative = _mm256_cmpgt_epi64(_mm256_setzero_si256(), bits);
+  return _mm256_xor_si256(bits, _mm256_or_si256(negative, _mm256_set1_epi64x(INT64_MIN)));
+}
+/// `mergekit_importance_keys_*_avx512` in eights: the unsigned range tests as signed ones on
+/// keys with the top bit flipped, the few matching keys picked out of a lane mask in order.
+/// `out` has room for `n` keys.
+#define MERGEKIT_IMPORTANCE_KEYS_AVX2(NAME, LOAD8, LOAD1)                                        \
+  MERGEKIT_AVX2 static inline size_t NAME(const void *model, const void *base, size_t first, size_t n, double factor, \
+                                          const uint64_t *lows, const uint64_t *highs, uint64_t *out) { \
+    const __m256d f = _mm256_set1_pd(factor);                                                    \
+    const __m256i flip = _mm256_set1_epi64x(INT64_MIN);                                          \
+    __m256i l[3], h[3];                                                                          \
+    for (int q = 0; q < 3; q++) {                                                                \
+      l[q] = _mm256_xor_si256(_mm256_set1_epi64x((long long)lows[q]), flip);                     \
+      h[q] = _mm256_xor_si256(_mm256_set1_epi64x((long long)highs[q]), flip);                    \
+    }                                                                                            \
+    size_t i = first, end = first + n, found = 0;                                                \
+    for (; i + 8 <= end; i += 8) {                                                               \
+      __m256 m = LOAD8(model, i), b = LOAD8(base, i);                                            \
+      _Pragma("unroll") for (int half = 0; half < 2; half++) {                                   \
+        __m256i k = mergekit_importance_keys4(mergekit_doubles_of_half8(m, half), mergekit_doubles_of_half8(b, half), f); \
+        __m256i signed_k = _mm256_xor_si256(k, flip);                                            \
+        __m256i outside = _mm256_set1_epi64x(-1);                                                \
+        _Pragma("unroll") for (int q = 0; q < 3; q++) {                                          \
+          outside = _mm256_and_si256(outside, _mm256_or_si256(_mm256_cmpgt_epi64(l[q], signed_k), \
+                                                              _mm256_cmpgt_epi64(signed_k, h[q]))); \
+        }                                                                                        \
+        int hits = ~_mm256_movemask_pd(_mm256_castsi256_pd(outside)) & 0xF;                      \
+        if (hits) {                                                                              \
+          uint64_t lanes[4];                                                                     \
+          _mm256_storeu_si256((__m256i *)lanes, k);                                              \
+          for (; hits; hits &= hits - 1) out[found++] = lanes[__builtin_ctz((unsigned)hits)];     \
+        }                                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+    return mergekit_importance_keys_rest(model, base, i, end, factor, lows, highs, out, found, LOAD1); \
+  }
+MERGEKIT_IMPORTANCE_KEYS_AVX2(mergekit_importance_keys_bf16_avx2, mergekit_bf16_floats8, mergekit_bf16_one)
+MERGEKIT_IMPORTANCE_KEYS_AVX2(mergekit_importance_keys_f32_avx2, mergekit_f32_floats8, mergekit_f32_one)
+#undef MERGEKIT_IMPORTANCE_KEYS_AVX2
 #undef MERGEKIT_ABSOLUTE_SUMS_AVX2_ADD
 #undef MERGEKIT_AVX2
 #undef MERGEKIT_CONSENSUS_STEPS
 
 #else
 static inline int mergekit_has_avx2(void) { return 0; }
+static inline size_t mergekit_importance_keys_bf16_avx2(const void *model, const void *base, size_t first, size_t n,
+                                                        double factor, const uint64_t *lows, const uint64_t *highs,
+                                                        uint64_t *out) {
+  (void)model; (void)base; (void)first; (void)n; (void)factor; (void)lows; (void)highs; (void)out;
+  return 0;
+}
+static inline size_t mergekit_importance_keys_f32_avx2(const void *model, const void *base, size_t first, size_t n,
+                                                       double factor, const uint64_t *lows, const uint64_t *highs,
+                                                       uint64_t *out) {
+  (void)model; (void)base; (void)first; (void)n; (void)factor; (void)lows; (void)highs; (void)out;
+  return 0;
+}
 static inline size_t mergekit_bracket_summary_avx2(
     mergekit_key_source source, size_t n, uint32_t low, uint32_t high, uint64_t counts[4], uint32_t *out) {
   return mergekit_bracket_summary_avx512(source, n, low, high, counts, out);

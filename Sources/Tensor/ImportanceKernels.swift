@@ -336,11 +336,11 @@ protocol ImportanceVisitor {
   mutating func one(_ i: Int, _ x: Double)
 }
 
-/// Arcee fusion's key-collecting and fusing kernels over the stored elements of a range: on a
-/// machine with AVX-512 (when `unit` allows it) and a model and base both BF16 or both F32, a
-/// `CKernels` loop per row segment widens each element in a register as it goes, without
-/// decoding the range into arrays; otherwise the inputs are decoded and the array kernels run.
-/// The same results every way.
+/// Arcee fusion's key-collecting and fusing kernels over the stored elements of a range: where
+/// the model and the base are both BF16 or both F32 and the machine has the unit's `CKernels`
+/// loop (AVX-512 or AVX2 for the keys, AVX-512 for the fusing), the loop runs per row segment,
+/// widening each element in a register as it goes, without decoding the range into arrays;
+/// otherwise the inputs are decoded and the array kernels run. The same results every way.
 extension Kernels {
   /// `importanceKeys` of `count` stored elements of the model and the base, the range's first
   /// element being element `offset` of the tensor.
@@ -349,13 +349,11 @@ extension Kernels {
     under prefixes: [UInt64], knownBits: Int, unit: VectorUnit = .machine
   ) -> [UInt64] {
     precondition((1...3).contains(prefixes.count) && (16...48).contains(knownBits), "importanceKeys' prefixes")
-    guard count > 0, unit.available == .avx512, model.dtype == base.dtype, model.dtype == .bf16 || model.dtype == .f32
-    else {
+    guard count > 0, let kernel = storedKeysKernel(model, base, unit: unit) else {
       return importanceKeys(
         model: model.decoded(count: count), base: base.decoded(count: count), offset: offset, width: width,
         factors: factors, under: prefixes, knownBits: knownBits)
     }
-    let kernel = model.dtype == .bf16 ? mergekit_importance_keys_bf16_avx512 : mergekit_importance_keys_f32_avx512
     // Each prefix as the range of keys under it.
     let shift = UInt64(64 - knownBits)
     let lows = (0..<3).map { prefixes[Swift.min($0, prefixes.count - 1)] << shift }
@@ -378,8 +376,7 @@ extension Kernels {
   ) {
     precondition(out.count >= count * dtype.size, "fuseByImportance's output")
     guard let target = out.baseAddress, count > 0 else { return }
-    guard unit.available == .avx512, model.dtype == base.dtype, model.dtype == .bf16 || model.dtype == .f32,
-      dtype == .bf16 || dtype == .f32
+    guard dtype == .bf16 || dtype == .f32, let kernel = storedFuseKernel(model, base, unit: unit)
     else {
       let fused = fuseByImportance(
         model: model.decoded(count: count), base: base.decoded(count: count), offset: offset, width: width,
@@ -387,10 +384,44 @@ extension Kernels {
       fused.withUnsafeBufferPointer { DTypeConversion.encode($0, as: dtype, into: out) }
       return
     }
-    let kernel =
-      model.dtype == .bf16 ? mergekit_fuse_by_importance_bf16_avx512 : mergekit_fuse_by_importance_f32_avx512
     forEachRowSegment(count: count, offset: offset, width: width) { start, end, row in
       kernel(model.start, base.start, start, end - start, factors[row], threshold, target, dtype == .bf16 ? 1 : 0)
+    }
+  }
+
+  typealias StoredKeysKernel = (
+    UnsafeRawPointer?, UnsafeRawPointer?, Int, Int, Double, UnsafePointer<UInt64>?, UnsafePointer<UInt64>?,
+    UnsafeMutablePointer<UInt64>?
+  ) -> Int
+  typealias StoredFuseKernel = (
+    UnsafeRawPointer?, UnsafeRawPointer?, Int, Int, Double, Double, UnsafeMutableRawPointer?, Int32
+  ) -> Void
+
+  /// The `CKernels` key loop for a model and base both BF16 or both F32 on `unit` (AVX-512 or
+  /// AVX2, as the machine has them); nil where the inputs must be decoded first.
+  static func storedKeysKernel(_ model: StoredElements, _ base: StoredElements, unit: VectorUnit)
+    -> StoredKeysKernel?
+  {
+    guard model.dtype == base.dtype else { return nil }
+    switch (unit.available, model.dtype) {
+    case (.avx512, .bf16): return mergekit_importance_keys_bf16_avx512
+    case (.avx512, .f32): return mergekit_importance_keys_f32_avx512
+    case (.avx2, .bf16): return mergekit_importance_keys_bf16_avx2
+    case (.avx2, .f32): return mergekit_importance_keys_f32_avx2
+    default: return nil
+    }
+  }
+
+  /// The `CKernels` fusing loop for a model and base both BF16 or both F32 on a unit with
+  /// AVX-512; nil elsewhere (an AVX2 form ran no faster than the Swift loop over decoded values).
+  static func storedFuseKernel(_ model: StoredElements, _ base: StoredElements, unit: VectorUnit)
+    -> StoredFuseKernel?
+  {
+    guard model.dtype == base.dtype, unit.available == .avx512 else { return nil }
+    switch model.dtype {
+    case .bf16: return mergekit_fuse_by_importance_bf16_avx512
+    case .f32: return mergekit_fuse_by_importance_f32_avx512
+    default: return nil
     }
   }
 

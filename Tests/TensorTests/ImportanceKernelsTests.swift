@@ -212,7 +212,7 @@ import Testing
   }
 
   /// The kernels from stored elements (BF16 or F32 inputs: the `CKernels` loops where the unit
-  /// has AVX-512; a model and base of different dtypes: decoded) give the definition's keys, and
+  /// has them; a model and base of different dtypes: decoded) give the definition's keys, and
   /// the definition's fused values encoded as BF16 and F32 byte for byte, on every unit.
   @Test(arguments: VectorUnit.allCases)
   func storedFormsAreTheDefinition(unit: VectorUnit) {
