@@ -220,7 +220,7 @@ import Testing
       for c in storedCases(dtypes[0] == dtypes[1] ? dtypes[0] : .bf16) {
         let importances = c.importances
         let keys = importances.map(Kernels.orderKey)
-        let where_ = "\(label) on \(unit): \(c.model.count) from \(c.offset) in rows of \(c.width)"
+        let context = "\(label) on \(unit): \(c.model.count) from \(c.offset) in rows of \(c.width)"
         withStoredElements([c.model, c.base], dtypes) { stored in
           for knownBits in [16, 48] {
             let shift = UInt64(64 - knownBits)
@@ -228,7 +228,7 @@ import Testing
             let got = Kernels.importanceKeys(
               model: stored[0], base: stored[1], count: c.model.count, offset: c.offset, width: c.width,
               factors: c.factors, under: prefixes, knownBits: knownBits, unit: unit)
-            #expect(got == keys.filter { prefixes.contains($0 >> shift) }, "\(where_), \(knownBits) bits")
+            #expect(got == keys.filter { prefixes.contains($0 >> shift) }, "\(context), \(knownBits) bits")
           }
           let threshold = importances.filter { !$0.isNaN }.sorted()[importances.count / 3]
           let fused = importances.indices.map { importances[$0] >= threshold ? c.model[$0] : c.base[$0] }
@@ -241,7 +241,7 @@ import Testing
                 unit: unit)
               initialized = fused.count * output.size
             }
-            #expect(got == expected, "\(where_), fused as \(output)")
+            #expect(got == expected, "\(context), fused as \(output)")
           }
         }
       }
