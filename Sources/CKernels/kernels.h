@@ -565,18 +565,24 @@ MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_bf16_avx512, mergekit_bf16_f
 MERGEKIT_SPARSE_CONSENSUS(mergekit_sparse_consensus_f32_avx512, mergekit_f32_floats, mergekit_f32_one)
 #undef MERGEKIT_SPARSE_CONSENSUS
 /// Arcee fusion's importances `|m - b| * factor` in double (each float widened exactly, the
-/// difference's sign bit cleared) of 8 elements, as their order-preserving keys
+/// difference's sign bit cleared) of 8 elements; `..._keys8`: as their order-preserving keys
 /// (`Kernels.orderKey`: the sign bit set for positive values, every bit flipped for negative).
-__attribute__((target("avx512f"), always_inline)) static inline __m512i mergekit_importance_keys8(
+__attribute__((target("avx512f"), always_inline)) static inline __m512d mergekit_importances8(
     __m512d m, __m512d b, __m512d factor) {
   __m512i magnitude = _mm512_and_si512(_mm512_castpd_si512(_mm512_sub_pd(m, b)), _mm512_set1_epi64(INT64_MAX));
-  __m512i bits = _mm512_castpd_si512(_mm512_mul_pd(_mm512_castsi512_pd(magnitude), factor));
+  return _mm512_mul_pd(_mm512_castsi512_pd(magnitude), factor);
+}
+__attribute__((target("avx512f"), always_inline)) static inline __m512i mergekit_importance_keys8(
+    __m512d m, __m512d b, __m512d factor) {
+  __m512i bits = _mm512_castpd_si512(mergekit_importances8(m, b, factor));
   return _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi64(bits, 63), _mm512_set1_epi64(INT64_MIN)));
 }
+/// One element's importance, and its key.
+static inline double mergekit_importance1(float m, float b, double factor) {
+  return mergekit_bits_double(mergekit_double_bits((double)m - (double)b) & (uint64_t)INT64_MAX) * factor;
+}
 static inline uint64_t mergekit_importance_key1(float m, float b, double factor) {
-  double d = (double)m - (double)b;
-  uint64_t bits = mergekit_double_bits(d) & (uint64_t)INT64_MAX;
-  bits = mergekit_double_bits(mergekit_bits_double(bits) * factor);
+  uint64_t bits = mergekit_double_bits(mergekit_importance1(m, b, factor));
   return bits ^ ((0 - (bits >> 63)) | ((uint64_t)1 << 63));
 }
 /// The key loops' last elements `i ..< end`, one at a time: each key in one of the ranges is
@@ -629,24 +635,20 @@ MERGEKIT_IMPORTANCE_KEYS(mergekit_importance_keys_f32_avx512, mergekit_f32_float
       const void *model, const void *base, size_t first, size_t n, double factor, double threshold, void *out, \
       int bf16_out) {                                                                             \
     const __m512d f = _mm512_set1_pd(factor), t = _mm512_set1_pd(threshold);                      \
-    const __m512i magnitude = _mm512_set1_epi64(INT64_MAX);                                       \
     size_t i = first, end = first + n;                                                            \
     for (; i + 16 <= end; i += 16) {                                                              \
       __m512 m = LOAD16(model, i), b = LOAD16(base, i);                                           \
       __m256 chosen[2];                                                                           \
       _Pragma("unroll") for (int h = 0; h < 2; h++) {                                             \
         __m512d md = mergekit_doubles_of_half(m, h), bd = mergekit_doubles_of_half(b, h);         \
-        __m512d importance = _mm512_mul_pd(                                                       \
-            _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(_mm512_sub_pd(md, bd)), magnitude)), f); \
-        __mmask8 keep = _mm512_cmp_pd_mask(importance, t, _CMP_GE_OQ);                            \
+        __mmask8 keep = _mm512_cmp_pd_mask(mergekit_importances8(md, bd, f), t, _CMP_GE_OQ);       \
         chosen[h] = _mm512_cvtpd_ps(_mm512_mask_mov_pd(bd, keep, md));                            \
       }                                                                                           \
       mergekit_store16(out, i, chosen[0], chosen[1], bf16_out);                                   \
     }                                                                                             \
     for (; i < end; i++) {                                                                        \
       float m = LOAD1(model, i), b = LOAD1(base, i);                                              \
-      double importance = mergekit_bits_double(mergekit_double_bits((double)m - (double)b) & (uint64_t)INT64_MAX) * factor; \
-      mergekit_store1(out, i, importance >= threshold ? m : b, bf16_out);                         \
+      mergekit_store1(out, i, mergekit_importance1(m, b, factor) >= threshold ? m : b, bf16_out);  \
     }                                                                                             \
   }
 MERGEKIT_FUSE_BY_IMPORTANCE(mergekit_fuse_by_importance_bf16_avx512, mergekit_bf16_floats, mergekit_bf16_one)

@@ -181,14 +181,11 @@ public struct ArceeFusionMerge: StreamingMerge {
         model: model, base: base, offset: range.offset, width: width, factors: kl, threshold: threshold)
     } stored: { inputs, elements, dtype in
       guard inputs.count == 2 else { throw MergeError.baseRequired(method: method) }
-      let size = elements.count * dtype.size
-      let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+      return TensorData(dtype: dtype, count: elements.count) { out in
         Kernels.fuseByImportance(
           model: inputs[1], base: inputs[0], count: elements.count, offset: elements.lowerBound, width: width,
-          factors: kl, threshold: threshold, into: UnsafeMutableRawBufferPointer(buffer), as: dtype)
-        initialized = size
+          factors: kl, threshold: threshold, into: out, as: dtype)
       }
-      return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
     }
   }
 

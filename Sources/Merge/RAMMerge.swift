@@ -82,14 +82,11 @@ public struct RAMMerge: StreamingMerge {
       }
     } stored: { inputs, elements, dtype in
       guard inputs.count == models + 1 else { throw MergeError.baseRequired(method: method) }
-      let size = elements.count * dtype.size
-      let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+      return TensorData(dtype: dtype, count: elements.count) { out in
         Kernels.changeMerge(
           base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, epsilon: epsilon,
-          lambdas: fixed, into: UnsafeMutableRawBufferPointer(buffer), as: dtype)
-        initialized = size
+          lambdas: fixed, into: out, as: dtype)
       }
-      return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
     }
   }
 

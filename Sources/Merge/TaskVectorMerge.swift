@@ -373,15 +373,11 @@ public struct TaskVectorMerge: StreamingMerge {
           let delta = taskVectors.model(m)
           rules.append(sparsity[m].keep(delta, offset: elements.lowerBound).map { .bits(Kernels.packBits($0)) } ?? .all)
         }
-        let size = elements.count * dtype.size
-        let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+        return TensorData(dtype: dtype, count: elements.count) { out in
           Kernels.sparseConsensusMerge(
             base: inputs[0], models: Array(inputs.dropFirst()), count: elements.count, keep: rules, scales: scales,
-            weights: weights, lambda: lambda, normalize: normalize, elect: elect,
-            into: UnsafeMutableRawBufferPointer(buffer), as: dtype)
-          initialized = size
+            weights: weights, lambda: lambda, normalize: normalize, elect: elect, into: out, as: dtype)
         }
-        return TensorData(dtype: dtype, shape: [elements.count], bytes: bytes)
       }
     }
     // Only mergekit's narrow compute dtypes get here: every operation rounded as torch rounds it.

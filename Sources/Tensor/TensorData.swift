@@ -15,6 +15,18 @@ public struct TensorData: Sendable, Equatable {
     self.bytes = bytes
   }
 
+  /// A vector of `count` elements of `dtype` whose bytes `write` fills, every one of them (the
+  /// buffer is not zero-filled first): what a merge that encodes straight from stored inputs
+  /// hands back.
+  public init(dtype: DType, count: Int, writing write: (UnsafeMutableRawBufferPointer) -> Void) {
+    let size = count * dtype.size
+    let bytes = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
+      write(UnsafeMutableRawBufferPointer(buffer))
+      initialized = size
+    }
+    self.init(dtype: dtype, shape: [count], bytes: bytes)
+  }
+
   /// Number of elements.
   public var count: Int { shape.reduce(1, *) }
 
