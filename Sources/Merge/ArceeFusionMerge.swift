@@ -199,20 +199,29 @@ public struct ArceeFusionMerge: StreamingMerge {
     let width = max(baseTensor.shape.last ?? 1, 1)
     let change = inputs.relativeToBase(r)[0]
     var importance = [Float](repeating: 0, count: count)
-    for start in stride(from: 0, to: count, by: width) {
-      let row = start..<min(count, start + width)
-      let pm = Self.softmax(model[row].map(Double.init)[...]).map { r.round(r.round($0) + 1e-8) }
-      let qb = Self.softmax(base[row].map(Double.init)[...]).map { r.round(r.round($0) + 1e-8) }
-      let kl = r.round(
-        zip(pm, qb).reduce(0.0) { $0 + Double(r.round($1.0 * r.round(Float(log(Double(r.round($1.0 / $1.1))))))) })
-      for i in row { importance[i] = r.round(abs(change[i]) * kl) }
+    // Rows side by side on all cores, each writing its own elements.
+    let rows = (count + width - 1) / width
+    let rowsPerItem = max(1, Elementwise.blockSize / width)
+    importance.withUnsafeMutableBufferPointer { out in
+      guard let o = out.baseAddress else { return }
+      try? Parallel.forEach((rows + rowsPerItem - 1) / rowsPerItem) { _, item in
+        for rowIndex in (item * rowsPerItem)..<min(rows, (item + 1) * rowsPerItem) {
+          let row = (rowIndex * width)..<min(count, (rowIndex + 1) * width)
+          let pm = Self.softmax(model[row].map(Double.init)[...]).map { r.round(r.round($0) + 1e-8) }
+          let qb = Self.softmax(base[row].map(Double.init)[...]).map { r.round(r.round($0) + 1e-8) }
+          let kl = r.round(
+            zip(pm, qb).reduce(0.0) { $0 + Double(r.round($1.0 * r.round(Float(log(Double(r.round($1.0 / $1.1))))))) })
+          for i in row { o[i] = r.round(abs(change[i]) * kl) }
+        }
+      }
     }
-    let sorted = importance.sorted()
-    func quantile(_ q: Double) -> Float { sorted[Int(q * Double(count - 1))] }
-    let threshold = r.round(quantile(0.5) + r.round(1.5 * r.round(quantile(0.75) - quantile(0.25))))
+    // The quartiles as the sorted importances' elements (the order statistics, without a sort).
+    let positions = [0.5, 0.75, 0.25].map { Int($0 * Double(count - 1)) }
+    let quartiles = RoundedSweeps.orderStatistics(importance, positions)
+    let threshold = r.round(quartiles[0] + r.round(1.5 * r.round(quartiles[1] - quartiles[2])))
     return Tensor(
       shape: baseTensor.shape,
-      scalars: (0..<count).map { r.round(base[$0] + (importance[$0] >= threshold ? change[$0] : 0)) })
+      scalars: Elementwise.map(count) { r.round(base[$0] + (importance[$0] >= threshold ? change[$0] : 0)) })
   }
 
   static func softmax(_ values: ArraySlice<Double>) -> [Double] {

@@ -28,7 +28,7 @@ public struct KarcherMerge: StreamingMerge {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     if inputs.models.count == 1 { return inputs.models[0] }
-    if Self.roundsSteps(p) { return mergeRounded(inputs, p) }
+    if Self.roundsSteps(p) { return try mergeRounded(inputs, p) }
     return try mergeThroughRanges(MergeInputs(name: inputs.name, base: nil, models: inputs.models), p)
   }
 
@@ -102,45 +102,87 @@ public struct KarcherMerge: StreamingMerge {
     return result
   }
 
-  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) -> Tensor {
-    let r = p.arithmetic
-    let tol = p.number("tol")
-    let shape = inputs.models[0].shape
+  /// mergekit's iteration with each torch operation rounded (`MergeArithmetic.rounded`), on the
+  /// whole tensor (`RoundedKarcher`).
+  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let points = inputs.models.map(\.scalars)
+    let merged = p.arithmetic.withRule(
+      RoundedKarcher(points: points, tol: p.number("tol"), iterations: Int(p.number("max_iter"))))
+    return Tensor(shape: inputs.models[0].shape, scalars: merged)
+  }
+}
+
+/// Karcher's iteration as mergekit computes it in a narrow dtype, each torch operation rounded:
+/// the norms and dot products are sums in `Double` (`Elementwise.sum`), rounded once; every
+/// elementwise step is rounded. Sweeps over buffers allocated once, on all cores.
+struct RoundedKarcher: RoundedComputation {
+  let points: [[Float]]
+  let tol: Double
+  let iterations: Int
+
+  func callAsFunction<R: RoundingRule>(_: R.Type) -> [Float] {
+    typealias S = RoundedSweeps
     let count = points[0].count
-    let zeros = [Float](repeating: 0, count: count)
     let alphas = [Double](repeating: 1 / Double(points.count), count: points.count)
-    func norm(_ v: [Float]) -> Float { Float(v.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()) }
-    let norms = points.map(norm)
+    let norms = points.map(S.norm)
     let valid = norms.indices.filter { Double(norms[$0]) > tol }
-    guard !valid.isEmpty else { return Tensor(shape: shape, scalars: zeros) }
-    let units = valid.map { i in points[i].map { r.round($0 / norms[i]) } }
+    guard !valid.isEmpty else { return [Float](repeating: 0, count: count) }
+    let units = valid.map { i in
+      let n = norms[i]
+      return [Float](unsafeUninitializedCapacity: count) { out, initialized in
+        points[i].withUnsafeBufferPointer { v in
+          if let o = out.baseAddress, let p = v.baseAddress {
+            S.forEachBlock(count) { r in for i in r { o[i] = R.round(p[i] / n) } }
+          }
+        }
+        initialized = count
+      }
+    }
     let total = valid.reduce(0) { $0 + alphas[$1] }
     let weights = valid.map { Float(alphas[$0] / total) }
-    var mean = zeros
-    for (u, w) in zip(units, weights) { for i in 0..<count { mean[i] = r.round(mean[i] + r.round(w * u[i])) } }
-    let meanNorm = norm(mean)
-    mean = Double(meanNorm) < tol ? units[0] : mean.map { r.round($0 / meanNorm) }
-    for _ in 0..<Int(p.number("max_iter")) {
-      var tangent = zeros
-      for (u, w) in zip(units, weights) {
-        let dot = min(1, max(-1, r.round(zip(mean, u).reduce(0.0) { $0 + Double($1.0) * Double($1.1) })))
-        let theta = r.round(Float(acos(Double(dot))))
-        if Double(theta) < tol { continue }
-        let factor = r.round(w * r.round(theta / r.round(Float(sin(Double(theta))))))
-        for i in 0..<count {
-          tangent[i] = r.round(tangent[i] + r.round(factor * r.round(u[i] - r.round(dot * mean[i]))))
-        }
-      }
-      let step = norm(tangent)
-      if Double(step) < tol { break }
-      let (c, s) = (Float(cos(Double(step))), Float(sin(Double(step))))
-      mean = (0..<count).map { r.round(r.round(c * mean[$0]) + r.round(s * r.round(tangent[$0] / step))) }
-      let length = norm(mean)
-      if Double(length) > tol { mean = mean.map { r.round($0 / length) } }
-    }
     var scale: Float = 0
     for (alpha, n) in zip(alphas, norms) { scale += Float(alpha) * n }
-    return Tensor(shape: shape, scalars: mean.map { r.round(scale * $0) })
+    var mean = [Float](repeating: 0, count: count)
+    var tangent = [Float](repeating: 0, count: count)
+    units.withUnsafeBufferPointers { u in
+      mean.withUnsafeMutableBufferPointer { meanBuffer in
+        tangent.withUnsafeMutableBufferPointer { tangentBuffer in
+          guard let m = meanBuffer.baseAddress, let t = tangentBuffer.baseAddress else { return }
+          for (a, w) in weights.enumerated() {
+            let unit = u[a]
+            S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] + R.round(w * unit[i])) } }
+          }
+          let meanNorm = S.norm(m, count: count)
+          if Double(meanNorm) < tol {
+            m.update(from: u[0], count: count)
+          } else {
+            S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
+          }
+          for _ in 0..<iterations {
+            t.update(repeating: 0, count: count)
+            for (a, w) in weights.enumerated() {
+              let unit = u[a]
+              let dot = min(1, max(-1, R.round(S.dot(m, unit, count: count))))
+              let theta = R.round(Float(acos(Double(dot))))
+              if Double(theta) < tol { continue }
+              let factor = R.round(w * R.round(theta / R.round(Float(sin(Double(theta))))))
+              S.forEachBlock(count) { r in
+                for i in r { t[i] = R.round(t[i] + R.round(factor * R.round(unit[i] - R.round(dot * m[i])))) }
+              }
+            }
+            let step = S.norm(t, count: count)
+            if Double(step) < tol { break }
+            let (c, s) = (Float(cos(Double(step))), Float(sin(Double(step))))
+            S.forEachBlock(count) { r in
+              for i in r { m[i] = R.round(R.round(c * m[i]) + R.round(s * R.round(t[i] / step))) }
+            }
+            let length = S.norm(m, count: count)
+            if Double(length) > tol { S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / length) } } }
+          }
+          S.forEachBlock(count) { r in for i in r { m[i] = R.round(scale * m[i]) } }
+        }
+      }
+    }
+    return mean
   }
 }

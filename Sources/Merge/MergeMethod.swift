@@ -23,7 +23,26 @@ public struct MergeInputs: Sendable {
   /// rounds (torch's `model - base` in the compute dtype); the models themselves without a base.
   public func relativeToBase(_ arithmetic: MergeArithmetic) -> [[Float]] {
     guard let base = base?.scalars else { return models.map(\.scalars) }
-    return models.map { model in zip(model.scalars, base).map { arithmetic.round($0 - $1) } }
+    return models.map { arithmetic.withRule(RoundedDifference(model: $0.scalars, base: base)) }
+  }
+}
+
+/// `model - base`, each difference rounded, over the blocks on all cores.
+struct RoundedDifference: RoundedComputation {
+  let model: [Float]
+  let base: [Float]
+
+  func callAsFunction<R: RoundingRule>(_: R.Type) -> [Float] {
+    let count = min(model.count, base.count)
+    return [Float](unsafeUninitializedCapacity: count) { out, initialized in
+      model.withUnsafeBufferPointer { m in
+        base.withUnsafeBufferPointer { b in
+          guard let o = out.baseAddress, let mp = m.baseAddress, let bp = b.baseAddress else { return }
+          RoundedSweeps.forEachBlock(count) { r in for i in r { o[i] = R.round(mp[i] - bp[i]) } }
+        }
+      }
+      initialized = count
+    }
   }
 }
 

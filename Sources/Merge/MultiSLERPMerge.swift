@@ -90,50 +90,97 @@ public struct MultiSLERPMerge: StreamingMerge {
     return (0..<models).map { (mean[$0] * c + tangent[$0] * s) * averageNorm }
   }
 
+  /// mergekit's torch operations, each rounded (`MergeArithmetic.rounded`), on the whole
+  /// tensor (`RoundedMultiSLERP`).
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     let r = p.arithmetic
-    let shape = inputs.models[0].shape
-    let base = inputs.base?.scalars
-    let points = inputs.relativeToBase(r)
-    let count = points[0].count
     var weights = inputs.models.indices.map { r.round(Float(p.number("weight", model: $0))) }
     if p.flag("normalize_weights") {
       let total = r.round(weights.reduce(0.0) { $0 + Double($1) })
       guard total != 0 else { throw MergeError.zeroWeightSum(method: name, tensor: inputs.name) }
       weights = weights.map { r.round($0 / total) }
     }
-    let eps = Float(p.number("eps"))
-    func norm(_ v: [Float]) -> Float { r.round(v.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot()) }
-    /// `sum_i values[i][j] * w_i` over the models, each product rounded, the sum rounded once.
-    func weightedSum(_ values: [[Float]]) -> [Float] {
-      (0..<count).map { j in r.round(zip(values, weights).reduce(0.0) { $0 + Double(r.round($1.0[j] * $1.1)) }) }
+    let merged = try r.withRule(
+      RoundedMultiSLERP(
+        points: inputs.relativeToBase(r), base: inputs.base?.scalars, weights: weights, eps: Float(p.number("eps")),
+        tensor: inputs.name, method: name))
+    return Tensor(shape: inputs.models[0].shape, scalars: merged)
+  }
+}
+
+/// Multi-SLERP as mergekit computes it in a narrow dtype, each torch operation rounded: the
+/// norms and dot products are sums in `Double` (`Elementwise.sum`), rounded once; each sum
+/// over the models is in `Double`, in model order, rounded once. The unit points are formed
+/// again where a sweep reads them rather than held; the sweeps run over the blocks on all cores.
+struct RoundedMultiSLERP: RoundedComputation {
+  /// The models minus the base (rounded), or the models.
+  let points: [[Float]]
+  let base: [Float]?
+  /// The rounded (and normalised) weights.
+  let weights: [Float]
+  let eps: Float
+  let tensor: String
+  let method: String
+
+  func callAsFunction<R: RoundingRule>(_: R.Type) throws(MergeError) -> [Float] {
+    typealias S = RoundedSweeps
+    let count = points[0].count
+    let norms = points.map { R.round(S.norm($0)) }
+    let divisors = norms.map { R.round($0 + eps) }
+    let weights = self.weights
+    var mean = [Float](repeating: 0, count: count)
+    var tangent = [Float](repeating: 0, count: count)
+    var opposed = false
+    points.withUnsafeBufferPointers { v in
+      mean.withUnsafeMutableBufferPointer { meanBuffer in
+        tangent.withUnsafeMutableBufferPointer { tangentBuffer in
+          guard let m = meanBuffer.baseAddress, let t = tangentBuffer.baseAddress else { return }
+          S.forEachBlock(count) { r in
+            for i in r {
+              var sum = 0.0
+              for (a, point) in v.enumerated() { sum += Double(R.round(R.round(point[i] / divisors[a]) * weights[a])) }
+              m[i] = R.round(sum)
+            }
+          }
+          let meanNorm = R.round(S.norm(m, count: count))
+          if meanNorm < eps {
+            opposed = true
+            return
+          }
+          S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
+          let dots = v.enumerated().map { a, point in
+            R.round(
+              Elementwise.sumOfBlocks(count) {
+                Elementwise.blockSum($0) { Double(R.round(R.round(point[$0] / divisors[a]) * m[$0])) }
+              })
+          }
+          S.forEachBlock(count) { r in
+            for i in r {
+              var sum = 0.0
+              for (a, point) in v.enumerated() {
+                let unit = R.round(point[i] / divisors[a])
+                sum += Double(R.round(R.round(unit - R.round(dots[a] * m[i])) * weights[a]))
+              }
+              t[i] = R.round(sum)
+            }
+          }
+          let tangentNorm = R.round(R.round(S.norm(t, count: count)) + eps)
+          let cosine = R.round(Float(cos(Double(tangentNorm))))
+          let scale = R.round(R.round(Float(sin(Double(tangentNorm)))) / tangentNorm)
+          var normSum = 0.0
+          for (n, w) in zip(norms, weights) { normSum += Double(R.round(n * w)) }
+          let averageNorm = R.round(normSum)
+          S.forEachBlock(count) { r in
+            for i in r { m[i] = R.round(R.round(R.round(m[i] * cosine) + R.round(t[i] * scale)) * averageNorm) }
+          }
+        }
+      }
     }
-    func finish(_ values: [Float]) -> Tensor {
-      Tensor(shape: shape, scalars: base.map { zip(values, $0).map { r.round($0 + $1) } } ?? values)
+    if opposed {
+      guard points.count == 2 else { throw MergeError.opposedInputs(method: method, tensor: tensor) }
+      mean = (0..<count).map { R.round(R.round(points[0][$0] * weights[0]) + R.round(points[1][$0] * weights[1])) }
     }
-    let norms = points.map(norm)
-    let units = zip(points, norms).map { v, n in
-      let divisor = r.round(n + eps)
-      return v.map { r.round($0 / divisor) }
-    }
-    var mean = weightedSum(units)
-    let meanNorm = norm(mean)
-    if meanNorm < eps {
-      guard points.count == 2 else { throw MergeError.opposedInputs(method: name, tensor: inputs.name) }
-      return finish(
-        (0..<count).map { r.round(r.round(points[0][$0] * weights[0]) + r.round(points[1][$0] * weights[1])) })
-    }
-    mean = mean.map { r.round($0 / meanNorm) }
-    let tangents = units.map { u -> [Float] in
-      let dot = r.round(zip(u, mean).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })
-      return zip(u, mean).map { r.round($0 - r.round(dot * $1)) }
-    }
-    let tangent = weightedSum(tangents)
-    let tangentNorm = r.round(norm(tangent) + eps)
-    let cosine = r.round(Float(cos(Double(tangentNorm))))
-    let scale = r.round(r.round(Float(sin(Double(tangentNorm)))) / tangentNorm)
-    let averageNorm = r.round(zip(norms, weights).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })
-    return finish(
-      (0..<count).map { j in r.round(r.round(r.round(mean[j] * cosine) + r.round(tangent[j] * scale)) * averageNorm) })
+    guard let base else { return mean }
+    return zip(mean, base).map { R.round($0 + $1) }
   }
 }

@@ -248,44 +248,101 @@ public struct SCEMerge: StreamingMerge {
     }
   }
 
+  /// mergekit's torch operations, each rounded (`MergeArithmetic.rounded`), on the whole
+  /// tensor (`RoundedSCE`).
   func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
-    guard let baseTensor = inputs.base else { throw MergeError.baseRequired(method: name) }
-    let r = p.arithmetic
-    let base = baseTensor.scalars
+    guard let base = inputs.base else { throw MergeError.baseRequired(method: name) }
+    let merged = p.arithmetic.withRule(
+      RoundedSCE(
+        base: base.scalars, taskVectors: inputs.relativeToBase(p.arithmetic), density: p.number("select_topk")))
+    return Tensor(shape: base.shape, scalars: merged)
+  }
+}
+
+/// SCE as mergekit computes it in a narrow dtype: the task vectors rounded; with `select_topk`
+/// below 1, each element's variance across them (mean and sum of squares in `Double`, rounded),
+/// the `floor(nonzero * select_topk)` largest variances kept (ties to the lower index,
+/// `Selection.largestMagnitudes`) and the other elements zeroed; each task vector's mean
+/// rounded square (summed as `Elementwise.sum` sums, rounded) over their total gives its
+/// weight; then, where a task vector agrees with the sign of the elements' sum, its rounded
+/// weighted value is summed and divided by the summed weights (at least 1e-6 rounded), and the
+/// quotient added to the base. Elementwise steps run over the blocks on all cores.
+struct RoundedSCE: RoundedComputation {
+  let base: [Float]
+  var taskVectors: [[Float]]
+  let density: Double
+
+  func callAsFunction<R: RoundingRule>(_: R.Type) -> [Float] {
+    typealias S = RoundedSweeps
     let count = base.count
-    var tvs = inputs.relativeToBase(r)
-    let n = Float(tvs.count)
-    let density = p.number("select_topk")
+    let models = taskVectors.count
+    let n = Double(models)
+    var tvs = taskVectors
     if density < 1 {
-      var keep = [Bool](repeating: false, count: count)
+      var variance = [Float](repeating: 0, count: count)
       if density > 0 {
-        let variance = (0..<count).map { i -> Float in
-          let mean = tvs.reduce(0.0) { $0 + Double($1[i]) } / Double(n)
-          return r.round(tvs.reduce(0.0) { $0 + (Double($1[i]) - mean) * (Double($1[i]) - mean) } / Double(n))
+        tvs.withUnsafeBufferPointers { t in
+          variance.withUnsafeMutableBufferPointer { out in
+            guard let v = out.baseAddress else { return }
+            S.forEachBlock(count) { r in
+              for i in r {
+                var sum = 0.0
+                for tv in t { sum += Double(tv[i]) }
+                let mean = sum / n
+                var squares = 0.0
+                for tv in t { squares += (Double(tv[i]) - mean) * (Double(tv[i]) - mean) }
+                v[i] = R.round(squares / n)
+              }
+            }
+          }
         }
-        let k = Int((Double(variance.filter { $0 != 0 }.count) * density).rounded(.towardZero))
-        let order = (0..<count).sorted {
-          abs(variance[$0]) > abs(variance[$1]) || (abs(variance[$0]) == abs(variance[$1]) && $0 < $1)
+      }
+      let nonzero = variance.reduce(0) { $0 + ($1 != 0 ? 1 : 0) }
+      let keep = Selection.largestMagnitudes(variance, keep: Int((Double(nonzero) * density).rounded(.towardZero)))
+      for m in 0..<models {
+        tvs[m].withUnsafeMutableBufferPointer { tv in
+          keep.withUnsafeBufferPointer { k in
+            guard let t = tv.baseAddress, let kept = k.baseAddress else { return }
+            S.forEachBlock(count) { r in for i in r where !kept[i] { t[i] = 0 } }
+          }
         }
-        for i in order.prefix(k) { keep[i] = true }
       }
-      tvs = tvs.map { tv in tv.enumerated().map { keep[$0] ? $1 : 0 } }
     }
-    let squares = tvs.map { tv in r.round(tv.reduce(0.0) { $0 + Double(r.round($1 * $1)) } / Double(max(count, 1))) }
-    let total = r.round(squares.reduce(0.0) { $0 + Double($1) })
-    let weights = abs(total) < 1e-6 ? squares.map { _ in r.round(1 / n) } : squares.map { r.round($0 / total) }
-    let floor = r.round(Float(1e-6))
-    let merged = (0..<count).map { i -> Float in
-      let sum = tvs.reduce(0.0) { $0 + Double($1[i]) }
-      let majority: Float = sum >= 0 ? 1 : -1
-      var numerator = 0.0
-      var denominator = 0.0
-      for (tv, w) in zip(tvs, weights) where tv[i] != 0 && (tv[i] > 0 ? 1 : -1) == majority {
-        numerator += Double(r.round(tv[i] * w))
-        denominator += Double(w)
+    let squares = tvs.map { tv in
+      tv.withUnsafeBufferPointer { b -> Float in
+        guard let t = b.baseAddress else { return R.round(0.0 / Double(max(count, 1))) }
+        return R.round(
+          Elementwise.sumOfBlocks(count) { Elementwise.blockSum($0) { Double(R.round(t[$0] * t[$0])) } }
+            / Double(max(count, 1)))
       }
-      return r.round(base[i] + r.round(r.round(numerator) / max(r.round(denominator), floor)))
     }
-    return Tensor(shape: baseTensor.shape, scalars: merged)
+    var sum = 0.0
+    for square in squares { sum += Double(square) }
+    let total = R.round(sum)
+    let weights =
+      abs(total) < 1e-6 ? squares.map { _ in R.round(1 / Float(models)) } : squares.map { R.round($0 / total) }
+    let floor = R.round(Float(1e-6))
+    return [Float](unsafeUninitializedCapacity: count) { out, initialized in
+      tvs.withUnsafeBufferPointers { t in
+        base.withUnsafeBufferPointer { b in
+          guard let o = out.baseAddress, let basis = b.baseAddress else { return }
+          S.forEachBlock(count) { r in
+            for i in r {
+              var sum = 0.0
+              for tv in t { sum += Double(tv[i]) }
+              let majority: Float = sum >= 0 ? 1 : -1
+              var numerator = 0.0
+              var denominator = 0.0
+              for (tv, w) in zip(t, weights) where tv[i] != 0 && (tv[i] > 0 ? 1 : -1) == majority {
+                numerator += Double(R.round(tv[i] * w))
+                denominator += Double(w)
+              }
+              o[i] = R.round(basis[i] + R.round(R.round(numerator) / max(R.round(denominator), floor)))
+            }
+          }
+        }
+      }
+      initialized = count
+    }
   }
 }

@@ -51,7 +51,7 @@ public enum DTypeConversion {
 
   /// F64 to F32 rounded to odd: a later narrowing of the result to F16/BF16 then rounds exactly
   /// as a direct F64 -> F16/BF16 conversion would (no double-rounding error).
-  @usableFromInline @inline(__always) static func roundedToOdd(_ d: Double) -> Float {
+  @inlinable @inline(__always) static func roundedToOdd(_ d: Double) -> Float {
     var f = Float(d)
     guard f.isFinite, Double(f) != d else { return f }
     if abs(Double(f)) > abs(d) { f = f > 0 ? f.nextDown : f.nextUp }
@@ -275,4 +275,68 @@ public enum MergeArithmetic: Sendable, Equatable {
 
   /// Whether values are rounded at each step.
   public var isRounded: Bool { self != .exact }
+}
+
+/// One compute dtype's rounding as a type (`MergeArithmetic.withRule`), so that an element loop
+/// written generically over it is compiled once per dtype, with the rounding inlined and the
+/// loop vectorised, rather than choosing the dtype at every operation.
+public protocol RoundingRule {
+  /// `x` rounded to the dtype (nearest, ties to even), as `MergeArithmetic.round(_: Float)`.
+  static func round(_ x: Float) -> Float
+  /// A `Double` rounded to the dtype once, as `MergeArithmetic.round(_: Double)`.
+  static func round(_ x: Double) -> Float
+}
+
+/// Rounding to BF16.
+public enum BF16Rounding: RoundingRule {
+  /// `DTypeConversion.f32ToBF16Bits`, its choices made with masks rather than selects, so that
+  /// loops of several roundings vectorise (the selects became branches there).
+  @inlinable @inline(__always) public static func round(_ x: Float) -> Float {
+    let b = x.bitPattern
+    let high = b &>> 16
+    let rounded = (b &+ 0x7FFF &+ (high & 1)) &>> 16
+    // All ones where the kept payload is 0 (high & 0x7F == 0), and where x is a NaN.
+    let emptyPayload = UInt32(bitPattern: Int32(bitPattern: (high & 0x7F) &- 1) &>> 31)
+    let nan = UInt32(bitPattern: Int32(bitPattern: 0x7F80_0000 &- (b & 0x7FFF_FFFF)) &>> 31)
+    let quietened = high | (emptyPayload & 0x40)
+    return Float(bitPattern: ((rounded & ~nan) | (quietened & nan)) &<< 16)
+  }
+  @inlinable @inline(__always) public static func round(_ x: Double) -> Float {
+    round(DTypeConversion.roundedToOdd(x))
+  }
+}
+
+/// Rounding to F16.
+public enum F16Rounding: RoundingRule {
+  @inlinable @inline(__always) public static func round(_ x: Float) -> Float {
+    Float(bitPattern: DTypeConversion.f16ToF32Bits(DTypeConversion.f32ToF16Bits(x.bitPattern)))
+  }
+  @inlinable @inline(__always) public static func round(_ x: Double) -> Float {
+    round(DTypeConversion.roundedToOdd(x))
+  }
+}
+
+/// No rounding beyond `Float`'s own (exact arithmetic, or an F32 compute dtype).
+public enum FloatRounding: RoundingRule {
+  @inlinable @inline(__always) public static func round(_ x: Float) -> Float { x }
+  @inlinable @inline(__always) public static func round(_ x: Double) -> Float { Float(x) }
+}
+
+/// A computation written once over a `RoundingRule` (`MergeArithmetic.withRule`).
+public protocol RoundedComputation {
+  associatedtype Output
+  associatedtype Failure: Error = Never
+  func callAsFunction<Rule: RoundingRule>(_ rule: Rule.Type) throws(Failure) -> Output
+}
+
+extension MergeArithmetic {
+  /// Runs `computation` with this arithmetic's rounding rule: BF16 or F16 rounding, else none
+  /// (exact, or F32), exactly as `round` rounds.
+  @inlinable public func withRule<C: RoundedComputation>(_ computation: C) throws(C.Failure) -> C.Output {
+    switch self {
+    case .rounded(.bf16): return try computation(BF16Rounding.self)
+    case .rounded(.f16): return try computation(F16Rounding.self)
+    default: return try computation(FloatRounding.self)
+    }
+  }
 }

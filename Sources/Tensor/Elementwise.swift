@@ -25,6 +25,15 @@ public enum Elementwise {
     }
   }
 
+  /// Runs `body(range)` over the fixed blocks of `0..<count`, side by side on all cores (for
+  /// loops that write disjoint elements in place).
+  @inlinable
+  public static func forEachBlock(_ count: Int, _ body: (Range<Int>) -> Void) {
+    try? Parallel.forEach((count + blockSize - 1) / blockSize) { _, block in
+      body((block * blockSize)..<Swift.min(count, (block + 1) * blockSize))
+    }
+  }
+
   /// `sum of f(i)` over `0..<count` in `Double`, deterministic: fixed blocks combined in
   /// order, each summed by `blockSum`.
   @inlinable

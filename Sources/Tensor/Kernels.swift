@@ -7,10 +7,7 @@ public enum Kernels {
   /// Runs `body(range)` over fixed blocks of `0..<count` in parallel.
   @inline(__always)
   static func blocks(_ count: Int, _ body: (Range<Int>) -> Void) {
-    let size = Elementwise.blockSize
-    try? Parallel.forEach((count + size - 1) / size) { _, block in
-      body((block * size)..<Swift.min(count, (block + 1) * size))
-    }
+    Elementwise.forEachBlock(count, body)
   }
 
   /// An array of `count` elements filled by `fill(range, output)` over parallel blocks.
