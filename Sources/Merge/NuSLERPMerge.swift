@@ -69,19 +69,23 @@ public struct NuSLERPMerge: StreamingMerge {
     if !p.arithmetic.isRounded { return try mergeThroughRanges(inputs, p) }
     let shape = inputs.models[0].shape
     let count = shape.reduce(1, *)
-    // The vectors interpolated: index lists into the flat tensors.
-    let vectors: [[Int]]
+    // The vectors interpolated, as strided runs of the flat tensors.
+    let layout: RoundedNuSLERP.Layout
     if Self.flattens(shape, p) {
-      vectors = [Array(0..<count)]
+      layout = .init(vectors: 1, length: count, step: 1, spacing: 0)
     } else if p.flag("nuslerp_row_wise") {
       let rows = shape[0]
-      let stride = count / max(rows, 1)
-      vectors = (0..<stride).map { column in (0..<rows).map { $0 * stride + column } }
+      layout = .init(vectors: count / max(rows, 1), length: rows, step: count / max(rows, 1), spacing: 1)
     } else {
       let width = shape[shape.count - 1]
-      vectors = (0..<(count / max(width, 1))).map { row in Array((row * width)..<((row + 1) * width)) }
+      layout = .init(vectors: count / max(width, 1), length: width, step: 1, spacing: width)
     }
-    return Self.interpolateRounded(inputs, t: Self.fraction(p), vectors: vectors, arithmetic: p.arithmetic)
+    let r = p.arithmetic
+    let relative = inputs.relativeToBase(r)
+    let merged = r.withRule(
+      RoundedNuSLERP(
+        first: relative[0], second: relative[1], base: inputs.base?.scalars, t: Self.fraction(p), layout: layout))
+    return Tensor(shape: shape, scalars: merged)
   }
 
   /// The interpolation's weights `(s0, s1)` for vectors at `cosine`: linear when nearly colinear.
@@ -172,39 +176,81 @@ public struct NuSLERPMerge: StreamingMerge {
       }
     }
   }
+}
 
-  /// NuSLERP as mergekit computes it in a narrow dtype, vector by vector: the task vectors, the
-  /// normalised vectors, the cosine, the angle and its sines, each product and the sum rounded
-  /// to it (reductions accumulate in float and round once); the clamps' bounds are cast to it.
-  static func interpolateRounded(_ inputs: MergeInputs, t: Double, vectors: [[Int]], arithmetic r: MergeArithmetic)
-    -> Tensor
-  {
-    let base = inputs.base?.scalars
-    let relative = inputs.relativeToBase(r)
-    let (v0, v1) = (relative[0], relative[1])
-    let floor = r.round(Float(1e-7))
-    let tolerance = r.round(Float(1e-16))
+/// NuSLERP as mergekit computes it in a narrow dtype, vector by vector: the task vectors, the
+/// normalised vectors, the cosine, the angle and its sines, each product and the sum rounded to
+/// it (reductions accumulate in `Double`, element by element in order, and round once); the
+/// clamps' bounds are cast to it. The normalised vectors are formed again where they are read;
+/// the vectors run side by side on all cores.
+struct RoundedNuSLERP: RoundedComputation {
+  /// Vector k is elements `k * spacing + j * step` for j in `0..<length` of the flat tensors.
+  struct Layout {
+    let vectors: Int
+    let length: Int
+    let step: Int
+    let spacing: Int
+  }
+
+  let first: [Float]
+  let second: [Float]
+  let base: [Float]?
+  let t: Double
+  let layout: Layout
+
+  func callAsFunction<R: RoundingRule>(_: R.Type) -> [Float] {
+    let count = first.count
+    let floor = R.round(Float(1e-7))
+    let tolerance = R.round(Float(1e-16))
     let (keep, take) = (Float(1 - t), Float(t))
-    var out = [Float](repeating: 0, count: v0.count)
-    for indices in vectors {
-      func unit(_ v: [Float]) -> [Float] {
-        let n = max(r.round(indices.reduce(0.0) { $0 + Double(v[$1]) * Double(v[$1]) }.squareRoot()), floor)
-        return indices.map { r.round(v[$0] / n) }
+    let layout = self.layout
+    var out = [Float](repeating: 0, count: count)
+    let perItem = max(1, Elementwise.blockSize / max(layout.length, 1))
+    out.withUnsafeMutableBufferPointer { outBuffer in
+      first.withUnsafeBufferPointer { firstBuffer in
+        second.withUnsafeBufferPointer { secondBuffer in
+          guard let o = outBuffer.baseAddress, let v0 = firstBuffer.baseAddress, let v1 = secondBuffer.baseAddress
+          else { return }
+          try? Parallel.forEach((layout.vectors + perItem - 1) / perItem) { _, item in
+            for k in (item * perItem)..<min(layout.vectors, (item + 1) * perItem) {
+              let start = k * layout.spacing
+              let (length, step) = (layout.length, layout.step)
+              var squares0 = 0.0
+              var squares1 = 0.0
+              for j in 0..<length {
+                let i = start + j * step
+                squares0 += Double(v0[i]) * Double(v0[i])
+                squares1 += Double(v1[i]) * Double(v1[i])
+              }
+              let n0 = max(R.round(squares0.squareRoot()), floor)
+              let n1 = max(R.round(squares1.squareRoot()), floor)
+              var dot = 0.0
+              for j in 0..<length {
+                let i = start + j * step
+                dot += Double(R.round(R.round(v0[i] / n0) * R.round(v1[i] / n1)))
+              }
+              let cosine = min(1, max(-1, R.round(dot)))
+              if R.round(1 - R.round(cosine * cosine)) <= tolerance {
+                for j in 0..<length {
+                  let i = start + j * step
+                  o[i] = R.round(R.round(keep * v0[i]) + R.round(take * v1[i]))
+                }
+                continue
+              }
+              let theta = R.round(Float(acos(Double(cosine))))
+              let sine = R.round(Float(sin(Double(theta))))
+              let s0 = R.round(Float(sin(Double(R.round(keep * theta)))))
+              let s1 = R.round(Float(sin(Double(R.round(take * theta)))))
+              for j in 0..<length {
+                let i = start + j * step
+                o[i] = R.round(R.round(R.round(s0 * v0[i]) + R.round(s1 * v1[i])) / sine)
+              }
+            }
+          }
+        }
       }
-      let (x, y) = (unit(v0), unit(v1))
-      let cosine = min(1, max(-1, r.round(zip(x, y).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })))
-      let colinear = r.round(1 - r.round(cosine * cosine)) <= tolerance
-      if colinear {
-        for i in indices { out[i] = r.round(r.round(keep * v0[i]) + r.round(take * v1[i])) }
-        continue
-      }
-      let theta = r.round(Float(acos(Double(cosine))))
-      let sine = r.round(Float(sin(Double(theta))))
-      let s0 = r.round(Float(sin(Double(r.round(keep * theta)))))
-      let s1 = r.round(Float(sin(Double(r.round(take * theta)))))
-      for i in indices { out[i] = r.round(r.round(r.round(s0 * v0[i]) + r.round(s1 * v1[i])) / sine) }
     }
-    if let base { out = zip(out, base).map { r.round($0 + $1) } }
-    return Tensor(shape: inputs.models[0].shape, scalars: out)
+    guard let base else { return out }
+    return Elementwise.map(count) { R.round(out[$0] + base[$0]) }
   }
 }

@@ -482,35 +482,10 @@ public struct TaskVectorMerge: StreamingMerge {
   /// lambda and the addition to the base are each rounded.
   func combineRounded(base: [Float], deltas: [[Float]], _ p: ResolvedParameters) -> [Float] {
     let r = p.arithmetic
-    let weights = deltas.indices.map { r.round(Float(p.number("weight", model: $0))) }
-    let weighted = deltas.enumerated().map { i, delta in delta.map { r.round($0 * weights[i]) } }
-    let lambda = Float(p.number("lambda"))
-    let normalize = p.flag("normalize")
-    var allWeights: Float = 0
-    for w in weights { allWeights += w }
-    return base.indices.map { j in
-      var mixed: Float = 0
-      var divisor: Float = 0
-      if consensus {
-        var total: Float = 0
-        for d in weighted { total += d[j] }
-        let majority: Float = total >= 0 ? 1 : -1
-        for (i, d) in weighted.enumerated() where (d[j] > 0 ? 1 : (d[j] < 0 ? -1 : 0)) == majority {
-          mixed += d[j]
-          divisor += weights[i]
-        }
-        divisor = r.round(divisor)
-        if divisor == 0 { divisor = 1 }
-      } else {
-        for d in weighted { mixed += d[j] }
-        divisor = r.round(allWeights)
-        if abs(divisor) < 1e-8 { divisor = 1 }
-      }
-      mixed = r.round(mixed)
-      if normalize { mixed = r.round(mixed / divisor) }
-      if lambda != 1 { mixed = r.round(mixed * lambda) }
-      return r.round(base[j] + mixed)
-    }
+    return r.withRule(
+      RoundedConsensus(
+        base: base, deltas: deltas, weights: deltas.indices.map { r.round(Float(p.number("weight", model: $0))) },
+        lambda: Float(p.number("lambda")), normalize: p.flag("normalize"), elect: consensus))
   }
 
   /// The weights and overall scale of the non-consensus sum: lambda, over the weights' sum when
@@ -558,5 +533,68 @@ final class StoredTaskVectors {
     let base = self.base ?? inputs[0].decoded(count: count)
     self.base = base
     return Kernels.differences([inputs[1 + m]], minus: base)[0]
+  }
+}
+
+/// `TaskVectorMerge.combineRounded`'s arithmetic, written once per rounding dtype: per element,
+/// each delta times its (rounded) weight, rounded; with the election, their float sum's sign
+/// (+0 counts as positive) picks the agreeing nonzero products, whose float sum is `mixed` and
+/// whose weights' float sum, rounded (0 -> 1), is the divisor; without it, `mixed` is the float
+/// sum of all the products and the divisor the rounded sum of all the weights (below 1e-8 in
+/// magnitude -> 1). `mixed` is rounded, divided by the divisor when normalising, scaled by
+/// lambda when it is not 1 (each rounded) and added to the base (rounded).
+struct RoundedConsensus: RoundedComputation {
+  let base: [Float]
+  let deltas: [[Float]]
+  let weights: [Float]
+  let lambda: Float
+  let normalize: Bool
+  let elect: Bool
+
+  /// Model by model over the elements (loops the compiler vectorises), with running sums per
+  /// element: an agreeing product or weight is added, a disagreeing one adds +0, which leaves
+  /// the sums (+0 or nonzero, never -0) as they are.
+  func callAsFunction<R: RoundingRule>(_: R.Type) -> [Float] {
+    let count = base.count
+    var allWeights: Float = 0
+    for w in weights { allWeights += w }
+    var sumDivisor = R.round(allWeights)
+    if abs(sumDivisor) < 1e-8 { sumDivisor = 1 }
+    let (lambda, normalize, elect) = (self.lambda, self.normalize, self.elect)
+    var mixed = [Float](repeating: 0, count: count)
+    var agreeing = [Float](repeating: 0, count: count)
+    var total = [Float](repeating: 0, count: elect ? count : 0)
+    deltas.withUnsafeBufferPointers { d in
+      mixed.withUnsafeMutableBufferPointer { mixedBuffer in
+        agreeing.withUnsafeMutableBufferPointer { agreeingBuffer in
+          total.withUnsafeMutableBufferPointer { totalBuffer in
+            guard let sum = mixedBuffer.baseAddress, let kept = agreeingBuffer.baseAddress else { return }
+            guard elect, let signs = totalBuffer.baseAddress else {
+              for (delta, w) in zip(d, weights) { for j in 0..<count { sum[j] += R.round(delta[j] * w) } }
+              return
+            }
+            for (delta, w) in zip(d, weights) { for j in 0..<count { signs[j] += R.round(delta[j] * w) } }
+            for (delta, w) in zip(d, weights) {
+              for j in 0..<count {
+                let product = R.round(delta[j] * w)
+                let agrees = signs[j] >= 0 ? product > 0 : product < 0
+                sum[j] += agrees ? product : 0
+                kept[j] += agrees ? w : 0
+              }
+            }
+          }
+        }
+      }
+    }
+    return [Float](unsafeUninitializedCapacity: count) { out, initialized in
+      for j in 0..<count {
+        let agreed = R.round(agreeing[j])
+        let divisor = elect ? (agreed == 0 ? 1 : agreed) : sumDivisor
+        let sum = R.round(mixed[j])
+        let normalized = normalize ? R.round(sum / divisor) : sum
+        out[j] = R.round(base[j] + (lambda != 1 ? R.round(normalized * lambda) : normalized))
+      }
+      initialized = count
+    }
   }
 }

@@ -236,8 +236,8 @@ public enum MergeArithmetic: Sendable, Equatable {
     case .exact: return x
     case .rounded(let dtype):
       switch dtype {
-      case .bf16: return Float(bitPattern: DTypeConversion.bf16ToF32Bits(DTypeConversion.f32ToBF16Bits(x.bitPattern)))
-      case .f16: return Float(bitPattern: DTypeConversion.f16ToF32Bits(DTypeConversion.f32ToF16Bits(x.bitPattern)))
+      case .bf16: return BF16Rounding.round(x)
+      case .f16: return F16Rounding.round(x)
       default: return x
       }
     }
@@ -259,14 +259,9 @@ public enum MergeArithmetic: Sendable, Equatable {
     return [Float](unsafeUninitializedCapacity: values.count) { out, initialized in
       values.withUnsafeBufferPointer { v in
         if dtype == .bf16 {
-          for i in v.indices {
-            out[i] = Float(
-              bitPattern: DTypeConversion.bf16ToF32Bits(DTypeConversion.f32ToBF16Bits(v[i].bitPattern)))
-          }
+          for i in v.indices { out[i] = BF16Rounding.round(v[i]) }
         } else {
-          for i in v.indices {
-            out[i] = Float(bitPattern: DTypeConversion.f16ToF32Bits(DTypeConversion.f32ToF16Bits(v[i].bitPattern)))
-          }
+          for i in v.indices { out[i] = F16Rounding.round(v[i]) }
         }
       }
       initialized = values.count

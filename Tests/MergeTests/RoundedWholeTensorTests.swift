@@ -4,11 +4,11 @@ import Testing
 @testable import Merge
 @testable import Tensor
 
-/// The whole-tensor merges under mergekit's rounding (Karcher, Multi-SLERP, SCE, Arcee fusion),
-/// written as fused sweeps over blocks on all cores, against their plain definitions: each torch
-/// operation rounded in turn over whole arrays, the sums over elements as `Elementwise.sum`
-/// sums them, SCE's selection by a full sort and Arcee's quartiles from the sorted importances.
-/// The tensors span several blocks.
+/// The merges under mergekit's rounding written once per dtype as sweeps (Karcher, Multi-SLERP,
+/// SCE, Arcee fusion, NuSLERP whole; the task-vector methods' combination by range), against
+/// their plain definitions: each torch operation rounded in turn over whole arrays, the sums over
+/// elements as `Elementwise.sum` sums them, SCE's selection by a full sort and Arcee's quartiles
+/// from the sorted importances. The tensors span several blocks.
 @Suite struct RoundedWholeTensorTests {
   static let count = 3 * Elementwise.blockSize + 777
 
@@ -194,6 +194,102 @@ import Testing
     let fused = (0..<count).filter { importance[$0] >= threshold }.count
     #expect(fused > 0 && fused < count / 2)
     Self.expectSameBits(merged.scalars, expected)
+  }
+
+  /// NuSLERP in its three layouts: one angle for the tensor, one per row, one per column
+  /// (`nuslerp_row_wise`); both task vectors are 0.5 everywhere on one row, which is colinear.
+  @Test(arguments: [(true, false), (false, false), (false, true)])
+  func nuSLERPIsItsDefinition(_ flatten: Bool, _ rowWise: Bool) throws {
+    let r = MergeArithmetic.rounded(.bf16)
+    var (base, models) = Self.inputs(r, "nuslerp")
+    let width = 256
+    let shape = [Self.count / width, width]
+    let count = shape[0] * width
+    for i in width..<(2 * width) { (base[i], models[0][i], models[1][i]) = (0, 0.5, 0.5) }
+    var p = try resolve(
+      NuSLERPMerge(), ["nuslerp_flatten": .flag(flatten), "nuslerp_row_wise": .flag(rowWise)],
+      models: [["weight": .number(0.3)], ["weight": .number(0.7)]])
+    p.arithmetic = r
+    let merged = try NuSLERPMerge().merge(
+      MergeInputs(
+        name: "w", base: Tensor(shape: shape, scalars: Array(base[..<count])),
+        models: models[..<2].map { Tensor(shape: shape, scalars: Array($0[..<count])) }), p)
+    let vectors: [[Int]] =
+      flatten
+      ? [Array(0..<count)]
+      : rowWise
+        ? (0..<width).map { column in (0..<shape[0]).map { $0 * width + column } }
+        : (0..<shape[0]).map { Array(($0 * width)..<(($0 + 1) * width)) }
+    let (v0, v1) = (
+      (0..<count).map { r.round(models[0][$0] - base[$0]) }, (0..<count).map { r.round(models[1][$0] - base[$0]) }
+    )
+    let t: Float = 0.7
+    var expected = [Float](repeating: 0, count: count)
+    var colinear = 0
+    for indices in vectors {
+      func unit(_ v: [Float]) -> [Float] {
+        let n = max(
+          r.round(indices.reduce(0.0) { $0 + Double(v[$1]) * Double(v[$1]) }.squareRoot()), r.round(Float(1e-7)))
+        return indices.map { r.round(v[$0] / n) }
+      }
+      let (x, y) = (unit(v0), unit(v1))
+      let cosine = min(1, max(-1, r.round(zip(x, y).reduce(0.0) { $0 + Double(r.round($1.0 * $1.1)) })))
+      if r.round(1 - r.round(cosine * cosine)) <= r.round(Float(1e-16)) {
+        colinear += 1
+        for i in indices { expected[i] = r.round(r.round((1 - t) * v0[i]) + r.round(t * v1[i])) }
+        continue
+      }
+      let theta = r.round(Float(acos(Double(cosine))))
+      let sine = r.round(Float(sin(Double(theta))))
+      let s0 = r.round(Float(sin(Double(r.round((1 - t) * theta)))))
+      let s1 = r.round(Float(sin(Double(r.round(t * theta)))))
+      for i in indices { expected[i] = r.round(r.round(r.round(s0 * v0[i]) + r.round(s1 * v1[i])) / sine) }
+    }
+    #expect(colinear == (!flatten && !rowWise ? 1 : 0))
+    Self.expectSameBits(merged.scalars, (0..<count).map { r.round(expected[$0] + base[$0]) })
+  }
+
+  /// The task-vector methods' rounded combination (`combineRounded`), with and without the
+  /// sign election, normalising or not, lambda 1 or not; zero deltas and sums of both signs.
+  @Test(arguments: [(true, true, 1.0), (true, false, 0.7), (false, false, 1.0), (false, true, 1.3)])
+  func consensusIsItsDefinition(_ elect: Bool, _ normalize: Bool, _ lambda: Double) throws {
+    let r = MergeArithmetic.rounded(.bf16)
+    let (base, models) = Self.inputs(r, "consensus")
+    let deltas = models.map { m in (0..<Self.count).map { $0 % 7 == 0 ? 0 : r.round(m[$0] - base[$0]) } }
+    let method = elect ? TaskVectorMerge.ties : TaskVectorMerge.taskArithmetic
+    var p = try resolve(
+      method, ["lambda": .number(lambda), "normalize": .flag(normalize)],
+      models: [["weight": .number(0.3)], ["weight": .number(-0.45)], ["weight": .number(0.8)]])
+    p.arithmetic = r
+    let merged = method.combineRounded(base: base, deltas: deltas, p)
+    let weights = [0.3, -0.45, 0.8].map { r.round(Float($0)) }
+    let weighted = deltas.enumerated().map { i, delta in delta.map { r.round($0 * weights[i]) } }
+    var allWeights: Float = 0
+    for w in weights { allWeights += w }
+    let expected = base.indices.map { j -> Float in
+      var mixed: Float = 0
+      var divisor: Float = 0
+      if elect {
+        var total: Float = 0
+        for d in weighted { total += d[j] }
+        let majority: Float = total >= 0 ? 1 : -1
+        for (i, d) in weighted.enumerated() where (d[j] > 0 ? 1 : (d[j] < 0 ? -1 : 0)) == majority {
+          mixed += d[j]
+          divisor += weights[i]
+        }
+        divisor = r.round(divisor)
+        if divisor == 0 { divisor = 1 }
+      } else {
+        for d in weighted { mixed += d[j] }
+        divisor = r.round(allWeights)
+        if abs(divisor) < 1e-8 { divisor = 1 }
+      }
+      mixed = r.round(mixed)
+      if normalize { mixed = r.round(mixed / divisor) }
+      if lambda != 1 { mixed = r.round(mixed * Float(lambda)) }
+      return r.round(base[j] + mixed)
+    }
+    Self.expectSameBits(merged, expected)
   }
 
   /// The order statistics are the sorted array's elements, negatives, zeros of both signs,
