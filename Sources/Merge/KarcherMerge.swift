@@ -144,30 +144,42 @@ struct RoundedKarcher: RoundedComputation {
     for (alpha, n) in zip(alphas, norms) { scale += Float(alpha) * n }
     var mean = [Float](repeating: 0, count: count)
     var tangent = [Float](repeating: 0, count: count)
-    units.withUnsafeBufferPointers { u in
+    // Unit point a's element i, `R.round(p[i] / n)`, is formed where a sweep reads it.
+    let validPoints = valid.map { points[$0] }
+    let divisors = valid.map { norms[$0] }
+    validPoints.withUnsafeBufferPointers { point in
       mean.withUnsafeMutableBufferPointer { meanBuffer in
         tangent.withUnsafeMutableBufferPointer { tangentBuffer in
           guard let m = meanBuffer.baseAddress, let t = tangentBuffer.baseAddress else { return }
           for (a, w) in weights.enumerated() {
-            let unit = u[a]
-            S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] + R.round(w * unit[i])) } }
+            let (p, n) = (point[a], divisors[a])
+            S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] + R.round(w * R.round(p[i] / n))) } }
           }
           let meanNorm = S.norm(m, count: count)
           if Double(meanNorm) < tol {
-            m.update(from: u[0], count: count)
+            let (p, n) = (point[0], divisors[0])
+            S.forEachBlock(count) { r in for i in r { m[i] = R.round(p[i] / n) } }
           } else {
             S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
           }
           for _ in 0..<iterations {
             t.update(repeating: 0, count: count)
             for (a, w) in weights.enumerated() {
-              let unit = u[a]
-              let dot = min(1, max(-1, R.round(S.dot(m, unit, count: count))))
+              let (p, n) = (point[a], divisors[a])
+              let dot = min(
+                1,
+                max(
+                  -1,
+                  R.round(
+                    Elementwise.sumOfBlocks(count) {
+                      Elementwise.blockSum($0) { Double(m[$0]) * Double(R.round(p[$0] / n)) }
+                    }
+                  )))
               let theta = R.round(Float(acos(Double(dot))))
               if Double(theta) < tol { continue }
               let factor = R.round(w * R.round(theta / R.round(Float(sin(Double(theta))))))
               S.forEachBlock(count) { r in
-                for i in r { t[i] = R.round(t[i] + R.round(factor * R.round(unit[i] - R.round(dot * m[i])))) }
+                for i in r { t[i] = R.round(t[i] + R.round(factor * R.round(R.round(p[i] / n) - R.round(dot * m[i])))) }
               }
             }
             let step = S.norm(t, count: count)

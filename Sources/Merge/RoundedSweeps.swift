@@ -23,11 +23,6 @@ enum RoundedSweeps {
       norm($0.baseAddress ?? Kernels.noElements.assumingMemoryBound(to: Float.self), count: $0.count)
     }
   }
-
-  /// `sum_i a_i b_i`, each product exact in `Double`, summed as `Elementwise.sum` sums.
-  static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count: Int) -> Double {
-    Elementwise.sumOfBlocks(count) { Elementwise.blockSum($0) { Double(a[$0]) * Double(b[$0]) } }
-  }
 }
 
 extension RoundedSweeps {

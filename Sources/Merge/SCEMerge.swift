@@ -269,19 +269,21 @@ public struct SCEMerge: StreamingMerge {
 /// quotient added to the base. Elementwise steps run over the blocks on all cores.
 struct RoundedSCE: RoundedComputation {
   let base: [Float]
-  var taskVectors: [[Float]]
+  let taskVectors: [[Float]]
   let density: Double
 
+  /// The unselected elements are read as 0 where a sweep reads them, not zeroed in a copy of
+  /// the task vectors.
   func callAsFunction<R: RoundingRule>(_: R.Type) -> [Float] {
     typealias S = RoundedSweeps
     let count = base.count
     let models = taskVectors.count
     let n = Double(models)
-    var tvs = taskVectors
+    var keep = [Bool](repeating: true, count: count)
     if density < 1 {
       var variance = [Float](repeating: 0, count: count)
       if density > 0 {
-        tvs.withUnsafeBufferPointers { t in
+        taskVectors.withUnsafeBufferPointers { t in
           variance.withUnsafeMutableBufferPointer { out in
             guard let v = out.baseAddress else { return }
             S.forEachBlock(count) { r in
@@ -298,51 +300,52 @@ struct RoundedSCE: RoundedComputation {
         }
       }
       let nonzero = variance.reduce(0) { $0 + ($1 != 0 ? 1 : 0) }
-      let keep = Selection.largestMagnitudes(variance, keep: Int((Double(nonzero) * density).rounded(.towardZero)))
-      for m in 0..<models {
-        tvs[m].withUnsafeMutableBufferPointer { tv in
-          keep.withUnsafeBufferPointer { k in
-            guard let t = tv.baseAddress, let kept = k.baseAddress else { return }
-            S.forEachBlock(count) { r in for i in r where !kept[i] { t[i] = 0 } }
-          }
+      keep = Selection.largestMagnitudes(variance, keep: Int((Double(nonzero) * density).rounded(.towardZero)))
+    }
+    return keep.withUnsafeBufferPointer { keepBuffer in
+      let kept = keepBuffer.baseAddress ?? Kernels.noElements.assumingMemoryBound(to: Bool.self)
+      let squares = taskVectors.map { tv in
+        tv.withUnsafeBufferPointer { b -> Float in
+          guard let t = b.baseAddress else { return R.round(0.0 / Double(max(count, 1))) }
+          return R.round(
+            Elementwise.sumOfBlocks(count) {
+              Elementwise.blockSum($0) { kept[$0] ? Double(R.round(t[$0] * t[$0])) : 0 }
+            } / Double(max(count, 1)))
         }
       }
-    }
-    let squares = tvs.map { tv in
-      tv.withUnsafeBufferPointer { b -> Float in
-        guard let t = b.baseAddress else { return R.round(0.0 / Double(max(count, 1))) }
-        return R.round(
-          Elementwise.sumOfBlocks(count) { Elementwise.blockSum($0) { Double(R.round(t[$0] * t[$0])) } }
-            / Double(max(count, 1)))
-      }
-    }
-    var sum = 0.0
-    for square in squares { sum += Double(square) }
-    let total = R.round(sum)
-    let weights =
-      abs(total) < 1e-6 ? squares.map { _ in R.round(1 / Float(models)) } : squares.map { R.round($0 / total) }
-    let floor = R.round(Float(1e-6))
-    return [Float](unsafeUninitializedCapacity: count) { out, initialized in
-      tvs.withUnsafeBufferPointers { t in
-        base.withUnsafeBufferPointer { b in
-          guard let o = out.baseAddress, let basis = b.baseAddress else { return }
-          S.forEachBlock(count) { r in
-            for i in r {
-              var sum = 0.0
-              for tv in t { sum += Double(tv[i]) }
-              let majority: Float = sum >= 0 ? 1 : -1
-              var numerator = 0.0
-              var denominator = 0.0
-              for (tv, w) in zip(t, weights) where tv[i] != 0 && (tv[i] > 0 ? 1 : -1) == majority {
-                numerator += Double(R.round(tv[i] * w))
-                denominator += Double(w)
+      var sum = 0.0
+      for square in squares { sum += Double(square) }
+      let total = R.round(sum)
+      let weights =
+        abs(total) < 1e-6 ? squares.map { _ in R.round(1 / Float(models)) } : squares.map { R.round($0 / total) }
+      let floor = R.round(Float(1e-6))
+      return [Float](unsafeUninitializedCapacity: count) { out, initialized in
+        taskVectors.withUnsafeBufferPointers { t in
+          base.withUnsafeBufferPointer { b in
+            guard let o = out.baseAddress, let basis = b.baseAddress else { return }
+            S.forEachBlock(count) { r in
+              for i in r {
+                guard kept[i] else {
+                  // Every task vector reads 0: no agreeing term, the divisor's floor.
+                  o[i] = R.round(basis[i] + R.round(R.round(0.0) / max(R.round(0.0), floor)))
+                  continue
+                }
+                var sum = 0.0
+                for tv in t { sum += Double(tv[i]) }
+                let majority: Float = sum >= 0 ? 1 : -1
+                var numerator = 0.0
+                var denominator = 0.0
+                for (tv, w) in zip(t, weights) where tv[i] != 0 && (tv[i] > 0 ? 1 : -1) == majority {
+                  numerator += Double(R.round(tv[i] * w))
+                  denominator += Double(w)
+                }
+                o[i] = R.round(basis[i] + R.round(R.round(numerator) / max(R.round(denominator), floor)))
               }
-              o[i] = R.round(basis[i] + R.round(R.round(numerator) / max(R.round(denominator), floor)))
             }
           }
         }
+        initialized = count
       }
-      initialized = count
     }
   }
 }
