@@ -125,7 +125,7 @@ struct RoundedMultiSLERP: RoundedComputation {
   func callAsFunction<R: RoundingRule>(_: R.Type) throws(MergeError) -> [Float] {
     typealias S = RoundedSweeps
     let count = points[0].count
-    let norms = points.map { R.round(S.norm($0)) }
+    let norms = points.map { R.round(S.length($0)) }
     let divisors = norms.map { R.round($0 + eps) }
     let weights = self.weights
     var mean = [Float](repeating: 0, count: count)
@@ -142,7 +142,7 @@ struct RoundedMultiSLERP: RoundedComputation {
               m[i] = R.round(sum)
             }
           }
-          let meanNorm = R.round(S.norm(m, count: count))
+          let meanNorm = R.round(S.length(m, count: count))
           if meanNorm < eps {
             opposed = true
             return
@@ -164,7 +164,7 @@ struct RoundedMultiSLERP: RoundedComputation {
               t[i] = R.round(sum)
             }
           }
-          let tangentNorm = R.round(R.round(S.norm(t, count: count)) + eps)
+          let tangentNorm = R.round(R.round(S.length(t, count: count)) + eps)
           let cosine = R.round(Float(cos(Double(tangentNorm))))
           let scale = R.round(R.round(Float(sin(Double(tangentNorm)))) / tangentNorm)
           var normSum = 0.0

@@ -10,19 +10,23 @@ enum RoundedSweeps {
     Elementwise.forEachBlock(count, body)
   }
 
-  /// `sqrt(sum_i x_i^2)` (each square exact in `Double`, summed as `Elementwise.sum` sums), as
-  /// a `Float`.
-  static func norm(_ values: UnsafePointer<Float>, count: Int) -> Float {
-    Float(
-      Elementwise.sumOfBlocks(count) { Elementwise.blockSum($0) { Double(values[$0]) * Double(values[$0]) } }
-        .squareRoot())
+  /// `sqrt(sum_i x_i^2)` in `Double` (each square exact, summed as `Elementwise.sum` sums), for
+  /// a rounding once (`RoundingRule.round(_: Double)`).
+  static func length(_ values: UnsafePointer<Float>, count: Int) -> Double {
+    Elementwise.sumOfBlocks(count) { Elementwise.blockSum($0) { Double(values[$0]) * Double(values[$0]) } }
+      .squareRoot()
   }
 
-  static func norm(_ values: [Float]) -> Float {
+  static func length(_ values: [Float]) -> Double {
     values.withUnsafeBufferPointer {
-      norm($0.baseAddress ?? Kernels.noElements.assumingMemoryBound(to: Float.self), count: $0.count)
+      length($0.baseAddress ?? Kernels.noElements.assumingMemoryBound(to: Float.self), count: $0.count)
     }
   }
+
+  /// `length` as a `Float` (rounded to it once).
+  static func norm(_ values: UnsafePointer<Float>, count: Int) -> Float { Float(length(values, count: count)) }
+
+  static func norm(_ values: [Float]) -> Float { Float(length(values)) }
 }
 
 extension RoundedSweeps {

@@ -103,7 +103,7 @@ import Testing
     func weightedSum(_ values: [[Float]]) -> [Float] {
       (0..<count).map { j in r.round(zip(values, w).reduce(0.0) { $0 + Double(r.round($1.0[j] * $1.1)) }) }
     }
-    func norm(_ v: [Float]) -> Float { r.round(Self.norm(v)) }
+    func norm(_ v: [Float]) -> Float { r.round(Self.sum(v.map { Double($0) * Double($0) }).squareRoot()) }
     let norms = points.map(norm)
     let units = zip(points, norms).map { v, n in v.map { r.round($0 / r.round(n + 1e-8)) } }
     let meanNorm = norm(weightedSum(units))
