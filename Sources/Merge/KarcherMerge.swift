@@ -28,7 +28,7 @@ public struct KarcherMerge: StreamingMerge {
 
   public func merge(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
     if inputs.models.count == 1 { return inputs.models[0] }
-    if Self.roundsSteps(p) { return try mergeRounded(inputs, p) }
+    if Self.roundsSteps(p) { return mergeRounded(inputs, p) }
     return try mergeThroughRanges(MergeInputs(name: inputs.name, base: nil, models: inputs.models), p)
   }
 
@@ -104,7 +104,7 @@ public struct KarcherMerge: StreamingMerge {
 
   /// mergekit's iteration with each torch operation rounded (`MergeArithmetic.rounded`), on the
   /// whole tensor (`RoundedKarcher`).
-  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) throws -> Tensor {
+  func mergeRounded(_ inputs: MergeInputs, _ p: ResolvedParameters) -> Tensor {
     let points = inputs.models.map(\.scalars)
     let merged = p.arithmetic.withRule(
       RoundedKarcher(points: points, tol: p.number("tol"), iterations: Int(p.number("max_iter"))))
@@ -127,17 +127,6 @@ struct RoundedKarcher: RoundedComputation {
     let norms = points.map(S.norm)
     let valid = norms.indices.filter { Double(norms[$0]) > tol }
     guard !valid.isEmpty else { return [Float](repeating: 0, count: count) }
-    let units = valid.map { i in
-      let n = norms[i]
-      return [Float](unsafeUninitializedCapacity: count) { out, initialized in
-        points[i].withUnsafeBufferPointer { v in
-          if let o = out.baseAddress, let p = v.baseAddress {
-            S.forEachBlock(count) { r in for i in r { o[i] = R.round(p[i] / n) } }
-          }
-        }
-        initialized = count
-      }
-    }
     let total = valid.reduce(0) { $0 + alphas[$1] }
     let weights = valid.map { Float(alphas[$0] / total) }
     var scale: Float = 0
@@ -153,14 +142,15 @@ struct RoundedKarcher: RoundedComputation {
           guard let m = meanBuffer.baseAddress, let t = tangentBuffer.baseAddress else { return }
           for (a, w) in weights.enumerated() {
             let (p, n) = (point[a], divisors[a])
-            S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] + R.round(w * R.round(p[i] / n))) } }
+            Elementwise.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] + R.round(w * R.round(p[i] / n))) }
+            }
           }
           let meanNorm = S.norm(m, count: count)
           if Double(meanNorm) < tol {
             let (p, n) = (point[0], divisors[0])
-            S.forEachBlock(count) { r in for i in r { m[i] = R.round(p[i] / n) } }
+            Elementwise.forEachBlock(count) { r in for i in r { m[i] = R.round(p[i] / n) } }
           } else {
-            S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
+            Elementwise.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
           }
           for _ in 0..<iterations {
             t.update(repeating: 0, count: count)
@@ -178,20 +168,22 @@ struct RoundedKarcher: RoundedComputation {
               let theta = R.round(Float(acos(Double(dot))))
               if Double(theta) < tol { continue }
               let factor = R.round(w * R.round(theta / R.round(Float(sin(Double(theta))))))
-              S.forEachBlock(count) { r in
+              Elementwise.forEachBlock(count) { r in
                 for i in r { t[i] = R.round(t[i] + R.round(factor * R.round(R.round(p[i] / n) - R.round(dot * m[i])))) }
               }
             }
             let step = S.norm(t, count: count)
             if Double(step) < tol { break }
             let (c, s) = (Float(cos(Double(step))), Float(sin(Double(step))))
-            S.forEachBlock(count) { r in
+            Elementwise.forEachBlock(count) { r in
               for i in r { m[i] = R.round(R.round(c * m[i]) + R.round(s * R.round(t[i] / step))) }
             }
             let length = S.norm(m, count: count)
-            if Double(length) > tol { S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / length) } } }
+            if Double(length) > tol {
+              Elementwise.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / length) } }
+            }
           }
-          S.forEachBlock(count) { r in for i in r { m[i] = R.round(scale * m[i]) } }
+          Elementwise.forEachBlock(count) { r in for i in r { m[i] = R.round(scale * m[i]) } }
         }
       }
     }

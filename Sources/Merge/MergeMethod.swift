@@ -38,7 +38,7 @@ struct RoundedDifference: RoundedComputation {
       model.withUnsafeBufferPointer { m in
         base.withUnsafeBufferPointer { b in
           guard let o = out.baseAddress, let mp = m.baseAddress, let bp = b.baseAddress else { return }
-          RoundedSweeps.forEachBlock(count) { r in for i in r { o[i] = R.round(mp[i] - bp[i]) } }
+          Elementwise.forEachBlock(count) { r in for i in r { o[i] = R.round(mp[i] - bp[i]) } }
         }
       }
       initialized = count

@@ -135,7 +135,7 @@ struct RoundedMultiSLERP: RoundedComputation {
       mean.withUnsafeMutableBufferPointer { meanBuffer in
         tangent.withUnsafeMutableBufferPointer { tangentBuffer in
           guard let m = meanBuffer.baseAddress, let t = tangentBuffer.baseAddress else { return }
-          S.forEachBlock(count) { r in
+          Elementwise.forEachBlock(count) { r in
             for i in r {
               var sum = 0.0
               for (a, point) in v.enumerated() { sum += Double(R.round(R.round(point[i] / divisors[a]) * weights[a])) }
@@ -147,14 +147,14 @@ struct RoundedMultiSLERP: RoundedComputation {
             opposed = true
             return
           }
-          S.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
+          Elementwise.forEachBlock(count) { r in for i in r { m[i] = R.round(m[i] / meanNorm) } }
           let dots = v.enumerated().map { a, point in
             R.round(
               Elementwise.sumOfBlocks(count) {
                 Elementwise.blockSum($0) { Double(R.round(R.round(point[$0] / divisors[a]) * m[$0])) }
               })
           }
-          S.forEachBlock(count) { r in
+          Elementwise.forEachBlock(count) { r in
             for i in r {
               var sum = 0.0
               for (a, point) in v.enumerated() {
@@ -170,7 +170,7 @@ struct RoundedMultiSLERP: RoundedComputation {
           var normSum = 0.0
           for (n, w) in zip(norms, weights) { normSum += Double(R.round(n * w)) }
           let averageNorm = R.round(normSum)
-          S.forEachBlock(count) { r in
+          Elementwise.forEachBlock(count) { r in
             for i in r { m[i] = R.round(R.round(R.round(m[i] * cosine) + R.round(t[i] * scale)) * averageNorm) }
           }
         }

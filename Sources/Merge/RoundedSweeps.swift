@@ -5,11 +5,6 @@ import Tensor
 /// elementwise steps over fixed blocks on all cores, and sums in `Double` over the same blocks
 /// in a fixed order (`Elementwise.sum`), so that the result never depends on the thread count.
 enum RoundedSweeps {
-  /// `Elementwise.forEachBlock`: fixed blocks on all cores.
-  @inline(__always) static func forEachBlock(_ count: Int, _ body: (Range<Int>) -> Void) {
-    Elementwise.forEachBlock(count, body)
-  }
-
   /// `sqrt(sum_i x_i^2)` in `Double` (each square exact, summed as `Elementwise.sum` sums), for
   /// a rounding once (`RoundingRule.round(_: Double)`).
   static func length(_ values: UnsafePointer<Float>, count: Int) -> Double {

@@ -286,7 +286,7 @@ struct RoundedSCE: RoundedComputation {
         taskVectors.withUnsafeBufferPointers { t in
           variance.withUnsafeMutableBufferPointer { out in
             guard let v = out.baseAddress else { return }
-            S.forEachBlock(count) { r in
+            Elementwise.forEachBlock(count) { r in
               for i in r {
                 var sum = 0.0
                 for tv in t { sum += Double(tv[i]) }
@@ -323,7 +323,7 @@ struct RoundedSCE: RoundedComputation {
         taskVectors.withUnsafeBufferPointers { t in
           base.withUnsafeBufferPointer { b in
             guard let o = out.baseAddress, let basis = b.baseAddress else { return }
-            S.forEachBlock(count) { r in
+            Elementwise.forEachBlock(count) { r in
               for i in r {
                 guard kept[i] else {
                   // Every task vector reads 0: no agreeing term, the divisor's floor.
