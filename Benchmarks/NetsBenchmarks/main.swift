@@ -4,7 +4,8 @@
 //
 // The machine's sgemm rate (one large square product), then the forward throughput of a
 // mid-sized MLP and a small Llama-style decoder on one batch, as GFLOP/s of their matrix
-// products and as a fraction of the sgemm rate; and the cost of a backward pass.
+// products and as a fraction of the sgemm rate (the best rate of the run: sgemm runs again
+// before each measured pass); and the cost of a backward pass.
 import BenchmarkSupport
 import Foundation
 import Nets
@@ -23,9 +24,21 @@ BLAS.shortenIdleSpin()  // as mergekit does
 print("Nets benchmarks (\(ProcessInfo.processInfo.activeProcessorCount) cores, OpenBLAS kernels \(BLAS.coreName))")
 let n = 1024
 let a = Matrix<Float>(rows: n, columns: n, values: CounterRNG(seed: 1, stream: "a").normalTensor([n * n]).scalars)
-let sgemm = gflops(2 * Double(n * n * n), try best(5) { _ = a.matmul(a) })
+var sgemm = gflops(2 * Double(n * n * n), try best(5) { _ = a.matmul(a) })
 print(String(format: "sgemm %d x %d x %d: %.1f GFLOP/s", n, n, n, sgemm))
-record("nets", "sgemm", sgemm, unit: "GFLOP/s", ["n": n])
+
+/// The best time of `repeats` runs of `body`, each right after one more sgemm, which raises
+/// `sgemm` when faster: on a shared machine the rate moves by half within a minute, and a
+/// fraction of it should compare figures from the same stretch of time, never a network's good
+/// minute against the product's bad one.
+func bestAlongsideSgemm(_ repeats: Int, _ body: () throws -> Void) throws -> Double {
+  var times: [Double] = []
+  for _ in 0..<repeats {
+    sgemm = max(sgemm, gflops(2 * Double(n * n * n), try seconds { _ = a.matmul(a) }))
+    times.append(try seconds(body))
+  }
+  return times.min() ?? 0
+}
 
 // MLP [1024, 4096, 4096, 1024], batch 512.
 let sizes = [1024, 4096, 4096, 1024]
@@ -33,7 +46,7 @@ let mlp = Network<Float>.initializedMLP(MLPConfig(layerSizes: sizes, activation:
 let batch = Matrix<Float>(
   rows: 512, columns: 1024, values: CounterRNG(seed: 2, stream: "x").normalTensor([512 * 1024]).scalars)
 let mlpFlops = 2 * 512 * Double(zip(sizes, sizes.dropFirst()).reduce(0) { $0 + $1.0 * $1.1 })
-let forward = try best(3) {
+let forward = try bestAlongsideSgemm(3) {
   let tape = Tape<Float>(); _ = try mlp.forward(tape, .features(batch))
 }
 print(
@@ -41,7 +54,7 @@ print(
     format: "MLP %@ forward, batch 512: %.3f s, %.1f GFLOP/s = %.2f of sgemm", sizes.description, forward,
     gflops(mlpFlops, forward), gflops(mlpFlops, forward) / sgemm))
 record("nets", "mlp forward", gflops(mlpFlops, forward) / sgemm, unit: "of sgemm", ["seconds": forward])
-let training = try best(2) {
+let training = try bestAlongsideSgemm(2) {
   let tape = Tape<Float>()
   let out = try mlp.forward(tape, .features(batch)) { tape.parameter($1) }
   tape.backward(from: tape.crossEntropy(out.output, labels: (0..<512).map { $0 % 1024 }))
@@ -68,7 +81,7 @@ let tokens = TokenBatch((0..<sequences).map { s in (0..<length).map { ($0 * 31 +
 let rows = Double(sequences * length)
 let projections = 2 * rows * Double(4 * (512 * 512 * 2 + 512 * 256 * 2 + 3 * 512 * 1536) + 512 * 8000)
 let attentionFlops = 4 * 8 * Double(sequences) * 2 * 2 * Double(length * length * 64)
-let decoderTime = try best(3) {
+let decoderTime = try bestAlongsideSgemm(3) {
   let tape = Tape<Float>(); _ = try decoder.forward(tape, .tokens(tokens))
 }
 let decoderFlops = projections + attentionFlops
@@ -78,3 +91,5 @@ print(
     gflops(decoderFlops, decoderTime), gflops(decoderFlops, decoderTime) / sgemm))
 record(
   "nets", "decoder forward", gflops(decoderFlops, decoderTime) / sgemm, unit: "of sgemm", ["seconds": decoderTime])
+print(String(format: "sgemm best over the run: %.1f GFLOP/s", sgemm))
+record("nets", "sgemm", sgemm, unit: "GFLOP/s", ["n": n])

@@ -70,20 +70,42 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   public mutating func add(_ other: Matrix) {
     precondition(
       rows == other.rows && columns == other.columns, "adding \(other.rows) x \(other.columns) to \(rows) x \(columns)")
-    self = zipMap(other, +)
+    self = combined(other, .sum)
   }
 
   /// `f` applied to every element, large matrices on all cores (element by element, so the
   /// same bits as a plain loop).
   @inlinable public func map(_ f: (T) -> T) -> Matrix {
-    Matrix(rows: rows, columns: columns, values: Elementwise.map(values.count) { i in f(values[i]) })
+    let mapped = values.withUnsafeBufferPointer { input in
+      Elementwise.mapBlocks(input.count) { (range, out: UnsafeMutableBufferPointer<T>) in
+        let start = range.lowerBound
+        for k in out.indices { out[k] = f(input[start + k]) }
+      }
+    }
+    return Matrix(rows: rows, columns: columns, values: mapped)
   }
 
-  /// `f(self[i], other[i])` for every element (same shapes), on all cores when large.
-  @inlinable public func zipMap(_ other: Matrix, _ f: (T, T) -> T) -> Matrix {
+  /// The two element-wise combinations of matrices the layers use.
+  public enum Combination: Sendable { case sum, product }
+
+  /// `self[i] + other[i]` or `self[i] * other[i]` for every element (same shapes), on all cores
+  /// when large. The operation is chosen once per block, not passed as a function, so that each
+  /// loop is compiled to vector instructions (a function value was called per element).
+  @_specialize(exported:true,where T == Float)
+  public func combined(_ other: Matrix, _ combination: Combination) -> Matrix {
     precondition(rows == other.rows && columns == other.columns, "element-wise shapes")
-    return Matrix(
-      rows: rows, columns: columns, values: Elementwise.map(values.count) { i in f(values[i], other.values[i]) })
+    let mapped = values.withUnsafeBufferPointer { left in
+      other.values.withUnsafeBufferPointer { right in
+        Elementwise.mapBlocks(left.count) { (range, out: UnsafeMutableBufferPointer<T>) in
+          let start = range.lowerBound
+          switch combination {
+          case .sum: for k in out.indices { out[k] = left[start + k] + right[start + k] }
+          case .product: for k in out.indices { out[k] = left[start + k] * right[start + k] }
+          }
+        }
+      }
+    }
+    return Matrix(rows: rows, columns: columns, values: mapped)
   }
 
   /// The sum of each column (a `1 x columns` row), accumulated in `T`.

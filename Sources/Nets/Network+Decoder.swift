@@ -70,6 +70,7 @@ extension Network {
     _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
     from start: (layer: Int, hidden: Var)? = nil
   ) -> Var {
+    let rotation = rotaryTables(c, batch)
     var x: Var
     if let start {
       x = start.hidden
@@ -79,7 +80,7 @@ extension Network {
       recorder.record("model.embed_tokens.output", x)
     }
     for i in (start?.layer ?? 0)..<c.sharedLayers {
-      x = decoderBlock(c, tape, x, batch, layer: i, prefix: "model.layers.\(i).", weight, &recorder)
+      x = decoderBlock(c, tape, x, batch, rotation, layer: i, prefix: "model.layers.\(i).", weight, &recorder)
     }
     if start != nil { return x }
     guard c.tails > 1 else {
@@ -89,21 +90,16 @@ extension Network {
       let tail = DecoderConfig.tailPrefix(t)
       var y = tape.dense(x, tail + "unmerge", bias: false, weight, &recorder)
       for i in c.sharedLayers..<c.layerCount {
-        y = decoderBlock(c, tape, y, batch, layer: i, prefix: tail + "model.layers.\(i).", weight, &recorder)
+        y = decoderBlock(c, tape, y, batch, rotation, layer: i, prefix: tail + "model.layers.\(i).", weight, &recorder)
       }
       return decoderHead(c, tape, y, prefix: tail, tied: false, weight, &recorder)
     }
     return tape.meanProbabilityScores(tails)
   }
 
-  /// One block (attention, then the gated MLP, each added to the residual stream `x`), its
-  /// weights and points named `prefix...`.
-  private func decoderBlock(
-    _ c: DecoderConfig, _ tape: Tape<T>, _ x: Var, _ batch: TokenBatch, layer i: Int, prefix p: String,
-    _ weight: WeightBinder, _ recorder: inout PointRecorder
-  ) -> Var {
-    let positions = batch.positions
-    // Dynamic scaling depends on the length: each sequence's own (as transformers runs it alone).
+  /// The rotary angles of `batch`'s rows, shared by every layer. Dynamic scaling depends on the
+  /// length: each sequence's own (as transformers runs it alone).
+  private func rotaryTables(_ c: DecoderConfig, _ batch: TokenBatch) -> RotaryTables<T> {
     let perSequence =
       c.rotary.kind == .dynamic
       ? (0..<batch.batch).map { b in
@@ -111,6 +107,18 @@ extension Network {
           dimension: c.headDimension,
           length: batch.mask[(b * batch.sequence)..<((b + 1) * batch.sequence)].filter { $0 }.count)
       } : [c.rotary.inverseFrequencies(dimension: c.headDimension, length: batch.sequence)]
+    return RotaryTables(
+      positions: batch.positions, pairs: c.headDimension / 2,
+      rowFrequencies: { perSequence.count == 1 ? perSequence[0] : perSequence[$0 / batch.sequence] },
+      scale: c.rotary.attentionFactor)
+  }
+
+  /// One block (attention, then the gated MLP, each added to the residual stream `x`), its
+  /// weights and points named `prefix...`.
+  private func decoderBlock(
+    _ c: DecoderConfig, _ tape: Tape<T>, _ x: Var, _ batch: TokenBatch, _ rotation: RotaryTables<T>, layer i: Int,
+    prefix p: String, _ weight: WeightBinder, _ recorder: inout PointRecorder
+  ) -> Var {
     let h = decoderNorm(c, tape, x, p + "input_layernorm.weight", weight)
     /// A projection split in heads: Qwen3 normalises each head (RMSNorm over its features), then rotary.
     func rotated(_ name: String, heads: Int, norm: String) -> Var {
@@ -122,10 +130,7 @@ extension Network {
             tape.reshaped(y, rows: rows * heads, columns: c.headDimension), weight: weight(p + "self_attn." + norm),
             epsilon: c.epsilon), rows: rows, columns: heads * c.headDimension)
       }
-      return tape.rotary(
-        y, positions: positions, heads: heads,
-        rowFrequencies: { perSequence.count == 1 ? perSequence[0] : perSequence[$0 / batch.sequence] },
-        scale: c.rotary.attentionFactor)
+      return tape.rotary(y, heads: heads, tables: rotation)
     }
     let q = rotated("q_proj", heads: c.headCount, norm: "q_norm.weight")
     var k = rotated("k_proj", heads: c.keyValueHeadCount, norm: "k_norm.weight")

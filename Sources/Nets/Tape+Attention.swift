@@ -126,23 +126,47 @@ extension Tape {
   public func rotary(
     _ a: Var, positions: [Int], heads: Int, rowFrequencies: (Int) -> [Double], scale: Double = 1
   ) -> Var {
+    let d = value(a).columns / max(heads, 1)
+    return rotary(
+      a, heads: heads,
+      tables: RotaryTables(positions: positions, pairs: d / 2, rowFrequencies: rowFrequencies, scale: scale))
+  }
+
+  /// Rotary position embedding by precomputed `tables` (one row of angles per row of `a`), which
+  /// a decoder builds once per batch for all its layers' queries and keys.
+  @_specialize(exported:true,where T == Float)
+  public func rotary(_ a: Var, heads: Int, tables: RotaryTables<T>) -> Var {
     let x = value(a)
-    let d = x.columns / heads
-    precondition(x.columns == heads * d && d % 2 == 0 && positions.count == x.rows, "rotary shapes")
+    let d = x.columns / max(heads, 1)
     let half = d / 2
-    let (cosines, sines) = rotaryTables(positions: positions, half: half, rowFrequencies: rowFrequencies, scale: scale)
-    // Element by element on all cores: feature i of a head pairs with i + d/2.
+    precondition(
+      x.columns == heads * d && d % 2 == 0 && tables.rows == x.rows && tables.pairs == half, "rotary shapes")
+    // Row by row on all cores: feature i of a head pairs with i + d/2.
     func rotate(_ m: Matrix<T>, inverse: Bool) -> Matrix<T> {
-      Matrix(
-        rows: m.rows, columns: m.columns,
-        values: Elementwise.map(m.values.count) { e in
-          let (r, column) = (e / m.columns, e % m.columns)
-          let i = column % d
-          let pair = r * half + i % half
-          let (c, s) = (cosines[pair], inverse ? -sines[pair] : sines[pair])
-          if i < half { return m.values[e] * c - m.values[e + half] * s }
-          return m.values[e] * c + m.values[e - half] * s
-        })
+      let columns = m.columns
+      let values = m.values.withUnsafeBufferPointer { input in
+        tables.cosines.withUnsafeBufferPointer { cosines in
+          tables.sines.withUnsafeBufferPointer { sines in
+            Elementwise.mapBlocks(m.values.count, unit: columns) { (range, out: UnsafeMutableBufferPointer<T>) in
+              for r in (range.lowerBound / columns)..<(range.upperBound / columns) {
+                let row = r * columns
+                let local = row - range.lowerBound
+                let angles = r * half
+                for head in 0..<heads {
+                  let at = head * d
+                  for i in 0..<half {
+                    let (c, s) = (cosines[angles + i], inverse ? -sines[angles + i] : sines[angles + i])
+                    let (low, high) = (input[row + at + i], input[row + at + half + i])
+                    out[local + at + i] = low * c - high * s
+                    out[local + at + half + i] = high * c + low * s
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+      return Matrix(rows: m.rows, columns: columns, values: values)
     }
     return record(rotate(x, inverse: false), inputs: [a]) { [unowned self] g in accumulate(a, rotate(g, inverse: true))
     }
@@ -200,26 +224,40 @@ extension Tape {
         for j in 0..<n { row[j] = 0 }
         return
       }
+      // The span's exponentials in one vector sweep (`NetScalar.exponentiate`); hidden keys
+      // enter it as -infinity, whose exponential is 0.
+      for j in 0..<first { row[j] = 0 }
+      for j in (last + 1)..<n { row[j] = 0 }
+      for j in first...last { row[j] = visible[j] ? row[j] * scale - largest : -T.infinity }
+      T.exponentiate(UnsafeMutableBufferPointer(rebasing: row[first...last]))
       var total: T = 0
-      for j in 0..<n {
-        let e = j >= first && j <= last && visible[j] ? T.exp(row[j] * scale - largest) : 0
-        row[j] = e
-        total += e
-      }
+      for j in first...last { total += row[j] }
       let inverse = 1 / total
-      for j in 0..<n { row[j] *= inverse }
+      for j in first...last { row[j] *= inverse }
     }
   }
+}
 
-  /// `scale` times cos and sin of `position * frequencies[i]`, computed in Double, per row and pair `i`.
-  private func rotaryTables(positions: [Int], half: Int, rowFrequencies: (Int) -> [Double], scale: Double) -> (
-    [T], [T]
-  ) {
+/// Rotary position embedding's angles for one batch: `scale` times the cosine and the sine of
+/// `position * frequency` for every row and feature pair (computed in `Double`). Built once per
+/// batch and shared by every layer's queries and keys, which all turn by the same angles.
+public struct RotaryTables<T: NetScalar>: Sendable {
+  /// Rows of the batch, and feature pairs per head (half the head dimension).
+  public let rows: Int
+  public let pairs: Int
+  /// Row `r`, pair `i` at `r * pairs + i`.
+  let cosines: [T]
+  let sines: [T]
+
+  /// The tables for rows at `positions` (one per row), where row `r` turns its feature pairs by
+  /// `rowFrequencies(r)` (`pairs` of them) times its position.
+  public init(positions: [Int], pairs: Int, rowFrequencies: (Int) -> [Double], scale: Double = 1) {
     let frequencies = positions.indices.map(rowFrequencies)
-    for f in frequencies { precondition(f.count == half, "one rotary frequency per feature pair") }
-    let angle = { (k: Int) in Double(positions[k / half]) * frequencies[k / half][k % half] }
-    let cosines = Elementwise.map(positions.count * half) { T(scale * Foundation.cos(angle($0))) }
-    let sines = Elementwise.map(positions.count * half) { T(scale * Foundation.sin(angle($0))) }
-    return (cosines, sines)
+    for f in frequencies { precondition(f.count == pairs, "one rotary frequency per feature pair") }
+    let angle = { (k: Int) in Double(positions[k / pairs]) * frequencies[k / pairs][k % pairs] }
+    rows = positions.count
+    self.pairs = pairs
+    cosines = Elementwise.map(positions.count * pairs) { T(scale * Foundation.cos(angle($0))) }
+    sines = Elementwise.map(positions.count * pairs) { T(scale * Foundation.sin(angle($0))) }
   }
 }

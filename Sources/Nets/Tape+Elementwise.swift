@@ -32,10 +32,10 @@ extension Tape {
     let (x, y) = (value(a), value(b))
     precondition(
       x.rows == y.rows && x.columns == y.columns, "multiply: \(x.rows) x \(x.columns) and \(y.rows) x \(y.columns)")
-    let out = x.zipMap(y, *)
+    let out = x.combined(y, .product)
     return record(out, inputs: [a, b]) { [unowned self] g in
-      accumulate(a, g.zipMap(y, *))
-      accumulate(b, g.zipMap(x, *))
+      accumulate(a, g.combined(y, .product))
+      accumulate(b, g.combined(x, .product))
     }
   }
 
@@ -88,8 +88,13 @@ extension Tape {
 
   /// Applies `f` element-wise, with `derivative(x, f(x))` for the backward pass.
   func pointwise(_ a: Var, _ f: (T) -> T, derivative: @escaping (T, T) -> T) -> Var {
+    pointwise(a, output: value(a).map(f), derivative: derivative)
+  }
+
+  /// Records `y`, a function of `a` computed element by element, with `derivative(x, y)` for
+  /// the backward pass.
+  func pointwise(_ a: Var, output y: Matrix<T>, derivative: @escaping (T, T) -> T) -> Var {
     let x = value(a)
-    let y = x.map(f)
     return record(y, inputs: [a]) { [unowned self] g in
       accumulate(
         a,
@@ -128,7 +133,18 @@ extension Tape {
   /// SiLU (swish), `x * sigmoid(x)`: Llama's MLP activation.
   @_specialize(exported:true,where T == Float)
   public func silu(_ a: Var) -> Var {
-    pointwise(a, { $0 / (1 + T.exp(-$0)) }) { x, _ in
+    // x / (1 + e^-x), a block at a time: the block's exponentials in one vector sweep
+    // (`NetScalar.exponentiate`), then the quotients; `exp` per element cost most of the time.
+    let x = value(a)
+    let y = x.values.withUnsafeBufferPointer { input in
+      Elementwise.mapBlocks(x.count) { (range, out: UnsafeMutableBufferPointer<T>) in
+        let start = range.lowerBound
+        for k in out.indices { out[k] = -input[start + k] }
+        T.exponentiate(out)
+        for k in out.indices { out[k] = input[start + k] / (1 + out[k]) }
+      }
+    }
+    return pointwise(a, output: Matrix(rows: x.rows, columns: x.columns, values: y)) { x, _ in
       let s = 1 / (1 + T.exp(-x))
       return s * (1 + x * (1 - s))
     }

@@ -63,9 +63,18 @@ extension Tape {
       for c in 0..<n { squares += x.values[r * n + c] * x.values[r * n + c] }
       return 1 / (squares / T(n) + T(epsilon)).squareRoot()
     }
-    let out = Matrix(
-      rows: x.rows, columns: n,
-      values: Elementwise.map(x.values.count) { i in x.values[i] * inverseRMS[i / n] * w.values[i % n] })
+    // Whole rows a block, without a division per element for its row and column.
+    let values = x.values.withUnsafeBufferPointer { input in
+      w.values.withUnsafeBufferPointer { gains in
+        Elementwise.mapBlocks(x.values.count, unit: n) { (range, out: UnsafeMutableBufferPointer<T>) in
+          for r in (range.lowerBound / max(n, 1))..<(range.upperBound / max(n, 1)) {
+            let (row, local, inverse) = (r * n, r * n - range.lowerBound, inverseRMS[r])
+            for c in 0..<n { out[local + c] = input[row + c] * inverse * gains[c] }
+          }
+        }
+      }
+    }
+    let out = Matrix(rows: x.rows, columns: n, values: values)
     return record(out, inputs: [a, weight]) { [unowned self] g in
       var dw = Matrix<T>(zeros: 1, n)
       var dx = Matrix<T>(zeros: x.rows, n)

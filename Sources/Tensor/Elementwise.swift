@@ -25,6 +25,28 @@ public enum Elementwise {
     }
   }
 
+  /// `count` elements computed block by block in parallel: `fill(range, out)` sets every element
+  /// of `out`, which holds elements `range` (element `range.lowerBound + k` is `out[k]`). Each
+  /// block but the last holds a multiple of `unit` elements (whole rows of a matrix), about
+  /// `blockSize`. For loops that work through a block in sweeps (a vector function over the
+  /// whole block, then a second loop over it) rather than element by element.
+  @inlinable
+  public static func mapBlocks<T: BitwiseCopyable>(
+    _ count: Int, unit: Int = 1, _ fill: (Range<Int>, UnsafeMutableBufferPointer<T>) -> Void
+  ) -> [T] {
+    let unit = Swift.max(unit, 1)
+    let size = Swift.max(1, blockSize / unit) * unit
+    return [T](unsafeUninitializedCapacity: count) { buffer, initialized in
+      let out = SendablePointer(buffer.baseAddress)
+      try? Parallel.forEach((count + size - 1) / size) { _, block in
+        guard let pointer = out.pointer else { return }
+        let range = (block * size)..<Swift.min(count, (block + 1) * size)
+        fill(range, UnsafeMutableBufferPointer(start: pointer + range.lowerBound, count: range.count))
+      }
+      initialized = count
+    }
+  }
+
   /// Runs `body(range)` over the fixed blocks of `0..<count`, side by side on all cores (for
   /// loops that write disjoint elements in place).
   @inlinable

@@ -1,3 +1,4 @@
+import Synchronization
 import Testing
 
 @testable import Tensor
@@ -236,5 +237,22 @@ import Testing
     #expect(sum == blocked)  // bit-identical: blocks are fixed and combined in order
     #expect(abs(sum - x.reduce(0.0) { $0 + Double($1) }) < 1e-9)
     #expect(Elementwise.map(x.count) { x[$0] * 2 } == x.map { $0 * 2 })
+  }
+
+  @Test func mapBlocksCoversEveryElementInWholeUnits() {
+    // 100_003 elements in units of 7 (rows): every element set once from its own index, and
+    // every block but the last a whole number of units.
+    let (count, unit) = (100_003, 7)
+    let starts = Mutex([Range<Int>]())
+    let values: [Float] = Elementwise.mapBlocks(count, unit: unit) { range, out in
+      starts.withLock { $0.append(range) }
+      for k in out.indices { out[k] = Float(range.lowerBound + k) }
+    }
+    #expect(values == (0..<count).map { Float($0) })
+    let ranges = starts.withLock { $0 }.sorted { $0.lowerBound < $1.lowerBound }
+    #expect(ranges.count > 1 && ranges.first?.lowerBound == 0 && ranges.last?.upperBound == count)
+    #expect(zip(ranges, ranges.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound })
+    #expect(ranges.dropLast().allSatisfy { $0.count % unit == 0 && $0.lowerBound % unit == 0 })
+    #expect(Elementwise.mapBlocks(0) { (_, _: UnsafeMutableBufferPointer<Float>) in }.isEmpty)
   }
 }
