@@ -91,5 +91,19 @@ print(
     gflops(decoderFlops, decoderTime), gflops(decoderFlops, decoderTime) / sgemm))
 record(
   "nets", "decoder forward", gflops(decoderFlops, decoderTime) / sgemm, unit: "of sgemm", ["seconds": decoderTime])
+// The decoder's training step (as PELA's distillation and MatryoshkaKV's training run it): the
+// forward with every weight a parameter, cross-entropy, and the backward pass.
+let decoderTraining = try bestAlongsideSgemm(3) {
+  let tape = Tape<Float>()
+  let out = try decoder.forward(tape, .tokens(tokens)) { tape.parameter($1) }
+  tape.backward(from: tape.crossEntropy(out.output, labels: (0..<(sequences * length)).map { $0 % 8000 }))
+}
+print(
+  String(
+    format: "decoder forward + backward: %.3f s, %.1f GFLOP/s (3x the forward products) = %.2f of sgemm",
+    decoderTraining, gflops(3 * decoderFlops, decoderTraining), gflops(3 * decoderFlops, decoderTraining) / sgemm))
+record(
+  "nets", "decoder forward+backward", gflops(3 * decoderFlops, decoderTraining) / sgemm, unit: "of sgemm",
+  ["seconds": decoderTraining])
 print(String(format: "sgemm best over the run: %.1f GFLOP/s", sgemm))
 record("nets", "sgemm", sgemm, unit: "GFLOP/s", ["n": n])
