@@ -72,30 +72,47 @@ extension Tape {
       if let slope = r.slope { cappedSlopes.append(slope) }
     }
     return record(out, inputs: [q, k, v]) { [unowned self] g in
+      // Every (sequence, key/value head) is independent, as in the forward pass: each runs its
+      // query heads on one core with its products on that core, and adds their terms into its
+      // own key and value gradients in head order (the order of one loop over the heads).
+      let parts = ResultSlots<(dq: [Matrix<T>], dk: Matrix<T>, dv: Matrix<T>)>(count: batch * kvHeads)
+      BLAS.singleThreaded {
+        try? Parallel.forEach(batch * kvHeads) { _, item in
+          let (b, kv) = (item / kvHeads, item % kvHeads)
+          let (kh, vh) = (block(km, b, sequence, kv, d), block(vm, b, sequence, kv, d))
+          var (dk, dv) = (Matrix<T>(zeros: sequence, d), Matrix<T>(zeros: sequence, d))
+          var dqs: [Matrix<T>] = []
+          for h in (kv * group)..<((kv + 1) * group) {
+            let p = probabilities[b * heads + h]
+            let go = block(g, b, sequence, h, d)
+            dv.add(p.matmul(go, transposeSelf: true))
+            var ds = go.matmul(vh, transposeB: true)
+            for i in 0..<sequence {
+              var dotted: T = 0
+              for j in 0..<sequence { dotted += ds[i, j] * p[i, j] }
+              if softcap != nil {
+                let slope = cappedSlopes[b * heads + h]
+                for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * slope[i, j] }
+              } else {
+                for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * scale }
+              }
+            }
+            dqs.append(ds.matmul(kh))
+            dk.add(ds.matmul(block(qm, b, sequence, h, d), transposeSelf: true))
+          }
+          parts.set(item, (dqs, dk, dv))
+        }
+      }
       var (dq, dk, dv) = (
         Matrix<T>(zeros: qm.rows, qm.columns), Matrix<T>(zeros: km.rows, km.columns),
         Matrix<T>(zeros: vm.rows, vm.columns)
       )
-      for b in 0..<batch {
-        for h in 0..<heads {
-          let kv = h / group
-          let p = probabilities[b * heads + h]
-          let go = block(g, b, sequence, h, d)
-          addBlock(&dv, p.matmul(go, transposeSelf: true), b, sequence, kv, d)
-          var ds = go.matmul(block(vm, b, sequence, kv, d), transposeB: true)
-          for i in 0..<sequence {
-            var dotted: T = 0
-            for j in 0..<sequence { dotted += ds[i, j] * p[i, j] }
-            if softcap != nil {
-              let slope = cappedSlopes[b * heads + h]
-              for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * slope[i, j] }
-            } else {
-              for j in 0..<sequence { ds[i, j] = p[i, j] * (ds[i, j] - dotted) * scale }
-            }
-          }
-          addBlock(&dq, ds.matmul(block(km, b, sequence, kv, d)), b, sequence, h, d)
-          addBlock(&dk, ds.matmul(block(qm, b, sequence, h, d), transposeSelf: true), b, sequence, kv, d)
-        }
+      for item in 0..<(batch * kvHeads) {
+        let (b, kv) = (item / kvHeads, item % kvHeads)
+        let part = parts.get(item)
+        for (offset, block) in part.dq.enumerated() { addBlock(&dq, block, b, sequence, kv * group + offset, d) }
+        addBlock(&dk, part.dk, b, sequence, kv, d)
+        addBlock(&dv, part.dv, b, sequence, kv, d)
       }
       accumulate(q, dq)
       accumulate(k, dk)
