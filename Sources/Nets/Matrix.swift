@@ -28,13 +28,18 @@ public struct Matrix<T: NetScalar>: Sendable, Equatable {
   public init(_ tensor: Tensor) {
     let (rows, columns) =
       tensor.shape.count == 1 ? (1, tensor.shape[0]) : (tensor.shape.dropLast().reduce(1, *), tensor.shape.last ?? 1)
-    self.init(rows: rows, columns: columns, values: tensor.scalars.map { T($0) })
+    // A Float matrix takes the tensor's array as it is: no copy, and no conversion per element
+    // (which runs generic, element by element, when called from unoptimised code).
+    let values = T.self == Float.self ? unsafeBitCast(tensor.scalars, to: [T].self) : tensor.scalars.map { T($0) }
+    self.init(rows: rows, columns: columns, values: values)
   }
 
   /// The values as a `Float` tensor of `shape` (default `[rows, columns]`).
   @_specialize(exported:true,where T == Float)
   public func tensor(shape: [Int]? = nil) -> Tensor {
-    Tensor(shape: shape ?? [rows, columns], scalars: values.map { Float($0) })
+    Tensor(
+      shape: shape ?? [rows, columns],
+      scalars: T.self == Float.self ? unsafeBitCast(values, to: [Float].self) : values.map { Float($0) })
   }
 
   public var count: Int { values.count }

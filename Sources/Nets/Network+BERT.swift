@@ -38,6 +38,7 @@ extension Network {
     return shapes
   }
 
+  @_specialize(where T == Float)
   func bertForward(
     _ c: BERTConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder
   ) -> Var {

@@ -66,9 +66,30 @@ extension Network {
 
   /// The logits of `batch`; from `start` (a layer and the residual stream entering it), the
   /// residual stream after the last block instead (one tail only).
-  func decoderForward(
+  ///
+  /// Debug builds compile each file on its own, so a call from another file (`run`) would run
+  /// the generic body, element by element through witness tables, for every layer: the `Float`
+  /// specialization is asked for there (MatryoshkaKV's tests took 36 CPU-s without it, 8 with
+  /// it). Release builds optimise the whole module, which specialises it anyway; the attribute
+  /// is left out there, since with it the Swift 6.3 whole-module build referenced
+  /// prespecialized `Tape` functions it never emitted and failed to link.
+  #if DEBUG
+    @_specialize(exported:true,where T == Float)
+    func decoderForward(
+      _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
+      from start: (layer: Int, hidden: Var)? = nil
+    ) -> Var { decoderLayers(c, tape, batch, weight, &recorder, from: start) }
+  #else
+    func decoderForward(
+      _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
+      from start: (layer: Int, hidden: Var)? = nil
+    ) -> Var { decoderLayers(c, tape, batch, weight, &recorder, from: start) }
+  #endif
+
+  /// `decoderForward`'s body.
+  private func decoderLayers(
     _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
-    from start: (layer: Int, hidden: Var)? = nil
+    from start: (layer: Int, hidden: Var)?
   ) -> Var {
     let rotation = rotaryTables(c, batch)
     var x: Var

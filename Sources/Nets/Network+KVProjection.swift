@@ -101,8 +101,22 @@ public struct KVProjection: Sendable, Equatable {
 }
 
 extension Tape {
-  /// `x~ = (x - mu) U_r U_r^T + mu` for every head of a packed `rows x (heads d)` matrix.
-  func projectHeads(
+  /// `x~ = (x - mu) U_r U_r^T + mu` for every head of a packed `rows x (heads d)` matrix. Its
+  /// `Float` specialization is asked for in debug builds only, as `decoderForward`'s is (why:
+  /// there).
+  #if DEBUG
+    @_specialize(exported:true,where T == Float)
+    func projectHeads(
+      _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
+    ) -> Var { projectedHeads(x, layer: layer, kind, ranks: ranks, dimension: d, weight) }
+  #else
+    func projectHeads(
+      _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
+    ) -> Var { projectedHeads(x, layer: layer, kind, ranks: ranks, dimension: d, weight) }
+  #endif
+
+  /// `projectHeads`'s body.
+  private func projectedHeads(
     _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
   ) -> Var {
     let parts = ranks.enumerated().map { head, r -> Var in

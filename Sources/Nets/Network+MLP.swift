@@ -19,6 +19,7 @@ extension Network {
     return shapes
   }
 
+  @_specialize(where T == Float)
   func mlpForward(_ c: MLPConfig, _ tape: Tape<T>, _ x: Var, _ weight: WeightBinder, _ recorder: inout PointRecorder)
     -> Var
   {

@@ -261,6 +261,7 @@ extension Tape {
   /// input and output as points `<prefix>.input` and `<prefix>.output`.
   /// A factored layer (`weight.lowRank[name] != nil`) runs as `B (A x) + b` with `A = <name>.0.weight`
   /// (r x in, no bias) and `B = <name>.1.weight` (out x r) carrying the bias `<name>.1.bias`.
+  @_specialize(where T == Float)
   func dense(_ x: Var, _ name: String, bias: Bool, _ weight: WeightBinder, _ recorder: inout PointRecorder) -> Var {
     recorder.record(name + ".input", x)
     let y: Var

@@ -32,6 +32,7 @@ public struct Optimizer<T: NetScalar> {
   /// One update of every parameter that has a gradient. Returns the gradients' global norm
   /// before clipping.
   @discardableResult
+  @_specialize(exported:true,where T == Float)
   public mutating func step(_ parameters: inout [String: Matrix<T>], gradients: [String: Matrix<T>]) -> T {
     var squares: T = 0
     for g in gradients.values { for x in g.values { squares += x * x } }

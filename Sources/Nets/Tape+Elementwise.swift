@@ -93,6 +93,7 @@ extension Tape {
 
   /// Records `y`, a function of `a` computed element by element, with `derivative(x, y)` for
   /// the backward pass.
+  @_specialize(where T == Float)
   func pointwise(_ a: Var, output y: Matrix<T>, derivative: @escaping (T, T) -> T) -> Var {
     let x = value(a)
     return record(y, inputs: [a]) { [unowned self] g in

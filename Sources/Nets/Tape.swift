@@ -63,6 +63,7 @@ public final class Tape<T: NetScalar> {
   }
 
   /// Adds `gradient` to `v`'s (ignored when `v` is not tracked).
+  @_specialize(where T == Float)
   func accumulate(_ v: Var, _ gradient: @autoclosure () -> Matrix<T>) {
     guard tracked[v.id] else { return }
     if gradients[v.id] == nil {
