@@ -75,21 +75,10 @@ extension Network {
   /// prespecialized `Tape` functions it never emitted and failed to link.
   #if DEBUG
     @_specialize(exported:true,where T == Float)
-    func decoderForward(
-      _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
-      from start: (layer: Int, hidden: Var)? = nil
-    ) -> Var { decoderLayers(c, tape, batch, weight, &recorder, from: start) }
-  #else
-    func decoderForward(
-      _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
-      from start: (layer: Int, hidden: Var)? = nil
-    ) -> Var { decoderLayers(c, tape, batch, weight, &recorder, from: start) }
   #endif
-
-  /// `decoderForward`'s body.
-  private func decoderLayers(
+  func decoderForward(
     _ c: DecoderConfig, _ tape: Tape<T>, _ batch: TokenBatch, _ weight: WeightBinder, _ recorder: inout PointRecorder,
-    from start: (layer: Int, hidden: Var)?
+    from start: (layer: Int, hidden: Var)? = nil
   ) -> Var {
     let rotation = rotaryTables(c, batch)
     var x: Var

@@ -106,17 +106,8 @@ extension Tape {
   /// there).
   #if DEBUG
     @_specialize(exported:true,where T == Float)
-    func projectHeads(
-      _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
-    ) -> Var { projectedHeads(x, layer: layer, kind, ranks: ranks, dimension: d, weight) }
-  #else
-    func projectHeads(
-      _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
-    ) -> Var { projectedHeads(x, layer: layer, kind, ranks: ranks, dimension: d, weight) }
   #endif
-
-  /// `projectHeads`'s body.
-  private func projectedHeads(
+  func projectHeads(
     _ x: Var, layer: Int, _ kind: KVProjection.Kind, ranks: [Int], dimension d: Int, _ weight: WeightBinder
   ) -> Var {
     let parts = ranks.enumerated().map { head, r -> Var in
