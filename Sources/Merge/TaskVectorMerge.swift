@@ -432,9 +432,10 @@ public struct TaskVectorMerge: StreamingMerge {
       consume: { part in
         for m in sampled { samples[m] += part[m] }
       })
-    let brackets = ranked.map { m, r in
-      MagnitudeBracket(
-        keep: plans[m].rankers[r].keep, count: n, sample: samples[m], budget: max(1 << 18, n / 32))
+    // Each pair's bracket, and below its settlement, side by side: the other cores would idle.
+    let keeps = ranked.map { m, r in plans[m].rankers[r].keep }
+    let brackets = try Parallel.map(ranked.count) { k in
+      MagnitudeBracket(keep: keeps[k], count: n, sample: samples[ranked[k].0], budget: max(1 << 18, n / 32))
     }
     var summaries = [[MagnitudeBracket.Summary]](repeating: [], count: ranked.count)
     var offsets: [Int] = []
@@ -461,15 +462,16 @@ public struct TaskVectorMerge: StreamingMerge {
           return (range.offset, ranked.indices.map { k in brackets[k]?.summarize(d[ranked[k].0]) })
         }, combine: combine)
     }
+    let settled = try Parallel.map(ranked.count) { k in brackets[k]?.ranker(summaries[k]) }
     var unsettled: [(Int, Int)] = []
     for (k, (m, r)) in ranked.enumerated() {
-      guard let bracket = brackets[k], let (ranker, before) = bracket.ranker(summaries[k]) else {
+      guard let (ranker, before, total) = settled[k] else {
         unsettled.append((m, r))
         continue
       }
       plans[m].rankers[r] = ranker
       plans[m].equalBefore[r] = Dictionary(uniqueKeysWithValues: zip(offsets, before))
-      plans[m].equalTotal[r] = bracket.equalTotal(summaries[k], key: ranker.threshold.key)
+      plans[m].equalTotal[r] = total
     }
     return unsettled
   }

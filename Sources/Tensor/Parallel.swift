@@ -48,6 +48,16 @@ public enum Parallel {
     }
   }
 
+  /// `body(item)` for every item in `0..<count`, in item order, computed on up to `workers`
+  /// workers taking turns (`forEachTakingTurns`): for a few items of real work each.
+  public static func map<Value>(
+    _ count: Int, workers: Int = Parallel.threadCount, _ body: (_ item: Int) throws -> Value
+  ) throws -> [Value] {
+    let results = ResultSlots<Value>(count: count)
+    try forEachTakingTurns(count, workers: workers) { results.set($0, try body($0)) }
+    return (0..<count).map(results.get)
+  }
+
   /// Hands out 0, 1, 2, ... to workers, one at a time.
   final class TurnCounter: @unchecked Sendable {
     private let lock = NSLock()

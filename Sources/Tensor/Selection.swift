@@ -167,6 +167,89 @@ public struct MagnitudeRanker: Sendable {
   }
 }
 
+/// An order statistic of magnitude keys (bit patterns of |x|, below 2^31) counted in descending
+/// order, with the counts the tie order needs: found without sorting the keys, by one pass
+/// counting them by their high 15 bits and a second collecting the keys of the bins the wanted
+/// ranks fall in (a small share of them), which alone are sorted. `MagnitudeBracket` takes its
+/// ends from a sample this way, and its threshold from the keys its pass kept.
+public struct KeyOrderStatistic: Equatable, Sendable {
+  /// The key at the rank.
+  public var key: UInt32
+  /// How many keys are larger than `key`, and how many equal it, over all parts.
+  public var larger: Int
+  public var equal: Int
+  /// How many keys equal `key`, part by part.
+  public var equalByPart: [Int]
+
+  /// The statistics at `ranks` (from 0: rank 0 is the largest key; each below the key count)
+  /// of the keys of all `parts` together, in the order of `ranks`.
+  public static func select(_ parts: [[UInt32]], ranks: [Int]) -> [KeyOrderStatistic] {
+    let total = parts.reduce(0) { $0 + $1.count }
+    precondition(ranks.allSatisfy { (0..<total).contains($0) }, "ranks \(ranks) of \(total) keys")
+    guard !ranks.isEmpty else { return [] }
+    var counts = [Int](repeating: 0, count: 1 << 15)
+    counts.withUnsafeMutableBufferPointer { bins in
+      for part in parts {
+        part.withUnsafeBufferPointer { keys in
+          for key in keys { bins[Int((key & 0x7FFF_FFFF) >> 16)] &+= 1 }
+        }
+      }
+    }
+    // Each rank's bin, and how many keys lie in the bins above it.
+    var binOf = [Int](repeating: 0, count: ranks.count)
+    var aboveBin = [Int](repeating: 0, count: ranks.count)
+    for (r, rank) in ranks.enumerated() {
+      var bin = counts.count - 1
+      var above = 0
+      while above + counts[bin] <= rank {
+        above += counts[bin]
+        bin -= 1
+      }
+      (binOf[r], aboveBin[r]) = (bin, above)
+    }
+    // The keys of those bins, part by part.
+    let bins = Array(Set(binOf)).sorted()
+    var collected = [[[UInt32]]](repeating: [], count: bins.count)
+    for part in parts {
+      var byBin = [[UInt32]](repeating: [], count: bins.count)
+      part.withUnsafeBufferPointer { keys in
+        for key in keys {
+          let bin = Int((key & 0x7FFF_FFFF) >> 16)
+          if let b = bins.firstIndex(of: bin) { byBin[b].append(key & 0x7FFF_FFFF) }
+        }
+      }
+      for b in bins.indices { collected[b].append(byBin[b]) }
+    }
+    return ranks.indices.map { r in
+      let b = bins.firstIndex(of: binOf[r]) ?? 0
+      let inBin = Array(collected[b].joined())
+      let key = keyAt(ranks[r] - aboveBin[r], inBin: inBin)
+      let larger = aboveBin[r] + inBin.reduce(0) { $0 + ($1 > key ? 1 : 0) }
+      let equalByPart = collected[b].map { keys in keys.reduce(0) { $0 + ($1 == key ? 1 : 0) } }
+      return KeyOrderStatistic(key: key, larger: larger, equal: equalByPart.reduce(0, +), equalByPart: equalByPart)
+    }
+  }
+
+  /// The key at `rank` (from 0) in descending order of `keys`, which share their high 16 bits:
+  /// sorted when there are few, else by a histogram of their low 16 bits.
+  static func keyAt(_ rank: Int, inBin keys: [UInt32]) -> UInt32 {
+    if keys.count <= 1 << 12 { return keys.sorted(by: >)[rank] }
+    var counts = [Int](repeating: 0, count: 1 << 16)
+    counts.withUnsafeMutableBufferPointer { bins in
+      keys.withUnsafeBufferPointer { keys in
+        for key in keys { bins[Int(key & 0xFFFF)] &+= 1 }
+      }
+    }
+    var bin = counts.count - 1
+    var above = 0
+    while above + counts[bin] <= rank {
+      above += counts[bin]
+      bin -= 1
+    }
+    return keys[0] & 0xFFFF_0000 | UInt32(bin)
+  }
+}
+
 /// Exact top-k by magnitude in ONE pass over a streamed tensor, in the common case: a sample of
 /// the values (taken before the pass) brackets the threshold between two keys; the pass counts
 /// the elements above the bracket and keeps the keys inside it, range by range. If the k-th
@@ -208,8 +291,10 @@ public struct MagnitudeBracket: Sendable {
     let margin = 8 * (s * q * (1 - q)).squareRoot() + 2
     let upper = Int((rank - margin).rounded(.down))
     let lower = Int((rank + margin).rounded(.up))
-    high = upper < 0 ? 0x7FFF_FFFF : Self.descendingKey(sample, at: upper)
-    low = lower >= sample.count ? 0 : Self.descendingKey(sample, at: lower)
+    let keys = sample.map { $0.bitPattern & 0x7FFF_FFFF }
+    let ends = KeyOrderStatistic.select([keys], ranks: [upper, lower].filter { keys.indices.contains($0) })
+    high = upper < 0 ? 0x7FFF_FFFF : ends[0].key
+    low = lower >= sample.count ? 0 : ends[ends.count - 1].key
   }
 
   /// The same bracket for keeping `keep` elements instead: for a count known only after the
@@ -224,19 +309,9 @@ public struct MagnitudeBracket: Sendable {
   }
 
   /// The magnitude key at `index` (from 0) of `values`' keys in descending order: the threshold
-  /// of keeping `index + 1` of them, by `MagnitudeRanker`'s two histogram passes, several times
-  /// faster than sorting the sample.
+  /// of keeping `index + 1` of them.
   static func descendingKey(_ values: [Float], at index: Int) -> UInt32 {
-    var ranker = MagnitudeRanker(keep: index + 1, count: values.count)
-    guard ranker.needsPasses else {
-      // The last index: the smallest key.
-      return values.reduce(0x7FFF_FFFF) { Swift.min($0, $1.bitPattern & 0x7FFF_FFFF) }
-    }
-    ranker.addHigh(MagnitudeRanker.highCounts(values))
-    ranker.finishHigh()
-    ranker.addLow(ranker.lowCounts(values))
-    ranker.finishLow()
-    return ranker.threshold.key
+    KeyOrderStatistic.select([values.map { $0.bitPattern & 0x7FFF_FFFF }], ranks: [index])[0].key
   }
 
   /// The pass's summary of one range: by AVX-512 or AVX2 where the machine has it and `unit`
@@ -363,17 +438,10 @@ public struct MagnitudeBracket: Sendable {
     return summary
   }
 
-  /// How many elements of the tensor have magnitude key `key` (a threshold `ranker` found).
-  public func equalTotal(_ summaries: [Summary], key: UInt32) -> Int {
-    if key == high { return summaries.reduce(0) { $0 + $1.atHigh } }
-    if key == low { return summaries.reduce(0) { $0 + $1.atLow } }
-    return summaries.reduce(0) { total, summary in total + summary.inner.filter { $0 == key }.count }
-  }
-
-  /// The ranker with its exact threshold, and the number of threshold-equal elements before
-  /// each range (in range order), from every range's summary in order; nil when the k-th
-  /// largest is outside the bracket or more than `budget` keys fell strictly inside it.
-  public func ranker(_ summaries: [Summary]) -> (ranker: MagnitudeRanker, equalBefore: [Int])? {
+  /// The ranker with its exact threshold, and the threshold-equal elements before each range
+  /// (in range order) and in the whole tensor, from every range's summary in order; nil when the
+  /// k-th largest is outside the bracket or more than `budget` keys fell strictly inside it.
+  public func ranker(_ summaries: [Summary]) -> (ranker: MagnitudeRanker, equalBefore: [Int], equalTotal: Int)? {
     let above = summaries.reduce(0) { $0 + $1.above }
     let atHigh = summaries.reduce(0) { $0 + $1.atHigh }
     let atLow = summaries.reduce(0) { $0 + $1.atLow }
@@ -381,41 +449,29 @@ public struct MagnitudeBracket: Sendable {
     guard above < keep, inside <= budget else { return nil }
     let key: UInt32
     let equalToKeep: Int
-    let equalInRange: (Summary) -> Int
+    let equalByRange: [Int]
     if keep <= above + atHigh {
-      (key, equalToKeep, equalInRange) = (high, keep - above, { $0.atHigh })
+      (key, equalToKeep, equalByRange) = (high, keep - above, summaries.map(\.atHigh))
     } else if keep <= above + atHigh + inside {
-      // The (keep - above - atHigh)-th largest inner key, by two histogram passes over them.
-      var keys: [Float] = []
-      keys.reserveCapacity(inside)
-      for summary in summaries { keys += summary.inner.map { Float(bitPattern: $0) } }
-      var inner = MagnitudeRanker(keep: keep - above - atHigh, count: keys.count)
-      if inner.needsPasses {
-        inner.addHigh(MagnitudeRanker.highCounts(keys))
-        inner.finishHigh()
-        inner.addLow(inner.lowCounts(keys))
-        inner.finishLow()
-        (key, equalToKeep) = inner.threshold
-      } else {
-        // Every inner key is kept: the threshold is the smallest of them.
-        let smallest = keys.map(\.bitPattern).min() ?? low
-        (key, equalToKeep) = (smallest, keys.filter { $0.bitPattern == smallest }.count)
-      }
-      equalInRange = { summary in summary.inner.filter { $0 == key }.count }
+      // The (keep - above - atHigh)-th largest inner key.
+      let wanted = keep - above - atHigh
+      let statistic = KeyOrderStatistic.select(summaries.map(\.inner), ranks: [wanted - 1])[0]
+      (key, equalToKeep, equalByRange) = (statistic.key, wanted - statistic.larger, statistic.equalByPart)
     } else if keep <= above + atHigh + inside + atLow {
-      (key, equalToKeep, equalInRange) = (low, keep - above - atHigh - inside, { $0.atLow })
+      (key, equalToKeep, equalByRange) = (low, keep - above - atHigh - inside, summaries.map(\.atLow))
     } else {
       return nil
     }
     var before: [Int] = []
+    before.reserveCapacity(equalByRange.count)
     var running = 0
-    for summary in summaries {
+    for equal in equalByRange {
       before.append(running)
-      running += equalInRange(summary)
+      running += equal
     }
     return (
       MagnitudeRanker(keep: keep, count: count, threshold: (key, equalToKeep), needsTieOrder: running > equalToKeep),
-      before
+      before, running
     )
   }
 }

@@ -311,6 +311,19 @@ func matrixWithSingularValues(_ values: [Float], rows: Int, columns: Int, seed: 
     }
   }
 
+  /// `Parallel.map` gives every item's value in item order, and rethrows the first error.
+  @Test func parallelMapKeepsItemOrder() throws {
+    #expect(try Parallel.map(37, workers: 3) { $0 * 3 + 1 } == (0..<37).map { $0 * 3 + 1 })
+    #expect(try Parallel.map(0) { $0 }.isEmpty)
+    struct Failure: Error, Equatable { let item: Int }
+    #expect(throws: Failure(item: 4)) {
+      _ = try Parallel.map(9, workers: 2) { item -> Int in
+        if item == 4 || item == 6 { throw Failure(item: item) }
+        return item
+      }
+    }
+  }
+
   /// Items are produced side by side but consumed in order, never more than the budget ahead of
   /// the consumer; the flight's budget also admits an item larger than it, alone.
   @Test func inOrderConsumesEveryResultInOrderWithinTheBudget() throws {

@@ -67,7 +67,7 @@ import Testing
   func bracketedMask(_ x: [Float], keep k: Int, rangeSize: Int, sample: [Float]) -> [Bool]? {
     let ranges = stride(from: 0, to: x.count, by: rangeSize).map { Array(x[$0..<min(x.count, $0 + rangeSize)]) }
     guard let bracket = MagnitudeBracket(keep: k, count: x.count, sample: sample, budget: x.count),
-      let (ranker, before) = bracket.ranker(ranges.map { bracket.summarize($0) })
+      let (ranker, before, _) = bracket.ranker(ranges.map { bracket.summarize($0) })
     else { return nil }
     if let kept = ranker.keptKeys {
       return x.map { kept.contains($0.bitPattern & 0x7FFF_FFFF) }
@@ -184,6 +184,31 @@ import Testing
     }
   }
 
+  /// Order statistics of keys split into parts, against sorting them all: the key at each rank,
+  /// how many keys are larger and equal, and the equal ones part by part. Keys with many ties,
+  /// spread over few high-bit bins (so a bin is searched by its low-bit histogram), over many
+  /// (so it is sorted), and empty parts.
+  @Test func keyOrderStatisticsMatchASort() {
+    let rng = CounterRNG(seed: 8, stream: "statistics")
+    let narrow = rng.normalTensor([30_000]).scalars.map { 0x3F80_0000 + UInt32(abs($0) * 600) }
+    let wide = rng.normalTensor([9_000]).scalars.map { ($0 * 16).rounded().bitPattern & 0x7FFF_FFFF }
+    for keys in [narrow, wide, [7, 7, 7], [0x7FFF_FFFF, 0]] {
+      let cuts = [0, keys.count / 5, keys.count / 5, keys.count / 2, keys.count]
+      let parts = (0..<4).map { Array(keys[cuts[$0]..<cuts[$0 + 1]]) }
+      let sorted = keys.sorted(by: >)
+      let ranks = Array(Set([0, 1, keys.count / 3, keys.count / 2, keys.count - 1].filter { $0 < keys.count }))
+      let statistics = KeyOrderStatistic.select(parts, ranks: ranks)
+      for (rank, statistic) in zip(ranks, statistics) {
+        let key = sorted[rank]
+        let expected = KeyOrderStatistic(
+          key: key, larger: keys.filter { $0 > key }.count, equal: keys.filter { $0 == key }.count,
+          equalByPart: parts.map { $0.filter { $0 == key }.count })
+        #expect(statistic == expected, "rank \(rank) of \(keys.count)")
+      }
+    }
+    #expect(KeyOrderStatistic.select([[1, 2]], ranks: []).isEmpty)
+  }
+
   /// A sample that misses the threshold (or a bracket over budget) is reported, not guessed.
   /// A bracket made for one count kept, asked for another (`keeping`, as SCE does once it knows
   /// its count): the exact mask where the new threshold still falls inside the bracket, nil
@@ -196,7 +221,7 @@ import Testing
     let bracket = try #require(MagnitudeBracket(keep: 20_000, count: x.count, sample: sample, budget: x.count))
     let summaries = ranges.map { bracket.summarize($0) }
     for k in [19_990, 20_000, 20_010] {
-      let (ranker, before) = try #require(bracket.keeping(k).ranker(summaries), "k = \(k)")
+      let (ranker, before, _) = try #require(bracket.keeping(k).ranker(summaries), "k = \(k)")
       var want = [Bool](repeating: false, count: x.count)
       for i in order.prefix(k) { want[i] = true }
       #expect(zip(ranges, before).flatMap { ranker.mask($0, equalBefore: $1) } == want, "k = \(k)")
