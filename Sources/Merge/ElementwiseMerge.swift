@@ -208,11 +208,11 @@ public struct TensorScan {
   /// neighbouring elements at evenly spaced places, about `count / 256` elements (2^16 to 2^20;
   /// the whole tensor when it is smaller), in batches of 32 blocks. `produce(starts, length)`
   /// reads one batch's blocks (thousands of short reads a tensor, side by side on all cores);
-  /// `consume` gets the batches' results in order. A sampled page read through the mapping
-  /// brings its neighbours into memory (the kernel maps a 2 MiB folio, or up to 64 KiB, around
-  /// a fault), so the pages behind the sample are let go as it moves on, a batch of ranges at a
-  /// time as the passes release theirs (each release that drops mapped pages interrupts the
-  /// other cores to flush their address translations): memory stays at a few ranges.
+  /// `consume` gets the batches' results in order. Safetensors inputs read the blocks with
+  /// `pread` (`MappedTensors.copyBytes`), which maps nothing; an input read through a mapping
+  /// brings each sampled page's neighbours into memory (the kernel maps a 2 MiB folio, or up to
+  /// 64 KiB, around a fault), so the pages behind the sample are let go as it moves on, a batch
+  /// of ranges at a time as the passes release theirs: memory stays at a few ranges.
   func sampleBlocks<Part>(
     count n: Int, produce: (_ starts: [Int], _ length: Int) throws -> Part,
     consume: (Part) throws -> Void
