@@ -291,10 +291,9 @@ public struct MagnitudeBracket: Sendable {
     let margin = 8 * (s * q * (1 - q)).squareRoot() + 2
     let upper = Int((rank - margin).rounded(.down))
     let lower = Int((rank + margin).rounded(.up))
-    let keys = sample.map { $0.bitPattern & 0x7FFF_FFFF }
-    let ends = KeyOrderStatistic.select([keys], ranks: [upper, lower].filter { keys.indices.contains($0) })
-    high = upper < 0 ? 0x7FFF_FFFF : ends[0].key
-    low = lower >= sample.count ? 0 : ends[ends.count - 1].key
+    let ends = Self.descendingKeys(sample, at: [upper, lower].filter { sample.indices.contains($0) })
+    high = upper < 0 ? 0x7FFF_FFFF : ends[0]
+    low = lower >= sample.count ? 0 : ends[ends.count - 1]
   }
 
   /// The same bracket for keeping `keep` elements instead: for a count known only after the
@@ -308,10 +307,10 @@ public struct MagnitudeBracket: Sendable {
     (self.keep, self.count, self.low, self.high, self.budget) = (keep, count, low, high, budget)
   }
 
-  /// The magnitude key at `index` (from 0) of `values`' keys in descending order: the threshold
-  /// of keeping `index + 1` of them.
-  static func descendingKey(_ values: [Float], at index: Int) -> UInt32 {
-    KeyOrderStatistic.select([values.map { $0.bitPattern & 0x7FFF_FFFF }], ranks: [index])[0].key
+  /// The magnitude keys at `indices` (from 0) of `values`' keys in descending order: the
+  /// thresholds of keeping `index + 1` of them.
+  static func descendingKeys(_ values: [Float], at indices: [Int]) -> [UInt32] {
+    KeyOrderStatistic.select([values.map { $0.bitPattern & 0x7FFF_FFFF }], ranks: indices).map(\.key)
   }
 
   /// The pass's summary of one range: by AVX-512 or AVX2 where the machine has it and `unit`
